@@ -1,0 +1,1 @@
+//! Purselink head end: gateway, payment, merchant, bank, load roles

@@ -1,0 +1,8 @@
+//! Purselink's shared core: the purse card application, the security card (PSAM), the host
+//! security module, their cryptography, and the wire messages and framing every hop speaks.
+//!
+//! Sans-IO, in the manner of quinn-proto: no tokio, no sockets, no clocks. The callers pass
+//! time and randomness in, and own all IO.
+
+pub mod apdu;
+pub mod frame;

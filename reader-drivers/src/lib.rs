@@ -1,0 +1,1 @@
+//! Reader API and drivers: PC/SC, serial Phoenix/Smartmouse, virtual; the vcard virtual purse card

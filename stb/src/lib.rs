@@ -1,0 +1,1 @@
+//! stbd: the set-top box daemon

@@ -1,0 +1,1 @@
+//! The TV UI: screens, keymap, rendering
