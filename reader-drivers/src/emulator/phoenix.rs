@@ -1,0 +1,1 @@
+//! Phoenix/Smartmouse reader emulator on a pty.

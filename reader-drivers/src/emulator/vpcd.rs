@@ -1,0 +1,1 @@
+//! vsmartcard vpcd client: attaches a card to pcscd's "Virtual PCD" reader.

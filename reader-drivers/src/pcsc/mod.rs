@@ -1,0 +1,1 @@
+//! PC/SC driver over the `pcsc` crate (USB CCID readers through pcscd).

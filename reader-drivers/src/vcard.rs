@@ -1,0 +1,1 @@
+//! The file-backed virtual purse card (owned by the proto/foundation work).

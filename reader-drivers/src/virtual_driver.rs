@@ -1,0 +1,1 @@
+//! A driver that puts the in-process virtual purse card behind the Reader API.
