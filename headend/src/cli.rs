@@ -1,0 +1,67 @@
+//! The `headend` command line: one [`Command`] enum, a variant per subcommand. Roles (`gateway`,
+//! `payment`, `merchant`, `bank`, `load`, `all-in-one`) are added as variants taking
+//! [`RoleArgs`], so `--config` is defined once.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::quic::BoxId;
+
+#[derive(Debug, Parser)]
+#[command(name = "headend", version, about = "Purselink head end")]
+pub struct Cli {
+    /// Log filter (tracing-subscriber EnvFilter syntax); `RUST_LOG` wins when set.
+    #[arg(long, global = true, default_value = "info")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Development PKI: operator CA, device and server certificates.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+}
+
+/// Flags every role takes.
+#[derive(Debug, Clone, Args)]
+pub struct RoleArgs {
+    /// The role's TOML configuration.
+    #[arg(long, default_value = "/etc/purselink/headend.toml")]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PkiCommand {
+    /// Create a self-signed operator CA: DIR/ca.crt.pem and DIR/ca.key.pem.
+    InitCa {
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing CA in DIR.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a set-top box device certificate: OUT/<box-id>.crt.pem and .key.pem.
+    IssueDevice {
+        /// The CA directory made by `init-ca`.
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        box_id: BoxId,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Issue a server/role certificate: OUT/<first name>.crt.pem and .key.pem.
+    IssueServer {
+        #[arg(long)]
+        ca: PathBuf,
+        /// DNS name or IP address; repeat for several (e.g. --name gateway.purselink.test
+        /// --name localhost --name 127.0.0.1).
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}

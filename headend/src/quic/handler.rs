@@ -1,0 +1,73 @@
+//! One stream, one transaction: read the request frame, ask the service, write the response
+//! frame. A malformed, oversize or late request resets the stream with its code; the connection
+//! and its other streams carry on.
+
+use std::sync::Arc;
+
+use proto::frame::{self, FrameError};
+use quinn::{RecvStream, SendStream};
+
+use super::frame_io::{FrameReadError, read_frame};
+use super::{AppCode, Peer, Service, TransportSettings};
+
+pub(crate) async fn serve_stream(
+    peer: Arc<Peer>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    service: Arc<dyn Service>,
+    settings: Arc<TransportSettings>,
+) {
+    let stream = send.id().index();
+    let read = tokio::time::timeout(
+        settings.request_timeout(),
+        read_frame(&mut recv, settings.max_frame),
+    )
+    .await;
+    let request = match read {
+        Ok(Ok(request)) => request,
+        Ok(Err(FrameReadError::Read(e))) => {
+            tracing::debug!(peer = ?peer.identity, stream, error = %e, "request stream lost");
+            return;
+        }
+        Ok(Err(FrameReadError::Frame(FrameError::Oversize { len, max }))) => {
+            tracing::warn!(peer = ?peer.identity, stream, len, max, "request refused: frame too large");
+            return refuse(send, recv, AppCode::FrameTooLarge);
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(peer = ?peer.identity, stream, error = %e, "request refused: bad frame");
+            return refuse(send, recv, AppCode::BadFrame);
+        }
+        Err(_) => {
+            tracing::warn!(peer = ?peer.identity, stream, timeout_ms = settings.request_timeout_ms, "request refused: timed out");
+            return refuse(send, recv, AppCode::RequestTimeout);
+        }
+    };
+    let response = match service.call(peer.clone(), request).await {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::warn!(peer = ?peer.identity, stream, error = %e, "service failed");
+            return refuse(send, recv, AppCode::ServiceFailed);
+        }
+    };
+    let bytes = match frame::encode(&response, settings.max_frame) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            tracing::error!(peer = ?peer.identity, stream, error = %e, "service response exceeds the frame limit");
+            return refuse(send, recv, AppCode::ServiceFailed);
+        }
+    };
+    if let Err(e) = send.write_all(&bytes).await {
+        tracing::debug!(peer = ?peer.identity, stream, error = %e, "response not delivered");
+        return;
+    }
+    let _ = send.finish();
+    // Stay until the peer has the response: a shutdown that closes the connection after the
+    // handlers drain would otherwise throw away unacknowledged data.
+    let _ = send.stopped().await;
+}
+
+/// Tells the peer why: stop reading its request and reset our response with the same code.
+fn refuse(mut send: SendStream, mut recv: RecvStream, code: AppCode) {
+    let _ = recv.stop(code.varint());
+    let _ = send.reset(code.varint());
+}

@@ -1,0 +1,102 @@
+//! The listener: binds the UDP endpoint, accepts connections up to the limit (refusing the rest
+//! at once rather than queueing them), runs one task per connection, and shuts down gracefully.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use quinn::Endpoint;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+use super::connection::{self, ConnContext};
+use super::{
+    AppCode, QuicError, Revocations, ServerTls, Service, TransportSettings, server_config,
+};
+
+/// A bound head-end QUIC server; [`Server::run`] serves until its shutdown signal.
+pub struct Server {
+    endpoint: Endpoint,
+    ctx: Arc<ConnContext>,
+    connections: Arc<Semaphore>,
+}
+
+impl Server {
+    pub fn bind(
+        addr: SocketAddr,
+        tls: &ServerTls,
+        settings: TransportSettings,
+        service: Arc<dyn Service>,
+        revocations: Revocations,
+    ) -> Result<Self, QuicError> {
+        let config = server_config(tls, &settings)?;
+        let endpoint = Endpoint::server(config, addr)?;
+        let connections = Arc::new(Semaphore::new(settings.max_connections));
+        Ok(Self {
+            endpoint,
+            ctx: Arc::new(ConnContext {
+                service,
+                settings: Arc::new(settings),
+                revocations,
+            }),
+            connections,
+        })
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr, QuicError> {
+        Ok(self.endpoint.local_addr()?)
+    }
+
+    /// The live revocation list (revoke a box without a restart).
+    pub fn revocations(&self) -> Revocations {
+        self.ctx.revocations.clone()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets in-flight transactions
+    /// finish within the grace period, closes every connection and waits for the endpoint to
+    /// go idle.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let addr = self.endpoint.local_addr().ok();
+        tracing::info!(
+            ?addr,
+            max_connections = self.ctx.settings.max_connections,
+            "head end listening"
+        );
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut conns = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let Ok(permit) = self.connections.clone().try_acquire_owned() else {
+                        tracing::warn!(remote = %incoming.remote_address(), limit = self.ctx.settings.max_connections, "connection refused: at the connection limit");
+                        incoming.refuse();
+                        continue;
+                    };
+                    conns.spawn(connection::run(incoming, permit, self.ctx.clone(), stop_rx.clone()));
+                }
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+
+        tracing::info!(connections = conns.len(), "head end shutting down");
+        // New handshakes are refused from here on.
+        self.endpoint.set_server_config(None);
+        let _ = stop_tx.send(true);
+        let grace = self.ctx.settings.shutdown_grace();
+        let drained = tokio::time::timeout(grace + grace / 2, async {
+            while conns.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            conns.abort_all();
+        }
+        self.endpoint
+            .close(AppCode::ShuttingDown.varint(), b"head end shutting down");
+        // Lets the close reach the peers; bounded in case one never answers.
+        let _ = tokio::time::timeout(grace, self.endpoint.wait_idle()).await;
+        tracing::info!("head end stopped");
+    }
+}
