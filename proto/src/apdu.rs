@@ -231,7 +231,10 @@ mod tests {
     #[test]
     fn parses_the_four_cases() {
         assert_eq!(Command::parse(&[0, 0xB2, 1, 2]).unwrap().le, None);
-        assert_eq!(Command::parse(&[0, 0xB2, 1, 2, 0x10]).unwrap().le, Some(0x10));
+        assert_eq!(
+            Command::parse(&[0, 0xB2, 1, 2, 0x10]).unwrap().le,
+            Some(0x10)
+        );
         let c3 = Command::parse(&[0, 0xA4, 4, 0, 2, 0xAA, 0xBB]).unwrap();
         assert_eq!((c3.data.as_slice(), c3.le), (&[0xAA, 0xBB][..], None));
         let c4 = Command::parse(&[0, 0xA4, 4, 0, 2, 0xAA, 0xBB, 0]).unwrap();
@@ -249,7 +252,10 @@ mod tests {
                 available: 1
             })
         );
-        assert_eq!(Command::parse(&[0, 1, 2, 3, 0, 1, 2]), Err(ApduError::Extended));
+        assert_eq!(
+            Command::parse(&[0, 1, 2, 3, 0, 1, 2]),
+            Err(ApduError::Extended)
+        );
         assert_eq!(Response::parse(&[0x90]), Err(ApduError::NoStatusWord));
     }
 }

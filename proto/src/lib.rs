@@ -5,4 +5,11 @@
 //! time and randomness in, and own all IO.
 
 pub mod apdu;
+pub mod card;
+pub mod codec;
+pub mod crypto;
 pub mod frame;
+pub mod hsm;
+pub mod money;
+pub mod purse;
+pub mod security_card;

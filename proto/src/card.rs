@@ -1,0 +1,599 @@
+//! The purse card application: what a real stored-value card executes (001 smart card 5;
+//! intersector electronic purse style, [0077]–[0078], [0093]). A sans-IO state machine:
+//! APDU bytes in, APDU bytes out; randomness comes from a seeded RNG the caller provides.
+//!
+//! # APDU table
+//!
+//! | command                  | CLA INS P1 P2 | data in                  | data out                 |
+//! |--------------------------|---------------|--------------------------|--------------------------|
+//! | SELECT by AID            | 00 A4 04 00   | purse AID                | FCI `6F 84 <AID>`        |
+//! | READ PURSE               | 80 B0 00 00   | —                        | [`PurseInfo`]            |
+//! | INITIALIZE FOR PURCHASE  | 80 50 01 00   | date (YYYY MM DD)        | [`PurchaseInit`]         |
+//! | DEBIT                    | 80 54 00 00   | [`DebitCommand`]         | [`DebitResponse`]        |
+//! | INITIALIZE FOR LOAD      | 80 50 02 00   | [`LoadInitRequest`]      | [`LoadInit`] (S1)        |
+//! | LOAD                     | 80 52 00 00   | [`LoadCommand`] (S2)     | [`LoadResponse`] (S3)    |
+//! | READ LOG                 | 80 B2 nn 00   | — (nn = 1 is the newest) | [`LogRecord`]            |
+//!
+//! # Status words
+//!
+//! | SW   | meaning                                                        |
+//! |------|----------------------------------------------------------------|
+//! | 9000 | success                                                        |
+//! | 6700 | wrong length (malformed APDU)                                  |
+//! | 6A80 | malformed command data, or a command for another card         |
+//! | 6A82 | SELECT of an unknown AID                                       |
+//! | 6A83 | READ LOG of a record that does not exist                       |
+//! | 6A86 | wrong P1/P2                                                    |
+//! | 6D00 | unknown instruction                                            |
+//! | 6E00 | class not supported                                            |
+//! | 6982 | bad signature (security card, HSM); counts toward the lock     |
+//! | 6983 | card blocked                                                   |
+//! | 6985 | wrong state or sequence (e.g. DEBIT without INITIALIZE)        |
+//! | 9401 | insufficient value                                             |
+//! | 9402 | over max balance                                               |
+//! | 9403 | wrong currency                                                 |
+//! | 9404 | expired                                                        |
+//! | 9405 | replay: a transaction number already used                     |
+//! | 9406 | amount out of range (zero value debit or load)                 |
+//!
+//! Every INITIALIZE opens a one-shot session: the DEBIT or LOAD that follows closes it,
+//! whatever its outcome, so a refused command cannot be retried without a fresh
+//! INITIALIZE (and a fresh card random).
+
+use std::collections::VecDeque;
+
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::apdu::{CardApplication, Command, Response, StatusWord};
+use crate::crypto::{self, DesKey, Mac};
+use crate::money::Currency;
+use crate::purse::*;
+
+pub const CLA_ISO: u8 = 0x00;
+pub const CLA_PURSE: u8 = 0x80;
+pub const INS_SELECT: u8 = 0xA4;
+pub const INS_READ_PURSE: u8 = 0xB0;
+pub const INS_INITIALIZE: u8 = 0x50;
+pub const INS_DEBIT: u8 = 0x54;
+pub const INS_LOAD: u8 = 0x52;
+pub const INS_READ_LOG: u8 = 0xB2;
+pub const P1_INIT_PURCHASE: u8 = 0x01;
+pub const P1_INIT_LOAD: u8 = 0x02;
+/// Status word for READ LOG past the last record.
+pub const SW_RECORD_NOT_FOUND: StatusWord = StatusWord(0x6A83);
+/// The log keeps at least the last 20 transactions (001 [0016]); we keep 32.
+pub const LOG_CAPACITY: usize = 32;
+/// The card answers to reset with T=0 and the historical bytes "PURSELINK1".
+pub const CARD_ATR: [u8; 12] = [
+    0x3B, 0x0A, b'P', b'U', b'R', b'S', b'E', b'L', b'I', b'N', b'K', b'1',
+];
+
+/// A service-provider record (seed 003 claims 10–12); room in the model, no commands yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceProviderRecord {
+    pub provider_id: u32,
+    pub name: String,
+    pub data: Vec<u8>,
+}
+
+/// Deliberate misbehaviour for the negative-result tests of 001 [0129]–[0132]: what a
+/// faulty or tampered card does on its next LOAD. One-shot; cleared once used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CardFault {
+    /// Not loaded, and says so (a true negative).
+    TrueNegative,
+    /// Loaded, but reports that it was not (a false negative: a tampered card).
+    FalseNegative,
+    /// Not loaded, says so, but its transaction counter moved by accident.
+    CounterBump,
+}
+
+/// Everything the card keeps across power cycles.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CardState {
+    pub card_id: u64,
+    pub provider_id: u32,
+    pub keys: CardKeys,
+    pub key_version: u8,
+    pub currency: Currency,
+    pub balance: u64,
+    pub max_balance: u64,
+    pub expiry: Expiry,
+    pub atc: u32,
+    pub load_count: u32,
+    pub status: u8,
+    /// Lock of seed 004: consecutive bad signatures; the card blocks at `bad_key_limit`.
+    pub bad_key_count: u8,
+    pub bad_key_limit: u8,
+    /// Second value type (seed 002): loyalty points.
+    pub points: u64,
+    pub providers: Vec<ServiceProviderRecord>,
+    /// Newest last.
+    pub log: VecDeque<LogRecord>,
+    pub fault: Option<CardFault>,
+}
+
+/// Parameters for personalising a new card.
+#[derive(Debug, Clone)]
+pub struct CardSpec {
+    pub card_id: u64,
+    pub provider_id: u32,
+    pub currency: Currency,
+    pub balance: u64,
+    pub max_balance: u64,
+    pub expiry: Expiry,
+}
+
+impl CardState {
+    /// Personalises a card: keys diversified from the issuer's master keys by card id.
+    pub fn personalise(spec: &CardSpec, issuer: &IssuerKeys) -> Self {
+        Self {
+            card_id: spec.card_id,
+            provider_id: spec.provider_id,
+            keys: issuer.card_keys(spec.card_id),
+            key_version: issuer.key_version,
+            currency: spec.currency,
+            balance: spec.balance,
+            max_balance: spec.max_balance,
+            expiry: spec.expiry,
+            atc: 0,
+            load_count: 0,
+            status: 0,
+            bad_key_count: 0,
+            bad_key_limit: 10,
+            points: 0,
+            providers: Vec::new(),
+            log: VecDeque::new(),
+            fault: None,
+        }
+    }
+
+    pub fn info(&self) -> PurseInfo {
+        PurseInfo {
+            card_id: self.card_id,
+            provider_id: self.provider_id,
+            balance: self.balance,
+            max_balance: self.max_balance,
+            currency: self.currency,
+            expiry: self.expiry,
+            key_version: self.key_version,
+            atc: self.atc,
+            load_count: self.load_count,
+            algorithm: ALG_TDES_MAC3,
+            auth_mode: AUTH_MODE_DES,
+            status: self.status,
+            points: self.points,
+        }
+    }
+
+    fn push_log(&mut self, rec: LogRecord) {
+        if self.log.len() == LOG_CAPACITY {
+            self.log.pop_front();
+        }
+        self.log.push_back(rec);
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Session {
+    None,
+    Purchase {
+        atc: u32,
+        card_random: [u8; 8],
+    },
+    Load {
+        atc: u32,
+        request: LoadInitRequest,
+        s1: Mac,
+    },
+}
+
+/// The result of one APDU: the response, and whether persistent state changed (so a
+/// file-backed card must persist before it answers).
+pub struct Outcome {
+    pub response: Vec<u8>,
+    pub state_changed: bool,
+}
+
+/// The purse card: persistent state plus the volatile session a reset clears.
+pub struct PurseCard {
+    pub state: CardState,
+    selected: bool,
+    session: Session,
+    rng: StdRng,
+    changed: bool,
+}
+
+type Answer = Result<Vec<u8>, StatusWord>;
+
+impl PurseCard {
+    /// `seed` drives the card randoms; a real deployment seeds from the OS.
+    pub fn new(state: CardState, seed: u64) -> Self {
+        Self {
+            state,
+            selected: false,
+            session: Session::None,
+            rng: StdRng::seed_from_u64(seed),
+            changed: false,
+        }
+    }
+
+    /// Processes one APDU.
+    pub fn process(&mut self, apdu: &[u8]) -> Outcome {
+        self.changed = false;
+        let response = match Command::parse(apdu) {
+            Err(_) => Response::status(StatusWord::WRONG_LENGTH),
+            Ok(cmd) => match self.dispatch(&cmd) {
+                Ok(data) => Response::ok(data),
+                Err(sw) => Response::status(sw),
+            },
+        };
+        Outcome {
+            response: response.to_bytes(),
+            state_changed: std::mem::take(&mut self.changed),
+        }
+    }
+
+    fn dispatch(&mut self, cmd: &Command) -> Answer {
+        match (cmd.cla, cmd.ins) {
+            (CLA_ISO, INS_SELECT) => self.select(cmd),
+            (CLA_ISO, _) => Err(StatusWord::UNKNOWN_INSTRUCTION),
+            (CLA_PURSE, ins) => {
+                if !self.selected {
+                    return Err(StatusWord::WRONG_STATE);
+                }
+                match ins {
+                    INS_READ_PURSE => self.read_purse(cmd),
+                    INS_INITIALIZE => match cmd.p1 {
+                        P1_INIT_PURCHASE => self.init_purchase(cmd),
+                        P1_INIT_LOAD => self.init_load(cmd),
+                        _ => Err(StatusWord::WRONG_P1P2),
+                    },
+                    INS_DEBIT => self.debit(cmd),
+                    INS_LOAD => self.load(cmd),
+                    INS_READ_LOG => self.read_log(cmd),
+                    _ => Err(StatusWord::UNKNOWN_INSTRUCTION),
+                }
+            }
+            _ => Err(StatusWord::CLASS_NOT_SUPPORTED),
+        }
+    }
+
+    fn select(&mut self, cmd: &Command) -> Answer {
+        if cmd.p1 != 0x04 {
+            return Err(StatusWord::WRONG_P1P2);
+        }
+        if cmd.data != PURSE_AID {
+            self.selected = false;
+            return Err(StatusWord::APP_NOT_FOUND);
+        }
+        self.selected = true;
+        self.session = Session::None;
+        let mut fci = vec![0x6F, 2 + PURSE_AID.len() as u8, 0x84, PURSE_AID.len() as u8];
+        fci.extend_from_slice(&PURSE_AID);
+        Ok(fci)
+    }
+
+    fn read_purse(&mut self, cmd: &Command) -> Answer {
+        if cmd.p1 != 0 || cmd.p2 != 0 {
+            return Err(StatusWord::WRONG_P1P2);
+        }
+        Ok(self.state.info().encode())
+    }
+
+    fn check_usable(&self) -> Result<(), StatusWord> {
+        if self.state.status & STATUS_BLOCKED != 0 {
+            Err(StatusWord::BLOCKED)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn random(&mut self) -> [u8; 8] {
+        let mut r = [0u8; 8];
+        self.rng.fill_bytes(&mut r);
+        r
+    }
+
+    fn next_atc(&self) -> Result<u32, StatusWord> {
+        // A card whose counter is exhausted is at end of life, not wrapped.
+        self.state.atc.checked_add(1).ok_or(StatusWord::BLOCKED)
+    }
+
+    fn init_purchase(&mut self, cmd: &Command) -> Answer {
+        self.session = Session::None;
+        self.check_usable()?;
+        let date = parse_date(&cmd.data)?;
+        if self.state.expiry.is_expired_on(date) {
+            return Err(StatusWord::EXPIRED);
+        }
+        let atc = self.next_atc()?;
+        let card_random = self.random();
+        let s = &self.state;
+        let mut init = PurchaseInit {
+            provider_id: s.provider_id,
+            card_id: s.card_id,
+            algorithm: ALG_TDES_MAC3,
+            expiry: s.expiry,
+            balance: s.balance,
+            currency: s.currency,
+            auth_mode: AUTH_MODE_DES,
+            atc,
+            key_version: s.key_version,
+            card_random,
+            card_mac: [0; 8],
+        };
+        let sk = s.keys.purchase_session(atc);
+        init.card_mac = crypto::sign(&sk, b"IPUR", &init.signed_fields());
+        self.session = Session::Purchase { atc, card_random };
+        Ok(init.encode())
+    }
+
+    /// Counts a bad signature toward the lock (seed 004) and blocks at the limit.
+    fn bad_signature(&mut self) -> StatusWord {
+        self.state.bad_key_count = self.state.bad_key_count.saturating_add(1);
+        if self.state.bad_key_count >= self.state.bad_key_limit {
+            self.state.status |= STATUS_BLOCKED;
+        }
+        self.changed = true;
+        StatusWord::BAD_SIGNATURE
+    }
+
+    fn good_signature(&mut self) {
+        if self.state.bad_key_count != 0 {
+            self.state.bad_key_count = 0;
+            self.changed = true;
+        }
+    }
+
+    fn debit(&mut self, cmd: &Command) -> Answer {
+        let Session::Purchase { atc, card_random } =
+            std::mem::replace(&mut self.session, Session::None)
+        else {
+            return Err(StatusWord::WRONG_STATE);
+        };
+        self.check_usable()?;
+        let dc = DebitCommand::decode(&cmd.data).map_err(|_| StatusWord::BAD_DATA)?;
+        if dc.card_id != self.state.card_id {
+            return Err(StatusWord::BAD_DATA);
+        }
+        if dc.atc != atc {
+            return Err(StatusWord::REPLAY);
+        }
+        let sk = self.state.keys.purchase_session(atc);
+        if !crypto::verify(
+            &sk,
+            b"DCMD",
+            &dc.signed_fields(&card_random),
+            &dc.psam_signature,
+        ) {
+            return Err(self.bad_signature());
+        }
+        self.good_signature();
+        if dc.currency != self.state.currency {
+            return Err(StatusWord::WRONG_CURRENCY);
+        }
+        if self.state.expiry.is_expired_on(dc.date) {
+            return Err(StatusWord::EXPIRED);
+        }
+        if dc.amount == 0 {
+            return Err(StatusWord::BAD_AMOUNT);
+        }
+        let new_balance = self
+            .state
+            .balance
+            .checked_sub(dc.amount)
+            .ok_or(StatusWord::INSUFFICIENT_VALUE)?;
+        let mut resp = DebitResponse {
+            card_id: self.state.card_id,
+            atc,
+            amount: dc.amount,
+            currency: dc.currency,
+            new_balance,
+            psam_id: dc.psam_id,
+            psam_txn: dc.psam_txn,
+            card_signature: [0; 8],
+        };
+        resp.card_signature = crypto::sign(&sk, b"DRSP", &resp.signed_fields(&card_random));
+        self.state.balance = new_balance;
+        self.state.atc = atc;
+        self.state.push_log(LogRecord {
+            kind: LogKind::Debit,
+            atc,
+            amount: dc.amount,
+            currency: dc.currency,
+            balance_after: new_balance,
+            date: dc.date,
+            counterparty: dc.psam_id,
+            counterparty_txn: dc.psam_txn,
+            signature: resp.card_signature,
+        });
+        self.changed = true;
+        Ok(resp.encode())
+    }
+
+    fn init_load(&mut self, cmd: &Command) -> Answer {
+        self.session = Session::None;
+        self.check_usable()?;
+        let req = LoadInitRequest::decode(&cmd.data).map_err(|_| StatusWord::BAD_DATA)?;
+        let s = &self.state;
+        if req.currency != s.currency {
+            return Err(StatusWord::WRONG_CURRENCY);
+        }
+        if s.expiry.is_expired_on(req.date) {
+            return Err(StatusWord::EXPIRED);
+        }
+        match s.balance.checked_add(req.amount) {
+            Some(total) if total <= s.max_balance => {}
+            _ => return Err(StatusWord::OVER_MAX_BALANCE),
+        }
+        let atc = self.next_atc()?;
+        let card_random = self.random();
+        let s = &self.state;
+        let mut init = LoadInit {
+            card_id: s.card_id,
+            expiry: s.expiry,
+            balance: s.balance,
+            max_balance: s.max_balance,
+            currency: s.currency,
+            atc,
+            load_count: s.load_count,
+            key_version: s.key_version,
+            amount: req.amount,
+            timestamp: req.timestamp,
+            card_random,
+            s1: [0; 8],
+        };
+        init.s1 = crypto::sign(&s.keys.load, b"S1LD", &init.signed_fields());
+        self.session = Session::Load {
+            atc,
+            request: req,
+            s1: init.s1,
+        };
+        Ok(init.encode())
+    }
+
+    fn load(&mut self, cmd: &Command) -> Answer {
+        let Session::Load { atc, request, s1 } =
+            std::mem::replace(&mut self.session, Session::None)
+        else {
+            return Err(StatusWord::WRONG_STATE);
+        };
+        self.check_usable()?;
+        let lc = LoadCommand::decode(&cmd.data).map_err(|_| StatusWord::BAD_DATA)?;
+        if lc.card_id != self.state.card_id {
+            return Err(StatusWord::BAD_DATA);
+        }
+        if lc.atc != atc {
+            return Err(StatusWord::REPLAY);
+        }
+        let key: DesKey = self.state.keys.load.clone();
+        if !crypto::verify(&key, b"S2LD", &lc.signed_fields(&s1), &lc.s2) {
+            return Err(self.bad_signature());
+        }
+        self.good_signature();
+        if lc.amount != request.amount || lc.currency != request.currency {
+            return Err(StatusWord::BAD_AMOUNT);
+        }
+        if lc.amount == 0 {
+            return Err(StatusWord::BAD_AMOUNT);
+        }
+        let credited = self
+            .state
+            .balance
+            .checked_add(lc.amount)
+            .filter(|b| *b <= self.state.max_balance)
+            .ok_or(StatusWord::OVER_MAX_BALANCE)?;
+        let fault = self.state.fault.take();
+        let (result, credit, counter_moves) = match fault {
+            None => (LOAD_OK, true, true),
+            Some(CardFault::TrueNegative) => (LOAD_NEGATIVE, false, false),
+            Some(CardFault::FalseNegative) => (LOAD_NEGATIVE, true, true),
+            Some(CardFault::CounterBump) => (LOAD_NEGATIVE, false, true),
+        };
+        if credit {
+            self.state.balance = credited;
+            self.state.load_count += 1;
+        }
+        if counter_moves {
+            self.state.atc = atc;
+        }
+        let mut resp = LoadResponse {
+            card_id: self.state.card_id,
+            atc,
+            amount: lc.amount,
+            currency: lc.currency,
+            result,
+            new_balance: self.state.balance,
+            s3: [0; 8],
+        };
+        resp.s3 = crypto::sign(&key, b"S3LD", &resp.signed_fields(&lc.s2));
+        if credit {
+            self.state.push_log(LogRecord {
+                kind: LogKind::Load,
+                atc,
+                amount: lc.amount,
+                currency: lc.currency,
+                balance_after: self.state.balance,
+                date: request.date,
+                counterparty: lc.hsm_id,
+                counterparty_txn: 0,
+                signature: resp.s3,
+            });
+        }
+        self.changed = true;
+        Ok(resp.encode())
+    }
+
+    fn read_log(&mut self, cmd: &Command) -> Answer {
+        if cmd.p2 != 0 || cmd.p1 == 0 {
+            return Err(StatusWord::WRONG_P1P2);
+        }
+        let n = cmd.p1 as usize;
+        let log = &self.state.log;
+        if n > log.len() {
+            return Err(SW_RECORD_NOT_FOUND);
+        }
+        Ok(log[log.len() - n].encode())
+    }
+}
+
+fn parse_date(data: &[u8]) -> Result<Date, StatusWord> {
+    let mut r = crate::codec::Reader::new(data);
+    let d = (|| Ok::<_, crate::codec::LayoutError>(Date::new(r.u16()?, r.u8()?, r.u8()?)))()
+        .map_err(|_| StatusWord::BAD_DATA)?;
+    r.end().map_err(|_| StatusWord::BAD_DATA)?;
+    Ok(d)
+}
+
+impl CardApplication for PurseCard {
+    fn atr(&self) -> Vec<u8> {
+        CARD_ATR.to_vec()
+    }
+    fn reset(&mut self) {
+        self.selected = false;
+        self.session = Session::None;
+    }
+    fn process_apdu(&mut self, apdu: &[u8]) -> Vec<u8> {
+        self.process(apdu).response
+    }
+}
+
+/// Builders for the purse's command APDUs, shared by the box and the tests.
+pub mod commands {
+    use super::*;
+
+    pub fn select() -> Vec<u8> {
+        Command::new(CLA_ISO, INS_SELECT, 0x04, 0x00, PURSE_AID.to_vec(), Some(0)).to_bytes()
+    }
+    pub fn read_purse() -> Vec<u8> {
+        Command::new(CLA_PURSE, INS_READ_PURSE, 0, 0, vec![], Some(0)).to_bytes()
+    }
+    pub fn init_purchase(date: Date) -> Vec<u8> {
+        let mut d = date.year.to_be_bytes().to_vec();
+        d.extend_from_slice(&[date.month, date.day]);
+        Command::new(CLA_PURSE, INS_INITIALIZE, P1_INIT_PURCHASE, 0, d, Some(0)).to_bytes()
+    }
+    pub fn debit(dc: &DebitCommand) -> Vec<u8> {
+        Command::new(CLA_PURSE, INS_DEBIT, 0, 0, dc.encode(), Some(0)).to_bytes()
+    }
+    pub fn init_load(req: &LoadInitRequest) -> Vec<u8> {
+        Command::new(
+            CLA_PURSE,
+            INS_INITIALIZE,
+            P1_INIT_LOAD,
+            0,
+            req.encode(),
+            Some(0),
+        )
+        .to_bytes()
+    }
+    pub fn load(lc: &LoadCommand) -> Vec<u8> {
+        Command::new(CLA_PURSE, INS_LOAD, 0, 0, lc.encode(), Some(0)).to_bytes()
+    }
+    pub fn read_log(record: u8) -> Vec<u8> {
+        Command::new(CLA_PURSE, INS_READ_LOG, record, 0, vec![], Some(0)).to_bytes()
+    }
+}

@@ -1,0 +1,301 @@
+//! The host security module of the load server (001 HSM 864), sans-IO.
+//!
+//! It verifies S1 and issues the load command with S2 ([0125], [0160]), verifies S3
+//! ([0127]–[0128]), and runs the negative-result procedure of [0129]–[0132]:
+//!
+//! 1. The card answered LOAD with a negative result code (or never answered: the card was
+//!    pulled). The box runs a new INITIALIZE FOR LOAD for zero value, which yields a new S1.
+//! 2. The new S1 must be a genuine card S1 over the values the box reports.
+//! 3. If the new transaction counter equals the original one (branch A, [0131]), the HSM
+//!    computes the S1 the card would give had the original load failed — the original
+//!    balance and load count with the new random and time stamp — and compares it with the
+//!    new S1. A match means a true negative; no match means the card was loaded.
+//! 4. If the counters differ (branch B, [0132]), the load server lowers the counter of the
+//!    new request to the original one and the HSM computes its S1 the same way. A match
+//!    means the negative was right and the counter moved by accident; no match means the
+//!    card was loaded.
+//!
+//! S1 deliberately does not cover the transaction counter (see [`LoadInit`]), which is what
+//! lets branch B tell an accidental counter bump from a load.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::{self, Mac};
+use crate::money::{Currency, Money};
+use crate::purse::*;
+use crate::security_card::Totals;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum HsmError {
+    #[error("S1 does not verify: not a genuine card, or the request was altered")]
+    BadS1,
+    #[error("S3 does not verify: the load response was altered or forged")]
+    BadS3,
+    #[error("card key version {card} is not one this HSM holds ({ours})")]
+    UnknownKeyVersion { card: u8, ours: u8 },
+    #[error("the card's currency {card:?} is not the load currency {load:?}")]
+    WrongCurrency { card: Currency, load: Currency },
+    #[error("the card expired")]
+    Expired,
+    #[error("the load of {amount} would take the card over its maximum balance {max}")]
+    OverMaxBalance { amount: u64, max: u64 },
+    #[error("the load request is for {requested} but S1 covers {signed}")]
+    AmountMismatch { requested: u64, signed: u64 },
+    #[error("zero-value load")]
+    ZeroAmount,
+    #[error("no load transaction {0}")]
+    UnknownTransaction(String),
+    #[error("transaction {0} is already in use for another load request")]
+    DuplicateTransaction(String),
+    #[error("the load response is for another card, counter or amount")]
+    ResponseMismatch,
+    #[error("transaction {0} is not waiting for this step")]
+    WrongState(String),
+    #[error("the zero-value request does not match the original (card, currency or amount)")]
+    BadZeroValueRequest,
+}
+
+/// Where a load transaction stands in the HSM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LoadState {
+    /// S2 issued; the card's answer is awaited.
+    Authorized,
+    /// The card answered negative; the zero-value proof is awaited.
+    NegativePending {
+        response: LoadResponse,
+    },
+    Loaded,
+    NotLoaded,
+}
+
+/// The outcome of the negative-result procedure, with the branch it took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NegativeVerdict {
+    /// Branch A, S1 as expected: the card was not loaded.
+    TrueNegative,
+    /// Branch B, S1 as expected once the counter is lowered: not loaded, counter bumped.
+    CounterBumped,
+    /// Either branch, S1 not as expected: the card was loaded after all.
+    FalseNegative,
+}
+
+impl NegativeVerdict {
+    pub fn loaded(self) -> bool {
+        self == Self::FalseNegative
+    }
+}
+
+/// The result of verifying the card's answer to LOAD.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LoadVerdict {
+    Loaded,
+    /// Negative result code: run [`Hsm::resolve_negative`] with a zero-value S1.
+    NegativeNeedsProof,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadTxn {
+    pub init: LoadInit,
+    pub command: LoadCommand,
+    pub state: LoadState,
+}
+
+/// The software HSM. Serializable, so the load server can journal it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hsm {
+    pub id: u64,
+    issuer: IssuerKeys,
+    pub txns: BTreeMap<String, LoadTxn>,
+    pub totals: BTreeMap<Currency, Totals>,
+}
+
+impl Hsm {
+    pub fn new(id: u64, issuer: IssuerKeys) -> Self {
+        Self {
+            id,
+            issuer,
+            txns: BTreeMap::new(),
+            totals: BTreeMap::new(),
+        }
+    }
+
+    fn check_s1(&self, init: &LoadInit) -> Result<(), HsmError> {
+        if init.key_version != self.issuer.key_version {
+            return Err(HsmError::UnknownKeyVersion {
+                card: init.key_version,
+                ours: self.issuer.key_version,
+            });
+        }
+        let keys = self.issuer.card_keys(init.card_id);
+        if crypto::verify(&keys.load, b"S1LD", &init.signed_fields(), &init.s1) {
+            Ok(())
+        } else {
+            Err(HsmError::BadS1)
+        }
+    }
+
+    /// Verifies S1 and issues the load command with S2. Idempotent per transaction id.
+    pub fn authorize(
+        &mut self,
+        transaction_id: &str,
+        init: &LoadInit,
+        amount: Money,
+        today: Date,
+    ) -> Result<LoadCommand, HsmError> {
+        if let Some(t) = self.txns.get(transaction_id) {
+            return if t.init == *init {
+                Ok(t.command.clone())
+            } else {
+                Err(HsmError::DuplicateTransaction(transaction_id.into()))
+            };
+        }
+        self.check_s1(init)?;
+        if init.currency != amount.currency {
+            return Err(HsmError::WrongCurrency {
+                card: init.currency,
+                load: amount.currency,
+            });
+        }
+        if init.amount != amount.minor {
+            return Err(HsmError::AmountMismatch {
+                requested: amount.minor,
+                signed: init.amount,
+            });
+        }
+        if amount.minor == 0 {
+            return Err(HsmError::ZeroAmount);
+        }
+        if init.expiry.is_expired_on(today) {
+            return Err(HsmError::Expired);
+        }
+        match init.balance.checked_add(amount.minor) {
+            Some(b) if b <= init.max_balance => {}
+            _ => {
+                return Err(HsmError::OverMaxBalance {
+                    amount: amount.minor,
+                    max: init.max_balance,
+                });
+            }
+        }
+        let keys = self.issuer.card_keys(init.card_id);
+        let mut command = LoadCommand {
+            hsm_id: self.id,
+            card_id: init.card_id,
+            atc: init.atc,
+            amount: amount.minor,
+            currency: amount.currency,
+            s2: [0; 8],
+        };
+        command.s2 = crypto::sign(&keys.load, b"S2LD", &command.signed_fields(&init.s1));
+        self.txns.insert(
+            transaction_id.into(),
+            LoadTxn {
+                init: init.clone(),
+                command: command.clone(),
+                state: LoadState::Authorized,
+            },
+        );
+        Ok(command)
+    }
+
+    fn txn(&self, id: &str) -> Result<&LoadTxn, HsmError> {
+        self.txns
+            .get(id)
+            .ok_or_else(|| HsmError::UnknownTransaction(id.into()))
+    }
+
+    fn settle(&mut self, id: &str, loaded: bool) {
+        let t = self.txns.get_mut(id).expect("caller looked it up");
+        t.state = if loaded {
+            LoadState::Loaded
+        } else {
+            LoadState::NotLoaded
+        };
+        if loaded {
+            let c = &t.command;
+            let tot = self.totals.entry(c.currency).or_default();
+            tot.count += 1;
+            tot.amount += c.amount;
+        }
+    }
+
+    /// Verifies S3 on the card's answer to LOAD. Idempotent for a repeated answer.
+    pub fn confirm(&mut self, id: &str, resp: &LoadResponse) -> Result<LoadVerdict, HsmError> {
+        let t = self.txn(id)?;
+        let c = &t.command;
+        if resp.card_id != c.card_id
+            || resp.atc != c.atc
+            || resp.amount != c.amount
+            || resp.currency != c.currency
+        {
+            return Err(HsmError::ResponseMismatch);
+        }
+        let keys = self.issuer.card_keys(c.card_id);
+        if !crypto::verify(&keys.load, b"S3LD", &resp.signed_fields(&c.s2), &resp.s3) {
+            return Err(HsmError::BadS3);
+        }
+        match (&t.state, resp.is_loaded()) {
+            (LoadState::Loaded, true) => Ok(LoadVerdict::Loaded),
+            (LoadState::NegativePending { response }, false) if response == resp => {
+                Ok(LoadVerdict::NegativeNeedsProof)
+            }
+            (LoadState::Authorized, true) => {
+                self.settle(id, true);
+                Ok(LoadVerdict::Loaded)
+            }
+            (LoadState::Authorized, false) => {
+                self.txns.get_mut(id).expect("present").state = LoadState::NegativePending {
+                    response: resp.clone(),
+                };
+                Ok(LoadVerdict::NegativeNeedsProof)
+            }
+            _ => Err(HsmError::WrongState(id.into())),
+        }
+    }
+
+    /// The negative-result procedure of 001 [0130]–[0132]. `zero` is the card's answer to
+    /// a zero-value INITIALIZE FOR LOAD made after the negative result. Also used when the
+    /// card never answered LOAD (pulled out): the transaction is still `Authorized` then.
+    pub fn resolve_negative(
+        &mut self,
+        id: &str,
+        zero: &LoadInit,
+    ) -> Result<NegativeVerdict, HsmError> {
+        let t = self.txn(id)?;
+        match &t.state {
+            LoadState::Authorized | LoadState::NegativePending { .. } => {}
+            LoadState::Loaded => return Ok(NegativeVerdict::FalseNegative),
+            LoadState::NotLoaded => return Err(HsmError::WrongState(id.into())),
+        }
+        let orig = &t.init;
+        if zero.card_id != orig.card_id || zero.currency != orig.currency || zero.amount != 0 {
+            return Err(HsmError::BadZeroValueRequest);
+        }
+        // The new S1 must be the card's own, over what the box reports.
+        self.check_s1(zero)?;
+        // Branch A or B ([0131] / [0132]). In B the load server lowers the counter of the
+        // new request to the original's; S1 does not cover the counter, so the S1 the HSM
+        // expects is the same computation either way.
+        let counters_equal = zero.atc == orig.atc;
+        let mut expected_if_failed = zero.clone();
+        expected_if_failed.atc = orig.atc;
+        expected_if_failed.balance = orig.balance;
+        expected_if_failed.load_count = orig.load_count;
+        let keys = self.issuer.card_keys(orig.card_id);
+        let expected: Mac = crypto::sign(&keys.load, b"S1LD", &expected_if_failed.signed_fields());
+        let not_loaded = crypto::mac_eq(&expected, &zero.s1);
+        let verdict = match (not_loaded, counters_equal) {
+            (true, true) => NegativeVerdict::TrueNegative,
+            (true, false) => NegativeVerdict::CounterBumped,
+            (false, _) => NegativeVerdict::FalseNegative,
+        };
+        self.settle(id, verdict.loaded());
+        Ok(verdict)
+    }
+
+    pub fn total(&self, currency: Currency) -> Totals {
+        self.totals.get(&currency).copied().unwrap_or_default()
+    }
+}

@@ -1,0 +1,673 @@
+//! The purse's data: what the card says about itself and the command/response bodies that
+//! travel between the card, the security card (purchase) and the HSM (load), with their
+//! fixed APDU layouts and the exact fields each signature covers.
+//!
+//! The same structs ride inside the wire messages (serde), so the box, the gateway and the
+//! back ends all share one definition (001 [0077]: the draw request carries every card
+//! response the security card needs).
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{LayoutError, Reader, Writer};
+use crate::crypto::{DesKey, Mac};
+use crate::money::{Currency, Money};
+
+/// The purse application's AID (proprietary RID A000000999, PIX "PURSE").
+pub const PURSE_AID: [u8; 10] = [0xA0, 0x00, 0x00, 0x09, 0x99, 0x50, 0x55, 0x52, 0x53, 0x45];
+/// Algorithm identifier: 2-key triple DES, ISO 9797-1 MAC algorithm 3.
+pub const ALG_TDES_MAC3: u8 = 0x01;
+/// Authentication mode: symmetric (DES) card and security card.
+pub const AUTH_MODE_DES: u8 = 0x01;
+
+/// Card status flags (the lock of seed 004).
+pub const STATUS_BLOCKED: u8 = 0x01;
+
+/// Load result codes in the LOAD response (001 [0126]).
+pub const LOAD_OK: u8 = 0x00;
+/// The card reports it was not loaded (a "negative result", 001 [0129]).
+pub const LOAD_NEGATIVE: u8 = 0x01;
+
+/// A calendar date (no time zone: the purse works in days).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Date {
+    pub year: u16,
+    pub month: u8,
+    pub day: u8,
+}
+
+impl Date {
+    pub const fn new(year: u16, month: u8, day: u8) -> Self {
+        Self { year, month, day }
+    }
+    fn write(&self, w: &mut Writer) {
+        w.u16(self.year).u8(self.month).u8(self.day);
+    }
+    fn read(r: &mut Reader) -> Result<Self, LayoutError> {
+        Ok(Self::new(r.u16()?, r.u8()?, r.u8()?))
+    }
+}
+
+/// Card expiry: valid through the last day of this month.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Expiry {
+    pub year: u16,
+    pub month: u8,
+}
+
+impl Expiry {
+    pub fn is_expired_on(&self, date: Date) -> bool {
+        (date.year, date.month) > (self.year, self.month)
+    }
+    fn write(&self, w: &mut Writer) {
+        w.u16(self.year).u8(self.month);
+    }
+    fn read(r: &mut Reader) -> Result<Self, LayoutError> {
+        Ok(Self {
+            year: r.u16()?,
+            month: r.u8()?,
+        })
+    }
+}
+
+fn write_currency(w: &mut Writer, c: Currency) {
+    w.u16(c.code).u8(c.exponent);
+}
+fn read_currency(r: &mut Reader) -> Result<Currency, LayoutError> {
+    Ok(Currency::new(r.u16()?, r.u8()?))
+}
+
+/// Issuer master keys, from which every card's keys are diversified by card id. The
+/// security card holds the purchase master key, the HSM the load master key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuerKeys {
+    pub key_version: u8,
+    pub purchase_master: DesKey,
+    pub load_master: DesKey,
+}
+
+impl IssuerKeys {
+    pub fn card_keys(&self, card_id: u64) -> CardKeys {
+        CardKeys::derive(self, card_id)
+    }
+}
+
+/// A card's own keys, diversified from the issuer master keys by its card id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CardKeys {
+    pub purchase: DesKey,
+    pub load: DesKey,
+}
+
+impl CardKeys {
+    pub fn derive(issuer: &IssuerKeys, card_id: u64) -> Self {
+        Self {
+            purchase: issuer.purchase_master.diversify(card_id.to_be_bytes()),
+            load: issuer.load_master.diversify(card_id.to_be_bytes()),
+        }
+    }
+
+    /// The purchase session key for one transaction number (a fresh key per transaction).
+    pub fn purchase_session(&self, atc: u32) -> DesKey {
+        let mut d = [0u8; 8];
+        d[..4].copy_from_slice(b"PUR\0");
+        d[4..].copy_from_slice(&atc.to_be_bytes());
+        self.purchase.diversify(d)
+    }
+}
+
+/// READ PURSE response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurseInfo {
+    pub card_id: u64,
+    pub provider_id: u32,
+    pub balance: u64,
+    pub max_balance: u64,
+    pub currency: Currency,
+    pub expiry: Expiry,
+    pub key_version: u8,
+    /// Application transaction counter: advances on every completed debit or load.
+    pub atc: u32,
+    /// Completed loads (the load counter S1 covers).
+    pub load_count: u32,
+    pub algorithm: u8,
+    pub auth_mode: u8,
+    pub status: u8,
+    /// Second value type: loyalty points (seed 002, authentication/points embodiment).
+    pub points: u64,
+}
+
+impl PurseInfo {
+    pub fn balance_money(&self) -> Money {
+        Money::new(self.balance, self.currency)
+    }
+    pub fn is_blocked(&self) -> bool {
+        self.status & STATUS_BLOCKED != 0
+    }
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u64(self.card_id)
+            .u32(self.provider_id)
+            .u64(self.balance)
+            .u64(self.max_balance);
+        write_currency(&mut w, self.currency);
+        self.expiry.write(&mut w);
+        w.u8(self.key_version)
+            .u32(self.atc)
+            .u32(self.load_count)
+            .u8(self.algorithm)
+            .u8(self.auth_mode)
+            .u8(self.status)
+            .u64(self.points);
+        w.finish()
+    }
+    pub fn decode(b: &[u8]) -> Result<Self, LayoutError> {
+        let mut r = Reader::new(b);
+        let v = Self {
+            card_id: r.u64()?,
+            provider_id: r.u32()?,
+            balance: r.u64()?,
+            max_balance: r.u64()?,
+            currency: read_currency(&mut r)?,
+            expiry: Expiry::read(&mut r)?,
+            key_version: r.u8()?,
+            atc: r.u32()?,
+            load_count: r.u32()?,
+            algorithm: r.u8()?,
+            auth_mode: r.u8()?,
+            status: r.u8()?,
+            points: r.u64()?,
+        };
+        r.end()?;
+        Ok(v)
+    }
+}
+
+/// INITIALIZE FOR PURCHASE response (001 [0077]): everything the security card needs,
+/// authenticated by the card's MAC under the purchase session key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurchaseInit {
+    pub provider_id: u32,
+    pub card_id: u64,
+    pub algorithm: u8,
+    pub expiry: Expiry,
+    pub balance: u64,
+    pub currency: Currency,
+    pub auth_mode: u8,
+    /// The transaction number this purchase will use.
+    pub atc: u32,
+    pub key_version: u8,
+    pub card_random: [u8; 8],
+    pub card_mac: Mac,
+}
+
+impl PurchaseInit {
+    pub fn signed_fields(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u32(self.provider_id).u64(self.card_id).u8(self.algorithm);
+        self.expiry.write(&mut w);
+        w.u64(self.balance);
+        write_currency(&mut w, self.currency);
+        w.u8(self.auth_mode)
+            .u32(self.atc)
+            .u8(self.key_version)
+            .bytes(&self.card_random);
+        w.finish()
+    }
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = self.signed_fields();
+        v.extend_from_slice(&self.card_mac);
+        v
+    }
+    pub fn decode(b: &[u8]) -> Result<Self, LayoutError> {
+        let mut r = Reader::new(b);
+        let v = Self {
+            provider_id: r.u32()?,
+            card_id: r.u64()?,
+            algorithm: r.u8()?,
+            expiry: Expiry::read(&mut r)?,
+            balance: r.u64()?,
+            currency: read_currency(&mut r)?,
+            auth_mode: r.u8()?,
+            atc: r.u32()?,
+            key_version: r.u8()?,
+            card_random: r.take()?,
+            card_mac: r.take()?,
+        };
+        r.end()?;
+        Ok(v)
+    }
+}
+
+/// The debit command ("debit IEP", 001 [0094]) the security card issues, with its signature.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DebitCommand {
+    pub psam_id: u64,
+    pub psam_txn: u32,
+    pub card_id: u64,
+    pub atc: u32,
+    pub amount: u64,
+    pub currency: Currency,
+    pub date: Date,
+    pub psam_signature: Mac,
+}
+
+impl DebitCommand {
+    /// What the security-card signature covers; the card random binds it to this session.
+    pub fn signed_fields(&self, card_random: &[u8; 8]) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u64(self.psam_id)
+            .u32(self.psam_txn)
+            .u64(self.card_id)
+            .u32(self.atc)
+            .u64(self.amount);
+        write_currency(&mut w, self.currency);
+        self.date.write(&mut w);
+        w.bytes(card_random);
+        w.finish()
+    }
+    pub fn amount_money(&self) -> Money {
+        Money::new(self.amount, self.currency)
+    }
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u64(self.psam_id)
+            .u32(self.psam_txn)
+            .u64(self.card_id)
+            .u32(self.atc)
+            .u64(self.amount);
+        write_currency(&mut w, self.currency);
+        self.date.write(&mut w);
+        w.bytes(&self.psam_signature);
+        w.finish()
+    }
+    pub fn decode(b: &[u8]) -> Result<Self, LayoutError> {
+        let mut r = Reader::new(b);
+        let v = Self {
+            psam_id: r.u64()?,
+            psam_txn: r.u32()?,
+            card_id: r.u64()?,
+            atc: r.u32()?,
+            amount: r.u64()?,
+            currency: read_currency(&mut r)?,
+            date: Date::read(&mut r)?,
+            psam_signature: r.take()?,
+        };
+        r.end()?;
+        Ok(v)
+    }
+}
+
+/// The card's debit response ("success", 001 [0082]–[0083]) with the card signature.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DebitResponse {
+    pub card_id: u64,
+    pub atc: u32,
+    pub amount: u64,
+    pub currency: Currency,
+    pub new_balance: u64,
+    pub psam_id: u64,
+    pub psam_txn: u32,
+    pub card_signature: Mac,
+}
+
+impl DebitResponse {
+    pub fn signed_fields(&self, card_random: &[u8; 8]) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u64(self.card_id).u32(self.atc).u64(self.amount);
+        write_currency(&mut w, self.currency);
+        w.u64(self.new_balance)
+            .u64(self.psam_id)
+            .u32(self.psam_txn)
+            .bytes(card_random);
+        w.finish()
+    }
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u64(self.card_id).u32(self.atc).u64(self.amount);
+        write_currency(&mut w, self.currency);
+        w.u64(self.new_balance)
+            .u64(self.psam_id)
+            .u32(self.psam_txn)
+            .bytes(&self.card_signature);
+        w.finish()
+    }
+    pub fn decode(b: &[u8]) -> Result<Self, LayoutError> {
+        let mut r = Reader::new(b);
+        let v = Self {
+            card_id: r.u64()?,
+            atc: r.u32()?,
+            amount: r.u64()?,
+            currency: read_currency(&mut r)?,
+            new_balance: r.u64()?,
+            psam_id: r.u64()?,
+            psam_txn: r.u32()?,
+            card_signature: r.take()?,
+        };
+        r.end()?;
+        Ok(v)
+    }
+}
+
+/// INITIALIZE FOR LOAD command data: what the load is for, and the server's time stamp.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadInitRequest {
+    pub amount: u64,
+    pub currency: Currency,
+    pub timestamp: u64,
+    pub date: Date,
+}
+
+impl LoadInitRequest {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u64(self.amount);
+        write_currency(&mut w, self.currency);
+        w.u64(self.timestamp);
+        self.date.write(&mut w);
+        w.finish()
+    }
+    pub fn decode(b: &[u8]) -> Result<Self, LayoutError> {
+        let mut r = Reader::new(b);
+        let v = Self {
+            amount: r.u64()?,
+            currency: read_currency(&mut r)?,
+            timestamp: r.u64()?,
+            date: Date::read(&mut r)?,
+        };
+        r.end()?;
+        Ok(v)
+    }
+}
+
+/// INITIALIZE FOR LOAD response, carrying S1 (001 [0123]).
+///
+/// S1 covers the card's balance and load count but not its transaction counter: the
+/// negative-result procedure ([0131]–[0132]) must tell "the card was loaded" (balance or
+/// load count moved) from "the counter moved by accident" (only the ATC moved).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadInit {
+    pub card_id: u64,
+    pub expiry: Expiry,
+    pub balance: u64,
+    pub max_balance: u64,
+    pub currency: Currency,
+    pub atc: u32,
+    pub load_count: u32,
+    pub key_version: u8,
+    pub amount: u64,
+    pub timestamp: u64,
+    pub card_random: [u8; 8],
+    pub s1: Mac,
+}
+
+impl LoadInit {
+    /// The fields S1 covers.
+    pub fn s1_fields(
+        card_id: u64,
+        expiry: Expiry,
+        balance: u64,
+        load_count: u32,
+        amount: u64,
+        currency: Currency,
+        timestamp: u64,
+        card_random: &[u8; 8],
+    ) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u64(card_id);
+        expiry.write(&mut w);
+        w.u64(balance).u32(load_count).u64(amount);
+        write_currency(&mut w, currency);
+        w.u64(timestamp).bytes(card_random);
+        w.finish()
+    }
+    pub fn signed_fields(&self) -> Vec<u8> {
+        Self::s1_fields(
+            self.card_id,
+            self.expiry,
+            self.balance,
+            self.load_count,
+            self.amount,
+            self.currency,
+            self.timestamp,
+            &self.card_random,
+        )
+    }
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u64(self.card_id);
+        self.expiry.write(&mut w);
+        w.u64(self.balance).u64(self.max_balance);
+        write_currency(&mut w, self.currency);
+        w.u32(self.atc)
+            .u32(self.load_count)
+            .u8(self.key_version)
+            .u64(self.amount)
+            .u64(self.timestamp)
+            .bytes(&self.card_random)
+            .bytes(&self.s1);
+        w.finish()
+    }
+    pub fn decode(b: &[u8]) -> Result<Self, LayoutError> {
+        let mut r = Reader::new(b);
+        let v = Self {
+            card_id: r.u64()?,
+            expiry: Expiry::read(&mut r)?,
+            balance: r.u64()?,
+            max_balance: r.u64()?,
+            currency: read_currency(&mut r)?,
+            atc: r.u32()?,
+            load_count: r.u32()?,
+            key_version: r.u8()?,
+            amount: r.u64()?,
+            timestamp: r.u64()?,
+            card_random: r.take()?,
+            s1: r.take()?,
+        };
+        r.end()?;
+        Ok(v)
+    }
+}
+
+/// The load command with S2 (001 [0125]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadCommand {
+    pub hsm_id: u64,
+    pub card_id: u64,
+    pub atc: u32,
+    pub amount: u64,
+    pub currency: Currency,
+    pub s2: Mac,
+}
+
+impl LoadCommand {
+    pub fn signed_fields(&self, s1: &Mac) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u64(self.hsm_id)
+            .u64(self.card_id)
+            .u32(self.atc)
+            .u64(self.amount);
+        write_currency(&mut w, self.currency);
+        w.bytes(s1);
+        w.finish()
+    }
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u64(self.hsm_id)
+            .u64(self.card_id)
+            .u32(self.atc)
+            .u64(self.amount);
+        write_currency(&mut w, self.currency);
+        w.bytes(&self.s2);
+        w.finish()
+    }
+    pub fn decode(b: &[u8]) -> Result<Self, LayoutError> {
+        let mut r = Reader::new(b);
+        let v = Self {
+            hsm_id: r.u64()?,
+            card_id: r.u64()?,
+            atc: r.u32()?,
+            amount: r.u64()?,
+            currency: read_currency(&mut r)?,
+            s2: r.take()?,
+        };
+        r.end()?;
+        Ok(v)
+    }
+}
+
+/// LOAD response: result code and S3 (001 [0126]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadResponse {
+    pub card_id: u64,
+    /// The transaction number the load used.
+    pub atc: u32,
+    pub amount: u64,
+    pub currency: Currency,
+    pub result: u8,
+    pub new_balance: u64,
+    pub s3: Mac,
+}
+
+impl LoadResponse {
+    pub fn is_loaded(&self) -> bool {
+        self.result == LOAD_OK
+    }
+    pub fn signed_fields(&self, s2: &Mac) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u64(self.card_id).u32(self.atc).u64(self.amount);
+        write_currency(&mut w, self.currency);
+        w.u8(self.result).u64(self.new_balance).bytes(s2);
+        w.finish()
+    }
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u64(self.card_id).u32(self.atc).u64(self.amount);
+        write_currency(&mut w, self.currency);
+        w.u8(self.result).u64(self.new_balance).bytes(&self.s3);
+        w.finish()
+    }
+    pub fn decode(b: &[u8]) -> Result<Self, LayoutError> {
+        let mut r = Reader::new(b);
+        let v = Self {
+            card_id: r.u64()?,
+            atc: r.u32()?,
+            amount: r.u64()?,
+            currency: read_currency(&mut r)?,
+            result: r.u8()?,
+            new_balance: r.u64()?,
+            s3: r.take()?,
+        };
+        r.end()?;
+        Ok(v)
+    }
+}
+
+/// What a log record is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogKind {
+    Debit = 1,
+    Load = 2,
+}
+
+/// One record of the card's transaction log (001 [0016]). A debit record keeps the card
+/// signature so a box recovering from a crash can re-send the debit response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRecord {
+    pub kind: LogKind,
+    pub atc: u32,
+    pub amount: u64,
+    pub currency: Currency,
+    pub balance_after: u64,
+    pub date: Date,
+    /// The security card or HSM on the other side.
+    pub counterparty: u64,
+    /// The security card's transaction number (debits), 0 for loads.
+    pub counterparty_txn: u32,
+    /// The card signature (debits) or S3 (loads) the card returned.
+    pub signature: Mac,
+}
+
+impl LogRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u8(self.kind as u8).u32(self.atc).u64(self.amount);
+        write_currency(&mut w, self.currency);
+        w.u64(self.balance_after);
+        self.date.write(&mut w);
+        w.u64(self.counterparty)
+            .u32(self.counterparty_txn)
+            .bytes(&self.signature);
+        w.finish()
+    }
+    pub fn decode(b: &[u8]) -> Result<Self, LayoutError> {
+        let mut r = Reader::new(b);
+        let kind = match r.u8()? {
+            1 => LogKind::Debit,
+            2 => LogKind::Load,
+            _ => return Err(LayoutError(b.len())),
+        };
+        let v = Self {
+            kind,
+            atc: r.u32()?,
+            amount: r.u64()?,
+            currency: read_currency(&mut r)?,
+            balance_after: r.u64()?,
+            date: Date::read(&mut r)?,
+            counterparty: r.u64()?,
+            counterparty_txn: r.u32()?,
+            signature: r.take()?,
+        };
+        r.end()?;
+        Ok(v)
+    }
+
+    /// Rebuilds the debit response this record proves (for recovery), if it is a debit.
+    pub fn debit_response(&self, card_id: u64) -> Option<DebitResponse> {
+        (self.kind == LogKind::Debit).then(|| DebitResponse {
+            card_id,
+            atc: self.atc,
+            amount: self.amount,
+            currency: self.currency,
+            new_balance: self.balance_after,
+            psam_id: self.counterparty,
+            psam_txn: self.counterparty_txn,
+            card_signature: self.signature,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_is_through_end_of_month() {
+        let e = Expiry {
+            year: 2027,
+            month: 6,
+        };
+        assert!(!e.is_expired_on(Date::new(2027, 6, 30)));
+        assert!(e.is_expired_on(Date::new(2027, 7, 1)));
+        assert!(e.is_expired_on(Date::new(2028, 1, 1)));
+    }
+
+    #[test]
+    fn layouts_round_trip_and_refuse_trailing_bytes() {
+        let c = DebitCommand {
+            psam_id: 7,
+            psam_txn: 9,
+            card_id: 1,
+            atc: 3,
+            amount: 250,
+            currency: Currency::EUR,
+            date: Date::new(2026, 11, 21),
+            psam_signature: [1; 8],
+        };
+        let b = c.encode();
+        assert_eq!(DebitCommand::decode(&b).unwrap(), c);
+        let mut longer = b.clone();
+        longer.push(0);
+        assert_eq!(DebitCommand::decode(&longer), Err(LayoutError(1)));
+        assert!(DebitCommand::decode(&b[..b.len() - 1]).is_err());
+    }
+}

@@ -1,0 +1,316 @@
+//! The security card (PSAM) of a payment-server terminal (001 security card 218), sans-IO.
+//!
+//! It checks the card data carried in the draw request (the card's MAC on its INITIALIZE
+//! FOR PURCHASE response), issues the debit command with its signature ([0094]), and either
+//! compares the card signature itself (FIG. 4, [0084]–[0085]) or hands out the expected card
+//! signature for early release (FIG. 5–7, [0095]–[0105]). It keeps its own transaction
+//! counter, totals and collection records ([0044], [0086]) and reverses a transaction that
+//! does not complete ([0106]).
+//!
+//! Totals only ever count value the card has given up, or (early release) value it will
+//! have given up unless the transaction is reversed. A reversed transaction whose debit is
+//! later proved by the card's signature (the box re-sends it from its journal) is counted
+//! then: no value is lost either way.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::{self, Mac};
+use crate::money::{Currency, Money};
+use crate::purse::*;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum PsamError {
+    #[error("card data does not verify (its MAC is wrong: tampered or not a genuine card)")]
+    BadCardData,
+    #[error("card key version {card} is not one this security card holds ({ours})")]
+    UnknownKeyVersion { card: u8, ours: u8 },
+    #[error("the card's currency {card:?} is not the purchase currency {purchase:?}")]
+    WrongCurrency { card: Currency, purchase: Currency },
+    #[error("the card expired")]
+    Expired,
+    #[error("the card holds {balance} but the purchase is {amount}")]
+    InsufficientValue { balance: u64, amount: u64 },
+    #[error("zero-value purchase")]
+    ZeroAmount,
+    #[error("no transaction {0} in this security card")]
+    UnknownTransaction(u32),
+    #[error("the card signature does not verify")]
+    BadCardSignature,
+    #[error("the debit response is for another transaction or amount")]
+    ResponseMismatch,
+    #[error("transaction {0} completed: a proved debit cannot be reversed")]
+    AlreadyCompleted(u32),
+    #[error("security card transaction counter exhausted")]
+    CounterExhausted,
+}
+
+/// The draw request's card part, as the security card sees it ([0077], [0093]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrawData {
+    pub merchant_id: String,
+    pub transaction_id: String,
+    pub amount: Money,
+    pub init: PurchaseInit,
+}
+
+/// What the security card hands back at the "draw amount" state ([0094], [0095]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DebitAuthorization {
+    pub command: DebitCommand,
+    /// Present for the early-release embodiments (FIG. 5–7).
+    pub expected_card_signature: Option<Mac>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxnState {
+    /// FIG. 4: the debit command is out; the card's response is awaited.
+    Awaiting,
+    /// FIG. 5–7: counted at issue, the expected signature handed out.
+    EarlyRecorded,
+    /// The card's signature was verified here.
+    Completed,
+    Reversed,
+}
+
+/// A collection record for the acquirer ([0086], [0045]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollectionRecord {
+    pub psam_id: u64,
+    pub psam_txn: u32,
+    pub merchant_id: String,
+    pub transaction_id: String,
+    pub card_id: u64,
+    pub atc: u32,
+    pub amount: Money,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Txn {
+    pub draw: DrawData,
+    pub command: DebitCommand,
+    pub state: TxnState,
+    expected: Mac,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    pub count: u64,
+    pub amount: u64,
+}
+
+/// The software security card. Serializable, so the payment server can journal it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SecurityCard {
+    pub id: u64,
+    issuer: IssuerKeys,
+    pub txn_counter: u32,
+    pub txns: BTreeMap<u32, Txn>,
+    pub totals: BTreeMap<Currency, Totals>,
+}
+
+impl SecurityCard {
+    pub fn new(id: u64, issuer: IssuerKeys) -> Self {
+        Self {
+            id,
+            issuer,
+            txn_counter: 0,
+            txns: BTreeMap::new(),
+            totals: BTreeMap::new(),
+        }
+    }
+
+    /// Processes the draw request up to the "draw amount" state and issues the debit
+    /// command. `early_release` also returns the expected card signature and records the
+    /// transaction now (FIG. 5–7).
+    pub fn issue_debit(
+        &mut self,
+        draw: &DrawData,
+        today: Date,
+        early_release: bool,
+    ) -> Result<DebitAuthorization, PsamError> {
+        let init = &draw.init;
+        if init.key_version != self.issuer.key_version {
+            return Err(PsamError::UnknownKeyVersion {
+                card: init.key_version,
+                ours: self.issuer.key_version,
+            });
+        }
+        let keys = self.issuer.card_keys(init.card_id);
+        let sk = keys.purchase_session(init.atc);
+        if !crypto::verify(&sk, b"IPUR", &init.signed_fields(), &init.card_mac) {
+            return Err(PsamError::BadCardData);
+        }
+        if init.currency != draw.amount.currency {
+            return Err(PsamError::WrongCurrency {
+                card: init.currency,
+                purchase: draw.amount.currency,
+            });
+        }
+        if init.expiry.is_expired_on(today) {
+            return Err(PsamError::Expired);
+        }
+        if draw.amount.minor == 0 {
+            return Err(PsamError::ZeroAmount);
+        }
+        let new_balance =
+            init.balance
+                .checked_sub(draw.amount.minor)
+                .ok_or(PsamError::InsufficientValue {
+                    balance: init.balance,
+                    amount: draw.amount.minor,
+                })?;
+        let psam_txn = self
+            .txn_counter
+            .checked_add(1)
+            .ok_or(PsamError::CounterExhausted)?;
+        self.txn_counter = psam_txn;
+        let mut command = DebitCommand {
+            psam_id: self.id,
+            psam_txn,
+            card_id: init.card_id,
+            atc: init.atc,
+            amount: draw.amount.minor,
+            currency: draw.amount.currency,
+            date: today,
+            psam_signature: [0; 8],
+        };
+        command.psam_signature =
+            crypto::sign(&sk, b"DCMD", &command.signed_fields(&init.card_random));
+        let expected_response = DebitResponse {
+            card_id: init.card_id,
+            atc: init.atc,
+            amount: draw.amount.minor,
+            currency: draw.amount.currency,
+            new_balance,
+            psam_id: self.id,
+            psam_txn,
+            card_signature: [0; 8],
+        };
+        let expected = crypto::sign(
+            &sk,
+            b"DRSP",
+            &expected_response.signed_fields(&init.card_random),
+        );
+        let state = if early_release {
+            TxnState::EarlyRecorded
+        } else {
+            TxnState::Awaiting
+        };
+        self.txns.insert(
+            psam_txn,
+            Txn {
+                draw: draw.clone(),
+                command: command.clone(),
+                state,
+                expected,
+            },
+        );
+        if early_release {
+            self.count(draw.amount, 1);
+        }
+        Ok(DebitAuthorization {
+            command,
+            expected_card_signature: early_release.then_some(expected),
+        })
+    }
+
+    fn count(&mut self, amount: Money, sign: i8) {
+        let t = self.totals.entry(amount.currency).or_default();
+        if sign > 0 {
+            t.count += 1;
+            t.amount += amount.minor;
+        } else {
+            t.count -= 1;
+            t.amount -= amount.minor;
+        }
+    }
+
+    /// FIG. 4: verifies the card signature on the debit response and records the sale.
+    /// Also accepts the late proof of a debit on a reversed transaction (the box re-sends
+    /// it from its journal). Idempotent: a repeated response gets the same record.
+    pub fn complete(
+        &mut self,
+        psam_txn: u32,
+        resp: &DebitResponse,
+    ) -> Result<CollectionRecord, PsamError> {
+        let txn = self
+            .txns
+            .get(&psam_txn)
+            .ok_or(PsamError::UnknownTransaction(psam_txn))?;
+        let c = &txn.command;
+        if resp.psam_id != self.id
+            || resp.psam_txn != psam_txn
+            || resp.card_id != c.card_id
+            || resp.atc != c.atc
+            || resp.amount != c.amount
+            || resp.currency != c.currency
+        {
+            return Err(PsamError::ResponseMismatch);
+        }
+        if !crypto::mac_eq(&txn.expected, &resp.card_signature) {
+            return Err(PsamError::BadCardSignature);
+        }
+        let (state, amount) = (txn.state, txn.draw.amount);
+        if matches!(state, TxnState::Awaiting | TxnState::Reversed) {
+            self.count(amount, 1);
+        }
+        let txn = self.txns.get_mut(&psam_txn).expect("looked up above");
+        if txn.state != TxnState::EarlyRecorded {
+            txn.state = TxnState::Completed;
+        }
+        Ok(self.record(psam_txn).expect("present"))
+    }
+
+    /// FIG. 5–7: the comparison happened elsewhere; this checks a signature against the
+    /// expected one, for whoever holds it.
+    pub fn signatures_match(expected: &Mac, resp: &DebitResponse) -> bool {
+        crypto::mac_eq(expected, &resp.card_signature)
+    }
+
+    /// Reverses a transaction that did not complete ([0106]). Idempotent.
+    pub fn reverse(&mut self, psam_txn: u32) -> Result<(), PsamError> {
+        let txn = self
+            .txns
+            .get(&psam_txn)
+            .ok_or(PsamError::UnknownTransaction(psam_txn))?;
+        match txn.state {
+            TxnState::Reversed => Ok(()),
+            TxnState::Completed => Err(PsamError::AlreadyCompleted(psam_txn)),
+            TxnState::Awaiting => {
+                self.txns.get_mut(&psam_txn).expect("present").state = TxnState::Reversed;
+                Ok(())
+            }
+            TxnState::EarlyRecorded => {
+                let amount = txn.draw.amount;
+                self.count(amount, -1);
+                self.txns.get_mut(&psam_txn).expect("present").state = TxnState::Reversed;
+                Ok(())
+            }
+        }
+    }
+
+    /// The collection record of a counted transaction.
+    pub fn record(&self, psam_txn: u32) -> Option<CollectionRecord> {
+        let t = self.txns.get(&psam_txn)?;
+        matches!(t.state, TxnState::Completed | TxnState::EarlyRecorded).then(|| CollectionRecord {
+            psam_id: self.id,
+            psam_txn,
+            merchant_id: t.draw.merchant_id.clone(),
+            transaction_id: t.draw.transaction_id.clone(),
+            card_id: t.command.card_id,
+            atc: t.command.atc,
+            amount: t.draw.amount,
+        })
+    }
+
+    /// Every counted transaction, for the collection file.
+    pub fn collection(&self) -> Vec<CollectionRecord> {
+        self.txns.keys().filter_map(|k| self.record(*k)).collect()
+    }
+
+    pub fn total(&self, currency: Currency) -> Totals {
+        self.totals.get(&currency).copied().unwrap_or_default()
+    }
+}
