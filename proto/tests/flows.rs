@@ -1,0 +1,541 @@
+//! Full purchases (card ↔ security card) and loads (card ↔ HSM) in process, every tamper
+//! case with its specific status word or error, and each branch of the negative-result
+//! procedure of 001 [0129]–[0132].
+
+mod common;
+
+use common::*;
+use proto::apdu::StatusWord;
+use proto::card::{CardFault, commands};
+use proto::hsm::{HsmError, LoadVerdict, NegativeVerdict};
+use proto::money::{Currency, Money};
+use proto::purse::*;
+use proto::security_card::{PsamError, SecurityCard};
+
+#[test]
+fn full_purchase_moves_value_and_logs() {
+    let mut card = card_with(10_000, 50_000);
+    let mut psam = psam();
+    let before = {
+        select(&mut card);
+        read_purse(&mut card)
+    };
+    let resp = purchase(&mut card, &mut psam, 1_250, "tx-1");
+    let after = read_purse(&mut card);
+    assert_eq!(after.balance, 8_750);
+    assert_eq!(resp.new_balance, 8_750);
+    assert_eq!(after.atc, before.atc + 1);
+    assert_eq!(psam.total(EUR).amount, 1_250);
+    assert_eq!(psam.total(EUR).count, 1);
+    assert_eq!(psam.txn_counter, 1);
+    let log = LogRecord::decode(&ok(&mut card, &commands::read_log(1))).unwrap();
+    assert_eq!(
+        (log.kind, log.amount, log.balance_after),
+        (LogKind::Debit, 1_250, 8_750)
+    );
+    assert_eq!(log.debit_response(after.card_id).unwrap(), resp);
+    assert_eq!(psam.collection().len(), 1);
+}
+
+#[test]
+fn early_release_hands_out_the_signature_the_card_then_gives() {
+    let mut card = card_with(10_000, 50_000);
+    let mut psam = psam();
+    let d = draw(&mut card, 500, "tx-e");
+    let auth = psam.issue_debit(&d, TODAY, true).unwrap();
+    let expected = auth.expected_card_signature.unwrap();
+    assert_eq!(psam.total(EUR).amount, 500, "early release counts at issue");
+    let resp = DebitResponse::decode(&ok(&mut card, &commands::debit(&auth.command))).unwrap();
+    assert!(SecurityCard::signatures_match(&expected, &resp));
+    let mut forged = resp.clone();
+    forged.card_signature[0] ^= 0x80;
+    assert!(!SecurityCard::signatures_match(&expected, &forged));
+}
+
+#[test]
+fn full_load_credits_and_hsm_totals() {
+    let mut card = card_with(1_000, 50_000);
+    let mut hsm = hsm();
+    let resp = load(&mut card, &mut hsm, 4_000, "ld-1");
+    assert!(resp.is_loaded());
+    let info = read_purse(&mut card);
+    assert_eq!((info.balance, info.load_count, info.atc), (5_000, 1, 1));
+    assert_eq!(hsm.total(EUR).amount, 4_000);
+    let log = LogRecord::decode(&ok(&mut card, &commands::read_log(1))).unwrap();
+    assert_eq!((log.kind, log.amount), (LogKind::Load, 4_000));
+}
+
+#[test]
+fn log_keeps_the_last_twenty_or_more() {
+    let mut card = card_with(100_000, 100_000);
+    let mut psam = psam();
+    for i in 0..25 {
+        purchase(&mut card, &mut psam, 10 + i, &format!("tx-{i}"));
+    }
+    for n in 1..=20u8 {
+        let rec = LogRecord::decode(&ok(&mut card, &commands::read_log(n))).unwrap();
+        assert_eq!(rec.amount, 10 + 25 - u64::from(n));
+    }
+    assert_eq!(
+        send(&mut card, &commands::read_log(33)).sw,
+        proto::card::SW_RECORD_NOT_FOUND
+    );
+}
+
+// ---- tamper cases: purchase ----
+
+#[test]
+fn amount_changed_in_debit_command_is_refused() {
+    let mut card = card_with(10_000, 50_000);
+    let mut psam = psam();
+    let d = draw(&mut card, 100, "tx");
+    let mut cmd = psam.issue_debit(&d, TODAY, false).unwrap().command;
+    cmd.amount = 1;
+    assert_eq!(
+        send(&mut card, &commands::debit(&cmd)).sw,
+        StatusWord::BAD_SIGNATURE
+    );
+    assert_eq!(read_purse(&mut card).balance, 10_000);
+}
+
+#[test]
+fn every_flipped_bit_in_the_security_card_signature_is_refused() {
+    let mut card = card_with(10_000, 50_000);
+    for bit in 0..64 {
+        let mut psam = psam();
+        let d = draw(&mut card, 100, "tx");
+        let mut cmd = psam.issue_debit(&d, TODAY, false).unwrap().command;
+        cmd.psam_signature[bit / 8] ^= 1 << (bit % 8);
+        assert_eq!(
+            send(&mut card, &commands::debit(&cmd)).sw,
+            StatusWord::BAD_SIGNATURE,
+            "bit {bit}"
+        );
+        // Keep the bad-key counter below the lock for this test: a good debit resets it.
+        if bit % 5 == 4 {
+            purchase(&mut card, &mut psam, 1, "reset");
+        }
+    }
+}
+
+#[test]
+fn every_flipped_bit_in_the_card_signature_is_refused_by_the_security_card() {
+    let mut card = card_with(10_000, 50_000);
+    let mut psam = psam();
+    let d = draw(&mut card, 100, "tx");
+    let auth = psam.issue_debit(&d, TODAY, false).unwrap();
+    let resp = DebitResponse::decode(&ok(&mut card, &commands::debit(&auth.command))).unwrap();
+    for bit in 0..64 {
+        let mut r = resp.clone();
+        r.card_signature[bit / 8] ^= 1 << (bit % 8);
+        assert_eq!(
+            psam.complete(auth.command.psam_txn, &r),
+            Err(PsamError::BadCardSignature)
+        );
+    }
+    assert_eq!(psam.total(EUR).amount, 0);
+    psam.complete(auth.command.psam_txn, &resp).unwrap();
+    assert_eq!(psam.total(EUR).amount, 100);
+}
+
+#[test]
+fn tampered_card_data_in_the_draw_request_is_refused() {
+    let mut card = card_with(100, 50_000);
+    let mut psam = psam();
+    let mut d = draw(&mut card, 5_000, "tx");
+    d.init.balance = 1_000_000; // claim more value than the card has
+    assert_eq!(
+        psam.issue_debit(&d, TODAY, false),
+        Err(PsamError::BadCardData)
+    );
+    d.init.balance = 100;
+    d.init.card_mac[3] ^= 4;
+    assert_eq!(
+        psam.issue_debit(&d, TODAY, false),
+        Err(PsamError::BadCardData)
+    );
+}
+
+#[test]
+fn replayed_debit_command_is_refused() {
+    let mut card = card_with(10_000, 50_000);
+    let mut psam = psam();
+    let d = draw(&mut card, 300, "tx");
+    let cmd = psam.issue_debit(&d, TODAY, false).unwrap().command;
+    ok(&mut card, &commands::debit(&cmd));
+    // Straight replay: no open session.
+    assert_eq!(
+        send(&mut card, &commands::debit(&cmd)).sw,
+        StatusWord::WRONG_STATE
+    );
+    // Replay into a fresh session: the transaction number is spent.
+    ok(&mut card, &commands::init_purchase(TODAY));
+    assert_eq!(
+        send(&mut card, &commands::debit(&cmd)).sw,
+        StatusWord::REPLAY
+    );
+    assert_eq!(read_purse(&mut card).balance, 9_700);
+}
+
+#[test]
+fn wrong_card_key_is_refused() {
+    let mut card = card_with(10_000, 50_000);
+    let mut other = IssuerKeys {
+        purchase_master: proto::crypto::DesKey::new([0x33; 16]),
+        load_master: proto::crypto::DesKey::new([0x44; 16]),
+        ..issuer()
+    };
+    other.key_version = 1;
+    let mut rogue_psam = SecurityCard::new(0xDEAD, other.clone());
+    let d = draw(&mut card, 100, "tx");
+    // The rogue security card cannot even verify the card's data...
+    assert_eq!(
+        rogue_psam.issue_debit(&d, TODAY, false),
+        Err(PsamError::BadCardData)
+    );
+    // ...and a debit command signed under the wrong key is refused by the card.
+    let mut legit = psam();
+    let mut cmd = legit.issue_debit(&d, TODAY, false).unwrap().command;
+    let wrong_sk = other.card_keys(cmd.card_id).purchase_session(cmd.atc);
+    cmd.psam_signature =
+        proto::crypto::sign(&wrong_sk, b"DCMD", &cmd.signed_fields(&d.init.card_random));
+    assert_eq!(
+        send(&mut card, &commands::debit(&cmd)).sw,
+        StatusWord::BAD_SIGNATURE
+    );
+    // The HSM under the wrong key refuses S1.
+    let mut rogue_hsm = proto::hsm::Hsm::new(1, other);
+    let init = init_load(&mut card, 100, 1).unwrap();
+    assert_eq!(
+        rogue_hsm.authorize("l", &init, Money::new(100, EUR), TODAY),
+        Err(HsmError::BadS1)
+    );
+}
+
+#[test]
+fn wrong_currency_expired_over_max_insufficient() {
+    // Wrong currency: at the security card and at the card's INITIALIZE FOR LOAD.
+    let mut card = card_with(10_000, 20_000);
+    let mut psam = psam();
+    let mut d = draw(&mut card, 100, "tx");
+    d.amount = Money::new(100, Currency::USD);
+    assert!(matches!(
+        psam.issue_debit(&d, TODAY, false),
+        Err(PsamError::WrongCurrency { .. })
+    ));
+    select(&mut card);
+    let r = send(
+        &mut card,
+        &commands::init_load(&LoadInitRequest {
+            amount: 1,
+            currency: Currency::USD,
+            timestamp: 0,
+            date: TODAY,
+        }),
+    );
+    assert_eq!(r.sw, StatusWord::WRONG_CURRENCY);
+
+    // Over max balance.
+    assert_eq!(
+        init_load(&mut card, 10_001, 0),
+        Err(StatusWord::OVER_MAX_BALANCE)
+    );
+
+    // Insufficient value: the security card refuses, and the card refuses a debit beyond
+    // its balance even when properly signed (a security card trusting a stale balance).
+    let d = draw(&mut card, 10_001, "tx");
+    assert!(matches!(
+        psam.issue_debit(&d, TODAY, false),
+        Err(PsamError::InsufficientValue { .. })
+    ));
+    let d = draw(&mut card, 10_000, "tx2");
+    let auth = psam.issue_debit(&d, TODAY, false).unwrap();
+    let mut low = card_with(50, 20_000); // same card id and keys, less value
+    select(&mut low);
+    ok(&mut low, &commands::init_purchase(TODAY));
+    // Same id, different random: so sign a command for `low`'s own session.
+    let d_low = draw(&mut low, 10_000, "tx3");
+    let mut forged_balance = d_low.clone();
+    forged_balance.init.balance = 20_000;
+    assert_eq!(
+        psam.issue_debit(&forged_balance, TODAY, false),
+        Err(PsamError::BadCardData)
+    );
+    drop(auth);
+
+    // Expired: the card refuses INITIALIZE with a date past its expiry.
+    let mut card = card_with(10_000, 20_000);
+    select(&mut card);
+    let late = Date::new(2029, 1, 1);
+    assert_eq!(
+        send(&mut card, &commands::init_purchase(late)).sw,
+        StatusWord::EXPIRED
+    );
+    let d = draw(&mut card, 100, "tx");
+    assert_eq!(psam.issue_debit(&d, late, false), Err(PsamError::Expired));
+}
+
+#[test]
+fn card_refuses_a_signed_debit_beyond_its_balance() {
+    // A security card that signs whatever it is asked (its checks bypassed) still cannot
+    // make the card go negative.
+    let mut card = card_with(50, 20_000);
+    let d = draw(&mut card, 50, "tx");
+    let mut psam = psam();
+    let mut cmd = psam.issue_debit(&d, TODAY, false).unwrap().command;
+    cmd.amount = 51;
+    let sk = issuer().card_keys(cmd.card_id).purchase_session(cmd.atc);
+    cmd.psam_signature = proto::crypto::sign(&sk, b"DCMD", &cmd.signed_fields(&d.init.card_random));
+    assert_eq!(
+        send(&mut card, &commands::debit(&cmd)).sw,
+        StatusWord::INSUFFICIENT_VALUE
+    );
+}
+
+#[test]
+fn bad_signatures_lock_the_card() {
+    let mut card = card_with(10_000, 50_000);
+    let mut psam = psam();
+    for _ in 0..10 {
+        let d = draw(&mut card, 1, "tx");
+        let mut cmd = psam.issue_debit(&d, TODAY, false).unwrap().command;
+        cmd.psam_signature[0] ^= 1;
+        send(&mut card, &commands::debit(&cmd));
+    }
+    assert!(read_purse(&mut card).is_blocked());
+    assert_eq!(
+        send(&mut card, &commands::init_purchase(TODAY)).sw,
+        StatusWord::BLOCKED
+    );
+}
+
+#[test]
+fn malformed_apdus_get_their_status_words() {
+    let mut card = card_with(10, 10);
+    assert_eq!(send(&mut card, &[0x80]).sw, StatusWord::WRONG_LENGTH);
+    assert_eq!(
+        send(&mut card, &commands::read_purse()).sw,
+        StatusWord::WRONG_STATE
+    );
+    assert_eq!(
+        send(&mut card, &[0x00, 0xA4, 0x04, 0x00, 0x02, 0xA0, 0x00]).sw,
+        StatusWord::APP_NOT_FOUND
+    );
+    select(&mut card);
+    assert_eq!(
+        send(&mut card, &[0x80, 0xEE, 0, 0]).sw,
+        StatusWord::UNKNOWN_INSTRUCTION
+    );
+    assert_eq!(
+        send(&mut card, &[0x90, 0xB0, 0, 0]).sw,
+        StatusWord::CLASS_NOT_SUPPORTED
+    );
+    assert_eq!(
+        send(&mut card, &[0x80, 0x54, 0, 0, 1, 0]).sw,
+        StatusWord::WRONG_STATE
+    );
+    ok(&mut card, &commands::init_purchase(TODAY));
+    assert_eq!(
+        send(&mut card, &[0x80, 0x54, 0, 0, 1, 0]).sw,
+        StatusWord::BAD_DATA
+    );
+    assert_eq!(
+        send(&mut card, &[0x80, 0x50, 0x07, 0, 1, 0]).sw,
+        StatusWord::WRONG_P1P2
+    );
+}
+
+// ---- tamper cases: load ----
+
+#[test]
+fn forged_s1_is_refused() {
+    let mut card = card_with(0, 50_000);
+    let mut hsm = hsm();
+    let mut init = init_load(&mut card, 1_000, 7).unwrap();
+    init.amount = 9_000; // the box asks for more than the card signed
+    assert_eq!(
+        hsm.authorize("l", &init, Money::new(9_000, EUR), TODAY),
+        Err(HsmError::BadS1)
+    );
+    let mut init = init_load(&mut card, 1_000, 7).unwrap();
+    init.s1[5] ^= 0x10;
+    assert_eq!(
+        hsm.authorize("l", &init, Money::new(1_000, EUR), TODAY),
+        Err(HsmError::BadS1)
+    );
+}
+
+#[test]
+fn forged_s2_is_refused_by_the_card() {
+    let mut card = card_with(0, 50_000);
+    let mut hsm = hsm();
+    for bit in [0, 17, 63] {
+        let init = init_load(&mut card, 1_000, 7).unwrap();
+        let mut cmd = hsm
+            .authorize(&format!("l{bit}"), &init, Money::new(1_000, EUR), TODAY)
+            .unwrap();
+        cmd.s2[bit / 8] ^= 1 << (bit % 8);
+        assert_eq!(
+            send(&mut card, &commands::load(&cmd)).sw,
+            StatusWord::BAD_SIGNATURE
+        );
+    }
+    // An amount raised in the load command breaks S2 too.
+    let init = init_load(&mut card, 1_000, 7).unwrap();
+    let mut cmd = hsm
+        .authorize("lx", &init, Money::new(1_000, EUR), TODAY)
+        .unwrap();
+    cmd.amount = 40_000;
+    assert_eq!(
+        send(&mut card, &commands::load(&cmd)).sw,
+        StatusWord::BAD_SIGNATURE
+    );
+    assert_eq!(read_purse(&mut card).balance, 0);
+}
+
+#[test]
+fn forged_s3_is_refused_by_the_hsm() {
+    let mut card = card_with(0, 50_000);
+    let mut hsm = hsm();
+    let init = init_load(&mut card, 1_000, 7).unwrap();
+    let cmd = hsm
+        .authorize("l", &init, Money::new(1_000, EUR), TODAY)
+        .unwrap();
+    let resp = LoadResponse::decode(&ok(&mut card, &commands::load(&cmd))).unwrap();
+    let mut forged = resp.clone();
+    forged.s3[0] ^= 1;
+    assert_eq!(hsm.confirm("l", &forged), Err(HsmError::BadS3));
+    // A negative result code forged onto a real load does not verify either.
+    let mut claim_not_loaded = resp.clone();
+    claim_not_loaded.result = LOAD_NEGATIVE;
+    assert_eq!(hsm.confirm("l", &claim_not_loaded), Err(HsmError::BadS3));
+    assert_eq!(hsm.total(EUR).amount, 0);
+    assert_eq!(hsm.confirm("l", &resp), Ok(LoadVerdict::Loaded));
+    assert_eq!(
+        hsm.confirm("l", &resp),
+        Ok(LoadVerdict::Loaded),
+        "idempotent"
+    );
+    assert_eq!(hsm.total(EUR).amount, 1_000);
+}
+
+#[test]
+fn replayed_load_command_is_refused() {
+    let mut card = card_with(0, 50_000);
+    let mut hsm = hsm();
+    let init = init_load(&mut card, 1_000, 7).unwrap();
+    let cmd = hsm
+        .authorize("l", &init, Money::new(1_000, EUR), TODAY)
+        .unwrap();
+    ok(&mut card, &commands::load(&cmd));
+    assert_eq!(
+        send(&mut card, &commands::load(&cmd)).sw,
+        StatusWord::WRONG_STATE
+    );
+    init_load(&mut card, 1_000, 7).unwrap();
+    assert_eq!(
+        send(&mut card, &commands::load(&cmd)).sw,
+        StatusWord::REPLAY
+    );
+    assert_eq!(read_purse(&mut card).balance, 1_000);
+    // A retried load request gets the same command, never a second authorization.
+    assert_eq!(
+        hsm.authorize("l", &init, Money::new(1_000, EUR), TODAY)
+            .unwrap(),
+        cmd
+    );
+}
+
+// ---- negative-result procedure, 001 [0129]–[0132] ----
+
+/// Runs a load whose card misbehaves as `fault`, then the zero-value procedure. Returns
+/// (verdict, card balance, HSM total).
+fn negative_case(fault: CardFault) -> (NegativeVerdict, u64, u64) {
+    let mut card = card_with(2_000, 50_000);
+    let mut hsm = hsm();
+    card.state.fault = Some(fault);
+    let init = init_load(&mut card, 3_000, 10).unwrap();
+    let cmd = hsm
+        .authorize("neg", &init, Money::new(3_000, EUR), TODAY)
+        .unwrap();
+    let resp = LoadResponse::decode(&ok(&mut card, &commands::load(&cmd))).unwrap();
+    assert_eq!(resp.result, LOAD_NEGATIVE);
+    assert_eq!(
+        hsm.confirm("neg", &resp),
+        Ok(LoadVerdict::NegativeNeedsProof)
+    );
+    let zero = init_load(&mut card, 0, 11).unwrap();
+    let verdict = hsm.resolve_negative("neg", &zero).unwrap();
+    (
+        verdict,
+        read_purse(&mut card).balance,
+        hsm.total(EUR).amount,
+    )
+}
+
+#[test]
+fn negative_true_negative_nobody_is_debited() {
+    let (v, balance, settled) = negative_case(CardFault::TrueNegative);
+    assert_eq!(v, NegativeVerdict::TrueNegative);
+    assert_eq!(
+        (balance, settled),
+        (2_000, 0),
+        "card not loaded, nothing settled"
+    );
+}
+
+#[test]
+fn negative_false_negative_is_settled_as_loaded() {
+    let (v, balance, settled) = negative_case(CardFault::FalseNegative);
+    assert_eq!(v, NegativeVerdict::FalseNegative);
+    assert_eq!(
+        (balance, settled),
+        (5_000, 3_000),
+        "card loaded, so the account pays"
+    );
+}
+
+#[test]
+fn negative_counter_bumped_by_accident_nobody_is_debited() {
+    let (v, balance, settled) = negative_case(CardFault::CounterBump);
+    assert_eq!(v, NegativeVerdict::CounterBumped);
+    assert_eq!((balance, settled), (2_000, 0));
+}
+
+#[test]
+fn negative_procedure_refuses_a_forged_zero_value_s1() {
+    let mut card = card_with(2_000, 50_000);
+    let mut hsm = hsm();
+    card.state.fault = Some(CardFault::FalseNegative);
+    let init = init_load(&mut card, 3_000, 10).unwrap();
+    let cmd = hsm
+        .authorize("neg", &init, Money::new(3_000, EUR), TODAY)
+        .unwrap();
+    let resp = LoadResponse::decode(&ok(&mut card, &commands::load(&cmd))).unwrap();
+    hsm.confirm("neg", &resp).unwrap();
+    let mut zero = init_load(&mut card, 0, 11).unwrap();
+    // The box lies that the balance never moved, to get the load for free.
+    zero.balance = 2_000;
+    zero.load_count = 0;
+    assert_eq!(hsm.resolve_negative("neg", &zero), Err(HsmError::BadS1));
+}
+
+#[test]
+fn card_pulled_during_load_resolves_from_a_zero_value_s1() {
+    // No LOAD response ever reached the HSM; the card did or did not load.
+    for loaded in [false, true] {
+        let mut card = card_with(0, 50_000);
+        let mut hsm = hsm();
+        let init = init_load(&mut card, 700, 1).unwrap();
+        let cmd = hsm
+            .authorize("p", &init, Money::new(700, EUR), TODAY)
+            .unwrap();
+        if loaded {
+            ok(&mut card, &commands::load(&cmd)); // response lost
+        }
+        let zero = init_load(&mut card, 0, 2).unwrap();
+        let v = hsm.resolve_negative("p", &zero).unwrap();
+        assert_eq!(v.loaded(), loaded);
+        assert_eq!(hsm.total(EUR).amount, if loaded { 700 } else { 0 });
+    }
+}
