@@ -1,0 +1,2 @@
+//! Placeholder; the benchmark is written below.
+fn main() {}
