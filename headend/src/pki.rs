@@ -18,8 +18,9 @@ use time::{Duration, OffsetDateTime};
 
 use crate::quic::BoxId;
 
-/// The CA's subject common name. Issuing re-creates the CA's distinguished name from it, so it is
-/// fixed; [`OperatorCa::load`] checks the file on disk matches.
+/// The CA's subject common name, followed by a short hash of the CA's public key so two dev CAs
+/// never share a name (a verifier would otherwise take one for the other's issuer). Issuing
+/// re-creates the name from the key; [`OperatorCa::load`] checks the file on disk matches.
 pub const CA_COMMON_NAME: &str = "Purselink dev operator CA";
 const ORGANIZATION: &str = "Purselink";
 const CA_CERT_FILE: &str = "ca.crt.pem";
@@ -120,10 +121,12 @@ impl std::fmt::Debug for OperatorCa {
     }
 }
 
-fn ca_params() -> CertificateParams {
+fn ca_params(key: &KeyPair) -> CertificateParams {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, CA_COMMON_NAME);
+    let key_hash = ring::digest::digest(&ring::digest::SHA256, key.public_key_der().as_slice());
+    let tag = hex::encode(&key_hash.as_ref()[..8]);
+    dn.push(DnType::CommonName, format!("{CA_COMMON_NAME} {tag}"));
     dn.push(DnType::OrganizationName, ORGANIZATION);
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -167,7 +170,7 @@ impl OperatorCa {
     /// A fresh self-signed CA (ECDSA P-256), valid ten years.
     pub fn generate() -> Result<Self, PkiError> {
         let key = KeyPair::generate()?;
-        let mut params = ca_params();
+        let mut params = ca_params(&key);
         params.serial_number = Some(random_serial()?);
         set_validity(&mut params, CA_VALIDITY_DAYS);
         let cert = params.self_signed(&key)?;
@@ -190,7 +193,7 @@ impl OperatorCa {
             path: key_path.clone(),
             what: "private key",
         })?;
-        let cert = ca_params().self_signed(&key)?;
+        let cert = ca_params(&key).self_signed(&key)?;
         // The re-created issuer must name the same subject and hold the same key as the file,
         // or what we sign would not chain to the CA the verifiers trust.
         let on_disk =

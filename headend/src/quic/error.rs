@@ -56,6 +56,8 @@ const ALERT_UNSUPPORTED_CERTIFICATE: u8 = 43;
 const ALERT_CERTIFICATE_REVOKED: u8 = 44;
 const ALERT_CERTIFICATE_EXPIRED: u8 = 45;
 const ALERT_UNKNOWN_CA: u8 = 48;
+/// Also sent for a certificate whose signature does not verify against the named issuer.
+const ALERT_DECRYPT_ERROR: u8 = 51;
 const ALERT_CERTIFICATE_REQUIRED: u8 = 116;
 const ALERT_NO_APPLICATION_PROTOCOL: u8 = 120;
 
@@ -138,7 +140,8 @@ fn alert_error(alert: u8, reason: String) -> QuicError {
         ALERT_BAD_CERTIFICATE
         | ALERT_UNSUPPORTED_CERTIFICATE
         | ALERT_CERTIFICATE_REVOKED
-        | ALERT_CERTIFICATE_EXPIRED => QuicError::BadCertificate(reason),
+        | ALERT_CERTIFICATE_EXPIRED
+        | ALERT_DECRYPT_ERROR => QuicError::BadCertificate(reason),
         _ => QuicError::Tls { alert, reason },
     }
 }
