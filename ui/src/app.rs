@@ -1,0 +1,514 @@
+//! The `App` state machine: one `UiEvent` in, zero or more `Intent`s out; `draw` renders the
+//! current state. Sans-IO: no terminal, clock, card or socket in here.
+//!
+//! This file owns screen transitions and the rules that cut across screens (modal popups,
+//! MENU/colour shortcuts, what a daemon update does to the current screen). Each screen's own
+//! keys and layout live in `components/` and `popups/`.
+
+use crate::components::catalog::{CatalogAction, CatalogView};
+use crate::components::history::HistoryView;
+use crate::components::home::{Home, MenuEntry};
+use crate::components::load::{LoadAction, LoadView};
+use crate::components::pin::{PinAction, PinEntry};
+use crate::components::progress::Progress;
+use crate::components::{self, COLOUR_HINTS, Hint};
+use crate::event::{CancelReason, Intent, UiEvent, UiUpdate};
+use crate::keymap::RemoteKey;
+use crate::model::*;
+use crate::popups::info;
+use crate::popups::offer::{OfferAction, OfferPopup};
+use crate::strings;
+use crate::theme;
+use ratatui::Frame;
+use ratatui::layout::{Constraint, Layout};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Paragraph};
+
+/// Settings the daemon passes from its config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppConfig {
+    /// Offer timeout when the offer itself says 0.
+    pub offer_timeout_secs: u32,
+}
+
+impl Default for AppConfig {
+    fn default() -> Self {
+        AppConfig {
+            offer_timeout_secs: 30,
+        }
+    }
+}
+
+/// Which screen is showing, for the daemon's logs and for tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScreenId {
+    Home,
+    Catalog,
+    LoadSource,
+    LoadWaiting,
+    LoadAmount,
+    Pin,
+    Progress,
+    Receipt,
+    History,
+    Error,
+}
+
+#[derive(Debug)]
+enum Screen {
+    Home,
+    Catalog,
+    Load(LoadView),
+    Pin(PinEntry),
+    Progress(Progress),
+    Receipt(Receipt),
+    History,
+    Error(UiError),
+}
+
+/// The TV UI. Feed it every event with [`App::handle`]; draw it after each with [`App::draw`].
+#[derive(Debug)]
+pub struct App {
+    cfg: AppConfig,
+    card: Option<CardSummary>,
+    reader: ReaderState,
+    catalog: Option<Catalog>,
+    history: Option<Vec<HistoryEntry>>,
+    screen: Screen,
+    home: Home,
+    catalog_view: CatalogView,
+    history_view: HistoryView,
+    offer: Option<OfferPopup>,
+    info_open: bool,
+    /// A one-line message under the screen (e.g. "purchase cancelled"); cleared by the next key.
+    notice: Option<&'static str>,
+    ticks: u64,
+}
+
+impl Default for App {
+    fn default() -> Self {
+        Self::new(AppConfig::default())
+    }
+}
+
+impl App {
+    pub fn new(cfg: AppConfig) -> Self {
+        App {
+            cfg,
+            card: None,
+            reader: ReaderState::Unknown,
+            catalog: None,
+            history: None,
+            screen: Screen::Home,
+            home: Home::default(),
+            catalog_view: CatalogView::default(),
+            history_view: HistoryView::default(),
+            offer: None,
+            info_open: false,
+            notice: None,
+            ticks: 0,
+        }
+    }
+
+    pub fn screen(&self) -> ScreenId {
+        match &self.screen {
+            Screen::Home => ScreenId::Home,
+            Screen::Catalog => ScreenId::Catalog,
+            Screen::Load(LoadView::Source { .. }) => ScreenId::LoadSource,
+            Screen::Load(LoadView::Waiting) => ScreenId::LoadWaiting,
+            Screen::Load(LoadView::Amount { .. }) => ScreenId::LoadAmount,
+            Screen::Pin(_) => ScreenId::Pin,
+            Screen::Progress(_) => ScreenId::Progress,
+            Screen::Receipt(_) => ScreenId::Receipt,
+            Screen::History => ScreenId::History,
+            Screen::Error(_) => ScreenId::Error,
+        }
+    }
+
+    /// The offer waiting for OK/BACK, and its seconds left.
+    pub fn open_offer(&self) -> Option<(&TxId, u32)> {
+        self.offer.as_ref().map(|o| (o.txid(), o.remaining()))
+    }
+
+    pub fn card(&self) -> Option<&CardSummary> {
+        self.card.as_ref()
+    }
+
+    pub fn notice(&self) -> Option<&'static str> {
+        self.notice
+    }
+
+    /// Whether `Tick`s change anything now (a countdown or a spinner is showing). A daemon can
+    /// run its one-second timer only while this is true, so an idle box has no wakeups.
+    pub fn wants_ticks(&self) -> bool {
+        self.offer.is_some() || matches!(self.screen, Screen::Progress(_))
+    }
+
+    pub fn handle(&mut self, ev: UiEvent) -> Vec<Intent> {
+        match ev {
+            UiEvent::Key(k) => self.on_key(k),
+            UiEvent::Update(u) => self.on_update(u),
+            UiEvent::Tick => self.on_tick(),
+            UiEvent::Resize => Vec::new(),
+        }
+    }
+
+    fn on_tick(&mut self) -> Vec<Intent> {
+        self.ticks = self.ticks.wrapping_add(1);
+        if let Some(popup) = self.offer.as_mut() {
+            if popup.tick() {
+                let txid = popup.txid().clone();
+                self.close_offer_cancelled();
+                self.notice = Some(strings::OFFER_TIMED_OUT);
+                return vec![Intent::CancelOffer {
+                    txid,
+                    reason: CancelReason::Timeout,
+                }];
+            }
+        }
+        Vec::new()
+    }
+
+    /// After a cancelled or withdrawn offer: back to where the viewer chose it.
+    fn close_offer_cancelled(&mut self) {
+        self.offer = None;
+        if matches!(self.screen, Screen::Progress(_)) {
+            self.screen = if self.catalog.is_some() {
+                Screen::Catalog
+            } else {
+                Screen::Home
+            };
+        }
+    }
+
+    /// Screens from which MENU and the colour keys may leave without telling the daemon.
+    fn is_browsing(&self) -> bool {
+        matches!(
+            self.screen,
+            Screen::Home
+                | Screen::Catalog
+                | Screen::History
+                | Screen::Receipt(_)
+                | Screen::Error(_)
+                | Screen::Load(LoadView::Source { .. })
+        )
+    }
+
+    fn on_key(&mut self, key: RemoteKey) -> Vec<Intent> {
+        if key == RemoteKey::Quit {
+            return vec![Intent::Quit];
+        }
+        self.notice = None;
+        if self.info_open {
+            self.info_open = false;
+            return Vec::new();
+        }
+        if let Some(popup) = &self.offer {
+            return match popup.handle(key) {
+                Some(OfferAction::Accept(txid)) => {
+                    self.offer = None;
+                    let step = match &self.screen {
+                        Screen::Progress(p) => p.step,
+                        _ => None,
+                    };
+                    self.screen = Screen::Progress(Progress {
+                        kind: TxKind::Purchase,
+                        step,
+                    });
+                    vec![Intent::AcceptOffer(txid)]
+                }
+                Some(OfferAction::Cancel(txid)) => {
+                    self.close_offer_cancelled();
+                    self.notice = Some(strings::OFFER_CANCELLED);
+                    vec![Intent::CancelOffer {
+                        txid,
+                        reason: CancelReason::Viewer,
+                    }]
+                }
+                None => Vec::new(),
+            };
+        }
+        if key == RemoteKey::Info || (key == RemoteKey::Blue && self.is_browsing()) {
+            self.info_open = true;
+            return Vec::new();
+        }
+        if key == RemoteKey::Menu {
+            return self.go_home_from_anywhere();
+        }
+        if self.is_browsing() {
+            match key {
+                RemoteKey::Red => return self.open(MenuEntry::Catalog),
+                RemoteKey::Green => return self.open(MenuEntry::Load),
+                RemoteKey::Yellow => return self.open(MenuEntry::History),
+                _ => {}
+            }
+        }
+        match &mut self.screen {
+            Screen::Home => match self.home.handle(key) {
+                Some(entry) => self.open(entry),
+                None => Vec::new(),
+            },
+            Screen::Catalog => match self.catalog_view.handle(key, self.catalog.as_ref()) {
+                Some(CatalogAction::Select(id)) => {
+                    self.screen = Screen::Progress(Progress {
+                        kind: TxKind::Purchase,
+                        step: None,
+                    });
+                    vec![Intent::SelectCatalogItem(id)]
+                }
+                Some(CatalogAction::Back) => {
+                    self.screen = Screen::Home;
+                    Vec::new()
+                }
+                None => Vec::new(),
+            },
+            Screen::Load(view) => match view.handle(key) {
+                Some(LoadAction::Start(source)) => vec![Intent::StartLoad { source }],
+                Some(LoadAction::Submit(minor)) => {
+                    self.screen = Screen::Progress(Progress {
+                        kind: TxKind::Load,
+                        step: None,
+                    });
+                    vec![Intent::SubmitLoadAmount(minor)]
+                }
+                Some(LoadAction::Leave) => {
+                    self.screen = Screen::Home;
+                    Vec::new()
+                }
+                Some(LoadAction::Cancel) => {
+                    self.screen = Screen::Home;
+                    vec![Intent::CancelLoad]
+                }
+                None => Vec::new(),
+            },
+            Screen::Pin(entry) => match entry.handle(key) {
+                Some(PinAction::Submit(pin)) => {
+                    self.screen = Screen::Progress(Progress {
+                        kind: TxKind::Load,
+                        step: None,
+                    });
+                    vec![Intent::SubmitPin(pin)]
+                }
+                Some(PinAction::Cancel) => {
+                    self.screen = Screen::Home;
+                    vec![Intent::CancelPin]
+                }
+                None => Vec::new(),
+            },
+            // A transaction in flight: the daemon ends this screen, not the remote.
+            Screen::Progress(_) => Vec::new(),
+            Screen::Receipt(_) | Screen::Error(_) => {
+                if matches!(key, RemoteKey::Ok | RemoteKey::Back) {
+                    self.screen = Screen::Home;
+                }
+                Vec::new()
+            }
+            Screen::History => {
+                let len = self.history.as_ref().map_or(0, Vec::len);
+                if self.history_view.handle(key, len) {
+                    self.screen = Screen::Home;
+                }
+                Vec::new()
+            }
+        }
+    }
+
+    /// MENU: home, telling the daemon when that abandons something it started.
+    fn go_home_from_anywhere(&mut self) -> Vec<Intent> {
+        let intents = match &self.screen {
+            Screen::Progress(_) => return Vec::new(),
+            Screen::Pin(_) => vec![Intent::CancelPin],
+            Screen::Load(LoadView::Waiting | LoadView::Amount { .. }) => vec![Intent::CancelLoad],
+            _ => Vec::new(),
+        };
+        self.screen = Screen::Home;
+        intents
+    }
+
+    fn open(&mut self, entry: MenuEntry) -> Vec<Intent> {
+        match entry {
+            MenuEntry::Catalog => {
+                self.screen = Screen::Catalog;
+                vec![Intent::ShowCatalog]
+            }
+            MenuEntry::Load => {
+                self.screen = Screen::Load(LoadView::new());
+                Vec::new()
+            }
+            MenuEntry::History => {
+                self.screen = Screen::History;
+                self.history_view = HistoryView::default();
+                vec![Intent::ShowHistory]
+            }
+        }
+    }
+
+    fn on_update(&mut self, u: UiUpdate) -> Vec<Intent> {
+        let mut out = Vec::new();
+        match u {
+            UiUpdate::CardInserted(c) => {
+                self.card = Some(c);
+                if matches!(
+                    self.screen,
+                    Screen::Error(UiError {
+                        kind: ErrorKind::NoCard,
+                        ..
+                    })
+                ) {
+                    self.screen = Screen::Home;
+                }
+            }
+            UiUpdate::CardRemoved => {
+                self.card = None;
+                // The log belonged to that card.
+                self.history = None;
+                if matches!(self.screen, Screen::History) {
+                    self.screen = Screen::Home;
+                }
+            }
+            UiUpdate::Reader(r) => self.reader = r,
+            UiUpdate::CatalogLoaded(c) => {
+                self.catalog_view.clamp(&c);
+                self.catalog = Some(c);
+            }
+            UiUpdate::Offer(o) => {
+                if let Some(old) = self.offer.take() {
+                    // Never two open offers: the older one is cancelled explicitly.
+                    out.push(Intent::CancelOffer {
+                        txid: old.txid().clone(),
+                        reason: CancelReason::Superseded,
+                    });
+                }
+                self.info_open = false;
+                self.offer = Some(OfferPopup::new(o, self.cfg.offer_timeout_secs));
+            }
+            UiUpdate::OfferWithdrawn(txid) => {
+                if self.offer.as_ref().is_some_and(|o| *o.txid() == txid) {
+                    self.close_offer_cancelled();
+                }
+            }
+            UiUpdate::Progress(step) => {
+                let kind = match &self.screen {
+                    Screen::Progress(p) => p.kind,
+                    Screen::Load(_) | Screen::Pin(_) => TxKind::Load,
+                    _ => TxKind::Purchase,
+                };
+                self.screen = Screen::Progress(Progress {
+                    kind,
+                    step: Some(step),
+                });
+            }
+            UiUpdate::Receipt(r) => {
+                if let Some(card) = self.card.as_mut() {
+                    if card.balance.currency == r.balance_after.currency {
+                        card.balance = r.balance_after;
+                    }
+                }
+                // The log changed; the next ShowHistory fetches it again.
+                self.history = None;
+                self.offer = None;
+                self.screen = Screen::Receipt(r);
+            }
+            UiUpdate::History(entries) => self.history = Some(entries),
+            UiUpdate::Error(e) => {
+                // The daemon has ended whatever was in flight; no intent is owed.
+                self.offer = None;
+                self.screen = Screen::Error(e);
+            }
+            UiUpdate::LoadMax(max) => self.screen = Screen::Load(LoadView::amount(max)),
+            UiUpdate::PinRequest(req) => self.screen = Screen::Pin(PinEntry::new(req)),
+        }
+        out
+    }
+
+    fn hints(&self) -> Vec<Hint> {
+        if self.offer.is_some() {
+            return vec![
+                Hint::ok(strings::HINT_ACCEPT),
+                Hint::back(strings::HINT_CANCEL),
+            ];
+        }
+        match &self.screen {
+            Screen::Home => {
+                let mut v = vec![Hint::ok(strings::HINT_SELECT)];
+                v.extend(COLOUR_HINTS);
+                v
+            }
+            Screen::Catalog => {
+                let mut v = vec![
+                    Hint::ok(strings::HINT_SELECT),
+                    Hint::back(strings::HINT_BACK),
+                ];
+                v.extend(&COLOUR_HINTS[1..3]);
+                v
+            }
+            Screen::Load(LoadView::Source { .. }) => {
+                vec![
+                    Hint::ok(strings::HINT_SELECT),
+                    Hint::back(strings::HINT_BACK),
+                ]
+            }
+            Screen::Load(_) | Screen::Pin(_) => {
+                vec![
+                    Hint::ok(strings::HINT_CONFIRM),
+                    Hint::back(strings::HINT_DELETE),
+                ]
+            }
+            Screen::Progress(_) => Vec::new(),
+            Screen::Receipt(_) | Screen::Error(_) | Screen::History => {
+                vec![Hint::ok(strings::HINT_HOME), Hint::back(strings::HINT_BACK)]
+            }
+        }
+    }
+
+    pub fn draw(&self, f: &mut Frame) {
+        let full = f.area();
+        f.render_widget(Block::default().style(theme::base()), full);
+        let safe = theme::safe_area(full);
+        let [header, body, notice, footer] = Layout::vertical([
+            Constraint::Length(1),
+            Constraint::Min(0),
+            Constraint::Length(1),
+            Constraint::Length(1),
+        ])
+        .areas(safe);
+
+        let right = match &self.card {
+            Some(c) => format!("{}  {}", c.provider, c.balance),
+            None => strings::HOME_INSERT_CARD.to_string(),
+        };
+        let [h_left, h_right] = Layout::horizontal([
+            Constraint::Min(0),
+            Constraint::Length(right.len() as u16 + 1),
+        ])
+        .areas(header);
+        f.render_widget(
+            Paragraph::new(Span::styled(strings::APP_TITLE, theme::title())),
+            h_left,
+        );
+        f.render_widget(
+            Paragraph::new(Line::from(Span::styled(right, theme::amount())).right_aligned()),
+            h_right,
+        );
+
+        match &self.screen {
+            Screen::Home => self.home.draw(f, body, self.card.as_ref(), &self.reader),
+            Screen::Catalog => self.catalog_view.draw(f, body, self.catalog.as_ref()),
+            Screen::Load(v) => v.draw(f, body),
+            Screen::Pin(p) => p.draw(f, body),
+            Screen::Progress(p) => p.draw(f, body, self.ticks),
+            Screen::Receipt(r) => components::receipt::draw(f, body, r),
+            Screen::History => self.history_view.draw(f, body, self.history.as_deref()),
+            Screen::Error(e) => components::error::draw(f, body, e),
+        }
+        if let Some(n) = self.notice {
+            f.render_widget(Paragraph::new(Span::styled(n, theme::amount())), notice);
+        }
+        components::draw_footer(f, footer, &self.hints());
+        if let Some(popup) = &self.offer {
+            popup.draw(f, safe);
+        } else if self.info_open {
+            info::draw(f, safe, &self.reader, self.card.as_ref());
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! The UI's whole interface with the daemon: what goes in (`UiEvent`) and what comes out
+//! (`Intent`).
+//!
+//! This file owns those types and `Pin`, the one secret that crosses the boundary. The daemon
+//! feeds one queue of `UiEvent`s into [`crate::App::handle`] and acts on the returned intents.
+
+use crate::keymap::RemoteKey;
+use crate::model::*;
+use crate::money::Money;
+use std::fmt;
+
+/// Everything that can happen to the UI, in one queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UiEvent {
+    /// A remote-control key, already mapped by [`crate::keymap::Keymap`].
+    Key(RemoteKey),
+    /// The daemon's model changed.
+    Update(UiUpdate),
+    /// One second passed. The only clock the UI knows: countdowns and spinners advance on it,
+    /// so tests drive time by sending ticks. See [`crate::App::wants_ticks`].
+    Tick,
+    /// The terminal was resized; nothing changes but the next draw.
+    Resize,
+}
+
+/// A model update from the daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UiUpdate {
+    CardInserted(CardSummary),
+    CardRemoved,
+    Reader(ReaderState),
+    CatalogLoaded(Catalog),
+    /// An offer to confirm; shown as a popup over the current screen.
+    Offer(Offer),
+    /// The daemon withdrew an offer (e.g. the merchant cancelled); closes the popup if it is
+    /// this one. No intent is emitted.
+    OfferWithdrawn(TxId),
+    Progress(ProgressStep),
+    Receipt(Receipt),
+    History(Vec<HistoryEntry>),
+    Error(UiError),
+    /// The largest load allowed now (from bank/load server and the card's max balance);
+    /// opens the amount entry.
+    LoadMax(Money),
+    PinRequest(PinRequest),
+}
+
+/// Why an offer was cancelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelReason {
+    /// The viewer pressed BACK.
+    Viewer,
+    /// The countdown ran out.
+    Timeout,
+    /// A newer offer arrived while this one was still open.
+    Superseded,
+}
+
+/// What the viewer asked for; the daemon acts on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Intent {
+    /// The viewer opened the catalog (the daemon may refresh it).
+    ShowCatalog,
+    /// The viewer chose an item; the daemon reads the card and sends an `Offer` (or an error).
+    SelectCatalogItem(CatalogId),
+    /// The viewer pressed OK on the offer popup — the explicit confirmation.
+    AcceptOffer(TxId),
+    CancelOffer {
+        txid: TxId,
+        reason: CancelReason,
+    },
+    StartLoad {
+        source: LoadSource,
+    },
+    /// Confirmed load amount in minor units of the card's currency; never above the `LoadMax`.
+    SubmitLoadAmount(i64),
+    /// BACK out of the load amount entry.
+    CancelLoad,
+    SubmitPin(Pin),
+    CancelPin,
+    ShowHistory,
+    Quit,
+}
+
+/// A PIN as typed: digits only. Its `Debug` never shows the digits, so logging an `Intent`
+/// is safe; the buffer is overwritten when dropped.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Pin(String);
+
+impl Pin {
+    pub fn new() -> Self {
+        Pin(String::new())
+    }
+
+    /// Appends a digit; `false` (and no change) for anything but 0–9 or past `max_len`.
+    pub fn push(&mut self, digit: char, max_len: usize) -> bool {
+        if !digit.is_ascii_digit() || self.0.len() >= max_len {
+            return false;
+        }
+        self.0.push(digit);
+        true
+    }
+
+    pub fn pop(&mut self) -> bool {
+        self.0.pop().is_some()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The digits, for the daemon to hand to the bank. Deliberately the only way to read them.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Pin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Pin({} digits)", self.0.len())
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        // Best effort without an extra crate: zero the bytes before the memory is freed;
+        // black_box keeps the optimiser from dropping the dead store.
+        let mut bytes = std::mem::take(&mut self.0).into_bytes();
+        bytes.fill(0);
+        std::hint::black_box(&bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_debug_hides_digits() {
+        let mut pin = Pin::new();
+        for d in "4711".chars() {
+            assert!(pin.push(d, 6));
+        }
+        let shown = format!("{:?}", Intent::SubmitPin(pin.clone()));
+        assert!(!shown.contains("4711"), "{shown}");
+        assert!(shown.contains("4 digits"), "{shown}");
+        assert_eq!(pin.expose(), "4711");
+    }
+
+    #[test]
+    fn pin_refuses_non_digits_and_overflow() {
+        let mut pin = Pin::new();
+        assert!(!pin.push('a', 4));
+        assert!(!pin.push('-', 4));
+        for d in "1234".chars() {
+            assert!(pin.push(d, 4));
+        }
+        assert!(!pin.push('5', 4));
+        assert_eq!(pin.expose(), "1234");
+    }
+}
