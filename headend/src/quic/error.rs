@@ -148,7 +148,8 @@ fn alert_error(alert: u8, reason: String) -> QuicError {
 
 fn crypto_alert(code: TransportErrorCode) -> Option<u8> {
     let raw = u64::from(code);
-    (0x100..0x200).contains(&raw).then_some((raw - 0x100) as u8)
+    // Lazy: `then_some` would compute `raw - 0x100` for every code and underflow.
+    (0x100..0x200).contains(&raw).then(|| (raw - 0x100) as u8)
 }
 
 /// Names the reason behind a lost connection: a TLS alert, one of our close codes, or quinn's.
