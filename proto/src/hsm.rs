@@ -8,8 +8,14 @@
 //! 2. The new S1 must be a genuine card S1 over the values the box reports.
 //! 3. If the new transaction counter equals the original one (branch A, [0131]), the HSM
 //!    computes the S1 the card would give had the original load failed — the original
-//!    balance and load count with the new random and time stamp — and compares it with the
+//!    load count, with the new random, time stamp and balance — and compares it with the
 //!    new S1. A match means a true negative; no match means the card was loaded.
+//!
+//!    The seed expects the original balance too. We use the load count instead, which only
+//!    LOAD moves: a purchase made between the failed load and the proof (the card was used
+//!    elsewhere before the box recovered) changes the balance but proves nothing about the
+//!    load. The box must resolve an in-doubt load before it starts another load on the
+//!    card, so that the load count speaks of this load alone.
 //! 4. If the counters differ (branch B, [0132]), the load server lowers the counter of the
 //!    new request to the original one and the HSM computes its S1 the same way. A match
 //!    means the negative was right and the counter moved by accident; no match means the
@@ -281,7 +287,6 @@ impl Hsm {
         let counters_equal = zero.atc == orig.atc;
         let mut expected_if_failed = zero.clone();
         expected_if_failed.atc = orig.atc;
-        expected_if_failed.balance = orig.balance;
         expected_if_failed.load_count = orig.load_count;
         let keys = self.issuer.card_keys(orig.card_id);
         let expected: Mac = crypto::sign(&keys.load, b"S1LD", &expected_if_failed.signed_fields());

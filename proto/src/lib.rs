@@ -10,6 +10,7 @@ pub mod codec;
 pub mod crypto;
 pub mod frame;
 pub mod hsm;
+pub mod messages;
 pub mod money;
 pub mod purse;
 pub mod security_card;

@@ -1,0 +1,345 @@
+//! Wire messages for every hop (box ↔ gateway ↔ payment server / merchant / bank / load
+//! server), encoded with serde + postcard inside a [`crate::frame`].
+//!
+//! Names follow 001 [0070]: offer, draw request, debit command ("debit IEP"), debit
+//! response, confirmation ("debit result C" for the box, "debit result M" for the
+//! merchant), load request, load command, load response, load confirmation; and an error
+//! with a reason code. Message-layer protection (FIG. 8) is [`Protected`]: a body either in
+//! clear or sealed under the transaction session key.
+
+use rand::RngCore;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::{self, CryptoError, DesKey, Mac};
+use crate::frame::{self, FrameError};
+use crate::money::Money;
+use crate::purse::*;
+
+/// Which party compares the card signature with the expected one (001 FIG. 4–7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Embodiment {
+    /// FIG. 4: the security card compares.
+    SecurityCard,
+    /// FIG. 5: the payment server compares (early release of the security card).
+    PaymentServer,
+    /// FIG. 6: the gateway (cable head end) compares.
+    Gateway,
+    /// FIG. 7: the merchant compares, with the expected signature encrypted for it.
+    Merchant,
+}
+
+/// A body in clear, or sealed under the transaction session key (FIG. 8).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Protected<T> {
+    Clear(T),
+    Sealed(Vec<u8>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    #[error("message layer: {0}")]
+    Crypto(#[from] CryptoError),
+    #[error("message is sealed but no session key is known for it")]
+    NoKey,
+    #[error("message layer is on but the body came in clear")]
+    ExpectedSealed,
+}
+
+impl<T: Serialize + DeserializeOwned> Protected<T> {
+    /// Seals `body` under `key` if given, else sends it in clear.
+    pub fn new(body: T, key: Option<&DesKey>, rng: &mut impl RngCore) -> Self {
+        match key {
+            None => Self::Clear(body),
+            Some(k) => Self::Sealed(crypto::seal(
+                k,
+                &postcard::to_allocvec(&body).expect("in-memory serialization"),
+                rng,
+            )),
+        }
+    }
+
+    /// Opens the body. With a key, a clear body is refused: the layer cannot be stripped.
+    pub fn open(&self, key: Option<&DesKey>) -> Result<T, WireError> {
+        match (self, key) {
+            (Self::Clear(t), None) => Ok(clone_via_postcard(t)?),
+            (Self::Clear(_), Some(_)) => Err(WireError::ExpectedSealed),
+            (Self::Sealed(_), None) => Err(WireError::NoKey),
+            (Self::Sealed(b), Some(k)) => {
+                let raw = crypto::open(k, b)?;
+                postcard::from_bytes(&raw).map_err(|e| WireError::Malformed(e.to_string()))
+            }
+        }
+    }
+}
+
+fn clone_via_postcard<T: Serialize + DeserializeOwned>(t: &T) -> Result<T, WireError> {
+    let b = postcard::to_allocvec(t).map_err(|e| WireError::Malformed(e.to_string()))?;
+    postcard::from_bytes(&b).map_err(|e| WireError::Malformed(e.to_string()))
+}
+
+/// An offer (001 [0072]): what is for sale, for how much, and where to pay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offer {
+    pub transaction_id: String,
+    pub merchant_id: String,
+    pub item_id: String,
+    pub title: String,
+    pub amount: Money,
+    /// The payment server that takes the draw request.
+    pub payment_route: String,
+    /// Where the confirmation goes.
+    pub status_route: String,
+    pub embodiment: Embodiment,
+    /// FIG. 8: the TSK in clear for the box and gateway, and ETSK for the payment server.
+    pub tsk: Option<DesKey>,
+    pub etsk: Option<Vec<u8>>,
+}
+
+/// The card part of the draw request (001 [0077]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrawBody {
+    pub amount: Money,
+    pub atr: Vec<u8>,
+    pub init: PurchaseInit,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrawRequest {
+    pub transaction_id: String,
+    pub merchant_id: String,
+    pub etsk: Option<Vec<u8>>,
+    pub body: Protected<DrawBody>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DebitCommandBody {
+    pub command: DebitCommand,
+    /// FIG. 6: the expected card signature for the gateway to compare.
+    pub expected_card_signature: Option<Mac>,
+    /// FIG. 7: the expected card signature sealed under the derived key, for the merchant.
+    pub sealed_expected_signature: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DebitCommandMsg {
+    pub transaction_id: String,
+    pub body: Protected<DebitCommandBody>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DebitResponseMsg {
+    pub transaction_id: String,
+    pub body: Protected<DebitResponse>,
+}
+
+/// "Debit result C": what the box and gateway learn.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DebitResultC {
+    pub transaction_id: String,
+    pub success: bool,
+    pub amount: Money,
+    pub new_balance: u64,
+}
+
+/// "Debit result M": the confirmation only the merchant can read (sealed under the
+/// derived key), and so only the merchant can be convinced by.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DebitResultM {
+    pub transaction_id: String,
+    pub merchant_id: String,
+    pub amount: Money,
+    pub success: bool,
+    pub psam_id: u64,
+    pub psam_txn: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Confirmation {
+    pub transaction_id: String,
+    pub result_c: Protected<DebitResultC>,
+    /// Sealed `DebitResultM`.
+    pub result_m: Vec<u8>,
+    /// FIG. 7: the card's debit response, for the merchant's own comparison.
+    pub debit_response: Option<DebitResponse>,
+}
+
+/// The merchant's answer once it released (or refused) the goods.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    pub transaction_id: String,
+    pub released: bool,
+    pub text: String,
+    pub entitlement: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LoadSource {
+    Bank { account: String },
+    Voucher { code: String },
+}
+
+/// The load request (001 [0123]): S1, card number, expiry, amount, counter, balance,
+/// time stamp — all inside `init` — plus the source of funds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadRequest {
+    pub transaction_id: String,
+    pub source: LoadSource,
+    pub amount: Money,
+    pub init: LoadInit,
+    /// The PIN block, sealed end to end for the bank.
+    pub sealed_pin: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadCommandMsg {
+    pub transaction_id: String,
+    pub command: LoadCommand,
+}
+
+/// The card's answer to LOAD, or (negative result / card pulled) the zero-value S1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadResponseMsg {
+    pub transaction_id: String,
+    pub response: Option<LoadResponse>,
+    pub zero_value: Option<LoadInit>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadConfirmation {
+    pub transaction_id: String,
+    pub loaded: bool,
+    pub new_balance: Option<u64>,
+    /// Sealed for the bank (or the pre-funded account holder).
+    pub sealed: Vec<u8>,
+}
+
+/// Why a hop refused a message. The code is for programs, the reason for people.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorCode {
+    Malformed,
+    UnknownMerchant,
+    UnknownRoute,
+    UnknownTransaction,
+    AmountMismatch,
+    BadSignature,
+    Replay,
+    InsufficientValue,
+    InsufficientFunds,
+    OverMaxBalance,
+    OverDailyLimit,
+    WrongCurrency,
+    Expired,
+    WrongPin,
+    AccountLocked,
+    NotYourAccount,
+    Busy,
+    Timeout,
+    Internal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorMsg {
+    pub code: ErrorCode,
+    pub reason: String,
+    pub transaction_id: Option<String>,
+}
+
+/// Every message on every hop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    OfferRequest {
+        merchant_id: String,
+        item_id: String,
+    },
+    Offer(Offer),
+    DrawRequest(DrawRequest),
+    DebitCommand(DebitCommandMsg),
+    DebitResponse(DebitResponseMsg),
+    Confirmation(Confirmation),
+    Receipt(Receipt),
+    LoadRequest(LoadRequest),
+    LoadCommand(LoadCommandMsg),
+    LoadResponse(LoadResponseMsg),
+    LoadConfirmation(LoadConfirmation),
+    Error(ErrorMsg),
+}
+
+impl Message {
+    /// Encodes into one frame.
+    pub fn to_frame(&self, max: usize) -> Result<Vec<u8>, WireError> {
+        let payload =
+            postcard::to_allocvec(self).map_err(|e| WireError::Malformed(e.to_string()))?;
+        Ok(frame::encode(&payload, max)?)
+    }
+
+    /// Decodes a frame payload. Never panics, whatever the bytes.
+    pub fn from_payload(payload: &[u8]) -> Result<Self, WireError> {
+        postcard::from_bytes(payload).map_err(|e| WireError::Malformed(e.to_string()))
+    }
+
+    /// Decodes exactly one whole frame.
+    pub fn from_frame(bytes: &[u8], max: usize) -> Result<Self, WireError> {
+        Self::from_payload(&frame::decode_one(bytes, max)?)
+    }
+
+    pub fn error(code: ErrorCode, reason: impl Into<String>, txid: Option<&str>) -> Self {
+        Self::Error(ErrorMsg {
+            code,
+            reason: reason.into(),
+            transaction_id: txid.map(str::to_string),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::money::Currency;
+    use rand::SeedableRng;
+
+    #[test]
+    fn protected_bodies_seal_and_refuse_stripping() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let tsk = DesKey::random(&mut rng);
+        let body = DebitResultC {
+            transaction_id: "t".into(),
+            success: true,
+            amount: Money::new(5, Currency::EUR),
+            new_balance: 1,
+        };
+        let sealed = Protected::new(body.clone(), Some(&tsk), &mut rng);
+        assert!(matches!(sealed, Protected::Sealed(_)));
+        assert_eq!(sealed.open(Some(&tsk)).unwrap(), body);
+        assert_eq!(sealed.open(None), Err(WireError::NoKey));
+        let clear = Protected::new(body.clone(), None, &mut rng);
+        assert_eq!(clear.open(Some(&tsk)), Err(WireError::ExpectedSealed));
+        assert_eq!(clear.open(None).unwrap(), body);
+    }
+
+    #[test]
+    fn message_frames_round_trip() {
+        let m = Message::error(
+            ErrorCode::UnknownMerchant,
+            "merchant M-9 is not routed",
+            Some("t1"),
+        );
+        let f = m.to_frame(frame::DEFAULT_MAX_FRAME).unwrap();
+        assert_eq!(
+            Message::from_frame(&f, frame::DEFAULT_MAX_FRAME).unwrap(),
+            m
+        );
+        assert!(matches!(
+            Message::from_frame(&f, 8),
+            Err(WireError::Frame(FrameError::Oversize { .. }))
+        ));
+        assert!(matches!(
+            Message::from_payload(&[0xFF, 0xFF]),
+            Err(WireError::Malformed(_))
+        ));
+    }
+}
