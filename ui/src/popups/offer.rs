@@ -98,8 +98,14 @@ impl OfferPopup {
             ]),
             top,
         );
+        // The price also in plain text: the big digits carry no currency name of their own
+        // on every console font, and screen readers / capture-pane read this line.
         f.render_widget(
-            Paragraph::new(Span::styled(strings::OFFER_PRICE, theme::label())),
+            Paragraph::new(label_value(
+                strings::OFFER_PRICE,
+                o.price.to_string(),
+                theme::amount(),
+            )),
             price_label,
         );
         let text = o.price.to_string();
