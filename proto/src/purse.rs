@@ -91,6 +91,36 @@ impl IssuerKeys {
     }
 }
 
+/// The on-disk form of [`IssuerKeys`] (a TOML file in deployment): keys as hex strings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuerKeyFile {
+    pub key_version: u8,
+    pub purchase_master: String,
+    pub load_master: String,
+}
+
+impl IssuerKeyFile {
+    pub fn to_keys(&self) -> Result<IssuerKeys, String> {
+        let key = |name: &str, hex_str: &str| {
+            let raw = hex::decode(hex_str.trim()).map_err(|e| format!("{name}: not hex ({e})"))?;
+            DesKey::from_slice(&raw).map_err(|e| format!("{name}: {e}"))
+        };
+        Ok(IssuerKeys {
+            key_version: self.key_version,
+            purchase_master: key("purchase_master", &self.purchase_master)?,
+            load_master: key("load_master", &self.load_master)?,
+        })
+    }
+
+    pub fn from_keys(k: &IssuerKeys) -> Self {
+        Self {
+            key_version: k.key_version,
+            purchase_master: hex::encode_upper(k.purchase_master.0),
+            load_master: hex::encode_upper(k.load_master.0),
+        }
+    }
+}
+
 /// A card's own keys, diversified from the issuer master keys by its card id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CardKeys {

@@ -1,1 +1,217 @@
-//! The file-backed virtual purse card (owned by the proto/foundation work).
+//! The file-backed virtual purse card: [`proto::card::PurseCard`] with its state in a file.
+//!
+//! Persistence is atomic: every state change is written to a temporary file, fsync'd, and
+//! renamed over the card file (then the directory is fsync'd), before the card answers.
+//! A process killed at any instant leaves the old state or the new one, never half a
+//! debit; and a card that answered a debit has persisted it.
+//!
+//! File layout: magic `PLVC`, a format version byte, then the postcard-encoded
+//! [`CardState`].
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use proto::apdu::{CardApplication, Response, StatusWord};
+use proto::card::{CardSpec, CardState, PurseCard};
+use proto::purse::IssuerKeys;
+
+const MAGIC: &[u8; 4] = b"PLVC";
+const FORMAT: u8 = 1;
+/// ISO 7816-4 "memory failure": the card could not persist, so nothing happened.
+pub const SW_MEMORY_FAILURE: StatusWord = StatusWord(0x6581);
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcardError {
+    #[error("card file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("card file {path} is not a Purselink virtual card ({detail})")]
+    Format { path: PathBuf, detail: String },
+    #[error("card file {0} already exists; refusing to overwrite a card")]
+    Exists(PathBuf),
+}
+
+/// A purse card whose state lives in `path`.
+pub struct VirtualCard {
+    path: PathBuf,
+    card: PurseCard,
+}
+
+impl VirtualCard {
+    /// Personalises a new card and writes its file. Refuses to overwrite an existing card.
+    pub fn create(path: &Path, spec: &CardSpec, issuer: &IssuerKeys) -> Result<Self, VcardError> {
+        if path.exists() {
+            return Err(VcardError::Exists(path.into()));
+        }
+        let state = CardState::personalise(spec, issuer);
+        write_atomically(path, &encode(&state))?;
+        Ok(Self::with_state(path, state))
+    }
+
+    /// Opens an existing card file.
+    pub fn open(path: &Path) -> Result<Self, VcardError> {
+        let bytes = fs::read(path).map_err(|source| VcardError::Io {
+            path: path.into(),
+            source,
+        })?;
+        let state = decode(&bytes).map_err(|detail| VcardError::Format {
+            path: path.into(),
+            detail,
+        })?;
+        Ok(Self::with_state(path, state))
+    }
+
+    fn with_state(path: &Path, state: CardState) -> Self {
+        Self {
+            path: path.into(),
+            card: PurseCard::new(state, rand::random()),
+        }
+    }
+
+    pub fn state(&self) -> &CardState {
+        &self.card.state
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Changes persistent state outside the APDU interface (test fault injection, issuer
+    /// tools) and persists it.
+    pub fn update(&mut self, f: impl FnOnce(&mut CardState)) -> Result<(), VcardError> {
+        let mut next = self.card.state.clone();
+        f(&mut next);
+        write_atomically(&self.path, &encode(&next))?;
+        self.card.state = next;
+        Ok(())
+    }
+}
+
+impl CardApplication for VirtualCard {
+    fn atr(&self) -> Vec<u8> {
+        self.card.atr()
+    }
+
+    fn reset(&mut self) {
+        self.card.reset();
+    }
+
+    fn process_apdu(&mut self, apdu: &[u8]) -> Vec<u8> {
+        let before = self.card.state.clone();
+        let out = self.card.process(apdu);
+        if out.state_changed {
+            if let Err(e) = write_atomically(&self.path, &encode(&self.card.state)) {
+                // Not persisted means not done: roll back and say so.
+                tracing::error!(path = %self.path.display(), error = %e, "card state not persisted; command undone");
+                self.card.state = before;
+                self.card.reset();
+                return Response::status(SW_MEMORY_FAILURE).to_bytes();
+            }
+        }
+        out.response
+    }
+}
+
+fn encode(state: &CardState) -> Vec<u8> {
+    let mut out = MAGIC.to_vec();
+    out.push(FORMAT);
+    out.extend(postcard::to_allocvec(state).expect("in-memory serialization"));
+    out
+}
+
+fn decode(bytes: &[u8]) -> Result<CardState, String> {
+    let rest = bytes
+        .strip_prefix(MAGIC.as_slice())
+        .ok_or("missing PLVC magic")?;
+    let (&format, body) = rest.split_first().ok_or("no format byte")?;
+    if format != FORMAT {
+        return Err(format!("format {format}, this build reads {FORMAT}"));
+    }
+    postcard::from_bytes(body).map_err(|e| e.to_string())
+}
+
+/// Write-temp, fsync, rename, fsync-directory.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), VcardError> {
+    let io = |source| VcardError::Io {
+        path: path.into(),
+        source,
+    };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    drop(f);
+    fs::rename(&tmp, path).map_err(io)?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::card::commands;
+    use proto::crypto::DesKey;
+    use proto::money::Currency;
+    use proto::purse::{Expiry, PurseInfo};
+
+    fn spec() -> CardSpec {
+        CardSpec {
+            card_id: 77,
+            provider_id: 1,
+            currency: Currency::EUR,
+            balance: 1_000,
+            max_balance: 10_000,
+            expiry: Expiry {
+                year: 2030,
+                month: 1,
+            },
+        }
+    }
+
+    fn issuer() -> IssuerKeys {
+        IssuerKeys {
+            key_version: 1,
+            purchase_master: DesKey::new([1; 16]),
+            load_master: DesKey::new([2; 16]),
+        }
+    }
+
+    #[test]
+    fn create_open_and_refuse_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("card.plvc");
+        let mut c = VirtualCard::create(&p, &spec(), &issuer()).unwrap();
+        assert!(matches!(
+            VirtualCard::create(&p, &spec(), &issuer()),
+            Err(VcardError::Exists(_))
+        ));
+        c.update(|s| s.balance = 1_234).unwrap();
+        let mut again = VirtualCard::open(&p).unwrap();
+        assert!(
+            again
+                .process_apdu(&commands::select())
+                .ends_with(&[0x90, 0])
+        );
+        let r = again.process_apdu(&commands::read_purse());
+        assert_eq!(PurseInfo::decode(&r[..r.len() - 2]).unwrap().balance, 1_234);
+        fs::write(&p, b"not a card").unwrap();
+        assert!(matches!(
+            VirtualCard::open(&p),
+            Err(VcardError::Format { .. })
+        ));
+    }
+}
