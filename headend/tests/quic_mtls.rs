@@ -45,7 +45,6 @@ async fn round_trip_carries_the_box_identity() {
         let resp = client.call(req.as_bytes()).await.unwrap();
         assert_eq!(resp, format!("box:box-000123|{req}").into_bytes());
     }
-    assert_eq!(client.connection().stats().path.rtt.is_zero(), false);
     client.close().await;
     server.stop().await;
 }
@@ -252,8 +251,7 @@ async fn revocation_by_certificate_fingerprint_and_serial() {
             .await
             .unwrap();
         probe.stop().await;
-        let serial = seen.lock().unwrap().clone();
-        serial
+        seen.lock().unwrap().clone()
     };
     assert!(!serial.is_empty());
     revocations.replace(&RevocationConfig {
