@@ -267,11 +267,16 @@ impl OperatorCa {
         for name in names {
             let san = match name.parse::<IpAddr>() {
                 Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName(
-                    name.as_str()
-                        .try_into()
-                        .map_err(|_| PkiError::BadName(name.clone()))?,
-                ),
+                Err(_) => {
+                    // rcgen takes any IA5 string; a verifier would never match a malformed name.
+                    rustls_pki_types::DnsName::try_from(name.as_str())
+                        .map_err(|_| PkiError::BadName(name.clone()))?;
+                    SanType::DnsName(
+                        name.as_str()
+                            .try_into()
+                            .map_err(|_| PkiError::BadName(name.clone()))?,
+                    )
+                }
             };
             p.subject_alt_names.push(san);
         }
