@@ -129,11 +129,15 @@ pub struct BigText<'a> {
 }
 
 impl BigText<'_> {
-    /// Columns needed to draw `text`.
+    /// Columns needed to draw `text` at the normal (1 column per pixel) width.
     pub fn width(text: &str) -> u16 {
+        Self::width_scaled(text, 1)
+    }
+
+    fn width_scaled(text: &str, scale: usize) -> u16 {
         let w: usize = text
             .chars()
-            .map(|c| glyph(c).map_or(1, |g| g[0].len() + 1))
+            .map(|c| glyph(c).map_or(1, |g| (g[0].len() + 1) * scale))
             .sum();
         u16::try_from(w).unwrap_or(u16::MAX)
     }
@@ -146,6 +150,13 @@ impl Widget for BigText<'_> {
             Line::from(Span::styled(self.text, self.style)).render(area, buf);
             return;
         }
+        // Twice as wide when it fits: the console's cells are tall, so doubled pixels look
+        // square and read better from the sofa.
+        let scale: u16 = if Self::width_scaled(self.text, 2) <= area.width {
+            2
+        } else {
+            1
+        };
         let mut x = area.x;
         let right = area.x.saturating_add(area.width);
         for c in self.text.chars() {
@@ -153,13 +164,13 @@ impl Widget for BigText<'_> {
                 Some(g) => {
                     let w = g[0].len() as u16;
                     for row in 0..BIG_HEIGHT {
-                        for col in 0..w {
+                        for col in 0..w * scale {
                             if x + col >= right {
                                 break;
                             }
                             let px = |r: usize| {
                                 g.get(r)
-                                    .and_then(|s| s.as_bytes().get(col as usize))
+                                    .and_then(|s| s.as_bytes().get(usize::from(col / scale)))
                                     .is_some_and(|b| *b == b'#')
                             };
                             let top = px(2 * row as usize);
@@ -175,7 +186,7 @@ impl Widget for BigText<'_> {
                                 .set_style(self.style);
                         }
                     }
-                    x = x.saturating_add(w + 1);
+                    x = x.saturating_add((w + 1) * scale);
                 }
                 None => {
                     if x < right {
@@ -210,7 +221,7 @@ mod tests {
 
     #[test]
     fn big_text_draws_blocks() {
-        let area = Rect::new(0, 0, 20, 3);
+        let area = Rect::new(0, 0, 30, 3);
         let mut buf = Buffer::empty(area);
         BigText {
             text: "1.5 E",
@@ -218,12 +229,23 @@ mod tests {
         }
         .render(area, &mut buf);
         let rows: Vec<String> = (0..3)
-            .map(|y| (0..20).map(|x| buf[(x, y)].symbol().to_string()).collect())
+            .map(|y| (0..30).map(|x| buf[(x, y)].symbol().to_string()).collect())
             .collect();
-        // '1' top row: pixel rows 0 (.#.) and 1 (##.) → "▄█ "
-        assert!(rows[0].starts_with("▄█ "), "{rows:?}");
+        // "1.5 E" needs 27 columns doubled, which fits in 30, so pixels are doubled.
+        // '1' top row: pixel rows 0 (.#.) and 1 (##.) → "▄▄██  "
+        assert!(rows[0].starts_with("▄▄██  "), "{rows:?}");
         assert!(rows[2].contains('E'), "{rows:?}");
         assert_eq!(BigText::width("1.5 E"), 4 + 2 + 4 + 3 + 1);
+        // narrower area: single width
+        let area = Rect::new(0, 0, 15, 3);
+        let mut buf = Buffer::empty(area);
+        BigText {
+            text: "1.5 E",
+            style: Style::default(),
+        }
+        .render(area, &mut buf);
+        let top: String = (0..15).map(|x| buf[(x, 0)].symbol().to_string()).collect();
+        assert!(top.starts_with("▄█ "), "{top:?}");
     }
 
     #[test]
