@@ -381,6 +381,14 @@ mod tests {
     }
 
     #[test]
+    fn example_file_is_the_defaults() {
+        let example = Keymap::from_toml_str(include_str!("../keymap.example.toml"))
+            .expect("example keymap parses");
+        let defaults = Keymap::default();
+        assert_eq!(example.keys, defaults.keys);
+    }
+
+    #[test]
     fn modifiers_parse() {
         let km = Keymap::from_toml_str("[keymap]\ninfo = \"Alt+i\"\nquit = \"Ctrl+Q\"").unwrap();
         assert_eq!(

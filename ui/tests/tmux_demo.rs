@@ -203,3 +203,40 @@ fn pin_is_masked_in_the_real_terminal() {
     assert!(!log.contains("8642"), "PIN leaked into the log:\n{log}");
     t.wait_for("Value loaded");
 }
+
+#[test]
+fn custom_keymap_and_quit_restore_the_terminal() {
+    assert!(tmux_available(), "tmux is required for this test");
+    let km = std::env::temp_dir().join(format!("purselink-ui-km-{}.toml", std::process::id()));
+    std::fs::write(&km, "[keymap]\nok = \"o\"\nquit = \"q\"\n").expect("write keymap");
+    let km_arg = km.display().to_string();
+    let t = Tmux::start("keymap", &["--keymap", &km_arg]);
+    // keep the pane after the program exits, to see what it left on the terminal
+    t.tmux(&["set-option", "-t", "demo", "remain-on-exit", "on"]);
+    t.wait_for("Pay-per-view & shopping");
+    t.keys(&["Enter"]); // no longer OK: nothing happens
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !t.screen().contains("Shopping channel"),
+        "Enter still acted as OK"
+    );
+    t.keys(&["o"]);
+    t.wait_for("Shopping channel");
+    t.keys(&["q"]);
+    let log = t.wait_for_log("Quit");
+    assert!(log.contains("ShowCatalog"), "{log}");
+    // the program left the alternate screen: the UI is gone from the pane
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let dead = t.tmux(&["display-message", "-p", "-t", "demo", "#{pane_dead}"]);
+        let s = t.screen();
+        if String::from_utf8_lossy(&dead.stdout).trim() == "1" && !s.contains("Purselink") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "demo did not exit cleanly:\n{s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = t.tmux(&["display-message", "-p", "-t", "demo", "#{pane_dead_status}"]);
+    assert_eq!(String::from_utf8_lossy(&status.stdout).trim(), "0");
+    let _ = std::fs::remove_file(&km);
+}
