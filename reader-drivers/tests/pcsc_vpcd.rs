@@ -253,7 +253,8 @@ fn threads_named(name: &str) -> usize {
         .count()
 }
 
-/// A standard tool nobody here wrote reaches the card through pcscd:
+/// A standard tool nobody here wrote reaches the real purse (the `vcard` binary's file-backed
+/// card) through pcscd:
 /// `opensc-tool -r 'Virtual PCD 00 00' -s 00:A4:04:00:0A:A0:00:00:09:99:50:55:52:53:45`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opensc_tool_selects_the_purse() {
@@ -264,9 +265,9 @@ async fn opensc_tool_selects_the_purse() {
     let driver = PcscDriver::new();
     wait_reader_empty(&driver).await;
     let mut events = driver.events();
-    let att = vpcd::attach(fake_card(), "127.0.0.1", PORT)
-        .await
-        .expect("attach");
+    let dir = tempfile::tempdir().unwrap();
+    let card = create_card(dir.path(), 4711, 2500);
+    let vcard = VcardProcess::attach(&card);
     wait_for(&mut events, "CardInserted", EVENT_WAIT, is_inserted).await;
 
     let out = tokio::task::spawn_blocking(|| {
@@ -277,7 +278,7 @@ async fn opensc_tool_selects_the_purse() {
     .await
     .unwrap()
     .expect("run opensc-tool (install opensc: scripts/system-setup.sh)");
-    att.detach().await;
+    vcard.stop();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -289,4 +290,149 @@ async fn opensc_tool_selects_the_purse() {
         stdout.contains("SW1=0x90, SW2=0x00"),
         "opensc-tool did not get 90 00:\n{stdout}\n{stderr}"
     );
+}
+
+/// The `vcard` binary with a file-backed purse card, attached through vpcd: the driver
+/// reads the purse, sees the card go when `vcard` exits and come back when it restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vcard_binary_attached_through_vpcd_is_read_removed_and_reinserted() {
+    if !require_pcscd("vcard_binary_attached_through_vpcd_is_read_removed_and_reinserted") {
+        return;
+    }
+    let _lock = lock_reader();
+    let driver = PcscDriver::new();
+    wait_reader_empty(&driver).await;
+    let mut events = driver.events();
+    let dir = tempfile::tempdir().unwrap();
+    let card = create_card(dir.path(), 123_456, 2500);
+
+    let vcard = VcardProcess::attach(&card);
+    let ev = wait_for(&mut events, "CardInserted", EVENT_WAIT, is_inserted).await;
+    let ReaderEvent::CardInserted { atr, .. } = ev else {
+        unreachable!()
+    };
+    assert_eq!(atr, proto::card::CARD_ATR);
+
+    let (mut session, _) = driver.connect(READER).await.expect("connect");
+    let sel = transmit_whole(session.as_mut(), &proto::card::commands::select())
+        .await
+        .unwrap();
+    assert_eq!(
+        &sel[sel.len() - 2..],
+        &[0x90, 0x00],
+        "SELECT: {}",
+        hex::encode(&sel)
+    );
+    let resp = transmit_whole(session.as_mut(), &proto::card::commands::read_purse())
+        .await
+        .unwrap();
+    let (body, sw) = resp.split_at(resp.len() - 2);
+    assert_eq!(sw, [0x90, 0x00], "READ PURSE: {}", hex::encode(&resp));
+    let info = proto::purse::PurseInfo::decode(body).expect("purse info");
+    assert_eq!((info.card_id, info.balance), (123_456, 2500));
+    assert_eq!(info.currency, proto::money::Currency::EUR);
+    session.power_down().await.unwrap();
+
+    vcard.stop();
+    wait_for(
+        &mut events,
+        "CardRemoved after vcard exits",
+        EVENT_WAIT,
+        is_removed,
+    )
+    .await;
+
+    let vcard = VcardProcess::attach(&card);
+    wait_for(
+        &mut events,
+        "CardInserted after vcard restarts",
+        EVENT_WAIT,
+        is_inserted,
+    )
+    .await;
+    let (mut session, _) = driver.connect(READER).await.expect("connect again");
+    let sel = transmit_whole(session.as_mut(), &proto::card::commands::select())
+        .await
+        .unwrap();
+    assert_eq!(&sel[sel.len() - 2..], &[0x90, 0x00]);
+    session.power_down().await.unwrap();
+    vcard.stop();
+    wait_for(
+        &mut events,
+        "CardRemoved at the end",
+        EVENT_WAIT,
+        is_removed,
+    )
+    .await;
+}
+
+const ISSUER_KEYS_TOML: &str = "key_version = 1\n\
+    purchase_master = \"0123456789ABCDEFFEDCBA9876543210\"\n\
+    load_master = \"00112233445566778899AABBCCDDEEFF\"\n";
+
+/// Creates a card file with `vcard create`.
+fn create_card(dir: &std::path::Path, card_id: u64, balance: u64) -> std::path::PathBuf {
+    let keys = dir.join("issuer.toml");
+    std::fs::write(&keys, ISSUER_KEYS_TOML).unwrap();
+    let card = dir.join("card.vcard");
+    let out = Command::new(env!("CARGO_BIN_EXE_vcard"))
+        .args(["create", "--card"])
+        .arg(&card)
+        .args([
+            "--card-id",
+            &card_id.to_string(),
+            "--balance",
+            &balance.to_string(),
+        ])
+        .args(["--currency", "EUR", "--expiry", "2035-12", "--issuer-keys"])
+        .arg(&keys)
+        .output()
+        .expect("run vcard create");
+    assert!(
+        out.status.success(),
+        "vcard create failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    card
+}
+
+/// A running `vcard attach-vpcd`; killed (card removed) on stop or drop.
+struct VcardProcess(Option<std::process::Child>);
+
+impl VcardProcess {
+    fn attach(card: &std::path::Path) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_vcard"))
+            .args([
+                "attach-vpcd",
+                "--no-retry",
+                "--port",
+                &PORT.to_string(),
+                "--card",
+            ])
+            .arg(card)
+            .env("VCARD_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start vcard attach-vpcd");
+        Self(Some(child))
+    }
+
+    /// Ends the process with SIGTERM (it detaches cleanly) and reaps it.
+    fn stop(mut self) {
+        if let Some(mut child) = self.0.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            let status = child.wait().expect("wait for vcard");
+            assert!(status.success(), "vcard exited with {status}");
+        }
+    }
+}
+
+impl Drop for VcardProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }

@@ -127,11 +127,14 @@ impl VpcdAttachment {
     }
 
     /// Serves until vpcd closes the connection (pcscd stopped) or an I/O error occurs.
-    pub async fn wait(mut self) -> Result<(), VpcdError> {
-        let Some(task) = self.task.take() else {
+    /// Cancel-safe: if this future is dropped, the card stays attached.
+    pub async fn wait(&mut self) -> Result<(), VpcdError> {
+        let Some(task) = self.task.as_mut() else {
             return Ok(());
         };
-        match task.await {
+        let r = task.await;
+        self.task = None;
+        match r {
             Ok(r) => r,
             Err(e) => Err(VpcdError::Protocol {
                 addr: self.addr.clone(),
@@ -270,7 +273,7 @@ pub async fn serve_forever(
     loop {
         let attempt = async {
             match attach(card.clone(), host, port).await {
-                Ok(att) => {
+                Ok(mut att) => {
                     let r = att.wait().await;
                     tracing::warn!(result = ?r.err().map(|e| e.to_string()), "vpcd connection ended; re-attaching");
                 }

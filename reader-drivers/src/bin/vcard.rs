@@ -1,0 +1,274 @@
+//! `vcard`: the virtual purse card from its state file, on the command line.
+//!
+//! - `vcard create` personalises a new card file (card id, balance, currency, expiry; keys
+//!   diversified from an issuer master-key file).
+//! - `vcard attach-vpcd` puts the card in vsmartcard's virtual reader, so any PC/SC
+//!   application sees it in "Virtual PCD 00 00"; it re-attaches when pcscd restarts and
+//!   detaches (card removed) on Ctrl-C or SIGTERM.
+//! - `vcard serial-pty` runs a Phoenix reader with the card on a pty.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use proto::card::CardSpec;
+use proto::money::Currency;
+use proto::purse::{Expiry, IssuerKeyFile};
+use reader_drivers::emulator::vpcd;
+use reader_drivers::vcard::VirtualCard;
+
+#[derive(Parser)]
+#[command(name = "vcard", version, about = "The Purselink virtual purse card")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Personalise a new card and write its state file (never overwrites a card).
+    Create {
+        /// The card state file to create.
+        #[arg(long)]
+        card: PathBuf,
+        /// Card id (decimal).
+        #[arg(long)]
+        card_id: u64,
+        /// Initial balance in minor units (cents).
+        #[arg(long, default_value_t = 0)]
+        balance: u64,
+        /// Maximum balance in minor units.
+        #[arg(long, default_value_t = 100_000)]
+        max_balance: u64,
+        /// Currency: EUR, USD, GBP, JPY, CHF, CAD, or an ISO 4217 numeric code with its
+        /// exponent as CODE:EXPONENT (e.g. 978:2).
+        #[arg(long, default_value = "EUR")]
+        currency: String,
+        /// Expiry month, YYYY-MM.
+        #[arg(long)]
+        expiry: String,
+        /// Provider (issuer) id.
+        #[arg(long, default_value_t = 1)]
+        provider_id: u32,
+        /// Issuer master-key file (TOML: key_version, purchase_master, load_master as hex).
+        #[arg(long)]
+        issuer_keys: PathBuf,
+    },
+    /// Attach the card to vsmartcard's vpcd (pcscd's "Virtual PCD" reader) until Ctrl-C.
+    AttachVpcd {
+        /// The card state file.
+        #[arg(long)]
+        card: PathBuf,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// 35963 is reader "Virtual PCD 00 00", 35964 "Virtual PCD 00 01".
+        #[arg(long, default_value_t = vpcd::DEFAULT_PORT)]
+        port: u16,
+        /// Exit with an error if vpcd cannot be reached at start, instead of retrying.
+        #[arg(long)]
+        no_retry: bool,
+    },
+    /// Emulate a Phoenix reader holding the card on a pty; prints the pty path. Reset and
+    /// card-detect lines are simulated in-process only (ptys have no modem lines), so an
+    /// out-of-process driver sees a card that is present and already reset.
+    SerialPty {
+        /// The card state file.
+        #[arg(long)]
+        card: PathBuf,
+        /// Card clock in Hz (3571200 gives 9600 baud).
+        #[arg(long, default_value_t = 3_571_200)]
+        clock_hz: u32,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error("{0}")]
+    Card(#[from] reader_drivers::vcard::VcardError),
+    #[error("{0}")]
+    Vpcd(#[from] vpcd::VpcdError),
+    #[error("issuer key file {path}: {detail}")]
+    Keys { path: PathBuf, detail: String },
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn parse_currency(s: &str) -> Result<Currency, CliError> {
+    let named = match s.to_ascii_uppercase().as_str() {
+        "EUR" => Some(Currency::EUR),
+        "USD" => Some(Currency::USD),
+        "GBP" => Some(Currency::GBP),
+        "JPY" => Some(Currency::JPY),
+        "CHF" => Some(Currency::new(756, 2)),
+        "CAD" => Some(Currency::new(124, 2)),
+        _ => None,
+    };
+    if let Some(c) = named {
+        return Ok(c);
+    }
+    let bad = || {
+        CliError::Usage(format!(
+            "--currency {s:?}: expected EUR, USD, GBP, JPY, CHF, CAD or CODE:EXPONENT like 978:2"
+        ))
+    };
+    let (code, exp) = s.split_once(':').ok_or_else(bad)?;
+    let code: u16 = code.parse().map_err(|_| bad())?;
+    let exp: u8 = exp.parse().map_err(|_| bad())?;
+    if code == 0 || code > 999 || exp > 4 {
+        return Err(bad());
+    }
+    Ok(Currency::new(code, exp))
+}
+
+fn parse_expiry(s: &str) -> Result<Expiry, CliError> {
+    let bad = || CliError::Usage(format!("--expiry {s:?}: expected YYYY-MM, e.g. 2030-12"));
+    let (y, m) = s.split_once('-').ok_or_else(bad)?;
+    let year: u16 = y.parse().map_err(|_| bad())?;
+    let month: u8 = m.parse().map_err(|_| bad())?;
+    if !(2000..=2099).contains(&year) || !(1..=12).contains(&month) {
+        return Err(bad());
+    }
+    Ok(Expiry { year, month })
+}
+
+fn read_issuer_keys(path: &PathBuf) -> Result<proto::purse::IssuerKeys, CliError> {
+    let err = |detail: String| CliError::Keys {
+        path: path.clone(),
+        detail,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let file: IssuerKeyFile = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+    file.to_keys().map_err(err)
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.cmd {
+        Cmd::Create {
+            card,
+            card_id,
+            balance,
+            max_balance,
+            currency,
+            expiry,
+            provider_id,
+            issuer_keys,
+        } => {
+            if balance > max_balance {
+                return Err(CliError::Usage(format!(
+                    "--balance {balance} exceeds --max-balance {max_balance}"
+                )));
+            }
+            let spec = CardSpec {
+                card_id,
+                provider_id,
+                currency: parse_currency(&currency)?,
+                balance,
+                max_balance,
+                expiry: parse_expiry(&expiry)?,
+            };
+            let keys = read_issuer_keys(&issuer_keys)?;
+            VirtualCard::create(&card, &spec, &keys)?;
+            println!(
+                "created card {card_id} in {} (balance {balance} minor units, {currency}, expires {expiry})",
+                card.display()
+            );
+            Ok(())
+        }
+        Cmd::AttachVpcd {
+            card,
+            host,
+            port,
+            no_retry,
+        } => {
+            let vc = VirtualCard::open(&card)?;
+            let shared = vpcd::shared(Box::new(vc));
+            let reader = vpcd::reader_name(port);
+            if no_retry {
+                // Fail fast on a missing vpcd, then serve with re-attach like the default.
+                let mut att = vpcd::attach(shared.clone(), &host, port).await?;
+                println!(
+                    "card {} attached to vpcd {host}:{port} (reader {reader:?})",
+                    card.display()
+                );
+                tokio::select! {
+                    _ = shutdown_signal() => { att.detach().await; return Ok(()); }
+                    r = att.wait() => {
+                        tracing::warn!(result = ?r.err().map(|e| e.to_string()), "vpcd connection ended; re-attaching");
+                    }
+                }
+            } else {
+                println!(
+                    "serving card {} on vpcd {host}:{port} (reader {reader:?}); Ctrl-C detaches",
+                    card.display()
+                );
+            }
+            vpcd::serve_forever(
+                shared,
+                &host,
+                port,
+                Duration::from_secs(1),
+                shutdown_signal(),
+            )
+            .await;
+            println!("card detached");
+            Ok(())
+        }
+        Cmd::SerialPty { card, clock_hz } => {
+            use reader_drivers::emulator::phoenix::{PhoenixConfig, PhoenixEmulator};
+            let vc = VirtualCard::open(&card)?;
+            let config = PhoenixConfig {
+                clock_hz,
+                ..PhoenixConfig::default()
+            };
+            let emu = PhoenixEmulator::start(Box::new(vc), config)?;
+            emu.set_card_present(true);
+            println!("{}", emu.path());
+            shutdown_signal().await;
+            drop(emu);
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VCARD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vcard: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vcard: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
