@@ -25,7 +25,7 @@ fn issuer() -> IssuerKeys {
     }
 }
 
-fn card() -> PurseCard {
+fn new_card() -> PurseCard {
     let spec = CardSpec {
         card_id: 5,
         provider_id: 1,
@@ -55,7 +55,7 @@ fn bench(c: &mut Criterion) {
     });
 
     // Prepare real card data once; the security card's work is then measured alone.
-    let mut card = card();
+    let mut card = new_card();
     data(&mut card, &commands::select());
     let init = PurchaseInit::decode(&data(&mut card, &commands::init_purchase(TODAY))).unwrap();
     let draw = DrawData {
@@ -75,7 +75,7 @@ fn bench(c: &mut Criterion) {
         })
     });
 
-    let mut card = card();
+    let mut card = new_card();
     data(&mut card, &commands::select());
     let req = LoadInitRequest {
         amount: 100,
@@ -99,7 +99,7 @@ fn bench(c: &mut Criterion) {
     });
 
     g.bench_function("card_purchase_init_and_debit", |b| {
-        let mut card = card();
+        let mut card = new_card();
         let mut psam = SecurityCard::new(1, issuer());
         data(&mut card, &commands::select());
         b.iter(|| {
