@@ -1,6 +1,26 @@
 //! Wire messages for every hop (box ↔ gateway ↔ payment server / merchant / bank / load
 //! server), encoded with serde + postcard inside a [`crate::frame`].
 //!
+//! # Conversations (box ↔ gateway)
+//!
+//! Each line is one QUIC bidirectional stream: the box sends one frame, the gateway answers
+//! with one frame, and the stream ends. Every message after the offer carries the
+//! transaction id, which is the idempotency key on every hop: re-sending a message (after a
+//! lost answer, a crash, a reconnect) gets the same answer and never moves value twice.
+//!
+//! | step | box sends | gateway answers |
+//! |---|---|---|
+//! | browse | `CatalogRequest` | `Catalog` |
+//! | offer | `OfferRequest` | `Offer` (new transaction id, price, TSK) |
+//! | draw | `DrawRequest` | `DebitCommand` |
+//! | debit done | `DebitResponse` | `Receipt` (merchant released, or why not) |
+//! | abort | `Cancel` (amount mismatch, card pulled before DEBIT, viewer) | `Receipt { released: false }` |
+//!
+//! Any step may be answered with `Error` instead, whose code says what to do.
+//! Recovery: a box that crashed after DEBIT re-sends `DebitResponse` rebuilt from the card's
+//! log; one whose card never ran DEBIT sends `Cancel` with a fresh INITIALIZE FOR PURCHASE
+//! response as proof that the card's transaction counter has not moved.
+//!
 //! Names follow 001 [0070]: offer, draw request, debit command ("debit IEP"), debit
 //! response, confirmation ("debit result C" for the box, "debit result M" for the
 //! merchant), load request, load command, load response, load confirmation; and an error
@@ -175,6 +195,40 @@ pub struct Receipt {
     pub released: bool,
     pub text: String,
     pub entitlement: Option<String>,
+    /// The card balance after the debit, from debit result C.
+    pub new_balance: Option<u64>,
+}
+
+/// One thing for sale in the cable operator's catalog (001 [0037], [0049]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogItem {
+    pub merchant_id: String,
+    pub item_id: String,
+    pub title: String,
+    /// "ppv" (pay-per-view) or "shop" (shopping channel), or a merchant's own kind.
+    pub kind: String,
+    pub detail: String,
+    pub amount: Money,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CancelReason {
+    /// The viewer pressed BACK or the offer timed out.
+    Viewer,
+    /// The debit command's amount differed from the offer's (001 [0082]).
+    AmountMismatch,
+    /// The card was pulled, or refused DEBIT; the proof shows its counter did not move.
+    NotDebited,
+    Timeout,
+}
+
+/// Abandons a transaction. With `proof` (a fresh INITIALIZE FOR PURCHASE response), the
+/// security card can see for itself that the card never ran the DEBIT.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelMsg {
+    pub transaction_id: String,
+    pub reason: CancelReason,
+    pub proof: Option<PurchaseInit>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
