@@ -1,1 +1,2 @@
 //! stbd: the set-top box daemon
+pub mod readers_cmd;
