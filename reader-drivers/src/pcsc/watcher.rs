@@ -98,7 +98,7 @@ enum Exit {
 pub(crate) fn run(ctl: Arc<WatchCtl>, tx: mpsc::Sender<ReaderEvent>, timing: Timing) {
     let mut known: BTreeMap<String, Known> = BTreeMap::new();
     let mut lost = false;
-    loop {
+    'outer: loop {
         if ctl.stopped(&tx) {
             break;
         }
@@ -140,6 +140,20 @@ pub(crate) fn run(ctl: Arc<WatchCtl>, tx: mpsc::Sender<ReaderEvent>, timing: Tim
                     .is_err()
                 {
                     break;
+                }
+                // Sessions died with pcscd: report the cards gone, so consumers reconnect
+                // on the fresh CardInserted once pcscd is back.
+                for (reader, k) in known.iter_mut() {
+                    k.count = 0;
+                    if k.card != CardPresence::Absent {
+                        k.card = CardPresence::Absent;
+                        let ev = ReaderEvent::CardRemoved {
+                            reader: reader.clone(),
+                        };
+                        if tx.blocking_send(ev).is_err() {
+                            break 'outer;
+                        }
+                    }
                 }
                 sleep_unless_stopped(&ctl, &tx, timing.retry);
             }
