@@ -143,6 +143,9 @@ pub struct DebitCommandBody {
     pub expected_card_signature: Option<Mac>,
     /// FIG. 7: the expected card signature sealed under the derived key, for the merchant.
     pub sealed_expected_signature: Option<Vec<u8>>,
+    /// FIG. 6: "debit result M" sealed in advance, which the gateway forwards to the
+    /// merchant only once its own comparison of the card signature succeeds.
+    pub presealed_result_m: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

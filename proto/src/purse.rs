@@ -432,35 +432,14 @@ pub struct LoadInit {
 
 impl LoadInit {
     /// The fields S1 covers.
-    pub fn s1_fields(
-        card_id: u64,
-        expiry: Expiry,
-        balance: u64,
-        load_count: u32,
-        amount: u64,
-        currency: Currency,
-        timestamp: u64,
-        card_random: &[u8; 8],
-    ) -> Vec<u8> {
-        let mut w = Writer::default();
-        w.u64(card_id);
-        expiry.write(&mut w);
-        w.u64(balance).u32(load_count).u64(amount);
-        write_currency(&mut w, currency);
-        w.u64(timestamp).bytes(card_random);
-        w.finish()
-    }
     pub fn signed_fields(&self) -> Vec<u8> {
-        Self::s1_fields(
-            self.card_id,
-            self.expiry,
-            self.balance,
-            self.load_count,
-            self.amount,
-            self.currency,
-            self.timestamp,
-            &self.card_random,
-        )
+        let mut w = Writer::default();
+        w.u64(self.card_id);
+        self.expiry.write(&mut w);
+        w.u64(self.balance).u32(self.load_count).u64(self.amount);
+        write_currency(&mut w, self.currency);
+        w.u64(self.timestamp).bytes(&self.card_random);
+        w.finish()
     }
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
@@ -653,7 +632,7 @@ impl LogRecord {
 
     /// Rebuilds the debit response this record proves (for recovery), if it is a debit.
     pub fn debit_response(&self, card_id: u64) -> Option<DebitResponse> {
-        (self.kind == LogKind::Debit).then(|| DebitResponse {
+        (self.kind == LogKind::Debit).then_some(DebitResponse {
             card_id,
             atc: self.atc,
             amount: self.amount,

@@ -42,7 +42,7 @@ pub enum ReaderEvent {
 /// Errors name the reader and say what to do.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReaderError {
-    #[error("pcscd is not running — start it (systemctl start pcscd) and try again")]
+    #[error("pcscd is not running — start it (systemctl start pcscd, or scripts/start-pcscd.sh without systemd) and try again")]
     ServiceNotRunning,
     #[error("no reader attached — plug in a card reader")]
     NoReader,
@@ -72,6 +72,9 @@ pub enum ReaderError {
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// An open session and the ATR the card answered with.
+pub type Connected = (Box<dyn CardSession>, Vec<u8>);
+
 /// A connection to the card in one reader.
 pub trait CardSession: Send {
     /// The reader this session is on.
@@ -98,7 +101,7 @@ pub trait ReaderDriver: Send + Sync {
     fn connect<'a>(
         &'a self,
         reader: &'a str,
-    ) -> BoxFuture<'a, Result<(Box<dyn CardSession>, Vec<u8>), ReaderError>>;
+    ) -> BoxFuture<'a, Result<Connected, ReaderError>>;
 }
 
 /// How many GET RESPONSE / re-send rounds we follow before calling the card broken. Bounded,
