@@ -164,3 +164,64 @@ async fn shutdown_lets_in_flight_transactions_finish() {
         .expect("server did not stop")
         .unwrap();
 }
+
+#[tokio::test]
+async fn keep_alive_holds_a_quiet_connection_open() {
+    // Short timers so the test is quick: with a 2 s idle timeout and 1 s keep-alive, a
+    // connection quiet for 3 s survives only because of the keep-alives.
+    let settings = TransportSettings {
+        keep_alive_secs: 1,
+        idle_timeout_secs: 2,
+        ..TransportSettings::default()
+    };
+    let pki = pki();
+    let server = start(
+        &pki,
+        settings.clone(),
+        identity_echo(),
+        Revocations::default(),
+    );
+    let client = connect_with(&box_tls(&pki, "box-000123"), &settings, server.addr)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        client.connection().close_reason().is_none(),
+        "connection timed out"
+    );
+    assert_eq!(
+        client.call(b"still").await.unwrap(),
+        b"box:box-000123|still"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_box_that_changes_address_keeps_its_connection() {
+    let pki = pki();
+    let server = start(
+        &pki,
+        TransportSettings::default(),
+        identity_echo(),
+        Revocations::default(),
+    );
+    let client = connect(&box_tls(&pki, "box-000123"), server.addr)
+        .await
+        .unwrap();
+    assert_eq!(
+        client.call(b"before").await.unwrap(),
+        b"box:box-000123|before"
+    );
+    let old = client.endpoint().local_addr().unwrap();
+    // A new UDP socket, as after a NAT rebinding or a DHCP change: connection migration.
+    client
+        .endpoint()
+        .rebind(std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+        .unwrap();
+    assert_ne!(client.endpoint().local_addr().unwrap().port(), old.port());
+    assert_eq!(
+        client.call(b"after").await.unwrap(),
+        b"box:box-000123|after"
+    );
+    server.stop().await;
+}

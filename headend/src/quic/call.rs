@@ -99,6 +99,11 @@ impl QuicClient {
         &self.conn
     }
 
+    /// The client's endpoint, e.g. to `rebind` it to a new socket (a box whose address changed).
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
     /// Closes the connection and waits until the server has been told.
     pub async fn close(self) {
         self.conn

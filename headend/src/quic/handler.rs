@@ -56,14 +56,26 @@ pub(crate) async fn serve_stream(
             return refuse(send, recv, AppCode::ServiceFailed);
         }
     };
-    if let Err(e) = send.write_all(&bytes).await {
-        tracing::debug!(peer = ?peer.identity, stream, error = %e, "response not delivered");
-        return;
+    // Bounded: a box that stops reading must not hold the task (and its stream slot) forever.
+    let delivered = tokio::time::timeout(settings.idle_timeout(), async {
+        send.write_all(&bytes).await?;
+        let _ = send.finish();
+        // Stay until the peer has the response: a shutdown that closes the connection after
+        // the handlers drain would otherwise throw away unacknowledged data.
+        let _ = send.stopped().await;
+        Ok::<(), quinn::WriteError>(())
+    })
+    .await;
+    match delivered {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::debug!(peer = ?peer.identity, stream, error = %e, "response not delivered")
+        }
+        Err(_) => {
+            tracing::warn!(peer = ?peer.identity, stream, "response not acknowledged in time");
+            let _ = send.reset(AppCode::RequestTimeout.varint());
+        }
     }
-    let _ = send.finish();
-    // Stay until the peer has the response: a shutdown that closes the connection after the
-    // handlers drain would otherwise throw away unacknowledged data.
-    let _ = send.stopped().await;
 }
 
 /// Tells the peer why: stop reading its request and reset our response with the same code.
