@@ -324,6 +324,12 @@ pub enum Message {
     LoadResponse(LoadResponseMsg),
     LoadConfirmation(LoadConfirmation),
     Error(ErrorMsg),
+    // Appended (not inserted) so the postcard indices of the variants above stay put.
+    /// Browse: the box asks for the cable operator's catalog. Safe to replay (0-RTT).
+    CatalogRequest,
+    Catalog(Vec<CatalogItem>),
+    /// Abort a transaction; answered with `Receipt { released: false }`.
+    Cancel(CancelMsg),
 }
 
 impl Message {
