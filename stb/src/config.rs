@@ -1,0 +1,421 @@
+//! The `stbd` configuration file (TOML), every key documented in
+//! `config/stbd.example.toml`.
+//!
+//! This file owns parsing and validation: [`Config::load`] reads the file, refuses unknown
+//! keys, checks that the certificate files exist and that the values make sense, and says
+//! which key is wrong. Paths stay as given; the daemon opens them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config {path}: cannot read it: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {detail}")]
+    Syntax { path: PathBuf, detail: String },
+    #[error("config {path}: `{key}`: {detail}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        detail: String,
+    },
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub reader: ReaderConfig,
+    pub headend: HeadEndConfig,
+    pub state: StateConfig,
+    #[serde(default)]
+    pub ui: UiConfig,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default)]
+    pub local_api: LocalApiConfig,
+    /// Passed through to `ui::keymap`: action name → key name(s).
+    #[serde(default)]
+    pub keymap: ui::keymap::KeymapConfig,
+}
+
+/// Which card reader the daemon watches.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ReaderConfig {
+    /// A PC/SC reader through pcscd: the first reader whose name matches `name` (exact, or a
+    /// glob pattern with `*` and `?`).
+    Pcsc {
+        #[serde(default = "any_reader")]
+        name: String,
+    },
+    /// A Phoenix or Smartmouse reader on a serial port.
+    Serial {
+        device: String,
+        #[serde(default)]
+        profile: SerialProfile,
+        /// The clock the reader gives the card, if not the profile's.
+        clock_hz: Option<u32>,
+    },
+    /// The in-process virtual card in a file (development and tests).
+    Virtual { card_file: PathBuf },
+}
+
+fn any_reader() -> String {
+    "*".into()
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SerialProfile {
+    /// Phoenix: 3.5712 MHz, echoes every byte (single-wire I/O).
+    #[default]
+    Phoenix,
+    /// Smartmouse: 3.5712 MHz, no echo.
+    Smartmouse,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadEndConfig {
+    /// `host:port` or `ip:port` of the gateway.
+    pub address: String,
+    /// The DNS name in the gateway's certificate.
+    pub server_name: String,
+    /// PEM file with the operator CA the gateway's certificate chains to.
+    pub operator_ca: PathBuf,
+    /// PEM files: this box's device certificate (issued by the operator CA) and its key.
+    pub device_cert: PathBuf,
+    pub device_key: PathBuf,
+    /// Keep-alive PING interval and idle timeout of the QUIC connection.
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive_secs: u64,
+    #[serde(default = "default_idle")]
+    pub idle_timeout_secs: u64,
+}
+
+fn default_keep_alive() -> u64 {
+    15
+}
+fn default_idle() -> u64 {
+    60
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// Where the journal (`journal.sqlite`) lives. Created if missing.
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UiConfig {
+    /// Draw the TV UI on the controlling terminal (tty1 under systemd).
+    pub enabled: bool,
+    /// The card provider's name on the home screen.
+    pub provider_name: String,
+}
+
+impl Default for UiConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            provider_name: "Purselink".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// Seconds the viewer has to accept an offer; then it is cancelled.
+    pub offer_secs: u32,
+    /// Seconds one request to the gateway may take (connect + answer).
+    pub network_secs: u64,
+    /// Seconds one card command may take.
+    pub card_secs: u64,
+    /// Reconnect backoff: first delay and cap, in milliseconds (doubling, with jitter).
+    pub reconnect_initial_ms: u64,
+    pub reconnect_max_ms: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            offer_secs: 30,
+            network_secs: 10,
+            card_secs: 5,
+            reconnect_initial_ms: 500,
+            reconnect_max_ms: 60_000,
+        }
+    }
+}
+
+impl Timeouts {
+    pub fn network(&self) -> Duration {
+        Duration::from_secs(self.network_secs)
+    }
+    pub fn card(&self) -> Duration {
+        Duration::from_secs(self.card_secs)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalApiConfig {
+    pub enabled: bool,
+    /// The Unix socket path; its directory must exist.
+    pub socket: PathBuf,
+    /// Socket mode (octal in the file as a string, e.g. "0660").
+    pub mode: String,
+    /// Group that owns the socket (so its members can connect); none keeps the daemon's.
+    pub group: Option<String>,
+    /// Peer uids allowed to ask for payments, checked with SO_PEERCRED. The daemon's own uid
+    /// is always allowed. Empty: only the daemon's uid.
+    pub allowed_uids: Vec<u32>,
+}
+
+impl Default for LocalApiConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            socket: PathBuf::from("/run/purselink/stbd.sock"),
+            mode: "0660".into(),
+            group: None,
+            allowed_uids: Vec::new(),
+        }
+    }
+}
+
+impl LocalApiConfig {
+    pub fn mode_bits(&self) -> Result<u32, String> {
+        let m = u32::from_str_radix(self.mode.trim_start_matches("0o"), 8)
+            .map_err(|_| format!("{:?} is not an octal mode like \"0660\"", self.mode))?;
+        if m & !0o777 != 0 {
+            return Err(format!("{:?} has bits outside 0777", self.mode));
+        }
+        if m & 0o007 != 0 {
+            return Err(format!(
+                "{:?} lets every local user connect; drop the \"other\" bits",
+                self.mode
+            ));
+        }
+        Ok(m)
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates `text` (read from `path`, which only names it in errors).
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.into(),
+            detail: e.to_string(),
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &'static str, detail: String| ConfigError::Invalid {
+            path: path.into(),
+            key,
+            detail,
+        };
+        let must_exist = |key: &'static str, p: &Path| {
+            if p.is_file() {
+                Ok(())
+            } else {
+                Err(bad(key, format!("{} does not exist or is not a file", p.display())))
+            }
+        };
+        must_exist("headend.operator_ca", &self.headend.operator_ca)?;
+        must_exist("headend.device_cert", &self.headend.device_cert)?;
+        must_exist("headend.device_key", &self.headend.device_key)?;
+        if self.headend.address.rsplit_once(':').is_none() {
+            return Err(bad(
+                "headend.address",
+                format!("{:?} has no port (expected host:port)", self.headend.address),
+            ));
+        }
+        if self.headend.server_name.is_empty() {
+            return Err(bad("headend.server_name", "is empty".into()));
+        }
+        if self.headend.keep_alive_secs == 0
+            || self.headend.keep_alive_secs >= self.headend.idle_timeout_secs
+        {
+            return Err(bad(
+                "headend.keep_alive_secs",
+                "must be at least 1 and below headend.idle_timeout_secs".into(),
+            ));
+        }
+        match &self.reader {
+            ReaderConfig::Pcsc { name } if name.is_empty() => {
+                return Err(bad("reader.name", "is empty (use \"*\" for any reader)".into()));
+            }
+            ReaderConfig::Serial { device, .. } if device.is_empty() => {
+                return Err(bad("reader.device", "is empty".into()));
+            }
+            ReaderConfig::Virtual { card_file } => must_exist("reader.card_file", card_file)?,
+            _ => {}
+        }
+        let t = &self.timeouts;
+        for (key, v) in [
+            ("timeouts.offer_secs", u64::from(t.offer_secs)),
+            ("timeouts.network_secs", t.network_secs),
+            ("timeouts.card_secs", t.card_secs),
+            ("timeouts.reconnect_initial_ms", t.reconnect_initial_ms),
+        ] {
+            if v == 0 {
+                return Err(bad(key, "must be at least 1".into()));
+            }
+        }
+        if t.reconnect_max_ms < t.reconnect_initial_ms {
+            return Err(bad(
+                "timeouts.reconnect_max_ms",
+                "must not be below timeouts.reconnect_initial_ms".into(),
+            ));
+        }
+        if self.local_api.enabled {
+            self.local_api
+                .mode_bits()
+                .map_err(|e| bad("local_api.mode", e))?;
+        }
+        ui::keymap::Keymap::from_config(&self.keymap).map_err(|e| bad("keymap", e.to_string()))?;
+        Ok(())
+    }
+
+    /// Resolves the head-end address (a name is looked up once per connection attempt).
+    pub fn headend_addr(&self) -> Result<SocketAddr, String> {
+        use std::net::ToSocketAddrs;
+        self.headend
+            .address
+            .to_socket_addrs()
+            .map_err(|e| format!("head end {}: {e}", self.headend.address))?
+            .next()
+            .ok_or_else(|| format!("head end {}: no address", self.headend.address))
+    }
+
+    pub fn journal_path(&self) -> PathBuf {
+        self.state.dir.join("journal.sqlite")
+    }
+}
+
+/// `*` and `?` glob match, for PC/SC reader names.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    fn go(p: &[char], n: &[char]) -> bool {
+        match p.split_first() {
+            None => n.is_empty(),
+            Some(('*', rest)) => (0..=n.len()).any(|i| go(rest, &n[i..])),
+            Some(('?', rest)) => !n.is_empty() && go(rest, &n[1..]),
+            Some((c, rest)) => n.first() == Some(c) && go(rest, &n[1..]),
+        }
+    }
+    let p: Vec<char> = pattern.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    go(&p, &n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files() -> (tempfile::TempDir, String) {
+        let d = tempfile::tempdir().unwrap();
+        for f in ["ca.pem", "dev.pem", "dev.key", "card.plvc"] {
+            std::fs::write(d.path().join(f), "x").unwrap();
+        }
+        let p = d.path().display().to_string();
+        let text = format!(
+            r#"
+[reader]
+kind = "virtual"
+card_file = "{p}/card.plvc"
+[headend]
+address = "127.0.0.1:4433"
+server_name = "gateway.test"
+operator_ca = "{p}/ca.pem"
+device_cert = "{p}/dev.pem"
+device_key = "{p}/dev.key"
+[state]
+dir = "{p}"
+"#
+        );
+        (d, text)
+    }
+
+    #[test]
+    fn example_config_parses_apart_from_its_files() {
+        let text = include_str!("../../config/stbd.example.toml");
+        // The example points at /etc files a build machine lacks: the only complaint allowed
+        // is a missing file.
+        match Config::parse(Path::new("stbd.example.toml"), text) {
+            Ok(_) => {}
+            Err(ConfigError::Invalid { detail, .. }) => {
+                assert!(detail.contains("does not exist"), "{detail}")
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let (_d, text) = files();
+        let c = Config::parse(Path::new("t.toml"), &text).unwrap();
+        assert!(c.ui.enabled);
+        assert_eq!(c.timeouts.offer_secs, 30);
+        assert!(!c.local_api.enabled);
+    }
+
+    #[test]
+    fn bad_configs_name_the_key() {
+        let (d, text) = files();
+        let cases = [
+            (text.replace("dev.pem", "missing.pem"), "headend.device_cert"),
+            (text.replace("127.0.0.1:4433", "127.0.0.1"), "headend.address"),
+            (
+                format!("{text}\n[timeouts]\nnetwork_secs = 0\n"),
+                "timeouts.network_secs",
+            ),
+            (
+                format!("{text}\n[local_api]\nenabled = true\nmode = \"0666\"\n"),
+                "local_api.mode",
+            ),
+            (format!("{text}\n[keymap]\nfly = \"x\"\n"), "keymap"),
+        ];
+        for (t, key) in cases {
+            let e = Config::parse(Path::new("t.toml"), &t).unwrap_err().to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        }
+        let e = Config::parse(Path::new("t.toml"), &format!("{text}\nbogus = 1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bogus"), "{e}");
+        let e = Config::load(&d.path().join("nope.toml")).unwrap_err().to_string();
+        assert!(e.contains("cannot read"), "{e}");
+    }
+
+    #[test]
+    fn glob() {
+        assert!(glob_match("*", "ACS ACR38U 00 00"));
+        assert!(glob_match("ACS*", "ACS ACR38U 00 00"));
+        assert!(glob_match("Virtual PCD 00 0?", "Virtual PCD 00 01"));
+        assert!(!glob_match("ACS*", "Gemalto"));
+    }
+}

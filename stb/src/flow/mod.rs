@@ -1,0 +1,28 @@
+//! The box's transaction flows as sans-IO state machines: inputs in (gateway answers, card
+//! responses, viewer decisions, failures), actions out (send a message, send an APDU, write
+//! the journal, update the UI). No sockets, readers or clocks here; the daemon's shell
+//! executes the actions in order and feeds the results back.
+//!
+//! - [`purchase`]: one purchase (draw), 001 [0071]–[0094].
+//! - [`recovery`]: what to do with an in-doubt transaction, given the card's log.
+
+pub mod purchase;
+pub mod recovery;
+
+/// proto's money → the UI's money (the UI crate has no proto dependency).
+pub fn ui_money(m: proto::money::Money) -> ui::Money {
+    ui::Money::new(
+        i64::try_from(m.minor).unwrap_or(i64::MAX),
+        ui::Currency::new(m.currency.code, m.currency.exponent),
+    )
+}
+
+pub fn ui_date(d: proto::purse::Date) -> ui::model::Date {
+    ui::model::Date::new(d.year, d.month, d.day)
+}
+
+/// Splits a response APDU into data and status word; `None` if it has no status word.
+pub fn split_sw(resp: &[u8]) -> Option<(&[u8], proto::apdu::StatusWord)> {
+    let (data, sw) = resp.split_last_chunk::<2>()?;
+    Some((data, proto::apdu::StatusWord(u16::from_be_bytes(*sw))))
+}

@@ -1,0 +1,394 @@
+//! The box's journal: every step of every transaction, in SQLite (`journal.sqlite` in the
+//! state directory), written and synced before the step's action runs.
+//!
+//! Two tables: `steps` (append-only: transaction id, step name, postcard detail, time) and
+//! `txns` (one row per transaction: the offer with its TSK, the card id and transaction
+//! counter of the draw, the security card's ids once known, and the current state). A
+//! transaction is in doubt from `draw_sent` until `completed` or `ended`;
+//! [`Journal::in_doubt`] lists those for recovery.
+//!
+//! The file holds transaction session keys: it is created mode 0600 in a 0700 directory.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use proto::messages::Offer;
+use proto::purse::DebitResponse;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::flow::purchase::Step;
+use crate::flow::recovery::InDoubt;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal {path}: {detail}")]
+    Open { path: PathBuf, detail: String },
+    #[error("journal: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("journal: transaction {0} is not in the journal")]
+    Unknown(String),
+    #[error("journal: transaction {txid}: stored {what} is unreadable: {detail}")]
+    Corrupt {
+        txid: String,
+        what: &'static str,
+        detail: String,
+    },
+}
+
+/// A journaled transaction awaiting resolution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    pub txn: InDoubt,
+    pub offer: Offer,
+    pub state: String,
+}
+
+pub struct Journal {
+    conn: Connection,
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn blob<T: serde::Serialize>(t: &T) -> Vec<u8> {
+    postcard::to_allocvec(t).expect("in-memory serialization")
+}
+
+/// States in which value may be in flight.
+const IN_DOUBT: &[&str] = &[
+    "draw_sent",
+    "debit_command",
+    "debit_sent",
+    "debit_responded",
+    "cancel_pending",
+];
+
+impl Journal {
+    /// Opens (creating) the journal in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, JournalError> {
+        let open_err = |detail: String| JournalError::Open {
+            path: dir.join("journal.sqlite"),
+            detail,
+        };
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(|e| open_err(format!("cannot create the state directory: {e}")))?;
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        }
+        let path = dir.join("journal.sqlite");
+        let conn = Connection::open(&path).map_err(|e| open_err(e.to_string()))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| open_err(format!("cannot restrict its mode: {e}")))?;
+        }
+        // WAL + synchronous=FULL: a committed step survives a crash or power cut.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS txns (
+                transaction_id TEXT PRIMARY KEY,
+                merchant_id TEXT NOT NULL,
+                item_id TEXT NOT NULL,
+                amount INTEGER NOT NULL,
+                currency INTEGER NOT NULL,
+                offer BLOB NOT NULL,
+                card_id INTEGER NOT NULL,
+                atc INTEGER NOT NULL,
+                psam_id INTEGER,
+                psam_txn INTEGER,
+                state TEXT NOT NULL,
+                created_at INTEGER NOT NULL,
+                updated_at INTEGER NOT NULL
+            );
+            CREATE TABLE IF NOT EXISTS steps (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                transaction_id TEXT NOT NULL,
+                step TEXT NOT NULL,
+                detail BLOB,
+                at INTEGER NOT NULL
+            );
+            CREATE INDEX IF NOT EXISTS steps_txn ON steps(transaction_id);",
+        )?;
+        Ok(Self { conn })
+    }
+
+    /// Writes one step (and the transaction's new state) in one SQLite transaction.
+    pub fn record(&mut self, txid: &str, step: &Step) -> Result<(), JournalError> {
+        let (name, detail): (&str, Option<Vec<u8>>) = match step {
+            Step::OfferAccepted { .. } => ("accepted", None),
+            Step::DrawSent => ("draw_sent", None),
+            Step::DebitCommandReceived { command } => ("debit_command", Some(blob(command))),
+            Step::DebitSent => ("debit_sent", None),
+            Step::DebitResponded { response } => ("debit_responded", Some(blob(response))),
+            Step::CancelPending { reason } => ("cancel_pending", Some(blob(reason))),
+            Step::Completed { receipt } => ("completed", Some(blob(receipt))),
+            Step::Ended { why } => ("ended", Some(why.as_bytes().to_vec())),
+        };
+        let t = now();
+        let tx = self.conn.transaction()?;
+        if let Step::OfferAccepted { offer, init } = step {
+            tx.execute(
+                "INSERT INTO txns (transaction_id, merchant_id, item_id, amount, currency, offer,
+                    card_id, atc, state, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'accepted', ?9, ?9)",
+                params![
+                    txid,
+                    offer.merchant_id,
+                    offer.item_id,
+                    offer.amount.minor as i64,
+                    offer.amount.currency.code,
+                    blob(offer),
+                    init.card_id as i64,
+                    init.atc,
+                    t
+                ],
+            )?;
+        } else {
+            let n = tx.execute(
+                "UPDATE txns SET state = ?2, updated_at = ?3 WHERE transaction_id = ?1",
+                params![txid, name, t],
+            )?;
+            if n == 0 {
+                return Err(JournalError::Unknown(txid.to_string()));
+            }
+            if let Step::DebitCommandReceived { command } = step {
+                tx.execute(
+                    "UPDATE txns SET psam_id = ?2, psam_txn = ?3 WHERE transaction_id = ?1",
+                    params![txid, command.psam_id as i64, command.psam_txn],
+                )?;
+            }
+        }
+        tx.execute(
+            "INSERT INTO steps (transaction_id, step, detail, at) VALUES (?1, ?2, ?3, ?4)",
+            params![txid, name, detail, t],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A transaction's current state.
+    pub fn state(&self, txid: &str) -> Result<Option<String>, JournalError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT state FROM txns WHERE transaction_id = ?1",
+                [txid],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// The step names of a transaction, oldest first.
+    pub fn steps(&self, txid: &str) -> Result<Vec<String>, JournalError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT step FROM steps WHERE transaction_id = ?1 ORDER BY id")?;
+        let rows = st.query_map([txid], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The debit response journaled for `txid`, if the card answered DEBIT.
+    pub fn debit_response(&self, txid: &str) -> Result<Option<DebitResponse>, JournalError> {
+        let b: Option<Vec<u8>> = self
+            .conn
+            .query_row(
+                "SELECT detail FROM steps WHERE transaction_id = ?1 AND step = 'debit_responded'
+                 ORDER BY id DESC LIMIT 1",
+                [txid],
+                |r| r.get(0),
+            )
+            .optional()?;
+        b.map(|b| {
+            postcard::from_bytes(&b).map_err(|e| JournalError::Corrupt {
+                txid: txid.into(),
+                what: "debit response",
+                detail: e.to_string(),
+            })
+        })
+        .transpose()
+    }
+
+    /// Closes transactions accepted but whose draw never went out (a crash between the two
+    /// journal writes): nothing reached the payment server.
+    pub fn close_unsent(&mut self) -> Result<usize, JournalError> {
+        let ids: Vec<String> = {
+            let mut st = self
+                .conn
+                .prepare("SELECT transaction_id FROM txns WHERE state = 'accepted'")?;
+            st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
+        };
+        for id in &ids {
+            self.record(
+                id,
+                &Step::Ended {
+                    why: "draw request never sent (restart)".into(),
+                },
+            )?;
+        }
+        Ok(ids.len())
+    }
+
+    /// Every transaction in doubt, oldest first.
+    pub fn in_doubt(&self) -> Result<Vec<Pending>, JournalError> {
+        let q = format!(
+            "SELECT transaction_id, offer, card_id, atc, psam_id, psam_txn, state FROM txns
+             WHERE state IN ({}) ORDER BY created_at, rowid",
+            IN_DOUBT
+                .iter()
+                .map(|s| format!("'{s}'"))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let mut st = self.conn.prepare(&q)?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, u32>(3)?,
+                r.get::<_, Option<i64>>(4)?,
+                r.get::<_, Option<u32>>(5)?,
+                r.get::<_, String>(6)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (txid, offer, card_id, atc, psam_id, psam_txn, state) = row?;
+            let offer: Offer = postcard::from_bytes(&offer).map_err(|e| JournalError::Corrupt {
+                txid: txid.clone(),
+                what: "offer",
+                detail: e.to_string(),
+            })?;
+            out.push(Pending {
+                txn: InDoubt {
+                    transaction_id: txid,
+                    card_id: card_id as u64,
+                    atc,
+                    psam: psam_id.zip(psam_txn).map(|(i, n)| (i as u64, n)),
+                },
+                offer,
+                state,
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::messages::{CancelReason, Embodiment, Receipt};
+    use proto::money::{Currency, Money};
+    use proto::purse::{Date, DebitCommand, Expiry, PurchaseInit};
+
+    pub(crate) fn offer(txid: &str) -> Offer {
+        Offer {
+            transaction_id: txid.into(),
+            merchant_id: "cable".into(),
+            item_id: "ppv-1".into(),
+            title: "Film".into(),
+            amount: Money::new(250, Currency::EUR),
+            payment_route: "pay".into(),
+            status_route: "status".into(),
+            embodiment: Embodiment::SecurityCard,
+            tsk: None,
+            etsk: None,
+        }
+    }
+
+    fn init() -> PurchaseInit {
+        PurchaseInit {
+            provider_id: 1,
+            card_id: 9,
+            algorithm: 1,
+            expiry: Expiry { year: 2030, month: 1 },
+            balance: 1000,
+            currency: Currency::EUR,
+            auth_mode: 1,
+            atc: 4,
+            key_version: 1,
+            card_random: [0; 8],
+            card_mac: [0; 8],
+        }
+    }
+
+    #[test]
+    fn steps_persist_and_in_doubt_follows_the_state() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut j = Journal::open(dir.path()).unwrap();
+            j.record("t1", &Step::OfferAccepted { offer: offer("t1"), init: init() })
+                .unwrap();
+            assert!(j.in_doubt().unwrap().is_empty());
+            j.record("t1", &Step::DrawSent).unwrap();
+            let cmd = DebitCommand {
+                psam_id: 7,
+                psam_txn: 3,
+                card_id: 9,
+                atc: 4,
+                amount: 250,
+                currency: Currency::EUR,
+                date: Date::new(2026, 11, 21),
+                psam_signature: [0; 8],
+            };
+            j.record("t1", &Step::DebitCommandReceived { command: cmd }).unwrap();
+            j.record("t1", &Step::DebitSent).unwrap();
+            j.record("t2", &Step::OfferAccepted { offer: offer("t2"), init: init() })
+                .unwrap();
+        }
+        // Reopened: the same file, as after a restart.
+        let mut j = Journal::open(dir.path()).unwrap();
+        let p = j.in_doubt().unwrap();
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].txn.psam, Some((7, 3)));
+        assert_eq!((p[0].txn.card_id, p[0].txn.atc), (9, 4));
+        assert_eq!(p[0].state, "debit_sent");
+        assert_eq!(p[0].offer, offer("t1"));
+        assert_eq!(j.close_unsent().unwrap(), 1);
+        assert_eq!(j.state("t2").unwrap().as_deref(), Some("ended"));
+        j.record(
+            "t1",
+            &Step::Completed {
+                receipt: Receipt {
+                    transaction_id: "t1".into(),
+                    released: true,
+                    text: "ok".into(),
+                    entitlement: None,
+                    new_balance: Some(750),
+                },
+            },
+        )
+        .unwrap();
+        assert!(j.in_doubt().unwrap().is_empty());
+        assert_eq!(
+            j.steps("t1").unwrap(),
+            ["accepted", "draw_sent", "debit_command", "debit_sent", "completed"]
+        );
+    }
+
+    #[test]
+    fn unknown_transaction_and_cancel_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        assert!(matches!(
+            j.record("nope", &Step::DrawSent),
+            Err(JournalError::Unknown(_))
+        ));
+        j.record("t", &Step::OfferAccepted { offer: offer("t"), init: init() })
+            .unwrap();
+        j.record("t", &Step::CancelPending { reason: CancelReason::AmountMismatch })
+            .unwrap();
+        assert_eq!(j.in_doubt().unwrap().len(), 1);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("journal.sqlite"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}
