@@ -664,3 +664,6 @@ pub fn name(m: &Message) -> &'static str {
         _ => "a load message",
     }
 }
+
+#[cfg(test)]
+mod tests;

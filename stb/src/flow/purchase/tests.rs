@@ -1,0 +1,446 @@
+//! Every branch of the purchase flow, with a real purse card and a real security card in
+//! memory (no reader, socket or clock): the card really debits and really refuses.
+
+use super::*;
+use proto::card::{CardSpec, CardState, PurseCard};
+use proto::crypto::DesKey;
+use proto::messages::{DebitCommandBody, DebitCommandMsg, Embodiment, ErrorMsg};
+use proto::money::{Currency, Money};
+use proto::purse::{Expiry, IssuerKeys};
+use proto::security_card::{DrawData, SecurityCard};
+
+const TODAY: Date = Date::new(2026, 11, 21);
+
+fn issuer() -> IssuerKeys {
+    IssuerKeys {
+        key_version: 1,
+        purchase_master: DesKey::new([0x11; 16]),
+        load_master: DesKey::new([0x22; 16]),
+    }
+}
+
+fn card_with(balance: u64, currency: Currency, expiry: Expiry) -> PurseCard {
+    let spec = CardSpec {
+        card_id: 42,
+        provider_id: 1,
+        currency,
+        balance,
+        max_balance: 100_000,
+        expiry,
+    };
+    PurseCard::new(CardState::personalise(&spec, &issuer()), 7)
+}
+
+fn card() -> PurseCard {
+    card_with(1_000, Currency::EUR, Expiry { year: 2030, month: 12 })
+}
+
+fn offer(amount: u64, tsk: Option<DesKey>) -> Offer {
+    Offer {
+        transaction_id: "tx-1".into(),
+        merchant_id: "cable".into(),
+        item_id: "ppv-7".into(),
+        title: "Big Match".into(),
+        amount: Money::new(amount, Currency::EUR),
+        payment_route: "payment".into(),
+        status_route: "merchant".into(),
+        embodiment: Embodiment::SecurityCard,
+        tsk,
+        etsk: None,
+    }
+}
+
+fn reply(card: &mut PurseCard, apdu: &[u8]) -> Input {
+    Input::Card(Ok(CardReply {
+        atr: proto::card::CARD_ATR.to_vec(),
+        response: card.process(apdu).response,
+    }))
+}
+
+/// Feeds every APDU the flow asks for to `card` until it asks for something else.
+fn drive(p: &mut Purchase, card: &mut PurseCard, mut actions: Vec<Action>) -> Vec<Action> {
+    let mut all = Vec::new();
+    loop {
+        let apdu = match actions.last() {
+            Some(Action::Apdu(a)) => Some(a.clone()),
+            _ => None,
+        };
+        all.append(&mut actions);
+        match apdu {
+            Some(a) => actions = p.handle(reply(card, &a)),
+            None => return all,
+        }
+    }
+}
+
+fn feed(p: &mut Purchase, card: &mut PurseCard, input: Input) -> Vec<Action> {
+    let a = p.handle(input);
+    drive(p, card, a)
+}
+
+fn sent(actions: &[Action]) -> Option<&Message> {
+    actions.iter().rev().find_map(|a| match a {
+        Action::Send(m) => Some(m),
+        _ => None,
+    })
+}
+
+fn journal_steps(actions: &[Action]) -> Vec<&Step> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Journal { step, .. } => Some(step),
+            _ => None,
+        })
+        .collect()
+}
+
+fn outcome(actions: &[Action]) -> Option<&Outcome> {
+    actions.iter().find_map(|a| match a {
+        Action::Done(o) => Some(o),
+        _ => None,
+    })
+}
+
+fn ui_error(actions: &[Action]) -> Option<ErrorKind> {
+    actions.iter().find_map(|a| match a {
+        Action::Ui(UiUpdate::Error(e)) => Some(e.kind),
+        _ => None,
+    })
+}
+
+/// Runs the flow up to the offer popup.
+fn to_viewer(card: &mut PurseCard, offer: Offer) -> (Purchase, Vec<Action>) {
+    let (mut p, a) = Purchase::start("cable", "ppv-7", TODAY, 1);
+    assert!(matches!(
+        sent(&a),
+        Some(Message::OfferRequest { merchant_id, item_id }) if merchant_id == "cable" && item_id == "ppv-7"
+    ));
+    let a = p.handle(Input::Answer(Message::Offer(offer)));
+    let a = drive(&mut p, card, a);
+    (p, a)
+}
+
+/// The security card's side of a draw request.
+fn debit_command(psam: &mut SecurityCard, draw: &Message, tsk: Option<&DesKey>) -> DebitCommand {
+    let Message::DrawRequest(d) = draw else { panic!("{draw:?}") };
+    let body = d.body.open(tsk).unwrap();
+    psam.issue_debit(
+        &DrawData {
+            merchant_id: d.merchant_id.clone(),
+            transaction_id: d.transaction_id.clone(),
+            amount: body.amount,
+            init: body.init,
+        },
+        TODAY,
+        false,
+    )
+    .unwrap()
+    .command
+}
+
+fn command_msg(c: DebitCommand, tsk: Option<&DesKey>) -> Message {
+    let mut rng = StdRng::seed_from_u64(9);
+    Message::DebitCommand(DebitCommandMsg {
+        transaction_id: "tx-1".into(),
+        body: Protected::new(
+            DebitCommandBody {
+                command: c,
+                expected_card_signature: None,
+                sealed_expected_signature: None,
+                presealed_result_m: None,
+            },
+            tsk,
+            &mut rng,
+        ),
+    })
+}
+
+fn receipt(released: bool) -> Message {
+    Message::Receipt(Receipt {
+        transaction_id: "tx-1".into(),
+        released,
+        text: "enjoy".into(),
+        entitlement: Some("ppv-7".into()),
+        new_balance: Some(750),
+    })
+}
+
+fn error(code: ErrorCode) -> Message {
+    Message::Error(ErrorMsg {
+        code,
+        reason: "no".into(),
+        transaction_id: Some("tx-1".into()),
+    })
+}
+
+/// Up to the debit command, accepted; returns the flow, its draw request and the actions.
+fn accepted(card: &mut PurseCard, tsk: Option<DesKey>) -> (Purchase, Message, Vec<Action>) {
+    let (mut p, a) = to_viewer(card, offer(250, tsk));
+    assert!(matches!(a.last(), Some(Action::Ui(UiUpdate::Offer(_)))));
+    assert!(p.awaiting_viewer());
+    let a = p.handle(Input::Accept);
+    let draw = sent(&a).unwrap().clone();
+    (p, draw, a)
+}
+
+fn cancel_of(actions: &[Action]) -> &CancelMsg {
+    match sent(actions) {
+        Some(Message::Cancel(c)) => c,
+        other => panic!("expected a cancel, got {other:?}"),
+    }
+}
+
+#[test]
+fn happy_path_debits_the_card_and_journals_every_step_first() {
+    for tsk in [None, Some(DesKey::new([0x5B; 16]))] {
+        let mut c = card();
+        let mut psam = SecurityCard::new(3, issuer());
+        let (mut p, draw, a) = accepted(&mut c, tsk.clone());
+        assert!(matches!(
+            journal_steps(&a)[..],
+            [Step::OfferAccepted { .. }, Step::DrawSent]
+        ));
+        // Journal before the send.
+        let send_at = a.iter().position(|x| matches!(x, Action::Send(_))).unwrap();
+        let drawn_at = a.iter().position(|x| matches!(x, Action::Journal { step: Step::DrawSent, .. })).unwrap();
+        assert!(drawn_at < send_at);
+        if tsk.is_some() {
+            let Message::DrawRequest(d) = &draw else { panic!() };
+            assert!(matches!(d.body, Protected::Sealed(_)));
+        }
+        let cmd = debit_command(&mut psam, &draw, tsk.as_ref());
+        let a = p.handle(Input::Answer(command_msg(cmd.clone(), tsk.as_ref())));
+        assert!(matches!(
+            journal_steps(&a)[..],
+            [Step::DebitCommandReceived { .. }, Step::DebitSent]
+        ));
+        let a = drive(&mut p, &mut c, a);
+        assert_eq!(c.state.balance, 750);
+        let Some(Message::DebitResponse(resp)) = sent(&a) else { panic!("{a:?}") };
+        let resp = resp.body.open(tsk.as_ref()).unwrap();
+        assert!(matches!(
+            journal_steps(&a)[..],
+            [Step::DebitCommandReceived { .. }, Step::DebitSent, Step::DebitResponded { .. }]
+        ));
+        psam.complete(cmd.psam_txn, &resp).unwrap();
+        let a = p.handle(Input::Answer(receipt(true)));
+        assert!(matches!(journal_steps(&a)[..], [Step::Completed { .. }]));
+        assert!(a.iter().any(|x| matches!(x, Action::Ui(UiUpdate::Receipt(r)) if r.balance_after.minor == 750)));
+        assert!(matches!(outcome(&a), Some(Outcome::Paid { .. })));
+        assert!(p.is_done());
+        assert!(p.handle(Input::Accept).is_empty());
+    }
+}
+
+#[test]
+fn offer_refused_or_unreachable_ends_at_once() {
+    let (mut p, _) = Purchase::start("cable", "x", TODAY, 1);
+    let a = p.handle(Input::Answer(error(ErrorCode::UnknownMerchant)));
+    assert!(matches!(outcome(&a), Some(Outcome::Failed { .. })));
+    let (mut p, _) = Purchase::start("cable", "x", TODAY, 1);
+    let a = p.handle(Input::NetworkFailed("timeout".into()));
+    assert_eq!(ui_error(&a), Some(ErrorKind::HeadEndUnreachable));
+    let (mut p, _) = Purchase::start("cable", "x", TODAY, 1);
+    let a = p.handle(Input::Answer(receipt(true)));
+    assert!(matches!(outcome(&a), Some(Outcome::Failed { .. })));
+    let (mut p, _) = Purchase::start("cable", "x", TODAY, 1);
+    let a = p.handle(Input::Answer(Message::Offer(offer(0, None))));
+    assert!(matches!(outcome(&a), Some(Outcome::Failed { .. })));
+}
+
+/// A failed [0075] check: a clear error, the offer dropped without proof, nothing journaled.
+fn refused(mut c: PurseCard, kind: ErrorKind) {
+    let (mut p, a) = to_viewer(&mut c, offer(250, None));
+    assert_eq!(ui_error(&a), Some(kind), "{a:?}");
+    assert!(!a.iter().any(|x| matches!(x, Action::Ui(UiUpdate::Offer(_)))));
+    assert!(journal_steps(&a).is_empty());
+    let cancel = cancel_of(&a);
+    assert_eq!((cancel.reason, cancel.proof.is_none()), (CancelReason::NotDebited, true));
+    let a = p.handle(Input::Answer(receipt(false)));
+    assert!(matches!(outcome(&a), Some(Outcome::Failed { kind: k, .. }) if *k == kind));
+    assert!(journal_steps(&a).is_empty());
+}
+
+#[test]
+fn checks_before_the_viewer_currency_expiry_balance() {
+    refused(card_with(1000, Currency::USD, Expiry { year: 2030, month: 1 }), ErrorKind::Other);
+    refused(card_with(100, Currency::EUR, Expiry { year: 2030, month: 1 }), ErrorKind::InsufficientValue);
+    // The card itself refuses INITIALIZE after its expiry.
+    refused(card_with(1000, Currency::EUR, Expiry { year: 2026, month: 10 }), ErrorKind::CardExpired);
+    let mut blocked = card();
+    blocked.state.status = proto::purse::STATUS_BLOCKED;
+    refused(blocked, ErrorKind::CardBlocked);
+}
+
+#[test]
+fn expiry_is_checked_by_the_box_too() {
+    // A card whose INITIALIZE does not check expiry (a faulty card): the box still refuses.
+    let mut c = card_with(1000, Currency::EUR, Expiry { year: 2026, month: 10 });
+    let (mut p, _) = Purchase::start("cable", "ppv-7", TODAY, 1);
+    let a = p.handle(Input::Answer(Message::Offer(offer(250, None))));
+    let Some(Action::Apdu(sel)) = a.last() else { panic!() };
+    p.handle(reply(&mut c, sel));
+    let lying = c.process(&commands::init_purchase(Date::new(2026, 10, 1))).response;
+    let a = p.handle(Input::Card(Ok(CardReply { atr: vec![], response: lying })));
+    assert_eq!(ui_error(&a), Some(ErrorKind::CardExpired));
+}
+
+#[test]
+fn reader_failure_and_card_removal_before_the_draw() {
+    let (mut p, _) = Purchase::start("cable", "ppv-7", TODAY, 1);
+    p.handle(Input::Answer(Message::Offer(offer(250, None))));
+    let a = p.handle(Input::Card(Err("no card".into())));
+    assert_eq!(ui_error(&a), Some(ErrorKind::NoCard));
+    assert_eq!(cancel_of(&a).reason, CancelReason::NotDebited);
+    let a = p.handle(Input::NetworkFailed("x".into()));
+    assert!(matches!(outcome(&a), Some(Outcome::Failed { kind: ErrorKind::NoCard, .. })));
+
+    let mut c = card();
+    let (mut p, _) = to_viewer(&mut c, offer(250, None));
+    assert!(p.holds_card());
+    let a = p.handle(Input::CardRemoved);
+    assert!(a.iter().any(|x| matches!(x, Action::Ui(UiUpdate::OfferWithdrawn(_)))));
+    assert_eq!(cancel_of(&a).reason, CancelReason::NotDebited);
+
+    let (mut p, _) = Purchase::start("cable", "ppv-7", TODAY, 1);
+    p.handle(Input::Answer(Message::Offer(offer(250, None))));
+    let a = p.handle(Input::Card(Ok(CardReply { atr: vec![], response: vec![0x6A] })));
+    assert_eq!(ui_error(&a), Some(ErrorKind::Other));
+}
+
+#[test]
+fn viewer_back_and_timeout_cancel_without_journal() {
+    for (timeout, reason) in [(false, CancelReason::Viewer), (true, CancelReason::Timeout)] {
+        let mut c = card();
+        let (mut p, _) = to_viewer(&mut c, offer(250, None));
+        let a = p.handle(Input::Decline { timeout });
+        assert_eq!(cancel_of(&a).reason, reason);
+        assert!(journal_steps(&a).is_empty());
+        let a = p.handle(Input::Answer(receipt(false)));
+        assert!(matches!(outcome(&a), Some(Outcome::Cancelled { .. })));
+        assert!(journal_steps(&a).is_empty());
+        assert_eq!(c.state.balance, 1000);
+    }
+}
+
+#[test]
+fn amount_mismatch_aborts_journals_cancels_with_proof_and_tells_the_viewer() {
+    let mut c = card();
+    let mut psam = SecurityCard::new(3, issuer());
+    let (mut p, draw, _) = accepted(&mut c, None);
+    let mut cmd = debit_command(&mut psam, &draw, None);
+    cmd.amount = 2_500;
+    let a = p.handle(Input::Answer(command_msg(cmd, None)));
+    assert!(matches!(
+        journal_steps(&a)[..],
+        [Step::DebitCommandReceived { .. }, Step::CancelPending { reason: CancelReason::AmountMismatch }]
+    ));
+    assert_eq!(ui_error(&a), Some(ErrorKind::AmountMismatch));
+    assert!(!a.iter().any(|x| matches!(x, Action::Apdu(d) if d.get(1) == Some(&proto::card::INS_DEBIT))));
+    let a = drive(&mut p, &mut c, a);
+    let cancel = cancel_of(&a);
+    assert_eq!(cancel.reason, CancelReason::AmountMismatch);
+    let proof = cancel.proof.as_ref().expect("proof");
+    assert_eq!(proof.atc, 1, "the card's counter did not move");
+    assert_eq!(c.state.balance, 1000);
+    let a = p.handle(Input::Answer(receipt(false)));
+    assert!(matches!(journal_steps(&a)[..], [Step::Ended { .. }]));
+    assert!(matches!(outcome(&a), Some(Outcome::Failed { kind: ErrorKind::AmountMismatch, .. })));
+}
+
+#[test]
+fn debit_command_for_another_card_or_unreadable_is_cancelled() {
+    let mut c = card();
+    let mut psam = SecurityCard::new(3, issuer());
+    let (mut p, draw, _) = accepted(&mut c, None);
+    let mut cmd = debit_command(&mut psam, &draw, None);
+    cmd.atc += 1;
+    let a = feed(&mut p, &mut c, Input::Answer(command_msg(cmd, None)));
+    assert_eq!(cancel_of(&a).reason, CancelReason::NotDebited);
+
+    // With the FIG. 8 layer on, a clear body is refused (it cannot be stripped).
+    let tsk = DesKey::new([0x5B; 16]);
+    let mut c = card();
+    let (mut p, draw, _) = accepted(&mut c, Some(tsk.clone()));
+    let cmd = debit_command(&mut psam, &draw, Some(&tsk));
+    let a = feed(&mut p, &mut c, Input::Answer(command_msg(cmd, None)));
+    assert_eq!(cancel_of(&a).reason, CancelReason::NotDebited);
+    assert!(cancel_of(&a).proof.is_some());
+
+    let mut c = card();
+    let (mut p, _, _) = accepted(&mut c, None);
+    let a = feed(&mut p, &mut c, Input::Answer(receipt(true)));
+    assert_eq!(cancel_of(&a).reason, CancelReason::NotDebited);
+    // The cancel's answer is lost: the journal keeps it pending for recovery.
+    let a = p.handle(Input::NetworkFailed("gone".into()));
+    assert!(journal_steps(&a).is_empty());
+    assert!(outcome(&a).is_some());
+}
+
+#[test]
+fn payment_server_refusal_ends_the_transaction() {
+    let mut c = card();
+    let (mut p, _, _) = accepted(&mut c, None);
+    let a = p.handle(Input::Answer(error(ErrorCode::InsufficientValue)));
+    assert!(matches!(journal_steps(&a)[..], [Step::Ended { .. }]));
+    assert_eq!(ui_error(&a), Some(ErrorKind::InsufficientValue));
+}
+
+#[test]
+fn network_loss_after_the_draw_is_in_doubt() {
+    let mut c = card();
+    let (mut p, _, _) = accepted(&mut c, None);
+    p.handle(Input::CardRemoved); // ignored while waiting on the network
+    let a = p.handle(Input::NetworkFailed("reset".into()));
+    assert!(matches!(outcome(&a), Some(Outcome::InDoubt { .. })));
+    assert!(journal_steps(&a).is_empty());
+}
+
+#[test]
+fn card_refusing_debit_is_cancelled_with_proof() {
+    let mut c = card();
+    let mut psam = SecurityCard::new(3, issuer());
+    let (mut p, draw, _) = accepted(&mut c, None);
+    let mut cmd = debit_command(&mut psam, &draw, None);
+    cmd.psam_signature[0] ^= 1;
+    let a = feed(&mut p, &mut c, Input::Answer(command_msg(cmd, None)));
+    assert_eq!(c.state.balance, 1000);
+    assert_eq!(cancel_of(&a).reason, CancelReason::NotDebited);
+    assert!(cancel_of(&a).proof.is_some());
+    assert!(journal_steps(&a).iter().any(|s| matches!(s, Step::CancelPending { .. })));
+}
+
+#[test]
+fn card_lost_during_debit_or_confirmation_lost_is_in_doubt() {
+    let mut c = card();
+    let mut psam = SecurityCard::new(3, issuer());
+    let (mut p, draw, _) = accepted(&mut c, None);
+    let cmd = debit_command(&mut psam, &draw, None);
+    p.handle(Input::Answer(command_msg(cmd, None)));
+    let a = p.handle(Input::Card(Err("card removed".into())));
+    assert!(matches!(outcome(&a), Some(Outcome::InDoubt { .. })));
+
+    for last in [Input::NetworkFailed("x".into()), Input::Answer(error(ErrorCode::Internal))] {
+        let mut c = card();
+        let mut psam = SecurityCard::new(3, issuer());
+        let (mut p, draw, _) = accepted(&mut c, None);
+        let cmd = debit_command(&mut psam, &draw, None);
+        feed(&mut p, &mut c, Input::Answer(command_msg(cmd, None)));
+        let a = p.handle(last);
+        assert!(matches!(outcome(&a), Some(Outcome::InDoubt { .. })));
+        assert!(journal_steps(&a).is_empty(), "stays in doubt for recovery");
+    }
+}
+
+#[test]
+fn receipt_not_released_is_paid_but_says_so() {
+    let mut c = card();
+    let mut psam = SecurityCard::new(3, issuer());
+    let (mut p, draw, _) = accepted(&mut c, None);
+    let cmd = debit_command(&mut psam, &draw, None);
+    feed(&mut p, &mut c, Input::Answer(command_msg(cmd, None)));
+    let a = p.handle(Input::Answer(receipt(false)));
+    assert_eq!(ui_error(&a), Some(ErrorKind::Other));
+    assert!(matches!(journal_steps(&a)[..], [Step::Completed { .. }]));
+}
