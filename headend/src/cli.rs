@@ -23,6 +23,43 @@ pub enum Command {
     /// Development PKI: operator CA, device and server certificates.
     #[command(subcommand)]
     Pki(PkiCommand),
+    /// Every role in one process on SQLite: the embedded default.
+    AllInOne(RoleArgs),
+    /// The gateway alone: boxes' QUIC endpoint, routing to remote roles.
+    Gateway(RoleArgs),
+    /// The payment server alone, with its security-card pool.
+    Payment(RoleArgs),
+    /// The merchant role alone: cable catalog and internet merchants.
+    Merchant(RoleArgs),
+    /// Write a complete dev deployment (CA, certificates, keys, config) into a directory.
+    InitDemo {
+        #[arg(long)]
+        dir: PathBuf,
+        /// UDP address for the gateway.
+        #[arg(long, default_value = "127.0.0.1:4433")]
+        listen: std::net::SocketAddr,
+        /// Who compares the card signature: security-card, payment-server, gateway, merchant.
+        #[arg(long, default_value = "security-card")]
+        embodiment: String,
+        /// Turn the FIG. 8 message layer off.
+        #[arg(long)]
+        no_message_layer: bool,
+    },
+    /// Close a collection batch for the acquirer: writes collection-<batch>.json.
+    Collect {
+        #[command(flatten)]
+        role: RoleArgs,
+        /// Where the collection file goes (default: the state directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Record the acquirer's acknowledgement of a collection batch.
+    AckBatch {
+        #[command(flatten)]
+        role: RoleArgs,
+        #[arg(long)]
+        batch: u64,
+    },
 }
 
 /// Flags every role takes.

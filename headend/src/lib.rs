@@ -1,6 +1,21 @@
-//! Purselink head end: gateway, payment, merchant, bank, load roles
+//! Purselink head end: the gateway and the back-end roles (payment, merchant; bank and load
+//! to come), their journals, and the QUIC transport between them.
+//!
+//! - [`gateway`]: the cable head end server — boxes' messages in, routed to the roles;
+//! - [`payment`]: the payment server with its security-card pool;
+//! - [`merchant`]: the cable catalog and internet merchants;
+//! - [`role`]: the one seam between roles (in process or over QUIC);
+//! - [`assembly`]: builds the roles a config asks for and serves them;
+//! - [`journal`], [`config`], [`quic`], [`pki`], [`notify`], [`cli`].
 
+pub mod assembly;
 pub mod cli;
+pub mod config;
+pub mod gateway;
+pub mod journal;
+pub mod merchant;
 pub mod notify;
+pub mod payment;
 pub mod pki;
 pub mod quic;
+pub mod role;

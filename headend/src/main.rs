@@ -3,7 +3,9 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use headend::cli::{Cli, Command, PkiCommand};
+use headend::assembly::{self, Roles};
+use headend::cli::{Cli, Command, PkiCommand, RoleArgs};
+use headend::config::HeadendConfig;
 use headend::pki::{OperatorCa, PkiError};
 
 fn init_tracing(default_filter: &str) {
@@ -52,11 +54,94 @@ fn pki(cmd: PkiCommand) -> Result<(), PkiError> {
     Ok(())
 }
 
+/// Runs roles until SIGTERM or ctrl-c, telling systemd when ready and feeding its watchdog.
+async fn run_roles(args: RoleArgs, roles: Roles) -> Result<(), String> {
+    let cfg = HeadendConfig::load(&args.config).map_err(|e| e.to_string())?;
+    let running = assembly::start(&cfg, roles).await?;
+    let watchdog = headend::notify::ready_and_watchdog();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| e.to_string())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    if let Some(n) = headend::notify::Notifier::from_env() {
+        let _ = n.stopping();
+    }
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    running.stop().await;
+    Ok(())
+}
+
+fn payment_only(
+    args: &RoleArgs,
+) -> Result<std::sync::Arc<headend::payment::PaymentServer>, String> {
+    let cfg = HeadendConfig::load(&args.config).map_err(|e| e.to_string())?;
+    headend::payment::PaymentServer::open(&cfg)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.log);
+    let rt = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+    };
+    let only = |gateway, payment, merchant| Roles {
+        gateway,
+        payment,
+        merchant,
+    };
     let result = match cli.command {
         Command::Pki(cmd) => pki(cmd).map_err(|e| e.to_string()),
+        Command::AllInOne(a) => rt().and_then(|rt| rt.block_on(run_roles(a, Roles::ALL))),
+        Command::Gateway(a) => {
+            rt().and_then(|rt| rt.block_on(run_roles(a, only(true, false, false))))
+        }
+        Command::Payment(a) => {
+            rt().and_then(|rt| rt.block_on(run_roles(a, only(false, true, false))))
+        }
+        Command::Merchant(a) => {
+            rt().and_then(|rt| rt.block_on(run_roles(a, only(false, false, true))))
+        }
+        Command::InitDemo {
+            dir,
+            listen,
+            embodiment,
+            no_message_layer,
+        } => {
+            let opts = assembly::DemoOptions {
+                gateway_listen: listen,
+                embodiment,
+                message_layer: !no_message_layer,
+                ..Default::default()
+            };
+            assembly::init_demo(&dir, &opts).map(|f| println!("{}", f.config.display()))
+        }
+        Command::Collect { role, out } => payment_only(&role).and_then(|p| {
+            let cfg = HeadendConfig::load(&role.config).map_err(|e| e.to_string())?;
+            match p.close_batch(&out.unwrap_or(cfg.state_dir))? {
+                Some((f, path)) => {
+                    println!(
+                        "batch {} with {} transactions: {}",
+                        f.batch,
+                        f.records.len(),
+                        path.display()
+                    );
+                    Ok(())
+                }
+                None => {
+                    println!("nothing to collect");
+                    Ok(())
+                }
+            }
+        }),
+        Command::AckBatch { role, batch } => payment_only(&role).and_then(|p| p.ack_batch(batch)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -11,7 +11,7 @@
 //! | step | box sends | gateway answers |
 //! |---|---|---|
 //! | browse | `CatalogRequest` | `Catalog` |
-//! | offer | `OfferRequest` | `Offer` (new transaction id, price, TSK) |
+//! | offer | `OfferRequest` | `Offer` (new transaction id, price, TSK); the gateway asks the merchant with `RoutedOfferRequest`, adding the box id |
 //! | draw | `DrawRequest` | `DebitCommand` |
 //! | debit done | `DebitResponse` | `Receipt` (merchant released, or why not) |
 //! | abort | `Cancel` (amount mismatch, card pulled before DEBIT, viewer) | `Receipt { released: false }` |
@@ -330,6 +330,13 @@ pub enum Message {
     Catalog(Vec<CatalogItem>),
     /// Abort a transaction; answered with `Receipt { released: false }`.
     Cancel(CancelMsg),
+    /// Gateway → merchant: an offer request with the box identity the gateway took from the
+    /// box's certificate (a box cannot claim another's).
+    RoutedOfferRequest {
+        box_id: String,
+        merchant_id: String,
+        item_id: String,
+    },
 }
 
 impl Message {

@@ -269,6 +269,30 @@ impl SecurityCard {
         crypto::mac_eq(expected, &resp.card_signature)
     }
 
+    /// Checks a box's proof that the card never ran the DEBIT: a fresh INITIALIZE FOR
+    /// PURCHASE response, MAC'd by the card, whose transaction number is still the one the
+    /// debit command was for (a debit would have moved it on).
+    pub fn verify_not_debited(&self, psam_txn: u32, proof: &PurchaseInit) -> Result<(), PsamError> {
+        let txn = self
+            .txns
+            .get(&psam_txn)
+            .ok_or(PsamError::UnknownTransaction(psam_txn))?;
+        let sk = self
+            .issuer
+            .card_keys(proof.card_id)
+            .purchase_session(proof.atc);
+        if proof.card_id != txn.command.card_id
+            || !crypto::verify(&sk, b"IPUR", &proof.signed_fields(), &proof.card_mac)
+        {
+            return Err(PsamError::BadCardData);
+        }
+        if proof.atc == txn.command.atc {
+            Ok(())
+        } else {
+            Err(PsamError::ResponseMismatch)
+        }
+    }
+
     /// Reverses a transaction that did not complete ([0106]). Idempotent.
     pub fn reverse(&mut self, psam_txn: u32) -> Result<(), PsamError> {
         let txn = self

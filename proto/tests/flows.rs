@@ -525,3 +525,32 @@ fn card_pulled_during_load_resolves_from_a_zero_value_s1() {
         assert_eq!(hsm.total(EUR).amount, if loaded { 700 } else { 0 });
     }
 }
+
+#[test]
+fn a_fresh_initialize_proves_the_card_never_debited() {
+    let mut card = card_with(10_000, 50_000);
+    let mut psam = psam();
+    let d = draw(&mut card, 100, "tx");
+    let auth = psam.issue_debit(&d, TODAY, false).unwrap();
+    // The card was pulled before DEBIT; a fresh INITIALIZE shows the same counter.
+    let proof = draw(&mut card, 100, "again").init;
+    assert_eq!(
+        psam.verify_not_debited(auth.command.psam_txn, &proof),
+        Ok(())
+    );
+    let mut forged = proof.clone();
+    forged.atc += 1;
+    assert_eq!(
+        psam.verify_not_debited(auth.command.psam_txn, &forged),
+        Err(PsamError::BadCardData)
+    );
+    // Had the card debited, its counter would have moved on: no proof of a non-debit.
+    let d2 = draw(&mut card, 100, "tx2");
+    let auth2 = psam.issue_debit(&d2, TODAY, false).unwrap();
+    ok(&mut card, &commands::debit(&auth2.command));
+    let after = draw(&mut card, 100, "again2").init;
+    assert_eq!(
+        psam.verify_not_debited(auth2.command.psam_txn, &after),
+        Err(PsamError::ResponseMismatch)
+    );
+}

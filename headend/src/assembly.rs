@@ -1,0 +1,358 @@
+//! Builds the roles a config asks for, wires the gateway's routes (in process or over QUIC),
+//! serves them, and stops them gracefully. `headend all-in-one` runs every role in one
+//! process on SQLite — the embedded default; `headend gateway|payment|merchant` run one.
+//!
+//! Also [`init_demo`]: a complete dev deployment (CA, certificates, issuer keys, config with
+//! a cable catalog and an internet merchant) in one directory, for tests and the demo.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::HeadendConfig;
+use crate::gateway::Gateway;
+use crate::journal::Journal;
+use crate::merchant::MerchantServer;
+use crate::payment::PaymentServer;
+use crate::quic::{
+    ClientTls, RevocationConfig, Revocations, Server, ServerTls, TlsIdentity, load_certs,
+};
+use crate::role::{RemoteRole, Role, serve};
+
+/// Which roles this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    pub gateway: bool,
+    pub payment: bool,
+    pub merchant: bool,
+}
+
+impl Roles {
+    pub const ALL: Self = Self {
+        gateway: true,
+        payment: true,
+        merchant: true,
+    };
+}
+
+/// A running head end.
+pub struct Running {
+    pub gateway: Option<Arc<Gateway>>,
+    pub payment: Option<Arc<PaymentServer>>,
+    pub merchant: Option<Arc<MerchantServer>>,
+    pub gateway_addr: Option<SocketAddr>,
+    pub payment_addr: Option<SocketAddr>,
+    pub merchant_addr: Option<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight transactions finish, and waits for every task.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+fn tls_identity(cfg: &HeadendConfig) -> Result<TlsIdentity, String> {
+    TlsIdentity::from_pem_files(&cfg.tls.cert, &cfg.tls.key).map_err(|e| e.to_string())
+}
+
+pub fn server_tls(cfg: &HeadendConfig) -> Result<ServerTls, String> {
+    Ok(ServerTls {
+        operator_ca: load_certs(&cfg.tls.operator_ca).map_err(|e| e.to_string())?,
+        identity: tls_identity(cfg)?,
+    })
+}
+
+pub fn client_tls(cfg: &HeadendConfig) -> Result<ClientTls, String> {
+    Ok(ClientTls::new(
+        load_certs(&cfg.tls.operator_ca).map_err(|e| e.to_string())?,
+        tls_identity(cfg)?,
+    ))
+}
+
+/// Starts the requested roles.
+pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, String> {
+    let (shutdown, rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let stop = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.changed().await;
+    };
+
+    let payment = if roles.payment {
+        Some(PaymentServer::open(cfg)?)
+    } else {
+        None
+    };
+    let merchant = if roles.merchant {
+        Some(MerchantServer::open(cfg)?)
+    } else {
+        None
+    };
+    let settings = cfg.transport.clone();
+    let mut payment_addr = None;
+    let mut merchant_addr = None;
+
+    if let Some(p) = &payment {
+        tasks.push(tokio::spawn(p.clone().run_sweeper(rx.clone())));
+        if let Some(listen) = cfg.payment.as_ref().and_then(|s| s.listen) {
+            let server = Server::bind(
+                listen,
+                &server_tls(cfg)?,
+                settings.clone(),
+                serve(p.clone()),
+                Revocations::new(&RevocationConfig::default()),
+            )
+            .map_err(|e| format!("payment server on {listen}: {e}"))?;
+            payment_addr = Some(server.local_addr().map_err(|e| e.to_string())?);
+            tasks.push(tokio::spawn(server.run(stop(rx.clone()))));
+        }
+    }
+    if let Some(m) = &merchant {
+        if let Some(listen) = cfg.merchant.as_ref().and_then(|s| s.listen) {
+            let server = Server::bind(
+                listen,
+                &server_tls(cfg)?,
+                settings.clone(),
+                serve(m.clone()),
+                Revocations::new(&RevocationConfig::default()),
+            )
+            .map_err(|e| format!("merchant server on {listen}: {e}"))?;
+            merchant_addr = Some(server.local_addr().map_err(|e| e.to_string())?);
+            tasks.push(tokio::spawn(server.run(stop(rx.clone()))));
+        }
+    }
+
+    let mut gateway = None;
+    let mut gateway_addr = None;
+    if roles.gateway {
+        let section = cfg.gateway.as_ref().ok_or("no [gateway] section")?;
+        let mut table: HashMap<String, Arc<dyn Role>> = HashMap::new();
+        for m in &cfg.merchants {
+            for name in [&m.payment, &m.merchant] {
+                if table.contains_key(name) {
+                    continue;
+                }
+                let role: Arc<dyn Role> = if let Some(ep) = cfg.endpoints.get(name) {
+                    Arc::new(RemoteRole::new(
+                        name,
+                        ep.addr,
+                        &ep.server_name,
+                        client_tls(cfg)?,
+                        settings.clone(),
+                    ))
+                } else if payment.is_some() && cfg.payment.as_ref().is_some_and(|p| &p.name == name)
+                {
+                    payment.clone().expect("checked")
+                } else if merchant.is_some()
+                    && cfg.merchant.as_ref().is_some_and(|p| &p.name == name)
+                {
+                    merchant.clone().expect("checked")
+                } else {
+                    return Err(format!(
+                        "merchant {} routes to {name}: add [endpoints.{name}] or run that role here",
+                        m.id
+                    ));
+                };
+                table.insert(name.clone(), role);
+            }
+        }
+        let journal = Arc::new(
+            Journal::open(&cfg.state_dir.join("gateway.sqlite")).map_err(|e| e.to_string())?,
+        );
+        let gw = Gateway::new(journal, &cfg.merchants, table)?;
+        tasks.push(tokio::spawn(gw.clone().run_notifier(rx.clone())));
+        let revocations = Revocations::new(&RevocationConfig {
+            box_ids: section.revoked_boxes.clone(),
+            ..Default::default()
+        });
+        let server = Server::bind(
+            section.listen,
+            &server_tls(cfg)?,
+            settings.clone(),
+            serve(gw.clone()),
+            revocations,
+        )
+        .map_err(|e| format!("gateway on {}: {e}", section.listen))?;
+        gateway_addr = Some(server.local_addr().map_err(|e| e.to_string())?);
+        tasks.push(tokio::spawn(server.run(stop(rx.clone()))));
+        gateway = Some(gw);
+    }
+    tracing::info!(gateway = ?gateway_addr, payment = ?payment_addr, merchant = ?merchant_addr, "head end running");
+    Ok(Running {
+        gateway,
+        payment,
+        merchant,
+        gateway_addr,
+        payment_addr,
+        merchant_addr,
+        shutdown,
+        tasks,
+    })
+}
+
+/// Files of a dev deployment made by [`init_demo`].
+pub struct DemoFiles {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub ca_dir: PathBuf,
+    pub issuer_keys: PathBuf,
+}
+
+/// Options for [`init_demo`].
+pub struct DemoOptions {
+    pub gateway_listen: SocketAddr,
+    /// Per-merchant overrides of the embodiment ("security-card", "payment-server",
+    /// "gateway", "merchant") and the FIG. 8 layer.
+    pub embodiment: String,
+    pub message_layer: bool,
+    pub transaction_timeout_secs: u64,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        Self {
+            gateway_listen: ([127, 0, 0, 1], 4433).into(),
+            embodiment: "security-card".into(),
+            message_layer: true,
+            transaction_timeout_secs: 30,
+        }
+    }
+}
+
+/// Writes a complete dev deployment into `dir`: an operator CA, the head end's certificate
+/// (names `localhost`, `gateway.purselink.test`, 127.0.0.1), random issuer master keys and
+/// merchant keys, and `headend.toml` with a cable catalog (pay-per-view and shopping) and an
+/// internet merchant. Refuses to overwrite an existing CA.
+pub fn init_demo(dir: &Path, opts: &DemoOptions) -> Result<DemoFiles, String> {
+    use rand::RngCore;
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let ca_dir = dir.join("ca");
+    if ca_dir.join("ca.key.pem").exists() {
+        return Err(format!("{} already holds a CA", ca_dir.display()));
+    }
+    let ca = crate::pki::OperatorCa::generate().map_err(|e| e.to_string())?;
+    ca.save(&ca_dir).map_err(|e| e.to_string())?;
+    let names = vec![
+        "localhost".into(),
+        "gateway.purselink.test".into(),
+        "127.0.0.1".into(),
+    ];
+    ca.issue_server(&names)
+        .map_err(|e| e.to_string())?
+        .save(dir, "headend")
+        .map_err(|e| e.to_string())?;
+    let mut rng = rand::rngs::OsRng;
+    let mut key = || {
+        let mut k = [0u8; 16];
+        rng.fill_bytes(&mut k);
+        hex::encode_upper(proto::crypto::DesKey::new(k).0)
+    };
+    let issuer_keys = dir.join("issuer-keys.toml");
+    std::fs::write(
+        &issuer_keys,
+        format!(
+            "key_version = 1\npurchase_master = \"{}\"\nload_master = \"{}\"\n",
+            key(),
+            key()
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let (cable_key, shop_key) = (key(), key());
+    let config = dir.join("headend.toml");
+    let text = format!(
+        r#"# Generated by `headend init-demo`: a dev deployment on one machine.
+state_dir = "state"
+
+[tls]
+operator_ca = "ca/ca.crt.pem"
+cert = "headend.crt.pem"
+key = "headend.key.pem"
+
+[gateway]
+listen = "{listen}"
+revoked_boxes = ["box-revoked"]
+
+[payment]
+issuer_keys = "issuer-keys.toml"
+security_cards = 4
+transaction_timeout_secs = {timeout}
+
+[merchant]
+
+[[merchants]]
+id = "CABLE"
+name = "Cable operator"
+kind = "cable"
+shared_key = "{cable_key}"
+embodiment = "{emb}"
+message_layer = {layer}
+payment = "payment"
+merchant = "merchant"
+
+[[merchants.items]]
+id = "ppv-1001"
+title = "Championship Final (live)"
+kind = "ppv"
+detail = "Tonight 20:00, channel 101"
+amount = 499
+currency = 978
+exponent = 2
+
+[[merchants.items]]
+id = "ppv-1002"
+title = "New release: The Long Road"
+kind = "ppv"
+detail = "Tonight 21:30, channel 102"
+amount = 399
+currency = 978
+exponent = 2
+
+[[merchants.items]]
+id = "shop-2001"
+title = "Kitchen knife set"
+kind = "shop"
+detail = "Shopping channel, delivered in 3 days"
+amount = 2995
+currency = 978
+exponent = 2
+
+[[merchants]]
+id = "M-WEBSHOP"
+name = "Webshop Ltd"
+kind = "internet"
+shared_key = "{shop_key}"
+embodiment = "{emb}"
+message_layer = {layer}
+payment = "payment"
+merchant = "merchant"
+
+[[merchants.items]]
+id = "ebook-1"
+title = "E-book: Smart cards explained"
+kind = "shop"
+amount = 1250
+currency = 978
+exponent = 2
+"#,
+        listen = opts.gateway_listen,
+        timeout = opts.transaction_timeout_secs,
+        emb = opts.embodiment,
+        layer = opts.message_layer,
+    );
+    std::fs::write(&config, text).map_err(|e| e.to_string())?;
+    Ok(DemoFiles {
+        dir: dir.into(),
+        config,
+        ca_dir,
+        issuer_keys,
+    })
+}

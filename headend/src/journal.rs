@@ -1,0 +1,206 @@
+//! The durable journal every role writes before it acts: SQLite (rusqlite, bundled) in WAL
+//! mode with `synchronous=FULL`, so a committed step survives SIGKILL and power loss.
+//!
+//! Two tables serve every role:
+//! - `steps`: an append-only log of (transaction id, step, detail) — what happened, in order;
+//! - `state`: keyed blobs (`kind`, `key`) — the stored answer for a transaction id (the
+//!   idempotency key: a retried message gets the same answer), a role's transaction record,
+//!   a security card's snapshot.
+//!
+//! [`Journal::atomically`] groups several writes in one SQLite transaction, so a role's
+//! "after" state (security card snapshot + transaction record + answer) lands all or nothing.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+#[derive(Debug, thiserror::Error)]
+#[error("journal {path}: {source}")]
+pub struct JournalError {
+    pub path: String,
+    #[source]
+    pub source: rusqlite::Error,
+}
+
+pub struct Journal {
+    conn: Mutex<Connection>,
+    path: String,
+}
+
+/// Writes inside one SQLite transaction.
+pub struct Batch<'a> {
+    tx: rusqlite::Transaction<'a>,
+}
+
+impl Batch<'_> {
+    pub fn step(&self, txid: &str, step: &str, detail: &str) -> rusqlite::Result<()> {
+        self.tx.execute(
+            "INSERT INTO steps (txid, step, detail, at) VALUES (?1, ?2, ?3, strftime('%Y-%m-%dT%H:%M:%f','now'))",
+            params![txid, step, detail],
+        )?;
+        Ok(())
+    }
+
+    pub fn put(&self, kind: &str, key: &str, value: &[u8]) -> rusqlite::Result<()> {
+        self.tx.execute(
+            "INSERT INTO state (kind, key, value) VALUES (?1, ?2, ?3)
+             ON CONFLICT (kind, key) DO UPDATE SET value = excluded.value",
+            params![kind, key, value],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete(&self, kind: &str, key: &str) -> rusqlite::Result<()> {
+        self.tx.execute(
+            "DELETE FROM state WHERE kind = ?1 AND key = ?2",
+            params![kind, key],
+        )?;
+        Ok(())
+    }
+}
+
+impl Journal {
+    pub fn open(path: &Path) -> Result<Self, JournalError> {
+        let p = path.display().to_string();
+        let err = |source| JournalError {
+            path: p.clone(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let conn = Connection::open(path).map_err(err)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = FULL;
+             PRAGMA busy_timeout = 5000;
+             CREATE TABLE IF NOT EXISTS steps (
+                 id INTEGER PRIMARY KEY AUTOINCREMENT,
+                 txid TEXT NOT NULL, step TEXT NOT NULL, detail TEXT NOT NULL, at TEXT NOT NULL);
+             CREATE INDEX IF NOT EXISTS steps_txid ON steps (txid);
+             CREATE TABLE IF NOT EXISTS state (
+                 kind TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL,
+                 PRIMARY KEY (kind, key));",
+        )
+        .map_err(err)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+            path: p,
+        })
+    }
+
+    fn err(&self, source: rusqlite::Error) -> JournalError {
+        JournalError {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Runs `f` in one SQLite transaction, committed before this returns.
+    pub fn atomically<T>(
+        &self,
+        f: impl FnOnce(&Batch) -> rusqlite::Result<T>,
+    ) -> Result<T, JournalError> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let batch = Batch { tx };
+        let out = f(&batch).map_err(|e| self.err(e))?;
+        batch.tx.commit().map_err(|e| self.err(e))?;
+        Ok(out)
+    }
+
+    /// Appends one step (its own transaction).
+    pub fn step(&self, txid: &str, step: &str, detail: &str) -> Result<(), JournalError> {
+        self.atomically(|b| b.step(txid, step, detail))
+    }
+
+    pub fn put(&self, kind: &str, key: &str, value: &[u8]) -> Result<(), JournalError> {
+        self.atomically(|b| b.put(kind, key, value))
+    }
+
+    pub fn get(&self, kind: &str, key: &str) -> Result<Option<Vec<u8>>, JournalError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        conn.query_row(
+            "SELECT value FROM state WHERE kind = ?1 AND key = ?2",
+            params![kind, key],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(|e| self.err(e))
+    }
+
+    /// Every (key, value) of a kind, in key order.
+    pub fn all(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, JournalError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = conn
+            .prepare("SELECT key, value FROM state WHERE kind = ?1 ORDER BY key")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map(params![kind], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// The steps journaled for one transaction, oldest first.
+    pub fn steps(&self, txid: &str) -> Result<Vec<String>, JournalError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = conn
+            .prepare("SELECT step FROM steps WHERE txid = ?1 ORDER BY id")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map(params![txid], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn count_steps(&self) -> Result<u64, JournalError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        conn.query_row("SELECT COUNT(*) FROM steps", [], |r| r.get(0))
+            .map_err(|e| self.err(e))
+    }
+}
+
+/// Serializes a journal record.
+pub fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_allocvec(v).expect("in-memory serialization")
+}
+
+/// Deserializes a journal record; a corrupt record is an error, not a panic.
+pub fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, String> {
+    postcard::from_bytes(b).map_err(|e| format!("corrupt journal record: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_and_state_survive_reopen_and_batches_are_atomic() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j.sqlite");
+        {
+            let j = Journal::open(&p).unwrap();
+            j.step("t1", "draw received", "").unwrap();
+            j.atomically(|b| {
+                b.put("answer", "t1", b"cmd")?;
+                b.step("t1", "debit command issued", "psam 1")
+            })
+            .unwrap();
+            let failed = j.atomically(|b| {
+                b.put("answer", "t2", b"x")?;
+                Err::<(), _>(rusqlite::Error::InvalidQuery)
+            });
+            assert!(failed.is_err());
+        }
+        let j = Journal::open(&p).unwrap();
+        assert_eq!(
+            j.steps("t1").unwrap(),
+            ["draw received", "debit command issued"]
+        );
+        assert_eq!(j.get("answer", "t1").unwrap().unwrap(), b"cmd");
+        assert_eq!(j.get("answer", "t2").unwrap(), None, "rolled back");
+    }
+}

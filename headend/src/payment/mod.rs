@@ -1,0 +1,692 @@
+//! The payment server (001 cable head-end payment server 229 / merchant payment server 206):
+//! one program for both. It takes draw requests, runs them through a security card from
+//! its pool, answers with the debit command, checks the debit response, and confirms.
+//!
+//! Every step is journaled before it is acted on, and the transaction id is the idempotency
+//! key: a retried draw request or debit response gets the stored answer, never a second
+//! debit. A transaction that does not complete — timeout, bad card signature, cancel, the box
+//! gone — is reversed in its security card ([0106]); a debit the card later proves (the box
+//! re-sends the response from its journal) is still counted. After a restart, every open
+//! transaction gets a fresh deadline and is completed or reversed.
+//!
+//! - [`pool`]: the security-card pool;
+//! - [`collection`]: batches of settled transactions for the acquirer.
+
+pub mod collection;
+pub mod pool;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proto::crypto::{self, DesKey, MessageKeys};
+use proto::messages::*;
+use proto::money::Money;
+use proto::purse::{Date, IssuerKeys};
+use proto::security_card::{DrawData, PsamError, SecurityCard};
+use rand::rngs::OsRng;
+use serde::{Deserialize, Serialize};
+use tracing::Instrument;
+
+use crate::config::{HeadendConfig, MerchantDef};
+use crate::journal::{self, Journal, JournalError};
+use crate::quic::BoxFuture;
+use crate::role::{Caller, Role};
+use pool::{Lease, Pool};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PayState {
+    DebitIssued,
+    Completed,
+    Reversed,
+}
+
+/// The payment server's record of one transaction (journal kind `txn`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PayTxn {
+    pub transaction_id: String,
+    pub merchant_id: String,
+    pub embodiment: Embodiment,
+    pub tsk: Option<DesKey>,
+    pub slot: usize,
+    pub psam_id: u64,
+    pub psam_txn: u32,
+    pub amount: Money,
+    pub card_id: u64,
+    pub state: PayState,
+    /// The draw request as received, to tell a retry from a different request.
+    pub draw: Vec<u8>,
+    pub debit_command: Message,
+    pub confirmation: Option<Message>,
+    /// Batch id once collected.
+    pub batch: Option<u64>,
+}
+
+struct Merchant {
+    def: MerchantDef,
+    key: DesKey,
+}
+
+pub struct PaymentServer {
+    name: String,
+    journal: Arc<Journal>,
+    pool: Arc<Pool>,
+    merchants: HashMap<String, Merchant>,
+    /// FIG. 4 leases held across the round trip to the card, by transaction id.
+    held: std::sync::Mutex<HashMap<String, Lease>>,
+    /// Open transactions and their deadlines.
+    open: std::sync::Mutex<BTreeMap<String, Instant>>,
+    timeout: Duration,
+    /// Serializes work per transaction id, so a retry racing the original sees its result.
+    locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Today's date for the security card, from the system clock.
+pub fn today() -> Date {
+    let d = time::OffsetDateTime::now_utc().date();
+    Date::new(d.year() as u16, d.month() as u8, d.day())
+}
+
+fn psam_error(e: &PsamError) -> ErrorCode {
+    match e {
+        PsamError::BadCardData
+        | PsamError::BadCardSignature
+        | PsamError::UnknownKeyVersion { .. } => ErrorCode::BadSignature,
+        PsamError::WrongCurrency { .. } => ErrorCode::WrongCurrency,
+        PsamError::Expired => ErrorCode::Expired,
+        PsamError::InsufficientValue { .. } => ErrorCode::InsufficientValue,
+        PsamError::ResponseMismatch => ErrorCode::AmountMismatch,
+        PsamError::UnknownTransaction(_) => ErrorCode::UnknownTransaction,
+        PsamError::ZeroAmount => ErrorCode::Malformed,
+        PsamError::AlreadyCompleted(_) | PsamError::CounterExhausted => ErrorCode::Internal,
+    }
+}
+
+fn refuse(code: ErrorCode, reason: impl Into<String>, txid: &str) -> Message {
+    let reason = reason.into();
+    tracing::warn!(txid, ?code, %reason, "refused");
+    Message::error(code, reason, Some(txid))
+}
+
+fn journal_failed(e: JournalError, txid: &str) -> Message {
+    tracing::error!(txid, error = %e, "journal write failed; nothing done");
+    Message::error(
+        ErrorCode::Internal,
+        "journal unavailable; nothing was done, retry",
+        Some(txid),
+    )
+}
+
+impl PaymentServer {
+    /// Opens the journal, restores the security cards from their snapshots (or makes new
+    /// ones), and re-arms every open transaction.
+    pub fn open(cfg: &HeadendConfig) -> Result<Arc<Self>, String> {
+        let section = cfg.payment.as_ref().ok_or("no [payment] section")?;
+        let issuer = cfg.issuer_keys()?;
+        let journal = Arc::new(
+            Journal::open(&cfg.state_dir.join(format!("{}.sqlite", section.name)))
+                .map_err(|e| e.to_string())?,
+        );
+        let merchants = cfg
+            .merchants
+            .iter()
+            .filter(|m| m.payment == section.name)
+            .map(|m| {
+                Ok((
+                    m.id.clone(),
+                    Merchant {
+                        def: m.clone(),
+                        key: m.key()?,
+                    },
+                ))
+            })
+            .collect::<Result<HashMap<_, _>, String>>()?;
+        Self::with_parts(
+            &section.name,
+            journal,
+            issuer,
+            section.security_cards.max(1),
+            merchants,
+            Duration::from_secs(section.transaction_timeout_secs),
+        )
+    }
+
+    fn with_parts(
+        name: &str,
+        journal: Arc<Journal>,
+        issuer: IssuerKeys,
+        cards: u32,
+        merchants: HashMap<String, Merchant>,
+        timeout: Duration,
+    ) -> Result<Arc<Self>, String> {
+        let mut psams = Vec::new();
+        for slot in 0..cards as usize {
+            let psam = match journal
+                .get("psam", &slot_key(slot))
+                .map_err(|e| e.to_string())?
+            {
+                Some(b) => journal::decode::<SecurityCard>(&b)?,
+                None => SecurityCard::new(0x5A00_0000 + slot as u64, issuer.clone()),
+            };
+            psams.push(psam);
+        }
+        let mut open = BTreeMap::new();
+        let deadline = Instant::now() + timeout;
+        for (txid, bytes) in journal.all("txn").map_err(|e| e.to_string())? {
+            let t: PayTxn = journal::decode(&bytes)?;
+            if t.state == PayState::DebitIssued {
+                tracing::info!(
+                    txid,
+                    "open transaction after restart: awaiting the debit response or the deadline"
+                );
+                open.insert(txid, deadline);
+            }
+        }
+        Ok(Arc::new(Self {
+            name: name.into(),
+            journal,
+            pool: Pool::new(psams),
+            merchants,
+            held: Default::default(),
+            open: std::sync::Mutex::new(open),
+            timeout,
+            locks: Default::default(),
+        }))
+    }
+
+    pub fn journal(&self) -> &Arc<Journal> {
+        &self.journal
+    }
+
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    /// The transaction record, if any.
+    pub fn txn(&self, txid: &str) -> Option<PayTxn> {
+        let b = self.journal.get("txn", txid).ok()??;
+        journal::decode(&b).ok()
+    }
+
+    /// Security-card totals summed over the pool, per currency minor units.
+    pub async fn totals(&self) -> BTreeMap<proto::money::Currency, u64> {
+        let mut out = BTreeMap::new();
+        for slot in 0..self.pool.len() {
+            let card = self.pool.card(slot).await.expect("slot exists");
+            for (c, t) in &card.totals {
+                *out.entry(*c).or_default() += t.amount;
+            }
+        }
+        out
+    }
+
+    fn lock_for(&self, txid: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut l = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        l.entry(txid.to_string()).or_default().clone()
+    }
+
+    fn unlock_done(&self, txid: &str) {
+        let mut l = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        if l.get(txid).is_some_and(|m| Arc::strong_count(m) == 1) {
+            l.remove(txid);
+        }
+    }
+
+    async fn draw(&self, req: DrawRequest) -> Message {
+        let txid = req.transaction_id.clone();
+        if txid.is_empty() || txid.len() > 64 {
+            return refuse(
+                ErrorCode::Malformed,
+                "transaction id must be 1 to 64 characters",
+                &txid,
+            );
+        }
+        let Some(m) = self.merchants.get(&req.merchant_id) else {
+            return refuse(
+                ErrorCode::UnknownMerchant,
+                format!(
+                    "merchant {} is not known to payment server {}",
+                    req.merchant_id, self.name
+                ),
+                &txid,
+            );
+        };
+        let raw = journal::encode(&req);
+        if let Some(prev) = self.txn(&txid) {
+            return if prev.draw == raw {
+                tracing::info!(txid, "retried draw request: same answer");
+                prev.debit_command
+            } else {
+                refuse(
+                    ErrorCode::Replay,
+                    "transaction id already used for another draw request",
+                    &txid,
+                )
+            };
+        }
+        let derived = MessageKeys::derived(&m.key, &req.merchant_id, &txid);
+        let tsk = if m.def.message_layer {
+            let Some(etsk) = &req.etsk else {
+                return refuse(ErrorCode::Malformed, "message layer on but no ETSK", &txid);
+            };
+            match MessageKeys::open_etsk(&derived, etsk) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    return refuse(
+                        ErrorCode::BadSignature,
+                        format!("ETSK does not open: {e}"),
+                        &txid,
+                    );
+                }
+            }
+        } else {
+            None
+        };
+        let body = match req.body.open(tsk.as_ref()) {
+            Ok(b) => b,
+            Err(e) => {
+                return refuse(
+                    ErrorCode::BadSignature,
+                    format!("draw request body: {e}"),
+                    &txid,
+                );
+            }
+        };
+        if let Err(e) = self.journal.step(
+            &txid,
+            "draw request received",
+            &format!("{} {}", req.merchant_id, body.amount),
+        ) {
+            return journal_failed(e, &txid);
+        }
+        let Some(lease) = self.pool.acquire(Duration::from_secs(5)).await else {
+            return refuse(
+                ErrorCode::Busy,
+                "every security card is busy; retry shortly",
+                &txid,
+            );
+        };
+        let early = m.def.embodiment != Embodiment::SecurityCard;
+        let mut card = lease.card().await;
+        let before = card.clone();
+        let draw = DrawData {
+            merchant_id: req.merchant_id.clone(),
+            transaction_id: txid.clone(),
+            amount: body.amount,
+            init: body.init.clone(),
+        };
+        let auth = match card.issue_debit(&draw, today(), early) {
+            Ok(a) => a,
+            Err(e) => return refuse(psam_error(&e), e.to_string(), &txid),
+        };
+        let expected = auth.expected_card_signature;
+        let mut rng = OsRng;
+        let cmd_body = DebitCommandBody {
+            command: auth.command.clone(),
+            expected_card_signature: (m.def.embodiment == Embodiment::Gateway)
+                .then_some(())
+                .and(expected),
+            sealed_expected_signature: (m.def.embodiment == Embodiment::Merchant)
+                .then(|| expected.map(|e| crypto::seal(&derived, &e, &mut rng)))
+                .flatten(),
+            presealed_result_m: (m.def.embodiment == Embodiment::Gateway).then(|| {
+                result_m(
+                    &derived,
+                    &txid,
+                    &req.merchant_id,
+                    body.amount,
+                    card.id,
+                    auth.command.psam_txn,
+                    &mut rng,
+                )
+            }),
+        };
+        let answer = Message::DebitCommand(DebitCommandMsg {
+            transaction_id: txid.clone(),
+            body: Protected::new(cmd_body, tsk.as_ref(), &mut rng),
+        });
+        let record = PayTxn {
+            transaction_id: txid.clone(),
+            merchant_id: req.merchant_id.clone(),
+            embodiment: m.def.embodiment,
+            tsk,
+            slot: lease.slot,
+            psam_id: card.id,
+            psam_txn: auth.command.psam_txn,
+            amount: body.amount,
+            card_id: auth.command.card_id,
+            state: PayState::DebitIssued,
+            draw: raw,
+            debit_command: answer.clone(),
+            confirmation: None,
+            batch: None,
+        };
+        let saved = self.journal.atomically(|b| {
+            b.put("psam", &slot_key(lease.slot), &journal::encode(&*card))?;
+            b.put("txn", &txid, &journal::encode(&record))?;
+            b.step(
+                &txid,
+                "debit command issued",
+                &format!("psam {:X} txn {}", card.id, record.psam_txn),
+            )
+        });
+        if let Err(e) = saved {
+            *card = before; // not journaled means not done
+            return journal_failed(e, &txid);
+        }
+        drop(card);
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(txid.clone(), Instant::now() + self.timeout);
+        if early {
+            tracing::info!(txid, slot = lease.slot, "security card released early");
+        } else {
+            self.held
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(txid.clone(), lease);
+        }
+        tracing::info!(txid, merchant = %req.merchant_id, amount = %body.amount, "debit command issued");
+        answer
+    }
+
+    async fn debit_response(&self, msg: DebitResponseMsg) -> Message {
+        let txid = msg.transaction_id.clone();
+        let Some(mut rec) = self.txn(&txid) else {
+            return refuse(
+                ErrorCode::UnknownTransaction,
+                format!("no transaction {txid}"),
+                &txid,
+            );
+        };
+        if let (PayState::Completed, Some(c)) = (rec.state, &rec.confirmation) {
+            tracing::info!(txid, "retried debit response: same confirmation");
+            return c.clone();
+        }
+        let resp = match msg.body.open(rec.tsk.as_ref()) {
+            Ok(r) => r,
+            Err(e) => {
+                return refuse(
+                    ErrorCode::BadSignature,
+                    format!("debit response body: {e}"),
+                    &txid,
+                );
+            }
+        };
+        if let Err(e) = self.journal.step(
+            &txid,
+            "debit response received",
+            &format!("card signature {}", hex::encode(resp.card_signature)),
+        ) {
+            return journal_failed(e, &txid);
+        }
+        let Some(mut card) = self.pool.card(rec.slot).await else {
+            return refuse(ErrorCode::Internal, "security card slot missing", &txid);
+        };
+        let before = card.clone();
+        match card.complete(rec.psam_txn, &resp) {
+            Ok(_) => {
+                let m = &self.merchants[&rec.merchant_id];
+                let derived = MessageKeys::derived(&m.key, &rec.merchant_id, &txid);
+                let mut rng = OsRng;
+                let result_c = DebitResultC {
+                    transaction_id: txid.clone(),
+                    success: true,
+                    amount: rec.amount,
+                    new_balance: resp.new_balance,
+                };
+                let confirmation = Message::Confirmation(Confirmation {
+                    transaction_id: txid.clone(),
+                    result_c: Protected::new(result_c, rec.tsk.as_ref(), &mut rng),
+                    result_m: result_m(
+                        &derived,
+                        &txid,
+                        &rec.merchant_id,
+                        rec.amount,
+                        rec.psam_id,
+                        rec.psam_txn,
+                        &mut rng,
+                    ),
+                    debit_response: None,
+                });
+                rec.state = PayState::Completed;
+                rec.confirmation = Some(confirmation.clone());
+                let saved = self.journal.atomically(|b| {
+                    b.put("psam", &slot_key(rec.slot), &journal::encode(&*card))?;
+                    b.put("txn", &txid, &journal::encode(&rec))?;
+                    b.step(&txid, "confirmed", "card signature verified")
+                });
+                if let Err(e) = saved {
+                    *card = before;
+                    return journal_failed(e, &txid);
+                }
+                drop(card);
+                self.finish(&txid);
+                tracing::info!(txid, amount = %rec.amount, "purchase confirmed");
+                confirmation
+            }
+            Err(e) => {
+                drop(card);
+                let code = psam_error(&e);
+                if matches!(e, PsamError::BadCardSignature | PsamError::ResponseMismatch) {
+                    self.reverse(&txid, "bad card signature").await;
+                }
+                refuse(code, format!("debit response refused: {e}"), &txid)
+            }
+        }
+    }
+
+    fn finish(&self, txid: &str) {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(txid);
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(txid);
+    }
+
+    /// Reverses a transaction in its security card. Idempotent; a completed one stays.
+    pub async fn reverse(&self, txid: &str, why: &str) -> bool {
+        let Some(mut rec) = self.txn(txid) else {
+            return false;
+        };
+        if rec.state != PayState::DebitIssued {
+            self.finish(txid);
+            return rec.state == PayState::Reversed;
+        }
+        if let Err(e) = self.journal.step(txid, "reversing", why) {
+            tracing::error!(txid, error = %e, "journal write failed; reversal postponed");
+            return false;
+        }
+        let Some(mut card) = self.pool.card(rec.slot).await else {
+            return false;
+        };
+        let before = card.clone();
+        if let Err(e) = card.reverse(rec.psam_txn) {
+            tracing::error!(txid, error = %e, "security card refused the reversal");
+            return false;
+        }
+        rec.state = PayState::Reversed;
+        let saved = self.journal.atomically(|b| {
+            b.put("psam", &slot_key(rec.slot), &journal::encode(&*card))?;
+            b.put("txn", txid, &journal::encode(&rec))?;
+            b.step(txid, "reversed", why)
+        });
+        if saved.is_err() {
+            *card = before;
+            return false;
+        }
+        drop(card);
+        self.finish(txid);
+        tracing::info!(
+            txid,
+            reason = why,
+            "transaction reversed in the security card"
+        );
+        true
+    }
+
+    async fn cancel(&self, c: CancelMsg) -> Message {
+        let txid = c.transaction_id.clone();
+        let Some(rec) = self.txn(&txid) else {
+            return refuse(
+                ErrorCode::UnknownTransaction,
+                format!("no transaction {txid}"),
+                &txid,
+            );
+        };
+        if rec.state == PayState::Completed {
+            return refuse(
+                ErrorCode::Replay,
+                "the card's debit was proved; a completed purchase cannot be cancelled",
+                &txid,
+            );
+        }
+        let proof = match &c.proof {
+            Some(p) if p.card_id == rec.card_id => {
+                let card = self.pool.card(rec.slot).await.expect("slot exists");
+                match card.verify_not_debited(rec.psam_txn, p) {
+                    Ok(()) => "card counter proves no debit",
+                    Err(_) => "proof did not verify",
+                }
+            }
+            Some(_) => "proof is for another card",
+            None => "no proof",
+        };
+        self.reverse(
+            &txid,
+            &format!("cancelled by the box: {:?} ({proof})", c.reason),
+        )
+        .await;
+        Message::Receipt(Receipt {
+            transaction_id: txid,
+            released: false,
+            text: format!("Cancelled ({:?}); nothing was charged", c.reason),
+            entitlement: None,
+            new_balance: None,
+        })
+    }
+
+    /// Reverses every open transaction past its deadline. Run periodically.
+    pub async fn sweep(&self) -> usize {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, d)| **d <= now)
+            .map(|(t, _)| t.clone())
+            .collect();
+        let mut n = 0;
+        for txid in due {
+            if self.reverse(&txid, "timeout: no debit response").await {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Runs the reversal sweep every second until `shutdown`.
+    pub async fn run_sweeper(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => { self.sweep().await; }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+fn slot_key(slot: usize) -> String {
+    format!("{slot:04}")
+}
+
+/// "Debit result M", sealed under the derived key so only the merchant can read it.
+fn result_m(
+    derived: &DesKey,
+    txid: &str,
+    merchant_id: &str,
+    amount: Money,
+    psam_id: u64,
+    psam_txn: u32,
+    rng: &mut OsRng,
+) -> Vec<u8> {
+    let m = DebitResultM {
+        transaction_id: txid.into(),
+        merchant_id: merchant_id.into(),
+        amount,
+        success: true,
+        psam_id,
+        psam_txn,
+    };
+    crypto::seal(derived, &journal::encode(&m), rng)
+}
+
+impl Role for PaymentServer {
+    fn handle(&self, caller: Caller, msg: Message) -> BoxFuture<'_, Message> {
+        Box::pin(async move {
+            if let Caller::Box(b) = &caller {
+                return refuse(
+                    ErrorCode::NotYourAccount,
+                    format!("box {b}: set-top boxes reach the payment server through the gateway"),
+                    "-",
+                );
+            }
+            let txid = match &msg {
+                Message::DrawRequest(r) => r.transaction_id.clone(),
+                Message::DebitResponse(r) => r.transaction_id.clone(),
+                Message::Cancel(c) => c.transaction_id.clone(),
+                other => {
+                    return Message::error(
+                        ErrorCode::Malformed,
+                        format!("the payment server does not take {}", kind(other)),
+                        None,
+                    );
+                }
+            };
+            let span = tracing::info_span!("payment", txid = %txid, ?caller);
+            let lock = self.lock_for(&txid);
+            let answer = async {
+                let _g = lock.lock().await;
+                match msg {
+                    Message::DrawRequest(r) => self.draw(r).await,
+                    Message::DebitResponse(r) => self.debit_response(r).await,
+                    Message::Cancel(c) => self.cancel(c).await,
+                    _ => unreachable!("filtered above"),
+                }
+            }
+            .instrument(span)
+            .await;
+            drop(lock);
+            self.unlock_done(&txid);
+            answer
+        })
+    }
+}
+
+/// A message's name, for refusals.
+pub fn kind(m: &Message) -> &'static str {
+    match m {
+        Message::CatalogRequest => "a catalog request",
+        Message::Catalog(_) => "a catalog",
+        Message::OfferRequest { .. } => "an offer request",
+        Message::Offer(_) => "an offer",
+        Message::Cancel(_) => "a cancel",
+        Message::DrawRequest(_) => "a draw request",
+        Message::DebitCommand(_) => "a debit command",
+        Message::DebitResponse(_) => "a debit response",
+        Message::Confirmation(_) => "a confirmation",
+        Message::Receipt(_) => "a receipt",
+        Message::LoadRequest(_) => "a load request",
+        Message::LoadCommand(_) => "a load command",
+        Message::LoadResponse(_) => "a load response",
+        Message::LoadConfirmation(_) => "a load confirmation",
+        Message::Error(_) => "an error",
+        Message::RoutedOfferRequest { .. } => "a routed offer request",
+    }
+}

@@ -1,0 +1,444 @@
+//! Full purchases over real QUIC on loopback, from a test box holding a purse card, through
+//! the gateway to the payment server and the merchant: every embodiment (FIG. 4–7), with the
+//! FIG. 8 layer on and off, for the cable catalog and an internet merchant; and the refusals.
+//! Each checks the card balance, the security-card totals, the merchant's release and the
+//! journal rows.
+
+mod purchase_support;
+
+use headend::payment::PayState;
+use headend::role::{Caller, Role};
+use proto::messages::*;
+use proto::money::Currency;
+use purchase_support::*;
+
+const EUR: Currency = Currency::EUR;
+
+async fn full_purchase(embodiment: &str, layer: bool, merchant: &str, item: &str, price: u64) {
+    let he = start(options(embodiment, layer)).await;
+    let mut b = TestBox::new(&he, "box-000001", 10_000).await;
+    let (offer, answer) = b.buy(merchant, item).await;
+    let txid = offer.transaction_id.clone();
+    assert_eq!(offer.tsk.is_some(), layer, "TSK only with the FIG. 8 layer");
+
+    let Message::Receipt(r) = answer else {
+        panic!("{embodiment}/{layer}: expected a receipt, got {answer:?}")
+    };
+    assert!(r.released, "{embodiment}: goods released");
+    assert_eq!(r.new_balance, Some(10_000 - price));
+    assert_eq!(b.balance(), 10_000 - price, "card debited by the price");
+
+    let merchant_role = he.running.merchant.as_ref().unwrap();
+    assert_eq!(merchant_role.releases(&txid), 1);
+    assert!(r.entitlement.as_deref().unwrap().starts_with("box-000001/"));
+    assert_eq!(merchant_role.entitlements("box-000001").len(), 1);
+
+    let payment = he.running.payment.as_ref().unwrap();
+    // FIG. 6/7 deliver the debit response to the payment server in the background.
+    assert!(
+        eventually(|| payment
+            .txn(&txid)
+            .is_some_and(|t| t.state == PayState::Completed))
+        .await,
+        "{embodiment}: payment server completed the sale"
+    );
+    assert_eq!(
+        payment.totals().await.get(&EUR).copied(),
+        Some(price),
+        "security-card totals"
+    );
+
+    let steps = payment.journal().steps(&txid).unwrap();
+    for s in [
+        "draw request received",
+        "debit command issued",
+        "debit response received",
+        "confirmed",
+    ] {
+        assert!(
+            steps.iter().any(|x| x == s),
+            "{embodiment}: payment journal lacks {s:?}: {steps:?}"
+        );
+    }
+    let gw = he.running.gateway.as_ref().unwrap();
+    let gsteps = gw.journal().steps(&txid).unwrap();
+    for s in [
+        "offer relayed",
+        "draw request relayed",
+        "debit command relayed",
+        "receipt relayed",
+    ] {
+        assert!(
+            gsteps.iter().any(|x| x == s),
+            "{embodiment}: gateway journal lacks {s:?}: {gsteps:?}"
+        );
+    }
+    match embodiment {
+        "gateway" => assert!(gsteps.iter().any(|x| x == "gateway compared: match")),
+        "merchant" | "payment-server" | "security-card" => {}
+        _ => unreachable!(),
+    }
+    assert!(eventually(|| gw.pending_notifications() == 0).await);
+    let msteps = merchant_role.journal().steps(&txid).unwrap();
+    assert_eq!(msteps, ["offer made", "goods released"]);
+    he.running.stop().await;
+}
+
+#[tokio::test]
+async fn fig4_security_card_compares_cable_ppv_layer_on() {
+    full_purchase("security-card", true, "CABLE", "ppv-1001", 499).await;
+}
+#[tokio::test]
+async fn fig4_security_card_compares_internet_merchant_layer_off() {
+    full_purchase("security-card", false, "M-WEBSHOP", "ebook-1", 1_250).await;
+}
+#[tokio::test]
+async fn fig5_payment_server_compares_internet_merchant_layer_on() {
+    full_purchase("payment-server", true, "M-WEBSHOP", "ebook-1", 1_250).await;
+}
+#[tokio::test]
+async fn fig5_payment_server_compares_cable_shop_layer_off() {
+    full_purchase("payment-server", false, "CABLE", "shop-2001", 2_995).await;
+}
+#[tokio::test]
+async fn fig6_gateway_compares_cable_ppv_layer_on() {
+    full_purchase("gateway", true, "CABLE", "ppv-1002", 399).await;
+}
+#[tokio::test]
+async fn fig6_gateway_compares_internet_merchant_layer_off() {
+    full_purchase("gateway", false, "M-WEBSHOP", "ebook-1", 1_250).await;
+}
+#[tokio::test]
+async fn fig7_merchant_compares_internet_merchant_layer_on() {
+    full_purchase("merchant", true, "M-WEBSHOP", "ebook-1", 1_250).await;
+}
+#[tokio::test]
+async fn fig7_merchant_compares_cable_ppv_layer_off() {
+    full_purchase("merchant", false, "CABLE", "ppv-1001", 499).await;
+}
+
+/// Nothing moved: card, security cards, merchant.
+async fn assert_nothing_moved(he: &HeadEnd, b: &mut TestBox, before: u64, txid: Option<&str>) {
+    assert_eq!(b.balance(), before, "card untouched");
+    let p = he.running.payment.as_ref().unwrap();
+    assert_eq!(
+        p.totals().await.get(&EUR).copied().unwrap_or(0),
+        0,
+        "security cards untouched"
+    );
+    if let Some(t) = txid {
+        assert_eq!(
+            he.running.merchant.as_ref().unwrap().releases(t),
+            0,
+            "nothing released"
+        );
+    }
+}
+
+fn error_code(m: &Message) -> ErrorCode {
+    match m {
+        Message::Error(e) => e.code,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn unknown_merchant_is_refused_with_its_route() {
+    let he = start(options("security-card", true)).await;
+    let mut b = TestBox::new(&he, "box-000002", 5_000).await;
+    let answer = b
+        .call(&Message::OfferRequest {
+            merchant_id: "M-NOBODY".into(),
+            item_id: "x".into(),
+        })
+        .await;
+    assert_eq!(error_code(&answer), ErrorCode::UnknownRoute);
+    let Message::Error(e) = answer else {
+        unreachable!()
+    };
+    assert!(e.reason.contains("M-NOBODY"), "{}", e.reason);
+    assert_nothing_moved(&he, &mut b, 5_000, None).await;
+}
+
+#[tokio::test]
+async fn garbage_payload_in_a_valid_frame_gets_a_clear_error() {
+    let he = start(options("security-card", true)).await;
+    let b = TestBox::new(&he, "box-000003", 5_000).await;
+    let bytes = b.client.call(&[0xFF, 0xEE, 0xDD, 0x01]).await.unwrap();
+    let m = Message::from_payload(&bytes).unwrap();
+    assert_eq!(error_code(&m), ErrorCode::Malformed);
+    // The connection keeps working afterwards.
+    assert!(matches!(b.call(&Message::CatalogRequest).await, Message::Catalog(c) if c.len() == 4));
+}
+
+#[tokio::test]
+async fn tampered_amount_is_refused_before_any_signature() {
+    for layer in [true, false] {
+        let he = start(options("security-card", layer)).await;
+        let mut b = TestBox::new(&he, "box-000004", 5_000).await;
+        let mut offer = b.offer("CABLE", "ppv-1001").await;
+        let real = offer.amount;
+        offer.amount.minor = 1; // the box (or a man in the middle) wants to pay 1 cent
+        let draw = b.draw_request(&offer);
+        let answer = b.call(&Message::DrawRequest(draw)).await;
+        assert_eq!(
+            error_code(&answer),
+            ErrorCode::AmountMismatch,
+            "layer {layer}"
+        );
+        offer.amount = real;
+        assert_nothing_moved(&he, &mut b, 5_000, Some(&offer.transaction_id)).await;
+        assert!(
+            he.running
+                .payment
+                .as_ref()
+                .unwrap()
+                .txn(&offer.transaction_id)
+                .is_none()
+        );
+    }
+}
+
+#[tokio::test]
+async fn debit_command_with_another_amount_is_caught_by_the_box() {
+    // [0082]: the box compares the debit command's amount with the offer's.
+    let he = start(options("security-card", false)).await;
+    let mut b = TestBox::new(&he, "box-000005", 5_000).await;
+    let offer = b.offer("CABLE", "ppv-1001").await;
+    let draw = b.draw_request(&offer);
+    let mut answer = b.call(&Message::DrawRequest(draw)).await;
+    if let Message::DebitCommand(dc) = &mut answer {
+        if let Protected::Clear(body) = &mut dc.body {
+            body.command.amount = 4_999; // tampered on the way
+        }
+    }
+    let caught = std::panic::catch_unwind(|| TestBox::open_debit_command(&offer, &answer));
+    assert!(
+        caught.is_err(),
+        "the box must refuse a debit command for another amount"
+    );
+    // The box cancels; the security card reverses.
+    let r = b
+        .call(&Message::Cancel(CancelMsg {
+            transaction_id: offer.transaction_id.clone(),
+            reason: CancelReason::AmountMismatch,
+            proof: None,
+        }))
+        .await;
+    assert!(matches!(r, Message::Receipt(ref r) if !r.released), "{r:?}");
+    let p = he.running.payment.as_ref().unwrap();
+    assert_eq!(
+        p.txn(&offer.transaction_id).unwrap().state,
+        PayState::Reversed
+    );
+    assert_nothing_moved(&he, &mut b, 5_000, Some(&offer.transaction_id)).await;
+}
+
+#[tokio::test]
+async fn replayed_debit_response_gets_the_same_receipt_and_moves_nothing() {
+    for emb in ["security-card", "gateway"] {
+        let he = start(options(emb, true)).await;
+        let mut b = TestBox::new(&he, "box-000006", 5_000).await;
+        let offer = b.offer("CABLE", "ppv-1001").await;
+        let draw = b.draw_request(&offer);
+        let cmd = TestBox::open_debit_command(&offer, &b.call(&Message::DrawRequest(draw)).await);
+        let resp = b.debit(&offer, &cmd);
+        let first = b.call(&Message::DebitResponse(resp.clone())).await;
+        let again = b.call(&Message::DebitResponse(resp)).await;
+        assert_eq!(first, again, "{emb}: same answer");
+        assert_eq!(b.balance(), 4_501);
+        let p = he.running.payment.as_ref().unwrap();
+        assert!(
+            eventually(|| p
+                .txn(&offer.transaction_id)
+                .is_some_and(|t| t.state == PayState::Completed))
+            .await
+        );
+        assert_eq!(
+            p.totals().await.get(&EUR).copied(),
+            Some(499),
+            "{emb}: counted once"
+        );
+        assert_eq!(
+            he.running
+                .merchant
+                .as_ref()
+                .unwrap()
+                .releases(&offer.transaction_id),
+            1
+        );
+    }
+}
+
+#[tokio::test]
+async fn duplicate_draw_request_is_idempotent() {
+    let he = start(options("security-card", true)).await;
+    let mut b = TestBox::new(&he, "box-000007", 5_000).await;
+    let offer = b.offer("M-WEBSHOP", "ebook-1").await;
+    let draw = b.draw_request(&offer);
+    let first = b.call(&Message::DrawRequest(draw.clone())).await;
+    let second = b.call(&Message::DrawRequest(draw)).await;
+    assert_eq!(
+        first, second,
+        "a retried draw request gets the same debit command"
+    );
+    let p = he.running.payment.as_ref().unwrap();
+    let t = p.txn(&offer.transaction_id).unwrap();
+    let psam = p.pool().card(t.slot).await.unwrap();
+    assert_eq!(psam.txns.len(), 1, "one security-card transaction, not two");
+    drop(psam);
+    // A different draw request under the same transaction id is a replay.
+    let mut other = b.draw_request(&offer);
+    other.etsk = offer.etsk.clone();
+    let answer = b.call(&Message::DrawRequest(other)).await;
+    assert_eq!(error_code(&answer), ErrorCode::Replay);
+}
+
+#[tokio::test]
+async fn forged_confirmation_at_the_merchant_releases_nothing() {
+    let he = start(options("security-card", true)).await;
+    let mut b = TestBox::new(&he, "box-000008", 5_000).await;
+    let offer = b.offer("CABLE", "ppv-1001").await;
+    let merchant = he.running.merchant.as_ref().unwrap();
+    let forged = Confirmation {
+        transaction_id: offer.transaction_id.clone(),
+        result_c: Protected::Clear(DebitResultC {
+            transaction_id: offer.transaction_id.clone(),
+            success: true,
+            amount: offer.amount,
+            new_balance: 0,
+        }),
+        // Sealed under a key the forger made up.
+        result_m: proto::crypto::seal(
+            &proto::crypto::DesKey::new([9; 16]),
+            b"paid, honest",
+            &mut rand::rngs::OsRng,
+        ),
+        debit_response: None,
+    };
+    let answer = merchant
+        .handle(
+            Caller::Role("gateway".into()),
+            Message::Confirmation(forged.clone()),
+        )
+        .await;
+    assert_eq!(error_code(&answer), ErrorCode::BadSignature);
+    // Nor can a box post a confirmation to the merchant.
+    let answer = merchant
+        .handle(
+            Caller::Box("box-000008".into()),
+            Message::Confirmation(forged),
+        )
+        .await;
+    assert_eq!(error_code(&answer), ErrorCode::NotYourAccount);
+    assert_eq!(merchant.releases(&offer.transaction_id), 0);
+    assert!(merchant.entitlements("box-000008").is_empty());
+    assert_nothing_moved(&he, &mut b, 5_000, Some(&offer.transaction_id)).await;
+}
+
+#[tokio::test]
+async fn a_box_cannot_use_another_boxs_transaction() {
+    let he = start(options("security-card", true)).await;
+    let mut alice = TestBox::new(&he, "box-000010", 5_000).await;
+    let mut mallory = TestBox::new(&he, "box-000011", 5_000).await;
+    let offer = alice.offer("CABLE", "ppv-1001").await;
+    let draw = mallory.draw_request(&offer);
+    let answer = mallory.call(&Message::DrawRequest(draw)).await;
+    assert_eq!(error_code(&answer), ErrorCode::NotYourAccount);
+    assert_nothing_moved(&he, &mut alice, 5_000, Some(&offer.transaction_id)).await;
+}
+
+#[tokio::test]
+async fn bad_card_signature_reverses_in_the_security_card() {
+    let he = start(options("security-card", false)).await;
+    let mut b = TestBox::new(&he, "box-000012", 5_000).await;
+    let offer = b.offer("CABLE", "ppv-1001").await;
+    let draw = b.draw_request(&offer);
+    let cmd = TestBox::open_debit_command(&offer, &b.call(&Message::DrawRequest(draw)).await);
+    let mut resp = b.debit(&offer, &cmd);
+    if let Protected::Clear(r) = &mut resp.body {
+        r.card_signature[0] ^= 1;
+    }
+    let answer = b.call(&Message::DebitResponse(resp)).await;
+    assert_eq!(error_code(&answer), ErrorCode::BadSignature);
+    let p = he.running.payment.as_ref().unwrap();
+    assert_eq!(
+        p.txn(&offer.transaction_id).unwrap().state,
+        PayState::Reversed
+    );
+    assert_eq!(p.totals().await.get(&EUR).copied().unwrap_or(0), 0);
+    assert_eq!(
+        he.running
+            .merchant
+            .as_ref()
+            .unwrap()
+            .releases(&offer.transaction_id),
+        0
+    );
+}
+
+#[tokio::test]
+async fn timeout_reverses_and_a_late_proof_still_counts() {
+    let mut opts = options("security-card", true);
+    opts.transaction_timeout_secs = 0;
+    let he = start(opts).await;
+    let mut b = TestBox::new(&he, "box-000013", 5_000).await;
+    let offer = b.offer("CABLE", "ppv-1001").await;
+    let draw = b.draw_request(&offer);
+    let cmd = TestBox::open_debit_command(&offer, &b.call(&Message::DrawRequest(draw)).await);
+    let resp = b.debit(&offer, &cmd); // the card is debited; the response is "lost" for now
+    let p = he.running.payment.as_ref().unwrap();
+    assert!(eventually(|| p.txn(&offer.transaction_id).unwrap().state == PayState::Reversed).await);
+    // The box recovers and re-sends the response from its journal: the sale counts.
+    let answer = b.call(&Message::DebitResponse(resp)).await;
+    assert!(
+        matches!(answer, Message::Receipt(ref r) if r.released),
+        "{answer:?}"
+    );
+    assert_eq!(p.totals().await.get(&EUR).copied(), Some(499));
+    assert_eq!(b.balance(), 4_501);
+}
+
+#[tokio::test]
+async fn collection_batches_settled_transactions_once() {
+    let he = start(options("payment-server", true)).await;
+    let mut b = TestBox::new(&he, "box-000014", 20_000).await;
+    b.buy("CABLE", "ppv-1001").await;
+    b.buy("CABLE", "ppv-1002").await;
+    b.buy("M-WEBSHOP", "ebook-1").await;
+    let p = he.running.payment.as_ref().unwrap();
+    assert!(
+        eventually(|| p
+            .journal()
+            .all("txn")
+            .unwrap()
+            .iter()
+            .all(|(k, _)| p.txn(k).unwrap().state == PayState::Completed))
+        .await
+    );
+    let out = he.dir.path().join("collection");
+    let (file, path) = p.close_batch(&out).unwrap().unwrap();
+    assert!(path.exists());
+    assert_eq!(file.records.len(), 3);
+    let cable = file
+        .totals
+        .iter()
+        .find(|t| t.merchant_id == "CABLE")
+        .unwrap();
+    assert_eq!((cable.count, cable.amount), (2, 898));
+    let shop = file
+        .totals
+        .iter()
+        .find(|t| t.merchant_id == "M-WEBSHOP")
+        .unwrap();
+    assert_eq!((shop.count, shop.amount), (1, 1_250));
+    assert!(!file.security_cards.is_empty());
+    assert!(
+        p.close_batch(&out).unwrap().is_none(),
+        "each transaction is collected once"
+    );
+    assert_eq!(p.batch_state(file.batch).as_deref(), Some("open"));
+    p.ack_batch(file.batch).unwrap();
+    assert_eq!(p.batch_state(file.batch).as_deref(), Some("acknowledged"));
+    assert!(p.ack_batch(999).is_err());
+}
