@@ -3,9 +3,13 @@
 //! - [`config`]: the TOML configuration
 //! - [`flow`]: the purchase flow and recovery decisions, sans-IO
 //! - [`journal`]: the SQLite journal of every transaction step
+//! - [`daemon`]: the tokio shell (gateway connection, reader, event loop, recovery)
+//! - [`local_api`]: the Unix-socket JSON-lines API for other apps on the box
 //! - [`readers_cmd`]: `stbd readers`
 
 pub mod config;
+pub mod daemon;
 pub mod flow;
 pub mod journal;
+pub mod local_api;
 pub mod readers_cmd;

@@ -1,5 +1,6 @@
-//! `stbd`: the set-top box daemon's command line. For now: `stbd readers` lists the card
-//! readers and their cards through PC/SC, like pcsc_scan (`--watch` follows events).
+//! `stbd`: the set-top box daemon's command line. `stbd run --config FILE` runs the daemon;
+//! `stbd readers` lists the card readers and their cards through PC/SC, like pcsc_scan
+//! (`--watch` follows events).
 
 use std::process::ExitCode;
 
@@ -17,6 +18,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run the daemon: watch the reader, keep the head-end connection, show the TV UI.
+    Run {
+        /// The configuration file (see config/stbd.example.toml).
+        #[arg(long, default_value = "/etc/purselink/stbd.toml")]
+        config: std::path::PathBuf,
+    },
     /// List the card readers (PC/SC) and each one's card state and ATR.
     Readers {
         /// Keep running and print reader and card events until Ctrl-C.
@@ -54,6 +61,67 @@ async fn readers(watch: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+async fn run(path: std::path::PathBuf) -> ExitCode {
+    let cfg = match stb::config::Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("stbd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (driver, pattern) = match stb::daemon::card::driver_for(&cfg.reader) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("stbd: reader: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let keys = if cfg.ui.enabled {
+        // Validated at load time.
+        let keymap = ui::keymap::Keymap::from_config(&cfg.keymap).unwrap_or_default();
+        Some(ui::terminal::spawn_key_reader(keymap))
+    } else {
+        None
+    };
+    let local = if cfg.local_api.enabled {
+        let mode = cfg.local_api.mode_bits().unwrap_or(0o660);
+        match stb::local_api::server::LocalApi::bind(
+            &cfg.local_api.socket,
+            mode,
+            cfg.local_api.group.as_deref(),
+            &cfg.local_api.allowed_uids,
+        ) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("stbd: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    let io = stb::daemon::Io {
+        driver,
+        reader_pattern: pattern,
+        draw: cfg.ui.enabled,
+        keys,
+    };
+    let r = stb::daemon::run(cfg, io, stb::daemon::shutdown_signal(), |h| {
+        if let Some(l) = local {
+            tokio::spawn(l.serve(h.events.clone()));
+        }
+    })
+    .await;
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "stbd failed");
+            eprintln!("stbd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -63,7 +131,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Runtime::new() {
+    // One thread: a box has one viewer and one card; fewer threads, fewer idle wakeups.
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("stbd: cannot start the runtime: {e}");
@@ -72,5 +141,6 @@ fn main() -> ExitCode {
     };
     match cli.cmd {
         Cmd::Readers { watch } => rt.block_on(readers(watch)),
+        Cmd::Run { config } => rt.block_on(run(config)),
     }
 }

@@ -1,0 +1,178 @@
+//! The thin tokio shell around the flows: builds the parts from the config and runs the
+//! event loop until SIGTERM, ctrl-c or the remote's quit key.
+//!
+//! - [`gateway`]: the QUIC connection to the head end
+//! - [`card`]: reader driver, the open card session, card reads
+//! - [`runner`]: the event loop driving the purchase flow and the UI
+//! - [`recover`]: resolving in-doubt transactions from the card's log
+
+pub mod card;
+pub mod gateway;
+pub mod recover;
+pub mod runner;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reader_drivers::ReaderDriver;
+use tokio::sync::{mpsc, watch};
+use ui::{App, AppConfig, UiEvent};
+
+use crate::config::Config;
+use crate::journal::Journal;
+use card::CardPort;
+use gateway::{Gateway, GatewaySettings};
+use runner::{Event, Runner, Status};
+
+/// How the daemon meets the world besides its config: the reader driver, and where viewer
+/// keys come from and whether the UI is drawn (tests inject keys and draw nothing).
+pub struct Io {
+    pub driver: Arc<dyn ReaderDriver>,
+    pub reader_pattern: String,
+    /// Keys (and resizes) from the remote; `None` with the UI off.
+    pub keys: Option<mpsc::Receiver<UiEvent>>,
+    pub draw: bool,
+}
+
+/// A running daemon's handles.
+pub struct Handles {
+    pub events: mpsc::Sender<Event>,
+    pub status: watch::Receiver<Status>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Journal(#[from] crate::journal::JournalError),
+    #[error(transparent)]
+    Gateway(#[from] gateway::GatewayError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// The settings the gateway client takes from the config.
+pub fn gateway_settings(cfg: &Config) -> GatewaySettings {
+    GatewaySettings {
+        addr: cfg.headend.address.clone(),
+        server_name: cfg.headend.server_name.clone(),
+        keep_alive: Duration::from_secs(cfg.headend.keep_alive_secs),
+        idle_timeout: Duration::from_secs(cfg.headend.idle_timeout_secs),
+        request_timeout: cfg.timeouts.network(),
+        backoff_initial: Duration::from_millis(cfg.timeouts.reconnect_initial_ms),
+        backoff_max: Duration::from_millis(cfg.timeouts.reconnect_max_ms),
+    }
+}
+
+/// Runs until `shutdown` completes (or the viewer quits). `ready` gets the handles once the
+/// parts are up.
+pub async fn run(
+    cfg: Config,
+    io: Io,
+    shutdown: impl std::future::Future<Output = ()>,
+    ready: impl FnOnce(Handles),
+) -> Result<(), DaemonError> {
+    let journal = Journal::open(&cfg.state.dir)?;
+    let s = gateway_settings(&cfg);
+    let client = gateway::client_config(
+        &cfg.headend.operator_ca,
+        &cfg.headend.device_cert,
+        &cfg.headend.device_key,
+        &s,
+    )?;
+    let gw = Gateway::new(client, s)?;
+    let (tx, mut rx) = mpsc::channel::<Event>(64);
+    let (status_tx, status_rx) = watch::channel(Status {
+        screen: ui::ScreenId::Home,
+        offer: None,
+        card_balance: None,
+        last_outcome: None,
+        flows_done: 0,
+        recovered: 0,
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let keeper = {
+        let tx = tx.clone();
+        tokio::spawn(gw.clone().keep(
+            move || {
+                let _ = tx.try_send(Event::Connected);
+            },
+            stop_rx,
+        ))
+    };
+    let mut reader_events = io.driver.events();
+    let card = CardPort::new(io.driver.clone(), io.reader_pattern.clone(), cfg.timeouts.card());
+    let app = App::new(AppConfig {
+        offer_timeout_secs: cfg.timeouts.offer_secs,
+    });
+    let mut runner = Runner::new(
+        app,
+        journal,
+        card,
+        gw.clone(),
+        tx.clone(),
+        cfg.ui.provider_name.clone(),
+        Duration::from_secs(u64::from(cfg.timeouts.offer_secs)),
+        status_tx,
+        io.keys.is_some(),
+    );
+    let mut tui = if io.draw {
+        Some(ui::terminal::Tui::enter().map_err(|e| DaemonError::Setup(format!("terminal: {e}")))?)
+    } else {
+        None
+    };
+    let mut keys = io.keys;
+    ready(Handles {
+        events: tx.clone(),
+        status: status_rx,
+    });
+    tracing::info!(reader = %io.reader_pattern, driver = io.driver.kind(), headend = %cfg.headend.address, "stbd running");
+    tokio::pin!(shutdown);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        if let Some(t) = tui.as_mut() {
+            if let Err(e) = t.draw(&runner.app) {
+                tracing::error!(error = %e, "cannot draw the UI");
+            }
+        }
+        runner.publish();
+        let wants_ticks = runner.app.wants_ticks();
+        let deadline = runner.offer_deadline();
+        let go_on = tokio::select! {
+            _ = &mut shutdown => false,
+            Some(k) = async { keys.as_mut()?.recv().await }, if keys.is_some() => runner.ui(k).await,
+            Some(ev) = reader_events.recv() => runner.event(Event::Reader(ev)).await,
+            Some(ev) = rx.recv() => runner.event(ev).await,
+            // Ticks only while a countdown or spinner shows: an idle box sleeps.
+            _ = tick.tick(), if wants_ticks => runner.ui(UiEvent::Tick).await,
+            _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
+                runner.offer_timed_out().await;
+                true
+            }
+        };
+        if !go_on {
+            break;
+        }
+    }
+    tracing::info!("stbd shutting down");
+    let _ = stop_tx.send(true);
+    drop(tui);
+    let _ = tokio::time::timeout(Duration::from_secs(3), keeper).await;
+    Ok(())
+}
+
+/// Resolves when SIGTERM or ctrl-c arrives.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("interrupt"),
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
