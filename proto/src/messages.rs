@@ -3,8 +3,10 @@
 //!
 //! # Conversations (box ↔ gateway)
 //!
-//! Each line is one QUIC bidirectional stream: the box sends one frame, the gateway answers
-//! with one frame, and the stream ends. Every message after the offer carries the
+//! Each step is one frame from the box and one frame back. Browsing and the offer take a
+//! stream each; a purchase's steps share one stream (draw request → debit command, then
+//! debit response → receipt), so one stream is one transaction. Every message after the
+//! offer carries the
 //! transaction id, which is the idempotency key on every hop: re-sending a message (after a
 //! lost answer, a crash, a reconnect) gets the same answer and never moves value twice.
 //!

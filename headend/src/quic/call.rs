@@ -60,6 +60,36 @@ pub async fn call_with_max(
     }
 }
 
+/// A transaction's stream: its steps go back and forth on one bidirectional stream (a
+/// purchase: draw request → debit command, then debit response → receipt).
+pub struct TxnStream {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    max_frame: usize,
+}
+
+impl TxnStream {
+    /// One step that is not the last: the stream stays open for the next.
+    pub async fn exchange(&mut self, payload: &[u8]) -> Result<Vec<u8>, QuicError> {
+        let request = frame::encode(payload, self.max_frame)?;
+        self.send.write_all(&request).await?;
+        match super::frame_io::read_next_frame(&mut self.recv, self.max_frame).await? {
+            Some(answer) => Ok(answer),
+            None => Err(QuicError::Protocol("stream ended before the answer")),
+        }
+    }
+
+    /// The last step: finishes our side, then reads the final answer and the end.
+    pub async fn last(mut self, payload: &[u8]) -> Result<Vec<u8>, QuicError> {
+        let request = frame::encode(payload, self.max_frame)?;
+        self.send.write_all(&request).await?;
+        self.send
+            .finish()
+            .map_err(|e| QuicError::Stream(e.to_string()))?;
+        Ok(read_frame(&mut self.recv, self.max_frame).await?)
+    }
+}
+
 /// A connected client: its own endpoint and one connection.
 #[derive(Debug, Clone)]
 pub struct QuicClient {
@@ -93,6 +123,16 @@ impl QuicClient {
 
     pub async fn call(&self, payload: &[u8]) -> Result<Vec<u8>, QuicError> {
         call_with_max(&self.conn, payload, self.max_frame).await
+    }
+
+    /// Opens a stream for a transaction's steps (see [`TxnStream`]).
+    pub async fn transaction(&self) -> Result<TxnStream, QuicError> {
+        let (send, recv) = self.conn.open_bi().await?;
+        Ok(TxnStream {
+            send,
+            recv,
+            max_frame: self.max_frame,
+        })
     }
 
     pub fn connection(&self) -> &Connection {

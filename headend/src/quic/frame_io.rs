@@ -1,6 +1,7 @@
-//! Reading exactly one frame from a QUIC stream with `proto::frame::FrameDecoder`: bounded by the
-//! maximum frame size (an oversize length is refused before its body is read) and followed by
-//! the end of the stream, since a stream carries one transaction.
+//! Reading frames from a QUIC stream with `proto::frame::FrameDecoder`, bounded by the maximum
+//! frame size (an oversize length is refused before its body is read). A stream carries one
+//! transaction: one request and its answer ([`read_frame`], which requires the end of the
+//! stream after the frame), or the steps of a purchase in turn ([`read_next_frame`]).
 
 use proto::frame::{FrameDecoder, FrameError};
 use quinn::{ReadError, RecvStream};
@@ -29,6 +30,33 @@ impl From<FrameReadError> for QuicError {
             FrameReadError::Trailing => QuicError::Protocol("more than one frame on the stream"),
             FrameReadError::NoFrame => QuicError::Protocol("stream ended before a frame"),
             FrameReadError::Read(r) => r.into(),
+        }
+    }
+}
+
+/// Reads the next frame of a multi-step transaction stream; `None` when the peer finished the
+/// stream at a frame boundary. Reads no byte past the frame.
+pub async fn read_next_frame(
+    recv: &mut RecvStream,
+    max: usize,
+) -> Result<Option<Vec<u8>>, FrameReadError> {
+    let mut decoder = FrameDecoder::new(max);
+    let mut seen = 0usize;
+    loop {
+        if let Some(payload) = decoder.next_frame()? {
+            return Ok(Some(payload));
+        }
+        let want = decoder.wanted().clamp(1, MAX_CHUNK);
+        match recv.read_chunk(want, true).await? {
+            Some(chunk) => {
+                seen += chunk.bytes.len();
+                decoder.push(&chunk.bytes);
+            }
+            None if seen == 0 => return Ok(None),
+            None => {
+                decoder.finish()?;
+                return Err(FrameReadError::NoFrame);
+            }
         }
     }
 }

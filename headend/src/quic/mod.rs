@@ -1,6 +1,6 @@
 //! The head end's QUIC transport: quinn + rustls (ring), TLS 1.3 only, ALPN `purselink/1`,
-//! mutual TLS against the operator CA, one bidirectional stream per transaction carrying one
-//! `proto::frame` each way.
+//! mutual TLS against the operator CA, one bidirectional stream per transaction carrying a
+//! `proto::frame` each way per step.
 //!
 //! - [`config`]: server/client configs and transport limits
 //! - [`identity`]: peer certificate → [`BoxId`], revocation list
@@ -22,7 +22,7 @@ mod service;
 /// The one application protocol this transport speaks.
 pub const ALPN: &[u8] = b"purselink/1";
 
-pub use call::{QuicClient, call, call_with_max, client_endpoint, connect};
+pub use call::{QuicClient, TxnStream, call, call_with_max, client_endpoint, connect};
 pub use config::{
     ClientTls, ServerTls, TlsIdentity, TransportSettings, client_config, load_certs, server_config,
 };

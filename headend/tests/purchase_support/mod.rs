@@ -174,14 +174,26 @@ impl TestBox {
         }
     }
 
-    /// A whole purchase; returns the offer and the gateway's final answer.
+    /// A whole purchase, its two steps on one stream; returns the offer and the gateway's
+    /// final answer.
     pub async fn buy(&mut self, merchant: &str, item: &str) -> (Offer, Message) {
         let offer = self.offer(merchant, item).await;
         let draw = self.draw_request(&offer);
-        let answer = self.call(&Message::DrawRequest(draw)).await;
+        let mut txn = self.client.transaction().await.unwrap();
+        let answer = Message::from_payload(
+            &txn.exchange(&to_payload(&Message::DrawRequest(draw)))
+                .await
+                .unwrap(),
+        )
+        .unwrap();
         let cmd = Self::open_debit_command(&offer, &answer);
         let resp = self.debit(&offer, &cmd);
-        let receipt = self.call(&Message::DebitResponse(resp)).await;
+        let receipt = Message::from_payload(
+            &txn.last(&to_payload(&Message::DebitResponse(resp)))
+                .await
+                .unwrap(),
+        )
+        .unwrap();
         (offer, receipt)
     }
 }
