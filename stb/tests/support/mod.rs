@@ -1,0 +1,430 @@
+//! Test support: a dev PKI (rcgen), a `FakeHeadEnd` — an in-process QUIC gateway with mutual
+//! TLS that answers like the real head end would, with a real `SecurityCard` signing the
+//! debit commands so the virtual card really debits — and a daemon started in-process on a
+//! real `VirtualCard` file behind the virtual reader driver.
+//!
+//! The fake exists because the real gateway (`headend all-in-one`) is not built yet; it keeps
+//! per-transaction counts (debit responses received, releases, cancels) so tests can check
+//! "exactly once".
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proto::card::CardSpec;
+use proto::crypto::DesKey;
+use proto::messages::*;
+use proto::money::{Currency, Money};
+use proto::purse::{Date, Expiry, IssuerKeys};
+use proto::security_card::{DrawData, SecurityCard};
+use quinn::crypto::rustls::QuicServerConfig;
+use rand::SeedableRng;
+use reader_drivers::vcard::VirtualCard;
+use reader_drivers::virtual_driver::VirtualDriver;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use stb::config::Config;
+use stb::daemon::runner::{Event, Status};
+use stb::daemon::{Handles, Io};
+use tokio::sync::{mpsc, watch};
+
+pub const PRICE: u64 = 250;
+
+pub fn issuer() -> IssuerKeys {
+    IssuerKeys {
+        key_version: 1,
+        purchase_master: DesKey::new([0x31; 16]),
+        load_master: DesKey::new([0x32; 16]),
+    }
+}
+
+pub struct Pki {
+    pub ca_pem: PathBuf,
+    pub dev_cert: PathBuf,
+    pub dev_key: PathBuf,
+    pub server_chain: Vec<CertificateDer<'static>>,
+    pub server_key: Vec<u8>,
+    pub ca_der: CertificateDer<'static>,
+}
+
+pub fn pki(dir: &Path) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(vec![]).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = p.self_signed(&ca_key).unwrap();
+    let skey = KeyPair::generate().unwrap();
+    let mut sp = CertificateParams::new(vec!["gateway.test".to_string()]).unwrap();
+    sp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let scert = sp.signed_by(&skey, &ca, &ca_key).unwrap();
+    let dkey = KeyPair::generate().unwrap();
+    let mut dp = CertificateParams::new(vec!["box-1.boxes.test".to_string()]).unwrap();
+    dp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let dcert = dp.signed_by(&dkey, &ca, &ca_key).unwrap();
+    let w = |name: &str, s: String| {
+        let p = dir.join(name);
+        std::fs::write(&p, s).unwrap();
+        p
+    };
+    Pki {
+        ca_pem: w("ca.pem", ca.pem()),
+        dev_cert: w("box.pem", dcert.pem()),
+        dev_key: w("box.key.pem", dkey.serialize_pem()),
+        server_chain: vec![scert.der().clone()],
+        server_key: skey.serialize_der(),
+        ca_der: ca.der().clone(),
+    }
+}
+
+/// How the fake misbehaves, per test.
+#[derive(Default, Clone)]
+pub struct Quirks {
+    /// The debit command asks for this much more than the offer.
+    pub inflate: u64,
+    /// Swallow the answer to the first debit response (the box sees a lost confirmation).
+    pub lose_first_receipt: bool,
+    /// Never answer draw requests (the box times out after the draw).
+    pub hang_draws: bool,
+}
+
+#[derive(Default)]
+pub struct Books {
+    pub offers: HashMap<String, Offer>,
+    pub psam_txn: HashMap<String, u32>,
+    pub debit_responses: HashMap<String, u32>,
+    pub released: HashMap<String, u32>,
+    pub cancels: Vec<CancelMsg>,
+    pub catalog_requests: u32,
+    next: u32,
+}
+
+pub struct FakeHeadEnd {
+    pub addr: SocketAddr,
+    pub books: Arc<Mutex<Books>>,
+    pub psam: Arc<Mutex<SecurityCard>>,
+    stop: watch::Sender<bool>,
+}
+
+impl FakeHeadEnd {
+    pub async fn start(pki: &Pki, quirks: Quirks) -> Self {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pki.ca_der.clone()).unwrap();
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .unwrap();
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                pki.server_chain.clone(),
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pki.server_key.clone())),
+            )
+            .unwrap();
+        tls.alpn_protocols = vec![b"purselink/1".to_vec()];
+        let cfg = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls).unwrap()));
+        let endpoint = quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let books = Arc::new(Mutex::new(Books::default()));
+        let psam = Arc::new(Mutex::new(SecurityCard::new(77, issuer())));
+        let (stop, mut stop_rx) = watch::channel(false);
+        let (b, ps) = (books.clone(), psam.clone());
+        let quirks = Arc::new(Mutex::new(quirks));
+        tokio::spawn(async move {
+            loop {
+                let inc = tokio::select! {
+                    i = endpoint.accept() => match i { Some(i) => i, None => break },
+                    _ = stop_rx.changed() => break,
+                };
+                let (b, ps, q) = (b.clone(), ps.clone(), quirks.clone());
+                tokio::spawn(async move {
+                    let Ok(conn) = inc.await else { return };
+                    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                        let (b, ps, q) = (b.clone(), ps.clone(), q.clone());
+                        tokio::spawn(async move {
+                            let Ok(bytes) = recv.read_to_end(1 << 16).await else { return };
+                            let Ok(msg) = Message::from_frame(&bytes, 1 << 16) else { return };
+                            let Some(answer) = answer(&b, &ps, &q, msg) else {
+                                // Hang: hold the stream open until the box gives up.
+                                tokio::time::sleep(Duration::from_secs(30)).await;
+                                return;
+                            };
+                            let f = answer.to_frame(1 << 16).unwrap();
+                            let _ = send.write_all(&f).await;
+                            let _ = send.finish();
+                            let _ = send.stopped().await;
+                        });
+                    }
+                });
+            }
+            endpoint.close(0u32.into(), b"fake stops");
+        });
+        Self { addr, books, psam, stop }
+    }
+
+    pub fn released(&self, txid: &str) -> u32 {
+        self.books.lock().unwrap().released.get(txid).copied().unwrap_or(0)
+    }
+    pub fn debit_responses(&self, txid: &str) -> u32 {
+        self.books.lock().unwrap().debit_responses.get(txid).copied().unwrap_or(0)
+    }
+    pub fn cancels(&self) -> Vec<CancelMsg> {
+        self.books.lock().unwrap().cancels.clone()
+    }
+}
+
+impl Drop for FakeHeadEnd {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+const TODAY: Date = Date::new(2026, 11, 22);
+
+fn answer(
+    books: &Mutex<Books>,
+    psam: &Mutex<SecurityCard>,
+    quirks: &Mutex<Quirks>,
+    msg: Message,
+) -> Option<Message> {
+    let mut b = books.lock().unwrap();
+    let mut rng = rand::rngs::StdRng::from_entropy();
+    Some(match msg {
+        Message::CatalogRequest => {
+            b.catalog_requests += 1;
+            Message::Catalog(vec![CatalogItem {
+                merchant_id: "cable".into(),
+                item_id: "ppv-7".into(),
+                title: "Big Match".into(),
+                kind: "ppv".into(),
+                detail: "20:15".into(),
+                amount: Money::new(PRICE, Currency::EUR),
+            }])
+        }
+        Message::OfferRequest { merchant_id, item_id } => {
+            b.next += 1;
+            let txid = format!("tx-{}", b.next);
+            let offer = Offer {
+                transaction_id: txid.clone(),
+                merchant_id,
+                item_id: item_id.clone(),
+                title: format!("Event {item_id}"),
+                amount: Money::new(PRICE, Currency::EUR),
+                payment_route: "payment".into(),
+                status_route: "merchant".into(),
+                embodiment: Embodiment::SecurityCard,
+                tsk: Some(DesKey::random(&mut rng)),
+                etsk: None,
+            };
+            b.offers.insert(txid, offer.clone());
+            Message::Offer(offer)
+        }
+        Message::DrawRequest(d) => {
+            if quirks.lock().unwrap().hang_draws {
+                return None;
+            }
+            let offer = b.offers.get(&d.transaction_id)?.clone();
+            let body = d.body.open(offer.tsk.as_ref()).ok()?;
+            let auth = psam
+                .lock()
+                .unwrap()
+                .issue_debit(
+                    &DrawData {
+                        merchant_id: d.merchant_id,
+                        transaction_id: d.transaction_id.clone(),
+                        amount: body.amount,
+                        init: body.init,
+                    },
+                    TODAY,
+                    false,
+                )
+                .map_err(|e| e.to_string());
+            let mut command = match auth {
+                Ok(a) => a.command,
+                Err(e) => return Some(Message::error(ErrorCode::BadSignature, e, Some(&d.transaction_id))),
+            };
+            command.amount += quirks.lock().unwrap().inflate;
+            b.psam_txn.insert(d.transaction_id.clone(), command.psam_txn);
+            Message::DebitCommand(DebitCommandMsg {
+                transaction_id: d.transaction_id,
+                body: Protected::new(
+                    DebitCommandBody {
+                        command,
+                        expected_card_signature: None,
+                        sealed_expected_signature: None,
+                        presealed_result_m: None,
+                    },
+                    offer.tsk.as_ref(),
+                    &mut rng,
+                ),
+            })
+        }
+        Message::DebitResponse(r) => {
+            let offer = b.offers.get(&r.transaction_id)?.clone();
+            let resp = r.body.open(offer.tsk.as_ref()).ok()?;
+            let n = *b.psam_txn.get(&r.transaction_id)?;
+            *b.debit_responses.entry(r.transaction_id.clone()).or_default() += 1;
+            let rec = psam.lock().unwrap().complete(n, &resp);
+            if rec.is_err() {
+                return Some(Message::error(ErrorCode::BadSignature, "card signature", Some(&r.transaction_id)));
+            }
+            // The merchant releases once per transaction, however often the response comes.
+            let released = b.released.entry(r.transaction_id.clone()).or_default();
+            if *released == 0 {
+                *released = 1;
+            }
+            let mut q = quirks.lock().unwrap();
+            if q.lose_first_receipt {
+                q.lose_first_receipt = false;
+                return None;
+            }
+            Message::Receipt(Receipt {
+                transaction_id: r.transaction_id,
+                released: true,
+                text: "enjoy the match".into(),
+                entitlement: Some(format!("ent-{}", offer.item_id)),
+                new_balance: Some(resp.new_balance),
+            })
+        }
+        Message::Cancel(c) => {
+            if let Some(n) = b.psam_txn.get(&c.transaction_id).copied() {
+                let _ = psam.lock().unwrap().reverse(n);
+            }
+            b.cancels.push(c.clone());
+            Message::Receipt(Receipt {
+                transaction_id: c.transaction_id,
+                released: false,
+                text: "cancelled".into(),
+                entitlement: None,
+                new_balance: None,
+            })
+        }
+        other => Message::error(ErrorCode::Malformed, format!("fake cannot answer {other:?}"), None),
+    })
+}
+
+/// A card file with 10.00 EUR.
+pub fn card_file(dir: &Path) -> PathBuf {
+    let p = dir.join("card.plvc");
+    VirtualCard::create(
+        &p,
+        &CardSpec {
+            card_id: 4242,
+            provider_id: 1,
+            currency: Currency::EUR,
+            balance: 1_000,
+            max_balance: 100_000,
+            expiry: Expiry { year: 2035, month: 12 },
+        },
+        &issuer(),
+    )
+    .unwrap();
+    p
+}
+
+pub fn balance(card: &Path) -> u64 {
+    VirtualCard::open(card).unwrap().state().balance
+}
+
+pub fn config(dir: &Path, pki: &Pki, addr: SocketAddr, card: &Path, network_secs: u64) -> Config {
+    let text = format!(
+        r#"
+[reader]
+kind = "virtual"
+card_file = "{card}"
+[headend]
+address = "{addr}"
+server_name = "gateway.test"
+operator_ca = "{ca}"
+device_cert = "{cert}"
+device_key = "{key}"
+[state]
+dir = "{state}"
+[ui]
+enabled = false
+[timeouts]
+network_secs = {network_secs}
+offer_secs = 5
+reconnect_initial_ms = 50
+reconnect_max_ms = 500
+"#,
+        card = card.display(),
+        ca = pki.ca_pem.display(),
+        cert = pki.dev_cert.display(),
+        key = pki.dev_key.display(),
+        state = dir.join("state").display(),
+    );
+    Config::parse(Path::new("test.toml"), &text).unwrap()
+}
+
+/// A daemon running in-process: keys go in through `keys`, the status comes out.
+pub struct Box_ {
+    pub keys: mpsc::Sender<ui::UiEvent>,
+    pub events: mpsc::Sender<Event>,
+    pub status: watch::Receiver<Status>,
+    pub driver: VirtualDriver,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+pub async fn start_box(cfg: Config, card: &Path) -> Box_ {
+    let driver = VirtualDriver::with_card("virtual", VirtualCard::open(card).unwrap());
+    let (ktx, krx) = mpsc::channel(16);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (htx, hrx) = tokio::sync::oneshot::channel::<Handles>();
+    let io = Io {
+        driver: Arc::new(driver.clone()),
+        reader_pattern: "virtual".into(),
+        keys: Some(krx),
+        draw: false,
+    };
+    let task = tokio::spawn(async move {
+        stb::daemon::run(cfg, io, async { let _ = stop_rx.await; }, |h| {
+            let _ = htx.send(h);
+        })
+        .await
+        .unwrap();
+    });
+    let h = hrx.await.unwrap();
+    Box_ {
+        keys: ktx,
+        events: h.events,
+        status: h.status,
+        driver,
+        stop: Some(stop_tx),
+        task,
+    }
+}
+
+impl Box_ {
+    /// Waits (up to 10 s) until the status satisfies `f`.
+    pub async fn until(&mut self, what: &str, f: impl Fn(&Status) -> bool) -> Status {
+        let r = tokio::time::timeout(Duration::from_secs(10), self.status.wait_for(|s| f(s)))
+            .await
+            .map(|r| r.map(|s| s.clone()));
+        match r {
+            Ok(Ok(s)) => s,
+            _ => panic!("timed out waiting for {what}; status {:?}", *self.status.borrow()),
+        }
+    }
+
+    pub async fn key(&self, k: ui::RemoteKey) {
+        self.keys.send(ui::UiEvent::Key(k)).await.unwrap();
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(10), self.task).await.unwrap().unwrap();
+    }
+
+    /// Kills the daemon task without a clean shutdown (as SIGKILL would, for in-process state).
+    pub fn kill(self) {
+        self.task.abort();
+    }
+}
