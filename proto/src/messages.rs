@@ -17,6 +17,9 @@
 //! | draw | `DrawRequest` | `DebitCommand` |
 //! | debit done | `DebitResponse` | `Receipt` (merchant released, or why not) |
 //! | abort | `Cancel` (amount mismatch, card pulled before DEBIT, viewer) | `Receipt { released: false }` |
+//! | load offer | `LoadOfferRequest` (READ PURSE data + source) | `LoadOffer` (transaction id, maximum, time stamp) |
+//! | load request | `LoadRequest` (S1, amount, sealed PIN) | `LoadCommand` (S2); the gateway first has the funder verify the PIN and place a hold |
+//! | load response | `LoadResponse` (S3, or a negative result / no response with a zero-value S1) | `LoadConfirmation` (hold captured or released) |
 //!
 //! Any step may be answered with `Error` instead, whose code says what to do.
 //! Recovery: a box that crashed after DEBIT re-sends `DebitResponse` rebuilt from the card's
@@ -277,6 +280,93 @@ pub struct LoadConfirmation {
     pub sealed: Vec<u8>,
 }
 
+/// Load offer request (001 [0118], [0142]): the box's READ PURSE data and the source of
+/// funds. The bank (or the load server, for a pre-funded account) answers with a
+/// [`LoadOffer`] before the viewer enters the amount and the PIN.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadOfferRequest {
+    pub source: LoadSource,
+    pub card: PurseInfo,
+}
+
+/// The answer to a [`LoadOfferRequest`]: the transaction id for the whole load, the most
+/// the viewer may load now, and the server time stamp and date the card's INITIALIZE FOR
+/// LOAD must use (S1 covers the time stamp).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadOffer {
+    pub transaction_id: String,
+    pub source: LoadSource,
+    /// Least of card max balance − balance, funds available, and what is left of the
+    /// per-day limit.
+    pub max_amount: Money,
+    /// Which of the three set `max_amount`: "card", "funds" or "daily limit".
+    pub limited_by: String,
+    pub timestamp: u64,
+    pub date: Date,
+    /// A bank account needs the PIN; a pre-funded voucher does not.
+    pub pin_required: bool,
+}
+
+/// The PIN block the box seals end to end for the bank, under its per-box PIN key. The
+/// transaction id binds it to one load: a sealed PIN replayed into another is refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinBlock {
+    pub transaction_id: String,
+    pub pin: String,
+}
+
+/// Gateway → funder (bank, or load server for a pre-funded account): verify the PIN and
+/// place a hold for the load amount. The card fields come from the load request's
+/// INITIALIZE FOR LOAD response (the HSM verifies them under S1 next).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldRequest {
+    pub box_id: String,
+    pub transaction_id: String,
+    pub source: LoadSource,
+    pub amount: Money,
+    pub card_id: u64,
+    pub card_balance: u64,
+    pub card_max_balance: u64,
+    pub sealed_pin: Option<Vec<u8>>,
+}
+
+/// The funder's answer once the hold is in place (and journaled).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldPlaced {
+    pub transaction_id: String,
+    pub amount: Money,
+}
+
+/// The funder's answer to a relayed [`LoadConfirmation`]: the hold was captured (card
+/// loaded, amount moved to the issuer's float) or released (confirmed no-load).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldSettled {
+    pub transaction_id: String,
+    pub captured: bool,
+    pub amount: Money,
+}
+
+/// What the sealed part of a [`LoadConfirmation`] says, readable only by the funder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadConfirmationBody {
+    pub transaction_id: String,
+    pub loaded: bool,
+    pub amount: Money,
+    pub card_id: u64,
+    pub hsm_id: u64,
+    /// How the load server decided: "S3 verified", "never authorized: …", or the
+    /// negative-result verdict of 001 [0131]–[0132].
+    pub basis: String,
+}
+
+/// The load server refused a load request before any S2 was issued. The confirmation
+/// (loaded: false) lets the funder release the hold; the error goes to the box.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadRefusal {
+    pub error: ErrorMsg,
+    pub confirmation: LoadConfirmation,
+}
+
 /// Why a hop refused a message. The code is for programs, the reason for people.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ErrorCode {
@@ -339,6 +429,19 @@ pub enum Message {
         merchant_id: String,
         item_id: String,
     },
+    // Load side (appended). Box ↔ gateway: `LoadOfferRequest` → `LoadOffer`. Gateway →
+    // funder: `RoutedLoadOfferRequest` → `LoadOffer`, `HoldRequest` → `HoldPlaced`,
+    // `LoadConfirmation` → `HoldSettled`. Load server → gateway: `LoadRefused`.
+    LoadOfferRequest(LoadOfferRequest),
+    LoadOffer(LoadOffer),
+    RoutedLoadOfferRequest {
+        box_id: String,
+        request: LoadOfferRequest,
+    },
+    HoldRequest(HoldRequest),
+    HoldPlaced(HoldPlaced),
+    HoldSettled(HoldSettled),
+    LoadRefused(LoadRefusal),
 }
 
 impl Message {

@@ -688,5 +688,12 @@ pub fn kind(m: &Message) -> &'static str {
         Message::LoadConfirmation(_) => "a load confirmation",
         Message::Error(_) => "an error",
         Message::RoutedOfferRequest { .. } => "a routed offer request",
+        Message::LoadOfferRequest(_) => "a load offer request",
+        Message::LoadOffer(_) => "a load offer",
+        Message::RoutedLoadOfferRequest { .. } => "a routed load offer request",
+        Message::HoldRequest(_) => "a hold request",
+        Message::HoldPlaced(_) => "a hold placed",
+        Message::HoldSettled(_) => "a hold settled",
+        Message::LoadRefused(_) => "a load refusal",
     }
 }
