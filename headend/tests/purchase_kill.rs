@@ -1,0 +1,216 @@
+//! A payment server SIGKILLed mid-transaction and restarted: the transaction completes (the
+//! box re-sends the debit response) or is reversed from the journal (the box never comes
+//! back), the merchant releases at most once, and value is conserved. Real processes: the
+//! `headend all-in-one` binary, killed with SIGKILL.
+
+mod purchase_support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use headend::assembly::{DemoOptions, init_demo};
+use headend::config::HeadendConfig;
+use headend::journal::{self, Journal};
+use headend::payment::{PayState, PayTxn};
+use headend::role::to_payload;
+use proto::messages::*;
+use proto::money::Currency;
+use proto::security_card::SecurityCard;
+use purchase_support::*;
+
+fn free_udp_port() -> SocketAddr {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.local_addr().unwrap()
+}
+
+fn spawn_headend(config: &Path, log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_headend"))
+        .args(["all-in-one", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+async fn connect_when_up(
+    b: &mut Option<TestBox>,
+    ca: &Path,
+    cfg: &HeadendConfig,
+    addr: SocketAddr,
+    balance: u64,
+) -> TestBox {
+    // The process needs a moment to bind; retry the connection, bounded.
+    for _ in 0..100 {
+        let attempt = tokio::time::timeout(Duration::from_millis(500), async {
+            let client = headend::quic::QuicClient::connect(
+                &headend::quic::ClientTls::new(
+                    headend::quic::load_certs(&ca.join("ca.crt.pem")).unwrap(),
+                    headend::quic::TlsIdentity::from_issued(
+                        &headend::pki::OperatorCa::load(ca)
+                            .unwrap()
+                            .issue_device(&headend::quic::BoxId::new("box-000777").unwrap())
+                            .unwrap(),
+                    ),
+                ),
+                &headend::quic::TransportSettings::default(),
+                addr,
+                "localhost",
+            )
+            .await?;
+            client.call(&to_payload(&Message::CatalogRequest)).await?;
+            Ok::<_, headend::quic::QuicError>(client)
+        })
+        .await;
+        if let Ok(Ok(client)) = attempt {
+            return match b.take() {
+                Some(mut existing) => {
+                    existing.client = client;
+                    existing
+                }
+                None => TestBox {
+                    id: "box-000777".into(),
+                    client,
+                    card: new_card(cfg, 0xBEEF, balance),
+                },
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("headend did not come up on {addr}");
+}
+
+/// Reads the payment server's state from its journal file, as an operator would.
+fn payment_state(cfg: &HeadendConfig, txid: &str) -> (Option<PayTxn>, u64) {
+    let j = Journal::open(&cfg.state_dir.join("payment.sqlite")).unwrap();
+    let txn = j
+        .get("txn", txid)
+        .unwrap()
+        .map(|b| journal::decode::<PayTxn>(&b).unwrap());
+    let totals = j
+        .all("psam")
+        .unwrap()
+        .iter()
+        .map(|(_, b)| {
+            journal::decode::<SecurityCard>(b)
+                .unwrap()
+                .total(Currency::EUR)
+                .amount
+        })
+        .sum();
+    (txn, totals)
+}
+
+fn releases(cfg: &HeadendConfig, txid: &str) -> usize {
+    let j = Journal::open(&cfg.state_dir.join("merchant.sqlite")).unwrap();
+    usize::from(j.get("release", txid).unwrap().is_some())
+}
+
+fn setup(timeout_secs: u64) -> (tempfile::TempDir, HeadendConfig, SocketAddr) {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_udp_port();
+    let files = init_demo(
+        dir.path(),
+        &DemoOptions {
+            gateway_listen: addr,
+            transaction_timeout_secs: timeout_secs,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let cfg = HeadendConfig::load(&files.config).unwrap();
+    (dir, cfg, addr)
+}
+
+#[tokio::test]
+async fn killed_after_the_debit_command_completes_when_the_box_resends() {
+    let (dir, cfg, addr) = setup(30);
+    let (ca, log) = (dir.path().join("ca"), dir.path().join("headend.log"));
+    let mut child = spawn_headend(&cfg_path(&dir), &log);
+    let mut b = connect_when_up(&mut None, &ca, &cfg, addr, 5_000).await;
+
+    let offer = b.offer("CABLE", "ppv-1001").await;
+    let draw = b.draw_request(&offer);
+    let mut txn = b.client.transaction().await.unwrap();
+    let answer = Message::from_payload(
+        &txn.exchange(&to_payload(&Message::DrawRequest(draw)))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let cmd = TestBox::open_debit_command(&offer, &answer);
+
+    child.kill().unwrap(); // SIGKILL, mid-transaction
+    child.wait().unwrap();
+    let resp = b.debit(&offer, &cmd); // the card debits while the head end is down
+    assert_eq!(b.balance(), 4_501);
+
+    let mut child = spawn_headend(&cfg_path(&dir), &log);
+    let mut slot = Some(b);
+    let b = connect_when_up(&mut slot, &ca, &cfg, addr, 5_000).await;
+    let receipt = b.call(&Message::DebitResponse(resp.clone())).await;
+    assert!(
+        matches!(receipt, Message::Receipt(ref r) if r.released),
+        "{receipt:?}"
+    );
+    // Re-sent again (the box's own retry): same answer, nothing more.
+    assert_eq!(b.call(&Message::DebitResponse(resp)).await, receipt);
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (t, totals) = payment_state(&cfg, &offer.transaction_id);
+    assert_eq!(t.unwrap().state, PayState::Completed);
+    assert_eq!(totals, 499, "the security card counted the sale once");
+    assert_eq!(
+        releases(&cfg, &offer.transaction_id),
+        1,
+        "released exactly once"
+    );
+    let mut b = b;
+    assert_eq!(b.balance() + totals, 5_000, "value conserved");
+}
+
+#[tokio::test]
+async fn killed_after_the_debit_command_reverses_when_the_card_never_debited() {
+    let (dir, cfg, addr) = setup(1);
+    let (ca, log) = (dir.path().join("ca"), dir.path().join("headend.log"));
+    let mut child = spawn_headend(&cfg_path(&dir), &log);
+    let mut b = connect_when_up(&mut None, &ca, &cfg, addr, 5_000).await;
+    let offer = b.offer("CABLE", "ppv-1001").await;
+    let draw = b.draw_request(&offer);
+    let answer = b.call(&Message::DrawRequest(draw)).await;
+    TestBox::open_debit_command(&offer, &answer);
+    child.kill().unwrap(); // SIGKILL; the card is pulled and never runs DEBIT
+    child.wait().unwrap();
+    let (t, _) = payment_state(&cfg, &offer.transaction_id);
+    assert_eq!(
+        t.unwrap().state,
+        PayState::DebitIssued,
+        "open in the journal at the kill"
+    );
+
+    let mut child = spawn_headend(&cfg_path(&dir), &log);
+    let _b = connect_when_up(&mut Some(b), &ca, &cfg, addr, 5_000).await;
+    // The restarted payment server re-arms the open transaction and reverses it at its deadline.
+    let reversed = eventually(|| {
+        payment_state(&cfg, &offer.transaction_id).0.unwrap().state == PayState::Reversed
+    })
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(reversed, "reversed from the journal after the restart");
+    let (_, totals) = payment_state(&cfg, &offer.transaction_id);
+    assert_eq!(totals, 0);
+    assert_eq!(releases(&cfg, &offer.transaction_id), 0);
+}
+
+fn cfg_path(dir: &tempfile::TempDir) -> std::path::PathBuf {
+    dir.path().join("headend.toml")
+}
