@@ -67,11 +67,22 @@ impl VirtualDriver {
         let atr = card.atr();
         let mut slot = self.lock();
         if slot.card.take().is_some() {
-            broadcast(&mut slot, ReaderEvent::CardRemoved { reader: self.reader.to_string() });
+            broadcast(
+                &mut slot,
+                ReaderEvent::CardRemoved {
+                    reader: self.reader.to_string(),
+                },
+            );
         }
         slot.card = Some(Box::new(card));
         slot.insertion += 1;
-        broadcast(&mut slot, ReaderEvent::CardInserted { reader: self.reader.to_string(), atr });
+        broadcast(
+            &mut slot,
+            ReaderEvent::CardInserted {
+                reader: self.reader.to_string(),
+                atr,
+            },
+        );
     }
 
     /// Pulls the card out; returns whether there was one.
@@ -79,7 +90,12 @@ impl VirtualDriver {
         let mut slot = self.lock();
         let had = slot.card.take().is_some();
         if had {
-            broadcast(&mut slot, ReaderEvent::CardRemoved { reader: self.reader.to_string() });
+            broadcast(
+                &mut slot,
+                ReaderEvent::CardRemoved {
+                    reader: self.reader.to_string(),
+                },
+            );
         }
         had
     }
@@ -108,14 +124,19 @@ impl ReaderDriver for VirtualDriver {
             Some(c) => CardPresence::Present { atr: c.atr() },
             None => CardPresence::Absent,
         };
-        let info = ReaderInfo { name: self.reader.to_string(), card };
+        let info = ReaderInfo {
+            name: self.reader.to_string(),
+            card,
+        };
         Box::pin(async move { Ok(vec![info]) })
     }
 
     fn events(&self) -> mpsc::Receiver<ReaderEvent> {
         let (tx, rx) = mpsc::channel(64);
         let mut slot = self.lock();
-        let _ = tx.try_send(ReaderEvent::ReaderAttached { reader: self.reader.to_string() });
+        let _ = tx.try_send(ReaderEvent::ReaderAttached {
+            reader: self.reader.to_string(),
+        });
         if let Some(c) = &slot.card {
             let _ = tx.try_send(ReaderEvent::CardInserted {
                 reader: self.reader.to_string(),
@@ -132,17 +153,22 @@ impl ReaderDriver for VirtualDriver {
     ) -> BoxFuture<'a, Result<(Box<dyn CardSession>, Vec<u8>), ReaderError>> {
         Box::pin(async move {
             if reader != &*self.reader {
-                return Err(ReaderError::UnknownReader { reader: reader.to_string() });
+                return Err(ReaderError::UnknownReader {
+                    reader: reader.to_string(),
+                });
             }
             let mut slot = self.lock();
             let insertion = slot.insertion;
-            let card = slot
-                .card
-                .as_mut()
-                .ok_or_else(|| ReaderError::NoCard { reader: reader.to_string() })?;
+            let card = slot.card.as_mut().ok_or_else(|| ReaderError::NoCard {
+                reader: reader.to_string(),
+            })?;
             card.reset();
             let atr = card.atr();
-            let session = VirtualSession { driver: self.clone(), insertion, open: true };
+            let session = VirtualSession {
+                driver: self.clone(),
+                insertion,
+                open: true,
+            };
             Ok((Box::new(session) as Box<dyn CardSession>, atr))
         })
     }
@@ -159,7 +185,10 @@ impl VirtualSession {
     fn with_card<T>(&self, f: impl FnOnce(&mut Card) -> T) -> Result<T, ReaderError> {
         let reader = self.driver.reader.to_string();
         if !self.open {
-            return Err(ReaderError::Io { reader, detail: "session was powered down".into() });
+            return Err(ReaderError::Io {
+                reader,
+                detail: "session was powered down".into(),
+            });
         }
         let mut slot = self.driver.lock();
         if slot.insertion != self.insertion {
@@ -185,7 +214,10 @@ impl CardSession for VirtualSession {
         Box::pin(async move { r })
     }
 
-    fn transmit_raw<'a>(&'a mut self, apdu: &'a [u8]) -> BoxFuture<'a, Result<Vec<u8>, ReaderError>> {
+    fn transmit_raw<'a>(
+        &'a mut self,
+        apdu: &'a [u8],
+    ) -> BoxFuture<'a, Result<Vec<u8>, ReaderError>> {
         let r = self.with_card(|c| c.process_apdu(apdu));
         Box::pin(async move { r })
     }
@@ -233,7 +265,10 @@ mod tests {
             currency: Currency::EUR,
             balance: 100,
             max_balance: 1000,
-            expiry: Expiry { year: 2040, month: 1 },
+            expiry: Expiry {
+                year: 2040,
+                month: 1,
+            },
         };
         Plain(PurseCard::new(CardState::personalise(&spec, &issuer), 1))
     }
@@ -244,18 +279,34 @@ mod tests {
         let mut ev = d.events();
         assert_eq!(
             ev.recv().await,
-            Some(ReaderEvent::ReaderAttached { reader: "virtual 0".into() })
+            Some(ReaderEvent::ReaderAttached {
+                reader: "virtual 0".into()
+            })
         );
-        assert!(matches!(d.connect("virtual 0").await, Err(ReaderError::NoCard { .. })));
-        assert!(matches!(d.connect("other").await, Err(ReaderError::UnknownReader { .. })));
+        assert!(matches!(
+            d.connect("virtual 0").await,
+            Err(ReaderError::NoCard { .. })
+        ));
+        assert!(matches!(
+            d.connect("other").await,
+            Err(ReaderError::UnknownReader { .. })
+        ));
         d.insert(card());
-        assert!(matches!(ev.recv().await, Some(ReaderEvent::CardInserted { .. })));
+        assert!(matches!(
+            ev.recv().await,
+            Some(ReaderEvent::CardInserted { .. })
+        ));
         let (mut s, atr) = d.connect("virtual 0").await.unwrap();
         assert_eq!(atr, proto::card::CARD_ATR.to_vec());
-        let r = transmit_whole(s.as_mut(), &commands::select()).await.unwrap();
+        let r = transmit_whole(s.as_mut(), &commands::select())
+            .await
+            .unwrap();
         assert!(r.ends_with(&[0x90, 0x00]));
         assert!(d.remove());
-        assert!(matches!(ev.recv().await, Some(ReaderEvent::CardRemoved { .. })));
+        assert!(matches!(
+            ev.recv().await,
+            Some(ReaderEvent::CardRemoved { .. })
+        ));
         assert!(matches!(
             transmit_whole(s.as_mut(), &commands::select()).await,
             Err(ReaderError::CardRemoved { .. })

@@ -33,8 +33,14 @@ fn switches(pid: u32) -> u64 {
         for t in tasks.flatten() {
             let s = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
             for l in s.lines() {
-                if l.starts_with("voluntary_ctxt_switches") || l.starts_with("nonvoluntary_ctxt_switches") {
-                    n += l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                if l.starts_with("voluntary_ctxt_switches")
+                    || l.starts_with("nonvoluntary_ctxt_switches")
+                {
+                    n += l
+                        .split_whitespace()
+                        .nth(1)
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0);
                 }
             }
         }
@@ -65,10 +71,16 @@ fn main() {
         .status()
         .expect("cargo");
     assert!(ok.success(), "building the release stbd failed");
-    let target = std::env::var("CARGO_TARGET_DIR").map(std::path::PathBuf::from).unwrap_or(root.join("target"));
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or(root.join("target"));
     let stbd = target.join("release/stbd");
 
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let pki = pki(dir.path());
     let fake = rt.block_on(FakeHeadEnd::start(&pki, Quirks::default()));
@@ -76,14 +88,29 @@ fn main() {
     let sock = dir.path().join("stbd.sock");
     let cfg_text = format!(
         "[reader]\nkind = \"virtual\"\ncard_file = \"{}\"\n[headend]\naddress = \"{}\"\nserver_name = \"gateway.test\"\noperator_ca = \"{}\"\ndevice_cert = \"{}\"\ndevice_key = \"{}\"\n[state]\ndir = \"{}\"\n[ui]\nenabled = true\n[local_api]\nenabled = true\nsocket = \"{}\"\n",
-        card.display(), fake.addr, pki.ca_pem.display(), pki.dev_cert.display(), pki.dev_key.display(),
-        dir.path().join("state").display(), sock.display()
+        card.display(),
+        fake.addr,
+        pki.ca_pem.display(),
+        pki.dev_cert.display(),
+        pki.dev_key.display(),
+        dir.path().join("state").display(),
+        sock.display()
     );
     let cfg = dir.path().join("stbd.toml");
     std::fs::write(&cfg, cfg_text).unwrap();
 
     let mut script = Command::new("script")
-        .args(["-q", "-e", "-c", &format!("stty rows 24 cols 80; exec {} run --config {}", stbd.display(), cfg.display()), "/dev/null"])
+        .args([
+            "-q",
+            "-e",
+            "-c",
+            &format!(
+                "stty rows 24 cols 80; exec {} run --config {}",
+                stbd.display(),
+                cfg.display()
+            ),
+            "/dev/null",
+        ])
         .env("STBD_LOG", "warn")
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -105,13 +132,15 @@ fn main() {
     let (w1, b1) = (switches(pid), switches(baseline.id()));
     let sleep_rss = status_field(baseline.id(), "VmRSS:");
     let _ = baseline.kill();
+    let _ = baseline.wait();
 
     // A purchase: the local API asks, Enter on the TV confirms.
     let sock2 = sock.clone();
     let reply = std::thread::spawn(move || {
         use std::io::{BufRead, BufReader};
         let mut s = std::os::unix::net::UnixStream::connect(&sock2).unwrap();
-        s.write_all(b"{\"op\":\"pay\",\"merchant_id\":\"cable\",\"item_id\":\"ppv-7\"}\n").unwrap();
+        s.write_all(b"{\"op\":\"pay\",\"merchant_id\":\"cable\",\"item_id\":\"ppv-7\"}\n")
+            .unwrap();
         let mut line = String::new();
         BufReader::new(s).read_line(&mut line).unwrap();
         line
@@ -125,13 +154,27 @@ fn main() {
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     let _ = script.wait();
 
-    println!("stbd idle benchmark (release build, UI on a pty, virtual card, fake head end over QUIC)");
-    println!("  resident memory idle:              {:>6} KiB ({:.1} MiB)", idle_rss, idle_rss as f64 / 1024.0);
+    println!(
+        "stbd idle benchmark (release build, UI on a pty, virtual card, fake head end over QUIC)"
+    );
+    println!(
+        "  resident memory idle:              {:>6} KiB ({:.1} MiB)",
+        idle_rss,
+        idle_rss as f64 / 1024.0
+    );
     println!("  resident memory, offer on screen:  {:>6} KiB", offer_rss);
     println!("  resident memory after the purchase:{:>6} KiB", after_rss);
-    println!("  peak resident (VmHWM):             {:>6} KiB ({:.1} MiB)", hwm, hwm as f64 / 1024.0);
+    println!(
+        "  peak resident (VmHWM):             {:>6} KiB ({:.1} MiB)",
+        hwm,
+        hwm as f64 / 1024.0
+    );
     println!("  baseline `sleep` resident:         {:>6} KiB", sleep_rss);
-    println!("  context switches in 10 s idle:     stbd {} (all threads), sleep {}", w1 - w0, b1 - b0);
+    println!(
+        "  context switches in 10 s idle:     stbd {} (all threads), sleep {}",
+        w1 - w0,
+        b1 - b0
+    );
     println!("  purchase result: {}", line.trim());
     println!("  card balance after: {} (was 1000)", balance(&card));
 }

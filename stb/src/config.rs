@@ -242,7 +242,10 @@ impl Config {
             if p.is_file() {
                 Ok(())
             } else {
-                Err(bad(key, format!("{} does not exist or is not a file", p.display())))
+                Err(bad(
+                    key,
+                    format!("{} does not exist or is not a file", p.display()),
+                ))
             }
         };
         must_exist("headend.operator_ca", &self.headend.operator_ca)?;
@@ -251,7 +254,10 @@ impl Config {
         if self.headend.address.rsplit_once(':').is_none() {
             return Err(bad(
                 "headend.address",
-                format!("{:?} has no port (expected host:port)", self.headend.address),
+                format!(
+                    "{:?} has no port (expected host:port)",
+                    self.headend.address
+                ),
             ));
         }
         if self.headend.server_name.is_empty() {
@@ -267,7 +273,10 @@ impl Config {
         }
         match &self.reader {
             ReaderConfig::Pcsc { name } if name.is_empty() => {
-                return Err(bad("reader.name", "is empty (use \"*\" for any reader)".into()));
+                return Err(bad(
+                    "reader.name",
+                    "is empty (use \"*\" for any reader)".into(),
+                ));
             }
             ReaderConfig::Serial { device, .. } if device.is_empty() => {
                 return Err(bad("reader.device", "is empty".into()));
@@ -387,8 +396,14 @@ dir = "{p}"
     fn bad_configs_name_the_key() {
         let (d, text) = files();
         let cases = [
-            (text.replace("dev.pem", "missing.pem"), "headend.device_cert"),
-            (text.replace("127.0.0.1:4433", "127.0.0.1"), "headend.address"),
+            (
+                text.replace("dev.pem", "missing.pem"),
+                "headend.device_cert",
+            ),
+            (
+                text.replace("127.0.0.1:4433", "127.0.0.1"),
+                "headend.address",
+            ),
             (
                 format!("{text}\n[timeouts]\nnetwork_secs = 0\n"),
                 "timeouts.network_secs",
@@ -400,14 +415,18 @@ dir = "{p}"
             (format!("{text}\n[keymap]\nfly = \"x\"\n"), "keymap"),
         ];
         for (t, key) in cases {
-            let e = Config::parse(Path::new("t.toml"), &t).unwrap_err().to_string();
+            let e = Config::parse(Path::new("t.toml"), &t)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(key), "{key}: {e}");
         }
         let e = Config::parse(Path::new("t.toml"), &format!("{text}\nbogus = 1\n"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("bogus"), "{e}");
-        let e = Config::load(&d.path().join("nope.toml")).unwrap_err().to_string();
+        let e = Config::load(&d.path().join("nope.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cannot read"), "{e}");
     }
 

@@ -75,7 +75,8 @@ impl Journal {
             detail,
         };
         if !dir.exists() {
-            std::fs::create_dir_all(dir).map_err(|e| open_err(format!("cannot create the state directory: {e}")))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| open_err(format!("cannot create the state directory: {e}")))?;
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
         }
@@ -306,7 +307,10 @@ mod tests {
             provider_id: 1,
             card_id: 9,
             algorithm: 1,
-            expiry: Expiry { year: 2030, month: 1 },
+            expiry: Expiry {
+                year: 2030,
+                month: 1,
+            },
             balance: 1000,
             currency: Currency::EUR,
             auth_mode: 1,
@@ -322,8 +326,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let mut j = Journal::open(dir.path()).unwrap();
-            j.record("t1", &Step::OfferAccepted { offer: offer("t1"), init: init() })
-                .unwrap();
+            j.record(
+                "t1",
+                &Step::OfferAccepted {
+                    offer: offer("t1"),
+                    init: init(),
+                },
+            )
+            .unwrap();
             assert!(j.in_doubt().unwrap().is_empty());
             j.record("t1", &Step::DrawSent).unwrap();
             let cmd = DebitCommand {
@@ -336,10 +346,17 @@ mod tests {
                 date: Date::new(2026, 11, 21),
                 psam_signature: [0; 8],
             };
-            j.record("t1", &Step::DebitCommandReceived { command: cmd }).unwrap();
-            j.record("t1", &Step::DebitSent).unwrap();
-            j.record("t2", &Step::OfferAccepted { offer: offer("t2"), init: init() })
+            j.record("t1", &Step::DebitCommandReceived { command: cmd })
                 .unwrap();
+            j.record("t1", &Step::DebitSent).unwrap();
+            j.record(
+                "t2",
+                &Step::OfferAccepted {
+                    offer: offer("t2"),
+                    init: init(),
+                },
+            )
+            .unwrap();
         }
         // Reopened: the same file, as after a restart.
         let mut j = Journal::open(dir.path()).unwrap();
@@ -367,7 +384,13 @@ mod tests {
         assert!(j.in_doubt().unwrap().is_empty());
         assert_eq!(
             j.steps("t1").unwrap(),
-            ["accepted", "draw_sent", "debit_command", "debit_sent", "completed"]
+            [
+                "accepted",
+                "draw_sent",
+                "debit_command",
+                "debit_sent",
+                "completed"
+            ]
         );
     }
 
@@ -379,10 +402,21 @@ mod tests {
             j.record("nope", &Step::DrawSent),
             Err(JournalError::Unknown(_))
         ));
-        j.record("t", &Step::OfferAccepted { offer: offer("t"), init: init() })
-            .unwrap();
-        j.record("t", &Step::CancelPending { reason: CancelReason::AmountMismatch })
-            .unwrap();
+        j.record(
+            "t",
+            &Step::OfferAccepted {
+                offer: offer("t"),
+                init: init(),
+            },
+        )
+        .unwrap();
+        j.record(
+            "t",
+            &Step::CancelPending {
+                reason: CancelReason::AmountMismatch,
+            },
+        )
+        .unwrap();
         assert_eq!(j.in_doubt().unwrap().len(), 1);
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.path().join("journal.sqlite"))

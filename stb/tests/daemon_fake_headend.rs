@@ -14,7 +14,11 @@ use ui::RemoteKey;
 async fn pay(b: &Box_) -> oneshot::Receiver<Outcome> {
     let (tx, rx) = oneshot::channel();
     b.events
-        .send(Event::Pay { merchant_id: "cable".into(), item_id: "ppv-7".into(), reply: tx })
+        .send(Event::Pay {
+            merchant_id: "cable".into(),
+            item_id: "ppv-7".into(),
+            reply: tx,
+        })
         .await
         .unwrap();
     rx
@@ -28,7 +32,8 @@ async fn purchase_ok_debits_once_and_back_leaves_everything_untouched() {
     let card = card_file(dir.path());
     let cfg = config(dir.path(), &pki, fake.addr, &card, 5);
     let mut b = start_box(cfg, &card).await;
-    b.until("card on the home screen", |s| s.card_balance == Some(1000)).await;
+    b.until("card on the home screen", |s| s.card_balance == Some(1000))
+        .await;
 
     // OK path.
     let rx = pay(&b).await;
@@ -36,11 +41,17 @@ async fn purchase_ok_debits_once_and_back_leaves_everything_untouched() {
     let txid = s.offer.unwrap();
     b.key(RemoteKey::Ok).await;
     let out = rx.await.unwrap();
-    assert!(matches!(out, Outcome::Paid { ref receipt, .. } if receipt.released), "{out:?}");
+    assert!(
+        matches!(out, Outcome::Paid { ref receipt, .. } if receipt.released),
+        "{out:?}"
+    );
     assert_eq!(balance(&card), 1000 - PRICE);
     assert_eq!(fake.released(&txid), 1);
     assert_eq!(fake.debit_responses(&txid), 1);
-    b.until("new balance shown", |s| s.card_balance == Some((1000 - PRICE) as i64)).await;
+    b.until("new balance shown", |s| {
+        s.card_balance == Some((1000 - PRICE) as i64)
+    })
+    .await;
 
     // BACK path: nothing moves, the offer is cancelled.
     let rx = pay(&b).await;
@@ -53,23 +64,44 @@ async fn purchase_ok_debits_once_and_back_leaves_everything_untouched() {
     assert_eq!(fake.released(&tx2), 0);
     let cancels = fake.cancels();
     assert_eq!(cancels.len(), 1);
-    assert_eq!((cancels[0].transaction_id.as_str(), cancels[0].reason), (tx2.as_str(), CancelReason::Viewer));
+    assert_eq!(
+        (cancels[0].transaction_id.as_str(), cancels[0].reason),
+        (tx2.as_str(), CancelReason::Viewer)
+    );
     b.stop().await;
 
     let j = Journal::open(&dir.path().join("state")).unwrap();
     assert_eq!(j.state(&txid).unwrap().as_deref(), Some("completed"));
     assert_eq!(
         j.steps(&txid).unwrap(),
-        ["accepted", "draw_sent", "debit_command", "debit_sent", "debit_responded", "completed"]
+        [
+            "accepted",
+            "draw_sent",
+            "debit_command",
+            "debit_sent",
+            "debit_responded",
+            "completed"
+        ]
     );
-    assert_eq!(j.state(&tx2).unwrap(), None, "a declined offer never reached the journal");
+    assert_eq!(
+        j.state(&tx2).unwrap(),
+        None,
+        "a declined offer never reached the journal"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amount_mismatch_is_refused_before_the_card() {
     let dir = tempfile::tempdir().unwrap();
     let pki = pki(dir.path());
-    let fake = FakeHeadEnd::start(&pki, Quirks { inflate: 100, ..Quirks::default() }).await;
+    let fake = FakeHeadEnd::start(
+        &pki,
+        Quirks {
+            inflate: 100,
+            ..Quirks::default()
+        },
+    )
+    .await;
     let card = card_file(dir.path());
     let mut b = start_box(config(dir.path(), &pki, fake.addr, &card, 5), &card).await;
     b.until("card", |s| s.card_balance.is_some()).await;
@@ -77,13 +109,26 @@ async fn amount_mismatch_is_refused_before_the_card() {
     let txid = b.until("offer", |s| s.offer.is_some()).await.offer.unwrap();
     b.key(RemoteKey::Ok).await;
     let out = rx.await.unwrap();
-    assert!(matches!(out, Outcome::Failed { kind: ui::model::ErrorKind::AmountMismatch, .. }), "{out:?}");
+    assert!(
+        matches!(
+            out,
+            Outcome::Failed {
+                kind: ui::model::ErrorKind::AmountMismatch,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
     assert_eq!(balance(&card), 1000);
     let c = fake.cancels();
     assert_eq!(c.len(), 1);
     assert_eq!(c[0].reason, CancelReason::AmountMismatch);
-    assert!(c[0].proof.is_some(), "a fresh INITIALIZE proves the card did not debit");
-    b.until("error screen", |s| s.screen == ui::ScreenId::Error).await;
+    assert!(
+        c[0].proof.is_some(),
+        "a fresh INITIALIZE proves the card did not debit"
+    );
+    b.until("error screen", |s| s.screen == ui::ScreenId::Error)
+        .await;
     b.stop().await;
     let j = Journal::open(&dir.path().join("state")).unwrap();
     assert_eq!(j.state(&txid).unwrap().as_deref(), Some("ended"));
@@ -93,7 +138,14 @@ async fn amount_mismatch_is_refused_before_the_card() {
 async fn lost_confirmation_is_resent_from_the_card_log_after_a_restart_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let pki = pki(dir.path());
-    let fake = FakeHeadEnd::start(&pki, Quirks { lose_first_receipt: true, ..Quirks::default() }).await;
+    let fake = FakeHeadEnd::start(
+        &pki,
+        Quirks {
+            lose_first_receipt: true,
+            ..Quirks::default()
+        },
+    )
+    .await;
     let card = card_file(dir.path());
     let mut b = start_box(config(dir.path(), &pki, fake.addr, &card, 1), &card).await;
     b.until("card", |s| s.card_balance.is_some()).await;
@@ -121,7 +173,14 @@ async fn lost_confirmation_is_resent_from_the_card_log_after_a_restart_exactly_o
 async fn draw_without_debit_is_cancelled_with_proof_on_the_next_insertion() {
     let dir = tempfile::tempdir().unwrap();
     let pki = pki(dir.path());
-    let fake = FakeHeadEnd::start(&pki, Quirks { hang_draws: true, ..Quirks::default() }).await;
+    let fake = FakeHeadEnd::start(
+        &pki,
+        Quirks {
+            hang_draws: true,
+            ..Quirks::default()
+        },
+    )
+    .await;
     let card = card_file(dir.path());
     let mut b = start_box(config(dir.path(), &pki, fake.addr, &card, 1), &card).await;
     b.until("card", |s| s.card_balance.is_some()).await;
@@ -132,11 +191,15 @@ async fn draw_without_debit_is_cancelled_with_proof_on_the_next_insertion() {
     // Pull and reinsert the card: the insertion triggers recovery.
     assert!(b.driver.remove());
     b.until("card gone", |s| s.card_balance.is_none()).await;
-    b.driver.insert(reader_drivers::vcard::VirtualCard::open(&card).unwrap());
+    b.driver
+        .insert(reader_drivers::vcard::VirtualCard::open(&card).unwrap());
     b.until("recovered", |s| s.recovered == 1).await;
     let c = fake.cancels();
     assert_eq!(c.len(), 1);
-    assert_eq!((c[0].transaction_id.as_str(), c[0].reason), (txid.as_str(), CancelReason::NotDebited));
+    assert_eq!(
+        (c[0].transaction_id.as_str(), c[0].reason),
+        (txid.as_str(), CancelReason::NotDebited)
+    );
     let proof = c[0].proof.as_ref().expect("proof");
     assert_eq!(proof.atc, 1, "the card's counter never moved");
     assert_eq!(balance(&card), 1000);

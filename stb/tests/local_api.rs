@@ -12,7 +12,11 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use ui::RemoteKey;
 
-async fn ask(rd: &mut BufReader<tokio::net::unix::OwnedReadHalf>, wr: &mut tokio::net::unix::OwnedWriteHalf, line: &str) -> serde_json::Value {
+async fn ask(
+    rd: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+    wr: &mut tokio::net::unix::OwnedWriteHalf,
+    line: &str,
+) -> serde_json::Value {
     wr.write_all(format!("{line}\n").as_bytes()).await.unwrap();
     let mut out = String::new();
     rd.read_line(&mut out).await.unwrap();
@@ -69,10 +73,28 @@ fn a_non_socket_file_is_not_replaced() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("stbd.sock");
     std::fs::write(&p, "precious").unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let e = rt.block_on(async { LocalApi::bind(&p, 0o660, None, &[]).err().unwrap().to_string() });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let e = rt.block_on(async {
+        LocalApi::bind(&p, 0o660, None, &[])
+            .err()
+            .unwrap()
+            .to_string()
+    });
     assert!(e.contains("not a socket"), "{e}");
     assert_eq!(std::fs::read_to_string(&p).unwrap(), "precious");
-    let e = rt.block_on(async { LocalApi::bind(&dir.path().join("s2"), 0o660, Some("no-such-group-xyz"), &[]).err().unwrap().to_string() });
+    let e = rt.block_on(async {
+        LocalApi::bind(
+            &dir.path().join("s2"),
+            0o660,
+            Some("no-such-group-xyz"),
+            &[],
+        )
+        .err()
+        .unwrap()
+        .to_string()
+    });
     assert!(e.contains("no-such-group-xyz"), "{e}");
 }

@@ -132,7 +132,10 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     // One thread: a box has one viewer and one card; fewer threads, fewer idle wakeups.
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("stbd: cannot start the runtime: {e}");

@@ -112,7 +112,10 @@ impl CardPort {
             }
             Err(_) => {
                 self.session = None;
-                Err(format!("reader {reader}: the card did not answer in {:?}", self.timeout))
+                Err(format!(
+                    "reader {reader}: the card did not answer in {:?}",
+                    self.timeout
+                ))
             }
         }
     }
@@ -141,7 +144,8 @@ impl CardPort {
             let r = self.transmit(&commands::read_log(n)).await?;
             match split_sw(&r.response) {
                 Some((data, sw)) if sw.is_ok() => out.push(
-                    LogRecord::decode(data).map_err(|e| format!("log record {n} malformed: {e}"))?,
+                    LogRecord::decode(data)
+                        .map_err(|e| format!("log record {n} malformed: {e}"))?,
                 ),
                 // Past the last record.
                 Some(_) => break,

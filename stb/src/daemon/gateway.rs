@@ -126,10 +126,13 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(config: quinn::ClientConfig, settings: GatewaySettings) -> Result<Arc<Self>, GatewayError> {
+    pub fn new(
+        config: quinn::ClientConfig,
+        settings: GatewaySettings,
+    ) -> Result<Arc<Self>, GatewayError> {
         let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
-        let mut endpoint =
-            Endpoint::client(bind).map_err(|e| GatewayError::Connect(format!("UDP socket: {e}")))?;
+        let mut endpoint = Endpoint::client(bind)
+            .map_err(|e| GatewayError::Connect(format!("UDP socket: {e}")))?;
         endpoint.set_default_client_config(config);
         Ok(Arc::new(Self {
             endpoint,
@@ -167,10 +170,14 @@ impl Gateway {
                     tracing::debug!(%addr, "gateway connection in 0-RTT");
                     conn
                 }
-                Err(connecting) => connecting.await.map_err(|e| GatewayError::Connect(e.to_string()))?,
+                Err(connecting) => connecting
+                    .await
+                    .map_err(|e| GatewayError::Connect(e.to_string()))?,
             }
         } else {
-            connecting.await.map_err(|e| GatewayError::Connect(e.to_string()))?
+            connecting
+                .await
+                .map_err(|e| GatewayError::Connect(e.to_string()))?
         };
         tracing::info!(%addr, server = %self.settings.server_name, "gateway connected");
         *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
@@ -204,17 +211,23 @@ impl Gateway {
         send.write_all(&frame)
             .await
             .map_err(|e| GatewayError::Request(e.to_string()))?;
-        send.finish().map_err(|e| GatewayError::Request(e.to_string()))?;
+        send.finish()
+            .map_err(|e| GatewayError::Request(e.to_string()))?;
         let bytes = recv
             .read_to_end(DEFAULT_MAX_FRAME + 4)
             .await
             .map_err(|e| GatewayError::Request(e.to_string()))?;
-        Message::from_frame(&bytes, DEFAULT_MAX_FRAME).map_err(|e| GatewayError::Malformed(e.to_string()))
+        Message::from_frame(&bytes, DEFAULT_MAX_FRAME)
+            .map_err(|e| GatewayError::Malformed(e.to_string()))
     }
 
     /// Keeps the connection up until `shutdown`: connects, waits for it to close, reconnects
     /// with backoff. `on_connect` runs after each successful (re)connection.
-    pub async fn keep(self: Arc<Self>, on_connect: impl Fn() + Send, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    pub async fn keep(
+        self: Arc<Self>,
+        on_connect: impl Fn() + Send,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
         let mut attempt = 0u32;
         let mut rng = rand::rngs::StdRng::from_entropy();
         loop {
@@ -230,7 +243,12 @@ impl Gateway {
                         Some(c)
                     }
                     Err(e) => {
-                        let d = backoff(attempt, self.settings.backoff_initial, self.settings.backoff_max, &mut rng);
+                        let d = backoff(
+                            attempt,
+                            self.settings.backoff_initial,
+                            self.settings.backoff_max,
+                            &mut rng,
+                        );
                         attempt = attempt.saturating_add(1);
                         tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "gateway connection failed");
                         tokio::select! {

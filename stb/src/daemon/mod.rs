@@ -100,7 +100,11 @@ pub async fn run(
         ))
     };
     let mut reader_events = io.driver.events();
-    let card = CardPort::new(io.driver.clone(), io.reader_pattern.clone(), cfg.timeouts.card());
+    let card = CardPort::new(
+        io.driver.clone(),
+        io.reader_pattern.clone(),
+        cfg.timeouts.card(),
+    );
     let app = App::new(AppConfig {
         offer_timeout_secs: cfg.timeouts.offer_secs,
     });

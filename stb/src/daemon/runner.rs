@@ -29,7 +29,10 @@ pub enum Event {
     Ui(UiEvent),
     Reader(ReaderEvent),
     /// The answer to the flow's outstanding request (`flow` says which flow asked).
-    Answer { flow: u64, result: Result<Message, String> },
+    Answer {
+        flow: u64,
+        result: Result<Message, String>,
+    },
     Catalog(Result<Message, String>),
     /// A local app asks for a payment.
     Pay {
@@ -154,7 +157,10 @@ impl Runner {
                 let gw = self.gateway.clone();
                 let tx = self.events.clone();
                 tokio::spawn(async move {
-                    let r = gw.call(&Message::CatalogRequest).await.map_err(|e| e.to_string());
+                    let r = gw
+                        .call(&Message::CatalogRequest)
+                        .await
+                        .map_err(|e| e.to_string());
                     let _ = tx.send(Event::Catalog(r)).await;
                 });
             }
@@ -234,7 +240,8 @@ impl Runner {
     async fn reader(&mut self, r: ReaderEvent) {
         match r {
             ReaderEvent::ReaderAttached { reader } if self.card.matches(&reader) => {
-                self.update(UiUpdate::Reader(ReaderState::Ready { name: reader })).await
+                self.update(UiUpdate::Reader(ReaderState::Ready { name: reader }))
+                    .await
             }
             ReaderEvent::ReaderDetached { reader } if self.card.matches(&reader) => {
                 self.card.card_removed();
@@ -306,7 +313,10 @@ impl Runner {
                             proto::purse::LogKind::Load => ui::model::TxKind::Load,
                         },
                         amount: ui_money(proto::money::Money::new(r.amount, r.currency)),
-                        balance_after: ui_money(proto::money::Money::new(r.balance_after, info.currency)),
+                        balance_after: ui_money(proto::money::Money::new(
+                            r.balance_after,
+                            info.currency,
+                        )),
                     })
                     .collect::<Vec<_>>(),
             )
@@ -326,7 +336,8 @@ impl Runner {
                 self.catalog.clear();
                 for it in items {
                     let id = format!("{}/{}", it.merchant_id, it.item_id);
-                    self.catalog.insert(id.clone(), (it.merchant_id.clone(), it.item_id.clone()));
+                    self.catalog
+                        .insert(id.clone(), (it.merchant_id.clone(), it.item_id.clone()));
                     let entry = CatalogItem {
                         id: CatalogId(id),
                         title: it.title,
@@ -341,7 +352,9 @@ impl Runner {
                 }
                 self.update(UiUpdate::CatalogLoaded(c)).await;
             }
-            Ok(other) => tracing::warn!(answer = ?other, "unexpected answer to the catalog request"),
+            Ok(other) => {
+                tracing::warn!(answer = ?other, "unexpected answer to the catalog request")
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "catalog unavailable");
                 self.update(UiUpdate::Error(ui::model::UiError {
@@ -353,7 +366,12 @@ impl Runner {
         }
     }
 
-    async fn start(&mut self, merchant_id: &str, item_id: &str, reply: Option<oneshot::Sender<Outcome>>) {
+    async fn start(
+        &mut self,
+        merchant_id: &str,
+        item_id: &str,
+        reply: Option<oneshot::Sender<Outcome>>,
+    ) {
         if self.active.is_some() {
             return;
         }
@@ -371,7 +389,9 @@ impl Runner {
     }
 
     async fn flow_input(&mut self, input: Input) {
-        let Some(a) = self.active.as_mut() else { return };
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
         if matches!(input, Input::CardRemoved) && !a.flow.holds_card() {
             return;
         }
@@ -383,13 +403,18 @@ impl Runner {
     async fn execute(&mut self, actions: Vec<Action>) {
         let mut queue: VecDeque<Action> = actions.into();
         while let Some(action) = queue.pop_front() {
-            let Some(active) = self.active.as_mut() else { return };
+            let Some(active) = self.active.as_mut() else {
+                return;
+            };
             let span = active.span.clone();
             if let Some(t) = active.flow.transaction_id() {
                 span.record("transaction_id", t);
             }
             match action {
-                Action::Journal { transaction_id, step } => {
+                Action::Journal {
+                    transaction_id,
+                    step,
+                } => {
                     if let Err(e) = self.journal.record(&transaction_id, &step) {
                         // Not journaled means not done: stop here, before the action it guards.
                         span.in_scope(|| tracing::error!(error = %e, ?step, "journal write failed; transaction stopped"));
@@ -421,7 +446,12 @@ impl Runner {
                     let gw = self.gateway.clone();
                     let tx = self.events.clone();
                     let id = active.id;
-                    span.in_scope(|| tracing::info!(message = crate::flow::purchase::name(&msg), "to the gateway"));
+                    span.in_scope(|| {
+                        tracing::info!(
+                            message = crate::flow::purchase::name(&msg),
+                            "to the gateway"
+                        )
+                    });
                     tokio::spawn(
                         async move {
                             let result = gw.call(&msg).await.map_err(|e| e.to_string());
@@ -435,7 +465,8 @@ impl Runner {
                 }
                 Action::Ui(u) => {
                     if matches!(u, UiUpdate::Offer(_)) {
-                        self.offer_deadline = Some(tokio::time::Instant::now() + self.offer_timeout);
+                        self.offer_deadline =
+                            Some(tokio::time::Instant::now() + self.offer_timeout);
                     }
                     self.update(u).await;
                 }
@@ -471,7 +502,12 @@ impl Runner {
     pub async fn recover(&mut self) {
         let r = recover::resolve(&mut self.journal, &mut self.card, &self.gateway).await;
         if r.resent + r.cancelled > 0 {
-            tracing::info!(resent = r.resent, cancelled = r.cancelled, left = r.left, "in-doubt transactions resolved");
+            tracing::info!(
+                resent = r.resent,
+                cancelled = r.cancelled,
+                left = r.left,
+                "in-doubt transactions resolved"
+            );
             self.recovered += (r.resent + r.cancelled) as u64;
             self.refresh_card().await;
         }

@@ -19,8 +19,8 @@ use proto::messages::{
 use proto::purse::{Date, DebitCommand, DebitResponse, PurchaseInit};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use ui::model::{ErrorKind, ProgressStep, TxId, UiError};
 use ui::UiUpdate;
+use ui::model::{ErrorKind, ProgressStep, TxId, UiError};
 
 use super::{split_sw, ui_date, ui_money};
 
@@ -28,19 +28,32 @@ use super::{split_sw, ui_date, ui_money};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
     /// The viewer pressed OK; the offer (with its TSK) and the card data are kept.
-    OfferAccepted { offer: Offer, init: PurchaseInit },
+    OfferAccepted {
+        offer: Offer,
+        init: PurchaseInit,
+    },
     /// The draw request is about to go out: from here the transaction may be in doubt.
     DrawSent,
-    DebitCommandReceived { command: DebitCommand },
+    DebitCommandReceived {
+        command: DebitCommand,
+    },
     /// DEBIT is about to go to the card.
     DebitSent,
-    DebitResponded { response: DebitResponse },
+    DebitResponded {
+        response: DebitResponse,
+    },
     /// A cancel is about to go out (the card was not debited).
-    CancelPending { reason: CancelReason },
+    CancelPending {
+        reason: CancelReason,
+    },
     /// Closed: the receipt came.
-    Completed { receipt: Receipt },
+    Completed {
+        receipt: Receipt,
+    },
     /// Closed without value moving.
-    Ended { why: String },
+    Ended {
+        why: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -51,7 +64,10 @@ pub enum Action {
     /// One command APDU to the card; the reply comes back as [`Input::Card`].
     Apdu(Vec<u8>),
     /// Write this step for the transaction before executing the next actions.
-    Journal { transaction_id: String, step: Step },
+    Journal {
+        transaction_id: String,
+        step: Step,
+    },
     Ui(UiUpdate),
     /// The flow is over.
     Done(Outcome),
@@ -59,11 +75,24 @@ pub enum Action {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    Paid { transaction_id: String, receipt: Receipt },
-    Cancelled { transaction_id: Option<String>, reason: String },
-    Failed { transaction_id: Option<String>, kind: ErrorKind, reason: String },
+    Paid {
+        transaction_id: String,
+        receipt: Receipt,
+    },
+    Cancelled {
+        transaction_id: Option<String>,
+        reason: String,
+    },
+    Failed {
+        transaction_id: Option<String>,
+        kind: ErrorKind,
+        reason: String,
+    },
     /// Value may have moved; the journal holds the transaction and recovery will finish it.
-    InDoubt { transaction_id: String, reason: String },
+    InDoubt {
+        transaction_id: String,
+        reason: String,
+    },
 }
 
 /// A card's answer, or why there is none.
@@ -83,7 +112,9 @@ pub enum Input {
     /// OK on the offer popup.
     Accept,
     /// BACK, or the countdown ran out.
-    Decline { timeout: bool },
+    Decline {
+        timeout: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,12 +177,7 @@ fn card_kind(sw: StatusWord) -> ErrorKind {
 impl Purchase {
     /// Starts a purchase of `item_id` from `merchant_id`; `today` is the date the card and
     /// the expiry check use; `seed` drives the message-layer sealing.
-    pub fn start(
-        merchant_id: &str,
-        item_id: &str,
-        today: Date,
-        seed: u64,
-    ) -> (Self, Vec<Action>) {
+    pub fn start(merchant_id: &str, item_id: &str, today: Date, seed: u64) -> (Self, Vec<Action>) {
         let p = Self {
             merchant_id: merchant_id.into(),
             item_id: item_id.into(),
@@ -250,7 +276,9 @@ impl Purchase {
         vec![
             err(
                 ErrorKind::Other,
-                format!("{reason}; the payment will be settled automatically — you will not pay twice"),
+                format!(
+                    "{reason}; the payment will be settled automatically — you will not pay twice"
+                ),
             ),
             self.done(outcome),
         ]
@@ -274,8 +302,12 @@ impl Purchase {
                 };
                 let outcome = Outcome::Cancelled {
                     transaction_id: Some(self.txid()),
-                    reason: if timeout { "the offer timed out" } else { "the viewer cancelled" }
-                        .into(),
+                    reason: if timeout {
+                        "the offer timed out"
+                    } else {
+                        "the viewer cancelled"
+                    }
+                    .into(),
                 };
                 self.cancel_offer(reason, outcome)
             }
@@ -298,13 +330,15 @@ impl Purchase {
             }
             (State::AwaitDebit, Input::Card(r)) => self.on_debit(r),
             (State::AwaitReceipt, Input::Answer(m)) => self.on_receipt(m),
-            (State::AwaitReceipt, Input::NetworkFailed(e)) => {
-                self.in_doubt(format!("the card paid but the confirmation did not get through ({e})"))
-            }
+            (State::AwaitReceipt, Input::NetworkFailed(e)) => self.in_doubt(format!(
+                "the card paid but the confirmation did not get through ({e})"
+            )),
             (State::AwaitProof(reason), Input::Card(r)) => {
                 let proof = r.ok().and_then(|r| {
                     let (data, sw) = split_sw(&r.response)?;
-                    sw.is_ok().then(|| PurchaseInit::decode(data).ok()).flatten()
+                    sw.is_ok()
+                        .then(|| PurchaseInit::decode(data).ok())
+                        .flatten()
                 });
                 self.state = State::AwaitCancelAck;
                 vec![Action::Send(Message::Cancel(CancelMsg {
@@ -328,12 +362,18 @@ impl Purchase {
             other => {
                 return self.failed(
                     ErrorKind::Other,
-                    format!("the head end answered the offer request with {}", name(&other)),
+                    format!(
+                        "the head end answered the offer request with {}",
+                        name(&other)
+                    ),
                 );
             }
         };
         if offer.amount.minor == 0 || offer.transaction_id.is_empty() {
-            return self.failed(ErrorKind::Other, "the head end sent an unusable offer".into());
+            return self.failed(
+                ErrorKind::Other,
+                "the head end sent an unusable offer".into(),
+            );
         }
         self.offer = Some(offer);
         self.state = State::AwaitSelect;
@@ -367,10 +407,15 @@ impl Purchase {
             other => {
                 let (kind, why) = match other {
                     Some((_, sw)) => (card_kind(sw), format!("the card refused: {sw}")),
-                    None => (ErrorKind::Other, "the card answered without a status word".into()),
+                    None => (
+                        ErrorKind::Other,
+                        "the card answered without a status word".into(),
+                    ),
                 };
                 let mut a = vec![err(kind, why.clone())];
-                a.extend(self.cancel_offer(CancelReason::NotDebited, outcome(kind, &why, self.txid())));
+                a.extend(
+                    self.cancel_offer(CancelReason::NotDebited, outcome(kind, &why, self.txid())),
+                );
                 Err(a)
             }
         }
@@ -390,7 +435,10 @@ impl Purchase {
             Err(a) => return a,
         };
         let Ok(init) = PurchaseInit::decode(&data) else {
-            return self.refuse(ErrorKind::Other, "the card's INITIALIZE answer is malformed".into());
+            return self.refuse(
+                ErrorKind::Other,
+                "the card's INITIALIZE answer is malformed".into(),
+            );
         };
         let offer = self.offer.as_ref().expect("offer before card");
         let amount = offer.amount;
@@ -408,7 +456,10 @@ impl Purchase {
         if init.expiry.is_expired_on(self.today) {
             return self.refuse(
                 ErrorKind::CardExpired,
-                format!("the card expired at the end of {:04}-{:02}", init.expiry.year, init.expiry.month),
+                format!(
+                    "the card expired at the end of {:04}-{:02}",
+                    init.expiry.year, init.expiry.month
+                ),
             );
         }
         if init.balance < amount.minor {
@@ -481,7 +532,9 @@ impl Purchase {
             Message::Error(e) => {
                 // The payment server refused the draw: no debit command, nothing debited.
                 let reason = format!("the payment server refused: {}", e.reason);
-                let mut a = vec![self.journal(Step::Ended { why: reason.clone() })];
+                let mut a = vec![self.journal(Step::Ended {
+                    why: reason.clone(),
+                })];
                 a.extend(self.failed(kind_of(e.code), reason));
                 return a;
             }
@@ -504,7 +557,10 @@ impl Purchase {
                     kind: ErrorKind::Other,
                     reason: format!("debit command unreadable: {e}"),
                 };
-                let mut a = vec![err(ErrorKind::Other, format!("debit command unreadable: {e}"))];
+                let mut a = vec![err(
+                    ErrorKind::Other,
+                    format!("debit command unreadable: {e}"),
+                )];
                 a.extend(self.cancel_with_proof(CancelReason::NotDebited, outcome));
                 return a;
             }
@@ -546,7 +602,9 @@ impl Purchase {
         }
         self.state = State::AwaitDebit;
         vec![
-            self.journal(Step::DebitCommandReceived { command: command.clone() }),
+            self.journal(Step::DebitCommandReceived {
+                command: command.clone(),
+            }),
             self.journal(Step::DebitSent),
             Action::Ui(UiUpdate::Progress(ProgressStep::DebitingCard)),
             Action::Apdu(commands::debit(&command)),
@@ -599,7 +657,9 @@ impl Purchase {
                 let after = receipt
                     .new_balance
                     .unwrap_or(init.balance.saturating_sub(offer.amount.minor));
-                let mut a = vec![self.journal(Step::Completed { receipt: receipt.clone() })];
+                let mut a = vec![self.journal(Step::Completed {
+                    receipt: receipt.clone(),
+                })];
                 if receipt.released {
                     a.push(Action::Ui(UiUpdate::Receipt(ui::model::Receipt {
                         txid: TxId(self.txid()),
@@ -623,10 +683,14 @@ impl Purchase {
                 a.push(self.done(outcome));
                 a
             }
-            Message::Error(e) => {
-                self.in_doubt(format!("the card paid but the head end answered: {}", e.reason))
-            }
-            other => self.in_doubt(format!("the card paid but the head end answered {}", name(&other))),
+            Message::Error(e) => self.in_doubt(format!(
+                "the card paid but the head end answered: {}",
+                e.reason
+            )),
+            other => self.in_doubt(format!(
+                "the card paid but the head end answered {}",
+                name(&other)
+            )),
         }
     }
 

@@ -90,7 +90,10 @@ mod tests {
         let log = [rec(LogKind::Debit, 3, 1, 1), rec(LogKind::Debit, 4, 1, 2)];
         match decide(&txn(Some((1, 2))), 9, &log) {
             Decision::ResendDebitResponse(r) => {
-                assert_eq!((r.card_id, r.atc, r.psam_txn, r.card_signature), (9, 4, 2, [7; 8]));
+                assert_eq!(
+                    (r.card_id, r.atc, r.psam_txn, r.card_signature),
+                    (9, 4, 2, [7; 8])
+                );
                 assert_eq!(r.new_balance, 750);
             }
             d => panic!("{d:?}"),
@@ -110,7 +113,10 @@ mod tests {
     fn no_matching_debit_proves_not_debited() {
         // A load with the same counter, and a debit for another security-card transaction.
         let log = [rec(LogKind::Load, 4, 0, 0), rec(LogKind::Debit, 5, 1, 3)];
-        assert_eq!(decide(&txn(Some((1, 2))), 9, &log), Decision::ProveNotDebited);
+        assert_eq!(
+            decide(&txn(Some((1, 2))), 9, &log),
+            Decision::ProveNotDebited
+        );
         assert_eq!(decide(&txn(None), 9, &log[..1]), Decision::ProveNotDebited);
         assert_eq!(decide(&txn(None), 9, &[]), Decision::ProveNotDebited);
     }

@@ -107,7 +107,9 @@ pub fn parse(line: &str) -> Result<Request, String> {
     } = &r;
     for (k, v) in [("merchant_id", merchant_id), ("item_id", item_id)] {
         if v.is_empty() || v.len() > 128 || v.chars().any(char::is_control) {
-            return Err(format!("bad request: {k} must be 1 to 128 printable characters"));
+            return Err(format!(
+                "bad request: {k} must be 1 to 128 printable characters"
+            ));
         }
     }
     Ok(r)
@@ -123,7 +125,11 @@ mod tests {
         assert!(matches!(r, Request::Pay { ref item_id, .. } if item_id == "ppv-7"));
         assert!(parse("not json").unwrap_err().contains("bad request"));
         assert!(parse(r#"{"op":"load"}"#).is_err());
-        assert!(parse(r#"{"op":"pay","merchant_id":"","item_id":"x"}"#).unwrap_err().contains("merchant_id"));
+        assert!(
+            parse(r#"{"op":"pay","merchant_id":"","item_id":"x"}"#)
+                .unwrap_err()
+                .contains("merchant_id")
+        );
         assert!(parse(r#"{"op":"pay","merchant_id":"m","item_id":"x","extra":1}"#).is_err());
     }
 }

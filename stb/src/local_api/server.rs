@@ -40,7 +40,12 @@ fn gid_of(group: &str) -> Result<u32, LocalApiError> {
 
 impl LocalApi {
     /// Binds `path` (replacing a stale socket file), sets its mode and group.
-    pub fn bind(path: &Path, mode: u32, group: Option<&str>, allowed_uids: &[u32]) -> Result<Self, LocalApiError> {
+    pub fn bind(
+        path: &Path,
+        mode: u32,
+        group: Option<&str>,
+        allowed_uids: &[u32],
+    ) -> Result<Self, LocalApiError> {
         let err = |detail: String| LocalApiError::Socket {
             path: path.into(),
             detail,
@@ -48,15 +53,19 @@ impl LocalApi {
         if let Ok(m) = std::fs::symlink_metadata(path) {
             use std::os::unix::fs::FileTypeExt;
             if m.file_type().is_socket() {
-                std::fs::remove_file(path).map_err(|e| err(format!("cannot remove the old socket: {e}")))?;
+                std::fs::remove_file(path)
+                    .map_err(|e| err(format!("cannot remove the old socket: {e}")))?;
             } else {
-                return Err(err("exists and is not a socket; refusing to replace it".into()));
+                return Err(err(
+                    "exists and is not a socket; refusing to replace it".into()
+                ));
             }
         }
         let listener = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
         if let Some(g) = group {
             let gid = gid_of(g)?;
-            std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| err(format!("chown to group {g}: {e}")))?;
+            std::os::unix::fs::chown(path, None, Some(gid))
+                .map_err(|e| err(format!("chown to group {g}: {e}")))?;
         }
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
             .map_err(|e| err(format!("chmod {mode:o}: {e}")))?;
@@ -99,7 +108,13 @@ impl LocalApi {
             if !self.allowed.contains(&uid) {
                 tracing::warn!(uid, "local API: uid not allowed; refused");
                 let mut s = stream;
-                let _ = write_line(&mut s, &Response::Error { reason: format!("uid {uid} is not allowed to request payments") }).await;
+                let _ = write_line(
+                    &mut s,
+                    &Response::Error {
+                        reason: format!("uid {uid} is not allowed to request payments"),
+                    },
+                )
+                .await;
                 continue;
             }
             tokio::spawn(connection(stream, uid, events.clone()));
@@ -121,7 +136,11 @@ async fn connection(stream: UnixStream, uid: u32, events: mpsc::Sender<Event>) {
     let mut line = String::new();
     loop {
         line.clear();
-        let n = match (&mut rd).take(MAX_LINE as u64 + 1).read_line(&mut line).await {
+        let n = match (&mut rd)
+            .take(MAX_LINE as u64 + 1)
+            .read_line(&mut line)
+            .await
+        {
             Ok(n) => n,
             Err(_) => break,
         };
@@ -129,25 +148,44 @@ async fn connection(stream: UnixStream, uid: u32, events: mpsc::Sender<Event>) {
             break;
         }
         let resp = if n > MAX_LINE {
-            Response::Error { reason: format!("request longer than {MAX_LINE} bytes") }
+            Response::Error {
+                reason: format!("request longer than {MAX_LINE} bytes"),
+            }
         } else {
             match protocol::parse(line.trim_end()) {
                 Err(reason) => Response::Error { reason },
-                Ok(Request::Pay { id, merchant_id, item_id }) => {
+                Ok(Request::Pay {
+                    id,
+                    merchant_id,
+                    item_id,
+                }) => {
                     tracing::info!(uid, %merchant_id, %item_id, "local app asks for a payment");
                     let (tx, rx) = oneshot::channel();
-                    if events.send(Event::Pay { merchant_id, item_id, reply: tx }).await.is_err() {
-                        Response::Error { reason: "stbd is shutting down".into() }
+                    if events
+                        .send(Event::Pay {
+                            merchant_id,
+                            item_id,
+                            reply: tx,
+                        })
+                        .await
+                        .is_err()
+                    {
+                        Response::Error {
+                            reason: "stbd is shutting down".into(),
+                        }
                     } else {
                         match rx.await {
                             Ok(o) => Response::from_outcome(id, o),
-                            Err(_) => Response::Error { reason: "stbd is shutting down".into() },
+                            Err(_) => Response::Error {
+                                reason: "stbd is shutting down".into(),
+                            },
                         }
                     }
                 }
             }
         };
-        let mut s = serde_json::to_string(&resp).unwrap_or_else(|_| "{\"result\":\"error\"}".into());
+        let mut s =
+            serde_json::to_string(&resp).unwrap_or_else(|_| "{\"result\":\"error\"}".into());
         s.push('\n');
         if wr.write_all(s.as_bytes()).await.is_err() {
             break;

@@ -112,10 +112,12 @@ impl FakeHeadEnd {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
         roots.add(pki.ca_der.clone()).unwrap();
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .build()
-                .unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .unwrap();
         let mut tls = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
@@ -126,7 +128,8 @@ impl FakeHeadEnd {
             )
             .unwrap();
         tls.alpn_protocols = vec![b"purselink/1".to_vec()];
-        let cfg = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls).unwrap()));
+        let cfg =
+            quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls).unwrap()));
         let endpoint = quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = endpoint.local_addr().unwrap();
         let books = Arc::new(Mutex::new(Books::default()));
@@ -146,8 +149,12 @@ impl FakeHeadEnd {
                     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
                         let (b, ps, q) = (b.clone(), ps.clone(), q.clone());
                         tokio::spawn(async move {
-                            let Ok(bytes) = recv.read_to_end(1 << 16).await else { return };
-                            let Ok(msg) = Message::from_frame(&bytes, 1 << 16) else { return };
+                            let Ok(bytes) = recv.read_to_end(1 << 16).await else {
+                                return;
+                            };
+                            let Ok(msg) = Message::from_frame(&bytes, 1 << 16) else {
+                                return;
+                            };
                             let Some(answer) = answer(&b, &ps, &q, msg) else {
                                 // Hang: hold the stream open until the box gives up.
                                 tokio::time::sleep(Duration::from_secs(30)).await;
@@ -163,14 +170,31 @@ impl FakeHeadEnd {
             }
             endpoint.close(0u32.into(), b"fake stops");
         });
-        Self { addr, books, psam, stop }
+        Self {
+            addr,
+            books,
+            psam,
+            stop,
+        }
     }
 
     pub fn released(&self, txid: &str) -> u32 {
-        self.books.lock().unwrap().released.get(txid).copied().unwrap_or(0)
+        self.books
+            .lock()
+            .unwrap()
+            .released
+            .get(txid)
+            .copied()
+            .unwrap_or(0)
     }
     pub fn debit_responses(&self, txid: &str) -> u32 {
-        self.books.lock().unwrap().debit_responses.get(txid).copied().unwrap_or(0)
+        self.books
+            .lock()
+            .unwrap()
+            .debit_responses
+            .get(txid)
+            .copied()
+            .unwrap_or(0)
     }
     pub fn cancels(&self) -> Vec<CancelMsg> {
         self.books.lock().unwrap().cancels.clone()
@@ -205,7 +229,10 @@ fn answer(
                 amount: Money::new(PRICE, Currency::EUR),
             }])
         }
-        Message::OfferRequest { merchant_id, item_id } => {
+        Message::OfferRequest {
+            merchant_id,
+            item_id,
+        } => {
             b.next += 1;
             let txid = format!("tx-{}", b.next);
             let offer = Offer {
@@ -245,10 +272,17 @@ fn answer(
                 .map_err(|e| e.to_string());
             let mut command = match auth {
                 Ok(a) => a.command,
-                Err(e) => return Some(Message::error(ErrorCode::BadSignature, e, Some(&d.transaction_id))),
+                Err(e) => {
+                    return Some(Message::error(
+                        ErrorCode::BadSignature,
+                        e,
+                        Some(&d.transaction_id),
+                    ));
+                }
             };
             command.amount += quirks.lock().unwrap().inflate;
-            b.psam_txn.insert(d.transaction_id.clone(), command.psam_txn);
+            b.psam_txn
+                .insert(d.transaction_id.clone(), command.psam_txn);
             Message::DebitCommand(DebitCommandMsg {
                 transaction_id: d.transaction_id,
                 body: Protected::new(
@@ -267,10 +301,16 @@ fn answer(
             let offer = b.offers.get(&r.transaction_id)?.clone();
             let resp = r.body.open(offer.tsk.as_ref()).ok()?;
             let n = *b.psam_txn.get(&r.transaction_id)?;
-            *b.debit_responses.entry(r.transaction_id.clone()).or_default() += 1;
+            *b.debit_responses
+                .entry(r.transaction_id.clone())
+                .or_default() += 1;
             let rec = psam.lock().unwrap().complete(n, &resp);
             if rec.is_err() {
-                return Some(Message::error(ErrorCode::BadSignature, "card signature", Some(&r.transaction_id)));
+                return Some(Message::error(
+                    ErrorCode::BadSignature,
+                    "card signature",
+                    Some(&r.transaction_id),
+                ));
             }
             // The merchant releases once per transaction, however often the response comes.
             let released = b.released.entry(r.transaction_id.clone()).or_default();
@@ -303,7 +343,11 @@ fn answer(
                 new_balance: None,
             })
         }
-        other => Message::error(ErrorCode::Malformed, format!("fake cannot answer {other:?}"), None),
+        other => Message::error(
+            ErrorCode::Malformed,
+            format!("fake cannot answer {other:?}"),
+            None,
+        ),
     })
 }
 
@@ -318,7 +362,10 @@ pub fn card_file(dir: &Path) -> PathBuf {
             currency: Currency::EUR,
             balance: 1_000,
             max_balance: 100_000,
-            expiry: Expiry { year: 2035, month: 12 },
+            expiry: Expiry {
+                year: 2035,
+                month: 12,
+            },
         },
         &issuer(),
     )
@@ -383,9 +430,16 @@ pub async fn start_box(cfg: Config, card: &Path) -> Box_ {
         draw: false,
     };
     let task = tokio::spawn(async move {
-        stb::daemon::run(cfg, io, async { let _ = stop_rx.await; }, |h| {
-            let _ = htx.send(h);
-        })
+        stb::daemon::run(
+            cfg,
+            io,
+            async {
+                let _ = stop_rx.await;
+            },
+            |h| {
+                let _ = htx.send(h);
+            },
+        )
         .await
         .unwrap();
     });
@@ -408,7 +462,10 @@ impl Box_ {
             .map(|r| r.map(|s| s.clone()));
         match r {
             Ok(Ok(s)) => s,
-            _ => panic!("timed out waiting for {what}; status {:?}", *self.status.borrow()),
+            _ => panic!(
+                "timed out waiting for {what}; status {:?}",
+                *self.status.borrow()
+            ),
         }
     }
 
@@ -420,7 +477,10 @@ impl Box_ {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
-        tokio::time::timeout(Duration::from_secs(10), self.task).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     /// Kills the daemon task without a clean shutdown (as SIGKILL would, for in-process state).

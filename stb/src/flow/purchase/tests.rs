@@ -32,7 +32,14 @@ fn card_with(balance: u64, currency: Currency, expiry: Expiry) -> PurseCard {
 }
 
 fn card() -> PurseCard {
-    card_with(1_000, Currency::EUR, Expiry { year: 2030, month: 12 })
+    card_with(
+        1_000,
+        Currency::EUR,
+        Expiry {
+            year: 2030,
+            month: 12,
+        },
+    )
 }
 
 fn offer(amount: u64, tsk: Option<DesKey>) -> Offer {
@@ -123,7 +130,9 @@ fn to_viewer(card: &mut PurseCard, offer: Offer) -> (Purchase, Vec<Action>) {
 
 /// The security card's side of a draw request.
 fn debit_command(psam: &mut SecurityCard, draw: &Message, tsk: Option<&DesKey>) -> DebitCommand {
-    let Message::DrawRequest(d) = draw else { panic!("{draw:?}") };
+    let Message::DrawRequest(d) = draw else {
+        panic!("{draw:?}")
+    };
     let body = d.body.open(tsk).unwrap();
     psam.issue_debit(
         &DrawData {
@@ -203,10 +212,23 @@ fn happy_path_debits_the_card_and_journals_every_step_first() {
         ));
         // Journal before the send.
         let send_at = a.iter().position(|x| matches!(x, Action::Send(_))).unwrap();
-        let drawn_at = a.iter().position(|x| matches!(x, Action::Journal { step: Step::DrawSent, .. })).unwrap();
+        let drawn_at = a
+            .iter()
+            .position(|x| {
+                matches!(
+                    x,
+                    Action::Journal {
+                        step: Step::DrawSent,
+                        ..
+                    }
+                )
+            })
+            .unwrap();
         assert!(drawn_at < send_at);
         if tsk.is_some() {
-            let Message::DrawRequest(d) = &draw else { panic!() };
+            let Message::DrawRequest(d) = &draw else {
+                panic!()
+            };
             assert!(matches!(d.body, Protected::Sealed(_)));
         }
         let cmd = debit_command(&mut psam, &draw, tsk.as_ref());
@@ -217,16 +239,24 @@ fn happy_path_debits_the_card_and_journals_every_step_first() {
         ));
         let a = drive(&mut p, &mut c, a);
         assert_eq!(c.state.balance, 750);
-        let Some(Message::DebitResponse(resp)) = sent(&a) else { panic!("{a:?}") };
+        let Some(Message::DebitResponse(resp)) = sent(&a) else {
+            panic!("{a:?}")
+        };
         let resp = resp.body.open(tsk.as_ref()).unwrap();
         assert!(matches!(
             journal_steps(&a)[..],
-            [Step::DebitCommandReceived { .. }, Step::DebitSent, Step::DebitResponded { .. }]
+            [
+                Step::DebitCommandReceived { .. },
+                Step::DebitSent,
+                Step::DebitResponded { .. }
+            ]
         ));
         psam.complete(cmd.psam_txn, &resp).unwrap();
         let a = p.handle(Input::Answer(receipt(true)));
         assert!(matches!(journal_steps(&a)[..], [Step::Completed { .. }]));
-        assert!(a.iter().any(|x| matches!(x, Action::Ui(UiUpdate::Receipt(r)) if r.balance_after.minor == 750)));
+        assert!(a.iter().any(
+            |x| matches!(x, Action::Ui(UiUpdate::Receipt(r)) if r.balance_after.minor == 750)
+        ));
         assert!(matches!(outcome(&a), Some(Outcome::Paid { .. })));
         assert!(p.is_done());
         assert!(p.handle(Input::Accept).is_empty());
@@ -253,10 +283,16 @@ fn offer_refused_or_unreachable_ends_at_once() {
 fn refused(mut c: PurseCard, kind: ErrorKind) {
     let (mut p, a) = to_viewer(&mut c, offer(250, None));
     assert_eq!(ui_error(&a), Some(kind), "{a:?}");
-    assert!(!a.iter().any(|x| matches!(x, Action::Ui(UiUpdate::Offer(_)))));
+    assert!(
+        !a.iter()
+            .any(|x| matches!(x, Action::Ui(UiUpdate::Offer(_))))
+    );
     assert!(journal_steps(&a).is_empty());
     let cancel = cancel_of(&a);
-    assert_eq!((cancel.reason, cancel.proof.is_none()), (CancelReason::NotDebited, true));
+    assert_eq!(
+        (cancel.reason, cancel.proof.is_none()),
+        (CancelReason::NotDebited, true)
+    );
     let a = p.handle(Input::Answer(receipt(false)));
     assert!(matches!(outcome(&a), Some(Outcome::Failed { kind: k, .. }) if *k == kind));
     assert!(journal_steps(&a).is_empty());
@@ -264,10 +300,40 @@ fn refused(mut c: PurseCard, kind: ErrorKind) {
 
 #[test]
 fn checks_before_the_viewer_currency_expiry_balance() {
-    refused(card_with(1000, Currency::USD, Expiry { year: 2030, month: 1 }), ErrorKind::Other);
-    refused(card_with(100, Currency::EUR, Expiry { year: 2030, month: 1 }), ErrorKind::InsufficientValue);
+    refused(
+        card_with(
+            1000,
+            Currency::USD,
+            Expiry {
+                year: 2030,
+                month: 1,
+            },
+        ),
+        ErrorKind::Other,
+    );
+    refused(
+        card_with(
+            100,
+            Currency::EUR,
+            Expiry {
+                year: 2030,
+                month: 1,
+            },
+        ),
+        ErrorKind::InsufficientValue,
+    );
     // The card itself refuses INITIALIZE after its expiry.
-    refused(card_with(1000, Currency::EUR, Expiry { year: 2026, month: 10 }), ErrorKind::CardExpired);
+    refused(
+        card_with(
+            1000,
+            Currency::EUR,
+            Expiry {
+                year: 2026,
+                month: 10,
+            },
+        ),
+        ErrorKind::CardExpired,
+    );
     let mut blocked = card();
     blocked.state.status = proto::purse::STATUS_BLOCKED;
     refused(blocked, ErrorKind::CardBlocked);
@@ -276,13 +342,27 @@ fn checks_before_the_viewer_currency_expiry_balance() {
 #[test]
 fn expiry_is_checked_by_the_box_too() {
     // A card whose INITIALIZE does not check expiry (a faulty card): the box still refuses.
-    let mut c = card_with(1000, Currency::EUR, Expiry { year: 2026, month: 10 });
+    let mut c = card_with(
+        1000,
+        Currency::EUR,
+        Expiry {
+            year: 2026,
+            month: 10,
+        },
+    );
     let (mut p, _) = Purchase::start("cable", "ppv-7", TODAY, 1);
     let a = p.handle(Input::Answer(Message::Offer(offer(250, None))));
-    let Some(Action::Apdu(sel)) = a.last() else { panic!() };
+    let Some(Action::Apdu(sel)) = a.last() else {
+        panic!()
+    };
     p.handle(reply(&mut c, sel));
-    let lying = c.process(&commands::init_purchase(Date::new(2026, 10, 1))).response;
-    let a = p.handle(Input::Card(Ok(CardReply { atr: vec![], response: lying })));
+    let lying = c
+        .process(&commands::init_purchase(Date::new(2026, 10, 1)))
+        .response;
+    let a = p.handle(Input::Card(Ok(CardReply {
+        atr: vec![],
+        response: lying,
+    })));
     assert_eq!(ui_error(&a), Some(ErrorKind::CardExpired));
 }
 
@@ -294,18 +374,30 @@ fn reader_failure_and_card_removal_before_the_draw() {
     assert_eq!(ui_error(&a), Some(ErrorKind::NoCard));
     assert_eq!(cancel_of(&a).reason, CancelReason::NotDebited);
     let a = p.handle(Input::NetworkFailed("x".into()));
-    assert!(matches!(outcome(&a), Some(Outcome::Failed { kind: ErrorKind::NoCard, .. })));
+    assert!(matches!(
+        outcome(&a),
+        Some(Outcome::Failed {
+            kind: ErrorKind::NoCard,
+            ..
+        })
+    ));
 
     let mut c = card();
     let (mut p, _) = to_viewer(&mut c, offer(250, None));
     assert!(p.holds_card());
     let a = p.handle(Input::CardRemoved);
-    assert!(a.iter().any(|x| matches!(x, Action::Ui(UiUpdate::OfferWithdrawn(_)))));
+    assert!(
+        a.iter()
+            .any(|x| matches!(x, Action::Ui(UiUpdate::OfferWithdrawn(_))))
+    );
     assert_eq!(cancel_of(&a).reason, CancelReason::NotDebited);
 
     let (mut p, _) = Purchase::start("cable", "ppv-7", TODAY, 1);
     p.handle(Input::Answer(Message::Offer(offer(250, None))));
-    let a = p.handle(Input::Card(Ok(CardReply { atr: vec![], response: vec![0x6A] })));
+    let a = p.handle(Input::Card(Ok(CardReply {
+        atr: vec![],
+        response: vec![0x6A],
+    })));
     assert_eq!(ui_error(&a), Some(ErrorKind::Other));
 }
 
@@ -334,10 +426,18 @@ fn amount_mismatch_aborts_journals_cancels_with_proof_and_tells_the_viewer() {
     let a = p.handle(Input::Answer(command_msg(cmd, None)));
     assert!(matches!(
         journal_steps(&a)[..],
-        [Step::DebitCommandReceived { .. }, Step::CancelPending { reason: CancelReason::AmountMismatch }]
+        [
+            Step::DebitCommandReceived { .. },
+            Step::CancelPending {
+                reason: CancelReason::AmountMismatch
+            }
+        ]
     ));
     assert_eq!(ui_error(&a), Some(ErrorKind::AmountMismatch));
-    assert!(!a.iter().any(|x| matches!(x, Action::Apdu(d) if d.get(1) == Some(&proto::card::INS_DEBIT))));
+    assert!(
+        !a.iter()
+            .any(|x| matches!(x, Action::Apdu(d) if d.get(1) == Some(&proto::card::INS_DEBIT)))
+    );
     let a = drive(&mut p, &mut c, a);
     let cancel = cancel_of(&a);
     assert_eq!(cancel.reason, CancelReason::AmountMismatch);
@@ -346,7 +446,13 @@ fn amount_mismatch_aborts_journals_cancels_with_proof_and_tells_the_viewer() {
     assert_eq!(c.state.balance, 1000);
     let a = p.handle(Input::Answer(receipt(false)));
     assert!(matches!(journal_steps(&a)[..], [Step::Ended { .. }]));
-    assert!(matches!(outcome(&a), Some(Outcome::Failed { kind: ErrorKind::AmountMismatch, .. })));
+    assert!(matches!(
+        outcome(&a),
+        Some(Outcome::Failed {
+            kind: ErrorKind::AmountMismatch,
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -408,7 +514,11 @@ fn card_refusing_debit_is_cancelled_with_proof() {
     assert_eq!(c.state.balance, 1000);
     assert_eq!(cancel_of(&a).reason, CancelReason::NotDebited);
     assert!(cancel_of(&a).proof.is_some());
-    assert!(journal_steps(&a).iter().any(|s| matches!(s, Step::CancelPending { .. })));
+    assert!(
+        journal_steps(&a)
+            .iter()
+            .any(|s| matches!(s, Step::CancelPending { .. }))
+    );
 }
 
 #[test]
@@ -421,7 +531,10 @@ fn card_lost_during_debit_or_confirmation_lost_is_in_doubt() {
     let a = p.handle(Input::Card(Err("card removed".into())));
     assert!(matches!(outcome(&a), Some(Outcome::InDoubt { .. })));
 
-    for last in [Input::NetworkFailed("x".into()), Input::Answer(error(ErrorCode::Internal))] {
+    for last in [
+        Input::NetworkFailed("x".into()),
+        Input::Answer(error(ErrorCode::Internal)),
+    ] {
         let mut c = card();
         let mut psam = SecurityCard::new(3, issuer());
         let (mut p, draw, _) = accepted(&mut c, None);
