@@ -13,9 +13,11 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::bank::BankServer;
 use crate::config::HeadendConfig;
 use crate::gateway::Gateway;
 use crate::journal::Journal;
+use crate::load::LoadServer;
 use crate::merchant::MerchantServer;
 use crate::payment::PaymentServer;
 use crate::quic::{
@@ -29,6 +31,10 @@ pub struct Roles {
     pub gateway: bool,
     pub payment: bool,
     pub merchant: bool,
+    /// Runs when the config has a `[bank]` section (all-in-one), or demands it (`headend bank`).
+    pub bank: bool,
+    /// Runs when the config has a `[load]` section (all-in-one), or demands it (`headend load`).
+    pub load: bool,
 }
 
 impl Roles {
@@ -36,6 +42,15 @@ impl Roles {
         gateway: true,
         payment: true,
         merchant: true,
+        bank: true,
+        load: true,
+    };
+    pub const NONE: Self = Self {
+        gateway: false,
+        payment: false,
+        merchant: false,
+        bank: false,
+        load: false,
     };
 }
 
@@ -44,9 +59,13 @@ pub struct Running {
     pub gateway: Option<Arc<Gateway>>,
     pub payment: Option<Arc<PaymentServer>>,
     pub merchant: Option<Arc<MerchantServer>>,
+    pub bank: Option<Arc<BankServer>>,
+    pub load: Option<Arc<LoadServer>>,
     pub gateway_addr: Option<SocketAddr>,
     pub payment_addr: Option<SocketAddr>,
     pub merchant_addr: Option<SocketAddr>,
+    pub bank_addr: Option<SocketAddr>,
+    pub load_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -97,9 +116,55 @@ pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, String>
     } else {
         None
     };
+    // all-in-one runs the load side only where the config describes it.
+    let bank = if roles.bank && cfg.bank.is_some() {
+        Some(BankServer::open(cfg)?)
+    } else {
+        None
+    };
+    let load = if roles.load && cfg.load.is_some() {
+        Some(LoadServer::open(cfg)?)
+    } else {
+        None
+    };
     let settings = cfg.transport.clone();
     let mut payment_addr = None;
     let mut merchant_addr = None;
+    let mut bank_addr = None;
+    let mut load_addr = None;
+    let load_side: [(
+        Option<Arc<dyn Role>>,
+        Option<SocketAddr>,
+        &mut Option<SocketAddr>,
+        &str,
+    ); 2] = [
+        (
+            bank.clone().map(|b| b as Arc<dyn Role>),
+            cfg.bank.as_ref().and_then(|s| s.listen),
+            &mut bank_addr,
+            "bank server",
+        ),
+        (
+            load.clone().map(|l| l as Arc<dyn Role>),
+            cfg.load.as_ref().and_then(|s| s.listen),
+            &mut load_addr,
+            "load server",
+        ),
+    ];
+    for (role, listen, addr, what) in load_side {
+        if let (Some(role), Some(listen)) = (role, listen) {
+            let server = Server::bind(
+                listen,
+                &server_tls(cfg)?,
+                settings.clone(),
+                serve(role),
+                Revocations::new(&RevocationConfig::default()),
+            )
+            .map_err(|e| format!("{what} on {listen}: {e}"))?;
+            *addr = Some(server.local_addr().map_err(|e| e.to_string())?);
+            tasks.push(tokio::spawn(server.run(stop(rx.clone()))));
+        }
+    }
 
     if let Some(p) = &payment {
         tasks.push(tokio::spawn(p.clone().run_sweeper(rx.clone())));
@@ -165,6 +230,34 @@ pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, String>
                 table.insert(name.clone(), role);
             }
         }
+        // The load side: a remote role if [endpoints] names it, else the local one, else
+        // none (load conversations are then refused with the reason).
+        let local: [(&str, Option<Arc<dyn Role>>); 2] = [
+            (
+                crate::gateway_load::BANK,
+                bank.clone().map(|b| b as Arc<dyn Role>),
+            ),
+            (
+                crate::gateway_load::LOAD,
+                load.clone().map(|l| l as Arc<dyn Role>),
+            ),
+        ];
+        for (name, here) in local {
+            let role: Option<Arc<dyn Role>> = if let Some(ep) = cfg.endpoints.get(name) {
+                Some(Arc::new(RemoteRole::new(
+                    name,
+                    ep.addr,
+                    &ep.server_name,
+                    client_tls(cfg)?,
+                    settings.clone(),
+                )))
+            } else {
+                here
+            };
+            if let Some(r) = role {
+                table.entry(name.to_string()).or_insert(r);
+            }
+        }
         let journal = Arc::new(
             Journal::open(&cfg.state_dir.join("gateway.sqlite")).map_err(|e| e.to_string())?,
         );
@@ -186,14 +279,18 @@ pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, String>
         tasks.push(tokio::spawn(server.run(stop(rx.clone()))));
         gateway = Some(gw);
     }
-    tracing::info!(gateway = ?gateway_addr, payment = ?payment_addr, merchant = ?merchant_addr, "head end running");
+    tracing::info!(gateway = ?gateway_addr, payment = ?payment_addr, merchant = ?merchant_addr, bank = ?bank_addr, load = ?load_addr, "head end running");
     Ok(Running {
         gateway,
         payment,
         merchant,
+        bank,
+        load,
         gateway_addr,
         payment_addr,
         merchant_addr,
+        bank_addr,
+        load_addr,
         shutdown,
         tasks,
     })
@@ -205,7 +302,16 @@ pub struct DemoFiles {
     pub config: PathBuf,
     pub ca_dir: PathBuf,
     pub issuer_keys: PathBuf,
+    /// The demo bank account's PIN (`demo-pin.txt`), for the viewer to type.
+    pub pin_file: PathBuf,
+    /// Per-box PIN keys (`pin-keys/<box id>.key`, hex), given to boxes at provisioning.
+    pub pin_keys_dir: PathBuf,
 }
+
+/// The demo's bank account, its box, and its pre-funded voucher.
+pub const DEMO_ACCOUNT: &str = "ACC-0001";
+pub const DEMO_BOX: &str = "box-000001";
+pub const DEMO_VOUCHER: &str = "VOUCHER-0001";
 
 /// Options for [`init_demo`].
 pub struct DemoOptions {
@@ -231,7 +337,9 @@ impl Default for DemoOptions {
 /// Writes a complete dev deployment into `dir`: an operator CA, the head end's certificate
 /// (names `localhost`, `gateway.purselink.test`, 127.0.0.1), random issuer master keys and
 /// merchant keys, and `headend.toml` with a cable catalog (pay-per-view and shopping) and an
-/// internet merchant. Refuses to overwrite an existing CA.
+/// internet merchant, plus the load side (a bank account with a PIN in `demo-pin.txt`, a
+/// per-day limit, a pre-funded voucher, issuer float accounts, per-box PIN keys in
+/// `pin-keys/`). Refuses to overwrite an existing CA.
 pub fn init_demo(dir: &Path, opts: &DemoOptions) -> Result<DemoFiles, String> {
     use rand::RngCore;
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -348,11 +456,63 @@ exponent = 2
         emb = opts.embodiment,
         layer = opts.message_layer,
     );
-    std::fs::write(&config, text).map_err(|e| e.to_string())?;
+    // The load side: a bank account with a PIN for the demo box, a per-day limit, a
+    // pre-funded voucher, and the issuer float accounts.
+    let (pin_master_hex, confirmation_hex) = (key(), key());
+    let pin_master = crate::config::hex_key("pin_master", &pin_master_hex)?;
+    let pin = format!("{:04}", rand::rngs::OsRng.next_u32() % 10_000);
+    let pvv = crate::bank::pin_verification_value(&pin_master, DEMO_ACCOUNT, &pin);
+    let pin_file = dir.join("demo-pin.txt");
+    std::fs::write(&pin_file, format!("{pin}\n")).map_err(|e| e.to_string())?;
+    let pin_keys_dir = dir.join("pin-keys");
+    std::fs::create_dir_all(&pin_keys_dir).map_err(|e| e.to_string())?;
+    std::fs::write(
+        pin_keys_dir.join(format!("{DEMO_BOX}.key")),
+        format!(
+            "{}\n",
+            hex::encode_upper(crate::bank::box_pin_key(&pin_master, DEMO_BOX).0)
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let load_side = format!(
+        r#"
+[bank]
+pin_master = "{pin_master_hex}"
+confirmation_key = "{confirmation_hex}"
+daily_limit = 30000
+float_account = "ISSUER-FLOAT"
+pin_tries = 3
+
+[load]
+issuer_keys = "issuer-keys.toml"
+confirmation_key = "{confirmation_hex}"
+daily_limit = 30000
+float_account = "ISSUER-FLOAT-PREFUNDED"
+
+[[bank_accounts]]
+id = "{DEMO_ACCOUNT}"
+holder = "Demo viewer"
+box_id = "{DEMO_BOX}"
+currency = 978
+exponent = 2
+opening_balance = 50000
+pin_verification_value = "{pvv}"
+
+[[vouchers]]
+code = "{DEMO_VOUCHER}"
+box_id = "{DEMO_BOX}"
+currency = 978
+exponent = 2
+amount = 10000
+"#
+    );
+    std::fs::write(&config, text + &load_side).map_err(|e| e.to_string())?;
     Ok(DemoFiles {
         dir: dir.into(),
         config,
         ca_dir,
         issuer_keys,
+        pin_file,
+        pin_keys_dir,
     })
 }

@@ -31,6 +31,17 @@ pub enum Command {
     Payment(RoleArgs),
     /// The merchant role alone: cable catalog and internet merchants.
     Merchant(RoleArgs),
+    /// The bank server alone: accounts, PIN, holds, transfer to the issuer float.
+    Bank(RoleArgs),
+    /// The load server alone, with its host security module and pre-funded accounts.
+    Load(RoleArgs),
+    /// Unlock a bank account locked after wrong PINs (operator command).
+    BankUnlock {
+        #[command(flatten)]
+        role: RoleArgs,
+        #[arg(long)]
+        account: String,
+    },
     /// Write a complete dev deployment (CA, certificates, keys, config) into a directory.
     InitDemo {
         #[arg(long)]

@@ -39,6 +39,115 @@ pub struct HeadendConfig {
     pub endpoints: BTreeMap<String, Endpoint>,
     #[serde(default)]
     pub merchants: Vec<MerchantDef>,
+    /// The bank server (001 bank server 860): accounts, PIN, holds, transfer to the float.
+    pub bank: Option<BankSection>,
+    /// The load server with its host security module (001 load server 862, HSM 864).
+    pub load: Option<LoadSection>,
+    /// Bank accounts, linked to a box (and optionally a card).
+    #[serde(default)]
+    pub bank_accounts: Vec<BankAccountDef>,
+    /// Pre-funded accounts the load server holds itself (001 [0141]–[0160]).
+    #[serde(default)]
+    pub vouchers: Vec<VoucherDef>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BankSection {
+    /// Bank PIN master key, hex, 16 bytes: each box's PIN key is derived from it by box id,
+    /// and PIN verification values are MACs under a key derived from it.
+    pub pin_master: String,
+    /// Key shared with the load server, hex, 16 bytes: load confirmations are sealed under
+    /// a per-transaction key derived from it, so only the bank can read them.
+    pub confirmation_key: String,
+    /// Most an account may load per calendar day (UTC), in the account's minor units.
+    pub daily_limit: u64,
+    /// The card issuer's float account captured loads move to (001 [0135]).
+    #[serde(default = "default_float_account")]
+    pub float_account: String,
+    /// Wrong PINs in a row that lock an account until `headend bank-unlock`.
+    #[serde(default = "default_pin_tries")]
+    pub pin_tries: u8,
+    /// Where the gateway reaches this role when it runs alone.
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadSection {
+    /// Issuer master keys (the HSM holds the load master key).
+    pub issuer_keys: PathBuf,
+    /// The HSM's id in load commands.
+    #[serde(default = "default_hsm_id")]
+    pub hsm_id: u64,
+    /// Key shared with the bank, hex, 16 bytes (see [`BankSection::confirmation_key`]).
+    pub confirmation_key: String,
+    /// Most a pre-funded account may load per calendar day (UTC), in minor units.
+    pub daily_limit: u64,
+    /// The issuer's float account for value loaded from pre-funded accounts.
+    #[serde(default = "default_float_account")]
+    pub float_account: String,
+    pub listen: Option<SocketAddr>,
+}
+
+/// A bank account. Its balance lives in the bank journal once opened; this is the opening
+/// balance.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BankAccountDef {
+    pub id: String,
+    pub holder: String,
+    /// The set-top box whose viewer owns the account: load requests from another box are
+    /// refused.
+    pub box_id: String,
+    /// If set, only this card may be loaded from the account.
+    pub card_id: Option<u64>,
+    pub currency: u16,
+    pub exponent: u8,
+    pub opening_balance: u64,
+    /// The PIN verification value (hex MAC); never the PIN.
+    pub pin_verification_value: String,
+}
+
+/// A pre-funded account: a voucher or subscription paid in advance.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VoucherDef {
+    pub code: String,
+    /// If set, only this box may redeem it.
+    pub box_id: Option<String>,
+    pub currency: u16,
+    pub exponent: u8,
+    /// The prepaid amount, minor units.
+    pub amount: u64,
+}
+
+impl BankAccountDef {
+    pub fn currency(&self) -> Currency {
+        Currency::new(self.currency, self.exponent)
+    }
+}
+
+impl VoucherDef {
+    pub fn currency(&self) -> Currency {
+        Currency::new(self.currency, self.exponent)
+    }
+}
+
+/// Parses a 16-byte hex key; `what` names it in the error.
+pub fn hex_key(what: &str, hex_str: &str) -> Result<DesKey, String> {
+    let raw = hex::decode(hex_str.trim()).map_err(|e| format!("{what}: not hex ({e})"))?;
+    DesKey::from_slice(&raw).map_err(|e| format!("{what}: {e}"))
+}
+
+fn default_float_account() -> String {
+    "ISSUER-FLOAT".into()
+}
+fn default_pin_tries() -> u8 {
+    3
+}
+fn default_hsm_id() -> u64 {
+    0x4853_4D01
 }
 
 /// This process's certificate and the operator CA its peers must chain to.
@@ -231,6 +340,9 @@ impl HeadendConfig {
         if let Some(p) = &mut self.payment {
             fix(&mut p.issuer_keys);
         }
+        if let Some(l) = &mut self.load {
+            fix(&mut l.issuer_keys);
+        }
         self
     }
 
@@ -249,6 +361,41 @@ impl HeadendConfig {
                 if i.amount == 0 {
                     return Err(format!("merchant {}: item {} has a zero price", m.id, i.id));
                 }
+            }
+        }
+        self.validate_load_side()
+    }
+
+    fn validate_load_side(&self) -> Result<(), String> {
+        if let Some(b) = &self.bank {
+            hex_key("[bank] pin_master", &b.pin_master)?;
+            hex_key("[bank] confirmation_key", &b.confirmation_key)?;
+            if b.pin_tries == 0 {
+                return Err("[bank] pin_tries must be at least 1".into());
+            }
+        }
+        if let Some(l) = &self.load {
+            hex_key("[load] confirmation_key", &l.confirmation_key)?;
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for a in &self.bank_accounts {
+            if !seen.insert(&a.id) {
+                return Err(format!("bank account {} appears twice", a.id));
+            }
+            if self.bank.as_ref().is_some_and(|b| b.float_account == a.id) {
+                return Err(format!("bank account {} has the float account's id", a.id));
+            }
+            hex::decode(&a.pin_verification_value).map_err(|e| {
+                format!(
+                    "bank account {}: pin_verification_value is not hex ({e})",
+                    a.id
+                )
+            })?;
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for v in &self.vouchers {
+            if !seen.insert(&v.code) {
+                return Err(format!("voucher {} appears twice", v.code));
             }
         }
         Ok(())

@@ -105,6 +105,11 @@ impl Gateway {
         &self.roles[name]
     }
 
+    /// A role by name, if this head end routes to it (load side: `bank`, `load`).
+    pub(crate) fn try_role(&self, name: &str) -> Option<&Arc<dyn Role>> {
+        self.roles.get(name)
+    }
+
     async fn catalog(&self, box_id: &str) -> Message {
         let names: BTreeSet<&String> = self.merchants.values().map(|m| &m.merchant).collect();
         let mut items = Vec::new();
@@ -470,6 +475,9 @@ impl Role for Gateway {
                 }
                 Message::DebitResponse(r) => self.debit_response(&box_id, r).await,
                 Message::Cancel(c) => self.cancel(&box_id, c).await,
+                m @ (Message::LoadOfferRequest(_)
+                | Message::LoadRequest(_)
+                | Message::LoadResponse(_)) => self.load_dispatch(&box_id, m).await,
                 other => refuse(
                     ErrorCode::Malformed,
                     format!("a box cannot send {}", crate::payment::kind(&other)),

@@ -60,6 +60,17 @@ impl Batch<'_> {
     }
 }
 
+/// Runs blocking journal IO so it does not stall the async workers that drive QUIC: on a
+/// multi-threaded tokio runtime the worker hands its other tasks away for the duration.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 impl Journal {
     pub fn open(path: &Path) -> Result<Self, JournalError> {
         let p = path.display().to_string();
@@ -102,12 +113,14 @@ impl Journal {
         &self,
         f: impl FnOnce(&Batch) -> rusqlite::Result<T>,
     ) -> Result<T, JournalError> {
-        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let tx = conn.transaction().map_err(|e| self.err(e))?;
-        let batch = Batch { tx };
-        let out = f(&batch).map_err(|e| self.err(e))?;
-        batch.tx.commit().map_err(|e| self.err(e))?;
-        Ok(out)
+        blocking(|| {
+            let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+            let tx = conn.transaction().map_err(|e| self.err(e))?;
+            let batch = Batch { tx };
+            let out = f(&batch).map_err(|e| self.err(e))?;
+            batch.tx.commit().map_err(|e| self.err(e))?;
+            Ok(out)
+        })
     }
 
     /// Appends one step (its own transaction).
@@ -120,14 +133,16 @@ impl Journal {
     }
 
     pub fn get(&self, kind: &str, key: &str) -> Result<Option<Vec<u8>>, JournalError> {
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        conn.query_row(
-            "SELECT value FROM state WHERE kind = ?1 AND key = ?2",
-            params![kind, key],
-            |r| r.get(0),
-        )
-        .optional()
-        .map_err(|e| self.err(e))
+        blocking(|| {
+            let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+            conn.query_row(
+                "SELECT value FROM state WHERE kind = ?1 AND key = ?2",
+                params![kind, key],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+        })
     }
 
     /// Every (key, value) of a kind, in key order.

@@ -1,21 +1,28 @@
-//! Purselink head end: the gateway and the back-end roles (payment, merchant; bank and load
-//! to come), their journals, and the QUIC transport between them.
+//! Purselink head end: the gateway and the back-end roles (payment, merchant, bank, load),
+//! their journals, and the QUIC transport between them.
 //!
 //! - [`gateway`]: the cable head end server — boxes' messages in, routed to the roles;
 //! - [`payment`]: the payment server with its security-card pool;
 //! - [`merchant`]: the cable catalog and internet merchants;
+//! - [`bank`]: the bank server (accounts, PIN, holds, issuer float);
+//! - [`load`]: the load server with its HSM, and pre-funded accounts;
+//! - [`gateway_load`]: the gateway's routing of the load conversation;
 //! - [`role`]: the one seam between roles (in process or over QUIC);
 //! - [`assembly`]: builds the roles a config asks for and serves them;
 //! - [`journal`], [`config`], [`quic`], [`pki`], [`notify`], [`cli`].
 
 pub mod assembly;
+pub mod bank;
 pub mod cli;
 pub mod config;
 pub mod gateway;
+pub mod gateway_load;
 pub mod journal;
+pub mod load;
 pub mod merchant;
 pub mod notify;
 pub mod payment;
 pub mod pki;
 pub mod quic;
 pub mod role;
+pub mod sim_box;

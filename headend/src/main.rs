@@ -57,6 +57,14 @@ fn pki(cmd: PkiCommand) -> Result<(), PkiError> {
 /// Runs roles until SIGTERM or ctrl-c, telling systemd when ready and feeding its watchdog.
 async fn run_roles(args: RoleArgs, roles: Roles) -> Result<(), String> {
     let cfg = HeadendConfig::load(&args.config).map_err(|e| e.to_string())?;
+    // A role asked for by name needs its section (all-in-one runs what is there).
+    let only_load_side = !(roles.gateway || roles.payment || roles.merchant);
+    if only_load_side && roles.bank && cfg.bank.is_none() {
+        return Err(format!("{}: no [bank] section", args.config.display()));
+    }
+    if only_load_side && roles.load && cfg.load.is_none() {
+        return Err(format!("{}: no [load] section", args.config.display()));
+    }
     let running = assembly::start(&cfg, roles).await?;
     let watchdog = headend::notify::ready_and_watchdog();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -96,6 +104,7 @@ fn main() -> ExitCode {
         gateway,
         payment,
         merchant,
+        ..Roles::NONE
     };
     let result = match cli.command {
         Command::Pki(cmd) => pki(cmd).map_err(|e| e.to_string()),
@@ -109,6 +118,29 @@ fn main() -> ExitCode {
         Command::Merchant(a) => {
             rt().and_then(|rt| rt.block_on(run_roles(a, only(false, false, true))))
         }
+        Command::Bank(a) => rt().and_then(|rt| {
+            rt.block_on(run_roles(
+                a,
+                Roles {
+                    bank: true,
+                    ..Roles::NONE
+                },
+            ))
+        }),
+        Command::Load(a) => rt().and_then(|rt| {
+            rt.block_on(run_roles(
+                a,
+                Roles {
+                    load: true,
+                    ..Roles::NONE
+                },
+            ))
+        }),
+        Command::BankUnlock { role, account } => HeadendConfig::load(&role.config)
+            .map_err(|e| e.to_string())
+            .and_then(|cfg| headend::bank::BankServer::open(&cfg))
+            .and_then(|bank| bank.funds.unlock(&account))
+            .map(|()| println!("account {account} unlocked")),
         Command::InitDemo {
             dir,
             listen,
@@ -121,7 +153,11 @@ fn main() -> ExitCode {
                 message_layer: !no_message_layer,
                 ..Default::default()
             };
-            assembly::init_demo(&dir, &opts).map(|f| println!("{}", f.config.display()))
+            assembly::init_demo(&dir, &opts).map(|f| {
+                // stdout stays the config path (scripts read it); the PIN goes to the log.
+                tracing::info!(account = assembly::DEMO_ACCOUNT, box_id = assembly::DEMO_BOX, pin_file = %f.pin_file.display(), "demo bank account: its PIN is in the PIN file");
+                println!("{}", f.config.display())
+            })
         }
         Command::Collect { role, out } => payment_only(&role).and_then(|p| {
             let cfg = HeadendConfig::load(&role.config).map_err(|e| e.to_string())?;

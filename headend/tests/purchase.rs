@@ -164,7 +164,7 @@ async fn unknown_merchant_is_refused_with_its_route() {
 async fn garbage_payload_in_a_valid_frame_gets_a_clear_error() {
     let he = start(options("security-card", true)).await;
     let b = TestBox::new(&he, "box-000003", 5_000).await;
-    let bytes = b.client.call(&[0xFF, 0xEE, 0xDD, 0x01]).await.unwrap();
+    let bytes = b.0.client.call(&[0xFF, 0xEE, 0xDD, 0x01]).await.unwrap();
     let m = Message::from_payload(&bytes).unwrap();
     assert_eq!(error_code(&m), ErrorCode::Malformed);
     // The connection keeps working afterwards.

@@ -72,14 +72,14 @@ async fn connect_when_up(
         if let Ok(Ok(client)) = attempt {
             return match b.take() {
                 Some(mut existing) => {
-                    existing.client = client;
+                    existing.0.client = client;
                     existing
                 }
-                None => TestBox {
+                None => TestBox(headend::sim_box::SimBox {
                     id: "box-000777".into(),
                     client,
                     card: new_card(cfg, 0xBEEF, balance),
-                },
+                }),
             };
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -138,7 +138,7 @@ async fn killed_after_the_debit_command_completes_when_the_box_resends() {
 
     let offer = b.offer("CABLE", "ppv-1001").await;
     let draw = b.draw_request(&offer);
-    let mut txn = b.client.transaction().await.unwrap();
+    let mut txn = b.0.client.transaction().await.unwrap();
     let answer = Message::from_payload(
         &txn.exchange(&to_payload(&Message::DrawRequest(draw)))
             .await

@@ -1,7 +1,5 @@
-//! A test set-top box for the head end's purchase tests: a device certificate, a QUIC
-//! connection to the gateway, and an in-process purse card (the real `proto` card state
-//! machine). It plays the box's side of 001 [0075]–[0083] exactly, including the amount
-//! check of [0082].
+//! Test fixtures for the purchase tests: a head end started from a fresh `init_demo`
+//! deployment, and [`TestBox`], the library's simulated box with test-friendly unwrapping.
 #![allow(dead_code)]
 
 use std::path::Path;
@@ -9,23 +7,16 @@ use std::time::Duration;
 
 use headend::assembly::{self, DemoOptions, Roles, Running};
 use headend::config::HeadendConfig;
-use headend::pki::OperatorCa;
-use headend::quic::{BoxId, ClientTls, QuicClient, TlsIdentity, TransportSettings, load_certs};
-use headend::role::to_payload;
-use proto::apdu::{CardApplication, Response};
-use proto::card::{CardSpec, CardState, PurseCard, commands};
+use headend::sim_box::{self, SimBox};
+use proto::apdu::Response;
+use proto::card::PurseCard;
 use proto::messages::*;
-use proto::money::Currency;
 use proto::purse::*;
 
 pub struct HeadEnd {
     pub dir: tempfile::TempDir,
     pub cfg: HeadendConfig,
     pub running: Running,
-}
-
-pub fn today() -> Date {
-    headend::payment::today()
 }
 
 pub fn options(embodiment: &str, message_layer: bool) -> DemoOptions {
@@ -45,156 +36,63 @@ pub async fn start(opts: DemoOptions) -> HeadEnd {
     HeadEnd { dir, cfg, running }
 }
 
-pub struct TestBox {
-    pub id: String,
-    pub client: QuicClient,
-    pub card: PurseCard,
-}
-
-pub fn issuer(cfg: &HeadendConfig) -> IssuerKeys {
-    cfg.issuer_keys().unwrap()
-}
-
 pub fn new_card(cfg: &HeadendConfig, card_id: u64, balance: u64) -> PurseCard {
-    let spec = CardSpec {
-        card_id,
-        provider_id: 7,
-        currency: Currency::EUR,
-        balance,
-        max_balance: 100_000,
-        expiry: Expiry {
-            year: 2099,
-            month: 12,
-        },
-    };
-    PurseCard::new(CardState::personalise(&spec, &issuer(cfg)), card_id)
+    sim_box::new_card(&cfg.issuer_keys().unwrap(), card_id, balance, 100_000)
 }
 
-pub async fn connect_box(ca_dir: &Path, box_id: &str, addr: std::net::SocketAddr) -> QuicClient {
-    let ca = OperatorCa::load(ca_dir).unwrap();
-    let issued = ca.issue_device(&BoxId::new(box_id).unwrap()).unwrap();
-    let tls = ClientTls::new(
-        load_certs(&ca_dir.join("ca.crt.pem")).unwrap(),
-        TlsIdentity::from_issued(&issued),
-    );
-    QuicClient::connect(&tls, &TransportSettings::default(), addr, "localhost")
-        .await
-        .unwrap()
-}
+/// The simulated box, unwrapping as a test does.
+pub struct TestBox(pub SimBox);
 
 impl TestBox {
     pub async fn new(he: &HeadEnd, box_id: &str, balance: u64) -> Self {
-        let client = connect_box(
+        Self::connect(
             &he.dir.path().join("ca"),
+            &he.cfg,
             box_id,
             he.running.gateway_addr.unwrap(),
+            balance,
         )
-        .await;
-        Self {
+        .await
+    }
+
+    pub async fn connect(
+        ca: &Path,
+        cfg: &HeadendConfig,
+        box_id: &str,
+        addr: std::net::SocketAddr,
+        balance: u64,
+    ) -> Self {
+        let client = sim_box::connect(ca, box_id, addr).await.unwrap();
+        Self(SimBox {
             id: box_id.into(),
             client,
-            card: new_card(&he.cfg, 0xC0DE_0000 + balance, balance),
-        }
+            card: new_card(cfg, 0xC0DE_0000 + balance, balance),
+        })
     }
 
     pub async fn call(&self, msg: &Message) -> Message {
-        let bytes = self.client.call(&to_payload(msg)).await.unwrap();
-        Message::from_payload(&bytes).unwrap()
+        self.0.call(msg).await.unwrap()
     }
-
     pub fn apdu(&mut self, apdu: &[u8]) -> Response {
-        Response::parse(&self.card.process_apdu(apdu)).unwrap()
+        self.0.apdu(apdu)
     }
-
     pub fn balance(&mut self) -> u64 {
-        self.apdu(&commands::select());
-        PurseInfo::decode(&self.apdu(&commands::read_purse()).data)
-            .unwrap()
-            .balance
+        self.0.balance()
     }
-
     pub async fn offer(&self, merchant: &str, item: &str) -> Offer {
-        match self
-            .call(&Message::OfferRequest {
-                merchant_id: merchant.into(),
-                item_id: item.into(),
-            })
-            .await
-        {
-            Message::Offer(o) => o,
-            other => panic!("expected an offer, got {other:?}"),
-        }
+        self.0.offer(merchant, item).await.unwrap()
     }
-
-    /// Card read for the offer ([0075]) and the draw request ([0077]).
     pub fn draw_request(&mut self, offer: &Offer) -> DrawRequest {
-        self.apdu(&commands::select());
-        let init =
-            PurchaseInit::decode(&self.apdu(&commands::init_purchase(today())).data).unwrap();
-        assert_eq!(
-            init.currency, offer.amount.currency,
-            "[0075] currency check"
-        );
-        assert!(init.balance >= offer.amount.minor, "[0075] balance check");
-        let body = DrawBody {
-            amount: offer.amount,
-            atr: self.card.atr(),
-            init,
-        };
-        DrawRequest {
-            transaction_id: offer.transaction_id.clone(),
-            merchant_id: offer.merchant_id.clone(),
-            etsk: offer.etsk.clone(),
-            body: Protected::new(body, offer.tsk.as_ref(), &mut rand::rngs::OsRng),
-        }
+        self.0.draw_request(offer).unwrap()
     }
-
-    /// The debit command, opened and checked against the offer's amount ([0082]).
     pub fn open_debit_command(offer: &Offer, msg: &Message) -> DebitCommand {
-        let Message::DebitCommand(dc) = msg else {
-            panic!("expected a debit command, got {msg:?}")
-        };
-        let body = dc.body.open(offer.tsk.as_ref()).unwrap();
-        assert_eq!(
-            body.command.amount_money(),
-            offer.amount,
-            "[0082] amount check"
-        );
-        body.command
+        SimBox::open_debit_command(offer, msg).unwrap()
     }
-
-    /// DEBIT on the card; the debit response message for the gateway.
     pub fn debit(&mut self, offer: &Offer, cmd: &DebitCommand) -> DebitResponseMsg {
-        let r = self.apdu(&commands::debit(cmd));
-        assert!(r.sw.is_ok(), "card refused DEBIT: {}", r.sw);
-        let resp = DebitResponse::decode(&r.data).unwrap();
-        DebitResponseMsg {
-            transaction_id: offer.transaction_id.clone(),
-            body: Protected::new(resp, offer.tsk.as_ref(), &mut rand::rngs::OsRng),
-        }
+        self.0.debit(offer, cmd).unwrap()
     }
-
-    /// A whole purchase, its two steps on one stream; returns the offer and the gateway's
-    /// final answer.
     pub async fn buy(&mut self, merchant: &str, item: &str) -> (Offer, Message) {
-        let offer = self.offer(merchant, item).await;
-        let draw = self.draw_request(&offer);
-        let mut txn = self.client.transaction().await.unwrap();
-        let answer = Message::from_payload(
-            &txn.exchange(&to_payload(&Message::DrawRequest(draw)))
-                .await
-                .unwrap(),
-        )
-        .unwrap();
-        let cmd = Self::open_debit_command(&offer, &answer);
-        let resp = self.debit(&offer, &cmd);
-        let receipt = Message::from_payload(
-            &txn.last(&to_payload(&Message::DebitResponse(resp)))
-                .await
-                .unwrap(),
-        )
-        .unwrap();
-        (offer, receipt)
+        self.0.buy(merchant, item).await.unwrap()
     }
 }
 

@@ -1,0 +1,114 @@
+//! Purchases per second through the gateway and the payment server on loopback, with N
+//! concurrent simulated boxes (each its own device certificate, QUIC connection and purse
+//! card), latency p50/p99 — against the raw quinn request/response rate measured in the same
+//! run as the ceiling. A purchase is three request/response exchanges (offer, draw request,
+//! debit response) plus the card, security-card and journal work, so the ratio is printed
+//! both per purchase and per exchange.
+//!
+//! `cargo bench -p headend --bench purchase -- [SECONDS] [CLIENTS,..] [EMBODIMENT]`
+//! e.g. `cargo bench -p headend --bench purchase -- 5 1,8,32 security-card`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use headend::assembly::{self, DemoOptions, Roles};
+use headend::config::HeadendConfig;
+use headend::quic::bench_support::{LoadPlan, drive, raw_quinn};
+use headend::sim_box::{self, SimBox};
+use proto::messages::Message;
+
+const EXCHANGES_PER_PURCHASE: f64 = 3.0;
+
+async fn purchases(
+    plan: LoadPlan,
+    embodiment: &str,
+) -> Result<headend::quic::bench_support::LoadReport, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let opts = DemoOptions {
+        gateway_listen: ([127, 0, 0, 1], 0).into(),
+        embodiment: embodiment.into(),
+        ..Default::default()
+    };
+    let files = assembly::init_demo(dir.path(), &opts)?;
+    let mut cfg = HeadendConfig::load(&files.config).map_err(|e| e.to_string())?;
+    cfg.transport.max_connections = plan.clients + 8;
+    if let Some(p) = cfg.payment.as_mut() {
+        p.security_cards = plan.clients.max(4) as u32;
+    }
+    let running = assembly::start(&cfg, Roles::ALL).await?;
+    let issuer = cfg.issuer_keys()?;
+    let mut boxes = Vec::new();
+    for i in 0..plan.clients {
+        let id = format!("box-{i:06}");
+        let client =
+            sim_box::connect(&dir.path().join("ca"), &id, running.gateway_addr.unwrap()).await?;
+        let card = sim_box::new_card(&issuer, 0x1000 + i as u64, 1 << 40, 1 << 41);
+        boxes.push(tokio::sync::Mutex::new(SimBox { id, client, card }));
+    }
+    let boxes = Arc::new(boxes);
+    let report = drive(plan, move |i| {
+        let boxes = boxes.clone();
+        async move {
+            let mut b = boxes[i].lock().await;
+            match b.buy("CABLE", "ppv-1001").await? {
+                (_, Message::Receipt(r)) if r.released => Ok(()),
+                (_, other) => Err(format!("purchase not released: {other:?}")),
+            }
+        }
+    })
+    .await;
+    running.stop().await;
+    Ok(report)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let seconds: f64 = args.first().and_then(|s| s.parse().ok()).unwrap_or(5.0);
+    let clients: Vec<usize> = args
+        .get(1)
+        .map(|s| s.split(',').filter_map(|c| c.parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 8, 32]);
+    let embodiment = args
+        .get(2)
+        .cloned()
+        .unwrap_or_else(|| "security-card".into());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    println!(
+        "purchases through gateway + payment server + merchant on loopback ({embodiment}, FIG. 8 on, SQLite journals with synchronous=FULL), {seconds} s per run"
+    );
+    for n in clients {
+        let plan = LoadPlan {
+            clients: n,
+            warmup: Duration::from_millis(500),
+            duration: Duration::from_secs_f64(seconds),
+        };
+        let p = match rt.block_on(purchases(plan, &embodiment)) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("purchase run with {n} boxes failed: {e}");
+                std::process::exit(1);
+            }
+        };
+        let raw = match rt.block_on(raw_quinn(plan, 200)) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("raw quinn run with {n} boxes failed: {e}");
+                std::process::exit(1);
+            }
+        };
+        println!("purchases  {p}");
+        println!("raw quinn  {raw}");
+        println!(
+            "ratio      purchases/raw = {:.4}; exchanges/raw = {:.4} ({} exchanges per purchase)",
+            p.per_second / raw.per_second,
+            p.per_second * EXCHANGES_PER_PURCHASE / raw.per_second,
+            EXCHANGES_PER_PURCHASE
+        );
+    }
+}

@@ -1,0 +1,783 @@
+//! The bank server (001 bank server 860): accounts in minor units linked to a set-top box
+//! (and optionally a card), the PIN, the maximum load, and holds.
+//!
+//! A load never debits an account up front. The bank places a HOLD for the load amount
+//! when the load request passes the PIN and the limits; the hold is CAPTURED when the load
+//! server's sealed confirmation says the card was loaded — the amount then moves to the card
+//! issuer's float account (001 [0135]) — and RELEASED when it says the card was not. This
+//! settles the seed's debit-before-load ordering (step 875 against [0134]).
+//!
+//! The PIN travels only sealed end to end, box → bank, under a per-box PIN key derived from
+//! the bank's PIN master key by box id. The bank keeps a PIN verification value (a MAC),
+//! never the PIN. `pin_tries` wrong PINs in a row lock the account until an operator runs
+//! `headend bank-unlock`.
+//!
+//! State lives only in the journal (accounts, offers, holds, float), read and written under
+//! one lock per operation, so the operator command can change it while the bank runs.
+//!
+//! [`Funds`] is the hold discipline itself (accounts, offers, holds, float on one journal);
+//! the load server reuses it for pre-funded accounts.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use proto::crypto::{self, DesKey};
+use proto::messages::*;
+use proto::money::{Currency, Money};
+use proto::purse::{Date, PurseInfo};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use tracing::Instrument;
+
+use crate::config::{HeadendConfig, hex_key};
+use crate::journal::{self, Journal, JournalError};
+use crate::quic::BoxFuture;
+use crate::role::{Caller, Role};
+
+/// The per-box PIN key the box is provisioned with (a key file), derived from the bank PIN
+/// master key by box id.
+pub fn box_pin_key(pin_master: &DesKey, box_id: &str) -> DesKey {
+    pin_master.derive(b"PURSELINK PIN KEY", box_id.as_bytes())
+}
+
+/// The PIN verification value the bank stores for an account: a MAC over the account id
+/// and the PIN under a key derived from the PIN master key.
+pub fn pin_verification_value(pin_master: &DesKey, account: &str, pin: &str) -> String {
+    let pvk = pin_master.derive(b"PURSELINK PVK", b"");
+    let mut fields = account.as_bytes().to_vec();
+    fields.push(0);
+    fields.extend_from_slice(pin.as_bytes());
+    hex::encode_upper(crypto::sign(&pvk, b"PVV1", &fields))
+}
+
+/// The per-transaction key a load confirmation is sealed under.
+pub fn confirmation_key(shared: &DesKey, txid: &str) -> DesKey {
+    shared.derive(b"PURSELINK LOAD CONFIRMATION", txid.as_bytes())
+}
+
+/// Seconds since the epoch: the load server time stamp S1 covers.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// An account that funds loads: a bank account or a pre-funded voucher.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Account {
+    pub id: String,
+    pub box_id: Option<String>,
+    pub card_id: Option<u64>,
+    pub currency: Currency,
+    pub opening_balance: u64,
+    /// Booked balance: captured loads are gone from it.
+    pub balance: u64,
+    /// Sum of open holds.
+    pub held: u64,
+    /// PIN verification value (hex); `None` for a voucher (the code is the secret).
+    pub pvv: Option<String>,
+    pub wrong_pins: u8,
+    pub locked: bool,
+    /// The day `used_today` counts for.
+    pub day: Option<Date>,
+    /// Held or captured today (released holds give theirs back).
+    pub used_today: u64,
+}
+
+impl Account {
+    pub fn available(&self) -> u64 {
+        self.balance - self.held
+    }
+    fn used_on(&self, today: Date) -> u64 {
+        if self.day == Some(today) {
+            self.used_today
+        } else {
+            0
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HoldState {
+    Held,
+    Captured,
+    Released,
+}
+
+/// One hold (journal kind `hold`, keyed by transaction id).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hold {
+    pub transaction_id: String,
+    pub account: String,
+    pub amount: Money,
+    pub day: Date,
+    pub state: HoldState,
+    pub settled: Option<Message>,
+}
+
+/// An offer made (journal kind `offer`): who may use the transaction id, for which account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OfferRec {
+    pub box_id: String,
+    pub account: String,
+    pub card_id: u64,
+    pub offer: LoadOffer,
+}
+
+fn refuse(code: ErrorCode, reason: impl Into<String>, txid: Option<&str>) -> Message {
+    let reason = reason.into();
+    tracing::warn!(txid = txid.unwrap_or("-"), ?code, %reason, "refused");
+    Message::error(code, reason, txid)
+}
+
+fn journal_failed(e: JournalError, txid: Option<&str>) -> Message {
+    tracing::error!(txid = txid.unwrap_or("-"), error = %e, "journal write failed; nothing done");
+    Message::error(
+        ErrorCode::Internal,
+        "journal unavailable; nothing was done, retry",
+        txid,
+    )
+}
+
+/// Accounts, offers, holds and the issuer float on one journal: the hold discipline shared
+/// by the bank and the load server's pre-funded accounts.
+pub struct Funds {
+    /// "bank" or "load server", for messages.
+    pub who: &'static str,
+    pub journal: Arc<Journal>,
+    pub confirmation_key: DesKey,
+    /// The PIN master key; `None` for pre-funded accounts (no PIN).
+    pub pin_master: Option<DesKey>,
+    pub pin_tries: u8,
+    pub daily_limit: u64,
+    pub float_account: String,
+    lock: tokio::sync::Mutex<()>,
+}
+
+impl Funds {
+    /// Opens the funds on `journal`, adding the accounts the journal does not hold yet.
+    pub fn open(
+        who: &'static str,
+        journal: Arc<Journal>,
+        confirmation_key: DesKey,
+        pin_master: Option<DesKey>,
+        pin_tries: u8,
+        daily_limit: u64,
+        float_account: String,
+        accounts: Vec<Account>,
+    ) -> Result<Self, String> {
+        for a in accounts {
+            if journal
+                .get("account", &a.id)
+                .map_err(|e| e.to_string())?
+                .is_none()
+            {
+                journal
+                    .atomically(|b| {
+                        b.put("account", &a.id, &journal::encode(&a))?;
+                        b.step(&a.id, "account opened", &a.opening_balance.to_string())
+                    })
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(Self {
+            who,
+            journal,
+            confirmation_key,
+            pin_master,
+            pin_tries,
+            daily_limit,
+            float_account,
+            lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn account(&self, id: &str) -> Option<Account> {
+        journal::decode(&self.journal.get("account", id).ok()??).ok()
+    }
+
+    pub fn accounts(&self) -> Vec<Account> {
+        self.journal
+            .all("account")
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(_, b)| journal::decode(&b).ok())
+            .collect()
+    }
+
+    pub fn hold(&self, txid: &str) -> Option<Hold> {
+        journal::decode(&self.journal.get("hold", txid).ok()??).ok()
+    }
+
+    pub fn holds(&self) -> Vec<Hold> {
+        self.journal
+            .all("hold")
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(_, b)| journal::decode(&b).ok())
+            .collect()
+    }
+
+    /// The issuer float per currency: what captured loads moved to the card issuer.
+    pub fn float(&self) -> BTreeMap<Currency, u64> {
+        self.journal
+            .all("float")
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(_, b)| journal::decode::<Money>(&b).ok())
+            .map(|m| (m.currency, m.minor))
+            .collect()
+    }
+
+    fn offer_rec(&self, txid: &str) -> Option<OfferRec> {
+        journal::decode(&self.journal.get("offer", txid).ok()??).ok()
+    }
+
+    /// Unlocks an account after wrong PINs (the operator command).
+    pub fn unlock(&self, account: &str) -> Result<(), String> {
+        let mut a = self
+            .account(account)
+            .ok_or_else(|| format!("no account {account}"))?;
+        a.locked = false;
+        a.wrong_pins = 0;
+        self.journal
+            .atomically(|b| {
+                b.put("account", account, &journal::encode(&a))?;
+                b.step(account, "unlocked by the operator", "")
+            })
+            .map_err(|e| e.to_string())?;
+        tracing::info!(account, "account unlocked by the operator");
+        Ok(())
+    }
+
+    /// The account a source names, checked against the asking box (and card).
+    fn owned_account(
+        &self,
+        box_id: &str,
+        id: &str,
+        card_id: u64,
+        txid: Option<&str>,
+    ) -> Result<Account, Message> {
+        let Some(a) = self.account(id) else {
+            return Err(refuse(
+                ErrorCode::UnknownRoute,
+                format!("{} has no account {id}", self.who),
+                txid,
+            ));
+        };
+        if a.box_id.as_deref().is_some_and(|b| b != box_id) {
+            return Err(refuse(
+                ErrorCode::NotYourAccount,
+                format!("account {id} belongs to another set-top box"),
+                txid,
+            ));
+        }
+        if a.card_id.is_some_and(|c| c != card_id) {
+            return Err(refuse(
+                ErrorCode::NotYourAccount,
+                format!(
+                    "account {id} may load only card {:X}",
+                    a.card_id.unwrap_or(0)
+                ),
+                txid,
+            ));
+        }
+        if a.locked {
+            return Err(refuse(
+                ErrorCode::AccountLocked,
+                format!("account {id} is locked after wrong PINs; the bank must unlock it"),
+                txid,
+            ));
+        }
+        Ok(a)
+    }
+
+    /// The most that may be loaded now, and which limit sets it.
+    fn maximum(&self, a: &Account, card_room: u64, today: Date) -> (u64, &'static str) {
+        let daily = self.daily_limit.saturating_sub(a.used_on(today));
+        let mut best = (card_room, "card");
+        if a.available() < best.0 {
+            best = (a.available(), "funds");
+        }
+        if daily < best.0 {
+            best = (daily, "daily limit");
+        }
+        best
+    }
+
+    /// The limit an amount breaks, if any, as a refusal.
+    fn check_limits(
+        &self,
+        a: &Account,
+        amount: u64,
+        card_room: u64,
+        today: Date,
+        txid: &str,
+    ) -> Result<(), Message> {
+        if amount > card_room {
+            return Err(refuse(
+                ErrorCode::OverMaxBalance,
+                format!(
+                    "a load of {amount} would take the card over its maximum balance (room for {card_room})"
+                ),
+                Some(txid),
+            ));
+        }
+        if amount > a.available() {
+            return Err(refuse(
+                ErrorCode::InsufficientFunds,
+                format!(
+                    "account {} has {} available, not {amount}",
+                    a.id,
+                    a.available()
+                ),
+                Some(txid),
+            ));
+        }
+        let left = self.daily_limit.saturating_sub(a.used_on(today));
+        if amount > left {
+            return Err(refuse(
+                ErrorCode::OverDailyLimit,
+                format!(
+                    "account {} may load {left} more today (daily limit {})",
+                    a.id, self.daily_limit
+                ),
+                Some(txid),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A load offer: the maximum, a new transaction id and the server time stamp.
+    pub async fn offer(&self, box_id: &str, account: &str, card: &PurseInfo) -> Message {
+        let _g = self.lock.lock().await;
+        let a = match self.owned_account(box_id, account, card.card_id, None) {
+            Ok(a) => a,
+            Err(e) => return e,
+        };
+        if card.currency != a.currency {
+            return refuse(
+                ErrorCode::WrongCurrency,
+                format!(
+                    "the card holds {} but account {} is in {}",
+                    card.currency.alpha(),
+                    a.id,
+                    a.currency.alpha()
+                ),
+                None,
+            );
+        }
+        if card.is_blocked() {
+            return refuse(ErrorCode::BadSignature, "the card is blocked", None);
+        }
+        let today = crate::payment::today();
+        let room = card.max_balance.saturating_sub(card.balance);
+        let (max, limited_by) = self.maximum(&a, room, today);
+        if max == 0 {
+            let (code, why) = match limited_by {
+                "card" => (
+                    ErrorCode::OverMaxBalance,
+                    "the card is at its maximum balance",
+                ),
+                "funds" => (ErrorCode::InsufficientFunds, "no funds available"),
+                _ => (ErrorCode::OverDailyLimit, "today's load limit is used up"),
+            };
+            return refuse(code, format!("nothing can be loaded: {why}"), None);
+        }
+        let mut raw = [0u8; 8];
+        rand::rngs::OsRng.fill_bytes(&mut raw);
+        let txid = format!("LD-{}", hex::encode_upper(raw));
+        let offer = LoadOffer {
+            transaction_id: txid.clone(),
+            source: if a.pvv.is_some() {
+                LoadSource::Bank {
+                    account: a.id.clone(),
+                }
+            } else {
+                LoadSource::Voucher { code: a.id.clone() }
+            },
+            max_amount: Money::new(max, a.currency),
+            limited_by: limited_by.into(),
+            timestamp: now_secs(),
+            date: today,
+            pin_required: a.pvv.is_some(),
+        };
+        let rec = OfferRec {
+            box_id: box_id.into(),
+            account: a.id.clone(),
+            card_id: card.card_id,
+            offer: offer.clone(),
+        };
+        if let Err(e) = self.journal.atomically(|b| {
+            b.put("offer", &txid, &journal::encode(&rec))?;
+            b.step(
+                &txid,
+                "load offer made",
+                &format!("{} max {max} ({limited_by})", a.id),
+            )
+        }) {
+            return journal_failed(e, Some(&txid));
+        }
+        tracing::info!(txid, account = %a.id, box_id, max, limited_by, "load offer made");
+        Message::LoadOffer(offer)
+    }
+
+    /// Verifies the PIN (if the account has one) and places a hold. Idempotent per
+    /// transaction id.
+    pub async fn place_hold(&self, req: HoldRequest) -> Message {
+        let _g = self.lock.lock().await;
+        let txid = req.transaction_id.clone();
+        let t = Some(txid.as_str());
+        if let Some(h) = self.hold(&txid) {
+            return if h.amount == req.amount && h.state == HoldState::Held {
+                tracing::info!(txid, "retried hold request: same hold");
+                Message::HoldPlaced(HoldPlaced {
+                    transaction_id: txid,
+                    amount: h.amount,
+                })
+            } else {
+                refuse(
+                    ErrorCode::Replay,
+                    format!("transaction {txid} already has a hold ({:?})", h.state),
+                    t,
+                )
+            };
+        }
+        let Some(offer) = self.offer_rec(&txid) else {
+            return refuse(
+                ErrorCode::UnknownTransaction,
+                format!("{} made no load offer {txid}", self.who),
+                t,
+            );
+        };
+        let named = match &req.source {
+            LoadSource::Bank { account } | LoadSource::Voucher { code: account } => account,
+        };
+        if offer.box_id != req.box_id || *named != offer.account {
+            return refuse(
+                ErrorCode::NotYourAccount,
+                format!("load offer {txid} was made to another box or account"),
+                t,
+            );
+        }
+        let mut a = match self.owned_account(&req.box_id, &offer.account, req.card_id, t) {
+            Ok(a) => a,
+            Err(e) => return e,
+        };
+        if req.amount.currency != a.currency {
+            return refuse(
+                ErrorCode::WrongCurrency,
+                format!(
+                    "load in {} from account {} in {}",
+                    req.amount.currency.alpha(),
+                    a.id,
+                    a.currency.alpha()
+                ),
+                t,
+            );
+        }
+        if req.amount.minor == 0 {
+            return refuse(ErrorCode::Malformed, "zero-value load request", t);
+        }
+        if let Err(e) = self
+            .journal
+            .step(&txid, "hold requested", &req.amount.to_string())
+        {
+            return journal_failed(e, t);
+        }
+        if let (Some(pvv), Some(master)) = (a.pvv.clone(), &self.pin_master) {
+            match self.check_pin(&mut a, &pvv, master, &req) {
+                Ok(()) => {}
+                Err(refusal) => return refusal,
+            }
+        }
+        let today = crate::payment::today();
+        let room = req.card_max_balance.saturating_sub(req.card_balance);
+        if let Err(e) = self.check_limits(&a, req.amount.minor, room, today, &txid) {
+            // A right PIN still resets the count even when a limit refuses the amount.
+            let _ = self.journal.put("account", &a.id, &journal::encode(&a));
+            return e;
+        }
+        if a.day != Some(today) {
+            a.day = Some(today);
+            a.used_today = 0;
+        }
+        a.held += req.amount.minor;
+        a.used_today += req.amount.minor;
+        let hold = Hold {
+            transaction_id: txid.clone(),
+            account: a.id.clone(),
+            amount: req.amount,
+            day: today,
+            state: HoldState::Held,
+            settled: None,
+        };
+        if let Err(e) = self.journal.atomically(|b| {
+            b.put("account", &a.id, &journal::encode(&a))?;
+            b.put("hold", &txid, &journal::encode(&hold))?;
+            b.step(&txid, "hold placed", &format!("{} {}", a.id, req.amount))
+        }) {
+            return journal_failed(e, t);
+        }
+        tracing::info!(txid, account = %a.id, amount = %req.amount, "hold placed");
+        Message::HoldPlaced(HoldPlaced {
+            transaction_id: txid,
+            amount: req.amount,
+        })
+    }
+
+    /// Opens the sealed PIN block and compares its verification value; counts wrong PINs.
+    fn check_pin(
+        &self,
+        a: &mut Account,
+        pvv: &str,
+        master: &DesKey,
+        req: &HoldRequest,
+    ) -> Result<(), Message> {
+        let txid = req.transaction_id.as_str();
+        let Some(sealed) = &req.sealed_pin else {
+            return Err(refuse(
+                ErrorCode::WrongPin,
+                "this account needs the PIN",
+                Some(txid),
+            ));
+        };
+        let key = box_pin_key(master, &req.box_id);
+        let block: PinBlock = match crypto::open(&key, sealed)
+            .map_err(|e| e.to_string())
+            .and_then(|raw| journal::decode(&raw))
+        {
+            Ok(b) => b,
+            Err(e) => {
+                return Err(refuse(
+                    ErrorCode::BadSignature,
+                    format!("the PIN block does not open under this box's PIN key: {e}"),
+                    Some(txid),
+                ));
+            }
+        };
+        if block.transaction_id != txid {
+            return Err(refuse(
+                ErrorCode::Replay,
+                "the PIN block was sealed for another transaction",
+                Some(txid),
+            ));
+        }
+        let right = pin_verification_value(master, &a.id, &block.pin);
+        if right.eq_ignore_ascii_case(pvv) {
+            a.wrong_pins = 0;
+            return Ok(());
+        }
+        a.wrong_pins = a.wrong_pins.saturating_add(1);
+        a.locked = a.wrong_pins >= self.pin_tries;
+        let step = if a.locked {
+            "wrong PIN: account locked"
+        } else {
+            "wrong PIN"
+        };
+        if let Err(e) = self.journal.atomically(|b| {
+            b.put("account", &a.id, &journal::encode(&*a))?;
+            b.step(txid, step, &a.wrong_pins.to_string())
+        }) {
+            return Err(journal_failed(e, Some(txid)));
+        }
+        Err(if a.locked {
+            refuse(
+                ErrorCode::AccountLocked,
+                format!(
+                    "wrong PIN {} times: account {} is locked until the bank unlocks it",
+                    a.wrong_pins, a.id
+                ),
+                Some(txid),
+            )
+        } else {
+            refuse(
+                ErrorCode::WrongPin,
+                format!("wrong PIN; {} tries left", self.pin_tries - a.wrong_pins),
+                Some(txid),
+            )
+        })
+    }
+
+    /// Captures or releases the hold on the load server's sealed confirmation. Idempotent.
+    pub async fn settle(&self, c: LoadConfirmation) -> Message {
+        let _g = self.lock.lock().await;
+        let txid = c.transaction_id.clone();
+        let t = Some(txid.as_str());
+        let Some(mut hold) = self.hold(&txid) else {
+            return refuse(
+                ErrorCode::UnknownTransaction,
+                format!("{} holds nothing for {txid}", self.who),
+                t,
+            );
+        };
+        if let Some(done) = &hold.settled {
+            tracing::info!(txid, "retried confirmation: same settlement");
+            return done.clone();
+        }
+        // Only the load server can have sealed this: the relay cannot forge a no-load.
+        let body: LoadConfirmationBody =
+            match crypto::open(&confirmation_key(&self.confirmation_key, &txid), &c.sealed)
+                .map_err(|e| e.to_string())
+                .and_then(|raw| journal::decode(&raw))
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    return refuse(
+                        ErrorCode::BadSignature,
+                        format!("the load confirmation does not open: {e}"),
+                        t,
+                    );
+                }
+            };
+        // A no-load moves nothing, so only a capture must match the held amount (a
+        // load server that never saw the request cannot know it).
+        if body.transaction_id != txid || (body.loaded && body.amount != hold.amount) {
+            return refuse(
+                ErrorCode::AmountMismatch,
+                format!(
+                    "the confirmation is for {} {} but the hold is {txid} {}",
+                    body.transaction_id, body.amount, hold.amount
+                ),
+                t,
+            );
+        }
+        let Some(mut a) = self.account(&hold.account) else {
+            return refuse(ErrorCode::Internal, "the held account is gone", t);
+        };
+        let amount = hold.amount;
+        a.held -= amount.minor;
+        let mut float = self
+            .float()
+            .get(&amount.currency)
+            .copied()
+            .unwrap_or_default();
+        if body.loaded {
+            a.balance -= amount.minor;
+            float += amount.minor;
+            hold.state = HoldState::Captured;
+        } else {
+            if a.day == Some(hold.day) {
+                a.used_today = a.used_today.saturating_sub(amount.minor);
+            }
+            hold.state = HoldState::Released;
+        }
+        let answer = Message::HoldSettled(HoldSettled {
+            transaction_id: txid.clone(),
+            captured: body.loaded,
+            amount,
+        });
+        hold.settled = Some(answer.clone());
+        let step = if body.loaded {
+            "hold captured: moved to the issuer float"
+        } else {
+            "hold released"
+        };
+        if let Err(e) = self.journal.atomically(|b| {
+            b.put("account", &a.id, &journal::encode(&a))?;
+            b.put("hold", &txid, &journal::encode(&hold))?;
+            if body.loaded {
+                b.put(
+                    "float",
+                    &amount.currency.code.to_string(),
+                    &journal::encode(&Money::new(float, amount.currency)),
+                )?;
+            }
+            b.step(&txid, step, &body.basis)
+        }) {
+            return journal_failed(e, t);
+        }
+        tracing::info!(txid, account = %a.id, %amount, captured = body.loaded, basis = %body.basis, "{step}");
+        answer
+    }
+}
+
+/// The bank role.
+pub struct BankServer {
+    pub funds: Funds,
+}
+
+impl BankServer {
+    pub fn open(cfg: &HeadendConfig) -> Result<Arc<Self>, String> {
+        let s = cfg.bank.as_ref().ok_or("no [bank] section")?;
+        let journal =
+            Arc::new(Journal::open(&cfg.state_dir.join("bank.sqlite")).map_err(|e| e.to_string())?);
+        let accounts = cfg
+            .bank_accounts
+            .iter()
+            .map(|d| Account {
+                id: d.id.clone(),
+                box_id: Some(d.box_id.clone()),
+                card_id: d.card_id,
+                currency: d.currency(),
+                opening_balance: d.opening_balance,
+                balance: d.opening_balance,
+                held: 0,
+                pvv: Some(d.pin_verification_value.clone()),
+                wrong_pins: 0,
+                locked: false,
+                day: None,
+                used_today: 0,
+            })
+            .collect();
+        let funds = Funds::open(
+            "bank",
+            journal,
+            hex_key("[bank] confirmation_key", &s.confirmation_key)?,
+            Some(hex_key("[bank] pin_master", &s.pin_master)?),
+            s.pin_tries,
+            s.daily_limit,
+            s.float_account.clone(),
+            accounts,
+        )?;
+        Ok(Arc::new(Self { funds }))
+    }
+
+    pub fn journal(&self) -> &Arc<Journal> {
+        &self.funds.journal
+    }
+}
+
+impl Role for BankServer {
+    fn handle(&self, caller: Caller, msg: Message) -> BoxFuture<'_, Message> {
+        Box::pin(async move {
+            if let Caller::Box(b) = &caller {
+                return refuse(
+                    ErrorCode::NotYourAccount,
+                    format!("box {b}: set-top boxes reach the bank through the gateway"),
+                    None,
+                );
+            }
+            match msg {
+                Message::RoutedLoadOfferRequest { box_id, request } => {
+                    let LoadSource::Bank { account } = &request.source else {
+                        return refuse(
+                            ErrorCode::UnknownRoute,
+                            "the bank holds bank accounts, not vouchers",
+                            None,
+                        );
+                    };
+                    let span = tracing::info_span!("bank", %box_id, %account);
+                    self.funds
+                        .offer(&box_id, account, &request.card)
+                        .instrument(span)
+                        .await
+                }
+                Message::HoldRequest(r) => {
+                    let span = tracing::info_span!("bank", txid = %r.transaction_id);
+                    self.funds.place_hold(r).instrument(span).await
+                }
+                Message::LoadConfirmation(c) => {
+                    let span = tracing::info_span!("bank", txid = %c.transaction_id);
+                    self.funds.settle(c).instrument(span).await
+                }
+                other => refuse(
+                    ErrorCode::Malformed,
+                    format!("the bank does not take {}", crate::payment::kind(&other)),
+                    None,
+                ),
+            }
+        })
+    }
+}

@@ -1,0 +1,561 @@
+//! The load server (001 load server 862) with its host security module (HSM 864), and the
+//! pre-funded accounts of the second load embodiment ([0141]–[0160]).
+//!
+//! - Load request: a syntax check, a journal entry, then the HSM verifies S1 and issues S2
+//!   and the load command ([0137]–[0138]). A refused request is journaled as refused for
+//!   good — its transaction id can never be authorized later — and answered with a sealed
+//!   no-load confirmation so the funder can release its hold.
+//! - Load response: the HSM verifies S3 ([0128]); a negative result (or no response: the
+//!   card was pulled) runs the zero-value procedure of [0129]–[0132] on the fresh S1. The
+//!   answer is a confirmation sealed under a key shared with the bank, so only the bank can
+//!   read it ([0133]); the gateway relays it.
+//! - Pre-funded accounts: vouchers held here, with the same hold / capture / release
+//!   discipline as the bank ([`crate::bank::Funds`] on this server's journal).
+//!
+//! The HSM is [`proto::hsm::Hsm`] (software) behind the [`SecurityModule`] seam, snapshotted
+//! into the journal in the same SQLite transaction as each load record, so a load server
+//! killed between S2 and S3 comes back knowing the load command it issued.
+
+use std::sync::Arc;
+
+use proto::crypto;
+use proto::hsm::{Hsm, HsmError, LoadVerdict, NegativeVerdict};
+use proto::messages::*;
+use proto::money::Money;
+use proto::purse::{Date, LoadCommand, LoadInit, LoadResponse};
+use rand::rngs::OsRng;
+use serde::{Deserialize, Serialize};
+use tracing::Instrument;
+
+use crate::bank::{Account, Funds, confirmation_key};
+use crate::config::{HeadendConfig, hex_key, load_issuer_keys};
+use crate::journal::{self, Journal, JournalError};
+use crate::quic::BoxFuture;
+use crate::role::{Caller, Role};
+
+/// The seam for a hardware HSM: the three operations the load server needs. The software
+/// [`Hsm`] implements it; a PKCS#11 or network HSM would too.
+pub trait SecurityModule: Send {
+    fn id(&self) -> u64;
+    fn authorize(
+        &mut self,
+        txid: &str,
+        init: &LoadInit,
+        amount: Money,
+        today: Date,
+    ) -> Result<LoadCommand, HsmError>;
+    fn confirm(&mut self, txid: &str, resp: &LoadResponse) -> Result<LoadVerdict, HsmError>;
+    fn resolve_negative(
+        &mut self,
+        txid: &str,
+        zero: &LoadInit,
+    ) -> Result<NegativeVerdict, HsmError>;
+    /// The module's state for the journal (a hardware HSM keeps its own: empty).
+    fn snapshot(&self) -> Vec<u8>;
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String>;
+}
+
+impl SecurityModule for Hsm {
+    fn id(&self) -> u64 {
+        self.id
+    }
+    fn authorize(
+        &mut self,
+        txid: &str,
+        init: &LoadInit,
+        amount: Money,
+        today: Date,
+    ) -> Result<LoadCommand, HsmError> {
+        Hsm::authorize(self, txid, init, amount, today)
+    }
+    fn confirm(&mut self, txid: &str, resp: &LoadResponse) -> Result<LoadVerdict, HsmError> {
+        Hsm::confirm(self, txid, resp)
+    }
+    fn resolve_negative(
+        &mut self,
+        txid: &str,
+        zero: &LoadInit,
+    ) -> Result<NegativeVerdict, HsmError> {
+        Hsm::resolve_negative(self, txid, zero)
+    }
+    fn snapshot(&self) -> Vec<u8> {
+        journal::encode(self)
+    }
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
+        *self = journal::decode(snapshot)?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LoadState {
+    /// S2 issued; the card's answer is awaited.
+    Authorized,
+    /// Negative result code; the zero-value S1 is awaited.
+    NegativePending,
+    Loaded,
+    NotLoaded,
+    /// Refused before any S2: never authorized, and never will be under this id.
+    Refused,
+}
+
+/// The load server's record of one load (journal kind `load`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoadRec {
+    pub transaction_id: String,
+    pub amount: Money,
+    pub card_id: u64,
+    /// The load request as received, to tell a retry from another request.
+    pub request: Vec<u8>,
+    pub state: LoadState,
+    /// The load command, or the refusal.
+    pub answer: Message,
+    pub verdict: Option<String>,
+    pub confirmation: Option<Message>,
+}
+
+pub struct LoadServer {
+    hsm: tokio::sync::Mutex<Box<dyn SecurityModule>>,
+    journal: Arc<Journal>,
+    confirmation_key: proto::crypto::DesKey,
+    /// Pre-funded accounts.
+    pub prefunded: Funds,
+}
+
+fn hsm_code(e: &HsmError) -> ErrorCode {
+    match e {
+        HsmError::BadS1 | HsmError::BadS3 | HsmError::UnknownKeyVersion { .. } => {
+            ErrorCode::BadSignature
+        }
+        HsmError::WrongCurrency { .. } => ErrorCode::WrongCurrency,
+        HsmError::Expired => ErrorCode::Expired,
+        HsmError::OverMaxBalance { .. } => ErrorCode::OverMaxBalance,
+        HsmError::AmountMismatch { .. } | HsmError::ResponseMismatch => ErrorCode::AmountMismatch,
+        HsmError::ZeroAmount | HsmError::BadZeroValueRequest => ErrorCode::Malformed,
+        HsmError::UnknownTransaction(_) => ErrorCode::UnknownTransaction,
+        HsmError::DuplicateTransaction(_) => ErrorCode::Replay,
+        HsmError::WrongState(_) => ErrorCode::Replay,
+    }
+}
+
+fn refuse(code: ErrorCode, reason: impl Into<String>, txid: &str) -> Message {
+    let reason = reason.into();
+    tracing::warn!(txid, ?code, %reason, "refused");
+    Message::error(code, reason, Some(txid))
+}
+
+fn journal_failed(e: JournalError, txid: &str) -> Message {
+    tracing::error!(txid, error = %e, "journal write failed; nothing done");
+    Message::error(
+        ErrorCode::Internal,
+        "journal unavailable; nothing was done, retry",
+        Some(txid),
+    )
+}
+
+impl LoadServer {
+    pub fn open(cfg: &HeadendConfig) -> Result<Arc<Self>, String> {
+        let s = cfg.load.as_ref().ok_or("no [load] section")?;
+        let issuer = load_issuer_keys(&s.issuer_keys)?;
+        let journal =
+            Arc::new(Journal::open(&cfg.state_dir.join("load.sqlite")).map_err(|e| e.to_string())?);
+        let mut hsm: Box<dyn SecurityModule> = Box::new(Hsm::new(s.hsm_id, issuer));
+        if let Some(snap) = journal.get("hsm", "0").map_err(|e| e.to_string())? {
+            hsm.restore(&snap)?;
+            tracing::info!("HSM state restored from the journal");
+        }
+        let key = hex_key("[load] confirmation_key", &s.confirmation_key)?;
+        let accounts = cfg
+            .vouchers
+            .iter()
+            .map(|v| Account {
+                id: v.code.clone(),
+                box_id: v.box_id.clone(),
+                card_id: None,
+                currency: v.currency(),
+                opening_balance: v.amount,
+                balance: v.amount,
+                held: 0,
+                pvv: None,
+                wrong_pins: 0,
+                locked: false,
+                day: None,
+                used_today: 0,
+            })
+            .collect();
+        let prefunded = Funds::open(
+            "load server",
+            journal.clone(),
+            key.clone(),
+            None,
+            u8::MAX,
+            s.daily_limit,
+            s.float_account.clone(),
+            accounts,
+        )?;
+        for (txid, b) in journal.all("load").map_err(|e| e.to_string())? {
+            let r: LoadRec = journal::decode(&b)?;
+            if matches!(r.state, LoadState::Authorized | LoadState::NegativePending) {
+                tracing::info!(txid, state = ?r.state, "in-doubt load after restart: awaiting the load response or the zero-value S1");
+            }
+        }
+        Ok(Arc::new(Self {
+            hsm: tokio::sync::Mutex::new(hsm),
+            journal,
+            confirmation_key: key,
+            prefunded,
+        }))
+    }
+
+    pub fn journal(&self) -> &Arc<Journal> {
+        &self.journal
+    }
+
+    pub fn record(&self, txid: &str) -> Option<LoadRec> {
+        journal::decode(&self.journal.get("load", txid).ok()??).ok()
+    }
+
+    /// Loads the HSM settled as loaded, per currency (count and amount from its totals).
+    pub async fn hsm_loaded(&self, currency: proto::money::Currency) -> u64 {
+        let snap = self.hsm.lock().await.snapshot();
+        journal::decode::<Hsm>(&snap)
+            .map(|h| h.total(currency).amount)
+            .unwrap_or(0)
+    }
+
+    fn confirmation(
+        &self,
+        txid: &str,
+        loaded: bool,
+        amount: Money,
+        card_id: u64,
+        hsm_id: u64,
+        basis: &str,
+        new_balance: Option<u64>,
+    ) -> LoadConfirmation {
+        let body = LoadConfirmationBody {
+            transaction_id: txid.into(),
+            loaded,
+            amount,
+            card_id,
+            hsm_id,
+            basis: basis.into(),
+        };
+        LoadConfirmation {
+            transaction_id: txid.into(),
+            loaded,
+            new_balance,
+            sealed: crypto::seal(
+                &confirmation_key(&self.confirmation_key, txid),
+                &journal::encode(&body),
+                &mut OsRng,
+            ),
+        }
+    }
+
+    /// Journals a refusal for good and answers with it and a sealed no-load confirmation.
+    fn refuse_for_good(
+        &self,
+        req_raw: Vec<u8>,
+        txid: &str,
+        amount: Money,
+        card_id: u64,
+        hsm_id: u64,
+        code: ErrorCode,
+        reason: String,
+    ) -> Message {
+        tracing::warn!(txid, ?code, %reason, "load request refused");
+        let error = ErrorMsg {
+            code,
+            reason: reason.clone(),
+            transaction_id: Some(txid.into()),
+        };
+        let conf = self.confirmation(
+            txid,
+            false,
+            amount,
+            card_id,
+            hsm_id,
+            &format!("never authorized: {reason}"),
+            None,
+        );
+        let answer = Message::LoadRefused(LoadRefusal {
+            error,
+            confirmation: conf.clone(),
+        });
+        let rec = LoadRec {
+            transaction_id: txid.into(),
+            amount,
+            card_id,
+            request: req_raw,
+            state: LoadState::Refused,
+            answer: answer.clone(),
+            verdict: Some(reason),
+            confirmation: Some(Message::LoadConfirmation(conf)),
+        };
+        if let Err(e) = self.journal.atomically(|b| {
+            b.put("load", txid, &journal::encode(&rec))?;
+            b.step(txid, "load request refused", &format!("{code:?}"))
+        }) {
+            return journal_failed(e, txid);
+        }
+        answer
+    }
+
+    async fn load_request(&self, req: LoadRequest) -> Message {
+        let txid = req.transaction_id.clone();
+        // Syntax check ([0137]).
+        if txid.is_empty() || txid.len() > 64 {
+            return refuse(
+                ErrorCode::Malformed,
+                "transaction id must be 1 to 64 characters",
+                &txid,
+            );
+        }
+        let raw = journal::encode(&req);
+        let mut hsm = self.hsm.lock().await;
+        if let Some(prev) = self.record(&txid) {
+            return if prev.request == raw {
+                tracing::info!(txid, "retried load request: same answer");
+                prev.answer
+            } else {
+                refuse(
+                    ErrorCode::Replay,
+                    "transaction id already used for another load request",
+                    &txid,
+                )
+            };
+        }
+        if let Err(e) = self.journal.step(
+            &txid,
+            "load request received",
+            &format!("card {:X} {}", req.init.card_id, req.amount),
+        ) {
+            return journal_failed(e, &txid);
+        }
+        let hsm_id = hsm.id();
+        let before = hsm.snapshot();
+        let cmd = match hsm.authorize(&txid, &req.init, req.amount, crate::payment::today()) {
+            Ok(c) => c,
+            Err(e) => {
+                return self.refuse_for_good(
+                    raw,
+                    &txid,
+                    req.amount,
+                    req.init.card_id,
+                    hsm_id,
+                    hsm_code(&e),
+                    format!("host security module: {e}"),
+                );
+            }
+        };
+        let answer = Message::LoadCommand(LoadCommandMsg {
+            transaction_id: txid.clone(),
+            command: cmd,
+        });
+        let rec = LoadRec {
+            transaction_id: txid.clone(),
+            amount: req.amount,
+            card_id: req.init.card_id,
+            request: raw,
+            state: LoadState::Authorized,
+            answer: answer.clone(),
+            verdict: None,
+            confirmation: None,
+        };
+        let snap = hsm.snapshot();
+        if let Err(e) = self.journal.atomically(|b| {
+            b.put("hsm", "0", &snap)?;
+            b.put("load", &txid, &journal::encode(&rec))?;
+            b.step(&txid, "S1 verified: load command issued", "")
+        }) {
+            let _ = hsm.restore(&before); // not journaled means not done
+            return journal_failed(e, &txid);
+        }
+        tracing::info!(txid, amount = %req.amount, card = format!("{:X}", req.init.card_id), "S1 verified: load command issued");
+        answer
+    }
+
+    async fn load_response(&self, msg: LoadResponseMsg) -> Message {
+        let txid = msg.transaction_id.clone();
+        let mut hsm = self.hsm.lock().await;
+        let hsm_id = hsm.id();
+        let Some(mut rec) = self.record(&txid) else {
+            // No load request ever reached the HSM under this id (the load server was
+            // unreachable): record it as refused so it can never be authorized, and
+            // confirm the no-load so the hold is released.
+            if msg.zero_value.is_some() && msg.response.is_none() {
+                let card = msg.zero_value.as_ref().map(|z| z.card_id).unwrap_or(0);
+                return match self.refuse_for_good(
+                    Vec::new(),
+                    &txid,
+                    Money::zero(
+                        msg.zero_value
+                            .as_ref()
+                            .map(|z| z.currency)
+                            .unwrap_or(proto::money::Currency::EUR),
+                    ),
+                    card,
+                    hsm_id,
+                    ErrorCode::UnknownTransaction,
+                    "no load request reached the load server".into(),
+                ) {
+                    Message::LoadRefused(r) => Message::LoadConfirmation(r.confirmation),
+                    other => other,
+                };
+            }
+            return refuse(
+                ErrorCode::UnknownTransaction,
+                format!("no load transaction {txid}"),
+                &txid,
+            );
+        };
+        if let Some(c) = &rec.confirmation {
+            tracing::info!(txid, "retried load response: same confirmation");
+            return c.clone();
+        }
+        if let Err(e) = self.journal.step(
+            &txid,
+            "load response received",
+            match (&msg.response, &msg.zero_value) {
+                (Some(r), _) if r.is_loaded() => "S3, loaded",
+                (Some(_), Some(_)) => "S3, negative result, zero-value S1",
+                (Some(_), None) => "S3, negative result",
+                (None, Some(_)) => "no response (card pulled), zero-value S1",
+                (None, None) => "empty",
+            },
+        ) {
+            return journal_failed(e, &txid);
+        }
+        let before = hsm.snapshot();
+        let mut new_balance = None;
+        let mut verdict: Option<(bool, String)> = None;
+        if let Some(resp) = &msg.response {
+            match hsm.confirm(&txid, resp) {
+                Ok(LoadVerdict::Loaded) => {
+                    new_balance = Some(resp.new_balance);
+                    verdict = Some((true, "S3 verified: loaded".into()));
+                }
+                Ok(LoadVerdict::NegativeNeedsProof) => {
+                    rec.state = LoadState::NegativePending;
+                }
+                Err(e) => {
+                    return refuse(hsm_code(&e), format!("load response: {e}"), &txid);
+                }
+            }
+        }
+        if verdict.is_none() {
+            match &msg.zero_value {
+                Some(zero) => match hsm.resolve_negative(&txid, zero) {
+                    Ok(v) => {
+                        if !v.loaded() {
+                            new_balance = Some(zero.balance);
+                        }
+                        verdict = Some((v.loaded(), format!("negative result: {v:?}")));
+                    }
+                    Err(e) => {
+                        let _ = hsm.restore(&before);
+                        return refuse(hsm_code(&e), format!("zero-value proof: {e}"), &txid);
+                    }
+                },
+                None => {
+                    // Keep the negative result; the zero-value S1 must follow.
+                    let snap = hsm.snapshot();
+                    let _ = self.journal.atomically(|b| {
+                        b.put("hsm", "0", &snap)?;
+                        b.put("load", &txid, &journal::encode(&rec))?;
+                        b.step(&txid, "negative result: zero-value S1 awaited", "")
+                    });
+                    return refuse(
+                        ErrorCode::Malformed,
+                        "negative result: send a zero-value INITIALIZE FOR LOAD (new S1) with it",
+                        &txid,
+                    );
+                }
+            }
+        }
+        let (loaded, basis) = verdict.expect("set above");
+        let conf = self.confirmation(
+            &txid,
+            loaded,
+            rec.amount,
+            rec.card_id,
+            hsm_id,
+            &basis,
+            new_balance,
+        );
+        rec.state = if loaded {
+            LoadState::Loaded
+        } else {
+            LoadState::NotLoaded
+        };
+        rec.verdict = Some(basis.clone());
+        rec.confirmation = Some(Message::LoadConfirmation(conf.clone()));
+        let snap = hsm.snapshot();
+        if let Err(e) = self.journal.atomically(|b| {
+            b.put("hsm", "0", &snap)?;
+            b.put("load", &txid, &journal::encode(&rec))?;
+            b.step(&txid, "confirmation sealed", &basis)
+        }) {
+            let _ = hsm.restore(&before);
+            return journal_failed(e, &txid);
+        }
+        tracing::info!(txid, loaded, %basis, "load confirmation sealed for the funder");
+        Message::LoadConfirmation(conf)
+    }
+}
+
+impl Role for LoadServer {
+    fn handle(&self, caller: Caller, msg: Message) -> BoxFuture<'_, Message> {
+        Box::pin(async move {
+            if let Caller::Box(b) = &caller {
+                return refuse(
+                    ErrorCode::NotYourAccount,
+                    format!("box {b}: set-top boxes reach the load server through the gateway"),
+                    "-",
+                );
+            }
+            match msg {
+                Message::LoadRequest(r) => {
+                    let span = tracing::info_span!("load", txid = %r.transaction_id);
+                    self.load_request(r).instrument(span).await
+                }
+                Message::LoadResponse(r) => {
+                    let span = tracing::info_span!("load", txid = %r.transaction_id);
+                    self.load_response(r).instrument(span).await
+                }
+                // Pre-funded accounts: this server is the funder.
+                Message::RoutedLoadOfferRequest { box_id, request } => {
+                    let LoadSource::Voucher { code } = &request.source else {
+                        return refuse(
+                            ErrorCode::UnknownRoute,
+                            "the load server holds pre-funded accounts, not bank accounts",
+                            "-",
+                        );
+                    };
+                    let span = tracing::info_span!("load", %box_id, voucher = %code);
+                    self.prefunded
+                        .offer(&box_id, code, &request.card)
+                        .instrument(span)
+                        .await
+                }
+                Message::HoldRequest(r) => {
+                    let span = tracing::info_span!("load", txid = %r.transaction_id);
+                    self.prefunded.place_hold(r).instrument(span).await
+                }
+                Message::LoadConfirmation(c) => {
+                    let span = tracing::info_span!("load", txid = %c.transaction_id);
+                    self.prefunded.settle(c).instrument(span).await
+                }
+                other => refuse(
+                    ErrorCode::Malformed,
+                    format!(
+                        "the load server does not take {}",
+                        crate::payment::kind(&other)
+                    ),
+                    "-",
+                ),
+            }
+        })
+    }
+}

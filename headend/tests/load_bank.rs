@@ -1,0 +1,505 @@
+//! Loads from a bank account over real QUIC on loopback: a test box with a purse card, the
+//! gateway, the bank (PIN, limits, hold → capture / release, issuer float) and the load
+//! server with its HSM. Every refusal the issue lists, each with its reason and nothing
+//! moved; each branch of the negative-result procedure of 001 [0129]–[0132] with who ends
+//! up debited; and the conservation check after every test.
+
+mod load_support;
+
+use std::process::Command;
+
+use headend::bank::HoldState;
+use headend::load::LoadState;
+use load_support::*;
+use proto::apdu::StatusWord;
+use proto::card::CardFault;
+use proto::messages::*;
+use proto::money::{Currency, Money};
+
+fn bank_hold(he: &HeadEnd, txid: &str) -> Option<HoldState> {
+    he.running
+        .bank
+        .as_ref()
+        .unwrap()
+        .funds
+        .hold(txid)
+        .map(|h| h.state)
+}
+
+fn account_balance(he: &HeadEnd, id: &str) -> u64 {
+    he.running
+        .bank
+        .as_ref()
+        .unwrap()
+        .funds
+        .account(id)
+        .unwrap()
+        .balance
+}
+
+#[tokio::test]
+async fn bank_load_captures_the_hold_into_the_issuer_float() {
+    let he = start().await;
+    let mut b = LoadBox::new(&he, BOX1, 1_000, 100_000).await;
+    let offer = b.offer(bank_source()).await;
+    // Least of card room 99 000, funds 50 000, daily limit 30 000.
+    assert_eq!(offer.max_amount, Money::new(30_000, EUR));
+    assert_eq!(offer.limited_by, "daily limit");
+    assert!(offer.pin_required);
+
+    let init = b.init_load(&offer, 12_345).unwrap();
+    let req = b.load_request(&offer, init, 12_345, Some(&he.pin));
+    let answer = b.call(&Message::LoadRequest(req.clone())).await;
+    let cmd = LoadBox::command(&answer);
+    // The hold is placed, nothing debited yet.
+    assert_eq!(bank_hold(&he, &offer.transaction_id), Some(HoldState::Held));
+    assert_eq!(account_balance(&he, ACCOUNT), 50_000);
+    // A retried load request gets the same load command, never a second authorization.
+    assert_eq!(b.call(&Message::LoadRequest(req)).await, answer);
+
+    let resp = b.run_load(&cmd).unwrap();
+    let msg = LoadBox::response_msg(&offer, Some(resp), None);
+    let conf = b.call(&msg).await;
+    let Message::LoadConfirmation(c) = &conf else {
+        panic!("expected a confirmation, got {conf:?}")
+    };
+    assert!(c.loaded);
+    assert_eq!(c.new_balance, Some(13_345));
+    assert_eq!(b.balance(), 13_345);
+    assert_eq!(
+        bank_hold(&he, &offer.transaction_id),
+        Some(HoldState::Captured)
+    );
+    assert_eq!(account_balance(&he, ACCOUNT), 50_000 - 12_345);
+    // A retried load response gets the same confirmation and moves nothing.
+    assert_eq!(b.call(&msg).await, conf);
+
+    let txid = &offer.transaction_id;
+    let bank = he.running.bank.as_ref().unwrap();
+    assert_eq!(
+        bank.journal().steps(txid).unwrap(),
+        [
+            "load offer made",
+            "hold requested",
+            "hold placed",
+            "hold captured: moved to the issuer float"
+        ]
+    );
+    let load = he.running.load.as_ref().unwrap();
+    assert_eq!(
+        load.journal().steps(txid).unwrap(),
+        [
+            "load request received",
+            "S1 verified: load command issued",
+            "load response received",
+            "confirmation sealed"
+        ]
+    );
+    let gw = he.running.gateway.as_ref().unwrap();
+    assert_eq!(
+        gw.journal().steps(txid).unwrap(),
+        [
+            "load offer relayed",
+            "hold placed",
+            "load command relayed",
+            "load response relayed",
+            "hold captured"
+        ]
+    );
+    let totals = conservation(&he, &mut [&mut b]).await;
+    assert_eq!(totals[&EUR], (12_345, 12_345, 12_345));
+    he.running.stop().await;
+}
+
+/// Sends a load request and expects a refusal with `code`; checks nothing moved.
+async fn refused(
+    he: &HeadEnd,
+    b: &mut LoadBox,
+    req: LoadRequest,
+    code: ErrorCode,
+    reason_has: &str,
+) {
+    let before = b.balance();
+    let answer = b.call(&Message::LoadRequest(req.clone())).await;
+    let Message::Error(e) = &answer else {
+        panic!("expected {code:?}, got {answer:?}")
+    };
+    assert_eq!(e.code, code, "{}", e.reason);
+    assert!(
+        e.reason.contains(reason_has),
+        "reason {:?} lacks {reason_has:?}",
+        e.reason
+    );
+    assert_eq!(b.balance(), before, "card untouched");
+    assert_ne!(
+        bank_hold(he, &req.transaction_id),
+        Some(HoldState::Held),
+        "no hold left"
+    );
+}
+
+#[tokio::test]
+async fn over_max_balance_insufficient_funds_and_over_daily_limit_are_refused() {
+    let he = start().await;
+    // Over max balance: the card has room for 500; the box claims 800 on an S1 for 500
+    // (the card itself refuses INITIALIZE FOR LOAD for 800).
+    let mut b = LoadBox::new(&he, BOX1, 99_500, 100_000).await;
+    let offer = b.offer(bank_source()).await;
+    assert_eq!(
+        (offer.max_amount.minor, offer.limited_by.as_str()),
+        (500, "card")
+    );
+    assert_eq!(b.init_load(&offer, 800), Err(StatusWord::OVER_MAX_BALANCE));
+    let init = b.init_load(&offer, 500).unwrap();
+    let req = b.load_request(&offer, init, 800, Some(&he.pin));
+    refused(
+        &he,
+        &mut b,
+        req,
+        ErrorCode::OverMaxBalance,
+        "maximum balance",
+    )
+    .await;
+    conservation(&he, &mut [&mut b]).await;
+
+    // Insufficient funds: the savings account holds 1 000.
+    let mut b = LoadBox::new(&he, BOX1, 0, 100_000).await;
+    let poor = LoadSource::Bank {
+        account: POOR.into(),
+    };
+    let offer = b.offer(poor).await;
+    assert_eq!(
+        (offer.max_amount.minor, offer.limited_by.as_str()),
+        (1_000, "funds")
+    );
+    let init = b.init_load(&offer, 1_500).unwrap();
+    let req = b.load_request(&offer, init, 1_500, Some(&he.pin));
+    refused(&he, &mut b, req, ErrorCode::InsufficientFunds, "available").await;
+
+    // Over the daily limit: 30 000 a day; 20 000 loaded, then 10 001 more is refused.
+    let (_, conf) = b.load(bank_source(), 20_000, Some(&he.pin)).await;
+    assert!(matches!(conf, Message::LoadConfirmation(ref c) if c.loaded));
+    let offer = b.offer(bank_source()).await;
+    assert_eq!(
+        (offer.max_amount.minor, offer.limited_by.as_str()),
+        (10_000, "daily limit")
+    );
+    let init = b.init_load(&offer, 10_001).unwrap();
+    let req = b.load_request(&offer, init, 10_001, Some(&he.pin));
+    refused(&he, &mut b, req, ErrorCode::OverDailyLimit, "daily limit").await;
+    let totals = conservation(&he, &mut [&mut b]).await;
+    assert_eq!(totals[&EUR], (20_000, 20_000, 20_000));
+    he.running.stop().await;
+}
+
+#[tokio::test]
+async fn wrong_currency_and_another_boxs_account_are_refused() {
+    let he = start().await;
+    // A card in US dollars against a euro account: refused at the offer.
+    let mut usd = LoadBox::with_currency(&he, BOX1, 0, 100_000, Currency::USD).await;
+    let answer = usd.ask_offer(bank_source()).await;
+    assert_eq!(error_code(&answer), ErrorCode::WrongCurrency);
+
+    // A load request in another currency than the account's: refused at the bank.
+    let mut b = LoadBox::new(&he, BOX1, 0, 100_000).await;
+    let offer = b.offer(bank_source()).await;
+    let init = b.init_load(&offer, 1_000).unwrap();
+    let mut req = b.load_request(&offer, init, 1_000, Some(&he.pin));
+    req.amount = Money::new(1_000, Currency::USD);
+    refused(&he, &mut b, req, ErrorCode::WrongCurrency, "USD").await;
+
+    // Box 2 asks to load from box 1's account, and tries box 1's transaction.
+    let mut other = LoadBox::new(&he, BOX2, 0, 100_000).await;
+    let answer = other.ask_offer(bank_source()).await;
+    let Message::Error(e) = &answer else {
+        panic!("{answer:?}")
+    };
+    assert_eq!(e.code, ErrorCode::NotYourAccount);
+    assert!(e.reason.contains("another set-top box"), "{}", e.reason);
+    let stolen = LoadOffer { ..offer.clone() };
+    let init = other.init_load(&stolen, 1_000).unwrap();
+    let req = other.load_request(&stolen, init, 1_000, Some(&he.pin));
+    refused(
+        &he,
+        &mut other,
+        req,
+        ErrorCode::NotYourAccount,
+        "another box",
+    )
+    .await;
+    conservation(&he, &mut [&mut usd, &mut b, &mut other]).await;
+    he.running.stop().await;
+}
+
+#[tokio::test]
+async fn wrong_pin_then_three_lock_the_account_until_the_operator_unlocks_it() {
+    let he = start().await;
+    let mut b = LoadBox::new(&he, BOX1, 0, 100_000).await;
+    let offer = b.offer(bank_source()).await;
+    let wrong = if he.pin == "0000" { "1111" } else { "0000" };
+    let init = b.init_load(&offer, 2_000).unwrap();
+    let attempt = |pin: &str| b.load_request(&offer, init.clone(), 2_000, Some(pin));
+    let (r1, r2, r3, right) = (
+        attempt(wrong),
+        attempt(wrong),
+        attempt(wrong),
+        attempt(&he.pin),
+    );
+    refused(&he, &mut b, r1, ErrorCode::WrongPin, "2 tries left").await;
+    refused(&he, &mut b, r2, ErrorCode::WrongPin, "1 tries left").await;
+    refused(&he, &mut b, r3, ErrorCode::AccountLocked, "locked").await;
+    // Even the right PIN is refused now, and so is a new offer.
+    refused(
+        &he,
+        &mut b,
+        right.clone(),
+        ErrorCode::AccountLocked,
+        "locked",
+    )
+    .await;
+    assert_eq!(
+        error_code(&b.ask_offer(bank_source()).await),
+        ErrorCode::AccountLocked
+    );
+    // The operator command, a real process on the bank's journal while the bank runs.
+    let out = Command::new(env!("CARGO_BIN_EXE_headend"))
+        .args(["bank-unlock", "--account", ACCOUNT, "--config"])
+        .arg(&he.config_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("unlocked"));
+    // Unlocked: the right PIN now places the hold and the load completes (a fresh S1:
+    // reading the balance above ended the card's load session).
+    let init = b.init_load(&offer, 2_000).unwrap();
+    let right = LoadRequest { init, ..right };
+    let cmd = LoadBox::command(&b.call(&Message::LoadRequest(right)).await);
+    let resp = b.run_load(&cmd).unwrap();
+    let conf = b
+        .call(&LoadBox::response_msg(&offer, Some(resp), None))
+        .await;
+    assert!(matches!(conf, Message::LoadConfirmation(ref c) if c.loaded));
+    // A PIN block sealed for another transaction is refused (no replay of a sealed PIN).
+    let offer2 = b.offer(bank_source()).await;
+    let init = b.init_load(&offer2, 100).unwrap();
+    let mut req = b.load_request(&offer2, init, 100, None);
+    req.sealed_pin = Some(b.seal_pin(&offer.transaction_id, &he.pin));
+    refused(&he, &mut b, req, ErrorCode::Replay, "another transaction").await;
+    let steps = he
+        .running
+        .bank
+        .as_ref()
+        .unwrap()
+        .journal()
+        .steps(ACCOUNT)
+        .unwrap();
+    assert!(
+        steps.iter().any(|s| s == "unlocked by the operator"),
+        "{steps:?}"
+    );
+    let totals = conservation(&he, &mut [&mut b]).await;
+    assert_eq!(totals[&EUR], (2_000, 2_000, 2_000));
+    he.running.stop().await;
+}
+
+#[tokio::test]
+async fn forged_s1_is_refused_and_the_hold_released() {
+    let he = start().await;
+    let mut b = LoadBox::new(&he, BOX1, 0, 100_000).await;
+    let offer = b.offer(bank_source()).await;
+    let mut init = b.init_load(&offer, 3_000).unwrap();
+    init.s1[2] ^= 0x40;
+    let req = b.load_request(&offer, init, 3_000, Some(&he.pin));
+    refused(&he, &mut b, req.clone(), ErrorCode::BadSignature, "S1").await;
+    assert_eq!(
+        bank_hold(&he, &offer.transaction_id),
+        Some(HoldState::Released)
+    );
+    let load = he.running.load.as_ref().unwrap();
+    assert_eq!(
+        load.record(&offer.transaction_id).unwrap().state,
+        LoadState::Refused
+    );
+    // The refusal is final: a retry gets the same refusal, never an authorization.
+    refused(&he, &mut b, req, ErrorCode::BadSignature, "S1").await;
+    conservation(&he, &mut [&mut b]).await;
+    he.running.stop().await;
+}
+
+#[tokio::test]
+async fn forged_s2_is_refused_by_the_card_and_the_zero_value_proof_releases() {
+    let he = start().await;
+    let mut b = LoadBox::new(&he, BOX1, 0, 100_000).await;
+    let offer = b.offer(bank_source()).await;
+    let init = b.init_load(&offer, 3_000).unwrap();
+    let req = b.load_request(&offer, init, 3_000, Some(&he.pin));
+    let mut cmd = LoadBox::command(&b.call(&Message::LoadRequest(req)).await);
+    cmd.s2[7] ^= 1;
+    assert_eq!(b.run_load(&cmd), Err(StatusWord::BAD_SIGNATURE));
+    assert_eq!(b.balance(), 0);
+    // The card never loaded: the box proves it with a zero-value S1 ([0130]).
+    let zero = b.zero_value(&offer);
+    let conf = b
+        .call(&LoadBox::response_msg(&offer, None, Some(zero)))
+        .await;
+    assert!(
+        matches!(conf, Message::LoadConfirmation(ref c) if !c.loaded),
+        "{conf:?}"
+    );
+    assert_eq!(
+        bank_hold(&he, &offer.transaction_id),
+        Some(HoldState::Released)
+    );
+    conservation(&he, &mut [&mut b]).await;
+    he.running.stop().await;
+}
+
+#[tokio::test]
+async fn forged_s3_is_refused_and_only_the_genuine_one_captures() {
+    let he = start().await;
+    let mut b = LoadBox::new(&he, BOX1, 0, 100_000).await;
+    let offer = b.offer(bank_source()).await;
+    let init = b.init_load(&offer, 4_000).unwrap();
+    let req = b.load_request(&offer, init, 4_000, Some(&he.pin));
+    let cmd = LoadBox::command(&b.call(&Message::LoadRequest(req)).await);
+    let resp = b.run_load(&cmd).unwrap();
+    let mut forged = resp.clone();
+    forged.s3[0] ^= 0x80;
+    let answer = b
+        .call(&LoadBox::response_msg(&offer, Some(forged), None))
+        .await;
+    let Message::Error(e) = &answer else {
+        panic!("{answer:?}")
+    };
+    assert_eq!(e.code, ErrorCode::BadSignature);
+    assert!(e.reason.contains("S3"), "{}", e.reason);
+    // A negative result forged onto a real load does not verify either.
+    let mut claim = resp.clone();
+    claim.result = proto::purse::LOAD_NEGATIVE;
+    let answer = b
+        .call(&LoadBox::response_msg(&offer, Some(claim), None))
+        .await;
+    assert_eq!(error_code(&answer), ErrorCode::BadSignature);
+    assert_eq!(bank_hold(&he, &offer.transaction_id), Some(HoldState::Held));
+    assert_eq!(
+        account_balance(&he, ACCOUNT),
+        50_000,
+        "nothing captured yet"
+    );
+    // The genuine S3 captures.
+    let conf = b
+        .call(&LoadBox::response_msg(&offer, Some(resp), None))
+        .await;
+    assert!(matches!(conf, Message::LoadConfirmation(ref c) if c.loaded));
+    let totals = conservation(&he, &mut [&mut b]).await;
+    assert_eq!(totals[&EUR], (4_000, 4_000, 4_000));
+    he.running.stop().await;
+}
+
+#[tokio::test]
+async fn replayed_load_command_is_refused_by_the_card_and_never_paid_twice() {
+    let he = start().await;
+    let mut b = LoadBox::new(&he, BOX1, 0, 100_000).await;
+    let offer = b.offer(bank_source()).await;
+    let init = b.init_load(&offer, 1_500).unwrap();
+    let req = b.load_request(&offer, init, 1_500, Some(&he.pin));
+    let cmd = LoadBox::command(&b.call(&Message::LoadRequest(req.clone())).await);
+    let resp = b.run_load(&cmd).unwrap();
+    b.call(&LoadBox::response_msg(&offer, Some(resp), None))
+        .await;
+    // Straight replay, then replay into a fresh session.
+    assert_eq!(b.run_load(&cmd), Err(StatusWord::WRONG_STATE));
+    b.init_load(&offer, 1_500).unwrap();
+    assert_eq!(b.run_load(&cmd), Err(StatusWord::REPLAY));
+    // The load request again: the same command, no second hold.
+    assert_eq!(
+        LoadBox::command(&b.call(&Message::LoadRequest(req)).await),
+        cmd
+    );
+    assert_eq!(b.balance(), 1_500);
+    assert_eq!(
+        he.running.bank.as_ref().unwrap().funds.holds().len(),
+        1,
+        "one hold"
+    );
+    let totals = conservation(&he, &mut [&mut b]).await;
+    assert_eq!(totals[&EUR], (1_500, 1_500, 1_500));
+    he.running.stop().await;
+}
+
+/// A load whose card answers LOAD negatively as `fault` does, then the zero-value proof.
+/// Returns (verdict text, card balance, account balance, hold state).
+async fn negative_case(fault: CardFault) -> (String, u64, u64, HoldState) {
+    let he = start().await;
+    let mut b = LoadBox::new(&he, BOX1, 2_000, 100_000).await;
+    let offer = b.offer(bank_source()).await;
+    let init = b.init_load(&offer, 3_000).unwrap();
+    let req = b.load_request(&offer, init, 3_000, Some(&he.pin));
+    let cmd = LoadBox::command(&b.call(&Message::LoadRequest(req)).await);
+    b.card.state.fault = Some(fault);
+    let resp = b.run_load(&cmd).unwrap();
+    assert!(!resp.is_loaded(), "negative result code");
+    // Without the proof the load server asks for it, and nothing is settled.
+    let answer = b
+        .call(&LoadBox::response_msg(&offer, Some(resp.clone()), None))
+        .await;
+    assert!(
+        matches!(&answer, Message::Error(e) if e.reason.contains("zero-value")),
+        "{answer:?}"
+    );
+    assert_eq!(bank_hold(&he, &offer.transaction_id), Some(HoldState::Held));
+    let zero = b.zero_value(&offer);
+    let conf = b
+        .call(&LoadBox::response_msg(&offer, Some(resp), Some(zero)))
+        .await;
+    assert!(matches!(conf, Message::LoadConfirmation(_)), "{conf:?}");
+    let rec = he
+        .running
+        .load
+        .as_ref()
+        .unwrap()
+        .record(&offer.transaction_id)
+        .unwrap();
+    let out = (
+        rec.verdict.unwrap(),
+        b.balance(),
+        account_balance(&he, ACCOUNT),
+        bank_hold(&he, &offer.transaction_id).unwrap(),
+    );
+    conservation(&he, &mut [&mut b]).await;
+    he.running.stop().await;
+    out
+}
+
+#[tokio::test]
+async fn negative_true_negative_nobody_is_debited() {
+    let (verdict, card, account, hold) = negative_case(CardFault::TrueNegative).await;
+    assert_eq!(verdict, "negative result: TrueNegative");
+    assert_eq!(
+        (card, account, hold),
+        (2_000, 50_000, HoldState::Released),
+        "card not loaded, account not debited, hold released"
+    );
+}
+
+#[tokio::test]
+async fn negative_false_negative_the_account_pays_for_the_load_the_card_got() {
+    let (verdict, card, account, hold) = negative_case(CardFault::FalseNegative).await;
+    assert_eq!(verdict, "negative result: FalseNegative");
+    assert_eq!(
+        (card, account, hold),
+        (5_000, 47_000, HoldState::Captured),
+        "card loaded despite its claim, so the account is debited and the float credited"
+    );
+}
+
+#[tokio::test]
+async fn negative_counter_bumped_by_accident_nobody_is_debited() {
+    let (verdict, card, account, hold) = negative_case(CardFault::CounterBump).await;
+    assert_eq!(verdict, "negative result: CounterBumped");
+    assert_eq!((card, account, hold), (2_000, 50_000, HoldState::Released));
+}

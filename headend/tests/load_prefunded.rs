@@ -1,0 +1,148 @@
+//! Loads from a pre-funded account (001 [0141]–[0160]) over real QUIC on loopback: the
+//! load server holds the voucher itself, no bank involved, with the same hold / capture /
+//! release discipline; the conservation check after every test.
+
+mod load_support;
+
+use headend::bank::HoldState;
+use load_support::*;
+use proto::messages::*;
+use proto::money::Money;
+
+fn voucher_hold(he: &HeadEnd, txid: &str) -> Option<HoldState> {
+    he.running
+        .load
+        .as_ref()
+        .unwrap()
+        .prefunded
+        .hold(txid)
+        .map(|h| h.state)
+}
+
+#[tokio::test]
+async fn voucher_load_needs_no_bank_and_captures_into_the_float() {
+    let he = start().await;
+    let mut b = LoadBox::new(&he, BOX1, 500, 100_000).await;
+    let offer = b.offer(voucher_source(VOUCHER)).await;
+    assert_eq!(
+        offer.max_amount,
+        Money::new(10_000, EUR),
+        "the voucher's value"
+    );
+    assert_eq!(offer.limited_by, "funds");
+    assert!(!offer.pin_required);
+    let (offer, conf) = b.load(voucher_source(VOUCHER), 7_500, None).await;
+    let Message::LoadConfirmation(c) = &conf else {
+        panic!("{conf:?}")
+    };
+    assert!(c.loaded);
+    assert_eq!(b.balance(), 8_000);
+    assert_eq!(
+        voucher_hold(&he, &offer.transaction_id),
+        Some(HoldState::Captured)
+    );
+    let load = he.running.load.as_ref().unwrap();
+    assert_eq!(
+        load.prefunded.account(VOUCHER).unwrap().balance,
+        2_500,
+        "voucher debited"
+    );
+    // The bank saw nothing of it.
+    let bank = he.running.bank.as_ref().unwrap();
+    assert!(bank.funds.holds().is_empty());
+    assert!(bank.funds.float().is_empty());
+    let steps = load.journal().steps(&offer.transaction_id).unwrap();
+    assert_eq!(
+        steps,
+        [
+            "load offer made",
+            "hold requested",
+            "hold placed",
+            "load request received",
+            "S1 verified: load command issued",
+            "load response received",
+            "confirmation sealed",
+            "hold captured: moved to the issuer float"
+        ]
+    );
+    let totals = conservation(&he, &mut [&mut b]).await;
+    assert_eq!(totals[&EUR], (7_500, 7_500, 7_500));
+    he.running.stop().await;
+}
+
+#[tokio::test]
+async fn voucher_refusals_move_nothing() {
+    let he = start().await;
+    let mut b = LoadBox::new(&he, BOX1, 0, 100_000).await;
+    // More than the voucher holds.
+    let offer = b.offer(voucher_source(VOUCHER)).await;
+    let init = b.init_load(&offer, 10_001).unwrap();
+    let req = b.load_request(&offer, init, 10_001, None);
+    let answer = b.call(&Message::LoadRequest(req)).await;
+    assert_eq!(
+        error_code(&answer),
+        ErrorCode::InsufficientFunds,
+        "{answer:?}"
+    );
+    // Another box's voucher.
+    let answer = b.ask_offer(voucher_source("VOUCHER-0002")).await;
+    assert_eq!(error_code(&answer), ErrorCode::NotYourAccount);
+    // An unknown voucher.
+    let answer = b.ask_offer(voucher_source("NO-SUCH")).await;
+    let Message::Error(e) = &answer else {
+        panic!("{answer:?}")
+    };
+    assert!(e.reason.contains("NO-SUCH"), "{}", e.reason);
+    // A forged S1: the voucher hold is released.
+    let offer = b.offer(voucher_source(VOUCHER)).await;
+    let mut init = b.init_load(&offer, 1_000).unwrap();
+    init.s1[0] ^= 1;
+    let req = b.load_request(&offer, init, 1_000, None);
+    let answer = b.call(&Message::LoadRequest(req)).await;
+    assert_eq!(error_code(&answer), ErrorCode::BadSignature);
+    assert_eq!(
+        voucher_hold(&he, &offer.transaction_id),
+        Some(HoldState::Released)
+    );
+    assert_eq!(b.balance(), 0);
+    conservation(&he, &mut [&mut b]).await;
+    he.running.stop().await;
+}
+
+#[tokio::test]
+async fn card_pulled_mid_load_resolves_from_the_zero_value_s1() {
+    let he = start().await;
+    let mut b = LoadBox::new(&he, BOX1, 0, 100_000).await;
+    // Loaded, but the response was lost when the card was pulled: the zero-value S1
+    // proves the load (FalseNegative branch), the voucher pays.
+    let offer = b.offer(voucher_source(VOUCHER)).await;
+    let init = b.init_load(&offer, 2_000).unwrap();
+    let req = b.load_request(&offer, init, 2_000, None);
+    let cmd = LoadBox::command(&b.call(&Message::LoadRequest(req)).await);
+    b.run_load(&cmd).unwrap();
+    let zero = b.zero_value(&offer);
+    let conf = b
+        .call(&LoadBox::response_msg(&offer, None, Some(zero)))
+        .await;
+    assert!(
+        matches!(conf, Message::LoadConfirmation(ref c) if c.loaded),
+        "{conf:?}"
+    );
+    // Pulled before LOAD: the zero-value S1 proves no load, the hold is released.
+    let offer = b.offer(voucher_source(VOUCHER)).await;
+    let init = b.init_load(&offer, 3_000).unwrap();
+    let req = b.load_request(&offer, init, 3_000, None);
+    LoadBox::command(&b.call(&Message::LoadRequest(req)).await);
+    let zero = b.zero_value(&offer);
+    let conf = b
+        .call(&LoadBox::response_msg(&offer, None, Some(zero)))
+        .await;
+    assert!(
+        matches!(conf, Message::LoadConfirmation(ref c) if !c.loaded),
+        "{conf:?}"
+    );
+    assert_eq!(b.balance(), 2_000);
+    let totals = conservation(&he, &mut [&mut b]).await;
+    assert_eq!(totals[&EUR], (2_000, 2_000, 2_000));
+    he.running.stop().await;
+}
