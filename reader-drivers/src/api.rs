@@ -15,7 +15,9 @@ use tokio::sync::mpsc;
 pub enum CardPresence {
     Absent,
     /// A card is in and powered or powerable; the ATR when known.
-    Present { atr: Vec<u8> },
+    Present {
+        atr: Vec<u8>,
+    },
     /// A card is in but does not answer to reset.
     Mute,
     /// Another application holds the card exclusively.
@@ -30,23 +32,38 @@ pub struct ReaderInfo {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReaderEvent {
-    ReaderAttached { reader: String },
-    ReaderDetached { reader: String },
-    CardInserted { reader: String, atr: Vec<u8> },
-    CardRemoved { reader: String },
+    ReaderAttached {
+        reader: String,
+    },
+    ReaderDetached {
+        reader: String,
+    },
+    CardInserted {
+        reader: String,
+        atr: Vec<u8>,
+    },
+    CardRemoved {
+        reader: String,
+    },
     /// The driver lost its service (pcscd went away) and is re-establishing it.
-    ServiceLost { reason: String },
+    ServiceLost {
+        reason: String,
+    },
     ServiceRestored,
 }
 
 /// Errors name the reader and say what to do.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReaderError {
-    #[error("pcscd is not running — start it (systemctl start pcscd, or scripts/start-pcscd.sh without systemd) and try again")]
+    #[error(
+        "pcscd is not running — start it (systemctl start pcscd, or scripts/start-pcscd.sh without systemd) and try again"
+    )]
     ServiceNotRunning,
     #[error("no reader attached — plug in a card reader")]
     NoReader,
-    #[error("reader {reader}: not found — check the reader name in the config (`stbd readers` lists them)")]
+    #[error(
+        "reader {reader}: not found — check the reader name in the config (`stbd readers` lists them)"
+    )]
     UnknownReader { reader: String },
     #[error("reader {reader}: no card — insert the card")]
     NoCard { reader: String },
@@ -58,7 +75,9 @@ pub enum ReaderError {
     InUse { reader: String },
     #[error("reader {reader}: timed out after {millis} ms waiting for the card — reinsert it")]
     Timeout { reader: String, millis: u64 },
-    #[error("reader {reader}: parity error on the serial line — check the cable and the speed settings")]
+    #[error(
+        "reader {reader}: parity error on the serial line — check the cable and the speed settings"
+    )]
     Parity { reader: String },
     #[error("reader {reader}: malformed answer to reset: {detail}")]
     BadAtr { reader: String, detail: String },
@@ -83,7 +102,10 @@ pub trait CardSession: Send {
     fn reset(&mut self) -> BoxFuture<'_, Result<Vec<u8>, ReaderError>>;
     /// Sends one command APDU and returns the raw response (data + SW), without T=0
     /// fix-ups. Callers use [`transmit_whole`].
-    fn transmit_raw<'a>(&'a mut self, apdu: &'a [u8]) -> BoxFuture<'a, Result<Vec<u8>, ReaderError>>;
+    fn transmit_raw<'a>(
+        &'a mut self,
+        apdu: &'a [u8],
+    ) -> BoxFuture<'a, Result<Vec<u8>, ReaderError>>;
     /// Powers the card down and ends the session.
     fn power_down(&mut self) -> BoxFuture<'_, Result<(), ReaderError>>;
 }
@@ -98,10 +120,7 @@ pub trait ReaderDriver: Send + Sync {
     /// dropped. The first events describe the current state (attached readers, cards in).
     fn events(&self) -> mpsc::Receiver<ReaderEvent>;
     /// Powers up the card in `reader` and opens a session; returns the session and the ATR.
-    fn connect<'a>(
-        &'a self,
-        reader: &'a str,
-    ) -> BoxFuture<'a, Result<Connected, ReaderError>>;
+    fn connect<'a>(&'a self, reader: &'a str) -> BoxFuture<'a, Result<Connected, ReaderError>>;
 }
 
 /// How many GET RESPONSE / re-send rounds we follow before calling the card broken. Bounded,
