@@ -132,38 +132,29 @@ pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, String>
     let mut merchant_addr = None;
     let mut bank_addr = None;
     let mut load_addr = None;
-    let load_side: [(
-        Option<Arc<dyn Role>>,
-        Option<SocketAddr>,
-        &mut Option<SocketAddr>,
-        &str,
-    ); 2] = [
-        (
-            bank.clone().map(|b| b as Arc<dyn Role>),
-            cfg.bank.as_ref().and_then(|s| s.listen),
-            &mut bank_addr,
-            "bank server",
-        ),
-        (
-            load.clone().map(|l| l as Arc<dyn Role>),
-            cfg.load.as_ref().and_then(|s| s.listen),
-            &mut load_addr,
-            "load server",
-        ),
-    ];
-    for (role, listen, addr, what) in load_side {
-        if let (Some(role), Some(listen)) = (role, listen) {
-            let server = Server::bind(
-                listen,
-                &server_tls(cfg)?,
-                settings.clone(),
-                serve(role),
-                Revocations::new(&RevocationConfig::default()),
-            )
-            .map_err(|e| format!("{what} on {listen}: {e}"))?;
-            *addr = Some(server.local_addr().map_err(|e| e.to_string())?);
-            tasks.push(tokio::spawn(server.run(stop(rx.clone()))));
-        }
+    if let (Some(b), Some(listen)) = (&bank, cfg.bank.as_ref().and_then(|s| s.listen)) {
+        let server = Server::bind(
+            listen,
+            &server_tls(cfg)?,
+            settings.clone(),
+            serve(b.clone()),
+            Revocations::new(&RevocationConfig::default()),
+        )
+        .map_err(|e| format!("bank server on {listen}: {e}"))?;
+        bank_addr = Some(server.local_addr().map_err(|e| e.to_string())?);
+        tasks.push(tokio::spawn(server.run(stop(rx.clone()))));
+    }
+    if let (Some(l), Some(listen)) = (&load, cfg.load.as_ref().and_then(|s| s.listen)) {
+        let server = Server::bind(
+            listen,
+            &server_tls(cfg)?,
+            settings.clone(),
+            serve(l.clone()),
+            Revocations::new(&RevocationConfig::default()),
+        )
+        .map_err(|e| format!("load server on {listen}: {e}"))?;
+        load_addr = Some(server.local_addr().map_err(|e| e.to_string())?);
+        tasks.push(tokio::spawn(server.run(stop(rx.clone()))));
     }
 
     if let Some(p) = &payment {

@@ -18,6 +18,10 @@
 //! [`Funds`] is the hold discipline itself (accounts, offers, holds, float on one journal);
 //! the load server reuses it for pre-funded accounts.
 
+// A refusal is the answer message itself, built once per request: boxing it would buy
+// nothing.
+#![allow(clippy::result_large_err)]
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -140,6 +144,18 @@ fn journal_failed(e: JournalError, txid: Option<&str>) -> Message {
     )
 }
 
+/// The settings of a [`Funds`].
+pub struct FundsSpec {
+    /// "bank" or "load server", for messages.
+    pub who: &'static str,
+    pub confirmation_key: DesKey,
+    /// The PIN master key; `None` for pre-funded accounts (no PIN).
+    pub pin_master: Option<DesKey>,
+    pub pin_tries: u8,
+    pub daily_limit: u64,
+    pub float_account: String,
+}
+
 /// Accounts, offers, holds and the issuer float on one journal: the hold discipline shared
 /// by the bank and the load server's pre-funded accounts.
 pub struct Funds {
@@ -158,13 +174,8 @@ pub struct Funds {
 impl Funds {
     /// Opens the funds on `journal`, adding the accounts the journal does not hold yet.
     pub fn open(
-        who: &'static str,
+        spec: FundsSpec,
         journal: Arc<Journal>,
-        confirmation_key: DesKey,
-        pin_master: Option<DesKey>,
-        pin_tries: u8,
-        daily_limit: u64,
-        float_account: String,
         accounts: Vec<Account>,
     ) -> Result<Self, String> {
         for a in accounts {
@@ -182,13 +193,13 @@ impl Funds {
             }
         }
         Ok(Self {
-            who,
+            who: spec.who,
             journal,
-            confirmation_key,
-            pin_master,
-            pin_tries,
-            daily_limit,
-            float_account,
+            confirmation_key: spec.confirmation_key,
+            pin_master: spec.pin_master,
+            pin_tries: spec.pin_tries,
+            daily_limit: spec.daily_limit,
+            float_account: spec.float_account,
             lock: tokio::sync::Mutex::new(()),
         })
     }
@@ -721,16 +732,15 @@ impl BankServer {
                 used_today: 0,
             })
             .collect();
-        let funds = Funds::open(
-            "bank",
-            journal,
-            hex_key("[bank] confirmation_key", &s.confirmation_key)?,
-            Some(hex_key("[bank] pin_master", &s.pin_master)?),
-            s.pin_tries,
-            s.daily_limit,
-            s.float_account.clone(),
-            accounts,
-        )?;
+        let spec = FundsSpec {
+            who: "bank",
+            confirmation_key: hex_key("[bank] confirmation_key", &s.confirmation_key)?,
+            pin_master: Some(hex_key("[bank] pin_master", &s.pin_master)?),
+            pin_tries: s.pin_tries,
+            daily_limit: s.daily_limit,
+            float_account: s.float_account.clone(),
+        };
+        let funds = Funds::open(spec, journal, accounts)?;
         Ok(Arc::new(Self { funds }))
     }
 

@@ -27,7 +27,7 @@ use rand::rngs::OsRng;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use crate::bank::{Account, Funds, confirmation_key};
+use crate::bank::{Account, Funds, FundsSpec, confirmation_key};
 use crate::config::{HeadendConfig, hex_key, load_issuer_keys};
 use crate::journal::{self, Journal, JournalError};
 use crate::quic::BoxFuture;
@@ -138,6 +138,18 @@ fn hsm_code(e: &HsmError) -> ErrorCode {
     }
 }
 
+/// What a confirmation is about; `loaded` and `basis` to be filled in.
+fn subject(txid: &str, amount: Money, card_id: u64, hsm_id: u64) -> LoadConfirmationBody {
+    LoadConfirmationBody {
+        transaction_id: txid.into(),
+        loaded: false,
+        amount,
+        card_id,
+        hsm_id,
+        basis: String::new(),
+    }
+}
+
 fn refuse(code: ErrorCode, reason: impl Into<String>, txid: &str) -> Message {
     let reason = reason.into();
     tracing::warn!(txid, ?code, %reason, "refused");
@@ -183,16 +195,15 @@ impl LoadServer {
                 used_today: 0,
             })
             .collect();
-        let prefunded = Funds::open(
-            "load server",
-            journal.clone(),
-            key.clone(),
-            None,
-            u8::MAX,
-            s.daily_limit,
-            s.float_account.clone(),
-            accounts,
-        )?;
+        let spec = FundsSpec {
+            who: "load server",
+            confirmation_key: key.clone(),
+            pin_master: None,
+            pin_tries: u8::MAX,
+            daily_limit: s.daily_limit,
+            float_account: s.float_account.clone(),
+        };
+        let prefunded = Funds::open(spec, journal.clone(), accounts)?;
         for (txid, b) in journal.all("load").map_err(|e| e.to_string())? {
             let r: LoadRec = journal::decode(&b)?;
             if matches!(r.state, LoadState::Authorized | LoadState::NegativePending) {
@@ -223,47 +234,38 @@ impl LoadServer {
             .unwrap_or(0)
     }
 
+    /// Seals `body` for the funder.
     fn confirmation(
         &self,
-        txid: &str,
-        loaded: bool,
-        amount: Money,
-        card_id: u64,
-        hsm_id: u64,
-        basis: &str,
+        body: LoadConfirmationBody,
         new_balance: Option<u64>,
     ) -> LoadConfirmation {
-        let body = LoadConfirmationBody {
-            transaction_id: txid.into(),
-            loaded,
-            amount,
-            card_id,
-            hsm_id,
-            basis: basis.into(),
-        };
+        let (txid, loaded) = (body.transaction_id.clone(), body.loaded);
+        let sealed = crypto::seal(
+            &confirmation_key(&self.confirmation_key, &txid),
+            &journal::encode(&body),
+            &mut OsRng,
+        );
         LoadConfirmation {
-            transaction_id: txid.into(),
+            transaction_id: txid,
             loaded,
             new_balance,
-            sealed: crypto::seal(
-                &confirmation_key(&self.confirmation_key, txid),
-                &journal::encode(&body),
-                &mut OsRng,
-            ),
+            sealed,
         }
     }
 
     /// Journals a refusal for good and answers with it and a sealed no-load confirmation.
+    /// `subject` names the load (its `loaded` and `basis` are filled in here).
     fn refuse_for_good(
         &self,
         req_raw: Vec<u8>,
-        txid: &str,
-        amount: Money,
-        card_id: u64,
-        hsm_id: u64,
+        subject: LoadConfirmationBody,
         code: ErrorCode,
         reason: String,
     ) -> Message {
+        let txid = subject.transaction_id.clone();
+        let txid = txid.as_str();
+        let (amount, card_id) = (subject.amount, subject.card_id);
         tracing::warn!(txid, ?code, %reason, "load request refused");
         let error = ErrorMsg {
             code,
@@ -271,12 +273,11 @@ impl LoadServer {
             transaction_id: Some(txid.into()),
         };
         let conf = self.confirmation(
-            txid,
-            false,
-            amount,
-            card_id,
-            hsm_id,
-            &format!("never authorized: {reason}"),
+            LoadConfirmationBody {
+                loaded: false,
+                basis: format!("never authorized: {reason}"),
+                ..subject
+            },
             None,
         );
         let answer = Message::LoadRefused(LoadRefusal {
@@ -340,10 +341,7 @@ impl LoadServer {
             Err(e) => {
                 return self.refuse_for_good(
                     raw,
-                    &txid,
-                    req.amount,
-                    req.init.card_id,
-                    hsm_id,
+                    subject(&txid, req.amount, req.init.card_id, hsm_id),
                     hsm_code(&e),
                     format!("host security module: {e}"),
                 );
@@ -386,17 +384,14 @@ impl LoadServer {
             // confirm the no-load so the hold is released.
             if msg.zero_value.is_some() && msg.response.is_none() {
                 let card = msg.zero_value.as_ref().map(|z| z.card_id).unwrap_or(0);
+                let currency = msg
+                    .zero_value
+                    .as_ref()
+                    .map(|z| z.currency)
+                    .unwrap_or(proto::money::Currency::EUR);
                 return match self.refuse_for_good(
                     Vec::new(),
-                    &txid,
-                    Money::zero(
-                        msg.zero_value
-                            .as_ref()
-                            .map(|z| z.currency)
-                            .unwrap_or(proto::money::Currency::EUR),
-                    ),
-                    card,
-                    hsm_id,
+                    subject(&txid, Money::zero(currency), card, hsm_id),
                     ErrorCode::UnknownTransaction,
                     "no load request reached the load server".into(),
                 ) {
@@ -476,12 +471,11 @@ impl LoadServer {
         }
         let (loaded, basis) = verdict.expect("set above");
         let conf = self.confirmation(
-            &txid,
-            loaded,
-            rec.amount,
-            rec.card_id,
-            hsm_id,
-            &basis,
+            LoadConfirmationBody {
+                loaded,
+                basis: basis.clone(),
+                ..subject(&txid, rec.amount, rec.card_id, hsm_id)
+            },
             new_balance,
         );
         rec.state = if loaded {
