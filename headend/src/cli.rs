@@ -64,6 +64,8 @@ pub enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Report what the journals in the state directory hold (read-only).
+    Status(RoleArgs),
     /// Record the acquirer's acknowledgement of a collection batch.
     AckBatch {
         #[command(flatten)]

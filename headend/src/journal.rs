@@ -171,6 +171,17 @@ impl Journal {
             .map_err(|e| self.err(e))
     }
 
+    /// The record kinds present.
+    pub fn kinds(&self) -> Result<Vec<String>, JournalError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = conn
+            .prepare("SELECT DISTINCT kind FROM state ORDER BY kind")
+            .map_err(|e| self.err(e))?;
+        let rows = st.query_map([], |r| r.get(0)).map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| self.err(e))
+    }
+
     pub fn count_steps(&self) -> Result<u64, JournalError> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         conn.query_row("SELECT COUNT(*) FROM steps", [], |r| r.get(0))

@@ -26,3 +26,4 @@ pub mod pki;
 pub mod quic;
 pub mod role;
 pub mod sim_box;
+pub mod status;

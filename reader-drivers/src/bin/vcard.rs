@@ -55,6 +55,12 @@ enum Cmd {
         #[arg(long)]
         issuer_keys: PathBuf,
     },
+    /// Print the card's purse (balance, counters, status) and its transaction log.
+    Info {
+        /// The card state file.
+        #[arg(long)]
+        card: PathBuf,
+    },
     /// Attach the card to vsmartcard's vpcd (pcscd's "Virtual PCD" reader) until Ctrl-C.
     AttachVpcd {
         /// The card state file.
@@ -190,6 +196,39 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 "created card {card_id} in {} (balance {balance} minor units, {currency}, expires {expiry})",
                 card.display()
             );
+            Ok(())
+        }
+        Cmd::Info { card } => {
+            let vc = VirtualCard::open(&card)?;
+            let s = vc.state();
+            let money = |minor| proto::money::Money::new(minor, s.currency);
+            println!(
+                "card {} (provider {}), expires {}-{:02}",
+                s.card_id, s.provider_id, s.expiry.year, s.expiry.month
+            );
+            println!(
+                "balance {} of at most {}",
+                money(s.balance),
+                money(s.max_balance)
+            );
+            println!(
+                "transactions {} (loads {}), blocked: {}",
+                s.atc,
+                s.load_count,
+                s.status & proto::purse::STATUS_BLOCKED != 0
+            );
+            for r in s.log.iter().rev() {
+                println!(
+                    "  #{:<4} {:?}  {:>12}  balance after {:>12}  {}-{:02}-{:02}",
+                    r.atc,
+                    r.kind,
+                    money(r.amount).to_string(),
+                    money(r.balance_after).to_string(),
+                    r.date.year,
+                    r.date.month,
+                    r.date.day
+                );
+            }
             Ok(())
         }
         Cmd::AttachVpcd {
