@@ -503,3 +503,18 @@ async fn negative_counter_bumped_by_accident_nobody_is_debited() {
     assert_eq!(verdict, "negative result: CounterBumped");
     assert_eq!((card, account, hold), (2_000, 50_000, HoldState::Released));
 }
+
+#[test]
+fn example_config_documents_the_load_side_and_parses() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../config/headend.example.toml"
+    );
+    let cfg = headend::config::HeadendConfig::load(std::path::Path::new(path)).unwrap();
+    let bank = cfg.bank.as_ref().unwrap();
+    assert_eq!((bank.daily_limit, bank.pin_tries), (30_000, 3));
+    assert_eq!(cfg.load.as_ref().unwrap().hsm_id, 0x4853_4D01);
+    assert_eq!(cfg.bank_accounts[0].box_id, "box-000001");
+    assert_eq!(cfg.vouchers[0].amount, 10_000);
+    assert_eq!(cfg.transport, headend::quic::TransportSettings::default());
+}
