@@ -92,13 +92,19 @@ impl Gateway {
         journal::decode(&self.journal.get("gw", txid).ok()??).ok()
     }
 
-    fn save(&self, txid: &str, t: &GwTxn, step: &str) -> Result<(), Message> {
+    fn save(&self, txid: &str, t: &GwTxn, step: &str) -> Result<(), Box<Message>> {
         self.journal
             .atomically(|b| {
                 b.put("gw", txid, &journal::encode(t))?;
                 b.step(txid, step, "")
             })
-            .map_err(|e| refuse(ErrorCode::Internal, format!("journal: {e}"), Some(txid)))
+            .map_err(|e| {
+                Box::new(refuse(
+                    ErrorCode::Internal,
+                    format!("journal: {e}"),
+                    Some(txid),
+                ))
+            })
     }
 
     fn role(&self, name: &str) -> &Arc<dyn Role> {
@@ -158,25 +164,25 @@ impl Gateway {
                 receipt: None,
             };
             if let Err(e) = self.save(&o.transaction_id, &t, "offer relayed") {
-                return e;
+                return *e;
             }
         }
         answer
     }
 
     /// The transaction, if it exists and belongs to this box.
-    fn owned(&self, box_id: &str, txid: &str) -> Result<GwTxn, Message> {
+    fn owned(&self, box_id: &str, txid: &str) -> Result<GwTxn, Box<Message>> {
         match self.txn(txid) {
-            None => Err(refuse(
+            None => Err(Box::new(refuse(
                 ErrorCode::UnknownTransaction,
                 format!("no transaction {txid}"),
                 Some(txid),
-            )),
-            Some(t) if t.box_id != box_id => Err(refuse(
+            ))),
+            Some(t) if t.box_id != box_id => Err(Box::new(refuse(
                 ErrorCode::NotYourAccount,
                 format!("transaction {txid} belongs to another box"),
                 Some(txid),
-            )),
+            ))),
             Some(t) => Ok(t),
         }
     }
@@ -185,7 +191,7 @@ impl Gateway {
         let txid = req.transaction_id.clone();
         let mut t = match self.owned(box_id, &txid) {
             Ok(t) => t,
-            Err(e) => return e,
+            Err(e) => return *e,
         };
         if req.merchant_id != t.merchant_id {
             return refuse(
@@ -229,7 +235,7 @@ impl Gateway {
                     t.sealed_expected = body.sealed_expected_signature;
                     t.presealed_m = body.presealed_result_m;
                     if let Err(e) = self.save(&txid, &t, "debit command relayed") {
-                        return e;
+                        return *e;
                     }
                 }
                 Err(e) => {
@@ -248,7 +254,7 @@ impl Gateway {
         let txid = msg.transaction_id.clone();
         let mut t = match self.owned(box_id, &txid) {
             Ok(t) => t,
-            Err(e) => return e,
+            Err(e) => return *e,
         };
         if let Some(r) = &t.receipt {
             tracing::info!(txid, "retried debit response: same receipt");
@@ -357,7 +363,7 @@ impl Gateway {
         if matches!(answer, Message::Receipt(_)) {
             t.receipt = Some(answer.clone());
             if let Err(e) = self.save(&txid, &t, "receipt relayed") {
-                return e;
+                return *e;
             }
         }
         answer
@@ -367,7 +373,7 @@ impl Gateway {
         let txid = c.transaction_id.clone();
         let t = match self.owned(box_id, &txid) {
             Ok(t) => t,
-            Err(e) => return e,
+            Err(e) => return *e,
         };
         let _ = self
             .journal
