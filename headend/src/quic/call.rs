@@ -121,6 +121,28 @@ impl QuicClient {
         })
     }
 
+    /// Connects over an existing client `endpoint` (one UDP socket shared by many
+    /// connections, e.g. a fleet of simulated boxes in one process), with `tls` (this
+    /// connection's own device certificate) and `settings` for this connection only. Don't
+    /// [`close`](Self::close) such a client: that waits for the whole shared endpoint; close
+    /// its [`connection`](Self::connection) instead.
+    pub async fn connect_shared(
+        endpoint: &Endpoint,
+        tls: &ClientTls,
+        settings: &TransportSettings,
+        addr: SocketAddr,
+        server_name: &str,
+    ) -> Result<Self, QuicError> {
+        let conn = endpoint
+            .connect_with(client_config(tls, settings)?, addr, server_name)?
+            .await?;
+        Ok(Self {
+            endpoint: endpoint.clone(),
+            conn,
+            max_frame: settings.max_frame,
+        })
+    }
+
     pub async fn call(&self, payload: &[u8]) -> Result<Vec<u8>, QuicError> {
         call_with_max(&self.conn, payload, self.max_frame).await
     }

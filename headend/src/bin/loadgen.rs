@@ -1,0 +1,172 @@
+//! `loadgen`: a fleet of simulated set-top boxes against a Purselink head end on loopback.
+//!
+//! - `loadgen fleet --boxes 10000 --rate 1000 --seconds 60`: `headend all-in-one` as a child
+//!   process (the `headend` binary next to this one, or `--headend PATH`), 10,000 boxes
+//!   connected and idle (gateway VmRSS before/after), purchases at the target rate, latency
+//!   p50/p99/p99.9 per flow, errors by reason, value conservation at the end.
+//! - `loadgen bench`: latency against the round-trip floor per embodiment through simulated
+//!   WAN links, success under loss, throughput against raw quinn, memory per idle connection.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use headend::loadgen::bench::{self, BenchOptions, FleetOptions};
+use headend::loadgen::fleet::RunPlan;
+
+#[derive(Parser)]
+#[command(about = "Purselink fleet simulator and scale benchmarks (loopback only)")]
+struct Cli {
+    /// Log filter for this process (tracing EnvFilter syntax).
+    #[arg(long, global = true, default_value = "error")]
+    log: String,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// N boxes connected and idle, then purchases at a rate or as fast as possible.
+    Fleet {
+        #[arg(long, default_value_t = 10_000)]
+        boxes: usize,
+        /// Purchases started per second; without it, as fast as --concurrency allows.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Purchases in flight at most.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 60.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 2.0)]
+        warmup: f64,
+        #[arg(long, default_value = "security-card")]
+        embodiment: String,
+        /// Security cards in the payment server's pool (FIG. 4 holds one per purchase in flight).
+        #[arg(long, default_value_t = 256)]
+        security_cards: u32,
+        /// Run every role in this process instead of a child `headend` process.
+        #[arg(long)]
+        in_process: bool,
+        /// The head end binary (default: `headend` next to this one, or $HEADEND_BIN).
+        #[arg(long)]
+        headend: Option<PathBuf>,
+        /// The child head end's log filter.
+        #[arg(long, default_value = "warn")]
+        headend_log: String,
+    },
+    /// All the figures of issue 8 in one run, as ratios against same-run baselines.
+    Bench {
+        #[arg(long, default_value_t = 10_000)]
+        idle_boxes: usize,
+        #[arg(long, default_value_t = 6.0)]
+        wan_seconds: f64,
+        #[arg(long, default_value_t = 20.0)]
+        loss_seconds: f64,
+        #[arg(long, default_value_t = 8.0)]
+        throughput_seconds: f64,
+        #[arg(long, default_value_t = 32)]
+        throughput_boxes: usize,
+        #[arg(long, default_value_t = 4)]
+        wan_boxes: usize,
+        #[arg(long)]
+        headend: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("loadgen: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Cmd::Fleet {
+            boxes,
+            rate,
+            concurrency,
+            seconds,
+            warmup,
+            embodiment,
+            security_cards,
+            in_process,
+            headend,
+            headend_log,
+        } => {
+            let headend_bin = if in_process {
+                None
+            } else {
+                match headend.or_else(bench::headend_bin) {
+                    Some(b) => Some(b),
+                    None => {
+                        eprintln!(
+                            "loadgen: no headend binary next to loadgen; build it (cargo build --release -p headend --bins), pass --headend, or use --in-process"
+                        );
+                        return ExitCode::FAILURE;
+                    }
+                }
+            };
+            let o = FleetOptions {
+                boxes,
+                run: RunPlan {
+                    rate,
+                    concurrency,
+                    warmup: Duration::from_secs_f64(warmup),
+                    duration: Duration::from_secs_f64(seconds),
+                    ..RunPlan::default()
+                },
+                embodiment,
+                security_cards,
+                headend_bin,
+                log: headend_log,
+            };
+            rt.block_on(bench::fleet_run(&o))
+        }
+        Cmd::Bench {
+            idle_boxes,
+            wan_seconds,
+            loss_seconds,
+            throughput_seconds,
+            throughput_boxes,
+            wan_boxes,
+            headend,
+        } => {
+            let o = BenchOptions {
+                idle_boxes,
+                wan_seconds,
+                loss_seconds,
+                throughput_seconds,
+                throughput_boxes,
+                wan_boxes,
+                headend_bin: headend.or_else(bench::headend_bin),
+                ..BenchOptions::default()
+            };
+            rt.block_on(bench::bench(&o))
+        }
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("loadgen: value conservation did not hold");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("loadgen: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
