@@ -69,7 +69,7 @@ mod tests {
         let r = Some("Virtual PCD 00 00");
         assert_eq!(
             map_error(pcsc::Error::NoService, r).to_string(),
-            "pcscd is not running — start it (systemctl start pcscd) and try again"
+            "pcscd is not running — start it (systemctl start pcscd, or scripts/start-pcscd.sh without systemd) and try again"
         );
         assert_eq!(
             map_error(pcsc::Error::NoReadersAvailable, None).to_string(),
