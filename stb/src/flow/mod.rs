@@ -5,7 +5,9 @@
 //!
 //! - [`purchase`]: one purchase (draw), 001 [0071]–[0094].
 //! - [`recovery`]: what to do with an in-doubt transaction, given the card's log.
+//! - [`load`]: one load of value onto the card, 001 [0117]–[0160], and its recovery.
 
+pub mod load;
 pub mod purchase;
 pub mod recovery;
 
