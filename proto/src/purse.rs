@@ -282,8 +282,7 @@ pub struct DebitCommand {
 }
 
 impl DebitCommand {
-    /// What the security-card signature covers; the card random binds it to this session.
-    pub fn signed_fields(&self, card_random: &[u8; 8]) -> Vec<u8> {
+    fn fields(&self) -> Writer {
         let mut w = Writer::default();
         w.u64(self.psam_id)
             .u32(self.psam_txn)
@@ -292,23 +291,17 @@ impl DebitCommand {
             .u64(self.amount);
         write_currency(&mut w, self.currency);
         self.date.write(&mut w);
-        w.bytes(card_random);
-        w.finish()
+        w
+    }
+    /// What the security-card signature covers; the card random binds it to this session.
+    pub fn signed_fields(&self, card_random: &[u8; 8]) -> Vec<u8> {
+        self.fields().bytes(card_random).finish()
     }
     pub fn amount_money(&self) -> Money {
         Money::new(self.amount, self.currency)
     }
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::default();
-        w.u64(self.psam_id)
-            .u32(self.psam_txn)
-            .u64(self.card_id)
-            .u32(self.atc)
-            .u64(self.amount);
-        write_currency(&mut w, self.currency);
-        self.date.write(&mut w);
-        w.bytes(&self.psam_signature);
-        w.finish()
+        self.fields().bytes(&self.psam_signature).finish()
     }
     pub fn decode(b: &[u8]) -> Result<Self, LayoutError> {
         let mut r = Reader::new(b);
@@ -341,25 +334,18 @@ pub struct DebitResponse {
 }
 
 impl DebitResponse {
-    pub fn signed_fields(&self, card_random: &[u8; 8]) -> Vec<u8> {
+    fn fields(&self) -> Writer {
         let mut w = Writer::default();
         w.u64(self.card_id).u32(self.atc).u64(self.amount);
         write_currency(&mut w, self.currency);
-        w.u64(self.new_balance)
-            .u64(self.psam_id)
-            .u32(self.psam_txn)
-            .bytes(card_random);
-        w.finish()
+        w.u64(self.new_balance).u64(self.psam_id).u32(self.psam_txn);
+        w
+    }
+    pub fn signed_fields(&self, card_random: &[u8; 8]) -> Vec<u8> {
+        self.fields().bytes(card_random).finish()
     }
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::default();
-        w.u64(self.card_id).u32(self.atc).u64(self.amount);
-        write_currency(&mut w, self.currency);
-        w.u64(self.new_balance)
-            .u64(self.psam_id)
-            .u32(self.psam_txn)
-            .bytes(&self.card_signature);
-        w.finish()
+        self.fields().bytes(&self.card_signature).finish()
     }
     pub fn decode(b: &[u8]) -> Result<Self, LayoutError> {
         let mut r = Reader::new(b);
@@ -489,25 +475,20 @@ pub struct LoadCommand {
 }
 
 impl LoadCommand {
-    pub fn signed_fields(&self, s1: &Mac) -> Vec<u8> {
+    fn fields(&self) -> Writer {
         let mut w = Writer::default();
         w.u64(self.hsm_id)
             .u64(self.card_id)
             .u32(self.atc)
             .u64(self.amount);
         write_currency(&mut w, self.currency);
-        w.bytes(s1);
-        w.finish()
+        w
+    }
+    pub fn signed_fields(&self, s1: &Mac) -> Vec<u8> {
+        self.fields().bytes(s1).finish()
     }
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::default();
-        w.u64(self.hsm_id)
-            .u64(self.card_id)
-            .u32(self.atc)
-            .u64(self.amount);
-        write_currency(&mut w, self.currency);
-        w.bytes(&self.s2);
-        w.finish()
+        self.fields().bytes(&self.s2).finish()
     }
     pub fn decode(b: &[u8]) -> Result<Self, LayoutError> {
         let mut r = Reader::new(b);
@@ -541,19 +522,18 @@ impl LoadResponse {
     pub fn is_loaded(&self) -> bool {
         self.result == LOAD_OK
     }
-    pub fn signed_fields(&self, s2: &Mac) -> Vec<u8> {
+    fn fields(&self) -> Writer {
         let mut w = Writer::default();
         w.u64(self.card_id).u32(self.atc).u64(self.amount);
         write_currency(&mut w, self.currency);
-        w.u8(self.result).u64(self.new_balance).bytes(s2);
-        w.finish()
+        w.u8(self.result).u64(self.new_balance);
+        w
+    }
+    pub fn signed_fields(&self, s2: &Mac) -> Vec<u8> {
+        self.fields().bytes(s2).finish()
     }
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::default();
-        w.u64(self.card_id).u32(self.atc).u64(self.amount);
-        write_currency(&mut w, self.currency);
-        w.u8(self.result).u64(self.new_balance).bytes(&self.s3);
-        w.finish()
+        self.fields().bytes(&self.s3).finish()
     }
     pub fn decode(b: &[u8]) -> Result<Self, LayoutError> {
         let mut r = Reader::new(b);
