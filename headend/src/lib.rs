@@ -27,5 +27,5 @@ pub mod pki;
 pub mod quic;
 pub mod role;
 pub mod sim_box;
-pub mod wan;
 pub mod status;
+pub mod wan;
