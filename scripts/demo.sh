@@ -24,8 +24,8 @@ die() { printf 'demo: %s\n' "$*" >&2; exit 1; }
 say "building headend, stbd and vcard (debug build; the first build takes a few minutes)"
 cargo build --quiet -p headend -p stb -p reader-drivers --bins
 
-READER=pcsc
-if ! [ -S /run/pcscd/pcscd.comm ]; then
+READER=${PURSELINK_DEMO_READER:-pcsc}
+if [ "$READER" = pcsc ] && ! [ -S /run/pcscd/pcscd.comm ]; then
     say "pcscd is not running: using the in-process virtual card instead of PC/SC"
     READER=virtual
 fi
