@@ -60,6 +60,8 @@ struct Active {
     flow: Purchase,
     reply: Option<oneshot::Sender<Outcome>>,
     span: tracing::Span,
+    /// The span has its transaction id (recorded once: the fmt layer appends every record).
+    txid_recorded: bool,
 }
 
 pub struct Runner {
@@ -80,6 +82,26 @@ pub struct Runner {
     flows_done: u64,
     recovered: u64,
     last_outcome: Option<Outcome>,
+}
+
+/// The test hook's environment variable and the one value it acts on.
+pub const TEST_HOOK_ENV: &str = "STBD_TEST_HOOK";
+pub const TEST_HOOK_PAUSE_AFTER_DEBIT: &str = "pause-after-debit-journaled";
+
+/// TEST HOOK, for the end-to-end tests only (tests/tests/e2e_purchase.rs); no config key
+/// reaches it and a box never sets it. With `STBD_TEST_HOOK=pause-after-debit-journaled` the
+/// daemon freezes (the whole single-threaded runtime) right after journaling the card's debit
+/// response and before sending it to the gateway, and says so on stderr, so the test can
+/// SIGKILL it exactly between DEBIT and the confirmation.
+fn test_hook_after_debit_journaled() {
+    if std::env::var(TEST_HOOK_ENV).as_deref() == Ok(TEST_HOOK_PAUSE_AFTER_DEBIT) {
+        eprintln!(
+            "stbd: TEST HOOK {TEST_HOOK_PAUSE_AFTER_DEBIT}: debit response journaled, not sent; frozen until killed"
+        );
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
 }
 
 impl Runner {
@@ -384,6 +406,7 @@ impl Runner {
             flow,
             reply,
             span,
+            txid_recorded: false,
         });
         self.execute(actions).await;
     }
@@ -407,8 +430,11 @@ impl Runner {
                 return;
             };
             let span = active.span.clone();
-            if let Some(t) = active.flow.transaction_id() {
-                span.record("transaction_id", t);
+            if !active.txid_recorded {
+                if let Some(t) = active.flow.transaction_id() {
+                    span.record("transaction_id", t);
+                    active.txid_recorded = true;
+                }
             }
             match action {
                 Action::Journal {
@@ -432,6 +458,9 @@ impl Runner {
                         return;
                     }
                     span.in_scope(|| tracing::debug!(?step, "journaled"));
+                    if matches!(step, crate::flow::purchase::Step::DebitResponded { .. }) {
+                        test_hook_after_debit_journaled();
+                    }
                 }
                 Action::Apdu(apdu) => {
                     let reply = self.card.transmit(&apdu).await;

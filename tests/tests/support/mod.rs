@@ -1,0 +1,805 @@
+//! The end-to-end harness: real pcscd + vpcd + `vcard attach-vpcd`, a fresh `headend
+//! init-demo` deployment served by `headend all-in-one` on a free UDP port (real QUIC on
+//! loopback, real SQLite journals), a device certificate from `headend pki issue-device`, and
+//! `stbd run` with its TV UI in an 80×24 tmux pane on a private tmux server (`-L`).
+//!
+//! Every process and the tmux server are owned by guards that kill them on drop, so a failing
+//! test leaves nothing running; on a failure the logs' tails and the last screen are printed.
+//! Waits are bounded polls with a deadline. `PURSELINK_E2E_KEEP=1` keeps the temp directory.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use proto::card::CardState;
+use proto::money::Currency;
+use reader_drivers::emulator::vpcd::VpcdPortLock;
+use reader_drivers::vcard::VirtualCard;
+
+/// vpcd's first reader, where `vcard attach-vpcd` puts the card.
+pub const READER: &str = "Virtual PCD 00 00";
+pub const VPCD_PORT: u16 = 35963;
+/// The box `headend init-demo` provisions (its bank account and vouchers name it).
+pub const BOX_ID: &str = "box-000001";
+/// The card's opening balance: 50.00 EUR.
+pub const START_BALANCE: u64 = 5_000;
+/// ppv-1001 "Championship Final (live)" in the demo catalog: 4.99 EUR.
+pub const PPV_ITEM: &str = "ppv-1001";
+pub const PPV_TITLE: &str = "Championship Final (live)";
+pub const PPV_PRICE: u64 = 499;
+
+/// The stbd test hook (see `stb::daemon::runner`): freeze right after journaling the card's
+/// debit response, before sending it.
+pub const HOOK_ENV: &str = "STBD_TEST_HOOK";
+pub const HOOK_PAUSE_AFTER_DEBIT: &str = "pause-after-debit-journaled";
+
+/// Generous bounds for a loaded 2-core CI machine; the happy path takes well under them.
+pub const STEP: Duration = Duration::from_secs(20);
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace")
+        .to_path_buf()
+}
+
+/// Polls `f` every 50 ms until it gives a value; `None` once `timeout` has passed.
+pub fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Binaries
+
+pub struct Bins {
+    pub headend: PathBuf,
+    pub stbd: PathBuf,
+    pub vcard: PathBuf,
+}
+
+/// The `headend`, `stbd` and `vcard` binaries of this build, next to the test executable
+/// (target/<profile>/deps/e2e-HASH → target/<profile>). `CARGO_BIN_EXE_*` covers only this
+/// package's binaries, and `cargo test -p tests` alone would not rebuild the other packages'
+/// binaries, so the first call runs `cargo build --bins` for them (a no-op when up to date;
+/// `PURSELINK_E2E_NO_BUILD=1` skips it and uses what is there).
+pub fn bins() -> &'static Bins {
+    static BINS: OnceLock<Bins> = OnceLock::new();
+    BINS.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test executable in target/<profile>/deps")
+            .to_path_buf();
+        let bins = Bins {
+            headend: profile_dir.join("headend"),
+            stbd: profile_dir.join("stbd"),
+            vcard: profile_dir.join("vcard"),
+        };
+        if std::env::var("PURSELINK_E2E_NO_BUILD").as_deref() != Ok("1") {
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+            let target_dir = profile_dir.parent().expect("target dir");
+            let mut cmd = Command::new(cargo);
+            cmd.args([
+                "build", "--quiet", "--bins", "-p", "headend", "-p", "stb", "-p", "reader-drivers",
+            ])
+            .arg("--target-dir")
+            .arg(target_dir)
+            .current_dir(workspace_root());
+            if profile_dir.file_name().is_some_and(|n| n == "release") {
+                cmd.arg("--release");
+            }
+            let t = Instant::now();
+            let out = cmd.output().expect("cargo runs");
+            assert!(
+                out.status.success(),
+                "cargo build of headend, stbd and vcard failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            eprintln!("e2e: binaries built/checked in {:?}", t.elapsed());
+        }
+        for b in [&bins.headend, &bins.stbd, &bins.vcard] {
+            assert!(
+                b.is_file(),
+                "{} is missing: build with `cargo build --bins -p headend -p stb -p reader-drivers`",
+                b.display()
+            );
+        }
+        bins
+    })
+}
+
+fn run_ok(what: &str, cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes
+
+fn signal(pid: i32, sig: i32) -> bool {
+    // SAFETY: kill(2) on a pid we spawned; no memory is involved.
+    unsafe { libc::kill(pid, sig) == 0 }
+}
+
+/// A child process, SIGTERMed (then SIGKILLed) on drop.
+pub struct Proc {
+    pub name: &'static str,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> Proc {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().expect("log fd"))
+            .stderr(f)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc {
+            name,
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// SIGTERM, up to 3 s to exit, then SIGKILL.
+    pub fn stop(&mut self) {
+        if self.exited().is_some() {
+            return;
+        }
+        signal(self.pid(), libc::SIGTERM);
+        if poll(Duration::from_secs(3), || self.exited()).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// tmux
+
+/// A private tmux server (`-L`) with one 80×24 session whose pane stays after its command
+/// exits (so the last screen can still be read, and the pane respawned). Killed on drop.
+pub struct Tmux {
+    socket: String,
+}
+
+const SESSION: &str = "tv";
+
+impl Tmux {
+    /// Starts the server with `command` in the pane.
+    pub fn start(tag: &str, conf_dir: &Path, command: &str) -> Tmux {
+        let socket = format!("purselink-e2e-{tag}-{}", std::process::id());
+        let conf = conf_dir.join("tmux.conf");
+        std::fs::write(
+            &conf,
+            "set -g remain-on-exit on\nset -sg escape-time 0\nset -g status off\n",
+        )
+        .expect("tmux.conf");
+        let t = Tmux { socket };
+        let out = t.tmux_with_conf(
+            &conf,
+            &[
+                "new-session",
+                "-d",
+                "-s",
+                SESSION,
+                "-x",
+                "80",
+                "-y",
+                "24",
+                command,
+            ],
+        );
+        assert!(out.status.success(), "tmux new-session: {out:?}");
+        t
+    }
+
+    fn tmux_with_conf(&self, conf: &Path, args: &[&str]) -> Output {
+        Command::new("tmux")
+            .arg("-f")
+            .arg(conf)
+            .arg("-L")
+            .arg(&self.socket)
+            .args(args)
+            .env_remove("TMUX")
+            .output()
+            .expect("tmux runs")
+    }
+
+    pub fn tmux(&self, args: &[&str]) -> Output {
+        Command::new("tmux")
+            .arg("-L")
+            .arg(&self.socket)
+            .args(args)
+            .env_remove("TMUX")
+            .output()
+            .expect("tmux runs")
+    }
+
+    /// Replaces the pane's command (killing what runs there).
+    pub fn respawn(&self, command: &str) {
+        let out = self.tmux(&["respawn-pane", "-k", "-t", SESSION, command]);
+        assert!(out.status.success(), "tmux respawn-pane: {out:?}");
+    }
+
+    /// Sends remote keys one at a time (tmux key names: "1", "Enter", "BSpace", "Down"…).
+    pub fn keys(&self, keys: &[&str]) {
+        for k in keys {
+            let out = self.tmux(&["send-keys", "-t", SESSION, k]);
+            assert!(out.status.success(), "send-keys {k}: {out:?}");
+            // One key per frame, as a remote sends them.
+            std::thread::sleep(Duration::from_millis(80));
+        }
+    }
+
+    pub fn screen(&self) -> String {
+        let out = self.tmux(&["capture-pane", "-p", "-t", SESSION]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn format(&self, f: &str) -> String {
+        let out = self.tmux(&["display-message", "-p", "-t", SESSION, f]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// The pid of the pane's process (the script `exec`s stbd, so this is stbd).
+    pub fn pane_pid(&self) -> i32 {
+        self.format("#{pane_pid}")
+            .parse()
+            .expect("tmux pane_pid is a number")
+    }
+
+    pub fn pane_dead(&self) -> bool {
+        self.format("#{pane_dead}") == "1"
+    }
+
+    /// Waits until the screen satisfies `pred`; panics with the last screen otherwise.
+    pub fn wait_screen(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let mut last = String::new();
+        match poll(STEP, || {
+            last = self.screen();
+            pred(&last).then(|| last.clone())
+        }) {
+            Some(s) => s,
+            None => panic!("the TV never showed {what} within {STEP:?}; last screen:\n{last}"),
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.tmux(&["kill-server"]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// PC/SC
+
+/// pcscd (started with scripts/start-pcscd.sh if needed) with vpcd listening. `false` means
+/// skip (only with `PURSELINK_SKIP_PCSC=1`); anything else that is missing fails the test.
+pub fn require_pcscd(test: &str) -> bool {
+    if std::env::var("PURSELINK_SKIP_PCSC").as_deref() == Ok("1") {
+        eprintln!("{test}: SKIPPED because PURSELINK_SKIP_PCSC=1");
+        return false;
+    }
+    let script = workspace_root().join("scripts/start-pcscd.sh");
+    let out = Command::new("sh")
+        .arg(&script)
+        .output()
+        .unwrap_or_else(|e| panic!("{test}: cannot run {}: {e}", script.display()));
+    if !out.status.success() {
+        panic!(
+            "{test}: pcscd is not running and {} could not start it:\n{}{}\n\
+             Start pcscd (as root; packages from scripts/system-setup.sh), or set \
+             PURSELINK_SKIP_PCSC=1 to skip the end-to-end tests.",
+            script.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    if let Err(e) = pcsc::Context::establish(pcsc::Scope::User) {
+        panic!("{test}: pcscd does not accept clients ({e}); see /tmp/pcscd.log");
+    }
+    if std::net::TcpStream::connect(("127.0.0.1", VPCD_PORT)).is_err() {
+        panic!(
+            "{test}: pcscd runs but vpcd does not listen on port {VPCD_PORT} — install \
+             vsmartcard-vpcd (scripts/system-setup.sh) and restart pcscd"
+        );
+    }
+    true
+}
+
+/// Waits (bounded) until pcscd sees a working card in [`READER`] (`present`), or none.
+pub fn wait_reader(test: &str, present: bool) {
+    let ctx = pcsc::Context::establish(pcsc::Scope::User).expect("pcscd context");
+    let reader = std::ffi::CString::new(READER).expect("reader name");
+    let mut last = String::new();
+    let ok = poll(STEP, || {
+        let r = ctx.connect(&reader, pcsc::ShareMode::Shared, pcsc::Protocols::ANY);
+        last = match &r {
+            Ok(_) => "a card answers".into(),
+            Err(e) => e.to_string(),
+        };
+        match (present, r) {
+            (true, Ok(card)) => {
+                let _ = card.disconnect(pcsc::Disposition::LeaveCard);
+                Some(())
+            }
+            (false, Err(pcsc::Error::NoSmartcard)) => Some(()),
+            _ => None,
+        }
+    });
+    assert!(
+        ok.is_some(),
+        "{test}: reader {READER:?} never {} within {STEP:?} (last: {last})",
+        if present {
+            "had a working card"
+        } else {
+            "became empty (is another vcard attached to vpcd?)"
+        }
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// The deployment
+
+pub struct Options {
+    /// Enable stbd's local app API on `World::socket`.
+    pub local_api: bool,
+}
+
+/// One test's world. Field order is drop order: stbd (tmux) first, then the card, the head
+/// end, the reader lock, and the files last.
+pub struct World {
+    pub tmux: Option<Tmux>,
+    pub vcard: Option<Proc>,
+    pub headend: Option<Proc>,
+    _lock: VpcdPortLock,
+    pub test: &'static str,
+    pub root: PathBuf,
+    /// The head end's directory (init-demo output; journals in state/).
+    pub he: PathBuf,
+    pub addr: SocketAddr,
+    pub card: PathBuf,
+    pub stbd_config: PathBuf,
+    pub stbd_state: PathBuf,
+    pub stbd_log: PathBuf,
+    pub socket: PathBuf,
+    dir: Option<tempfile::TempDir>,
+}
+
+fn free_udp_port() -> SocketAddr {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("a free UDP port");
+    s.local_addr().expect("its address")
+}
+
+impl World {
+    /// Sets everything up except stbd; `None` when the test is skipped (no PC/SC allowed).
+    pub fn new(test: &'static str, opts: Options) -> Option<World> {
+        if !require_pcscd(test) {
+            return None;
+        }
+        let bins = bins();
+        let t0 = Instant::now();
+        // The vpcd reader is shared by every test on the machine: take turns.
+        let lock = VpcdPortLock::acquire(VPCD_PORT).expect("vpcd port lock");
+        eprintln!("{test}: reader lock after {:?}", t0.elapsed());
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("purselink-e2e-{test}-"))
+            .tempdir()
+            .expect("temp dir");
+        let root = dir.path().to_path_buf();
+        let he = root.join("headend");
+        let addr = free_udp_port();
+
+        run_ok(
+            "headend init-demo",
+            Command::new(&bins.headend)
+                .arg("init-demo")
+                .arg("--dir")
+                .arg(&he)
+                .arg("--listen")
+                .arg(addr.to_string()),
+        );
+        let box_dir = root.join("box");
+        run_ok(
+            "headend pki issue-device",
+            Command::new(&bins.headend)
+                .args(["pki", "issue-device", "--ca"])
+                .arg(he.join("ca"))
+                .args(["--box-id", BOX_ID, "--out"])
+                .arg(&box_dir),
+        );
+        let card = root.join("card.vcard");
+        run_ok(
+            "vcard create",
+            Command::new(&bins.vcard)
+                .arg("create")
+                .arg("--card")
+                .arg(&card)
+                .args(["--card-id", "700001", "--balance"])
+                .arg(START_BALANCE.to_string())
+                .args(["--currency", "EUR", "--expiry", "2035-12", "--issuer-keys"])
+                .arg(he.join("issuer-keys.toml")),
+        );
+
+        let mut headend = Proc::spawn(
+            "headend all-in-one",
+            Command::new(&bins.headend)
+                .arg("all-in-one")
+                .arg("--config")
+                .arg(he.join("headend.toml"))
+                .env("RUST_LOG", "info"),
+            &root.join("headend.log"),
+        );
+        // Up once its UDP port is taken (the process binds it when it listens).
+        let up = poll(STEP, || {
+            if let Some(st) = headend.exited() {
+                panic!(
+                    "headend all-in-one exited ({st}) at start:\n{}",
+                    tail(&root.join("headend.log"), 30)
+                );
+            }
+            std::net::UdpSocket::bind(addr).is_err().then_some(())
+        });
+        assert!(
+            up.is_some(),
+            "the head end did not bind {addr} within {STEP:?}"
+        );
+
+        // A card left by the previous user of the reader must be gone first, so this card's
+        // insertion is an insertion (pcscd polls vpcd; a quick swap could look like one
+        // card that went mute).
+        wait_reader(test, false);
+        let vcard = Proc::spawn(
+            "vcard attach-vpcd",
+            Command::new(&bins.vcard)
+                .arg("attach-vpcd")
+                .arg("--card")
+                .arg(&card)
+                .args(["--port", &VPCD_PORT.to_string()]),
+            &root.join("vcard.log"),
+        );
+
+        let stbd_state = root.join("stb-state");
+        let socket = root.join("stbd.sock");
+        let stbd_config = root.join("stbd.toml");
+        let toml = format!(
+            r#"[reader]
+kind = "pcsc"
+name = "{READER}"
+
+[headend]
+address = "{addr}"
+server_name = "gateway.purselink.test"
+operator_ca = "{ca}"
+device_cert = "{cert}"
+device_key = "{key}"
+
+[state]
+dir = "{state}"
+
+[ui]
+enabled = true
+provider_name = "Purselink"
+
+[timeouts]
+offer_secs = 60
+network_secs = 10
+card_secs = 5
+reconnect_initial_ms = 200
+reconnect_max_ms = 2000
+
+[local_api]
+enabled = {local}
+socket = "{socket}"
+mode = "0600"
+"#,
+            ca = he.join("ca/ca.crt.pem").display(),
+            cert = box_dir.join(format!("{BOX_ID}.crt.pem")).display(),
+            key = box_dir.join(format!("{BOX_ID}.key.pem")).display(),
+            state = stbd_state.display(),
+            local = opts.local_api,
+            socket = socket.display(),
+        );
+        std::fs::write(&stbd_config, toml).expect("stbd.toml");
+
+        let w = World {
+            tmux: None,
+            vcard: Some(vcard),
+            headend: Some(headend),
+            _lock: lock,
+            test,
+            stbd_log: root.join("stbd.log"),
+            root,
+            he,
+            addr,
+            card,
+            stbd_config,
+            stbd_state,
+            socket,
+            dir: Some(dir),
+        };
+        // The card is in the reader once its file is served (attach-vpcd says so).
+        let attached = poll(STEP, || {
+            std::fs::read_to_string(&w.vcard.as_ref().expect("vcard").log)
+                .ok()
+                .filter(|l| l.contains("card attached"))
+        });
+        assert!(
+            attached.is_some(),
+            "vcard attach-vpcd did not attach within {STEP:?}:\n{}",
+            tail(&w.root.join("vcard.log"), 20)
+        );
+        wait_reader(test, true);
+        eprintln!("{test}: head end, card and reader up in {:?}", t0.elapsed());
+        Some(w)
+    }
+
+    /// The script the tmux pane runs: `exec`s stbd (so the pane's pid is stbd's), its log
+    /// appended to stbd.log. `hook` sets the stbd test hook.
+    fn stbd_command(&self, hook: Option<&str>) -> String {
+        let script = self.root.join("run-stbd.sh");
+        let hook = hook.map(|h| format!("{HOOK_ENV}={h} ")).unwrap_or_default();
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho \"--- stbd start $(date +%T.%N)\" >>'{log}'\nexec env STBD_LOG=info {hook}'{bin}' run --config '{cfg}' 2>>'{log}'\n",
+                log = self.stbd_log.display(),
+                bin = bins().stbd.display(),
+                cfg = self.stbd_config.display(),
+            ),
+        )
+        .expect("run-stbd.sh");
+        format!("sh '{}'", script.display())
+    }
+
+    /// Starts stbd in the tmux pane (or restarts it there) and waits for the home screen
+    /// with the card read.
+    pub fn start_stbd(&mut self, hook: Option<&str>) -> String {
+        let cmd = self.stbd_command(hook);
+        match &self.tmux {
+            Some(t) => t.respawn(&cmd),
+            None => self.tmux = Some(Tmux::start(self.test, &self.root, &cmd)),
+        }
+        self.tv().wait_screen("the home screen with the card", |s| {
+            s.contains("Smart card") && s.contains("Balance") && s.contains(" EUR")
+        })
+    }
+
+    pub fn tv(&self) -> &Tmux {
+        self.tmux.as_ref().expect("stbd started")
+    }
+
+    /// Home → catalog → the pay-per-view event → OK: the offer popup, which is returned.
+    pub fn open_ppv_offer(&self) -> String {
+        let tv = self.tv();
+        tv.keys(&["1"]); // home: "1  Pay-per-view & shopping"
+        tv.wait_screen("the catalog with the event", |s| {
+            s.contains("Catalog") && s.contains(PPV_TITLE) && s.contains("4.99 EUR")
+        });
+        tv.keys(&["1", "Enter"]); // the first pay-per-view event, OK
+        self.wait_offer()
+    }
+
+    pub fn wait_offer(&self) -> String {
+        self.tv().wait_screen("the offer popup", |s| {
+            s.contains("Confirm purchase") && s.contains("Balance after")
+        })
+    }
+
+    pub fn card_state(&self) -> CardState {
+        VirtualCard::open(&self.card)
+            .expect("the card file reads")
+            .state()
+            .clone()
+    }
+
+    /// The tail of stbd's stderr.
+    pub fn stbd_log(&self) -> String {
+        std::fs::read_to_string(&self.stbd_log).unwrap_or_default()
+    }
+
+    // --- journals, read from the SQLite files the processes write
+
+    pub fn db(&self, name: &str) -> PathBuf {
+        match name {
+            "stb" => self.stbd_state.join("journal.sqlite"),
+            n => self.he.join("state").join(format!("{n}.sqlite")),
+        }
+    }
+
+    /// Every (txid, step, detail) row of a head-end journal, oldest first.
+    pub fn headend_steps(&self, journal: &str) -> Vec<(String, String, String)> {
+        query(
+            &self.db(journal),
+            "SELECT txid, step, detail FROM steps ORDER BY id",
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+    }
+
+    pub fn count_steps(&self, journal: &str, txid: &str, step: &str) -> usize {
+        self.headend_steps(journal)
+            .iter()
+            .filter(|(t, s, _)| t == txid && s == step)
+            .count()
+    }
+
+    /// (key, value) of one kind in a head-end journal's state table.
+    pub fn headend_state(&self, journal: &str, kind: &str) -> Vec<(String, Vec<u8>)> {
+        query(
+            &self.db(journal),
+            &format!("SELECT key, value FROM state WHERE kind = '{kind}' ORDER BY key"),
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+    }
+
+    /// The payment server's transaction records.
+    pub fn payment_txns(&self) -> Vec<headend::payment::PayTxn> {
+        self.headend_state("payment", "txn")
+            .iter()
+            .map(|(_, v)| headend::journal::decode(v).expect("a PayTxn"))
+            .collect()
+    }
+
+    /// What the payment server's security cards have counted, EUR minor units.
+    pub fn security_card_total(&self) -> u64 {
+        self.headend_state("payment", "psam")
+            .iter()
+            .map(|(_, b)| {
+                headend::journal::decode::<proto::security_card::SecurityCard>(b)
+                    .expect("a security card")
+                    .total(Currency::EUR)
+                    .amount
+            })
+            .sum()
+    }
+
+    /// The box journal's transactions: (txid, state).
+    pub fn stb_txns(&self) -> Vec<(String, String)> {
+        query(
+            &self.db("stb"),
+            "SELECT transaction_id, state FROM txns ORDER BY created_at, rowid",
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+    }
+
+    /// Local app API: sends one request line, returns the one answer line (bounded).
+    pub fn api_send(&self, line: &str) -> ApiClient {
+        let s = poll(STEP, || UnixStream::connect(&self.socket).ok())
+            .unwrap_or_else(|| panic!("stbd's local API socket {:?} never accepted", self.socket));
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        let mut c = ApiClient {
+            rd: BufReader::new(s.try_clone().expect("clone")),
+            wr: s,
+        };
+        c.wr.write_all(format!("{line}\n").as_bytes())
+            .expect("request written");
+        c
+    }
+}
+
+pub struct ApiClient {
+    rd: BufReader<UnixStream>,
+    wr: UnixStream,
+}
+
+impl ApiClient {
+    pub fn answer(&mut self) -> serde_json::Value {
+        let mut line = String::new();
+        self.rd
+            .read_line(&mut line)
+            .expect("an answer line within the read timeout");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("answer {line:?}: {e}"))
+    }
+}
+
+/// Rows of a query on a SQLite file (empty when the file or table does not exist yet).
+pub fn query<T>(
+    path: &Path,
+    sql: &str,
+    f: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> Vec<T> {
+    if !path.exists() {
+        return Vec::new();
+    }
+    let conn = rusqlite::Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    conn.busy_timeout(Duration::from_secs(5))
+        .expect("busy timeout");
+    let mut st = match conn.prepare(sql) {
+        Ok(st) => st,
+        Err(e) if e.to_string().contains("no such table") => return Vec::new(),
+        Err(e) => panic!("{}: {sql}: {e}", path.display()),
+    };
+    st.query_map([], f)
+        .and_then(|rows| rows.collect())
+        .unwrap_or_else(|e| panic!("{}: {sql}: {e}", path.display()))
+}
+
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let v: Vec<&str> = text.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "===== {}: FAILED; diagnostics from {}",
+                self.test,
+                self.root.display()
+            );
+            if let Some(t) = &self.tmux {
+                eprintln!("----- last screen:\n{}", t.screen());
+            }
+            for f in ["stbd.log", "headend.log", "vcard.log"] {
+                eprintln!("----- {f} (tail):\n{}", tail(&self.root.join(f), 25));
+            }
+        }
+        // stbd first (it holds the card), then the card, then the head end.
+        self.tmux.take();
+        if let Some(mut v) = self.vcard.take() {
+            v.stop();
+        }
+        if let Some(mut h) = self.headend.take() {
+            h.stop();
+        }
+        if std::env::var("PURSELINK_E2E_KEEP").as_deref() == Ok("1") {
+            if let Some(d) = self.dir.take() {
+                eprintln!("{}: kept {}", self.test, d.keep().display());
+            }
+        }
+    }
+}
