@@ -41,6 +41,9 @@ pub struct Config {
     pub timeouts: Timeouts,
     #[serde(default)]
     pub local_api: LocalApiConfig,
+    /// Loading value onto the card (bank account, pre-funded voucher).
+    #[serde(default)]
+    pub load: LoadConfig,
     /// Passed through to `ui::keymap`: action name → key name(s).
     #[serde(default)]
     pub keymap: ui::keymap::KeymapConfig,
@@ -212,6 +215,20 @@ impl LocalApiConfig {
     }
 }
 
+/// `[load]`: where the value loaded onto the card comes from. Without it, "Load card" says
+/// that no source is set up on this box.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoadConfig {
+    /// The viewer's bank account id at the bank (loads need the PIN).
+    pub bank_account: Option<String>,
+    /// A pre-funded voucher code held by the load server (no PIN).
+    pub voucher: Option<String>,
+    /// The box's per-box PIN key file (hex, from provisioning: `headend init-demo` writes
+    /// `pin-keys/<box>.key`). The PIN is sealed under it end to end for the bank.
+    pub pin_key: Option<PathBuf>,
+}
+
 impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -300,6 +317,25 @@ impl Config {
                 "timeouts.reconnect_max_ms",
                 "must not be below timeouts.reconnect_initial_ms".into(),
             ));
+        }
+        let l = &self.load;
+        for (key, v) in [
+            ("load.bank_account", &l.bank_account),
+            ("load.voucher", &l.voucher),
+        ] {
+            if v.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                return Err(bad(key, "is empty (leave the key out instead)".into()));
+            }
+        }
+        match &l.pin_key {
+            Some(p) => must_exist("load.pin_key", p)?,
+            None if l.bank_account.is_some() => {
+                return Err(bad(
+                    "load.pin_key",
+                    "is missing: load.bank_account needs the box's PIN key file".into(),
+                ));
+            }
+            None => {}
         }
         if self.local_api.enabled {
             self.local_api
@@ -413,6 +449,15 @@ dir = "{p}"
                 "local_api.mode",
             ),
             (format!("{text}\n[keymap]\nfly = \"x\"\n"), "keymap"),
+            (
+                format!("{text}\n[load]\nbank_account = \"ACC-1\"\n"),
+                "load.pin_key",
+            ),
+            (
+                format!("{text}\n[load]\nvoucher = \"V\"\npin_key = \"/nope.key\"\n"),
+                "load.pin_key",
+            ),
+            (format!("{text}\n[load]\nvoucher = \" \"\n"), "load.voucher"),
         ];
         for (t, key) in cases {
             let e = Config::parse(Path::new("t.toml"), &t)

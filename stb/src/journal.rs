@@ -16,6 +16,7 @@ use proto::messages::Offer;
 use proto::purse::DebitResponse;
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::flow::load::{PendingLoad, Step as LoadStep};
 use crate::flow::purchase::Step;
 use crate::flow::recovery::InDoubt;
 
@@ -57,6 +58,15 @@ fn now() -> i64 {
 fn blob<T: serde::Serialize>(t: &T) -> Vec<u8> {
     postcard::to_allocvec(t).expect("in-memory serialization")
 }
+
+/// Load states in which value may be in flight (see [`crate::flow::load::Step`]).
+const LOAD_IN_DOUBT: &[&str] = &[
+    "load_request_sent",
+    "load_command",
+    "load_sent",
+    "load_responded",
+    "load_zero_value",
+];
 
 /// States in which value may be in flight.
 const IN_DOUBT: &[&str] = &[
@@ -113,7 +123,21 @@ impl Journal {
                 detail BLOB,
                 at INTEGER NOT NULL
             );
-            CREATE INDEX IF NOT EXISTS steps_txn ON steps(transaction_id);",
+            CREATE INDEX IF NOT EXISTS steps_txn ON steps(transaction_id);
+            CREATE TABLE IF NOT EXISTS loads (
+                transaction_id TEXT PRIMARY KEY,
+                amount INTEGER NOT NULL,
+                currency INTEGER NOT NULL,
+                offer BLOB NOT NULL,
+                init BLOB NOT NULL,
+                card_id INTEGER NOT NULL,
+                command BLOB,
+                response BLOB,
+                zero BLOB,
+                state TEXT NOT NULL,
+                created_at INTEGER NOT NULL,
+                updated_at INTEGER NOT NULL
+            );",
         )?;
         Ok(Self { conn })
     }
@@ -232,6 +256,142 @@ impl Journal {
             )?;
         }
         Ok(ids.len())
+    }
+
+    /// Writes one load step (and the load's new state) in one SQLite transaction. The
+    /// `loads` table keeps what recovery needs: the offer, S1, the load command, the card's
+    /// answer and the zero-value proof. No PIN, sealed or not, is ever written.
+    pub fn record_load(&mut self, txid: &str, step: &LoadStep) -> Result<(), JournalError> {
+        let (name, detail): (&str, Option<Vec<u8>>) = match step {
+            LoadStep::RequestSent { .. } => ("load_request_sent", None),
+            LoadStep::CommandReceived { command } => ("load_command", Some(blob(command))),
+            LoadStep::LoadSent => ("load_sent", None),
+            LoadStep::Responded { response } => ("load_responded", Some(blob(response))),
+            LoadStep::ZeroValue { zero } => ("load_zero_value", Some(blob(zero))),
+            LoadStep::Completed { confirmation } => ("load_completed", Some(blob(confirmation))),
+            LoadStep::Ended { why } => ("load_ended", Some(why.as_bytes().to_vec())),
+        };
+        let t = now();
+        let tx = self.conn.transaction()?;
+        if let LoadStep::RequestSent { offer, init } = step {
+            tx.execute(
+                "INSERT INTO loads (transaction_id, amount, currency, offer, init, card_id, state,
+                    created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
+                params![
+                    txid,
+                    init.amount as i64,
+                    init.currency.code,
+                    blob(offer),
+                    blob(init),
+                    init.card_id as i64,
+                    name,
+                    t
+                ],
+            )?;
+        } else {
+            let column = match step {
+                LoadStep::CommandReceived { .. } => Some("command"),
+                LoadStep::Responded { .. } => Some("response"),
+                LoadStep::ZeroValue { .. } => Some("zero"),
+                _ => None,
+            };
+            let n = match column {
+                Some(c) => tx.execute(
+                    &format!(
+                        "UPDATE loads SET state = ?2, updated_at = ?3, {c} = ?4
+                         WHERE transaction_id = ?1"
+                    ),
+                    params![txid, name, t, detail],
+                )?,
+                None => tx.execute(
+                    "UPDATE loads SET state = ?2, updated_at = ?3 WHERE transaction_id = ?1",
+                    params![txid, name, t],
+                )?,
+            };
+            if n == 0 {
+                return Err(JournalError::Unknown(txid.to_string()));
+            }
+        }
+        tx.execute(
+            "INSERT INTO steps (transaction_id, step, detail, at) VALUES (?1, ?2, ?3, ?4)",
+            params![txid, name, detail, t],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A load's current state.
+    pub fn load_state(&self, txid: &str) -> Result<Option<String>, JournalError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT state FROM loads WHERE transaction_id = ?1",
+                [txid],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Every load in doubt, oldest first.
+    pub fn loads_in_doubt(&self) -> Result<Vec<PendingLoad>, JournalError> {
+        let q = format!(
+            "SELECT transaction_id, offer, init, command, response, zero, state FROM loads
+             WHERE state IN ({}) ORDER BY created_at, rowid",
+            LOAD_IN_DOUBT
+                .iter()
+                .map(|s| format!("'{s}'"))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let mut st = self.conn.prepare(&q)?;
+        type Row = (
+            String,
+            Vec<u8>,
+            Vec<u8>,
+            Option<Vec<u8>>,
+            Option<Vec<u8>>,
+            Option<Vec<u8>>,
+            String,
+        );
+        let rows = st.query_map([], |r| {
+            Ok::<Row, rusqlite::Error>((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (txid, offer, init, command, response, zero, state) = row?;
+            fn de<T: serde::de::DeserializeOwned>(
+                txid: &str,
+                what: &'static str,
+                b: &[u8],
+            ) -> Result<T, JournalError> {
+                postcard::from_bytes(b).map_err(|e| JournalError::Corrupt {
+                    txid: txid.into(),
+                    what,
+                    detail: e.to_string(),
+                })
+            }
+            out.push(PendingLoad {
+                offer: de(&txid, "load offer", &offer)?,
+                init: de(&txid, "S1", &init)?,
+                command: command.map(|b| de(&txid, "load command", &b)).transpose()?,
+                response: response
+                    .map(|b| de(&txid, "load response", &b))
+                    .transpose()?,
+                zero: zero.map(|b| de(&txid, "zero-value S1", &b)).transpose()?,
+                transaction_id: txid,
+                state,
+            });
+        }
+        Ok(out)
     }
 
     /// Every transaction in doubt, oldest first.
@@ -424,5 +584,109 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn load_steps_persist_and_in_doubt_loads_follow_the_state() {
+        use crate::flow::load::Step as L;
+        use proto::messages::{LoadConfirmation, LoadOffer, LoadSource};
+        use proto::purse::{LoadCommand, LoadInit};
+        let offer = LoadOffer {
+            transaction_id: "ld".into(),
+            source: LoadSource::Voucher { code: "V-1".into() },
+            max_amount: Money::new(900, Currency::EUR),
+            limited_by: "funds".into(),
+            timestamp: 7,
+            date: Date::new(2026, 11, 21),
+            pin_required: false,
+        };
+        let init = LoadInit {
+            card_id: 9,
+            expiry: Expiry {
+                year: 2030,
+                month: 1,
+            },
+            balance: 100,
+            max_balance: 1000,
+            currency: Currency::EUR,
+            atc: 3,
+            load_count: 1,
+            key_version: 1,
+            amount: 500,
+            timestamp: 7,
+            card_random: [1; 8],
+            s1: [2; 8],
+        };
+        let cmd = LoadCommand {
+            hsm_id: 5,
+            card_id: 9,
+            atc: 3,
+            amount: 500,
+            currency: Currency::EUR,
+            s2: [3; 8],
+        };
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut j = Journal::open(dir.path()).unwrap();
+            assert!(matches!(
+                j.record_load("ld", &L::LoadSent),
+                Err(JournalError::Unknown(_))
+            ));
+            j.record_load(
+                "ld",
+                &L::RequestSent {
+                    offer: offer.clone(),
+                    init: init.clone(),
+                },
+            )
+            .unwrap();
+            j.record_load(
+                "ld",
+                &L::CommandReceived {
+                    command: cmd.clone(),
+                },
+            )
+            .unwrap();
+            j.record_load("ld", &L::LoadSent).unwrap();
+        }
+        let mut j = Journal::open(dir.path()).unwrap();
+        let p = j.loads_in_doubt().unwrap();
+        assert_eq!(p.len(), 1);
+        assert_eq!(
+            (&p[0].offer, &p[0].init, &p[0].command, &p[0].state.as_str()),
+            (&offer, &init, &Some(cmd), &"load_sent")
+        );
+        assert!(p[0].response.is_none() && p[0].zero.is_none());
+        assert!(j.in_doubt().unwrap().is_empty(), "purchases are apart");
+        j.record_load("ld", &L::ZeroValue { zero: init.clone() })
+            .unwrap();
+        assert_eq!(j.loads_in_doubt().unwrap()[0].zero, Some(init));
+        j.record_load(
+            "ld",
+            &L::Completed {
+                confirmation: LoadConfirmation {
+                    transaction_id: "ld".into(),
+                    loaded: false,
+                    new_balance: Some(100),
+                    sealed: vec![],
+                },
+            },
+        )
+        .unwrap();
+        assert!(j.loads_in_doubt().unwrap().is_empty());
+        assert_eq!(
+            j.load_state("ld").unwrap().as_deref(),
+            Some("load_completed")
+        );
+        assert_eq!(
+            j.steps("ld").unwrap(),
+            [
+                "load_request_sent",
+                "load_command",
+                "load_sent",
+                "load_zero_value",
+                "load_completed"
+            ]
+        );
     }
 }

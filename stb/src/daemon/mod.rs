@@ -5,9 +5,11 @@
 //! - [`card`]: reader driver, the open card session, card reads
 //! - [`runner`]: the event loop driving the purchase flow and the UI
 //! - [`recover`]: resolving in-doubt transactions from the card's log
+//! - [`load`]: the load flow's shell and the recovery of in-doubt loads
 
 pub mod card;
 pub mod gateway;
+pub mod load;
 pub mod recover;
 pub mod runner;
 
@@ -119,6 +121,8 @@ pub async fn run(
         status_tx,
         io.keys.is_some(),
     );
+    runner.load.settings =
+        load::LoadSettings::from_config(&cfg.load).map_err(DaemonError::Setup)?;
     let mut tui = if io.draw {
         Some(ui::terminal::Tui::enter().map_err(|e| DaemonError::Setup(format!("terminal: {e}")))?)
     } else {

@@ -20,6 +20,7 @@ use ui::{App, Intent, ScreenId, UiEvent, UiUpdate};
 use super::card::{CardPort, today};
 use super::gateway::Gateway;
 use super::recover;
+use crate::flow::load::Input as LoadInput;
 use crate::flow::purchase::{Action, Input, Outcome, Purchase};
 use crate::flow::{ui_date, ui_money};
 use crate::journal::Journal;
@@ -82,6 +83,8 @@ pub struct Runner {
     flows_done: u64,
     recovered: u64,
     last_outcome: Option<Outcome>,
+    /// The load flow's slot (see [`super::load`]).
+    pub load: super::load::LoadSlot,
 }
 
 /// The test hook's environment variable and the one value it acts on.
@@ -134,6 +137,7 @@ impl Runner {
             flows_done: 0,
             recovered: 0,
             last_outcome: None,
+            load: super::load::LoadSlot::default(),
         }
     }
 
@@ -165,7 +169,7 @@ impl Runner {
         true
     }
 
-    async fn update(&mut self, u: UiUpdate) {
+    pub(crate) async fn update(&mut self, u: UiUpdate) {
         // Updates produce no intents but keep the code path single.
         let _ = Box::pin(self.ui(UiEvent::Update(u))).await;
     }
@@ -197,15 +201,10 @@ impl Runner {
                 self.flow_input(Input::Decline { timeout }).await
             }
             Intent::ShowHistory => self.show_history().await,
-            // Loads are not wired yet (issue 6 scope: purchase first).
-            Intent::StartLoad { .. } | Intent::SubmitLoadAmount(_) | Intent::SubmitPin(_) => {
-                self.update(UiUpdate::Error(ui::model::UiError {
-                    kind: ui::model::ErrorKind::Other,
-                    detail: Some("loading value is not available on this box yet".into()),
-                }))
-                .await
-            }
-            Intent::CancelLoad | Intent::CancelPin => {}
+            Intent::StartLoad { source } => self.start_load(source).await,
+            Intent::SubmitLoadAmount(minor) => self.load_input(LoadInput::Amount(minor)).await,
+            Intent::SubmitPin(pin) => self.load_input(LoadInput::Pin(pin)).await,
+            Intent::CancelLoad | Intent::CancelPin => self.load_input(LoadInput::Cancel).await,
         }
         true
     }
@@ -221,6 +220,8 @@ impl Runner {
                         Err(e) => Input::NetworkFailed(e),
                     };
                     self.flow_input(input).await;
+                } else {
+                    self.load_answer(flow, result).await;
                 }
             }
             Event::Catalog(r) => self.catalog_loaded(r).await,
@@ -235,7 +236,7 @@ impl Runner {
                         kind: ui::model::ErrorKind::Other,
                         reason: "no TV UI on this box to confirm the payment".into(),
                     });
-                } else if self.active.is_some() {
+                } else if self.active.is_some() || self.load.is_active() {
                     let _ = reply.send(Outcome::Failed {
                         transaction_id: None,
                         kind: ui::model::ErrorKind::Other,
@@ -246,7 +247,7 @@ impl Runner {
                 }
             }
             Event::Connected => {
-                if self.active.is_none() {
+                if !self.purchase_active() && !self.load.is_active() {
                     self.recover().await;
                 }
             }
@@ -269,12 +270,13 @@ impl Runner {
                 self.card.card_removed();
                 self.update(UiUpdate::Reader(ReaderState::Missing)).await;
                 self.flow_input(Input::CardRemoved).await;
+                self.load_input(LoadInput::CardRemoved).await;
             }
             ReaderEvent::CardInserted { reader, .. } if self.card.matches(&reader) => {
                 tracing::info!(%reader, "card inserted");
                 self.card.card_inserted(&reader);
                 self.refresh_card().await;
-                if self.active.is_none() {
+                if !self.purchase_active() && !self.load.is_active() {
                     self.recover().await;
                 }
             }
@@ -283,6 +285,7 @@ impl Runner {
                 self.card.card_removed();
                 self.update(UiUpdate::CardRemoved).await;
                 self.flow_input(Input::CardRemoved).await;
+                self.load_input(LoadInput::CardRemoved).await;
             }
             ReaderEvent::ServiceLost { reason } => {
                 tracing::warn!(%reason, "reader service lost");
@@ -292,8 +295,13 @@ impl Runner {
         }
     }
 
-    async fn refresh_card(&mut self) {
-        if self.active.is_some() {
+    /// Whether a purchase is in flight.
+    pub(crate) fn purchase_active(&self) -> bool {
+        self.active.is_some()
+    }
+
+    pub(crate) async fn refresh_card(&mut self) {
+        if self.active.is_some() || self.load.is_active() {
             return;
         }
         match self.card.read_purse().await {
@@ -320,7 +328,7 @@ impl Runner {
     }
 
     async fn show_history(&mut self) {
-        if self.active.is_some() || !self.card.has_card() {
+        if self.active.is_some() || self.load.is_active() || !self.card.has_card() {
             return;
         }
         let entries = async {
@@ -394,7 +402,7 @@ impl Runner {
         item_id: &str,
         reply: Option<oneshot::Sender<Outcome>>,
     ) {
-        if self.active.is_some() {
+        if self.active.is_some() || self.load.is_active() {
             return;
         }
         self.next_id += 1;
@@ -529,6 +537,13 @@ impl Runner {
     }
 
     pub async fn recover(&mut self) {
+        // In-doubt loads first: nothing else may load the card before they are settled.
+        let loads = self.recover_loads().await;
+        if loads > 0 {
+            tracing::info!(loads, "in-doubt loads resolved");
+            self.recovered += loads as u64;
+            self.refresh_card().await;
+        }
         let r = recover::resolve(&mut self.journal, &mut self.card, &self.gateway).await;
         if r.resent + r.cancelled > 0 {
             tracing::info!(

@@ -1,0 +1,480 @@
+//! The shell around [`crate::flow::load`]: the `[load]` settings, one load at a time driven
+//! from the runner's UI intents and gateway answers, and the recovery of in-doubt loads from
+//! the journal and the card's log (at start, on reconnect, on every card insertion, and
+//! before a new load: 001's negative-result procedure needs an in-doubt load resolved
+//! before the card loads again).
+
+use std::collections::VecDeque;
+
+use proto::card::commands;
+use proto::crypto::DesKey;
+use proto::messages::{ErrorCode, LoadResponseMsg, LoadSource, Message};
+use proto::purse::LoadInit;
+use tracing::Instrument;
+use ui::UiUpdate;
+use ui::model::{ErrorKind, UiError};
+
+use super::card::CardPort;
+use super::gateway::Gateway;
+use super::runner::{Event, Runner};
+use crate::config::LoadConfig;
+use crate::flow::load::{Action, Decision, Input, Load, Outcome, PendingLoad, Step, decide};
+use crate::journal::Journal;
+
+/// Load answers come back as `Event::Answer` with a flow id from this range, apart from
+/// the purchase flows' ids.
+const LOAD_IDS: u64 = 1 << 62;
+
+/// What the config says about loads, with the PIN key read.
+#[derive(Clone, Default)]
+pub struct LoadSettings {
+    pub bank_account: Option<String>,
+    pub voucher: Option<String>,
+    pub pin_key: Option<DesKey>,
+}
+
+impl std::fmt::Debug for LoadSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadSettings")
+            .field("bank_account", &self.bank_account)
+            .field("voucher", &self.voucher)
+            .field("pin_key", &self.pin_key.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+impl LoadSettings {
+    /// Reads the PIN key file (hex, as provisioning writes it).
+    pub fn from_config(c: &LoadConfig) -> Result<Self, String> {
+        let pin_key = match &c.pin_key {
+            None => None,
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| format!("load.pin_key {}: {e}", p.display()))?;
+                let raw = hex::decode(text.trim())
+                    .map_err(|e| format!("load.pin_key {}: not a hex key ({e})", p.display()))?;
+                Some(
+                    DesKey::from_slice(&raw)
+                        .map_err(|e| format!("load.pin_key {}: {e}", p.display()))?,
+                )
+            }
+        };
+        Ok(Self {
+            bank_account: c.bank_account.clone(),
+            voucher: c.voucher.clone(),
+            pin_key,
+        })
+    }
+}
+
+struct ActiveLoad {
+    id: u64,
+    flow: Load,
+    span: tracing::Span,
+    txid_recorded: bool,
+}
+
+/// The runner's load slot.
+#[derive(Default)]
+pub struct LoadSlot {
+    pub settings: LoadSettings,
+    active: Option<ActiveLoad>,
+    next_id: u64,
+    /// The last load's outcome and how many loads ended (for tests and logs).
+    pub last: Option<Outcome>,
+    pub done: u64,
+    /// In-doubt loads resolved by recovery.
+    pub recovered: u64,
+}
+
+impl LoadSlot {
+    pub fn is_active(&self) -> bool {
+        self.active.is_some()
+    }
+
+    pub fn owns(&self, flow: u64) -> bool {
+        self.active.as_ref().map(|a| a.id) == Some(flow)
+    }
+}
+
+fn ui_err(kind: ErrorKind, detail: impl Into<String>) -> UiUpdate {
+    UiUpdate::Error(UiError {
+        kind,
+        detail: Some(detail.into()),
+    })
+}
+
+impl Runner {
+    /// "Load card" → a source: starts a load, after resolving any in-doubt load.
+    pub async fn start_load(&mut self, source: ui::model::LoadSource) {
+        if self.load.is_active() || self.purchase_active() {
+            self.update(ui_err(
+                ErrorKind::Other,
+                "another transaction is in progress; try again",
+            ))
+            .await;
+            return;
+        }
+        let s = &self.load.settings;
+        let src = match source {
+            ui::model::LoadSource::Bank => s
+                .bank_account
+                .clone()
+                .map(|account| LoadSource::Bank { account }),
+            ui::model::LoadSource::Voucher => {
+                s.voucher.clone().map(|code| LoadSource::Voucher { code })
+            }
+        };
+        let Some(src) = src else {
+            let what = match source {
+                ui::model::LoadSource::Bank => {
+                    "no bank account is set up on this box ([load] bank_account)"
+                }
+                ui::model::LoadSource::Voucher => {
+                    "no voucher is set up on this box ([load] voucher)"
+                }
+            };
+            self.update(ui_err(ErrorKind::Other, what)).await;
+            return;
+        };
+        if !self.card.has_card() {
+            self.update(ui_err(ErrorKind::NoCard, "insert the card to load it"))
+                .await;
+            return;
+        }
+        // An in-doubt load on this card first: the HSM's proof needs the card's load
+        // count to speak of that load alone.
+        self.recover_loads().await;
+        match self.journal.loads_in_doubt() {
+            Ok(p) if p.is_empty() => {}
+            Ok(p) => {
+                tracing::warn!(
+                    pending = p.len(),
+                    "load refused: an earlier load is not settled yet"
+                );
+                self.update(ui_err(
+                    ErrorKind::Other,
+                    format!(
+                        "an earlier load ({}) is still being settled with the head end; try again later",
+                        p[0].transaction_id
+                    ),
+                ))
+                .await;
+                return;
+            }
+            Err(e) => {
+                self.update(ui_err(ErrorKind::Other, format!("the box's journal: {e}")))
+                    .await;
+                return;
+            }
+        }
+        self.load.next_id += 1;
+        let id = LOAD_IDS + self.load.next_id;
+        let (flow, actions) = Load::start(
+            src.clone(),
+            self.load.settings.pin_key.clone(),
+            rand::random(),
+        );
+        let kind = match src {
+            LoadSource::Bank { .. } => "bank",
+            LoadSource::Voucher { .. } => "voucher",
+        };
+        let span = tracing::info_span!(
+            "load",
+            flow = id - LOAD_IDS,
+            transaction_id = tracing::field::Empty,
+            source = kind
+        );
+        span.in_scope(|| tracing::info!("load started"));
+        self.load.active = Some(ActiveLoad {
+            id,
+            flow,
+            span,
+            txid_recorded: false,
+        });
+        self.execute_load(actions).await;
+    }
+
+    /// A viewer decision or a card event for the active load.
+    pub async fn load_input(&mut self, input: Input) {
+        let Some(a) = self.load.active.as_mut() else {
+            return;
+        };
+        if matches!(input, Input::CardRemoved) && !a.flow.holds_card() {
+            return;
+        }
+        let actions = a.span.in_scope(|| a.flow.handle(input));
+        self.execute_load(actions).await;
+    }
+
+    /// A gateway answer for flow `flow`, if it is the active load's.
+    pub async fn load_answer(&mut self, flow: u64, result: Result<Message, String>) {
+        if !self.load.owns(flow) {
+            return;
+        }
+        let input = match result {
+            Ok(m) => Input::Answer(m),
+            Err(e) => Input::NetworkFailed(e),
+        };
+        self.load_input(input).await;
+    }
+
+    async fn execute_load(&mut self, actions: Vec<Action>) {
+        let mut queue: VecDeque<Action> = actions.into();
+        while let Some(action) = queue.pop_front() {
+            let Some(active) = self.load.active.as_mut() else {
+                return;
+            };
+            let span = active.span.clone();
+            if !active.txid_recorded {
+                if let Some(t) = active.flow.transaction_id() {
+                    span.record("transaction_id", t);
+                    active.txid_recorded = true;
+                }
+            }
+            match action {
+                Action::Journal {
+                    transaction_id,
+                    step,
+                } => {
+                    if let Err(e) = self.journal.record_load(&transaction_id, &step) {
+                        // Not journaled means not done: stop before the action it guards.
+                        span.in_scope(
+                            || tracing::error!(error = %e, "journal write failed; load stopped"),
+                        );
+                        let outcome = match step {
+                            // The request never went out: nothing is held.
+                            Step::RequestSent { .. } => Outcome::Failed {
+                                transaction_id: Some(transaction_id),
+                                kind: ErrorKind::Other,
+                                reason: format!("the box could not record the load: {e}"),
+                            },
+                            _ => Outcome::InDoubt {
+                                transaction_id,
+                                reason: format!("the box could not record the load: {e}"),
+                            },
+                        };
+                        self.update(ui_err(
+                            ErrorKind::Other,
+                            "the box could not record the load",
+                        ))
+                        .await;
+                        self.finish_load(outcome).await;
+                        return;
+                    }
+                    span.in_scope(|| tracing::debug!(step = step_name(&step), "journaled"));
+                }
+                Action::Apdu(apdu) => {
+                    let reply = self.card.transmit(&apdu).await;
+                    if let Err(e) = &reply {
+                        span.in_scope(|| tracing::warn!(error = %e, "card command failed"));
+                    }
+                    let active = self.load.active.as_mut().expect("checked");
+                    let more = span.in_scope(|| active.flow.handle(Input::Card(reply)));
+                    queue.extend(more);
+                }
+                Action::Send(msg) => {
+                    let gw = self.gateway.clone();
+                    let tx = self.events.clone();
+                    let id = active.id;
+                    span.in_scope(|| {
+                        tracing::info!(
+                            message = crate::flow::purchase::name(&msg),
+                            "to the gateway"
+                        )
+                    });
+                    tokio::spawn(
+                        async move {
+                            let result = gw.call(&msg).await.map_err(|e| e.to_string());
+                            if let Err(e) = &result {
+                                tracing::warn!(error = %e, "gateway request failed");
+                            }
+                            let _ = tx.send(Event::Answer { flow: id, result }).await;
+                        }
+                        .instrument(span.clone()),
+                    );
+                }
+                Action::Ui(u) => self.update(u).await,
+                Action::Done(outcome) => {
+                    span.in_scope(|| tracing::info!(outcome = ?outcome, "load finished"));
+                    self.finish_load(outcome).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn finish_load(&mut self, outcome: Outcome) {
+        self.load.active = None;
+        self.load.done += 1;
+        self.load.last = Some(outcome);
+        self.card.release().await;
+        if self.card.has_card() {
+            self.refresh_card().await;
+        }
+    }
+
+    /// Resolves the in-doubt loads of the card in the reader; returns how many.
+    pub async fn recover_loads(&mut self) -> usize {
+        if self.load.is_active() {
+            return 0;
+        }
+        let n = resolve(&mut self.journal, &mut self.card, &self.gateway).await;
+        self.load.recovered += n as u64;
+        n
+    }
+}
+
+fn step_name(s: &Step) -> &'static str {
+    match s {
+        Step::RequestSent { .. } => "load request sent",
+        Step::CommandReceived { .. } => "load command received",
+        Step::LoadSent => "LOAD sent",
+        Step::Responded { .. } => "card answered LOAD",
+        Step::ZeroValue { .. } => "zero-value proof",
+        Step::Completed { .. } => "completed",
+        Step::Ended { .. } => "ended",
+    }
+}
+
+/// A fresh zero-value INITIALIZE FOR LOAD for `p`'s offer.
+async fn zero_value(card: &mut CardPort, p: &PendingLoad) -> Result<LoadInit, String> {
+    card.expect_ok(&commands::select()).await?;
+    let d = card
+        .expect_ok(&crate::flow::load::zero_value_apdu(&p.offer))
+        .await?;
+    LoadInit::decode(&d).map_err(|e| format!("zero-value S1 malformed: {e}"))
+}
+
+/// Sends `msg` and journals the confirmation; true once the load is closed.
+async fn send(
+    journal: &mut Journal,
+    gateway: &Gateway,
+    msg: &LoadResponseMsg,
+) -> Result<bool, Message> {
+    let txid = &msg.transaction_id;
+    match gateway.call(&Message::LoadResponse(msg.clone())).await {
+        Ok(Message::LoadConfirmation(c)) if &c.transaction_id == txid => {
+            tracing::info!(loaded = c.loaded, "in-doubt load confirmed");
+            match journal.record_load(txid, &Step::Completed { confirmation: c }) {
+                Ok(()) => Ok(true),
+                Err(e) => {
+                    tracing::error!(error = %e, "journal: cannot close the load");
+                    Ok(false)
+                }
+            }
+        }
+        Ok(other) => Err(other),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot reach the head end; the load stays in doubt");
+            Ok(false)
+        }
+    }
+}
+
+/// Resolves every in-doubt load of the inserted card; returns how many were closed.
+pub async fn resolve(journal: &mut Journal, card: &mut CardPort, gateway: &Gateway) -> usize {
+    let pending = match journal.loads_in_doubt() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "journal unreadable; in-doubt loads wait");
+            return 0;
+        }
+    };
+    if pending.is_empty() || !card.has_card() {
+        return 0;
+    }
+    let (info, log) = match async {
+        let info = card.read_purse().await?;
+        let log = card.read_log().await?;
+        Ok::<_, String>((info, log))
+    }
+    .await
+    {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::warn!(error = %e, "load recovery: cannot read the card");
+            card.release().await;
+            return 0;
+        }
+    };
+    let mut closed = 0;
+    for p in pending {
+        let txid = p.transaction_id.clone();
+        let span = tracing::info_span!("recover load", transaction_id = %txid, state = %p.state);
+        let ok = async {
+            let msg = match decide(&p, info.card_id, &log) {
+                Decision::OtherCard => {
+                    tracing::info!("another card is in the reader; waiting for the card of this load");
+                    return false;
+                }
+                Decision::Resend(m) => m,
+                Decision::FromLog(resp) => {
+                    tracing::info!("the card's log has the load: its S3 is re-sent");
+                    if let Err(e) = journal.record_load(&txid, &Step::Responded { response: resp.clone() }) {
+                        tracing::error!(error = %e, "journal write failed");
+                        return false;
+                    }
+                    let m = LoadResponseMsg {
+                        transaction_id: txid.clone(),
+                        response: Some(resp),
+                        zero_value: None,
+                    };
+                    match send(journal, gateway, &m).await {
+                        Ok(done) => return done,
+                        // A card that loaded but had answered "not loaded" (a false
+                        // negative) logs an S3 the HSM cannot verify: the zero-value proof
+                        // decides instead.
+                        Err(Message::Error(e)) if e.code == ErrorCode::BadSignature => {
+                            tracing::warn!(reason = %e.reason, "logged S3 refused; zero-value proof follows");
+                            LoadResponseMsg { transaction_id: txid.clone(), response: None, zero_value: None }
+                        }
+                        Err(other) => {
+                            tracing::warn!(answer = ?other, "load response re-sent but not confirmed");
+                            return false;
+                        }
+                    }
+                }
+                Decision::ProveWithZero { response } => LoadResponseMsg {
+                    transaction_id: txid.clone(),
+                    response,
+                    zero_value: None,
+                },
+            };
+            let msg = if msg.zero_value.is_none() && !msg.response.as_ref().is_some_and(|r| r.is_loaded()) {
+                let zero = match zero_value(card, &p).await {
+                    Ok(z) => z,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no zero-value proof from the card; the load stays in doubt");
+                        return false;
+                    }
+                };
+                card.release().await;
+                if let Err(e) = journal.record_load(&txid, &Step::ZeroValue { zero: zero.clone() }) {
+                    tracing::error!(error = %e, "journal write failed");
+                    return false;
+                }
+                LoadResponseMsg {
+                    zero_value: Some(zero),
+                    ..msg
+                }
+            } else {
+                msg
+            };
+            match send(journal, gateway, &msg).await {
+                Ok(done) => done,
+                Err(other) => {
+                    tracing::warn!(answer = ?other, "load response re-sent but not confirmed");
+                    false
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+        if ok {
+            closed += 1;
+        }
+    }
+    card.release().await;
+    closed
+}
