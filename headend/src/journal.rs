@@ -1,5 +1,6 @@
 //! The durable journal every role writes before it acts: SQLite (rusqlite, bundled) in WAL
-//! mode with `synchronous=FULL`, so a committed step survives SIGKILL and power loss.
+//! mode, each commit fsynced before it returns (group commit, below), so a committed step
+//! survives SIGKILL and power loss.
 //!
 //! Two tables serve every role:
 //! - `steps`: an append-only log of (transaction id, step, detail) — what happened, in order;
@@ -9,9 +10,17 @@
 //!
 //! [`Journal::atomically`] groups several writes in one SQLite transaction, so a role's
 //! "after" state (security card snapshot + transaction record + answer) lands all or nothing.
+//!
+//! Group commit: SQLite commits with `synchronous=NORMAL` (the WAL frames are written, not yet
+//! synced), then [`Journal::atomically`] fsyncs the WAL file itself before it returns — one
+//! fsync covers every commit written before it started, so concurrent transactions share one
+//! instead of queueing one each. A commit is durable when `atomically` returns, exactly as
+//! with `synchronous=FULL` (which fsyncs the WAL on every commit); checkpoints still sync the
+//! WAL and the database as SQLite does.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -26,6 +35,12 @@ pub struct JournalError {
 pub struct Journal {
     conn: Mutex<Connection>,
     path: String,
+    wal_path: PathBuf,
+    /// Commits written to the WAL (counted under the connection lock).
+    written: AtomicU64,
+    /// The group commit: the WAL file, once opened, and how many commits are synced. Held
+    /// by the one thread that fsyncs; the others wait here and find their commit covered.
+    synced: Mutex<(Option<std::fs::File>, u64)>,
 }
 
 /// Writes inside one SQLite transaction.
@@ -84,7 +99,7 @@ impl Journal {
         let conn = Connection::open(path).map_err(err)?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = FULL;
+             PRAGMA synchronous = NORMAL;
              PRAGMA busy_timeout = 5000;
              CREATE TABLE IF NOT EXISTS steps (
                  id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -95,10 +110,51 @@ impl Journal {
                  PRIMARY KEY (kind, key));",
         )
         .map_err(err)?;
+        let mut wal_path = path.as_os_str().to_owned();
+        wal_path.push("-wal");
         Ok(Self {
             conn: Mutex::new(conn),
             path: p,
+            wal_path: wal_path.into(),
+            written: AtomicU64::new(0),
+            synced: Mutex::new((None, 0)),
         })
+    }
+
+    /// Makes commit number `mine` durable: fsyncs the WAL unless an fsync that started after
+    /// that commit was written has already done it. The first sync also syncs the directory,
+    /// so the WAL file's own entry is durable.
+    fn sync_wal(&self, mine: u64) -> Result<(), JournalError> {
+        let io = |e: std::io::Error| {
+            self.err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+                Some(format!("fsync {}: {e}", self.wal_path.display())),
+            ))
+        };
+        let mut g = self.synced.lock().unwrap_or_else(|p| p.into_inner());
+        if g.1 >= mine {
+            return Ok(());
+        }
+        let upto = self.written.load(Ordering::Acquire);
+        if g.0.is_none() {
+            g.0 = Some(std::fs::File::open(&self.wal_path).map_err(io)?);
+            if let Some(dir) = self.wal_path.parent() {
+                let dir = if dir.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    dir
+                };
+                std::fs::File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io)?;
+            }
+        }
+        g.0.as_ref()
+            .expect("opened above")
+            .sync_data()
+            .map_err(io)?;
+        g.1 = upto;
+        Ok(())
     }
 
     fn err(&self, source: rusqlite::Error) -> JournalError {
@@ -114,11 +170,16 @@ impl Journal {
         f: impl FnOnce(&Batch) -> rusqlite::Result<T>,
     ) -> Result<T, JournalError> {
         blocking(|| {
-            let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-            let tx = conn.transaction().map_err(|e| self.err(e))?;
-            let batch = Batch { tx };
-            let out = f(&batch).map_err(|e| self.err(e))?;
-            batch.tx.commit().map_err(|e| self.err(e))?;
+            let (out, mine) = {
+                let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+                let tx = conn.transaction().map_err(|e| self.err(e))?;
+                let batch = Batch { tx };
+                let out = f(&batch).map_err(|e| self.err(e))?;
+                batch.tx.commit().map_err(|e| self.err(e))?;
+                (out, self.written.fetch_add(1, Ordering::AcqRel) + 1)
+            };
+            // Outside the connection lock, so others commit while this one syncs.
+            self.sync_wal(mine)?;
             Ok(out)
         })
     }

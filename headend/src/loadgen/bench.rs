@@ -294,6 +294,7 @@ pub async fn bench(o: &BenchOptions) -> Result<bool, String> {
         // Baseline in the same deployment: the proxies with no delay.
         deploy.set_wan(WanParams::default(), WanParams::default());
         let (fleet0, mut zero) = wan_run(&deploy, &ids, 2.0).await?;
+        let zero_debits = fleet0.card_debits().await;
         fleet0.close().await;
         deploy.set_wan(wan(o.box_rtt), wan(o.pay_rtt));
         let (fleet, mut r) = wan_run(&deploy, &ids, o.wan_seconds).await?;
@@ -334,7 +335,7 @@ pub async fn bench(o: &BenchOptions) -> Result<bool, String> {
             );
         }
         summary.push((fig, ms(f), ms(p50), p50.as_secs_f64() / f.as_secs_f64()));
-        let debits = fleet.card_debits().await;
+        let debits = zero_debits + fleet.card_debits().await;
         fleet.close().await;
         let left = deploy.settle(Duration::from_secs(10)).await;
         if left > 0 {
