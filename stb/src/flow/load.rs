@@ -481,7 +481,7 @@ impl Load {
                 attempts_left: None,
             }))];
         }
-        self.to_card()
+        self.go_to_card()
     }
 
     fn on_pin(&mut self, pin: &ui::Pin) -> Vec<Action> {
@@ -499,10 +499,10 @@ impl Load {
         let key = self.pin_key.clone().expect("checked before asking");
         let txid = self.txid();
         self.sealed_pin = Some(seal_pin(&key, &txid, digits, &mut self.rng));
-        self.to_card()
+        self.go_to_card()
     }
 
-    fn to_card(&mut self) -> Vec<Action> {
+    fn go_to_card(&mut self) -> Vec<Action> {
         self.state = State::AwaitSelectForInit;
         vec![
             Action::Ui(UiUpdate::Progress(ProgressStep::ReadingCard)),

@@ -1,0 +1,435 @@
+//! stbd's load against the REAL head end in process (`headend::assembly::init_demo` +
+//! `start(cfg, Roles::ALL)`: gateway, bank, load server with its HSM), over real QUIC with
+//! mutual TLS, on a real `VirtualCard` file behind the virtual reader driver, with a real
+//! SQLite journal. The viewer's keys go in through the daemon's key channel.
+//!
+//! Every test ends with the conservation check: what left the funding accounts = what the
+//! card gained = what the issuer float gained, and no hold is left `Held`.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use headend::assembly::{self, DemoOptions, Roles, Running};
+use headend::bank::HoldState;
+use headend::config::HeadendConfig;
+use headend::pki::OperatorCa;
+use headend::quic::BoxId;
+use proto::card::CardSpec;
+use proto::messages::{LoadSource, Message};
+use proto::money::Currency;
+use proto::purse::Expiry;
+use reader_drivers::vcard::VirtualCard;
+use reader_drivers::virtual_driver::VirtualDriver;
+use stb::config::Config;
+use stb::daemon::card::CardPort;
+use stb::daemon::gateway::{Gateway, client_config};
+use stb::flow::load::{Action, Input, Load, Step};
+use stb::journal::Journal;
+use support::{Box_, start_box};
+use ui::{RemoteKey, ScreenId};
+
+const START: u64 = 1_000;
+
+struct World {
+    dir: tempfile::TempDir,
+    running: Running,
+    pin: String,
+    card: PathBuf,
+    cfg: Config,
+}
+
+async fn world() -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let files = assembly::init_demo(
+        dir.path(),
+        &DemoOptions {
+            gateway_listen: ([127, 0, 0, 1], 0).into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let pin = std::fs::read_to_string(&files.pin_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    let hcfg = HeadendConfig::load(&files.config).unwrap();
+    let running = assembly::start(&hcfg, Roles::ALL).await.unwrap();
+    let addr = running.gateway_addr.unwrap();
+    let ca = OperatorCa::load(&files.ca_dir).unwrap();
+    let dev = ca
+        .issue_device(&BoxId::new(assembly::DEMO_BOX).unwrap())
+        .unwrap()
+        .save(&dir.path().join("box"), assembly::DEMO_BOX)
+        .unwrap();
+    let card = dir.path().join("card.plvc");
+    VirtualCard::create(
+        &card,
+        &CardSpec {
+            card_id: 0xCA4D_0001,
+            provider_id: 7,
+            currency: Currency::EUR,
+            balance: START,
+            max_balance: 50_000,
+            expiry: Expiry {
+                year: 2099,
+                month: 12,
+            },
+        },
+        &hcfg.issuer_keys().unwrap(),
+    )
+    .unwrap();
+    let text = format!(
+        r#"
+[reader]
+kind = "virtual"
+card_file = "{card}"
+[headend]
+address = "{addr}"
+server_name = "localhost"
+operator_ca = "{ca}"
+device_cert = "{cert}"
+device_key = "{key}"
+[state]
+dir = "{state}"
+[ui]
+enabled = false
+[timeouts]
+network_secs = 10
+reconnect_initial_ms = 50
+reconnect_max_ms = 500
+[load]
+bank_account = "{acc}"
+voucher = "{voucher}"
+pin_key = "{pin_key}"
+"#,
+        card = card.display(),
+        ca = files.ca_dir.join("ca.crt.pem").display(),
+        cert = dev.cert.display(),
+        key = dev.key.display(),
+        state = dir.path().join("stb-state").display(),
+        acc = assembly::DEMO_ACCOUNT,
+        voucher = assembly::DEMO_VOUCHER,
+        pin_key = files
+            .pin_keys_dir
+            .join(format!("{}.key", assembly::DEMO_BOX))
+            .display(),
+    );
+    let cfg = Config::parse(Path::new("load-test.toml"), &text).unwrap();
+    World {
+        dir,
+        running,
+        pin,
+        card,
+        cfg,
+    }
+}
+
+fn balance(card: &Path) -> u64 {
+    VirtualCard::open(card).unwrap().state().balance
+}
+
+impl World {
+    fn journal(&self) -> Journal {
+        Journal::open(&self.dir.path().join("stb-state")).unwrap()
+    }
+
+    /// Holds of a transaction, in the bank and the load server's pre-funded accounts.
+    fn holds(&self, txid: &str) -> Vec<HoldState> {
+        let mut out = Vec::new();
+        if let Some(b) = &self.running.bank {
+            out.extend(b.funds.holds());
+        }
+        if let Some(l) = &self.running.load {
+            out.extend(l.prefunded.holds());
+        }
+        out.into_iter()
+            .filter(|h| h.transaction_id == txid)
+            .map(|h| h.state)
+            .collect()
+    }
+
+    /// Conservation: accounts debited = card gained = issuer float gained; nothing held.
+    fn conservation(&self) -> u64 {
+        let (mut debits, mut float) = (0, 0);
+        for f in [
+            self.running.bank.as_ref().map(|b| &b.funds),
+            self.running.load.as_ref().map(|l| &l.prefunded),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            for a in f.accounts() {
+                debits += a.opening_balance - a.balance;
+                assert_eq!(a.held, 0, "account {} still has {} held", a.id, a.held);
+            }
+            for h in f.holds() {
+                assert_ne!(
+                    h.state,
+                    HoldState::Held,
+                    "hold {} left dangling",
+                    h.transaction_id
+                );
+            }
+            float += f.float().values().sum::<u64>();
+        }
+        let gained = balance(&self.card) - START;
+        assert_eq!(
+            debits, gained,
+            "accounts debited {debits}, card gained {gained}"
+        );
+        assert_eq!(
+            debits, float,
+            "accounts debited {debits}, float gained {float}"
+        );
+        gained
+    }
+}
+
+async fn keys(b: &Box_, ks: &[RemoteKey]) {
+    for k in ks {
+        b.key(*k).await;
+    }
+}
+
+fn digits(s: &str) -> Vec<RemoteKey> {
+    s.chars()
+        .map(|c| RemoteKey::Digit(c.to_digit(10).unwrap() as u8))
+        .collect()
+}
+
+/// F2 → source → amount (→ PIN) → OK, as the viewer does it.
+async fn load_by_remote(b: &mut Box_, source_key: RemoteKey, amount: &str, pin: Option<&str>) {
+    b.until("card on the home screen", |s| s.card_balance.is_some())
+        .await;
+    b.key(RemoteKey::Green).await;
+    b.until("Load from:", |s| s.screen == ScreenId::LoadSource)
+        .await;
+    b.key(source_key).await;
+    b.until("the maximum", |s| s.screen == ScreenId::LoadAmount)
+        .await;
+    keys(b, &digits(amount)).await;
+    b.key(RemoteKey::Ok).await;
+    if let Some(p) = pin {
+        b.until("the PIN entry", |s| s.screen == ScreenId::Pin)
+            .await;
+        keys(b, &digits(p)).await;
+        b.key(RemoteKey::Ok).await;
+    }
+}
+
+fn assert_nothing_in_doubt(j: &Journal) {
+    let pending = j.loads_in_doubt().unwrap();
+    assert!(pending.is_empty(), "loads left in doubt: {pending:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bank_load_with_the_right_pin_then_a_wrong_pin_is_refused() {
+    let w = world().await;
+    let mut b = start_box(w.cfg.clone(), &w.card).await;
+    load_by_remote(&mut b, RemoteKey::Ok, "500", Some(&w.pin)).await;
+    let s = b
+        .until("the receipt", |s| {
+            matches!(s.screen, ScreenId::Receipt | ScreenId::Error)
+        })
+        .await;
+    assert_eq!(s.screen, ScreenId::Receipt, "{s:?}");
+    assert_eq!(balance(&w.card), START + 500);
+    b.until("new balance on the card summary", |s| {
+        s.card_balance == Some((START + 500) as i64)
+    })
+    .await;
+
+    // A wrong PIN: refused, nothing moves.
+    b.key(RemoteKey::Ok).await; // receipt → home
+    let wrong = if w.pin == "0000" { "1111" } else { "0000" };
+    load_by_remote(&mut b, RemoteKey::Ok, "300", Some(wrong)).await;
+    b.until("the error", |s| s.screen == ScreenId::Error).await;
+    assert_eq!(balance(&w.card), START + 500);
+    b.stop().await;
+
+    let j = w.journal();
+    assert_nothing_in_doubt(&j);
+    assert_eq!(w.conservation(), 500);
+    let bank = w.running.bank.as_ref().unwrap();
+    let acc = bank
+        .funds
+        .accounts()
+        .into_iter()
+        .find(|a| a.id == assembly::DEMO_ACCOUNT)
+        .unwrap();
+    assert_eq!(acc.opening_balance - acc.balance, 500);
+    assert_eq!(acc.wrong_pins, 1, "the bank counted the wrong PIN");
+    let holds = bank.funds.holds();
+    assert_eq!(holds.len(), 1, "the wrong PIN placed no hold: {holds:?}");
+    assert_eq!(holds[0].state, HoldState::Captured);
+    let txid = holds[0].transaction_id.clone();
+    assert_eq!(
+        j.load_state(&txid).unwrap().as_deref(),
+        Some("load_completed")
+    );
+    assert_eq!(
+        j.steps(&txid).unwrap(),
+        [
+            "load_request_sent",
+            "load_command",
+            "load_sent",
+            "load_responded",
+            "load_completed"
+        ]
+    );
+    // The PIN is nowhere in the journal file.
+    let raw = std::fs::read(w.dir.path().join("stb-state/journal.sqlite")).unwrap();
+    assert!(!raw.windows(w.pin.len()).any(|x| x == w.pin.as_bytes()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn voucher_load_needs_no_pin() {
+    let w = world().await;
+    let mut b = start_box(w.cfg.clone(), &w.card).await;
+    load_by_remote(&mut b, RemoteKey::Digit(2), "700", None).await;
+    let s = b
+        .until("the receipt", |s| {
+            matches!(s.screen, ScreenId::Receipt | ScreenId::Error)
+        })
+        .await;
+    assert_eq!(s.screen, ScreenId::Receipt, "{s:?}");
+    b.stop().await;
+    assert_eq!(balance(&w.card), START + 700);
+    assert_eq!(w.conservation(), 700);
+    let l = w.running.load.as_ref().unwrap();
+    let v = l
+        .prefunded
+        .accounts()
+        .into_iter()
+        .find(|a| a.id == assembly::DEMO_VOUCHER)
+        .unwrap();
+    assert_eq!(v.opening_balance - v.balance, 700);
+}
+
+/// Where the simulated kill falls.
+#[derive(Clone, Copy, Debug)]
+enum KillAt {
+    /// After LOAD and the journaled S3, before the load response went out.
+    AfterS3Journaled,
+    /// After LOAD ran on the card, before its S3 was journaled (only the card log has it).
+    BeforeS3Journaled,
+    /// After the load request went out, before the load command came back.
+    BeforeLoadCommand,
+}
+
+/// Runs the real load flow on the real card, journal and gateway up to `at`, then drops
+/// everything, as SIGKILL would. Returns the transaction id.
+async fn load_until_killed(w: &World, at: KillAt) -> String {
+    let mut journal = w.journal();
+    let driver = VirtualDriver::with_card("virtual", VirtualCard::open(&w.card).unwrap());
+    let mut port = CardPort::new(Arc::new(driver), "virtual".into(), Duration::from_secs(5));
+    port.card_inserted("virtual");
+    let s = stb::daemon::gateway_settings(&w.cfg);
+    let gw = Gateway::new(
+        client_config(
+            &w.cfg.headend.operator_ca,
+            &w.cfg.headend.device_cert,
+            &w.cfg.headend.device_key,
+            &s,
+        )
+        .unwrap(),
+        s,
+    )
+    .unwrap();
+    let source = LoadSource::Voucher {
+        code: assembly::DEMO_VOUCHER.into(),
+    };
+    let (mut l, actions) = Load::start(source, None, 9);
+    let mut queue: std::collections::VecDeque<Action> = actions.into();
+    while let Some(a) = queue.pop_front() {
+        match a {
+            Action::Journal {
+                transaction_id,
+                step,
+            } => {
+                if matches!(
+                    (at, &step),
+                    (KillAt::BeforeS3Journaled, Step::Responded { .. })
+                ) {
+                    return transaction_id;
+                }
+                journal.record_load(&transaction_id, &step).unwrap();
+            }
+            Action::Apdu(apdu) => {
+                let r = port.transmit(&apdu).await;
+                queue.extend(l.handle(Input::Card(r)));
+            }
+            Action::Send(m) => {
+                let txid = l.transaction_id().unwrap_or_default().to_string();
+                match (at, &m) {
+                    (KillAt::AfterS3Journaled, Message::LoadResponse(_)) => return txid,
+                    (KillAt::BeforeLoadCommand, Message::LoadRequest(_)) => {
+                        // It reaches the head end; the answer is lost with the box.
+                        let answer = gw.call(&m).await.unwrap();
+                        assert!(matches!(answer, Message::LoadCommand(_)), "{answer:?}");
+                        return txid;
+                    }
+                    _ => {}
+                }
+                let answer = gw.call(&m).await.unwrap();
+                queue.extend(l.handle(Input::Answer(answer)));
+            }
+            Action::Ui(ui::UiUpdate::LoadMax(_)) => queue.extend(l.handle(Input::Amount(400))),
+            Action::Ui(_) => {}
+            Action::Done(o) => panic!("the load ended before the kill: {o:?}"),
+        }
+    }
+    panic!("the flow stopped without a request")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_between_load_and_confirmation_is_resolved_exactly_once_on_restart() {
+    for (at, loaded) in [
+        (KillAt::AfterS3Journaled, true),
+        (KillAt::BeforeS3Journaled, true),
+        (KillAt::BeforeLoadCommand, false),
+    ] {
+        let w = world().await;
+        let txid = load_until_killed(&w, at).await;
+        assert_eq!(
+            balance(&w.card),
+            if loaded { START + 400 } else { START },
+            "{at:?}"
+        );
+        assert_eq!(w.holds(&txid), [HoldState::Held], "{at:?}: the hold waits");
+
+        // Restart: the daemon on the same journal and card file settles it by itself.
+        let mut b = start_box(w.cfg.clone(), &w.card).await;
+        b.until("the in-doubt load resolved", |s| s.recovered >= 1)
+            .await;
+        b.stop().await;
+        let expect = if loaded {
+            HoldState::Captured
+        } else {
+            HoldState::Released
+        };
+        assert_eq!(w.holds(&txid), [expect], "{at:?}");
+        assert_eq!(
+            w.journal().load_state(&txid).unwrap().as_deref(),
+            Some("load_completed"),
+            "{at:?}"
+        );
+
+        // A second restart finds nothing to do: resolved exactly once.
+        let mut b = start_box(w.cfg.clone(), &w.card).await;
+        b.until("card", |s| s.card_balance.is_some()).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(b.status.borrow().recovered, 0, "{at:?}");
+        b.stop().await;
+        assert_eq!(
+            balance(&w.card),
+            if loaded { START + 400 } else { START },
+            "{at:?}: loaded at most once"
+        );
+        assert_eq!(w.holds(&txid), [expect]);
+        assert_eq!(w.conservation(), if loaded { 400 } else { 0 }, "{at:?}");
+    }
+}
