@@ -72,11 +72,46 @@ pub struct Bins {
     pub vcard: PathBuf,
 }
 
+/// The newest modification time of the sources the three binaries are built from.
+fn newest_source() -> std::time::SystemTime {
+    fn walk(p: &Path, newest: &mut std::time::SystemTime) {
+        let Ok(meta) = std::fs::metadata(p) else {
+            return;
+        };
+        if meta.is_dir() {
+            for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
+                walk(&e.path(), newest);
+            }
+        } else if let Ok(m) = meta.modified() {
+            *newest = (*newest).max(m);
+        }
+    }
+    let root = workspace_root();
+    let mut newest = std::time::SystemTime::UNIX_EPOCH;
+    walk(&root.join("Cargo.lock"), &mut newest);
+    for krate in ["proto", "reader-drivers", "ui", "stb", "headend"] {
+        walk(&root.join(krate).join("Cargo.toml"), &mut newest);
+        walk(&root.join(krate).join("src"), &mut newest);
+    }
+    newest
+}
+
+/// Whether a binary is missing or older than the sources.
+fn stale(b: &Bins) -> bool {
+    let newest = newest_source();
+    [&b.headend, &b.stbd, &b.vcard].iter().any(|p| {
+        std::fs::metadata(p)
+            .and_then(|m| m.modified())
+            .map_or(true, |m| m < newest)
+    })
+}
+
 /// The `headend`, `stbd` and `vcard` binaries of this build, next to the test executable
 /// (target/<profile>/deps/e2e-HASH → target/<profile>). `CARGO_BIN_EXE_*` covers only this
-/// package's binaries, and `cargo test -p tests` alone would not rebuild the other packages'
-/// binaries, so the first call runs `cargo build --bins` for them (a no-op when up to date;
-/// `PURSELINK_E2E_NO_BUILD=1` skips it and uses what is there).
+/// package's binaries, and `cargo test -p tests` alone does not rebuild the other packages'
+/// binaries: when one is missing or older than the sources (proto, reader-drivers, ui, stb,
+/// headend), the first call runs `cargo build --bins` for them. After `cargo test
+/// --workspace` they are fresh and nothing is built. `PURSELINK_E2E_NO_BUILD=1` never builds.
 pub fn bins() -> &'static Bins {
     static BINS: OnceLock<Bins> = OnceLock::new();
     BINS.get_or_init(|| {
@@ -91,7 +126,8 @@ pub fn bins() -> &'static Bins {
             stbd: profile_dir.join("stbd"),
             vcard: profile_dir.join("vcard"),
         };
-        if std::env::var("PURSELINK_E2E_NO_BUILD").as_deref() != Ok("1") {
+        let no_build = std::env::var("PURSELINK_E2E_NO_BUILD").as_deref() == Ok("1");
+        if !no_build && stale(&bins) {
             let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
             let target_dir = profile_dir.parent().expect("target dir");
             let mut cmd = Command::new(cargo);
