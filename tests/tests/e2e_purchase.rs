@@ -11,6 +11,9 @@
 //! - `stbd_sigkilled_between_debit_and_confirmation_completes_once_after_restart`: stbd
 //!   frozen by its test hook right after journaling the card's debit response, SIGKILLed,
 //!   restarted: recovery re-sends the response; paid once, released once.
+//! - `stbd_sigkilled_before_debit_cancels_with_proof_after_restart`: frozen after journaling
+//!   DebitSent, before DEBIT reaches the card; after the restart the box cancels with the
+//!   card's INITIALIZE as proof, the real payment server verifies it and reverses.
 //!
 //! Needs pcscd with vsmartcard-vpcd (started by scripts/start-pcscd.sh if it is not
 //! running); `PURSELINK_SKIP_PCSC=1` skips. The tests take turns on the vpcd reader.
@@ -34,6 +37,33 @@ fn reference(screen: &str) -> String {
                 .map(str::to_string)
         })
         .unwrap_or_else(|| panic!("no Reference on the receipt:\n{screen}"))
+}
+
+/// Waits until stbd says its test hook froze it.
+fn wait_hook(w: &World, hook: &str) {
+    let line = format!("TEST HOOK {hook}:");
+    let frozen = poll(STEP, || w.stbd_log().contains(&line).then_some(()));
+    assert!(
+        frozen.is_some(),
+        "stbd never reached the test hook {hook}:\n{}",
+        tail(&w.stbd_log, 20)
+    );
+}
+
+/// SIGKILLs the real stbd process (the pane's pid: the script execs stbd) and waits for it
+/// to be gone.
+fn sigkill_stbd(w: &World) {
+    let pid = w.tv().pane_pid();
+    // SAFETY: kill(2) on the stbd we started.
+    assert_eq!(
+        unsafe { libc::kill(pid, libc::SIGKILL) },
+        0,
+        "SIGKILL stbd {pid}"
+    );
+    assert!(
+        poll(STEP, || w.tv().pane_dead().then_some(())).is_some(),
+        "stbd {pid} still alive after SIGKILL"
+    );
 }
 
 #[test]
@@ -177,16 +207,7 @@ fn stbd_sigkilled_between_debit_and_confirmation_completes_once_after_restart() 
     w.tv().keys(&["Enter"]); // OK: pay
 
     // The hook froze stbd right after journaling the card's debit response.
-    let frozen = poll(STEP, || {
-        w.stbd_log()
-            .contains("TEST HOOK pause-after-debit-journaled")
-            .then_some(())
-    });
-    assert!(
-        frozen.is_some(),
-        "stbd never reached the test hook:\n{}",
-        tail(&w.stbd_log, 20)
-    );
+    wait_hook(&w, HOOK_PAUSE_AFTER_DEBIT);
     // The window: the card has paid, the box journaled it, the head end has not heard back.
     let txns = w.stb_txns();
     assert_eq!(txns.len(), 1, "{txns:?}");
@@ -206,18 +227,7 @@ fn stbd_sigkilled_between_debit_and_confirmation_completes_once_after_restart() 
     );
     assert!(w.headend_state("merchant", "release").is_empty());
 
-    // SIGKILL the real stbd process (the pane's pid: the script execs stbd).
-    let pid = w.tv().pane_pid();
-    // SAFETY: kill(2) on the stbd we started.
-    assert_eq!(
-        unsafe { libc::kill(pid, libc::SIGKILL) },
-        0,
-        "SIGKILL stbd {pid}"
-    );
-    assert!(
-        poll(STEP, || w.tv().pane_dead().then_some(())).is_some(),
-        "stbd {pid} still alive after SIGKILL"
-    );
+    sigkill_stbd(&w);
 
     // Restart without the hook: on start and card insertion it resolves the journal.
     let restarted = Instant::now();
@@ -275,4 +285,70 @@ fn stbd_sigkilled_between_debit_and_confirmation_completes_once_after_restart() 
     );
     assert_eq!(w.stb_txns(), vec![(txid.clone(), "completed".to_string())]);
     eprintln!("ppv_kill: passed in {:?}", t0.elapsed());
+}
+
+#[test]
+fn stbd_sigkilled_before_debit_cancels_with_proof_after_restart() {
+    let t0 = Instant::now();
+    let Some(mut w) = World::new("ppv_kill_undebited", Options { local_api: false }) else {
+        return;
+    };
+    w.start_stbd(Some(HOOK_PAUSE_BEFORE_DEBIT));
+    w.open_ppv_offer();
+    w.tv().keys(&["Enter"]); // OK: pay
+    // Frozen with the debit command journaled and DEBIT not yet sent to the card.
+    wait_hook(&w, HOOK_PAUSE_BEFORE_DEBIT);
+    let txns = w.stb_txns();
+    assert_eq!(txns.len(), 1, "{txns:?}");
+    let (txid, state) = txns[0].clone();
+    assert_eq!(state, "debit_sent");
+    let pay = w.payment_txns();
+    assert_eq!(pay.len(), 1);
+    assert_eq!(pay[0].state, headend::payment::PayState::DebitIssued);
+    sigkill_stbd(&w);
+
+    // Restarted, stbd finds the card's log without this debit and cancels with the card's
+    // INITIALIZE as proof; the real payment server verifies it and reverses.
+    w.start_stbd(None);
+    let reversed = poll(STEP, || {
+        let p = w.payment_txns();
+        (p.len() == 1 && p[0].state == headend::payment::PayState::Reversed).then_some(())
+    });
+    assert!(
+        reversed.is_some(),
+        "not reversed after the restart: payment {:?}, box {:?}\n{}",
+        w.payment_txns()
+            .iter()
+            .map(|t| &t.state)
+            .collect::<Vec<_>>(),
+        w.stb_txns(),
+        tail(&w.stbd_log, 20)
+    );
+    let steps = w.headend_steps("payment");
+    assert!(
+        steps.iter().any(|(t, _, d)| *t == txid
+            && d.contains("NotDebited")
+            && d.contains("card counter proves no debit")),
+        "the payment server verified the box's proof: {steps:?}"
+    );
+    let closed = poll(STEP, || {
+        (w.stb_txns() == vec![(txid.clone(), "ended".to_string())]).then_some(())
+    });
+    assert!(closed.is_some(), "box journal: {:?}", w.stb_txns());
+    let card = w.card_state();
+    assert_eq!(card.balance, START_BALANCE, "never debited");
+    assert!(
+        card.log.iter().all(|r| r.kind != LogKind::Debit),
+        "{:?}",
+        card.log
+    );
+    assert_eq!(w.security_card_total(), 0, "nothing counted");
+    assert!(
+        w.headend_state("merchant", "release").is_empty(),
+        "nothing released"
+    );
+    w.tv().wait_screen("home with the balance untouched", |s| {
+        s.contains("Smart card") && s.contains("50.00 EUR")
+    });
+    eprintln!("ppv_kill_undebited: passed in {:?}", t0.elapsed());
 }

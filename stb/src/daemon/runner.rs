@@ -87,20 +87,26 @@ pub struct Runner {
     pub load: super::load::LoadSlot,
 }
 
-/// The test hook's environment variable and the one value it acts on.
+/// The test hook's environment variable and the values it acts on.
 pub const TEST_HOOK_ENV: &str = "STBD_TEST_HOOK";
+/// Freeze after journaling the card's debit response, before sending it.
 pub const TEST_HOOK_PAUSE_AFTER_DEBIT: &str = "pause-after-debit-journaled";
+/// Freeze after journaling `DebitSent`, before DEBIT goes to the card.
+pub const TEST_HOOK_PAUSE_BEFORE_DEBIT: &str = "pause-before-debit";
 
 /// TEST HOOK, for the end-to-end tests only (tests/tests/e2e_purchase.rs); no config key
-/// reaches it and a box never sets it. With `STBD_TEST_HOOK=pause-after-debit-journaled` the
-/// daemon freezes (the whole single-threaded runtime) right after journaling the card's debit
-/// response and before sending it to the gateway, and says so on stderr, so the test can
-/// SIGKILL it exactly between DEBIT and the confirmation.
-fn test_hook_after_debit_journaled() {
-    if std::env::var(TEST_HOOK_ENV).as_deref() == Ok(TEST_HOOK_PAUSE_AFTER_DEBIT) {
-        eprintln!(
-            "stbd: TEST HOOK {TEST_HOOK_PAUSE_AFTER_DEBIT}: debit response journaled, not sent; frozen until killed"
-        );
+/// reaches it and a box never sets it. With `STBD_TEST_HOOK` set to one of the values above
+/// the daemon freezes (the whole single-threaded runtime) right after journaling that step,
+/// and says so on stderr, so the test can SIGKILL it exactly in that window.
+fn test_hook_after_journal(step: &crate::flow::purchase::Step) {
+    use crate::flow::purchase::Step;
+    let hook = match step {
+        Step::DebitResponded { .. } => TEST_HOOK_PAUSE_AFTER_DEBIT,
+        Step::DebitSent => TEST_HOOK_PAUSE_BEFORE_DEBIT,
+        _ => return,
+    };
+    if std::env::var(TEST_HOOK_ENV).as_deref() == Ok(hook) {
+        eprintln!("stbd: TEST HOOK {hook}: {step:?} journaled; frozen until killed");
         loop {
             std::thread::sleep(Duration::from_secs(3600));
         }
@@ -466,9 +472,7 @@ impl Runner {
                         return;
                     }
                     span.in_scope(|| tracing::debug!(?step, "journaled"));
-                    if matches!(step, crate::flow::purchase::Step::DebitResponded { .. }) {
-                        test_hook_after_debit_journaled();
-                    }
+                    test_hook_after_journal(&step);
                 }
                 Action::Apdu(apdu) => {
                     let reply = self.card.transmit(&apdu).await;

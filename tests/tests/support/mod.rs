@@ -38,6 +38,8 @@ pub const PPV_PRICE: u64 = 499;
 /// debit response, before sending it.
 pub const HOOK_ENV: &str = "STBD_TEST_HOOK";
 pub const HOOK_PAUSE_AFTER_DEBIT: &str = "pause-after-debit-journaled";
+/// ... or right after journaling `DebitSent`, before DEBIT goes to the card.
+pub const HOOK_PAUSE_BEFORE_DEBIT: &str = "pause-before-debit";
 
 /// Generous bounds for a loaded 2-core CI machine; the happy path takes well under them.
 pub const STEP: Duration = Duration::from_secs(20);
