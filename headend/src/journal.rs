@@ -50,19 +50,21 @@ pub struct Batch<'a> {
 
 impl Batch<'_> {
     pub fn step(&self, txid: &str, step: &str, detail: &str) -> rusqlite::Result<()> {
-        self.tx.execute(
-            "INSERT INTO steps (txid, step, detail, at) VALUES (?1, ?2, ?3, strftime('%Y-%m-%dT%H:%M:%f','now'))",
-            params![txid, step, detail],
-        )?;
+        self.tx
+            .prepare_cached(
+                "INSERT INTO steps (txid, step, detail, at) VALUES (?1, ?2, ?3, strftime('%Y-%m-%dT%H:%M:%f','now'))",
+            )?
+            .execute(params![txid, step, detail])?;
         Ok(())
     }
 
     pub fn put(&self, kind: &str, key: &str, value: &[u8]) -> rusqlite::Result<()> {
-        self.tx.execute(
-            "INSERT INTO state (kind, key, value) VALUES (?1, ?2, ?3)
-             ON CONFLICT (kind, key) DO UPDATE SET value = excluded.value",
-            params![kind, key, value],
-        )?;
+        self.tx
+            .prepare_cached(
+                "INSERT INTO state (kind, key, value) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (kind, key) DO UPDATE SET value = excluded.value",
+            )?
+            .execute(params![kind, key, value])?;
         Ok(())
     }
 
@@ -193,17 +195,14 @@ impl Journal {
         self.atomically(|b| b.put(kind, key, value))
     }
 
+    /// A point read: served from SQLite's page cache (writers hold the connection only while
+    /// writing WAL frames, never across an fsync), so it runs on the caller's thread rather
+    /// than paying a `block_in_place` hand-off.
     pub fn get(&self, kind: &str, key: &str) -> Result<Option<Vec<u8>>, JournalError> {
-        blocking(|| {
-            let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-            conn.query_row(
-                "SELECT value FROM state WHERE kind = ?1 AND key = ?2",
-                params![kind, key],
-                |r| r.get(0),
-            )
-            .optional()
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        conn.prepare_cached("SELECT value FROM state WHERE kind = ?1 AND key = ?2")
+            .and_then(|mut st| st.query_row(params![kind, key], |r| r.get(0)).optional())
             .map_err(|e| self.err(e))
-        })
     }
 
     /// Every (key, value) of a kind, in key order.
