@@ -65,6 +65,11 @@ provider_name = "Purselink demo"
 
 [local_api]
 enabled = false
+
+[load]
+bank_account = "ACC-0001"
+voucher = "VOUCHER-0001"
+pin_key = "$DEMO/pin-keys/box-000001.key"
 EOF
 
 PIDS=()
@@ -85,8 +90,8 @@ fi
 sleep 1
 for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null || die "a demo process exited at start; see $DEMO/*.log"; done
 
-PIN=$(sed -n 's/^pin = "\(.*\)"/\1/p' "$DEMO/headend.toml" | head -n1)
-VOUCHER=$(sed -n 's/^code = "\(.*\)"/\1/p' "$DEMO/headend.toml" | head -n1)
+PIN=$(tr -d '[:space:]' < "$DEMO/demo-pin.txt")
+VOUCHER=VOUCHER-0001
 
 if [ "$SCRIPTED" = 0 ]; then
     cat <<EOF
