@@ -599,10 +599,8 @@ pub async fn fleet_run(o: &FleetOptions) -> Result<bool, String> {
     if left > 0 {
         println!("  {left} debit responses still pending at the payment server");
     }
-    let log = deploy.log_path();
-    let ok = print_conservation(&deploy.stop_and_check(debits).await);
-    let _ = log_tail(&log);
-    Ok(ok)
+    let _ = log_tail(&deploy.log_path());
+    Ok(print_conservation(&deploy.stop_and_check(debits).await))
 }
 
 fn log_tail(path: &Path) -> Option<()> {

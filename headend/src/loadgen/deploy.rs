@@ -51,6 +51,8 @@ impl std::fmt::Display for Conservation {
     }
 }
 
+// Few of these exist at a time; boxing the big variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 enum Kind {
     InProcess(Running),
     Split {
