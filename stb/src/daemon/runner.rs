@@ -45,6 +45,10 @@ pub enum Event {
     Connected,
 }
 
+/// Attempts at reading a freshly inserted card, and the pause between them.
+const CARD_READ_RETRIES: usize = 3;
+const CARD_READ_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(300);
+
 /// A snapshot for tests, the local API and logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Status {
@@ -310,7 +314,18 @@ impl Runner {
         if self.active.is_some() || self.load.is_active() {
             return;
         }
-        match self.card.read_purse().await {
+        // Just after an insertion pcscd may still report the card as mute while it powers it
+        // up; a few spaced attempts ride that out instead of leaving "insert your card".
+        let mut read = self.card.read_purse().await;
+        for _ in 0..CARD_READ_RETRIES {
+            if read.is_ok() || !self.card.has_card() {
+                break;
+            }
+            self.card.release().await;
+            tokio::time::sleep(CARD_READ_RETRY_DELAY).await;
+            read = self.card.read_purse().await;
+        }
+        match read {
             Ok(info) => {
                 let expired = info.expiry.is_expired_on(today());
                 let status = if info.is_blocked() {
