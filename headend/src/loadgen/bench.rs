@@ -397,7 +397,7 @@ pub async fn bench(o: &BenchOptions) -> Result<bool, String> {
     all_hold &= print_conservation(&deploy.stop_and_check(debits).await);
 
     println!(
-        "\n== 3. throughput on loopback: purchases through gateway + payment server (FIG. 4, in process, SQLite synchronous=FULL) against raw quinn echo, {} boxes, {} s each, same run",
+        "\n== 3. throughput on loopback: purchases through gateway + payment server (FIG. 4, in process, SQLite journals fsynced on every commit, group commit) against raw quinn echo, {} boxes, {} s each, same run",
         o.throughput_boxes, o.throughput_seconds
     );
     let opts = Options {
