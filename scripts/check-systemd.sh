@@ -80,6 +80,18 @@ for u in "${units[@]}"; do
 done
 
 # 4. self-test: the verify step must catch a broken unit.
+# The set-top box unit: verified the same way, against a freshly built stbd.
+cargo build -q -p stb --bin stbd
+sed "s|^ExecStart=/usr/bin/stbd |ExecStart=$PWD/target/debug/stbd |" systemd/stbd.service >"$tmp/stbd.service"
+if verify "$tmp/stbd.service"; then
+    s="$(systemd-analyze security --offline=yes systemd/stbd.service 2>&1 |
+        sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p')"
+    echo "ok   systemd-analyze verify: stbd.service clean (exposure ${s:-?})"
+else
+    echo "FAIL systemd-analyze verify stbd.service"
+    fail=1
+fi
+
 mkdir -p "$tmp/broken"
 sed 's/^UMask=/BogusDirective=yes\nUMask=/' "$tmp/units/purselink-gateway.service" >"$tmp/broken/purselink-gateway.service"
 if verify "$tmp/broken/purselink-gateway.service" >/dev/null; then
