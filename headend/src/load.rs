@@ -51,6 +51,8 @@ pub trait SecurityModule: Send {
         zero: &LoadInit,
     ) -> Result<NegativeVerdict, HsmError>;
     /// The module's state for the journal (a hardware HSM keeps its own: empty).
+    /// Drops a settled load from the module's working set (the load record answers repeats).
+    fn forget(&mut self, txid: &str);
     fn snapshot(&self) -> Vec<u8>;
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String>;
 }
@@ -77,6 +79,9 @@ impl SecurityModule for Hsm {
         zero: &LoadInit,
     ) -> Result<NegativeVerdict, HsmError> {
         Hsm::resolve_negative(self, txid, zero)
+    }
+    fn forget(&mut self, txid: &str) {
+        Hsm::forget(self, txid);
     }
     fn snapshot(&self) -> Vec<u8> {
         journal::encode(self)
@@ -485,6 +490,7 @@ impl LoadServer {
         };
         rec.verdict = Some(basis.clone());
         rec.confirmation = Some(Message::LoadConfirmation(conf.clone()));
+        hsm.forget(&txid);
         let snap = hsm.snapshot();
         if let Err(e) = self.journal.atomically(|b| {
             b.put("hsm", "0", &snap)?;

@@ -300,6 +300,19 @@ impl Hsm {
         Ok(verdict)
     }
 
+    /// Drops a settled load (loaded or not) from the working set, keeping the totals; see
+    /// [`crate::security_card::SecurityCard::forget`]. Open loads are kept.
+    pub fn forget(&mut self, id: &str) -> bool {
+        let settled = self
+            .txns
+            .get(id)
+            .is_some_and(|t| matches!(t.state, LoadState::Loaded | LoadState::NotLoaded));
+        if settled {
+            self.txns.remove(id);
+        }
+        settled
+    }
+
     pub fn total(&self, currency: Currency) -> Totals {
         self.totals.get(&currency).copied().unwrap_or_default()
     }

@@ -315,6 +315,22 @@ impl SecurityCard {
         }
     }
 
+    /// Drops a settled transaction (its sale counted and proved) from the card's working set,
+    /// keeping the totals. The caller must have recorded the outcome durably first: afterwards
+    /// this card no longer knows the transaction, so repeats are answered from that record.
+    /// Without this the card's state — journaled after every step — would grow with every
+    /// sale. Open and reversed transactions are kept (a late proof may still come).
+    pub fn forget(&mut self, psam_txn: u32) -> bool {
+        let settled = self
+            .txns
+            .get(&psam_txn)
+            .is_some_and(|t| matches!(t.state, TxnState::Completed | TxnState::EarlyRecorded));
+        if settled {
+            self.txns.remove(&psam_txn);
+        }
+        settled
+    }
+
     /// The collection record of a counted transaction.
     pub fn record(&self, psam_txn: u32) -> Option<CollectionRecord> {
         let t = self.txns.get(&psam_txn)?;

@@ -554,3 +554,29 @@ fn a_fresh_initialize_proves_the_card_never_debited() {
         Err(PsamError::ResponseMismatch)
     );
 }
+
+#[test]
+fn settled_transactions_can_be_forgotten_without_touching_totals() {
+    let mut card = card_with(10_000, 50_000);
+    let mut psam = psam();
+    let open = psam
+        .issue_debit(&draw(&mut card, 100, "open"), TODAY, false)
+        .unwrap();
+    purchase(&mut card, &mut psam, 200, "done");
+    assert_eq!(psam.txns.len(), 2);
+    assert!(
+        !psam.forget(open.command.psam_txn),
+        "an open transaction stays"
+    );
+    assert!(psam.forget(2));
+    assert_eq!((psam.txns.len(), psam.total(EUR).amount), (1, 200));
+
+    let mut hsm = hsm();
+    load(&mut card, &mut hsm, 500, "ld");
+    let init = init_load(&mut card, 10, 2).unwrap();
+    hsm.authorize("pending", &init, Money::new(10, EUR), TODAY)
+        .unwrap();
+    assert!(!hsm.forget("pending"));
+    assert!(hsm.forget("ld"));
+    assert_eq!((hsm.txns.len(), hsm.total(EUR).amount), (1, 500));
+}

@@ -452,6 +452,8 @@ impl PaymentServer {
                 });
                 rec.state = PayState::Completed;
                 rec.confirmation = Some(confirmation.clone());
+                // Settled: our record answers any repeat, so the card need not keep it.
+                card.forget(rec.psam_txn);
                 let saved = self.journal.atomically(|b| {
                     b.put("psam", &slot_key(rec.slot), &journal::encode(&*card))?;
                     b.put("txn", &txid, &journal::encode(&rec))?;
