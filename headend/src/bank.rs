@@ -34,9 +34,10 @@ use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
 use crate::config::{HeadendConfig, hex_key};
-use crate::journal::{self, Journal, JournalError};
+use crate::journal::{self, Journal};
 use crate::quic::BoxFuture;
 use crate::role::{Caller, Role};
+use crate::role::{journal_failed, refuse};
 
 /// The per-box PIN key the box is provisioned with (a key file), derived from the bank PIN
 /// master key by box id.
@@ -127,21 +128,6 @@ pub struct OfferRec {
     pub account: String,
     pub card_id: u64,
     pub offer: LoadOffer,
-}
-
-fn refuse(code: ErrorCode, reason: impl Into<String>, txid: Option<&str>) -> Message {
-    let reason = reason.into();
-    tracing::warn!(txid = txid.unwrap_or("-"), ?code, %reason, "refused");
-    Message::error(code, reason, txid)
-}
-
-fn journal_failed(e: JournalError, txid: Option<&str>) -> Message {
-    tracing::error!(txid = txid.unwrap_or("-"), error = %e, "journal write failed; nothing done");
-    Message::error(
-        ErrorCode::Internal,
-        "journal unavailable; nothing was done, retry",
-        txid,
-    )
 }
 
 /// The settings of a [`Funds`].

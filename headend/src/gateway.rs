@@ -27,6 +27,7 @@ use tracing::Instrument;
 use crate::config::MerchantDef;
 use crate::journal::{self, Journal};
 use crate::quic::BoxFuture;
+use crate::role::refuse;
 use crate::role::{Caller, Role};
 
 /// The gateway's record of a transaction (journal kind `gw`).
@@ -48,12 +49,6 @@ pub struct Gateway {
     merchants: HashMap<String, MerchantDef>,
     roles: HashMap<String, Arc<dyn Role>>,
     wake_notifier: tokio::sync::Notify,
-}
-
-fn refuse(code: ErrorCode, reason: impl Into<String>, txid: Option<&str>) -> Message {
-    let reason = reason.into();
-    tracing::warn!(txid = txid.unwrap_or("-"), ?code, %reason, "gateway refused");
-    Message::error(code, reason, txid)
 }
 
 impl Gateway {

@@ -24,6 +24,7 @@ use tracing::Instrument;
 
 use crate::gateway::Gateway;
 use crate::journal;
+use crate::role::refuse;
 use crate::role::{Caller, Role};
 
 /// Role-table name of the bank server.
@@ -41,12 +42,6 @@ pub struct GwLoad {
     pub command: Option<Message>,
     pub confirmation: Option<Message>,
     pub settled: Option<HoldSettled>,
-}
-
-fn refuse(code: ErrorCode, reason: impl Into<String>, txid: Option<&str>) -> Message {
-    let reason = reason.into();
-    tracing::warn!(txid = txid.unwrap_or("-"), ?code, %reason, "gateway refused load step");
-    Message::error(code, reason, txid)
 }
 
 fn funder_of(source: &LoadSource) -> &'static str {

@@ -29,9 +29,10 @@ use tracing::Instrument;
 
 use crate::bank::{Account, Funds, FundsSpec, confirmation_key};
 use crate::config::{HeadendConfig, hex_key, load_issuer_keys};
-use crate::journal::{self, Journal, JournalError};
+use crate::journal::{self, Journal};
 use crate::quic::BoxFuture;
 use crate::role::{Caller, Role};
+use crate::role::{journal_failed, refuse};
 
 /// The seam for a hardware HSM: the three operations the load server needs. The software
 /// [`Hsm`] implements it; a PKCS#11 or network HSM would too.
@@ -153,21 +154,6 @@ fn subject(txid: &str, amount: Money, card_id: u64, hsm_id: u64) -> LoadConfirma
         hsm_id,
         basis: String::new(),
     }
-}
-
-fn refuse(code: ErrorCode, reason: impl Into<String>, txid: &str) -> Message {
-    let reason = reason.into();
-    tracing::warn!(txid, ?code, %reason, "refused");
-    Message::error(code, reason, Some(txid))
-}
-
-fn journal_failed(e: JournalError, txid: &str) -> Message {
-    tracing::error!(txid, error = %e, "journal write failed; nothing done");
-    Message::error(
-        ErrorCode::Internal,
-        "journal unavailable; nothing was done, retry",
-        Some(txid),
-    )
 }
 
 impl LoadServer {
@@ -303,7 +289,7 @@ impl LoadServer {
             b.put("load", txid, &journal::encode(&rec))?;
             b.step(txid, "load request refused", &format!("{code:?}"))
         }) {
-            return journal_failed(e, txid);
+            return journal_failed(e, Some(txid));
         }
         answer
     }
@@ -315,7 +301,7 @@ impl LoadServer {
             return refuse(
                 ErrorCode::Malformed,
                 "transaction id must be 1 to 64 characters",
-                &txid,
+                Some(&txid),
             );
         }
         let raw = journal::encode(&req);
@@ -328,7 +314,7 @@ impl LoadServer {
                 refuse(
                     ErrorCode::Replay,
                     "transaction id already used for another load request",
-                    &txid,
+                    Some(&txid),
                 )
             };
         }
@@ -337,7 +323,7 @@ impl LoadServer {
             "load request received",
             &format!("card {:X} {}", req.init.card_id, req.amount),
         ) {
-            return journal_failed(e, &txid);
+            return journal_failed(e, Some(&txid));
         }
         let hsm_id = hsm.id();
         let before = hsm.snapshot();
@@ -373,7 +359,7 @@ impl LoadServer {
             b.step(&txid, "S1 verified: load command issued", "")
         }) {
             let _ = hsm.restore(&before); // not journaled means not done
-            return journal_failed(e, &txid);
+            return journal_failed(e, Some(&txid));
         }
         tracing::info!(txid, amount = %req.amount, card = format!("{:X}", req.init.card_id), "S1 verified: load command issued");
         answer
@@ -407,7 +393,7 @@ impl LoadServer {
             return refuse(
                 ErrorCode::UnknownTransaction,
                 format!("no load transaction {txid}"),
-                &txid,
+                Some(&txid),
             );
         };
         if let Some(c) = &rec.confirmation {
@@ -425,7 +411,7 @@ impl LoadServer {
                 (None, None) => "empty",
             },
         ) {
-            return journal_failed(e, &txid);
+            return journal_failed(e, Some(&txid));
         }
         let before = hsm.snapshot();
         let mut new_balance = None;
@@ -440,7 +426,7 @@ impl LoadServer {
                     rec.state = LoadState::NegativePending;
                 }
                 Err(e) => {
-                    return refuse(hsm_code(&e), format!("load response: {e}"), &txid);
+                    return refuse(hsm_code(&e), format!("load response: {e}"), Some(&txid));
                 }
             }
         }
@@ -455,7 +441,7 @@ impl LoadServer {
                     }
                     Err(e) => {
                         let _ = hsm.restore(&before);
-                        return refuse(hsm_code(&e), format!("zero-value proof: {e}"), &txid);
+                        return refuse(hsm_code(&e), format!("zero-value proof: {e}"), Some(&txid));
                     }
                 },
                 None => {
@@ -469,7 +455,7 @@ impl LoadServer {
                     return refuse(
                         ErrorCode::Malformed,
                         "negative result: send a zero-value INITIALIZE FOR LOAD (new S1) with it",
-                        &txid,
+                        Some(&txid),
                     );
                 }
             }
@@ -498,7 +484,7 @@ impl LoadServer {
             b.step(&txid, "confirmation sealed", &basis)
         }) {
             let _ = hsm.restore(&before);
-            return journal_failed(e, &txid);
+            return journal_failed(e, Some(&txid));
         }
         tracing::info!(txid, loaded, %basis, "load confirmation sealed for the funder");
         Message::LoadConfirmation(conf)
@@ -512,7 +498,7 @@ impl Role for LoadServer {
                 return refuse(
                     ErrorCode::NotYourAccount,
                     format!("box {b}: set-top boxes reach the load server through the gateway"),
-                    "-",
+                    None,
                 );
             }
             match msg {
@@ -530,7 +516,7 @@ impl Role for LoadServer {
                         return refuse(
                             ErrorCode::UnknownRoute,
                             "the load server holds pre-funded accounts, not bank accounts",
-                            "-",
+                            None,
                         );
                     };
                     let span = tracing::info_span!("load", %box_id, voucher = %code);
@@ -553,7 +539,7 @@ impl Role for LoadServer {
                         "the load server does not take {}",
                         crate::payment::kind(&other)
                     ),
-                    "-",
+                    None,
                 ),
             }
         })

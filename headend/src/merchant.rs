@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{HeadendConfig, MerchantDef, MerchantKind};
 use crate::journal::{self, Journal};
 use crate::quic::BoxFuture;
+use crate::role::refuse;
 use crate::role::{Caller, Role};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,12 +50,6 @@ pub struct MerchantServer {
     journal: Arc<Journal>,
     shops: HashMap<String, Shop>,
     next_order: AtomicU64,
-}
-
-fn refuse(code: ErrorCode, reason: impl Into<String>, txid: Option<&str>) -> Message {
-    let reason = reason.into();
-    tracing::warn!(txid = txid.unwrap_or("-"), ?code, %reason, "merchant refused");
-    Message::error(code, reason, txid)
 }
 
 impl MerchantServer {

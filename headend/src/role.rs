@@ -24,6 +24,24 @@ pub trait Role: Send + Sync + 'static {
     fn handle(&self, caller: Caller, msg: Message) -> BoxFuture<'_, Message>;
 }
 
+/// A refusal with its reason, logged with the transaction id (when there is one) by the
+/// role refusing (tracing's target names it).
+pub fn refuse(code: ErrorCode, reason: impl Into<String>, txid: Option<&str>) -> Message {
+    let reason = reason.into();
+    tracing::warn!(txid = txid.unwrap_or("-"), ?code, %reason, "refused");
+    Message::error(code, reason, txid)
+}
+
+/// The answer when the journal cannot be written: nothing was done, so a retry is safe.
+pub fn journal_failed(e: crate::journal::JournalError, txid: Option<&str>) -> Message {
+    tracing::error!(txid = txid.unwrap_or("-"), error = %e, "journal write failed; nothing done");
+    Message::error(
+        ErrorCode::Internal,
+        "journal unavailable; nothing was done, retry",
+        txid,
+    )
+}
+
 /// Encodes a message as a frame payload.
 pub fn to_payload(msg: &Message) -> Vec<u8> {
     postcard::to_allocvec(msg).expect("in-memory serialization")

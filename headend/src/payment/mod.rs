@@ -29,9 +29,10 @@ use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
 use crate::config::{HeadendConfig, MerchantDef};
-use crate::journal::{self, Journal, JournalError};
+use crate::journal::{self, Journal};
 use crate::quic::BoxFuture;
 use crate::role::{Caller, Role};
+use crate::role::{journal_failed, refuse};
 use pool::{Lease, Pool};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,21 +101,6 @@ fn psam_error(e: &PsamError) -> ErrorCode {
         PsamError::ZeroAmount => ErrorCode::Malformed,
         PsamError::AlreadyCompleted(_) | PsamError::CounterExhausted => ErrorCode::Internal,
     }
-}
-
-fn refuse(code: ErrorCode, reason: impl Into<String>, txid: &str) -> Message {
-    let reason = reason.into();
-    tracing::warn!(txid, ?code, %reason, "refused");
-    Message::error(code, reason, Some(txid))
-}
-
-fn journal_failed(e: JournalError, txid: &str) -> Message {
-    tracing::error!(txid, error = %e, "journal write failed; nothing done");
-    Message::error(
-        ErrorCode::Internal,
-        "journal unavailable; nothing was done, retry",
-        Some(txid),
-    )
 }
 
 impl PaymentServer {
@@ -238,7 +224,7 @@ impl PaymentServer {
             return refuse(
                 ErrorCode::Malformed,
                 "transaction id must be 1 to 64 characters",
-                &txid,
+                Some(&txid),
             );
         }
         let Some(m) = self.merchants.get(&req.merchant_id) else {
@@ -248,7 +234,7 @@ impl PaymentServer {
                     "merchant {} is not known to payment server {}",
                     req.merchant_id, self.name
                 ),
-                &txid,
+                Some(&txid),
             );
         };
         let raw = journal::encode(&req);
@@ -260,14 +246,18 @@ impl PaymentServer {
                 refuse(
                     ErrorCode::Replay,
                     "transaction id already used for another draw request",
-                    &txid,
+                    Some(&txid),
                 )
             };
         }
         let derived = MessageKeys::derived(&m.key, &req.merchant_id, &txid);
         let tsk = if m.def.message_layer {
             let Some(etsk) = &req.etsk else {
-                return refuse(ErrorCode::Malformed, "message layer on but no ETSK", &txid);
+                return refuse(
+                    ErrorCode::Malformed,
+                    "message layer on but no ETSK",
+                    Some(&txid),
+                );
             };
             match MessageKeys::open_etsk(&derived, etsk) {
                 Ok(k) => Some(k),
@@ -275,7 +265,7 @@ impl PaymentServer {
                     return refuse(
                         ErrorCode::BadSignature,
                         format!("ETSK does not open: {e}"),
-                        &txid,
+                        Some(&txid),
                     );
                 }
             }
@@ -288,7 +278,7 @@ impl PaymentServer {
                 return refuse(
                     ErrorCode::BadSignature,
                     format!("draw request body: {e}"),
-                    &txid,
+                    Some(&txid),
                 );
             }
         };
@@ -297,13 +287,13 @@ impl PaymentServer {
             "draw request received",
             &format!("{} {}", req.merchant_id, body.amount),
         ) {
-            return journal_failed(e, &txid);
+            return journal_failed(e, Some(&txid));
         }
         let Some(lease) = self.pool.acquire(Duration::from_secs(5)).await else {
             return refuse(
                 ErrorCode::Busy,
                 "every security card is busy; retry shortly",
-                &txid,
+                Some(&txid),
             );
         };
         let early = m.def.embodiment != Embodiment::SecurityCard;
@@ -317,7 +307,7 @@ impl PaymentServer {
         };
         let auth = match card.issue_debit(&draw, today(), early) {
             Ok(a) => a,
-            Err(e) => return refuse(psam_error(&e), e.to_string(), &txid),
+            Err(e) => return refuse(psam_error(&e), e.to_string(), Some(&txid)),
         };
         let expected = auth.expected_card_signature;
         let mut rng = OsRng;
@@ -372,7 +362,7 @@ impl PaymentServer {
         });
         if let Err(e) = saved {
             *card = before; // not journaled means not done
-            return journal_failed(e, &txid);
+            return journal_failed(e, Some(&txid));
         }
         drop(card);
         self.open
@@ -397,7 +387,7 @@ impl PaymentServer {
             return refuse(
                 ErrorCode::UnknownTransaction,
                 format!("no transaction {txid}"),
-                &txid,
+                Some(&txid),
             );
         };
         if let (PayState::Completed, Some(c)) = (rec.state, &rec.confirmation) {
@@ -410,7 +400,7 @@ impl PaymentServer {
                 return refuse(
                     ErrorCode::BadSignature,
                     format!("debit response body: {e}"),
-                    &txid,
+                    Some(&txid),
                 );
             }
         };
@@ -419,10 +409,14 @@ impl PaymentServer {
             "debit response received",
             &format!("card signature {}", hex::encode(resp.card_signature)),
         ) {
-            return journal_failed(e, &txid);
+            return journal_failed(e, Some(&txid));
         }
         let Some(mut card) = self.pool.card(rec.slot).await else {
-            return refuse(ErrorCode::Internal, "security card slot missing", &txid);
+            return refuse(
+                ErrorCode::Internal,
+                "security card slot missing",
+                Some(&txid),
+            );
         };
         let before = card.clone();
         match card.complete(rec.psam_txn, &resp) {
@@ -461,7 +455,7 @@ impl PaymentServer {
                 });
                 if let Err(e) = saved {
                     *card = before;
-                    return journal_failed(e, &txid);
+                    return journal_failed(e, Some(&txid));
                 }
                 drop(card);
                 self.finish(&txid);
@@ -474,7 +468,7 @@ impl PaymentServer {
                 if matches!(e, PsamError::BadCardSignature | PsamError::ResponseMismatch) {
                     self.reverse(&txid, "bad card signature").await;
                 }
-                refuse(code, format!("debit response refused: {e}"), &txid)
+                refuse(code, format!("debit response refused: {e}"), Some(&txid))
             }
         }
     }
@@ -537,14 +531,14 @@ impl PaymentServer {
             return refuse(
                 ErrorCode::UnknownTransaction,
                 format!("no transaction {txid}"),
-                &txid,
+                Some(&txid),
             );
         };
         if rec.state == PayState::Completed {
             return refuse(
                 ErrorCode::Replay,
                 "the card's debit was proved; a completed purchase cannot be cancelled",
-                &txid,
+                Some(&txid),
             );
         }
         let proof = match &c.proof {
@@ -636,7 +630,7 @@ impl Role for PaymentServer {
                 return refuse(
                     ErrorCode::NotYourAccount,
                     format!("box {b}: set-top boxes reach the payment server through the gateway"),
-                    "-",
+                    None,
                 );
             }
             let txid = match &msg {
