@@ -136,7 +136,7 @@ keys Enter
 wait_for "Confirm purchase" 10
 keys Enter
 wait_for "New balance" 20
-PURCHASE=$(screen | grep -E "Enjoy|Order|Amount|New balance" | sed 's/^ *//' || true)
+PURCHASE=$(screen | grep -E "Purchase complete|Enjoy|Order|Amount|Reference" | tr -s ' ║╔╗╚╝═' ' ' | sed 's/^ *//' | uniq || true)
 keys Enter
 AFTER_PURCHASE=$(balance)
 
@@ -151,7 +151,7 @@ wait_for "Enter your PIN" 10
 for d in $(echo "$PIN" | grep -o .); do keys "$d"; done
 keys Enter
 wait_for "New balance" 30
-LOAD=$(screen | grep -E "Loaded|Amount|New balance" | sed 's/^ *//' || true)
+LOAD=$(screen | grep -E "Value loaded|Amount|Reference" | tr -s ' ║╔╗╚╝═' ' ' | sed 's/^ *//' | uniq || true)
 AFTER_LOAD=$(balance)
 
 $T kill-server 2>/dev/null || true
