@@ -285,7 +285,13 @@ async fn duplicate_draw_request_is_idempotent() {
     let p = he.running.payment.as_ref().unwrap();
     let t = p.txn(&offer.transaction_id).unwrap();
     let psam = p.pool().card(t.slot).await.unwrap();
-    assert_eq!(psam.txns.len(), 1, "one security-card transaction, not two");
+    let state: proto::security_card::SecurityCard =
+        headend::journal::decode(&psam.snapshot()).unwrap();
+    assert_eq!(
+        state.txns.len(),
+        1,
+        "one security-card transaction, not two"
+    );
     drop(psam);
     // A different draw request under the same transaction id is a replay.
     let mut other = b.draw_request(&offer);

@@ -33,7 +33,7 @@ use crate::journal::{self, Journal};
 use crate::quic::BoxFuture;
 use crate::role::{Caller, Role};
 use crate::role::{journal_failed, refuse};
-use pool::{Lease, Pool};
+use pool::{Lease, Pool, SecurityCardDevice};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PayState {
@@ -154,7 +154,7 @@ impl PaymentServer {
                 Some(b) => journal::decode::<SecurityCard>(&b)?,
                 None => SecurityCard::new(0x5A00_0000 + slot as u64, issuer.clone()),
             };
-            psams.push(psam);
+            psams.push(Box::new(psam) as Box<dyn SecurityCardDevice>);
         }
         let mut open = BTreeMap::new();
         let deadline = Instant::now() + timeout;
@@ -199,7 +199,7 @@ impl PaymentServer {
         let mut out = BTreeMap::new();
         for slot in 0..self.pool.len() {
             let card = self.pool.card(slot).await.expect("slot exists");
-            for (c, t) in &card.totals {
+            for (c, t) in &card.totals() {
                 *out.entry(*c).or_default() += t.amount;
             }
         }
@@ -298,7 +298,7 @@ impl PaymentServer {
         };
         let early = m.def.embodiment != Embodiment::SecurityCard;
         let mut card = lease.card().await;
-        let before = card.clone();
+        let before = card.snapshot();
         let draw = DrawData {
             merchant_id: req.merchant_id.clone(),
             transaction_id: txid.clone(),
@@ -325,7 +325,7 @@ impl PaymentServer {
                     &txid,
                     &req.merchant_id,
                     body.amount,
-                    card.id,
+                    card.id(),
                     auth.command.psam_txn,
                     &mut rng,
                 )
@@ -341,7 +341,7 @@ impl PaymentServer {
             embodiment: m.def.embodiment,
             tsk,
             slot: lease.slot,
-            psam_id: card.id,
+            psam_id: card.id(),
             psam_txn: auth.command.psam_txn,
             amount: body.amount,
             card_id: auth.command.card_id,
@@ -352,16 +352,16 @@ impl PaymentServer {
             batch: None,
         };
         let saved = self.journal.atomically(|b| {
-            b.put("psam", &slot_key(lease.slot), &journal::encode(&*card))?;
+            b.put("psam", &slot_key(lease.slot), &card.snapshot())?;
             b.put("txn", &txid, &journal::encode(&record))?;
             b.step(
                 &txid,
                 "debit command issued",
-                &format!("psam {:X} txn {}", card.id, record.psam_txn),
+                &format!("psam {:X} txn {}", card.id(), record.psam_txn),
             )
         });
         if let Err(e) = saved {
-            *card = before; // not journaled means not done
+            let _ = card.restore(&before); // not journaled means not done
             return journal_failed(e, Some(&txid));
         }
         drop(card);
@@ -418,7 +418,7 @@ impl PaymentServer {
                 Some(&txid),
             );
         };
-        let before = card.clone();
+        let before = card.snapshot();
         match card.complete(rec.psam_txn, &resp) {
             Ok(_) => {
                 let m = &self.merchants[&rec.merchant_id];
@@ -449,12 +449,12 @@ impl PaymentServer {
                 // Settled: our record answers any repeat, so the card need not keep it.
                 card.forget(rec.psam_txn);
                 let saved = self.journal.atomically(|b| {
-                    b.put("psam", &slot_key(rec.slot), &journal::encode(&*card))?;
+                    b.put("psam", &slot_key(rec.slot), &card.snapshot())?;
                     b.put("txn", &txid, &journal::encode(&rec))?;
                     b.step(&txid, "confirmed", "card signature verified")
                 });
                 if let Err(e) = saved {
-                    *card = before;
+                    let _ = card.restore(&before);
                     return journal_failed(e, Some(&txid));
                 }
                 drop(card);
@@ -500,19 +500,19 @@ impl PaymentServer {
         let Some(mut card) = self.pool.card(rec.slot).await else {
             return false;
         };
-        let before = card.clone();
+        let before = card.snapshot();
         if let Err(e) = card.reverse(rec.psam_txn) {
             tracing::error!(txid, error = %e, "security card refused the reversal");
             return false;
         }
         rec.state = PayState::Reversed;
         let saved = self.journal.atomically(|b| {
-            b.put("psam", &slot_key(rec.slot), &journal::encode(&*card))?;
+            b.put("psam", &slot_key(rec.slot), &card.snapshot())?;
             b.put("txn", txid, &journal::encode(&rec))?;
             b.step(txid, "reversed", why)
         });
         if saved.is_err() {
-            *card = before;
+            let _ = card.restore(&before);
             return false;
         }
         drop(card);

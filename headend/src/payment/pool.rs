@@ -3,17 +3,81 @@
 //! free one rather than queueing without limit.
 //!
 //! The default security card is the software one from `proto`. A hardware security card in
-//! a PC/SC reader would implement [`SecurityCardSlot`] over `reader-drivers` (the seam).
+//! a PC/SC reader implements [`SecurityCardDevice`] over `reader-drivers` (the seam; no
+//! hardware implementation yet).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use proto::security_card::SecurityCard;
+use proto::money::Currency;
+use proto::purse::{Date, DebitResponse, PurchaseInit};
+use proto::security_card::{DebitAuthorization, DrawData, PsamError, SecurityCard, Totals};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
-/// One terminal with its security card. The software card is the only implementation so
-/// far; a hardware SAM would sit behind the same lock and snapshot.
-pub type SecurityCardSlot = Mutex<SecurityCard>;
+use crate::journal;
+
+/// What the payment server needs of a security card (001 [0091]–[0094], [0106]). The
+/// software [`SecurityCard`] implements it; a hardware SAM in a PC/SC reader would send the
+/// same operations as APDUs.
+pub trait SecurityCardDevice: Send {
+    fn id(&self) -> u64;
+    fn issue_debit(
+        &mut self,
+        draw: &DrawData,
+        today: Date,
+        early_release: bool,
+    ) -> Result<DebitAuthorization, PsamError>;
+    /// Verifies the card signature and records the sale (FIG. 4; a late proof too).
+    fn complete(&mut self, psam_txn: u32, resp: &DebitResponse) -> Result<(), PsamError>;
+    fn reverse(&mut self, psam_txn: u32) -> Result<(), PsamError>;
+    fn verify_not_debited(&self, psam_txn: u32, proof: &PurchaseInit) -> Result<(), PsamError>;
+    /// Drops a settled transaction once the payment server has journaled it.
+    fn forget(&mut self, psam_txn: u32) -> bool;
+    fn totals(&self) -> BTreeMap<Currency, Totals>;
+    /// The card's state for the journal (a hardware card keeps its own: empty), and back.
+    fn snapshot(&self) -> Vec<u8>;
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String>;
+}
+
+impl SecurityCardDevice for SecurityCard {
+    fn id(&self) -> u64 {
+        self.id
+    }
+    fn issue_debit(
+        &mut self,
+        draw: &DrawData,
+        today: Date,
+        early_release: bool,
+    ) -> Result<DebitAuthorization, PsamError> {
+        SecurityCard::issue_debit(self, draw, today, early_release)
+    }
+    fn complete(&mut self, psam_txn: u32, resp: &DebitResponse) -> Result<(), PsamError> {
+        SecurityCard::complete(self, psam_txn, resp).map(|_| ())
+    }
+    fn reverse(&mut self, psam_txn: u32) -> Result<(), PsamError> {
+        SecurityCard::reverse(self, psam_txn)
+    }
+    fn verify_not_debited(&self, psam_txn: u32, proof: &PurchaseInit) -> Result<(), PsamError> {
+        SecurityCard::verify_not_debited(self, psam_txn, proof)
+    }
+    fn forget(&mut self, psam_txn: u32) -> bool {
+        SecurityCard::forget(self, psam_txn)
+    }
+    fn totals(&self) -> BTreeMap<Currency, Totals> {
+        self.totals.clone()
+    }
+    fn snapshot(&self) -> Vec<u8> {
+        journal::encode(self)
+    }
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
+        *self = journal::decode(snapshot)?;
+        Ok(())
+    }
+}
+
+/// One terminal with its security card.
+pub type SecurityCardSlot = Mutex<Box<dyn SecurityCardDevice>>;
 
 pub struct Pool {
     slots: Vec<Arc<SecurityCardSlot>>,
@@ -36,13 +100,13 @@ impl Drop for Lease {
 }
 
 impl Lease {
-    pub async fn card(&self) -> OwnedMutexGuard<SecurityCard> {
+    pub async fn card(&self) -> OwnedMutexGuard<Box<dyn SecurityCardDevice>> {
         self.pool.slots[self.slot].clone().lock_owned().await
     }
 }
 
 impl Pool {
-    pub fn new(cards: Vec<SecurityCard>) -> Arc<Self> {
+    pub fn new(cards: Vec<Box<dyn SecurityCardDevice>>) -> Arc<Self> {
         let n = cards.len();
         Arc::new(Self {
             slots: cards.into_iter().map(|c| Arc::new(Mutex::new(c))).collect(),
@@ -80,7 +144,7 @@ impl Pool {
 
     /// The card in `slot`, for steps of a transaction whose lease was released (early
     /// release) or lost (restart).
-    pub async fn card(&self, slot: usize) -> Option<OwnedMutexGuard<SecurityCard>> {
+    pub async fn card(&self, slot: usize) -> Option<OwnedMutexGuard<Box<dyn SecurityCardDevice>>> {
         Some(self.slots.get(slot)?.clone().lock_owned().await)
     }
 
