@@ -373,22 +373,30 @@ impl Gateway {
         let _ = self
             .journal
             .step(&txid, "cancel relayed", &format!("{:?}", c.reason));
+        let nothing_charged = || {
+            Message::Receipt(Receipt {
+                transaction_id: txid.clone(),
+                released: false,
+                text: "Cancelled; nothing was charged".into(),
+                entitlement: None,
+                new_balance: None,
+            })
+        };
+        // An offer whose draw request never went out has nothing to reverse anywhere.
+        let drawn = self
+            .journal
+            .steps(&txid)
+            .is_ok_and(|s| s.iter().any(|x| x == "draw request relayed"));
+        if !drawn {
+            return nothing_charged();
+        }
         let payment = self.merchants[&t.merchant_id].payment.clone();
         match self
             .role(&payment)
             .handle(Caller::Role("gateway".into()), Message::Cancel(c))
             .await
         {
-            // An offer the payment server never saw has nothing to reverse.
-            Message::Error(e) if e.code == ErrorCode::UnknownTransaction => {
-                Message::Receipt(Receipt {
-                    transaction_id: txid,
-                    released: false,
-                    text: "Cancelled; nothing was charged".into(),
-                    entitlement: None,
-                    new_balance: None,
-                })
-            }
+            Message::Error(e) if e.code == ErrorCode::UnknownTransaction => nothing_charged(),
             other => other,
         }
     }

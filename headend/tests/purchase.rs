@@ -448,3 +448,24 @@ async fn collection_batches_settled_transactions_once() {
     assert_eq!(p.batch_state(file.batch).as_deref(), Some("acknowledged"));
     assert!(p.ack_batch(999).is_err());
 }
+
+#[tokio::test]
+async fn viewer_cancel_before_the_draw_touches_no_payment_server() {
+    let he = start(options("security-card", true)).await;
+    let mut b = TestBox::new(&he, "box-000015", 5_000).await;
+    let offer = b.offer("CABLE", "ppv-1001").await;
+    let r = b
+        .call(&Message::Cancel(CancelMsg {
+            transaction_id: offer.transaction_id.clone(),
+            reason: CancelReason::Viewer,
+            proof: None,
+        }))
+        .await;
+    assert!(matches!(r, Message::Receipt(ref r) if !r.released), "{r:?}");
+    let p = he.running.payment.as_ref().unwrap();
+    assert!(
+        p.journal().steps(&offer.transaction_id).unwrap().is_empty(),
+        "the payment server never heard of it"
+    );
+    assert_nothing_moved(&he, &mut b, 5_000, Some(&offer.transaction_id)).await;
+}
