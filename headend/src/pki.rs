@@ -82,6 +82,11 @@ impl IssuedCert {
     }
 
     /// Writes `<stem>.crt.pem` and `<stem>.key.pem` into `dir` (created if missing).
+    /// This certificate and key as a TLS identity for the QUIC transport.
+    pub fn tls_identity(&self) -> crate::quic::TlsIdentity {
+        crate::quic::TlsIdentity::from_der(vec![self.cert_der()], self.key_der())
+    }
+
     pub fn save(&self, dir: &Path, stem: &str) -> Result<CertFiles, PkiError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let cert = dir.join(format!("{stem}.crt.pem"));

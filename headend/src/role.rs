@@ -44,7 +44,7 @@ pub fn journal_failed(e: crate::journal::JournalError, txid: Option<&str>) -> Me
 
 /// Encodes a message as a frame payload.
 pub fn to_payload(msg: &Message) -> Vec<u8> {
-    postcard::to_allocvec(msg).expect("in-memory serialization")
+    msg.to_payload()
 }
 
 /// Puts a role behind the QUIC server: decode, handle, encode. A payload that is not a

@@ -14,7 +14,7 @@ use proto::money::Currency;
 use proto::purse::*;
 
 use crate::pki::OperatorCa;
-use crate::quic::{BoxId, ClientTls, QuicClient, TlsIdentity, TransportSettings, load_certs};
+use crate::quic::{BoxId, ClientTls, QuicClient, TransportSettings, load_certs};
 use crate::role::to_payload;
 
 pub struct SimBox {
@@ -47,7 +47,7 @@ pub async fn connect(ca_dir: &Path, box_id: &str, addr: SocketAddr) -> Result<Qu
         .map_err(|e| e.to_string())?;
     let tls = ClientTls::new(
         load_certs(&ca_dir.join("ca.crt.pem")).map_err(|e| e.to_string())?,
-        TlsIdentity::from_issued(&issued),
+        issued.tls_identity(),
     );
     QuicClient::connect(&tls, &TransportSettings::default(), addr, "localhost")
         .await

@@ -53,12 +53,11 @@ async fn connect_when_up(
             let client = headend::quic::QuicClient::connect(
                 &headend::quic::ClientTls::new(
                     headend::quic::load_certs(&ca.join("ca.crt.pem")).unwrap(),
-                    headend::quic::TlsIdentity::from_issued(
-                        &headend::pki::OperatorCa::load(ca)
-                            .unwrap()
-                            .issue_device(&headend::quic::BoxId::new("box-000777").unwrap())
-                            .unwrap(),
-                    ),
+                    (headend::pki::OperatorCa::load(ca)
+                        .unwrap()
+                        .issue_device(&headend::quic::BoxId::new("box-000777").unwrap())
+                        .unwrap())
+                    .tls_identity(),
                 ),
                 &headend::quic::TransportSettings::default(),
                 addr,

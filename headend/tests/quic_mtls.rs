@@ -9,8 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use headend::pki::OperatorCa;
 use headend::quic::{
-    ClientTls, Peer, QuicError, RevocationConfig, Revocations, Service, TlsIdentity,
-    TransportSettings,
+    ClientTls, Peer, QuicError, RevocationConfig, Revocations, Service, TransportSettings,
 };
 use quic_support::*;
 
@@ -62,7 +61,7 @@ async fn role_certificate_maps_to_a_role_identity() {
         .ca
         .issue_server(&["payment.purselink.test".into()])
         .unwrap();
-    let tls = ClientTls::new(vec![pki.ca.cert_der()], TlsIdentity::from_issued(&role));
+    let tls = ClientTls::new(vec![pki.ca.cert_der()], role.tls_identity());
     let resp = connect_and_call(&tls, server.addr, b"x").await.unwrap();
     assert_eq!(resp, b"role:payment.purselink.test|x");
     server.stop().await;
@@ -104,7 +103,7 @@ async fn certificate_from_another_ca_is_refused() {
     let rogue_ca = OperatorCa::generate().unwrap();
     let rogue = rogue_ca.issue_device(&box_id("box-000123")).unwrap();
     // It trusts the real server, but its own certificate is from the rogue CA.
-    let tls = ClientTls::new(vec![pki.ca.cert_der()], TlsIdentity::from_issued(&rogue));
+    let tls = ClientTls::new(vec![pki.ca.cert_der()], rogue.tls_identity());
     let err = connect_and_call(&tls, server.addr, b"hello")
         .await
         .unwrap_err();
@@ -214,9 +213,8 @@ async fn revocation_by_certificate_fingerprint_and_serial() {
         identity_echo(),
         revocations.clone(),
     );
-    let tls = |c: &headend::pki::IssuedCert| {
-        ClientTls::new(vec![pki.ca.cert_der()], TlsIdentity::from_issued(c))
-    };
+    let tls =
+        |c: &headend::pki::IssuedCert| ClientTls::new(vec![pki.ca.cert_der()], c.tls_identity());
 
     let err = connect_and_call(&tls(&stolen), server.addr, b"x")
         .await

@@ -445,11 +445,14 @@ pub enum Message {
 }
 
 impl Message {
+    /// Encodes as a frame payload.
+    pub fn to_payload(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("in-memory serialization of a message")
+    }
+
     /// Encodes into one frame.
     pub fn to_frame(&self, max: usize) -> Result<Vec<u8>, WireError> {
-        let payload =
-            postcard::to_allocvec(self).map_err(|e| WireError::Malformed(e.to_string()))?;
-        Ok(frame::encode(&payload, max)?)
+        Ok(frame::encode(&self.to_payload(), max)?)
     }
 
     /// Decodes a frame payload. Never panics, whatever the bytes.

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use super::stats::{Errors, Flows, PerSecond};
 use crate::pki::OperatorCa;
-use crate::quic::{BoxId, ClientTls, QuicClient, TlsIdentity, TransportSettings, load_certs};
+use crate::quic::{BoxId, ClientTls, QuicClient, TransportSettings, load_certs};
 use crate::role::to_payload;
 use crate::sim_box::{self, SimBox};
 
@@ -49,10 +49,7 @@ pub fn issue_identities(ca_dir: &Path, prefix: &str, n: usize) -> Result<Vec<Box
                                 .issue_device(&BoxId::new(&box_id).map_err(|e| e.to_string())?)
                                 .map_err(|e| e.to_string())?;
                             Ok(BoxIdentity {
-                                tls: ClientTls::new(
-                                    ca_certs.clone(),
-                                    TlsIdentity::from_issued(&issued),
-                                ),
+                                tls: ClientTls::new(ca_certs.clone(), issued.tls_identity()),
                                 box_id,
                             })
                         })

@@ -11,8 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{
-    ClientTls, QuicClient, QuicError, Revocations, Server, ServerTls, Service, TlsIdentity,
-    TransportSettings,
+    ClientTls, QuicClient, QuicError, Revocations, Server, ServerTls, Service, TransportSettings,
 };
 use crate::pki::OperatorCa;
 use crate::quic::BoxId;
@@ -161,7 +160,7 @@ pub async fn raw_quinn(plan: LoadPlan, payload_len: usize) -> Result<LoadReport,
         SocketAddr::from(([127, 0, 0, 1], 0)),
         &ServerTls {
             operator_ca: vec![ca.cert_der()],
-            identity: TlsIdentity::from_issued(&server_cert),
+            identity: server_cert.tls_identity(),
         },
         settings.clone(),
         echo(),
@@ -180,7 +179,7 @@ pub async fn raw_quinn(plan: LoadPlan, payload_len: usize) -> Result<LoadReport,
         let cert = ca
             .issue_device(&id)
             .map_err(|e| QuicError::QuicConfig(e.to_string()))?;
-        let tls = ClientTls::new(vec![ca.cert_der()], TlsIdentity::from_issued(&cert));
+        let tls = ClientTls::new(vec![ca.cert_der()], cert.tls_identity());
         clients.push(QuicClient::connect(&tls, &settings, addr, "localhost").await?);
     }
     let clients = Arc::new(clients);

@@ -1,32 +1,6 @@
-//! The head end's QUIC transport: quinn + rustls (ring), TLS 1.3 only, ALPN `purselink/1`,
-//! mutual TLS against the operator CA, one bidirectional stream per transaction carrying a
-//! `proto::frame` each way per step.
-//!
-//! - [`config`]: server/client configs and transport limits
-//! - [`identity`]: peer certificate → [`BoxId`], revocation list
-//! - [`server`] (listener) → `connection` (per connection) → `handler` (per stream)
-//! - [`call`](mod@call): the client side, [`call()`] for one transaction
-//! - [`bench_support`]: the load driver the benchmarks share
+//! The head end's view of the QUIC transport: everything of the `transport` crate (shared with
+//! the set-top box), plus the load driver the benchmarks share.
+
+pub use transport::*;
 
 pub mod bench_support;
-pub mod call;
-pub mod config;
-mod connection;
-mod error;
-pub mod frame_io;
-mod handler;
-pub mod identity;
-pub mod server;
-mod service;
-
-/// The one application protocol this transport speaks.
-pub const ALPN: &[u8] = b"purselink/1";
-
-pub use call::{QuicClient, TxnStream, call, call_with_max, client_endpoint, connect};
-pub use config::{
-    ClientTls, ServerTls, TlsIdentity, TransportSettings, client_config, load_certs, server_config,
-};
-pub use error::{AppCode, QuicError, classify_connection, classify_stream_code};
-pub use identity::{BoxId, InvalidBoxId, Peer, PeerIdentity, RevocationConfig, Revocations};
-pub use server::Server;
-pub use service::{BoxFuture, Service, ServiceError};

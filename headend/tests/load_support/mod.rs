@@ -12,7 +12,7 @@ use headend::assembly::{self, DemoOptions, Roles, Running};
 use headend::bank::{HoldState, box_pin_key, pin_verification_value};
 use headend::config::{HeadendConfig, hex_key};
 use headend::pki::OperatorCa;
-use headend::quic::{BoxId, ClientTls, QuicClient, TlsIdentity, TransportSettings, load_certs};
+use headend::quic::{BoxId, ClientTls, QuicClient, TransportSettings, load_certs};
 use headend::role::to_payload;
 use proto::apdu::{CardApplication, Response, StatusWord};
 use proto::card::{CardSpec, CardState, PurseCard, commands};
@@ -132,7 +132,7 @@ pub async fn connect_box(ca_dir: &Path, box_id: &str, addr: std::net::SocketAddr
     let issued = ca.issue_device(&BoxId::new(box_id).unwrap()).unwrap();
     let tls = ClientTls::new(
         load_certs(&ca_dir.join("ca.crt.pem")).unwrap(),
-        TlsIdentity::from_issued(&issued),
+        issued.tls_identity(),
     );
     QuicClient::connect(&tls, &TransportSettings::default(), addr, "localhost")
         .await

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use headend::pki::{IssuedCert, OperatorCa};
 use headend::quic::{
-    BoxId, ClientTls, QuicClient, QuicError, Revocations, Server, ServerTls, Service, TlsIdentity,
+    BoxId, ClientTls, QuicClient, QuicError, Revocations, Server, ServerTls, Service,
     TransportSettings,
 };
 
@@ -35,7 +35,7 @@ pub fn box_id(id: &str) -> BoxId {
 /// A box's TLS settings: the operator CA as root and its own device certificate.
 pub fn box_tls(pki: &Pki, id: &str) -> ClientTls {
     let cert = pki.ca.issue_device(&box_id(id)).unwrap();
-    ClientTls::new(vec![pki.ca.cert_der()], TlsIdentity::from_issued(&cert))
+    ClientTls::new(vec![pki.ca.cert_der()], cert.tls_identity())
 }
 
 pub struct Running {
@@ -75,7 +75,7 @@ pub fn start(
         SocketAddr::from(([127, 0, 0, 1], 0)),
         &ServerTls {
             operator_ca: vec![pki.ca.cert_der()],
-            identity: TlsIdentity::from_issued(&pki.server),
+            identity: pki.server.tls_identity(),
         },
         settings,
         service,

@@ -12,18 +12,10 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use proto::frame::DEFAULT_MAX_FRAME;
 use proto::messages::Message;
-use quinn::crypto::rustls::QuicClientConfig;
-use quinn::{Connection, Endpoint, IdleTimeout, TransportConfig};
+use quinn::{Connection, Endpoint};
 use rand::Rng;
-use rustls::RootCertStore;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::Notify;
-
-/// The application protocol the head end speaks.
-pub const ALPN: &[u8] = b"purselink/1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -52,7 +44,9 @@ pub struct GatewaySettings {
     pub backoff_max: Duration,
 }
 
-/// Loads the operator CA and the device identity and builds the quinn client config.
+/// Loads the operator CA and the device identity and builds the quinn client config with
+/// the shared transport's settings (TLS 1.3 only, ALPN purselink/1, mutual TLS), plus 0-RTT
+/// for replay-safe requests.
 pub fn client_config(
     operator_ca: &Path,
     device_cert: &Path,
@@ -63,41 +57,17 @@ pub fn client_config(
         path: p.display().to_string(),
         detail: e.to_string(),
     };
-    let certs = |p: &Path| -> Result<Vec<CertificateDer<'static>>, GatewayError> {
-        let v = CertificateDer::pem_file_iter(p)
-            .map_err(|e| file(p, &e))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| file(p, &e))?;
-        if v.is_empty() {
-            return Err(file(p, &"no PEM certificate in it"));
-        }
-        Ok(v)
+    let ca = transport::load_certs(operator_ca).map_err(|e| file(operator_ca, &e))?;
+    let identity = transport::TlsIdentity::from_pem_files(device_cert, device_key)
+        .map_err(|e| file(device_cert, &e))?;
+    let mut tls = transport::ClientTls::new(ca, identity);
+    tls.early_data = true;
+    let settings = transport::TransportSettings {
+        keep_alive_secs: s.keep_alive.as_secs().max(1),
+        idle_timeout_secs: s.idle_timeout.as_secs().max(2),
+        ..Default::default()
     };
-    let mut roots = RootCertStore::empty();
-    for c in certs(operator_ca)? {
-        roots.add(c).map_err(|e| file(operator_ca, &e))?;
-    }
-    let chain = certs(device_cert)?;
-    let key = PrivateKeyDer::from_pem_file(device_key).map_err(|e| file(device_key, &e))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| GatewayError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .map_err(|e| GatewayError::Tls(format!("device certificate and key: {e}")))?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    tls.enable_early_data = true;
-    let quic = QuicClientConfig::try_from(tls).map_err(|e| GatewayError::Tls(e.to_string()))?;
-    let mut transport = TransportConfig::default();
-    transport
-        .keep_alive_interval(Some(s.keep_alive))
-        .max_idle_timeout(Some(
-            IdleTimeout::try_from(s.idle_timeout).map_err(|e| GatewayError::Tls(e.to_string()))?,
-        ));
-    let mut config = quinn::ClientConfig::new(Arc::new(quic));
-    config.transport_config(Arc::new(transport));
-    Ok(config)
+    transport::client_config(&tls, &settings).map_err(|e| GatewayError::Tls(e.to_string()))
 }
 
 /// The next reconnect delay: `initial · 2^attempt`, capped at `max`, then a random point in
@@ -201,24 +171,10 @@ impl Gateway {
                 self.connect(replay_safe(msg)).await?
             }
         };
-        let frame = msg
-            .to_frame(DEFAULT_MAX_FRAME)
-            .map_err(|e| GatewayError::Request(e.to_string()))?;
-        let (mut send, mut recv) = conn
-            .open_bi()
+        let bytes = transport::call(&conn, &msg.to_payload())
             .await
             .map_err(|e| GatewayError::Request(e.to_string()))?;
-        send.write_all(&frame)
-            .await
-            .map_err(|e| GatewayError::Request(e.to_string()))?;
-        send.finish()
-            .map_err(|e| GatewayError::Request(e.to_string()))?;
-        let bytes = recv
-            .read_to_end(DEFAULT_MAX_FRAME + 4)
-            .await
-            .map_err(|e| GatewayError::Request(e.to_string()))?;
-        Message::from_frame(&bytes, DEFAULT_MAX_FRAME)
-            .map_err(|e| GatewayError::Malformed(e.to_string()))
+        Message::from_payload(&bytes).map_err(|e| GatewayError::Malformed(e.to_string()))
     }
 
     /// Keeps the connection up until `shutdown`: connects, waits for it to close, reconnects

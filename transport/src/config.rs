@@ -15,7 +15,6 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 
 use super::{ALPN, QuicError};
-use crate::pki::IssuedCert;
 
 /// Transport limits and timers; every field has a default, so a config may name only some.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -140,11 +139,9 @@ impl TlsIdentity {
         Ok(Self { chain, key })
     }
 
-    pub fn from_issued(issued: &IssuedCert) -> Self {
-        Self {
-            chain: vec![issued.cert_der()],
-            key: issued.key_der(),
-        }
+    /// From a certificate chain and its key already in memory (e.g. just issued by the dev CA).
+    pub fn from_der(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Self {
+        Self { chain, key }
     }
 }
 
@@ -176,6 +173,9 @@ pub struct ClientTls {
     pub identity: Option<TlsIdentity>,
     /// Protocols offered; [`ALPN`] unless a test needs a wrong one.
     pub alpn: Vec<Vec<u8>>,
+    /// Allow 0-RTT on resumed sessions, for the requests the caller knows are safe to
+    /// replay (the box's catalog request). The head end accepts none today.
+    pub early_data: bool,
 }
 
 impl ClientTls {
@@ -184,6 +184,7 @@ impl ClientTls {
             operator_ca,
             identity: Some(identity),
             alpn: vec![ALPN.to_vec()],
+            early_data: false,
         }
     }
 }
@@ -241,6 +242,7 @@ pub fn client_config(
         None => builder.with_no_client_auth(),
     };
     crypto.alpn_protocols = tls.alpn.clone();
+    crypto.enable_early_data = tls.early_data;
     let quic = QuicClientConfig::try_from(crypto)
         .map_err(|e| QuicError::QuicConfig(format!("TLS config unusable for QUIC: {e}")))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
