@@ -60,6 +60,38 @@ pub fn confirmation_key(shared: &DesKey, txid: &str) -> DesKey {
     shared.derive(b"PURSELINK LOAD CONFIRMATION", txid.as_bytes())
 }
 
+/// The per-transaction key a funder MACs its hold under ([`HoldPlaced::mac`]), derived from
+/// the key it shares with the load server.
+pub fn hold_key(shared: &DesKey, txid: &str) -> DesKey {
+    shared.derive(b"PURSELINK LOAD HOLD", txid.as_bytes())
+}
+
+/// The funder's hold as the load server receives it: MACed so nobody on the way can change
+/// the amount, the card or the transaction.
+pub fn hold_placed(shared: &DesKey, txid: &str, amount: Money, card_id: u64) -> HoldPlaced {
+    let mac = crypto::sign(
+        &hold_key(shared, txid),
+        b"HOLD",
+        &HoldPlaced::mac_fields(txid, amount, card_id),
+    );
+    HoldPlaced {
+        transaction_id: txid.into(),
+        amount,
+        card_id,
+        mac,
+    }
+}
+
+/// Whether `hold` carries its funder's MAC under `shared` (see [`hold_placed`]).
+pub fn hold_verifies(shared: &DesKey, hold: &HoldPlaced) -> bool {
+    crypto::verify(
+        &hold_key(shared, &hold.transaction_id),
+        b"HOLD",
+        &HoldPlaced::mac_fields(&hold.transaction_id, hold.amount, hold.card_id),
+        &hold.mac,
+    )
+}
+
 /// Seconds since the epoch: the load server time stamp S1 covers.
 pub fn now_secs() -> u64 {
     std::time::SystemTime::now()
@@ -429,10 +461,12 @@ impl Funds {
         if let Some(h) = self.hold(&txid) {
             return if h.amount == req.amount && h.state == HoldState::Held {
                 tracing::info!(txid, "retried hold request: same hold");
-                Message::HoldPlaced(HoldPlaced {
-                    transaction_id: txid,
-                    amount: h.amount,
-                })
+                Message::HoldPlaced(hold_placed(
+                    &self.confirmation_key,
+                    &txid,
+                    h.amount,
+                    req.card_id,
+                ))
             } else {
                 refuse(
                     ErrorCode::Replay,
@@ -518,10 +552,12 @@ impl Funds {
             return journal_failed(e, t);
         }
         tracing::info!(txid, account = %a.id, amount = %req.amount, "hold placed");
-        Message::HoldPlaced(HoldPlaced {
-            transaction_id: txid,
-            amount: req.amount,
-        })
+        Message::HoldPlaced(hold_placed(
+            &self.confirmation_key,
+            &txid,
+            req.amount,
+            req.card_id,
+        ))
     }
 
     /// Opens the sealed PIN block and compares its verification value; counts wrong PINs.

@@ -330,11 +330,45 @@ pub struct HoldRequest {
     pub sealed_pin: Option<Vec<u8>>,
 }
 
-/// The funder's answer once the hold is in place (and journaled).
+/// The funder's answer once the hold is in place (and journaled). It travels on with the
+/// load request to the load server ([`Message::RoutedLoadRequest`]), which authorises no
+/// more than it: `mac` is the funder's MAC over [`HoldPlaced::mac_fields`] under a
+/// per-transaction key derived from the key the funder shares with the load server, so
+/// neither the gateway nor anyone else can raise the amount or invent a hold.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HoldPlaced {
     pub transaction_id: String,
     pub amount: Money,
+    /// The card the hold funds a load onto.
+    pub card_id: u64,
+    pub mac: Mac,
+}
+
+impl HoldPlaced {
+    /// The fields the funder's MAC covers: transaction id, amount (minor units, currency
+    /// code, exponent) and card id.
+    pub fn mac_fields(transaction_id: &str, amount: Money, card_id: u64) -> Vec<u8> {
+        let mut f = Vec::with_capacity(transaction_id.len() + 24);
+        f.extend_from_slice(&(transaction_id.len() as u32).to_be_bytes());
+        f.extend_from_slice(transaction_id.as_bytes());
+        f.extend_from_slice(&amount.minor.to_be_bytes());
+        f.extend_from_slice(&amount.currency.code.to_be_bytes());
+        f.push(amount.currency.exponent);
+        f.extend_from_slice(&card_id.to_be_bytes());
+        f
+    }
+}
+
+/// A reversal the payment server made (a cancel with a verified proof, a bad card
+/// signature, or a transaction past its deadline), numbered in the order it was journaled,
+/// so the gateway can pass each one on to the merchant exactly once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReversalNotice {
+    /// Position in the payment server's reversal feed, from 1.
+    pub seq: u64,
+    pub transaction_id: String,
+    pub merchant_id: String,
+    pub reason: String,
 }
 
 /// The funder's answer to a relayed [`LoadConfirmation`]: the hold was captured (card
@@ -389,6 +423,21 @@ pub enum ErrorCode {
     Busy,
     Timeout,
     Internal,
+    // Appended (not inserted) so the postcard indices above stay put.
+    /// A cancel's proof of "not debited" did not verify: nothing was reversed, and the
+    /// transaction stays open (the box re-sends its debit response if it has one).
+    ProofRejected,
+    /// The purchase completed (the card's debit was proved): it cannot be cancelled. A box
+    /// that asked to cancel re-sends its debit response for the receipt.
+    AlreadyCompleted,
+    /// The value may have moved and nobody can tell yet: the transaction waits for the
+    /// box's proof or an operator (a hold whose load may have reached the card).
+    InDoubt,
+    /// This peer may not send this message to this role (its configuration does not name
+    /// the peer for it).
+    Forbidden,
+    /// Too many requests from this peer; retry after a pause.
+    RateLimited,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -442,6 +491,31 @@ pub enum Message {
     HoldPlaced(HoldPlaced),
     HoldSettled(HoldSettled),
     LoadRefused(LoadRefusal),
+    // Appended. Gateway → load server: the box's load request with the funder's hold, the
+    // only form in which the load server authorises a load.
+    RoutedLoadRequest {
+        request: LoadRequest,
+        hold: HoldPlaced,
+    },
+    /// Gateway → load server: a load whose box never came back, past its hold's lifetime.
+    /// Never authorised: refused for good, answered with the sealed no-load confirmation
+    /// that releases the hold. Authorised (S2 issued): `Error { InDoubt }` — the hold waits
+    /// for the box's proof or an operator.
+    LoadExpire {
+        transaction_id: String,
+    },
+    /// Gateway → payment server: the reversals after `after` in its feed (at most a page).
+    ReversalsSince {
+        after: u64,
+    },
+    Reversals(Vec<ReversalNotice>),
+    /// Gateway → merchant: the payment server reversed this transaction; an offer not yet
+    /// released moves to Reversed. Answered with `Ack`.
+    Reversed(ReversalNotice),
+    /// A plain acknowledgement of the named transaction (or notice).
+    Ack {
+        transaction_id: String,
+    },
 }
 
 impl Message {
@@ -455,9 +529,21 @@ impl Message {
         Ok(frame::encode(&self.to_payload(), max)?)
     }
 
-    /// Decodes a frame payload. Never panics, whatever the bytes.
+    /// Decodes a frame payload: exactly one message, nothing after it. Never panics,
+    /// whatever the bytes.
+    ///
+    /// # Errors
+    /// [`WireError::Malformed`] when the bytes are not a message, or when bytes follow it.
     pub fn from_payload(payload: &[u8]) -> Result<Self, WireError> {
-        postcard::from_bytes(payload).map_err(|e| WireError::Malformed(e.to_string()))
+        let (m, rest) =
+            postcard::take_from_bytes(payload).map_err(|e| WireError::Malformed(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(WireError::Malformed(format!(
+                "{} trailing bytes after the message",
+                rest.len()
+            )));
+        }
+        Ok(m)
     }
 
     /// Decodes exactly one whole frame.
@@ -519,5 +605,19 @@ mod tests {
             Message::from_payload(&[0xFF, 0xFF]),
             Err(WireError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn trailing_bytes_after_a_message_are_refused() {
+        let m = Message::Ack {
+            transaction_id: "t1".into(),
+        };
+        let mut p = m.to_payload();
+        assert_eq!(Message::from_payload(&p).unwrap(), m);
+        p.push(0);
+        match Message::from_payload(&p) {
+            Err(WireError::Malformed(why)) => assert!(why.contains("1 trailing"), "{why}"),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -691,5 +691,11 @@ pub fn kind(m: &Message) -> &'static str {
         Message::HoldPlaced(_) => "a hold placed",
         Message::HoldSettled(_) => "a hold settled",
         Message::LoadRefused(_) => "a load refusal",
+        Message::RoutedLoadRequest { .. } => "a routed load request",
+        Message::LoadExpire { .. } => "a load expiry",
+        Message::ReversalsSince { .. } => "a reversal feed request",
+        Message::Reversals(_) => "a reversal feed page",
+        Message::Reversed(_) => "a reversal notice",
+        Message::Ack { .. } => "an acknowledgement",
     }
 }
