@@ -1013,14 +1013,15 @@ impl Role for Gateway {
     }
 }
 
-/// Open records per sweep key prefix, for status output.
+/// Open records in a journal's sweep index (`open`: the gateway's `p/` offers and `l/`
+/// loads, the merchant's offers), for status output.
 pub fn open_counts(journal: &Journal) -> BTreeMap<&'static str, usize> {
     let mut out = BTreeMap::new();
     for (k, _) in journal.all(OPEN).unwrap_or_default() {
-        let kind = if k.starts_with("p/") {
-            "offers"
-        } else {
+        let kind = if k.starts_with("l/") {
             "loads"
+        } else {
+            "offers"
         };
         *out.entry(kind).or_default() += 1;
     }

@@ -174,10 +174,9 @@ fn back_on_the_offer_leaves_everything_untouched() {
     assert_eq!(after.log, before.log, "no new card log record");
     let gw = w.headend_steps("gateway");
     assert!(
-        gw.iter()
-            .all(|(t, s, _)| t != &txid
-                || s == "offer relayed"
-                || s == "cancelled before the draw"),
+        gw.iter().all(|(t, s, _)| t != &txid
+            || s == "offer relayed"
+            || s == "cancelled before the draw"),
         "only the offer and its cancel went through the gateway: {gw:?}"
     );
     assert!(
@@ -223,10 +222,7 @@ fn stbd_sigkilled_between_debit_and_confirmation_completes_once_after_restart() 
     let pay = w.payment_txns();
     assert_eq!(pay.len(), 1);
     assert_eq!(pay[0].state, headend::payment::PayState::DebitIssued);
-    assert_eq!(
-        w.count_steps("gateway", &txid, "confirmation received"),
-        0
-    );
+    assert_eq!(w.count_steps("gateway", &txid, "confirmation received"), 0);
     assert!(w.headend_state("merchant", "release").is_empty());
 
     sigkill_stbd(&w);
