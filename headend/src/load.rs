@@ -175,7 +175,8 @@ impl LoadServer {
             .vouchers
             .iter()
             .map(|v| Account {
-                id: v.code.clone(),
+                // Known by its reference: the code itself is kept nowhere but the config.
+                id: proto::messages::voucher_ref(&v.code),
                 box_id: v.box_id.clone(),
                 card_id: None,
                 currency: v.currency(),
@@ -592,9 +593,9 @@ impl Role for LoadServer {
                             None,
                         );
                     };
-                    let span = tracing::info_span!("load", %box_id, voucher = %code);
+                    let span = tracing::info_span!("load", %box_id);
                     self.prefunded
-                        .offer(&box_id, code, &request.card)
+                        .offer(&box_id, &voucher_ref(code.expose()), &request.card)
                         .instrument(span)
                         .await
                 }

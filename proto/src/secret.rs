@@ -53,6 +53,12 @@ impl From<String> for Secret<String> {
     }
 }
 
+impl From<&str> for Secret<String> {
+    fn from(s: &str) -> Self {
+        Self(s.to_string())
+    }
+}
+
 /// Creates `dir` (and its parents) and makes it 0700.
 ///
 /// # Errors

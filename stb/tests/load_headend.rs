@@ -306,7 +306,7 @@ async fn voucher_load_needs_no_pin() {
         .prefunded
         .accounts()
         .into_iter()
-        .find(|a| a.id == w.voucher)
+        .find(|a| a.id == proto::messages::voucher_ref(&w.voucher))
         .unwrap();
     assert_eq!(v.opening_balance - v.balance, 700);
 }
@@ -342,7 +342,7 @@ async fn load_until_killed(w: &World, at: KillAt) -> String {
     )
     .unwrap();
     let source = LoadSource::Voucher {
-        code: w.voucher.clone(),
+        code: w.voucher.clone().into(),
     };
     let (mut l, actions) = Load::start(source, None, 9);
     let mut queue: std::collections::VecDeque<Action> = actions.into();

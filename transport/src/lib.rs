@@ -14,6 +14,7 @@ mod error;
 pub mod frame_io;
 mod handler;
 pub mod identity;
+pub mod logging;
 pub mod server;
 mod service;
 

@@ -196,15 +196,29 @@ fn card_error(sw: StatusWord) -> (ErrorKind, String) {
 fn source_label(s: &LoadSource) -> (String, String) {
     match s {
         LoadSource::Bank { account } => ("Bank account".into(), account.clone()),
-        LoadSource::Voucher { code } => ("Voucher".into(), code.clone()),
+        // The code is the voucher's only secret: the TV shows its last characters only.
+        LoadSource::Voucher { code } => ("Voucher".into(), masked(code.expose())),
     }
+}
+
+/// A secret shown on the TV: its last four characters after a mask.
+fn masked(s: &str) -> String {
+    let tail: String = s
+        .chars()
+        .rev()
+        .take(4)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    format!("••••{tail}")
 }
 
 /// Seals the PIN block for the bank under the box's PIN key.
 pub fn seal_pin(key: &DesKey, transaction_id: &str, pin: &str, rng: &mut StdRng) -> Vec<u8> {
     let block = PinBlock {
         transaction_id: transaction_id.into(),
-        pin: pin.into(),
+        pin: proto::secret::Secret::new(pin.to_string()),
     };
     let mut clear = postcard::to_allocvec(&block).expect("in-memory serialization");
     let sealed = proto::crypto::seal(key, &clear, rng);
@@ -423,7 +437,7 @@ impl Load {
             }
         };
         let purse = self.purse.as_ref().expect("purse before offer");
-        if offer.transaction_id.is_empty() || offer.source != self.source {
+        if offer.transaction_id.is_empty() || !self.source.offered_as(&offer.source) {
             return self.failed(
                 ErrorKind::Other,
                 "the head end sent an unusable load offer".into(),

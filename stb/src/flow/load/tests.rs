@@ -356,7 +356,7 @@ fn bank_load_with_pin_loads_the_card_and_journals_each_step_first() {
     let block: PinBlock =
         postcard::from_bytes(&proto::crypto::open(&pin_key(), sealed).unwrap()).unwrap();
     assert_eq!(
-        (block.transaction_id.as_str(), block.pin.as_str()),
+        (block.transaction_id.as_str(), block.pin.expose().as_str()),
         ("ld-1", PIN)
     );
     assert!(!sealed.windows(PIN.len()).any(|w| w == PIN.as_bytes()));
@@ -382,7 +382,7 @@ fn voucher_load_asks_no_pin() {
     assert_eq!(c.state.balance, 4_000);
     assert_eq!(he.requests[0].sealed_pin, None);
     assert!(
-        matches!(&he.requests[0].source, LoadSource::Voucher { code } if code == "VOUCHER-0001")
+        matches!(&he.requests[0].source, LoadSource::Voucher { code } if code.expose() == "VOUCHER-0001")
     );
 }
 
