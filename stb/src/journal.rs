@@ -598,6 +598,103 @@ mod tests {
     }
 
     #[test]
+    fn in_doubt_says_whether_debit_was_sent_and_carries_the_response_and_unresolvable_leaves_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        let cmd = DebitCommand {
+            psam_id: 7,
+            psam_txn: 3,
+            card_id: 9,
+            atc: 4,
+            amount: 250,
+            currency: Currency::EUR,
+            date: Date::new(2026, 11, 21),
+            psam_signature: [0; 8],
+        };
+        let response = DebitResponse {
+            card_id: 9,
+            atc: 4,
+            amount: 250,
+            currency: Currency::EUR,
+            new_balance: 750,
+            psam_id: 7,
+            psam_txn: 3,
+            card_signature: [5; 8],
+        };
+        for t in ["drawn", "commanded", "sent", "responded"] {
+            j.record(
+                t,
+                &Step::OfferAccepted {
+                    offer: offer(t),
+                    init: init(),
+                },
+            )
+            .unwrap();
+            j.record(t, &Step::DrawSent).unwrap();
+        }
+        for t in ["commanded", "sent", "responded"] {
+            j.record(
+                t,
+                &Step::DebitCommandReceived {
+                    command: cmd.clone(),
+                },
+            )
+            .unwrap();
+        }
+        for t in ["sent", "responded"] {
+            j.record(t, &Step::DebitSent).unwrap();
+        }
+        j.record(
+            "responded",
+            &Step::DebitResponded {
+                response: response.clone(),
+            },
+        )
+        .unwrap();
+        // A cancel after DEBIT keeps the evidence that DEBIT went out.
+        j.record(
+            "sent",
+            &Step::CancelPending {
+                reason: CancelReason::NotDebited,
+            },
+        )
+        .unwrap();
+        let p = j.in_doubt().unwrap();
+        let by = |t: &str| {
+            p.iter()
+                .find(|x| x.txn.transaction_id == t)
+                .unwrap()
+                .clone()
+        };
+        assert_eq!(
+            (by("drawn").txn.debit_sent, by("drawn").txn.psam),
+            (false, None)
+        );
+        assert_eq!(
+            (by("commanded").txn.debit_sent, by("commanded").txn.psam),
+            (false, Some((7, 3)))
+        );
+        assert!(by("sent").txn.debit_sent && by("sent").txn.response.is_none());
+        assert_eq!(by("sent").state, "cancel_pending");
+        assert_eq!(by("responded").txn.response, Some(response));
+        assert_eq!(by("drawn").txn.amount, offer("drawn").amount);
+
+        j.record(
+            "sent",
+            &Step::Unresolvable {
+                why: "proof rejected".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(j.in_doubt().unwrap().len(), 3, "no longer in doubt");
+        assert_eq!(j.state("sent").unwrap().as_deref(), Some("unresolvable"));
+        assert_eq!(
+            j.unresolvable().unwrap(),
+            [("sent".to_string(), "proof rejected".to_string())]
+        );
+    }
+
+    #[test]
     fn unknown_transaction_and_cancel_pending() {
         let dir = tempfile::tempdir().unwrap();
         let mut j = Journal::open(dir.path()).unwrap();

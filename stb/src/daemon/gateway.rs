@@ -379,6 +379,33 @@ mod tests {
     }
 
     #[test]
+    fn connection_failures_are_told_from_request_failures() {
+        use transport::QuicError as Q;
+        for e in [
+            Q::Connection(quinn::ConnectionError::Reset),
+            Q::Connection(quinn::ConnectionError::TimedOut),
+            Q::Connection(quinn::ConnectionError::LocallyClosed),
+            Q::ApplicationClosed {
+                code: 0,
+                reason: "bye".into(),
+            },
+            Q::ShuttingDown,
+            Q::Refused,
+        ] {
+            assert!(connection_level(&e), "{e}");
+        }
+        for e in [
+            Q::PeerTimeout,
+            Q::ServiceFailed,
+            Q::StreamReset(9),
+            Q::PeerBadFrame,
+            Q::Stream("x".into()),
+        ] {
+            assert!(!connection_level(&e), "{e}");
+        }
+    }
+
+    #[test]
     fn only_the_catalog_request_rides_0rtt() {
         assert!(replay_safe(&Message::CatalogRequest));
         assert!(!replay_safe(&Message::OfferRequest {

@@ -102,7 +102,7 @@ fn ui_err(kind: ErrorKind, detail: impl Into<String>) -> UiUpdate {
 
 impl Runner {
     /// "Load card" → a source: starts a load, after settling any in-doubt purchase or load
-    /// of the same card ([`Runner::gate`]).
+    /// of the same card (see [`super::recover`]).
     pub async fn start_load(&mut self, source: ui::model::LoadSource) {
         if self.busy() {
             self.update(ui_err(

@@ -256,7 +256,8 @@ impl Runner {
             {
                 Ok(f) => Some(Arc::new(f)),
                 Err(e) => {
-                    tracing::warn!(error = %e, "recovery: cannot read the card");
+                    tracing::warn!(error = %e, "recovery: cannot read the card; retrying later");
+                    self.recovery.retry = true;
                     None
                 }
             }
