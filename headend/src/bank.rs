@@ -37,7 +37,7 @@ use crate::config::{HeadendConfig, hex_key};
 use crate::journal::{self, Journal};
 use crate::quic::BoxFuture;
 use crate::role::{Caller, Role};
-use crate::role::{journal_failed, refuse};
+use crate::role::{journal_failed, refuse, repeat};
 
 /// The per-box PIN key the box is provisioned with (a key file), derived from the bank PIN
 /// master key by box id.
@@ -675,16 +675,13 @@ impl Funds {
             );
         };
         if let Some(done) = &hold.settled {
-            return if hold.confirmation.as_ref().is_none_or(|b| *b == c.sealed) {
-                tracing::info!(txid, "retried confirmation: same settlement");
-                done.clone()
-            } else {
-                refuse(
-                    ErrorCode::Replay,
-                    "the hold was settled on another confirmation",
-                    t,
-                )
-            };
+            return repeat(
+                hold.confirmation.as_ref(),
+                &c.sealed,
+                done,
+                "load confirmation",
+                &txid,
+            );
         }
         // Only the load server can have sealed this: the relay cannot forge a no-load.
         let body: LoadConfirmationBody =

@@ -44,8 +44,8 @@ use tracing::Instrument;
 use crate::config::MerchantDef;
 use crate::journal::{self, Journal};
 use crate::quic::BoxFuture;
-use crate::role::refuse;
 use crate::role::{Caller, Role};
+use crate::role::{open_body, refuse, repeat};
 
 /// How long offers and holds may stay open at the gateway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -371,7 +371,7 @@ impl Gateway {
         }
         // The amount must be the offer's: a box (or anything on the way) asking to pay less
         // is refused here, before any security card signs anything.
-        match req.body.open(t.tsk.as_ref()) {
+        match open_body(&req.body, t.tsk.as_ref(), "draw request body", &txid) {
             Ok(body) if body.amount == t.amount => {}
             Ok(body) => {
                 return refuse(
@@ -383,13 +383,7 @@ impl Gateway {
                     Some(&txid),
                 );
             }
-            Err(e) => {
-                return refuse(
-                    ErrorCode::BadSignature,
-                    format!("draw request body: {e}"),
-                    Some(&txid),
-                );
-            }
+            Err(e) => return e,
         }
         if t.draw.is_none() {
             t.draw = Some(raw);
@@ -432,27 +426,12 @@ impl Gateway {
             Ok(t) => t,
             Err(e) => return *e,
         };
-        let resp = match msg.body.open(t.tsk.as_ref()) {
+        let resp = match open_body(&msg.body, t.tsk.as_ref(), "debit response body", &txid) {
             Ok(r) => r,
-            Err(e) => {
-                return refuse(
-                    ErrorCode::BadSignature,
-                    format!("debit response body: {e}"),
-                    Some(&txid),
-                );
-            }
+            Err(e) => return e,
         };
         if let Some(r) = &t.receipt {
-            return if t.debit_response.as_ref().is_none_or(|d| *d == resp) {
-                tracing::info!(txid, "retried debit response: same receipt");
-                r.clone()
-            } else {
-                refuse(
-                    ErrorCode::Replay,
-                    "transaction completed with another debit response",
-                    Some(&txid),
-                )
-            };
+            return repeat(t.debit_response.as_ref(), &resp, r, "debit response", &txid);
         }
         if matches!(
             t.state,
@@ -572,6 +551,8 @@ impl Gateway {
 
     /// Journals an accepted response: its release for the merchant and (FIG. 6/7) its
     /// notification for the payment server, in one write, before either is delivered.
+    /// The refusal is the answer to relay, built once: boxing it would buy nothing.
+    #[allow(clippy::result_large_err)]
     fn accept(
         &self,
         txid: &str,
@@ -1013,14 +994,15 @@ impl Role for Gateway {
     }
 }
 
-/// Open records per sweep key prefix, for status output.
+/// Open records in a journal's sweep index (`open`: the gateway's `p/` offers and `l/`
+/// loads, the merchant's offers), for status output.
 pub fn open_counts(journal: &Journal) -> BTreeMap<&'static str, usize> {
     let mut out = BTreeMap::new();
     for (k, _) in journal.all(OPEN).unwrap_or_default() {
-        let kind = if k.starts_with("p/") {
-            "offers"
-        } else {
+        let kind = if k.starts_with("l/") {
             "loads"
+        } else {
+            "offers"
         };
         *out.entry(kind).or_default() += 1;
     }

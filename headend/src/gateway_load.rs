@@ -33,8 +33,8 @@ use tracing::Instrument;
 
 use crate::gateway::{Gateway, OPEN, definite, now_secs};
 use crate::journal;
-use crate::role::refuse;
 use crate::role::{Caller, Role};
+use crate::role::{refuse, repeat};
 
 /// Role-table name of the bank server.
 pub const BANK: &str = "bank";
@@ -375,17 +375,9 @@ impl Gateway {
             Err(e) => return e,
         };
         let raw = journal::encode(&msg);
-        if let (Some(Message::LoadConfirmation(c)), Some(prev)) = (&t.confirmation, &t.response) {
-            if *prev != raw {
-                return refuse(
-                    ErrorCode::Replay,
-                    "the load was confirmed on another load response",
-                    t_,
-                );
-            }
-            if t.settled.is_some() {
-                tracing::info!(txid, "retried load response: same confirmation");
-                return Message::LoadConfirmation(c.clone());
+        if let (Some(c), Some(prev)) = (&t.confirmation, &t.response) {
+            if *prev != raw || t.settled.is_some() {
+                return repeat(Some(prev), &raw, c, "load response", &txid);
             }
         }
         let (funder, load) = match (self.load_role(&t.funder, t_), self.load_role(LOAD, t_)) {

@@ -32,7 +32,7 @@ use crate::config::{HeadendConfig, hex_key, load_issuer_keys};
 use crate::journal::{self, Journal};
 use crate::quic::BoxFuture;
 use crate::role::{Caller, Role};
-use crate::role::{journal_failed, refuse};
+use crate::role::{journal_failed, refuse, repeat};
 
 /// The seam for a hardware HSM: the three operations the load server needs. The software
 /// [`Hsm`] implements it; a PKCS#11 or network HSM would too.
@@ -428,16 +428,7 @@ impl LoadServer {
         if let Some(c) = &rec.confirmation {
             // A repeat must be the response that produced the confirmation (a refusal for
             // good has none: any answer gets its no-load).
-            return if rec.response.as_ref().is_none_or(|r| *r == raw) {
-                tracing::info!(txid, "retried load response: same confirmation");
-                c.clone()
-            } else {
-                refuse(
-                    ErrorCode::Replay,
-                    "the load was confirmed on another load response",
-                    Some(&txid),
-                )
-            };
+            return repeat(rec.response.as_ref(), &raw, c, "load response", &txid);
         }
         if let Err(e) = self.journal.step(
             &txid,

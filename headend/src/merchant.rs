@@ -261,19 +261,14 @@ impl MerchantServer {
         };
         let raw = journal::encode(&c);
         if let (OfferState::Released, Some(r)) = (rec.state, &rec.receipt) {
-            return if rec.confirmation.as_ref().is_none_or(|p| *p == raw) {
-                tracing::info!(
-                    txid,
-                    "confirmation replayed: receipt already given, nothing more released"
-                );
-                Message::Receipt(r.clone())
-            } else {
-                refuse(
-                    ErrorCode::Replay,
-                    "goods were released on another confirmation; nothing more released",
-                    Some(&txid),
-                )
-            };
+            // Replayed: the receipt already given, nothing more released.
+            return crate::role::repeat(
+                rec.confirmation.as_ref(),
+                &raw,
+                &Message::Receipt(r.clone()),
+                "confirmation",
+                &txid,
+            );
         }
         let Some(shop) = self.shops.get(&rec.offer.merchant_id) else {
             return refuse(

@@ -42,6 +42,41 @@ pub fn journal_failed(e: crate::journal::JournalError, txid: Option<&str>) -> Me
     )
 }
 
+/// The idempotency rule for a step already answered: a repeat gets the stored answer only
+/// when it is the message that was answered (`first`, when it was kept); anything else under
+/// the transaction id is refused as a replay. `what` names the message ("debit response").
+pub fn repeat<T: PartialEq>(
+    first: Option<&T>,
+    now: &T,
+    stored: &Message,
+    what: &str,
+    txid: &str,
+) -> Message {
+    if first.is_none_or(|f| f == now) {
+        tracing::info!(txid, what, "retried: same answer");
+        stored.clone()
+    } else {
+        refuse(
+            ErrorCode::Replay,
+            format!("transaction {txid} was answered on another {what}"),
+            Some(txid),
+        )
+    }
+}
+
+/// Opens a message-layer body (FIG. 8) under the transaction's key, or the refusal to send:
+/// a body that does not open is `BadSignature`, named by `what`.
+#[allow(clippy::result_large_err)] // the refusal is the answer, relayed as is
+pub fn open_body<T: serde::Serialize + serde::de::DeserializeOwned>(
+    body: &proto::messages::Protected<T>,
+    key: Option<&proto::crypto::DesKey>,
+    what: &str,
+    txid: &str,
+) -> Result<T, Message> {
+    body.open(key)
+        .map_err(|e| refuse(ErrorCode::BadSignature, format!("{what}: {e}"), Some(txid)))
+}
+
 /// Encodes a message as a frame payload.
 pub fn to_payload(msg: &Message) -> Vec<u8> {
     msg.to_payload()

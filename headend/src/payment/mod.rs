@@ -32,7 +32,7 @@ use crate::config::{HeadendConfig, MerchantDef};
 use crate::journal::{self, Journal};
 use crate::quic::BoxFuture;
 use crate::role::{Caller, Role};
-use crate::role::{journal_failed, refuse};
+use crate::role::{journal_failed, open_body, refuse, repeat};
 use pool::{Lease, Pool, SecurityCardDevice};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -298,15 +298,9 @@ impl PaymentServer {
         } else {
             None
         };
-        let body = match req.body.open(tsk.as_ref()) {
+        let body = match open_body(&req.body, tsk.as_ref(), "draw request body", &txid) {
             Ok(b) => b,
-            Err(e) => {
-                return refuse(
-                    ErrorCode::BadSignature,
-                    format!("draw request body: {e}"),
-                    Some(&txid),
-                );
-            }
+            Err(e) => return e,
         };
         if let Err(e) = self.journal.step(
             &txid,
@@ -417,28 +411,18 @@ impl PaymentServer {
                 Some(&txid),
             );
         };
-        let resp = match msg.body.open(rec.tsk.as_ref()) {
+        let resp = match open_body(&msg.body, rec.tsk.as_ref(), "debit response body", &txid) {
             Ok(r) => r,
-            Err(e) => {
-                return refuse(
-                    ErrorCode::BadSignature,
-                    format!("debit response body: {e}"),
-                    Some(&txid),
-                );
-            }
+            Err(e) => return e,
         };
         if let (PayState::Completed, Some(c)) = (rec.state, &rec.confirmation) {
-            // The transaction id is the idempotency key: a repeat must be the same response.
-            return if rec.debit_response.as_ref().is_none_or(|r| *r == resp) {
-                tracing::info!(txid, "retried debit response: same confirmation");
-                c.clone()
-            } else {
-                refuse(
-                    ErrorCode::Replay,
-                    "transaction completed with another debit response",
-                    Some(&txid),
-                )
-            };
+            return repeat(
+                rec.debit_response.as_ref(),
+                &resp,
+                c,
+                "debit response",
+                &txid,
+            );
         }
         if let Err(e) = self.journal.step(
             &txid,
