@@ -168,17 +168,24 @@ async fn scenario_2_a_draw_without_debit_is_cancelled_with_proof_not_matched_by_
         "B's debit is not journaled under A: {steps:?}"
     );
     assert_eq!(fake.debit_responses(&a), 0, "no debit response sent for A");
+    // Every cancel for A says "not debited" with a proof; the restarted box's proof is a
+    // fresh INITIALIZE after B (the killed box's task may have got one out before it died).
     let cancels: Vec<_> = fake
         .cancels()
         .into_iter()
-        .filter(|c| c.transaction_id == a && c.proof.is_some())
+        .filter(|c| c.transaction_id == a)
         .collect();
-    assert_eq!(cancels.len(), 1, "{:?}", fake.cancels());
-    assert_eq!(cancels[0].reason, CancelReason::NotDebited);
-    assert_eq!(
-        cancels[0].proof.as_ref().unwrap().atc,
-        a_atc + 1,
-        "a fresh INITIALIZE"
+    assert!(
+        cancels
+            .iter()
+            .all(|c| c.reason == CancelReason::NotDebited && c.proof.is_some()),
+        "{cancels:?}"
+    );
+    assert!(
+        cancels
+            .iter()
+            .any(|c| c.proof.as_ref().is_some_and(|p| p.atc == a_atc + 1)),
+        "the restarted box cancelled with a fresh INITIALIZE: {cancels:?}"
     );
     assert_eq!(balance(&card), 1000 - 499, "only B was paid");
 }
@@ -250,14 +257,14 @@ async fn the_tv_answers_the_remote_while_a_recovery_call_is_outstanding() {
         q.busy = false;
         q.answer_delay = Duration::from_secs(4);
     });
-    // Pull and reinsert the card: a recovery round re-sends the debit response.
-    let before = fake.received(&txid);
+    // Pull and reinsert the card: a recovery round re-sends the debit response (or the
+    // timer's round already has); the head end holds the answer.
     assert!(b.driver.remove());
     b.until("card gone", |s| s.card_balance.is_none()).await;
     b.driver
         .insert(reader_drivers::vcard::VirtualCard::open(&card).unwrap());
-    eventually("the re-sent debit response at the head end", 5, || {
-        (fake.received(&txid) > before).then_some(())
+    eventually("a re-sent debit response held at the head end", 5, || {
+        (fake.holding() >= 1).then_some(())
     })
     .await;
     // While its answer is held, the viewer presses yellow (history).

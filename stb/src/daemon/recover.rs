@@ -322,7 +322,17 @@ impl Runner {
                 }
                 .await;
                 let proof = match proof {
-                    Ok(p) => p,
+                    Ok(p) if p.card_id == txn.card_id => p,
+                    Ok(p) => {
+                        span.in_scope(|| {
+                            tracing::warn!(
+                                card_id = p.card_id,
+                                "the card was swapped during recovery; retrying later"
+                            )
+                        });
+                        self.recovery.retry = true;
+                        return;
+                    }
                     Err(e) => {
                         span.in_scope(|| tracing::warn!(error = %e, "no INITIALIZE proof from the card; retrying later"));
                         self.recovery.retry = true;

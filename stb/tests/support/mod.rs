@@ -118,6 +118,8 @@ pub struct Books {
     pub load_responses: HashMap<String, u32>,
     /// Connections accepted.
     pub connections: u32,
+    /// Settling messages received and not answered yet (held by `answer_delay`).
+    pub holding: u32,
     next: u32,
 }
 
@@ -204,9 +206,14 @@ impl FakeHeadEnd {
                                 _ => None,
                             };
                             if let Some(txid) = settling {
-                                *b.lock().unwrap().received.entry(txid).or_default() += 1;
+                                {
+                                    let mut books = b.lock().unwrap();
+                                    *books.received.entry(txid).or_default() += 1;
+                                    books.holding += 1;
+                                }
                                 let delay = q.lock().unwrap().answer_delay;
                                 tokio::time::sleep(delay).await;
+                                b.lock().unwrap().holding -= 1;
                             }
                             let Some(answer) = answer(&b, &ps, &q, msg) else {
                                 // Hang: hold the stream open until the box gives up.
@@ -258,6 +265,10 @@ impl FakeHeadEnd {
             .get(txid)
             .copied()
             .unwrap_or(0)
+    }
+    /// Settling messages the fake holds unanswered right now.
+    pub fn holding(&self) -> u32 {
+        self.books.lock().unwrap().holding
     }
     pub fn connections(&self) -> u32 {
         self.books.lock().unwrap().connections
