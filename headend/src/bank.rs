@@ -33,7 +33,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use crate::config::{HeadendConfig, hex_key};
+use crate::config::{HeadendConfig, read_key_file};
 use crate::journal::{self, Journal};
 use crate::quic::BoxFuture;
 use crate::role::{Caller, Role};
@@ -791,8 +791,11 @@ impl BankServer {
             .collect();
         let spec = FundsSpec {
             who: "bank",
-            confirmation_key: hex_key("[bank] confirmation_key", &s.confirmation_key)?,
-            pin_master: Some(hex_key("[bank] pin_master", &s.pin_master)?),
+            confirmation_key: read_key_file(
+                "[bank] confirmation_key_file",
+                &s.confirmation_key_file,
+            )?,
+            pin_master: Some(read_key_file("[bank] pin_master_file", &s.pin_master_file)?),
             pin_tries: s.pin_tries,
             daily_limit: s.daily_limit,
             float_account: s.float_account.clone(),

@@ -43,6 +43,17 @@ fn pki(cmd: PkiCommand) -> Result<(), PkiError> {
                 .save(&out, box_id.as_str())?;
             tracing::info!(%box_id, cert = %files.cert.display(), key = %files.key.display(), "device certificate issued");
         }
+        PkiCommand::IssueRole {
+            ca,
+            role,
+            names,
+            client,
+            out,
+        } => {
+            let cert = OperatorCa::load(&ca)?.issue_role(&role, &names, client)?;
+            let files = cert.save(&out, &role)?;
+            tracing::info!(role, names = ?names, client, cert = %files.cert.display(), key = %files.key.display(), "role certificate issued");
+        }
         PkiCommand::IssueServer { ca, names, out } => {
             let cert = OperatorCa::load(&ca)?.issue_server(&names)?;
             // The first name becomes the file name; keep it a plain file name.

@@ -175,7 +175,7 @@ impl FakeHeadEnd {
         };
         let addr = endpoint.local_addr().unwrap();
         let books = Arc::new(Mutex::new(Books::default()));
-        let psam = Arc::new(Mutex::new(SecurityCard::new(77, issuer())));
+        let psam = Arc::new(Mutex::new(SecurityCard::new(77, issuer().purchase())));
         let (stop, mut stop_rx) = watch::channel(false);
         let (b, ps) = (books.clone(), psam.clone());
         let quirks = Arc::new(Mutex::new(quirks));

@@ -70,7 +70,7 @@ struct FakeLoadServer {
 impl FakeLoadServer {
     fn new(max: u64, pin_required: bool) -> Self {
         Self {
-            hsm: Hsm::new(0x4853_4D01, issuer()),
+            hsm: Hsm::new(0x4853_4D01, issuer().load()),
             max,
             pin_required,
             requests: Vec::new(),
