@@ -657,7 +657,7 @@ pub fn purchases_elsewhere(card: &Path, n: u32, amount: u64) {
     use proto::card::commands;
     use proto::purse::PurchaseInit;
     let mut c = VirtualCard::open(card).unwrap();
-    let mut psam = SecurityCard::new(88, issuer());
+    let mut psam = SecurityCard::new(88, issuer().purchase());
     let data = |r: Vec<u8>| {
         assert!(r.ends_with(&[0x90, 0x00]), "card refused: {r:02X?}");
         r[..r.len() - 2].to_vec()

@@ -536,7 +536,7 @@ fn the_flow_s_cancel_is_closed_only_by_an_answer_that_settles_it() {
         (true, error(ErrorCode::Busy), false),
     ] {
         let mut c = card();
-        let mut psam = SecurityCard::new(3, issuer());
+        let mut psam = SecurityCard::new(3, issuer().purchase());
         let (mut p, draw, _) = accepted(&mut c, None);
         let mut cmd = debit_command(&mut psam, &draw, None);
         if debit_sent {

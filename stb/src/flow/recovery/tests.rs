@@ -194,7 +194,7 @@ fn scenario_2_a_draw_without_debit_is_not_matched_to_the_next_purchase_with_the_
         },
     };
     let mut card = PurseCard::new(CardState::personalise(&spec, &issuer), 7);
-    let mut psam = SecurityCard::new(5, issuer);
+    let mut psam = SecurityCard::new(5, issuer.purchase());
     let today = Date::new(2026, 11, 21);
     let ok = |r: Vec<u8>| r[..r.len() - 2].to_vec();
     let init = |card: &mut PurseCard| {
