@@ -521,6 +521,55 @@ fn card_refusing_debit_is_cancelled_with_proof() {
     );
 }
 
+/// Issue 11 item 3 in the flow: its own cancel closes the transaction only on an answer
+/// that settles it; a refused proof ends it only when DEBIT never went to the card.
+#[test]
+fn the_flow_s_cancel_is_closed_only_by_an_answer_that_settles_it() {
+    // (DEBIT sent and refused by the card, answer, journaled Ended?)
+    for (debit_sent, answer, ended) in [
+        (false, receipt(false), true),
+        (true, receipt(false), true),
+        (false, error(ErrorCode::ProofRejected), true),
+        (true, error(ErrorCode::ProofRejected), false),
+        (false, error(ErrorCode::AlreadyCompleted), false),
+        (true, error(ErrorCode::AlreadyCompleted), false),
+        (true, error(ErrorCode::Busy), false),
+    ] {
+        let mut c = card();
+        let mut psam = SecurityCard::new(3, issuer().purchase());
+        let (mut p, draw, _) = accepted(&mut c, None);
+        let mut cmd = debit_command(&mut psam, &draw, None);
+        if debit_sent {
+            // A bad signature: the card refuses DEBIT after the box journaled DebitSent.
+            cmd.psam_signature[0] ^= 1;
+        } else {
+            cmd.amount += 1;
+        }
+        let a = feed(&mut p, &mut c, Input::Answer(command_msg(cmd, None)));
+        assert_eq!(
+            journal_steps(&a)
+                .iter()
+                .any(|s| matches!(s, Step::DebitSent)),
+            debit_sent
+        );
+        assert!(cancel_of(&a).proof.is_some());
+        let a = p.handle(Input::Answer(answer.clone()));
+        assert!(outcome(&a).is_some(), "the flow ends either way");
+        assert_eq!(
+            matches!(journal_steps(&a)[..], [Step::Ended { .. }]),
+            ended,
+            "DEBIT sent {debit_sent}, {answer:?}: {:?}",
+            journal_steps(&a)
+        );
+        if !ended {
+            assert!(
+                journal_steps(&a).is_empty(),
+                "left cancel_pending for recovery"
+            );
+        }
+    }
+}
+
 #[test]
 fn card_lost_during_debit_or_confirmation_lost_is_in_doubt() {
     let mut c = card();
