@@ -153,9 +153,7 @@ impl Runner {
                 .bank_account
                 .clone()
                 .map(|account| LoadSource::Bank { account }),
-            ui::model::LoadSource::Voucher => {
-                s.voucher.clone().map(|code| LoadSource::Voucher { code })
-            }
+            ui::model::LoadSource::Voucher => s.voucher.clone().map(LoadSource::voucher),
         };
         let Some(src) = src else {
             return;
