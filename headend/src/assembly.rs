@@ -288,6 +288,7 @@ pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, String>
         let lifetimes = crate::gateway::Lifetimes {
             offer: std::time::Duration::from_secs(section.offer_lifetime_secs),
             hold: std::time::Duration::from_secs(section.hold_lifetime_secs),
+            limits: section.limits,
         };
         let gw = Gateway::new(journal, &cfg.merchants, table, lifetimes)?;
         tasks.push(tokio::spawn(gw.clone().run_notifier(rx.clone())));

@@ -265,6 +265,9 @@ pub struct GatewaySection {
     /// the box's proof and is listed by `headend status` for an operator.
     #[serde(default = "default_hold_lifetime")]
     pub hold_lifetime_secs: u64,
+    /// What one box may ask: `[gateway.limits]` (see [`crate::limits::LimitSettings`]).
+    #[serde(default)]
+    pub limits: crate::limits::LimitSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
