@@ -285,6 +285,10 @@ pub struct PaymentSection {
     /// Seconds after which an incomplete transaction is reversed in its security card.
     #[serde(default = "default_txn_timeout")]
     pub transaction_timeout_secs: u64,
+    /// FIG. 4: seconds a security card waits for one box's debit response before it goes
+    /// back to the pool (the transaction stays open until its own timeout).
+    #[serde(default = "default_lease_timeout")]
+    pub lease_timeout_secs: u64,
     /// Where the gateway reaches this role when it runs alone.
     pub listen: Option<SocketAddr>,
     /// Who may call this role over QUIC (see [`Callers`]).
@@ -425,6 +429,9 @@ fn default_security_cards() -> u32 {
 }
 fn default_txn_timeout() -> u64 {
     30
+}
+fn default_lease_timeout() -> u64 {
+    10
 }
 
 impl HeadendConfig {
