@@ -141,7 +141,10 @@ fn file_err(path: &Path, reason: impl std::fmt::Display) -> QuicError {
 }
 
 impl TlsIdentity {
+    /// Reads the certificate chain and its private key; the key file must be readable by
+    /// its owner only (or it is refused, naming the file and its mode).
     pub fn from_pem_files(cert: &Path, key: &Path) -> Result<Self, QuicError> {
+        proto::secret::check_private(key).map_err(|e| file_err(key, e))?;
         let chain = load_certs(cert)?;
         let key = PrivateKeyDer::from_pem_file(key).map_err(|e| file_err(key, e))?;
         Ok(Self { chain, key })

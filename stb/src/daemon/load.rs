@@ -45,6 +45,7 @@ impl LoadSettings {
         let pin_key = match &c.pin_key {
             None => None,
             Some(p) => {
+                proto::secret::check_private(p).map_err(|e| format!("load.pin_key: {e}"))?;
                 let text = std::fs::read_to_string(p)
                     .map_err(|e| format!("load.pin_key {}: {e}", p.display()))?;
                 let raw = hex::decode(text.trim())
