@@ -24,8 +24,26 @@ pub struct TransportSettings {
     pub keep_alive_secs: u64,
     /// A connection silent this long is dead (must exceed the keep-alive interval).
     pub idle_timeout_secs: u64,
-    /// Connections held at once; more are refused.
+    /// Established, authenticated connections held at once; more are refused. A handshake in
+    /// progress does not count here (see the pending-handshake limits below).
     pub max_connections: usize,
+    /// Established connections from one IP address; 0 means no per-source limit. Off by
+    /// default: boxes behind one NAT share an address, and an established connection has
+    /// already shown a device certificate.
+    pub max_connections_per_source: usize,
+    /// Handshakes in progress at once (from a client's first packet until its certificate has
+    /// verified). An attempt over the bound is dropped unanswered; the client retransmits
+    /// its Initial and gets in once a slot is free.
+    pub max_pending_handshakes: usize,
+    /// Handshakes in progress at once from one IP address (dropped unanswered beyond it).
+    pub max_pending_per_source: usize,
+    /// A handshake not finished this long after the client's first packet is dropped and its
+    /// slot freed.
+    pub handshake_timeout_ms: u64,
+    /// Once this many handshakes are in progress, a client whose address is not yet validated
+    /// is first sent a QUIC Retry (one more round trip, no state kept on the server); a source
+    /// that already has a handshake in progress always is. 0 sends a Retry to every client.
+    pub retry_threshold: usize,
     /// Bidirectional streams (transactions) a peer may have open at once on one connection;
     /// more wait for credit at the opener (back-pressure).
     pub max_streams_per_connection: u32,
@@ -47,6 +65,11 @@ impl Default for TransportSettings {
             keep_alive_secs: 15,
             idle_timeout_secs: 60,
             max_connections: 10_000,
+            max_connections_per_source: 0,
+            max_pending_handshakes: 256,
+            max_pending_per_source: 16,
+            handshake_timeout_ms: 5_000,
+            retry_threshold: 64,
             max_streams_per_connection: 16,
             max_frame: proto::frame::DEFAULT_MAX_FRAME,
             request_timeout_ms: 10_000,
@@ -72,6 +95,9 @@ impl TransportSettings {
     pub fn call_timeout(&self) -> Duration {
         Duration::from_millis(self.call_timeout_ms)
     }
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
 
     /// Refuses settings that would make a useless or unbounded transport.
     pub fn validate(&self) -> Result<(), QuicError> {
@@ -87,6 +113,12 @@ impl TransportSettings {
         }
         if self.request_timeout_ms == 0 || self.call_timeout_ms == 0 {
             return bad("request_timeout_ms and call_timeout_ms must be at least 1");
+        }
+        if self.max_pending_handshakes == 0 || self.max_pending_per_source == 0 {
+            return bad("max_pending_handshakes and max_pending_per_source must be at least 1");
+        }
+        if self.handshake_timeout_ms == 0 {
+            return bad("handshake_timeout_ms must be at least 1");
         }
         Ok(())
     }
@@ -209,6 +241,13 @@ fn roots(ca: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>, QuicError
     Ok(Arc::new(roots))
 }
 
+/// Connection attempts quinn holds for the accept loop at once.
+const MAX_INCOMING: usize = 1024;
+/// Bytes buffered per waiting connection attempt, beyond its first datagram.
+const INCOMING_BUFFER: u64 = 16 * 1024;
+/// Bytes buffered for all waiting connection attempts together.
+const INCOMING_BUFFER_TOTAL: u64 = 2 * 1024 * 1024;
+
 /// The server side: TLS 1.3 only, ALPN `purselink/1`, a client certificate chaining to the
 /// operator CA required (none, or one from another CA, fails the handshake).
 pub fn server_config(
@@ -232,8 +271,15 @@ pub fn server_config(
         .transport_config(Arc::new(settings.transport()?))
         // Boxes behind NAT change address; keep their connection.
         .migration(true)
-        // Handshakes waiting for the accept loop are bounded too.
-        .max_incoming(settings.max_connections.clamp(1, 4096));
+        // Connection attempts waiting for the accept loop, which decides on each at once (see
+        // `admission`): a backlog only builds while the loop is starved of CPU, and past this
+        // bound quinn drops new Initials unanswered (clients retransmit).
+        .max_incoming(MAX_INCOMING)
+        // Datagrams buffered for an attempt before that decision (beyond its first packet):
+        // a ClientHello fits in a few; quinn's defaults (10 MiB each, 100 MiB in all) are
+        // sized for 0-RTT uploads, which this head end refuses anyway.
+        .incoming_buffer_size(INCOMING_BUFFER)
+        .incoming_buffer_size_total(INCOMING_BUFFER_TOTAL);
     Ok(config)
 }
 
