@@ -5,7 +5,7 @@
 //!
 //! ```sh
 //! cargo bench -p transport --bench handshake_flood             # every scenario
-//! cargo bench -p transport --bench handshake_flood -- initial  # one: initial | stall | anon
+//! cargo bench -p transport --bench handshake_flood -- initial  # one: initial | stall | anon | burst
 //! ```
 //!
 //! - `initial`: the issue's attack: 10,800 genuine QUIC Initial packets at 700/s from one UDP
@@ -13,9 +13,12 @@
 //! - `stall`: 64 source addresses, each opening 48 handshakes a second that answer the Retry
 //!   and then never finish, for 8 s: more than the global pending bound;
 //! - `anon`: 3,000 ordinary QUIC clients without a certificate, 64 at a time, from one address.
+//! - `burst`: no attacker: 1,000 honest boxes behind one address (a NAT, or the fleet
+//!   simulator) reconnect 64 at a time — what the per-source pending bound costs them.
 //!
-//! The server uses the default `TransportSettings` (`FLOOD_MAX_CONNECTIONS` overrides
-//! `max_connections`). Bounded: every phase has a fixed length; the whole run takes about
+//! The server uses the default `TransportSettings`; `FLOOD_MAX_CONNECTIONS`,
+//! `FLOOD_MAX_PENDING_HANDSHAKES`, `FLOOD_MAX_PENDING_PER_SOURCE`, `FLOOD_RETRY_THRESHOLD` and
+//! `FLOOD_HANDSHAKE_TIMEOUT_MS` override the limits. Bounded: every phase has a fixed length; the whole run takes about
 //! 90 s. Loopback only.
 
 #[path = "../tests/support/mod.rs"]
@@ -40,11 +43,21 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// The default settings, with `FLOOD_<FIELD>` environment overrides for the limits.
 fn settings() -> TransportSettings {
     let mut s = TransportSettings::default();
-    if let Ok(v) = std::env::var("FLOOD_MAX_CONNECTIONS") {
-        s.max_connections = v.parse().expect("FLOOD_MAX_CONNECTIONS");
-    }
+    let d = TransportSettings::default();
+    s.max_connections = env_u64("FLOOD_MAX_CONNECTIONS", d.max_connections as u64) as usize;
+    s.max_pending_handshakes = env_u64(
+        "FLOOD_MAX_PENDING_HANDSHAKES",
+        d.max_pending_handshakes as u64,
+    ) as usize;
+    s.max_pending_per_source = env_u64(
+        "FLOOD_MAX_PENDING_PER_SOURCE",
+        d.max_pending_per_source as u64,
+    ) as usize;
+    s.retry_threshold = env_u64("FLOOD_RETRY_THRESHOLD", d.retry_threshold as u64) as usize;
+    s.handshake_timeout_ms = env_u64("FLOOD_HANDSHAKE_TIMEOUT_MS", d.handshake_timeout_ms);
     s
 }
 
@@ -282,7 +295,7 @@ async fn scenario(name: &str, pki: &Pki, dir: &std::path::Path) {
                         })
                         .collect();
                     for t in threads {
-                        let r = t.join().unwrap();
+                        let r = t.thread.join().unwrap();
                         stalled.attempts += r.attempts;
                         stalled.retried += r.retried;
                         stalled.direct += r.direct;
@@ -323,6 +336,52 @@ async fn scenario(name: &str, pki: &Pki, dir: &std::path::Path) {
             (
                 format!(
                     "{n} clients without a certificate, 64 at a time: {refused} refused, {answered} answered"
+                ),
+                (during, [from, honest_own]),
+            )
+        }
+        "burst" => {
+            let from = ip("127.0.0.4");
+            let n = env_u64("BURST_COUNT", 1000) as usize;
+            let tlss: Vec<_> = (0..n)
+                .map(|i| device_tls(pki, &format!("box-{i:06}")))
+                .collect();
+            let addr = server.addr;
+            let burst = tokio::spawn(async move {
+                let limit = Arc::new(tokio::sync::Semaphore::new(64));
+                let mut tasks = tokio::task::JoinSet::new();
+                let t0 = Instant::now();
+                for tls in tlss {
+                    let permit = limit.clone().acquire_owned().await.unwrap();
+                    tasks.spawn(async move {
+                        let r = honest_request(&tls, from, addr, Duration::from_secs(30)).await;
+                        drop(permit);
+                        r
+                    });
+                }
+                let mut v = Visits::default();
+                while let Some(r) = tasks.join_next().await {
+                    match r.unwrap() {
+                        Ok(t) => v.ok.push(t),
+                        Err(e) => v.failed.push(e),
+                    }
+                }
+                (v, t0.elapsed())
+            });
+            let during = honest_visits(
+                pki,
+                &server,
+                [from, honest_own],
+                || burst.is_finished(),
+                &mut rss_peak,
+            )
+            .await;
+            let (mut boxes, took) = burst.await.unwrap();
+            (
+                format!(
+                    "{n} honest boxes from one address, 64 at a time, in {:.1} s: {}",
+                    took.as_secs_f64(),
+                    boxes.line()
                 ),
                 (during, [from, honest_own]),
             )
@@ -370,7 +429,7 @@ fn main() {
         .filter(|a| !a.starts_with("--"))
         .collect();
     let scenarios: Vec<&str> = if wanted.is_empty() {
-        vec!["initial", "stall", "anon"]
+        vec!["initial", "stall", "anon", "burst"]
     } else {
         wanted.iter().map(String::as_str).collect()
     };

@@ -29,26 +29,42 @@ use std::time::{Duration, Instant};
 
 use super::TransportSettings;
 
+/// The "source" the per-source limits count by: an IPv4 address (also when it arrives
+/// IPv4-mapped on a dual-stack socket), or an IPv6 /64 — the smallest block a site is given, so
+/// one holder of a /64 can't take 2^64 separate shares.
+pub(crate) fn source_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(prefix.into())
+            }
+        },
+    }
+}
+
 /// Why a handshake or a connection was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     /// `max_connections` authenticated connections are held.
-    ConnectionLimit,
+    Connections,
     /// `max_connections_per_source` connections are held from this address.
-    SourceConnectionLimit,
+    SourceConnections,
     /// `max_pending_handshakes` handshakes are in progress.
-    PendingLimit,
+    Pending,
     /// `max_pending_per_source` handshakes are in progress from this address.
-    SourcePendingLimit,
+    SourcePending,
 }
 
 impl Refusal {
     pub fn as_str(self) -> &'static str {
         match self {
-            Self::ConnectionLimit => "at the connection limit",
-            Self::SourceConnectionLimit => "at the connection limit for this source",
-            Self::PendingLimit => "at the pending handshake limit",
-            Self::SourcePendingLimit => "at the pending handshake limit for this source",
+            Self::Connections => "at the connection limit",
+            Self::SourceConnections => "at the connection limit for this source",
+            Self::Pending => "at the pending handshake limit",
+            Self::SourcePending => "at the pending handshake limit for this source",
         }
     }
 }
@@ -183,21 +199,22 @@ impl Admission {
     /// Decides what to do with a connection attempt from `ip`; `validated` is quinn's
     /// `Incoming::remote_address_validated` (the client came back with a Retry token).
     pub fn decide(self: &Arc<Self>, ip: IpAddr, validated: bool) -> Decision {
+        let ip = source_of(ip);
         let l = self.limits;
         let mut c = lock(&self.counts);
         let src = c.sources.get(&ip).copied().unwrap_or_default();
         let decision = if c.established >= l.max_connections {
-            Decision::Refuse(Refusal::ConnectionLimit)
+            Decision::Refuse(Refusal::Connections)
         } else if l.max_connections_per_source > 0
             && src.established >= l.max_connections_per_source
         {
-            Decision::Refuse(Refusal::SourceConnectionLimit)
+            Decision::Refuse(Refusal::SourceConnections)
         } else if !validated && (src.pending > 0 || c.pending >= l.retry_threshold) {
             Decision::Retry
         } else if src.pending >= l.max_pending_per_source {
-            Decision::Defer(Refusal::SourcePendingLimit)
+            Decision::Defer(Refusal::SourcePending)
         } else if c.pending >= l.max_pending {
-            Decision::Defer(Refusal::PendingLimit)
+            Decision::Defer(Refusal::Pending)
         } else {
             c.pending += 1;
             c.sources.entry(ip).or_default().pending += 1;
@@ -255,7 +272,7 @@ impl Admission {
 
     /// `Some(lines suppressed since the last one)` when a refusal from `ip` may be logged now.
     pub fn may_log(&self, ip: IpAddr) -> Option<u64> {
-        lock(&self.log).check(ip, Instant::now())
+        lock(&self.log).check(source_of(ip), Instant::now())
     }
 
     pub fn stats(&self) -> AdmissionStats {
@@ -298,11 +315,11 @@ impl PendingSlot {
         src.pending = src.pending.saturating_sub(1);
         let src_established = src.established;
         let refusal = if c.established >= l.max_connections {
-            Some(Refusal::ConnectionLimit)
+            Some(Refusal::Connections)
         } else if l.max_connections_per_source > 0
             && src_established >= l.max_connections_per_source
         {
-            Some(Refusal::SourceConnectionLimit)
+            Some(Refusal::SourceConnections)
         } else {
             None
         };
@@ -494,7 +511,7 @@ mod tests {
         let _s2 = accept(&a, ip(1), true);
         assert!(matches!(
             a.decide(ip(1), true),
-            Decision::Defer(Refusal::SourcePendingLimit)
+            Decision::Defer(Refusal::SourcePending)
         ));
         // Other sources are not affected.
         let _o = accept(&a, ip(2), true);
@@ -511,7 +528,7 @@ mod tests {
         assert_eq!(a.stats().pending, 4);
         assert!(matches!(
             a.decide(ip(5), true),
-            Decision::Defer(Refusal::PendingLimit)
+            Decision::Defer(Refusal::Pending)
         ));
         drop(slots);
         let s = a.stats();
@@ -536,10 +553,10 @@ mod tests {
         // ...new attempts are refused at once while it is held...
         assert!(matches!(
             a.decide(ip(4), true),
-            Decision::Refuse(Refusal::ConnectionLimit)
+            Decision::Refuse(Refusal::Connections)
         ));
         // ...and a handshake that finishes now is refused after it, releasing its pending slot.
-        assert_eq!(p1.establish().unwrap_err(), Refusal::ConnectionLimit);
+        assert_eq!(p1.establish().unwrap_err(), Refusal::Connections);
         assert_eq!(a.stats().pending, 1);
         drop(conn);
         let _c3 = p3.establish().expect("permit back");
@@ -557,9 +574,25 @@ mod tests {
         let _c = accept(&a, ip(1), true).establish().unwrap();
         assert!(matches!(
             a.decide(ip(1), true),
-            Decision::Refuse(Refusal::SourceConnectionLimit)
+            Decision::Refuse(Refusal::SourceConnections)
         ));
         let _d = accept(&a, ip(2), true).establish().unwrap();
+    }
+
+    #[test]
+    fn an_ipv6_64_is_one_source() {
+        let a = Admission::new(limits());
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        let _s1 = accept(&a, v6("2001:db8:1:2::1"), true);
+        let _s2 = accept(&a, v6("2001:db8:1:2:ffff::9"), true);
+        assert!(matches!(
+            a.decide(v6("2001:db8:1:2:abcd::1"), true),
+            Decision::Defer(Refusal::SourcePending)
+        ));
+        // The next /64 is another source; an IPv4-mapped address is its IPv4 address.
+        let _o = accept(&a, v6("2001:db8:1:3::1"), true);
+        let _m = accept(&a, v6("::ffff:192.0.2.1"), true);
+        assert!(matches!(a.decide(ip(1), false), Decision::Retry));
     }
 
     #[test]

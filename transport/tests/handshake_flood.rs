@@ -177,13 +177,18 @@ async fn stalled_handshakes_are_bounded_per_source_time_out_and_take_no_slot() {
         attacker_config(&pki),
         Duration::from_millis(800),
     );
-    // The attacker's handshakes are pending at once...
+    // The attacker's handshakes are under way (as the attacker sees it: answered, left hanging)...
+    let hanging = settings.max_pending_per_source;
     assert!(
-        wait_until(Duration::from_secs(5), || server.stats.snapshot().pending
-            >= settings.max_pending_per_source)
+        wait_until(Duration::from_secs(5), || stall
+            .progress
+            .lock()
+            .unwrap()
+            .hanging()
+            >= hanging)
         .await,
         "the stalls never got going: {:?}",
-        server.stats.snapshot()
+        stall.progress.lock().unwrap()
     );
     let s = server.stats.snapshot();
     assert!(
@@ -221,7 +226,7 @@ async fn stalled_handshakes_are_bounded_per_source_time_out_and_take_no_slot() {
     };
     assert!(matches!(err, QuicError::Refused), "got {err:?}");
 
-    let report = stall.join().unwrap();
+    let report = stall.thread.join().unwrap();
     eprintln!("stall attacker: {report:?}");
     assert!(
         report.retried > 0,

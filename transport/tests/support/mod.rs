@@ -301,10 +301,23 @@ pub struct StallReport {
     pub attempts: usize,
     /// Answered with a Retry, which the attacker honoured (its address is then validated).
     pub retried: usize,
-    /// Answered with the server's handshake flight at once (no Retry).
+    /// Answered at once with anything but a Retry (the server's handshake flight, or a refusal).
     pub direct: usize,
     /// The server's handshake flight after the Retry: a handshake now pending, never finished.
     pub stalled_after_retry: usize,
+}
+
+impl StallReport {
+    /// Attempts the server answered and the attacker then left hanging.
+    pub fn hanging(&self) -> usize {
+        self.direct + self.stalled_after_retry
+    }
+}
+
+/// A running stalling attacker: its progress so far, and its report once `hold` is over.
+pub struct Stall {
+    pub progress: Arc<Mutex<StallReport>>,
+    pub thread: std::thread::JoinHandle<StallReport>,
 }
 
 fn is_retry(datagram: &[u8]) -> bool {
@@ -323,14 +336,16 @@ pub fn stalled_handshakes(
     n: usize,
     config: quinn_proto::ClientConfig,
     hold: Duration,
-) -> std::thread::JoinHandle<StallReport> {
+) -> Stall {
     #[derive(PartialEq)]
     enum Phase {
         AwaitFirst,
         AwaitAfterRetry,
         Stalled,
     }
-    std::thread::spawn(move || {
+    let progress = Arc::new(Mutex::new(StallReport::default()));
+    let shared = progress.clone();
+    let thread = std::thread::spawn(move || {
         let socket = UdpSocket::bind((from, 0)).unwrap();
         socket
             .set_read_timeout(Some(Duration::from_millis(20)))
@@ -394,9 +409,11 @@ pub fn stalled_handshakes(
                 }
                 Phase::Stalled => {}
             }
+            *shared.lock().unwrap() = report;
         }
         report
-    })
+    });
+    Stall { progress, thread }
 }
 
 /// Runs `n` quinn clients with `tls` (no certificate: [`anonymous_tls`]) from one endpoint bound to `from`, `parallel`
