@@ -85,25 +85,34 @@ fn child(dir: PathBuf) {
             loop {
                 let s = stats.snapshot();
                 println!(
-                    "stats {} {} {} {} {} {} {}",
+                    "stats {} {} {} {} {} {} {} {}",
                     s.pending,
                     s.established,
                     s.retries_sent,
                     s.handshakes_started,
                     s.handshake_timeouts,
                     s.deferred,
-                    s.refused
+                    s.refused,
+                    s.evicted
                 );
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         });
+        // Until stdin closes; a "trim" line hands freed heap back to the OS (glibc
+        // `malloc_trim`), to tell memory the allocator keeps for reuse from memory in use.
         let stdin_closed = tokio::task::spawn_blocking(|| {
             let mut line = String::new();
             while std::io::stdin()
                 .read_line(&mut line)
                 .map(|n| n > 0)
                 .unwrap_or(false)
-            {}
+            {
+                if line.trim() == "trim" {
+                    // SAFETY: malloc_trim only releases free heap pages; no pointer is involved.
+                    unsafe { libc::malloc_trim(0) };
+                }
+                line.clear();
+            }
         });
         server
             .run(async {
@@ -116,7 +125,8 @@ fn child(dir: PathBuf) {
 struct ServerProcess {
     child: Child,
     addr: SocketAddr,
-    /// The last counters line: pending, established, retries, started, timeouts, deferred, refused.
+    /// The last counters line: pending, established, retries, started, timeouts, deferred,
+    /// refused, evicted.
     stats: Arc<Mutex<Vec<u64>>>,
     pending_peak: Arc<Mutex<u64>>,
 }
@@ -133,7 +143,7 @@ impl ServerProcess {
         let mut line = String::new();
         out.read_line(&mut line).unwrap();
         let addr = line.trim().strip_prefix("addr ").unwrap().parse().unwrap();
-        let stats = Arc::new(Mutex::new(vec![0; 7]));
+        let stats = Arc::new(Mutex::new(vec![0; 8]));
         let pending_peak = Arc::new(Mutex::new(0));
         {
             let (stats, peak) = (stats.clone(), pending_peak.clone());
@@ -164,7 +174,7 @@ impl ServerProcess {
         let v = self.stats.lock().unwrap().clone();
         format!(
             "pending now {} (peak {}), established {}, retries {}, handshakes started {}, \
-             timeouts {}, deferred {}, refused {}",
+             timeouts {}, deferred {}, refused {}, evicted {}",
             v[0],
             self.pending_peak.lock().unwrap(),
             v[1],
@@ -172,8 +182,19 @@ impl ServerProcess {
             v[3],
             v[4],
             v[5],
-            v[6]
+            v[6],
+            v.get(7).copied().unwrap_or(0)
         )
+    }
+
+    /// Asks the server process to hand its free heap back to the OS, then reads its VmRSS.
+    fn rss_after_trim(&mut self) -> u64 {
+        if let Some(stdin) = self.child.stdin.as_mut() {
+            let _ = stdin.write_all(b"trim\n");
+            let _ = stdin.flush();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        self.rss_kib()
     }
 
     fn stop(mut self) {
@@ -407,6 +428,8 @@ async fn scenario(name: &str, pki: &Pki, dir: &std::path::Path) {
     let rss_5s = server.rss_kib();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rss_10s = server.rss_kib();
+    let mut server = server;
+    let rss_trimmed = server.rss_after_trim();
     println!("== {name}: {attack} ({attack_secs:.1} s)");
     println!("   honest during: {}", during.line());
     println!("   honest right after: {}", after.line());
@@ -414,7 +437,7 @@ async fn scenario(name: &str, pki: &Pki, dir: &std::path::Path) {
     println!("   server 10 s later: {}", server.stats_line());
     println!(
         "   server VmRSS: idle {rss_idle} KiB, peak {rss_peak} KiB, right after {rss_right_after} KiB, \
-         +5 s {rss_5s} KiB, +10 s {rss_10s} KiB"
+         +5 s {rss_5s} KiB, +10 s {rss_10s} KiB, then after malloc_trim {rss_trimmed} KiB"
     );
     server.stop();
 }

@@ -13,9 +13,13 @@
 //!   that proves it receives at its address) once `retry_threshold` handshakes are pending, and
 //!   always when its address already has a handshake pending. A flood of Initial packets that
 //!   never answers costs one Retry packet each and no state.
-//! - A handshake over a pending bound is dropped unanswered ([`Decision::Defer`]): an honest
-//!   client retransmits its Initial on its own and is admitted once a slot is free. At the
-//!   connection limit the server refuses at once ([`Decision::Refuse`]).
+//! - When every pending place is taken, a client with a validated address takes the place of
+//!   a stalled handshake (older than a quarter of the timeout) of the busiest source that has
+//!   more pending than its own: many attacking sources can fill the pool, but not keep an
+//!   honest box out of it.
+//! - Otherwise a handshake over a pending bound is dropped unanswered ([`Decision::Defer`]): an
+//!   honest client retransmits its Initial on its own and is admitted once a place is free. At
+//!   the connection limit the server refuses at once ([`Decision::Refuse`]).
 //!
 //! The decisions are plain functions of the counters (no sockets, no clock), tested below.
 //! [`RefusalLog`] keeps the log of refusals to one line per source per interval.
@@ -23,7 +27,7 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -97,6 +101,8 @@ pub(crate) struct Limits {
     pub max_pending: usize,
     pub max_pending_per_source: usize,
     pub retry_threshold: usize,
+    /// A pending handshake this old may give its place to a fairer claimant (see `decide`).
+    pub evict_after: Duration,
 }
 
 impl Limits {
@@ -107,6 +113,9 @@ impl Limits {
             max_pending: s.max_pending_handshakes,
             max_pending_per_source: s.max_pending_per_source,
             retry_threshold: s.retry_threshold,
+            // An honest handshake is done in a few round trips; one that has taken a quarter
+            // of the timeout is more likely stalled than slow.
+            evict_after: s.handshake_timeout() / 4,
         }
     }
 }
@@ -123,6 +132,35 @@ struct Counts {
     established: usize,
     /// Only sources with something pending or established: the map shrinks back to empty.
     sources: HashMap<IpAddr, PerSource>,
+    /// Every pending handshake, by id: at most `max_pending` entries.
+    handshakes: HashMap<u64, Handshake>,
+    next_id: u64,
+}
+
+#[derive(Debug)]
+struct Handshake {
+    source: IpAddr,
+    since: Instant,
+    evict: Arc<Eviction>,
+}
+
+/// Tells a pending handshake's task that its place was given to another client.
+#[derive(Debug, Default)]
+pub(crate) struct Eviction {
+    evicted: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Eviction {
+    fn evict(&self) {
+        self.evicted.store(true, Ordering::SeqCst);
+        // Stores a permit when the task is not waiting yet.
+        self.notify.notify_one();
+    }
+
+    pub fn is_evicted(&self) -> bool {
+        self.evicted.load(Ordering::SeqCst)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -134,6 +172,7 @@ struct Counters {
     established: AtomicU64,
     handshake_timeouts: AtomicU64,
     handshake_failures: AtomicU64,
+    evicted: AtomicU64,
 }
 
 /// The admission state shared by the accept loop and every connection task.
@@ -168,6 +207,8 @@ pub struct AdmissionStats {
     pub handshake_timeouts: u64,
     /// Handshakes that failed (TLS refusal, no usable identity, revoked, lost).
     pub handshake_failures: u64,
+    /// Pending handshakes that gave their place to a client from a less busy source.
+    pub evicted: u64,
 }
 
 /// A live view of a server's admission counters: [`Server::stats`](super::Server::stats).
@@ -199,6 +240,15 @@ impl Admission {
     /// Decides what to do with a connection attempt from `ip`; `validated` is quinn's
     /// `Incoming::remote_address_validated` (the client came back with a Retry token).
     pub fn decide(self: &Arc<Self>, ip: IpAddr, validated: bool) -> Decision {
+        self.decide_at(ip, validated, Instant::now())
+    }
+
+    /// [`decide`](Self::decide) at a given time. When every pending place is taken, a client
+    /// with a validated address takes the place of the oldest handshake (running at least
+    /// `evict_after`) of the busiest source that has more handshakes pending than its own:
+    /// a stalled handshake from a flooding source gives way; an honest one is done long
+    /// before, and one source can't push out another as busy as itself.
+    pub fn decide_at(self: &Arc<Self>, ip: IpAddr, validated: bool, now: Instant) -> Decision {
         let ip = source_of(ip);
         let l = self.limits;
         let mut c = lock(&self.counts);
@@ -213,15 +263,28 @@ impl Admission {
             Decision::Retry
         } else if src.pending >= l.max_pending_per_source {
             Decision::Defer(Refusal::SourcePending)
-        } else if c.pending >= l.max_pending {
+        } else if c.pending >= l.max_pending && !(validated && self.evict_for(&mut c, src, now)) {
             Decision::Defer(Refusal::Pending)
         } else {
             c.pending += 1;
             c.sources.entry(ip).or_default().pending += 1;
+            let id = c.next_id;
+            c.next_id += 1;
+            let evict = Arc::new(Eviction::default());
+            c.handshakes.insert(
+                id,
+                Handshake {
+                    source: ip,
+                    since: now,
+                    evict: evict.clone(),
+                },
+            );
             self.counters.accepted.fetch_add(1, Ordering::Relaxed);
             return Decision::Accept(PendingSlot {
                 admission: Some(self.clone()),
                 ip,
+                id,
+                evict,
             });
         };
         drop(c);
@@ -234,11 +297,42 @@ impl Admission {
         decision
     }
 
-    /// A handshake ended without a connection (pending slot dropped).
-    fn release_pending(&self, ip: IpAddr) {
-        let mut c = lock(&self.counts);
+    /// Frees a place in the pending pool for a claimant from a source with `claimant`'s counts:
+    /// evicts the oldest handshake (at least `evict_after` old) of the busiest source with
+    /// more handshakes pending than the claimant's. `false` when there is none.
+    fn evict_for(&self, c: &mut Counts, claimant: PerSource, now: Instant) -> bool {
+        let victim = c
+            .handshakes
+            .iter()
+            .filter(|(_, h)| now.saturating_duration_since(h.since) >= self.limits.evict_after)
+            .filter_map(|(id, h)| {
+                let busy = c.sources.get(&h.source).map_or(0, |s| s.pending);
+                (busy > claimant.pending).then_some((busy, std::cmp::Reverse(h.since), *id))
+            })
+            .max()
+            .map(|(_, _, id)| id);
+        let Some(id) = victim else {
+            return false;
+        };
+        if let Some(h) = Self::take_pending(c, id) {
+            h.evict.evict();
+        }
+        self.counters.evicted.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Takes handshake `id` off the pending counts; `None` if it already was (finished,
+    /// dropped or evicted: whichever comes first counts, once).
+    fn take_pending(c: &mut Counts, id: u64) -> Option<Handshake> {
+        let h = c.handshakes.remove(&id)?;
         c.pending = c.pending.saturating_sub(1);
-        Self::update_source(&mut c, ip, |s| s.pending = s.pending.saturating_sub(1));
+        Self::update_source(c, h.source, |s| s.pending = s.pending.saturating_sub(1));
+        Some(h)
+    }
+
+    /// A handshake ended without a connection (pending slot dropped).
+    fn release_pending(&self, id: u64) {
+        Self::take_pending(&mut lock(&self.counts), id);
     }
 
     fn release_established(&self, ip: IpAddr) {
@@ -289,6 +383,7 @@ impl Admission {
             established_total: n(&self.counters.established),
             handshake_timeouts: n(&self.counters.handshake_timeouts),
             handshake_failures: n(&self.counters.handshake_failures),
+            evicted: n(&self.counters.evicted),
         }
     }
 }
@@ -299,9 +394,18 @@ pub(crate) struct PendingSlot {
     /// `None` once established (the drop then releases nothing).
     admission: Option<Arc<Admission>>,
     ip: IpAddr,
+    id: u64,
+    evict: Arc<Eviction>,
 }
 
 impl PendingSlot {
+    /// Completes when this handshake's place has been given to another client.
+    pub async fn evicted(&self) {
+        if !self.evict.is_evicted() {
+            self.evict.notify.notified().await;
+        }
+    }
+
     /// The handshake finished and the peer is authenticated: trade the pending slot for a
     /// connection slot, if the connection limits allow. On refusal the pending slot is released.
     pub fn establish(mut self) -> Result<ConnectionSlot, Refusal> {
@@ -310,10 +414,10 @@ impl PendingSlot {
         };
         let l = admission.limits;
         let mut c = lock(&admission.counts);
-        c.pending = c.pending.saturating_sub(1);
-        let src = c.sources.entry(self.ip).or_default();
-        src.pending = src.pending.saturating_sub(1);
-        let src_established = src.established;
+        // Off the pending counts (unless an eviction just took it off: the handshake won the
+        // race, and is as welcome as any other).
+        Admission::take_pending(&mut c, self.id);
+        let src_established = c.sources.entry(self.ip).or_default().established;
         let refusal = if c.established >= l.max_connections {
             Some(Refusal::Connections)
         } else if l.max_connections_per_source > 0
@@ -348,7 +452,7 @@ impl PendingSlot {
 impl Drop for PendingSlot {
     fn drop(&mut self) {
         if let Some(admission) = self.admission.take() {
-            admission.release_pending(self.ip);
+            admission.release_pending(self.id);
         }
     }
 }
@@ -458,6 +562,7 @@ mod tests {
             max_pending: 4,
             max_pending_per_source: 2,
             retry_threshold: 3,
+            evict_after: Duration::from_secs(1),
         }
     }
 
@@ -534,6 +639,81 @@ mod tests {
         let s = a.stats();
         assert_eq!((s.pending, s.sources), (0, 0), "{s:?}");
         let _again = accept(&a, ip(5), true);
+    }
+
+    #[test]
+    fn a_full_pool_gives_a_stalled_handshake_of_the_busiest_source_to_a_newcomer() {
+        let a = Admission::new(Limits {
+            max_pending_per_source: 3,
+            retry_threshold: 100,
+            ..limits()
+        });
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let take = |from, validated, t| match a.decide_at(from, validated, t) {
+            Decision::Accept(slot) => slot,
+            other => panic!("expected Accept, got {other:?}"),
+        };
+        // Source 1 holds 3 places (the first the oldest), source 2 the fourth: the pool is full.
+        let oldest = take(ip(1), true, at(0));
+        let s1b = take(ip(1), true, at(100));
+        let _s1c = take(ip(1), true, at(200));
+        let s2 = take(ip(2), true, at(0));
+        // Too young to give way, and an unvalidated address never evicts anyone.
+        assert!(matches!(
+            a.decide_at(ip(3), true, at(900)),
+            Decision::Defer(Refusal::Pending)
+        ));
+        assert!(matches!(
+            a.decide_at(ip(3), false, at(5000)),
+            Decision::Defer(Refusal::Pending)
+        ));
+        // Old enough: the newcomer takes the busiest source's oldest place (not source 2's,
+        // though it is as old).
+        let newcomer = take(ip(3), true, at(1500));
+        assert!(oldest.evict.is_evicted() && !s2.evict.is_evicted() && !s1b.evict.is_evicted());
+        let s = a.stats();
+        assert_eq!((s.pending, s.evicted), (4, 1), "{s:?}");
+        // The evicted task's slot, dropped later, releases nothing twice.
+        drop(oldest);
+        assert_eq!(a.stats().pending, 4);
+        // Nobody is busier than source 1 (2 left) itself: it can't push anyone out.
+        assert!(matches!(
+            a.decide_at(ip(1), true, at(3000)),
+            Decision::Defer(Refusal::Pending)
+        ));
+        drop((newcomer, s1b, s2));
+        let s = a.stats();
+        assert_eq!((s.pending, s.sources), (1, 1), "{s:?}");
+    }
+
+    #[tokio::test]
+    async fn an_evicted_handshake_hears_of_it() {
+        let a = Admission::new(Limits {
+            max_pending: 1,
+            retry_threshold: 100,
+            ..limits()
+        });
+        let t0 = Instant::now();
+        let Decision::Accept(victim) = a.decide_at(ip(1), true, t0) else {
+            panic!()
+        };
+        let waiting = tokio::spawn(async move {
+            victim.evicted().await;
+            victim
+        });
+        let Decision::Accept(_winner) = a.decide_at(ip(2), true, t0 + Duration::from_secs(2))
+        else {
+            panic!("the stalled handshake should give way")
+        };
+        let victim = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the evicted handshake's task was not told")
+            .unwrap();
+        // A handshake that finished in the race still gets its connection (its pending
+        // place was given away, not its right to connect).
+        assert!(victim.establish().is_ok());
+        assert_eq!(a.stats().pending, 1);
     }
 
     #[test]

@@ -32,8 +32,10 @@ pub struct TransportSettings {
     /// already shown a device certificate.
     pub max_connections_per_source: usize,
     /// Handshakes in progress at once (from a client's first packet until its certificate has
-    /// verified). An attempt over the bound is dropped unanswered; the client retransmits
-    /// its Initial and gets in once a slot is free.
+    /// verified). When all are taken, a client with a validated address takes the place of
+    /// the oldest handshake (running for over a quarter of `handshake_timeout_ms`) of the
+    /// busiest source that has more in progress than the client's own source; otherwise its
+    /// attempt is dropped unanswered, and the client's retransmission tries again.
     pub max_pending_handshakes: usize,
     /// Handshakes in progress at once from one IP address (dropped unanswered beyond it).
     pub max_pending_per_source: usize,

@@ -47,6 +47,14 @@ pub(crate) async fn run(
     let handshake = tokio::select! {
         done = tokio::time::timeout(timeout, connecting) => done,
         _ = stop.changed() => return,
+        // The pending pool was full and this handshake, old and from a busy source, gave
+        // its place to a client from a quieter one.
+        _ = pending.evicted() => {
+            if let Some(suppressed) = admission.may_log(remote.ip()) {
+                tracing::warn!(%remote, suppressed, "handshake dropped: its place went to a less busy source");
+            }
+            return;
+        }
     };
     let conn = match handshake {
         Ok(Ok(conn)) => conn,
