@@ -18,7 +18,9 @@
 //!
 //! The server uses the default `TransportSettings`; `FLOOD_MAX_CONNECTIONS`,
 //! `FLOOD_MAX_PENDING_HANDSHAKES`, `FLOOD_MAX_PENDING_PER_SOURCE`, `FLOOD_RETRY_THRESHOLD` and
-//! `FLOOD_HANDSHAKE_TIMEOUT_MS` override the limits. Bounded: every phase has a fixed length; the whole run takes about
+//! `FLOOD_HANDSHAKE_TIMEOUT_MS` override the limits.
+//! `FLOOD_REPEAT=N` runs each attack N times against the same server process (memory that is
+//! kept and reused, not leaked, stays level from round to round). Bounded: every phase has a fixed length; the whole run takes about
 //! 90 s. Loopback only.
 
 #[path = "../tests/support/mod.rs"]
@@ -237,18 +239,20 @@ impl Visits {
 }
 
 /// Honest boxes visit (connect, one request, close) one after another, alternating between
-/// the attacker's address and their own, every 100 ms until `done` says stop.
+/// the attacker's address and their own, every 100 ms until `done` says stop; the visits from
+/// each address apart.
 async fn honest_visits(
     pki: &Pki,
     server: &ServerProcess,
     ips: [IpAddr; 2],
     mut done: impl FnMut() -> bool,
     rss_peak: &mut u64,
-) -> Visits {
+) -> [Visits; 2] {
     let tls = device_tls(pki, "box-000001");
-    let mut v = Visits::default();
+    let mut v = [Visits::default(), Visits::default()];
     let mut i = 0;
     while !done() {
+        let v = &mut v[i % 2];
         match honest_request(&tls, ips[i % 2], server.addr, Duration::from_secs(10)).await {
             Ok(t) => v.ok.push(t),
             Err(e) => v.failed.push(e),
@@ -269,6 +273,24 @@ async fn scenario(name: &str, pki: &Pki, dir: &std::path::Path) {
         .unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_idle = server.rss_kib();
+    let repeat = env_u64("FLOOD_REPEAT", 1).max(1);
+    let mut server = server;
+    for round in 1..=repeat {
+        attack_round(name, pki, &mut server, round, rss_idle).await;
+    }
+    server.stop();
+}
+
+/// One attack on the running server, then the visits right after it and the memory figures.
+async fn attack_round(
+    name: &str,
+    pki: &Pki,
+    server: &mut ServerProcess,
+    round: u64,
+    rss_idle: u64,
+) {
+    let server_ref: &ServerProcess = server;
+    let honest_own = ip("127.0.0.2");
     let mut rss_peak = rss_idle;
     let started = Instant::now();
 
@@ -277,10 +299,10 @@ async fn scenario(name: &str, pki: &Pki, dir: &std::path::Path) {
             let count = env_u64("FLOOD_COUNT", 10_800);
             let rate = env_u64("FLOOD_RATE", 700);
             let from = ip("127.0.0.1");
-            let flood = initial_flood(from, server.addr, count, rate, attacker_config(pki));
+            let flood = initial_flood(from, server_ref.addr, count, rate, attacker_config(pki));
             let during = honest_visits(
                 pki,
-                &server,
+                server_ref,
                 [from, honest_own],
                 || flood.is_finished(),
                 &mut rss_peak,
@@ -299,7 +321,7 @@ async fn scenario(name: &str, pki: &Pki, dir: &std::path::Path) {
         }
         "stall" => {
             let until = Instant::now() + Duration::from_secs(8);
-            let addr = server.addr;
+            let addr = server_ref.addr;
             let config = attacker_config(pki);
             let attackers = std::thread::spawn(move || {
                 let mut stalled = StallReport::default();
@@ -328,7 +350,7 @@ async fn scenario(name: &str, pki: &Pki, dir: &std::path::Path) {
             let from = ip("127.0.1.1");
             let during = honest_visits(
                 pki,
-                &server,
+                server_ref,
                 [from, honest_own],
                 || attackers.is_finished(),
                 &mut rss_peak,
@@ -342,12 +364,12 @@ async fn scenario(name: &str, pki: &Pki, dir: &std::path::Path) {
         }
         "anon" => {
             let from = ip("127.0.0.3");
-            let addr = server.addr;
+            let addr = server_ref.addr;
             let n = env_u64("ANON_COUNT", 3000) as usize;
             let flood = tokio::spawn(anonymous_flood(anonymous_tls(pki), from, addr, n, 64));
             let during = honest_visits(
                 pki,
-                &server,
+                server_ref,
                 [from, honest_own],
                 || flood.is_finished(),
                 &mut rss_peak,
@@ -367,7 +389,7 @@ async fn scenario(name: &str, pki: &Pki, dir: &std::path::Path) {
             let tlss: Vec<_> = (0..n)
                 .map(|i| device_tls(pki, &format!("box-{i:06}")))
                 .collect();
-            let addr = server.addr;
+            let addr = server_ref.addr;
             let burst = tokio::spawn(async move {
                 let limit = Arc::new(tokio::sync::Semaphore::new(64));
                 let mut tasks = tokio::task::JoinSet::new();
@@ -391,7 +413,7 @@ async fn scenario(name: &str, pki: &Pki, dir: &std::path::Path) {
             });
             let during = honest_visits(
                 pki,
-                &server,
+                server_ref,
                 [from, honest_own],
                 || burst.is_finished(),
                 &mut rss_peak,
@@ -417,7 +439,7 @@ async fn scenario(name: &str, pki: &Pki, dir: &std::path::Path) {
     let t = Instant::now();
     let mut after = honest_visits(
         pki,
-        &server,
+        server_ref,
         ips,
         || t.elapsed() > Duration::from_secs(2),
         &mut rss_peak,
@@ -428,18 +450,37 @@ async fn scenario(name: &str, pki: &Pki, dir: &std::path::Path) {
     let rss_5s = server.rss_kib();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rss_10s = server.rss_kib();
-    let mut server = server;
     let rss_trimmed = server.rss_after_trim();
-    println!("== {name}: {attack} ({attack_secs:.1} s)");
-    println!("   honest during: {}", during.line());
-    println!("   honest right after: {}", after.line());
+    println!(
+        "== {name}{}: {attack} ({attack_secs:.1} s)",
+        if round > 1 {
+            format!(" (round {round}, same server)")
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "   honest during, from the attacker's address: {}",
+        during[0].line()
+    );
+    println!(
+        "   honest during, from its own address: {}",
+        during[1].line()
+    );
+    println!(
+        "   honest right after, from the attacker's address: {}",
+        after[0].line()
+    );
+    println!(
+        "   honest right after, from its own address: {}",
+        after[1].line()
+    );
     println!("   server at the end of the attack: {after_stats}");
     println!("   server 10 s later: {}", server.stats_line());
     println!(
         "   server VmRSS: idle {rss_idle} KiB, peak {rss_peak} KiB, right after {rss_right_after} KiB, \
          +5 s {rss_5s} KiB, +10 s {rss_10s} KiB, then after malloc_trim {rss_trimmed} KiB"
     );
-    server.stop();
 }
 
 fn main() {
