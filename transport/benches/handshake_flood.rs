@@ -18,10 +18,15 @@
 //!
 //! The server uses the default `TransportSettings`; `FLOOD_MAX_CONNECTIONS`,
 //! `FLOOD_MAX_PENDING_HANDSHAKES`, `FLOOD_MAX_PENDING_PER_SOURCE`, `FLOOD_RETRY_THRESHOLD` and
-//! `FLOOD_HANDSHAKE_TIMEOUT_MS` override the limits.
-//! `FLOOD_REPEAT=N` runs each attack N times against the same server process (memory that is
-//! kept and reused, not leaked, stays level from round to round). Bounded: every phase has a fixed length; the whole run takes about
-//! 90 s. Loopback only.
+//! `FLOOD_HANDSHAKE_TIMEOUT_MS` override the limits. `FLOOD_REPEAT=N` runs each attack N times
+//! against the same server process (memory kept for reuse, not leaked, stays level from round
+//! to round).
+//!
+//! Memory is read four ways: idle, peak, after the attack (+0, +5, +10 s), and after asking the
+//! server process to `malloc_trim` (what glibc keeps for reuse versus what is still in use).
+//!
+//! Bounded: every phase has a fixed length; all four scenarios take about 2 minutes on two
+//! cores. Loopback only.
 
 #[path = "../tests/support/mod.rs"]
 mod support;

@@ -119,6 +119,10 @@ impl TransportSettings {
         if self.max_pending_handshakes == 0 || self.max_pending_per_source == 0 {
             return bad("max_pending_handshakes and max_pending_per_source must be at least 1");
         }
+        // Each pending handshake holds TLS state; a full pool is scanned for a stalled one.
+        if self.max_pending_handshakes > 65_536 {
+            return bad("max_pending_handshakes must be at most 65536");
+        }
         if self.handshake_timeout_ms == 0 {
             return bad("handshake_timeout_ms must be at least 1");
         }
@@ -304,4 +308,56 @@ pub fn client_config(
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     config.transport_config(Arc::new(settings.transport()?));
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshake_limits_have_defaults_and_are_validated() {
+        let d = TransportSettings::default();
+        assert!(d.validate().is_ok());
+        assert_eq!(
+            (
+                d.max_pending_handshakes,
+                d.max_pending_per_source,
+                d.handshake_timeout_ms,
+                d.retry_threshold,
+                d.max_connections_per_source
+            ),
+            (256, 16, 5_000, 64, 0)
+        );
+        assert_eq!(d.handshake_timeout(), Duration::from_secs(5));
+        for bad in [
+            TransportSettings {
+                max_pending_handshakes: 0,
+                ..d.clone()
+            },
+            TransportSettings {
+                max_pending_per_source: 0,
+                ..d.clone()
+            },
+            TransportSettings {
+                handshake_timeout_ms: 0,
+                ..d.clone()
+            },
+            TransportSettings {
+                max_pending_handshakes: 100_000,
+                ..d.clone()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+        // Retry for everyone, and no pending handshake beyond one per source, are valid choices.
+        assert!(
+            TransportSettings {
+                retry_threshold: 0,
+                max_pending_per_source: 1,
+                ..d
+            }
+            .validate()
+            .is_ok()
+        );
+    }
 }

@@ -101,8 +101,8 @@ impl Server {
                 _ = &mut shutdown => break,
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
-                    if let Some(slot) = self.admit(incoming, &stop_rx) {
-                        conns.spawn(slot);
+                    if let Some(task) = self.admit(incoming, &stop_rx) {
+                        conns.spawn(task);
                     }
                 }
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
