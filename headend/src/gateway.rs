@@ -139,9 +139,18 @@ pub(crate) fn now_secs() -> u64 {
 }
 
 /// Whether an answer from a role is final (it will say the same again), as opposed to
-/// "unreachable, busy or broken: ask again later".
+/// "unreachable, busy, broken or misconfigured: ask again later". A refusal of the caller
+/// itself (`Forbidden`: a certificate or `callers` list to fix) or of its pace
+/// (`RateLimited`) is not final: nothing journaled for delivery is dropped on it.
 pub(crate) fn definite(answer: &Message) -> bool {
-    !matches!(answer, Message::Error(e) if matches!(e.code, ErrorCode::Busy | ErrorCode::Internal | ErrorCode::Timeout))
+    !matches!(answer, Message::Error(e) if matches!(
+        e.code,
+        ErrorCode::Busy
+            | ErrorCode::Internal
+            | ErrorCode::Timeout
+            | ErrorCode::Forbidden
+            | ErrorCode::RateLimited
+    ))
 }
 
 pub struct Gateway {
