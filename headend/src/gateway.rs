@@ -469,6 +469,10 @@ impl Gateway {
                     );
                 }
             }
+        } else {
+            // No debit command (refused, or the payment server unreachable): nothing holds
+            // a security card for this box.
+            self.open_draws.close(box_id, &txid);
         }
         answer
     }
