@@ -618,6 +618,11 @@ impl Drop for Split {
             }
             let _ = child.wait();
         }
+        if std::env::var_os("PURSELINK_KEEP_SPLIT").is_some() {
+            // For a look at the logs and journals afterwards.
+            let kept = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+            eprintln!("split head end kept in {}", kept.keep().display());
+        }
         if std::thread::panicking() {
             for r in R::ALL {
                 eprintln!(
