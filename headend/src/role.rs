@@ -259,8 +259,12 @@ impl RemoteRole {
         }
     }
 
-    async fn call_once(&self, msg: &Message) -> Result<Message, CallError> {
-        let deadline = self.settings.call_timeout();
+    /// One attempt, ending by `deadline` at the latest.
+    async fn call_once(
+        &self,
+        msg: &Message,
+        deadline: tokio::time::Instant,
+    ) -> Result<Message, CallError> {
         let mut generation = None;
         let attempt = async {
             let (g, client) = self.connection().await?;
@@ -271,9 +275,9 @@ impl RemoteRole {
                 .map_err(CallError::Call)?;
             Message::from_payload(&bytes).map_err(CallError::Malformed)
         };
-        let result = match tokio::time::timeout(deadline, attempt).await {
+        let result = match tokio::time::timeout_at(deadline, attempt).await {
             Ok(r) => r,
-            Err(_) => Err(CallError::Deadline(deadline)),
+            Err(_) => Err(CallError::Deadline(self.settings.call_timeout())),
         };
         if let (Err(_), Some(g)) = (&result, generation) {
             self.drop_connection(g).await;
@@ -281,11 +285,15 @@ impl RemoteRole {
         result
     }
 
+    /// The call and its one retry share one deadline: a call failed because another call's
+    /// deadline dropped the shared connection (the peer stopped answering) is not given a
+    /// fresh one, so no caller waits longer than `call_timeout_ms`.
     async fn call(&self, msg: &Message) -> Result<Message, CallError> {
-        match self.call_once(msg).await {
+        let deadline = tokio::time::Instant::now() + self.settings.call_timeout();
+        match self.call_once(msg, deadline).await {
             Err(e) if e.connection_lost() => {
                 tracing::info!(role = %self.name, addr = %self.addr, error = %e, "connection to role lost; reconnecting");
-                self.call_once(msg).await
+                self.call_once(msg, deadline).await
             }
             other => other,
         }
