@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use proto::messages::{ErrorCode, Message};
-use tokio::sync::Mutex;
 
 use crate::config::Callers;
 use crate::quic::{
@@ -186,8 +185,10 @@ pub struct RemoteRole {
     tls: ClientTls,
     settings: TransportSettings,
     /// The connection, with a generation number so a failure drops only the connection it
-    /// happened on.
-    client: Mutex<(u64, Option<QuicClient>)>,
+    /// happened on. Never held across an await: dropping a connection never waits.
+    client: std::sync::Mutex<(u64, Option<QuicClient>)>,
+    /// One connect at a time; callers wait for it within their own deadline.
+    connecting: tokio::sync::Mutex<()>,
 }
 
 /// Why a call to a remote role failed.
@@ -229,28 +230,42 @@ impl RemoteRole {
             server_name: server_name.into(),
             tls,
             settings,
-            client: Mutex::new((0, None)),
+            client: std::sync::Mutex::new((0, None)),
+            connecting: tokio::sync::Mutex::new(()),
         }
     }
 
+    /// The current connection, if it is still open.
+    fn current(&self) -> Option<(u64, QuicClient)> {
+        let slot = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        slot.1
+            .as_ref()
+            .filter(|c| c.connection().close_reason().is_none())
+            .map(|c| (slot.0, c.clone()))
+    }
+
     async fn connection(&self) -> Result<(u64, QuicClient), CallError> {
-        let mut slot = self.client.lock().await;
-        if let Some(c) = &slot.1 {
-            if c.connection().close_reason().is_none() {
-                return Ok((slot.0, c.clone()));
-            }
+        if let Some(c) = self.current() {
+            return Ok(c);
+        }
+        let _one = self.connecting.lock().await;
+        if let Some(c) = self.current() {
+            return Ok(c); // connected while we waited
         }
         let c = QuicClient::connect(&self.tls, &self.settings, self.addr, &self.server_name)
             .await
             .map_err(CallError::Connect)?;
+        let mut slot = self.client.lock().unwrap_or_else(|p| p.into_inner());
         slot.0 += 1;
         slot.1 = Some(c.clone());
         Ok((slot.0, c))
     }
 
-    /// Drops connection `generation` (if it is still the current one).
-    async fn drop_connection(&self, generation: u64) {
-        let mut slot = self.client.lock().await;
+    /// Drops connection `generation` (if it is still the current one). Never waits: a
+    /// connect in progress (holding `connecting` up to its caller's deadline) does not hold
+    /// up a caller whose deadline has passed.
+    fn drop_connection(&self, generation: u64) {
+        let mut slot = self.client.lock().unwrap_or_else(|p| p.into_inner());
         if slot.0 == generation {
             if let Some(c) = slot.1.take() {
                 c.connection()
@@ -280,7 +295,7 @@ impl RemoteRole {
             Err(_) => Err(CallError::Deadline(self.settings.call_timeout())),
         };
         if let (Err(_), Some(g)) = (&result, generation) {
-            self.drop_connection(g).await;
+            self.drop_connection(g);
         }
         result
     }
