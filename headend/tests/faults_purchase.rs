@@ -425,9 +425,9 @@ async fn cancel_reverses_only_on_a_verified_proof() {
 /// that asked is gone (SIGKILLed with the call in flight, the payment server SIGSTOPped so
 /// that the call is in flight). The payment server completed the sale; the gateway never
 /// journaled the confirmation; the box does not come back. Nothing at the head end delivers
-/// that confirmation to the merchant.
+/// that confirmation to the merchant — unless the gateway journals the debit response before
+/// it asks, and asks again after its restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "gap in edd9c24 (see the report): FIG. 4/5 debit responses are not journaled at the gateway before they go to the payment server, so a confirmation the gateway dies waiting for is released only when the box re-sends"]
 async fn fig4_confirmation_survives_the_gateway_dying_mid_call() {
     let mut split = Split::start(Options::default()).await;
     let mut b = split.purchase_box("box-000001", 0xB0B0_0009, 100_000).await;
