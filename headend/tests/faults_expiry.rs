@@ -227,3 +227,78 @@ async fn offers_loads_and_holds_expire_and_reversals_reach_the_merchant() {
         "the security cards count the late sale once, and nothing else"
     );
 }
+
+/// A load confirmation the gateway dies waiting for (the load server SIGSTOPped with the load
+/// response queued, the gateway SIGKILLed, the load server continued, the gateway restarted;
+/// the box never comes back) is not stranded: past the hold lifetime the gateway asks the
+/// load server (`LoadExpire`), gets the confirmation it sealed, and the bank captures the
+/// hold — the card holds the value, the account paid it, the issuer float has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_confirmation_the_gateway_died_waiting_for_is_settled_at_expiry() {
+    let mut split = Split::start(Options {
+        lifetimes: Some(Lifetimes {
+            gateway_offer_secs: 60,
+            gateway_hold_secs: 2,
+            merchant_offer_secs: 60,
+            funder_offer_secs: 60,
+        }),
+        ..Options::default()
+    })
+    .await;
+    let pin = split.pin.clone();
+    let mut b = split.load_box("box-000001", 0xCA4D_0009, 0, 200_000).await;
+    let opening = split.account(ACCOUNT);
+    let offer = b.offer(bank_source()).await;
+    let txid = offer.transaction_id.clone();
+    let init = b.init_load(&offer, 1_500).unwrap();
+    let req = Message::LoadRequest(b.load_request(&offer, init, 1_500, Some(&pin)));
+    let cmd = LoadBox::command(&ask(&b.client, &req, ANSWER).await.unwrap());
+    let resp = LoadBox::response_msg(&offer, Some(b.run_load(&cmd).unwrap()), None);
+    assert_eq!(b.balance(), 1_500, "the card took the load");
+    split.stop(R::Load);
+    let r = ask(&b.client, &resp, Duration::from_secs(1)).await;
+    assert!(r.is_err(), "no answer with the load server stopped: {r:?}");
+    split.kill(R::Gateway);
+    split.cont(R::Load);
+    let loaded = eventually(Duration::from_secs(15), || {
+        split
+            .load_rec(&txid)
+            .is_some_and(|r| r.state == headend::load::LoadState::Loaded)
+    })
+    .await;
+    assert!(
+        loaded,
+        "the load server sealed the confirmation it had queued"
+    );
+    split.spawn(R::Gateway).await;
+    // The box never comes back.
+    let captured = eventually(EXPIRY_WITHIN, || {
+        split
+            .hold(&txid)
+            .is_some_and(|h| h.state == HoldState::Captured)
+    })
+    .await;
+    assert!(
+        captured,
+        "hold {:?}, gateway record {:?}",
+        split.hold(&txid).map(|h| h.state),
+        split.gw_load(&txid)
+    );
+    let account = split.account(ACCOUNT);
+    assert_eq!(
+        (account.balance, account.held),
+        (opening.balance - 1_500, 0),
+        "the account paid the load once"
+    );
+    let float: headend::journal::Journal = split.journal(R::Bank);
+    let float = float
+        .get("float", &Currency::EUR.code.to_string())
+        .unwrap()
+        .map(|b| {
+            headend::journal::decode::<proto::money::Money>(&b)
+                .unwrap()
+                .minor
+        });
+    assert_eq!(float, Some(1_500), "the issuer float has it");
+    assert_eq!(b.balance(), 1_500);
+}
