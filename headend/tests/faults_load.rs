@@ -7,15 +7,15 @@
 //! the same transaction (a fresh INITIALIZE FOR LOAD for 900.00). Before the fix the gateway
 //! skipped the bank (a hold existed) and the load server authorised 900.00. Now: `Replay`
 //! at the gateway, nothing loaded, and the 1.00 hold is still released by the box's proof
-//! that the card never loaded. Then an outsider with a genuine role certificate of the
-//! operator CA (`headend pki issue-server`) calls the load server directly.
+//! that the card never loaded. Then others call the load server directly: an outsider with
+//! a certificate of the operator CA (`headend pki issue-server`), and a holder of the
+//! gateway's own certificate with forged, altered or mismatched holds.
 
 mod split_support;
 
 use std::time::{Duration, Instant};
 
 use headend::bank::HoldState;
-use headend::config::hex_key;
 use proto::messages::*;
 use proto::money::{Currency, Money};
 use split_support::load_support::{ACCOUNT, LoadBox, bank_source};
@@ -41,27 +41,42 @@ async fn a_load_hold_is_never_reused_for_another_amount() {
         assert_eq!(b.balance(), 0, "{outage:?}: nothing loaded");
     }
 
-    // An outsider holding a genuine role certificate calls the load server directly, for a
-    // transaction with a genuine offer and a genuine S1 of 50.00.
-    let outsider = split.outsider(R::Load, "outsider.purselink.test").await;
+    // Others call the load server directly, for a transaction with a genuine offer and a
+    // genuine S1 of 50.00.
     let offer = b.offer(bank_source()).await;
     let txid = offer.transaction_id.clone();
     let init = b.init_load(&offer, 5_000).unwrap();
     let card_id = init.card_id;
     let request = b.load_request(&offer, init, 5_000, None);
-    let a = ask(&outsider, &Message::LoadRequest(request.clone()), ANSWER)
+    // An outsider with a certificate of the operator CA (`headend pki issue-server`): not
+    // among the load server's callers.
+    let outsider = split.issue_server_cert("outsider.purselink.test");
+    match split.client_with(R::Load, &outsider).await {
+        Err(e) => eprintln!("outsider's handshake with the load server refused: {e}"),
+        Ok(c) => {
+            let a = ask(&c, &Message::LoadRequest(request.clone()), ANSWER).await;
+            eprintln!("outsider's load request: {a:?}");
+            assert!(
+                matches!(&a, Err(_) | Ok(Message::Error(_))),
+                "an outsider's load request is refused: {a:?}"
+            );
+        }
+    }
+    // Even with the gateway's own certificate (the load server's one caller, stolen): no
+    // load without the funder's hold, and no hold but the funder's, for its amount.
+    let stolen = split
+        .client_with(R::Load, &split.role_cert(R::Gateway))
+        .await
+        .expect("the gateway's certificate is a caller of the load server");
+    let a = ask(&stolen, &Message::LoadRequest(request.clone()), ANSWER)
         .await
         .unwrap();
     assert_eq!(
         code(&a),
         Some(ErrorCode::Forbidden),
-        "a load request straight to the load server: {a:?}"
+        "a load request without the funder's hold: {a:?}"
     );
-    let shared = hex_key(
-        "confirmation_key",
-        &split.cfg[&R::Bank].bank.as_ref().unwrap().confirmation_key,
-    )
-    .unwrap();
+    let shared = split.key("confirmation.key");
     let eur = |minor| Money::new(minor, Currency::EUR);
     let genuine_1 = headend::bank::hold_placed(&shared, &txid, eur(100), card_id);
     let holds = [
@@ -85,7 +100,7 @@ async fn a_load_hold_is_never_reused_for_another_amount() {
     ];
     for (what, hold) in holds {
         let a = ask(
-            &outsider,
+            &stolen,
             &Message::RoutedLoadRequest {
                 request: request.clone(),
                 hold,

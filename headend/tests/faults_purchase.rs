@@ -237,21 +237,30 @@ async fn fig6_fig7_bad_then_genuine_debit_response() {
         ..Options::default()
     })
     .await;
-    let mut b = split
-        .purchase_box("box-000001", 0xB0B0_0006, 1_000_000)
-        .await;
+    // A box per few rounds: the gateway limits each box's offer requests (a burst of 10).
+    let mut boxes = Vec::new();
+    for n in 0..(ROUNDS + STOPPED_ROUNDS).div_ceil(4) {
+        let id = format!("box-0060{n:02}");
+        boxes.push(
+            split
+                .purchase_box(&id, 0xB0B0_6000 + n as u64, 100_000)
+                .await,
+        );
+    }
     let started = Instant::now();
     let mut rounds = Vec::new(); // (fig, offer, genuine, bad)
-    for _ in 0..ROUNDS {
+    for round in 0..ROUNDS {
+        let b = &mut boxes[round / 4];
         for (fig, merchant, item) in [(6, "CABLE", "ppv-1001"), (7, "M-WEBSHOP", "ebook-1")] {
-            let (o, g, bad) = bad_then_genuine(&mut b, merchant, item).await;
+            let (o, g, bad) = bad_then_genuine(b, merchant, item).await;
             rounds.push((fig, o, g, bad));
         }
     }
     // The payment server SIGSTOPped while the two responses arrive, then continued.
-    for _ in 0..STOPPED_ROUNDS {
+    for round in ROUNDS..ROUNDS + STOPPED_ROUNDS {
+        let b = &mut boxes[round / 4];
         for (fig, merchant, item) in [(6, "CABLE", "ppv-1001"), (7, "M-WEBSHOP", "ebook-1")] {
-            let (offer, genuine) = debited(&mut b, merchant, item).await;
+            let (offer, genuine) = debited(b, merchant, item).await;
             let bad = with_bad_signature(&offer, &genuine);
             split.stop(R::Payment);
             let txid = &offer.transaction_id;

@@ -5,8 +5,9 @@
 //! in-process purse cards) speaking the wire protocol to the gateway; outcomes are read from
 //! each role's SQLite journal file, never from in-process handles.
 //!
-//! - [`role_configs`] is the one place the split deployment is described (a later change
-//!   gives each role its own certificate and peer allow-list: change it there);
+//! - the deployment is `init_demo`'s split one (`split/<role>.toml`: each role its own
+//!   certificate, keys and callers); [`role_configs`] is the one place a test's variations
+//!   are applied to it (embodiments, lifetimes, transport);
 //! - [`Split`] owns the processes: readiness is the role's own `READY=1` on a per-role
 //!   `NOTIFY_SOCKET` (sd_notify), and dropping it kills every child, stopped or not;
 //! - one deployment at a time per test binary ([`Split::start`] holds a lock), so the timing
@@ -22,9 +23,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use headend::assembly::{self, DemoOptions};
+use headend::assembly::{self, DemoOptions, SplitAddrs};
 use headend::bank::{Account, Hold};
-use headend::config::{HeadendConfig, hex_key};
+use headend::config::{HeadendConfig, read_key_file};
 use headend::gateway::GwTxn;
 use headend::gateway_load::GwLoad;
 use headend::journal::{self, Journal};
@@ -35,8 +36,11 @@ use headend::quic::{ClientTls, QuicClient, TlsIdentity, TransportSettings, load_
 use headend::role::to_payload;
 use headend::sim_box::{self, SimBox};
 use load_support::LoadBox;
+use proto::card::PurseCard;
+use proto::crypto::DesKey;
 use proto::messages::*;
 use proto::money::Currency;
+use proto::purse::IssuerKeys;
 use proto::security_card::SecurityCard;
 
 /// A head-end role: its subcommand, its `[endpoints]` name and its journal's file stem.
@@ -108,134 +112,88 @@ impl Default for Options {
     }
 }
 
-/// Every role's configuration file, made from the demo deployment's single file: each role
-/// gets the common `[tls]` (and `[transport]`), its own section with its own `listen`
-/// address, its own state directory, and the records it serves; the gateway gets
-/// `[endpoints.NAME]` for each of the others. The one function to change when roles get
-/// their own certificates and peer allow-lists.
-pub fn role_configs(
-    demo: &toml::Table,
-    addrs: &BTreeMap<R, SocketAddr>,
-    opts: &Options,
-) -> BTreeMap<R, toml::Table> {
+/// Every role's configuration, from the demo's split deployment (`init_demo` with
+/// [`DemoOptions::split`]: `split/<role>.toml`, each naming only its role's sections,
+/// certificate, keys and callers) with this test's variations: the embodiment and FIG. 8
+/// layer per merchant (the gateway, payment server and merchant must agree), the payment
+/// server's deadline, short lifetimes, `[transport]` keys. The one function to change when
+/// the deployment's shape changes.
+pub fn role_configs(demo: &BTreeMap<R, toml::Table>, opts: &Options) -> BTreeMap<R, toml::Table> {
     use toml::Value;
-    let section = |name: &str| -> toml::Table {
-        demo.get(name)
-            .and_then(Value::as_table)
-            .cloned()
-            .unwrap_or_default()
+    let set = |t: &mut toml::Table, section: &str, key: &str, v: Value| {
+        t.get_mut(section)
+            .and_then(Value::as_table_mut)
+            .unwrap_or_else(|| panic!("the demo config has [{section}]"))
+            .insert(key.into(), v);
     };
-    let listen = |r: R| Value::String(addrs[&r].to_string());
-    let mut common = toml::Table::new();
-    common.insert("tls".into(), Value::Table(section("tls")));
-    if !opts.transport.is_empty() {
-        let t: toml::Table = opts
-            .transport
-            .iter()
-            .map(|(k, v)| ((*k).to_string(), Value::Integer(*v)))
-            .collect();
-        common.insert("transport".into(), Value::Table(t));
-    }
-    let merchants: Vec<Value> = demo["merchants"]
-        .as_array()
-        .expect("the demo has merchants")
-        .iter()
-        .map(|m| {
-            let mut m = m.as_table().expect("a merchant is a table").clone();
-            let embodiment = match m["id"].as_str() {
-                Some("CABLE") => opts.cable,
-                _ => opts.webshop,
-            };
-            m.insert("embodiment".into(), Value::String(embodiment.into()));
-            m.insert("message_layer".into(), Value::Boolean(opts.message_layer));
-            Value::Table(m)
-        })
-        .collect();
-    let lifetime = |t: &mut toml::Table, key: &str, secs: Option<u64>| {
-        if let Some(s) = secs {
-            t.insert(key.into(), Value::Integer(s as i64));
-        }
-    };
-    let lt = opts.lifetimes;
+    let secs = |s: u64| Value::Integer(s as i64);
     let mut out = BTreeMap::new();
-    for r in R::ALL {
-        let mut t = common.clone();
-        t.insert(
-            "state_dir".into(),
-            Value::String(format!("state/{}", r.name())),
-        );
+    for (r, demo) in demo {
+        let mut t = demo.clone();
+        if !opts.transport.is_empty() {
+            let transport: toml::Table = opts
+                .transport
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), Value::Integer(*v)))
+                .collect();
+            t.insert("transport".into(), Value::Table(transport));
+        }
+        if let Some(Value::Array(merchants)) = t.get_mut("merchants") {
+            for m in merchants.iter_mut().filter_map(Value::as_table_mut) {
+                let embodiment = match m.get("id").and_then(Value::as_str) {
+                    Some("CABLE") => opts.cable,
+                    _ => opts.webshop,
+                };
+                m.insert("embodiment".into(), Value::String(embodiment.into()));
+                m.insert("message_layer".into(), Value::Boolean(opts.message_layer));
+            }
+        }
+        let lt = opts.lifetimes;
         match r {
             R::Gateway => {
-                let mut g = section("gateway");
-                g.insert("listen".into(), listen(r));
-                lifetime(
-                    &mut g,
-                    "offer_lifetime_secs",
-                    lt.map(|l| l.gateway_offer_secs),
-                );
-                lifetime(
-                    &mut g,
-                    "hold_lifetime_secs",
-                    lt.map(|l| l.gateway_hold_secs),
-                );
-                t.insert("gateway".into(), Value::Table(g));
-                t.insert("merchants".into(), Value::Array(merchants.clone()));
-                let endpoints: toml::Table = R::BACKENDS
-                    .iter()
-                    .map(|peer| {
-                        let mut e = toml::Table::new();
-                        e.insert("addr".into(), listen(*peer));
-                        e.insert("server_name".into(), Value::String("localhost".into()));
-                        (peer.name().to_string(), Value::Table(e))
-                    })
-                    .collect();
-                t.insert("endpoints".into(), Value::Table(endpoints));
+                if let Some(l) = lt {
+                    set(
+                        &mut t,
+                        "gateway",
+                        "offer_lifetime_secs",
+                        secs(l.gateway_offer_secs),
+                    );
+                    set(
+                        &mut t,
+                        "gateway",
+                        "hold_lifetime_secs",
+                        secs(l.gateway_hold_secs),
+                    );
+                }
             }
-            R::Payment => {
-                let mut p = section("payment");
-                p.insert("listen".into(), listen(r));
-                p.insert(
-                    "transaction_timeout_secs".into(),
-                    Value::Integer(opts.transaction_timeout_secs as i64),
-                );
-                t.insert("payment".into(), Value::Table(p));
-                t.insert("merchants".into(), Value::Array(merchants.clone()));
-            }
+            R::Payment => set(
+                &mut t,
+                "payment",
+                "transaction_timeout_secs",
+                secs(opts.transaction_timeout_secs),
+            ),
             R::Merchant => {
-                let mut m = section("merchant");
-                m.insert("listen".into(), listen(r));
-                lifetime(
-                    &mut m,
-                    "offer_lifetime_secs",
-                    lt.map(|l| l.merchant_offer_secs),
-                );
-                t.insert("merchant".into(), Value::Table(m));
-                t.insert("merchants".into(), Value::Array(merchants.clone()));
+                if let Some(l) = lt {
+                    set(
+                        &mut t,
+                        "merchant",
+                        "offer_lifetime_secs",
+                        secs(l.merchant_offer_secs),
+                    );
+                }
             }
-            R::Bank => {
-                let mut b = section("bank");
-                b.insert("listen".into(), listen(r));
-                lifetime(
-                    &mut b,
-                    "offer_lifetime_secs",
-                    lt.map(|l| l.funder_offer_secs),
-                );
-                t.insert("bank".into(), Value::Table(b));
-                t.insert("bank_accounts".into(), demo["bank_accounts"].clone());
-            }
-            R::Load => {
-                let mut l = section("load");
-                l.insert("listen".into(), listen(r));
-                lifetime(
-                    &mut l,
-                    "offer_lifetime_secs",
-                    lt.map(|l| l.funder_offer_secs),
-                );
-                t.insert("load".into(), Value::Table(l));
-                t.insert("vouchers".into(), demo["vouchers"].clone());
+            R::Bank | R::Load => {
+                if let Some(l) = lt {
+                    set(
+                        &mut t,
+                        r.name(),
+                        "offer_lifetime_secs",
+                        secs(l.funder_offer_secs),
+                    );
+                }
             }
         }
-        out.insert(r, t);
+        out.insert(*r, t);
     }
     out
 }
@@ -255,6 +213,8 @@ pub struct Split {
     pub addr: BTreeMap<R, SocketAddr>,
     pub config: BTreeMap<R, PathBuf>,
     pub cfg: BTreeMap<R, HeadendConfig>,
+    /// The issuer's personalisation keys (for making cards; no role reads them).
+    pub issuer: IssuerKeys,
     procs: BTreeMap<R, Child>,
     notify: BTreeMap<R, tokio::net::UnixDatagram>,
     _serial: tokio::sync::MutexGuard<'static, ()>,
@@ -301,6 +261,12 @@ impl Split {
                 embodiment: opts.cable.into(),
                 message_layer: opts.message_layer,
                 transaction_timeout_secs: opts.transaction_timeout_secs,
+                split: Some(SplitAddrs {
+                    payment: addr[&R::Payment],
+                    merchant: addr[&R::Merchant],
+                    bank: addr[&R::Bank],
+                    load: addr[&R::Load],
+                }),
             },
         )
         .unwrap();
@@ -308,17 +274,26 @@ impl Split {
             .unwrap()
             .trim()
             .to_string();
-        let demo: toml::Table = std::fs::read_to_string(&files.config)
-            .unwrap()
-            .parse()
-            .unwrap();
-        let mut config = BTreeMap::new();
+        let issuer = headend::config::load_issuer_keys(&files.issuer_keys).unwrap();
+        let split = files.split.expect("split configs");
+        let config: BTreeMap<R, PathBuf> = [
+            (R::Gateway, split.gateway),
+            (R::Payment, split.payment),
+            (R::Merchant, split.merchant),
+            (R::Bank, split.bank),
+            (R::Load, split.load),
+        ]
+        .into_iter()
+        .collect();
+        let demo: BTreeMap<R, toml::Table> = config
+            .iter()
+            .map(|(r, p)| (*r, std::fs::read_to_string(p).unwrap().parse().unwrap()))
+            .collect();
         let mut cfg = BTreeMap::new();
-        for (r, table) in role_configs(&demo, &addr, &opts) {
-            let path = dir.path().join(format!("{}.toml", r.name()));
-            std::fs::write(&path, toml::to_string(&table).unwrap()).unwrap();
-            cfg.insert(r, HeadendConfig::load(&path).unwrap());
-            config.insert(r, path);
+        for (r, table) in role_configs(&demo, &opts) {
+            // In place: the files' relative paths stay right.
+            std::fs::write(&config[&r], toml::to_string(&table).unwrap()).unwrap();
+            cfg.insert(r, HeadendConfig::load(&config[&r]).unwrap());
         }
         std::fs::create_dir_all(dir.path().join("logs")).unwrap();
         let mut notify = BTreeMap::new();
@@ -333,6 +308,7 @@ impl Split {
             addr,
             config,
             cfg,
+            issuer,
             procs: BTreeMap::new(),
             notify,
             _serial: serial,
@@ -533,13 +509,17 @@ impl Split {
 
     // ---- boxes ----
 
+    /// A purse card personalised under the deployment's issuer keys (EUR).
+    pub fn card(&self, card_id: u64, balance: u64, max_balance: u64) -> PurseCard {
+        sim_box::new_card(&self.issuer, card_id, balance, max_balance)
+    }
+
     /// A box with a fresh device certificate, connected to the gateway, with its own card.
     pub async fn purchase_box(&self, box_id: &str, card_id: u64, balance: u64) -> SimBox {
-        let issuer = self.cfg[&R::Payment].issuer_keys().unwrap();
         SimBox {
             id: box_id.into(),
             client: self.connect_box(box_id).await,
-            card: sim_box::new_card(&issuer, card_id, balance, 1_000_000),
+            card: self.card(card_id, balance, 1_000_000),
         }
     }
 
@@ -554,31 +534,32 @@ impl Split {
         .unwrap()
     }
 
-    /// The load-side box (`load_support`) with the box's provisioned PIN key.
+    /// A key file of the deployment (`keys/<name>`), e.g. `confirmation.key`.
+    pub fn key(&self, name: &str) -> DesKey {
+        read_key_file(name, &self.dir.path().join("keys").join(name)).unwrap()
+    }
+
+    /// The load-side box (`load_support`) with the box's PIN key from its provisioning file
+    /// (`pin-keys/<box id>.key`) or derived as provisioning does.
     pub async fn load_box(&self, box_id: &str, card_id: u64, balance: u64, max: u64) -> LoadBox {
-        let master = hex_key(
-            "pin_master",
-            &self.cfg[&R::Bank].bank.as_ref().unwrap().pin_master,
-        )
-        .unwrap();
+        let file = self.dir.path().join(format!("pin-keys/{box_id}.key"));
+        let pin_key = if file.exists() {
+            read_key_file("pin key", &file).unwrap()
+        } else {
+            headend::bank::box_pin_key(&self.key("pin-master.key"), box_id)
+        };
         LoadBox {
             id: box_id.into(),
             client: self.connect_box(box_id).await,
-            card: load_support::new_card(
-                &self.cfg[&R::Payment],
-                card_id,
-                balance,
-                max,
-                Currency::EUR,
-            ),
-            pin_key: headend::bank::box_pin_key(&master, box_id),
+            card: self.card(card_id, balance, max),
+            pin_key,
             start_balance: balance,
         }
     }
 
-    /// A QUIC client to role `r` with a server certificate issued by `headend pki
-    /// issue-server` (an outsider holding a genuine role certificate of the operator CA).
-    pub async fn outsider(&self, r: R, name: &str) -> QuicClient {
+    /// A certificate of the operator CA issued by `headend pki issue-server` for `name`:
+    /// (cert, key) paths.
+    pub fn issue_server_cert(&self, name: &str) -> (PathBuf, PathBuf) {
         let out = self.dir.path().join("outsider");
         let status = Command::new(env!("CARGO_BIN_EXE_headend"))
             .args(["pki", "issue-server", "--ca"])
@@ -589,20 +570,37 @@ impl Split {
             .status()
             .unwrap();
         assert!(status.success(), "headend pki issue-server");
-        let identity = TlsIdentity::from_pem_files(
-            &out.join(format!("{name}.crt.pem")),
-            &out.join(format!("{name}.key.pem")),
+        (
+            out.join(format!("{name}.crt.pem")),
+            out.join(format!("{name}.key.pem")),
         )
-        .unwrap();
+    }
+
+    /// The certificate and key a role runs with (`certs/<role>.crt.pem`, `.key.pem`).
+    pub fn role_cert(&self, r: R) -> (PathBuf, PathBuf) {
+        let certs = self.dir.path().join("certs");
+        (
+            certs.join(format!("{}.crt.pem", r.name())),
+            certs.join(format!("{}.key.pem", r.name())),
+        )
+    }
+
+    /// A QUIC client to role `r` presenting `cert` (an outsider, or a stolen role
+    /// certificate); the connection error if the handshake is refused.
+    pub async fn client_with(
+        &self,
+        r: R,
+        (cert, key): &(PathBuf, PathBuf),
+    ) -> Result<QuicClient, String> {
+        let identity = TlsIdentity::from_pem_files(cert, key).map_err(|e| e.to_string())?;
         let tls = ClientTls::new(load_certs(&self.ca.join("ca.crt.pem")).unwrap(), identity);
-        QuicClient::connect(
-            &tls,
-            &TransportSettings::default(),
-            self.addr[&r],
-            "localhost",
-        )
-        .await
-        .unwrap()
+        let settings = TransportSettings::default();
+        let server_name = format!("{}.purselink.test", r.name());
+        let connect = QuicClient::connect(&tls, &settings, self.addr[&r], &server_name);
+        match tokio::time::timeout(Duration::from_secs(10), connect).await {
+            Err(_) => Err("no handshake within 10 s".into()),
+            Ok(r) => r.map_err(|e| e.to_string()),
+        }
     }
 }
 
