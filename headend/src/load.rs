@@ -144,6 +144,7 @@ fn hsm_code(e: &HsmError) -> ErrorCode {
         HsmError::DuplicateTransaction(_) => ErrorCode::Replay,
         HsmError::WrongState(_) => ErrorCode::Replay,
         HsmError::NoKey => ErrorCode::Internal,
+        HsmError::StaleProof => ErrorCode::ProofRejected,
     }
 }
 

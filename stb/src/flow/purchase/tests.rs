@@ -152,16 +152,7 @@ fn command_msg(c: DebitCommand, tsk: Option<&DesKey>) -> Message {
     let mut rng = StdRng::seed_from_u64(9);
     Message::DebitCommand(DebitCommandMsg {
         transaction_id: "tx-1".into(),
-        body: Protected::new(
-            DebitCommandBody {
-                command: c,
-                expected_card_signature: None,
-                sealed_expected_signature: None,
-                presealed_result_m: None,
-            },
-            tsk,
-            &mut rng,
-        ),
+        body: Protected::new(DebitCommandBody { command: c }, tsk, &mut rng),
     })
 }
 
