@@ -501,7 +501,7 @@ fn pty_name(master: &OwnedFd) -> io::Result<String> {
 /// Sleeps until `t`, the last stretch spinning (thread sleeps overshoot by tens of µs, a
 /// noticeable part of an etu at high speeds).
 fn sleep_until(t: Instant) {
-    let spin = Duration::from_micros(200);
+    let spin = Duration::from_micros(100);
     let now = Instant::now();
     if t > now + spin {
         std::thread::sleep(t - now - spin);
