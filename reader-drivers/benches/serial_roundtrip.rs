@@ -48,7 +48,10 @@ fn main() {
         .build()
         .expect("tokio runtime");
     rt.block_on(async {
-        for (pps, label) in [(PpsPolicy::Off, "no PPS"), (PpsPolicy::Negotiate, "PPS to TA1 18")] {
+        for (pps, label) in [
+            (PpsPolicy::Off, "no PPS"),
+            (PpsPolicy::Negotiate, "PPS to TA1 18"),
+        ] {
             let dir = tempfile::tempdir().expect("temp dir");
             let mut emu = PhoenixEmulator::start(Box::new(BenchCard), PhoenixConfig::default())
                 .expect("emulator on a pty");

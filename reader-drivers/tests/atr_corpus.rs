@@ -19,8 +19,7 @@ use reader_drivers::serial::atr::{self, Atr, AtrError, AtrWarning, Convention, T
 
 fn corpus_path() -> PathBuf {
     // reader-drivers/ → the workspace root → ../shared/field beside it.
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/field/atr-corpus.tsv")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/field/atr-corpus.tsv")
 }
 
 fn hex(s: &str) -> Vec<u8> {
@@ -112,10 +111,7 @@ fn every_field_atr_with_a_usable_protocol_is_read_correctly() {
                 for (name, got) in fields(&atr) {
                     let want = row[col(name)];
                     if got != want {
-                        mismatches.push(format!(
-                            "{}: {name} is {got}, corpus says {want}",
-                            row[0]
-                        ));
+                        mismatches.push(format!("{}: {name} is {got}, corpus says {want}", row[0]));
                     }
                 }
                 // The faults the tags name are reported as warnings.

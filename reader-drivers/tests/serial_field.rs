@@ -8,7 +8,9 @@
 use std::time::Duration;
 
 use proto::apdu::{CardApplication, Command};
-use reader_drivers::emulator::phoenix::{Fault, LineEvent, PhoenixConfig, PhoenixEmulator, T1Fault};
+use reader_drivers::emulator::phoenix::{
+    Fault, LineEvent, PhoenixConfig, PhoenixEmulator, T1Fault,
+};
 use reader_drivers::serial::{LineConfig, ModemLines, Profile, SerialConfig, SerialDriver};
 use reader_drivers::{CardPresence, ReaderDriver, ReaderError, transmit_whole};
 
@@ -116,17 +118,27 @@ async fn real_driver_opens_the_pty_once_and_resets_through_the_line_socket() {
     bounded(async {
         // Old code: SerialDriver::new cloned the tokio-serial stream, which tokio-serial always
         // refuses, so connect failed with "Cannot clone Tokio handles" before any ioctl.
-        let r = rig(hex("3B 6E 00 00 80 31 80 66 B0 84 0C 01 6E 01 83 00 90 00"), LineConfig::PHOENIX, |_| {});
+        let r = rig(
+            hex("3B 6E 00 00 80 31 80 66 B0 84 0C 01 6E 01 83 00 90 00"),
+            LineConfig::PHOENIX,
+            |_| {},
+        );
         let (mut s, atr) = r.driver.connect("serial0").await.unwrap();
         assert_eq!(atr[0], 0x3B);
-        assert_eq!(transmit_whole(s.as_mut(), &SELECT).await.unwrap(), [0x90, 0x00]);
+        assert_eq!(
+            transmit_whole(s.as_mut(), &SELECT).await.unwrap(),
+            [0x90, 0x00]
+        );
         s.power_down().await.unwrap();
         drop(s);
         // The port stays open between sessions: card detect and a second session work.
         let readers = r.driver.list().await.unwrap();
         assert!(matches!(&readers[0].card, CardPresence::Present { atr } if atr[0] == 0x3B));
         let (mut s, _) = r.driver.connect("serial0").await.unwrap();
-        assert_eq!(transmit_whole(s.as_mut(), &SELECT).await.unwrap(), [0x90, 0x00]);
+        assert_eq!(
+            transmit_whole(s.as_mut(), &SELECT).await.unwrap(),
+            [0x90, 0x00]
+        );
         assert!(r.emu.stats().resets >= 2);
     })
     .await
@@ -140,7 +152,10 @@ async fn smartmouse_holds_reset_while_rts_is_low() {
         let r = rig(hex("3B 02 14 50"), LineConfig::SMARTMOUSE, |_| {});
         let (mut s, atr) = r.driver.connect("serial0").await.unwrap();
         assert_eq!(atr, hex("3B 02 14 50"));
-        assert_eq!(transmit_whole(s.as_mut(), &SELECT).await.unwrap(), [0x90, 0x00]);
+        assert_eq!(
+            transmit_whole(s.as_mut(), &SELECT).await.unwrap(),
+            [0x90, 0x00]
+        );
         let stats = r.emu.stats();
         assert!(stats.atrs >= 2, "the early ATR and ours: {stats:?}");
         // With Phoenix polarity on the same reader the card stays in reset: no ATR.
@@ -162,7 +177,10 @@ async fn a_stray_byte_after_a_t0_atr_is_not_taken_for_an_echo() {
         let r = rig(hex("3B 02 14 50 99"), LineConfig::PHOENIX, |_| {});
         let (mut s, atr) = r.driver.connect("serial0").await.unwrap();
         assert_eq!(atr, hex("3B 02 14 50"), "the ATR without the stray byte");
-        assert_eq!(transmit_whole(s.as_mut(), &SELECT).await.unwrap(), [0x90, 0x00]);
+        assert_eq!(
+            transmit_whole(s.as_mut(), &SELECT).await.unwrap(),
+            [0x90, 0x00]
+        );
     })
     .await
 }
@@ -176,7 +194,10 @@ async fn a_t1_atr_with_a_bad_tck_and_no_tck_are_accepted() {
             let r = rig(atr.clone(), LineConfig::PHOENIX, |_| {});
             let (mut s, got) = r.driver.connect("serial0").await.unwrap();
             assert_eq!(got, atr);
-            assert_eq!(transmit_whole(s.as_mut(), &SELECT).await.unwrap(), [0x90, 0x00]);
+            assert_eq!(
+                transmit_whole(s.as_mut(), &SELECT).await.unwrap(),
+                [0x90, 0x00]
+            );
         }
     })
     .await
@@ -212,7 +233,10 @@ async fn t1_only_card_chains_both_ways() {
         assert!(t1.host_max_inf <= 32, "within IFSC 32: {t1:?}");
         assert!(t1.card_chained >= 8, "card chained its answer: {t1:?}");
         // Sequence numbers carry over.
-        assert_eq!(transmit_whole(s.as_mut(), &SELECT).await.unwrap(), [0x90, 0x00]);
+        assert_eq!(
+            transmit_whole(s.as_mut(), &SELECT).await.unwrap(),
+            [0x90, 0x00]
+        );
     })
     .await
 }
@@ -224,7 +248,10 @@ async fn t1_ifs_change_from_the_card() {
         let (mut s, _) = r.driver.connect("serial0").await.unwrap();
         assert_eq!(r.emu.stats().t1.ifsd, 254, "our IFSD 254 taken");
         r.emu.push_t1_fault(T1Fault::IfsRequest(16));
-        assert_eq!(transmit_whole(s.as_mut(), &SELECT).await.unwrap(), [0x90, 0x00]);
+        assert_eq!(
+            transmit_whole(s.as_mut(), &SELECT).await.unwrap(),
+            [0x90, 0x00]
+        );
         let before = r.emu.stats().t1;
         let resp = transmit_whole(s.as_mut(), &long_command()).await.unwrap();
         check_long_response(&resp);
@@ -251,8 +278,15 @@ async fn t1_wtx_extends_the_wait() {
             multiplier: 10,
             delay: Duration::from_millis(600),
         });
-        assert_eq!(transmit_whole(s.as_mut(), &SELECT).await.unwrap(), [0x90, 0x00]);
-        assert_eq!(r.emu.stats().t1.r_received, 0, "no R-block: the wait was extended");
+        assert_eq!(
+            transmit_whole(s.as_mut(), &SELECT).await.unwrap(),
+            [0x90, 0x00]
+        );
+        assert_eq!(
+            r.emu.stats().t1.r_received,
+            0,
+            "no R-block: the wait was extended"
+        );
     })
     .await
 }
@@ -263,7 +297,9 @@ async fn t1_corrupted_block_is_recovered_by_r_block() {
         let r = rig(t1_atr(), LineConfig::PHOENIX, |_| {});
         let (mut s, _) = r.driver.connect("serial0").await.unwrap();
         r.emu.push_t1_fault(T1Fault::CorruptNext);
-        let resp = transmit_whole(s.as_mut(), &[0x00, 0xB0, 0, 0, 16]).await.unwrap();
+        let resp = transmit_whole(s.as_mut(), &[0x00, 0xB0, 0, 0, 16])
+            .await
+            .unwrap();
         assert_eq!(resp[..16], READ_DATA);
         let t1 = r.emu.stats().t1;
         assert_eq!(t1.r_error_received, 1, "{t1:?}");
@@ -278,7 +314,9 @@ async fn t1_card_that_stops_mid_block() {
         let r = rig(t1_atr(), LineConfig::PHOENIX, |_| {});
         let (mut s, _) = r.driver.connect("serial0").await.unwrap();
         r.emu.push_t1_fault(T1Fault::TruncateNext);
-        let resp = transmit_whole(s.as_mut(), &[0x00, 0xB0, 0, 0, 16]).await.unwrap();
+        let resp = transmit_whole(s.as_mut(), &[0x00, 0xB0, 0, 0, 16])
+            .await
+            .unwrap();
         assert_eq!(resp[..16], READ_DATA);
         let t1 = r.emu.stats().t1;
         assert_eq!(t1.r_received, 1, "{t1:?}");
@@ -293,13 +331,18 @@ async fn t1_resynch_after_repeated_bad_blocks() {
         let r = rig(t1_atr(), LineConfig::PHOENIX, |_| {});
         let (mut s, _) = r.driver.connect("serial0").await.unwrap();
         r.emu.push_t1_fault(T1Fault::Garble(4));
-        let resp = transmit_whole(s.as_mut(), &[0x00, 0xB0, 0, 0, 16]).await.unwrap();
+        let resp = transmit_whole(s.as_mut(), &[0x00, 0xB0, 0, 0, 16])
+            .await
+            .unwrap();
         assert_eq!(resp[..16], READ_DATA);
         let t1 = r.emu.stats().t1;
         assert_eq!(t1.resynchs, 1, "{t1:?}");
         assert_eq!(t1.r_error_received, 3, "{t1:?}");
         // And the session goes on.
-        assert_eq!(transmit_whole(s.as_mut(), &SELECT).await.unwrap(), [0x90, 0x00]);
+        assert_eq!(
+            transmit_whole(s.as_mut(), &SELECT).await.unwrap(),
+            [0x90, 0x00]
+        );
     })
     .await
 }
@@ -315,16 +358,30 @@ async fn nds_specific_mode_runs_at_153600_baud() {
         let r = rig(hex("3B 90 15 10 80"), LineConfig::PHOENIX, |_| {});
         let (mut s, _) = r.driver.connect("serial0").await.unwrap();
         assert_eq!(r.emu.stats().baud, 153_600);
-        assert_eq!(r.emu.line_settings().unwrap().baud, 153_600, "termios2 BOTHER");
-        assert_eq!(transmit_whole(s.as_mut(), &SELECT).await.unwrap(), [0x90, 0x00]);
-        let resp = transmit_whole(s.as_mut(), &[0x00, 0xB0, 0, 0, 16]).await.unwrap();
+        assert_eq!(
+            r.emu.line_settings().unwrap().baud,
+            153_600,
+            "termios2 BOTHER"
+        );
+        assert_eq!(
+            transmit_whole(s.as_mut(), &SELECT).await.unwrap(),
+            [0x90, 0x00]
+        );
+        let resp = transmit_whole(s.as_mut(), &[0x00, 0xB0, 0, 0, 16])
+            .await
+            .unwrap();
         assert_eq!(resp[..16], READ_DATA);
         drop(s);
         // Above max_baud: refused, clearly, not run at a mismatched speed.
-        let r = rig(hex("3B 90 15 10 80"), LineConfig::PHOENIX, |c| c.max_baud = 115_200);
+        let r = rig(hex("3B 90 15 10 80"), LineConfig::PHOENIX, |c| {
+            c.max_baud = 115_200
+        });
         let err = r.driver.connect("serial0").await.err().unwrap();
         let text = err.to_string();
-        assert!(text.contains("153600") && text.contains("max_baud"), "{text}");
+        assert!(
+            text.contains("153600") && text.contains("max_baud"),
+            "{text}"
+        );
     })
     .await
 }
@@ -336,7 +393,10 @@ async fn t0_nulls_beyond_a_hundred_only_restart_the_wait() {
         let r = rig(hex("3B 02 14 50"), LineConfig::PHOENIX, |_| {});
         r.emu.set_nulls(150);
         let (mut s, _) = r.driver.connect("serial0").await.unwrap();
-        assert_eq!(transmit_whole(s.as_mut(), &SELECT).await.unwrap(), [0x90, 0x00]);
+        assert_eq!(
+            transmit_whole(s.as_mut(), &SELECT).await.unwrap(),
+            [0x90, 0x00]
+        );
         assert!(r.emu.stats().nulls_sent >= 300);
     })
     .await
@@ -380,7 +440,9 @@ async fn timing_turnaround_and_guard_time_in_etu() {
         r.emu.clear_timeline();
         for _ in 0..5 {
             assert_eq!(
-                transmit_whole(s.as_mut(), &[0x80, 0xE0, 0, 0, 4, 1, 2, 3, 4]).await.unwrap(),
+                transmit_whole(s.as_mut(), &[0x80, 0xE0, 0, 0, 4, 1, 2, 3, 4])
+                    .await
+                    .unwrap(),
                 [0x90, 0x00]
             );
         }
@@ -395,16 +457,26 @@ async fn timing_turnaround_and_guard_time_in_etu() {
         );
         assert!(turnaround.len() >= 8 && guard.len() >= 10);
         assert!(min_t >= 16.0, "16-etu rule: {turnaround:?}");
-        assert!(min_g >= 32.0, "TC1 guard time after the PPS fallback: {guard:?}");
+        assert!(
+            min_g >= 32.0,
+            "TC1 guard time after the PPS fallback: {guard:?}"
+        );
 
         // T=1 at the PPS speed: the block guard time, 22 etu.
-        let r = rig(with_tck(hex("3B 90 13 81 31 20 05")), LineConfig::PHOENIX, |_| {});
+        let r = rig(
+            with_tck(hex("3B 90 13 81 31 20 05")),
+            LineConfig::PHOENIX,
+            |_| {},
+        );
         let (mut s, _) = r.driver.connect("serial0").await.unwrap();
         assert_eq!(r.emu.stats().baud, 38_400);
         transmit_whole(s.as_mut(), &SELECT).await.unwrap();
         r.emu.clear_timeline();
         for _ in 0..5 {
-            assert_eq!(transmit_whole(s.as_mut(), &SELECT).await.unwrap(), [0x90, 0x00]);
+            assert_eq!(
+                transmit_whole(s.as_mut(), &SELECT).await.unwrap(),
+                [0x90, 0x00]
+            );
         }
         let (turnaround, _) = gaps(&r.emu.timeline());
         let min_t = turnaround.iter().copied().fold(f64::MAX, f64::min);

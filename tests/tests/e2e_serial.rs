@@ -192,7 +192,10 @@ pin_key = "{pin_key}"
             pin_key = he.join("pin-keys").join(format!("{BOX_ID}.key")).display(),
         );
         std::fs::write(&stbd_config, toml).expect("stbd.toml");
-        eprintln!("{test}: head end and serial reader up in {:?}", t0.elapsed());
+        eprintln!(
+            "{test}: head end and serial reader up in {:?}",
+            t0.elapsed()
+        );
         SerialWorld {
             tmux: None,
             vcard: Some(vcard),

@@ -38,9 +38,7 @@ use proto::apdu::CardApplication;
 use super::t1card::{CardStep, CardT1Stats, T1Card};
 use crate::serial::LinesFactory;
 use crate::serial::atr::{Atr, FiDi};
-use crate::serial::line::{
-    CardDetect, InputLine, LineConfig, LineControl, OutputLine, sideband,
-};
+use crate::serial::line::{CardDetect, InputLine, LineConfig, LineControl, OutputLine, sideband};
 use crate::serial::t1::BlockReader;
 
 /// How the emulated reader and card behave.
@@ -840,12 +838,13 @@ impl CardSide {
         }
         let offered = self.parsed.offered_fi_di();
         // PPS1 is taken when it names the card's Fi and a Di no higher than it offers.
-        let accepted = (req[1] & 0x10 != 0)
-            .then(|| req[2])
-            .filter(|&p| match (FiDi::from_ta1(p), offered) {
-                (Some(want), Some(off)) => want.fi == off.fi && want.di <= off.di,
-                _ => false,
-            });
+        let accepted =
+            (req[1] & 0x10 != 0)
+                .then(|| req[2])
+                .filter(|&p| match (FiDi::from_ta1(p), offered) {
+                    (Some(want), Some(off)) => want.fi == off.fi && want.di <= off.di,
+                    _ => false,
+                });
         let resp = match accepted {
             Some(_) => req.to_vec(),
             None => vec![0xFF, protocol, 0xFF ^ protocol],

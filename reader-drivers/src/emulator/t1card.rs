@@ -232,7 +232,12 @@ mod tests {
     use crate::serial::t1::{T1Host, T1Step};
 
     /// The host engine against the card engine, with no line in between.
-    fn exchange(host: &mut T1Host, card: &mut T1Card, apdu: &[u8], answer: &dyn Fn(&[u8]) -> Vec<u8>) -> Vec<u8> {
+    fn exchange(
+        host: &mut T1Host,
+        card: &mut T1Card,
+        apdu: &[u8],
+        answer: &dyn Fn(&[u8]) -> Vec<u8>,
+    ) -> Vec<u8> {
         let mut to_card = host.start(apdu).unwrap();
         loop {
             let to_host = match card.on_block(&to_card) {
@@ -261,7 +266,9 @@ mod tests {
         assert_eq!(resp[0], apdu[259]);
         assert!(card.stats.host_chained >= 8 && card.stats.card_chained >= 8);
         // Sequence numbers carry over to the next exchange.
-        let resp = exchange(&mut host, &mut card, &[0, 0xB0, 0, 0, 0], &|_| vec![0x90, 0]);
+        let resp = exchange(&mut host, &mut card, &[0, 0xB0, 0, 0, 0], &|_| {
+            vec![0x90, 0]
+        });
         assert_eq!(resp, [0x90, 0]);
     }
 
@@ -272,7 +279,9 @@ mod tests {
             ..T1Params::default()
         });
         let mut card = T1Card::new(Edc::Crc);
-        let resp = exchange(&mut host, &mut card, &[0, 0xA4, 4, 0, 1, 7], &|_| vec![0x90, 0]);
+        let resp = exchange(&mut host, &mut card, &[0, 0xA4, 4, 0, 1, 7], &|_| {
+            vec![0x90, 0]
+        });
         assert_eq!(resp, [0x90, 0]);
     }
 }

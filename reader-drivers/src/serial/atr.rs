@@ -129,7 +129,10 @@ pub enum Tck {
     /// Only T=0 is indicated: no TCK expected, and none (that checks) came.
     NotRequired,
     Ok(u8),
-    Bad { received: u8, computed: u8 },
+    Bad {
+        received: u8,
+        computed: u8,
+    },
     Missing,
     /// Only T=0 is indicated, and a byte that checks as TCK followed anyway.
     Unneeded(u8),
@@ -773,7 +776,10 @@ mod tests {
     fn fi_di_round_trip_through_ta1() {
         for ta1 in [0x11, 0x13, 0x18, 0x95, 0x96, 0x15, 0x94] {
             let f = FiDi::from_ta1(ta1).unwrap();
-            assert_eq!(FiDi::from_ta1(f.to_ta1().unwrap()).unwrap().baud(CLOCK), f.baud(CLOCK));
+            assert_eq!(
+                FiDi::from_ta1(f.to_ta1().unwrap()).unwrap().baud(CLOCK),
+                f.baud(CLOCK)
+            );
         }
         assert_eq!(FiDi::from_ta1(0x15).unwrap().baud(CLOCK), 153_600);
     }

@@ -781,7 +781,8 @@ fn plan(atr: &Atr, cfg: &SerialConfig, tty_ok: &dyn Fn(u32) -> bool) -> Result<P
                 .map(|di| FiDi { di, ..offered })
                 .filter(|f| why_not(*f).is_none())
                 .max_by_key(|f| f.baud(cfg.clock_hz));
-            if let Some(f) = best.filter(|f| f.baud(cfg.clock_hz) > FiDi::DEFAULT.baud(cfg.clock_hz))
+            if let Some(f) =
+                best.filter(|f| f.baud(cfg.clock_hz) > FiDi::DEFAULT.baud(cfg.clock_hz))
             {
                 pps1 = f.to_ta1();
             }
@@ -1047,9 +1048,8 @@ impl SerialSession {
         self.protocol = if protocol == 1 {
             let p = atr.t1_params();
             let etu = self.etu();
-            let bwt = etu * 11
-                + FiDi::DEFAULT.etus(960u64 << p.bwi.min(9), self.cfg.clock_hz)
-                + margin;
+            let bwt =
+                etu * 11 + FiDi::DEFAULT.etus(960u64 << p.bwi.min(9), self.cfg.clock_hz) + margin;
             let cwt = etu * (11 + (1u32 << p.cwi.min(15))) + margin;
             Protocol::T1 {
                 host: Box::new(T1Host::new(&p)),
@@ -1134,7 +1134,10 @@ impl SerialSession {
         while values.len() < MAX_LINE_BYTES {
             let patience = match atr::progress(&values) {
                 Ok(Progress::Interface) => wait,
-                Ok(Progress::Body { total, tck_required }) => {
+                Ok(Progress::Body {
+                    total,
+                    tck_required,
+                }) => {
                     let hist_done = values.len() + usize::from(tck_required) >= total;
                     if hist_done { quiet } else { wait }
                 }
@@ -1431,18 +1434,27 @@ mod tests {
         assert!(why.contains("tty cannot"), "{why}");
         // A card that can change mode gets a warm reset instead.
         let atr = Atr::parse(&hex("3B 90 15 10 00")).unwrap();
-        assert!(matches!(plan(&atr, &slow, &|_| true), Err(NoPlan::WarmReset(_))));
+        assert!(matches!(
+            plan(&atr, &slow, &|_| true),
+            Err(NoPlan::WarmReset(_))
+        ));
     }
 
     #[test]
     fn pps_to_the_fastest_speed_the_line_allows() {
         // TA1 = 18: Di 12 → 115200.
         let atr = Atr::parse(&hex("3B 10 18")).unwrap();
-        assert_eq!(plan(&atr, &cfg(), &|_| true).unwrap().pps, Some((0, Some(0x18))));
+        assert_eq!(
+            plan(&atr, &cfg(), &|_| true).unwrap().pps,
+            Some((0, Some(0x18)))
+        );
         let mut c = cfg();
         c.max_baud = 40_000;
         // Di 4 → 38400 is the fastest under 40000.
-        assert_eq!(plan(&atr, &c, &|_| true).unwrap().pps, Some((0, Some(0x13))));
+        assert_eq!(
+            plan(&atr, &c, &|_| true).unwrap().pps,
+            Some((0, Some(0x13)))
+        );
         c.pps = PpsPolicy::Off;
         assert_eq!(plan(&atr, &c, &|_| true).unwrap().pps, None);
     }

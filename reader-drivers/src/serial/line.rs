@@ -442,7 +442,9 @@ pub(crate) mod tests {
             (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave))
         };
         use std::os::fd::AsFd;
-        let err = IoctlLines::new(s.as_fd(), "/dev/pts/X").err().expect("ENOTTY");
+        let err = IoctlLines::new(s.as_fd(), "/dev/pts/X")
+            .err()
+            .expect("ENOTTY");
         assert!(err.to_string().contains("no modem-control lines"), "{err}");
         assert!(err.to_string().contains("modem_lines"), "{err}");
         drop(m);

@@ -248,9 +248,7 @@ impl BlockReader {
 pub enum T1Error {
     #[error("empty APDU")]
     EmptyApdu,
-    #[error(
-        "the card did not answer T=1 after {MAX_RESYNCHS} resynchronisations — reset the card"
-    )]
+    #[error("the card did not answer T=1 after {MAX_RESYNCHS} resynchronisations — reset the card")]
     ResynchFailed,
     #[error("the card aborted the exchange (S(ABORT))")]
     Aborted,
@@ -271,13 +269,17 @@ pub enum T1Step {
 enum State {
     Idle,
     /// We sent an I-block of the command: `last` is whether it was the final one.
-    Sending { last: bool },
+    Sending {
+        last: bool,
+    },
     /// The card is chaining its response to us; we acknowledged its last block.
     Receiving,
     /// We asked the card to take our IFSD.
     Ifs,
     /// We sent S(RESYNCH request); `after` is what to do on success.
-    Resynch { ifs: bool },
+    Resynch {
+        ifs: bool,
+    },
 }
 
 /// Counters for tests and logs.
@@ -878,7 +880,18 @@ mod tests {
         let T1Step::Send(b) = h.on_block(&req).unwrap() else {
             panic!()
         };
-        assert_eq!(b, encode(0, &Block::S { kind: SKind::Wtx, response: true, inf: vec![7] }, Edc::Lrc));
+        assert_eq!(
+            b,
+            encode(
+                0,
+                &Block::S {
+                    kind: SKind::Wtx,
+                    response: true,
+                    inf: vec![7]
+                },
+                Edc::Lrc
+            )
+        );
         assert_eq!(h.wait_factor(), 7);
         let req = encode(
             0,

@@ -109,11 +109,16 @@ async fn readers(
     };
     for c in serials {
         let (device, wiring) = (c.path.clone(), c.lines.describe());
-        let info = reader_drivers::serial::SerialDriver::new(c).card_info().await;
+        let info = reader_drivers::serial::SerialDriver::new(c)
+            .card_info()
+            .await;
         if matches!(&info, Err(reader_drivers::ReaderError::Io { .. })) {
             listed = ExitCode::FAILURE;
         }
-        print!("{}", readers_cmd::format_serial(shown, &device, &wiring, &info));
+        print!(
+            "{}",
+            readers_cmd::format_serial(shown, &device, &wiring, &info)
+        );
         shown += 1;
     }
     if !watch {
