@@ -617,7 +617,7 @@ dir = "{p}"
             ("modem_lines = \"tcp:x\"", "reader.modem_lines"),
             ("max_baud = 1200", "reader.max_baud"),
             ("guard_etu = 255", "reader.guard_etu"),
-            ("reset = \"cd\"", "reset"),
+            ("reset = \"cd\"", "[reader]"),
         ] {
             let e = Config::parse(Path::new("t.toml"), &serial(extra))
                 .unwrap_err()
