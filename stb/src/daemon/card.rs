@@ -11,7 +11,7 @@ use reader_drivers::vcard::VirtualCard;
 use reader_drivers::virtual_driver::VirtualDriver;
 use reader_drivers::{CardSession, ReaderDriver, transmit_whole};
 
-use crate::config::{ReaderConfig, SerialProfile, glob_match};
+use crate::config::{DetectLine, Level, ReaderConfig, SerialProfile, glob_match};
 use crate::flow::purchase::CardReply;
 use crate::flow::split_sw;
 
@@ -22,16 +22,8 @@ pub fn driver_for(cfg: &ReaderConfig) -> Result<(Arc<dyn ReaderDriver>, String),
             Arc::new(reader_drivers::pcsc::PcscDriver::new()) as Arc<dyn ReaderDriver>,
             name.clone(),
         ),
-        ReaderConfig::Serial {
-            device,
-            profile,
-            clock_hz,
-        } => {
-            let mut c = SerialConfig::new("serial", device.clone());
-            c.echo = *profile == SerialProfile::Phoenix;
-            if let Some(hz) = clock_hz {
-                c.clock_hz = *hz;
-            }
+        ReaderConfig::Serial { .. } => {
+            let c = serial_config(cfg)?;
             (Arc::new(SerialDriver::new(c)), "serial".into())
         }
         ReaderConfig::Virtual { card_file } => {
@@ -40,6 +32,82 @@ pub fn driver_for(cfg: &ReaderConfig) -> Result<(Arc<dyn ReaderDriver>, String),
             (Arc::new(d), "virtual".into())
         }
     })
+}
+
+/// The serial driver's settings from `[reader]`: the profile's wiring, each key overriding
+/// one part of it.
+pub fn serial_config(cfg: &ReaderConfig) -> Result<SerialConfig, String> {
+    use reader_drivers::serial::{CardDetect, InputLine, Profile};
+    let ReaderConfig::Serial {
+        device,
+        profile,
+        clock_hz,
+        reset,
+        reset_asserted,
+        card_detect,
+        card_present,
+        echo,
+        max_baud,
+        guard_etu,
+        pps,
+        modem_lines,
+    } = cfg
+    else {
+        return Err("not a serial reader".into());
+    };
+    let profile = match profile {
+        SerialProfile::Phoenix => Profile::Phoenix,
+        SerialProfile::Smartmouse => Profile::Smartmouse,
+    };
+    let mut c = SerialConfig::with_profile("serial", device.clone(), profile);
+    if let Some(hz) = clock_hz {
+        c.clock_hz = *hz;
+    }
+    if let Some(r) = reset {
+        c.lines.reset = *r;
+    }
+    if let Some(l) = reset_asserted {
+        c.lines.reset_inverted = *l == Level::Low;
+    }
+    let inverted = |l: &Option<Level>, current: bool| l.map_or(current, |l| l == Level::Low);
+    let current_inverted = match c.lines.detect {
+        CardDetect::Line { inverted, .. } => inverted,
+        CardDetect::None => false,
+    };
+    let line = match card_detect {
+        Some(DetectLine::None) => None,
+        Some(DetectLine::Cd) => Some(InputLine::Cd),
+        Some(DetectLine::Dsr) => Some(InputLine::Dsr),
+        Some(DetectLine::Cts) => Some(InputLine::Cts),
+        Some(DetectLine::Ri) => Some(InputLine::Ri),
+        None => match c.lines.detect {
+            CardDetect::Line { line, .. } => Some(line),
+            CardDetect::None => None,
+        },
+    };
+    c.lines.detect = match line {
+        Some(line) => CardDetect::Line {
+            line,
+            inverted: inverted(card_present, current_inverted),
+        },
+        None => CardDetect::None,
+    };
+    if let Some(e) = echo {
+        c.echo = *e;
+    }
+    if let Some(b) = max_baud {
+        c.max_baud = *b;
+    }
+    if let Some(g) = guard_etu {
+        c.guard_etu = *g;
+    }
+    if let Some(p) = pps {
+        c.pps = *p;
+    }
+    if let Some(m) = modem_lines {
+        c.modem_lines = crate::config::parse_modem_lines(m)?;
+    }
+    Ok(c)
 }
 
 /// The card in the watched reader, through one session opened on demand.
