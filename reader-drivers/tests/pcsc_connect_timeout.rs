@@ -60,12 +60,19 @@ async fn connects_that_time_out_while_another_program_holds_the_card_leak_no_thr
     let _lock = VpcdPortLock::acquire(PORT).expect("vpcd port lock");
     let driver = PcscDriver::new();
     let mut events = driver.events();
-    let att = vpcd::attach(vpcd::shared(Box::new(FakePurseCard::new())), "127.0.0.1", PORT)
-        .await
-        .expect("attach");
-    wait_for(&mut events, "CardInserted", Duration::from_secs(10), |e| {
-        matches!(e, ReaderEvent::CardInserted { reader, .. } if reader == READER)
-    })
+    let att = vpcd::attach(
+        vpcd::shared(Box::new(FakePurseCard::new())),
+        "127.0.0.1",
+        PORT,
+    )
+    .await
+    .expect("attach");
+    wait_for(
+        &mut events,
+        "CardInserted",
+        Duration::from_secs(10),
+        |e| matches!(e, ReaderEvent::CardInserted { reader, .. } if reader == READER),
+    )
     .await;
 
     // The card answers while nobody holds it.
@@ -95,7 +102,9 @@ async fn connects_that_time_out_while_another_program_holds_the_card_leak_no_thr
         // Timed out (ours, or the driver's own): not connected, not refused.
         match r {
             Err(_) | Ok(Err(reader_drivers::ReaderError::Timeout { .. })) => {}
-            Ok(Ok(_)) => panic!("attempt {i}: connected although the other program holds a transaction"),
+            Ok(Ok(_)) => {
+                panic!("attempt {i}: connected although the other program holds a transaction")
+            }
             Ok(Err(e)) => panic!("attempt {i}: {e}"),
         }
         assert!(

@@ -50,7 +50,10 @@ async fn wait_reader_empty(driver: &PcscDriver) {
         {
             return;
         }
-        assert!(Instant::now() < deadline, "reader {READER} never empty: {readers:?}");
+        assert!(
+            Instant::now() < deadline,
+            "reader {READER} never empty: {readers:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -66,9 +69,12 @@ async fn attach(
     let att = vpcd::attach(vpcd::shared(card), "127.0.0.1", PORT)
         .await
         .expect("attach");
-    wait_for(&mut events, "CardInserted", Duration::from_secs(10), |e| {
-        matches!(e, ReaderEvent::CardInserted { reader, .. } if reader == READER)
-    })
+    wait_for(
+        &mut events,
+        "CardInserted",
+        Duration::from_secs(10),
+        |e| matches!(e, ReaderEvent::CardInserted { reader, .. } if reader == READER),
+    )
     .await;
     (lock, driver, att)
 }

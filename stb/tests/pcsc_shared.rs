@@ -107,7 +107,10 @@ impl CardApplication for Recorded {
         self.card.atr()
     }
     fn reset(&mut self) {
-        self.log.lock().unwrap().push(Seen::Reset { at: Instant::now() });
+        self.log
+            .lock()
+            .unwrap()
+            .push(Seen::Reset { at: Instant::now() });
         self.card.reset();
     }
     fn process_apdu(&mut self, apdu: &[u8]) -> Vec<u8> {
@@ -240,7 +243,9 @@ fn require_pcscd(test: &str) -> bool {
     }
     for port in [PORT_A, PORT_B] {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            panic!("{test}: pcscd runs but vpcd does not listen on port {port} — install vsmartcard-vpcd and restart pcscd");
+            panic!(
+                "{test}: pcscd runs but vpcd does not listen on port {port} — install vsmartcard-vpcd and restart pcscd"
+            );
         }
     }
     true
@@ -258,7 +263,10 @@ async fn wait_empty(reader: &str) {
         {
             return;
         }
-        assert!(Instant::now() < deadline, "{reader} never empty: {readers:?}");
+        assert!(
+            Instant::now() < deadline,
+            "{reader} never empty: {readers:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -270,7 +278,12 @@ async fn wait_reader(events: &mut mpsc::Receiver<ReaderEvent>, reader: &str, ins
     loop {
         let ev = tokio::time::timeout_at(deadline, events.recv())
             .await
-            .unwrap_or_else(|_| panic!("pcscd never saw {reader} {}", if inserted { "get a card" } else { "empty" }))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "pcscd never saw {reader} {}",
+                    if inserted { "get a card" } else { "empty" }
+                )
+            })
             .expect("events");
         match ev {
             ReaderEvent::CardInserted { reader: r, .. } if inserted && r == reader => break,
@@ -290,7 +303,13 @@ struct PcscBox {
 }
 
 /// stbd in process on the real PC/SC driver, watching readers that match `pattern`.
-async fn start_box(dir: &Path, pki: &Pki, fake: &FakeHeadEnd, card: &Path, pattern: &str) -> PcscBox {
+async fn start_box(
+    dir: &Path,
+    pki: &Pki,
+    fake: &FakeHeadEnd,
+    card: &Path,
+    pattern: &str,
+) -> PcscBox {
     let mut cfg = config(dir, pki, fake.addr, card, 5);
     cfg.timeouts.offer_secs = 60;
     let (ktx, krx) = mpsc::channel(16);
@@ -445,8 +464,10 @@ async fn a_reset_by_another_program_mid_sequence_waits_and_the_purchase_selects_
     let mut card = Card::new(card_file(dir.path()), PORT_A);
     card.insert().await;
     let mut b = start_box(dir.path(), &pki, &fake, &card.path, READER_A).await;
-    b.until("the card on the home screen", |s| s.card_balance == Some(1000))
-        .await;
+    b.until("the card on the home screen", |s| {
+        s.card_balance == Some(1000)
+    })
+    .await;
 
     let (go_tx, go_rx) = std_mpsc::channel();
     let other = std::thread::spawn(move || {
@@ -496,7 +517,10 @@ async fn a_reset_by_another_program_mid_sequence_waits_and_the_purchase_selects_
     );
     // Our SELECT and INITIALIZE back to back; the reset after them; then SELECT again,
     // INITIALIZE and DEBIT.
-    let first = l.iter().position(|x| x == "SELECT 9000").expect("our SELECT");
+    let first = l
+        .iter()
+        .position(|x| x == "SELECT 9000")
+        .expect("our SELECT");
     assert_eq!(l[first + 1], "INITIALIZE 9000", "{l:?}");
     assert_eq!(l[first + 2], "reset", "{l:?}");
     assert_eq!(
@@ -505,7 +529,10 @@ async fn a_reset_by_another_program_mid_sequence_waits_and_the_purchase_selects_
         "{l:?}"
     );
     let init_at = seen[first + 1].at();
-    assert!(act.sent < init_at, "the reset was asked for before our INITIALIZE");
+    assert!(
+        act.sent < init_at,
+        "the reset was asked for before our INITIALIZE"
+    );
     assert!(
         act.done >= init_at,
         "the reset went through between our SELECT and INITIALIZE"
@@ -532,8 +559,10 @@ async fn another_programs_select_waits_for_our_transaction() {
     let mut card = Card::new(card_file(dir.path()), PORT_A);
     card.insert().await;
     let mut b = start_box(dir.path(), &pki, &fake, &card.path, READER_A).await;
-    b.until("the card on the home screen", |s| s.card_balance == Some(1000))
-        .await;
+    b.until("the card on the home screen", |s| {
+        s.card_balance == Some(1000)
+    })
+    .await;
 
     let (go1_tx, go1_rx) = std_mpsc::channel();
     let (go2_tx, go2_rx) = std_mpsc::channel();
@@ -601,7 +630,10 @@ async fn another_programs_select_waits_for_our_transaction() {
         assert_eq!(a.result, Ok(vec![0x6A, 0x82]));
     }
     let l = labels(&seen);
-    let first = l.iter().position(|x| x == "SELECT 9000").expect("our SELECT");
+    let first = l
+        .iter()
+        .position(|x| x == "SELECT 9000")
+        .expect("our SELECT");
     assert_eq!(
         l[first..first + 6],
         [
@@ -672,8 +704,10 @@ async fn two_readers_a_pull_from_the_other_reader_changes_nothing_and_ours_falls
     let mut b = start_box(dir.path(), &pki, &fake, &a.path, "Virtual PCD 00 0?").await;
     a.insert().await;
     wait_reader(&mut events, READER_A, true).await;
-    b.until("card A on the home screen", |s| s.card_balance == Some(1000))
-        .await;
+    b.until("card A on the home screen", |s| {
+        s.card_balance == Some(1000)
+    })
+    .await;
     bcard.insert().await;
     wait_reader(&mut events, READER_B, true).await;
 
@@ -687,7 +721,11 @@ async fn two_readers_a_pull_from_the_other_reader_changes_nothing_and_ours_falls
     let mut rx = b.pay().await;
     let txid = b.offer(&mut rx).await;
     theirs.pull().await;
-    let theirs_reader = if theirs.port == PORT_A { READER_A } else { READER_B };
+    let theirs_reader = if theirs.port == PORT_A {
+        READER_A
+    } else {
+        READER_B
+    };
     wait_reader(&mut events, theirs_reader, false).await;
     let s = b.now();
     assert_eq!(

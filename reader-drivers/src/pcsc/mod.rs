@@ -209,7 +209,10 @@ impl ReaderDriver for PcscDriver {
         let reader = reader.to_string();
         Box::pin(async move {
             let deadline = tokio::time::Instant::now() + self.connect_timeout;
-            let permit = self.connects.acquire(&reader, deadline, self.connect_timeout).await?;
+            let permit = self
+                .connects
+                .acquire(&reader, deadline, self.connect_timeout)
+                .await?;
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let session = session::open(reader, permit, left, self.transmit_timeout).await?;
             let atr = session.atr().to_vec();
@@ -256,7 +259,10 @@ impl ConnectGate {
             };
             tracing::debug!(reader = %reader, "pcsc: an earlier connect has not returned; waiting for it");
             // Ends (Err) when the sender goes, i.e. when the earlier connect returned.
-            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
                 return Err(ReaderError::Timeout {
                     reader: reader.to_string(),
                     millis: timeout.as_millis() as u64,

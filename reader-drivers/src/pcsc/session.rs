@@ -364,7 +364,9 @@ fn serve(card: &mut Card, reader: &str, rx: &std_mpsc::Receiver<Req>) {
                 let _ = req.reply.send(Ok(Done::Ended));
             }
             Op::Transmit(apdu) => {
-                let _ = req.reply.send(transmit(card, &apdu, reader).map(Done::Bytes));
+                let _ = req
+                    .reply
+                    .send(transmit(card, &apdu, reader).map(Done::Bytes));
             }
             Op::Reset => {
                 let _ = req.reply.send(reset(card, reader).map(Done::Atr));

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use proto::card::{LOG_CAPACITY, commands};
 use proto::purse::{Date, LogRecord, PurseInfo};
+use reader_drivers::api::is_select;
 use reader_drivers::serial::{SerialConfig, SerialDriver};
 use reader_drivers::vcard::VirtualCard;
 use reader_drivers::virtual_driver::VirtualDriver;
-use reader_drivers::api::is_select;
 use reader_drivers::{CardSession, ReaderDriver, ReaderError, transmit_whole};
 
 use crate::config::{ReaderConfig, SerialProfile, glob_match};
