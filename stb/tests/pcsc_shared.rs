@@ -470,8 +470,10 @@ async fn a_reset_by_another_program_mid_sequence_waits_and_the_purchase_selects_
     .await;
 
     let (go_tx, go_rx) = std_mpsc::channel();
+    let (ready_tx, ready_rx) = std_mpsc::channel();
     let other = std::thread::spawn(move || {
         let mut c = other_connect(READER_A);
+        ready_tx.send(()).unwrap();
         go_rx.recv().unwrap();
         let sent = Instant::now();
         let result = c
@@ -485,6 +487,10 @@ async fn a_reset_by_another_program_mid_sequence_waits_and_the_purchase_selects_
         let _ = c.disconnect(pcsc::Disposition::LeaveCard);
         Act { sent, done, result }
     });
+    // The other program is connected (as OSCam would be all along) before anything starts.
+    ready_rx
+        .recv_timeout(WAIT)
+        .expect("the other program connects");
     let mark = card.mark();
     let t0 = Instant::now();
     card.set_hook(on_nth(1, is_our_select, go_tx));
@@ -567,8 +573,10 @@ async fn another_programs_select_waits_for_our_transaction() {
     let (go1_tx, go1_rx) = std_mpsc::channel();
     let (go2_tx, go2_rx) = std_mpsc::channel();
     let (first_tx, first_rx) = std_mpsc::channel();
+    let (ready_tx, ready_rx) = std_mpsc::channel();
     let other = std::thread::spawn(move || {
         let c = other_connect(READER_A);
+        ready_tx.send(()).unwrap();
         let mut acts = Vec::new();
         for go in [go1_rx, go2_rx] {
             if go.recv_timeout(WAIT).is_err() {
@@ -586,6 +594,10 @@ async fn another_programs_select_waits_for_our_transaction() {
         let _ = c.disconnect(pcsc::Disposition::LeaveCard);
         acts
     });
+    // The other program is connected (as OSCam would be all along) before anything starts.
+    ready_rx
+        .recv_timeout(WAIT)
+        .expect("the other program connects");
     let mark = card.mark();
     let t0 = Instant::now();
     let mut first_select = on_nth(1, is_our_select, go1_tx);

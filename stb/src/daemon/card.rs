@@ -305,6 +305,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn removals_count_only_for_the_reader_in_use_which_falls_back_to_another_card() {
+        let driver = Arc::new(reader_drivers::virtual_driver::VirtualDriver::new("unused"));
+        let mut p = CardPort::new(driver, "R*".into(), Duration::from_secs(1));
+        assert!(p.card_inserted("R0"));
+        assert!(!p.card_inserted("R1"), "a second card does not take over");
+        assert!(!p.card_inserted("R2"));
+        assert_eq!(p.reader(), Some("R0"));
+        assert_eq!(p.card_removed("R1"), Removal::NotInUse);
+        assert_eq!(p.reader(), Some("R0"));
+        assert_eq!(
+            p.card_removed("R0"),
+            Removal::InUse {
+                fallback: Some("R2".into())
+            }
+        );
+        assert_eq!(p.card_removed("R9"), Removal::NotInUse);
+        assert_eq!(p.card_removed("R2"), Removal::InUse { fallback: None });
+        assert!(!p.has_card());
+        // The card in use reinserted (a pull between two polls) is the card in use again.
+        assert!(p.card_inserted("R1"));
+        assert!(p.card_inserted("R1"));
+    }
+
+    #[test]
     fn civil_dates() {
         assert_eq!(civil_from_days(0), Date::new(1970, 1, 1));
         assert_eq!(civil_from_days(20_779), Date::new(2026, 11, 22));
