@@ -4,11 +4,11 @@
 //! - [`PcscDriver`] implements [`ReaderDriver`]. `list` and `connect` establish a fresh PC/SC
 //!   context per call, so a pcscd restart between calls needs no recovery; event streams run
 //!   on dedicated blocking threads ([`watcher`]) that re-establish their context themselves.
-//! - A session ([`PcscSession`], [`session`]) is a thread of its own that owns the card, so a
-//!   PC/SC transaction can span several calls; every call is bounded by a timeout, so a reader
-//!   that never answers (or another program that holds the card) cannot hang the caller.
+//! - A session ([`PcscSession`], module `session`) is a thread of its own that owns the card,
+//!   so a PC/SC transaction can span several calls; every call is bounded by a timeout, so a
+//!   reader that never answers (or another program that holds the card) cannot hang the caller.
 //! - Sharing with other programs: transactions, resets reported rather than papered over, the
-//!   card never reset on our behalf (see [`session`] and the API docs).
+//!   card never reset on our behalf (see the `session` module and the API docs).
 //! - `connect` times out ([`PcscDriver::with_connect_timeout`]) without leaking a thread per
 //!   attempt: while one `SCardConnect` on a reader has not returned (pcscd holds it while
 //!   another program keeps a transaction open), later attempts on that reader wait for it
