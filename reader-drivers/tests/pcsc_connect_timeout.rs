@@ -59,6 +59,18 @@ async fn connects_that_time_out_while_another_program_holds_the_card_leak_no_thr
     }
     let _lock = VpcdPortLock::acquire(PORT).expect("vpcd port lock");
     let driver = PcscDriver::new();
+    // A card of an earlier test may still show for a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !driver
+        .list()
+        .await
+        .expect("list")
+        .iter()
+        .any(|r| r.name == READER && r.card == reader_drivers::CardPresence::Absent)
+    {
+        assert!(Instant::now() < deadline, "{READER} never empty");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let mut events = driver.events();
     let att = vpcd::attach(
         vpcd::shared(Box::new(FakePurseCard::new())),
