@@ -34,9 +34,8 @@ fn card_data(he: &HeadEnd, path: &std::path::Path) -> CardData {
     let mut apdu = |a: &[u8]| Response::parse(&card.process_apdu(a)).expect("sw");
     apdu(&commands::select());
     let purse = PurseInfo::decode(&apdu(&commands::read_purse()).data).expect("purse");
-    let init =
-        PurchaseInit::decode(&apdu(&commands::init_purchase(attack::boxes::today())).data)
-            .expect("init");
+    let init = PurchaseInit::decode(&apdu(&commands::init_purchase(attack::boxes::today())).data)
+        .expect("init");
     apdu(&commands::select());
     let r = apdu(&commands::init_load(&LoadInitRequest {
         amount: 20_000,
@@ -244,9 +243,9 @@ async fn every_role_refuses_every_message_from_every_wrong_peer() {
                     for m in &messages {
                         let o = conn.call(m).await;
                         calls += 1;
-                        let e = o.error().unwrap_or_else(|| {
-                            panic!("{what}: {} got {o:?}", samples::name(m))
-                        });
+                        let e = o
+                            .error()
+                            .unwrap_or_else(|| panic!("{what}: {} got {o:?}", samples::name(m)));
                         assert_eq!(
                             e.code,
                             ErrorCode::Forbidden,
@@ -260,7 +259,10 @@ async fn every_role_refuses_every_message_from_every_wrong_peer() {
                             e.reason
                         );
                         *tally
-                            .entry(format!("Forbidden: {}", e.reason.split(" (").next().unwrap()))
+                            .entry(format!(
+                                "Forbidden: {}",
+                                e.reason.split(" (").next().unwrap()
+                            ))
                             .or_default() += 1;
                     }
                 }
@@ -326,7 +328,10 @@ async fn the_gateway_refuses_role_messages_from_a_box() {
             attacker.init_load(&offer, 20_000)
         },
     };
-    let cards = [("honest", honest_card.as_path()), ("attacker", &attacker_card)];
+    let cards = [
+        ("honest", honest_card.as_path()),
+        ("attacker", &attacker_card),
+    ];
     let before = Ledger::read(&he, &cards);
     let honest = HonestLoop::start(honest, Duration::from_millis(2500));
     // A transaction of the honest box's, so routed messages name a real one.
@@ -488,12 +493,18 @@ async fn a_load_request_straight_to_the_load_server_loads_nothing() {
     .await
     .expect("the gateway's certificate connects");
     let o = conn.call(&Message::LoadRequest(request.clone())).await;
-    assert!(o.is_error(ErrorCode::Forbidden), "plain load request: {o:?}");
+    assert!(
+        o.is_error(ErrorCode::Forbidden),
+        "plain load request: {o:?}"
+    );
     assert!(
         reason(&o, "plain").contains("only through the gateway, with the funder's hold"),
         "{o:?}"
     );
-    eprintln!("load_direct: gateway cert, plain LoadRequest: {}", short(&o));
+    eprintln!(
+        "load_direct: gateway cert, plain LoadRequest: {}",
+        short(&o)
+    );
 
     let forged_mac = HoldPlaced {
         transaction_id: request.transaction_id.clone(),
@@ -563,7 +574,10 @@ async fn a_load_request_straight_to_the_load_server_loads_nothing() {
         }
         assert!(o.is_error(code), "{what}: {o:?}");
         assert!(reason(&o, what).contains(text), "{what}: {o:?}");
-        eprintln!("load_direct: gateway cert, RoutedLoadRequest, {what}: {}", short(&o));
+        eprintln!(
+            "load_direct: gateway cert, RoutedLoadRequest, {what}: {}",
+            short(&o)
+        );
     }
     // Whatever came back as a load command goes to the attacker's card.
     for (what, c) in &commands {

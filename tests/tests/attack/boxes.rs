@@ -108,6 +108,12 @@ impl BoxClient {
             .unwrap_or_else(|e| panic!("{} cannot reconnect: {e:?}", self.box_id));
     }
 
+    /// A fresh connection, or why the handshake failed.
+    pub async fn try_reconnect(&mut self) -> Result<(), Outcome> {
+        self.conn = wire::connect(self.addr, self.cfg.clone()).await?;
+        Ok(())
+    }
+
     pub async fn call(&self, msg: &Message) -> Outcome {
         self.conn.call(msg).await
     }
@@ -204,7 +210,11 @@ impl BoxClient {
             .await
             .map_err(|o| format!("offer: {o:?}"))?;
         let draw = self.draw_request(&offer);
-        let mut txn = self.conn.txn().await.map_err(|o| format!("stream: {o:?}"))?;
+        let mut txn = self
+            .conn
+            .txn()
+            .await
+            .map_err(|o| format!("stream: {o:?}"))?;
         let answer = txn.step(&Message::DrawRequest(draw)).await;
         let cmd = Self::debit_command(&offer, &answer).map_err(|e| format!("draw: {e}"))?;
         let before = self.balance();
@@ -215,7 +225,9 @@ impl BoxClient {
             "the card debited the offer's amount"
         );
         match txn.last(&Message::DebitResponse(resp)).await {
-            Outcome::Answer(Message::Receipt(r)) if r.released => Ok(Purchase { offer, receipt: r }),
+            Outcome::Answer(Message::Receipt(r)) if r.released => {
+                Ok(Purchase { offer, receipt: r })
+            }
             other => Err(format!("debit response: {other:?}")),
         }
     }
@@ -249,8 +261,11 @@ impl BoxClient {
     /// A load offer for `source`.
     pub async fn load_offer(&mut self, source: LoadSource) -> Outcome {
         let card = self.purse();
-        self.call(&Message::LoadOfferRequest(LoadOfferRequest { source, card }))
-            .await
+        self.call(&Message::LoadOfferRequest(LoadOfferRequest {
+            source,
+            card,
+        }))
+        .await
     }
 
     /// INITIALIZE FOR LOAD for `amount` under the offer's time stamp and date (S1).

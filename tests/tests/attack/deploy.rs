@@ -269,9 +269,10 @@ impl HeadEnd {
 
     /// `headend pki issue-role --role ROLE [--client]`.
     pub fn role_cert(&self, role: &str, client: bool) -> Identity {
-        let out = self
-            .certs_dir()
-            .join(format!("role-{role}-{}", if client { "client" } else { "server" }));
+        let out = self.certs_dir().join(format!(
+            "role-{role}-{}",
+            if client { "client" } else { "server" }
+        ));
         let mut args = vec![
             "pki".to_string(),
             "issue-role".into(),
@@ -292,7 +293,11 @@ impl HeadEnd {
         Identity::from_pem(
             &format!(
                 "role certificate {role}{}",
-                if client { " --client" } else { " (server only)" }
+                if client {
+                    " --client"
+                } else {
+                    " (server only)"
+                }
             ),
             &out.join(format!("{role}.crt.pem")),
             &out.join(format!("{role}.key.pem")),

@@ -199,7 +199,11 @@ impl Ledger {
             "{what}: goods released besides the honest purchases"
         );
         for (k, v) in &self.releases {
-            assert_eq!(after.releases.get(k), Some(v), "{what}: release {k} changed");
+            assert_eq!(
+                after.releases.get(k),
+                Some(v),
+                "{what}: release {k} changed"
+            );
         }
         assert_eq!(
             (&self.bank_accounts, &self.bank_holds, &self.bank_float),
@@ -212,7 +216,11 @@ impl Ledger {
             "{what}: the HSM counted a load, or a load record changed"
         );
         assert_eq!(
-            (&self.prefunded, &self.prefunded_holds, &self.prefunded_float),
+            (
+                &self.prefunded,
+                &self.prefunded_holds,
+                &self.prefunded_float
+            ),
             (
                 &after.prefunded,
                 &after.prefunded_holds,

@@ -73,7 +73,16 @@ pub struct HonestLoop {
 }
 
 impl HonestLoop {
-    pub fn start(mut client: BoxClient, every: Duration) -> HonestLoop {
+    pub fn start(client: BoxClient, every: Duration) -> HonestLoop {
+        Self::run(client, every, false)
+    }
+
+    /// Like [`Self::start`], each purchase on a new connection (a new handshake).
+    pub fn start_fresh(client: BoxClient, every: Duration) -> HonestLoop {
+        Self::run(client, every, true)
+    }
+
+    fn run(mut client: BoxClient, every: Duration, fresh: bool) -> HonestLoop {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let task = tokio::spawn(async move {
@@ -82,6 +91,14 @@ impl HonestLoop {
             let mut latencies = Vec::new();
             while !s.load(Ordering::Relaxed) {
                 let t = Instant::now();
+                if fresh {
+                    if let Err(e) = client.try_reconnect().await {
+                        failures.push(format!("connect: {e:?}"));
+                        latencies.push(t.elapsed());
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                }
                 match client.buy(PPV.0, PPV.1).await {
                     Ok(p) => {
                         latencies.push(t.elapsed());
@@ -89,6 +106,7 @@ impl HonestLoop {
                     }
                     Err(e) => {
                         eprintln!("honest {}: purchase failed: {e}", client.box_id);
+                        latencies.push(t.elapsed());
                         failures.push(e);
                         if client.conn.conn.close_reason().is_some() {
                             client.reconnect().await;

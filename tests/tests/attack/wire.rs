@@ -73,7 +73,8 @@ impl Identity {
 pub fn roots(ca_pem: &Path) -> Arc<rustls::RootCertStore> {
     let mut r = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(ca_pem).expect("CA PEM") {
-        r.add(c.expect("CA certificate")).expect("CA certificate usable");
+        r.add(c.expect("CA certificate"))
+            .expect("CA certificate usable");
     }
     Arc::new(r)
 }
