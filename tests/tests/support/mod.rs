@@ -139,6 +139,24 @@ pub fn bins() -> &'static Bins {
             .arg("--target-dir")
             .arg(target_dir)
             .current_dir(workspace_root());
+            // The variables cargo set for this test (CARGO_MANIFEST_DIR=…/tests, CARGO_PKG_*
+            // …) would leak into the build: `ring` tracks CARGO_MANIFEST_DIR, so it (and all
+            // that depends on it) would be rebuilt here and again by the next plain `cargo`.
+            for (k, _) in std::env::vars_os() {
+                let k = k.to_string_lossy();
+                if k.starts_with("CARGO_PKG_")
+                    || [
+                        "CARGO_MANIFEST_DIR",
+                        "CARGO_MANIFEST_PATH",
+                        "CARGO_CRATE_NAME",
+                        "CARGO_PRIMARY_PACKAGE",
+                        "CARGO_TARGET_TMPDIR",
+                    ]
+                    .contains(&k.as_ref())
+                {
+                    cmd.env_remove(k.as_ref());
+                }
+            }
             if profile_dir.file_name().is_some_and(|n| n == "release") {
                 cmd.arg("--release");
             }
