@@ -546,6 +546,149 @@ async fn offer_and_catalog_floods_are_rate_limited_and_journal_nothing() {
     }
 }
 
+/// Case 9, the same kind on a box's own transactions: refused cancels (no proof, or on a
+/// completed purchase) and debit responses with a forged card signature, repeated, must not
+/// each cost a journal write (an fsync) at the gateway and the payment server: what one box
+/// makes the head end journal is bounded by a per-box limit, as for offers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_steps_on_a_boxs_own_transactions_do_not_grow_the_journals() {
+    const REPEAT: usize = 100;
+    let he = HeadEnd::start("refused_steps", |_, _| {});
+    let honest = BoxClient::new(&he, "box-000116", 700_116, 50_000).await;
+    let honest_card = honest.card_path.clone();
+    let mut attacker = BoxClient::new(&he, "box-000677", 700_677, 5_000).await;
+    let attacker_card = attacker.card_path.clone();
+    // One completed purchase of the attacker's, and one drawn and never answered.
+    let done = attacker
+        .buy(PPV.0, PPV.1)
+        .await
+        .expect("the attacker's purchase");
+    let (mut open, _) = open_and_abandon(&mut attacker, 1).await;
+    let (open_txid, _stream) = open.pop().expect("a drawn purchase");
+    let offer_of_open = {
+        let rows = ledger::state(&he.journal("gateway"), "gw");
+        let rec: headend::gateway::GwTxn =
+            headend::journal::decode(&rows.iter().find(|(k, _)| *k == open_txid).unwrap().1)
+                .unwrap();
+        rec
+    };
+    let cards = [
+        ("honest", honest_card.as_path()),
+        ("attacker", &attacker_card),
+    ];
+    let before = Ledger::read(&he, &cards);
+    let honest = HonestLoop::start(honest, Duration::from_millis(2500));
+
+    let forged = {
+        let init = attacker.init_purchase();
+        DebitResponseMsg {
+            transaction_id: open_txid.clone(),
+            body: Protected::new(
+                proto::purse::DebitResponse {
+                    card_id: init.card_id,
+                    atc: init.atc,
+                    amount: offer_of_open.amount.minor,
+                    currency: offer_of_open.amount.currency,
+                    new_balance: init.balance - offer_of_open.amount.minor,
+                    psam_id: 0x5A00_0000,
+                    psam_txn: 1,
+                    card_signature: [0x42; 8],
+                },
+                offer_of_open.tsk.as_ref(),
+                &mut rand::rngs::OsRng,
+            ),
+        }
+    };
+    let kinds: Vec<(&str, Message)> = vec![
+        (
+            "cancel without proof, drawn purchase",
+            Message::Cancel(CancelMsg {
+                transaction_id: open_txid.clone(),
+                reason: CancelReason::Viewer,
+                proof: None,
+            }),
+        ),
+        (
+            "cancel of a completed purchase",
+            Message::Cancel(CancelMsg {
+                transaction_id: done.offer.transaction_id.clone(),
+                reason: CancelReason::Viewer,
+                proof: None,
+            }),
+        ),
+        (
+            "debit response with a forged card signature",
+            Message::DebitResponse(forged),
+        ),
+    ];
+    let mut growth = Vec::new();
+    for (what, m) in &kinds {
+        let s0: Vec<_> = ["gateway", "payment"]
+            .iter()
+            .map(|r| ledger::size(&he.journal(r)).0)
+            .collect();
+        let t = Instant::now();
+        let mut answers = std::collections::BTreeMap::<String, usize>::new();
+        for _ in 0..REPEAT {
+            let o = attacker.call(m).await;
+            let k = match &o {
+                Outcome::Answer(Message::Error(e)) => format!("{:?}", e.code),
+                Outcome::Answer(m) => attack::samples::name(m).to_string(),
+                other => format!("{other:?}"),
+            };
+            *answers.entry(k).or_default() += 1;
+        }
+        let took = t.elapsed();
+        let s1: Vec<_> = ["gateway", "payment"]
+            .iter()
+            .map(|r| ledger::size(&he.journal(r)).0)
+            .collect();
+        eprintln!(
+            "refused_steps: {REPEAT} × {what} in {:.2} s: {answers:?}; journal steps +{} at the \
+             gateway, +{} at the payment server",
+            took.as_secs_f64(),
+            s1[0] - s0[0],
+            s1[1] - s0[1]
+        );
+        growth.push((what, s1[0] - s0[0], s1[1] - s0[1], answers));
+    }
+    let report = honest.finish().await;
+    assert_honest_during(&report, "refused_steps");
+    let mut client = report.client;
+    let last = honest_after(&mut client, "refused_steps").await;
+    let mut bought: Vec<_> = report.purchases.iter().map(|p| ("honest", p)).collect();
+    bought.push(("honest", &last));
+    let after = Ledger::read(&he, &cards);
+    before.assert_only(&after, &bought, "refused_steps");
+    // The box's own transactions: the completed one stays completed, the drawn one is
+    // reversed at most (the forged signature), never completed.
+    assert_eq!(
+        after
+            .payments
+            .get(&done.offer.transaction_id)
+            .map(String::as_str),
+        Some("Completed")
+    );
+    assert_ne!(
+        after.payments.get(&open_txid).map(String::as_str),
+        Some("Completed")
+    );
+    for (what, gw, pay, answers) in &growth {
+        assert!(
+            answers.keys().all(|k| !k.starts_with("Receipt")),
+            "{what}: {answers:?}"
+        );
+        // Bounded by what one box may ask (a burst of 10 at the default limits, at most two
+        // steps each), not by how often it asks.
+        assert!(
+            gw + pay <= 25,
+            "FINDING: {REPEAT} × {what} (refused: {answers:?}) wrote {gw} journal steps at the \
+             gateway and {pay} at the payment server: one box can grow the journals (an fsync \
+             each) without limit"
+        );
+    }
+}
+
 /// Case 5, end to end: genuine QUIC Initial packets (a new client connection each, never
 /// continued) from one socket at 700/s against the real `headend gateway` process, while an
 /// honest box connects anew and buys; the gateway's memory before, at the peak and after.
