@@ -601,3 +601,128 @@ async fn a_load_request_straight_to_the_load_server_loads_nothing() {
         .collect();
     assert!(at_load.is_empty(), "{at_load:?}");
 }
+
+/// The allow-lists let in exactly whom they name: a role listed by name (the bank listing
+/// the load server) and a certificate listed by `sha256:` fingerprint (the payment server
+/// listing a partner's certificate) get through there and nowhere else; a certificate with
+/// the same name but another key does not get through a fingerprint entry. What a listed
+/// peer may then send is printed: the lists are per role, not per message kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_lists_let_in_exactly_whom_they_name() {
+    let mut he = HeadEnd::start("callers", |role, t| {
+        if role == "bank" {
+            attack::deploy::set(
+                t,
+                "bank",
+                "callers",
+                toml::Value::Array(vec!["gateway".into(), "load".into()]),
+            );
+        }
+    });
+    let partner = misissued_client_cert(&he);
+    let impostor = misissued_client_cert(&he);
+    he.stop("payment");
+    attack::deploy::edit_config(&he.config("payment"), |t| {
+        attack::deploy::set(
+            t,
+            "payment",
+            "callers",
+            toml::Value::Array(vec![
+                "gateway".into(),
+                format!("sha256:{}", partner.fingerprint()).into(),
+            ]),
+        )
+    });
+    he.spawn("payment");
+    let honest = BoxClient::new(&he, "box-000104", 700_104, 50_000).await;
+    let honest_card = honest.card_path.clone();
+    let attacker_card = new_card(&he, "attacker", 700_669, 5_000);
+    let card = card_data(&he, &attacker_card);
+    let cards = [
+        ("honest", honest_card.as_path()),
+        ("attacker", &attacker_card),
+    ];
+    let before = Ledger::read(&he, &cards);
+    let honest = HonestLoop::start(honest, Duration::from_millis(2500));
+    let roots = wire::roots(&he.ca_pem());
+    let load_client = he.role_cert("load", true);
+    let probe = Message::ReversalsSince { after: 0 };
+    for (peer, allowed_at) in [
+        (&load_client, "bank"),
+        (&partner, "payment"),
+        (&impostor, "-"),
+    ] {
+        let cfg = wire::client_config(roots.clone(), Some(peer), &[wire::ALPN]);
+        for role in ["payment", "merchant", "bank", "load"] {
+            let conn = wire::connect(he.addrs.of(role), cfg.clone())
+                .await
+                .expect("connects");
+            let o = conn.call(&probe).await;
+            if role == allowed_at {
+                assert!(
+                    !o.is_error(ErrorCode::Forbidden) && matches!(o, Outcome::Answer(_)),
+                    "{} → {role}: {o:?}",
+                    peer.label
+                );
+            } else {
+                assert!(
+                    o.is_error(ErrorCode::Forbidden),
+                    "{} → {role}: {o:?}",
+                    peer.label
+                );
+            }
+            eprintln!("callers: {} → {role}: {}", peer.label, short(&o));
+        }
+    }
+    // What the listed load-role certificate may ask of the bank: every kind the bank takes,
+    // naming any box (the bank believes the box id its caller gives).
+    let conn = wire::connect(
+        he.addrs.bank,
+        wire::client_config(roots.clone(), Some(&load_client), &[wire::ALPN]),
+    )
+    .await
+    .unwrap();
+    let offer = conn
+        .call(&Message::RoutedLoadOfferRequest {
+            box_id: "box-000001".into(),
+            request: LoadOfferRequest {
+                source: LoadSource::Bank {
+                    account: "ACC-0001".into(),
+                },
+                card: card.purse.clone(),
+            },
+        })
+        .await;
+    eprintln!(
+        "callers: the load role's certificate, listed by the bank, asks for a load offer on \
+         box-000001's account onto the attacker's card: {}",
+        short(&offer)
+    );
+    if let Outcome::Answer(Message::LoadOffer(o)) = &offer {
+        let hold = conn
+            .call(&Message::HoldRequest(HoldRequest {
+                box_id: "box-000001".into(),
+                transaction_id: o.transaction_id.clone(),
+                source: o.source.clone(),
+                amount: Money::new(10_000, Currency::EUR),
+                card_id: card.purse.card_id,
+                card_balance: card.purse.balance,
+                card_max_balance: card.purse.max_balance,
+                sealed_pin: None,
+            }))
+            .await;
+        eprintln!("callers: … and a hold without the PIN: {}", short(&hold));
+        assert!(
+            !matches!(hold, Outcome::Answer(Message::HoldPlaced(_))),
+            "a hold without the PIN: {hold:?}"
+        );
+    }
+    he.assert_alive();
+    let report = honest.finish().await;
+    assert_honest_during(&report, "callers");
+    let mut client = report.client;
+    let last = honest_after(&mut client, "callers").await;
+    let mut bought: Vec<_> = report.purchases.iter().map(|p| ("honest", p)).collect();
+    bought.push(("honest", &last));
+    before.assert_only(&Ledger::read(&he, &cards), &bought, "callers");
+}

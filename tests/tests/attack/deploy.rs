@@ -66,7 +66,7 @@ fn free_ports(n: usize) -> Vec<SocketAddr> {
 }
 
 /// Reads a split config, lets `edit` change it, writes it back owner-only.
-fn edit_config(path: &Path, edit: impl FnOnce(&mut toml::Table)) {
+pub fn edit_config(path: &Path, edit: impl FnOnce(&mut toml::Table)) {
     let text = std::fs::read_to_string(path).expect("split config");
     let mut t: toml::Table = text.parse().expect("split config is TOML");
     edit(&mut t);
