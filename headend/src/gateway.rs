@@ -1156,36 +1156,86 @@ impl Role for Gateway {
                     None,
                 );
             };
-            match msg {
-                Message::CatalogRequest => self.catalog(&box_id).await,
-                Message::OfferRequest {
-                    merchant_id,
-                    item_id,
-                } => self.offer(&box_id, merchant_id, item_id).await,
-                Message::DrawRequest(r) => {
-                    let span =
-                        tracing::info_span!("draw", txid = %r.transaction_id, box_id = %box_id);
-                    self.draw(&box_id, r).instrument(span).await
+            // A box's own transaction steps: past its budget of refused ones, nothing more
+            // reaches a journal until it has waited (a refused step costs journal writes
+            // here and at the payment server, and a box could repeat it without end).
+            let step = matches!(
+                msg,
+                Message::DrawRequest(_)
+                    | Message::DebitResponse(_)
+                    | Message::Cancel(_)
+                    | Message::LoadRequest(_)
+                    | Message::LoadResponse(_)
+            );
+            if step {
+                if let Err(wait) =
+                    self.rates
+                        .check(&box_id, Kind::Refused, std::time::Instant::now())
+                {
+                    return refuse(
+                        ErrorCode::RateLimited,
+                        format!(
+                            "too many refused requests from this box; retry in {} ms",
+                            wait.as_millis().max(1)
+                        ),
+                        None,
+                    );
                 }
-                Message::DebitResponse(r) => {
-                    let span = tracing::info_span!("debit response", txid = %r.transaction_id, box_id = %box_id);
-                    self.debit_response(&box_id, r).instrument(span).await
-                }
-                Message::Cancel(c) => {
-                    let span =
-                        tracing::info_span!("cancel", txid = %c.transaction_id, box_id = %box_id);
-                    self.cancel(&box_id, c).instrument(span).await
-                }
-                m @ (Message::LoadOfferRequest(_)
-                | Message::LoadRequest(_)
-                | Message::LoadResponse(_)) => self.load_dispatch(&box_id, m).await,
-                other => refuse(
-                    ErrorCode::Malformed,
-                    format!("a box cannot send {}", crate::payment::kind(&other)),
-                    None,
-                ),
             }
+            let answer = self.dispatch(&box_id, msg).await;
+            if step && refused_for_good(&answer) {
+                let _ = self
+                    .rates
+                    .take(&box_id, Kind::Refused, std::time::Instant::now());
+            }
+            answer
         })
+    }
+}
+
+/// An answer that refuses a box's step for good (not "busy, retry", nor a rate limit).
+fn refused_for_good(answer: &Message) -> bool {
+    matches!(answer, Message::Error(e) if !matches!(
+        e.code,
+        ErrorCode::Busy
+            | ErrorCode::Internal
+            | ErrorCode::Timeout
+            | ErrorCode::RateLimited
+            | ErrorCode::InDoubt
+    ))
+}
+
+impl Gateway {
+    /// One box message to the step that handles it.
+    async fn dispatch(&self, box_id: &str, msg: Message) -> Message {
+        match msg {
+            Message::CatalogRequest => self.catalog(box_id).await,
+            Message::OfferRequest {
+                merchant_id,
+                item_id,
+            } => self.offer(box_id, merchant_id, item_id).await,
+            Message::DrawRequest(r) => {
+                let span = tracing::info_span!("draw", txid = %r.transaction_id, box_id = %box_id);
+                self.draw(box_id, r).instrument(span).await
+            }
+            Message::DebitResponse(r) => {
+                let span = tracing::info_span!("debit response", txid = %r.transaction_id, box_id = %box_id);
+                self.debit_response(box_id, r).instrument(span).await
+            }
+            Message::Cancel(c) => {
+                let span =
+                    tracing::info_span!("cancel", txid = %c.transaction_id, box_id = %box_id);
+                self.cancel(box_id, c).instrument(span).await
+            }
+            m @ (Message::LoadOfferRequest(_)
+            | Message::LoadRequest(_)
+            | Message::LoadResponse(_)) => self.load_dispatch(box_id, m).await,
+            other => refuse(
+                ErrorCode::Malformed,
+                format!("a box cannot send {}", crate::payment::kind(&other)),
+                None,
+            ),
+        }
     }
 }
 
