@@ -874,6 +874,46 @@ pub fn sigkill_stbd(w: &World) {
         poll(STEP, || w.tv().pane_dead().then_some(())).is_some(),
         "stbd {pid} still alive after SIGKILL"
     );
+    settle_reader(w.test);
+}
+
+/// Waits until pcscd has cleaned up after a killed client: its transaction on the card
+/// released and the card reset pcscd does on the dead client's behalf finished.
+///
+/// pcscd 1.9 resets the card of a client that died holding it. If the card is pulled while
+/// that reset runs, the reset fails and pcscd marks the reader empty behind its own event
+/// thread's back: the card then stays "not present" after it is put back, until it is pulled
+/// again. A viewer who pulls the card at the very moment the box dies can meet this; a test
+/// that means to pull the card after a crash waits here first. A transaction of our own
+/// waits for the dead client's lock; a transmit inside it waits for the reader, which the
+/// reset holds. A card already gone is fine too.
+pub fn settle_reader(test: &str) {
+    let ctx = pcsc::Context::establish(pcsc::Scope::User).expect("pcscd context");
+    let reader = std::ffi::CString::new(READER).expect("reader name");
+    let settled = poll(STEP, || {
+        let mut card = match ctx.connect(&reader, pcsc::ShareMode::Shared, pcsc::Protocols::ANY) {
+            Ok(card) => card,
+            Err(pcsc::Error::NoSmartcard | pcsc::Error::RemovedCard) => return Some(()),
+            Err(_) => return None,
+        };
+        let done = match card.transaction() {
+            Ok(tx) => {
+                let mut buf = [0u8; 258];
+                let sent = tx
+                    .transmit(&proto::card::commands::select(), &mut buf)
+                    .is_ok();
+                let _ = tx.end(pcsc::Disposition::LeaveCard);
+                sent
+            }
+            Err(_) => false,
+        };
+        let _ = card.disconnect(pcsc::Disposition::LeaveCard);
+        done.then_some(())
+    });
+    assert!(
+        settled.is_some(),
+        "{test}: pcscd never released the killed client's card within {STEP:?}"
+    );
 }
 
 /// Rows of a query on a SQLite file (empty when the file or table does not exist yet).
