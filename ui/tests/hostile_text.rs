@@ -128,7 +128,7 @@ fn hostile_strings_never_reach_the_terminal_raw() {
     }
     // The offer's hostile text is drawn inside the dialog only.
     for marker in ["OFFERED", "BBBB", "Kabel", "CCCC"] {
-        for (y, r) in rows.iter().enumerate().filter(|(_, r)| r.contains(marker)) {
+        for (y, _) in rows.iter().enumerate().filter(|(_, r)| r.contains(marker)) {
             assert!(inside(y), "{marker:?} on row {y} outside the dialog:\n{s}");
         }
     }
