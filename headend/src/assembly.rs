@@ -91,10 +91,13 @@ pub fn server_tls(cfg: &HeadendConfig) -> Result<ServerTls, String> {
     })
 }
 
-pub fn client_tls(cfg: &HeadendConfig) -> Result<ClientTls, String> {
+/// This process as a client of the role `server_role`: the server's certificate must name
+/// that role (see `transport::role_verifier`).
+pub fn client_tls(cfg: &HeadendConfig, server_role: &str) -> Result<ClientTls, String> {
     Ok(ClientTls::new(
         load_certs(&cfg.tls.operator_ca).map_err(|e| e.to_string())?,
         tls_identity(cfg)?,
+        server_role,
     ))
 }
 
@@ -235,7 +238,7 @@ pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, String>
                         name,
                         ep.addr,
                         &ep.server_name,
-                        client_tls(cfg)?,
+                        client_tls(cfg, ep.role(name))?,
                         settings.clone(),
                     ))
                 } else if payment.is_some() && cfg.payment.as_ref().is_some_and(|p| &p.name == name)
@@ -272,7 +275,7 @@ pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, String>
                     name,
                     ep.addr,
                     &ep.server_name,
-                    client_tls(cfg)?,
+                    client_tls(cfg, ep.role(name))?,
                     settings.clone(),
                 )))
             } else {
@@ -368,6 +371,28 @@ pub struct SplitAddrs {
     pub merchant: SocketAddr,
     pub bank: SocketAddr,
     pub load: SocketAddr,
+}
+
+/// The addresses of a split deployment's back ends on `ip`: payment, merchant, bank and load
+/// at `base + 1` … `base + 4` (`headend init-demo --split-base-port`); `None` without a base.
+///
+/// # Errors
+/// A port past 65535.
+pub fn split_addrs(ip: std::net::IpAddr, base: Option<u16>) -> Result<Option<SplitAddrs>, String> {
+    let Some(base) = base else {
+        return Ok(None);
+    };
+    let at = |n: u16| {
+        base.checked_add(n)
+            .map(|port| SocketAddr::new(ip, port))
+            .ok_or_else(|| format!("--split-base-port {base}: {base} + {n} is past port 65535"))
+    };
+    Ok(Some(SplitAddrs {
+        payment: at(1)?,
+        merchant: at(2)?,
+        bank: at(3)?,
+        load: at(4)?,
+    }))
 }
 
 /// The demo's bank account and its box.

@@ -55,6 +55,10 @@ pub enum Command {
         /// Turn the FIG. 8 message layer off.
         #[arg(long)]
         no_message_layer: bool,
+        /// Also write DIR/split/<role>.toml, one process per role: payment, merchant, bank
+        /// and load listen on the gateway's IP address at PORT+1, PORT+2, PORT+3, PORT+4.
+        #[arg(long, value_name = "PORT")]
+        split_base_port: Option<u16>,
     },
     /// Close a collection batch for the acquirer: writes collection-<batch>.json.
     Collect {

@@ -321,6 +321,18 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     /// The name its certificate carries.
     pub server_name: String,
+    /// The role its certificate must name (URI SAN `urn:purselink:role:<role>`, as `headend
+    /// pki issue-role --role <role>` writes it); default: the endpoint's own name. A server
+    /// whose certificate names another role, or none (an `issue-server` certificate), fails
+    /// the handshake: nothing is sent to it.
+    pub role: Option<String>,
+}
+
+impl Endpoint {
+    /// The role the server at this endpoint (named `name` in `[endpoints]`) must be.
+    pub fn role<'a>(&'a self, name: &'a str) -> &'a str {
+        self.role.as_deref().unwrap_or(name)
+    }
 }
 
 /// What kind of merchant: the cable operator's own catalog, or an internet merchant.
@@ -482,6 +494,15 @@ impl HeadendConfig {
     }
 
     pub fn validate(&self) -> Result<(), String> {
+        for (name, ep) in &self.endpoints {
+            crate::quic::BoxId::new(ep.role(name)).map_err(|e| {
+                format!(
+                    "[endpoints.{name}]: the role its certificate must name is not a role name \
+                     ({}); set `role`",
+                    e.why
+                )
+            })?;
+        }
         let mut seen = std::collections::BTreeSet::new();
         for m in &self.merchants {
             if !seen.insert(&m.id) {

@@ -151,19 +151,26 @@ fn main() -> ExitCode {
             listen,
             embodiment,
             no_message_layer,
-        } => {
-            let opts = assembly::DemoOptions {
-                gateway_listen: listen,
-                embodiment,
-                message_layer: !no_message_layer,
-                ..Default::default()
-            };
-            assembly::init_demo(&dir, &opts).map(|f| {
+            split_base_port,
+        } => assembly::split_addrs(listen.ip(), split_base_port)
+            .and_then(|split| {
+                let opts = assembly::DemoOptions {
+                    gateway_listen: listen,
+                    embodiment,
+                    message_layer: !no_message_layer,
+                    split,
+                    ..Default::default()
+                };
+                assembly::init_demo(&dir, &opts)
+            })
+            .map(|f| {
                 // stdout stays the config path (scripts read it); the PIN goes to the log.
                 tracing::info!(account = assembly::DEMO_ACCOUNT, box_id = assembly::DEMO_BOX, pin_file = %f.pin_file.display(), "demo bank account: its PIN is in the PIN file");
+                if let Some(s) = &f.split {
+                    tracing::info!(gateway = %s.gateway.display(), payment = %s.payment.display(), merchant = %s.merchant.display(), bank = %s.bank.display(), load = %s.load.display(), "split deployment: one config per role");
+                }
                 println!("{}", f.config.display())
-            })
-        }
+            }),
         Command::Collect { role, out } => payment_only(&role).and_then(|p| {
             let cfg = HeadendConfig::load(&role.config).map_err(|e| e.to_string())?;
             match p.close_batch(&out.unwrap_or(cfg.state_dir))? {

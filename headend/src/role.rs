@@ -211,7 +211,9 @@ impl CallError {
         use crate::quic::QuicError as Q;
         matches!(
             self,
-            Self::Call(Q::Connection(_) | Q::ShuttingDown | Q::ApplicationClosed { .. })
+            Self::Call(
+                Q::Connection(_) | Q::ShuttingDown | Q::Superseded(_) | Q::ApplicationClosed { .. }
+            )
         )
     }
 }

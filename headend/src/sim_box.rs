@@ -48,6 +48,7 @@ pub async fn connect(ca_dir: &Path, box_id: &str, addr: SocketAddr) -> Result<Qu
     let tls = ClientTls::new(
         load_certs(&ca_dir.join("ca.crt.pem")).map_err(|e| e.to_string())?,
         issued.tls_identity(),
+        "gateway",
     );
     QuicClient::connect(&tls, &TransportSettings::default(), addr, "localhost")
         .await

@@ -58,6 +58,7 @@ async fn connect_when_up(
                         .issue_device(&headend::quic::BoxId::new("box-000777").unwrap())
                         .unwrap())
                     .tls_identity(),
+                    "gateway",
                 ),
                 &headend::quic::TransportSettings::default(),
                 addr,

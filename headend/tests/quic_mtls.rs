@@ -61,7 +61,7 @@ async fn role_certificate_maps_to_a_role_identity() {
         .ca
         .issue_role("gateway", &["gateway.purselink.test".into()], true)
         .unwrap();
-    let tls = ClientTls::new(vec![pki.ca.cert_der()], role.tls_identity());
+    let tls = ClientTls::new(vec![pki.ca.cert_der()], role.tls_identity(), "gateway");
     let resp = connect_and_call(&tls, server.addr, b"x").await.unwrap();
     assert_eq!(
         resp, b"role:gateway|x",
@@ -88,7 +88,7 @@ async fn a_server_only_certificate_cannot_be_a_client() {
             .issue_role("merchant", &["merchant.purselink.test".into()], false)
             .unwrap(),
     ] {
-        let tls = ClientTls::new(vec![pki.ca.cert_der()], cert.tls_identity());
+        let tls = ClientTls::new(vec![pki.ca.cert_der()], cert.tls_identity(), "gateway");
         let err = connect_and_call(&tls, server.addr, b"x").await.unwrap_err();
         assert!(
             matches!(
@@ -138,7 +138,7 @@ async fn certificate_from_another_ca_is_refused() {
     let rogue_ca = OperatorCa::generate().unwrap();
     let rogue = rogue_ca.issue_device(&box_id("box-000123")).unwrap();
     // It trusts the real server, but its own certificate is from the rogue CA.
-    let tls = ClientTls::new(vec![pki.ca.cert_der()], rogue.tls_identity());
+    let tls = ClientTls::new(vec![pki.ca.cert_der()], rogue.tls_identity(), "gateway");
     let err = connect_and_call(&tls, server.addr, b"hello")
         .await
         .unwrap_err();
@@ -170,6 +170,73 @@ async fn server_from_another_ca_is_refused_by_the_box() {
         .await
         .unwrap_err();
     assert!(matches!(err, QuicError::UnknownCa), "got {err:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    server.stop().await;
+}
+
+/// A server certificate of the operator CA is the gateway only if it names the gateway's role
+/// (black-box finding 3): an `issue-server` certificate for the gateway's own DNS name, or
+/// another role's, fails the box's handshake with a reason naming the role; the server's
+/// service never runs.
+#[tokio::test]
+async fn a_server_that_does_not_name_the_expected_role_is_refused() {
+    let mut pki = pki();
+    let gateway_server = pki.server.clone();
+    let names = vec![SERVER_NAME.to_string()];
+    for (what, server_cert, expect) in [
+        (
+            "issue-server",
+            pki.ca.issue_server(&names).unwrap(),
+            "names no role",
+        ),
+        (
+            "the payment role's",
+            pki.ca.issue_role("payment", &names, false).unwrap(),
+            "names role payment",
+        ),
+    ] {
+        pki.server = server_cert;
+        let (svc, calls) = counted();
+        let server = start(
+            &pki,
+            TransportSettings::default(),
+            svc,
+            Revocations::default(),
+        );
+        let err = connect_and_call(&box_tls(&pki, "box-000123"), server.addr, b"voucher")
+            .await
+            .unwrap_err();
+        eprintln!("{what}: {err}");
+        match &err {
+            QuicError::BadCertificate(reason) => assert!(
+                reason.contains(expect) && reason.contains("urn:purselink:role:gateway"),
+                "{what}: {reason}"
+            ),
+            other => panic!("{what}: expected a certificate refusal, got {other:?}"),
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 0, "{what}: the service ran");
+        server.stop().await;
+    }
+    // The gateway calling the payment role expects "payment": the gateway's own certificate
+    // (a role certificate of the operator CA, but another role) is not it.
+    pki.server = gateway_server;
+    let (svc, calls) = counted();
+    let server = start(
+        &pki,
+        TransportSettings::default(),
+        svc,
+        Revocations::default(),
+    );
+    let gateway = pki
+        .ca
+        .issue_role("gateway", &["gateway.purselink.test".into()], true)
+        .unwrap();
+    let tls = ClientTls::new(vec![pki.ca.cert_der()], gateway.tls_identity(), "payment");
+    let err = connect_and_call(&tls, server.addr, b"x").await.unwrap_err();
+    assert!(
+        matches!(&err, QuicError::BadCertificate(r) if r.contains("names role gateway, not urn:purselink:role:payment")),
+        "{err:?}"
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 0);
     server.stop().await;
 }
@@ -248,8 +315,9 @@ async fn revocation_by_certificate_fingerprint_and_serial() {
         identity_echo(),
         revocations.clone(),
     );
-    let tls =
-        |c: &headend::pki::IssuedCert| ClientTls::new(vec![pki.ca.cert_der()], c.tls_identity());
+    let tls = |c: &headend::pki::IssuedCert| {
+        ClientTls::new(vec![pki.ca.cert_der()], c.tls_identity(), "gateway")
+    };
 
     let err = connect_and_call(&tls(&stolen), server.addr, b"x")
         .await

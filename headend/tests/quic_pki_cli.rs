@@ -52,11 +52,14 @@ async fn cli_issued_files_serve_an_mtls_round_trip() {
         "--out",
         s(&boxes),
     ]);
+    // The gateway's certificate: a role certificate (a box requires the gateway's role).
     ok(&[
         "pki",
-        "issue-server",
+        "issue-role",
         "--ca",
         s(&ca),
+        "--role",
+        "gateway",
         "--name",
         "gateway.purselink.test",
         "--name",
@@ -69,7 +72,7 @@ async fn cli_issued_files_serve_an_mtls_round_trip() {
     for key in [
         ca.join("ca.key.pem"),
         boxes.join("box-000123.key.pem"),
-        servers.join("gateway.purselink.test.key.pem"),
+        servers.join("gateway.key.pem"),
     ] {
         let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{}", key.display());
@@ -81,8 +84,8 @@ async fn cli_issued_files_serve_an_mtls_round_trip() {
         &ServerTls {
             operator_ca: operator_ca.clone(),
             identity: TlsIdentity::from_pem_files(
-                &servers.join("gateway.purselink.test.crt.pem"),
-                &servers.join("gateway.purselink.test.key.pem"),
+                &servers.join("gateway.crt.pem"),
+                &servers.join("gateway.key.pem"),
             )
             .unwrap(),
         },
@@ -104,6 +107,7 @@ async fn cli_issued_files_serve_an_mtls_round_trip() {
             &boxes.join("box-000123.key.pem"),
         )
         .unwrap(),
+        "gateway",
     );
     // The server certificate names 127.0.0.1 and localhost as well as the gateway's DNS name.
     for name in ["gateway.purselink.test", "localhost", "127.0.0.1"] {
@@ -175,4 +179,61 @@ fn bad_input_gets_a_clear_error() {
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
+}
+
+/// Black-box finding 9: `headend init-demo --split-base-port PORT` writes the split per-role
+/// configs the README describes (payment, merchant, bank, load at PORT+1 … PORT+4; the
+/// gateway's endpoints name them), each of which the role loads.
+#[test]
+fn init_demo_writes_split_configs_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    ok(&[
+        "init-demo",
+        "--dir",
+        s(&out),
+        "--listen",
+        "127.0.0.1:7400",
+        "--split-base-port",
+        "7400",
+    ]);
+    let cfg = |role: &str| {
+        headend::config::HeadendConfig::load(&out.join(format!("split/{role}.toml")))
+            .unwrap_or_else(|e| panic!("split/{role}.toml: {e}"))
+    };
+    let gateway = cfg("gateway");
+    assert_eq!(
+        gateway.gateway.as_ref().unwrap().listen,
+        "127.0.0.1:7400".parse().unwrap()
+    );
+    let listens = [
+        ("payment", cfg("payment").payment.unwrap().listen),
+        ("merchant", cfg("merchant").merchant.unwrap().listen),
+        ("bank", cfg("bank").bank.unwrap().listen),
+        ("load", cfg("load").load.unwrap().listen),
+    ];
+    for (i, (role, listen)) in listens.into_iter().enumerate() {
+        let expected: SocketAddr = format!("127.0.0.1:{}", 7401 + i).parse().unwrap();
+        assert_eq!(listen, Some(expected), "{role} listens at PORT+{}", i + 1);
+        let ep = &gateway.endpoints[role];
+        assert_eq!(ep.addr, expected, "the gateway's [endpoints.{role}]");
+        assert_eq!(ep.role(role), role);
+    }
+    // Without the flag, no split directory; a base too high for four more ports is refused.
+    let plain = dir.path().join("plain");
+    ok(&["init-demo", "--dir", s(&plain)]);
+    assert!(!plain.join("split").exists());
+    let err = headend(&[
+        "init-demo",
+        "--dir",
+        s(&dir.path().join("high")),
+        "--split-base-port",
+        "65533",
+    ]);
+    assert!(!err.status.success());
+    assert!(
+        String::from_utf8_lossy(&err.stderr).contains("past port 65535"),
+        "{}",
+        String::from_utf8_lossy(&err.stderr)
+    );
 }

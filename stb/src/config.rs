@@ -144,6 +144,11 @@ pub struct HeadEndConfig {
     pub address: String,
     /// The DNS name in the gateway's certificate.
     pub server_name: String,
+    /// The head-end role the gateway's certificate must name (URI SAN
+    /// `urn:purselink:role:<server_role>`, as `headend pki issue-role` writes it). A server
+    /// certificate of the operator CA without it is refused: it is not the gateway.
+    #[serde(default = "default_server_role")]
+    pub server_role: String,
     /// PEM file with the operator CA the gateway's certificate chains to.
     pub operator_ca: PathBuf,
     /// PEM files: this box's device certificate (issued by the operator CA) and its key.
@@ -154,6 +159,10 @@ pub struct HeadEndConfig {
     pub keep_alive_secs: u64,
     #[serde(default = "default_idle")]
     pub idle_timeout_secs: u64,
+}
+
+fn default_server_role() -> String {
+    "gateway".into()
 }
 
 fn default_keep_alive() -> u64 {
@@ -296,13 +305,22 @@ pub struct LoadConfig {
 }
 
 impl Config {
-    /// Reads and validates `path`.
+    /// Reads and validates `path`. A file that names a voucher code (`[load] voucher`, the
+    /// voucher's only secret) must be readable by its owner only, like a key file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.into(),
             source,
         })?;
-        Self::parse(path, &text)
+        let cfg = Self::parse(path, &text)?;
+        if cfg.load.voucher.is_some() {
+            proto::secret::check_private(path).map_err(|e| ConfigError::Invalid {
+                path: path.into(),
+                key: "load.voucher",
+                detail: format!("the file names a voucher code (its only secret): {e}"),
+            })?;
+        }
+        Ok(cfg)
     }
 
     /// Parses and validates `text` (read from `path`, which only names it in errors).
@@ -351,6 +369,12 @@ impl Config {
         }
         if self.headend.server_name.is_empty() {
             return Err(bad("headend.server_name", "is empty".into()));
+        }
+        if let Err(e) = transport::BoxId::new(&self.headend.server_role) {
+            return Err(bad(
+                "headend.server_role",
+                format!("not a role name: {}", e.why),
+            ));
         }
         if self.headend.keep_alive_secs == 0
             || self.headend.keep_alive_secs >= self.headend.idle_timeout_secs
@@ -526,6 +550,7 @@ dir = "{p}"
         let (_d, text) = files();
         let c = Config::parse(Path::new("t.toml"), &text).unwrap();
         assert!(c.ui.enabled);
+        assert_eq!(c.headend.server_role, "gateway");
         assert_eq!(c.timeouts.offer_secs, 30);
         assert!(!c.local_api.enabled);
     }
@@ -560,6 +585,10 @@ dir = "{p}"
                 "load.pin_key",
             ),
             (format!("{text}\n[load]\nvoucher = \" \"\n"), "load.voucher"),
+            (
+                text.replace("[state]", "server_role = \"Gate Way\"\n[state]"),
+                "headend.server_role",
+            ),
         ];
         for (t, key) in cases {
             let e = Config::parse(Path::new("t.toml"), &t)
@@ -575,6 +604,33 @@ dir = "{p}"
             .unwrap_err()
             .to_string();
         assert!(e.contains("cannot read"), "{e}");
+    }
+
+    #[test]
+    fn a_config_naming_a_voucher_must_be_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let (d, text) = files();
+        let path = d.path().join("stbd.toml");
+        let mode = |m| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(m));
+        // Without a voucher the file holds no secret: any mode.
+        std::fs::write(&path, &text).unwrap();
+        mode(0o644).unwrap();
+        Config::load(&path).unwrap();
+        std::fs::write(&path, format!("{text}\n[load]\nvoucher = \"V7KQ-3M9X\"\n")).unwrap();
+        for m in [0o644, 0o640, 0o604] {
+            mode(m).unwrap();
+            let e = Config::load(&path).unwrap_err().to_string();
+            assert!(
+                e.contains("load.voucher") && e.contains("readable by its owner only"),
+                "{m:o}: {e}"
+            );
+            assert!(!e.contains("V7KQ"), "the error names the code: {e}");
+        }
+        mode(0o600).unwrap();
+        assert_eq!(
+            Config::load(&path).unwrap().load.voucher.as_deref(),
+            Some("V7KQ-3M9X")
+        );
     }
 
     #[test]

@@ -15,7 +15,13 @@ use support::*;
 #[test]
 fn local_app_payment_confirmed_by_ok_then_one_cancelled_by_back() {
     let t0 = Instant::now();
-    let Some(mut w) = World::new("local_api", Options { local_api: true }) else {
+    let Some(mut w) = World::new(
+        "local_api",
+        Options {
+            local_api: true,
+            ..Options::default()
+        },
+    ) else {
         return;
     };
     w.start_stbd(None);

@@ -42,7 +42,13 @@ fn reference(screen: &str) -> String {
 #[test]
 fn ppv_purchase_with_ok_debits_the_card_and_releases_the_event() {
     let t0 = Instant::now();
-    let Some(mut w) = World::new("ppv_ok", Options { local_api: false }) else {
+    let Some(mut w) = World::new(
+        "ppv_ok",
+        Options {
+            local_api: false,
+            ..Options::default()
+        },
+    ) else {
         return;
     };
     let home = w.start_stbd(None);
@@ -114,7 +120,13 @@ fn ppv_purchase_with_ok_debits_the_card_and_releases_the_event() {
 #[test]
 fn back_on_the_offer_leaves_everything_untouched() {
     let t0 = Instant::now();
-    let Some(mut w) = World::new("ppv_back", Options { local_api: false }) else {
+    let Some(mut w) = World::new(
+        "ppv_back",
+        Options {
+            local_api: false,
+            ..Options::default()
+        },
+    ) else {
         return;
     };
     w.start_stbd(None);
@@ -173,7 +185,13 @@ fn back_on_the_offer_leaves_everything_untouched() {
 #[test]
 fn stbd_sigkilled_between_debit_and_confirmation_completes_once_after_restart() {
     let t0 = Instant::now();
-    let Some(mut w) = World::new("ppv_kill", Options { local_api: false }) else {
+    let Some(mut w) = World::new(
+        "ppv_kill",
+        Options {
+            local_api: false,
+            ..Options::default()
+        },
+    ) else {
         return;
     };
     w.start_stbd(Some(HOOK_PAUSE_AFTER_DEBIT));
@@ -261,7 +279,13 @@ fn stbd_sigkilled_between_debit_and_confirmation_completes_once_after_restart() 
 #[test]
 fn stbd_sigkilled_before_debit_cancels_with_proof_after_restart() {
     let t0 = Instant::now();
-    let Some(mut w) = World::new("ppv_kill_undebited", Options { local_api: false }) else {
+    let Some(mut w) = World::new(
+        "ppv_kill_undebited",
+        Options {
+            local_api: false,
+            ..Options::default()
+        },
+    ) else {
         return;
     };
     w.start_stbd(Some(HOOK_PAUSE_BEFORE_DEBIT));

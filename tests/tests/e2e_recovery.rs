@@ -59,7 +59,13 @@ fn purchases_elsewhere(w: &World, n: u32, amount: u64) {
 #[test]
 fn paid_purchase_is_completed_from_the_box_journal_after_the_card_log_rolled_over() {
     let t0 = Instant::now();
-    let Some(mut w) = World::new("ppv_kill_rolled", Options { local_api: false }) else {
+    let Some(mut w) = World::new(
+        "ppv_kill_rolled",
+        Options {
+            local_api: false,
+            ..Options::default()
+        },
+    ) else {
         return;
     };
     w.start_stbd(Some(HOOK_PAUSE_AFTER_DEBIT));

@@ -20,12 +20,18 @@
 //! - Otherwise a handshake over a pending bound is dropped unanswered ([`Decision::Defer`]): an
 //!   honest client retransmits its Initial on its own and is admitted once a place is free. At
 //!   the connection limit the server refuses at once ([`Decision::Refuse`]).
+//! - One authenticated peer (a box id; any other certificate by its fingerprint) holds at most
+//!   `max_connections_per_peer` connections: its newest connection takes the place of its
+//!   oldest, which is closed as superseded ([`ConnectionSlot::superseded`]). One certificate
+//!   opening connection after connection keeps no more than its share, and an honest box
+//!   whose old connections died unseen (a restart, a lost network) is never locked out by
+//!   them.
 //!
 //! The decisions are plain functions of the counters (no sockets, no clock), tested below.
 //! [`RefusalLog`] keeps the log of refusals to one line per source per interval.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -98,6 +104,8 @@ pub(crate) struct Limits {
     pub max_connections: usize,
     /// 0: no per-source connection limit.
     pub max_connections_per_source: usize,
+    /// Connections one authenticated peer may hold; its newest supersedes its oldest.
+    pub max_connections_per_peer: usize,
     pub max_pending: usize,
     pub max_pending_per_source: usize,
     pub retry_threshold: usize,
@@ -110,6 +118,7 @@ impl Limits {
         Self {
             max_connections: s.max_connections,
             max_connections_per_source: s.max_connections_per_source,
+            max_connections_per_peer: s.max_connections_per_peer,
             max_pending: s.max_pending_handshakes,
             max_pending_per_source: s.max_pending_per_source,
             retry_threshold: s.retry_threshold,
@@ -135,6 +144,18 @@ struct Counts {
     /// Every pending handshake, by id: at most `max_pending` entries.
     handshakes: HashMap<u64, Handshake>,
     next_id: u64,
+    /// Every established connection, by id: at most `max_connections` entries.
+    slots: HashMap<u64, Slot>,
+    /// Each peer's established connections, oldest first (only peers with one).
+    peers: HashMap<String, VecDeque<u64>>,
+    next_slot: u64,
+}
+
+#[derive(Debug)]
+struct Slot {
+    source: IpAddr,
+    peer: String,
+    superseded: Arc<Eviction>,
 }
 
 #[derive(Debug)]
@@ -144,7 +165,8 @@ struct Handshake {
     evict: Arc<Eviction>,
 }
 
-/// Tells a pending handshake's task that its place was given to another client.
+/// Tells a pending handshake's task that its place was given to another client, or an
+/// established connection's task that a newer connection of its peer took its place.
 #[derive(Debug, Default)]
 pub(crate) struct Eviction {
     evicted: AtomicBool,
@@ -173,6 +195,7 @@ struct Counters {
     handshake_timeouts: AtomicU64,
     handshake_failures: AtomicU64,
     evicted: AtomicU64,
+    superseded: AtomicU64,
 }
 
 /// The admission state shared by the accept loop and every connection task.
@@ -209,6 +232,10 @@ pub struct AdmissionStats {
     pub handshake_failures: u64,
     /// Pending handshakes that gave their place to a client from a less busy source.
     pub evicted: u64,
+    /// Peers (box ids, other certificates) holding a connection now.
+    pub peers: usize,
+    /// Connections closed because their peer opened more than `max_connections_per_peer`.
+    pub superseded: u64,
 }
 
 /// A live view of a server's admission counters: [`Server::stats`](super::Server::stats).
@@ -335,12 +362,25 @@ impl Admission {
         Self::take_pending(&mut lock(&self.counts), id);
     }
 
-    fn release_established(&self, ip: IpAddr) {
-        let mut c = lock(&self.counts);
+    /// Takes connection `id` off the established counts; `None` if it already was (closed, or
+    /// superseded: whichever comes first counts, once).
+    fn take_established(c: &mut Counts, id: u64) -> Option<Slot> {
+        let slot = c.slots.remove(&id)?;
         c.established = c.established.saturating_sub(1);
-        Self::update_source(&mut c, ip, |s| {
+        Self::update_source(c, slot.source, |s| {
             s.established = s.established.saturating_sub(1)
         });
+        if let Entry::Occupied(mut e) = c.peers.entry(slot.peer.clone()) {
+            e.get_mut().retain(|held| *held != id);
+            if e.get().is_empty() {
+                e.remove();
+            }
+        }
+        Some(slot)
+    }
+
+    fn release_established(&self, id: u64) {
+        Self::take_established(&mut lock(&self.counts), id);
     }
 
     fn update_source(c: &mut Counts, ip: IpAddr, f: impl FnOnce(&mut PerSource)) {
@@ -384,6 +424,8 @@ impl Admission {
             handshake_timeouts: n(&self.counters.handshake_timeouts),
             handshake_failures: n(&self.counters.handshake_failures),
             evicted: n(&self.counters.evicted),
+            peers: c.peers.len(),
+            superseded: n(&self.counters.superseded),
         }
     }
 }
@@ -406,9 +448,13 @@ impl PendingSlot {
         }
     }
 
-    /// The handshake finished and the peer is authenticated: trade the pending slot for a
-    /// connection slot, if the connection limits allow. On refusal the pending slot is released.
-    pub fn establish(mut self) -> Result<ConnectionSlot, Refusal> {
+    /// The handshake finished and the peer is authenticated as `peer` (see
+    /// [`peer_key`](super::connection::peer_key)): trade the pending slot for a connection
+    /// slot, if the connection limits allow. When `peer` already holds
+    /// `max_connections_per_peer` connections, its oldest is superseded (taken off the counts
+    /// now, its task told to close it). On refusal the pending slot is released and nothing
+    /// is superseded.
+    pub fn establish(mut self, peer: &str) -> Result<ConnectionSlot, Refusal> {
         let Some(admission) = self.admission.take() else {
             unreachable!("a pending slot is established at most once (it is consumed)")
         };
@@ -417,8 +463,17 @@ impl PendingSlot {
         // Off the pending counts (unless an eviction just took it off: the handshake won the
         // race, and is as welcome as any other).
         Admission::take_pending(&mut c, self.id);
-        let src_established = c.sources.entry(self.ip).or_default().established;
-        let refusal = if c.established >= l.max_connections {
+        // The peer's oldest connection, if this one is to take its place.
+        let oldest = c
+            .peers
+            .get(peer)
+            .filter(|held| held.len() >= l.max_connections_per_peer)
+            .and_then(|held| held.front().copied());
+        let freed_source = oldest.and_then(|id| c.slots.get(&id)).map(|s| s.source);
+        let established = c.established - usize::from(freed_source.is_some());
+        let src_established = c.sources.entry(self.ip).or_default().established
+            - usize::from(freed_source == Some(self.ip));
+        let refusal = if established >= l.max_connections {
             Some(Refusal::Connections)
         } else if l.max_connections_per_source > 0
             && src_established >= l.max_connections_per_source
@@ -433,10 +488,27 @@ impl PendingSlot {
             admission.counters.refused.fetch_add(1, Ordering::Relaxed);
             return Err(why);
         }
-        c.established += 1;
-        if let Some(s) = c.sources.get_mut(&self.ip) {
-            s.established += 1;
+        if let Some(old) = oldest.and_then(|id| Admission::take_established(&mut c, id)) {
+            old.superseded.evict();
+            admission
+                .counters
+                .superseded
+                .fetch_add(1, Ordering::Relaxed);
         }
+        let id = c.next_slot;
+        c.next_slot += 1;
+        c.established += 1;
+        c.sources.entry(self.ip).or_default().established += 1;
+        c.peers.entry(peer.to_owned()).or_default().push_back(id);
+        let superseded = Arc::new(Eviction::default());
+        c.slots.insert(
+            id,
+            Slot {
+                source: self.ip,
+                peer: peer.to_owned(),
+                superseded: superseded.clone(),
+            },
+        );
         drop(c);
         admission
             .counters
@@ -444,7 +516,8 @@ impl PendingSlot {
             .fetch_add(1, Ordering::Relaxed);
         Ok(ConnectionSlot {
             admission,
-            ip: self.ip,
+            id,
+            superseded,
         })
     }
 }
@@ -461,12 +534,23 @@ impl Drop for PendingSlot {
 #[derive(Debug)]
 pub(crate) struct ConnectionSlot {
     admission: Arc<Admission>,
-    ip: IpAddr,
+    id: u64,
+    superseded: Arc<Eviction>,
+}
+
+impl ConnectionSlot {
+    /// Completes when a newer connection of the same peer has taken this one's place (it no
+    /// longer counts; the connection task closes it).
+    pub async fn superseded(&self) {
+        if !self.superseded.is_evicted() {
+            self.superseded.notify.notified().await;
+        }
+    }
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        self.admission.release_established(self.ip);
+        self.admission.release_established(self.id);
     }
 }
 
@@ -559,6 +643,7 @@ mod tests {
         Limits {
             max_connections: 3,
             max_connections_per_source: 0,
+            max_connections_per_peer: 4,
             max_pending: 4,
             max_pending_per_source: 2,
             retry_threshold: 3,
@@ -712,7 +797,7 @@ mod tests {
             .unwrap();
         // A handshake that finished in the race still gets its connection (its pending
         // place was given away, not its right to connect).
-        assert!(victim.establish().is_ok());
+        assert!(victim.establish("box:victim").is_ok());
         assert_eq!(a.stats().pending, 1);
     }
 
@@ -728,7 +813,7 @@ mod tests {
         let p3 = accept(&a, ip(3), true);
         assert_eq!(a.stats().established, 0);
         // The first to authenticate takes the one permit...
-        let conn = p2.establish().expect("permit free");
+        let conn = p2.establish("box:2").expect("permit free");
         assert_eq!((a.stats().pending, a.stats().established), (2, 1));
         // ...new attempts are refused at once while it is held...
         assert!(matches!(
@@ -736,10 +821,10 @@ mod tests {
             Decision::Refuse(Refusal::Connections)
         ));
         // ...and a handshake that finishes now is refused after it, releasing its pending slot.
-        assert_eq!(p1.establish().unwrap_err(), Refusal::Connections);
+        assert_eq!(p1.establish("box:1").unwrap_err(), Refusal::Connections);
         assert_eq!(a.stats().pending, 1);
         drop(conn);
-        let _c3 = p3.establish().expect("permit back");
+        let _c3 = p3.establish("box:3").expect("permit back");
         let s = a.stats();
         assert_eq!((s.pending, s.established, s.sources), (0, 1, 1), "{s:?}");
         assert_eq!(s.established_total, 2);
@@ -751,12 +836,71 @@ mod tests {
             max_connections_per_source: 1,
             ..limits()
         });
-        let _c = accept(&a, ip(1), true).establish().unwrap();
+        let _c = accept(&a, ip(1), true).establish("box:a").unwrap();
         assert!(matches!(
             a.decide(ip(1), true),
             Decision::Refuse(Refusal::SourceConnections)
         ));
-        let _d = accept(&a, ip(2), true).establish().unwrap();
+        let _d = accept(&a, ip(2), true).establish("box:b").unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_peer_over_its_share_supersedes_its_oldest_connection() {
+        let a = Admission::new(Limits {
+            max_connections: 4,
+            max_connections_per_peer: 2,
+            max_pending: 16,
+            max_pending_per_source: 16,
+            retry_threshold: 100,
+            ..limits()
+        });
+        let greedy: Vec<ConnectionSlot> = (0..2)
+            .map(|_| accept(&a, ip(1), true).establish("box:greedy").unwrap())
+            .collect();
+        // A third connection of the same box takes the place of its oldest...
+        let third = accept(&a, ip(2), true).establish("box:greedy").unwrap();
+        let s = a.stats();
+        assert_eq!((s.established, s.peers, s.superseded), (2, 1, 1), "{s:?}");
+        // ...whose task is told (at once: the notice is kept until it waits).
+        tokio::time::timeout(Duration::from_secs(5), greedy[0].superseded())
+            .await
+            .expect("the oldest connection was told it is superseded");
+        assert!(!greedy[1].superseded.is_evicted());
+        // However often it reconnects, the box keeps two places, and others connect.
+        let mut kept = vec![third];
+        for _ in 0..10 {
+            kept.push(accept(&a, ip(1), true).establish("box:greedy").unwrap());
+        }
+        let _honest = accept(&a, ip(3), true).establish("box:honest").unwrap();
+        let _other = accept(&a, ip(3), true).establish("box:other").unwrap();
+        let s = a.stats();
+        assert_eq!((s.established, s.peers, s.superseded), (4, 3, 11), "{s:?}");
+        // Dropping superseded slots releases nothing twice.
+        drop(greedy);
+        drop(kept);
+        let s = a.stats();
+        assert_eq!((s.established, s.peers, s.sources), (2, 2, 1), "{s:?}");
+    }
+
+    #[test]
+    fn at_the_connection_limit_a_peer_still_replaces_its_own_oldest() {
+        let a = Admission::new(Limits {
+            max_connections: 2,
+            max_connections_per_peer: 1,
+            ..limits()
+        });
+        // Box 1 reconnecting and box 3 connecting, handshakes in progress...
+        let again = accept(&a, ip(1), true);
+        let three = accept(&a, ip(3), true);
+        // ...while boxes 1 and 2 hold every place.
+        let b1 = accept(&a, ip(2), true).establish("box:1").unwrap();
+        let _b2 = accept(&a, ip(2), true).establish("box:2").unwrap();
+        // Box 1's new connection takes its old one's place; box 3 is refused.
+        let _b1_new = again.establish("box:1").unwrap();
+        assert!(b1.superseded.is_evicted());
+        assert_eq!(three.establish("box:3").unwrap_err(), Refusal::Connections);
+        let s = a.stats();
+        assert_eq!((s.established, s.superseded, s.refused), (2, 1, 1), "{s:?}");
     }
 
     #[test]

@@ -14,6 +14,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 
+use super::role_verifier::RoleServerVerifier;
 use super::{ALPN, QuicError};
 
 /// Transport limits and timers; every field has a default, so a config may name only some.
@@ -31,6 +32,12 @@ pub struct TransportSettings {
     /// default: boxes behind one NAT share an address, and an established connection has
     /// already shown a device certificate.
     pub max_connections_per_source: usize,
+    /// Established connections one authenticated peer may hold: a box by its box id, any
+    /// other certificate (a role's) by its fingerprint. A connection over it takes the place
+    /// of that peer's oldest, which is closed with `AppCode::Superseded` (the newest is the
+    /// one most likely alive: a box that restarted or lost its network is never locked out
+    /// by connections that died unseen). At least 1.
+    pub max_connections_per_peer: usize,
     /// Handshakes in progress at once (from a client's first packet until its certificate has
     /// verified). When all are taken, a client with a validated address takes the place of
     /// the oldest handshake (running for over a quarter of `handshake_timeout_ms`) of the
@@ -68,6 +75,7 @@ impl Default for TransportSettings {
             idle_timeout_secs: 60,
             max_connections: 10_000,
             max_connections_per_source: 0,
+            max_connections_per_peer: 4,
             max_pending_handshakes: 256,
             max_pending_per_source: 16,
             handshake_timeout_ms: 5_000,
@@ -109,6 +117,9 @@ impl TransportSettings {
         }
         if self.max_connections == 0 || self.max_streams_per_connection == 0 {
             return bad("max_connections and max_streams_per_connection must be at least 1");
+        }
+        if self.max_connections_per_peer == 0 {
+            return bad("max_connections_per_peer must be at least 1");
         }
         if self.max_frame < 2 || self.max_frame > u32::MAX as usize {
             return bad("max_frame must be between 2 and 2^32-1");
@@ -218,6 +229,11 @@ pub struct ServerTls {
 pub struct ClientTls {
     /// The CA the server's certificate must chain to.
     pub operator_ca: Vec<CertificateDer<'static>>,
+    /// The head-end role the server must be: its certificate must carry the URI SAN
+    /// `urn:purselink:role:<server_role>` (see [`crate::role_verifier`]), e.g. `gateway` for a
+    /// box. A certificate of the operator CA without it (a box's, an internet merchant's
+    /// `issue-server` certificate, another role's) fails the handshake.
+    pub server_role: String,
     /// The device or role certificate; `None` only to show the server refuses anonymous clients.
     pub identity: Option<TlsIdentity>,
     /// Protocols offered; [`ALPN`] unless a test needs a wrong one.
@@ -228,9 +244,15 @@ pub struct ClientTls {
 }
 
 impl ClientTls {
-    pub fn new(operator_ca: Vec<CertificateDer<'static>>, identity: TlsIdentity) -> Self {
+    /// A client of the head-end role `server_role` (`"gateway"` for a box).
+    pub fn new(
+        operator_ca: Vec<CertificateDer<'static>>,
+        identity: TlsIdentity,
+        server_role: impl Into<String>,
+    ) -> Self {
         Self {
             operator_ca,
+            server_role: server_role.into(),
             identity: Some(identity),
             alpn: vec![ALPN.to_vec()],
             early_data: false,
@@ -292,14 +314,17 @@ pub fn server_config(
     Ok(config)
 }
 
-/// The client side: TLS 1.3 only, the operator CA as the only root, the device certificate.
+/// The client side: TLS 1.3 only, the operator CA as the only root, a server certificate
+/// that names the expected role ([`ClientTls::server_role`]), the device certificate.
 pub fn client_config(
     tls: &ClientTls,
     settings: &TransportSettings,
 ) -> Result<quinn::ClientConfig, QuicError> {
+    let verifier = RoleServerVerifier::new(roots(&tls.operator_ca)?, &tls.server_role, provider())?;
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots(&tls.operator_ca)?);
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
     let mut crypto = match &tls.identity {
         Some(id) => builder.with_client_auth_cert(id.chain.clone(), id.key.clone_key())?,
         None => builder.with_no_client_auth(),
@@ -327,9 +352,10 @@ mod tests {
                 d.max_pending_per_source,
                 d.handshake_timeout_ms,
                 d.retry_threshold,
-                d.max_connections_per_source
+                d.max_connections_per_source,
+                d.max_connections_per_peer
             ),
-            (256, 16, 5_000, 64, 0)
+            (256, 16, 5_000, 64, 0, 4)
         );
         assert_eq!(d.handshake_timeout(), Duration::from_secs(5));
         for bad in [
@@ -347,6 +373,10 @@ mod tests {
             },
             TransportSettings {
                 max_pending_handshakes: 100_000,
+                ..d.clone()
+            },
+            TransportSettings {
+                max_connections_per_peer: 0,
                 ..d.clone()
             },
         ] {

@@ -1,6 +1,7 @@
 //! One connection: finish the handshake within the handshake timeout, name the peer from its
 //! certificate, refuse revoked boxes, take a connection slot (only now: a handshake never
-//! holds one), then accept its streams (each a task) until it closes or the server shuts down.
+//! holds one), then accept its streams (each a task) until it closes, a newer connection of
+//! the same peer supersedes it, or the server shuts down.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,8 +11,18 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::admission::{Admission, PendingSlot};
-use super::identity::peer_of;
+use super::identity::{Peer, PeerIdentity, peer_of};
 use super::{AppCode, Revocations, Service, TransportSettings, classify_connection, handler};
+
+/// Whom `max_connections_per_peer` counts by: a box by its box id (a reissued certificate is
+/// the same box); any other peer (a role, a server certificate) by its certificate, so
+/// separate instances of one role, each with its own certificate, have a share each.
+pub(crate) fn peer_key(peer: &Peer) -> String {
+    match &peer.identity {
+        PeerIdentity::Box(id) => format!("box:{id}"),
+        PeerIdentity::Role(_) | PeerIdentity::Other(_) => format!("cert:{}", peer.fingerprint),
+    }
+}
 
 pub(crate) struct ConnContext {
     pub service: Arc<dyn Service>,
@@ -84,7 +95,7 @@ pub(crate) async fn run(
         return;
     }
     // Authenticated: only now does the connection count against `max_connections`.
-    let _slot = match pending.establish() {
+    let slot = match pending.establish(&peer_key(&peer)) {
         Ok(slot) => slot,
         Err(why) => {
             if let Some(suppressed) = admission.may_log(remote.ip()) {
@@ -101,6 +112,15 @@ pub(crate) async fn run(
         tokio::select! {
             // Shutdown asked (or the server went away): stop taking transactions.
             _ = stop.changed() => break,
+            // The peer opened more connections than its share: its newest took this one's
+            // place. Close it at once, saying why (it no longer counts).
+            _ = slot.superseded() => {
+                let limit = ctx.settings.max_connections_per_peer;
+                tracing::info!(%remote, peer = ?peer.identity, limit, "connection superseded by a newer one of the same peer");
+                let why = format!("superseded: a newer connection of the same certificate took its place (at most {limit} per peer)");
+                conn.close(AppCode::Superseded.varint(), why.as_bytes());
+                return;
+            }
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
                     streams.spawn(handler::serve_stream(

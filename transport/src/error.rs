@@ -21,6 +21,9 @@ pub enum AppCode {
     ConnectionLimit = 0x12,
     /// The head end is shutting down.
     ShuttingDown = 0x13,
+    /// The peer opened more connections than `max_connections_per_peer`: a newer one of the
+    /// same certificate took this one's place.
+    Superseded = 0x14,
     /// A request frame exceeded the server's maximum frame size.
     FrameTooLarge = 0x20,
     /// A request was not one well-formed frame (bad version, truncated, trailing bytes).
@@ -43,6 +46,7 @@ impl AppCode {
             0x11 => Self::NoIdentity,
             0x12 => Self::ConnectionLimit,
             0x13 => Self::ShuttingDown,
+            0x14 => Self::Superseded,
             0x20 => Self::FrameTooLarge,
             0x21 => Self::BadFrame,
             0x22 => Self::RequestTimeout,
@@ -58,6 +62,9 @@ const ALERT_BAD_CERTIFICATE: u8 = 42;
 const ALERT_UNSUPPORTED_CERTIFICATE: u8 = 43;
 const ALERT_CERTIFICATE_REVOKED: u8 = 44;
 const ALERT_CERTIFICATE_EXPIRED: u8 = 45;
+/// Sent by the client when the server's certificate is from the operator CA but does not name
+/// the role the client expects (see `role_verifier`).
+const ALERT_CERTIFICATE_UNKNOWN: u8 = 46;
 const ALERT_UNKNOWN_CA: u8 = 48;
 /// Also sent for a certificate whose signature does not verify against the named issuer.
 const ALERT_DECRYPT_ERROR: u8 = 51;
@@ -100,6 +107,8 @@ pub enum QuicError {
     ServiceFailed,
     #[error("the head end is shutting down")]
     ShuttingDown,
+    #[error("connection closed by the head end: {0}")]
+    Superseded(String),
     #[error("connection refused by the head end (at its connection limit or not accepting)")]
     Refused,
     #[error("stream reset by the peer with unknown code {0}")]
@@ -135,7 +144,20 @@ impl From<ConnectionError> for QuicError {
     }
 }
 
+/// rustls shows a verifier's own error as `invalid peer certificate: Other(OtherError(…))`;
+/// the role check's message reads better on its own.
+fn verifier_reason(reason: String) -> String {
+    match reason
+        .strip_prefix("invalid peer certificate: Other(OtherError(")
+        .and_then(|r| r.strip_suffix("))"))
+    {
+        Some(inner) => inner.to_owned(),
+        None => reason,
+    }
+}
+
 fn alert_error(alert: u8, reason: String) -> QuicError {
+    let reason = verifier_reason(reason);
     match alert {
         ALERT_CERTIFICATE_REQUIRED => QuicError::NoClientCertificate,
         ALERT_UNKNOWN_CA => QuicError::UnknownCa,
@@ -144,6 +166,7 @@ fn alert_error(alert: u8, reason: String) -> QuicError {
         | ALERT_UNSUPPORTED_CERTIFICATE
         | ALERT_CERTIFICATE_REVOKED
         | ALERT_CERTIFICATE_EXPIRED
+        | ALERT_CERTIFICATE_UNKNOWN
         | ALERT_DECRYPT_ERROR => QuicError::BadCertificate(reason),
         _ => QuicError::Tls { alert, reason },
     }
@@ -179,6 +202,7 @@ pub fn classify_connection(e: ConnectionError) -> QuicError {
                 Some(AppCode::NoIdentity) => QuicError::NoIdentity(reason),
                 Some(AppCode::ConnectionLimit) => QuicError::Refused,
                 Some(AppCode::ShuttingDown) => QuicError::ShuttingDown,
+                Some(AppCode::Superseded) => QuicError::Superseded(reason),
                 _ => QuicError::ApplicationClosed {
                     code: close.error_code.into_inner(),
                     reason,

@@ -4,6 +4,7 @@
 //!
 //! - [`config`]: server/client configs and transport limits
 //! - [`identity`]: peer certificate → [`BoxId`], revocation list
+//! - [`role_verifier`]: the client's check that the server is the role it means to reach
 //! - [`server`] (listener) → `admission` (who may handshake, who holds a connection slot) →
 //!   `connection` (per connection) → `handler` (per stream)
 //! - [`call`](mod@call): the client side, [`call()`] for one transaction
@@ -17,6 +18,7 @@ pub mod frame_io;
 mod handler;
 pub mod identity;
 pub mod logging;
+pub mod role_verifier;
 pub mod server;
 mod service;
 

@@ -103,6 +103,7 @@ impl Server {
         tracing::info!(
             ?addr,
             max_connections = self.ctx.settings.max_connections,
+            max_connections_per_peer = self.ctx.settings.max_connections_per_peer,
             max_pending_handshakes = self.ctx.settings.max_pending_handshakes,
             max_pending_per_source = self.ctx.settings.max_pending_per_source,
             handshake_timeout_ms = self.ctx.settings.handshake_timeout_ms,

@@ -345,7 +345,8 @@ impl App {
 
     fn on_update(&mut self, u: UiUpdate) -> Vec<Intent> {
         let mut out = Vec::new();
-        match u {
+        // The one way model data comes in: every string made terminal-safe here.
+        match u.sanitized() {
             UiUpdate::CardInserted(c) => {
                 self.card = Some(c);
                 if matches!(
@@ -479,7 +480,7 @@ impl App {
         };
         let [h_left, h_right] = Layout::horizontal([
             Constraint::Min(0),
-            Constraint::Length(right.len() as u16 + 1),
+            Constraint::Length(right.chars().count() as u16 + 1),
         ])
         .areas(header);
         f.render_widget(
@@ -510,5 +511,7 @@ impl App {
         } else if self.info_open {
             info::draw(f, safe, &self.reader, self.card.as_ref());
         }
+        // The last line of defence: nothing unsafe reaches the terminal, whatever drew it.
+        crate::text::scrub(f.buffer_mut());
     }
 }

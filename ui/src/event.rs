@@ -45,6 +45,58 @@ pub enum UiUpdate {
     PinRequest(PinRequest),
 }
 
+impl UiUpdate {
+    /// The update with every string made terminal-safe and capped ([`crate::text::clean`]):
+    /// titles, names, details, references and reasons come from the network, the card or
+    /// the reader. Ids the daemon gets back in an [`Intent`] (a catalog id, an offer's
+    /// transaction id) are kept as they are; they are never drawn.
+    pub fn sanitized(self) -> Self {
+        use crate::text::{
+            self, MAX_DETAIL, MAX_NAME, MAX_PROVIDER, MAX_REASON, MAX_REF, MAX_TITLE,
+        };
+        let item = |i: CatalogItem| CatalogItem {
+            title: text::clean(&i.title, MAX_TITLE),
+            detail: text::clean(&i.detail, MAX_DETAIL),
+            ..i
+        };
+        match self {
+            UiUpdate::CardInserted(c) => UiUpdate::CardInserted(CardSummary {
+                provider: text::clean(&c.provider, MAX_PROVIDER),
+                ..c
+            }),
+            UiUpdate::Reader(ReaderState::Ready { name }) => UiUpdate::Reader(ReaderState::Ready {
+                name: text::clean(&name, MAX_REF),
+            }),
+            UiUpdate::CatalogLoaded(c) => UiUpdate::CatalogLoaded(Catalog {
+                pay_per_view: c.pay_per_view.into_iter().map(item).collect(),
+                shopping: c.shopping.into_iter().map(item).collect(),
+            }),
+            UiUpdate::Offer(o) => UiUpdate::Offer(Offer {
+                item: text::clean(&o.item, MAX_TITLE),
+                merchant: text::clean(&o.merchant, MAX_NAME),
+                ..o
+            }),
+            UiUpdate::Receipt(r) => UiUpdate::Receipt(Receipt {
+                txid: TxId(text::clean(&r.txid.0, MAX_REF)),
+                item: text::clean(&r.item, MAX_TITLE),
+                merchant: text::clean(&r.merchant, MAX_NAME),
+                ..r
+            }),
+            UiUpdate::Error(e) => UiUpdate::Error(UiError {
+                detail: e.detail.map(|d| text::clean(&d, MAX_REASON)),
+                ..e
+            }),
+            other @ (UiUpdate::Reader(_)
+            | UiUpdate::CardRemoved
+            | UiUpdate::OfferWithdrawn(_)
+            | UiUpdate::Progress(_)
+            | UiUpdate::History(_)
+            | UiUpdate::LoadMax(_)
+            | UiUpdate::PinRequest(_)) => other,
+        }
+    }
+}
+
 /// Why an offer was cancelled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CancelReason {

@@ -37,6 +37,7 @@ pub mod money;
 pub mod popups;
 pub mod strings;
 pub mod terminal;
+pub mod text;
 pub mod theme;
 
 pub use app::{App, AppConfig, ScreenId};

@@ -175,6 +175,10 @@ impl Deployment {
             .as_mut()
             .ok_or("no [payment] section")?
             .listen = Some(([127, 0, 0, 1], 0).into());
+        // The payment role with its own certificate (role `payment`), which the gateway
+        // requires of the server at its payment endpoint.
+        pay_cfg.tls.cert = files.dir.join("certs/payment.crt.pem");
+        pay_cfg.tls.key = files.dir.join("certs/payment.key.pem");
         let payment = assembly::start(
             &pay_cfg,
             Roles {
@@ -199,6 +203,7 @@ impl Deployment {
             Endpoint {
                 addr: to_payment.addr(),
                 server_name: "localhost".into(),
+                role: None,
             },
         );
         let gateway = assembly::start(

@@ -49,7 +49,11 @@ pub fn issue_identities(ca_dir: &Path, prefix: &str, n: usize) -> Result<Vec<Box
                                 .issue_device(&BoxId::new(&box_id).map_err(|e| e.to_string())?)
                                 .map_err(|e| e.to_string())?;
                             Ok(BoxIdentity {
-                                tls: ClientTls::new(ca_certs.clone(), issued.tls_identity()),
+                                tls: ClientTls::new(
+                                    ca_certs.clone(),
+                                    issued.tls_identity(),
+                                    "gateway",
+                                ),
                                 box_id,
                             })
                         })

@@ -150,7 +150,7 @@ fn echo() -> Arc<dyn Service> {
 pub async fn raw_quinn(plan: LoadPlan, payload_len: usize) -> Result<LoadReport, QuicError> {
     let ca = OperatorCa::generate().map_err(|e| QuicError::QuicConfig(e.to_string()))?;
     let server_cert = ca
-        .issue_server(&["localhost".into(), "127.0.0.1".into()])
+        .issue_role("gateway", &["localhost".into(), "127.0.0.1".into()], false)
         .map_err(|e| QuicError::QuicConfig(e.to_string()))?;
     let settings = TransportSettings {
         max_connections: plan.clients.max(1) + 8,
@@ -179,7 +179,7 @@ pub async fn raw_quinn(plan: LoadPlan, payload_len: usize) -> Result<LoadReport,
         let cert = ca
             .issue_device(&id)
             .map_err(|e| QuicError::QuicConfig(e.to_string()))?;
-        let tls = ClientTls::new(vec![ca.cert_der()], cert.tls_identity());
+        let tls = ClientTls::new(vec![ca.cert_der()], cert.tls_identity(), "gateway");
         clients.push(QuicClient::connect(&tls, &settings, addr, "localhost").await?);
     }
     let clients = Arc::new(clients);

@@ -146,6 +146,7 @@ pub async fn connect_box(ca_dir: &Path, box_id: &str, addr: std::net::SocketAddr
     let tls = ClientTls::new(
         load_certs(&ca_dir.join("ca.crt.pem")).unwrap(),
         issued.tls_identity(),
+        "gateway",
     );
     QuicClient::connect(&tls, &TransportSettings::default(), addr, "localhost")
         .await

@@ -23,7 +23,11 @@ pub struct Pki {
 pub fn pki() -> Pki {
     let ca = OperatorCa::generate().unwrap();
     let server = ca
-        .issue_server(&[SERVER_NAME.into(), "localhost".into(), "127.0.0.1".into()])
+        .issue_role(
+            "gateway",
+            &[SERVER_NAME.into(), "localhost".into(), "127.0.0.1".into()],
+            false,
+        )
         .unwrap();
     Pki { ca, server }
 }
@@ -35,7 +39,7 @@ pub fn box_id(id: &str) -> BoxId {
 /// A box's TLS settings: the operator CA as root and its own device certificate.
 pub fn box_tls(pki: &Pki, id: &str) -> ClientTls {
     let cert = pki.ca.issue_device(&box_id(id)).unwrap();
-    ClientTls::new(vec![pki.ca.cert_der()], cert.tls_identity())
+    ClientTls::new(vec![pki.ca.cert_der()], cert.tls_identity(), "gateway")
 }
 
 pub struct Running {

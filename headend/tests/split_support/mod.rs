@@ -593,7 +593,11 @@ impl Split {
         (cert, key): &(PathBuf, PathBuf),
     ) -> Result<QuicClient, String> {
         let identity = TlsIdentity::from_pem_files(cert, key).map_err(|e| e.to_string())?;
-        let tls = ClientTls::new(load_certs(&self.ca.join("ca.crt.pem")).unwrap(), identity);
+        let tls = ClientTls::new(
+            load_certs(&self.ca.join("ca.crt.pem")).unwrap(),
+            identity,
+            r.name(),
+        );
         let settings = TransportSettings::default();
         let server_name = format!("{}.purselink.test", r.name());
         let connect = QuicClient::connect(&tls, &settings, self.addr[&r], &server_name);

@@ -37,6 +37,8 @@ pub enum GatewayError {
 pub struct GatewaySettings {
     pub addr: String,
     pub server_name: String,
+    /// The role the gateway's certificate must name (`[headend] server_role`).
+    pub server_role: String,
     pub keep_alive: Duration,
     pub idle_timeout: Duration,
     pub request_timeout: Duration,
@@ -60,7 +62,7 @@ pub fn client_config(
     let ca = transport::load_certs(operator_ca).map_err(|e| file(operator_ca, &e))?;
     let identity = transport::TlsIdentity::from_pem_files(device_cert, device_key)
         .map_err(|e| file(device_cert, &e))?;
-    let mut tls = transport::ClientTls::new(ca, identity);
+    let mut tls = transport::ClientTls::new(ca, identity, s.server_role.clone());
     tls.early_data = true;
     let settings = transport::TransportSettings {
         keep_alive_secs: s.keep_alive.as_secs().max(1),
@@ -91,6 +93,7 @@ pub fn connection_level(e: &transport::QuicError) -> bool {
         Q::Connection(_)
             | Q::ApplicationClosed { .. }
             | Q::ShuttingDown
+            | Q::Superseded(_)
             | Q::Refused
             | Q::BoxRevoked(_)
             | Q::NoIdentity(_)

@@ -57,6 +57,7 @@ pub fn gateway_settings(cfg: &Config) -> GatewaySettings {
     GatewaySettings {
         addr: cfg.headend.address.clone(),
         server_name: cfg.headend.server_name.clone(),
+        server_role: cfg.headend.server_role.clone(),
         keep_alive: Duration::from_secs(cfg.headend.keep_alive_secs),
         idle_timeout: Duration::from_secs(cfg.headend.idle_timeout_secs),
         request_timeout: cfg.timeouts.network(),

@@ -60,6 +60,12 @@ pub fn pki(dir: &Path) -> Pki {
     let ca = p.self_signed(&ca_key).unwrap();
     let skey = KeyPair::generate().unwrap();
     let mut sp = CertificateParams::new(vec!["gateway.test".to_string()]).unwrap();
+    // The gateway's role, which the box requires of the server (`[headend] server_role`).
+    sp.subject_alt_names.push(rcgen::SanType::URI(
+        format!("{}gateway", transport::ROLE_URI_PREFIX)
+            .try_into()
+            .unwrap(),
+    ));
     sp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let scert = sp.signed_by(&skey, &ca, &ca_key).unwrap();
     let dkey = KeyPair::generate().unwrap();

@@ -364,6 +364,11 @@ impl Tmux {
             .expect("tmux pane_pid is a number")
     }
 
+    /// The pane's title, as the program in it set it (OSC 0/2) or tmux's default.
+    pub fn pane_title(&self) -> String {
+        self.format("#{pane_title}")
+    }
+
     pub fn pane_dead(&self) -> bool {
         self.format("#{pane_dead}") == "1"
     }
@@ -458,9 +463,13 @@ pub fn wait_reader(test: &str, present: bool) {
 // ---------------------------------------------------------------------------------------
 // The deployment
 
+#[derive(Default)]
 pub struct Options {
     /// Enable stbd's local app API on `World::socket`.
     pub local_api: bool,
+    /// Changes `headend init-demo`'s `headend.toml` before the head end starts (e.g. the
+    /// catalog a hostile merchant serves).
+    pub headend_edit: Option<fn(&str) -> String>,
 }
 
 /// One test's world. Field order is drop order: stbd (tmux) first, then the card, the head
@@ -516,6 +525,11 @@ impl World {
                 .arg("--listen")
                 .arg(addr.to_string()),
         );
+        if let Some(edit) = opts.headend_edit {
+            let path = he.join("headend.toml");
+            let text = std::fs::read_to_string(&path).expect("headend.toml");
+            std::fs::write(&path, edit(&text)).expect("headend.toml");
+        }
         let box_dir = root.join("box");
         run_ok(
             "headend pki issue-device",

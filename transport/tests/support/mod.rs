@@ -74,7 +74,7 @@ impl Pki {
     }
 }
 
-/// A fresh operator CA and a server certificate for [`SERVER_NAME`]; also returns the server
+/// A fresh operator CA and a gateway certificate (role `gateway`) for [`SERVER_NAME`]; also returns the server
 /// certificate and key as PEM (for a server run in a child process).
 pub fn pki_with_pem() -> (Pki, String, String) {
     let ca_key = KeyPair::generate().unwrap();
@@ -95,7 +95,14 @@ pub fn pki_with_pem() -> (Pki, String, String) {
     };
     let mut s = CertificateParams::default();
     s.distinguished_name.push(DnType::CommonName, SERVER_NAME);
-    s.subject_alt_names = vec![SanType::DnsName(SERVER_NAME.try_into().unwrap())];
+    s.subject_alt_names = vec![
+        SanType::DnsName(SERVER_NAME.try_into().unwrap()),
+        SanType::URI(
+            format!("{}gateway", transport::ROLE_URI_PREFIX)
+                .try_into()
+                .unwrap(),
+        ),
+    ];
     s.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let (server, cert_pem, key_pem) = pki.issue(s);
     pki.server = server;
@@ -108,13 +115,14 @@ pub fn pki() -> Pki {
 
 /// An honest box: the operator CA as root and its own device certificate.
 pub fn device_tls(pki: &Pki, id: &str) -> ClientTls {
-    ClientTls::new(vec![pki.ca_der()], pki.device(id))
+    ClientTls::new(vec![pki.ca_der()], pki.device(id), "gateway")
 }
 
 /// An outsider: trusts the operator CA (the server's chain is public), shows no certificate.
 pub fn anonymous_tls(pki: &Pki) -> ClientTls {
     ClientTls {
         operator_ca: vec![pki.ca_der()],
+        server_role: "gateway".into(),
         identity: None,
         alpn: vec![transport::ALPN.to_vec()],
         early_data: false,
