@@ -234,5 +234,5 @@ async fn one_certificate_cannot_take_every_connection_slot() {
     // Its newest connections still work.
     let last = held.last().unwrap();
     let a = ask(last, &Message::CatalogRequest, Duration::from_secs(10)).await;
-    assert!(matches!(a, Ok(_)), "{a:?}");
+    assert!(a.is_ok(), "{a:?}");
 }
