@@ -173,6 +173,7 @@ pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, String>
         }
     }
     if let Some(m) = &merchant {
+        tasks.push(tokio::spawn(m.clone().run_sweeper(rx.clone())));
         if let Some(listen) = cfg.merchant.as_ref().and_then(|s| s.listen) {
             let server = Server::bind(
                 listen,
@@ -252,8 +253,15 @@ pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, String>
         let journal = Arc::new(
             Journal::open(&cfg.state_dir.join("gateway.sqlite")).map_err(|e| e.to_string())?,
         );
-        let gw = Gateway::new(journal, &cfg.merchants, table)?;
+        let lifetimes = crate::gateway::Lifetimes {
+            offer: std::time::Duration::from_secs(section.offer_lifetime_secs),
+            hold: std::time::Duration::from_secs(section.hold_lifetime_secs),
+        };
+        let gw = Gateway::new(journal, &cfg.merchants, table, lifetimes)?;
         tasks.push(tokio::spawn(gw.clone().run_notifier(rx.clone())));
+        tasks.push(tokio::spawn(gw.clone().run_releases(rx.clone())));
+        tasks.push(tokio::spawn(gw.clone().run_reversal_feed(rx.clone())));
+        tasks.push(tokio::spawn(gw.clone().run_sweeper(rx.clone())));
         let revocations = Revocations::new(&RevocationConfig {
             box_ids: section.revoked_boxes.clone(),
             ..Default::default()

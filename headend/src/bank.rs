@@ -37,7 +37,7 @@ use crate::config::{HeadendConfig, hex_key};
 use crate::journal::{self, Journal};
 use crate::quic::BoxFuture;
 use crate::role::{Caller, Role};
-use crate::role::{journal_failed, refuse};
+use crate::role::{journal_failed, refuse, repeat};
 
 /// The per-box PIN key the box is provisioned with (a key file), derived from the bank PIN
 /// master key by box id.
@@ -148,9 +148,14 @@ pub struct Hold {
     pub transaction_id: String,
     pub account: String,
     pub amount: Money,
+    pub card_id: u64,
     pub day: Date,
     pub state: HoldState,
+    /// The hold request as received (postcard): a retry must be identical.
+    pub request: Vec<u8>,
     pub settled: Option<Message>,
+    /// The sealed confirmation that settled it: a repeat must be identical.
+    pub confirmation: Option<Vec<u8>>,
 }
 
 /// An offer made (journal kind `offer`): who may use the transaction id, for which account.
@@ -172,6 +177,8 @@ pub struct FundsSpec {
     pub pin_tries: u8,
     pub daily_limit: u64,
     pub float_account: String,
+    /// Seconds a load offer may wait for its hold request.
+    pub offer_lifetime_secs: u64,
 }
 
 /// Accounts, offers, holds and the issuer float on one journal: the hold discipline shared
@@ -186,6 +193,7 @@ pub struct Funds {
     pub pin_tries: u8,
     pub daily_limit: u64,
     pub float_account: String,
+    pub offer_lifetime_secs: u64,
     lock: tokio::sync::Mutex<()>,
 }
 
@@ -218,6 +226,7 @@ impl Funds {
             pin_tries: spec.pin_tries,
             daily_limit: spec.daily_limit,
             float_account: spec.float_account,
+            offer_lifetime_secs: spec.offer_lifetime_secs,
             lock: tokio::sync::Mutex::new(()),
         })
     }
@@ -458,19 +467,29 @@ impl Funds {
         let _g = self.lock.lock().await;
         let txid = req.transaction_id.clone();
         let t = Some(txid.as_str());
+        let raw = journal::encode(&req);
         if let Some(h) = self.hold(&txid) {
-            return if h.amount == req.amount && h.state == HoldState::Held {
+            return if h.request == raw && h.state == HoldState::Held {
                 tracing::info!(txid, "retried hold request: same hold");
                 Message::HoldPlaced(hold_placed(
                     &self.confirmation_key,
                     &txid,
                     h.amount,
-                    req.card_id,
+                    h.card_id,
                 ))
+            } else if h.request != raw {
+                refuse(
+                    ErrorCode::Replay,
+                    format!("transaction {txid} already has a hold for another request"),
+                    t,
+                )
             } else {
                 refuse(
                     ErrorCode::Replay,
-                    format!("transaction {txid} already has a hold ({:?})", h.state),
+                    format!(
+                        "transaction {txid}'s hold is already settled ({:?})",
+                        h.state
+                    ),
                     t,
                 )
             };
@@ -482,6 +501,13 @@ impl Funds {
                 t,
             );
         };
+        if now_secs() >= offer.offer.timestamp + self.offer_lifetime_secs {
+            return refuse(
+                ErrorCode::Expired,
+                format!("load offer {txid} expired; ask for a new one"),
+                t,
+            );
+        }
         let named = match &req.source {
             LoadSource::Bank { account } | LoadSource::Voucher { code: account } => account,
         };
@@ -540,9 +566,12 @@ impl Funds {
             transaction_id: txid.clone(),
             account: a.id.clone(),
             amount: req.amount,
+            card_id: req.card_id,
             day: today,
             state: HoldState::Held,
+            request: raw,
             settled: None,
+            confirmation: None,
         };
         if let Err(e) = self.journal.atomically(|b| {
             b.put("account", &a.id, &journal::encode(&a))?;
@@ -646,8 +675,13 @@ impl Funds {
             );
         };
         if let Some(done) = &hold.settled {
-            tracing::info!(txid, "retried confirmation: same settlement");
-            return done.clone();
+            return repeat(
+                hold.confirmation.as_ref(),
+                &c.sealed,
+                done,
+                "load confirmation",
+                &txid,
+            );
         }
         // Only the load server can have sealed this: the relay cannot forge a no-load.
         let body: LoadConfirmationBody =
@@ -702,6 +736,7 @@ impl Funds {
             amount,
         });
         hold.settled = Some(answer.clone());
+        hold.confirmation = Some(c.sealed.clone());
         let step = if body.loaded {
             "hold captured: moved to the issuer float"
         } else {
@@ -761,6 +796,7 @@ impl BankServer {
             pin_tries: s.pin_tries,
             daily_limit: s.daily_limit,
             float_account: s.float_account.clone(),
+            offer_lifetime_secs: s.offer_lifetime_secs,
         };
         let funds = Funds::open(spec, journal, accounts)?;
         Ok(Arc::new(Self { funds }))

@@ -68,6 +68,9 @@ pub struct BankSection {
     /// Wrong PINs in a row that lock an account until `headend bank-unlock`.
     #[serde(default = "default_pin_tries")]
     pub pin_tries: u8,
+    /// Seconds a load offer may wait for its hold request; then it is refused as expired.
+    #[serde(default = "default_offer_lifetime")]
+    pub offer_lifetime_secs: u64,
     /// Where the gateway reaches this role when it runs alone.
     pub listen: Option<SocketAddr>,
 }
@@ -87,6 +90,9 @@ pub struct LoadSection {
     /// The issuer's float account for value loaded from pre-funded accounts.
     #[serde(default = "default_float_account")]
     pub float_account: String,
+    /// Seconds a voucher load offer may wait for its hold request.
+    #[serde(default = "default_offer_lifetime")]
+    pub offer_lifetime_secs: u64,
     pub listen: Option<SocketAddr>,
 }
 
@@ -140,6 +146,15 @@ pub fn hex_key(what: &str, hex_str: &str) -> Result<DesKey, String> {
     DesKey::from_slice(&raw).map_err(|e| format!("{what}: {e}"))
 }
 
+/// 15 minutes.
+pub fn default_offer_lifetime() -> u64 {
+    900
+}
+/// 30 minutes.
+pub fn default_hold_lifetime() -> u64 {
+    1800
+}
+
 fn default_float_account() -> String {
     "ISSUER-FLOAT".into()
 }
@@ -167,6 +182,16 @@ pub struct GatewaySection {
     /// Box ids refused at connection time.
     #[serde(default)]
     pub revoked_boxes: Vec<String>,
+    /// Seconds a purchase or load offer may wait for its draw / load request; after that
+    /// it expires and is refused.
+    #[serde(default = "default_offer_lifetime")]
+    pub offer_lifetime_secs: u64,
+    /// Seconds a load may stay between its load request and its load response. Past it, a
+    /// hold the load server never authorised is released (journaled with the reason); a
+    /// hold whose load may have reached the card is never released blindly — it waits for
+    /// the box's proof and is listed by `headend status` for an operator.
+    #[serde(default = "default_hold_lifetime")]
+    pub hold_lifetime_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -193,6 +218,10 @@ pub struct MerchantSection {
     #[serde(default = "default_merchant_name")]
     pub name: String,
     pub listen: Option<SocketAddr>,
+    /// Seconds an offer stays open without a confirmation; then it is marked expired (a
+    /// valid confirmation that comes later — a debit the card proved — still releases).
+    #[serde(default = "default_offer_lifetime")]
+    pub offer_lifetime_secs: u64,
 }
 
 /// A remote role.

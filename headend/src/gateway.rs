@@ -10,9 +10,25 @@
 //! - FIG. 7: the gateway forwards the card's response and the expected signature sealed for
 //!   the merchant, which compares.
 //!
-//! In FIG. 6/7 the payment server still has to see the debit response (to keep the sale,
-//! not reverse it): the gateway journals it and delivers it in the background, retrying
-//! until the payment server has it, across restarts.
+//! Nothing accepted is lost when a role is down, and nothing is done twice:
+//! - **Releases.** Once a debit response is accepted (FIG. 4/5: the payment server
+//!   confirmed; FIG. 6: the gateway's comparison matched; FIG. 7: queued for the
+//!   merchant's comparison), the confirmation is journaled (kind `release`) before the
+//!   merchant is called, and delivered in the background until the merchant answers for
+//!   good ([`Gateway::run_releases`]). The box gets the receipt on its next retry.
+//! - **Notifications** (FIG. 6/7). The payment server must see the debit response to keep
+//!   the sale: each accepted response is journaled under its own key (kind `notify`,
+//!   `txid/card signature`) — FIG. 6 only after its own comparison — and delivered until
+//!   the payment server answers for good; only the delivered entry is deleted
+//!   ([`Gateway::run_notifier`]).
+//! - **Reversals.** The payment server's reversal feed is read in order
+//!   ([`Gateway::run_reversal_feed`]) and each reversal passed on to the merchant, which
+//!   moves the offer to Reversed; the cursor is journaled per payment server.
+//! - **Idempotency.** The transaction id is the key on every step: a retried draw request or
+//!   debit response must be identical to the first one the gateway accepted, or it is
+//!   refused as a replay. Steps of one transaction run one at a time.
+//! - **Lifetimes.** An offer not drawn within `offer_lifetime_secs` expires
+//!   ([`Gateway::run_sweeper`]); so do load offers and holds (see [`crate::gateway_load`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -21,14 +37,52 @@ use std::time::Duration;
 use proto::crypto::{self, DesKey, Mac};
 use proto::messages::*;
 use proto::money::Money;
+use proto::purse::DebitResponse;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
 use crate::config::MerchantDef;
 use crate::journal::{self, Journal};
 use crate::quic::BoxFuture;
-use crate::role::refuse;
 use crate::role::{Caller, Role};
+use crate::role::{open_body, refuse, repeat};
+
+/// How long offers and holds may stay open at the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetimes {
+    /// A purchase or load offer not drawn / requested within this expires.
+    pub offer: Duration,
+    /// A load between its request and its response (see [`crate::gateway_load`]).
+    pub hold: Duration,
+}
+
+impl Default for Lifetimes {
+    fn default() -> Self {
+        Self {
+            offer: Duration::from_secs(crate::config::default_offer_lifetime()),
+            hold: Duration::from_secs(crate::config::default_hold_lifetime()),
+        }
+    }
+}
+
+/// Where a purchase stands at the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GwState {
+    /// Offer relayed; no draw request yet.
+    Offered,
+    /// Draw request relayed to the payment server.
+    Drawn,
+    /// A confirmation was accepted and journaled; the merchant's release is pending.
+    Confirmed,
+    /// The merchant answered the confirmation (receipt kept).
+    Done,
+    /// Cancelled by the box before any draw request.
+    Cancelled,
+    /// Not drawn within the offer lifetime.
+    Expired,
+    /// The payment server reversed it (a late debit response may still complete it).
+    Reversed,
+}
 
 /// The gateway's record of a transaction (journal kind `gw`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -38,25 +92,97 @@ pub struct GwTxn {
     pub embodiment: Embodiment,
     pub tsk: Option<DesKey>,
     pub amount: Money,
+    /// When the offer was relayed, seconds since the epoch.
+    pub created: u64,
+    pub state: GwState,
+    /// The draw request as relayed (postcard): a retry must be identical.
+    pub draw: Option<Vec<u8>>,
     pub expected: Option<Mac>,
     pub sealed_expected: Option<Vec<u8>>,
     pub presealed_m: Option<Vec<u8>>,
+    /// The debit response the merchant's receipt answered: a retry must be identical.
+    pub debit_response: Option<DebitResponse>,
     pub receipt: Option<Message>,
+}
+
+/// A confirmation accepted for delivery to the merchant (journal kind `release`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Outbound {
+    pub confirmation: Confirmation,
+    /// The card's debit response it confirms.
+    pub response: DebitResponse,
+    /// The card balance after the debit, from debit result C.
+    pub new_balance: Option<u64>,
+}
+
+/// The journal key of one accepted debit response of a transaction: `txid/card signature`,
+/// so two different responses for one transaction never share an entry.
+pub fn response_key(txid: &str, resp: &DebitResponse) -> String {
+    format!("{txid}/{}", hex::encode(resp.card_signature))
+}
+
+/// The transaction id in a [`response_key`].
+fn txid_of_key(key: &str) -> &str {
+    key.rsplit_once('/').map_or(key, |(t, _)| t)
+}
+
+/// Journal kind of the sweeper's index of open offers and loads (`p/<txid>`, `l/<txid>`).
+pub(crate) const OPEN: &str = "open";
+
+/// Seconds since the epoch.
+pub(crate) fn now_secs() -> u64 {
+    crate::bank::now_secs()
+}
+
+/// Whether an answer from a role is final (it will say the same again), as opposed to
+/// "unreachable, busy or broken: ask again later".
+pub(crate) fn definite(answer: &Message) -> bool {
+    !matches!(answer, Message::Error(e) if matches!(e.code, ErrorCode::Busy | ErrorCode::Internal | ErrorCode::Timeout))
 }
 
 pub struct Gateway {
     journal: Arc<Journal>,
     merchants: HashMap<String, MerchantDef>,
     roles: HashMap<String, Arc<dyn Role>>,
+    pub(crate) lifetimes: Lifetimes,
     wake_notifier: tokio::sync::Notify,
+    wake_releases: tokio::sync::Notify,
+    wake_feed: tokio::sync::Notify,
+    /// Serializes the steps of one transaction (box retries, background delivery, sweeps).
+    locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// The per-transaction lock, released (and its map entry dropped when unused) on drop.
+pub(crate) struct TxnGuard<'a> {
+    gw: &'a Gateway,
+    txid: String,
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Drop for TxnGuard<'_> {
+    fn drop(&mut self) {
+        let mut l = self.gw.locks.lock().unwrap_or_else(|p| p.into_inner());
+        // Ours plus the map's: nobody else waits.
+        if l.get(&self.txid).is_some_and(|m| Arc::strong_count(m) <= 2) {
+            l.remove(&self.txid);
+        }
+    }
+}
+
+fn gw() -> Caller {
+    Caller::Role("gateway".into())
 }
 
 impl Gateway {
     /// `roles` maps every payment/merchant name the merchants use to the role serving it.
+    ///
+    /// # Errors
+    /// A merchant routes to a role name that `roles` does not hold.
     pub fn new(
         journal: Arc<Journal>,
         merchants: &[MerchantDef],
         roles: HashMap<String, Arc<dyn Role>>,
+        lifetimes: Lifetimes,
     ) -> Result<Arc<Self>, String> {
         for m in merchants {
             for name in [&m.payment, &m.merchant] {
@@ -75,7 +201,11 @@ impl Gateway {
                 .map(|m| (m.id.clone(), m.clone()))
                 .collect(),
             roles,
+            lifetimes,
             wake_notifier: tokio::sync::Notify::new(),
+            wake_releases: tokio::sync::Notify::new(),
+            wake_feed: tokio::sync::Notify::new(),
+            locks: Default::default(),
         }))
     }
 
@@ -87,10 +217,26 @@ impl Gateway {
         journal::decode(&self.journal.get("gw", txid).ok()??).ok()
     }
 
+    /// Takes the transaction's lock: one step of a transaction at a time.
+    pub(crate) async fn lock(&self, txid: &str) -> TxnGuard<'_> {
+        let m = {
+            let mut l = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            l.entry(txid.to_string()).or_default().clone()
+        };
+        TxnGuard {
+            gw: self,
+            txid: txid.into(),
+            _guard: m.lock_owned().await,
+        }
+    }
+
     fn save(&self, txid: &str, t: &GwTxn, step: &str) -> Result<(), Box<Message>> {
         self.journal
             .atomically(|b| {
                 b.put("gw", txid, &journal::encode(t))?;
+                if !matches!(t.state, GwState::Offered) {
+                    b.delete(OPEN, &format!("p/{txid}"))?;
+                }
                 b.step(txid, step, "")
             })
             .map_err(|e| {
@@ -115,11 +261,7 @@ impl Gateway {
         let names: BTreeSet<&String> = self.merchants.values().map(|m| &m.merchant).collect();
         let mut items = Vec::new();
         for name in names {
-            match self
-                .role(name)
-                .handle(Caller::Role("gateway".into()), Message::CatalogRequest)
-                .await
-            {
+            match self.role(name).handle(gw(), Message::CatalogRequest).await {
                 Message::Catalog(mut c) => items.append(&mut c),
                 other => {
                     tracing::warn!(merchant = %name, box_id, answer = crate::payment::kind(&other), "catalog unavailable")
@@ -142,24 +284,31 @@ impl Gateway {
             merchant_id,
             item_id,
         };
-        let answer = self
-            .role(&m.merchant)
-            .handle(Caller::Role("gateway".into()), ask)
-            .await;
+        let answer = self.role(&m.merchant).handle(gw(), ask).await;
         if let Message::Offer(o) = &answer {
+            let created = now_secs();
             let t = GwTxn {
                 box_id: box_id.into(),
                 merchant_id: o.merchant_id.clone(),
                 embodiment: o.embodiment,
                 tsk: o.tsk.clone(),
                 amount: o.amount,
+                created,
+                state: GwState::Offered,
+                draw: None,
                 expected: None,
                 sealed_expected: None,
                 presealed_m: None,
+                debit_response: None,
                 receipt: None,
             };
-            if let Err(e) = self.save(&o.transaction_id, &t, "offer relayed") {
-                return *e;
+            let txid = &o.transaction_id;
+            if let Err(e) = self.journal.atomically(|b| {
+                b.put("gw", txid, &journal::encode(&t))?;
+                b.put(OPEN, &format!("p/{txid}"), &created.to_be_bytes())?;
+                b.step(txid, "offer relayed", "")
+            }) {
+                return refuse(ErrorCode::Internal, format!("journal: {e}"), Some(txid));
             }
         }
         answer
@@ -184,10 +333,35 @@ impl Gateway {
 
     async fn draw(&self, box_id: &str, req: DrawRequest) -> Message {
         let txid = req.transaction_id.clone();
+        let _lock = self.lock(&txid).await;
         let mut t = match self.owned(box_id, &txid) {
             Ok(t) => t,
             Err(e) => return *e,
         };
+        let raw = journal::encode(&req);
+        match (t.state, &t.draw) {
+            (GwState::Offered, _) => {}
+            (_, Some(prev)) if *prev == raw => {
+                // A retry: the payment server answers it with the same debit command.
+            }
+            (GwState::Expired, _) => {
+                return refuse(
+                    ErrorCode::Expired,
+                    "the offer expired before its draw request; ask for a new offer",
+                    Some(&txid),
+                );
+            }
+            (GwState::Cancelled, _) => {
+                return refuse(ErrorCode::Replay, "the offer was cancelled", Some(&txid));
+            }
+            _ => {
+                return refuse(
+                    ErrorCode::Replay,
+                    "transaction id already used for another draw request",
+                    Some(&txid),
+                );
+            }
+        }
         if req.merchant_id != t.merchant_id {
             return refuse(
                 ErrorCode::UnknownMerchant,
@@ -197,7 +371,7 @@ impl Gateway {
         }
         // The amount must be the offer's: a box (or anything on the way) asking to pay less
         // is refused here, before any security card signs anything.
-        match req.body.open(t.tsk.as_ref()) {
+        match open_body(&req.body, t.tsk.as_ref(), "draw request body", &txid) {
             Ok(body) if body.amount == t.amount => {}
             Ok(body) => {
                 return refuse(
@@ -209,19 +383,19 @@ impl Gateway {
                     Some(&txid),
                 );
             }
-            Err(e) => {
-                return refuse(
-                    ErrorCode::BadSignature,
-                    format!("draw request body: {e}"),
-                    Some(&txid),
-                );
+            Err(e) => return e,
+        }
+        if t.draw.is_none() {
+            t.draw = Some(raw);
+            t.state = GwState::Drawn;
+            if let Err(e) = self.save(&txid, &t, "draw request relayed") {
+                return *e;
             }
         }
         let payment = self.merchants[&t.merchant_id].payment.clone();
-        let _ = self.journal.step(&txid, "draw request relayed", &payment);
         let answer = self
             .role(&payment)
-            .handle(Caller::Role("gateway".into()), Message::DrawRequest(req))
+            .handle(gw(), Message::DrawRequest(req))
             .await;
         if let Message::DebitCommand(dc) = &answer {
             match dc.body.open(t.tsk.as_ref()) {
@@ -247,132 +421,270 @@ impl Gateway {
 
     async fn debit_response(&self, box_id: &str, msg: DebitResponseMsg) -> Message {
         let txid = msg.transaction_id.clone();
-        let mut t = match self.owned(box_id, &txid) {
-            Ok(t) => t,
-            Err(e) => return *e,
-        };
-        if let Some(r) = &t.receipt {
-            tracing::info!(txid, "retried debit response: same receipt");
-            return r.clone();
-        }
-        let merchant = self.merchants[&t.merchant_id].merchant.clone();
-        let payment = self.merchants[&t.merchant_id].payment.clone();
-        let _ = self.journal.step(&txid, "debit response received", "");
-        let (confirmation, new_balance) = match t.embodiment {
-            Embodiment::SecurityCard | Embodiment::PaymentServer => {
-                match self
-                    .role(&payment)
-                    .handle(Caller::Role("gateway".into()), Message::DebitResponse(msg))
-                    .await
-                {
-                    Message::Confirmation(c) => {
-                        let balance = c.result_c.open(t.tsk.as_ref()).ok().map(|r| r.new_balance);
-                        (c, balance)
-                    }
-                    other => return other,
-                }
-            }
-            Embodiment::Gateway | Embodiment::Merchant => {
-                let resp = match msg.body.open(t.tsk.as_ref()) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        return refuse(
-                            ErrorCode::BadSignature,
-                            format!("debit response body: {e}"),
-                            Some(&txid),
-                        );
-                    }
-                };
-                // The payment server must see the response whatever happens next: journal it
-                // for background delivery before anything is released.
-                if let Err(e) = self.journal.put("notify", &txid, &journal::encode(&msg)) {
-                    return refuse(ErrorCode::Internal, format!("journal: {e}"), Some(&txid));
-                }
-                self.wake_notifier.notify_one();
-                if t.embodiment == Embodiment::Gateway {
-                    let (Some(expected), Some(m)) = (t.expected, t.presealed_m.clone()) else {
-                        return refuse(
-                            ErrorCode::Internal,
-                            "no expected signature for this transaction",
-                            Some(&txid),
-                        );
-                    };
-                    if !crypto::mac_eq(&expected, &resp.card_signature) {
-                        let _ = self.journal.step(&txid, "gateway compared: mismatch", "");
-                        return refuse(
-                            ErrorCode::BadSignature,
-                            "card signature differs from the expected one; nothing released",
-                            Some(&txid),
-                        );
-                    }
-                    let _ = self.journal.step(&txid, "gateway compared: match", "");
-                    let c = Confirmation {
-                        transaction_id: txid.clone(),
-                        result_c: Protected::Clear(DebitResultC {
-                            transaction_id: txid.clone(),
-                            success: true,
-                            amount: t.amount,
-                            new_balance: resp.new_balance,
-                        }),
-                        result_m: m,
-                        debit_response: None,
-                    };
-                    (c, Some(resp.new_balance))
-                } else {
-                    let Some(sealed) = t.sealed_expected.clone() else {
-                        return refuse(
-                            ErrorCode::Internal,
-                            "no sealed expected signature for this transaction",
-                            Some(&txid),
-                        );
-                    };
-                    let c = Confirmation {
-                        transaction_id: txid.clone(),
-                        result_c: Protected::Clear(DebitResultC {
-                            transaction_id: txid.clone(),
-                            success: true,
-                            amount: t.amount,
-                            new_balance: resp.new_balance,
-                        }),
-                        result_m: sealed,
-                        debit_response: Some(resp.clone()),
-                    };
-                    (c, Some(resp.new_balance))
-                }
-            }
-        };
-        let answer = self
-            .role(&merchant)
-            .handle(
-                Caller::Role("gateway".into()),
-                Message::Confirmation(confirmation),
-            )
-            .await;
-        let answer = match answer {
-            Message::Receipt(mut r) => {
-                r.new_balance = r.new_balance.or(new_balance);
-                Message::Receipt(r)
-            }
-            other => other,
-        };
-        if matches!(answer, Message::Receipt(_)) {
-            t.receipt = Some(answer.clone());
-            if let Err(e) = self.save(&txid, &t, "receipt relayed") {
-                return *e;
-            }
-        }
-        answer
-    }
-
-    async fn cancel(&self, box_id: &str, c: CancelMsg) -> Message {
-        let txid = c.transaction_id.clone();
+        let _lock = self.lock(&txid).await;
         let t = match self.owned(box_id, &txid) {
             Ok(t) => t,
             Err(e) => return *e,
         };
-        let _ = self
-            .journal
-            .step(&txid, "cancel relayed", &format!("{:?}", c.reason));
+        let resp = match open_body(&msg.body, t.tsk.as_ref(), "debit response body", &txid) {
+            Ok(r) => r,
+            Err(e) => return e,
+        };
+        if let Some(r) = &t.receipt {
+            return repeat(t.debit_response.as_ref(), &resp, r, "debit response", &txid);
+        }
+        if matches!(
+            t.state,
+            GwState::Offered | GwState::Cancelled | GwState::Expired
+        ) {
+            return refuse(
+                ErrorCode::UnknownTransaction,
+                "no draw request was made for this transaction",
+                Some(&txid),
+            );
+        }
+        let key = response_key(&txid, &resp);
+        if let Some(out) = self.outbound(&key) {
+            return self.deliver(&key, out).await;
+        }
+        let merchant = &self.merchants[&t.merchant_id];
+        let out = match t.embodiment {
+            Embodiment::SecurityCard | Embodiment::PaymentServer => {
+                let c = match self
+                    .role(&merchant.payment)
+                    .handle(gw(), Message::DebitResponse(msg))
+                    .await
+                {
+                    Message::Confirmation(c) => c,
+                    other => return other,
+                };
+                let new_balance = c.result_c.open(t.tsk.as_ref()).ok().map(|r| r.new_balance);
+                let out = Outbound {
+                    confirmation: c,
+                    response: resp,
+                    new_balance,
+                };
+                if let Err(e) = self.accept(&txid, &key, &out, None, "confirmation received") {
+                    return e;
+                }
+                out
+            }
+            Embodiment::Gateway => {
+                let (Some(expected), Some(m)) = (t.expected, t.presealed_m.clone()) else {
+                    return refuse(
+                        ErrorCode::Internal,
+                        "no expected signature for this transaction",
+                        Some(&txid),
+                    );
+                };
+                if !crypto::mac_eq(&expected, &resp.card_signature) {
+                    let _ = self.journal.step(&txid, "gateway compared: mismatch", "");
+                    return refuse(
+                        ErrorCode::BadSignature,
+                        "card signature differs from the expected one; nothing released",
+                        Some(&txid),
+                    );
+                }
+                let out = self.local_confirmation(&txid, &t, resp, m, None);
+                // Only a response that passed the comparison is passed on to the payment
+                // server, in the same write as its release.
+                if let Err(e) =
+                    self.accept(&txid, &key, &out, Some(&msg), "gateway compared: match")
+                {
+                    return e;
+                }
+                out
+            }
+            Embodiment::Merchant => {
+                let Some(sealed) = t.sealed_expected.clone() else {
+                    return refuse(
+                        ErrorCode::Internal,
+                        "no sealed expected signature for this transaction",
+                        Some(&txid),
+                    );
+                };
+                let out = self.local_confirmation(&txid, &t, resp.clone(), sealed, Some(resp));
+                // The merchant compares; the payment server must see every response the
+                // merchant may accept, so each one is queued for it.
+                if let Err(e) = self.accept(
+                    &txid,
+                    &key,
+                    &out,
+                    Some(&msg),
+                    "debit response queued for the merchant's comparison",
+                ) {
+                    return e;
+                }
+                out
+            }
+        };
+        self.deliver(&key, out).await
+    }
+
+    /// A confirmation the gateway builds itself (FIG. 6: the pre-sealed result M; FIG. 7:
+    /// the sealed expected signature and the card's response for the merchant).
+    fn local_confirmation(
+        &self,
+        txid: &str,
+        t: &GwTxn,
+        resp: DebitResponse,
+        result_m: Vec<u8>,
+        for_merchant: Option<DebitResponse>,
+    ) -> Outbound {
+        let new_balance = resp.new_balance;
+        Outbound {
+            confirmation: Confirmation {
+                transaction_id: txid.into(),
+                result_c: Protected::Clear(DebitResultC {
+                    transaction_id: txid.into(),
+                    success: true,
+                    amount: t.amount,
+                    new_balance,
+                }),
+                result_m,
+                debit_response: for_merchant,
+            },
+            response: resp,
+            new_balance: Some(new_balance),
+        }
+    }
+
+    /// Journals an accepted response: its release for the merchant and (FIG. 6/7) its
+    /// notification for the payment server, in one write, before either is delivered.
+    /// The refusal is the answer to relay, built once: boxing it would buy nothing.
+    #[allow(clippy::result_large_err)]
+    fn accept(
+        &self,
+        txid: &str,
+        key: &str,
+        out: &Outbound,
+        notify: Option<&DebitResponseMsg>,
+        step: &str,
+    ) -> Result<(), Message> {
+        let mut t = self.txn(txid).ok_or_else(|| {
+            refuse(
+                ErrorCode::UnknownTransaction,
+                format!("no transaction {txid}"),
+                Some(txid),
+            )
+        })?;
+        t.state = GwState::Confirmed;
+        self.journal
+            .atomically(|b| {
+                b.put("gw", txid, &journal::encode(&t))?;
+                b.put("release", key, &journal::encode(out))?;
+                if let Some(n) = notify {
+                    b.put("notify", key, &journal::encode(n))?;
+                }
+                b.step(txid, step, "")
+            })
+            .map_err(|e| refuse(ErrorCode::Internal, format!("journal: {e}"), Some(txid)))?;
+        if notify.is_some() {
+            self.wake_notifier.notify_one();
+        }
+        Ok(())
+    }
+
+    fn outbound(&self, key: &str) -> Option<Outbound> {
+        journal::decode(&self.journal.get("release", key).ok()??).ok()
+    }
+
+    /// Delivers one journaled confirmation to the merchant. A receipt is kept (and the
+    /// entry deleted) in one write; a definite refusal deletes only this entry; a merchant
+    /// that is down keeps it for the background delivery and the box gets `Busy`.
+    /// The caller holds the transaction's lock.
+    async fn deliver(&self, key: &str, out: Outbound) -> Message {
+        let txid = txid_of_key(key).to_string();
+        let Some(mut t) = self.txn(&txid) else {
+            return refuse(
+                ErrorCode::UnknownTransaction,
+                format!("no transaction {txid}"),
+                Some(&txid),
+            );
+        };
+        if let Some(r) = &t.receipt {
+            // Answered meanwhile (another response, or the background delivery).
+            let _ = self.journal.atomically(|b| b.delete("release", key));
+            return if t.debit_response.as_ref() == Some(&out.response) {
+                r.clone()
+            } else {
+                refuse(
+                    ErrorCode::Replay,
+                    "transaction completed with another debit response",
+                    Some(&txid),
+                )
+            };
+        }
+        let merchant = self.merchants[&t.merchant_id].merchant.clone();
+        let answer = self
+            .role(&merchant)
+            .handle(gw(), Message::Confirmation(out.confirmation.clone()))
+            .await;
+        match answer {
+            Message::Receipt(mut r) => {
+                r.new_balance = r.new_balance.or(out.new_balance);
+                let receipt = Message::Receipt(r);
+                t.receipt = Some(receipt.clone());
+                t.debit_response = Some(out.response);
+                t.state = GwState::Done;
+                if let Err(e) = self.journal.atomically(|b| {
+                    b.put("gw", &txid, &journal::encode(&t))?;
+                    b.delete("release", key)?;
+                    b.step(&txid, "receipt relayed", "")
+                }) {
+                    return refuse(ErrorCode::Internal, format!("journal: {e}"), Some(&txid));
+                }
+                receipt
+            }
+            other if definite(&other) => {
+                let why = match &other {
+                    Message::Error(e) => e.reason.clone(),
+                    m => crate::payment::kind(m).to_string(),
+                };
+                let _ = self.journal.atomically(|b| {
+                    b.delete("release", key)?;
+                    b.step(&txid, "merchant refused the confirmation", &why)
+                });
+                if t.state == GwState::Confirmed && self.releases_for(&txid).is_empty() {
+                    t.state = GwState::Drawn;
+                    let _ = self.save(&txid, &t, "no release pending");
+                }
+                other
+            }
+            other => {
+                tracing::warn!(
+                    txid,
+                    answer = crate::payment::kind(&other),
+                    "merchant unreachable; release kept for background delivery"
+                );
+                self.wake_releases.notify_one();
+                refuse(
+                    ErrorCode::Busy,
+                    "paid; the merchant is unreachable and the release will follow: retry for the receipt",
+                    Some(&txid),
+                )
+            }
+        }
+    }
+
+    /// The release entries journaled for a transaction.
+    fn releases_for(&self, txid: &str) -> Vec<String> {
+        self.journal
+            .range_after("release", &format!("{txid}/"), 16)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, _)| k)
+            .filter(|k| txid_of_key(k) == txid)
+            .collect()
+    }
+
+    async fn cancel(&self, box_id: &str, c: CancelMsg) -> Message {
+        let txid = c.transaction_id.clone();
+        let _lock = self.lock(&txid).await;
+        let mut t = match self.owned(box_id, &txid) {
+            Ok(t) => t,
+            Err(e) => return *e,
+        };
         let nothing_charged = || {
             Message::Receipt(Receipt {
                 transaction_id: txid.clone(),
@@ -382,82 +694,260 @@ impl Gateway {
                 new_balance: None,
             })
         };
-        // An offer whose draw request never went out has nothing to reverse anywhere.
-        let drawn = self
-            .journal
-            .steps(&txid)
-            .is_ok_and(|s| s.iter().any(|x| x == "draw request relayed"));
-        if !drawn {
-            return nothing_charged();
+        match t.state {
+            // An offer whose draw request never went out has nothing to reverse anywhere.
+            GwState::Offered => {
+                t.state = GwState::Cancelled;
+                if let Err(e) = self.save(&txid, &t, "cancelled before the draw") {
+                    return *e;
+                }
+                return nothing_charged();
+            }
+            GwState::Cancelled | GwState::Expired => return nothing_charged(),
+            _ => {}
         }
+        let _ = self
+            .journal
+            .step(&txid, "cancel relayed", &format!("{:?}", c.reason));
         let payment = self.merchants[&t.merchant_id].payment.clone();
-        match self
-            .role(&payment)
-            .handle(Caller::Role("gateway".into()), Message::Cancel(c))
-            .await
-        {
+        match self.role(&payment).handle(gw(), Message::Cancel(c)).await {
+            // The draw request never reached the payment server.
             Message::Error(e) if e.code == ErrorCode::UnknownTransaction => nothing_charged(),
+            r @ Message::Receipt(_) => {
+                self.wake_feed.notify_one();
+                r
+            }
             other => other,
         }
     }
 
     /// Delivers journaled debit responses to their payment servers (FIG. 6/7) until each is
-    /// acknowledged. Runs until `shutdown`.
-    pub async fn run_notifier(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        loop {
-            let pending: BTreeMap<String, Vec<u8>> = self
+    /// answered for good; deletes exactly the entry delivered. Runs until `shutdown`.
+    pub async fn run_notifier(self: Arc<Self>, shutdown: tokio::sync::watch::Receiver<bool>) {
+        let me = self.clone();
+        background(&self.wake_notifier, shutdown, || me.notify_pass()).await
+    }
+
+    async fn notify_pass(&self) -> bool {
+        let pending = self.journal.all("notify").unwrap_or_default();
+        let mut backlog = false;
+        for (key, bytes) in pending {
+            let txid = txid_of_key(&key).to_string();
+            let Ok(msg) = journal::decode::<DebitResponseMsg>(&bytes) else {
+                tracing::error!(key, "unreadable notification entry; left for an operator");
+                continue;
+            };
+            let Some(t) = self.txn(&txid) else { continue };
+            let Some(payment) = self
+                .merchants
+                .get(&t.merchant_id)
+                .map(|m| m.payment.clone())
+            else {
+                continue;
+            };
+            let answer = self
+                .role(&payment)
+                .handle(gw(), Message::DebitResponse(msg))
+                .await;
+            if definite(&answer) {
+                let _ = self.journal.atomically(|b| {
+                    b.delete("notify", &key)?;
+                    b.step(
+                        &txid,
+                        "payment server notified",
+                        crate::payment::kind(&answer),
+                    )
+                });
+            } else {
+                backlog = true;
+            }
+        }
+        backlog
+    }
+
+    /// Delivers journaled confirmations to the merchant until each is answered for good.
+    pub async fn run_releases(self: Arc<Self>, shutdown: tokio::sync::watch::Receiver<bool>) {
+        let me = self.clone();
+        background(&self.wake_releases, shutdown, || me.release_pass()).await
+    }
+
+    async fn release_pass(&self) -> bool {
+        let mut backlog = false;
+        for (key, bytes) in self.journal.all("release").unwrap_or_default() {
+            let Ok(out) = journal::decode::<Outbound>(&bytes) else {
+                tracing::error!(key, "unreadable release entry; left for an operator");
+                continue;
+            };
+            let txid = txid_of_key(&key).to_string();
+            let _lock = self.lock(&txid).await;
+            if self.outbound(&key).is_none() {
+                continue; // delivered meanwhile
+            }
+            let span = tracing::info_span!("release", txid = %txid);
+            let answer = self.deliver(&key, out).instrument(span).await;
+            if !definite(&answer) {
+                backlog = true;
+            }
+        }
+        backlog
+    }
+
+    /// Passes each reversal in every payment server's feed on to the merchant, in order,
+    /// once; the cursor per payment server is journaled (kind `cursor`).
+    pub async fn run_reversal_feed(self: Arc<Self>, shutdown: tokio::sync::watch::Receiver<bool>) {
+        let me = self.clone();
+        background(&self.wake_feed, shutdown, || me.feed_pass()).await
+    }
+
+    async fn feed_pass(&self) -> bool {
+        let payments: BTreeSet<String> =
+            self.merchants.values().map(|m| m.payment.clone()).collect();
+        let mut backlog = false;
+        for payment in payments {
+            let cursor = self
                 .journal
-                .all("notify")
-                .unwrap_or_default()
-                .into_iter()
-                .collect();
-            for (txid, bytes) in pending {
-                let Ok(msg) = journal::decode::<DebitResponseMsg>(&bytes) else {
-                    let _ = self.journal.atomically(|b| b.delete("notify", &txid));
+                .get("cursor", &payment)
+                .ok()
+                .flatten()
+                .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                .map_or(0, u64::from_be_bytes);
+            let page = match self
+                .role(&payment)
+                .handle(gw(), Message::ReversalsSince { after: cursor })
+                .await
+            {
+                Message::Reversals(p) => p,
+                other => {
+                    tracing::debug!(
+                        payment,
+                        answer = crate::payment::kind(&other),
+                        "reversal feed unavailable"
+                    );
+                    backlog = true;
                     continue;
-                };
-                let Some(t) = self.txn(&txid) else { continue };
-                let payment = self
-                    .merchants
-                    .get(&t.merchant_id)
-                    .map(|m| m.payment.clone());
-                let Some(payment) = payment else { continue };
-                let answer = self
-                    .role(&payment)
-                    .handle(Caller::Role("gateway".into()), Message::DebitResponse(msg))
-                    .await;
-                let delivered = match &answer {
-                    Message::Error(e) => e.code != ErrorCode::Busy && e.code != ErrorCode::Internal,
-                    _ => true,
-                };
-                if delivered {
-                    let _ = self.journal.atomically(|b| {
-                        b.delete("notify", &txid)?;
-                        b.step(
-                            &txid,
-                            "payment server notified",
-                            crate::payment::kind(&answer),
-                        )
-                    });
+                }
+            };
+            for notice in page {
+                if !self.pass_on_reversal(&payment, &notice).await {
+                    backlog = true;
+                    break;
                 }
             }
-            let backlog = !self.journal.all("notify").unwrap_or_default().is_empty();
-            let wait = if backlog {
-                Duration::from_millis(500)
-            } else {
-                Duration::from_secs(30)
-            };
-            tokio::select! {
-                _ = self.wake_notifier.notified() => {}
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.changed() => return,
+        }
+        backlog
+    }
+
+    /// Marks the transaction reversed (unless the merchant already released it: a debit
+    /// proved after the reversal) and tells the merchant. False: try again later.
+    async fn pass_on_reversal(&self, payment: &str, n: &ReversalNotice) -> bool {
+        let txid = n.transaction_id.clone();
+        let _lock = self.lock(&txid).await;
+        if let Some(mut t) = self.txn(&txid) {
+            if t.receipt.is_none() && t.state != GwState::Reversed {
+                t.state = GwState::Reversed;
+                if self
+                    .save(&txid, &t, "reversed by the payment server")
+                    .is_err()
+                {
+                    return false;
+                }
             }
+        }
+        if let Some(m) = self.merchants.get(&n.merchant_id) {
+            let answer = self
+                .role(&m.merchant)
+                .handle(gw(), Message::Reversed(n.clone()))
+                .await;
+            if !definite(&answer) {
+                return false;
+            }
+        }
+        self.journal
+            .atomically(|b| {
+                b.put("cursor", payment, &n.seq.to_be_bytes())?;
+                b.step(&txid, "reversal passed to the merchant", &n.reason)
+            })
+            .is_ok()
+    }
+
+    /// Expires offers not drawn within their lifetime, and (see [`crate::gateway_load`])
+    /// load offers and holds. Runs until `shutdown`.
+    pub async fn run_sweeper(self: Arc<Self>, shutdown: tokio::sync::watch::Receiver<bool>) {
+        let me = self.clone();
+        let never = tokio::sync::Notify::new();
+        background(&never, shutdown, || me.sweep()).await
+    }
+
+    /// One sweep over the open offers and loads. True when something is left to retry.
+    pub async fn sweep(&self) -> bool {
+        let now = now_secs();
+        let mut backlog = false;
+        for (key, created) in self.journal.all(OPEN).unwrap_or_default() {
+            let created = <[u8; 8]>::try_from(created.as_slice()).map_or(0, u64::from_be_bytes);
+            if let Some(txid) = key.strip_prefix("p/") {
+                if now >= created + self.lifetimes.offer.as_secs() {
+                    self.expire_offer(txid).await;
+                }
+            } else if let Some(txid) = key.strip_prefix("l/") {
+                backlog |= self.sweep_load(txid, now).await;
+            }
+        }
+        backlog
+    }
+
+    async fn expire_offer(&self, txid: &str) {
+        let _lock = self.lock(txid).await;
+        let Some(mut t) = self.txn(txid) else {
+            let _ = self
+                .journal
+                .atomically(|b| b.delete(OPEN, &format!("p/{txid}")));
+            return;
+        };
+        if t.state == GwState::Offered {
+            t.state = GwState::Expired;
+            if self.save(txid, &t, "offer expired").is_ok() {
+                tracing::info!(txid, "offer expired before its draw request");
+            }
+        } else {
+            let _ = self
+                .journal
+                .atomically(|b| b.delete(OPEN, &format!("p/{txid}")));
         }
     }
 
     /// Debit responses not yet delivered to a payment server.
     pub fn pending_notifications(&self) -> usize {
         self.journal.all("notify").map(|v| v.len()).unwrap_or(0)
+    }
+
+    /// Confirmations not yet answered by the merchant.
+    pub fn pending_releases(&self) -> usize {
+        self.journal.all("release").map(|v| v.len()).unwrap_or(0)
+    }
+}
+
+/// Runs `pass` until `shutdown`: again after 500 ms while it reports a backlog, else after
+/// 5 s or when `wake` fires.
+async fn background<F, Fut>(
+    wake: &tokio::sync::Notify,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    mut pass: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    loop {
+        let backlog = pass().await;
+        let wait = if backlog {
+            Duration::from_millis(500)
+        } else {
+            Duration::from_secs(5)
+        };
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return,
+        }
     }
 }
 
@@ -466,7 +956,7 @@ impl Role for Gateway {
         Box::pin(async move {
             let Caller::Box(box_id) = caller else {
                 return refuse(
-                    ErrorCode::NotYourAccount,
+                    ErrorCode::Forbidden,
                     "the gateway serves set-top boxes only",
                     None,
                 );
@@ -482,8 +972,15 @@ impl Role for Gateway {
                         tracing::info_span!("draw", txid = %r.transaction_id, box_id = %box_id);
                     self.draw(&box_id, r).instrument(span).await
                 }
-                Message::DebitResponse(r) => self.debit_response(&box_id, r).await,
-                Message::Cancel(c) => self.cancel(&box_id, c).await,
+                Message::DebitResponse(r) => {
+                    let span = tracing::info_span!("debit response", txid = %r.transaction_id, box_id = %box_id);
+                    self.debit_response(&box_id, r).instrument(span).await
+                }
+                Message::Cancel(c) => {
+                    let span =
+                        tracing::info_span!("cancel", txid = %c.transaction_id, box_id = %box_id);
+                    self.cancel(&box_id, c).instrument(span).await
+                }
                 m @ (Message::LoadOfferRequest(_)
                 | Message::LoadRequest(_)
                 | Message::LoadResponse(_)) => self.load_dispatch(&box_id, m).await,
@@ -495,4 +992,19 @@ impl Role for Gateway {
             }
         })
     }
+}
+
+/// Open records in a journal's sweep index (`open`: the gateway's `p/` offers and `l/`
+/// loads, the merchant's offers), for status output.
+pub fn open_counts(journal: &Journal) -> BTreeMap<&'static str, usize> {
+    let mut out = BTreeMap::new();
+    for (k, _) in journal.all(OPEN).unwrap_or_default() {
+        let kind = if k.starts_with("l/") {
+            "loads"
+        } else {
+            "offers"
+        };
+        *out.entry(kind).or_default() += 1;
+    }
+    out
 }

@@ -5,13 +5,22 @@
 //! | box sends | the gateway does | box gets |
 //! |---|---|---|
 //! | `LoadOfferRequest` | funder: `RoutedLoadOfferRequest` → `LoadOffer` | `LoadOffer` |
-//! | `LoadRequest` | funder: `HoldRequest` (PIN, limits) → `HoldPlaced`; load server: `LoadRequest` → `LoadCommand` (or `LoadRefused`, whose sealed no-load goes to the funder to release the hold) | `LoadCommand` |
+//! | `LoadRequest` | funder: `HoldRequest` (PIN, limits) → `HoldPlaced` (MACed by the funder); load server: `RoutedLoadRequest` (the request with the hold) → `LoadCommand` (or `LoadRefused`, whose sealed no-load goes to the funder to release the hold) | `LoadCommand` |
 //! | `LoadResponse` | load server → `LoadConfirmation` (sealed for the funder); funder: `LoadConfirmation` → `HoldSettled` | `LoadConfirmation` |
 //!
-//! The gateway journals each step (kind `gwload`) and keeps the answers: a retried load
-//! request gets the same load command, a retried load response the same confirmation.
-//! When a hop is unreachable the box gets `Busy` and retries with the same transaction id;
-//! every hop is idempotent on it, so a retry never holds or loads twice.
+//! The gateway journals each step (kind `gwload`) before it acts. The transaction id is the
+//! idempotency key: a retried load request must be byte-identical to the first one (else
+//! `Replay`) and gets the same load command; the hold travels with it, and the load server
+//! authorises no more than the hold. A retried load response must be identical to the one
+//! that produced the confirmation. When a hop is unreachable the box gets `Busy` and retries.
+//!
+//! Lifetimes ([`crate::gateway::Lifetimes`]): a load offer with no load request expires; a
+//! load whose response has not come within the hold lifetime is asked of the load server
+//! with `LoadExpire` — never authorised: refused for good there, and its sealed no-load
+//! releases the hold (journaled with the reason); authorised (the value may be on the
+//! card): the hold is never released blindly, it waits for the box's proof and `headend
+//! status` lists it for an operator. A confirmation the funder has not settled yet is
+//! delivered again on every sweep.
 
 // A refusal is the answer message itself, relayed to the box: boxing it would buy nothing.
 #![allow(clippy::result_large_err)]
@@ -22,10 +31,10 @@ use proto::messages::*;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, OPEN, definite, now_secs};
 use crate::journal;
-use crate::role::refuse;
 use crate::role::{Caller, Role};
+use crate::role::{refuse, repeat};
 
 /// Role-table name of the bank server.
 pub const BANK: &str = "bank";
@@ -38,10 +47,29 @@ pub struct GwLoad {
     pub box_id: String,
     pub funder: String,
     pub offer: LoadOffer,
+    /// When the offer was relayed, seconds since the epoch.
+    pub created: u64,
+    /// The first load request (postcard) and when it came: a retry must be identical.
+    pub request: Option<Vec<u8>>,
+    pub requested_at: Option<u64>,
     pub hold: Option<HoldPlaced>,
     pub command: Option<Message>,
+    /// The load response (postcard) that produced the confirmation.
+    pub response: Option<Vec<u8>>,
     pub confirmation: Option<Message>,
     pub settled: Option<HoldSettled>,
+    /// Not requested within the offer lifetime.
+    pub expired: bool,
+    /// Past the hold lifetime with a load command issued: waits for the box's proof or an
+    /// operator; listed by `headend status`.
+    pub awaiting_operator: bool,
+}
+
+impl GwLoad {
+    /// Still open: neither settled nor expired.
+    pub fn is_open(&self) -> bool {
+        self.settled.is_none() && !self.expired
+    }
 }
 
 fn funder_of(source: &LoadSource) -> &'static str {
@@ -70,10 +98,27 @@ impl Gateway {
         journal::decode(&self.journal().get("gwload", txid).ok()??).ok()
     }
 
+    /// Every load the gateway holds open past its hold lifetime with a load command issued:
+    /// the operator's queue.
+    pub fn loads_awaiting_operator(&self) -> Vec<(String, GwLoad)> {
+        self.journal()
+            .all("gwload")
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(k, b)| Some((k, journal::decode::<GwLoad>(&b).ok()?)))
+            .filter(|(_, t)| t.awaiting_operator && t.is_open())
+            .collect()
+    }
+
     fn save_load(&self, txid: &str, t: &GwLoad, step: &str) -> Result<(), Message> {
         self.journal()
             .atomically(|b| {
                 b.put("gwload", txid, &journal::encode(t))?;
+                if t.is_open() {
+                    b.put(OPEN, &format!("l/{txid}"), &t.created.to_be_bytes())?;
+                } else {
+                    b.delete(OPEN, &format!("l/{txid}"))?;
+                }
                 b.step(txid, step, "")
             })
             .map_err(|e| refuse(ErrorCode::Internal, format!("journal: {e}"), Some(txid)))
@@ -116,10 +161,16 @@ impl Gateway {
                 box_id: box_id.into(),
                 funder: funder.into(),
                 offer: o.clone(),
+                created: now_secs(),
+                request: None,
+                requested_at: None,
                 hold: None,
                 command: None,
+                response: None,
                 confirmation: None,
                 settled: None,
+                expired: false,
+                awaiting_operator: false,
             };
             if let Err(e) = self.save_load(&o.transaction_id, &t, "load offer relayed") {
                 return e;
@@ -129,17 +180,39 @@ impl Gateway {
         answer
     }
 
-    /// Load request: hold at the funder first, then S1 to the load server for S2.
+    /// Load request: hold at the funder first, then the request with the hold to the load
+    /// server for S2.
     pub(crate) async fn load_request(&self, box_id: &str, req: LoadRequest) -> Message {
         let txid = req.transaction_id.clone();
         let t_ = Some(txid.as_str());
+        let _lock = self.lock(&txid).await;
         let mut t = match self.owned_load(box_id, &txid) {
             Ok(t) => t,
             Err(e) => return e,
         };
-        if let Some(c) = &t.command {
-            tracing::info!(txid, "retried load request: same load command");
-            return c.clone();
+        let raw = journal::encode(&req);
+        match &t.request {
+            Some(prev) if *prev != raw => {
+                return refuse(
+                    ErrorCode::Replay,
+                    "transaction id already used for another load request",
+                    t_,
+                );
+            }
+            Some(_) => {
+                if let Some(c) = &t.command {
+                    tracing::info!(txid, "retried load request: same load command");
+                    return c.clone();
+                }
+            }
+            None if t.expired => {
+                return refuse(
+                    ErrorCode::Expired,
+                    "the load offer expired; ask for a new one",
+                    t_,
+                );
+            }
+            None => {}
         }
         if req.source != t.offer.source {
             return refuse(
@@ -161,28 +234,70 @@ impl Gateway {
             (Ok(f), Ok(l)) => (f, l),
             (Err(e), _) | (_, Err(e)) => return e,
         };
-        if t.hold.is_none() {
-            let hold = HoldRequest {
-                box_id: box_id.into(),
-                transaction_id: txid.clone(),
-                source: req.source.clone(),
-                amount: req.amount,
-                card_id: req.init.card_id,
-                card_balance: req.init.balance,
-                card_max_balance: req.init.max_balance,
-                sealed_pin: req.sealed_pin.clone(),
-            };
-            match funder.handle(gw(), Message::HoldRequest(hold)).await {
-                Message::HoldPlaced(h) => {
-                    t.hold = Some(h);
-                    if let Err(e) = self.save_load(&txid, &t, "hold placed") {
-                        return e;
-                    }
-                }
-                other => return other,
+        if t.request.is_none() {
+            t.request = Some(raw);
+            t.requested_at = Some(now_secs());
+            if let Err(e) = self.save_load(&txid, &t, "load request received") {
+                return e;
             }
         }
-        let answer = load.handle(gw(), Message::LoadRequest(req)).await;
+        let hold = match &t.hold {
+            Some(h) => h.clone(),
+            None => {
+                let ask = HoldRequest {
+                    box_id: box_id.into(),
+                    transaction_id: txid.clone(),
+                    source: req.source.clone(),
+                    amount: req.amount,
+                    card_id: req.init.card_id,
+                    card_balance: req.init.balance,
+                    card_max_balance: req.init.max_balance,
+                    sealed_pin: req.sealed_pin.clone(),
+                };
+                match funder.handle(gw(), Message::HoldRequest(ask)).await {
+                    Message::HoldPlaced(h)
+                        if h.transaction_id == txid
+                            && h.amount == req.amount
+                            && h.card_id == req.init.card_id =>
+                    {
+                        t.hold = Some(h.clone());
+                        if let Err(e) = self.save_load(&txid, &t, "hold placed") {
+                            return e;
+                        }
+                        h
+                    }
+                    Message::HoldPlaced(h) => {
+                        return refuse(
+                            ErrorCode::Internal,
+                            format!(
+                                "the funder's hold ({} {} card {:X}) is not for this request",
+                                h.transaction_id, h.amount, h.card_id
+                            ),
+                            t_,
+                        );
+                    }
+                    other => {
+                        if definite(&other) {
+                            // Refused for good before any hold (wrong PIN, a limit): the
+                            // request is spent, and another one may follow under this id.
+                            t.request = None;
+                            t.requested_at = None;
+                            let why = match &other {
+                                Message::Error(e) => format!("hold refused: {:?}", e.code),
+                                m => format!("hold refused: {}", crate::payment::kind(m)),
+                            };
+                            if let Err(e) = self.save_load(&txid, &t, &why) {
+                                return e;
+                            }
+                        }
+                        return other;
+                    }
+                }
+            }
+        };
+        let answer = load
+            .handle(gw(), Message::RoutedLoadRequest { request: req, hold })
+            .await;
         match answer {
             Message::LoadCommand(_) => {
                 t.command = Some(answer.clone());
@@ -197,10 +312,10 @@ impl Gateway {
                 let _ = self
                     .journal()
                     .step(&txid, "load request refused", &r.error.reason);
-                let settled = self
+                if let Err(e) = self
                     .settle(&mut t, &funder, r.confirmation.clone(), &txid)
-                    .await;
-                if let Err(e) = settled {
+                    .await
+                {
                     return e;
                 }
                 Message::Error(r.error)
@@ -220,7 +335,10 @@ impl Gateway {
         if let Some(s) = &t.settled {
             return Ok(s.clone());
         }
-        t.confirmation = Some(Message::LoadConfirmation(c.clone()));
+        if t.confirmation.is_none() {
+            t.confirmation = Some(Message::LoadConfirmation(c.clone()));
+            self.save_load(txid, t, "load confirmation received")?;
+        }
         match funder.handle(gw(), Message::LoadConfirmation(c)).await {
             Message::HoldSettled(s) => {
                 t.settled = Some(s.clone());
@@ -251,13 +369,16 @@ impl Gateway {
     pub(crate) async fn load_response(&self, box_id: &str, msg: LoadResponseMsg) -> Message {
         let txid = msg.transaction_id.clone();
         let t_ = Some(txid.as_str());
+        let _lock = self.lock(&txid).await;
         let mut t = match self.owned_load(box_id, &txid) {
             Ok(t) => t,
             Err(e) => return e,
         };
-        if let (Some(c), Some(_)) = (&t.confirmation, &t.settled) {
-            tracing::info!(txid, "retried load response: same confirmation");
-            return c.clone();
+        let raw = journal::encode(&msg);
+        if let (Some(c), Some(prev)) = (&t.confirmation, &t.response) {
+            if *prev != raw || t.settled.is_some() {
+                return repeat(Some(prev), &raw, c, "load response", &txid);
+            }
         }
         let (funder, load) = match (self.load_role(&t.funder, t_), self.load_role(LOAD, t_)) {
             (Ok(f), Ok(l)) => (f, l),
@@ -268,6 +389,13 @@ impl Gateway {
             Message::LoadConfirmation(c) => c,
             other => return other,
         };
+        if t.response.is_none() {
+            t.response = Some(raw);
+            t.confirmation = Some(Message::LoadConfirmation(c.clone()));
+            if let Err(e) = self.save_load(&txid, &t, "load confirmation received") {
+                return e;
+            }
+        }
         match self.settle(&mut t, &funder, c.clone(), &txid).await {
             Ok(s) => {
                 tracing::info!(
@@ -279,6 +407,86 @@ impl Gateway {
                 Message::LoadConfirmation(c)
             }
             Err(e) => e,
+        }
+    }
+
+    /// One sweep step for an open load (see the module doc). True: retry soon.
+    pub(crate) async fn sweep_load(&self, txid: &str, now: u64) -> bool {
+        let _lock = self.lock(txid).await;
+        let Some(mut t) = self.load_txn(txid) else {
+            let _ = self
+                .journal()
+                .atomically(|b| b.delete(OPEN, &format!("l/{txid}")));
+            return false;
+        };
+        if !t.is_open() {
+            let _ = self
+                .journal()
+                .atomically(|b| b.delete(OPEN, &format!("l/{txid}")));
+            return false;
+        }
+        let Ok(funder) = self.load_role(&t.funder, Some(txid)) else {
+            return false;
+        };
+        // A confirmation the funder has not settled: deliver it again.
+        if let Some(Message::LoadConfirmation(c)) = t.confirmation.clone() {
+            return self.settle(&mut t, &funder, c, txid).await.is_err();
+        }
+        let Some(requested) = t.requested_at else {
+            if now >= t.created + self.lifetimes.offer.as_secs() {
+                t.expired = true;
+                if self.save_load(txid, &t, "load offer expired").is_ok() {
+                    tracing::info!(txid, "load offer expired before its load request");
+                }
+            }
+            return false;
+        };
+        if now < requested + self.lifetimes.hold.as_secs() {
+            return false;
+        }
+        let Ok(load) = self.load_role(LOAD, Some(txid)) else {
+            return false;
+        };
+        let answer = load
+            .handle(
+                gw(),
+                Message::LoadExpire {
+                    transaction_id: txid.into(),
+                },
+            )
+            .await;
+        match answer {
+            Message::LoadConfirmation(c) if !c.loaded => {
+                let _ = self.journal().step(
+                    txid,
+                    "hold lifetime over: the load server never authorised the load",
+                    "",
+                );
+                match self.settle(&mut t, &funder, c, txid).await {
+                    Ok(_) => {
+                        tracing::info!(txid, "expired hold released");
+                        false
+                    }
+                    Err(_) => true,
+                }
+            }
+            Message::LoadConfirmation(c) => self.settle(&mut t, &funder, c, txid).await.is_err(),
+            Message::Error(e) if e.code == ErrorCode::InDoubt => {
+                if !t.awaiting_operator {
+                    t.awaiting_operator = true;
+                    let _ = self.save_load(
+                        txid,
+                        &t,
+                        "hold lifetime over with a load command issued: awaiting the box's proof or an operator",
+                    );
+                    tracing::warn!(
+                        txid,
+                        "load may be on the card: hold kept for the box's proof or an operator"
+                    );
+                }
+                false
+            }
+            other => !definite(&other),
         }
     }
 

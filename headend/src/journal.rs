@@ -218,6 +218,46 @@ impl Journal {
             .map_err(|e| self.err(e))
     }
 
+    /// The greatest key of a kind, if any.
+    ///
+    /// # Errors
+    /// The journal cannot be read.
+    pub fn last_key(&self, kind: &str) -> Result<Option<String>, JournalError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        conn.query_row(
+            "SELECT key FROM state WHERE kind = ?1 ORDER BY key DESC LIMIT 1",
+            params![kind],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(|e| self.err(e))
+    }
+
+    /// At most `limit` (key, value) of a kind with keys after `after`, in key order.
+    ///
+    /// # Errors
+    /// The journal cannot be read.
+    pub fn range_after(
+        &self,
+        kind: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, JournalError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = conn
+            .prepare_cached(
+                "SELECT key, value FROM state WHERE kind = ?1 AND key > ?2 ORDER BY key LIMIT ?3",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map(params![kind, after, limit as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| self.err(e))
+    }
+
     /// The steps journaled for one transaction, oldest first.
     pub fn steps(&self, txid: &str) -> Result<Vec<String>, JournalError> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());

@@ -32,7 +32,7 @@ use crate::config::{HeadendConfig, hex_key, load_issuer_keys};
 use crate::journal::{self, Journal};
 use crate::quic::BoxFuture;
 use crate::role::{Caller, Role};
-use crate::role::{journal_failed, refuse};
+use crate::role::{journal_failed, refuse, repeat};
 
 /// The seam for a hardware HSM: the three operations the load server needs. The software
 /// [`Hsm`] implements it; a PKCS#11 or network HSM would too.
@@ -118,6 +118,8 @@ pub struct LoadRec {
     pub answer: Message,
     pub verdict: Option<String>,
     pub confirmation: Option<Message>,
+    /// The load response (postcard) that produced the confirmation: a repeat must be it.
+    pub response: Option<Vec<u8>>,
 }
 
 pub struct LoadServer {
@@ -193,6 +195,7 @@ impl LoadServer {
             pin_tries: u8::MAX,
             daily_limit: s.daily_limit,
             float_account: s.float_account.clone(),
+            offer_lifetime_secs: s.offer_lifetime_secs,
         };
         let prefunded = Funds::open(spec, journal.clone(), accounts)?;
         for (txid, b) in journal.all("load").map_err(|e| e.to_string())? {
@@ -284,6 +287,7 @@ impl LoadServer {
             answer: answer.clone(),
             verdict: Some(reason),
             confirmation: Some(Message::LoadConfirmation(conf)),
+            response: None,
         };
         if let Err(e) = self.journal.atomically(|b| {
             b.put("load", txid, &journal::encode(&rec))?;
@@ -294,8 +298,31 @@ impl LoadServer {
         answer
     }
 
-    async fn load_request(&self, req: LoadRequest) -> Message {
+    /// A load request with its funder's hold (001 [0137]–[0138]): the hold must carry the
+    /// funder's MAC and be for exactly this transaction, amount and card — the load server
+    /// never authorises more than the funder holds.
+    async fn load_request(&self, req: LoadRequest, hold: HoldPlaced) -> Message {
         let txid = req.transaction_id.clone();
+        if !crate::bank::hold_verifies(&self.confirmation_key, &hold) {
+            return refuse(
+                ErrorCode::Forbidden,
+                "the hold does not carry its funder's MAC; nothing authorised",
+                Some(&txid),
+            );
+        }
+        if hold.transaction_id != txid
+            || hold.amount != req.amount
+            || hold.card_id != req.init.card_id
+        {
+            return refuse(
+                ErrorCode::AmountMismatch,
+                format!(
+                    "the load request ({} card {:X}) is not what the funder holds ({} card {:X} for {})",
+                    req.amount, req.init.card_id, hold.amount, hold.card_id, hold.transaction_id
+                ),
+                Some(&txid),
+            );
+        }
         // Syntax check ([0137]).
         if txid.is_empty() || txid.len() > 64 {
             return refuse(
@@ -351,6 +378,7 @@ impl LoadServer {
             answer: answer.clone(),
             verdict: None,
             confirmation: None,
+            response: None,
         };
         let snap = hsm.snapshot();
         if let Err(e) = self.journal.atomically(|b| {
@@ -396,9 +424,11 @@ impl LoadServer {
                 Some(&txid),
             );
         };
+        let raw = journal::encode(&msg);
         if let Some(c) = &rec.confirmation {
-            tracing::info!(txid, "retried load response: same confirmation");
-            return c.clone();
+            // A repeat must be the response that produced the confirmation (a refusal for
+            // good has none: any answer gets its no-load).
+            return repeat(rec.response.as_ref(), &raw, c, "load response", &txid);
         }
         if let Err(e) = self.journal.step(
             &txid,
@@ -476,6 +506,7 @@ impl LoadServer {
         };
         rec.verdict = Some(basis.clone());
         rec.confirmation = Some(Message::LoadConfirmation(conf.clone()));
+        rec.response = Some(raw);
         hsm.forget(&txid);
         let snap = hsm.snapshot();
         if let Err(e) = self.journal.atomically(|b| {
@@ -491,6 +522,38 @@ impl LoadServer {
     }
 }
 
+impl LoadServer {
+    /// The gateway's [`Message::LoadExpire`]: a load never authorised is refused for good
+    /// and its sealed no-load returned (the funder releases the hold); one already settled
+    /// returns its confirmation; one authorised and unresolved is `InDoubt` — the card may
+    /// hold the value, so nothing is released blindly.
+    async fn expire(&self, txid: String) -> Message {
+        let _hsm = self.hsm.lock().await;
+        let hsm_id = _hsm.id();
+        match self.record(&txid) {
+            None => match self.refuse_for_good(
+                Vec::new(),
+                subject(&txid, Money::zero(proto::money::Currency::EUR), 0, hsm_id),
+                ErrorCode::Expired,
+                "the hold's lifetime ended before any load request reached the load server".into(),
+            ) {
+                Message::LoadRefused(r) => Message::LoadConfirmation(r.confirmation),
+                other => other,
+            },
+            Some(rec) => match (&rec.confirmation, rec.state) {
+                (Some(c), _) => c.clone(),
+                (None, state) => refuse(
+                    ErrorCode::InDoubt,
+                    format!(
+                        "load command issued ({state:?}): the card may hold the value; the hold waits for the box's proof"
+                    ),
+                    Some(&txid),
+                ),
+            },
+        }
+    }
+}
+
 impl Role for LoadServer {
     fn handle(&self, caller: Caller, msg: Message) -> BoxFuture<'_, Message> {
         Box::pin(async move {
@@ -502,9 +565,18 @@ impl Role for LoadServer {
                 );
             }
             match msg {
-                Message::LoadRequest(r) => {
-                    let span = tracing::info_span!("load", txid = %r.transaction_id);
-                    self.load_request(r).instrument(span).await
+                Message::RoutedLoadRequest { request, hold } => {
+                    let span = tracing::info_span!("load", txid = %request.transaction_id);
+                    self.load_request(request, hold).instrument(span).await
+                }
+                Message::LoadRequest(r) => refuse(
+                    ErrorCode::Forbidden,
+                    "load requests reach the load server only through the gateway, with the funder's hold",
+                    Some(&r.transaction_id),
+                ),
+                Message::LoadExpire { transaction_id } => {
+                    let span = tracing::info_span!("load", txid = %transaction_id);
+                    self.expire(transaction_id).instrument(span).await
                 }
                 Message::LoadResponse(r) => {
                     let span = tracing::info_span!("load", txid = %r.transaction_id);

@@ -30,16 +30,29 @@ use crate::role::{Caller, Role};
 pub enum OfferState {
     Offered,
     Released,
+    /// No confirmation within the offer lifetime.
+    Expired,
+    /// The payment server reversed the transaction.
+    Reversed,
 }
 
-/// The merchant's record of an offer (journal kind `offer`).
+/// The merchant's record of an offer (journal kind `offer`). Expired and Reversed are not
+/// final for a confirmation: one that validates (the card's debit proved late) still
+/// releases the goods, once.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OfferRecord {
     pub offer: Offer,
     pub box_id: String,
     pub state: OfferState,
+    /// When the offer was made, seconds since the epoch.
+    pub created: u64,
     pub receipt: Option<Receipt>,
+    /// The confirmation that released the goods (postcard): a repeat must be identical.
+    pub confirmation: Option<Vec<u8>>,
 }
+
+/// Journal kind of the index of offers still `Offered`, swept for expiry.
+const OPEN: &str = "open";
 
 struct Shop {
     def: MerchantDef,
@@ -50,15 +63,15 @@ pub struct MerchantServer {
     journal: Arc<Journal>,
     shops: HashMap<String, Shop>,
     next_order: AtomicU64,
+    offer_lifetime_secs: u64,
+    /// One change to an offer record at a time (confirmation, reversal, expiry).
+    write: std::sync::Mutex<()>,
 }
 
 impl MerchantServer {
     pub fn open(cfg: &HeadendConfig) -> Result<Arc<Self>, String> {
-        let name = cfg
-            .merchant
-            .as_ref()
-            .map(|m| m.name.clone())
-            .ok_or("no [merchant] section")?;
+        let section = cfg.merchant.as_ref().ok_or("no [merchant] section")?;
+        let name = section.name.clone();
         let journal = Arc::new(
             Journal::open(&cfg.state_dir.join(format!("{name}.sqlite")))
                 .map_err(|e| e.to_string())?,
@@ -82,6 +95,8 @@ impl MerchantServer {
             journal,
             shops,
             next_order: AtomicU64::new(next_order),
+            offer_lifetime_secs: section.offer_lifetime_secs,
+            write: std::sync::Mutex::new(()),
         }))
     }
 
@@ -169,14 +184,18 @@ impl MerchantServer {
             tsk,
             etsk,
         };
+        let created = crate::bank::now_secs();
         let rec = OfferRecord {
             offer: offer.clone(),
             box_id,
             state: OfferState::Offered,
+            created,
             receipt: None,
+            confirmation: None,
         };
         if let Err(e) = self.journal.atomically(|b| {
             b.put("offer", &txid, &journal::encode(&rec))?;
+            b.put(OPEN, &txid, &created.to_be_bytes())?;
             b.step(
                 &txid,
                 "offer made",
@@ -231,6 +250,7 @@ impl MerchantServer {
     }
 
     fn confirm(&self, c: Confirmation) -> Message {
+        let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let txid = c.transaction_id.clone();
         let Some(mut rec) = self.offer_record(&txid) else {
             return refuse(
@@ -239,12 +259,16 @@ impl MerchantServer {
                 Some(&txid),
             );
         };
+        let raw = journal::encode(&c);
         if let (OfferState::Released, Some(r)) = (rec.state, &rec.receipt) {
-            tracing::info!(
-                txid,
-                "confirmation replayed: receipt already given, nothing more released"
+            // Replayed: the receipt already given, nothing more released.
+            return crate::role::repeat(
+                rec.confirmation.as_ref(),
+                &raw,
+                &Message::Receipt(r.clone()),
+                "confirmation",
+                &txid,
             );
-            return Message::Receipt(r.clone());
         }
         let Some(shop) = self.shops.get(&rec.offer.merchant_id) else {
             return refuse(
@@ -293,18 +317,95 @@ impl MerchantServer {
             entitlement: Some(entitlement.clone()),
             new_balance: None,
         };
+        let late = rec.state != OfferState::Offered;
         rec.state = OfferState::Released;
         rec.receipt = Some(receipt.clone());
+        rec.confirmation = Some(raw);
         if let Err(e) = self.journal.atomically(|b| {
             b.put("offer", &txid, &journal::encode(&rec))?;
+            b.delete(OPEN, &txid)?;
             b.put("release", &txid, entitlement.as_bytes())?;
             b.put("entitlement", &entitlement, txid.as_bytes())?;
             b.step(&txid, "goods released", &entitlement)
         }) {
             return refuse(ErrorCode::Internal, format!("journal: {e}"), Some(&txid));
         }
-        tracing::info!(txid, entitlement, "goods released");
+        tracing::info!(txid, entitlement, late, "goods released");
         Message::Receipt(receipt)
+    }
+
+    /// The payment server reversed `n`: an offer not released moves to Reversed. A released
+    /// one stays released — its confirmation proved the card's debit, which the payment
+    /// server counts when the debit response reaches it.
+    fn reversed(&self, n: ReversalNotice) -> Message {
+        let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let txid = n.transaction_id.clone();
+        let ack = Message::Ack {
+            transaction_id: txid.clone(),
+        };
+        let Some(mut rec) = self.offer_record(&txid) else {
+            // Not ours, or long gone: nothing to move.
+            return ack;
+        };
+        match rec.state {
+            OfferState::Released | OfferState::Reversed => ack,
+            OfferState::Offered | OfferState::Expired => {
+                rec.state = OfferState::Reversed;
+                match self.journal.atomically(|b| {
+                    b.put("offer", &txid, &journal::encode(&rec))?;
+                    b.delete(OPEN, &txid)?;
+                    b.step(&txid, "reversed by the payment server", &n.reason)
+                }) {
+                    Ok(()) => {
+                        tracing::info!(txid, reason = %n.reason, "offer reversed");
+                        ack
+                    }
+                    Err(e) => crate::role::journal_failed(e, Some(&txid)),
+                }
+            }
+        }
+    }
+
+    /// Marks offers not confirmed within their lifetime as expired. Returns how many.
+    pub fn sweep(&self) -> usize {
+        let now = crate::bank::now_secs();
+        let mut n = 0;
+        for (txid, created) in self.journal.all(OPEN).unwrap_or_default() {
+            let created = <[u8; 8]>::try_from(created.as_slice()).map_or(0, u64::from_be_bytes);
+            if now < created + self.offer_lifetime_secs {
+                continue;
+            }
+            let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
+            let rec = self.offer_record(&txid);
+            let saved = self.journal.atomically(|b| {
+                b.delete(OPEN, &txid)?;
+                if let Some(mut r) = rec.clone().filter(|r| r.state == OfferState::Offered) {
+                    r.state = OfferState::Expired;
+                    b.put("offer", &txid, &journal::encode(&r))?;
+                    b.step(
+                        &txid,
+                        "offer expired",
+                        "no confirmation within its lifetime",
+                    )?;
+                }
+                Ok(())
+            });
+            if saved.is_ok() {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Runs the expiry sweep every few seconds until `shutdown`.
+    pub async fn run_sweeper(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => { self.sweep(); }
+                _ = shutdown.changed() => return,
+            }
+        }
     }
 }
 
@@ -339,6 +440,12 @@ impl Role for MerchantServer {
                     None,
                 ),
                 Message::Confirmation(c) => self.confirm(c),
+                Message::Reversed(_) if matches!(caller, Caller::Box(_)) => refuse(
+                    ErrorCode::Forbidden,
+                    "reversal notices reach the merchant through the gateway",
+                    None,
+                ),
+                Message::Reversed(n) => self.reversed(n),
                 other => Message::error(
                     ErrorCode::Malformed,
                     format!(

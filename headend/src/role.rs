@@ -42,6 +42,41 @@ pub fn journal_failed(e: crate::journal::JournalError, txid: Option<&str>) -> Me
     )
 }
 
+/// The idempotency rule for a step already answered: a repeat gets the stored answer only
+/// when it is the message that was answered (`first`, when it was kept); anything else under
+/// the transaction id is refused as a replay. `what` names the message ("debit response").
+pub fn repeat<T: PartialEq>(
+    first: Option<&T>,
+    now: &T,
+    stored: &Message,
+    what: &str,
+    txid: &str,
+) -> Message {
+    if first.is_none_or(|f| f == now) {
+        tracing::info!(txid, what, "retried: same answer");
+        stored.clone()
+    } else {
+        refuse(
+            ErrorCode::Replay,
+            format!("transaction {txid} was answered on another {what}"),
+            Some(txid),
+        )
+    }
+}
+
+/// Opens a message-layer body (FIG. 8) under the transaction's key, or the refusal to send:
+/// a body that does not open is `BadSignature`, named by `what`.
+#[allow(clippy::result_large_err)] // the refusal is the answer, relayed as is
+pub fn open_body<T: serde::Serialize + serde::de::DeserializeOwned>(
+    body: &proto::messages::Protected<T>,
+    key: Option<&proto::crypto::DesKey>,
+    what: &str,
+    txid: &str,
+) -> Result<T, Message> {
+    body.open(key)
+        .map_err(|e| refuse(ErrorCode::BadSignature, format!("{what}: {e}"), Some(txid)))
+}
+
 /// Encodes a message as a frame payload.
 pub fn to_payload(msg: &Message) -> Vec<u8> {
     msg.to_payload()
@@ -83,14 +118,48 @@ impl Service for RoleService {
 }
 
 /// A role on another machine, reached over QUIC with this process's role certificate.
-/// Connects on first use and reconnects after a failure.
+///
+/// Connects on first use. Every call has a deadline (`call_timeout_ms`, covering the
+/// connect and the answer): past it, or on any connection-level failure, the connection is
+/// dropped so the next call reconnects at once rather than waiting for the idle timeout —
+/// a restarted peer answers the dead connection's next packet with a stateless reset (see
+/// `transport::server`). A call that failed because the connection was already dead (lost,
+/// reset, closed) is retried once on a fresh connection: every message between roles is
+/// idempotent on its transaction id.
 pub struct RemoteRole {
     name: String,
     addr: SocketAddr,
     server_name: String,
     tls: ClientTls,
     settings: TransportSettings,
-    client: Mutex<Option<QuicClient>>,
+    /// The connection, with a generation number so a failure drops only the connection it
+    /// happened on.
+    client: Mutex<(u64, Option<QuicClient>)>,
+}
+
+/// Why a call to a remote role failed.
+#[derive(Debug, thiserror::Error)]
+enum CallError {
+    #[error("connect: {0}")]
+    Connect(crate::quic::QuicError),
+    #[error("{0}")]
+    Call(crate::quic::QuicError),
+    #[error("no answer within {0:?}")]
+    Deadline(std::time::Duration),
+    #[error("answer is not a message: {0}")]
+    Malformed(proto::messages::WireError),
+}
+
+impl CallError {
+    /// The connection was dead before (or without) the peer answering: a fresh connection
+    /// may succeed at once.
+    fn connection_lost(&self) -> bool {
+        use crate::quic::QuicError as Q;
+        matches!(
+            self,
+            Self::Call(Q::Connection(_) | Q::ShuttingDown | Q::ApplicationClosed { .. })
+        )
+    }
 }
 
 impl RemoteRole {
@@ -107,36 +176,65 @@ impl RemoteRole {
             server_name: server_name.into(),
             tls,
             settings,
-            client: Mutex::new(None),
+            client: Mutex::new((0, None)),
         }
     }
 
-    async fn call(&self, msg: &Message) -> Result<Message, String> {
-        let client = {
-            let mut slot = self.client.lock().await;
-            match &*slot {
-                Some(c) => c.clone(),
-                None => {
-                    let c = QuicClient::connect(
-                        &self.tls,
-                        &self.settings,
-                        self.addr,
-                        &self.server_name,
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?;
-                    *slot = Some(c.clone());
-                    c
-                }
+    async fn connection(&self) -> Result<(u64, QuicClient), CallError> {
+        let mut slot = self.client.lock().await;
+        if let Some(c) = &slot.1 {
+            if c.connection().close_reason().is_none() {
+                return Ok((slot.0, c.clone()));
             }
+        }
+        let c = QuicClient::connect(&self.tls, &self.settings, self.addr, &self.server_name)
+            .await
+            .map_err(CallError::Connect)?;
+        slot.0 += 1;
+        slot.1 = Some(c.clone());
+        Ok((slot.0, c))
+    }
+
+    /// Drops connection `generation` (if it is still the current one).
+    async fn drop_connection(&self, generation: u64) {
+        let mut slot = self.client.lock().await;
+        if slot.0 == generation {
+            if let Some(c) = slot.1.take() {
+                c.connection()
+                    .close(crate::quic::AppCode::Closed.varint(), b"call failed");
+            }
+        }
+    }
+
+    async fn call_once(&self, msg: &Message) -> Result<Message, CallError> {
+        let deadline = self.settings.call_timeout();
+        let mut generation = None;
+        let attempt = async {
+            let (g, client) = self.connection().await?;
+            generation = Some(g);
+            let bytes = client
+                .call(&to_payload(msg))
+                .await
+                .map_err(CallError::Call)?;
+            Message::from_payload(&bytes).map_err(CallError::Malformed)
         };
-        match client.call(&to_payload(msg)).await {
-            Ok(bytes) => Message::from_payload(&bytes).map_err(|e| e.to_string()),
-            Err(e) => {
-                // Drop the connection so the next call reconnects.
-                *self.client.lock().await = None;
-                Err(e.to_string())
+        let result = match tokio::time::timeout(deadline, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(CallError::Deadline(deadline)),
+        };
+        if let (Err(_), Some(g)) = (&result, generation) {
+            self.drop_connection(g).await;
+        }
+        result
+    }
+
+    async fn call(&self, msg: &Message) -> Result<Message, CallError> {
+        match self.call_once(msg).await {
+            Err(e) if e.connection_lost() => {
+                tracing::info!(role = %self.name, addr = %self.addr, error = %e, "connection to role lost; reconnecting");
+                self.call_once(msg).await
             }
+            other => other,
         }
     }
 }

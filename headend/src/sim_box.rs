@@ -94,6 +94,17 @@ impl SimBox {
     }
 
     /// Card read for the offer with the checks of [0075], and the draw request of [0077].
+    /// A fresh INITIALIZE FOR PURCHASE: the proof a cancel carries that the card did not
+    /// run the DEBIT (its counter has not moved).
+    pub fn proof(&mut self) -> Result<PurchaseInit, String> {
+        self.apdu(&commands::select());
+        let r = self.apdu(&commands::init_purchase(today()));
+        if !r.sw.is_ok() {
+            return Err(format!("card refused INITIALIZE FOR PURCHASE: {}", r.sw));
+        }
+        PurchaseInit::decode(&r.data).map_err(|e| e.to_string())
+    }
+
     pub fn draw_request(&mut self, offer: &Offer) -> Result<DrawRequest, String> {
         self.apdu(&commands::select());
         let r = self.apdu(&commands::init_purchase(today()));

@@ -1,6 +1,10 @@
 //! `headend status`: what the journals in the state directory hold — journaled steps and
 //! records per role, the security cards' totals, the merchant's releases — for operators
-//! and the demo's summary. Read-only.
+//! and the demo's summary, and what waits: the gateway's undelivered notifications and
+//! releases, open offers and loads, **loads awaiting an operator** (a hold past its
+//! lifetime whose load command was issued: the value may be on the card, so the hold is
+//! never released blindly), the payment server's open transactions and the funders' open
+//! holds. Read-only.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -37,6 +41,7 @@ pub fn report(state_dir: &Path) -> Result<String, String> {
             "{role}: {steps} journaled steps; records: {}",
             kinds.join(", ")
         );
+        waiting(&j, &mut out)?;
         if let Ok(cards) = j.all("psam") {
             let mut totals: BTreeMap<String, (u64, u64)> = BTreeMap::new();
             for (_, b) in cards {
@@ -56,4 +61,60 @@ pub fn report(state_dir: &Path) -> Result<String, String> {
         out.push_str("no journals yet\n");
     }
     Ok(out)
+}
+
+/// What waits in one journal: counts, and the operator's queue by transaction.
+fn waiting(j: &Journal, out: &mut String) -> Result<(), String> {
+    let count = |kind: &str| j.all(kind).map(|v| v.len()).unwrap_or(0);
+    let (notify, release) = (count("notify"), count("release"));
+    if notify + release > 0 {
+        let _ = writeln!(
+            out,
+            "  waiting: {notify} debit responses for the payment server, {release} confirmations for the merchant"
+        );
+    }
+    let open = crate::gateway::open_counts(j);
+    if !open.is_empty() {
+        let open: Vec<String> = open.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        let _ = writeln!(out, "  open: {}", open.join(", "));
+    }
+    for (txid, b) in j.all("gwload").unwrap_or_default() {
+        let t: crate::gateway_load::GwLoad = journal::decode(&b)?;
+        if t.awaiting_operator && t.is_open() {
+            let amount = t
+                .hold
+                .as_ref()
+                .map_or_else(|| "no hold".to_string(), |h| h.amount.to_string());
+            let _ = writeln!(
+                out,
+                "  OPERATOR: load {txid} (box {}, {amount}) is past its hold lifetime with a load command issued; waiting for the box's proof",
+                t.box_id
+            );
+        }
+    }
+    let open_txns = j
+        .all("txn")
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(_, b)| journal::decode::<crate::payment::PayTxn>(&b).ok())
+        .filter(|t| t.state == crate::payment::PayState::DebitIssued)
+        .count();
+    if open_txns > 0 {
+        let _ = writeln!(
+            out,
+            "  open: {open_txns} transactions awaiting their debit response or deadline"
+        );
+    }
+    let held: Vec<crate::bank::Hold> = j
+        .all("hold")
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(_, b)| journal::decode::<crate::bank::Hold>(&b).ok())
+        .filter(|h| h.state == crate::bank::HoldState::Held)
+        .collect();
+    if !held.is_empty() {
+        let sum: u64 = held.iter().map(|h| h.amount.minor).sum();
+        let _ = writeln!(out, "  open: {} holds ({sum} minor units)", held.len());
+    }
+    Ok(())
 }

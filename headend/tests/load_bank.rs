@@ -100,9 +100,11 @@ async fn bank_load_captures_the_hold_into_the_issuer_float() {
         gw.journal().steps(txid).unwrap(),
         [
             "load offer relayed",
+            "load request received",
             "hold placed",
             "load command relayed",
             "load response relayed",
+            "load confirmation received",
             "hold captured"
         ]
     );

@@ -217,12 +217,31 @@ async fn debit_command_with_another_amount_is_caught_by_the_box() {
         caught.is_err(),
         "the box must refuse a debit command for another amount"
     );
-    // The box cancels; the security card reverses.
+    // A cancel without a proof reverses nothing: the transaction stays open.
     let r = b
         .call(&Message::Cancel(CancelMsg {
             transaction_id: offer.transaction_id.clone(),
             reason: CancelReason::AmountMismatch,
             proof: None,
+        }))
+        .await;
+    assert!(
+        matches!(&r, Message::Error(e) if e.code == ErrorCode::ProofRejected),
+        "{r:?}"
+    );
+    let p = he.running.payment.as_ref().unwrap();
+    assert_eq!(
+        p.txn(&offer.transaction_id).unwrap().state,
+        PayState::DebitIssued
+    );
+    // With the card's proof (a fresh INITIALIZE: its counter has not moved) the security
+    // card reverses.
+    let proof = b.proof();
+    let r = b
+        .call(&Message::Cancel(CancelMsg {
+            transaction_id: offer.transaction_id.clone(),
+            reason: CancelReason::AmountMismatch,
+            proof: Some(proof),
         }))
         .await;
     assert!(matches!(r, Message::Receipt(ref r) if !r.released), "{r:?}");

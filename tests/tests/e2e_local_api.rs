@@ -97,7 +97,7 @@ fn local_app_payment_confirmed_by_ok_then_one_cancelled_by_back() {
         gw,
         vec![
             ("offer relayed".to_string(), String::new()),
-            ("cancel relayed".to_string(), "Viewer".to_string())
+            ("cancelled before the draw".to_string(), String::new())
         ]
     );
     assert_eq!(w.stb_txns(), vec![(txid, "completed".to_string())]);

@@ -156,7 +156,7 @@ fn back_on_the_offer_leaves_everything_untouched() {
     let cancelled = poll(STEP, || {
         w.headend_steps("gateway")
             .into_iter()
-            .find(|(_, s, d)| s == "cancel relayed" && d == "Viewer")
+            .find(|(_, s, _)| s == "cancelled before the draw")
     });
     let (txid, _, _) = cancelled.unwrap_or_else(|| {
         panic!(
@@ -174,8 +174,9 @@ fn back_on_the_offer_leaves_everything_untouched() {
     assert_eq!(after.log, before.log, "no new card log record");
     let gw = w.headend_steps("gateway");
     assert!(
-        gw.iter()
-            .all(|(t, s, _)| t != &txid || s == "offer relayed" || s == "cancel relayed"),
+        gw.iter().all(|(t, s, _)| t != &txid
+            || s == "offer relayed"
+            || s == "cancelled before the draw"),
         "only the offer and its cancel went through the gateway: {gw:?}"
     );
     assert!(
@@ -221,10 +222,7 @@ fn stbd_sigkilled_between_debit_and_confirmation_completes_once_after_restart() 
     let pay = w.payment_txns();
     assert_eq!(pay.len(), 1);
     assert_eq!(pay[0].state, headend::payment::PayState::DebitIssued);
-    assert_eq!(
-        w.count_steps("gateway", &txid, "debit response received"),
-        0
-    );
+    assert_eq!(w.count_steps("gateway", &txid, "confirmation received"), 0);
     assert!(w.headend_state("merchant", "release").is_empty());
 
     sigkill_stbd(&w);
@@ -271,9 +269,9 @@ fn stbd_sigkilled_between_debit_and_confirmation_completes_once_after_restart() 
     assert_eq!(pay[0].state, headend::payment::PayState::Completed);
     assert_eq!(w.security_card_total(), PPV_PRICE, "counted once");
     assert_eq!(
-        w.count_steps("gateway", &txid, "debit response received"),
+        w.count_steps("gateway", &txid, "confirmation received"),
         1,
-        "the debit response reached the head end once (the recovery's re-send)"
+        "the debit response was confirmed at the head end once (the recovery's re-send)"
     );
     let releases = w.headend_state("merchant", "release");
     assert_eq!(releases.len(), 1, "{releases:?}");

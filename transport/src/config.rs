@@ -35,6 +35,10 @@ pub struct TransportSettings {
     pub request_timeout_ms: u64,
     /// On shutdown, how long in-flight transactions get to finish.
     pub shutdown_grace_ms: u64,
+    /// How long a caller (the gateway calling a role, a role calling another) waits to
+    /// connect and for an answer before it drops the connection and reports the peer
+    /// unreachable; the next call reconnects at once.
+    pub call_timeout_ms: u64,
 }
 
 impl Default for TransportSettings {
@@ -47,6 +51,7 @@ impl Default for TransportSettings {
             max_frame: proto::frame::DEFAULT_MAX_FRAME,
             request_timeout_ms: 10_000,
             shutdown_grace_ms: 5_000,
+            call_timeout_ms: 8_000,
         }
     }
 }
@@ -64,6 +69,9 @@ impl TransportSettings {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
     }
+    pub fn call_timeout(&self) -> Duration {
+        Duration::from_millis(self.call_timeout_ms)
+    }
 
     /// Refuses settings that would make a useless or unbounded transport.
     pub fn validate(&self) -> Result<(), QuicError> {
@@ -77,8 +85,8 @@ impl TransportSettings {
         if self.max_frame < 2 || self.max_frame > u32::MAX as usize {
             return bad("max_frame must be between 2 and 2^32-1");
         }
-        if self.request_timeout_ms == 0 {
-            return bad("request_timeout_ms must be at least 1");
+        if self.request_timeout_ms == 0 || self.call_timeout_ms == 0 {
+            return bad("request_timeout_ms and call_timeout_ms must be at least 1");
         }
         Ok(())
     }

@@ -21,6 +21,21 @@ pub struct Server {
     connections: Arc<Semaphore>,
 }
 
+/// The endpoint configuration with a stateless-reset key that survives a restart: derived
+/// from this server's TLS private key, so a process restarted on the same address computes
+/// the same reset tokens (RFC 9000 §10.3) as the one that died. A peer still holding a
+/// connection to the dead process gets a valid stateless reset on its next packet and
+/// reconnects at once, instead of waiting for its idle timeout. The key never leaves the
+/// process; only the HMAC of it is used.
+fn endpoint_config(tls: &ServerTls) -> quinn::EndpointConfig {
+    use ring::hmac;
+    let seed = hmac::sign(
+        &hmac::Key::new(hmac::HMAC_SHA256, b"purselink stateless reset key v1"),
+        tls.identity.key.secret_der(),
+    );
+    quinn::EndpointConfig::new(Arc::new(hmac::Key::new(hmac::HMAC_SHA256, seed.as_ref())))
+}
+
 impl Server {
     pub fn bind(
         addr: SocketAddr,
@@ -30,7 +45,13 @@ impl Server {
         revocations: Revocations,
     ) -> Result<Self, QuicError> {
         let config = server_config(tls, &settings)?;
-        let endpoint = Endpoint::server(config, addr)?;
+        let socket = std::net::UdpSocket::bind(addr)?;
+        let endpoint = Endpoint::new(
+            endpoint_config(tls),
+            Some(config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
         let connections = Arc::new(Semaphore::new(settings.max_connections));
         Ok(Self {
             endpoint,

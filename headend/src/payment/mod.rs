@@ -32,7 +32,7 @@ use crate::config::{HeadendConfig, MerchantDef};
 use crate::journal::{self, Journal};
 use crate::quic::BoxFuture;
 use crate::role::{Caller, Role};
-use crate::role::{journal_failed, refuse};
+use crate::role::{journal_failed, open_body, refuse, repeat};
 use pool::{Lease, Pool, SecurityCardDevice};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,6 +59,8 @@ pub struct PayTxn {
     pub draw: Vec<u8>,
     pub debit_command: Message,
     pub confirmation: Option<Message>,
+    /// The debit response that completed the transaction: a repeat must be identical.
+    pub debit_response: Option<proto::purse::DebitResponse>,
     /// Batch id once collected.
     pub batch: Option<u64>,
 }
@@ -80,6 +82,19 @@ pub struct PaymentServer {
     timeout: Duration,
     /// Serializes work per transaction id, so a retry racing the original sees its result.
     locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The last position in the reversal feed (journal kind `reversal`), advanced under
+    /// `feed_lock`.
+    reversal_seq: std::sync::atomic::AtomicU64,
+    feed_lock: tokio::sync::Mutex<()>,
+}
+
+/// Notices per [`Message::ReversalsSince`] answer.
+const REVERSAL_PAGE: usize = 100;
+
+/// The reversal feed's journal key for position `seq`: zero-padded so key order is feed
+/// order.
+fn reversal_key(seq: u64) -> String {
+    format!("{seq:020}")
 }
 
 /// Today's date for the security card, from the system clock.
@@ -168,6 +183,15 @@ impl PaymentServer {
                 open.insert(txid, deadline);
             }
         }
+        let reversal_seq = journal
+            .last_key("reversal")
+            .map_err(|e| e.to_string())?
+            .map(|k| {
+                k.parse::<u64>()
+                    .map_err(|e| format!("reversal feed key {k}: {e}"))
+            })
+            .transpose()?
+            .unwrap_or(0);
         Ok(Arc::new(Self {
             name: name.into(),
             journal,
@@ -177,6 +201,8 @@ impl PaymentServer {
             open: std::sync::Mutex::new(open),
             timeout,
             locks: Default::default(),
+            reversal_seq: reversal_seq.into(),
+            feed_lock: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -272,15 +298,9 @@ impl PaymentServer {
         } else {
             None
         };
-        let body = match req.body.open(tsk.as_ref()) {
+        let body = match open_body(&req.body, tsk.as_ref(), "draw request body", &txid) {
             Ok(b) => b,
-            Err(e) => {
-                return refuse(
-                    ErrorCode::BadSignature,
-                    format!("draw request body: {e}"),
-                    Some(&txid),
-                );
-            }
+            Err(e) => return e,
         };
         if let Err(e) = self.journal.step(
             &txid,
@@ -349,6 +369,7 @@ impl PaymentServer {
             draw: raw,
             debit_command: answer.clone(),
             confirmation: None,
+            debit_response: None,
             batch: None,
         };
         let saved = self.journal.atomically(|b| {
@@ -390,20 +411,19 @@ impl PaymentServer {
                 Some(&txid),
             );
         };
-        if let (PayState::Completed, Some(c)) = (rec.state, &rec.confirmation) {
-            tracing::info!(txid, "retried debit response: same confirmation");
-            return c.clone();
-        }
-        let resp = match msg.body.open(rec.tsk.as_ref()) {
+        let resp = match open_body(&msg.body, rec.tsk.as_ref(), "debit response body", &txid) {
             Ok(r) => r,
-            Err(e) => {
-                return refuse(
-                    ErrorCode::BadSignature,
-                    format!("debit response body: {e}"),
-                    Some(&txid),
-                );
-            }
+            Err(e) => return e,
         };
+        if let (PayState::Completed, Some(c)) = (rec.state, &rec.confirmation) {
+            return repeat(
+                rec.debit_response.as_ref(),
+                &resp,
+                c,
+                "debit response",
+                &txid,
+            );
+        }
         if let Err(e) = self.journal.step(
             &txid,
             "debit response received",
@@ -446,6 +466,7 @@ impl PaymentServer {
                 });
                 rec.state = PayState::Completed;
                 rec.confirmation = Some(confirmation.clone());
+                rec.debit_response = Some(resp.clone());
                 // Settled: our record answers any repeat, so the card need not keep it.
                 card.forget(rec.psam_txn);
                 let saved = self.journal.atomically(|b| {
@@ -506,15 +527,29 @@ impl PaymentServer {
             return false;
         }
         rec.state = PayState::Reversed;
+        // One writer at a time takes the next feed position (the per-transaction lock does
+        // not cover two transactions reversing at once).
+        let _feed = self.feed_lock.lock().await;
+        let seq = self.reversal_seq.load(std::sync::atomic::Ordering::Acquire) + 1;
+        let notice = ReversalNotice {
+            seq,
+            transaction_id: txid.into(),
+            merchant_id: rec.merchant_id.clone(),
+            reason: why.into(),
+        };
         let saved = self.journal.atomically(|b| {
             b.put("psam", &slot_key(rec.slot), &card.snapshot())?;
             b.put("txn", txid, &journal::encode(&rec))?;
+            b.put("reversal", &reversal_key(seq), &journal::encode(&notice))?;
             b.step(txid, "reversed", why)
         });
         if saved.is_err() {
             let _ = card.restore(&before);
             return false;
         }
+        self.reversal_seq
+            .store(seq, std::sync::atomic::Ordering::Release);
+        drop(_feed);
         drop(card);
         self.finish(txid);
         tracing::info!(
@@ -525,6 +560,13 @@ impl PaymentServer {
         true
     }
 
+    /// A cancel from the box. It reverses only on a proof that verifies — a fresh
+    /// INITIALIZE FOR PURCHASE from the same card, MACed by it, whose transaction counter is
+    /// still the one the debit command was for — and answers `Receipt { released: false }`.
+    /// Without such a proof nothing is reversed: `ProofRejected`, and the transaction stays
+    /// open until its debit response or its deadline (a reversal at the deadline still
+    /// counts a debit the card proves later). A completed purchase answers
+    /// `AlreadyCompleted`: the box re-sends its debit response for the receipt.
     async fn cancel(&self, c: CancelMsg) -> Message {
         let txid = c.transaction_id.clone();
         let Some(rec) = self.txn(&txid) else {
@@ -534,36 +576,90 @@ impl PaymentServer {
                 Some(&txid),
             );
         };
-        if rec.state == PayState::Completed {
+        let cancelled = || {
+            Message::Receipt(Receipt {
+                transaction_id: txid.clone(),
+                released: false,
+                text: format!("Cancelled ({:?}); nothing was charged", c.reason),
+                entitlement: None,
+                new_balance: None,
+            })
+        };
+        match rec.state {
+            PayState::Completed => {
+                return refuse(
+                    ErrorCode::AlreadyCompleted,
+                    "the card's debit was proved; a completed purchase cannot be cancelled: re-send the debit response",
+                    Some(&txid),
+                );
+            }
+            PayState::Reversed => return cancelled(),
+            PayState::DebitIssued => {}
+        }
+        let verdict = match &c.proof {
+            Some(p) if p.card_id == rec.card_id => {
+                let Some(card) = self.pool.card(rec.slot).await else {
+                    return refuse(
+                        ErrorCode::Internal,
+                        "security card slot missing",
+                        Some(&txid),
+                    );
+                };
+                card.verify_not_debited(rec.psam_txn, p)
+                    .map_err(|e| format!("the proof does not verify: {e}"))
+            }
+            Some(_) => Err("the proof is from another card".to_string()),
+            None => Err("no proof that the card did not debit".to_string()),
+        };
+        if let Err(why) = verdict {
+            let _ = self.journal.step(&txid, "cancel refused", &why);
             return refuse(
-                ErrorCode::Replay,
-                "the card's debit was proved; a completed purchase cannot be cancelled",
+                ErrorCode::ProofRejected,
+                format!("{why}; nothing reversed, the transaction stays open"),
                 Some(&txid),
             );
         }
-        let proof = match &c.proof {
-            Some(p) if p.card_id == rec.card_id => {
-                let card = self.pool.card(rec.slot).await.expect("slot exists");
-                match card.verify_not_debited(rec.psam_txn, p) {
-                    Ok(()) => "card counter proves no debit",
-                    Err(_) => "proof did not verify",
-                }
-            }
-            Some(_) => "proof is for another card",
-            None => "no proof",
-        };
-        self.reverse(
-            &txid,
-            &format!("cancelled by the box: {:?} ({proof})", c.reason),
-        )
-        .await;
-        Message::Receipt(Receipt {
-            transaction_id: txid,
-            released: false,
-            text: format!("Cancelled ({:?}); nothing was charged", c.reason),
-            entitlement: None,
-            new_balance: None,
-        })
+        if !self
+            .reverse(
+                &txid,
+                &format!(
+                    "cancelled by the box: {:?} (card counter proves no debit)",
+                    c.reason
+                ),
+            )
+            .await
+        {
+            // Completed meanwhile, or the journal failed: the box asks again.
+            return match self.txn(&txid).map(|r| r.state) {
+                Some(PayState::Completed) => refuse(
+                    ErrorCode::AlreadyCompleted,
+                    "the card's debit was proved; re-send the debit response",
+                    Some(&txid),
+                ),
+                _ => refuse(
+                    ErrorCode::Internal,
+                    "the reversal could not be journaled; nothing reversed, retry",
+                    Some(&txid),
+                ),
+            };
+        }
+        cancelled()
+    }
+
+    /// The reversal feed after position `after`, at most a page, oldest first.
+    fn reversals_since(&self, after: u64) -> Message {
+        let notices = self
+            .journal
+            .range_after("reversal", &reversal_key(after), REVERSAL_PAGE)
+            .map(|rows| {
+                rows.into_iter()
+                    .filter_map(|(_, b)| journal::decode::<ReversalNotice>(&b).ok())
+                    .collect()
+            });
+        match notices {
+            Ok(n) => Message::Reversals(n),
+            Err(e) => journal_failed(e, None),
+        }
     }
 
     /// Reverses every open transaction past its deadline. Run periodically.
@@ -632,6 +728,9 @@ impl Role for PaymentServer {
                     format!("box {b}: set-top boxes reach the payment server through the gateway"),
                     None,
                 );
+            }
+            if let Message::ReversalsSince { after } = &msg {
+                return self.reversals_since(*after);
             }
             let txid = match &msg {
                 Message::DrawRequest(r) => r.transaction_id.clone(),

@@ -82,6 +82,9 @@ impl TestBox {
     pub async fn offer(&self, merchant: &str, item: &str) -> Offer {
         self.0.offer(merchant, item).await.unwrap()
     }
+    pub fn proof(&mut self) -> PurchaseInit {
+        self.0.proof().unwrap()
+    }
     pub fn draw_request(&mut self, offer: &Offer) -> DrawRequest {
         self.0.draw_request(offer).unwrap()
     }
