@@ -101,7 +101,7 @@ pub struct Timing {
 impl Default for Timing {
     fn default() -> Self {
         Self {
-            step: Duration::from_secs(5),
+            step: Duration::from_secs(2),
             recovery_every: Duration::from_secs(2),
         }
     }
@@ -708,19 +708,15 @@ impl SimFleet {
                 let mut cursor = w;
                 while let Some(slot) = pacer.next() {
                     tokio::time::sleep_until(slot.into()).await;
-                    let Some(mut d) = me.free(&boxes, &mut cursor) else {
-                        rec.tx(TxRecord {
-                            source: "sim",
-                            box_id: "-".into(),
-                            kind: TxKind::Purchase,
-                            txid: None,
-                            started: Instant::now(),
-                            ended: Instant::now(),
-                            outcome: Outcome::Failed(
-                                "no simulated box free (all busy or holding an open transaction)"
-                                    .into(),
-                            ),
-                        });
+                    // A box with nothing open; wait up to a second for one.
+                    let mut free = me.free(&boxes, &mut cursor);
+                    let until = tokio::time::Instant::now() + Duration::from_secs(1);
+                    while free.is_none() && tokio::time::Instant::now() < until {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        free = me.free(&boxes, &mut cursor);
+                    }
+                    let Some(mut d) = free else {
+                        rec.shed();
                         continue;
                     };
                     let (kind, amount, pick) = me.pick(&d, load_share);
@@ -750,8 +746,8 @@ impl SimFleet {
         None
     }
 
-    /// Transactions of `kind` back to back on the boxes `boxes` until one completes or
-    /// `until` passes; the completion instant.
+    /// Transactions of `kind` back to back — on the boxes `boxes`, or when none of them is
+    /// free, on any free box — until one completes or `until` passes; the completion instant.
     pub async fn probe(
         &self,
         boxes: &[usize],
@@ -759,9 +755,13 @@ impl SimFleet {
         rec: &Recorder,
         until: tokio::time::Instant,
     ) -> Option<Instant> {
-        let mut cursor = 0;
+        let all: Vec<usize> = (0..self.devices.len()).collect();
+        let (mut cursor, mut any) = (0, 0);
         while tokio::time::Instant::now() < until {
-            let Some(mut d) = self.free(boxes, &mut cursor) else {
+            let found = self
+                .free(boxes, &mut cursor)
+                .or_else(|| self.free(&all, &mut any));
+            let Some(mut d) = found else {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };

@@ -95,6 +95,9 @@ pub enum Event {
 /// Shared by every driver.
 pub struct Recorder {
     pub t0: Instant,
+    /// Start slots no simulated box could take (every one busy or holding an open
+    /// transaction): not transactions, counted apart.
+    shed: AtomicU64,
     txs: Mutex<Vec<TxRecord>>,
     events: Mutex<Vec<Event>>,
 }
@@ -103,9 +106,18 @@ impl Recorder {
     pub fn new() -> Self {
         Self {
             t0: Instant::now(),
+            shed: AtomicU64::new(0),
             txs: Mutex::new(Vec::new()),
             events: Mutex::new(Vec::new()),
         }
+    }
+
+    pub fn shed(&self) {
+        self.shed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn shed_count(&self) -> u64 {
+        self.shed.load(Ordering::Relaxed)
     }
 
     pub fn tx(&self, r: TxRecord) {

@@ -126,6 +126,8 @@ pub struct ChaosReport {
     pub quiesce_phase: Duration,
     pub quiesce_left: usize,
     pub txs: Vec<TxRecord>,
+    /// Start slots no simulated box could take.
+    pub shed: u64,
     pub events: Vec<Event>,
     pub recoveries: Vec<Recovery>,
     pub audit: AuditReport,
@@ -289,6 +291,47 @@ impl fmt::Display for ChaosReport {
         }
         for (s, (n, ok)) in &totals {
             writeln!(f, "  {s} total: {n} attempted, {ok} completed")?;
+        }
+        let all: u64 = totals.values().map(|t| t.0).sum();
+        let ok: u64 = totals.values().map(|t| t.1).sum();
+        writeln!(f, "  all: {all} attempted, {ok} completed")?;
+        if self.shed > 0 {
+            writeln!(
+                f,
+                "  {} start slot(s) shed: every simulated box was busy or held an open transaction for 1 s",
+                self.shed
+            )?;
+        }
+        // The fleet after each gateway restart: how many simulated boxes completed a
+        // transaction again before the next gateway restart (they must reconnect).
+        let gw: Vec<Instant> = self
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::RoleKilled { role: RoleName::Gateway, ready: Some(r), .. } => Some(*r),
+                _ => None,
+            })
+            .collect();
+        for (i, r) in gw.iter().enumerate() {
+            let until = gw.get(i + 1).copied();
+            let boxes: std::collections::BTreeSet<&str> = self
+                .txs
+                .iter()
+                .filter(|t| {
+                    t.source != "stbd"
+                        && t.outcome == Outcome::Completed
+                        && t.started >= *r
+                        && until.is_none_or(|u| t.started < u)
+                })
+                .map(|t| t.box_id.as_str())
+                .collect();
+            writeln!(
+                f,
+                "  after gateway restart #{}: {} of {} simulated boxes completed a transaction again",
+                i + 1,
+                boxes.len(),
+                self.plan.sim_boxes
+            )?;
         }
         let kills: Vec<String> = self
             .kills_per_role()
@@ -689,6 +732,7 @@ pub async fn run(plan: Plan, bins: &Bins) -> Result<ChaosReport, String> {
         quiesce_phase,
         quiesce_left: left,
         txs,
+        shed: rec.shed_count(),
         events,
         recoveries: recs,
         audit: report,
