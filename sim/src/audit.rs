@@ -34,7 +34,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use headend::bank::{Account, Hold, HoldState};
-use headend::gateway::GwTxn;
+use headend::gateway::{GwState, GwTxn};
+use headend::gateway_load::GwLoad;
 use headend::load::{LoadRec, LoadState};
 use headend::merchant::{OfferRecord, OfferState};
 use headend::payment::{PayState, PayTxn};
@@ -64,6 +65,8 @@ pub struct Sources {
     pub sim_pending: Option<PathBuf>,
     /// The role configurations, for lifetimes.
     pub role_configs: Vec<PathBuf>,
+    /// The moment the head end stopped (lifetimes are measured to it); now if `None`.
+    pub as_of: Option<std::time::SystemTime>,
 }
 
 /// A simulated box's unresolved transaction, as it reports it at the end.
@@ -222,8 +225,6 @@ struct Db {
 struct StepRow {
     txid: String,
     step: String,
-    detail: String,
-    at: String,
 }
 
 impl Db {
@@ -263,15 +264,13 @@ impl Db {
     fn steps(&self) -> Result<Vec<StepRow>, AuditError> {
         let mut st = self
             .conn
-            .prepare("SELECT txid, step, detail, at FROM steps ORDER BY id")
+            .prepare("SELECT txid, step FROM steps ORDER BY id")
             .map_err(|e| AuditError(format!("{}: {e}", self.name)))?;
         let rows = st
             .query_map([], |r| {
                 Ok(StepRow {
                     txid: r.get(0)?,
                     step: r.get(1)?,
-                    detail: r.get(2)?,
-                    at: r.get(3)?,
                 })
             })
             .map_err(err)?;
@@ -504,16 +503,36 @@ fn box_journals(
     Ok(states)
 }
 
-/// The lifetimes the role configurations name, if any.
+/// The lifetimes the role configurations set (seconds), by the key that sets them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Lifetimes {
-    pub by_name: Vec<(String, u64)>,
+    /// `[gateway] offer_lifetime_secs`: purchase and load offers not drawn / requested.
+    pub gateway_offer: Option<u64>,
+    /// `[gateway] hold_lifetime_secs`: a load between its request and its response.
+    pub gateway_hold: Option<u64>,
+    /// `[merchant] offer_lifetime_secs`: offers without a confirmation.
+    pub merchant_offer: Option<u64>,
 }
 
-/// Looks for lifetime keys (`*lifetime*` / `*_ttl*` / `*expire*` in seconds) in the role
-/// configurations. None exist before issue 11's item 8 lands.
+impl Lifetimes {
+    fn named(&self) -> Vec<(String, u64)> {
+        [
+            ("[gateway] offer_lifetime_secs", self.gateway_offer),
+            ("[gateway] hold_lifetime_secs", self.gateway_hold),
+            ("[merchant] offer_lifetime_secs", self.merchant_offer),
+        ]
+        .into_iter()
+        .filter_map(|(n, v)| Some((n.to_string(), v?)))
+        .collect()
+    }
+}
+
+/// Reads the lifetime keys from the role configurations. A role that does not know them
+/// (before issue 11's item 8) would refuse the key, so their absence means "not in this
+/// build"; their defaults apply when the section is there but the key is not.
 pub fn lifetimes(configs: &[PathBuf]) -> Lifetimes {
-    let mut by_name = Vec::new();
+    let mut out = Lifetimes::default();
+    let known = headend_knows_lifetimes();
     for c in configs {
         let Ok(text) = std::fs::read_to_string(c) else {
             continue;
@@ -521,23 +540,36 @@ pub fn lifetimes(configs: &[PathBuf]) -> Lifetimes {
         let Ok(v) = text.parse::<toml::Table>() else {
             continue;
         };
-        for (section, body) in &v {
-            let Some(t) = body.as_table() else { continue };
-            for (k, val) in t {
-                let lk = k.to_ascii_lowercase();
-                if (lk.contains("lifetime") || lk.contains("ttl") || lk.contains("expir"))
-                    && lk.ends_with("secs")
-                {
-                    if let Some(n) = val.as_integer() {
-                        by_name.push((format!("[{section}] {k}"), n.max(0) as u64));
+        let get = |section: &str, key: &str| {
+            let t = v.get(section)?.as_table()?;
+            match t.get(key).and_then(|x| x.as_integer()) {
+                Some(n) => Some(n.max(0) as u64),
+                None => known.map(|(offer, hold)| {
+                    if key == "hold_lifetime_secs" {
+                        hold
+                    } else {
+                        offer
                     }
-                }
+                }),
             }
+        };
+        if v.contains_key("gateway") {
+            out.gateway_offer = get("gateway", "offer_lifetime_secs");
+            out.gateway_hold = get("gateway", "hold_lifetime_secs");
+        }
+        if v.contains_key("merchant") {
+            out.merchant_offer = get("merchant", "offer_lifetime_secs");
         }
     }
-    by_name.sort();
-    by_name.dedup();
-    Lifetimes { by_name }
+    out
+}
+
+/// The head end's default offer and hold lifetimes, if this build has lifetimes.
+fn headend_knows_lifetimes() -> Option<(u64, u64)> {
+    Some((
+        headend::config::default_offer_lifetime(),
+        headend::config::default_hold_lifetime(),
+    ))
 }
 
 /// Runs every check.
@@ -851,12 +883,69 @@ pub fn audit(src: &Sources) -> Result<AuditReport, AuditError> {
             }
         }
     }
-    for (txid, _) in gateway.state("notify")? {
+    for (key, _) in gateway.state("notify")? {
         cx.open(
             "gateway notify (debit response not yet delivered to the payment server)",
-            &txid,
+            key.rsplit_once('/').map_or(key.as_str(), |(t, _)| t),
             "pending",
         );
+    }
+    for (key, _) in gateway.state("release")? {
+        cx.open(
+            "gateway release (confirmation not yet delivered to the merchant)",
+            key.rsplit_once('/').map_or(key.as_str(), |(t, _)| t),
+            "pending",
+        );
+    }
+    // Reversals reach the merchant (its offer moves to Reversed) through the gateway's
+    // reading of the payment server's feed.
+    let feed: Vec<(String, proto::messages::ReversalNotice)> =
+        decode_all(&mut cx, &payment, "reversal")?;
+    let last_seq = feed.iter().map(|(_, n)| n.seq).max().unwrap_or(0);
+    let cursor = gateway
+        .state("cursor")?
+        .into_iter()
+        .find(|(k, _)| k == "payment")
+        .and_then(|(_, v)| <[u8; 8]>::try_from(v.as_slice()).ok())
+        .map_or(0, u64::from_be_bytes);
+    if cursor < last_seq {
+        cx.open(
+            "gateway reversal feed (reversals not yet passed on to the merchant)",
+            &format!("feed positions {}..={last_seq}", cursor + 1),
+            "pending",
+        );
+    }
+    for (_, n) in &feed {
+        let Some(t) = pay_by_txid.get(n.transaction_id.as_str()) else {
+            continue;
+        };
+        if t.state != PayState::Reversed || n.seq > cursor {
+            continue;
+        }
+        match offers.get(&n.transaction_id).map(|o| o.state) {
+            Some(OfferState::Reversed) | Some(OfferState::Released) => {}
+            other => cx.broken(
+                "reversed sale is reversed at the merchant",
+                Some(&n.transaction_id),
+                format!("payment reversal feed #{} / merchant offer", n.seq),
+                format!(
+                    "the payment server reversed it and the gateway passed position {cursor}, but the merchant's offer is {}",
+                    other.map_or("missing".to_string(), |s| format!("{s:?}"))
+                ),
+            ),
+        }
+    }
+    let gwloads: BTreeMap<String, GwLoad> = decode_all(&mut cx, &gateway, "gwload")?
+        .into_iter()
+        .collect();
+    for (txid, t) in &gwloads {
+        if t.awaiting_operator && t.is_open() {
+            cx.open(
+                "gateway gwload",
+                txid,
+                "past its hold lifetime: awaiting the box's proof or an operator",
+            );
+        }
     }
 
     // ---------------------------------------------------------------- loads
@@ -1187,22 +1276,17 @@ pub fn audit(src: &Sources) -> Result<AuditReport, AuditError> {
 
     // ---------------------------------------------------------------- lifetimes
     let lt = lifetimes(&src.role_configs);
-    let lifetimes = if lt.by_name.is_empty() {
-        LifetimeCheck::NotCheckable(
-            "the role configurations name no hold or offer lifetime (issue 11 item 8 is not in this build)".into(),
-        )
+    let lifetimes = if lt.named().is_empty() {
+        LifetimeCheck::NotCheckable("the role configurations set no offer or hold lifetime".into())
     } else {
-        check_lifetimes(
-            &mut cx,
-            &lt,
-            &bank,
-            &load,
-            &merchant,
-            &bank_holds,
-            &pre_holds,
-            &offers,
-        )?;
-        LifetimeCheck::Checked(lt.by_name.clone())
+        let as_of = src
+            .as_of
+            .unwrap_or_else(std::time::SystemTime::now)
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        check_lifetimes(&mut cx, &lt, as_of, &gw, &gwloads, &offers, &holds, &recs);
+        LifetimeCheck::Checked(lt.named())
     };
 
     let purchases_seen = offers.len();
@@ -1232,99 +1316,109 @@ fn fig(e: proto::messages::Embodiment) -> u8 {
     }
 }
 
-/// `YYYY-MM-DDTHH:MM:SS.fff` (the journals' `at`) → seconds since the epoch.
-fn parse_at(at: &str) -> Option<f64> {
-    let (date, time) = at.split_once('T')?;
-    let mut d = date.split('-').map(|x| x.parse::<i64>().ok());
-    let (y, m, dd) = (d.next()??, d.next()??, d.next()??);
-    let mut t = time.split(':');
-    let (hh, mm): (i64, i64) = (t.next()?.parse().ok()?, t.next()?.parse().ok()?);
-    let ss: f64 = t.next()?.parse().ok()?;
-    // Days from civil (Howard Hinnant).
-    let y2 = if m <= 2 { y - 1 } else { y };
-    let era = if y2 >= 0 { y2 } else { y2 - 399 } / 400;
-    let yoe = y2 - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + dd - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some((days * 86_400 + hh * 3600 + mm * 60) as f64 + ss)
-}
+/// What a sweep may lag behind a lifetime: its period (5 s) and a restart of its role.
+pub const SWEEP_SLACK_SECS: u64 = 15;
 
-/// Holds still Held and offers still Offered older than the shortest matching lifetime,
-/// measured to the newest step any of these journals wrote (the end of the run).
+/// Offers and holds still open past their lifetime (+ [`SWEEP_SLACK_SECS`]) at `as_of`
+/// (seconds since the epoch).
 #[allow(clippy::too_many_arguments)]
 fn check_lifetimes(
     cx: &mut Ctx,
     lt: &Lifetimes,
-    bank: &Db,
-    load: &Db,
-    merchant: &Db,
-    bank_holds: &[(String, Hold)],
-    pre_holds: &[(String, Hold)],
+    as_of: u64,
+    gw: &BTreeMap<String, GwTxn>,
+    gwloads: &BTreeMap<String, GwLoad>,
     offers: &BTreeMap<String, OfferRecord>,
-) -> Result<(), AuditError> {
-    let pick = |words: &[&str]| {
-        lt.by_name
-            .iter()
-            .filter(|(n, _)| words.iter().any(|w| n.to_ascii_lowercase().contains(w)))
-            .map(|(_, s)| *s)
-            .min()
-    };
-    let hold_life = pick(&["hold"]);
-    let offer_life = pick(&["offer"]);
-    let mut first_at: BTreeMap<(String, String), f64> = BTreeMap::new();
-    let mut newest = 0f64;
-    for (name, db) in [("bank", bank), ("load", load), ("merchant", merchant)] {
-        for s in db.steps()? {
-            if let Some(t) = parse_at(&s.at) {
-                newest = newest.max(t);
-                first_at
-                    .entry((name.to_string(), s.txid.clone()))
-                    .or_insert(t);
-            }
-            let _ = (&s.step, &s.detail);
-        }
-    }
-    if let Some(life) = hold_life {
-        for (funder, db, list) in [("bank", "bank", bank_holds), ("voucher", "load", pre_holds)] {
-            for (txid, h) in list {
-                if h.state != HoldState::Held {
-                    continue;
-                }
-                if let Some(t0) = first_at.get(&(db.to_string(), txid.clone())) {
-                    let age = newest - t0;
-                    if age > life as f64 {
-                        cx.broken(
-                            "no hold open past its lifetime",
-                            Some(txid),
-                            format!("{funder} hold ({})", h.account),
-                            format!("held {:.0} s, lifetime {life} s", age),
-                        );
-                    }
-                }
-            }
-        }
-    }
-    if let Some(life) = offer_life {
+    holds: &BTreeMap<&str, (&'static str, &Hold)>,
+    recs: &[(String, LoadRec)],
+) {
+    let past = |since: u64, life: u64| as_of > since + life + SWEEP_SLACK_SECS;
+    if let Some(life) = lt.merchant_offer {
         for (txid, o) in offers {
-            if o.state != OfferState::Offered {
+            if o.state == OfferState::Offered && past(o.created, life) {
+                cx.broken(
+                    "no offer open past its lifetime",
+                    Some(txid),
+                    format!("merchant offer ({})", o.offer.merchant_id),
+                    format!(
+                        "still Offered {} s after it was made; lifetime {life} s",
+                        as_of - o.created
+                    ),
+                );
+            }
+        }
+    }
+    if let Some(life) = lt.gateway_offer {
+        for (txid, t) in gw {
+            if t.state == GwState::Offered && past(t.created, life) {
+                cx.broken(
+                    "no offer open past its lifetime",
+                    Some(txid),
+                    format!("gateway gw ({})", t.merchant_id),
+                    format!(
+                        "still Offered {} s after it was relayed; lifetime {life} s",
+                        as_of - t.created
+                    ),
+                );
+            }
+        }
+        for (txid, t) in gwloads {
+            if t.is_open() && t.request.is_none() && past(t.created, life) {
+                cx.broken(
+                    "no offer open past its lifetime",
+                    Some(txid),
+                    format!("gateway gwload ({})", t.funder),
+                    format!("load offer not requested and not expired {} s after it was relayed; lifetime {life} s", as_of - t.created),
+                );
+            }
+        }
+    }
+    if let Some(life) = lt.gateway_hold {
+        let authorised = |txid: &str| {
+            recs.iter().any(|(k, r)| {
+                k == txid && matches!(r.state, LoadState::Authorized | LoadState::NegativePending)
+            })
+        };
+        for (txid, t) in gwloads {
+            let Some(at) = t.requested_at else { continue };
+            if !t.is_open() || !past(at, life) {
                 continue;
             }
-            if let Some(t0) = first_at.get(&("merchant".to_string(), txid.clone())) {
-                let age = newest - t0;
-                if age > life as f64 {
-                    cx.broken(
-                        "no offer open past its lifetime",
-                        Some(txid),
-                        format!("merchant offer ({})", o.offer.merchant_id),
-                        format!("open {:.0} s, lifetime {life} s", age),
-                    );
-                }
+            if t.awaiting_operator || authorised(txid) {
+                // Never released blindly: the box's proof or an operator settles it. It is
+                // listed as open (in doubt).
+                continue;
+            }
+            cx.broken(
+                "no hold open past its lifetime",
+                Some(txid),
+                format!("gateway gwload ({})", t.funder),
+                format!(
+                    "the load server never authorised it, yet it is neither released nor settled {} s after the request; lifetime {life} s",
+                    as_of - at
+                ),
+            );
+        }
+        for (txid, (funder, h)) in holds {
+            if h.state != HoldState::Held {
+                continue;
+            }
+            let Some(at) = gwloads.get(*txid).and_then(|t| t.requested_at) else {
+                continue;
+            };
+            if past(at, life) && !authorised(txid) {
+                cx.broken(
+                    "no hold open past its lifetime",
+                    Some(txid),
+                    format!("{funder} hold ({})", h.account),
+                    format!(
+                        "Held {} s after the load request with no S2 issued; lifetime {life} s",
+                        as_of - at
+                    ),
+                );
             }
         }
     }
-    Ok(())
 }
 
 impl fmt::Display for AuditReport {
@@ -1450,6 +1544,8 @@ mod tests {
         bank_load: String,
         /// The card of the sale.
         card: String,
+        /// A sale drawn, never debited, cancelled with the card's proof.
+        reversed: String,
     }
 
     fn fixture() -> &'static Fixture {
@@ -1502,6 +1598,7 @@ mod tests {
         let step = std::time::Duration::from_secs(10);
         let (eur, gbp) = (&fleet.devices[0], &fleet.devices[1]);
         let mut sale = None;
+        let reversed;
         {
             let mut d = eur.lock().await;
             for m in &layout.merchants {
@@ -1523,16 +1620,20 @@ mod tests {
                 Message::Offer(o) => o,
                 other => panic!("{other:?}"),
             };
+            reversed = offer.transaction_id.clone();
             let draw: DrawRequest = d.sim.draw_request(&offer).unwrap();
             let answer = d.sim.call(&Message::DrawRequest(draw)).await.unwrap();
             assert!(matches!(answer, Message::DebitCommand(_)), "{answer:?}");
-            d.open = Some(SimOpen::Purchase { offer, debit: None });
+            d.open = Some(SimOpen::Purchase {
+                offer,
+                debit: None,
+                proof: None,
+            });
             assert!(d.settle(step).await, "cancelled with proof");
             let (_, o) = d.load(false, 500, step).await;
             assert_eq!(o, crate::record::Outcome::Completed);
         }
         let bank_load;
-        let card;
         {
             let mut d = gbp.lock().await;
             let (_, o) = d.purchase("F5-N", "F5-N-g", step).await;
@@ -1541,7 +1642,7 @@ mod tests {
             assert_eq!(o, crate::record::Outcome::Completed);
             bank_load = txid.unwrap();
         }
-        card = format!("{}.plvc", eur.lock().await.spec.box_id);
+        let card = format!("{}.plvc", eur.lock().await.spec.box_id);
         fleet.close().await;
         for r in running {
             r.stop().await;
@@ -1556,6 +1657,7 @@ mod tests {
             sale: sale.unwrap(),
             bank_load,
             card,
+            reversed,
         }
     }
 
@@ -1620,6 +1722,7 @@ mod tests {
                     .unwrap()
                     .map(|e| e.unwrap().path())
                     .collect(),
+                as_of: None,
             }
         }
 
@@ -1734,6 +1837,20 @@ mod tests {
             "{r}"
         );
         assert!(!r.of("purchase totals equal").is_empty(), "{r}");
+    }
+
+    #[test]
+    fn a_reversal_the_merchant_never_heard_of_is_named() {
+        let c = Copy::new();
+        let txid = &fixture().reversed;
+        c.edit::<OfferRecord>(RoleName::Merchant, "offer", txid, |o| {
+            o.state = OfferState::Expired
+        });
+        let r = c.audit();
+        assert!(
+            names(&r, "reversed sale is reversed at the merchant").contains(&txid.as_str()),
+            "{r}"
+        );
     }
 
     #[test]
@@ -1932,9 +2049,35 @@ mod tests {
     }
 
     #[test]
-    fn lifetimes_are_not_checkable_without_lifetime_keys() {
-        let r = Copy::new().audit();
-        assert!(matches!(r.lifetimes, LifetimeCheck::NotCheckable(_)), "{r}");
+    fn an_offer_or_hold_open_past_its_lifetime_is_named() {
+        let c = Copy::new();
+        let r = c.audit();
+        assert!(matches!(r.lifetimes, LifetimeCheck::Checked(_)), "{r}");
+        assert!(r.of("no offer open past its lifetime").is_empty(), "{r}");
+        // An offer the merchant never expired.
+        let (txid, _) = &fixture().sale;
+        c.edit::<OfferRecord>(RoleName::Merchant, "offer", txid, |o| {
+            o.state = OfferState::Offered;
+            o.created -= 10_000;
+        });
+        // A hold the gateway never released, its load never authorised.
+        let load = &fixture().bank_load;
+        c.edit::<GwLoad>(RoleName::Gateway, "gwload", load, |t| {
+            t.settled = None;
+            t.requested_at = t.requested_at.map(|a| a - 10_000);
+        });
+        c.edit::<LoadRec>(RoleName::Load, "load", load, |l| {
+            l.state = LoadState::Refused
+        });
+        let r = c.audit();
+        assert!(
+            names(&r, "no offer open past its lifetime").contains(&txid.as_str()),
+            "{r}"
+        );
+        assert!(
+            names(&r, "no hold open past its lifetime").contains(&load.as_str()),
+            "{r}"
+        );
         let _ = Account::available;
     }
 }

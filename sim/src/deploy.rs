@@ -118,6 +118,11 @@ pub struct Spec {
     pub security_cards: u32,
     /// The payment server's `transaction_timeout_secs`.
     pub transaction_timeout_secs: u64,
+    /// `offer_lifetime_secs` of the gateway, merchant, bank and load server: short, so
+    /// that offers left open expire within a run and the audit can check they did.
+    pub offer_lifetime_secs: u64,
+    /// The gateway's `hold_lifetime_secs`.
+    pub hold_lifetime_secs: u64,
 }
 
 impl Default for Spec {
@@ -128,6 +133,8 @@ impl Default for Spec {
             gbp_every: 5,
             security_cards: 16,
             transaction_timeout_secs: 30,
+            offer_lifetime_secs: 60,
+            hold_lifetime_secs: 90,
         }
     }
 }
@@ -384,7 +391,8 @@ pub fn generate(dir: &Path, spec: &Spec) -> Result<Layout, String> {
         let body = match role {
             RoleName::Gateway => {
                 let mut t = format!(
-                    "\n[gateway]\nlisten = \"{listen}\"\nrevoked_boxes = [\"box-revoked\"]\n"
+                    "\n[gateway]\nlisten = \"{listen}\"\nrevoked_boxes = [\"box-revoked\"]\noffer_lifetime_secs = {}\nhold_lifetime_secs = {}\n",
+                    spec.offer_lifetime_secs, spec.hold_lifetime_secs
                 );
                 for r in [
                     RoleName::Payment,
@@ -405,15 +413,17 @@ pub fn generate(dir: &Path, spec: &Spec) -> Result<Layout, String> {
             ),
             RoleName::Merchant => {
                 format!(
-                    "\n[merchant]\nname = \"merchant\"\nlisten = \"{listen}\"\n{merchants_toml}"
+                    "\n[merchant]\nname = \"merchant\"\nlisten = \"{listen}\"\noffer_lifetime_secs = {}\n{merchants_toml}",
+                    spec.offer_lifetime_secs
                 )
             }
             RoleName::Bank => format!(
-                "\n[bank]\npin_master = \"{}\"\nconfirmation_key = \"{confirmation_key}\"\ndaily_limit = 1000000000\nfloat_account = \"ISSUER-FLOAT\"\npin_tries = 3\nlisten = \"{listen}\"\n{accounts_toml}",
-                bank.pin_master
+                "\n[bank]\npin_master = \"{}\"\nconfirmation_key = \"{confirmation_key}\"\ndaily_limit = 1000000000\nfloat_account = \"ISSUER-FLOAT\"\npin_tries = 3\noffer_lifetime_secs = {}\nlisten = \"{listen}\"\n{accounts_toml}",
+                bank.pin_master, spec.offer_lifetime_secs
             ),
             RoleName::Load => format!(
-                "\n[load]\nissuer_keys = {issuer_keys}\nconfirmation_key = \"{confirmation_key}\"\ndaily_limit = 1000000000\nfloat_account = \"ISSUER-FLOAT-PREFUNDED\"\nlisten = \"{listen}\"\n{vouchers_toml}"
+                "\n[load]\nissuer_keys = {issuer_keys}\nconfirmation_key = \"{confirmation_key}\"\ndaily_limit = 1000000000\nfloat_account = \"ISSUER-FLOAT-PREFUNDED\"\noffer_lifetime_secs = {}\nlisten = \"{listen}\"\n{vouchers_toml}",
+                spec.offer_lifetime_secs
             ),
         };
         let path = cfg_dir.join(format!("{role}.toml"));

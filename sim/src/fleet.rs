@@ -40,15 +40,19 @@ use crate::record::{Outcome, Pacer, Recorder, TxKind, TxRecord};
 /// A box's one open transaction.
 #[derive(Debug, Clone)]
 pub enum Open {
-    /// The draw request went out; `debit` is the card's response once DEBIT ran.
+    /// The draw request went out; `debit` is the card's response once DEBIT ran; `proof`
+    /// the INITIALIZE a cancel carries once one was sent (a retry sends the same).
     Purchase {
         offer: Offer,
         debit: Option<DebitResponseMsg>,
+        proof: Option<PurchaseInit>,
     },
-    /// The load request went out; `response` is the card's answer once LOAD ran.
+    /// The load request went out; `response` is the card's answer once LOAD ran; `zero` the
+    /// zero-value S1 once one was sent (a retry sends the same).
     Load {
         offer: LoadOffer,
         response: Option<LoadResponse>,
+        zero: Option<LoadInit>,
     },
 }
 
@@ -205,8 +209,18 @@ impl Device {
                     false
                 }
             },
-            Open::Purchase { debit: None, .. } => {
-                let proof = self.proof();
+            Open::Purchase {
+                debit: None,
+                proof,
+                offer,
+            } => {
+                // The proof is taken once and kept: a retry is the same message.
+                let proof = proof.or_else(|| self.proof());
+                self.open = Some(Open::Purchase {
+                    offer,
+                    debit: None,
+                    proof: proof.clone(),
+                });
                 let msg = Message::Cancel(CancelMsg {
                     transaction_id: txid.clone(),
                     reason: CancelReason::NotDebited,
@@ -215,6 +229,12 @@ impl Device {
                 match self.call(&msg, step).await {
                     Ok(Message::Receipt(_)) => true,
                     Ok(Message::Error(e)) if e.code == ErrorCode::UnknownTransaction => true,
+                    Ok(Message::Error(e)) if e.code == ErrorCode::AlreadyCompleted => {
+                        // The card never ran this DEBIT: a head end that says the sale
+                        // completed is wrong. Kept open for the audit to see.
+                        tracing::error!(txid, reason = %e.reason, "cancel answered AlreadyCompleted for a sale the card never paid");
+                        false
+                    }
                     Ok(other) => {
                         tracing::warn!(txid, answer = %reason_of(&other), "cancel with proof not settled");
                         false
@@ -226,13 +246,21 @@ impl Device {
                 }
             }
             Open::Load {
-                offer, response, ..
+                offer,
+                response,
+                zero,
             } => {
                 let zero = if response.as_ref().is_some_and(|r| r.is_loaded()) {
                     None
                 } else {
-                    self.zero_value(&offer)
+                    // Taken once and kept: a retry is the same load response.
+                    zero.or_else(|| self.zero_value(&offer))
                 };
+                self.open = Some(Open::Load {
+                    offer: offer.clone(),
+                    response: response.clone(),
+                    zero: zero.clone(),
+                });
                 let msg = Message::LoadResponse(LoadResponseMsg {
                     transaction_id: txid.clone(),
                     response,
@@ -296,6 +324,7 @@ impl Device {
         self.open = Some(Open::Purchase {
             offer: offer.clone(),
             debit: None,
+            proof: None,
         });
         let answer = match self.call(&Message::DrawRequest(draw), step).await {
             Ok(a) => a,
@@ -343,6 +372,7 @@ impl Device {
         self.open = Some(Open::Purchase {
             offer,
             debit: Some(resp.clone()),
+            proof: None,
         });
         match self.call(&Message::DebitResponse(resp), step).await {
             Ok(Message::Receipt(r)) => {
@@ -446,6 +476,7 @@ impl Device {
         self.open = Some(Open::Load {
             offer: offer.clone(),
             response: None,
+            zero: None,
         });
         let cmd = match self.call(&Message::LoadRequest(req), step).await {
             Ok(Message::LoadCommand(c)) => c.command,
@@ -482,6 +513,7 @@ impl Device {
         self.open = Some(Open::Load {
             offer,
             response: Some(resp.clone()),
+            zero: None,
         });
         let msg = Message::LoadResponse(LoadResponseMsg {
             transaction_id: txid.clone(),

@@ -308,7 +308,11 @@ impl fmt::Display for ChaosReport {
             .events
             .iter()
             .filter_map(|e| match e {
-                Event::RoleKilled { role: RoleName::Gateway, ready: Some(r), .. } => Some(*r),
+                Event::RoleKilled {
+                    role: RoleName::Gateway,
+                    ready: Some(r),
+                    ..
+                } => Some(*r),
                 _ => None,
             })
             .collect();
@@ -645,6 +649,7 @@ pub async fn run(plan: Plan, bins: &Bins) -> Result<ChaosReport, String> {
         cards: stb_boxes.iter().map(|b| b.card.clone()).collect(),
         sim_pending: with_sim.then(|| dir.join("sim-pending.json")),
         role_configs: layout.configs.values().cloned().collect(),
+        as_of: None,
     };
     let mut left;
     loop {
@@ -709,6 +714,7 @@ pub async fn run(plan: Plan, bins: &Bins) -> Result<ChaosReport, String> {
     histories.sample(&stb_boxes.iter().map(|b| b.card.clone()).collect::<Vec<_>>());
     histories.write()?;
     fleet.close().await;
+    let stopped_at = std::time::SystemTime::now();
     {
         let he = headend.clone();
         tokio::task::spawn_blocking(move || he.lock().unwrap_or_else(|p| p.into_inner()).stop())
@@ -720,6 +726,7 @@ pub async fn run(plan: Plan, bins: &Bins) -> Result<ChaosReport, String> {
         .await?;
     let mut sources = sources_now(true);
     sources.cards.extend(sim_cards);
+    sources.as_of = Some(stopped_at);
     let report = audit(&sources).map_err(|e| e.to_string())?;
     let txs = rec.txs();
     let events = rec.events();

@@ -338,10 +338,13 @@ fn reference(screen: &str) -> Option<String> {
     })
 }
 
+/// One card's opening balance and the log records seen, by counter.
+type Seen = (Option<u64>, BTreeMap<u32, LogRecord>);
+
 /// The card histories of the stbd boxes, sampled from their card files during the run.
 #[derive(Default)]
 pub struct Histories {
-    cards: Mutex<BTreeMap<PathBuf, (Option<u64>, BTreeMap<u32, LogRecord>)>>,
+    cards: Mutex<BTreeMap<PathBuf, Seen>>,
 }
 
 impl Histories {
@@ -431,9 +434,19 @@ impl StbDriver {
         self.b.session().to_string()
     }
 
-    /// Takes slots from `pacer` until it runs dry; a short pause between transactions.
+    /// Takes slots from `pacer` until it runs dry; a short pause between transactions. A
+    /// kill still pending then gets one more purchase to happen in.
     pub fn run(mut self, pacer: Arc<Pacer>) {
-        while let Some(slot) = pacer.next() {
+        let mut extra = 0;
+        loop {
+            let slot = match pacer.next() {
+                Some(s) => s,
+                None if self.kill_next.load(Ordering::SeqCst) && extra < 5 => {
+                    extra += 1;
+                    Instant::now()
+                }
+                None => break,
+            };
             let now = Instant::now();
             if slot > now {
                 std::thread::sleep(slot - now);
