@@ -1603,7 +1603,7 @@ mod tests {
             let mut d = eur.lock().await;
             for m in &layout.merchants {
                 let item = &m.items[0];
-                let (txid, o) = d.purchase(&m.id, &item.id, step).await;
+                let (txid, o) = d.purchase(&m.id, &item.id, step, None).await;
                 assert_eq!(o, crate::record::Outcome::Completed, "{} {:?}", m.id, txid);
                 sale.get_or_insert((txid.unwrap(), item.amount));
             }
@@ -1630,15 +1630,15 @@ mod tests {
                 proof: None,
             });
             assert!(d.settle(step).await, "cancelled with proof");
-            let (_, o) = d.load(false, 500, step).await;
+            let (_, o) = d.load(false, 500, step, None).await;
             assert_eq!(o, crate::record::Outcome::Completed);
         }
         let bank_load;
         {
             let mut d = gbp.lock().await;
-            let (_, o) = d.purchase("F5-N", "F5-N-g", step).await;
+            let (_, o) = d.purchase("F5-N", "F5-N-g", step, None).await;
             assert_eq!(o, crate::record::Outcome::Completed);
-            let (txid, o) = d.load(true, 700, step).await;
+            let (txid, o) = d.load(true, 700, step, None).await;
             assert_eq!(o, crate::record::Outcome::Completed);
             bank_load = txid.unwrap();
         }

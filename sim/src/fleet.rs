@@ -91,6 +91,20 @@ pub struct Device {
     pub history: BTreeMap<u32, LogRecord>,
     /// The connection is known dead: reconnect before the next exchange.
     pub broken: bool,
+    /// A simulated power loss: the box does nothing (no retry, no new transaction) until then.
+    pub asleep_until: Option<Instant>,
+}
+
+/// A simulated power loss of a box in the middle of a transaction: it comes back after a
+/// while and settles what it holds, as a box does from its journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outage {
+    /// The debit command came; the box dies before DEBIT.
+    BeforeDebit,
+    /// DEBIT ran; the box dies before sending the card's response.
+    AfterDebit,
+    /// LOAD ran; the box dies before sending the card's S3.
+    AfterLoad,
 }
 
 /// Timing knobs.
@@ -189,6 +203,12 @@ impl Device {
         let Some(open) = self.open.clone() else {
             return true;
         };
+        if let Some(t) = self.asleep_until {
+            if Instant::now() < t {
+                return false;
+            }
+            self.asleep_until = None;
+        }
         let txid = open.txid().to_string();
         let settled = match open {
             Open::Purchase {
@@ -291,6 +311,7 @@ impl Device {
         merchant: &str,
         item: &str,
         step: Duration,
+        outage: Option<(Outage, Duration)>,
     ) -> (Option<String>, Outcome) {
         let offer = match self
             .call(
@@ -352,6 +373,16 @@ impl Device {
                 );
             }
         };
+        if let Some((Outage::BeforeDebit, d)) = outage {
+            self.asleep_until = Some(Instant::now() + d);
+            return (
+                Some(txid),
+                Outcome::InDoubt(format!(
+                    "simulated power loss before DEBIT ({} s)",
+                    d.as_secs()
+                )),
+            );
+        }
         let resp = match self.sim.debit(&offer, &cmd) {
             Ok(r) => r,
             Err(e) => {
@@ -374,6 +405,16 @@ impl Device {
             debit: Some(resp.clone()),
             proof: None,
         });
+        if let Some((Outage::AfterDebit, d)) = outage {
+            self.asleep_until = Some(Instant::now() + d);
+            return (
+                Some(txid),
+                Outcome::InDoubt(format!(
+                    "simulated power loss after DEBIT ({} s)",
+                    d.as_secs()
+                )),
+            );
+        }
         match self.call(&Message::DebitResponse(resp), step).await {
             Ok(Message::Receipt(r)) => {
                 self.open = None;
@@ -412,6 +453,7 @@ impl Device {
         bank: bool,
         amount: u64,
         step: Duration,
+        outage: Option<(Outage, Duration)>,
     ) -> (Option<String>, Outcome) {
         let source = if bank {
             LoadSource::Bank {
@@ -515,6 +557,16 @@ impl Device {
             response: Some(resp.clone()),
             zero: None,
         });
+        if let Some((Outage::AfterLoad, d)) = outage {
+            self.asleep_until = Some(Instant::now() + d);
+            return (
+                Some(txid),
+                Outcome::InDoubt(format!(
+                    "simulated power loss after LOAD ({} s)",
+                    d.as_secs()
+                )),
+            );
+        }
         let msg = Message::LoadResponse(LoadResponseMsg {
             transaction_id: txid.clone(),
             response: Some(resp),
@@ -590,6 +642,9 @@ pub struct SimFleet {
     pub devices: Vec<Arc<Mutex<Device>>>,
     merchants: Vec<MerchantSpec>,
     pub timing: Timing,
+    /// Share of the regular transactions in which the box loses power mid-way ([`Outage`])
+    /// for 35–45 s (longer than the payment server's reversal timeout).
+    pub outages: f64,
 }
 
 impl SimFleet {
@@ -601,6 +656,7 @@ impl SimFleet {
                 devices: Vec::new(),
                 merchants: layout.merchants.clone(),
                 timing,
+                outages: 0.0,
             });
         }
         let ca = headend::pki::OperatorCa::load(&layout.ca_dir).map_err(|e| e.to_string())?;
@@ -654,12 +710,14 @@ impl SimFleet {
                 open: None,
                 history: BTreeMap::new(),
                 broken: false,
+                asleep_until: None,
             })));
         }
         Ok(Self {
             devices,
             merchants: layout.merchants.clone(),
             timing,
+            outages: 0.0,
         })
     }
 
@@ -693,6 +751,7 @@ impl SimFleet {
     }
 
     /// One transaction of `kind` on `d`, recorded under `source`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn transact(
         &self,
         d: &mut Device,
@@ -701,13 +760,14 @@ impl SimFleet {
         pick: &(String, String),
         source: &'static str,
         rec: &Recorder,
+        outage: Option<(Outage, Duration)>,
     ) -> Outcome {
         let step = self.timing.step;
         let started = Instant::now();
         let (txid, outcome) = match kind {
-            TxKind::Purchase => d.purchase(&pick.0, &pick.1, step).await,
-            TxKind::BankLoad => d.load(true, amount, step).await,
-            TxKind::VoucherLoad => d.load(false, amount, step).await,
+            TxKind::Purchase => d.purchase(&pick.0, &pick.1, step, outage).await,
+            TxKind::BankLoad => d.load(true, amount, step, outage).await,
+            TxKind::VoucherLoad => d.load(false, amount, step, outage).await,
         };
         rec.tx(TxRecord {
             source,
@@ -752,7 +812,19 @@ impl SimFleet {
                         continue;
                     };
                     let (kind, amount, pick) = me.pick(&d, load_share);
-                    me.transact(&mut d, kind, amount, &pick, "sim", &rec).await;
+                    let outage = {
+                        let mut rng = rand::thread_rng();
+                        rng.gen_bool(me.outages.clamp(0.0, 1.0)).then(|| {
+                            let what = match kind {
+                                TxKind::Purchase if rng.gen_bool(0.5) => Outage::BeforeDebit,
+                                TxKind::Purchase => Outage::AfterDebit,
+                                _ => Outage::AfterLoad,
+                            };
+                            (what, Duration::from_secs(rng.gen_range(35..=45)))
+                        })
+                    };
+                    me.transact(&mut d, kind, amount, &pick, "sim", &rec, outage)
+                        .await;
                 }
             });
         }
@@ -799,7 +871,7 @@ impl SimFleet {
             };
             let (_, amount, pick) = self.pick(&d, 0.0);
             if self
-                .transact(&mut d, kind, amount, &pick, "probe", rec)
+                .transact(&mut d, kind, amount, &pick, "probe", rec, None)
                 .await
                 == Outcome::Completed
             {

@@ -50,6 +50,11 @@ pub struct Plan {
     pub sim_workers: usize,
     /// Share of loads among the transactions.
     pub load_share: f64,
+    /// Share of simulated transactions in which the box loses power mid-way for 35–45 s
+    /// (before DEBIT, after DEBIT, after LOAD), then settles from what it kept.
+    pub outage_share: f64,
+    /// Share of stbd purchases the viewer declines with BACK.
+    pub back_share: f64,
     /// How long the quiesce phase may wait for everything to settle.
     pub quiesce: Duration,
     pub timing: Timing,
@@ -76,6 +81,8 @@ impl Plan {
             rate: 3.0,
             sim_workers: 6,
             load_share: 0.25,
+            outage_share: 0.03,
+            back_share: 0.05,
             quiesce: Duration::from_secs(75),
             timing: Timing::default(),
             transaction_timeout_secs: 30,
@@ -249,12 +256,14 @@ impl fmt::Display for ChaosReport {
         )?;
         writeln!(
             f,
-            "plan: {} transactions at {}/s, {} kills ({} of stbd boxes), load share {:.0}%, quiesce deadline {}",
+            "plan: {} transactions at {}/s, {} kills ({} of stbd boxes), load share {:.0}%, simulated power losses {:.0}%, viewer BACK {:.0}%, quiesce deadline {}",
             p.transactions,
             p.rate,
             p.kills,
             p.box_kills,
             p.load_share * 100.0,
+            p.outage_share * 100.0,
+            p.back_share * 100.0,
             ms(p.quiesce)
         )?;
         writeln!(
@@ -457,7 +466,9 @@ pub async fn run(plan: Plan, bins: &Bins) -> Result<ChaosReport, String> {
         "{} stbd boxes at their home screen",
         stb_boxes.len()
     ));
-    let fleet = Arc::new(SimFleet::connect(&layout, plan.timing).await?);
+    let mut fleet = SimFleet::connect(&layout, plan.timing).await?;
+    fleet.outages = plan.outage_share;
+    let fleet = Arc::new(fleet);
     say(format!("{} simulated boxes connected", fleet.devices.len()));
 
     // Two boxes (EUR) probe after each role restart; the rest is the regular fleet.
@@ -480,13 +491,14 @@ pub async fn run(plan: Plan, bins: &Bins) -> Result<ChaosReport, String> {
     let mut kill_flags = Vec::new();
     let mut stb_threads = Vec::new();
     for b in &stb_boxes {
-        let d = StbDriver::new(
+        let mut d = StbDriver::new(
             b.clone(),
             tmux.clone(),
             rec.clone(),
             &layout.merchants,
             plan.load_share,
         );
+        d.back_share = plan.back_share;
         kill_flags.push((b.spec.box_id.clone(), d.kill_next.clone()));
         let pacer = pacer.clone();
         stb_threads.push(

@@ -393,6 +393,8 @@ pub struct StbDriver {
     /// Set to have the box SIGKILLed during its next transaction.
     pub kill_next: Arc<AtomicBool>,
     pub load_share: f64,
+    /// Share of purchases the viewer declines with BACK instead of OK.
+    pub back_share: f64,
     next_id: u64,
 }
 
@@ -426,6 +428,7 @@ impl StbDriver {
             items,
             kill_next: Arc::new(AtomicBool::new(false)),
             load_share,
+            back_share: 0.0,
             next_id: 0,
         }
     }
@@ -643,8 +646,9 @@ impl StbDriver {
                 Outcome::Failed("no offer on the TV within 40 s".into()),
             );
         }
-        self.tmux.keys(&s, &["Enter"]);
-        if self.maybe_kill("purchase, just after OK", 400) {
+        let back = rand::thread_rng().gen_bool(self.back_share.clamp(0.0, 1.0));
+        self.tmux.keys(&s, &[if back { "BSpace" } else { "Enter" }]);
+        if !back && self.maybe_kill("purchase, just after OK", 400) {
             return (None, Outcome::Interrupted);
         }
         let end = Instant::now() + Duration::from_secs(90);
