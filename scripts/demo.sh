@@ -44,6 +44,9 @@ else
     READER_TOML="kind = \"virtual\"
 card_file = \"$DEMO/card.plvc\""
 fi
+VOUCHER=$(tr -d '[:space:]' < "$DEMO/demo-voucher.txt")
+# stbd.toml names the voucher code (the voucher's only secret): owner-only, like every secret file.
+umask 077
 cat > "$DEMO/stbd.toml" <<EOF
 # Written by scripts/demo.sh; config/stbd.example.toml documents every key.
 [reader]
@@ -68,7 +71,7 @@ enabled = false
 
 [load]
 bank_account = "ACC-0001"
-voucher = "VOUCHER-0001"
+voucher = "$VOUCHER"
 pin_key = "$DEMO/pin-keys/box-000001.key"
 EOF
 
@@ -91,14 +94,13 @@ sleep 1
 for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null || die "a demo process exited at start; see $DEMO/*.log"; done
 
 PIN=$(tr -d '[:space:]' < "$DEMO/demo-pin.txt")
-VOUCHER=VOUCHER-0001
 
 if [ "$SCRIPTED" = 0 ]; then
     cat <<EOF
 
   Purselink demo. The keyboard is the remote:
     F1 catalog · F2 load · F3 card history · F4 info · arrows · Enter = OK · Esc = BACK · q quits
-  Bank account PIN: ${PIN:-see $DEMO/headend.toml}    Voucher: ${VOUCHER:-see $DEMO/headend.toml}
+  Bank account PIN: ${PIN:-see $DEMO/demo-pin.txt}    Voucher: ${VOUCHER:-see $DEMO/demo-voucher.txt}
 
 EOF
     read -r -p "Press Enter to start the TV UI..." _ || true

@@ -36,7 +36,7 @@ async fn purchases(
         p.security_cards = plan.clients.max(4) as u32;
     }
     let running = assembly::start(&cfg, Roles::ALL).await?;
-    let issuer = cfg.issuer_keys()?;
+    let issuer = headend::config::load_issuer_keys(&files.issuer_keys)?;
     let mut boxes = Vec::new();
     for i in 0..plan.clients {
         let id = format!("box-{i:06}");

@@ -23,7 +23,7 @@ use crate::payment::PaymentServer;
 use crate::quic::{
     ClientTls, RevocationConfig, Revocations, Server, ServerTls, TlsIdentity, load_certs,
 };
-use crate::role::{RemoteRole, Role, serve};
+use crate::role::{Access, RemoteRole, Role, serve};
 
 /// Which roles this process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,7 +137,15 @@ pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, String>
             listen,
             &server_tls(cfg)?,
             settings.clone(),
-            serve(b.clone()),
+            serve(
+                b.clone(),
+                Access::Roles(
+                    cfg.bank
+                        .as_ref()
+                        .map(|s| s.callers.clone())
+                        .unwrap_or_default(),
+                ),
+            ),
             Revocations::new(&RevocationConfig::default()),
         )
         .map_err(|e| format!("bank server on {listen}: {e}"))?;
@@ -149,7 +157,15 @@ pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, String>
             listen,
             &server_tls(cfg)?,
             settings.clone(),
-            serve(l.clone()),
+            serve(
+                l.clone(),
+                Access::Roles(
+                    cfg.load
+                        .as_ref()
+                        .map(|s| s.callers.clone())
+                        .unwrap_or_default(),
+                ),
+            ),
             Revocations::new(&RevocationConfig::default()),
         )
         .map_err(|e| format!("load server on {listen}: {e}"))?;
@@ -164,7 +180,15 @@ pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, String>
                 listen,
                 &server_tls(cfg)?,
                 settings.clone(),
-                serve(p.clone()),
+                serve(
+                    p.clone(),
+                    Access::Roles(
+                        cfg.payment
+                            .as_ref()
+                            .map(|s| s.callers.clone())
+                            .unwrap_or_default(),
+                    ),
+                ),
                 Revocations::new(&RevocationConfig::default()),
             )
             .map_err(|e| format!("payment server on {listen}: {e}"))?;
@@ -179,7 +203,15 @@ pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, String>
                 listen,
                 &server_tls(cfg)?,
                 settings.clone(),
-                serve(m.clone()),
+                serve(
+                    m.clone(),
+                    Access::Roles(
+                        cfg.merchant
+                            .as_ref()
+                            .map(|s| s.callers.clone())
+                            .unwrap_or_default(),
+                    ),
+                ),
                 Revocations::new(&RevocationConfig::default()),
             )
             .map_err(|e| format!("merchant server on {listen}: {e}"))?;
@@ -270,7 +302,7 @@ pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, String>
             section.listen,
             &server_tls(cfg)?,
             settings.clone(),
-            serve(gw.clone()),
+            serve(gw.clone(), Access::Boxes),
             revocations,
         )
         .map_err(|e| format!("gateway on {}: {e}", section.listen))?;
@@ -298,19 +330,48 @@ pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, String>
 /// Files of a dev deployment made by [`init_demo`].
 pub struct DemoFiles {
     pub dir: PathBuf,
+    /// `headend.toml`: every role in one process (`headend all-in-one`).
     pub config: PathBuf,
     pub ca_dir: PathBuf,
+    /// The issuer's personalisation keys (both masters, `issuer-keys.toml`): for making cards
+    /// (`vcard create`), never given to a role.
     pub issuer_keys: PathBuf,
+    /// The roles' key files (`keys/`, 0700; each file 0600).
+    pub keys_dir: PathBuf,
     /// The demo bank account's PIN (`demo-pin.txt`), for the viewer to type.
     pub pin_file: PathBuf,
     /// Per-box PIN keys (`pin-keys/<box id>.key`, hex), given to boxes at provisioning.
     pub pin_keys_dir: PathBuf,
+    /// The demo voucher's code: random, 80 bits (see [`voucher_code`]); also in
+    /// `demo-voucher.txt`.
+    pub voucher: String,
+    /// A split deployment's per-role configs (`split/<role>.toml`), when asked for.
+    pub split: Option<SplitConfigs>,
 }
 
-/// The demo's bank account, its box, and its pre-funded voucher.
+/// The per-role configuration files of a split deployment, each naming only its role's
+/// sections, certificate and key files.
+#[derive(Debug, Clone)]
+pub struct SplitConfigs {
+    pub gateway: PathBuf,
+    pub payment: PathBuf,
+    pub merchant: PathBuf,
+    pub bank: PathBuf,
+    pub load: PathBuf,
+}
+
+/// Where each role of a split deployment listens (the gateway: [`DemoOptions::gateway_listen`]).
+#[derive(Debug, Clone, Copy)]
+pub struct SplitAddrs {
+    pub payment: SocketAddr,
+    pub merchant: SocketAddr,
+    pub bank: SocketAddr,
+    pub load: SocketAddr,
+}
+
+/// The demo's bank account and its box.
 pub const DEMO_ACCOUNT: &str = "ACC-0001";
 pub const DEMO_BOX: &str = "box-000001";
-pub const DEMO_VOUCHER: &str = "VOUCHER-0001";
 
 /// Options for [`init_demo`].
 pub struct DemoOptions {
@@ -320,6 +381,8 @@ pub struct DemoOptions {
     pub embodiment: String,
     pub message_layer: bool,
     pub transaction_timeout_secs: u64,
+    /// Also write `split/<role>.toml` for one process per role at these addresses.
+    pub split: Option<SplitAddrs>,
 }
 
 impl Default for DemoOptions {
@@ -329,16 +392,65 @@ impl Default for DemoOptions {
             embodiment: "security-card".into(),
             message_layer: true,
             transaction_timeout_secs: 30,
+            split: None,
         }
     }
 }
 
-/// Writes a complete dev deployment into `dir`: an operator CA, the head end's certificate
-/// (names `localhost`, `gateway.purselink.test`, 127.0.0.1), random issuer master keys and
-/// merchant keys, and `headend.toml` with a cable catalog (pay-per-view and shopping) and an
-/// internet merchant, plus the load side (a bank account with a PIN in `demo-pin.txt`, a
-/// per-day limit, a pre-funded voucher, issuer float accounts, per-box PIN keys in
-/// `pin-keys/`). Refuses to overwrite an existing CA.
+/// A new voucher code: 16 characters of Crockford base32 from the OS RNG (80 bits), in
+/// groups of four, e.g. `V7KQ-3M9X-T2PD-8HWN`. At the head end's limits (failed attempts
+/// counted per box and in all, with back-off) guessing one is hopeless.
+pub fn voucher_code() -> String {
+    use rand::RngCore;
+    const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+    let mut raw = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut raw);
+    let chars: Vec<char> = raw
+        .iter()
+        .map(|b| ALPHABET[(b & 31) as usize] as char)
+        .collect();
+    chars
+        .chunks(4)
+        .map(|c| c.iter().collect::<String>())
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
+fn write_secret(path: &Path, text: &str) -> Result<(), String> {
+    proto::secret::write_private(path, text.as_bytes())
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The roles' certificate names: localhost, 127.0.0.1 and `<role>.purselink.test` (the
+/// gateway also `gateway.purselink.test`, the name boxes use).
+fn role_names(role: &str) -> Vec<String> {
+    vec![
+        "localhost".into(),
+        format!("{role}.purselink.test"),
+        "127.0.0.1".into(),
+    ]
+}
+
+/// Writes a complete dev deployment into `dir`:
+/// - an operator CA (`ca/`) and a certificate per role (`certs/<role>.crt.pem`, URI SAN
+///   `urn:purselink:role:<role>`; only the gateway's may authenticate as a client, since
+///   only the gateway calls other roles);
+/// - the roles' key files in `keys/` (0700, files 0600): `purchase-keys.toml` (payment
+///   only), `load-keys.toml` (load only), `pin-master.key` (bank), `confirmation.key` (bank
+///   and load), `merchant-<id>.key` (payment and merchant); and `issuer-keys.toml` with
+///   both masters for personalising cards, which no role reads;
+/// - `headend.toml` (all-in-one; 0600: it holds the voucher codes) with a cable catalog
+///   (pay-per-view and shopping), an internet merchant, a bank account whose PIN is in
+///   `demo-pin.txt`, a pre-funded voucher with a random code (`demo-voucher.txt`), the
+///   issuer float accounts and per-box PIN keys in `pin-keys/`;
+/// - with [`DemoOptions::split`], `split/<role>.toml`: one process per role, each config
+///   naming only its own sections, certificate and keys.
+///
+/// Every secret file is 0600 and its directory 0700, whatever the umask. Refuses to
+/// overwrite an existing CA.
+///
+/// # Errors
+/// A file cannot be written, or `dir` already holds a CA.
 pub fn init_demo(dir: &Path, opts: &DemoOptions) -> Result<DemoFiles, String> {
     use rand::RngCore;
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -348,58 +460,154 @@ pub fn init_demo(dir: &Path, opts: &DemoOptions) -> Result<DemoFiles, String> {
     }
     let ca = crate::pki::OperatorCa::generate().map_err(|e| e.to_string())?;
     ca.save(&ca_dir).map_err(|e| e.to_string())?;
-    let names = vec![
-        "localhost".into(),
-        "gateway.purselink.test".into(),
-        "127.0.0.1".into(),
-    ];
-    ca.issue_server(&names)
-        .map_err(|e| e.to_string())?
-        .save(dir, "headend")
+    let certs = dir.join("certs");
+    let mut gateway_names = role_names("gateway");
+    gateway_names.insert(1, "gateway.purselink.test".into());
+    gateway_names.dedup();
+    ca.issue_role("gateway", &gateway_names, true)
+        .and_then(|c| c.save(&certs, "gateway"))
         .map_err(|e| e.to_string())?;
+    for role in ["payment", "merchant", "bank", "load"] {
+        ca.issue_role(role, &role_names(role), false)
+            .and_then(|c| c.save(&certs, role))
+            .map_err(|e| e.to_string())?;
+    }
     let mut rng = rand::rngs::OsRng;
-    let mut key = || {
+    let mut new_key = || {
         let mut k = [0u8; 16];
         rng.fill_bytes(&mut k);
-        hex::encode_upper(proto::crypto::DesKey::new(k).0)
+        proto::crypto::DesKey::new(k)
+    };
+    let hex_of = |k: &proto::crypto::DesKey| format!("{}\n", hex::encode_upper(k.0));
+    let issuer = proto::purse::IssuerKeys {
+        key_version: 1,
+        purchase_master: new_key(),
+        load_master: new_key(),
     };
     let issuer_keys = dir.join("issuer-keys.toml");
-    std::fs::write(
+    write_secret(
         &issuer_keys,
-        format!(
-            "key_version = 1\npurchase_master = \"{}\"\nload_master = \"{}\"\n",
-            key(),
-            key()
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    let (cable_key, shop_key) = (key(), key());
+        &toml_of(&proto::purse::IssuerKeyFile::from_keys(&issuer)),
+    )?;
+    let keys_dir = dir.join("keys");
+    proto::secret::private_dir(&keys_dir).map_err(|e| format!("{}: {e}", keys_dir.display()))?;
+    write_secret(
+        &keys_dir.join("purchase-keys.toml"),
+        &toml_of(&proto::purse::MasterKeyFile::from_key(&issuer.purchase())),
+    )?;
+    write_secret(
+        &keys_dir.join("load-keys.toml"),
+        &toml_of(&proto::purse::MasterKeyFile::from_key(&issuer.load())),
+    )?;
+    let pin_master = new_key();
+    write_secret(&keys_dir.join("pin-master.key"), &hex_of(&pin_master))?;
+    write_secret(&keys_dir.join("confirmation.key"), &hex_of(&new_key()))?;
+    for m in ["CABLE", "M-WEBSHOP"] {
+        write_secret(
+            &keys_dir.join(format!("merchant-{m}.key")),
+            &hex_of(&new_key()),
+        )?;
+    }
+    let pin = format!("{:04}", rand::rngs::OsRng.next_u32() % 10_000);
+    let pvv = crate::bank::pin_verification_value(&pin_master, DEMO_ACCOUNT, &pin);
+    let pin_file = dir.join("demo-pin.txt");
+    write_secret(&pin_file, &format!("{pin}\n"))?;
+    let voucher = voucher_code();
+    write_secret(&dir.join("demo-voucher.txt"), &format!("{voucher}\n"))?;
+    let pin_keys_dir = dir.join("pin-keys");
+    proto::secret::private_dir(&pin_keys_dir)
+        .map_err(|e| format!("{}: {e}", pin_keys_dir.display()))?;
+    write_secret(
+        &pin_keys_dir.join(format!("{DEMO_BOX}.key")),
+        &hex_of(&crate::bank::box_pin_key(&pin_master, DEMO_BOX)),
+    )?;
+
+    let parts = DemoParts {
+        opts,
+        pvv: &pvv,
+        voucher: &voucher,
+    };
     let config = dir.join("headend.toml");
-    let text = format!(
-        r#"# Generated by `headend init-demo`: a dev deployment on one machine.
-state_dir = "state"
+    write_secret(&config, &parts.all_in_one())?;
+    let split = match &opts.split {
+        None => None,
+        Some(addrs) => {
+            let split_dir = dir.join("split");
+            let w = |role: &str, text: String| -> Result<PathBuf, String> {
+                let p = split_dir.join(format!("{role}.toml"));
+                write_secret(&p, &text)?;
+                Ok(p)
+            };
+            Some(SplitConfigs {
+                gateway: w("gateway", parts.split_gateway(addrs))?,
+                payment: w("payment", parts.split_role("payment", addrs.payment))?,
+                merchant: w("merchant", parts.split_role("merchant", addrs.merchant))?,
+                bank: w("bank", parts.split_role("bank", addrs.bank))?,
+                load: w("load", parts.split_role("load", addrs.load))?,
+            })
+        }
+    };
+    Ok(DemoFiles {
+        dir: dir.into(),
+        config,
+        ca_dir,
+        issuer_keys,
+        keys_dir,
+        pin_file,
+        pin_keys_dir,
+        voucher,
+        split,
+    })
+}
 
-[tls]
-operator_ca = "ca/ca.crt.pem"
-cert = "headend.crt.pem"
-key = "headend.key.pem"
+/// A key file's TOML.
+fn toml_of<T: serde::Serialize>(v: &T) -> String {
+    toml::to_string(v).expect("key files serialize")
+}
 
-[gateway]
-listen = "{listen}"
-revoked_boxes = ["box-revoked"]
+/// The sections of the demo's configuration, composed into the all-in-one file or one file
+/// per role. Paths are relative to the file (the split files sit one directory down).
+struct DemoParts<'a> {
+    opts: &'a DemoOptions,
+    pvv: &'a str,
+    voucher: &'a str,
+}
 
-[payment]
-issuer_keys = "issuer-keys.toml"
-security_cards = 4
-transaction_timeout_secs = {timeout}
+impl DemoParts<'_> {
+    fn tls(up: &str, role: &str) -> String {
+        format!(
+            "[tls]\noperator_ca = \"{up}ca/ca.crt.pem\"\ncert = \"{up}certs/{role}.crt.pem\"\nkey = \"{up}certs/{role}.key.pem\"\n"
+        )
+    }
 
-[merchant]
+    fn gateway(&self) -> String {
+        format!(
+            "[gateway]\nlisten = \"{}\"\nrevoked_boxes = [\"box-revoked\"]\n",
+            self.opts.gateway_listen
+        )
+    }
 
+    fn payment(&self, up: &str, listen: Option<SocketAddr>) -> String {
+        format!(
+            "[payment]\npurchase_keys = \"{up}keys/purchase-keys.toml\"\nsecurity_cards = 4\ntransaction_timeout_secs = {}\n{}",
+            self.opts.transaction_timeout_secs,
+            listen_line(listen)
+        )
+    }
+
+    fn merchant(listen: Option<SocketAddr>) -> String {
+        format!("[merchant]\n{}", listen_line(listen))
+    }
+
+    fn merchants(&self, up: &str) -> String {
+        let (emb, layer) = (&self.opts.embodiment, self.opts.message_layer);
+        format!(
+            r#"
 [[merchants]]
 id = "CABLE"
 name = "Cable operator"
 kind = "cable"
-shared_key = "{cable_key}"
+shared_key_file = "{up}keys/merchant-CABLE.key"
 embodiment = "{emb}"
 message_layer = {layer}
 payment = "payment"
@@ -436,7 +644,7 @@ exponent = 2
 id = "M-WEBSHOP"
 name = "Webshop Ltd"
 kind = "internet"
-shared_key = "{shop_key}"
+shared_key_file = "{up}keys/merchant-M-WEBSHOP.key"
 embodiment = "{emb}"
 message_layer = {layer}
 payment = "payment"
@@ -449,45 +657,20 @@ kind = "shop"
 amount = 1250
 currency = 978
 exponent = 2
-"#,
-        listen = opts.gateway_listen,
-        timeout = opts.transaction_timeout_secs,
-        emb = opts.embodiment,
-        layer = opts.message_layer,
-    );
-    // The load side: a bank account with a PIN for the demo box, a per-day limit, a
-    // pre-funded voucher, and the issuer float accounts.
-    let (pin_master_hex, confirmation_hex) = (key(), key());
-    let pin_master = crate::config::hex_key("pin_master", &pin_master_hex)?;
-    let pin = format!("{:04}", rand::rngs::OsRng.next_u32() % 10_000);
-    let pvv = crate::bank::pin_verification_value(&pin_master, DEMO_ACCOUNT, &pin);
-    let pin_file = dir.join("demo-pin.txt");
-    std::fs::write(&pin_file, format!("{pin}\n")).map_err(|e| e.to_string())?;
-    let pin_keys_dir = dir.join("pin-keys");
-    std::fs::create_dir_all(&pin_keys_dir).map_err(|e| e.to_string())?;
-    std::fs::write(
-        pin_keys_dir.join(format!("{DEMO_BOX}.key")),
+"#
+        )
+    }
+
+    fn bank(&self, up: &str, listen: Option<SocketAddr>) -> String {
         format!(
-            "{}\n",
-            hex::encode_upper(crate::bank::box_pin_key(&pin_master, DEMO_BOX).0)
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    let load_side = format!(
-        r#"
+            r#"
 [bank]
-pin_master = "{pin_master_hex}"
-confirmation_key = "{confirmation_hex}"
+pin_master_file = "{up}keys/pin-master.key"
+confirmation_key_file = "{up}keys/confirmation.key"
 daily_limit = 30000
 float_account = "ISSUER-FLOAT"
 pin_tries = 3
-
-[load]
-issuer_keys = "issuer-keys.toml"
-confirmation_key = "{confirmation_hex}"
-daily_limit = 30000
-float_account = "ISSUER-FLOAT-PREFUNDED"
-
+{}
 [[bank_accounts]]
 id = "{DEMO_ACCOUNT}"
 holder = "Demo viewer"
@@ -495,23 +678,83 @@ box_id = "{DEMO_BOX}"
 currency = 978
 exponent = 2
 opening_balance = 50000
-pin_verification_value = "{pvv}"
+pin_verification_value = "{}"
+"#,
+            listen_line(listen),
+            self.pvv
+        )
+    }
 
+    fn load(&self, up: &str, listen: Option<SocketAddr>) -> String {
+        format!(
+            r#"
+[load]
+load_keys = "{up}keys/load-keys.toml"
+confirmation_key_file = "{up}keys/confirmation.key"
+daily_limit = 30000
+float_account = "ISSUER-FLOAT-PREFUNDED"
+{}
 [[vouchers]]
-code = "{DEMO_VOUCHER}"
+code = "{}"
 box_id = "{DEMO_BOX}"
 currency = 978
 exponent = 2
 amount = 10000
-"#
-    );
-    std::fs::write(&config, text + &load_side).map_err(|e| e.to_string())?;
-    Ok(DemoFiles {
-        dir: dir.into(),
-        config,
-        ca_dir,
-        issuer_keys,
-        pin_file,
-        pin_keys_dir,
-    })
+"#,
+            listen_line(listen),
+            self.voucher
+        )
+    }
+
+    fn all_in_one(&self) -> String {
+        format!(
+            "# Generated by `headend init-demo`: a dev deployment on one machine (all-in-one).\nstate_dir = \"state\"\n\n{}\n{}\n{}\n{}\n{}{}{}",
+            Self::tls("", "gateway"),
+            self.gateway(),
+            self.payment("", None),
+            Self::merchant(None),
+            self.merchants(""),
+            self.bank("", None),
+            self.load("", None),
+        )
+    }
+
+    fn head(role: &str) -> String {
+        format!(
+            "# Generated by `headend init-demo`: the {role} of a split dev deployment.\nstate_dir = \"../state/{role}\"\n\n{}\n",
+            Self::tls("../", role)
+        )
+    }
+
+    fn split_gateway(&self, a: &SplitAddrs) -> String {
+        let ep = |name: &str, addr: SocketAddr| {
+            format!(
+                "[endpoints.{name}]\naddr = \"{addr}\"\nserver_name = \"{name}.purselink.test\"\n"
+            )
+        };
+        format!(
+            "{}{}\n{}\n{}\n{}\n{}{}",
+            Self::head("gateway"),
+            self.gateway(),
+            ep("payment", a.payment),
+            ep("merchant", a.merchant),
+            ep("bank", a.bank),
+            ep("load", a.load),
+            self.merchants("../"),
+        )
+    }
+
+    fn split_role(&self, role: &str, listen: SocketAddr) -> String {
+        let body = match role {
+            "payment" => self.payment("../", Some(listen)) + &self.merchants("../"),
+            "merchant" => Self::merchant(Some(listen)) + &self.merchants("../"),
+            "bank" => self.bank("../", Some(listen)),
+            _ => self.load("../", Some(listen)),
+        };
+        Self::head(role) + &body
+    }
+}
+
+fn listen_line(listen: Option<SocketAddr>) -> String {
+    listen.map_or_else(String::new, |l| format!("listen = \"{l}\"\n"))
 }

@@ -33,7 +33,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use crate::config::{HeadendConfig, hex_key};
+use crate::config::{HeadendConfig, read_key_file};
 use crate::journal::{self, Journal};
 use crate::quic::BoxFuture;
 use crate::role::{Caller, Role};
@@ -167,6 +167,62 @@ pub struct OfferRec {
     pub offer: LoadOffer,
 }
 
+/// Failed attempts at naming an account or voucher in a load offer request (guessing
+/// voucher codes), counted per box and in all. After [`FREE_FAILURES`] failures a box
+/// backs off for 2, 4, 8 … seconds (at most an hour) and its requests are refused with
+/// `RateLimited` meanwhile, without being looked at; past [`GLOBAL_FAILURES_PER_MIN`]
+/// failures a minute across all boxes, every box that has failed at all waits at least
+/// [`GLOBAL_BACKOFF`]. A success clears the box's count. Kept in memory: a restart of the
+/// funder is not something a guesser can cause.
+#[derive(Default)]
+struct Guessing {
+    per_box: std::collections::HashMap<String, (u32, std::time::Instant)>,
+    recent: std::collections::VecDeque<std::time::Instant>,
+}
+
+/// Failed attempts a box gets before it backs off.
+pub const FREE_FAILURES: u32 = 5;
+/// Failures a minute, across all boxes, above which every failing box backs off.
+pub const GLOBAL_FAILURES_PER_MIN: usize = 60;
+/// The least back-off while the global rate is exceeded.
+pub const GLOBAL_BACKOFF: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Guessing {
+    /// How long `box_id` must still wait, if at all.
+    fn wait(&mut self, box_id: &str, now: std::time::Instant) -> Option<std::time::Duration> {
+        let minute = std::time::Duration::from_secs(60);
+        while self
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > minute)
+        {
+            self.recent.pop_front();
+        }
+        let (n, last) = *self.per_box.get(box_id)?;
+        let mut backoff = if n >= FREE_FAILURES {
+            std::time::Duration::from_secs(1u64 << (n - FREE_FAILURES + 1).min(12))
+                .min(std::time::Duration::from_secs(3600))
+        } else {
+            std::time::Duration::ZERO
+        };
+        if self.recent.len() > GLOBAL_FAILURES_PER_MIN {
+            backoff = backoff.max(GLOBAL_BACKOFF);
+        }
+        let until = last + backoff;
+        (until > now).then(|| until - now)
+    }
+
+    fn failed(&mut self, box_id: &str, now: std::time::Instant) {
+        let e = self.per_box.entry(box_id.to_string()).or_insert((0, now));
+        *e = (e.0.saturating_add(1), now);
+        self.recent.push_back(now);
+    }
+
+    fn succeeded(&mut self, box_id: &str) {
+        self.per_box.remove(box_id);
+    }
+}
+
 /// The settings of a [`Funds`].
 pub struct FundsSpec {
     /// "bank" or "load server", for messages.
@@ -195,6 +251,7 @@ pub struct Funds {
     pub float_account: String,
     pub offer_lifetime_secs: u64,
     lock: tokio::sync::Mutex<()>,
+    guessing: std::sync::Mutex<Guessing>,
 }
 
 impl Funds {
@@ -228,6 +285,7 @@ impl Funds {
             float_account: spec.float_account,
             offer_lifetime_secs: spec.offer_lifetime_secs,
             lock: tokio::sync::Mutex::new(()),
+            guessing: Default::default(),
         })
     }
 
@@ -289,7 +347,9 @@ impl Funds {
         Ok(())
     }
 
-    /// The account a source names, checked against the asking box (and card).
+    /// The account a source names, checked against the asking box (and card). "No such
+    /// account", "another box's" and "another card's" get one and the same refusal, which
+    /// never repeats the name (a voucher's code is its secret): nothing to tell a guesser.
     fn owned_account(
         &self,
         box_id: &str,
@@ -297,34 +357,28 @@ impl Funds {
         card_id: u64,
         txid: Option<&str>,
     ) -> Result<Account, Message> {
-        let Some(a) = self.account(id) else {
-            return Err(refuse(
-                ErrorCode::UnknownRoute,
-                format!("{} has no account {id}", self.who),
-                txid,
-            ));
-        };
-        if a.box_id.as_deref().is_some_and(|b| b != box_id) {
-            return Err(refuse(
-                ErrorCode::NotYourAccount,
-                format!("account {id} belongs to another set-top box"),
-                txid,
-            ));
-        }
-        if a.card_id.is_some_and(|c| c != card_id) {
-            return Err(refuse(
+        let not_yours = || {
+            refuse(
                 ErrorCode::NotYourAccount,
                 format!(
-                    "account {id} may load only card {:X}",
-                    a.card_id.unwrap_or(0)
+                    "the {} holds no such account or voucher for this box and card",
+                    self.who
                 ),
                 txid,
-            ));
+            )
+        };
+        let Some(a) = self.account(id) else {
+            return Err(not_yours());
+        };
+        if a.box_id.as_deref().is_some_and(|b| b != box_id)
+            || a.card_id.is_some_and(|c| c != card_id)
+        {
+            return Err(not_yours());
         }
         if a.locked {
             return Err(refuse(
                 ErrorCode::AccountLocked,
-                format!("account {id} is locked after wrong PINs; the bank must unlock it"),
+                "the account is locked after wrong PINs; the bank must unlock it",
                 txid,
             ));
         }
@@ -390,9 +444,39 @@ impl Funds {
     /// A load offer: the maximum, a new transaction id and the server time stamp.
     pub async fn offer(&self, box_id: &str, account: &str, card: &PurseInfo) -> Message {
         let _g = self.lock.lock().await;
+        let now = std::time::Instant::now();
+        let wait = self
+            .guessing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .wait(box_id, now);
+        if let Some(w) = wait {
+            return refuse(
+                ErrorCode::RateLimited,
+                format!(
+                    "too many failed attempts from this box; retry in {} s",
+                    w.as_secs().max(1)
+                ),
+                None,
+            );
+        }
         let a = match self.owned_account(box_id, account, card.card_id, None) {
-            Ok(a) => a,
-            Err(e) => return e,
+            Ok(a) => {
+                self.guessing
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .succeeded(box_id);
+                a
+            }
+            Err(e) => {
+                if matches!(&e, Message::Error(m) if m.code == ErrorCode::NotYourAccount) {
+                    self.guessing
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .failed(box_id, now);
+                }
+                return e;
+            }
         };
         if card.currency != a.currency {
             return refuse(
@@ -433,7 +517,7 @@ impl Funds {
                     account: a.id.clone(),
                 }
             } else {
-                LoadSource::Voucher { code: a.id.clone() }
+                LoadSource::voucher(a.id.clone())
             },
             max_amount: Money::new(max, a.currency),
             limited_by: limited_by.into(),
@@ -509,7 +593,8 @@ impl Funds {
             );
         }
         let named = match &req.source {
-            LoadSource::Bank { account } | LoadSource::Voucher { code: account } => account,
+            LoadSource::Bank { account } => account,
+            LoadSource::Voucher { code } => code.expose(),
         };
         if offer.box_id != req.box_id || *named != offer.account {
             return refuse(
@@ -626,7 +711,7 @@ impl Funds {
                 Some(txid),
             ));
         }
-        let right = pin_verification_value(master, &a.id, &block.pin);
+        let right = pin_verification_value(master, &a.id, block.pin.expose());
         if right.eq_ignore_ascii_case(pvv) {
             a.wrong_pins = 0;
             return Ok(());
@@ -791,8 +876,11 @@ impl BankServer {
             .collect();
         let spec = FundsSpec {
             who: "bank",
-            confirmation_key: hex_key("[bank] confirmation_key", &s.confirmation_key)?,
-            pin_master: Some(hex_key("[bank] pin_master", &s.pin_master)?),
+            confirmation_key: read_key_file(
+                "[bank] confirmation_key_file",
+                &s.confirmation_key_file,
+            )?,
+            pin_master: Some(read_key_file("[bank] pin_master_file", &s.pin_master_file)?),
             pin_tries: s.pin_tries,
             daily_limit: s.daily_limit,
             float_account: s.float_account.clone(),
@@ -847,5 +935,43 @@ impl Role for BankServer {
                 ),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn guessing_backs_a_box_off_after_its_free_failures_and_a_success_clears_it() {
+        let mut g = Guessing::default();
+        let t0 = Instant::now();
+        for i in 0..FREE_FAILURES {
+            assert_eq!(g.wait("box-1", t0), None, "attempt {i} is free");
+            g.failed("box-1", t0);
+        }
+        // 5 failures: 2 s, then 4 s, doubling.
+        assert_eq!(g.wait("box-1", t0), Some(Duration::from_secs(2)));
+        g.failed("box-1", t0);
+        assert_eq!(g.wait("box-1", t0), Some(Duration::from_secs(4)));
+        assert_eq!(g.wait("box-1", t0 + Duration::from_secs(5)), None);
+        assert_eq!(g.wait("box-2", t0), None, "another box is not held back");
+        g.succeeded("box-1");
+        assert_eq!(g.wait("box-1", t0), None);
+    }
+
+    #[test]
+    fn a_global_flood_of_failures_slows_every_failing_box() {
+        let mut g = Guessing::default();
+        let t0 = Instant::now();
+        for i in 0..=GLOBAL_FAILURES_PER_MIN {
+            g.failed(&format!("box-{i}"), t0);
+        }
+        // One failure each, under the free count, but the global rate is exceeded.
+        assert_eq!(g.wait("box-3", t0), Some(GLOBAL_BACKOFF));
+        assert_eq!(g.wait("box-never-failed", t0), None);
+        // A minute later the window has emptied.
+        assert_eq!(g.wait("box-3", t0 + Duration::from_secs(61)), None);
     }
 }

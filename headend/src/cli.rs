@@ -103,7 +103,26 @@ pub enum PkiCommand {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Issue a server/role certificate: OUT/<first name>.crt.pem and .key.pem.
+    /// Issue a head-end role's certificate (URI SAN urn:purselink:role:ROLE, which the other
+    /// roles' `callers` lists name): OUT/ROLE.crt.pem and .key.pem. Server authentication;
+    /// with --client also client authentication (the gateway, which calls the other roles).
+    IssueRole {
+        #[arg(long)]
+        ca: PathBuf,
+        /// The role name: gateway, payment, merchant, bank, load, or an instance's own name.
+        #[arg(long)]
+        role: String,
+        /// DNS name or IP address the role is reached at; repeat for several.
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        /// Also allow the certificate to authenticate as a client (to call other roles).
+        #[arg(long)]
+        client: bool,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Issue a server certificate (server authentication only: it can never call a role):
+    /// OUT/<first name>.crt.pem and .key.pem.
     IssueServer {
         #[arg(long)]
         ca: PathBuf,

@@ -54,12 +54,13 @@ pub struct HeadendConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BankSection {
-    /// Bank PIN master key, hex, 16 bytes: each box's PIN key is derived from it by box id,
-    /// and PIN verification values are MACs under a key derived from it.
-    pub pin_master: String,
-    /// Key shared with the load server, hex, 16 bytes: load confirmations are sealed under
-    /// a per-transaction key derived from it, so only the bank can read them.
-    pub confirmation_key: String,
+    /// Key file (see [`read_key_file`]) of the bank PIN master key: each box's PIN key is
+    /// derived from it by box id, and PIN verification values are MACs under a key derived
+    /// from it.
+    pub pin_master_file: PathBuf,
+    /// Key file of the key shared with the load server: load confirmations are sealed, and
+    /// holds MACed, under per-transaction keys derived from it.
+    pub confirmation_key_file: PathBuf,
     /// Most an account may load per calendar day (UTC), in the account's minor units.
     pub daily_limit: u64,
     /// The card issuer's float account captured loads move to (001 [0135]).
@@ -73,18 +74,22 @@ pub struct BankSection {
     pub offer_lifetime_secs: u64,
     /// Where the gateway reaches this role when it runs alone.
     pub listen: Option<SocketAddr>,
+    /// Who may call this role over QUIC (see [`Callers`]).
+    #[serde(default)]
+    pub callers: Callers,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoadSection {
-    /// Issuer master keys (the HSM holds the load master key).
-    pub issuer_keys: PathBuf,
+    /// The load master key file (`key_version`, `master`; see
+    /// [`proto::purse::MasterKeyFile`]): the HSM's key, and only the HSM's.
+    pub load_keys: PathBuf,
     /// The HSM's id in load commands.
     #[serde(default = "default_hsm_id")]
     pub hsm_id: u64,
-    /// Key shared with the bank, hex, 16 bytes (see [`BankSection::confirmation_key`]).
-    pub confirmation_key: String,
+    /// Key file of the key shared with the bank (see [`BankSection::confirmation_key_file`]).
+    pub confirmation_key_file: PathBuf,
     /// Most a pre-funded account may load per calendar day (UTC), in minor units.
     pub daily_limit: u64,
     /// The issuer's float account for value loaded from pre-funded accounts.
@@ -94,6 +99,74 @@ pub struct LoadSection {
     #[serde(default = "default_offer_lifetime")]
     pub offer_lifetime_secs: u64,
     pub listen: Option<SocketAddr>,
+    /// Who may call this role over QUIC (see [`Callers`]).
+    #[serde(default)]
+    pub callers: Callers,
+}
+
+/// The peers a role serves over QUIC: role names (the `urn:purselink:role:NAME` the peer's
+/// certificate carries, see `headend pki issue-role`) or certificate fingerprints
+/// (`sha256:HEX`). Anyone else — a set-top box, a role not listed, a certificate without a
+/// role name — is refused with `Forbidden` before the message is looked at. Default: the
+/// gateway only.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Callers(pub Vec<String>);
+
+impl Default for Callers {
+    fn default() -> Self {
+        Self(vec!["gateway".into()])
+    }
+}
+
+impl Callers {
+    /// Whether a role peer named `role` with certificate `fingerprint` (hex) is listed.
+    pub fn allows(&self, role: &str, fingerprint: &str) -> bool {
+        self.0.iter().any(|c| match c.strip_prefix("sha256:") {
+            Some(f) => f.replace(':', "").eq_ignore_ascii_case(fingerprint),
+            None => c == role,
+        })
+    }
+}
+
+/// Reads a key file: one 2-key triple-DES key (16 bytes) as hex, readable by its owner only
+/// (a group- or world-readable key file is refused, naming the file and its mode). `what`
+/// names the key in errors.
+///
+/// # Errors
+/// The file is missing, readable by others, or not a key.
+pub fn read_key_file(what: &str, path: &Path) -> Result<DesKey, String> {
+    proto::secret::check_private(path).map_err(|e| format!("{what}: {e}"))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("{what}: {}: {e}", path.display()))?;
+    hex_key(&format!("{what} ({})", path.display()), text.trim())
+}
+
+/// Reads a master key file ([`proto::purse::MasterKeyFile`], TOML), owner-only like every
+/// key file.
+///
+/// # Errors
+/// The file is missing, readable by others, or not a master key file.
+pub fn read_master_key(what: &str, path: &Path) -> Result<proto::purse::MasterKey, String> {
+    proto::secret::check_private(path).map_err(|e| format!("{what}: {e}"))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("{what}: {}: {e}", path.display()))?;
+    let file: proto::purse::MasterKeyFile =
+        toml::from_str(&text).map_err(|e| format!("{what}: {}: {e}", path.display()))?;
+    file.to_key()
+        .map_err(|e| format!("{what}: {}: {e}", path.display()))
+}
+
+/// A path from the config: `credential:NAME` names a systemd credential
+/// (`$CREDENTIALS_DIRECTORY/NAME`, see `LoadCredential=`); a relative path is relative to
+/// the config file's directory.
+pub fn resolve_path(p: &mut PathBuf, base: &Path) {
+    if let Some(name) = p.to_str().and_then(|s| s.strip_prefix("credential:")) {
+        let dir = std::env::var_os("CREDENTIALS_DIRECTORY").unwrap_or_default();
+        *p = Path::new(&dir).join(name);
+    } else if p.is_relative() {
+        *p = base.join(&*p);
+    }
 }
 
 /// A bank account. Its balance lives in the bank journal once opened; this is the opening
@@ -200,8 +273,9 @@ pub struct PaymentSection {
     /// This payment server's name in routes.
     #[serde(default = "default_payment_name")]
     pub name: String,
-    /// Issuer master keys (TOML: key_version, purchase_master, load_master in hex).
-    pub issuer_keys: PathBuf,
+    /// The purchase master key file (`key_version`, `master`; see
+    /// [`proto::purse::MasterKeyFile`]): the security cards' key, and only theirs.
+    pub purchase_keys: PathBuf,
     /// Software security cards in the pool (the terminals of 001 [0091]).
     #[serde(default = "default_security_cards")]
     pub security_cards: u32,
@@ -210,6 +284,9 @@ pub struct PaymentSection {
     pub transaction_timeout_secs: u64,
     /// Where the gateway reaches this role when it runs alone.
     pub listen: Option<SocketAddr>,
+    /// Who may call this role over QUIC (see [`Callers`]).
+    #[serde(default)]
+    pub callers: Callers,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -222,6 +299,9 @@ pub struct MerchantSection {
     /// valid confirmation that comes later — a debit the card proved — still releases).
     #[serde(default = "default_offer_lifetime")]
     pub offer_lifetime_secs: u64,
+    /// Who may call this role over QUIC (see [`Callers`]).
+    #[serde(default)]
+    pub callers: Callers,
 }
 
 /// A remote role.
@@ -248,8 +328,9 @@ pub struct MerchantDef {
     pub id: String,
     pub name: String,
     pub kind: MerchantKind,
-    /// The key this merchant shares with its payment server (001 [0107]), hex, 16 bytes.
-    pub shared_key: String,
+    /// Key file of the key this merchant shares with its payment server (001 [0107]); read
+    /// only by the payment and merchant roles.
+    pub shared_key_file: PathBuf,
     /// Who compares the card signature: security-card (FIG. 4), payment-server (FIG. 5),
     /// gateway (FIG. 6) or merchant (FIG. 7).
     #[serde(default = "default_embodiment", with = "embodiment_name")]
@@ -288,10 +369,15 @@ impl ItemDef {
 }
 
 impl MerchantDef {
+    /// The key shared with the payment server, from its key file.
+    ///
+    /// # Errors
+    /// See [`read_key_file`].
     pub fn key(&self) -> Result<DesKey, String> {
-        let raw = hex::decode(self.shared_key.trim())
-            .map_err(|e| format!("merchant {}: shared_key is not hex ({e})", self.id))?;
-        DesKey::from_slice(&raw).map_err(|e| format!("merchant {}: shared_key: {e}", self.id))
+        read_key_file(
+            &format!("merchant {} shared_key_file", self.id),
+            &self.shared_key_file,
+        )
     }
 }
 
@@ -357,20 +443,24 @@ impl HeadendConfig {
 
     /// Relative paths in the file are relative to the file's directory.
     fn resolve_relative(mut self, base: &Path) -> Self {
-        let fix = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        };
+        let fix = |p: &mut PathBuf| resolve_path(p, base);
         fix(&mut self.state_dir);
         fix(&mut self.tls.operator_ca);
         fix(&mut self.tls.cert);
         fix(&mut self.tls.key);
         if let Some(p) = &mut self.payment {
-            fix(&mut p.issuer_keys);
+            fix(&mut p.purchase_keys);
         }
         if let Some(l) = &mut self.load {
-            fix(&mut l.issuer_keys);
+            fix(&mut l.load_keys);
+            fix(&mut l.confirmation_key_file);
+        }
+        if let Some(b) = &mut self.bank {
+            fix(&mut b.pin_master_file);
+            fix(&mut b.confirmation_key_file);
+        }
+        for m in &mut self.merchants {
+            fix(&mut m.shared_key_file);
         }
         self
     }
@@ -381,7 +471,6 @@ impl HeadendConfig {
             if !seen.insert(&m.id) {
                 return Err(format!("merchant id {} appears twice", m.id));
             }
-            m.key()?;
             let mut items = std::collections::BTreeSet::new();
             for i in &m.items {
                 if !items.insert(&i.id) {
@@ -397,14 +486,9 @@ impl HeadendConfig {
 
     fn validate_load_side(&self) -> Result<(), String> {
         if let Some(b) = &self.bank {
-            hex_key("[bank] pin_master", &b.pin_master)?;
-            hex_key("[bank] confirmation_key", &b.confirmation_key)?;
             if b.pin_tries == 0 {
                 return Err("[bank] pin_tries must be at least 1".into());
             }
-        }
-        if let Some(l) = &self.load {
-            hex_key("[load] confirmation_key", &l.confirmation_key)?;
         }
         let mut seen = std::collections::BTreeSet::new();
         for a in &self.bank_accounts {
@@ -433,19 +517,15 @@ impl HeadendConfig {
     pub fn merchant(&self, id: &str) -> Option<&MerchantDef> {
         self.merchants.iter().find(|m| m.id == id)
     }
-
-    pub fn issuer_keys(&self) -> Result<IssuerKeys, String> {
-        let p = self
-            .payment
-            .as_ref()
-            .ok_or("no [payment] section")?
-            .issuer_keys
-            .clone();
-        load_issuer_keys(&p)
-    }
 }
 
+/// Reads the issuer's personalisation key file (both masters, [`IssuerKeyFile`]): for the
+/// issuer's card personalisation and the simulators' cards — never given to a role.
+///
+/// # Errors
+/// The file is missing, readable by others, or not an issuer key file.
 pub fn load_issuer_keys(path: &Path) -> Result<IssuerKeys, String> {
+    proto::secret::check_private(path).map_err(|e| format!("issuer keys: {e}"))?;
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("issuer keys {}: {e}", path.display()))?;
     let file: IssuerKeyFile =

@@ -1,6 +1,8 @@
 //! The durable journal every role writes before it acts: SQLite (rusqlite, bundled) in WAL
 //! mode, each commit fsynced before it returns (group commit, below), so a committed step
-//! survives SIGKILL and power loss.
+//! survives SIGKILL and power loss. The file is owner-only (0600, its -wal and -shm too) in
+//! a 0700 directory when the journal creates it; it never holds a master key (snapshots
+//! hold state only) but does hold transaction session keys and account records.
 //!
 //! Two tables serve every role:
 //! - `steps`: an append-only log of (transaction id, step, detail) — what happened, in order;
@@ -95,8 +97,28 @@ impl Journal {
             path: p.clone(),
             source,
         };
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::create_dir_all(dir);
+        let io = |e: std::io::Error| {
+            err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+                Some(e.to_string()),
+            ))
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if !dir.exists() {
+                proto::secret::private_dir(dir).map_err(io)?;
+            }
+        }
+        // The journal holds transaction session keys and account data: owner-only. SQLite
+        // creates the -wal and -shm files with the database file's mode.
+        {
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(path)
+                .and_then(|f| f.set_permissions(std::fs::Permissions::from_mode(0o600)))
+                .map_err(io)?;
         }
         let conn = Connection::open(path).map_err(err)?;
         conn.execute_batch(

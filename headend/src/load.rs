@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
 use crate::bank::{Account, Funds, FundsSpec, confirmation_key};
-use crate::config::{HeadendConfig, hex_key, load_issuer_keys};
+use crate::config::{HeadendConfig, read_key_file, read_master_key};
 use crate::journal::{self, Journal};
 use crate::quic::BoxFuture;
 use crate::role::{Caller, Role};
@@ -88,7 +88,7 @@ impl SecurityModule for Hsm {
         journal::encode(self)
     }
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
-        *self = journal::decode(snapshot)?;
+        self.restore_state(journal::decode(snapshot)?);
         Ok(())
     }
 }
@@ -143,6 +143,7 @@ fn hsm_code(e: &HsmError) -> ErrorCode {
         HsmError::UnknownTransaction(_) => ErrorCode::UnknownTransaction,
         HsmError::DuplicateTransaction(_) => ErrorCode::Replay,
         HsmError::WrongState(_) => ErrorCode::Replay,
+        HsmError::NoKey => ErrorCode::Internal,
     }
 }
 
@@ -161,20 +162,21 @@ fn subject(txid: &str, amount: Money, card_id: u64, hsm_id: u64) -> LoadConfirma
 impl LoadServer {
     pub fn open(cfg: &HeadendConfig) -> Result<Arc<Self>, String> {
         let s = cfg.load.as_ref().ok_or("no [load] section")?;
-        let issuer = load_issuer_keys(&s.issuer_keys)?;
+        let master = read_master_key("[load] load_keys", &s.load_keys)?;
         let journal =
             Arc::new(Journal::open(&cfg.state_dir.join("load.sqlite")).map_err(|e| e.to_string())?);
-        let mut hsm: Box<dyn SecurityModule> = Box::new(Hsm::new(s.hsm_id, issuer));
+        let mut hsm: Box<dyn SecurityModule> = Box::new(Hsm::new(s.hsm_id, master));
         if let Some(snap) = journal.get("hsm", "0").map_err(|e| e.to_string())? {
             hsm.restore(&snap)?;
             tracing::info!("HSM state restored from the journal");
         }
-        let key = hex_key("[load] confirmation_key", &s.confirmation_key)?;
+        let key = read_key_file("[load] confirmation_key_file", &s.confirmation_key_file)?;
         let accounts = cfg
             .vouchers
             .iter()
             .map(|v| Account {
-                id: v.code.clone(),
+                // Known by its reference: the code itself is kept nowhere but the config.
+                id: proto::messages::voucher_ref(&v.code),
                 box_id: v.box_id.clone(),
                 card_id: None,
                 currency: v.currency(),
@@ -591,9 +593,9 @@ impl Role for LoadServer {
                             None,
                         );
                     };
-                    let span = tracing::info_span!("load", %box_id, voucher = %code);
+                    let span = tracing::info_span!("load", %box_id);
                     self.prefunded
-                        .offer(&box_id, code, &request.card)
+                        .offer(&box_id, &voucher_ref(code.expose()), &request.card)
                         .instrument(span)
                         .await
                 }

@@ -13,13 +13,7 @@ fn init_tracing(default_filter: &str) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(default_filter))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    // No colour codes in the journal.
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    headend::quic::logging::init(filter);
 }
 
 fn pki(cmd: PkiCommand) -> Result<(), PkiError> {
@@ -42,6 +36,17 @@ fn pki(cmd: PkiCommand) -> Result<(), PkiError> {
                 .issue_device(&box_id)?
                 .save(&out, box_id.as_str())?;
             tracing::info!(%box_id, cert = %files.cert.display(), key = %files.key.display(), "device certificate issued");
+        }
+        PkiCommand::IssueRole {
+            ca,
+            role,
+            names,
+            client,
+            out,
+        } => {
+            let cert = OperatorCa::load(&ca)?.issue_role(&role, &names, client)?;
+            let files = cert.save(&out, &role)?;
+            tracing::info!(role, names = ?names, client, cert = %files.cert.display(), key = %files.key.display(), "role certificate issued");
         }
         PkiCommand::IssueServer { ca, names, out } => {
             let cert = OperatorCa::load(&ca)?.issue_server(&names)?;

@@ -87,8 +87,12 @@ impl IssuedCert {
         crate::quic::TlsIdentity::from_der(vec![self.cert_der()], self.key_der())
     }
 
+    /// The key is written 0600 (replacing any existing file, whatever its mode); the
+    /// directory is created 0700 when missing.
     pub fn save(&self, dir: &Path, stem: &str) -> Result<CertFiles, PkiError> {
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        if !dir.exists() {
+            proto::secret::private_dir(dir).map_err(io_err(dir))?;
+        }
         let cert = dir.join(format!("{stem}.crt.pem"));
         let key = dir.join(format!("{stem}.key.pem"));
         std::fs::write(&cert, &self.cert_pem).map_err(io_err(&cert))?;
@@ -97,18 +101,9 @@ impl IssuedCert {
     }
 }
 
-/// Writes a key file readable by its owner only.
+/// Writes a key file readable by its owner only (see [`proto::secret::write_private`]).
 fn write_private(path: &Path, contents: &str) -> Result<(), PkiError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io_err(path))?;
-    f.write_all(contents.as_bytes()).map_err(io_err(path))
+    proto::secret::write_private(path, contents.as_bytes()).map_err(io_err(path))
 }
 
 /// The operator CA: signs device and server certificates.
@@ -223,7 +218,9 @@ impl OperatorCa {
 
     /// Writes `ca.crt.pem` and `ca.key.pem` into `dir` (created if missing).
     pub fn save(&self, dir: &Path) -> Result<CertFiles, PkiError> {
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        if !dir.exists() {
+            proto::secret::private_dir(dir).map_err(io_err(dir))?;
+        }
         let cert = dir.join(CA_CERT_FILE);
         let key = dir.join(CA_KEY_FILE);
         std::fs::write(&cert, &self.cert_pem).map_err(io_err(&cert))?;
@@ -260,9 +257,32 @@ impl OperatorCa {
         self.sign(p)
     }
 
-    /// A server/role certificate: DNS or IP SANs, for server and client authentication (roles
-    /// authenticate each other with the same certificate).
+    /// A server certificate: DNS or IP SANs, server authentication only — it can never act as
+    /// a client toward a role (an internet merchant's server, say).
     pub fn issue_server(&self, names: &[String]) -> Result<IssuedCert, PkiError> {
+        self.issue_named(names, None, false)
+    }
+
+    /// A head-end role's certificate: the URI SAN `urn:purselink:role:<role>` (what the
+    /// other roles' `callers` lists name) plus DNS or IP SANs, for server authentication,
+    /// and for client authentication too only with `client` (the gateway, which calls the
+    /// other roles). A role that calls nobody gets a certificate that cannot be a client.
+    pub fn issue_role(
+        &self,
+        role: &str,
+        names: &[String],
+        client: bool,
+    ) -> Result<IssuedCert, PkiError> {
+        let role = BoxId::new(role).map_err(|e| PkiError::BadName(e.to_string()))?;
+        self.issue_named(names, Some(role.as_str()), client)
+    }
+
+    fn issue_named(
+        &self,
+        names: &[String],
+        role: Option<&str>,
+        client: bool,
+    ) -> Result<IssuedCert, PkiError> {
         let first = names.first().ok_or(PkiError::NoNames)?;
         let mut p = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -285,10 +305,16 @@ impl OperatorCa {
             };
             p.subject_alt_names.push(san);
         }
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        if let Some(role) = role {
+            p.subject_alt_names.push(SanType::URI(
+                format!("{}{role}", crate::quic::ROLE_URI_PREFIX).try_into()?,
+            ));
+        }
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        if client {
+            p.extended_key_usages
+                .push(ExtendedKeyUsagePurpose::ClientAuth);
+        }
         self.sign(p)
     }
 

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use proto::messages::{ErrorCode, Message};
 use tokio::sync::Mutex;
 
+use crate::config::Callers;
 use crate::quic::{
-    BoxFuture, ClientTls, Peer, QuicClient, Service, ServiceError, TransportSettings,
+    BoxFuture, ClientTls, Peer, PeerIdentity, QuicClient, Service, ServiceError, TransportSettings,
 };
 
 /// Who is asking: a set-top box (identity from its certificate) or another role.
@@ -82,13 +83,63 @@ pub fn to_payload(msg: &Message) -> Vec<u8> {
     msg.to_payload()
 }
 
-/// Puts a role behind the QUIC server: decode, handle, encode. A payload that is not a
-/// message gets an `Error { Malformed }` answer naming what was wrong.
-pub fn serve(role: Arc<dyn Role>) -> Arc<dyn Service> {
-    Arc::new(RoleService(role))
+/// Who a role serves over QUIC: set-top boxes (the gateway), or the roles its config names
+/// ([`Callers`]). Checked on every request, before the message is looked at.
+#[derive(Debug, Clone)]
+pub enum Access {
+    /// Set-top boxes with device certificates; every other peer is refused.
+    Boxes,
+    /// The listed roles (by role name or certificate fingerprint); boxes and every other
+    /// peer are refused.
+    Roles(Callers),
 }
 
-struct RoleService(Arc<dyn Role>);
+impl Access {
+    /// The caller a peer is, or why it may not call.
+    fn caller(&self, peer: &Peer) -> Result<Caller, String> {
+        match (self, &peer.identity) {
+            (Self::Boxes, PeerIdentity::Box(b)) => Ok(Caller::Box(b.as_str().to_string())),
+            (Self::Boxes, id) => Err(format!(
+                "the gateway serves set-top boxes only, not {}",
+                describe(id)
+            )),
+            (Self::Roles(_), PeerIdentity::Box(b)) => Err(format!(
+                "box {b}: set-top boxes reach this role through the gateway"
+            )),
+            (Self::Roles(c), PeerIdentity::Role(name)) if c.allows(name, &peer.fingerprint) => {
+                Ok(Caller::Role(name.clone()))
+            }
+            (Self::Roles(c), PeerIdentity::Other(name)) if c.allows("", &peer.fingerprint) => {
+                Ok(Caller::Role(name.clone()))
+            }
+            (Self::Roles(_), id) => Err(format!(
+                "{} (certificate sha256:{}) is not among this role's callers",
+                describe(id),
+                peer.fingerprint
+            )),
+        }
+    }
+}
+
+fn describe(id: &PeerIdentity) -> String {
+    match id {
+        PeerIdentity::Box(b) => format!("box {b}"),
+        PeerIdentity::Role(r) => format!("role {r}"),
+        PeerIdentity::Other(n) => format!("certificate {n} (no role name)"),
+    }
+}
+
+/// Puts a role behind the QUIC server: check the peer against `access`, decode, handle,
+/// encode. A peer not allowed gets `Error { Forbidden }` naming why; a payload that is not
+/// a message gets `Error { Malformed }` naming what was wrong.
+pub fn serve(role: Arc<dyn Role>, access: Access) -> Arc<dyn Service> {
+    Arc::new(RoleService { role, access })
+}
+
+struct RoleService {
+    role: Arc<dyn Role>,
+    access: Access,
+}
 
 impl Service for RoleService {
     fn call(
@@ -97,20 +148,22 @@ impl Service for RoleService {
         request: Vec<u8>,
     ) -> BoxFuture<'_, Result<Vec<u8>, ServiceError>> {
         Box::pin(async move {
-            let caller = match peer.box_id() {
-                Some(b) => Caller::Box(b.as_str().to_string()),
-                None => Caller::Role(format!("{:?}", peer.identity)),
-            };
-            let answer = match Message::from_payload(&request) {
-                Ok(msg) => self.0.handle(caller, msg).await,
-                Err(e) => {
-                    tracing::warn!(?caller, error = %e, "request refused: not a message");
-                    Message::error(
-                        ErrorCode::Malformed,
-                        format!("not a Purselink message: {e}"),
-                        None,
-                    )
+            let answer = match self.access.caller(&peer) {
+                Err(why) => {
+                    tracing::warn!(peer = %peer.remote, reason = %why, "request refused: peer not allowed");
+                    Message::error(ErrorCode::Forbidden, why, None)
                 }
+                Ok(caller) => match Message::from_payload(&request) {
+                    Ok(msg) => self.role.handle(caller, msg).await,
+                    Err(e) => {
+                        tracing::warn!(?caller, error = %e, "request refused: not a message");
+                        Message::error(
+                            ErrorCode::Malformed,
+                            format!("not a Purselink message: {e}"),
+                            None,
+                        )
+                    }
+                },
             };
             Ok(to_payload(&answer))
         })

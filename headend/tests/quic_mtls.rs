@@ -59,11 +59,46 @@ async fn role_certificate_maps_to_a_role_identity() {
     );
     let role = pki
         .ca
-        .issue_server(&["payment.purselink.test".into()])
+        .issue_role("gateway", &["gateway.purselink.test".into()], true)
         .unwrap();
     let tls = ClientTls::new(vec![pki.ca.cert_der()], role.tls_identity());
     let resp = connect_and_call(&tls, server.addr, b"x").await.unwrap();
-    assert_eq!(resp, b"role:payment.purselink.test|x");
+    assert_eq!(
+        resp, b"role:gateway|x",
+        "the role URI names it, not the DNS name"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_server_only_certificate_cannot_be_a_client() {
+    // An internet merchant's server certificate (server authentication only), or a role
+    // that calls nobody: the TLS handshake refuses it as a client identity.
+    let pki = pki();
+    let (svc, calls) = counted();
+    let server = start(
+        &pki,
+        TransportSettings::default(),
+        svc,
+        Revocations::default(),
+    );
+    for cert in [
+        pki.ca.issue_server(&["shop.example.net".into()]).unwrap(),
+        pki.ca
+            .issue_role("merchant", &["merchant.purselink.test".into()], false)
+            .unwrap(),
+    ] {
+        let tls = ClientTls::new(vec![pki.ca.cert_der()], cert.tls_identity());
+        let err = connect_and_call(&tls, server.addr, b"x").await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                headend::quic::QuicError::BadCertificate(_) | headend::quic::QuicError::Tls { .. }
+            ),
+            "{err:?}"
+        );
+    }
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0);
     server.stop().await;
 }
 

@@ -64,12 +64,12 @@ fn bench(c: &mut Criterion) {
         amount: Money::new(100, Currency::EUR),
         init,
     };
-    let mut psam = SecurityCard::new(1, issuer());
+    let mut psam = SecurityCard::new(1, issuer().purchase());
     let auth = psam.issue_debit(&draw, TODAY, false).unwrap();
     let resp = DebitResponse::decode(&data(&mut card, &commands::debit(&auth.command))).unwrap();
     g.bench_function("security_card_purchase", |b| {
         b.iter(|| {
-            let mut psam = SecurityCard::new(1, issuer());
+            let mut psam = SecurityCard::new(1, issuer().purchase());
             let auth = psam.issue_debit(&draw, TODAY, false).unwrap();
             psam.complete(auth.command.psam_txn, &resp).unwrap()
         })
@@ -84,14 +84,14 @@ fn bench(c: &mut Criterion) {
         date: TODAY,
     };
     let linit = LoadInit::decode(&data(&mut card, &commands::init_load(&req))).unwrap();
-    let mut hsm = Hsm::new(1, issuer());
+    let mut hsm = Hsm::new(1, issuer().load());
     let cmd = hsm
         .authorize("l", &linit, Money::new(100, Currency::EUR), TODAY)
         .unwrap();
     let lresp = LoadResponse::decode(&data(&mut card, &commands::load(&cmd))).unwrap();
     g.bench_function("hsm_load", |b| {
         b.iter(|| {
-            let mut hsm = Hsm::new(1, issuer());
+            let mut hsm = Hsm::new(1, issuer().load());
             hsm.authorize("l", &linit, Money::new(100, Currency::EUR), TODAY)
                 .unwrap();
             hsm.confirm("l", &lresp).unwrap()
@@ -100,7 +100,7 @@ fn bench(c: &mut Criterion) {
 
     g.bench_function("card_purchase_init_and_debit", |b| {
         let mut card = new_card();
-        let mut psam = SecurityCard::new(1, issuer());
+        let mut psam = SecurityCard::new(1, issuer().purchase());
         data(&mut card, &commands::select());
         b.iter(|| {
             let init =

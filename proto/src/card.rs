@@ -19,7 +19,8 @@
 //! | SW   | meaning                                                        |
 //! |------|----------------------------------------------------------------|
 //! | 9000 | success                                                        |
-//! | 6700 | wrong length (malformed APDU)                                  |
+//! | 6700 | wrong length: a malformed APDU, or one of 1–4 bytes (no purse command is that short) |
+//! | 6Cxx | wrong Le: the answer is xx bytes; nothing was done, resend with Le = xx (ISO 7816-4 §5.1.3); Le = 00 or none takes any length |
 //! | 6A80 | malformed command data, or a command for another card         |
 //! | 6A82 | SELECT of an unknown AID                                       |
 //! | 6A83 | READ LOG of a record that does not exist                       |
@@ -46,7 +47,7 @@ use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::apdu::{CardApplication, Command, Response, StatusWord};
+use crate::apdu::{ApduError, CardApplication, Command, Response, StatusWord};
 use crate::crypto::{self, DesKey, Mac};
 use crate::money::Currency;
 use crate::purse::*;
@@ -220,15 +221,33 @@ impl PurseCard {
         }
     }
 
-    /// Processes one APDU.
+    /// Processes one APDU. An APDU of 4 bytes or fewer is `6700` (every purse command
+    /// carries data or Le). A non-zero Le that is not the answer's length gets `6Cxx` with
+    /// the right length, and the command is undone (state, session, selection), so the
+    /// reader's resend with Le = xx runs it once.
     pub fn process(&mut self, apdu: &[u8]) -> Outcome {
         self.changed = false;
-        let response = match Command::parse(apdu) {
+        let parsed = if apdu.len() <= 4 {
+            Err(ApduError::TooShort(apdu.len()))
+        } else {
+            Command::parse(apdu)
+        };
+        let response = match parsed {
             Err(_) => Response::status(StatusWord::WRONG_LENGTH),
-            Ok(cmd) => match self.dispatch(&cmd) {
-                Ok(data) => Response::ok(data),
-                Err(sw) => Response::status(sw),
-            },
+            Ok(cmd) => {
+                let before = (self.state.clone(), self.selected, self.session.clone());
+                match self.dispatch(&cmd) {
+                    Ok(data) => match cmd.le {
+                        Some(le) if le != 0 && usize::from(le) != data.len() => {
+                            (self.state, self.selected, self.session) = before;
+                            self.changed = false;
+                            Response::status(StatusWord(0x6C00 | (data.len() as u16 & 0xFF)))
+                        }
+                        _ => Response::ok(data),
+                    },
+                    Err(sw) => Response::status(sw),
+                }
+            }
         };
         Outcome {
             response: response.to_bytes(),

@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::{self, Mac};
+use crate::crypto::{self, DesKey, Mac};
 use crate::money::{Currency, Money};
 use crate::purse::*;
 use crate::security_card::Totals;
@@ -61,6 +61,8 @@ pub enum HsmError {
     WrongState(String),
     #[error("the zero-value request does not match the original (card, currency or amount)")]
     BadZeroValueRequest,
+    #[error("the HSM has no load master key loaded")]
+    NoKey,
 }
 
 /// Where a load transaction stands in the HSM.
@@ -108,34 +110,61 @@ pub struct LoadTxn {
     pub state: LoadState,
 }
 
-/// The software HSM. Serializable, so the load server can journal it.
+/// The software HSM. Its state is serializable, so the load server can journal it; its load
+/// master key is not (`#[serde(skip)]`): a snapshot holds state only, and the key is given
+/// again from the key store at start ([`Self::with_key`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Hsm {
     pub id: u64,
-    issuer: IssuerKeys,
+    #[serde(skip)]
+    master: Option<MasterKey>,
     pub txns: BTreeMap<String, LoadTxn>,
     pub totals: BTreeMap<Currency, Totals>,
 }
 
 impl Hsm {
-    pub fn new(id: u64, issuer: IssuerKeys) -> Self {
+    pub fn new(id: u64, master: MasterKey) -> Self {
         Self {
             id,
-            issuer,
+            master: Some(master),
             txns: BTreeMap::new(),
             totals: BTreeMap::new(),
         }
     }
 
+    /// This HSM (restored from a snapshot, which holds no key) with its load master.
+    pub fn with_key(mut self, master: MasterKey) -> Self {
+        self.master = Some(master);
+        self
+    }
+
+    /// Takes `state`'s transactions and totals (a snapshot, rolled back to) and keeps this
+    /// HSM's key.
+    pub fn restore_state(&mut self, state: Hsm) {
+        let master = self.master.take();
+        *self = state;
+        self.master = master;
+    }
+
+    /// A card's load key, from the load master.
+    fn card_load_key(&self, card_id: u64) -> Result<DesKey, HsmError> {
+        Ok(self
+            .master
+            .as_ref()
+            .ok_or(HsmError::NoKey)?
+            .card_key(card_id))
+    }
+
     fn check_s1(&self, init: &LoadInit) -> Result<(), HsmError> {
-        if init.key_version != self.issuer.key_version {
+        let ours = self.master.as_ref().ok_or(HsmError::NoKey)?.key_version;
+        if init.key_version != ours {
             return Err(HsmError::UnknownKeyVersion {
                 card: init.key_version,
-                ours: self.issuer.key_version,
+                ours,
             });
         }
-        let keys = self.issuer.card_keys(init.card_id);
-        if crypto::verify(&keys.load, b"S1LD", &init.signed_fields(), &init.s1) {
+        let key = self.card_load_key(init.card_id)?;
+        if crypto::verify(&key, b"S1LD", &init.signed_fields(), &init.s1) {
             Ok(())
         } else {
             Err(HsmError::BadS1)
@@ -185,7 +214,7 @@ impl Hsm {
                 });
             }
         }
-        let keys = self.issuer.card_keys(init.card_id);
+        let key = self.card_load_key(init.card_id)?;
         let mut command = LoadCommand {
             hsm_id: self.id,
             card_id: init.card_id,
@@ -194,7 +223,7 @@ impl Hsm {
             currency: amount.currency,
             s2: [0; 8],
         };
-        command.s2 = crypto::sign(&keys.load, b"S2LD", &command.signed_fields(&init.s1));
+        command.s2 = crypto::sign(&key, b"S2LD", &command.signed_fields(&init.s1));
         self.txns.insert(
             transaction_id.into(),
             LoadTxn {
@@ -238,8 +267,8 @@ impl Hsm {
         {
             return Err(HsmError::ResponseMismatch);
         }
-        let keys = self.issuer.card_keys(c.card_id);
-        if !crypto::verify(&keys.load, b"S3LD", &resp.signed_fields(&c.s2), &resp.s3) {
+        let key = self.card_load_key(c.card_id)?;
+        if !crypto::verify(&key, b"S3LD", &resp.signed_fields(&c.s2), &resp.s3) {
             return Err(HsmError::BadS3);
         }
         match (&t.state, resp.is_loaded()) {
@@ -288,8 +317,8 @@ impl Hsm {
         let mut expected_if_failed = zero.clone();
         expected_if_failed.atc = orig.atc;
         expected_if_failed.load_count = orig.load_count;
-        let keys = self.issuer.card_keys(orig.card_id);
-        let expected: Mac = crypto::sign(&keys.load, b"S1LD", &expected_if_failed.signed_fields());
+        let key = self.card_load_key(orig.card_id)?;
+        let expected: Mac = crypto::sign(&key, b"S1LD", &expected_if_failed.signed_fields());
         let not_loaded = crypto::mac_eq(&expected, &zero.s1);
         let verdict = match (not_loaded, counters_equal) {
             (true, true) => NegativeVerdict::TrueNegative,

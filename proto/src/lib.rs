@@ -2,7 +2,8 @@
 //! security module, their cryptography, and the wire messages and framing every hop speaks.
 //!
 //! Sans-IO, in the manner of quinn-proto: no tokio, no sockets, no clocks. The callers pass
-//! time and randomness in, and own all IO.
+//! time and randomness in, and own all IO — except [`secret`], the one place every crate
+//! writes and checks its secret files, so that rule is written once.
 
 pub mod apdu;
 pub mod card;
@@ -13,4 +14,5 @@ pub mod hsm;
 pub mod messages;
 pub mod money;
 pub mod purse;
+pub mod secret;
 pub mod security_card;

@@ -40,6 +40,7 @@ use crate::crypto::{self, CryptoError, DesKey, Mac};
 use crate::frame::{self, FrameError};
 use crate::money::Money;
 use crate::purse::*;
+use crate::secret::Secret;
 
 /// Which party compares the card signature with the expected one (001 FIG. 4–7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -239,10 +240,61 @@ pub struct CancelMsg {
     pub proof: Option<PurchaseInit>,
 }
 
+/// Where a load's value comes from. A voucher's code is its only secret: it is a
+/// [`Secret`] (masked in every log and `Debug`), and it crosses the wire once, in the load
+/// offer request. The funder answers with the voucher's reference ([`voucher_ref`]) in its
+/// place, and every later message, journal and record names the voucher by that reference,
+/// so no journal on any hop holds a code.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LoadSource {
-    Bank { account: String },
-    Voucher { code: String },
+    Bank {
+        account: String,
+    },
+    /// The code (load offer request) or its reference (everything after).
+    Voucher {
+        code: Secret<String>,
+    },
+}
+
+impl LoadSource {
+    /// A voucher source from its code (or reference).
+    pub fn voucher(code: impl Into<String>) -> Self {
+        Self::Voucher {
+            code: Secret::new(code.into()),
+        }
+    }
+
+    /// Whether `offered` (the funder's answer) is this source: the same, or, for a voucher
+    /// named by its code, its reference.
+    pub fn offered_as(&self, offered: &LoadSource) -> bool {
+        match (self, offered) {
+            (Self::Voucher { code }, Self::Voucher { code: r }) => {
+                code == r || voucher_ref(code.expose()) == *r.expose()
+            }
+            _ => self == offered,
+        }
+    }
+}
+
+/// The prefix of a voucher reference.
+pub const VOUCHER_REF_PREFIX: &str = "VREF-";
+
+/// The reference a voucher is known by after its load offer request: `VREF-` and the first
+/// 128 bits of SHA-256 over a label and the code, in hex. One-way: the code cannot be
+/// recovered from it, and with a random code of 80 bits it cannot be guessed from it either.
+/// A reference is its own reference.
+pub fn voucher_ref(code: &str) -> String {
+    use sha2::Digest;
+    if code.starts_with(VOUCHER_REF_PREFIX) {
+        return code.to_string();
+    }
+    let mut h = sha2::Sha256::new();
+    h.update(b"purselink voucher ref v1\0");
+    h.update(code.as_bytes());
+    format!(
+        "{VOUCHER_REF_PREFIX}{}",
+        hex::encode_upper(&h.finalize()[..16])
+    )
 }
 
 /// The load request (001 [0123]): S1, card number, expiry, amount, counter, balance,
@@ -312,7 +364,7 @@ pub struct LoadOffer {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PinBlock {
     pub transaction_id: String,
-    pub pin: String,
+    pub pin: Secret<String>,
 }
 
 /// Gateway → funder (bank, or load server for a pre-funded account): verify the PIN and

@@ -89,6 +89,91 @@ impl IssuerKeys {
     pub fn card_keys(&self, card_id: u64) -> CardKeys {
         CardKeys::derive(self, card_id)
     }
+
+    /// The purchase master alone: what a security card holds.
+    pub fn purchase(&self) -> MasterKey {
+        MasterKey::new(self.key_version, self.purchase_master.clone())
+    }
+
+    /// The load master alone: what the HSM holds.
+    pub fn load(&self) -> MasterKey {
+        MasterKey::new(self.key_version, self.load_master.clone())
+    }
+}
+
+/// One issuer master key for one purpose — the purchase master a security card holds, or
+/// the load master the HSM holds (001 [0091], [0137]) — with its key version. A role is
+/// given only the master it uses; neither is ever serialized into a journal or shown by
+/// `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MasterKey {
+    pub key_version: u8,
+    key: DesKey,
+}
+
+impl std::fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MasterKey")
+            .field("key_version", &self.key_version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MasterKey {
+    pub fn new(key_version: u8, key: DesKey) -> Self {
+        Self { key_version, key }
+    }
+
+    /// The card's own key for this purpose, diversified by card id.
+    pub fn card_key(&self, card_id: u64) -> DesKey {
+        self.key.diversify(card_id.to_be_bytes())
+    }
+
+    /// A card's purchase session key for one transaction counter (with the purchase
+    /// master).
+    pub fn purchase_session(&self, card_id: u64, atc: u32) -> DesKey {
+        purchase_session(&self.card_key(card_id), atc)
+    }
+
+    /// The key's bytes, for the one place that must write them (the issuer's key files).
+    pub fn expose(&self) -> &DesKey {
+        &self.key
+    }
+}
+
+/// The purchase session key for one transaction counter, from a card's purchase key: a
+/// fresh key per transaction.
+fn purchase_session(card_purchase_key: &DesKey, atc: u32) -> DesKey {
+    let mut d = [0u8; 8];
+    d[..4].copy_from_slice(b"PUR\0");
+    d[4..].copy_from_slice(&atc.to_be_bytes());
+    card_purchase_key.diversify(d)
+}
+
+/// The on-disk form of one [`MasterKey`] (a role's key file: `purchase-keys.toml` for the
+/// payment server, `load-keys.toml` for the load server): hex key and version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MasterKeyFile {
+    pub key_version: u8,
+    pub master: String,
+}
+
+impl MasterKeyFile {
+    /// # Errors
+    /// The key is not 16 bytes of hex.
+    pub fn to_key(&self) -> Result<MasterKey, String> {
+        let raw = hex::decode(self.master.trim()).map_err(|e| format!("master: not hex ({e})"))?;
+        let key = DesKey::from_slice(&raw).map_err(|e| format!("master: {e}"))?;
+        Ok(MasterKey::new(self.key_version, key))
+    }
+
+    pub fn from_key(k: &MasterKey) -> Self {
+        Self {
+            key_version: k.key_version,
+            master: hex::encode_upper(k.key.0),
+        }
+    }
 }
 
 /// The on-disk form of [`IssuerKeys`] (a TOML file in deployment): keys as hex strings.
@@ -138,10 +223,7 @@ impl CardKeys {
 
     /// The purchase session key for one transaction number (a fresh key per transaction).
     pub fn purchase_session(&self, atc: u32) -> DesKey {
-        let mut d = [0u8; 8];
-        d[..4].copy_from_slice(b"PUR\0");
-        d[4..].copy_from_slice(&atc.to_be_bytes());
-        self.purchase.diversify(d)
+        purchase_session(&self.purchase, atc)
     }
 }
 

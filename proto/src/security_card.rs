@@ -44,6 +44,8 @@ pub enum PsamError {
     AlreadyCompleted(u32),
     #[error("security card transaction counter exhausted")]
     CounterExhausted,
+    #[error("the security card has no purchase master key loaded")]
+    NoKey,
 }
 
 /// The draw request's card part, as the security card sees it ([0077], [0093]).
@@ -100,25 +102,46 @@ pub struct Totals {
     pub amount: u64,
 }
 
-/// The software security card. Serializable, so the payment server can journal it.
+/// The software security card. Its state is serializable, so the payment server can journal
+/// it; its purchase master key is not (`#[serde(skip)]`): a snapshot holds state only, and
+/// the key is given again from the key store when the card is restored ([`Self::with_key`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SecurityCard {
     pub id: u64,
-    issuer: IssuerKeys,
+    #[serde(skip)]
+    master: Option<MasterKey>,
     pub txn_counter: u32,
     pub txns: BTreeMap<u32, Txn>,
     pub totals: BTreeMap<Currency, Totals>,
 }
 
 impl SecurityCard {
-    pub fn new(id: u64, issuer: IssuerKeys) -> Self {
+    pub fn new(id: u64, master: MasterKey) -> Self {
         Self {
             id,
-            issuer,
+            master: Some(master),
             txn_counter: 0,
             txns: BTreeMap::new(),
             totals: BTreeMap::new(),
         }
+    }
+
+    /// This card (restored from a snapshot, which holds no key) with its purchase master.
+    pub fn with_key(mut self, master: MasterKey) -> Self {
+        self.master = Some(master);
+        self
+    }
+
+    /// Takes `state`'s transactions, counter and totals (a snapshot, rolled back to) and
+    /// keeps this card's key.
+    pub fn restore_state(&mut self, state: SecurityCard) {
+        let master = self.master.take();
+        *self = state;
+        self.master = master;
+    }
+
+    fn master(&self) -> Result<&MasterKey, PsamError> {
+        self.master.as_ref().ok_or(PsamError::NoKey)
     }
 
     /// Processes the draw request up to the "draw amount" state and issues the debit
@@ -131,14 +154,14 @@ impl SecurityCard {
         early_release: bool,
     ) -> Result<DebitAuthorization, PsamError> {
         let init = &draw.init;
-        if init.key_version != self.issuer.key_version {
+        let master = self.master()?;
+        if init.key_version != master.key_version {
             return Err(PsamError::UnknownKeyVersion {
                 card: init.key_version,
-                ours: self.issuer.key_version,
+                ours: master.key_version,
             });
         }
-        let keys = self.issuer.card_keys(init.card_id);
-        let sk = keys.purchase_session(init.atc);
+        let sk = master.purchase_session(init.card_id, init.atc);
         if !crypto::verify(&sk, b"IPUR", &init.signed_fields(), &init.card_mac) {
             return Err(PsamError::BadCardData);
         }
@@ -277,10 +300,7 @@ impl SecurityCard {
             .txns
             .get(&psam_txn)
             .ok_or(PsamError::UnknownTransaction(psam_txn))?;
-        let sk = self
-            .issuer
-            .card_keys(proof.card_id)
-            .purchase_session(proof.atc);
+        let sk = self.master()?.purchase_session(proof.card_id, proof.atc);
         if proof.card_id != txn.command.card_id
             || !crypto::verify(&sk, b"IPUR", &proof.signed_fields(), &proof.card_mac)
         {

@@ -186,7 +186,7 @@ fn wrong_card_key_is_refused() {
         ..issuer()
     };
     other.key_version = 1;
-    let mut rogue_psam = SecurityCard::new(0xDEAD, other.clone());
+    let mut rogue_psam = SecurityCard::new(0xDEAD, other.purchase());
     let d = draw(&mut card, 100, "tx");
     // The rogue security card cannot even verify the card's data...
     assert_eq!(
@@ -204,7 +204,7 @@ fn wrong_card_key_is_refused() {
         StatusWord::BAD_SIGNATURE
     );
     // The HSM under the wrong key refuses S1.
-    let mut rogue_hsm = proto::hsm::Hsm::new(1, other);
+    let mut rogue_hsm = proto::hsm::Hsm::new(1, other.load());
     let init = init_load(&mut card, 100, 1).unwrap();
     assert_eq!(
         rogue_hsm.authorize("l", &init, Money::new(100, EUR), TODAY),

@@ -1,15 +1,15 @@
 //! The file-backed virtual purse card: [`proto::card::PurseCard`] with its state in a file.
 //!
-//! Persistence is atomic: every state change is written to a temporary file, fsync'd, and
-//! renamed over the card file (then the directory is fsync'd), before the card answers.
+//! Persistence is atomic: every state change is written to a temporary file (0600: the file
+//! holds the card's keys), fsync'd, and renamed over the card file (then the directory is
+//! fsync'd), before the card answers.
 //! A process killed at any instant leaves the old state or the new one, never half a
 //! debit; and a card that answered a debit has persisted it.
 //!
 //! File layout: magic `PLVC`, a format version byte, then the postcard-encoded
 //! [`CardState`].
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use proto::apdu::{CardApplication, Response, StatusWord};
@@ -133,31 +133,13 @@ fn decode(bytes: &[u8]) -> Result<CardState, String> {
     postcard::from_bytes(body).map_err(|e| e.to_string())
 }
 
-/// Write-temp, fsync, rename, fsync-directory.
+/// Write-temp, fsync, rename, fsync-directory; the file holds the card's keys, so it is
+/// owner-only (0600) whatever the umask ([`proto::secret::write_private`]).
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), VcardError> {
-    let io = |source| VcardError::Io {
+    proto::secret::write_private(path, bytes).map_err(|source| VcardError::Io {
         path: path.into(),
         source,
-    };
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    drop(f);
-    fs::rename(&tmp, path).map_err(io)?;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-    Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -366,6 +366,77 @@ async fn vcard_binary_attached_through_vpcd_is_read_removed_and_reinserted() {
     .await;
 }
 
+/// Through a real pcscd, as another PC/SC program would: a 1-byte command APDU gets 6700
+/// from the virtual card (it used to be taken for a vpcd control byte and wedge the reader
+/// for every program), and a READ PURSE with a short Le gets 6Cxx with the exact length.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_apdus_and_wrong_le_get_iso_answers_through_pcscd() {
+    if !require_pcscd("short_apdus_and_wrong_le_get_iso_answers_through_pcscd") {
+        return;
+    }
+    let _lock = lock_reader();
+    let driver = PcscDriver::new();
+    wait_reader_empty(&driver).await;
+    let mut events = driver.events();
+    let dir = tempfile::tempdir().unwrap();
+    let card = create_card(dir.path(), 4_242, 1_000);
+    let vcard = VcardProcess::attach(&card);
+    wait_for(&mut events, "CardInserted", EVENT_WAIT, is_inserted).await;
+    // Another program's raw SCardTransmit (our own driver refuses such APDUs before they
+    // leave the host).
+    let raw = std::thread::spawn(|| {
+        let ctx = pcsc::Context::establish(pcsc::Scope::User).unwrap();
+        let name = std::ffi::CString::new(READER).unwrap();
+        let card = ctx
+            .connect(&name, pcsc::ShareMode::Shared, pcsc::Protocols::ANY)
+            .unwrap();
+        let mut buf = [0u8; 300];
+        let mut answers = Vec::new();
+        for apdu in [&[0x09u8][..], &[0x80, 0xB0], &[0x80, 0xB0, 0x00, 0x00]] {
+            answers.push(card.transmit(apdu, &mut buf).unwrap().to_vec());
+        }
+        let mut short = proto::card::commands::select();
+        answers.push(card.transmit(&short, &mut buf).unwrap().to_vec());
+        short = proto::card::commands::read_purse();
+        *short.last_mut().unwrap() = 5; // Le = 5
+        answers.push(card.transmit(&short, &mut buf).unwrap().to_vec());
+        answers
+    });
+    let answers = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if raw.is_finished() {
+                return raw.join().unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("no answer within 20 s: the reader is wedged");
+    for a in &answers[..3] {
+        assert_eq!(a, &[0x67, 0x00]);
+    }
+    assert_eq!(
+        &answers[3][answers[3].len() - 2..],
+        &[0x90, 0x00],
+        "the reader still works"
+    );
+    let (mut session, _) = driver.connect(READER).await.expect("connect");
+    transmit_whole(session.as_mut(), &proto::card::commands::select())
+        .await
+        .unwrap();
+    let full = transmit_whole(session.as_mut(), &proto::card::commands::read_purse())
+        .await
+        .unwrap();
+    assert_eq!(
+        answers[4],
+        [0x6C, (full.len() - 2) as u8],
+        "wrong Le: 6C with the exact length"
+    );
+    session.power_down().await.unwrap();
+    vcard.stop();
+    wait_for(&mut events, "CardRemoved", EVENT_WAIT, is_removed).await;
+}
+
 const ISSUER_KEYS_TOML: &str = "key_version = 1\n\
     purchase_master = \"0123456789ABCDEFFEDCBA9876543210\"\n\
     load_master = \"00112233445566778899AABBCCDDEEFF\"\n";

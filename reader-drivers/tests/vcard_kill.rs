@@ -38,7 +38,7 @@ fn child_debit_loop() {
         return; // only runs as the child of the kill test
     };
     let mut card = VirtualCard::open(path.as_ref()).unwrap();
-    let mut psam = SecurityCard::new(9, issuer());
+    let mut psam = SecurityCard::new(9, issuer().purchase());
     let today = Date::new(2026, 11, 21);
     for i in 0.. {
         ok(&mut card, &commands::select());

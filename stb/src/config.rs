@@ -148,6 +148,11 @@ pub struct Timeouts {
     /// Reconnect backoff: first delay and cap, in milliseconds (doubling, with jitter).
     pub reconnect_initial_ms: u64,
     pub reconnect_max_ms: u64,
+    /// Recovery timer for in-doubt purchases and loads: first delay and cap, in
+    /// milliseconds (doubling, with jitter; back to the first delay on progress, reconnect or
+    /// card insertion).
+    pub recovery_initial_ms: u64,
+    pub recovery_max_ms: u64,
 }
 
 impl Default for Timeouts {
@@ -158,6 +163,8 @@ impl Default for Timeouts {
             card_secs: 5,
             reconnect_initial_ms: 500,
             reconnect_max_ms: 60_000,
+            recovery_initial_ms: 2_000,
+            recovery_max_ms: 60_000,
         }
     }
 }
@@ -168,6 +175,13 @@ impl Timeouts {
     }
     pub fn card(&self) -> Duration {
         Duration::from_secs(self.card_secs)
+    }
+    /// The recovery timer's first delay and cap.
+    pub fn recovery(&self) -> (Duration, Duration) {
+        (
+            Duration::from_millis(self.recovery_initial_ms),
+            Duration::from_millis(self.recovery_max_ms),
+        )
     }
 }
 
@@ -307,6 +321,7 @@ impl Config {
             ("timeouts.network_secs", t.network_secs),
             ("timeouts.card_secs", t.card_secs),
             ("timeouts.reconnect_initial_ms", t.reconnect_initial_ms),
+            ("timeouts.recovery_initial_ms", t.recovery_initial_ms),
         ] {
             if v == 0 {
                 return Err(bad(key, "must be at least 1".into()));
@@ -316,6 +331,12 @@ impl Config {
             return Err(bad(
                 "timeouts.reconnect_max_ms",
                 "must not be below timeouts.reconnect_initial_ms".into(),
+            ));
+        }
+        if t.recovery_max_ms < t.recovery_initial_ms {
+            return Err(bad(
+                "timeouts.recovery_max_ms",
+                "must not be below timeouts.recovery_initial_ms".into(),
             ));
         }
         let l = &self.load;

@@ -5,7 +5,10 @@
 //! `txns` (one row per transaction: the offer with its TSK, the card id and transaction
 //! counter of the draw, the security card's ids once known, and the current state). A
 //! transaction is in doubt from `draw_sent` until `completed` or `ended`;
-//! [`Journal::in_doubt`] lists those for recovery.
+//! [`Journal::in_doubt`] lists those for recovery, with what recovery needs from the steps
+//! (whether DEBIT was sent, the card's debit response). A purchase recovery cannot settle
+//! from this box is `unresolvable` ([`Journal::unresolvable`]): out of the in-doubt list,
+//! never ended.
 //!
 //! The file holds transaction session keys: it is created mode 0600 in a 0700 directory.
 
@@ -153,6 +156,7 @@ impl Journal {
             Step::CancelPending { reason } => ("cancel_pending", Some(blob(reason))),
             Step::Completed { receipt } => ("completed", Some(blob(receipt))),
             Step::Ended { why } => ("ended", Some(why.as_bytes().to_vec())),
+            Step::Unresolvable { why } => ("unresolvable", Some(why.as_bytes().to_vec())),
         };
         let t = now();
         let tx = self.conn.transaction()?;
@@ -394,11 +398,36 @@ impl Journal {
         Ok(out)
     }
 
-    /// Every transaction in doubt, oldest first.
+    /// Purchases recovery could not settle from this box: (transaction id, reason), oldest
+    /// first.
+    pub fn unresolvable(&self) -> Result<Vec<(String, String)>, JournalError> {
+        let mut st = self.conn.prepare(
+            "SELECT t.transaction_id,
+                    (SELECT s.detail FROM steps s WHERE s.transaction_id = t.transaction_id
+                       AND s.step = 'unresolvable' ORDER BY s.id DESC LIMIT 1)
+             FROM txns t WHERE t.state = 'unresolvable' ORDER BY t.created_at, t.rowid",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<Vec<u8>>>(1)?
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default(),
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Every transaction in doubt, oldest first, with whether DEBIT was sent and the
+    /// journaled debit response (if any).
     pub fn in_doubt(&self) -> Result<Vec<Pending>, JournalError> {
         let q = format!(
-            "SELECT transaction_id, offer, card_id, atc, psam_id, psam_txn, state FROM txns
-             WHERE state IN ({}) ORDER BY created_at, rowid",
+            "SELECT t.transaction_id, t.offer, t.card_id, t.atc, t.psam_id, t.psam_txn, t.state,
+                    EXISTS (SELECT 1 FROM steps s WHERE s.transaction_id = t.transaction_id
+                              AND s.step = 'debit_sent'),
+                    (SELECT s.detail FROM steps s WHERE s.transaction_id = t.transaction_id
+                       AND s.step = 'debit_responded' ORDER BY s.id DESC LIMIT 1)
+             FROM txns t WHERE t.state IN ({}) ORDER BY t.created_at, t.rowid",
             IN_DOUBT
                 .iter()
                 .map(|s| format!("'{s}'"))
@@ -415,22 +444,36 @@ impl Journal {
                 r.get::<_, Option<i64>>(4)?,
                 r.get::<_, Option<u32>>(5)?,
                 r.get::<_, String>(6)?,
+                r.get::<_, bool>(7)?,
+                r.get::<_, Option<Vec<u8>>>(8)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (txid, offer, card_id, atc, psam_id, psam_txn, state) = row?;
+            let (txid, offer, card_id, atc, psam_id, psam_txn, state, debit_sent, response) = row?;
             let offer: Offer = postcard::from_bytes(&offer).map_err(|e| JournalError::Corrupt {
                 txid: txid.clone(),
                 what: "offer",
                 detail: e.to_string(),
             })?;
+            let response = response
+                .map(|b| {
+                    postcard::from_bytes::<DebitResponse>(&b).map_err(|e| JournalError::Corrupt {
+                        txid: txid.clone(),
+                        what: "debit response",
+                        detail: e.to_string(),
+                    })
+                })
+                .transpose()?;
             out.push(Pending {
                 txn: InDoubt {
                     transaction_id: txid,
                     card_id: card_id as u64,
                     atc,
+                    amount: offer.amount,
                     psam: psam_id.zip(psam_txn).map(|(i, n)| (i as u64, n)),
+                    debit_sent,
+                    response,
                 },
                 offer,
                 state,
@@ -551,6 +594,103 @@ mod tests {
                 "debit_sent",
                 "completed"
             ]
+        );
+    }
+
+    #[test]
+    fn in_doubt_says_whether_debit_was_sent_and_carries_the_response_and_unresolvable_leaves_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        let cmd = DebitCommand {
+            psam_id: 7,
+            psam_txn: 3,
+            card_id: 9,
+            atc: 4,
+            amount: 250,
+            currency: Currency::EUR,
+            date: Date::new(2026, 11, 21),
+            psam_signature: [0; 8],
+        };
+        let response = DebitResponse {
+            card_id: 9,
+            atc: 4,
+            amount: 250,
+            currency: Currency::EUR,
+            new_balance: 750,
+            psam_id: 7,
+            psam_txn: 3,
+            card_signature: [5; 8],
+        };
+        for t in ["drawn", "commanded", "sent", "responded"] {
+            j.record(
+                t,
+                &Step::OfferAccepted {
+                    offer: offer(t),
+                    init: init(),
+                },
+            )
+            .unwrap();
+            j.record(t, &Step::DrawSent).unwrap();
+        }
+        for t in ["commanded", "sent", "responded"] {
+            j.record(
+                t,
+                &Step::DebitCommandReceived {
+                    command: cmd.clone(),
+                },
+            )
+            .unwrap();
+        }
+        for t in ["sent", "responded"] {
+            j.record(t, &Step::DebitSent).unwrap();
+        }
+        j.record(
+            "responded",
+            &Step::DebitResponded {
+                response: response.clone(),
+            },
+        )
+        .unwrap();
+        // A cancel after DEBIT keeps the evidence that DEBIT went out.
+        j.record(
+            "sent",
+            &Step::CancelPending {
+                reason: CancelReason::NotDebited,
+            },
+        )
+        .unwrap();
+        let p = j.in_doubt().unwrap();
+        let by = |t: &str| {
+            p.iter()
+                .find(|x| x.txn.transaction_id == t)
+                .unwrap()
+                .clone()
+        };
+        assert_eq!(
+            (by("drawn").txn.debit_sent, by("drawn").txn.psam),
+            (false, None)
+        );
+        assert_eq!(
+            (by("commanded").txn.debit_sent, by("commanded").txn.psam),
+            (false, Some((7, 3)))
+        );
+        assert!(by("sent").txn.debit_sent && by("sent").txn.response.is_none());
+        assert_eq!(by("sent").state, "cancel_pending");
+        assert_eq!(by("responded").txn.response, Some(response));
+        assert_eq!(by("drawn").txn.amount, offer("drawn").amount);
+
+        j.record(
+            "sent",
+            &Step::Unresolvable {
+                why: "proof rejected".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(j.in_doubt().unwrap().len(), 3, "no longer in doubt");
+        assert_eq!(j.state("sent").unwrap().as_deref(), Some("unresolvable"));
+        assert_eq!(
+            j.unresolvable().unwrap(),
+            [("sent".to_string(), "proof rejected".to_string())]
         );
     }
 

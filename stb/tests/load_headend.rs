@@ -35,6 +35,7 @@ const START: u64 = 1_000;
 
 struct World {
     dir: tempfile::TempDir,
+    voucher: String,
     running: Running,
     pin: String,
     card: PathBuf,
@@ -78,7 +79,7 @@ async fn world() -> World {
                 month: 12,
             },
         },
-        &hcfg.issuer_keys().unwrap(),
+        &headend::config::load_issuer_keys(&files.issuer_keys).unwrap(),
     )
     .unwrap();
     let text = format!(
@@ -111,7 +112,7 @@ pin_key = "{pin_key}"
         key = dev.key.display(),
         state = dir.path().join("stb-state").display(),
         acc = assembly::DEMO_ACCOUNT,
-        voucher = assembly::DEMO_VOUCHER,
+        voucher = files.voucher,
         pin_key = files
             .pin_keys_dir
             .join(format!("{}.key", assembly::DEMO_BOX))
@@ -120,6 +121,7 @@ pin_key = "{pin_key}"
     let cfg = Config::parse(Path::new("load-test.toml"), &text).unwrap();
     World {
         dir,
+        voucher: files.voucher.clone(),
         running,
         pin,
         card,
@@ -304,7 +306,7 @@ async fn voucher_load_needs_no_pin() {
         .prefunded
         .accounts()
         .into_iter()
-        .find(|a| a.id == assembly::DEMO_VOUCHER)
+        .find(|a| a.id == proto::messages::voucher_ref(&w.voucher))
         .unwrap();
     assert_eq!(v.opening_balance - v.balance, 700);
 }
@@ -340,7 +342,7 @@ async fn load_until_killed(w: &World, at: KillAt) -> String {
     )
     .unwrap();
     let source = LoadSource::Voucher {
-        code: assembly::DEMO_VOUCHER.into(),
+        code: w.voucher.clone().into(),
     };
     let (mut l, actions) = Load::start(source, None, 9);
     let mut queue: std::collections::VecDeque<Action> = actions.into();

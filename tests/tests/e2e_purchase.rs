@@ -39,33 +39,6 @@ fn reference(screen: &str) -> String {
         .unwrap_or_else(|| panic!("no Reference on the receipt:\n{screen}"))
 }
 
-/// Waits until stbd says its test hook froze it.
-fn wait_hook(w: &World, hook: &str) {
-    let line = format!("TEST HOOK {hook}:");
-    let frozen = poll(STEP, || w.stbd_log().contains(&line).then_some(()));
-    assert!(
-        frozen.is_some(),
-        "stbd never reached the test hook {hook}:\n{}",
-        tail(&w.stbd_log, 20)
-    );
-}
-
-/// SIGKILLs the real stbd process (the pane's pid: the script execs stbd) and waits for it
-/// to be gone.
-fn sigkill_stbd(w: &World) {
-    let pid = w.tv().pane_pid();
-    // SAFETY: kill(2) on the stbd we started.
-    assert_eq!(
-        unsafe { libc::kill(pid, libc::SIGKILL) },
-        0,
-        "SIGKILL stbd {pid}"
-    );
-    assert!(
-        poll(STEP, || w.tv().pane_dead().then_some(())).is_some(),
-        "stbd {pid} still alive after SIGKILL"
-    );
-}
-
 #[test]
 fn ppv_purchase_with_ok_debits_the_card_and_releases_the_event() {
     let t0 = Instant::now();

@@ -3,7 +3,9 @@
 //!
 //! A device certificate carries the box id three times: as the subject CN, as a DNS SAN and as
 //! the URI SAN `urn:purselink:box:<id>`. Only the URI SAN is trusted for identity, because it
-//! can't be confused with a role certificate's DNS names.
+//! can't be confused with a role certificate's DNS names. A head-end role's certificate
+//! carries its role name as the URI SAN `urn:purselink:role:<name>`; roles decide who may
+//! call them by that name (or by certificate fingerprint), never by DNS name.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -14,6 +16,8 @@ use serde::Deserialize;
 
 /// The URI SAN prefix that marks a device (set-top box) certificate.
 pub const BOX_URI_PREFIX: &str = "urn:purselink:box:";
+/// The URI SAN prefix that names a head-end role in its certificate.
+pub const ROLE_URI_PREFIX: &str = "urn:purselink:role:";
 
 /// A set-top box's identity, e.g. `box-000123`: a DNS label (1–63 of `a-z0-9-`, no leading or
 /// trailing `-`), so it fits the certificate's DNS SAN as well as the URI SAN.
@@ -76,8 +80,12 @@ impl std::str::FromStr for BoxId {
 pub enum PeerIdentity {
     /// A set-top box (device certificate).
     Box(BoxId),
-    /// Another head-end role (server/role certificate), named by its first DNS SAN.
+    /// A head-end role, named by its certificate's `urn:purselink:role:` URI SAN.
     Role(String),
+    /// A certificate from the operator CA with neither a box id nor a role name (e.g. a
+    /// server certificate), known by its first DNS SAN: it may be let in only by
+    /// fingerprint.
+    Other(String),
 }
 
 /// The authenticated peer of a connection, handed to the [`Service`](super::Service) with every
@@ -97,7 +105,7 @@ impl Peer {
     pub fn box_id(&self) -> Option<&BoxId> {
         match &self.identity {
             PeerIdentity::Box(id) => Some(id),
-            PeerIdentity::Role(_) => None,
+            PeerIdentity::Role(_) | PeerIdentity::Other(_) => None,
         }
     }
 }
@@ -109,7 +117,7 @@ pub enum IdentityError {
     NoCertificate,
     #[error("peer certificate can't be parsed: {0}")]
     Unparsable(String),
-    #[error("peer certificate carries an invalid box id: {0}")]
+    #[error("peer certificate carries an invalid box id or role name: {0}")]
     BadBoxId(#[from] InvalidBoxId),
     #[error("peer certificate carries neither a box id nor a role name")]
     NoIdentity,
@@ -125,10 +133,14 @@ pub fn identity_of(
     let boxed = cert
         .valid_uri_names()
         .find_map(|uri| uri.strip_prefix(BOX_URI_PREFIX));
-    let identity = match boxed {
-        Some(id) => PeerIdentity::Box(BoxId::new(id)?),
-        None => match cert.valid_dns_names().next() {
-            Some(name) => PeerIdentity::Role(name.to_owned()),
+    let role = cert
+        .valid_uri_names()
+        .find_map(|uri| uri.strip_prefix(ROLE_URI_PREFIX).map(str::to_owned));
+    let identity = match (boxed, role) {
+        (Some(id), _) => PeerIdentity::Box(BoxId::new(id)?),
+        (None, Some(role)) => PeerIdentity::Role(BoxId::new(role)?.as_str().to_owned()),
+        (None, None) => match cert.valid_dns_names().next() {
+            Some(name) => PeerIdentity::Other(name.to_owned()),
             None => return Err(IdentityError::NoIdentity),
         },
     };

@@ -14,6 +14,7 @@ mod error;
 pub mod frame_io;
 mod handler;
 pub mod identity;
+pub mod logging;
 pub mod server;
 mod service;
 
@@ -25,6 +26,9 @@ pub use config::{
     ClientTls, ServerTls, TlsIdentity, TransportSettings, client_config, load_certs, server_config,
 };
 pub use error::{AppCode, QuicError, classify_connection, classify_stream_code};
-pub use identity::{BoxId, InvalidBoxId, Peer, PeerIdentity, RevocationConfig, Revocations};
+pub use identity::{
+    BOX_URI_PREFIX, BoxId, InvalidBoxId, Peer, PeerIdentity, ROLE_URI_PREFIX, RevocationConfig,
+    Revocations,
+};
 pub use server::Server;
 pub use service::{BoxFuture, Service, ServiceError};

@@ -134,7 +134,7 @@ pub async fn connect_idle(
     ids: &[BoxIdentity],
     first: usize,
 ) -> Result<(Fleet, IdleMemory), String> {
-    let issuer = deploy.cfg.issuer_keys()?;
+    let issuer = crate::config::load_issuer_keys(&deploy.files.issuer_keys)?;
     wait_ready(&ids[0], deploy.box_addr).await?;
     let pid = deploy.gateway_pid();
     let rss = || vm_rss_kib(pid).unwrap_or(0);
@@ -248,7 +248,7 @@ async fn wan_run(
     ids: &[BoxIdentity],
     seconds: f64,
 ) -> Result<(Fleet, RunReport), String> {
-    let issuer = deploy.cfg.issuer_keys()?;
+    let issuer = crate::config::load_issuer_keys(&deploy.files.issuer_keys)?;
     let fleet = Fleet::connect(
         ids,
         &issuer,
@@ -407,7 +407,7 @@ pub async fn bench(o: &BenchOptions) -> Result<bool, String> {
     };
     let deploy = Deployment::in_process(&opts).await?;
     let ids = fleet::issue_identities(&deploy.files.ca_dir, "tpbox", o.throughput_boxes)?;
-    let issuer = deploy.cfg.issuer_keys()?;
+    let issuer = crate::config::load_issuer_keys(&deploy.files.issuer_keys)?;
     let fleet = Fleet::connect(
         &ids,
         &issuer,

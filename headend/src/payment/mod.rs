@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use proto::crypto::{self, DesKey, MessageKeys};
 use proto::messages::*;
 use proto::money::Money;
-use proto::purse::{Date, IssuerKeys};
+use proto::purse::{Date, MasterKey};
 use proto::security_card::{DrawData, PsamError, SecurityCard};
 use rand::rngs::OsRng;
 use serde::{Deserialize, Serialize};
@@ -114,7 +114,9 @@ fn psam_error(e: &PsamError) -> ErrorCode {
         PsamError::ResponseMismatch => ErrorCode::AmountMismatch,
         PsamError::UnknownTransaction(_) => ErrorCode::UnknownTransaction,
         PsamError::ZeroAmount => ErrorCode::Malformed,
-        PsamError::AlreadyCompleted(_) | PsamError::CounterExhausted => ErrorCode::Internal,
+        PsamError::AlreadyCompleted(_) | PsamError::CounterExhausted | PsamError::NoKey => {
+            ErrorCode::Internal
+        }
     }
 }
 
@@ -123,7 +125,8 @@ impl PaymentServer {
     /// ones), and re-arms every open transaction.
     pub fn open(cfg: &HeadendConfig) -> Result<Arc<Self>, String> {
         let section = cfg.payment.as_ref().ok_or("no [payment] section")?;
-        let issuer = cfg.issuer_keys()?;
+        let master =
+            crate::config::read_master_key("[payment] purchase_keys", &section.purchase_keys)?;
         let journal = Arc::new(
             Journal::open(&cfg.state_dir.join(format!("{}.sqlite", section.name)))
                 .map_err(|e| e.to_string())?,
@@ -145,7 +148,7 @@ impl PaymentServer {
         Self::with_parts(
             &section.name,
             journal,
-            issuer,
+            master,
             section.security_cards.max(1),
             merchants,
             Duration::from_secs(section.transaction_timeout_secs),
@@ -155,7 +158,7 @@ impl PaymentServer {
     fn with_parts(
         name: &str,
         journal: Arc<Journal>,
-        issuer: IssuerKeys,
+        master: MasterKey,
         cards: u32,
         merchants: HashMap<String, Merchant>,
         timeout: Duration,
@@ -166,8 +169,8 @@ impl PaymentServer {
                 .get("psam", &slot_key(slot))
                 .map_err(|e| e.to_string())?
             {
-                Some(b) => journal::decode::<SecurityCard>(&b)?,
-                None => SecurityCard::new(0x5A00_0000 + slot as u64, issuer.clone()),
+                Some(b) => journal::decode::<SecurityCard>(&b)?.with_key(master.clone()),
+                None => SecurityCard::new(0x5A00_0000 + slot as u64, master.clone()),
             };
             psams.push(Box::new(psam) as Box<dyn SecurityCardDevice>);
         }

@@ -71,7 +71,7 @@ impl SecurityCardDevice for SecurityCard {
         journal::encode(self)
     }
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
-        *self = journal::decode(snapshot)?;
+        self.restore_state(journal::decode(snapshot)?);
         Ok(())
     }
 }

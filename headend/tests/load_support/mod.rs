@@ -10,7 +10,7 @@ use std::path::Path;
 
 use headend::assembly::{self, DemoOptions, Roles, Running};
 use headend::bank::{HoldState, box_pin_key, pin_verification_value};
-use headend::config::{HeadendConfig, hex_key};
+use headend::config::{HeadendConfig, hex_key, read_key_file};
 use headend::pki::OperatorCa;
 use headend::quic::{BoxId, ClientTls, QuicClient, TransportSettings, load_certs};
 use headend::role::to_payload;
@@ -23,7 +23,9 @@ use proto::purse::*;
 
 pub const EUR: Currency = Currency::EUR;
 pub const ACCOUNT: &str = assembly::DEMO_ACCOUNT;
-pub const VOUCHER: &str = assembly::DEMO_VOUCHER;
+/// The demo voucher under a fixed code the tests can name (`demo` puts it in the config in
+/// place of the generated one).
+pub const VOUCHER: &str = "TEST-VOUCHER-0001";
 pub const BOX1: &str = assembly::DEMO_BOX;
 pub const BOX2: &str = "box-000002";
 /// A second account of box 1 with little money in it.
@@ -56,7 +58,7 @@ pub fn demo(
         .trim()
         .to_string();
     let cfg = HeadendConfig::load(&files.config).unwrap();
-    let master = hex_key("pin_master", &cfg.bank.as_ref().unwrap().pin_master).unwrap();
+    let master = read_key_file("pin master", &cfg.bank.as_ref().unwrap().pin_master_file).unwrap();
     let extra = format!(
         r#"
 [[bank_accounts]]
@@ -77,8 +79,11 @@ amount = 5000
 "#,
         pin_verification_value(&master, POOR, &pin)
     );
-    let text = std::fs::read_to_string(&files.config).unwrap() + &extra;
-    std::fs::write(&files.config, edit(text)).unwrap();
+    let text = std::fs::read_to_string(&files.config)
+        .unwrap()
+        .replace(&files.voucher, VOUCHER)
+        + &extra;
+    proto::secret::write_private(&files.config, edit(text).as_bytes()).unwrap();
     (dir, files.config, pin)
 }
 
@@ -103,6 +108,15 @@ pub fn today() -> Date {
     headend::payment::today()
 }
 
+/// The deployment's personalisation keys (`issuer-keys.toml` beside the config's state).
+pub fn issuer_keys(cfg: &HeadendConfig) -> IssuerKeys {
+    let dir = cfg
+        .state_dir
+        .parent()
+        .expect("state dir inside the demo dir");
+    headend::config::load_issuer_keys(&dir.join("issuer-keys.toml")).unwrap()
+}
+
 pub fn new_card(
     cfg: &HeadendConfig,
     card_id: u64,
@@ -121,10 +135,7 @@ pub fn new_card(
             month: 12,
         },
     };
-    PurseCard::new(
-        CardState::personalise(&spec, &cfg.issuer_keys().unwrap()),
-        card_id,
-    )
+    PurseCard::new(CardState::personalise(&spec, &issuer_keys(cfg)), card_id)
 }
 
 pub async fn connect_box(ca_dir: &Path, box_id: &str, addr: std::net::SocketAddr) -> QuicClient {
@@ -174,7 +185,8 @@ impl LoadBox {
             he.running.gateway_addr.unwrap(),
         )
         .await;
-        let master = hex_key("pin_master", &he.cfg.bank.as_ref().unwrap().pin_master).unwrap();
+        let master =
+            read_key_file("pin master", &he.cfg.bank.as_ref().unwrap().pin_master_file).unwrap();
         // The demo box's key comes from its provisioning file; others are derived the same
         // way the provisioning step does.
         let file = he.dir.path().join(format!("pin-keys/{box_id}.key"));

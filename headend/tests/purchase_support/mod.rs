@@ -25,6 +25,7 @@ pub fn options(embodiment: &str, message_layer: bool) -> DemoOptions {
         embodiment: embodiment.into(),
         message_layer,
         transaction_timeout_secs: 30,
+        ..Default::default()
     }
 }
 
@@ -37,7 +38,12 @@ pub async fn start(opts: DemoOptions) -> HeadEnd {
 }
 
 pub fn new_card(cfg: &HeadendConfig, card_id: u64, balance: u64) -> PurseCard {
-    sim_box::new_card(&cfg.issuer_keys().unwrap(), card_id, balance, 100_000)
+    let dir = cfg
+        .state_dir
+        .parent()
+        .expect("state dir inside the demo dir");
+    let issuer = headend::config::load_issuer_keys(&dir.join("issuer-keys.toml")).unwrap();
+    sim_box::new_card(&issuer, card_id, balance, 100_000)
 }
 
 /// The simulated box, unwrapping as a test does.

@@ -103,6 +103,7 @@ pub fn identity_echo() -> Arc<dyn Service> {
             let who = match &peer.identity {
                 headend::quic::PeerIdentity::Box(id) => format!("box:{id}"),
                 headend::quic::PeerIdentity::Role(name) => format!("role:{name}"),
+                headend::quic::PeerIdentity::Other(name) => format!("other:{name}"),
             };
             let mut out = who.into_bytes();
             out.push(b'|');

@@ -37,11 +37,11 @@ pub fn card_with(balance: u64, max: u64) -> PurseCard {
 }
 
 pub fn psam() -> SecurityCard {
-    SecurityCard::new(0xAA01, issuer())
+    SecurityCard::new(0xAA01, issuer().purchase())
 }
 
 pub fn hsm() -> Hsm {
-    Hsm::new(0xBB01, issuer())
+    Hsm::new(0xBB01, issuer().load())
 }
 
 /// Sends an APDU and splits the response.

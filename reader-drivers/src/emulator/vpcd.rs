@@ -6,7 +6,12 @@
 //! it closes pcscd sees the card removed. Every message in both directions is a 2-byte
 //! big-endian length followed by the payload. A 1-byte payload from vpcd is a control message
 //! (0 power off, 1 power on, 2 reset, 4 get ATR — only the last is answered, with the ATR);
-//! any longer payload is a command APDU, answered with the response APDU.
+//! any other payload is a command APDU, answered with the response APDU. A 1-byte command
+//! APDU that is not one of those four values (a program sending one through pcscd) goes to
+//! the card like any APDU, which answers `6700`: ignoring it would leave pcscd waiting for
+//! an answer and wedge the reader for every program. (A 1-byte APDU whose value is a
+//! control code is indistinguishable from the control message on vpcd's wire: a limit of
+//! the protocol.)
 //!
 //! This file owns the client side of that protocol ([`attach`], [`VpcdAttachment`]) and a
 //! cross-process lock on a vpcd port ([`VpcdPortLock`]) so tests in different processes do not
@@ -175,10 +180,6 @@ async fn serve(
             }
             // vpcd asks for the ATR on every presence poll, so this is answered inline.
             [CTRL_ATR] => Some(with_card(&card, |c| c.atr())),
-            [other] => {
-                tracing::warn!(addr = %addr, ctrl = other, "vpcd: unknown control message ignored");
-                None
-            }
             [] => {
                 tracing::warn!(addr = %addr, "vpcd: empty message ignored");
                 None
@@ -369,7 +370,9 @@ mod tests {
             vec![0x00, 0xA4, 0x04, 0x00, 0x90, 0x00]
         );
         send(&mut s, &[CTRL_OFF]).await;
-        send(&mut s, &[9]).await; // unknown control: ignored, connection stays up
+        // A 1-byte APDU that is no control code is answered like any APDU (here, echoed).
+        send(&mut s, &[9]).await;
+        assert_eq!(read_frame(&mut s, "t").await.unwrap(), vec![9, 0x90, 0x00]);
         send(&mut s, &[CTRL_ATR]).await;
         assert_eq!(read_frame(&mut s, "t").await.unwrap().len(), 5);
         att.detach().await;

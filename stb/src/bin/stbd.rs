@@ -123,13 +123,10 @@ async fn run(path: std::path::PathBuf) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STBD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    transport::logging::init(
+        tracing_subscriber::EnvFilter::try_from_env("STBD_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+    );
     let cli = Cli::parse();
     // One thread: a box has one viewer and one card; fewer threads, fewer idle wakeups.
     let rt = match tokio::runtime::Builder::new_current_thread()

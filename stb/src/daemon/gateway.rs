@@ -70,16 +70,10 @@ pub fn client_config(
     transport::client_config(&tls, &settings).map_err(|e| GatewayError::Tls(e.to_string()))
 }
 
-/// The next reconnect delay: `initial · 2^attempt`, capped at `max`, then a random point in
-/// its upper half, so a fleet of boxes that lost the head end together does not come back in
-/// lockstep.
+/// The next reconnect delay: see [`crate::flow::backoff`] (`initial · 2^attempt`, capped at
+/// `max`, jittered in its upper half).
 pub fn backoff(attempt: u32, initial: Duration, max: Duration, rng: &mut impl Rng) -> Duration {
-    let exp = initial
-        .checked_mul(1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX))
-        .unwrap_or(max)
-        .min(max);
-    let half = exp / 2;
-    half + Duration::from_nanos(rng.gen_range(0..=half.as_nanos().min(u64::MAX as u128) as u64))
+    crate::flow::backoff(attempt, initial, max, rng)
 }
 
 /// Whether a request may be sent as 0-RTT early data (safe to replay).
@@ -87,10 +81,66 @@ pub fn replay_safe(m: &Message) -> bool {
     matches!(m, Message::CatalogRequest)
 }
 
+/// Whether a transport error means the connection itself is gone (closed, reset, lost,
+/// refused, the head end shutting down), as opposed to one request failing on a live
+/// connection.
+pub fn connection_level(e: &transport::QuicError) -> bool {
+    use transport::QuicError as Q;
+    matches!(
+        e,
+        Q::Connection(_)
+            | Q::ApplicationClosed { .. }
+            | Q::ShuttingDown
+            | Q::Refused
+            | Q::BoxRevoked(_)
+            | Q::NoIdentity(_)
+    )
+}
+
+/// How one exchange on a connection failed.
+#[derive(Debug)]
+enum Failure {
+    /// No stream could be opened: the connection was dead before any byte of the request
+    /// was written, so the request certainly did not reach the head end.
+    NotSent(transport::QuicError),
+    /// The request may have reached the head end.
+    Failed(transport::QuicError),
+}
+
+/// One request on a new bidirectional stream of `conn`: one frame out, one frame back.
+async fn exchange(conn: &Connection, payload: &[u8]) -> Result<Vec<u8>, Failure> {
+    let max = proto::frame::DEFAULT_MAX_FRAME;
+    let request = proto::frame::encode(payload, max)
+        .map_err(|e| Failure::NotSent(transport::QuicError::from(e)))?;
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| Failure::NotSent(e.into()))?;
+    let written = async {
+        send.write_all(&request).await?;
+        send.finish()
+            .map_err(|e| transport::QuicError::Stream(e.to_string()))
+    }
+    .await;
+    let read = transport::frame_io::read_frame(&mut recv, max).await;
+    match (written, read) {
+        (_, Ok(answer)) => Ok(answer),
+        // A refusal mid-write: the reset on our receive side says why more precisely.
+        (Err(w), Err(r)) => Err(Failure::Failed(match transport::QuicError::from(r) {
+            e @ transport::QuicError::StreamReset(_) => e,
+            e if connection_level(&e) => e,
+            _ => w,
+        })),
+        (Ok(()), Err(r)) => Err(Failure::Failed(r.into())),
+    }
+}
+
 pub struct Gateway {
     endpoint: Endpoint,
     settings: GatewaySettings,
     conn: Mutex<Option<Connection>>,
+    /// One connection attempt at a time (the keeper's or a request's).
+    connecting: tokio::sync::Mutex<()>,
     /// Wakes the keeper when a request found no connection.
     wanted: Notify,
 }
@@ -108,6 +158,7 @@ impl Gateway {
             endpoint,
             settings,
             conn: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
             wanted: Notify::new(),
         }))
     }
@@ -115,6 +166,29 @@ impl Gateway {
     fn current(&self) -> Option<Connection> {
         let g = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         g.as_ref().filter(|c| c.close_reason().is_none()).cloned()
+    }
+
+    /// Whether a connection to the gateway is up (as far as the box knows: a head end that
+    /// died silently is found out by the next request's deadline).
+    pub fn is_connected(&self) -> bool {
+        self.current().is_some()
+    }
+
+    /// Drops `conn` (if it is still the current one): closes it locally, so the keeper,
+    /// waiting on it, reconnects at once.
+    fn drop_connection(&self, conn: &Connection, why: &str) {
+        let mut g = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if g.as_ref()
+            .is_some_and(|c| c.stable_id() == conn.stable_id())
+        {
+            *g = None;
+        }
+        drop(g);
+        if conn.close_reason().is_none() {
+            tracing::warn!(reason = why, "gateway connection dropped; reconnecting");
+            conn.close(0u32.into(), why.as_bytes());
+        }
+        self.wanted.notify_one();
     }
 
     fn resolve(&self) -> Result<SocketAddr, GatewayError> {
@@ -127,7 +201,26 @@ impl Gateway {
             .ok_or_else(|| GatewayError::Connect(format!("{}: no address", self.settings.addr)))
     }
 
-    /// Connects; with `early` a resumed session may use 0-RTT.
+    /// The current connection, or a new one (one attempt at a time, bounded by the request
+    /// timeout); with `early` a resumed session may use 0-RTT.
+    async fn connection(&self, early: bool) -> Result<Connection, GatewayError> {
+        if let Some(c) = self.current() {
+            return Ok(c);
+        }
+        let _one = self.connecting.lock().await;
+        if let Some(c) = self.current() {
+            return Ok(c);
+        }
+        let t = self.settings.request_timeout;
+        match tokio::time::timeout(t, self.connect(early)).await {
+            Ok(r) => r,
+            Err(_) => Err(GatewayError::Connect(format!(
+                "{}: no handshake within {t:?}",
+                self.settings.addr
+            ))),
+        }
+    }
+
     async fn connect(&self, early: bool) -> Result<Connection, GatewayError> {
         let addr = self.resolve()?;
         let connecting = self
@@ -155,30 +248,58 @@ impl Gateway {
     }
 
     /// One request, one answer, within the request timeout (connecting if needed).
+    ///
+    /// A request that finds the connection already dead before any byte is written is sent
+    /// once more on a fresh connection (every box request is idempotent by transaction id).
+    /// A deadline, or a failure of the connection itself, drops the connection so the
+    /// keeper reconnects at once instead of waiting for the idle timeout: a head end that
+    /// restarted does not know the old connection, and its stateless resets may not reach
+    /// or convince the box.
     pub async fn call(&self, msg: &Message) -> Result<Message, GatewayError> {
         let t = self.settings.request_timeout;
-        match tokio::time::timeout(t, self.call_inner(msg)).await {
-            Ok(r) => r,
-            Err(_) => Err(GatewayError::Timeout(t)),
+        let deadline = tokio::time::Instant::now() + t;
+        let payload = msg.to_payload();
+        let mut fresh_tried = false;
+        loop {
+            let conn =
+                match tokio::time::timeout_at(deadline, self.connection(replay_safe(msg))).await {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => {
+                        self.wanted.notify_one();
+                        return Err(e);
+                    }
+                    Err(_) => {
+                        self.wanted.notify_one();
+                        return Err(GatewayError::Timeout(t));
+                    }
+                };
+            match tokio::time::timeout_at(deadline, exchange(&conn, &payload)).await {
+                Ok(Ok(bytes)) => {
+                    return Message::from_payload(&bytes)
+                        .map_err(|e| GatewayError::Malformed(e.to_string()));
+                }
+                Ok(Err(Failure::NotSent(e))) if !fresh_tried => {
+                    tracing::info!(error = %e, "gateway connection was dead; request sent on a fresh one");
+                    self.drop_connection(&conn, "connection dead before the request");
+                    fresh_tried = true;
+                }
+                Ok(Err(Failure::NotSent(e) | Failure::Failed(e))) => {
+                    if connection_level(&e) || conn.close_reason().is_some() {
+                        self.drop_connection(&conn, "connection failed");
+                    }
+                    return Err(GatewayError::Request(e.to_string()));
+                }
+                Err(_) => {
+                    self.drop_connection(&conn, "no answer within the request deadline");
+                    return Err(GatewayError::Timeout(t));
+                }
+            }
         }
     }
 
-    async fn call_inner(&self, msg: &Message) -> Result<Message, GatewayError> {
-        let conn = match self.current() {
-            Some(c) => c,
-            None => {
-                self.wanted.notify_one();
-                self.connect(replay_safe(msg)).await?
-            }
-        };
-        let bytes = transport::call(&conn, &msg.to_payload())
-            .await
-            .map_err(|e| GatewayError::Request(e.to_string()))?;
-        Message::from_payload(&bytes).map_err(|e| GatewayError::Malformed(e.to_string()))
-    }
-
     /// Keeps the connection up until `shutdown`: connects, waits for it to close, reconnects
-    /// with backoff. `on_connect` runs after each successful (re)connection.
+    /// at once and then with backoff. `on_connect` runs for each new connection (the
+    /// keeper's or one a request opened).
     pub async fn keep(
         self: Arc<Self>,
         on_connect: impl Fn() + Send,
@@ -186,18 +307,16 @@ impl Gateway {
     ) {
         let mut attempt = 0u32;
         let mut rng = rand::rngs::StdRng::from_entropy();
+        let mut seen: Option<usize> = None;
+        let stopping = |s: &tokio::sync::watch::Receiver<bool>| *s.borrow();
         loop {
-            if *shutdown.borrow() {
+            if stopping(&shutdown) {
                 break;
             }
             let conn = match self.current() {
                 Some(c) => Some(c),
-                None => match self.connect(false).await {
-                    Ok(c) => {
-                        attempt = 0;
-                        on_connect();
-                        Some(c)
-                    }
+                None => match self.connection(false).await {
+                    Ok(c) => Some(c),
                     Err(e) => {
                         let d = backoff(
                             attempt,
@@ -210,18 +329,25 @@ impl Gateway {
                         tokio::select! {
                             _ = tokio::time::sleep(d) => {}
                             _ = self.wanted.notified() => {}
-                            _ = shutdown.changed() => {}
+                            r = shutdown.changed() => if r.is_err() { break },
                         }
                         None
                     }
                 },
             };
             if let Some(conn) = conn {
+                attempt = 0;
+                if seen != Some(conn.stable_id()) {
+                    seen = Some(conn.stable_id());
+                    on_connect();
+                }
                 tokio::select! {
                     reason = conn.closed() => {
                         tracing::warn!(reason = %reason, "gateway connection lost");
                     }
-                    _ = shutdown.changed() => {}
+                    // A request opened a newer connection (or dropped this one).
+                    _ = self.wanted.notified() => {}
+                    r = shutdown.changed() => if r.is_err() { break },
                 }
             }
         }
@@ -250,6 +376,33 @@ mod tests {
         }
         let a: Vec<_> = (0..5).map(|_| backoff(10, i, m, &mut rng)).collect();
         assert!(a.windows(2).any(|w| w[0] != w[1]), "jitter varies");
+    }
+
+    #[test]
+    fn connection_failures_are_told_from_request_failures() {
+        use transport::QuicError as Q;
+        for e in [
+            Q::Connection(quinn::ConnectionError::Reset),
+            Q::Connection(quinn::ConnectionError::TimedOut),
+            Q::Connection(quinn::ConnectionError::LocallyClosed),
+            Q::ApplicationClosed {
+                code: 0,
+                reason: "bye".into(),
+            },
+            Q::ShuttingDown,
+            Q::Refused,
+        ] {
+            assert!(connection_level(&e), "{e}");
+        }
+        for e in [
+            Q::PeerTimeout,
+            Q::ServiceFailed,
+            Q::StreamReset(9),
+            Q::PeerBadFrame,
+            Q::Stream("x".into()),
+        ] {
+            assert!(!connection_level(&e), "{e}");
+        }
     }
 
     #[test]

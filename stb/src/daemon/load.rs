@@ -1,25 +1,21 @@
 //! The shell around [`crate::flow::load`]: the `[load]` settings, one load at a time driven
-//! from the runner's UI intents and gateway answers, and the recovery of in-doubt loads from
-//! the journal and the card's log (at start, on reconnect, on every card insertion, and
-//! before a new load: 001's negative-result procedure needs an in-doubt load resolved
-//! before the card loads again).
+//! from the runner's UI intents and gateway answers. In-doubt loads are recovered with the
+//! purchases by [`super::recover`] (at start, on reconnect, on every card insertion, on the
+//! recovery timer, and before a new load or purchase on the same card: 001's
+//! negative-result procedure needs an in-doubt load resolved before the card loads again).
 
 use std::collections::VecDeque;
 
-use proto::card::commands;
 use proto::crypto::DesKey;
-use proto::messages::{ErrorCode, LoadResponseMsg, LoadSource, Message};
-use proto::purse::LoadInit;
+use proto::messages::{LoadSource, Message};
 use tracing::Instrument;
 use ui::UiUpdate;
 use ui::model::{ErrorKind, UiError};
 
-use super::card::CardPort;
-use super::gateway::Gateway;
+use super::recover::Deferred;
 use super::runner::{Event, Runner};
 use crate::config::LoadConfig;
-use crate::flow::load::{Action, Decision, Input, Load, Outcome, PendingLoad, Step, decide};
-use crate::journal::Journal;
+use crate::flow::load::{Action, Input, Load, Outcome, Step};
 
 /// Load answers come back as `Event::Answer` with a flow id from this range, apart from
 /// the purchase flows' ids.
@@ -105,9 +101,10 @@ fn ui_err(kind: ErrorKind, detail: impl Into<String>) -> UiUpdate {
 }
 
 impl Runner {
-    /// "Load card" → a source: starts a load, after resolving any in-doubt load.
+    /// "Load card" → a source: starts a load, after settling any in-doubt purchase or load
+    /// of the same card (see [`super::recover`]).
     pub async fn start_load(&mut self, source: ui::model::LoadSource) {
-        if self.load.is_active() || self.purchase_active() {
+        if self.busy() {
             self.update(ui_err(
                 ErrorKind::Other,
                 "another transaction is in progress; try again",
@@ -121,11 +118,9 @@ impl Runner {
                 .bank_account
                 .clone()
                 .map(|account| LoadSource::Bank { account }),
-            ui::model::LoadSource::Voucher => {
-                s.voucher.clone().map(|code| LoadSource::Voucher { code })
-            }
+            ui::model::LoadSource::Voucher => s.voucher.clone().map(LoadSource::voucher),
         };
-        let Some(src) = src else {
+        if src.is_none() {
             let what = match source {
                 ui::model::LoadSource::Bank => {
                     "no bank account is set up on this box ([load] bank_account)"
@@ -136,37 +131,37 @@ impl Runner {
             };
             self.update(ui_err(ErrorKind::Other, what)).await;
             return;
-        };
+        }
         if !self.card.has_card() {
             self.update(ui_err(ErrorKind::NoCard, "insert the card to load it"))
                 .await;
             return;
         }
-        // An in-doubt load on this card first: the HSM's proof needs the card's load
-        // count to speak of that load alone.
-        self.recover_loads().await;
-        match self.journal.loads_in_doubt() {
-            Ok(p) if p.is_empty() => {}
-            Ok(p) => {
-                tracing::warn!(
-                    pending = p.len(),
-                    "load refused: an earlier load is not settled yet"
-                );
-                self.update(ui_err(
-                    ErrorKind::Other,
-                    format!(
-                        "an earlier load ({}) is still being settled with the head end; try again later",
-                        p[0].transaction_id
-                    ),
-                ))
+        if let Some(Deferred::Load { source }) = self.gate(Deferred::Load { source }).await {
+            self.start_load_now(source).await;
+        }
+    }
+
+    /// Starts the load flow (the source and the card checked again: time may have passed).
+    pub(crate) async fn start_load_now(&mut self, source: ui::model::LoadSource) {
+        if self.load.is_active() || self.purchase_active() {
+            return;
+        }
+        let s = &self.load.settings;
+        let src = match source {
+            ui::model::LoadSource::Bank => s
+                .bank_account
+                .clone()
+                .map(|account| LoadSource::Bank { account }),
+            ui::model::LoadSource::Voucher => s.voucher.clone().map(LoadSource::voucher),
+        };
+        let Some(src) = src else {
+            return;
+        };
+        if !self.card.has_card() {
+            self.update(ui_err(ErrorKind::NoCard, "insert the card to load it"))
                 .await;
-                return;
-            }
-            Err(e) => {
-                self.update(ui_err(ErrorKind::Other, format!("the box's journal: {e}")))
-                    .await;
-                return;
-            }
+            return;
         }
         self.load.next_id += 1;
         let id = LOAD_IDS + self.load.next_id;
@@ -312,16 +307,7 @@ impl Runner {
         if self.card.has_card() {
             self.refresh_card().await;
         }
-    }
-
-    /// Resolves the in-doubt loads of the card in the reader; returns how many.
-    pub async fn recover_loads(&mut self) -> usize {
-        if self.load.is_active() {
-            return 0;
-        }
-        let n = resolve(&mut self.journal, &mut self.card, &self.gateway).await;
-        self.load.recovered += n as u64;
-        n
+        self.recovery_after_flow().await;
     }
 }
 
@@ -335,146 +321,4 @@ fn step_name(s: &Step) -> &'static str {
         Step::Completed { .. } => "completed",
         Step::Ended { .. } => "ended",
     }
-}
-
-/// A fresh zero-value INITIALIZE FOR LOAD for `p`'s offer.
-async fn zero_value(card: &mut CardPort, p: &PendingLoad) -> Result<LoadInit, String> {
-    card.expect_ok(&commands::select()).await?;
-    let d = card
-        .expect_ok(&crate::flow::load::zero_value_apdu(&p.offer))
-        .await?;
-    LoadInit::decode(&d).map_err(|e| format!("zero-value S1 malformed: {e}"))
-}
-
-/// Sends `msg` and journals the confirmation; true once the load is closed.
-async fn send(
-    journal: &mut Journal,
-    gateway: &Gateway,
-    msg: &LoadResponseMsg,
-) -> Result<bool, Message> {
-    let txid = &msg.transaction_id;
-    match gateway.call(&Message::LoadResponse(msg.clone())).await {
-        Ok(Message::LoadConfirmation(c)) if &c.transaction_id == txid => {
-            tracing::info!(loaded = c.loaded, "in-doubt load confirmed");
-            match journal.record_load(txid, &Step::Completed { confirmation: c }) {
-                Ok(()) => Ok(true),
-                Err(e) => {
-                    tracing::error!(error = %e, "journal: cannot close the load");
-                    Ok(false)
-                }
-            }
-        }
-        Ok(other) => Err(other),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot reach the head end; the load stays in doubt");
-            Ok(false)
-        }
-    }
-}
-
-/// Resolves every in-doubt load of the inserted card; returns how many were closed.
-pub async fn resolve(journal: &mut Journal, card: &mut CardPort, gateway: &Gateway) -> usize {
-    let pending = match journal.loads_in_doubt() {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::error!(error = %e, "journal unreadable; in-doubt loads wait");
-            return 0;
-        }
-    };
-    if pending.is_empty() || !card.has_card() {
-        return 0;
-    }
-    let (info, log) = match async {
-        let info = card.read_purse().await?;
-        let log = card.read_log().await?;
-        Ok::<_, String>((info, log))
-    }
-    .await
-    {
-        Ok(x) => x,
-        Err(e) => {
-            tracing::warn!(error = %e, "load recovery: cannot read the card");
-            card.release().await;
-            return 0;
-        }
-    };
-    let mut closed = 0;
-    for p in pending {
-        let txid = p.transaction_id.clone();
-        let span = tracing::info_span!("recover load", transaction_id = %txid, state = %p.state);
-        let ok = async {
-            let msg = match decide(&p, info.card_id, &log) {
-                Decision::OtherCard => {
-                    tracing::info!("another card is in the reader; waiting for the card of this load");
-                    return false;
-                }
-                Decision::Resend(m) => m,
-                Decision::FromLog(resp) => {
-                    tracing::info!("the card's log has the load: its S3 is re-sent");
-                    if let Err(e) = journal.record_load(&txid, &Step::Responded { response: resp.clone() }) {
-                        tracing::error!(error = %e, "journal write failed");
-                        return false;
-                    }
-                    let m = LoadResponseMsg {
-                        transaction_id: txid.clone(),
-                        response: Some(resp),
-                        zero_value: None,
-                    };
-                    match send(journal, gateway, &m).await {
-                        Ok(done) => return done,
-                        // A card that loaded but had answered "not loaded" (a false
-                        // negative) logs an S3 the HSM cannot verify: the zero-value proof
-                        // decides instead.
-                        Err(Message::Error(e)) if e.code == ErrorCode::BadSignature => {
-                            tracing::warn!(reason = %e.reason, "logged S3 refused; zero-value proof follows");
-                            LoadResponseMsg { transaction_id: txid.clone(), response: None, zero_value: None }
-                        }
-                        Err(other) => {
-                            tracing::warn!(answer = ?other, "load response re-sent but not confirmed");
-                            return false;
-                        }
-                    }
-                }
-                Decision::ProveWithZero { response } => LoadResponseMsg {
-                    transaction_id: txid.clone(),
-                    response,
-                    zero_value: None,
-                },
-            };
-            let msg = if msg.zero_value.is_none() && !msg.response.as_ref().is_some_and(|r| r.is_loaded()) {
-                let zero = match zero_value(card, &p).await {
-                    Ok(z) => z,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "no zero-value proof from the card; the load stays in doubt");
-                        return false;
-                    }
-                };
-                card.release().await;
-                if let Err(e) = journal.record_load(&txid, &Step::ZeroValue { zero: zero.clone() }) {
-                    tracing::error!(error = %e, "journal write failed");
-                    return false;
-                }
-                LoadResponseMsg {
-                    zero_value: Some(zero),
-                    ..msg
-                }
-            } else {
-                msg
-            };
-            match send(journal, gateway, &msg).await {
-                Ok(done) => done,
-                Err(other) => {
-                    tracing::warn!(answer = ?other, "load response re-sent but not confirmed");
-                    false
-                }
-            }
-        }
-        .instrument(span)
-        .await;
-        if ok {
-            closed += 1;
-        }
-    }
-    card.release().await;
-    closed
 }

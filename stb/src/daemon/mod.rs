@@ -4,7 +4,7 @@
 //! - [`gateway`]: the QUIC connection to the head end
 //! - [`card`]: reader driver, the open card session, card reads
 //! - [`runner`]: the event loop driving the purchase flow and the UI
-//! - [`recover`]: resolving in-doubt transactions from the card's log
+//! - [`recover`]: resolving in-doubt purchases and loads (journal, card log, recovery timer)
 //! - [`load`]: the load flow's shell and the recovery of in-doubt loads
 
 pub mod card;
@@ -90,6 +90,8 @@ pub async fn run(
         last_outcome: None,
         flows_done: 0,
         recovered: 0,
+        unresolvable: 0,
+        recovery_calls: 0,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let keeper = {
@@ -123,6 +125,16 @@ pub async fn run(
     );
     runner.load.settings =
         load::LoadSettings::from_config(&cfg.load).map_err(DaemonError::Setup)?;
+    let (initial, max) = cfg.timeouts.recovery();
+    runner.recovery = recover::RecoverySlot::new(initial, max);
+    match runner.journal.unresolvable() {
+        Ok(u) => {
+            for (txid, why) in u {
+                tracing::warn!(transaction_id = %txid, reason = %why, "unresolvable purchase in the journal; the operator must settle it");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "journal: cannot list unresolvable purchases"),
+    }
     let mut tui = if io.draw {
         Some(ui::terminal::Tui::enter().map_err(|e| DaemonError::Setup(format!("terminal: {e}")))?)
     } else {
@@ -146,6 +158,7 @@ pub async fn run(
         runner.publish();
         let wants_ticks = runner.app.wants_ticks();
         let deadline = runner.offer_deadline();
+        let recovery_due = runner.recovery_deadline();
         let go_on = tokio::select! {
             _ = &mut shutdown => false,
             Some(k) = async { keys.as_mut()?.recv().await }, if keys.is_some() => runner.ui(k).await,
@@ -155,6 +168,10 @@ pub async fn run(
             _ = tick.tick(), if wants_ticks => runner.ui(UiEvent::Tick).await,
             _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
                 runner.offer_timed_out().await;
+                true
+            }
+            _ = async { tokio::time::sleep_until(recovery_due.expect("guarded")).await }, if recovery_due.is_some() => {
+                runner.recovery_timer().await;
                 true
             }
         };

@@ -3,8 +3,8 @@
 //! order (journal first, then card, network, UI).
 //!
 //! Card commands run inline (they take milliseconds and the card is the flow's only
-//! resource); gateway requests run as tasks whose answers come back as events, so the UI
-//! keeps answering the remote meanwhile.
+//! resource); gateway requests — the flows' and recovery's ([`super::recover`]) — run as
+//! tasks whose answers come back as events, so the UI keeps answering the remote meanwhile.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use ui::{App, Intent, ScreenId, UiEvent, UiUpdate};
 
 use super::card::{CardPort, today};
 use super::gateway::Gateway;
-use super::recover;
+use super::recover::{Deferred, RecoverySlot};
 use crate::flow::load::Input as LoadInput;
 use crate::flow::purchase::{Action, Input, Outcome, Purchase};
 use crate::flow::{ui_date, ui_money};
@@ -43,6 +43,11 @@ pub enum Event {
     },
     /// The gateway connection came (back) up.
     Connected,
+    /// The answer to a recovery message for an in-doubt transaction.
+    Recovery {
+        transaction_id: String,
+        result: Result<Message, String>,
+    },
 }
 
 /// Attempts at reading a freshly inserted card, and the pause between them.
@@ -57,7 +62,12 @@ pub struct Status {
     pub card_balance: Option<i64>,
     pub last_outcome: Option<Outcome>,
     pub flows_done: u64,
+    /// In-doubt transactions (purchases and loads) closed by recovery.
     pub recovered: u64,
+    /// Purchases recovery journaled `unresolvable`.
+    pub unresolvable: u64,
+    /// Recovery messages awaiting the head end's answer.
+    pub recovery_calls: usize,
 }
 
 struct Active {
@@ -85,10 +95,13 @@ pub struct Runner {
     catalog: HashMap<String, (String, String)>,
     offer_deadline: Option<tokio::time::Instant>,
     flows_done: u64,
-    recovered: u64,
     last_outcome: Option<Outcome>,
     /// The load flow's slot (see [`super::load`]).
     pub load: super::load::LoadSlot,
+    /// Recovery of in-doubt work: the timer, the round out, a deferred start.
+    pub recovery: RecoverySlot,
+    /// The id of the card in the reader, as last read.
+    pub(crate) card_id: Option<u64>,
 }
 
 /// The test hook's environment variable and the values it acts on.
@@ -145,9 +158,10 @@ impl Runner {
             catalog: HashMap::new(),
             offer_deadline: None,
             flows_done: 0,
-            recovered: 0,
             last_outcome: None,
             load: super::load::LoadSlot::default(),
+            recovery: RecoverySlot::default(),
+            card_id: None,
         }
     }
 
@@ -163,7 +177,9 @@ impl Runner {
             card_balance: self.app.card().map(|c| c.balance.minor),
             last_outcome: self.last_outcome.clone(),
             flows_done: self.flows_done,
-            recovered: self.recovered,
+            recovered: self.recovery.resolved,
+            unresolvable: self.recovery.unresolvable,
+            recovery_calls: self.recovery.outstanding(),
         };
         self.status.send_replace(s);
     }
@@ -246,7 +262,7 @@ impl Runner {
                         kind: ui::model::ErrorKind::Other,
                         reason: "no TV UI on this box to confirm the payment".into(),
                     });
-                } else if self.active.is_some() || self.load.is_active() {
+                } else if self.busy() {
                     let _ = reply.send(Outcome::Failed {
                         transaction_id: None,
                         kind: ui::model::ErrorKind::Other,
@@ -256,11 +272,11 @@ impl Runner {
                     self.start(&merchant_id, &item_id, Some(reply)).await;
                 }
             }
-            Event::Connected => {
-                if !self.purchase_active() && !self.load.is_active() {
-                    self.recover().await;
-                }
-            }
+            Event::Connected => self.recover().await,
+            Event::Recovery {
+                transaction_id,
+                result,
+            } => self.recovery_answer(transaction_id, result).await,
         }
         true
     }
@@ -278,6 +294,7 @@ impl Runner {
             }
             ReaderEvent::ReaderDetached { reader } if self.card.matches(&reader) => {
                 self.card.card_removed();
+                self.card_id = None;
                 self.update(UiUpdate::Reader(ReaderState::Missing)).await;
                 self.flow_input(Input::CardRemoved).await;
                 self.load_input(LoadInput::CardRemoved).await;
@@ -285,14 +302,14 @@ impl Runner {
             ReaderEvent::CardInserted { reader, .. } if self.card.matches(&reader) => {
                 tracing::info!(%reader, "card inserted");
                 self.card.card_inserted(&reader);
+                self.card_id = None;
                 self.refresh_card().await;
-                if !self.purchase_active() && !self.load.is_active() {
-                    self.recover().await;
-                }
+                self.recover().await;
             }
             ReaderEvent::CardRemoved { reader } if self.card.matches(&reader) => {
                 tracing::info!(%reader, "card removed");
                 self.card.card_removed();
+                self.card_id = None;
                 self.update(UiUpdate::CardRemoved).await;
                 self.flow_input(Input::CardRemoved).await;
                 self.load_input(LoadInput::CardRemoved).await;
@@ -308,6 +325,11 @@ impl Runner {
     /// Whether a purchase is in flight.
     pub(crate) fn purchase_active(&self) -> bool {
         self.active.is_some()
+    }
+
+    /// A purchase or load is in flight, or one waits for a recovery round.
+    pub(crate) fn busy(&self) -> bool {
+        self.active.is_some() || self.load.is_active() || self.recovery.has_deferred()
     }
 
     pub(crate) async fn refresh_card(&mut self) {
@@ -327,6 +349,7 @@ impl Runner {
         }
         match read {
             Ok(info) => {
+                self.card_id = Some(info.card_id);
                 let expired = info.expiry.is_expired_on(today());
                 let status = if info.is_blocked() {
                     CardStatus::Blocked
@@ -417,7 +440,41 @@ impl Runner {
         }
     }
 
+    /// A new purchase: after any in-doubt transaction of the same card is settled
+    /// ([`Runner::gate`]).
     async fn start(
+        &mut self,
+        merchant_id: &str,
+        item_id: &str,
+        reply: Option<oneshot::Sender<Outcome>>,
+    ) {
+        if self.busy() {
+            if let Some(r) = reply {
+                let _ = r.send(Outcome::Failed {
+                    transaction_id: None,
+                    kind: ui::model::ErrorKind::Other,
+                    reason: "another payment is in progress; try again".into(),
+                });
+            }
+            return;
+        }
+        let d = Deferred::Purchase {
+            merchant_id: merchant_id.into(),
+            item_id: item_id.into(),
+            reply,
+        };
+        if let Some(Deferred::Purchase {
+            merchant_id,
+            item_id,
+            reply,
+        }) = self.gate(d).await
+        {
+            self.start_now(&merchant_id, &item_id, reply).await;
+        }
+    }
+
+    /// Starts the purchase flow.
+    pub(crate) async fn start_now(
         &mut self,
         merchant_id: &str,
         item_id: &str,
@@ -553,26 +610,6 @@ impl Runner {
         if self.card.has_card() {
             self.refresh_card().await;
         }
-    }
-
-    pub async fn recover(&mut self) {
-        // In-doubt loads first: nothing else may load the card before they are settled.
-        let loads = self.recover_loads().await;
-        if loads > 0 {
-            tracing::info!(loads, "in-doubt loads resolved");
-            self.recovered += loads as u64;
-            self.refresh_card().await;
-        }
-        let r = recover::resolve(&mut self.journal, &mut self.card, &self.gateway).await;
-        if r.resent + r.cancelled > 0 {
-            tracing::info!(
-                resent = r.resent,
-                cancelled = r.cancelled,
-                left = r.left,
-                "in-doubt transactions resolved"
-            );
-            self.recovered += (r.resent + r.cancelled) as u64;
-            self.refresh_card().await;
-        }
+        self.recovery_after_flow().await;
     }
 }

@@ -29,7 +29,7 @@ use proto::messages::{
 };
 use proto::money::Money;
 use proto::purse::{
-    LOAD_OK, LoadCommand, LoadInit, LoadInitRequest, LoadResponse, LogKind, LogRecord, PurseInfo,
+    LOAD_OK, LoadCommand, LoadInit, LoadInitRequest, LoadResponse, LogKind, PurseInfo,
 };
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -37,6 +37,7 @@ use ui::UiUpdate;
 use ui::model::{ErrorKind, PinRequest, ProgressStep, TxId, UiError};
 
 use super::purchase::{CardReply, name};
+use super::recovery::CardSeen;
 use super::{split_sw, ui_date, ui_money};
 
 /// PIN length the entry screen allows.
@@ -196,15 +197,29 @@ fn card_error(sw: StatusWord) -> (ErrorKind, String) {
 fn source_label(s: &LoadSource) -> (String, String) {
     match s {
         LoadSource::Bank { account } => ("Bank account".into(), account.clone()),
-        LoadSource::Voucher { code } => ("Voucher".into(), code.clone()),
+        // The code is the voucher's only secret: the TV shows its last characters only.
+        LoadSource::Voucher { code } => ("Voucher".into(), masked(code.expose())),
     }
+}
+
+/// A secret shown on the TV: its last four characters after a mask.
+fn masked(s: &str) -> String {
+    let tail: String = s
+        .chars()
+        .rev()
+        .take(4)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    format!("••••{tail}")
 }
 
 /// Seals the PIN block for the bank under the box's PIN key.
 pub fn seal_pin(key: &DesKey, transaction_id: &str, pin: &str, rng: &mut StdRng) -> Vec<u8> {
     let block = PinBlock {
         transaction_id: transaction_id.into(),
-        pin: pin.into(),
+        pin: proto::secret::Secret::new(pin.to_string()),
     };
     let mut clear = postcard::to_allocvec(&block).expect("in-memory serialization");
     let sealed = proto::crypto::seal(key, &clear, rng);
@@ -423,7 +438,7 @@ impl Load {
             }
         };
         let purse = self.purse.as_ref().expect("purse before offer");
-        if offer.transaction_id.is_empty() || offer.source != self.source {
+        if offer.transaction_id.is_empty() || !self.source.offered_as(&offer.source) {
             return self.failed(
                 ErrorKind::Other,
                 "the head end sent an unusable load offer".into(),
@@ -757,8 +772,9 @@ pub struct PendingLoad {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// Another card is in the reader: wait for the right one.
-    OtherCard,
+    /// The journal does not settle it and the load's card is not in the reader (none, or
+    /// another card): wait for the right one.
+    WaitForCard,
     /// Everything is known: send this load response (again).
     Resend(LoadResponseMsg),
     /// The card's S3 was not journaled but the card's log has the load: this response,
@@ -769,11 +785,9 @@ pub enum Decision {
     ProveWithZero { response: Option<LoadResponse> },
 }
 
-/// Decides from the card's id and its log (any order).
-pub fn decide(p: &PendingLoad, card_id: u64, log: &[LogRecord]) -> Decision {
-    if card_id != p.init.card_id {
-        return Decision::OtherCard;
-    }
+/// Decides from the journal first (a loaded S3 or a zero-value proof is re-sent as it is,
+/// whatever card is in the reader), then from the load's card and its log (any order).
+pub fn decide(p: &PendingLoad, card: Option<CardSeen<'_>>) -> Decision {
     let msg = |response: Option<LoadResponse>, zero_value: Option<LoadInit>| {
         Decision::Resend(LoadResponseMsg {
             transaction_id: p.transaction_id.clone(),
@@ -784,12 +798,15 @@ pub fn decide(p: &PendingLoad, card_id: u64, log: &[LogRecord]) -> Decision {
     match (&p.response, &p.zero) {
         (Some(r), _) if r.is_loaded() => return msg(Some(r.clone()), None),
         (r, Some(z)) => return msg(r.clone(), Some(z.clone())),
-        (Some(r), None) => {
-            return Decision::ProveWithZero {
-                response: Some(r.clone()),
-            };
-        }
-        (None, None) => {}
+        _ => {}
+    }
+    let Some(CardSeen { card_id, log }) = card.filter(|c| c.card_id == p.init.card_id) else {
+        return Decision::WaitForCard;
+    };
+    if let Some(r) = &p.response {
+        return Decision::ProveWithZero {
+            response: Some(r.clone()),
+        };
     }
     // LOAD may have run (state load_sent): the card logs every credited load with its S3.
     if p.command.is_some() {
@@ -815,6 +832,44 @@ pub fn decide(p: &PendingLoad, card_id: u64, log: &[LogRecord]) -> Decision {
         }
     }
     Decision::ProveWithZero { response: None }
+}
+
+/// What the head end's answer to a (re-)sent load response means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoadResolution {
+    /// Settled (loaded or not): journal `load_completed` with this confirmation.
+    Completed(LoadConfirmation),
+    /// An S3 rebuilt from the card's log was refused as a bad signature (a card that loaded
+    /// but had answered "not loaded" logs an S3 the HSM cannot verify): the zero-value proof
+    /// decides instead.
+    ProveWithZero,
+    /// Still in doubt: retry later. The reason is for the log.
+    Retry(String),
+}
+
+/// Reads the answer to `sent` for load `txid`; `from_log` says whether its S3 came from the
+/// card's log ([`Decision::FromLog`]).
+pub fn on_load_answer(
+    txid: &str,
+    sent: &LoadResponseMsg,
+    from_log: bool,
+    answer: Result<&Message, &str>,
+) -> LoadResolution {
+    match answer {
+        Ok(Message::LoadConfirmation(c)) if c.transaction_id == txid => {
+            LoadResolution::Completed(c.clone())
+        }
+        Ok(Message::Error(e))
+            if e.code == ErrorCode::BadSignature && from_log && sent.zero_value.is_none() =>
+        {
+            LoadResolution::ProveWithZero
+        }
+        Ok(Message::Error(e)) => {
+            LoadResolution::Retry(format!("the head end answered {:?}: {}", e.code, e.reason))
+        }
+        Ok(other) => LoadResolution::Retry(format!("unexpected answer: {}", name(other))),
+        Err(e) => LoadResolution::Retry(format!("no answer from the head end: {e}")),
+    }
 }
 
 #[cfg(test)]

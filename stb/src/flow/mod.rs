@@ -4,12 +4,32 @@
 //! executes the actions in order and feeds the results back.
 //!
 //! - [`purchase`]: one purchase (draw), 001 [0071]–[0094].
-//! - [`recovery`]: what to do with an in-doubt transaction, given the card's log.
+//! - [`recovery`]: what to do with an in-doubt purchase, given the journal, the card's log
+//!   and the head end's answers; the recovery timer's schedule.
 //! - [`load`]: one load of value onto the card, 001 [0117]–[0160], and its recovery.
 
 pub mod load;
 pub mod purchase;
 pub mod recovery;
+
+/// A retry delay: `initial · 2^attempt`, capped at `max`, then a random point in its upper
+/// half (jitter), so a fleet of boxes that lost the head end together does not come back in
+/// lockstep. Used for reconnects and for the recovery timer.
+pub fn backoff(
+    attempt: u32,
+    initial: std::time::Duration,
+    max: std::time::Duration,
+    rng: &mut impl rand::Rng,
+) -> std::time::Duration {
+    let exp = initial
+        .checked_mul(1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX))
+        .unwrap_or(max)
+        .min(max);
+    let half = exp / 2;
+    half + std::time::Duration::from_nanos(
+        rng.gen_range(0..=half.as_nanos().min(u64::MAX as u128) as u64),
+    )
+}
 
 /// proto's money → the UI's money (the UI crate has no proto dependency).
 pub fn ui_money(m: proto::money::Money) -> ui::Money {

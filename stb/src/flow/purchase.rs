@@ -22,7 +22,7 @@ use rand::rngs::StdRng;
 use ui::UiUpdate;
 use ui::model::{ErrorKind, ProgressStep, TxId, UiError};
 
-use super::{split_sw, ui_date, ui_money};
+use super::{recovery, split_sw, ui_date, ui_money};
 
 /// A journal step: written before the action it announces.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +52,12 @@ pub enum Step {
     },
     /// Closed without value moving.
     Ended {
+        why: String,
+    },
+    /// Recovery cannot settle it from this box (DEBIT was sent, no debit response in the
+    /// journal or the card's log, the head end rejected the proof): kept for the operator,
+    /// with the reason. It no longer blocks the card, and it is not ended.
+    Unresolvable {
         why: String,
     },
 }
@@ -145,6 +151,8 @@ pub struct Purchase {
     after_cancel: Option<Outcome>,
     /// The transaction is in the journal (the viewer accepted).
     journaled: bool,
+    /// `DebitSent` is journaled: DEBIT may have reached the card.
+    debit_sent: bool,
     rng: StdRng,
 }
 
@@ -160,7 +168,7 @@ fn kind_of(code: ErrorCode) -> ErrorKind {
         ErrorCode::InsufficientValue => ErrorKind::InsufficientValue,
         ErrorCode::Expired => ErrorKind::CardExpired,
         ErrorCode::AmountMismatch => ErrorKind::AmountMismatch,
-        ErrorCode::Timeout | ErrorCode::Busy => ErrorKind::Timeout,
+        ErrorCode::Timeout | ErrorCode::Busy | ErrorCode::RateLimited => ErrorKind::Timeout,
         _ => ErrorKind::Other,
     }
 }
@@ -188,6 +196,7 @@ impl Purchase {
             init: None,
             after_cancel: None,
             journaled: false,
+            debit_sent: false,
             rng: StdRng::seed_from_u64(seed),
         };
         let actions = vec![
@@ -347,8 +356,8 @@ impl Purchase {
                     proof,
                 }))]
             }
-            (State::AwaitCancelAck, Input::Answer(_)) => self.on_cancel_answer(true),
-            (State::AwaitCancelAck, Input::NetworkFailed(_)) => self.on_cancel_answer(false),
+            (State::AwaitCancelAck, Input::Answer(m)) => self.on_cancel_answer(Ok(&m)),
+            (State::AwaitCancelAck, Input::NetworkFailed(e)) => self.on_cancel_answer(Err(&e)),
             // Anything else (a removal while waiting on the network, a late key) changes
             // nothing: the outstanding request's answer decides.
             _ => Vec::new(),
@@ -601,6 +610,7 @@ impl Purchase {
             return a;
         }
         self.state = State::AwaitDebit;
+        self.debit_sent = true;
         vec![
             self.journal(Step::DebitCommandReceived {
                 command: command.clone(),
@@ -694,18 +704,34 @@ impl Purchase {
         }
     }
 
-    fn on_cancel_answer(&mut self, answered: bool) -> Vec<Action> {
+    /// A journaled cancel (after the draw) is closed only by an answer that settles it
+    /// ([`recovery::on_cancel_answer`]): a receipt, or a refused proof when DEBIT never went
+    /// to the card. Anything else (no answer, busy, `AlreadyCompleted`, a refused proof after
+    /// DEBIT) leaves it `cancel_pending` for recovery, which reads the card's log.
+    fn on_cancel_answer(&mut self, answer: Result<&Message, &str>) -> Vec<Action> {
         let outcome = self.after_cancel.take().unwrap_or(Outcome::Cancelled {
             transaction_id: self.transaction_id().map(str::to_string),
             reason: "cancelled".into(),
         });
         let mut a = Vec::new();
-        // A journaled cancel (after the draw) is closed only once the head end has it; a lost
-        // answer leaves it pending for recovery to re-send.
-        if self.journaled && answered {
-            a.push(self.journal(Step::Ended {
-                why: format!("{outcome:?}"),
-            }));
+        if self.journaled {
+            let evidence = if self.debit_sent {
+                recovery::DebitEvidence::SentUnchecked
+            } else {
+                recovery::DebitEvidence::NeverSent
+            };
+            match recovery::on_cancel_answer(&self.txid(), evidence, answer) {
+                recovery::Resolution::Ended(why) => a.push(self.journal(Step::Ended {
+                    why: format!("{why}; {outcome:?}"),
+                })),
+                recovery::Resolution::Completed(receipt) => {
+                    a.push(self.journal(Step::Completed { receipt }))
+                }
+                other => tracing::warn!(
+                    resolution = ?other,
+                    "cancel not settled; recovery finishes the transaction"
+                ),
+            }
         }
         a.push(self.done(outcome));
         a

@@ -3,9 +3,12 @@
 //! debit commands so the virtual card really debits — and a daemon started in-process on a
 //! real `VirtualCard` file behind the virtual reader driver.
 //!
-//! The fake exists because the real gateway (`headend all-in-one`) is not built yet; it keeps
-//! per-transaction counts (debit responses received, releases, cancels) so tests can check
-//! "exactly once".
+//! The fake is a FAKE: it answers the box's messages in the shapes the head end uses (and
+//! the error codes of issue 11: `Busy`, `ProofRejected`, `AlreadyCompleted`) as [`Quirks`]
+//! say, which tests change while the box runs; it keeps per-transaction counts (messages
+//! received, debit responses accepted, releases, cancels, connections) so tests can check
+//! "exactly once" and "no reconnect". It verifies no proof and keeps no journal. Tests
+//! against the real head end are in `load_headend.rs` and `tests/tests/`.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -78,7 +81,7 @@ pub fn pki(dir: &Path) -> Pki {
     }
 }
 
-/// How the fake misbehaves, per test.
+/// How the fake misbehaves, per test (changeable while the box runs: [`FakeHeadEnd::set`]).
 #[derive(Default, Clone)]
 pub struct Quirks {
     /// The debit command asks for this much more than the offer.
@@ -87,6 +90,16 @@ pub struct Quirks {
     pub lose_first_receipt: bool,
     /// Never answer draw requests (the box times out after the draw).
     pub hang_draws: bool,
+    /// Never answer debit responses (nothing is recorded: the box is killed before it hears).
+    pub hang_debit_responses: bool,
+    /// Answer `Busy` to debit responses, cancels and load responses (nothing happens).
+    pub busy: bool,
+    /// Answer cancels with `ProofRejected` (nothing reversed).
+    pub reject_proofs: bool,
+    /// Answer cancels with `AlreadyCompleted`.
+    pub already_completed: bool,
+    /// Hold each answer to a debit response, cancel or load response this long.
+    pub answer_delay: Duration,
 }
 
 #[derive(Default)]
@@ -97,6 +110,16 @@ pub struct Books {
     pub released: HashMap<String, u32>,
     pub cancels: Vec<CancelMsg>,
     pub catalog_requests: u32,
+    /// Debit responses, cancels and load responses received per transaction (busy or not).
+    pub received: HashMap<String, u32>,
+    /// Answers `Busy` given.
+    pub busy_answers: u32,
+    /// Load responses received per transaction.
+    pub load_responses: HashMap<String, u32>,
+    /// Connections accepted.
+    pub connections: u32,
+    /// Settling messages received and not answered yet (held by `answer_delay`).
+    pub holding: u32,
     next: u32,
 }
 
@@ -104,11 +127,19 @@ pub struct FakeHeadEnd {
     pub addr: SocketAddr,
     pub books: Arc<Mutex<Books>>,
     pub psam: Arc<Mutex<SecurityCard>>,
+    pub quirks: Arc<Mutex<Quirks>>,
+    endpoint: quinn::Endpoint,
     stop: watch::Sender<bool>,
 }
 
 impl FakeHeadEnd {
     pub async fn start(pki: &Pki, quirks: Quirks) -> Self {
+        Self::start_on(pki, quirks, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// A fake on `addr` (e.g. the port of one that was killed: a restarted head end that
+    /// knows nothing of the old connections).
+    pub async fn start_on(pki: &Pki, quirks: Quirks, addr: SocketAddr) -> Self {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
         roots.add(pki.ca_der.clone()).unwrap();
@@ -130,22 +161,35 @@ impl FakeHeadEnd {
         tls.alpn_protocols = vec![b"purselink/1".to_vec()];
         let cfg =
             quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls).unwrap()));
-        let endpoint = quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
+        // A killed fake's socket may take a moment to let go of the port.
+        let mut tries = 0;
+        let endpoint = loop {
+            match quinn::Endpoint::server(cfg.clone(), addr) {
+                Ok(e) => break e,
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 100 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("fake head end on {addr}: {e}"),
+            }
+        };
         let addr = endpoint.local_addr().unwrap();
         let books = Arc::new(Mutex::new(Books::default()));
-        let psam = Arc::new(Mutex::new(SecurityCard::new(77, issuer())));
+        let psam = Arc::new(Mutex::new(SecurityCard::new(77, issuer().purchase())));
         let (stop, mut stop_rx) = watch::channel(false);
         let (b, ps) = (books.clone(), psam.clone());
         let quirks = Arc::new(Mutex::new(quirks));
+        let (ep, qs) = (endpoint.clone(), quirks.clone());
         tokio::spawn(async move {
             loop {
                 let inc = tokio::select! {
-                    i = endpoint.accept() => match i { Some(i) => i, None => break },
+                    i = ep.accept() => match i { Some(i) => i, None => break },
                     _ = stop_rx.changed() => break,
                 };
-                let (b, ps, q) = (b.clone(), ps.clone(), quirks.clone());
+                let (b, ps, q) = (b.clone(), ps.clone(), qs.clone());
                 tokio::spawn(async move {
                     let Ok(conn) = inc.await else { return };
+                    b.lock().unwrap().connections += 1;
                     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
                         let (b, ps, q) = (b.clone(), ps.clone(), q.clone());
                         tokio::spawn(async move {
@@ -155,6 +199,22 @@ impl FakeHeadEnd {
                             let Ok(msg) = Message::from_frame(&bytes, 1 << 16) else {
                                 return;
                             };
+                            let settling = match &msg {
+                                Message::DebitResponse(m) => Some(m.transaction_id.clone()),
+                                Message::Cancel(m) => Some(m.transaction_id.clone()),
+                                Message::LoadResponse(m) => Some(m.transaction_id.clone()),
+                                _ => None,
+                            };
+                            if let Some(txid) = settling {
+                                {
+                                    let mut books = b.lock().unwrap();
+                                    *books.received.entry(txid).or_default() += 1;
+                                    books.holding += 1;
+                                }
+                                let delay = q.lock().unwrap().answer_delay;
+                                tokio::time::sleep(delay).await;
+                                b.lock().unwrap().holding -= 1;
+                            }
                             let Some(answer) = answer(&b, &ps, &q, msg) else {
                                 // Hang: hold the stream open until the box gives up.
                                 tokio::time::sleep(Duration::from_secs(30)).await;
@@ -168,14 +228,53 @@ impl FakeHeadEnd {
                     }
                 });
             }
-            endpoint.close(0u32.into(), b"fake stops");
+            ep.close(0u32.into(), b"fake stops");
         });
         Self {
             addr,
             books,
             psam,
+            quirks,
+            endpoint,
             stop,
         }
+    }
+
+    /// Changes the quirks while the box runs.
+    pub fn set(&self, f: impl FnOnce(&mut Quirks)) {
+        f(&mut self.quirks.lock().unwrap());
+    }
+
+    /// As SIGKILL would: the fake vanishes from its port without telling anyone (its socket
+    /// moves to a throwaway port, so not even a CONNECTION_CLOSE reaches the box), and the
+    /// port is free for a restarted one.
+    pub fn kill(self) {
+        let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        self.endpoint.rebind(sink).unwrap();
+        self.endpoint.set_server_config(None);
+        // Dropping `self` stops the accept loop; its close goes out from the sink port.
+    }
+
+    /// Messages received for `txid` that settle it (debit responses, cancels, load
+    /// responses), answered or not.
+    pub fn received(&self, txid: &str) -> u32 {
+        self.books
+            .lock()
+            .unwrap()
+            .received
+            .get(txid)
+            .copied()
+            .unwrap_or(0)
+    }
+    /// Settling messages the fake holds unanswered right now.
+    pub fn holding(&self) -> u32 {
+        self.books.lock().unwrap().holding
+    }
+    pub fn connections(&self) -> u32 {
+        self.books.lock().unwrap().connections
+    }
+    pub fn offers(&self) -> u32 {
+        self.books.lock().unwrap().next
     }
 
     pub fn released(&self, txid: &str) -> u32 {
@@ -217,6 +316,19 @@ fn answer(
 ) -> Option<Message> {
     let mut b = books.lock().unwrap();
     let mut rng = rand::rngs::StdRng::from_entropy();
+    let q = quirks.lock().unwrap().clone();
+    let settling = matches!(
+        msg,
+        Message::DebitResponse(_) | Message::Cancel(_) | Message::LoadResponse(_)
+    );
+    if settling && q.busy {
+        b.busy_answers += 1;
+        return Some(Message::error(
+            ErrorCode::Busy,
+            "the fake head end is busy",
+            None,
+        ));
+    }
     Some(match msg {
         Message::CatalogRequest => {
             b.catalog_requests += 1;
@@ -298,6 +410,9 @@ fn answer(
             })
         }
         Message::DebitResponse(r) => {
+            if q.hang_debit_responses {
+                return None;
+            }
             let offer = b.offers.get(&r.transaction_id)?.clone();
             let resp = r.body.open(offer.tsk.as_ref()).ok()?;
             let n = *b.psam_txn.get(&r.transaction_id)?;
@@ -328,6 +443,27 @@ fn answer(
                 text: "enjoy the match".into(),
                 entitlement: Some(format!("ent-{}", offer.item_id)),
                 new_balance: Some(resp.new_balance),
+            })
+        }
+        Message::Cancel(c) if q.reject_proofs => Message::error(
+            ErrorCode::ProofRejected,
+            "the fake rejects the proof",
+            Some(&c.transaction_id),
+        ),
+        Message::Cancel(c) if q.already_completed => Message::error(
+            ErrorCode::AlreadyCompleted,
+            "a completed purchase cannot be cancelled",
+            Some(&c.transaction_id),
+        ),
+        Message::LoadResponse(l) => {
+            *b.load_responses
+                .entry(l.transaction_id.clone())
+                .or_default() += 1;
+            Message::LoadConfirmation(LoadConfirmation {
+                transaction_id: l.transaction_id.clone(),
+                loaded: l.response.as_ref().is_some_and(|r| r.is_loaded()),
+                new_balance: None,
+                sealed: vec![],
             })
         }
         Message::Cancel(c) => {
@@ -398,6 +534,8 @@ network_secs = {network_secs}
 offer_secs = 5
 reconnect_initial_ms = 50
 reconnect_max_ms = 500
+recovery_initial_ms = 200
+recovery_max_ms = 800
 "#,
         card = card.display(),
         ca = pki.ca_pem.display(),
@@ -486,5 +624,164 @@ impl Box_ {
     /// Kills the daemon task without a clean shutdown (as SIGKILL would, for in-process state).
     pub fn kill(self) {
         self.task.abort();
+    }
+}
+
+/// Polls `f` every 20 ms for up to `secs` seconds; panics with `what` if it never holds.
+pub async fn eventually<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {secs} s waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The box journal's state of `txid` (read through a second SQLite connection).
+pub fn state_of(dir: &Path, txid: &str) -> Option<String> {
+    stb::journal::Journal::open(&dir.join("state"))
+        .unwrap()
+        .state(txid)
+        .unwrap()
+}
+
+/// `n` purchases of `amount` on the card file, made elsewhere (another box with its own
+/// security card 88): SELECT, INITIALIZE, the security card's debit command, DEBIT.
+pub fn purchases_elsewhere(card: &Path, n: u32, amount: u64) {
+    use proto::apdu::CardApplication;
+    use proto::card::commands;
+    use proto::purse::PurchaseInit;
+    let mut c = VirtualCard::open(card).unwrap();
+    let mut psam = SecurityCard::new(88, issuer().purchase());
+    let data = |r: Vec<u8>| {
+        assert!(r.ends_with(&[0x90, 0x00]), "card refused: {r:02X?}");
+        r[..r.len() - 2].to_vec()
+    };
+    for i in 0..n {
+        data(c.process_apdu(&commands::select()));
+        let init =
+            PurchaseInit::decode(&data(c.process_apdu(&commands::init_purchase(TODAY)))).unwrap();
+        let auth = psam
+            .issue_debit(
+                &DrawData {
+                    merchant_id: "elsewhere".into(),
+                    transaction_id: format!("elsewhere-{i}"),
+                    amount: Money::new(amount, Currency::EUR),
+                    init,
+                },
+                TODAY,
+                false,
+            )
+            .unwrap();
+        data(c.process_apdu(&commands::debit(&auth.command)));
+    }
+}
+
+/// Journals an in-doubt voucher load of `card_id` whose zero-value proof was journaled
+/// (state `load_zero_value`): recovery re-sends it from the journal alone.
+pub fn journal_pending_load(dir: &Path, txid: &str, card_id: u64) {
+    use proto::purse::LoadInit;
+    use stb::flow::load::Step;
+    let mut j = stb::journal::Journal::open(&dir.join("state")).unwrap();
+    let offer = LoadOffer {
+        transaction_id: txid.into(),
+        source: LoadSource::Voucher { code: "V-1".into() },
+        max_amount: Money::new(900, Currency::EUR),
+        limited_by: "funds".into(),
+        timestamp: 7,
+        date: TODAY,
+        pin_required: false,
+    };
+    let init = LoadInit {
+        card_id,
+        expiry: Expiry {
+            year: 2035,
+            month: 12,
+        },
+        balance: 100,
+        max_balance: 1000,
+        currency: Currency::EUR,
+        atc: 3,
+        load_count: 1,
+        key_version: 1,
+        amount: 500,
+        timestamp: 7,
+        card_random: [1; 8],
+        s1: [2; 8],
+    };
+    j.record_load(
+        txid,
+        &Step::RequestSent {
+            offer,
+            init: init.clone(),
+        },
+    )
+    .unwrap();
+    j.record_load(
+        txid,
+        &Step::ZeroValue {
+            zero: LoadInit { amount: 0, ..init },
+        },
+    )
+    .unwrap();
+}
+
+/// Journals a purchase of card 4242 (counter 1, [`PRICE`]) that went in doubt after the
+/// draw: with `debit_sent`, the debit command (security card 77, transaction `psam_txn`) came
+/// and DEBIT went to the card, but the card's answer was never journaled.
+pub fn journal_pending_purchase(dir: &Path, txid: &str, debit_sent: bool, psam_txn: u32) {
+    use proto::purse::{DebitCommand, PurchaseInit};
+    use stb::flow::purchase::Step;
+    let mut j = stb::journal::Journal::open(&dir.join("state")).unwrap();
+    let offer = Offer {
+        transaction_id: txid.into(),
+        merchant_id: "cable".into(),
+        item_id: "ppv-7".into(),
+        title: "Event ppv-7".into(),
+        amount: Money::new(PRICE, Currency::EUR),
+        payment_route: "payment".into(),
+        status_route: "merchant".into(),
+        embodiment: Embodiment::SecurityCard,
+        tsk: None,
+        etsk: None,
+    };
+    let init = PurchaseInit {
+        provider_id: 1,
+        card_id: 4242,
+        algorithm: 1,
+        expiry: Expiry {
+            year: 2035,
+            month: 12,
+        },
+        balance: 1_000,
+        currency: Currency::EUR,
+        auth_mode: 1,
+        atc: 1,
+        key_version: 1,
+        card_random: [0; 8],
+        card_mac: [0; 8],
+    };
+    j.record(txid, &Step::OfferAccepted { offer, init })
+        .unwrap();
+    j.record(txid, &Step::DrawSent).unwrap();
+    if debit_sent {
+        let command = DebitCommand {
+            psam_id: 77,
+            psam_txn,
+            card_id: 4242,
+            atc: 1,
+            amount: PRICE,
+            currency: Currency::EUR,
+            date: TODAY,
+            psam_signature: [0; 8],
+        };
+        j.record(txid, &Step::DebitCommandReceived { command })
+            .unwrap();
+        j.record(txid, &Step::DebitSent).unwrap();
     }
 }

@@ -620,6 +620,45 @@ mode = "0600"
         Some(w)
     }
 
+    /// Takes the card out of the reader: stops `vcard attach-vpcd` (it keeps the card's
+    /// state in memory; the file is the card while it is out) and waits for the empty reader.
+    pub fn remove_card(&mut self) {
+        if let Some(mut v) = self.vcard.take() {
+            v.stop();
+        }
+        wait_reader(self.test, false);
+    }
+
+    /// Puts the card file back in the reader with a new `vcard attach-vpcd` (its log in
+    /// `vcard-N.log`) and waits until pcscd sees a working card.
+    pub fn insert_card(&mut self) {
+        let n = (2..)
+            .find(|n| !self.root.join(format!("vcard-{n}.log")).exists())
+            .expect("a free log name");
+        let log = self.root.join(format!("vcard-{n}.log"));
+        let vcard = Proc::spawn(
+            "vcard attach-vpcd",
+            Command::new(&bins().vcard)
+                .arg("attach-vpcd")
+                .arg("--card")
+                .arg(&self.card)
+                .args(["--port", &VPCD_PORT.to_string()]),
+            &log,
+        );
+        self.vcard = Some(vcard);
+        let attached = poll(STEP, || {
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|l| l.contains("card attached"))
+        });
+        assert!(
+            attached.is_some(),
+            "vcard attach-vpcd did not attach within {STEP:?}:\n{}",
+            tail(&log, 20)
+        );
+        wait_reader(self.test, true);
+    }
+
     /// The script the tmux pane runs: `exec`s stbd (so the pane's pid is stbd's), its log
     /// appended to stbd.log. `hook` sets the stbd test hook.
     fn stbd_command(&self, hook: Option<&str>) -> String {
@@ -777,6 +816,33 @@ impl ApiClient {
             .expect("an answer line within the read timeout");
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("answer {line:?}: {e}"))
     }
+}
+
+/// Waits until stbd says its test hook froze it.
+pub fn wait_hook(w: &World, hook: &str) {
+    let line = format!("TEST HOOK {hook}:");
+    let frozen = poll(STEP, || w.stbd_log().contains(&line).then_some(()));
+    assert!(
+        frozen.is_some(),
+        "stbd never reached the test hook {hook}:\n{}",
+        tail(&w.stbd_log, 20)
+    );
+}
+
+/// SIGKILLs the real stbd process (the pane's pid: the script execs stbd) and waits for it
+/// to be gone.
+pub fn sigkill_stbd(w: &World) {
+    let pid = w.tv().pane_pid();
+    // SAFETY: kill(2) on the stbd we started.
+    assert_eq!(
+        unsafe { libc::kill(pid, libc::SIGKILL) },
+        0,
+        "SIGKILL stbd {pid}"
+    );
+    assert!(
+        poll(STEP, || w.tv().pane_dead().then_some(())).is_some(),
+        "stbd {pid} still alive after SIGKILL"
+    );
 }
 
 /// Rows of a query on a SQLite file (empty when the file or table does not exist yet).

@@ -8,7 +8,7 @@ use proto::card::{CardFault, CardSpec, CardState, PurseCard};
 use proto::hsm::{Hsm, LoadVerdict};
 use proto::messages::ErrorMsg;
 use proto::money::Currency;
-use proto::purse::{Date, Expiry, IssuerKeys, LOAD_NEGATIVE};
+use proto::purse::{Date, Expiry, IssuerKeys, LOAD_NEGATIVE, LogRecord};
 
 const TODAY: Date = Date::new(2026, 11, 21);
 const TS: u64 = 1_790_000_000;
@@ -70,7 +70,7 @@ struct FakeLoadServer {
 impl FakeLoadServer {
     fn new(max: u64, pin_required: bool) -> Self {
         Self {
-            hsm: Hsm::new(0x4853_4D01, issuer()),
+            hsm: Hsm::new(0x4853_4D01, issuer().load()),
             max,
             pin_required,
             requests: Vec::new(),
@@ -356,7 +356,7 @@ fn bank_load_with_pin_loads_the_card_and_journals_each_step_first() {
     let block: PinBlock =
         postcard::from_bytes(&proto::crypto::open(&pin_key(), sealed).unwrap()).unwrap();
     assert_eq!(
-        (block.transaction_id.as_str(), block.pin.as_str()),
+        (block.transaction_id.as_str(), block.pin.expose().as_str()),
         ("ld-1", PIN)
     );
     assert!(!sealed.windows(PIN.len()).any(|w| w == PIN.as_bytes()));
@@ -382,7 +382,7 @@ fn voucher_load_asks_no_pin() {
     assert_eq!(c.state.balance, 4_000);
     assert_eq!(he.requests[0].sealed_pin, None);
     assert!(
-        matches!(&he.requests[0].source, LoadSource::Voucher { code } if code == "VOUCHER-0001")
+        matches!(&he.requests[0].source, LoadSource::Voucher { code } if code.expose() == "VOUCHER-0001")
     );
 }
 
@@ -748,6 +748,10 @@ fn pending(
     (p, he)
 }
 
+fn seen(card_id: u64, log: &[LogRecord]) -> crate::flow::recovery::CardSeen<'_> {
+    crate::flow::recovery::CardSeen::new(card_id, log)
+}
+
 fn log(c: &mut PurseCard) -> Vec<LogRecord> {
     c.process(&commands::select());
     (1..=32u8)
@@ -764,8 +768,9 @@ fn recovery_rebuilds_s3_from_the_log_and_the_hsm_accepts_it() {
     let mut c = card();
     let (p, mut he) = pending(&mut c, None, true);
     let l = log(&mut c);
-    assert_eq!(decide(&p, 43, &l), Decision::OtherCard);
-    let Decision::FromLog(resp) = decide(&p, 42, &l) else {
+    assert_eq!(decide(&p, Some(seen(43, &l))), Decision::WaitForCard);
+    assert_eq!(decide(&p, None), Decision::WaitForCard);
+    let Decision::FromLog(resp) = decide(&p, Some(seen(42, &l))) else {
         panic!()
     };
     assert!(resp.is_loaded());
@@ -784,7 +789,7 @@ fn recovery_without_a_logged_load_proves_it_with_a_zero_value_s1() {
         let (p, mut he) = pending(&mut c, fault, run_load);
         let l = log(&mut c);
         assert_eq!(
-            decide(&p, 42, &l),
+            decide(&p, Some(seen(42, &l))),
             Decision::ProveWithZero { response: None }
         );
         c.process(&commands::select());
@@ -823,7 +828,7 @@ fn recovery_resends_what_the_journal_holds() {
     };
     p.response = Some(loaded.clone());
     assert!(
-        matches!(decide(&p, 42, &[]), Decision::Resend(m) if m.response == Some(loaded.clone()) && m.zero_value.is_none())
+        matches!(decide(&p, Some(seen(42, &[]))), Decision::Resend(m) if m.response == Some(loaded.clone()) && m.zero_value.is_none())
     );
     let negative = LoadResponse {
         result: LOAD_NEGATIVE,
@@ -831,25 +836,92 @@ fn recovery_resends_what_the_journal_holds() {
     };
     p.response = Some(negative.clone());
     assert_eq!(
-        decide(&p, 42, &[]),
+        decide(&p, Some(seen(42, &[]))),
         Decision::ProveWithZero {
             response: Some(negative.clone())
         }
     );
     p.zero = Some(p.init.clone());
     assert!(
-        matches!(decide(&p, 42, &[]), Decision::Resend(m) if m.response == Some(negative.clone()) && m.zero_value.is_some())
+        matches!(decide(&p, Some(seen(42, &[]))), Decision::Resend(m) if m.response == Some(negative.clone()) && m.zero_value.is_some())
     );
     p.response = None;
     assert!(
-        matches!(decide(&p, 42, &[]), Decision::Resend(m) if m.response.is_none() && m.zero_value.is_some())
+        matches!(decide(&p, Some(seen(42, &[]))), Decision::Resend(m) if m.response.is_none() && m.zero_value.is_some())
     );
     // Before any load command a logged load with the same counter is not this one.
     let mut c2 = card();
     let (mut p2, _) = pending(&mut c2, None, true);
     p2.command = None;
     assert_eq!(
-        decide(&p2, 42, &log(&mut c2)),
+        decide(&p2, Some(seen(42, &log(&mut c2)))),
         Decision::ProveWithZero { response: None }
     );
+}
+
+#[test]
+fn recovery_resends_from_the_journal_without_the_card_and_waits_for_it_otherwise() {
+    let mut c = card();
+    let (mut p, _) = pending(&mut c, None, false);
+    // Nothing journaled beyond the request: the card (its log, a zero-value S1) is needed.
+    assert_eq!(decide(&p, None), Decision::WaitForCard);
+    assert_eq!(decide(&p, Some(seen(43, &[]))), Decision::WaitForCard);
+    // A journaled zero-value proof settles it whatever card is in the reader.
+    p.zero = Some(p.init.clone());
+    for card in [None, Some(seen(43, &[]))] {
+        assert!(
+            matches!(decide(&p, card), Decision::Resend(m) if m.zero_value.is_some()),
+            "{card:?}"
+        );
+    }
+}
+
+#[test]
+fn a_load_answer_settles_only_with_its_confirmation() {
+    let sent = LoadResponseMsg {
+        transaction_id: "ld-1".into(),
+        response: None,
+        zero_value: None,
+    };
+    let conf = |txid: &str| {
+        Message::LoadConfirmation(LoadConfirmation {
+            transaction_id: txid.into(),
+            loaded: false,
+            new_balance: None,
+            sealed: vec![],
+        })
+    };
+    let error = |code| {
+        Message::Error(ErrorMsg {
+            code,
+            reason: "r".into(),
+            transaction_id: None,
+        })
+    };
+    assert!(matches!(
+        on_load_answer("ld-1", &sent, false, Ok(&conf("ld-1"))),
+        LoadResolution::Completed(c) if !c.loaded
+    ));
+    assert!(matches!(
+        on_load_answer("ld-1", &sent, false, Ok(&conf("ld-2"))),
+        LoadResolution::Retry(_)
+    ));
+    assert_eq!(
+        on_load_answer("ld-1", &sent, true, Ok(&error(ErrorCode::BadSignature))),
+        LoadResolution::ProveWithZero
+    );
+    for (from_log, code) in [
+        (false, ErrorCode::BadSignature),
+        (true, ErrorCode::Busy),
+        (false, ErrorCode::Timeout),
+    ] {
+        assert!(matches!(
+            on_load_answer("ld-1", &sent, from_log, Ok(&error(code))),
+            LoadResolution::Retry(_)
+        ));
+    }
+    assert!(matches!(
+        on_load_answer("ld-1", &sent, false, Err("timeout")),
+        LoadResolution::Retry(_)
+    ));
 }

@@ -204,7 +204,7 @@ fn cancel_of(actions: &[Action]) -> &CancelMsg {
 fn happy_path_debits_the_card_and_journals_every_step_first() {
     for tsk in [None, Some(DesKey::new([0x5B; 16]))] {
         let mut c = card();
-        let mut psam = SecurityCard::new(3, issuer());
+        let mut psam = SecurityCard::new(3, issuer().purchase());
         let (mut p, draw, a) = accepted(&mut c, tsk.clone());
         assert!(matches!(
             journal_steps(&a)[..],
@@ -419,7 +419,7 @@ fn viewer_back_and_timeout_cancel_without_journal() {
 #[test]
 fn amount_mismatch_aborts_journals_cancels_with_proof_and_tells_the_viewer() {
     let mut c = card();
-    let mut psam = SecurityCard::new(3, issuer());
+    let mut psam = SecurityCard::new(3, issuer().purchase());
     let (mut p, draw, _) = accepted(&mut c, None);
     let mut cmd = debit_command(&mut psam, &draw, None);
     cmd.amount = 2_500;
@@ -458,7 +458,7 @@ fn amount_mismatch_aborts_journals_cancels_with_proof_and_tells_the_viewer() {
 #[test]
 fn debit_command_for_another_card_or_unreadable_is_cancelled() {
     let mut c = card();
-    let mut psam = SecurityCard::new(3, issuer());
+    let mut psam = SecurityCard::new(3, issuer().purchase());
     let (mut p, draw, _) = accepted(&mut c, None);
     let mut cmd = debit_command(&mut psam, &draw, None);
     cmd.atc += 1;
@@ -506,7 +506,7 @@ fn network_loss_after_the_draw_is_in_doubt() {
 #[test]
 fn card_refusing_debit_is_cancelled_with_proof() {
     let mut c = card();
-    let mut psam = SecurityCard::new(3, issuer());
+    let mut psam = SecurityCard::new(3, issuer().purchase());
     let (mut p, draw, _) = accepted(&mut c, None);
     let mut cmd = debit_command(&mut psam, &draw, None);
     cmd.psam_signature[0] ^= 1;
@@ -521,10 +521,59 @@ fn card_refusing_debit_is_cancelled_with_proof() {
     );
 }
 
+/// Issue 11 item 3 in the flow: its own cancel closes the transaction only on an answer
+/// that settles it; a refused proof ends it only when DEBIT never went to the card.
+#[test]
+fn the_flow_s_cancel_is_closed_only_by_an_answer_that_settles_it() {
+    // (DEBIT sent and refused by the card, answer, journaled Ended?)
+    for (debit_sent, answer, ended) in [
+        (false, receipt(false), true),
+        (true, receipt(false), true),
+        (false, error(ErrorCode::ProofRejected), true),
+        (true, error(ErrorCode::ProofRejected), false),
+        (false, error(ErrorCode::AlreadyCompleted), false),
+        (true, error(ErrorCode::AlreadyCompleted), false),
+        (true, error(ErrorCode::Busy), false),
+    ] {
+        let mut c = card();
+        let mut psam = SecurityCard::new(3, issuer().purchase());
+        let (mut p, draw, _) = accepted(&mut c, None);
+        let mut cmd = debit_command(&mut psam, &draw, None);
+        if debit_sent {
+            // A bad signature: the card refuses DEBIT after the box journaled DebitSent.
+            cmd.psam_signature[0] ^= 1;
+        } else {
+            cmd.amount += 1;
+        }
+        let a = feed(&mut p, &mut c, Input::Answer(command_msg(cmd, None)));
+        assert_eq!(
+            journal_steps(&a)
+                .iter()
+                .any(|s| matches!(s, Step::DebitSent)),
+            debit_sent
+        );
+        assert!(cancel_of(&a).proof.is_some());
+        let a = p.handle(Input::Answer(answer.clone()));
+        assert!(outcome(&a).is_some(), "the flow ends either way");
+        assert_eq!(
+            matches!(journal_steps(&a)[..], [Step::Ended { .. }]),
+            ended,
+            "DEBIT sent {debit_sent}, {answer:?}: {:?}",
+            journal_steps(&a)
+        );
+        if !ended {
+            assert!(
+                journal_steps(&a).is_empty(),
+                "left cancel_pending for recovery"
+            );
+        }
+    }
+}
+
 #[test]
 fn card_lost_during_debit_or_confirmation_lost_is_in_doubt() {
     let mut c = card();
-    let mut psam = SecurityCard::new(3, issuer());
+    let mut psam = SecurityCard::new(3, issuer().purchase());
     let (mut p, draw, _) = accepted(&mut c, None);
     let cmd = debit_command(&mut psam, &draw, None);
     p.handle(Input::Answer(command_msg(cmd, None)));
@@ -536,7 +585,7 @@ fn card_lost_during_debit_or_confirmation_lost_is_in_doubt() {
         Input::Answer(error(ErrorCode::Internal)),
     ] {
         let mut c = card();
-        let mut psam = SecurityCard::new(3, issuer());
+        let mut psam = SecurityCard::new(3, issuer().purchase());
         let (mut p, draw, _) = accepted(&mut c, None);
         let cmd = debit_command(&mut psam, &draw, None);
         feed(&mut p, &mut c, Input::Answer(command_msg(cmd, None)));
@@ -549,7 +598,7 @@ fn card_lost_during_debit_or_confirmation_lost_is_in_doubt() {
 #[test]
 fn receipt_not_released_is_paid_but_says_so() {
     let mut c = card();
-    let mut psam = SecurityCard::new(3, issuer());
+    let mut psam = SecurityCard::new(3, issuer().purchase());
     let (mut p, draw, _) = accepted(&mut c, None);
     let cmd = debit_command(&mut psam, &draw, None);
     feed(&mut p, &mut c, Input::Answer(command_msg(cmd, None)));
