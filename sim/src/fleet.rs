@@ -460,9 +460,7 @@ impl Device {
                 account: self.spec.account.clone(),
             }
         } else {
-            LoadSource::Voucher {
-                code: self.spec.voucher.clone(),
-            }
+            LoadSource::voucher(self.spec.voucher.clone())
         };
         self.apdu(&commands::select());
         let purse = self.apdu(&commands::read_purse());
@@ -510,7 +508,8 @@ impl Device {
         let sealed_pin = bank.then(|| seal_pin(&self.spec.pin_key, &txid, &self.spec.pin));
         let req = LoadRequest {
             transaction_id: txid.clone(),
-            source,
+            // The funder's name for the source (a voucher's reference, never its code).
+            source: offer.source.clone(),
             amount: Money::new(amount, init.currency),
             init,
             sealed_pin,
@@ -609,7 +608,7 @@ fn trim(e: &str) -> String {
 pub fn seal_pin(key: &DesKey, txid: &str, pin: &str) -> Vec<u8> {
     let block = PinBlock {
         transaction_id: txid.into(),
-        pin: pin.into(),
+        pin: proto::secret::Secret::new(pin.to_string()),
     };
     proto::crypto::seal(
         key,

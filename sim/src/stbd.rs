@@ -190,8 +190,11 @@ impl StbBox {
             .and_then(|c| c.save(&dir, &spec.box_id))
             .map_err(|e| e.to_string())?;
         let pin_key = dir.join("pin.key");
-        std::fs::write(&pin_key, format!("{}\n", hex::encode_upper(spec.pin_key.0)))
-            .map_err(|e| e.to_string())?;
+        proto::secret::write_private(
+            &pin_key,
+            format!("{}\n", hex::encode_upper(spec.pin_key.0)).as_bytes(),
+        )
+        .map_err(|e| format!("{}: {e}", pin_key.display()))?;
         let state_dir = dir.join("state");
         let socket = dir.join("stbd.sock");
         let config = dir.join("stbd.toml");
@@ -240,7 +243,9 @@ pin_key = {pin_key}
             voucher = spec.voucher,
             pin_key = q(&pin_key),
         );
-        std::fs::write(&config, text).map_err(|e| e.to_string())?;
+        // It names the voucher code: owner-only.
+        proto::secret::write_private(&config, text.as_bytes())
+            .map_err(|e| format!("{}: {e}", config.display()))?;
         let log = dir.join("stbd.log");
         let script = dir.join("run-stbd.sh");
         std::fs::write(
