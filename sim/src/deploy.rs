@@ -328,7 +328,7 @@ pub fn generate(dir: &Path, spec: &Spec) -> Result<Layout, String> {
                 format!("stb-{i:03}"),
                 0x57B0_0000 + i as u64,
                 Currency::EUR,
-                20_000,
+                50_000,
                 200_000,
                 &pin_master,
                 &mut rng,
