@@ -1561,8 +1561,23 @@ mod tests {
     }
 
     async fn build() -> Fixture {
+        // Shared by every test of this process, so it outlives them; fixtures of processes
+        // that are gone are removed here.
+        let base = std::env::temp_dir();
+        for e in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name
+                .strip_prefix("purselink-audit-fixture-")
+                .and_then(|r| r.split('-').next())
+                .and_then(|p| p.parse::<u32>().ok())
+            {
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
         let dir = tempfile::Builder::new()
-            .prefix("purselink-audit-fixture-")
+            .prefix(&format!("purselink-audit-fixture-{}-", std::process::id()))
             .tempdir()
             .unwrap()
             .keep();
