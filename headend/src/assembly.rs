@@ -288,6 +288,7 @@ pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, String>
         let lifetimes = crate::gateway::Lifetimes {
             offer: std::time::Duration::from_secs(section.offer_lifetime_secs),
             hold: std::time::Duration::from_secs(section.hold_lifetime_secs),
+            limits: section.limits,
         };
         let gw = Gateway::new(journal, &cfg.merchants, table, lifetimes)?;
         tasks.push(tokio::spawn(gw.clone().run_notifier(rx.clone())));
@@ -439,10 +440,10 @@ fn role_names(role: &str) -> Vec<String> {
 ///   only), `load-keys.toml` (load only), `pin-master.key` (bank), `confirmation.key` (bank
 ///   and load), `merchant-<id>.key` (payment and merchant); and `issuer-keys.toml` with
 ///   both masters for personalising cards, which no role reads;
-/// - `headend.toml` (all-in-one; 0600: it holds the voucher codes) with a cable catalog
-///   (pay-per-view and shopping), an internet merchant, a bank account whose PIN is in
-///   `demo-pin.txt`, a pre-funded voucher with a random code (`demo-voucher.txt`), the
-///   issuer float accounts and per-box PIN keys in `pin-keys/`;
+/// - `headend.toml` (all-in-one) with a cable catalog (pay-per-view and shopping), an
+///   internet merchant, a bank account whose PIN is in `demo-pin.txt`, a pre-funded voucher
+///   with a random code (`demo-voucher.txt`; the load server reads it from
+///   `keys/vouchers.toml`), the issuer float accounts and per-box PIN keys in `pin-keys/`;
 /// - with [`DemoOptions::split`], `split/<role>.toml`: one process per role, each config
 ///   naming only its own sections, certificate and keys.
 ///
@@ -514,6 +515,12 @@ pub fn init_demo(dir: &Path, opts: &DemoOptions) -> Result<DemoFiles, String> {
     write_secret(&pin_file, &format!("{pin}\n"))?;
     let voucher = voucher_code();
     write_secret(&dir.join("demo-voucher.txt"), &format!("{voucher}\n"))?;
+    write_secret(
+        &keys_dir.join("vouchers.toml"),
+        &format!(
+            "# Pre-funded accounts held by the load server; the codes are their secrets.\n[[vouchers]]\ncode = \"{voucher}\"\nbox_id = \"{DEMO_BOX}\"\ncurrency = 978\nexponent = 2\namount = 10000\n"
+        ),
+    )?;
     let pin_keys_dir = dir.join("pin-keys");
     proto::secret::private_dir(&pin_keys_dir)
         .map_err(|e| format!("{}: {e}", pin_keys_dir.display()))?;
@@ -522,11 +529,7 @@ pub fn init_demo(dir: &Path, opts: &DemoOptions) -> Result<DemoFiles, String> {
         &hex_of(&crate::bank::box_pin_key(&pin_master, DEMO_BOX)),
     )?;
 
-    let parts = DemoParts {
-        opts,
-        pvv: &pvv,
-        voucher: &voucher,
-    };
+    let parts = DemoParts { opts, pvv: &pvv };
     let config = dir.join("headend.toml");
     write_secret(&config, &parts.all_in_one())?;
     let split = match &opts.split {
@@ -570,7 +573,6 @@ fn toml_of<T: serde::Serialize>(v: &T) -> String {
 struct DemoParts<'a> {
     opts: &'a DemoOptions,
     pvv: &'a str,
-    voucher: &'a str,
 }
 
 impl DemoParts<'_> {
@@ -691,18 +693,11 @@ pin_verification_value = "{}"
 [load]
 load_keys = "{up}keys/load-keys.toml"
 confirmation_key_file = "{up}keys/confirmation.key"
+vouchers_file = "{up}keys/vouchers.toml"
 daily_limit = 30000
 float_account = "ISSUER-FLOAT-PREFUNDED"
-{}
-[[vouchers]]
-code = "{}"
-box_id = "{DEMO_BOX}"
-currency = 978
-exponent = 2
-amount = 10000
-"#,
+{}"#,
             listen_line(listen),
-            self.voucher
         )
     }
 

@@ -98,6 +98,9 @@ pub struct LoadSection {
     /// Seconds a voucher load offer may wait for its hold request.
     #[serde(default = "default_offer_lifetime")]
     pub offer_lifetime_secs: u64,
+    /// A file of `[[vouchers]]` (owner-only, like a key file: the codes are the vouchers'
+    /// secrets), added to any in this config.
+    pub vouchers_file: Option<PathBuf>,
     pub listen: Option<SocketAddr>,
     /// Who may call this role over QUIC (see [`Callers`]).
     #[serde(default)]
@@ -161,12 +164,12 @@ pub fn read_master_key(what: &str, path: &Path) -> Result<proto::purse::MasterKe
 /// (`$CREDENTIALS_DIRECTORY/NAME`, see `LoadCredential=`); a relative path is relative to
 /// the config file's directory.
 pub fn resolve_path(p: &mut PathBuf, base: &Path) {
-    if let Some(name) = p.to_str().and_then(|s| s.strip_prefix("credential:")) {
-        let dir = std::env::var_os("CREDENTIALS_DIRECTORY").unwrap_or_default();
-        *p = Path::new(&dir).join(name);
-    } else if p.is_relative() {
-        *p = base.join(&*p);
-    }
+    let resolved = proto::secret::credential_path(p);
+    *p = if resolved != *p || p.is_absolute() {
+        resolved
+    } else {
+        base.join(&*p)
+    };
 }
 
 /// A bank account. Its balance lives in the bank journal once opened; this is the opening
@@ -265,6 +268,9 @@ pub struct GatewaySection {
     /// the box's proof and is listed by `headend status` for an operator.
     #[serde(default = "default_hold_lifetime")]
     pub hold_lifetime_secs: u64,
+    /// What one box may ask: `[gateway.limits]` (see [`crate::limits::LimitSettings`]).
+    #[serde(default)]
+    pub limits: crate::limits::LimitSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -282,6 +288,10 @@ pub struct PaymentSection {
     /// Seconds after which an incomplete transaction is reversed in its security card.
     #[serde(default = "default_txn_timeout")]
     pub transaction_timeout_secs: u64,
+    /// FIG. 4: seconds a security card waits for one box's debit response before it goes
+    /// back to the pool (the transaction stays open until its own timeout).
+    #[serde(default = "default_lease_timeout")]
+    pub lease_timeout_secs: u64,
     /// Where the gateway reaches this role when it runs alone.
     pub listen: Option<SocketAddr>,
     /// Who may call this role over QUIC (see [`Callers`]).
@@ -423,6 +433,9 @@ fn default_security_cards() -> u32 {
 fn default_txn_timeout() -> u64 {
     30
 }
+fn default_lease_timeout() -> u64 {
+    10
+}
 
 impl HeadendConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -454,6 +467,9 @@ impl HeadendConfig {
         if let Some(l) = &mut self.load {
             fix(&mut l.load_keys);
             fix(&mut l.confirmation_key_file);
+            if let Some(v) = &mut l.vouchers_file {
+                fix(v);
+            }
         }
         if let Some(b) = &mut self.bank {
             fix(&mut b.pin_master_file);
@@ -508,10 +524,40 @@ impl HeadendConfig {
         let mut seen = std::collections::BTreeSet::new();
         for v in &self.vouchers {
             if !seen.insert(&v.code) {
-                return Err(format!("voucher {} appears twice", v.code));
+                // Never name the code: it is the voucher's secret.
+                return Err("a voucher code appears twice".into());
             }
         }
         Ok(())
+    }
+
+    /// Every voucher: those in this config and those in `[load] vouchers_file`.
+    ///
+    /// # Errors
+    /// The vouchers file is missing, readable by others, or malformed.
+    pub fn all_vouchers(&self) -> Result<Vec<VoucherDef>, String> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct File {
+            #[serde(default)]
+            vouchers: Vec<VoucherDef>,
+        }
+        let mut out = self.vouchers.clone();
+        if let Some(p) = self.load.as_ref().and_then(|l| l.vouchers_file.as_ref()) {
+            proto::secret::check_private(p).map_err(|e| format!("[load] vouchers_file: {e}"))?;
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| format!("[load] vouchers_file {}: {e}", p.display()))?;
+            let f: File = toml::from_str(&text)
+                .map_err(|e| format!("[load] vouchers_file {}: {e}", p.display()))?;
+            out.extend(f.vouchers);
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for v in &out {
+            if !seen.insert(v.code.clone()) {
+                return Err("a voucher code appears twice".into());
+            }
+        }
+        Ok(out)
     }
 
     pub fn merchant(&self, id: &str) -> Option<&MerchantDef> {

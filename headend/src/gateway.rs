@@ -43,17 +43,20 @@ use tracing::Instrument;
 
 use crate::config::MerchantDef;
 use crate::journal::{self, Journal};
+use crate::limits::{Kind, LimitSettings, OpenDraws, RateLimits};
 use crate::quic::BoxFuture;
 use crate::role::{Caller, Role};
 use crate::role::{open_body, refuse, repeat};
 
-/// How long offers and holds may stay open at the gateway.
+/// How long offers and holds may stay open at the gateway, and what one box may ask.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lifetimes {
     /// A purchase or load offer not drawn / requested within this expires.
     pub offer: Duration,
     /// A load between its request and its response (see [`crate::gateway_load`]).
     pub hold: Duration,
+    /// Per-box rates and open draws.
+    pub limits: LimitSettings,
 }
 
 impl Default for Lifetimes {
@@ -61,6 +64,7 @@ impl Default for Lifetimes {
         Self {
             offer: Duration::from_secs(crate::config::default_offer_lifetime()),
             hold: Duration::from_secs(crate::config::default_hold_lifetime()),
+            limits: LimitSettings::default(),
         }
     }
 }
@@ -135,9 +139,18 @@ pub(crate) fn now_secs() -> u64 {
 }
 
 /// Whether an answer from a role is final (it will say the same again), as opposed to
-/// "unreachable, busy or broken: ask again later".
+/// "unreachable, busy, broken or misconfigured: ask again later". A refusal of the caller
+/// itself (`Forbidden`: a certificate or `callers` list to fix) or of its pace
+/// (`RateLimited`) is not final: nothing journaled for delivery is dropped on it.
 pub(crate) fn definite(answer: &Message) -> bool {
-    !matches!(answer, Message::Error(e) if matches!(e.code, ErrorCode::Busy | ErrorCode::Internal | ErrorCode::Timeout))
+    !matches!(answer, Message::Error(e) if matches!(
+        e.code,
+        ErrorCode::Busy
+            | ErrorCode::Internal
+            | ErrorCode::Timeout
+            | ErrorCode::Forbidden
+            | ErrorCode::RateLimited
+    ))
 }
 
 pub struct Gateway {
@@ -145,6 +158,8 @@ pub struct Gateway {
     merchants: HashMap<String, MerchantDef>,
     roles: HashMap<String, Arc<dyn Role>>,
     pub(crate) lifetimes: Lifetimes,
+    rates: RateLimits,
+    open_draws: OpenDraws,
     wake_notifier: tokio::sync::Notify,
     wake_releases: tokio::sync::Notify,
     wake_feed: tokio::sync::Notify,
@@ -202,6 +217,8 @@ impl Gateway {
                 .collect(),
             roles,
             lifetimes,
+            rates: RateLimits::new(lifetimes.limits),
+            open_draws: OpenDraws::new(lifetimes.limits),
             wake_notifier: tokio::sync::Notify::new(),
             wake_releases: tokio::sync::Notify::new(),
             wake_feed: tokio::sync::Notify::new(),
@@ -248,6 +265,23 @@ impl Gateway {
             })
     }
 
+    /// One request of `kind` from `box_id`, or the `RateLimited` refusal to send.
+    #[allow(clippy::result_large_err)] // the refusal is the answer, relayed as is
+    pub(crate) fn rate(&self, box_id: &str, kind: Kind) -> Result<(), Message> {
+        self.rates
+            .take(box_id, kind, std::time::Instant::now())
+            .map_err(|wait| {
+                refuse(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "too many requests from this box; retry in {} ms",
+                        wait.as_millis().max(1)
+                    ),
+                    None,
+                )
+            })
+    }
+
     fn role(&self, name: &str) -> &Arc<dyn Role> {
         &self.roles[name]
     }
@@ -258,6 +292,9 @@ impl Gateway {
     }
 
     async fn catalog(&self, box_id: &str) -> Message {
+        if let Err(e) = self.rate(box_id, Kind::Catalog) {
+            return e;
+        }
         let names: BTreeSet<&String> = self.merchants.values().map(|m| &m.merchant).collect();
         let mut items = Vec::new();
         for name in names {
@@ -272,6 +309,9 @@ impl Gateway {
     }
 
     async fn offer(&self, box_id: &str, merchant_id: String, item_id: String) -> Message {
+        if let Err(e) = self.rate(box_id, Kind::Offer) {
+            return e;
+        }
         let Some(m) = self.merchants.get(&merchant_id) else {
             return refuse(
                 ErrorCode::UnknownRoute,
@@ -386,9 +426,23 @@ impl Gateway {
             Err(e) => return e,
         }
         if t.draw.is_none() {
+            // One box may not hold the security-card pool: a cap on its unfinished draws.
+            if let Err(n) = self
+                .open_draws
+                .open(box_id, &txid, std::time::Instant::now())
+            {
+                return refuse(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "this box has {n} purchases open; finish or cancel one before the next"
+                    ),
+                    Some(&txid),
+                );
+            }
             t.draw = Some(raw);
             t.state = GwState::Drawn;
             if let Err(e) = self.save(&txid, &t, "draw request relayed") {
+                self.open_draws.close(box_id, &txid);
                 return *e;
             }
         }
@@ -415,6 +469,10 @@ impl Gateway {
                     );
                 }
             }
+        } else {
+            // No debit command (refused, or the payment server unreachable): nothing holds
+            // a security card for this box.
+            self.open_draws.close(box_id, &txid);
         }
         answer
     }
@@ -627,6 +685,7 @@ impl Gateway {
                 t.receipt = Some(receipt.clone());
                 t.debit_response = Some(out.response);
                 t.state = GwState::Done;
+                self.open_draws.close(&t.box_id, &txid);
                 if let Err(e) = self.journal.atomically(|b| {
                     b.put("gw", &txid, &journal::encode(&t))?;
                     b.delete("release", key)?;
@@ -714,6 +773,7 @@ impl Gateway {
             // The draw request never reached the payment server.
             Message::Error(e) if e.code == ErrorCode::UnknownTransaction => nothing_charged(),
             r @ Message::Receipt(_) => {
+                self.open_draws.close(box_id, &txid);
                 self.wake_feed.notify_one();
                 r
             }
@@ -843,6 +903,7 @@ impl Gateway {
         let txid = n.transaction_id.clone();
         let _lock = self.lock(&txid).await;
         if let Some(mut t) = self.txn(&txid) {
+            self.open_draws.close(&t.box_id, &txid);
             if t.receipt.is_none() && t.state != GwState::Reversed {
                 t.state = GwState::Reversed;
                 if self
@@ -881,6 +942,9 @@ impl Gateway {
     /// One sweep over the open offers and loads. True when something is left to retry.
     pub async fn sweep(&self) -> bool {
         let now = now_secs();
+        let instant = std::time::Instant::now();
+        self.rates.prune(instant);
+        self.open_draws.prune(instant);
         let mut backlog = false;
         for (key, created) in self.journal.all(OPEN).unwrap_or_default() {
             let created = <[u8; 8]>::try_from(created.as_slice()).map_or(0, u64::from_be_bytes);

@@ -142,6 +142,9 @@ impl Gateway {
 
     /// Load offer: the funder computes the maximum and opens the transaction.
     pub(crate) async fn load_offer(&self, box_id: &str, req: LoadOfferRequest) -> Message {
+        if let Err(e) = self.rate(box_id, crate::limits::Kind::LoadOffer) {
+            return e;
+        }
         let funder = funder_of(&req.source);
         let role = match self.load_role(funder, None) {
             Ok(r) => r,

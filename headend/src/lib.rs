@@ -18,6 +18,7 @@ pub mod config;
 pub mod gateway;
 pub mod gateway_load;
 pub mod journal;
+pub mod limits;
 pub mod load;
 pub mod loadgen;
 pub mod merchant;

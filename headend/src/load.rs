@@ -172,7 +172,7 @@ impl LoadServer {
         }
         let key = read_key_file("[load] confirmation_key_file", &s.confirmation_key_file)?;
         let accounts = cfg
-            .vouchers
+            .all_vouchers()?
             .iter()
             .map(|v| Account {
                 // Known by its reference: the code itself is kept nowhere but the config.

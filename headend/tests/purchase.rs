@@ -488,3 +488,54 @@ async fn viewer_cancel_before_the_draw_touches_no_payment_server() {
     );
     assert_nothing_moved(&he, &mut b, 5_000, Some(&offer.transaction_id)).await;
 }
+
+/// Issue 12: the security cards' journaled snapshots hold state only. Their key comes from
+/// the key file at every start — a changed key file is used, not silently overridden by a
+/// snapshot — and the journal holds neither key's bytes.
+#[tokio::test]
+async fn purchase_keys_come_from_the_key_file_at_every_start_never_from_the_journal() {
+    let he = start(options("security-card", false)).await;
+    let mut b = TestBox::new(&he, "box-000001", 10_000).await;
+    let (_, answer) = b.buy("CABLE", "ppv-1001").await;
+    assert!(
+        matches!(answer, Message::Receipt(ref r) if r.released),
+        "{answer:?}"
+    );
+    let HeadEnd { dir, cfg, running } = he;
+    running.stop().await;
+
+    let key_file = dir.path().join("keys/purchase-keys.toml");
+    let old = std::fs::read_to_string(&key_file).unwrap();
+    let new_master = proto::crypto::DesKey::new([0x5C; 16]);
+    let new = proto::purse::MasterKeyFile::from_key(&proto::purse::MasterKey::new(1, new_master));
+    proto::secret::write_private(&key_file, toml::to_string(&new).unwrap().as_bytes()).unwrap();
+
+    let running = headend::assembly::start(&cfg, headend::assembly::Roles::ALL)
+        .await
+        .unwrap();
+    let he = HeadEnd { dir, cfg, running };
+    // A card personalised under the old master no longer verifies: the restarted security
+    // cards hold the new key from the file, not the old one from their snapshot.
+    let mut b = TestBox::new(&he, "box-000002", 10_000).await;
+    let offer = b.offer("CABLE", "ppv-1001").await;
+    let draw = b.draw_request(&offer);
+    let answer = b.call(&Message::DrawRequest(draw)).await;
+    assert!(
+        matches!(&answer, Message::Error(e) if e.code == ErrorCode::BadSignature),
+        "{answer:?}"
+    );
+    // Neither master's bytes are anywhere in the journal files.
+    let old_key: proto::purse::MasterKeyFile = toml::from_str(&old).unwrap();
+    for hex_key in [old_key.master.clone(), new.master.clone()] {
+        let raw = hex::decode(&hex_key).unwrap();
+        for entry in std::fs::read_dir(&he.cfg.state_dir).unwrap() {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            assert!(
+                !bytes.windows(raw.len()).any(|w| w == raw.as_slice()),
+                "a master key's bytes are in the journal"
+            );
+            assert!(!String::from_utf8_lossy(&bytes).contains(&hex_key));
+        }
+    }
+    he.running.stop().await;
+}

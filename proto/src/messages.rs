@@ -97,10 +97,23 @@ impl<T: Serialize + DeserializeOwned> Protected<T> {
             (Self::Sealed(_), None) => Err(WireError::NoKey),
             (Self::Sealed(b), Some(k)) => {
                 let raw = crypto::open(k, b)?;
-                postcard::from_bytes(&raw).map_err(|e| WireError::Malformed(e.to_string()))
+                strict(&raw)
             }
         }
     }
+}
+
+/// Decodes exactly one value: trailing bytes are refused, not ignored.
+fn strict<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
+    let (v, rest) =
+        postcard::take_from_bytes(bytes).map_err(|e| WireError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(WireError::Malformed(format!(
+            "{} trailing bytes after the body",
+            rest.len()
+        )));
+    }
+    Ok(v)
 }
 
 fn clone_via_postcard<T: Serialize + DeserializeOwned>(t: &T) -> Result<T, WireError> {
@@ -587,15 +600,7 @@ impl Message {
     /// # Errors
     /// [`WireError::Malformed`] when the bytes are not a message, or when bytes follow it.
     pub fn from_payload(payload: &[u8]) -> Result<Self, WireError> {
-        let (m, rest) =
-            postcard::take_from_bytes(payload).map_err(|e| WireError::Malformed(e.to_string()))?;
-        if !rest.is_empty() {
-            return Err(WireError::Malformed(format!(
-                "{} trailing bytes after the message",
-                rest.len()
-            )));
-        }
-        Ok(m)
+        strict(payload)
     }
 
     /// Decodes exactly one whole frame.
@@ -668,7 +673,7 @@ mod tests {
         assert_eq!(Message::from_payload(&p).unwrap(), m);
         p.push(0);
         match Message::from_payload(&p) {
-            Err(WireError::Malformed(why)) => assert!(why.contains("1 trailing"), "{why}"),
+            Err(WireError::Malformed(why)) => assert!(why.contains("1 trailing bytes"), "{why}"),
             other => panic!("{other:?}"),
         }
     }

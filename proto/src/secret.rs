@@ -59,6 +59,20 @@ impl From<&str> for Secret<String> {
     }
 }
 
+/// A path from a configuration file that may name a systemd credential: `credential:NAME`
+/// is `$CREDENTIALS_DIRECTORY/NAME` (see `LoadCredential=` in systemd.exec(5): the service
+/// manager hands the unit its keys there, readable by that unit alone); any other path is
+/// returned as it is.
+pub fn credential_path(p: &Path) -> std::path::PathBuf {
+    match p.to_str().and_then(|s| s.strip_prefix("credential:")) {
+        Some(name) => {
+            let dir = std::env::var_os("CREDENTIALS_DIRECTORY").unwrap_or_default();
+            Path::new(&dir).join(name)
+        }
+        None => p.to_path_buf(),
+    }
+}
+
 /// Creates `dir` (and its parents) and makes it 0700.
 ///
 /// # Errors

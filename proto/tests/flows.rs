@@ -308,12 +308,17 @@ fn malformed_apdus_get_their_status_words() {
         StatusWord::APP_NOT_FOUND
     );
     select(&mut card);
+    // A header alone (4 bytes) is too short for any purse command.
     assert_eq!(
         send(&mut card, &[0x80, 0xEE, 0, 0]).sw,
+        StatusWord::WRONG_LENGTH
+    );
+    assert_eq!(
+        send(&mut card, &[0x80, 0xEE, 0, 0, 0]).sw,
         StatusWord::UNKNOWN_INSTRUCTION
     );
     assert_eq!(
-        send(&mut card, &[0x90, 0xB0, 0, 0]).sw,
+        send(&mut card, &[0x90, 0xB0, 0, 0, 0]).sw,
         StatusWord::CLASS_NOT_SUPPORTED
     );
     assert_eq!(

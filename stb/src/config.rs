@@ -254,11 +254,17 @@ impl Config {
     }
 
     /// Parses and validates `text` (read from `path`, which only names it in errors).
+    /// Key paths may name systemd credentials (`credential:NAME`, see
+    /// [`proto::secret::credential_path`]).
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             path: path.into(),
             detail: e.to_string(),
         })?;
+        cfg.headend.device_key = proto::secret::credential_path(&cfg.headend.device_key);
+        if let Some(k) = &mut cfg.load.pin_key {
+            *k = proto::secret::credential_path(k);
+        }
         cfg.validate(path)?;
         Ok(cfg)
     }

@@ -24,8 +24,28 @@ pub struct TransportSettings {
     pub keep_alive_secs: u64,
     /// A connection silent this long is dead (must exceed the keep-alive interval).
     pub idle_timeout_secs: u64,
-    /// Connections held at once; more are refused.
+    /// Established, authenticated connections held at once; more are refused. A handshake in
+    /// progress does not count here (see the pending-handshake limits below).
     pub max_connections: usize,
+    /// Established connections from one IP address; 0 means no per-source limit. Off by
+    /// default: boxes behind one NAT share an address, and an established connection has
+    /// already shown a device certificate.
+    pub max_connections_per_source: usize,
+    /// Handshakes in progress at once (from a client's first packet until its certificate has
+    /// verified). When all are taken, a client with a validated address takes the place of
+    /// the oldest handshake (running for over a quarter of `handshake_timeout_ms`) of the
+    /// busiest source that has more in progress than the client's own source; otherwise its
+    /// attempt is dropped unanswered, and the client's retransmission tries again.
+    pub max_pending_handshakes: usize,
+    /// Handshakes in progress at once from one IP address (dropped unanswered beyond it).
+    pub max_pending_per_source: usize,
+    /// A handshake not finished this long after the client's first packet is dropped and its
+    /// slot freed.
+    pub handshake_timeout_ms: u64,
+    /// Once this many handshakes are in progress, a client whose address is not yet validated
+    /// is first sent a QUIC Retry (one more round trip, no state kept on the server); a source
+    /// that already has a handshake in progress always is. 0 sends a Retry to every client.
+    pub retry_threshold: usize,
     /// Bidirectional streams (transactions) a peer may have open at once on one connection;
     /// more wait for credit at the opener (back-pressure).
     pub max_streams_per_connection: u32,
@@ -47,6 +67,11 @@ impl Default for TransportSettings {
             keep_alive_secs: 15,
             idle_timeout_secs: 60,
             max_connections: 10_000,
+            max_connections_per_source: 0,
+            max_pending_handshakes: 256,
+            max_pending_per_source: 16,
+            handshake_timeout_ms: 5_000,
+            retry_threshold: 64,
             max_streams_per_connection: 16,
             max_frame: proto::frame::DEFAULT_MAX_FRAME,
             request_timeout_ms: 10_000,
@@ -72,6 +97,9 @@ impl TransportSettings {
     pub fn call_timeout(&self) -> Duration {
         Duration::from_millis(self.call_timeout_ms)
     }
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
 
     /// Refuses settings that would make a useless or unbounded transport.
     pub fn validate(&self) -> Result<(), QuicError> {
@@ -87,6 +115,16 @@ impl TransportSettings {
         }
         if self.request_timeout_ms == 0 || self.call_timeout_ms == 0 {
             return bad("request_timeout_ms and call_timeout_ms must be at least 1");
+        }
+        if self.max_pending_handshakes == 0 || self.max_pending_per_source == 0 {
+            return bad("max_pending_handshakes and max_pending_per_source must be at least 1");
+        }
+        // Each pending handshake holds TLS state; a full pool is scanned for a stalled one.
+        if self.max_pending_handshakes > 65_536 {
+            return bad("max_pending_handshakes must be at most 65536");
+        }
+        if self.handshake_timeout_ms == 0 {
+            return bad("handshake_timeout_ms must be at least 1");
         }
         Ok(())
     }
@@ -141,7 +179,10 @@ fn file_err(path: &Path, reason: impl std::fmt::Display) -> QuicError {
 }
 
 impl TlsIdentity {
+    /// Reads the certificate chain and its private key; the key file must be readable by
+    /// its owner only (or it is refused, naming the file and its mode).
     pub fn from_pem_files(cert: &Path, key: &Path) -> Result<Self, QuicError> {
+        proto::secret::check_private(key).map_err(|e| file_err(key, e))?;
         let chain = load_certs(cert)?;
         let key = PrivateKeyDer::from_pem_file(key).map_err(|e| file_err(key, e))?;
         Ok(Self { chain, key })
@@ -209,6 +250,13 @@ fn roots(ca: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>, QuicError
     Ok(Arc::new(roots))
 }
 
+/// Connection attempts quinn holds for the accept loop at once.
+const MAX_INCOMING: usize = 1024;
+/// Bytes buffered per waiting connection attempt, beyond its first datagram.
+const INCOMING_BUFFER: u64 = 16 * 1024;
+/// Bytes buffered for all waiting connection attempts together.
+const INCOMING_BUFFER_TOTAL: u64 = 2 * 1024 * 1024;
+
 /// The server side: TLS 1.3 only, ALPN `purselink/1`, a client certificate chaining to the
 /// operator CA required (none, or one from another CA, fails the handshake).
 pub fn server_config(
@@ -232,8 +280,15 @@ pub fn server_config(
         .transport_config(Arc::new(settings.transport()?))
         // Boxes behind NAT change address; keep their connection.
         .migration(true)
-        // Handshakes waiting for the accept loop are bounded too.
-        .max_incoming(settings.max_connections.clamp(1, 4096));
+        // Connection attempts waiting for the accept loop, which decides on each at once (see
+        // `admission`): a backlog only builds while the loop is starved of CPU, and past this
+        // bound quinn drops new Initials unanswered (clients retransmit).
+        .max_incoming(MAX_INCOMING)
+        // Datagrams buffered for an attempt before that decision (beyond its first packet):
+        // a ClientHello fits in a few; quinn's defaults (10 MiB each, 100 MiB in all) are
+        // sized for 0-RTT uploads, which this head end refuses anyway.
+        .incoming_buffer_size(INCOMING_BUFFER)
+        .incoming_buffer_size_total(INCOMING_BUFFER_TOTAL);
     Ok(config)
 }
 
@@ -256,4 +311,56 @@ pub fn client_config(
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     config.transport_config(Arc::new(settings.transport()?));
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshake_limits_have_defaults_and_are_validated() {
+        let d = TransportSettings::default();
+        assert!(d.validate().is_ok());
+        assert_eq!(
+            (
+                d.max_pending_handshakes,
+                d.max_pending_per_source,
+                d.handshake_timeout_ms,
+                d.retry_threshold,
+                d.max_connections_per_source
+            ),
+            (256, 16, 5_000, 64, 0)
+        );
+        assert_eq!(d.handshake_timeout(), Duration::from_secs(5));
+        for bad in [
+            TransportSettings {
+                max_pending_handshakes: 0,
+                ..d.clone()
+            },
+            TransportSettings {
+                max_pending_per_source: 0,
+                ..d.clone()
+            },
+            TransportSettings {
+                handshake_timeout_ms: 0,
+                ..d.clone()
+            },
+            TransportSettings {
+                max_pending_handshakes: 100_000,
+                ..d.clone()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+        // Retry for everyone, and no pending handshake beyond one per source, are valid choices.
+        assert!(
+            TransportSettings {
+                retry_threshold: 0,
+                max_pending_per_source: 1,
+                ..d
+            }
+            .validate()
+            .is_ok()
+        );
+    }
 }

@@ -1,12 +1,15 @@
-//! One connection: finish the handshake, name the peer from its certificate, refuse revoked
-//! boxes, then accept its streams (each a task) until it closes or the server shuts down.
+//! One connection: finish the handshake within the handshake timeout, name the peer from its
+//! certificate, refuse revoked boxes, take a connection slot (only now: a handshake never
+//! holds one), then accept its streams (each a task) until it closes or the server shuts down.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use quinn::Incoming;
-use tokio::sync::{OwnedSemaphorePermit, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use super::admission::{Admission, PendingSlot};
 use super::identity::peer_of;
 use super::{AppCode, Revocations, Service, TransportSettings, classify_connection, handler};
 
@@ -14,42 +17,83 @@ pub(crate) struct ConnContext {
     pub service: Arc<dyn Service>,
     pub settings: Arc<TransportSettings>,
     pub revocations: Revocations,
+    pub admission: Arc<Admission>,
+}
+
+/// Logs a handshake that ended without a connection: at most one line per source per interval
+/// (an outsider can fail handshakes as fast as it can send), fields first.
+fn log_failure(admission: &Admission, remote: SocketAddr, reason: &dyn std::fmt::Display) {
+    admission.handshake_failed();
+    if let Some(suppressed) = admission.may_log(remote.ip()) {
+        tracing::warn!(%remote, %reason, suppressed, "handshake refused");
+    }
 }
 
 pub(crate) async fn run(
     incoming: Incoming,
-    _permit: OwnedSemaphorePermit,
+    pending: PendingSlot,
     ctx: Arc<ConnContext>,
     mut stop: watch::Receiver<bool>,
 ) {
     let remote = incoming.remote_address();
+    let admission = &ctx.admission;
     let connecting = match incoming.accept() {
         Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(%remote, error = %e, "connection not accepted");
+        Err(e) => return log_failure(admission, remote, &e),
+    };
+    // Dropping `connecting` (timeout, shutdown) closes the half-made connection at once, and
+    // `pending` frees its slot.
+    let timeout = ctx.settings.handshake_timeout();
+    let handshake = tokio::select! {
+        done = tokio::time::timeout(timeout, connecting) => done,
+        _ = stop.changed() => return,
+        // The pending pool was full and this handshake, old and from a busy source, gave
+        // its place to a client from a quieter one.
+        _ = pending.evicted() => {
+            if let Some(suppressed) = admission.may_log(remote.ip()) {
+                tracing::warn!(%remote, suppressed, "handshake dropped: its place went to a less busy source");
+            }
             return;
         }
     };
-    let conn = match connecting.await {
-        Ok(conn) => conn,
-        Err(e) => {
-            tracing::warn!(%remote, reason = %classify_connection(e), "handshake refused");
+    let conn = match handshake {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => return log_failure(admission, remote, &classify_connection(e)),
+        Err(_) => {
+            admission.handshake_timed_out();
+            if let Some(suppressed) = admission.may_log(remote.ip()) {
+                tracing::warn!(%remote, timeout_ms = timeout.as_millis() as u64, suppressed, "handshake timed out");
+            }
             return;
         }
     };
     let peer = match peer_of(&conn) {
         Ok(peer) => Arc::new(peer),
         Err(e) => {
-            tracing::warn!(%remote, reason = %e, "connection refused: no identity");
+            log_failure(admission, remote, &format_args!("no identity: {e}"));
             conn.close(AppCode::NoIdentity.varint(), e.to_string().as_bytes());
             return;
         }
     };
     if let Some(why) = ctx.revocations.check(&peer) {
-        tracing::warn!(%remote, peer = ?peer.identity, serial = %peer.serial, reason = %why, "connection refused: revoked");
+        admission.handshake_failed();
+        if let Some(suppressed) = admission.may_log(remote.ip()) {
+            tracing::warn!(%remote, peer = ?peer.identity, serial = %peer.serial, reason = %why, suppressed, "connection refused: revoked");
+        }
         conn.close(AppCode::BoxRevoked.varint(), why.as_bytes());
         return;
     }
+    // Authenticated: only now does the connection count against `max_connections`.
+    let _slot = match pending.establish() {
+        Ok(slot) => slot,
+        Err(why) => {
+            if let Some(suppressed) = admission.may_log(remote.ip()) {
+                tracing::warn!(%remote, peer = ?peer.identity, reason = %why, suppressed, "connection refused");
+            }
+            conn.close(AppCode::ConnectionLimit.varint(), why.as_str().as_bytes());
+            return;
+        }
+    };
     tracing::info!(%remote, peer = ?peer.identity, serial = %peer.serial, "connection established");
 
     let mut streams = JoinSet::new();

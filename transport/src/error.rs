@@ -17,6 +17,8 @@ pub enum AppCode {
     BoxRevoked = 0x10,
     /// The certificate verified but carries no usable identity.
     NoIdentity = 0x11,
+    /// The handshake finished, but the server holds its maximum of connections.
+    ConnectionLimit = 0x12,
     /// The head end is shutting down.
     ShuttingDown = 0x13,
     /// A request frame exceeded the server's maximum frame size.
@@ -39,6 +41,7 @@ impl AppCode {
             0x00 => Self::Closed,
             0x10 => Self::BoxRevoked,
             0x11 => Self::NoIdentity,
+            0x12 => Self::ConnectionLimit,
             0x13 => Self::ShuttingDown,
             0x20 => Self::FrameTooLarge,
             0x21 => Self::BadFrame,
@@ -174,6 +177,7 @@ pub fn classify_connection(e: ConnectionError) -> QuicError {
             return match AppCode::from_varint(close.error_code) {
                 Some(AppCode::BoxRevoked) => QuicError::BoxRevoked(reason),
                 Some(AppCode::NoIdentity) => QuicError::NoIdentity(reason),
+                Some(AppCode::ConnectionLimit) => QuicError::Refused,
                 Some(AppCode::ShuttingDown) => QuicError::ShuttingDown,
                 _ => QuicError::ApplicationClosed {
                     code: close.error_code.into_inner(),

@@ -4,9 +4,11 @@
 //!
 //! - [`config`]: server/client configs and transport limits
 //! - [`identity`]: peer certificate → [`BoxId`], revocation list
-//! - [`server`] (listener) → `connection` (per connection) → `handler` (per stream)
+//! - [`server`] (listener) → `admission` (who may handshake, who holds a connection slot) →
+//!   `connection` (per connection) → `handler` (per stream)
 //! - [`call`](mod@call): the client side, [`call()`] for one transaction
 
+mod admission;
 pub mod call;
 pub mod config;
 mod connection;
@@ -21,6 +23,7 @@ mod service;
 /// The one application protocol this transport speaks.
 pub const ALPN: &[u8] = b"purselink/1";
 
+pub use admission::{AdmissionStats, ServerStats};
 pub use call::{QuicClient, TxnStream, call, call_with_max, client_endpoint, connect};
 pub use config::{
     ClientTls, ServerTls, TlsIdentity, TransportSettings, client_config, load_certs, server_config,

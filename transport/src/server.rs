@@ -1,14 +1,17 @@
-//! The listener: binds the UDP endpoint, accepts connections up to the limit (refusing the rest
-//! at once rather than queueing them), runs one task per connection, and shuts down gracefully.
+//! The listener: binds the UDP endpoint, decides on every connection attempt at once (start
+//! the handshake, ask for address validation with a QUIC Retry, drop it at a pending-handshake
+//! bound, or refuse it at the connection limit: see [`admission`](super::admission)), runs one
+//! task per connection, and shuts down gracefully.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use quinn::Endpoint;
-use tokio::sync::{Semaphore, watch};
+use quinn::{Endpoint, Incoming};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use super::admission::{Admission, Decision, Limits, ServerStats};
 use super::connection::{self, ConnContext};
 use super::{
     AppCode, QuicError, Revocations, ServerTls, Service, TransportSettings, server_config,
@@ -18,7 +21,6 @@ use super::{
 pub struct Server {
     endpoint: Endpoint,
     ctx: Arc<ConnContext>,
-    connections: Arc<Semaphore>,
 }
 
 /// The endpoint configuration with a stateless-reset key that survives a restart: derived
@@ -52,16 +54,20 @@ impl Server {
             socket,
             Arc::new(quinn::TokioRuntime),
         )?;
-        let connections = Arc::new(Semaphore::new(settings.max_connections));
         Ok(Self {
             endpoint,
             ctx: Arc::new(ConnContext {
                 service,
+                admission: Admission::new(Limits::from_settings(&settings)),
                 settings: Arc::new(settings),
                 revocations,
             }),
-            connections,
         })
+    }
+
+    /// Live admission counters: handshakes pending, connections held, retries, refusals.
+    pub fn stats(&self) -> ServerStats {
+        ServerStats(self.ctx.admission.clone())
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr, QuicError> {
@@ -81,6 +87,10 @@ impl Server {
         tracing::info!(
             ?addr,
             max_connections = self.ctx.settings.max_connections,
+            max_pending_handshakes = self.ctx.settings.max_pending_handshakes,
+            max_pending_per_source = self.ctx.settings.max_pending_per_source,
+            handshake_timeout_ms = self.ctx.settings.handshake_timeout_ms,
+            retry_threshold = self.ctx.settings.retry_threshold,
             "head end listening"
         );
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -91,18 +101,15 @@ impl Server {
                 _ = &mut shutdown => break,
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
-                    let Ok(permit) = self.connections.clone().try_acquire_owned() else {
-                        tracing::warn!(remote = %incoming.remote_address(), limit = self.ctx.settings.max_connections, "connection refused: at the connection limit");
-                        incoming.refuse();
-                        continue;
-                    };
-                    conns.spawn(connection::run(incoming, permit, self.ctx.clone(), stop_rx.clone()));
+                    if let Some(task) = self.admit(incoming, &stop_rx) {
+                        conns.spawn(task);
+                    }
                 }
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
             }
         }
 
-        tracing::info!(connections = conns.len(), "head end shutting down");
+        tracing::info!(tasks = conns.len(), "head end shutting down");
         // New handshakes are refused from here on.
         self.endpoint.set_server_config(None);
         let _ = stop_tx.send(true);
@@ -119,5 +126,47 @@ impl Server {
         // Lets the close reach the peers; bounded in case one never answers.
         let _ = tokio::time::timeout(grace, self.endpoint.wait_idle()).await;
         tracing::info!("head end stopped");
+    }
+
+    /// Applies the admission decision to one connection attempt; returns the connection task
+    /// to run when the handshake may start.
+    fn admit(
+        &self,
+        incoming: Incoming,
+        stop: &watch::Receiver<bool>,
+    ) -> Option<impl Future<Output = ()> + Send + 'static> {
+        let remote = incoming.remote_address();
+        let admission = &self.ctx.admission;
+        match admission.decide(remote.ip(), incoming.remote_address_validated()) {
+            Decision::Accept(slot) => {
+                return Some(connection::run(
+                    incoming,
+                    slot,
+                    self.ctx.clone(),
+                    stop.clone(),
+                ));
+            }
+            // Stateless: costs one small packet, keeps nothing until the client comes back.
+            Decision::Retry => {
+                if let Err(e) = incoming.retry() {
+                    // Only an attempt that already carries a token can't be retried, and
+                    // `decide` asks for a Retry only without one; drop it rather than guess.
+                    e.into_incoming().ignore();
+                }
+            }
+            Decision::Defer(why) => {
+                if let Some(suppressed) = admission.may_log(remote.ip()) {
+                    tracing::warn!(%remote, reason = %why, suppressed, action = "dropped, the client retransmits", "handshake refused");
+                }
+                incoming.ignore();
+            }
+            Decision::Refuse(why) => {
+                if let Some(suppressed) = admission.may_log(remote.ip()) {
+                    tracing::warn!(%remote, reason = %why, suppressed, "connection refused");
+                }
+                incoming.refuse();
+            }
+        }
+        None
     }
 }

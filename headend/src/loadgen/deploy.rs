@@ -133,8 +133,9 @@ fn demo(opts: &Options, listen: SocketAddr) -> Result<(TempDir, DemoFiles), Stri
         &format!("security_cards = {}", opts.security_cards),
         1,
     );
+    // A simulated box buys far faster than a viewer: lift the per-box limits.
     let text = format!(
-        "{text}\n[transport]\nmax_connections = {}\n",
+        "{text}\n[transport]\nmax_connections = {}\n\n[gateway.limits]\noffers_per_minute = 1000000\nload_offers_per_minute = 1000000\ncatalog_per_minute = 1000000\nburst = 1000000\n",
         opts.max_connections
     );
     std::fs::write(&files.config, text).map_err(|e| e.to_string())?;

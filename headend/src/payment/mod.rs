@@ -75,8 +75,12 @@ pub struct PaymentServer {
     journal: Arc<Journal>,
     pool: Arc<Pool>,
     merchants: HashMap<String, Merchant>,
-    /// FIG. 4 leases held across the round trip to the card, by transaction id.
-    held: std::sync::Mutex<HashMap<String, Lease>>,
+    /// FIG. 4 leases held across the round trip to the card, by transaction id, with when
+    /// they were taken: a lease held past `lease_timeout` goes back to the pool (the
+    /// transaction stays open until its own deadline), so a box that never answers cannot
+    /// hold a terminal for long.
+    held: std::sync::Mutex<HashMap<String, (Lease, Instant)>>,
+    lease_timeout: Duration,
     /// Open transactions and their deadlines.
     open: std::sync::Mutex<BTreeMap<String, Instant>>,
     timeout: Duration,
@@ -152,9 +156,11 @@ impl PaymentServer {
             section.security_cards.max(1),
             merchants,
             Duration::from_secs(section.transaction_timeout_secs),
+            Duration::from_secs(section.lease_timeout_secs),
         )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn with_parts(
         name: &str,
         journal: Arc<Journal>,
@@ -162,6 +168,7 @@ impl PaymentServer {
         cards: u32,
         merchants: HashMap<String, Merchant>,
         timeout: Duration,
+        lease_timeout: Duration,
     ) -> Result<Arc<Self>, String> {
         let mut psams = Vec::new();
         for slot in 0..cards as usize {
@@ -201,6 +208,7 @@ impl PaymentServer {
             pool: Pool::new(psams),
             merchants,
             held: Default::default(),
+            lease_timeout,
             open: std::sync::Mutex::new(open),
             timeout,
             locks: Default::default(),
@@ -399,7 +407,7 @@ impl PaymentServer {
             self.held
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(txid.clone(), lease);
+                .insert(txid.clone(), (lease, Instant::now()));
         }
         tracing::info!(txid, merchant = %req.merchant_id, amount = %body.amount, "debit command issued");
         answer
@@ -665,9 +673,20 @@ impl PaymentServer {
         }
     }
 
-    /// Reverses every open transaction past its deadline. Run periodically.
+    /// Reverses every open transaction past its deadline, and gives back FIG. 4 leases held
+    /// past the lease timeout. Run periodically.
     pub async fn sweep(&self) -> usize {
         let now = Instant::now();
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|txid, (_, at)| {
+                let keep = now.duration_since(*at) < self.lease_timeout;
+                if !keep {
+                    tracing::info!(txid, "security card lease timed out: back to the pool; the transaction stays open");
+                }
+                keep
+            });
         let due: Vec<String> = self
             .open
             .lock()

@@ -79,10 +79,12 @@ amount = 5000
 "#,
         pin_verification_value(&master, POOR, &pin)
     );
-    let text = std::fs::read_to_string(&files.config)
+    let vouchers = files.keys_dir.join("vouchers.toml");
+    let v = std::fs::read_to_string(&vouchers)
         .unwrap()
-        .replace(&files.voucher, VOUCHER)
-        + &extra;
+        .replace(&files.voucher, VOUCHER);
+    proto::secret::write_private(&vouchers, v.as_bytes()).unwrap();
+    let text = std::fs::read_to_string(&files.config).unwrap() + &extra;
     proto::secret::write_private(&files.config, edit(text).as_bytes()).unwrap();
     (dir, files.config, pin)
 }

@@ -21,7 +21,7 @@ enum Cmd {
     /// Run the daemon: watch the reader, keep the head-end connection, show the TV UI.
     Run {
         /// The configuration file (see config/stbd.example.toml).
-        #[arg(long, default_value = "/etc/purselink/stbd.toml")]
+        #[arg(long, default_value = "/etc/stbd/stbd.toml")]
         config: std::path::PathBuf,
     },
     /// List the card readers (PC/SC) and each one's card state and ATR.

@@ -40,11 +40,23 @@ impl std::fmt::Debug for LoadSettings {
 }
 
 impl LoadSettings {
+    /// The configured source the viewer chose, if this box has one.
+    pub fn source(&self, choice: ui::model::LoadSource) -> Option<LoadSource> {
+        match choice {
+            ui::model::LoadSource::Bank => self
+                .bank_account
+                .clone()
+                .map(|account| LoadSource::Bank { account }),
+            ui::model::LoadSource::Voucher => self.voucher.clone().map(LoadSource::voucher),
+        }
+    }
+
     /// Reads the PIN key file (hex, as provisioning writes it).
     pub fn from_config(c: &LoadConfig) -> Result<Self, String> {
         let pin_key = match &c.pin_key {
             None => None,
             Some(p) => {
+                proto::secret::check_private(p).map_err(|e| format!("load.pin_key: {e}"))?;
                 let text = std::fs::read_to_string(p)
                     .map_err(|e| format!("load.pin_key {}: {e}", p.display()))?;
                 let raw = hex::decode(text.trim())
@@ -112,15 +124,7 @@ impl Runner {
             .await;
             return;
         }
-        let s = &self.load.settings;
-        let src = match source {
-            ui::model::LoadSource::Bank => s
-                .bank_account
-                .clone()
-                .map(|account| LoadSource::Bank { account }),
-            ui::model::LoadSource::Voucher => s.voucher.clone().map(LoadSource::voucher),
-        };
-        if src.is_none() {
+        if self.load.settings.source(source).is_none() {
             let what = match source {
                 ui::model::LoadSource::Bank => {
                     "no bank account is set up on this box ([load] bank_account)"
@@ -147,15 +151,7 @@ impl Runner {
         if self.load.is_active() || self.purchase_active() {
             return;
         }
-        let s = &self.load.settings;
-        let src = match source {
-            ui::model::LoadSource::Bank => s
-                .bank_account
-                .clone()
-                .map(|account| LoadSource::Bank { account }),
-            ui::model::LoadSource::Voucher => s.voucher.clone().map(LoadSource::voucher),
-        };
-        let Some(src) = src else {
+        let Some(src) = self.load.settings.source(source) else {
             return;
         };
         if !self.card.has_card() {

@@ -68,7 +68,8 @@ pub fn pki(dir: &Path) -> Pki {
     let dcert = dp.signed_by(&dkey, &ca, &ca_key).unwrap();
     let w = |name: &str, s: String| {
         let p = dir.join(name);
-        std::fs::write(&p, s).unwrap();
+        // Key files must be owner-only (stbd refuses others); certificates may be too.
+        proto::secret::write_private(&p, s.as_bytes()).unwrap();
         p
     };
     Pki {
