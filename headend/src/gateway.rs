@@ -133,6 +133,12 @@ fn txid_of_key(key: &str) -> &str {
 /// Journal kind of the sweeper's index of open offers and loads (`p/<txid>`, `l/<txid>`).
 pub(crate) const OPEN: &str = "open";
 
+/// Journal kind of a FIG. 4/5 debit response on its way to the payment server (keyed like
+/// a release, [`response_key`]): written before the payment server is asked, deleted in the
+/// write that journals its confirmation (or on its definite refusal). A gateway that dies
+/// waiting for the confirmation asks again after its restart ([`Gateway::run_releases`]).
+const CONFIRMING: &str = "confirming";
+
 /// Seconds since the epoch.
 pub(crate) fn now_secs() -> u64 {
     crate::bank::now_secs()
@@ -505,27 +511,17 @@ impl Gateway {
         if let Some(out) = self.outbound(&key) {
             return self.deliver(&key, out).await;
         }
-        let merchant = &self.merchants[&t.merchant_id];
         let out = match t.embodiment {
             Embodiment::SecurityCard | Embodiment::PaymentServer => {
-                let c = match self
-                    .role(&merchant.payment)
-                    .handle(gw(), Message::DebitResponse(msg))
-                    .await
-                {
-                    Message::Confirmation(c) => c,
-                    other => return other,
-                };
-                let new_balance = c.result_c.open(t.tsk.as_ref()).ok().map(|r| r.new_balance);
-                let out = Outbound {
-                    confirmation: c,
-                    response: resp,
-                    new_balance,
-                };
-                if let Err(e) = self.accept(&txid, &key, &out, None, "confirmation received") {
-                    return e;
+                match self.confirm(&txid, &key, &t, msg, resp).await {
+                    Ok(out) => out,
+                    Err(answer) => {
+                        if !definite(&answer) {
+                            self.wake_releases.notify_one();
+                        }
+                        return answer;
+                    }
                 }
-                out
             }
             Embodiment::Gateway => {
                 let (Some(expected), Some(m)) = (t.expected, t.presealed_m.clone()) else {
@@ -577,6 +573,94 @@ impl Gateway {
             }
         };
         self.deliver(&key, out).await
+    }
+
+    /// FIG. 4/5: the payment server compares and confirms. The debit response is journaled
+    /// first (kind `confirming`), so a gateway that dies waiting asks again after its
+    /// restart; the confirmation is journaled for the merchant ([`Gateway::accept`]) in the
+    /// write that deletes it. `Err` carries the payment server's other answer; a definite
+    /// one (a refusal) drops the entry. The caller holds the transaction's lock.
+    async fn confirm(
+        &self,
+        txid: &str,
+        key: &str,
+        t: &GwTxn,
+        msg: DebitResponseMsg,
+        resp: DebitResponse,
+    ) -> Result<Outbound, Message> {
+        let journaled = self.journal.get(CONFIRMING, key).ok().flatten().is_some();
+        if !journaled {
+            self.journal
+                .atomically(|b| {
+                    b.put(CONFIRMING, key, &journal::encode(&msg))?;
+                    b.step(txid, "debit response to the payment server", "")
+                })
+                .map_err(|e| refuse(ErrorCode::Internal, format!("journal: {e}"), Some(txid)))?;
+        }
+        let payment = &self.merchants[&t.merchant_id].payment;
+        let c = match self
+            .role(payment)
+            .handle(gw(), Message::DebitResponse(msg))
+            .await
+        {
+            Message::Confirmation(c) => c,
+            other => {
+                if definite(&other) {
+                    let _ = self.journal.atomically(|b| {
+                        b.delete(CONFIRMING, key)?;
+                        b.step(
+                            txid,
+                            "payment server refused the debit response",
+                            crate::payment::kind(&other),
+                        )
+                    });
+                }
+                return Err(other);
+            }
+        };
+        let new_balance = c.result_c.open(t.tsk.as_ref()).ok().map(|r| r.new_balance);
+        let out = Outbound {
+            confirmation: c,
+            response: resp,
+            new_balance,
+        };
+        self.accept(txid, key, &out, None, "confirmation received")?;
+        Ok(out)
+    }
+
+    /// Asks the payment server again for each FIG. 4/5 confirmation the gateway was waiting
+    /// for (see [`CONFIRMING`]). True: something is left to retry.
+    async fn confirming_pass(&self) -> bool {
+        let mut backlog = false;
+        for (key, bytes) in self.journal.all(CONFIRMING).unwrap_or_default() {
+            let Ok(msg) = journal::decode::<DebitResponseMsg>(&bytes) else {
+                tracing::error!(key, "unreadable debit response entry; left for an operator");
+                continue;
+            };
+            let txid = txid_of_key(&key).to_string();
+            let _lock = self.lock(&txid).await;
+            if self.journal.get(CONFIRMING, &key).ok().flatten().is_none() {
+                continue; // answered meanwhile
+            }
+            let resp = self
+                .txn(&txid)
+                .filter(|t| t.receipt.is_none())
+                .and_then(|t| msg.body.open(t.tsk.as_ref()).ok().map(|r| (t, r)));
+            let Some((t, resp)) = resp else {
+                // Completed with a receipt meanwhile, or not a transaction we can open.
+                let _ = self.journal.atomically(|b| b.delete(CONFIRMING, &key));
+                continue;
+            };
+            let span = tracing::info_span!("confirmation", txid = %txid);
+            if let Err(answer) = self
+                .confirm(&txid, &key, &t, msg, resp)
+                .instrument(span)
+                .await
+            {
+                backlog |= !definite(&answer);
+            }
+        }
+        backlog
     }
 
     /// A confirmation the gateway builds itself (FIG. 6: the pre-sealed result M; FIG. 7:
@@ -631,6 +715,7 @@ impl Gateway {
             .atomically(|b| {
                 b.put("gw", txid, &journal::encode(&t))?;
                 b.put("release", key, &journal::encode(out))?;
+                b.delete(CONFIRMING, key)?;
                 if let Some(n) = notify {
                     b.put("notify", key, &journal::encode(n))?;
                 }
@@ -825,14 +910,16 @@ impl Gateway {
         backlog
     }
 
-    /// Delivers journaled confirmations to the merchant until each is answered for good.
+    /// Delivers journaled confirmations to the merchant until each is answered for good,
+    /// after asking the payment server again for those the gateway was waiting for.
     pub async fn run_releases(self: Arc<Self>, shutdown: tokio::sync::watch::Receiver<bool>) {
         let me = self.clone();
         background(&self.wake_releases, shutdown, || me.release_pass()).await
     }
 
     async fn release_pass(&self) -> bool {
-        let mut backlog = false;
+        // Confirmations still to be had from the payment server first (they become releases).
+        let mut backlog = self.confirming_pass().await;
         for (key, bytes) in self.journal.all("release").unwrap_or_default() {
             let Ok(out) = journal::decode::<Outbound>(&bytes) else {
                 tracing::error!(key, "unreadable release entry; left for an operator");

@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use proto::messages::{ErrorCode, Message};
-use tokio::sync::Mutex;
 
 use crate::config::Callers;
 use crate::quic::{
@@ -186,8 +185,10 @@ pub struct RemoteRole {
     tls: ClientTls,
     settings: TransportSettings,
     /// The connection, with a generation number so a failure drops only the connection it
-    /// happened on.
-    client: Mutex<(u64, Option<QuicClient>)>,
+    /// happened on. Never held across an await: dropping a connection never waits.
+    client: std::sync::Mutex<(u64, Option<QuicClient>)>,
+    /// One connect at a time; callers wait for it within their own deadline.
+    connecting: tokio::sync::Mutex<()>,
 }
 
 /// Why a call to a remote role failed.
@@ -229,28 +230,42 @@ impl RemoteRole {
             server_name: server_name.into(),
             tls,
             settings,
-            client: Mutex::new((0, None)),
+            client: std::sync::Mutex::new((0, None)),
+            connecting: tokio::sync::Mutex::new(()),
         }
     }
 
+    /// The current connection, if it is still open.
+    fn current(&self) -> Option<(u64, QuicClient)> {
+        let slot = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        slot.1
+            .as_ref()
+            .filter(|c| c.connection().close_reason().is_none())
+            .map(|c| (slot.0, c.clone()))
+    }
+
     async fn connection(&self) -> Result<(u64, QuicClient), CallError> {
-        let mut slot = self.client.lock().await;
-        if let Some(c) = &slot.1 {
-            if c.connection().close_reason().is_none() {
-                return Ok((slot.0, c.clone()));
-            }
+        if let Some(c) = self.current() {
+            return Ok(c);
+        }
+        let _one = self.connecting.lock().await;
+        if let Some(c) = self.current() {
+            return Ok(c); // connected while we waited
         }
         let c = QuicClient::connect(&self.tls, &self.settings, self.addr, &self.server_name)
             .await
             .map_err(CallError::Connect)?;
+        let mut slot = self.client.lock().unwrap_or_else(|p| p.into_inner());
         slot.0 += 1;
         slot.1 = Some(c.clone());
         Ok((slot.0, c))
     }
 
-    /// Drops connection `generation` (if it is still the current one).
-    async fn drop_connection(&self, generation: u64) {
-        let mut slot = self.client.lock().await;
+    /// Drops connection `generation` (if it is still the current one). Never waits: a
+    /// connect in progress (holding `connecting` up to its caller's deadline) does not hold
+    /// up a caller whose deadline has passed.
+    fn drop_connection(&self, generation: u64) {
+        let mut slot = self.client.lock().unwrap_or_else(|p| p.into_inner());
         if slot.0 == generation {
             if let Some(c) = slot.1.take() {
                 c.connection()
@@ -259,8 +274,12 @@ impl RemoteRole {
         }
     }
 
-    async fn call_once(&self, msg: &Message) -> Result<Message, CallError> {
-        let deadline = self.settings.call_timeout();
+    /// One attempt, ending by `deadline` at the latest.
+    async fn call_once(
+        &self,
+        msg: &Message,
+        deadline: tokio::time::Instant,
+    ) -> Result<Message, CallError> {
         let mut generation = None;
         let attempt = async {
             let (g, client) = self.connection().await?;
@@ -271,21 +290,25 @@ impl RemoteRole {
                 .map_err(CallError::Call)?;
             Message::from_payload(&bytes).map_err(CallError::Malformed)
         };
-        let result = match tokio::time::timeout(deadline, attempt).await {
+        let result = match tokio::time::timeout_at(deadline, attempt).await {
             Ok(r) => r,
-            Err(_) => Err(CallError::Deadline(deadline)),
+            Err(_) => Err(CallError::Deadline(self.settings.call_timeout())),
         };
         if let (Err(_), Some(g)) = (&result, generation) {
-            self.drop_connection(g).await;
+            self.drop_connection(g);
         }
         result
     }
 
+    /// The call and its one retry share one deadline: a call failed because another call's
+    /// deadline dropped the shared connection (the peer stopped answering) is not given a
+    /// fresh one, so no caller waits longer than `call_timeout_ms`.
     async fn call(&self, msg: &Message) -> Result<Message, CallError> {
-        match self.call_once(msg).await {
+        let deadline = tokio::time::Instant::now() + self.settings.call_timeout();
+        match self.call_once(msg, deadline).await {
             Err(e) if e.connection_lost() => {
                 tracing::info!(role = %self.name, addr = %self.addr, error = %e, "connection to role lost; reconnecting");
-                self.call_once(msg).await
+                self.call_once(msg, deadline).await
             }
             other => other,
         }

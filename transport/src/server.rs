@@ -23,19 +23,35 @@ pub struct Server {
     ctx: Arc<ConnContext>,
 }
 
-/// The endpoint configuration with a stateless-reset key that survives a restart: derived
-/// from this server's TLS private key, so a process restarted on the same address computes
-/// the same reset tokens (RFC 9000 §10.3) as the one that died. A peer still holding a
-/// connection to the dead process gets a valid stateless reset on its next packet and
-/// reconnects at once, instead of waiting for its idle timeout. The key never leaves the
-/// process; only the HMAC of it is used.
+/// The endpoint configuration that lets a restarted server reset its predecessor's
+/// connections: a peer still holding a connection to the dead process gets a valid stateless
+/// reset (RFC 9000 §10.3) on its next packet and reconnects at once, instead of waiting for
+/// its idle timeout. Two things must survive the restart, both derived from this server's TLS
+/// private key (the HMAC of it; the key itself never leaves the process):
+/// - the stateless-reset key, so the restarted process computes the reset tokens the dead one
+///   announced;
+/// - the connection-id generator's key: quinn's default generator signs each connection id
+///   it issues with a random per-process key and silently drops a short-header packet whose
+///   id does not verify ("dropping packet with invalid CID") — before any reset is
+///   considered. With a per-process key, every packet of the old connections is dropped and
+///   the peer waits for its own deadline or idle timeout.
 fn endpoint_config(tls: &ServerTls) -> quinn::EndpointConfig {
     use ring::hmac;
     let seed = hmac::sign(
         &hmac::Key::new(hmac::HMAC_SHA256, b"purselink stateless reset key v1"),
         tls.identity.key.secret_der(),
     );
-    quinn::EndpointConfig::new(Arc::new(hmac::Key::new(hmac::HMAC_SHA256, seed.as_ref())))
+    let cid_key = hmac::sign(
+        &hmac::Key::new(hmac::HMAC_SHA256, seed.as_ref()),
+        b"purselink connection id key v1",
+    );
+    let cid_key = u64::from_be_bytes(cid_key.as_ref()[..8].try_into().expect("8 bytes"));
+    let mut config =
+        quinn::EndpointConfig::new(Arc::new(hmac::Key::new(hmac::HMAC_SHA256, seed.as_ref())));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    config
 }
 
 impl Server {
