@@ -211,9 +211,23 @@ pub fn tally(txs: &[TxRecord]) -> BTreeMap<(String, TxKind), BTreeMap<String, u6
     out
 }
 
-/// The outcome label without per-transaction detail (ids, amounts), so counts group.
+/// The outcome label without per-transaction detail (ids, amounts: numbers become `#`), so
+/// counts group.
 pub fn short(o: &Outcome) -> String {
     let l = o.label();
-    let cut = l.find(" (").unwrap_or(l.len()).min(90);
-    l[..cut].to_string()
+    let cut = l.find(" (").unwrap_or(l.len());
+    let mut out = String::new();
+    let mut in_number = false;
+    for c in l[..cut].chars() {
+        if c.is_ascii_digit() || (in_number && c == '.') {
+            if !in_number {
+                out.push('#');
+            }
+            in_number = true;
+        } else {
+            in_number = false;
+            out.push(c);
+        }
+    }
+    out.chars().take(90).collect()
 }
