@@ -454,7 +454,10 @@ fn role_names(role: &str) -> Vec<String> {
 /// A file cannot be written, or `dir` already holds a CA.
 pub fn init_demo(dir: &Path, opts: &DemoOptions) -> Result<DemoFiles, String> {
     use rand::RngCore;
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // It holds the issuer keys, the demo PIN and voucher code and the configs directly:
+    // owner-only, whatever the umask (a group- or world-writable directory would let
+    // another user replace them).
+    proto::secret::private_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let ca_dir = dir.join("ca");
     if ca_dir.join("ca.key.pem").exists() {
         return Err(format!("{} already holds a CA", ca_dir.display()));

@@ -327,11 +327,20 @@ impl Gateway {
         };
         let ask = Message::RoutedOfferRequest {
             box_id: box_id.into(),
-            merchant_id,
+            merchant_id: merchant_id.clone(),
             item_id,
         };
         let answer = self.role(&m.merchant).handle(gw(), ask).await;
         if let Message::Offer(o) = &answer {
+            // A merchant speaks for itself only: its offer must agree with what this head
+            // end's config says of it, and may not reuse a transaction id.
+            if let Err(why) = self.check_offer(&merchant_id, m, o) {
+                return refuse(
+                    ErrorCode::Malformed,
+                    format!("merchant {merchant_id}'s offer refused: {why}"),
+                    None,
+                );
+            }
             let created = now_secs();
             let t = GwTxn {
                 box_id: box_id.into(),
@@ -358,6 +367,47 @@ impl Gateway {
             }
         }
         answer
+    }
+
+    /// Whether a merchant's offer agrees with its configuration: the merchant id asked for,
+    /// its configured embodiment, payment route and status route, the FIG. 8 layer as
+    /// configured, a price, and a transaction id of 1–64 of `A-Za-z0-9._-` that no other
+    /// purchase or load at this gateway uses. (A merchant that claimed another merchant's
+    /// id, another embodiment or a used id would have boxes pay for nothing.)
+    fn check_offer(&self, asked: &str, m: &MerchantDef, o: &Offer) -> Result<(), String> {
+        let txid = &o.transaction_id;
+        if txid.is_empty()
+            || txid.len() > 64
+            || !txid
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        {
+            return Err("the transaction id must be 1 to 64 of A-Za-z0-9._-".into());
+        }
+        if o.merchant_id != asked {
+            return Err(format!("it names merchant {}", o.merchant_id));
+        }
+        if o.embodiment != m.embodiment {
+            return Err(format!(
+                "it names {:?}, the configuration {:?}",
+                o.embodiment, m.embodiment
+            ));
+        }
+        if o.payment_route != m.payment || o.status_route != m.merchant {
+            return Err("its payment or status route is not the configured one".into());
+        }
+        if o.tsk.is_some() != m.message_layer || o.etsk.is_some() != m.message_layer {
+            return Err("its message layer (TSK/ETSK) is not as configured".into());
+        }
+        if o.amount.minor == 0 {
+            return Err("it has no price".into());
+        }
+        let taken = self.journal.get("gw", txid).ok().flatten().is_some()
+            || self.journal.get("gwload", txid).ok().flatten().is_some();
+        if taken {
+            return Err(format!("transaction id {txid} is already in use"));
+        }
+        Ok(())
     }
 
     /// The transaction, if it exists and belongs to this box.
@@ -457,30 +507,24 @@ impl Gateway {
             .role(&payment)
             .handle(gw(), Message::DrawRequest(req))
             .await;
-        if let Message::DebitCommand(dc) = &answer {
-            match dc.body.open(t.tsk.as_ref()) {
-                Ok(body) => {
-                    t.expected = body.expected_card_signature;
-                    t.sealed_expected = body.sealed_expected_signature;
-                    t.presealed_m = body.presealed_result_m;
-                    if let Err(e) = self.save(&txid, &t, "debit command relayed") {
-                        return *e;
-                    }
+        match answer {
+            Message::RoutedDebitCommand { command, gateway } => {
+                // The gateway keeps the early-release parts; the box gets the command alone.
+                t.expected = gateway.expected_card_signature;
+                t.sealed_expected = gateway.sealed_expected_signature;
+                t.presealed_m = gateway.presealed_result_m;
+                if let Err(e) = self.save(&txid, &t, "debit command relayed") {
+                    return *e;
                 }
-                Err(e) => {
-                    return refuse(
-                        ErrorCode::BadSignature,
-                        format!("debit command from the payment server: {e}"),
-                        Some(&txid),
-                    );
-                }
+                Message::DebitCommand(command)
             }
-        } else {
-            // No debit command (refused, or the payment server unreachable): nothing holds
-            // a security card for this box.
-            self.open_draws.close(box_id, &txid);
+            other => {
+                // No debit command (refused, or the payment server unreachable): nothing
+                // holds a security card for this box.
+                self.open_draws.close(box_id, &txid);
+                other
+            }
         }
-        answer
     }
 
     async fn debit_response(&self, box_id: &str, msg: DebitResponseMsg) -> Message {
@@ -1112,36 +1156,86 @@ impl Role for Gateway {
                     None,
                 );
             };
-            match msg {
-                Message::CatalogRequest => self.catalog(&box_id).await,
-                Message::OfferRequest {
-                    merchant_id,
-                    item_id,
-                } => self.offer(&box_id, merchant_id, item_id).await,
-                Message::DrawRequest(r) => {
-                    let span =
-                        tracing::info_span!("draw", txid = %r.transaction_id, box_id = %box_id);
-                    self.draw(&box_id, r).instrument(span).await
+            // A box's own transaction steps: past its budget of refused ones, nothing more
+            // reaches a journal until it has waited (a refused step costs journal writes
+            // here and at the payment server, and a box could repeat it without end).
+            let step = matches!(
+                msg,
+                Message::DrawRequest(_)
+                    | Message::DebitResponse(_)
+                    | Message::Cancel(_)
+                    | Message::LoadRequest(_)
+                    | Message::LoadResponse(_)
+            );
+            if step {
+                if let Err(wait) =
+                    self.rates
+                        .check(&box_id, Kind::Refused, std::time::Instant::now())
+                {
+                    return refuse(
+                        ErrorCode::RateLimited,
+                        format!(
+                            "too many refused requests from this box; retry in {} ms",
+                            wait.as_millis().max(1)
+                        ),
+                        None,
+                    );
                 }
-                Message::DebitResponse(r) => {
-                    let span = tracing::info_span!("debit response", txid = %r.transaction_id, box_id = %box_id);
-                    self.debit_response(&box_id, r).instrument(span).await
-                }
-                Message::Cancel(c) => {
-                    let span =
-                        tracing::info_span!("cancel", txid = %c.transaction_id, box_id = %box_id);
-                    self.cancel(&box_id, c).instrument(span).await
-                }
-                m @ (Message::LoadOfferRequest(_)
-                | Message::LoadRequest(_)
-                | Message::LoadResponse(_)) => self.load_dispatch(&box_id, m).await,
-                other => refuse(
-                    ErrorCode::Malformed,
-                    format!("a box cannot send {}", crate::payment::kind(&other)),
-                    None,
-                ),
             }
+            let answer = self.dispatch(&box_id, msg).await;
+            if step && refused_for_good(&answer) {
+                let _ = self
+                    .rates
+                    .take(&box_id, Kind::Refused, std::time::Instant::now());
+            }
+            answer
         })
+    }
+}
+
+/// An answer that refuses a box's step for good (not "busy, retry", nor a rate limit).
+fn refused_for_good(answer: &Message) -> bool {
+    matches!(answer, Message::Error(e) if !matches!(
+        e.code,
+        ErrorCode::Busy
+            | ErrorCode::Internal
+            | ErrorCode::Timeout
+            | ErrorCode::RateLimited
+            | ErrorCode::InDoubt
+    ))
+}
+
+impl Gateway {
+    /// One box message to the step that handles it.
+    async fn dispatch(&self, box_id: &str, msg: Message) -> Message {
+        match msg {
+            Message::CatalogRequest => self.catalog(box_id).await,
+            Message::OfferRequest {
+                merchant_id,
+                item_id,
+            } => self.offer(box_id, merchant_id, item_id).await,
+            Message::DrawRequest(r) => {
+                let span = tracing::info_span!("draw", txid = %r.transaction_id, box_id = %box_id);
+                self.draw(box_id, r).instrument(span).await
+            }
+            Message::DebitResponse(r) => {
+                let span = tracing::info_span!("debit response", txid = %r.transaction_id, box_id = %box_id);
+                self.debit_response(box_id, r).instrument(span).await
+            }
+            Message::Cancel(c) => {
+                let span =
+                    tracing::info_span!("cancel", txid = %c.transaction_id, box_id = %box_id);
+                self.cancel(box_id, c).instrument(span).await
+            }
+            m @ (Message::LoadOfferRequest(_)
+            | Message::LoadRequest(_)
+            | Message::LoadResponse(_)) => self.load_dispatch(box_id, m).await,
+            other => refuse(
+                ErrorCode::Malformed,
+                format!("a box cannot send {}", crate::payment::kind(&other)),
+                None,
+            ),
+        }
     }
 }
 

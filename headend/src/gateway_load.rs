@@ -160,6 +160,25 @@ impl Gateway {
             )
             .await;
         if let Message::LoadOffer(o) = &answer {
+            let taken = self
+                .journal()
+                .get("gwload", &o.transaction_id)
+                .ok()
+                .flatten()
+                .is_some()
+                || self
+                    .journal()
+                    .get("gw", &o.transaction_id)
+                    .ok()
+                    .flatten()
+                    .is_some();
+            if taken || o.transaction_id.is_empty() || o.transaction_id.len() > 64 {
+                return refuse(
+                    ErrorCode::Malformed,
+                    "the funder's load offer reuses or lacks a transaction id; refused",
+                    None,
+                );
+            }
             let t = GwLoad {
                 box_id: box_id.into(),
                 funder: funder.into(),

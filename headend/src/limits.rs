@@ -25,6 +25,11 @@ pub struct LimitSettings {
     pub load_offers_per_minute: u32,
     /// Catalog requests per minute.
     pub catalog_per_minute: u32,
+    /// Refused steps of a box's own transactions per minute (draw requests, debit
+    /// responses, cancels, load requests and responses the head end refused for good: no
+    /// proof, a forged signature, already completed, another box's…). Past the burst, the
+    /// box's next such step is `RateLimited` before it reaches a journal.
+    pub refusals_per_minute: u32,
     /// Requests of one kind a box may make at once before the per-minute rate applies.
     pub burst: u32,
     /// Purchases a box may have drawn and not finished at once.
@@ -40,6 +45,7 @@ impl Default for LimitSettings {
             offers_per_minute: 30,
             load_offers_per_minute: 10,
             catalog_per_minute: 30,
+            refusals_per_minute: 30,
             burst: 10,
             max_open_draws_per_box: 2,
             open_draw_secs: 60,
@@ -53,6 +59,8 @@ pub enum Kind {
     Offer,
     LoadOffer,
     Catalog,
+    /// A step of the box's own transaction that was refused for good.
+    Refused,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -80,6 +88,7 @@ impl RateLimits {
             Kind::Offer => self.settings.offers_per_minute,
             Kind::LoadOffer => self.settings.load_offers_per_minute,
             Kind::Catalog => self.settings.catalog_per_minute,
+            Kind::Refused => self.settings.refusals_per_minute,
         }
     }
 
@@ -102,6 +111,27 @@ impl RateLimits {
             Ok(())
         } else {
             Err(Duration::from_secs_f64((1.0 - e.tokens) / rate))
+        }
+    }
+
+    /// Whether `box_id` may make a request of `kind` at `now`, without taking one: `Ok`, or
+    /// how long to wait.
+    ///
+    /// # Errors
+    /// The box is over its rate: the wait until its next request is allowed.
+    pub fn check(&self, box_id: &str, kind: Kind, now: Instant) -> Result<(), Duration> {
+        let rate = f64::from(self.per_minute(kind).max(1)) / 60.0;
+        let burst = f64::from(self.settings.burst.max(1));
+        let b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(e) = b.get(&(box_id.to_string(), kind)) else {
+            return Ok(());
+        };
+        let tokens =
+            (e.tokens + now.saturating_duration_since(e.at).as_secs_f64() * rate).min(burst);
+        if tokens >= 1.0 {
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - tokens) / rate))
         }
     }
 
@@ -197,6 +227,27 @@ mod tests {
             .unwrap();
         r.prune(t0 + Duration::from_secs(3600));
         assert!(r.buckets.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn check_looks_without_taking() {
+        let s = LimitSettings {
+            refusals_per_minute: 60,
+            burst: 2,
+            ..Default::default()
+        };
+        let r = RateLimits::new(s);
+        let t0 = Instant::now();
+        for _ in 0..5 {
+            r.check("box-1", Kind::Refused, t0).unwrap();
+        }
+        r.take("box-1", Kind::Refused, t0).unwrap();
+        r.take("box-1", Kind::Refused, t0).unwrap();
+        assert!(r.check("box-1", Kind::Refused, t0).is_err());
+        r.check("box-2", Kind::Refused, t0).unwrap();
+        r.check("box-1", Kind::Offer, t0).unwrap();
+        r.check("box-1", Kind::Refused, t0 + Duration::from_millis(1001))
+            .unwrap();
     }
 
     #[test]

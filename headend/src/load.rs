@@ -144,6 +144,7 @@ fn hsm_code(e: &HsmError) -> ErrorCode {
         HsmError::DuplicateTransaction(_) => ErrorCode::Replay,
         HsmError::WrongState(_) => ErrorCode::Replay,
         HsmError::NoKey => ErrorCode::Internal,
+        HsmError::StaleProof => ErrorCode::ProofRejected,
     }
 }
 
@@ -594,8 +595,17 @@ impl Role for LoadServer {
                         );
                     };
                     let span = tracing::info_span!("load", %box_id);
+                    // Only the code opens a voucher. Its reference names it in every later
+                    // message, journal and log line, so it must not open one too: offered in
+                    // place of a code it names no account (the same refusal as a wrong code,
+                    // counted as a failed attempt).
+                    let account = if code.expose().starts_with(VOUCHER_REF_PREFIX) {
+                        String::new()
+                    } else {
+                        voucher_ref(code.expose())
+                    };
                     self.prefunded
-                        .offer(&box_id, &voucher_ref(code.expose()), &request.card)
+                        .offer(&box_id, &account, &request.card)
                         .instrument(span)
                         .await
                 }

@@ -539,3 +539,180 @@ async fn purchase_keys_come_from_the_key_file_at_every_start_never_from_the_jour
     }
     he.running.stop().await;
 }
+
+/// Black-box finding: under FIG. 6 the box used to receive the expected card signature with
+/// its debit command, and could answer with it without debiting its card. The box's debit
+/// command now carries the command alone: the expected signature the gateway holds is
+/// nowhere in what the box receives, and a response forged without the card is refused.
+#[tokio::test]
+async fn the_box_never_sees_the_expected_card_signature() {
+    for (emb, layer) in [("gateway", false), ("gateway", true), ("merchant", false)] {
+        let he = start(options(emb, layer)).await;
+        let mut b = TestBox::new(&he, "box-000001", 10_000).await;
+        let offer = b.offer("CABLE", "shop-2001").await;
+        let draw = b.draw_request(&offer);
+        let answer = b.call(&Message::DrawRequest(draw)).await;
+        let Message::DebitCommand(dc) = &answer else {
+            panic!("{emb}: {answer:?}")
+        };
+        let gw = he.running.gateway.as_ref().unwrap();
+        let t = gw.txn(&offer.transaction_id).unwrap();
+        let payload = answer.to_payload();
+        if let Some(expected) = t.expected {
+            assert!(
+                !payload.windows(8).any(|w| w == expected),
+                "{emb}: the expected signature reached the box"
+            );
+        }
+        // Opened with the box's own key (the TSK), the body is the card's command alone.
+        let body = dc.body.open(offer.tsk.as_ref()).unwrap();
+        assert_eq!(body.command.amount, offer.amount.minor);
+        // The box cannot forge the card's answer: a made-up signature is refused and the
+        // goods are not released.
+        let cmd = TestBox::open_debit_command(&offer, &answer);
+        let forged = proto::purse::DebitResponse {
+            card_id: cmd.card_id,
+            atc: cmd.atc,
+            amount: cmd.amount,
+            currency: cmd.currency,
+            new_balance: 10_000 - cmd.amount,
+            psam_id: cmd.psam_id,
+            psam_txn: cmd.psam_txn,
+            card_signature: [0x42; 8],
+        };
+        let r = b
+            .call(&Message::DebitResponse(DebitResponseMsg {
+                transaction_id: offer.transaction_id.clone(),
+                body: Protected::new(forged, offer.tsk.as_ref(), &mut rand::rngs::OsRng),
+            }))
+            .await;
+        assert!(
+            !matches!(&r, Message::Receipt(rc) if rc.released),
+            "{emb}: forged response released goods: {r:?}"
+        );
+        assert_eq!(
+            he.running
+                .merchant
+                .as_ref()
+                .unwrap()
+                .releases(&offer.transaction_id),
+            0
+        );
+        he.running.stop().await;
+    }
+}
+
+/// Black-box finding: a (malicious) merchant's offer was relayed as it came — another
+/// merchant's id, another embodiment, a reused transaction id — and boxes paid for nothing.
+/// The gateway now refuses an offer that disagrees with the merchant's configuration.
+#[tokio::test]
+async fn the_gateway_refuses_a_merchants_offer_that_disagrees_with_its_configuration() {
+    use headend::quic::BoxFuture;
+    use std::sync::{Arc, Mutex};
+
+    /// A merchant role (a test double, named so) answering whatever offer the test sets.
+    struct RogueMerchant(Mutex<Option<Offer>>);
+    impl Role for RogueMerchant {
+        fn handle(&self, _: Caller, _: Message) -> BoxFuture<'_, Message> {
+            let o = self.0.lock().unwrap().clone().unwrap();
+            Box::pin(async move { Message::Offer(o) })
+        }
+    }
+
+    let he = start(options("security-card", true)).await;
+    let gw_real = he.running.gateway.as_ref().unwrap();
+    let honest = {
+        let b = TestBox::new(&he, "box-000001", 10_000).await;
+        b.offer("CABLE", "ppv-1001").await
+    };
+    let rogue = Arc::new(RogueMerchant(Mutex::new(None)));
+    let mut roles: std::collections::HashMap<String, Arc<dyn Role>> = Default::default();
+    roles.insert("payment".into(), he.running.payment.clone().unwrap());
+    roles.insert("merchant".into(), rogue.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Arc::new(headend::journal::Journal::open(&dir.path().join("gw.sqlite")).unwrap());
+    // The honest offer's transaction id is already in use at this gateway.
+    journal
+        .put(
+            "gw",
+            &honest.transaction_id,
+            &gw_real
+                .journal()
+                .get("gw", &honest.transaction_id)
+                .unwrap()
+                .unwrap(),
+        )
+        .unwrap();
+    let gw = headend::gateway::Gateway::new(journal, &he.cfg.merchants, roles, Default::default())
+        .unwrap();
+    let fresh = |txid: &str| Offer {
+        transaction_id: txid.into(),
+        ..honest.clone()
+    };
+    let cases: Vec<(&str, Offer)> = vec![
+        (
+            "another merchant's id",
+            Offer {
+                merchant_id: "M-WEBSHOP".into(),
+                ..fresh("T-1")
+            },
+        ),
+        (
+            "another embodiment",
+            Offer {
+                embodiment: Embodiment::Gateway,
+                ..fresh("T-2")
+            },
+        ),
+        (
+            "another payment route",
+            Offer {
+                payment_route: "elsewhere".into(),
+                ..fresh("T-3")
+            },
+        ),
+        (
+            "no message layer",
+            Offer {
+                tsk: None,
+                etsk: None,
+                ..fresh("T-4")
+            },
+        ),
+        ("a reused transaction id", honest.clone()),
+        ("a transaction id with a newline", fresh("T-5\nforged")),
+    ];
+    for (what, offer) in cases {
+        let txid = offer.transaction_id.clone();
+        *rogue.0.lock().unwrap() = Some(offer);
+        let answer = gw
+            .handle(
+                Caller::Box("box-000001".into()),
+                Message::OfferRequest {
+                    merchant_id: "CABLE".into(),
+                    item_id: "ppv-1001".into(),
+                },
+            )
+            .await;
+        assert!(
+            matches!(&answer, Message::Error(e) if e.code == ErrorCode::Malformed),
+            "{what}: {answer:?}"
+        );
+        if what != "a reused transaction id" {
+            assert!(gw.txn(&txid).is_none(), "{what}: journaled anyway");
+        }
+    }
+    // The honest one as configured is relayed.
+    *rogue.0.lock().unwrap() = Some(fresh("T-OK"));
+    let answer = gw
+        .handle(
+            Caller::Box("box-000001".into()),
+            Message::OfferRequest {
+                merchant_id: "CABLE".into(),
+                item_id: "ppv-1001".into(),
+            },
+        )
+        .await;
+    assert!(matches!(answer, Message::Offer(_)), "{answer:?}");
+    he.running.stop().await;
+}

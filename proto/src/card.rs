@@ -104,6 +104,10 @@ pub struct CardState {
     pub expiry: Expiry,
     pub atc: u32,
     pub load_count: u32,
+    /// INITIALIZE FOR PURCHASE / FOR LOAD answered so far (each raised and persisted on
+    /// every one): the freshness witness of a "not debited" / "not loaded" proof.
+    pub purchase_inits: u32,
+    pub load_inits: u32,
     pub status: u8,
     /// Lock of seed 004: consecutive bad signatures; the card blocks at `bad_key_limit`.
     pub bad_key_count: u8,
@@ -141,6 +145,8 @@ impl CardState {
             expiry: spec.expiry,
             atc: 0,
             load_count: 0,
+            purchase_inits: 0,
+            load_inits: 0,
             status: 0,
             bad_key_count: 0,
             bad_key_limit: 10,
@@ -329,6 +335,13 @@ impl PurseCard {
             return Err(StatusWord::EXPIRED);
         }
         let atc = self.next_atc()?;
+        let init_count = self
+            .state
+            .purchase_inits
+            .checked_add(1)
+            .ok_or(StatusWord::BLOCKED)?;
+        self.state.purchase_inits = init_count;
+        self.changed = true;
         let card_random = self.random();
         let s = &self.state;
         let mut init = PurchaseInit {
@@ -340,6 +353,7 @@ impl PurseCard {
             currency: s.currency,
             auth_mode: AUTH_MODE_DES,
             atc,
+            init_count,
             key_version: s.key_version,
             card_random,
             card_mac: [0; 8],
@@ -449,6 +463,13 @@ impl PurseCard {
             _ => return Err(StatusWord::OVER_MAX_BALANCE),
         }
         let atc = self.next_atc()?;
+        let init_count = self
+            .state
+            .load_inits
+            .checked_add(1)
+            .ok_or(StatusWord::BLOCKED)?;
+        self.state.load_inits = init_count;
+        self.changed = true;
         let card_random = self.random();
         let s = &self.state;
         let mut init = LoadInit {
@@ -459,6 +480,7 @@ impl PurseCard {
             currency: s.currency,
             atc,
             load_count: s.load_count,
+            init_count,
             key_version: s.key_version,
             amount: req.amount,
             timestamp: req.timestamp,

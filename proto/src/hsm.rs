@@ -63,6 +63,10 @@ pub enum HsmError {
     BadZeroValueRequest,
     #[error("the HSM has no load master key loaded")]
     NoKey,
+    #[error(
+        "the zero-value proof was made before the load's INITIALIZE (a stale proof): it shows nothing"
+    )]
+    StaleProof,
 }
 
 /// Where a load transaction stands in the HSM.
@@ -308,8 +312,13 @@ impl Hsm {
         if zero.card_id != orig.card_id || zero.currency != orig.currency || zero.amount != 0 {
             return Err(HsmError::BadZeroValueRequest);
         }
-        // The new S1 must be the card's own, over what the box reports.
+        // The new S1 must be the card's own, over what the box reports, and made after the
+        // load's own INITIALIZE: that ended the load's session, so its LOAD ran before this
+        // proof (and shows in its counters) or never will.
         self.check_s1(zero)?;
+        if zero.init_count <= orig.init_count {
+            return Err(HsmError::StaleProof);
+        }
         // Branch A or B ([0131] / [0132]). In B the load server lowers the counter of the
         // new request to the original's; S1 does not cover the counter, so the S1 the HSM
         // expects is the same computation either way.

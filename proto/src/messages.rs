@@ -14,7 +14,7 @@
 //! |---|---|---|
 //! | browse | `CatalogRequest` | `Catalog` |
 //! | offer | `OfferRequest` | `Offer` (new transaction id, price, TSK); the gateway asks the merchant with `RoutedOfferRequest`, adding the box id |
-//! | draw | `DrawRequest` | `DebitCommand` |
+//! | draw | `DrawRequest` | `DebitCommand` (the payment server answers the gateway with `RoutedDebitCommand`: the command for the box, and the early-release parts it keeps) |
 //! | debit done | `DebitResponse` | `Receipt` (merchant released, or why not) |
 //! | abort | `Cancel` (amount mismatch, card pulled before DEBIT, viewer) | `Receipt { released: false }` |
 //! | load offer | `LoadOfferRequest` (READ PURSE data + source) | `LoadOffer` (transaction id, maximum, time stamp) |
@@ -155,10 +155,20 @@ pub struct DrawRequest {
     pub body: Protected<DrawBody>,
 }
 
+/// What the box receives with the debit command: the command for the card, nothing else.
+/// (The early-release parts, which would let a box forge the card's signature, go to the
+/// gateway only, in [`GatewayCopy`].)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DebitCommandBody {
     pub command: DebitCommand,
-    /// FIG. 6: the expected card signature for the gateway to compare.
+}
+
+/// The parts of a draw's answer for the gateway alone (FIG. 6/7, [0095]–[0105]), which the
+/// gateway keeps and never relays to the box: with the expected card signature in hand, a
+/// box could answer without debiting its card.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct GatewayCopy {
+    /// FIG. 6: the expected card signature, for the gateway to compare.
     pub expected_card_signature: Option<Mac>,
     /// FIG. 7: the expected card signature sealed under the derived key, for the merchant.
     pub sealed_expected_signature: Option<Vec<u8>>,
@@ -580,6 +590,12 @@ pub enum Message {
     /// A plain acknowledgement of the named transaction (or notice).
     Ack {
         transaction_id: String,
+    },
+    /// Payment server → gateway: the answer to a draw request — the debit command for the
+    /// box, and the parts for the gateway alone.
+    RoutedDebitCommand {
+        command: DebitCommandMsg,
+        gateway: GatewayCopy,
     },
 }
 

@@ -307,6 +307,12 @@ pub struct PurchaseInit {
     pub auth_mode: u8,
     /// The transaction number this purchase will use.
     pub atc: u32,
+    /// How many INITIALIZE FOR PURCHASE the card has answered, this one included: a counter
+    /// the card persists and raises on every one. A cancel's proof that the card did not
+    /// debit must come from an INITIALIZE later than the draw's (a higher count), so it was
+    /// made after the draw's session — which it ended, so that DEBIT can never run again —
+    /// and not before it (a stale proof).
+    pub init_count: u32,
     pub key_version: u8,
     pub card_random: [u8; 8],
     pub card_mac: Mac,
@@ -321,6 +327,7 @@ impl PurchaseInit {
         write_currency(&mut w, self.currency);
         w.u8(self.auth_mode)
             .u32(self.atc)
+            .u32(self.init_count)
             .u8(self.key_version)
             .bytes(&self.card_random);
         w.finish()
@@ -341,6 +348,7 @@ impl PurchaseInit {
             currency: read_currency(&mut r)?,
             auth_mode: r.u8()?,
             atc: r.u32()?,
+            init_count: r.u32()?,
             key_version: r.u8()?,
             card_random: r.take()?,
             card_mac: r.take()?,
@@ -491,6 +499,12 @@ pub struct LoadInit {
     pub currency: Currency,
     pub atc: u32,
     pub load_count: u32,
+    /// How many INITIALIZE FOR LOAD the card has answered, this one included (persisted,
+    /// raised on every one). A zero-value proof of [0130]–[0132] must come from an
+    /// INITIALIZE later than the load's own (a higher count): made after the load's session,
+    /// which it ended, so the load command can never run afterwards — a proof made before
+    /// the load (a stale one) would otherwise show the counters of a card that then loads.
+    pub init_count: u32,
     pub key_version: u8,
     pub amount: u64,
     pub timestamp: u64,
@@ -504,7 +518,10 @@ impl LoadInit {
         let mut w = Writer::default();
         w.u64(self.card_id);
         self.expiry.write(&mut w);
-        w.u64(self.balance).u32(self.load_count).u64(self.amount);
+        w.u64(self.balance)
+            .u32(self.load_count)
+            .u32(self.init_count)
+            .u64(self.amount);
         write_currency(&mut w, self.currency);
         w.u64(self.timestamp).bytes(&self.card_random);
         w.finish()
@@ -517,6 +534,7 @@ impl LoadInit {
         write_currency(&mut w, self.currency);
         w.u32(self.atc)
             .u32(self.load_count)
+            .u32(self.init_count)
             .u8(self.key_version)
             .u64(self.amount)
             .u64(self.timestamp)
@@ -534,6 +552,7 @@ impl LoadInit {
             currency: read_currency(&mut r)?,
             atc: r.u32()?,
             load_count: r.u32()?,
+            init_count: r.u32()?,
             key_version: r.u8()?,
             amount: r.u64()?,
             timestamp: r.u64()?,

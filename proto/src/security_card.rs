@@ -46,6 +46,8 @@ pub enum PsamError {
     CounterExhausted,
     #[error("the security card has no purchase master key loaded")]
     NoKey,
+    #[error("the proof was made before the draw's INITIALIZE (a stale proof): it shows nothing")]
+    StaleProof,
 }
 
 /// The draw request's card part, as the security card sees it ([0077], [0093]).
@@ -293,8 +295,10 @@ impl SecurityCard {
     }
 
     /// Checks a box's proof that the card never ran the DEBIT: a fresh INITIALIZE FOR
-    /// PURCHASE response, MAC'd by the card, whose transaction number is still the one the
-    /// debit command was for (a debit would have moved it on).
+    /// PURCHASE response, MAC'd by the card, made after the draw's (a higher INITIALIZE
+    /// count: that ended the draw's session, so the DEBIT can never run afterwards), whose
+    /// transaction number is still the one the debit command was for (a debit would have
+    /// moved it on).
     pub fn verify_not_debited(&self, psam_txn: u32, proof: &PurchaseInit) -> Result<(), PsamError> {
         let txn = self
             .txns
@@ -305,6 +309,9 @@ impl SecurityCard {
             || !crypto::verify(&sk, b"IPUR", &proof.signed_fields(), &proof.card_mac)
         {
             return Err(PsamError::BadCardData);
+        }
+        if proof.init_count <= txn.draw.init.init_count {
+            return Err(PsamError::StaleProof);
         }
         if proof.atc == txn.command.atc {
             Ok(())

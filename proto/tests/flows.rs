@@ -585,3 +585,77 @@ fn settled_transactions_can_be_forgotten_without_touching_totals() {
     assert!(hsm.forget("ld"));
     assert_eq!((hsm.txns.len(), hsm.total(EUR).amount), (1, 500));
 }
+
+// ---- stale proofs (black-box finding): a proof made BEFORE the transaction's own
+// INITIALIZE shows counters that a later LOAD / DEBIT moves; it must prove nothing ----
+
+#[test]
+fn a_zero_value_s1_made_before_the_load_is_stale_and_proves_nothing() {
+    let mut card = card_with(1_000, 50_000);
+    let mut hsm = hsm();
+    // The attack: a zero-value INITIALIZE first (kept), then the real load, LOAD run on the
+    // card, and the stale zero-value sent instead of S3 to have the hold released.
+    let stale = init_load(&mut card, 0, 10).unwrap();
+    let init = init_load(&mut card, 700, 10).unwrap();
+    let cmd = hsm
+        .authorize("ld", &init, Money::new(700, EUR), TODAY)
+        .unwrap();
+    ok(&mut card, &commands::load(&cmd));
+    assert_eq!(read_purse(&mut card).balance, 1_700, "the card loaded");
+    assert_eq!(
+        hsm.resolve_negative("ld", &stale),
+        Err(HsmError::StaleProof)
+    );
+    assert_eq!(hsm.total(EUR).amount, 0, "nothing settled on a stale proof");
+    // A proof made after the load tells the truth: loaded.
+    let fresh = init_load(&mut card, 0, 11).unwrap();
+    assert!(fresh.init_count > init.init_count);
+    let v = hsm.resolve_negative("ld", &fresh).unwrap();
+    assert!(v.loaded(), "{v:?}");
+    assert_eq!(hsm.total(EUR).amount, 700);
+}
+
+#[test]
+fn a_fresh_zero_value_s1_ends_the_load_session_so_the_load_can_never_run_after_it() {
+    let mut card = card_with(1_000, 50_000);
+    let mut hsm = hsm();
+    let init = init_load(&mut card, 700, 10).unwrap();
+    let cmd = hsm
+        .authorize("ld", &init, Money::new(700, EUR), TODAY)
+        .unwrap();
+    let zero = init_load(&mut card, 0, 11).unwrap();
+    assert!(!hsm.resolve_negative("ld", &zero).unwrap().loaded());
+    // The load command cannot run any more, not even after a new INITIALIZE for the same
+    // amount (its S2 covers the old session's S1 and card random).
+    assert_ne!(send(&mut card, &commands::load(&cmd)).sw, StatusWord::OK);
+    init_load(&mut card, 700, 10).unwrap();
+    assert_ne!(send(&mut card, &commands::load(&cmd)).sw, StatusWord::OK);
+    assert_eq!(read_purse(&mut card).balance, 1_000);
+}
+
+#[test]
+fn a_cancel_proof_made_before_the_draw_is_stale_and_reverses_nothing() {
+    let mut card = card_with(10_000, 50_000);
+    let mut psam = psam();
+    // The attack: INITIALIZE #1 kept as the "proof", INITIALIZE #2 for the draw, DEBIT.
+    select(&mut card);
+    let stale = PurchaseInit::decode(&ok(&mut card, &commands::init_purchase(TODAY))).unwrap();
+    let d = draw(&mut card, 100, "tx");
+    let auth = psam.issue_debit(&d, TODAY, false).unwrap();
+    ok(&mut card, &commands::debit(&auth.command));
+    assert_eq!(
+        stale.atc, d.init.atc,
+        "same counter: the old check was fooled"
+    );
+    assert_eq!(
+        psam.verify_not_debited(auth.command.psam_txn, &stale),
+        Err(PsamError::StaleProof)
+    );
+    // A proof made after the DEBIT shows the counter moved.
+    select(&mut card);
+    let fresh = PurchaseInit::decode(&ok(&mut card, &commands::init_purchase(TODAY))).unwrap();
+    assert!(
+        psam.verify_not_debited(auth.command.psam_txn, &fresh)
+            .is_err()
+    );
+}

@@ -4,6 +4,22 @@
 //! A driver lists readers, streams reader/card events, and opens a [`CardSession`] on a
 //! reader. Sessions hand back whole responses: T=0 `61xx` (GET RESPONSE) and `6Cxx`
 //! (wrong Le) are resolved here by [`transmit_whole`], once, for every driver.
+//!
+//! # Sharing the card with other programs
+//!
+//! On PC/SC the card may be shared with other programs on the same pcscd (OSCam, OpenSC).
+//! Two things follow, and the API carries both:
+//!
+//! - **Transactions.** A multi-APDU sequence (SELECT → READ, INITIALIZE → DEBIT, 61xx → GET
+//!   RESPONSE) runs between [`CardSession::begin_transaction`] and
+//!   [`CardSession::end_transaction`] (PC/SC: `SCardBeginTransaction`/`SCardEndTransaction`);
+//!   other programs' commands and resets wait until it ends. Transactions nest (only the
+//!   outermost pair reaches the reader). Drivers whose card no other program can reach (serial,
+//!   virtual) keep the default no-ops.
+//! - **Resets.** When another program reset the card since this session last used it, whatever
+//!   the card had selected is gone. `begin_transaction` says so (`Ok(true)`); a command sent
+//!   outside a transaction fails with [`ReaderError::CardReset`] and is *not* re-sent. Either
+//!   way the caller starts its sequence again with SELECT.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -73,6 +89,12 @@ pub enum ReaderError {
     CardRemoved { reader: String },
     #[error("reader {reader}: card is in use by another application")]
     InUse { reader: String },
+    /// Another program reset the card since this session last used it: the command was not
+    /// sent, and whatever was selected is gone.
+    #[error(
+        "reader {reader}: the card was reset by another application — select the application again"
+    )]
+    CardReset { reader: String },
     #[error("reader {reader}: timed out after {millis} ms waiting for the card — reinsert it")]
     Timeout { reader: String, millis: u64 },
     #[error(
@@ -106,8 +128,22 @@ pub trait CardSession: Send {
         &'a mut self,
         apdu: &'a [u8],
     ) -> BoxFuture<'a, Result<Vec<u8>, ReaderError>>;
-    /// Powers the card down and ends the session.
+    /// Ends the session. Drivers that own the reader power the card down; PC/SC leaves the
+    /// card as it is, because other programs may be using it (pcscd powers an idle card down
+    /// itself), and never waits for another program's transaction.
     fn power_down(&mut self) -> BoxFuture<'_, Result<(), ReaderError>>;
+    /// Begins exclusive use of the card for a multi-APDU sequence (see the module docs).
+    /// `Ok(true)`: another program reset the card since this session last used it, so the
+    /// sequence must start with SELECT. Nested calls only count. May wait while another
+    /// program holds its own transaction (bounded by the driver's timeout).
+    fn begin_transaction(&mut self) -> BoxFuture<'_, Result<bool, ReaderError>> {
+        Box::pin(async { Ok(false) })
+    }
+    /// Ends the sequence [`begin_transaction`](Self::begin_transaction) started, leaving the
+    /// card powered and selected. Without an open transaction it does nothing.
+    fn end_transaction(&mut self) -> BoxFuture<'_, Result<(), ReaderError>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// A reader driver.
@@ -127,11 +163,37 @@ pub trait ReaderDriver: Send + Sync {
 /// so a card that answers 61xx forever cannot loop us endlessly.
 const MAX_CHAINED: usize = 32;
 
+/// True for ISO 7816-4 SELECT (any class, INS `A4`): the command that starts a sequence.
+pub fn is_select(apdu: &[u8]) -> bool {
+    apdu.get(1) == Some(&0xA4)
+}
+
 /// Transmits `apdu` and resolves T=0 `61xx` and `6Cxx` so the caller gets the whole response.
+///
+/// The command and its GET RESPONSE / re-send run in one transaction, so no other program's
+/// command comes between them (nested in the caller's, if it holds one). If the card was reset
+/// since the session last used it, a SELECT is sent anyway (it starts over); any other command
+/// fails with [`ReaderError::CardReset`] without being sent.
 pub async fn transmit_whole(
     session: &mut dyn CardSession,
     apdu: &[u8],
 ) -> Result<Vec<u8>, ReaderError> {
+    let reset = session.begin_transaction().await?;
+    if reset && !is_select(apdu) {
+        let _ = session.end_transaction().await;
+        return Err(ReaderError::CardReset {
+            reader: session.reader().to_string(),
+        });
+    }
+    let r = chained(session, apdu).await;
+    if let Err(e) = session.end_transaction().await {
+        // The answer (if any) still stands; a broken session shows on its next use.
+        tracing::debug!(reader = %session.reader(), error = %e, "ending the transaction failed");
+    }
+    r
+}
+
+async fn chained(session: &mut dyn CardSession, apdu: &[u8]) -> Result<Vec<u8>, ReaderError> {
     let mut command = apdu.to_vec();
     let mut data = Vec::new();
     for _ in 0..MAX_CHAINED {

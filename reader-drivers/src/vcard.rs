@@ -17,7 +17,8 @@ use proto::card::{CardSpec, CardState, PurseCard};
 use proto::purse::IssuerKeys;
 
 const MAGIC: &[u8; 4] = b"PLVC";
-const FORMAT: u8 = 1;
+/// 2: the card counts its INITIALIZE commands (`purchase_inits`, `load_inits`).
+const FORMAT: u8 = 2;
 /// ISO 7816-4 "memory failure": the card could not persist, so nothing happened.
 pub const SW_MEMORY_FAILURE: StatusWord = StatusWord(0x6581);
 
@@ -128,7 +129,9 @@ fn decode(bytes: &[u8]) -> Result<CardState, String> {
         .ok_or("missing PLVC magic")?;
     let (&format, body) = rest.split_first().ok_or("no format byte")?;
     if format != FORMAT {
-        return Err(format!("format {format}, this build reads {FORMAT}"));
+        return Err(format!(
+            "format {format}, this build reads {FORMAT}: make the card again with `vcard create`"
+        ));
     }
     postcard::from_bytes(body).map_err(|e| e.to_string())
 }

@@ -184,7 +184,7 @@ async fn pps_disabled_stays_at_the_default_speed() {
         )
         .unwrap();
         let mut cfg = SerialConfig::new("phoenix0", emu.path());
-        cfg.pps = false;
+        cfg.pps = reader_drivers::serial::PpsPolicy::Off;
         let driver = SerialDriver::with_lines(cfg, emu.lines_factory());
         let (mut session, _) = driver.connect("phoenix0").await.unwrap();
         assert_eq!(emu.stats().pps1, None);

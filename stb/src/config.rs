@@ -59,13 +59,33 @@ pub enum ReaderConfig {
         #[serde(default = "any_reader")]
         name: String,
     },
-    /// A Phoenix or Smartmouse reader on a serial port.
+    /// A Phoenix or Smartmouse reader on a serial port. `profile` sets the wiring; every
+    /// other key overrides one part of it (see `config/stbd.example.toml`).
     Serial {
         device: String,
         #[serde(default)]
         profile: SerialProfile,
         /// The clock the reader gives the card, if not the profile's.
         clock_hz: Option<u32>,
+        /// The pin that resets the card: "rts" or "dtr".
+        reset: Option<reader_drivers::serial::OutputLine>,
+        /// The level of that pin that holds the card in reset: "high" or "low".
+        reset_asserted: Option<Level>,
+        /// The card switch: "cd", "dsr", "cts", "ri", or "none" (assume a card is present).
+        card_detect: Option<DetectLine>,
+        /// The level of the card-detect pin that means a card is in.
+        card_present: Option<Level>,
+        /// The reader echoes every byte sent.
+        echo: Option<bool>,
+        /// The fastest line speed to use.
+        max_baud: Option<u32>,
+        /// Extra guard time (etu) between our characters, on top of the card's TC1.
+        guard_etu: Option<u8>,
+        /// "negotiate" (PPS to the fastest speed allowed) or "off".
+        pps: Option<reader_drivers::serial::PpsPolicy>,
+        /// Where the modem lines are: "port" (the device's own pins), or "socket:PATH" for a
+        /// pty served by `vcard serial-pty`, which has none.
+        modem_lines: Option<String>,
     },
     /// The in-process virtual card in a file (development and tests).
     Virtual { card_file: PathBuf },
@@ -78,11 +98,43 @@ fn any_reader() -> String {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SerialProfile {
-    /// Phoenix: 3.5712 MHz, echoes every byte (single-wire I/O).
+    /// Phoenix: 3.5712 MHz, RTS high holds reset, CD high = card, echoes every byte.
     #[default]
     Phoenix,
-    /// Smartmouse: 3.5712 MHz, no echo.
+    /// Smartmouse: 3.5712 MHz, RTS *low* holds reset, CD high = card, echoes like a Phoenix.
     Smartmouse,
+}
+
+/// A pin level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    High,
+    Low,
+}
+
+/// Which pin reports the card, or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DetectLine {
+    Cd,
+    Dsr,
+    Cts,
+    Ri,
+    None,
+}
+
+/// `modem_lines`: "port" or "socket:PATH".
+pub fn parse_modem_lines(s: &str) -> Result<reader_drivers::serial::ModemLines, String> {
+    match s {
+        "port" => Ok(reader_drivers::serial::ModemLines::Port),
+        _ => match s.strip_prefix("socket:") {
+            Some(p) if !p.is_empty() => Ok(reader_drivers::serial::ModemLines::Socket(p.into())),
+            _ => Err(format!(
+                "{s:?}: expected \"port\" or \"socket:PATH\" (the path `vcard serial-pty` prints)"
+            )),
+        },
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -318,6 +370,29 @@ impl Config {
             ReaderConfig::Serial { device, .. } if device.is_empty() => {
                 return Err(bad("reader.device", "is empty".into()));
             }
+            ReaderConfig::Serial {
+                modem_lines,
+                max_baud,
+                guard_etu,
+                clock_hz,
+                ..
+            } => {
+                if let Some(m) = modem_lines {
+                    parse_modem_lines(m).map_err(|e| bad("reader.modem_lines", e))?;
+                }
+                if max_baud.is_some_and(|b| b < 9600) {
+                    return Err(bad("reader.max_baud", "must be at least 9600".into()));
+                }
+                if guard_etu.is_some_and(|g| g == 255) {
+                    return Err(bad("reader.guard_etu", "must be 0 to 254".into()));
+                }
+                if clock_hz.is_some_and(|c| !(1_000_000..=20_000_000).contains(&c)) {
+                    return Err(bad(
+                        "reader.clock_hz",
+                        "must be 1000000 to 20000000 (ISO 7816-3 clocks)".into(),
+                    ));
+                }
+            }
             ReaderConfig::Virtual { card_file } => must_exist("reader.card_file", card_file)?,
             _ => {}
         }
@@ -500,6 +575,55 @@ dir = "{p}"
             .unwrap_err()
             .to_string();
         assert!(e.contains("cannot read"), "{e}");
+    }
+
+    #[test]
+    fn serial_reader_keys() {
+        let (_d, text) = files();
+        let serial = |extra: &str| {
+            text.replace(
+                "kind = \"virtual\"",
+                &format!("kind = \"serial\"\ndevice = \"/dev/ttyUSB0\"\n{extra}"),
+            )
+            .lines()
+            .filter(|l| !l.starts_with("card_file"))
+            .collect::<Vec<_>>()
+            .join("\n")
+        };
+        let c = Config::parse(
+            Path::new("t.toml"),
+            &serial(
+                "profile = \"smartmouse\"\nreset = \"dtr\"\nreset_asserted = \"high\"\n\
+                 card_detect = \"none\"\nmax_baud = 153600\nguard_etu = 2\npps = \"off\"\n\
+                 modem_lines = \"socket:/run/vcard.lines\"",
+            ),
+        )
+        .unwrap();
+        let ReaderConfig::Serial {
+            profile,
+            reset,
+            card_detect,
+            pps,
+            ..
+        } = c.reader
+        else {
+            panic!()
+        };
+        assert_eq!(profile, SerialProfile::Smartmouse);
+        assert_eq!(reset, Some(reader_drivers::serial::OutputLine::Dtr));
+        assert_eq!(card_detect, Some(DetectLine::None));
+        assert_eq!(pps, Some(reader_drivers::serial::PpsPolicy::Off));
+        for (extra, key) in [
+            ("modem_lines = \"tcp:x\"", "reader.modem_lines"),
+            ("max_baud = 1200", "reader.max_baud"),
+            ("guard_etu = 255", "reader.guard_etu"),
+            ("reset = \"cd\"", "[reader]"),
+        ] {
+            let e = Config::parse(Path::new("t.toml"), &serial(extra))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        }
     }
 
     #[test]

@@ -38,6 +38,36 @@ pub fn format_readers(readers: &[ReaderInfo]) -> String {
     out
 }
 
+/// One serial reader's block: the device, its wiring, and what a reset gave (ATR, protocol,
+/// speed, and what the ATR parser noted).
+pub fn format_serial(
+    index: usize,
+    device: &str,
+    wiring: &str,
+    card: &Result<reader_drivers::serial::SerialCardInfo, ReaderError>,
+) -> String {
+    let mut out = format!("Reader {index}: serial {device} ({wiring})\n");
+    match card {
+        Ok(info) => {
+            out.push_str("  Card state: card present\n");
+            out.push_str(&format!("  ATR: {}\n", hex_spaced(&info.atr)));
+            out.push_str(&format!(
+                "  Protocol: T={}, {} baud, {:?} convention\n",
+                info.protocol, info.baud, info.convention
+            ));
+            for w in &info.warnings {
+                out.push_str(&format!("  Note: {w}\n"));
+            }
+        }
+        Err(ReaderError::NoCard { .. }) => out.push_str("  Card state: no card\n"),
+        Err(ReaderError::Mute { .. }) => {
+            out.push_str("  Card state: card is mute — reinsert it, check profile and clock_hz\n")
+        }
+        Err(e) => out.push_str(&format!("  Card state: {e}\n")),
+    }
+    out
+}
+
 /// Lists the readers. No reader at all is an error ("no reader attached — plug in a card
 /// reader"), so a script sees a non-zero exit.
 pub async fn list(driver: &dyn ReaderDriver) -> Result<String, ReaderError> {
@@ -92,6 +122,23 @@ mod tests {
             "Reader 0: Virtual PCD 00 00\n  Card state: card present\n  ATR: 3B 80 80 01 01\n\
              Reader 1: Virtual PCD 00 01\n  Card state: no card\n\
              Reader 2: Phoenix /dev/ttyUSB0\n  Card state: card is mute — reinsert it\n"
+        );
+    }
+
+    #[test]
+    fn serial_reader_with_its_atr() {
+        let info = reader_drivers::serial::SerialCardInfo {
+            atr: vec![0x3B, 0x00, 0x90],
+            warnings: vec!["1 byte(s) after the end of the ATR; discarded".into()],
+            protocol: 0,
+            baud: 9600,
+            convention: reader_drivers::serial::atr::Convention::Direct,
+        };
+        assert_eq!(
+            format_serial(1, "/dev/ttyUSB0", "RTS high resets", &Ok(info)),
+            "Reader 1: serial /dev/ttyUSB0 (RTS high resets)\n  Card state: card present\n  \
+             ATR: 3B 00 90\n  Protocol: T=0, 9600 baud, Direct convention\n  \
+             Note: 1 byte(s) after the end of the ATR; discarded\n"
         );
     }
 

@@ -117,6 +117,7 @@ fn psam_error(e: &PsamError) -> ErrorCode {
         PsamError::InsufficientValue { .. } => ErrorCode::InsufficientValue,
         PsamError::ResponseMismatch => ErrorCode::AmountMismatch,
         PsamError::UnknownTransaction(_) => ErrorCode::UnknownTransaction,
+        PsamError::StaleProof => ErrorCode::ProofRejected,
         PsamError::ZeroAmount => ErrorCode::Malformed,
         PsamError::AlreadyCompleted(_) | PsamError::CounterExhausted | PsamError::NoKey => {
             ErrorCode::Internal
@@ -342,8 +343,9 @@ impl PaymentServer {
         };
         let expected = auth.expected_card_signature;
         let mut rng = OsRng;
-        let cmd_body = DebitCommandBody {
-            command: auth.command.clone(),
+        // The expected signature and result M go to the gateway alone (FIG. 6/7): a box that
+        // saw the expected signature could answer without debiting its card.
+        let gateway = GatewayCopy {
             expected_card_signature: (m.def.embodiment == Embodiment::Gateway)
                 .then_some(())
                 .and(expected),
@@ -362,10 +364,19 @@ impl PaymentServer {
                 )
             }),
         };
-        let answer = Message::DebitCommand(DebitCommandMsg {
-            transaction_id: txid.clone(),
-            body: Protected::new(cmd_body, tsk.as_ref(), &mut rng),
-        });
+        let answer = Message::RoutedDebitCommand {
+            command: DebitCommandMsg {
+                transaction_id: txid.clone(),
+                body: Protected::new(
+                    DebitCommandBody {
+                        command: auth.command.clone(),
+                    },
+                    tsk.as_ref(),
+                    &mut rng,
+                ),
+            },
+            gateway,
+        };
         let record = PayTxn {
             transaction_id: txid.clone(),
             merchant_id: req.merchant_id.clone(),
@@ -818,5 +829,6 @@ pub fn kind(m: &Message) -> &'static str {
         Message::Reversals(_) => "a reversal feed page",
         Message::Reversed(_) => "a reversal notice",
         Message::Ack { .. } => "an acknowledgement",
+        Message::RoutedDebitCommand { .. } => "a routed debit command",
     }
 }

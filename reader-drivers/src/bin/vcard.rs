@@ -5,7 +5,9 @@
 //! - `vcard attach-vpcd` puts the card in vsmartcard's virtual reader, so any PC/SC
 //!   application sees it in "Virtual PCD 00 00"; it re-attaches when pcscd restarts and
 //!   detaches (card removed) on Ctrl-C or SIGTERM.
-//! - `vcard serial-pty` runs a Phoenix reader with the card on a pty.
+//! - `vcard serial-pty` runs a Phoenix or Smartmouse reader with the card on a pty (T=0 or
+//!   T=1, direct or inverse convention), its modem lines on a Unix socket, so a real `stbd`
+//!   can use it (`[reader] kind = "serial"`, `modem_lines = "socket:PATH"`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -75,9 +77,9 @@ enum Cmd {
         #[arg(long)]
         no_retry: bool,
     },
-    /// Emulate a Phoenix reader holding the card on a pty; prints the pty path. Reset and
-    /// card-detect lines are simulated in-process only (ptys have no modem lines), so an
-    /// out-of-process driver sees a card that is present and already reset.
+    /// Emulate a Phoenix or Smartmouse reader holding the card on a pty. Prints the pty path
+    /// (`pty PATH`) and the modem-line socket (`lines PATH`): ptys have no modem lines, so
+    /// reset and card detect are served on that socket (stbd: `modem_lines = "socket:PATH"`).
     SerialPty {
         /// The card state file.
         #[arg(long)]
@@ -85,7 +87,50 @@ enum Cmd {
         /// Card clock in Hz (3571200 gives 9600 baud).
         #[arg(long, default_value_t = 3_571_200)]
         clock_hz: u32,
+        /// The reader's wiring: phoenix (RTS high resets) or smartmouse (RTS low resets).
+        #[arg(long, default_value = "phoenix")]
+        profile: String,
+        /// The card's protocol: t0 or t1.
+        #[arg(long, default_value = "t0")]
+        protocol: String,
+        /// Inverse convention (TS = 3F).
+        #[arg(long)]
+        inverse: bool,
+        /// TA1 the card offers (hex; Fi/Di for PPS): 18 is 115200 baud at 3.5712 MHz.
+        #[arg(long, default_value = "18")]
+        ta1: String,
+        /// The whole ATR (hex, values), overriding the options above.
+        #[arg(long)]
+        atr: Option<String>,
+        /// Where to serve the modem lines (default: beside the card file).
+        #[arg(long)]
+        lines_socket: Option<PathBuf>,
+        /// Also make this symlink to the pty (a stable path for a config).
+        #[arg(long)]
+        link: Option<PathBuf>,
     },
+}
+
+/// The virtual card's ATR on a serial reader: historical bytes "PURSELINK1", TA1 offering a
+/// speed, and for T=1 the T=1 bytes (IFSC 254, BWI 4, CWI 5, LRC) and a TCK.
+fn serial_atr(protocol: &str, inverse: bool, ta1: u8) -> Result<Vec<u8>, CliError> {
+    let hist = b"PURSELINK1";
+    let ts = if inverse { 0x3F } else { 0x3B };
+    let mut atr = match protocol {
+        "t0" => vec![ts, 0x10 | hist.len() as u8, ta1],
+        "t1" => vec![ts, 0x90 | hist.len() as u8, ta1, 0x81, 0x31, 0xFE, 0x45],
+        other => {
+            return Err(CliError::Usage(format!(
+                "--protocol {other:?}: expected t0 or t1"
+            )));
+        }
+    };
+    atr.extend_from_slice(hist);
+    if protocol == "t1" {
+        let tck = atr[1..].iter().fold(0u8, |a, b| a ^ b);
+        atr.push(tck);
+    }
+    Ok(atr)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -270,17 +315,63 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             println!("card detached");
             Ok(())
         }
-        Cmd::SerialPty { card, clock_hz } => {
+        Cmd::SerialPty {
+            card,
+            clock_hz,
+            profile,
+            protocol,
+            inverse,
+            ta1,
+            atr,
+            lines_socket,
+            link,
+        } => {
             use reader_drivers::emulator::phoenix::{PhoenixConfig, PhoenixEmulator};
+            use reader_drivers::serial::LineConfig;
+            use std::io::Write;
+            let wiring = match profile.as_str() {
+                "phoenix" => LineConfig::PHOENIX,
+                "smartmouse" => LineConfig::SMARTMOUSE,
+                other => {
+                    return Err(CliError::Usage(format!(
+                        "--profile {other:?}: expected phoenix or smartmouse"
+                    )));
+                }
+            };
+            let atr = match atr {
+                Some(h) => hex::decode(h.replace([' ', ':'], ""))
+                    .map_err(|e| CliError::Usage(format!("--atr: {e}")))?,
+                None => {
+                    let ta1 = u8::from_str_radix(&ta1, 16)
+                        .map_err(|e| CliError::Usage(format!("--ta1 {ta1:?}: {e}")))?;
+                    serial_atr(&protocol, inverse, ta1)?
+                }
+            };
             let vc = VirtualCard::open(&card)?;
             let config = PhoenixConfig {
                 clock_hz,
+                atr: Some(atr.clone()),
+                wiring,
                 ..PhoenixConfig::default()
             };
-            let emu = PhoenixEmulator::start(Box::new(vc), config)?;
+            let mut emu = PhoenixEmulator::start(Box::new(vc), config)?;
+            let socket = lines_socket.unwrap_or_else(|| card.with_extension("lines"));
+            let socket = std::path::absolute(&socket).unwrap_or(socket);
+            emu.serve_lines(&socket)?;
             emu.set_card_present(true);
-            println!("{}", emu.path());
+            if let Some(link) = &link {
+                let _ = std::fs::remove_file(link);
+                std::os::unix::fs::symlink(emu.path(), link)?;
+            }
+            let mut out = std::io::stdout();
+            writeln!(out, "pty {}", emu.path())?;
+            writeln!(out, "lines {}", socket.display())?;
+            writeln!(out, "atr {}", hex::encode_upper(&atr))?;
+            out.flush()?;
             shutdown_signal().await;
+            if let Some(link) = &link {
+                let _ = std::fs::remove_file(link);
+            }
             drop(emu);
             Ok(())
         }

@@ -49,10 +49,7 @@ pub(crate) fn map_error(e: pcsc::Error, reader: Option<&str>) -> ReaderError {
             reader,
             detail: "the command could not be sent to the card — reinsert it".into(),
         },
-        pcsc::Error::ResetCard => ReaderError::Io {
-            reader,
-            detail: "another application reset the card — retry".into(),
-        },
+        pcsc::Error::ResetCard => ReaderError::CardReset { reader },
         other => ReaderError::Io {
             reader,
             detail: format!("PC/SC error: {other}"),
@@ -92,6 +89,10 @@ mod tests {
             }
         );
         assert_eq!(map_error(pcsc::Error::Cancelled, r), ReaderError::Shutdown);
+        assert_eq!(
+            map_error(pcsc::Error::ResetCard, r).to_string(),
+            "reader Virtual PCD 00 00: the card was reset by another application — select the application again"
+        );
         assert!(is_service_error(pcsc::Error::ServiceStopped));
         assert!(!is_service_error(pcsc::Error::RemovedCard));
     }

@@ -4,25 +4,35 @@
 //! - [`PcscDriver`] implements [`ReaderDriver`]. `list` and `connect` establish a fresh PC/SC
 //!   context per call, so a pcscd restart between calls needs no recovery; event streams run
 //!   on dedicated blocking threads ([`watcher`]) that re-establish their context themselves.
-//! - Every blocking pcsc call runs under `spawn_blocking`; `transmit` is also bounded by a
-//!   timeout so a reader that never answers cannot hang the caller.
+//! - A session ([`PcscSession`], module `session`) is a thread of its own that owns the card,
+//!   so a PC/SC transaction can span several calls; every call is bounded by a timeout, so a
+//!   reader that never answers (or another program that holds the card) cannot hang the caller.
+//! - Sharing with other programs: transactions, resets reported rather than papered over, the
+//!   card never reset on our behalf (see the `session` module and the API docs).
+//! - `connect` times out ([`PcscDriver::with_connect_timeout`]) without leaking a thread per
+//!   attempt: while one `SCardConnect` on a reader has not returned (pcscd holds it while
+//!   another program keeps a transaction open), later attempts on that reader wait for it
+//!   instead of starting another.
 //! - `pcsc::Error`s become [`ReaderError`]s that name the reader and say what to do
 //!   ([`errors`]).
 
 mod errors;
+mod session;
 mod watcher;
 
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use pcsc::{Card, Context, Disposition, Protocols, ReaderState, Scope, ShareMode, State};
-use tokio::sync::mpsc;
+use pcsc::{Card, Context, ReaderState, Scope, State};
+use tokio::sync::{mpsc, watch};
 
 use crate::api::{
     BoxFuture, CardPresence, CardSession, ReaderDriver, ReaderError, ReaderEvent, ReaderInfo,
 };
 use errors::map_error;
+pub use session::PcscSession;
 use watcher::{Timing, WatchCtl};
 
 /// Capacity of an event channel. The watcher blocks (it is on its own thread) when the
@@ -33,6 +43,8 @@ const EVENT_CAPACITY: usize = 64;
 pub struct PcscDriver {
     watchers: Mutex<Vec<Weak<WatchCtl>>>,
     transmit_timeout: Duration,
+    connect_timeout: Duration,
+    connects: Arc<ConnectGate>,
     timing: Timing,
 }
 
@@ -47,6 +59,8 @@ impl PcscDriver {
         Self {
             watchers: Mutex::new(Vec::new()),
             transmit_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            connects: Arc::default(),
             timing: Timing {
                 poll: Duration::from_secs(1),
                 retry: Duration::from_millis(500),
@@ -58,6 +72,15 @@ impl PcscDriver {
     /// [`ReaderError::Timeout`] (default 30 s; slow cards doing crypto need seconds).
     pub fn with_transmit_timeout(mut self, timeout: Duration) -> Self {
         self.transmit_timeout = timeout;
+        self
+    }
+
+    /// How long `connect` waits for pcscd to connect the card (default 5 s) before it gives
+    /// up with [`ReaderError::Timeout`]. pcscd holds a connect while another program keeps a
+    /// transaction open on the card; the attempt then goes on in the background (one per
+    /// reader at most) and its card is left as it was.
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
         self
     }
 
@@ -84,11 +107,11 @@ impl Drop for PcscDriver {
     }
 }
 
-fn establish() -> Result<Context, ReaderError> {
+pub(crate) fn establish() -> Result<Context, ReaderError> {
     Context::establish(Scope::User).map_err(|e| map_error(e, None))
 }
 
-fn reader_cstring(reader: &str) -> Result<CString, ReaderError> {
+pub(crate) fn reader_cstring(reader: &str) -> Result<CString, ReaderError> {
     CString::new(reader).map_err(|_| ReaderError::UnknownReader {
         reader: reader.escape_debug().to_string(),
     })
@@ -129,30 +152,6 @@ fn list_blocking() -> Result<Vec<ReaderInfo>, ReaderError> {
             card: watcher::presence(s.event_state(), s.atr()),
         })
         .collect())
-}
-
-fn connect_blocking(reader: String) -> Result<PcscSession, ReaderError> {
-    let ctx = establish()?;
-    let name = reader_cstring(&reader)?;
-    let card = ctx
-        .connect(&name, ShareMode::Shared, Protocols::ANY)
-        .map_err(|e| match e {
-            // pcsc-lite says "no readers" when the named reader is missing and none exist.
-            pcsc::Error::NoReadersAvailable => ReaderError::NoReader,
-            e => map_error(e, Some(&reader)),
-        })?;
-    let atr = card
-        .status2_owned()
-        .map_err(|e| map_error(e, Some(&reader)))?
-        .atr()
-        .to_vec();
-    tracing::debug!(reader = %reader, atr = %hex::encode(&atr), "pcsc: connected");
-    Ok(PcscSession {
-        reader,
-        card: Arc::new(Mutex::new(Some(card))),
-        atr,
-        timeout: Duration::ZERO,
-    })
 }
 
 impl ReaderDriver for PcscDriver {
@@ -208,51 +207,78 @@ impl ReaderDriver for PcscDriver {
         reader: &'a str,
     ) -> BoxFuture<'a, Result<(Box<dyn CardSession>, Vec<u8>), ReaderError>> {
         let reader = reader.to_string();
-        let timeout = self.transmit_timeout;
         Box::pin(async move {
-            let mut session = blocking(move || connect_blocking(reader)).await?;
-            session.timeout = timeout;
-            let atr = session.atr.clone();
+            let deadline = tokio::time::Instant::now() + self.connect_timeout;
+            let permit = self
+                .connects
+                .acquire(&reader, deadline, self.connect_timeout)
+                .await?;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let session = session::open(reader, permit, left, self.transmit_timeout).await?;
+            let atr = session.atr().to_vec();
             Ok((Box::new(session) as Box<dyn CardSession>, atr))
         })
     }
 }
 
-/// A PC/SC connection to one card. The card handle sits behind a mutex shared with the
-/// blocking workers, so a caller that gives up (timeout, dropped future) does not lose it.
-pub struct PcscSession {
-    reader: String,
-    card: Arc<Mutex<Option<Card>>>,
-    atr: Vec<u8>,
-    timeout: Duration,
+/// At most one `SCardConnect` in flight per reader. The entry goes (waking the waiters) when
+/// the connect returns, whether or not anyone still wants its card.
+#[derive(Default)]
+pub(crate) struct ConnectGate {
+    busy: Mutex<HashMap<String, watch::Sender<()>>>,
 }
 
-impl PcscSession {
-    /// Runs `f` on the card in a blocking worker, bounded by the session timeout.
-    async fn with_card<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Option<Card>, &str) -> Result<T, ReaderError> + Send + 'static,
-    ) -> Result<T, ReaderError> {
-        let card = self.card.clone();
-        let reader = self.reader.clone();
-        let work = blocking(move || {
-            let mut guard = card.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut guard, &reader)
-        });
-        match tokio::time::timeout(self.timeout, work).await {
-            Ok(r) => r,
-            Err(_) => Err(ReaderError::Timeout {
-                reader: self.reader.clone(),
-                millis: self.timeout.as_millis() as u64,
-            }),
+/// The right to run one `SCardConnect` on a reader; released on drop.
+pub(crate) struct ConnectPermit {
+    gate: Arc<ConnectGate>,
+    reader: String,
+}
+
+impl ConnectGate {
+    /// Waits until no connect on `reader` is in flight, then takes the slot; a
+    /// [`ReaderError::Timeout`] at `deadline`.
+    async fn acquire(
+        self: &Arc<Self>,
+        reader: &str,
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+    ) -> Result<ConnectPermit, ReaderError> {
+        loop {
+            let mut rx = {
+                let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+                match busy.get(reader) {
+                    Some(tx) => tx.subscribe(),
+                    None => {
+                        busy.insert(reader.to_string(), watch::channel(()).0);
+                        return Ok(ConnectPermit {
+                            gate: self.clone(),
+                            reader: reader.to_string(),
+                        });
+                    }
+                }
+            };
+            tracing::debug!(reader = %reader, "pcsc: an earlier connect has not returned; waiting for it");
+            // Ends (Err) when the sender goes, i.e. when the earlier connect returned.
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return Err(ReaderError::Timeout {
+                    reader: reader.to_string(),
+                    millis: timeout.as_millis() as u64,
+                });
+            }
         }
     }
 }
 
-fn closed(reader: &str) -> ReaderError {
-    ReaderError::Io {
-        reader: reader.to_string(),
-        detail: "session is powered down — connect again".into(),
+impl Drop for ConnectPermit {
+    fn drop(&mut self) {
+        self.gate
+            .busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.reader);
     }
 }
 
@@ -279,7 +305,7 @@ fn card_gone(card: &Card, grace: Duration) -> bool {
 
 /// After a failed exchange, asks the reader whether the card is still there, so a card
 /// pulled mid-APDU reads as `CardRemoved` whatever error the transport gave.
-fn classify_failure(card: &Card, e: pcsc::Error, reader: &str) -> ReaderError {
+pub(crate) fn classify_failure(card: &Card, e: pcsc::Error, reader: &str) -> ReaderError {
     if e == pcsc::Error::RemovedCard || card_gone(card, REMOVAL_GRACE) {
         return ReaderError::CardRemoved {
             reader: reader.to_string(),
@@ -290,7 +316,7 @@ fn classify_failure(card: &Card, e: pcsc::Error, reader: &str) -> ReaderError {
 
 /// A "successful" exchange without a status word: vpcd answers that way when the card went
 /// away mid-command; otherwise the card did not answer properly.
-fn classify_short_response(card: &Card, resp: &[u8], reader: &str) -> ReaderError {
+pub(crate) fn classify_short_response(card: &Card, resp: &[u8], reader: &str) -> ReaderError {
     if card_gone(card, REMOVAL_GRACE) {
         ReaderError::CardRemoved {
             reader: reader.to_string(),
@@ -307,90 +333,6 @@ fn classify_short_response(card: &Card, resp: &[u8], reader: &str) -> ReaderErro
                 hex::encode(resp)
             ),
         }
-    }
-}
-
-impl CardSession for PcscSession {
-    fn reader(&self) -> &str {
-        &self.reader
-    }
-
-    fn reset(&mut self) -> BoxFuture<'_, Result<Vec<u8>, ReaderError>> {
-        Box::pin(async move {
-            let atr = self
-                .with_card(|card, reader| {
-                    let card = card.as_mut().ok_or_else(|| closed(reader))?;
-                    card.reconnect(ShareMode::Shared, Protocols::ANY, Disposition::ResetCard)
-                        .map_err(|e| classify_failure(card, e, reader))?;
-                    let status = card
-                        .status2_owned()
-                        .map_err(|e| map_error(e, Some(reader)))?;
-                    Ok(status.atr().to_vec())
-                })
-                .await?;
-            self.atr = atr.clone();
-            Ok(atr)
-        })
-    }
-
-    fn transmit_raw<'a>(
-        &'a mut self,
-        apdu: &'a [u8],
-    ) -> BoxFuture<'a, Result<Vec<u8>, ReaderError>> {
-        Box::pin(async move {
-            if apdu.len() < 4 {
-                return Err(ReaderError::Protocol {
-                    reader: self.reader.clone(),
-                    detail: format!(
-                        "command APDU of {} bytes is shorter than the 4-byte header",
-                        apdu.len()
-                    ),
-                });
-            }
-            let apdu = apdu.to_vec();
-            self.with_card(move |card, reader| {
-                let card = card.as_mut().ok_or_else(|| closed(reader))?;
-                let mut buf = vec![0u8; pcsc::MAX_BUFFER_SIZE_EXTENDED];
-                let first = match card.transmit(&apdu, &mut buf) {
-                    Ok(resp) => Ok(resp.to_vec()),
-                    Err(e) => Err(e),
-                };
-                match first {
-                    Ok(resp) if resp.len() >= 2 => return Ok(resp),
-                    Ok(resp) => return Err(classify_short_response(card, &resp, reader)),
-                    // Another application reset the card: reconnect once and re-send.
-                    Err(pcsc::Error::ResetCard) => {
-                        tracing::info!(reader = %reader, "pcsc: card was reset by another application; reconnecting");
-                        card.reconnect(ShareMode::Shared, Protocols::ANY, Disposition::LeaveCard)
-                            .map_err(|e| classify_failure(card, e, reader))?;
-                    }
-                    Err(e) => return Err(classify_failure(card, e, reader)),
-                }
-                match card.transmit(&apdu, &mut buf).map(|r| r.to_vec()) {
-                    Ok(resp) if resp.len() >= 2 => Ok(resp),
-                    Ok(resp) => Err(classify_short_response(card, &resp, reader)),
-                    Err(e) => Err(classify_failure(card, e, reader)),
-                }
-            })
-            .await
-        })
-    }
-
-    fn power_down(&mut self) -> BoxFuture<'_, Result<(), ReaderError>> {
-        Box::pin(async move {
-            self.with_card(|card, reader| {
-                let Some(card) = card.take() else {
-                    return Ok(());
-                };
-                match card.disconnect(Disposition::UnpowerCard) {
-                    Ok(()) => Ok(()),
-                    // The card is already gone: powered down as far as anyone can tell.
-                    Err((_, pcsc::Error::RemovedCard | pcsc::Error::NoSmartcard)) => Ok(()),
-                    Err((_, e)) => Err(map_error(e, Some(reader))),
-                }
-            })
-            .await
-        })
     }
 }
 

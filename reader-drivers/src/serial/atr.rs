@@ -1,15 +1,29 @@
-//! ISO 7816-3 answer-to-reset parser: TS (direct or inverse convention), T0, the interface
-//! bytes TA1…TDi, the historical bytes and the TCK check; and the timing parameters the serial
-//! driver takes from the ATR (Fi/Di, extra guard time, WI, offered protocols).
+//! ISO 7816-3 answer-to-reset parser that reads what cards in the field send: TS (direct or
+//! inverse convention), T0, the interface bytes TA1…TDi, the historical bytes and the TCK; and
+//! the parameters the serial driver takes from the ATR (Fi/Di, extra guard time, WI, specific
+//! mode, offered protocols, T=1's IFSC/CWI/BWI/EDC).
 //!
-//! Sans-IO and total: any byte string yields an [`Atr`] or a specific [`AtrError`], never a
-//! panic. [`AtrError::Truncated`] doubles as "need more bytes" when the ATR is read one byte at
-//! a time off the line.
+//! Real cards break the letter of ISO 7816-3 in ways a reader stack has to live with (the
+//! pcsc-tools ATR list is full of them): a wrong TCK, a missing TCK, a stray byte after a T=0
+//! ATR, bytes after the TCK, historical bytes cut short, reserved TA1 values. Like OSCam and
+//! pcsc-lite's CCID driver, [`Atr::parse`] reads what is there and records each of these as an
+//! [`AtrWarning`]; only a byte string with no interface structure (no TS, interface bytes cut
+//! off) is an [`AtrError`]. [`accept`] adds the one refusal that matters to a driver: no
+//! protocol it speaks (T=0 or T=1).
+//!
+//! Sans-IO and total: any byte string yields an [`Atr`] or an [`AtrError`], never a panic.
+//! [`progress`] tells the serial shell, byte by byte, how much of the ATR has arrived, so it
+//! can wait the ISO waiting time for the interface and historical bytes and then only a short
+//! quiet time for the TCK and whatever trails it.
 
 use std::time::Duration;
 
 /// The longest ATR ISO 7816-3 allows (TS + 32 characters).
 pub const MAX_ATR_LEN: usize = 33;
+
+/// The most bytes the serial shell reads after a reset (an ATR plus what trails it) before it
+/// stops listening and flushes the rest.
+pub const MAX_LINE_BYTES: usize = 64;
 
 /// How the card codes its characters on the line, given by TS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,23 +59,83 @@ impl Convention {
     }
 }
 
-/// Why a byte string is not a well-formed ATR.
+/// Why a byte string is not an ATR a reader can use.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AtrError {
     #[error("empty ATR")]
     Empty,
     #[error("TS is {0:#04x}; expected 3B (direct convention) or 3F (inverse convention)")]
     BadTs(u8),
-    #[error("ATR truncated: {have} bytes, at least {needed} needed")]
-    Truncated { needed: usize, have: usize },
     #[error(
-        "TCK mismatch: received {received:#04x}, XOR of T0..historical bytes gives {computed:#04x}"
+        "ATR ends inside its interface bytes ({have} bytes, T0 and the TDi announce at least {needed})"
     )]
-    BadTck { computed: u8, received: u8 },
-    #[error("ATR of {len} bytes exceeds the {MAX_ATR_LEN}-byte maximum")]
+    IncompleteInterface { have: usize, needed: usize },
+    #[error("the card offers only T={protocols:?}; a serial reader speaks T=0 and T=1")]
+    NoUsableProtocol { protocols: Vec<u8> },
+}
+
+/// What a field-grade reader notes about an ATR and then lives with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AtrWarning {
+    /// The TCK does not check (XOR of T0…TCK is not zero).
+    BadTck { received: u8, computed: u8 },
+    /// A protocol other than T=0 is indicated, so a TCK is required, but none came.
+    MissingTck,
+    /// Only T=0 is indicated, yet a byte that checks as a TCK followed.
+    UnneededTck,
+    /// Bytes after the end of the ATR (after the TCK, or after a T=0 ATR).
+    TrailingBytes { count: usize },
+    /// T0 announced `expected` historical bytes, only `got` came.
+    HistoricalTruncated { expected: usize, got: usize },
+    /// TA1 holds a value ISO 7816-3 reserves (Fi or Di RFU): the defaults apply.
+    ReservedTa1 { ta1: u8 },
+    /// TC2 = 0 is reserved: WI = 10 applies.
+    ReservedWi,
+    /// The ATR proper is longer than the 33 bytes ISO 7816-3 allows.
     TooLong { len: usize },
-    #[error("{extra} bytes after the end of the ATR")]
-    TrailingBytes { extra: usize },
+}
+
+impl std::fmt::Display for AtrWarning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AtrWarning::BadTck { received, computed } => write!(
+                f,
+                "TCK {received:02X} does not check (expected {computed:02X}); ignored"
+            ),
+            AtrWarning::MissingTck => write!(f, "TCK missing; ignored"),
+            AtrWarning::UnneededTck => write!(f, "a TCK follows although only T=0 is indicated"),
+            AtrWarning::TrailingBytes { count } => {
+                write!(f, "{count} byte(s) after the end of the ATR; discarded")
+            }
+            AtrWarning::HistoricalTruncated { expected, got } => write!(
+                f,
+                "{got} of the {expected} historical bytes T0 announces; the rest never came"
+            ),
+            AtrWarning::ReservedTa1 { ta1 } => write!(
+                f,
+                "TA1 {ta1:02X} holds a reserved Fi or Di; the default speed applies"
+            ),
+            AtrWarning::ReservedWi => write!(f, "TC2 = 0 is reserved; WI = 10 applies"),
+            AtrWarning::TooLong { len } => {
+                write!(f, "the ATR is {len} bytes, over the 33 ISO 7816-3 allows")
+            }
+        }
+    }
+}
+
+/// The check character as found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tck {
+    /// Only T=0 is indicated: no TCK expected, and none (that checks) came.
+    NotRequired,
+    Ok(u8),
+    Bad {
+        received: u8,
+        computed: u8,
+    },
+    Missing,
+    /// Only T=0 is indicated, and a byte that checks as TCK followed anyway.
+    Unneeded(u8),
 }
 
 /// One group of interface bytes TAi TBi TCi TDi (i = 1, 2, …).
@@ -71,6 +145,37 @@ pub struct InterfaceGroup {
     pub tb: Option<u8>,
     pub tc: Option<u8>,
     pub td: Option<u8>,
+}
+
+/// Fi from the high nibble of TA1, with the highest clock it allows; `None` when reserved.
+pub fn fi_from_ta1(ta1: u8) -> Option<(u16, u32)> {
+    const FI: [(u16, u32); 16] = [
+        (372, 4_000_000),
+        (372, 5_000_000),
+        (558, 6_000_000),
+        (744, 8_000_000),
+        (1116, 12_000_000),
+        (1488, 16_000_000),
+        (1860, 20_000_000),
+        (0, 0),
+        (0, 0),
+        (512, 5_000_000),
+        (768, 7_500_000),
+        (1024, 10_000_000),
+        (1536, 15_000_000),
+        (2048, 20_000_000),
+        (0, 0),
+        (0, 0),
+    ];
+    let (fi, f) = FI[usize::from(ta1 >> 4)];
+    (fi != 0).then_some((fi, f))
+}
+
+/// Di from the low nibble of TA1; `None` when reserved.
+pub fn di_from_ta1(ta1: u8) -> Option<u8> {
+    const DI: [u8; 16] = [0, 1, 2, 4, 8, 16, 32, 64, 12, 20, 0, 0, 0, 0, 0, 0];
+    let di = DI[usize::from(ta1 & 0x0F)];
+    (di != 0).then_some(di)
 }
 
 /// The clock rate conversion factor and baud rate adjustment factor coded in TA1.
@@ -90,30 +195,25 @@ impl FiDi {
         fmax_hz: 5_000_000,
     };
 
-    /// Decodes TA1; `None` for the values ISO 7816-3 reserves for future use.
+    /// Decodes TA1; `None` when Fi or Di holds a value ISO 7816-3 reserves.
     pub fn from_ta1(ta1: u8) -> Option<FiDi> {
-        const FI: [(u16, u32); 16] = [
-            (372, 4_000_000),
-            (372, 5_000_000),
-            (558, 6_000_000),
-            (744, 8_000_000),
-            (1116, 12_000_000),
-            (1488, 16_000_000),
-            (1860, 20_000_000),
-            (0, 0),
-            (0, 0),
-            (512, 5_000_000),
-            (768, 7_500_000),
-            (1024, 10_000_000),
-            (1536, 15_000_000),
-            (2048, 20_000_000),
-            (0, 0),
-            (0, 0),
-        ];
-        const DI: [u8; 16] = [0, 1, 2, 4, 8, 16, 32, 64, 12, 20, 0, 0, 0, 0, 0, 0];
-        let (fi, fmax_hz) = FI[usize::from(ta1 >> 4)];
-        let di = DI[usize::from(ta1 & 0x0F)];
-        (fi != 0 && di != 0).then_some(FiDi { fi, di, fmax_hz })
+        let (fi, fmax_hz) = fi_from_ta1(ta1)?;
+        let di = di_from_ta1(ta1)?;
+        Some(FiDi { fi, di, fmax_hz })
+    }
+
+    /// The TA1/PPS1 byte coding this Fi/Di (for Fi = 372 the 5 MHz code, 1x).
+    pub fn to_ta1(self) -> Option<u8> {
+        let fi = (0..16u8)
+            .rev()
+            .find(|&n| fi_from_ta1(n << 4).is_some_and(|(fi, _)| fi == self.fi))?;
+        let di = (0..16u8).find(|&n| di_from_ta1(n) == Some(self.di))?;
+        Some(fi << 4 | di)
+    }
+
+    /// Same Fi/Di (fmax aside).
+    pub fn same_speed(self, other: FiDi) -> bool {
+        (self.fi, self.di) == (other.fi, other.di)
     }
 
     /// Bits per second on the line at clock `clock_hz`: one etu is Fi / (Di × f) seconds.
@@ -140,6 +240,129 @@ pub struct SpecificMode {
     pub implicit_parameters: bool,
 }
 
+/// T=1 error detection code (TC3 b1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Edc {
+    Lrc,
+    Crc,
+}
+
+/// T=1 parameters from the first TAi/TBi/TCi (i ≥ 3) after a TD naming T=1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct T1Params {
+    /// Information field size of the card (TA; default 32).
+    pub ifsc: u8,
+    /// Character waiting time integer (TB low nibble; default 13).
+    pub cwi: u8,
+    /// Block waiting time integer (TB high nibble; default 4).
+    pub bwi: u8,
+    pub edc: Edc,
+}
+
+impl Default for T1Params {
+    fn default() -> Self {
+        Self {
+            ifsc: 32,
+            cwi: 13,
+            bwi: 4,
+            edc: Edc::Lrc,
+        }
+    }
+}
+
+/// How far an ATR that is still arriving has come (see [`progress`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// TS, T0 or interface bytes still to come.
+    Interface,
+    /// The interface bytes are in; `total` bytes make the whole ATR (historical bytes and the
+    /// TCK when one is required).
+    Body { total: usize, tck_required: bool },
+}
+
+/// Where an ATR being read off the line stands: the shell waits up to the ATR waiting time for
+/// each interface and historical byte, and only a short quiet time once the historical bytes
+/// are in (for the TCK and whatever trails).
+pub fn progress(values: &[u8]) -> Result<Progress, AtrError> {
+    match structure(values)? {
+        Structure::Incomplete { .. } => Ok(Progress::Interface),
+        Structure::Complete {
+            hist_end,
+            tck_required,
+            ..
+        } => Ok(Progress::Body {
+            total: hist_end + usize::from(tck_required),
+            tck_required,
+        }),
+    }
+}
+
+enum Structure {
+    Incomplete {
+        needed: usize,
+    },
+    Complete {
+        groups: Vec<InterfaceGroup>,
+        /// Index just past the interface bytes.
+        hist_start: usize,
+        hist_end: usize,
+        tck_required: bool,
+    },
+}
+
+fn structure(bytes: &[u8]) -> Result<Structure, AtrError> {
+    match bytes.first() {
+        None => return Err(AtrError::Empty),
+        Some(0x3B | 0x3F) => {}
+        Some(&ts) => return Err(AtrError::BadTs(ts)),
+    }
+    let Some(&t0) = bytes.get(1) else {
+        return Ok(Structure::Incomplete { needed: 2 });
+    };
+    let k = usize::from(t0 & 0x0F);
+    let mut y = t0 >> 4;
+    let mut pos = 2;
+    let mut groups = Vec::new();
+    let mut tck_required = false;
+    // Each round consumes TDi, so the loop ends with the input.
+    loop {
+        let mut group = InterfaceGroup::default();
+        for (bit, slot) in [
+            (0x1, &mut group.ta),
+            (0x2, &mut group.tb),
+            (0x4, &mut group.tc),
+            (0x8, &mut group.td),
+        ] {
+            if y & bit != 0 {
+                let Some(&b) = bytes.get(pos) else {
+                    return Ok(Structure::Incomplete {
+                        needed: pos + (y & !(bit - 1)).count_ones() as usize,
+                    });
+                };
+                *slot = Some(b);
+                pos += 1;
+            }
+        }
+        groups.push(group);
+        match group.td {
+            Some(td) => {
+                // TCK is present unless only T=0 is indicated (T=15 counts as "other").
+                if td & 0x0F != 0 {
+                    tck_required = true;
+                }
+                y = td >> 4;
+            }
+            None => break,
+        }
+    }
+    Ok(Structure::Complete {
+        groups,
+        hist_start: pos,
+        hist_end: pos + k,
+        tck_required,
+    })
+}
+
 /// A parsed answer to reset, holding its bytes as values (TS is 3B or 3F).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Atr {
@@ -147,34 +370,104 @@ pub struct Atr {
     pub t0: u8,
     /// Interface byte groups; `groups[0]` is TA1 TB1 TC1 TD1.
     pub groups: Vec<InterfaceGroup>,
+    /// The historical bytes that came (see [`AtrWarning::HistoricalTruncated`]).
     pub historical: Vec<u8>,
-    pub tck: Option<u8>,
+    /// How many historical bytes T0 announced.
+    pub historical_expected: usize,
+    pub tck: Tck,
+    /// Bytes that came after the ATR.
+    pub trailing: Vec<u8>,
+    pub warnings: Vec<AtrWarning>,
+    /// The ATR proper (TS … TCK), without trailing bytes.
     bytes: Vec<u8>,
 }
 
 impl Atr {
-    /// Parses an ATR given as values, the way PC/SC reports it: TS is 3B or 3F.
+    /// Reads everything the card sent after reset, given as values (TS = 3B or 3F, as PC/SC
+    /// reports ATRs). Refuses only what has no interface structure; everything else that is
+    /// off is a warning.
     pub fn parse(bytes: &[u8]) -> Result<Atr, AtrError> {
         let convention = match bytes.first() {
-            None => return Err(AtrError::Empty),
-            Some(0x3B) => Convention::Direct,
             Some(0x3F) => Convention::Inverse,
-            Some(&ts) => return Err(AtrError::BadTs(ts)),
+            _ => Convention::Direct,
         };
-        if bytes.len() > MAX_ATR_LEN {
-            // Still parse far enough to give "trailing bytes" when the ATR itself is sound.
-            let parsed = Self::parse_body(&bytes[..MAX_ATR_LEN], convention);
-            return match parsed {
-                Ok(atr) => Err(AtrError::TrailingBytes {
-                    extra: bytes.len() - atr.bytes.len(),
-                }),
-                Err(AtrError::TrailingBytes { .. }) | Err(AtrError::Truncated { .. }) => {
-                    Err(AtrError::TooLong { len: bytes.len() })
-                }
-                Err(e) => Err(e),
-            };
+        let (groups, hist_start, hist_end, tck_required) = match structure(bytes)? {
+            Structure::Incomplete { needed } => {
+                return Err(AtrError::IncompleteInterface {
+                    have: bytes.len(),
+                    needed,
+                });
+            }
+            Structure::Complete {
+                groups,
+                hist_start,
+                hist_end,
+                tck_required,
+            } => (groups, hist_start, hist_end, tck_required),
+        };
+        let t0 = bytes[1];
+        let mut warnings = Vec::new();
+        let historical_expected = hist_end - hist_start;
+        let historical = bytes[hist_start..hist_end.min(bytes.len())].to_vec();
+        if historical.len() < historical_expected {
+            warnings.push(AtrWarning::HistoricalTruncated {
+                expected: historical_expected,
+                got: historical.len(),
+            });
         }
-        Self::parse_body(bytes, convention)
+        let xor = |upto: usize| bytes[1..upto].iter().fold(0u8, |a, b| a ^ b);
+        let (tck, end) = match bytes.get(hist_end) {
+            None if tck_required => {
+                warnings.push(AtrWarning::MissingTck);
+                (Tck::Missing, bytes.len())
+            }
+            None => (Tck::NotRequired, bytes.len()),
+            Some(&received) if tck_required => {
+                let computed = xor(hist_end);
+                if computed == received {
+                    (Tck::Ok(received), hist_end + 1)
+                } else {
+                    warnings.push(AtrWarning::BadTck { received, computed });
+                    (Tck::Bad { received, computed }, hist_end + 1)
+                }
+            }
+            // Only T=0: one more byte that checks is a TCK the card need not have sent.
+            Some(&b) if bytes.len() == hist_end + 1 && xor(hist_end) == b => {
+                warnings.push(AtrWarning::UnneededTck);
+                (Tck::Unneeded(b), hist_end + 1)
+            }
+            Some(_) => (Tck::NotRequired, hist_end),
+        };
+        let trailing = bytes[end..].to_vec();
+        if !trailing.is_empty() {
+            warnings.push(AtrWarning::TrailingBytes {
+                count: trailing.len(),
+            });
+        }
+        if end > MAX_ATR_LEN {
+            warnings.push(AtrWarning::TooLong { len: end });
+        }
+        let atr = Atr {
+            convention,
+            t0,
+            groups,
+            historical,
+            historical_expected,
+            tck,
+            trailing,
+            warnings,
+            bytes: bytes[..end].to_vec(),
+        };
+        let mut atr = atr;
+        if let Some(ta1) = atr.ta1() {
+            if FiDi::from_ta1(ta1).is_none() {
+                atr.warnings.push(AtrWarning::ReservedTa1 { ta1 });
+            }
+        }
+        if atr.group(2).and_then(|g| g.tc) == Some(0) {
+            atr.warnings.push(AtrWarning::ReservedWi);
+        }
+        Ok(atr)
     }
 
     /// Parses an ATR as a direct-convention UART receives it. A first byte of 0x03 is the
@@ -191,76 +484,7 @@ impl Atr {
         }
     }
 
-    fn parse_body(bytes: &[u8], convention: Convention) -> Result<Atr, AtrError> {
-        let truncated = |needed: usize| AtrError::Truncated {
-            needed,
-            have: bytes.len(),
-        };
-        let t0 = *bytes.get(1).ok_or(truncated(2))?;
-        let k = usize::from(t0 & 0x0F);
-        let mut y = t0 >> 4;
-        let mut pos = 2;
-        let mut groups = Vec::new();
-        let mut needs_tck = false;
-        // Each round consumes TDi, so the loop ends with the input; no separate bound needed.
-        loop {
-            let mut group = InterfaceGroup::default();
-            for (bit, slot) in [
-                (0x1, &mut group.ta),
-                (0x2, &mut group.tb),
-                (0x4, &mut group.tc),
-                (0x8, &mut group.td),
-            ] {
-                if y & bit != 0 {
-                    *slot = Some(*bytes.get(pos).ok_or(truncated(pos + 1 + k))?);
-                    pos += 1;
-                }
-            }
-            groups.push(group);
-            match group.td {
-                Some(td) => {
-                    // TCK is present unless only T=0 is indicated (T=15 counts as "other").
-                    if td & 0x0F != 0 {
-                        needs_tck = true;
-                    }
-                    y = td >> 4;
-                }
-                None => break,
-            }
-        }
-        let hist_end = pos + k;
-        let historical = bytes
-            .get(pos..hist_end)
-            .ok_or(truncated(hist_end))?
-            .to_vec();
-        let mut end = hist_end;
-        let tck = if needs_tck {
-            let received = *bytes.get(hist_end).ok_or(truncated(hist_end + 1))?;
-            let computed = bytes[1..hist_end].iter().fold(0u8, |acc, b| acc ^ b);
-            if computed != received {
-                return Err(AtrError::BadTck { computed, received });
-            }
-            end += 1;
-            Some(received)
-        } else {
-            None
-        };
-        if bytes.len() > end {
-            return Err(AtrError::TrailingBytes {
-                extra: bytes.len() - end,
-            });
-        }
-        Ok(Atr {
-            convention,
-            t0,
-            groups,
-            historical,
-            tck,
-            bytes: bytes[..end].to_vec(),
-        })
-    }
-
-    /// The ATR as values (TS = 3B or 3F), as PC/SC would report it.
+    /// The ATR proper as values (TS = 3B or 3F), as PC/SC would report it.
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes
     }
@@ -273,19 +497,33 @@ impl Atr {
         self.group(1).and_then(|g| g.ta)
     }
 
+    /// Whether a TCK is required (some TDi names a protocol other than T=0).
+    pub fn tck_required(&self) -> bool {
+        self.groups
+            .iter()
+            .filter_map(|g| g.td)
+            .any(|td| td & 0x0F != 0)
+    }
+
     /// Fi/Di offered in TA1; `None` when TA1 is absent or holds reserved values.
     pub fn offered_fi_di(&self) -> Option<FiDi> {
         self.ta1().and_then(FiDi::from_ta1)
     }
 
-    /// Fi for waiting times: TA1's, else the default 372.
-    pub fn fi(&self) -> u16 {
-        self.offered_fi_di().map_or(FiDi::DEFAULT.fi, |p| p.fi)
+    /// Fi from TA1 (372 when TA1 is absent); `None` when reserved.
+    pub fn fi(&self) -> Option<u16> {
+        match self.ta1() {
+            None => Some(FiDi::DEFAULT.fi),
+            Some(ta1) => fi_from_ta1(ta1).map(|(fi, _)| fi),
+        }
     }
 
-    /// Di offered in TA1, else the default 1.
-    pub fn di(&self) -> u8 {
-        self.offered_fi_di().map_or(FiDi::DEFAULT.di, |p| p.di)
+    /// Di from TA1 (1 when TA1 is absent); `None` when reserved.
+    pub fn di(&self) -> Option<u8> {
+        match self.ta1() {
+            None => Some(FiDi::DEFAULT.di),
+            Some(ta1) => di_from_ta1(ta1),
+        }
     }
 
     /// TC1: extra guard time N in etu the interface adds between its characters
@@ -302,16 +540,20 @@ impl Atr {
         }
     }
 
+    pub fn ta2(&self) -> Option<u8> {
+        self.group(2).and_then(|g| g.ta)
+    }
+
     /// TA2 (specific mode), if present.
     pub fn specific_mode(&self) -> Option<SpecificMode> {
-        self.group(2).and_then(|g| g.ta).map(|ta2| SpecificMode {
+        self.ta2().map(|ta2| SpecificMode {
             protocol: ta2 & 0x0F,
             can_change: ta2 & 0x80 == 0,
             implicit_parameters: ta2 & 0x10 != 0,
         })
     }
 
-    /// Offered protocols in the order the TDi bytes indicate them; `[0]` when there is no TD1.
+    /// Offered protocols in the order the TDi bytes indicate them; `[0]` when none is named.
     /// T=15 (global interface bytes) is not a protocol and is left out.
     pub fn protocols(&self) -> Vec<u8> {
         let mut out = Vec::new();
@@ -327,9 +569,48 @@ impl Atr {
         out
     }
 
-    /// T=0 work waiting time: 960 × WI × Fi / f seconds.
-    pub fn work_waiting_time(&self, clock_hz: u32) -> Duration {
-        let nanos = 960u128 * u128::from(self.wi()) * u128::from(self.fi()) * 1_000_000_000
+    /// The protocol a serial reader uses: TA2's in specific mode when it is one we speak,
+    /// else the first offered of T=0 and T=1 (the card's default); `None` when neither is.
+    pub fn usable_protocol(&self) -> Option<u8> {
+        if let Some(mode) = self.specific_mode() {
+            if mode.protocol <= 1 && self.protocols().contains(&mode.protocol) {
+                return Some(mode.protocol);
+            }
+        }
+        self.protocols().into_iter().find(|&t| t <= 1)
+    }
+
+    /// T=1 parameters: the first TAi/TBi/TCi (i ≥ 3) following a TD(i-1) that names T=1.
+    pub fn t1_params(&self) -> T1Params {
+        let mut p = T1Params::default();
+        for i in 1..self.groups.len() {
+            let Some(td) = self.groups[i - 1].td else {
+                break;
+            };
+            if td & 0x0F != 1 || i < 2 {
+                continue;
+            }
+            let g = &self.groups[i];
+            if let Some(ta) = g.ta {
+                if (1..=254).contains(&ta) {
+                    p.ifsc = ta;
+                }
+            }
+            if let Some(tb) = g.tb {
+                p.cwi = tb & 0x0F;
+                p.bwi = tb >> 4;
+            }
+            if let Some(tc) = g.tc {
+                p.edc = if tc & 1 == 1 { Edc::Crc } else { Edc::Lrc };
+            }
+            break;
+        }
+        p
+    }
+
+    /// T=0 work waiting time: 960 × WI × Fi / f seconds, with the Fi in force.
+    pub fn work_waiting_time(&self, fi: u16, clock_hz: u32) -> Duration {
+        let nanos = 960u128 * u128::from(self.wi()) * u128::from(fi) * 1_000_000_000
             / u128::from(clock_hz.max(1));
         Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
     }
@@ -338,6 +619,18 @@ impl Atr {
     pub fn initial_waiting_time(clock_hz: u32) -> Duration {
         FiDi::DEFAULT.etus(9600, clock_hz)
     }
+}
+
+/// What a serial reader does with the bytes a card sent after reset: reads them ([`Atr::parse`])
+/// and refuses the ATR only when it names no protocol the reader speaks.
+pub fn accept(bytes: &[u8]) -> Result<Atr, AtrError> {
+    let atr = Atr::parse(bytes)?;
+    if atr.usable_protocol().is_none() {
+        return Err(AtrError::NoUsableProtocol {
+            protocols: atr.protocols(),
+        });
+    }
+    Ok(atr)
 }
 
 #[cfg(test)]
@@ -355,210 +648,160 @@ mod tests {
 
     #[test]
     fn pcsc_storage_card_with_tck() {
-        // PC/SC part 3 storage-card ATR (memory cards through CCID readers).
         let atr = Atr::parse(&hex(
             "3B 8F 80 01 80 4F 0C A0 00 00 03 06 03 00 01 00 00 00 00 6A",
         ))
         .unwrap();
         assert_eq!(atr.convention, Convention::Direct);
         assert_eq!(atr.groups.len(), 3);
-        assert_eq!(atr.groups[0].td, Some(0x80));
-        assert_eq!(atr.groups[1].td, Some(0x01));
         assert_eq!(atr.protocols(), vec![0, 1]);
         assert_eq!(atr.historical.len(), 15);
-        assert_eq!(atr.historical[..4], [0x80, 0x4F, 0x0C, 0xA0]);
-        assert_eq!(atr.tck, Some(0x6A));
-        assert_eq!(atr.ta1(), None);
-        assert_eq!((atr.fi(), atr.di()), (372, 1));
+        assert_eq!(atr.tck, Tck::Ok(0x6A));
+        assert!(atr.warnings.is_empty());
+        assert_eq!((atr.fi(), atr.di()), (Some(372), Some(1)));
     }
 
     #[test]
     fn t0_only_card_has_no_tck() {
         let bytes = hex("3B 6E 00 00 80 31 80 66 B0 84 0C 01 6E 01 83 00 90 00");
         let atr = Atr::parse(&bytes).unwrap();
-        assert_eq!(atr.groups[0].tb, Some(0));
-        assert_eq!(atr.groups[0].tc, Some(0));
-        assert_eq!(atr.extra_guard_time(), 0);
         assert_eq!(atr.historical, bytes[4..]);
-        assert_eq!(atr.tck, None);
+        assert_eq!(atr.tck, Tck::NotRequired);
         assert_eq!(atr.protocols(), vec![0]);
-        // No TC2: WI = 10, so WWT = 960 × 10 × 372 / 3.5712 MHz = 1 s.
-        assert_eq!(atr.work_waiting_time(CLOCK), Duration::from_secs(1));
+        assert_eq!(atr.work_waiting_time(372, CLOCK), Duration::from_secs(1));
+        assert!(atr.warnings.is_empty());
     }
 
     #[test]
-    fn estonian_id_offers_fast_ta1_and_t1() {
+    fn estonian_id_t1_parameters() {
         let atr = Atr::parse(&hex(
             "3B FE 18 00 00 80 31 FE 45 80 31 80 66 40 90 A4 16 2A 00 83 0F 90 00 EF",
         ))
         .unwrap();
-        assert_eq!(atr.ta1(), Some(0x18));
-        assert_eq!(
-            atr.offered_fi_di(),
-            Some(FiDi {
-                fi: 372,
-                di: 12,
-                fmax_hz: 5_000_000
-            })
-        );
         assert_eq!(atr.offered_fi_di().unwrap().baud(CLOCK), 115_200);
         assert_eq!(atr.protocols(), vec![0, 1]);
-        assert_eq!(atr.groups[2].ta, Some(0xFE)); // IFSC
-        assert_eq!(atr.tck, Some(0xEF));
-    }
-
-    #[test]
-    fn openpgp_card_extra_guard_time() {
-        let atr = Atr::parse(&hex(
-            "3B FA 13 00 FF 81 31 80 45 00 31 C1 73 C0 01 00 00 90 00 B1",
-        ))
-        .unwrap();
-        assert_eq!(atr.extra_guard_time(), 0xFF);
-        assert_eq!(atr.protocols(), vec![1]);
-        assert_eq!(atr.di(), 4);
-    }
-
-    /// Viaccess card used by satellite set-top boxes: inverse convention, T=0.
-    const VIACCESS: &str = "3F 77 18 00 00 C2 EB 41 02 6C 90 00";
-
-    #[test]
-    fn inverse_convention_as_values() {
-        let atr = Atr::parse(&hex(VIACCESS)).unwrap();
-        assert_eq!(atr.convention, Convention::Inverse);
-        assert_eq!(atr.ta1(), Some(0x18));
-        assert_eq!(atr.historical, hex("C2 EB 41 02 6C 90 00"));
-        assert_eq!(atr.tck, None);
-        assert_eq!(atr.protocols(), vec![0]);
+        let p = atr.t1_params();
+        assert_eq!((p.ifsc, p.bwi, p.cwi, p.edc), (0xFE, 4, 5, Edc::Lrc));
+        assert_eq!(atr.usable_protocol(), Some(0));
     }
 
     #[test]
     fn inverse_convention_as_received_by_a_uart() {
-        // What a direct-convention UART reads from that card: every byte inverted.
         let raw = hex("03 11 E7 FF FF BC 28 7D BF C9 F6 FF");
         let atr = Atr::parse_raw(&raw).unwrap();
         assert_eq!(atr.convention, Convention::Inverse);
-        assert_eq!(atr.as_bytes(), hex(VIACCESS));
-        // And a direct ATR passes through parse_raw unchanged.
-        let direct = hex("3B 6E 00 00 80 31 80 66 B0 84 0C 01 6E 01 83 00 90 00");
-        assert_eq!(Atr::parse_raw(&direct).unwrap().as_bytes(), direct);
+        assert_eq!(atr.as_bytes(), hex("3F 77 18 00 00 C2 EB 41 02 6C 90 00"));
     }
 
     #[test]
-    fn inversion_examples() {
-        assert_eq!(invert_byte(0x3F), 0x03);
-        assert_eq!(invert_byte(0x03), 0x3F);
-        assert_eq!(invert_byte(0x00), 0xFF);
-        assert_eq!(invert_byte(0x60), 0xF9);
-        for b in 0..=255u8 {
-            assert_eq!(invert_byte(invert_byte(b)), b);
-        }
-    }
-
-    #[test]
-    fn waiting_time_from_tc2() {
-        // TD1 = 40: TC2 follows, T=0. TC2 = 2 → WWT = 960 × 2 × 372 / f = 0.2 s.
-        let atr = Atr::parse(&hex("3B 80 40 02")).unwrap();
-        assert_eq!(atr.wi(), 2);
-        assert_eq!(atr.work_waiting_time(CLOCK), Duration::from_millis(200));
-        assert_eq!(Atr::initial_waiting_time(CLOCK), Duration::from_secs(1));
-    }
-
-    #[test]
-    fn specific_mode_from_ta2() {
-        let atr = Atr::parse(&hex("3B 90 13 10 80 0F")).unwrap_err();
-        // TD1 = 10 → TA2 only, T=0; TA2 = 80 → T=0, cannot change; then K=0 … but 0F
-        // is left over.
-        assert_eq!(atr, AtrError::TrailingBytes { extra: 1 });
-        let atr = Atr::parse(&hex("3B 90 13 10 80")).unwrap();
+    fn field_faults_are_warnings() {
+        // Wrong TCK.
+        let atr = Atr::parse(&hex(
+            "3B 8F 80 01 80 4F 0C A0 00 00 03 06 03 00 01 00 00 00 00 6B",
+        ))
+        .unwrap();
         assert_eq!(
-            atr.specific_mode(),
-            Some(SpecificMode {
-                protocol: 0,
-                can_change: false,
-                implicit_parameters: false
-            })
+            atr.tck,
+            Tck::Bad {
+                received: 0x6B,
+                computed: 0x6A
+            }
         );
-    }
-
-    #[test]
-    fn malformed_atrs_are_refused_with_a_specific_error() {
-        assert_eq!(Atr::parse(&[]), Err(AtrError::Empty));
-        assert_eq!(Atr::parse(&[0x3C, 0x00]), Err(AtrError::BadTs(0x3C)));
-        assert_eq!(Atr::parse_raw(&[0x3F, 0x00]), Err(AtrError::BadTs(0x3F)));
+        // Missing TCK.
+        let atr = Atr::parse(&hex(
+            "3B 8F 80 01 80 4F 0C A0 00 00 03 06 03 00 01 00 00 00 00",
+        ))
+        .unwrap();
+        assert_eq!(atr.warnings, vec![AtrWarning::MissingTck]);
+        // A stray byte after a T=0 ATR: trailing, not part of the ATR.
+        let atr = Atr::parse(&hex("3B 00 90")).unwrap();
+        assert_eq!(atr.as_bytes(), [0x3B, 0x00]);
+        assert_eq!(atr.trailing, [0x90]);
+        assert_eq!(atr.warnings, vec![AtrWarning::TrailingBytes { count: 1 }]);
+        // A T=0 ATR followed by one byte that checks: an unneeded TCK.
+        let atr = Atr::parse(&hex("3B 01 41 40")).unwrap();
+        assert_eq!(atr.tck, Tck::Unneeded(0x40));
+        // Historical bytes cut short.
+        let atr = Atr::parse(&hex("3B 6E 00 00 80 31")).unwrap();
         assert_eq!(
-            Atr::parse(&[0x3B]),
-            Err(AtrError::Truncated { needed: 2, have: 1 })
+            atr.warnings,
+            vec![AtrWarning::HistoricalTruncated {
+                expected: 14,
+                got: 2
+            }]
         );
-        // Historical bytes missing.
-        assert_eq!(
-            Atr::parse(&hex("3B 6E 00 00 80 31")),
-            Err(AtrError::Truncated {
-                needed: 18,
-                have: 6
-            })
-        );
-        // TCK corrupted.
-        assert_eq!(
-            Atr::parse(&hex(
-                "3B 8F 80 01 80 4F 0C A0 00 00 03 06 03 00 01 00 00 00 00 6B"
-            )),
-            Err(AtrError::BadTck {
-                computed: 0x6A,
-                received: 0x6B
-            })
-        );
-        // TCK missing although T=1 is indicated.
-        assert!(matches!(
-            Atr::parse(&hex(
-                "3B 8F 80 01 80 4F 0C A0 00 00 03 06 03 00 01 00 00 00 00"
-            )),
-            Err(AtrError::Truncated { .. })
-        ));
-        // Trailing garbage after a complete T=0 ATR.
-        assert_eq!(
-            Atr::parse(&hex("3B 00 90")),
-            Err(AtrError::TrailingBytes { extra: 1 })
-        );
-        // Over 33 bytes: TD chain that never ends.
-        let mut endless = vec![0x3B, 0x80];
-        endless.extend(std::iter::repeat_n(0x80, 40));
-        assert_eq!(Atr::parse(&endless), Err(AtrError::TooLong { len: 42 }));
-    }
-
-    #[test]
-    fn reserved_ta1_gives_defaults() {
+        // Reserved TA1: defaults, with a word.
         let atr = Atr::parse(&hex("3B 10 7A")).unwrap();
         assert_eq!(atr.offered_fi_di(), None);
-        assert_eq!((atr.fi(), atr.di()), (372, 1));
+        assert_eq!(atr.warnings, vec![AtrWarning::ReservedTa1 { ta1: 0x7A }]);
     }
 
     #[test]
-    fn incremental_parse_completes_exactly_at_the_end() {
+    fn refusals() {
+        assert_eq!(Atr::parse(&[]), Err(AtrError::Empty));
+        assert_eq!(Atr::parse(&[0x3C, 0x00]), Err(AtrError::BadTs(0x3C)));
+        assert_eq!(
+            Atr::parse(&[0x3B]),
+            Err(AtrError::IncompleteInterface { have: 1, needed: 2 })
+        );
+        assert!(matches!(
+            Atr::parse(&hex("3B 80")),
+            Err(AtrError::IncompleteInterface { .. })
+        ));
+        // T=14 only.
+        assert_eq!(
+            accept(&hex("3B 81 8E 0E 01")),
+            Err(AtrError::NoUsableProtocol {
+                protocols: vec![14]
+            })
+        );
+    }
+
+    #[test]
+    fn progress_follows_the_line() {
         let bytes = hex("3B FE 18 00 00 80 31 FE 45 80 31 80 66 40 90 A4 16 2A 00 83 0F 90 00 EF");
-        for n in 0..bytes.len() {
-            assert!(
-                matches!(
-                    Atr::parse(&bytes[..n]),
-                    Err(AtrError::Truncated { .. } | AtrError::Empty)
-                ),
-                "prefix of {n} bytes"
+        for n in 1..9 {
+            assert_eq!(progress(&bytes[..n]), Ok(Progress::Interface), "{n}");
+        }
+        assert_eq!(
+            progress(&bytes[..9]),
+            Ok(Progress::Body {
+                total: 24,
+                tck_required: true
+            })
+        );
+    }
+
+    #[test]
+    fn fi_di_round_trip_through_ta1() {
+        for ta1 in [0x11, 0x13, 0x18, 0x95, 0x96, 0x15, 0x94] {
+            let f = FiDi::from_ta1(ta1).unwrap();
+            assert_eq!(
+                FiDi::from_ta1(f.to_ta1().unwrap()).unwrap().baud(CLOCK),
+                f.baud(CLOCK)
             );
         }
-        assert!(Atr::parse(&bytes).is_ok());
+        assert_eq!(FiDi::from_ta1(0x15).unwrap().baud(CLOCK), 153_600);
     }
 
     proptest! {
         #[test]
-        fn parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+        fn parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..80)) {
             let _ = Atr::parse(&bytes);
             let _ = Atr::parse_raw(&bytes);
+            let _ = progress(&bytes);
+            if let Ok(atr) = Atr::parse(&bytes) {
+                let _ = atr.t1_params();
+                let _ = atr.work_waiting_time(372, CLOCK);
+            }
         }
 
         #[test]
-        fn parsed_atrs_round_trip(bytes in proptest::collection::vec(any::<u8>(), 0..40)) {
+        fn parsed_atrs_keep_every_byte(bytes in proptest::collection::vec(any::<u8>(), 0..40)) {
             if let Ok(atr) = Atr::parse(&bytes) {
-                prop_assert_eq!(atr.as_bytes(), &bytes[..]);
-                let _ = atr.work_waiting_time(CLOCK);
+                let mut all = atr.as_bytes().to_vec();
+                all.extend_from_slice(&atr.trailing);
+                prop_assert_eq!(&all[..], &bytes[..]);
                 let raw: Vec<u8> = bytes.iter().map(|&b| atr.convention.encode(b)).collect();
                 prop_assert_eq!(Atr::parse_raw(&raw).unwrap(), atr);
             }

@@ -1,13 +1,22 @@
-//! The modem-control seam: how a Phoenix/Smartmouse reader is reset (RTS or DTR) and how it
-//! reports a card (CD, DSR, CTS or RI, possibly inverted, or not at all).
+//! The modem-control lines: how a Phoenix/Smartmouse reader is reset (RTS or DTR, asserted high
+//! or low) and how it reports a card (CD, DSR, CTS or RI, present high or low, or no switch at
+//! all).
 //!
-//! [`LineControl`] is the raw pin interface. [`SerialLines`] implements it over a serial port
-//! (tokio-serial's `write_request_to_send`, `read_carrier_detect`, …). Linux ptys refuse those
-//! ioctls (ENOTTY), so pty tests plug in the emulator's implementation instead
-//! (`emulator::phoenix::EmulatorLines`). The wiring policy — which pin, which polarity — is
-//! [`LineConfig`], tested here against a scripted fake.
+//! [`LineControl`] is the raw pin interface, with two implementations:
+//! - [`IoctlLines`]: the port's own pins through `TIOCMGET`/`TIOCMBIS`/`TIOCMBIC` on (a
+//!   duplicate of) the port's file descriptor — the port is opened once;
+//! - [`SocketLines`]: for a pty, which has no modem lines (the kernel refuses those ioctls with
+//!   ENOTTY): the pins of an emulated reader (`vcard serial-pty`) over a Unix socket it serves,
+//!   one connection per open port (see [`sideband`]).
+//!
+//! The wiring policy — which pin, which polarity — is [`LineConfig`], with the two profiles
+//! [`LineConfig::PHOENIX`] and [`LineConfig::SMARTMOUSE`].
 
-use std::io;
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// An output pin of the serial port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -27,6 +36,40 @@ pub enum InputLine {
     Ri,
 }
 
+impl OutputLine {
+    pub fn name(self) -> &'static str {
+        match self {
+            OutputLine::Rts => "RTS",
+            OutputLine::Dtr => "DTR",
+        }
+    }
+    fn tiocm(self) -> libc::c_int {
+        match self {
+            OutputLine::Rts => libc::TIOCM_RTS,
+            OutputLine::Dtr => libc::TIOCM_DTR,
+        }
+    }
+}
+
+impl InputLine {
+    pub fn name(self) -> &'static str {
+        match self {
+            InputLine::Cd => "CD",
+            InputLine::Dsr => "DSR",
+            InputLine::Cts => "CTS",
+            InputLine::Ri => "RI",
+        }
+    }
+    fn tiocm(self) -> libc::c_int {
+        match self {
+            InputLine::Cd => libc::TIOCM_CAR,
+            InputLine::Dsr => libc::TIOCM_DSR,
+            InputLine::Cts => libc::TIOCM_CTS,
+            InputLine::Ri => libc::TIOCM_RNG,
+        }
+    }
+}
+
 /// Raw access to the modem-control pins.
 pub trait LineControl: Send {
     fn write_line(&mut self, line: OutputLine, level: bool) -> io::Result<()>;
@@ -36,8 +79,8 @@ pub trait LineControl: Send {
 /// Card detection wiring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum CardDetect {
-    /// The reader has no card switch: a card is assumed present (a mute card then shows as
-    /// mute, not absent).
+    /// The reader has no card switch (or it is not wired): a card is assumed present (a mute
+    /// card then shows as mute, not absent).
     None,
     /// `line` high means a card is in, or low when `inverted`.
     Line { line: InputLine, inverted: bool },
@@ -52,21 +95,27 @@ pub struct LineConfig {
     pub detect: CardDetect,
 }
 
-impl Default for LineConfig {
-    /// The Phoenix wiring: RTS high holds the card in reset, CD reports the card switch.
-    fn default() -> Self {
-        Self {
-            reset: OutputLine::Rts,
-            reset_inverted: false,
-            detect: CardDetect::Line {
-                line: InputLine::Cd,
-                inverted: false,
-            },
-        }
-    }
-}
-
 impl LineConfig {
+    /// Phoenix: RTS high holds the card in reset; CD high reports a card.
+    pub const PHOENIX: LineConfig = LineConfig {
+        reset: OutputLine::Rts,
+        reset_inverted: false,
+        detect: CardDetect::Line {
+            line: InputLine::Cd,
+            inverted: false,
+        },
+    };
+    /// Smartmouse: RTS *low* holds the card in reset (so opening the port, which raises RTS,
+    /// lets the card run); CD high reports a card.
+    pub const SMARTMOUSE: LineConfig = LineConfig {
+        reset: OutputLine::Rts,
+        reset_inverted: true,
+        detect: CardDetect::Line {
+            line: InputLine::Cd,
+            inverted: false,
+        },
+    };
+
     /// Holds the card in reset (`true`) or lets it run (`false`); on release the card sends
     /// its ATR.
     pub fn set_reset(&self, lines: &mut dyn LineControl, asserted: bool) -> io::Result<()> {
@@ -84,37 +133,217 @@ impl LineConfig {
     pub fn has_card_detect(&self) -> bool {
         self.detect != CardDetect::None
     }
-}
 
-/// The real pins of a serial port, through tokio-serial (a duplicate handle of the port
-/// the driver talks through).
-pub struct SerialLines {
-    port: Box<dyn tokio_serial::SerialPort>,
-}
-
-impl SerialLines {
-    pub fn new(port: Box<dyn tokio_serial::SerialPort>) -> Self {
-        Self { port }
+    /// "RTS high resets, CD high = card" for logs and `stbd readers`.
+    pub fn describe(&self) -> String {
+        let reset = format!(
+            "{} {} resets",
+            self.reset.name(),
+            if self.reset_inverted { "low" } else { "high" }
+        );
+        match self.detect {
+            CardDetect::None => format!("{reset}, no card switch (card assumed present)"),
+            CardDetect::Line { line, inverted } => format!(
+                "{reset}, {} {} = card",
+                line.name(),
+                if inverted { "low" } else { "high" }
+            ),
+        }
     }
 }
 
-impl LineControl for SerialLines {
-    fn write_line(&mut self, line: OutputLine, level: bool) -> io::Result<()> {
-        match line {
-            OutputLine::Rts => self.port.write_request_to_send(level),
-            OutputLine::Dtr => self.port.write_data_terminal_ready(level),
+impl Default for LineConfig {
+    fn default() -> Self {
+        Self::PHOENIX
+    }
+}
+
+/// Where the pins are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModemLines {
+    /// The serial port's own pins (ioctl on the port's descriptor).
+    Port,
+    /// An emulated reader's pins served on this Unix socket (`vcard serial-pty`).
+    Socket(PathBuf),
+}
+
+/// The port's own pins, through ioctls on a duplicate of the port's descriptor (the same open
+/// file, so nothing is opened twice).
+pub struct IoctlLines {
+    fd: OwnedFd,
+    path: String,
+}
+
+impl IoctlLines {
+    /// Checks that the device has modem lines at all (a pty has none: ENOTTY).
+    pub fn new(port: BorrowedFd<'_>, path: &str) -> io::Result<Self> {
+        let fd = port.try_clone_to_owned()?;
+        let lines = Self {
+            fd,
+            path: path.to_string(),
+        };
+        lines.get().map_err(|e| lines.explain(e))?;
+        Ok(lines)
+    }
+
+    fn explain(&self, e: io::Error) -> io::Error {
+        if e.raw_os_error() == Some(libc::ENOTTY) || e.raw_os_error() == Some(libc::EINVAL) {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "{} has no modem-control lines ({e}); a pty has none — for `vcard \
+                     serial-pty` set modem_lines = \"socket:PATH\" to the path it prints",
+                    self.path
+                ),
+            )
+        } else {
+            e
         }
-        .map_err(io::Error::from)
+    }
+
+    fn get(&self) -> io::Result<libc::c_int> {
+        let mut bits: libc::c_int = 0;
+        // SAFETY: TIOCMGET writes one c_int to the pointer; the fd is ours.
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TIOCMGET, &mut bits) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(bits)
+    }
+}
+
+impl LineControl for IoctlLines {
+    fn write_line(&mut self, line: OutputLine, level: bool) -> io::Result<()> {
+        let bits: libc::c_int = line.tiocm();
+        let req = if level {
+            libc::TIOCMBIS
+        } else {
+            libc::TIOCMBIC
+        };
+        // SAFETY: TIOCMBIS/TIOCMBIC read one c_int through the pointer; the fd is ours.
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), req, &bits) };
+        if rc != 0 {
+            return Err(self.explain(io::Error::last_os_error()));
+        }
+        Ok(())
     }
 
     fn read_line(&mut self, line: InputLine) -> io::Result<bool> {
-        match line {
-            InputLine::Cd => self.port.read_carrier_detect(),
-            InputLine::Dsr => self.port.read_data_set_ready(),
-            InputLine::Cts => self.port.read_clear_to_send(),
-            InputLine::Ri => self.port.read_ring_indicator(),
+        let bits = self.get().map_err(|e| self.explain(e))?;
+        Ok(bits & line.tiocm() != 0)
+    }
+}
+
+/// The modem-line sideband of an emulated reader: a line-oriented protocol on a Unix socket.
+///
+/// One connection stands for one open port: when it opens, the reader sees RTS and DTR raised
+/// (as the kernel raises them when a real port is opened), and when it closes they drop. The
+/// client sends `SET RTS 1`, `SET DTR 0` (answered `OK` once the pin has changed, so a reset is
+/// in force when the call returns) and `GET CD` (answered `1` or `0`).
+pub mod sideband {
+    use super::{InputLine, OutputLine};
+
+    pub fn set(line: OutputLine, level: bool) -> String {
+        format!("SET {} {}\n", line.name(), u8::from(level))
+    }
+
+    pub fn get(line: InputLine) -> String {
+        format!("GET {}\n", line.name())
+    }
+
+    /// A request as the server reads it.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Request {
+        Set(OutputLine, bool),
+        Get(InputLine),
+    }
+
+    pub fn parse(line: &str) -> Option<Request> {
+        let mut w = line.split_whitespace();
+        match (w.next()?, w.next()?, w.next()) {
+            ("SET", pin, Some(level)) => {
+                let pin = match pin {
+                    "RTS" => OutputLine::Rts,
+                    "DTR" => OutputLine::Dtr,
+                    _ => return None,
+                };
+                let level = match level {
+                    "1" => true,
+                    "0" => false,
+                    _ => return None,
+                };
+                Some(Request::Set(pin, level))
+            }
+            ("GET", pin, None) => Some(Request::Get(match pin {
+                "CD" => InputLine::Cd,
+                "DSR" => InputLine::Dsr,
+                "CTS" => InputLine::Cts,
+                "RI" => InputLine::Ri,
+                _ => return None,
+            })),
+            _ => None,
         }
-        .map_err(io::Error::from)
+    }
+}
+
+/// An emulated reader's pins over its sideband socket.
+pub struct SocketLines {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl SocketLines {
+    pub fn connect(path: &Path) -> io::Result<Self> {
+        let s = UnixStream::connect(path).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "modem-line socket {}: {e} — is `vcard serial-pty` running?",
+                    path.display()
+                ),
+            )
+        })?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.set_write_timeout(Some(Duration::from_secs(2)))?;
+        Ok(Self {
+            reader: BufReader::new(s.try_clone()?),
+            writer: s,
+        })
+    }
+
+    fn call(&mut self, req: &str) -> io::Result<String> {
+        self.writer.write_all(req.as_bytes())?;
+        let mut answer = String::new();
+        if self.reader.read_line(&mut answer)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the emulated reader closed its modem-line socket",
+            ));
+        }
+        Ok(answer.trim().to_string())
+    }
+}
+
+impl LineControl for SocketLines {
+    fn write_line(&mut self, line: OutputLine, level: bool) -> io::Result<()> {
+        match self.call(&sideband::set(line, level))?.as_str() {
+            "OK" => Ok(()),
+            other => Err(io::Error::other(format!(
+                "emulated reader: {} → {other}",
+                line.name()
+            ))),
+        }
+    }
+
+    fn read_line(&mut self, line: InputLine) -> io::Result<bool> {
+        match self.call(&sideband::get(line))?.as_str() {
+            "1" => Ok(true),
+            "0" => Ok(false),
+            other => Err(io::Error::other(format!(
+                "emulated reader: {} → {other}",
+                line.name()
+            ))),
+        }
     }
 }
 
@@ -147,27 +376,21 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn phoenix_default_resets_with_rts_high() {
+    fn phoenix_resets_with_rts_high_smartmouse_with_rts_low() {
         let mut fake = FakeLines::default();
-        let cfg = LineConfig::default();
-        cfg.set_reset(&mut fake, true).unwrap();
-        cfg.set_reset(&mut fake, false).unwrap();
+        LineConfig::PHOENIX.set_reset(&mut fake, true).unwrap();
+        LineConfig::PHOENIX.set_reset(&mut fake, false).unwrap();
+        LineConfig::SMARTMOUSE.set_reset(&mut fake, true).unwrap();
+        LineConfig::SMARTMOUSE.set_reset(&mut fake, false).unwrap();
         assert_eq!(
             fake.writes,
-            vec![(OutputLine::Rts, true), (OutputLine::Rts, false)]
+            vec![
+                (OutputLine::Rts, true),
+                (OutputLine::Rts, false),
+                (OutputLine::Rts, false),
+                (OutputLine::Rts, true)
+            ]
         );
-    }
-
-    #[test]
-    fn inverted_dtr_reset() {
-        let mut fake = FakeLines::default();
-        let cfg = LineConfig {
-            reset: OutputLine::Dtr,
-            reset_inverted: true,
-            detect: CardDetect::None,
-        };
-        cfg.set_reset(&mut fake, true).unwrap();
-        assert_eq!(fake.writes, vec![(OutputLine::Dtr, false)]);
     }
 
     #[test]
@@ -199,14 +422,45 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn pin_errors_propagate() {
-        let cfg = LineConfig::default();
-        let mut fake = FakeLines::default();
-        fake.reads.push_back((
-            InputLine::Cd,
-            Err(io::Error::from_raw_os_error(libc::ENOTTY)),
-        ));
-        let err = cfg.card_present(&mut fake).unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::ENOTTY));
+    fn a_pty_has_no_modem_lines_and_says_so() {
+        let mut master = -1;
+        let mut slave = -1;
+        // SAFETY: openpty writes two fds; null name/termios/winsize are allowed.
+        let rc = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0);
+        // SAFETY: both fds were just opened and are owned here.
+        let (m, s) = unsafe {
+            use std::os::fd::FromRawFd;
+            (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave))
+        };
+        use std::os::fd::AsFd;
+        let err = IoctlLines::new(s.as_fd(), "/dev/pts/X")
+            .err()
+            .expect("ENOTTY");
+        assert!(err.to_string().contains("no modem-control lines"), "{err}");
+        assert!(err.to_string().contains("modem_lines"), "{err}");
+        drop(m);
+    }
+
+    #[test]
+    fn sideband_requests_parse() {
+        assert_eq!(
+            sideband::parse(&sideband::set(OutputLine::Rts, true)),
+            Some(sideband::Request::Set(OutputLine::Rts, true))
+        );
+        assert_eq!(
+            sideband::parse(&sideband::get(InputLine::Ri)),
+            Some(sideband::Request::Get(InputLine::Ri))
+        );
+        assert_eq!(sideband::parse("SET CD 1"), None);
+        assert_eq!(sideband::parse("GET"), None);
     }
 }

@@ -20,8 +20,6 @@ pub enum T0Error {
     BadProcedureByte { byte: u8, ins: u8 },
     #[error("card acknowledged with {byte:#04x} but there is nothing left to transfer")]
     UnexpectedAck { byte: u8 },
-    #[error("card sent more than {max} NULL procedure bytes")]
-    TooManyNulls { max: u32 },
     #[error("exchange already finished")]
     Finished,
 }
@@ -62,13 +60,13 @@ pub struct T0Exchange {
     response: Vec<u8>,
     state: State,
     nulls: u32,
-    max_nulls: u32,
 }
 
 impl T0Exchange {
     /// Prepares a T=0 exchange for a short APDU. Case 4 is sent as case 3 (the card answers
-    /// 61xx); case 2's Le (0 = 256) is P3.
-    pub fn new(apdu: &[u8], max_nulls: u32) -> Result<Self, T0Error> {
+    /// 61xx); case 2's Le (0 = 256) is P3. NULL procedure bytes are not counted against any
+    /// limit: ISO 7816-3 lets each one restart the work waiting time, which the shell keeps.
+    pub fn new(apdu: &[u8]) -> Result<Self, T0Error> {
         let Some((&[cla, ins, p1, p2], body)) = apdu.split_first_chunk::<4>() else {
             return Err(T0Error::ApduTooShort(apdu.len()));
         };
@@ -99,7 +97,6 @@ impl T0Exchange {
             response: Vec::new(),
             state: State::Procedure,
             nulls: 0,
-            max_nulls,
         })
     }
 
@@ -146,13 +143,7 @@ impl T0Exchange {
             }
             State::Procedure => match byte {
                 0x60 => {
-                    self.nulls += 1;
-                    if self.nulls > self.max_nulls {
-                        self.state = State::Done;
-                        return Err(T0Error::TooManyNulls {
-                            max: self.max_nulls,
-                        });
-                    }
+                    self.nulls = self.nulls.saturating_add(1);
                     Ok(T0Step::Receive)
                 }
                 b if b & 0xF0 == 0x60 || b & 0xF0 == 0x90 => {
@@ -230,9 +221,13 @@ pub enum PpsStep {
 }
 
 impl PpsExchange {
-    /// A request for protocol `protocol` with PPS1 = `ta1` (the Fi/Di the card offered).
-    pub fn new(protocol: u8, ta1: u8) -> Self {
-        let mut request = vec![0xFF, 0x10 | (protocol & 0x0F), ta1];
+    /// A request for protocol `protocol`, with PPS1 = `pps1` (a Fi/Di coded as TA1) or
+    /// without (only the protocol is selected, Fi/Di stay at the defaults).
+    pub fn new(protocol: u8, pps1: Option<u8>) -> Self {
+        let mut request = match pps1 {
+            Some(p) => vec![0xFF, 0x10 | (protocol & 0x0F), p],
+            None => vec![0xFF, protocol & 0x0F],
+        };
         request.push(request.iter().fold(0, |a, b| a ^ b));
         Self {
             request,
@@ -287,7 +282,7 @@ impl PpsExchange {
             });
         }
         let pps1 = r[2];
-        if pps1 != self.request[2] {
+        if self.request[1] & 0x10 == 0 || pps1 != self.request[2] {
             return Err(PpsError::BadPps1 {
                 requested: self.request[2],
                 got: pps1,
@@ -321,7 +316,7 @@ mod tests {
 
     #[test]
     fn case1_status_only() {
-        let mut ex = T0Exchange::new(&[0x00, 0x44, 0, 0], 10).unwrap();
+        let mut ex = T0Exchange::new(&[0x00, 0x44, 0, 0]).unwrap();
         assert_eq!(ex.header(), [0x00, 0x44, 0, 0, 0]);
         let (sent, resp) = run(&mut ex, &[0x90, 0x00]);
         assert!(sent.is_empty());
@@ -331,7 +326,7 @@ mod tests {
     #[test]
     fn case3_ack_all_then_sw() {
         let apdu = [0x00, 0xA4, 0x04, 0x00, 0x03, 0xA0, 0x00, 0x01];
-        let mut ex = T0Exchange::new(&apdu, 10).unwrap();
+        let mut ex = T0Exchange::new(&apdu).unwrap();
         assert_eq!(ex.header(), [0x00, 0xA4, 0x04, 0x00, 0x03]);
         let (sent, resp) = run(&mut ex, &[0x60, 0xA4, 0x61, 0x10]);
         assert_eq!(sent, vec![vec![0xA0, 0x00, 0x01]]);
@@ -342,7 +337,7 @@ mod tests {
     #[test]
     fn case3_byte_at_a_time() {
         let apdu = [0x00, 0xD6, 0, 0, 0x03, 1, 2, 3];
-        let mut ex = T0Exchange::new(&apdu, 10).unwrap();
+        let mut ex = T0Exchange::new(&apdu).unwrap();
         // INS ^ FF = 0x29: one byte each; then a plain ACK for the rest.
         let (sent, resp) = run(&mut ex, &[0x29, 0x29, 0xD6, 0x90, 0x00]);
         assert_eq!(sent, vec![vec![1], vec![2], vec![3]]);
@@ -351,7 +346,7 @@ mod tests {
 
     #[test]
     fn case2_data_then_sw() {
-        let mut ex = T0Exchange::new(&[0x00, 0xB0, 0, 0, 0x03], 10).unwrap();
+        let mut ex = T0Exchange::new(&[0x00, 0xB0, 0, 0, 0x03]).unwrap();
         let (sent, resp) = run(&mut ex, &[0xB0, 0xAA, 0xBB, 0xCC, 0x90, 0x00]);
         assert!(sent.is_empty());
         assert_eq!(resp, Ok(vec![0xAA, 0xBB, 0xCC, 0x90, 0x00]));
@@ -359,14 +354,14 @@ mod tests {
 
     #[test]
     fn case2_byte_at_a_time_with_nulls() {
-        let mut ex = T0Exchange::new(&[0x00, 0xB0, 0, 0, 0x02], 10).unwrap();
+        let mut ex = T0Exchange::new(&[0x00, 0xB0, 0, 0, 0x02]).unwrap();
         let (_, resp) = run(&mut ex, &[0x4F, 0x01, 0x60, 0x4F, 0x02, 0x90, 0x00]);
         assert_eq!(resp, Ok(vec![0x01, 0x02, 0x90, 0x00]));
     }
 
     #[test]
     fn case2_wrong_le_gives_6c() {
-        let mut ex = T0Exchange::new(&[0x00, 0xB0, 0, 0, 0x00], 10).unwrap();
+        let mut ex = T0Exchange::new(&[0x00, 0xB0, 0, 0, 0x00]).unwrap();
         assert_eq!(ex.header()[4], 0);
         let (_, resp) = run(&mut ex, &[0x6C, 0x08]);
         assert_eq!(resp, Ok(vec![0x6C, 0x08]));
@@ -375,7 +370,7 @@ mod tests {
     #[test]
     fn case4_sends_lc_and_drops_le() {
         let apdu = [0x80, 0x50, 0, 0, 0x02, 0x11, 0x22, 0x00];
-        let mut ex = T0Exchange::new(&apdu, 10).unwrap();
+        let mut ex = T0Exchange::new(&apdu).unwrap();
         assert_eq!(ex.header(), [0x80, 0x50, 0, 0, 0x02]);
         let (sent, resp) = run(&mut ex, &[0x50, 0x61, 0x1C]);
         assert_eq!(sent, vec![vec![0x11, 0x22]]);
@@ -383,28 +378,32 @@ mod tests {
     }
 
     #[test]
-    fn nulls_are_bounded() {
-        let mut ex = T0Exchange::new(&[0x00, 0xB0, 0, 0, 1], 3).unwrap();
-        let (_, resp) = run(&mut ex, &[0x60; 10]);
-        assert_eq!(resp, Err(T0Error::TooManyNulls { max: 3 }));
+    fn nulls_only_restart_the_wait() {
+        // 1000 NULLs (the old engine gave up after 100): each only restarts the waiting time.
+        let mut ex = T0Exchange::new(&[0x00, 0xB0, 0, 0, 1]).unwrap();
+        let mut card = vec![0x60; 1000];
+        card.extend_from_slice(&[0xB0, 0x42, 0x90, 0x00]);
+        let (_, resp) = run(&mut ex, &card);
+        assert_eq!(resp, Ok(vec![0x42, 0x90, 0x00]));
+        assert_eq!(ex.nulls(), 1000);
         assert_eq!(ex.on_byte(0x90), Err(T0Error::Finished));
     }
 
     #[test]
     fn bad_input_is_refused() {
         assert_eq!(
-            T0Exchange::new(&[0, 1], 1).unwrap_err(),
+            T0Exchange::new(&[0, 1]).unwrap_err(),
             T0Error::ApduTooShort(2)
         );
         assert_eq!(
-            T0Exchange::new(&[0, 0x61, 0, 0], 1).unwrap_err(),
+            T0Exchange::new(&[0, 0x61, 0, 0]).unwrap_err(),
             T0Error::InvalidIns(0x61)
         );
         assert_eq!(
-            T0Exchange::new(&[0, 0xA4, 0, 0, 3, 1], 1).unwrap_err(),
+            T0Exchange::new(&[0, 0xA4, 0, 0, 3, 1]).unwrap_err(),
             T0Error::BadApduLength { len: 6 }
         );
-        let mut ex = T0Exchange::new(&[0, 0xA4, 0, 0], 1).unwrap();
+        let mut ex = T0Exchange::new(&[0, 0xA4, 0, 0]).unwrap();
         assert_eq!(
             ex.on_byte(0x12),
             Err(T0Error::BadProcedureByte {
@@ -412,13 +411,13 @@ mod tests {
                 ins: 0xA4
             })
         );
-        let mut ex = T0Exchange::new(&[0, 0xA4, 0, 0], 1).unwrap();
+        let mut ex = T0Exchange::new(&[0, 0xA4, 0, 0]).unwrap();
         assert_eq!(ex.on_byte(0xA4), Err(T0Error::UnexpectedAck { byte: 0xA4 }));
     }
 
     #[test]
     fn pps_request_and_accepted_response() {
-        let mut pps = PpsExchange::new(0, 0x13);
+        let mut pps = PpsExchange::new(0, Some(0x13));
         assert_eq!(pps.request(), [0xFF, 0x10, 0x13, 0xFF ^ 0x10 ^ 0x13]);
         let echo = pps.request().to_vec();
         let mut step = PpsStep::Receive;
@@ -435,7 +434,7 @@ mod tests {
 
     #[test]
     fn pps_response_without_pps1_keeps_defaults() {
-        let mut pps = PpsExchange::new(0, 0x13);
+        let mut pps = PpsExchange::new(0, Some(0x13));
         assert_eq!(pps.on_byte(0xFF), PpsStep::Receive);
         assert_eq!(pps.on_byte(0x00), PpsStep::Receive);
         let PpsStep::Done(Ok(outcome)) = pps.on_byte(0xFF) else {
@@ -446,17 +445,17 @@ mod tests {
 
     #[test]
     fn pps_bad_responses() {
-        let mut pps = PpsExchange::new(0, 0x13);
+        let mut pps = PpsExchange::new(0, Some(0x13));
         assert_eq!(
             pps.on_byte(0x3B),
             PpsStep::Done(Err(PpsError::BadPpss(0x3B)))
         );
-        let mut pps = PpsExchange::new(0, 0x13);
+        let mut pps = PpsExchange::new(0, Some(0x13));
         for b in [0xFF, 0x10, 0x13] {
             pps.on_byte(b);
         }
         assert_eq!(pps.on_byte(0x00), PpsStep::Done(Err(PpsError::BadPck)));
-        let mut pps = PpsExchange::new(0, 0x13);
+        let mut pps = PpsExchange::new(0, Some(0x13));
         for b in [0xFF, 0x10, 0x12] {
             pps.on_byte(b);
         }
@@ -475,7 +474,7 @@ mod tests {
             apdu in proptest::collection::vec(any::<u8>(), 0..300),
             card in proptest::collection::vec(any::<u8>(), 0..600),
         ) {
-            if let Ok(mut ex) = T0Exchange::new(&apdu, 20) {
+            if let Ok(mut ex) = T0Exchange::new(&apdu) {
                 let mut sent_total = 0;
                 for b in card {
                     match ex.on_byte(b) {
@@ -494,7 +493,7 @@ mod tests {
             ta1 in any::<u8>(),
             resp in proptest::collection::vec(any::<u8>(), 0..10),
         ) {
-            let mut pps = PpsExchange::new(0, ta1);
+            let mut pps = PpsExchange::new(0, Some(ta1));
             for b in resp {
                 if let PpsStep::Done(_) = pps.on_byte(b) {
                     break;

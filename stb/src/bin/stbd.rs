@@ -1,6 +1,7 @@
 //! `stbd`: the set-top box daemon's command line. `stbd run --config FILE` runs the daemon;
 //! `stbd readers` lists the card readers and their cards through PC/SC, like pcsc_scan
-//! (`--watch` follows events).
+//! (`--watch` follows events), and serial readers (the config's, and each `--serial DEVICE`)
+//! with the ATR a reset gives.
 
 use std::process::ExitCode;
 
@@ -24,19 +25,81 @@ enum Cmd {
         #[arg(long, default_value = "/etc/stbd/stbd.toml")]
         config: std::path::PathBuf,
     },
-    /// List the card readers (PC/SC) and each one's card state and ATR.
+    /// List the card readers (PC/SC, and serial ones) and each one's card state and ATR.
     Readers {
-        /// Keep running and print reader and card events until Ctrl-C.
+        /// Keep running and print reader and card events until Ctrl-C (PC/SC).
         #[arg(long)]
         watch: bool,
+        /// Also list the serial reader this config names (default: /etc/stbd/stbd.toml when
+        /// it exists).
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        /// A serial device to probe (resets the card in it), with --profile's wiring.
+        #[arg(long)]
+        serial: Vec<String>,
+        /// Wiring of the --serial devices: phoenix or smartmouse.
+        #[arg(long, default_value = "phoenix")]
+        profile: String,
+        /// Modem lines of the --serial devices: "port" or "socket:PATH".
+        #[arg(long, default_value = "port")]
+        modem_lines: String,
     },
 }
 
-async fn readers(watch: bool) -> ExitCode {
+/// The serial readers to probe: the config's, then each `--serial`.
+fn serial_readers(
+    config: Option<std::path::PathBuf>,
+    serial: &[String],
+    profile: &str,
+    modem_lines: &str,
+) -> Result<Vec<reader_drivers::serial::SerialConfig>, String> {
+    use reader_drivers::serial::{Profile, SerialConfig};
+    let mut out = Vec::new();
+    let default = std::path::PathBuf::from("/etc/stbd/stbd.toml");
+    let path = config.or_else(|| default.exists().then_some(default));
+    if let Some(path) = path {
+        let cfg = stb::config::Config::load(&path).map_err(|e| e.to_string())?;
+        if matches!(cfg.reader, stb::config::ReaderConfig::Serial { .. }) {
+            out.push(stb::daemon::card::serial_config(&cfg.reader)?);
+        }
+    }
+    let profile = match profile {
+        "phoenix" => Profile::Phoenix,
+        "smartmouse" => Profile::Smartmouse,
+        p => return Err(format!("--profile {p:?}: expected phoenix or smartmouse")),
+    };
+    for device in serial {
+        let mut c = SerialConfig::with_profile("serial", device.clone(), profile);
+        c.modem_lines = stb::config::parse_modem_lines(modem_lines)?;
+        out.push(c);
+    }
+    Ok(out)
+}
+
+async fn readers(
+    watch: bool,
+    config: Option<std::path::PathBuf>,
+    serial: Vec<String>,
+    profile: String,
+    modem_lines: String,
+) -> ExitCode {
+    let serials = match serial_readers(config, &serial, &profile, &modem_lines) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("stbd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let driver = PcscDriver::new();
-    let listed = match readers_cmd::list(&driver).await {
+    let mut shown = 0;
+    let mut listed = match readers_cmd::list(&driver).await {
         Ok(text) => {
+            shown = text.matches("Reader ").count();
             print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) if !serials.is_empty() => {
+            println!("PC/SC: {e}");
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -44,6 +107,20 @@ async fn readers(watch: bool) -> ExitCode {
             ExitCode::FAILURE
         }
     };
+    for c in serials {
+        let (device, wiring) = (c.path.clone(), c.lines.describe());
+        let info = reader_drivers::serial::SerialDriver::new(c)
+            .card_info()
+            .await;
+        if matches!(&info, Err(reader_drivers::ReaderError::Io { .. })) {
+            listed = ExitCode::FAILURE;
+        }
+        print!(
+            "{}",
+            readers_cmd::format_serial(shown, &device, &wiring, &info)
+        );
+        shown += 1;
+    }
     if !watch {
         return listed;
     }
@@ -140,7 +217,13 @@ fn main() -> ExitCode {
         }
     };
     match cli.cmd {
-        Cmd::Readers { watch } => rt.block_on(readers(watch)),
+        Cmd::Readers {
+            watch,
+            config,
+            serial,
+            profile,
+            modem_lines,
+        } => rt.block_on(readers(watch, config, serial, profile, modem_lines)),
         Cmd::Run { config } => rt.block_on(run(config)),
     }
 }

@@ -293,6 +293,13 @@ impl Runner {
                 }
             }
         }
+        // Between two card sequences (the viewer types, the network answers) other programs
+        // may use the card.
+        if let Some(a) = &self.load.active {
+            if !a.flow.card_sequence_open() {
+                self.card.end_sequence().await;
+            }
+        }
     }
 
     async fn finish_load(&mut self, outcome: Outcome) {

@@ -17,7 +17,7 @@ use tracing::Instrument;
 use ui::model::{CardStatus, CardSummary, Catalog, CatalogId, CatalogItem, ReaderState};
 use ui::{App, Intent, ScreenId, UiEvent, UiUpdate};
 
-use super::card::{CardPort, today};
+use super::card::{CardPort, Removal, today};
 use super::gateway::Gateway;
 use super::recover::{Deferred, RecoverySlot};
 use crate::flow::load::Input as LoadInput;
@@ -288,37 +288,66 @@ impl Runner {
 
     async fn reader(&mut self, r: ReaderEvent) {
         match r {
-            ReaderEvent::ReaderAttached { reader } if self.card.matches(&reader) => {
+            // Another matching reader coming while a card is in use changes nothing on screen.
+            ReaderEvent::ReaderAttached { reader }
+                if self.card.matches(&reader) && !self.card.has_card() =>
+            {
                 self.update(UiUpdate::Reader(ReaderState::Ready { name: reader }))
                     .await
             }
             ReaderEvent::ReaderDetached { reader } if self.card.matches(&reader) => {
-                self.card.card_removed();
-                self.card_id = None;
-                self.update(UiUpdate::Reader(ReaderState::Missing)).await;
-                self.flow_input(Input::CardRemoved).await;
-                self.load_input(LoadInput::CardRemoved).await;
+                if self.card.card_removed(&reader) == Removal::NotInUse {
+                    if !self.card.has_card() {
+                        self.update(UiUpdate::Reader(ReaderState::Missing)).await;
+                    }
+                    return;
+                }
+                tracing::info!(%reader, "the reader in use went away");
+                self.card_in_use_gone().await;
+                if !self.card.has_card() {
+                    self.update(UiUpdate::Reader(ReaderState::Missing)).await;
+                }
             }
             ReaderEvent::CardInserted { reader, .. } if self.card.matches(&reader) => {
+                if !self.card.card_inserted(&reader) {
+                    tracing::info!(%reader, in_use = ?self.card.reader(), "card inserted in another reader; kept in case the card in use goes");
+                    return;
+                }
                 tracing::info!(%reader, "card inserted");
-                self.card.card_inserted(&reader);
                 self.card_id = None;
                 self.refresh_card().await;
                 self.recover().await;
             }
             ReaderEvent::CardRemoved { reader } if self.card.matches(&reader) => {
+                if self.card.card_removed(&reader) == Removal::NotInUse {
+                    tracing::info!(%reader, in_use = ?self.card.reader(), "card removed from a reader not in use; nothing changes");
+                    return;
+                }
                 tracing::info!(%reader, "card removed");
-                self.card.card_removed();
-                self.card_id = None;
-                self.update(UiUpdate::CardRemoved).await;
-                self.flow_input(Input::CardRemoved).await;
-                self.load_input(LoadInput::CardRemoved).await;
+                self.card_in_use_gone().await;
             }
             ReaderEvent::ServiceLost { reason } => {
                 tracing::warn!(%reason, "reader service lost");
                 self.update(UiUpdate::Reader(ReaderState::Missing)).await;
             }
             _ => {}
+        }
+    }
+
+    /// The card in use went (card pulled, reader gone): the flows hear of it, and if another
+    /// matching reader holds a card, the box carries on with that one.
+    async fn card_in_use_gone(&mut self) {
+        self.card_id = None;
+        self.update(UiUpdate::CardRemoved).await;
+        self.flow_input(Input::CardRemoved).await;
+        self.load_input(LoadInput::CardRemoved).await;
+        if let Some(r) = self.card.reader().map(str::to_string) {
+            tracing::info!(reader = %r, "using the card in another reader");
+            // A flow that ended on the removal has read it already (finish → refresh).
+            if self.card_id.is_none() {
+                self.refresh_card().await;
+                self.recover().await;
+            }
         }
     }
 
@@ -593,6 +622,11 @@ impl Runner {
         if let Some(a) = &self.active {
             if !a.flow.awaiting_viewer() {
                 self.offer_deadline = None;
+            }
+            // Between two card sequences (the viewer decides, the network answers) other
+            // programs may use the card.
+            if !a.flow.card_sequence_open() {
+                self.card.end_sequence().await;
             }
         }
     }

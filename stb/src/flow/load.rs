@@ -262,6 +262,24 @@ impl Load {
         )
     }
 
+    /// Whether the flow is inside a card sequence that must not be interleaved with another
+    /// program's commands (SELECT → READ PURSE; SELECT → INITIALIZE FOR LOAD → … → LOAD; SELECT
+    /// → zero-value INITIALIZE). The shell holds a reader transaction while this is true, and
+    /// lets other programs at the card while the viewer types or the offer is on its way.
+    pub fn card_sequence_open(&self) -> bool {
+        matches!(
+            self.state,
+            State::AwaitSelect
+                | State::AwaitPurse
+                | State::AwaitSelectForInit
+                | State::AwaitInit
+                | State::AwaitCommand
+                | State::AwaitLoad
+                | State::AwaitSelectForZero
+                | State::AwaitZero
+        )
+    }
+
     fn txid(&self) -> String {
         self.transaction_id().unwrap_or_default().to_string()
     }

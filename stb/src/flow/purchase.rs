@@ -1,8 +1,17 @@
 //! One purchase (draw), 001 [0071]–[0094], as a sans-IO state machine.
 //!
 //! offer request → offer → SELECT, INITIALIZE FOR PURCHASE → checks ([0075]: currency,
-//! expiry, balance ≥ amount) → the viewer's OK → draw request → debit command (its amount
-//! must be the offer's, [0082]) → DEBIT → debit response → receipt.
+//! expiry, balance ≥ amount) → the viewer's OK → SELECT, INITIALIZE FOR PURCHASE again (same
+//! card, checks again) → draw request → debit command (its amount must be the offer's,
+//! [0082]) → DEBIT → debit response → receipt.
+//!
+//! The card may be shared with other programs (OSCam, OpenSC on the same pcscd). The flow's
+//! card work comes in two sequences the shell runs each inside one reader transaction
+//! ([`Purchase::card_sequence_open`]): SELECT → INITIALIZE before the viewer is asked, and
+//! SELECT → INITIALIZE → (draw request, debit command) → DEBIT after the OK. The card is not
+//! held while the viewer decides: whatever another program does to it meanwhile (a reset, a
+//! SELECT of its own application) is undone by the second SELECT, and the INITIALIZE whose
+//! data the draw request carries is the one DEBIT follows, with nobody in between.
 //!
 //! Exactly one request (to the gateway or to the card) is outstanding at a time; the shell
 //! executes [`Action`]s in order and feeds the one answer back as an [`Input`]. Every step
@@ -129,6 +138,9 @@ enum State {
     AwaitSelect,
     AwaitInit,
     AwaitViewer,
+    /// After the OK: the purse selected again, for the INITIALIZE that DEBIT follows.
+    AwaitReselect,
+    AwaitReinit,
     AwaitDebitCommand,
     AwaitDebit,
     AwaitReceipt,
@@ -226,7 +238,29 @@ impl Purchase {
     pub fn holds_card(&self) -> bool {
         matches!(
             self.state,
-            State::AwaitSelect | State::AwaitInit | State::AwaitViewer | State::AwaitDebit
+            State::AwaitSelect
+                | State::AwaitInit
+                | State::AwaitViewer
+                | State::AwaitReselect
+                | State::AwaitReinit
+                | State::AwaitDebit
+        )
+    }
+
+    /// Whether the flow is inside a card sequence that must not be interleaved with another
+    /// program's commands: SELECT → INITIALIZE, and SELECT → INITIALIZE → draw → DEBIT (with
+    /// the cancel's proof INITIALIZE when the debit does not happen). The shell holds a reader
+    /// transaction while this is true; not while the viewer decides or the receipt comes.
+    pub fn card_sequence_open(&self) -> bool {
+        matches!(
+            self.state,
+            State::AwaitSelect
+                | State::AwaitInit
+                | State::AwaitReselect
+                | State::AwaitReinit
+                | State::AwaitDebitCommand
+                | State::AwaitDebit
+                | State::AwaitProof(_)
         )
     }
 
@@ -303,6 +337,8 @@ impl Purchase {
             (State::AwaitSelect, Input::Card(r)) => self.on_select(r),
             (State::AwaitInit, Input::Card(r)) => self.on_init(r),
             (State::AwaitViewer, Input::Accept) => self.on_accept(),
+            (State::AwaitReselect, Input::Card(r)) => self.on_reselect(r),
+            (State::AwaitReinit, Input::Card(r)) => self.on_reinit(r),
             (State::AwaitViewer, Input::Decline { timeout }) => {
                 let reason = if timeout {
                     CancelReason::Timeout
@@ -320,7 +356,14 @@ impl Purchase {
                 };
                 self.cancel_offer(reason, outcome)
             }
-            (State::AwaitSelect | State::AwaitInit | State::AwaitViewer, Input::CardRemoved) => {
+            (
+                State::AwaitSelect
+                | State::AwaitInit
+                | State::AwaitViewer
+                | State::AwaitReselect
+                | State::AwaitReinit,
+                Input::CardRemoved,
+            ) => {
                 let mut a = vec![
                     Action::Ui(UiUpdate::OfferWithdrawn(TxId(self.txid()))),
                     err(ErrorKind::NoCard, "the card was removed"),
@@ -438,49 +481,57 @@ impl Purchase {
         vec![Action::Apdu(commands::init_purchase(self.today))]
     }
 
-    fn on_init(&mut self, r: Result<CardReply, String>) -> Vec<Action> {
-        let data = match self.card_data(r) {
-            Ok(d) => d,
-            Err(a) => return a,
-        };
+    /// The card's INITIALIZE answer, checked against the offer (001 [0075]: currency, expiry,
+    /// balance ≥ amount); on a failed check, the actions that tell the viewer and drop the
+    /// offer.
+    fn checked_init(&mut self, r: Result<CardReply, String>) -> Result<PurchaseInit, Vec<Action>> {
+        let data = self.card_data(r)?;
         let Ok(init) = PurchaseInit::decode(&data) else {
-            return self.refuse(
+            return Err(self.refuse(
                 ErrorKind::Other,
                 "the card's INITIALIZE answer is malformed".into(),
-            );
+            ));
         };
-        let offer = self.offer.as_ref().expect("offer before card");
-        let amount = offer.amount;
-        // 001 [0075]: the checks before the viewer is asked.
+        let amount = self.offer.as_ref().expect("offer before card").amount;
         if init.currency != amount.currency {
-            return self.refuse(
+            return Err(self.refuse(
                 ErrorKind::Other,
                 format!(
                     "the card holds {} but the price is in {}",
                     init.currency.alpha(),
                     amount.currency.alpha()
                 ),
-            );
+            ));
         }
         if init.expiry.is_expired_on(self.today) {
-            return self.refuse(
+            return Err(self.refuse(
                 ErrorKind::CardExpired,
                 format!(
                     "the card expired at the end of {:04}-{:02}",
                     init.expiry.year, init.expiry.month
                 ),
-            );
+            ));
         }
         if init.balance < amount.minor {
-            return self.refuse(
+            return Err(self.refuse(
                 ErrorKind::InsufficientValue,
                 format!(
                     "the card holds {} but the price is {}",
                     proto::money::Money::new(init.balance, init.currency),
                     amount
                 ),
-            );
+            ));
         }
+        Ok(init)
+    }
+
+    fn on_init(&mut self, r: Result<CardReply, String>) -> Vec<Action> {
+        let init = match self.checked_init(r) {
+            Ok(i) => i,
+            Err(a) => return a,
+        };
+        let offer = self.offer.as_ref().expect("offer before card");
+        let amount = offer.amount;
         let popup = ui::model::Offer {
             txid: TxId(offer.transaction_id.clone()),
             item: offer.title.clone(),
@@ -510,7 +561,43 @@ impl Purchase {
         a
     }
 
+    /// The viewer's OK. The card was not held while the viewer decided, so the purse is
+    /// selected again and a fresh INITIALIZE taken: the draw request carries the INITIALIZE
+    /// that DEBIT follows, in one card sequence.
     fn on_accept(&mut self) -> Vec<Action> {
+        self.state = State::AwaitReselect;
+        vec![
+            Action::Ui(UiUpdate::Progress(ProgressStep::ReadingCard)),
+            Action::Apdu(commands::select()),
+        ]
+    }
+
+    fn on_reselect(&mut self, r: Result<CardReply, String>) -> Vec<Action> {
+        if let Err(a) = self.card_data(r) {
+            return a;
+        }
+        self.state = State::AwaitReinit;
+        vec![Action::Apdu(commands::init_purchase(self.today))]
+    }
+
+    fn on_reinit(&mut self, r: Result<CardReply, String>) -> Vec<Action> {
+        let init = match self.checked_init(r) {
+            Ok(i) => i,
+            Err(a) => return a,
+        };
+        let shown = self.init.as_ref().expect("init before the viewer");
+        if init.card_id != shown.card_id {
+            return self.refuse(
+                ErrorKind::Other,
+                "another card is in the reader than the one the offer was shown for".into(),
+            );
+        }
+        self.init = Some(init);
+        self.draw()
+    }
+
+    /// Journals the acceptance with the card data and sends the draw request.
+    fn draw(&mut self) -> Vec<Action> {
         let offer = self.offer.clone().expect("offer");
         let init = self.init.clone().expect("init");
         let body = DrawBody {

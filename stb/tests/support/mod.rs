@@ -398,16 +398,7 @@ fn answer(
                 .insert(d.transaction_id.clone(), command.psam_txn);
             Message::DebitCommand(DebitCommandMsg {
                 transaction_id: d.transaction_id,
-                body: Protected::new(
-                    DebitCommandBody {
-                        command,
-                        expected_card_signature: None,
-                        sealed_expected_signature: None,
-                        presealed_result_m: None,
-                    },
-                    offer.tsk.as_ref(),
-                    &mut rng,
-                ),
+                body: Protected::new(DebitCommandBody { command }, offer.tsk.as_ref(), &mut rng),
             })
         }
         Message::DebitResponse(r) => {
@@ -709,6 +700,7 @@ pub fn journal_pending_load(dir: &Path, txid: &str, card_id: u64) {
         currency: Currency::EUR,
         atc: 3,
         load_count: 1,
+        init_count: 1,
         key_version: 1,
         amount: 500,
         timestamp: 7,
@@ -763,6 +755,7 @@ pub fn journal_pending_purchase(dir: &Path, txid: &str, debit_sent: bool, psam_t
         currency: Currency::EUR,
         auth_mode: 1,
         atc: 1,
+        init_count: 1,
         key_version: 1,
         card_random: [0; 8],
         card_mac: [0; 8],

@@ -139,6 +139,7 @@ pub fn bins() -> &'static Bins {
             .arg("--target-dir")
             .arg(target_dir)
             .current_dir(workspace_root());
+            without_test_env(&mut cmd);
             if profile_dir.file_name().is_some_and(|n| n == "release") {
                 cmd.arg("--release");
             }
@@ -150,6 +151,14 @@ pub fn bins() -> &'static Bins {
                 String::from_utf8_lossy(&out.stderr)
             );
             eprintln!("e2e: binaries built/checked in {:?}", t.elapsed());
+            // Cargo does not relink a binary whose inputs did not change (a Cargo.lock edit
+            // that touched none of its dependencies): mark it checked, or every later test
+            // run would call cargo again.
+            for b in [&bins.headend, &bins.stbd, &bins.vcard] {
+                if let Ok(f) = std::fs::File::options().write(true).open(b) {
+                    let _ = f.set_modified(std::time::SystemTime::now());
+                }
+            }
         }
         for b in [&bins.headend, &bins.stbd, &bins.vcard] {
             assert!(
@@ -160,6 +169,28 @@ pub fn bins() -> &'static Bins {
         }
         bins
     })
+}
+
+/// Removes the variables cargo set for this test process (CARGO_MANIFEST_DIR=…/tests,
+/// CARGO_PKG_* …) from a command that runs cargo: they would leak into its build — `ring`
+/// tracks CARGO_MANIFEST_DIR, so it (and all that depends on it) would be rebuilt there and
+/// again by the next plain `cargo`.
+pub fn without_test_env(cmd: &mut Command) {
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("CARGO_PKG_")
+            || [
+                "CARGO_MANIFEST_DIR",
+                "CARGO_MANIFEST_PATH",
+                "CARGO_CRATE_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+            ]
+            .contains(&k.as_ref())
+        {
+            cmd.env_remove(k.as_ref());
+        }
+    }
 }
 
 fn run_ok(what: &str, cmd: &mut Command) -> Output {

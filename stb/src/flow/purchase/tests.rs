@@ -152,16 +152,7 @@ fn command_msg(c: DebitCommand, tsk: Option<&DesKey>) -> Message {
     let mut rng = StdRng::seed_from_u64(9);
     Message::DebitCommand(DebitCommandMsg {
         transaction_id: "tx-1".into(),
-        body: Protected::new(
-            DebitCommandBody {
-                command: c,
-                expected_card_signature: None,
-                sealed_expected_signature: None,
-                presealed_result_m: None,
-            },
-            tsk,
-            &mut rng,
-        ),
+        body: Protected::new(DebitCommandBody { command: c }, tsk, &mut rng),
     })
 }
 
@@ -188,8 +179,16 @@ fn accepted(card: &mut PurseCard, tsk: Option<DesKey>) -> (Purchase, Message, Ve
     let (mut p, a) = to_viewer(card, offer(250, tsk));
     assert!(matches!(a.last(), Some(Action::Ui(UiUpdate::Offer(_)))));
     assert!(p.awaiting_viewer());
-    let a = p.handle(Input::Accept);
+    assert!(
+        !p.card_sequence_open(),
+        "the card is not held while the viewer decides"
+    );
+    let a = feed(&mut p, card, Input::Accept);
     let draw = sent(&a).unwrap().clone();
+    assert!(
+        p.card_sequence_open(),
+        "INITIALIZE → DEBIT is one card sequence"
+    );
     (p, draw, a)
 }
 
@@ -605,4 +604,84 @@ fn receipt_not_released_is_paid_but_says_so() {
     let a = p.handle(Input::Answer(receipt(false)));
     assert_eq!(ui_error(&a), Some(ErrorKind::Other));
     assert!(matches!(journal_steps(&a)[..], [Step::Completed { .. }]));
+}
+
+/// Another program on the same reader resets the card, or selects its own application, while
+/// the viewer decides: the OK selects the purse again and takes a fresh INITIALIZE, and the
+/// purchase completes on it. Without that, DEBIT would meet a card with no session (`6985`).
+#[test]
+fn a_reset_or_a_foreign_select_while_the_viewer_decides_is_undone_by_selecting_again() {
+    use proto::apdu::CardApplication;
+    let foreign_select = [
+        0x00, 0xA4, 0x04, 0x00, 0x07, 0xA0, 0, 0, 0, 0x03, 0x10, 0x10,
+    ];
+    for meddle in ["reset", "select"] {
+        let mut c = card();
+        let mut psam = SecurityCard::new(3, issuer().purchase());
+        let (mut p, a) = to_viewer(&mut c, offer(250, None));
+        assert!(matches!(a.last(), Some(Action::Ui(UiUpdate::Offer(_)))));
+        match meddle {
+            "reset" => c.reset(),
+            _ => assert_eq!(c.process(&foreign_select).response, [0x6A, 0x82]),
+        }
+        let a = p.handle(Input::Accept);
+        assert_eq!(
+            a.last(),
+            Some(&Action::Apdu(commands::select())),
+            "{meddle}"
+        );
+        assert!(
+            journal_steps(&a).is_empty(),
+            "nothing journaled before the card answered"
+        );
+        let a = drive(&mut p, &mut c, a);
+        let draw = sent(&a).unwrap().clone();
+        let Message::DrawRequest(d) = &draw else {
+            panic!("{draw:?}")
+        };
+        let init = &d.body.open(None).unwrap().init;
+        assert!(matches!(
+            journal_steps(&a)[..],
+            [Step::OfferAccepted { init: j, .. }, Step::DrawSent] if j == init
+        ));
+        let cmd = debit_command(&mut psam, &draw, None);
+        let a = feed(&mut p, &mut c, Input::Answer(command_msg(cmd, None)));
+        assert!(
+            matches!(sent(&a), Some(Message::DebitResponse(_))),
+            "{meddle}: {a:?}"
+        );
+        assert!(!p.card_sequence_open());
+        assert_eq!(c.state.balance, 750, "{meddle}");
+        let a = p.handle(Input::Answer(receipt(true)));
+        assert!(
+            matches!(outcome(&a), Some(Outcome::Paid { .. })),
+            "{meddle}"
+        );
+    }
+}
+
+/// Another card in the reader by the time the viewer said OK: refused before anything is
+/// journaled, the offer dropped.
+#[test]
+fn another_card_after_the_ok_is_refused_before_the_draw() {
+    let mut c = card();
+    let (mut p, _) = to_viewer(&mut c, offer(250, None));
+    let spec = CardSpec {
+        card_id: 43,
+        provider_id: 1,
+        currency: Currency::EUR,
+        balance: 1_000,
+        max_balance: 100_000,
+        expiry: Expiry {
+            year: 2030,
+            month: 12,
+        },
+    };
+    let mut other = PurseCard::new(CardState::personalise(&spec, &issuer()), 8);
+    let a = feed(&mut p, &mut other, Input::Accept);
+    assert!(journal_steps(&a).is_empty());
+    assert!(outcome(&a).is_none());
+    assert_eq!(cancel_of(&a).reason, CancelReason::NotDebited);
+    let a = p.handle(Input::Answer(receipt(false)));
+    assert!(matches!(outcome(&a), Some(Outcome::Failed { .. })), "{a:?}");
 }
