@@ -46,11 +46,12 @@ pub fn name(m: &Message) -> &'static str {
         Message::Reversals(_) => "Reversals",
         Message::Reversed(_) => "Reversed",
         Message::Ack { .. } => "Ack",
+        Message::RoutedDebitCommand { .. } => "RoutedDebitCommand",
     }
 }
 
 /// The number of message kinds [`every`] returns (one per variant).
-pub const KINDS: usize = 29;
+pub const KINDS: usize = 30;
 
 fn eur(minor: u64) -> Money {
     Money::new(minor, Currency::EUR)
@@ -167,12 +168,18 @@ pub fn every(card: &CardData, txid: &str, victim_box: &str, voucher: &str) -> Ve
         Message::DebitCommand(DebitCommandMsg {
             transaction_id: txid.into(),
             body: Protected::Clear(DebitCommandBody {
-                command: debit_command,
-                expected_card_signature: None,
-                sealed_expected_signature: None,
-                presealed_result_m: None,
+                command: debit_command.clone(),
             }),
         }),
+        Message::RoutedDebitCommand {
+            command: DebitCommandMsg {
+                transaction_id: txid.into(),
+                body: Protected::Clear(DebitCommandBody {
+                    command: debit_command,
+                }),
+            },
+            gateway: GatewayCopy::default(),
+        },
         Message::DebitResponse(DebitResponseMsg {
             transaction_id: txid.into(),
             body: Protected::Clear(debit_response.clone()),
