@@ -2,6 +2,11 @@
 //! card and QUIC connection ([`SimBox`]), many connections sharing a few client UDP sockets.
 //! Drives purchases at a target rate (open loop) or as fast as possible (closed loop), timing
 //! each flow at the box.
+//!
+//! Each box keeps a [`Link`]: what it needs to connect again. A box whose connection died
+//! (closed, reset, idle timeout) or went silent (a step got no answer in time — e.g. the
+//! gateway was restarted and the old connection will never answer) drops it and reconnects
+//! with a capped backoff before its next purchase, so a fleet survives a gateway restart.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -76,9 +81,75 @@ pub fn issue_identities(ca_dir: &Path, prefix: &str, n: usize) -> Result<Vec<Box
     Ok(out)
 }
 
+/// What a box needs to connect again: its identity, the client socket it shares, where the
+/// gateway is.
+#[derive(Clone)]
+pub struct Link {
+    pub identity: BoxIdentity,
+    endpoint: quinn::Endpoint,
+    addr: SocketAddr,
+    settings: TransportSettings,
+}
+
+impl Link {
+    /// Closes `b`'s connection (if it still is one) and connects again, bounded by `limit`.
+    pub async fn reconnect(&self, b: &mut SimBox, limit: Duration) -> Result<(), String> {
+        b.client
+            .connection()
+            .close(crate::quic::AppCode::Closed.varint(), b"reconnecting");
+        let c = tokio::time::timeout(
+            limit,
+            QuicClient::connect_shared(
+                &self.endpoint,
+                &self.identity.tls,
+                &self.settings,
+                self.addr,
+                "localhost",
+            ),
+        )
+        .await
+        .map_err(|_| format!("reconnect: no handshake within {} ms", limit.as_millis()))?
+        .map_err(|e| format!("reconnect: {e}"))?;
+        b.client = c;
+        Ok(())
+    }
+
+    /// Reconnects until it works or `deadline` passes, doubling the pause from 100 ms up to
+    /// 2 s between attempts.
+    pub async fn reconnect_until(&self, b: &mut SimBox, deadline: Instant) -> Result<(), String> {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let r = self
+                .reconnect(
+                    b,
+                    left.clamp(Duration::from_millis(1), Duration::from_secs(5)),
+                )
+                .await;
+            if r.is_ok() || Instant::now() + pause >= deadline {
+                return r;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
+        }
+    }
+}
+
+/// Whether a failed exchange says `b`'s connection is gone or unusable: closed (reset, idle
+/// timeout, refused), or silent past a step's deadline. A refusal from the head end (an
+/// `Error` answer) is not: the connection works.
+pub fn connection_lost(b: &SimBox, failure: &str) -> bool {
+    b.client.connection().close_reason().is_some() || failure.contains(NO_ANSWER)
+}
+
+/// The text [`purchase`] puts in a failure when a step had no answer in time.
+pub const NO_ANSWER: &str = "no answer within";
+
 /// Connected boxes.
 pub struct Fleet {
     pub boxes: Vec<Arc<tokio::sync::Mutex<SimBox>>>,
+    /// Each box's way back to the gateway (same order as `boxes`).
+    pub links: Arc<Vec<Link>>,
     /// Each card's balance when personalised.
     pub initial_balance: u64,
     /// Connections that failed, by reason.
@@ -144,7 +215,7 @@ impl Fleet {
                 (i, id.box_id, r)
             });
         }
-        let mut connected = Vec::with_capacity(ids.len());
+        let mut connected: Vec<(usize, String, QuicClient)> = Vec::with_capacity(ids.len());
         let mut connect_errors = Errors::default();
         while let Some(j) = tasks.join_next().await {
             match j {
@@ -154,6 +225,15 @@ impl Fleet {
             }
         }
         connected.sort_by_key(|(i, _, _)| *i);
+        let links = connected
+            .iter()
+            .map(|(i, _, _)| Link {
+                identity: ids[*i].clone(),
+                endpoint: endpoints[*i / plan.per_endpoint.max(1)].clone(),
+                addr,
+                settings: settings.clone(),
+            })
+            .collect();
         let boxes = connected
             .into_iter()
             .map(|(i, id, client)| {
@@ -168,6 +248,7 @@ impl Fleet {
             .collect();
         Ok(Fleet {
             boxes,
+            links: Arc::new(links),
             initial_balance: plan.balance,
             connect_errors,
             endpoints,
@@ -177,6 +258,9 @@ impl Fleet {
     /// Takes another fleet's boxes (connected to the same head end) into this one.
     pub fn absorb(&mut self, other: Fleet) {
         self.boxes.extend(other.boxes);
+        let mut links = self.links.as_ref().clone();
+        links.extend(other.links.iter().cloned());
+        self.links = Arc::new(links);
         self.connect_errors.merge(&other.connect_errors);
         self.endpoints.extend(other.endpoints);
     }
@@ -238,7 +322,7 @@ async fn within<T, E: std::fmt::Display>(
     match tokio::time::timeout(limit, f).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(format!("{step}: {e}")),
-        Err(_) => Err(format!("{step}: no answer within {} ms", limit.as_millis())),
+        Err(_) => Err(format!("{step}: {NO_ANSWER} {} ms", limit.as_millis())),
     }
 }
 
@@ -294,6 +378,31 @@ pub async fn purchase(
         Message::Receipt(r) => Err(format!("receipt without release: {}", r.text)),
         other => Err(answer_err("debit response", &other)),
     }
+}
+
+/// [`purchase`], then, if the connection turned out lost, a fresh one (bounded by the step
+/// timeout) so the box's next purchase does not die on it too.
+pub async fn purchase_and_heal(
+    b: &mut SimBox,
+    link: &Link,
+    plan: &RunPlan,
+) -> Result<Done, String> {
+    let r = purchase(
+        b,
+        &plan.merchant,
+        &plan.item,
+        plan.step_timeout,
+        plan.resend,
+    )
+    .await;
+    if let Err(e) = &r {
+        if connection_lost(b, e) {
+            if let Err(again) = link.reconnect(b, plan.step_timeout).await {
+                tracing::debug!(box_id = %b.id, error = %again, "reconnect failed; next purchase retries");
+            }
+        }
+    }
+    r
 }
 
 /// How a run drives the fleet.
@@ -420,27 +529,21 @@ pub async fn run(fleet: &Fleet, plan: &RunPlan) -> RunReport {
                     let b = fleet.boxes[cursor % n].clone();
                     cursor += 1;
                     if let Ok(g) = b.try_lock_owned() {
-                        guard = Some(g);
+                        guard = Some((g, (cursor - 1) % n));
                         break;
                     }
                 }
-                let Some(mut b) = guard else {
+                let Some((mut b, at)) = guard else {
                     if due >= measure_from {
                         shed += 1;
                     }
                     continue;
                 };
                 let (plan, collector) = (plan.clone(), collector.clone());
+                let links = fleet.links.clone();
                 tasks.spawn(async move {
                     let t = Instant::now();
-                    let r = purchase(
-                        &mut b,
-                        &plan.merchant,
-                        &plan.item,
-                        plan.step_timeout,
-                        plan.resend,
-                    )
-                    .await;
+                    let r = purchase_and_heal(&mut b, &links[at], &plan).await;
                     collector
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -453,19 +556,13 @@ pub async fn run(fleet: &Fleet, plan: &RunPlan) -> RunReport {
             for _ in 0..plan.concurrency.min(n) {
                 let (plan, collector, next) = (plan.clone(), collector.clone(), next.clone());
                 let boxes = fleet.boxes.clone();
+                let links = fleet.links.clone();
                 tasks.spawn(async move {
                     while Instant::now() < end {
-                        let b = boxes[next.fetch_add(1, Ordering::Relaxed) % boxes.len()].clone();
-                        let mut b = b.lock_owned().await;
+                        let at = next.fetch_add(1, Ordering::Relaxed) % boxes.len();
+                        let mut b = boxes[at].clone().lock_owned().await;
                         let t = Instant::now();
-                        let r = purchase(
-                            &mut b,
-                            &plan.merchant,
-                            &plan.item,
-                            plan.step_timeout,
-                            plan.resend,
-                        )
-                        .await;
+                        let r = purchase_and_heal(&mut b, &links[at], &plan).await;
                         collector
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())

@@ -1,0 +1,24 @@
+//! Purselink's own chaos test (issue 11, "Must show"): a split head end of real role
+//! processes, real `stbd` boxes driven through their TV and local app API, and a simulated
+//! fleet, under SIGKILLs of every role and of boxes mid-transaction; then an audit of value
+//! from the raw journals and card files.
+//!
+//! - [`deploy`]: the deployment (per-role configurations and certificates, merchants,
+//!   accounts, vouchers) and the role processes (start, READY, SIGKILL, restart);
+//! - [`stbd`]: `stbd` boxes in tmux and their drivers (local app API, remote keys);
+//! - [`fleet`]: the simulated boxes, which settle what they hold open as a box must;
+//! - [`audit`]: the audit, usable on its own by any test;
+//! - [`record`]: outcomes, faults, pacing;
+//! - [`run`]: the run itself and its report;
+//! - [`bins`]: the `headend` and `stbd` binaries of this build.
+//!
+//! The binary `chaos` runs it (`cargo run --release -p sim --bin chaos -- --help`); the test
+//! `sim/tests/chaos.rs` is the short CI version.
+
+pub mod audit;
+pub mod bins;
+pub mod deploy;
+pub mod fleet;
+pub mod record;
+pub mod run;
+pub mod stbd;
