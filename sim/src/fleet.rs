@@ -669,7 +669,11 @@ impl SimFleet {
                     .map_err(|e| e.to_string())?;
                 Ok(BoxIdentity {
                     box_id: s.box_id.clone(),
-                    tls: headend::quic::ClientTls::new(ca_certs.clone(), issued.tls_identity()),
+                    tls: headend::quic::ClientTls::new(
+                        ca_certs.clone(),
+                        issued.tls_identity(),
+                        "gateway",
+                    ),
                 })
             })
             .collect::<Result<_, String>>()?;
