@@ -21,7 +21,17 @@ fn free_udp_port() -> SocketAddr {
     s.local_addr().unwrap()
 }
 
+/// Starts `headend load` on the deployment's config, but with the load server's own role
+/// certificate (`certs/load.*`, from init-demo): the gateway calls `[endpoints.load]` only if
+/// the server's certificate names the load role.
 fn spawn_load_server(config: &Path, log: &Path) -> Child {
+    let text = std::fs::read_to_string(config).unwrap();
+    let own = text
+        .replace("certs/gateway.crt.pem", "certs/load.crt.pem")
+        .replace("certs/gateway.key.pem", "certs/load.key.pem");
+    assert_ne!(own, text, "the config names the gateway's certificate");
+    let config = config.with_file_name("load-server.toml");
+    std::fs::write(&config, own).unwrap();
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -29,7 +39,7 @@ fn spawn_load_server(config: &Path, log: &Path) -> Child {
         .unwrap();
     Command::new(env!("CARGO_BIN_EXE_headend"))
         .args(["load", "--config"])
-        .arg(config)
+        .arg(&config)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
