@@ -5,8 +5,8 @@ mod support;
 
 use proto::messages::CancelReason;
 use stb::daemon::runner::Event;
-use stb::flow::purchase::Outcome;
 use stb::journal::Journal;
+use stb_flow::purchase::Outcome;
 use support::*;
 use tokio::sync::oneshot;
 use ui::RemoteKey;

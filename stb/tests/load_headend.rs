@@ -26,8 +26,8 @@ use reader_drivers::virtual_driver::VirtualDriver;
 use stb::config::Config;
 use stb::daemon::card::CardPort;
 use stb::daemon::gateway::{Gateway, client_config};
-use stb::flow::load::{Action, Input, Load, Step};
 use stb::journal::Journal;
+use stb_flow::load::{Action, Input, Load, Step};
 use support::{Box_, start_box};
 use ui::{RemoteKey, ScreenId};
 

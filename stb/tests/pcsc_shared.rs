@@ -34,7 +34,7 @@ use reader_drivers::vcard::VirtualCard;
 use reader_drivers::{CardPresence, ReaderDriver, ReaderEvent};
 use stb::daemon::runner::{Event, Status};
 use stb::daemon::{Handles, Io};
-use stb::flow::purchase::Outcome;
+use stb_flow::purchase::Outcome;
 use support::*;
 use tokio::sync::{mpsc, oneshot, watch};
 use ui::RemoteKey;

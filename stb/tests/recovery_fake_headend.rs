@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use proto::messages::{CancelReason, Message};
 use stb::daemon::runner::Event;
-use stb::flow::purchase::Outcome;
 use stb::journal::Journal;
+use stb_flow::purchase::Outcome;
 use support::*;
 use tokio::sync::oneshot;
 use ui::{RemoteKey, ScreenId};

@@ -1,4 +1,4 @@
-//! The shell around [`crate::flow::load`]: the `[load]` settings, one load at a time driven
+//! The shell around [`stb_flow::load`]: the `[load]` settings, one load at a time driven
 //! from the runner's UI intents and gateway answers. In-doubt loads are recovered with the
 //! purchases by [`super::recover`] (at start, on reconnect, on every card insertion, on the
 //! recovery timer, and before a new load or purchase on the same card: 001's
@@ -15,7 +15,7 @@ use ui::model::{ErrorKind, UiError};
 use super::recover::Deferred;
 use super::runner::{Event, Runner};
 use crate::config::LoadConfig;
-use crate::flow::load::{Action, Input, Load, Outcome, Step};
+use stb_flow::load::{Action, Input, Load, Outcome, Step};
 
 /// Load answers come back as `Event::Answer` with a flow id from this range, apart from
 /// the purchase flows' ids.
@@ -269,10 +269,7 @@ impl Runner {
                     let tx = self.events.clone();
                     let id = active.id;
                     span.in_scope(|| {
-                        tracing::info!(
-                            message = crate::flow::purchase::name(&msg),
-                            "to the gateway"
-                        )
+                        tracing::info!(message = stb_flow::purchase::name(&msg), "to the gateway")
                     });
                     tokio::spawn(
                         async move {

@@ -1,5 +1,5 @@
 //! Resolving the journal's in-doubt purchases and loads: the IO half of
-//! [`crate::flow::recovery`] and of [`crate::flow::load::decide`].
+//! [`stb_flow::recovery`] and of [`stb_flow::load::decide`].
 //!
 //! A recovery *round* starts at start-up, on every (re)connection to the gateway, on every
 //! card insertion, before a new purchase or load on a card with older in-doubt work, and on
@@ -40,15 +40,15 @@ use ui::model::{ErrorKind, ProgressStep, UiError};
 
 use super::card::today;
 use super::runner::{Event, Runner};
-use crate::flow::load::{
+use crate::journal::Pending;
+use stb_flow::load::{
     Decision as LoadDecision, LoadResolution, PendingLoad, Step as LoadStep, decide, on_load_answer,
 };
-use crate::flow::purchase::{Outcome, Step};
-use crate::flow::recovery::{
+use stb_flow::purchase::{Outcome, Step};
+use stb_flow::recovery::{
     CardSeen, DebitEvidence, InDoubt, Plan, Resolution, RetrySchedule, Source, log_reaches,
     on_cancel_answer, on_debit_response_answer, plan, response_for,
 };
-use crate::journal::Pending;
 
 /// A new purchase or load that waits for a recovery round (an older transaction of the same
 /// card was in doubt).
@@ -462,7 +462,7 @@ impl Runner {
             self.card.expect_ok(&commands::select()).await?;
             let d = self
                 .card
-                .expect_ok(&crate::flow::load::zero_value_apdu(&p.offer))
+                .expect_ok(&stb_flow::load::zero_value_apdu(&p.offer))
                 .await?;
             LoadInit::decode(&d).map_err(|e| format!("zero-value S1 malformed: {e}"))
         }
@@ -524,7 +524,7 @@ impl Runner {
         let id = txid.clone();
         span.in_scope(|| {
             tracing::info!(
-                message = crate::flow::purchase::name(&msg),
+                message = stb_flow::purchase::name(&msg),
                 "recovery: to the gateway"
             )
         });

@@ -20,10 +20,10 @@ use ui::{App, Intent, ScreenId, UiEvent, UiUpdate};
 use super::card::{CardPort, Removal, today};
 use super::gateway::Gateway;
 use super::recover::{Deferred, RecoverySlot};
-use crate::flow::load::Input as LoadInput;
-use crate::flow::purchase::{Action, Input, Outcome, Purchase};
-use crate::flow::{ui_date, ui_money};
 use crate::journal::Journal;
+use stb_flow::load::Input as LoadInput;
+use stb_flow::purchase::{Action, Input, Outcome, Purchase};
+use stb_flow::{ui_date, ui_money};
 
 /// What the loop reacts to.
 pub enum Event {
@@ -115,8 +115,8 @@ pub const TEST_HOOK_PAUSE_BEFORE_DEBIT: &str = "pause-before-debit";
 /// reaches it and a box never sets it. With `STBD_TEST_HOOK` set to one of the values above
 /// the daemon freezes (the whole single-threaded runtime) right after journaling that step,
 /// and says so on stderr, so the test can SIGKILL it exactly in that window.
-fn test_hook_after_journal(step: &crate::flow::purchase::Step) {
-    use crate::flow::purchase::Step;
+fn test_hook_after_journal(step: &stb_flow::purchase::Step) {
+    use stb_flow::purchase::Step;
     let hook = match step {
         Step::DebitResponded { .. } => TEST_HOOK_PAUSE_AFTER_DEBIT,
         Step::DebitSent => TEST_HOOK_PAUSE_BEFORE_DEBIT,
@@ -589,10 +589,7 @@ impl Runner {
                     let tx = self.events.clone();
                     let id = active.id;
                     span.in_scope(|| {
-                        tracing::info!(
-                            message = crate::flow::purchase::name(&msg),
-                            "to the gateway"
-                        )
+                        tracing::info!(message = stb_flow::purchase::name(&msg), "to the gateway")
                     });
                     tokio::spawn(
                         async move {

@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::flow::purchase::Outcome;
+use stb_flow::purchase::Outcome;
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]

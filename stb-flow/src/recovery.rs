@@ -219,7 +219,7 @@ fn unsettled(txid: &str, answer: Result<&Message, &str>) -> String {
             "a receipt for another transaction ({}, expected {txid})",
             r.transaction_id
         ),
-        Ok(other) => format!("unexpected answer: {}", crate::flow::purchase::name(other)),
+        Ok(other) => format!("unexpected answer: {}", crate::purchase::name(other)),
     }
 }
 
@@ -276,7 +276,7 @@ pub fn on_cancel_answer(
 }
 
 /// The recovery timer's schedule: `initial · 2^attempt` capped at `max`, each delay a random
-/// point in the upper half of that (see [`super::backoff`]), so boxes that lost the head end
+/// point in the upper half of that (see [`crate::backoff`]), so boxes that lost the head end
 /// together do not retry in lockstep. [`reset`](Self::reset) on progress, reconnect or card
 /// insertion.
 #[derive(Debug, Clone)]
@@ -301,7 +301,7 @@ impl RetrySchedule {
 
     /// The delay before the next retry; each call doubles the next one, up to the cap.
     pub fn next_delay(&mut self, rng: &mut impl rand::Rng) -> Duration {
-        let d = super::backoff(self.attempt, self.initial, self.max, rng);
+        let d = crate::backoff(self.attempt, self.initial, self.max, rng);
         self.attempt = self.attempt.saturating_add(1);
         d
     }

@@ -15,7 +15,7 @@
 //! [`LoadResponseMsg`]; the load server's HSM decides from it whether the card was loaded,
 //! and the bank's hold is captured or released accordingly. The viewer is never asked twice.
 //!
-//! As in [`super::purchase`], exactly one request is outstanding at a time and every step
+//! As in [`crate::purchase`], exactly one request is outstanding at a time and every step
 //! that commits to something is journaled before the action it announces. From
 //! [`Step::RequestSent`] until [`Step::Completed`] or [`Step::Ended`] the load is in doubt,
 //! and [`decide`] resolves it from the journal and the card's log.
@@ -36,9 +36,9 @@ use rand::rngs::StdRng;
 use ui::UiUpdate;
 use ui::model::{ErrorKind, PinRequest, ProgressStep, TxId, UiError};
 
-use super::purchase::{CardReply, name};
-use super::recovery::CardSeen;
-use super::{split_sw, ui_date, ui_money};
+use crate::purchase::{CardReply, name};
+use crate::recovery::CardSeen;
+use crate::{split_sw, ui_date, ui_money};
 
 /// PIN length the entry screen allows.
 pub const PIN_MIN: u8 = 4;

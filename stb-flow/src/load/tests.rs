@@ -748,8 +748,8 @@ fn pending(
     (p, he)
 }
 
-fn seen(card_id: u64, log: &[LogRecord]) -> crate::flow::recovery::CardSeen<'_> {
-    crate::flow::recovery::CardSeen::new(card_id, log)
+fn seen(card_id: u64, log: &[LogRecord]) -> crate::recovery::CardSeen<'_> {
+    crate::recovery::CardSeen::new(card_id, log)
 }
 
 fn log(c: &mut PurseCard) -> Vec<LogRecord> {

@@ -17,7 +17,7 @@
 //! executes [`Action`]s in order and feeds the one answer back as an [`Input`]. Every step
 //! that commits to something is journaled *before* the action that commits
 //! ([`Action::Journal`] comes first): a crash at any point leaves a journal from which
-//! [`super::recovery`] finishes the transaction without asking the viewer again.
+//! [`crate::recovery`] finishes the transaction without asking the viewer again.
 
 use proto::apdu::StatusWord;
 use proto::card::commands;
@@ -31,7 +31,7 @@ use rand::rngs::StdRng;
 use ui::UiUpdate;
 use ui::model::{ErrorKind, ProgressStep, TxId, UiError};
 
-use super::{recovery, split_sw, ui_date, ui_money};
+use crate::{recovery, split_sw, ui_date, ui_money};
 
 /// A journal step: written before the action it announces.
 #[derive(Debug, Clone, PartialEq, Eq)]
