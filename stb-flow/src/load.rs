@@ -18,9 +18,9 @@
 //! As in [`crate::purchase`], exactly one request is outstanding at a time and every step
 //! that commits to something is journaled before the action it announces. From
 //! [`Step::RequestSent`] until [`Step::Completed`] or [`Step::Ended`] the load is in doubt,
-//! and [`decide`] resolves it from the journal and the card's log.
+//! and [`decide`] resolves it from the journal and the card's log. Each state carries what
+//! it knows (the purse, the offer, the amount, the S1 sent).
 
-use proto::apdu::StatusWord;
 use proto::card::commands;
 use proto::crypto::DesKey;
 use proto::messages::{
@@ -31,16 +31,15 @@ use proto::money::Money;
 use proto::purse::{
     LOAD_OK, LoadCommand, LoadInit, LoadInitRequest, LoadResponse, LogKind, PurseInfo,
 };
+use proto::secret::Secret;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use ui::UiUpdate;
-use ui::model::{ErrorKind, PinRequest, ProgressStep, TxId, UiError};
 
-use crate::purchase::{CardReply, name};
 use crate::recovery::CardSeen;
-use crate::{split_sw, ui_date, ui_money};
+use crate::show::{CardAnswer, Doubt, Progress, ReceiptShown, Receipted, Refusal, Request, Show};
+use crate::{CardReply, name, split_sw};
 
-/// PIN length the entry screen allows.
+/// PIN length the entry screen allows (digits).
 pub const PIN_MIN: u8 = 4;
 pub const PIN_MAX: u8 = 12;
 
@@ -59,10 +58,12 @@ pub enum Step {
     ZeroValue { zero: LoadInit },
     /// Closed: the load confirmation came (loaded or not).
     Completed { confirmation: LoadConfirmation },
-    /// Closed: refused before any load command; nothing held, nothing loaded.
+    /// Closed: refused before any load command; nothing held, nothing loaded. `why` is for
+    /// the operator.
     Ended { why: String },
 }
 
+/// What the shell must do next, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// One request to the gateway; its answer comes back as [`Input::Answer`] or
@@ -70,106 +71,123 @@ pub enum Action {
     Send(Message),
     /// One command APDU to the card; the reply comes back as [`Input::Card`].
     Apdu(Vec<u8>),
-    Journal {
-        transaction_id: String,
-        step: Step,
-    },
-    Ui(UiUpdate),
+    /// Write this step for the load before executing the next actions. If the write fails
+    /// the shell must not execute the rest.
+    Journal { transaction_id: String, step: Step },
+    /// Show this on the TV.
+    Show(Show),
+    /// The flow is over.
     Done(Outcome),
 }
 
+/// How a load ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
+    /// The card holds `new_balance` (minor units of `amount`'s currency).
     Loaded {
         transaction_id: String,
         amount: Money,
         new_balance: u64,
     },
     /// The load server confirmed that the card was not loaded; the hold is released.
-    NotLoaded {
-        transaction_id: String,
-        reason: String,
-    },
-    Cancelled {
-        transaction_id: Option<String>,
-    },
+    NotLoaded { transaction_id: String },
+    /// BACK before the request went out; nothing journaled.
+    Cancelled { transaction_id: Option<String> },
+    /// Nothing held, nothing loaded. `transaction_id` is `None` when no offer came.
     Failed {
         transaction_id: Option<String>,
-        kind: ErrorKind,
-        reason: String,
+        refusal: Refusal,
     },
     /// Value may be in flight; the journal holds the load and recovery resolves it.
     InDoubt {
         transaction_id: String,
-        reason: String,
+        doubt: Doubt,
     },
 }
 
+/// What the shell feeds back.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {
+    /// The gateway's answer to the outstanding [`Action::Send`].
     Answer(Message),
+    /// The outstanding request got no answer; the transport's error.
     NetworkFailed(String),
+    /// The card's reply to the outstanding [`Action::Apdu`], or the reader's error.
     Card(Result<CardReply, String>),
     CardRemoved,
-    /// The amount the viewer confirmed, in minor units.
+    /// The amount the viewer confirmed, in minor units of the offer's currency.
     Amount(i64),
-    /// The PIN as typed (its `Debug` hides the digits).
-    Pin(ui::Pin),
+    /// The PIN as typed (its `Debug` hides the digits; wiped on drop).
+    Pin(Secret<String>),
     /// BACK on the amount or PIN screen.
     Cancel,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the load request carried: the offer and the S1 (whose `amount` is the load's).
+struct Requested {
+    offer: LoadOffer,
+    init: LoadInit,
+}
+
 enum State {
     AwaitSelect,
     AwaitPurse,
-    AwaitOffer,
-    AwaitAmount,
-    AwaitPin,
-    AwaitSelectForInit,
-    AwaitInit,
-    AwaitCommand,
-    AwaitLoad,
-    AwaitSelectForZero,
-    AwaitZero,
-    AwaitConfirmation,
+    AwaitOffer {
+        purse: PurseInfo,
+    },
+    AwaitAmount {
+        purse: PurseInfo,
+        offer: LoadOffer,
+    },
+    /// The account needs a PIN; `key` is the box's PIN key.
+    AwaitPin {
+        purse: PurseInfo,
+        offer: LoadOffer,
+        amount: u64,
+        key: DesKey,
+    },
+    AwaitSelectForInit {
+        purse: PurseInfo,
+        offer: LoadOffer,
+        amount: u64,
+        sealed_pin: Option<Vec<u8>>,
+    },
+    AwaitInit {
+        purse: PurseInfo,
+        offer: LoadOffer,
+        amount: u64,
+        sealed_pin: Option<Vec<u8>>,
+    },
+    AwaitCommand(Requested),
+    AwaitLoad(Requested),
+    /// `response` is the card's negative LOAD answer, if it gave one (sent with the proof).
+    AwaitSelectForZero {
+        req: Requested,
+        response: Option<LoadResponse>,
+    },
+    AwaitZero {
+        req: Requested,
+        response: Option<LoadResponse>,
+    },
+    AwaitConfirmation(Requested),
     Done,
 }
 
+/// One load in progress. [`Load::start`] gives the first actions; the shell then feeds
+/// every answer to [`Load::handle`] until an [`Action::Done`].
 pub struct Load {
     source: LoadSource,
     pin_key: Option<DesKey>,
     state: State,
-    purse: Option<PurseInfo>,
-    offer: Option<LoadOffer>,
-    amount: u64,
-    sealed_pin: Option<Vec<u8>>,
-    init: Option<LoadInit>,
-    /// The card's LOAD answer, once it came (sent along with the zero-value proof).
-    response: Option<LoadResponse>,
+    /// The offer's transaction id, once it came.
+    transaction_id: Option<String>,
     rng: StdRng,
-}
-
-fn err(kind: ErrorKind, detail: impl Into<String>) -> Action {
-    Action::Ui(UiUpdate::Error(UiError {
-        kind,
-        detail: Some(detail.into()),
-    }))
-}
-
-/// How the viewer sees a head-end refusal.
-pub fn kind_of(code: ErrorCode) -> ErrorKind {
-    match code {
-        ErrorCode::Timeout | ErrorCode::Busy => ErrorKind::Timeout,
-        ErrorCode::AmountMismatch => ErrorKind::AmountMismatch,
-        ErrorCode::Expired => ErrorKind::CardExpired,
-        _ => ErrorKind::Other,
-    }
 }
 
 /// A refusal of the load request that settles it: nothing held (or the hold already
 /// released by the gateway), no load command issued. Anything else (the head end busy, a
 /// hop down, an internal error) may have left a hold, so the zero-value proof closes it.
+#[must_use]
 pub fn is_final_refusal(code: ErrorCode) -> bool {
     !matches!(
         code,
@@ -177,49 +195,29 @@ pub fn is_final_refusal(code: ErrorCode) -> bool {
     )
 }
 
-fn card_error(sw: StatusWord) -> (ErrorKind, String) {
-    match sw {
-        StatusWord::BLOCKED => (ErrorKind::CardBlocked, "the card is blocked".into()),
-        StatusWord::EXPIRED => (ErrorKind::CardExpired, "the card has expired".into()),
-        StatusWord::OVER_MAX_BALANCE => (
-            ErrorKind::Other,
-            "that amount would take the card over its maximum balance".into(),
-        ),
-        StatusWord::WRONG_CURRENCY => (
-            ErrorKind::Other,
-            "the card holds another currency than the offer".into(),
-        ),
-        sw => (ErrorKind::Other, format!("the card refused: {sw}")),
-    }
-}
-
-/// The label of a source on the receipt: (item, merchant).
-fn source_label(s: &LoadSource) -> (String, String) {
+/// What a receipt says the load came from. The voucher's code is its only secret: only its
+/// last four characters go to the TV.
+fn receipted(s: &LoadSource) -> Receipted {
     match s {
-        LoadSource::Bank { account } => ("Bank account".into(), account.clone()),
-        // The code is the voucher's only secret: the TV shows its last characters only.
-        LoadSource::Voucher { code } => ("Voucher".into(), masked(code.expose())),
+        LoadSource::Bank { account } => Receipted::Bank {
+            account: account.clone(),
+        },
+        LoadSource::Voucher { code } => {
+            let code = code.expose();
+            let start = code.char_indices().rev().nth(3).map_or(0, |(i, _)| i);
+            Receipted::Voucher {
+                code_tail: code[start..].to_string(),
+            }
+        }
     }
-}
-
-/// A secret shown on the TV: its last four characters after a mask.
-fn masked(s: &str) -> String {
-    let tail: String = s
-        .chars()
-        .rev()
-        .take(4)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
-    format!("••••{tail}")
 }
 
 /// Seals the PIN block for the bank under the box's PIN key.
+#[must_use]
 pub fn seal_pin(key: &DesKey, transaction_id: &str, pin: &str, rng: &mut StdRng) -> Vec<u8> {
     let block = PinBlock {
         transaction_id: transaction_id.into(),
-        pin: proto::secret::Secret::new(pin.to_string()),
+        pin: Secret::new(pin.to_string()),
     };
     let mut clear = postcard::to_allocvec(&block).expect("in-memory serialization");
     let sealed = proto::crypto::seal(key, &clear, rng);
@@ -230,35 +228,35 @@ pub fn seal_pin(key: &DesKey, transaction_id: &str, pin: &str, rng: &mut StdRng)
 impl Load {
     /// Starts a load from `source`. `pin_key` is the box's per-box PIN key (needed only when
     /// the offer says a PIN is required); `seed` drives the PIN block's sealing.
+    #[must_use]
     pub fn start(source: LoadSource, pin_key: Option<DesKey>, seed: u64) -> (Self, Vec<Action>) {
         let l = Self {
             source,
             pin_key,
             state: State::AwaitSelect,
-            purse: None,
-            offer: None,
-            amount: 0,
-            sealed_pin: None,
-            init: None,
-            response: None,
+            transaction_id: None,
             rng: StdRng::seed_from_u64(seed),
         };
         (l, vec![Action::Apdu(commands::select())])
     }
 
+    /// The offer's transaction id, once the load offer came.
+    #[must_use]
     pub fn transaction_id(&self) -> Option<&str> {
-        self.offer.as_ref().map(|o| o.transaction_id.as_str())
+        self.transaction_id.as_deref()
     }
 
+    #[must_use]
     pub fn is_done(&self) -> bool {
-        self.state == State::Done
+        matches!(self.state, State::Done)
     }
 
     /// Whether the flow uses the card now or will again (so a removal matters).
+    #[must_use]
     pub fn holds_card(&self) -> bool {
         !matches!(
             self.state,
-            State::AwaitCommand | State::AwaitConfirmation | State::Done
+            State::AwaitCommand(_) | State::AwaitConfirmation(_) | State::Done
         )
     }
 
@@ -266,22 +264,23 @@ impl Load {
     /// program's commands (SELECT → READ PURSE; SELECT → INITIALIZE FOR LOAD → … → LOAD; SELECT
     /// → zero-value INITIALIZE). The shell holds a reader transaction while this is true, and
     /// lets other programs at the card while the viewer types or the offer is on its way.
+    #[must_use]
     pub fn card_sequence_open(&self) -> bool {
         matches!(
             self.state,
             State::AwaitSelect
                 | State::AwaitPurse
-                | State::AwaitSelectForInit
-                | State::AwaitInit
-                | State::AwaitCommand
-                | State::AwaitLoad
-                | State::AwaitSelectForZero
-                | State::AwaitZero
+                | State::AwaitSelectForInit { .. }
+                | State::AwaitInit { .. }
+                | State::AwaitCommand(_)
+                | State::AwaitLoad(_)
+                | State::AwaitSelectForZero { .. }
+                | State::AwaitZero { .. }
         )
     }
 
     fn txid(&self) -> String {
-        self.transaction_id().unwrap_or_default().to_string()
+        self.transaction_id.clone().unwrap_or_default()
     }
 
     fn journal(&self, step: Step) -> Action {
@@ -297,467 +296,481 @@ impl Load {
     }
 
     /// Ends before anything was journaled: nothing is held, nothing moved.
-    fn failed(&mut self, kind: ErrorKind, reason: String) -> Vec<Action> {
+    fn failed(&mut self, refusal: Refusal) -> Vec<Action> {
         let outcome = Outcome::Failed {
-            transaction_id: self.transaction_id().map(str::to_string),
-            kind,
-            reason: reason.clone(),
+            transaction_id: self.transaction_id.clone(),
+            refusal: refusal.clone(),
         };
-        vec![err(kind, reason), self.done(outcome)]
+        vec![Action::Show(Show::Refused(refusal)), self.done(outcome)]
     }
 
-    fn in_doubt(&mut self, reason: String) -> Vec<Action> {
+    fn in_doubt(&mut self, doubt: Doubt) -> Vec<Action> {
         let outcome = Outcome::InDoubt {
             transaction_id: self.txid(),
-            reason: reason.clone(),
+            doubt: doubt.clone(),
         };
-        vec![
-            err(
-                ErrorKind::Other,
-                format!(
-                    "{reason}; the load will be settled automatically when the card is back — \
-                     it is never paid twice"
-                ),
-            ),
-            self.done(outcome),
-        ]
+        vec![Action::Show(Show::InDoubt(doubt)), self.done(outcome)]
     }
 
+    /// Feeds one input; returns what to do next, in order.
+    #[must_use]
     pub fn handle(&mut self, input: Input) -> Vec<Action> {
-        match (self.state, input) {
+        match (std::mem::replace(&mut self.state, State::Done), input) {
             (State::Done, _) => Vec::new(),
-            (State::AwaitSelect, Input::Card(r)) => match self.card_ok(r) {
+            (State::AwaitSelect, Input::Card(r)) => match card_ok(r) {
                 Ok(_) => {
                     self.state = State::AwaitPurse;
                     vec![Action::Apdu(commands::read_purse())]
                 }
-                Err((kind, why)) => self.failed(kind, why),
+                Err(refusal) => self.failed(refusal),
             },
             (State::AwaitPurse, Input::Card(r)) => self.on_purse(r),
-            (State::AwaitOffer, Input::Answer(m)) => self.on_offer(m),
-            (State::AwaitOffer, Input::NetworkFailed(e)) => {
-                self.failed(ErrorKind::HeadEndUnreachable, e)
+            (State::AwaitOffer { purse }, Input::Answer(m)) => self.on_offer(purse, m),
+            (State::AwaitOffer { .. }, Input::NetworkFailed(error)) => {
+                self.failed(Refusal::Unreachable { error })
             }
-            (State::AwaitAmount, Input::Amount(minor)) => self.on_amount(minor),
-            (State::AwaitPin, Input::Pin(pin)) => self.on_pin(&pin),
+            (State::AwaitAmount { purse, offer }, Input::Amount(minor)) => {
+                self.on_amount(purse, offer, minor)
+            }
+            (
+                State::AwaitPin {
+                    purse,
+                    offer,
+                    amount,
+                    key,
+                },
+                Input::Pin(pin),
+            ) => self.on_pin(purse, offer, amount, &key, &pin),
             (
                 State::AwaitSelect
                 | State::AwaitPurse
-                | State::AwaitOffer
-                | State::AwaitAmount
-                | State::AwaitPin,
+                | State::AwaitOffer { .. }
+                | State::AwaitAmount { .. }
+                | State::AwaitPin { .. },
                 Input::Cancel,
             ) => {
                 let outcome = Outcome::Cancelled {
-                    transaction_id: self.transaction_id().map(str::to_string),
+                    transaction_id: self.transaction_id.clone(),
                 };
                 vec![self.done(outcome)]
             }
             (
                 State::AwaitSelect
                 | State::AwaitPurse
-                | State::AwaitOffer
-                | State::AwaitAmount
-                | State::AwaitPin
-                | State::AwaitSelectForInit
-                | State::AwaitInit,
+                | State::AwaitOffer { .. }
+                | State::AwaitAmount { .. }
+                | State::AwaitPin { .. }
+                | State::AwaitSelectForInit { .. }
+                | State::AwaitInit { .. },
                 Input::CardRemoved,
-            ) => self.failed(ErrorKind::NoCard, "the card was removed".into()),
-            (State::AwaitSelectForInit, Input::Card(r)) => match self.card_ok(r) {
+            ) => self.failed(Refusal::CardRemoved),
+            (
+                State::AwaitSelectForInit {
+                    purse,
+                    offer,
+                    amount,
+                    sealed_pin,
+                },
+                Input::Card(r),
+            ) => match card_ok(r) {
                 Ok(_) => {
-                    let offer = self.offer.as_ref().expect("offer");
-                    self.state = State::AwaitInit;
-                    vec![Action::Apdu(commands::init_load(&LoadInitRequest {
-                        amount: self.amount,
+                    let apdu = commands::init_load(&LoadInitRequest {
+                        amount,
                         currency: offer.max_amount.currency,
                         timestamp: offer.timestamp,
                         date: offer.date,
-                    }))]
+                    });
+                    self.state = State::AwaitInit {
+                        purse,
+                        offer,
+                        amount,
+                        sealed_pin,
+                    };
+                    vec![Action::Apdu(apdu)]
                 }
-                Err((kind, why)) => self.failed(kind, why),
+                Err(refusal) => self.failed(refusal),
             },
-            (State::AwaitInit, Input::Card(r)) => self.on_init(r),
-            (State::AwaitCommand, Input::Answer(m)) => self.on_command(m),
-            (State::AwaitCommand, Input::NetworkFailed(e)) => self.prove_not_loaded(
-                ErrorKind::HeadEndUnreachable,
-                format!("no load command from the head end ({e})"),
-            ),
-            (State::AwaitLoad, Input::Card(r)) => self.on_load(r),
-            (State::AwaitSelectForZero, Input::Card(r)) => match self.card_ok(r) {
+            (
+                State::AwaitInit {
+                    purse,
+                    offer,
+                    amount,
+                    sealed_pin,
+                },
+                Input::Card(r),
+            ) => self.on_init(&purse, offer, amount, sealed_pin, r),
+            (State::AwaitCommand(req), Input::Answer(m)) => self.on_command(req, m),
+            (State::AwaitCommand(req), Input::NetworkFailed(e)) => {
+                self.prove_not_loaded(req, None, "no load command from the head end", &e)
+            }
+            (State::AwaitLoad(req), Input::Card(r)) => self.on_load(req, r),
+            (State::AwaitSelectForZero { req, response }, Input::Card(r)) => match card_ok(r) {
                 Ok(_) => {
-                    let offer = self.offer.as_ref().expect("offer");
-                    self.state = State::AwaitZero;
-                    vec![Action::Apdu(zero_value_apdu(offer))]
+                    let apdu = zero_value_apdu(&req.offer);
+                    self.state = State::AwaitZero { req, response };
+                    vec![Action::Apdu(apdu)]
                 }
-                Err((_, why)) => self.in_doubt(format!("no zero-value proof from the card: {why}")),
+                Err(why) => self.in_doubt(Doubt::NoZeroValueProof { why: Box::new(why) }),
             },
-            (State::AwaitZero, Input::Card(r)) => self.on_zero(r),
-            (State::AwaitConfirmation, Input::Answer(m)) => self.on_confirmation(m),
-            (State::AwaitConfirmation, Input::NetworkFailed(e)) => {
-                self.in_doubt(format!("the load confirmation did not get through ({e})"))
+            (State::AwaitZero { req, response }, Input::Card(r)) => self.on_zero(req, response, r),
+            (State::AwaitConfirmation(req), Input::Answer(m)) => self.on_confirmation(&req, m),
+            (State::AwaitConfirmation(_), Input::NetworkFailed(error)) => {
+                self.in_doubt(Doubt::LoadConfirmationLost { error })
             }
             // Anything else (a removal while the network answers, a late key) changes
             // nothing: the outstanding request's answer decides.
-            _ => Vec::new(),
-        }
-    }
-
-    fn card_ok(&mut self, r: Result<CardReply, String>) -> Result<Vec<u8>, (ErrorKind, String)> {
-        let reply = r.map_err(|e| (ErrorKind::NoCard, e))?;
-        match split_sw(&reply.response) {
-            Some((data, sw)) if sw.is_ok() => Ok(data.to_vec()),
-            Some((_, sw)) => Err(card_error(sw)),
-            None => Err((
-                ErrorKind::Other,
-                "the card answered without a status word".into(),
-            )),
+            (state, _) => {
+                self.state = state;
+                Vec::new()
+            }
         }
     }
 
     fn on_purse(&mut self, r: Result<CardReply, String>) -> Vec<Action> {
-        let data = match self.card_ok(r) {
+        let data = match card_ok(r) {
             Ok(d) => d,
-            Err((kind, why)) => return self.failed(kind, why),
+            Err(refusal) => return self.failed(refusal),
         };
         let Ok(purse) = PurseInfo::decode(&data) else {
-            return self.failed(
-                ErrorKind::Other,
-                "the card's READ PURSE answer is malformed".into(),
-            );
+            return self.failed(Refusal::Malformed(CardAnswer::ReadPurse));
         };
         if purse.is_blocked() {
-            return self.failed(ErrorKind::CardBlocked, "the card is blocked".into());
+            return self.failed(Refusal::CardBlocked);
         }
-        self.purse = Some(purse.clone());
-        self.state = State::AwaitOffer;
+        let request = Message::LoadOfferRequest(LoadOfferRequest {
+            source: self.source.clone(),
+            card: purse.clone(),
+        });
+        self.state = State::AwaitOffer { purse };
         vec![
-            Action::Ui(UiUpdate::Progress(ProgressStep::ContactingServer)),
-            Action::Send(Message::LoadOfferRequest(LoadOfferRequest {
-                source: self.source.clone(),
-                card: purse,
-            })),
+            Action::Show(Show::Progress(Progress::ContactingServer)),
+            Action::Send(request),
         ]
     }
 
-    fn on_offer(&mut self, m: Message) -> Vec<Action> {
+    fn on_offer(&mut self, purse: PurseInfo, m: Message) -> Vec<Action> {
         let offer = match m {
             Message::LoadOffer(o) => o,
             Message::Error(e) => {
-                return self.failed(kind_of(e.code), format!("no load offer: {}", e.reason));
+                return self.failed(Refusal::LoadOfferRefused {
+                    code: e.code,
+                    reason: e.reason,
+                });
             }
             other => {
-                return self.failed(
-                    ErrorKind::Other,
-                    format!(
-                        "the head end answered the load offer request with {}",
-                        name(&other)
-                    ),
-                );
+                return self.failed(Refusal::OutOfTurn {
+                    to: Request::LoadOffer,
+                    answer: name(&other),
+                });
             }
         };
-        let purse = self.purse.as_ref().expect("purse before offer");
         if offer.transaction_id.is_empty() || !self.source.offered_as(&offer.source) {
-            return self.failed(
-                ErrorKind::Other,
-                "the head end sent an unusable load offer".into(),
-            );
+            return self.failed(Refusal::UnusableLoadOffer);
         }
+        self.transaction_id = Some(offer.transaction_id.clone());
         let max = offer.max_amount;
-        self.offer = Some(offer);
         if max.currency != purse.currency {
-            return self.failed(
-                ErrorKind::Other,
-                format!(
-                    "the card holds {} but the account pays in {}",
-                    purse.currency.alpha(),
-                    max.currency.alpha()
-                ),
-            );
+            return self.failed(Refusal::AccountCurrency {
+                card: purse.currency,
+                account: max.currency,
+            });
         }
         if max.minor == 0 {
-            let by = self.offer.as_ref().expect("set").limited_by.clone();
-            return self.failed(
-                ErrorKind::Other,
-                format!("nothing can be loaded now (limited by {by})"),
-            );
+            return self.failed(Refusal::NothingToLoad {
+                limited_by: offer.limited_by,
+            });
         }
-        self.state = State::AwaitAmount;
-        vec![Action::Ui(UiUpdate::LoadMax(ui_money(max)))]
+        self.state = State::AwaitAmount { purse, offer };
+        vec![Action::Show(Show::LoadMax(max))]
     }
 
-    fn on_amount(&mut self, minor: i64) -> Vec<Action> {
-        let max = self.offer.as_ref().expect("offer").max_amount;
+    fn on_amount(&mut self, purse: PurseInfo, offer: LoadOffer, minor: i64) -> Vec<Action> {
+        let max = offer.max_amount;
         let amount = match u64::try_from(minor) {
             Ok(a) if a > 0 && a <= max.minor => a,
-            _ => {
-                return self.failed(
-                    ErrorKind::Other,
-                    format!(
-                        "the amount must be above zero and at most {max}; got {}",
-                        Money::new(minor.unsigned_abs(), max.currency)
-                    ),
-                );
-            }
+            _ => return self.failed(Refusal::AmountOutOfRange { got: minor, max }),
         };
-        self.amount = amount;
-        if self.offer.as_ref().expect("offer").pin_required {
-            if self.pin_key.is_none() {
-                return self.failed(
-                    ErrorKind::Other,
-                    "this account needs a PIN but the box has no PIN key ([load] pin_key)".into(),
-                );
-            }
-            self.state = State::AwaitPin;
-            return vec![Action::Ui(UiUpdate::PinRequest(PinRequest {
-                min_len: PIN_MIN,
-                max_len: PIN_MAX,
-                attempts_left: None,
-            }))];
+        if !offer.pin_required {
+            return self.go_to_card(purse, offer, amount, None);
         }
-        self.go_to_card()
+        let Some(key) = self.pin_key.clone() else {
+            return self.failed(Refusal::NoPinKey);
+        };
+        self.state = State::AwaitPin {
+            purse,
+            offer,
+            amount,
+            key,
+        };
+        vec![Action::Show(Show::PinEntry {
+            min_len: PIN_MIN,
+            max_len: PIN_MAX,
+        })]
     }
 
-    fn on_pin(&mut self, pin: &ui::Pin) -> Vec<Action> {
+    fn on_pin(
+        &mut self,
+        purse: PurseInfo,
+        offer: LoadOffer,
+        amount: u64,
+        key: &DesKey,
+        pin: &Secret<String>,
+    ) -> Vec<Action> {
         let digits = pin.expose();
         let len = digits.len();
         if len < usize::from(PIN_MIN)
             || len > usize::from(PIN_MAX)
             || !digits.bytes().all(|b| b.is_ascii_digit())
         {
-            return self.failed(
-                ErrorKind::Other,
-                format!("a PIN has {PIN_MIN} to {PIN_MAX} digits"),
-            );
+            return self.failed(Refusal::BadPin {
+                min: PIN_MIN,
+                max: PIN_MAX,
+            });
         }
-        let key = self.pin_key.clone().expect("checked before asking");
-        let txid = self.txid();
-        self.sealed_pin = Some(seal_pin(&key, &txid, digits, &mut self.rng));
-        self.go_to_card()
+        let sealed = seal_pin(key, &offer.transaction_id, digits, &mut self.rng);
+        self.go_to_card(purse, offer, amount, Some(sealed))
     }
 
-    fn go_to_card(&mut self) -> Vec<Action> {
-        self.state = State::AwaitSelectForInit;
+    fn go_to_card(
+        &mut self,
+        purse: PurseInfo,
+        offer: LoadOffer,
+        amount: u64,
+        sealed_pin: Option<Vec<u8>>,
+    ) -> Vec<Action> {
+        self.state = State::AwaitSelectForInit {
+            purse,
+            offer,
+            amount,
+            sealed_pin,
+        };
         vec![
-            Action::Ui(UiUpdate::Progress(ProgressStep::ReadingCard)),
+            Action::Show(Show::Progress(Progress::ReadingCard)),
             Action::Apdu(commands::select()),
         ]
     }
 
-    fn on_init(&mut self, r: Result<CardReply, String>) -> Vec<Action> {
-        let data = match self.card_ok(r) {
+    fn on_init(
+        &mut self,
+        purse: &PurseInfo,
+        offer: LoadOffer,
+        amount: u64,
+        sealed_pin: Option<Vec<u8>>,
+        r: Result<CardReply, String>,
+    ) -> Vec<Action> {
+        let data = match card_ok(r) {
             Ok(d) => d,
-            Err((kind, why)) => return self.failed(kind, why),
+            Err(refusal) => return self.failed(refusal),
         };
         let Ok(init) = LoadInit::decode(&data) else {
-            return self.failed(
-                ErrorKind::Other,
-                "the card's INITIALIZE FOR LOAD answer is malformed".into(),
-            );
+            return self.failed(Refusal::Malformed(CardAnswer::InitializeForLoad));
         };
-        let offer = self.offer.clone().expect("offer");
-        let purse = self.purse.as_ref().expect("purse");
         if init.card_id != purse.card_id
-            || init.amount != self.amount
+            || init.amount != amount
             || init.currency != offer.max_amount.currency
             || init.timestamp != offer.timestamp
         {
-            return self.failed(
-                ErrorKind::Other,
-                "the card's INITIALIZE FOR LOAD answer is for another card, amount or time stamp"
-                    .into(),
-            );
+            return self.failed(Refusal::LoadInitMismatch);
         }
         let req = LoadRequest {
             transaction_id: offer.transaction_id.clone(),
             source: offer.source.clone(),
-            amount: Money::new(self.amount, init.currency),
+            amount: Money::new(amount, init.currency),
             init: init.clone(),
-            sealed_pin: self.sealed_pin.take(),
+            sealed_pin,
         };
-        self.init = Some(init.clone());
-        self.state = State::AwaitCommand;
+        let sent = self.journal(Step::RequestSent {
+            offer: offer.clone(),
+            init: init.clone(),
+        });
+        self.state = State::AwaitCommand(Requested { offer, init });
         vec![
-            self.journal(Step::RequestSent { offer, init }),
-            Action::Ui(UiUpdate::Progress(ProgressStep::ContactingServer)),
+            sent,
+            Action::Show(Show::Progress(Progress::ContactingServer)),
             Action::Send(Message::LoadRequest(req)),
         ]
     }
 
-    fn on_command(&mut self, m: Message) -> Vec<Action> {
+    fn on_command(&mut self, req: Requested, m: Message) -> Vec<Action> {
         let cmd = match m {
-            Message::LoadCommand(c) if c.transaction_id == self.txid() => c.command,
+            Message::LoadCommand(c) if c.transaction_id == req.offer.transaction_id => c.command,
             Message::Error(e) if is_final_refusal(e.code) => {
-                let reason = format!("the load was refused: {}", e.reason);
+                let refusal = Refusal::LoadRefused {
+                    code: e.code,
+                    reason: e.reason,
+                };
                 let mut a = vec![self.journal(Step::Ended {
-                    why: reason.clone(),
+                    why: format!("{refusal:?}"),
                 })];
-                a.extend(self.failed(kind_of(e.code), reason));
+                a.extend(self.failed(refusal));
                 return a;
             }
             Message::Error(e) => {
+                let detail = format!("{:?}: {}", e.code, e.reason);
                 return self.prove_not_loaded(
-                    kind_of(e.code),
-                    format!("the head end could not load now: {}", e.reason),
+                    req,
+                    None,
+                    "the head end could not load now",
+                    &detail,
                 );
             }
             other => {
                 return self.prove_not_loaded(
-                    ErrorKind::Other,
-                    format!("unexpected answer to the load request: {}", name(&other)),
+                    req,
+                    None,
+                    "unexpected answer to the load request",
+                    name(&other),
                 );
             }
         };
-        let init = self.init.as_ref().expect("init");
+        let init = &req.init;
         let mismatch = if cmd.card_id != init.card_id || cmd.atc != init.atc {
-            Some((
-                ErrorKind::Other,
-                "the load command is for another card or transaction".to_string(),
-            ))
-        } else if cmd.amount != self.amount || cmd.currency != init.currency {
-            Some((
-                ErrorKind::AmountMismatch,
-                format!(
-                    "the load command is for {} but {} was asked",
-                    Money::new(cmd.amount, cmd.currency),
-                    Money::new(self.amount, init.currency)
-                ),
-            ))
+            Some("the load command is for another card or transaction")
+        } else if cmd.amount != init.amount || cmd.currency != init.currency {
+            Some("the load command is for another amount than was asked")
         } else {
             None
         };
-        let mut a = vec![self.journal(Step::CommandReceived {
-            command: cmd.clone(),
-        })];
-        if let Some((kind, why)) = mismatch {
-            a.extend(self.prove_not_loaded(kind, why));
+        let apdu = commands::load(&cmd);
+        let mut a = vec![self.journal(Step::CommandReceived { command: cmd })];
+        if let Some(why) = mismatch {
+            a.extend(self.prove_not_loaded(req, None, why, ""));
             return a;
         }
-        self.state = State::AwaitLoad;
+        self.state = State::AwaitLoad(req);
         a.extend([
             self.journal(Step::LoadSent),
-            Action::Ui(UiUpdate::Progress(ProgressStep::LoadingCard)),
-            Action::Apdu(commands::load(&cmd)),
+            Action::Show(Show::Progress(Progress::LoadingCard)),
+            Action::Apdu(apdu),
         ]);
         a
     }
 
-    fn on_load(&mut self, r: Result<CardReply, String>) -> Vec<Action> {
+    fn on_load(&mut self, req: Requested, r: Result<CardReply, String>) -> Vec<Action> {
         let reply = match r {
             Ok(r) => r,
             // The reader failed mid-LOAD: the card may or may not have loaded.
-            Err(e) => return self.in_doubt(format!("the card was lost during LOAD ({e})")),
+            Err(error) => return self.in_doubt(Doubt::CardLostDuringLoad { error }),
         };
         match split_sw(&reply.response) {
             Some((data, sw)) if sw.is_ok() => {
                 let Ok(resp) = LoadResponse::decode(data) else {
-                    return self.in_doubt("the card's LOAD answer is malformed".into());
+                    return self.in_doubt(Doubt::LoadAnswerMalformed);
                 };
                 let mut a = vec![self.journal(Step::Responded {
                     response: resp.clone(),
                 })];
                 if resp.is_loaded() {
-                    self.state = State::AwaitConfirmation;
+                    let msg = LoadResponseMsg {
+                        transaction_id: self.txid(),
+                        response: Some(resp),
+                        zero_value: None,
+                    };
+                    self.state = State::AwaitConfirmation(req);
                     a.extend([
-                        Action::Ui(UiUpdate::Progress(ProgressStep::Confirming)),
-                        Action::Send(Message::LoadResponse(LoadResponseMsg {
-                            transaction_id: self.txid(),
-                            response: Some(resp),
-                            zero_value: None,
-                        })),
+                        Action::Show(Show::Progress(Progress::Confirming)),
+                        Action::Send(Message::LoadResponse(msg)),
                     ]);
                 } else {
-                    self.response = Some(resp);
                     a.extend(self.prove_not_loaded(
-                        ErrorKind::Other,
-                        "the card answered LOAD with a negative result".into(),
+                        req,
+                        Some(resp),
+                        "the card answered LOAD with a negative result",
+                        "",
                     ));
                 }
                 a
             }
             // The card refused LOAD: its LOAD is atomic, so nothing moved.
             Some((_, sw)) => {
-                let (kind, why) = card_error(sw);
-                self.prove_not_loaded(kind, format!("the card refused LOAD: {why}"))
+                self.prove_not_loaded(req, None, "the card refused LOAD", &sw.to_string())
             }
-            None => self.in_doubt("the card answered LOAD without a status word".into()),
+            None => self.in_doubt(Doubt::LoadWithoutStatusWord),
         }
     }
 
     /// The negative-result procedure: a fresh zero-value INITIALIZE FOR LOAD, sent in the
-    /// load response (with the card's negative answer, if any), for the HSM to decide.
-    fn prove_not_loaded(&mut self, kind: ErrorKind, why: String) -> Vec<Action> {
-        tracing::info!(%why, ?kind, "load not completed: zero-value proof follows");
-        self.state = State::AwaitSelectForZero;
+    /// load response (with the card's negative answer, if any), for the HSM to decide. `why`
+    /// and `detail` are for the log only: the viewer hears the HSM's verdict.
+    fn prove_not_loaded(
+        &mut self,
+        req: Requested,
+        response: Option<LoadResponse>,
+        why: &str,
+        detail: &str,
+    ) -> Vec<Action> {
+        tracing::info!(why, detail, "load not completed: zero-value proof follows");
+        self.state = State::AwaitSelectForZero { req, response };
         vec![
-            Action::Ui(UiUpdate::Progress(ProgressStep::Confirming)),
+            Action::Show(Show::Progress(Progress::Confirming)),
             Action::Apdu(commands::select()),
         ]
     }
 
-    fn on_zero(&mut self, r: Result<CardReply, String>) -> Vec<Action> {
-        let zero = match self.card_ok(r) {
+    fn on_zero(
+        &mut self,
+        req: Requested,
+        response: Option<LoadResponse>,
+        r: Result<CardReply, String>,
+    ) -> Vec<Action> {
+        let zero = match card_ok(r) {
             Ok(d) => match LoadInit::decode(&d) {
                 Ok(z) => z,
-                Err(_) => return self.in_doubt("the card's zero-value S1 is malformed".into()),
+                Err(_) => return self.in_doubt(Doubt::ZeroValueMalformed),
             },
-            Err((_, why)) => {
-                return self.in_doubt(format!("no zero-value proof from the card: {why}"));
-            }
+            Err(why) => return self.in_doubt(Doubt::NoZeroValueProof { why: Box::new(why) }),
         };
-        self.state = State::AwaitConfirmation;
+        let msg = LoadResponseMsg {
+            transaction_id: self.txid(),
+            response,
+            zero_value: Some(zero.clone()),
+        };
+        self.state = State::AwaitConfirmation(req);
         vec![
-            self.journal(Step::ZeroValue { zero: zero.clone() }),
-            Action::Send(Message::LoadResponse(LoadResponseMsg {
-                transaction_id: self.txid(),
-                response: self.response.clone(),
-                zero_value: Some(zero),
-            })),
+            self.journal(Step::ZeroValue { zero }),
+            Action::Send(Message::LoadResponse(msg)),
         ]
     }
 
-    fn on_confirmation(&mut self, m: Message) -> Vec<Action> {
+    fn on_confirmation(&mut self, req: &Requested, m: Message) -> Vec<Action> {
         let c = match m {
-            Message::LoadConfirmation(c) if c.transaction_id == self.txid() => c,
+            Message::LoadConfirmation(c) if c.transaction_id == req.offer.transaction_id => c,
             Message::Error(e) => {
-                return self.in_doubt(format!("the head end answered: {}", e.reason));
+                return self.in_doubt(Doubt::LoadConfirmationRefused {
+                    code: e.code,
+                    reason: e.reason,
+                });
             }
             other => {
-                return self.in_doubt(format!(
-                    "the head end answered the load response with {}",
-                    name(&other)
-                ));
+                return self.in_doubt(Doubt::LoadConfirmationOutOfTurn {
+                    answer: name(&other),
+                });
             }
         };
-        let init = self.init.clone().expect("init");
-        let offer = self.offer.clone().expect("offer");
+        let Requested { offer, init } = req;
+        let amount = Money::new(init.amount, init.currency);
         let mut a = vec![self.journal(Step::Completed {
             confirmation: c.clone(),
         })];
         if c.loaded {
-            let new_balance = c.new_balance.unwrap_or(init.balance + self.amount);
-            let (item, merchant) = source_label(&offer.source);
-            a.push(Action::Ui(UiUpdate::Receipt(ui::model::Receipt {
-                txid: TxId(self.txid()),
-                kind: ui::model::TxKind::Load,
-                item,
-                merchant,
-                amount: ui_money(Money::new(self.amount, init.currency)),
-                balance_after: ui_money(Money::new(new_balance, init.currency)),
-                date: ui_date(offer.date),
+            let new_balance = c.new_balance.unwrap_or(init.balance + init.amount);
+            a.push(Action::Show(Show::Receipt(ReceiptShown {
+                transaction_id: offer.transaction_id.clone(),
+                what: receipted(&offer.source),
+                amount,
+                balance_after: Money::new(new_balance, init.currency),
+                date: offer.date,
             })));
             let outcome = Outcome::Loaded {
-                transaction_id: self.txid(),
-                amount: Money::new(self.amount, init.currency),
+                transaction_id: offer.transaction_id.clone(),
+                amount,
                 new_balance,
             };
             a.push(self.done(outcome));
         } else {
-            let reason =
-                "the card was not loaded; the amount held on the account is released".to_string();
-            a.push(err(ErrorKind::Other, reason.clone()));
+            a.push(Action::Show(Show::NotLoaded));
             let outcome = Outcome::NotLoaded {
-                transaction_id: self.txid(),
-                reason,
+                transaction_id: offer.transaction_id.clone(),
             };
             a.push(self.done(outcome));
         }
@@ -765,7 +778,18 @@ impl Load {
     }
 }
 
+/// A card reply's data, or why there is none.
+fn card_ok(r: Result<CardReply, String>) -> Result<Vec<u8>, Refusal> {
+    let reply = r.map_err(|error| Refusal::CardUnreadable { error })?;
+    match split_sw(&reply.response) {
+        Some((data, sw)) if sw.is_ok() => Ok(data.to_vec()),
+        Some((_, sw)) => Err(Refusal::CardRefused { sw }),
+        None => Err(Refusal::NoStatusWord),
+    }
+}
+
 /// The zero-value INITIALIZE FOR LOAD of 001 [0130] for this offer.
+#[must_use]
 pub fn zero_value_apdu(offer: &LoadOffer) -> Vec<u8> {
     commands::init_load(&LoadInitRequest {
         amount: 0,
@@ -805,6 +829,7 @@ pub enum Decision {
 
 /// Decides from the journal first (a loaded S3 or a zero-value proof is re-sent as it is,
 /// whatever card is in the reader), then from the load's card and its log (any order).
+#[must_use]
 pub fn decide(p: &PendingLoad, card: Option<CardSeen<'_>>) -> Decision {
     let msg = |response: Option<LoadResponse>, zero_value: Option<LoadInit>| {
         Decision::Resend(LoadResponseMsg {
@@ -867,6 +892,7 @@ pub enum LoadResolution {
 
 /// Reads the answer to `sent` for load `txid`; `from_log` says whether its S3 came from the
 /// card's log ([`Decision::FromLog`]).
+#[must_use]
 pub fn on_load_answer(
     txid: &str,
     sent: &LoadResponseMsg,

@@ -18,20 +18,25 @@
 //! that commits to something is journaled *before* the action that commits
 //! ([`Action::Journal`] comes first): a crash at any point leaves a journal from which
 //! [`crate::recovery`] finishes the transaction without asking the viewer again.
+//!
+//! Each state carries what it knows (the offer once it came, the card data once it was
+//! read), so no step has to assume an earlier one ran.
 
-use proto::apdu::StatusWord;
 use proto::card::commands;
 use proto::messages::{
-    CancelMsg, CancelReason, DebitResponseMsg, DrawBody, DrawRequest, ErrorCode, Message, Offer,
-    Protected, Receipt,
+    CancelMsg, CancelReason, DebitResponseMsg, DrawBody, DrawRequest, Message, Offer, Protected,
+    Receipt,
 };
+use proto::money::Money;
 use proto::purse::{Date, DebitCommand, DebitResponse, PurchaseInit};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use ui::UiUpdate;
-use ui::model::{ErrorKind, ProgressStep, TxId, UiError};
 
-use crate::{recovery, split_sw, ui_date, ui_money};
+use crate::recovery::{self, DebitEvidence};
+use crate::show::{
+    CardAnswer, Doubt, OfferShown, Progress, ReceiptShown, Receipted, Refusal, Request, Show,
+};
+use crate::{CardReply, name, split_sw};
 
 /// A journal step: written before the action it announces.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,7 +64,7 @@ pub enum Step {
     Completed {
         receipt: Receipt,
     },
-    /// Closed without value moving.
+    /// Closed without value moving; `why` is for the operator.
     Ended {
         why: String,
     },
@@ -71,6 +76,7 @@ pub enum Step {
     },
 }
 
+/// What the shell must do next, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// One request to the gateway; its answer comes back as [`Input::Answer`] or
@@ -78,141 +84,138 @@ pub enum Action {
     Send(Message),
     /// One command APDU to the card; the reply comes back as [`Input::Card`].
     Apdu(Vec<u8>),
-    /// Write this step for the transaction before executing the next actions.
-    Journal {
-        transaction_id: String,
-        step: Step,
-    },
-    Ui(UiUpdate),
+    /// Write this step for the transaction before executing the next actions. If the write
+    /// fails the shell must not execute the rest (the flow stops there).
+    Journal { transaction_id: String, step: Step },
+    /// Show this on the TV.
+    Show(Show),
     /// The flow is over.
     Done(Outcome),
 }
 
+/// How a purchase ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Paid {
         transaction_id: String,
         receipt: Receipt,
     },
+    /// The viewer declined ([`CancelReason::Viewer`]) or let the offer time out
+    /// ([`CancelReason::Timeout`]); nothing was journaled or debited.
     Cancelled {
         transaction_id: Option<String>,
-        reason: String,
+        reason: CancelReason,
     },
+    /// Nothing was debited. `transaction_id` is `None` when no offer came.
     Failed {
         transaction_id: Option<String>,
-        kind: ErrorKind,
-        reason: String,
+        refusal: Refusal,
     },
     /// Value may have moved; the journal holds the transaction and recovery will finish it.
     InDoubt {
         transaction_id: String,
-        reason: String,
+        doubt: Doubt,
     },
 }
 
-/// A card's answer, or why there is none.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CardReply {
-    pub atr: Vec<u8>,
-    pub response: Vec<u8>,
-}
-
+/// What the shell feeds back.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {
+    /// The gateway's answer to the outstanding [`Action::Send`].
     Answer(Message),
+    /// The outstanding request got no answer; the transport's error.
     NetworkFailed(String),
+    /// The card's reply to the outstanding [`Action::Apdu`], or the reader's error.
     Card(Result<CardReply, String>),
     /// The card was pulled (between commands).
     CardRemoved,
     /// OK on the offer popup.
     Accept,
     /// BACK, or the countdown ran out.
-    Decline {
-        timeout: bool,
-    },
+    Decline { timeout: bool },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     AwaitOffer,
-    AwaitSelect,
-    AwaitInit,
-    AwaitViewer,
+    AwaitSelect {
+        offer: Offer,
+    },
+    AwaitInit {
+        offer: Offer,
+    },
+    /// `shown` is the card data the offer popup was built from.
+    AwaitViewer {
+        offer: Offer,
+        shown: PurchaseInit,
+    },
     /// After the OK: the purse selected again, for the INITIALIZE that DEBIT follows.
-    AwaitReselect,
-    AwaitReinit,
-    AwaitDebitCommand,
-    AwaitDebit,
-    AwaitReceipt,
-    /// A fresh INITIALIZE for the cancel's proof.
-    AwaitProof(CancelReason),
-    /// The cancel is out; whatever the answer, the flow ends with `outcome`.
-    AwaitCancelAck,
+    AwaitReselect {
+        offer: Offer,
+        shown: PurchaseInit,
+    },
+    AwaitReinit {
+        offer: Offer,
+        shown: PurchaseInit,
+    },
+    /// `init` is the INITIALIZE the draw request carried (journaled with the offer).
+    AwaitDebitCommand {
+        offer: Offer,
+        init: PurchaseInit,
+    },
+    AwaitDebit {
+        offer: Offer,
+        init: PurchaseInit,
+    },
+    AwaitReceipt {
+        offer: Offer,
+        init: PurchaseInit,
+    },
+    /// A fresh INITIALIZE for the cancel's proof; then the cancel, and the flow ends with
+    /// `then`.
+    AwaitProof {
+        reason: CancelReason,
+        then: Outcome,
+        evidence: DebitEvidence,
+    },
+    /// The cancel is out; whatever the answer, the flow ends with `then`. `evidence` is
+    /// `Some` when the transaction is journaled (the cancel came after the draw).
+    AwaitCancelAck {
+        then: Outcome,
+        evidence: Option<DebitEvidence>,
+    },
     Done,
 }
 
+/// One purchase in progress. [`Purchase::start`] gives the first actions; the shell then
+/// feeds every answer to [`Purchase::handle`] until an [`Action::Done`].
 pub struct Purchase {
     merchant_id: String,
     item_id: String,
     today: Date,
     state: State,
-    offer: Option<Offer>,
+    /// The offer's transaction id, once it came.
+    transaction_id: Option<String>,
+    /// The ATR of the card the last reply came from (the draw request carries it).
     atr: Vec<u8>,
-    init: Option<PurchaseInit>,
-    /// What the flow ends with once the outstanding cancel is answered.
-    after_cancel: Option<Outcome>,
-    /// The transaction is in the journal (the viewer accepted).
-    journaled: bool,
-    /// `DebitSent` is journaled: DEBIT may have reached the card.
-    debit_sent: bool,
     rng: StdRng,
-}
-
-fn err(kind: ErrorKind, detail: impl Into<String>) -> Action {
-    Action::Ui(UiUpdate::Error(UiError {
-        kind,
-        detail: Some(detail.into()),
-    }))
-}
-
-fn kind_of(code: ErrorCode) -> ErrorKind {
-    match code {
-        ErrorCode::InsufficientValue => ErrorKind::InsufficientValue,
-        ErrorCode::Expired => ErrorKind::CardExpired,
-        ErrorCode::AmountMismatch => ErrorKind::AmountMismatch,
-        ErrorCode::Timeout | ErrorCode::Busy | ErrorCode::RateLimited => ErrorKind::Timeout,
-        _ => ErrorKind::Other,
-    }
-}
-
-fn card_kind(sw: StatusWord) -> ErrorKind {
-    match sw {
-        StatusWord::BLOCKED => ErrorKind::CardBlocked,
-        StatusWord::EXPIRED => ErrorKind::CardExpired,
-        StatusWord::INSUFFICIENT_VALUE => ErrorKind::InsufficientValue,
-        _ => ErrorKind::Other,
-    }
 }
 
 impl Purchase {
     /// Starts a purchase of `item_id` from `merchant_id`; `today` is the date the card and
-    /// the expiry check use; `seed` drives the message-layer sealing.
+    /// the expiry check use; `seed` drives the message-layer sealing (FIG. 8).
+    #[must_use]
     pub fn start(merchant_id: &str, item_id: &str, today: Date, seed: u64) -> (Self, Vec<Action>) {
         let p = Self {
             merchant_id: merchant_id.into(),
             item_id: item_id.into(),
             today,
             state: State::AwaitOffer,
-            offer: None,
+            transaction_id: None,
             atr: Vec::new(),
-            init: None,
-            after_cancel: None,
-            journaled: false,
-            debit_sent: false,
             rng: StdRng::seed_from_u64(seed),
         };
         let actions = vec![
-            Action::Ui(UiUpdate::Progress(ProgressStep::ContactingServer)),
+            Action::Show(Show::Progress(Progress::ContactingServer)),
             Action::Send(Message::OfferRequest {
                 merchant_id: p.merchant_id.clone(),
                 item_id: p.item_id.clone(),
@@ -221,29 +224,30 @@ impl Purchase {
         (p, actions)
     }
 
+    /// The offer's transaction id, once the offer came.
     pub fn transaction_id(&self) -> Option<&str> {
-        self.offer.as_ref().map(|o| o.transaction_id.as_str())
+        self.transaction_id.as_deref()
     }
 
     pub fn is_done(&self) -> bool {
-        self.state == State::Done
+        matches!(self.state, State::Done)
     }
 
     /// Whether the viewer is being asked (the shell runs the offer timer then).
     pub fn awaiting_viewer(&self) -> bool {
-        self.state == State::AwaitViewer
+        matches!(self.state, State::AwaitViewer { .. })
     }
 
     /// Whether the card is in use by the flow (so a removal matters).
     pub fn holds_card(&self) -> bool {
         matches!(
             self.state,
-            State::AwaitSelect
-                | State::AwaitInit
-                | State::AwaitViewer
-                | State::AwaitReselect
-                | State::AwaitReinit
-                | State::AwaitDebit
+            State::AwaitSelect { .. }
+                | State::AwaitInit { .. }
+                | State::AwaitViewer { .. }
+                | State::AwaitReselect { .. }
+                | State::AwaitReinit { .. }
+                | State::AwaitDebit { .. }
         )
     }
 
@@ -254,18 +258,18 @@ impl Purchase {
     pub fn card_sequence_open(&self) -> bool {
         matches!(
             self.state,
-            State::AwaitSelect
-                | State::AwaitInit
-                | State::AwaitReselect
-                | State::AwaitReinit
-                | State::AwaitDebitCommand
-                | State::AwaitDebit
-                | State::AwaitProof(_)
+            State::AwaitSelect { .. }
+                | State::AwaitInit { .. }
+                | State::AwaitReselect { .. }
+                | State::AwaitReinit { .. }
+                | State::AwaitDebitCommand { .. }
+                | State::AwaitDebit { .. }
+                | State::AwaitProof { .. }
         )
     }
 
     fn txid(&self) -> String {
-        self.transaction_id().unwrap_or_default().to_string()
+        self.transaction_id.clone().unwrap_or_default()
     }
 
     fn journal(&self, step: Step) -> Action {
@@ -280,20 +284,26 @@ impl Purchase {
         Action::Done(outcome)
     }
 
-    fn failed(&mut self, kind: ErrorKind, reason: String) -> Vec<Action> {
-        let outcome = Outcome::Failed {
-            transaction_id: self.transaction_id().map(str::to_string),
-            kind,
-            reason: reason.clone(),
-        };
-        vec![err(kind, reason), self.done(outcome)]
+    fn failure(&self, refusal: Refusal) -> Outcome {
+        Outcome::Failed {
+            transaction_id: self.transaction_id.clone(),
+            refusal,
+        }
+    }
+
+    /// Ends at once: tell the viewer, nothing to cancel.
+    fn failed(&mut self, refusal: Refusal) -> Vec<Action> {
+        let outcome = self.failure(refusal.clone());
+        vec![Action::Show(Show::Refused(refusal)), self.done(outcome)]
     }
 
     /// Before the draw: nothing is at the payment server, so the cancel only tells the
     /// merchant to drop the offer, and no proof is needed.
-    fn cancel_offer(&mut self, reason: CancelReason, outcome: Outcome) -> Vec<Action> {
-        self.after_cancel = Some(outcome);
-        self.state = State::AwaitCancelAck;
+    fn cancel_offer(&mut self, reason: CancelReason, then: Outcome) -> Vec<Action> {
+        self.state = State::AwaitCancelAck {
+            then,
+            evidence: None,
+        };
         vec![Action::Send(Message::Cancel(CancelMsg {
             transaction_id: self.txid(),
             reason,
@@ -301,305 +311,266 @@ impl Purchase {
         }))]
     }
 
-    /// After the draw, with the card not debited: journal, then a fresh INITIALIZE as proof.
-    fn cancel_with_proof(&mut self, reason: CancelReason, outcome: Outcome) -> Vec<Action> {
-        self.after_cancel = Some(outcome);
-        self.state = State::AwaitProof(reason);
+    /// A failed check before the draw: tell the viewer, drop the offer.
+    fn refuse(&mut self, refusal: Refusal) -> Vec<Action> {
+        let then = self.failure(refusal.clone());
+        let mut a = vec![Action::Show(Show::Refused(refusal))];
+        a.extend(self.cancel_offer(CancelReason::NotDebited, then));
+        a
+    }
+
+    /// After the draw, with the card not debited: tell the viewer, journal the cancel, then
+    /// a fresh INITIALIZE as proof.
+    fn cancel_with_proof(
+        &mut self,
+        reason: CancelReason,
+        refusal: Refusal,
+        evidence: DebitEvidence,
+    ) -> Vec<Action> {
+        let then = self.failure(refusal.clone());
+        self.state = State::AwaitProof {
+            reason,
+            then,
+            evidence,
+        };
         vec![
+            Action::Show(Show::Refused(refusal)),
             self.journal(Step::CancelPending { reason }),
             Action::Apdu(commands::init_purchase(self.today)),
         ]
     }
 
-    fn in_doubt(&mut self, reason: String) -> Vec<Action> {
+    fn in_doubt(&mut self, doubt: Doubt) -> Vec<Action> {
         let outcome = Outcome::InDoubt {
             transaction_id: self.txid(),
-            reason: reason.clone(),
+            doubt: doubt.clone(),
         };
-        vec![
-            err(
-                ErrorKind::Other,
-                format!(
-                    "{reason}; the payment will be settled automatically — you will not pay twice"
-                ),
-            ),
-            self.done(outcome),
-        ]
+        vec![Action::Show(Show::InDoubt(doubt)), self.done(outcome)]
     }
 
+    /// Feeds one input; returns what to do next, in order.
+    #[must_use]
     pub fn handle(&mut self, input: Input) -> Vec<Action> {
-        match (self.state, input) {
+        match (std::mem::replace(&mut self.state, State::Done), input) {
             (State::Done, _) => Vec::new(),
             (State::AwaitOffer, Input::Answer(m)) => self.on_offer(m),
-            (State::AwaitOffer, Input::NetworkFailed(e)) => {
-                self.failed(ErrorKind::HeadEndUnreachable, e)
+            (State::AwaitOffer, Input::NetworkFailed(error)) => {
+                self.failed(Refusal::Unreachable { error })
             }
-            (State::AwaitSelect, Input::Card(r)) => self.on_select(r),
-            (State::AwaitInit, Input::Card(r)) => self.on_init(r),
-            (State::AwaitViewer, Input::Accept) => self.on_accept(),
-            (State::AwaitReselect, Input::Card(r)) => self.on_reselect(r),
-            (State::AwaitReinit, Input::Card(r)) => self.on_reinit(r),
-            (State::AwaitViewer, Input::Decline { timeout }) => {
+            (State::AwaitSelect { offer }, Input::Card(r)) => self.on_select(offer, r),
+            (State::AwaitInit { offer }, Input::Card(r)) => self.on_init(offer, r),
+            (State::AwaitViewer { offer, shown }, Input::Accept) => {
+                self.state = State::AwaitReselect { offer, shown };
+                vec![
+                    Action::Show(Show::Progress(Progress::ReadingCard)),
+                    Action::Apdu(commands::select()),
+                ]
+            }
+            (State::AwaitReselect { offer, shown }, Input::Card(r)) => {
+                if let Err(refusal) = self.card_data(r) {
+                    return self.refuse(refusal);
+                }
+                self.state = State::AwaitReinit { offer, shown };
+                vec![Action::Apdu(commands::init_purchase(self.today))]
+            }
+            (State::AwaitReinit { offer, shown }, Input::Card(r)) => {
+                self.on_reinit(offer, &shown, r)
+            }
+            (State::AwaitViewer { .. }, Input::Decline { timeout }) => {
                 let reason = if timeout {
                     CancelReason::Timeout
                 } else {
                     CancelReason::Viewer
                 };
-                let outcome = Outcome::Cancelled {
-                    transaction_id: Some(self.txid()),
-                    reason: if timeout {
-                        "the offer timed out"
-                    } else {
-                        "the viewer cancelled"
-                    }
-                    .into(),
+                let then = Outcome::Cancelled {
+                    transaction_id: self.transaction_id.clone(),
+                    reason,
                 };
-                self.cancel_offer(reason, outcome)
+                self.cancel_offer(reason, then)
             }
             (
-                State::AwaitSelect
-                | State::AwaitInit
-                | State::AwaitViewer
-                | State::AwaitReselect
-                | State::AwaitReinit,
+                State::AwaitSelect { .. }
+                | State::AwaitInit { .. }
+                | State::AwaitViewer { .. }
+                | State::AwaitReselect { .. }
+                | State::AwaitReinit { .. },
                 Input::CardRemoved,
             ) => {
-                let mut a = vec![
-                    Action::Ui(UiUpdate::OfferWithdrawn(TxId(self.txid()))),
-                    err(ErrorKind::NoCard, "the card was removed"),
-                ];
-                let outcome = Outcome::Failed {
-                    transaction_id: Some(self.txid()),
-                    kind: ErrorKind::NoCard,
-                    reason: "the card was removed".into(),
-                };
-                a.extend(self.cancel_offer(CancelReason::NotDebited, outcome));
+                let mut a = vec![Action::Show(Show::OfferWithdrawn {
+                    transaction_id: self.txid(),
+                })];
+                a.extend(self.refuse(Refusal::CardRemoved));
                 a
             }
-            (State::AwaitDebitCommand, Input::Answer(m)) => self.on_debit_command(m),
-            (State::AwaitDebitCommand, Input::NetworkFailed(e)) => {
-                self.in_doubt(format!("no debit command from the head end ({e})"))
+            (State::AwaitDebitCommand { offer, init }, Input::Answer(m)) => {
+                self.on_debit_command(offer, init, m)
             }
-            (State::AwaitDebit, Input::Card(r)) => self.on_debit(r),
-            (State::AwaitReceipt, Input::Answer(m)) => self.on_receipt(m),
-            (State::AwaitReceipt, Input::NetworkFailed(e)) => self.in_doubt(format!(
-                "the card paid but the confirmation did not get through ({e})"
-            )),
-            (State::AwaitProof(reason), Input::Card(r)) => {
+            (State::AwaitDebitCommand { .. }, Input::NetworkFailed(error)) => {
+                self.in_doubt(Doubt::NoDebitCommand { error })
+            }
+            (State::AwaitDebit { offer, init }, Input::Card(r)) => self.on_debit(offer, init, r),
+            (State::AwaitReceipt { offer, init }, Input::Answer(m)) => {
+                self.on_receipt(&offer, &init, m)
+            }
+            (State::AwaitReceipt { .. }, Input::NetworkFailed(error)) => {
+                self.in_doubt(Doubt::ConfirmationLost { error })
+            }
+            (
+                State::AwaitProof {
+                    reason,
+                    then,
+                    evidence,
+                },
+                Input::Card(r),
+            ) => {
                 let proof = r.ok().and_then(|r| {
                     let (data, sw) = split_sw(&r.response)?;
                     sw.is_ok()
                         .then(|| PurchaseInit::decode(data).ok())
                         .flatten()
                 });
-                self.state = State::AwaitCancelAck;
+                self.state = State::AwaitCancelAck {
+                    then,
+                    evidence: Some(evidence),
+                };
                 vec![Action::Send(Message::Cancel(CancelMsg {
                     transaction_id: self.txid(),
                     reason,
                     proof,
                 }))]
             }
-            (State::AwaitCancelAck, Input::Answer(m)) => self.on_cancel_answer(Ok(&m)),
-            (State::AwaitCancelAck, Input::NetworkFailed(e)) => self.on_cancel_answer(Err(&e)),
+            (State::AwaitCancelAck { then, evidence }, Input::Answer(m)) => {
+                self.on_cancel_answer(then, evidence, Ok(&m))
+            }
+            (State::AwaitCancelAck { then, evidence }, Input::NetworkFailed(e)) => {
+                self.on_cancel_answer(then, evidence, Err(&e))
+            }
             // Anything else (a removal while waiting on the network, a late key) changes
             // nothing: the outstanding request's answer decides.
-            _ => Vec::new(),
+            (state, _) => {
+                self.state = state;
+                Vec::new()
+            }
         }
     }
 
     fn on_offer(&mut self, m: Message) -> Vec<Action> {
         let offer = match m {
             Message::Offer(o) => o,
-            Message::Error(e) => return self.failed(kind_of(e.code), e.reason),
+            Message::Error(e) => {
+                return self.failed(Refusal::OfferRefused {
+                    code: e.code,
+                    reason: e.reason,
+                });
+            }
             other => {
-                return self.failed(
-                    ErrorKind::Other,
-                    format!(
-                        "the head end answered the offer request with {}",
-                        name(&other)
-                    ),
-                );
+                return self.failed(Refusal::OutOfTurn {
+                    to: Request::Offer,
+                    answer: name(&other),
+                });
             }
         };
         if offer.amount.minor == 0 || offer.transaction_id.is_empty() {
-            return self.failed(
-                ErrorKind::Other,
-                "the head end sent an unusable offer".into(),
-            );
+            return self.failed(Refusal::UnusableOffer);
         }
-        self.offer = Some(offer);
-        self.state = State::AwaitSelect;
+        self.transaction_id = Some(offer.transaction_id.clone());
+        self.state = State::AwaitSelect { offer };
         vec![
-            Action::Ui(UiUpdate::Progress(ProgressStep::ReadingCard)),
+            Action::Show(Show::Progress(Progress::ReadingCard)),
             Action::Apdu(commands::select()),
         ]
     }
 
-    /// A card reply's data, or the actions that end the flow (before the draw).
-    fn card_data(&mut self, r: Result<CardReply, String>) -> Result<Vec<u8>, Vec<Action>> {
-        let outcome = |kind: ErrorKind, reason: &str, txid: String| Outcome::Failed {
-            transaction_id: Some(txid),
-            kind,
-            reason: reason.to_string(),
-        };
-        let reply = match r {
-            Ok(r) => r,
-            Err(e) => {
-                let mut a = vec![err(ErrorKind::NoCard, e.clone())];
-                a.extend(self.cancel_offer(
-                    CancelReason::NotDebited,
-                    outcome(ErrorKind::NoCard, &e, self.txid()),
-                ));
-                return Err(a);
-            }
-        };
+    /// A card reply's data (keeping the card's ATR), or why there is none.
+    fn card_data(&mut self, r: Result<CardReply, String>) -> Result<Vec<u8>, Refusal> {
+        let reply = r.map_err(|error| Refusal::CardUnreadable { error })?;
         self.atr = reply.atr;
         match split_sw(&reply.response) {
             Some((data, sw)) if sw.is_ok() => Ok(data.to_vec()),
-            other => {
-                let (kind, why) = match other {
-                    Some((_, sw)) => (card_kind(sw), format!("the card refused: {sw}")),
-                    None => (
-                        ErrorKind::Other,
-                        "the card answered without a status word".into(),
-                    ),
-                };
-                let mut a = vec![err(kind, why.clone())];
-                a.extend(
-                    self.cancel_offer(CancelReason::NotDebited, outcome(kind, &why, self.txid())),
-                );
-                Err(a)
-            }
+            Some((_, sw)) => Err(Refusal::CardRefused { sw }),
+            None => Err(Refusal::NoStatusWord),
         }
     }
 
-    fn on_select(&mut self, r: Result<CardReply, String>) -> Vec<Action> {
-        if let Err(a) = self.card_data(r) {
-            return a;
+    fn on_select(&mut self, offer: Offer, r: Result<CardReply, String>) -> Vec<Action> {
+        if let Err(refusal) = self.card_data(r) {
+            return self.refuse(refusal);
         }
-        self.state = State::AwaitInit;
+        self.state = State::AwaitInit { offer };
         vec![Action::Apdu(commands::init_purchase(self.today))]
     }
 
     /// The card's INITIALIZE answer, checked against the offer (001 [0075]: currency, expiry,
-    /// balance ≥ amount); on a failed check, the actions that tell the viewer and drop the
-    /// offer.
-    fn checked_init(&mut self, r: Result<CardReply, String>) -> Result<PurchaseInit, Vec<Action>> {
+    /// balance ≥ amount).
+    fn checked_init(
+        &mut self,
+        offer: &Offer,
+        r: Result<CardReply, String>,
+    ) -> Result<PurchaseInit, Refusal> {
         let data = self.card_data(r)?;
-        let Ok(init) = PurchaseInit::decode(&data) else {
-            return Err(self.refuse(
-                ErrorKind::Other,
-                "the card's INITIALIZE answer is malformed".into(),
-            ));
-        };
-        let amount = self.offer.as_ref().expect("offer before card").amount;
-        if init.currency != amount.currency {
-            return Err(self.refuse(
-                ErrorKind::Other,
-                format!(
-                    "the card holds {} but the price is in {}",
-                    init.currency.alpha(),
-                    amount.currency.alpha()
-                ),
-            ));
+        let init =
+            PurchaseInit::decode(&data).map_err(|_| Refusal::Malformed(CardAnswer::Initialize))?;
+        let price = offer.amount;
+        if init.currency != price.currency {
+            return Err(Refusal::PriceCurrency {
+                card: init.currency,
+                price: price.currency,
+            });
         }
         if init.expiry.is_expired_on(self.today) {
-            return Err(self.refuse(
-                ErrorKind::CardExpired,
-                format!(
-                    "the card expired at the end of {:04}-{:02}",
-                    init.expiry.year, init.expiry.month
-                ),
-            ));
+            return Err(Refusal::CardExpired {
+                year: init.expiry.year,
+                month: init.expiry.month,
+            });
         }
-        if init.balance < amount.minor {
-            return Err(self.refuse(
-                ErrorKind::InsufficientValue,
-                format!(
-                    "the card holds {} but the price is {}",
-                    proto::money::Money::new(init.balance, init.currency),
-                    amount
-                ),
-            ));
+        if init.balance < price.minor {
+            return Err(Refusal::InsufficientValue {
+                balance: Money::new(init.balance, init.currency),
+                price,
+            });
         }
         Ok(init)
     }
 
-    fn on_init(&mut self, r: Result<CardReply, String>) -> Vec<Action> {
-        let init = match self.checked_init(r) {
+    fn on_init(&mut self, offer: Offer, r: Result<CardReply, String>) -> Vec<Action> {
+        let init = match self.checked_init(&offer, r) {
             Ok(i) => i,
-            Err(a) => return a,
+            Err(refusal) => return self.refuse(refusal),
         };
-        let offer = self.offer.as_ref().expect("offer before card");
-        let amount = offer.amount;
-        let popup = ui::model::Offer {
-            txid: TxId(offer.transaction_id.clone()),
+        let price = offer.amount;
+        let popup = OfferShown {
+            transaction_id: offer.transaction_id.clone(),
             item: offer.title.clone(),
             merchant: offer.merchant_id.clone(),
-            price: ui_money(amount),
-            balance: ui_money(proto::money::Money::new(init.balance, init.currency)),
-            balance_after: ui_money(proto::money::Money::new(
-                init.balance - amount.minor,
-                init.currency,
-            )),
-            timeout_secs: 0,
+            price,
+            balance: Money::new(init.balance, init.currency),
+            // checked_init made sure balance ≥ price.
+            balance_after: Money::new(init.balance - price.minor, init.currency),
         };
-        self.init = Some(init);
-        self.state = State::AwaitViewer;
-        vec![Action::Ui(UiUpdate::Offer(popup))]
+        self.state = State::AwaitViewer { offer, shown: init };
+        vec![Action::Show(Show::Offer(popup))]
     }
 
-    /// A failed check before the viewer is asked: tell the viewer, drop the offer.
-    fn refuse(&mut self, kind: ErrorKind, reason: String) -> Vec<Action> {
-        let outcome = Outcome::Failed {
-            transaction_id: Some(self.txid()),
-            kind,
-            reason: reason.clone(),
-        };
-        let mut a = vec![err(kind, reason)];
-        a.extend(self.cancel_offer(CancelReason::NotDebited, outcome));
-        a
-    }
-
-    /// The viewer's OK. The card was not held while the viewer decided, so the purse is
-    /// selected again and a fresh INITIALIZE taken: the draw request carries the INITIALIZE
-    /// that DEBIT follows, in one card sequence.
-    fn on_accept(&mut self) -> Vec<Action> {
-        self.state = State::AwaitReselect;
-        vec![
-            Action::Ui(UiUpdate::Progress(ProgressStep::ReadingCard)),
-            Action::Apdu(commands::select()),
-        ]
-    }
-
-    fn on_reselect(&mut self, r: Result<CardReply, String>) -> Vec<Action> {
-        if let Err(a) = self.card_data(r) {
-            return a;
-        }
-        self.state = State::AwaitReinit;
-        vec![Action::Apdu(commands::init_purchase(self.today))]
-    }
-
-    fn on_reinit(&mut self, r: Result<CardReply, String>) -> Vec<Action> {
-        let init = match self.checked_init(r) {
+    /// The INITIALIZE after the OK (the card was not held while the viewer decided): checked
+    /// again, and for the same card the offer was shown for.
+    fn on_reinit(
+        &mut self,
+        offer: Offer,
+        shown: &PurchaseInit,
+        r: Result<CardReply, String>,
+    ) -> Vec<Action> {
+        let init = match self.checked_init(&offer, r) {
             Ok(i) => i,
-            Err(a) => return a,
+            Err(refusal) => return self.refuse(refusal),
         };
-        let shown = self.init.as_ref().expect("init before the viewer");
         if init.card_id != shown.card_id {
-            return self.refuse(
-                ErrorKind::Other,
-                "another card is in the reader than the one the offer was shown for".into(),
-            );
+            return self.refuse(Refusal::CardSwapped);
         }
-        self.init = Some(init);
-        self.draw()
+        self.draw(offer, init)
     }
 
     /// Journals the acceptance with the card data and sends the draw request.
-    fn draw(&mut self) -> Vec<Action> {
-        let offer = self.offer.clone().expect("offer");
-        let init = self.init.clone().expect("init");
+    fn draw(&mut self, offer: Offer, init: PurchaseInit) -> Vec<Action> {
         let body = DrawBody {
             amount: offer.amount,
             atr: self.atr.clone(),
@@ -611,183 +582,168 @@ impl Purchase {
             etsk: offer.etsk.clone(),
             body: Protected::new(body, offer.tsk.as_ref(), &mut self.rng),
         };
-        self.state = State::AwaitDebitCommand;
-        self.journaled = true;
+        let accepted = self.journal(Step::OfferAccepted {
+            offer: offer.clone(),
+            init: init.clone(),
+        });
+        self.state = State::AwaitDebitCommand { offer, init };
         vec![
-            self.journal(Step::OfferAccepted { offer, init }),
+            accepted,
             self.journal(Step::DrawSent),
-            Action::Ui(UiUpdate::Progress(ProgressStep::ContactingServer)),
+            Action::Show(Show::Progress(Progress::ContactingServer)),
             Action::Send(Message::DrawRequest(draw)),
         ]
     }
 
-    fn on_debit_command(&mut self, m: Message) -> Vec<Action> {
-        let offer = self.offer.clone().expect("offer");
+    fn on_debit_command(&mut self, offer: Offer, init: PurchaseInit, m: Message) -> Vec<Action> {
         let msg = match m {
             Message::DebitCommand(d) if d.transaction_id == offer.transaction_id => d,
             Message::Error(e) => {
                 // The payment server refused the draw: no debit command, nothing debited.
-                let reason = format!("the payment server refused: {}", e.reason);
+                let refusal = Refusal::DrawRefused {
+                    code: e.code,
+                    reason: e.reason,
+                };
                 let mut a = vec![self.journal(Step::Ended {
-                    why: reason.clone(),
+                    why: format!("{refusal:?}"),
                 })];
-                a.extend(self.failed(kind_of(e.code), reason));
+                a.extend(self.failed(refusal));
                 return a;
             }
             other => {
-                let outcome = Outcome::Failed {
-                    transaction_id: Some(self.txid()),
-                    kind: ErrorKind::Other,
-                    reason: format!("unexpected answer to the draw request: {}", name(&other)),
+                let refusal = Refusal::OutOfTurn {
+                    to: Request::Draw,
+                    answer: name(&other),
                 };
-                let mut a = vec![err(ErrorKind::Other, "the head end answered out of turn")];
-                a.extend(self.cancel_with_proof(CancelReason::NotDebited, outcome));
-                return a;
+                return self.cancel_with_proof(
+                    CancelReason::NotDebited,
+                    refusal,
+                    DebitEvidence::NeverSent,
+                );
             }
         };
         let body = match msg.body.open(offer.tsk.as_ref()) {
             Ok(b) => b,
             Err(e) => {
-                let outcome = Outcome::Failed {
-                    transaction_id: Some(self.txid()),
-                    kind: ErrorKind::Other,
-                    reason: format!("debit command unreadable: {e}"),
+                let refusal = Refusal::DebitCommandUnreadable {
+                    error: e.to_string(),
                 };
-                let mut a = vec![err(
-                    ErrorKind::Other,
-                    format!("debit command unreadable: {e}"),
-                )];
-                a.extend(self.cancel_with_proof(CancelReason::NotDebited, outcome));
-                return a;
+                return self.cancel_with_proof(
+                    CancelReason::NotDebited,
+                    refusal,
+                    DebitEvidence::NeverSent,
+                );
             }
         };
         let command = body.command;
-        let init = self.init.as_ref().expect("init");
         // 001 [0082]: the debit command must ask for exactly the offer's amount.
-        if command.amount != offer.amount.minor || command.currency != offer.amount.currency {
-            let reason = format!(
-                "the debit command asks for {} but the offer was {}",
-                command.amount_money(),
-                offer.amount
-            );
-            let outcome = Outcome::Failed {
-                transaction_id: Some(self.txid()),
-                kind: ErrorKind::AmountMismatch,
-                reason: reason.clone(),
+        let mismatch =
+            if command.amount != offer.amount.minor || command.currency != offer.amount.currency {
+                Some((
+                    CancelReason::AmountMismatch,
+                    Refusal::AmountMismatch {
+                        asked: command.amount_money(),
+                        offered: offer.amount,
+                    },
+                ))
+            } else if command.card_id != init.card_id || command.atc != init.atc {
+                Some((CancelReason::NotDebited, Refusal::DebitCommandMismatch))
+            } else {
+                None
             };
-            let mut a = vec![
-                self.journal(Step::DebitCommandReceived { command }),
-                err(ErrorKind::AmountMismatch, reason),
-            ];
-            a.extend(self.cancel_with_proof(CancelReason::AmountMismatch, outcome));
+        if let Some((reason, refusal)) = mismatch {
+            let mut a = vec![self.journal(Step::DebitCommandReceived { command })];
+            a.extend(self.cancel_with_proof(reason, refusal, DebitEvidence::NeverSent));
             return a;
         }
-        if command.card_id != init.card_id || command.atc != init.atc {
-            let reason = "the debit command is for another card or transaction".to_string();
-            let outcome = Outcome::Failed {
-                transaction_id: Some(self.txid()),
-                kind: ErrorKind::Other,
-                reason: reason.clone(),
-            };
-            let mut a = vec![
-                self.journal(Step::DebitCommandReceived { command }),
-                err(ErrorKind::Other, reason),
-            ];
-            a.extend(self.cancel_with_proof(CancelReason::NotDebited, outcome));
-            return a;
-        }
-        self.state = State::AwaitDebit;
-        self.debit_sent = true;
+        let apdu = commands::debit(&command);
+        let received = self.journal(Step::DebitCommandReceived { command });
+        self.state = State::AwaitDebit { offer, init };
         vec![
-            self.journal(Step::DebitCommandReceived {
-                command: command.clone(),
-            }),
+            received,
             self.journal(Step::DebitSent),
-            Action::Ui(UiUpdate::Progress(ProgressStep::DebitingCard)),
-            Action::Apdu(commands::debit(&command)),
+            Action::Show(Show::Progress(Progress::DebitingCard)),
+            Action::Apdu(apdu),
         ]
     }
 
-    fn on_debit(&mut self, r: Result<CardReply, String>) -> Vec<Action> {
+    fn on_debit(
+        &mut self,
+        offer: Offer,
+        init: PurchaseInit,
+        r: Result<CardReply, String>,
+    ) -> Vec<Action> {
         let reply = match r {
             Ok(r) => r,
             // The reader failed mid-DEBIT: the card may or may not have debited.
-            Err(e) => return self.in_doubt(format!("the card was lost during the debit ({e})")),
+            Err(error) => return self.in_doubt(Doubt::CardLostDuringDebit { error }),
         };
         let response = match split_sw(&reply.response) {
             Some((data, sw)) if sw.is_ok() => match DebitResponse::decode(data) {
                 Ok(r) => r,
-                Err(_) => return self.in_doubt("the card's debit response is malformed".into()),
+                Err(_) => return self.in_doubt(Doubt::DebitResponseMalformed),
             },
+            // The card refused: its debit is atomic, so nothing moved.
             Some((_, sw)) => {
-                // The card refused: its debit is atomic, so nothing moved.
-                let reason = format!("the card refused the debit: {sw}");
-                let outcome = Outcome::Failed {
-                    transaction_id: Some(self.txid()),
-                    kind: card_kind(sw),
-                    reason: reason.clone(),
-                };
-                let mut a = vec![err(card_kind(sw), reason)];
-                a.extend(self.cancel_with_proof(CancelReason::NotDebited, outcome));
-                return a;
+                return self.cancel_with_proof(
+                    CancelReason::NotDebited,
+                    Refusal::DebitRefused { sw },
+                    DebitEvidence::SentUnchecked,
+                );
             }
-            None => return self.in_doubt("the card answered DEBIT without a status word".into()),
+            None => return self.in_doubt(Doubt::DebitWithoutStatusWord),
         };
-        let tsk = self.offer.as_ref().and_then(|o| o.tsk.clone());
         let msg = DebitResponseMsg {
             transaction_id: self.txid(),
-            body: Protected::new(response.clone(), tsk.as_ref(), &mut self.rng),
+            body: Protected::new(response.clone(), offer.tsk.as_ref(), &mut self.rng),
         };
-        self.state = State::AwaitReceipt;
+        self.state = State::AwaitReceipt { offer, init };
         vec![
             self.journal(Step::DebitResponded { response }),
-            Action::Ui(UiUpdate::Progress(ProgressStep::Confirming)),
+            Action::Show(Show::Progress(Progress::Confirming)),
             Action::Send(Message::DebitResponse(msg)),
         ]
     }
 
-    fn on_receipt(&mut self, m: Message) -> Vec<Action> {
+    fn on_receipt(&mut self, offer: &Offer, init: &PurchaseInit, m: Message) -> Vec<Action> {
         match m {
-            Message::Receipt(receipt) if receipt.transaction_id == self.txid() => {
-                let offer = self.offer.as_ref().expect("offer");
-                let init = self.init.as_ref().expect("init");
+            Message::Receipt(receipt) if receipt.transaction_id == offer.transaction_id => {
                 let after = receipt
                     .new_balance
                     .unwrap_or(init.balance.saturating_sub(offer.amount.minor));
                 let mut a = vec![self.journal(Step::Completed {
                     receipt: receipt.clone(),
                 })];
-                if receipt.released {
-                    a.push(Action::Ui(UiUpdate::Receipt(ui::model::Receipt {
-                        txid: TxId(self.txid()),
-                        kind: ui::model::TxKind::Purchase,
-                        item: offer.title.clone(),
-                        merchant: offer.merchant_id.clone(),
-                        amount: ui_money(offer.amount),
-                        balance_after: ui_money(proto::money::Money::new(after, init.currency)),
-                        date: ui_date(self.today),
-                    })));
+                a.push(Action::Show(if receipt.released {
+                    Show::Receipt(ReceiptShown {
+                        transaction_id: offer.transaction_id.clone(),
+                        what: Receipted::Purchase {
+                            item: offer.title.clone(),
+                            merchant: offer.merchant_id.clone(),
+                        },
+                        amount: offer.amount,
+                        balance_after: Money::new(after, init.currency),
+                        date: self.today,
+                    })
                 } else {
-                    a.push(err(
-                        ErrorKind::Other,
-                        format!("paid, but the merchant did not release: {}", receipt.text),
-                    ));
-                }
+                    Show::NotReleased {
+                        text: receipt.text.clone(),
+                    }
+                }));
                 let outcome = Outcome::Paid {
-                    transaction_id: self.txid(),
+                    transaction_id: offer.transaction_id.clone(),
                     receipt,
                 };
                 a.push(self.done(outcome));
                 a
             }
-            Message::Error(e) => self.in_doubt(format!(
-                "the card paid but the head end answered: {}",
-                e.reason
-            )),
-            other => self.in_doubt(format!(
-                "the card paid but the head end answered {}",
-                name(&other)
-            )),
+            Message::Error(e) => self.in_doubt(Doubt::PaidButRefused {
+                code: e.code,
+                reason: e.reason,
+            }),
+            other => self.in_doubt(Doubt::PaidButOutOfTurn {
+                answer: name(&other),
+            }),
         }
     }
 
@@ -795,21 +751,17 @@ impl Purchase {
     /// ([`recovery::on_cancel_answer`]): a receipt, or a refused proof when DEBIT never went
     /// to the card. Anything else (no answer, busy, `AlreadyCompleted`, a refused proof after
     /// DEBIT) leaves it `cancel_pending` for recovery, which reads the card's log.
-    fn on_cancel_answer(&mut self, answer: Result<&Message, &str>) -> Vec<Action> {
-        let outcome = self.after_cancel.take().unwrap_or(Outcome::Cancelled {
-            transaction_id: self.transaction_id().map(str::to_string),
-            reason: "cancelled".into(),
-        });
+    fn on_cancel_answer(
+        &mut self,
+        then: Outcome,
+        evidence: Option<DebitEvidence>,
+        answer: Result<&Message, &str>,
+    ) -> Vec<Action> {
         let mut a = Vec::new();
-        if self.journaled {
-            let evidence = if self.debit_sent {
-                recovery::DebitEvidence::SentUnchecked
-            } else {
-                recovery::DebitEvidence::NeverSent
-            };
+        if let Some(evidence) = evidence {
             match recovery::on_cancel_answer(&self.txid(), evidence, answer) {
                 recovery::Resolution::Ended(why) => a.push(self.journal(Step::Ended {
-                    why: format!("{why}; {outcome:?}"),
+                    why: format!("{why}; {then:?}"),
                 })),
                 recovery::Resolution::Completed(receipt) => {
                     a.push(self.journal(Step::Completed { receipt }))
@@ -820,25 +772,8 @@ impl Purchase {
                 ),
             }
         }
-        a.push(self.done(outcome));
+        a.push(self.done(then));
         a
-    }
-}
-
-/// A message's kind, for errors.
-pub fn name(m: &Message) -> &'static str {
-    match m {
-        Message::OfferRequest { .. } => "an offer request",
-        Message::Offer(_) => "an offer",
-        Message::DrawRequest(_) => "a draw request",
-        Message::DebitCommand(_) => "a debit command",
-        Message::DebitResponse(_) => "a debit response",
-        Message::Receipt(_) => "a receipt",
-        Message::Error(_) => "an error",
-        Message::CatalogRequest => "a catalog request",
-        Message::Catalog(_) => "a catalog",
-        Message::Cancel(_) => "a cancel",
-        _ => "a load message",
     }
 }
 

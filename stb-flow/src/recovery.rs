@@ -64,6 +64,7 @@ pub struct CardSeen<'a> {
 }
 
 impl<'a> CardSeen<'a> {
+    #[must_use]
     pub fn new(card_id: u64, log: &'a [LogRecord]) -> Self {
         Self { card_id, log }
     }
@@ -125,6 +126,7 @@ pub enum Resolution {
 /// Whether log record `r` of card `card_id` is the debit of `txn`: a debit, for this card,
 /// with the same counter, security card, security-card transaction number, amount and
 /// currency. Without a journaled debit command (no security card known) nothing matches.
+#[must_use]
 pub fn log_matches(txn: &InDoubt, card_id: u64, r: &LogRecord) -> bool {
     let Some((psam_id, psam_txn)) = txn.psam else {
         return false;
@@ -139,6 +141,7 @@ pub fn log_matches(txn: &InDoubt, card_id: u64, r: &LogRecord) -> bool {
 }
 
 /// The debit response the card's log proves for `txn`, if a record strictly matches.
+#[must_use]
 pub fn find_in_log(txn: &InDoubt, card: CardSeen<'_>) -> Option<DebitResponse> {
     card.log
         .iter()
@@ -148,11 +151,13 @@ pub fn find_in_log(txn: &InDoubt, card: CardSeen<'_>) -> Option<DebitResponse> {
 
 /// Whether `log` still reaches back to counter `atc`: it is not full, or its oldest record
 /// is at or before `atc`. When it does and holds no matching debit, the card did not pay.
+#[must_use]
 pub fn log_reaches(log: &[LogRecord], atc: u32) -> bool {
     log.len() < LOG_CAPACITY || log.iter().map(|r| r.atc).min().is_some_and(|a| a <= atc)
 }
 
 /// Decides what to send for `txn`, given the card in the reader (if any).
+#[must_use]
 pub fn plan(txn: &InDoubt, card: Option<CardSeen<'_>>) -> Plan {
     if let Some(response) = &txn.response {
         return Plan::Resend {
@@ -193,6 +198,7 @@ pub fn response_for(txn: &InDoubt, card: Option<CardSeen<'_>>) -> Result<DebitRe
 }
 
 /// Head-end refusals that say "not now": retry later.
+#[must_use]
 pub fn is_transient(code: ErrorCode) -> bool {
     matches!(
         code,
@@ -219,13 +225,14 @@ fn unsettled(txid: &str, answer: Result<&Message, &str>) -> String {
             "a receipt for another transaction ({}, expected {txid})",
             r.transaction_id
         ),
-        Ok(other) => format!("unexpected answer: {}", crate::purchase::name(other)),
+        Ok(other) => format!("unexpected answer: {}", crate::name(other)),
     }
 }
 
 /// The answer to a (re-)sent debit response: a receipt for this transaction settles it
 /// (released or not; the head end answers a repeated response with the same receipt).
 /// Anything else leaves it in doubt.
+#[must_use]
 pub fn on_debit_response_answer(txid: &str, answer: Result<&Message, &str>) -> Resolution {
     match answer {
         Ok(Message::Receipt(r)) if r.transaction_id == txid => Resolution::Completed(r.clone()),
@@ -241,6 +248,7 @@ pub fn on_debit_response_answer(txid: &str, answer: Result<&Message, &str>) -> R
 ///   vain; otherwise still in doubt (a later log read decides);
 /// - `AlreadyCompleted`: re-send the debit response;
 /// - anything else (busy, timeout, network): retry later.
+#[must_use]
 pub fn on_cancel_answer(
     txid: &str,
     evidence: DebitEvidence,
@@ -291,6 +299,7 @@ impl RetrySchedule {
     pub const INITIAL: Duration = Duration::from_secs(2);
     pub const MAX: Duration = Duration::from_secs(60);
 
+    #[must_use]
     pub fn new(initial: Duration, max: Duration) -> Self {
         Self {
             initial,
@@ -300,6 +309,7 @@ impl RetrySchedule {
     }
 
     /// The delay before the next retry; each call doubles the next one, up to the cap.
+    #[must_use]
     pub fn next_delay(&mut self, rng: &mut impl rand::Rng) -> Duration {
         let d = crate::backoff(self.attempt, self.initial, self.max, rng);
         self.attempt = self.attempt.saturating_add(1);
@@ -312,6 +322,7 @@ impl RetrySchedule {
     }
 
     /// Retries scheduled since the last reset.
+    #[must_use]
     pub fn attempt(&self) -> u32 {
         self.attempt
     }

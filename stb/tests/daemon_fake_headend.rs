@@ -113,7 +113,7 @@ async fn amount_mismatch_is_refused_before_the_card() {
         matches!(
             out,
             Outcome::Failed {
-                kind: ui::model::ErrorKind::AmountMismatch,
+                refusal: stb_flow::show::Refusal::AmountMismatch { .. },
                 ..
             }
         ),

@@ -13,7 +13,7 @@ use reader_drivers::virtual_driver::VirtualDriver;
 use reader_drivers::{CardSession, ReaderDriver, ReaderError, transmit_whole};
 
 use crate::config::{DetectLine, Level, ReaderConfig, SerialProfile, glob_match};
-use stb_flow::purchase::CardReply;
+use stb_flow::CardReply;
 use stb_flow::split_sw;
 
 /// Builds the driver the config names, and the reader-name pattern to watch for.

@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 
 use proto::crypto::DesKey;
 use proto::messages::{LoadSource, Message};
+use stb_flow::show::{Doubt, Flow, Refusal};
 use tracing::Instrument;
 use ui::UiUpdate;
 use ui::model::{ErrorKind, UiError};
@@ -117,27 +118,20 @@ impl Runner {
     /// of the same card (see [`super::recover`]).
     pub async fn start_load(&mut self, source: ui::model::LoadSource) {
         if self.busy() {
-            self.update(ui_err(
-                ErrorKind::Other,
-                "another transaction is in progress; try again",
-            ))
-            .await;
+            self.update(UiUpdate::Error(super::show::refused(&Refusal::Busy)))
+                .await;
             return;
         }
         if self.load.settings.source(source).is_none() {
             let what = match source {
-                ui::model::LoadSource::Bank => {
-                    "no bank account is set up on this box ([load] bank_account)"
-                }
-                ui::model::LoadSource::Voucher => {
-                    "no voucher is set up on this box ([load] voucher)"
-                }
+                ui::model::LoadSource::Bank => ui::strings::LOAD_NO_BANK_ACCOUNT,
+                ui::model::LoadSource::Voucher => ui::strings::LOAD_NO_VOUCHER,
             };
             self.update(ui_err(ErrorKind::Other, what)).await;
             return;
         }
         if !self.card.has_card() {
-            self.update(ui_err(ErrorKind::NoCard, "insert the card to load it"))
+            self.update(ui_err(ErrorKind::NoCard, ui::strings::LOAD_INSERT_CARD))
                 .await;
             return;
         }
@@ -155,7 +149,7 @@ impl Runner {
             return;
         };
         if !self.card.has_card() {
-            self.update(ui_err(ErrorKind::NoCard, "insert the card to load it"))
+            self.update(ui_err(ErrorKind::NoCard, ui::strings::LOAD_INSERT_CARD))
                 .await;
             return;
         }
@@ -233,23 +227,24 @@ impl Runner {
                         span.in_scope(
                             || tracing::error!(error = %e, "journal write failed; load stopped"),
                         );
+                        let error = e.to_string();
+                        let refusal = Refusal::NotRecorded {
+                            flow: Flow::Load,
+                            error: error.clone(),
+                        };
+                        let shown = UiUpdate::Error(super::show::refused(&refusal));
                         let outcome = match step {
                             // The request never went out: nothing is held.
                             Step::RequestSent { .. } => Outcome::Failed {
                                 transaction_id: Some(transaction_id),
-                                kind: ErrorKind::Other,
-                                reason: format!("the box could not record the load: {e}"),
+                                refusal,
                             },
                             _ => Outcome::InDoubt {
                                 transaction_id,
-                                reason: format!("the box could not record the load: {e}"),
+                                doubt: Doubt::LoadNotRecorded { error },
                             },
                         };
-                        self.update(ui_err(
-                            ErrorKind::Other,
-                            "the box could not record the load",
-                        ))
-                        .await;
+                        self.update(shown).await;
                         self.finish_load(outcome).await;
                         return;
                     }
@@ -269,7 +264,7 @@ impl Runner {
                     let tx = self.events.clone();
                     let id = active.id;
                     span.in_scope(|| {
-                        tracing::info!(message = stb_flow::purchase::name(&msg), "to the gateway")
+                        tracing::info!(message = stb_flow::name(&msg), "to the gateway")
                     });
                     tokio::spawn(
                         async move {
@@ -282,7 +277,7 @@ impl Runner {
                         .instrument(span.clone()),
                     );
                 }
-                Action::Ui(u) => self.update(u).await,
+                Action::Show(s) => self.update(super::show::update(s)).await,
                 Action::Done(outcome) => {
                     span.in_scope(|| tracing::info!(outcome = ?outcome, "load finished"));
                     self.finish_load(outcome).await;

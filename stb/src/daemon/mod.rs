@@ -6,12 +6,14 @@
 //! - [`runner`]: the event loop driving the purchase flow and the UI
 //! - [`recover`]: resolving in-doubt purchases and loads (journal, card log, recovery timer)
 //! - [`load`]: the load flow's shell and the recovery of in-doubt loads
+//! - [`show`]: the flows' vocabulary → TV updates and local API reasons (wording: `ui::strings`)
 
 pub mod card;
 pub mod gateway;
 pub mod load;
 pub mod recover;
 pub mod runner;
+pub mod show;
 
 use std::sync::Arc;
 use std::time::Duration;

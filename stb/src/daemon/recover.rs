@@ -32,11 +32,12 @@ use proto::messages::{CancelMsg, CancelReason, DebitResponseMsg, LoadResponseMsg
 use proto::purse::{LoadInit, LogRecord, PurchaseInit};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
+use stb_flow::show::{Flow, Refusal};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::Instrument;
 use ui::UiUpdate;
-use ui::model::{ErrorKind, ProgressStep, UiError};
+use ui::model::ProgressStep;
 
 use super::card::today;
 use super::runner::{Event, Runner};
@@ -523,10 +524,7 @@ impl Runner {
         let tx = self.events.clone();
         let id = txid.clone();
         span.in_scope(|| {
-            tracing::info!(
-                message = stb_flow::purchase::name(&msg),
-                "recovery: to the gateway"
-            )
+            tracing::info!(message = stb_flow::name(&msg), "recovery: to the gateway")
         });
         tokio::spawn(
             async move {
@@ -800,8 +798,8 @@ impl Runner {
                 None
             }
             Err(e) => {
-                self.refuse(d, format!("the box's journal cannot be read: {e}"))
-                    .await;
+                let error = e.to_string();
+                self.refuse(d, Refusal::JournalUnreadable { error }).await;
                 None
             }
         }
@@ -823,42 +821,34 @@ impl Runner {
             },
             Ok(Some(txid)) => {
                 tracing::warn!(blocking = %txid, "new transaction refused: an earlier one on this card is still in doubt");
-                let what = match d {
-                    Deferred::Purchase { .. } => "payment",
-                    Deferred::Load { .. } => "load",
+                let flow = match d {
+                    Deferred::Purchase { .. } => Flow::Purchase,
+                    Deferred::Load { .. } => Flow::Load,
                 };
-                self.refuse(
-                    d,
-                    format!(
-                        "an earlier transaction on this card ({txid}) is still being settled \
-                         with the head end; the new {what} can start once it is — please try \
-                         again in a moment"
-                    ),
-                )
-                .await
+                let refusal = Refusal::EarlierInDoubt {
+                    transaction_id: txid,
+                    flow,
+                };
+                self.refuse(d, refusal).await
             }
             Err(e) => {
-                self.refuse(d, format!("the box's journal cannot be read: {e}"))
-                    .await
+                let error = e.to_string();
+                self.refuse(d, Refusal::JournalUnreadable { error }).await
             }
         }
     }
 
-    async fn refuse(&mut self, d: Deferred, reason: String) {
+    async fn refuse(&mut self, d: Deferred, refusal: Refusal) {
+        let shown = UiUpdate::Error(super::show::refused(&refusal));
         if let Deferred::Purchase {
             reply: Some(reply), ..
         } = d
         {
             let _ = reply.send(Outcome::Failed {
                 transaction_id: None,
-                kind: ErrorKind::Other,
-                reason: reason.clone(),
+                refusal,
             });
         }
-        self.update(UiUpdate::Error(UiError {
-            kind: ErrorKind::Other,
-            detail: Some(reason),
-        }))
-        .await;
+        self.update(shown).await;
     }
 }

@@ -20,10 +20,11 @@ use ui::{App, Intent, ScreenId, UiEvent, UiUpdate};
 use super::card::{CardPort, Removal, today};
 use super::gateway::Gateway;
 use super::recover::{Deferred, RecoverySlot};
+use super::show::{self, ui_date, ui_money};
 use crate::journal::Journal;
 use stb_flow::load::Input as LoadInput;
 use stb_flow::purchase::{Action, Input, Outcome, Purchase};
-use stb_flow::{ui_date, ui_money};
+use stb_flow::show::{Flow, Refusal, Show};
 
 /// What the loop reacts to.
 pub enum Event {
@@ -229,7 +230,10 @@ impl Runner {
             Intent::ShowHistory => self.show_history().await,
             Intent::StartLoad { source } => self.start_load(source).await,
             Intent::SubmitLoadAmount(minor) => self.load_input(LoadInput::Amount(minor)).await,
-            Intent::SubmitPin(pin) => self.load_input(LoadInput::Pin(pin)).await,
+            Intent::SubmitPin(pin) => {
+                let pin = proto::secret::Secret::new(pin.expose().to_string());
+                self.load_input(LoadInput::Pin(pin)).await
+            }
             Intent::CancelLoad | Intent::CancelPin => self.load_input(LoadInput::Cancel).await,
         }
         true
@@ -259,14 +263,12 @@ impl Runner {
                 if !self.has_viewer {
                     let _ = reply.send(Outcome::Failed {
                         transaction_id: None,
-                        kind: ui::model::ErrorKind::Other,
-                        reason: "no TV UI on this box to confirm the payment".into(),
+                        refusal: Refusal::NoViewer,
                     });
                 } else if self.busy() {
                     let _ = reply.send(Outcome::Failed {
                         transaction_id: None,
-                        kind: ui::model::ErrorKind::Other,
-                        reason: "another payment is in progress; try again".into(),
+                        refusal: Refusal::Busy,
                     });
                 } else {
                     self.start(&merchant_id, &item_id, Some(reply)).await;
@@ -481,8 +483,7 @@ impl Runner {
             if let Some(r) = reply {
                 let _ = r.send(Outcome::Failed {
                     transaction_id: None,
-                    kind: ui::model::ErrorKind::Other,
-                    reason: "another payment is in progress; try again".into(),
+                    refusal: Refusal::Busy,
                 });
             }
             return;
@@ -559,17 +560,17 @@ impl Runner {
                     if let Err(e) = self.journal.record(&transaction_id, &step) {
                         // Not journaled means not done: stop here, before the action it guards.
                         span.in_scope(|| tracing::error!(error = %e, ?step, "journal write failed; transaction stopped"));
+                        let refusal = Refusal::NotRecorded {
+                            flow: Flow::Purchase,
+                            error: e.to_string(),
+                        };
+                        let shown = UiUpdate::Error(show::refused(&refusal));
                         self.finish(Outcome::Failed {
                             transaction_id: Some(transaction_id),
-                            kind: ui::model::ErrorKind::Other,
-                            reason: format!("the box could not record the transaction: {e}"),
+                            refusal,
                         })
                         .await;
-                        self.update(UiUpdate::Error(ui::model::UiError {
-                            kind: ui::model::ErrorKind::Other,
-                            detail: Some("the box could not record the transaction".into()),
-                        }))
-                        .await;
+                        self.update(shown).await;
                         return;
                     }
                     span.in_scope(|| tracing::debug!(?step, "journaled"));
@@ -589,7 +590,7 @@ impl Runner {
                     let tx = self.events.clone();
                     let id = active.id;
                     span.in_scope(|| {
-                        tracing::info!(message = stb_flow::purchase::name(&msg), "to the gateway")
+                        tracing::info!(message = stb_flow::name(&msg), "to the gateway")
                     });
                     tokio::spawn(
                         async move {
@@ -602,12 +603,12 @@ impl Runner {
                         .instrument(span.clone()),
                     );
                 }
-                Action::Ui(u) => {
-                    if matches!(u, UiUpdate::Offer(_)) {
+                Action::Show(s) => {
+                    if matches!(s, Show::Offer(_)) {
                         self.offer_deadline =
                             Some(tokio::time::Instant::now() + self.offer_timeout);
                     }
-                    self.update(u).await;
+                    self.update(show::update(s)).await;
                 }
                 Action::Done(outcome) => {
                     span.in_scope(|| tracing::info!(outcome = ?outcome, "purchase finished"));
