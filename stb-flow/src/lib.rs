@@ -23,6 +23,25 @@ pub mod show;
 use proto::apdu::StatusWord;
 use proto::messages::Message;
 
+/// What a flow asks its shell to do next; the shell executes a flow's actions in order.
+/// `S` is the flow's journal step, `O` its outcome ([`purchase::Action`],
+/// [`load::Action`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action<S, O> {
+    /// One request to the gateway; its answer comes back as the flow's `Input::Answer` or
+    /// `Input::NetworkFailed`.
+    Send(Message),
+    /// One command APDU to the card; the reply comes back as the flow's `Input::Card`.
+    Apdu(Vec<u8>),
+    /// Write this step for the transaction before executing the next actions. If the write
+    /// fails the shell must not execute the rest: the flow stops there.
+    Journal { transaction_id: String, step: S },
+    /// Show this on the TV.
+    Show(show::Show),
+    /// The flow is over.
+    Done(O),
+}
+
 /// A card's answer to one command APDU: the card's ATR (as the reader saw it at power-up)
 /// and the response APDU (data and status word).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -63,22 +63,8 @@ pub enum Step {
     Ended { why: String },
 }
 
-/// What the shell must do next, in order.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Action {
-    /// One request to the gateway; its answer comes back as [`Input::Answer`] or
-    /// [`Input::NetworkFailed`].
-    Send(Message),
-    /// One command APDU to the card; the reply comes back as [`Input::Card`].
-    Apdu(Vec<u8>),
-    /// Write this step for the load before executing the next actions. If the write fails
-    /// the shell must not execute the rest.
-    Journal { transaction_id: String, step: Step },
-    /// Show this on the TV.
-    Show(Show),
-    /// The flow is over.
-    Done(Outcome),
-}
+/// What the shell must do next, in order (see [`crate::Action`]).
+pub type Action = crate::Action<Step, Outcome>;
 
 /// How a load ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

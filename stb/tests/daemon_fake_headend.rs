@@ -4,7 +4,7 @@
 mod support;
 
 use proto::messages::CancelReason;
-use stb::daemon::runner::Event;
+use stb::daemon::event::Event;
 use stb::journal::Journal;
 use stb_flow::purchase::Outcome;
 use support::*;

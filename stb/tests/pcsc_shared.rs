@@ -32,7 +32,7 @@ use reader_drivers::emulator::vpcd::{self, VpcdPortLock};
 use reader_drivers::pcsc::PcscDriver;
 use reader_drivers::vcard::VirtualCard;
 use reader_drivers::{CardPresence, ReaderDriver, ReaderEvent};
-use stb::daemon::runner::{Event, Status};
+use stb::daemon::event::{Event, Status};
 use stb::daemon::{Handles, Io};
 use stb_flow::purchase::Outcome;
 use support::*;

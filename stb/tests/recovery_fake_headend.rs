@@ -22,7 +22,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use proto::messages::{CancelReason, Message};
-use stb::daemon::runner::Event;
+use stb::daemon::event::Event;
 use stb::journal::Journal;
 use stb_flow::purchase::Outcome;
 use stb_flow::show::Refusal;

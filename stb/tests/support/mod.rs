@@ -29,7 +29,7 @@ use reader_drivers::vcard::VirtualCard;
 use reader_drivers::virtual_driver::VirtualDriver;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use stb::config::Config;
-use stb::daemon::runner::{Event, Status};
+use stb::daemon::event::{Event, Status};
 use stb::daemon::{Handles, Io};
 use tokio::sync::{mpsc, watch};
 
