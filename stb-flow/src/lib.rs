@@ -46,7 +46,9 @@ pub enum Action<S, O> {
 /// and the response APDU (data and status word).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CardReply {
+    /// The card's answer to reset.
     pub atr: Vec<u8>,
+    /// Response data followed by the two status-word bytes.
     pub response: Vec<u8>,
 }
 

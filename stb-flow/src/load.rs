@@ -39,8 +39,9 @@ use crate::recovery::CardSeen;
 use crate::show::{CardAnswer, Doubt, Progress, ReceiptShown, Receipted, Refusal, Request, Show};
 use crate::{CardReply, name, split_sw};
 
-/// PIN length the entry screen allows (digits).
+/// The shortest PIN the entry screen allows (digits).
 pub const PIN_MIN: u8 = 4;
+/// The longest PIN the entry screen allows (digits).
 pub const PIN_MAX: u8 = 12;
 
 /// A journal step of a load: written before the action it announces.
@@ -100,6 +101,7 @@ pub enum Input {
     NetworkFailed(String),
     /// The card's reply to the outstanding [`Action::Apdu`], or the reader's error.
     Card(Result<CardReply, String>),
+    /// The card was pulled (between commands).
     CardRemoved,
     /// The amount the viewer confirmed, in minor units of the offer's currency.
     Amount(i64),
@@ -233,6 +235,7 @@ impl Load {
     }
 
     #[must_use]
+    /// Whether the flow is over ([`Action::Done`] was given); it then ignores every input.
     pub fn is_done(&self) -> bool {
         matches!(self.state, State::Done)
     }
@@ -788,16 +791,23 @@ pub fn zero_value_apdu(offer: &LoadOffer) -> Vec<u8> {
 /// What the journal knows of an in-doubt load.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingLoad {
+    /// The load offer's transaction id.
     pub transaction_id: String,
+    /// The load offer (source, maximum, time stamp and date the S1 was made with).
     pub offer: LoadOffer,
-    /// The S1 the load request carried.
+    /// The S1 the load request carried (its `amount` is the load's, in minor units).
     pub init: LoadInit,
+    /// The load command, once it came (`load_command` and later).
     pub command: Option<LoadCommand>,
+    /// The card's LOAD answer (S3 and result code), if it was journaled.
     pub response: Option<LoadResponse>,
+    /// The zero-value S1 (001 [0130]), if one was journaled.
     pub zero: Option<LoadInit>,
+    /// The journal's state name (`load_request_sent`, `load_sent`, ...), for the logs.
     pub state: String,
 }
 
+/// What to do with an in-doubt load now ([`decide`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// The journal does not settle it and the load's card is not in the reader (none, or

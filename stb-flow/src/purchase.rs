@@ -42,38 +42,25 @@ use crate::{CardReply, name, split_sw};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
     /// The viewer pressed OK; the offer (with its TSK) and the card data are kept.
-    OfferAccepted {
-        offer: Offer,
-        init: PurchaseInit,
-    },
+    OfferAccepted { offer: Offer, init: PurchaseInit },
     /// The draw request is about to go out: from here the transaction may be in doubt.
     DrawSent,
-    DebitCommandReceived {
-        command: DebitCommand,
-    },
+    /// The debit command came back (whether or not it matched the offer, 001 [0082]).
+    DebitCommandReceived { command: DebitCommand },
     /// DEBIT is about to go to the card.
     DebitSent,
-    DebitResponded {
-        response: DebitResponse,
-    },
+    /// The card answered DEBIT with its debit response (and signature): the card paid.
+    DebitResponded { response: DebitResponse },
     /// A cancel is about to go out (the card was not debited).
-    CancelPending {
-        reason: CancelReason,
-    },
+    CancelPending { reason: CancelReason },
     /// Closed: the receipt came.
-    Completed {
-        receipt: Receipt,
-    },
+    Completed { receipt: Receipt },
     /// Closed without value moving; `why` is for the operator.
-    Ended {
-        why: String,
-    },
+    Ended { why: String },
     /// Recovery cannot settle it from this box (DEBIT was sent, no debit response in the
     /// journal or the card's log, the head end rejected the proof): kept for the operator,
     /// with the reason. It no longer blocks the card, and it is not ended.
-    Unresolvable {
-        why: String,
-    },
+    Unresolvable { why: String },
 }
 
 /// What the shell must do next, in order (see [`crate::Action`]).
@@ -82,6 +69,7 @@ pub type Action = crate::Action<Step, Outcome>;
 /// How a purchase ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
+    /// The receipt came (`receipt.released` says whether the merchant released the goods).
     Paid {
         transaction_id: String,
         receipt: Receipt,
@@ -215,6 +203,7 @@ impl Purchase {
         self.transaction_id.as_deref()
     }
 
+    /// Whether the flow is over ([`Action::Done`] was given); it then ignores every input.
     pub fn is_done(&self) -> bool {
         matches!(self.state, State::Done)
     }

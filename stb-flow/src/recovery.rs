@@ -40,6 +40,7 @@ use proto::purse::{DebitResponse, LogKind, LogRecord};
 /// What the journal knows of an in-doubt purchase.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InDoubt {
+    /// The offer's transaction id (the idempotency key end to end).
     pub transaction_id: String,
     /// The purse card the draw was for.
     pub card_id: u64,
@@ -59,11 +60,14 @@ pub struct InDoubt {
 /// The card in the reader, as the shell read it: its id and its log (any order).
 #[derive(Debug, Clone, Copy)]
 pub struct CardSeen<'a> {
+    /// The purse card's id (READ PURSE).
     pub card_id: u64,
+    /// Its transaction log (READ LOG 1..n), at most [`LOG_CAPACITY`] records.
     pub log: &'a [LogRecord],
 }
 
 impl<'a> CardSeen<'a> {
+    /// The card `card_id` with its `log`.
     #[must_use]
     pub fn new(card_id: u64, log: &'a [LogRecord]) -> Self {
         Self { card_id, log }
@@ -295,10 +299,12 @@ pub struct RetrySchedule {
 }
 
 impl RetrySchedule {
-    /// Default: 2 s doubling to 60 s.
+    /// The default first delay: 2 s.
     pub const INITIAL: Duration = Duration::from_secs(2);
+    /// The default cap: 60 s.
     pub const MAX: Duration = Duration::from_secs(60);
 
+    /// A schedule from `initial` doubling to `max` (at least `initial`).
     #[must_use]
     pub fn new(initial: Duration, max: Duration) -> Self {
         Self {

@@ -57,11 +57,15 @@ pub enum Show {
 /// The named steps of a purchase or a load, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Progress {
+    /// SELECT, INITIALIZE (or READ PURSE) on the card.
     ReadingCard,
+    /// A request is out to the head end (offer, draw, load offer, load request).
     ContactingServer,
+    /// DEBIT is at the card.
     DebitingCard,
-    /// The load flow's counterpart of `DebitingCard`.
+    /// LOAD is at the card (the load flow's counterpart of `DebitingCard`).
     LoadingCard,
+    /// The card's answer is out to the head end (debit or load response).
     Confirming,
 }
 
@@ -73,47 +77,51 @@ pub struct OfferShown {
     pub transaction_id: String,
     /// The merchant's title for the item.
     pub item: String,
+    /// The merchant's id.
     pub merchant: String,
+    /// The offer's price.
     pub price: Money,
+    /// The card's balance now (INITIALIZE FOR PURCHASE).
     pub balance: Money,
+    /// The balance if the viewer accepts (checked ≥ 0 before, 001 [0075]).
     pub balance_after: Money,
 }
 
 /// A receipt's facts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReceiptShown {
+    /// The reference the viewer can quote.
     pub transaction_id: String,
+    /// What it is for.
     pub what: Receipted,
     /// What the purchase cost or the load added.
     pub amount: Money,
     /// The card's balance afterwards (the head end's figure when it sent one).
     pub balance_after: Money,
+    /// The card's date of the transaction.
     pub date: Date,
 }
 
 /// What a receipt is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Receipted {
-    Purchase {
-        item: String,
-        merchant: String,
-    },
+    /// A purchase of `item` (the merchant's title) from `merchant` (its id).
+    Purchase { item: String, merchant: String },
     /// A load from the viewer's bank account (001 [0117]).
-    Bank {
-        account: String,
-    },
+    Bank { account: String },
     /// A load from a pre-funded voucher (001 [0141]). The code is the voucher's only secret:
     /// only its last characters are carried, for the TV to show after a mask.
-    Voucher {
-        code_tail: String,
-    },
+    Voucher { code_tail: String },
 }
 
 /// What the flow had asked the head end when an answer came out of turn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request {
+    /// The offer request (001 [0071]).
     Offer,
+    /// The draw request (001 [0077]).
     Draw,
+    /// The load offer request (001 [0118], [0142]).
     LoadOffer,
 }
 
@@ -122,7 +130,9 @@ pub enum Request {
 pub enum CardAnswer {
     /// INITIALIZE FOR PURCHASE.
     Initialize,
+    /// READ PURSE.
     ReadPurse,
+    /// INITIALIZE FOR LOAD (the S1).
     InitializeForLoad,
 }
 
@@ -217,14 +227,21 @@ pub enum Refusal {
 /// has a title and advice for each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Problem {
+    /// No card, or the card went: insert it.
     NoCard,
+    /// The card is blocked: call the provider.
     CardBlocked,
+    /// The card is past its expiry.
     CardExpired,
+    /// The balance is below the price: load value first.
     InsufficientValue,
+    /// The head end cannot be reached: try later (nothing was charged).
     HeadEndUnreachable,
     /// The head end is busy or took too long: try again.
     Timeout,
+    /// The amount asked was not the price shown (001 [0082]): stopped, nothing charged.
     AmountMismatch,
+    /// Anything else.
     Other,
 }
 

@@ -10,7 +10,9 @@ use ui::{ScreenId, UiEvent};
 
 /// What the loop reacts to.
 pub enum Event {
+    /// A key from the remote, a resize, a tick.
     Ui(UiEvent),
+    /// A reader or card came or went.
     Reader(ReaderEvent),
     /// The answer to a flow's outstanding request (`flow` says which flow asked; ids of the
     /// load slot are apart from the purchase slot's).
@@ -18,6 +20,7 @@ pub enum Event {
         flow: u64,
         result: Result<Message, String>,
     },
+    /// The answer to the catalog request.
     Catalog(Result<Message, String>),
     /// A local app asks for a payment.
     Pay {

@@ -210,10 +210,12 @@ impl<F: Driven> Slot<F> {
         }
     }
 
+    /// Whether a flow is in the slot.
     pub fn is_active(&self) -> bool {
         self.active.is_some()
     }
 
+    /// The flow in the slot, if any.
     pub fn active(&self) -> Option<&Active<F>> {
         self.active.as_ref()
     }

@@ -14,9 +14,13 @@ use super::gateway::Gateway;
 use crate::journal::Journal;
 
 pub struct Parts {
+    /// Every transaction step, written before the action it announces.
     pub journal: Journal,
+    /// The reader and the open card session.
     pub card: CardPort,
+    /// The QUIC connection to the head end.
     pub gateway: Arc<Gateway>,
+    /// The event loop's channel (gateway answers come back on it).
     pub events: mpsc::Sender<Event>,
 }
 

@@ -526,7 +526,7 @@ impl Runner {
     // ---- the load slot
 
     /// "Load card" → a source: starts a load, after settling any in-doubt purchase or load
-    /// of the same card ([`Runner::gate`]).
+    /// of the same card (the runner's guard).
     pub async fn start_load(&mut self, source: ui::model::LoadSource) {
         if self.busy() {
             self.update(UiUpdate::Error(show::refused(&Refusal::Busy)))
