@@ -19,9 +19,9 @@ use proto::messages::Offer;
 use proto::purse::DebitResponse;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::flow::load::{PendingLoad, Step as LoadStep};
-use crate::flow::purchase::Step;
-use crate::flow::recovery::InDoubt;
+use stb_flow::load::{PendingLoad, Step as LoadStep};
+use stb_flow::purchase::Step;
+use stb_flow::recovery::InDoubt;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -62,7 +62,7 @@ fn blob<T: serde::Serialize>(t: &T) -> Vec<u8> {
     postcard::to_allocvec(t).expect("in-memory serialization")
 }
 
-/// Load states in which value may be in flight (see [`crate::flow::load::Step`]).
+/// Load states in which value may be in flight (see [`stb_flow::load::Step`]).
 const LOAD_IN_DOUBT: &[&str] = &[
     "load_request_sent",
     "load_command",
@@ -729,9 +729,9 @@ mod tests {
 
     #[test]
     fn load_steps_persist_and_in_doubt_loads_follow_the_state() {
-        use crate::flow::load::Step as L;
         use proto::messages::{LoadConfirmation, LoadOffer, LoadSource};
         use proto::purse::{LoadCommand, LoadInit};
+        use stb_flow::load::Step as L;
         let offer = LoadOffer {
             transaction_id: "ld".into(),
             source: LoadSource::Voucher { code: "V-1".into() },

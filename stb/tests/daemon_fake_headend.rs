@@ -4,9 +4,9 @@
 mod support;
 
 use proto::messages::CancelReason;
-use stb::daemon::runner::Event;
-use stb::flow::purchase::Outcome;
+use stb::daemon::event::Event;
 use stb::journal::Journal;
+use stb_flow::purchase::Outcome;
 use support::*;
 use tokio::sync::oneshot;
 use ui::RemoteKey;
@@ -113,7 +113,7 @@ async fn amount_mismatch_is_refused_before_the_card() {
         matches!(
             out,
             Outcome::Failed {
-                kind: ui::model::ErrorKind::AmountMismatch,
+                refusal: stb_flow::show::Refusal::AmountMismatch { .. },
                 ..
             }
         ),

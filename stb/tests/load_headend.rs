@@ -26,8 +26,8 @@ use reader_drivers::virtual_driver::VirtualDriver;
 use stb::config::Config;
 use stb::daemon::card::CardPort;
 use stb::daemon::gateway::{Gateway, client_config};
-use stb::flow::load::{Action, Input, Load, Step};
 use stb::journal::Journal;
+use stb_flow::load::{Action, Input, Load, Step};
 use support::{Box_, start_box};
 use ui::{RemoteKey, ScreenId};
 
@@ -379,8 +379,10 @@ async fn load_until_killed(w: &World, at: KillAt) -> String {
                 let answer = gw.call(&m).await.unwrap();
                 queue.extend(l.handle(Input::Answer(answer)));
             }
-            Action::Ui(ui::UiUpdate::LoadMax(_)) => queue.extend(l.handle(Input::Amount(400))),
-            Action::Ui(_) => {}
+            Action::Show(stb_flow::show::Show::LoadMax(_)) => {
+                queue.extend(l.handle(Input::Amount(400)))
+            }
+            Action::Show(_) => {}
             Action::Done(o) => panic!("the load ended before the kill: {o:?}"),
         }
     }

@@ -22,9 +22,10 @@ mod support;
 use std::time::{Duration, Instant};
 
 use proto::messages::{CancelReason, Message};
-use stb::daemon::runner::Event;
-use stb::flow::purchase::Outcome;
+use stb::daemon::event::Event;
 use stb::journal::Journal;
+use stb_flow::purchase::Outcome;
+use stb_flow::show::Refusal;
 use support::*;
 use tokio::sync::oneshot;
 use ui::{RemoteKey, ScreenId};
@@ -313,7 +314,12 @@ async fn a_new_purchase_waits_for_an_older_resolvable_one_on_the_same_card() {
     // A still in doubt (the head end busy): B is refused, before any offer.
     let out = outcome(pay(&b).await).await;
     match &out {
-        Outcome::Failed { reason, .. } => {
+        Outcome::Failed {
+            refusal: refusal @ Refusal::EarlierInDoubt { transaction_id, .. },
+            ..
+        } => {
+            assert_eq!(transaction_id, &a, "names the older one");
+            let reason = stb::daemon::show::refusal_reason(refusal);
             assert!(reason.contains(&a), "names the older one: {reason}");
             assert!(reason.contains("still being settled"), "{reason}");
         }

@@ -4,6 +4,7 @@
 //! small functions so the wording stays here too.
 
 use crate::model::{CardStatus, ErrorKind, LoadSource, ProgressStep, TxKind};
+use crate::money::Money;
 
 pub const APP_TITLE: &str = "Purselink";
 
@@ -176,6 +177,215 @@ pub fn error_texts(k: ErrorKind) -> (&'static str, &'static str, &'static str) {
 }
 
 pub const ERROR_DETAIL: &str = "Reference";
+
+// Why a transaction stopped: the detail line in small print under an error's texts. Apps on
+// the box (the local API) get the same sentence as the reason. Values that come from
+// elsewhere (the head end's reason, a transport or reader error, a merchant's text) are
+// passed in as they came; amounts come formatted by `Money`.
+
+/// Names of the requests and card commands the sentences below mention.
+pub const REQ_OFFER: &str = "the offer request";
+pub const REQ_DRAW: &str = "the draw request";
+pub const REQ_LOAD_OFFER: &str = "the load offer request";
+pub const CMD_INITIALIZE: &str = "INITIALIZE";
+pub const CMD_READ_PURSE: &str = "READ PURSE";
+pub const CMD_INITIALIZE_FOR_LOAD: &str = "INITIALIZE FOR LOAD";
+
+/// The head end answered `request` with another kind of message (`answer`: "a catalog").
+pub fn why_out_of_turn(request: &str, answer: &str) -> String {
+    format!("the head end answered {request} with {answer}")
+}
+
+pub const WHY_UNUSABLE_OFFER: &str = "the head end sent an unusable offer";
+
+pub fn why_draw_refused(reason: &str) -> String {
+    format!("the payment server refused: {reason}")
+}
+
+pub fn why_debit_command_unreadable(error: &str) -> String {
+    format!("debit command unreadable: {error}")
+}
+
+pub fn why_amount_mismatch(asked: &Money, offered: &Money) -> String {
+    format!("the debit command asks for {asked} but the offer was {offered}")
+}
+
+pub const WHY_DEBIT_COMMAND_MISMATCH: &str = "the debit command is for another card or transaction";
+
+pub fn why_load_offer_refused(reason: &str) -> String {
+    format!("no load offer: {reason}")
+}
+
+pub const WHY_UNUSABLE_LOAD_OFFER: &str = "the head end sent an unusable load offer";
+
+/// `card` and `account` are currency codes ("EUR").
+pub fn why_account_currency(card: &str, account: &str) -> String {
+    format!("the card holds {card} but the account pays in {account}")
+}
+
+pub fn why_nothing_to_load(limited_by: &str) -> String {
+    format!("nothing can be loaded now (limited by {limited_by})")
+}
+
+pub fn why_load_refused(reason: &str) -> String {
+    format!("the load was refused: {reason}")
+}
+
+pub const WHY_CARD_REMOVED: &str = "the card was removed";
+pub const WHY_CARD_BLOCKED: &str = "the card is blocked";
+pub const WHY_CARD_HAS_EXPIRED: &str = "the card has expired";
+pub const WHY_OVER_MAX_BALANCE: &str = "that amount would take the card over its maximum balance";
+pub const WHY_CARD_WRONG_CURRENCY: &str = "the card holds another currency than the offer";
+
+/// The card refused a command; `status` is its status word as the protocol names it.
+pub fn why_card_refused(status: &str) -> String {
+    format!("the card refused: {status}")
+}
+
+pub fn why_debit_refused(status: &str) -> String {
+    format!("the card refused the debit: {status}")
+}
+
+pub const WHY_NO_STATUS_WORD: &str = "the card answered without a status word";
+
+/// `command` is one of the `CMD_` names.
+pub fn why_card_answer_malformed(command: &str) -> String {
+    format!("the card's {command} answer is malformed")
+}
+
+/// `card` and `price` are currency codes ("EUR").
+pub fn why_price_currency(card: &str, price: &str) -> String {
+    format!("the card holds {card} but the price is in {price}")
+}
+
+pub fn why_card_expired(year: u16, month: u8) -> String {
+    format!("the card expired at the end of {year:04}-{month:02}")
+}
+
+pub fn why_insufficient_value(balance: &Money, price: &Money) -> String {
+    format!("the card holds {balance} but the price is {price}")
+}
+
+pub const WHY_CARD_SWAPPED: &str =
+    "another card is in the reader than the one the offer was shown for";
+pub const WHY_LOAD_INIT_MISMATCH: &str =
+    "the card's INITIALIZE FOR LOAD answer is for another card, amount or time stamp";
+
+/// `got` is the amount typed, shown without its sign.
+pub fn why_amount_out_of_range(max: &Money, got: &Money) -> String {
+    format!("the amount must be above zero and at most {max}; got {got}")
+}
+
+pub const WHY_NO_PIN_KEY: &str =
+    "this account needs a PIN but the box has no PIN key ([load] pin_key)";
+
+pub fn why_bad_pin(min: u8, max: u8) -> String {
+    format!("a PIN has {min} to {max} digits")
+}
+
+pub const WHY_BUSY: &str = "another transaction is in progress; try again";
+pub const WHY_NO_VIEWER: &str = "no TV UI on this box to confirm the payment";
+pub const WHY_PURCHASE_NOT_RECORDED: &str = "the box could not record the transaction";
+pub const WHY_LOAD_NOT_RECORDED: &str = "the box could not record the load";
+
+/// A new purchase (`payment`) or `load` waits for an earlier, in-doubt transaction of the
+/// same card (`transaction_id`).
+pub fn why_earlier_in_doubt(transaction_id: &str, load: bool) -> String {
+    let what = if load { "load" } else { "payment" };
+    format!(
+        "an earlier transaction on this card ({transaction_id}) is still being settled with \
+         the head end; the new {what} can start once it is — please try again in a moment"
+    )
+}
+
+pub fn why_journal_unreadable(error: &str) -> String {
+    format!("the box's journal cannot be read: {error}")
+}
+
+pub fn why_not_released(merchant_text: &str) -> String {
+    format!("paid, but the merchant did not release: {merchant_text}")
+}
+
+pub const WHY_NOT_LOADED: &str =
+    "the card was not loaded; the amount held on the account is released";
+
+// The same, when value may have moved: `why` is one of the `DOUBT_` sentences below, and
+// recovery settles it without the viewer.
+pub fn in_doubt_purchase(why: &str) -> String {
+    format!("{why}; the payment will be settled automatically — you will not pay twice")
+}
+
+pub fn in_doubt_load(why: &str) -> String {
+    format!(
+        "{why}; the load will be settled automatically when the card is back — it is never \
+         paid twice"
+    )
+}
+
+pub fn doubt_no_debit_command(error: &str) -> String {
+    format!("no debit command from the head end ({error})")
+}
+
+pub fn doubt_card_lost_during_debit(error: &str) -> String {
+    format!("the card was lost during the debit ({error})")
+}
+
+pub const DOUBT_DEBIT_RESPONSE_MALFORMED: &str = "the card's debit response is malformed";
+pub const DOUBT_DEBIT_WITHOUT_STATUS_WORD: &str = "the card answered DEBIT without a status word";
+
+pub fn doubt_confirmation_lost(error: &str) -> String {
+    format!("the card paid but the confirmation did not get through ({error})")
+}
+
+pub fn doubt_paid_but_refused(reason: &str) -> String {
+    format!("the card paid but the head end answered: {reason}")
+}
+
+pub fn doubt_paid_but_out_of_turn(answer: &str) -> String {
+    format!("the card paid but the head end answered {answer}")
+}
+
+pub fn doubt_card_lost_during_load(error: &str) -> String {
+    format!("the card was lost during LOAD ({error})")
+}
+
+pub const DOUBT_LOAD_ANSWER_MALFORMED: &str = "the card's LOAD answer is malformed";
+pub const DOUBT_LOAD_WITHOUT_STATUS_WORD: &str = "the card answered LOAD without a status word";
+
+/// `why` is the card's refusal, as above.
+pub fn doubt_no_zero_value_proof(why: &str) -> String {
+    format!("no zero-value proof from the card: {why}")
+}
+
+pub const DOUBT_ZERO_VALUE_MALFORMED: &str = "the card's zero-value S1 is malformed";
+
+pub fn doubt_load_confirmation_lost(error: &str) -> String {
+    format!("the load confirmation did not get through ({error})")
+}
+
+pub fn doubt_load_confirmation_refused(reason: &str) -> String {
+    format!("the head end answered: {reason}")
+}
+
+pub fn doubt_load_confirmation_out_of_turn(answer: &str) -> String {
+    format!("the head end answered the load response with {answer}")
+}
+
+// Before a load starts (the box's own settings and the card).
+pub const LOAD_NO_BANK_ACCOUNT: &str =
+    "no bank account is set up on this box ([load] bank_account)";
+pub const LOAD_NO_VOUCHER: &str = "no voucher is set up on this box ([load] voucher)";
+pub const LOAD_INSERT_CARD: &str = "insert the card to load it";
+
+/// A voucher on a receipt: its code's last characters after a mask (the code is its only
+/// secret).
+pub fn voucher_masked(code_tail: &str) -> String {
+    format!("••••{code_tail}")
+}
+
+// Why a purchase was cancelled, for apps on the box (the local API).
+pub const CANCELLED_BY_VIEWER: &str = "the viewer cancelled";
+pub const CANCELLED_TIMED_OUT: &str = "the offer timed out";
 
 // Info popup
 pub const INFO_TITLE: &str = "Info";

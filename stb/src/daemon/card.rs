@@ -13,8 +13,8 @@ use reader_drivers::virtual_driver::VirtualDriver;
 use reader_drivers::{CardSession, ReaderDriver, ReaderError, transmit_whole};
 
 use crate::config::{DetectLine, Level, ReaderConfig, SerialProfile, glob_match};
-use crate::flow::purchase::CardReply;
-use crate::flow::split_sw;
+use stb_flow::CardReply;
+use stb_flow::split_sw;
 
 /// Builds the driver the config names, and the reader-name pattern to watch for.
 pub fn driver_for(cfg: &ReaderConfig) -> Result<(Arc<dyn ReaderDriver>, String), String> {

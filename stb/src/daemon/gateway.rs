@@ -72,10 +72,10 @@ pub fn client_config(
     transport::client_config(&tls, &settings).map_err(|e| GatewayError::Tls(e.to_string()))
 }
 
-/// The next reconnect delay: see [`crate::flow::backoff`] (`initial · 2^attempt`, capped at
+/// The next reconnect delay: see [`stb_flow::backoff`] (`initial · 2^attempt`, capped at
 /// `max`, jittered in its upper half).
 pub fn backoff(attempt: u32, initial: Duration, max: Duration, rng: &mut impl Rng) -> Duration {
-    crate::flow::backoff(attempt, initial, max, rng)
+    stb_flow::backoff(attempt, initial, max, rng)
 }
 
 /// Whether a request may be sent as 0-RTT early data (safe to replay).

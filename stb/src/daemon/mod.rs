@@ -1,17 +1,29 @@
 //! The thin tokio shell around the flows: builds the parts from the config and runs the
 //! event loop until SIGTERM, ctrl-c or the remote's quit key.
 //!
+//! Top down (each module imports only the ones below it; none imports the runner):
+//!
+//! - [`runner`]: the event loop's state: UI intents, reader events, the purchase and load
+//!   slots, the one-transaction-at-a-time guard, recovery triggers
+//! - [`exec`]: the one executor for both flow slots (journal, card, gateway, show, done)
+//! - [`recover`]: resolving in-doubt purchases and loads (journal, card log, recovery timer)
+//! - [`parts`]: journal, card, gateway and the event channel, as the executor and recovery
+//!   use them
+//! - [`event`]: what the loop reacts to, and the status it publishes
+//! - [`load`]: the `[load]` settings
+//! - [`show`]: the flows' vocabulary → TV updates and local API reasons (wording: `ui::strings`)
 //! - [`gateway`]: the QUIC connection to the head end
 //! - [`card`]: reader driver, the open card session, card reads
-//! - [`runner`]: the event loop driving the purchase flow and the UI
-//! - [`recover`]: resolving in-doubt purchases and loads (journal, card log, recovery timer)
-//! - [`load`]: the load flow's shell and the recovery of in-doubt loads
 
 pub mod card;
+pub mod event;
+pub mod exec;
 pub mod gateway;
 pub mod load;
+pub mod parts;
 pub mod recover;
 pub mod runner;
+pub mod show;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,8 +35,10 @@ use ui::{App, AppConfig, UiEvent};
 use crate::config::Config;
 use crate::journal::Journal;
 use card::CardPort;
+use event::{Event, Status};
 use gateway::{Gateway, GatewaySettings};
-use runner::{Event, Runner, Status};
+use parts::Parts;
+use runner::Runner;
 
 /// How the daemon meets the world besides its config: the reader driver, and where viewer
 /// keys come from and whether the UI is drawn (tests inject keys and draw nothing).
@@ -113,22 +127,25 @@ pub async fn run(
     let app = App::new(AppConfig {
         offer_timeout_secs: cfg.timeouts.offer_secs,
     });
-    let mut runner = Runner::new(
-        app,
+    let parts = Parts {
         journal,
         card,
-        gw.clone(),
-        tx.clone(),
+        gateway: gw.clone(),
+        events: tx.clone(),
+    };
+    let mut runner = Runner::new(
+        app,
+        parts,
         cfg.ui.provider_name.clone(),
         Duration::from_secs(u64::from(cfg.timeouts.offer_secs)),
         status_tx,
         io.keys.is_some(),
     );
-    runner.load.settings =
+    runner.load_settings =
         load::LoadSettings::from_config(&cfg.load).map_err(DaemonError::Setup)?;
     let (initial, max) = cfg.timeouts.recovery();
     runner.recovery = recover::RecoverySlot::new(initial, max);
-    match runner.journal.unresolvable() {
+    match runner.parts.journal.unresolvable() {
         Ok(u) => {
             for (txid, why) in u {
                 tracing::warn!(transaction_id = %txid, reason = %why, "unresolvable purchase in the journal; the operator must settle it");

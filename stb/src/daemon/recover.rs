@@ -1,5 +1,5 @@
 //! Resolving the journal's in-doubt purchases and loads: the IO half of
-//! [`crate::flow::recovery`] and of [`crate::flow::load::decide`].
+//! [`stb_flow::recovery`] and of [`stb_flow::load::decide`].
 //!
 //! A recovery *round* starts at start-up, on every (re)connection to the gateway, on every
 //! card insertion, before a new purchase or load on a card with older in-doubt work, and on
@@ -17,12 +17,15 @@
 //!    transaction in doubt;
 //! 5. once every answer is in: if something is still in doubt, arms the recovery timer with
 //!    backoff ([`RetrySchedule`]: by default 2 s doubling to 60 s, with jitter; back to the
-//!    first delay on progress, reconnect or insertion), and resumes a purchase or load that
-//!    waited for the round ([`Deferred`]).
+//!    first delay on progress, reconnect or insertion), and tells the runner the round ended
+//!    ([`RoundEnd`]), which then refreshes the card and resumes a purchase or load that
+//!    waited for the round.
 //!
 //! A new purchase or load on a card waits while an older transaction of that same card is in
 //! doubt (not `unresolvable`): a round runs first, and if the older one is still open the
-//! viewer is told to try again later. Transactions of other cards do not block.
+//! viewer is told to try again later. Transactions of other cards do not block. That guard
+//! is the runner's ([`super::runner`]); this module knows nothing of the runner or the UI: it
+//! acts through the daemon's [`Parts`] and answers with what happened.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,36 +35,20 @@ use proto::messages::{CancelMsg, CancelReason, DebitResponseMsg, LoadResponseMsg
 use proto::purse::{LoadInit, LogRecord, PurchaseInit};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use tokio::sync::oneshot;
-use tokio::time::Instant;
-use tracing::Instrument;
-use ui::UiUpdate;
-use ui::model::{ErrorKind, ProgressStep, UiError};
-
-use super::card::today;
-use super::runner::{Event, Runner};
-use crate::flow::load::{
+use stb_flow::load::{
     Decision as LoadDecision, LoadResolution, PendingLoad, Step as LoadStep, decide, on_load_answer,
 };
-use crate::flow::purchase::{Outcome, Step};
-use crate::flow::recovery::{
+use stb_flow::purchase::Step;
+use tokio::time::Instant;
+
+use super::card::today;
+use super::event::Event;
+use super::parts::Parts;
+use crate::journal::{Journal, Pending};
+use stb_flow::recovery::{
     CardSeen, DebitEvidence, InDoubt, Plan, Resolution, RetrySchedule, Source, log_reaches,
     on_cancel_answer, on_debit_response_answer, plan, response_for,
 };
-use crate::journal::Pending;
-
-/// A new purchase or load that waits for a recovery round (an older transaction of the same
-/// card was in doubt).
-pub enum Deferred {
-    Purchase {
-        merchant_id: String,
-        item_id: String,
-        reply: Option<oneshot::Sender<Outcome>>,
-    },
-    Load {
-        source: ui::model::LoadSource,
-    },
-}
 
 /// What the card in the reader showed this round.
 struct CardFacts {
@@ -98,7 +85,14 @@ enum InFlight {
     },
 }
 
-/// The runner's recovery state: the timer, the round in progress, a deferred start.
+/// A recovery round ended (every answer is in, and no other round was asked for):
+/// `progressed` says whether it closed something (so the card's balance may have changed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoundEnd {
+    pub progressed: bool,
+}
+
+/// The daemon's recovery state: the timer, the round in progress.
 pub struct RecoverySlot {
     schedule: RetrySchedule,
     rng: StdRng,
@@ -110,7 +104,6 @@ pub struct RecoverySlot {
     /// This round closed something / left something in doubt that the head end must answer.
     progressed: bool,
     retry: bool,
-    deferred: Option<Deferred>,
     /// Transactions closed by recovery (purchases and loads).
     pub resolved: u64,
     /// Purchases journaled `unresolvable`.
@@ -128,7 +121,6 @@ impl RecoverySlot {
             again: false,
             progressed: false,
             retry: false,
-            deferred: None,
             resolved: 0,
             unresolvable: 0,
         }
@@ -137,11 +129,6 @@ impl RecoverySlot {
     /// Recovery messages awaiting the head end's answer.
     pub fn outstanding(&self) -> usize {
         self.in_flight.len()
-    }
-
-    /// A new purchase or load waits for this round.
-    pub fn has_deferred(&self) -> bool {
-        self.deferred.is_some()
     }
 }
 
@@ -155,98 +142,108 @@ fn pending_load_needs_card(p: &PendingLoad) -> bool {
     !(p.response.as_ref().is_some_and(|r| r.is_loaded()) || p.zero.is_some())
 }
 
-impl Runner {
+impl RecoverySlot {
     /// When the recovery timer fires next, if it is armed.
-    pub fn recovery_deadline(&self) -> Option<Instant> {
-        self.recovery.due
+    pub fn due(&self) -> Option<Instant> {
+        self.due
     }
 
-    /// A trigger (start, reconnect, card insertion): the schedule starts over and a round
-    /// runs now (or as soon as the running one or the active flow ends).
-    pub async fn recover(&mut self) {
-        self.recovery.schedule.reset();
-        self.recovery_round().await;
+    /// A trigger (start, reconnect, card insertion): the schedule starts over. The runner
+    /// then runs a [`round`](Self::round).
+    pub fn restart(&mut self) {
+        self.schedule.reset();
     }
 
-    /// The recovery timer fired.
-    pub async fn recovery_timer(&mut self) {
-        self.recovery.due = None;
-        self.recovery_round().await;
+    /// The recovery timer fired. The runner then runs a [`round`](Self::round).
+    pub fn timer_fired(&mut self) {
+        self.due = None;
     }
 
     /// After a purchase or load flow ended: a round that waited for it runs now; a flow that
     /// left its transaction in doubt arms the timer.
-    pub(crate) async fn recovery_after_flow(&mut self) {
-        if self.recovery.again && self.recovery.in_flight.is_empty() {
-            Box::pin(self.recovery_round()).await;
-            return;
+    pub async fn after_flow(&mut self, parts: &mut Parts, flow_active: bool) -> Option<RoundEnd> {
+        if self.again && self.in_flight.is_empty() {
+            return self.round(parts, flow_active).await;
         }
-        if self.recovery.due.is_some() || !self.recovery.in_flight.is_empty() {
-            return;
+        if self.due.is_some() || !self.in_flight.is_empty() {
+            return None;
         }
-        let open = self
+        let open = parts
             .journal
             .in_doubt()
             .map(|p| !p.is_empty())
             .unwrap_or(true)
-            || self
+            || parts
                 .journal
                 .loads_in_doubt()
                 .map(|p| !p.is_empty())
                 .unwrap_or(true);
         if open {
-            let r = &mut self.recovery;
-            let d = r.schedule.next_delay(&mut r.rng);
+            let d = self.schedule.next_delay(&mut self.rng);
             tracing::info!(
                 retry_in_ms = d.as_millis() as u64,
                 "in-doubt work; recovery timer armed"
             );
-            r.due = Some(Instant::now() + d);
+            self.due = Some(Instant::now() + d);
+        }
+        None
+    }
+
+    /// One recovery round (see the module docs), and another while one was asked for
+    /// meanwhile. `flow_active`: a purchase or load flow holds the card, so the round waits
+    /// for it to end. `Some` when the round ended here (no answer outstanding).
+    pub async fn round(&mut self, parts: &mut Parts, flow_active: bool) -> Option<RoundEnd> {
+        loop {
+            if flow_active {
+                // The flow holds the card; the round runs when it ends.
+                self.again = true;
+                self.due = None;
+                return None;
+            }
+            if !self.in_flight.is_empty() {
+                self.again = true;
+                return None;
+            }
+            self.run_round(parts).await;
+            if !self.in_flight.is_empty() {
+                return None;
+            }
+            if let Some(end) = self.round_end() {
+                return Some(end);
+            }
         }
     }
 
-    /// One recovery round (see the module docs).
-    async fn recovery_round(&mut self) {
-        if self.purchase_active() || self.load.is_active() {
-            // The flow holds the card; the round runs when it ends.
-            self.recovery.again = true;
-            self.recovery.due = None;
-            return;
-        }
-        if !self.recovery.in_flight.is_empty() {
-            self.recovery.again = true;
-            return;
-        }
-        let r = &mut self.recovery;
-        r.due = None;
-        r.again = false;
-        r.progressed = false;
-        r.retry = false;
-        if let Err(e) = self.journal.close_unsent() {
+    async fn run_round(&mut self, parts: &mut Parts) {
+        self.due = None;
+        self.again = false;
+        self.progressed = false;
+        self.retry = false;
+        if let Err(e) = parts.journal.close_unsent() {
             tracing::error!(error = %e, "journal: cannot close unsent transactions");
         }
-        let purchases = match self.journal.in_doubt() {
+        let purchases = match parts.journal.in_doubt() {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(error = %e, "journal unreadable; in-doubt purchases wait");
-                self.recovery.retry = true;
+                self.retry = true;
                 Vec::new()
             }
         };
-        let loads = match self.journal.loads_in_doubt() {
+        let loads = match parts.journal.loads_in_doubt() {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(error = %e, "journal unreadable; in-doubt loads wait");
-                self.recovery.retry = true;
+                self.retry = true;
                 Vec::new()
             }
         };
         let needs_card = purchases.iter().any(|p| p.txn.response.is_none())
             || loads.iter().any(pending_load_needs_card);
-        let facts = if needs_card && self.card.has_card() {
+        let facts = if needs_card && parts.card.has_card() {
             match async {
-                let info = self.card.read_purse().await?;
-                let log = self.card.read_log().await?;
+                let info = parts.card.read_purse().await?;
+                let log = parts.card.read_log().await?;
                 Ok::<_, String>(CardFacts {
                     card_id: info.card_id,
                     log,
@@ -257,7 +254,7 @@ impl Runner {
                 Ok(f) => Some(Arc::new(f)),
                 Err(e) => {
                     tracing::warn!(error = %e, "recovery: cannot read the card; retrying later");
-                    self.recovery.retry = true;
+                    self.retry = true;
                     None
                 }
             }
@@ -266,18 +263,122 @@ impl Runner {
         };
         // Loads first: nothing else may load the card before they are settled.
         for p in loads {
-            self.recover_load(p, facts.clone()).await;
+            self.recover_load(parts, p, facts.clone()).await;
         }
         for p in purchases {
-            self.recover_purchase(p, facts.clone()).await;
+            self.recover_purchase(parts, p, facts.clone()).await;
         }
-        self.card.release().await;
-        if self.recovery.in_flight.is_empty() {
-            Box::pin(self.round_end()).await;
-        }
+        parts.card.release().await;
     }
 
-    async fn recover_purchase(&mut self, p: Pending, card: Option<Arc<CardFacts>>) {
+    /// Every answer of the round is in: `None` when another round was asked for meanwhile
+    /// (the caller runs it), else arms or clears the timer.
+    fn round_end(&mut self) -> Option<RoundEnd> {
+        let progressed = std::mem::take(&mut self.progressed);
+        if progressed {
+            self.schedule.reset();
+        }
+        if self.again {
+            return None;
+        }
+        if self.retry {
+            let d = self.schedule.next_delay(&mut self.rng);
+            tracing::info!(
+                retry_in_ms = d.as_millis() as u64,
+                "in-doubt work left; recovery timer armed"
+            );
+            self.due = Some(Instant::now() + d);
+        } else {
+            self.schedule.reset();
+            self.due = None;
+        }
+        Some(RoundEnd { progressed })
+    }
+
+    /// The gateway's answer to a recovery message. `flow_active` and `card_id` (the card in
+    /// the reader, as last read) say whether the card is free for a zero-value proof.
+    /// `Some` when this answer ended the round.
+    pub async fn answer(
+        &mut self,
+        parts: &mut Parts,
+        txid: String,
+        result: Result<Message, String>,
+        flow_active: bool,
+        card_id: Option<u64>,
+    ) -> Option<RoundEnd> {
+        let entry = self.in_flight.remove(&txid)?;
+        let answer = result.as_ref().map_err(String::as_str);
+        match entry {
+            InFlight::Purchase {
+                txn,
+                offer,
+                sent,
+                card,
+                span,
+            } => {
+                let resolution = match sent {
+                    Sent::DebitResponse => on_debit_response_answer(&txid, answer),
+                    Sent::Cancel(evidence) => on_cancel_answer(&txid, evidence, answer),
+                };
+                self.purchase_resolved(parts, txn, offer, sent, card, span, resolution);
+            }
+            InFlight::Load {
+                pending,
+                msg,
+                from_log,
+                span,
+            } => match on_load_answer(&txid, &msg, from_log, answer) {
+                LoadResolution::Completed(confirmation) => {
+                    let loaded = confirmation.loaded;
+                    match parts
+                        .journal
+                        .record_load(&txid, &LoadStep::Completed { confirmation })
+                    {
+                        Ok(()) => {
+                            span.in_scope(|| tracing::info!(loaded, "in-doubt load settled"));
+                            self.closed_one();
+                        }
+                        Err(e) => {
+                            span.in_scope(
+                                || tracing::error!(error = %e, "journal: cannot close the load"),
+                            );
+                            self.retry = true;
+                        }
+                    }
+                }
+                LoadResolution::ProveWithZero => {
+                    span.in_scope(|| tracing::warn!("logged S3 refused; zero-value proof follows"));
+                    let card_ok = !flow_active
+                        && parts.card.has_card()
+                        && card_id == Some(pending.init.card_id);
+                    if card_ok {
+                        self.prove_load_with_zero(parts, *pending, None, span).await;
+                    } else {
+                        self.retry = true;
+                    }
+                }
+                LoadResolution::Retry(why) => {
+                    span.in_scope(
+                        || tracing::warn!(reason = %why, "load still in doubt; retrying later"),
+                    );
+                    self.retry = true;
+                }
+            },
+        }
+        if !self.in_flight.is_empty() {
+            return None;
+        }
+        match self.round_end() {
+            Some(end) => Some(end),
+            None => self.round(parts, flow_active).await,
+        }
+    }
+    async fn recover_purchase(
+        &mut self,
+        parts: &mut Parts,
+        p: Pending,
+        card: Option<Arc<CardFacts>>,
+    ) {
         let Pending { txn, offer, state } = p;
         let txid = txn.transaction_id.clone();
         let span = tracing::info_span!("recover", transaction_id = %txid, %state);
@@ -295,26 +396,26 @@ impl Runner {
                         tracing::info!("the card's log holds the debit; its response is re-sent")
                     });
                     // Journaled first: from now on the response itself settles it.
-                    if let Err(e) = self.journal.record(
+                    if let Err(e) = parts.journal.record(
                         &txid,
                         &Step::DebitResponded {
                             response: response.clone(),
                         },
                     ) {
                         span.in_scope(|| tracing::error!(error = %e, "journal write failed"));
-                        self.recovery.retry = true;
+                        self.retry = true;
                         return;
                     }
                     txn.response = Some(response);
                 } else {
                     span.in_scope(|| tracing::info!("the journaled debit response is re-sent"));
                 }
-                self.send_debit_response(txn, offer, card, span);
+                self.send_debit_response(parts, txn, offer, card, span);
             }
             Plan::CancelWithProof { evidence } => {
                 let proof = async {
-                    self.card.expect_ok(&commands::select()).await?;
-                    let d = self
+                    parts.card.expect_ok(&commands::select()).await?;
+                    let d = parts
                         .card
                         .expect_ok(&commands::init_purchase(today()))
                         .await?;
@@ -330,24 +431,24 @@ impl Runner {
                                 "the card was swapped during recovery; retrying later"
                             )
                         });
-                        self.recovery.retry = true;
+                        self.retry = true;
                         return;
                     }
                     Err(e) => {
                         span.in_scope(|| tracing::warn!(error = %e, "no INITIALIZE proof from the card; retrying later"));
-                        self.recovery.retry = true;
+                        self.retry = true;
                         return;
                     }
                 };
                 if state != "cancel_pending" {
-                    if let Err(e) = self.journal.record(
+                    if let Err(e) = parts.journal.record(
                         &txid,
                         &Step::CancelPending {
                             reason: CancelReason::NotDebited,
                         },
                     ) {
                         span.in_scope(|| tracing::error!(error = %e, "journal write failed"));
-                        self.recovery.retry = true;
+                        self.retry = true;
                         return;
                     }
                 }
@@ -363,7 +464,8 @@ impl Runner {
                     reason: CancelReason::NotDebited,
                     proof: Some(proof),
                 });
-                self.recovery_send(
+                self.send(
+                    parts,
                     txid,
                     msg,
                     InFlight::Purchase {
@@ -382,6 +484,7 @@ impl Runner {
     /// purchase flow does.
     fn send_debit_response(
         &mut self,
+        parts: &Parts,
         txn: InDoubt,
         offer: Offer,
         card: Option<Arc<CardFacts>>,
@@ -393,13 +496,10 @@ impl Runner {
         let txid = txn.transaction_id.clone();
         let msg = Message::DebitResponse(DebitResponseMsg {
             transaction_id: txid.clone(),
-            body: proto::messages::Protected::new(
-                response,
-                offer.tsk.as_ref(),
-                &mut self.recovery.rng,
-            ),
+            body: proto::messages::Protected::new(response, offer.tsk.as_ref(), &mut self.rng),
         });
-        self.recovery_send(
+        self.send(
+            parts,
             txid,
             msg,
             InFlight::Purchase {
@@ -412,7 +512,12 @@ impl Runner {
         );
     }
 
-    async fn recover_load(&mut self, p: PendingLoad, card: Option<Arc<CardFacts>>) {
+    async fn recover_load(
+        &mut self,
+        parts: &mut Parts,
+        p: PendingLoad,
+        card: Option<Arc<CardFacts>>,
+    ) {
         let txid = p.transaction_id.clone();
         let span = tracing::info_span!("recover load", transaction_id = %txid, state = %p.state);
         match decide(&p, card.as_deref().map(CardFacts::seen)) {
@@ -424,18 +529,18 @@ impl Runner {
             }),
             LoadDecision::Resend(msg) => {
                 span.in_scope(|| tracing::info!("the journaled load response is re-sent"));
-                self.send_load_response(p, msg, false, span);
+                self.send_load_response(parts, p, msg, false, span);
             }
             LoadDecision::FromLog(resp) => {
                 span.in_scope(|| tracing::info!("the card's log has the load: its S3 is re-sent"));
-                if let Err(e) = self.journal.record_load(
+                if let Err(e) = parts.journal.record_load(
                     &txid,
                     &LoadStep::Responded {
                         response: resp.clone(),
                     },
                 ) {
                     span.in_scope(|| tracing::error!(error = %e, "journal write failed"));
-                    self.recovery.retry = true;
+                    self.retry = true;
                     return;
                 }
                 let msg = LoadResponseMsg {
@@ -443,10 +548,10 @@ impl Runner {
                     response: Some(resp),
                     zero_value: None,
                 };
-                self.send_load_response(p, msg, true, span);
+                self.send_load_response(parts, p, msg, true, span);
             }
             LoadDecision::ProveWithZero { response } => {
-                self.prove_load_with_zero(p, response, span).await;
+                self.prove_load_with_zero(parts, p, response, span).await;
             }
         }
     }
@@ -454,35 +559,36 @@ impl Runner {
     /// Runs a zero-value INITIALIZE FOR LOAD on the card, journals it and sends it.
     async fn prove_load_with_zero(
         &mut self,
+        parts: &mut Parts,
         p: PendingLoad,
         response: Option<proto::purse::LoadResponse>,
         span: tracing::Span,
     ) {
         let zero = async {
-            self.card.expect_ok(&commands::select()).await?;
-            let d = self
+            parts.card.expect_ok(&commands::select()).await?;
+            let d = parts
                 .card
-                .expect_ok(&crate::flow::load::zero_value_apdu(&p.offer))
+                .expect_ok(&stb_flow::load::zero_value_apdu(&p.offer))
                 .await?;
             LoadInit::decode(&d).map_err(|e| format!("zero-value S1 malformed: {e}"))
         }
         .await;
-        self.card.release().await;
+        parts.card.release().await;
         let zero = match zero {
             Ok(z) => z,
             Err(e) => {
                 span.in_scope(|| tracing::warn!(error = %e, "no zero-value proof from the card; the load stays in doubt"));
-                self.recovery.retry = true;
+                self.retry = true;
                 return;
             }
         };
         let txid = p.transaction_id.clone();
-        if let Err(e) = self
+        if let Err(e) = parts
             .journal
             .record_load(&txid, &LoadStep::ZeroValue { zero: zero.clone() })
         {
             span.in_scope(|| tracing::error!(error = %e, "journal write failed"));
-            self.recovery.retry = true;
+            self.retry = true;
             return;
         }
         span.in_scope(|| tracing::info!("zero-value proof sent"));
@@ -491,18 +597,20 @@ impl Runner {
             response,
             zero_value: Some(zero),
         };
-        self.send_load_response(p, msg, false, span);
+        self.send_load_response(parts, p, msg, false, span);
     }
 
     fn send_load_response(
         &mut self,
+        parts: &Parts,
         pending: PendingLoad,
         msg: LoadResponseMsg,
         from_log: bool,
         span: tracing::Span,
     ) {
         let txid = pending.transaction_id.clone();
-        self.recovery_send(
+        self.send(
+            parts,
             txid,
             Message::LoadResponse(msg.clone()),
             InFlight::Load {
@@ -515,111 +623,30 @@ impl Runner {
     }
 
     /// Sends `msg` as a task; the answer comes back as [`Event::Recovery`].
-    fn recovery_send(&mut self, txid: String, msg: Message, entry: InFlight) {
+    fn send(&mut self, parts: &Parts, txid: String, msg: Message, entry: InFlight) {
         let span = match &entry {
             InFlight::Purchase { span, .. } | InFlight::Load { span, .. } => span.clone(),
         };
-        let gw = self.gateway.clone();
-        let tx = self.events.clone();
         let id = txid.clone();
         span.in_scope(|| {
-            tracing::info!(
-                message = crate::flow::purchase::name(&msg),
-                "recovery: to the gateway"
-            )
+            tracing::info!(message = stb_flow::name(&msg), "recovery: to the gateway")
         });
-        tokio::spawn(
-            async move {
-                let result = gw.call(&msg).await.map_err(|e| e.to_string());
-                let _ = tx
-                    .send(Event::Recovery {
-                        transaction_id: id,
-                        result,
-                    })
-                    .await;
-            }
-            .instrument(span),
-        );
-        self.recovery.in_flight.insert(txid, entry);
-    }
-
-    /// The gateway's answer to a recovery message.
-    pub(crate) async fn recovery_answer(&mut self, txid: String, result: Result<Message, String>) {
-        let Some(entry) = self.recovery.in_flight.remove(&txid) else {
-            return;
-        };
-        let answer = result.as_ref().map_err(String::as_str);
-        match entry {
-            InFlight::Purchase {
-                txn,
-                offer,
-                sent,
-                card,
-                span,
-            } => {
-                let resolution = match sent {
-                    Sent::DebitResponse => on_debit_response_answer(&txid, answer),
-                    Sent::Cancel(evidence) => on_cancel_answer(&txid, evidence, answer),
-                };
-                self.purchase_resolved(txn, offer, sent, card, span, resolution);
-            }
-            InFlight::Load {
-                pending,
-                msg,
-                from_log,
-                span,
-            } => match on_load_answer(&txid, &msg, from_log, answer) {
-                LoadResolution::Completed(confirmation) => {
-                    let loaded = confirmation.loaded;
-                    match self
-                        .journal
-                        .record_load(&txid, &LoadStep::Completed { confirmation })
-                    {
-                        Ok(()) => {
-                            span.in_scope(|| tracing::info!(loaded, "in-doubt load settled"));
-                            self.closed_one();
-                            self.load.recovered += 1;
-                        }
-                        Err(e) => {
-                            span.in_scope(
-                                || tracing::error!(error = %e, "journal: cannot close the load"),
-                            );
-                            self.recovery.retry = true;
-                        }
-                    }
-                }
-                LoadResolution::ProveWithZero => {
-                    span.in_scope(|| tracing::warn!("logged S3 refused; zero-value proof follows"));
-                    let card_ok = !self.purchase_active()
-                        && !self.load.is_active()
-                        && self.card.has_card()
-                        && self.card_id == Some(pending.init.card_id);
-                    if card_ok {
-                        self.prove_load_with_zero(*pending, None, span).await;
-                    } else {
-                        self.recovery.retry = true;
-                    }
-                }
-                LoadResolution::Retry(why) => {
-                    span.in_scope(
-                        || tracing::warn!(reason = %why, "load still in doubt; retrying later"),
-                    );
-                    self.recovery.retry = true;
-                }
-            },
-        }
-        if self.recovery.in_flight.is_empty() {
-            Box::pin(self.round_end()).await;
-        }
+        parts.call(msg, span, move |result| Event::Recovery {
+            transaction_id: id,
+            result,
+        });
+        self.in_flight.insert(txid, entry);
     }
 
     fn closed_one(&mut self) {
-        self.recovery.progressed = true;
-        self.recovery.resolved += 1;
+        self.progressed = true;
+        self.resolved += 1;
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn purchase_resolved(
         &mut self,
+        parts: &mut Parts,
         txn: InDoubt,
         offer: Offer,
         sent: Sent,
@@ -658,7 +685,7 @@ impl Runner {
                     }
                     _ => why,
                 };
-                return self.purchase_unresolvable(&txid, why, span);
+                return self.purchase_unresolvable(&mut parts.journal, &txid, why, span);
             }
             Resolution::ResendDebitResponse => {
                 match response_for(&txn, card.as_deref().map(CardFacts::seen)) {
@@ -670,7 +697,7 @@ impl Runner {
                         });
                         let mut txn = txn;
                         if txn.response.is_none() {
-                            if let Err(e) = self.journal.record(
+                            if let Err(e) = parts.journal.record(
                                 &txid,
                                 &Step::DebitResponded {
                                     response: response.clone(),
@@ -679,14 +706,14 @@ impl Runner {
                                 span.in_scope(
                                     || tracing::error!(error = %e, "journal write failed"),
                                 );
-                                self.recovery.retry = true;
+                                self.retry = true;
                                 return;
                             }
                             txn.response = Some(response);
                         }
-                        self.send_debit_response(txn, offer, card, span);
+                        self.send_debit_response(parts, txn, offer, card, span);
                     }
-                    Err(why) => self.purchase_unresolvable(&txid, why, span),
+                    Err(why) => self.purchase_unresolvable(&mut parts.journal, &txid, why, span),
                 }
                 return;
             }
@@ -694,171 +721,38 @@ impl Runner {
                 span.in_scope(
                     || tracing::warn!(reason = %why, "purchase still in doubt; retrying later"),
                 );
-                self.recovery.retry = true;
+                self.retry = true;
                 return;
             }
         };
-        match self.journal.record(&txid, &step) {
+        match parts.journal.record(&txid, &step) {
             Ok(()) => self.closed_one(),
             Err(e) => {
                 span.in_scope(|| tracing::error!(error = %e, "journal write failed"));
-                self.recovery.retry = true;
+                self.retry = true;
             }
         }
     }
 
-    fn purchase_unresolvable(&mut self, txid: &str, why: String, span: tracing::Span) {
+    fn purchase_unresolvable(
+        &mut self,
+        journal: &mut Journal,
+        txid: &str,
+        why: String,
+        span: tracing::Span,
+    ) {
         span.in_scope(|| {
             tracing::warn!(reason = %why, "purchase cannot be resolved from this box; kept for the operator")
         });
-        match self
-            .journal
-            .record(txid, &Step::Unresolvable { why: why.clone() })
-        {
+        match journal.record(txid, &Step::Unresolvable { why: why.clone() }) {
             Ok(()) => {
-                self.recovery.progressed = true;
-                self.recovery.unresolvable += 1;
+                self.progressed = true;
+                self.unresolvable += 1;
             }
             Err(e) => {
                 span.in_scope(|| tracing::error!(error = %e, "journal write failed"));
-                self.recovery.retry = true;
+                self.retry = true;
             }
         }
-    }
-
-    /// Every answer of the round is in.
-    async fn round_end(&mut self) {
-        let r = &mut self.recovery;
-        let progressed = std::mem::take(&mut r.progressed);
-        if progressed {
-            r.schedule.reset();
-        }
-        if r.again {
-            Box::pin(self.recovery_round()).await;
-            return;
-        }
-        if r.retry {
-            let d = r.schedule.next_delay(&mut r.rng);
-            tracing::info!(
-                retry_in_ms = d.as_millis() as u64,
-                "in-doubt work left; recovery timer armed"
-            );
-            r.due = Some(Instant::now() + d);
-        } else {
-            r.schedule.reset();
-            r.due = None;
-        }
-        if progressed {
-            self.refresh_card().await;
-        }
-        Box::pin(self.resume_deferred()).await;
-    }
-
-    /// The in-doubt transaction (purchase or load, not `unresolvable`) of the card in the
-    /// reader that a new one must wait for; `Err` when the journal cannot tell.
-    async fn blocking_transaction(&mut self) -> Result<Option<String>, String> {
-        if !self.card.has_card() {
-            return Ok(None);
-        }
-        let card_id = match self.card_id {
-            Some(id) => id,
-            None => {
-                let r = self.card.read_purse().await;
-                self.card.release().await;
-                match r {
-                    Ok(info) => {
-                        self.card_id = Some(info.card_id);
-                        info.card_id
-                    }
-                    // The flow will find out about the card itself.
-                    Err(_) => return Ok(None),
-                }
-            }
-        };
-        let purchases = self.journal.in_doubt().map_err(|e| e.to_string())?;
-        if let Some(p) = purchases.iter().find(|p| p.txn.card_id == card_id) {
-            return Ok(Some(p.txn.transaction_id.clone()));
-        }
-        let loads = self.journal.loads_in_doubt().map_err(|e| e.to_string())?;
-        Ok(loads
-            .iter()
-            .find(|p| p.init.card_id == card_id)
-            .map(|p| p.transaction_id.clone()))
-    }
-
-    /// Before a new purchase or load: `Some(d)` to start it now; `None` when it waits for a
-    /// recovery round (older in-doubt work on this card) or was refused.
-    pub(crate) async fn gate(&mut self, d: Deferred) -> Option<Deferred> {
-        match self.blocking_transaction().await {
-            Ok(None) => Some(d),
-            Ok(Some(txid)) => {
-                tracing::info!(blocking = %txid, "an earlier transaction on this card is in doubt; settling it first");
-                self.recovery.deferred = Some(d);
-                self.update(UiUpdate::Progress(ProgressStep::ContactingServer))
-                    .await;
-                self.recover().await;
-                None
-            }
-            Err(e) => {
-                self.refuse(d, format!("the box's journal cannot be read: {e}"))
-                    .await;
-                None
-            }
-        }
-    }
-
-    /// After a round: start what waited for it, or tell the viewer why not.
-    async fn resume_deferred(&mut self) {
-        let Some(d) = self.recovery.deferred.take() else {
-            return;
-        };
-        match self.blocking_transaction().await {
-            Ok(None) => match d {
-                Deferred::Purchase {
-                    merchant_id,
-                    item_id,
-                    reply,
-                } => self.start_now(&merchant_id, &item_id, reply).await,
-                Deferred::Load { source } => self.start_load_now(source).await,
-            },
-            Ok(Some(txid)) => {
-                tracing::warn!(blocking = %txid, "new transaction refused: an earlier one on this card is still in doubt");
-                let what = match d {
-                    Deferred::Purchase { .. } => "payment",
-                    Deferred::Load { .. } => "load",
-                };
-                self.refuse(
-                    d,
-                    format!(
-                        "an earlier transaction on this card ({txid}) is still being settled \
-                         with the head end; the new {what} can start once it is — please try \
-                         again in a moment"
-                    ),
-                )
-                .await
-            }
-            Err(e) => {
-                self.refuse(d, format!("the box's journal cannot be read: {e}"))
-                    .await
-            }
-        }
-    }
-
-    async fn refuse(&mut self, d: Deferred, reason: String) {
-        if let Deferred::Purchase {
-            reply: Some(reply), ..
-        } = d
-        {
-            let _ = reply.send(Outcome::Failed {
-                transaction_id: None,
-                kind: ErrorKind::Other,
-                reason: reason.clone(),
-            });
-        }
-        self.update(UiUpdate::Error(UiError {
-            kind: ErrorKind::Other,
-            detail: Some(reason),
-        }))
-        .await;
     }
 }

@@ -1,143 +1,90 @@
-//! The daemon's one event loop: UI keys and ticks, reader events, gateway answers, local app
-//! requests and shutdown go in; it drives the purchase flow and executes its actions in
-//! order (journal first, then card, network, UI).
+//! The daemon's one event loop's state and what it does with each event: UI keys and ticks,
+//! reader events, gateway answers, local app requests. It holds the two flow slots (a
+//! purchase, a load), runs their actions through the one executor ([`super::exec`]), shows
+//! what they ask for ([`super::show`]), and keeps the guard that only one transaction runs at
+//! a time and none starts on a card with older work in doubt. Recovery ([`super::recover`])
+//! runs through the same parts and reports back here.
 //!
 //! Card commands run inline (they take milliseconds and the card is the flow's only
-//! resource); gateway requests — the flows' and recovery's ([`super::recover`]) — run as
-//! tasks whose answers come back as events, so the UI keeps answering the remote meanwhile.
+//! resource); gateway requests — the flows' and recovery's — run as tasks whose answers come
+//! back as events, so the UI keeps answering the remote meanwhile.
+//!
+//! The modules below this one (event, parts, exec, recover, load, show, card, gateway) never
+//! name the runner: the daemon's modules import one way only.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::time::Duration;
 
-use proto::messages::Message;
+use proto::messages::{LoadSource, Message};
+use proto::secret::Secret;
 use reader_drivers::ReaderEvent;
-use tokio::sync::{mpsc, oneshot, watch};
-use tracing::Instrument;
+use stb_flow::load::{self, Load};
+use stb_flow::purchase::{Input, Outcome, Purchase};
+use stb_flow::show::{Flow, Refusal, Show};
+use tokio::sync::{oneshot, watch};
 use ui::model::{CardStatus, CardSummary, Catalog, CatalogId, CatalogItem, ReaderState};
-use ui::{App, Intent, ScreenId, UiEvent, UiUpdate};
+use ui::{App, Intent, UiEvent, UiUpdate};
 
-use super::card::{CardPort, Removal, today};
-use super::gateway::Gateway;
-use super::recover::{Deferred, RecoverySlot};
-use crate::flow::load::Input as LoadInput;
-use crate::flow::purchase::{Action, Input, Outcome, Purchase};
-use crate::flow::{ui_date, ui_money};
-use crate::journal::Journal;
+use super::card::{Removal, today};
+use super::event::{Event, Status};
+use super::exec::{Driven, Ran, Slot};
+use super::load::LoadSettings;
+use super::parts::Parts;
+use super::recover::{RecoverySlot, RoundEnd};
+use super::show::{self, ui_date, ui_money};
 
-/// What the loop reacts to.
-pub enum Event {
-    Ui(UiEvent),
-    Reader(ReaderEvent),
-    /// The answer to the flow's outstanding request (`flow` says which flow asked).
-    Answer {
-        flow: u64,
-        result: Result<Message, String>,
-    },
-    Catalog(Result<Message, String>),
-    /// A local app asks for a payment.
-    Pay {
-        merchant_id: String,
-        item_id: String,
-        reply: oneshot::Sender<Outcome>,
-    },
-    /// The gateway connection came (back) up.
-    Connected,
-    /// The answer to a recovery message for an in-doubt transaction.
-    Recovery {
-        transaction_id: String,
-        result: Result<Message, String>,
-    },
-}
+/// Load answers come back as `Event::Answer` with a flow id from this range, apart from
+/// the purchase flows' ids.
+const LOAD_IDS: u64 = 1 << 62;
 
 /// Attempts at reading a freshly inserted card, and the pause between them.
 const CARD_READ_RETRIES: usize = 3;
 const CARD_READ_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(300);
 
-/// A snapshot for tests, the local API and logs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Status {
-    pub screen: ScreenId,
-    pub offer: Option<String>,
-    pub card_balance: Option<i64>,
-    pub last_outcome: Option<Outcome>,
-    pub flows_done: u64,
-    /// In-doubt transactions (purchases and loads) closed by recovery.
-    pub recovered: u64,
-    /// Purchases recovery journaled `unresolvable`.
-    pub unresolvable: u64,
-    /// Recovery messages awaiting the head end's answer.
-    pub recovery_calls: usize,
-}
-
-struct Active {
-    id: u64,
-    flow: Purchase,
-    reply: Option<oneshot::Sender<Outcome>>,
-    span: tracing::Span,
-    /// The span has its transaction id (recorded once: the fmt layer appends every record).
-    txid_recorded: bool,
+/// A new purchase or load that waits for a recovery round (an older transaction of the same
+/// card was in doubt).
+pub enum Deferred {
+    Purchase {
+        merchant_id: String,
+        item_id: String,
+        reply: Option<oneshot::Sender<Outcome>>,
+    },
+    Load {
+        source: ui::model::LoadSource,
+    },
 }
 
 pub struct Runner {
     pub app: App,
-    pub journal: Journal,
-    pub card: CardPort,
-    pub gateway: Arc<Gateway>,
-    pub events: mpsc::Sender<Event>,
+    /// Journal, card, gateway, and the loop's event channel.
+    pub parts: Parts,
     pub provider: String,
     pub offer_timeout: Duration,
     pub status: watch::Sender<Status>,
     /// Viewers can confirm (a UI or a key source exists); without one, local requests are refused.
     pub has_viewer: bool,
-    active: Option<Active>,
-    next_id: u64,
+    /// What the config says about loads.
+    pub load_settings: LoadSettings,
+    /// Recovery of in-doubt work: the timer and the round out.
+    pub recovery: RecoverySlot,
+    purchase: Slot<Purchase>,
+    /// The local app that asked for the active purchase, if one did.
+    purchase_reply: Option<oneshot::Sender<Outcome>>,
+    load: Slot<Load>,
+    /// A purchase or load that waits for a recovery round.
+    deferred: Option<Deferred>,
     catalog: HashMap<String, (String, String)>,
     offer_deadline: Option<tokio::time::Instant>,
     flows_done: u64,
     last_outcome: Option<Outcome>,
-    /// The load flow's slot (see [`super::load`]).
-    pub load: super::load::LoadSlot,
-    /// Recovery of in-doubt work: the timer, the round out, a deferred start.
-    pub recovery: RecoverySlot,
     /// The id of the card in the reader, as last read.
     pub(crate) card_id: Option<u64>,
 }
 
-/// The test hook's environment variable and the values it acts on.
-pub const TEST_HOOK_ENV: &str = "STBD_TEST_HOOK";
-/// Freeze after journaling the card's debit response, before sending it.
-pub const TEST_HOOK_PAUSE_AFTER_DEBIT: &str = "pause-after-debit-journaled";
-/// Freeze after journaling `DebitSent`, before DEBIT goes to the card.
-pub const TEST_HOOK_PAUSE_BEFORE_DEBIT: &str = "pause-before-debit";
-
-/// TEST HOOK, for the end-to-end tests only (tests/tests/e2e_purchase.rs); no config key
-/// reaches it and a box never sets it. With `STBD_TEST_HOOK` set to one of the values above
-/// the daemon freezes (the whole single-threaded runtime) right after journaling that step,
-/// and says so on stderr, so the test can SIGKILL it exactly in that window.
-fn test_hook_after_journal(step: &crate::flow::purchase::Step) {
-    use crate::flow::purchase::Step;
-    let hook = match step {
-        Step::DebitResponded { .. } => TEST_HOOK_PAUSE_AFTER_DEBIT,
-        Step::DebitSent => TEST_HOOK_PAUSE_BEFORE_DEBIT,
-        _ => return,
-    };
-    if std::env::var(TEST_HOOK_ENV).as_deref() == Ok(hook) {
-        eprintln!("stbd: TEST HOOK {hook}: {step:?} journaled; frozen until killed");
-        loop {
-            std::thread::sleep(Duration::from_secs(3600));
-        }
-    }
-}
-
 impl Runner {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         app: App,
-        journal: Journal,
-        card: CardPort,
-        gateway: Arc<Gateway>,
-        events: mpsc::Sender<Event>,
+        parts: Parts,
         provider: String,
         offer_timeout: Duration,
         status: watch::Sender<Status>,
@@ -145,22 +92,21 @@ impl Runner {
     ) -> Self {
         Self {
             app,
-            journal,
-            card,
-            gateway,
-            events,
+            parts,
             provider,
             offer_timeout,
             status,
             has_viewer,
-            active: None,
-            next_id: 0,
+            load_settings: LoadSettings::default(),
+            recovery: RecoverySlot::default(),
+            purchase: Slot::new(0),
+            purchase_reply: None,
+            load: Slot::new(LOAD_IDS),
+            deferred: None,
             catalog: HashMap::new(),
             offer_deadline: None,
             flows_done: 0,
             last_outcome: None,
-            load: super::load::LoadSlot::default(),
-            recovery: RecoverySlot::default(),
             card_id: None,
         }
     }
@@ -168,6 +114,11 @@ impl Runner {
     /// When the offer countdown (the daemon's own, besides the UI's) runs out.
     pub fn offer_deadline(&self) -> Option<tokio::time::Instant> {
         self.offer_deadline
+    }
+
+    /// When the recovery timer fires next, if it is armed.
+    pub fn recovery_deadline(&self) -> Option<tokio::time::Instant> {
+        self.recovery.due()
     }
 
     pub fn publish(&self) {
@@ -206,15 +157,11 @@ impl Runner {
         match i {
             Intent::Quit => return false,
             Intent::ShowCatalog => {
-                let gw = self.gateway.clone();
-                let tx = self.events.clone();
-                tokio::spawn(async move {
-                    let r = gw
-                        .call(&Message::CatalogRequest)
-                        .await
-                        .map_err(|e| e.to_string());
-                    let _ = tx.send(Event::Catalog(r)).await;
-                });
+                self.parts.call(
+                    Message::CatalogRequest,
+                    tracing::Span::current(),
+                    Event::Catalog,
+                );
             }
             Intent::SelectCatalogItem(CatalogId(id)) => {
                 if let Some((m, item)) = self.catalog.get(&id).cloned() {
@@ -228,9 +175,12 @@ impl Runner {
             }
             Intent::ShowHistory => self.show_history().await,
             Intent::StartLoad { source } => self.start_load(source).await,
-            Intent::SubmitLoadAmount(minor) => self.load_input(LoadInput::Amount(minor)).await,
-            Intent::SubmitPin(pin) => self.load_input(LoadInput::Pin(pin)).await,
-            Intent::CancelLoad | Intent::CancelPin => self.load_input(LoadInput::Cancel).await,
+            Intent::SubmitLoadAmount(minor) => self.load_input(load::Input::Amount(minor)).await,
+            Intent::SubmitPin(pin) => {
+                let pin = Secret::new(pin.expose().to_string());
+                self.load_input(load::Input::Pin(pin)).await
+            }
+            Intent::CancelLoad | Intent::CancelPin => self.load_input(load::Input::Cancel).await,
         }
         true
     }
@@ -240,14 +190,10 @@ impl Runner {
             Event::Ui(u) => return self.ui(u).await,
             Event::Reader(r) => self.reader(r).await,
             Event::Answer { flow, result } => {
-                if self.active.as_ref().map(|a| a.id) == Some(flow) {
-                    let input = match result {
-                        Ok(m) => Input::Answer(m),
-                        Err(e) => Input::NetworkFailed(e),
-                    };
-                    self.flow_input(input).await;
-                } else {
-                    self.load_answer(flow, result).await;
+                if self.purchase.owns(flow) {
+                    self.flow_input(Purchase::answer_input(result)).await;
+                } else if self.load.owns(flow) {
+                    self.load_input(Load::answer_input(result)).await;
                 }
             }
             Event::Catalog(r) => self.catalog_loaded(r).await,
@@ -259,14 +205,12 @@ impl Runner {
                 if !self.has_viewer {
                     let _ = reply.send(Outcome::Failed {
                         transaction_id: None,
-                        kind: ui::model::ErrorKind::Other,
-                        reason: "no TV UI on this box to confirm the payment".into(),
+                        refusal: Refusal::NoViewer,
                     });
                 } else if self.busy() {
                     let _ = reply.send(Outcome::Failed {
                         transaction_id: None,
-                        kind: ui::model::ErrorKind::Other,
-                        reason: "another payment is in progress; try again".into(),
+                        refusal: Refusal::Busy,
                     });
                 } else {
                     self.start(&merchant_id, &item_id, Some(reply)).await;
@@ -290,27 +234,27 @@ impl Runner {
         match r {
             // Another matching reader coming while a card is in use changes nothing on screen.
             ReaderEvent::ReaderAttached { reader }
-                if self.card.matches(&reader) && !self.card.has_card() =>
+                if self.parts.card.matches(&reader) && !self.parts.card.has_card() =>
             {
                 self.update(UiUpdate::Reader(ReaderState::Ready { name: reader }))
                     .await
             }
-            ReaderEvent::ReaderDetached { reader } if self.card.matches(&reader) => {
-                if self.card.card_removed(&reader) == Removal::NotInUse {
-                    if !self.card.has_card() {
+            ReaderEvent::ReaderDetached { reader } if self.parts.card.matches(&reader) => {
+                if self.parts.card.card_removed(&reader) == Removal::NotInUse {
+                    if !self.parts.card.has_card() {
                         self.update(UiUpdate::Reader(ReaderState::Missing)).await;
                     }
                     return;
                 }
                 tracing::info!(%reader, "the reader in use went away");
                 self.card_in_use_gone().await;
-                if !self.card.has_card() {
+                if !self.parts.card.has_card() {
                     self.update(UiUpdate::Reader(ReaderState::Missing)).await;
                 }
             }
-            ReaderEvent::CardInserted { reader, .. } if self.card.matches(&reader) => {
-                if !self.card.card_inserted(&reader) {
-                    tracing::info!(%reader, in_use = ?self.card.reader(), "card inserted in another reader; kept in case the card in use goes");
+            ReaderEvent::CardInserted { reader, .. } if self.parts.card.matches(&reader) => {
+                if !self.parts.card.card_inserted(&reader) {
+                    tracing::info!(%reader, in_use = ?self.parts.card.reader(), "card inserted in another reader; kept in case the card in use goes");
                     return;
                 }
                 tracing::info!(%reader, "card inserted");
@@ -318,9 +262,9 @@ impl Runner {
                 self.refresh_card().await;
                 self.recover().await;
             }
-            ReaderEvent::CardRemoved { reader } if self.card.matches(&reader) => {
-                if self.card.card_removed(&reader) == Removal::NotInUse {
-                    tracing::info!(%reader, in_use = ?self.card.reader(), "card removed from a reader not in use; nothing changes");
+            ReaderEvent::CardRemoved { reader } if self.parts.card.matches(&reader) => {
+                if self.parts.card.card_removed(&reader) == Removal::NotInUse {
+                    tracing::info!(%reader, in_use = ?self.parts.card.reader(), "card removed from a reader not in use; nothing changes");
                     return;
                 }
                 tracing::info!(%reader, "card removed");
@@ -340,8 +284,8 @@ impl Runner {
         self.card_id = None;
         self.update(UiUpdate::CardRemoved).await;
         self.flow_input(Input::CardRemoved).await;
-        self.load_input(LoadInput::CardRemoved).await;
-        if let Some(r) = self.card.reader().map(str::to_string) {
+        self.load_input(load::Input::CardRemoved).await;
+        if let Some(r) = self.parts.card.reader().map(str::to_string) {
             tracing::info!(reader = %r, "using the card in another reader");
             // A flow that ended on the removal has read it already (finish → refresh).
             if self.card_id.is_none() {
@@ -351,30 +295,30 @@ impl Runner {
         }
     }
 
-    /// Whether a purchase is in flight.
-    pub(crate) fn purchase_active(&self) -> bool {
-        self.active.is_some()
+    /// A purchase or load flow is in flight (it may hold the card).
+    fn flow_active(&self) -> bool {
+        self.purchase.is_active() || self.load.is_active()
     }
 
     /// A purchase or load is in flight, or one waits for a recovery round.
-    pub(crate) fn busy(&self) -> bool {
-        self.active.is_some() || self.load.is_active() || self.recovery.has_deferred()
+    fn busy(&self) -> bool {
+        self.flow_active() || self.deferred.is_some()
     }
 
     pub(crate) async fn refresh_card(&mut self) {
-        if self.active.is_some() || self.load.is_active() {
+        if self.flow_active() {
             return;
         }
         // Just after an insertion pcscd may still report the card as mute while it powers it
         // up; a few spaced attempts ride that out instead of leaving "insert your card".
-        let mut read = self.card.read_purse().await;
+        let mut read = self.parts.card.read_purse().await;
         for _ in 0..CARD_READ_RETRIES {
-            if read.is_ok() || !self.card.has_card() {
+            if read.is_ok() || !self.parts.card.has_card() {
                 break;
             }
-            self.card.release().await;
+            self.parts.card.release().await;
             tokio::time::sleep(CARD_READ_RETRY_DELAY).await;
-            read = self.card.read_purse().await;
+            read = self.parts.card.read_purse().await;
         }
         match read {
             Ok(info) => {
@@ -397,16 +341,16 @@ impl Runner {
             }
             Err(e) => tracing::warn!(error = %e, "cannot read the card"),
         }
-        self.card.release().await;
+        self.parts.card.release().await;
     }
 
     async fn show_history(&mut self) {
-        if self.active.is_some() || self.load.is_active() || !self.card.has_card() {
+        if self.flow_active() || !self.parts.card.has_card() {
             return;
         }
         let entries = async {
-            let info = self.card.read_purse().await?;
-            let log = self.card.read_log().await?;
+            let info = self.parts.card.read_purse().await?;
+            let log = self.parts.card.read_log().await?;
             Ok::<_, String>(
                 log.into_iter()
                     .map(|r| ui::model::HistoryEntry {
@@ -425,7 +369,7 @@ impl Runner {
             )
         }
         .await;
-        self.card.release().await;
+        self.parts.card.release().await;
         match entries {
             Ok(h) => self.update(UiUpdate::History(h)).await,
             Err(e) => tracing::warn!(error = %e, "cannot read the card's history"),
@@ -469,6 +413,8 @@ impl Runner {
         }
     }
 
+    // ---- the purchase slot
+
     /// A new purchase: after any in-doubt transaction of the same card is settled
     /// ([`Runner::gate`]).
     async fn start(
@@ -481,8 +427,7 @@ impl Runner {
             if let Some(r) = reply {
                 let _ = r.send(Outcome::Failed {
                     transaction_id: None,
-                    kind: ui::model::ErrorKind::Other,
-                    reason: "another payment is in progress; try again".into(),
+                    refusal: Refusal::Busy,
                 });
             }
             return;
@@ -503,147 +448,327 @@ impl Runner {
     }
 
     /// Starts the purchase flow.
-    pub(crate) async fn start_now(
+    async fn start_now(
         &mut self,
         merchant_id: &str,
         item_id: &str,
         reply: Option<oneshot::Sender<Outcome>>,
     ) {
-        if self.active.is_some() || self.load.is_active() {
+        if self.flow_active() {
             return;
         }
-        self.next_id += 1;
         let (flow, actions) = Purchase::start(merchant_id, item_id, today(), rand::random());
-        let span = tracing::info_span!("purchase", flow = self.next_id, transaction_id = tracing::field::Empty, %merchant_id, %item_id);
-        span.in_scope(|| tracing::info!("purchase started"));
-        self.active = Some(Active {
-            id: self.next_id,
-            flow,
-            reply,
-            span,
-            txid_recorded: false,
-        });
-        self.execute(actions).await;
+        self.purchase_reply = reply;
+        let ran = self
+            .purchase
+            .start(&mut self.parts, flow, actions, |n| {
+                let span = tracing::info_span!("purchase", flow = n, transaction_id = tracing::field::Empty, %merchant_id, %item_id);
+                span.in_scope(|| tracing::info!("purchase started"));
+                span
+            })
+            .await;
+        self.purchase_ran(ran).await;
     }
 
+    /// An input for the active purchase (none: nothing happens).
     async fn flow_input(&mut self, input: Input) {
-        let Some(a) = self.active.as_mut() else {
-            return;
-        };
-        if matches!(input, Input::CardRemoved) && !a.flow.holds_card() {
+        let holds_card = self.purchase.active().is_some_and(|a| a.flow.holds_card());
+        if matches!(input, Input::CardRemoved) && !holds_card {
             return;
         }
-        let actions = a.span.in_scope(|| a.flow.handle(input));
-        self.execute(actions).await;
+        let ran = self.purchase.feed(&mut self.parts, input).await;
+        self.purchase_ran(ran).await;
     }
 
-    /// Executes actions in order; a card reply feeds straight back into the flow.
-    async fn execute(&mut self, actions: Vec<Action>) {
-        let mut queue: VecDeque<Action> = actions.into();
-        while let Some(action) = queue.pop_front() {
-            let Some(active) = self.active.as_mut() else {
-                return;
-            };
-            let span = active.span.clone();
-            if !active.txid_recorded {
-                if let Some(t) = active.flow.transaction_id() {
-                    span.record("transaction_id", t);
-                    active.txid_recorded = true;
-                }
+    /// Shows what the purchase asked for; the daemon's own offer countdown runs while the
+    /// viewer is asked.
+    async fn purchase_ran(&mut self, ran: Ran<Outcome>) {
+        for s in ran.shows {
+            if matches!(s, Show::Offer(_)) {
+                self.offer_deadline = Some(tokio::time::Instant::now() + self.offer_timeout);
             }
-            match action {
-                Action::Journal {
-                    transaction_id,
-                    step,
-                } => {
-                    if let Err(e) = self.journal.record(&transaction_id, &step) {
-                        // Not journaled means not done: stop here, before the action it guards.
-                        span.in_scope(|| tracing::error!(error = %e, ?step, "journal write failed; transaction stopped"));
-                        self.finish(Outcome::Failed {
-                            transaction_id: Some(transaction_id),
-                            kind: ui::model::ErrorKind::Other,
-                            reason: format!("the box could not record the transaction: {e}"),
-                        })
-                        .await;
-                        self.update(UiUpdate::Error(ui::model::UiError {
-                            kind: ui::model::ErrorKind::Other,
-                            detail: Some("the box could not record the transaction".into()),
-                        }))
-                        .await;
-                        return;
-                    }
-                    span.in_scope(|| tracing::debug!(?step, "journaled"));
-                    test_hook_after_journal(&step);
-                }
-                Action::Apdu(apdu) => {
-                    let reply = self.card.transmit(&apdu).await;
-                    if let Err(e) = &reply {
-                        span.in_scope(|| tracing::warn!(error = %e, "card command failed"));
-                    }
-                    let active = self.active.as_mut().expect("checked");
-                    let more = span.in_scope(|| active.flow.handle(Input::Card(reply)));
-                    queue.extend(more);
-                }
-                Action::Send(msg) => {
-                    let gw = self.gateway.clone();
-                    let tx = self.events.clone();
-                    let id = active.id;
-                    span.in_scope(|| {
-                        tracing::info!(
-                            message = crate::flow::purchase::name(&msg),
-                            "to the gateway"
-                        )
-                    });
-                    tokio::spawn(
-                        async move {
-                            let result = gw.call(&msg).await.map_err(|e| e.to_string());
-                            if let Err(e) = &result {
-                                tracing::warn!(error = %e, "gateway request failed");
-                            }
-                            let _ = tx.send(Event::Answer { flow: id, result }).await;
-                        }
-                        .instrument(span.clone()),
-                    );
-                }
-                Action::Ui(u) => {
-                    if matches!(u, UiUpdate::Offer(_)) {
-                        self.offer_deadline =
-                            Some(tokio::time::Instant::now() + self.offer_timeout);
-                    }
-                    self.update(u).await;
-                }
-                Action::Done(outcome) => {
-                    span.in_scope(|| tracing::info!(outcome = ?outcome, "purchase finished"));
-                    self.finish(outcome).await;
-                    return;
-                }
-            }
+            self.update(show::update(s)).await;
         }
-        if let Some(a) = &self.active {
-            if !a.flow.awaiting_viewer() {
-                self.offer_deadline = None;
-            }
-            // Between two card sequences (the viewer decides, the network answers) other
-            // programs may use the card.
-            if !a.flow.card_sequence_open() {
-                self.card.end_sequence().await;
+        match ran.done {
+            Some(outcome) => self.purchase_finished(outcome).await,
+            None => {
+                let asking = self
+                    .purchase
+                    .active()
+                    .is_some_and(|a| a.flow.awaiting_viewer());
+                if !asking {
+                    self.offer_deadline = None;
+                }
             }
         }
     }
 
-    async fn finish(&mut self, outcome: Outcome) {
+    async fn purchase_finished(&mut self, outcome: Outcome) {
         self.offer_deadline = None;
-        if let Some(a) = self.active.take() {
-            if let Some(r) = a.reply {
-                let _ = r.send(outcome.clone());
-            }
+        if let Some(r) = self.purchase_reply.take() {
+            let _ = r.send(outcome.clone());
         }
         self.flows_done += 1;
         self.last_outcome = Some(outcome);
-        self.card.release().await;
-        if self.card.has_card() {
+        self.flow_finished().await;
+    }
+
+    /// After either flow: the card is free again, its balance read, and recovery runs what
+    /// waited for the flow.
+    async fn flow_finished(&mut self) {
+        self.parts.card.release().await;
+        if self.parts.card.has_card() {
             self.refresh_card().await;
         }
-        self.recovery_after_flow().await;
+        Box::pin(self.recovery_after_flow()).await;
     }
+
+    // ---- the load slot
+
+    /// "Load card" → a source: starts a load, after settling any in-doubt purchase or load
+    /// of the same card (the runner's guard).
+    pub async fn start_load(&mut self, source: ui::model::LoadSource) {
+        if self.busy() {
+            self.update(UiUpdate::Error(show::refused(&Refusal::Busy)))
+                .await;
+            return;
+        }
+        if self.load_settings.source(source).is_none() {
+            let what = match source {
+                ui::model::LoadSource::Bank => ui::strings::LOAD_NO_BANK_ACCOUNT,
+                ui::model::LoadSource::Voucher => ui::strings::LOAD_NO_VOUCHER,
+            };
+            self.update(error(ui::model::ErrorKind::Other, what)).await;
+            return;
+        }
+        if !self.parts.card.has_card() {
+            self.update(error(
+                ui::model::ErrorKind::NoCard,
+                ui::strings::LOAD_INSERT_CARD,
+            ))
+            .await;
+            return;
+        }
+        if let Some(Deferred::Load { source }) = self.gate(Deferred::Load { source }).await {
+            self.start_load_now(source).await;
+        }
+    }
+
+    /// Starts the load flow (the source and the card checked again: time may have passed).
+    async fn start_load_now(&mut self, source: ui::model::LoadSource) {
+        if self.flow_active() {
+            return;
+        }
+        let Some(src) = self.load_settings.source(source) else {
+            return;
+        };
+        if !self.parts.card.has_card() {
+            self.update(error(
+                ui::model::ErrorKind::NoCard,
+                ui::strings::LOAD_INSERT_CARD,
+            ))
+            .await;
+            return;
+        }
+        let kind = match src {
+            LoadSource::Bank { .. } => "bank",
+            LoadSource::Voucher { .. } => "voucher",
+        };
+        let (flow, actions) = Load::start(src, self.load_settings.pin_key.clone(), rand::random());
+        let ran = self
+            .load
+            .start(&mut self.parts, flow, actions, |n| {
+                let span = tracing::info_span!(
+                    "load",
+                    flow = n,
+                    transaction_id = tracing::field::Empty,
+                    source = kind
+                );
+                span.in_scope(|| tracing::info!("load started"));
+                span
+            })
+            .await;
+        self.load_ran(ran).await;
+    }
+
+    /// A viewer decision, a card event or a gateway answer for the active load.
+    async fn load_input(&mut self, input: load::Input) {
+        let holds_card = self.load.active().is_some_and(|a| a.flow.holds_card());
+        if matches!(input, load::Input::CardRemoved) && !holds_card {
+            return;
+        }
+        let ran = self.load.feed(&mut self.parts, input).await;
+        self.load_ran(ran).await;
+    }
+
+    async fn load_ran(&mut self, ran: Ran<load::Outcome>) {
+        for s in ran.shows {
+            self.update(show::update(s)).await;
+        }
+        if ran.done.is_some() {
+            self.flow_finished().await;
+        }
+    }
+
+    // ---- the guard: one transaction at a time, none on a card with older work in doubt
+
+    /// The in-doubt transaction (purchase or load, not `unresolvable`) of the card in the
+    /// reader that a new one must wait for; `Err` when the journal cannot tell.
+    async fn blocking_transaction(&mut self) -> Result<Option<String>, String> {
+        if !self.parts.card.has_card() {
+            return Ok(None);
+        }
+        let card_id = match self.card_id {
+            Some(id) => id,
+            None => {
+                let r = self.parts.card.read_purse().await;
+                self.parts.card.release().await;
+                match r {
+                    Ok(info) => {
+                        self.card_id = Some(info.card_id);
+                        info.card_id
+                    }
+                    // The flow will find out about the card itself.
+                    Err(_) => return Ok(None),
+                }
+            }
+        };
+        let purchases = self.parts.journal.in_doubt().map_err(|e| e.to_string())?;
+        if let Some(p) = purchases.iter().find(|p| p.txn.card_id == card_id) {
+            return Ok(Some(p.txn.transaction_id.clone()));
+        }
+        let loads = self
+            .parts
+            .journal
+            .loads_in_doubt()
+            .map_err(|e| e.to_string())?;
+        Ok(loads
+            .iter()
+            .find(|p| p.init.card_id == card_id)
+            .map(|p| p.transaction_id.clone()))
+    }
+
+    /// Before a new purchase or load: `Some(d)` to start it now; `None` when it waits for a
+    /// recovery round (older in-doubt work on this card) or was refused.
+    async fn gate(&mut self, d: Deferred) -> Option<Deferred> {
+        match self.blocking_transaction().await {
+            Ok(None) => Some(d),
+            Ok(Some(txid)) => {
+                tracing::info!(blocking = %txid, "an earlier transaction on this card is in doubt; settling it first");
+                self.deferred = Some(d);
+                self.update(UiUpdate::Progress(
+                    ui::model::ProgressStep::ContactingServer,
+                ))
+                .await;
+                self.recover().await;
+                None
+            }
+            Err(error) => {
+                self.refuse(d, Refusal::JournalUnreadable { error }).await;
+                None
+            }
+        }
+    }
+
+    /// After a round: start what waited for it, or tell the viewer why not.
+    async fn resume_deferred(&mut self) {
+        let Some(d) = self.deferred.take() else {
+            return;
+        };
+        match self.blocking_transaction().await {
+            Ok(None) => match d {
+                Deferred::Purchase {
+                    merchant_id,
+                    item_id,
+                    reply,
+                } => self.start_now(&merchant_id, &item_id, reply).await,
+                Deferred::Load { source } => self.start_load_now(source).await,
+            },
+            Ok(Some(txid)) => {
+                tracing::warn!(blocking = %txid, "new transaction refused: an earlier one on this card is still in doubt");
+                let flow = match d {
+                    Deferred::Purchase { .. } => Flow::Purchase,
+                    Deferred::Load { .. } => Flow::Load,
+                };
+                let refusal = Refusal::EarlierInDoubt {
+                    transaction_id: txid,
+                    flow,
+                };
+                self.refuse(d, refusal).await
+            }
+            Err(error) => self.refuse(d, Refusal::JournalUnreadable { error }).await,
+        }
+    }
+
+    async fn refuse(&mut self, d: Deferred, refusal: Refusal) {
+        let shown = UiUpdate::Error(show::refused(&refusal));
+        if let Deferred::Purchase {
+            reply: Some(reply), ..
+        } = d
+        {
+            let _ = reply.send(Outcome::Failed {
+                transaction_id: None,
+                refusal,
+            });
+        }
+        self.update(shown).await;
+    }
+
+    // ---- recovery (the rounds themselves are super::recover's)
+
+    /// A trigger (start, reconnect, card insertion): the schedule starts over and a round
+    /// runs now (or as soon as the running one or the active flow ends).
+    pub async fn recover(&mut self) {
+        self.recovery.restart();
+        self.recovery_round().await;
+    }
+
+    /// The recovery timer fired.
+    pub async fn recovery_timer(&mut self) {
+        self.recovery.timer_fired();
+        self.recovery_round().await;
+    }
+
+    async fn recovery_round(&mut self) {
+        let flow_active = self.flow_active();
+        if let Some(end) = self.recovery.round(&mut self.parts, flow_active).await {
+            self.round_ended(end).await;
+        }
+    }
+
+    /// After a purchase or load flow ended: a round that waited for it runs now; a flow
+    /// that left its transaction in doubt arms the timer.
+    async fn recovery_after_flow(&mut self) {
+        let flow_active = self.flow_active();
+        if let Some(end) = self.recovery.after_flow(&mut self.parts, flow_active).await {
+            self.round_ended(end).await;
+        }
+    }
+
+    /// The gateway's answer to a recovery message.
+    async fn recovery_answer(&mut self, txid: String, result: Result<Message, String>) {
+        let flow_active = self.flow_active();
+        let end = self
+            .recovery
+            .answer(&mut self.parts, txid, result, flow_active, self.card_id)
+            .await;
+        if let Some(end) = end {
+            self.round_ended(end).await;
+        }
+    }
+
+    /// A round ended: show the balance it may have changed, then start what waited for it.
+    async fn round_ended(&mut self, end: RoundEnd) {
+        if end.progressed {
+            self.refresh_card().await;
+        }
+        Box::pin(self.resume_deferred()).await;
+    }
+}
+
+fn error(kind: ui::model::ErrorKind, detail: &str) -> UiUpdate {
+    UiUpdate::Error(ui::model::UiError {
+        kind,
+        detail: Some(detail.into()),
+    })
 }

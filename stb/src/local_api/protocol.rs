@@ -8,7 +8,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::flow::purchase::Outcome;
+use stb_flow::purchase::Outcome;
+
+use crate::daemon::show;
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
@@ -56,6 +58,8 @@ pub enum Response {
 }
 
 impl Response {
+    /// The answer for a purchase's outcome; the reasons are the TV's sentences
+    /// ([`show`]).
     pub fn from_outcome(id: Option<serde_json::Value>, o: Outcome) -> Self {
         match o {
             Outcome::Paid {
@@ -74,24 +78,23 @@ impl Response {
             } => Self::Cancelled {
                 id,
                 transaction_id,
-                reason,
+                reason: show::cancel_reason(reason).into(),
             },
             Outcome::Failed {
                 transaction_id,
-                reason,
-                ..
+                refusal,
             } => Self::Failed {
                 id,
                 transaction_id,
-                reason,
+                reason: show::refusal_reason(&refusal),
             },
             Outcome::InDoubt {
                 transaction_id,
-                reason,
+                doubt,
             } => Self::Pending {
                 id,
                 transaction_id,
-                reason,
+                reason: show::doubt_reason(&doubt),
             },
         }
     }

@@ -8,7 +8,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
 use super::protocol::{self, Request, Response};
-use crate::daemon::runner::Event;
+use crate::daemon::event::Event;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LocalApiError {

@@ -29,7 +29,7 @@ use reader_drivers::vcard::VirtualCard;
 use reader_drivers::virtual_driver::VirtualDriver;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use stb::config::Config;
-use stb::daemon::runner::{Event, Status};
+use stb::daemon::event::{Event, Status};
 use stb::daemon::{Handles, Io};
 use tokio::sync::{mpsc, watch};
 
@@ -684,7 +684,7 @@ pub fn purchases_elsewhere(card: &Path, n: u32, amount: u64) {
 /// (state `load_zero_value`): recovery re-sends it from the journal alone.
 pub fn journal_pending_load(dir: &Path, txid: &str, card_id: u64) {
     use proto::purse::LoadInit;
-    use stb::flow::load::Step;
+    use stb_flow::load::Step;
     let mut j = stb::journal::Journal::open(&dir.join("state")).unwrap();
     let offer = LoadOffer {
         transaction_id: txid.into(),
@@ -735,7 +735,7 @@ pub fn journal_pending_load(dir: &Path, txid: &str, card_id: u64) {
 /// and DEBIT went to the card, but the card's answer was never journaled.
 pub fn journal_pending_purchase(dir: &Path, txid: &str, debit_sent: bool, psam_txn: u32) {
     use proto::purse::{DebitCommand, PurchaseInit};
-    use stb::flow::purchase::Step;
+    use stb_flow::purchase::Step;
     let mut j = stb::journal::Journal::open(&dir.join("state")).unwrap();
     let offer = Offer {
         transaction_id: txid.into(),

@@ -34,7 +34,7 @@ pub const PPV_ITEM: &str = "ppv-1001";
 pub const PPV_TITLE: &str = "Championship Final (live)";
 pub const PPV_PRICE: u64 = 499;
 
-/// The stbd test hook (see `stb::daemon::runner`): freeze right after journaling the card's
+/// The stbd test hook (see `stb::daemon::exec`): freeze right after journaling the card's
 /// debit response, before sending it.
 pub const HOOK_ENV: &str = "STBD_TEST_HOOK";
 pub const HOOK_PAUSE_AFTER_DEBIT: &str = "pause-after-debit-journaled";

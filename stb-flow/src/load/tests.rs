@@ -4,6 +4,8 @@
 //! is scripted by [`FakeLoadServer`] (no sockets).
 
 use super::*;
+use crate::show::Problem;
+use proto::apdu::StatusWord;
 use proto::card::{CardFault, CardSpec, CardState, PurseCard};
 use proto::hsm::{Hsm, LoadVerdict};
 use proto::messages::ErrorMsg;
@@ -197,19 +199,19 @@ fn outcome(actions: &[Action]) -> Option<&Outcome> {
     })
 }
 
-fn ui_error(actions: &[Action]) -> Option<(ErrorKind, String)> {
+/// What a test expects of a refusal.
+type Want = fn(&Refusal) -> bool;
+
+/// Why the flow refused, as it showed the viewer.
+fn refusal(actions: &[Action]) -> Option<&Refusal> {
     actions.iter().find_map(|a| match a {
-        Action::Ui(UiUpdate::Error(e)) => Some((e.kind, e.detail.clone().unwrap_or_default())),
+        Action::Show(Show::Refused(r)) => Some(r),
         _ => None,
     })
 }
 
-fn pin(digits: &str) -> ui::Pin {
-    let mut p = ui::Pin::new();
-    for c in digits.chars() {
-        p.push(c, 32);
-    }
-    p
+fn pin(digits: &str) -> Secret<String> {
+    Secret::new(digits.to_string())
 }
 
 /// Starts a load and answers the offer request: the flow then waits for the amount.
@@ -224,7 +226,7 @@ fn to_amount(source: LoadSource, card: &mut PurseCard, he: &mut FakeLoadServer) 
     let a = feed(&mut l, card, Input::Answer(he.answer(&req)));
     assert!(
         a.iter()
-            .any(|a| matches!(a, Action::Ui(UiUpdate::LoadMax(m)) if m.minor == he.max as i64)),
+            .any(|a| matches!(a, Action::Show(Show::LoadMax(m)) if m.minor == he.max)),
         "{a:?}"
     );
     assert!(
@@ -246,7 +248,7 @@ fn to_request(
         Some(d) => {
             assert!(
                 a.iter()
-                    .any(|a| matches!(a, Action::Ui(UiUpdate::PinRequest(_)))),
+                    .any(|a| matches!(a, Action::Show(Show::PinEntry { .. }))),
                 "{a:?}"
             );
             feed(l, card, Input::Pin(pin(d)))
@@ -308,7 +310,8 @@ fn bank_load_with_pin_loads_the_card_and_journals_each_step_first() {
     assert_eq!(c.state.balance, 1_500);
     assert!(a.iter().any(|a| matches!(
         a,
-        Action::Ui(UiUpdate::Receipt(r)) if r.balance_after.minor == 1_500 && r.kind == ui::model::TxKind::Load
+        Action::Show(Show::Receipt(r)) if r.balance_after.minor == 1_500
+            && matches!(&r.what, Receipted::Bank { account } if account == "ACC-0001")
     )));
     let names: Vec<&str> = steps(&a)
         .iter()
@@ -375,7 +378,7 @@ fn voucher_load_asks_no_pin() {
     assert!(
         !first
             .iter()
-            .any(|a| matches!(a, Action::Ui(UiUpdate::PinRequest(_))))
+            .any(|a| matches!(a, Action::Show(Show::PinEntry { .. })))
     );
     let a = run(&mut l, &mut c, &mut he, first);
     assert!(matches!(outcome(&a), Some(Outcome::Loaded { .. })), "{a:?}");
@@ -388,12 +391,13 @@ fn voucher_load_asks_no_pin() {
 
 #[test]
 fn bad_amounts_and_pins_are_refused_before_the_card_with_nothing_journaled() {
-    for (amount, pin_digits, want) in [
-        (0, None, "above zero"),
-        (-5, None, "above zero"),
-        (5_001, None, "at most"),
-        (500, Some("12"), "4 to 12 digits"),
-        (500, Some("1234567890123"), "4 to 12 digits"),
+    for (amount, pin_digits) in [
+        (0, None),
+        (-5, None),
+        (5_001, None),
+        (500, Some("12")),
+        (500, Some("1234567890123")),
+        (500, Some("12a4")),
     ] {
         let mut c = card();
         let mut he = FakeLoadServer::new(5_000, true);
@@ -402,8 +406,14 @@ fn bad_amounts_and_pins_are_refused_before_the_card_with_nothing_journaled() {
         if let Some(p) = pin_digits {
             a = feed(&mut l, &mut c, Input::Pin(pin(p)));
         }
-        let (_, detail) = ui_error(&a).unwrap_or_else(|| panic!("{amount}: {a:?}"));
-        assert!(detail.contains(want), "{amount}: {detail}");
+        match refusal(&a).unwrap_or_else(|| panic!("{amount}: {a:?}")) {
+            Refusal::AmountOutOfRange { got, max } => {
+                assert!(pin_digits.is_none());
+                assert_eq!((*got, max.minor), (amount, 5_000));
+            }
+            Refusal::BadPin { min: 4, max: 12 } => assert!(pin_digits.is_some()),
+            other => panic!("{amount}: {other:?}"),
+        }
         assert!(matches!(outcome(&a), Some(Outcome::Failed { .. })));
         assert!(steps(&a).is_empty());
         assert!(sent(&a).is_none());
@@ -421,7 +431,7 @@ fn a_pin_account_without_a_pin_key_is_refused_clearly() {
     let req = sent(&a).unwrap().clone();
     feed(&mut l, &mut c, Input::Answer(he.answer(&req)));
     let a = feed(&mut l, &mut c, Input::Amount(100));
-    assert!(ui_error(&a).unwrap().1.contains("pin_key"), "{a:?}");
+    assert_eq!(refusal(&a), Some(&Refusal::NoPinKey), "{a:?}");
     assert!(matches!(outcome(&a), Some(Outcome::Failed { .. })));
 }
 
@@ -451,40 +461,57 @@ fn back_on_amount_or_pin_cancels_without_a_trace() {
 #[test]
 fn offer_refusals_network_failures_and_bad_offers_end_the_flow() {
     let mut c = card();
-    let cases: Vec<(Input, &str)> = vec![
+    let cases: Vec<(Input, Want)> = vec![
         (
             Input::Answer(Message::error(
                 ErrorCode::AccountLocked,
                 "account ACC-0001 is locked",
                 None,
             )),
-            "locked",
+            |r| matches!(r, Refusal::LoadOfferRefused { code: ErrorCode::AccountLocked, reason } if reason.contains("locked")),
         ),
         (
             Input::NetworkFailed("head end unreachable: x".into()),
-            "unreachable",
+            |r| matches!(r, Refusal::Unreachable { error } if error.contains("unreachable")),
         ),
-        (Input::Answer(Message::CatalogRequest), "answered"),
+        (Input::Answer(Message::CatalogRequest), |r| {
+            matches!(
+                r,
+                Refusal::OutOfTurn {
+                    to: Request::LoadOffer,
+                    answer: "a catalog request"
+                }
+            )
+        }),
     ];
     for (input, want) in cases {
         let (mut l, a) = Load::start(bank(), Some(pin_key()), 1);
         drive(&mut l, &mut c, a);
         let a = feed(&mut l, &mut c, input);
-        assert!(ui_error(&a).unwrap().1.contains(want), "{a:?}");
+        assert!(want(refusal(&a).unwrap()), "{a:?}");
         assert!(matches!(outcome(&a), Some(Outcome::Failed { .. })));
         assert!(steps(&a).is_empty());
     }
     // Nothing loadable now, and an offer in another currency.
-    for (max, currency, want) in [
-        (0, Currency::EUR, "nothing can be loaded"),
-        (100, Currency::new(840, 2), "the card holds EUR"),
-    ] {
+    let cases: [(u64, Currency, Want); 2] = [
+        (
+            0,
+            Currency::EUR,
+            |r| matches!(r, Refusal::NothingToLoad { limited_by } if limited_by == "funds"),
+        ),
+        (
+            100,
+            Currency::new(840, 2),
+            |r| matches!(r, Refusal::AccountCurrency { card, .. } if *card == Currency::EUR),
+        ),
+    ];
+    for (max, currency, want) in cases {
         let (mut l, a) = Load::start(bank(), Some(pin_key()), 1);
         drive(&mut l, &mut c, a);
         let mut o = FakeLoadServer::new(max, true).offer(bank());
         o.max_amount = Money::new(max, currency);
         let a = feed(&mut l, &mut c, Input::Answer(Message::LoadOffer(o)));
-        assert!(ui_error(&a).unwrap().1.contains(want), "{a:?}");
+        assert!(want(refusal(&a).unwrap()), "{a:?}");
     }
 }
 
@@ -495,20 +522,26 @@ fn card_refusing_initialize_for_load_or_pulled_before_it_ends_cleanly() {
     let mut he = FakeLoadServer::new(5_000, false);
     let mut l = to_amount(voucher(), &mut c, &mut he);
     let a = feed(&mut l, &mut c, Input::Amount(500));
-    assert!(ui_error(&a).unwrap().1.contains("maximum balance"), "{a:?}");
+    assert_eq!(
+        refusal(&a),
+        Some(&Refusal::CardRefused {
+            sw: StatusWord::OVER_MAX_BALANCE
+        }),
+        "{a:?}"
+    );
     assert!(steps(&a).is_empty() && sent(&a).is_none());
     // Pulled while the viewer types.
     let mut c = card();
     let mut l = to_amount(voucher(), &mut c, &mut he);
     let a = l.handle(Input::CardRemoved);
-    assert_eq!(ui_error(&a).unwrap().0, ErrorKind::NoCard);
+    assert_eq!(refusal(&a), Some(&Refusal::CardRemoved));
     assert!(steps(&a).is_empty());
     // The reader fails on the INITIALIZE.
     let mut l = to_amount(voucher(), &mut c, &mut he);
     let a = l.handle(Input::Amount(500));
     assert!(matches!(a.last(), Some(Action::Apdu(_))));
     let a = l.handle(Input::Card(Err("reader gone".into())));
-    assert_eq!(ui_error(&a).unwrap().0, ErrorKind::NoCard);
+    assert_eq!(refusal(&a).unwrap().problem(), Problem::NoCard);
     assert!(steps(&a).is_empty());
 }
 
@@ -527,7 +560,10 @@ fn wrong_pin_is_refused_and_closed_in_the_journal() {
             transaction_id: Some("ld-1".into()),
         })),
     );
-    assert!(ui_error(&a).unwrap().1.contains("wrong PIN; 2 tries left"));
+    assert!(
+        matches!(refusal(&a), Some(Refusal::LoadRefused { code: ErrorCode::WrongPin, reason }) if reason == "wrong PIN; 2 tries left"),
+        "{a:?}"
+    );
     assert!(matches!(steps(&a)[..], [Step::Ended { .. }]));
     assert!(matches!(outcome(&a), Some(Outcome::Failed { .. })));
     assert_eq!(c.state.balance, 1_000);
@@ -687,7 +723,13 @@ fn card_lost_mid_load_or_lost_confirmation_leaves_it_in_doubt_for_recovery() {
         matches!(outcome(&a), Some(Outcome::InDoubt { .. })),
         "{a:?}"
     );
-    assert!(ui_error(&a).unwrap().1.contains("never paid twice"));
+    assert!(
+        a.iter().any(|x| matches!(
+            x,
+            Action::Show(Show::InDoubt(Doubt::CardLostDuringLoad { .. }))
+        )),
+        "{a:?}"
+    );
     assert!(steps(&a).is_empty(), "the journal stays at load_sent");
 
     // The confirmation is lost after LOAD.
@@ -702,7 +744,13 @@ fn card_lost_mid_load_or_lost_confirmation_leaves_it_in_doubt_for_recovery() {
     assert!(matches!(outcome(&a), Some(Outcome::InDoubt { .. })));
     let a2 = {
         let (mut l2, _) = Load::start(voucher(), None, 1);
-        l2.state = State::AwaitConfirmation;
+        let Some(Message::LoadRequest(r)) = sent(&req).cloned() else {
+            panic!()
+        };
+        l2.state = State::AwaitConfirmation(Requested {
+            offer: he.offer(voucher()),
+            init: r.init,
+        });
         l2.handle(Input::Answer(Message::error(
             ErrorCode::Busy,
             "bank down",
@@ -748,8 +796,8 @@ fn pending(
     (p, he)
 }
 
-fn seen(card_id: u64, log: &[LogRecord]) -> crate::flow::recovery::CardSeen<'_> {
-    crate::flow::recovery::CardSeen::new(card_id, log)
+fn seen(card_id: u64, log: &[LogRecord]) -> CardSeen<'_> {
+    CardSeen::new(card_id, log)
 }
 
 fn log(c: &mut PurseCard) -> Vec<LogRecord> {

@@ -40,6 +40,7 @@ use proto::purse::{DebitResponse, LogKind, LogRecord};
 /// What the journal knows of an in-doubt purchase.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InDoubt {
+    /// The offer's transaction id (the idempotency key end to end).
     pub transaction_id: String,
     /// The purse card the draw was for.
     pub card_id: u64,
@@ -59,11 +60,15 @@ pub struct InDoubt {
 /// The card in the reader, as the shell read it: its id and its log (any order).
 #[derive(Debug, Clone, Copy)]
 pub struct CardSeen<'a> {
+    /// The purse card's id (READ PURSE).
     pub card_id: u64,
+    /// Its transaction log (READ LOG 1..n), at most [`LOG_CAPACITY`] records.
     pub log: &'a [LogRecord],
 }
 
 impl<'a> CardSeen<'a> {
+    /// The card `card_id` with its `log`.
+    #[must_use]
     pub fn new(card_id: u64, log: &'a [LogRecord]) -> Self {
         Self { card_id, log }
     }
@@ -125,6 +130,7 @@ pub enum Resolution {
 /// Whether log record `r` of card `card_id` is the debit of `txn`: a debit, for this card,
 /// with the same counter, security card, security-card transaction number, amount and
 /// currency. Without a journaled debit command (no security card known) nothing matches.
+#[must_use]
 pub fn log_matches(txn: &InDoubt, card_id: u64, r: &LogRecord) -> bool {
     let Some((psam_id, psam_txn)) = txn.psam else {
         return false;
@@ -139,6 +145,7 @@ pub fn log_matches(txn: &InDoubt, card_id: u64, r: &LogRecord) -> bool {
 }
 
 /// The debit response the card's log proves for `txn`, if a record strictly matches.
+#[must_use]
 pub fn find_in_log(txn: &InDoubt, card: CardSeen<'_>) -> Option<DebitResponse> {
     card.log
         .iter()
@@ -148,11 +155,13 @@ pub fn find_in_log(txn: &InDoubt, card: CardSeen<'_>) -> Option<DebitResponse> {
 
 /// Whether `log` still reaches back to counter `atc`: it is not full, or its oldest record
 /// is at or before `atc`. When it does and holds no matching debit, the card did not pay.
+#[must_use]
 pub fn log_reaches(log: &[LogRecord], atc: u32) -> bool {
     log.len() < LOG_CAPACITY || log.iter().map(|r| r.atc).min().is_some_and(|a| a <= atc)
 }
 
 /// Decides what to send for `txn`, given the card in the reader (if any).
+#[must_use]
 pub fn plan(txn: &InDoubt, card: Option<CardSeen<'_>>) -> Plan {
     if let Some(response) = &txn.response {
         return Plan::Resend {
@@ -193,6 +202,7 @@ pub fn response_for(txn: &InDoubt, card: Option<CardSeen<'_>>) -> Result<DebitRe
 }
 
 /// Head-end refusals that say "not now": retry later.
+#[must_use]
 pub fn is_transient(code: ErrorCode) -> bool {
     matches!(
         code,
@@ -219,13 +229,14 @@ fn unsettled(txid: &str, answer: Result<&Message, &str>) -> String {
             "a receipt for another transaction ({}, expected {txid})",
             r.transaction_id
         ),
-        Ok(other) => format!("unexpected answer: {}", crate::flow::purchase::name(other)),
+        Ok(other) => format!("unexpected answer: {}", crate::name(other)),
     }
 }
 
 /// The answer to a (re-)sent debit response: a receipt for this transaction settles it
 /// (released or not; the head end answers a repeated response with the same receipt).
 /// Anything else leaves it in doubt.
+#[must_use]
 pub fn on_debit_response_answer(txid: &str, answer: Result<&Message, &str>) -> Resolution {
     match answer {
         Ok(Message::Receipt(r)) if r.transaction_id == txid => Resolution::Completed(r.clone()),
@@ -241,6 +252,7 @@ pub fn on_debit_response_answer(txid: &str, answer: Result<&Message, &str>) -> R
 ///   vain; otherwise still in doubt (a later log read decides);
 /// - `AlreadyCompleted`: re-send the debit response;
 /// - anything else (busy, timeout, network): retry later.
+#[must_use]
 pub fn on_cancel_answer(
     txid: &str,
     evidence: DebitEvidence,
@@ -276,7 +288,7 @@ pub fn on_cancel_answer(
 }
 
 /// The recovery timer's schedule: `initial · 2^attempt` capped at `max`, each delay a random
-/// point in the upper half of that (see [`super::backoff`]), so boxes that lost the head end
+/// point in the upper half of that (see [`crate::backoff`]), so boxes that lost the head end
 /// together do not retry in lockstep. [`reset`](Self::reset) on progress, reconnect or card
 /// insertion.
 #[derive(Debug, Clone)]
@@ -287,10 +299,13 @@ pub struct RetrySchedule {
 }
 
 impl RetrySchedule {
-    /// Default: 2 s doubling to 60 s.
+    /// The default first delay: 2 s.
     pub const INITIAL: Duration = Duration::from_secs(2);
+    /// The default cap: 60 s.
     pub const MAX: Duration = Duration::from_secs(60);
 
+    /// A schedule from `initial` doubling to `max` (at least `initial`).
+    #[must_use]
     pub fn new(initial: Duration, max: Duration) -> Self {
         Self {
             initial,
@@ -300,8 +315,9 @@ impl RetrySchedule {
     }
 
     /// The delay before the next retry; each call doubles the next one, up to the cap.
+    #[must_use]
     pub fn next_delay(&mut self, rng: &mut impl rand::Rng) -> Duration {
-        let d = super::backoff(self.attempt, self.initial, self.max, rng);
+        let d = crate::backoff(self.attempt, self.initial, self.max, rng);
         self.attempt = self.attempt.saturating_add(1);
         d
     }
@@ -312,6 +328,7 @@ impl RetrySchedule {
     }
 
     /// Retries scheduled since the last reset.
+    #[must_use]
     pub fn attempt(&self) -> u32 {
         self.attempt
     }

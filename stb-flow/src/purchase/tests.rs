@@ -2,9 +2,10 @@
 //! memory (no reader, socket or clock): the card really debits and really refuses.
 
 use super::*;
+use crate::show::Problem;
 use proto::card::{CardSpec, CardState, PurseCard};
 use proto::crypto::DesKey;
-use proto::messages::{DebitCommandBody, DebitCommandMsg, Embodiment, ErrorMsg};
+use proto::messages::{DebitCommandBody, DebitCommandMsg, Embodiment, ErrorCode, ErrorMsg};
 use proto::money::{Currency, Money};
 use proto::purse::{Expiry, IssuerKeys};
 use proto::security_card::{DrawData, SecurityCard};
@@ -109,9 +110,10 @@ fn outcome(actions: &[Action]) -> Option<&Outcome> {
     })
 }
 
-fn ui_error(actions: &[Action]) -> Option<ErrorKind> {
+/// The kind of trouble the flow showed the viewer, if it refused.
+fn ui_error(actions: &[Action]) -> Option<Problem> {
     actions.iter().find_map(|a| match a {
-        Action::Ui(UiUpdate::Error(e)) => Some(e.kind),
+        Action::Show(Show::Refused(r)) => Some(r.problem()),
         _ => None,
     })
 }
@@ -177,7 +179,7 @@ fn error(code: ErrorCode) -> Message {
 /// Up to the debit command, accepted; returns the flow, its draw request and the actions.
 fn accepted(card: &mut PurseCard, tsk: Option<DesKey>) -> (Purchase, Message, Vec<Action>) {
     let (mut p, a) = to_viewer(card, offer(250, tsk));
-    assert!(matches!(a.last(), Some(Action::Ui(UiUpdate::Offer(_)))));
+    assert!(matches!(a.last(), Some(Action::Show(Show::Offer(_)))));
     assert!(p.awaiting_viewer());
     assert!(
         !p.card_sequence_open(),
@@ -253,9 +255,11 @@ fn happy_path_debits_the_card_and_journals_every_step_first() {
         psam.complete(cmd.psam_txn, &resp).unwrap();
         let a = p.handle(Input::Answer(receipt(true)));
         assert!(matches!(journal_steps(&a)[..], [Step::Completed { .. }]));
-        assert!(a.iter().any(
-            |x| matches!(x, Action::Ui(UiUpdate::Receipt(r)) if r.balance_after.minor == 750)
-        ));
+        assert!(
+            a.iter().any(
+                |x| matches!(x, Action::Show(Show::Receipt(r)) if r.balance_after.minor == 750)
+            )
+        );
         assert!(matches!(outcome(&a), Some(Outcome::Paid { .. })));
         assert!(p.is_done());
         assert!(p.handle(Input::Accept).is_empty());
@@ -269,7 +273,7 @@ fn offer_refused_or_unreachable_ends_at_once() {
     assert!(matches!(outcome(&a), Some(Outcome::Failed { .. })));
     let (mut p, _) = Purchase::start("cable", "x", TODAY, 1);
     let a = p.handle(Input::NetworkFailed("timeout".into()));
-    assert_eq!(ui_error(&a), Some(ErrorKind::HeadEndUnreachable));
+    assert_eq!(ui_error(&a), Some(Problem::HeadEndUnreachable));
     let (mut p, _) = Purchase::start("cable", "x", TODAY, 1);
     let a = p.handle(Input::Answer(receipt(true)));
     assert!(matches!(outcome(&a), Some(Outcome::Failed { .. })));
@@ -279,13 +283,10 @@ fn offer_refused_or_unreachable_ends_at_once() {
 }
 
 /// A failed [0075] check: a clear error, the offer dropped without proof, nothing journaled.
-fn refused(mut c: PurseCard, kind: ErrorKind) {
+fn refused(mut c: PurseCard, kind: Problem) {
     let (mut p, a) = to_viewer(&mut c, offer(250, None));
     assert_eq!(ui_error(&a), Some(kind), "{a:?}");
-    assert!(
-        !a.iter()
-            .any(|x| matches!(x, Action::Ui(UiUpdate::Offer(_))))
-    );
+    assert!(!a.iter().any(|x| matches!(x, Action::Show(Show::Offer(_)))));
     assert!(journal_steps(&a).is_empty());
     let cancel = cancel_of(&a);
     assert_eq!(
@@ -293,7 +294,9 @@ fn refused(mut c: PurseCard, kind: ErrorKind) {
         (CancelReason::NotDebited, true)
     );
     let a = p.handle(Input::Answer(receipt(false)));
-    assert!(matches!(outcome(&a), Some(Outcome::Failed { kind: k, .. }) if *k == kind));
+    assert!(
+        matches!(outcome(&a), Some(Outcome::Failed { refusal, .. }) if refusal.problem() == kind)
+    );
     assert!(journal_steps(&a).is_empty());
 }
 
@@ -308,7 +311,7 @@ fn checks_before_the_viewer_currency_expiry_balance() {
                 month: 1,
             },
         ),
-        ErrorKind::Other,
+        Problem::Other,
     );
     refused(
         card_with(
@@ -319,7 +322,7 @@ fn checks_before_the_viewer_currency_expiry_balance() {
                 month: 1,
             },
         ),
-        ErrorKind::InsufficientValue,
+        Problem::InsufficientValue,
     );
     // The card itself refuses INITIALIZE after its expiry.
     refused(
@@ -331,11 +334,11 @@ fn checks_before_the_viewer_currency_expiry_balance() {
                 month: 10,
             },
         ),
-        ErrorKind::CardExpired,
+        Problem::CardExpired,
     );
     let mut blocked = card();
     blocked.state.status = proto::purse::STATUS_BLOCKED;
-    refused(blocked, ErrorKind::CardBlocked);
+    refused(blocked, Problem::CardBlocked);
 }
 
 #[test]
@@ -354,7 +357,7 @@ fn expiry_is_checked_by_the_box_too() {
     let Some(Action::Apdu(sel)) = a.last() else {
         panic!()
     };
-    p.handle(reply(&mut c, sel));
+    let _ = p.handle(reply(&mut c, sel));
     let lying = c
         .process(&commands::init_purchase(Date::new(2026, 10, 1)))
         .response;
@@ -362,21 +365,21 @@ fn expiry_is_checked_by_the_box_too() {
         atr: vec![],
         response: lying,
     })));
-    assert_eq!(ui_error(&a), Some(ErrorKind::CardExpired));
+    assert_eq!(ui_error(&a), Some(Problem::CardExpired));
 }
 
 #[test]
 fn reader_failure_and_card_removal_before_the_draw() {
     let (mut p, _) = Purchase::start("cable", "ppv-7", TODAY, 1);
-    p.handle(Input::Answer(Message::Offer(offer(250, None))));
+    let _ = p.handle(Input::Answer(Message::Offer(offer(250, None))));
     let a = p.handle(Input::Card(Err("no card".into())));
-    assert_eq!(ui_error(&a), Some(ErrorKind::NoCard));
+    assert_eq!(ui_error(&a), Some(Problem::NoCard));
     assert_eq!(cancel_of(&a).reason, CancelReason::NotDebited);
     let a = p.handle(Input::NetworkFailed("x".into()));
     assert!(matches!(
         outcome(&a),
         Some(Outcome::Failed {
-            kind: ErrorKind::NoCard,
+            refusal: Refusal::CardUnreadable { .. },
             ..
         })
     ));
@@ -387,17 +390,17 @@ fn reader_failure_and_card_removal_before_the_draw() {
     let a = p.handle(Input::CardRemoved);
     assert!(
         a.iter()
-            .any(|x| matches!(x, Action::Ui(UiUpdate::OfferWithdrawn(_))))
+            .any(|x| matches!(x, Action::Show(Show::OfferWithdrawn { .. })))
     );
     assert_eq!(cancel_of(&a).reason, CancelReason::NotDebited);
 
     let (mut p, _) = Purchase::start("cable", "ppv-7", TODAY, 1);
-    p.handle(Input::Answer(Message::Offer(offer(250, None))));
+    let _ = p.handle(Input::Answer(Message::Offer(offer(250, None))));
     let a = p.handle(Input::Card(Ok(CardReply {
         atr: vec![],
         response: vec![0x6A],
     })));
-    assert_eq!(ui_error(&a), Some(ErrorKind::Other));
+    assert_eq!(ui_error(&a), Some(Problem::Other));
 }
 
 #[test]
@@ -432,7 +435,7 @@ fn amount_mismatch_aborts_journals_cancels_with_proof_and_tells_the_viewer() {
             }
         ]
     ));
-    assert_eq!(ui_error(&a), Some(ErrorKind::AmountMismatch));
+    assert_eq!(ui_error(&a), Some(Problem::AmountMismatch));
     assert!(
         !a.iter()
             .any(|x| matches!(x, Action::Apdu(d) if d.get(1) == Some(&proto::card::INS_DEBIT)))
@@ -448,7 +451,7 @@ fn amount_mismatch_aborts_journals_cancels_with_proof_and_tells_the_viewer() {
     assert!(matches!(
         outcome(&a),
         Some(Outcome::Failed {
-            kind: ErrorKind::AmountMismatch,
+            refusal: Refusal::AmountMismatch { .. },
             ..
         })
     ));
@@ -489,14 +492,17 @@ fn payment_server_refusal_ends_the_transaction() {
     let (mut p, _, _) = accepted(&mut c, None);
     let a = p.handle(Input::Answer(error(ErrorCode::InsufficientValue)));
     assert!(matches!(journal_steps(&a)[..], [Step::Ended { .. }]));
-    assert_eq!(ui_error(&a), Some(ErrorKind::InsufficientValue));
+    assert_eq!(ui_error(&a), Some(Problem::InsufficientValue));
 }
 
 #[test]
 fn network_loss_after_the_draw_is_in_doubt() {
     let mut c = card();
     let (mut p, _, _) = accepted(&mut c, None);
-    p.handle(Input::CardRemoved); // ignored while waiting on the network
+    assert!(
+        p.handle(Input::CardRemoved).is_empty(),
+        "ignored while waiting on the network"
+    );
     let a = p.handle(Input::NetworkFailed("reset".into()));
     assert!(matches!(outcome(&a), Some(Outcome::InDoubt { .. })));
     assert!(journal_steps(&a).is_empty());
@@ -575,7 +581,7 @@ fn card_lost_during_debit_or_confirmation_lost_is_in_doubt() {
     let mut psam = SecurityCard::new(3, issuer().purchase());
     let (mut p, draw, _) = accepted(&mut c, None);
     let cmd = debit_command(&mut psam, &draw, None);
-    p.handle(Input::Answer(command_msg(cmd, None)));
+    let _ = p.handle(Input::Answer(command_msg(cmd, None)));
     let a = p.handle(Input::Card(Err("card removed".into())));
     assert!(matches!(outcome(&a), Some(Outcome::InDoubt { .. })));
 
@@ -602,7 +608,11 @@ fn receipt_not_released_is_paid_but_says_so() {
     let cmd = debit_command(&mut psam, &draw, None);
     feed(&mut p, &mut c, Input::Answer(command_msg(cmd, None)));
     let a = p.handle(Input::Answer(receipt(false)));
-    assert_eq!(ui_error(&a), Some(ErrorKind::Other));
+    assert!(
+        a.iter()
+            .any(|x| matches!(x, Action::Show(Show::NotReleased { text }) if text == "enjoy")),
+        "{a:?}"
+    );
     assert!(matches!(journal_steps(&a)[..], [Step::Completed { .. }]));
 }
 
@@ -619,7 +629,7 @@ fn a_reset_or_a_foreign_select_while_the_viewer_decides_is_undone_by_selecting_a
         let mut c = card();
         let mut psam = SecurityCard::new(3, issuer().purchase());
         let (mut p, a) = to_viewer(&mut c, offer(250, None));
-        assert!(matches!(a.last(), Some(Action::Ui(UiUpdate::Offer(_)))));
+        assert!(matches!(a.last(), Some(Action::Show(Show::Offer(_)))));
         match meddle {
             "reset" => c.reset(),
             _ => assert_eq!(c.process(&foreign_select).response, [0x6A, 0x82]),

@@ -1,0 +1,47 @@
+//! The parts the daemon acts through, shared by the flow executor ([`super::exec`]) and
+//! recovery ([`super::recover`]): the journal, the card, the gateway, and the event loop's
+//! channel that gateway answers come back on.
+
+use std::sync::Arc;
+
+use proto::messages::Message;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use super::card::CardPort;
+use super::event::Event;
+use super::gateway::Gateway;
+use crate::journal::Journal;
+
+pub struct Parts {
+    /// Every transaction step, written before the action it announces.
+    pub journal: Journal,
+    /// The reader and the open card session.
+    pub card: CardPort,
+    /// The QUIC connection to the head end.
+    pub gateway: Arc<Gateway>,
+    /// The event loop's channel (gateway answers come back on it).
+    pub events: mpsc::Sender<Event>,
+}
+
+impl Parts {
+    /// Sends `msg` to the gateway as a task, in `span`; its answer (or the transport's
+    /// error) comes back to the event loop as `answer(result)`, so the loop keeps running
+    /// meanwhile.
+    pub fn call(
+        &self,
+        msg: Message,
+        span: tracing::Span,
+        answer: impl FnOnce(Result<Message, String>) -> Event + Send + 'static,
+    ) {
+        let gw = self.gateway.clone();
+        let tx = self.events.clone();
+        tokio::spawn(
+            async move {
+                let result = gw.call(&msg).await.map_err(|e| e.to_string());
+                let _ = tx.send(answer(result)).await;
+            }
+            .instrument(span),
+        );
+    }
+}
