@@ -171,6 +171,28 @@ pub struct Gateway {
     wake_feed: tokio::sync::Notify,
     /// Serializes the steps of one transaction (box retries, background delivery, sweeps).
     locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Transactions whose lock a background pass holds while it calls a role (for up to a
+    /// call deadline when the role does not answer): see [`Gateway::lock_for_box`].
+    retrying: std::sync::Mutex<HashMap<String, usize>>,
+}
+
+/// Marks a transaction as in a background pass's role call while it lives
+/// ([`Gateway::mark_retrying`]).
+pub(crate) struct RetryMark<'a> {
+    gw: &'a Gateway,
+    txid: String,
+}
+
+impl Drop for RetryMark<'_> {
+    fn drop(&mut self) {
+        let mut r = self.gw.retrying.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = r.get_mut(&self.txid) {
+            *n -= 1;
+            if *n == 0 {
+                r.remove(&self.txid);
+            }
+        }
+    }
 }
 
 /// The per-transaction lock, released (and its map entry dropped when unused) on drop.
@@ -229,6 +251,7 @@ impl Gateway {
             wake_releases: tokio::sync::Notify::new(),
             wake_feed: tokio::sync::Notify::new(),
             locks: Default::default(),
+            retrying: Default::default(),
         }))
     }
 
@@ -250,6 +273,48 @@ impl Gateway {
             gw: self,
             txid: txid.into(),
             _guard: m.lock_owned().await,
+        }
+    }
+
+    /// The transaction's lock for a box's request — or `Busy` at once while a background
+    /// pass (a confirmation asked of the payment server again, a release or a reversal
+    /// delivered to the merchant, a load settled with its funder) holds it for a role call.
+    /// A role that does not answer keeps that call, and the lock, for up to a call deadline,
+    /// and the box's request would then make the same call again: together longer than a
+    /// box waits for an answer, so it would drop its connection to the gateway and
+    /// reconnect on every retry. With `Busy` it keeps the connection and retries on its own
+    /// schedule.
+    #[allow(clippy::result_large_err)] // the refusal is the answer, relayed as is
+    pub(crate) async fn lock_for_box(&self, txid: &str) -> Result<TxnGuard<'_>, Message> {
+        let calling = self
+            .retrying
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(txid);
+        if calling {
+            return Err(refuse(
+                ErrorCode::Busy,
+                "the gateway is settling this transaction with another part of the head end \
+                 right now; try again shortly",
+                Some(txid),
+            ));
+        }
+        Ok(self.lock(txid).await)
+    }
+
+    /// Marks `txid`, whose lock the caller (a background pass) holds, as in a role call
+    /// until the mark is dropped (before the lock): box requests for it get `Busy` at once
+    /// meanwhile ([`Self::lock_for_box`]).
+    pub(crate) fn mark_retrying(&self, txid: &str) -> RetryMark<'_> {
+        *self
+            .retrying
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(txid.to_string())
+            .or_default() += 1;
+        RetryMark {
+            gw: self,
+            txid: txid.into(),
         }
     }
 
@@ -429,7 +494,10 @@ impl Gateway {
 
     async fn draw(&self, box_id: &str, req: DrawRequest) -> Message {
         let txid = req.transaction_id.clone();
-        let _lock = self.lock(&txid).await;
+        let _lock = match self.lock_for_box(&txid).await {
+            Ok(l) => l,
+            Err(busy) => return busy,
+        };
         let mut t = match self.owned(box_id, &txid) {
             Ok(t) => t,
             Err(e) => return *e,
@@ -529,7 +597,10 @@ impl Gateway {
 
     async fn debit_response(&self, box_id: &str, msg: DebitResponseMsg) -> Message {
         let txid = msg.transaction_id.clone();
-        let _lock = self.lock(&txid).await;
+        let _lock = match self.lock_for_box(&txid).await {
+            Ok(l) => l,
+            Err(busy) => return busy,
+        };
         let t = match self.owned(box_id, &txid) {
             Ok(t) => t,
             Err(e) => return *e,
@@ -696,6 +767,7 @@ impl Gateway {
                 continue;
             };
             let span = tracing::info_span!("confirmation", txid = %txid);
+            let _calling = self.mark_retrying(&txid);
             if let Err(answer) = self
                 .confirm(&txid, &key, &t, msg, resp)
                 .instrument(span)
@@ -868,7 +940,10 @@ impl Gateway {
 
     async fn cancel(&self, box_id: &str, c: CancelMsg) -> Message {
         let txid = c.transaction_id.clone();
-        let _lock = self.lock(&txid).await;
+        let _lock = match self.lock_for_box(&txid).await {
+            Ok(l) => l,
+            Err(busy) => return busy,
+        };
         let mut t = match self.owned(box_id, &txid) {
             Ok(t) => t,
             Err(e) => return *e,
@@ -974,6 +1049,7 @@ impl Gateway {
             if self.outbound(&key).is_none() {
                 continue; // delivered meanwhile
             }
+            let _calling = self.mark_retrying(&txid);
             let span = tracing::info_span!("release", txid = %txid);
             let answer = self.deliver(&key, out).instrument(span).await;
             if !definite(&answer) {
@@ -1046,6 +1122,7 @@ impl Gateway {
             }
         }
         if let Some(m) = self.merchants.get(&n.merchant_id) {
+            let _calling = self.mark_retrying(&txid);
             let answer = self
                 .role(&m.merchant)
                 .handle(gw(), Message::Reversed(n.clone()))

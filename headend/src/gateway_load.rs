@@ -207,7 +207,10 @@ impl Gateway {
     pub(crate) async fn load_request(&self, box_id: &str, req: LoadRequest) -> Message {
         let txid = req.transaction_id.clone();
         let t_ = Some(txid.as_str());
-        let _lock = self.lock(&txid).await;
+        let _lock = match self.lock_for_box(&txid).await {
+            Ok(l) => l,
+            Err(busy) => return busy,
+        };
         let mut t = match self.owned_load(box_id, &txid) {
             Ok(t) => t,
             Err(e) => return e,
@@ -391,7 +394,10 @@ impl Gateway {
     pub(crate) async fn load_response(&self, box_id: &str, msg: LoadResponseMsg) -> Message {
         let txid = msg.transaction_id.clone();
         let t_ = Some(txid.as_str());
-        let _lock = self.lock(&txid).await;
+        let _lock = match self.lock_for_box(&txid).await {
+            Ok(l) => l,
+            Err(busy) => return busy,
+        };
         let mut t = match self.owned_load(box_id, &txid) {
             Ok(t) => t,
             Err(e) => return e,
@@ -452,6 +458,7 @@ impl Gateway {
         };
         // A confirmation the funder has not settled: deliver it again.
         if let Some(Message::LoadConfirmation(c)) = t.confirmation.clone() {
+            let _calling = self.mark_retrying(txid);
             return self.settle(&mut t, &funder, c, txid).await.is_err();
         }
         let Some(requested) = t.requested_at else {
@@ -469,6 +476,7 @@ impl Gateway {
         let Ok(load) = self.load_role(LOAD, Some(txid)) else {
             return false;
         };
+        let _calling = self.mark_retrying(txid);
         let answer = load
             .handle(
                 gw(),

@@ -274,8 +274,15 @@ pin_key = {pin_key}
         &self.spec.box_id
     }
 
-    fn command(&self) -> String {
+    /// The command the box's pane runs: its start script.
+    pub fn command(&self) -> String {
         format!("sh '{}'", self.script.display())
+    }
+
+    /// [`Self::command`] with extra environment for stbd (e.g. a test hook).
+    pub fn command_with_env(&self, env: &[(&str, &str)]) -> String {
+        let vars: Vec<String> = env.iter().map(|(k, v)| format!("{k}='{v}'")).collect();
+        format!("env {} sh '{}'", vars.join(" "), self.script.display())
     }
 
     pub fn journal(&self) -> PathBuf {
@@ -284,7 +291,12 @@ pin_key = {pin_key}
 
     /// Starts stbd in a new pane and waits for the home screen with the card.
     pub fn start(&self, tmux: &Tmux) -> Result<(), String> {
-        tmux.new_session(self.session(), &self.command())?;
+        self.start_with(tmux, &self.command())
+    }
+
+    /// [`Self::start`] with another pane command (e.g. [`Self::command_with_env`]).
+    pub fn start_with(&self, tmux: &Tmux, command: &str) -> Result<(), String> {
+        tmux.new_session(self.session(), command)?;
         self.wait_home(tmux, Duration::from_secs(60))
     }
 
@@ -301,7 +313,8 @@ pin_key = {pin_key}
     }
 }
 
-fn home(s: &str) -> bool {
+/// The home screen with a card, and no transaction in progress.
+pub fn home(s: &str) -> bool {
     s.contains(ui::strings::HOME_TITLE)
         && s.contains(ui::strings::HOME_BALANCE)
         && !s.contains(ui::strings::PROGRESS_TITLE)

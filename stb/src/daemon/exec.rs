@@ -54,10 +54,17 @@ pub const TEST_HOOK_PAUSE_AFTER_DEBIT: &str = "pause-after-debit-journaled";
 /// Freeze after journaling `DebitSent`, before DEBIT goes to the card.
 pub const TEST_HOOK_PAUSE_BEFORE_DEBIT: &str = "pause-before-debit";
 
-/// TEST HOOK, for the end-to-end tests only (tests/tests/e2e_purchase.rs); no config key
-/// reaches it and a box never sets it. With `STBD_TEST_HOOK` set to one of the values above
-/// the daemon freezes (the whole single-threaded runtime) right after journaling that step,
-/// and says so on stderr, so the test can SIGKILL it exactly in that window.
+/// With this set to a file path, the hook holds the daemon only until that file exists, then
+/// lets it go on (instead of freezing it until it is killed).
+pub const TEST_HOOK_RELEASE_ENV: &str = "STBD_TEST_HOOK_RELEASE";
+
+/// TEST HOOK, for the end-to-end tests only (tests/tests/e2e_purchase.rs,
+/// sim/tests/scenarios.rs); no config key reaches it and a box never sets it. With
+/// `STBD_TEST_HOOK` set to one of the values above the daemon freezes (the whole
+/// single-threaded runtime) right after journaling that step, and says so on stderr, so the
+/// test can SIGKILL it exactly in that window — or, with `STBD_TEST_HOOK_RELEASE` naming a
+/// file, act on the head end (stop a role) in that window and let the daemon go on by
+/// creating the file.
 fn test_hook_after_journal(step: &purchase::Step) {
     use purchase::Step;
     let hook = match step {
@@ -66,6 +73,18 @@ fn test_hook_after_journal(step: &purchase::Step) {
         _ => return,
     };
     if std::env::var(TEST_HOOK_ENV).as_deref() == Ok(hook) {
+        if let Some(release) = std::env::var_os(TEST_HOOK_RELEASE_ENV) {
+            let release = std::path::PathBuf::from(release);
+            eprintln!(
+                "stbd: TEST HOOK {hook}: {step:?} journaled; held until {} exists",
+                release.display()
+            );
+            while !release.exists() {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            eprintln!("stbd: TEST HOOK {hook}: released");
+            return;
+        }
         eprintln!("stbd: TEST HOOK {hook}: {step:?} journaled; frozen until killed");
         loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));
