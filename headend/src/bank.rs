@@ -930,7 +930,7 @@ impl Role for BankServer {
                 }
                 other => refuse(
                     ErrorCode::Malformed,
-                    format!("the bank does not take {}", crate::payment::kind(&other)),
+                    format!("the bank does not take {}", other.kind()),
                     None,
                 ),
             }

@@ -372,7 +372,7 @@ impl Gateway {
             match self.role(name).handle(gw(), Message::CatalogRequest).await {
                 Message::Catalog(mut c) => items.append(&mut c),
                 other => {
-                    tracing::warn!(merchant = %name, box_id, answer = crate::payment::kind(&other), "catalog unavailable")
+                    tracing::warn!(merchant = %name, box_id, answer = other.kind(), "catalog unavailable")
                 }
             }
         }
@@ -726,7 +726,7 @@ impl Gateway {
                         b.step(
                             txid,
                             "payment server refused the debit response",
-                            crate::payment::kind(&other),
+                            other.kind(),
                         )
                     });
                 }
@@ -899,7 +899,7 @@ impl Gateway {
             other if definite(&other) => {
                 let why = match &other {
                     Message::Error(e) => e.reason.clone(),
-                    m => crate::payment::kind(m).to_string(),
+                    m => m.kind().to_string(),
                 };
                 let _ = self.journal.atomically(|b| {
                     b.delete("release", key)?;
@@ -914,7 +914,7 @@ impl Gateway {
             other => {
                 tracing::warn!(
                     txid,
-                    answer = crate::payment::kind(&other),
+                    answer = other.kind(),
                     "merchant unreachable; release kept for background delivery"
                 );
                 self.wake_releases.notify_one();
@@ -1016,11 +1016,7 @@ impl Gateway {
             if definite(&answer) {
                 let _ = self.journal.atomically(|b| {
                     b.delete("notify", &key)?;
-                    b.step(
-                        &txid,
-                        "payment server notified",
-                        crate::payment::kind(&answer),
-                    )
+                    b.step(&txid, "payment server notified", answer.kind())
                 });
             } else {
                 backlog = true;
@@ -1085,11 +1081,7 @@ impl Gateway {
             {
                 Message::Reversals(p) => p,
                 other => {
-                    tracing::debug!(
-                        payment,
-                        answer = crate::payment::kind(&other),
-                        "reversal feed unavailable"
-                    );
+                    tracing::debug!(payment, answer = other.kind(), "reversal feed unavailable");
                     backlog = true;
                     continue;
                 }
@@ -1309,7 +1301,7 @@ impl Gateway {
             | Message::LoadResponse(_)) => self.load_dispatch(box_id, m).await,
             other => refuse(
                 ErrorCode::Malformed,
-                format!("a box cannot send {}", crate::payment::kind(&other)),
+                format!("a box cannot send {}", other.kind()),
                 None,
             ),
         }

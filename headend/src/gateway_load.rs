@@ -309,7 +309,7 @@ impl Gateway {
                             t.requested_at = None;
                             let why = match &other {
                                 Message::Error(e) => format!("hold refused: {:?}", e.code),
-                                m => format!("hold refused: {}", crate::payment::kind(m)),
+                                m => format!("hold refused: {}", m.kind()),
                             };
                             if let Err(e) = self.save_load(&txid, &t, &why) {
                                 return e;
@@ -538,7 +538,7 @@ impl Gateway {
             }
             other => refuse(
                 ErrorCode::Malformed,
-                format!("a box cannot send {}", crate::payment::kind(&other)),
+                format!("a box cannot send {}", other.kind()),
                 None,
             ),
         }

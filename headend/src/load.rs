@@ -619,10 +619,7 @@ impl Role for LoadServer {
                 }
                 other => refuse(
                     ErrorCode::Malformed,
-                    format!(
-                        "the load server does not take {}",
-                        crate::payment::kind(&other)
-                    ),
+                    format!("the load server does not take {}", other.kind()),
                     None,
                 ),
             }

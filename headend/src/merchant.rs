@@ -448,10 +448,7 @@ impl Role for MerchantServer {
                 Message::Reversed(n) => self.reversed(n),
                 other => Message::error(
                     ErrorCode::Malformed,
-                    format!(
-                        "the merchant does not take {}",
-                        crate::payment::kind(&other)
-                    ),
+                    format!("the merchant does not take {}", other.kind()),
                     None,
                 ),
             }

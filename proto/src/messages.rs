@@ -600,6 +600,44 @@ pub enum Message {
 }
 
 impl Message {
+    /// The message's kind as a noun phrase ("a draw request"), for refusals, logs and the
+    /// TV's out-of-turn details: one name per variant, the field's terms (seed 001's draw
+    /// request, debit command, …).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::CatalogRequest => "a catalog request",
+            Message::Catalog(_) => "a catalog",
+            Message::OfferRequest { .. } => "an offer request",
+            Message::Offer(_) => "an offer",
+            Message::Cancel(_) => "a cancel",
+            Message::DrawRequest(_) => "a draw request",
+            Message::DebitCommand(_) => "a debit command",
+            Message::DebitResponse(_) => "a debit response",
+            Message::Confirmation(_) => "a confirmation",
+            Message::Receipt(_) => "a receipt",
+            Message::LoadRequest(_) => "a load request",
+            Message::LoadCommand(_) => "a load command",
+            Message::LoadResponse(_) => "a load response",
+            Message::LoadConfirmation(_) => "a load confirmation",
+            Message::Error(_) => "an error",
+            Message::RoutedOfferRequest { .. } => "a routed offer request",
+            Message::LoadOfferRequest(_) => "a load offer request",
+            Message::LoadOffer(_) => "a load offer",
+            Message::RoutedLoadOfferRequest { .. } => "a routed load offer request",
+            Message::HoldRequest(_) => "a hold request",
+            Message::HoldPlaced(_) => "a hold placed",
+            Message::HoldSettled(_) => "a hold settled",
+            Message::LoadRefused(_) => "a load refusal",
+            Message::RoutedLoadRequest { .. } => "a routed load request",
+            Message::LoadExpire { .. } => "a load expiry",
+            Message::ReversalsSince { .. } => "a reversal feed request",
+            Message::Reversals(_) => "a reversal feed page",
+            Message::Reversed(_) => "a reversal notice",
+            Message::Ack { .. } => "an acknowledgement",
+            Message::RoutedDebitCommand { .. } => "a routed debit command",
+        }
+    }
+
     /// Encodes as a frame payload.
     pub fn to_payload(&self) -> Vec<u8> {
         postcard::to_allocvec(self).expect("in-memory serialization of a message")

@@ -128,14 +128,14 @@ impl Default for Timing {
 fn code_of(m: &Message) -> String {
     match m {
         Message::Error(e) => format!("{:?}", e.code),
-        other => format!("unexpected {}", headend::payment::kind(other)),
+        other => format!("unexpected {}", other.kind()),
     }
 }
 
 fn reason_of(m: &Message) -> String {
     match m {
         Message::Error(e) => format!("{:?} ({})", e.code, e.reason),
-        other => format!("unexpected {}", headend::payment::kind(other)),
+        other => format!("unexpected {}", other.kind()),
     }
 }
 

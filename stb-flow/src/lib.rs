@@ -78,22 +78,3 @@ pub fn split_sw(resp: &[u8]) -> Option<(&[u8], StatusWord)> {
     let (data, sw) = resp.split_last_chunk::<2>()?;
     Some((data, StatusWord(u16::from_be_bytes(*sw))))
 }
-
-/// A message's kind as a noun ("a debit command"), for logs and for naming an answer that
-/// came out of turn ([`show::Refusal::OutOfTurn`]).
-#[must_use]
-pub fn name(m: &Message) -> &'static str {
-    match m {
-        Message::OfferRequest { .. } => "an offer request",
-        Message::Offer(_) => "an offer",
-        Message::DrawRequest(_) => "a draw request",
-        Message::DebitCommand(_) => "a debit command",
-        Message::DebitResponse(_) => "a debit response",
-        Message::Receipt(_) => "a receipt",
-        Message::Error(_) => "an error",
-        Message::CatalogRequest => "a catalog request",
-        Message::Catalog(_) => "a catalog",
-        Message::Cancel(_) => "a cancel",
-        _ => "a load message",
-    }
-}

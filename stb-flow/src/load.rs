@@ -37,7 +37,7 @@ use rand::rngs::StdRng;
 
 use crate::recovery::CardSeen;
 use crate::show::{CardAnswer, Doubt, Progress, ReceiptShown, Receipted, Refusal, Request, Show};
-use crate::{CardReply, name, split_sw};
+use crate::{CardReply, split_sw};
 
 /// The shortest PIN the entry screen allows (digits).
 pub const PIN_MIN: u8 = 4;
@@ -449,7 +449,7 @@ impl Load {
             other => {
                 return self.failed(Refusal::OutOfTurn {
                     to: Request::LoadOffer,
-                    answer: name(&other),
+                    answer: other.kind(),
                 });
             }
         };
@@ -608,7 +608,7 @@ impl Load {
                     req,
                     None,
                     "unexpected answer to the load request",
-                    name(&other),
+                    other.kind(),
                 );
             }
         };
@@ -732,7 +732,7 @@ impl Load {
             }
             other => {
                 return self.in_doubt(Doubt::LoadConfirmationOutOfTurn {
-                    answer: name(&other),
+                    answer: other.kind(),
                 });
             }
         };
@@ -907,7 +907,7 @@ pub fn on_load_answer(
         Ok(Message::Error(e)) => {
             LoadResolution::Retry(format!("the head end answered {:?}: {}", e.code, e.reason))
         }
-        Ok(other) => LoadResolution::Retry(format!("unexpected answer: {}", name(other))),
+        Ok(other) => LoadResolution::Retry(format!("unexpected answer: {}", other.kind())),
         Err(e) => LoadResolution::Retry(format!("no answer from the head end: {e}")),
     }
 }

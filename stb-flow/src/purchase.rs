@@ -36,7 +36,7 @@ use crate::recovery::{self, DebitEvidence};
 use crate::show::{
     CardAnswer, Doubt, OfferShown, Progress, ReceiptShown, Receipted, Refusal, Request, Show,
 };
-use crate::{CardReply, name, split_sw};
+use crate::{CardReply, split_sw};
 
 /// A journal step: written before the action it announces.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -441,7 +441,7 @@ impl Purchase {
             other => {
                 return self.failed(Refusal::OutOfTurn {
                     to: Request::Offer,
-                    answer: name(&other),
+                    answer: other.kind(),
                 });
             }
         };
@@ -588,7 +588,7 @@ impl Purchase {
             other => {
                 let refusal = Refusal::OutOfTurn {
                     to: Request::Draw,
-                    answer: name(&other),
+                    answer: other.kind(),
                 };
                 return self.cancel_with_proof(
                     CancelReason::NotDebited,
@@ -717,7 +717,7 @@ impl Purchase {
                 reason: e.reason,
             }),
             other => self.in_doubt(Doubt::PaidButOutOfTurn {
-                answer: name(&other),
+                answer: other.kind(),
             }),
         }
     }

@@ -229,7 +229,7 @@ fn unsettled(txid: &str, answer: Result<&Message, &str>) -> String {
             "a receipt for another transaction ({}, expected {txid})",
             r.transaction_id
         ),
-        Ok(other) => format!("unexpected answer: {}", crate::name(other)),
+        Ok(other) => format!("unexpected answer: {}", other.kind()),
     }
 }
 

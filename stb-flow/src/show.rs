@@ -147,7 +147,7 @@ pub enum Refusal {
     /// The merchant refused the offer request; `reason` is the head end's.
     OfferRefused { code: ErrorCode, reason: String },
     /// The head end answered `to` with another kind of message (`answer`, see
-    /// [`crate::name`]).
+    /// [`proto::messages::Message::kind`]).
     OutOfTurn { to: Request, answer: &'static str },
     /// The offer has no transaction id or a zero price.
     UnusableOffer,

@@ -310,7 +310,7 @@ pub struct Done {
 fn answer_err(step: &str, m: &Message) -> String {
     match m {
         Message::Error(e) => format!("{step}: {:?}: {}", e.code, e.reason),
-        other => format!("{step}: unexpected {}", crate::payment::kind(other)),
+        other => format!("{step}: unexpected {}", other.kind()),
     }
 }
 

@@ -772,7 +772,7 @@ impl Role for PaymentServer {
                 other => {
                     return Message::error(
                         ErrorCode::Malformed,
-                        format!("the payment server does not take {}", kind(other)),
+                        format!("the payment server does not take {}", other.kind()),
                         None,
                     );
                 }
@@ -794,41 +794,5 @@ impl Role for PaymentServer {
             self.unlock_done(&txid);
             answer
         })
-    }
-}
-
-/// A message's name, for refusals.
-pub fn kind(m: &Message) -> &'static str {
-    match m {
-        Message::CatalogRequest => "a catalog request",
-        Message::Catalog(_) => "a catalog",
-        Message::OfferRequest { .. } => "an offer request",
-        Message::Offer(_) => "an offer",
-        Message::Cancel(_) => "a cancel",
-        Message::DrawRequest(_) => "a draw request",
-        Message::DebitCommand(_) => "a debit command",
-        Message::DebitResponse(_) => "a debit response",
-        Message::Confirmation(_) => "a confirmation",
-        Message::Receipt(_) => "a receipt",
-        Message::LoadRequest(_) => "a load request",
-        Message::LoadCommand(_) => "a load command",
-        Message::LoadResponse(_) => "a load response",
-        Message::LoadConfirmation(_) => "a load confirmation",
-        Message::Error(_) => "an error",
-        Message::RoutedOfferRequest { .. } => "a routed offer request",
-        Message::LoadOfferRequest(_) => "a load offer request",
-        Message::LoadOffer(_) => "a load offer",
-        Message::RoutedLoadOfferRequest { .. } => "a routed load offer request",
-        Message::HoldRequest(_) => "a hold request",
-        Message::HoldPlaced(_) => "a hold placed",
-        Message::HoldSettled(_) => "a hold settled",
-        Message::LoadRefused(_) => "a load refusal",
-        Message::RoutedLoadRequest { .. } => "a routed load request",
-        Message::LoadExpire { .. } => "a load expiry",
-        Message::ReversalsSince { .. } => "a reversal feed request",
-        Message::Reversals(_) => "a reversal feed page",
-        Message::Reversed(_) => "a reversal notice",
-        Message::Ack { .. } => "an acknowledgement",
-        Message::RoutedDebitCommand { .. } => "a routed debit command",
     }
 }

@@ -320,9 +320,7 @@ impl<F: Driven> Slot<F> {
                     queue.extend(more);
                 }
                 Action::Send(msg) => {
-                    span.in_scope(|| {
-                        tracing::info!(message = stb_flow::name(&msg), "to the gateway")
-                    });
+                    span.in_scope(|| tracing::info!(message = msg.kind(), "to the gateway"));
                     let flow = active.id;
                     parts.call(msg, span.clone(), move |result| {
                         if let Err(e) = &result {

@@ -628,9 +628,7 @@ impl RecoverySlot {
             InFlight::Purchase { span, .. } | InFlight::Load { span, .. } => span.clone(),
         };
         let id = txid.clone();
-        span.in_scope(|| {
-            tracing::info!(message = stb_flow::name(&msg), "recovery: to the gateway")
-        });
+        span.in_scope(|| tracing::info!(message = msg.kind(), "recovery: to the gateway"));
         parts.call(msg, span, move |result| Event::Recovery {
             transaction_id: id,
             result,

@@ -280,5 +280,8 @@ pub fn every(card: &CardData, txid: &str, victim_box: &str, voucher: &str) -> Ve
     assert_eq!(all.len(), KINDS);
     let names: std::collections::BTreeSet<_> = all.iter().map(name).collect();
     assert_eq!(names.len(), KINDS, "one of each kind");
+    // The product's own names for them (refusals, logs) tell every kind apart too.
+    let kinds: std::collections::BTreeSet<_> = all.iter().map(Message::kind).collect();
+    assert_eq!(kinds.len(), KINDS, "Message::kind names each kind once");
     all
 }
