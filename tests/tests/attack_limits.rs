@@ -21,6 +21,7 @@ use attack::deploy::{HeadEnd, ROLES, set};
 use attack::ledger::{self, Ledger};
 use attack::wire::{self, Outcome};
 use attack::*;
+use proto::apdu::CardApplication;
 use proto::messages::*;
 
 /// Case 6. FIG. 4 (the demo's embodiment): a security card is leased from the draw request
@@ -178,6 +179,113 @@ async fn one_box_cannot_hold_the_security_card_pool() {
             Some("DebitIssued")
         );
     }
+}
+
+/// Outside re-attack finding: one captured INITIALIZE FOR PURCHASE response, replayed into
+/// new draws from several boxes (one of them owning no card at all), took a security card
+/// per draw, so a few certificates held the whole pool without a card. Now a draw's
+/// INITIALIZE must be newer than the newest a draw already used for that card: the replays
+/// are refused `Replay` before any security card is leased or any step journaled at the
+/// payment server, while the honest box keeps buying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_initialize_response_takes_no_security_card() {
+    let he = HeadEnd::start("init-replay", |_, _| {});
+    let honest = BoxClient::new(&he, "box-000120", 700_120, 50_000).await;
+    let honest_card = honest.card_path.clone();
+    let mut owner = BoxClient::new(&he, "box-000680", 700_680, 5_000).await;
+    let owner_card = owner.card_path.clone();
+    // A box without a card of its own: it only replays what it captured.
+    let cardless = BoxClient::with(
+        &he,
+        "box-000681",
+        he.device("box-000681"),
+        attack::boxes::new_card(&he, "spare", 700_681, 1_000),
+    )
+    .await;
+    let cards = [("honest", honest_card.as_path()), ("owner", &owner_card)];
+    let before = Ledger::read(&he, &cards);
+    let honest = HonestLoop::start(honest, Duration::from_millis(800));
+
+    // The genuine first use of the response: a debit command, never answered.
+    let captured = owner.init_purchase();
+    let replay = |b: &BoxClient, offer: &Offer| DrawRequest {
+        transaction_id: offer.transaction_id.clone(),
+        merchant_id: offer.merchant_id.clone(),
+        etsk: offer.etsk.clone(),
+        body: Protected::new(
+            DrawBody {
+                amount: offer.amount,
+                atr: b.card.atr(),
+                init: captured.clone(),
+            },
+            offer.tsk.as_ref(),
+            &mut rand::rngs::OsRng,
+        ),
+    };
+    let first = owner.offer(PPV.0, PPV.1).await.expect("an offer");
+    let first_draw = Message::DrawRequest(replay(&owner, &first));
+    let mut first_txn = owner.conn.txn().await.expect("a stream");
+    let answer = first_txn.step(&first_draw).await;
+    assert!(
+        matches!(answer, Outcome::Answer(Message::DebitCommand(_))),
+        "the response's first use: {answer:?}"
+    );
+    // The same draw again on its own transaction is a retry: the same answer.
+    let again = owner.call(&first_draw).await;
+    assert!(
+        matches!(again, Outcome::Answer(Message::DebitCommand(_))),
+        "an identical retry: {again:?}"
+    );
+
+    // Replays into new transactions, from the owner and from the cardless box.
+    let mut replayed = Vec::new();
+    for i in 0..4 {
+        let b = if i % 2 == 0 { &owner } else { &cardless };
+        let offer = b.offer(PPV.0, PPV.1).await.expect("an offer");
+        let answer = b.call(&Message::DrawRequest(replay(b, &offer))).await;
+        assert!(
+            answer.is_error(ErrorCode::Replay),
+            "a replayed INITIALIZE: {answer:?}"
+        );
+        assert!(
+            reason(&answer, "replay").contains("not newer than one already used"),
+            "{answer:?}"
+        );
+        replayed.push(offer.transaction_id);
+    }
+    let report = honest.finish().await;
+    eprintln!(
+        "init replay: 4 draws on one captured INITIALIZE refused; honest box {}",
+        report.summary()
+    );
+    assert_honest_during(&report, "init replay");
+    assert!(
+        report.failures.is_empty(),
+        "init replay: the honest box was refused: {:?}",
+        report.failures
+    );
+
+    // Nothing of the replays reached a security card or the payment journal.
+    let steps = ledger::steps(&he.journal("payment"));
+    for txid in &replayed {
+        let seen: Vec<_> = steps.iter().filter(|(t, _, _)| t == txid).collect();
+        assert!(seen.is_empty(), "{txid} journaled at payment: {seen:?}");
+    }
+    let mut client = report.client;
+    let last = honest_after(&mut client, "init replay").await;
+    let mut bought: Vec<_> = report.purchases.iter().map(|p| ("honest", p)).collect();
+    bought.push(("honest", &last));
+    let after = Ledger::read(&he, &cards);
+    before.assert_only(&after, &bought, "init replay");
+    assert_eq!(
+        after
+            .payments
+            .get(&first.transaction_id)
+            .map(String::as_str),
+        Some("DebitIssued"),
+        "the genuine first use stays open until its deadline"
+    );
+    drop(first_txn);
 }
 
 /// Offers and draws `n` purchases and never answers the debit commands: the transaction

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use proto::crypto::{self, DesKey, MessageKeys};
 use proto::messages::*;
 use proto::money::Money;
-use proto::purse::{Date, MasterKey};
+use proto::purse::{Date, MasterKey, PurchaseInit};
 use proto::security_card::{DrawData, PsamError, SecurityCard};
 use rand::rngs::OsRng;
 use serde::{Deserialize, Serialize};
@@ -90,6 +90,18 @@ pub struct PaymentServer {
     /// `feed_lock`.
     reversal_seq: std::sync::atomic::AtomicU64,
     feed_lock: tokio::sync::Mutex<()>,
+    /// Per card id, the newest INITIALIZE FOR PURCHASE a draw request has used (journal kind
+    /// `card_init`, key the card id): see [`PaymentServer::claim_init`].
+    card_inits: std::sync::Mutex<HashMap<u64, CardInit>>,
+}
+
+/// The newest INITIALIZE FOR PURCHASE of one card that a draw request used, and by which
+/// transaction (journal kind `card_init`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct CardInit {
+    /// The card's INITIALIZE count in that response (`PurchaseInit::init_count`).
+    init_count: u32,
+    transaction_id: String,
 }
 
 /// Notices per [`Message::ReversalsSince`] answer.
@@ -215,6 +227,7 @@ impl PaymentServer {
             locks: Default::default(),
             reversal_seq: reversal_seq.into(),
             feed_lock: tokio::sync::Mutex::new(()),
+            card_inits: Default::default(),
         }))
     }
 
@@ -254,6 +267,54 @@ impl PaymentServer {
         if l.get(txid).is_some_and(|m| Arc::strong_count(m) == 1) {
             l.remove(txid);
         }
+    }
+
+    /// Claims the card's INITIALIZE FOR PURCHASE response for transaction `txid`.
+    ///
+    /// A card raises its INITIALIZE count on every INITIALIZE (`PurchaseInit::init_count`),
+    /// and a genuine new draw always comes from a fresh one, so a new transaction whose
+    /// response is not newer than the newest already used for that card replays a captured
+    /// response: its DEBIT can never run (the card ended that session), but each such draw
+    /// would take a security card until its lease times out, and a few certificates holding
+    /// one old response could keep the whole pool busy. The same transaction may present the
+    /// same response again (a retry after `Busy`).
+    ///
+    /// Returns the record to journal with the draw (`None` when it is already the newest).
+    ///
+    /// # Errors
+    /// `Replay` (the refusal to answer) for a response not newer than the newest seen.
+    fn claim_init(&self, init: &PurchaseInit, txid: &str) -> Result<Option<CardInit>, Message> {
+        let mut seen = self.card_inits.lock().unwrap_or_else(|p| p.into_inner());
+        let newest = match seen.get(&init.card_id) {
+            Some(c) => Some(c.clone()),
+            None => self
+                .journal
+                .get("card_init", &init.card_id.to_string())
+                .ok()
+                .flatten()
+                .and_then(|b| journal::decode::<CardInit>(&b).ok()),
+        };
+        let claim = CardInit {
+            init_count: init.init_count,
+            transaction_id: txid.to_string(),
+        };
+        match newest {
+            Some(n) if n == claim => return Ok(None),
+            Some(n) if n.init_count >= init.init_count => {
+                return Err(refuse(
+                    ErrorCode::Replay,
+                    format!(
+                        "the card's INITIALIZE response (count {}) is not newer than one \
+                         already used (count {}): a draw needs a fresh INITIALIZE",
+                        init.init_count, n.init_count
+                    ),
+                    Some(txid),
+                ));
+            }
+            _ => {}
+        }
+        seen.insert(init.card_id, claim.clone());
+        Ok(Some(claim))
     }
 
     async fn draw(&self, req: DrawRequest) -> Message {
@@ -314,11 +375,24 @@ impl PaymentServer {
             Ok(b) => b,
             Err(e) => return e,
         };
-        if let Err(e) = self.journal.step(
-            &txid,
-            "draw request received",
-            &format!("{} {}", req.merchant_id, body.amount),
-        ) {
+        let claim = match self.claim_init(&body.init, &txid) {
+            Ok(c) => c,
+            Err(refusal) => return refusal,
+        };
+        if let Err(e) = self.journal.atomically(|b| {
+            if let Some(c) = &claim {
+                b.put(
+                    "card_init",
+                    &body.init.card_id.to_string(),
+                    &journal::encode(c),
+                )?;
+            }
+            b.step(
+                &txid,
+                "draw request received",
+                &format!("{} {}", req.merchant_id, body.amount),
+            )
+        }) {
             return journal_failed(e, Some(&txid));
         }
         let Some(lease) = self.pool.acquire(Duration::from_secs(5)).await else {
