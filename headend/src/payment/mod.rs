@@ -282,8 +282,8 @@ impl PaymentServer {
     /// Returns the record to journal with the draw (`None` when it is already the newest).
     ///
     /// # Errors
-    /// `Replay` (the refusal to answer) for a response not newer than the newest seen.
-    fn claim_init(&self, init: &PurchaseInit, txid: &str) -> Result<Option<CardInit>, Message> {
+    /// The newest count already used, when the response is not newer than it.
+    fn claim_init(&self, init: &PurchaseInit, txid: &str) -> Result<Option<CardInit>, u32> {
         let mut seen = self.card_inits.lock().unwrap_or_else(|p| p.into_inner());
         let newest = match seen.get(&init.card_id) {
             Some(c) => Some(c.clone()),
@@ -300,17 +300,7 @@ impl PaymentServer {
         };
         match newest {
             Some(n) if n == claim => return Ok(None),
-            Some(n) if n.init_count >= init.init_count => {
-                return Err(refuse(
-                    ErrorCode::Replay,
-                    format!(
-                        "the card's INITIALIZE response (count {}) is not newer than one \
-                         already used (count {}): a draw needs a fresh INITIALIZE",
-                        init.init_count, n.init_count
-                    ),
-                    Some(txid),
-                ));
-            }
+            Some(n) if n.init_count >= init.init_count => return Err(n.init_count),
             _ => {}
         }
         seen.insert(init.card_id, claim.clone());
@@ -377,7 +367,17 @@ impl PaymentServer {
         };
         let claim = match self.claim_init(&body.init, &txid) {
             Ok(c) => c,
-            Err(refusal) => return refusal,
+            Err(newest) => {
+                return refuse(
+                    ErrorCode::Replay,
+                    format!(
+                        "the card's INITIALIZE response (count {}) is not newer than one \
+                         already used (count {newest}): a draw needs a fresh INITIALIZE",
+                        body.init.init_count
+                    ),
+                    Some(&txid),
+                );
+            }
         };
         if let Err(e) = self.journal.atomically(|b| {
             if let Some(c) = &claim {
