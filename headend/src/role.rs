@@ -326,7 +326,8 @@ impl Role for RemoteRole {
                     tracing::warn!(role = %self.name, addr = %self.addr, error = %e, "role unreachable");
                     Message::error(
                         ErrorCode::Busy,
-                        format!("{} is unreachable ({e}); try again", self.name),
+                        // The cause (TLS, address) is in the log above, not for the caller.
+                        format!("{} is unreachable; try again", self.name),
                         None,
                     )
                 }

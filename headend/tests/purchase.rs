@@ -516,7 +516,9 @@ async fn purchase_keys_come_from_the_key_file_at_every_start_never_from_the_jour
     let he = HeadEnd { dir, cfg, running };
     // A card personalised under the old master no longer verifies: the restarted security
     // cards hold the new key from the file, not the old one from their snapshot.
-    let mut b = TestBox::new(&he, "box-000002", 10_000).await;
+    // (Another card: its id comes from its balance, and a draw must bring an INITIALIZE newer
+    // than the newest one the payment server has seen for that card.)
+    let mut b = TestBox::new(&he, "box-000002", 9_999).await;
     let offer = b.offer("CABLE", "ppv-1001").await;
     let draw = b.draw_request(&offer);
     let answer = b.call(&Message::DrawRequest(draw)).await;
