@@ -65,7 +65,7 @@ use proto::messages::{
     Protected,
 };
 use proto::money::Currency;
-use proto::purse::{Date, LoadInit, LogRecord, PurseInfo, PurchaseInit};
+use proto::purse::{Date, LoadInit, LogRecord, PurchaseInit, PurseInfo};
 use proto::secret::Secret;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -322,6 +322,9 @@ enum Sent {
     Cancel(DebitEvidence),
 }
 
+/// What a recovery message out to the gateway was sent for (a handful live at a time: the
+/// size of a variant does not matter).
+#[allow(clippy::large_enum_variant)]
 enum Recovering {
     Purchase {
         txn: InDoubt,
@@ -331,7 +334,7 @@ enum Recovering {
     },
     Load {
         pending: Box<PendingLoad>,
-        msg: LoadResponseMsg,
+        msg: Box<LoadResponseMsg>,
         from_log: bool,
     },
 }
@@ -681,7 +684,8 @@ impl Pair {
         let seed = self.seed.wrapping_mul(1_000_003) + self.flows_started;
         let (l, first) = Load::start(source, Some(self.pin_key.clone()), seed);
         self.flow = Some((self.flows_started, Flow::Load(l)));
-        self.trace.push(format!("flow {}: load", self.flows_started));
+        self.trace
+            .push(format!("flow {}: load", self.flows_started));
         self.execute(actions(first));
     }
 
@@ -801,17 +805,19 @@ impl Pair {
             }
             Leg::FromCard(reply) => {
                 if epoch != self.epoch {
-                    self.trace.push("  nobody listens: the box restarted".into());
+                    self.trace
+                        .push("  nobody listens: the box restarted".into());
                     return true;
                 }
-                self.to_box(party, Delivery::Card(reply));
+                self.deliver_to_box(party, Delivery::Card(reply));
             }
             Leg::FromGateway(answer) => {
                 if epoch != self.epoch {
-                    self.trace.push("  nobody listens: the box restarted".into());
+                    self.trace
+                        .push("  nobody listens: the box restarted".into());
                     return true;
                 }
-                self.to_box(party, Delivery::Gateway(answer));
+                self.deliver_to_box(party, Delivery::Gateway(answer));
             }
         }
         true
@@ -874,7 +880,8 @@ impl Pair {
             .queue
             .pop_front()
             .unwrap_or_else(|| panic!("{what}: nothing in flight"));
-        self.trace.push(format!("fault: {what}: {}", item.describe()));
+        self.trace
+            .push(format!("fault: {what}: {}", item.describe()));
         item
     }
 
@@ -913,7 +920,11 @@ impl Pair {
     /// # Panics
     /// If nothing is in flight.
     pub fn duplicate(&mut self) {
-        let item = self.queue.front().cloned().expect("duplicate: nothing in flight");
+        let item = self
+            .queue
+            .front()
+            .cloned()
+            .expect("duplicate: nothing in flight");
         self.trace
             .push(format!("fault: duplicated: {}", item.describe()));
         self.queue.insert(1, item);
@@ -961,7 +972,7 @@ impl Pair {
 
     // ---- the box's shell ----
 
-    fn to_box(&mut self, party: Party, d: Delivery) {
+    fn deliver_to_box(&mut self, party: Party, d: Delivery) {
         match party {
             Party::Flow(n) => {
                 let Some((active, flow)) = self.flow.as_mut() else {
@@ -1019,7 +1030,8 @@ impl Pair {
                     if let Err(e) = self.journal.record(&transaction_id, &step) {
                         return self.flow_ended(Ended::NotRecorded(e.to_string()));
                     }
-                    self.trace.push(format!("  journal: {}", purchase_step(&step)));
+                    self.trace
+                        .push(format!("  journal: {}", purchase_step(&step)));
                 }
                 FlowAction::Load(Action::Journal {
                     transaction_id,
@@ -1113,8 +1125,10 @@ impl Pair {
                 _ => break,
             }
         }
-        self.trace
-            .push(format!("  recovery read the card: {} log records", log.len()));
+        self.trace.push(format!(
+            "  recovery read the card: {} log records",
+            log.len()
+        ));
         CardFacts {
             card_id: info.card_id,
             log,
@@ -1294,7 +1308,7 @@ impl Pair {
             Message::LoadResponse(msg.clone()),
             Recovering::Load {
                 pending: Box::new(pending),
-                msg,
+                msg: Box::new(msg),
                 from_log,
             },
         );

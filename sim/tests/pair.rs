@@ -64,7 +64,10 @@ fn full_purchase(embodiment: &str, layer: bool, merchant: &str, item: &str, pric
     assert_eq!(l.released, price);
     if embodiment == "gateway" {
         let steps = p.head_end.gateway.journal().steps(&txid).unwrap();
-        assert!(steps.iter().any(|s| s == "gateway compared: match"), "{steps:?}");
+        assert!(
+            steps.iter().any(|s| s == "gateway compared: match"),
+            "{steps:?}"
+        );
     }
 }
 
@@ -105,7 +108,10 @@ fn bank_load_with_pin() {
     );
     assert_eq!(p.card_balance(), START + 2_000);
     let l = p.assert_conserved();
-    assert_eq!((l.loaded, l.funders_debited, l.float), (2_000, 2_000, 2_000));
+    assert_eq!(
+        (l.loaded, l.funders_debited, l.float),
+        (2_000, 2_000, 2_000)
+    );
 }
 
 #[test]
@@ -160,7 +166,11 @@ fn viewer_cancels_before_the_debit() {
             other => panic!("{other:?}"),
         }
         assert_eq!(p.card_balance(), START);
-        assert!(p.trace().iter().any(|l| l.contains("box → gateway: a cancel")));
+        assert!(
+            p.trace()
+                .iter()
+                .any(|l| l.contains("box → gateway: a cancel"))
+        );
         p.assert_conserved();
     }
 }
@@ -267,11 +277,7 @@ fn debit_never_reached_the_card_then_crash_cancels_with_proof() {
 
 /// The one purchase the box journaled (for tests whose flow died in a crash).
 fn txid_of_journal(p: &Pair) -> String {
-    let steps = p
-        .trace()
-        .iter()
-        .filter(|l| l.contains("journal"))
-        .count();
+    let steps = p.trace().iter().filter(|l| l.contains("journal")).count();
     assert!(steps > 0);
     p.head_end
         .gateway
@@ -339,7 +345,11 @@ fn lost_receipt_is_fetched_again_by_recovery() {
         let txid = txid_of(&p);
         p.recover();
         p.drive();
-        assert_eq!(p.purchase_state(&txid).as_deref(), Some("completed"), "{emb}");
+        assert_eq!(
+            p.purchase_state(&txid).as_deref(),
+            Some("completed"),
+            "{emb}"
+        );
         assert_eq!(p.head_end.merchant.releases(&txid), 1, "released once");
         let l = p.assert_conserved();
         assert_eq!(l.sold, 1_250);
@@ -420,7 +430,10 @@ fn lost_load_response_then_crash_recovers_from_the_journal() {
     assert_eq!(p.recovery_counts().resolved, 1);
     assert_eq!(p.card_balance(), START + 2_000);
     let l = p.assert_conserved();
-    assert_eq!((l.loaded, l.funders_debited, l.float), (2_000, 2_000, 2_000));
+    assert_eq!(
+        (l.loaded, l.funders_debited, l.float),
+        (2_000, 2_000, 2_000)
+    );
 }
 
 #[test]
