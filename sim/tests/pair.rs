@@ -8,11 +8,11 @@
 //! hold, purchase or box transaction left open.
 
 use proto::card::{INS_DEBIT, INS_LOAD};
-use proto::messages::CancelReason;
+use proto::messages::{CancelReason, Message, Protected};
 use sim::pair::{Ended, Leg, Pair, PairOptions, Viewer};
 use stb_flow::load::Outcome as LoadOutcome;
 use stb_flow::purchase::Outcome as PurchaseOutcome;
-use stb_flow::show::Doubt;
+use stb_flow::show::{Doubt, Refusal};
 
 const START: u64 = 10_000;
 
@@ -558,4 +558,195 @@ fn a_duplicated_offer_request_makes_a_second_offer_the_box_ignores() {
         "the second offer stays open at the gateway"
     );
     p.assert_conserved();
+}
+
+#[test]
+fn debit_command_for_another_amount_is_cancelled_with_proof() {
+    // FIG. 8 off, so the debit command travels in clear and can be forged on the way.
+    let mut p = Pair::with("security-card", false);
+    accepted(&mut p, "CABLE", "ppv-1001");
+    assert!(p.step_until(|i| i.is_answer("a debit command")));
+    p.tamper(|leg| {
+        if let Leg::FromGateway(Ok(Message::DebitCommand(d))) = leg {
+            if let Protected::Clear(b) = &mut d.body {
+                b.command.amount = 1;
+            }
+        }
+    });
+    p.drive();
+    match p.last_outcome() {
+        Some(Ended::Purchase(PurchaseOutcome::Failed {
+            transaction_id: Some(txid),
+            refusal: Refusal::AmountMismatch { .. },
+        })) => {
+            let txid = txid.clone();
+            assert_eq!(p.purchase_state(&txid).as_deref(), Some("ended"));
+            assert_eq!(
+                p.head_end.payment.txn(&txid).unwrap().state,
+                headend::payment::PayState::Reversed
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(p.card_balance(), START);
+    p.assert_conserved();
+}
+
+#[test]
+fn mangled_answer_to_debit_the_cancel_is_refused_and_recovery_finds_the_debit_in_the_log() {
+    let mut p = Pair::new(PairOptions::default());
+    accepted(&mut p, "CABLE", "ppv-1001");
+    assert!(p.step_until(|i| i.is_card_command(INS_DEBIT)));
+    p.step(); // the card debits
+    // The reader mangles the answer into a refusal: the flow believes nothing was debited.
+    p.tamper(|leg| {
+        if let Leg::FromCard(Ok(r)) = leg {
+            r.response = vec![0x69, 0x85];
+        }
+    });
+    p.drive();
+    let txid = match p.last_outcome() {
+        Some(Ended::Purchase(PurchaseOutcome::Failed {
+            transaction_id: Some(t),
+            ..
+        })) => t.clone(),
+        other => panic!("{other:?}"),
+    };
+    // The card's fresh INITIALIZE shows a debit: the payment server rejects the proof, and
+    // the cancel stays pending for recovery.
+    assert_eq!(p.purchase_state(&txid).as_deref(), Some("cancel_pending"));
+    p.recover();
+    p.drive();
+    assert!(
+        p.trace()
+            .iter()
+            .any(|l| l.contains("the card's log holds the debit"))
+    );
+    assert_eq!(p.purchase_state(&txid).as_deref(), Some("completed"));
+    assert_eq!(p.card_balance(), START - 499);
+    let l = p.assert_conserved();
+    assert_eq!(l.sold, 499);
+}
+
+#[test]
+fn lost_draw_request_is_cancelled_by_recovery() {
+    let mut p = Pair::new(PairOptions::default());
+    accepted(&mut p, "CABLE", "ppv-1001");
+    assert!(p.step_until(|i| i.is_request("a draw request")));
+    p.lose(); // never reached the gateway
+    p.drive();
+    let txid = txid_of(&p);
+    p.recover();
+    p.drive();
+    assert_eq!(p.purchase_state(&txid).as_deref(), Some("ended"));
+    assert!(
+        p.head_end.payment.txn(&txid).is_none(),
+        "no draw reached it"
+    );
+    assert_eq!(p.card_balance(), START);
+    p.assert_conserved();
+}
+
+#[test]
+fn lost_answer_to_the_flows_cancel_after_the_draw_is_settled_by_recovery() {
+    let mut p = Pair::new(PairOptions::default());
+    accepted(&mut p, "CABLE", "ppv-1001");
+    assert!(p.step_until(|i| i.is_card_command(INS_DEBIT)));
+    p.tamper(|leg| {
+        if let Leg::ToCard(apdu) = leg {
+            let n = apdu.len();
+            apdu[n - 2] ^= 0xFF;
+        }
+    });
+    assert!(p.step_until(|i| i.is_answer("a receipt")));
+    p.lose(); // the payment server reversed; the box does not hear it
+    p.drive();
+    let txid = match p.last_outcome() {
+        Some(Ended::Purchase(PurchaseOutcome::Failed {
+            transaction_id: Some(t),
+            ..
+        })) => t.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(p.purchase_state(&txid).as_deref(), Some("cancel_pending"));
+    p.crash();
+    p.drive();
+    assert_eq!(p.purchase_state(&txid).as_deref(), Some("ended"));
+    assert_eq!(p.card_balance(), START);
+    p.assert_conserved();
+}
+
+#[test]
+fn crash_while_the_viewer_decides_leaves_nothing_to_recover() {
+    let mut p = Pair::new(PairOptions::default());
+    p.start_purchase("CABLE", "ppv-1001");
+    p.drive();
+    p.crash();
+    p.drive();
+    assert_eq!(p.recovery_counts().resolved, 0);
+    assert!(!p.flow_active());
+    // The box buys again after its restart.
+    assert!(paid(&p.buy("CABLE", "ppv-1001")));
+    let l = p.assert_conserved();
+    assert_eq!(l.sold, 499);
+}
+
+#[test]
+fn card_refusing_load_ends_not_loaded() {
+    let mut p = Pair::new(PairOptions::default());
+    load_entered(&mut p, 2_000);
+    assert!(p.step_until(|i| i.is_card_command(INS_LOAD)));
+    p.tamper(|leg| {
+        if let Leg::ToCard(apdu) = leg {
+            let n = apdu.len();
+            apdu[n - 2] ^= 0xFF;
+        }
+    });
+    p.drive();
+    assert!(
+        matches!(
+            p.last_outcome(),
+            Some(Ended::Load(LoadOutcome::NotLoaded { .. }))
+        ),
+        "{:?}",
+        p.last_outcome()
+    );
+    assert_eq!(p.card_balance(), START);
+    let l = p.assert_conserved();
+    assert_eq!((l.loaded, l.funders_debited), (0, 0));
+}
+
+#[test]
+fn crash_with_the_load_request_on_the_wire_proves_not_loaded() {
+    let mut p = Pair::new(PairOptions::default());
+    load_entered(&mut p, 2_000);
+    assert!(p.step_until(|i| i.is_request("a load request")));
+    p.crash(); // the request reaches the gateway; recovery's zero-value proof follows it
+    p.drive();
+    assert_eq!(p.recovery_counts().resolved, 1);
+    assert_eq!(p.card_balance(), START);
+    let l = p.assert_conserved();
+    assert_eq!((l.loaded, l.funders_debited), (0, 0));
+}
+
+#[test]
+fn lost_load_request_ends_with_the_zero_value_proof() {
+    let mut p = Pair::new(PairOptions::default());
+    load_entered(&mut p, 2_000);
+    assert!(p.step_until(|i| i.is_request("a load request")));
+    p.lose(); // never reached the gateway
+    p.drive();
+    // The flow proves with a fresh zero-value S1 that the card was not loaded; the load
+    // server confirms "not loaded" and nothing is held.
+    assert!(
+        matches!(
+            p.last_outcome(),
+            Some(Ended::Load(LoadOutcome::NotLoaded { .. }))
+        ),
+        "{:?}",
+        p.last_outcome()
+    );
+    assert_eq!(p.card_balance(), START);
+    let l = p.assert_conserved();
+    assert_eq!(l.loaded, 0);
 }
