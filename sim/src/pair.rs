@@ -105,6 +105,10 @@ pub struct PairOptions {
     pub max_balance: u64,
     /// Seeds the box's randoms (the flows' sealing, recovery's sealing, the card's randoms).
     pub seed: u64,
+    /// The payment server's deadline for a debit response, in seconds of REAL time (the
+    /// head end's clock is not virtual): past it, [`Pair::head_end_sweep`] reverses the
+    /// purchase.
+    pub transaction_timeout_secs: u64,
 }
 
 impl Default for PairOptions {
@@ -115,6 +119,7 @@ impl Default for PairOptions {
             balance: 10_000,
             max_balance: 100_000,
             seed: 1,
+            transaction_timeout_secs: 30,
         }
     }
 }
@@ -496,7 +501,7 @@ impl Pair {
                 gateway_listen: ([127, 0, 0, 1], 0).into(),
                 embodiment: opts.embodiment.clone(),
                 message_layer: opts.message_layer,
-                transaction_timeout_secs: 30,
+                transaction_timeout_secs: opts.transaction_timeout_secs,
                 split: None,
             },
         )

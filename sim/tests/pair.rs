@@ -750,3 +750,56 @@ fn lost_load_request_ends_with_the_zero_value_proof() {
     let l = p.assert_conserved();
     assert_eq!(l.loaded, 0);
 }
+
+/// REAL time: the payment server's deadline is 1 s here, and the test waits it out.
+#[test]
+fn a_debit_response_after_the_payment_servers_deadline_still_counts() {
+    let mut p = Pair::new(PairOptions {
+        transaction_timeout_secs: 1,
+        ..Default::default()
+    });
+    accepted(&mut p, "CABLE", "ppv-1001");
+    assert!(p.step_until(|i| i.is_request("a debit response")));
+    p.vanish();
+    let txid = txid_of_journal(&p);
+    std::thread::sleep(std::time::Duration::from_millis(1_100));
+    p.head_end_sweep(); // the payment server reverses at its deadline
+    p.drive(); // the reversal feed tells the merchant
+    assert_eq!(
+        p.head_end.payment.txn(&txid).unwrap().state,
+        headend::payment::PayState::Reversed
+    );
+    assert_eq!(p.head_end.merchant.releases(&txid), 0);
+    p.crash(); // the box re-sends its journaled debit response: the late proof counts
+    p.drive();
+    assert_eq!(p.purchase_state(&txid).as_deref(), Some("completed"));
+    assert_eq!(p.head_end.merchant.releases(&txid), 1);
+    assert_eq!(p.card_balance(), START - 499);
+    let l = p.assert_conserved();
+    assert_eq!((l.sold, l.released), (499, 499));
+}
+
+#[test]
+fn a_recovery_round_asked_for_during_a_flow_runs_when_it_ends() {
+    let mut p = Pair::new(PairOptions::default());
+    accepted(&mut p, "CABLE", "ppv-1001");
+    assert!(p.step_until(|i| i.is_answer("a receipt")));
+    p.lose();
+    p.drive();
+    let first = txid_of(&p);
+    p.start_purchase("CABLE", "ppv-1002");
+    p.drive();
+    p.recover(); // the timer fires while the viewer looks at the offer
+    assert!(
+        p.trace()
+            .iter()
+            .any(|l| l == "recovery: waits for the flow")
+    );
+    assert_eq!(p.purchase_state(&first).as_deref(), Some("debit_responded"));
+    p.viewer(Viewer::Accept);
+    p.drive();
+    assert_eq!(p.purchase_state(&first).as_deref(), Some("completed"));
+    assert_eq!(p.card_balance(), START - 499 - 399);
+    let l = p.assert_conserved();
+    assert_eq!(l.sold, 898);
+}
