@@ -13,7 +13,9 @@
 //!   test ([`Pair::shows`], [`Pair::outcomes`]). The recovery round is the IO half of
 //!   `stbd`'s (`stb/src/daemon/recover.rs`) over the same sans-IO decisions
 //!   ([`stb_flow::recovery::plan`], [`stb_flow::load::decide`] and their answer readers):
-//!   its card reads run inline, as `stbd`'s do, and its messages go through the queue.
+//!   its card reads run inline, as `stbd`'s do, and its messages go through the queue. That
+//!   IO half is re-written here, synchronously (`stbd`'s is async and tied to its reader
+//!   and connection); the decisions and the journal are `stbd`'s own.
 //! - **The head end**: gateway, payment, merchant, bank and load roles of an `init-demo`
 //!   deployment in a temp dir, each on its own temp SQLite journal, wired as
 //!   `headend::assembly::start` wires all-in-one but without binding any socket: the box's
@@ -30,9 +32,14 @@
 //! transaction deadline and its time stamps read the system clock, and making them virtual
 //! would need a clock threaded through every role. The tests therefore stay far inside
 //! those lifetimes (the demo's are 30 s and more) and never wait on them; nothing expires
-//! during a test, so the real clock does not change any outcome. The head end's randoms
+//! during a test, so the real clock does not change any outcome. The one exception is a
+//! test of the payment server's deadline, which sets it to 1 s
+//! ([`PairOptions::transaction_timeout_secs`]) and sleeps past it. The head end's randoms
 //! (transaction ids, keys, security-card nonces) are not seeded either: the same inputs give
 //! the same sequence of steps and message kinds ([`Pair::trace`]), not the same bytes.
+//!
+//! **Journals** live on `/dev/shm` when it exists: a crash here is a reopen of the journal,
+//! not a power cut, so fsyncs would buy nothing (and cost most of a test's time).
 //!
 //! **Determinism.** [`Pair::step`] delivers the item at the front of the queue and puts
 //! whatever it causes at the back; [`Pair::drive`] steps until the queue is empty. The
@@ -44,6 +51,8 @@
 //! gateway in the queue) still arrives, but no answer reaches the restarted box; card
 //! commands not yet given to the reader are lost. The restarted box runs a recovery round,
 //! as `stbd` does at start-up.
+
+#![warn(missing_docs)]
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
