@@ -278,6 +278,60 @@ pub struct HeadEnd {
     pub bank: Arc<BankServer>,
     /// The load server with its HSM and the pre-funded (voucher) accounts.
     pub load: Arc<LoadServer>,
+    links: Links,
+}
+
+/// A back-end role behind the gateway, which a test can take down ([`Pair::set_down`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum BackEnd {
+    /// The payment server.
+    Payment,
+    /// The merchant role.
+    Merchant,
+    /// The bank server.
+    Bank,
+    /// The load server.
+    Load,
+}
+
+/// The gateway's links to its back ends: whether each is down.
+#[derive(Default)]
+struct Links(std::sync::Mutex<BTreeMap<BackEnd, Arc<std::sync::atomic::AtomicBool>>>);
+
+impl Links {
+    fn flag(&self, b: BackEnd) -> Arc<std::sync::atomic::AtomicBool> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(b)
+            .or_default()
+            .clone()
+    }
+}
+
+/// A back end as the gateway sees it: while down, every call gets what an unreachable
+/// remote role gives (`Busy`, as `headend::role::RemoteRole` answers), and the role itself
+/// sees nothing.
+struct Link {
+    role: Arc<dyn Role>,
+    down: Arc<std::sync::atomic::AtomicBool>,
+    name: BackEnd,
+}
+
+impl Role for Link {
+    fn handle(&self, caller: Caller, msg: Message) -> headend::quic::BoxFuture<'_, Message> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            let name = self.name;
+            return Box::pin(async move {
+                Message::error(
+                    proto::messages::ErrorCode::Busy,
+                    format!("{name:?} is unreachable (the pair took it down); try again"),
+                    None,
+                )
+            });
+        }
+        self.role.handle(caller, msg)
+    }
 }
 
 impl HeadEnd {
@@ -291,10 +345,29 @@ impl HeadEnd {
         let mut roles: std::collections::HashMap<String, Arc<dyn Role>> = Default::default();
         let payment_name = cfg.payment.as_ref().ok_or("no [payment]")?.name.clone();
         let merchant_name = cfg.merchant.as_ref().ok_or("no [merchant]")?.name.clone();
-        roles.insert(payment_name, payment.clone());
-        roles.insert(merchant_name, merchant.clone());
-        roles.insert(headend::gateway_load::BANK.into(), bank.clone());
-        roles.insert(headend::gateway_load::LOAD.into(), load.clone());
+        let links = Links::default();
+        let mut link = |name: String, back: BackEnd, role: Arc<dyn Role>| {
+            roles.insert(
+                name,
+                Arc::new(Link {
+                    role,
+                    down: links.flag(back),
+                    name: back,
+                }),
+            );
+        };
+        link(payment_name, BackEnd::Payment, payment.clone());
+        link(merchant_name, BackEnd::Merchant, merchant.clone());
+        link(
+            headend::gateway_load::BANK.into(),
+            BackEnd::Bank,
+            bank.clone(),
+        );
+        link(
+            headend::gateway_load::LOAD.into(),
+            BackEnd::Load,
+            load.clone(),
+        );
         let section = cfg.gateway.as_ref().ok_or("no [gateway]")?;
         let journal = Arc::new(
             headend::journal::Journal::open(&cfg.state_dir.join("gateway.sqlite"))
@@ -307,6 +380,7 @@ impl HeadEnd {
         };
         let gateway = Gateway::new(journal, &cfg.merchants, roles, lifetimes)?;
         Ok(Self {
+            links,
             cfg,
             gateway,
             payment,
@@ -896,6 +970,19 @@ impl Pair {
     }
 
     // ---- faults ----
+
+    /// Takes a back end down (`true`) or brings it back: while down, the gateway's calls to
+    /// it get `Busy`, as from an unreachable remote role.
+    pub fn set_down(&mut self, back: BackEnd, down: bool) {
+        self.trace.push(format!(
+            "head end: {back:?} {}",
+            if down { "down" } else { "up" }
+        ));
+        self.head_end
+            .links
+            .flag(back)
+            .store(down, std::sync::atomic::Ordering::SeqCst);
+    }
 
     fn take_front(&mut self, what: &str) -> InFlight {
         let item = self

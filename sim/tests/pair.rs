@@ -9,7 +9,7 @@
 
 use proto::card::{INS_DEBIT, INS_LOAD};
 use proto::messages::{CancelReason, Message, Protected};
-use sim::pair::{Ended, Leg, Pair, PairOptions, Viewer};
+use sim::pair::{BackEnd, Ended, Leg, Pair, PairOptions, Viewer};
 use stb_flow::load::Outcome as LoadOutcome;
 use stb_flow::purchase::Outcome as PurchaseOutcome;
 use stb_flow::show::{Doubt, Refusal};
@@ -802,4 +802,109 @@ fn a_recovery_round_asked_for_during_a_flow_runs_when_it_ends() {
     assert_eq!(p.card_balance(), START - 499 - 399);
     let l = p.assert_conserved();
     assert_eq!(l.sold, 898);
+}
+
+#[test]
+fn merchant_down_at_the_debit_response_the_release_follows_and_recovery_fetches_the_receipt() {
+    for emb in ["security-card", "gateway", "merchant"] {
+        let mut p = Pair::with(emb, true);
+        accepted(&mut p, "CABLE", "ppv-1001");
+        assert!(p.step_until(|i| i.is_request("a debit response")));
+        p.set_down(BackEnd::Merchant, true);
+        p.drive();
+        assert!(
+            matches!(
+                p.last_outcome(),
+                Some(Ended::Purchase(PurchaseOutcome::InDoubt {
+                    doubt: Doubt::PaidButRefused { .. },
+                    ..
+                }))
+            ),
+            "{emb}: {:?}",
+            p.last_outcome()
+        );
+        let txid = txid_of(&p);
+        assert_eq!(p.head_end.merchant.releases(&txid), 0);
+        p.set_down(BackEnd::Merchant, false);
+        p.head_end_background(); // the gateway delivers the journaled release
+        assert_eq!(p.head_end.merchant.releases(&txid), 1, "{emb}");
+        p.recover(); // the box's retry gets the stored receipt
+        p.drive();
+        assert_eq!(p.purchase_state(&txid).as_deref(), Some("completed"));
+        let l = p.assert_conserved();
+        assert_eq!((l.sold, l.released), (499, 499), "{emb}");
+    }
+}
+
+#[test]
+fn payment_server_down_at_the_draw_nothing_moves() {
+    let mut p = Pair::new(PairOptions::default());
+    accepted(&mut p, "CABLE", "ppv-1001");
+    assert!(p.step_until(|i| i.is_request("a draw request")));
+    p.set_down(BackEnd::Payment, true);
+    p.drive();
+    let txid = match p.last_outcome() {
+        Some(Ended::Purchase(PurchaseOutcome::Failed {
+            transaction_id: Some(t),
+            refusal: Refusal::DrawRefused { .. },
+        })) => t.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(p.purchase_state(&txid).as_deref(), Some("ended"));
+    p.set_down(BackEnd::Payment, false);
+    assert_eq!(p.card_balance(), START);
+    p.assert_conserved();
+    // The box buys again once the payment server is back.
+    assert!(paid(&p.buy("CABLE", "ppv-1001")));
+    p.assert_conserved();
+}
+
+#[test]
+fn bank_down_at_the_load_request_the_zero_value_proof_settles_it_later() {
+    let mut p = Pair::new(PairOptions::default());
+    load_entered(&mut p, 2_000);
+    assert!(p.step_until(|i| i.is_request("a load request")));
+    p.set_down(BackEnd::Bank, true);
+    p.drive();
+    assert!(
+        matches!(
+            p.last_outcome(),
+            Some(Ended::Load(LoadOutcome::InDoubt {
+                doubt: Doubt::LoadConfirmationRefused { .. },
+                ..
+            }))
+        ),
+        "{:?}",
+        p.last_outcome()
+    );
+    let txid = txid_of(&p);
+    assert_eq!(p.load_state(&txid).as_deref(), Some("load_zero_value"));
+    p.set_down(BackEnd::Bank, false);
+    p.recover();
+    p.drive();
+    assert_eq!(p.load_state(&txid).as_deref(), Some("load_completed"));
+    assert_eq!(p.card_balance(), START);
+    let l = p.assert_conserved();
+    assert_eq!(l.loaded, 0);
+}
+
+#[test]
+fn bank_down_at_the_load_response_recovery_settles_the_load() {
+    let mut p = Pair::new(PairOptions::default());
+    load_entered(&mut p, 2_000);
+    assert!(p.step_until(|i| i.is_request("a load response")));
+    p.set_down(BackEnd::Bank, true);
+    p.drive();
+    let txid = txid_of(&p);
+    assert_eq!(p.load_state(&txid).as_deref(), Some("load_responded"));
+    p.set_down(BackEnd::Bank, false);
+    p.recover();
+    p.drive();
+    assert_eq!(p.load_state(&txid).as_deref(), Some("load_completed"));
+    assert_eq!(p.card_balance(), START + 2_000);
+    let l = p.assert_conserved();
+    assert_eq!(
+        (l.loaded, l.funders_debited, l.float),
+        (2_000, 2_000, 2_000)
+    );
 }
