@@ -22,7 +22,9 @@
 //!   requests enter through the gateway's [`Role`] entry point. The gateway's background
 //!   deliveries (FIG. 6/7 notifications, releases, the reversal feed) run only when the
 //!   pair says so ([`Pair::head_end_background`], and at the end of every
-//!   [`Pair::drive`]). Each role call runs to completion on a current-thread runtime before
+//!   [`Pair::drive`]). A test can take a back end down ([`Pair::set_down`]: the gateway
+//!   then gets `Busy` from it, as from an unreachable remote role) or restart every role
+//!   from its journal ([`Pair::restart_head_end`]). Each role call runs to completion on a current-thread runtime before
 //!   the next step: the roles spawn nothing and wait on nothing, so the order of journal
 //!   writes is the order of the steps.
 //!
@@ -970,6 +972,19 @@ impl Pair {
     }
 
     // ---- faults ----
+
+    /// Kills every head-end role and starts them again from their journals, as a restart
+    /// of all-in-one does, between two steps: whatever a role held only in memory is gone.
+    /// Requests in flight reach the new gateway; every back end is up again.
+    ///
+    /// # Panics
+    /// When a role cannot reopen its journal or keys.
+    pub fn restart_head_end(&mut self) {
+        self.trace.push("head end: restart".into());
+        let cfg = self.head_end.cfg.clone();
+        let _in_rt = self.rt.enter();
+        self.head_end = HeadEnd::build(cfg).expect("the roles restart from their journals");
+    }
 
     /// Takes a back end down (`true`) or brings it back: while down, the gateway's calls to
     /// it get `Busy`, as from an unreachable remote role.

@@ -1,7 +1,8 @@
 //! The deterministic in-process pair (`sim::pair`): the real box core (`stb_flow`) with its
 //! card and `stbd`'s journal against the head end's roles in process. Every purchase
 //! embodiment (FIG. 4–7, FIG. 8 on and off), both loads, the viewer's cancels, and the
-//! loss, duplication and delay of messages with box crashes and recovery from the journal.
+//! loss, duplication, delay and tampering of messages with box crashes and recovery from
+//! the journal, back ends down (`Busy`) and head-end restarts.
 //! Each test ends with the conservation check (`Ledger::assert_conserved`): the card's
 //! balance + the security-card totals + the merchant's releases agree, and for loads the
 //! card's credit = the funding accounts' debit = the floats' gain = the HSM's total, with no
@@ -907,4 +908,58 @@ fn bank_down_at_the_load_response_recovery_settles_the_load() {
         (l.loaded, l.funders_debited, l.float),
         (2_000, 2_000, 2_000)
     );
+}
+
+#[test]
+fn head_end_restart_between_the_draw_and_the_debit_response() {
+    for emb in ["security-card", "payment-server", "gateway", "merchant"] {
+        let mut p = Pair::with(emb, true);
+        accepted(&mut p, "CABLE", "ppv-1001");
+        assert!(p.step_until(|i| i.is_request("a debit response")));
+        p.restart_head_end();
+        p.drive();
+        let out = p.last_outcome().cloned();
+        assert!(paid(&out), "{emb}: {out:?}");
+        let l = p.assert_conserved();
+        assert_eq!((l.sold, l.released), (499, 499), "{emb}");
+    }
+}
+
+#[test]
+fn head_end_restart_with_a_release_pending() {
+    let mut p = Pair::with("gateway", true);
+    accepted(&mut p, "CABLE", "ppv-1001");
+    assert!(p.step_until(|i| i.is_request("a debit response")));
+    p.set_down(BackEnd::Merchant, true);
+    p.drive();
+    let txid = txid_of(&p);
+    p.restart_head_end(); // the release is journaled; the restarted gateway delivers it
+    p.head_end_background();
+    assert_eq!(p.head_end.merchant.releases(&txid), 1);
+    p.recover();
+    p.drive();
+    assert_eq!(p.purchase_state(&txid).as_deref(), Some("completed"));
+    let l = p.assert_conserved();
+    assert_eq!(l.sold, 499);
+}
+
+#[test]
+fn head_end_restart_in_the_middle_of_a_load() {
+    for at in ["a load request", "a load response"] {
+        let mut p = Pair::new(PairOptions::default());
+        load_entered(&mut p, 2_000);
+        assert!(p.step_until(|i| i.is_request(at)));
+        p.restart_head_end();
+        p.drive();
+        assert!(
+            matches!(
+                p.last_outcome(),
+                Some(Ended::Load(LoadOutcome::Loaded { .. }))
+            ),
+            "{at}: {:?}",
+            p.last_outcome()
+        );
+        let l = p.assert_conserved();
+        assert_eq!(l.loaded, 2_000, "{at}");
+    }
 }
