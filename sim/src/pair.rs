@@ -533,6 +533,8 @@ pub struct Pair {
     pub head_end: HeadEnd,
     /// The box's card (in the reader for the whole test).
     pub card: PurseCard,
+    /// Whether the card is in the reader ([`Pair::remove_card`], [`Pair::insert_card`]).
+    card_present: bool,
     card_start: u64,
     journal: BoxJournal,
     journal_dir: PathBuf,
@@ -617,6 +619,7 @@ impl Pair {
             rt,
             head_end,
             card,
+            card_present: true,
             card_start: opts.balance,
             journal,
             journal_dir,
@@ -878,12 +881,16 @@ impl Pair {
                         .push("  the box died before the reader got it".into());
                     return true;
                 }
-                let reply = CardReply {
-                    atr: self.card.atr(),
-                    response: self.card.process_apdu(&apdu),
+                let reply = if self.card_present {
+                    Ok(CardReply {
+                        atr: self.card.atr(),
+                        response: self.card.process_apdu(&apdu),
+                    })
+                } else {
+                    Err("no card in the reader".to_string())
                 };
                 self.queue.push_back(InFlight {
-                    leg: Leg::FromCard(Ok(reply)),
+                    leg: Leg::FromCard(reply),
                     party,
                     epoch,
                 });
@@ -972,6 +979,28 @@ impl Pair {
     }
 
     // ---- faults ----
+
+    /// The viewer pulls the card: commands to it fail from now on (the reader's error), the
+    /// flow hears of the removal, and recovery waits for the card.
+    pub fn remove_card(&mut self) {
+        self.trace.push("box: card removed".into());
+        self.card_present = false;
+        self.card.reset();
+        let actions: Vec<FlowAction> = match &mut self.flow {
+            Some((_, Flow::Purchase(p))) => actions(p.handle(purchase::Input::CardRemoved)),
+            Some((_, Flow::Load(l))) => actions(l.handle(load::Input::CardRemoved)),
+            None => Vec::new(),
+        };
+        self.execute(actions);
+    }
+
+    /// The viewer puts the card back: a recovery round runs, as `stbd` runs one on every
+    /// insertion.
+    pub fn insert_card(&mut self) {
+        self.trace.push("box: card inserted".into());
+        self.card_present = true;
+        self.recover();
+    }
 
     /// Kills every head-end role and starts them again from their journals, as a restart
     /// of all-in-one does, between two steps: whatever a role held only in memory is gone.
@@ -1222,7 +1251,7 @@ impl Pair {
             || loads
                 .iter()
                 .any(|p| !(p.response.as_ref().is_some_and(|r| r.is_loaded()) || p.zero.is_some()));
-        let facts = needs_card.then(|| self.read_card_facts());
+        let facts = (needs_card && self.card_present).then(|| self.read_card_facts());
         for p in loads {
             if !self.recovering.contains_key(&p.transaction_id) {
                 self.recover_load(p, facts.clone());

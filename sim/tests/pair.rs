@@ -963,3 +963,86 @@ fn head_end_restart_in_the_middle_of_a_load() {
         assert_eq!(l.loaded, 2_000, "{at}");
     }
 }
+
+#[test]
+fn card_pulled_while_the_viewer_decides_withdraws_the_offer() {
+    let mut p = Pair::new(PairOptions::default());
+    p.start_purchase("CABLE", "ppv-1001");
+    p.drive();
+    p.remove_card();
+    p.drive();
+    match p.last_outcome() {
+        Some(Ended::Purchase(PurchaseOutcome::Failed {
+            transaction_id: Some(txid),
+            refusal: Refusal::CardRemoved,
+        })) => {
+            let t = p.head_end.gateway.txn(txid).unwrap();
+            assert_eq!(t.state, headend::gateway::GwState::Cancelled);
+        }
+        other => panic!("{other:?}"),
+    }
+    p.insert_card();
+    assert_eq!(p.card_balance(), START);
+    p.assert_conserved();
+}
+
+#[test]
+fn card_pulled_before_debit_recovery_waits_for_it_then_cancels_with_proof() {
+    let mut p = Pair::new(PairOptions::default());
+    accepted(&mut p, "CABLE", "ppv-1001");
+    assert!(p.step_until(|i| i.is_card_command(INS_DEBIT)));
+    p.remove_card();
+    p.drive();
+    assert!(
+        matches!(
+            p.last_outcome(),
+            Some(Ended::Purchase(PurchaseOutcome::InDoubt {
+                doubt: Doubt::CardLostDuringDebit { .. },
+                ..
+            }))
+        ),
+        "{:?}",
+        p.last_outcome()
+    );
+    let txid = txid_of(&p);
+    p.recover();
+    p.drive();
+    assert!(p.trace().iter().any(|l| l.contains("waits for its card")));
+    assert_eq!(p.purchase_state(&txid).as_deref(), Some("debit_sent"));
+    p.insert_card();
+    p.drive();
+    assert_eq!(p.purchase_state(&txid).as_deref(), Some("ended"));
+    assert_eq!(p.card_balance(), START);
+    p.assert_conserved();
+}
+
+#[test]
+fn card_pulled_before_load_recovery_waits_for_it_then_proves_not_loaded() {
+    let mut p = Pair::new(PairOptions::default());
+    load_entered(&mut p, 2_000);
+    assert!(p.step_until(|i| i.is_card_command(INS_LOAD)));
+    p.remove_card();
+    p.drive();
+    assert!(
+        matches!(
+            p.last_outcome(),
+            Some(Ended::Load(LoadOutcome::InDoubt {
+                doubt: Doubt::CardLostDuringLoad { .. },
+                ..
+            }))
+        ),
+        "{:?}",
+        p.last_outcome()
+    );
+    let txid = txid_of(&p);
+    p.recover();
+    p.drive();
+    assert!(p.trace().iter().any(|l| l.contains("waits for its card")));
+    assert_eq!(p.load_state(&txid).as_deref(), Some("load_sent"));
+    p.insert_card();
+    p.drive();
+    assert_eq!(p.load_state(&txid).as_deref(), Some("load_completed"));
+    assert_eq!(p.card_balance(), START);
+    let l = p.assert_conserved();
+    assert_eq!((l.loaded, l.funders_debited), (0, 0));
+}
