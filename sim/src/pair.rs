@@ -22,11 +22,19 @@
 //!   requests enter through the gateway's [`Role`] entry point. The gateway's background
 //!   deliveries (FIG. 6/7 notifications, releases, the reversal feed) run only when the
 //!   pair says so ([`Pair::head_end_background`], and at the end of every
-//!   [`Pair::drive`]). A test can take a back end down ([`Pair::set_down`]: the gateway
-//!   then gets `Busy` from it, as from an unreachable remote role) or restart every role
-//!   from its journal ([`Pair::restart_head_end`]). Each role call runs to completion on a current-thread runtime before
-//!   the next step: the roles spawn nothing and wait on nothing, so the order of journal
-//!   writes is the order of the steps.
+//!   [`Pair::drive`]). Each role call runs to completion on a current-thread runtime
+//!   before the next step: the roles spawn nothing and wait on nothing, so the order of
+//!   journal writes is the order of the steps.
+//!
+//! **Faults**, between any two steps, on the item at the front of the queue:
+//! [`Pair::lose`] (the requester hears the transport's or reader's failure),
+//! [`Pair::vanish`] (nobody hears anything), [`Pair::duplicate`], [`Pair::delay`],
+//! [`Pair::tamper`]; and on the parties: [`Pair::crash`] (the box), [`Pair::remove_card`] /
+//! [`Pair::insert_card`], [`Pair::set_down`] (a back end answers the gateway `Busy`, as an
+//! unreachable remote role does), [`Pair::restart_head_end`] (every role reopened from its
+//! journal). [`Pair::step_until`] finds the moment. The pair does not play `stbd`'s
+//! runner: it does not hold a new flow back while an older transaction of the card is in
+//! doubt; the test decides when recovery runs ([`Pair::recover`]).
 //!
 //! **Time.** The box side is virtual: nothing in it reads a clock (the flows take the date
 //! as an input; the recovery timer is [`Pair::recover`], called when the test says). The
