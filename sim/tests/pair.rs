@@ -1046,3 +1046,54 @@ fn card_pulled_before_load_recovery_waits_for_it_then_proves_not_loaded() {
     let l = p.assert_conserved();
     assert_eq!((l.loaded, l.funders_debited), (0, 0));
 }
+
+#[test]
+fn too_little_on_the_card_is_refused_before_the_draw() {
+    let mut p = Pair::new(PairOptions {
+        balance: 100,
+        ..Default::default()
+    });
+    p.start_purchase("CABLE", "shop-2001");
+    p.drive();
+    match p.last_outcome() {
+        Some(Ended::Purchase(PurchaseOutcome::Failed {
+            transaction_id: Some(txid),
+            refusal: Refusal::InsufficientValue { .. },
+        })) => {
+            let t = p.head_end.gateway.txn(txid).unwrap();
+            assert_eq!(t.state, headend::gateway::GwState::Cancelled);
+        }
+        other => panic!("{other:?}"),
+    }
+    let l = p.assert_conserved();
+    assert_eq!((l.card_now, l.sold), (100, 0));
+}
+
+#[test]
+fn wrong_pin_refuses_the_load_and_holds_nothing() {
+    let mut p = Pair::new(PairOptions::default());
+    p.start_load(Pair::bank_source());
+    p.drive();
+    p.viewer(Viewer::Amount(2_000));
+    let pin: String = p
+        .pin()
+        .chars()
+        .map(|c| if c == '9' { '0' } else { (c as u8 + 1) as char })
+        .collect();
+    p.viewer(Viewer::Pin(pin));
+    p.drive();
+    assert!(
+        matches!(
+            p.last_outcome(),
+            Some(Ended::Load(LoadOutcome::Failed {
+                refusal: Refusal::LoadRefused { .. },
+                ..
+            }))
+        ),
+        "{:?}",
+        p.last_outcome()
+    );
+    assert_eq!(p.card_balance(), START);
+    let l = p.assert_conserved();
+    assert_eq!((l.loaded, l.funders_debited), (0, 0));
+}
