@@ -1179,6 +1179,19 @@ impl Gateway {
         }
     }
 
+    /// One pass of each background delivery, in this order: debit responses to the payment
+    /// servers (FIG. 6/7, [`Gateway::run_notifier`]), confirmations asked again and releases
+    /// delivered to the merchants ([`Gateway::run_releases`]), then the payment servers'
+    /// reversal feeds ([`Gateway::run_reversal_feed`]). For a caller that runs the gateway
+    /// without its background tasks and decides itself when this work happens (`sim`'s
+    /// deterministic in-process pair). True when something is left to retry.
+    pub async fn background_pass(&self) -> bool {
+        let notify = self.notify_pass().await;
+        let releases = self.release_pass().await;
+        let feed = self.feed_pass().await;
+        notify || releases || feed
+    }
+
     /// Debit responses not yet delivered to a payment server.
     pub fn pending_notifications(&self) -> usize {
         self.journal.all("notify").map(|v| v.len()).unwrap_or(0)

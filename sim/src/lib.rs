@@ -10,7 +10,10 @@
 //! - [`audit`]: the audit, usable on its own by any test;
 //! - [`record`]: outcomes, faults, pacing;
 //! - [`run`]: the run itself and its report;
-//! - [`bins`]: the `headend` and `stbd` binaries of this build.
+//! - [`bins`]: the `headend` and `stbd` binaries of this build;
+//! - [`pair`]: the deterministic in-process pair: the real box core and card against the
+//!   head end's roles in process, with a queue between them that tests step, fault and crash
+//!   (`sim/tests/pair.rs`).
 //!
 //! The binary `chaos` runs it (`cargo run --release -p sim --bin chaos -- --help`); the test
 //! `sim/tests/chaos.rs` is the short CI version.
@@ -19,6 +22,7 @@ pub mod audit;
 pub mod bins;
 pub mod deploy;
 pub mod fleet;
+pub mod pair;
 pub mod record;
 pub mod run;
 pub mod stbd;
