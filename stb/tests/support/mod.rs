@@ -619,9 +619,16 @@ impl Box_ {
             .unwrap();
     }
 
-    /// Kills the daemon task without a clean shutdown (as SIGKILL would, for in-process state).
-    pub fn kill(self) {
+    /// Kills the daemon task without a clean shutdown (as SIGKILL would, for in-process state),
+    /// and returns once it is gone. An abort lands only at the task's next await, and a card
+    /// command already handed to a blocking thread still finishes: without the wait, a test
+    /// that then uses the card file itself raced the dying box for it (a lost update). The
+    /// real-process SIGKILL tests are in `tests/` and `sim/`.
+    pub async fn kill(self) {
         self.task.abort();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+        // A blocking card command in flight when the task died: let it land.
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
 
