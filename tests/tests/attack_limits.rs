@@ -45,6 +45,10 @@ async fn one_box_cannot_hold_the_security_card_pool() {
         ("honest", honest_card.as_path()),
         ("attacker", &attacker_card),
     ];
+    // Head-end memory (VmRSS, KiB) of the roles the attack loads: before, after each
+    // phase, and after the attack (figures for the note, not asserted).
+    let rss = |he: &HeadEnd| (he.rss_kib("gateway"), he.rss_kib("payment"));
+    let rss_before = rss(&he);
     let before = Ledger::read(&he, &cards);
 
     // Phase A: one attacker box.
@@ -160,8 +164,14 @@ async fn one_box_cannot_hold_the_security_card_pool() {
     );
     assert_honest_during(&report_c, "pool C");
 
+    let rss_during = rss(&he);
     let mut client = report_c.client;
     let last = honest_after(&mut client, "pool").await;
+    let rss_after = rss(&he);
+    eprintln!(
+        "pool: RSS KiB (gateway, payment): before {rss_before:?}, at the end of phase C \
+         {rss_during:?}, after {rss_after:?}"
+    );
     let mut bought: Vec<_> = report_a
         .purchases
         .iter()
