@@ -48,6 +48,13 @@ pub enum PsamError {
     NoKey,
     #[error("the proof was made before the draw's INITIALIZE (a stale proof): it shows nothing")]
     StaleProof,
+    /// A proof whose transaction counter moved past the debit command's: the card ran a
+    /// DEBIT since (this purchase's or a later one), so the proof cannot show this one was not.
+    #[error(
+        "the card's counter moved on (proof {proof}, debit command {debit}): the card debited \
+         since, so the proof cannot show this purchase was not debited"
+    )]
+    CounterMoved { proof: u32, debit: u32 },
 }
 
 /// The draw request's card part, as the security card sees it ([0077], [0093]).
@@ -316,7 +323,10 @@ impl SecurityCard {
         if proof.atc == txn.command.atc {
             Ok(())
         } else {
-            Err(PsamError::ResponseMismatch)
+            Err(PsamError::CounterMoved {
+                proof: proof.atc,
+                debit: txn.command.atc,
+            })
         }
     }
 

@@ -556,7 +556,10 @@ fn a_fresh_initialize_proves_the_card_never_debited() {
     let after = draw(&mut card, 100, "again2").init;
     assert_eq!(
         psam.verify_not_debited(auth2.command.psam_txn, &after),
-        Err(PsamError::ResponseMismatch)
+        Err(PsamError::CounterMoved {
+            proof: auth2.command.atc + 1,
+            debit: auth2.command.atc
+        })
     );
 }
 

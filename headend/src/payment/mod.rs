@@ -129,7 +129,7 @@ fn psam_error(e: &PsamError) -> ErrorCode {
         PsamError::InsufficientValue { .. } => ErrorCode::InsufficientValue,
         PsamError::ResponseMismatch => ErrorCode::AmountMismatch,
         PsamError::UnknownTransaction(_) => ErrorCode::UnknownTransaction,
-        PsamError::StaleProof => ErrorCode::ProofRejected,
+        PsamError::StaleProof | PsamError::CounterMoved { .. } => ErrorCode::ProofRejected,
         PsamError::ZeroAmount => ErrorCode::Malformed,
         PsamError::AlreadyCompleted(_) | PsamError::CounterExhausted | PsamError::NoKey => {
             ErrorCode::Internal
