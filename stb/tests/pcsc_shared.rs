@@ -242,9 +242,9 @@ fn require_pcscd(test: &str) -> bool {
         );
     }
     for port in [PORT_A, PORT_B] {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if !vpcd::listed_by_pcscd(port).unwrap_or(false) {
             panic!(
-                "{test}: pcscd runs but vpcd does not listen on port {port} — install vsmartcard-vpcd and restart pcscd"
+                "{test}: pcscd runs but does not list vpcd's reader for port {port} — install vsmartcard-vpcd and restart pcscd"
             );
         }
     }

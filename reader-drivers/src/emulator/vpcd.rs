@@ -38,6 +38,28 @@ pub fn reader_name(port: u16) -> String {
     format!("Virtual PCD 00 {slot:02X}")
 }
 
+/// Whether pcscd lists the vpcd reader on `port` ([`reader_name`]), asked through PC/SC.
+///
+/// This is how a test checks that vpcd is installed. It never connects to vpcd's own port:
+/// vpcd takes the next connection waiting in its listen backlog as a card, so a probe that
+/// connected and closed would later be served to pcscd as a dead card in the reader, in the
+/// middle of whichever test holds that reader then (the card it attaches is not seen until
+/// pcscd gives up on the dead one).
+///
+/// # Errors
+///
+/// The PC/SC error when pcscd cannot be reached or cannot list its readers.
+pub fn listed_by_pcscd(port: u16) -> Result<bool, pcsc::Error> {
+    let ctx = pcsc::Context::establish(pcsc::Scope::User)?;
+    let want = reader_name(port);
+    let names = match ctx.list_readers_owned() {
+        Ok(names) => names,
+        Err(pcsc::Error::NoReadersAvailable) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    Ok(names.iter().any(|n| n.to_str() == Ok(want.as_str())))
+}
+
 const CTRL_OFF: u8 = 0;
 const CTRL_ON: u8 = 1;
 const CTRL_RESET: u8 = 2;

@@ -102,11 +102,13 @@ pub fn require_pcscd(test: &str) -> bool {
              PURSELINK_SKIP_PCSC=1 to skip the PC/SC tests."
         );
     }
-    if std::net::TcpStream::connect(("127.0.0.1", reader_drivers::emulator::vpcd::DEFAULT_PORT))
-        .is_err()
+    if !reader_drivers::emulator::vpcd::listed_by_pcscd(
+        reader_drivers::emulator::vpcd::DEFAULT_PORT,
+    )
+    .unwrap_or(false)
     {
         panic!(
-            "{test}: pcscd runs but vpcd does not listen on port 35963 — install \
+            "{test}: pcscd runs but does not list vpcd's reader for port 35963 — install \
              vsmartcard-vpcd (scripts/system-setup.sh) and restart pcscd"
         );
     }

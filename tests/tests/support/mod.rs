@@ -420,9 +420,9 @@ pub fn require_pcscd(test: &str) -> bool {
     if let Err(e) = pcsc::Context::establish(pcsc::Scope::User) {
         panic!("{test}: pcscd does not accept clients ({e}); see /tmp/pcscd.log");
     }
-    if std::net::TcpStream::connect(("127.0.0.1", VPCD_PORT)).is_err() {
+    if !reader_drivers::emulator::vpcd::listed_by_pcscd(VPCD_PORT).unwrap_or(false) {
         panic!(
-            "{test}: pcscd runs but vpcd does not listen on port {VPCD_PORT} — install \
+            "{test}: pcscd runs but does not list vpcd's reader for port {VPCD_PORT} — install \
              vsmartcard-vpcd (scripts/system-setup.sh) and restart pcscd"
         );
     }
