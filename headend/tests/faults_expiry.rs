@@ -21,17 +21,17 @@ use headend::bank::HoldState;
 use headend::gateway::GwState;
 use headend::merchant::OfferState;
 use headend::payment::PayState;
-use headend::sim_box::SimBox;
 use proto::messages::*;
 use proto::money::Currency;
 use split_support::load_support::{ACCOUNT, LoadBox, bank_source};
+use split_support::wire_box::WireBox;
 use split_support::*;
 
 const ANSWER: Duration = Duration::from_secs(30);
 /// Lifetimes plus the sweepers' periods (5 s) and slack.
 const EXPIRY_WITHIN: Duration = Duration::from_secs(30);
 
-async fn offer(b: &SimBox, merchant: &str, item: &str) -> Offer {
+async fn offer(b: &WireBox, merchant: &str, item: &str) -> Offer {
     let ask_offer = Message::OfferRequest {
         merchant_id: merchant.into(),
         item_id: item.into(),
@@ -66,7 +66,7 @@ async fn offers_loads_and_holds_expire_and_reversals_reach_the_merchant() {
     let late = offer(&buyer, "M-WEBSHOP", "ebook-1").await;
     let draw = Message::DrawRequest(buyer.draw_request(&late).unwrap());
     let answer = ask(&buyer.client, &draw, ANSWER).await.unwrap();
-    let cmd = SimBox::open_debit_command(&late, &answer).unwrap();
+    let cmd = WireBox::open_debit_command(&late, &answer).unwrap();
     let late_resp = Message::DebitResponse(buyer.debit(&late, &cmd).unwrap());
     // A load offer never requested.
     let never_requested = loader.offer(bank_source()).await;

@@ -24,7 +24,7 @@ const WINDOW: Duration = Duration::from_secs(15);
 /// One honest transaction of the kind that needs role `r`.
 async fn service(
     r: R,
-    buyer: &mut headend::sim_box::SimBox,
+    buyer: &mut split_support::wire_box::WireBox,
     loader: &mut load_support::LoadBox,
     pin: &str,
     until: Instant,
@@ -106,7 +106,7 @@ async fn a_sigkilled_role_costs_seconds_not_a_minute() {
     };
     let draw = Message::DrawRequest(buyer.draw_request(&offer).unwrap());
     let answer = ask(&buyer.client, &draw, WINDOW).await.unwrap();
-    let cmd = headend::sim_box::SimBox::open_debit_command(&offer, &answer).unwrap();
+    let cmd = split_support::wire_box::WireBox::open_debit_command(&offer, &answer).unwrap();
     let resp = Message::DebitResponse(buyer.debit(&offer, &cmd).unwrap());
     let load_offer = loader.offer(load_support::bank_source()).await;
     let card_before = loader.balance();

@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 use headend::gateway::GwState;
 use headend::merchant::OfferState;
 use headend::payment::PayState;
-use headend::sim_box::SimBox;
 use proto::messages::*;
 use proto::money::Currency;
 use proto::purse::DebitResponse;
+use split_support::wire_box::WireBox;
 use split_support::*;
 
 const ANSWER: Duration = Duration::from_secs(30);
@@ -32,14 +32,14 @@ const ANSWER: Duration = Duration::from_secs(30);
 const CALL_TIMEOUT: Duration = Duration::from_millis(8000);
 
 /// A purchase up to the card's DEBIT: the offer and the debit response the box holds.
-async fn debited(b: &mut SimBox, merchant: &str, item: &str) -> (Offer, DebitResponseMsg) {
+async fn debited(b: &mut WireBox, merchant: &str, item: &str) -> (Offer, DebitResponseMsg) {
     let (offer, cmd) = drawn(b, merchant, item).await;
     let resp = b.debit(&offer, &cmd).unwrap();
     (offer, resp)
 }
 
 /// A purchase up to the debit command (the card has not run DEBIT).
-async fn drawn(b: &mut SimBox, merchant: &str, item: &str) -> (Offer, proto::purse::DebitCommand) {
+async fn drawn(b: &mut WireBox, merchant: &str, item: &str) -> (Offer, proto::purse::DebitCommand) {
     let ask_offer = Message::OfferRequest {
         merchant_id: merchant.into(),
         item_id: item.into(),
@@ -50,7 +50,7 @@ async fn drawn(b: &mut SimBox, merchant: &str, item: &str) -> (Offer, proto::pur
     };
     let draw = Message::DrawRequest(b.draw_request(&offer).unwrap());
     let answer = ask(&b.client, &draw, ANSWER).await.unwrap();
-    let cmd = SimBox::open_debit_command(&offer, &answer).unwrap();
+    let cmd = WireBox::open_debit_command(&offer, &answer).unwrap();
     (offer, cmd)
 }
 
@@ -197,7 +197,7 @@ async fn fig4_fig5_confirmation_is_kept_while_the_merchant_is_down() {
 
 /// One bad-then-genuine round; returns the offer and the genuine and bad responses.
 async fn bad_then_genuine(
-    b: &mut SimBox,
+    b: &mut WireBox,
     merchant: &str,
     item: &str,
 ) -> (Offer, DebitResponse, DebitResponse) {

@@ -75,7 +75,7 @@ async fn connect_when_up(
                     existing.0.client = client;
                     existing
                 }
-                None => TestBox(headend::sim_box::SimBox {
+                None => TestBox(purchase_support::wire_box::WireBox {
                     id: "box-000777".into(),
                     client,
                     card: new_card(cfg, 0xBEEF, balance),

@@ -1,7 +1,7 @@
-//! The simulated fleet: boxes in this process, each a [`headend::sim_box::SimBox`] (device
+//! The simulated fleet: boxes in this process, each a [`crate::sim_box::SimBox`] (device
 //! certificate, QUIC connection, the real `proto` purse card) connected by
-//! [`headend::loadgen::fleet::Fleet::connect`], reconnecting through its
-//! [`headend::loadgen::fleet::Link`] when the gateway went away.
+//! [`crate::loadgen::fleet::Fleet::connect`], reconnecting through its
+//! [`crate::loadgen::fleet::Link`] when the gateway went away.
 //!
 //! Each box behaves as a box must under faults (issue 11's "right behaviour"), so that what
 //! the audit finds is the head end's doing and not the simulator's:
@@ -23,8 +23,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use headend::loadgen::fleet::{BoxIdentity, ConnectPlan, Fleet, Link, connection_lost};
-use headend::sim_box::{SimBox, today};
+use crate::loadgen::fleet::{BoxIdentity, ConnectPlan, Fleet, Link, connection_lost};
+use crate::sim_box::{SimBox, today};
 use proto::card::{CardSpec, CardState, PurseCard, commands};
 use proto::crypto::DesKey;
 use proto::messages::*;
@@ -157,7 +157,7 @@ impl Device {
             Ok(r) => r,
             Err(_) => Err(format!(
                 "{} {} ms",
-                headend::loadgen::fleet::NO_ANSWER,
+                crate::loadgen::fleet::NO_ANSWER,
                 step.as_millis()
             )),
         };

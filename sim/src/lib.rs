@@ -1,4 +1,5 @@
-//! Purselink's own chaos test (issue 11, "Must show"): a split head end of real role
+//! Purselink's simulators, load generators and benchmarks (none of it is in `headend`), and
+//! its own chaos test (issue 11, "Must show"): a split head end of real role
 //! processes, real `stbd` boxes driven through their TV and local app API, and a simulated
 //! fleet, under SIGKILLs of every role and of boxes mid-transaction; then an audit of value
 //! from the raw journals and card files.
@@ -15,14 +16,24 @@
 //!   head end's roles in process, with a queue between them that tests step, fault and crash
 //!   (`sim/tests/pair.rs`).
 //!
+//! - [`loadgen`]: the load generator and fleet simulator (`loadgen bench`, `loadgen fleet`),
+//!   its deployments ([`loadgen::deploy`]) and figures ([`loadgen::stats`]);
+//! - [`wan`]: the userspace WAN proxy (delay, jitter, loss; the machine has no netem);
+//! - [`bench_support`]: the load driver the benchmarks share, and the raw quinn ceiling;
+//! - [`sim_box`]: the simulated box the fleet and benches drive.
+//!
 //! The binary `chaos` runs it (`cargo run --release -p sim --bin chaos -- --help`); the test
 //! `sim/tests/chaos.rs` is the short CI version.
 
 pub mod audit;
+pub mod bench_support;
 pub mod bins;
 pub mod deploy;
 pub mod fleet;
+pub mod loadgen;
 pub mod pair;
 pub mod record;
 pub mod run;
+pub mod sim_box;
 pub mod stbd;
+pub mod wan;

@@ -608,7 +608,7 @@ impl Pair {
         };
         let issuer = headend::config::load_issuer_keys(&files.issuer_keys).expect("issuer keys");
         let card_id = 0xCA4D_0000_0000 + (opts.seed & 0xFFFF);
-        let mut card = headend::sim_box::new_card(&issuer, card_id, opts.balance, opts.max_balance);
+        let mut card = crate::sim_box::new_card(&issuer, card_id, opts.balance, opts.max_balance);
         // The card's own randoms from the pair's seed.
         card = PurseCard::new(card.state, opts.seed);
         let pin = std::fs::read_to_string(&files.pin_file)

@@ -1,4 +1,4 @@
-//! Issue 11, "Must show": the simulated fleet (`headend::loadgen::fleet`) reconnects after
+//! Issue 11, "Must show": the simulated fleet (`sim::loadgen::fleet`) reconnects after
 //! a gateway restart. A split head end of real processes; a fleet connected and buying; the
 //! gateway process SIGKILLed and restarted with the same configuration; the same fleet, run
 //! again with `fleet::run`, buys again (before the fix its boxes kept their
@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use headend::loadgen::fleet::{self, ConnectPlan, Fleet, RunPlan};
 use sim::deploy::{self, HeadEnd, RoleName, Spec};
+use sim::loadgen::fleet::{self, ConnectPlan, Fleet, RunPlan};
 
 #[test]
 fn the_loadgen_fleet_buys_again_after_the_gateway_is_sigkilled_and_restarted() {

@@ -2,5 +2,3 @@
 //! the set-top box), plus the load driver the benchmarks share.
 
 pub use transport::*;
-
-pub mod bench_support;

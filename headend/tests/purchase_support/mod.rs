@@ -2,16 +2,19 @@
 //! deployment, and [`TestBox`], the library's simulated box with test-friendly unwrapping.
 #![allow(dead_code)]
 
+#[path = "../wire_box/mod.rs"]
+pub mod wire_box;
+
 use std::path::Path;
 use std::time::Duration;
 
 use headend::assembly::{self, DemoOptions, Roles, Running};
 use headend::config::HeadendConfig;
-use headend::sim_box::{self, SimBox};
 use proto::apdu::Response;
 use proto::card::PurseCard;
 use proto::messages::*;
 use proto::purse::*;
+use wire_box::WireBox;
 
 pub struct HeadEnd {
     pub dir: tempfile::TempDir,
@@ -43,11 +46,11 @@ pub fn new_card(cfg: &HeadendConfig, card_id: u64, balance: u64) -> PurseCard {
         .parent()
         .expect("state dir inside the demo dir");
     let issuer = headend::config::load_issuer_keys(&dir.join("issuer-keys.toml")).unwrap();
-    sim_box::new_card(&issuer, card_id, balance, 100_000)
+    wire_box::new_card(&issuer, card_id, balance, 100_000)
 }
 
 /// The simulated box, unwrapping as a test does.
-pub struct TestBox(pub SimBox);
+pub struct TestBox(pub WireBox);
 
 impl TestBox {
     pub async fn new(he: &HeadEnd, box_id: &str, balance: u64) -> Self {
@@ -68,8 +71,8 @@ impl TestBox {
         addr: std::net::SocketAddr,
         balance: u64,
     ) -> Self {
-        let client = sim_box::connect(ca, box_id, addr).await.unwrap();
-        Self(SimBox {
+        let client = wire_box::connect(ca, box_id, addr).await.unwrap();
+        Self(WireBox {
             id: box_id.into(),
             client,
             card: new_card(cfg, 0xC0DE_0000 + balance, balance),
@@ -95,7 +98,7 @@ impl TestBox {
         self.0.draw_request(offer).unwrap()
     }
     pub fn open_debit_command(offer: &Offer, msg: &Message) -> DebitCommand {
-        SimBox::open_debit_command(offer, msg).unwrap()
+        WireBox::open_debit_command(offer, msg).unwrap()
     }
     pub fn debit(&mut self, offer: &Offer, cmd: &DebitCommand) -> DebitResponseMsg {
         self.0.debit(offer, cmd).unwrap()

@@ -17,6 +17,8 @@
 #[path = "../load_support/mod.rs"]
 pub mod load_support;
 
+#[path = "../wire_box/mod.rs"]
+pub mod wire_box;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -34,7 +36,6 @@ use headend::merchant::OfferRecord;
 use headend::payment::PayTxn;
 use headend::quic::{ClientTls, QuicClient, TlsIdentity, TransportSettings, load_certs};
 use headend::role::to_payload;
-use headend::sim_box::{self, SimBox};
 use load_support::LoadBox;
 use proto::card::PurseCard;
 use proto::crypto::DesKey;
@@ -42,6 +43,7 @@ use proto::messages::*;
 use proto::money::Currency;
 use proto::purse::IssuerKeys;
 use proto::security_card::SecurityCard;
+use wire_box::WireBox;
 
 /// A head-end role: its subcommand, its `[endpoints]` name and its journal's file stem.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -511,12 +513,12 @@ impl Split {
 
     /// A purse card personalised under the deployment's issuer keys (EUR).
     pub fn card(&self, card_id: u64, balance: u64, max_balance: u64) -> PurseCard {
-        sim_box::new_card(&self.issuer, card_id, balance, max_balance)
+        wire_box::new_card(&self.issuer, card_id, balance, max_balance)
     }
 
     /// A box with a fresh device certificate, connected to the gateway, with its own card.
-    pub async fn purchase_box(&self, box_id: &str, card_id: u64, balance: u64) -> SimBox {
-        SimBox {
+    pub async fn purchase_box(&self, box_id: &str, card_id: u64, balance: u64) -> WireBox {
+        WireBox {
             id: box_id.into(),
             client: self.connect_box(box_id).await,
             card: self.card(card_id, balance, 1_000_000),
@@ -527,7 +529,7 @@ impl Split {
     pub async fn connect_box(&self, box_id: &str) -> QuicClient {
         tokio::time::timeout(
             Duration::from_secs(10),
-            sim_box::connect(&self.ca, box_id, self.addr[&R::Gateway]),
+            wire_box::connect(&self.ca, box_id, self.addr[&R::Gateway]),
         )
         .await
         .expect("connected within 10 s")
@@ -698,7 +700,7 @@ pub async fn until_not_busy(
 /// step re-sent unchanged while the head end answers `Busy`, all before `until`. Returns
 /// the offer and the receipt.
 pub async fn purchase(
-    b: &mut SimBox,
+    b: &mut WireBox,
     merchant: &str,
     item: &str,
     until: Instant,
@@ -713,7 +715,7 @@ pub async fn purchase(
     };
     let draw = Message::DrawRequest(b.draw_request(&offer)?);
     let answer = until_not_busy(&b.client, &draw, until).await?;
-    let cmd = SimBox::open_debit_command(&offer, &answer)?;
+    let cmd = WireBox::open_debit_command(&offer, &answer)?;
     let resp = Message::DebitResponse(b.debit(&offer, &cmd)?);
     match until_not_busy(&b.client, &resp, until).await? {
         Message::Receipt(r) if r.released => Ok((offer, r)),

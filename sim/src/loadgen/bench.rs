@@ -20,9 +20,9 @@ use std::time::Duration;
 use super::deploy::{Conservation, Deployment, Options};
 use super::fleet::{self, BoxIdentity, ConnectPlan, Fleet, RunPlan, RunReport};
 use super::stats::vm_rss_kib;
-use crate::quic::bench_support::{LoadPlan, raw_quinn};
-use crate::quic::{QuicClient, TransportSettings};
+use crate::bench_support::{LoadPlan, raw_quinn};
 use crate::wan::{ProxyLimits, WanParams};
+use headend::quic::{QuicClient, TransportSettings};
 
 pub const EMBODIMENTS: [(&str, &str); 4] = [
     ("FIG. 4", "security-card"),
@@ -46,13 +46,10 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// The `headend` binary next to this one (same target directory), or `$HEADEND_BIN`.
+/// The `headend` binary of this build ([`crate::bins::Bins::locate`]: next to this one,
+/// built first if it is older than its sources, or `$PURSELINK_HEADEND`).
 pub fn headend_bin() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("HEADEND_BIN") {
-        return Some(p.into());
-    }
-    let p = std::env::current_exe().ok()?.parent()?.join("headend");
-    p.exists().then_some(p)
+    crate::bins::Bins::locate().ok().map(|b| b.headend)
 }
 
 /// Total CPU seconds (user + system) a process has used, from /proc/<pid>/stat (USER_HZ 100).
@@ -134,7 +131,7 @@ pub async fn connect_idle(
     ids: &[BoxIdentity],
     first: usize,
 ) -> Result<(Fleet, IdleMemory), String> {
-    let issuer = crate::config::load_issuer_keys(&deploy.files.issuer_keys)?;
+    let issuer = headend::config::load_issuer_keys(&deploy.files.issuer_keys)?;
     wait_ready(&ids[0], deploy.box_addr).await?;
     let pid = deploy.gateway_pid();
     let rss = || vm_rss_kib(pid).unwrap_or(0);
@@ -248,7 +245,7 @@ async fn wan_run(
     ids: &[BoxIdentity],
     seconds: f64,
 ) -> Result<(Fleet, RunReport), String> {
-    let issuer = crate::config::load_issuer_keys(&deploy.files.issuer_keys)?;
+    let issuer = headend::config::load_issuer_keys(&deploy.files.issuer_keys)?;
     let fleet = Fleet::connect(
         ids,
         &issuer,
@@ -407,7 +404,7 @@ pub async fn bench(o: &BenchOptions) -> Result<bool, String> {
     };
     let deploy = Deployment::in_process(&opts).await?;
     let ids = fleet::issue_identities(&deploy.files.ca_dir, "tpbox", o.throughput_boxes)?;
-    let issuer = crate::config::load_issuer_keys(&deploy.files.issuer_keys)?;
+    let issuer = headend::config::load_issuer_keys(&deploy.files.issuer_keys)?;
     let fleet = Fleet::connect(
         &ids,
         &issuer,
@@ -461,7 +458,7 @@ pub async fn bench(o: &BenchOptions) -> Result<bool, String> {
     );
     match &o.headend_bin {
         None => println!(
-            "  skipped: no headend binary next to loadgen (build it: cargo build --release -p headend --bins, or set HEADEND_BIN)"
+            "  skipped: no headend binary (cargo build --release -p headend --bins, or set PURSELINK_HEADEND)"
         ),
         Some(bin) => {
             let opts = Options {

@@ -1,8 +1,11 @@
-//! A simulated set-top box: a device certificate, a QUIC connection to the gateway, and an
-//! in-process purse card (the real `proto` card state machine). It plays the box's side of a
-//! purchase exactly (001 [0075]–[0083]: card read and checks, one draw request, the amount
-//! check on the debit command, DEBIT, the debit response), for the head end's tests, the
-//! purchase benchmark and the fleet simulator. The real box is `stbd`.
+//! A scripted box for the head end's own tests: a device certificate, a QUIC connection to
+//! the gateway and an in-process purse card (the real `proto` card), with each step of the
+//! box's side of a purchase (001 [0075]–[0083]) as its own call, so a test can stop after
+//! any step, repeat one, tamper with one or kill a role between two. It is a test kit that
+//! speaks the wire protocol, not a box: the box is `stbd`, and the simulators in `sim` drive
+//! the box core (`stb-flow`) the way `stbd` does.
+
+#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -13,11 +16,11 @@ use proto::messages::*;
 use proto::money::Currency;
 use proto::purse::*;
 
-use crate::pki::OperatorCa;
-use crate::quic::{BoxId, ClientTls, QuicClient, TransportSettings, load_certs};
-use crate::role::to_payload;
+use headend::pki::OperatorCa;
+use headend::quic::{BoxId, ClientTls, QuicClient, TransportSettings, load_certs};
+use headend::role::to_payload;
 
-pub struct SimBox {
+pub struct WireBox {
     pub id: String,
     pub client: QuicClient,
     pub card: PurseCard,
@@ -55,16 +58,16 @@ pub async fn connect(ca_dir: &Path, box_id: &str, addr: SocketAddr) -> Result<Qu
         .map_err(|e| e.to_string())
 }
 
-fn decode(bytes: Result<Vec<u8>, crate::quic::QuicError>) -> Result<Message, String> {
+fn decode(bytes: Result<Vec<u8>, headend::quic::QuicError>) -> Result<Message, String> {
     Message::from_payload(&bytes.map_err(|e| e.to_string())?).map_err(|e| e.to_string())
 }
 
 /// Today's date, as the box's clock gives it.
 pub fn today() -> Date {
-    crate::payment::today()
+    headend::payment::today()
 }
 
-impl SimBox {
+impl WireBox {
     pub async fn call(&self, msg: &Message) -> Result<Message, String> {
         decode(self.client.call(&to_payload(msg)).await)
     }

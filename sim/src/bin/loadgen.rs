@@ -12,8 +12,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use headend::loadgen::bench::{self, BenchOptions, FleetOptions};
-use headend::loadgen::fleet::RunPlan;
+use sim::loadgen::bench::{self, BenchOptions, FleetOptions};
+use sim::loadgen::fleet::RunPlan;
 
 #[derive(Parser)]
 #[command(about = "Purselink fleet simulator and scale benchmarks (loopback only)")]
@@ -49,7 +49,7 @@ enum Cmd {
         /// Run every role in this process instead of a child `headend` process.
         #[arg(long)]
         in_process: bool,
-        /// The head end binary (default: `headend` next to this one, or $HEADEND_BIN).
+        /// The head end binary (default: `headend` of this build, next to this one, or $PURSELINK_HEADEND).
         #[arg(long)]
         headend: Option<PathBuf>,
         /// The child head end's log filter.

@@ -16,11 +16,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::assembly::{self, DemoFiles, DemoOptions, Roles, Running};
-use crate::config::{Endpoint, HeadendConfig};
-use crate::merchant::MerchantServer;
-use crate::payment::PaymentServer;
 use crate::wan::{ProxyLimits, WanParams, WanProxy};
+use headend::assembly::{self, DemoFiles, DemoOptions, Roles, Running};
+use headend::config::{Endpoint, HeadendConfig};
+use headend::merchant::MerchantServer;
+use headend::payment::PaymentServer;
 
 /// Value counted three ways, minor units (one currency).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

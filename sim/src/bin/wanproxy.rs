@@ -1,5 +1,5 @@
 //! `wanproxy`: the WAN simulator as a standalone process — a userspace UDP proxy with one-way
-//! delay, jitter and loss between a QUIC client and its server (see `headend::wan`).
+//! delay, jitter and loss between a QUIC client and its server (see `sim::wan`).
 //!
 //! `wanproxy --listen 127.0.0.1:5433 --upstream 127.0.0.1:4433 --rtt-ms 50 --loss 0.01`
 
@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use headend::wan::{ProxyLimits, WanParams, WanProxy};
+use sim::wan::{ProxyLimits, WanParams, WanProxy};
 
 #[derive(Parser)]
 #[command(about = "UDP proxy with delay, jitter and loss (loopback only)")]

@@ -10,11 +10,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{
+use headend::pki::OperatorCa;
+use headend::quic::BoxId;
+use headend::quic::{
     ClientTls, QuicClient, QuicError, Revocations, Server, ServerTls, Service, TransportSettings,
 };
-use crate::pki::OperatorCa;
-use crate::quic::BoxId;
 
 /// How a load run is shaped.
 #[derive(Debug, Clone, Copy)]

@@ -20,10 +20,10 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::stats::{Errors, Flows, PerSecond};
-use crate::pki::OperatorCa;
-use crate::quic::{BoxId, ClientTls, QuicClient, TransportSettings, load_certs};
-use crate::role::to_payload;
 use crate::sim_box::{self, SimBox};
+use headend::pki::OperatorCa;
+use headend::quic::{BoxId, ClientTls, QuicClient, TransportSettings, load_certs};
+use headend::role::to_payload;
 
 /// A box's identity: its id and client TLS (device certificate and key, operator CA).
 #[derive(Clone)]
@@ -96,7 +96,7 @@ impl Link {
     pub async fn reconnect(&self, b: &mut SimBox, limit: Duration) -> Result<(), String> {
         b.client
             .connection()
-            .close(crate::quic::AppCode::Closed.varint(), b"reconnecting");
+            .close(headend::quic::AppCode::Closed.varint(), b"reconnecting");
         let c = tokio::time::timeout(
             limit,
             QuicClient::connect_shared(
@@ -290,7 +290,7 @@ impl Fleet {
                 .await
                 .client
                 .connection()
-                .close(crate::quic::AppCode::Closed.varint(), b"fleet done");
+                .close(headend::quic::AppCode::Closed.varint(), b"fleet done");
         }
         for e in self.endpoints {
             let _ = tokio::time::timeout(Duration::from_secs(5), e.wait_idle()).await;

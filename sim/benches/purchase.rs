@@ -5,24 +5,24 @@
 //! debit response) plus the card, security-card and journal work, so the ratio is printed
 //! both per purchase and per exchange.
 //!
-//! `cargo bench -p headend --bench purchase -- [SECONDS] [CLIENTS,..] [EMBODIMENT]`
-//! e.g. `cargo bench -p headend --bench purchase -- 5 1,8,32 security-card`.
+//! `cargo bench -p sim --bench purchase -- [SECONDS] [CLIENTS,..] [EMBODIMENT]`
+//! e.g. `cargo bench -p sim --bench purchase -- 5 1,8,32 security-card`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use headend::assembly::{self, DemoOptions, Roles};
 use headend::config::HeadendConfig;
-use headend::quic::bench_support::{LoadPlan, drive, raw_quinn};
-use headend::sim_box::{self, SimBox};
 use proto::messages::Message;
+use sim::bench_support::{LoadPlan, drive, raw_quinn};
+use sim::sim_box::{self, SimBox};
 
 const EXCHANGES_PER_PURCHASE: f64 = 3.0;
 
 async fn purchases(
     plan: LoadPlan,
     embodiment: &str,
-) -> Result<headend::quic::bench_support::LoadReport, String> {
+) -> Result<sim::bench_support::LoadReport, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let opts = DemoOptions {
         gateway_listen: ([127, 0, 0, 1], 0).into(),

@@ -2,12 +2,12 @@
 //! request, ~200-byte payloads, an echo service, for 1, 8 and 64 concurrent boxes. The purchase
 //! benchmark compares its rate against these figures.
 //!
-//! `cargo bench -p headend --bench raw_quinn` (optimised). Optional arguments: seconds per run
-//! and a comma-separated client list, e.g. `cargo bench -p headend --bench raw_quinn -- 3 1,8`.
+//! `cargo bench -p sim --bench raw_quinn` (optimised). Optional arguments: seconds per run
+//! and a comma-separated client list, e.g. `cargo bench -p sim --bench raw_quinn -- 3 1,8`.
 
 use std::time::Duration;
 
-use headend::quic::bench_support::{LoadPlan, raw_quinn};
+use sim::bench_support::{LoadPlan, raw_quinn};
 
 const PAYLOAD: usize = 200;
 
