@@ -1,6 +1,6 @@
 //! Purchases per second through the gateway and the payment server on loopback, with N
-//! concurrent simulated boxes (each its own device certificate, QUIC connection and purse
-//! card), latency p50/p99 — against the raw quinn request/response rate measured in the same
+//! concurrent simulated boxes (the box core with its own device certificate, `stbd`'s
+//! gateway client and journal, and a purse card: `sim::sim_box`), latency p50/p99 — against the raw quinn request/response rate measured in the same
 //! run as the ceiling. A purchase is three request/response exchanges (offer, draw request,
 //! debit response) plus the card, security-card and journal work, so the ratio is printed
 //! both per purchase and per exchange.
@@ -13,9 +13,8 @@ use std::time::Duration;
 
 use headend::assembly::{self, DemoOptions, Roles};
 use headend::config::HeadendConfig;
-use proto::messages::Message;
 use sim::bench_support::{LoadPlan, drive, raw_quinn};
-use sim::sim_box::{self, SimBox};
+use sim::loadgen::fleet::{self, ConnectPlan, Fleet};
 
 const EXCHANGES_PER_PURCHASE: f64 = 3.0;
 
@@ -42,26 +41,30 @@ async fn purchases(
     }
     let running = assembly::start(&cfg, Roles::ALL).await?;
     let issuer = headend::config::load_issuer_keys(&files.issuer_keys)?;
-    let mut boxes = Vec::new();
-    for i in 0..plan.clients {
-        let id = format!("box-{i:06}");
-        let client =
-            sim_box::connect(&dir.path().join("ca"), &id, running.gateway_addr.unwrap()).await?;
-        let card = sim_box::new_card(&issuer, 0x1000 + i as u64, 1 << 40, 1 << 41);
-        boxes.push(tokio::sync::Mutex::new(SimBox { id, client, card }));
+    let ids = fleet::issue_identities(&dir.path().join("ca"), "box", plan.clients)?;
+    let f = Fleet::connect(
+        &ids,
+        &issuer,
+        running.gateway_addr.ok_or("no gateway address")?,
+        ConnectPlan::default(),
+        0x1000,
+    )
+    .await?;
+    if f.len() != plan.clients {
+        return Err(format!("connecting: {}", f.connect_errors));
     }
-    let boxes = Arc::new(boxes);
+    let boxes = Arc::new(f.boxes.clone());
     let report = drive(plan, move |i| {
         let boxes = boxes.clone();
         async move {
             let mut b = boxes[i].lock().await;
-            match b.buy("CABLE", "ppv-1001").await? {
-                (_, Message::Receipt(r)) if r.released => Ok(()),
-                (_, other) => Err(format!("purchase not released: {other:?}")),
-            }
+            fleet::purchase(&mut b, "CABLE", "ppv-1001")
+                .await
+                .map(|_| ())
         }
     })
     .await;
+    f.close().await;
     running.stop().await;
     Ok(report)
 }

@@ -1625,6 +1625,7 @@ mod tests {
             // A sale drawn, never debited, cancelled with the card's proof.
             let offer: Offer = match d
                 .sim
+                .gateway
                 .call(&Message::OfferRequest {
                     merchant_id: "F4-L".into(),
                     item_id: "F4-L-b".into(),
@@ -1636,8 +1637,13 @@ mod tests {
                 other => panic!("{other:?}"),
             };
             reversed = offer.transaction_id.clone();
-            let draw: DrawRequest = d.sim.draw_request(&offer).unwrap();
-            let answer = d.sim.call(&Message::DrawRequest(draw)).await.unwrap();
+            let draw: DrawRequest = d.draw_request(&offer).unwrap();
+            let answer = d
+                .sim
+                .gateway
+                .call(&Message::DrawRequest(draw))
+                .await
+                .unwrap();
             assert!(matches!(answer, Message::DebitCommand(_)), "{answer:?}");
             d.open = Some(SimOpen::Purchase {
                 offer,

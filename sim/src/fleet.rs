@@ -1,7 +1,10 @@
-//! The simulated fleet: boxes in this process, each a [`crate::sim_box::SimBox`] (device
-//! certificate, QUIC connection, the real `proto` purse card) connected by
-//! [`crate::loadgen::fleet::Fleet::connect`], reconnecting through its
-//! [`crate::loadgen::fleet::Link`] when the gateway went away.
+//! The chaos run's simulated fleet: boxes in this process, each a [`crate::sim_box::SimBox`]
+//! (device certificate, `stbd`'s gateway client, which connects again by itself when the
+//! gateway went away, the real `proto` purse card) connected by
+//! [`crate::loadgen::fleet::Fleet::connect`]. Unlike the load generator's boxes, these
+//! script each step of a purchase or load themselves (the box core's flows have no place
+//! to stop and lose power between two steps, which this fleet's outages need); that
+//! scripting is the one copy of the box's steps left outside `stb-flow`.
 //!
 //! Each box behaves as a box must under faults (issue 11's "right behaviour"), so that what
 //! the audit finds is the head end's doing and not the simulator's:
@@ -23,8 +26,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::loadgen::fleet::{BoxIdentity, ConnectPlan, Fleet, Link, connection_lost};
+use crate::loadgen::fleet::{BoxIdentity, ConnectPlan, Fleet};
 use crate::sim_box::{SimBox, today};
+use proto::apdu::CardApplication;
 use proto::card::{CardSpec, CardState, PurseCard, commands};
 use proto::crypto::DesKey;
 use proto::messages::*;
@@ -85,12 +89,9 @@ impl Open {
 pub struct Device {
     pub spec: BoxSpec,
     pub sim: SimBox,
-    pub link: Link,
     pub open: Option<Open>,
     /// Every card log record seen, by counter.
     pub history: BTreeMap<u32, LogRecord>,
-    /// The connection is known dead: reconnect before the next exchange.
-    pub broken: bool,
     /// A simulated power loss: the box does nothing (no retry, no new transaction) until then.
     pub asleep_until: Option<Instant>,
 }
@@ -146,27 +147,73 @@ impl Device {
         }
     }
 
-    /// One exchange, bounded; a lost connection marks the box for reconnection.
+    /// One exchange, bounded by `step` (the client's own deadline is the run's too); a
+    /// dead connection is made again by the client on the next exchange.
     async fn call(&mut self, msg: &Message, step: Duration) -> Result<Message, String> {
-        if self.broken {
-            let deadline = tokio::time::Instant::now() + step;
-            self.link.reconnect_until(&mut self.sim, deadline).await?;
-            self.broken = false;
+        match tokio::time::timeout(step, self.sim.gateway.call(msg)).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer within {} ms", step.as_millis())),
         }
-        let r = match tokio::time::timeout(step, self.sim.call(msg)).await {
-            Ok(r) => r,
-            Err(_) => Err(format!(
-                "{} {} ms",
-                crate::loadgen::fleet::NO_ANSWER,
-                step.as_millis()
-            )),
+    }
+
+    /// Card read for the offer with the checks of 001 [0075], and the draw request of
+    /// [0077].
+    pub(crate) fn draw_request(&mut self, offer: &Offer) -> Result<DrawRequest, String> {
+        self.apdu(&commands::select());
+        let r = self.apdu(&commands::init_purchase(today()));
+        if !r.sw.is_ok() {
+            return Err(format!("card refused INITIALIZE FOR PURCHASE: {}", r.sw));
+        }
+        let init = PurchaseInit::decode(&r.data).map_err(|e| e.to_string())?;
+        if init.currency != offer.amount.currency {
+            return Err("[0075] the card holds another currency".into());
+        }
+        if init.balance < offer.amount.minor {
+            return Err("[0075] not enough value on the card".into());
+        }
+        let body = DrawBody {
+            amount: offer.amount,
+            atr: self.sim.card.atr(),
+            init,
         };
-        if let Err(e) = &r {
-            if connection_lost(&self.sim, e) {
-                self.broken = true;
-            }
+        Ok(DrawRequest {
+            transaction_id: offer.transaction_id.clone(),
+            merchant_id: offer.merchant_id.clone(),
+            etsk: offer.etsk.clone(),
+            body: Protected::new(body, offer.tsk.as_ref(), &mut rand::rngs::OsRng),
+        })
+    }
+
+    /// The debit command, opened and checked against the offer's amount (001 [0082]).
+    fn open_debit_command(offer: &Offer, msg: &Message) -> Result<DebitCommand, String> {
+        let Message::DebitCommand(dc) = msg else {
+            return Err(format!("expected a debit command, got {}", msg.kind()));
+        };
+        let body = dc
+            .body
+            .open(offer.tsk.as_ref())
+            .map_err(|e| e.to_string())?;
+        if body.command.amount_money() != offer.amount {
+            return Err(format!(
+                "[0082] debit command for {} but the offer is {}",
+                body.command.amount_money(),
+                offer.amount
+            ));
         }
-        r
+        Ok(body.command)
+    }
+
+    /// DEBIT on the card; the debit response message for the gateway.
+    fn debit(&mut self, offer: &Offer, cmd: &DebitCommand) -> Result<DebitResponseMsg, String> {
+        let r = self.apdu(&commands::debit(cmd));
+        if !r.sw.is_ok() {
+            return Err(format!("card refused DEBIT: {}", r.sw));
+        }
+        let resp = DebitResponse::decode(&r.data).map_err(|e| e.to_string())?;
+        Ok(DebitResponseMsg {
+            transaction_id: offer.transaction_id.clone(),
+            body: Protected::new(resp, offer.tsk.as_ref(), &mut rand::rngs::OsRng),
+        })
     }
 
     fn apdu(&mut self, apdu: &[u8]) -> proto::apdu::Response {
@@ -333,7 +380,7 @@ impl Device {
             Err(e) => return (None, Outcome::Failed(format!("offer: {}", trim(&e)))),
         };
         let txid = offer.transaction_id.clone();
-        let draw = match self.sim.draw_request(&offer) {
+        let draw = match self.draw_request(&offer) {
             Ok(d) => d,
             Err(e) => {
                 self.note_log();
@@ -357,7 +404,7 @@ impl Device {
                 );
             }
         };
-        let cmd = match SimBox::open_debit_command(&offer, &answer) {
+        let cmd = match Self::open_debit_command(&offer, &answer) {
             Ok(c) => c,
             Err(_) => {
                 let why = format!("draw: {}", code_of(&answer));
@@ -383,7 +430,7 @@ impl Device {
                 )),
             );
         }
-        let resp = match self.sim.debit(&offer, &cmd) {
+        let resp = match self.debit(&offer, &cmd) {
             Ok(r) => r,
             Err(e) => {
                 self.note_log();
@@ -685,6 +732,8 @@ impl SimFleet {
                 per_endpoint: 64,
                 parallel: 8,
                 balance: 1,
+                request_timeout: timing.step,
+                journal_dir: Some(layout.dir.join("sim-box-journals")),
             },
             0,
         )
@@ -698,7 +747,6 @@ impl SimFleet {
             ));
         }
         let mut fleet = fleet;
-        let links = fleet.links.clone();
         let boxes = std::mem::take(&mut fleet.boxes);
         let mut devices = Vec::new();
         for (i, b) in boxes.into_iter().enumerate() {
@@ -709,10 +757,8 @@ impl SimFleet {
             devices.push(Arc::new(Mutex::new(Device {
                 spec: specs[i].clone(),
                 sim,
-                link: links[i].clone(),
                 open: None,
                 history: BTreeMap::new(),
-                broken: false,
                 asleep_until: None,
             })));
         }
@@ -975,10 +1021,7 @@ impl SimFleet {
     pub async fn close(&self) {
         for d in &self.devices {
             let g = d.lock().await;
-            g.sim
-                .client
-                .connection()
-                .close(headend::quic::AppCode::Closed.varint(), b"chaos done");
+            g.sim.gateway.close("chaos done");
         }
     }
 }

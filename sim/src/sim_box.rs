@@ -1,29 +1,39 @@
-//! A simulated set-top box: a device certificate, a QUIC connection to the gateway, and an
-//! in-process purse card (the real `proto` card state machine). It plays the box's side of a
-//! purchase exactly (001 [0075]–[0083]: card read and checks, one draw request, the amount
-//! check on the debit command, DEBIT, the debit response), for the head end's tests, the
-//! purchase benchmark and the fleet simulator. The real box is `stbd`.
+//! A simulated set-top box that runs the box core: [`stb_flow`]'s purchase and load flows,
+//! executed the way `stbd` executes them, with an in-process purse card (the real `proto`
+//! card, personalised under the deployment's issuer keys) in place of a reader, `stbd`'s own
+//! gateway client ([`stb::daemon::gateway::Gateway`]) in place of its connection, and
+//! `stbd`'s own SQLite journal ([`stb::journal::Journal`]).
+//!
+//! So a simulated box sends what `stbd` sends, in the same order and stream discipline:
+//! one bidirectional stream per request (offer request, draw request, debit response, …),
+//! a dropped connection made again on the next request (after a deadline or a failed
+//! connection the client drops it, as `stbd`'s does), the journal written before each
+//! action it guards, and the card checks of 001 [0075] and [0082] done by the flow, not
+//! here. The viewer is scripted: OK on every offer, the load amount and PIN when asked.
+//!
+//! What the shell here does not do that `stbd` does: a TV, a remote, a reader driver,
+//! cards pulled mid-command. What ends in doubt is settled by [`SimBox::recover`] (the
+//! recovery round) exactly as `stbd`'s is.
 
-use std::net::SocketAddr;
+use std::collections::VecDeque;
 use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use proto::apdu::{CardApplication, Response};
 use proto::card::{CardSpec, CardState, PurseCard, commands};
-use proto::messages::*;
+use proto::crypto::DesKey;
+use proto::messages::{LoadSource, Message};
 use proto::money::Currency;
-use proto::purse::*;
+use proto::purse::{Date, Expiry, IssuerKeys, PurseInfo};
+use proto::secret::Secret;
+use stb::daemon::exec::Driven;
+use stb::daemon::gateway::Gateway;
+use stb::journal::Journal;
+use stb_flow::show::Show;
+use stb_flow::{Action, CardReply, load, purchase};
 
-use headend::pki::OperatorCa;
-use headend::quic::{BoxId, ClientTls, QuicClient, TransportSettings, load_certs};
-use headend::role::to_payload;
-
-pub struct SimBox {
-    pub id: String,
-    pub client: QuicClient,
-    pub card: PurseCard,
-}
-
-/// A card personalised under `issuer` with `balance` EUR cents.
+/// A card personalised under `issuer` with `balance` EUR cents (`max_balance` its ceiling).
 pub fn new_card(issuer: &IssuerKeys, card_id: u64, balance: u64, max_balance: u64) -> PurseCard {
     let spec = CardSpec {
         card_id,
@@ -39,41 +49,133 @@ pub fn new_card(issuer: &IssuerKeys, card_id: u64, balance: u64, max_balance: u6
     PurseCard::new(CardState::personalise(&spec, issuer), card_id)
 }
 
-/// Connects as box `box_id` with a device certificate freshly issued by the CA in `ca_dir`.
-pub async fn connect(ca_dir: &Path, box_id: &str, addr: SocketAddr) -> Result<QuicClient, String> {
-    let ca = OperatorCa::load(ca_dir).map_err(|e| e.to_string())?;
-    let issued = ca
-        .issue_device(&BoxId::new(box_id).map_err(|e| e.to_string())?)
-        .map_err(|e| e.to_string())?;
-    let tls = ClientTls::new(
-        load_certs(&ca_dir.join("ca.crt.pem")).map_err(|e| e.to_string())?,
-        issued.tls_identity(),
-        "gateway",
-    );
-    QuicClient::connect(&tls, &TransportSettings::default(), addr, "localhost")
-        .await
-        .map_err(|e| e.to_string())
-}
-
-fn decode(bytes: Result<Vec<u8>, headend::quic::QuicError>) -> Result<Message, String> {
-    Message::from_payload(&bytes.map_err(|e| e.to_string())?).map_err(|e| e.to_string())
-}
-
-/// Today's date, as the box's clock gives it.
+/// Today's date, as the box's clock gives it (`stbd`'s own).
 pub fn today() -> Date {
-    headend::payment::today()
+    stb::daemon::card::today()
+}
+
+/// What the scripted viewer answers in a load: the amount (minor units of the offer's
+/// currency) and, for a bank load, the PIN.
+#[derive(Debug, Clone)]
+pub struct LoadViewer {
+    pub amount: i64,
+    pub pin: Option<Secret<String>>,
+}
+
+/// How long each request of a flow took at the box, by message kind (offer, draw, debit
+/// response, …), in the order sent.
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    pub requests: Vec<(&'static str, Duration)>,
+    pub total: Duration,
+}
+
+impl Timings {
+    /// The time of the first request of kind `kind` (see [`proto::messages::Message::kind`]).
+    pub fn of(&self, kind: &str) -> Duration {
+        self.requests
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, d)| *d)
+            .unwrap_or_default()
+    }
+}
+
+/// A simulated box: its id, its gateway client, its card and its journal.
+pub struct SimBox {
+    pub id: String,
+    pub gateway: Arc<Gateway>,
+    pub card: PurseCard,
+    pub journal: Journal,
+    /// The box's PIN-block key (bank loads), when it has one.
+    pub pin_key: Option<DesKey>,
+    /// Seeds the flows' randoms (sealing, jitter); moved on for every flow.
+    seed: u64,
+}
+
+/// The viewer's script for one flow.
+enum Script {
+    /// OK on the offer.
+    Accept,
+    /// The amount, then the PIN when asked.
+    Load(LoadViewer),
+}
+
+impl Script {
+    /// What the viewer answers to `shown` (the last thing the flow asked), as the input of
+    /// flow `F`; `None` when the script has nothing to say to it.
+    fn answer<F: Viewed>(&self, shown: &Show) -> Option<F::Input> {
+        F::viewer(shown, self)
+    }
+}
+
+/// What the scripted viewer types, for each flow.
+trait Viewed: Driven {
+    fn viewer(shown: &Show, script: &Script) -> Option<Self::Input>;
+}
+
+impl Viewed for purchase::Purchase {
+    fn viewer(shown: &Show, script: &Script) -> Option<purchase::Input> {
+        matches!((shown, script), (Show::Offer(_), Script::Accept))
+            .then_some(purchase::Input::Accept)
+    }
+}
+
+impl Viewed for load::Load {
+    fn viewer(shown: &Show, script: &Script) -> Option<load::Input> {
+        let Script::Load(v) = script else {
+            return None;
+        };
+        match shown {
+            Show::LoadMax(_) => Some(load::Input::Amount(v.amount)),
+            Show::PinEntry { .. } => Some(match &v.pin {
+                Some(pin) => load::Input::Pin(pin.clone()),
+                None => load::Input::Cancel,
+            }),
+            _ => None,
+        }
+    }
 }
 
 impl SimBox {
-    pub async fn call(&self, msg: &Message) -> Result<Message, String> {
-        decode(self.client.call(&to_payload(msg)).await)
+    /// A box `id` with `card`, its client `gateway` and its journal in `dir` (created).
+    ///
+    /// # Errors
+    ///
+    /// The journal's, when it cannot be opened.
+    pub fn new(
+        id: &str,
+        gateway: Arc<Gateway>,
+        card: PurseCard,
+        dir: &Path,
+        pin_key: Option<DesKey>,
+    ) -> Result<Self, String> {
+        let journal = Journal::open(dir).map_err(|e| e.to_string())?;
+        let seed = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        Ok(Self {
+            id: id.to_string(),
+            gateway,
+            card,
+            journal,
+            pin_key,
+            seed,
+        })
     }
 
+    fn next_seed(&mut self) -> u64 {
+        self.seed = self.seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        self.seed
+    }
+
+    /// One card command, as the reader would pass it.
     pub fn apdu(&mut self, apdu: &[u8]) -> Response {
         Response::parse(&self.card.process_apdu(apdu))
             .expect("the card always answers a status word")
     }
 
+    /// The card's balance (SELECT, READ PURSE).
     pub fn balance(&mut self) -> u64 {
         self.apdu(&commands::select());
         PurseInfo::decode(&self.apdu(&commands::read_purse()).data)
@@ -81,98 +183,88 @@ impl SimBox {
             .unwrap_or(0)
     }
 
-    pub async fn offer(&self, merchant: &str, item: &str) -> Result<Offer, String> {
-        match self
-            .call(&Message::OfferRequest {
-                merchant_id: merchant.into(),
-                item_id: item.into(),
-            })
-            .await?
-        {
-            Message::Offer(o) => Ok(o),
-            other => Err(format!("expected an offer, got {other:?}")),
-        }
+    /// One purchase of `item` from `merchant`, the viewer saying OK to the offer; how it
+    /// ended and how long each request took.
+    pub async fn buy(&mut self, merchant: &str, item: &str) -> (purchase::Outcome, Timings) {
+        let seed = self.next_seed();
+        let (flow, actions) = purchase::Purchase::start(merchant, item, today(), seed);
+        self.drive(flow, actions, Script::Accept).await
     }
 
-    /// Card read for the offer with the checks of [0075], and the draw request of [0077].
-    /// A fresh INITIALIZE FOR PURCHASE: the proof a cancel carries that the card did not
-    /// run the DEBIT (its counter has not moved).
-    pub fn proof(&mut self) -> Result<PurchaseInit, String> {
-        self.apdu(&commands::select());
-        let r = self.apdu(&commands::init_purchase(today()));
-        if !r.sw.is_ok() {
-            return Err(format!("card refused INITIALIZE FOR PURCHASE: {}", r.sw));
-        }
-        PurchaseInit::decode(&r.data).map_err(|e| e.to_string())
+    /// One load from `source`, the viewer entering `viewer`'s amount and PIN when asked.
+    pub async fn load(
+        &mut self,
+        source: LoadSource,
+        viewer: LoadViewer,
+    ) -> (load::Outcome, Timings) {
+        let seed = self.next_seed();
+        let (flow, actions) = load::Load::start(source, self.pin_key.clone(), seed);
+        self.drive(flow, actions, Script::Load(viewer)).await
     }
 
-    pub fn draw_request(&mut self, offer: &Offer) -> Result<DrawRequest, String> {
-        self.apdu(&commands::select());
-        let r = self.apdu(&commands::init_purchase(today()));
-        if !r.sw.is_ok() {
-            return Err(format!("card refused INITIALIZE FOR PURCHASE: {}", r.sw));
+    /// Runs `flow` to its end as `stbd`'s executor does: actions in order, the journal first
+    /// (a failed write ends the flow before the action it guards), card commands inline, one
+    /// request at a time to the gateway, whose answer goes back to the flow after the rest of
+    /// the batch ran; the scripted viewer answers what the flow shows.
+    async fn drive<F: Viewed>(
+        &mut self,
+        mut flow: F,
+        actions: Vec<Action<F::Step, F::Outcome>>,
+        script: Script,
+    ) -> (F::Outcome, Timings) {
+        let t0 = Instant::now();
+        let mut timings = Timings::default();
+        let mut queue: VecDeque<_> = actions.into();
+        let mut request: Option<Message> = None;
+        let mut asked: Option<Show> = None;
+        loop {
+            while let Some(action) = queue.pop_front() {
+                match action {
+                    Action::Journal {
+                        transaction_id,
+                        step,
+                    } => {
+                        if let Err(e) = F::record(&mut self.journal, &transaction_id, &step) {
+                            timings.total = t0.elapsed();
+                            return (
+                                F::not_recorded(transaction_id, &step, e.to_string()),
+                                timings,
+                            );
+                        }
+                        F::journaled(&step);
+                    }
+                    Action::Apdu(apdu) => {
+                        let reply = CardReply {
+                            atr: self.card.atr(),
+                            response: self.card.process_apdu(&apdu),
+                        };
+                        queue.extend(flow.handle(F::card_input(Ok(reply))));
+                    }
+                    Action::Send(m) => request = Some(m),
+                    Action::Show(s) => {
+                        if matches!(s, Show::LoadMax(_) | Show::PinEntry { .. } | Show::Offer(_)) {
+                            asked = Some(s);
+                        }
+                    }
+                    Action::Done(o) => {
+                        timings.total = t0.elapsed();
+                        return (o, timings);
+                    }
+                }
+            }
+            if let Some(m) = request.take() {
+                let t = Instant::now();
+                let answer = self.gateway.call(&m).await.map_err(|e| e.to_string());
+                timings.requests.push((m.kind(), t.elapsed()));
+                queue.extend(flow.handle(F::answer_input(answer)));
+            } else if let Some(input) = asked.take().and_then(|s| script.answer::<F>(&s)) {
+                queue.extend(flow.handle(input));
+            } else {
+                panic!(
+                    "box {}: the flow waits for nothing the shell can give",
+                    self.id
+                );
+            }
         }
-        let init = PurchaseInit::decode(&r.data).map_err(|e| e.to_string())?;
-        if init.currency != offer.amount.currency {
-            return Err("[0075] the card holds another currency".into());
-        }
-        if init.balance < offer.amount.minor {
-            return Err("[0075] not enough value on the card".into());
-        }
-        let body = DrawBody {
-            amount: offer.amount,
-            atr: self.card.atr(),
-            init,
-        };
-        Ok(DrawRequest {
-            transaction_id: offer.transaction_id.clone(),
-            merchant_id: offer.merchant_id.clone(),
-            etsk: offer.etsk.clone(),
-            body: Protected::new(body, offer.tsk.as_ref(), &mut rand::rngs::OsRng),
-        })
-    }
-
-    /// The debit command, opened and checked against the offer's amount ([0082]).
-    pub fn open_debit_command(offer: &Offer, msg: &Message) -> Result<DebitCommand, String> {
-        let Message::DebitCommand(dc) = msg else {
-            return Err(format!("expected a debit command, got {msg:?}"));
-        };
-        let body = dc
-            .body
-            .open(offer.tsk.as_ref())
-            .map_err(|e| e.to_string())?;
-        if body.command.amount_money() != offer.amount {
-            return Err(format!(
-                "[0082] debit command for {} but the offer is {}",
-                body.command.amount_money(),
-                offer.amount
-            ));
-        }
-        Ok(body.command)
-    }
-
-    /// DEBIT on the card; the debit response message for the gateway.
-    pub fn debit(&mut self, offer: &Offer, cmd: &DebitCommand) -> Result<DebitResponseMsg, String> {
-        let r = self.apdu(&commands::debit(cmd));
-        if !r.sw.is_ok() {
-            return Err(format!("card refused DEBIT: {}", r.sw));
-        }
-        let resp = DebitResponse::decode(&r.data).map_err(|e| e.to_string())?;
-        Ok(DebitResponseMsg {
-            transaction_id: offer.transaction_id.clone(),
-            body: Protected::new(resp, offer.tsk.as_ref(), &mut rand::rngs::OsRng),
-        })
-    }
-
-    /// A whole purchase, its two steps on one stream; the offer and the final answer.
-    pub async fn buy(&mut self, merchant: &str, item: &str) -> Result<(Offer, Message), String> {
-        let offer = self.offer(merchant, item).await?;
-        let draw = self.draw_request(&offer)?;
-        let mut txn = self.client.transaction().await.map_err(|e| e.to_string())?;
-        let answer = decode(txn.exchange(&to_payload(&Message::DrawRequest(draw))).await)?;
-        let cmd = Self::open_debit_command(&offer, &answer)?;
-        let resp = self.debit(&offer, &cmd)?;
-        let receipt = decode(txn.last(&to_payload(&Message::DebitResponse(resp))).await)?;
-        Ok((offer, receipt))
     }
 }

@@ -36,7 +36,10 @@ fn the_loadgen_fleet_buys_again_after_the_gateway_is_sigkilled_and_restarted() {
             &ids,
             &layout.issuer,
             layout.gateway_addr(),
-            ConnectPlan::default(),
+            ConnectPlan {
+                request_timeout: Duration::from_secs(2),
+                ..ConnectPlan::default()
+            },
             0x0F1E_0000,
         )
         .await
@@ -47,8 +50,6 @@ fn the_loadgen_fleet_buys_again_after_the_gateway_is_sigkilled_and_restarted() {
             concurrency: 4,
             warmup: Duration::ZERO,
             duration: Duration::from_secs(3),
-            step_timeout: Duration::from_secs(2),
-            resend: 1,
             merchant: "F4-L".into(),
             item: "F4-L-a".into(),
         };

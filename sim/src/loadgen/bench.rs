@@ -142,8 +142,14 @@ pub async fn connect_idle(
     let t = tokio::time::Instant::now();
     let first = first.min(ids.len());
     let plan = ConnectPlan::default();
-    let mut fleet =
-        Fleet::connect(&ids[..first], &issuer, deploy.box_addr, plan, 0x10_0000).await?;
+    let mut fleet = Fleet::connect(
+        &ids[..first],
+        &issuer,
+        deploy.box_addr,
+        plan.clone(),
+        0x10_0000,
+    )
+    .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_first = rss();
     let rest = Fleet::connect(
@@ -261,8 +267,6 @@ async fn wan_run(
         concurrency: ids.len(),
         warmup: Duration::from_secs(1),
         duration: Duration::from_secs_f64(seconds),
-        step_timeout: Duration::from_secs(10),
-        resend: 3,
         ..RunPlan::default()
     };
     let report = fleet::run(&fleet, &plan).await;

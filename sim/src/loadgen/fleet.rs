@@ -1,12 +1,12 @@
-//! A fleet of simulated boxes in one process: each its own device certificate, virtual purse
-//! card and QUIC connection ([`SimBox`]), many connections sharing a few client UDP sockets.
+//! A fleet of simulated boxes in one process ([`SimBox`]: the box core `stb-flow` with an
+//! in-process card, `stbd`'s gateway client and journal), each with its own device
+//! certificate and QUIC connection, many connections sharing a few client UDP sockets.
 //! Drives purchases at a target rate (open loop) or as fast as possible (closed loop), timing
-//! each flow at the box.
+//! each request at the box.
 //!
-//! Each box keeps a [`Link`]: what it needs to connect again. A box whose connection died
-//! (closed, reset, idle timeout) or went silent (a step got no answer in time — e.g. the
-//! gateway was restarted and the old connection will never answer) drops it and reconnects
-//! with a capped backoff before its next purchase, so a fleet survives a gateway restart.
+//! A box whose connection died or went silent makes a new one on its next request, as
+//! `stbd`'s client does, so a fleet survives a gateway restart; what a restart left in doubt
+//! is settled by the boxes' recovery rounds ([`Fleet::settle`]).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -14,16 +14,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use proto::messages::{Message, Offer};
 use proto::purse::IssuerKeys;
+use stb::daemon::gateway::{Gateway, GatewaySettings};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::stats::{Errors, Flows, PerSecond};
 use crate::sim_box::{self, SimBox};
 use headend::pki::OperatorCa;
-use headend::quic::{BoxId, ClientTls, QuicClient, TransportSettings, load_certs};
-use headend::role::to_payload;
+use headend::quic::{BoxId, ClientTls, TransportSettings, load_certs};
+use stb_flow::purchase::Outcome;
 
 /// A box's identity: its id and client TLS (device certificate and key, operator CA).
 #[derive(Clone)]
@@ -81,75 +81,9 @@ pub fn issue_identities(ca_dir: &Path, prefix: &str, n: usize) -> Result<Vec<Box
     Ok(out)
 }
 
-/// What a box needs to connect again: its identity, the client socket it shares, where the
-/// gateway is.
-#[derive(Clone)]
-pub struct Link {
-    pub identity: BoxIdentity,
-    endpoint: quinn::Endpoint,
-    addr: SocketAddr,
-    settings: TransportSettings,
-}
-
-impl Link {
-    /// Closes `b`'s connection (if it still is one) and connects again, bounded by `limit`.
-    pub async fn reconnect(&self, b: &mut SimBox, limit: Duration) -> Result<(), String> {
-        b.client
-            .connection()
-            .close(headend::quic::AppCode::Closed.varint(), b"reconnecting");
-        let c = tokio::time::timeout(
-            limit,
-            QuicClient::connect_shared(
-                &self.endpoint,
-                &self.identity.tls,
-                &self.settings,
-                self.addr,
-                "localhost",
-            ),
-        )
-        .await
-        .map_err(|_| format!("reconnect: no handshake within {} ms", limit.as_millis()))?
-        .map_err(|e| format!("reconnect: {e}"))?;
-        b.client = c;
-        Ok(())
-    }
-
-    /// Reconnects until it works or `deadline` passes, doubling the pause from 100 ms up to
-    /// 2 s between attempts.
-    pub async fn reconnect_until(&self, b: &mut SimBox, deadline: Instant) -> Result<(), String> {
-        let mut pause = Duration::from_millis(100);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let r = self
-                .reconnect(
-                    b,
-                    left.clamp(Duration::from_millis(1), Duration::from_secs(5)),
-                )
-                .await;
-            if r.is_ok() || Instant::now() + pause >= deadline {
-                return r;
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(2));
-        }
-    }
-}
-
-/// Whether a failed exchange says `b`'s connection is gone or unusable: closed (reset, idle
-/// timeout, refused), or silent past a step's deadline. A refusal from the head end (an
-/// `Error` answer) is not: the connection works.
-pub fn connection_lost(b: &SimBox, failure: &str) -> bool {
-    b.client.connection().close_reason().is_some() || failure.contains(NO_ANSWER)
-}
-
-/// The text [`purchase`] puts in a failure when a step had no answer in time.
-pub const NO_ANSWER: &str = "no answer within";
-
 /// Connected boxes.
 pub struct Fleet {
     pub boxes: Vec<Arc<tokio::sync::Mutex<SimBox>>>,
-    /// Each box's way back to the gateway (same order as `boxes`).
-    pub links: Arc<Vec<Link>>,
     /// Each card's balance when personalised.
     pub initial_balance: u64,
     /// Connections that failed, by reason.
@@ -158,13 +92,18 @@ pub struct Fleet {
 }
 
 /// How a fleet connects.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnectPlan {
     /// Connections per client UDP socket.
     pub per_endpoint: usize,
     /// Handshakes in flight at once.
     pub parallel: usize,
     pub balance: u64,
+    /// Each box's request deadline (`stbd`'s `[headend] request_timeout`).
+    pub request_timeout: Duration,
+    /// Where the boxes' journals go (one directory per box); `None`: a temp dir on
+    /// `/dev/shm` when it exists (a box here is not power-cut, so fsyncs buy nothing).
+    pub journal_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for ConnectPlan {
@@ -173,13 +112,33 @@ impl Default for ConnectPlan {
             per_endpoint: 1000,
             parallel: 64,
             balance: 1 << 40,
+            request_timeout: Duration::from_secs(10),
+            journal_dir: None,
         }
+    }
+}
+
+/// The settings of one box's gateway client: `stbd`'s defaults, the gateway at `addr`.
+pub fn gateway_settings(addr: SocketAddr, request_timeout: Duration) -> GatewaySettings {
+    GatewaySettings {
+        addr: addr.to_string(),
+        server_name: "localhost".into(),
+        server_role: "gateway".into(),
+        keep_alive: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(30),
+        request_timeout,
+        backoff_initial: Duration::from_millis(100),
+        backoff_max: Duration::from_secs(2),
     }
 }
 
 impl Fleet {
     /// Connects every identity to `addr` (server name `localhost`), each with a fresh card
-    /// personalised under `issuer`; card ids start at `first_card`.
+    /// personalised under `issuer` and a journal of its own; card ids start at `first_card`.
+    ///
+    /// # Errors
+    ///
+    /// A UDP socket, the journal directory or a box's journal could not be made.
     pub async fn connect(
         ids: &[BoxIdentity],
         issuer: &IssuerKeys,
@@ -192,63 +151,68 @@ impl Fleet {
             let bind: SocketAddr = ([127, 0, 0, 1], 0).into();
             endpoints.push(quinn::Endpoint::client(bind).map_err(|e| e.to_string())?);
         }
+        let journals = match &plan.journal_dir {
+            Some(d) => d.clone(),
+            None => {
+                let shm = Path::new("/dev/shm");
+                let base = if shm.is_dir() {
+                    shm.to_path_buf()
+                } else {
+                    std::env::temp_dir()
+                };
+                tempfile::Builder::new()
+                    .prefix("purselink-fleet-")
+                    .tempdir_in(base)
+                    .map_err(|e| format!("journal dir: {e}"))?
+                    .keep()
+            }
+        };
         let settings = TransportSettings::default();
         let limit = Arc::new(tokio::sync::Semaphore::new(plan.parallel.max(1)));
         let mut tasks = JoinSet::new();
         for (i, id) in ids.iter().enumerate() {
             let endpoint = endpoints[i / plan.per_endpoint.max(1)].clone();
-            let id = id.clone();
-            let settings = settings.clone();
+            let config = transport::client_config(&id.tls, &settings).map_err(|e| e.to_string())?;
+            let gateway = Gateway::on_endpoint(
+                endpoint,
+                config,
+                gateway_settings(addr, plan.request_timeout),
+            );
+            let card = sim_box::new_card(
+                issuer,
+                first_card + i as u64,
+                plan.balance,
+                plan.balance * 2,
+            );
+            let b = SimBox::new(&id.box_id, gateway, card, &journals.join(&id.box_id), None)?;
             let permit = limit.clone().acquire_owned().await.expect("never closed");
             tasks.spawn(async move {
-                let r = tokio::time::timeout(
-                    Duration::from_secs(30),
-                    QuicClient::connect_shared(&endpoint, &id.tls, &settings, addr, "localhost"),
-                )
-                .await;
+                let r =
+                    tokio::time::timeout(Duration::from_secs(30), b.gateway.connect_now()).await;
                 drop(permit);
                 let r = match r {
-                    Ok(Ok(c)) => Ok(c),
+                    Ok(Ok(())) => Ok(()),
                     Ok(Err(e)) => Err(e.to_string()),
                     Err(_) => Err("handshake timed out (30 s)".into()),
                 };
-                (i, id.box_id, r)
+                (i, b, r)
             });
         }
-        let mut connected: Vec<(usize, String, QuicClient)> = Vec::with_capacity(ids.len());
+        let mut connected: Vec<(usize, SimBox)> = Vec::with_capacity(ids.len());
         let mut connect_errors = Errors::default();
         while let Some(j) = tasks.join_next().await {
             match j {
-                Ok((i, box_id, Ok(client))) => connected.push((i, box_id, client)),
+                Ok((i, b, Ok(()))) => connected.push((i, b)),
                 Ok((_, _, Err(e))) => connect_errors.add(&e),
                 Err(e) => connect_errors.add(&format!("connect task: {e}")),
             }
         }
-        connected.sort_by_key(|(i, _, _)| *i);
-        let links = connected
-            .iter()
-            .map(|(i, _, _)| Link {
-                identity: ids[*i].clone(),
-                endpoint: endpoints[*i / plan.per_endpoint.max(1)].clone(),
-                addr,
-                settings: settings.clone(),
-            })
-            .collect();
-        let boxes = connected
-            .into_iter()
-            .map(|(i, id, client)| {
-                let card = sim_box::new_card(
-                    issuer,
-                    first_card + i as u64,
-                    plan.balance,
-                    plan.balance * 2,
-                );
-                Arc::new(tokio::sync::Mutex::new(SimBox { id, client, card }))
-            })
-            .collect();
+        connected.sort_by_key(|(i, _)| *i);
         Ok(Fleet {
-            boxes,
-            links: Arc::new(links),
+            boxes: connected
+                .into_iter()
+                .map(|(_, b)| Arc::new(tokio::sync::Mutex::new(b)))
+                .collect(),
             initial_balance: plan.balance,
             connect_errors,
             endpoints,
@@ -258,9 +222,6 @@ impl Fleet {
     /// Takes another fleet's boxes (connected to the same head end) into this one.
     pub fn absorb(&mut self, other: Fleet) {
         self.boxes.extend(other.boxes);
-        let mut links = self.links.as_ref().clone();
-        links.extend(other.links.iter().cloned());
-        self.links = Arc::new(links);
         self.connect_errors.merge(&other.connect_errors);
         self.endpoints.extend(other.endpoints);
     }
@@ -286,11 +247,7 @@ impl Fleet {
     /// Closes every connection and waits (bounded) for the server to be told.
     pub async fn close(self) {
         for b in &self.boxes {
-            b.lock()
-                .await
-                .client
-                .connection()
-                .close(headend::quic::AppCode::Closed.varint(), b"fleet done");
+            b.lock().await.gateway.close("fleet done");
         }
         for e in self.endpoints {
             let _ = tokio::time::timeout(Duration::from_secs(5), e.wait_idle()).await;
@@ -298,111 +255,39 @@ impl Fleet {
     }
 }
 
-/// The box's view of one purchase.
+/// The box's view of one purchase that was paid and released.
 pub struct Done {
-    pub offer: Offer,
+    pub transaction_id: String,
     pub offer_time: Duration,
     pub draw_time: Duration,
     pub debit_time: Duration,
     pub total: Duration,
 }
 
-fn answer_err(step: &str, m: &Message) -> String {
-    match m {
-        Message::Error(e) => format!("{step}: {:?}: {}", e.code, e.reason),
-        other => format!("{step}: unexpected {}", other.kind()),
-    }
-}
-
-async fn within<T, E: std::fmt::Display>(
-    limit: Duration,
-    step: &str,
-    f: impl std::future::Future<Output = Result<T, E>>,
-) -> Result<T, String> {
-    match tokio::time::timeout(limit, f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(format!("{step}: {e}")),
-        Err(_) => Err(format!("{step}: {NO_ANSWER} {} ms", limit.as_millis())),
-    }
-}
-
-/// One purchase as the box makes it (offer; draw request and debit response on one stream),
-/// each exchange bounded by `step_timeout`. A debit response whose answer is lost is sent
-/// again on a new stream up to `resend` times, as the box does from its journal (the gateway
-/// answers a retried debit response with the same receipt).
-pub async fn purchase(
-    b: &mut SimBox,
-    merchant: &str,
-    item: &str,
-    step_timeout: Duration,
-    resend: u32,
-) -> Result<Done, String> {
-    let t0 = Instant::now();
-    let offer = within(step_timeout, "offer", b.offer(merchant, item)).await?;
-    let t1 = Instant::now();
-    let draw = b.draw_request(&offer)?;
-    let mut txn = within(step_timeout, "draw", b.client.transaction()).await?;
-    let answer = within(
-        step_timeout,
-        "draw",
-        txn.exchange(&to_payload(&Message::DrawRequest(draw))),
-    )
-    .await?;
-    let answer = Message::from_payload(&answer).map_err(|e| format!("draw: {e}"))?;
-    let cmd =
-        SimBox::open_debit_command(&offer, &answer).map_err(|_| answer_err("draw", &answer))?;
-    let t2 = Instant::now();
-    let resp = b.debit(&offer, &cmd)?;
-    let payload = to_payload(&Message::DebitResponse(resp));
-    let mut result = within(step_timeout, "debit response", txn.last(&payload)).await;
-    let mut tries = 0;
-    while result.is_err() && tries < resend {
-        tries += 1;
-        result = within(
-            step_timeout,
-            "debit response (resent)",
-            b.client.call(&payload),
-        )
-        .await;
-    }
-    let receipt = Message::from_payload(&result?).map_err(|e| format!("debit response: {e}"))?;
-    let t3 = Instant::now();
-    match receipt {
-        Message::Receipt(r) if r.released => Ok(Done {
-            offer,
-            offer_time: t1 - t0,
-            draw_time: t2 - t1,
-            debit_time: t3 - t2,
-            total: t3 - t0,
+/// One purchase as `stbd` makes it (the box core, one stream per request), the viewer
+/// saying OK at once. Anything but a released receipt is a failure, described.
+///
+/// # Errors
+///
+/// How the purchase ended otherwise (refused, failed, in doubt: recovery settles those).
+pub async fn purchase(b: &mut SimBox, merchant: &str, item: &str) -> Result<Done, String> {
+    let (outcome, t) = b.buy(merchant, item).await;
+    match outcome {
+        Outcome::Paid {
+            transaction_id,
+            receipt,
+        } if receipt.released => Ok(Done {
+            transaction_id,
+            offer_time: t.of("an offer request"),
+            draw_time: t.of("a draw request"),
+            debit_time: t.of("a debit response"),
+            total: t.total,
         }),
-        Message::Receipt(r) => Err(format!("receipt without release: {}", r.text)),
-        other => Err(answer_err("debit response", &other)),
+        Outcome::Paid { receipt, .. } => Err(format!("receipt without release: {}", receipt.text)),
+        Outcome::Failed { refusal, .. } => Err(format!("failed: {refusal:?}")),
+        Outcome::Cancelled { reason, .. } => Err(format!("cancelled: {reason:?}")),
+        Outcome::InDoubt { doubt, .. } => Err(format!("in doubt: {doubt:?}")),
     }
-}
-
-/// [`purchase`], then, if the connection turned out lost, a fresh one (bounded by the step
-/// timeout) so the box's next purchase does not die on it too.
-pub async fn purchase_and_heal(
-    b: &mut SimBox,
-    link: &Link,
-    plan: &RunPlan,
-) -> Result<Done, String> {
-    let r = purchase(
-        b,
-        &plan.merchant,
-        &plan.item,
-        plan.step_timeout,
-        plan.resend,
-    )
-    .await;
-    if let Err(e) = &r {
-        if connection_lost(b, e) {
-            if let Err(again) = link.reconnect(b, plan.step_timeout).await {
-                tracing::debug!(box_id = %b.id, error = %again, "reconnect failed; next purchase retries");
-            }
-        }
-    }
-    r
 }
 
 /// How a run drives the fleet.
@@ -415,8 +300,6 @@ pub struct RunPlan {
     /// Run first, not measured.
     pub warmup: Duration,
     pub duration: Duration,
-    pub step_timeout: Duration,
-    pub resend: u32,
     pub merchant: String,
     pub item: String,
 }
@@ -428,8 +311,6 @@ impl Default for RunPlan {
             concurrency: 32,
             warmup: Duration::from_secs(1),
             duration: Duration::from_secs(5),
-            step_timeout: Duration::from_secs(10),
-            resend: 3,
             merchant: "CABLE".into(),
             item: "ppv-1001".into(),
         }
@@ -540,10 +421,10 @@ pub async fn run(fleet: &Fleet, plan: &RunPlan) -> RunReport {
                     continue;
                 };
                 let (plan, collector) = (plan.clone(), collector.clone());
-                let links = fleet.links.clone();
+                let _ = at;
                 tasks.spawn(async move {
                     let t = Instant::now();
-                    let r = purchase_and_heal(&mut b, &links[at], &plan).await;
+                    let r = purchase(&mut b, &plan.merchant, &plan.item).await;
                     collector
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -556,13 +437,12 @@ pub async fn run(fleet: &Fleet, plan: &RunPlan) -> RunReport {
             for _ in 0..plan.concurrency.min(n) {
                 let (plan, collector, next) = (plan.clone(), collector.clone(), next.clone());
                 let boxes = fleet.boxes.clone();
-                let links = fleet.links.clone();
                 tasks.spawn(async move {
                     while Instant::now() < end {
                         let at = next.fetch_add(1, Ordering::Relaxed) % boxes.len();
                         let mut b = boxes[at].clone().lock_owned().await;
                         let t = Instant::now();
-                        let r = purchase_and_heal(&mut b, &links[at], &plan).await;
+                        let r = purchase(&mut b, &plan.merchant, &plan.item).await;
                         collector
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())

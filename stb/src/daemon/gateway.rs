@@ -138,8 +138,14 @@ async fn exchange(conn: &Connection, payload: &[u8]) -> Result<Vec<u8>, Failure>
     }
 }
 
+/// The box's client of the head-end gateway: one QUIC connection, kept up and re-made on
+/// demand, and one bidirectional stream per request ([`Gateway::call`]). `stbd` has one; the
+/// simulated boxes in `sim` have one each, sharing a few UDP sockets
+/// ([`Gateway::on_endpoint`]).
 pub struct Gateway {
     endpoint: Endpoint,
+    /// This box's TLS client configuration (device certificate, operator CA, ALPN).
+    config: quinn::ClientConfig,
     settings: GatewaySettings,
     conn: Mutex<Option<Connection>>,
     /// One connection attempt at a time (the keeper's or a request's).
@@ -149,21 +155,59 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// A client on its own UDP socket (what `stbd` runs).
+    ///
+    /// # Errors
+    ///
+    /// [`GatewayError::Connect`] when no UDP socket can be bound.
     pub fn new(
         config: quinn::ClientConfig,
         settings: GatewaySettings,
     ) -> Result<Arc<Self>, GatewayError> {
         let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
-        let mut endpoint = Endpoint::client(bind)
+        let endpoint = Endpoint::client(bind)
             .map_err(|e| GatewayError::Connect(format!("UDP socket: {e}")))?;
-        endpoint.set_default_client_config(config);
-        Ok(Arc::new(Self {
+        Ok(Self::on_endpoint(endpoint, config, settings))
+    }
+
+    /// A client on a UDP socket it shares with other boxes' clients (the simulated fleet:
+    /// thousands of boxes on a few sockets). Each connection still carries this box's own
+    /// TLS configuration.
+    pub fn on_endpoint(
+        endpoint: Endpoint,
+        config: quinn::ClientConfig,
+        settings: GatewaySettings,
+    ) -> Arc<Self> {
+        Arc::new(Self {
             endpoint,
+            config,
             settings,
             conn: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
             wanted: Notify::new(),
-        }))
+        })
+    }
+
+    /// Connects now (within the request timeout) unless a connection is up.
+    ///
+    /// # Errors
+    ///
+    /// [`GatewayError::Connect`] when the handshake failed or did not finish in time.
+    pub async fn connect_now(&self) -> Result<(), GatewayError> {
+        self.connection(false).await.map(|_| ())
+    }
+
+    /// Closes the connection (if any) with `reason`; the next request connects again.
+    pub fn close(&self, reason: &str) {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(c) = conn {
+            c.close(0u32.into(), reason.as_bytes());
+        }
+    }
+
+    /// The UDP socket this client sends from.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
     }
 
     fn current(&self) -> Option<Connection> {
@@ -228,7 +272,7 @@ impl Gateway {
         let addr = self.resolve()?;
         let connecting = self
             .endpoint
-            .connect(addr, &self.settings.server_name)
+            .connect_with(self.config.clone(), addr, &self.settings.server_name)
             .map_err(|e| GatewayError::Connect(e.to_string()))?;
         let conn = if early {
             match connecting.into_0rtt() {
