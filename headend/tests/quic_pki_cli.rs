@@ -1,6 +1,7 @@
 //! The `headend pki` subcommands, run as the real binary: the PEM files they write serve a real
 //! mTLS round trip over QUIC on loopback, and bad input gets a clear error, not a panic.
 
+#[path = "../../transport/tests/quic_support/mod.rs"]
 mod quic_support;
 
 use std::net::SocketAddr;

@@ -18,6 +18,7 @@ pub mod frame_io;
 mod handler;
 pub mod identity;
 pub mod logging;
+pub mod pki;
 pub mod role_verifier;
 pub mod server;
 mod service;

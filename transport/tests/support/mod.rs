@@ -20,11 +20,7 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose, SanType,
-};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::CertificateDer;
 use transport::{
     BoxId, ClientTls, QuicError, Revocations, Server, ServerStats, ServerTls, Service, TlsIdentity,
     TransportSettings,
@@ -33,80 +29,40 @@ use transport::{
 pub const SERVER_NAME: &str = "gateway.purselink.test";
 
 pub struct Pki {
-    ca: rcgen::Certificate,
-    ca_key: KeyPair,
+    ca: transport::pki::OperatorCa,
     pub server: TlsIdentity,
 }
 
 impl Pki {
     pub fn ca_der(&self) -> CertificateDer<'static> {
-        self.ca.der().clone()
+        self.ca.cert_der()
     }
 
     pub fn ca_pem(&self) -> String {
-        self.ca.pem()
+        self.ca.cert_pem().to_string()
     }
 
-    fn issue(&self, mut p: CertificateParams) -> (TlsIdentity, String, String) {
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.use_authority_key_identifier_extension = true;
-        let key = KeyPair::generate().unwrap();
-        let cert = p.signed_by(&key, &self.ca, &self.ca_key).unwrap();
-        let id = TlsIdentity::from_der(
-            vec![cert.der().clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        );
-        (id, cert.pem(), key.serialize_pem())
-    }
-
-    /// A device certificate as `headend pki issue-device` makes it: CN and DNS SAN the box id,
-    /// URI SAN `urn:purselink:box:<id>`, client authentication.
+    /// A device certificate as `headend pki issue-device` makes it ([`transport::pki`]).
     pub fn device(&self, id: &str) -> TlsIdentity {
-        let box_id = BoxId::new(id).unwrap();
-        let mut p = CertificateParams::default();
-        p.distinguished_name.push(DnType::CommonName, id);
-        p.subject_alt_names = vec![
-            SanType::DnsName(id.try_into().unwrap()),
-            SanType::URI(box_id.uri().try_into().unwrap()),
-        ];
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        self.issue(p).0
+        self.ca
+            .issue_device(&BoxId::new(id).unwrap())
+            .unwrap()
+            .tls_identity()
     }
 }
 
 /// A fresh operator CA and a gateway certificate (role `gateway`) for [`SERVER_NAME`]; also returns the server
 /// certificate and key as PEM (for a server run in a child process).
 pub fn pki_with_pem() -> (Pki, String, String) {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::default();
-    p.distinguished_name
-        .push(DnType::CommonName, "Purselink test operator CA");
-    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca = p.self_signed(&ca_key).unwrap();
-    let mut pki = Pki {
+    let ca = transport::pki::OperatorCa::generate().unwrap();
+    let server = ca
+        .issue_role("gateway", &[SERVER_NAME.to_string()], false)
+        .unwrap();
+    let pki = Pki {
+        server: server.tls_identity(),
         ca,
-        ca_key,
-        server: TlsIdentity::from_der(vec![], PrivateKeyDer::Pkcs8(vec![].into())),
     };
-    let mut s = CertificateParams::default();
-    s.distinguished_name.push(DnType::CommonName, SERVER_NAME);
-    s.subject_alt_names = vec![
-        SanType::DnsName(SERVER_NAME.try_into().unwrap()),
-        SanType::URI(
-            format!("{}gateway", transport::ROLE_URI_PREFIX)
-                .try_into()
-                .unwrap(),
-        ),
-    ];
-    s.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let (server, cert_pem, key_pem) = pki.issue(s);
-    pki.server = server;
-    (pki, cert_pem, key_pem)
+    (pki, server.cert_pem, server.key_pem)
 }
 
 pub fn pki() -> Pki {

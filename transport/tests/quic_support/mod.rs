@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use headend::pki::{IssuedCert, OperatorCa};
-use headend::quic::{
+use transport::pki::{IssuedCert, OperatorCa};
+use transport::{
     BoxId, ClientTls, QuicClient, QuicError, Revocations, Server, ServerTls, Service,
     TransportSettings,
 };
@@ -102,19 +102,17 @@ pub fn start(
 
 /// Answers `<peer identity>|<request>`, so a test sees which identity the handler got.
 pub fn identity_echo() -> Arc<dyn Service> {
-    Arc::new(
-        |peer: Arc<headend::quic::Peer>, request: Vec<u8>| async move {
-            let who = match &peer.identity {
-                headend::quic::PeerIdentity::Box(id) => format!("box:{id}"),
-                headend::quic::PeerIdentity::Role(name) => format!("role:{name}"),
-                headend::quic::PeerIdentity::Other(name) => format!("other:{name}"),
-            };
-            let mut out = who.into_bytes();
-            out.push(b'|');
-            out.extend_from_slice(&request);
-            Ok(out)
-        },
-    )
+    Arc::new(|peer: Arc<transport::Peer>, request: Vec<u8>| async move {
+        let who = match &peer.identity {
+            transport::PeerIdentity::Box(id) => format!("box:{id}"),
+            transport::PeerIdentity::Role(name) => format!("role:{name}"),
+            transport::PeerIdentity::Other(name) => format!("other:{name}"),
+        };
+        let mut out = who.into_bytes();
+        out.push(b'|');
+        out.extend_from_slice(&request);
+        Ok(out)
+    })
 }
 
 pub async fn connect(tls: &ClientTls, addr: SocketAddr) -> Result<QuicClient, QuicError> {

@@ -8,10 +8,10 @@ mod quic_support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use headend::quic::frame_io::read_frame;
-use headend::quic::{QuicError, Revocations, TransportSettings, call_with_max};
 use proto::frame::{self, DEFAULT_MAX_FRAME, FrameError};
 use quic_support::*;
+use transport::frame_io::read_frame;
+use transport::{QuicError, Revocations, TransportSettings, call_with_max};
 
 /// Sends raw bytes on a new stream, finishes it, and returns how the server answered.
 async fn raw_exchange(
@@ -108,7 +108,7 @@ async fn garbage_frames_get_a_clear_error_and_other_streams_carry_on() {
     // A good transaction in flight on the same connection while garbage arrives.
     let good = {
         let conn = conn.clone();
-        tokio::spawn(async move { headend::quic::call(&conn, b"still here").await })
+        tokio::spawn(async move { transport::call(&conn, b"still here").await })
     };
 
     let mut wrong_version = frame::encode(b"draw", DEFAULT_MAX_FRAME).unwrap();
@@ -171,7 +171,7 @@ async fn an_oversize_response_is_refused_by_the_box() {
     assert!(
         matches!(
             err,
-            headend::quic::frame_io::FrameReadError::Frame(FrameError::Oversize { max: 4, .. })
+            transport::frame_io::FrameReadError::Frame(FrameError::Oversize { max: 4, .. })
         ),
         "got {err:?}"
     );
@@ -249,13 +249,13 @@ async fn two_steps_on_one_stream_are_answered_in_turn() {
     let (mut send, mut recv) = client.connection().open_bi().await.unwrap();
     send.write_all(&both).await.unwrap();
     send.finish().unwrap();
-    let a = headend::quic::frame_io::read_next_frame(&mut recv, DEFAULT_MAX_FRAME)
+    let a = transport::frame_io::read_next_frame(&mut recv, DEFAULT_MAX_FRAME)
         .await
         .unwrap();
-    let b = headend::quic::frame_io::read_next_frame(&mut recv, DEFAULT_MAX_FRAME)
+    let b = transport::frame_io::read_next_frame(&mut recv, DEFAULT_MAX_FRAME)
         .await
         .unwrap();
-    let end = headend::quic::frame_io::read_next_frame(&mut recv, DEFAULT_MAX_FRAME)
+    let end = transport::frame_io::read_next_frame(&mut recv, DEFAULT_MAX_FRAME)
         .await
         .unwrap();
     assert_eq!(

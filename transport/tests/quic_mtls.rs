@@ -7,11 +7,11 @@ mod quic_support;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use headend::pki::OperatorCa;
-use headend::quic::{
+use quic_support::*;
+use transport::pki::OperatorCa;
+use transport::{
     ClientTls, Peer, QuicError, RevocationConfig, Revocations, Service, TransportSettings,
 };
-use quic_support::*;
 
 /// An identity echo that counts its calls, to show refused peers never reach it.
 fn counted() -> (Arc<dyn Service>, Arc<AtomicUsize>) {
@@ -93,7 +93,7 @@ async fn a_server_only_certificate_cannot_be_a_client() {
         assert!(
             matches!(
                 err,
-                headend::quic::QuicError::BadCertificate(_) | headend::quic::QuicError::Tls { .. }
+                transport::QuicError::BadCertificate(_) | transport::QuicError::Tls { .. }
             ),
             "{err:?}"
         );
@@ -304,7 +304,7 @@ async fn revocation_by_certificate_fingerprint_and_serial() {
     let pki = pki();
     let stolen = pki.ca.issue_device(&box_id("box-000777")).unwrap();
     let reissued = pki.ca.issue_device(&box_id("box-000777")).unwrap();
-    let fingerprint = headend::quic::identity::fingerprint(&stolen.cert_der());
+    let fingerprint = transport::identity::fingerprint(&stolen.cert_der());
     let revocations = Revocations::new(&RevocationConfig {
         fingerprints: vec![fingerprint.to_uppercase()],
         ..RevocationConfig::default()
@@ -315,7 +315,7 @@ async fn revocation_by_certificate_fingerprint_and_serial() {
         identity_echo(),
         revocations.clone(),
     );
-    let tls = |c: &headend::pki::IssuedCert| {
+    let tls = |c: &transport::pki::IssuedCert| {
         ClientTls::new(vec![pki.ca.cert_der()], c.tls_identity(), "gateway")
     };
 

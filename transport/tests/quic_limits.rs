@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use headend::quic::{Peer, QuicError, Revocations, TransportSettings};
 use quic_support::*;
 use tokio::sync::{Barrier, Notify};
+use transport::{Peer, QuicError, Revocations, TransportSettings};
 
 #[tokio::test]
 async fn streams_beyond_the_limit_wait_for_credit_and_all_complete() {
