@@ -12,13 +12,16 @@
 //! here. The viewer is scripted: OK on every offer, the load amount and PIN when asked.
 //!
 //! What the shell here does not do that `stbd` does: a TV, a remote, a reader driver,
-//! cards pulled mid-command. What ends in doubt is settled by [`SimBox::recover`] (the
-//! recovery round) exactly as `stbd`'s is.
+//! cards pulled mid-command. What ends in doubt is settled by [`SimBox::recover`]: the
+//! recovery round of the box core ([`stb_flow::recovery::round::Round`]), over this box's
+//! journal and card, as `stbd` runs it at start-up and on its recovery timer.
 
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use rand::SeedableRng;
 
 use proto::apdu::{CardApplication, Response};
 use proto::card::{CardSpec, CardState, PurseCard, commands};
@@ -30,6 +33,7 @@ use proto::secret::Secret;
 use stb::daemon::exec::Driven;
 use stb::daemon::gateway::Gateway;
 use stb::journal::Journal;
+use stb_flow::recovery::round::{self, Round, RoundEnd};
 use stb_flow::show::Show;
 use stb_flow::{Action, CardReply, load, purchase};
 
@@ -91,6 +95,8 @@ pub struct SimBox {
     pub pin_key: Option<DesKey>,
     /// Seeds the flows' randoms (sealing, jitter); moved on for every flow.
     seed: u64,
+    /// A flow of this box ended in doubt and no recovery round has settled it since.
+    doubt: bool,
 }
 
 /// The viewer's script for one flow.
@@ -161,6 +167,7 @@ impl SimBox {
             journal,
             pin_key,
             seed,
+            doubt: false,
         })
     }
 
@@ -183,12 +190,110 @@ impl SimBox {
             .unwrap_or(0)
     }
 
+    /// One recovery round over this box's journal and card, as `stbd` runs it (at start-up,
+    /// on reconnection, on its timer): what is in doubt is re-sent, proved or cancelled, and
+    /// what the answers settle is journaled. The messages go one at a time; the card is
+    /// always in this box's reader. How the round ended (`retry`: something is still in
+    /// doubt).
+    pub async fn recover(&mut self) -> RoundEnd {
+        let end = self.round().await;
+        self.doubt = end.retry;
+        end
+    }
+
+    /// Whether a transaction of this box is in doubt (a flow ended so, and no round has
+    /// settled it since). `stbd` starts no new purchase or load on the card then before a
+    /// recovery round settled it.
+    pub fn has_doubt(&self) -> bool {
+        self.doubt
+    }
+
+    async fn round(&mut self) -> RoundEnd {
+        let mut round = Round::new(self.next_seed());
+        if let Err(e) = self.journal.close_unsent() {
+            tracing::error!(box_id = %self.id, error = %e, "journal: cannot close unsent transactions");
+        }
+        let purchases = self.journal.in_doubt().map_err(|e| e.to_string());
+        let loads = self.journal.loads_in_doubt().map_err(|e| e.to_string());
+        let mut queue: VecDeque<round::Action> = round.start(purchases, loads, true, today()).into();
+        let mut sends: VecDeque<(String, Message)> = VecDeque::new();
+        loop {
+            while let Some(action) = queue.pop_front() {
+                match action {
+                    round::Action::Apdu(apdu) => {
+                        let reply = CardReply {
+                            atr: self.card.atr(),
+                            response: self.card.process_apdu(&apdu),
+                        };
+                        queue.extend(round.handle(round::Input::Card(Ok(reply))));
+                    }
+                    round::Action::Journal {
+                        transaction_id,
+                        step,
+                    } => {
+                        let written = match &step {
+                            round::Step::Purchase(s) => self.journal.record(&transaction_id, s),
+                            round::Step::Load(s) => self.journal.record_load(&transaction_id, s),
+                        };
+                        let result = written.map_err(|e| e.to_string());
+                        queue.extend(round.handle(round::Input::Journaled(result)));
+                    }
+                    round::Action::Send {
+                        transaction_id,
+                        message,
+                    } => sends.push_back((transaction_id, message)),
+                    round::Action::ReleaseCard => {}
+                    round::Action::Ended(end) => return end,
+                }
+            }
+            let Some((transaction_id, message)) = sends.pop_front() else {
+                // Nothing outstanding and no end: the round had nothing to do.
+                return RoundEnd::default();
+            };
+            let input = match self.gateway.call(&message).await {
+                Ok(message) => round::Input::Answer {
+                    transaction_id,
+                    message,
+                    card: Some(self.card.state.card_id),
+                },
+                Err(e) => round::Input::NetworkFailed {
+                    transaction_id,
+                    error: e.to_string(),
+                },
+            };
+            queue.extend(round.handle(input));
+        }
+    }
+
+    /// Recovery rounds until nothing is left in doubt or `limit` passed, pausing with
+    /// `stbd`'s retry schedule between rounds. Whether nothing is left in doubt.
+    pub async fn settle(&mut self, limit: Duration) -> bool {
+        let end = Instant::now() + limit;
+        let mut schedule = stb_flow::recovery::RetrySchedule::new(
+            Duration::from_millis(200),
+            Duration::from_secs(2),
+        );
+        let mut rng = rand::rngs::StdRng::seed_from_u64(self.next_seed());
+        loop {
+            if !self.recover().await.retry {
+                return true;
+            }
+            let d = schedule.next_delay(&mut rng);
+            if Instant::now() + d >= end {
+                return false;
+            }
+            tokio::time::sleep(d).await;
+        }
+    }
+
     /// One purchase of `item` from `merchant`, the viewer saying OK to the offer; how it
     /// ended and how long each request took.
     pub async fn buy(&mut self, merchant: &str, item: &str) -> (purchase::Outcome, Timings) {
         let seed = self.next_seed();
         let (flow, actions) = purchase::Purchase::start(merchant, item, today(), seed);
-        self.drive(flow, actions, Script::Accept).await
+        let (outcome, t) = self.drive(flow, actions, Script::Accept).await;
+        self.doubt |= matches!(outcome, purchase::Outcome::InDoubt { .. });
+        (outcome, t)
     }
 
     /// One load from `source`, the viewer entering `viewer`'s amount and PIN when asked.
@@ -199,7 +304,9 @@ impl SimBox {
     ) -> (load::Outcome, Timings) {
         let seed = self.next_seed();
         let (flow, actions) = load::Load::start(source, self.pin_key.clone(), seed);
-        self.drive(flow, actions, Script::Load(viewer)).await
+        let (outcome, t) = self.drive(flow, actions, Script::Load(viewer)).await;
+        self.doubt |= matches!(outcome, load::Outcome::InDoubt { .. });
+        (outcome, t)
     }
 
     /// Runs `flow` to its end as `stbd`'s executor does: actions in order, the journal first

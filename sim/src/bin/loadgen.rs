@@ -6,6 +6,10 @@
 //!   p50/p99/p99.9 per flow, errors by reason, value conservation at the end.
 //! - `loadgen bench`: latency against the round-trip floor per embodiment through simulated
 //!   WAN links, success under loss, throughput against raw quinn, memory per idle connection.
+//! - `loadgen drive --gateway HOST:PORT --ca-dir DIR --issuer-keys FILE`: the same boxes
+//!   against a deployment that is already running (all-in-one or split, on this machine or
+//!   not): device certificates issued from the operator CA in DIR, cards personalised under
+//!   the issuer keys; it starts nothing and reads no journal (audit the deployment itself).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -55,6 +59,36 @@ enum Cmd {
         /// The child head end's log filter.
         #[arg(long, default_value = "warn")]
         headend_log: String,
+    },
+    /// Boxes against a running deployment: purchases at a rate or as fast as possible.
+    Drive {
+        /// The gateway's address (its certificate must name role `gateway`).
+        #[arg(long)]
+        gateway: std::net::SocketAddr,
+        /// The operator CA directory (`ca.crt.pem`, `ca.key.pem`) the boxes' device
+        /// certificates are issued from.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// The card issuer's keys file the cards are personalised under.
+        #[arg(long)]
+        issuer_keys: PathBuf,
+        #[arg(long, default_value_t = 100)]
+        boxes: usize,
+        /// Box ids are `<prefix>-NNNNNN` (the gateway's box limits count per id).
+        #[arg(long, default_value = "loadgen")]
+        prefix: String,
+        #[arg(long)]
+        rate: Option<f64>,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 30.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        #[arg(long, default_value = "CABLE")]
+        merchant: String,
+        #[arg(long, default_value = "ppv-1001")]
+        item: String,
     },
     /// All the figures of issue 8 in one run, as ratios against same-run baselines.
     Bench {
@@ -135,6 +169,36 @@ fn main() -> ExitCode {
                 log: headend_log,
             };
             rt.block_on(bench::fleet_run(&o))
+        }
+        Cmd::Drive {
+            gateway,
+            ca_dir,
+            issuer_keys,
+            boxes,
+            prefix,
+            rate,
+            concurrency,
+            seconds,
+            warmup,
+            merchant,
+            item,
+        } => {
+            let o = bench::DriveOptions {
+                gateway,
+                ca_dir,
+                issuer_keys,
+                boxes,
+                prefix,
+                run: RunPlan {
+                    rate,
+                    concurrency,
+                    warmup: Duration::from_secs_f64(warmup),
+                    duration: Duration::from_secs_f64(seconds),
+                    merchant,
+                    item,
+                },
+            };
+            rt.block_on(bench::drive(&o))
         }
         Cmd::Bench {
             idle_boxes,

@@ -61,7 +61,7 @@ pub fn cpu_secs(pid: u32) -> Option<f64> {
     Some((u + s) as f64 / 100.0)
 }
 
-async fn wait_ready(ids: &BoxIdentity, addr: std::net::SocketAddr) -> Result<(), String> {
+pub async fn wait_ready(ids: &BoxIdentity, addr: std::net::SocketAddr) -> Result<(), String> {
     let end = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         match QuicClient::connect(&ids.tls, &TransportSettings::default(), addr, "localhost").await
@@ -602,6 +602,56 @@ pub async fn fleet_run(o: &FleetOptions) -> Result<bool, String> {
     }
     let _ = log_tail(&deploy.log_path());
     Ok(print_conservation(&deploy.stop_and_check(debits).await))
+}
+
+/// What `loadgen drive` does: boxes against a deployment that is already running.
+#[derive(Debug, Clone)]
+pub struct DriveOptions {
+    pub gateway: std::net::SocketAddr,
+    pub ca_dir: PathBuf,
+    pub issuer_keys: PathBuf,
+    pub boxes: usize,
+    pub prefix: String,
+    pub run: RunPlan,
+}
+
+/// Issues the boxes' certificates, personalises their cards, connects them and runs
+/// `o.run`; prints the figures and what the cards paid. Returns `Ok(true)`: nothing here can
+/// see the deployment's journals, so conservation is the deployment's own audit's to check.
+///
+/// # Errors
+///
+/// The CA or issuer keys could not be read, or no box connected.
+pub async fn drive(o: &DriveOptions) -> Result<bool, String> {
+    let issuer = headend::config::load_issuer_keys(&o.issuer_keys)?;
+    let ids = fleet::issue_identities(&o.ca_dir, &o.prefix, o.boxes)?;
+    let fleet = Fleet::connect(
+        &ids,
+        &issuer,
+        o.gateway,
+        ConnectPlan::default(),
+        0x2000_0000,
+    )
+    .await?;
+    println!(
+        "drive: {} of {} boxes connected to {}; failures: {}",
+        fleet.len(),
+        ids.len(),
+        o.gateway,
+        fleet.connect_errors
+    );
+    if fleet.is_empty() {
+        return Err("no box connected".into());
+    }
+    let mut r = fleet::run(&fleet, &o.run).await;
+    print_run("purchases", &mut r);
+    let open = fleet.settle(Duration::from_secs(60)).await;
+    println!(
+        "  cards paid {} minor units in all; {open} transactions still in doubt on the boxes",
+        fleet.card_debits().await
+    );
+    fleet.close().await;
+    Ok(true)
 }
 
 fn log_tail(path: &Path) -> Option<()> {

@@ -142,6 +142,26 @@ fn demo(opts: &Options, listen: SocketAddr) -> Result<(TempDir, DemoFiles), Stri
     Ok((dir, files))
 }
 
+/// `headend all-in-one` on `files`' configuration, its log appended to `headend.log`.
+fn spawn_child(headend_bin: &Path, log: &str, files: &DemoFiles) -> Result<Child, String> {
+    let logfile = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(files.dir.join("headend.log"))
+        .map_err(|e| e.to_string())?;
+    Command::new(headend_bin)
+        .arg("--log")
+        .arg(log)
+        .arg("all-in-one")
+        .arg("--config")
+        .arg(&files.config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(logfile)
+        .spawn()
+        .map_err(|e| format!("{}: {e}", headend_bin.display()))
+}
+
 fn load(files: &DemoFiles) -> Result<HeadendConfig, String> {
     HeadendConfig::load(&files.config).map_err(|e| e.to_string())
 }
@@ -244,19 +264,7 @@ impl Deployment {
         let listen: SocketAddr = ([127, 0, 0, 1], port).into();
         let (dir, files) = demo(opts, listen)?;
         let cfg = load(&files)?;
-        let logfile =
-            std::fs::File::create(files.dir.join("headend.log")).map_err(|e| e.to_string())?;
-        let child = Command::new(headend_bin)
-            .arg("--log")
-            .arg(log)
-            .arg("all-in-one")
-            .arg("--config")
-            .arg(&files.config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(logfile)
-            .spawn()
-            .map_err(|e| format!("{}: {e}", headend_bin.display()))?;
+        let child = spawn_child(headend_bin, log, &files)?;
         Ok(Self {
             box_addr: listen,
             files,
@@ -264,6 +272,22 @@ impl Deployment {
             kind: Kind::Child(child),
             _dir: dir,
         })
+    }
+
+    /// SIGKILLs a child head end and starts it again on the same configuration and
+    /// journals (its log goes on in the same file). Not for in-process deployments.
+    ///
+    /// # Errors
+    ///
+    /// The deployment is not a child process, or the new one could not be started.
+    pub fn kill_and_restart(&mut self, headend_bin: &Path, log: &str) -> Result<(), String> {
+        let Kind::Child(child) = &mut self.kind else {
+            return Err("only a child head end can be killed".into());
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        *child = spawn_child(headend_bin, log, &self.files)?;
+        Ok(())
     }
 
     /// The process serving the gateway (this one, unless it is a child).

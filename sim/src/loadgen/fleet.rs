@@ -244,6 +244,23 @@ impl Fleet {
         sum
     }
 
+    /// Runs every box's recovery rounds until nothing is in doubt on any box or `limit`
+    /// passed (boxes in parallel); how many boxes still hold something in doubt.
+    pub async fn settle(&self, limit: Duration) -> usize {
+        let mut tasks = JoinSet::new();
+        for b in &self.boxes {
+            let b = b.clone();
+            tasks.spawn(async move { b.lock().await.settle(limit).await });
+        }
+        let mut open = 0;
+        while let Some(r) = tasks.join_next().await {
+            if !matches!(r, Ok(true)) {
+                open += 1;
+            }
+        }
+        open
+    }
+
     /// Closes every connection and waits (bounded) for the server to be told.
     pub async fn close(self) {
         for b in &self.boxes {
@@ -271,6 +288,10 @@ pub struct Done {
 ///
 /// How the purchase ended otherwise (refused, failed, in doubt: recovery settles those).
 pub async fn purchase(b: &mut SimBox, merchant: &str, item: &str) -> Result<Done, String> {
+    // As stbd: an earlier transaction of this card in doubt is settled first, or no new one.
+    if b.has_doubt() && b.recover().await.retry {
+        return Err("an earlier transaction of this card is still in doubt".into());
+    }
     let (outcome, t) = b.buy(merchant, item).await;
     match outcome {
         Outcome::Paid {
