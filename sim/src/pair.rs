@@ -10,12 +10,12 @@
 //!   The pair is the flows' shell, as `stbd`'s executor (`stb/src/daemon/exec.rs`) is:
 //!   journal writes run at once, in order, before the actions they guard; card commands and
 //!   gateway requests go into the queue; what to show and how a flow ended are kept for the
-//!   test ([`Pair::shows`], [`Pair::outcomes`]). The recovery round is the IO half of
-//!   `stbd`'s (`stb/src/daemon/recover.rs`) over the same sans-IO decisions
-//!   ([`stb_flow::recovery::plan`], [`stb_flow::load::decide`] and their answer readers):
-//!   its card reads run inline, as `stbd`'s do, and its messages go through the queue. That
-//!   IO half is re-written here, synchronously (`stbd`'s is async and tied to its reader
-//!   and connection); the decisions and the journal are `stbd`'s own.
+//!   test ([`Pair::shows`], [`Pair::outcomes`]). The recovery round is `stbd`'s own,
+//!   [`stb_flow::recovery::round::Round`] (which `stb/src/daemon/recover.rs` executes
+//!   asynchronously), executed here synchronously: its card commands run inline, as
+//!   `stbd`'s do, its journal writes at once, and its messages go through the queue. Like
+//!   `stbd`, the pair gives the round the card for a zero-value proof that an answer asks
+//!   for only while no flow holds it and the card is in the reader.
 //! - **The head end**: gateway, payment, merchant, bank and load roles of an `init-demo`
 //!   deployment in a temp dir, each on its own temp SQLite journal, wired as
 //!   `headend::assembly::start` wires all-in-one but without binding any socket: the box's
@@ -77,24 +77,16 @@ use headend::merchant::MerchantServer;
 use headend::payment::{PayState, PaymentServer};
 use headend::role::{Caller, Role};
 use proto::apdu::CardApplication;
-use proto::card::{LOG_CAPACITY, PurseCard, commands};
+use proto::card::{PurseCard, commands};
 use proto::crypto::DesKey;
-use proto::messages::{
-    CancelMsg, CancelReason, DebitResponseMsg, LoadResponseMsg, LoadSource, Message, Offer,
-    Protected,
-};
+use proto::messages::{LoadSource, Message};
 use proto::money::Currency;
-use proto::purse::{Date, LoadInit, LogRecord, PurchaseInit, PurseInfo};
+use proto::purse::{Date, PurseInfo};
 use proto::secret::Secret;
-use rand::SeedableRng;
-use rand::rngs::StdRng;
-use stb::journal::{Journal as BoxJournal, Pending};
-use stb_flow::load::{self, Load, LoadResolution, PendingLoad};
+use stb::journal::Journal as BoxJournal;
+use stb_flow::load::{self, Load};
 use stb_flow::purchase::{self, Purchase};
-use stb_flow::recovery::{
-    self, CardSeen, DebitEvidence, InDoubt, Plan, Resolution, Source, on_cancel_answer,
-    on_debit_response_answer, response_for,
-};
+use stb_flow::recovery::round::{self, Round};
 use stb_flow::show::Show;
 use stb_flow::{Action, CardReply, split_sw};
 
@@ -401,42 +393,6 @@ impl HeadEnd {
     }
 }
 
-/// The card's facts as a recovery round read them.
-#[derive(Debug, Clone)]
-struct CardFacts {
-    card_id: u64,
-    log: Vec<LogRecord>,
-}
-
-impl CardFacts {
-    fn seen(&self) -> CardSeen<'_> {
-        CardSeen::new(self.card_id, &self.log)
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Sent {
-    DebitResponse,
-    Cancel(DebitEvidence),
-}
-
-/// What a recovery message out to the gateway was sent for (a handful live at a time: the
-/// size of a variant does not matter).
-#[allow(clippy::large_enum_variant)]
-enum Recovering {
-    Purchase {
-        txn: InDoubt,
-        offer: Offer,
-        sent: Sent,
-        card: Option<CardFacts>,
-    },
-    Load {
-        pending: Box<PendingLoad>,
-        msg: Box<LoadResponseMsg>,
-        from_log: bool,
-    },
-}
-
 /// What recovery has done since the pair was built (over every life of the box).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RecoveryCounts {
@@ -553,8 +509,12 @@ pub struct Pair {
     seed: u64,
     flow: Option<(u64, Flow)>,
     flows_started: u64,
-    recovering: BTreeMap<String, Recovering>,
-    recovery_rng: StdRng,
+    /// The box's card id (the card of every transaction).
+    card_id: u64,
+    /// The recovery round and its messages out (a crash starts a new one).
+    recovery: Round,
+    /// What the rounds of the box's earlier lives did.
+    past_counts: round::Counts,
     /// A round was asked for while a flow held the card: it runs when the flow ends.
     round_waits: bool,
     counts: RecoveryCounts,
@@ -638,8 +598,9 @@ impl Pair {
             seed: opts.seed,
             flow: None,
             flows_started: 0,
-            recovering: BTreeMap::new(),
-            recovery_rng: StdRng::seed_from_u64(opts.seed ^ 0x5EC0_7E27),
+            card_id,
+            recovery: Round::new(recovery_seed(opts.seed, 0)),
+            past_counts: round::Counts::default(),
             round_waits: false,
             counts: RecoveryCounts::default(),
             queue: VecDeque::new(),
@@ -733,7 +694,14 @@ impl Pair {
     /// What recovery has done so far.
     #[must_use]
     pub fn recovery_counts(&self) -> RecoveryCounts {
-        self.counts
+        let now = self.recovery.counts();
+        let past = self.past_counts;
+        RecoveryCounts {
+            rounds: self.counts.rounds,
+            resolved: past.resolved + now.resolved,
+            unresolvable: past.unresolvable + now.unresolvable,
+            retries: past.retries + now.retries,
+        }
     }
 
     /// The card's balance (READ PURSE, straight on the card: not through the queue).
@@ -1119,9 +1087,13 @@ impl Pair {
     pub fn crash(&mut self) {
         self.trace.push("box: crash and restart".into());
         self.flow = None;
-        self.recovering.clear();
+        let past = self.recovery.counts();
+        self.past_counts.resolved += past.resolved;
+        self.past_counts.unresolvable += past.unresolvable;
+        self.past_counts.retries += past.retries;
         self.round_waits = false;
         self.epoch += 1;
+        self.recovery = Round::new(recovery_seed(self.seed, self.epoch));
         let epoch = self.epoch;
         self.queue
             .retain(|i| i.epoch == epoch || matches!(i.leg, Leg::ToGateway(_)));
@@ -1240,10 +1212,11 @@ impl Pair {
     // ---- recovery ----
 
     /// One recovery round (the recovery timer fired, or the box started): reads the journal
-    /// and, when needed, the card (inline), and queues what `stbd` would send for each
-    /// in-doubt load, then purchase. Their answers settle them as they are delivered. A
-    /// round asked for while a flow runs waits for the flow to end; one asked for while
-    /// answers of the last are still out skips the transactions those answers are for.
+    /// and runs `stbd`'s round over it ([`Round`]): its card commands inline, its journal
+    /// writes at once, its messages into the queue, for each in-doubt load, then purchase.
+    /// Their answers settle them as they are delivered. A round asked for while a flow runs
+    /// waits for the flow to end; one asked for while answers of the last are still out
+    /// leaves the transactions those answers are for to them.
     pub fn recover(&mut self) {
         if self.flow.is_some() {
             self.trace.push("recovery: waits for the flow".into());
@@ -1253,328 +1226,108 @@ impl Pair {
         self.trace.push("recovery: round".into());
         self.counts.rounds += 1;
         self.journal.close_unsent().expect("box journal");
-        let purchases = self.journal.in_doubt().expect("box journal");
-        let loads = self.journal.loads_in_doubt().expect("box journal");
-        let needs_card = purchases.iter().any(|p| p.txn.response.is_none())
-            || loads
-                .iter()
-                .any(|p| !(p.response.as_ref().is_some_and(|r| r.is_loaded()) || p.zero.is_some()));
-        let facts = (needs_card && self.card_present).then(|| self.read_card_facts());
-        for p in loads {
-            if !self.recovering.contains_key(&p.transaction_id) {
-                self.recover_load(p, facts.clone());
-            }
-        }
-        for p in purchases {
-            if !self.recovering.contains_key(&p.txn.transaction_id) {
-                self.recover_purchase(p, facts.clone());
-            }
-        }
-        self.card.reset();
+        let purchases = self.journal.in_doubt().map_err(|e| e.to_string());
+        let loads = self.journal.loads_in_doubt().map_err(|e| e.to_string());
+        let actions = self
+            .recovery
+            .start(purchases, loads, self.card_present, self.today);
+        self.run_recovery(actions);
     }
 
-    /// SELECT, READ PURSE, READ LOG 1..n, straight on the card.
-    fn read_card_facts(&mut self) -> CardFacts {
-        let info = self.purse();
-        let mut log = Vec::new();
-        for n in 1..=LOG_CAPACITY.min(255) as u8 {
-            let r = self.card.process_apdu(&commands::read_log(n));
-            match split_sw(&r) {
-                Some((data, sw)) if sw.is_ok() => {
-                    log.push(LogRecord::decode(data).expect("log record"))
+    /// Executes the round's actions in order, as `stbd`'s recovery shell does: card
+    /// commands inline (straight on the card, not through the queue), journal writes at
+    /// once, messages to the gateway into the queue.
+    fn run_recovery(&mut self, actions: Vec<round::Action>) {
+        let mut todo = VecDeque::from(actions);
+        while let Some(action) = todo.pop_front() {
+            match action {
+                round::Action::Apdu(apdu) => {
+                    self.trace.push(format!(
+                        "  recovery: box → card: {} (inline)",
+                        apdu_name(&apdu)
+                    ));
+                    let reply = if self.card_present {
+                        Ok(CardReply {
+                            atr: self.card.atr(),
+                            response: self.card.process_apdu(&apdu),
+                        })
+                    } else {
+                        Err("no card in the reader".to_string())
+                    };
+                    todo.extend(self.recovery.handle(round::Input::Card(reply)));
                 }
-                _ => break,
-            }
-        }
-        self.trace.push(format!(
-            "  recovery read the card: {} log records",
-            log.len()
-        ));
-        CardFacts {
-            card_id: info.card_id,
-            log,
-        }
-    }
-
-    fn expect_ok(&mut self, apdu: &[u8]) -> Result<Vec<u8>, String> {
-        let r = self.card.process_apdu(apdu);
-        match split_sw(&r) {
-            Some((data, sw)) if sw.is_ok() => Ok(data.to_vec()),
-            Some((_, sw)) => Err(format!("the card refused: {sw}")),
-            None => Err("no status word".into()),
-        }
-    }
-
-    fn send_recovery(&mut self, txid: String, msg: Message, entry: Recovering) {
-        self.queue.push_back(InFlight {
-            leg: Leg::ToGateway(msg),
-            party: Party::Recovery(txid.clone()),
-            epoch: self.epoch,
-        });
-        self.recovering.insert(txid, entry);
-    }
-
-    fn recover_purchase(&mut self, p: Pending, card: Option<CardFacts>) {
-        let Pending { txn, offer, state } = p;
-        let txid = txn.transaction_id.clone();
-        match recovery::plan(&txn, card.as_ref().map(CardFacts::seen)) {
-            Plan::WaitForCard => {
-                self.trace
-                    .push(format!("  recovery: {txid} waits for its card"));
-            }
-            Plan::Resend { response, source } => {
-                let mut txn = txn;
-                if source == Source::CardLog {
-                    self.journal
-                        .record(
-                            &txid,
-                            &purchase::Step::DebitResponded {
-                                response: response.clone(),
+                round::Action::Journal {
+                    transaction_id,
+                    step,
+                } => {
+                    let (written, line) = match &step {
+                        round::Step::Purchase(s) => (
+                            self.journal.record(&transaction_id, s),
+                            match s {
+                                purchase::Step::DebitResponded { .. } => {
+                                    "debit_responded (the card's log holds the debit)"
+                                }
+                                s => purchase_step(s),
                             },
-                        )
-                        .expect("box journal");
-                    txn.response = Some(response);
-                    self.trace
-                        .push("  recovery: the card's log holds the debit".into());
+                        ),
+                        round::Step::Load(s) => (
+                            self.journal.record_load(&transaction_id, s),
+                            match s {
+                                load::Step::Responded { .. } => {
+                                    "load_responded (the card's log holds the load)"
+                                }
+                                s => load_step(s),
+                            },
+                        ),
+                    };
+                    self.trace.push(format!("  recovery journal: {line}"));
+                    let result = written.map_err(|e| e.to_string());
+                    todo.extend(self.recovery.handle(round::Input::Journaled(result)));
                 }
-                self.send_debit_response(txn, offer, card);
-            }
-            Plan::CancelWithProof { evidence } => {
-                let today = self.today;
-                let proof = self.expect_ok(&commands::select()).and_then(|_| {
-                    let d = self.expect_ok(&commands::init_purchase(today))?;
-                    PurchaseInit::decode(&d).map_err(|e| e.to_string())
-                });
-                let proof = match proof {
-                    Ok(p) if p.card_id == txn.card_id => p,
-                    other => {
+                round::Action::Send {
+                    transaction_id,
+                    message,
+                } => self.queue.push_back(InFlight {
+                    leg: Leg::ToGateway(message),
+                    party: Party::Recovery(transaction_id),
+                    epoch: self.epoch,
+                }),
+                round::Action::ReleaseCard => self.card.reset(),
+                round::Action::Ended(end) => {
+                    for txid in &end.waiting_for_card {
                         self.trace
-                            .push(format!("  recovery: no proof from the card: {other:?}"));
-                        self.counts.retries += 1;
-                        return;
+                            .push(format!("  recovery: {txid} waits for its card"));
                     }
-                };
-                if state != "cancel_pending" {
-                    self.journal
-                        .record(
-                            &txid,
-                            &purchase::Step::CancelPending {
-                                reason: CancelReason::NotDebited,
-                            },
-                        )
-                        .expect("box journal");
+                    self.trace.push(format!(
+                        "  recovery: round ended (progressed: {}, retry: {})",
+                        end.progressed, end.retry
+                    ));
                 }
-                let msg = Message::Cancel(CancelMsg {
-                    transaction_id: txid.clone(),
-                    reason: CancelReason::NotDebited,
-                    proof: Some(proof),
-                });
-                self.send_recovery(
-                    txid,
-                    msg,
-                    Recovering::Purchase {
-                        txn,
-                        offer,
-                        sent: Sent::Cancel(evidence),
-                        card,
-                    },
-                );
             }
         }
-    }
-
-    fn send_debit_response(&mut self, txn: InDoubt, offer: Offer, card: Option<CardFacts>) {
-        let Some(response) = txn.response.clone() else {
-            return;
-        };
-        let txid = txn.transaction_id.clone();
-        let msg = Message::DebitResponse(DebitResponseMsg {
-            transaction_id: txid.clone(),
-            body: Protected::new(response, offer.tsk.as_ref(), &mut self.recovery_rng),
-        });
-        self.send_recovery(
-            txid,
-            msg,
-            Recovering::Purchase {
-                txn,
-                offer,
-                sent: Sent::DebitResponse,
-                card,
-            },
-        );
-    }
-
-    fn recover_load(&mut self, p: PendingLoad, card: Option<CardFacts>) {
-        let txid = p.transaction_id.clone();
-        match load::decide(&p, card.as_ref().map(CardFacts::seen)) {
-            load::Decision::WaitForCard => {
-                self.trace
-                    .push(format!("  recovery: load {txid} waits for its card"));
-            }
-            load::Decision::Resend(msg) => self.send_load_response(p, msg, false),
-            load::Decision::FromLog(resp) => {
-                self.journal
-                    .record_load(
-                        &txid,
-                        &load::Step::Responded {
-                            response: resp.clone(),
-                        },
-                    )
-                    .expect("box journal");
-                self.trace
-                    .push("  recovery: the card's log holds the load".into());
-                let msg = LoadResponseMsg {
-                    transaction_id: txid,
-                    response: Some(resp),
-                    zero_value: None,
-                };
-                self.send_load_response(p, msg, true);
-            }
-            load::Decision::ProveWithZero { response } => self.prove_with_zero(p, response),
-        }
-    }
-
-    fn prove_with_zero(&mut self, p: PendingLoad, response: Option<proto::purse::LoadResponse>) {
-        let apdu = load::zero_value_apdu(&p.offer);
-        let zero = self.expect_ok(&commands::select()).and_then(|_| {
-            let d = self.expect_ok(&apdu)?;
-            LoadInit::decode(&d).map_err(|e| e.to_string())
-        });
-        self.card.reset();
-        let zero = match zero {
-            Ok(z) => z,
-            Err(e) => {
-                self.trace
-                    .push(format!("  recovery: no zero-value proof: {e}"));
-                self.counts.retries += 1;
-                return;
-            }
-        };
-        let txid = p.transaction_id.clone();
-        self.journal
-            .record_load(&txid, &load::Step::ZeroValue { zero: zero.clone() })
-            .expect("box journal");
-        let msg = LoadResponseMsg {
-            transaction_id: txid,
-            response,
-            zero_value: Some(zero),
-        };
-        self.send_load_response(p, msg, false);
-    }
-
-    fn send_load_response(&mut self, pending: PendingLoad, msg: LoadResponseMsg, from_log: bool) {
-        let txid = pending.transaction_id.clone();
-        self.send_recovery(
-            txid,
-            Message::LoadResponse(msg.clone()),
-            Recovering::Load {
-                pending: Box::new(pending),
-                msg: Box::new(msg),
-                from_log,
-            },
-        );
     }
 
     fn recovery_answer(&mut self, txid: String, result: Result<Message, String>) {
-        let Some(entry) = self.recovering.remove(&txid) else {
+        if !self.recovery.awaits(&txid) {
             self.trace
                 .push("  recovery is not waiting for it: dropped".into());
             return;
-        };
-        let answer = result.as_ref().map_err(String::as_str);
-        match entry {
-            Recovering::Purchase {
-                txn,
-                offer,
-                sent,
+        }
+        // The card is free for a zero-value proof only while no flow holds it.
+        let card = (self.flow.is_none() && self.card_present).then_some(self.card_id);
+        let input = match result {
+            Ok(message) => round::Input::Answer {
+                transaction_id: txid,
+                message,
                 card,
-            } => {
-                let resolution = match sent {
-                    Sent::DebitResponse => on_debit_response_answer(&txid, answer),
-                    Sent::Cancel(evidence) => on_cancel_answer(&txid, evidence, answer),
-                };
-                self.purchase_resolved(txn, offer, card, resolution);
-            }
-            Recovering::Load {
-                pending,
-                msg,
-                from_log,
-            } => match load::on_load_answer(&txid, &msg, from_log, answer) {
-                LoadResolution::Completed(confirmation) => {
-                    self.journal
-                        .record_load(&txid, &load::Step::Completed { confirmation })
-                        .expect("box journal");
-                    self.trace.push("  recovery: load settled".into());
-                    self.counts.resolved += 1;
-                }
-                LoadResolution::ProveWithZero => self.prove_with_zero(*pending, None),
-                LoadResolution::Retry(why) => {
-                    self.trace
-                        .push(format!("  recovery: load still in doubt: {why}"));
-                    self.counts.retries += 1;
-                }
             },
-        }
-    }
-
-    fn purchase_resolved(
-        &mut self,
-        txn: InDoubt,
-        offer: Offer,
-        card: Option<CardFacts>,
-        resolution: Resolution,
-    ) {
-        let txid = txn.transaction_id.clone();
-        let step = match resolution {
-            Resolution::Completed(receipt) => purchase::Step::Completed { receipt },
-            Resolution::Ended(why) => purchase::Step::Ended {
-                why: format!("{why} (recovery)"),
+            Err(error) => round::Input::NetworkFailed {
+                transaction_id: txid,
+                error,
             },
-            Resolution::Unresolvable(why) => {
-                self.counts.unresolvable += 1;
-                purchase::Step::Unresolvable { why }
-            }
-            Resolution::ResendDebitResponse => {
-                match response_for(&txn, card.as_ref().map(CardFacts::seen)) {
-                    Ok(response) => {
-                        let mut txn = txn;
-                        if txn.response.is_none() {
-                            self.journal
-                                .record(
-                                    &txid,
-                                    &purchase::Step::DebitResponded {
-                                        response: response.clone(),
-                                    },
-                                )
-                                .expect("box journal");
-                            txn.response = Some(response);
-                        }
-                        self.trace
-                            .push("  recovery: the head end holds the debit; re-sent".into());
-                        return self.send_debit_response(txn, offer, card);
-                    }
-                    Err(why) => {
-                        self.counts.unresolvable += 1;
-                        purchase::Step::Unresolvable { why }
-                    }
-                }
-            }
-            Resolution::Retry(why) => {
-                self.trace
-                    .push(format!("  recovery: still in doubt: {why}"));
-                self.counts.retries += 1;
-                return;
-            }
         };
-        if matches!(
-            step,
-            purchase::Step::Completed { .. } | purchase::Step::Ended { .. }
-        ) {
-            self.counts.resolved += 1;
-        }
-        self.trace
-            .push(format!("  recovery journal: {}", purchase_step(&step)));
-        self.journal.record(&txid, &step).expect("box journal");
+        let actions = self.recovery.handle(input);
+        self.run_recovery(actions);
     }
 
     // ---- conservation ----
@@ -1682,6 +1435,11 @@ impl From<load::Action> for FlowAction {
 
 fn actions<A: Into<FlowAction>>(v: Vec<A>) -> Vec<FlowAction> {
     v.into_iter().map(Into::into).collect()
+}
+
+/// The recovery round's seed for the box's life `epoch` (a crash starts a new life).
+fn recovery_seed(seed: u64, epoch: u64) -> u64 {
+    seed ^ 0x5EC0_7E27 ^ epoch.rotate_left(32)
 }
 
 fn flow_txid(f: &Flow) -> Option<&str> {

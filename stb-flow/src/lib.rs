@@ -7,7 +7,9 @@
 //!
 //! - [`purchase`]: one purchase (draw), 001 [0071]–[0094].
 //! - [`recovery`]: what to do with an in-doubt purchase, given the journal, the card's log
-//!   and the head end's answers (001 [0106]); the recovery timer's schedule.
+//!   and the head end's answers (001 [0106]); the recovery timer's schedule; and
+//!   [`recovery::round`], one recovery round over the journal's in-doubt purchases and
+//!   loads (card reads, messages, journal writes) as a sans-IO machine.
 //! - [`load`]: one load of value onto the card, 001 [0117]–[0160], and its recovery.
 //! - [`show`]: what the flows ask the TV to show, as their own vocabulary (no wording: the
 //!   sentences are the TV crate's).

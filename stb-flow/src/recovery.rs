@@ -2,6 +2,9 @@
 //! reads the journal and, when needed, the card (READ PURSE, READ LOG 1..n, a fresh
 //! INITIALIZE FOR PURCHASE), asks [`plan`] what to send, sends it, and asks
 //! [`on_debit_response_answer`] / [`on_cancel_answer`] what the head end's answer means.
+//! [`round`] is that round itself (the card reads, the messages, the journal writes, for
+//! purchases and loads) as a sans-IO machine, which `stbd` and the in-process pair both
+//! execute.
 //!
 //! A journaled purchase is in doubt once its draw request may have reached the payment
 //! server and no answer settled it. The order of evidence:
@@ -36,6 +39,8 @@ use proto::card::LOG_CAPACITY;
 use proto::messages::{ErrorCode, Message, Receipt};
 use proto::money::Money;
 use proto::purse::{DebitResponse, LogKind, LogRecord};
+
+pub mod round;
 
 /// What the journal knows of an in-doubt purchase.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -39,13 +39,8 @@ pub enum JournalError {
     },
 }
 
-/// A journaled transaction awaiting resolution.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pending {
-    pub txn: InDoubt,
-    pub offer: Offer,
-    pub state: String,
-}
+/// A journaled purchase awaiting resolution: the recovery round's own input type.
+pub use stb_flow::recovery::round::PendingPurchase as Pending;
 
 pub struct Journal {
     conn: Connection,

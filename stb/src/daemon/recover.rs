@@ -1,5 +1,6 @@
-//! Resolving the journal's in-doubt purchases and loads: the IO half of
-//! [`stb_flow::recovery`] and of [`stb_flow::load::decide`].
+//! Resolving the journal's in-doubt purchases and loads: the async shell that executes
+//! [`stb_flow::recovery::round::Round`] (the round itself, sans-IO, shared with the
+//! in-process pair in `sim/`) through the daemon's [`Parts`].
 //!
 //! A recovery *round* starts at start-up, on every (re)connection to the gateway, on every
 //! card insertion, before a new purchase or load on a card with older in-doubt work, and on
@@ -26,64 +27,24 @@
 //! viewer is told to try again later. Transactions of other cards do not block. That guard
 //! is the runner's ([`super::runner`]); this module knows nothing of the runner or the UI: it
 //! acts through the daemon's [`Parts`] and answers with what happened.
+//!
+//! What to read, send and journal, in which order, is the round's ([`Round`]); this shell
+//! reads the journal for it, runs its card commands inline through the card port, its
+//! journal writes on the daemon's journal, its messages as tasks, and owns the timer and
+//! the "another round was asked for" state.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::VecDeque;
 
-use proto::card::commands;
-use proto::messages::{CancelMsg, CancelReason, DebitResponseMsg, LoadResponseMsg, Message, Offer};
-use proto::purse::{LoadInit, LogRecord, PurchaseInit};
-use rand::SeedableRng;
+use proto::messages::Message;
 use rand::rngs::StdRng;
-use stb_flow::load::{
-    Decision as LoadDecision, LoadResolution, PendingLoad, Step as LoadStep, decide, on_load_answer,
-};
-use stb_flow::purchase::Step;
+use rand::{Rng, SeedableRng};
+use stb_flow::recovery::RetrySchedule;
+use stb_flow::recovery::round::{self, Action, Input, Round, Step};
 use tokio::time::Instant;
 
 use super::card::today;
 use super::event::Event;
 use super::parts::Parts;
-use crate::journal::{Journal, Pending};
-use stb_flow::recovery::{
-    CardSeen, DebitEvidence, InDoubt, Plan, Resolution, RetrySchedule, Source, log_reaches,
-    on_cancel_answer, on_debit_response_answer, plan, response_for,
-};
-
-/// What the card in the reader showed this round.
-struct CardFacts {
-    card_id: u64,
-    log: Vec<LogRecord>,
-}
-
-impl CardFacts {
-    fn seen(&self) -> CardSeen<'_> {
-        CardSeen::new(self.card_id, &self.log)
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Sent {
-    DebitResponse,
-    Cancel(DebitEvidence),
-}
-
-/// A recovery message out to the gateway, by transaction id.
-enum InFlight {
-    Purchase {
-        txn: InDoubt,
-        offer: Offer,
-        sent: Sent,
-        card: Option<Arc<CardFacts>>,
-        span: tracing::Span,
-    },
-    Load {
-        pending: Box<PendingLoad>,
-        msg: LoadResponseMsg,
-        from_log: bool,
-        span: tracing::Span,
-    },
-}
 
 /// A recovery round ended (every answer is in, and no other round was asked for):
 /// `progressed` says whether it closed something (so the card's balance may have changed).
@@ -95,40 +56,43 @@ pub struct RoundEnd {
 /// The daemon's recovery state: the timer, the round in progress.
 pub struct RecoverySlot {
     schedule: RetrySchedule,
+    /// The timer's jitter.
     rng: StdRng,
-    in_flight: HashMap<String, InFlight>,
+    /// The round and the recovery messages out.
+    round: Round,
     /// When the recovery timer fires next.
     due: Option<Instant>,
     /// A round was asked for while one was out or a flow held the card.
     again: bool,
-    /// This round closed something / left something in doubt that the head end must answer.
-    progressed: bool,
-    retry: bool,
-    /// Transactions closed by recovery (purchases and loads).
-    pub resolved: u64,
-    /// Purchases journaled `unresolvable`.
-    pub unresolvable: u64,
 }
 
 impl RecoverySlot {
     /// A slot whose timer runs from `initial` doubling to `max` (with jitter).
     pub fn new(initial: std::time::Duration, max: std::time::Duration) -> Self {
+        let mut rng = StdRng::from_entropy();
+        let round = Round::new(rng.r#gen());
         Self {
             schedule: RetrySchedule::new(initial, max),
-            rng: StdRng::from_entropy(),
-            in_flight: HashMap::new(),
+            rng,
+            round,
             due: None,
             again: false,
-            progressed: false,
-            retry: false,
-            resolved: 0,
-            unresolvable: 0,
         }
     }
 
     /// Recovery messages awaiting the head end's answer.
     pub fn outstanding(&self) -> usize {
-        self.in_flight.len()
+        self.round.outstanding()
+    }
+
+    /// Transactions closed by recovery (purchases and loads).
+    pub fn resolved(&self) -> u64 {
+        self.round.counts().resolved
+    }
+
+    /// Purchases journaled `unresolvable`.
+    pub fn unresolvable(&self) -> u64 {
+        self.round.counts().unresolvable
     }
 }
 
@@ -136,10 +100,6 @@ impl Default for RecoverySlot {
     fn default() -> Self {
         Self::new(RetrySchedule::INITIAL, RetrySchedule::MAX)
     }
-}
-
-fn pending_load_needs_card(p: &PendingLoad) -> bool {
-    !(p.response.as_ref().is_some_and(|r| r.is_loaded()) || p.zero.is_some())
 }
 
 impl RecoverySlot {
@@ -162,10 +122,10 @@ impl RecoverySlot {
     /// After a purchase or load flow ended: a round that waited for it runs now; a flow that
     /// left its transaction in doubt arms the timer.
     pub async fn after_flow(&mut self, parts: &mut Parts, flow_active: bool) -> Option<RoundEnd> {
-        if self.again && self.in_flight.is_empty() {
+        if self.again && self.round.outstanding() == 0 {
             return self.round(parts, flow_active).await;
         }
-        if self.due.is_some() || !self.in_flight.is_empty() {
+        if self.due.is_some() || self.round.outstanding() > 0 {
             return None;
         }
         let open = parts
@@ -200,88 +160,82 @@ impl RecoverySlot {
                 self.due = None;
                 return None;
             }
-            if !self.in_flight.is_empty() {
+            if self.round.outstanding() > 0 {
                 self.again = true;
                 return None;
             }
-            self.run_round(parts).await;
-            if !self.in_flight.is_empty() {
-                return None;
+            self.due = None;
+            self.again = false;
+            if let Err(e) = parts.journal.close_unsent() {
+                tracing::error!(error = %e, "journal: cannot close unsent transactions");
             }
-            if let Some(end) = self.round_end() {
+            let purchases = parts.journal.in_doubt().map_err(|e| e.to_string());
+            let loads = parts.journal.loads_in_doubt().map_err(|e| e.to_string());
+            let actions = self
+                .round
+                .start(purchases, loads, parts.card.has_card(), today());
+            let end = self.execute(parts, actions).await?;
+            if let Some(end) = self.round_end(end) {
                 return Some(end);
             }
         }
     }
 
-    async fn run_round(&mut self, parts: &mut Parts) {
-        self.due = None;
-        self.again = false;
-        self.progressed = false;
-        self.retry = false;
-        if let Err(e) = parts.journal.close_unsent() {
-            tracing::error!(error = %e, "journal: cannot close unsent transactions");
-        }
-        let purchases = match parts.journal.in_doubt() {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::error!(error = %e, "journal unreadable; in-doubt purchases wait");
-                self.retry = true;
-                Vec::new()
-            }
-        };
-        let loads = match parts.journal.loads_in_doubt() {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::error!(error = %e, "journal unreadable; in-doubt loads wait");
-                self.retry = true;
-                Vec::new()
-            }
-        };
-        let needs_card = purchases.iter().any(|p| p.txn.response.is_none())
-            || loads.iter().any(pending_load_needs_card);
-        let facts = if needs_card && parts.card.has_card() {
-            match async {
-                let info = parts.card.read_purse().await?;
-                let log = parts.card.read_log().await?;
-                Ok::<_, String>(CardFacts {
-                    card_id: info.card_id,
-                    log,
-                })
-            }
-            .await
-            {
-                Ok(f) => Some(Arc::new(f)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "recovery: cannot read the card; retrying later");
-                    self.retry = true;
-                    None
+    /// Executes the round's actions in order: card commands and journal writes inline (their
+    /// results go back to the round at once), messages as tasks. The round's end, if it
+    /// came.
+    async fn execute(
+        &mut self,
+        parts: &mut Parts,
+        actions: Vec<Action>,
+    ) -> Option<round::RoundEnd> {
+        let mut queue = VecDeque::from(actions);
+        let mut end = None;
+        while let Some(action) = queue.pop_front() {
+            match action {
+                Action::Apdu(apdu) => {
+                    let reply = parts.card.transmit(&apdu).await;
+                    queue.extend(self.round.handle(Input::Card(reply)));
                 }
+                Action::Journal {
+                    transaction_id,
+                    step,
+                } => {
+                    let written = match &step {
+                        Step::Purchase(s) => parts.journal.record(&transaction_id, s),
+                        Step::Load(s) => parts.journal.record_load(&transaction_id, s),
+                    };
+                    let result = written.map_err(|e| e.to_string());
+                    queue.extend(self.round.handle(Input::Journaled(result)));
+                }
+                Action::Send {
+                    transaction_id,
+                    message,
+                } => {
+                    let span = self.round.span(&transaction_id);
+                    parts.call(message, span, move |result| Event::Recovery {
+                        transaction_id,
+                        result,
+                    });
+                }
+                Action::ReleaseCard => parts.card.release().await,
+                Action::Ended(e) => end = Some(e),
             }
-        } else {
-            None
-        };
-        // Loads first: nothing else may load the card before they are settled.
-        for p in loads {
-            self.recover_load(parts, p, facts.clone()).await;
         }
-        for p in purchases {
-            self.recover_purchase(parts, p, facts.clone()).await;
-        }
-        parts.card.release().await;
+        end
     }
 
     /// Every answer of the round is in: `None` when another round was asked for meanwhile
     /// (the caller runs it), else arms or clears the timer.
-    fn round_end(&mut self) -> Option<RoundEnd> {
-        let progressed = std::mem::take(&mut self.progressed);
+    fn round_end(&mut self, end: round::RoundEnd) -> Option<RoundEnd> {
+        let progressed = end.progressed;
         if progressed {
             self.schedule.reset();
         }
         if self.again {
             return None;
         }
-        if self.retry {
+        if end.retry {
             let d = self.schedule.next_delay(&mut self.rng);
             tracing::info!(
                 retry_in_ms = d.as_millis() as u64,
@@ -306,451 +260,26 @@ impl RecoverySlot {
         flow_active: bool,
         card_id: Option<u64>,
     ) -> Option<RoundEnd> {
-        let entry = self.in_flight.remove(&txid)?;
-        let answer = result.as_ref().map_err(String::as_str);
-        match entry {
-            InFlight::Purchase {
-                txn,
-                offer,
-                sent,
-                card,
-                span,
-            } => {
-                let resolution = match sent {
-                    Sent::DebitResponse => on_debit_response_answer(&txid, answer),
-                    Sent::Cancel(evidence) => on_cancel_answer(&txid, evidence, answer),
-                };
-                self.purchase_resolved(parts, txn, offer, sent, card, span, resolution);
-            }
-            InFlight::Load {
-                pending,
-                msg,
-                from_log,
-                span,
-            } => match on_load_answer(&txid, &msg, from_log, answer) {
-                LoadResolution::Completed(confirmation) => {
-                    let loaded = confirmation.loaded;
-                    match parts
-                        .journal
-                        .record_load(&txid, &LoadStep::Completed { confirmation })
-                    {
-                        Ok(()) => {
-                            span.in_scope(|| tracing::info!(loaded, "in-doubt load settled"));
-                            self.closed_one();
-                        }
-                        Err(e) => {
-                            span.in_scope(
-                                || tracing::error!(error = %e, "journal: cannot close the load"),
-                            );
-                            self.retry = true;
-                        }
-                    }
-                }
-                LoadResolution::ProveWithZero => {
-                    span.in_scope(|| tracing::warn!("logged S3 refused; zero-value proof follows"));
-                    let card_ok = !flow_active
-                        && parts.card.has_card()
-                        && card_id == Some(pending.init.card_id);
-                    if card_ok {
-                        self.prove_load_with_zero(parts, *pending, None, span).await;
-                    } else {
-                        self.retry = true;
-                    }
-                }
-                LoadResolution::Retry(why) => {
-                    span.in_scope(
-                        || tracing::warn!(reason = %why, "load still in doubt; retrying later"),
-                    );
-                    self.retry = true;
-                }
-            },
-        }
-        if !self.in_flight.is_empty() {
+        if !self.round.awaits(&txid) {
             return None;
         }
-        match self.round_end() {
+        let card = card_id.filter(|_| !flow_active && parts.card.has_card());
+        let input = match result {
+            Ok(message) => Input::Answer {
+                transaction_id: txid,
+                message,
+                card,
+            },
+            Err(error) => Input::NetworkFailed {
+                transaction_id: txid,
+                error,
+            },
+        };
+        let actions = self.round.handle(input);
+        let end = self.execute(parts, actions).await?;
+        match self.round_end(end) {
             Some(end) => Some(end),
             None => self.round(parts, flow_active).await,
-        }
-    }
-    async fn recover_purchase(
-        &mut self,
-        parts: &mut Parts,
-        p: Pending,
-        card: Option<Arc<CardFacts>>,
-    ) {
-        let Pending { txn, offer, state } = p;
-        let txid = txn.transaction_id.clone();
-        let span = tracing::info_span!("recover", transaction_id = %txid, %state);
-        match plan(&txn, card.as_deref().map(CardFacts::seen)) {
-            Plan::WaitForCard => span.in_scope(|| {
-                tracing::info!(
-                    card_id = txn.card_id,
-                    "waiting for the card of this purchase"
-                )
-            }),
-            Plan::Resend { response, source } => {
-                let mut txn = txn;
-                if source == Source::CardLog {
-                    span.in_scope(|| {
-                        tracing::info!("the card's log holds the debit; its response is re-sent")
-                    });
-                    // Journaled first: from now on the response itself settles it.
-                    if let Err(e) = parts.journal.record(
-                        &txid,
-                        &Step::DebitResponded {
-                            response: response.clone(),
-                        },
-                    ) {
-                        span.in_scope(|| tracing::error!(error = %e, "journal write failed"));
-                        self.retry = true;
-                        return;
-                    }
-                    txn.response = Some(response);
-                } else {
-                    span.in_scope(|| tracing::info!("the journaled debit response is re-sent"));
-                }
-                self.send_debit_response(parts, txn, offer, card, span);
-            }
-            Plan::CancelWithProof { evidence } => {
-                let proof = async {
-                    parts.card.expect_ok(&commands::select()).await?;
-                    let d = parts
-                        .card
-                        .expect_ok(&commands::init_purchase(today()))
-                        .await?;
-                    PurchaseInit::decode(&d).map_err(|e| e.to_string())
-                }
-                .await;
-                let proof = match proof {
-                    Ok(p) if p.card_id == txn.card_id => p,
-                    Ok(p) => {
-                        span.in_scope(|| {
-                            tracing::warn!(
-                                card_id = p.card_id,
-                                "the card was swapped during recovery; retrying later"
-                            )
-                        });
-                        self.retry = true;
-                        return;
-                    }
-                    Err(e) => {
-                        span.in_scope(|| tracing::warn!(error = %e, "no INITIALIZE proof from the card; retrying later"));
-                        self.retry = true;
-                        return;
-                    }
-                };
-                if state != "cancel_pending" {
-                    if let Err(e) = parts.journal.record(
-                        &txid,
-                        &Step::CancelPending {
-                            reason: CancelReason::NotDebited,
-                        },
-                    ) {
-                        span.in_scope(|| tracing::error!(error = %e, "journal write failed"));
-                        self.retry = true;
-                        return;
-                    }
-                }
-                span.in_scope(|| {
-                    tracing::info!(
-                        ?evidence,
-                        proof_atc = proof.atc,
-                        "the card did not debit; cancelling with its proof"
-                    )
-                });
-                let msg = Message::Cancel(CancelMsg {
-                    transaction_id: txid.clone(),
-                    reason: CancelReason::NotDebited,
-                    proof: Some(proof),
-                });
-                self.send(
-                    parts,
-                    txid,
-                    msg,
-                    InFlight::Purchase {
-                        txn,
-                        offer,
-                        sent: Sent::Cancel(evidence),
-                        card,
-                        span,
-                    },
-                );
-            }
-        }
-    }
-
-    /// Sends `txn`'s debit response (which must be set), sealed under the offer's TSK as the
-    /// purchase flow does.
-    fn send_debit_response(
-        &mut self,
-        parts: &Parts,
-        txn: InDoubt,
-        offer: Offer,
-        card: Option<Arc<CardFacts>>,
-        span: tracing::Span,
-    ) {
-        let Some(response) = txn.response.clone() else {
-            return;
-        };
-        let txid = txn.transaction_id.clone();
-        let msg = Message::DebitResponse(DebitResponseMsg {
-            transaction_id: txid.clone(),
-            body: proto::messages::Protected::new(response, offer.tsk.as_ref(), &mut self.rng),
-        });
-        self.send(
-            parts,
-            txid,
-            msg,
-            InFlight::Purchase {
-                txn,
-                offer,
-                sent: Sent::DebitResponse,
-                card,
-                span,
-            },
-        );
-    }
-
-    async fn recover_load(
-        &mut self,
-        parts: &mut Parts,
-        p: PendingLoad,
-        card: Option<Arc<CardFacts>>,
-    ) {
-        let txid = p.transaction_id.clone();
-        let span = tracing::info_span!("recover load", transaction_id = %txid, state = %p.state);
-        match decide(&p, card.as_deref().map(CardFacts::seen)) {
-            LoadDecision::WaitForCard => span.in_scope(|| {
-                tracing::info!(
-                    card_id = p.init.card_id,
-                    "waiting for the card of this load"
-                )
-            }),
-            LoadDecision::Resend(msg) => {
-                span.in_scope(|| tracing::info!("the journaled load response is re-sent"));
-                self.send_load_response(parts, p, msg, false, span);
-            }
-            LoadDecision::FromLog(resp) => {
-                span.in_scope(|| tracing::info!("the card's log has the load: its S3 is re-sent"));
-                if let Err(e) = parts.journal.record_load(
-                    &txid,
-                    &LoadStep::Responded {
-                        response: resp.clone(),
-                    },
-                ) {
-                    span.in_scope(|| tracing::error!(error = %e, "journal write failed"));
-                    self.retry = true;
-                    return;
-                }
-                let msg = LoadResponseMsg {
-                    transaction_id: txid,
-                    response: Some(resp),
-                    zero_value: None,
-                };
-                self.send_load_response(parts, p, msg, true, span);
-            }
-            LoadDecision::ProveWithZero { response } => {
-                self.prove_load_with_zero(parts, p, response, span).await;
-            }
-        }
-    }
-
-    /// Runs a zero-value INITIALIZE FOR LOAD on the card, journals it and sends it.
-    async fn prove_load_with_zero(
-        &mut self,
-        parts: &mut Parts,
-        p: PendingLoad,
-        response: Option<proto::purse::LoadResponse>,
-        span: tracing::Span,
-    ) {
-        let zero = async {
-            parts.card.expect_ok(&commands::select()).await?;
-            let d = parts
-                .card
-                .expect_ok(&stb_flow::load::zero_value_apdu(&p.offer))
-                .await?;
-            LoadInit::decode(&d).map_err(|e| format!("zero-value S1 malformed: {e}"))
-        }
-        .await;
-        parts.card.release().await;
-        let zero = match zero {
-            Ok(z) => z,
-            Err(e) => {
-                span.in_scope(|| tracing::warn!(error = %e, "no zero-value proof from the card; the load stays in doubt"));
-                self.retry = true;
-                return;
-            }
-        };
-        let txid = p.transaction_id.clone();
-        if let Err(e) = parts
-            .journal
-            .record_load(&txid, &LoadStep::ZeroValue { zero: zero.clone() })
-        {
-            span.in_scope(|| tracing::error!(error = %e, "journal write failed"));
-            self.retry = true;
-            return;
-        }
-        span.in_scope(|| tracing::info!("zero-value proof sent"));
-        let msg = LoadResponseMsg {
-            transaction_id: txid,
-            response,
-            zero_value: Some(zero),
-        };
-        self.send_load_response(parts, p, msg, false, span);
-    }
-
-    fn send_load_response(
-        &mut self,
-        parts: &Parts,
-        pending: PendingLoad,
-        msg: LoadResponseMsg,
-        from_log: bool,
-        span: tracing::Span,
-    ) {
-        let txid = pending.transaction_id.clone();
-        self.send(
-            parts,
-            txid,
-            Message::LoadResponse(msg.clone()),
-            InFlight::Load {
-                pending: Box::new(pending),
-                msg,
-                from_log,
-                span,
-            },
-        );
-    }
-
-    /// Sends `msg` as a task; the answer comes back as [`Event::Recovery`].
-    fn send(&mut self, parts: &Parts, txid: String, msg: Message, entry: InFlight) {
-        let span = match &entry {
-            InFlight::Purchase { span, .. } | InFlight::Load { span, .. } => span.clone(),
-        };
-        let id = txid.clone();
-        span.in_scope(|| tracing::info!(message = msg.kind(), "recovery: to the gateway"));
-        parts.call(msg, span, move |result| Event::Recovery {
-            transaction_id: id,
-            result,
-        });
-        self.in_flight.insert(txid, entry);
-    }
-
-    fn closed_one(&mut self) {
-        self.progressed = true;
-        self.resolved += 1;
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn purchase_resolved(
-        &mut self,
-        parts: &mut Parts,
-        txn: InDoubt,
-        offer: Offer,
-        sent: Sent,
-        card: Option<Arc<CardFacts>>,
-        span: tracing::Span,
-        resolution: Resolution,
-    ) {
-        let txid = txn.transaction_id.clone();
-        let step = match resolution {
-            Resolution::Completed(receipt) => {
-                span.in_scope(|| {
-                    tracing::info!(released = receipt.released, "in-doubt purchase completed")
-                });
-                Step::Completed { receipt }
-            }
-            Resolution::Ended(why) => {
-                span.in_scope(|| tracing::info!(reason = %why, "in-doubt purchase ended"));
-                Step::Ended {
-                    why: format!("{why} (recovery)"),
-                }
-            }
-            Resolution::Unresolvable(why) => {
-                let why = match (&card, sent) {
-                    (Some(c), Sent::Cancel(DebitEvidence::SentNotInLog)) => {
-                        if log_reaches(&c.log, txn.atc) {
-                            format!(
-                                "{why} (the card's log reaches back to counter {} without this debit: the card did not pay)",
-                                txn.atc
-                            )
-                        } else {
-                            format!(
-                                "{why} (the card's log no longer reaches back to counter {})",
-                                txn.atc
-                            )
-                        }
-                    }
-                    _ => why,
-                };
-                return self.purchase_unresolvable(&mut parts.journal, &txid, why, span);
-            }
-            Resolution::ResendDebitResponse => {
-                match response_for(&txn, card.as_deref().map(CardFacts::seen)) {
-                    Ok(response) => {
-                        span.in_scope(|| {
-                            tracing::info!(
-                                "the head end holds the debit; the debit response is re-sent"
-                            )
-                        });
-                        let mut txn = txn;
-                        if txn.response.is_none() {
-                            if let Err(e) = parts.journal.record(
-                                &txid,
-                                &Step::DebitResponded {
-                                    response: response.clone(),
-                                },
-                            ) {
-                                span.in_scope(
-                                    || tracing::error!(error = %e, "journal write failed"),
-                                );
-                                self.retry = true;
-                                return;
-                            }
-                            txn.response = Some(response);
-                        }
-                        self.send_debit_response(parts, txn, offer, card, span);
-                    }
-                    Err(why) => self.purchase_unresolvable(&mut parts.journal, &txid, why, span),
-                }
-                return;
-            }
-            Resolution::Retry(why) => {
-                span.in_scope(
-                    || tracing::warn!(reason = %why, "purchase still in doubt; retrying later"),
-                );
-                self.retry = true;
-                return;
-            }
-        };
-        match parts.journal.record(&txid, &step) {
-            Ok(()) => self.closed_one(),
-            Err(e) => {
-                span.in_scope(|| tracing::error!(error = %e, "journal write failed"));
-                self.retry = true;
-            }
-        }
-    }
-
-    fn purchase_unresolvable(
-        &mut self,
-        journal: &mut Journal,
-        txid: &str,
-        why: String,
-        span: tracing::Span,
-    ) {
-        span.in_scope(|| {
-            tracing::warn!(reason = %why, "purchase cannot be resolved from this box; kept for the operator")
-        });
-        match journal.record(txid, &Step::Unresolvable { why: why.clone() }) {
-            Ok(()) => {
-                self.progressed = true;
-                self.unresolvable += 1;
-            }
-            Err(e) => {
-                span.in_scope(|| tracing::error!(error = %e, "journal write failed"));
-                self.retry = true;
-            }
         }
     }
 }

@@ -128,8 +128,8 @@ impl Runner {
             card_balance: self.app.card().map(|c| c.balance.minor),
             last_outcome: self.last_outcome.clone(),
             flows_done: self.flows_done,
-            recovered: self.recovery.resolved,
-            unresolvable: self.recovery.unresolvable,
+            recovered: self.recovery.resolved(),
+            unresolvable: self.recovery.unresolvable(),
             recovery_calls: self.recovery.outstanding(),
         };
         self.status.send_replace(s);
