@@ -215,7 +215,8 @@ impl SimBox {
         }
         let purchases = self.journal.in_doubt().map_err(|e| e.to_string());
         let loads = self.journal.loads_in_doubt().map_err(|e| e.to_string());
-        let mut queue: VecDeque<round::Action> = round.start(purchases, loads, true, today()).into();
+        let mut queue: VecDeque<round::Action> =
+            round.start(purchases, loads, true, today()).into();
         let mut sends: VecDeque<(String, Message)> = VecDeque::new();
         loop {
             while let Some(action) = queue.pop_front() {

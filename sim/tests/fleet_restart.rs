@@ -26,7 +26,9 @@ fn the_fleet_survives_a_head_end_sigkilled_mid_run_and_conserves_value() {
             security_cards: 16,
             ..Options::default()
         };
-        let mut deploy = Deployment::child(&opts, &bins.headend, "warn").await.unwrap();
+        let mut deploy = Deployment::child(&opts, &bins.headend, "warn")
+            .await
+            .unwrap();
         let issuer = headend::config::load_issuer_keys(&deploy.files.issuer_keys).unwrap();
         let ids = fleet::issue_identities(&deploy.files.ca_dir, "restart", BOXES).unwrap();
         wait_ready(&ids[0], deploy.box_addr).await.unwrap();
@@ -79,7 +81,11 @@ fn the_fleet_survives_a_head_end_sigkilled_mid_run_and_conserves_value() {
             "after: {} of {} purchases; failures: {}",
             after.ok, after.attempted, after.errors
         );
-        assert!(after.ok >= BOXES as u64 / 2, "the fleet did not come back: {}", after.errors);
+        assert!(
+            after.ok >= BOXES as u64 / 2,
+            "the fleet did not come back: {}",
+            after.errors
+        );
         let open = fleet.settle(Duration::from_secs(60)).await;
         assert_eq!(open, 0, "boxes still hold transactions in doubt");
         let debits = fleet.card_debits().await;
