@@ -1531,10 +1531,9 @@ mod tests {
 
     use headend::assembly::{self, Roles};
     use headend::config::HeadendConfig;
-    use proto::messages::{DrawRequest, Offer};
 
     use crate::deploy::{self, RoleName, Spec};
-    use crate::fleet::{Open as SimOpen, SimFleet, Timing};
+    use crate::fleet::{SimFleet, Timing};
 
     struct Fixture {
         dir: PathBuf,
@@ -1610,7 +1609,6 @@ mod tests {
             running.push(assembly::start(&cfg, roles).await.unwrap());
         }
         let fleet = SimFleet::connect(&layout, Timing::default()).await.unwrap();
-        let step = std::time::Duration::from_secs(10);
         let (eur, gbp) = (&fleet.devices[0], &fleet.devices[1]);
         let mut sale = None;
         let reversed;
@@ -1618,48 +1616,31 @@ mod tests {
             let mut d = eur.lock().await;
             for m in &layout.merchants {
                 let item = &m.items[0];
-                let (txid, o) = d.purchase(&m.id, &item.id, step, None).await;
+                let (txid, o) = d.purchase(&m.id, &item.id, None).await;
                 assert_eq!(o, crate::record::Outcome::Completed, "{} {:?}", m.id, txid);
                 sale.get_or_insert((txid.unwrap(), item.amount));
             }
-            // A sale drawn, never debited, cancelled with the card's proof.
-            let offer: Offer = match d
-                .sim
-                .gateway
-                .call(&Message::OfferRequest {
-                    merchant_id: "F4-L".into(),
-                    item_id: "F4-L-b".into(),
-                })
-                .await
-                .unwrap()
-            {
-                Message::Offer(o) => o,
-                other => panic!("{other:?}"),
-            };
-            reversed = offer.transaction_id.clone();
-            let draw: DrawRequest = d.draw_request(&offer).unwrap();
-            let answer = d
-                .sim
-                .gateway
-                .call(&Message::DrawRequest(draw))
-                .await
-                .unwrap();
-            assert!(matches!(answer, Message::DebitCommand(_)), "{answer:?}");
-            d.open = Some(SimOpen::Purchase {
-                offer,
-                debit: None,
-                proof: None,
-            });
-            assert!(d.settle(step).await, "cancelled with proof");
-            let (_, o) = d.load(false, 500, step, None).await;
+            // A sale drawn, never debited (the box lost power once the debit command was
+            // journaled), cancelled with the card's proof by the box's recovery round.
+            let (txid, o) = d
+                .purchase(
+                    "F4-L",
+                    "F4-L-b",
+                    Some((crate::fleet::Outage::BeforeDebit, std::time::Duration::ZERO)),
+                )
+                .await;
+            assert!(matches!(o, crate::record::Outcome::InDoubt(_)), "{o:?}");
+            reversed = txid.unwrap();
+            assert!(d.settle().await, "cancelled with proof");
+            let (_, o) = d.load(false, 500, None).await;
             assert_eq!(o, crate::record::Outcome::Completed);
         }
         let bank_load;
         {
             let mut d = gbp.lock().await;
-            let (_, o) = d.purchase("F5-N", "F5-N-g", step, None).await;
+            let (_, o) = d.purchase("F5-N", "F5-N-g", None).await;
             assert_eq!(o, crate::record::Outcome::Completed);
-            let (txid, o) = d.load(true, 700, step, None).await;
+            let (txid, o) = d.load(true, 700, None).await;
             assert_eq!(o, crate::record::Outcome::Completed);
             bank_load = txid.unwrap();
         }

@@ -1,25 +1,22 @@
 //! The chaos run's simulated fleet: boxes in this process, each a [`crate::sim_box::SimBox`]
-//! (device certificate, `stbd`'s gateway client, which connects again by itself when the
-//! gateway went away, the real `proto` purse card) connected by
-//! [`crate::loadgen::fleet::Fleet::connect`]. Unlike the load generator's boxes, these
-//! script each step of a purchase or load themselves (the box core's flows have no place
-//! to stop and lose power between two steps, which this fleet's outages need); that
-//! scripting is the one copy of the box's steps left outside `stb-flow`.
+//! — the box core (`stb-flow`'s purchase and load flows and its recovery round) with
+//! `stbd`'s gateway client and journal and the real `proto` purse card — connected by
+//! [`crate::loadgen::fleet::Fleet::connect`].
 //!
-//! Each box behaves as a box must under faults (issue 11's "right behaviour"), so that what
-//! the audit finds is the head end's doing and not the simulator's:
-//! - it remembers its one open transaction before each step that can move value (the
-//!   in-process equivalent of the box journal);
-//! - a purchase whose DEBIT ran is settled by re-sending the card's debit response until
-//!   the head end answers with a receipt; one whose DEBIT never ran is cancelled with the
-//!   card's proof (a fresh INITIALIZE FOR PURCHASE) until the head end answers;
-//! - a load whose LOAD ran re-sends the card's S3 until confirmed; one whose LOAD never ran
-//!   is settled with a zero-value S1 (001 [0130]);
-//! - no new transaction starts on a card with an open one; a recovery pass retries open
-//!   transactions on a timer, whether or not the connection broke.
+//! Each box behaves as `stbd` does under faults, because it runs `stbd`'s core:
+//! - every step that can move value is journaled before the action it guards;
+//! - what ends in doubt is settled by recovery rounds (a debit response in the journal is
+//!   re-sent until a receipt; a purchase whose DEBIT never ran is cancelled with the card's
+//!   proof; a load whose LOAD ran re-sends the S3, one that never ran is settled with a
+//!   zero-value S1, 001 [0130]);
+//! - no new transaction starts on a card with one in doubt; a recovery pass runs every box's
+//!   round on a timer, whether or not the connection broke.
 //!
-//! The cards' logs are kept as seen after every step, and at the end every card is written
-//! as a `vcard` file with that history, for the audit to read.
+//! Outages ([`Outage`]): a box loses power right after journaling a step
+//! ([`crate::sim_box::Crash`]), stays dark 35–45 s, then settles from its journal.
+//!
+//! The cards' logs are kept as seen after every transaction and round, and at the end every
+//! card is written as a `vcard` file with that history, for the audit to read.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -27,69 +24,26 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::loadgen::fleet::{BoxIdentity, ConnectPlan, Fleet};
-use crate::sim_box::{SimBox, today};
-use proto::apdu::CardApplication;
-use proto::card::{CardSpec, CardState, PurseCard, commands};
+use crate::sim_box::{LoadViewer, Ran, SimBox};
+use proto::card::{CardSpec, CardState, PurseCard};
 use proto::crypto::DesKey;
-use proto::messages::*;
-use proto::money::{Currency, Money};
-use proto::purse::*;
+use proto::messages::LoadSource;
+use proto::money::Currency;
+use proto::purse::{Expiry, IssuerKeys, LogRecord};
+use proto::secret::Secret;
 use rand::Rng;
+use stb_flow::show::Refusal;
+use stb_flow::{load, purchase};
 use tokio::sync::Mutex;
 
 use crate::audit::{History, SimPending, write_history};
 use crate::deploy::{BoxSpec, Layout, MerchantSpec};
 use crate::record::{Outcome, Pacer, Recorder, TxKind, TxRecord};
 
-/// A box's one open transaction.
-#[derive(Debug, Clone)]
-pub enum Open {
-    /// The draw request went out; `debit` is the card's response once DEBIT ran; `proof`
-    /// the INITIALIZE a cancel carries once one was sent (a retry sends the same).
-    Purchase {
-        offer: Offer,
-        debit: Option<DebitResponseMsg>,
-        proof: Option<PurchaseInit>,
-    },
-    /// The load request went out; `response` is the card's answer once LOAD ran; `zero` the
-    /// zero-value S1 once one was sent (a retry sends the same).
-    Load {
-        offer: LoadOffer,
-        response: Option<LoadResponse>,
-        zero: Option<LoadInit>,
-    },
-}
-
-impl Open {
-    pub fn txid(&self) -> &str {
-        match self {
-            Open::Purchase { offer, .. } => &offer.transaction_id,
-            Open::Load { offer, .. } => &offer.transaction_id,
-        }
-    }
-
-    pub fn describe(&self) -> String {
-        match self {
-            Open::Purchase { debit: Some(_), .. } => {
-                "purchase: card debited, debit response not confirmed".into()
-            }
-            Open::Purchase { debit: None, .. } => {
-                "purchase: drawn, DEBIT never ran; cancel not answered".into()
-            }
-            Open::Load {
-                response: Some(_), ..
-            } => "load: card answered LOAD, not confirmed".into(),
-            Open::Load { response: None, .. } => {
-                "load: requested, LOAD never ran; zero-value proof not answered".into()
-            }
-        }
-    }
-}
-
+/// One simulated box of the chaos fleet.
 pub struct Device {
     pub spec: BoxSpec,
     pub sim: SimBox,
-    pub open: Option<Open>,
     /// Every card log record seen, by counter.
     pub history: BTreeMap<u32, LogRecord>,
     /// A simulated power loss: the box does nothing (no retry, no new transaction) until then.
@@ -98,15 +52,7 @@ pub struct Device {
 
 /// A simulated power loss of a box in the middle of a transaction: it comes back after a
 /// while and settles what it holds, as a box does from its journal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outage {
-    /// The debit command came; the box dies before DEBIT.
-    BeforeDebit,
-    /// DEBIT ran; the box dies before sending the card's response.
-    AfterDebit,
-    /// LOAD ran; the box dies before sending the card's S3.
-    AfterLoad,
-}
+pub type Outage = crate::sim_box::Crash;
 
 /// Timing knobs.
 #[derive(Debug, Clone, Copy)]
@@ -126,17 +72,75 @@ impl Default for Timing {
     }
 }
 
-fn code_of(m: &Message) -> String {
-    match m {
-        Message::Error(e) => format!("{:?}", e.code),
-        other => format!("unexpected {}", other.kind()),
+fn trim(e: &str) -> String {
+    e.chars().take(120).collect()
+}
+
+/// A purchase's outcome as the run records it.
+fn purchase_outcome(o: purchase::Outcome) -> (Option<String>, Outcome) {
+    use purchase::Outcome as P;
+    match o {
+        P::Paid {
+            transaction_id,
+            receipt,
+        } => (
+            Some(transaction_id),
+            if receipt.released {
+                Outcome::Completed
+            } else {
+                Outcome::Refused(format!("not released: {}", trim(&receipt.text)))
+            },
+        ),
+        P::Cancelled {
+            transaction_id,
+            reason,
+        } => (
+            transaction_id,
+            Outcome::Refused(format!("cancelled: {reason:?}")),
+        ),
+        P::Failed {
+            transaction_id,
+            refusal,
+        } => (transaction_id, refused(refusal)),
+        P::InDoubt {
+            transaction_id,
+            doubt,
+        } => (
+            Some(transaction_id),
+            Outcome::InDoubt(trim(&format!("{doubt:?}"))),
+        ),
     }
 }
 
-fn reason_of(m: &Message) -> String {
-    match m {
-        Message::Error(e) => format!("{:?} ({})", e.code, e.reason),
-        other => format!("unexpected {}", other.kind()),
+/// A load's outcome as the run records it.
+fn load_outcome(o: load::Outcome) -> (Option<String>, Outcome) {
+    use load::Outcome as L;
+    match o {
+        L::Loaded { transaction_id, .. } => (Some(transaction_id), Outcome::Completed),
+        L::NotLoaded { transaction_id } => (
+            Some(transaction_id),
+            Outcome::Refused("confirmed not loaded".into()),
+        ),
+        L::Cancelled { transaction_id } => (transaction_id, Outcome::Refused("cancelled".into())),
+        L::Failed {
+            transaction_id,
+            refusal,
+        } => (transaction_id, refused(refusal)),
+        L::InDoubt {
+            transaction_id,
+            doubt,
+        } => (
+            Some(transaction_id),
+            Outcome::InDoubt(trim(&format!("{doubt:?}"))),
+        ),
+    }
+}
+
+/// Nothing moved: the head end unreachable is a failure, anything else a refusal.
+fn refused(r: Refusal) -> Outcome {
+    match r {
+        Refusal::Unreachable { error } => Outcome::Failed(trim(&error)),
+        other => Outcome::Refused(trim(&format!("{other:?}"))),
     }
 }
 
@@ -147,521 +151,96 @@ impl Device {
         }
     }
 
-    /// One exchange, bounded by `step` (the client's own deadline is the run's too); a
-    /// dead connection is made again by the client on the next exchange.
-    async fn call(&mut self, msg: &Message, step: Duration) -> Result<Message, String> {
-        match tokio::time::timeout(step, self.sim.gateway.call(msg)).await {
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(_) => Err(format!("no answer within {} ms", step.as_millis())),
-        }
+    /// Whether the box holds a transaction in doubt.
+    pub fn has_open(&self) -> bool {
+        self.sim.has_doubt()
     }
 
-    /// Card read for the offer with the checks of 001 [0075], and the draw request of
-    /// [0077].
-    pub(crate) fn draw_request(&mut self, offer: &Offer) -> Result<DrawRequest, String> {
-        self.apdu(&commands::select());
-        let r = self.apdu(&commands::init_purchase(today()));
-        if !r.sw.is_ok() {
-            return Err(format!("card refused INITIALIZE FOR PURCHASE: {}", r.sw));
-        }
-        let init = PurchaseInit::decode(&r.data).map_err(|e| e.to_string())?;
-        if init.currency != offer.amount.currency {
-            return Err("[0075] the card holds another currency".into());
-        }
-        if init.balance < offer.amount.minor {
-            return Err("[0075] not enough value on the card".into());
-        }
-        let body = DrawBody {
-            amount: offer.amount,
-            atr: self.sim.card.atr(),
-            init,
-        };
-        Ok(DrawRequest {
-            transaction_id: offer.transaction_id.clone(),
-            merchant_id: offer.merchant_id.clone(),
-            etsk: offer.etsk.clone(),
-            body: Protected::new(body, offer.tsk.as_ref(), &mut rand::rngs::OsRng),
-        })
-    }
-
-    /// The debit command, opened and checked against the offer's amount (001 [0082]).
-    fn open_debit_command(offer: &Offer, msg: &Message) -> Result<DebitCommand, String> {
-        let Message::DebitCommand(dc) = msg else {
-            return Err(format!("expected a debit command, got {}", msg.kind()));
-        };
-        let body = dc
-            .body
-            .open(offer.tsk.as_ref())
-            .map_err(|e| e.to_string())?;
-        if body.command.amount_money() != offer.amount {
-            return Err(format!(
-                "[0082] debit command for {} but the offer is {}",
-                body.command.amount_money(),
-                offer.amount
-            ));
-        }
-        Ok(body.command)
-    }
-
-    /// DEBIT on the card; the debit response message for the gateway.
-    fn debit(&mut self, offer: &Offer, cmd: &DebitCommand) -> Result<DebitResponseMsg, String> {
-        let r = self.apdu(&commands::debit(cmd));
-        if !r.sw.is_ok() {
-            return Err(format!("card refused DEBIT: {}", r.sw));
-        }
-        let resp = DebitResponse::decode(&r.data).map_err(|e| e.to_string())?;
-        Ok(DebitResponseMsg {
-            transaction_id: offer.transaction_id.clone(),
-            body: Protected::new(resp, offer.tsk.as_ref(), &mut rand::rngs::OsRng),
-        })
-    }
-
-    fn apdu(&mut self, apdu: &[u8]) -> proto::apdu::Response {
-        let r = self.sim.apdu(apdu);
-        self.note_log();
-        r
-    }
-
-    /// A fresh INITIALIZE FOR PURCHASE: the card's proof that a DEBIT did not run.
-    fn proof(&mut self) -> Option<PurchaseInit> {
-        self.apdu(&commands::select());
-        let r = self.apdu(&commands::init_purchase(today()));
-        r.sw.is_ok()
-            .then(|| PurchaseInit::decode(&r.data).ok())
-            .flatten()
-    }
-
-    /// A zero-value INITIALIZE FOR LOAD for `offer`: the card's proof of its load state.
-    fn zero_value(&mut self, offer: &LoadOffer) -> Option<LoadInit> {
-        self.apdu(&commands::select());
-        let r = self.apdu(&commands::init_load(&LoadInitRequest {
-            amount: 0,
-            currency: offer.max_amount.currency,
-            timestamp: offer.timestamp,
-            date: offer.date,
-        }));
-        r.sw.is_ok()
-            .then(|| LoadInit::decode(&r.data).ok())
-            .flatten()
-    }
-
-    /// Tries once to settle the open transaction; true when nothing is open any more.
-    pub async fn settle(&mut self, step: Duration) -> bool {
-        let Some(open) = self.open.clone() else {
-            return true;
-        };
+    /// One recovery round (none while the box is dark); true when nothing is in doubt.
+    pub async fn settle(&mut self) -> bool {
         if let Some(t) = self.asleep_until {
             if Instant::now() < t {
                 return false;
             }
             self.asleep_until = None;
         }
-        let txid = open.txid().to_string();
-        let settled = match open {
-            Open::Purchase {
-                debit: Some(resp), ..
-            } => match self.call(&Message::DebitResponse(resp), step).await {
-                Ok(Message::Receipt(r)) => {
-                    if !r.released {
-                        tracing::warn!(txid, text = %r.text, "debit response re-sent: receipt without release");
-                    }
-                    true
-                }
-                Ok(other) => {
-                    tracing::info!(txid, answer = %reason_of(&other), "debit response re-sent: not settled yet");
-                    false
-                }
-                Err(e) => {
-                    tracing::debug!(txid, error = %e, "debit response re-send failed");
-                    false
-                }
-            },
-            Open::Purchase {
-                debit: None,
-                proof,
-                offer,
-            } => {
-                // The proof is taken once and kept: a retry is the same message.
-                let proof = proof.or_else(|| self.proof());
-                self.open = Some(Open::Purchase {
-                    offer,
-                    debit: None,
-                    proof: proof.clone(),
-                });
-                let msg = Message::Cancel(CancelMsg {
-                    transaction_id: txid.clone(),
-                    reason: CancelReason::NotDebited,
-                    proof,
-                });
-                match self.call(&msg, step).await {
-                    Ok(Message::Receipt(_)) => true,
-                    Ok(Message::Error(e)) if e.code == ErrorCode::UnknownTransaction => true,
-                    Ok(Message::Error(e)) if e.code == ErrorCode::AlreadyCompleted => {
-                        // The card never ran this DEBIT: a head end that says the sale
-                        // completed is wrong. Kept open for the audit to see.
-                        tracing::error!(txid, reason = %e.reason, "cancel answered AlreadyCompleted for a sale the card never paid");
-                        false
-                    }
-                    Ok(other) => {
-                        tracing::warn!(txid, answer = %reason_of(&other), "cancel with proof not settled");
-                        false
-                    }
-                    Err(e) => {
-                        tracing::debug!(txid, error = %e, "cancel failed");
-                        false
-                    }
-                }
-            }
-            Open::Load {
-                offer,
-                response,
-                zero,
-            } => {
-                let zero = if response.as_ref().is_some_and(|r| r.is_loaded()) {
-                    None
-                } else {
-                    // Taken once and kept: a retry is the same load response.
-                    zero.or_else(|| self.zero_value(&offer))
-                };
-                self.open = Some(Open::Load {
-                    offer: offer.clone(),
-                    response: response.clone(),
-                    zero: zero.clone(),
-                });
-                let msg = Message::LoadResponse(LoadResponseMsg {
-                    transaction_id: txid.clone(),
-                    response,
-                    zero_value: zero,
-                });
-                match self.call(&msg, step).await {
-                    Ok(Message::LoadConfirmation(c)) if c.transaction_id == txid => true,
-                    Ok(other) => {
-                        tracing::warn!(txid, answer = %reason_of(&other), "load response re-sent: not settled");
-                        false
-                    }
-                    Err(e) => {
-                        tracing::debug!(txid, error = %e, "load response re-send failed");
-                        false
-                    }
-                }
-            }
-        };
-        if settled {
-            self.open = None;
-        }
-        settled
+        let end = self.sim.recover().await;
+        self.note_log();
+        !end.retry
     }
 
-    /// One purchase of `item` from `merchant`.
+    fn dark(&mut self, outage: Option<(Outage, Duration)>) -> Duration {
+        let d = outage.map(|(_, d)| d).unwrap_or_default();
+        self.asleep_until = Some(Instant::now() + d);
+        d
+    }
+
+    /// One purchase of `item` from `merchant`, the viewer saying OK; with `outage`, the
+    /// box loses power at that point for that long.
     pub async fn purchase(
         &mut self,
         merchant: &str,
         item: &str,
-        step: Duration,
         outage: Option<(Outage, Duration)>,
     ) -> (Option<String>, Outcome) {
-        let offer = match self
-            .call(
-                &Message::OfferRequest {
-                    merchant_id: merchant.into(),
-                    item_id: item.into(),
-                },
-                step,
-            )
-            .await
-        {
-            Ok(Message::Offer(o)) => o,
-            Ok(other) => {
-                return (
-                    None,
-                    Outcome::Refused(format!("offer: {}", code_of(&other))),
-                );
-            }
-            Err(e) => return (None, Outcome::Failed(format!("offer: {}", trim(&e)))),
-        };
-        let txid = offer.transaction_id.clone();
-        let draw = match self.draw_request(&offer) {
-            Ok(d) => d,
-            Err(e) => {
-                self.note_log();
-                return (Some(txid), Outcome::Refused(format!("card: {}", trim(&e))));
-            }
-        };
+        let (ran, _) = self
+            .sim
+            .run_purchase(merchant, item, outage.map(|(c, _)| c))
+            .await;
         self.note_log();
-        // Remembered before it goes: from here value may move.
-        self.open = Some(Open::Purchase {
-            offer: offer.clone(),
-            debit: None,
-            proof: None,
-        });
-        let answer = match self.call(&Message::DrawRequest(draw), step).await {
-            Ok(a) => a,
-            Err(e) => {
-                return (
-                    Some(txid),
-                    self.after_failure(step, format!("draw: {}", trim(&e)))
-                        .await,
-                );
+        match ran {
+            Ran::Ended(o) => purchase_outcome(o),
+            Ran::Crashed { transaction_id } => {
+                let d = self.dark(outage);
+                (
+                    Some(transaction_id),
+                    Outcome::InDoubt(format!("simulated power loss ({} s)", d.as_secs())),
+                )
             }
-        };
-        let cmd = match Self::open_debit_command(&offer, &answer) {
-            Ok(c) => c,
-            Err(_) => {
-                let why = format!("draw: {}", code_of(&answer));
-                // Whatever the head end holds for it, the card did not pay: cancel now.
-                let settled = self.settle(step).await;
-                return (
-                    Some(txid),
-                    if settled {
-                        Outcome::Refused(why)
-                    } else {
-                        Outcome::InDoubt(format!("{why}; cancel not answered"))
-                    },
-                );
-            }
-        };
-        if let Some((Outage::BeforeDebit, d)) = outage {
-            self.asleep_until = Some(Instant::now() + d);
-            return (
-                Some(txid),
-                Outcome::InDoubt(format!(
-                    "simulated power loss before DEBIT ({} s)",
-                    d.as_secs()
-                )),
-            );
-        }
-        let resp = match self.debit(&offer, &cmd) {
-            Ok(r) => r,
-            Err(e) => {
-                self.note_log();
-                let why = format!("card: {}", trim(&e));
-                let settled = self.settle(step).await;
-                return (
-                    Some(txid),
-                    if settled {
-                        Outcome::Refused(why)
-                    } else {
-                        Outcome::InDoubt(format!("{why}; cancel not answered"))
-                    },
-                );
-            }
-        };
-        self.note_log();
-        self.open = Some(Open::Purchase {
-            offer,
-            debit: Some(resp.clone()),
-            proof: None,
-        });
-        if let Some((Outage::AfterDebit, d)) = outage {
-            self.asleep_until = Some(Instant::now() + d);
-            return (
-                Some(txid),
-                Outcome::InDoubt(format!(
-                    "simulated power loss after DEBIT ({} s)",
-                    d.as_secs()
-                )),
-            );
-        }
-        match self.call(&Message::DebitResponse(resp), step).await {
-            Ok(Message::Receipt(r)) => {
-                self.open = None;
-                if r.released {
-                    (Some(txid), Outcome::Completed)
-                } else {
-                    (
-                        Some(txid),
-                        Outcome::Refused(format!("receipt without release: {}", r.text)),
-                    )
-                }
-            }
-            Ok(other) => (
-                Some(txid),
-                Outcome::InDoubt(format!("debit response: {}", code_of(&other))),
-            ),
-            Err(e) => (
-                Some(txid),
-                Outcome::InDoubt(format!("debit response: {}", trim(&e))),
-            ),
         }
     }
 
-    /// After a failed exchange with a transaction open: one immediate settle attempt.
-    async fn after_failure(&mut self, step: Duration, why: String) -> Outcome {
-        if self.settle(step).await {
-            Outcome::Failed(format!("{why}; settled"))
-        } else {
-            Outcome::InDoubt(why)
-        }
-    }
-
-    /// One load from the box's bank account (with its PIN) or its voucher.
+    /// One load of `amount` (at most what the offer allows) from the box's bank account
+    /// (with its PIN) or its voucher; with `outage`, the box loses power at that point.
     pub async fn load(
         &mut self,
         bank: bool,
         amount: u64,
-        step: Duration,
         outage: Option<(Outage, Duration)>,
     ) -> (Option<String>, Outcome) {
-        let source = if bank {
-            LoadSource::Bank {
-                account: self.spec.account.clone(),
-            }
-        } else {
-            LoadSource::voucher(self.spec.voucher.clone())
-        };
-        self.apdu(&commands::select());
-        let purse = self.apdu(&commands::read_purse());
-        let Ok(card) = PurseInfo::decode(&purse.data) else {
-            return (None, Outcome::Failed("card: READ PURSE".into()));
-        };
-        let offer = match self
-            .call(
-                &Message::LoadOfferRequest(LoadOfferRequest {
-                    source: source.clone(),
-                    card,
-                }),
-                step,
+        let (source, pin) = if bank {
+            (
+                LoadSource::Bank {
+                    account: self.spec.account.clone(),
+                },
+                Some(Secret::new(self.spec.pin.clone())),
             )
-            .await
-        {
-            Ok(Message::LoadOffer(o)) => o,
-            Ok(other) => {
-                return (
-                    None,
-                    Outcome::Refused(format!("load offer: {}", code_of(&other))),
-                );
-            }
-            Err(e) => return (None, Outcome::Failed(format!("load offer: {}", trim(&e)))),
+        } else {
+            (LoadSource::voucher(self.spec.voucher.clone()), None)
         };
-        let txid = offer.transaction_id.clone();
-        let amount = amount.min(offer.max_amount.minor);
-        if amount == 0 {
-            return (Some(txid), Outcome::Refused("nothing can be loaded".into()));
-        }
-        self.apdu(&commands::select());
-        let r = self.apdu(&commands::init_load(&LoadInitRequest {
-            amount,
-            currency: offer.max_amount.currency,
-            timestamp: offer.timestamp,
-            date: offer.date,
-        }));
-        let Some(init) =
-            r.sw.is_ok()
-                .then(|| LoadInit::decode(&r.data).ok())
-                .flatten()
-        else {
-            return (Some(txid), Outcome::Refused(format!("card: {}", r.sw)));
+        let viewer = LoadViewer {
+            amount: i64::try_from(amount).unwrap_or(i64::MAX),
+            pin,
         };
-        let sealed_pin = bank.then(|| seal_pin(&self.spec.pin_key, &txid, &self.spec.pin));
-        let req = LoadRequest {
-            transaction_id: txid.clone(),
-            // The funder's name for the source (a voucher's reference, never its code).
-            source: offer.source.clone(),
-            amount: Money::new(amount, init.currency),
-            init,
-            sealed_pin,
-        };
-        self.open = Some(Open::Load {
-            offer: offer.clone(),
-            response: None,
-            zero: None,
-        });
-        let cmd = match self.call(&Message::LoadRequest(req), step).await {
-            Ok(Message::LoadCommand(c)) => c.command,
-            Ok(Message::Error(e)) if !ambiguous(e.code) => {
-                // A refusal: no hold stands (the gateway settled it), the card loaded nothing.
-                self.open = None;
-                return (
-                    Some(txid),
-                    Outcome::Refused(format!("load request: {:?}", e.code)),
-                );
+        let (ran, _) = self
+            .sim
+            .run_load(source, viewer, outage.map(|(c, _)| c))
+            .await;
+        self.note_log();
+        match ran {
+            Ran::Ended(o) => load_outcome(o),
+            Ran::Crashed { transaction_id } => {
+                let d = self.dark(outage);
+                (
+                    Some(transaction_id),
+                    Outcome::InDoubt(format!(
+                        "simulated power loss after LOAD ({} s)",
+                        d.as_secs()
+                    )),
+                )
             }
-            Ok(other) => {
-                let why = format!("load request: {}", code_of(&other));
-                return (Some(txid), self.after_failure(step, why).await);
-            }
-            Err(e) => {
-                let why = format!("load request: {}", trim(&e));
-                return (Some(txid), self.after_failure(step, why).await);
-            }
-        };
-        let r = self.apdu(&commands::load(&cmd));
-        let resp = match r
-            .sw
-            .is_ok()
-            .then(|| LoadResponse::decode(&r.data).ok())
-            .flatten()
-        {
-            Some(resp) => resp,
-            None => {
-                let why = format!("card refused LOAD: {}", r.sw);
-                return (Some(txid), self.after_failure(step, why).await);
-            }
-        };
-        self.open = Some(Open::Load {
-            offer,
-            response: Some(resp.clone()),
-            zero: None,
-        });
-        if let Some((Outage::AfterLoad, d)) = outage {
-            self.asleep_until = Some(Instant::now() + d);
-            return (
-                Some(txid),
-                Outcome::InDoubt(format!(
-                    "simulated power loss after LOAD ({} s)",
-                    d.as_secs()
-                )),
-            );
-        }
-        let msg = Message::LoadResponse(LoadResponseMsg {
-            transaction_id: txid.clone(),
-            response: Some(resp),
-            zero_value: None,
-        });
-        match self.call(&msg, step).await {
-            Ok(Message::LoadConfirmation(c)) if c.transaction_id == txid => {
-                self.open = None;
-                if c.loaded {
-                    (Some(txid), Outcome::Completed)
-                } else {
-                    (Some(txid), Outcome::Refused("confirmed not loaded".into()))
-                }
-            }
-            Ok(other) => (
-                Some(txid),
-                Outcome::InDoubt(format!("load response: {}", code_of(&other))),
-            ),
-            Err(e) => (
-                Some(txid),
-                Outcome::InDoubt(format!("load response: {}", trim(&e))),
-            ),
         }
     }
-}
-
-/// Refusals after which the head end may still hold something for the load (a hold placed,
-/// an S2 issued): the box settles those with its proof.
-fn ambiguous(code: ErrorCode) -> bool {
-    matches!(
-        code,
-        ErrorCode::Busy | ErrorCode::Internal | ErrorCode::Timeout | ErrorCode::InDoubt
-    )
-}
-
-fn trim(e: &str) -> String {
-    e.chars().take(120).collect()
-}
-
-pub fn seal_pin(key: &DesKey, txid: &str, pin: &str) -> Vec<u8> {
-    let block = PinBlock {
-        transaction_id: txid.into(),
-        pin: proto::secret::Secret::new(pin.to_string()),
-    };
-    proto::crypto::seal(
-        key,
-        &postcard::to_allocvec(&block).expect("in-memory serialization"),
-        &mut rand::rngs::OsRng,
-    )
 }
 
 /// A personalised card for a box spec.
@@ -754,10 +333,10 @@ impl SimFleet {
                 .map_err(|_| "a simulated box is still shared".to_string())?
                 .into_inner();
             sim.card = card_for(layout, &specs[i]);
+            sim.pin_key = Some(specs[i].pin_key.clone());
             devices.push(Arc::new(Mutex::new(Device {
                 spec: specs[i].clone(),
                 sim,
-                open: None,
                 history: BTreeMap::new(),
                 asleep_until: None,
             })));
@@ -811,12 +390,11 @@ impl SimFleet {
         rec: &Recorder,
         outage: Option<(Outage, Duration)>,
     ) -> Outcome {
-        let step = self.timing.step;
         let started = Instant::now();
         let (txid, outcome) = match kind {
-            TxKind::Purchase => d.purchase(&pick.0, &pick.1, step, outage).await,
-            TxKind::BankLoad => d.load(true, amount, step, outage).await,
-            TxKind::VoucherLoad => d.load(false, amount, step, outage).await,
+            TxKind::Purchase => d.purchase(&pick.0, &pick.1, outage).await,
+            TxKind::BankLoad => d.load(true, amount, outage).await,
+            TxKind::VoucherLoad => d.load(false, amount, outage).await,
         };
         rec.tx(TxRecord {
             source,
@@ -891,7 +469,7 @@ impl SimFleet {
             let d = self.devices[boxes[*cursor % n]].clone();
             *cursor += 1;
             if let Ok(g) = d.try_lock_owned() {
-                if g.open.is_none() {
+                if !g.has_open() {
                     return Some(g);
                 }
             }
@@ -940,7 +518,7 @@ impl SimFleet {
             let Ok(mut g) = d.try_lock() else {
                 continue;
             };
-            if g.open.is_some() && !g.settle(self.timing.step).await {
+            if g.has_open() && !g.settle().await {
                 left += 1;
             }
         }
@@ -955,17 +533,31 @@ impl SimFleet {
         }
     }
 
-    /// Open transactions now (boxes busy in a transaction are not counted).
+    /// Transactions in doubt now, from each box's journal (boxes busy in a transaction are
+    /// counted as they were when it started).
     pub async fn open(&self) -> Vec<SimPending> {
         let mut out = Vec::new();
         for d in &self.devices {
             let g = d.lock().await;
-            if let Some(o) = &g.open {
-                out.push(SimPending {
-                    box_id: g.spec.box_id.clone(),
-                    transaction_id: o.txid().to_string(),
-                    what: o.describe(),
-                });
+            let box_id = g.spec.box_id.clone();
+            match g.sim.journal.in_doubt() {
+                Ok(ps) => out.extend(ps.into_iter().map(|p| SimPending {
+                    box_id: box_id.clone(),
+                    transaction_id: p.txn.transaction_id.clone(),
+                    what: format!("purchase, journal state {}", p.state),
+                })),
+                Err(e) => out.push(SimPending {
+                    box_id: box_id.clone(),
+                    transaction_id: String::new(),
+                    what: format!("journal unreadable: {e}"),
+                }),
+            }
+            if let Ok(ls) = g.sim.journal.loads_in_doubt() {
+                out.extend(ls.into_iter().map(|l| SimPending {
+                    box_id: box_id.clone(),
+                    transaction_id: l.transaction_id.clone(),
+                    what: format!("load, journal state {}", l.state),
+                }));
             }
         }
         out

@@ -58,6 +58,29 @@ pub fn today() -> Date {
     stb::daemon::card::today()
 }
 
+/// Where a simulated box loses power in the middle of a flow: right after the flow journaled
+/// this step, before the action it guards (what `stbd` SIGKILLed at its test hook does).
+/// The journal keeps what was committed; the flow's memory is gone; the card is powered
+/// down (it keeps its purse and log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Crash {
+    /// The debit command came and was journaled; DEBIT never reached the card.
+    BeforeDebit,
+    /// DEBIT ran and its response was journaled; it never reached the head end.
+    AfterDebit,
+    /// LOAD ran and the card's S3 was journaled; it never reached the head end.
+    AfterLoad,
+}
+
+/// How a flow run by [`SimBox::run_purchase`] or [`SimBox::run_load`] ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ran<O> {
+    /// The flow ended with this outcome.
+    Ended(O),
+    /// The box lost power at the [`Crash`] point, in transaction `transaction_id`.
+    Crashed { transaction_id: String },
+}
+
 /// What the scripted viewer answers in a load: the amount (minor units of the offer's
 /// currency) and, for a bank load, the PIN.
 #[derive(Debug, Clone)]
@@ -118,12 +141,23 @@ impl Script {
 /// What the scripted viewer types, for each flow.
 trait Viewed: Driven {
     fn viewer(shown: &Show, script: &Script) -> Option<Self::Input>;
+    /// Whether the box loses power right after journaling `step`.
+    fn crashes_after(crash: Crash, step: &Self::Step) -> bool;
 }
 
 impl Viewed for purchase::Purchase {
     fn viewer(shown: &Show, script: &Script) -> Option<purchase::Input> {
         matches!((shown, script), (Show::Offer(_), Script::Accept))
             .then_some(purchase::Input::Accept)
+    }
+    fn crashes_after(crash: Crash, step: &purchase::Step) -> bool {
+        matches!(
+            (crash, step),
+            (
+                Crash::BeforeDebit,
+                purchase::Step::DebitCommandReceived { .. }
+            ) | (Crash::AfterDebit, purchase::Step::DebitResponded { .. })
+        )
     }
 }
 
@@ -140,6 +174,12 @@ impl Viewed for load::Load {
             }),
             _ => None,
         }
+    }
+    fn crashes_after(crash: Crash, step: &load::Step) -> bool {
+        matches!(
+            (crash, step),
+            (Crash::AfterLoad, load::Step::Responded { .. })
+        )
     }
 }
 
@@ -290,11 +330,10 @@ impl SimBox {
     /// One purchase of `item` from `merchant`, the viewer saying OK to the offer; how it
     /// ended and how long each request took.
     pub async fn buy(&mut self, merchant: &str, item: &str) -> (purchase::Outcome, Timings) {
-        let seed = self.next_seed();
-        let (flow, actions) = purchase::Purchase::start(merchant, item, today(), seed);
-        let (outcome, t) = self.drive(flow, actions, Script::Accept).await;
-        self.doubt |= matches!(outcome, purchase::Outcome::InDoubt { .. });
-        (outcome, t)
+        match self.run_purchase(merchant, item, None).await {
+            (Ran::Ended(o), t) => (o, t),
+            (Ran::Crashed { .. }, _) => unreachable!("no crash point was given"),
+        }
     }
 
     /// One load from `source`, the viewer entering `viewer`'s amount and PIN when asked.
@@ -303,11 +342,44 @@ impl SimBox {
         source: LoadSource,
         viewer: LoadViewer,
     ) -> (load::Outcome, Timings) {
+        match self.run_load(source, viewer, None).await {
+            (Ran::Ended(o), t) => (o, t),
+            (Ran::Crashed { .. }, _) => unreachable!("no crash point was given"),
+        }
+    }
+
+    /// [`SimBox::buy`], losing power at `crash` if the flow gets there.
+    pub async fn run_purchase(
+        &mut self,
+        merchant: &str,
+        item: &str,
+        crash: Option<Crash>,
+    ) -> (Ran<purchase::Outcome>, Timings) {
+        let seed = self.next_seed();
+        let (flow, actions) = purchase::Purchase::start(merchant, item, today(), seed);
+        let (ran, t) = self.drive(flow, actions, Script::Accept, crash).await;
+        self.doubt |= matches!(
+            ran,
+            Ran::Crashed { .. } | Ran::Ended(purchase::Outcome::InDoubt { .. })
+        );
+        (ran, t)
+    }
+
+    /// [`SimBox::load`], losing power at `crash` if the flow gets there.
+    pub async fn run_load(
+        &mut self,
+        source: LoadSource,
+        viewer: LoadViewer,
+        crash: Option<Crash>,
+    ) -> (Ran<load::Outcome>, Timings) {
         let seed = self.next_seed();
         let (flow, actions) = load::Load::start(source, self.pin_key.clone(), seed);
-        let (outcome, t) = self.drive(flow, actions, Script::Load(viewer)).await;
-        self.doubt |= matches!(outcome, load::Outcome::InDoubt { .. });
-        (outcome, t)
+        let (ran, t) = self.drive(flow, actions, Script::Load(viewer), crash).await;
+        self.doubt |= matches!(
+            ran,
+            Ran::Crashed { .. } | Ran::Ended(load::Outcome::InDoubt { .. })
+        );
+        (ran, t)
     }
 
     /// Runs `flow` to its end as `stbd`'s executor does: actions in order, the journal first
@@ -319,7 +391,8 @@ impl SimBox {
         mut flow: F,
         actions: Vec<Action<F::Step, F::Outcome>>,
         script: Script,
-    ) -> (F::Outcome, Timings) {
+        crash: Option<Crash>,
+    ) -> (Ran<F::Outcome>, Timings) {
         let t0 = Instant::now();
         let mut timings = Timings::default();
         let mut queue: VecDeque<_> = actions.into();
@@ -334,12 +407,15 @@ impl SimBox {
                     } => {
                         if let Err(e) = F::record(&mut self.journal, &transaction_id, &step) {
                             timings.total = t0.elapsed();
-                            return (
-                                F::not_recorded(transaction_id, &step, e.to_string()),
-                                timings,
-                            );
+                            let outcome = F::not_recorded(transaction_id, &step, e.to_string());
+                            return (Ran::Ended(outcome), timings);
                         }
                         F::journaled(&step);
+                        if crash.is_some_and(|c| F::crashes_after(c, &step)) {
+                            self.card.reset();
+                            timings.total = t0.elapsed();
+                            return (Ran::Crashed { transaction_id }, timings);
+                        }
                     }
                     Action::Apdu(apdu) => {
                         let reply = CardReply {
@@ -356,7 +432,7 @@ impl SimBox {
                     }
                     Action::Done(o) => {
                         timings.total = t0.elapsed();
-                        return (o, timings);
+                        return (Ran::Ended(o), timings);
                     }
                 }
             }
