@@ -17,7 +17,6 @@
 //! journal and card, as `stbd` runs it at start-up and on its recovery timer.
 
 use std::collections::VecDeque;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -184,23 +183,19 @@ impl Viewed for load::Load {
 }
 
 impl SimBox {
-    /// A box `id` with `card`, its client `gateway` and its journal in `dir` (created).
-    ///
-    /// # Errors
-    ///
-    /// The journal's, when it cannot be opened.
+    /// A box `id` with `card`, its client `gateway` and its `journal`
+    /// ([`Journal::open`] on a directory, or [`Journal::open_in_memory`]).
     pub fn new(
         id: &str,
         gateway: Arc<Gateway>,
         card: PurseCard,
-        dir: &Path,
+        journal: Journal,
         pin_key: Option<DesKey>,
-    ) -> Result<Self, String> {
-        let journal = Journal::open(dir).map_err(|e| e.to_string())?;
+    ) -> Self {
         let seed = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
         });
-        Ok(Self {
+        Self {
             id: id.to_string(),
             gateway,
             card,
@@ -208,7 +203,7 @@ impl SimBox {
             pin_key,
             seed,
             doubt: false,
-        })
+        }
     }
 
     fn next_seed(&mut self) -> u64 {

@@ -98,6 +98,26 @@ impl Journal {
         // WAL + synchronous=FULL: a committed step survives a crash or power cut.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        Self::with_schema(conn)
+    }
+
+    /// A journal that lives in this process's memory only: the same records and queries,
+    /// nothing on disk, no file descriptors. For simulated boxes by the thousand (`sim`'s
+    /// load generator), whose process is never power-cut; a box's journal is
+    /// [`Journal::open`].
+    ///
+    /// # Errors
+    ///
+    /// SQLite's, when the in-memory database cannot be made.
+    pub fn open_in_memory() -> Result<Self, JournalError> {
+        let conn = Connection::open_in_memory().map_err(|e| JournalError::Open {
+            path: ":memory:".into(),
+            detail: e.to_string(),
+        })?;
+        Self::with_schema(conn)
+    }
+
+    fn with_schema(conn: Connection) -> Result<Self, JournalError> {
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS txns (
                 transaction_id TEXT PRIMARY KEY,
