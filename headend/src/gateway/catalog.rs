@@ -8,6 +8,7 @@ use super::{Gateway, gw};
 use crate::limits::Kind;
 
 impl Gateway {
+    /// Every merchant's catalog, merged; a merchant that does not answer is left out.
     pub(super) async fn catalog(&self, box_id: &str) -> Message {
         if let Err(e) = self.rate(box_id, Kind::Catalog) {
             return e;

@@ -9,6 +9,11 @@ use crate::journal;
 use crate::role::{open_body, refuse};
 
 impl Gateway {
+    /// A box's draw request: checked against its offer (merchant, amount, this box's open
+    /// draws), journaled with state `Drawn` and step "draw request relayed" — and only then
+    /// relayed (when the write fails the box gets `Internal` and nothing is relayed). A
+    /// retry identical to the journaled request is relayed again (the payment server
+    /// answers it with the same debit command).
     pub(super) async fn draw(&self, box_id: &str, req: DrawRequest) -> Message {
         let txid = req.transaction_id.clone();
         let _lock = match self.lock_for_box(&txid).await {

@@ -5,10 +5,17 @@
 //! Per merchant, the embodiment decides who compares the card signature (001 FIG. 4–7):
 //! - FIG. 4/5: the debit response goes to the payment server, whose confirmation goes to
 //!   the merchant;
-//! - FIG. 6: the gateway compares with the expected signature and forwards the pre-sealed
-//!   "debit result M" to the merchant itself — one round trip to the payment server fewer;
+//! - FIG. 6: the gateway compares with the expected signature
+//!   ([`embodiment::card_signature_matches`]) and forwards the pre-sealed "debit result M"
+//!   to the merchant itself — one round trip to the payment server fewer;
 //! - FIG. 7: the gateway forwards the card's response and the expected signature sealed for
 //!   the merchant, which compares.
+//!
+//! A file per operation: `catalog`, `offer` (offer request), `draw` (draw request relayed
+//! to the payment server), `debit` (debit response → receipt; FIG. 4/5), [`embodiment`]
+//! (FIG. 6/7), `release` (confirmations delivered to the merchant), `cancel`, `background`
+//! (notifications, releases, reversal feed), `sweep` (lifetimes), [`load`] (the load
+//! conversation); [`Step`] names the journaled steps, [`crate::journal::Kind`] the records.
 //!
 //! Nothing accepted is lost when a role is down, and nothing is done twice:
 //! - **Releases.** Once a debit response is accepted (FIG. 4/5: the payment server
@@ -102,7 +109,8 @@ pub enum GwState {
     Reversed,
 }
 
-/// The gateway's record of a transaction (journal kind `gw`).
+/// The gateway's record of a transaction (journal kind `gw`, [`journal::Kind::Gw`]). The
+/// decisions about a purchase read this record, never the step log.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GwTxn {
     pub box_id: String,
@@ -123,7 +131,8 @@ pub struct GwTxn {
     pub receipt: Option<Message>,
 }
 
-/// A confirmation accepted for delivery to the merchant (journal kind `release`).
+/// A confirmation accepted for delivery to the merchant (journal kind `release`,
+/// [`journal::Kind::Release`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Outbound {
     pub confirmation: Confirmation,

@@ -10,6 +10,8 @@ use crate::limits::Kind;
 use crate::role::refuse;
 
 impl Gateway {
+    /// A box's offer request, routed to the merchant its id names; the merchant's offer is
+    /// checked ([`Gateway::check_offer`]) and journaled before the box gets it.
     pub(super) async fn offer(
         &self,
         box_id: &str,
