@@ -261,11 +261,11 @@ pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, String>
         // none (load conversations are then refused with the reason).
         let local: [(&str, Option<Arc<dyn Role>>); 2] = [
             (
-                crate::gateway_load::BANK,
+                crate::gateway::load::BANK,
                 bank.clone().map(|b| b as Arc<dyn Role>),
             ),
             (
-                crate::gateway_load::LOAD,
+                crate::gateway::load::LOAD,
                 load.clone().map(|l| l as Arc<dyn Role>),
             ),
         ];

@@ -10,6 +10,9 @@
 //!   idempotency key: a retried message gets the same answer), a role's transaction record,
 //!   a security card's snapshot.
 //!
+//! Each `state` record has a [`Kind`], named once in that enum: the string it is stored
+//! under (the `kind` column) is [`Kind::as_str`], and no role passes a kind as a bare string.
+//!
 //! [`Journal::atomically`] groups several writes in one SQLite transaction, so a role's
 //! "after" state (security card snapshot + transaction record + answer) lands all or nothing.
 //!
@@ -45,6 +48,123 @@ pub struct Journal {
     synced: Mutex<(Option<std::fs::File>, u64)>,
 }
 
+/// The kind of a keyed record (the `state` table's `kind` column), one variant per record
+/// kind any head-end role keeps. [`Kind::as_str`] is the string on disk: existing journals,
+/// `sim`'s audit and the tests read the SQLite files by these strings, so they never change.
+/// Two roles may use one kind in their own journals for their own records (`offer`,
+/// `release`); each variant's doc names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// Gateway: a purchase ([`crate::gateway::GwTxn`]), by transaction id.
+    Gw,
+    /// Gateway: a load ([`crate::gateway::load::GwLoad`]), by transaction id.
+    GwLoad,
+    /// Gateway and merchant: the sweeper's index of open offers and loads, value the
+    /// creation time (seconds since the epoch, 8 bytes big-endian). Gateway keys `p/<txid>`
+    /// (purchase offers) and `l/<txid>` (loads); merchant keys the transaction id of an offer still `Offered`.
+    Open,
+    /// Gateway: a FIG. 4/5 debit response (`DebitResponseMsg`) on its way to the payment
+    /// server, by `txid/card signature` ([`crate::gateway::response_key`]): written before
+    /// the payment server is asked, deleted in the write that journals its confirmation (or
+    /// on its definite refusal). A gateway that dies waiting for the confirmation asks again
+    /// after its restart ([`crate::gateway::Gateway::run_releases`]).
+    Confirming,
+    /// Gateway: an accepted confirmation for the merchant ([`crate::gateway::Outbound`]),
+    /// by `txid/card signature`. Merchant: the entitlement released for a transaction id
+    /// (UTF-8).
+    Release,
+    /// Gateway: a FIG. 6/7 debit response (`DebitResponseMsg`) to deliver to the payment
+    /// server, by `txid/card signature`.
+    Notify,
+    /// Gateway: the reversal-feed cursor per payment server (8 bytes big-endian).
+    Cursor,
+    /// Merchant: an offer ([`crate::merchant::OfferRecord`]). Bank and load server: a load
+    /// offer ([`crate::funds::OfferRec`]). By transaction id.
+    Offer,
+    /// Merchant: the transaction id (UTF-8) an entitlement was released for, by entitlement.
+    Entitlement,
+    /// Payment server: a purchase ([`crate::payment::PayTxn`]), by transaction id.
+    Txn,
+    /// Payment server: a security card's snapshot, by slot.
+    Psam,
+    /// Payment server: the newest purchase proof seen from a card, by card id.
+    CardInit,
+    /// Payment server: a reversal notice of its feed, by sequence number.
+    Reversal,
+    /// Payment server: a collection batch's state (`open`, `acknowledged`), by batch number.
+    Batch,
+    /// Payment server: counters (`next-batch`, 8 bytes big-endian).
+    Meta,
+    /// Bank and load server: an account ([`crate::funds::Account`]), by account id.
+    Account,
+    /// Bank and load server: a hold ([`crate::funds::Hold`]), by transaction id.
+    Hold,
+    /// Bank and load server: the issuer float (`Money`), by ISO 4217 numeric currency code.
+    Float,
+    /// Load server: a load ([`crate::load::LoadRec`]), by transaction id.
+    Load,
+    /// Load server: the HSM's snapshot (key `0`).
+    Hsm,
+}
+
+impl Kind {
+    /// Every kind, in declaration order.
+    pub const ALL: [Kind; 20] = [
+        Kind::Gw,
+        Kind::GwLoad,
+        Kind::Open,
+        Kind::Confirming,
+        Kind::Release,
+        Kind::Notify,
+        Kind::Cursor,
+        Kind::Offer,
+        Kind::Entitlement,
+        Kind::Txn,
+        Kind::Psam,
+        Kind::CardInit,
+        Kind::Reversal,
+        Kind::Batch,
+        Kind::Meta,
+        Kind::Account,
+        Kind::Hold,
+        Kind::Float,
+        Kind::Load,
+        Kind::Hsm,
+    ];
+
+    /// The string the kind is stored under (the `kind` column).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Kind::Gw => "gw",
+            Kind::GwLoad => "gwload",
+            Kind::Open => "open",
+            Kind::Confirming => "confirming",
+            Kind::Release => "release",
+            Kind::Notify => "notify",
+            Kind::Cursor => "cursor",
+            Kind::Offer => "offer",
+            Kind::Entitlement => "entitlement",
+            Kind::Txn => "txn",
+            Kind::Psam => "psam",
+            Kind::CardInit => "card_init",
+            Kind::Reversal => "reversal",
+            Kind::Batch => "batch",
+            Kind::Meta => "meta",
+            Kind::Account => "account",
+            Kind::Hold => "hold",
+            Kind::Float => "float",
+            Kind::Load => "load",
+            Kind::Hsm => "hsm",
+        }
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Writes inside one SQLite transaction.
 pub struct Batch<'a> {
     tx: rusqlite::Transaction<'a>,
@@ -60,20 +180,22 @@ impl Batch<'_> {
         Ok(())
     }
 
-    pub fn put(&self, kind: &str, key: &str, value: &[u8]) -> rusqlite::Result<()> {
+    /// Stores `value` under (`kind`, `key`), replacing what was there.
+    pub fn put(&self, kind: Kind, key: &str, value: &[u8]) -> rusqlite::Result<()> {
         self.tx
             .prepare_cached(
                 "INSERT INTO state (kind, key, value) VALUES (?1, ?2, ?3)
                  ON CONFLICT (kind, key) DO UPDATE SET value = excluded.value",
             )?
-            .execute(params![kind, key, value])?;
+            .execute(params![kind.as_str(), key, value])?;
         Ok(())
     }
 
-    pub fn delete(&self, kind: &str, key: &str) -> rusqlite::Result<()> {
+    /// Deletes the record (`kind`, `key`), if any.
+    pub fn delete(&self, kind: Kind, key: &str) -> rusqlite::Result<()> {
         self.tx.execute(
             "DELETE FROM state WHERE kind = ?1 AND key = ?2",
-            params![kind, key],
+            params![kind.as_str(), key],
         )?;
         Ok(())
     }
@@ -213,28 +335,35 @@ impl Journal {
         self.atomically(|b| b.step(txid, step, detail))
     }
 
-    pub fn put(&self, kind: &str, key: &str, value: &[u8]) -> Result<(), JournalError> {
+    /// Stores one record (its own transaction).
+    ///
+    /// # Errors
+    /// The journal cannot be written.
+    pub fn put(&self, kind: Kind, key: &str, value: &[u8]) -> Result<(), JournalError> {
         self.atomically(|b| b.put(kind, key, value))
     }
 
     /// A point read: served from SQLite's page cache (writers hold the connection only while
     /// writing WAL frames, never across an fsync), so it runs on the caller's thread rather
     /// than paying a `block_in_place` hand-off.
-    pub fn get(&self, kind: &str, key: &str) -> Result<Option<Vec<u8>>, JournalError> {
+    pub fn get(&self, kind: Kind, key: &str) -> Result<Option<Vec<u8>>, JournalError> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         conn.prepare_cached("SELECT value FROM state WHERE kind = ?1 AND key = ?2")
-            .and_then(|mut st| st.query_row(params![kind, key], |r| r.get(0)).optional())
+            .and_then(|mut st| {
+                st.query_row(params![kind.as_str(), key], |r| r.get(0))
+                    .optional()
+            })
             .map_err(|e| self.err(e))
     }
 
     /// Every (key, value) of a kind, in key order.
-    pub fn all(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, JournalError> {
+    pub fn all(&self, kind: Kind) -> Result<Vec<(String, Vec<u8>)>, JournalError> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let mut st = conn
             .prepare("SELECT key, value FROM state WHERE kind = ?1 ORDER BY key")
             .map_err(|e| self.err(e))?;
         let rows = st
-            .query_map(params![kind], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_map(params![kind.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
             .map_err(|e| self.err(e))?;
         rows.collect::<rusqlite::Result<_>>()
             .map_err(|e| self.err(e))
@@ -244,11 +373,11 @@ impl Journal {
     ///
     /// # Errors
     /// The journal cannot be read.
-    pub fn last_key(&self, kind: &str) -> Result<Option<String>, JournalError> {
+    pub fn last_key(&self, kind: Kind) -> Result<Option<String>, JournalError> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         conn.query_row(
             "SELECT key FROM state WHERE kind = ?1 ORDER BY key DESC LIMIT 1",
-            params![kind],
+            params![kind.as_str()],
             |r| r.get(0),
         )
         .optional()
@@ -261,7 +390,7 @@ impl Journal {
     /// The journal cannot be read.
     pub fn range_after(
         &self,
-        kind: &str,
+        kind: Kind,
         after: &str,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, JournalError> {
@@ -272,7 +401,7 @@ impl Journal {
             )
             .map_err(|e| self.err(e))?;
         let rows = st
-            .query_map(params![kind, after, limit as i64], |r| {
+            .query_map(params![kind.as_str(), after, limit as i64], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })
             .map_err(|e| self.err(e))?;
@@ -293,13 +422,19 @@ impl Journal {
             .map_err(|e| self.err(e))
     }
 
-    /// The record kinds present.
-    pub fn kinds(&self) -> Result<Vec<String>, JournalError> {
+    /// How many records of each kind present (by the kind's on-disk string, so a kind this
+    /// build does not know is counted too), in kind order.
+    ///
+    /// # Errors
+    /// The journal cannot be read.
+    pub fn kind_counts(&self) -> Result<std::collections::BTreeMap<String, usize>, JournalError> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let mut st = conn
-            .prepare("SELECT DISTINCT kind FROM state ORDER BY kind")
+            .prepare("SELECT kind, COUNT(*) FROM state GROUP BY kind")
             .map_err(|e| self.err(e))?;
-        let rows = st.query_map([], |r| r.get(0)).map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as usize)))
+            .map_err(|e| self.err(e))?;
         rows.collect::<rusqlite::Result<_>>()
             .map_err(|e| self.err(e))
     }
@@ -333,12 +468,12 @@ mod tests {
             let j = Journal::open(&p).unwrap();
             j.step("t1", "draw received", "").unwrap();
             j.atomically(|b| {
-                b.put("answer", "t1", b"cmd")?;
+                b.put(Kind::Txn, "t1", b"cmd")?;
                 b.step("t1", "debit command issued", "psam 1")
             })
             .unwrap();
             let failed = j.atomically(|b| {
-                b.put("answer", "t2", b"x")?;
+                b.put(Kind::Txn, "t2", b"x")?;
                 Err::<(), _>(rusqlite::Error::InvalidQuery)
             });
             assert!(failed.is_err());
@@ -348,7 +483,40 @@ mod tests {
             j.steps("t1").unwrap(),
             ["draw received", "debit command issued"]
         );
-        assert_eq!(j.get("answer", "t1").unwrap().unwrap(), b"cmd");
-        assert_eq!(j.get("answer", "t2").unwrap(), None, "rolled back");
+        assert_eq!(j.get(Kind::Txn, "t1").unwrap().unwrap(), b"cmd");
+        assert_eq!(j.get(Kind::Txn, "t2").unwrap(), None, "rolled back");
+        assert_eq!(j.kind_counts().unwrap(), [("txn".to_string(), 1)].into());
+    }
+
+    /// The kinds are on disk in existing journals and read by these strings in `sim`'s audit
+    /// and the tests: renaming a variant must not change them.
+    #[test]
+    fn every_kind_keeps_its_on_disk_string() {
+        let on_disk: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(
+            on_disk,
+            [
+                "gw",
+                "gwload",
+                "open",
+                "confirming",
+                "release",
+                "notify",
+                "cursor",
+                "offer",
+                "entitlement",
+                "txn",
+                "psam",
+                "card_init",
+                "reversal",
+                "batch",
+                "meta",
+                "account",
+                "hold",
+                "float",
+                "load",
+                "hsm",
+            ]
+        );
     }
 }

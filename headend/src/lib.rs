@@ -1,12 +1,13 @@
 //! Purselink head end: the gateway and the back-end roles (payment, merchant, bank, load),
 //! their journals, and the QUIC transport between them.
 //!
-//! - [`gateway`]: the cable head end server — boxes' messages in, routed to the roles;
+//! - [`gateway`]: the cable head end server — boxes' messages in, routed to the roles (a file
+//!   per operation; [`gateway::load`] routes the load conversation);
 //! - [`payment`]: the payment server with its security-card pool;
 //! - [`merchant`]: the cable catalog and internet merchants;
-//! - [`bank`]: the bank server (accounts, PIN, holds, issuer float);
+//! - [`bank`]: the bank server (accounts with a PIN);
+//! - [`funds`]: what bank and load server share: accounts, holds, issuer float;
 //! - [`load`]: the load server with its HSM, and pre-funded accounts;
-//! - [`gateway_load`]: the gateway's routing of the load conversation;
 //! - [`role`]: the one seam between roles (in process or over QUIC);
 //! - [`assembly`]: builds the roles a config asks for and serves them;
 //! - [`journal`], [`config`], [`quic`], [`pki`], [`notify`], [`cli`].
@@ -15,8 +16,8 @@ pub mod assembly;
 pub mod bank;
 pub mod cli;
 pub mod config;
+pub mod funds;
 pub mod gateway;
-pub mod gateway_load;
 pub mod journal;
 pub mod limits;
 pub mod load;

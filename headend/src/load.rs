@@ -10,7 +10,7 @@
 //!   answer is a confirmation sealed under a key shared with the bank, so only the bank can
 //!   read it ([0133]); the gateway relays it.
 //! - Pre-funded accounts: vouchers held here, with the same hold / capture / release
-//!   discipline as the bank ([`crate::bank::Funds`] on this server's journal).
+//!   discipline as the bank ([`crate::funds::Funds`] on this server's journal).
 //!
 //! The HSM is [`proto::hsm::Hsm`] (software) behind the [`SecurityModule`] seam, snapshotted
 //! into the journal in the same SQLite transaction as each load record, so a load server
@@ -27,9 +27,9 @@ use rand::rngs::OsRng;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use crate::bank::{Account, Funds, FundsSpec, confirmation_key};
 use crate::config::{HeadendConfig, read_key_file, read_master_key};
-use crate::journal::{self, Journal};
+use crate::funds::{Account, Funds, FundsSpec, confirmation_key};
+use crate::journal::{self, Journal, Kind};
 use crate::quic::BoxFuture;
 use crate::role::{Caller, Role};
 use crate::role::{journal_failed, refuse, repeat};
@@ -167,7 +167,7 @@ impl LoadServer {
         let journal =
             Arc::new(Journal::open(&cfg.state_dir.join("load.sqlite")).map_err(|e| e.to_string())?);
         let mut hsm: Box<dyn SecurityModule> = Box::new(Hsm::new(s.hsm_id, master));
-        if let Some(snap) = journal.get("hsm", "0").map_err(|e| e.to_string())? {
+        if let Some(snap) = journal.get(Kind::Hsm, "0").map_err(|e| e.to_string())? {
             hsm.restore(&snap)?;
             tracing::info!("HSM state restored from the journal");
         }
@@ -201,7 +201,7 @@ impl LoadServer {
             offer_lifetime_secs: s.offer_lifetime_secs,
         };
         let prefunded = Funds::open(spec, journal.clone(), accounts)?;
-        for (txid, b) in journal.all("load").map_err(|e| e.to_string())? {
+        for (txid, b) in journal.all(Kind::Load).map_err(|e| e.to_string())? {
             let r: LoadRec = journal::decode(&b)?;
             if matches!(r.state, LoadState::Authorized | LoadState::NegativePending) {
                 tracing::info!(txid, state = ?r.state, "in-doubt load after restart: awaiting the load response or the zero-value S1");
@@ -220,7 +220,7 @@ impl LoadServer {
     }
 
     pub fn record(&self, txid: &str) -> Option<LoadRec> {
-        journal::decode(&self.journal.get("load", txid).ok()??).ok()
+        journal::decode(&self.journal.get(Kind::Load, txid).ok()??).ok()
     }
 
     /// Loads the HSM settled as loaded, per currency (count and amount from its totals).
@@ -293,7 +293,7 @@ impl LoadServer {
             response: None,
         };
         if let Err(e) = self.journal.atomically(|b| {
-            b.put("load", txid, &journal::encode(&rec))?;
+            b.put(Kind::Load, txid, &journal::encode(&rec))?;
             b.step(txid, "load request refused", &format!("{code:?}"))
         }) {
             return journal_failed(e, Some(txid));
@@ -306,7 +306,7 @@ impl LoadServer {
     /// never authorises more than the funder holds.
     async fn load_request(&self, req: LoadRequest, hold: HoldPlaced) -> Message {
         let txid = req.transaction_id.clone();
-        if !crate::bank::hold_verifies(&self.confirmation_key, &hold) {
+        if !crate::funds::hold_verifies(&self.confirmation_key, &hold) {
             return refuse(
                 ErrorCode::Forbidden,
                 "the hold does not carry its funder's MAC; nothing authorised",
@@ -385,8 +385,8 @@ impl LoadServer {
         };
         let snap = hsm.snapshot();
         if let Err(e) = self.journal.atomically(|b| {
-            b.put("hsm", "0", &snap)?;
-            b.put("load", &txid, &journal::encode(&rec))?;
+            b.put(Kind::Hsm, "0", &snap)?;
+            b.put(Kind::Load, &txid, &journal::encode(&rec))?;
             b.step(&txid, "S1 verified: load command issued", "")
         }) {
             let _ = hsm.restore(&before); // not journaled means not done
@@ -481,8 +481,8 @@ impl LoadServer {
                     // Keep the negative result; the zero-value S1 must follow.
                     let snap = hsm.snapshot();
                     let _ = self.journal.atomically(|b| {
-                        b.put("hsm", "0", &snap)?;
-                        b.put("load", &txid, &journal::encode(&rec))?;
+                        b.put(Kind::Hsm, "0", &snap)?;
+                        b.put(Kind::Load, &txid, &journal::encode(&rec))?;
                         b.step(&txid, "negative result: zero-value S1 awaited", "")
                     });
                     return refuse(
@@ -513,8 +513,8 @@ impl LoadServer {
         hsm.forget(&txid);
         let snap = hsm.snapshot();
         if let Err(e) = self.journal.atomically(|b| {
-            b.put("hsm", "0", &snap)?;
-            b.put("load", &txid, &journal::encode(&rec))?;
+            b.put(Kind::Hsm, "0", &snap)?;
+            b.put(Kind::Load, &txid, &journal::encode(&rec))?;
             b.step(&txid, "confirmation sealed", &basis)
         }) {
             let _ = hsm.restore(&before);

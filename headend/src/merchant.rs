@@ -16,12 +16,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use proto::crypto::{self, DesKey, Mac, MessageKeys};
 use proto::messages::*;
 use proto::money::Money;
+use proto::security_card::SecurityCard;
 use rand::RngCore;
 use rand::rngs::OsRng;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{HeadendConfig, MerchantDef, MerchantKind};
-use crate::journal::{self, Journal};
+use crate::journal::{self, Journal, Kind};
 use crate::quic::BoxFuture;
 use crate::role::refuse;
 use crate::role::{Caller, Role};
@@ -50,9 +51,6 @@ pub struct OfferRecord {
     /// The confirmation that released the goods (postcard): a repeat must be identical.
     pub confirmation: Option<Vec<u8>>,
 }
-
-/// Journal kind of the index of offers still `Offered`, swept for expiry.
-const OPEN: &str = "open";
 
 struct Shop {
     def: MerchantDef,
@@ -90,7 +88,7 @@ impl MerchantServer {
                 ))
             })
             .collect::<Result<HashMap<_, _>, String>>()?;
-        let next_order = journal.all("release").map_err(|e| e.to_string())?.len() as u64 + 1;
+        let next_order = journal.all(Kind::Release).map_err(|e| e.to_string())?.len() as u64 + 1;
         Ok(Arc::new(Self {
             journal,
             shops,
@@ -105,18 +103,24 @@ impl MerchantServer {
     }
 
     pub fn offer_record(&self, txid: &str) -> Option<OfferRecord> {
-        journal::decode(&self.journal.get("offer", txid).ok()??).ok()
+        journal::decode(&self.journal.get(Kind::Offer, txid).ok()??).ok()
     }
 
     /// How many times goods were released for `txid` (0 or 1).
     pub fn releases(&self, txid: &str) -> usize {
-        usize::from(self.journal.get("release", txid).ok().flatten().is_some())
+        usize::from(
+            self.journal
+                .get(Kind::Release, txid)
+                .ok()
+                .flatten()
+                .is_some(),
+        )
     }
 
     /// The entitlements recorded for a box.
     pub fn entitlements(&self, box_id: &str) -> Vec<String> {
         self.journal
-            .all("entitlement")
+            .all(Kind::Entitlement)
             .unwrap_or_default()
             .into_iter()
             .filter(|(k, _)| k.starts_with(&format!("{box_id}/")))
@@ -194,8 +198,8 @@ impl MerchantServer {
             confirmation: None,
         };
         if let Err(e) = self.journal.atomically(|b| {
-            b.put("offer", &txid, &journal::encode(&rec))?;
-            b.put(OPEN, &txid, &created.to_be_bytes())?;
+            b.put(Kind::Offer, &txid, &journal::encode(&rec))?;
+            b.put(Kind::Open, &txid, &created.to_be_bytes())?;
             b.step(
                 &txid,
                 "offer made",
@@ -213,7 +217,8 @@ impl MerchantServer {
         let txid = &rec.offer.transaction_id;
         let derived = MessageKeys::derived(&shop.key, &shop.def.id, txid);
         if rec.offer.embodiment == Embodiment::Merchant {
-            // FIG. 7: compare the card signature with the expected one sealed for us.
+            // FIG. 7 (001 [0063], routine 366): compare the card signature with the expected
+            // one sealed for us — the security card's own comparison.
             let resp = c
                 .debit_response
                 .as_ref()
@@ -223,7 +228,7 @@ impl MerchantServer {
             let expected: Mac = raw
                 .try_into()
                 .map_err(|_| "expected signature is not 8 bytes")?;
-            if !crypto::mac_eq(&expected, &resp.card_signature) {
+            if !SecurityCard::signatures_match(&expected, resp) {
                 return Err("card signature differs from the expected one".into());
             }
             if resp.amount != rec.offer.amount.minor || resp.currency != rec.offer.amount.currency {
@@ -322,10 +327,10 @@ impl MerchantServer {
         rec.receipt = Some(receipt.clone());
         rec.confirmation = Some(raw);
         if let Err(e) = self.journal.atomically(|b| {
-            b.put("offer", &txid, &journal::encode(&rec))?;
-            b.delete(OPEN, &txid)?;
-            b.put("release", &txid, entitlement.as_bytes())?;
-            b.put("entitlement", &entitlement, txid.as_bytes())?;
+            b.put(Kind::Offer, &txid, &journal::encode(&rec))?;
+            b.delete(Kind::Open, &txid)?;
+            b.put(Kind::Release, &txid, entitlement.as_bytes())?;
+            b.put(Kind::Entitlement, &entitlement, txid.as_bytes())?;
             b.step(&txid, "goods released", &entitlement)
         }) {
             return refuse(ErrorCode::Internal, format!("journal: {e}"), Some(&txid));
@@ -352,8 +357,8 @@ impl MerchantServer {
             OfferState::Offered | OfferState::Expired => {
                 rec.state = OfferState::Reversed;
                 match self.journal.atomically(|b| {
-                    b.put("offer", &txid, &journal::encode(&rec))?;
-                    b.delete(OPEN, &txid)?;
+                    b.put(Kind::Offer, &txid, &journal::encode(&rec))?;
+                    b.delete(Kind::Open, &txid)?;
                     b.step(&txid, "reversed by the payment server", &n.reason)
                 }) {
                     Ok(()) => {
@@ -370,7 +375,7 @@ impl MerchantServer {
     pub fn sweep(&self) -> usize {
         let now = crate::bank::now_secs();
         let mut n = 0;
-        for (txid, created) in self.journal.all(OPEN).unwrap_or_default() {
+        for (txid, created) in self.journal.all(Kind::Open).unwrap_or_default() {
             let created = <[u8; 8]>::try_from(created.as_slice()).map_or(0, u64::from_be_bytes);
             if now < created + self.offer_lifetime_secs {
                 continue;
@@ -378,10 +383,10 @@ impl MerchantServer {
             let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
             let rec = self.offer_record(&txid);
             let saved = self.journal.atomically(|b| {
-                b.delete(OPEN, &txid)?;
+                b.delete(Kind::Open, &txid)?;
                 if let Some(mut r) = rec.clone().filter(|r| r.state == OfferState::Offered) {
                     r.state = OfferState::Expired;
-                    b.put("offer", &txid, &journal::encode(&r))?;
+                    b.put(Kind::Offer, &txid, &journal::encode(&r))?;
                     b.step(
                         &txid,
                         "offer expired",

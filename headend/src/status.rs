@@ -12,7 +12,7 @@ use std::path::Path;
 
 use proto::security_card::SecurityCard;
 
-use crate::journal::{self, Journal};
+use crate::journal::{self, Journal, Kind};
 
 /// A text report on every journal (`*.sqlite`) in `state_dir`.
 pub fn report(state_dir: &Path) -> Result<String, String> {
@@ -31,10 +31,7 @@ pub fn report(state_dir: &Path) -> Result<String, String> {
             .unwrap_or_default();
         let j = Journal::open(&path).map_err(|e| e.to_string())?;
         let steps = j.count_steps().map_err(|e| e.to_string())?;
-        let mut kinds = BTreeMap::new();
-        for kind in j.kinds().map_err(|e| e.to_string())? {
-            kinds.insert(kind.clone(), j.all(&kind).map_err(|e| e.to_string())?.len());
-        }
+        let kinds = j.kind_counts().map_err(|e| e.to_string())?;
         let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{k}={n}")).collect();
         let _ = writeln!(
             out,
@@ -42,7 +39,7 @@ pub fn report(state_dir: &Path) -> Result<String, String> {
             kinds.join(", ")
         );
         waiting(&j, &mut out)?;
-        if let Ok(cards) = j.all("psam") {
+        if let Ok(cards) = j.all(Kind::Psam) {
             let mut totals: BTreeMap<String, (u64, u64)> = BTreeMap::new();
             for (_, b) in cards {
                 let card: SecurityCard = journal::decode(&b)?;
@@ -65,8 +62,8 @@ pub fn report(state_dir: &Path) -> Result<String, String> {
 
 /// What waits in one journal: counts, and the operator's queue by transaction.
 fn waiting(j: &Journal, out: &mut String) -> Result<(), String> {
-    let count = |kind: &str| j.all(kind).map(|v| v.len()).unwrap_or(0);
-    let (notify, release) = (count("notify"), count("release"));
+    let count = |kind: Kind| j.all(kind).map(|v| v.len()).unwrap_or(0);
+    let (notify, release) = (count(Kind::Notify), count(Kind::Release));
     if notify + release > 0 {
         let _ = writeln!(
             out,
@@ -78,8 +75,8 @@ fn waiting(j: &Journal, out: &mut String) -> Result<(), String> {
         let open: Vec<String> = open.iter().map(|(k, n)| format!("{n} {k}")).collect();
         let _ = writeln!(out, "  open: {}", open.join(", "));
     }
-    for (txid, b) in j.all("gwload").unwrap_or_default() {
-        let t: crate::gateway_load::GwLoad = journal::decode(&b)?;
+    for (txid, b) in j.all(Kind::GwLoad).unwrap_or_default() {
+        let t: crate::gateway::load::GwLoad = journal::decode(&b)?;
         if t.awaiting_operator && t.is_open() {
             let amount = t
                 .hold
@@ -93,7 +90,7 @@ fn waiting(j: &Journal, out: &mut String) -> Result<(), String> {
         }
     }
     let open_txns = j
-        .all("txn")
+        .all(Kind::Txn)
         .unwrap_or_default()
         .into_iter()
         .filter_map(|(_, b)| journal::decode::<crate::payment::PayTxn>(&b).ok())
@@ -105,12 +102,12 @@ fn waiting(j: &Journal, out: &mut String) -> Result<(), String> {
             "  open: {open_txns} transactions awaiting their debit response or deadline"
         );
     }
-    let held: Vec<crate::bank::Hold> = j
-        .all("hold")
+    let held: Vec<crate::funds::Hold> = j
+        .all(Kind::Hold)
         .unwrap_or_default()
         .into_iter()
-        .filter_map(|(_, b)| journal::decode::<crate::bank::Hold>(&b).ok())
-        .filter(|h| h.state == crate::bank::HoldState::Held)
+        .filter_map(|(_, b)| journal::decode::<crate::funds::Hold>(&b).ok())
+        .filter(|h| h.state == crate::funds::HoldState::Held)
         .collect();
     if !held.is_empty() {
         let sum: u64 = held.iter().map(|h| h.amount.minor).sum();

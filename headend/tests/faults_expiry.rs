@@ -17,7 +17,7 @@ mod split_support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use headend::bank::HoldState;
+use headend::funds::HoldState;
 use headend::gateway::GwState;
 use headend::merchant::OfferState;
 use headend::payment::PayState;
@@ -292,7 +292,10 @@ async fn a_load_confirmation_the_gateway_died_waiting_for_is_settled_at_expiry()
     );
     let float: headend::journal::Journal = split.journal(R::Bank);
     let float = float
-        .get("float", &Currency::EUR.code.to_string())
+        .get(
+            headend::journal::Kind::Float,
+            &Currency::EUR.code.to_string(),
+        )
         .unwrap()
         .map(|b| {
             headend::journal::decode::<proto::money::Money>(&b)

@@ -158,7 +158,7 @@ async fn a_sigkilled_role_costs_seconds_not_a_minute() {
     assert_eq!(split.releases(&offer.transaction_id), 1);
     assert_eq!(split.entitlements(&offer.transaction_id), 1);
     let hold = split.hold(&load_offer.transaction_id).expect("hold");
-    assert_eq!(hold.state, headend::bank::HoldState::Captured);
+    assert_eq!(hold.state, headend::funds::HoldState::Captured);
     let pay = split
         .pay_txn(&offer.transaction_id)
         .expect("payment record");

@@ -15,7 +15,7 @@ mod split_support;
 
 use std::time::{Duration, Instant};
 
-use headend::bank::HoldState;
+use headend::funds::HoldState;
 use proto::messages::*;
 use proto::money::{Currency, Money};
 use split_support::load_support::{ACCOUNT, LoadBox, bank_source};
@@ -78,7 +78,7 @@ async fn a_load_hold_is_never_reused_for_another_amount() {
     );
     let shared = split.key("confirmation.key");
     let eur = |minor| Money::new(minor, Currency::EUR);
-    let genuine_1 = headend::bank::hold_placed(&shared, &txid, eur(100), card_id);
+    let genuine_1 = headend::funds::hold_placed(&shared, &txid, eur(100), card_id);
     let holds = [
         (
             "forged (no funder's MAC)",

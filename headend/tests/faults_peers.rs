@@ -41,7 +41,7 @@ async fn the_gateway_talks_only_to_the_role_its_endpoint_names() {
     let cursor = |split: &Split| {
         split
             .journal(R::Gateway)
-            .get("cursor", "payment")
+            .get(headend::journal::Kind::Cursor, "payment")
             .unwrap()
             .map(|b| u64::from_be_bytes(b.as_slice().try_into().unwrap()))
     };

@@ -84,7 +84,7 @@ fn received_by_payment(split: &Split, txid: &str, resp: &DebitResponse) -> usize
 fn gateway_releases(split: &Split, txid: &str) -> usize {
     split
         .journal(R::Gateway)
-        .all("release")
+        .all(headend::journal::Kind::Release)
         .unwrap()
         .iter()
         .filter(|(k, _)| k.starts_with(&format!("{txid}/")))
@@ -295,7 +295,7 @@ async fn fig6_fig7_bad_then_genuine_debit_response() {
     );
     // Every notification delivered (bounded wait: delivery is in the background).
     let delivered = eventually(Duration::from_secs(30), || {
-        split.count(R::Gateway, "notify") == 0
+        split.count(R::Gateway, headend::journal::Kind::Notify) == 0
             && rounds.iter().all(|(_, o, _, _)| {
                 split
                     .pay_txn(&o.transaction_id)
@@ -351,7 +351,7 @@ async fn fig6_fig7_bad_then_genuine_debit_response() {
         "{} of {} rounds wrong; notifications pending {}",
         wrong.len(),
         rounds.len(),
-        split.count(R::Gateway, "notify")
+        split.count(R::Gateway, headend::journal::Kind::Notify)
     );
     assert!(
         wrong.is_empty() && delivered,

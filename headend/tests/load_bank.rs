@@ -8,7 +8,7 @@ mod load_support;
 
 use std::process::Command;
 
-use headend::bank::HoldState;
+use headend::funds::HoldState;
 use headend::load::LoadState;
 use load_support::*;
 use proto::apdu::StatusWord;

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use headend::assembly::Roles;
-use headend::bank::HoldState;
+use headend::funds::HoldState;
 use load_support::*;
 use proto::messages::*;
 

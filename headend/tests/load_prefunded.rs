@@ -4,7 +4,7 @@
 
 mod load_support;
 
-use headend::bank::HoldState;
+use headend::funds::HoldState;
 use load_support::*;
 use proto::messages::*;
 use proto::money::Money;

@@ -435,7 +435,7 @@ async fn collection_batches_settled_transactions_once() {
     assert!(
         eventually(|| p
             .journal()
-            .all("txn")
+            .all(headend::journal::Kind::Txn)
             .unwrap()
             .iter()
             .all(|(k, _)| p.txn(k).unwrap().state == PayState::Completed))
@@ -636,11 +636,11 @@ async fn the_gateway_refuses_a_merchants_offer_that_disagrees_with_its_configura
     // The honest offer's transaction id is already in use at this gateway.
     journal
         .put(
-            "gw",
+            headend::journal::Kind::Gw,
             &honest.transaction_id,
             &gw_real
                 .journal()
-                .get("gw", &honest.transaction_id)
+                .get(headend::journal::Kind::Gw, &honest.transaction_id)
                 .unwrap()
                 .unwrap(),
         )
@@ -716,5 +716,84 @@ async fn the_gateway_refuses_a_merchants_offer_that_disagrees_with_its_configura
         )
         .await;
     assert!(matches!(answer, Message::Offer(_)), "{answer:?}");
+    he.running.stop().await;
+}
+
+/// Journal before acting: a step the gateway cannot journal is not acted on. The gateway's
+/// journal (a second connection to its file) is made to refuse one step by an SQLite
+/// trigger; the draw request, then the cancel, must not reach the payment server while
+/// their step cannot be written, and go through once it can. Before this was checked, the
+/// step "cancel relayed" was written with its error ignored and the cancel relayed anyway.
+#[tokio::test]
+async fn a_step_the_gateway_cannot_journal_is_not_relayed() {
+    use headend::gateway::{GwState, Step};
+
+    let he = start(options("security-card", false)).await;
+    let mut b = TestBox::new(&he, "box-000007", 5_000).await;
+    let gw = he.running.gateway.as_ref().unwrap();
+    let payment = he.running.payment.as_ref().unwrap();
+    let db = rusqlite::Connection::open(he.cfg.state_dir.join("gateway.sqlite")).unwrap();
+    db.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+    let refuse_step = |step: Step| {
+        db.execute_batch(&format!(
+            "CREATE TRIGGER refuse_step BEFORE INSERT ON steps WHEN NEW.step = '{}' \
+             BEGIN SELECT RAISE(ABORT, 'the test refuses this step'); END;",
+            step.text().replace('\'', "''")
+        ))
+        .unwrap();
+    };
+    let allow_steps = || db.execute_batch("DROP TRIGGER refuse_step").unwrap();
+    let internal = |m: &Message| matches!(m, Message::Error(e) if e.code == ErrorCode::Internal);
+
+    // The draw request: not journaled, not relayed; the offer stays open for a cancel.
+    let offer = b.offer("CABLE", "ppv-1001").await;
+    let txid = offer.transaction_id.clone();
+    let draw = b.draw_request(&offer);
+    refuse_step(Step::DrawRequestRelayed);
+    let r = b.call(&Message::DrawRequest(draw.clone())).await;
+    assert!(internal(&r), "{r:?}");
+    assert!(
+        payment.txn(&txid).is_none(),
+        "the payment server saw the draw request"
+    );
+    let t = gw.txn(&txid).unwrap();
+    assert_eq!((t.state, t.draw.is_some()), (GwState::Offered, false));
+    allow_steps();
+    let r = b.call(&Message::DrawRequest(draw)).await;
+    assert!(matches!(r, Message::DebitCommand(_)), "{r:?}");
+    assert_eq!(gw.txn(&txid).unwrap().state, GwState::Drawn);
+    assert_eq!(payment.txn(&txid).unwrap().state, PayState::DebitIssued);
+
+    // The cancel after the draw: the decision (ask the payment server) comes from the
+    // record; its step cannot be journaled, so the cancel does not go out.
+    let cancel = Message::Cancel(CancelMsg {
+        transaction_id: txid.clone(),
+        reason: CancelReason::NotDebited,
+        proof: Some(b.proof()),
+    });
+    refuse_step(Step::CancelRelayed);
+    let r = b.call(&cancel).await;
+    assert!(internal(&r), "{r:?}");
+    assert_eq!(
+        payment.txn(&txid).unwrap().state,
+        PayState::DebitIssued,
+        "the payment server saw the cancel"
+    );
+    allow_steps();
+    let r = b.call(&cancel).await;
+    assert!(matches!(r, Message::Receipt(ref r) if !r.released), "{r:?}");
+    assert_eq!(payment.txn(&txid).unwrap().state, PayState::Reversed);
+    // (The reversal feed may have added its steps after these.)
+    let steps = gw.journal().steps(&txid).unwrap();
+    assert!(
+        steps.starts_with(&[
+            "offer relayed".to_string(),
+            "draw request relayed".into(),
+            "debit command relayed".into(),
+            "cancel relayed".into(),
+        ]),
+        "{steps:?}"
+    );
+    assert_nothing_moved(&he, &mut b, 5_000, Some(&txid)).await;
     he.running.stop().await;
 }

@@ -91,11 +91,11 @@ async fn connect_when_up(
 fn payment_state(cfg: &HeadendConfig, txid: &str) -> (Option<PayTxn>, u64) {
     let j = Journal::open(&cfg.state_dir.join("payment.sqlite")).unwrap();
     let txn = j
-        .get("txn", txid)
+        .get(headend::journal::Kind::Txn, txid)
         .unwrap()
         .map(|b| journal::decode::<PayTxn>(&b).unwrap());
     let totals = j
-        .all("psam")
+        .all(headend::journal::Kind::Psam)
         .unwrap()
         .iter()
         .map(|(_, b)| {
@@ -110,7 +110,11 @@ fn payment_state(cfg: &HeadendConfig, txid: &str) -> (Option<PayTxn>, u64) {
 
 fn releases(cfg: &HeadendConfig, txid: &str) -> usize {
     let j = Journal::open(&cfg.state_dir.join("merchant.sqlite")).unwrap();
-    usize::from(j.get("release", txid).unwrap().is_some())
+    usize::from(
+        j.get(headend::journal::Kind::Release, txid)
+            .unwrap()
+            .is_some(),
+    )
 }
 
 fn setup(timeout_secs: u64) -> (tempfile::TempDir, HeadendConfig, SocketAddr) {

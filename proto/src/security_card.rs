@@ -281,7 +281,7 @@ impl SecurityCard {
         {
             return Err(PsamError::ResponseMismatch);
         }
-        if !crypto::mac_eq(&txn.expected, &resp.card_signature) {
+        if !Self::signatures_match(&txn.expected, resp) {
             return Err(PsamError::BadCardSignature);
         }
         let (state, amount) = (txn.state, txn.draw.amount);
@@ -295,8 +295,11 @@ impl SecurityCard {
         Ok(self.record(psam_txn).expect("present"))
     }
 
-    /// FIG. 5–7: the comparison happened elsewhere; this checks a signature against the
-    /// expected one, for whoever holds it.
+    /// The comparison of a card's signature in its debit response with the expected card
+    /// signature (001 [0085] FIG. 4, [0097] FIG. 5, [0101] FIG. 6, [0105] FIG. 7):
+    /// the security card's own check, and the one whoever holds the expected signature runs
+    /// in its place (the head end's `gateway::embodiment::card_signature_matches`, the
+    /// merchant's FIG. 7 routine). Constant time in the signatures.
     pub fn signatures_match(expected: &Mac, resp: &DebitResponse) -> bool {
         crypto::mac_eq(expected, &resp.card_signature)
     }

@@ -33,9 +33,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use headend::bank::{Account, Hold, HoldState};
+use headend::funds::{Account, Hold, HoldState};
+use headend::gateway::load::GwLoad;
 use headend::gateway::{GwState, GwTxn};
-use headend::gateway_load::GwLoad;
 use headend::load::{LoadRec, LoadState};
 use headend::merchant::{OfferRecord, OfferState};
 use headend::payment::{PayState, PayTxn};

@@ -69,8 +69,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use headend::assembly::{self, DemoOptions};
-use headend::bank::{BankServer, HoldState};
+use headend::bank::BankServer;
 use headend::config::HeadendConfig;
+use headend::funds::HoldState;
 use headend::gateway::{Gateway, Lifetimes};
 use headend::load::LoadServer;
 use headend::merchant::MerchantServer;
@@ -361,12 +362,12 @@ impl HeadEnd {
         link(payment_name, BackEnd::Payment, payment.clone());
         link(merchant_name, BackEnd::Merchant, merchant.clone());
         link(
-            headend::gateway_load::BANK.into(),
+            headend::gateway::load::BANK.into(),
             BackEnd::Bank,
             bank.clone(),
         );
         link(
-            headend::gateway_load::LOAD.into(),
+            headend::gateway::load::LOAD.into(),
             BackEnd::Load,
             load.clone(),
         );

@@ -283,7 +283,7 @@ fn txid_of_journal(p: &Pair) -> String {
     p.head_end
         .gateway
         .journal()
-        .all("gw")
+        .all(headend::journal::Kind::Gw)
         .unwrap()
         .into_iter()
         .map(|(k, _)| k)
@@ -555,7 +555,15 @@ fn a_duplicated_offer_request_makes_a_second_offer_the_box_ignores() {
         .count();
     assert_eq!(offers, 2, "two offers made, one bought");
     assert!(
-        matches!(p.head_end.gateway.journal().all("gw").unwrap().len(), 2),
+        matches!(
+            p.head_end
+                .gateway
+                .journal()
+                .all(headend::journal::Kind::Gw)
+                .unwrap()
+                .len(),
+            2
+        ),
         "the second offer stays open at the gateway"
     );
     p.assert_conserved();

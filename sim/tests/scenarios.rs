@@ -31,9 +31,9 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use headend::bank::{Hold, HoldState};
+use headend::funds::{Hold, HoldState};
 use headend::gateway::GwTxn;
-use headend::gateway_load::GwLoad;
+use headend::gateway::load::GwLoad;
 use headend::load::{LoadRec, LoadState};
 use headend::payment::{PayState, PayTxn};
 use proto::money::Currency;

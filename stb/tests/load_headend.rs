@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use headend::assembly::{self, DemoOptions, Roles, Running};
-use headend::bank::HoldState;
 use headend::config::HeadendConfig;
+use headend::funds::HoldState;
 use headend::pki::OperatorCa;
 use headend::quic::BoxId;
 use proto::card::CardSpec;

@@ -411,7 +411,7 @@ async fn a_load_request_straight_to_the_load_server_loads_nothing() {
         .expect("the honest voucher load");
     let genuine: HoldPlaced = {
         let rows = ledger::state(&he.journal("gateway"), "gwload");
-        let rec: headend::gateway_load::GwLoad = headend::journal::decode(
+        let rec: headend::gateway::load::GwLoad = headend::journal::decode(
             &rows
                 .iter()
                 .find(|(k, _)| *k == conf.transaction_id)

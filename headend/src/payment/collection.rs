@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::{PayState, PayTxn, PaymentServer};
-use crate::journal;
+use crate::journal::{self, Kind};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MerchantTotal {
@@ -46,12 +46,12 @@ impl PaymentServer {
     pub fn close_batch(&self, dir: &Path) -> Result<Option<(CollectionFile, PathBuf)>, String> {
         let batch = self
             .journal
-            .get("meta", "next-batch")
+            .get(Kind::Meta, "next-batch")
             .map_err(|e| e.to_string())?
             .map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
             .unwrap_or(1);
         let mut due: Vec<PayTxn> = Vec::new();
-        for (_, bytes) in self.journal.all("txn").map_err(|e| e.to_string())? {
+        for (_, bytes) in self.journal.all(Kind::Txn).map_err(|e| e.to_string())? {
             let t: PayTxn = journal::decode(&bytes)?;
             if t.state == PayState::Completed && t.batch.is_none() {
                 due.push(t);
@@ -110,11 +110,11 @@ impl PaymentServer {
             .atomically(|b| {
                 for mut t in due.clone() {
                     t.batch = Some(batch);
-                    b.put("txn", &t.transaction_id, &journal::encode(&t))?;
+                    b.put(Kind::Txn, &t.transaction_id, &journal::encode(&t))?;
                     b.step(&t.transaction_id, "collected", &format!("batch {batch}"))?;
                 }
-                b.put("batch", &format!("{batch:06}"), b"open")?;
-                b.put("meta", "next-batch", &(batch + 1).to_be_bytes())
+                b.put(Kind::Batch, &format!("{batch:06}"), b"open")?;
+                b.put(Kind::Meta, "next-batch", &(batch + 1).to_be_bytes())
             })
             .map_err(|e| e.to_string())?;
         tracing::info!(batch, transactions = due.len(), path = %path.display(), "collection batch closed");
@@ -124,17 +124,24 @@ impl PaymentServer {
     /// Records the acquirer's acknowledgement of a batch.
     pub fn ack_batch(&self, batch: u64) -> Result<(), String> {
         let key = format!("{batch:06}");
-        match self.journal.get("batch", &key).map_err(|e| e.to_string())? {
+        match self
+            .journal
+            .get(Kind::Batch, &key)
+            .map_err(|e| e.to_string())?
+        {
             None => Err(format!("no batch {batch}")),
             Some(_) => self
                 .journal
-                .put("batch", &key, b"acknowledged")
+                .put(Kind::Batch, &key, b"acknowledged")
                 .map_err(|e| e.to_string()),
         }
     }
 
     pub fn batch_state(&self, batch: u64) -> Option<String> {
-        let v = self.journal.get("batch", &format!("{batch:06}")).ok()??;
+        let v = self
+            .journal
+            .get(Kind::Batch, &format!("{batch:06}"))
+            .ok()??;
         String::from_utf8(v).ok()
     }
 }

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
 use crate::config::{HeadendConfig, MerchantDef};
-use crate::journal::{self, Journal};
+use crate::journal::{self, Journal, Kind};
 use crate::quic::BoxFuture;
 use crate::role::{Caller, Role};
 use crate::role::{journal_failed, open_body, refuse, repeat};
@@ -186,7 +186,7 @@ impl PaymentServer {
         let mut psams = Vec::new();
         for slot in 0..cards as usize {
             let psam = match journal
-                .get("psam", &slot_key(slot))
+                .get(Kind::Psam, &slot_key(slot))
                 .map_err(|e| e.to_string())?
             {
                 Some(b) => journal::decode::<SecurityCard>(&b)?.with_key(master.clone()),
@@ -196,7 +196,7 @@ impl PaymentServer {
         }
         let mut open = BTreeMap::new();
         let deadline = Instant::now() + timeout;
-        for (txid, bytes) in journal.all("txn").map_err(|e| e.to_string())? {
+        for (txid, bytes) in journal.all(Kind::Txn).map_err(|e| e.to_string())? {
             let t: PayTxn = journal::decode(&bytes)?;
             if t.state == PayState::DebitIssued {
                 tracing::info!(
@@ -207,7 +207,7 @@ impl PaymentServer {
             }
         }
         let reversal_seq = journal
-            .last_key("reversal")
+            .last_key(Kind::Reversal)
             .map_err(|e| e.to_string())?
             .map(|k| {
                 k.parse::<u64>()
@@ -241,7 +241,7 @@ impl PaymentServer {
 
     /// The transaction record, if any.
     pub fn txn(&self, txid: &str) -> Option<PayTxn> {
-        let b = self.journal.get("txn", txid).ok()??;
+        let b = self.journal.get(Kind::Txn, txid).ok()??;
         journal::decode(&b).ok()
     }
 
@@ -289,7 +289,7 @@ impl PaymentServer {
             Some(c) => Some(c.clone()),
             None => self
                 .journal
-                .get("card_init", &init.card_id.to_string())
+                .get(Kind::CardInit, &init.card_id.to_string())
                 .ok()
                 .flatten()
                 .and_then(|b| journal::decode::<CardInit>(&b).ok()),
@@ -382,7 +382,7 @@ impl PaymentServer {
         if let Err(e) = self.journal.atomically(|b| {
             if let Some(c) = &claim {
                 b.put(
-                    "card_init",
+                    Kind::CardInit,
                     &body.init.card_id.to_string(),
                     &journal::encode(c),
                 )?;
@@ -469,8 +469,8 @@ impl PaymentServer {
             batch: None,
         };
         let saved = self.journal.atomically(|b| {
-            b.put("psam", &slot_key(lease.slot), &card.snapshot())?;
-            b.put("txn", &txid, &journal::encode(&record))?;
+            b.put(Kind::Psam, &slot_key(lease.slot), &card.snapshot())?;
+            b.put(Kind::Txn, &txid, &journal::encode(&record))?;
             b.step(
                 &txid,
                 "debit command issued",
@@ -566,8 +566,8 @@ impl PaymentServer {
                 // Settled: our record answers any repeat, so the card need not keep it.
                 card.forget(rec.psam_txn);
                 let saved = self.journal.atomically(|b| {
-                    b.put("psam", &slot_key(rec.slot), &card.snapshot())?;
-                    b.put("txn", &txid, &journal::encode(&rec))?;
+                    b.put(Kind::Psam, &slot_key(rec.slot), &card.snapshot())?;
+                    b.put(Kind::Txn, &txid, &journal::encode(&rec))?;
                     b.step(&txid, "confirmed", "card signature verified")
                 });
                 if let Err(e) = saved {
@@ -634,9 +634,13 @@ impl PaymentServer {
             reason: why.into(),
         };
         let saved = self.journal.atomically(|b| {
-            b.put("psam", &slot_key(rec.slot), &card.snapshot())?;
-            b.put("txn", txid, &journal::encode(&rec))?;
-            b.put("reversal", &reversal_key(seq), &journal::encode(&notice))?;
+            b.put(Kind::Psam, &slot_key(rec.slot), &card.snapshot())?;
+            b.put(Kind::Txn, txid, &journal::encode(&rec))?;
+            b.put(
+                Kind::Reversal,
+                &reversal_key(seq),
+                &journal::encode(&notice),
+            )?;
             b.step(txid, "reversed", why)
         });
         if saved.is_err() {
@@ -746,7 +750,7 @@ impl PaymentServer {
     fn reversals_since(&self, after: u64) -> Message {
         let notices = self
             .journal
-            .range_after("reversal", &reversal_key(after), REVERSAL_PAGE)
+            .range_after(Kind::Reversal, &reversal_key(after), REVERSAL_PAGE)
             .map(|rows| {
                 rows.into_iter()
                     .filter_map(|(_, b)| journal::decode::<ReversalNotice>(&b).ok())

@@ -9,8 +9,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use headend::assembly::{self, DemoOptions, Roles, Running};
-use headend::bank::{HoldState, box_pin_key, pin_verification_value};
+use headend::bank::{box_pin_key, pin_verification_value};
 use headend::config::{HeadendConfig, hex_key, read_key_file};
+use headend::funds::HoldState;
 use headend::pki::OperatorCa;
 use headend::quic::{BoxId, ClientTls, QuicClient, TransportSettings, load_certs};
 use headend::role::to_payload;

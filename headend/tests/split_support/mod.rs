@@ -26,11 +26,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use headend::assembly::{self, DemoOptions, SplitAddrs};
-use headend::bank::{Account, Hold};
 use headend::config::{HeadendConfig, read_key_file};
+use headend::funds::{Account, Hold};
 use headend::gateway::GwTxn;
-use headend::gateway_load::GwLoad;
-use headend::journal::{self, Journal};
+use headend::gateway::load::GwLoad;
+use headend::journal::{self, Journal, Kind};
 use headend::load::LoadRec;
 use headend::merchant::OfferRecord;
 use headend::payment::PayTxn;
@@ -426,7 +426,7 @@ impl Split {
         Journal::open(&self.state_dir(r).join(format!("{}.sqlite", r.name()))).unwrap()
     }
 
-    fn record<T: serde::de::DeserializeOwned>(&self, r: R, kind: &str, key: &str) -> Option<T> {
+    fn record<T: serde::de::DeserializeOwned>(&self, r: R, kind: Kind, key: &str) -> Option<T> {
         self.journal(r)
             .get(kind, key)
             .unwrap()
@@ -447,26 +447,26 @@ impl Split {
             .unwrap()
     }
 
-    pub fn count(&self, r: R, kind: &str) -> usize {
+    pub fn count(&self, r: R, kind: Kind) -> usize {
         self.journal(r).all(kind).unwrap().len()
     }
 
     pub fn gw_txn(&self, txid: &str) -> Option<GwTxn> {
-        self.record(R::Gateway, "gw", txid)
+        self.record(R::Gateway, Kind::Gw, txid)
     }
 
     pub fn gw_load(&self, txid: &str) -> Option<GwLoad> {
-        self.record(R::Gateway, "gwload", txid)
+        self.record(R::Gateway, Kind::GwLoad, txid)
     }
 
     pub fn pay_txn(&self, txid: &str) -> Option<PayTxn> {
-        self.record(R::Payment, "txn", txid)
+        self.record(R::Payment, Kind::Txn, txid)
     }
 
     /// The security cards' totals (count, minor units) for `currency`, summed over the pool.
     pub fn psam_totals(&self, currency: Currency) -> (u64, u64) {
         self.journal(R::Payment)
-            .all("psam")
+            .all(Kind::Psam)
             .unwrap()
             .iter()
             .map(|(_, b)| journal::decode::<SecurityCard>(b).unwrap().total(currency))
@@ -474,14 +474,14 @@ impl Split {
     }
 
     pub fn offer(&self, txid: &str) -> Option<OfferRecord> {
-        self.record(R::Merchant, "offer", txid)
+        self.record(R::Merchant, Kind::Offer, txid)
     }
 
     /// Goods released by the merchant for `txid` (its `release` record: 0 or 1).
     pub fn releases(&self, txid: &str) -> usize {
         usize::from(
             self.journal(R::Merchant)
-                .get("release", txid)
+                .get(Kind::Release, txid)
                 .unwrap()
                 .is_some(),
         )
@@ -490,7 +490,7 @@ impl Split {
     /// Entitlements recorded for `txid` (the merchant keys them `box/item/txid`).
     pub fn entitlements(&self, txid: &str) -> usize {
         self.journal(R::Merchant)
-            .all("entitlement")
+            .all(Kind::Entitlement)
             .unwrap()
             .iter()
             .filter(|(k, _)| k.ends_with(&format!("/{txid}")))
@@ -498,15 +498,15 @@ impl Split {
     }
 
     pub fn hold(&self, txid: &str) -> Option<Hold> {
-        self.record(R::Bank, "hold", txid)
+        self.record(R::Bank, Kind::Hold, txid)
     }
 
     pub fn account(&self, id: &str) -> Account {
-        self.record(R::Bank, "account", id).expect("account")
+        self.record(R::Bank, Kind::Account, id).expect("account")
     }
 
     pub fn load_rec(&self, txid: &str) -> Option<LoadRec> {
-        self.record(R::Load, "load", txid)
+        self.record(R::Load, Kind::Load, txid)
     }
 
     // ---- boxes ----

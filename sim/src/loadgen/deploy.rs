@@ -403,7 +403,7 @@ impl Deployment {
         let mut merchant_releases = 0;
         let released = merchant
             .journal()
-            .all("release")
+            .all(headend::journal::Kind::Release)
             .map_err(|e| e.to_string())?;
         for (txid, _) in &released {
             let rec = merchant

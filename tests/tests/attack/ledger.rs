@@ -76,7 +76,7 @@ fn accounts(journal: &Path) -> BTreeMap<String, (u64, u64)> {
     state(journal, "account")
         .into_iter()
         .map(|(k, v)| {
-            let a: headend::bank::Account = decode(&v);
+            let a: headend::funds::Account = decode(&v);
             (k, (a.balance, a.held))
         })
         .collect()
@@ -86,7 +86,7 @@ fn holds(journal: &Path) -> BTreeMap<String, String> {
     state(journal, "hold")
         .into_iter()
         .map(|(k, v)| {
-            let h: headend::bank::Hold = decode(&v);
+            let h: headend::funds::Hold = decode(&v);
             (k, format!("{:?} {}", h.state, h.amount))
         })
         .collect()

@@ -31,7 +31,7 @@ use proto::messages::*;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use crate::gateway::{Gateway, OPEN, definite, now_secs};
+use crate::gateway::{Gateway, Step, definite, now_secs};
 use crate::journal;
 use crate::role::{Caller, Role};
 use crate::role::{refuse, repeat};
@@ -95,14 +95,14 @@ impl Gateway {
     }
 
     pub fn load_txn(&self, txid: &str) -> Option<GwLoad> {
-        journal::decode(&self.journal().get("gwload", txid).ok()??).ok()
+        journal::decode(&self.journal().get(journal::Kind::GwLoad, txid).ok()??).ok()
     }
 
     /// Every load the gateway holds open past its hold lifetime with a load command issued:
     /// the operator's queue.
     pub fn loads_awaiting_operator(&self) -> Vec<(String, GwLoad)> {
         self.journal()
-            .all("gwload")
+            .all(journal::Kind::GwLoad)
             .unwrap_or_default()
             .into_iter()
             .filter_map(|(k, b)| Some((k, journal::decode::<GwLoad>(&b).ok()?)))
@@ -110,16 +110,24 @@ impl Gateway {
             .collect()
     }
 
-    fn save_load(&self, txid: &str, t: &GwLoad, step: &str) -> Result<(), Message> {
+    /// Journals the load's record (and its place in the sweep index) with `step`.
+    ///
+    /// # Errors
+    /// The journal cannot be written: the `Internal` refusal to answer with.
+    fn save_load(&self, txid: &str, t: &GwLoad, step: Step) -> Result<(), Message> {
         self.journal()
             .atomically(|b| {
-                b.put("gwload", txid, &journal::encode(t))?;
+                b.put(journal::Kind::GwLoad, txid, &journal::encode(t))?;
                 if t.is_open() {
-                    b.put(OPEN, &format!("l/{txid}"), &t.created.to_be_bytes())?;
+                    b.put(
+                        journal::Kind::Open,
+                        &format!("l/{txid}"),
+                        &t.created.to_be_bytes(),
+                    )?;
                 } else {
-                    b.delete(OPEN, &format!("l/{txid}"))?;
+                    b.delete(journal::Kind::Open, &format!("l/{txid}"))?;
                 }
-                b.step(txid, step, "")
+                b.step(txid, &step.text(), "")
             })
             .map_err(|e| refuse(ErrorCode::Internal, format!("journal: {e}"), Some(txid)))
     }
@@ -162,13 +170,13 @@ impl Gateway {
         if let Message::LoadOffer(o) = &answer {
             let taken = self
                 .journal()
-                .get("gwload", &o.transaction_id)
+                .get(journal::Kind::GwLoad, &o.transaction_id)
                 .ok()
                 .flatten()
                 .is_some()
                 || self
                     .journal()
-                    .get("gw", &o.transaction_id)
+                    .get(journal::Kind::Gw, &o.transaction_id)
                     .ok()
                     .flatten()
                     .is_some();
@@ -194,7 +202,7 @@ impl Gateway {
                 expired: false,
                 awaiting_operator: false,
             };
-            if let Err(e) = self.save_load(&o.transaction_id, &t, "load offer relayed") {
+            if let Err(e) = self.save_load(&o.transaction_id, &t, Step::LoadOfferRelayed) {
                 return e;
             }
             tracing::info!(txid = %o.transaction_id, box_id, max = %o.max_amount, "load offer relayed");
@@ -262,7 +270,7 @@ impl Gateway {
         if t.request.is_none() {
             t.request = Some(raw);
             t.requested_at = Some(now_secs());
-            if let Err(e) = self.save_load(&txid, &t, "load request received") {
+            if let Err(e) = self.save_load(&txid, &t, Step::LoadRequestReceived) {
                 return e;
             }
         }
@@ -286,7 +294,7 @@ impl Gateway {
                             && h.card_id == req.init.card_id =>
                     {
                         t.hold = Some(h.clone());
-                        if let Err(e) = self.save_load(&txid, &t, "hold placed") {
+                        if let Err(e) = self.save_load(&txid, &t, Step::HoldPlaced) {
                             return e;
                         }
                         h
@@ -308,10 +316,10 @@ impl Gateway {
                             t.request = None;
                             t.requested_at = None;
                             let why = match &other {
-                                Message::Error(e) => format!("hold refused: {:?}", e.code),
-                                m => format!("hold refused: {}", m.kind()),
+                                Message::Error(e) => format!("{:?}", e.code),
+                                m => m.kind().to_string(),
                             };
-                            if let Err(e) = self.save_load(&txid, &t, &why) {
+                            if let Err(e) = self.save_load(&txid, &t, Step::HoldRefused(why)) {
                                 return e;
                             }
                         }
@@ -326,7 +334,7 @@ impl Gateway {
         match answer {
             Message::LoadCommand(_) => {
                 t.command = Some(answer.clone());
-                if let Err(e) = self.save_load(&txid, &t, "load command relayed") {
+                if let Err(e) = self.save_load(&txid, &t, Step::LoadCommandRelayed) {
                     return e;
                 }
                 tracing::info!(txid, "load command relayed");
@@ -334,9 +342,9 @@ impl Gateway {
             }
             Message::LoadRefused(r) => {
                 // Never authorized: the sealed no-load releases the hold.
-                let _ = self
-                    .journal()
-                    .step(&txid, "load request refused", &r.error.reason);
+                if let Err(e) = self.step(&txid, Step::LoadRequestRefused, &r.error.reason) {
+                    return *e;
+                }
                 if let Err(e) = self
                     .settle(&mut t, &funder, r.confirmation.clone(), &txid)
                     .await
@@ -362,15 +370,15 @@ impl Gateway {
         }
         if t.confirmation.is_none() {
             t.confirmation = Some(Message::LoadConfirmation(c.clone()));
-            self.save_load(txid, t, "load confirmation received")?;
+            self.save_load(txid, t, Step::LoadConfirmationReceived)?;
         }
         match funder.handle(gw(), Message::LoadConfirmation(c)).await {
             Message::HoldSettled(s) => {
                 t.settled = Some(s.clone());
                 let step = if s.captured {
-                    "hold captured"
+                    Step::HoldCaptured
                 } else {
-                    "hold released"
+                    Step::HoldReleased
                 };
                 self.save_load(txid, t, step)?;
                 Ok(s)
@@ -383,7 +391,7 @@ impl Gateway {
                     amount: proto::money::Money::zero(t.offer.max_amount.currency),
                 };
                 t.settled = Some(s.clone());
-                self.save_load(txid, t, "nothing held")?;
+                self.save_load(txid, t, Step::NothingHeld)?;
                 Ok(s)
             }
             other => Err(other),
@@ -412,7 +420,10 @@ impl Gateway {
             (Ok(f), Ok(l)) => (f, l),
             (Err(e), _) | (_, Err(e)) => return e,
         };
-        let _ = self.journal().step(&txid, "load response relayed", "");
+        // Journaled before the load response goes out; if it cannot be, it does not go.
+        if let Err(e) = self.step(&txid, Step::LoadResponseRelayed, "") {
+            return *e;
+        }
         let c = match load.handle(gw(), Message::LoadResponse(msg)).await {
             Message::LoadConfirmation(c) => c,
             other => return other,
@@ -420,7 +431,7 @@ impl Gateway {
         if t.response.is_none() {
             t.response = Some(raw);
             t.confirmation = Some(Message::LoadConfirmation(c.clone()));
-            if let Err(e) = self.save_load(&txid, &t, "load confirmation received") {
+            if let Err(e) = self.save_load(&txid, &t, Step::LoadConfirmationReceived) {
                 return e;
             }
         }
@@ -444,13 +455,13 @@ impl Gateway {
         let Some(mut t) = self.load_txn(txid) else {
             let _ = self
                 .journal()
-                .atomically(|b| b.delete(OPEN, &format!("l/{txid}")));
+                .atomically(|b| b.delete(journal::Kind::Open, &format!("l/{txid}")));
             return false;
         };
         if !t.is_open() {
             let _ = self
                 .journal()
-                .atomically(|b| b.delete(OPEN, &format!("l/{txid}")));
+                .atomically(|b| b.delete(journal::Kind::Open, &format!("l/{txid}")));
             return false;
         }
         let Ok(funder) = self.load_role(&t.funder, Some(txid)) else {
@@ -464,7 +475,7 @@ impl Gateway {
         let Some(requested) = t.requested_at else {
             if now >= t.created + self.lifetimes.offer.as_secs() {
                 t.expired = true;
-                if self.save_load(txid, &t, "load offer expired").is_ok() {
+                if self.save_load(txid, &t, Step::LoadOfferExpired).is_ok() {
                     tracing::info!(txid, "load offer expired before its load request");
                 }
             }
@@ -487,11 +498,12 @@ impl Gateway {
             .await;
         match answer {
             Message::LoadConfirmation(c) if !c.loaded => {
-                let _ = self.journal().step(
-                    txid,
-                    "hold lifetime over: the load server never authorised the load",
-                    "",
-                );
+                if self
+                    .step(txid, Step::HoldLifetimeNeverAuthorised, "")
+                    .is_err()
+                {
+                    return true; // settled on a later sweep, once journaled
+                }
                 match self.settle(&mut t, &funder, c, txid).await {
                     Ok(_) => {
                         tracing::info!(txid, "expired hold released");
@@ -504,11 +516,7 @@ impl Gateway {
             Message::Error(e) if e.code == ErrorCode::InDoubt => {
                 if !t.awaiting_operator {
                     t.awaiting_operator = true;
-                    let _ = self.save_load(
-                        txid,
-                        &t,
-                        "hold lifetime over with a load command issued: awaiting the box's proof or an operator",
-                    );
+                    let _ = self.save_load(txid, &t, Step::HoldLifetimeAwaitingOperator);
                     tracing::warn!(
                         txid,
                         "load may be on the card: hold kept for the box's proof or an operator"
