@@ -403,7 +403,8 @@ pub struct RecoveryCounts {
     pub resolved: u64,
     /// Purchases journaled `unresolvable`.
     pub unresolvable: u64,
-    /// Answers that left a transaction in doubt (busy, lost, ...): a later round retries.
+    /// Times a transaction was left in doubt for a later round (an answer that settled
+    /// nothing, no proof from the card, a failed journal write, ...).
     pub retries: u64,
 }
 
@@ -518,7 +519,8 @@ pub struct Pair {
     past_counts: round::Counts,
     /// A round was asked for while a flow held the card: it runs when the flow ends.
     round_waits: bool,
-    counts: RecoveryCounts,
+    /// Recovery rounds run, over every life of the box.
+    rounds: u64,
     queue: VecDeque<InFlight>,
     epoch: u64,
     trace: Vec<String>,
@@ -603,7 +605,7 @@ impl Pair {
             recovery: Round::new(recovery_seed(opts.seed, 0)),
             past_counts: round::Counts::default(),
             round_waits: false,
-            counts: RecoveryCounts::default(),
+            rounds: 0,
             queue: VecDeque::new(),
             epoch: 0,
             trace: Vec::new(),
@@ -698,7 +700,7 @@ impl Pair {
         let now = self.recovery.counts();
         let past = self.past_counts;
         RecoveryCounts {
-            rounds: self.counts.rounds,
+            rounds: self.rounds,
             resolved: past.resolved + now.resolved,
             unresolvable: past.unresolvable + now.unresolvable,
             retries: past.retries + now.retries,
@@ -1225,7 +1227,7 @@ impl Pair {
             return;
         }
         self.trace.push("recovery: round".into());
-        self.counts.rounds += 1;
+        self.rounds += 1;
         self.journal.close_unsent().expect("box journal");
         let purchases = self.journal.in_doubt().map_err(|e| e.to_string());
         let loads = self.journal.loads_in_doubt().map_err(|e| e.to_string());

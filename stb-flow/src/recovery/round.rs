@@ -89,11 +89,18 @@ pub enum Action {
     /// Write this step for the transaction; the result comes back as
     /// [`Input::Journaled`]. Always the last action of its batch, and before the action it
     /// guards.
-    Journal { transaction_id: String, step: Step },
+    Journal {
+        /// The transaction the step is for.
+        transaction_id: String,
+        /// The purchase's or load's step.
+        step: Step,
+    },
     /// One request to the gateway for this transaction; its answer comes back, whenever it
     /// arrives, as [`Input::Answer`] or [`Input::NetworkFailed`].
     Send {
+        /// The transaction the message is for (its answer comes back under this id).
         transaction_id: String,
+        /// The request: a debit response, a cancel or a load response.
         message: Message,
     },
     /// The round is done with the card for now: end the reader's sequence and session.
@@ -103,23 +110,31 @@ pub enum Action {
 }
 
 /// What the shell feeds back.
+// One input at a time, handed over and consumed (as the flows' `Input::Answer(Message)`):
+// the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {
     /// The reply to the outstanding [`Action::Apdu`], or the reader's error.
     Card(Result<CardReply, String>),
     /// The result of the outstanding [`Action::Journal`] (the error in words).
     Journaled(Result<(), String>),
-    /// The gateway's answer to the [`Action::Send`] of this transaction. `card`: the id of
-    /// the card in the reader as last read, when it is free for recovery (no flow holds
-    /// it); a zero-value proof that the answer asks for runs only on that card.
+    /// The gateway's answer to the [`Action::Send`] of this transaction.
     Answer {
+        /// The transaction the answered message was for.
         transaction_id: String,
+        /// The gateway's answer.
         message: Message,
+        /// The id of the card in the reader as last read, when it is free for recovery (no
+        /// flow holds it); a zero-value proof that the answer asks for runs only on that
+        /// card, else the load waits for a later round.
         card: Option<u64>,
     },
     /// The [`Action::Send`] of this transaction got no answer; the transport's error.
     NetworkFailed {
+        /// The transaction the unanswered message was for.
         transaction_id: String,
+        /// The transport's error, in words.
         error: String,
     },
 }
@@ -315,6 +330,7 @@ impl Round {
     pub fn new(seed: u64) -> Self {
         Self {
             rng: StdRng::seed_from_u64(seed),
+            // Set by every start, before any INITIALIZE FOR PURCHASE.
             today: Date::new(2000, 1, 1),
             in_flight: BTreeMap::new(),
             todo: VecDeque::new(),
