@@ -252,12 +252,17 @@ async fn wan_run(
     seconds: f64,
 ) -> Result<(Fleet, RunReport), String> {
     let issuer = headend::config::load_issuer_keys(&deploy.files.issuer_keys)?;
+    // Fresh cards need card ids never seen by this deployment: a real card's transaction
+    // counter never starts again, and the payment server refuses an INITIALIZE that is not
+    // newer than one a draw already used (a replay).
+    static NEXT_CARD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0x20_0000);
+    let first_card = NEXT_CARD.fetch_add(ids.len() as u64, std::sync::atomic::Ordering::Relaxed);
     let fleet = Fleet::connect(
         ids,
         &issuer,
         deploy.box_addr,
         ConnectPlan::default(),
-        0x20_0000,
+        first_card,
     )
     .await?;
     if !fleet.connect_errors.0.is_empty() {
