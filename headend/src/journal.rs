@@ -86,7 +86,7 @@ pub enum Kind {
     /// Payment server: a purchase ([`crate::payment::PayTxn`]), by transaction id.
     Txn,
     /// Payment server: a security card's snapshot, by slot.
-    Psam,
+    SecurityCard,
     /// Payment server: the newest purchase proof seen from a card, by card id.
     CardInit,
     /// Payment server: a reversal notice of its feed, by sequence number.
@@ -120,7 +120,7 @@ impl Kind {
         Kind::Offer,
         Kind::Entitlement,
         Kind::Txn,
-        Kind::Psam,
+        Kind::SecurityCard,
         Kind::CardInit,
         Kind::Reversal,
         Kind::Batch,
@@ -145,7 +145,7 @@ impl Kind {
             Kind::Offer => "offer",
             Kind::Entitlement => "entitlement",
             Kind::Txn => "txn",
-            Kind::Psam => "psam",
+            Kind::SecurityCard => "psam",
             Kind::CardInit => "card_init",
             Kind::Reversal => "reversal",
             Kind::Batch => "batch",

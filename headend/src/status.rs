@@ -39,7 +39,7 @@ pub fn report(state_dir: &Path) -> Result<String, String> {
             kinds.join(", ")
         );
         waiting(&j, &mut out)?;
-        if let Ok(cards) = j.all(Kind::Psam) {
+        if let Ok(cards) = j.all(Kind::SecurityCard) {
             let mut totals: BTreeMap<String, (u64, u64)> = BTreeMap::new();
             for (_, b) in cards {
                 let card: SecurityCard = journal::decode(&b)?;

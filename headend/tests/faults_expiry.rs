@@ -222,7 +222,7 @@ async fn offers_loads_and_holds_expire_and_reversals_reach_the_merchant() {
     assert_eq!(split.entitlements(txid), 1);
     assert_eq!(split.offer(txid).unwrap().state, OfferState::Released);
     assert_eq!(
-        split.psam_totals(Currency::EUR),
+        split.security_card_totals(Currency::EUR),
         (1, 1250),
         "the security cards count the late sale once, and nothing else"
     );

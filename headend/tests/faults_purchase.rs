@@ -189,7 +189,7 @@ async fn fig4_fig5_confirmation_is_kept_while_the_merchant_is_down() {
         sales += 2;
     }
     assert_eq!(
-        split.psam_totals(Currency::EUR),
+        split.security_card_totals(Currency::EUR),
         (sales, (sales / 2) * (499 + 1250)),
         "the security cards counted each sale once"
     );
@@ -361,7 +361,7 @@ async fn fig6_fig7_bad_then_genuine_debit_response() {
         wrong.join("\n")
     );
     assert_eq!(
-        split.psam_totals(Currency::EUR),
+        split.security_card_totals(Currency::EUR),
         (n6 + n7, n6 * 499 + n7 * 1250),
         "the security cards count every sale once"
     );
@@ -442,7 +442,7 @@ async fn cancel_reverses_only_on_a_verified_proof() {
         PayState::Completed
     );
     assert_eq!(split.releases(&completed), 1);
-    assert_eq!(split.psam_totals(Currency::EUR), (1, 399));
+    assert_eq!(split.security_card_totals(Currency::EUR), (1, 399));
 }
 
 /// Scenario 5's window on the gateway's side: the payment server confirms while the gateway
@@ -482,7 +482,7 @@ async fn fig4_confirmation_survives_the_gateway_dying_mid_call() {
         completed,
         "the payment server completed the sale it had queued"
     );
-    assert_eq!(split.psam_totals(Currency::EUR), (1, 499));
+    assert_eq!(split.security_card_totals(Currency::EUR), (1, 499));
     split.spawn(R::Gateway).await;
     // The box does not come back.
     let released = eventually(Duration::from_secs(30), || split.releases(txid) == 1).await;

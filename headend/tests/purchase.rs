@@ -303,15 +303,15 @@ async fn duplicate_draw_request_is_idempotent() {
     );
     let p = he.running.payment.as_ref().unwrap();
     let t = p.txn(&offer.transaction_id).unwrap();
-    let psam = p.pool().card(t.slot).await.unwrap();
+    let security_card = p.pool().card(t.slot).await.unwrap();
     let state: proto::security_card::SecurityCard =
-        headend::journal::decode(&psam.snapshot()).unwrap();
+        headend::journal::decode(&security_card.snapshot()).unwrap();
     assert_eq!(
         state.txns.len(),
         1,
         "one security-card transaction, not two"
     );
-    drop(psam);
+    drop(security_card);
     // A different draw request under the same transaction id is a replay.
     let mut other = b.draw_request(&offer);
     other.etsk = offer.etsk.clone();
@@ -578,8 +578,8 @@ async fn the_box_never_sees_the_expected_card_signature() {
             amount: cmd.amount,
             currency: cmd.currency,
             new_balance: 10_000 - cmd.amount,
-            psam_id: cmd.psam_id,
-            psam_txn: cmd.psam_txn,
+            security_card_id: cmd.security_card_id,
+            security_card_txn: cmd.security_card_txn,
             card_signature: [0x42; 8],
         };
         let r = b

@@ -95,7 +95,7 @@ fn payment_state(cfg: &HeadendConfig, txid: &str) -> (Option<PayTxn>, u64) {
         .unwrap()
         .map(|b| journal::decode::<PayTxn>(&b).unwrap());
     let totals = j
-        .all(headend::journal::Kind::Psam)
+        .all(headend::journal::Kind::SecurityCard)
         .unwrap()
         .iter()
         .map(|(_, b)| {

@@ -64,14 +64,16 @@ fn bench(c: &mut Criterion) {
         amount: Money::new(100, Currency::EUR),
         init,
     };
-    let mut psam = SecurityCard::new(1, issuer().purchase());
-    let auth = psam.issue_debit(&draw, TODAY, false).unwrap();
+    let mut security_card = SecurityCard::new(1, issuer().purchase());
+    let auth = security_card.issue_debit(&draw, TODAY, false).unwrap();
     let resp = DebitResponse::decode(&data(&mut card, &commands::debit(&auth.command))).unwrap();
     g.bench_function("security_card_purchase", |b| {
         b.iter(|| {
-            let mut psam = SecurityCard::new(1, issuer().purchase());
-            let auth = psam.issue_debit(&draw, TODAY, false).unwrap();
-            psam.complete(auth.command.psam_txn, &resp).unwrap()
+            let mut security_card = SecurityCard::new(1, issuer().purchase());
+            let auth = security_card.issue_debit(&draw, TODAY, false).unwrap();
+            security_card
+                .complete(auth.command.security_card_txn, &resp)
+                .unwrap()
         })
     });
 
@@ -100,7 +102,7 @@ fn bench(c: &mut Criterion) {
 
     g.bench_function("card_purchase_init_and_debit", |b| {
         let mut card = new_card();
-        let mut psam = SecurityCard::new(1, issuer().purchase());
+        let mut security_card = SecurityCard::new(1, issuer().purchase());
         data(&mut card, &commands::select());
         b.iter(|| {
             let init =
@@ -109,7 +111,7 @@ fn bench(c: &mut Criterion) {
                 init,
                 ..draw.clone()
             };
-            let auth = psam.issue_debit(&d, TODAY, true).unwrap();
+            let auth = security_card.issue_debit(&d, TODAY, true).unwrap();
             data(&mut card, &commands::debit(&auth.command))
         })
     });

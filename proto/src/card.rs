@@ -400,7 +400,7 @@ impl PurseCard {
             &sk,
             b"DCMD",
             &dc.signed_fields(&card_random),
-            &dc.psam_signature,
+            &dc.security_card_signature,
         ) {
             return Err(self.bad_signature());
         }
@@ -425,8 +425,8 @@ impl PurseCard {
             amount: dc.amount,
             currency: dc.currency,
             new_balance,
-            psam_id: dc.psam_id,
-            psam_txn: dc.psam_txn,
+            security_card_id: dc.security_card_id,
+            security_card_txn: dc.security_card_txn,
             card_signature: [0; 8],
         };
         resp.card_signature = crypto::sign(&sk, b"DRSP", &resp.signed_fields(&card_random));
@@ -439,8 +439,8 @@ impl PurseCard {
             currency: dc.currency,
             balance_after: new_balance,
             date: dc.date,
-            counterparty: dc.psam_id,
-            counterparty_txn: dc.psam_txn,
+            counterparty: dc.security_card_id,
+            counterparty_txn: dc.security_card_txn,
             signature: resp.card_signature,
         });
         self.changed = true;

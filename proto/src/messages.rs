@@ -206,8 +206,8 @@ pub struct DebitResultM {
     pub merchant_id: String,
     pub amount: Money,
     pub success: bool,
-    pub psam_id: u64,
-    pub psam_txn: u32,
+    pub security_card_id: u64,
+    pub security_card_txn: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

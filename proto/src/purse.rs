@@ -361,21 +361,21 @@ impl PurchaseInit {
 /// The debit command ("debit IEP", 001 [0094]) the security card issues, with its signature.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DebitCommand {
-    pub psam_id: u64,
-    pub psam_txn: u32,
+    pub security_card_id: u64,
+    pub security_card_txn: u32,
     pub card_id: u64,
     pub atc: u32,
     pub amount: u64,
     pub currency: Currency,
     pub date: Date,
-    pub psam_signature: Mac,
+    pub security_card_signature: Mac,
 }
 
 impl DebitCommand {
     fn fields(&self) -> Writer {
         let mut w = Writer::default();
-        w.u64(self.psam_id)
-            .u32(self.psam_txn)
+        w.u64(self.security_card_id)
+            .u32(self.security_card_txn)
             .u64(self.card_id)
             .u32(self.atc)
             .u64(self.amount);
@@ -391,19 +391,19 @@ impl DebitCommand {
         Money::new(self.amount, self.currency)
     }
     pub fn encode(&self) -> Vec<u8> {
-        self.fields().bytes(&self.psam_signature).finish()
+        self.fields().bytes(&self.security_card_signature).finish()
     }
     pub fn decode(b: &[u8]) -> Result<Self, LayoutError> {
         let mut r = Reader::new(b);
         let v = Self {
-            psam_id: r.u64()?,
-            psam_txn: r.u32()?,
+            security_card_id: r.u64()?,
+            security_card_txn: r.u32()?,
             card_id: r.u64()?,
             atc: r.u32()?,
             amount: r.u64()?,
             currency: read_currency(&mut r)?,
             date: Date::read(&mut r)?,
-            psam_signature: r.take()?,
+            security_card_signature: r.take()?,
         };
         r.end()?;
         Ok(v)
@@ -418,8 +418,8 @@ pub struct DebitResponse {
     pub amount: u64,
     pub currency: Currency,
     pub new_balance: u64,
-    pub psam_id: u64,
-    pub psam_txn: u32,
+    pub security_card_id: u64,
+    pub security_card_txn: u32,
     pub card_signature: Mac,
 }
 
@@ -428,7 +428,9 @@ impl DebitResponse {
         let mut w = Writer::default();
         w.u64(self.card_id).u32(self.atc).u64(self.amount);
         write_currency(&mut w, self.currency);
-        w.u64(self.new_balance).u64(self.psam_id).u32(self.psam_txn);
+        w.u64(self.new_balance)
+            .u64(self.security_card_id)
+            .u32(self.security_card_txn);
         w
     }
     pub fn signed_fields(&self, card_random: &[u8; 8]) -> Vec<u8> {
@@ -445,8 +447,8 @@ impl DebitResponse {
             amount: r.u64()?,
             currency: read_currency(&mut r)?,
             new_balance: r.u64()?,
-            psam_id: r.u64()?,
-            psam_txn: r.u32()?,
+            security_card_id: r.u64()?,
+            security_card_txn: r.u32()?,
             card_signature: r.take()?,
         };
         r.end()?;
@@ -719,8 +721,8 @@ impl LogRecord {
             amount: self.amount,
             currency: self.currency,
             new_balance: self.balance_after,
-            psam_id: self.counterparty,
-            psam_txn: self.counterparty_txn,
+            security_card_id: self.counterparty,
+            security_card_txn: self.counterparty_txn,
             card_signature: self.signature,
         })
     }
@@ -744,14 +746,14 @@ mod tests {
     #[test]
     fn layouts_round_trip_and_refuse_trailing_bytes() {
         let c = DebitCommand {
-            psam_id: 7,
-            psam_txn: 9,
+            security_card_id: 7,
+            security_card_txn: 9,
             card_id: 1,
             atc: 3,
             amount: 250,
             currency: Currency::EUR,
             date: Date::new(2026, 11, 21),
-            psam_signature: [1; 8],
+            security_card_signature: [1; 8],
         };
         let b = c.encode();
         assert_eq!(DebitCommand::decode(&b).unwrap(), c);

@@ -21,7 +21,7 @@ use crate::money::{Currency, Money};
 use crate::purse::*;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
-pub enum PsamError {
+pub enum SecurityCardError {
     #[error("card data does not verify (its MAC is wrong: tampered or not a genuine card)")]
     BadCardData,
     #[error("card key version {card} is not one this security card holds ({ours})")]
@@ -88,8 +88,8 @@ pub enum TxnState {
 /// A collection record for the acquirer ([0086], [0045]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CollectionRecord {
-    pub psam_id: u64,
-    pub psam_txn: u32,
+    pub security_card_id: u64,
+    pub security_card_txn: u32,
     pub merchant_id: String,
     pub transaction_id: String,
     pub card_id: u64,
@@ -149,8 +149,8 @@ impl SecurityCard {
         self.master = master;
     }
 
-    fn master(&self) -> Result<&MasterKey, PsamError> {
-        self.master.as_ref().ok_or(PsamError::NoKey)
+    fn master(&self) -> Result<&MasterKey, SecurityCardError> {
+        self.master.as_ref().ok_or(SecurityCardError::NoKey)
     }
 
     /// Processes the draw request up to the "draw amount" state and issues the debit
@@ -161,54 +161,53 @@ impl SecurityCard {
         draw: &DrawData,
         today: Date,
         early_release: bool,
-    ) -> Result<DebitAuthorization, PsamError> {
+    ) -> Result<DebitAuthorization, SecurityCardError> {
         let init = &draw.init;
         let master = self.master()?;
         if init.key_version != master.key_version {
-            return Err(PsamError::UnknownKeyVersion {
+            return Err(SecurityCardError::UnknownKeyVersion {
                 card: init.key_version,
                 ours: master.key_version,
             });
         }
         let sk = master.purchase_session(init.card_id, init.atc);
         if !crypto::verify(&sk, b"IPUR", &init.signed_fields(), &init.card_mac) {
-            return Err(PsamError::BadCardData);
+            return Err(SecurityCardError::BadCardData);
         }
         if init.currency != draw.amount.currency {
-            return Err(PsamError::WrongCurrency {
+            return Err(SecurityCardError::WrongCurrency {
                 card: init.currency,
                 purchase: draw.amount.currency,
             });
         }
         if init.expiry.is_expired_on(today) {
-            return Err(PsamError::Expired);
+            return Err(SecurityCardError::Expired);
         }
         if draw.amount.minor == 0 {
-            return Err(PsamError::ZeroAmount);
+            return Err(SecurityCardError::ZeroAmount);
         }
-        let new_balance =
-            init.balance
-                .checked_sub(draw.amount.minor)
-                .ok_or(PsamError::InsufficientValue {
-                    balance: init.balance,
-                    amount: draw.amount.minor,
-                })?;
-        let psam_txn = self
+        let new_balance = init.balance.checked_sub(draw.amount.minor).ok_or(
+            SecurityCardError::InsufficientValue {
+                balance: init.balance,
+                amount: draw.amount.minor,
+            },
+        )?;
+        let security_card_txn = self
             .txn_counter
             .checked_add(1)
-            .ok_or(PsamError::CounterExhausted)?;
-        self.txn_counter = psam_txn;
+            .ok_or(SecurityCardError::CounterExhausted)?;
+        self.txn_counter = security_card_txn;
         let mut command = DebitCommand {
-            psam_id: self.id,
-            psam_txn,
+            security_card_id: self.id,
+            security_card_txn,
             card_id: init.card_id,
             atc: init.atc,
             amount: draw.amount.minor,
             currency: draw.amount.currency,
             date: today,
-            psam_signature: [0; 8],
+            security_card_signature: [0; 8],
         };
-        command.psam_signature =
+        command.security_card_signature =
             crypto::sign(&sk, b"DCMD", &command.signed_fields(&init.card_random));
         let expected_response = DebitResponse {
             card_id: init.card_id,
@@ -216,8 +215,8 @@ impl SecurityCard {
             amount: draw.amount.minor,
             currency: draw.amount.currency,
             new_balance,
-            psam_id: self.id,
-            psam_txn,
+            security_card_id: self.id,
+            security_card_txn,
             card_signature: [0; 8],
         };
         let expected = crypto::sign(
@@ -231,7 +230,7 @@ impl SecurityCard {
             TxnState::Awaiting
         };
         self.txns.insert(
-            psam_txn,
+            security_card_txn,
             Txn {
                 draw: draw.clone(),
                 command: command.clone(),
@@ -264,35 +263,38 @@ impl SecurityCard {
     /// it from its journal). Idempotent: a repeated response gets the same record.
     pub fn complete(
         &mut self,
-        psam_txn: u32,
+        security_card_txn: u32,
         resp: &DebitResponse,
-    ) -> Result<CollectionRecord, PsamError> {
+    ) -> Result<CollectionRecord, SecurityCardError> {
         let txn = self
             .txns
-            .get(&psam_txn)
-            .ok_or(PsamError::UnknownTransaction(psam_txn))?;
+            .get(&security_card_txn)
+            .ok_or(SecurityCardError::UnknownTransaction(security_card_txn))?;
         let c = &txn.command;
-        if resp.psam_id != self.id
-            || resp.psam_txn != psam_txn
+        if resp.security_card_id != self.id
+            || resp.security_card_txn != security_card_txn
             || resp.card_id != c.card_id
             || resp.atc != c.atc
             || resp.amount != c.amount
             || resp.currency != c.currency
         {
-            return Err(PsamError::ResponseMismatch);
+            return Err(SecurityCardError::ResponseMismatch);
         }
         if !Self::signatures_match(&txn.expected, resp) {
-            return Err(PsamError::BadCardSignature);
+            return Err(SecurityCardError::BadCardSignature);
         }
         let (state, amount) = (txn.state, txn.draw.amount);
         if matches!(state, TxnState::Awaiting | TxnState::Reversed) {
             self.count(amount, 1);
         }
-        let txn = self.txns.get_mut(&psam_txn).expect("looked up above");
+        let txn = self
+            .txns
+            .get_mut(&security_card_txn)
+            .expect("looked up above");
         if txn.state != TxnState::EarlyRecorded {
             txn.state = TxnState::Completed;
         }
-        Ok(self.record(psam_txn).expect("present"))
+        Ok(self.record(security_card_txn).expect("present"))
     }
 
     /// The comparison of a card's signature in its debit response with the expected card
@@ -309,24 +311,28 @@ impl SecurityCard {
     /// count: that ended the draw's session, so the DEBIT can never run afterwards), whose
     /// transaction number is still the one the debit command was for (a debit would have
     /// moved it on).
-    pub fn verify_not_debited(&self, psam_txn: u32, proof: &PurchaseInit) -> Result<(), PsamError> {
+    pub fn verify_not_debited(
+        &self,
+        security_card_txn: u32,
+        proof: &PurchaseInit,
+    ) -> Result<(), SecurityCardError> {
         let txn = self
             .txns
-            .get(&psam_txn)
-            .ok_or(PsamError::UnknownTransaction(psam_txn))?;
+            .get(&security_card_txn)
+            .ok_or(SecurityCardError::UnknownTransaction(security_card_txn))?;
         let sk = self.master()?.purchase_session(proof.card_id, proof.atc);
         if proof.card_id != txn.command.card_id
             || !crypto::verify(&sk, b"IPUR", &proof.signed_fields(), &proof.card_mac)
         {
-            return Err(PsamError::BadCardData);
+            return Err(SecurityCardError::BadCardData);
         }
         if proof.init_count <= txn.draw.init.init_count {
-            return Err(PsamError::StaleProof);
+            return Err(SecurityCardError::StaleProof);
         }
         if proof.atc == txn.command.atc {
             Ok(())
         } else {
-            Err(PsamError::CounterMoved {
+            Err(SecurityCardError::CounterMoved {
                 proof: proof.atc,
                 debit: txn.command.atc,
             })
@@ -334,22 +340,28 @@ impl SecurityCard {
     }
 
     /// Reverses a transaction that did not complete ([0106]). Idempotent.
-    pub fn reverse(&mut self, psam_txn: u32) -> Result<(), PsamError> {
+    pub fn reverse(&mut self, security_card_txn: u32) -> Result<(), SecurityCardError> {
         let txn = self
             .txns
-            .get(&psam_txn)
-            .ok_or(PsamError::UnknownTransaction(psam_txn))?;
+            .get(&security_card_txn)
+            .ok_or(SecurityCardError::UnknownTransaction(security_card_txn))?;
         match txn.state {
             TxnState::Reversed => Ok(()),
-            TxnState::Completed => Err(PsamError::AlreadyCompleted(psam_txn)),
+            TxnState::Completed => Err(SecurityCardError::AlreadyCompleted(security_card_txn)),
             TxnState::Awaiting => {
-                self.txns.get_mut(&psam_txn).expect("present").state = TxnState::Reversed;
+                self.txns
+                    .get_mut(&security_card_txn)
+                    .expect("present")
+                    .state = TxnState::Reversed;
                 Ok(())
             }
             TxnState::EarlyRecorded => {
                 let amount = txn.draw.amount;
                 self.count(amount, -1);
-                self.txns.get_mut(&psam_txn).expect("present").state = TxnState::Reversed;
+                self.txns
+                    .get_mut(&security_card_txn)
+                    .expect("present")
+                    .state = TxnState::Reversed;
                 Ok(())
             }
         }
@@ -360,23 +372,23 @@ impl SecurityCard {
     /// this card no longer knows the transaction, so repeats are answered from that record.
     /// Without this the card's state — journaled after every step — would grow with every
     /// sale. Open and reversed transactions are kept (a late proof may still come).
-    pub fn forget(&mut self, psam_txn: u32) -> bool {
+    pub fn forget(&mut self, security_card_txn: u32) -> bool {
         let settled = self
             .txns
-            .get(&psam_txn)
+            .get(&security_card_txn)
             .is_some_and(|t| matches!(t.state, TxnState::Completed | TxnState::EarlyRecorded));
         if settled {
-            self.txns.remove(&psam_txn);
+            self.txns.remove(&security_card_txn);
         }
         settled
     }
 
     /// The collection record of a counted transaction.
-    pub fn record(&self, psam_txn: u32) -> Option<CollectionRecord> {
-        let t = self.txns.get(&psam_txn)?;
+    pub fn record(&self, security_card_txn: u32) -> Option<CollectionRecord> {
+        let t = self.txns.get(&security_card_txn)?;
         matches!(t.state, TxnState::Completed | TxnState::EarlyRecorded).then(|| CollectionRecord {
-            psam_id: self.id,
-            psam_txn,
+            security_card_id: self.id,
+            security_card_txn,
             merchant_id: t.draw.merchant_id.clone(),
             transaction_id: t.draw.transaction_id.clone(),
             card_id: t.command.card_id,

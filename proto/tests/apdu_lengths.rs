@@ -53,9 +53,9 @@ fn read_purse_with_a_short_le_gets_6c_and_the_exact_length() {
 #[test]
 fn a_debit_with_a_wrong_le_is_undone_and_runs_once_on_the_resend() {
     let mut card = card_with(1_000, 10_000);
-    let mut psam = psam();
+    let mut security_card = security_card();
     let d = draw(&mut card, 250, "t1");
-    let auth = psam.issue_debit(&d, TODAY, false).unwrap();
+    let auth = security_card.issue_debit(&d, TODAY, false).unwrap();
     let apdu = commands::debit(&auth.command);
     let r = send(&mut card, &with_le(&apdu, 3));
     assert_eq!(r.sw.sw1(), 0x6C, "{:?}", r.sw);

@@ -62,10 +62,10 @@ fn op() -> impl Strategy<Value = Op> {
 
 struct World {
     card: PurseCard,
-    psam: SecurityCard,
+    security_card: SecurityCard,
     hsm: Hsm,
     initial: u64,
-    /// psam_txn of debits the card made whose response the security card never saw.
+    /// security_card_txn of debits the card made whose response the security card never saw.
     lost_debits: Vec<(u32, u64)>,
     /// (txid, amount, credited) of loads the HSM has not settled.
     open_loads: Vec<(String, u64, bool)>,
@@ -82,7 +82,7 @@ impl World {
             .map(|(_, a, _)| a)
             .sum();
         prop_assert_eq!(
-            self.card.state.balance + self.psam.total(EUR).amount + pending_debits,
+            self.card.state.balance + self.security_card.total(EUR).amount + pending_debits,
             self.initial + self.hsm.total(EUR).amount + pending_credits,
             "value not conserved"
         );
@@ -91,15 +91,15 @@ impl World {
 
     fn buy(&mut self, amount: u64, early: bool, fate: Fate) {
         let d = draw(&mut self.card, amount, &format!("b{}", self.n));
-        let Ok(auth) = self.psam.issue_debit(&d, TODAY, early) else {
+        let Ok(auth) = self.security_card.issue_debit(&d, TODAY, early) else {
             return; // insufficient value: refused before anything moved
         };
-        let txn = auth.command.psam_txn;
+        let txn = auth.command.security_card_txn;
         match fate {
-            Fate::NeverSent => self.psam.reverse(txn).unwrap(),
+            Fate::NeverSent => self.security_card.reverse(txn).unwrap(),
             Fate::ResponseLost => {
                 ok(&mut self.card, &commands::debit(&auth.command));
-                self.psam.reverse(txn).unwrap(); // the payment server timed out
+                self.security_card.reverse(txn).unwrap(); // the payment server timed out
                 self.lost_debits.push((txn, amount));
             }
             Fate::Complete => {
@@ -109,7 +109,7 @@ impl World {
                 if let Some(expected) = auth.expected_card_signature {
                     assert!(SecurityCard::signatures_match(&expected, &resp));
                 }
-                self.psam.complete(txn, &resp).unwrap();
+                self.security_card.complete(txn, &resp).unwrap();
             }
         }
     }
@@ -163,7 +163,7 @@ impl World {
                 .find(|r| r.kind == LogKind::Debit && r.counterparty_txn == txn)
                 .expect("a debit the card made is in its log");
             let resp = proof.debit_response(self.card.state.card_id).unwrap();
-            self.psam.complete(txn, &resp).unwrap();
+            self.security_card.complete(txn, &resp).unwrap();
         }
         self.recover_loads();
     }
@@ -189,7 +189,7 @@ proptest! {
     fn random_interleavings_conserve_value(ops in proptest::collection::vec(op(), 1..40)) {
         let mut w = World {
             card: card_with(5_000, 60_000),
-            psam: psam(),
+            security_card: security_card(),
             hsm: hsm(),
             initial: 5_000,
             lost_debits: vec![],
@@ -209,7 +209,7 @@ proptest! {
         w.check()?;
         prop_assert!(w.lost_debits.is_empty() && w.open_loads.is_empty());
         prop_assert_eq!(
-            w.card.state.balance + w.psam.total(EUR).amount,
+            w.card.state.balance + w.security_card.total(EUR).amount,
             w.initial + w.hsm.total(EUR).amount
         );
     }

@@ -10,41 +10,45 @@ use proto::card::{CardFault, commands};
 use proto::hsm::{HsmError, LoadVerdict, NegativeVerdict};
 use proto::money::{Currency, Money};
 use proto::purse::*;
-use proto::security_card::{PsamError, SecurityCard};
+use proto::security_card::{SecurityCard, SecurityCardError};
 
 #[test]
 fn full_purchase_moves_value_and_logs() {
     let mut card = card_with(10_000, 50_000);
-    let mut psam = psam();
+    let mut security_card = security_card();
     let before = {
         select(&mut card);
         read_purse(&mut card)
     };
-    let resp = purchase(&mut card, &mut psam, 1_250, "tx-1");
+    let resp = purchase(&mut card, &mut security_card, 1_250, "tx-1");
     let after = read_purse(&mut card);
     assert_eq!(after.balance, 8_750);
     assert_eq!(resp.new_balance, 8_750);
     assert_eq!(after.atc, before.atc + 1);
-    assert_eq!(psam.total(EUR).amount, 1_250);
-    assert_eq!(psam.total(EUR).count, 1);
-    assert_eq!(psam.txn_counter, 1);
+    assert_eq!(security_card.total(EUR).amount, 1_250);
+    assert_eq!(security_card.total(EUR).count, 1);
+    assert_eq!(security_card.txn_counter, 1);
     let log = LogRecord::decode(&ok(&mut card, &commands::read_log(1))).unwrap();
     assert_eq!(
         (log.kind, log.amount, log.balance_after),
         (LogKind::Debit, 1_250, 8_750)
     );
     assert_eq!(log.debit_response(after.card_id).unwrap(), resp);
-    assert_eq!(psam.collection().len(), 1);
+    assert_eq!(security_card.collection().len(), 1);
 }
 
 #[test]
 fn early_release_hands_out_the_signature_the_card_then_gives() {
     let mut card = card_with(10_000, 50_000);
-    let mut psam = psam();
+    let mut security_card = security_card();
     let d = draw(&mut card, 500, "tx-e");
-    let auth = psam.issue_debit(&d, TODAY, true).unwrap();
+    let auth = security_card.issue_debit(&d, TODAY, true).unwrap();
     let expected = auth.expected_card_signature.unwrap();
-    assert_eq!(psam.total(EUR).amount, 500, "early release counts at issue");
+    assert_eq!(
+        security_card.total(EUR).amount,
+        500,
+        "early release counts at issue"
+    );
     let resp = DebitResponse::decode(&ok(&mut card, &commands::debit(&auth.command))).unwrap();
     assert!(SecurityCard::signatures_match(&expected, &resp));
     let mut forged = resp.clone();
@@ -68,9 +72,9 @@ fn full_load_credits_and_hsm_totals() {
 #[test]
 fn log_keeps_the_last_twenty_or_more() {
     let mut card = card_with(100_000, 100_000);
-    let mut psam = psam();
+    let mut security_card = security_card();
     for i in 0..25 {
-        purchase(&mut card, &mut psam, 10 + i, &format!("tx-{i}"));
+        purchase(&mut card, &mut security_card, 10 + i, &format!("tx-{i}"));
     }
     for n in 1..=20u8 {
         let rec = LogRecord::decode(&ok(&mut card, &commands::read_log(n))).unwrap();
@@ -87,9 +91,9 @@ fn log_keeps_the_last_twenty_or_more() {
 #[test]
 fn amount_changed_in_debit_command_is_refused() {
     let mut card = card_with(10_000, 50_000);
-    let mut psam = psam();
+    let mut security_card = security_card();
     let d = draw(&mut card, 100, "tx");
-    let mut cmd = psam.issue_debit(&d, TODAY, false).unwrap().command;
+    let mut cmd = security_card.issue_debit(&d, TODAY, false).unwrap().command;
     cmd.amount = 1;
     assert_eq!(
         send(&mut card, &commands::debit(&cmd)).sw,
@@ -102,10 +106,10 @@ fn amount_changed_in_debit_command_is_refused() {
 fn every_flipped_bit_in_the_security_card_signature_is_refused() {
     let mut card = card_with(10_000, 50_000);
     for bit in 0..64 {
-        let mut psam = psam();
+        let mut security_card = security_card();
         let d = draw(&mut card, 100, "tx");
-        let mut cmd = psam.issue_debit(&d, TODAY, false).unwrap().command;
-        cmd.psam_signature[bit / 8] ^= 1 << (bit % 8);
+        let mut cmd = security_card.issue_debit(&d, TODAY, false).unwrap().command;
+        cmd.security_card_signature[bit / 8] ^= 1 << (bit % 8);
         assert_eq!(
             send(&mut card, &commands::debit(&cmd)).sw,
             StatusWord::BAD_SIGNATURE,
@@ -113,7 +117,7 @@ fn every_flipped_bit_in_the_security_card_signature_is_refused() {
         );
         // Keep the bad-key counter below the lock for this test: a good debit resets it.
         if bit % 5 == 4 {
-            purchase(&mut card, &mut psam, 1, "reset");
+            purchase(&mut card, &mut security_card, 1, "reset");
         }
     }
 }
@@ -121,47 +125,49 @@ fn every_flipped_bit_in_the_security_card_signature_is_refused() {
 #[test]
 fn every_flipped_bit_in_the_card_signature_is_refused_by_the_security_card() {
     let mut card = card_with(10_000, 50_000);
-    let mut psam = psam();
+    let mut security_card = security_card();
     let d = draw(&mut card, 100, "tx");
-    let auth = psam.issue_debit(&d, TODAY, false).unwrap();
+    let auth = security_card.issue_debit(&d, TODAY, false).unwrap();
     let resp = DebitResponse::decode(&ok(&mut card, &commands::debit(&auth.command))).unwrap();
     for bit in 0..64 {
         let mut r = resp.clone();
         r.card_signature[bit / 8] ^= 1 << (bit % 8);
         assert_eq!(
-            psam.complete(auth.command.psam_txn, &r),
-            Err(PsamError::BadCardSignature)
+            security_card.complete(auth.command.security_card_txn, &r),
+            Err(SecurityCardError::BadCardSignature)
         );
     }
-    assert_eq!(psam.total(EUR).amount, 0);
-    psam.complete(auth.command.psam_txn, &resp).unwrap();
-    assert_eq!(psam.total(EUR).amount, 100);
+    assert_eq!(security_card.total(EUR).amount, 0);
+    security_card
+        .complete(auth.command.security_card_txn, &resp)
+        .unwrap();
+    assert_eq!(security_card.total(EUR).amount, 100);
 }
 
 #[test]
 fn tampered_card_data_in_the_draw_request_is_refused() {
     let mut card = card_with(100, 50_000);
-    let mut psam = psam();
+    let mut security_card = security_card();
     let mut d = draw(&mut card, 5_000, "tx");
     d.init.balance = 1_000_000; // claim more value than the card has
     assert_eq!(
-        psam.issue_debit(&d, TODAY, false),
-        Err(PsamError::BadCardData)
+        security_card.issue_debit(&d, TODAY, false),
+        Err(SecurityCardError::BadCardData)
     );
     d.init.balance = 100;
     d.init.card_mac[3] ^= 4;
     assert_eq!(
-        psam.issue_debit(&d, TODAY, false),
-        Err(PsamError::BadCardData)
+        security_card.issue_debit(&d, TODAY, false),
+        Err(SecurityCardError::BadCardData)
     );
 }
 
 #[test]
 fn replayed_debit_command_is_refused() {
     let mut card = card_with(10_000, 50_000);
-    let mut psam = psam();
+    let mut security_card = security_card();
     let d = draw(&mut card, 300, "tx");
-    let cmd = psam.issue_debit(&d, TODAY, false).unwrap().command;
+    let cmd = security_card.issue_debit(&d, TODAY, false).unwrap().command;
     ok(&mut card, &commands::debit(&cmd));
     // Straight replay: no open session.
     assert_eq!(
@@ -191,13 +197,13 @@ fn wrong_card_key_is_refused() {
     // The rogue security card cannot even verify the card's data...
     assert_eq!(
         rogue_psam.issue_debit(&d, TODAY, false),
-        Err(PsamError::BadCardData)
+        Err(SecurityCardError::BadCardData)
     );
     // ...and a debit command signed under the wrong key is refused by the card.
-    let mut legit = psam();
+    let mut legit = security_card();
     let mut cmd = legit.issue_debit(&d, TODAY, false).unwrap().command;
     let wrong_sk = other.card_keys(cmd.card_id).purchase_session(cmd.atc);
-    cmd.psam_signature =
+    cmd.security_card_signature =
         proto::crypto::sign(&wrong_sk, b"DCMD", &cmd.signed_fields(&d.init.card_random));
     assert_eq!(
         send(&mut card, &commands::debit(&cmd)).sw,
@@ -216,12 +222,12 @@ fn wrong_card_key_is_refused() {
 fn wrong_currency_expired_over_max_insufficient() {
     // Wrong currency: at the security card and at the card's INITIALIZE FOR LOAD.
     let mut card = card_with(10_000, 20_000);
-    let mut psam = psam();
+    let mut security_card = security_card();
     let mut d = draw(&mut card, 100, "tx");
     d.amount = Money::new(100, Currency::USD);
     assert!(matches!(
-        psam.issue_debit(&d, TODAY, false),
-        Err(PsamError::WrongCurrency { .. })
+        security_card.issue_debit(&d, TODAY, false),
+        Err(SecurityCardError::WrongCurrency { .. })
     ));
     select(&mut card);
     let r = send(
@@ -245,8 +251,8 @@ fn wrong_currency_expired_over_max_insufficient() {
     // debit beyond its balance is `card_refuses_a_signed_debit_beyond_its_balance`).
     let d = draw(&mut card, 10_001, "tx");
     assert!(matches!(
-        psam.issue_debit(&d, TODAY, false),
-        Err(PsamError::InsufficientValue { .. })
+        security_card.issue_debit(&d, TODAY, false),
+        Err(SecurityCardError::InsufficientValue { .. })
     ));
 
     // Expired: the card refuses INITIALIZE with a date past its expiry.
@@ -258,7 +264,10 @@ fn wrong_currency_expired_over_max_insufficient() {
         StatusWord::EXPIRED
     );
     let d = draw(&mut card, 100, "tx");
-    assert_eq!(psam.issue_debit(&d, late, false), Err(PsamError::Expired));
+    assert_eq!(
+        security_card.issue_debit(&d, late, false),
+        Err(SecurityCardError::Expired)
+    );
 }
 
 #[test]
@@ -267,11 +276,12 @@ fn card_refuses_a_signed_debit_beyond_its_balance() {
     // make the card go negative.
     let mut card = card_with(50, 20_000);
     let d = draw(&mut card, 50, "tx");
-    let mut psam = psam();
-    let mut cmd = psam.issue_debit(&d, TODAY, false).unwrap().command;
+    let mut security_card = security_card();
+    let mut cmd = security_card.issue_debit(&d, TODAY, false).unwrap().command;
     cmd.amount = 51;
     let sk = issuer().card_keys(cmd.card_id).purchase_session(cmd.atc);
-    cmd.psam_signature = proto::crypto::sign(&sk, b"DCMD", &cmd.signed_fields(&d.init.card_random));
+    cmd.security_card_signature =
+        proto::crypto::sign(&sk, b"DCMD", &cmd.signed_fields(&d.init.card_random));
     assert_eq!(
         send(&mut card, &commands::debit(&cmd)).sw,
         StatusWord::INSUFFICIENT_VALUE
@@ -281,11 +291,11 @@ fn card_refuses_a_signed_debit_beyond_its_balance() {
 #[test]
 fn bad_signatures_lock_the_card() {
     let mut card = card_with(10_000, 50_000);
-    let mut psam = psam();
+    let mut security_card = security_card();
     for _ in 0..10 {
         let d = draw(&mut card, 1, "tx");
-        let mut cmd = psam.issue_debit(&d, TODAY, false).unwrap().command;
-        cmd.psam_signature[0] ^= 1;
+        let mut cmd = security_card.issue_debit(&d, TODAY, false).unwrap().command;
+        cmd.security_card_signature[0] ^= 1;
         send(&mut card, &commands::debit(&cmd));
     }
     assert!(read_purse(&mut card).is_blocked());
@@ -534,29 +544,29 @@ fn card_pulled_during_load_resolves_from_a_zero_value_s1() {
 #[test]
 fn a_fresh_initialize_proves_the_card_never_debited() {
     let mut card = card_with(10_000, 50_000);
-    let mut psam = psam();
+    let mut security_card = security_card();
     let d = draw(&mut card, 100, "tx");
-    let auth = psam.issue_debit(&d, TODAY, false).unwrap();
+    let auth = security_card.issue_debit(&d, TODAY, false).unwrap();
     // The card was pulled before DEBIT; a fresh INITIALIZE shows the same counter.
     let proof = draw(&mut card, 100, "again").init;
     assert_eq!(
-        psam.verify_not_debited(auth.command.psam_txn, &proof),
+        security_card.verify_not_debited(auth.command.security_card_txn, &proof),
         Ok(())
     );
     let mut forged = proof.clone();
     forged.atc += 1;
     assert_eq!(
-        psam.verify_not_debited(auth.command.psam_txn, &forged),
-        Err(PsamError::BadCardData)
+        security_card.verify_not_debited(auth.command.security_card_txn, &forged),
+        Err(SecurityCardError::BadCardData)
     );
     // Had the card debited, its counter would have moved on: no proof of a non-debit.
     let d2 = draw(&mut card, 100, "tx2");
-    let auth2 = psam.issue_debit(&d2, TODAY, false).unwrap();
+    let auth2 = security_card.issue_debit(&d2, TODAY, false).unwrap();
     ok(&mut card, &commands::debit(&auth2.command));
     let after = draw(&mut card, 100, "again2").init;
     assert_eq!(
-        psam.verify_not_debited(auth2.command.psam_txn, &after),
-        Err(PsamError::CounterMoved {
+        security_card.verify_not_debited(auth2.command.security_card_txn, &after),
+        Err(SecurityCardError::CounterMoved {
             proof: auth2.command.atc + 1,
             debit: auth2.command.atc
         })
@@ -566,18 +576,21 @@ fn a_fresh_initialize_proves_the_card_never_debited() {
 #[test]
 fn settled_transactions_can_be_forgotten_without_touching_totals() {
     let mut card = card_with(10_000, 50_000);
-    let mut psam = psam();
-    let open = psam
+    let mut security_card = security_card();
+    let open = security_card
         .issue_debit(&draw(&mut card, 100, "open"), TODAY, false)
         .unwrap();
-    purchase(&mut card, &mut psam, 200, "done");
-    assert_eq!(psam.txns.len(), 2);
+    purchase(&mut card, &mut security_card, 200, "done");
+    assert_eq!(security_card.txns.len(), 2);
     assert!(
-        !psam.forget(open.command.psam_txn),
+        !security_card.forget(open.command.security_card_txn),
         "an open transaction stays"
     );
-    assert!(psam.forget(2));
-    assert_eq!((psam.txns.len(), psam.total(EUR).amount), (1, 200));
+    assert!(security_card.forget(2));
+    assert_eq!(
+        (security_card.txns.len(), security_card.total(EUR).amount),
+        (1, 200)
+    );
 
     let mut hsm = hsm();
     load(&mut card, &mut hsm, 500, "ld");
@@ -639,26 +652,27 @@ fn a_fresh_zero_value_s1_ends_the_load_session_so_the_load_can_never_run_after_i
 #[test]
 fn a_cancel_proof_made_before_the_draw_is_stale_and_reverses_nothing() {
     let mut card = card_with(10_000, 50_000);
-    let mut psam = psam();
+    let mut security_card = security_card();
     // The attack: INITIALIZE #1 kept as the "proof", INITIALIZE #2 for the draw, DEBIT.
     select(&mut card);
     let stale = PurchaseInit::decode(&ok(&mut card, &commands::init_purchase(TODAY))).unwrap();
     let d = draw(&mut card, 100, "tx");
-    let auth = psam.issue_debit(&d, TODAY, false).unwrap();
+    let auth = security_card.issue_debit(&d, TODAY, false).unwrap();
     ok(&mut card, &commands::debit(&auth.command));
     assert_eq!(
         stale.atc, d.init.atc,
         "same counter: the old check was fooled"
     );
     assert_eq!(
-        psam.verify_not_debited(auth.command.psam_txn, &stale),
-        Err(PsamError::StaleProof)
+        security_card.verify_not_debited(auth.command.security_card_txn, &stale),
+        Err(SecurityCardError::StaleProof)
     );
     // A proof made after the DEBIT shows the counter moved.
     select(&mut card);
     let fresh = PurchaseInit::decode(&ok(&mut card, &commands::init_purchase(TODAY))).unwrap();
     assert!(
-        psam.verify_not_debited(auth.command.psam_txn, &fresh)
+        security_card
+            .verify_not_debited(auth.command.security_card_txn, &fresh)
             .is_err()
     );
 }

@@ -38,7 +38,7 @@ fn child_debit_loop() {
         return; // only runs as the child of the kill test
     };
     let mut card = VirtualCard::open(path.as_ref()).unwrap();
-    let mut psam = SecurityCard::new(9, issuer().purchase());
+    let mut security_card = SecurityCard::new(9, issuer().purchase());
     let today = Date::new(2026, 11, 21);
     for i in 0.. {
         ok(&mut card, &commands::select());
@@ -52,7 +52,7 @@ fn child_debit_loop() {
             amount: Money::new(1, Currency::EUR),
             init,
         };
-        let auth = psam.issue_debit(&draw, today, false).unwrap();
+        let auth = security_card.issue_debit(&draw, today, false).unwrap();
         ok(&mut card, &commands::debit(&auth.command));
     }
 }

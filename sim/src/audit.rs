@@ -593,7 +593,7 @@ pub fn audit(src: &Sources) -> Result<AuditReport, AuditError> {
 
     // ---------------------------------------------------------------- purchases
     let pay: Vec<(String, PayTxn)> = decode_all(&mut cx, &payment, "txn")?;
-    let psams: Vec<(String, SecurityCard)> = decode_all(&mut cx, &payment, "psam")?;
+    let security_cards: Vec<(String, SecurityCard)> = decode_all(&mut cx, &payment, "psam")?;
     let offers: BTreeMap<String, OfferRecord> = decode_all(&mut cx, &merchant, "offer")?
         .into_iter()
         .collect();
@@ -611,13 +611,13 @@ pub fn audit(src: &Sources) -> Result<AuditReport, AuditError> {
                 format!("stored under {k} but names {}", t.transaction_id),
             );
         }
-        if let Some(other) = pay_by_psam.insert((t.psam_id, t.psam_txn), t) {
+        if let Some(other) = pay_by_psam.insert((t.security_card_id, t.security_card_txn), t) {
             cx.broken(
                 "one sale per security-card transaction",
                 Some(&t.transaction_id),
                 format!(
                     "payment txn / security card {:X} txn {}",
-                    t.psam_id, t.psam_txn
+                    t.security_card_id, t.security_card_txn
                 ),
                 format!("also used by {}", other.transaction_id),
             );
@@ -630,7 +630,7 @@ pub fn audit(src: &Sources) -> Result<AuditReport, AuditError> {
         match t.state {
             PayState::Completed => {
                 *completed_by_psam
-                    .entry(t.psam_id)
+                    .entry(t.security_card_id)
                     .or_default()
                     .entry(t.amount.currency)
                     .or_default() += t.amount.minor;
@@ -648,7 +648,7 @@ pub fn audit(src: &Sources) -> Result<AuditReport, AuditError> {
             }
         }
     }
-    for (slot, card) in &psams {
+    for (slot, card) in &security_cards {
         for (c, tot) in &card.totals {
             cx.t(*c).security_cards += tot.amount;
             let done = completed_by_psam
@@ -773,7 +773,7 @@ pub fn audit(src: &Sources) -> Result<AuditReport, AuditError> {
                         format!("payment txn Completed / {}", card_name(t.card_id)),
                         format!(
                             "the sale of {} is completed but the card's full history has no debit for security card {:X} txn {}: value created",
-                            t.amount, t.psam_id, t.psam_txn
+                            t.amount, t.security_card_id, t.security_card_txn
                         ),
                     );
                 }

@@ -394,7 +394,7 @@ struct BoxTxn {
     merchant: String,
     state: String,
     atc: u32,
-    psam: Option<(i64, i64)>,
+    security_card: Option<(i64, i64)>,
 }
 
 fn box_txns(journal: &Path) -> Vec<BoxTxn> {
@@ -407,13 +407,13 @@ fn box_txns(journal: &Path) -> Vec<BoxTxn> {
         return Vec::new();
     };
     st.query_map([], |r| {
-        let psam: (Option<i64>, Option<i64>) = (r.get(4)?, r.get(5)?);
+        let security_card: (Option<i64>, Option<i64>) = (r.get(4)?, r.get(5)?);
         Ok(BoxTxn {
             txid: r.get(0)?,
             merchant: r.get(1)?,
             state: r.get(2)?,
             atc: r.get(3)?,
-            psam: psam.0.zip(psam.1),
+            security_card: security_card.0.zip(security_card.1),
         })
     })
     .map(|rows| rows.filter_map(Result::ok).collect())
@@ -707,7 +707,10 @@ fn scenario_2(name: &'static str, b_on: BOn) {
     let a_row = box_txn(&j1, &a.txid).unwrap();
     assert_eq!(a_row.merchant, ma, "{a_row:?}");
     assert_eq!(a_row.state, "draw_sent", "{a_row:?}");
-    assert_eq!(a_row.psam, None, "no debit command journaled: {a_row:?}");
+    assert_eq!(
+        a_row.security_card, None,
+        "no debit command journaled: {a_row:?}"
+    );
     assert_eq!(
         box_steps(&j1, &a.txid),
         ["accepted", "draw_sent"],
@@ -818,7 +821,10 @@ fn scenario_2(name: &'static str, b_on: BOn) {
         a_steps.iter().any(|s| s == "cancel_pending"),
         "A was cancelled with the card's proof: {a_steps:?}"
     );
-    assert_eq!(a_row.psam, None, "no security card under A: {a_row:?}");
+    assert_eq!(
+        a_row.security_card, None,
+        "no security card under A: {a_row:?}"
+    );
     let gw_a: GwTxn = he_get(&w.layout.journal(RoleName::Gateway), "gw", &a.txid).unwrap();
     assert!(
         gw_a.debit_response.is_none() && gw_a.receipt.is_none(),
@@ -858,7 +864,7 @@ fn scenario_2(name: &'static str, b_on: BOn) {
     let b_pay: PayTxn = he_get(&w.layout.journal(RoleName::Payment), "txn", &b).unwrap();
     assert_eq!(b_pay.state, PayState::Completed);
     assert_eq!(
-        (b_pay.psam_id, b_pay.psam_txn),
+        (b_pay.security_card_id, b_pay.security_card_txn),
         (b_rec.counterparty, b_rec.counterparty_txn),
         "B's log record is B's sale"
     );

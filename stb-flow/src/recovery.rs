@@ -55,7 +55,7 @@ pub struct InDoubt {
     /// for exactly this before DEBIT went out (001 [0082]).
     pub amount: Money,
     /// The security card's id and its transaction number, once the debit command arrived.
-    pub psam: Option<(u64, u32)>,
+    pub security_card: Option<(u64, u32)>,
     /// The journal has a `debit_sent` step: DEBIT may have reached the card.
     pub debit_sent: bool,
     /// The card's debit response, if it was journaled (`debit_responded`).
@@ -137,14 +137,14 @@ pub enum Resolution {
 /// currency. Without a journaled debit command (no security card known) nothing matches.
 #[must_use]
 pub fn log_matches(txn: &InDoubt, card_id: u64, r: &LogRecord) -> bool {
-    let Some((psam_id, psam_txn)) = txn.psam else {
+    let Some((security_card_id, security_card_txn)) = txn.security_card else {
         return false;
     };
     card_id == txn.card_id
         && r.kind == LogKind::Debit
         && r.atc == txn.atc
-        && r.counterparty == psam_id
-        && r.counterparty_txn == psam_txn
+        && r.counterparty == security_card_id
+        && r.counterparty_txn == security_card_txn
         && r.amount == txn.amount.minor
         && r.currency == txn.amount.currency
 }

@@ -203,7 +203,11 @@ impl Journal {
             if let Step::DebitCommandReceived { command } = step {
                 tx.execute(
                     "UPDATE txns SET psam_id = ?2, psam_txn = ?3 WHERE transaction_id = ?1",
-                    params![txid, command.psam_id as i64, command.psam_txn],
+                    params![
+                        txid,
+                        command.security_card_id as i64,
+                        command.security_card_txn
+                    ],
                 )?;
             }
         }
@@ -465,7 +469,17 @@ impl Journal {
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (txid, offer, card_id, atc, psam_id, psam_txn, state, debit_sent, response) = row?;
+            let (
+                txid,
+                offer,
+                card_id,
+                atc,
+                security_card_id,
+                security_card_txn,
+                state,
+                debit_sent,
+                response,
+            ) = row?;
             let offer: Offer = postcard::from_bytes(&offer).map_err(|e| JournalError::Corrupt {
                 txid: txid.clone(),
                 what: "offer",
@@ -486,7 +500,9 @@ impl Journal {
                     card_id: card_id as u64,
                     atc,
                     amount: offer.amount,
-                    psam: psam_id.zip(psam_txn).map(|(i, n)| (i as u64, n)),
+                    security_card: security_card_id
+                        .zip(security_card_txn)
+                        .map(|(i, n)| (i as u64, n)),
                     debit_sent,
                     response,
                 },
@@ -556,14 +572,14 @@ mod tests {
             assert!(j.in_doubt().unwrap().is_empty());
             j.record("t1", &Step::DrawSent).unwrap();
             let cmd = DebitCommand {
-                psam_id: 7,
-                psam_txn: 3,
+                security_card_id: 7,
+                security_card_txn: 3,
                 card_id: 9,
                 atc: 4,
                 amount: 250,
                 currency: Currency::EUR,
                 date: Date::new(2026, 11, 21),
-                psam_signature: [0; 8],
+                security_card_signature: [0; 8],
             };
             j.record("t1", &Step::DebitCommandReceived { command: cmd })
                 .unwrap();
@@ -581,7 +597,7 @@ mod tests {
         let mut j = Journal::open(dir.path()).unwrap();
         let p = j.in_doubt().unwrap();
         assert_eq!(p.len(), 1);
-        assert_eq!(p[0].txn.psam, Some((7, 3)));
+        assert_eq!(p[0].txn.security_card, Some((7, 3)));
         assert_eq!((p[0].txn.card_id, p[0].txn.atc), (9, 4));
         assert_eq!(p[0].state, "debit_sent");
         assert_eq!(p[0].offer, offer("t1"));
@@ -618,14 +634,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut j = Journal::open(dir.path()).unwrap();
         let cmd = DebitCommand {
-            psam_id: 7,
-            psam_txn: 3,
+            security_card_id: 7,
+            security_card_txn: 3,
             card_id: 9,
             atc: 4,
             amount: 250,
             currency: Currency::EUR,
             date: Date::new(2026, 11, 21),
-            psam_signature: [0; 8],
+            security_card_signature: [0; 8],
         };
         let response = DebitResponse {
             card_id: 9,
@@ -633,8 +649,8 @@ mod tests {
             amount: 250,
             currency: Currency::EUR,
             new_balance: 750,
-            psam_id: 7,
-            psam_txn: 3,
+            security_card_id: 7,
+            security_card_txn: 3,
             card_signature: [5; 8],
         };
         for t in ["drawn", "commanded", "sent", "responded"] {
@@ -683,11 +699,14 @@ mod tests {
                 .clone()
         };
         assert_eq!(
-            (by("drawn").txn.debit_sent, by("drawn").txn.psam),
+            (by("drawn").txn.debit_sent, by("drawn").txn.security_card),
             (false, None)
         );
         assert_eq!(
-            (by("commanded").txn.debit_sent, by("commanded").txn.psam),
+            (
+                by("commanded").txn.debit_sent,
+                by("commanded").txn.security_card
+            ),
             (false, Some((7, 3)))
         );
         assert!(by("sent").txn.debit_sent && by("sent").txn.response.is_none());

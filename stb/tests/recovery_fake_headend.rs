@@ -141,7 +141,7 @@ async fn scenario_2_a_draw_without_debit_is_cancelled_with_proof_not_matched_by_
     b.kill().await;
     let pending = journal(dir.path()).in_doubt().unwrap();
     assert_eq!(pending.len(), 1);
-    assert!(!pending[0].txn.debit_sent && pending[0].txn.psam.is_none());
+    assert!(!pending[0].txn.debit_sent && pending[0].txn.security_card.is_none());
     let a_atc = pending[0].txn.atc;
 
     // Purchase B (4.99) on the same card debits with the same counter.

@@ -192,8 +192,8 @@ fn short_apdus_from_another_program_do_not_wedge_the_reader_or_stop_a_purchase()
         5_000 - 2 * 499,
         "two purchases on the card"
     );
-    assert_eq!(after.psam.0 - before.psam.0, 2);
-    assert_eq!(after.psam.1 - before.psam.1, 2 * 499);
+    assert_eq!(after.security_card.0 - before.security_card.0, 2);
+    assert_eq!(after.security_card.1 - before.security_card.1, 2 * 499);
     assert_eq!(after.releases.len() - before.releases.len(), 2);
     drop(rt);
 }

@@ -389,7 +389,7 @@ pin_key = "{pin_key}"
     let ledger = Ledger::read(&he, &[("buyer", buyer.card_path.as_path())]);
     let sold: u64 = bought.iter().map(|p| p.offer.amount.minor).sum::<u64>() + 499;
     assert_eq!(
-        ledger.psam,
+        ledger.security_card,
         (bought.len() as u64 + 1, sold),
         "security cards"
     );

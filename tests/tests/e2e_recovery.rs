@@ -29,7 +29,7 @@ use support::*;
 fn purchases_elsewhere(w: &World, n: u32, amount: u64) {
     let keys = headend::config::load_issuer_keys(&w.he.join("issuer-keys.toml"))
         .expect("the deployment's issuer keys");
-    let mut psam = SecurityCard::new(99, keys.purchase());
+    let mut security_card = SecurityCard::new(99, keys.purchase());
     let mut card = VirtualCard::open(&w.card).expect("the card file");
     let today = Date::new(2026, 11, 22);
     let data = |r: Vec<u8>| {
@@ -40,7 +40,7 @@ fn purchases_elsewhere(w: &World, n: u32, amount: u64) {
         data(card.process_apdu(&commands::select()));
         let init = PurchaseInit::decode(&data(card.process_apdu(&commands::init_purchase(today))))
             .expect("INITIALIZE answer");
-        let auth = psam
+        let auth = security_card
             .issue_debit(
                 &DrawData {
                     merchant_id: "elsewhere".into(),

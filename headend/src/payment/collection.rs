@@ -24,7 +24,8 @@ pub struct CollectionRecordLine {
     pub transaction_id: String,
     pub merchant_id: String,
     pub security_card: String,
-    pub psam_txn: u32,
+    #[serde(alias = "psam_txn")]
+    pub security_card_txn: u32,
     pub card_id: String,
     pub amount: u64,
     pub currency: u16,
@@ -73,12 +74,12 @@ impl PaymentServer {
                 .or_default();
             e.0 += 1;
             e.1 += t.amount.minor;
-            cards.insert(format!("{:X}", t.psam_id));
+            cards.insert(format!("{:X}", t.security_card_id));
             records.push(CollectionRecordLine {
                 transaction_id: t.transaction_id.clone(),
                 merchant_id: t.merchant_id.clone(),
-                security_card: format!("{:X}", t.psam_id),
-                psam_txn: t.psam_txn,
+                security_card: format!("{:X}", t.security_card_id),
+                security_card_txn: t.security_card_txn,
                 card_id: format!("{:016X}", t.card_id),
                 amount: t.amount.minor,
                 currency: t.amount.currency.code,

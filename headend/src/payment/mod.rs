@@ -23,7 +23,7 @@ use proto::crypto::{self, DesKey, MessageKeys};
 use proto::messages::*;
 use proto::money::Money;
 use proto::purse::{Date, MasterKey, PurchaseInit};
-use proto::security_card::{DrawData, PsamError, SecurityCard};
+use proto::security_card::{DrawData, SecurityCard, SecurityCardError};
 use rand::rngs::OsRng;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
@@ -50,8 +50,8 @@ pub struct PayTxn {
     pub embodiment: Embodiment,
     pub tsk: Option<DesKey>,
     pub slot: usize,
-    pub psam_id: u64,
-    pub psam_txn: u32,
+    pub security_card_id: u64,
+    pub security_card_txn: u32,
     pub amount: Money,
     pub card_id: u64,
     pub state: PayState,
@@ -119,21 +119,23 @@ pub fn today() -> Date {
     Date::new(d.year() as u16, d.month() as u8, d.day())
 }
 
-fn psam_error(e: &PsamError) -> ErrorCode {
+fn security_card_error(e: &SecurityCardError) -> ErrorCode {
     match e {
-        PsamError::BadCardData
-        | PsamError::BadCardSignature
-        | PsamError::UnknownKeyVersion { .. } => ErrorCode::BadSignature,
-        PsamError::WrongCurrency { .. } => ErrorCode::WrongCurrency,
-        PsamError::Expired => ErrorCode::Expired,
-        PsamError::InsufficientValue { .. } => ErrorCode::InsufficientValue,
-        PsamError::ResponseMismatch => ErrorCode::AmountMismatch,
-        PsamError::UnknownTransaction(_) => ErrorCode::UnknownTransaction,
-        PsamError::StaleProof | PsamError::CounterMoved { .. } => ErrorCode::ProofRejected,
-        PsamError::ZeroAmount => ErrorCode::Malformed,
-        PsamError::AlreadyCompleted(_) | PsamError::CounterExhausted | PsamError::NoKey => {
-            ErrorCode::Internal
+        SecurityCardError::BadCardData
+        | SecurityCardError::BadCardSignature
+        | SecurityCardError::UnknownKeyVersion { .. } => ErrorCode::BadSignature,
+        SecurityCardError::WrongCurrency { .. } => ErrorCode::WrongCurrency,
+        SecurityCardError::Expired => ErrorCode::Expired,
+        SecurityCardError::InsufficientValue { .. } => ErrorCode::InsufficientValue,
+        SecurityCardError::ResponseMismatch => ErrorCode::AmountMismatch,
+        SecurityCardError::UnknownTransaction(_) => ErrorCode::UnknownTransaction,
+        SecurityCardError::StaleProof | SecurityCardError::CounterMoved { .. } => {
+            ErrorCode::ProofRejected
         }
+        SecurityCardError::ZeroAmount => ErrorCode::Malformed,
+        SecurityCardError::AlreadyCompleted(_)
+        | SecurityCardError::CounterExhausted
+        | SecurityCardError::NoKey => ErrorCode::Internal,
     }
 }
 
@@ -183,16 +185,16 @@ impl PaymentServer {
         timeout: Duration,
         lease_timeout: Duration,
     ) -> Result<Arc<Self>, String> {
-        let mut psams = Vec::new();
+        let mut security_cards = Vec::new();
         for slot in 0..cards as usize {
-            let psam = match journal
-                .get(Kind::Psam, &slot_key(slot))
+            let security_card = match journal
+                .get(Kind::SecurityCard, &slot_key(slot))
                 .map_err(|e| e.to_string())?
             {
                 Some(b) => journal::decode::<SecurityCard>(&b)?.with_key(master.clone()),
                 None => SecurityCard::new(0x5A00_0000 + slot as u64, master.clone()),
             };
-            psams.push(Box::new(psam) as Box<dyn SecurityCardDevice>);
+            security_cards.push(Box::new(security_card) as Box<dyn SecurityCardDevice>);
         }
         let mut open = BTreeMap::new();
         let deadline = Instant::now() + timeout;
@@ -218,7 +220,7 @@ impl PaymentServer {
         Ok(Arc::new(Self {
             name: name.into(),
             journal,
-            pool: Pool::new(psams),
+            pool: Pool::new(security_cards),
             merchants,
             held: Default::default(),
             lease_timeout,
@@ -413,7 +415,7 @@ impl PaymentServer {
         };
         let auth = match card.issue_debit(&draw, today(), early) {
             Ok(a) => a,
-            Err(e) => return refuse(psam_error(&e), e.to_string(), Some(&txid)),
+            Err(e) => return refuse(security_card_error(&e), e.to_string(), Some(&txid)),
         };
         let expected = auth.expected_card_signature;
         let mut rng = OsRng;
@@ -433,7 +435,7 @@ impl PaymentServer {
                     &req.merchant_id,
                     body.amount,
                     card.id(),
-                    auth.command.psam_txn,
+                    auth.command.security_card_txn,
                     &mut rng,
                 )
             }),
@@ -457,8 +459,8 @@ impl PaymentServer {
             embodiment: m.def.embodiment,
             tsk,
             slot: lease.slot,
-            psam_id: card.id(),
-            psam_txn: auth.command.psam_txn,
+            security_card_id: card.id(),
+            security_card_txn: auth.command.security_card_txn,
             amount: body.amount,
             card_id: auth.command.card_id,
             state: PayState::DebitIssued,
@@ -469,12 +471,12 @@ impl PaymentServer {
             batch: None,
         };
         let saved = self.journal.atomically(|b| {
-            b.put(Kind::Psam, &slot_key(lease.slot), &card.snapshot())?;
+            b.put(Kind::SecurityCard, &slot_key(lease.slot), &card.snapshot())?;
             b.put(Kind::Txn, &txid, &journal::encode(&record))?;
             b.step(
                 &txid,
                 "debit command issued",
-                &format!("psam {:X} txn {}", card.id(), record.psam_txn),
+                &format!("psam {:X} txn {}", card.id(), record.security_card_txn),
             )
         });
         if let Err(e) = saved {
@@ -535,7 +537,7 @@ impl PaymentServer {
             );
         };
         let before = card.snapshot();
-        match card.complete(rec.psam_txn, &resp) {
+        match card.complete(rec.security_card_txn, &resp) {
             Ok(_) => {
                 let m = &self.merchants[&rec.merchant_id];
                 let derived = MessageKeys::derived(&m.key, &rec.merchant_id, &txid);
@@ -554,8 +556,8 @@ impl PaymentServer {
                         &txid,
                         &rec.merchant_id,
                         rec.amount,
-                        rec.psam_id,
-                        rec.psam_txn,
+                        rec.security_card_id,
+                        rec.security_card_txn,
                         &mut rng,
                     ),
                     debit_response: None,
@@ -564,9 +566,9 @@ impl PaymentServer {
                 rec.confirmation = Some(confirmation.clone());
                 rec.debit_response = Some(resp.clone());
                 // Settled: our record answers any repeat, so the card need not keep it.
-                card.forget(rec.psam_txn);
+                card.forget(rec.security_card_txn);
                 let saved = self.journal.atomically(|b| {
-                    b.put(Kind::Psam, &slot_key(rec.slot), &card.snapshot())?;
+                    b.put(Kind::SecurityCard, &slot_key(rec.slot), &card.snapshot())?;
                     b.put(Kind::Txn, &txid, &journal::encode(&rec))?;
                     b.step(&txid, "confirmed", "card signature verified")
                 });
@@ -581,8 +583,11 @@ impl PaymentServer {
             }
             Err(e) => {
                 drop(card);
-                let code = psam_error(&e);
-                if matches!(e, PsamError::BadCardSignature | PsamError::ResponseMismatch) {
+                let code = security_card_error(&e);
+                if matches!(
+                    e,
+                    SecurityCardError::BadCardSignature | SecurityCardError::ResponseMismatch
+                ) {
                     self.reverse(&txid, "bad card signature").await;
                 }
                 refuse(code, format!("debit response refused: {e}"), Some(&txid))
@@ -618,7 +623,7 @@ impl PaymentServer {
             return false;
         };
         let before = card.snapshot();
-        if let Err(e) = card.reverse(rec.psam_txn) {
+        if let Err(e) = card.reverse(rec.security_card_txn) {
             tracing::error!(txid, error = %e, "security card refused the reversal");
             return false;
         }
@@ -634,7 +639,7 @@ impl PaymentServer {
             reason: why.into(),
         };
         let saved = self.journal.atomically(|b| {
-            b.put(Kind::Psam, &slot_key(rec.slot), &card.snapshot())?;
+            b.put(Kind::SecurityCard, &slot_key(rec.slot), &card.snapshot())?;
             b.put(Kind::Txn, txid, &journal::encode(&rec))?;
             b.put(
                 Kind::Reversal,
@@ -705,7 +710,7 @@ impl PaymentServer {
                         Some(&txid),
                     );
                 };
-                card.verify_not_debited(rec.psam_txn, p)
+                card.verify_not_debited(rec.security_card_txn, p)
                     .map_err(|e| format!("the proof does not verify: {e}"))
             }
             Some(_) => Err("the proof is from another card".to_string()),
@@ -815,8 +820,8 @@ fn result_m(
     txid: &str,
     merchant_id: &str,
     amount: Money,
-    psam_id: u64,
-    psam_txn: u32,
+    security_card_id: u64,
+    security_card_txn: u32,
     rng: &mut OsRng,
 ) -> Vec<u8> {
     let m = DebitResultM {
@@ -824,8 +829,8 @@ fn result_m(
         merchant_id: merchant_id.into(),
         amount,
         success: true,
-        psam_id,
-        psam_txn,
+        security_card_id,
+        security_card_txn,
     };
     crypto::seal(derived, &journal::encode(&m), rng)
 }

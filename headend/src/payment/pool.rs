@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use proto::money::Currency;
 use proto::purse::{Date, DebitResponse, PurchaseInit};
-use proto::security_card::{DebitAuthorization, DrawData, PsamError, SecurityCard, Totals};
+use proto::security_card::{DebitAuthorization, DrawData, SecurityCard, SecurityCardError, Totals};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::journal;
@@ -27,13 +27,21 @@ pub trait SecurityCardDevice: Send {
         draw: &DrawData,
         today: Date,
         early_release: bool,
-    ) -> Result<DebitAuthorization, PsamError>;
+    ) -> Result<DebitAuthorization, SecurityCardError>;
     /// Verifies the card signature and records the sale (FIG. 4; a late proof too).
-    fn complete(&mut self, psam_txn: u32, resp: &DebitResponse) -> Result<(), PsamError>;
-    fn reverse(&mut self, psam_txn: u32) -> Result<(), PsamError>;
-    fn verify_not_debited(&self, psam_txn: u32, proof: &PurchaseInit) -> Result<(), PsamError>;
+    fn complete(
+        &mut self,
+        security_card_txn: u32,
+        resp: &DebitResponse,
+    ) -> Result<(), SecurityCardError>;
+    fn reverse(&mut self, security_card_txn: u32) -> Result<(), SecurityCardError>;
+    fn verify_not_debited(
+        &self,
+        security_card_txn: u32,
+        proof: &PurchaseInit,
+    ) -> Result<(), SecurityCardError>;
     /// Drops a settled transaction once the payment server has journaled it.
-    fn forget(&mut self, psam_txn: u32) -> bool;
+    fn forget(&mut self, security_card_txn: u32) -> bool;
     fn totals(&self) -> BTreeMap<Currency, Totals>;
     /// The card's state for the journal (a hardware card keeps its own: empty), and back.
     fn snapshot(&self) -> Vec<u8>;
@@ -49,20 +57,28 @@ impl SecurityCardDevice for SecurityCard {
         draw: &DrawData,
         today: Date,
         early_release: bool,
-    ) -> Result<DebitAuthorization, PsamError> {
+    ) -> Result<DebitAuthorization, SecurityCardError> {
         SecurityCard::issue_debit(self, draw, today, early_release)
     }
-    fn complete(&mut self, psam_txn: u32, resp: &DebitResponse) -> Result<(), PsamError> {
-        SecurityCard::complete(self, psam_txn, resp).map(|_| ())
+    fn complete(
+        &mut self,
+        security_card_txn: u32,
+        resp: &DebitResponse,
+    ) -> Result<(), SecurityCardError> {
+        SecurityCard::complete(self, security_card_txn, resp).map(|_| ())
     }
-    fn reverse(&mut self, psam_txn: u32) -> Result<(), PsamError> {
-        SecurityCard::reverse(self, psam_txn)
+    fn reverse(&mut self, security_card_txn: u32) -> Result<(), SecurityCardError> {
+        SecurityCard::reverse(self, security_card_txn)
     }
-    fn verify_not_debited(&self, psam_txn: u32, proof: &PurchaseInit) -> Result<(), PsamError> {
-        SecurityCard::verify_not_debited(self, psam_txn, proof)
+    fn verify_not_debited(
+        &self,
+        security_card_txn: u32,
+        proof: &PurchaseInit,
+    ) -> Result<(), SecurityCardError> {
+        SecurityCard::verify_not_debited(self, security_card_txn, proof)
     }
-    fn forget(&mut self, psam_txn: u32) -> bool {
-        SecurityCard::forget(self, psam_txn)
+    fn forget(&mut self, security_card_txn: u32) -> bool {
+        SecurityCard::forget(self, security_card_txn)
     }
     fn totals(&self) -> BTreeMap<Currency, Totals> {
         self.totals.clone()

@@ -464,9 +464,9 @@ impl Split {
     }
 
     /// The security cards' totals (count, minor units) for `currency`, summed over the pool.
-    pub fn psam_totals(&self, currency: Currency) -> (u64, u64) {
+    pub fn security_card_totals(&self, currency: Currency) -> (u64, u64) {
         self.journal(R::Payment)
-            .all(Kind::Psam)
+            .all(Kind::SecurityCard)
             .unwrap()
             .iter()
             .map(|(_, b)| journal::decode::<SecurityCard>(b).unwrap().total(currency))

@@ -36,7 +36,7 @@ pub fn card_with(balance: u64, max: u64) -> PurseCard {
     PurseCard::new(CardState::personalise(&spec, &issuer()), 99)
 }
 
-pub fn psam() -> SecurityCard {
+pub fn security_card() -> SecurityCard {
     SecurityCard::new(0xAA01, issuer().purchase())
 }
 
@@ -96,14 +96,16 @@ pub fn init_load(card: &mut PurseCard, amount: u64, ts: u64) -> Result<LoadInit,
 /// A full purchase through the security card (FIG. 4 comparison). Returns the response.
 pub fn purchase(
     card: &mut PurseCard,
-    psam: &mut SecurityCard,
+    security_card: &mut SecurityCard,
     amount: u64,
     txid: &str,
 ) -> DebitResponse {
     let d = draw(card, amount, txid);
-    let auth = psam.issue_debit(&d, TODAY, false).unwrap();
+    let auth = security_card.issue_debit(&d, TODAY, false).unwrap();
     let resp = DebitResponse::decode(&ok(card, &commands::debit(&auth.command))).unwrap();
-    psam.complete(auth.command.psam_txn, &resp).unwrap();
+    security_card
+        .complete(auth.command.security_card_txn, &resp)
+        .unwrap();
     resp
 }
 

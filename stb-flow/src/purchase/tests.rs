@@ -131,23 +131,28 @@ fn to_viewer(card: &mut PurseCard, offer: Offer) -> (Purchase, Vec<Action>) {
 }
 
 /// The security card's side of a draw request.
-fn debit_command(psam: &mut SecurityCard, draw: &Message, tsk: Option<&DesKey>) -> DebitCommand {
+fn debit_command(
+    security_card: &mut SecurityCard,
+    draw: &Message,
+    tsk: Option<&DesKey>,
+) -> DebitCommand {
     let Message::DrawRequest(d) = draw else {
         panic!("{draw:?}")
     };
     let body = d.body.open(tsk).unwrap();
-    psam.issue_debit(
-        &DrawData {
-            merchant_id: d.merchant_id.clone(),
-            transaction_id: d.transaction_id.clone(),
-            amount: body.amount,
-            init: body.init,
-        },
-        TODAY,
-        false,
-    )
-    .unwrap()
-    .command
+    security_card
+        .issue_debit(
+            &DrawData {
+                merchant_id: d.merchant_id.clone(),
+                transaction_id: d.transaction_id.clone(),
+                amount: body.amount,
+                init: body.init,
+            },
+            TODAY,
+            false,
+        )
+        .unwrap()
+        .command
 }
 
 fn command_msg(c: DebitCommand, tsk: Option<&DesKey>) -> Message {
@@ -205,7 +210,7 @@ fn cancel_of(actions: &[Action]) -> &CancelMsg {
 fn happy_path_debits_the_card_and_journals_every_step_first() {
     for tsk in [None, Some(DesKey::new([0x5B; 16]))] {
         let mut c = card();
-        let mut psam = SecurityCard::new(3, issuer().purchase());
+        let mut security_card = SecurityCard::new(3, issuer().purchase());
         let (mut p, draw, a) = accepted(&mut c, tsk.clone());
         assert!(matches!(
             journal_steps(&a)[..],
@@ -232,7 +237,7 @@ fn happy_path_debits_the_card_and_journals_every_step_first() {
             };
             assert!(matches!(d.body, Protected::Sealed(_)));
         }
-        let cmd = debit_command(&mut psam, &draw, tsk.as_ref());
+        let cmd = debit_command(&mut security_card, &draw, tsk.as_ref());
         let a = p.handle(Input::Answer(command_msg(cmd.clone(), tsk.as_ref())));
         assert!(matches!(
             journal_steps(&a)[..],
@@ -252,7 +257,9 @@ fn happy_path_debits_the_card_and_journals_every_step_first() {
                 Step::DebitResponded { .. }
             ]
         ));
-        psam.complete(cmd.psam_txn, &resp).unwrap();
+        security_card
+            .complete(cmd.security_card_txn, &resp)
+            .unwrap();
         let a = p.handle(Input::Answer(receipt(true)));
         assert!(matches!(journal_steps(&a)[..], [Step::Completed { .. }]));
         assert!(
@@ -421,9 +428,9 @@ fn viewer_back_and_timeout_cancel_without_journal() {
 #[test]
 fn amount_mismatch_aborts_journals_cancels_with_proof_and_tells_the_viewer() {
     let mut c = card();
-    let mut psam = SecurityCard::new(3, issuer().purchase());
+    let mut security_card = SecurityCard::new(3, issuer().purchase());
     let (mut p, draw, _) = accepted(&mut c, None);
-    let mut cmd = debit_command(&mut psam, &draw, None);
+    let mut cmd = debit_command(&mut security_card, &draw, None);
     cmd.amount = 2_500;
     let a = p.handle(Input::Answer(command_msg(cmd, None)));
     assert!(matches!(
@@ -460,9 +467,9 @@ fn amount_mismatch_aborts_journals_cancels_with_proof_and_tells_the_viewer() {
 #[test]
 fn debit_command_for_another_card_or_unreadable_is_cancelled() {
     let mut c = card();
-    let mut psam = SecurityCard::new(3, issuer().purchase());
+    let mut security_card = SecurityCard::new(3, issuer().purchase());
     let (mut p, draw, _) = accepted(&mut c, None);
-    let mut cmd = debit_command(&mut psam, &draw, None);
+    let mut cmd = debit_command(&mut security_card, &draw, None);
     cmd.atc += 1;
     let a = feed(&mut p, &mut c, Input::Answer(command_msg(cmd, None)));
     assert_eq!(cancel_of(&a).reason, CancelReason::NotDebited);
@@ -471,7 +478,7 @@ fn debit_command_for_another_card_or_unreadable_is_cancelled() {
     let tsk = DesKey::new([0x5B; 16]);
     let mut c = card();
     let (mut p, draw, _) = accepted(&mut c, Some(tsk.clone()));
-    let cmd = debit_command(&mut psam, &draw, Some(&tsk));
+    let cmd = debit_command(&mut security_card, &draw, Some(&tsk));
     let a = feed(&mut p, &mut c, Input::Answer(command_msg(cmd, None)));
     assert_eq!(cancel_of(&a).reason, CancelReason::NotDebited);
     assert!(cancel_of(&a).proof.is_some());
@@ -511,10 +518,10 @@ fn network_loss_after_the_draw_is_in_doubt() {
 #[test]
 fn card_refusing_debit_is_cancelled_with_proof() {
     let mut c = card();
-    let mut psam = SecurityCard::new(3, issuer().purchase());
+    let mut security_card = SecurityCard::new(3, issuer().purchase());
     let (mut p, draw, _) = accepted(&mut c, None);
-    let mut cmd = debit_command(&mut psam, &draw, None);
-    cmd.psam_signature[0] ^= 1;
+    let mut cmd = debit_command(&mut security_card, &draw, None);
+    cmd.security_card_signature[0] ^= 1;
     let a = feed(&mut p, &mut c, Input::Answer(command_msg(cmd, None)));
     assert_eq!(c.state.balance, 1000);
     assert_eq!(cancel_of(&a).reason, CancelReason::NotDebited);
@@ -541,12 +548,12 @@ fn the_flow_s_cancel_is_closed_only_by_an_answer_that_settles_it() {
         (true, error(ErrorCode::Busy), false),
     ] {
         let mut c = card();
-        let mut psam = SecurityCard::new(3, issuer().purchase());
+        let mut security_card = SecurityCard::new(3, issuer().purchase());
         let (mut p, draw, _) = accepted(&mut c, None);
-        let mut cmd = debit_command(&mut psam, &draw, None);
+        let mut cmd = debit_command(&mut security_card, &draw, None);
         if debit_sent {
             // A bad signature: the card refuses DEBIT after the box journaled DebitSent.
-            cmd.psam_signature[0] ^= 1;
+            cmd.security_card_signature[0] ^= 1;
         } else {
             cmd.amount += 1;
         }
@@ -578,9 +585,9 @@ fn the_flow_s_cancel_is_closed_only_by_an_answer_that_settles_it() {
 #[test]
 fn card_lost_during_debit_or_confirmation_lost_is_in_doubt() {
     let mut c = card();
-    let mut psam = SecurityCard::new(3, issuer().purchase());
+    let mut security_card = SecurityCard::new(3, issuer().purchase());
     let (mut p, draw, _) = accepted(&mut c, None);
-    let cmd = debit_command(&mut psam, &draw, None);
+    let cmd = debit_command(&mut security_card, &draw, None);
     let _ = p.handle(Input::Answer(command_msg(cmd, None)));
     let a = p.handle(Input::Card(Err("card removed".into())));
     assert!(matches!(outcome(&a), Some(Outcome::InDoubt { .. })));
@@ -590,9 +597,9 @@ fn card_lost_during_debit_or_confirmation_lost_is_in_doubt() {
         Input::Answer(error(ErrorCode::Internal)),
     ] {
         let mut c = card();
-        let mut psam = SecurityCard::new(3, issuer().purchase());
+        let mut security_card = SecurityCard::new(3, issuer().purchase());
         let (mut p, draw, _) = accepted(&mut c, None);
-        let cmd = debit_command(&mut psam, &draw, None);
+        let cmd = debit_command(&mut security_card, &draw, None);
         feed(&mut p, &mut c, Input::Answer(command_msg(cmd, None)));
         let a = p.handle(last);
         assert!(matches!(outcome(&a), Some(Outcome::InDoubt { .. })));
@@ -603,9 +610,9 @@ fn card_lost_during_debit_or_confirmation_lost_is_in_doubt() {
 #[test]
 fn receipt_not_released_is_paid_but_says_so() {
     let mut c = card();
-    let mut psam = SecurityCard::new(3, issuer().purchase());
+    let mut security_card = SecurityCard::new(3, issuer().purchase());
     let (mut p, draw, _) = accepted(&mut c, None);
-    let cmd = debit_command(&mut psam, &draw, None);
+    let cmd = debit_command(&mut security_card, &draw, None);
     feed(&mut p, &mut c, Input::Answer(command_msg(cmd, None)));
     let a = p.handle(Input::Answer(receipt(false)));
     assert!(
@@ -627,7 +634,7 @@ fn a_reset_or_a_foreign_select_while_the_viewer_decides_is_undone_by_selecting_a
     ];
     for meddle in ["reset", "select"] {
         let mut c = card();
-        let mut psam = SecurityCard::new(3, issuer().purchase());
+        let mut security_card = SecurityCard::new(3, issuer().purchase());
         let (mut p, a) = to_viewer(&mut c, offer(250, None));
         assert!(matches!(a.last(), Some(Action::Show(Show::Offer(_)))));
         match meddle {
@@ -654,7 +661,7 @@ fn a_reset_or_a_foreign_select_while_the_viewer_decides_is_undone_by_selecting_a
             journal_steps(&a)[..],
             [Step::OfferAccepted { init: j, .. }, Step::DrawSent] if j == init
         ));
-        let cmd = debit_command(&mut psam, &draw, None);
+        let cmd = debit_command(&mut security_card, &draw, None);
         let a = feed(&mut p, &mut c, Input::Answer(command_msg(cmd, None)));
         assert!(
             matches!(sent(&a), Some(Message::DebitResponse(_))),

@@ -12,7 +12,7 @@ use rand::SeedableRng;
 
 const CARD: u64 = 9;
 
-fn rec(atc: u32, psam: u64, n: u32, amount: u64) -> LogRecord {
+fn rec(atc: u32, security_card: u64, n: u32, amount: u64) -> LogRecord {
     LogRecord {
         kind: LogKind::Debit,
         atc,
@@ -20,19 +20,19 @@ fn rec(atc: u32, psam: u64, n: u32, amount: u64) -> LogRecord {
         currency: Currency::EUR,
         balance_after: 750,
         date: Date::new(2026, 11, 21),
-        counterparty: psam,
+        counterparty: security_card,
         counterparty_txn: n,
         signature: [7; 8],
     }
 }
 
-fn txn(debit_sent: bool, psam: Option<(u64, u32)>) -> InDoubt {
+fn txn(debit_sent: bool, security_card: Option<(u64, u32)>) -> InDoubt {
     InDoubt {
         transaction_id: "t1".into(),
         card_id: CARD,
         atc: 4,
         amount: Money::new(399, Currency::EUR),
-        psam,
+        security_card,
         debit_sent,
         response: None,
     }
@@ -45,8 +45,8 @@ fn response() -> DebitResponse {
         amount: 399,
         currency: Currency::EUR,
         new_balance: 601,
-        psam_id: 1,
-        psam_txn: 2,
+        security_card_id: 1,
+        security_card_txn: 2,
         card_signature: [9; 8],
     }
 }
@@ -97,13 +97,16 @@ fn no_log_search_when_debit_was_never_sent() {
     // Even a record that matches in every field cannot be this purchase's: DEBIT never left
     // the box (state draw_sent or debit_command).
     let exact = [rec(4, 1, 2, 399)];
-    for psam in [None, Some((1, 2))] {
+    for security_card in [None, Some((1, 2))] {
         assert_eq!(
-            plan(&txn(false, psam), Some(CardSeen::new(CARD, &exact))),
+            plan(
+                &txn(false, security_card),
+                Some(CardSeen::new(CARD, &exact))
+            ),
             Plan::CancelWithProof {
                 evidence: DebitEvidence::NeverSent
             },
-            "{psam:?}"
+            "{security_card:?}"
         );
     }
 }
@@ -149,8 +152,8 @@ fn a_debit_with_the_same_counter_but_another_security_card_transaction_or_amount
                 r.card_id,
                 r.atc,
                 r.amount,
-                r.psam_id,
-                r.psam_txn,
+                r.security_card_id,
+                r.security_card_txn,
                 r.card_signature
             ),
             (CARD, 4, 399, 1, 2, [7; 8])
@@ -194,7 +197,7 @@ fn scenario_2_a_draw_without_debit_is_not_matched_to_the_next_purchase_with_the_
         },
     };
     let mut card = PurseCard::new(CardState::personalise(&spec, &issuer), 7);
-    let mut psam = SecurityCard::new(5, issuer.purchase());
+    let mut security_card = SecurityCard::new(5, issuer.purchase());
     let today = Date::new(2026, 11, 21);
     let ok = |r: Vec<u8>| r[..r.len() - 2].to_vec();
     let init = |card: &mut PurseCard| {
@@ -206,7 +209,7 @@ fn scenario_2_a_draw_without_debit_is_not_matched_to_the_next_purchase_with_the_
     // B: INITIALIZE (same counter: A never debited), debit command, DEBIT.
     let init_b = init(&mut card);
     assert_eq!(init_a.atc, init_b.atc);
-    let auth = psam
+    let auth = security_card
         .issue_debit(
             &DrawData {
                 merchant_id: "cable".into(),
@@ -232,7 +235,7 @@ fn scenario_2_a_draw_without_debit_is_not_matched_to_the_next_purchase_with_the_
         card_id: 42,
         atc: init_a.atc,
         amount: Money::new(399, Currency::EUR),
-        psam: None,
+        security_card: None,
         debit_sent: false,
         response: None,
     };
@@ -245,7 +248,7 @@ fn scenario_2_a_draw_without_debit_is_not_matched_to_the_next_purchase_with_the_
     // Even had A's journal said DEBIT went out (with its own security-card transaction),
     // B's record is not A's.
     let a_sent = InDoubt {
-        psam: Some((5, auth.command.psam_txn + 1)),
+        security_card: Some((5, auth.command.security_card_txn + 1)),
         debit_sent: true,
         ..a
     };

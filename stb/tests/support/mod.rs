@@ -112,7 +112,7 @@ pub struct Quirks {
 #[derive(Default)]
 pub struct Books {
     pub offers: HashMap<String, Offer>,
-    pub psam_txn: HashMap<String, u32>,
+    pub security_card_txn: HashMap<String, u32>,
     pub debit_responses: HashMap<String, u32>,
     pub released: HashMap<String, u32>,
     pub cancels: Vec<CancelMsg>,
@@ -133,7 +133,7 @@ pub struct Books {
 pub struct FakeHeadEnd {
     pub addr: SocketAddr,
     pub books: Arc<Mutex<Books>>,
-    pub psam: Arc<Mutex<SecurityCard>>,
+    pub security_card: Arc<Mutex<SecurityCard>>,
     pub quirks: Arc<Mutex<Quirks>>,
     endpoint: quinn::Endpoint,
     stop: watch::Sender<bool>,
@@ -182,9 +182,9 @@ impl FakeHeadEnd {
         };
         let addr = endpoint.local_addr().unwrap();
         let books = Arc::new(Mutex::new(Books::default()));
-        let psam = Arc::new(Mutex::new(SecurityCard::new(77, issuer().purchase())));
+        let security_card = Arc::new(Mutex::new(SecurityCard::new(77, issuer().purchase())));
         let (stop, mut stop_rx) = watch::channel(false);
-        let (b, ps) = (books.clone(), psam.clone());
+        let (b, ps) = (books.clone(), security_card.clone());
         let quirks = Arc::new(Mutex::new(quirks));
         let (ep, qs) = (endpoint.clone(), quirks.clone());
         tokio::spawn(async move {
@@ -240,7 +240,7 @@ impl FakeHeadEnd {
         Self {
             addr,
             books,
-            psam,
+            security_card,
             quirks,
             endpoint,
             stop,
@@ -317,7 +317,7 @@ const TODAY: Date = Date::new(2026, 11, 22);
 
 fn answer(
     books: &Mutex<Books>,
-    psam: &Mutex<SecurityCard>,
+    security_card: &Mutex<SecurityCard>,
     quirks: &Mutex<Quirks>,
     msg: Message,
 ) -> Option<Message> {
@@ -375,7 +375,7 @@ fn answer(
             }
             let offer = b.offers.get(&d.transaction_id)?.clone();
             let body = d.body.open(offer.tsk.as_ref()).ok()?;
-            let auth = psam
+            let auth = security_card
                 .lock()
                 .unwrap()
                 .issue_debit(
@@ -400,8 +400,8 @@ fn answer(
                 }
             };
             command.amount += quirks.lock().unwrap().inflate;
-            b.psam_txn
-                .insert(d.transaction_id.clone(), command.psam_txn);
+            b.security_card_txn
+                .insert(d.transaction_id.clone(), command.security_card_txn);
             Message::DebitCommand(DebitCommandMsg {
                 transaction_id: d.transaction_id,
                 body: Protected::new(DebitCommandBody { command }, offer.tsk.as_ref(), &mut rng),
@@ -413,11 +413,11 @@ fn answer(
             }
             let offer = b.offers.get(&r.transaction_id)?.clone();
             let resp = r.body.open(offer.tsk.as_ref()).ok()?;
-            let n = *b.psam_txn.get(&r.transaction_id)?;
+            let n = *b.security_card_txn.get(&r.transaction_id)?;
             *b.debit_responses
                 .entry(r.transaction_id.clone())
                 .or_default() += 1;
-            let rec = psam.lock().unwrap().complete(n, &resp);
+            let rec = security_card.lock().unwrap().complete(n, &resp);
             if rec.is_err() {
                 return Some(Message::error(
                     ErrorCode::BadSignature,
@@ -465,8 +465,8 @@ fn answer(
             })
         }
         Message::Cancel(c) => {
-            if let Some(n) = b.psam_txn.get(&c.transaction_id).copied() {
-                let _ = psam.lock().unwrap().reverse(n);
+            if let Some(n) = b.security_card_txn.get(&c.transaction_id).copied() {
+                let _ = security_card.lock().unwrap().reverse(n);
             }
             b.cancels.push(c.clone());
             Message::Receipt(Receipt {
@@ -662,7 +662,7 @@ pub fn purchases_elsewhere(card: &Path, n: u32, amount: u64) {
     use proto::card::commands;
     use proto::purse::PurchaseInit;
     let mut c = VirtualCard::open(card).unwrap();
-    let mut psam = SecurityCard::new(88, issuer().purchase());
+    let mut security_card = SecurityCard::new(88, issuer().purchase());
     let data = |r: Vec<u8>| {
         assert!(r.ends_with(&[0x90, 0x00]), "card refused: {r:02X?}");
         r[..r.len() - 2].to_vec()
@@ -671,7 +671,7 @@ pub fn purchases_elsewhere(card: &Path, n: u32, amount: u64) {
         data(c.process_apdu(&commands::select()));
         let init =
             PurchaseInit::decode(&data(c.process_apdu(&commands::init_purchase(TODAY)))).unwrap();
-        let auth = psam
+        let auth = security_card
             .issue_debit(
                 &DrawData {
                     merchant_id: "elsewhere".into(),
@@ -738,9 +738,9 @@ pub fn journal_pending_load(dir: &Path, txid: &str, card_id: u64) {
 }
 
 /// Journals a purchase of card 4242 (counter 1, [`PRICE`]) that went in doubt after the
-/// draw: with `debit_sent`, the debit command (security card 77, transaction `psam_txn`) came
+/// draw: with `debit_sent`, the debit command (security card 77, transaction `security_card_txn`) came
 /// and DEBIT went to the card, but the card's answer was never journaled.
-pub fn journal_pending_purchase(dir: &Path, txid: &str, debit_sent: bool, psam_txn: u32) {
+pub fn journal_pending_purchase(dir: &Path, txid: &str, debit_sent: bool, security_card_txn: u32) {
     use proto::purse::{DebitCommand, PurchaseInit};
     use stb_flow::purchase::Step;
     let mut j = stb::journal::Journal::open(&dir.join("state")).unwrap();
@@ -778,14 +778,14 @@ pub fn journal_pending_purchase(dir: &Path, txid: &str, debit_sent: bool, psam_t
     j.record(txid, &Step::DrawSent).unwrap();
     if debit_sent {
         let command = DebitCommand {
-            psam_id: 77,
-            psam_txn,
+            security_card_id: 77,
+            security_card_txn,
             card_id: 4242,
             atc: 1,
             amount: PRICE,
             currency: Currency::EUR,
             date: TODAY,
-            psam_signature: [0; 8],
+            security_card_signature: [0; 8],
         };
         j.record(txid, &Step::DebitCommandReceived { command })
             .unwrap();

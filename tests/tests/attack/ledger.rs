@@ -52,7 +52,7 @@ fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> T {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Ledger {
     /// Security cards: sales counted (count, EUR minor units), summed over the pool.
-    pub psam: (u64, u64),
+    pub security_card: (u64, u64),
     /// Payment transactions: txid → state.
     pub payments: BTreeMap<String, String>,
     /// Merchant releases (goods handed out): txid → entitlement.
@@ -106,7 +106,7 @@ impl Ledger {
     /// Reads every journal of `he` and the named card files.
     pub fn read(he: &HeadEnd, cards: &[(&str, &Path)]) -> Ledger {
         let pay = he.journal("payment");
-        let psam = state(&pay, "psam").iter().fold((0, 0), |acc, (_, b)| {
+        let security_card = state(&pay, "psam").iter().fold((0, 0), |acc, (_, b)| {
             let c: proto::security_card::SecurityCard = decode(b);
             let t = c.total(Currency::EUR);
             (acc.0 + t.count, acc.1 + t.amount)
@@ -148,7 +148,7 @@ impl Ledger {
             })
             .collect();
         Ledger {
-            psam,
+            security_card,
             payments,
             releases,
             bank_accounts: accounts(&bank),
@@ -174,8 +174,11 @@ impl Ledger {
             .map(|(_, p)| p.offer.transaction_id.clone())
             .collect();
         assert_eq!(
-            after.psam,
-            (self.psam.0 + honest.len() as u64, self.psam.1 + sum),
+            after.security_card,
+            (
+                self.security_card.0 + honest.len() as u64,
+                self.security_card.1 + sum
+            ),
             "{what}: the security cards counted something besides the honest purchases"
         );
         let new_completed: BTreeSet<String> = after

@@ -74,14 +74,14 @@ pub fn every(card: &CardData, txid: &str, victim_box: &str, voucher: &str) -> Ve
         etsk: Some(vec![1; 24]),
     };
     let debit_command = DebitCommand {
-        psam_id: 0x5A00_0000,
-        psam_txn: 1,
+        security_card_id: 0x5A00_0000,
+        security_card_txn: 1,
         card_id: card.init.card_id,
         atc: card.init.atc,
         amount: 1,
         currency: Currency::EUR,
         date: super::boxes::today(),
-        psam_signature: mac,
+        security_card_signature: mac,
     };
     let debit_response = DebitResponse {
         card_id: card.init.card_id,
@@ -89,8 +89,8 @@ pub fn every(card: &CardData, txid: &str, victim_box: &str, voucher: &str) -> Ve
         amount: 1,
         currency: Currency::EUR,
         new_balance: card.purse.balance - 1,
-        psam_id: 0x5A00_0000,
-        psam_txn: 1,
+        security_card_id: 0x5A00_0000,
+        security_card_txn: 1,
         card_signature: mac,
     };
     let load_command = LoadCommand {

@@ -234,7 +234,7 @@ impl Shell {
     }
 }
 
-fn debit(atc: u32, psam: u64, n: u32, amount: u64) -> LogRecord {
+fn debit(atc: u32, security_card: u64, n: u32, amount: u64) -> LogRecord {
     LogRecord {
         kind: LogKind::Debit,
         atc,
@@ -242,7 +242,7 @@ fn debit(atc: u32, psam: u64, n: u32, amount: u64) -> LogRecord {
         currency: Currency::EUR,
         balance_after: 601,
         date: TODAY,
-        counterparty: psam,
+        counterparty: security_card,
         counterparty_txn: n,
         signature: [7; 8],
     }
@@ -263,14 +263,14 @@ fn offer() -> Offer {
     }
 }
 
-fn purchase(state: &str, debit_sent: bool, psam: Option<(u64, u32)>) -> PendingPurchase {
+fn purchase(state: &str, debit_sent: bool, security_card: Option<(u64, u32)>) -> PendingPurchase {
     PendingPurchase {
         txn: InDoubt {
             transaction_id: "t1".into(),
             card_id: CARD,
             atc: 4,
             amount: Money::new(399, Currency::EUR),
-            psam,
+            security_card,
             debit_sent,
             response: None,
         },
@@ -286,8 +286,8 @@ fn response() -> DebitResponse {
         amount: 399,
         currency: Currency::EUR,
         new_balance: 601,
-        psam_id: 5,
-        psam_txn: 2,
+        security_card_id: 5,
+        security_card_txn: 2,
         card_signature: [9; 8],
     }
 }
@@ -498,7 +498,7 @@ fn a_card_log_match_rebuilds_the_response_and_journals_it_before_sending() {
                 Action::Journal {
                     step: Step::Purchase(purchase::Step::DebitResponded { response }),
                     transaction_id,
-                } if transaction_id == "t1" && response.card_signature == [7; 8] && response.psam_txn == 2
+                } if transaction_id == "t1" && response.card_signature == [7; 8] && response.security_card_txn == 2
             )
         })
         .expect("the rebuilt response is journaled");
