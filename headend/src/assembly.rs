@@ -507,7 +507,7 @@ pub fn init_demo(dir: &Path, opts: &DemoOptions) -> Result<DemoFiles, String> {
         rng.fill_bytes(&mut k);
         proto::crypto::DesKey::new(k)
     };
-    let hex_of = |k: &proto::crypto::DesKey| format!("{}\n", hex::encode_upper(k.0));
+    let hex_of = |k: &proto::crypto::DesKey| format!("{}\n", hex::encode_upper(k.bytes()));
     let issuer = proto::purse::IssuerKeys {
         key_version: 1,
         purchase_master: new_key(),

@@ -18,6 +18,7 @@ use cbc::cipher::{
 use des::{Des, TdesEde2};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroize;
 
 /// A MAC (signature) value: the full 8-byte output of MAC algorithm 3.
 pub type Mac = [u8; 8];
@@ -34,9 +35,12 @@ pub enum CryptoError {
     KeyLength(usize),
 }
 
-/// A 2-key triple-DES key: K1 ‖ K2, each with odd parity.
+/// A 2-key triple-DES key: K1 ‖ K2, each with odd parity. Held as a
+/// [`crate::secret::Secret`]: its `Debug` is masked and it is wiped from memory on drop;
+/// [`DesKey::bytes`] is the one way in.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DesKey(pub [u8; 16]);
+#[serde(transparent)]
+pub struct DesKey(crate::secret::Secret<[u8; 16]>);
 
 impl std::fmt::Debug for DesKey {
     /// Keys never reach logs.
@@ -52,7 +56,14 @@ impl DesKey {
         for b in &mut k {
             *b = with_odd_parity(*b);
         }
-        Self(k)
+        let key = Self(crate::secret::Secret::new(k));
+        k.zeroize();
+        key
+    }
+
+    /// The key's 16 bytes (K1 ‖ K2), for the code that must use them (never for logs).
+    pub fn bytes(&self) -> &[u8; 16] {
+        self.0.expose()
     }
 
     pub fn from_slice(bytes: &[u8]) -> Result<Self, CryptoError> {
@@ -69,19 +80,19 @@ impl DesKey {
     }
 
     pub fn has_odd_parity(&self) -> bool {
-        self.0.iter().all(|b| b.count_ones() % 2 == 1)
+        self.bytes().iter().all(|b| b.count_ones() % 2 == 1)
     }
 
     fn k1(&self) -> Des {
-        Des::new_from_slice(&self.0[..8]).expect("8-byte DES key")
+        Des::new_from_slice(&self.bytes()[..8]).expect("8-byte DES key")
     }
 
     fn k2(&self) -> Des {
-        Des::new_from_slice(&self.0[8..]).expect("8-byte DES key")
+        Des::new_from_slice(&self.bytes()[8..]).expect("8-byte DES key")
     }
 
     fn tdes(&self) -> TdesEde2 {
-        TdesEde2::new_from_slice(&self.0).expect("16-byte TDES key")
+        TdesEde2::new_from_slice(self.bytes()).expect("16-byte TDES key")
     }
 
     /// Triple-DES (EDE, K1 K2 K1) encryption of one block.
@@ -182,7 +193,7 @@ pub fn seal(key: &DesKey, plaintext: &[u8], rng: &mut impl RngCore) -> Vec<u8> {
     let (enc, mac_key) = (key.derive(b"ENC", &[]), key.derive(b"MAC", &[]));
     let mut iv = [0u8; 8];
     rng.fill_bytes(&mut iv);
-    let ct = cbc::Encryptor::<TdesEde2>::new(&enc.0.into(), &iv.into())
+    let ct = cbc::Encryptor::<TdesEde2>::new(&(*enc.bytes()).into(), &iv.into())
         .encrypt_padded_vec_mut::<Iso7816>(plaintext);
     let mut out = Vec::with_capacity(8 + ct.len() + 8);
     out.extend_from_slice(&iv);
@@ -205,7 +216,7 @@ pub fn open(key: &DesKey, sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
     }
     let (iv, ct) = body.split_at(8);
     let iv: [u8; 8] = iv.try_into().map_err(|_| CryptoError::Malformed)?;
-    cbc::Decryptor::<TdesEde2>::new(&enc.0.into(), &iv.into())
+    cbc::Decryptor::<TdesEde2>::new(&(*enc.bytes()).into(), &iv.into())
         .decrypt_padded_vec_mut::<Iso7816>(ct)
         .map_err(|_| CryptoError::BadPadding)
 }
@@ -232,7 +243,7 @@ impl MessageKeys {
     /// Makes a TSK and its ETSK.
     pub fn new_tsk(derived: &DesKey, rng: &mut impl RngCore) -> (DesKey, Vec<u8>) {
         let tsk = DesKey::random(rng);
-        let etsk = seal(derived, &tsk.0, rng);
+        let etsk = seal(derived, tsk.bytes(), rng);
         (tsk, etsk)
     }
 
@@ -250,6 +261,16 @@ mod tests {
 
     fn h(s: &str) -> Vec<u8> {
         hex::decode(s.replace(' ', "")).unwrap()
+    }
+
+    #[test]
+    fn a_key_never_prints_its_bytes() {
+        let k = DesKey::new([0x5E; 16]);
+        let shown = format!("{k:?}");
+        assert_eq!(shown, "DesKey(..)");
+        assert!(!shown.contains("5E") && !shown.contains("94"), "{shown}");
+        // Its bytes are still the key's (odd parity forced), through the one way in.
+        assert_eq!(k.bytes()[0], with_odd_parity(0x5E));
     }
     fn h8(s: &str) -> [u8; 8] {
         h(s).try_into().unwrap()

@@ -171,7 +171,7 @@ impl MasterKeyFile {
     pub fn from_key(k: &MasterKey) -> Self {
         Self {
             key_version: k.key_version,
-            master: hex::encode_upper(k.key.0),
+            master: hex::encode_upper(k.key.bytes()),
         }
     }
 }
@@ -200,8 +200,8 @@ impl IssuerKeyFile {
     pub fn from_keys(k: &IssuerKeys) -> Self {
         Self {
             key_version: k.key_version,
-            purchase_master: hex::encode_upper(k.purchase_master.0),
-            load_master: hex::encode_upper(k.load_master.0),
+            purchase_master: hex::encode_upper(k.purchase_master.bytes()),
+            load_master: hex::encode_upper(k.load_master.bytes()),
         }
     }
 }

@@ -134,6 +134,24 @@ mod tests {
         std::fs::metadata(p).unwrap().permissions().mode() & 0o777
     }
 
+    /// A value that records being wiped.
+    struct Probe(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+    impl Zeroize for Probe {
+        fn zeroize(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_secret_is_wiped_when_dropped() {
+        let wiped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = Secret::new(Probe(wiped.clone()));
+        assert!(!wiped.load(std::sync::atomic::Ordering::SeqCst));
+        drop(s);
+        assert!(wiped.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
     #[test]
     fn secrets_print_a_mask() {
         let s = Secret::new("1234".to_string());

@@ -175,7 +175,7 @@ fn free_udp_port() -> Result<SocketAddr, String> {
 fn des_key_hex(rng: &mut impl RngCore) -> String {
     let mut k = [0u8; 16];
     rng.fill_bytes(&mut k);
-    hex::encode_upper(DesKey::new(k).0)
+    hex::encode_upper(DesKey::new(k).bytes())
 }
 
 fn toml_str(s: &str) -> String {

@@ -192,7 +192,7 @@ impl StbBox {
         let pin_key = dir.join("pin.key");
         proto::secret::write_private(
             &pin_key,
-            format!("{}\n", hex::encode_upper(spec.pin_key.0)).as_bytes(),
+            format!("{}\n", hex::encode_upper(spec.pin_key.bytes())).as_bytes(),
         )
         .map_err(|e| format!("{}: {e}", pin_key.display()))?;
         let state_dir = dir.join("state");

@@ -127,7 +127,7 @@ fn secrets(he: &HeadEnd, card_ids: &[u64], box_key: &Path) -> Vec<Secret> {
         for (what, key) in [("purchase", k.purchase), ("load", k.load)] {
             out.push(Secret {
                 name: format!("card {id:X}'s diversified {what} key"),
-                forms: key_forms(&key.0),
+                forms: key_forms(key.bytes()),
             });
         }
     }
