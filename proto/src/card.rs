@@ -131,6 +131,25 @@ pub struct CardSpec {
     pub expiry: Expiry,
 }
 
+impl CardSpec {
+    /// A card of the demo's programme (provider 7, valid to the end of 2099): card
+    /// `card_id` holding `balance` minor units of `currency`, at most `max_balance`. What
+    /// the demo, the simulators and the tests personalise.
+    pub fn demo(card_id: u64, currency: Currency, balance: u64, max_balance: u64) -> Self {
+        Self {
+            card_id,
+            provider_id: 7,
+            currency,
+            balance,
+            max_balance,
+            expiry: Expiry {
+                year: 2099,
+                month: 12,
+            },
+        }
+    }
+}
+
 impl CardState {
     /// Personalises a card: keys diversified from the issuer's master keys by card id.
     pub fn personalise(spec: &CardSpec, issuer: &IssuerKeys) -> Self {

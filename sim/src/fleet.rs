@@ -29,7 +29,7 @@ use proto::card::{CardSpec, CardState, PurseCard};
 use proto::crypto::DesKey;
 use proto::messages::LoadSource;
 use proto::money::Currency;
-use proto::purse::{Expiry, IssuerKeys, LogRecord};
+use proto::purse::{IssuerKeys, LogRecord};
 use proto::secret::Secret;
 use rand::Rng;
 use stb_flow::show::Refusal;
@@ -245,17 +245,7 @@ impl Device {
 
 /// A personalised card for a box spec.
 pub fn card_for(layout: &Layout, b: &BoxSpec) -> PurseCard {
-    let spec = CardSpec {
-        card_id: b.card_id,
-        provider_id: 7,
-        currency: b.currency,
-        balance: b.card_balance,
-        max_balance: b.card_max,
-        expiry: Expiry {
-            year: 2099,
-            month: 12,
-        },
-    };
+    let spec = CardSpec::demo(b.card_id, b.currency, b.card_balance, b.card_max);
     PurseCard::new(
         CardState::personalise(&spec, &layout.issuer),
         rand::random(),

@@ -27,7 +27,7 @@ use proto::card::{CardSpec, CardState, PurseCard, commands};
 use proto::crypto::DesKey;
 use proto::messages::{LoadSource, Message};
 use proto::money::Currency;
-use proto::purse::{Date, Expiry, IssuerKeys, PurseInfo};
+use proto::purse::{Date, IssuerKeys, PurseInfo};
 use proto::secret::Secret;
 use stb::daemon::exec::Driven;
 use stb::daemon::gateway::Gateway;
@@ -38,17 +38,7 @@ use stb_flow::{Action, CardReply, load, purchase};
 
 /// A card personalised under `issuer` with `balance` EUR cents (`max_balance` its ceiling).
 pub fn new_card(issuer: &IssuerKeys, card_id: u64, balance: u64, max_balance: u64) -> PurseCard {
-    let spec = CardSpec {
-        card_id,
-        provider_id: 7,
-        currency: Currency::EUR,
-        balance,
-        max_balance,
-        expiry: Expiry {
-            year: 2099,
-            month: 12,
-        },
-    };
+    let spec = CardSpec::demo(card_id, Currency::EUR, balance, max_balance);
     PurseCard::new(CardState::personalise(&spec, issuer), card_id)
 }
 

@@ -20,7 +20,6 @@ use headend::quic::BoxId;
 use proto::card::CardSpec;
 use proto::messages::{LoadSource, Message};
 use proto::money::Currency;
-use proto::purse::Expiry;
 use reader_drivers::vcard::VirtualCard;
 use reader_drivers::virtual_driver::VirtualDriver;
 use stb::config::Config;
@@ -68,17 +67,7 @@ async fn world() -> World {
     let card = dir.path().join("card.plvc");
     VirtualCard::create(
         &card,
-        &CardSpec {
-            card_id: 0xCA4D_0001,
-            provider_id: 7,
-            currency: Currency::EUR,
-            balance: START,
-            max_balance: 50_000,
-            expiry: Expiry {
-                year: 2099,
-                month: 12,
-            },
-        },
+        &CardSpec::demo(0xCA4D_0001, Currency::EUR, START, 50_000),
         &headend::config::load_issuer_keys(&files.issuer_keys).unwrap(),
     )
     .unwrap();

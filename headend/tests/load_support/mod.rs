@@ -127,17 +127,7 @@ pub fn new_card(
     max: u64,
     currency: Currency,
 ) -> PurseCard {
-    let spec = CardSpec {
-        card_id,
-        provider_id: 7,
-        currency,
-        balance,
-        max_balance: max,
-        expiry: Expiry {
-            year: 2099,
-            month: 12,
-        },
-    };
+    let spec = CardSpec::demo(card_id, currency, balance, max);
     PurseCard::new(CardState::personalise(&spec, &issuer_keys(cfg)), card_id)
 }
 

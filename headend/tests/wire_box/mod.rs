@@ -28,17 +28,7 @@ pub struct WireBox {
 
 /// A card personalised under `issuer` with `balance` EUR cents.
 pub fn new_card(issuer: &IssuerKeys, card_id: u64, balance: u64, max_balance: u64) -> PurseCard {
-    let spec = CardSpec {
-        card_id,
-        provider_id: 7,
-        currency: Currency::EUR,
-        balance,
-        max_balance,
-        expiry: Expiry {
-            year: 2099,
-            month: 12,
-        },
-    };
+    let spec = CardSpec::demo(card_id, Currency::EUR, balance, max_balance);
     PurseCard::new(CardState::personalise(&spec, issuer), card_id)
 }
 

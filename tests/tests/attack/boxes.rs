@@ -48,17 +48,7 @@ pub fn new_card(he: &HeadEnd, name: &str, card_id: u64, balance: u64) -> PathBuf
     let path = dir.join(format!("{name}.plvc"));
     VirtualCard::create(
         &path,
-        &CardSpec {
-            card_id,
-            provider_id: 7,
-            currency: Currency::EUR,
-            balance,
-            max_balance: 100_000,
-            expiry: Expiry {
-                year: 2099,
-                month: 12,
-            },
-        },
+        &CardSpec::demo(card_id, Currency::EUR, balance, 100_000),
         &he.issuer,
     )
     .expect("card file");
