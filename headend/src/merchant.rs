@@ -206,7 +206,7 @@ impl MerchantServer {
                 &format!("{} {} for {}", item.id, item.price(), rec.box_id),
             )
         }) {
-            return refuse(ErrorCode::Internal, format!("journal: {e}"), Some(&txid));
+            return crate::role::journal_failed(e, Some(&txid));
         }
         tracing::info!(txid, merchant = merchant_id, item = item_id, amount = %item.price(), "offer made");
         Message::Offer(offer)
@@ -333,7 +333,7 @@ impl MerchantServer {
             b.put(Kind::Entitlement, &entitlement, txid.as_bytes())?;
             b.step(&txid, "goods released", &entitlement)
         }) {
-            return refuse(ErrorCode::Internal, format!("journal: {e}"), Some(&txid));
+            return crate::role::journal_failed(e, Some(&txid));
         }
         tracing::info!(txid, entitlement, late, "goods released");
         Message::Receipt(receipt)

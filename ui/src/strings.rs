@@ -198,8 +198,14 @@ pub fn why_out_of_turn(request: &str, answer: &str) -> String {
 
 pub const WHY_UNUSABLE_OFFER: &str = "the head end sent an unusable offer";
 
-pub fn why_draw_refused(reason: &str) -> String {
-    format!("the payment server refused: {reason}")
+/// The draw request was refused; `head_end`: the head end itself could not take it now
+/// (its journal, a role unreachable, a timeout), not the payment server's decision.
+pub fn why_draw_refused(reason: &str, head_end: bool) -> String {
+    if head_end {
+        format!("the head end could not take it now: {reason}")
+    } else {
+        format!("the payment server refused: {reason}")
+    }
 }
 
 pub fn why_debit_command_unreadable(error: &str) -> String {

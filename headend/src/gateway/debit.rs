@@ -95,7 +95,7 @@ impl Gateway {
                     b.put(journal::Kind::Confirming, key, &journal::encode(&msg))?;
                     b.step(txid, &Step::ToPaymentServer.text(), "")
                 })
-                .map_err(|e| refuse(ErrorCode::Internal, format!("journal: {e}"), Some(txid)))?;
+                .map_err(|e| crate::role::journal_failed(e, Some(txid)))?;
         }
         let payment = &self.merchants[&t.merchant_id].payment;
         let c = match self

@@ -129,7 +129,7 @@ impl Gateway {
                 }
                 b.step(txid, &step.text(), "")
             })
-            .map_err(|e| refuse(ErrorCode::Internal, format!("journal: {e}"), Some(txid)))
+            .map_err(|e| crate::role::journal_failed(e, Some(txid)))
     }
 
     fn owned_load(&self, box_id: &str, txid: &str) -> Result<GwLoad, Message> {

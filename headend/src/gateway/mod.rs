@@ -346,13 +346,7 @@ impl Gateway {
                 }
                 b.step(txid, &step.text(), "")
             })
-            .map_err(|e| {
-                Box::new(refuse(
-                    ErrorCode::Internal,
-                    format!("journal: {e}"),
-                    Some(txid),
-                ))
-            })
+            .map_err(|e| Box::new(crate::role::journal_failed(e, Some(txid))))
     }
 
     /// Journals one step of a transaction before the gateway acts on it.
@@ -361,13 +355,9 @@ impl Gateway {
     /// The journal cannot be written: the `Internal` refusal to answer with — the act must
     /// not happen.
     fn step(&self, txid: &str, step: Step, detail: &str) -> Result<(), Box<Message>> {
-        self.journal.step(txid, &step.text(), detail).map_err(|e| {
-            Box::new(refuse(
-                ErrorCode::Internal,
-                format!("journal: {e}"),
-                Some(txid),
-            ))
-        })
+        self.journal
+            .step(txid, &step.text(), detail)
+            .map_err(|e| Box::new(crate::role::journal_failed(e, Some(txid))))
     }
 
     /// One request of `kind` from `box_id`, or the `RateLimited` refusal to send.

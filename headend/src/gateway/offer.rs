@@ -70,7 +70,7 @@ impl Gateway {
                 )?;
                 b.step(txid, &Step::OfferRelayed.text(), "")
             }) {
-                return refuse(ErrorCode::Internal, format!("journal: {e}"), Some(txid));
+                return crate::role::journal_failed(e, Some(txid));
             }
         }
         answer

@@ -38,7 +38,7 @@ impl Gateway {
                 }
                 b.step(txid, &step.text(), "")
             })
-            .map_err(|e| refuse(ErrorCode::Internal, format!("journal: {e}"), Some(txid)))?;
+            .map_err(|e| crate::role::journal_failed(e, Some(txid)))?;
         if notify.is_some() {
             self.wake_notifier.notify_one();
         }
@@ -95,7 +95,7 @@ impl Gateway {
                     b.delete(journal::Kind::Release, key)?;
                     b.step(&txid, &Step::ReceiptRelayed.text(), "")
                 }) {
-                    return refuse(ErrorCode::Internal, format!("journal: {e}"), Some(&txid));
+                    return crate::role::journal_failed(e, Some(&txid));
                 }
                 receipt
             }

@@ -147,7 +147,15 @@ pub fn refusal_reason(r: &Refusal) -> String {
         Refusal::OfferRefused { reason, .. } => reason.clone(),
         Refusal::OutOfTurn { to, answer } => s::why_out_of_turn(request(*to), answer),
         Refusal::UnusableOffer => s::WHY_UNUSABLE_OFFER.into(),
-        Refusal::DrawRefused { reason, .. } => s::why_draw_refused(reason),
+        Refusal::DrawRefused { code, reason } => s::why_draw_refused(
+            reason,
+            matches!(
+                code,
+                proto::messages::ErrorCode::Internal
+                    | proto::messages::ErrorCode::Busy
+                    | proto::messages::ErrorCode::Timeout
+            ),
+        ),
         Refusal::DebitCommandUnreadable { error } => s::why_debit_command_unreadable(error),
         Refusal::AmountMismatch { asked, offered } => {
             s::why_amount_mismatch(&money(*asked), &money(*offered))
@@ -276,6 +284,24 @@ mod tests {
                 flow: Flow::Purchase,
             })
             .contains("(tx-9) is still being settled")
+        );
+    }
+
+    #[test]
+    fn a_head_end_failure_is_not_blamed_on_the_payment_server() {
+        use proto::messages::ErrorCode;
+        let refusal = |code| Refusal::DrawRefused {
+            code,
+            reason: "journal unavailable; nothing was done, retry".into(),
+        };
+        assert_eq!(
+            refusal_reason(&refusal(ErrorCode::Internal)),
+            "the head end could not take it now: journal unavailable; nothing was done, retry"
+        );
+        assert!(refusal_reason(&refusal(ErrorCode::Busy)).starts_with("the head end could not"));
+        assert!(
+            refusal_reason(&refusal(ErrorCode::InsufficientFunds))
+                .starts_with("the payment server refused: ")
         );
     }
 
