@@ -238,8 +238,21 @@ impl Gateway {
     }
 }
 
-/// Runs `pass` until `shutdown`: again after 500 ms while it reports a backlog, else after
-/// 5 s or when `wake` fires.
+/// How long the background loop waits after `failing` passes in a row that left something
+/// to retry: 500 ms, doubling, at most 10 s — so a head end whose journal is full, or whose
+/// payment server is down, does not send the same message every half second for as long as
+/// it lasts. With nothing left to retry (`failing` 0) it is 5 s, or less when woken.
+pub(super) fn retry_wait(failing: u32) -> Duration {
+    if failing == 0 {
+        return Duration::from_secs(5);
+    }
+    Duration::from_millis(500)
+        .saturating_mul(1u32 << (failing - 1).min(10))
+        .min(Duration::from_secs(10))
+}
+
+/// Runs `pass` until `shutdown`: again after [`retry_wait`] while it reports a backlog (backing
+/// off while the backlog persists), else after 5 s or when `wake` fires.
 pub(super) async fn background<F, Fut>(
     wake: &tokio::sync::Notify,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
@@ -248,17 +261,36 @@ pub(super) async fn background<F, Fut>(
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
+    let mut failing = 0u32;
     loop {
         let backlog = pass().await;
-        let wait = if backlog {
-            Duration::from_millis(500)
+        failing = if backlog {
+            failing.saturating_add(1)
         } else {
-            Duration::from_secs(5)
+            0
         };
         tokio::select! {
             _ = wake.notified() => {}
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep(retry_wait(failing)) => {}
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retry_wait;
+    use std::time::Duration;
+
+    #[test]
+    fn a_persisting_backlog_is_retried_less_and_less_often() {
+        let ms = |n| retry_wait(n).as_millis();
+        assert_eq!(ms(0), 5_000);
+        assert_eq!(
+            (ms(1), ms(2), ms(3), ms(4), ms(5)),
+            (500, 1_000, 2_000, 4_000, 8_000)
+        );
+        assert_eq!(ms(6), 10_000);
+        assert_eq!(retry_wait(u32::MAX), Duration::from_secs(10));
     }
 }
