@@ -440,7 +440,9 @@ impl LoadServer {
                 (Some(r), _) if r.is_loaded() => "S3, loaded",
                 (Some(_), Some(_)) => "S3, negative result, zero-value S1",
                 (Some(_), None) => "S3, negative result",
-                (None, Some(_)) => "no response (card pulled), zero-value S1",
+                (None, Some(_)) => {
+                    "no load response (LOAD not run, or its answer lost), zero-value S1"
+                }
                 (None, None) => "empty",
             },
         ) {

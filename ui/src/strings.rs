@@ -323,8 +323,8 @@ pub fn in_doubt_purchase(why: &str) -> String {
 
 pub fn in_doubt_load(why: &str) -> String {
     format!(
-        "{why}; the load will be settled automatically when the card is back — it is never \
-         paid twice"
+        "{why}; the load will be settled automatically (with the card in the reader) — it is \
+         never paid twice"
     )
 }
 
