@@ -38,7 +38,7 @@ pub fn report(state_dir: &Path) -> Result<String, String> {
             "{role}: {steps} journaled steps; records: {}",
             kinds.join(", ")
         );
-        waiting(&j, &mut out)?;
+        waiting(&j, &role, &mut out)?;
         if let Ok(cards) = j.all(Kind::SecurityCard) {
             let mut totals: BTreeMap<String, (u64, u64)> = BTreeMap::new();
             for (_, b) in cards {
@@ -60,10 +60,18 @@ pub fn report(state_dir: &Path) -> Result<String, String> {
     Ok(out)
 }
 
-/// What waits in one journal: counts, and the operator's queue by transaction.
-fn waiting(j: &Journal, out: &mut String) -> Result<(), String> {
+/// What waits in one journal (`role`: its file's stem): counts, and the operator's queue by
+/// transaction. Kind `release` is the gateway's queue of releases still to deliver; in the
+/// merchant's journal the same kind records entitlements already released, which wait for
+/// nothing.
+fn waiting(j: &Journal, role: &str, out: &mut String) -> Result<(), String> {
     let count = |kind: Kind| j.all(kind).map(|v| v.len()).unwrap_or(0);
-    let (notify, release) = (count(Kind::Notify), count(Kind::Release));
+    let notify = count(Kind::Notify);
+    let release = if role == "merchant" {
+        0
+    } else {
+        count(Kind::Release)
+    };
     if notify + release > 0 {
         let _ = writeln!(
             out,
@@ -114,4 +122,29 @@ fn waiting(j: &Journal, out: &mut String) -> Result<(), String> {
         let _ = writeln!(out, "  open: {} holds ({sum} minor units)", held.len());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn released_goods_at_the_merchant_wait_for_nothing_but_the_gateways_queue_does() {
+        let dir = tempfile::tempdir().unwrap();
+        for role in ["gateway", "merchant"] {
+            let j = Journal::open(&dir.path().join(format!("{role}.sqlite"))).unwrap();
+            j.put(Kind::Release, "tx-1", b"x").unwrap();
+        }
+        let report = report(dir.path()).unwrap();
+        let waiting: Vec<&str> = report.lines().filter(|l| l.contains("waiting:")).collect();
+        assert_eq!(
+            waiting,
+            [
+                "  waiting: 0 debit responses for the payment server, 1 confirmations for the merchant"
+            ],
+            "{report}"
+        );
+        let gateway_block = report.split("merchant:").next().unwrap();
+        assert!(gateway_block.contains("1 confirmations"), "{report}");
+    }
 }
