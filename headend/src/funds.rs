@@ -13,6 +13,10 @@
 // nothing.
 #![allow(clippy::result_large_err)]
 
+pub mod step;
+
+use step::FundsStep;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -234,7 +238,11 @@ impl Funds {
                 journal
                     .atomically(|b| {
                         b.put(Kind::Account, &a.id, &journal::encode(&a))?;
-                        b.step(&a.id, "account opened", &a.opening_balance.to_string())
+                        b.step(
+                            &a.id,
+                            &FundsStep::AccountOpened,
+                            &a.opening_balance.to_string(),
+                        )
                     })
                     .map_err(|e| e.to_string())?;
             }
@@ -304,7 +312,7 @@ impl Funds {
         self.journal
             .atomically(|b| {
                 b.put(Kind::Account, account, &journal::encode(&a))?;
-                b.step(account, "unlocked by the operator", "")
+                b.step(account, &FundsStep::UnlockedByTheOperator, "")
             })
             .map_err(|e| e.to_string())?;
         tracing::info!(account, "account unlocked by the operator");
@@ -499,7 +507,7 @@ impl Funds {
             b.put(Kind::Offer, &txid, &journal::encode(&rec))?;
             b.step(
                 &txid,
-                "load offer made",
+                &FundsStep::LoadOfferMade,
                 &format!("{} max {max} ({limited_by})", a.id),
             )
         }) {
@@ -588,7 +596,7 @@ impl Funds {
         }
         if let Err(e) = self
             .journal
-            .step(&txid, "hold requested", &req.amount.to_string())
+            .step(&txid, &FundsStep::HoldRequested, &req.amount.to_string())
         {
             return journal_failed(e, t);
         }
@@ -625,7 +633,11 @@ impl Funds {
         if let Err(e) = self.journal.atomically(|b| {
             b.put(Kind::Account, &a.id, &journal::encode(&a))?;
             b.put(Kind::Hold, &txid, &journal::encode(&hold))?;
-            b.step(&txid, "hold placed", &format!("{} {}", a.id, req.amount))
+            b.step(
+                &txid,
+                &FundsStep::HoldPlaced,
+                &format!("{} {}", a.id, req.amount),
+            )
         }) {
             return journal_failed(e, t);
         }
@@ -683,13 +695,13 @@ impl Funds {
         a.wrong_pins = a.wrong_pins.saturating_add(1);
         a.locked = a.wrong_pins >= self.pin_tries;
         let step = if a.locked {
-            "wrong PIN: account locked"
+            FundsStep::WrongPINAccountLocked
         } else {
-            "wrong PIN"
+            FundsStep::WrongPIN
         };
         if let Err(e) = self.journal.atomically(|b| {
             b.put(Kind::Account, &a.id, &journal::encode(&*a))?;
-            b.step(txid, step, &a.wrong_pins.to_string())
+            b.step(txid, &step, &a.wrong_pins.to_string())
         }) {
             return Err(journal_failed(e, Some(txid)));
         }
@@ -787,9 +799,9 @@ impl Funds {
         hold.settled = Some(answer.clone());
         hold.confirmation = Some(c.sealed.clone());
         let step = if body.loaded {
-            "hold captured: moved to the issuer float"
+            FundsStep::HoldCapturedMovedToTheIssuerFloat
         } else {
-            "hold released"
+            FundsStep::HoldReleased
         };
         if let Err(e) = self.journal.atomically(|b| {
             b.put(Kind::Account, &a.id, &journal::encode(&a))?;
@@ -801,11 +813,11 @@ impl Funds {
                     &journal::encode(&Money::new(float, amount.currency)),
                 )?;
             }
-            b.step(&txid, step, &body.basis)
+            b.step(&txid, &step, &body.basis)
         }) {
             return journal_failed(e, t);
         }
-        tracing::info!(txid, account = %a.id, %amount, captured = body.loaded, basis = %body.basis, "{step}");
+        tracing::info!(txid, account = %a.id, %amount, captured = body.loaded, basis = %body.basis, "{}", step.as_str());
         answer
     }
 }

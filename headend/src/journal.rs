@@ -170,13 +170,22 @@ pub struct Batch<'a> {
     tx: rusqlite::Transaction<'a>,
 }
 
+/// A step a role journals (the `steps` table's `step` column): each role names its steps
+/// once, as an enum whose text is what is on disk and what operators read. Nothing decides
+/// by reading a step back; decisions read the records.
+pub trait StepText {
+    /// The step's text as journaled; it never changes for a variant.
+    fn text(&self) -> std::borrow::Cow<'static, str>;
+}
+
 impl Batch<'_> {
-    pub fn step(&self, txid: &str, step: &str, detail: &str) -> rusqlite::Result<()> {
+    /// Appends one step of `txid`, with `detail` (free text for people: amounts, reasons).
+    pub fn step(&self, txid: &str, step: &impl StepText, detail: &str) -> rusqlite::Result<()> {
         self.tx
             .prepare_cached(
                 "INSERT INTO steps (txid, step, detail, at) VALUES (?1, ?2, ?3, strftime('%Y-%m-%dT%H:%M:%f','now'))",
             )?
-            .execute(params![txid, step, detail])?;
+            .execute(params![txid, step.text().as_ref(), detail])?;
         Ok(())
     }
 
@@ -331,7 +340,10 @@ impl Journal {
     }
 
     /// Appends one step (its own transaction).
-    pub fn step(&self, txid: &str, step: &str, detail: &str) -> Result<(), JournalError> {
+    ///
+    /// # Errors
+    /// The journal cannot be written.
+    pub fn step(&self, txid: &str, step: &impl StepText, detail: &str) -> Result<(), JournalError> {
         self.atomically(|b| b.step(txid, step, detail))
     }
 
@@ -461,15 +473,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_roles_steps_keep_their_journaled_text() {
+        use crate::funds::step::FundsStep;
+        use crate::load::step::LoadStep;
+        use crate::merchant::step::MerchantStep;
+        use crate::payment::step::PayStep;
+        assert_eq!(PayStep::DebitCommandIssued.text(), "debit command issued");
+        assert_eq!(PayStep::Reversed.text(), "reversed");
+        assert_eq!(MerchantStep::GoodsReleased.text(), "goods released");
+        assert_eq!(
+            LoadStep::S1VerifiedLoadCommandIssued.text(),
+            "S1 verified: load command issued"
+        );
+        assert_eq!(
+            FundsStep::HoldCapturedMovedToTheIssuerFloat.text(),
+            "hold captured: moved to the issuer float"
+        );
+        assert_eq!(
+            FundsStep::WrongPINAccountLocked.text(),
+            "wrong PIN: account locked"
+        );
+    }
+
+    #[test]
     fn steps_and_state_survive_reopen_and_batches_are_atomic() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("j.sqlite");
         {
             let j = Journal::open(&p).unwrap();
-            j.step("t1", "draw received", "").unwrap();
+            use crate::payment::step::PayStep;
+            j.step("t1", &PayStep::DrawRequestReceived, "").unwrap();
             j.atomically(|b| {
                 b.put(Kind::Txn, "t1", b"cmd")?;
-                b.step("t1", "debit command issued", "psam 1")
+                b.step("t1", &PayStep::DebitCommandIssued, "psam 1")
             })
             .unwrap();
             let failed = j.atomically(|b| {
@@ -481,7 +517,7 @@ mod tests {
         let j = Journal::open(&p).unwrap();
         assert_eq!(
             j.steps("t1").unwrap(),
-            ["draw received", "debit command issued"]
+            ["draw request received", "debit command issued"]
         );
         assert_eq!(j.get(Kind::Txn, "t1").unwrap().unwrap(), b"cmd");
         assert_eq!(j.get(Kind::Txn, "t2").unwrap(), None, "rolled back");

@@ -16,7 +16,10 @@
 //! into the journal in the same SQLite transaction as each load record, so a load server
 //! killed between S2 and S3 comes back knowing the load command it issued.
 
+pub mod step;
+
 use std::sync::Arc;
+use step::LoadStep;
 
 use proto::crypto;
 use proto::hsm::{Hsm, HsmError, LoadVerdict, NegativeVerdict};
@@ -294,7 +297,7 @@ impl LoadServer {
         };
         if let Err(e) = self.journal.atomically(|b| {
             b.put(Kind::Load, txid, &journal::encode(&rec))?;
-            b.step(txid, "load request refused", &format!("{code:?}"))
+            b.step(txid, &LoadStep::LoadRequestRefused, &format!("{code:?}"))
         }) {
             return journal_failed(e, Some(txid));
         }
@@ -350,7 +353,7 @@ impl LoadServer {
         }
         if let Err(e) = self.journal.step(
             &txid,
-            "load request received",
+            &LoadStep::LoadRequestReceived,
             &format!("card {:X} {}", req.init.card_id, req.amount),
         ) {
             return journal_failed(e, Some(&txid));
@@ -387,7 +390,7 @@ impl LoadServer {
         if let Err(e) = self.journal.atomically(|b| {
             b.put(Kind::Hsm, "0", &snap)?;
             b.put(Kind::Load, &txid, &journal::encode(&rec))?;
-            b.step(&txid, "S1 verified: load command issued", "")
+            b.step(&txid, &LoadStep::S1VerifiedLoadCommandIssued, "")
         }) {
             let _ = hsm.restore(&before); // not journaled means not done
             return journal_failed(e, Some(&txid));
@@ -435,7 +438,7 @@ impl LoadServer {
         }
         if let Err(e) = self.journal.step(
             &txid,
-            "load response received",
+            &LoadStep::LoadResponseReceived,
             match (&msg.response, &msg.zero_value) {
                 (Some(r), _) if r.is_loaded() => "S3, loaded",
                 (Some(_), Some(_)) => "S3, negative result, zero-value S1",
@@ -485,7 +488,7 @@ impl LoadServer {
                     let _ = self.journal.atomically(|b| {
                         b.put(Kind::Hsm, "0", &snap)?;
                         b.put(Kind::Load, &txid, &journal::encode(&rec))?;
-                        b.step(&txid, "negative result: zero-value S1 awaited", "")
+                        b.step(&txid, &LoadStep::NegativeResultZeroValueS1Awaited, "")
                     });
                     return refuse(
                         ErrorCode::Malformed,
@@ -517,7 +520,7 @@ impl LoadServer {
         if let Err(e) = self.journal.atomically(|b| {
             b.put(Kind::Hsm, "0", &snap)?;
             b.put(Kind::Load, &txid, &journal::encode(&rec))?;
-            b.step(&txid, "confirmation sealed", &basis)
+            b.step(&txid, &LoadStep::ConfirmationSealed, &basis)
         }) {
             let _ = hsm.restore(&before);
             return journal_failed(e, Some(&txid));

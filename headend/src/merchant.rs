@@ -9,9 +9,12 @@
 //! compared with the expected one sealed for it. A forged confirmation releases nothing; a
 //! replayed one gets the receipt already given and releases nothing more.
 
+pub mod step;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use step::MerchantStep;
 
 use proto::crypto::{self, DesKey, Mac, MessageKeys};
 use proto::messages::*;
@@ -202,7 +205,7 @@ impl MerchantServer {
             b.put(Kind::Open, &txid, &created.to_be_bytes())?;
             b.step(
                 &txid,
-                "offer made",
+                &MerchantStep::OfferMade,
                 &format!("{} {} for {}", item.id, item.price(), rec.box_id),
             )
         }) {
@@ -285,7 +288,9 @@ impl MerchantServer {
         let paid = match self.validate(shop, &rec, &c) {
             Ok(p) => p,
             Err(why) => {
-                let _ = self.journal.step(&txid, "confirmation refused", &why);
+                let _ = self
+                    .journal
+                    .step(&txid, &MerchantStep::ConfirmationRefused, &why);
                 return refuse(
                     ErrorCode::BadSignature,
                     format!("confirmation does not validate ({why}); nothing released"),
@@ -331,7 +336,7 @@ impl MerchantServer {
             b.delete(Kind::Open, &txid)?;
             b.put(Kind::Release, &txid, entitlement.as_bytes())?;
             b.put(Kind::Entitlement, &entitlement, txid.as_bytes())?;
-            b.step(&txid, "goods released", &entitlement)
+            b.step(&txid, &MerchantStep::GoodsReleased, &entitlement)
         }) {
             return crate::role::journal_failed(e, Some(&txid));
         }
@@ -359,7 +364,7 @@ impl MerchantServer {
                 match self.journal.atomically(|b| {
                     b.put(Kind::Offer, &txid, &journal::encode(&rec))?;
                     b.delete(Kind::Open, &txid)?;
-                    b.step(&txid, "reversed by the payment server", &n.reason)
+                    b.step(&txid, &MerchantStep::ReversedByThePaymentServer, &n.reason)
                 }) {
                     Ok(()) => {
                         tracing::info!(txid, reason = %n.reason, "offer reversed");
@@ -389,7 +394,7 @@ impl MerchantServer {
                     b.put(Kind::Offer, &txid, &journal::encode(&r))?;
                     b.step(
                         &txid,
-                        "offer expired",
+                        &MerchantStep::OfferExpired,
                         "no confirmation within its lifetime",
                     )?;
                 }

@@ -94,7 +94,7 @@ impl Gateway {
             if definite(&answer) {
                 let _ = self.journal.atomically(|b| {
                     b.delete(journal::Kind::Notify, &key)?;
-                    b.step(&txid, &Step::PaymentServerNotified.text(), answer.kind())
+                    b.step(&txid, &Step::PaymentServerNotified, answer.kind())
                 });
             } else {
                 backlog = true;
@@ -201,7 +201,7 @@ impl Gateway {
         self.journal
             .atomically(|b| {
                 b.put(journal::Kind::Cursor, payment, &n.seq.to_be_bytes())?;
-                b.step(&txid, &Step::ReversalPassedOn.text(), &n.reason)
+                b.step(&txid, &Step::ReversalPassedOn, &n.reason)
             })
             .is_ok()
     }

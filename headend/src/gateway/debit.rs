@@ -93,7 +93,7 @@ impl Gateway {
             self.journal
                 .atomically(|b| {
                     b.put(journal::Kind::Confirming, key, &journal::encode(&msg))?;
-                    b.step(txid, &Step::ToPaymentServer.text(), "")
+                    b.step(txid, &Step::ToPaymentServer, "")
                 })
                 .map_err(|e| crate::role::journal_failed(e, Some(txid)))?;
         }
@@ -108,7 +108,7 @@ impl Gateway {
                 if definite(&other) {
                     let _ = self.journal.atomically(|b| {
                         b.delete(journal::Kind::Confirming, key)?;
-                        b.step(txid, &Step::PaymentServerRefused.text(), other.kind())
+                        b.step(txid, &Step::PaymentServerRefused, other.kind())
                     });
                 }
                 return Err(other);

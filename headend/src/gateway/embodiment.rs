@@ -66,7 +66,7 @@ impl Gateway {
         };
         if !card_signature_matches(&expected, &resp) {
             // Nothing follows from it but the refusal: the step is a record for operators.
-            let _ = self.journal.step(txid, &Step::ComparedMismatch.text(), "");
+            let _ = self.journal.step(txid, &Step::ComparedMismatch, "");
             return Err(refuse(
                 ErrorCode::BadSignature,
                 "card signature differs from the expected one; nothing released",

@@ -127,7 +127,7 @@ impl Gateway {
                 } else {
                     b.delete(journal::Kind::Open, &format!("l/{txid}"))?;
                 }
-                b.step(txid, &step.text(), "")
+                b.step(txid, &step, "")
             })
             .map_err(|e| crate::role::journal_failed(e, Some(txid)))
     }

@@ -344,7 +344,7 @@ impl Gateway {
                 if !matches!(t.state, GwState::Offered) {
                     b.delete(journal::Kind::Open, &format!("p/{txid}"))?;
                 }
-                b.step(txid, &step.text(), "")
+                b.step(txid, &step, "")
             })
             .map_err(|e| Box::new(crate::role::journal_failed(e, Some(txid))))
     }
@@ -356,7 +356,7 @@ impl Gateway {
     /// not happen.
     fn step(&self, txid: &str, step: Step, detail: &str) -> Result<(), Box<Message>> {
         self.journal
-            .step(txid, &step.text(), detail)
+            .step(txid, &step, detail)
             .map_err(|e| Box::new(crate::role::journal_failed(e, Some(txid))))
     }
 

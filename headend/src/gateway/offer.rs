@@ -68,7 +68,7 @@ impl Gateway {
                     &format!("p/{txid}"),
                     &created.to_be_bytes(),
                 )?;
-                b.step(txid, &Step::OfferRelayed.text(), "")
+                b.step(txid, &Step::OfferRelayed, "")
             }) {
                 return crate::role::journal_failed(e, Some(txid));
             }

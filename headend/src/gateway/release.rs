@@ -36,7 +36,7 @@ impl Gateway {
                 if let Some(n) = notify {
                     b.put(journal::Kind::Notify, key, &journal::encode(n))?;
                 }
-                b.step(txid, &step.text(), "")
+                b.step(txid, &step, "")
             })
             .map_err(|e| crate::role::journal_failed(e, Some(txid)))?;
         if notify.is_some() {
@@ -93,7 +93,7 @@ impl Gateway {
                 if let Err(e) = self.journal.atomically(|b| {
                     b.put(journal::Kind::Gw, &txid, &journal::encode(&t))?;
                     b.delete(journal::Kind::Release, key)?;
-                    b.step(&txid, &Step::ReceiptRelayed.text(), "")
+                    b.step(&txid, &Step::ReceiptRelayed, "")
                 }) {
                     return crate::role::journal_failed(e, Some(&txid));
                 }
@@ -106,7 +106,7 @@ impl Gateway {
                 };
                 let _ = self.journal.atomically(|b| {
                     b.delete(journal::Kind::Release, key)?;
-                    b.step(&txid, &Step::MerchantRefused.text(), &why)
+                    b.step(&txid, &Step::MerchantRefused, &why)
                 });
                 if t.state == GwState::Confirmed && self.releases_for(&txid).is_empty() {
                     t.state = GwState::Drawn;

@@ -129,6 +129,12 @@ impl std::fmt::Display for Step {
     }
 }
 
+impl crate::journal::StepText for Step {
+    fn text(&self) -> Cow<'static, str> {
+        Step::text(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::Step;

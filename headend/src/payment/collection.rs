@@ -2,6 +2,7 @@
 //! (001 [0007], [0045]): per-merchant totals and counts, the security-card ids, every
 //! record, and a batch acknowledgement. A transaction is in exactly one batch.
 
+use super::step::PayStep;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -112,7 +113,11 @@ impl PaymentServer {
                 for mut t in due.clone() {
                     t.batch = Some(batch);
                     b.put(Kind::Txn, &t.transaction_id, &journal::encode(&t))?;
-                    b.step(&t.transaction_id, "collected", &format!("batch {batch}"))?;
+                    b.step(
+                        &t.transaction_id,
+                        &PayStep::Collected,
+                        &format!("batch {batch}"),
+                    )?;
                 }
                 b.put(Kind::Batch, &format!("{batch:06}"), b"open")?;
                 b.put(Kind::Meta, "next-batch", &(batch + 1).to_be_bytes())

@@ -14,6 +14,9 @@
 
 pub mod collection;
 pub mod pool;
+pub mod step;
+
+use step::PayStep;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -391,7 +394,7 @@ impl PaymentServer {
             }
             b.step(
                 &txid,
-                "draw request received",
+                &PayStep::DrawRequestReceived,
                 &format!("{} {}", req.merchant_id, body.amount),
             )
         }) {
@@ -475,7 +478,7 @@ impl PaymentServer {
             b.put(Kind::Txn, &txid, &journal::encode(&record))?;
             b.step(
                 &txid,
-                "debit command issued",
+                &PayStep::DebitCommandIssued,
                 &format!("psam {:X} txn {}", card.id(), record.security_card_txn),
             )
         });
@@ -524,7 +527,7 @@ impl PaymentServer {
         }
         if let Err(e) = self.journal.step(
             &txid,
-            "debit response received",
+            &PayStep::DebitResponseReceived,
             &format!("card signature {}", hex::encode(resp.card_signature)),
         ) {
             return journal_failed(e, Some(&txid));
@@ -570,7 +573,7 @@ impl PaymentServer {
                 let saved = self.journal.atomically(|b| {
                     b.put(Kind::SecurityCard, &slot_key(rec.slot), &card.snapshot())?;
                     b.put(Kind::Txn, &txid, &journal::encode(&rec))?;
-                    b.step(&txid, "confirmed", "card signature verified")
+                    b.step(&txid, &PayStep::Confirmed, "card signature verified")
                 });
                 if let Err(e) = saved {
                     let _ = card.restore(&before);
@@ -615,7 +618,7 @@ impl PaymentServer {
             self.finish(txid);
             return rec.state == PayState::Reversed;
         }
-        if let Err(e) = self.journal.step(txid, "reversing", why) {
+        if let Err(e) = self.journal.step(txid, &PayStep::Reversing, why) {
             tracing::error!(txid, error = %e, "journal write failed; reversal postponed");
             return false;
         }
@@ -646,7 +649,7 @@ impl PaymentServer {
                 &reversal_key(seq),
                 &journal::encode(&notice),
             )?;
-            b.step(txid, "reversed", why)
+            b.step(txid, &PayStep::Reversed, why)
         });
         if saved.is_err() {
             let _ = card.restore(&before);
@@ -717,7 +720,7 @@ impl PaymentServer {
             None => Err("no proof that the card did not debit".to_string()),
         };
         if let Err(why) = verdict {
-            let _ = self.journal.step(&txid, "cancel refused", &why);
+            let _ = self.journal.step(&txid, &PayStep::CancelRefused, &why);
             return refuse(
                 ErrorCode::ProofRejected,
                 format!("{why}; nothing reversed, the transaction stays open"),
