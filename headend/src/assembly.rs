@@ -14,16 +14,78 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::bank::BankServer;
-use crate::config::HeadendConfig;
+use crate::config::{ConfigError, HeadendConfig};
 use crate::gateway::Gateway;
-use crate::journal::Journal;
+use crate::journal::{Journal, JournalError};
 use crate::load::LoadServer;
 use crate::merchant::MerchantServer;
 use crate::payment::PaymentServer;
+use crate::pki::PkiError;
 use crate::quic::{
-    ClientTls, RevocationConfig, Revocations, Server, ServerTls, TlsIdentity, load_certs,
+    ClientTls, QuicError, RevocationConfig, Revocations, Server, ServerTls, TlsIdentity, load_certs,
 };
 use crate::role::{Access, RemoteRole, Role, serve};
+
+/// Why the head end could not be set up: started ([`start`]) or written ([`init_demo`],
+/// [`split_addrs`]).
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The config, or a key file it names.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// This process's certificate, key or operator CA (`[tls]`).
+    #[error(transparent)]
+    Tls(#[from] QuicError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// Making the demo's CA or a role's certificate.
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    /// A role (`payment`, `merchant`, `bank`, `load`, `gateway`) would not open: its
+    /// journal, keys or routes.
+    #[error("{detail}")]
+    Role { role: &'static str, detail: String },
+    /// A server (`what`: "payment server", "gateway", …) could not listen on `addr`.
+    #[error("{what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: QuicError,
+    },
+    /// The config asks for the gateway but has no `[gateway]` section.
+    #[error("no [gateway] section")]
+    NoGatewaySection,
+    /// A merchant's payment or merchant role is neither served here nor in `[endpoints]`.
+    #[error("merchant {merchant} routes to {name}: add [endpoints.{name}] or run that role here")]
+    Unrouted { merchant: String, name: String },
+    /// A demo file or directory could not be written.
+    #[error("{path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `init_demo` never overwrites a CA.
+    #[error("{0} already holds a CA")]
+    CaExists(PathBuf),
+    /// `--split-base-port`: a back end's port would be past 65535.
+    #[error("--split-base-port {base}: {base} + {offset} is past port 65535")]
+    PortPastEnd { base: u16, offset: u16 },
+}
+
+impl SetupError {
+    fn role(role: &'static str) -> impl FnOnce(String) -> Self {
+        move |detail| Self::Role { role, detail }
+    }
+
+    fn write(path: &Path) -> impl FnOnce(std::io::Error) -> Self + '_ {
+        move |source| Self::Write {
+            path: path.into(),
+            source,
+        }
+    }
+}
 
 /// Which roles this process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,29 +142,42 @@ impl Running {
     }
 }
 
-fn tls_identity(cfg: &HeadendConfig) -> Result<TlsIdentity, String> {
-    TlsIdentity::from_pem_files(&cfg.tls.cert, &cfg.tls.key).map_err(|e| e.to_string())
+fn tls_identity(cfg: &HeadendConfig) -> Result<TlsIdentity, QuicError> {
+    TlsIdentity::from_pem_files(&cfg.tls.cert, &cfg.tls.key)
 }
 
-pub fn server_tls(cfg: &HeadendConfig) -> Result<ServerTls, String> {
+/// This process as a server: its `[tls]` certificate and key, and the operator CA its
+/// clients must chain to.
+///
+/// # Errors
+/// A `[tls]` file is missing or not PEM of the right kind.
+pub fn server_tls(cfg: &HeadendConfig) -> Result<ServerTls, QuicError> {
     Ok(ServerTls {
-        operator_ca: load_certs(&cfg.tls.operator_ca).map_err(|e| e.to_string())?,
+        operator_ca: load_certs(&cfg.tls.operator_ca)?,
         identity: tls_identity(cfg)?,
     })
 }
 
 /// This process as a client of the role `server_role`: the server's certificate must name
 /// that role (see `transport::role_verifier`).
-pub fn client_tls(cfg: &HeadendConfig, server_role: &str) -> Result<ClientTls, String> {
+///
+/// # Errors
+/// A `[tls]` file is missing or not PEM of the right kind.
+pub fn client_tls(cfg: &HeadendConfig, server_role: &str) -> Result<ClientTls, QuicError> {
     Ok(ClientTls::new(
-        load_certs(&cfg.tls.operator_ca).map_err(|e| e.to_string())?,
+        load_certs(&cfg.tls.operator_ca)?,
         tls_identity(cfg)?,
         server_role,
     ))
 }
 
 /// Starts the requested roles.
-pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, String> {
+///
+/// # Errors
+/// A role would not open (its keys, journal or routes: [`SetupError::Role`],
+/// [`SetupError::Unrouted`]), a `[tls]` file is unusable, or a server cannot listen
+/// ([`SetupError::Bind`]).
+pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, SetupError> {
     let (shutdown, rx) = watch::channel(false);
     let mut tasks = Vec::new();
     let stop = |mut rx: watch::Receiver<bool>| async move {
@@ -110,23 +185,23 @@ pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, String>
     };
 
     let payment = if roles.payment {
-        Some(PaymentServer::open(cfg)?)
+        Some(PaymentServer::open(cfg).map_err(SetupError::role("payment"))?)
     } else {
         None
     };
     let merchant = if roles.merchant {
-        Some(MerchantServer::open(cfg)?)
+        Some(MerchantServer::open(cfg).map_err(SetupError::role("merchant"))?)
     } else {
         None
     };
     // all-in-one runs the load side only where the config describes it.
     let bank = if roles.bank && cfg.bank.is_some() {
-        Some(BankServer::open(cfg)?)
+        Some(BankServer::open(cfg).map_err(SetupError::role("bank"))?)
     } else {
         None
     };
     let load = if roles.load && cfg.load.is_some() {
-        Some(LoadServer::open(cfg)?)
+        Some(LoadServer::open(cfg).map_err(SetupError::role("load"))?)
     } else {
         None
     };
@@ -151,8 +226,12 @@ pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, String>
             ),
             Revocations::new(&RevocationConfig::default()),
         )
-        .map_err(|e| format!("bank server on {listen}: {e}"))?;
-        bank_addr = Some(server.local_addr().map_err(|e| e.to_string())?);
+        .map_err(|source| SetupError::Bind {
+            what: "bank server",
+            addr: listen,
+            source,
+        })?;
+        bank_addr = Some(server.local_addr()?);
         tasks.push(tokio::spawn(server.run(stop(rx.clone()))));
     }
     if let (Some(l), Some(listen)) = (&load, cfg.load.as_ref().and_then(|s| s.listen)) {
@@ -171,8 +250,12 @@ pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, String>
             ),
             Revocations::new(&RevocationConfig::default()),
         )
-        .map_err(|e| format!("load server on {listen}: {e}"))?;
-        load_addr = Some(server.local_addr().map_err(|e| e.to_string())?);
+        .map_err(|source| SetupError::Bind {
+            what: "load server",
+            addr: listen,
+            source,
+        })?;
+        load_addr = Some(server.local_addr()?);
         tasks.push(tokio::spawn(server.run(stop(rx.clone()))));
     }
 
@@ -194,8 +277,12 @@ pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, String>
                 ),
                 Revocations::new(&RevocationConfig::default()),
             )
-            .map_err(|e| format!("payment server on {listen}: {e}"))?;
-            payment_addr = Some(server.local_addr().map_err(|e| e.to_string())?);
+            .map_err(|source| SetupError::Bind {
+                what: "payment server",
+                addr: listen,
+                source,
+            })?;
+            payment_addr = Some(server.local_addr()?);
             tasks.push(tokio::spawn(server.run(stop(rx.clone()))));
         }
     }
@@ -217,8 +304,12 @@ pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, String>
                 ),
                 Revocations::new(&RevocationConfig::default()),
             )
-            .map_err(|e| format!("merchant server on {listen}: {e}"))?;
-            merchant_addr = Some(server.local_addr().map_err(|e| e.to_string())?);
+            .map_err(|source| SetupError::Bind {
+                what: "merchant server",
+                addr: listen,
+                source,
+            })?;
+            merchant_addr = Some(server.local_addr()?);
             tasks.push(tokio::spawn(server.run(stop(rx.clone()))));
         }
     }
@@ -226,7 +317,7 @@ pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, String>
     let mut gateway = None;
     let mut gateway_addr = None;
     if roles.gateway {
-        let section = cfg.gateway.as_ref().ok_or("no [gateway] section")?;
+        let section = cfg.gateway.as_ref().ok_or(SetupError::NoGatewaySection)?;
         let mut table: HashMap<String, Arc<dyn Role>> = HashMap::new();
         for m in &cfg.merchants {
             for name in [&m.payment, &m.merchant] {
@@ -249,10 +340,10 @@ pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, String>
                 {
                     merchant.clone().expect("checked")
                 } else {
-                    return Err(format!(
-                        "merchant {} routes to {name}: add [endpoints.{name}] or run that role here",
-                        m.id
-                    ));
+                    return Err(SetupError::Unrouted {
+                        merchant: m.id.clone(),
+                        name: name.clone(),
+                    });
                 };
                 table.insert(name.clone(), role);
             }
@@ -285,15 +376,14 @@ pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, String>
                 table.entry(name.to_string()).or_insert(r);
             }
         }
-        let journal = Arc::new(
-            Journal::open(&cfg.state_dir.join("gateway.sqlite")).map_err(|e| e.to_string())?,
-        );
+        let journal = Arc::new(Journal::open(&cfg.state_dir.join("gateway.sqlite"))?);
         let lifetimes = crate::gateway::Lifetimes {
             offer: std::time::Duration::from_secs(section.offer_lifetime_secs),
             hold: std::time::Duration::from_secs(section.hold_lifetime_secs),
             limits: section.limits,
         };
-        let gw = Gateway::new(journal, &cfg.merchants, table, lifetimes)?;
+        let gw = Gateway::new(journal, &cfg.merchants, table, lifetimes)
+            .map_err(SetupError::role("gateway"))?;
         tasks.push(tokio::spawn(gw.clone().run_notifier(rx.clone())));
         tasks.push(tokio::spawn(gw.clone().run_releases(rx.clone())));
         tasks.push(tokio::spawn(gw.clone().run_reversal_feed(rx.clone())));
@@ -309,8 +399,12 @@ pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, String>
             serve(gw.clone(), Access::Boxes),
             revocations,
         )
-        .map_err(|e| format!("gateway on {}: {e}", section.listen))?;
-        gateway_addr = Some(server.local_addr().map_err(|e| e.to_string())?);
+        .map_err(|source| SetupError::Bind {
+            what: "gateway",
+            addr: section.listen,
+            source,
+        })?;
+        gateway_addr = Some(server.local_addr()?);
         tasks.push(tokio::spawn(server.run(stop(rx.clone()))));
         gateway = Some(gw);
     }
@@ -378,14 +472,17 @@ pub struct SplitAddrs {
 ///
 /// # Errors
 /// A port past 65535.
-pub fn split_addrs(ip: std::net::IpAddr, base: Option<u16>) -> Result<Option<SplitAddrs>, String> {
+pub fn split_addrs(
+    ip: std::net::IpAddr,
+    base: Option<u16>,
+) -> Result<Option<SplitAddrs>, SetupError> {
     let Some(base) = base else {
         return Ok(None);
     };
     let at = |n: u16| {
         base.checked_add(n)
             .map(|port| SocketAddr::new(ip, port))
-            .ok_or_else(|| format!("--split-base-port {base}: {base} + {n} is past port 65535"))
+            .ok_or(SetupError::PortPastEnd { base, offset: n })
     };
     Ok(Some(SplitAddrs {
         payment: at(1)?,
@@ -442,9 +539,8 @@ pub fn voucher_code() -> String {
         .join("-")
 }
 
-fn write_secret(path: &Path, text: &str) -> Result<(), String> {
-    proto::secret::write_private(path, text.as_bytes())
-        .map_err(|e| format!("{}: {e}", path.display()))
+fn write_secret(path: &Path, text: &str) -> Result<(), SetupError> {
+    proto::secret::write_private(path, text.as_bytes()).map_err(SetupError::write(path))
 }
 
 /// The roles' certificate names: localhost, 127.0.0.1 and `<role>.purselink.test` (the
@@ -477,29 +573,27 @@ fn role_names(role: &str) -> Vec<String> {
 ///
 /// # Errors
 /// A file cannot be written, or `dir` already holds a CA.
-pub fn init_demo(dir: &Path, opts: &DemoOptions) -> Result<DemoFiles, String> {
+pub fn init_demo(dir: &Path, opts: &DemoOptions) -> Result<DemoFiles, SetupError> {
     use rand::RngCore;
     // It holds the issuer keys, the demo PIN and voucher code and the configs directly:
     // owner-only, whatever the umask (a group- or world-writable directory would let
     // another user replace them).
-    proto::secret::private_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    proto::secret::private_dir(dir).map_err(SetupError::write(dir))?;
     let ca_dir = dir.join("ca");
     if ca_dir.join("ca.key.pem").exists() {
-        return Err(format!("{} already holds a CA", ca_dir.display()));
+        return Err(SetupError::CaExists(ca_dir));
     }
-    let ca = crate::pki::OperatorCa::generate().map_err(|e| e.to_string())?;
-    ca.save(&ca_dir).map_err(|e| e.to_string())?;
+    let ca = crate::pki::OperatorCa::generate()?;
+    ca.save(&ca_dir)?;
     let certs = dir.join("certs");
     let mut gateway_names = role_names("gateway");
     gateway_names.insert(1, "gateway.purselink.test".into());
     gateway_names.dedup();
     ca.issue_role("gateway", &gateway_names, true)
-        .and_then(|c| c.save(&certs, "gateway"))
-        .map_err(|e| e.to_string())?;
+        .and_then(|c| c.save(&certs, "gateway"))?;
     for role in ["payment", "merchant", "bank", "load"] {
         ca.issue_role(role, &role_names(role), false)
-            .and_then(|c| c.save(&certs, role))
-            .map_err(|e| e.to_string())?;
+            .and_then(|c| c.save(&certs, role))?;
     }
     let mut rng = rand::rngs::OsRng;
     let mut new_key = || {
@@ -519,7 +613,7 @@ pub fn init_demo(dir: &Path, opts: &DemoOptions) -> Result<DemoFiles, String> {
         &toml_of(&proto::purse::IssuerKeyFile::from_keys(&issuer)),
     )?;
     let keys_dir = dir.join("keys");
-    proto::secret::private_dir(&keys_dir).map_err(|e| format!("{}: {e}", keys_dir.display()))?;
+    proto::secret::private_dir(&keys_dir).map_err(SetupError::write(&keys_dir))?;
     write_secret(
         &keys_dir.join("purchase-keys.toml"),
         &toml_of(&proto::purse::MasterKeyFile::from_key(&issuer.purchase())),
@@ -550,8 +644,7 @@ pub fn init_demo(dir: &Path, opts: &DemoOptions) -> Result<DemoFiles, String> {
         ),
     )?;
     let pin_keys_dir = dir.join("pin-keys");
-    proto::secret::private_dir(&pin_keys_dir)
-        .map_err(|e| format!("{}: {e}", pin_keys_dir.display()))?;
+    proto::secret::private_dir(&pin_keys_dir).map_err(SetupError::write(&pin_keys_dir))?;
     write_secret(
         &pin_keys_dir.join(format!("{DEMO_BOX}.key")),
         &hex_of(&crate::bank::box_pin_key(&pin_master, DEMO_BOX)),
@@ -564,7 +657,7 @@ pub fn init_demo(dir: &Path, opts: &DemoOptions) -> Result<DemoFiles, String> {
         None => None,
         Some(addrs) => {
             let split_dir = dir.join("split");
-            let w = |role: &str, text: String| -> Result<PathBuf, String> {
+            let w = |role: &str, text: String| -> Result<PathBuf, SetupError> {
                 let p = split_dir.join(format!("{role}.toml"));
                 write_secret(&p, &text)?;
                 Ok(p)

@@ -89,8 +89,12 @@ impl BankServer {
             confirmation_key: read_key_file(
                 "[bank] confirmation_key_file",
                 &s.confirmation_key_file,
-            )?,
-            pin_master: Some(read_key_file("[bank] pin_master_file", &s.pin_master_file)?),
+            )
+            .map_err(|e| e.to_string())?,
+            pin_master: Some(
+                read_key_file("[bank] pin_master_file", &s.pin_master_file)
+                    .map_err(|e| e.to_string())?,
+            ),
             pin_tries: s.pin_tries,
             daily_limit: s.daily_limit,
             float_account: s.float_account.clone(),

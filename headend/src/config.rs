@@ -14,12 +14,106 @@ use serde::Deserialize;
 
 use crate::quic::TransportSettings;
 
+/// What is wrong with the head end's configuration or a file it names (key files, the
+/// issuer key file, the vouchers file). Each names the file, or the key in the file, and
+/// what is wrong with it.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("config {path}: {detail}")]
-    Read { path: PathBuf, detail: String },
-    #[error("config {path}: {detail}")]
-    Invalid { path: PathBuf, detail: String },
+    /// The config file cannot be read.
+    #[error("config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not TOML of the expected shape (unknown key, wrong type, …).
+    #[error("config {path}: {source}")]
+    Syntax {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    /// The config file parses but breaks a rule (see [`ConfigInvalid`]).
+    #[error("config {path}: {source}")]
+    Invalid {
+        path: PathBuf,
+        #[source]
+        source: ConfigInvalid,
+    },
+    /// A rule broken across the config and the files it names (e.g. a voucher code in both
+    /// the config and `[load] vouchers_file`).
+    #[error(transparent)]
+    Rule(#[from] ConfigInvalid),
+    /// A secret file (`what`: which one) is missing or readable by others; `detail` names
+    /// the file and its mode.
+    #[error("{what}: {detail}")]
+    NotPrivate { what: String, detail: String },
+    /// A file the config names (`what`) cannot be read.
+    #[error("{what}: {path}: {source}")]
+    ReadFile {
+        what: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A TOML file the config names (`what`: a master key file, the issuer key file, the
+    /// vouchers file) is malformed.
+    #[error("{what}: {path}: {source}")]
+    FileSyntax {
+        what: String,
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    /// A master or issuer key file parses but its keys do not (wrong length, not hex, …).
+    #[error("{what}: {path}: {detail}")]
+    BadKeyFile {
+        what: String,
+        path: PathBuf,
+        detail: String,
+    },
+    /// A key (`what`, with its file if it came from one) is not hex.
+    #[error("{what}: not hex ({source})")]
+    NotHex {
+        what: String,
+        #[source]
+        source: hex::FromHexError,
+    },
+    /// A key (`what`) is hex but not a 2-key triple-DES key.
+    #[error("{what}: {source}")]
+    BadKey {
+        what: String,
+        #[source]
+        source: proto::crypto::CryptoError,
+    },
+}
+
+/// A rule the head end's configuration breaks, naming the section, entry and key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigInvalid {
+    #[error(
+        "[endpoints.{name}]: the role its certificate must name is not a role name ({why}); set `role`"
+    )]
+    EndpointRole { name: String, why: String },
+    #[error("unknown embodiment {0:?}: use security-card, payment-server, gateway or merchant")]
+    UnknownEmbodiment(String),
+    #[error("merchant id {0} appears twice")]
+    DuplicateMerchant(String),
+    #[error("merchant {merchant}: item {item} appears twice")]
+    DuplicateItem { merchant: String, item: String },
+    #[error("merchant {merchant}: item {item} has a zero price")]
+    ZeroPrice { merchant: String, item: String },
+    #[error("[bank] pin_tries must be at least 1")]
+    NoPinTries,
+    #[error("bank account {0} appears twice")]
+    DuplicateAccount(String),
+    #[error("bank account {0} has the float account's id")]
+    AccountIsFloat(String),
+    #[error("bank account {account}: pin_verification_value is not hex ({why})")]
+    PinVerificationNotHex { account: String, why: String },
+    /// Never names the code: it is the voucher's secret.
+    #[error("a voucher code appears twice")]
+    DuplicateVoucher,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -138,11 +232,35 @@ impl Callers {
 ///
 /// # Errors
 /// The file is missing, readable by others, or not a key.
-pub fn read_key_file(what: &str, path: &Path) -> Result<DesKey, String> {
-    proto::secret::check_private(path).map_err(|e| format!("{what}: {e}"))?;
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("{what}: {}: {e}", path.display()))?;
+pub fn read_key_file(what: &str, path: &Path) -> Result<DesKey, ConfigError> {
+    let text = read_private(what, path)?;
     hex_key(&format!("{what} ({})", path.display()), text.trim())
+}
+
+/// A secret file's text, once it is known to be readable by its owner only.
+fn read_private(what: &str, path: &Path) -> Result<String, ConfigError> {
+    proto::secret::check_private(path).map_err(|detail| ConfigError::NotPrivate {
+        what: what.into(),
+        detail,
+    })?;
+    std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+        what: what.into(),
+        path: path.into(),
+        source,
+    })
+}
+
+/// A secret TOML file (see [`read_private`]), parsed.
+fn read_private_toml<T: serde::de::DeserializeOwned>(
+    what: &str,
+    path: &Path,
+) -> Result<T, ConfigError> {
+    let text = read_private(what, path)?;
+    toml::from_str(&text).map_err(|source| ConfigError::FileSyntax {
+        what: what.into(),
+        path: path.into(),
+        source: Box::new(source),
+    })
 }
 
 /// Reads a master key file ([`proto::purse::MasterKeyFile`], TOML), owner-only like every
@@ -150,14 +268,13 @@ pub fn read_key_file(what: &str, path: &Path) -> Result<DesKey, String> {
 ///
 /// # Errors
 /// The file is missing, readable by others, or not a master key file.
-pub fn read_master_key(what: &str, path: &Path) -> Result<proto::purse::MasterKey, String> {
-    proto::secret::check_private(path).map_err(|e| format!("{what}: {e}"))?;
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("{what}: {}: {e}", path.display()))?;
-    let file: proto::purse::MasterKeyFile =
-        toml::from_str(&text).map_err(|e| format!("{what}: {}: {e}", path.display()))?;
-    file.to_key()
-        .map_err(|e| format!("{what}: {}: {e}", path.display()))
+pub fn read_master_key(what: &str, path: &Path) -> Result<proto::purse::MasterKey, ConfigError> {
+    let file: proto::purse::MasterKeyFile = read_private_toml(what, path)?;
+    file.to_key().map_err(|detail| ConfigError::BadKeyFile {
+        what: what.into(),
+        path: path.into(),
+        detail,
+    })
 }
 
 /// A path from the config: `credential:NAME` names a systemd credential
@@ -217,9 +334,18 @@ impl VoucherDef {
 }
 
 /// Parses a 16-byte hex key; `what` names it in the error.
-pub fn hex_key(what: &str, hex_str: &str) -> Result<DesKey, String> {
-    let raw = hex::decode(hex_str.trim()).map_err(|e| format!("{what}: not hex ({e})"))?;
-    DesKey::from_slice(&raw).map_err(|e| format!("{what}: {e}"))
+///
+/// # Errors
+/// [`ConfigError::NotHex`], or [`ConfigError::BadKey`] when it is not 16 bytes.
+pub fn hex_key(what: &str, hex_str: &str) -> Result<DesKey, ConfigError> {
+    let raw = hex::decode(hex_str.trim()).map_err(|source| ConfigError::NotHex {
+        what: what.into(),
+        source,
+    })?;
+    DesKey::from_slice(&raw).map_err(|source| ConfigError::BadKey {
+        what: what.into(),
+        source,
+    })
 }
 
 /// 15 minutes.
@@ -395,7 +521,7 @@ impl MerchantDef {
     ///
     /// # Errors
     /// See [`read_key_file`].
-    pub fn key(&self) -> Result<DesKey, String> {
+    pub fn key(&self) -> Result<DesKey, ConfigError> {
         read_key_file(
             &format!("merchant {} shared_key_file", self.id),
             &self.shared_key_file,
@@ -413,17 +539,18 @@ mod embodiment_name {
     }
 }
 
-pub fn parse_embodiment(s: &str) -> Result<Embodiment, String> {
+/// An embodiment by name (`security-card`, `payment-server`, `gateway`, `merchant`) or
+/// figure (`fig4` … `fig7`).
+///
+/// # Errors
+/// [`ConfigInvalid::UnknownEmbodiment`].
+pub fn parse_embodiment(s: &str) -> Result<Embodiment, ConfigInvalid> {
     Ok(match s {
         "security-card" | "fig4" => Embodiment::SecurityCard,
         "payment-server" | "fig5" => Embodiment::PaymentServer,
         "gateway" | "fig6" => Embodiment::Gateway,
         "merchant" | "fig7" => Embodiment::Merchant,
-        other => {
-            return Err(format!(
-                "unknown embodiment {other:?}: use security-card, payment-server, gateway or merchant"
-            ));
-        }
+        other => return Err(ConfigInvalid::UnknownEmbodiment(other.into())),
     })
 }
 
@@ -450,18 +577,24 @@ fn default_lease_timeout() -> u64 {
 }
 
 impl HeadendConfig {
+    /// Reads, parses and validates the config file; relative paths in it are resolved
+    /// against its directory.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`], [`ConfigError::Syntax`] or [`ConfigError::Invalid`], naming
+    /// the file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.into(),
-            detail: e.to_string(),
+            source,
         })?;
-        let cfg: Self = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+        let cfg: Self = toml::from_str(&text).map_err(|source| ConfigError::Syntax {
             path: path.into(),
-            detail: e.to_string(),
+            source: Box::new(source),
         })?;
-        cfg.validate().map_err(|detail| ConfigError::Invalid {
+        cfg.validate().map_err(|source| ConfigError::Invalid {
             path: path.into(),
-            detail,
+            source,
         })?;
         Ok(cfg.resolve_relative(path.parent().unwrap_or(Path::new("."))))
     }
@@ -493,60 +626,68 @@ impl HeadendConfig {
         self
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks the rules the file's shape cannot: names unique, prices non-zero, role names
+    /// valid, PIN verification values hex.
+    ///
+    /// # Errors
+    /// The first rule broken.
+    pub fn validate(&self) -> Result<(), ConfigInvalid> {
         for (name, ep) in &self.endpoints {
-            crate::quic::BoxId::new(ep.role(name)).map_err(|e| {
-                format!(
-                    "[endpoints.{name}]: the role its certificate must name is not a role name \
-                     ({}); set `role`",
-                    e.why
-                )
+            crate::quic::BoxId::new(ep.role(name)).map_err(|e| ConfigInvalid::EndpointRole {
+                name: name.clone(),
+                why: e.why.to_string(),
             })?;
         }
         let mut seen = std::collections::BTreeSet::new();
         for m in &self.merchants {
             if !seen.insert(&m.id) {
-                return Err(format!("merchant id {} appears twice", m.id));
+                return Err(ConfigInvalid::DuplicateMerchant(m.id.clone()));
             }
             let mut items = std::collections::BTreeSet::new();
             for i in &m.items {
                 if !items.insert(&i.id) {
-                    return Err(format!("merchant {}: item {} appears twice", m.id, i.id));
+                    return Err(ConfigInvalid::DuplicateItem {
+                        merchant: m.id.clone(),
+                        item: i.id.clone(),
+                    });
                 }
                 if i.amount == 0 {
-                    return Err(format!("merchant {}: item {} has a zero price", m.id, i.id));
+                    return Err(ConfigInvalid::ZeroPrice {
+                        merchant: m.id.clone(),
+                        item: i.id.clone(),
+                    });
                 }
             }
         }
         self.validate_load_side()
     }
 
-    fn validate_load_side(&self) -> Result<(), String> {
+    fn validate_load_side(&self) -> Result<(), ConfigInvalid> {
         if let Some(b) = &self.bank {
             if b.pin_tries == 0 {
-                return Err("[bank] pin_tries must be at least 1".into());
+                return Err(ConfigInvalid::NoPinTries);
             }
         }
         let mut seen = std::collections::BTreeSet::new();
         for a in &self.bank_accounts {
             if !seen.insert(&a.id) {
-                return Err(format!("bank account {} appears twice", a.id));
+                return Err(ConfigInvalid::DuplicateAccount(a.id.clone()));
             }
             if self.bank.as_ref().is_some_and(|b| b.float_account == a.id) {
-                return Err(format!("bank account {} has the float account's id", a.id));
+                return Err(ConfigInvalid::AccountIsFloat(a.id.clone()));
             }
             hex::decode(&a.pin_verification_value).map_err(|e| {
-                format!(
-                    "bank account {}: pin_verification_value is not hex ({e})",
-                    a.id
-                )
+                ConfigInvalid::PinVerificationNotHex {
+                    account: a.id.clone(),
+                    why: e.to_string(),
+                }
             })?;
         }
         let mut seen = std::collections::BTreeSet::new();
         for v in &self.vouchers {
             if !seen.insert(&v.code) {
                 // Never name the code: it is the voucher's secret.
-                return Err("a voucher code appears twice".into());
+                return Err(ConfigInvalid::DuplicateVoucher);
             }
         }
         Ok(())
@@ -556,7 +697,7 @@ impl HeadendConfig {
     ///
     /// # Errors
     /// The vouchers file is missing, readable by others, or malformed.
-    pub fn all_vouchers(&self) -> Result<Vec<VoucherDef>, String> {
+    pub fn all_vouchers(&self) -> Result<Vec<VoucherDef>, ConfigError> {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct File {
@@ -565,17 +706,13 @@ impl HeadendConfig {
         }
         let mut out = self.vouchers.clone();
         if let Some(p) = self.load.as_ref().and_then(|l| l.vouchers_file.as_ref()) {
-            proto::secret::check_private(p).map_err(|e| format!("[load] vouchers_file: {e}"))?;
-            let text = std::fs::read_to_string(p)
-                .map_err(|e| format!("[load] vouchers_file {}: {e}", p.display()))?;
-            let f: File = toml::from_str(&text)
-                .map_err(|e| format!("[load] vouchers_file {}: {e}", p.display()))?;
+            let f: File = read_private_toml("[load] vouchers_file", p)?;
             out.extend(f.vouchers);
         }
         let mut seen = std::collections::BTreeSet::new();
         for v in &out {
             if !seen.insert(v.code.clone()) {
-                return Err("a voucher code appears twice".into());
+                return Err(ConfigInvalid::DuplicateVoucher.into());
             }
         }
         Ok(out)
@@ -591,12 +728,44 @@ impl HeadendConfig {
 ///
 /// # Errors
 /// The file is missing, readable by others, or not an issuer key file.
-pub fn load_issuer_keys(path: &Path) -> Result<IssuerKeys, String> {
-    proto::secret::check_private(path).map_err(|e| format!("issuer keys: {e}"))?;
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("issuer keys {}: {e}", path.display()))?;
-    let file: IssuerKeyFile =
-        toml::from_str(&text).map_err(|e| format!("issuer keys {}: {e}", path.display()))?;
-    file.to_keys()
-        .map_err(|e| format!("issuer keys {}: {e}", path.display()))
+pub fn load_issuer_keys(path: &Path) -> Result<IssuerKeys, ConfigError> {
+    const WHAT: &str = "issuer keys";
+    let file: IssuerKeyFile = read_private_toml(WHAT, path)?;
+    file.to_keys().map_err(|detail| ConfigError::BadKeyFile {
+        what: WHAT.into(),
+        path: path.into(),
+        detail,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_what_is_wrong() {
+        assert_eq!(
+            hex_key("pin key file", "zz").unwrap_err().to_string(),
+            "pin key file: not hex (Invalid character 'z' at position 0)"
+        );
+        assert!(matches!(
+            hex_key("k", "00112233"),
+            Err(ConfigError::BadKey { .. })
+        ));
+        assert_eq!(
+            parse_embodiment("fig9").unwrap_err().to_string(),
+            "unknown embodiment \"fig9\": use security-card, payment-server, gateway or merchant"
+        );
+        let e = ConfigError::Invalid {
+            path: "/etc/purselink/headend.toml".into(),
+            source: ConfigInvalid::ZeroPrice {
+                merchant: "CABLE".into(),
+                item: "ppv-1".into(),
+            },
+        };
+        assert_eq!(
+            e.to_string(),
+            "config /etc/purselink/headend.toml: merchant CABLE: item ppv-1 has a zero price"
+        );
+    }
 }

@@ -166,7 +166,8 @@ fn subject(txid: &str, amount: Money, card_id: u64, hsm_id: u64) -> LoadConfirma
 impl LoadServer {
     pub fn open(cfg: &HeadendConfig) -> Result<Arc<Self>, String> {
         let s = cfg.load.as_ref().ok_or("no [load] section")?;
-        let master = read_master_key("[load] load_keys", &s.load_keys)?;
+        let master =
+            read_master_key("[load] load_keys", &s.load_keys).map_err(|e| e.to_string())?;
         let journal =
             Arc::new(Journal::open(&cfg.state_dir.join("load.sqlite")).map_err(|e| e.to_string())?);
         let mut hsm: Box<dyn SecurityModule> = Box::new(Hsm::new(s.hsm_id, master));
@@ -174,9 +175,11 @@ impl LoadServer {
             hsm.restore(&snap)?;
             tracing::info!("HSM state restored from the journal");
         }
-        let key = read_key_file("[load] confirmation_key_file", &s.confirmation_key_file)?;
+        let key = read_key_file("[load] confirmation_key_file", &s.confirmation_key_file)
+            .map_err(|e| e.to_string())?;
         let accounts = cfg
-            .all_vouchers()?
+            .all_vouchers()
+            .map_err(|e| e.to_string())?
             .iter()
             .map(|v| Account {
                 // Known by its reference: the code itself is kept nowhere but the config.

@@ -70,7 +70,9 @@ async fn run_roles(args: RoleArgs, roles: Roles) -> Result<(), String> {
     if only_load_side && roles.load && cfg.load.is_none() {
         return Err(format!("{}: no [load] section", args.config.display()));
     }
-    let running = assembly::start(&cfg, roles).await?;
+    let running = assembly::start(&cfg, roles)
+        .await
+        .map_err(|e| e.to_string())?;
     let watchdog = headend::notify::ready_and_watchdog();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| e.to_string())?;
@@ -170,7 +172,8 @@ fn main() -> ExitCode {
                     tracing::info!(gateway = %s.gateway.display(), payment = %s.payment.display(), merchant = %s.merchant.display(), bank = %s.bank.display(), load = %s.load.display(), "split deployment: one config per role");
                 }
                 println!("{}", f.config.display())
-            }),
+            })
+            .map_err(|e| e.to_string()),
         Command::Collect { role, out } => payment_only(&role).and_then(|p| {
             let cfg = HeadendConfig::load(&role.config).map_err(|e| e.to_string())?;
             match p.close_batch(&out.unwrap_or(cfg.state_dir))? {

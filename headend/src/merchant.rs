@@ -86,7 +86,7 @@ impl MerchantServer {
                     m.id.clone(),
                     Shop {
                         def: m.clone(),
-                        key: m.key()?,
+                        key: m.key().map_err(|e| e.to_string())?,
                     },
                 ))
             })

@@ -28,7 +28,7 @@ async fn purchases(
         embodiment: embodiment.into(),
         ..Default::default()
     };
-    let files = assembly::init_demo(dir.path(), &opts)?;
+    let files = assembly::init_demo(dir.path(), &opts).map_err(|e| e.to_string())?;
     let mut cfg = HeadendConfig::load(&files.config).map_err(|e| e.to_string())?;
     cfg.transport.max_connections = plan.clients + 8;
     // A benchmark box buys far faster than a viewer: lift the per-box limits.
@@ -39,8 +39,11 @@ async fn purchases(
     if let Some(p) = cfg.payment.as_mut() {
         p.security_cards = plan.clients.max(4) as u32;
     }
-    let running = assembly::start(&cfg, Roles::ALL).await?;
-    let issuer = headend::config::load_issuer_keys(&files.issuer_keys)?;
+    let running = assembly::start(&cfg, Roles::ALL)
+        .await
+        .map_err(|e| e.to_string())?;
+    let issuer =
+        headend::config::load_issuer_keys(&files.issuer_keys).map_err(|e| e.to_string())?;
     let ids = fleet::issue_identities(&dir.path().join("ca"), "box", plan.clients)?;
     let f = Fleet::connect(
         &ids,

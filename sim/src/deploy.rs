@@ -284,10 +284,12 @@ pub fn generate(dir: &Path, spec: &Spec) -> Result<Layout, String> {
             }),
             ..Default::default()
         },
-    )?;
+    )
+    .map_err(|e| e.to_string())?;
     let keys = demo.keys_dir.clone();
-    let pin_master = read_key_file("pin master", &keys.join("pin-master.key"))?;
-    let issuer = load_issuer_keys(&demo.issuer_keys)?;
+    let pin_master =
+        read_key_file("pin master", &keys.join("pin-master.key")).map_err(|e| e.to_string())?;
+    let issuer = load_issuer_keys(&demo.issuer_keys).map_err(|e| e.to_string())?;
 
     let mut state_dirs = BTreeMap::new();
     for role in RoleName::ALL {

@@ -26,6 +26,36 @@ pub enum ConfigError {
         key: &'static str,
         detail: String,
     },
+    /// A value the config (or the command line) gives is not what its key takes.
+    #[error(transparent)]
+    Value(#[from] BadValue),
+    /// The head end's address (`headend.address`) does not resolve.
+    #[error("head end {address}: {source}")]
+    Resolve {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The head end's address resolves to nothing.
+    #[error("head end {address}: no address")]
+    NoAddress { address: String },
+}
+
+/// A value that is not what its key takes (the value is quoted; the key is named by
+/// [`ConfigError::Invalid`] when it comes from the file).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadValue {
+    /// `modem_lines` / `--modem-lines`.
+    #[error("{0:?}: expected \"port\" or \"socket:PATH\" (the path `vcard serial-pty` prints)")]
+    ModemLines(String),
+    /// `local_api.mode` is not octal.
+    #[error("{0:?} is not an octal mode like \"0660\"")]
+    NotOctal(String),
+    #[error("{0:?} has bits outside 0777")]
+    BitsOutside0777(String),
+    /// `local_api.mode` would let every local user connect.
+    #[error("{0:?} lets every local user connect; drop the \"other\" bits")]
+    OtherBits(String),
 }
 
 /// The whole file.
@@ -125,14 +155,15 @@ pub enum DetectLine {
 }
 
 /// `modem_lines`: "port" or "socket:PATH".
-pub fn parse_modem_lines(s: &str) -> Result<reader_drivers::serial::ModemLines, String> {
+///
+/// # Errors
+/// [`BadValue::ModemLines`].
+pub fn parse_modem_lines(s: &str) -> Result<reader_drivers::serial::ModemLines, BadValue> {
     match s {
         "port" => Ok(reader_drivers::serial::ModemLines::Port),
         _ => match s.strip_prefix("socket:") {
             Some(p) if !p.is_empty() => Ok(reader_drivers::serial::ModemLines::Socket(p.into())),
-            _ => Err(format!(
-                "{s:?}: expected \"port\" or \"socket:PATH\" (the path `vcard serial-pty` prints)"
-            )),
+            _ => Err(BadValue::ModemLines(s.into())),
         },
     }
 }
@@ -274,17 +305,18 @@ impl Default for LocalApiConfig {
 }
 
 impl LocalApiConfig {
-    pub fn mode_bits(&self) -> Result<u32, String> {
+    /// The socket's mode (`mode`, octal, e.g. "0660").
+    ///
+    /// # Errors
+    /// Not octal, bits outside 0777, or any "other" bit ([`BadValue`]).
+    pub fn mode_bits(&self) -> Result<u32, BadValue> {
         let m = u32::from_str_radix(self.mode.trim_start_matches("0o"), 8)
-            .map_err(|_| format!("{:?} is not an octal mode like \"0660\"", self.mode))?;
+            .map_err(|_| BadValue::NotOctal(self.mode.clone()))?;
         if m & !0o777 != 0 {
-            return Err(format!("{:?} has bits outside 0777", self.mode));
+            return Err(BadValue::BitsOutside0777(self.mode.clone()));
         }
         if m & 0o007 != 0 {
-            return Err(format!(
-                "{:?} lets every local user connect; drop the \"other\" bits",
-                self.mode
-            ));
+            return Err(BadValue::OtherBits(self.mode.clone()));
         }
         Ok(m)
     }
@@ -402,7 +434,7 @@ impl Config {
                 ..
             } => {
                 if let Some(m) = modem_lines {
-                    parse_modem_lines(m).map_err(|e| bad("reader.modem_lines", e))?;
+                    parse_modem_lines(m).map_err(|e| bad("reader.modem_lines", e.to_string()))?;
                 }
                 if max_baud.is_some_and(|b| b < 9600) {
                     return Err(bad("reader.max_baud", "must be at least 9600".into()));
@@ -466,21 +498,29 @@ impl Config {
         if self.local_api.enabled {
             self.local_api
                 .mode_bits()
-                .map_err(|e| bad("local_api.mode", e))?;
+                .map_err(|e| bad("local_api.mode", e.to_string()))?;
         }
         ui::keymap::Keymap::from_config(&self.keymap).map_err(|e| bad("keymap", e.to_string()))?;
         Ok(())
     }
 
     /// Resolves the head-end address (a name is looked up once per connection attempt).
-    pub fn headend_addr(&self) -> Result<SocketAddr, String> {
+    ///
+    /// # Errors
+    /// [`ConfigError::Resolve`] or [`ConfigError::NoAddress`], naming the address.
+    pub fn headend_addr(&self) -> Result<SocketAddr, ConfigError> {
         use std::net::ToSocketAddrs;
-        self.headend
-            .address
+        let address = &self.headend.address;
+        address
             .to_socket_addrs()
-            .map_err(|e| format!("head end {}: {e}", self.headend.address))?
+            .map_err(|source| ConfigError::Resolve {
+                address: address.clone(),
+                source,
+            })?
             .next()
-            .ok_or_else(|| format!("head end {}: no address", self.headend.address))
+            .ok_or_else(|| ConfigError::NoAddress {
+                address: address.clone(),
+            })
     }
 
     pub fn journal_path(&self) -> PathBuf {

@@ -148,7 +148,8 @@ impl PaymentServer {
     pub fn open(cfg: &HeadendConfig) -> Result<Arc<Self>, String> {
         let section = cfg.payment.as_ref().ok_or("no [payment] section")?;
         let master =
-            crate::config::read_master_key("[payment] purchase_keys", &section.purchase_keys)?;
+            crate::config::read_master_key("[payment] purchase_keys", &section.purchase_keys)
+                .map_err(|e| e.to_string())?;
         let journal = Arc::new(
             Journal::open(&cfg.state_dir.join(format!("{}.sqlite", section.name)))
                 .map_err(|e| e.to_string())?,
@@ -162,7 +163,7 @@ impl PaymentServer {
                     m.id.clone(),
                     Merchant {
                         def: m.clone(),
-                        key: m.key()?,
+                        key: m.key().map_err(|e| e.to_string())?,
                     },
                 ))
             })

@@ -131,7 +131,8 @@ pub async fn connect_idle(
     ids: &[BoxIdentity],
     first: usize,
 ) -> Result<(Fleet, IdleMemory), String> {
-    let issuer = headend::config::load_issuer_keys(&deploy.files.issuer_keys)?;
+    let issuer =
+        headend::config::load_issuer_keys(&deploy.files.issuer_keys).map_err(|e| e.to_string())?;
     wait_ready(&ids[0], deploy.box_addr).await?;
     let pid = deploy.gateway_pid();
     let rss = || vm_rss_kib(pid).unwrap_or(0);
@@ -251,7 +252,8 @@ async fn wan_run(
     ids: &[BoxIdentity],
     seconds: f64,
 ) -> Result<(Fleet, RunReport), String> {
-    let issuer = headend::config::load_issuer_keys(&deploy.files.issuer_keys)?;
+    let issuer =
+        headend::config::load_issuer_keys(&deploy.files.issuer_keys).map_err(|e| e.to_string())?;
     // Fresh cards need card ids never seen by this deployment: a real card's transaction
     // counter never starts again, and the payment server refuses an INITIALIZE that is not
     // newer than one a draw already used (a replay).
@@ -413,7 +415,8 @@ pub async fn bench(o: &BenchOptions) -> Result<bool, String> {
     };
     let deploy = Deployment::in_process(&opts).await?;
     let ids = fleet::issue_identities(&deploy.files.ca_dir, "tpbox", o.throughput_boxes)?;
-    let issuer = headend::config::load_issuer_keys(&deploy.files.issuer_keys)?;
+    let issuer =
+        headend::config::load_issuer_keys(&deploy.files.issuer_keys).map_err(|e| e.to_string())?;
     let fleet = Fleet::connect(
         &ids,
         &issuer,
@@ -628,7 +631,7 @@ pub struct DriveOptions {
 ///
 /// The CA or issuer keys could not be read, or no box connected.
 pub async fn drive(o: &DriveOptions) -> Result<bool, String> {
-    let issuer = headend::config::load_issuer_keys(&o.issuer_keys)?;
+    let issuer = headend::config::load_issuer_keys(&o.issuer_keys).map_err(|e| e.to_string())?;
     let ids = fleet::issue_identities(&o.ca_dir, &o.prefix, o.boxes)?;
     let fleet = Fleet::connect(
         &ids,

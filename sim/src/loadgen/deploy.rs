@@ -124,7 +124,8 @@ fn demo(opts: &Options, listen: SocketAddr) -> Result<(TempDir, DemoFiles), Stri
             embodiment: opts.embodiment.clone(),
             ..Default::default()
         },
-    )?;
+    )
+    .map_err(|e| e.to_string())?;
     // The demo has 4 security cards and no [transport]; a fleet needs more of both. FIG. 4
     // holds a security card across the box's round trip, so they bound purchases in flight.
     let text = std::fs::read_to_string(&files.config).map_err(|e| e.to_string())?;
@@ -170,7 +171,9 @@ impl Deployment {
     pub async fn in_process(opts: &Options) -> Result<Self, String> {
         let (dir, files) = demo(opts, ([127, 0, 0, 1], 0).into())?;
         let cfg = load(&files)?;
-        let running = assembly::start(&cfg, Roles::ALL).await?;
+        let running = assembly::start(&cfg, Roles::ALL)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(Self {
             box_addr: running.gateway_addr.ok_or("no gateway")?,
             files,
@@ -206,7 +209,8 @@ impl Deployment {
                 ..Roles::NONE
             },
         )
-        .await?;
+        .await
+        .map_err(|e| e.to_string())?;
         let payment_addr = payment.payment_addr.ok_or("payment role not listening")?;
         let local: SocketAddr = ([127, 0, 0, 1], 0).into();
         let to_payment = WanProxy::start(local, payment_addr, to_payment, limits)
@@ -234,7 +238,8 @@ impl Deployment {
                 ..Roles::NONE
             },
         )
-        .await?;
+        .await
+        .map_err(|e| e.to_string())?;
         let gateway_addr = gateway.gateway_addr.ok_or("no gateway")?;
         let to_gateway = WanProxy::start(local, gateway_addr, to_gateway, limits)
             .await

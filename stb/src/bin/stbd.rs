@@ -70,7 +70,7 @@ fn serial_readers(
     };
     for device in serial {
         let mut c = SerialConfig::with_profile("serial", device.clone(), profile);
-        c.modem_lines = stb::config::parse_modem_lines(modem_lines)?;
+        c.modem_lines = stb::config::parse_modem_lines(modem_lines).map_err(|e| e.to_string())?;
         out.push(c);
     }
     Ok(out)

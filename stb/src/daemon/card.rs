@@ -106,7 +106,7 @@ pub fn serial_config(cfg: &ReaderConfig) -> Result<SerialConfig, String> {
         c.pps = *p;
     }
     if let Some(m) = modem_lines {
-        c.modem_lines = crate::config::parse_modem_lines(m)?;
+        c.modem_lines = crate::config::parse_modem_lines(m).map_err(|e| e.to_string())?;
     }
     Ok(c)
 }
