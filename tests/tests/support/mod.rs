@@ -429,6 +429,25 @@ pub fn require_pcscd(test: &str) -> bool {
     true
 }
 
+/// Whether pcscd sees a working card in [`READER`] within `within`.
+fn card_seen(within: Duration) -> bool {
+    let Ok(ctx) = pcsc::Context::establish(pcsc::Scope::User) else {
+        return false;
+    };
+    let reader = std::ffi::CString::new(READER).expect("reader name");
+    let end = Instant::now() + within;
+    loop {
+        if let Ok(card) = ctx.connect(&reader, pcsc::ShareMode::Shared, pcsc::Protocols::ANY) {
+            let _ = card.disconnect(pcsc::Disposition::LeaveCard);
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Waits (bounded) until pcscd sees a working card in [`READER`] (`present`), or none.
 pub fn wait_reader(test: &str, present: bool) {
     let ctx = pcsc::Context::establish(pcsc::Scope::User).expect("pcscd context");
@@ -633,7 +652,7 @@ mode = "0600"
         );
         std::fs::write(&stbd_config, toml).expect("stbd.toml");
 
-        let w = World {
+        let mut w = World {
             tmux: None,
             vcard: Some(vcard),
             headend: Some(headend),
@@ -660,6 +679,17 @@ mode = "0600"
             "vcard attach-vpcd did not attach within {STEP:?}:\n{}",
             tail(&w.root.join("vcard.log"), 20)
         );
+        if !card_seen(Duration::from_secs(8)) {
+            // pcscd 1.9's failed-reset state (see `settle_reader`), left by an earlier
+            // process's box killed holding the card: the remedy is a viewer's — pull the
+            // card and put it back.
+            eprintln!(
+                "{test}: pcscd does not see the inserted card (its failed-reset state); \
+                 pulling the card and putting it back once"
+            );
+            w.remove_card();
+            w.insert_card();
+        }
         wait_reader(test, true);
         eprintln!("{test}: head end, card and reader up in {:?}", t0.elapsed());
         Some(w)
@@ -902,9 +932,19 @@ pub fn sigkill_stbd(w: &World) {
 /// waits for the dead client's lock; a transmit inside it waits for the reader, which the
 /// reset holds. A card already gone is fine too.
 pub fn settle_reader(test: &str) {
-    let ctx = pcsc::Context::establish(pcsc::Scope::User).expect("pcscd context");
+    assert!(
+        reader_settled(),
+        "{test}: pcscd never released the killed client's card within {STEP:?}"
+    );
+}
+
+/// [`settle_reader`] without the assertion: whether pcscd settled within [`STEP`].
+fn reader_settled() -> bool {
+    let Ok(ctx) = pcsc::Context::establish(pcsc::Scope::User) else {
+        return false;
+    };
     let reader = std::ffi::CString::new(READER).expect("reader name");
-    let settled = poll(STEP, || {
+    poll(STEP, || {
         let mut card = match ctx.connect(&reader, pcsc::ShareMode::Shared, pcsc::Protocols::ANY) {
             Ok(card) => card,
             Err(pcsc::Error::NoSmartcard | pcsc::Error::RemovedCard) => return Some(()),
@@ -923,11 +963,8 @@ pub fn settle_reader(test: &str) {
         };
         let _ = card.disconnect(pcsc::Disposition::LeaveCard);
         done.then_some(())
-    });
-    assert!(
-        settled.is_some(),
-        "{test}: pcscd never released the killed client's card within {STEP:?}"
-    );
+    })
+    .is_some()
 }
 
 /// Rows of a query on a SQLite file (empty when the file or table does not exist yet).
@@ -977,9 +1014,19 @@ impl Drop for World {
                 eprintln!("----- {f} (tail):\n{}", tail(&self.root.join(f), 25));
             }
         }
-        // stbd first (it holds the card), then the card, then the head end.
-        self.tmux.take();
+        // stbd first (it holds the card), then the card, then the head end. Between the
+        // first two, pcscd's cleanup of the dead stbd (a card reset, when stbd died holding
+        // a transaction) must be over: a card pulled during that reset leaves pcscd 1.9
+        // reporting the reader empty after the next test's card is inserted (see
+        // `settle_reader`) — seen in CI as the next test's card never showing up.
+        let had_stbd = self.tmux.take().is_some();
         if let Some(mut v) = self.vcard.take() {
+            if had_stbd && !reader_settled() {
+                eprintln!(
+                    "{}: pcscd had not settled the reader within {STEP:?}",
+                    self.test
+                );
+            }
             v.stop();
         }
         if let Some(mut h) = self.headend.take() {
