@@ -679,17 +679,7 @@ mode = "0600"
             "vcard attach-vpcd did not attach within {STEP:?}:\n{}",
             tail(&w.root.join("vcard.log"), 20)
         );
-        if !card_seen(Duration::from_secs(8)) {
-            // pcscd 1.9's failed-reset state (see `settle_reader`), left by an earlier
-            // process's box killed holding the card: the remedy is a viewer's — pull the
-            // card and put it back.
-            eprintln!(
-                "{test}: pcscd does not see the inserted card (its failed-reset state); \
-                 pulling the card and putting it back once"
-            );
-            w.remove_card();
-            w.insert_card();
-        }
+        w.card_seen_or_reinserted();
         wait_reader(test, true);
         eprintln!("{test}: head end, card and reader up in {:?}", t0.elapsed());
         Some(w)
@@ -707,6 +697,13 @@ mode = "0600"
     /// Puts the card file back in the reader with a new `vcard attach-vpcd` (its log in
     /// `vcard-N.log`) and waits until pcscd sees a working card.
     pub fn insert_card(&mut self) {
+        self.attach_card();
+        self.card_seen_or_reinserted();
+        wait_reader(self.test, true);
+    }
+
+    /// Serves the card file with a new `vcard attach-vpcd` and waits until it says attached.
+    fn attach_card(&mut self) {
         let n = (2..)
             .find(|n| !self.root.join(format!("vcard-{n}.log")).exists())
             .expect("a free log name");
@@ -731,7 +728,26 @@ mode = "0600"
             "vcard attach-vpcd did not attach within {STEP:?}:\n{}",
             tail(&log, 20)
         );
-        wait_reader(self.test, true);
+    }
+
+    /// pcscd 1.9 can keep reporting an empty reader after a card is put back, when a box
+    /// died holding the card (see [`settle_reader`]; waiting for its cleanup first does not
+    /// always avoid it). The remedy is the viewer's: pull the card and put it back — once,
+    /// said on stderr — when pcscd does not see the inserted card within 8 s.
+    fn card_seen_or_reinserted(&mut self) {
+        if card_seen(Duration::from_secs(8)) {
+            return;
+        }
+        eprintln!(
+            "{}: pcscd does not see the inserted card (its failed-reset state); pulling the \
+             card and putting it back once",
+            self.test
+        );
+        if let Some(mut v) = self.vcard.take() {
+            v.stop();
+        }
+        wait_reader(self.test, false);
+        self.attach_card();
     }
 
     /// The script the tmux pane runs: `exec`s stbd (so the pane's pid is stbd's), its log
