@@ -217,6 +217,9 @@ pub struct UiConfig {
     pub enabled: bool,
     /// The card provider's name on the home screen.
     pub provider_name: String,
+    /// Ask for an item's offer when the catalog's cursor rests on it, ahead of OK (see
+    /// `stb::daemon::prefetch`: at most 10 a minute; an unused offer expires at the gateway).
+    pub prefetch_offers: bool,
 }
 
 impl Default for UiConfig {
@@ -224,6 +227,7 @@ impl Default for UiConfig {
         Self {
             enabled: true,
             provider_name: "Purselink".into(),
+            prefetch_offers: true,
         }
     }
 }

@@ -347,3 +347,73 @@ fn stbd_sigkilled_before_debit_cancels_with_proof_after_restart() {
     });
     eprintln!("ppv_kill_undebited: passed in {:?}", t0.elapsed());
 }
+
+/// The gateway requests stbd's log says it sent (the quoted message kind after "to the
+/// gateway" in its info lines) in `log`, in order.
+fn requests_sent(log: &str) -> Vec<String> {
+    log.lines()
+        .filter_map(|l| {
+            let rest = &l[l.find("to the gateway \"")? + "to the gateway \"".len()..];
+            Some(rest[..rest.find('"')?].to_string())
+        })
+        .collect()
+}
+
+/// Issue 14, "time from OK to receipt": the offer of the item the catalog's cursor rests on
+/// is asked for ahead of OK (stbd's offer prefetch), so OK on the item shows the offer
+/// without a request of its own, and from there to the receipt only the draw request and
+/// the debit response go to the gateway — counted from stbd's own log, and the gateway saw
+/// one offer for the purchase.
+#[test]
+fn a_prefetched_offer_leaves_only_draw_and_debit_response_between_ok_and_receipt() {
+    let t0 = Instant::now();
+    let Some(mut w) = World::new(
+        "ppv_prefetch",
+        Options {
+            local_api: false,
+            ..Options::default()
+        },
+    ) else {
+        return;
+    };
+    w.start_stbd(None);
+    let tv = w.tv();
+    tv.keys(&["1"]); // home: the catalog, its cursor on the first event
+    tv.wait_screen("the catalog with the event", |s| {
+        s.contains("Catalog") && s.contains(PPV_TITLE)
+    });
+    let prefetched = poll(STEP, || {
+        w.stbd_log().contains("offer prefetched").then_some(())
+    });
+    assert!(
+        prefetched.is_some(),
+        "stbd never prefetched the highlighted event's offer:\n{}",
+        tail(&w.stbd_log, 30)
+    );
+    let before = w.stbd_log().len();
+    tv.keys(&["Enter"]); // OK on the event
+    let offer = w.wait_offer();
+    assert!(offer.contains("4.99 EUR"), "{offer}");
+    tv.keys(&["Enter"]); // OK on the offer: pay
+    let receipt = tv.wait_screen("the receipt", |s| s.contains("Purchase complete"));
+    let txid = reference(&receipt);
+    let log = w.stbd_log();
+    assert!(
+        log[before..].contains("answered by the prefetched offer"),
+        "the flow did not use the prefetched offer:\n{}",
+        &log[before..]
+    );
+    assert_eq!(
+        requests_sent(&log[before..]),
+        vec!["a draw request", "a debit response"],
+        "from OK on the item to the receipt:\n{}",
+        &log[before..]
+    );
+    assert_eq!(
+        w.count_steps("gateway", &txid, "offer relayed"),
+        1,
+        "one offer for the purchase"
+    );
+    assert_eq!(w.card_state().balance, START_BALANCE - 499, "paid once");
+    eprintln!("ppv_prefetch: passed in {:?}", t0.elapsed());
+}

@@ -83,6 +83,8 @@ pub struct App {
     /// A one-line message under the screen (e.g. "purchase cancelled"); cleared by the next key.
     notice: Option<&'static str>,
     ticks: u64,
+    /// The catalog item last said in [`Intent::HighlightCatalogItem`].
+    highlight_said: Option<CatalogId>,
 }
 
 impl Default for App {
@@ -102,6 +104,7 @@ impl App {
             screen: Screen::Home,
             home: Home::default(),
             catalog_view: CatalogView::default(),
+            highlight_said: None,
             history_view: HistoryView::default(),
             offer: None,
             info_open: false,
@@ -145,11 +148,31 @@ impl App {
     }
 
     pub fn handle(&mut self, ev: UiEvent) -> Vec<Intent> {
-        match ev {
+        let mut out = match ev {
             UiEvent::Key(k) => self.on_key(k),
             UiEvent::Update(u) => self.on_update(u),
             UiEvent::Tick => self.on_tick(),
             UiEvent::Resize => Vec::new(),
+        };
+        self.report_highlight(&mut out);
+        out
+    }
+
+    /// Says [`Intent::HighlightCatalogItem`] when the catalog shows and its cursor is on an
+    /// item other than the one last said; leaving the catalog forgets it.
+    fn report_highlight(&mut self, out: &mut Vec<Intent>) {
+        let now = match self.screen {
+            Screen::Catalog if self.offer.is_none() => self
+                .catalog_view
+                .highlighted(self.catalog.as_ref())
+                .cloned(),
+            _ => None,
+        };
+        if now != self.highlight_said {
+            if let Some(id) = &now {
+                out.push(Intent::HighlightCatalogItem(id.clone()));
+            }
+            self.highlight_said = now;
         }
     }
 

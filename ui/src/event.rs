@@ -115,6 +115,9 @@ pub enum Intent {
     ShowCatalog,
     /// The viewer chose an item; the daemon reads the card and sends an `Offer` (or an error).
     SelectCatalogItem(CatalogId),
+    /// The catalog's cursor came to rest on an item (said once per change, and again when
+    /// the catalog is shown anew): the daemon may ask for its offer ahead of OK.
+    HighlightCatalogItem(CatalogId),
     /// The viewer pressed OK on the offer popup — the explicit confirmation.
     AcceptOffer(TxId),
     CancelOffer {

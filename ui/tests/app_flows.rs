@@ -153,12 +153,16 @@ fn offer_times_out_after_its_ticks() {
     assert!(app.handle(UiEvent::Tick).is_empty());
     assert!(app.handle(UiEvent::Tick).is_empty());
     assert_eq!(app.open_offer().map(|(_, s)| s), Some(1));
+    // Back on the catalog, its cursor is said again (the daemon may prefetch it anew).
     assert_eq!(
         app.handle(UiEvent::Tick),
-        vec![Intent::CancelOffer {
-            txid: TxId("tx-4".into()),
-            reason: CancelReason::Timeout,
-        }]
+        vec![
+            Intent::CancelOffer {
+                txid: TxId("tx-4".into()),
+                reason: CancelReason::Timeout,
+            },
+            Intent::HighlightCatalogItem(CatalogId("ppv-1".into())),
+        ]
     );
     assert_eq!(app.open_offer(), None);
     assert!(app.handle(UiEvent::Tick).is_empty());
@@ -456,4 +460,50 @@ fn arbitrary_event_streams_never_panic() {
         }
     }
     assert!(accepted > 0, "the stream did exercise the offer popup");
+}
+
+fn highlight(id: &str) -> Intent {
+    Intent::HighlightCatalogItem(CatalogId(id.into()))
+}
+
+#[test]
+fn highlight_is_said_once_per_item_the_cursor_rests_on() {
+    let mut app = ready_app();
+    // Opening a loaded catalog: the cursor is on the first item.
+    assert_eq!(
+        key_all(&mut app, RemoteKey::Red),
+        vec![Intent::ShowCatalog, highlight("ppv-1")]
+    );
+    assert_eq!(key_all(&mut app, RemoteKey::Down), vec![highlight("ppv-2")]);
+    // The same item again (a reload of the same catalog): nothing new.
+    assert!(update_all(&mut app, UiUpdate::CatalogLoaded(catalog())).is_empty());
+    assert_eq!(
+        key_all(&mut app, RemoteKey::Right),
+        vec![highlight("shop-1")]
+    );
+    // Down on a one-item tab stays on it: not said again.
+    assert!(key_all(&mut app, RemoteKey::Down).is_empty());
+    assert_eq!(key_all(&mut app, RemoteKey::Left), vec![highlight("ppv-1")]);
+    // Leaving and coming back says it again (the daemon may have dropped its prefetch).
+    assert!(key_all(&mut app, RemoteKey::Back).is_empty());
+    assert_eq!(
+        key_all(&mut app, RemoteKey::Red),
+        vec![Intent::ShowCatalog, highlight("ppv-1")]
+    );
+    // OK chooses the highlighted item; the progress screen says no highlight.
+    assert_eq!(
+        key_all(&mut app, RemoteKey::Ok),
+        vec![Intent::SelectCatalogItem(CatalogId("ppv-1".into()))]
+    );
+}
+
+#[test]
+fn highlight_waits_for_a_catalog_with_items() {
+    let mut app = ui::App::new(ui::AppConfig::default());
+    assert_eq!(key_all(&mut app, RemoteKey::Red), vec![Intent::ShowCatalog]);
+    assert!(update_all(&mut app, UiUpdate::CatalogLoaded(Catalog::default())).is_empty());
+    assert_eq!(
+        update_all(&mut app, UiUpdate::CatalogLoaded(catalog())),
+        vec![highlight("ppv-1")]
+    );
 }

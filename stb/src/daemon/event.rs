@@ -20,6 +20,11 @@ pub enum Event {
         flow: u64,
         result: Result<Message, String>,
     },
+    /// The answer to an offer prefetch ([`super::prefetch`]): `request` is what was sent.
+    Prefetched {
+        request: Box<Message>,
+        result: Result<Message, String>,
+    },
     /// The answer to the catalog request.
     Catalog(Result<Message, String>),
     /// A local app asks for a payment.

@@ -17,6 +17,7 @@ use stb_flow::{Action, CardReply, load, purchase};
 
 use super::event::Event;
 use super::parts::Parts;
+use super::prefetch::Take;
 use crate::journal::{Journal, JournalError};
 
 /// What the executor needs of a flow.
@@ -320,8 +321,33 @@ impl<F: Driven> Slot<F> {
                     queue.extend(more);
                 }
                 Action::Send(msg) => {
-                    span.in_scope(|| tracing::info!(message = msg.kind(), "to the gateway"));
                     let flow = active.id;
+                    let now = tokio::time::Instant::now();
+                    match parts.prefetch.take_for(&msg, flow, now) {
+                        Take::Answer(answer) => {
+                            span.in_scope(|| {
+                                tracing::info!(
+                                    message = msg.kind(),
+                                    "answered by the prefetched offer"
+                                )
+                            });
+                            let more =
+                                span.in_scope(|| active.flow.handle(F::answer_input(Ok(*answer))));
+                            queue.extend(more);
+                            continue;
+                        }
+                        Take::Joined => {
+                            span.in_scope(|| {
+                                tracing::info!(
+                                    message = msg.kind(),
+                                    "joined the offer prefetch on its way"
+                                )
+                            });
+                            continue;
+                        }
+                        Take::Send => {}
+                    }
+                    span.in_scope(|| tracing::info!(message = msg.kind(), "to the gateway"));
                     parts.call(msg, span.clone(), move |result| {
                         if let Err(e) = &result {
                             tracing::warn!(error = %e, "gateway request failed");

@@ -21,6 +21,7 @@ pub mod exec;
 pub mod gateway;
 pub mod load;
 pub mod parts;
+pub mod prefetch;
 pub mod recover;
 pub mod runner;
 pub mod show;
@@ -132,6 +133,7 @@ pub async fn run(
         card,
         gateway: gw.clone(),
         events: tx.clone(),
+        prefetch: prefetch::Prefetch::new(cfg.ui.prefetch_offers),
     };
     let mut runner = Runner::new(
         app,
@@ -177,6 +179,7 @@ pub async fn run(
         let wants_ticks = runner.app.wants_ticks();
         let deadline = runner.offer_deadline();
         let recovery_due = runner.recovery_deadline();
+        let prefetch_due = runner.prefetch_deadline();
         let go_on = tokio::select! {
             _ = &mut shutdown => false,
             Some(k) = async { keys.as_mut()?.recv().await }, if keys.is_some() => runner.ui(k).await,
@@ -190,6 +193,10 @@ pub async fn run(
             }
             _ = async { tokio::time::sleep_until(recovery_due.expect("guarded")).await }, if recovery_due.is_some() => {
                 runner.recovery_timer().await;
+                true
+            }
+            _ = async { tokio::time::sleep_until(prefetch_due.expect("guarded")).await }, if prefetch_due.is_some() => {
+                runner.prefetch_due();
                 true
             }
         };

@@ -11,6 +11,7 @@ use tracing::Instrument;
 use super::card::CardPort;
 use super::event::Event;
 use super::gateway::Gateway;
+use super::prefetch::Prefetch;
 use crate::journal::Journal;
 
 pub struct Parts {
@@ -22,6 +23,8 @@ pub struct Parts {
     pub gateway: Arc<Gateway>,
     /// The event loop's channel (gateway answers come back on it).
     pub events: mpsc::Sender<Event>,
+    /// The offer asked for ahead of OK, which the purchase flow's request may meet.
+    pub prefetch: Prefetch,
 }
 
 impl Parts {

@@ -116,6 +116,30 @@ impl Runner {
         self.offer_deadline
     }
 
+    /// When an offer prefetch is due ([`super::prefetch`]), if one waits.
+    pub fn prefetch_deadline(&self) -> Option<tokio::time::Instant> {
+        self.parts.prefetch.deadline()
+    }
+
+    /// Sends the offer prefetch that is due; none while a transaction runs.
+    pub fn prefetch_due(&mut self) {
+        if self.busy() {
+            self.parts.prefetch.stop_wanting();
+            return;
+        }
+        let Some(request) = self.parts.prefetch.due(tokio::time::Instant::now()) else {
+            return;
+        };
+        let span = tracing::info_span!("offer_prefetch");
+        span.in_scope(|| tracing::debug!(message = request.kind(), "offer prefetch"));
+        let sent = request.clone();
+        self.parts
+            .call(sent, span, move |result| Event::Prefetched {
+                request: Box::new(request),
+                result,
+            });
+    }
+
     /// When the recovery timer fires next, if it is armed.
     pub fn recovery_deadline(&self) -> Option<tokio::time::Instant> {
         self.recovery.due()
@@ -163,6 +187,17 @@ impl Runner {
                     Event::Catalog,
                 );
             }
+            Intent::HighlightCatalogItem(CatalogId(id)) => {
+                if let (Some((m, item)), false) = (self.catalog.get(&id), self.busy()) {
+                    let ask = Message::OfferRequest {
+                        merchant_id: m.clone(),
+                        item_id: item.clone(),
+                    };
+                    self.parts
+                        .prefetch
+                        .highlighted(ask, tokio::time::Instant::now());
+                }
+            }
             Intent::SelectCatalogItem(CatalogId(id)) => {
                 if let Some((m, item)) = self.catalog.get(&id).cloned() {
                     self.start(&m, &item, None).await;
@@ -197,6 +232,14 @@ impl Runner {
                 }
             }
             Event::Catalog(r) => self.catalog_loaded(r).await,
+            Event::Prefetched { request, result } => {
+                let now = tokio::time::Instant::now();
+                if let Some((flow, result)) = self.parts.prefetch.arrived(&request, result, now) {
+                    if self.purchase.owns(flow) {
+                        self.flow_input(Purchase::answer_input(result)).await;
+                    }
+                }
+            }
             Event::Pay {
                 merchant_id,
                 item_id,

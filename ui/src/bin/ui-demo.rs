@@ -223,7 +223,7 @@ impl Sim {
             }
             Intent::CancelLoad | Intent::CancelPin => self.pending_load = 0,
             Intent::ShowHistory => now.push(UiUpdate::History(self.history.clone())),
-            Intent::Quit => {}
+            Intent::Quit | Intent::HighlightCatalogItem(_) => {}
         }
         now
     }

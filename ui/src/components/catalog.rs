@@ -57,6 +57,12 @@ impl CatalogView {
         None
     }
 
+    /// The item the cursor is on, if the shown tab has any.
+    #[must_use]
+    pub fn highlighted<'a>(&self, catalog: Option<&'a Catalog>) -> Option<&'a CatalogId> {
+        section(catalog?, self.tab).get(self.sel).map(|i| &i.id)
+    }
+
     /// Keeps the selection inside the list after the catalog changed.
     pub fn clamp(&mut self, catalog: &Catalog) {
         let len = section(catalog, self.tab).len();

@@ -97,12 +97,32 @@ pub fn ready_app() -> App {
     app
 }
 
+/// The intents a key gives, apart from the catalog's highlight reports
+/// ([`Intent::HighlightCatalogItem`], which `app_flows::highlight_*` check with [`key_all`]).
 pub fn key(app: &mut App, k: RemoteKey) -> Vec<Intent> {
+    without_highlights(key_all(app, k))
+}
+
+/// Every intent a key gives.
+pub fn key_all(app: &mut App, k: RemoteKey) -> Vec<Intent> {
     app.handle(UiEvent::Key(k))
 }
 
+/// The intents an update gives, apart from highlight reports (see [`key`]).
 pub fn update(app: &mut App, u: UiUpdate) -> Vec<Intent> {
+    without_highlights(update_all(app, u))
+}
+
+/// Every intent an update gives.
+pub fn update_all(app: &mut App, u: UiUpdate) -> Vec<Intent> {
     app.handle(UiEvent::Update(u))
+}
+
+fn without_highlights(intents: Vec<Intent>) -> Vec<Intent> {
+    intents
+        .into_iter()
+        .filter(|i| !matches!(i, Intent::HighlightCatalogItem(_)))
+        .collect()
 }
 
 /// Renders at `w`×`h` and returns the screen as lines of text.
