@@ -19,6 +19,8 @@ use crate::gateway::Gateway;
 use crate::journal::{Journal, JournalError};
 use crate::load::LoadServer;
 use crate::merchant::MerchantServer;
+use crate::clearing::ClearingServer;
+use crate::outbox::Outbox;
 use crate::payment::PaymentServer;
 use crate::pki::PkiError;
 use crate::quic::{
@@ -59,6 +61,9 @@ pub enum SetupError {
     /// A merchant's payment or merchant role is neither served here nor in `[endpoints]`.
     #[error("merchant {merchant} routes to {name}: add [endpoints.{name}] or run that role here")]
     Unrouted { merchant: String, name: String },
+    /// A role's `clearing` names a clearing role neither `[endpoints]` nor this process has.
+    #[error("[{role}] clearing = \"{name}\": add [endpoints.{name}] or run that clearing role here")]
+    NoClearing { role: &'static str, name: String },
     /// A demo file or directory could not be written.
     #[error("{path}: {source}")]
     Write {
@@ -97,6 +102,9 @@ pub struct Roles {
     pub bank: bool,
     /// Runs when the config has a `[load]` section (all-in-one), or demands it (`headend load`).
     pub load: bool,
+    /// Runs when the config has a `[clearing]` section (all-in-one), or demands it
+    /// (`headend clearing`).
+    pub clearing: bool,
 }
 
 impl Roles {
@@ -106,6 +114,7 @@ impl Roles {
         merchant: true,
         bank: true,
         load: true,
+        clearing: true,
     };
     pub const NONE: Self = Self {
         gateway: false,
@@ -113,8 +122,12 @@ impl Roles {
         merchant: false,
         bank: false,
         load: false,
+        clearing: false,
     };
 }
+
+/// How often an outbox retries what its receiver could not take.
+const OUTBOX_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A running head end.
 pub struct Running {
@@ -123,11 +136,13 @@ pub struct Running {
     pub merchant: Option<Arc<MerchantServer>>,
     pub bank: Option<Arc<BankServer>>,
     pub load: Option<Arc<LoadServer>>,
+    pub clearing: Option<Arc<ClearingServer>>,
     pub gateway_addr: Option<SocketAddr>,
     pub payment_addr: Option<SocketAddr>,
     pub merchant_addr: Option<SocketAddr>,
     pub bank_addr: Option<SocketAddr>,
     pub load_addr: Option<SocketAddr>,
+    pub clearing_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -205,7 +220,80 @@ pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, SetupEr
     } else {
         None
     };
+    let clearing = if roles.clearing && cfg.clearing.is_some() {
+        Some(ClearingServer::open(cfg).map_err(SetupError::role("clearing"))?)
+    } else {
+        None
+    };
     let settings = cfg.transport.clone();
+    let mut clearing_addr = None;
+    if let (Some(c), Some(s)) = (&clearing, cfg.clearing.as_ref()) {
+        if let Some(listen) = s.listen {
+            let server = Server::bind(
+                listen,
+                &server_tls(cfg)?,
+                settings.clone(),
+                serve(c.clone(), Access::Roles(s.callers.clone())),
+                Revocations::new(&RevocationConfig::default()),
+            )
+            .map_err(|source| SetupError::Bind {
+                what: "clearing",
+                addr: listen,
+                source,
+            })?;
+            clearing_addr = Some(server.local_addr()?);
+            tasks.push(tokio::spawn(server.run(stop(rx.clone()))));
+        }
+    }
+    // Who reaches the clearing role named `name` for `role`: [endpoints] over QUIC, else
+    // the one in this process.
+    let to_clearing = |role: &'static str, name: &str| -> Result<Arc<dyn Role>, SetupError> {
+        if let Some(ep) = cfg.endpoints.get(name) {
+            return Ok(Arc::new(RemoteRole::new(
+                name,
+                ep.addr,
+                &ep.server_name,
+                client_tls(cfg, ep.role(name))?,
+                cfg.transport.clone(),
+            )));
+        }
+        match &clearing {
+            Some(c) if c.name() == name => Ok(c.clone() as Arc<dyn Role>),
+            _ => Err(SetupError::NoClearing {
+                role,
+                name: name.into(),
+            }),
+        }
+    };
+    // Funders' load advices.
+    for (role, funds) in [
+        ("bank", bank.as_ref().map(|b| &b.funds)),
+        ("load", load.as_ref().map(|l| &l.prefunded)),
+    ] {
+        if let Some((f, to)) = funds.and_then(|f| Some((f, f.clearing.as_ref()?))) {
+            let outbox = Arc::new(Outbox::new(
+                f.journal.clone(),
+                f.funder,
+                to,
+                to_clearing(role, to)?,
+            ));
+            tasks.push(tokio::spawn(outbox.run(OUTBOX_RETRY, rx.clone())));
+        }
+    }
+    // The payment server's collection batches.
+    if let (Some(p), Some(s)) = (&payment, cfg.payment.as_ref()) {
+        if let Some(to) = &s.clearing {
+            let outbox = p
+                .clearing_outbox(to_clearing("payment", to)?)
+                .expect("[payment] clearing is set");
+            tasks.push(tokio::spawn(p.clone().run_collector(
+                outbox.clone(),
+                std::time::Duration::from_secs(s.collect_every_secs.max(1)),
+                rx.clone(),
+            )));
+            tasks.push(tokio::spawn(outbox.run(OUTBOX_RETRY, rx.clone())));
+        }
+    }
     let mut payment_addr = None;
     let mut merchant_addr = None;
     let mut bank_addr = None;
@@ -408,18 +496,20 @@ pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, SetupEr
         tasks.push(tokio::spawn(server.run(stop(rx.clone()))));
         gateway = Some(gw);
     }
-    tracing::info!(gateway = ?gateway_addr, payment = ?payment_addr, merchant = ?merchant_addr, bank = ?bank_addr, load = ?load_addr, "head end running");
+    tracing::info!(gateway = ?gateway_addr, payment = ?payment_addr, merchant = ?merchant_addr, bank = ?bank_addr, load = ?load_addr, clearing = ?clearing_addr, "head end running");
     Ok(Running {
         gateway,
         payment,
         merchant,
         bank,
         load,
+        clearing,
         gateway_addr,
         payment_addr,
         merchant_addr,
         bank_addr,
         load_addr,
+        clearing_addr,
         shutdown,
         tasks,
     })
@@ -506,6 +596,9 @@ pub struct DemoOptions {
     pub transaction_timeout_secs: u64,
     /// Also write `split/<role>.toml` for one process per role at these addresses.
     pub split: Option<SplitAddrs>,
+    /// The all-in-one config runs the clearing role, and its payment server, bank and load
+    /// server send it their batches and load advices.
+    pub clearing: bool,
 }
 
 impl Default for DemoOptions {
@@ -516,6 +609,7 @@ impl Default for DemoOptions {
             message_layer: true,
             transaction_timeout_secs: 30,
             split: None,
+            clearing: true,
         }
     }
 }
@@ -555,8 +649,9 @@ fn role_names(role: &str) -> Vec<String> {
 
 /// Writes a complete dev deployment into `dir`:
 /// - an operator CA (`ca/`) and a certificate per role (`certs/<role>.crt.pem`, URI SAN
-///   `urn:purselink:role:<role>`; only the gateway's may authenticate as a client, since
-///   only the gateway calls other roles);
+///   `urn:purselink:role:<role>`; the gateway's, the payment server's, the bank's and the
+///   load server's may authenticate as a client, since they call other roles: the gateway
+///   the back ends, the others clearing);
 /// - the roles' key files in `keys/` (0700, files 0600): `purchase-keys.toml` (payment
 ///   only), `load-keys.toml` (load only), `pin-master.key` (bank), `confirmation.key` (bank
 ///   and load), `merchant-<id>.key` (payment and merchant); and `issuer-keys.toml` with
@@ -591,8 +686,15 @@ pub fn init_demo(dir: &Path, opts: &DemoOptions) -> Result<DemoFiles, SetupError
     gateway_names.dedup();
     ca.issue_role("gateway", &gateway_names, true)
         .and_then(|c| c.save(&certs, "gateway"))?;
-    for role in ["payment", "merchant", "bank", "load"] {
-        ca.issue_role(role, &role_names(role), false)
+    // Payment server, bank and load server call clearing: client authentication too.
+    for (role, client) in [
+        ("payment", true),
+        ("merchant", false),
+        ("bank", true),
+        ("load", true),
+        ("clearing", false),
+    ] {
+        ca.issue_role(role, &role_names(role), client)
             .and_then(|c| c.save(&certs, role))?;
     }
     let mut rng = rand::rngs::OsRng;
@@ -823,7 +925,7 @@ float_account = "ISSUER-FLOAT-PREFUNDED"
     }
 
     fn all_in_one(&self) -> String {
-        format!(
+        let roles = format!(
             "# Generated by `headend init-demo`: a dev deployment on one machine (all-in-one).\nstate_dir = \"state\"\n\n{}\n{}\n{}\n{}\n{}{}{}",
             Self::tls("", "gateway"),
             self.gateway(),
@@ -832,7 +934,18 @@ float_account = "ISSUER-FLOAT-PREFUNDED"
             self.merchants(""),
             self.bank("", None),
             self.load("", None),
-        )
+        );
+        if !self.opts.clearing {
+            return roles;
+        }
+        // The clearing role in process: the payment server's batches and the funders'
+        // load advices go to it.
+        let to = "clearing = \"clearing\"\n";
+        roles
+            .replacen("[payment]\n", &format!("[payment]\n{to}"), 1)
+            .replacen("[bank]\n", &format!("[bank]\n{to}"), 1)
+            .replacen("[load]\n", &format!("[load]\n{to}"), 1)
+            + "\n[clearing]\npayment_servers = [\"payment\"]\nfunders = [\"bank\", \"load\"]\n"
     }
 
     fn head(role: &str) -> String {

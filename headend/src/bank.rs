@@ -99,6 +99,8 @@ impl BankServer {
             daily_limit: s.daily_limit,
             float_account: s.float_account.clone(),
             offer_lifetime_secs: s.offer_lifetime_secs,
+            funder: crate::gateway::load::BANK,
+            clearing: s.clearing.clone(),
         };
         let funds = Funds::open(spec, journal, accounts)?;
         Ok(Arc::new(Self { funds }))

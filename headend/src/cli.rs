@@ -35,6 +35,28 @@ pub enum Command {
     Bank(RoleArgs),
     /// The load server alone, with its host security module and pre-funded accounts.
     Load(RoleArgs),
+    /// The clearing role alone: receives collection batches and load advices.
+    Clearing(RoleArgs),
+    /// Settle what clearing received and has not settled: writes
+    /// settlement-<day>-<id>.json and .csv (the clearing role's config).
+    Settle {
+        #[command(flatten)]
+        role: RoleArgs,
+        /// Where the report files go (default: the state directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Check the cross-ledger invariants from the journals (the clearing role's config):
+    /// exits non-zero naming each transaction that breaks one.
+    Reconcile {
+        #[command(flatten)]
+        role: RoleArgs,
+        /// Directories holding the journals (`<role>.sqlite`) of clearing, the payment
+        /// servers and the funders it names; repeat for several (default: the state
+        /// directory).
+        #[arg(long = "state-dir")]
+        state_dirs: Vec<PathBuf>,
+    },
     /// Unlock a bank account locked after wrong PINs (operator command).
     BankUnlock {
         #[command(flatten)]
@@ -60,7 +82,8 @@ pub enum Command {
         #[arg(long, value_name = "PORT")]
         split_base_port: Option<u16>,
     },
-    /// Close a collection batch for the acquirer: writes collection-<batch>.json.
+    /// Close a collection batch (journaled, and queued for clearing when `[payment]
+    /// clearing` is set): writes collection-<batch>.json.
     Collect {
         #[command(flatten)]
         role: RoleArgs,
@@ -70,7 +93,8 @@ pub enum Command {
     },
     /// Report what the journals in the state directory hold (read-only).
     Status(RoleArgs),
-    /// Record the acquirer's acknowledgement of a collection batch.
+    /// Record the acquirer's acknowledgement of a collection batch (without a clearing
+    /// role; clearing's own acknowledgement is recorded when it is received).
     AckBatch {
         #[command(flatten)]
         role: RoleArgs,

@@ -137,6 +137,8 @@ pub struct HeadendConfig {
     pub bank: Option<BankSection>,
     /// The load server with its host security module (001 load server 862, HSM 864).
     pub load: Option<LoadSection>,
+    /// The clearing role (see [`ClearingSection`]).
+    pub clearing: Option<ClearingSection>,
     /// Bank accounts, linked to a box (and optionally a card).
     #[serde(default)]
     pub bank_accounts: Vec<BankAccountDef>,
@@ -171,6 +173,9 @@ pub struct BankSection {
     /// Who may call this role over QUIC (see [`Callers`]).
     #[serde(default)]
     pub callers: Callers,
+    /// The clearing role to send load advices of captured loads to: an `[endpoints]` key, or the local `[clearing]`
+    /// role's name. None: nothing is sent.
+    pub clearing: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -199,6 +204,9 @@ pub struct LoadSection {
     /// Who may call this role over QUIC (see [`Callers`]).
     #[serde(default)]
     pub callers: Callers,
+    /// The clearing role to send load advices of captured loads to: an `[endpoints]` key, or the local `[clearing]`
+    /// role's name. None: nothing is sent.
+    pub clearing: Option<String>,
 }
 
 /// The peers a role serves over QUIC: role names (the `urn:purselink:role:NAME` the peer's
@@ -423,6 +431,42 @@ pub struct PaymentSection {
     /// Who may call this role over QUIC (see [`Callers`]).
     #[serde(default)]
     pub callers: Callers,
+    /// The clearing role to send collection batches to: an `[endpoints]` key, or the local `[clearing]`
+    /// role's name. None: nothing is sent (`headend collect` still closes and exports batches).
+    pub clearing: Option<String>,
+    /// Seconds between two collection batches the running payment server closes and sends
+    /// (with `clearing` set).
+    #[serde(default = "default_collect_every")]
+    pub collect_every_secs: u64,
+}
+
+/// The clearing role (001 FIG. 1: concentration point 68, clearing and administration 110,
+/// the acquirer's and the issuer's ledgers): it receives collection batches and load
+/// advices, and settles them (`headend settle`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClearingSection {
+    #[serde(default = "default_clearing_name")]
+    pub name: String,
+    /// Where payment servers, banks and load servers reach this role when it runs alone.
+    pub listen: Option<SocketAddr>,
+    /// Who may call this role over QUIC (see [`Callers`]); list the payment servers and
+    /// funders below.
+    #[serde(default)]
+    pub callers: Callers,
+    /// Payment servers (role names) whose collection batches are accepted.
+    pub payment_servers: Vec<String>,
+    /// Funders (role names: `bank`, `load`) whose load advices are accepted.
+    #[serde(default)]
+    pub funders: Vec<String>,
+}
+
+fn default_clearing_name() -> String {
+    "clearing".into()
+}
+
+fn default_collect_every() -> u64 {
+    300
 }
 
 #[derive(Debug, Clone, Deserialize)]

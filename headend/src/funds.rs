@@ -23,10 +23,12 @@ use std::sync::Arc;
 use proto::crypto::{self, DesKey};
 use proto::messages::*;
 use proto::money::{Currency, Money};
+use proto::clearing::{LoadAdvice, day_text};
 use proto::purse::{Date, PurseInfo};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
+use crate::outbox::Outbox;
 use crate::bank::{box_pin_key, now_secs, pin_verification_value};
 use crate::journal::{self, Journal, Kind};
 use crate::role::{journal_failed, refuse, repeat};
@@ -203,6 +205,10 @@ pub struct FundsSpec {
     pub float_account: String,
     /// Seconds a load offer may wait for its hold request.
     pub offer_lifetime_secs: u64,
+    /// This role's name for clearing (`bank`, `load`): the funder in its load advices.
+    pub funder: &'static str,
+    /// The clearing role load advices go to (config `clearing`); none: none are made.
+    pub clearing: Option<String>,
 }
 
 /// Accounts, offers, holds and the issuer float on one journal: the hold discipline shared
@@ -218,6 +224,10 @@ pub struct Funds {
     pub daily_limit: u64,
     pub float_account: String,
     pub offer_lifetime_secs: u64,
+    /// See [`FundsSpec::funder`].
+    pub funder: &'static str,
+    /// See [`FundsSpec::clearing`].
+    pub clearing: Option<String>,
     lock: tokio::sync::Mutex<()>,
     guessing: std::sync::Mutex<Guessing>,
 }
@@ -256,6 +266,8 @@ impl Funds {
             daily_limit: spec.daily_limit,
             float_account: spec.float_account,
             offer_lifetime_secs: spec.offer_lifetime_secs,
+            funder: spec.funder,
+            clearing: spec.clearing,
             lock: tokio::sync::Mutex::new(()),
             guessing: Default::default(),
         })
@@ -812,6 +824,18 @@ impl Funds {
                     &amount.currency.code.to_string(),
                     &journal::encode(&Money::new(float, amount.currency)),
                 )?;
+                // The load advice for clearing, in the same write as the capture.
+                if let Some(to) = &self.clearing {
+                    let advice = Message::LoadAdvice(LoadAdvice {
+                        funder: self.funder.into(),
+                        transaction_id: txid.clone(),
+                        account: a.id.clone(),
+                        card_id: hold.card_id,
+                        amount,
+                        captured_on: day_text(hold.day),
+                    });
+                    Outbox::queue(b, to, &txid, &advice)?;
+                }
             }
             b.step(&txid, &step, &body.basis)
         }) {

@@ -105,11 +105,26 @@ pub enum Kind {
     Load,
     /// Load server: the HSM's snapshot (key `0`).
     Hsm,
+    /// Payment server, bank, load server: a message journaled before it is sent to another
+    /// role and re-sent until that role acknowledges it ([`crate::outbox::Outgoing`]), by
+    /// `<destination>/<id>`.
+    Outbox,
+    /// Clearing: a received collection batch ([`crate::clearing::Received`]), by
+    /// `<payment server>/<batch number, 12 digits>`.
+    ClearedBatch,
+    /// Clearing: which batch cleared a security-card transaction (`<payment server>/<batch>`,
+    /// UTF-8), by `<security card id, 16 hex digits>/<its transaction number, 10 digits>`.
+    ClearedTxn,
+    /// Clearing: a received load advice ([`crate::clearing::AdviceRec`]), by
+    /// `<funder>/<transaction id>`.
+    Advice,
+    /// Clearing: a settlement report ([`crate::clearing::settle::Report`]), by its id.
+    Settlement,
 }
 
 impl Kind {
     /// Every kind, in declaration order.
-    pub const ALL: [Kind; 20] = [
+    pub const ALL: [Kind; 25] = [
         Kind::Gw,
         Kind::GwLoad,
         Kind::Open,
@@ -130,6 +145,11 @@ impl Kind {
         Kind::Float,
         Kind::Load,
         Kind::Hsm,
+        Kind::Outbox,
+        Kind::ClearedBatch,
+        Kind::ClearedTxn,
+        Kind::Advice,
+        Kind::Settlement,
     ];
 
     /// The string the kind is stored under (the `kind` column).
@@ -155,6 +175,11 @@ impl Kind {
             Kind::Float => "float",
             Kind::Load => "load",
             Kind::Hsm => "hsm",
+            Kind::Outbox => "outbox",
+            Kind::ClearedBatch => "cleared_batch",
+            Kind::ClearedTxn => "cleared_txn",
+            Kind::Advice => "load_advice",
+            Kind::Settlement => "settlement",
         }
     }
 }
@@ -198,6 +223,25 @@ impl Batch<'_> {
             )?
             .execute(params![kind.as_str(), key, value])?;
         Ok(())
+    }
+
+    /// The record (`kind`, `key`) as this transaction sees it: reads inside
+    /// [`Journal::atomically`] decide on data no other writer can change before the commit
+    /// (the transaction holds the write lock from its start).
+    pub fn get(&self, kind: Kind, key: &str) -> rusqlite::Result<Option<Vec<u8>>> {
+        self.tx
+            .prepare_cached("SELECT value FROM state WHERE kind = ?1 AND key = ?2")?
+            .query_row(params![kind.as_str(), key], |r| r.get(0))
+            .optional()
+    }
+
+    /// Every (key, value) of a kind as this transaction sees it, in key order.
+    pub fn all(&self, kind: Kind) -> rusqlite::Result<Vec<(String, Vec<u8>)>> {
+        let mut st = self
+            .tx
+            .prepare_cached("SELECT key, value FROM state WHERE kind = ?1 ORDER BY key")?;
+        let rows = st.query_map(params![kind.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect()
     }
 
     /// Deletes the record (`kind`, `key`), if any.
@@ -327,7 +371,11 @@ impl Journal {
         blocking(|| {
             let (out, mine) = {
                 let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-                let tx = conn.transaction().map_err(|e| self.err(e))?;
+                // IMMEDIATE: the write lock from the start, so what the batch reads
+                // ([`Batch::get`]) no other process can change before the commit.
+                let tx = conn
+                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                    .map_err(|e| self.err(e))?;
                 let batch = Batch { tx };
                 let out = f(&batch).map_err(|e| self.err(e))?;
                 batch.tx.commit().map_err(|e| self.err(e))?;
@@ -552,6 +600,11 @@ mod tests {
                 "float",
                 "load",
                 "hsm",
+                "outbox",
+                "cleared_batch",
+                "cleared_txn",
+                "load_advice",
+                "settlement",
             ]
         );
     }

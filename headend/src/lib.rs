@@ -14,6 +14,7 @@
 
 pub mod assembly;
 pub mod bank;
+pub mod clearing;
 pub mod cli;
 pub mod config;
 pub mod funds;
@@ -23,6 +24,7 @@ pub mod limits;
 pub mod load;
 pub mod merchant;
 pub mod notify;
+pub mod outbox;
 pub mod payment;
 pub mod pki;
 pub mod quic;

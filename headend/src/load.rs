@@ -205,6 +205,8 @@ impl LoadServer {
             daily_limit: s.daily_limit,
             float_account: s.float_account.clone(),
             offer_lifetime_secs: s.offer_lifetime_secs,
+            funder: crate::gateway::load::LOAD,
+            clearing: s.clearing.clone(),
         };
         let prefunded = Funds::open(spec, journal.clone(), accounts)?;
         for (txid, b) in journal.all(Kind::Load).map_err(|e| e.to_string())? {

@@ -176,12 +176,13 @@ fn main() -> ExitCode {
             .map_err(|e| e.to_string()),
         Command::Collect { role, out } => payment_only(&role).and_then(|p| {
             let cfg = HeadendConfig::load(&role.config).map_err(|e| e.to_string())?;
-            match p.close_batch(&out.unwrap_or(cfg.state_dir))? {
-                Some((f, path)) => {
+            match p.close_batch()? {
+                Some(b) => {
+                    let path = p.export_batch(b.batch, &out.unwrap_or(cfg.state_dir))?;
                     println!(
                         "batch {} with {} transactions: {}",
-                        f.batch,
-                        f.records.len(),
+                        b.batch,
+                        b.records.len(),
                         path.display()
                     );
                     Ok(())
@@ -192,11 +193,80 @@ fn main() -> ExitCode {
                 }
             }
         }),
+        Command::Clearing(a) => rt().and_then(|rt| {
+            rt.block_on(run_roles(
+                a,
+                Roles {
+                    clearing: true,
+                    ..Roles::NONE
+                },
+            ))
+        }),
+        Command::Settle { role, out } => HeadendConfig::load(&role.config)
+            .map_err(|e| e.to_string())
+            .and_then(|cfg| {
+                let c = headend::clearing::ClearingServer::open(&cfg)?;
+                match c.settle()? {
+                    Some(r) => {
+                        let (json, csv) = headend::clearing::settle::write(
+                            &r,
+                            &out.unwrap_or(cfg.state_dir.clone()),
+                        )?;
+                        println!(
+                            "settlement {}: {} batches, {} load advices: {} {}",
+                            r.id,
+                            r.batches.len(),
+                            r.advices.len(),
+                            json.display(),
+                            csv.display()
+                        );
+                    }
+                    None => println!("nothing to settle"),
+                }
+                Ok(())
+            }),
+        Command::Reconcile { role, state_dirs } => HeadendConfig::load(&role.config)
+            .map_err(|e| e.to_string())
+            .and_then(|cfg| {
+                let s = cfg.clearing.as_ref().ok_or("no [clearing] section")?;
+                let dirs = if state_dirs.is_empty() {
+                    vec![cfg.state_dir.clone()]
+                } else {
+                    state_dirs
+                };
+                let j = headend::clearing::reconcile::Journals::find(
+                    &dirs,
+                    &s.name,
+                    &s.payment_servers,
+                    &s.funders,
+                )?;
+                let breaks =
+                    headend::clearing::reconcile::reconcile(&j, &s.payment_servers, &s.funders)?;
+                if breaks.is_empty() {
+                    println!("reconciled: every invariant holds");
+                    Ok(())
+                } else {
+                    for b in &breaks {
+                        println!("BREAK {b}");
+                    }
+                    Err(format!("{} invariants broken", breaks.len()))
+                }
+            }),
         Command::Status(a) => HeadendConfig::load(&a.config)
             .map_err(|e| e.to_string())
             .and_then(|cfg| headend::status::report(&cfg.state_dir))
             .map(|r| print!("{r}")),
-        Command::AckBatch { role, batch } => payment_only(&role).and_then(|p| p.ack_batch(batch)),
+        Command::AckBatch { role, batch } => {
+            payment_only(&role)
+                .and_then(|p| p.ack_batch(batch))
+                .map(|changed| {
+                    if changed {
+                        println!("batch {batch} acknowledged");
+                    } else {
+                        println!("batch {batch} was acknowledged already: nothing changed");
+                    }
+                })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

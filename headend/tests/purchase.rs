@@ -6,6 +6,7 @@
 
 mod purchase_support;
 
+use headend::assembly::DemoOptions;
 use headend::payment::PayState;
 use headend::role::{Caller, Role};
 use proto::messages::*;
@@ -426,7 +427,12 @@ async fn timeout_reverses_and_a_late_proof_still_counts() {
 
 #[tokio::test]
 async fn collection_batches_settled_transactions_once() {
-    let he = start(options("payment-server", true)).await;
+    // No clearing role: the acquirer acknowledges by hand (`headend ack-batch`).
+    let he = start(DemoOptions {
+        clearing: false,
+        ..options("payment-server", true)
+    })
+    .await;
     let mut b = TestBox::new(&he, "box-000014", 20_000).await;
     b.buy("CABLE", "ppv-1001").await;
     b.buy("CABLE", "ppv-1002").await;
@@ -442,8 +448,11 @@ async fn collection_batches_settled_transactions_once() {
         .await
     );
     let out = he.dir.path().join("collection");
-    let (file, path) = p.close_batch(&out).unwrap().unwrap();
-    assert!(path.exists());
+    let file = p.close_batch().unwrap().unwrap();
+    let path = p.export_batch(file.batch, &out).unwrap();
+    let exported: proto::clearing::CollectionBatch =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(exported, file, "the file is the journaled batch");
     assert_eq!(file.records.len(), 3);
     let cable = file
         .totals
@@ -459,12 +468,25 @@ async fn collection_batches_settled_transactions_once() {
     assert_eq!((shop.count, shop.amount), (1, 1_250));
     assert!(!file.security_cards.is_empty());
     assert!(
-        p.close_batch(&out).unwrap().is_none(),
+        p.close_batch().unwrap().is_none(),
         "each transaction is collected once"
     );
-    assert_eq!(p.batch_state(file.batch).as_deref(), Some("open"));
-    p.ack_batch(file.batch).unwrap();
-    assert_eq!(p.batch_state(file.batch).as_deref(), Some("acknowledged"));
+    use headend::payment::collection::BatchState;
+    assert_eq!(p.batch_state(file.batch), Some(BatchState::Closed));
+    // [0044]: until the acknowledgement the security cards still have the batch to settle.
+    let before = p.remaining_to_settle().await.unwrap();
+    let batched: u64 = file.security_cards.iter().map(|t| t.amount).sum();
+    assert_eq!(before.values().sum::<u64>(), batched, "{before:?}");
+    assert!(p.ack_batch(file.batch).unwrap(), "the first acknowledgement changes it");
+    assert_eq!(p.batch_state(file.batch), Some(BatchState::Acknowledged));
+    let after = p.remaining_to_settle().await.unwrap();
+    for t in &file.security_cards {
+        assert_eq!(after.get(&(t.security_card_id, t.currency)), Some(&0), "{after:?}");
+    }
+    let steps = p.journal().count_steps().unwrap();
+    assert!(!p.ack_batch(file.batch).unwrap(), "a repeat changes nothing");
+    assert_eq!(p.remaining_to_settle().await.unwrap(), after);
+    assert_eq!(p.journal().count_steps().unwrap(), steps, "nothing journaled");
     assert!(p.ack_batch(999).is_err());
 }
 

@@ -7,6 +7,7 @@
 
 pub mod apdu;
 pub mod card;
+pub mod clearing;
 pub mod codec;
 pub mod crypto;
 pub mod frame;

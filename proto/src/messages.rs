@@ -597,6 +597,18 @@ pub enum Message {
         command: DebitCommandMsg,
         gateway: GatewayCopy,
     },
+    // Appended: clearing (see [`crate::clearing`]).
+    /// Payment server → clearing: a collection batch. Answered with `BatchAck`, the same
+    /// for a repeat of the identical batch.
+    CollectionBatch(Box<crate::clearing::CollectionBatch>),
+    /// Clearing → payment server: batch `batch` of `payment_server` is received, once and
+    /// for all.
+    BatchAck {
+        payment_server: String,
+        batch: u64,
+    },
+    /// Funder (bank, load server) → clearing: a captured load. Answered with `Ack`.
+    LoadAdvice(crate::clearing::LoadAdvice),
 }
 
 impl Message {
@@ -635,6 +647,9 @@ impl Message {
             Message::Reversed(_) => "a reversal notice",
             Message::Ack { .. } => "an acknowledgement",
             Message::RoutedDebitCommand { .. } => "a routed debit command",
+            Message::CollectionBatch(_) => "a collection batch",
+            Message::BatchAck { .. } => "a batch acknowledgement",
+            Message::LoadAdvice(_) => "a load advice",
         }
     }
 

@@ -1,153 +1,288 @@
-//! Collection: settled transactions batched into collection files for the acquirer
-//! (001 [0007], [0045]): per-merchant totals and counts, the security-card ids, every
-//! record, and a batch acknowledgement. A transaction is in exactly one batch.
+//! Collection (001 [0007], [0044]–[0045]): the security-card terminals' completed purchases
+//! go into numbered collection batches ([`proto::clearing::CollectionBatch`]) for clearing,
+//! and clearing's batch acknowledgement lowers what the security cards still have to
+//! settle.
+//!
+//! The batch is built and journaled before anything leaves: one write numbers it, marks
+//! its transactions collected, and queues it for clearing ([`crate::outbox`]). The export
+//! file (`headend collect`) and every send read the journaled batch, so a crash anywhere
+//! re-sends or re-writes the identical batch under the same number, and a transaction is
+//! in exactly one batch. The acknowledgement is journaled in the same write as the
+//! outbox's delivery record; a repeat changes nothing.
 
-use super::step::PayStep;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use proto::clearing::{BatchRecord, CollectionBatch, day_text};
+use proto::messages::Message;
+use proto::money::Currency;
 use serde::{Deserialize, Serialize};
 
+use super::step::PayStep;
 use super::{PayState, PayTxn, PaymentServer};
 use crate::journal::{self, Kind};
+use crate::outbox::Outbox;
 
+/// A closed batch and where it stands (journal kind `batch`, key [`batch_key`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MerchantTotal {
-    pub merchant_id: String,
-    pub currency: u16,
-    pub exponent: u8,
-    pub count: u64,
-    pub amount: u64,
+pub struct ClosedBatch {
+    pub batch: CollectionBatch,
+    pub state: BatchState,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CollectionRecordLine {
-    pub transaction_id: String,
-    pub merchant_id: String,
-    pub security_card: String,
-    #[serde(alias = "psam_txn")]
-    pub security_card_txn: u32,
-    pub card_id: String,
-    pub amount: u64,
-    pub currency: u16,
+/// Where a closed batch stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BatchState {
+    /// Closed and journaled; clearing has not acknowledged it.
+    Closed,
+    /// Clearing (or the acquirer, `headend ack-batch`) acknowledged it: its value no longer
+    /// counts as remaining to settle.
+    Acknowledged,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CollectionFile {
-    pub batch: u64,
-    pub payment_server: String,
-    pub totals: Vec<MerchantTotal>,
-    pub security_cards: Vec<String>,
-    pub records: Vec<CollectionRecordLine>,
+impl BatchState {
+    /// The state's name for operators (`headend status`, logs).
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BatchState::Closed => "closed",
+            BatchState::Acknowledged => "acknowledged",
+        }
+    }
+}
+
+/// The journal key of batch `n` (zero-padded: key order is batch order).
+#[must_use]
+pub fn batch_key(n: u64) -> String {
+    format!("{n:06}")
+}
+
+/// The batch's id in the outbox and the step log.
+#[must_use]
+pub fn batch_id(n: u64) -> String {
+    format!("batch-{n:06}")
+}
+
+/// Marks batch `n` acknowledged inside a journal write; false when it already was.
+///
+/// # Errors
+/// The journal's; a batch that does not exist or does not decode is `QueryReturnedNoRows`
+/// / a conversion error.
+pub(crate) fn acknowledge_in(b: &journal::Batch, n: u64) -> rusqlite::Result<bool> {
+    let key = batch_key(n);
+    let raw = b
+        .get(Kind::Batch, &key)?
+        .ok_or(rusqlite::Error::QueryReturnedNoRows)?;
+    let mut rec: ClosedBatch = journal::decode(&raw).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, e.into())
+    })?;
+    if rec.state == BatchState::Acknowledged {
+        return Ok(false);
+    }
+    rec.state = BatchState::Acknowledged;
+    b.put(Kind::Batch, &key, &journal::encode(&rec))?;
+    b.step(&batch_id(n), &PayStep::BatchAcknowledged, "")?;
+    Ok(true)
 }
 
 impl PaymentServer {
-    /// Closes a batch of every completed transaction not yet collected, writes it to
-    /// `dir/collection-<batch>.json`, and marks the transactions collected. Returns `None`
-    /// when there is nothing to collect.
-    pub fn close_batch(&self, dir: &Path) -> Result<Option<(CollectionFile, PathBuf)>, String> {
-        let batch = self
-            .journal
-            .get(Kind::Meta, "next-batch")
-            .map_err(|e| e.to_string())?
-            .map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
-            .unwrap_or(1);
-        let mut due: Vec<PayTxn> = Vec::new();
-        for (_, bytes) in self.journal.all(Kind::Txn).map_err(|e| e.to_string())? {
-            let t: PayTxn = journal::decode(&bytes)?;
-            if t.state == PayState::Completed && t.batch.is_none() {
-                due.push(t);
-            }
-        }
-        if due.is_empty() {
-            return Ok(None);
-        }
-        let mut totals: BTreeMap<(String, u16, u8), (u64, u64)> = BTreeMap::new();
-        let mut cards = std::collections::BTreeSet::new();
-        let mut records = Vec::new();
-        for t in &due {
-            let e = totals
-                .entry((
-                    t.merchant_id.clone(),
-                    t.amount.currency.code,
-                    t.amount.currency.exponent,
-                ))
-                .or_default();
-            e.0 += 1;
-            e.1 += t.amount.minor;
-            cards.insert(format!("{:X}", t.security_card_id));
-            records.push(CollectionRecordLine {
-                transaction_id: t.transaction_id.clone(),
-                merchant_id: t.merchant_id.clone(),
-                security_card: format!("{:X}", t.security_card_id),
-                security_card_txn: t.security_card_txn,
-                card_id: format!("{:016X}", t.card_id),
-                amount: t.amount.minor,
-                currency: t.amount.currency.code,
-            });
-        }
-        let file = CollectionFile {
-            batch,
-            payment_server: self.name.clone(),
-            totals: totals
-                .into_iter()
-                .map(
-                    |((merchant_id, currency, exponent), (count, amount))| MerchantTotal {
-                        merchant_id,
-                        currency,
-                        exponent,
-                        count,
-                        amount,
-                    },
-                )
-                .collect(),
-            security_cards: cards.into_iter().collect(),
-            records,
+    /// Closes a batch of every completed transaction not yet collected: numbers it, marks
+    /// its transactions, and (with `[payment] clearing`) queues it for clearing, in one
+    /// journal write. `None` when there is nothing to collect.
+    ///
+    /// # Errors
+    /// The journal cannot be read or written, or holds a corrupt record (nothing is then
+    /// closed).
+    pub fn close_batch(&self) -> Result<Option<CollectionBatch>, String> {
+        let closed_on = day_text(super::today());
+        let corrupt = |e: String| {
+            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, e.into())
         };
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let path = dir.join(format!("collection-{batch:06}.json"));
-        let text = serde_json::to_string_pretty(&file).map_err(|e| e.to_string())?;
-        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
-        self.journal
+        let out = self
+            .journal
             .atomically(|b| {
-                for mut t in due.clone() {
-                    t.batch = Some(batch);
+                let n = b
+                    .get(Kind::Meta, "next-batch")?
+                    .map(|v| u64::from_be_bytes(v.try_into().unwrap_or([0; 8])))
+                    .unwrap_or(1);
+                let mut due: Vec<PayTxn> = Vec::new();
+                for (_, bytes) in b.all(Kind::Txn)? {
+                    let t: PayTxn = journal::decode(&bytes).map_err(corrupt)?;
+                    if t.state == PayState::Completed && t.batch.is_none() {
+                        due.push(t);
+                    }
+                }
+                if due.is_empty() {
+                    return Ok(None);
+                }
+                let records = due
+                    .iter()
+                    .map(|t| BatchRecord {
+                        transaction_id: t.transaction_id.clone(),
+                        merchant_id: t.merchant_id.clone(),
+                        security_card_id: t.security_card_id,
+                        security_card_txn: t.security_card_txn,
+                        card_id: t.card_id,
+                        amount: t.amount,
+                    })
+                    .collect();
+                let batch = CollectionBatch::build(&self.name, n, &closed_on, records);
+                for mut t in due {
+                    t.batch = Some(n);
                     b.put(Kind::Txn, &t.transaction_id, &journal::encode(&t))?;
-                    b.step(
-                        &t.transaction_id,
-                        &PayStep::Collected,
-                        &format!("batch {batch}"),
+                    b.step(&t.transaction_id, &PayStep::Collected, &batch_id(n))?;
+                }
+                b.put(
+                    Kind::Batch,
+                    &batch_key(n),
+                    &journal::encode(&ClosedBatch {
+                        batch: batch.clone(),
+                        state: BatchState::Closed,
+                    }),
+                )?;
+                b.step(
+                    &batch_id(n),
+                    &PayStep::BatchClosed,
+                    &format!("{} records", batch.records.len()),
+                )?;
+                if let Some(to) = &self.clearing {
+                    Outbox::queue(
+                        b,
+                        to,
+                        &batch_id(n),
+                        &Message::CollectionBatch(Box::new(batch.clone())),
                     )?;
                 }
-                b.put(Kind::Batch, &format!("{batch:06}"), b"open")?;
-                b.put(Kind::Meta, "next-batch", &(batch + 1).to_be_bytes())
+                b.put(Kind::Meta, "next-batch", &(n + 1).to_be_bytes())?;
+                Ok(Some(batch))
             })
             .map_err(|e| e.to_string())?;
-        tracing::info!(batch, transactions = due.len(), path = %path.display(), "collection batch closed");
-        Ok(Some((file, path)))
-    }
-
-    /// Records the acquirer's acknowledgement of a batch.
-    pub fn ack_batch(&self, batch: u64) -> Result<(), String> {
-        let key = format!("{batch:06}");
-        match self
-            .journal
-            .get(Kind::Batch, &key)
-            .map_err(|e| e.to_string())?
-        {
-            None => Err(format!("no batch {batch}")),
-            Some(_) => self
-                .journal
-                .put(Kind::Batch, &key, b"acknowledged")
-                .map_err(|e| e.to_string()),
+        if let Some(batch) = &out {
+            tracing::info!(
+                batch = batch.batch,
+                transactions = batch.records.len(),
+                "collection batch closed"
+            );
         }
+        Ok(out)
     }
 
-    pub fn batch_state(&self, batch: u64) -> Option<String> {
-        let v = self
-            .journal
-            .get(Kind::Batch, &format!("{batch:06}"))
-            .ok()??;
-        String::from_utf8(v).ok()
+    /// Batch `n` as journaled, and where it stands.
+    ///
+    /// # Errors
+    /// The journal cannot be read or the record is corrupt.
+    pub fn batch(&self, n: u64) -> Result<Option<ClosedBatch>, String> {
+        self.journal
+            .get(Kind::Batch, &batch_key(n))
+            .map_err(|e| e.to_string())?
+            .map(|raw| journal::decode(&raw))
+            .transpose()
+    }
+
+    /// Every batch as journaled, in number order.
+    ///
+    /// # Errors
+    /// The journal cannot be read or a record is corrupt.
+    pub fn batches(&self) -> Result<Vec<ClosedBatch>, String> {
+        self.journal
+            .all(Kind::Batch)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|(_, raw)| journal::decode(&raw))
+            .collect()
+    }
+
+    /// Writes batch `n`, as journaled, to `dir/collection-<n>.json` (the same bytes
+    /// however often it is written).
+    ///
+    /// # Errors
+    /// No such batch, the journal cannot be read, or the file cannot be written.
+    pub fn export_batch(&self, n: u64, dir: &Path) -> Result<PathBuf, String> {
+        let rec = self.batch(n)?.ok_or_else(|| format!("no batch {n}"))?;
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let path = dir.join(format!("collection-{n:06}.json"));
+        let text = serde_json::to_string_pretty(&rec.batch).map_err(|e| e.to_string())?;
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(path)
+    }
+
+    /// Records the acknowledgement of batch `n` (by the acquirer, without a clearing role;
+    /// clearing's own acknowledgement is journaled on delivery). True when it changed
+    /// something; a repeat changes nothing.
+    ///
+    /// # Errors
+    /// No such batch, or the journal cannot be written.
+    pub fn ack_batch(&self, n: u64) -> Result<bool, String> {
+        if self.batch(n)?.is_none() {
+            return Err(format!("no batch {n}"));
+        }
+        self.journal
+            .atomically(|b| acknowledge_in(b, n))
+            .map_err(|e| e.to_string())
+    }
+
+    /// Where batch `n` stands, if it exists.
+    pub fn batch_state(&self, n: u64) -> Option<BatchState> {
+        self.batch(n).ok()?.map(|r| r.state)
+    }
+
+    /// What each security card (by id) still has to settle, per currency, in minor units
+    /// ([0044]): its totals less every acknowledged batch's records of it.
+    pub async fn remaining_to_settle(&self) -> Result<BTreeMap<(u64, Currency), u64>, String> {
+        let mut out: BTreeMap<(u64, Currency), u64> = BTreeMap::new();
+        for slot in 0..self.pool.len() {
+            let card = self.pool.card(slot).await.ok_or("no such slot")?;
+            for (c, t) in card.totals() {
+                *out.entry((card.id(), c)).or_default() += t.amount;
+            }
+        }
+        for rec in self.batches()? {
+            if rec.state != BatchState::Acknowledged {
+                continue;
+            }
+            for t in &rec.batch.security_cards {
+                let e = out.entry((t.security_card_id, t.currency)).or_default();
+                *e = e.saturating_sub(t.amount);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The outbox to clearing, if `[payment] clearing` names one: it sends the closed
+    /// batches and journals each acknowledgement with the batch's new state.
+    pub fn clearing_outbox(
+        self: &std::sync::Arc<Self>,
+        receiver: std::sync::Arc<dyn crate::role::Role>,
+    ) -> Option<std::sync::Arc<Outbox>> {
+        let to = self.clearing.as_ref()?;
+        Some(std::sync::Arc::new(
+            Outbox::new(self.journal.clone(), &self.name, to, receiver).on_ack(|b, sent| {
+                match sent {
+                    Message::CollectionBatch(batch) => acknowledge_in(b, batch.batch).map(|_| ()),
+                    _ => Ok(()),
+                }
+            }),
+        ))
+    }
+
+    /// Closes a batch every `every` and hands it to `outbox` (which delivers it and what
+    /// an earlier run left), until `shutdown`.
+    pub async fn run_collector(
+        self: std::sync::Arc<Self>,
+        outbox: std::sync::Arc<Outbox>,
+        every: std::time::Duration,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            match self.close_batch() {
+                Ok(Some(_)) => outbox.nudge(),
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "collection batch not closed; retrying later"),
+            }
+        }
     }
 }

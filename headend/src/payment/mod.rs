@@ -75,6 +75,8 @@ struct Merchant {
 
 pub struct PaymentServer {
     name: String,
+    /// The clearing role collection batches go to (`[payment] clearing`).
+    clearing: Option<String>,
     journal: Arc<Journal>,
     pool: Arc<Pool>,
     merchants: HashMap<String, Merchant>,
@@ -176,6 +178,7 @@ impl PaymentServer {
             merchants,
             Duration::from_secs(section.transaction_timeout_secs),
             Duration::from_secs(section.lease_timeout_secs),
+            section.clearing.clone(),
         )
     }
 
@@ -188,6 +191,7 @@ impl PaymentServer {
         merchants: HashMap<String, Merchant>,
         timeout: Duration,
         lease_timeout: Duration,
+        clearing: Option<String>,
     ) -> Result<Arc<Self>, String> {
         let mut security_cards = Vec::new();
         for slot in 0..cards as usize {
@@ -223,6 +227,7 @@ impl PaymentServer {
             .unwrap_or(0);
         Ok(Arc::new(Self {
             name: name.into(),
+            clearing,
             journal,
             pool: Pool::new(security_cards),
             merchants,

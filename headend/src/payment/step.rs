@@ -23,6 +23,10 @@ pub enum PayStep {
     CancelRefused,
     /// "collected"
     Collected,
+    /// "batch closed" (keyed by the batch id)
+    BatchClosed,
+    /// "batch acknowledged" (keyed by the batch id)
+    BatchAcknowledged,
 }
 
 impl PayStep {
@@ -37,6 +41,8 @@ impl PayStep {
             PayStep::Reversed => "reversed",
             PayStep::CancelRefused => "cancel refused",
             PayStep::Collected => "collected",
+            PayStep::BatchClosed => "batch closed",
+            PayStep::BatchAcknowledged => "batch acknowledged",
         }
     }
 }

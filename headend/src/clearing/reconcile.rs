@@ -1,0 +1,331 @@
+//! `headend reconcile`: the cross-ledger invariants, checked from the raw journals (the
+//! SQLite files each role writes), each break naming the transaction (or batch, report,
+//! security card) that breaks it:
+//!
+//! - card-reported debits (the debit responses the payment servers completed on) = the
+//!   security cards' totals = the batched records = the settled amounts;
+//! - each (security card id, security card transaction) is in exactly one batch, and every
+//!   batch clearing received is byte for byte the one its payment server journaled;
+//! - loads captured by each funder = its float credits = the load advices clearing holds,
+//!   and clearing's issuer float = advised loads − settled purchases.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use proto::money::Currency;
+use proto::security_card::SecurityCard;
+
+use super::settle::Report;
+use super::{AdviceRec, Received, advice_key};
+use crate::funds::{Hold, HoldState};
+use crate::journal::{self, Journal, Kind};
+use crate::payment::collection::ClosedBatch;
+use crate::payment::{PayState, PayTxn};
+
+/// One broken invariant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Break {
+    /// What it is about: a transaction id, `batch <ps>/<n>`, `report <id>`, `security card <id>`.
+    pub subject: String,
+    pub what: String,
+}
+
+impl std::fmt::Display for Break {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.subject, self.what)
+    }
+}
+
+/// The journals to read: clearing's, each payment server's and each funder's, by role
+/// name. A party clearing names but whose journal is not given is reported as a break.
+pub struct Journals {
+    pub clearing: Journal,
+    pub payment: BTreeMap<String, Journal>,
+    pub funders: BTreeMap<String, Journal>,
+}
+
+impl Journals {
+    /// Opens `<name>.sqlite` for clearing (`clearing`), and for each named payment server
+    /// and funder, from the first of `dirs` that holds it.
+    ///
+    /// # Errors
+    /// Clearing's journal is in none of `dirs`, or a journal cannot be opened.
+    pub fn find(
+        dirs: &[PathBuf],
+        clearing: &str,
+        payment_servers: &[String],
+        funders: &[String],
+    ) -> Result<Self, String> {
+        let locate = |name: &str| -> Option<PathBuf> {
+            dirs.iter()
+                .map(|d| d.join(format!("{name}.sqlite")))
+                .find(|p| p.exists())
+        };
+        let open = |p: &Path| Journal::open(p).map_err(|e| e.to_string());
+        let clearing_path =
+            locate(clearing).ok_or_else(|| format!("no {clearing}.sqlite in {dirs:?}"))?;
+        let mut out = Journals {
+            clearing: open(&clearing_path)?,
+            payment: BTreeMap::new(),
+            funders: BTreeMap::new(),
+        };
+        for p in payment_servers {
+            if let Some(path) = locate(p) {
+                out.payment.insert(p.clone(), open(&path)?);
+            }
+        }
+        for f in funders {
+            if let Some(path) = locate(f) {
+                out.funders.insert(f.clone(), open(&path)?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn all<T: serde::de::DeserializeOwned>(j: &Journal, kind: Kind) -> Result<Vec<(String, T)>, String> {
+    j.all(kind)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|(k, v)| Ok((k, journal::decode(&v)?)))
+        .collect()
+}
+
+/// Checks every invariant (see the module doc); the breaks found, none when all hold.
+///
+/// # Errors
+/// A journal cannot be read or holds a corrupt record.
+pub fn reconcile(
+    j: &Journals,
+    payment_servers: &[String],
+    funders: &[String],
+) -> Result<Vec<Break>, String> {
+    let mut breaks = Vec::new();
+    let mut brk = |subject: String, what: String| breaks.push(Break { subject, what });
+    let received: Vec<(String, Received)> = all(&j.clearing, Kind::ClearedBatch)?;
+    let advices: Vec<(String, AdviceRec)> = all(&j.clearing, Kind::Advice)?;
+    let reports: Vec<(String, Report)> = all(&j.clearing, Kind::Settlement)?;
+
+    for ps in payment_servers {
+        let Some(pj) = j.payment.get(ps) else {
+            brk(format!("payment server {ps}"), "its journal was not given".into());
+            continue;
+        };
+        let txns: BTreeMap<String, PayTxn> = all(pj, Kind::Txn)?.into_iter().collect();
+        let batches: Vec<(String, ClosedBatch)> = all(pj, Kind::Batch)?;
+        // Card-reported debits: a completed purchase is the debit response the card signed.
+        for (txid, t) in &txns {
+            if t.state != PayState::Completed {
+                continue;
+            }
+            match &t.debit_response {
+                Some(r)
+                    if r.amount == t.amount.minor
+                        && r.currency == t.amount.currency
+                        && r.card_id == t.card_id
+                        && r.security_card_id == t.security_card_id
+                        && r.security_card_txn == t.security_card_txn => {}
+                Some(r) => brk(
+                    txid.clone(),
+                    format!(
+                        "the card reported {} {:?} but the payment server completed {}",
+                        r.amount, r.currency, t.amount
+                    ),
+                ),
+                None => brk(txid.clone(), "completed without the card's debit response".into()),
+            }
+        }
+        // Batched records = completed purchases, each in the batch it says.
+        let mut batched: BTreeSet<&str> = BTreeSet::new();
+        for (_, cb) in &batches {
+            let n = cb.batch.batch;
+            if let Err(e) = cb.batch.check() {
+                brk(format!("batch {ps}/{n}"), format!("not whole: {e}"));
+            }
+            for r in &cb.batch.records {
+                batched.insert(&r.transaction_id);
+                match txns.get(&r.transaction_id) {
+                    Some(t)
+                        if t.state == PayState::Completed
+                            && t.batch == Some(n)
+                            && t.amount == r.amount
+                            && t.security_card_id == r.security_card_id
+                            && t.security_card_txn == r.security_card_txn
+                            && t.card_id == r.card_id => {}
+                    Some(t) => brk(
+                        r.transaction_id.clone(),
+                        format!(
+                            "batch {ps}/{n} has {} for it, the payment journal {} ({:?}, batch {:?})",
+                            r.amount, t.amount, t.state, t.batch
+                        ),
+                    ),
+                    None => brk(
+                        r.transaction_id.clone(),
+                        format!("in batch {ps}/{n} but not a transaction of {ps}"),
+                    ),
+                }
+            }
+        }
+        for (txid, t) in &txns {
+            if let Some(n) = t.batch {
+                if !batched.contains(txid.as_str()) {
+                    brk(txid.clone(), format!("marked batch {n} but not in it"));
+                }
+            }
+        }
+        // Security-card totals = the purchases they counted (completed, or issued with an
+        // early release and still open).
+        let mut counted: BTreeMap<(u64, Currency), u64> = BTreeMap::new();
+        for t in txns.values() {
+            let early_open = t.state == PayState::DebitIssued
+                && t.embodiment != proto::messages::Embodiment::SecurityCard;
+            if t.state == PayState::Completed || early_open {
+                *counted
+                    .entry((t.security_card_id, t.amount.currency))
+                    .or_default() += t.amount.minor;
+            }
+        }
+        let mut totals: BTreeMap<(u64, Currency), u64> = BTreeMap::new();
+        for (_, raw) in pj.all(Kind::SecurityCard).map_err(|e| e.to_string())? {
+            let card: SecurityCard = journal::decode(&raw)?;
+            for (c, t) in &card.totals {
+                *totals.entry((card.id, *c)).or_default() += t.amount;
+            }
+        }
+        let keys: BTreeSet<_> = counted.keys().chain(totals.keys()).copied().collect();
+        for k in keys {
+            let (a, b) = (
+                totals.get(&k).copied().unwrap_or(0),
+                counted.get(&k).copied().unwrap_or(0),
+            );
+            if a != b {
+                brk(
+                    format!("security card {:X}", k.0),
+                    format!(
+                        "its totals say {a} ({}) but the payment journal's purchases make {b}",
+                        k.1.code
+                    ),
+                );
+            }
+        }
+        // What clearing received is what this payment server journaled.
+        let own: BTreeMap<u64, &ClosedBatch> =
+            batches.iter().map(|(_, b)| (b.batch.batch, b)).collect();
+        for (key, r) in received.iter().filter(|(_, r)| &r.batch.payment_server == ps) {
+            match own.get(&r.batch.batch) {
+                Some(cb) if cb.batch == r.batch => {}
+                Some(cb) => {
+                    let differing = r
+                        .batch
+                        .records
+                        .iter()
+                        .find(|x| !cb.batch.records.contains(x))
+                        .or_else(|| cb.batch.records.iter().find(|x| !r.batch.records.contains(x)))
+                        .map(|x| x.transaction_id.clone())
+                        .unwrap_or_else(|| format!("batch {key}"));
+                    brk(
+                        differing,
+                        format!("clearing's batch {key} differs from {ps}'s journal"),
+                    );
+                }
+                None => brk(
+                    format!("batch {key}"),
+                    format!("received by clearing but not in {ps}'s journal"),
+                ),
+            }
+        }
+    }
+
+    // Each security-card transaction in exactly one received batch.
+    let mut seen: BTreeMap<(u64, u32), &str> = BTreeMap::new();
+    for (key, r) in &received {
+        for x in &r.batch.records {
+            if let Some(first) = seen.insert((x.security_card_id, x.security_card_txn), key) {
+                brk(
+                    x.transaction_id.clone(),
+                    format!("cleared in two batches: {first} and {key}"),
+                );
+            }
+        }
+    }
+    // Settled amounts = the batches each report settled.
+    let mut purchases: BTreeMap<Currency, i64> = BTreeMap::new();
+    let mut loads: BTreeMap<Currency, i64> = BTreeMap::new();
+    for (_, rep) in &reports {
+        let mut batch_sum: BTreeMap<(String, Currency), u64> = BTreeMap::new();
+        for (key, r) in received.iter().filter(|(_, r)| r.settlement.as_ref() == Some(&rep.id)) {
+            if !rep.batches.contains(key) {
+                brk(format!("batch {key}"), format!("marked settled by {} but not in it", rep.id));
+            }
+            for t in &r.batch.totals {
+                *batch_sum.entry((t.merchant_id.clone(), t.currency)).or_default() += t.amount;
+                *purchases.entry(t.currency).or_default() += t.amount as i64;
+            }
+        }
+        let mut paid: BTreeMap<(String, Currency), u64> = BTreeMap::new();
+        for m in &rep.merchants {
+            *paid.entry((m.merchant_id.clone(), m.currency)).or_default() += m.amount;
+        }
+        if paid != batch_sum {
+            brk(
+                format!("report {}", rep.id),
+                format!("pays merchants {paid:?} but its batches add up to {batch_sum:?}"),
+            );
+        }
+        for (_, a) in advices.iter().filter(|(_, a)| a.settlement.as_ref() == Some(&rep.id)) {
+            *loads.entry(a.advice.amount.currency).or_default() += a.advice.amount.minor as i64;
+        }
+    }
+    // Clearing's float = advised loads settled − purchases settled.
+    for (code, raw) in j.clearing.all(Kind::Float).map_err(|e| e.to_string())? {
+        let float = i64::from_be_bytes(raw.try_into().unwrap_or([0; 8]));
+        let c = purchases
+            .keys()
+            .chain(loads.keys())
+            .find(|c| c.code.to_string() == code)
+            .copied();
+        let want = c.map_or(0, |c| {
+            loads.get(&c).copied().unwrap_or(0) - purchases.get(&c).copied().unwrap_or(0)
+        });
+        if float != want {
+            brk(
+                format!("issuer float {code}"),
+                format!("is {float} but settled loads − purchases make {want}"),
+            );
+        }
+    }
+    // Funders: captured loads = their float = clearing's advices.
+    for f in funders {
+        let Some(fj) = j.funders.get(f) else {
+            brk(format!("funder {f}"), "its journal was not given".into());
+            continue;
+        };
+        let holds: Vec<(String, Hold)> = all(fj, Kind::Hold)?;
+        let mut captured: BTreeMap<Currency, u64> = BTreeMap::new();
+        for (txid, h) in &holds {
+            if h.state != HoldState::Captured {
+                continue;
+            }
+            *captured.entry(h.amount.currency).or_default() += h.amount.minor;
+            match advices.iter().find(|(k, _)| *k == advice_key(f, txid)) {
+                Some((_, a)) if a.advice.amount == h.amount && a.advice.card_id == h.card_id => {}
+                Some((_, a)) => brk(
+                    txid.clone(),
+                    format!("captured {} but advised {}", h.amount, a.advice.amount),
+                ),
+                None => brk(txid.clone(), format!("captured by {f} but not advised to clearing")),
+            }
+        }
+        let float: BTreeMap<Currency, u64> = all::<proto::money::Money>(fj, Kind::Float)?
+            .into_iter()
+            .map(|(_, m)| (m.currency, m.minor))
+            .collect();
+        if float != captured {
+            brk(
+                format!("funder {f}"),
+                format!("its float {float:?} is not its captured loads {captured:?}"),
+            );
+        }
+    }
+    Ok(breaks)
+}

@@ -1,0 +1,289 @@
+//! A settlement run (001 [0008], [0056], [0135]): everything received and not yet settled
+//! is paid in one journal write — the net per acquirer (the payment server whose terminals
+//! collected it) and per merchant, the issuer float debited with the settled purchases and
+//! credited with the advised loads — and the report of that write is what the JSON and CSV
+//! files show. Batches and advices are marked with the report's id in the same write, so a
+//! second run (or a second clearing instance on the same journal) never settles one twice.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use proto::clearing::SecurityCardTotal;
+use proto::money::Currency;
+use serde::{Deserialize, Serialize};
+
+use super::step::ClearingStep;
+use super::{AdviceRec, ClearingServer, Received};
+use crate::journal::{self, Kind};
+
+/// What one merchant is paid, through one acquirer, in one currency.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Payable {
+    pub merchant_id: String,
+    /// The payment server (acquirer) whose batches carried the purchases.
+    pub acquirer: String,
+    pub currency: Currency,
+    pub count: u64,
+    /// Minor units.
+    pub amount: u64,
+}
+
+/// What one acquirer receives in one currency (the sum of its merchants).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcquirerNet {
+    pub acquirer: String,
+    pub currency: Currency,
+    pub count: u64,
+    /// Minor units.
+    pub amount: u64,
+}
+
+/// The issuer float in one currency across the run, in signed minor units.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FloatMove {
+    pub currency: Currency,
+    pub opening: i64,
+    /// Advised loads credited.
+    pub loads: i64,
+    /// Settled purchases debited.
+    pub purchases: i64,
+    pub closing: i64,
+}
+
+/// One settlement run's report (journal kind `settlement`, key its number).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    /// `S<number, 6 digits>`.
+    pub id: String,
+    /// The UTC day of the run, `YYYY-MM-DD`.
+    pub day: String,
+    /// The batches settled (`<payment server>/<batch>`).
+    pub batches: Vec<String>,
+    /// The load advices credited (`<funder>/<transaction id>`).
+    pub advices: Vec<String>,
+    pub merchants: Vec<Payable>,
+    pub acquirers: Vec<AcquirerNet>,
+    pub security_cards: Vec<SecurityCardTotal>,
+    pub float: Vec<FloatMove>,
+}
+
+fn corrupt(e: String) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, e.into())
+}
+
+fn today() -> String {
+    let d = time::OffsetDateTime::now_utc().date();
+    format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
+}
+
+impl ClearingServer {
+    /// Settles everything received and not yet settled (see the module doc). `None` when
+    /// there is nothing to settle.
+    ///
+    /// # Errors
+    /// The journal cannot be read or written, or holds a corrupt record (nothing is then
+    /// settled).
+    pub fn settle(&self) -> Result<Option<Report>, String> {
+        let day = today();
+        let report = self
+            .journal
+            .atomically(|b| {
+                let batches: Vec<(String, Received)> = b
+                    .all(Kind::ClearedBatch)?
+                    .into_iter()
+                    .map(|(k, v)| Ok((k, journal::decode::<Received>(&v).map_err(corrupt)?)))
+                    .collect::<rusqlite::Result<Vec<_>>>()?
+                    .into_iter()
+                    .filter(|(_, r)| r.settlement.is_none())
+                    .collect();
+                let advices: Vec<(String, AdviceRec)> = b
+                    .all(Kind::Advice)?
+                    .into_iter()
+                    .map(|(k, v)| Ok((k, journal::decode::<AdviceRec>(&v).map_err(corrupt)?)))
+                    .collect::<rusqlite::Result<Vec<_>>>()?
+                    .into_iter()
+                    .filter(|(_, r)| r.settlement.is_none())
+                    .collect();
+                if batches.is_empty() && advices.is_empty() {
+                    return Ok(None);
+                }
+                let number = b.all(Kind::Settlement)?.len() as u64 + 1;
+                let id = format!("S{number:06}");
+                let mut merchants: BTreeMap<(String, String, Currency), (u64, u64)> =
+                    BTreeMap::new();
+                let mut acquirers: BTreeMap<(String, Currency), (u64, u64)> = BTreeMap::new();
+                let mut cards: BTreeMap<(u64, Currency), (u64, u64)> = BTreeMap::new();
+                let mut purchases: BTreeMap<Currency, i64> = BTreeMap::new();
+                let mut loads: BTreeMap<Currency, i64> = BTreeMap::new();
+                for (_, r) in &batches {
+                    let acquirer = &r.batch.payment_server;
+                    for t in &r.batch.totals {
+                        let m = merchants
+                            .entry((t.merchant_id.clone(), acquirer.clone(), t.currency))
+                            .or_default();
+                        m.0 += t.count;
+                        m.1 += t.amount;
+                        let a = acquirers.entry((acquirer.clone(), t.currency)).or_default();
+                        a.0 += t.count;
+                        a.1 += t.amount;
+                        *purchases.entry(t.currency).or_default() += t.amount as i64;
+                    }
+                    for t in &r.batch.security_cards {
+                        let c = cards.entry((t.security_card_id, t.currency)).or_default();
+                        c.0 += t.count;
+                        c.1 += t.amount;
+                    }
+                }
+                for (_, a) in &advices {
+                    *loads.entry(a.advice.amount.currency).or_default() +=
+                        a.advice.amount.minor as i64;
+                }
+                let mut float = Vec::new();
+                let currencies: std::collections::BTreeSet<Currency> =
+                    purchases.keys().chain(loads.keys()).copied().collect();
+                for c in currencies {
+                    let key = c.code.to_string();
+                    let opening = match b.get(Kind::Float, &key)? {
+                        Some(v) => i64::from_be_bytes(v.try_into().unwrap_or([0; 8])),
+                        None => 0,
+                    };
+                    let l = loads.get(&c).copied().unwrap_or(0);
+                    let p = purchases.get(&c).copied().unwrap_or(0);
+                    let closing = opening + l - p;
+                    b.put(Kind::Float, &key, &closing.to_be_bytes())?;
+                    float.push(FloatMove {
+                        currency: c,
+                        opening,
+                        loads: l,
+                        purchases: p,
+                        closing,
+                    });
+                }
+                let report = Report {
+                    id: id.clone(),
+                    day: day.clone(),
+                    batches: batches.iter().map(|(k, _)| k.clone()).collect(),
+                    advices: advices.iter().map(|(k, _)| k.clone()).collect(),
+                    merchants: merchants
+                        .into_iter()
+                        .map(|((merchant_id, acquirer, currency), (count, amount))| Payable {
+                            merchant_id,
+                            acquirer,
+                            currency,
+                            count,
+                            amount,
+                        })
+                        .collect(),
+                    acquirers: acquirers
+                        .into_iter()
+                        .map(|((acquirer, currency), (count, amount))| AcquirerNet {
+                            acquirer,
+                            currency,
+                            count,
+                            amount,
+                        })
+                        .collect(),
+                    security_cards: cards
+                        .into_iter()
+                        .map(
+                            |((security_card_id, currency), (count, amount))| SecurityCardTotal {
+                                security_card_id,
+                                currency,
+                                count,
+                                amount,
+                            },
+                        )
+                        .collect(),
+                    float,
+                };
+                for (k, mut r) in batches {
+                    r.settlement = Some(id.clone());
+                    b.put(Kind::ClearedBatch, &k, &journal::encode(&r))?;
+                }
+                for (k, mut r) in advices {
+                    r.settlement = Some(id.clone());
+                    b.put(Kind::Advice, &k, &journal::encode(&r))?;
+                }
+                b.put(
+                    Kind::Settlement,
+                    &format!("{number:06}"),
+                    &journal::encode(&report),
+                )?;
+                b.step(
+                    &id,
+                    &ClearingStep::Settled,
+                    &format!(
+                        "{} batches, {} load advices",
+                        report.batches.len(),
+                        report.advices.len()
+                    ),
+                )?;
+                Ok(Some(report))
+            })
+            .map_err(|e| e.to_string())?;
+        if let Some(r) = &report {
+            tracing::info!(report = %r.id, batches = r.batches.len(), advices = r.advices.len(), "settled");
+        }
+        Ok(report)
+    }
+
+    /// Every settlement report, oldest first.
+    ///
+    /// # Errors
+    /// The journal cannot be read or a record is corrupt.
+    pub fn reports(&self) -> Result<Vec<Report>, String> {
+        self.journal
+            .all(Kind::Settlement)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|(_, v)| journal::decode(&v))
+            .collect()
+    }
+}
+
+/// The report as CSV: `section,party,acquirer,currency,count,amount` rows (merchant,
+/// acquirer, security card, float), amounts in minor units.
+#[must_use]
+pub fn csv(r: &Report) -> String {
+    let mut out = String::from("report,section,party,acquirer,currency,count,amount\n");
+    let id = &r.id;
+    for m in &r.merchants {
+        out += &format!(
+            "{id},merchant,{},{},{},{},{}\n",
+            m.merchant_id, m.acquirer, m.currency.code, m.count, m.amount
+        );
+    }
+    for a in &r.acquirers {
+        out += &format!(
+            "{id},acquirer,{},{},{},{},{}\n",
+            a.acquirer, a.acquirer, a.currency.code, a.count, a.amount
+        );
+    }
+    for s in &r.security_cards {
+        out += &format!(
+            "{id},security card,{:X},,{},{},{}\n",
+            s.security_card_id, s.currency.code, s.count, s.amount
+        );
+    }
+    for f in &r.float {
+        out += &format!(
+            "{id},float closing,issuer,,{},,{}\n",
+            f.currency.code, f.closing
+        );
+    }
+    out
+}
+
+/// Writes `dir/settlement-<id>.json` and `.csv` (the same bytes however often).
+///
+/// # Errors
+/// A file cannot be written.
+pub fn write(r: &Report, dir: &Path) -> Result<(PathBuf, PathBuf), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let json = dir.join(format!("settlement-{}-{}.json", r.day, r.id));
+    let csv_path = json.with_extension("csv");
+    let text = serde_json::to_string_pretty(r).map_err(|e| e.to_string())?;
+    std::fs::write(&json, text).map_err(|e| format!("{}: {e}", json.display()))?;
+    std::fs::write(&csv_path, csv(r)).map_err(|e| format!("{}: {e}", csv_path.display()))?;
+    Ok((json, csv_path))
+}
