@@ -419,6 +419,12 @@ pub struct PaymentSection {
     /// Software security cards in the pool (the terminals of 001 [0091]).
     #[serde(default = "default_security_cards")]
     pub security_cards: u32,
+    /// The first security card's id; the pool's cards are numbered from it. Security card
+    /// ids are unique across every payment server clearing hears from (a transaction is
+    /// cleared under its security card id and transaction number): give each payment
+    /// server its own range.
+    #[serde(default = "default_security_card_ids_from")]
+    pub security_card_ids_from: u64,
     /// Seconds after which an incomplete transaction is reversed in its security card.
     #[serde(default = "default_txn_timeout")]
     pub transaction_timeout_secs: u64,
@@ -459,6 +465,10 @@ pub struct ClearingSection {
     /// Funders (role names: `bank`, `load`) whose load advices are accepted.
     #[serde(default)]
     pub funders: Vec<String>,
+}
+
+fn default_security_card_ids_from() -> u64 {
+    0x5A00_0000
 }
 
 fn default_clearing_name() -> String {

@@ -174,7 +174,7 @@ impl PaymentServer {
             &section.name,
             journal,
             master,
-            section.security_cards.max(1),
+            (section.security_card_ids_from, section.security_cards.max(1)),
             merchants,
             Duration::from_secs(section.transaction_timeout_secs),
             Duration::from_secs(section.lease_timeout_secs),
@@ -187,7 +187,7 @@ impl PaymentServer {
         name: &str,
         journal: Arc<Journal>,
         master: MasterKey,
-        cards: u32,
+        (first_id, cards): (u64, u32),
         merchants: HashMap<String, Merchant>,
         timeout: Duration,
         lease_timeout: Duration,
@@ -200,7 +200,7 @@ impl PaymentServer {
                 .map_err(|e| e.to_string())?
             {
                 Some(b) => journal::decode::<SecurityCard>(&b)?.with_key(master.clone()),
-                None => SecurityCard::new(0x5A00_0000 + slot as u64, master.clone()),
+                None => SecurityCard::new(first_id + slot as u64, master.clone()),
             };
             security_cards.push(Box::new(security_card) as Box<dyn SecurityCardDevice>);
         }

@@ -1,0 +1,420 @@
+//! Issue 15, clearing and settlement, over real QUIC on loopback: two payment servers — the
+//! cable head end's (`payment`, merchant CABLE) and an internet merchant's (`payment-web`,
+//! merchant M-WEBSHOP, 001 [0038], [0040]) — each their own role with its own certificate,
+//! behind one gateway, and the clearing role on its own QUIC port. Purchases go through the
+//! gateway from wire-level test boxes with real purse cards; the payment servers close
+//! their batches and their outboxes send them to clearing; settlement pays each merchant;
+//! `headend reconcile` (the real binary) reads the raw journals.
+//!
+//! - `two_payment_servers_clear_settle_and_reconcile`: 50 purchases each, both batches
+//!   received over QUIC and acknowledged (remaining-to-settle 0), the report pays each
+//!   merchant exactly its sum, reconcile exits 0; then one amount changed in a payment
+//!   journal and reconcile names that transaction.
+//! - `bad_batches_are_refused_with_their_reason_and_nothing_settles`: a batch from an
+//!   unknown payment server, one sent by another party, totals that do not add up, a
+//!   duplicate batch id with other content, a transaction already cleared.
+
+mod purchase_support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+
+use headend::assembly::{self, DemoOptions, Roles, Running, SplitAddrs};
+use headend::clearing::ClearingServer;
+use headend::config::HeadendConfig;
+use headend::journal::Kind;
+use headend::payment::collection::BatchState;
+use headend::payment::{PayState, PayTxn};
+use headend::role::{Caller, Role};
+use proto::clearing::{BatchRecord, CollectionBatch};
+use proto::messages::*;
+use proto::money::{Currency, Money};
+use purchase_support::*;
+
+const EUR: Currency = Currency::EUR;
+const PURCHASES_EACH: usize = 50;
+
+fn free_udp_ports(n: usize) -> Vec<SocketAddr> {
+    let socks: Vec<_> = (0..n)
+        .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+        .collect();
+    socks.iter().map(|s| s.local_addr().unwrap()).collect()
+}
+
+/// `init_demo`'s split deployment, rewired: M-WEBSHOP's payment server is `payment-web`
+/// (a second payment role with its own certificate and journal), and both payment servers
+/// send their batches to `clearing` over QUIC.
+struct Deployment {
+    dir: tempfile::TempDir,
+    configs: BTreeMap<&'static str, PathBuf>,
+    clearing_addr: SocketAddr,
+}
+
+fn set_merchant_payment(t: &mut toml::Table) {
+    for m in t
+        .get_mut("merchants")
+        .and_then(|m| m.as_array_mut())
+        .into_iter()
+        .flatten()
+    {
+        if m.get("id").and_then(|v| v.as_str()) == Some("M-WEBSHOP") {
+            m.as_table_mut()
+                .unwrap()
+                .insert("payment".into(), "payment-web".into());
+        }
+    }
+}
+
+fn endpoint(addr: SocketAddr, name: &str) -> toml::Value {
+    let mut e = toml::Table::new();
+    e.insert("addr".into(), addr.to_string().into());
+    e.insert(
+        "server_name".into(),
+        format!("{name}.purselink.test").into(),
+    );
+    e.into()
+}
+
+fn deployment() -> Deployment {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = free_udp_ports(7);
+    let split = SplitAddrs {
+        payment: ports[1],
+        merchant: ports[2],
+        bank: ports[3],
+        load: ports[4],
+    };
+    let (web_addr, clearing_addr) = (ports[5], ports[6]);
+    let files = assembly::init_demo(
+        dir.path(),
+        &DemoOptions {
+            gateway_listen: ports[0],
+            split: Some(split),
+            ..DemoOptions::default()
+        },
+    )
+    .unwrap();
+    // The second payment server's and clearing's certificates, from the operator CA.
+    let ca = headend::pki::OperatorCa::load(&files.ca_dir).unwrap();
+    let certs = dir.path().join("certs");
+    let names = |r: &str| vec!["localhost".to_string(), format!("{r}.purselink.test")];
+    ca.issue_role("payment-web", &names("payment-web"), true)
+        .and_then(|c| c.save(&certs, "payment-web"))
+        .unwrap();
+    let split_dir = dir.path().join("split");
+    let read = |role: &str| -> toml::Table {
+        toml::from_str(&std::fs::read_to_string(split_dir.join(format!("{role}.toml"))).unwrap())
+            .unwrap()
+    };
+    let mut gateway = read("gateway");
+    set_merchant_payment(&mut gateway);
+    // Twenty purchases a box in a few seconds: above the default per-box offer rate.
+    let mut limits = toml::Table::new();
+    limits.insert("offers_per_minute".into(), 600.into());
+    gateway["gateway"]
+        .as_table_mut()
+        .unwrap()
+        .insert("limits".into(), limits.into());
+    gateway["endpoints"]
+        .as_table_mut()
+        .unwrap()
+        .insert("payment-web".into(), endpoint(web_addr, "payment-web"));
+    let mut merchant = read("merchant");
+    set_merchant_payment(&mut merchant);
+    let mut payment = read("payment");
+    set_merchant_payment(&mut payment);
+    let mut clearing_ep = toml::Table::new();
+    clearing_ep.insert("clearing".into(), endpoint(clearing_addr, "clearing"));
+    payment.insert("endpoints".into(), clearing_ep.into());
+    {
+        let p = payment["payment"].as_table_mut().unwrap();
+        p.insert("clearing".into(), "clearing".into());
+        // Batches are closed by the test (and the outbox retries every few seconds).
+        p.insert("collect_every_secs".into(), 3600.into());
+    }
+    let mut web = payment.clone();
+    web.insert("state_dir".into(), "../state/payment-web".into());
+    {
+        let tls = web["tls"].as_table_mut().unwrap();
+        tls.insert("cert".into(), "../certs/payment-web.crt.pem".into());
+        tls.insert("key".into(), "../certs/payment-web.key.pem".into());
+        let p = web["payment"].as_table_mut().unwrap();
+        p.insert("name".into(), "payment-web".into());
+        // Security card ids are unique across the payment servers clearing hears from.
+        p.insert("security_card_ids_from".into(), 0x5B00_0000.into());
+        p.insert("listen".into(), web_addr.to_string().into());
+    }
+    let clearing: toml::Table = toml::from_str(&format!(
+        r#"state_dir = "../state/clearing"
+[tls]
+operator_ca = "../ca/ca.crt.pem"
+cert = "../certs/clearing.crt.pem"
+key = "../certs/clearing.key.pem"
+
+[clearing]
+listen = "{clearing_addr}"
+callers = ["payment", "payment-web"]
+payment_servers = ["payment", "payment-web"]
+"#
+    ))
+    .unwrap();
+    let mut configs = BTreeMap::new();
+    for (role, t) in [
+        ("gateway", gateway),
+        ("merchant", merchant),
+        ("payment", payment),
+        ("payment-web", web),
+        ("clearing", clearing),
+    ] {
+        let path = split_dir.join(format!("{role}.toml"));
+        std::fs::write(&path, toml::to_string(&t).unwrap()).unwrap();
+        configs.insert(role, path);
+    }
+    Deployment {
+        dir,
+        configs,
+        clearing_addr,
+    }
+}
+
+impl Deployment {
+    fn cfg(&self, role: &str) -> HeadendConfig {
+        HeadendConfig::load(&self.configs[role]).unwrap()
+    }
+
+    fn state(&self, role: &str) -> PathBuf {
+        self.dir.path().join("state").join(role)
+    }
+
+    async fn start(&self, role: &str, roles: Roles) -> Running {
+        assembly::start(&self.cfg(role), roles).await.unwrap()
+    }
+
+    /// `headend reconcile` over the clearing, payment and payment-web journals: its exit
+    /// status and stdout.
+    fn reconcile(&self) -> (bool, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_headend"))
+            .arg("reconcile")
+            .arg("--config")
+            .arg(&self.configs["clearing"])
+            .args(["--state-dir"])
+            .arg(self.state("clearing"))
+            .args(["--state-dir"])
+            .arg(self.state("payment"))
+            .args(["--state-dir"])
+            .arg(self.state("payment-web"))
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+}
+
+fn completed(p: &headend::payment::PaymentServer) -> Vec<PayTxn> {
+    p.journal()
+        .all(Kind::Txn)
+        .unwrap()
+        .iter()
+        .map(|(_, v)| headend::journal::decode::<PayTxn>(v).unwrap())
+        .filter(|t| t.state == PayState::Completed)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_payment_servers_clear_settle_and_reconcile() {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let d = deployment();
+    let only = |f: fn(&mut Roles)| {
+        let mut r = Roles::NONE;
+        f(&mut r);
+        r
+    };
+    let clearing = d.start("clearing", only(|r| r.clearing = true)).await;
+    assert_eq!(clearing.clearing_addr, Some(d.clearing_addr));
+    let cable = d.start("payment", only(|r| r.payment = true)).await;
+    let web = d.start("payment-web", only(|r| r.payment = true)).await;
+    let merchant = d.start("merchant", only(|r| r.merchant = true)).await;
+    let gateway = d.start("gateway", only(|r| r.gateway = true)).await;
+    let gw_addr = gateway.gateway_addr.unwrap();
+
+    // 50 purchases through each payment server, from five boxes.
+    let ca = d.dir.path().join("ca");
+    // (The all-in-one config only locates the demo's issuer keys for the boxes' cards.)
+    let cfg = HeadendConfig::load(&d.dir.path().join("headend.toml")).unwrap();
+    let mut boxes = Vec::new();
+    for i in 0..5u64 {
+        let id = format!("box-{:06}", 100 + i);
+        boxes.push(TestBox::connect(&ca, &cfg, &id, gw_addr, 100_000 + i).await);
+    }
+    let mut spent: BTreeMap<&str, u64> = BTreeMap::new();
+    for n in 0..PURCHASES_EACH {
+        let b = &mut boxes[n % 5];
+        let item = if n % 2 == 0 { "ppv-1001" } else { "ppv-1002" };
+        let (offer, receipt) = b.buy("CABLE", item).await;
+        assert!(matches!(receipt, Message::Receipt(ref r) if r.released), "{receipt:?}");
+        *spent.entry("CABLE").or_default() += offer.amount.minor;
+        let (offer, receipt) = b.buy("M-WEBSHOP", "ebook-1").await;
+        assert!(matches!(receipt, Message::Receipt(ref r) if r.released), "{receipt:?}");
+        *spent.entry("M-WEBSHOP").or_default() += offer.amount.minor;
+    }
+    let (pc, pw) = (cable.payment.clone().unwrap(), web.payment.clone().unwrap());
+    assert!(eventually(|| completed(&pc).len() == PURCHASES_EACH).await);
+    assert!(eventually(|| completed(&pw).len() == PURCHASES_EACH).await);
+
+    // Each closes its batch; its outbox sends it to clearing over QUIC.
+    let bc = pc.close_batch().unwrap().expect("a batch");
+    let bw = pw.close_batch().unwrap().expect("a batch");
+    assert_eq!((bc.records.len(), bw.records.len()), (50, 50));
+    let c = clearing.clearing.clone().unwrap();
+    assert!(
+        eventually(|| c.journal().all(Kind::ClearedBatch).unwrap().len() == 2).await,
+        "clearing received both batches; outboxes: {:?} {:?}",
+        headend::outbox::Outbox::list(pc.journal(), "clearing"),
+        headend::outbox::Outbox::list(pw.journal(), "clearing"),
+    );
+    assert!(
+        eventually(|| pc.batch_state(bc.batch) == Some(BatchState::Acknowledged)
+            && pw.batch_state(bw.batch) == Some(BatchState::Acknowledged))
+        .await,
+        "both acknowledged"
+    );
+    // [0044]: the acknowledged batches leave nothing to settle in the security cards.
+    for p in [&pc, &pw] {
+        let left = p.remaining_to_settle().await.unwrap();
+        assert!(left.values().all(|v| *v == 0), "{left:?}");
+    }
+
+    let report = c.settle().unwrap().expect("something to settle");
+    assert_eq!(report.batches.len(), 2);
+    let paid = |m: &str| {
+        report
+            .merchants
+            .iter()
+            .filter(|p| p.merchant_id == m)
+            .map(|p| (p.acquirer.clone(), p.count, p.amount))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(paid("CABLE"), vec![("payment".into(), 50, spent["CABLE"])]);
+    assert_eq!(
+        paid("M-WEBSHOP"),
+        vec![("payment-web".into(), 50, spent["M-WEBSHOP"])]
+    );
+    let purchases: i64 = (spent["CABLE"] + spent["M-WEBSHOP"]) as i64;
+    assert_eq!(report.float.len(), 1);
+    assert_eq!(report.float[0].purchases, purchases);
+    assert_eq!(report.float[0].closing, -purchases, "no loads advised here");
+    let (json, csv) =
+        headend::clearing::settle::write(&report, &d.dir.path().join("reports")).unwrap();
+    assert!(json.exists());
+    let csv = std::fs::read_to_string(csv).unwrap();
+    assert!(
+        csv.contains(&format!("merchant,CABLE,payment,978,50,{}", spent["CABLE"])),
+        "{csv}"
+    );
+    assert!(c.settle().unwrap().is_none(), "nothing is settled twice");
+
+    let (ok, out) = d.reconcile();
+    assert!(ok, "reconcile: {out}");
+
+    // One amount changed in the cable payment server's journal: reconcile names it.
+    let victim = bc.records[7].transaction_id.clone();
+    let mut t = pc.txn(&victim).unwrap();
+    t.amount = Money::new(t.amount.minor + 1, EUR);
+    pc.journal()
+        .put(Kind::Txn, &victim, &headend::journal::encode(&t))
+        .unwrap();
+    let (ok, out) = d.reconcile();
+    assert!(!ok, "reconcile must fail: {out}");
+    assert!(out.contains(&victim), "names {victim}: {out}");
+
+    for r in [gateway, merchant, web, cable, clearing] {
+        r.stop().await;
+    }
+}
+
+fn record(txid: &str, sc: u64, n: u32, minor: u64) -> BatchRecord {
+    BatchRecord {
+        transaction_id: txid.into(),
+        merchant_id: "CABLE".into(),
+        security_card_id: sc,
+        security_card_txn: n,
+        card_id: 0xC0DE,
+        amount: Money::new(minor, EUR),
+    }
+}
+
+fn refused(m: &Message, code: ErrorCode, words: &str) {
+    match m {
+        Message::Error(e) => {
+            assert_eq!(e.code, code, "{e:?}");
+            assert!(e.reason.contains(words), "{:?} lacks {words:?}", e.reason);
+        }
+        other => panic!("not refused: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn bad_batches_are_refused_with_their_reason_and_nothing_settles() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = assembly::init_demo(dir.path(), &DemoOptions::default()).unwrap();
+    let cfg = HeadendConfig::load(&files.config).unwrap();
+    let c: Arc<ClearingServer> = ClearingServer::open(&cfg).unwrap();
+    let batch = |ps: &str, n: u64, records| CollectionBatch::build(ps, n, "2026-11-30", records);
+    let send = |caller: &str, b: CollectionBatch| {
+        c.handle(Caller::Role(caller.into()), Message::CollectionBatch(Box::new(b)))
+    };
+
+    // A payment server clearing does not know, speaking for itself.
+    let m = send("payment-rogue", batch("payment-rogue", 1, vec![record("r1", 1, 1, 100)])).await;
+    refused(&m, ErrorCode::Forbidden, "not a collection batches sender");
+    // A known payment server's batch sent by another party.
+    let m = send("bank", batch("payment", 1, vec![record("r1", 1, 1, 100)])).await;
+    refused(&m, ErrorCode::Forbidden, "sent by bank");
+    // Totals that do not add up.
+    let mut b = batch("payment", 1, vec![record("t1", 1, 1, 100), record("t2", 1, 2, 200)]);
+    b.totals[0].amount = 250;
+    refused(&send("payment", b).await, ErrorCode::Malformed, "do not add up");
+    // A good batch, then the same id with other content.
+    let good = batch("payment", 1, vec![record("t1", 1, 1, 100), record("t2", 1, 2, 200)]);
+    assert_eq!(
+        send("payment", good.clone()).await,
+        Message::BatchAck {
+            payment_server: "payment".into(),
+            batch: 1
+        }
+    );
+    assert_eq!(
+        send("payment", good.clone()).await,
+        Message::BatchAck {
+            payment_server: "payment".into(),
+            batch: 1
+        },
+        "the identical batch again: the same acknowledgement"
+    );
+    let other = batch("payment", 1, vec![record("t1", 1, 1, 100), record("t2", 1, 2, 201)]);
+    refused(&send("payment", other).await, ErrorCode::Replay, "other content");
+    // A transaction batch 1 cleared, again in batch 2.
+    let again = batch("payment", 2, vec![record("t3", 1, 3, 50), record("t2", 1, 2, 200)]);
+    refused(&send("payment", again).await, ErrorCode::Replay, "t2");
+    // Only the good batch is in the journal, and settles once.
+    assert_eq!(c.journal().all(Kind::ClearedBatch).unwrap().len(), 1);
+    assert_eq!(c.journal().all(Kind::ClearedTxn).unwrap().len(), 2);
+    let report = c.settle().unwrap().unwrap();
+    assert_eq!(report.batches, vec!["payment/000000000001".to_string()]);
+    assert_eq!(report.merchants[0].amount, 300);
+    assert!(c.settle().unwrap().is_none());
+    // Not a clearing message at all.
+    let m = c
+        .handle(Caller::Role("payment".into()), Message::CatalogRequest)
+        .await;
+    refused(&m, ErrorCode::Malformed, "not a catalog request");
+}
