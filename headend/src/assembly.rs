@@ -14,12 +14,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::bank::BankServer;
+use crate::clearing::ClearingServer;
 use crate::config::{ConfigError, HeadendConfig};
 use crate::gateway::Gateway;
 use crate::journal::{Journal, JournalError};
 use crate::load::LoadServer;
 use crate::merchant::MerchantServer;
-use crate::clearing::ClearingServer;
 use crate::outbox::Outbox;
 use crate::payment::PaymentServer;
 use crate::pki::PkiError;
@@ -62,7 +62,9 @@ pub enum SetupError {
     #[error("merchant {merchant} routes to {name}: add [endpoints.{name}] or run that role here")]
     Unrouted { merchant: String, name: String },
     /// A role's `clearing` names a clearing role neither `[endpoints]` nor this process has.
-    #[error("[{role}] clearing = \"{name}\": add [endpoints.{name}] or run that clearing role here")]
+    #[error(
+        "[{role}] clearing = \"{name}\": add [endpoints.{name}] or run that clearing role here"
+    )]
     NoClearing { role: &'static str, name: String },
     /// A demo file or directory could not be written.
     #[error("{path}: {source}")]

@@ -20,17 +20,17 @@ use step::FundsStep;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use proto::clearing::{LoadAdvice, day_text};
 use proto::crypto::{self, DesKey};
 use proto::messages::*;
 use proto::money::{Currency, Money};
-use proto::clearing::{LoadAdvice, day_text};
 use proto::purse::{Date, PurseInfo};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
-use crate::outbox::Outbox;
 use crate::bank::{box_pin_key, now_secs, pin_verification_value};
 use crate::journal::{self, Journal, Kind};
+use crate::outbox::Outbox;
 use crate::role::{journal_failed, refuse, repeat};
 
 /// The per-transaction key a load confirmation is sealed under.

@@ -260,10 +260,16 @@ async fn two_payment_servers_clear_settle_and_reconcile() {
         let b = &mut boxes[n % 5];
         let item = if n % 2 == 0 { "ppv-1001" } else { "ppv-1002" };
         let (offer, receipt) = b.buy("CABLE", item).await;
-        assert!(matches!(receipt, Message::Receipt(ref r) if r.released), "{receipt:?}");
+        assert!(
+            matches!(receipt, Message::Receipt(ref r) if r.released),
+            "{receipt:?}"
+        );
         *spent.entry("CABLE").or_default() += offer.amount.minor;
         let (offer, receipt) = b.buy("M-WEBSHOP", "ebook-1").await;
-        assert!(matches!(receipt, Message::Receipt(ref r) if r.released), "{receipt:?}");
+        assert!(
+            matches!(receipt, Message::Receipt(ref r) if r.released),
+            "{receipt:?}"
+        );
         *spent.entry("M-WEBSHOP").or_default() += offer.amount.minor;
     }
     let (pc, pw) = (cable.payment.clone().unwrap(), web.payment.clone().unwrap());
@@ -282,8 +288,10 @@ async fn two_payment_servers_clear_settle_and_reconcile() {
         headend::outbox::Outbox::list(pw.journal(), "clearing"),
     );
     assert!(
-        eventually(|| pc.batch_state(bc.batch) == Some(BatchState::Acknowledged)
-            && pw.batch_state(bw.batch) == Some(BatchState::Acknowledged))
+        eventually(
+            || pc.batch_state(bc.batch) == Some(BatchState::Acknowledged)
+                && pw.batch_state(bw.batch) == Some(BatchState::Acknowledged)
+        )
         .await,
         "both acknowledged"
     );
@@ -370,21 +378,40 @@ async fn bad_batches_are_refused_with_their_reason_and_nothing_settles() {
     let c: Arc<ClearingServer> = ClearingServer::open(&cfg).unwrap();
     let batch = |ps: &str, n: u64, records| CollectionBatch::build(ps, n, "2026-11-30", records);
     let send = |caller: &str, b: CollectionBatch| {
-        c.handle(Caller::Role(caller.into()), Message::CollectionBatch(Box::new(b)))
+        c.handle(
+            Caller::Role(caller.into()),
+            Message::CollectionBatch(Box::new(b)),
+        )
     };
 
     // A payment server clearing does not know, speaking for itself.
-    let m = send("payment-rogue", batch("payment-rogue", 1, vec![record("r1", 1, 1, 100)])).await;
+    let m = send(
+        "payment-rogue",
+        batch("payment-rogue", 1, vec![record("r1", 1, 1, 100)]),
+    )
+    .await;
     refused(&m, ErrorCode::Forbidden, "not a collection batches sender");
     // A known payment server's batch sent by another party.
     let m = send("bank", batch("payment", 1, vec![record("r1", 1, 1, 100)])).await;
     refused(&m, ErrorCode::Forbidden, "sent by bank");
     // Totals that do not add up.
-    let mut b = batch("payment", 1, vec![record("t1", 1, 1, 100), record("t2", 1, 2, 200)]);
+    let mut b = batch(
+        "payment",
+        1,
+        vec![record("t1", 1, 1, 100), record("t2", 1, 2, 200)],
+    );
     b.totals[0].amount = 250;
-    refused(&send("payment", b).await, ErrorCode::Malformed, "do not add up");
+    refused(
+        &send("payment", b).await,
+        ErrorCode::Malformed,
+        "do not add up",
+    );
     // A good batch, then the same id with other content.
-    let good = batch("payment", 1, vec![record("t1", 1, 1, 100), record("t2", 1, 2, 200)]);
+    let good = batch(
+        "payment",
+        1,
+        vec![record("t1", 1, 1, 100), record("t2", 1, 2, 200)],
+    );
     assert_eq!(
         send("payment", good.clone()).await,
         Message::BatchAck {
@@ -400,10 +427,22 @@ async fn bad_batches_are_refused_with_their_reason_and_nothing_settles() {
         },
         "the identical batch again: the same acknowledgement"
     );
-    let other = batch("payment", 1, vec![record("t1", 1, 1, 100), record("t2", 1, 2, 201)]);
-    refused(&send("payment", other).await, ErrorCode::Replay, "other content");
+    let other = batch(
+        "payment",
+        1,
+        vec![record("t1", 1, 1, 100), record("t2", 1, 2, 201)],
+    );
+    refused(
+        &send("payment", other).await,
+        ErrorCode::Replay,
+        "other content",
+    );
     // A transaction batch 1 cleared, again in batch 2.
-    let again = batch("payment", 2, vec![record("t3", 1, 3, 50), record("t2", 1, 2, 200)]);
+    let again = batch(
+        "payment",
+        2,
+        vec![record("t3", 1, 3, 50), record("t2", 1, 2, 200)],
+    );
     refused(&send("payment", again).await, ErrorCode::Replay, "t2");
     // Only the good batch is in the journal, and settles once.
     assert_eq!(c.journal().all(Kind::ClearedBatch).unwrap().len(), 1);

@@ -477,16 +477,30 @@ async fn collection_batches_settled_transactions_once() {
     let before = p.remaining_to_settle().await.unwrap();
     let batched: u64 = file.security_cards.iter().map(|t| t.amount).sum();
     assert_eq!(before.values().sum::<u64>(), batched, "{before:?}");
-    assert!(p.ack_batch(file.batch).unwrap(), "the first acknowledgement changes it");
+    assert!(
+        p.ack_batch(file.batch).unwrap(),
+        "the first acknowledgement changes it"
+    );
     assert_eq!(p.batch_state(file.batch), Some(BatchState::Acknowledged));
     let after = p.remaining_to_settle().await.unwrap();
     for t in &file.security_cards {
-        assert_eq!(after.get(&(t.security_card_id, t.currency)), Some(&0), "{after:?}");
+        assert_eq!(
+            after.get(&(t.security_card_id, t.currency)),
+            Some(&0),
+            "{after:?}"
+        );
     }
     let steps = p.journal().count_steps().unwrap();
-    assert!(!p.ack_batch(file.batch).unwrap(), "a repeat changes nothing");
+    assert!(
+        !p.ack_batch(file.batch).unwrap(),
+        "a repeat changes nothing"
+    );
     assert_eq!(p.remaining_to_settle().await.unwrap(), after);
-    assert_eq!(p.journal().count_steps().unwrap(), steps, "nothing journaled");
+    assert_eq!(
+        p.journal().count_steps().unwrap(),
+        steps,
+        "nothing journaled"
+    );
     assert!(p.ack_batch(999).is_err());
 }
 

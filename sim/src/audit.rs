@@ -1605,6 +1605,7 @@ mod tests {
                 merchant: role == RoleName::Merchant,
                 bank: role == RoleName::Bank,
                 load: role == RoleName::Load,
+                clearing: false,
             };
             running.push(assembly::start(&cfg, roles).await.unwrap());
         }

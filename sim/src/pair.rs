@@ -561,6 +561,8 @@ impl Pair {
                 message_layer: opts.message_layer,
                 transaction_timeout_secs: opts.transaction_timeout_secs,
                 split: None,
+                // The pair runs no clearing role.
+                clearing: false,
             },
         )
         .expect("init-demo deployment");

@@ -83,7 +83,10 @@ impl Journals {
     }
 }
 
-fn all<T: serde::de::DeserializeOwned>(j: &Journal, kind: Kind) -> Result<Vec<(String, T)>, String> {
+fn all<T: serde::de::DeserializeOwned>(
+    j: &Journal,
+    kind: Kind,
+) -> Result<Vec<(String, T)>, String> {
     j.all(kind)
         .map_err(|e| e.to_string())?
         .into_iter()
@@ -108,7 +111,10 @@ pub fn reconcile(
 
     for ps in payment_servers {
         let Some(pj) = j.payment.get(ps) else {
-            brk(format!("payment server {ps}"), "its journal was not given".into());
+            brk(
+                format!("payment server {ps}"),
+                "its journal was not given".into(),
+            );
             continue;
         };
         let txns: BTreeMap<String, PayTxn> = all(pj, Kind::Txn)?.into_iter().collect();
@@ -132,7 +138,10 @@ pub fn reconcile(
                         r.amount, r.currency, t.amount
                     ),
                 ),
-                None => brk(txid.clone(), "completed without the card's debit response".into()),
+                None => brk(
+                    txid.clone(),
+                    "completed without the card's debit response".into(),
+                ),
             }
         }
         // Batched records = completed purchases, each in the batch it says.
@@ -211,7 +220,10 @@ pub fn reconcile(
         // What clearing received is what this payment server journaled.
         let own: BTreeMap<u64, &ClosedBatch> =
             batches.iter().map(|(_, b)| (b.batch.batch, b)).collect();
-        for (key, r) in received.iter().filter(|(_, r)| &r.batch.payment_server == ps) {
+        for (key, r) in received
+            .iter()
+            .filter(|(_, r)| &r.batch.payment_server == ps)
+        {
             match own.get(&r.batch.batch) {
                 Some(cb) if cb.batch == r.batch => {}
                 Some(cb) => {
@@ -220,7 +232,12 @@ pub fn reconcile(
                         .records
                         .iter()
                         .find(|x| !cb.batch.records.contains(x))
-                        .or_else(|| cb.batch.records.iter().find(|x| !r.batch.records.contains(x)))
+                        .or_else(|| {
+                            cb.batch
+                                .records
+                                .iter()
+                                .find(|x| !r.batch.records.contains(x))
+                        })
                         .map(|x| x.transaction_id.clone())
                         .unwrap_or_else(|| format!("batch {key}"));
                     brk(
@@ -253,12 +270,20 @@ pub fn reconcile(
     let mut loads: BTreeMap<Currency, i64> = BTreeMap::new();
     for (_, rep) in &reports {
         let mut batch_sum: BTreeMap<(String, Currency), u64> = BTreeMap::new();
-        for (key, r) in received.iter().filter(|(_, r)| r.settlement.as_ref() == Some(&rep.id)) {
+        for (key, r) in received
+            .iter()
+            .filter(|(_, r)| r.settlement.as_ref() == Some(&rep.id))
+        {
             if !rep.batches.contains(key) {
-                brk(format!("batch {key}"), format!("marked settled by {} but not in it", rep.id));
+                brk(
+                    format!("batch {key}"),
+                    format!("marked settled by {} but not in it", rep.id),
+                );
             }
             for t in &r.batch.totals {
-                *batch_sum.entry((t.merchant_id.clone(), t.currency)).or_default() += t.amount;
+                *batch_sum
+                    .entry((t.merchant_id.clone(), t.currency))
+                    .or_default() += t.amount;
                 *purchases.entry(t.currency).or_default() += t.amount as i64;
             }
         }
@@ -272,7 +297,10 @@ pub fn reconcile(
                 format!("pays merchants {paid:?} but its batches add up to {batch_sum:?}"),
             );
         }
-        for (_, a) in advices.iter().filter(|(_, a)| a.settlement.as_ref() == Some(&rep.id)) {
+        for (_, a) in advices
+            .iter()
+            .filter(|(_, a)| a.settlement.as_ref() == Some(&rep.id))
+        {
             *loads.entry(a.advice.amount.currency).or_default() += a.advice.amount.minor as i64;
         }
     }
@@ -313,7 +341,10 @@ pub fn reconcile(
                     txid.clone(),
                     format!("captured {} but advised {}", h.amount, a.advice.amount),
                 ),
-                None => brk(txid.clone(), format!("captured by {f} but not advised to clearing")),
+                None => brk(
+                    txid.clone(),
+                    format!("captured by {f} but not advised to clearing"),
+                ),
             }
         }
         let float: BTreeMap<Currency, u64> = all::<proto::money::Money>(fj, Kind::Float)?

@@ -166,13 +166,15 @@ impl ClearingServer {
                     advices: advices.iter().map(|(k, _)| k.clone()).collect(),
                     merchants: merchants
                         .into_iter()
-                        .map(|((merchant_id, acquirer, currency), (count, amount))| Payable {
-                            merchant_id,
-                            acquirer,
-                            currency,
-                            count,
-                            amount,
-                        })
+                        .map(
+                            |((merchant_id, acquirer, currency), (count, amount))| Payable {
+                                merchant_id,
+                                acquirer,
+                                currency,
+                                count,
+                                amount,
+                            },
+                        )
                         .collect(),
                     acquirers: acquirers
                         .into_iter()

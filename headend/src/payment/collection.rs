@@ -256,12 +256,12 @@ impl PaymentServer {
     ) -> Option<std::sync::Arc<Outbox>> {
         let to = self.clearing.as_ref()?;
         Some(std::sync::Arc::new(
-            Outbox::new(self.journal.clone(), &self.name, to, receiver).on_ack(|b, sent| {
-                match sent {
+            Outbox::new(self.journal.clone(), &self.name, to, receiver).on_ack(
+                |b, sent| match sent {
                     Message::CollectionBatch(batch) => acknowledge_in(b, batch.batch).map(|_| ()),
                     _ => Ok(()),
-                }
-            }),
+                },
+            ),
         ))
     }
 
@@ -281,7 +281,9 @@ impl PaymentServer {
             match self.close_batch() {
                 Ok(Some(_)) => outbox.nudge(),
                 Ok(None) => {}
-                Err(e) => tracing::error!(error = %e, "collection batch not closed; retrying later"),
+                Err(e) => {
+                    tracing::error!(error = %e, "collection batch not closed; retrying later")
+                }
             }
         }
     }

@@ -174,7 +174,10 @@ impl PaymentServer {
             &section.name,
             journal,
             master,
-            (section.security_card_ids_from, section.security_cards.max(1)),
+            (
+                section.security_card_ids_from,
+                section.security_cards.max(1),
+            ),
             merchants,
             Duration::from_secs(section.transaction_timeout_secs),
             Duration::from_secs(section.lease_timeout_secs),

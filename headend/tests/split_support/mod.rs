@@ -269,6 +269,7 @@ impl Split {
                     bank: addr[&R::Bank],
                     load: addr[&R::Load],
                 }),
+                clearing: true,
             },
         )
         .unwrap();

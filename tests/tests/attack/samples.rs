@@ -47,11 +47,14 @@ pub fn name(m: &Message) -> &'static str {
         Message::Reversed(_) => "Reversed",
         Message::Ack { .. } => "Ack",
         Message::RoutedDebitCommand { .. } => "RoutedDebitCommand",
+        Message::CollectionBatch(_) => "CollectionBatch",
+        Message::BatchAck { .. } => "BatchAck",
+        Message::LoadAdvice(_) => "LoadAdvice",
     }
 }
 
 /// The number of message kinds [`every`] returns (one per variant).
-pub const KINDS: usize = 30;
+pub const KINDS: usize = 33;
 
 fn eur(minor: u64) -> Money {
     Money::new(minor, Currency::EUR)
@@ -276,6 +279,31 @@ pub fn every(card: &CardData, txid: &str, victim_box: &str, voucher: &str) -> Ve
         Message::Ack {
             transaction_id: txid.into(),
         },
+        Message::CollectionBatch(Box::new(proto::clearing::CollectionBatch::build(
+            "payment",
+            1,
+            "2026-11-30",
+            vec![proto::clearing::BatchRecord {
+                transaction_id: txid.into(),
+                merchant_id: "CABLE".into(),
+                security_card_id: 0x5A00_0000,
+                security_card_txn: 1,
+                card_id: card.init.card_id,
+                amount: eur(1),
+            }],
+        ))),
+        Message::BatchAck {
+            payment_server: "payment".into(),
+            batch: 1,
+        },
+        Message::LoadAdvice(proto::clearing::LoadAdvice {
+            funder: "bank".into(),
+            transaction_id: txid.into(),
+            account: "ACC-1".into(),
+            card_id: card.init.card_id,
+            amount: eur(1),
+            captured_on: "2026-11-30".into(),
+        }),
     ];
     assert_eq!(all.len(), KINDS);
     let names: std::collections::BTreeSet<_> = all.iter().map(name).collect();

@@ -1,0 +1,126 @@
+//! Issue 15, the issuer float (001 [0056], [0135]) on the all-in-one head end, whose
+//! payment server, bank and load server send their batches and load advices to the clearing
+//! role in process: after L loads (bank and pre-funded voucher) and P purchases across
+//! several cards, the settlement run's issuer float = captured loads − settled purchases,
+//! float + acquirer payables = what left the funders' accounts, the float = the change in
+//! the cards' balances (read from the cards), and reconcile — funders included — finds
+//! nothing.
+
+mod load_support;
+#[path = "purchase_support/mod.rs"]
+mod purchase_support;
+
+use headend::clearing::reconcile::{Journals, reconcile};
+use headend::journal::Kind;
+use headend::payment::collection::BatchState;
+use load_support::*;
+use proto::messages::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn float_is_loads_less_settled_purchases_and_matches_the_cards() {
+    let he = start().await;
+    // Loads: two from the bank account (box 1), one from the pre-funded voucher (box 2).
+    let mut l1 = LoadBox::new(&he, BOX1, 1_000, 100_000).await;
+    let mut l2 = LoadBox::new(&he, BOX2, 0, 100_000).await;
+    let mut loaded = 0;
+    for (which, source, amount, pin) in [
+        (1, bank_source(), 5_000, Some(he.pin.as_str())),
+        (1, bank_source(), 2_500, Some(he.pin.as_str())),
+        (2, voucher_source("VOUCHER-0002"), 5_000, None),
+    ] {
+        let b = if which == 1 { &mut l1 } else { &mut l2 };
+        let (_, answer) = b.load(source, amount, pin).await;
+        assert!(matches!(answer, Message::LoadConfirmation(_)), "{answer:?}");
+        loaded += amount;
+    }
+    // Purchases from two other cards.
+    let gw = he.running.gateway_addr.unwrap();
+    let ca = he.dir.path().join("ca");
+    let mut spent = 0;
+    let mut buyers = Vec::new();
+    for (id, balance) in [("box-000061", 20_000), ("box-000062", 15_000)] {
+        buyers.push((
+            purchase_support::TestBox::connect(&ca, &he.cfg, id, gw, balance).await,
+            balance,
+        ));
+    }
+    for (i, (merchant, item)) in [
+        ("CABLE", "ppv-1001"),
+        ("M-WEBSHOP", "ebook-1"),
+        ("CABLE", "ppv-1002"),
+        ("CABLE", "shop-2001"),
+        ("M-WEBSHOP", "ebook-1"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (offer, receipt) = buyers[i % 2].0.buy(merchant, item).await;
+        assert!(
+            matches!(receipt, Message::Receipt(ref r) if r.released),
+            "{receipt:?}"
+        );
+        spent += offer.amount.minor;
+    }
+
+    // The batch goes to clearing (the payment server's outbox), the advices too.
+    let p = he.running.payment.clone().unwrap();
+    let c = he.running.clearing.clone().unwrap();
+    assert!(
+        purchase_support::eventually(|| p
+            .journal()
+            .all(Kind::Txn)
+            .unwrap()
+            .iter()
+            .all(|(k, _)| p.txn(k).unwrap().state == headend::payment::PayState::Completed))
+        .await
+    );
+    let batch = p.close_batch().unwrap().expect("a batch");
+    assert!(
+        purchase_support::eventually(|| p.batch_state(batch.batch)
+            == Some(BatchState::Acknowledged)
+            && c.journal().all(Kind::Advice).unwrap().len() == 3)
+        .await,
+        "batch acknowledged and 3 load advices received: {:?}",
+        c.journal().kind_counts()
+    );
+    let report = c.settle().unwrap().expect("a settlement");
+    let float = &report.float[0];
+    assert_eq!(float.loads, loaded as i64);
+    assert_eq!(float.purchases, spent as i64);
+    assert_eq!(float.closing, loaded as i64 - spent as i64);
+    let payables: u64 = report.acquirers.iter().map(|a| a.amount).sum();
+    assert_eq!(payables, spent);
+
+    // What left the funders' accounts = float + acquirer payables.
+    let mut debited = 0;
+    for f in [
+        &he.running.bank.as_ref().unwrap().funds,
+        &he.running.load.as_ref().unwrap().prefunded,
+    ] {
+        for a in f.accounts() {
+            debited += a.opening_balance - a.balance;
+        }
+    }
+    assert_eq!(debited as i64, float.closing + payables as i64);
+    // The cards: what they gained less what they spent = the float.
+    let mut change: i64 = 0;
+    change += l1.balance() as i64 - 1_000;
+    change += l2.balance() as i64;
+    for (b, start) in &mut buyers {
+        change += b.balance() as i64 - *start as i64;
+    }
+    assert_eq!(change, float.closing, "cards vs float");
+
+    let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let (ps, funders) = (names(&["payment"]), names(&["bank", "load"]));
+    let j = Journals::find(
+        std::slice::from_ref(&he.cfg.state_dir),
+        "clearing",
+        &ps,
+        &funders,
+    )
+    .unwrap();
+    let breaks = reconcile(&j, &ps, &funders).unwrap();
+    assert!(breaks.is_empty(), "{breaks:?}");
+    he.running.stop().await;
+}
