@@ -113,7 +113,8 @@ fn deployment() -> Deployment {
     set_merchant_payment(&mut gateway);
     // Twenty purchases a box in a few seconds: above the default per-box offer rate.
     let mut limits = toml::Table::new();
-    limits.insert("offers_per_minute".into(), 600.into());
+    limits.insert("offers_per_minute".into(), 60_000.into());
+    limits.insert("burst".into(), 100.into());
     gateway["gateway"]
         .as_table_mut()
         .unwrap()
