@@ -35,7 +35,8 @@ pub enum OutState {
     Refused { reason: String },
 }
 
-/// The outbox's journal steps (keyed by the message's id).
+/// The outbox's journal steps, keyed `<destination>/<id>` (apart from the transaction's
+/// own steps, which the delivery never interleaves).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutboxStep {
     Queued,
@@ -149,7 +150,7 @@ impl Outbox {
                 state: OutState::Pending,
             }),
         )?;
-        b.step(id, &OutboxStep::Queued, to)
+        b.step(&key(to, id), &OutboxStep::Queued, "")
     }
 
     /// Wakes [`Outbox::run`] (something was queued).
@@ -224,7 +225,7 @@ impl Outbox {
                     if let (true, Some(f)) = (acked, &self.on_ack) {
                         f(b, &o.message)?;
                     }
-                    b.step(&id, &step, &detail)
+                    b.step(&k, &step, &detail)
                 })
                 .map_err(|e: JournalError| e.to_string())?;
             match state {
