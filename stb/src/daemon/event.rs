@@ -6,6 +6,8 @@ use proto::messages::Message;
 use reader_drivers::ReaderEvent;
 use stb_flow::purchase::Outcome;
 use tokio::sync::oneshot;
+
+use super::gateway::GatewayError;
 use ui::{ScreenId, UiEvent};
 
 /// What the loop reacts to.
@@ -18,10 +20,10 @@ pub enum Event {
     /// load slot are apart from the purchase slot's).
     Answer {
         flow: u64,
-        result: Result<Message, String>,
+        result: Result<Message, GatewayError>,
     },
     /// The answer to the catalog request.
-    Catalog(Result<Message, String>),
+    Catalog(Result<Message, GatewayError>),
     /// A local app asks for a payment.
     Pay {
         merchant_id: String,
@@ -33,7 +35,7 @@ pub enum Event {
     /// The answer to a recovery message for an in-doubt transaction.
     Recovery {
         transaction_id: String,
-        result: Result<Message, String>,
+        result: Result<Message, GatewayError>,
     },
 }
 
