@@ -139,7 +139,7 @@ fn load_outcome(o: load::Outcome) -> (Option<String>, Outcome) {
 /// Nothing moved: the head end unreachable is a failure, anything else a refusal.
 fn refused(r: Refusal) -> Outcome {
     match r {
-        Refusal::Unreachable { error } => Outcome::Failed(trim(&error)),
+        Refusal::Unreachable { error } => Outcome::Failed(trim(&error.to_string())),
         other => Outcome::Refused(trim(&format!("{other:?}"))),
     }
 }

@@ -28,6 +28,8 @@
 //!
 //! **Faults**, between any two steps, on the item at the front of the queue:
 //! [`Pair::lose`] (the requester hears the transport's or reader's failure),
+//! [`Pair::fail`] (the same, with the failure the test names: a card pulled mid-command, a
+//! network timeout, ...),
 //! [`Pair::vanish`] (nobody hears anything), [`Pair::duplicate`], [`Pair::delay`],
 //! [`Pair::tamper`]; and on the parties: [`Pair::crash`] (the box), [`Pair::remove_card`] /
 //! [`Pair::insert_card`], [`Pair::set_down`] (a back end answers the gateway `Busy`, as an
@@ -89,7 +91,7 @@ use stb_flow::load::{self, Load};
 use stb_flow::purchase::{self, Purchase};
 use stb_flow::recovery::round::{self, Round};
 use stb_flow::show::Show;
-use stb_flow::{Action, CardReply, split_sw};
+use stb_flow::{Action, CardFailure, CardReply, JournalFailure, NetworkFailure, split_sw};
 
 /// The box's id: the demo deployment's box, which owns the demo bank account and voucher.
 pub const BOX_ID: &str = assembly::DEMO_BOX;
@@ -141,12 +143,12 @@ impl Default for PairOptions {
 pub enum Leg {
     /// A command APDU from the box to its card.
     ToCard(Vec<u8>),
-    /// The card's reply (or the reader's error) back to the box.
-    FromCard(Result<CardReply, String>),
+    /// The card's reply (or what the reader saw) back to the box.
+    FromCard(Result<CardReply, CardFailure>),
     /// A request from the box to the gateway.
     ToGateway(Message),
-    /// The gateway's answer (or the transport's failure) back to the box.
-    FromGateway(Result<Message, String>),
+    /// The gateway's answer (or what the transport saw) back to the box.
+    FromGateway(Result<Message, NetworkFailure>),
 }
 
 /// Which part of the box an item belongs to.
@@ -241,7 +243,7 @@ pub enum Ended {
     /// A load flow's outcome.
     Load(load::Outcome),
     /// A journal write failed and stopped the flow before the action it guarded.
-    NotRecorded(String),
+    NotRecorded(JournalFailure),
 }
 
 /// What a viewer does on the TV while a flow waits for them.
@@ -868,7 +870,7 @@ impl Pair {
                         response: self.card.process_apdu(&apdu),
                     })
                 } else {
-                    Err("no card in the reader".to_string())
+                    Err(CardFailure::NoCard)
                 };
                 self.queue.push_back(InFlight {
                     leg: Leg::FromCard(reply),
@@ -1020,7 +1022,7 @@ impl Pair {
     }
 
     /// Loses the front item, and the box sees its request fail as its transport or reader
-    /// would report it (a network failure for a gateway leg, a reader error for a card leg):
+    /// would report it (a network timeout for a gateway leg, a reader fault for a card leg):
     /// the failure is queued for the requester. A lost request to the gateway never reached
     /// it; a lost answer was acted on by the gateway; a lost card reply was acted on by the
     /// card.
@@ -1028,14 +1030,37 @@ impl Pair {
     /// # Panics
     /// If nothing is in flight.
     pub fn lose(&mut self) {
+        let failure = match self.queue.front().map(|i| &i.leg) {
+            Some(Leg::ToGateway(_) | Leg::FromGateway(_)) => {
+                Failure::Network(NetworkFailure::Timeout(LOST_AFTER))
+            }
+            _ => Failure::Card(CardFailure::Reader(
+                "the reader failed during the command".into(),
+            )),
+        };
+        self.fail(failure);
+    }
+
+    /// As [`Pair::lose`], with the failure the box is told: a [`Failure::Card`] for a card
+    /// leg (a command that never reached the card, or a reply lost after the card acted on
+    /// it: the card pulled mid-command, a reader fault, ...), a [`Failure::Network`] for a
+    /// gateway leg (a request that never reached the gateway, or an answer lost after the
+    /// gateway acted on it: a timeout, a reset, the head end unreachable, ...).
+    ///
+    /// # Panics
+    /// If nothing is in flight, or the failure is not of the front item's kind.
+    pub fn fail(&mut self, failure: Failure) {
         let item = self.take_front("lost, the box is told");
-        let leg = match item.leg {
-            Leg::ToGateway(_) | Leg::FromGateway(_) => {
-                Leg::FromGateway(Err("the gateway did not answer in time".into()))
+        let leg = match (&item.leg, failure) {
+            (Leg::ToGateway(_) | Leg::FromGateway(_), Failure::Network(f)) => {
+                self.trace.push(format!("  the box is told: {f}"));
+                Leg::FromGateway(Err(f))
             }
-            Leg::ToCard(_) | Leg::FromCard(_) => {
-                Leg::FromCard(Err("the reader failed during the command".into()))
+            (Leg::ToCard(_) | Leg::FromCard(_), Failure::Card(f)) => {
+                self.trace.push(format!("  the box is told: {f}"));
+                Leg::FromCard(Err(f))
             }
+            (leg, f) => panic!("fail: {f:?} cannot stand for {leg:?}"),
         };
         self.queue.push_back(InFlight { leg, ..item });
     }
@@ -1166,7 +1191,7 @@ impl Pair {
                     step,
                 }) => {
                     if let Err(e) = self.journal.record(&transaction_id, &step) {
-                        return self.flow_ended(Ended::NotRecorded(e.to_string()));
+                        return self.flow_ended(Ended::NotRecorded(e.into()));
                     }
                     self.trace
                         .push(format!("  journal: {}", purchase_step(&step)));
@@ -1176,7 +1201,7 @@ impl Pair {
                     step,
                 }) => {
                     if let Err(e) = self.journal.record_load(&transaction_id, &step) {
-                        return self.flow_ended(Ended::NotRecorded(e.to_string()));
+                        return self.flow_ended(Ended::NotRecorded(e.into()));
                     }
                     self.trace.push(format!("  journal: {}", load_step(&step)));
                 }
@@ -1231,8 +1256,8 @@ impl Pair {
         self.trace.push("recovery: round".into());
         self.rounds += 1;
         self.journal.close_unsent().expect("box journal");
-        let purchases = self.journal.in_doubt().map_err(|e| e.to_string());
-        let loads = self.journal.loads_in_doubt().map_err(|e| e.to_string());
+        let purchases = self.journal.in_doubt().map_err(JournalFailure::from);
+        let loads = self.journal.loads_in_doubt().map_err(JournalFailure::from);
         let actions = self
             .recovery
             .start(purchases, loads, self.card_present, self.today);
@@ -1257,7 +1282,7 @@ impl Pair {
                             response: self.card.process_apdu(&apdu),
                         })
                     } else {
-                        Err("no card in the reader".to_string())
+                        Err(CardFailure::NoCard)
                     };
                     todo.extend(self.recovery.handle(round::Input::Card(reply)));
                 }
@@ -1286,7 +1311,7 @@ impl Pair {
                         ),
                     };
                     self.trace.push(format!("  recovery journal: {line}"));
-                    let result = written.map_err(|e| e.to_string());
+                    let result = written.map_err(JournalFailure::from);
                     todo.extend(self.recovery.handle(round::Input::Journaled(result)));
                 }
                 round::Action::Send {
@@ -1312,7 +1337,7 @@ impl Pair {
         }
     }
 
-    fn recovery_answer(&mut self, txid: String, result: Result<Message, String>) {
+    fn recovery_answer(&mut self, txid: String, result: Result<Message, NetworkFailure>) {
         if !self.recovery.awaits(&txid) {
             self.trace
                 .push("  recovery is not waiting for it: dropped".into());
@@ -1416,9 +1441,21 @@ impl Pair {
 }
 
 enum Delivery {
-    Card(Result<CardReply, String>),
-    Gateway(Result<Message, String>),
+    Card(Result<CardReply, CardFailure>),
+    Gateway(Result<Message, NetworkFailure>),
 }
+
+/// What the box is told instead of the answer it waits for ([`Pair::fail`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Failure {
+    /// For a card leg: what the reader saw.
+    Card(CardFailure),
+    /// For a gateway leg: what the transport saw.
+    Network(NetworkFailure),
+}
+
+/// The request deadline a lost gateway leg reports ([`Pair::lose`]): `stbd`'s default.
+pub const LOST_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A flow's action, whichever flow.
 enum FlowAction {

@@ -34,7 +34,7 @@ use stb::daemon::gateway::Gateway;
 use stb::journal::Journal;
 use stb_flow::recovery::round::{self, Round, RoundEnd};
 use stb_flow::show::Show;
-use stb_flow::{Action, CardReply, load, purchase};
+use stb_flow::{Action, CardReply, JournalFailure, NetworkFailure, load, purchase};
 
 /// A card personalised under `issuer` with `balance` EUR cents (`max_balance` its ceiling).
 pub fn new_card(issuer: &IssuerKeys, card_id: u64, balance: u64, max_balance: u64) -> PurseCard {
@@ -238,8 +238,8 @@ impl SimBox {
         if let Err(e) = self.journal.close_unsent() {
             tracing::error!(box_id = %self.id, error = %e, "journal: cannot close unsent transactions");
         }
-        let purchases = self.journal.in_doubt().map_err(|e| e.to_string());
-        let loads = self.journal.loads_in_doubt().map_err(|e| e.to_string());
+        let purchases = self.journal.in_doubt().map_err(JournalFailure::from);
+        let loads = self.journal.loads_in_doubt().map_err(JournalFailure::from);
         let mut queue: VecDeque<round::Action> =
             round.start(purchases, loads, true, today()).into();
         let mut sends: VecDeque<(String, Message)> = VecDeque::new();
@@ -261,7 +261,7 @@ impl SimBox {
                             round::Step::Purchase(s) => self.journal.record(&transaction_id, s),
                             round::Step::Load(s) => self.journal.record_load(&transaction_id, s),
                         };
-                        let result = written.map_err(|e| e.to_string());
+                        let result = written.map_err(JournalFailure::from);
                         queue.extend(round.handle(round::Input::Journaled(result)));
                     }
                     round::Action::Send {
@@ -284,7 +284,7 @@ impl SimBox {
                 },
                 Err(e) => round::Input::NetworkFailed {
                     transaction_id,
-                    error: e.to_string(),
+                    error: NetworkFailure::from(e),
                 },
             };
             queue.extend(round.handle(input));
@@ -392,7 +392,7 @@ impl SimBox {
                     } => {
                         if let Err(e) = F::record(&mut self.journal, &transaction_id, &step) {
                             timings.total = t0.elapsed();
-                            let outcome = F::not_recorded(transaction_id, &step, e.to_string());
+                            let outcome = F::not_recorded(transaction_id, &step, e.into());
                             return (Ran::Ended(outcome), timings);
                         }
                         F::journaled(&step);
@@ -423,7 +423,7 @@ impl SimBox {
             }
             if let Some(m) = request.take() {
                 let t = Instant::now();
-                let answer = self.gateway.call(&m).await.map_err(|e| e.to_string());
+                let answer = self.gateway.call(&m).await;
                 timings.requests.push((m.kind(), t.elapsed()));
                 queue.extend(flow.handle(F::answer_input(answer)));
             } else if let Some(input) = asked.take().and_then(|s| script.answer::<F>(&s)) {

@@ -10,10 +10,11 @@
 
 use proto::card::{INS_DEBIT, INS_LOAD};
 use proto::messages::{CancelReason, Message, Protected};
-use sim::pair::{BackEnd, Ended, Leg, Pair, PairOptions, Viewer};
+use sim::pair::{BackEnd, Ended, Failure, LOST_AFTER, Leg, Pair, PairOptions, Viewer};
 use stb_flow::load::Outcome as LoadOutcome;
 use stb_flow::purchase::Outcome as PurchaseOutcome;
-use stb_flow::show::{Doubt, Refusal};
+use stb_flow::show::{Doubt, Refusal, Show};
+use stb_flow::{CardFailure, NetworkFailure};
 
 const START: u64 = 10_000;
 
@@ -1104,4 +1105,165 @@ fn wrong_pin_refuses_the_load_and_holds_nothing() {
     assert_eq!(p.card_balance(), START);
     let l = p.assert_conserved();
     assert_eq!((l.loaded, l.funders_debited), (0, 0));
+}
+
+/// The doubt a purchase flow ended in, if it did.
+fn purchase_doubt(p: &Pair) -> Option<Doubt> {
+    match p.last_outcome() {
+        Some(Ended::Purchase(PurchaseOutcome::InDoubt { doubt, .. })) => Some(doubt.clone()),
+        _ => None,
+    }
+}
+
+/// The card pulled mid-DEBIT (the card had debited; its reply is lost) and a network timeout
+/// after DEBIT (the card paid; the receipt is lost) both leave the purchase in doubt, but
+/// not alike: after the card failure no debit response is journaled, so recovery needs the
+/// card's log and waits for the card; after the network failure the card's debit response is
+/// journaled, so recovery re-sends it with no card in the reader. Each doubt carries the
+/// failure as it was reported.
+#[test]
+fn card_pulled_mid_debit_waits_for_its_card_but_a_receipt_lost_to_a_timeout_does_not() {
+    let pulled =
+        CardFailure::Removed("reader R0: card was removed during the command — reinsert it".into());
+    let mut p = Pair::new(PairOptions::default());
+    accepted(&mut p, "CABLE", "ppv-1001");
+    assert!(p.step_until(|i| i.is_card_command(INS_DEBIT)));
+    p.step(); // the card debits; its reply is in flight
+    p.fail(Failure::Card(pulled.clone()));
+    p.remove_card();
+    p.drive();
+    assert_eq!(
+        purchase_doubt(&p),
+        Some(Doubt::CardLostDuringDebit {
+            error: pulled.clone()
+        })
+    );
+    assert!(
+        p.shows()
+            .contains(&Show::InDoubt(Doubt::CardLostDuringDebit { error: pulled }))
+    );
+    let txid = txid_of(&p);
+    assert_eq!(p.purchase_state(&txid).as_deref(), Some("debit_sent"));
+    p.recover();
+    p.drive();
+    assert_eq!(
+        p.purchase_state(&txid).as_deref(),
+        Some("debit_sent"),
+        "only the card's log can tell: recovery waits for the card"
+    );
+    p.insert_card();
+    p.drive();
+    assert_eq!(p.purchase_state(&txid).as_deref(), Some("completed"));
+    assert_eq!(p.card_balance(), START - 499);
+    p.assert_conserved();
+
+    let timeout = NetworkFailure::Timeout(LOST_AFTER);
+    let mut p = Pair::new(PairOptions::default());
+    accepted(&mut p, "CABLE", "ppv-1001");
+    assert!(p.step_until(|i| i.is_request("a debit response")));
+    p.step(); // the head end takes the debit response; its answer is in flight
+    p.fail(Failure::Network(timeout.clone()));
+    p.remove_card();
+    p.drive();
+    assert_eq!(
+        purchase_doubt(&p),
+        Some(Doubt::ConfirmationLost {
+            error: timeout.clone()
+        })
+    );
+    let txid = txid_of(&p);
+    assert_eq!(p.purchase_state(&txid).as_deref(), Some("debit_responded"));
+    p.recover();
+    p.drive();
+    assert_eq!(
+        p.purchase_state(&txid).as_deref(),
+        Some("completed"),
+        "the journaled debit response settles it without the card"
+    );
+    assert_eq!(p.card_balance(), START - 499);
+    p.assert_conserved();
+}
+
+/// Each kind of network failure of the draw request (it never reached the gateway) leaves
+/// the purchase in doubt with that failure shown; recovery cancels it with the card's proof.
+#[test]
+fn every_network_failure_of_the_draw_request_is_in_doubt_and_cancelled_with_proof() {
+    for f in [
+        NetworkFailure::Unreachable("10.0.0.1:4433: no handshake within 10s".into()),
+        NetworkFailure::Failed("stream reset by peer: 9".into()),
+        NetworkFailure::Timeout(LOST_AFTER),
+        NetworkFailure::Malformed("unexpected end of input".into()),
+    ] {
+        let mut p = Pair::new(PairOptions::default());
+        accepted(&mut p, "CABLE", "ppv-1001");
+        assert!(p.step_until(|i| i.is_request("a draw request")));
+        p.fail(Failure::Network(f.clone()));
+        p.drive();
+        let doubt = Doubt::NoDebitCommand { error: f.clone() };
+        assert_eq!(purchase_doubt(&p), Some(doubt.clone()), "{f:?}");
+        assert!(p.shows().contains(&Show::InDoubt(doubt)), "{f:?}");
+        let txid = txid_of(&p);
+        p.recover();
+        p.drive();
+        assert_eq!(p.purchase_state(&txid).as_deref(), Some("ended"), "{f:?}");
+        assert_eq!(p.card_balance(), START, "{f:?}");
+        p.assert_conserved();
+    }
+}
+
+/// A card failure during DEBIT, whatever its kind, leaves the card's log to decide: the
+/// card that debited before its reply was lost is found in its log (completed); the card
+/// that never got DEBIT (pulled before it reached the reader: no card) is cancelled with
+/// its proof (ended).
+#[test]
+fn card_failures_during_debit_leave_the_card_s_log_to_decide() {
+    let reader = || "R0".to_string();
+    for f in [
+        CardFailure::Removed("reader R0: card was removed during the command — reinsert it".into()),
+        CardFailure::NoAnswer {
+            reader: reader(),
+            waited: std::time::Duration::from_secs(5),
+        },
+        CardFailure::Reader("reader R0: parity error".into()),
+    ] {
+        let mut p = Pair::new(PairOptions::default());
+        accepted(&mut p, "CABLE", "ppv-1001");
+        assert!(p.step_until(|i| i.is_card_command(INS_DEBIT)));
+        p.step(); // the card debits; its reply is in flight
+        p.fail(Failure::Card(f.clone()));
+        p.drive();
+        assert_eq!(
+            purchase_doubt(&p),
+            Some(Doubt::CardLostDuringDebit { error: f.clone() }),
+            "{f:?}"
+        );
+        let txid = txid_of(&p);
+        p.recover();
+        p.drive();
+        assert_eq!(
+            p.purchase_state(&txid).as_deref(),
+            Some("completed"),
+            "{f:?}"
+        );
+        assert_eq!(p.card_balance(), START - 499, "{f:?}");
+        p.assert_conserved();
+    }
+
+    let mut p = Pair::new(PairOptions::default());
+    accepted(&mut p, "CABLE", "ppv-1001");
+    assert!(p.step_until(|i| i.is_card_command(INS_DEBIT)));
+    p.remove_card(); // DEBIT is on its way to a reader with no card
+    p.drive();
+    assert_eq!(
+        purchase_doubt(&p),
+        Some(Doubt::CardLostDuringDebit {
+            error: CardFailure::NoCard
+        })
+    );
+    let txid = txid_of(&p);
+    p.insert_card();
+    p.drive();
+    assert_eq!(p.purchase_state(&txid).as_deref(), Some("ended"));
+    assert_eq!(p.card_balance(), START);
+    p.assert_conserved();
 }

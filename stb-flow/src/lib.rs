@@ -3,7 +3,8 @@
 //! message, send an APDU, write the journal, show something). No sockets, readers, clocks,
 //! UI or async runtime here: a shell (`stbd`'s daemon, a simulator, a test) executes the
 //! actions in order and feeds the results back. The crate depends on `proto` only (plus
-//! `rand` for sealing and jitter, `postcard` for the PIN block, `tracing` for logs).
+//! `rand` for sealing and jitter, `postcard` for the PIN block, `tracing` for logs,
+//! `thiserror` for the failures' texts).
 //!
 //! - [`purchase`]: one purchase (draw), 001 [0071]–[0094].
 //! - [`recovery`]: what to do with an in-doubt purchase, given the journal, the card's log
@@ -11,16 +12,21 @@
 //!   [`recovery::round`], one recovery round over the journal's in-doubt purchases and
 //!   loads (card reads, messages, journal writes) as a sans-IO machine.
 //! - [`load`]: one load of value onto the card, 001 [0117]–[0160], and its recovery.
+//! - [`failure`]: what the shell reports when the card, the network or the journal fails
+//!   ([`CardFailure`], [`NetworkFailure`], [`JournalFailure`]), typed.
 //! - [`show`]: what the flows ask the TV to show, as their own vocabulary (no wording: the
 //!   sentences are the TV crate's).
 //!
 //! Amounts are [`proto::money::Money`] (minor units with their currency) or plain `u64`
 //! minor units of the card's currency; durations are [`std::time::Duration`].
 
+pub mod failure;
 pub mod load;
 pub mod purchase;
 pub mod recovery;
 pub mod show;
+
+pub use failure::{CardFailure, JournalFailure, NetworkFailure};
 
 use proto::apdu::StatusWord;
 use proto::messages::Message;

@@ -37,7 +37,7 @@ use rand::rngs::StdRng;
 
 use crate::recovery::CardSeen;
 use crate::show::{CardAnswer, Doubt, Progress, ReceiptShown, Receipted, Refusal, Request, Show};
-use crate::{CardReply, split_sw};
+use crate::{CardFailure, CardReply, NetworkFailure, split_sw};
 
 /// The shortest PIN the entry screen allows (digits).
 pub const PIN_MIN: u8 = 4;
@@ -62,6 +62,99 @@ pub enum Step {
     /// Closed: refused before any load command; nothing held, nothing loaded. `why` is for
     /// the operator.
     Ended { why: String },
+}
+
+impl Step {
+    /// The load's state in the journal once this step is written.
+    #[must_use]
+    pub fn state(&self) -> JournalState {
+        match self {
+            Step::RequestSent { .. } => JournalState::RequestSent,
+            Step::CommandReceived { .. } => JournalState::Command,
+            Step::LoadSent => JournalState::LoadSent,
+            Step::Responded { .. } => JournalState::Responded,
+            Step::ZeroValue { .. } => JournalState::ZeroValue,
+            Step::Completed { .. } => JournalState::Completed,
+            Step::Ended { .. } => JournalState::Ended,
+        }
+    }
+}
+
+/// A load's state in the box journal: the [`Step`] it last journaled. Named here once:
+/// [`JournalState::as_str`] is the text on disk (a step's name and the load's state column),
+/// which existing journals hold and which never changes for a variant. Recovery decides by
+/// the variant, never by the text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JournalState {
+    /// `load_request_sent`: the load request may have reached the load server.
+    RequestSent,
+    /// `load_command`: the load command came back.
+    Command,
+    /// `load_sent`: LOAD may have reached the card.
+    LoadSent,
+    /// `load_responded`: the card's LOAD answer is journaled.
+    Responded,
+    /// `load_zero_value`: a zero-value proof is journaled.
+    ZeroValue,
+    /// `load_completed`: the load confirmation came (loaded or not).
+    Completed,
+    /// `load_ended`: refused before any load command.
+    Ended,
+}
+
+impl JournalState {
+    /// Every state, in the order a load goes through them.
+    pub const ALL: [JournalState; 7] = [
+        JournalState::RequestSent,
+        JournalState::Command,
+        JournalState::LoadSent,
+        JournalState::Responded,
+        JournalState::ZeroValue,
+        JournalState::Completed,
+        JournalState::Ended,
+    ];
+
+    /// The states in which value may be in flight (from the load request until the load
+    /// confirmation or an end): [`decide`]'s work.
+    pub const IN_DOUBT: [JournalState; 5] = [
+        JournalState::RequestSent,
+        JournalState::Command,
+        JournalState::LoadSent,
+        JournalState::Responded,
+        JournalState::ZeroValue,
+    ];
+
+    /// The text on disk.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            JournalState::RequestSent => "load_request_sent",
+            JournalState::Command => "load_command",
+            JournalState::LoadSent => "load_sent",
+            JournalState::Responded => "load_responded",
+            JournalState::ZeroValue => "load_zero_value",
+            JournalState::Completed => "load_completed",
+            JournalState::Ended => "load_ended",
+        }
+    }
+
+    /// The state whose text on disk is `text`, if any.
+    #[must_use]
+    pub fn from_text(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
+    /// Whether value may be in flight ([`JournalState::IN_DOUBT`]).
+    #[must_use]
+    pub fn is_in_doubt(self) -> bool {
+        Self::IN_DOUBT.contains(&self)
+    }
+}
+
+impl std::fmt::Display for JournalState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What the shell must do next, in order (see [`crate::Action`]).
@@ -97,10 +190,10 @@ pub enum Outcome {
 pub enum Input {
     /// The gateway's answer to the outstanding [`Action::Send`].
     Answer(Message),
-    /// The outstanding request got no answer; the transport's error.
-    NetworkFailed(String),
-    /// The card's reply to the outstanding [`Action::Apdu`], or the reader's error.
-    Card(Result<CardReply, String>),
+    /// The outstanding request got no answer; what the transport saw.
+    NetworkFailed(NetworkFailure),
+    /// The card's reply to the outstanding [`Action::Apdu`], or what the reader saw.
+    Card(Result<CardReply, CardFailure>),
     /// The card was pulled (between commands).
     CardRemoved,
     /// The amount the viewer confirmed, in minor units of the offer's currency.
@@ -415,7 +508,7 @@ impl Load {
         }
     }
 
-    fn on_purse(&mut self, r: Result<CardReply, String>) -> Vec<Action> {
+    fn on_purse(&mut self, r: Result<CardReply, CardFailure>) -> Vec<Action> {
         let data = match card_ok(r) {
             Ok(d) => d,
             Err(refusal) => return self.failed(refusal),
@@ -545,7 +638,7 @@ impl Load {
         offer: LoadOffer,
         amount: u64,
         sealed_pin: Option<Vec<u8>>,
-        r: Result<CardReply, String>,
+        r: Result<CardReply, CardFailure>,
     ) -> Vec<Action> {
         let data = match card_ok(r) {
             Ok(d) => d,
@@ -608,7 +701,7 @@ impl Load {
                     req,
                     None,
                     "unexpected answer to the load request",
-                    other.kind(),
+                    &other.kind(),
                 );
             }
         };
@@ -623,7 +716,7 @@ impl Load {
         let apdu = commands::load(&cmd);
         let mut a = vec![self.journal(Step::CommandReceived { command: cmd })];
         if let Some(why) = mismatch {
-            a.extend(self.prove_not_loaded(req, None, why, ""));
+            a.extend(self.prove_not_loaded(req, None, why, &""));
             return a;
         }
         self.state = State::AwaitLoad(req);
@@ -635,7 +728,7 @@ impl Load {
         a
     }
 
-    fn on_load(&mut self, req: Requested, r: Result<CardReply, String>) -> Vec<Action> {
+    fn on_load(&mut self, req: Requested, r: Result<CardReply, CardFailure>) -> Vec<Action> {
         let reply = match r {
             Ok(r) => r,
             // The reader failed mid-LOAD: the card may or may not have loaded.
@@ -665,15 +758,13 @@ impl Load {
                         req,
                         Some(resp),
                         "the card answered LOAD with a negative result",
-                        "",
+                        &"",
                     ));
                 }
                 a
             }
             // The card refused LOAD: its LOAD is atomic, so nothing moved.
-            Some((_, sw)) => {
-                self.prove_not_loaded(req, None, "the card refused LOAD", &sw.to_string())
-            }
+            Some((_, sw)) => self.prove_not_loaded(req, None, "the card refused LOAD", &sw),
             None => self.in_doubt(Doubt::LoadWithoutStatusWord),
         }
     }
@@ -686,9 +777,9 @@ impl Load {
         req: Requested,
         response: Option<LoadResponse>,
         why: &str,
-        detail: &str,
+        detail: &dyn std::fmt::Display,
     ) -> Vec<Action> {
-        tracing::info!(why, detail, "load not completed: zero-value proof follows");
+        tracing::info!(why, %detail, "load not completed: zero-value proof follows");
         self.state = State::AwaitSelectForZero { req, response };
         vec![
             Action::Show(Show::Progress(Progress::Confirming)),
@@ -700,7 +791,7 @@ impl Load {
         &mut self,
         req: Requested,
         response: Option<LoadResponse>,
-        r: Result<CardReply, String>,
+        r: Result<CardReply, CardFailure>,
     ) -> Vec<Action> {
         let zero = match card_ok(r) {
             Ok(d) => match LoadInit::decode(&d) {
@@ -768,7 +859,7 @@ impl Load {
 }
 
 /// A card reply's data, or why there is none.
-fn card_ok(r: Result<CardReply, String>) -> Result<Vec<u8>, Refusal> {
+fn card_ok(r: Result<CardReply, CardFailure>) -> Result<Vec<u8>, Refusal> {
     let reply = r.map_err(|error| Refusal::CardUnreadable { error })?;
     match split_sw(&reply.response) {
         Some((data, sw)) if sw.is_ok() => Ok(data.to_vec()),
@@ -803,8 +894,8 @@ pub struct PendingLoad {
     pub response: Option<LoadResponse>,
     /// The zero-value S1 (001 [0130]), if one was journaled.
     pub zero: Option<LoadInit>,
-    /// The journal's state name (`load_request_sent`, `load_sent`, ...), for the logs.
-    pub state: String,
+    /// The load's state in the journal (`load_request_sent`, `load_sent`, ...).
+    pub state: JournalState,
 }
 
 /// What to do with an in-doubt load now ([`decide`]).
@@ -893,7 +984,7 @@ pub fn on_load_answer(
     txid: &str,
     sent: &LoadResponseMsg,
     from_log: bool,
-    answer: Result<&Message, &str>,
+    answer: Result<&Message, &NetworkFailure>,
 ) -> LoadResolution {
     match answer {
         Ok(Message::LoadConfirmation(c)) if c.transaction_id == txid => {

@@ -36,7 +36,7 @@ use crate::recovery::{self, DebitEvidence};
 use crate::show::{
     CardAnswer, Doubt, OfferShown, Progress, ReceiptShown, Receipted, Refusal, Request, Show,
 };
-use crate::{CardReply, split_sw};
+use crate::{CardFailure, CardReply, NetworkFailure, split_sw};
 
 /// A journal step: written before the action it announces.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +61,109 @@ pub enum Step {
     /// journal or the card's log, the head end rejected the proof): kept for the operator,
     /// with the reason. It no longer blocks the card, and it is not ended.
     Unresolvable { why: String },
+}
+
+impl Step {
+    /// The transaction's state in the journal once this step is written.
+    #[must_use]
+    pub fn state(&self) -> JournalState {
+        match self {
+            Step::OfferAccepted { .. } => JournalState::Accepted,
+            Step::DrawSent => JournalState::DrawSent,
+            Step::DebitCommandReceived { .. } => JournalState::DebitCommand,
+            Step::DebitSent => JournalState::DebitSent,
+            Step::DebitResponded { .. } => JournalState::DebitResponded,
+            Step::CancelPending { .. } => JournalState::CancelPending,
+            Step::Completed { .. } => JournalState::Completed,
+            Step::Ended { .. } => JournalState::Ended,
+            Step::Unresolvable { .. } => JournalState::Unresolvable,
+        }
+    }
+}
+
+/// A purchase's state in the box journal: the [`Step`] it last journaled. Named here once:
+/// [`JournalState::as_str`] is the text on disk (a step's name and the transaction's state
+/// column), which existing journals hold and which never changes for a variant. Recovery
+/// decides by the variant, never by the text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JournalState {
+    /// `accepted`: the viewer's OK is journaled; the draw request has not gone out.
+    Accepted,
+    /// `draw_sent`: the draw request may have reached the payment server.
+    DrawSent,
+    /// `debit_command`: the debit command came back.
+    DebitCommand,
+    /// `debit_sent`: DEBIT may have reached the card.
+    DebitSent,
+    /// `debit_responded`: the card's debit response is journaled.
+    DebitResponded,
+    /// `cancel_pending`: a cancel is out or about to go.
+    CancelPending,
+    /// `completed`: the receipt came.
+    Completed,
+    /// `ended`: closed without value moving.
+    Ended,
+    /// `unresolvable`: kept for the operator (see [`Step::Unresolvable`]).
+    Unresolvable,
+}
+
+impl JournalState {
+    /// Every state, in the order a purchase goes through them.
+    pub const ALL: [JournalState; 9] = [
+        JournalState::Accepted,
+        JournalState::DrawSent,
+        JournalState::DebitCommand,
+        JournalState::DebitSent,
+        JournalState::DebitResponded,
+        JournalState::CancelPending,
+        JournalState::Completed,
+        JournalState::Ended,
+        JournalState::Unresolvable,
+    ];
+
+    /// The states in which value may be in flight (from the draw request until a receipt,
+    /// an end or `unresolvable`): recovery's work ([`crate::recovery`]).
+    pub const IN_DOUBT: [JournalState; 5] = [
+        JournalState::DrawSent,
+        JournalState::DebitCommand,
+        JournalState::DebitSent,
+        JournalState::DebitResponded,
+        JournalState::CancelPending,
+    ];
+
+    /// The text on disk.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            JournalState::Accepted => "accepted",
+            JournalState::DrawSent => "draw_sent",
+            JournalState::DebitCommand => "debit_command",
+            JournalState::DebitSent => "debit_sent",
+            JournalState::DebitResponded => "debit_responded",
+            JournalState::CancelPending => "cancel_pending",
+            JournalState::Completed => "completed",
+            JournalState::Ended => "ended",
+            JournalState::Unresolvable => "unresolvable",
+        }
+    }
+
+    /// The state whose text on disk is `text`, if any.
+    #[must_use]
+    pub fn from_text(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
+    /// Whether value may be in flight ([`JournalState::IN_DOUBT`]).
+    #[must_use]
+    pub fn is_in_doubt(self) -> bool {
+        Self::IN_DOUBT.contains(&self)
+    }
+}
+
+impl std::fmt::Display for JournalState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What the shell must do next, in order (see [`crate::Action`]).
@@ -97,10 +200,10 @@ pub enum Outcome {
 pub enum Input {
     /// The gateway's answer to the outstanding [`Action::Send`].
     Answer(Message),
-    /// The outstanding request got no answer; the transport's error.
-    NetworkFailed(String),
-    /// The card's reply to the outstanding [`Action::Apdu`], or the reader's error.
-    Card(Result<CardReply, String>),
+    /// The outstanding request got no answer; what the transport saw.
+    NetworkFailed(NetworkFailure),
+    /// The card's reply to the outstanding [`Action::Apdu`], or what the reader saw.
+    Card(Result<CardReply, CardFailure>),
     /// The card was pulled (between commands).
     CardRemoved,
     /// OK on the offer popup.
@@ -457,7 +560,7 @@ impl Purchase {
     }
 
     /// A card reply's data (keeping the card's ATR), or why there is none.
-    fn card_data(&mut self, r: Result<CardReply, String>) -> Result<Vec<u8>, Refusal> {
+    fn card_data(&mut self, r: Result<CardReply, CardFailure>) -> Result<Vec<u8>, Refusal> {
         let reply = r.map_err(|error| Refusal::CardUnreadable { error })?;
         self.atr = reply.atr;
         match split_sw(&reply.response) {
@@ -467,7 +570,7 @@ impl Purchase {
         }
     }
 
-    fn on_select(&mut self, offer: Offer, r: Result<CardReply, String>) -> Vec<Action> {
+    fn on_select(&mut self, offer: Offer, r: Result<CardReply, CardFailure>) -> Vec<Action> {
         if let Err(refusal) = self.card_data(r) {
             return self.refuse(refusal);
         }
@@ -480,7 +583,7 @@ impl Purchase {
     fn checked_init(
         &mut self,
         offer: &Offer,
-        r: Result<CardReply, String>,
+        r: Result<CardReply, CardFailure>,
     ) -> Result<PurchaseInit, Refusal> {
         let data = self.card_data(r)?;
         let init =
@@ -507,7 +610,7 @@ impl Purchase {
         Ok(init)
     }
 
-    fn on_init(&mut self, offer: Offer, r: Result<CardReply, String>) -> Vec<Action> {
+    fn on_init(&mut self, offer: Offer, r: Result<CardReply, CardFailure>) -> Vec<Action> {
         let init = match self.checked_init(&offer, r) {
             Ok(i) => i,
             Err(refusal) => return self.refuse(refusal),
@@ -532,7 +635,7 @@ impl Purchase {
         &mut self,
         offer: Offer,
         shown: &PurchaseInit,
-        r: Result<CardReply, String>,
+        r: Result<CardReply, CardFailure>,
     ) -> Vec<Action> {
         let init = match self.checked_init(&offer, r) {
             Ok(i) => i,
@@ -646,7 +749,7 @@ impl Purchase {
         &mut self,
         offer: Offer,
         init: PurchaseInit,
-        r: Result<CardReply, String>,
+        r: Result<CardReply, CardFailure>,
     ) -> Vec<Action> {
         let reply = match r {
             Ok(r) => r,
@@ -730,7 +833,7 @@ impl Purchase {
         &mut self,
         then: Outcome,
         evidence: Option<DebitEvidence>,
-        answer: Result<&Message, &str>,
+        answer: Result<&Message, &NetworkFailure>,
     ) -> Vec<Action> {
         let mut a = Vec::new();
         if let Some(evidence) = evidence {

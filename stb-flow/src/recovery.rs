@@ -40,6 +40,8 @@ use proto::messages::{ErrorCode, Message, Receipt};
 use proto::money::Money;
 use proto::purse::{DebitResponse, LogKind, LogRecord};
 
+use crate::NetworkFailure;
+
 pub mod round;
 
 /// What the journal knows of an in-doubt purchase.
@@ -193,17 +195,32 @@ pub fn plan(txn: &InDoubt, card: Option<CardSeen<'_>>) -> Plan {
     }
 }
 
+/// Why [`response_for`] has no debit response to re-send: the head end holds the debit as
+/// completed, but neither the journal nor the card's log has the card's answer. Nothing on
+/// this box can settle the purchase then (`unresolvable`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the head end holds this debit as completed, but this box has neither the card's \
+     debit response nor a matching record in the card's log to fetch the receipt with"
+)]
+pub struct NoDebitResponse;
+
 /// After `AlreadyCompleted`: the debit response to re-send (journal first, then a strictly
 /// matching record of the card seen), or why there is none.
-pub fn response_for(txn: &InDoubt, card: Option<CardSeen<'_>>) -> Result<DebitResponse, String> {
+///
+/// # Errors
+///
+/// [`NoDebitResponse`] when neither the journal nor a strictly matching record of `card`'s
+/// log has the card's debit response.
+pub fn response_for(
+    txn: &InDoubt,
+    card: Option<CardSeen<'_>>,
+) -> Result<DebitResponse, NoDebitResponse> {
     if let Some(r) = &txn.response {
         return Ok(r.clone());
     }
-    card.and_then(|c| find_in_log(txn, c)).ok_or_else(|| {
-        "the head end holds this debit as completed, but this box has neither the card's \
-         debit response nor a matching record in the card's log to fetch the receipt with"
-            .to_string()
-    })
+    card.and_then(|c| find_in_log(txn, c))
+        .ok_or(NoDebitResponse)
 }
 
 /// Head-end refusals that say "not now": retry later.
@@ -220,7 +237,7 @@ pub fn is_transient(code: ErrorCode) -> bool {
     )
 }
 
-fn unsettled(txid: &str, answer: Result<&Message, &str>) -> String {
+fn unsettled(txid: &str, answer: Result<&Message, &NetworkFailure>) -> String {
     match answer {
         Err(e) => format!("no answer from the head end: {e}"),
         Ok(Message::Error(e)) if is_transient(e.code) => {
@@ -242,7 +259,10 @@ fn unsettled(txid: &str, answer: Result<&Message, &str>) -> String {
 /// (released or not; the head end answers a repeated response with the same receipt).
 /// Anything else leaves it in doubt.
 #[must_use]
-pub fn on_debit_response_answer(txid: &str, answer: Result<&Message, &str>) -> Resolution {
+pub fn on_debit_response_answer(
+    txid: &str,
+    answer: Result<&Message, &NetworkFailure>,
+) -> Resolution {
     match answer {
         Ok(Message::Receipt(r)) if r.transaction_id == txid => Resolution::Completed(r.clone()),
         other => Resolution::Retry(unsettled(txid, other)),
@@ -261,7 +281,7 @@ pub fn on_debit_response_answer(txid: &str, answer: Result<&Message, &str>) -> R
 pub fn on_cancel_answer(
     txid: &str,
     evidence: DebitEvidence,
-    answer: Result<&Message, &str>,
+    answer: Result<&Message, &NetworkFailure>,
 ) -> Resolution {
     match answer {
         Ok(Message::Receipt(r)) if r.transaction_id == txid && !r.released => {

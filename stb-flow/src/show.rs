@@ -7,13 +7,17 @@
 //! place (`stb::daemon::show`). So this crate needs no UI, and anything that drives the flows
 //! (the daemon, a simulator, a test) gets the same typed answers.
 //!
-//! Text that comes from elsewhere is carried as it came: a transport or reader error, the
-//! head end's `reason`, a merchant's receipt text. The daemon cleans it before it is drawn.
+//! Text that comes from elsewhere is carried as it came: the head end's `reason`, a
+//! merchant's receipt text. A card, network or journal failure is carried typed
+//! ([`crate::failure`]); its text is the shell's. The daemon cleans all of it before it is
+//! drawn.
 
 use proto::apdu::StatusWord;
 use proto::messages::ErrorCode;
 use proto::money::{Currency, Money};
 use proto::purse::Date;
+
+use crate::failure::{CardFailure, JournalFailure, NetworkFailure};
 
 /// Which kind of transaction a fact belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,8 +146,8 @@ pub enum CardAnswer {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
     // ---- the head end
-    /// No answer from the head end; `error` is the transport's.
-    Unreachable { error: String },
+    /// No answer from the head end; `error` says what the transport saw.
+    Unreachable { error: NetworkFailure },
     /// The merchant refused the offer request; `reason` is the head end's.
     OfferRefused { code: ErrorCode, reason: String },
     /// The head end answered `to` with another kind of message (`answer`, see
@@ -172,8 +176,8 @@ pub enum Refusal {
     LoadRefused { code: ErrorCode, reason: String },
 
     // ---- the card
-    /// The reader failed; `error` is the driver's (the card may be gone).
-    CardUnreadable { error: String },
+    /// The card gave no reply; `error` says what the reader saw (the card may be gone).
+    CardUnreadable { error: CardFailure },
     /// The card was pulled while the flow needed it.
     CardRemoved,
     /// The card refused a command with this status word.
@@ -214,13 +218,13 @@ pub enum Refusal {
     NoViewer,
     /// The journal write that must come before the next action failed; the flow stopped
     /// there. `error` is the journal's.
-    NotRecorded { flow: Flow, error: String },
+    NotRecorded { flow: Flow, error: JournalFailure },
     /// An earlier transaction on this card (`transaction_id`) is still in doubt; the new
     /// `flow` can start once it is settled.
     EarlierInDoubt { transaction_id: String, flow: Flow },
     /// The journal cannot be read, so the shell cannot tell whether the card has older
     /// work in doubt.
-    JournalUnreadable { error: String },
+    JournalUnreadable { error: JournalFailure },
 }
 
 /// The kind of trouble a [`Refusal`] is: what the viewer should understand and do. The TV
@@ -323,16 +327,17 @@ impl Refusal {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Doubt {
     // ---- a purchase
-    /// No debit command came back for the draw request; `error` is the transport's.
-    NoDebitCommand { error: String },
+    /// No debit command came back for the draw request; `error` says what the transport
+    /// saw.
+    NoDebitCommand { error: NetworkFailure },
     /// The reader failed during DEBIT: the card may or may not have debited.
-    CardLostDuringDebit { error: String },
+    CardLostDuringDebit { error: CardFailure },
     /// The card's debit response could not be decoded.
     DebitResponseMalformed,
     /// The card answered DEBIT without a status word.
     DebitWithoutStatusWord,
     /// The card paid; the debit response's answer did not come back.
-    ConfirmationLost { error: String },
+    ConfirmationLost { error: NetworkFailure },
     /// The card paid; the head end refused the debit response.
     PaidButRefused { code: ErrorCode, reason: String },
     /// The card paid; the head end answered the debit response with this message.
@@ -340,7 +345,7 @@ pub enum Doubt {
 
     // ---- a load
     /// The reader failed during LOAD: the card may or may not have loaded.
-    CardLostDuringLoad { error: String },
+    CardLostDuringLoad { error: CardFailure },
     /// The card's LOAD answer could not be decoded.
     LoadAnswerMalformed,
     /// The card answered LOAD without a status word.
@@ -350,13 +355,13 @@ pub enum Doubt {
     /// The zero-value S1 could not be decoded.
     ZeroValueMalformed,
     /// The load response's answer did not come back.
-    LoadConfirmationLost { error: String },
+    LoadConfirmationLost { error: NetworkFailure },
     /// The head end refused the load response.
     LoadConfirmationRefused { code: ErrorCode, reason: String },
     /// The head end answered the load response with this message.
     LoadConfirmationOutOfTurn { answer: &'static str },
     /// The shell could not journal a load step after the request went out.
-    LoadNotRecorded { error: String },
+    LoadNotRecorded { error: JournalFailure },
 }
 
 impl Doubt {

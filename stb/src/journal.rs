@@ -4,6 +4,9 @@
 //! Two tables: `steps` (append-only: transaction id, step name, postcard detail, time) and
 //! `txns` (one row per transaction: the offer with its TSK, the card id and transaction
 //! counter of the draw, the security card's ids once known, and the current state). A
+//! step's name and a transaction's state are the same text, named once by the flows
+//! ([`JournalState`], [`LoadState`]: the text on disk never changes for a variant); the
+//! queries below are built from those, and what they read back is the enum. A
 //! transaction is in doubt from `draw_sent` until `completed` or `ended`;
 //! [`Journal::in_doubt`] lists those for recovery, with what recovery needs from the steps
 //! (whether DEBIT was sent, the card's debit response). A purchase recovery cannot settle
@@ -19,8 +22,8 @@ use proto::messages::Offer;
 use proto::purse::DebitResponse;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use stb_flow::load::{PendingLoad, Step as LoadStep};
-use stb_flow::purchase::Step;
+use stb_flow::load::{JournalState as LoadState, PendingLoad, Step as LoadStep};
+use stb_flow::purchase::{JournalState, Step};
 use stb_flow::recovery::InDoubt;
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +40,13 @@ pub enum JournalError {
         what: &'static str,
         detail: String,
     },
+}
+
+/// A journal error as the flows and recovery take it (in words: they stop on any of them).
+impl From<JournalError> for stb_flow::JournalFailure {
+    fn from(e: JournalError) -> Self {
+        stb_flow::JournalFailure(e.to_string())
+    }
 }
 
 /// A journaled purchase awaiting resolution: the recovery round's own input type.
@@ -57,23 +67,28 @@ fn blob<T: serde::Serialize>(t: &T) -> Vec<u8> {
     postcard::to_allocvec(t).expect("in-memory serialization")
 }
 
-/// Load states in which value may be in flight (see [`stb_flow::load::Step`]).
-const LOAD_IN_DOUBT: &[&str] = &[
-    "load_request_sent",
-    "load_command",
-    "load_sent",
-    "load_responded",
-    "load_zero_value",
-];
+/// `states` as an SQL list of their texts on disk (`'draw_sent','debit_command',...`). The
+/// texts are the enums' own (lower-case letters and underscores): nothing to quote.
+fn sql_list<S: Copy>(states: &[S], text: impl Fn(S) -> &'static str) -> String {
+    states
+        .iter()
+        .map(|s| format!("'{}'", text(*s)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
 
-/// States in which value may be in flight.
-const IN_DOUBT: &[&str] = &[
-    "draw_sent",
-    "debit_command",
-    "debit_sent",
-    "debit_responded",
-    "cancel_pending",
-];
+/// A state read back from the journal: one of the enum's texts, or the journal is corrupt.
+fn state_of<S>(
+    txid: &str,
+    text: &str,
+    parse: impl Fn(&str) -> Option<S>,
+) -> Result<S, JournalError> {
+    parse(text).ok_or_else(|| JournalError::Corrupt {
+        txid: txid.into(),
+        what: "state",
+        detail: format!("unknown state {text:?}"),
+    })
+}
 
 impl Journal {
     /// Opens (creating) the journal in `dir`.
@@ -161,17 +176,19 @@ impl Journal {
     }
 
     /// Writes one step (and the transaction's new state) in one SQLite transaction.
+    ///
+    /// # Errors
+    ///
+    /// SQLite's; [`JournalError::Unknown`] for a step of a transaction never accepted.
     pub fn record(&mut self, txid: &str, step: &Step) -> Result<(), JournalError> {
-        let (name, detail): (&str, Option<Vec<u8>>) = match step {
-            Step::OfferAccepted { .. } => ("accepted", None),
-            Step::DrawSent => ("draw_sent", None),
-            Step::DebitCommandReceived { command } => ("debit_command", Some(blob(command))),
-            Step::DebitSent => ("debit_sent", None),
-            Step::DebitResponded { response } => ("debit_responded", Some(blob(response))),
-            Step::CancelPending { reason } => ("cancel_pending", Some(blob(reason))),
-            Step::Completed { receipt } => ("completed", Some(blob(receipt))),
-            Step::Ended { why } => ("ended", Some(why.as_bytes().to_vec())),
-            Step::Unresolvable { why } => ("unresolvable", Some(why.as_bytes().to_vec())),
+        let name = step.state().as_str();
+        let detail: Option<Vec<u8>> = match step {
+            Step::OfferAccepted { .. } | Step::DrawSent | Step::DebitSent => None,
+            Step::DebitCommandReceived { command } => Some(blob(command)),
+            Step::DebitResponded { response } => Some(blob(response)),
+            Step::CancelPending { reason } => Some(blob(reason)),
+            Step::Completed { receipt } => Some(blob(receipt)),
+            Step::Ended { why } | Step::Unresolvable { why } => Some(why.as_bytes().to_vec()),
         };
         let t = now();
         let tx = self.conn.transaction()?;
@@ -179,7 +196,7 @@ impl Journal {
             tx.execute(
                 "INSERT INTO txns (transaction_id, merchant_id, item_id, amount, currency, offer,
                     card_id, atc, state, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'accepted', ?9, ?9)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?10, ?9, ?9)",
                 params![
                     txid,
                     offer.merchant_id,
@@ -189,7 +206,8 @@ impl Journal {
                     blob(offer),
                     init.card_id as i64,
                     init.atc,
-                    t
+                    t,
+                    name
                 ],
             )?;
         } else {
@@ -219,7 +237,11 @@ impl Journal {
         Ok(())
     }
 
-    /// A transaction's current state.
+    /// A transaction's current state, as the text on disk ([`JournalState::as_str`]).
+    ///
+    /// # Errors
+    ///
+    /// SQLite's.
     pub fn state(&self, txid: &str) -> Result<Option<String>, JournalError> {
         Ok(self
             .conn
@@ -241,13 +263,17 @@ impl Journal {
     }
 
     /// The debit response journaled for `txid`, if the card answered DEBIT.
+    ///
+    /// # Errors
+    ///
+    /// SQLite's; [`JournalError::Corrupt`] when the journaled response does not decode.
     pub fn debit_response(&self, txid: &str) -> Result<Option<DebitResponse>, JournalError> {
         let b: Option<Vec<u8>> = self
             .conn
             .query_row(
-                "SELECT detail FROM steps WHERE transaction_id = ?1 AND step = 'debit_responded'
+                "SELECT detail FROM steps WHERE transaction_id = ?1 AND step = ?2
                  ORDER BY id DESC LIMIT 1",
-                [txid],
+                params![txid, JournalState::DebitResponded.as_str()],
                 |r| r.get(0),
             )
             .optional()?;
@@ -263,12 +289,17 @@ impl Journal {
 
     /// Closes transactions accepted but whose draw never went out (a crash between the two
     /// journal writes): nothing reached the payment server.
+    ///
+    /// # Errors
+    ///
+    /// SQLite's.
     pub fn close_unsent(&mut self) -> Result<usize, JournalError> {
         let ids: Vec<String> = {
             let mut st = self
                 .conn
-                .prepare("SELECT transaction_id FROM txns WHERE state = 'accepted'")?;
-            st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
+                .prepare("SELECT transaction_id FROM txns WHERE state = ?1")?;
+            st.query_map([JournalState::Accepted.as_str()], |r| r.get(0))?
+                .collect::<Result<_, _>>()?
         };
         for id in &ids {
             self.record(
@@ -284,15 +315,19 @@ impl Journal {
     /// Writes one load step (and the load's new state) in one SQLite transaction. The
     /// `loads` table keeps what recovery needs: the offer, S1, the load command, the card's
     /// answer and the zero-value proof. No PIN, sealed or not, is ever written.
+    ///
+    /// # Errors
+    ///
+    /// SQLite's; [`JournalError::Unknown`] for a step of a load never requested.
     pub fn record_load(&mut self, txid: &str, step: &LoadStep) -> Result<(), JournalError> {
-        let (name, detail): (&str, Option<Vec<u8>>) = match step {
-            LoadStep::RequestSent { .. } => ("load_request_sent", None),
-            LoadStep::CommandReceived { command } => ("load_command", Some(blob(command))),
-            LoadStep::LoadSent => ("load_sent", None),
-            LoadStep::Responded { response } => ("load_responded", Some(blob(response))),
-            LoadStep::ZeroValue { zero } => ("load_zero_value", Some(blob(zero))),
-            LoadStep::Completed { confirmation } => ("load_completed", Some(blob(confirmation))),
-            LoadStep::Ended { why } => ("load_ended", Some(why.as_bytes().to_vec())),
+        let name = step.state().as_str();
+        let detail: Option<Vec<u8>> = match step {
+            LoadStep::RequestSent { .. } | LoadStep::LoadSent => None,
+            LoadStep::CommandReceived { command } => Some(blob(command)),
+            LoadStep::Responded { response } => Some(blob(response)),
+            LoadStep::ZeroValue { zero } => Some(blob(zero)),
+            LoadStep::Completed { confirmation } => Some(blob(confirmation)),
+            LoadStep::Ended { why } => Some(why.as_bytes().to_vec()),
         };
         let t = now();
         let tx = self.conn.transaction()?;
@@ -344,7 +379,11 @@ impl Journal {
         Ok(())
     }
 
-    /// A load's current state.
+    /// A load's current state, as the text on disk ([`LoadState::as_str`]).
+    ///
+    /// # Errors
+    ///
+    /// SQLite's.
     pub fn load_state(&self, txid: &str) -> Result<Option<String>, JournalError> {
         Ok(self
             .conn
@@ -356,16 +395,16 @@ impl Journal {
             .optional()?)
     }
 
-    /// Every load in doubt, oldest first.
+    /// Every load in doubt ([`LoadState::IN_DOUBT`]), oldest first.
+    ///
+    /// # Errors
+    ///
+    /// SQLite's; [`JournalError::Corrupt`] for a record that does not decode.
     pub fn loads_in_doubt(&self) -> Result<Vec<PendingLoad>, JournalError> {
         let q = format!(
             "SELECT transaction_id, offer, init, command, response, zero, state FROM loads
              WHERE state IN ({}) ORDER BY created_at, rowid",
-            LOAD_IN_DOUBT
-                .iter()
-                .map(|s| format!("'{s}'"))
-                .collect::<Vec<_>>()
-                .join(",")
+            sql_list(&LoadState::IN_DOUBT, LoadState::as_str)
         );
         let mut st = self.conn.prepare(&q)?;
         type Row = (
@@ -403,6 +442,7 @@ impl Journal {
                 })
             }
             out.push(PendingLoad {
+                state: state_of(&txid, &state, LoadState::from_text)?,
                 offer: de(&txid, "load offer", &offer)?,
                 init: de(&txid, "S1", &init)?,
                 command: command.map(|b| de(&txid, "load command", &b)).transpose()?,
@@ -411,7 +451,6 @@ impl Journal {
                     .transpose()?,
                 zero: zero.map(|b| de(&txid, "zero-value S1", &b)).transpose()?,
                 transaction_id: txid,
-                state,
             });
         }
         Ok(out)
@@ -419,14 +458,18 @@ impl Journal {
 
     /// Purchases recovery could not settle from this box: (transaction id, reason), oldest
     /// first.
+    ///
+    /// # Errors
+    ///
+    /// SQLite's.
     pub fn unresolvable(&self) -> Result<Vec<(String, String)>, JournalError> {
         let mut st = self.conn.prepare(
             "SELECT t.transaction_id,
                     (SELECT s.detail FROM steps s WHERE s.transaction_id = t.transaction_id
-                       AND s.step = 'unresolvable' ORDER BY s.id DESC LIMIT 1)
-             FROM txns t WHERE t.state = 'unresolvable' ORDER BY t.created_at, t.rowid",
+                       AND s.step = ?1 ORDER BY s.id DESC LIMIT 1)
+             FROM txns t WHERE t.state = ?1 ORDER BY t.created_at, t.rowid",
         )?;
-        let rows = st.query_map([], |r| {
+        let rows = st.query_map([JournalState::Unresolvable.as_str()], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, Option<Vec<u8>>>(1)?
@@ -437,24 +480,28 @@ impl Journal {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Every transaction in doubt, oldest first, with whether DEBIT was sent and the
-    /// journaled debit response (if any).
+    /// Every transaction in doubt ([`JournalState::IN_DOUBT`]), oldest first, with whether
+    /// DEBIT was sent and the journaled debit response (if any).
+    ///
+    /// # Errors
+    ///
+    /// SQLite's; [`JournalError::Corrupt`] for a record that does not decode.
     pub fn in_doubt(&self) -> Result<Vec<Pending>, JournalError> {
         let q = format!(
             "SELECT t.transaction_id, t.offer, t.card_id, t.atc, t.psam_id, t.psam_txn, t.state,
                     EXISTS (SELECT 1 FROM steps s WHERE s.transaction_id = t.transaction_id
-                              AND s.step = 'debit_sent'),
+                              AND s.step = ?1),
                     (SELECT s.detail FROM steps s WHERE s.transaction_id = t.transaction_id
-                       AND s.step = 'debit_responded' ORDER BY s.id DESC LIMIT 1)
+                       AND s.step = ?2 ORDER BY s.id DESC LIMIT 1)
              FROM txns t WHERE t.state IN ({}) ORDER BY t.created_at, t.rowid",
-            IN_DOUBT
-                .iter()
-                .map(|s| format!("'{s}'"))
-                .collect::<Vec<_>>()
-                .join(",")
+            sql_list(&JournalState::IN_DOUBT, JournalState::as_str)
         );
         let mut st = self.conn.prepare(&q)?;
-        let rows = st.query_map([], |r| {
+        let steps = [
+            JournalState::DebitSent.as_str(),
+            JournalState::DebitResponded.as_str(),
+        ];
+        let rows = st.query_map(steps, |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, Vec<u8>>(1)?,
@@ -480,6 +527,7 @@ impl Journal {
                 debit_sent,
                 response,
             ) = row?;
+            let state = state_of(&txid, &state, JournalState::from_text)?;
             let offer: Offer = postcard::from_bytes(&offer).map_err(|e| JournalError::Corrupt {
                 txid: txid.clone(),
                 what: "offer",
@@ -520,6 +568,87 @@ mod tests {
     use proto::messages::{CancelReason, Embodiment, Receipt};
     use proto::money::{Currency, Money};
     use proto::purse::{Date, DebitCommand, Expiry, PurchaseInit};
+
+    /// The texts on disk: existing journals hold them, and `stbd`'s queries, the tests and
+    /// the operators read them. They never change for a variant.
+    #[test]
+    fn states_keep_their_text_on_disk() {
+        use JournalState as P;
+        use LoadState as L;
+        let purchase = [
+            (P::Accepted, "accepted"),
+            (P::DrawSent, "draw_sent"),
+            (P::DebitCommand, "debit_command"),
+            (P::DebitSent, "debit_sent"),
+            (P::DebitResponded, "debit_responded"),
+            (P::CancelPending, "cancel_pending"),
+            (P::Completed, "completed"),
+            (P::Ended, "ended"),
+            (P::Unresolvable, "unresolvable"),
+        ];
+        assert_eq!(purchase.len(), P::ALL.len());
+        for (s, text) in purchase {
+            assert_eq!(s.as_str(), text);
+            assert_eq!(P::from_text(text), Some(s));
+        }
+        let load = [
+            (L::RequestSent, "load_request_sent"),
+            (L::Command, "load_command"),
+            (L::LoadSent, "load_sent"),
+            (L::Responded, "load_responded"),
+            (L::ZeroValue, "load_zero_value"),
+            (L::Completed, "load_completed"),
+            (L::Ended, "load_ended"),
+        ];
+        assert_eq!(load.len(), L::ALL.len());
+        for (s, text) in load {
+            assert_eq!(s.as_str(), text);
+            assert_eq!(L::from_text(text), Some(s));
+        }
+        // In doubt: from the request that may have reached the head end until it settled.
+        assert_eq!(
+            sql_list(&P::IN_DOUBT, P::as_str),
+            "'draw_sent','debit_command','debit_sent','debit_responded','cancel_pending'"
+        );
+        assert_eq!(
+            sql_list(&L::IN_DOUBT, L::as_str),
+            "'load_request_sent','load_command','load_sent','load_responded','load_zero_value'"
+        );
+        assert_eq!(P::from_text("draw sent"), None);
+    }
+
+    /// A journal written before the states were an enum (the state column set by hand, as
+    /// any older `stbd` left it) reads back as the same states.
+    #[test]
+    fn a_state_on_disk_reads_back_as_its_variant() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        j.record(
+            "t1",
+            &Step::OfferAccepted {
+                offer: offer("t1"),
+                init: init(),
+            },
+        )
+        .unwrap();
+        j.conn
+            .execute(
+                "UPDATE txns SET state = 'cancel_pending' WHERE transaction_id = 't1'",
+                [],
+            )
+            .unwrap();
+        let p = j.in_doubt().unwrap();
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].state, JournalState::CancelPending);
+        j.conn
+            .execute(
+                "UPDATE txns SET state = 'completed' WHERE transaction_id = 't1'",
+                [],
+            )
+            .unwrap();
+        assert!(j.in_doubt().unwrap().is_empty(), "completed is settled");
+        assert_eq!(j.state("t1").unwrap().as_deref(), Some("completed"));
+    }
 
     pub(crate) fn offer(txid: &str) -> Offer {
         Offer {
@@ -599,7 +728,7 @@ mod tests {
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].txn.security_card, Some((7, 3)));
         assert_eq!((p[0].txn.card_id, p[0].txn.atc), (9, 4));
-        assert_eq!(p[0].state, "debit_sent");
+        assert_eq!(p[0].state, JournalState::DebitSent);
         assert_eq!(p[0].offer, offer("t1"));
         assert_eq!(j.close_unsent().unwrap(), 1);
         assert_eq!(j.state("t2").unwrap().as_deref(), Some("ended"));
@@ -710,7 +839,7 @@ mod tests {
             (false, Some((7, 3)))
         );
         assert!(by("sent").txn.debit_sent && by("sent").txn.response.is_none());
-        assert_eq!(by("sent").state, "cancel_pending");
+        assert_eq!(by("sent").state, JournalState::CancelPending);
         assert_eq!(by("responded").txn.response, Some(response));
         assert_eq!(by("drawn").txn.amount, offer("drawn").amount);
 

@@ -471,8 +471,8 @@ fn offer_refusals_network_failures_and_bad_offers_end_the_flow() {
             |r| matches!(r, Refusal::LoadOfferRefused { code: ErrorCode::AccountLocked, reason } if reason.contains("locked")),
         ),
         (
-            Input::NetworkFailed("head end unreachable: x".into()),
-            |r| matches!(r, Refusal::Unreachable { error } if error.contains("unreachable")),
+            Input::NetworkFailed(NetworkFailure::Unreachable("x".into())),
+            |r| matches!(r, Refusal::Unreachable { error } if error.to_string() == "head end unreachable: x"),
         ),
         (Input::Answer(Message::CatalogRequest), |r| {
             matches!(
@@ -540,7 +540,7 @@ fn card_refusing_initialize_for_load_or_pulled_before_it_ends_cleanly() {
     let mut l = to_amount(voucher(), &mut c, &mut he);
     let a = l.handle(Input::Amount(500));
     assert!(matches!(a.last(), Some(Action::Apdu(_))));
-    let a = l.handle(Input::Card(Err("reader gone".into())));
+    let a = l.handle(Input::Card(Err(CardFailure::Reader("reader gone".into()))));
     assert_eq!(refusal(&a).unwrap().problem(), Problem::NoCard);
     assert!(steps(&a).is_empty());
 }
@@ -572,7 +572,7 @@ fn wrong_pin_is_refused_and_closed_in_the_journal() {
 #[test]
 fn busy_or_lost_answer_to_the_load_request_is_closed_by_a_zero_value_proof() {
     for input in [
-        Input::NetworkFailed("timeout".into()),
+        Input::NetworkFailed(NetworkFailure::Timeout(std::time::Duration::from_secs(10))),
         Input::Answer(Message::error(
             ErrorCode::Busy,
             "load server unreachable",
@@ -718,7 +718,9 @@ fn card_lost_mid_load_or_lost_confirmation_leaves_it_in_doubt_for_recovery() {
         steps(&a)[..],
         [Step::CommandReceived { .. }, Step::LoadSent]
     ));
-    let a = l.handle(Input::Card(Err("card removed".into())));
+    let a = l.handle(Input::Card(Err(CardFailure::Removed(
+        "card removed".into(),
+    ))));
     assert!(
         matches!(outcome(&a), Some(Outcome::InDoubt { .. })),
         "{a:?}"
@@ -740,7 +742,11 @@ fn card_lost_mid_load_or_lost_confirmation_leaves_it_in_doubt_for_recovery() {
     let cmd = he.answer(sent(&req).unwrap());
     let a = feed(&mut l, &mut c, Input::Answer(cmd));
     assert!(matches!(sent(&a), Some(Message::LoadResponse(_))));
-    let a = feed(&mut l, &mut c, Input::NetworkFailed("timeout".into()));
+    let a = feed(
+        &mut l,
+        &mut c,
+        Input::NetworkFailed(NetworkFailure::Timeout(std::time::Duration::from_secs(10))),
+    );
     assert!(matches!(outcome(&a), Some(Outcome::InDoubt { .. })));
     let a2 = {
         let (mut l2, _) = Load::start(voucher(), None, 1);
@@ -791,7 +797,7 @@ fn pending(
         command: Some(cmd.command),
         response: None,
         zero: None,
-        state: "load_sent".into(),
+        state: JournalState::LoadSent,
     };
     (p, he)
 }
@@ -969,7 +975,12 @@ fn a_load_answer_settles_only_with_its_confirmation() {
         ));
     }
     assert!(matches!(
-        on_load_answer("ld-1", &sent, false, Err("timeout")),
+        on_load_answer(
+            "ld-1",
+            &sent,
+            false,
+            Err(&NetworkFailure::Timeout(std::time::Duration::from_secs(10)))
+        ),
         LoadResolution::Retry(_)
     ));
 }

@@ -279,7 +279,9 @@ fn offer_refused_or_unreachable_ends_at_once() {
     let a = p.handle(Input::Answer(error(ErrorCode::UnknownMerchant)));
     assert!(matches!(outcome(&a), Some(Outcome::Failed { .. })));
     let (mut p, _) = Purchase::start("cable", "x", TODAY, 1);
-    let a = p.handle(Input::NetworkFailed("timeout".into()));
+    let a = p.handle(Input::NetworkFailed(NetworkFailure::Timeout(
+        std::time::Duration::from_secs(10),
+    )));
     assert_eq!(ui_error(&a), Some(Problem::HeadEndUnreachable));
     let (mut p, _) = Purchase::start("cable", "x", TODAY, 1);
     let a = p.handle(Input::Answer(receipt(true)));
@@ -379,10 +381,10 @@ fn expiry_is_checked_by_the_box_too() {
 fn reader_failure_and_card_removal_before_the_draw() {
     let (mut p, _) = Purchase::start("cable", "ppv-7", TODAY, 1);
     let _ = p.handle(Input::Answer(Message::Offer(offer(250, None))));
-    let a = p.handle(Input::Card(Err("no card".into())));
+    let a = p.handle(Input::Card(Err(CardFailure::NoCard)));
     assert_eq!(ui_error(&a), Some(Problem::NoCard));
     assert_eq!(cancel_of(&a).reason, CancelReason::NotDebited);
-    let a = p.handle(Input::NetworkFailed("x".into()));
+    let a = p.handle(Input::NetworkFailed(NetworkFailure::Failed("x".into())));
     assert!(matches!(
         outcome(&a),
         Some(Outcome::Failed {
@@ -488,7 +490,9 @@ fn debit_command_for_another_card_or_unreadable_is_cancelled() {
     let a = feed(&mut p, &mut c, Input::Answer(receipt(true)));
     assert_eq!(cancel_of(&a).reason, CancelReason::NotDebited);
     // The cancel's answer is lost: the journal keeps it pending for recovery.
-    let a = p.handle(Input::NetworkFailed("gone".into()));
+    let a = p.handle(Input::NetworkFailed(NetworkFailure::Unreachable(
+        "gone".into(),
+    )));
     assert!(journal_steps(&a).is_empty());
     assert!(outcome(&a).is_some());
 }
@@ -510,7 +514,7 @@ fn network_loss_after_the_draw_is_in_doubt() {
         p.handle(Input::CardRemoved).is_empty(),
         "ignored while waiting on the network"
     );
-    let a = p.handle(Input::NetworkFailed("reset".into()));
+    let a = p.handle(Input::NetworkFailed(NetworkFailure::Failed("reset".into())));
     assert!(matches!(outcome(&a), Some(Outcome::InDoubt { .. })));
     assert!(journal_steps(&a).is_empty());
 }
@@ -589,11 +593,13 @@ fn card_lost_during_debit_or_confirmation_lost_is_in_doubt() {
     let (mut p, draw, _) = accepted(&mut c, None);
     let cmd = debit_command(&mut security_card, &draw, None);
     let _ = p.handle(Input::Answer(command_msg(cmd, None)));
-    let a = p.handle(Input::Card(Err("card removed".into())));
+    let a = p.handle(Input::Card(Err(CardFailure::Removed(
+        "card removed".into(),
+    ))));
     assert!(matches!(outcome(&a), Some(Outcome::InDoubt { .. })));
 
     for last in [
-        Input::NetworkFailed("x".into()),
+        Input::NetworkFailed(NetworkFailure::Timeout(std::time::Duration::from_secs(10))),
         Input::Answer(error(ErrorCode::Internal)),
     ] {
         let mut c = card();
@@ -701,4 +707,139 @@ fn another_card_after_the_ok_is_refused_before_the_draw() {
     assert_eq!(cancel_of(&a).reason, CancelReason::NotDebited);
     let a = p.handle(Input::Answer(receipt(false)));
     assert!(matches!(outcome(&a), Some(Outcome::Failed { .. })), "{a:?}");
+}
+
+/// Every card failure the shell can report, as `stbd`'s card port and the pair make them.
+fn card_failures() -> Vec<CardFailure> {
+    let reader = || "R0".to_string();
+    let waited = std::time::Duration::from_secs(5);
+    vec![
+        CardFailure::NoCard,
+        CardFailure::Removed("reader R0: card was removed during the command — reinsert it".into()),
+        CardFailure::NoAtr { reader: reader() },
+        CardFailure::NoAnswer {
+            reader: reader(),
+            waited,
+        },
+        CardFailure::InUse {
+            reader: reader(),
+            waited,
+        },
+        CardFailure::Reset { reader: reader() },
+        CardFailure::Reader("reader R0: parity error".into()),
+    ]
+}
+
+/// Every network failure the gateway client can report.
+fn network_failures() -> Vec<NetworkFailure> {
+    vec![
+        NetworkFailure::Unreachable("10.0.0.1:4433: no handshake within 10s".into()),
+        NetworkFailure::Failed("stream reset by peer: 9".into()),
+        NetworkFailure::Timeout(std::time::Duration::from_secs(10)),
+        NetworkFailure::Malformed("unexpected end of input".into()),
+    ]
+}
+
+/// A card failure before the draw ends the purchase with nothing moved (the offer dropped
+/// without proof, nothing journaled); during DEBIT it leaves the purchase in doubt with no
+/// debit response journaled (the card's log decides). The failure reaches the viewer as it
+/// was reported.
+#[test]
+fn every_card_failure_refuses_before_the_draw_and_is_in_doubt_during_debit() {
+    for f in card_failures() {
+        let (mut p, _) = Purchase::start("cable", "ppv-7", TODAY, 1);
+        let _ = p.handle(Input::Answer(Message::Offer(offer(250, None))));
+        let a = p.handle(Input::Card(Err(f.clone())));
+        assert_eq!(ui_error(&a), Some(Problem::NoCard), "{f:?}");
+        assert!(journal_steps(&a).is_empty(), "{f:?}");
+        assert_eq!(
+            (cancel_of(&a).reason, cancel_of(&a).proof.is_none()),
+            (CancelReason::NotDebited, true),
+            "{f:?}"
+        );
+        let a = p.handle(Input::NetworkFailed(NetworkFailure::Timeout(
+            std::time::Duration::from_secs(10),
+        )));
+        assert_eq!(
+            outcome(&a),
+            Some(&Outcome::Failed {
+                transaction_id: Some("tx-1".into()),
+                refusal: Refusal::CardUnreadable { error: f.clone() },
+            }),
+            "{f:?}"
+        );
+
+        let mut c = card();
+        let mut security_card = SecurityCard::new(3, issuer().purchase());
+        let (mut p, draw, _) = accepted(&mut c, None);
+        let cmd = debit_command(&mut security_card, &draw, None);
+        let a = p.handle(Input::Answer(command_msg(cmd, None)));
+        assert!(matches!(a.last(), Some(Action::Apdu(_))), "DEBIT is out");
+        let a = p.handle(Input::Card(Err(f.clone())));
+        assert_eq!(
+            outcome(&a),
+            Some(&Outcome::InDoubt {
+                transaction_id: "tx-1".into(),
+                doubt: Doubt::CardLostDuringDebit { error: f.clone() },
+            }),
+            "{f:?}"
+        );
+        assert!(journal_steps(&a).is_empty(), "no debit response: {f:?}");
+        assert!(sent(&a).is_none(), "nothing to confirm: {f:?}");
+    }
+}
+
+/// A network failure before the offer ends the purchase at once (head end unreachable);
+/// after the draw it leaves the purchase in doubt with no debit command; after DEBIT the
+/// card has paid and its debit response is journaled before the confirmation is lost (so
+/// recovery re-sends it without the card). The failure reaches the viewer as reported.
+#[test]
+fn every_network_failure_refuses_before_the_offer_and_is_in_doubt_after_the_draw_or_debit() {
+    for f in network_failures() {
+        let (mut p, _) = Purchase::start("cable", "ppv-7", TODAY, 1);
+        let a = p.handle(Input::NetworkFailed(f.clone()));
+        assert_eq!(ui_error(&a), Some(Problem::HeadEndUnreachable), "{f:?}");
+        assert_eq!(
+            outcome(&a),
+            Some(&Outcome::Failed {
+                transaction_id: None,
+                refusal: Refusal::Unreachable { error: f.clone() },
+            }),
+            "{f:?}"
+        );
+
+        let mut c = card();
+        let (mut p, _, _) = accepted(&mut c, None);
+        let a = p.handle(Input::NetworkFailed(f.clone()));
+        assert_eq!(
+            outcome(&a),
+            Some(&Outcome::InDoubt {
+                transaction_id: "tx-1".into(),
+                doubt: Doubt::NoDebitCommand { error: f.clone() },
+            }),
+            "{f:?}"
+        );
+
+        let mut c = card();
+        let mut security_card = SecurityCard::new(3, issuer().purchase());
+        let (mut p, draw, _) = accepted(&mut c, None);
+        let cmd = debit_command(&mut security_card, &draw, None);
+        let a = feed(&mut p, &mut c, Input::Answer(command_msg(cmd, None)));
+        assert!(
+            journal_steps(&a)
+                .iter()
+                .any(|s| matches!(s, Step::DebitResponded { .. })),
+            "the card's answer is journaled before it goes out"
+        );
+        assert_eq!(c.state.balance, 750, "the card paid");
+        let a = p.handle(Input::NetworkFailed(f.clone()));
+        assert_eq!(
+            outcome(&a),
+            Some(&Outcome::InDoubt {
+                transaction_id: "tx-1".into(),
+                doubt: Doubt::ConfirmationLost { error: f.clone() },
+            }),
+            "{f:?}"
+        );
+    }
 }

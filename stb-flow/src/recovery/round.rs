@@ -43,6 +43,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
+use proto::apdu::StatusWord;
 use proto::card::{LOG_CAPACITY, commands};
 use proto::messages::{
     CancelMsg, CancelReason, DebitResponseMsg, LoadResponseMsg, Message, Offer, Protected,
@@ -57,7 +58,7 @@ use super::{
 };
 use crate::load::{self, Decision as LoadDecision, LoadResolution, PendingLoad};
 use crate::purchase;
-use crate::{CardReply, split_sw};
+use crate::{CardFailure, CardReply, JournalFailure, NetworkFailure, split_sw};
 
 /// An in-doubt purchase as the journal holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,8 +67,8 @@ pub struct PendingPurchase {
     pub txn: InDoubt,
     /// The offer it was for (its TSK seals a re-sent debit response).
     pub offer: Offer,
-    /// The journal's state name (`draw_sent`, `debit_sent`, `cancel_pending`, ...).
-    pub state: String,
+    /// Its state in the journal (`draw_sent`, `debit_sent`, `cancel_pending`, ...).
+    pub state: purchase::JournalState,
 }
 
 /// A journal step written by recovery, for a purchase or a load.
@@ -115,10 +116,10 @@ pub enum Action {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {
-    /// The reply to the outstanding [`Action::Apdu`], or the reader's error.
-    Card(Result<CardReply, String>),
-    /// The result of the outstanding [`Action::Journal`] (the error in words).
-    Journaled(Result<(), String>),
+    /// The reply to the outstanding [`Action::Apdu`], or what the reader saw.
+    Card(Result<CardReply, CardFailure>),
+    /// The result of the outstanding [`Action::Journal`].
+    Journaled(Result<(), JournalFailure>),
     /// The gateway's answer to the [`Action::Send`] of this transaction.
     Answer {
         /// The transaction the answered message was for.
@@ -134,8 +135,8 @@ pub enum Input {
     NetworkFailed {
         /// The transaction the unanswered message was for.
         transaction_id: String,
-        /// The transport's error, in words.
-        error: String,
+        /// What the transport saw.
+        error: NetworkFailure,
     },
 }
 
@@ -313,13 +314,31 @@ fn needs_card(purchases: &[PendingPurchase], loads: &[PendingLoad]) -> bool {
             .any(|p| !(p.response.as_ref().is_some_and(|r| r.is_loaded()) || p.zero.is_some()))
 }
 
-/// A command that must succeed: its data, or why not (in the card port's words).
-fn expect_ok(reply: Result<CardReply, String>) -> Result<Vec<u8>, String> {
+/// Why the round got no usable answer from the card, for the logs: any of them leaves the
+/// transaction in doubt for a later round.
+#[derive(Debug, thiserror::Error)]
+enum Unusable {
+    /// No reply: what the reader saw.
+    #[error(transparent)]
+    Card(#[from] CardFailure),
+    /// The card refused the command.
+    #[error("the card refused: {0}")]
+    Refused(StatusWord),
+    /// The reply has no status word.
+    #[error("the card answered without a status word")]
+    NoStatusWord,
+    /// The reply's data could not be decoded; what and why.
+    #[error("{0}")]
+    Malformed(String),
+}
+
+/// A command that must succeed: its data, or why not.
+fn expect_ok(reply: Result<CardReply, CardFailure>) -> Result<Vec<u8>, Unusable> {
     let r = reply?;
     match split_sw(&r.response) {
         Some((data, sw)) if sw.is_ok() => Ok(data.to_vec()),
-        Some((_, sw)) => Err(format!("the card refused: {sw}")),
-        None => Err("the card answered without a status word".into()),
+        Some((_, sw)) => Err(Unusable::Refused(sw)),
+        None => Err(Unusable::NoStatusWord),
     }
 }
 
@@ -385,8 +404,8 @@ impl Round {
     /// still out are left to its answer.
     pub fn start(
         &mut self,
-        purchases: Result<Vec<PendingPurchase>, String>,
-        loads: Result<Vec<PendingLoad>, String>,
+        purchases: Result<Vec<PendingPurchase>, JournalFailure>,
+        loads: Result<Vec<PendingLoad>, JournalFailure>,
         card_present: bool,
         today: Date,
     ) -> Vec<Action> {
@@ -513,12 +532,17 @@ impl Round {
 
     // ---- the card read of the round
 
-    fn card_read_failed(&mut self, e: &str) {
+    fn card_read_failed(&mut self, e: &Unusable) {
         tracing::warn!(error = %e, "recovery: cannot read the card; retrying later");
         self.set_retry();
     }
 
-    fn on_card(&mut self, wait: Wait, reply: Result<CardReply, String>, out: &mut Vec<Action>) {
+    fn on_card(
+        &mut self,
+        wait: Wait,
+        reply: Result<CardReply, CardFailure>,
+        out: &mut Vec<Action>,
+    ) {
         match wait {
             Wait::ReadSelect => match expect_ok(reply) {
                 Ok(_) => {
@@ -528,7 +552,8 @@ impl Round {
                 Err(e) => self.card_read_failed(&e),
             },
             Wait::ReadPurse => match expect_ok(reply).and_then(|d| {
-                PurseInfo::decode(&d).map_err(|e| format!("READ PURSE answer malformed: {e}"))
+                PurseInfo::decode(&d)
+                    .map_err(|e| Unusable::Malformed(format!("READ PURSE answer malformed: {e}")))
             }) {
                 Ok(info) => {
                     self.wait = Some(Wait::ReadLog {
@@ -542,18 +567,22 @@ impl Round {
             Wait::ReadLog { card_id, mut log } => {
                 let n = log.len() + 1;
                 let more = match reply.map(|r| r.response) {
-                    Err(e) => Err(e),
+                    Err(e) => Err(Unusable::Card(e)),
                     Ok(resp) => match split_sw(&resp) {
                         Some((data, sw)) if sw.is_ok() => match LogRecord::decode(data) {
                             Ok(r) => {
                                 log.push(r);
                                 Ok(true)
                             }
-                            Err(e) => Err(format!("log record {n} malformed: {e}")),
+                            Err(e) => Err(Unusable::Malformed(format!(
+                                "log record {n} malformed: {e}"
+                            ))),
                         },
                         // Past the last record.
                         Some(_) => Ok(false),
-                        None => Err("READ LOG answer without a status word".into()),
+                        None => Err(Unusable::Malformed(
+                            "READ LOG answer without a status word".into(),
+                        )),
                     },
                 };
                 match more {
@@ -586,9 +615,9 @@ impl Round {
                 evidence,
                 journal_cancel,
             } => {
-                match expect_ok(reply)
-                    .and_then(|d| PurchaseInit::decode(&d).map_err(|e| e.to_string()))
-                {
+                match expect_ok(reply).and_then(|d| {
+                    PurchaseInit::decode(&d).map_err(|e| Unusable::Malformed(e.to_string()))
+                }) {
                     Ok(p) if p.card_id == ctx.txn.card_id => {
                         self.proof_taken(ctx, evidence, journal_cancel, p, out);
                     }
@@ -618,7 +647,8 @@ impl Round {
             Wait::ZeroInit { ctx, response } => {
                 out.push(Action::ReleaseCard);
                 match expect_ok(reply).and_then(|d| {
-                    LoadInit::decode(&d).map_err(|e| format!("zero-value S1 malformed: {e}"))
+                    LoadInit::decode(&d)
+                        .map_err(|e| Unusable::Malformed(format!("zero-value S1 malformed: {e}")))
                 }) {
                     Ok(zero) => {
                         let txid = ctx.pending.transaction_id.clone();
@@ -647,14 +677,14 @@ impl Round {
         }
     }
 
-    fn no_proof(&mut self, ctx: &PurchaseCtx, e: &str) {
+    fn no_proof(&mut self, ctx: &PurchaseCtx, e: &Unusable) {
         ctx.span.in_scope(
             || tracing::warn!(error = %e, "no INITIALIZE proof from the card; retrying later"),
         );
         self.set_retry();
     }
 
-    fn no_zero(&mut self, ctx: &LoadCtx, e: &str) {
+    fn no_zero(&mut self, ctx: &LoadCtx, e: &Unusable) {
         ctx.span.in_scope(|| {
             tracing::warn!(error = %e, "no zero-value proof from the card; the load stays in doubt")
         });
@@ -663,7 +693,12 @@ impl Round {
 
     // ---- journal results
 
-    fn on_journaled(&mut self, wait: Wait, result: Result<(), String>, out: &mut Vec<Action>) {
+    fn on_journaled(
+        &mut self,
+        wait: Wait,
+        result: Result<(), JournalFailure>,
+        out: &mut Vec<Action>,
+    ) {
         let span = match &wait {
             Wait::CancelJournaled { ctx, .. } | Wait::DebitJournaled { ctx } => ctx.span.clone(),
             Wait::LoadJournaled { ctx, .. } | Wait::ZeroJournaled { ctx, .. } => ctx.span.clone(),
@@ -765,7 +800,7 @@ impl Round {
                 self.wait = Some(Wait::ProofSelect {
                     ctx,
                     evidence,
-                    journal_cancel: state != "cancel_pending",
+                    journal_cancel: state != purchase::JournalState::CancelPending,
                 });
                 out.push(Action::Apdu(commands::select()));
             }
@@ -913,7 +948,7 @@ impl Round {
                             self.send_debit_response(ctx, out);
                         }
                     }
-                    Err(why) => self.purchase_unresolvable(&txid, why, span, out),
+                    Err(why) => self.purchase_unresolvable(&txid, why.to_string(), span, out),
                 }
                 return;
             }
@@ -1051,7 +1086,7 @@ impl Round {
         let Some(why) = self.in_flight.remove(&txid) else {
             return;
         };
-        let answer = result.as_ref().map_err(String::as_str);
+        let answer = result.as_ref();
         match why {
             Out::Purchase { ctx, evidence } => {
                 let resolution = match evidence {

@@ -292,7 +292,11 @@ fn a_cancel_ends_only_on_an_answer_that_settles_it() {
             );
         }
         assert!(matches!(
-            on_cancel_answer("t1", ev, Err("connection lost")),
+            on_cancel_answer(
+                "t1",
+                ev,
+                Err(&NetworkFailure::Failed("connection lost".into()))
+            ),
             Resolution::Retry(_)
         ));
         assert!(
@@ -339,7 +343,10 @@ fn a_resent_debit_response_is_settled_by_a_receipt_only() {
         );
     }
     assert!(matches!(
-        on_debit_response_answer("t1", Err("timeout")),
+        on_debit_response_answer(
+            "t1",
+            Err(&NetworkFailure::Timeout(std::time::Duration::from_secs(10)))
+        ),
         Resolution::Retry(_)
     ));
 }

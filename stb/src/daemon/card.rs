@@ -13,8 +13,8 @@ use reader_drivers::virtual_driver::VirtualDriver;
 use reader_drivers::{CardSession, ReaderDriver, ReaderError, transmit_whole};
 
 use crate::config::{DetectLine, Level, ReaderConfig, SerialProfile, glob_match};
-use stb_flow::CardReply;
 use stb_flow::split_sw;
+use stb_flow::{CardFailure, CardReply};
 
 /// Builds the driver the config names, and the reader-name pattern to watch for.
 pub fn driver_for(cfg: &ReaderConfig) -> Result<(Arc<dyn ReaderDriver>, String), String> {
@@ -243,12 +243,14 @@ impl CardPort {
     }
 
     /// Connects if needed and begins a sequence if none is open.
-    async fn open_sequence(&mut self, reader: &str, apdu: &[u8]) -> Result<(), String> {
+    async fn open_sequence(&mut self, reader: &str, apdu: &[u8]) -> Result<(), CardFailure> {
         if self.session.is_none() {
             let s = tokio::time::timeout(self.timeout, self.driver.connect(reader))
                 .await
-                .map_err(|_| format!("reader {reader}: no answer to reset"))?
-                .map_err(|e| e.to_string())?;
+                .map_err(|_| CardFailure::NoAtr {
+                    reader: reader.to_string(),
+                })?
+                .map_err(card_failure)?;
             self.session = Some(s);
         }
         if self.in_sequence {
@@ -259,14 +261,14 @@ impl CardPort {
             Ok(Ok(reset)) => reset,
             Ok(Err(e)) => {
                 self.drop_session();
-                return Err(e.to_string());
+                return Err(card_failure(e));
             }
             Err(_) => {
                 self.drop_session();
-                return Err(format!(
-                    "reader {reader}: the card stayed in use by another application for {:?}",
-                    self.timeout
-                ));
+                return Err(CardFailure::InUse {
+                    reader: reader.to_string(),
+                    waited: self.timeout,
+                });
             }
         };
         self.in_sequence = true;
@@ -277,19 +279,24 @@ impl CardPort {
                 // Every sequence of ours starts with SELECT; this one relied on a selection
                 // the reset took away.
                 self.end_sequence().await;
-                return Err(ReaderError::CardReset {
+                return Err(CardFailure::Reset {
                     reader: reader.to_string(),
-                }
-                .to_string());
+                });
             }
         }
         Ok(())
     }
 
     /// One APDU, connecting first if needed, inside the current sequence (begun here if none
-    /// is open); errors are the reader's, in words.
-    pub async fn transmit(&mut self, apdu: &[u8]) -> Result<CardReply, String> {
-        let reader = self.reader.clone().ok_or("no card in the reader")?;
+    /// is open).
+    ///
+    /// # Errors
+    ///
+    /// What the reader saw, as the flows take it ([`CardFailure`]): no card in the port,
+    /// the card pulled or mute, no answer in time, the card held or reset by another
+    /// application, any other reader fault.
+    pub async fn transmit(&mut self, apdu: &[u8]) -> Result<CardReply, CardFailure> {
+        let reader = self.reader.clone().ok_or(CardFailure::NoCard)?;
         self.open_sequence(&reader, apdu).await?;
         let (session, atr) = self.session.as_mut().expect("opened");
         let atr = atr.clone();
@@ -297,21 +304,25 @@ impl CardPort {
             Ok(Ok(response)) => Ok(CardReply { atr, response }),
             Ok(Err(e)) => {
                 self.drop_session();
-                Err(e.to_string())
+                Err(card_failure(e))
             }
             Err(_) => {
                 self.drop_session();
-                Err(format!(
-                    "reader {reader}: the card did not answer in {:?}",
-                    self.timeout
-                ))
+                Err(CardFailure::NoAnswer {
+                    reader,
+                    waited: self.timeout,
+                })
             }
         }
     }
 
     /// A command that must succeed; its data.
+    ///
+    /// # Errors
+    ///
+    /// In words: the card's failure ([`CardPort::transmit`]), a refusal, no status word.
     pub async fn expect_ok(&mut self, apdu: &[u8]) -> Result<Vec<u8>, String> {
-        let r = self.transmit(apdu).await?;
+        let r = self.transmit(apdu).await.map_err(|e| e.to_string())?;
         match split_sw(&r.response) {
             Some((data, sw)) if sw.is_ok() => Ok(data.to_vec()),
             Some((_, sw)) => Err(format!("the card refused: {sw}")),
@@ -320,6 +331,10 @@ impl CardPort {
     }
 
     /// SELECT + READ PURSE (a sequence: the caller ends it, or releases the card).
+    ///
+    /// # Errors
+    ///
+    /// In words: as [`CardPort::expect_ok`], or a READ PURSE answer that does not decode.
     pub async fn read_purse(&mut self) -> Result<PurseInfo, String> {
         self.expect_ok(&commands::select()).await?;
         let d = self.expect_ok(&commands::read_purse()).await?;
@@ -327,10 +342,18 @@ impl CardPort {
     }
 
     /// The card's log, newest first (after a SELECT).
+    ///
+    /// # Errors
+    ///
+    /// In words: the card's failure ([`CardPort::transmit`]), a record that does not decode,
+    /// an answer without a status word.
     pub async fn read_log(&mut self) -> Result<Vec<LogRecord>, String> {
         let mut out = Vec::new();
         for n in 1..=LOG_CAPACITY.min(255) as u8 {
-            let r = self.transmit(&commands::read_log(n)).await?;
+            let r = self
+                .transmit(&commands::read_log(n))
+                .await
+                .map_err(|e| e.to_string())?;
             match split_sw(&r.response) {
                 Some((data, sw)) if sw.is_ok() => out.push(
                     LogRecord::decode(data)
@@ -342,6 +365,20 @@ impl CardPort {
             }
         }
         Ok(out)
+    }
+}
+
+/// A reader error as the flows take it: the card gone (pulled, mute, not there) is told
+/// from a reset by another application and from any other reader fault. The text is the
+/// reader's.
+#[must_use]
+pub fn card_failure(e: ReaderError) -> CardFailure {
+    match e {
+        ReaderError::NoCard { .. } | ReaderError::CardRemoved { .. } | ReaderError::Mute { .. } => {
+            CardFailure::Removed(e.to_string())
+        }
+        ReaderError::CardReset { reader } => CardFailure::Reset { reader },
+        e => CardFailure::Reader(e.to_string()),
     }
 }
 
@@ -394,6 +431,33 @@ mod tests {
         // The card in use reinserted (a pull between two polls) is the card in use again.
         assert!(p.card_inserted("R1"));
         assert!(p.card_inserted("R1"));
+    }
+
+    /// The card gone is told from a reset and from any other fault; the text stays the
+    /// reader's.
+    #[test]
+    fn reader_errors_map_to_the_card_failure_the_flows_take() {
+        let reader = || "R0".to_string();
+        for (e, want) in [
+            (ReaderError::CardRemoved { reader: reader() }, "removed"),
+            (ReaderError::NoCard { reader: reader() }, "removed"),
+            (ReaderError::Mute { reader: reader() }, "removed"),
+            (ReaderError::CardReset { reader: reader() }, "reset"),
+            (ReaderError::InUse { reader: reader() }, "reader"),
+            (ReaderError::Parity { reader: reader() }, "reader"),
+            (ReaderError::ServiceNotRunning, "reader"),
+        ] {
+            let text = e.to_string();
+            let f = card_failure(e);
+            let kind = match &f {
+                CardFailure::Removed(_) => "removed",
+                CardFailure::Reset { .. } => "reset",
+                CardFailure::Reader(_) => "reader",
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(kind, want, "{text}");
+            assert_eq!(f.to_string(), text, "the reader's words");
+        }
     }
 
     #[test]

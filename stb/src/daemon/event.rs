@@ -6,6 +6,8 @@ use proto::messages::Message;
 use reader_drivers::ReaderEvent;
 use stb_flow::purchase::Outcome;
 use tokio::sync::oneshot;
+
+use super::gateway::GatewayError;
 use ui::{ScreenId, UiEvent};
 
 /// What the loop reacts to.
@@ -18,15 +20,15 @@ pub enum Event {
     /// load slot are apart from the purchase slot's).
     Answer {
         flow: u64,
-        result: Result<Message, String>,
+        result: Result<Message, GatewayError>,
     },
     /// The answer to an offer prefetch ([`super::prefetch`]): `request` is what was sent.
     Prefetched {
         request: Box<Message>,
-        result: Result<Message, String>,
+        result: Result<Message, GatewayError>,
     },
     /// The answer to the catalog request.
-    Catalog(Result<Message, String>),
+    Catalog(Result<Message, GatewayError>),
     /// A local app asks for a payment.
     Pay {
         merchant_id: String,
@@ -38,7 +40,7 @@ pub enum Event {
     /// The answer to a recovery message for an in-doubt transaction.
     Recovery {
         transaction_id: String,
-        result: Result<Message, String>,
+        result: Result<Message, GatewayError>,
     },
 }
 

@@ -13,9 +13,10 @@ use std::fmt::Debug;
 
 use proto::messages::Message;
 use stb_flow::show::{Doubt, Flow, Refusal, Show};
-use stb_flow::{Action, CardReply, load, purchase};
+use stb_flow::{Action, CardFailure, CardReply, JournalFailure, NetworkFailure, load, purchase};
 
 use super::event::Event;
+use super::gateway::GatewayError;
 use super::parts::Parts;
 use super::prefetch::Take;
 use crate::journal::{Journal, JournalError};
@@ -31,9 +32,10 @@ pub trait Driven {
     /// Feeds one input (see the flows' `handle`).
     fn handle(&mut self, input: Self::Input) -> Vec<Action<Self::Step, Self::Outcome>>;
     /// The input a card reply is.
-    fn card_input(reply: Result<CardReply, String>) -> Self::Input;
-    /// The input a gateway answer is.
-    fn answer_input(result: Result<Message, String>) -> Self::Input;
+    fn card_input(reply: Result<CardReply, CardFailure>) -> Self::Input;
+    /// The input a gateway answer is: a gateway error becomes the flow's
+    /// [`NetworkFailure`] here.
+    fn answer_input(result: Result<Message, GatewayError>) -> Self::Input;
     fn transaction_id(&self) -> Option<&str>;
     /// See the flows' `card_sequence_open`: while false, other programs may use the card.
     fn card_sequence_open(&self) -> bool;
@@ -43,7 +45,7 @@ pub trait Driven {
     /// The journal's, when the write failed (the flow then stops).
     fn record(journal: &mut Journal, txid: &str, step: &Self::Step) -> Result<(), JournalError>;
     /// How the flow ended when writing `step` failed with `error`.
-    fn not_recorded(txid: String, step: &Self::Step, error: String) -> Self::Outcome;
+    fn not_recorded(txid: String, step: &Self::Step, error: JournalFailure) -> Self::Outcome;
     /// Called after `step` was journaled, before the next action.
     fn journaled(_step: &Self::Step) {}
 }
@@ -102,13 +104,13 @@ impl Driven for purchase::Purchase {
     fn handle(&mut self, input: purchase::Input) -> Vec<purchase::Action> {
         purchase::Purchase::handle(self, input)
     }
-    fn card_input(reply: Result<CardReply, String>) -> purchase::Input {
+    fn card_input(reply: Result<CardReply, CardFailure>) -> purchase::Input {
         purchase::Input::Card(reply)
     }
-    fn answer_input(result: Result<Message, String>) -> purchase::Input {
+    fn answer_input(result: Result<Message, GatewayError>) -> purchase::Input {
         match result {
             Ok(m) => purchase::Input::Answer(m),
-            Err(e) => purchase::Input::NetworkFailed(e),
+            Err(e) => purchase::Input::NetworkFailed(NetworkFailure::from(e)),
         }
     }
     fn transaction_id(&self) -> Option<&str> {
@@ -124,7 +126,11 @@ impl Driven for purchase::Purchase {
     ) -> Result<(), JournalError> {
         journal.record(txid, step)
     }
-    fn not_recorded(txid: String, _step: &purchase::Step, error: String) -> purchase::Outcome {
+    fn not_recorded(
+        txid: String,
+        _step: &purchase::Step,
+        error: JournalFailure,
+    ) -> purchase::Outcome {
         // Not journaled means not done: the step it guards did not happen.
         purchase::Outcome::Failed {
             transaction_id: Some(txid),
@@ -148,13 +154,13 @@ impl Driven for load::Load {
     fn handle(&mut self, input: load::Input) -> Vec<load::Action> {
         load::Load::handle(self, input)
     }
-    fn card_input(reply: Result<CardReply, String>) -> load::Input {
+    fn card_input(reply: Result<CardReply, CardFailure>) -> load::Input {
         load::Input::Card(reply)
     }
-    fn answer_input(result: Result<Message, String>) -> load::Input {
+    fn answer_input(result: Result<Message, GatewayError>) -> load::Input {
         match result {
             Ok(m) => load::Input::Answer(m),
-            Err(e) => load::Input::NetworkFailed(e),
+            Err(e) => load::Input::NetworkFailed(NetworkFailure::from(e)),
         }
     }
     fn transaction_id(&self) -> Option<&str> {
@@ -166,7 +172,7 @@ impl Driven for load::Load {
     fn record(journal: &mut Journal, txid: &str, step: &load::Step) -> Result<(), JournalError> {
         journal.record_load(txid, step)
     }
-    fn not_recorded(txid: String, step: &load::Step, error: String) -> load::Outcome {
+    fn not_recorded(txid: String, step: &load::Step, error: JournalFailure) -> load::Outcome {
         match step {
             // The request never went out: nothing is held.
             load::Step::RequestSent { .. } => load::Outcome::Failed {
@@ -302,11 +308,12 @@ impl<F: Driven> Slot<F> {
                         // Not journaled means not done: stop here, before the action it
                         // guards.
                         span.in_scope(|| tracing::error!(error = %e, ?step, "journal write failed; flow stopped"));
+                        let error = JournalFailure::from(e);
                         ran.shows.push(Show::Refused(Refusal::NotRecorded {
                             flow: F::FLOW,
-                            error: e.to_string(),
+                            error: error.clone(),
                         }));
-                        let outcome = F::not_recorded(transaction_id, &step, e.to_string());
+                        let outcome = F::not_recorded(transaction_id, &step, error);
                         return self.finished(outcome, ran);
                     }
                     span.in_scope(|| tracing::debug!(?step, "journaled"));

@@ -15,6 +15,7 @@ use std::time::Duration;
 use proto::messages::Message;
 use quinn::{Connection, Endpoint};
 use rand::Rng;
+use stb_flow::NetworkFailure;
 use tokio::sync::Notify;
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +32,29 @@ pub enum GatewayError {
     Timeout(Duration),
     #[error("the head end's answer is malformed: {0}")]
     Malformed(String),
+}
+
+/// A failed request as the flows take it ([`NetworkFailure`]): the one place a gateway
+/// error becomes a flow's. Same texts. `File` and `Tls` come from setup, never from
+/// [`Gateway::call`]; should one reach a flow, the head end is unreachable.
+impl From<&GatewayError> for NetworkFailure {
+    fn from(e: &GatewayError) -> Self {
+        match e {
+            GatewayError::Connect(detail) => NetworkFailure::Unreachable(detail.clone()),
+            GatewayError::File { .. } | GatewayError::Tls(_) => {
+                NetworkFailure::Unreachable(e.to_string())
+            }
+            GatewayError::Request(detail) => NetworkFailure::Failed(detail.clone()),
+            GatewayError::Timeout(t) => NetworkFailure::Timeout(*t),
+            GatewayError::Malformed(detail) => NetworkFailure::Malformed(detail.clone()),
+        }
+    }
+}
+
+impl From<GatewayError> for NetworkFailure {
+    fn from(e: GatewayError) -> Self {
+        NetworkFailure::from(&e)
+    }
 }
 
 /// What the client needs, loaded from the config's files.
@@ -302,6 +326,13 @@ impl Gateway {
     /// keeper reconnects at once instead of waiting for the idle timeout: a head end that
     /// restarted does not know the old connection, and its stateless resets may not reach
     /// or convince the box.
+    ///
+    /// # Errors
+    ///
+    /// [`GatewayError::Connect`] (no connection), [`GatewayError::Request`] (the exchange
+    /// failed), [`GatewayError::Timeout`] (no answer by the deadline),
+    /// [`GatewayError::Malformed`] (the answer does not decode). The flows take these as a
+    /// [`NetworkFailure`].
     pub async fn call(&self, msg: &Message) -> Result<Message, GatewayError> {
         let t = self.settings.request_timeout;
         let deadline = tokio::time::Instant::now() + t;
@@ -449,6 +480,31 @@ mod tests {
             Q::Stream("x".into()),
         ] {
             assert!(!connection_level(&e), "{e}");
+        }
+    }
+
+    /// Every error [`Gateway::call`] gives reaches the flows as its kind, with the same text.
+    #[test]
+    fn gateway_errors_reach_the_flows_as_their_kind_with_the_same_text() {
+        let t = Duration::from_secs(5);
+        for (e, want) in [
+            (
+                GatewayError::Connect("x".into()),
+                NetworkFailure::Unreachable("x".into()),
+            ),
+            (
+                GatewayError::Request("x".into()),
+                NetworkFailure::Failed("x".into()),
+            ),
+            (GatewayError::Timeout(t), NetworkFailure::Timeout(t)),
+            (
+                GatewayError::Malformed("x".into()),
+                NetworkFailure::Malformed("x".into()),
+            ),
+        ] {
+            let f = NetworkFailure::from(&e);
+            assert_eq!(f, want);
+            assert_eq!(f.to_string(), e.to_string());
         }
     }
 

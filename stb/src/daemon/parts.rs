@@ -10,7 +10,7 @@ use tracing::Instrument;
 
 use super::card::CardPort;
 use super::event::Event;
-use super::gateway::Gateway;
+use super::gateway::{Gateway, GatewayError};
 use super::prefetch::Prefetch;
 use crate::journal::Journal;
 
@@ -28,20 +28,20 @@ pub struct Parts {
 }
 
 impl Parts {
-    /// Sends `msg` to the gateway as a task, in `span`; its answer (or the transport's
-    /// error) comes back to the event loop as `answer(result)`, so the loop keeps running
-    /// meanwhile.
+    /// Sends `msg` to the gateway as a task, in `span`; its answer (or the gateway's error,
+    /// typed: the flows' boundary maps it to a [`stb_flow::NetworkFailure`]) comes back to
+    /// the event loop as `answer(result)`, so the loop keeps running meanwhile.
     pub fn call(
         &self,
         msg: Message,
         span: tracing::Span,
-        answer: impl FnOnce(Result<Message, String>) -> Event + Send + 'static,
+        answer: impl FnOnce(Result<Message, GatewayError>) -> Event + Send + 'static,
     ) {
         let gw = self.gateway.clone();
         let tx = self.events.clone();
         tokio::spawn(
             async move {
-                let result = gw.call(&msg).await.map_err(|e| e.to_string());
+                let result = gw.call(&msg).await;
                 let _ = tx.send(answer(result)).await;
             }
             .instrument(span),

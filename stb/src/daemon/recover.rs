@@ -40,10 +40,12 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use stb_flow::recovery::RetrySchedule;
 use stb_flow::recovery::round::{self, Action, Input, Round, Step};
+use stb_flow::{JournalFailure, NetworkFailure};
 use tokio::time::Instant;
 
 use super::card::today;
 use super::event::Event;
+use super::gateway::GatewayError;
 use super::parts::Parts;
 
 /// A recovery round ended (every answer is in, and no other round was asked for):
@@ -169,8 +171,8 @@ impl RecoverySlot {
             if let Err(e) = parts.journal.close_unsent() {
                 tracing::error!(error = %e, "journal: cannot close unsent transactions");
             }
-            let purchases = parts.journal.in_doubt().map_err(|e| e.to_string());
-            let loads = parts.journal.loads_in_doubt().map_err(|e| e.to_string());
+            let purchases = parts.journal.in_doubt().map_err(JournalFailure::from);
+            let loads = parts.journal.loads_in_doubt().map_err(JournalFailure::from);
             let actions = self
                 .round
                 .start(purchases, loads, parts.card.has_card(), today());
@@ -205,7 +207,7 @@ impl RecoverySlot {
                         Step::Purchase(s) => parts.journal.record(&transaction_id, s),
                         Step::Load(s) => parts.journal.record_load(&transaction_id, s),
                     };
-                    let result = written.map_err(|e| e.to_string());
+                    let result = written.map_err(JournalFailure::from);
                     queue.extend(self.round.handle(Input::Journaled(result)));
                 }
                 Action::Send {
@@ -256,7 +258,7 @@ impl RecoverySlot {
         &mut self,
         parts: &mut Parts,
         txid: String,
-        result: Result<Message, String>,
+        result: Result<Message, GatewayError>,
         flow_active: bool,
         card_id: Option<u64>,
     ) -> Option<RoundEnd> {
@@ -272,7 +274,7 @@ impl RecoverySlot {
             },
             Err(error) => Input::NetworkFailed {
                 transaction_id: txid,
-                error,
+                error: NetworkFailure::from(error),
             },
         };
         let actions = self.round.handle(input);

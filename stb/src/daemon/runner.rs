@@ -18,6 +18,7 @@ use std::time::Duration;
 use proto::messages::{LoadSource, Message};
 use proto::secret::Secret;
 use reader_drivers::ReaderEvent;
+use stb_flow::JournalFailure;
 use stb_flow::load::{self, Load};
 use stb_flow::purchase::{Input, Outcome, Purchase};
 use stb_flow::show::{Flow, Refusal, Show};
@@ -28,6 +29,7 @@ use ui::{App, Intent, UiEvent, UiUpdate};
 use super::card::{Removal, today};
 use super::event::{Event, Status};
 use super::exec::{Driven, Ran, Slot};
+use super::gateway::GatewayError;
 use super::load::LoadSettings;
 use super::parts::Parts;
 use super::recover::{RecoverySlot, RoundEnd};
@@ -419,7 +421,7 @@ impl Runner {
         }
     }
 
-    async fn catalog_loaded(&mut self, r: Result<Message, String>) {
+    async fn catalog_loaded(&mut self, r: Result<Message, GatewayError>) {
         match r {
             Ok(Message::Catalog(items)) => {
                 let mut c = Catalog::default();
@@ -449,7 +451,7 @@ impl Runner {
                 tracing::warn!(error = %e, "catalog unavailable");
                 self.update(UiUpdate::Error(ui::model::UiError {
                     kind: ui::model::ErrorKind::HeadEndUnreachable,
-                    detail: Some(e),
+                    detail: Some(e.to_string()),
                 }))
                 .await
             }
@@ -657,7 +659,7 @@ impl Runner {
 
     /// The in-doubt transaction (purchase or load, not `unresolvable`) of the card in the
     /// reader that a new one must wait for; `Err` when the journal cannot tell.
-    async fn blocking_transaction(&mut self) -> Result<Option<String>, String> {
+    async fn blocking_transaction(&mut self) -> Result<Option<String>, JournalFailure> {
         if !self.parts.card.has_card() {
             return Ok(None);
         }
@@ -676,15 +678,11 @@ impl Runner {
                 }
             }
         };
-        let purchases = self.parts.journal.in_doubt().map_err(|e| e.to_string())?;
+        let purchases = self.parts.journal.in_doubt()?;
         if let Some(p) = purchases.iter().find(|p| p.txn.card_id == card_id) {
             return Ok(Some(p.txn.transaction_id.clone()));
         }
-        let loads = self
-            .parts
-            .journal
-            .loads_in_doubt()
-            .map_err(|e| e.to_string())?;
+        let loads = self.parts.journal.loads_in_doubt()?;
         Ok(loads
             .iter()
             .find(|p| p.init.card_id == card_id)
@@ -789,7 +787,7 @@ impl Runner {
     }
 
     /// The gateway's answer to a recovery message.
-    async fn recovery_answer(&mut self, txid: String, result: Result<Message, String>) {
+    async fn recovery_answer(&mut self, txid: String, result: Result<Message, GatewayError>) {
         let flow_active = self.flow_active();
         let end = self
             .recovery

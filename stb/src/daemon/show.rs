@@ -142,8 +142,9 @@ fn money(m: proto::money::Money) -> ui::Money {
 #[must_use]
 pub fn refusal_reason(r: &Refusal) -> String {
     match r {
-        // Text from elsewhere, as it came.
-        Refusal::Unreachable { error } | Refusal::CardUnreadable { error } => error.clone(),
+        // The shell's words for what it saw.
+        Refusal::Unreachable { error } => error.to_string(),
+        Refusal::CardUnreadable { error } => error.to_string(),
         Refusal::OfferRefused { reason, .. } => reason.clone(),
         Refusal::OutOfTurn { to, answer } => s::why_out_of_turn(request(*to), answer),
         Refusal::UnusableOffer => s::WHY_UNUSABLE_OFFER.into(),
@@ -209,7 +210,7 @@ pub fn refusal_reason(r: &Refusal) -> String {
             transaction_id,
             flow,
         } => s::why_earlier_in_doubt(transaction_id, *flow == Flow::Load),
-        Refusal::JournalUnreadable { error } => s::why_journal_unreadable(error),
+        Refusal::JournalUnreadable { error } => s::why_journal_unreadable(&error.to_string()),
     }
 }
 
@@ -218,19 +219,21 @@ pub fn refusal_reason(r: &Refusal) -> String {
 #[must_use]
 pub fn doubt_reason(d: &Doubt) -> String {
     match d {
-        Doubt::NoDebitCommand { error } => s::doubt_no_debit_command(error),
-        Doubt::CardLostDuringDebit { error } => s::doubt_card_lost_during_debit(error),
+        Doubt::NoDebitCommand { error } => s::doubt_no_debit_command(&error.to_string()),
+        Doubt::CardLostDuringDebit { error } => s::doubt_card_lost_during_debit(&error.to_string()),
         Doubt::DebitResponseMalformed => s::DOUBT_DEBIT_RESPONSE_MALFORMED.into(),
         Doubt::DebitWithoutStatusWord => s::DOUBT_DEBIT_WITHOUT_STATUS_WORD.into(),
-        Doubt::ConfirmationLost { error } => s::doubt_confirmation_lost(error),
+        Doubt::ConfirmationLost { error } => s::doubt_confirmation_lost(&error.to_string()),
         Doubt::PaidButRefused { reason, .. } => s::doubt_paid_but_refused(reason),
         Doubt::PaidButOutOfTurn { answer } => s::doubt_paid_but_out_of_turn(answer),
-        Doubt::CardLostDuringLoad { error } => s::doubt_card_lost_during_load(error),
+        Doubt::CardLostDuringLoad { error } => s::doubt_card_lost_during_load(&error.to_string()),
         Doubt::LoadAnswerMalformed => s::DOUBT_LOAD_ANSWER_MALFORMED.into(),
         Doubt::LoadWithoutStatusWord => s::DOUBT_LOAD_WITHOUT_STATUS_WORD.into(),
         Doubt::NoZeroValueProof { why } => s::doubt_no_zero_value_proof(&refusal_reason(why)),
         Doubt::ZeroValueMalformed => s::DOUBT_ZERO_VALUE_MALFORMED.into(),
-        Doubt::LoadConfirmationLost { error } => s::doubt_load_confirmation_lost(error),
+        Doubt::LoadConfirmationLost { error } => {
+            s::doubt_load_confirmation_lost(&error.to_string())
+        }
         Doubt::LoadConfirmationRefused { reason, .. } => s::doubt_load_confirmation_refused(reason),
         Doubt::LoadConfirmationOutOfTurn { answer } => {
             s::doubt_load_confirmation_out_of_turn(answer)
@@ -308,11 +311,16 @@ mod tests {
     #[test]
     fn in_doubt_says_it_is_settled_without_the_viewer() {
         let UiUpdate::Error(e) = update(Show::InDoubt(Doubt::ConfirmationLost {
-            error: "reset".into(),
+            error: stb_flow::NetworkFailure::Failed("reset".into()),
         })) else {
             panic!()
         };
-        assert!(e.detail.unwrap().ends_with("you will not pay twice"));
+        let detail = e.detail.unwrap();
+        assert!(detail.ends_with("you will not pay twice"));
+        assert!(
+            detail.contains("(request to the head end failed: reset)"),
+            "the transport's words, as the gateway said them: {detail}"
+        );
         let UiUpdate::Error(e) = update(Show::InDoubt(Doubt::LoadAnswerMalformed)) else {
             panic!()
         };

@@ -161,10 +161,10 @@ impl Shell {
             let input = match &a {
                 Action::Apdu(apdu) => Some(Input::Card(match self.card.as_mut() {
                     Some(c) => Ok(c.reply(apdu)),
-                    None => Err("no card in the reader".into()),
+                    None => Err(CardFailure::NoCard),
                 })),
                 Action::Journal { .. } => Some(Input::Journaled(if self.journal_fails {
-                    Err("disk full".into())
+                    Err(JournalFailure("disk full".into()))
                 } else {
                     Ok(())
                 })),
@@ -264,6 +264,7 @@ fn offer() -> Offer {
 }
 
 fn purchase(state: &str, debit_sent: bool, security_card: Option<(u64, u32)>) -> PendingPurchase {
+    let state = purchase::JournalState::from_text(state).expect("a purchase state");
     PendingPurchase {
         txn: InDoubt {
             transaction_id: "t1".into(),
@@ -275,7 +276,7 @@ fn purchase(state: &str, debit_sent: bool, security_card: Option<(u64, u32)>) ->
             response: None,
         },
         offer: offer(),
-        state: state.into(),
+        state,
     }
 }
 
@@ -339,7 +340,7 @@ fn load_sent() -> PendingLoad {
         init,
         response: None,
         zero: None,
-        state: "load_sent".into(),
+        state: load::JournalState::LoadSent,
     }
 }
 
@@ -828,7 +829,7 @@ fn no_answer_leaves_it_in_doubt_and_asks_for_a_retry() {
     shell.start(&mut round, vec![p], Vec::new());
     let a = round.handle(Input::NetworkFailed {
         transaction_id: "t1".into(),
-        error: "timeout".into(),
+        error: NetworkFailure::Timeout(std::time::Duration::from_secs(10)),
     });
     shell.run(&mut round, a);
     assert!(shell.journaled().is_empty());
@@ -845,7 +846,7 @@ fn no_answer_leaves_it_in_doubt_and_asks_for_a_retry() {
         round
             .handle(Input::NetworkFailed {
                 transaction_id: "t1".into(),
-                error: "again".into(),
+                error: NetworkFailure::Failed("again".into()),
             })
             .is_empty()
     );
