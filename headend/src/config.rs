@@ -1017,4 +1017,103 @@ mod tests {
             "config /etc/purselink/headend.toml: merchant CABLE: item ppv-1 has a zero price"
         );
     }
+
+    fn with_journal(journal: &str) -> Result<HeadendConfig, ConfigInvalid> {
+        let text = format!(
+            "state_dir = \"/var/lib/purselink\"\n[tls]\noperator_ca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n[merchant]\nname = \"shop\"\n{journal}"
+        );
+        let cfg: HeadendConfig = toml::from_str(&text).unwrap();
+        cfg.validate().map(|()| cfg)
+    }
+
+    #[test]
+    fn the_journal_defaults_to_sqlite_files_in_the_state_dir() {
+        use crate::journal::Target;
+        let cfg = with_journal("").unwrap();
+        assert_eq!(
+            cfg.journal_target("gateway").unwrap(),
+            Target::Sqlite("/var/lib/purselink/gateway.sqlite".into())
+        );
+        assert_eq!(
+            cfg.journal_target("shop").unwrap(),
+            Target::Sqlite("/var/lib/purselink/shop.sqlite".into())
+        );
+    }
+
+    #[test]
+    fn postgres_per_role_with_schema_prefix_and_overrides() {
+        use crate::journal::{PgTarget, Target};
+        let cfg = with_journal(
+            r#"
+[journal]
+backend = "postgres"
+url = "host=db.example user=purselink password=hunter2 dbname=purselink"
+schema_prefix = "site1_"
+[journal.roles.bank]
+backend = "sqlite"
+[journal.roles.shop]
+schema = "merchant_shop"
+url = "host=other dbname=m"
+"#,
+        )
+        .unwrap();
+        assert!(
+            !format!("{cfg:?}").contains("hunter2"),
+            "Debug masks the url"
+        );
+        let pg = |role| match cfg.journal_target(role).unwrap() {
+            Target::Postgres(PgTarget { url, schema }) => (url.expose().clone(), schema),
+            other => panic!("{role}: {other:?}"),
+        };
+        assert_eq!(pg("gateway").1, "site1_gateway");
+        assert_eq!(pg("load").1, "site1_load");
+        assert_eq!(
+            pg("shop"),
+            ("host=other dbname=m".into(), "merchant_shop".into())
+        );
+        assert_eq!(
+            cfg.journal_target("bank").unwrap(),
+            Target::Sqlite("/var/lib/purselink/bank.sqlite".into())
+        );
+    }
+
+    #[test]
+    fn journal_config_errors_are_typed_and_name_the_section() {
+        let err = |j: &str| with_journal(j).unwrap_err();
+        assert_eq!(
+            err("[journal]\nbackend = \"postgres\"\n"),
+            ConfigInvalid::JournalNoUrl {
+                section: "[journal]".into()
+            }
+        );
+        assert_eq!(
+            err("[journal.roles.gateway]\nbackend = \"postgres\"\n"),
+            ConfigInvalid::JournalNoUrl {
+                section: "[journal.roles.gateway]".into()
+            }
+        );
+        assert_eq!(
+            err("[journal]\nbackend = \"postgres\"\nurl = \"host=x\"\nurl_file = \"u\"\n"),
+            ConfigInvalid::JournalUrlTwice {
+                section: "[journal]".into()
+            }
+        );
+        assert_eq!(
+            err("[journal.roles.gatway]\nbackend = \"sqlite\"\n"),
+            ConfigInvalid::JournalUnknownRole("gatway".into())
+        );
+        let bad =
+            err("[journal]\nbackend = \"postgres\"\nurl = \"password=hunter2 port=notaport\"\n");
+        assert!(matches!(bad, ConfigInvalid::JournalUrl { .. }), "{bad:?}");
+        assert!(!bad.to_string().contains("hunter2"), "{bad}");
+        let long = err(&format!(
+            "[journal]\nbackend = \"postgres\"\nurl = \"host=x\"\nschema_prefix = \"{}\"\n",
+            "p".repeat(60)
+        ));
+        assert!(
+            matches!(&long, ConfigInvalid::JournalSchema { role, .. } if role == "gateway"),
+            "{long:?}"
+        );
+        assert!(toml::from_str::<JournalSection>("backend = \"mysql\"").is_err());
+    }
 }

@@ -316,3 +316,71 @@ impl Drop for PgRig {
         }
     }
 }
+
+/// Which journal backend a head-end test runs its roles on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A test head end's PostgreSQL: the server (held while the head end runs) and its
+/// database.
+pub struct PgDb {
+    pub rig: Arc<PgRig>,
+    pub url: String,
+}
+
+impl PgDb {
+    /// A fresh database on the shared test server; `None` (said why) without PostgreSQL.
+    pub fn fresh() -> Option<Self> {
+        let rig = shared()?;
+        let url = rig.fresh_db();
+        Some(Self { rig, url })
+    }
+
+    /// The `[journal]` section putting every role of a config on this database.
+    pub fn journal_section(&self) -> String {
+        format!(
+            "\n[journal]\nbackend = \"postgres\"\nurl = \"{}\"\n",
+            self.url
+        )
+    }
+
+    /// Rows in `table` (`steps` or `state`) of `role`'s schema (default prefix).
+    pub fn rows(&self, role: &str, table: &str) -> u64 {
+        self.rig
+            .psql(
+                &self.url,
+                &format!("SELECT COUNT(*) FROM purselink_{role}.{table}"),
+            )
+            .parse()
+            .expect("a count")
+    }
+
+    /// Checks that every role of a head end journaled on this database and none on SQLite:
+    /// no `*.sqlite` in `state_dir`, and steps in each role's schema.
+    ///
+    /// # Panics
+    /// A role's journal is elsewhere.
+    pub fn assert_every_role_here(&self, state_dir: &Path, roles: &[&str]) {
+        let files: Vec<_> = std::fs::read_dir(state_dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "sqlite"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(
+            files.is_empty(),
+            "SQLite journals on a PostgreSQL run: {files:?}"
+        );
+        for role in roles {
+            assert!(
+                self.rows(role, "steps") > 0,
+                "no steps in schema purselink_{role}"
+            );
+        }
+    }
+}
