@@ -68,7 +68,8 @@ pub enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Report what the journals in the state directory hold (read-only).
+    /// Report what the journals hold: the SQLite files in the state directory and the roles
+    /// on PostgreSQL (read-only).
     Status(RoleArgs),
     /// Record the acquirer's acknowledgement of a collection batch.
     AckBatch {
