@@ -3,13 +3,14 @@
 # pcscd + libpcsclite-dev (the PC/SC stack and the headers the `pcsc` crate links against),
 # vsmartcard-vpcd (the virtual reader the `vcard` binary attaches to), opensc (opensc-tool,
 # the third-party check that the virtual card is a correct ISO 7816-4 card), tmux (UI tests)
-# and pkg-config (used by pcsc-sys to find libpcsclite).
+# pkg-config (used by pcsc-sys to find libpcsclite) and postgresql (initdb, pg_ctl: the
+# head-end tests start a private PostgreSQL to run every role's journal on it).
 #
 # Installs only what is missing, so a re-run on a ready machine does nothing and needs no
 # network. Exits non-zero with a message that says what to do when it cannot install.
 set -eu
 
-PACKAGES="pcscd libpcsclite-dev vsmartcard-vpcd opensc tmux pkg-config"
+PACKAGES="pcscd libpcsclite-dev vsmartcard-vpcd opensc tmux pkg-config postgresql"
 
 missing=""
 for pkg in $PACKAGES; do

@@ -466,7 +466,7 @@ pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, SetupEr
                 table.entry(name.to_string()).or_insert(r);
             }
         }
-        let journal = Arc::new(Journal::open(&cfg.state_dir.join("gateway.sqlite"))?);
+        let journal = Arc::new(Journal::open_target(&cfg.journal_target("gateway")?)?);
         let lifetimes = crate::gateway::Lifetimes {
             offer: std::time::Duration::from_secs(section.offer_lifetime_secs),
             hold: std::time::Duration::from_secs(section.hold_lifetime_secs),

@@ -64,8 +64,10 @@ pub struct BankServer {
 impl BankServer {
     pub fn open(cfg: &HeadendConfig) -> Result<Arc<Self>, String> {
         let s = cfg.bank.as_ref().ok_or("no [bank] section")?;
-        let journal =
-            Arc::new(Journal::open(&cfg.state_dir.join("bank.sqlite")).map_err(|e| e.to_string())?);
+        let journal = Arc::new(
+            Journal::open_target(&cfg.journal_target("bank").map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?,
+        );
         let accounts = cfg
             .bank_accounts
             .iter()

@@ -91,7 +91,8 @@ pub enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Report what the journals in the state directory hold (read-only).
+    /// Report what the journals hold: the SQLite files in the state directory and the roles
+    /// on PostgreSQL (read-only).
     Status(RoleArgs),
     /// Record the acquirer's acknowledgement of a collection batch (without a clearing
     /// role; clearing's own acknowledgement is recorded when it is received).

@@ -10,6 +10,7 @@ use proto::crypto::DesKey;
 use proto::messages::Embodiment;
 use proto::money::{Currency, Money};
 use proto::purse::{IssuerKeyFile, IssuerKeys};
+use proto::secret::Secret;
 use serde::Deserialize;
 
 use crate::quic::TransportSettings;
@@ -114,6 +115,28 @@ pub enum ConfigInvalid {
     /// Never names the code: it is the voucher's secret.
     #[error("a voucher code appears twice")]
     DuplicateVoucher,
+    /// `[journal]` (or `[journal.roles.ROLE]`) chooses PostgreSQL but names no server.
+    #[error("{section}: backend = \"postgres\" needs `url` or `url_file`")]
+    JournalNoUrl { section: String },
+    /// Both `url` and `url_file` in one section: which one is meant is unclear.
+    #[error("{section}: give `url` or `url_file`, not both")]
+    JournalUrlTwice { section: String },
+    /// The connection string does not parse (`why` is the driver's reason; the string
+    /// itself is never repeated: it may hold a password).
+    #[error("{section}: the PostgreSQL connection string does not parse ({why})")]
+    JournalUrl { section: String, why: String },
+    /// A role's schema name PostgreSQL cannot take as given.
+    #[error("[journal] role {role}: schema name {schema:?} {why}")]
+    JournalSchema {
+        role: String,
+        schema: String,
+        why: &'static str,
+    },
+    /// `[journal.roles.NAME]` names no role this config runs.
+    #[error(
+        "[journal.roles.{0}]: no such role here (gateway, bank, load, the [payment] or [merchant] name)"
+    )]
+    JournalUnknownRole(String),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -145,6 +168,92 @@ pub struct HeadendConfig {
     /// Pre-funded accounts the load server holds itself (001 [0141]–[0160]).
     #[serde(default)]
     pub vouchers: Vec<VoucherDef>,
+    /// Where each role journals (see [`JournalSection`]); default: SQLite files in
+    /// `state_dir`.
+    #[serde(default)]
+    pub journal: JournalSection,
+}
+
+/// Which store a journal is on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JournalBackend {
+    /// A file `state_dir/<role>.sqlite` (the embedded default).
+    #[default]
+    Sqlite,
+    /// A schema `<schema_prefix><role>` in a PostgreSQL database.
+    Postgres,
+}
+
+/// `[journal]`: the backend every role of this config journals on, with
+/// `[journal.roles.ROLE]` for a role that differs. A role's name is `gateway`, `bank`,
+/// `load`, or the `[payment]` / `[merchant]` section's `name`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JournalSection {
+    #[serde(default)]
+    pub backend: JournalBackend,
+    /// The PostgreSQL connection string (libpq `key=value` or a `postgresql://` URL). It may
+    /// hold a password: masked in `Debug` and logs; prefer `url_file`.
+    pub url: Option<Secret<String>>,
+    /// A file (owner-only, like a key file; `credential:NAME` for a systemd credential)
+    /// holding the connection string.
+    pub url_file: Option<PathBuf>,
+    /// Each role journals in the PostgreSQL schema `<schema_prefix><role>`; two processes of
+    /// one role (two gateways) share it, different roles never do.
+    #[serde(default = "default_schema_prefix")]
+    pub schema_prefix: String,
+    /// Per-role choices, by role name.
+    #[serde(default)]
+    pub roles: BTreeMap<String, RoleJournal>,
+}
+
+impl Default for JournalSection {
+    fn default() -> Self {
+        Self {
+            backend: JournalBackend::Sqlite,
+            url: None,
+            url_file: None,
+            schema_prefix: default_schema_prefix(),
+            roles: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[journal.roles.ROLE]`: one role's journal, where it differs from `[journal]`; a key not
+/// given is taken from `[journal]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleJournal {
+    pub backend: Option<JournalBackend>,
+    pub url: Option<Secret<String>>,
+    pub url_file: Option<PathBuf>,
+    /// The whole schema name (no prefix added).
+    pub schema: Option<String>,
+}
+
+fn default_schema_prefix() -> String {
+    "purselink_".into()
+}
+
+/// Where a connection string comes from.
+enum UrlSource<'a> {
+    Inline(&'a Secret<String>),
+    File(&'a Path),
+}
+
+/// The connection string one section gives, if it gives one (`section` names it).
+fn pick_url<'a>(
+    url: &'a Option<Secret<String>>,
+    file: &'a Option<PathBuf>,
+    section: String,
+) -> Result<Option<(UrlSource<'a>, String)>, ConfigInvalid> {
+    match (url, file) {
+        (Some(_), Some(_)) => Err(ConfigInvalid::JournalUrlTwice { section }),
+        (Some(u), None) => Ok(Some((UrlSource::Inline(u), section))),
+        (None, Some(f)) => Ok(Some((UrlSource::File(f), section))),
+        (None, None) => Ok(None),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -677,6 +786,14 @@ impl HeadendConfig {
         for m in &mut self.merchants {
             fix(&mut m.shared_key_file);
         }
+        if let Some(f) = &mut self.journal.url_file {
+            fix(f);
+        }
+        for r in self.journal.roles.values_mut() {
+            if let Some(f) = &mut r.url_file {
+                fix(f);
+            }
+        }
         self
     }
 
@@ -713,7 +830,139 @@ impl HeadendConfig {
                 }
             }
         }
-        self.validate_load_side()
+        self.validate_load_side()?;
+        self.validate_journal()
+    }
+
+    /// The names of the roles this config can run, as their journals are named.
+    pub fn role_names(&self) -> Vec<String> {
+        let mut names = vec!["gateway".to_string(), "bank".into(), "load".into()];
+        names.push(
+            self.payment
+                .as_ref()
+                .map_or_else(default_payment_name, |p| p.name.clone()),
+        );
+        names.push(
+            self.merchant
+                .as_ref()
+                .map_or_else(default_merchant_name, |m| m.name.clone()),
+        );
+        names
+    }
+
+    fn validate_journal(&self) -> Result<(), ConfigInvalid> {
+        let names = self.role_names();
+        if let Some(unknown) = self.journal.roles.keys().find(|r| !names.contains(r)) {
+            return Err(ConfigInvalid::JournalUnknownRole(unknown.clone()));
+        }
+        for role in &names {
+            if self.journal_backend(role) == JournalBackend::Postgres {
+                if let (UrlSource::Inline(url), section) = self.journal_url(role)? {
+                    url.expose()
+                        .parse::<tokio_postgres::Config>()
+                        .map_err(|e| ConfigInvalid::JournalUrl {
+                            section,
+                            why: e.to_string(),
+                        })?;
+                }
+                self.journal_schema(role)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn journal_backend(&self, role: &str) -> JournalBackend {
+        self.journal
+            .roles
+            .get(role)
+            .and_then(|r| r.backend)
+            .unwrap_or(self.journal.backend)
+    }
+
+    /// The connection string's source for `role`, and the section it comes from.
+    fn journal_url(&self, role: &str) -> Result<(UrlSource<'_>, String), ConfigInvalid> {
+        if let Some(r) = self.journal.roles.get(role) {
+            if let Some(found) = pick_url(&r.url, &r.url_file, format!("[journal.roles.{role}]"))? {
+                return Ok(found);
+            }
+        }
+        pick_url(
+            &self.journal.url,
+            &self.journal.url_file,
+            "[journal]".into(),
+        )?
+        .ok_or_else(|| ConfigInvalid::JournalNoUrl {
+            section: if self
+                .journal
+                .roles
+                .get(role)
+                .is_some_and(|r| r.backend.is_some())
+            {
+                format!("[journal.roles.{role}]")
+            } else {
+                "[journal]".into()
+            },
+        })
+    }
+
+    fn journal_schema(&self, role: &str) -> Result<String, ConfigInvalid> {
+        let schema = match self.journal.roles.get(role).and_then(|r| r.schema.clone()) {
+            Some(s) => s,
+            None => format!("{}{role}", self.journal.schema_prefix),
+        };
+        let why = if schema.is_empty() {
+            Some("is empty")
+        } else if schema.len() > 63 {
+            Some("is longer than PostgreSQL's 63 bytes (it would be cut, and two roles could meet)")
+        } else if schema.contains('\0') {
+            Some("holds a NUL")
+        } else if schema.starts_with("pg_") {
+            Some("starts with pg_, which PostgreSQL reserves")
+        } else {
+            None
+        };
+        match why {
+            Some(why) => Err(ConfigInvalid::JournalSchema {
+                role: role.into(),
+                schema,
+                why,
+            }),
+            None => Ok(schema),
+        }
+    }
+
+    /// Where `role`'s journal is: its SQLite file in `state_dir`, or its PostgreSQL schema
+    /// with the connection string (read from `url_file` when given).
+    ///
+    /// # Errors
+    /// A rule of `[journal]` broken ([`ConfigError::Rule`]), or the `url_file` missing or
+    /// readable by others.
+    pub fn journal_target(&self, role: &str) -> Result<crate::journal::Target, ConfigError> {
+        use crate::journal::{PgTarget, Target};
+        Ok(match self.journal_backend(role) {
+            JournalBackend::Sqlite => Target::Sqlite(self.state_dir.join(format!("{role}.sqlite"))),
+            JournalBackend::Postgres => {
+                let (source, section) = self.journal_url(role)?;
+                let url = match source {
+                    UrlSource::Inline(u) => u.clone(),
+                    UrlSource::File(f) => {
+                        let what = format!("{section} url_file");
+                        Secret::new(read_private(&what, f)?.trim().to_string())
+                    }
+                };
+                if let Err(e) = url.expose().parse::<tokio_postgres::Config>() {
+                    return Err(ConfigInvalid::JournalUrl {
+                        section,
+                        why: e.to_string(),
+                    }
+                    .into());
+                }
+                Target::Postgres(PgTarget {
+                    url,
+                    schema: self.journal_schema(role)?,
+                })
+            }
+        })
     }
 
     fn validate_load_side(&self) -> Result<(), ConfigInvalid> {
@@ -821,5 +1070,104 @@ mod tests {
             e.to_string(),
             "config /etc/purselink/headend.toml: merchant CABLE: item ppv-1 has a zero price"
         );
+    }
+
+    fn with_journal(journal: &str) -> Result<HeadendConfig, ConfigInvalid> {
+        let text = format!(
+            "state_dir = \"/var/lib/purselink\"\n[tls]\noperator_ca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n[merchant]\nname = \"shop\"\n{journal}"
+        );
+        let cfg: HeadendConfig = toml::from_str(&text).unwrap();
+        cfg.validate().map(|()| cfg)
+    }
+
+    #[test]
+    fn the_journal_defaults_to_sqlite_files_in_the_state_dir() {
+        use crate::journal::Target;
+        let cfg = with_journal("").unwrap();
+        assert_eq!(
+            cfg.journal_target("gateway").unwrap(),
+            Target::Sqlite("/var/lib/purselink/gateway.sqlite".into())
+        );
+        assert_eq!(
+            cfg.journal_target("shop").unwrap(),
+            Target::Sqlite("/var/lib/purselink/shop.sqlite".into())
+        );
+    }
+
+    #[test]
+    fn postgres_per_role_with_schema_prefix_and_overrides() {
+        use crate::journal::{PgTarget, Target};
+        let cfg = with_journal(
+            r#"
+[journal]
+backend = "postgres"
+url = "host=db.example user=purselink password=hunter2 dbname=purselink"
+schema_prefix = "site1_"
+[journal.roles.bank]
+backend = "sqlite"
+[journal.roles.shop]
+schema = "merchant_shop"
+url = "host=other dbname=m"
+"#,
+        )
+        .unwrap();
+        assert!(
+            !format!("{cfg:?}").contains("hunter2"),
+            "Debug masks the url"
+        );
+        let pg = |role| match cfg.journal_target(role).unwrap() {
+            Target::Postgres(PgTarget { url, schema }) => (url.expose().clone(), schema),
+            other => panic!("{role}: {other:?}"),
+        };
+        assert_eq!(pg("gateway").1, "site1_gateway");
+        assert_eq!(pg("load").1, "site1_load");
+        assert_eq!(
+            pg("shop"),
+            ("host=other dbname=m".into(), "merchant_shop".into())
+        );
+        assert_eq!(
+            cfg.journal_target("bank").unwrap(),
+            Target::Sqlite("/var/lib/purselink/bank.sqlite".into())
+        );
+    }
+
+    #[test]
+    fn journal_config_errors_are_typed_and_name_the_section() {
+        let err = |j: &str| with_journal(j).unwrap_err();
+        assert_eq!(
+            err("[journal]\nbackend = \"postgres\"\n"),
+            ConfigInvalid::JournalNoUrl {
+                section: "[journal]".into()
+            }
+        );
+        assert_eq!(
+            err("[journal.roles.gateway]\nbackend = \"postgres\"\n"),
+            ConfigInvalid::JournalNoUrl {
+                section: "[journal.roles.gateway]".into()
+            }
+        );
+        assert_eq!(
+            err("[journal]\nbackend = \"postgres\"\nurl = \"host=x\"\nurl_file = \"u\"\n"),
+            ConfigInvalid::JournalUrlTwice {
+                section: "[journal]".into()
+            }
+        );
+        assert_eq!(
+            err("[journal.roles.gatway]\nbackend = \"sqlite\"\n"),
+            ConfigInvalid::JournalUnknownRole("gatway".into())
+        );
+        let bad =
+            err("[journal]\nbackend = \"postgres\"\nurl = \"password=hunter2 port=notaport\"\n");
+        assert!(matches!(bad, ConfigInvalid::JournalUrl { .. }), "{bad:?}");
+        assert!(!bad.to_string().contains("hunter2"), "{bad}");
+        let long = err(&format!(
+            "[journal]\nbackend = \"postgres\"\nurl = \"host=x\"\nschema_prefix = \"{}\"\n",
+            "p".repeat(60)
+        ));
+        assert!(
+            matches!(&long, ConfigInvalid::JournalSchema { role, .. } if role == "gateway"),
+            "{long:?}"
+        );
+        assert!(toml::from_str::<JournalSection>("backend = \"mysql\"").is_err());
     }
 }

@@ -1,51 +1,116 @@
-//! The durable journal every role writes before it acts: SQLite (rusqlite, bundled) in WAL
-//! mode, each commit fsynced before it returns (group commit, below), so a committed step
-//! survives SIGKILL and power loss. The file is owner-only (0600, its -wal and -shm too) in
-//! a 0700 directory when the journal creates it; it never holds a master key (snapshots
-//! hold state only) but does hold transaction session keys and account records.
+//! The durable journal every role writes before it acts, on one of two backends chosen per
+//! role in the config (`[journal]`, see [`crate::config::JournalSection`]):
+//! - **SQLite** (the embedded default; rusqlite, bundled) in WAL mode, each commit fsynced
+//!   before it returns (group commit, below), so a committed step survives SIGKILL and power
+//!   loss. The file is owner-only (0600, its -wal and -shm too) in a 0700 directory when the
+//!   journal creates it;
+//! - **PostgreSQL** ([`postgres`]): one schema per role, each [`Journal::atomically`] one
+//!   PostgreSQL transaction committed with `synchronous_commit = on` before it returns, so
+//!   several head-end machines can share one database.
+//!
+//! The journal never holds a master key (snapshots hold state only) but does hold
+//! transaction session keys and account records.
 //!
 //! Two tables serve every role:
 //! - `steps`: an append-only log of (transaction id, step, detail) — what happened, in order;
 //! - `state`: keyed blobs (`kind`, `key`) — the stored answer for a transaction id (the
 //!   idempotency key: a retried message gets the same answer), a role's transaction record,
-//!   a security card's snapshot.
+//!   a security card's snapshot. Keys sort bytewise on both backends (PostgreSQL's column is
+//!   `COLLATE "C"`), so [`Journal::range_after`] and [`Journal::last_key`] agree.
 //!
 //! Each `state` record has a [`Kind`], named once in that enum: the string it is stored
 //! under (the `kind` column) is [`Kind::as_str`], and no role passes a kind as a bare string.
 //!
-//! [`Journal::atomically`] groups several writes in one SQLite transaction, so a role's
-//! "after" state (security card snapshot + transaction record + answer) lands all or nothing.
+//! [`Journal::atomically`] groups several writes in one transaction, so a role's "after"
+//! state (security card snapshot + transaction record + answer) lands all or nothing. Inside
+//! it, [`Batch::insert_new`] (a unique constraint: exactly one of two racing writers wins a
+//! key) and [`Batch::get_for_update`] (a row lock held to the commit) are the primitives for
+//! writers in two processes on one database. Roles see [`Journal`] and [`Batch`], never the
+//! backend; a closure's error is a [`StoreError`], whichever backend runs it.
 //!
-//! Group commit: SQLite commits with `synchronous=NORMAL` (the WAL frames are written, not yet
-//! synced), then [`Journal::atomically`] fsyncs the WAL file itself before it returns — one
-//! fsync covers every commit written before it started, so concurrent transactions share one
-//! instead of queueing one each. A commit is durable when `atomically` returns, exactly as
-//! with `synchronous=FULL` (which fsyncs the WAL on every commit); checkpoints still sync the
-//! WAL and the database as SQLite does.
+//! Versions: each backend records the schema version it is at (SQLite `PRAGMA user_version`,
+//! PostgreSQL a `schema_version` table), applies the migrations it is missing when it opens,
+//! and refuses a journal newer than this build knows ([`StoreError::NewerSchema`]).
+//!
+//! SQLite group commit: SQLite commits with `synchronous=NORMAL` (the WAL frames are written,
+//! not yet synced), then [`Journal::atomically`] fsyncs the WAL file itself before it
+//! returns — one fsync covers every commit written before it started, so concurrent
+//! transactions share one instead of queueing one each. A commit is durable when
+//! `atomically` returns, exactly as with `synchronous=FULL` (which fsyncs the WAL on every
+//! commit); checkpoints still sync the WAL and the database as SQLite does.
+
+mod postgres;
+mod sqlite;
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 
-use rusqlite::{Connection, OptionalExtension, params};
+use proto::secret::Secret;
 
+/// The newest journal schema this build knows (both backends): 1 = `steps` + `state`.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// What went wrong in the store under a journal: the backend's own error, or a rule of the
+/// journal's.
 #[derive(Debug, thiserror::Error)]
-#[error("journal {path}: {source}")]
-pub struct JournalError {
-    pub path: String,
-    #[source]
-    pub source: rusqlite::Error,
+pub enum StoreError {
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Postgres(#[from] tokio_postgres::Error),
+    /// A file (the SQLite journal, its WAL, its directory) or the connection's thread.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The journal was written by a newer build: its schema is past what this one knows.
+    #[error("schema version {found} is newer than this build knows ({known}); refusing it")]
+    NewerSchema { found: i64, known: i64 },
+    /// A PostgreSQL schema name the journal cannot use (empty, or longer than PostgreSQL's
+    /// 63 bytes, which it would cut silently, so two roles could meet in one schema).
+    #[error("schema name {name:?}: {why}")]
+    BadSchema { name: String, why: &'static str },
+    /// The caller's closure gave up (its reason): the transaction is rolled back.
+    #[error("{0}")]
+    Aborted(String),
 }
 
+/// A journal that cannot be opened, read or written: where (`at`: the SQLite file, or
+/// `postgres schema S on HOST/DB` — never the password), and why.
+#[derive(Debug, thiserror::Error)]
+#[error("journal {at}: {source}")]
+pub struct JournalError {
+    pub at: String,
+    #[source]
+    pub source: StoreError,
+}
+
+/// Where a role's journal lives, as the config resolves it
+/// ([`crate::config::HeadendConfig::journal_target`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A SQLite file (`state_dir/<role>.sqlite`).
+    Sqlite(PathBuf),
+    Postgres(PgTarget),
+}
+
+/// A PostgreSQL journal: the connection string (libpq key=value or `postgresql://` URL; it
+/// may hold a password, so `Debug` masks it) and the role's schema.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgTarget {
+    pub url: Secret<String>,
+    pub schema: String,
+}
+
+/// The journal of one role; see the module docs.
 pub struct Journal {
-    conn: Mutex<Connection>,
-    path: String,
-    wal_path: PathBuf,
-    /// Commits written to the WAL (counted under the connection lock).
-    written: AtomicU64,
-    /// The group commit: the WAL file, once opened, and how many commits are synced. Held
-    /// by the one thread that fsyncs; the others wait here and find their commit covered.
-    synced: Mutex<(Option<std::fs::File>, u64)>,
+    store: Store,
+}
+
+enum Store {
+    Sqlite(sqlite::Sqlite),
+    Postgres(Box<postgres::Pg>),
 }
 
 /// The kind of a keyed record (the `state` table's `kind` column), one variant per record
@@ -190,9 +255,14 @@ impl std::fmt::Display for Kind {
     }
 }
 
-/// Writes inside one SQLite transaction.
+/// Writes (and locked reads) inside one transaction of [`Journal::atomically`].
 pub struct Batch<'a> {
-    tx: rusqlite::Transaction<'a>,
+    inner: BatchInner<'a>,
+}
+
+enum BatchInner<'a> {
+    Sqlite(rusqlite::Transaction<'a>),
+    Postgres(postgres::PgBatch<'a>),
 }
 
 /// A step a role journals (the `steps` table's `step` column): each role names its steps
@@ -205,52 +275,78 @@ pub trait StepText {
 
 impl Batch<'_> {
     /// Appends one step of `txid`, with `detail` (free text for people: amounts, reasons).
-    pub fn step(&self, txid: &str, step: &impl StepText, detail: &str) -> rusqlite::Result<()> {
-        self.tx
-            .prepare_cached(
-                "INSERT INTO steps (txid, step, detail, at) VALUES (?1, ?2, ?3, strftime('%Y-%m-%dT%H:%M:%f','now'))",
-            )?
-            .execute(params![txid, step.text().as_ref(), detail])?;
-        Ok(())
+    ///
+    /// # Errors
+    /// The store refuses the write; the transaction is then rolled back.
+    pub fn step(&self, txid: &str, step: &impl StepText, detail: &str) -> Result<(), StoreError> {
+        let step = step.text();
+        match &self.inner {
+            BatchInner::Sqlite(tx) => sqlite::step(tx, txid, &step, detail),
+            BatchInner::Postgres(b) => b.step(txid, &step, detail),
+        }
     }
 
     /// Stores `value` under (`kind`, `key`), replacing what was there.
-    pub fn put(&self, kind: Kind, key: &str, value: &[u8]) -> rusqlite::Result<()> {
-        self.tx
-            .prepare_cached(
-                "INSERT INTO state (kind, key, value) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (kind, key) DO UPDATE SET value = excluded.value",
-            )?
-            .execute(params![kind.as_str(), key, value])?;
-        Ok(())
+    ///
+    /// # Errors
+    /// The store refuses the write.
+    pub fn put(&self, kind: Kind, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        match &self.inner {
+            BatchInner::Sqlite(tx) => sqlite::put(tx, kind, key, value),
+            BatchInner::Postgres(b) => b.put(kind, key, value),
+        }
     }
 
-    /// The record (`kind`, `key`) as this transaction sees it: reads inside
-    /// [`Journal::atomically`] decide on data no other writer can change before the commit
-    /// (the transaction holds the write lock from its start).
-    pub fn get(&self, kind: Kind, key: &str) -> rusqlite::Result<Option<Vec<u8>>> {
-        self.tx
-            .prepare_cached("SELECT value FROM state WHERE kind = ?1 AND key = ?2")?
-            .query_row(params![kind.as_str(), key], |r| r.get(0))
-            .optional()
+    /// Stores `value` under (`kind`, `key`) only if no record is there: true when this
+    /// transaction wrote it. The primary key decides between racing writers, in two
+    /// processes too: exactly one gets true (on PostgreSQL the loser waits for the winner's
+    /// commit, then sees its row).
+    ///
+    /// # Errors
+    /// The store refuses the write.
+    pub fn insert_new(&self, kind: Kind, key: &str, value: &[u8]) -> Result<bool, StoreError> {
+        match &self.inner {
+            BatchInner::Sqlite(tx) => sqlite::insert_new(tx, kind, key, value),
+            BatchInner::Postgres(b) => b.insert_new(kind, key, value),
+        }
     }
 
-    /// Every (key, value) of a kind as this transaction sees it, in key order.
-    pub fn all(&self, kind: Kind) -> rusqlite::Result<Vec<(String, Vec<u8>)>> {
-        let mut st = self
-            .tx
-            .prepare_cached("SELECT key, value FROM state WHERE kind = ?1 ORDER BY key")?;
-        let rows = st.query_map(params![kind.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        rows.collect()
+    /// Reads (`kind`, `key`) and holds it until the transaction ends, so a read-modify-write
+    /// from another process cannot interleave (PostgreSQL `SELECT … FOR UPDATE`; SQLite's
+    /// transactions already hold the write lock from their start). A missing record locks
+    /// nothing: claim a new key with [`Batch::insert_new`].
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    pub fn get_for_update(&self, kind: Kind, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match &self.inner {
+            BatchInner::Sqlite(tx) => sqlite::get(tx, kind, key),
+            BatchInner::Postgres(b) => b.get_for_update(kind, key),
+        }
+    }
+
+    /// Every (key, value) of a kind, in key order, held until the transaction ends (see
+    /// [`Batch::get_for_update`]; PostgreSQL `SELECT … ORDER BY key FOR UPDATE`): a second
+    /// process doing the same read-modify-write waits, then sees this one's writes.
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    pub fn all_for_update(&self, kind: Kind) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        match &self.inner {
+            BatchInner::Sqlite(tx) => sqlite::all(tx, kind),
+            BatchInner::Postgres(b) => b.all_for_update(kind),
+        }
     }
 
     /// Deletes the record (`kind`, `key`), if any.
-    pub fn delete(&self, kind: Kind, key: &str) -> rusqlite::Result<()> {
-        self.tx.execute(
-            "DELETE FROM state WHERE kind = ?1 AND key = ?2",
-            params![kind.as_str(), key],
-        )?;
-        Ok(())
+    ///
+    /// # Errors
+    /// The store refuses the write.
+    pub fn delete(&self, kind: Kind, key: &str) -> Result<(), StoreError> {
+        match &self.inner {
+            BatchInner::Sqlite(tx) => sqlite::delete(tx, kind, key),
+            BatchInner::Postgres(b) => b.delete(kind, key),
+        }
     }
 }
 
@@ -266,124 +362,73 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 }
 
 impl Journal {
+    /// Opens (creating it if need be) the SQLite journal at `path`.
+    ///
+    /// # Errors
+    /// The file or its directory cannot be created or opened, or its schema is newer than
+    /// this build knows.
     pub fn open(path: &Path) -> Result<Self, JournalError> {
-        let p = path.display().to_string();
-        let err = |source| JournalError {
-            path: p.clone(),
-            source,
-        };
-        let io = |e: std::io::Error| {
-            err(rusqlite::Error::SqliteFailure(
-                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
-                Some(e.to_string()),
-            ))
-        };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if !dir.exists() {
-                proto::secret::private_dir(dir).map_err(io)?;
-            }
-        }
-        // The journal holds transaction session keys and account data: owner-only. SQLite
-        // creates the -wal and -shm files with the database file's mode.
-        {
-            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o600)
-                .open(path)
-                .and_then(|f| f.set_permissions(std::fs::Permissions::from_mode(0o600)))
-                .map_err(io)?;
-        }
-        let conn = Connection::open(path).map_err(err)?;
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = NORMAL;
-             PRAGMA busy_timeout = 5000;
-             CREATE TABLE IF NOT EXISTS steps (
-                 id INTEGER PRIMARY KEY AUTOINCREMENT,
-                 txid TEXT NOT NULL, step TEXT NOT NULL, detail TEXT NOT NULL, at TEXT NOT NULL);
-             CREATE INDEX IF NOT EXISTS steps_txid ON steps (txid);
-             CREATE TABLE IF NOT EXISTS state (
-                 kind TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL,
-                 PRIMARY KEY (kind, key));",
-        )
-        .map_err(err)?;
-        let mut wal_path = path.as_os_str().to_owned();
-        wal_path.push("-wal");
         Ok(Self {
-            conn: Mutex::new(conn),
-            path: p,
-            wal_path: wal_path.into(),
-            written: AtomicU64::new(0),
-            synced: Mutex::new((None, 0)),
+            store: Store::Sqlite(sqlite::Sqlite::open(path)?),
         })
     }
 
-    /// Makes commit number `mine` durable: fsyncs the WAL unless an fsync that started after
-    /// that commit was written has already done it. The first sync also syncs the directory,
-    /// so the WAL file's own entry is durable.
-    fn sync_wal(&self, mine: u64) -> Result<(), JournalError> {
-        let io = |e: std::io::Error| {
-            self.err(rusqlite::Error::SqliteFailure(
-                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
-                Some(format!("fsync {}: {e}", self.wal_path.display())),
-            ))
-        };
-        let mut g = self.synced.lock().unwrap_or_else(|p| p.into_inner());
-        if g.1 >= mine {
-            return Ok(());
-        }
-        let upto = self.written.load(Ordering::Acquire);
-        if g.0.is_none() {
-            g.0 = Some(std::fs::File::open(&self.wal_path).map_err(io)?);
-            if let Some(dir) = self.wal_path.parent() {
-                let dir = if dir.as_os_str().is_empty() {
-                    Path::new(".")
-                } else {
-                    dir
-                };
-                std::fs::File::open(dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(io)?;
-            }
-        }
-        g.0.as_ref()
-            .expect("opened above")
-            .sync_data()
-            .map_err(io)?;
-        g.1 = upto;
-        Ok(())
-    }
-
-    fn err(&self, source: rusqlite::Error) -> JournalError {
-        JournalError {
-            path: self.path.clone(),
-            source,
+    /// Opens a role's journal where the config puts it: a SQLite file, or a PostgreSQL
+    /// schema (connecting, and applying the migrations it is missing).
+    ///
+    /// # Errors
+    /// See [`Journal::open`]; for PostgreSQL: the connection string does not parse, the
+    /// server cannot be reached or refuses the login, the schema name is unusable, or the
+    /// schema is newer than this build knows.
+    pub fn open_target(target: &Target) -> Result<Self, JournalError> {
+        match target {
+            Target::Sqlite(path) => Self::open(path),
+            Target::Postgres(pg) => Ok(Self {
+                store: Store::Postgres(Box::new(blocking(|| postgres::Pg::open(pg))?)),
+            }),
         }
     }
 
-    /// Runs `f` in one SQLite transaction, committed before this returns.
+    /// Where this journal is, for messages (never a password).
+    pub fn at(&self) -> &str {
+        match &self.store {
+            Store::Sqlite(s) => s.at(),
+            Store::Postgres(p) => p.at(),
+        }
+    }
+
+    /// Runs `f` in one transaction, committed (and durable) before this returns; an error
+    /// from `f` rolls every write of it back.
+    ///
+    /// # Errors
+    /// `f`'s error, or the store's: nothing of `f` is then committed (unless the connection
+    /// to PostgreSQL broke during the commit itself, when the outcome is unknown — the
+    /// transaction id makes the retry safe).
     pub fn atomically<T>(
         &self,
-        f: impl FnOnce(&Batch) -> rusqlite::Result<T>,
+        f: impl FnOnce(&Batch) -> Result<T, StoreError>,
     ) -> Result<T, JournalError> {
-        blocking(|| {
-            let (out, mine) = {
-                let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-                // IMMEDIATE: the write lock from the start, so what the batch reads
-                // ([`Batch::get`]) no other process can change before the commit.
-                let tx = conn
-                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                    .map_err(|e| self.err(e))?;
-                let batch = Batch { tx };
-                let out = f(&batch).map_err(|e| self.err(e))?;
-                batch.tx.commit().map_err(|e| self.err(e))?;
-                (out, self.written.fetch_add(1, Ordering::AcqRel) + 1)
-            };
-            // Outside the connection lock, so others commit while this one syncs.
-            self.sync_wal(mine)?;
-            Ok(out)
+        blocking(|| match &self.store {
+            Store::Sqlite(s) => s.atomically(|tx| {
+                let batch = Batch {
+                    inner: BatchInner::Sqlite(tx),
+                };
+                let out = f(&batch);
+                let BatchInner::Sqlite(tx) = batch.inner else {
+                    unreachable!("built as SQLite above")
+                };
+                (out, tx)
+            }),
+            Store::Postgres(p) => p.atomically(|b| {
+                let batch = Batch {
+                    inner: BatchInner::Postgres(b),
+                };
+                let out = f(&batch);
+                let BatchInner::Postgres(b) = batch.inner else {
+                    unreachable!("built as PostgreSQL above")
+                };
+                (out, b)
+            }),
         })
     }
 
@@ -403,30 +448,28 @@ impl Journal {
         self.atomically(|b| b.put(kind, key, value))
     }
 
-    /// A point read: served from SQLite's page cache (writers hold the connection only while
-    /// writing WAL frames, never across an fsync), so it runs on the caller's thread rather
-    /// than paying a `block_in_place` hand-off.
+    /// A point read. SQLite serves it from its page cache (writers hold the connection only
+    /// while writing WAL frames, never across an fsync), so it runs on the caller's thread
+    /// rather than paying a `block_in_place` hand-off; PostgreSQL asks the server.
+    ///
+    /// # Errors
+    /// The journal cannot be read.
     pub fn get(&self, kind: Kind, key: &str) -> Result<Option<Vec<u8>>, JournalError> {
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        conn.prepare_cached("SELECT value FROM state WHERE kind = ?1 AND key = ?2")
-            .and_then(|mut st| {
-                st.query_row(params![kind.as_str(), key], |r| r.get(0))
-                    .optional()
-            })
-            .map_err(|e| self.err(e))
+        match &self.store {
+            Store::Sqlite(s) => s.get(kind, key),
+            Store::Postgres(p) => blocking(|| p.get(kind, key)),
+        }
     }
 
     /// Every (key, value) of a kind, in key order.
+    ///
+    /// # Errors
+    /// The journal cannot be read.
     pub fn all(&self, kind: Kind) -> Result<Vec<(String, Vec<u8>)>, JournalError> {
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let mut st = conn
-            .prepare("SELECT key, value FROM state WHERE kind = ?1 ORDER BY key")
-            .map_err(|e| self.err(e))?;
-        let rows = st
-            .query_map(params![kind.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(|e| self.err(e))?;
-        rows.collect::<rusqlite::Result<_>>()
-            .map_err(|e| self.err(e))
+        match &self.store {
+            Store::Sqlite(s) => s.all(kind),
+            Store::Postgres(p) => blocking(|| p.all(kind)),
+        }
     }
 
     /// The greatest key of a kind, if any.
@@ -434,14 +477,10 @@ impl Journal {
     /// # Errors
     /// The journal cannot be read.
     pub fn last_key(&self, kind: Kind) -> Result<Option<String>, JournalError> {
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        conn.query_row(
-            "SELECT key FROM state WHERE kind = ?1 ORDER BY key DESC LIMIT 1",
-            params![kind.as_str()],
-            |r| r.get(0),
-        )
-        .optional()
-        .map_err(|e| self.err(e))
+        match &self.store {
+            Store::Sqlite(s) => s.last_key(kind),
+            Store::Postgres(p) => blocking(|| p.last_key(kind)),
+        }
     }
 
     /// At most `limit` (key, value) of a kind with keys after `after`, in key order.
@@ -454,32 +493,21 @@ impl Journal {
         after: &str,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, JournalError> {
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let mut st = conn
-            .prepare_cached(
-                "SELECT key, value FROM state WHERE kind = ?1 AND key > ?2 ORDER BY key LIMIT ?3",
-            )
-            .map_err(|e| self.err(e))?;
-        let rows = st
-            .query_map(params![kind.as_str(), after, limit as i64], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .map_err(|e| self.err(e))?;
-        rows.collect::<rusqlite::Result<_>>()
-            .map_err(|e| self.err(e))
+        match &self.store {
+            Store::Sqlite(s) => s.range_after(kind, after, limit),
+            Store::Postgres(p) => blocking(|| p.range_after(kind, after, limit)),
+        }
     }
 
     /// The steps journaled for one transaction, oldest first.
+    ///
+    /// # Errors
+    /// The journal cannot be read.
     pub fn steps(&self, txid: &str) -> Result<Vec<String>, JournalError> {
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let mut st = conn
-            .prepare("SELECT step FROM steps WHERE txid = ?1 ORDER BY id")
-            .map_err(|e| self.err(e))?;
-        let rows = st
-            .query_map(params![txid], |r| r.get(0))
-            .map_err(|e| self.err(e))?;
-        rows.collect::<rusqlite::Result<_>>()
-            .map_err(|e| self.err(e))
+        match &self.store {
+            Store::Sqlite(s) => s.steps(txid),
+            Store::Postgres(p) => blocking(|| p.steps(txid)),
+        }
     }
 
     /// How many records of each kind present (by the kind's on-disk string, so a kind this
@@ -488,21 +516,21 @@ impl Journal {
     /// # Errors
     /// The journal cannot be read.
     pub fn kind_counts(&self) -> Result<std::collections::BTreeMap<String, usize>, JournalError> {
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let mut st = conn
-            .prepare("SELECT kind, COUNT(*) FROM state GROUP BY kind")
-            .map_err(|e| self.err(e))?;
-        let rows = st
-            .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as usize)))
-            .map_err(|e| self.err(e))?;
-        rows.collect::<rusqlite::Result<_>>()
-            .map_err(|e| self.err(e))
+        match &self.store {
+            Store::Sqlite(s) => s.kind_counts(),
+            Store::Postgres(p) => blocking(|| p.kind_counts()),
+        }
     }
 
+    /// How many steps are journaled.
+    ///
+    /// # Errors
+    /// The journal cannot be read.
     pub fn count_steps(&self) -> Result<u64, JournalError> {
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        conn.query_row("SELECT COUNT(*) FROM steps", [], |r| r.get(0))
-            .map_err(|e| self.err(e))
+        match &self.store {
+            Store::Sqlite(s) => s.count_steps(),
+            Store::Postgres(p) => blocking(|| p.count_steps()),
+        }
     }
 }
 
@@ -543,12 +571,77 @@ mod tests {
         );
     }
 
-    #[test]
-    fn steps_and_state_survive_reopen_and_batches_are_atomic() {
+    /// Where a test journal is: a SQLite file in a temp dir, or a fresh database on the
+    /// test PostgreSQL (`None`, after saying why, when PostgreSQL is not installed).
+    pub(crate) struct Fixture {
+        pub target: Target,
+        pub url: Option<String>,
+        pub rig: Option<std::sync::Arc<crate::pg_rig::PgRig>>,
+        _dir: tempfile::TempDir,
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) enum Backend {
+        Sqlite,
+        Postgres,
+    }
+
+    pub(crate) fn fixture(backend: Backend) -> Option<Fixture> {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("j.sqlite");
+        Some(match backend {
+            Backend::Sqlite => Fixture {
+                target: Target::Sqlite(dir.path().join("j.sqlite")),
+                url: None,
+                rig: None,
+                _dir: dir,
+            },
+            Backend::Postgres => {
+                let rig = crate::pg_rig::shared()?;
+                let url = rig.fresh_db();
+                Fixture {
+                    target: Target::Postgres(PgTarget {
+                        url: url.as_str().into(),
+                        schema: "purselink_test".into(),
+                    }),
+                    url: Some(url),
+                    rig: Some(rig),
+                    _dir: dir,
+                }
+            }
+        })
+    }
+
+    impl Fixture {
+        fn open(&self) -> Journal {
+            Journal::open_target(&self.target).unwrap()
+        }
+    }
+
+    /// One test body, run on each backend: `both!(name, body)` makes `name::sqlite` and
+    /// `name::postgres`.
+    macro_rules! both {
+        ($name:ident, $body:ident) => {
+            mod $name {
+                #[test]
+                fn sqlite() {
+                    super::$body(super::Backend::Sqlite)
+                }
+                #[test]
+                fn postgres() {
+                    super::$body(super::Backend::Postgres)
+                }
+            }
+        };
+    }
+
+    both!(
+        steps_and_state_survive_reopen_and_batches_are_atomic,
+        survive_and_atomic
+    );
+    fn survive_and_atomic(backend: Backend) {
+        let Some(fx) = fixture(backend) else { return };
         {
-            let j = Journal::open(&p).unwrap();
+            let j = fx.open();
             use crate::payment::step::PayStep;
             j.step("t1", &PayStep::DrawRequestReceived, "").unwrap();
             j.atomically(|b| {
@@ -558,18 +651,260 @@ mod tests {
             .unwrap();
             let failed = j.atomically(|b| {
                 b.put(Kind::Txn, "t2", b"x")?;
-                Err::<(), _>(rusqlite::Error::InvalidQuery)
+                b.put(Kind::Txn, "t1", b"overwritten")?;
+                b.step("t2", &PayStep::DebitCommandIssued, "")?;
+                Err::<(), _>(StoreError::Aborted("the test gives up".into()))
             });
-            assert!(failed.is_err());
+            assert!(
+                matches!(&failed, Err(JournalError { source: StoreError::Aborted(r), .. }) if r == "the test gives up"),
+                "{failed:?}"
+            );
         }
-        let j = Journal::open(&p).unwrap();
+        let j = fx.open();
         assert_eq!(
             j.steps("t1").unwrap(),
             ["draw request received", "debit command issued"]
         );
         assert_eq!(j.get(Kind::Txn, "t1").unwrap().unwrap(), b"cmd");
         assert_eq!(j.get(Kind::Txn, "t2").unwrap(), None, "rolled back");
+        assert!(
+            j.steps("t2").unwrap().is_empty(),
+            "its step rolled back too"
+        );
         assert_eq!(j.kind_counts().unwrap(), [("txn".to_string(), 1)].into());
+        assert_eq!(j.count_steps().unwrap(), 2);
+    }
+
+    both!(records_read_back_in_bytewise_key_order, records_and_order);
+    fn records_and_order(backend: Backend) {
+        let Some(fx) = fixture(backend) else { return };
+        let j = fx.open();
+        // Bytewise: upper case before lower, '/' before letters, "a" before "a/1". A
+        // language collation (the test server's default is ICU en-US) would mix them.
+        let keys = ["b", "a/1", "Z", "a", "B", "_x", "l/9", "p/1"];
+        for (i, k) in keys.iter().enumerate() {
+            j.put(Kind::Open, k, &[i as u8]).unwrap();
+        }
+        j.put(Kind::Gw, "a", b"another kind").unwrap();
+        let mut sorted: Vec<&str> = keys.to_vec();
+        sorted.sort();
+        let all = j.all(Kind::Open).unwrap();
+        assert_eq!(
+            all.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+            sorted
+        );
+        assert_eq!(j.last_key(Kind::Open).unwrap().as_deref(), Some("p/1"));
+        assert_eq!(j.last_key(Kind::Hold).unwrap(), None);
+        let after: Vec<String> = j
+            .range_after(Kind::Open, "B", 3)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(after, ["Z", "_x", "a"]);
+        assert!(j.range_after(Kind::Open, "p/1", 10).unwrap().is_empty());
+        assert_eq!(j.get(Kind::Open, "Z").unwrap(), Some(vec![2]));
+        j.put(Kind::Open, "Z", b"replaced").unwrap();
+        assert_eq!(j.get(Kind::Open, "Z").unwrap().unwrap(), b"replaced");
+        j.atomically(|b| b.delete(Kind::Open, "Z")).unwrap();
+        j.atomically(|b| b.delete(Kind::Open, "never there"))
+            .unwrap();
+        assert_eq!(j.get(Kind::Open, "Z").unwrap(), None);
+        assert_eq!(j.get(Kind::Gw, "a").unwrap().unwrap(), b"another kind");
+        assert_eq!(
+            j.kind_counts().unwrap(),
+            [("gw".to_string(), 1), ("open".to_string(), 7)].into()
+        );
+        // An empty value and arbitrary bytes come back as written.
+        j.put(Kind::Hsm, "0", &[]).unwrap();
+        j.put(Kind::Hsm, "1", &[0, 255, 0x27, 0x5c]).unwrap();
+        assert_eq!(j.get(Kind::Hsm, "0").unwrap().unwrap(), b"");
+        assert_eq!(
+            j.get(Kind::Hsm, "1").unwrap().unwrap(),
+            [0, 255, 0x27, 0x5c]
+        );
+    }
+
+    both!(two_handles_on_one_journal_lose_no_write, two_writers);
+    /// Two `Journal` handles (two processes' worth: each its own connection) increment one
+    /// counter with a locked read-modify-write, and race to claim the same keys: every
+    /// increment lands, and each key has exactly one winner.
+    fn two_writers(backend: Backend) {
+        let Some(fx) = fixture(backend) else { return };
+        const N: u64 = 40;
+        let handles = [fx.open(), fx.open()];
+        handles[0]
+            .put(Kind::Meta, "counter", &0u64.to_be_bytes())
+            .unwrap();
+        let wins: Vec<u64> = std::thread::scope(|s| {
+            let workers: Vec<_> = handles
+                .iter()
+                .map(|j| {
+                    s.spawn(move || {
+                        let mut won = 0;
+                        for i in 0..N {
+                            j.atomically(|b| {
+                                let v = b.get_for_update(Kind::Meta, "counter")?.unwrap();
+                                let n = u64::from_be_bytes(v.try_into().unwrap());
+                                std::thread::yield_now();
+                                b.put(Kind::Meta, "counter", &(n + 1).to_be_bytes())
+                            })
+                            .unwrap();
+                            if j.atomically(|b| {
+                                b.insert_new(Kind::Batch, &format!("{i:04}"), b"me")
+                            })
+                            .unwrap()
+                            {
+                                won += 1;
+                            }
+                        }
+                        won
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).collect()
+        });
+        let n = handles[1].get(Kind::Meta, "counter").unwrap().unwrap();
+        assert_eq!(
+            u64::from_be_bytes(n.try_into().unwrap()),
+            2 * N,
+            "no increment lost"
+        );
+        assert_eq!(
+            wins.iter().sum::<u64>(),
+            N,
+            "each key claimed exactly once: {wins:?}"
+        );
+        assert_eq!(handles[0].all(Kind::Batch).unwrap().len() as u64, N);
+    }
+
+    both!(
+        migrations_are_idempotent_and_a_newer_schema_is_refused,
+        migrations
+    );
+    fn migrations(backend: Backend) {
+        let Some(fx) = fixture(backend) else { return };
+        // Two processes opening a new journal at once, then again: one migration each.
+        std::thread::scope(|s| {
+            let a = s.spawn(|| fx.open());
+            let b = s.spawn(|| fx.open());
+            a.join().unwrap().put(Kind::Meta, "a", b"1").unwrap();
+            b.join().unwrap().put(Kind::Meta, "b", b"1").unwrap();
+        });
+        let j = fx.open();
+        assert_eq!(j.all(Kind::Meta).unwrap().len(), 2, "kept across reopen");
+        drop(j);
+        let set_version = |v: i64| match (&fx.target, &fx.rig, &fx.url) {
+            (Target::Sqlite(p), _, _) => {
+                rusqlite::Connection::open(p)
+                    .unwrap()
+                    .pragma_update(None, "user_version", v)
+                    .unwrap();
+            }
+            (Target::Postgres(pg), Some(rig), Some(url)) => {
+                rig.psql(
+                    url,
+                    &format!(
+                        "INSERT INTO {}.schema_version (version) VALUES ({v})",
+                        pg.schema
+                    ),
+                );
+            }
+            _ => unreachable!(),
+        };
+        let version = || match (&fx.target, &fx.rig, &fx.url) {
+            (Target::Sqlite(p), _, _) => rusqlite::Connection::open(p)
+                .unwrap()
+                .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
+                .unwrap()
+                .to_string(),
+            (Target::Postgres(pg), Some(rig), Some(url)) => rig.psql(
+                url,
+                &format!(
+                    "SELECT string_agg(version::text, ',') FROM {}.schema_version",
+                    pg.schema
+                ),
+            ),
+            _ => unreachable!(),
+        };
+        assert_eq!(version(), "1", "applied once");
+        set_version(SCHEMA_VERSION + 1);
+        match Journal::open_target(&fx.target) {
+            Err(JournalError {
+                source: StoreError::NewerSchema { found: 2, known: 1 },
+                ..
+            }) => {}
+            Err(e) => panic!("refused for another reason: {e}"),
+            Ok(_) => panic!("a journal newer than this build was opened"),
+        }
+    }
+
+    both!(a_multi_thread_runtime_journals_from_its_tasks, on_tokio);
+    /// The journal is called from async tasks on a multi-threaded runtime (the head end's
+    /// own) and on a current-thread one (`#[tokio::test]`): no runtime-in-runtime panic, no
+    /// deadlock, every write there.
+    fn on_tokio(backend: Backend) {
+        let Some(fx) = fixture(backend) else { return };
+        let j = std::sync::Arc::new(fx.open());
+        let multi = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        multi.block_on(async {
+            let tasks: Vec<_> = (0..8)
+                .map(|t| {
+                    let j = j.clone();
+                    tokio::spawn(async move {
+                        for i in 0..10 {
+                            j.put(Kind::Txn, &format!("m{t}-{i}"), b"v").unwrap();
+                            tokio::task::yield_now().await;
+                            assert!(j.get(Kind::Txn, &format!("m{t}-{i}")).unwrap().is_some());
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+        });
+        let current = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        current.block_on(async {
+            j.put(Kind::Txn, "current", b"v").unwrap();
+            assert_eq!(j.all(Kind::Txn).unwrap().len(), 81);
+        });
+    }
+
+    #[test]
+    fn a_password_in_the_connection_string_reaches_no_message() {
+        let target = Target::Postgres(PgTarget {
+            url: "host=/nonexistent-purselink-dir port=5 user=u password=hunter2 dbname=d".into(),
+            schema: "purselink_gateway".into(),
+        });
+        assert!(!format!("{target:?}").contains("hunter2"));
+        let e = Journal::open_target(&target)
+            .err()
+            .expect("nothing listens there");
+        let shown = format!("{e} {e:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("postgres schema purselink_gateway on /nonexistent-purselink-dir:5/d"),
+            "{shown}"
+        );
+        let long = Target::Postgres(PgTarget {
+            url: "host=/x".into(),
+            schema: "s".repeat(64),
+        });
+        assert!(matches!(
+            Journal::open_target(&long),
+            Err(JournalError {
+                source: StoreError::BadSchema { .. },
+                ..
+            })
+        ));
     }
 
     /// The kinds are on disk in existing journals and read by these strings in `sim`'s audit

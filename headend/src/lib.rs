@@ -30,3 +30,8 @@ pub mod pki;
 pub mod quic;
 pub mod role;
 pub mod status;
+
+/// The private PostgreSQL the journal's tests run on (shared with the integration tests).
+#[cfg(test)]
+#[path = "../tests/pg_rig/mod.rs"]
+pub(crate) mod pg_rig;

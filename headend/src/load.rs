@@ -168,8 +168,10 @@ impl LoadServer {
         let s = cfg.load.as_ref().ok_or("no [load] section")?;
         let master =
             read_master_key("[load] load_keys", &s.load_keys).map_err(|e| e.to_string())?;
-        let journal =
-            Arc::new(Journal::open(&cfg.state_dir.join("load.sqlite")).map_err(|e| e.to_string())?);
+        let journal = Arc::new(
+            Journal::open_target(&cfg.journal_target("load").map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?,
+        );
         let mut hsm: Box<dyn SecurityModule> = Box::new(Hsm::new(s.hsm_id, master));
         if let Some(snap) = journal.get(Kind::Hsm, "0").map_err(|e| e.to_string())? {
             hsm.restore(&snap)?;

@@ -254,7 +254,7 @@ fn main() -> ExitCode {
             }),
         Command::Status(a) => HeadendConfig::load(&a.config)
             .map_err(|e| e.to_string())
-            .and_then(|cfg| headend::status::report(&cfg.state_dir))
+            .and_then(|cfg| headend::status::report_config(&cfg))
             .map(|r| print!("{r}")),
         Command::AckBatch { role, batch } => {
             payment_only(&role)

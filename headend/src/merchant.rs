@@ -74,7 +74,7 @@ impl MerchantServer {
         let section = cfg.merchant.as_ref().ok_or("no [merchant] section")?;
         let name = section.name.clone();
         let journal = Arc::new(
-            Journal::open(&cfg.state_dir.join(format!("{name}.sqlite")))
+            Journal::open_target(&cfg.journal_target(&name).map_err(|e| e.to_string())?)
                 .map_err(|e| e.to_string())?,
         );
         let shops = cfg

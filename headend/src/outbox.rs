@@ -13,7 +13,7 @@ use std::time::Duration;
 use proto::messages::{ErrorCode, Message};
 use serde::{Deserialize, Serialize};
 
-use crate::journal::{self, Journal, JournalError, Kind, StepText};
+use crate::journal::{self, Journal, JournalError, Kind, StepText, StoreError};
 use crate::role::{Caller, Role};
 
 /// A message on its way, and where it stands.
@@ -94,7 +94,7 @@ pub struct Outbox {
 }
 
 /// Writes that go with an acknowledgement, in the same journal write (see [`Outbox::on_ack`]).
-type OnAck = Box<dyn Fn(&journal::Batch, &Message) -> rusqlite::Result<()> + Send + Sync>;
+type OnAck = Box<dyn Fn(&journal::Batch, &Message) -> Result<(), StoreError> + Send + Sync>;
 
 /// What one delivery round did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -125,7 +125,7 @@ impl Outbox {
     #[must_use]
     pub fn on_ack(
         mut self,
-        f: impl Fn(&journal::Batch, &Message) -> rusqlite::Result<()> + Send + Sync + 'static,
+        f: impl Fn(&journal::Batch, &Message) -> Result<(), StoreError> + Send + Sync + 'static,
     ) -> Self {
         self.on_ack = Some(Box::new(f));
         self
@@ -141,7 +141,7 @@ impl Outbox {
         to: &str,
         id: &str,
         message: &Message,
-    ) -> rusqlite::Result<()> {
+    ) -> Result<(), StoreError> {
         b.put(
             Kind::Outbox,
             &key(to, id),

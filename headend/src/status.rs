@@ -4,7 +4,8 @@
 //! releases, open offers and loads, **loads awaiting an operator** (a hold past its
 //! lifetime whose load command was issued: the value may be on the card, so the hold is
 //! never released blindly), the payment server's open transactions and the funders' open
-//! holds. Read-only.
+//! holds. Read-only. Journals on PostgreSQL are read from their schemas
+//! ([`report_config`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -12,10 +13,57 @@ use std::path::Path;
 
 use proto::security_card::SecurityCard;
 
-use crate::journal::{self, Journal, Kind};
+use crate::config::HeadendConfig;
+use crate::journal::{self, Journal, Kind, Target};
 
 /// A text report on every journal (`*.sqlite`) in `state_dir`.
+///
+/// # Errors
+/// The directory or a journal cannot be read, or a record does not decode.
 pub fn report(state_dir: &Path) -> Result<String, String> {
+    let mut out = String::new();
+    sqlite_journals(state_dir, &mut out)?;
+    if out.is_empty() {
+        out.push_str("no journals yet\n");
+    }
+    Ok(out)
+}
+
+/// A text report on every journal of the roles `cfg` runs: the SQLite files in its
+/// `state_dir` (as [`report`]), then each role this config runs on PostgreSQL, read from its
+/// schema (opening it brings the schema up to date, as the role itself would).
+///
+/// # Errors
+/// As [`report`]; or a PostgreSQL journal cannot be reached.
+pub fn report_config(cfg: &HeadendConfig) -> Result<String, String> {
+    let mut out = String::new();
+    if cfg.state_dir.exists() {
+        sqlite_journals(&cfg.state_dir, &mut out)?;
+    }
+    let runs = |role: &str| match role {
+        "gateway" => cfg.gateway.is_some(),
+        "bank" => cfg.bank.is_some(),
+        "load" => cfg.load.is_some(),
+        r if cfg.payment.as_ref().is_some_and(|p| p.name == r) => true,
+        r => cfg.merchant.as_ref().is_some_and(|m| m.name == r),
+    };
+    for role in cfg.role_names() {
+        if !runs(&role) {
+            continue;
+        }
+        let target = cfg.journal_target(&role).map_err(|e| e.to_string())?;
+        if let Target::Postgres(_) = target {
+            let j = Journal::open_target(&target).map_err(|e| e.to_string())?;
+            one_journal(&j, &role, &format!("{role} ({})", j.at()), &mut out)?;
+        }
+    }
+    if out.is_empty() {
+        out.push_str("no journals yet\n");
+    }
+    Ok(out)
+}
+
+fn sqlite_journals(state_dir: &Path, out: &mut String) -> Result<(), String> {
     let mut names: Vec<_> = std::fs::read_dir(state_dir)
         .map_err(|e| format!("{}: {e}", state_dir.display()))?
         .filter_map(|e| e.ok())
@@ -23,41 +71,43 @@ pub fn report(state_dir: &Path) -> Result<String, String> {
         .filter(|p| p.extension().is_some_and(|x| x == "sqlite"))
         .collect();
     names.sort();
-    let mut out = String::new();
     for path in names {
         let role = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
         let j = Journal::open(&path).map_err(|e| e.to_string())?;
-        let steps = j.count_steps().map_err(|e| e.to_string())?;
-        let kinds = j.kind_counts().map_err(|e| e.to_string())?;
-        let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{k}={n}")).collect();
-        let _ = writeln!(
-            out,
-            "{role}: {steps} journaled steps; records: {}",
-            kinds.join(", ")
-        );
-        waiting(&j, &role, &mut out)?;
-        if let Ok(cards) = j.all(Kind::SecurityCard) {
-            let mut totals: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-            for (_, b) in cards {
-                let card: SecurityCard = journal::decode(&b)?;
-                for (c, t) in &card.totals {
-                    let e = totals.entry(c.alpha()).or_default();
-                    e.0 += t.count;
-                    e.1 += t.amount;
-                }
-            }
-            for (c, (n, minor)) in totals {
-                let _ = writeln!(out, "  security cards: {n} sales, {minor} minor units {c}");
+        one_journal(&j, &role, &role, out)?;
+    }
+    Ok(())
+}
+
+/// The report on one journal: `role` is the role's name, `title` what the report calls it.
+fn one_journal(j: &Journal, role: &str, title: &str, out: &mut String) -> Result<(), String> {
+    let steps = j.count_steps().map_err(|e| e.to_string())?;
+    let kinds = j.kind_counts().map_err(|e| e.to_string())?;
+    let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{k}={n}")).collect();
+    let _ = writeln!(
+        out,
+        "{title}: {steps} journaled steps; records: {}",
+        kinds.join(", ")
+    );
+    waiting(j, role, out)?;
+    if let Ok(cards) = j.all(Kind::SecurityCard) {
+        let mut totals: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for (_, b) in cards {
+            let card: SecurityCard = journal::decode(&b)?;
+            for (c, t) in &card.totals {
+                let e = totals.entry(c.alpha()).or_default();
+                e.0 += t.count;
+                e.1 += t.amount;
             }
         }
+        for (c, (n, minor)) in totals {
+            let _ = writeln!(out, "  security cards: {n} sales, {minor} minor units {c}");
+        }
     }
-    if out.is_empty() {
-        out.push_str("no journals yet\n");
-    }
-    Ok(out)
+    Ok(())
 }
 
 /// What waits in one journal (`role`: its file's stem): counts, and the operator's queue by

@@ -7,14 +7,25 @@
 //! nothing.
 
 mod load_support;
-#[path = "purchase_support/mod.rs"]
-mod purchase_support;
+#[path = "wire_box/mod.rs"]
+mod wire_box;
 
 use headend::clearing::reconcile::{Journals, reconcile};
 use headend::journal::Kind;
 use headend::payment::collection::BatchState;
 use load_support::*;
 use proto::messages::*;
+
+/// Waits (bounded, 10 s) until `f` holds: deliveries run on the outboxes' own timers.
+async fn eventually(mut f: impl FnMut() -> bool) -> bool {
+    for _ in 0..400 {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    f()
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn float_is_loads_less_settled_purchases_and_matches_the_cards() {
@@ -38,11 +49,17 @@ async fn float_is_loads_less_settled_purchases_and_matches_the_cards() {
     let ca = he.dir.path().join("ca");
     let mut spent = 0;
     let mut buyers = Vec::new();
-    for (id, balance) in [("box-000061", 20_000), ("box-000062", 15_000)] {
-        buyers.push((
-            purchase_support::TestBox::connect(&ca, &he.cfg, id, gw, balance).await,
-            balance,
-        ));
+    let issuer = issuer_keys(&he.cfg);
+    for (n, (id, balance)) in [("box-000061", 20_000), ("box-000062", 15_000)]
+        .into_iter()
+        .enumerate()
+    {
+        let buyer = wire_box::WireBox {
+            id: id.into(),
+            client: wire_box::connect(&ca, id, gw).await.unwrap(),
+            card: wire_box::new_card(&issuer, 0xB0B0_0000 + n as u64, balance, 100_000),
+        };
+        buyers.push((buyer, balance));
     }
     for (i, (merchant, item)) in [
         ("CABLE", "ppv-1001"),
@@ -54,7 +71,7 @@ async fn float_is_loads_less_settled_purchases_and_matches_the_cards() {
     .into_iter()
     .enumerate()
     {
-        let (offer, receipt) = buyers[i % 2].0.buy(merchant, item).await;
+        let (offer, receipt) = buyers[i % 2].0.buy(merchant, item).await.unwrap();
         assert!(
             matches!(receipt, Message::Receipt(ref r) if r.released),
             "{receipt:?}"
@@ -66,19 +83,19 @@ async fn float_is_loads_less_settled_purchases_and_matches_the_cards() {
     let p = he.running.payment.clone().unwrap();
     let c = he.running.clearing.clone().unwrap();
     assert!(
-        purchase_support::eventually(|| p
-            .journal()
-            .all(Kind::Txn)
+        eventually(|| p.journal().all(Kind::Txn).unwrap().iter().all(|(k, _)| p
+            .txn(k)
             .unwrap()
-            .iter()
-            .all(|(k, _)| p.txn(k).unwrap().state == headend::payment::PayState::Completed))
+            .state
+            == headend::payment::PayState::Completed))
         .await
     );
     let batch = p.close_batch().unwrap().expect("a batch");
     assert!(
-        purchase_support::eventually(|| p.batch_state(batch.batch)
-            == Some(BatchState::Acknowledged)
-            && c.journal().all(Kind::Advice).unwrap().len() == 3)
+        eventually(
+            || p.batch_state(batch.batch) == Some(BatchState::Acknowledged)
+                && c.journal().all(Kind::Advice).unwrap().len() == 3
+        )
         .await,
         "batch acknowledged and 3 load advices received: {:?}",
         c.journal().kind_counts()

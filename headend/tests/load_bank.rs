@@ -39,7 +39,18 @@ fn account_balance(he: &HeadEnd, id: &str) -> u64 {
 
 #[tokio::test]
 async fn bank_load_captures_the_hold_into_the_issuer_float() {
-    let he = start().await;
+    bank_load_captures(pg_rig::Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn bank_load_captures_the_hold_into_the_issuer_float_on_postgres() {
+    bank_load_captures(pg_rig::Backend::Postgres).await;
+}
+
+async fn bank_load_captures(backend: pg_rig::Backend) {
+    let Some(he) = start_on(backend).await else {
+        return;
+    };
     let mut b = LoadBox::new(&he, BOX1, 1_000, 100_000).await;
     let offer = b.offer(bank_source()).await;
     // Least of card room 99 000, funds 50 000, daily limit 30 000.
@@ -110,6 +121,9 @@ async fn bank_load_captures_the_hold_into_the_issuer_float() {
     );
     let totals = conservation(&he, &mut [&mut b]).await;
     assert_eq!(totals[&EUR], (12_345, 12_345, 12_345));
+    if let Some(db) = &he.pg {
+        db.assert_every_role_here(&he.cfg.state_dir, &["gateway", "bank", "load"]);
+    }
     he.running.stop().await;
 }
 

@@ -21,7 +21,18 @@ fn voucher_hold(he: &HeadEnd, txid: &str) -> Option<HoldState> {
 
 #[tokio::test]
 async fn voucher_load_needs_no_bank_and_captures_into_the_float() {
-    let he = start().await;
+    voucher_load(pg_rig::Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn voucher_load_needs_no_bank_and_captures_into_the_float_on_postgres() {
+    voucher_load(pg_rig::Backend::Postgres).await;
+}
+
+async fn voucher_load(backend: pg_rig::Backend) {
+    let Some(he) = start_on(backend).await else {
+        return;
+    };
     let mut b = LoadBox::new(&he, BOX1, 500, 100_000).await;
     let offer = b.offer(voucher_source(VOUCHER)).await;
     assert_eq!(
@@ -70,6 +81,9 @@ async fn voucher_load_needs_no_bank_and_captures_into_the_float() {
     );
     let totals = conservation(&he, &mut [&mut b]).await;
     assert_eq!(totals[&EUR], (7_500, 7_500, 7_500));
+    if let Some(db) = &he.pg {
+        db.assert_every_role_here(&he.cfg.state_dir, &["gateway", "load"]);
+    }
     he.running.stop().await;
 }
 

@@ -11,12 +11,22 @@ use headend::payment::PayState;
 use headend::role::{Caller, Role};
 use proto::messages::*;
 use proto::money::Currency;
+use purchase_support::pg_rig::Backend;
 use purchase_support::*;
 
 const EUR: Currency = Currency::EUR;
 
-async fn full_purchase(embodiment: &str, layer: bool, merchant: &str, item: &str, price: u64) {
-    let he = start(options(embodiment, layer)).await;
+async fn full_purchase(
+    backend: Backend,
+    embodiment: &str,
+    layer: bool,
+    merchant: &str,
+    item: &str,
+    price: u64,
+) {
+    let Some(he) = start_on(backend, options(embodiment, layer)).await else {
+        return;
+    };
     let mut b = TestBox::new(&he, "box-000001", 10_000).await;
     let (offer, answer) = b.buy(merchant, item).await;
     let txid = offer.transaction_id.clone();
@@ -82,41 +92,94 @@ async fn full_purchase(embodiment: &str, layer: bool, merchant: &str, item: &str
     assert!(eventually(|| gw.pending_notifications() == 0).await);
     let msteps = merchant_role.journal().steps(&txid).unwrap();
     assert_eq!(msteps, ["offer made", "goods released"]);
+    if let Some(db) = &he.pg {
+        db.assert_every_role_here(&he.cfg.state_dir, &["gateway", "payment", "merchant"]);
+    }
     he.running.stop().await;
 }
 
-#[tokio::test]
-async fn fig4_security_card_compares_cable_ppv_layer_on() {
-    full_purchase("security-card", true, "CABLE", "ppv-1001", 499).await;
+/// `purchase_test!(name, args…)`: the full purchase as `name::sqlite` and `name::postgres`,
+/// every role journaling on that backend.
+macro_rules! purchase_test {
+    ($name:ident, $($arg:expr),+) => {
+        mod $name {
+            use super::*;
+            #[tokio::test]
+            async fn sqlite() {
+                full_purchase(Backend::Sqlite, $($arg),+).await;
+            }
+            #[tokio::test]
+            async fn postgres() {
+                full_purchase(Backend::Postgres, $($arg),+).await;
+            }
+        }
+    };
 }
-#[tokio::test]
-async fn fig4_security_card_compares_internet_merchant_layer_off() {
-    full_purchase("security-card", false, "M-WEBSHOP", "ebook-1", 1_250).await;
-}
-#[tokio::test]
-async fn fig5_payment_server_compares_internet_merchant_layer_on() {
-    full_purchase("payment-server", true, "M-WEBSHOP", "ebook-1", 1_250).await;
-}
-#[tokio::test]
-async fn fig5_payment_server_compares_cable_shop_layer_off() {
-    full_purchase("payment-server", false, "CABLE", "shop-2001", 2_995).await;
-}
-#[tokio::test]
-async fn fig6_gateway_compares_cable_ppv_layer_on() {
-    full_purchase("gateway", true, "CABLE", "ppv-1002", 399).await;
-}
-#[tokio::test]
-async fn fig6_gateway_compares_internet_merchant_layer_off() {
-    full_purchase("gateway", false, "M-WEBSHOP", "ebook-1", 1_250).await;
-}
-#[tokio::test]
-async fn fig7_merchant_compares_internet_merchant_layer_on() {
-    full_purchase("merchant", true, "M-WEBSHOP", "ebook-1", 1_250).await;
-}
-#[tokio::test]
-async fn fig7_merchant_compares_cable_ppv_layer_off() {
-    full_purchase("merchant", false, "CABLE", "ppv-1001", 499).await;
-}
+
+purchase_test!(
+    fig4_security_card_compares_cable_ppv_layer_on,
+    "security-card",
+    true,
+    "CABLE",
+    "ppv-1001",
+    499
+);
+purchase_test!(
+    fig4_security_card_compares_internet_merchant_layer_off,
+    "security-card",
+    false,
+    "M-WEBSHOP",
+    "ebook-1",
+    1_250
+);
+purchase_test!(
+    fig5_payment_server_compares_internet_merchant_layer_on,
+    "payment-server",
+    true,
+    "M-WEBSHOP",
+    "ebook-1",
+    1_250
+);
+purchase_test!(
+    fig5_payment_server_compares_cable_shop_layer_off,
+    "payment-server",
+    false,
+    "CABLE",
+    "shop-2001",
+    2_995
+);
+purchase_test!(
+    fig6_gateway_compares_cable_ppv_layer_on,
+    "gateway",
+    true,
+    "CABLE",
+    "ppv-1002",
+    399
+);
+purchase_test!(
+    fig6_gateway_compares_internet_merchant_layer_off,
+    "gateway",
+    false,
+    "M-WEBSHOP",
+    "ebook-1",
+    1_250
+);
+purchase_test!(
+    fig7_merchant_compares_internet_merchant_layer_on,
+    "merchant",
+    true,
+    "M-WEBSHOP",
+    "ebook-1",
+    1_250
+);
+purchase_test!(
+    fig7_merchant_compares_cable_ppv_layer_off,
+    "merchant",
+    false,
+    "CABLE",
+    "ppv-1001",
+    499
+);
 
 /// Nothing moved: card, security cards, merchant.
 async fn assert_nothing_moved(he: &HeadEnd, b: &mut TestBox, before: u64, txid: Option<&str>) {
@@ -537,7 +600,12 @@ async fn purchase_keys_come_from_the_key_file_at_every_start_never_from_the_jour
         matches!(answer, Message::Receipt(ref r) if r.released),
         "{answer:?}"
     );
-    let HeadEnd { dir, cfg, running } = he;
+    let HeadEnd {
+        dir,
+        cfg,
+        running,
+        pg,
+    } = he;
     running.stop().await;
 
     let key_file = dir.path().join("keys/purchase-keys.toml");
@@ -549,7 +617,12 @@ async fn purchase_keys_come_from_the_key_file_at_every_start_never_from_the_jour
     let running = headend::assembly::start(&cfg, headend::assembly::Roles::ALL)
         .await
         .unwrap();
-    let he = HeadEnd { dir, cfg, running };
+    let he = HeadEnd {
+        dir,
+        cfg,
+        running,
+        pg,
+    };
     // A card personalised under the old master no longer verifies: the restarted security
     // cards hold the new key from the file, not the old one from their snapshot.
     // (Another card: its id comes from its balance, and a draw must bring an INITIALIZE newer
@@ -836,5 +909,70 @@ async fn a_step_the_gateway_cannot_journal_is_not_relayed() {
         "{steps:?}"
     );
     assert_nothing_moved(&he, &mut b, 5_000, Some(&txid)).await;
+    he.running.stop().await;
+}
+
+/// The head end's own runtime is multi-threaded (journal calls go through
+/// `block_in_place`); the purchase on PostgreSQL there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_purchase_on_postgres_on_a_multi_thread_runtime() {
+    full_purchase(
+        Backend::Postgres,
+        "payment-server",
+        true,
+        "CABLE",
+        "ppv-1001",
+        499,
+    )
+    .await;
+}
+
+/// Stopped and started again on the same PostgreSQL database, the roles find what they
+/// journaled: the sale, the security-card totals, the release; a retried debit response gets
+/// the stored receipt and moves nothing.
+#[tokio::test]
+async fn a_head_end_restarted_on_postgres_finds_its_journal() {
+    let Some(he) = start_on(Backend::Postgres, options("security-card", true)).await else {
+        return;
+    };
+    let mut b = TestBox::new(&he, "box-000001", 10_000).await;
+    let (offer, answer) = b.buy("CABLE", "ppv-1001").await;
+    assert!(
+        matches!(answer, Message::Receipt(ref r) if r.released),
+        "{answer:?}"
+    );
+    let txid = offer.transaction_id.clone();
+    let HeadEnd {
+        dir,
+        cfg,
+        running,
+        pg,
+    } = he;
+    running.stop().await;
+    let running = headend::assembly::start(&cfg, headend::assembly::Roles::ALL)
+        .await
+        .unwrap();
+    let he = HeadEnd {
+        dir,
+        cfg,
+        running,
+        pg,
+    };
+    let payment = he.running.payment.as_ref().unwrap();
+    assert_eq!(
+        payment.txn(&txid).map(|t| t.state),
+        Some(PayState::Completed)
+    );
+    assert_eq!(payment.totals().await.get(&EUR).copied(), Some(499));
+    assert_eq!(he.running.merchant.as_ref().unwrap().releases(&txid), 1);
+    let report = headend::status::report_config(&he.cfg).unwrap();
+    assert!(
+        report.contains("payment (postgres schema purselink_payment on "),
+        "{report}"
+    );
+    assert!(
+        report.contains("security cards: 1 sales, 499 minor units EUR"),
+        "{report}"
+    );
     he.running.stop().await;
 }

@@ -1,7 +1,8 @@
 //! A payment server SIGKILLed mid-transaction and restarted: the transaction completes (the
 //! box re-sends the debit response) or is reversed from the journal (the box never comes
 //! back), the merchant releases at most once, and value is conserved. Real processes: the
-//! `headend all-in-one` binary, killed with SIGKILL.
+//! `headend all-in-one` binary, killed with SIGKILL; every role journaling on SQLite, and
+//! again on PostgreSQL (a commit the process made before the kill is there after it).
 
 mod purchase_support;
 
@@ -18,6 +19,7 @@ use headend::role::to_payload;
 use proto::messages::*;
 use proto::money::Currency;
 use proto::security_card::SecurityCard;
+use purchase_support::pg_rig::{Backend, PgDb};
 use purchase_support::*;
 
 fn free_udp_port() -> SocketAddr {
@@ -87,9 +89,14 @@ async fn connect_when_up(
     panic!("headend did not come up on {addr}");
 }
 
-/// Reads the payment server's state from its journal file, as an operator would.
+/// A role's journal where the config puts it (a file, or a PostgreSQL schema).
+fn journal_of(cfg: &HeadendConfig, role: &str) -> Journal {
+    Journal::open_target(&cfg.journal_target(role).unwrap()).unwrap()
+}
+
+/// Reads the payment server's state from its journal, as an operator would.
 fn payment_state(cfg: &HeadendConfig, txid: &str) -> (Option<PayTxn>, u64) {
-    let j = Journal::open(&cfg.state_dir.join("payment.sqlite")).unwrap();
+    let j = journal_of(cfg, "payment");
     let txn = j
         .get(headend::journal::Kind::Txn, txid)
         .unwrap()
@@ -109,7 +116,7 @@ fn payment_state(cfg: &HeadendConfig, txid: &str) -> (Option<PayTxn>, u64) {
 }
 
 fn releases(cfg: &HeadendConfig, txid: &str) -> usize {
-    let j = Journal::open(&cfg.state_dir.join("merchant.sqlite")).unwrap();
+    let j = journal_of(cfg, "merchant");
     usize::from(
         j.get(headend::journal::Kind::Release, txid)
             .unwrap()
@@ -117,7 +124,17 @@ fn releases(cfg: &HeadendConfig, txid: &str) -> usize {
     )
 }
 
-fn setup(timeout_secs: u64) -> (tempfile::TempDir, HeadendConfig, SocketAddr) {
+/// The all-in-one deployment with its journals on `backend`; `None` (said why) without
+/// PostgreSQL. The database (if any) comes back to be held for the test's length.
+#[allow(clippy::type_complexity)]
+fn setup(
+    timeout_secs: u64,
+    backend: Backend,
+) -> Option<(tempfile::TempDir, HeadendConfig, SocketAddr, Option<PgDb>)> {
+    let db = match backend {
+        Backend::Sqlite => None,
+        Backend::Postgres => Some(PgDb::fresh()?),
+    };
     let dir = tempfile::tempdir().unwrap();
     let addr = free_udp_port();
     let files = init_demo(
@@ -129,13 +146,28 @@ fn setup(timeout_secs: u64) -> (tempfile::TempDir, HeadendConfig, SocketAddr) {
         },
     )
     .unwrap();
+    if let Some(db) = &db {
+        let text = std::fs::read_to_string(&files.config).unwrap() + &db.journal_section();
+        proto::secret::write_private(&files.config, text.as_bytes()).unwrap();
+    }
     let cfg = HeadendConfig::load(&files.config).unwrap();
-    (dir, cfg, addr)
+    Some((dir, cfg, addr, db))
 }
 
 #[tokio::test]
 async fn killed_after_the_debit_command_completes_when_the_box_resends() {
-    let (dir, cfg, addr) = setup(30);
+    completes_when_the_box_resends(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn killed_after_the_debit_command_completes_when_the_box_resends_on_postgres() {
+    completes_when_the_box_resends(Backend::Postgres).await;
+}
+
+async fn completes_when_the_box_resends(backend: Backend) {
+    let Some((dir, cfg, addr, _db)) = setup(30, backend) else {
+        return;
+    };
     let (ca, log) = (dir.path().join("ca"), dir.path().join("headend.log"));
     let mut child = spawn_headend(&cfg_path(&dir), &log);
     let mut b = connect_when_up(&mut None, &ca, &cfg, addr, 5_000).await;
@@ -183,7 +215,18 @@ async fn killed_after_the_debit_command_completes_when_the_box_resends() {
 
 #[tokio::test]
 async fn killed_after_the_debit_command_reverses_when_the_card_never_debited() {
-    let (dir, cfg, addr) = setup(1);
+    reverses_when_the_card_never_debited(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn killed_after_the_debit_command_reverses_when_the_card_never_debited_on_postgres() {
+    reverses_when_the_card_never_debited(Backend::Postgres).await;
+}
+
+async fn reverses_when_the_card_never_debited(backend: Backend) {
+    let Some((dir, cfg, addr, _db)) = setup(1, backend) else {
+        return;
+    };
     let (ca, log) = (dir.path().join("ca"), dir.path().join("headend.log"));
     let mut child = spawn_headend(&cfg_path(&dir), &log);
     let mut b = connect_when_up(&mut None, &ca, &cfg, addr, 5_000).await;

@@ -81,15 +81,15 @@ pub fn advice_key(funder: &str, transaction_id: &str) -> String {
 }
 
 impl ClearingServer {
-    /// Opens the clearing role of `cfg` (its `[clearing]` section) on
-    /// `<state_dir>/<name>.sqlite`.
+    /// Opens the clearing role of `cfg` (its `[clearing]` section) on its journal
+    /// (`<state_dir>/<name>.sqlite`, or PostgreSQL per `[journal]`).
     ///
     /// # Errors
     /// No `[clearing]` section, or the journal cannot be opened.
     pub fn open(cfg: &HeadendConfig) -> Result<Arc<Self>, String> {
         let s = cfg.clearing.as_ref().ok_or("no [clearing] section")?;
         let journal = Arc::new(
-            Journal::open(&cfg.state_dir.join(format!("{}.sqlite", s.name)))
+            Journal::open_target(&cfg.journal_target(&s.name).map_err(|e| e.to_string())?)
                 .map_err(|e| e.to_string())?,
         );
         Ok(Arc::new(Self {

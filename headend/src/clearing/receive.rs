@@ -13,7 +13,7 @@ use proto::messages::{ErrorCode, Message};
 
 use super::step::ClearingStep;
 use super::{AdviceRec, ClearingServer, Received, advice_key, batch_key, txn_key};
-use crate::journal::{self, Kind};
+use crate::journal::{self, Kind, StoreError};
 use crate::role::{Caller, journal_failed, refuse};
 
 fn now_secs() -> u64 {
@@ -23,8 +23,8 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-fn corrupt(e: String) -> rusqlite::Error {
-    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, e.into())
+fn corrupt(e: String) -> StoreError {
+    StoreError::Aborted(e)
 }
 
 impl ClearingServer {
@@ -80,7 +80,7 @@ impl ClearingServer {
             batch: batch.batch,
         };
         let outcome = self.journal.atomically(|b| {
-            if let Some(raw) = b.get(Kind::ClearedBatch, &id)? {
+            if let Some(raw) = b.get_for_update(Kind::ClearedBatch, &id)? {
                 let first: Received = journal::decode(&raw).map_err(corrupt)?;
                 return Ok(if first.batch == batch {
                     tracing::info!(batch = %id, "batch received again: same acknowledgement");
@@ -92,7 +92,7 @@ impl ClearingServer {
                 });
             }
             for r in &batch.records {
-                if let Some(other) = b.get(Kind::ClearedTxn, &txn_key(r.security_card_id, r.security_card_txn))? {
+                if let Some(other) = b.get_for_update(Kind::ClearedTxn, &txn_key(r.security_card_id, r.security_card_txn))? {
                     return Ok(Err(format!(
                         "transaction {} (security card {:X} transaction {}) was cleared in batch {} already",
                         r.transaction_id,
@@ -150,7 +150,7 @@ impl ClearingServer {
         }
         let key = advice_key(&advice.funder, &txid);
         let outcome = self.journal.atomically(|b| {
-            if let Some(raw) = b.get(Kind::Advice, &key)? {
+            if let Some(raw) = b.get_for_update(Kind::Advice, &key)? {
                 let first: AdviceRec = journal::decode(&raw).map_err(corrupt)?;
                 return Ok(if first.advice == advice {
                     Ok(())

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::step::ClearingStep;
 use super::{AdviceRec, ClearingServer, Received};
-use crate::journal::{self, Kind};
+use crate::journal::{self, Kind, StoreError};
 
 /// What one merchant is paid, through one acquirer, in one currency.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,8 +67,8 @@ pub struct Report {
     pub float: Vec<FloatMove>,
 }
 
-fn corrupt(e: String) -> rusqlite::Error {
-    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, e.into())
+fn corrupt(e: String) -> StoreError {
+    StoreError::Aborted(e)
 }
 
 fn today() -> String {
@@ -89,25 +89,25 @@ impl ClearingServer {
             .journal
             .atomically(|b| {
                 let batches: Vec<(String, Received)> = b
-                    .all(Kind::ClearedBatch)?
+                    .all_for_update(Kind::ClearedBatch)?
                     .into_iter()
                     .map(|(k, v)| Ok((k, journal::decode::<Received>(&v).map_err(corrupt)?)))
-                    .collect::<rusqlite::Result<Vec<_>>>()?
+                    .collect::<Result<Vec<_>, StoreError>>()?
                     .into_iter()
                     .filter(|(_, r)| r.settlement.is_none())
                     .collect();
                 let advices: Vec<(String, AdviceRec)> = b
-                    .all(Kind::Advice)?
+                    .all_for_update(Kind::Advice)?
                     .into_iter()
                     .map(|(k, v)| Ok((k, journal::decode::<AdviceRec>(&v).map_err(corrupt)?)))
-                    .collect::<rusqlite::Result<Vec<_>>>()?
+                    .collect::<Result<Vec<_>, StoreError>>()?
                     .into_iter()
                     .filter(|(_, r)| r.settlement.is_none())
                     .collect();
                 if batches.is_empty() && advices.is_empty() {
                     return Ok(None);
                 }
-                let number = b.all(Kind::Settlement)?.len() as u64 + 1;
+                let number = b.all_for_update(Kind::Settlement)?.len() as u64 + 1;
                 let id = format!("S{number:06}");
                 let mut merchants: BTreeMap<(String, String, Currency), (u64, u64)> =
                     BTreeMap::new();
@@ -143,7 +143,7 @@ impl ClearingServer {
                     purchases.keys().chain(loads.keys()).copied().collect();
                 for c in currencies {
                     let key = c.code.to_string();
-                    let opening = match b.get(Kind::Float, &key)? {
+                    let opening = match b.get_for_update(Kind::Float, &key)? {
                         Some(v) => i64::from_be_bytes(v.try_into().unwrap_or([0; 8])),
                         None => 0,
                     };

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::step::PayStep;
 use super::{PayState, PayTxn, PaymentServer};
-use crate::journal::{self, Kind};
+use crate::journal::{self, Kind, StoreError};
 use crate::outbox::Outbox;
 
 /// A closed batch and where it stands (journal kind `batch`, key [`batch_key`]).
@@ -68,14 +68,12 @@ pub fn batch_id(n: u64) -> String {
 /// # Errors
 /// The journal's; a batch that does not exist or does not decode is `QueryReturnedNoRows`
 /// / a conversion error.
-pub(crate) fn acknowledge_in(b: &journal::Batch, n: u64) -> rusqlite::Result<bool> {
+pub(crate) fn acknowledge_in(b: &journal::Batch, n: u64) -> Result<bool, StoreError> {
     let key = batch_key(n);
     let raw = b
-        .get(Kind::Batch, &key)?
-        .ok_or(rusqlite::Error::QueryReturnedNoRows)?;
-    let mut rec: ClosedBatch = journal::decode(&raw).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, e.into())
-    })?;
+        .get_for_update(Kind::Batch, &key)?
+        .ok_or_else(|| StoreError::Aborted(format!("no batch {n}")))?;
+    let mut rec: ClosedBatch = journal::decode(&raw).map_err(StoreError::Aborted)?;
     if rec.state == BatchState::Acknowledged {
         return Ok(false);
     }
@@ -95,18 +93,16 @@ impl PaymentServer {
     /// closed).
     pub fn close_batch(&self) -> Result<Option<CollectionBatch>, String> {
         let closed_on = day_text(super::today());
-        let corrupt = |e: String| {
-            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, e.into())
-        };
+        let corrupt = |e: String| StoreError::Aborted(e);
         let out = self
             .journal
             .atomically(|b| {
                 let n = b
-                    .get(Kind::Meta, "next-batch")?
+                    .get_for_update(Kind::Meta, "next-batch")?
                     .map(|v| u64::from_be_bytes(v.try_into().unwrap_or([0; 8])))
                     .unwrap_or(1);
                 let mut due: Vec<PayTxn> = Vec::new();
-                for (_, bytes) in b.all(Kind::Txn)? {
+                for (_, bytes) in b.all_for_update(Kind::Txn)? {
                     let t: PayTxn = journal::decode(&bytes).map_err(corrupt)?;
                     if t.state == PayState::Completed && t.batch.is_none() {
                         due.push(t);

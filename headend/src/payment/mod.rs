@@ -153,8 +153,11 @@ impl PaymentServer {
             crate::config::read_master_key("[payment] purchase_keys", &section.purchase_keys)
                 .map_err(|e| e.to_string())?;
         let journal = Arc::new(
-            Journal::open(&cfg.state_dir.join(format!("{}.sqlite", section.name)))
-                .map_err(|e| e.to_string())?,
+            Journal::open_target(
+                &cfg.journal_target(&section.name)
+                    .map_err(|e| e.to_string())?,
+            )
+            .map_err(|e| e.to_string())?,
         );
         let merchants = cfg
             .merchants

@@ -5,6 +5,9 @@
 //! procedure. [`Ledger`] is the conservation check every test ends with.
 #![allow(dead_code)]
 
+#[path = "../pg_rig/mod.rs"]
+pub mod pg_rig;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -38,6 +41,9 @@ pub struct HeadEnd {
     pub config_path: std::path::PathBuf,
     pub running: Running,
     pub pin: String,
+    /// The database every role journals on, on a PostgreSQL run (last: dropped after the
+    /// roles).
+    pub pg: Option<pg_rig::PgDb>,
 }
 
 /// Writes the demo deployment plus test accounts: `POOR` (1 000, same PIN) for box 1, and
@@ -95,16 +101,42 @@ pub async fn start() -> HeadEnd {
 }
 
 pub async fn start_roles(roles: Roles, edit: impl FnOnce(String) -> String) -> HeadEnd {
-    let (dir, config_path, pin) = demo(edit);
+    start_roles_on(pg_rig::Backend::Sqlite, roles, edit)
+        .await
+        .expect("SQLite is always there")
+}
+
+/// The whole head end with every role journaling on `backend`; `None` (said why) when
+/// that is PostgreSQL and it is not installed.
+pub async fn start_on(backend: pg_rig::Backend) -> Option<HeadEnd> {
+    start_roles_on(backend, Roles::ALL, |t| t).await
+}
+
+/// [`start_roles`] with every role journaling on `backend`.
+pub async fn start_roles_on(
+    backend: pg_rig::Backend,
+    roles: Roles,
+    edit: impl FnOnce(String) -> String,
+) -> Option<HeadEnd> {
+    let pg = match backend {
+        pg_rig::Backend::Sqlite => None,
+        pg_rig::Backend::Postgres => Some(pg_rig::PgDb::fresh()?),
+    };
+    let section = pg
+        .as_ref()
+        .map(|db| db.journal_section())
+        .unwrap_or_default();
+    let (dir, config_path, pin) = demo(|t| edit(t) + &section);
     let cfg = HeadendConfig::load(&config_path).unwrap();
     let running = assembly::start(&cfg, roles).await.unwrap();
-    HeadEnd {
+    Some(HeadEnd {
         dir,
         cfg,
         config_path,
         running,
         pin,
-    }
+        pg,
+    })
 }
 
 pub fn today() -> Date {

@@ -5,11 +5,15 @@
 #[path = "../wire_box/mod.rs"]
 pub mod wire_box;
 
+#[path = "../pg_rig/mod.rs"]
+pub mod pg_rig;
+
 use std::path::Path;
 use std::time::Duration;
 
 use headend::assembly::{self, DemoOptions, Roles, Running};
 use headend::config::HeadendConfig;
+use pg_rig::{Backend, PgDb};
 use proto::apdu::Response;
 use proto::card::PurseCard;
 use proto::messages::*;
@@ -20,6 +24,9 @@ pub struct HeadEnd {
     pub dir: tempfile::TempDir,
     pub cfg: HeadendConfig,
     pub running: Running,
+    /// The database every role journals on, on a PostgreSQL run (last: dropped after the
+    /// roles).
+    pub pg: Option<PgDb>,
 }
 
 pub fn options(embodiment: &str, message_layer: bool) -> DemoOptions {
@@ -32,12 +39,35 @@ pub fn options(embodiment: &str, message_layer: bool) -> DemoOptions {
     }
 }
 
+/// The all-in-one head end with its journals on SQLite.
 pub async fn start(opts: DemoOptions) -> HeadEnd {
+    start_on(Backend::Sqlite, opts)
+        .await
+        .expect("SQLite is always there")
+}
+
+/// The all-in-one head end with every role journaling on `backend`: `None` (said why)
+/// when that is PostgreSQL and it is not installed.
+pub async fn start_on(backend: Backend, opts: DemoOptions) -> Option<HeadEnd> {
     let dir = tempfile::tempdir().unwrap();
     let files = assembly::init_demo(dir.path(), &opts).unwrap();
+    let pg = match backend {
+        Backend::Sqlite => None,
+        Backend::Postgres => {
+            let db = PgDb::fresh()?;
+            let text = std::fs::read_to_string(&files.config).unwrap() + &db.journal_section();
+            proto::secret::write_private(&files.config, text.as_bytes()).unwrap();
+            Some(db)
+        }
+    };
     let cfg = HeadendConfig::load(&files.config).unwrap();
     let running = assembly::start(&cfg, Roles::ALL).await.unwrap();
-    HeadEnd { dir, cfg, running }
+    Some(HeadEnd {
+        dir,
+        cfg,
+        running,
+        pg,
+    })
 }
 
 pub fn new_card(cfg: &HeadendConfig, card_id: u64, balance: u64) -> PurseCard {

@@ -1,0 +1,573 @@
+//! The PostgreSQL backend of [`super::Journal`], on `tokio-postgres`.
+//!
+//! Sync over async: the journal's API is synchronous and is called from async code on a
+//! multi-threaded tokio runtime (inside `block_in_place`), from a current-thread runtime
+//! (tests), or from no runtime at all (`headend status`). So nothing here may need the
+//! caller's runtime, nor start one on the caller's thread (tokio refuses a `block_on`
+//! inside a runtime). Each connection therefore gets its own thread running a small
+//! current-thread runtime that drives the socket (`tokio_postgres::Connection`); the
+//! caller's thread only sends requests through the `Client` (channels, no IO, no runtime)
+//! and waits for the answers with a plain executor (`futures_executor::block_on`), which
+//! works in every one of those contexts. Dropping the journal drops the client, which ends
+//! the connection and its thread.
+//!
+//! One connection per journal, under a mutex, as with SQLite: the writes of one process
+//! stay in the order they were made (a reader following a feed by key, like the gateway's
+//! reversal cursor, never sees a later key commit before an earlier one). A connection that
+//! broke is replaced at the next call; the call that saw it break fails (`journal
+//! unavailable`, nothing was done — or, for a commit, the outcome is unknown and the
+//! transaction id makes the retry safe).
+//!
+//! Schema: each role journals in its own PostgreSQL schema (`[journal] schema_prefix` +
+//! role name), so several roles, and several head-end machines, share one database. The
+//! schema holds `schema_version` (one row per migration applied) and version 1's `steps`
+//! (`id BIGSERIAL`) and `state` (`PRIMARY KEY (kind, key)`, keys `COLLATE "C"` so they
+//! sort bytewise as in SQLite). Migrations run at open, in one transaction under an
+//! advisory lock per schema (two processes opening at once apply them once), and a schema
+//! newer than this build is refused.
+
+use std::sync::{Mutex, MutexGuard};
+
+use tokio_postgres::{Client, NoTls, Statement};
+
+use super::{JournalError, Kind, PgTarget, SCHEMA_VERSION, StoreError};
+
+/// PostgreSQL cuts identifiers to 63 bytes (NAMEDATALEN - 1).
+const MAX_IDENT: usize = 63;
+
+/// The migrations, in order: entry `n` takes a schema from version `n` to `n + 1`. `{s}`
+/// stands for the quoted schema name.
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = ["
+    CREATE TABLE {s}.steps (
+        id BIGSERIAL PRIMARY KEY,
+        txid TEXT NOT NULL,
+        step TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp());
+    CREATE INDEX steps_txid ON {s}.steps (txid);
+    CREATE TABLE {s}.state (
+        kind TEXT COLLATE \"C\" NOT NULL,
+        key TEXT COLLATE \"C\" NOT NULL,
+        value BYTEA NOT NULL,
+        PRIMARY KEY (kind, key));"];
+
+pub(super) struct Pg {
+    config: tokio_postgres::Config,
+    /// The schema, quoted for SQL.
+    schema: String,
+    at: String,
+    conn: Mutex<Option<Conn>>,
+}
+
+/// One connection: the client, its prepared statements, and the thread driving its socket.
+struct Conn {
+    client: Option<Client>,
+    st: Statements,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // The client first: the connection then ends, and so does its thread.
+        drop(self.client.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Conn {
+    fn client(&self) -> &Client {
+        self.client.as_ref().expect("until dropped")
+    }
+}
+
+struct Statements {
+    step: Statement,
+    put: Statement,
+    insert_new: Statement,
+    delete: Statement,
+    get: Statement,
+    get_for_update: Statement,
+    all_for_update: Statement,
+    all: Statement,
+    last_key: Statement,
+    range_after: Statement,
+    steps: Statement,
+    kind_counts: Statement,
+    count_steps: Statement,
+}
+
+/// Waits for a `tokio-postgres` future on the caller's thread (see the module docs).
+fn wait<F: std::future::Future>(f: F) -> F::Output {
+    futures_executor::block_on(f)
+}
+
+/// `name` quoted as a PostgreSQL identifier.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+impl Pg {
+    pub(super) fn open(target: &PgTarget) -> Result<Self, JournalError> {
+        let schema_err = |why| JournalError {
+            at: format!("postgres schema {}", target.schema),
+            source: StoreError::BadSchema {
+                name: target.schema.clone(),
+                why,
+            },
+        };
+        if target.schema.is_empty() {
+            return Err(schema_err("empty"));
+        }
+        if target.schema.len() > MAX_IDENT {
+            return Err(schema_err("longer than PostgreSQL's 63 bytes"));
+        }
+        if target.schema.contains('\0') {
+            return Err(schema_err("holds a NUL"));
+        }
+        let config: tokio_postgres::Config =
+            target.url.expose().parse().map_err(|e| JournalError {
+                at: format!("postgres schema {}", target.schema),
+                source: StoreError::Postgres(e),
+            })?;
+        let pg = Self {
+            at: describe(&config, &target.schema),
+            schema: quote_ident(&target.schema),
+            config,
+            conn: Mutex::new(None),
+        };
+        let conn = pg.connect().map_err(|e| pg.err(e))?;
+        pg.migrate(&conn, &target.schema).map_err(|e| pg.err(e))?;
+        *pg.lock() = Some(pg.prepare(conn).map_err(|e| pg.err(e))?);
+        tracing::info!(journal = %pg.at, version = SCHEMA_VERSION, "journal: PostgreSQL schema ready");
+        Ok(pg)
+    }
+
+    pub(super) fn at(&self) -> &str {
+        &self.at
+    }
+
+    fn err(&self, source: impl Into<StoreError>) -> JournalError {
+        JournalError {
+            at: self.at.clone(),
+            source: source.into(),
+        }
+    }
+
+    /// The connection's mutex. A caller that panicked while holding it may have left a
+    /// transaction open: its connection is dropped (the server rolls the transaction back)
+    /// and the next call connects anew.
+    fn lock(&self) -> MutexGuard<'_, Option<Conn>> {
+        match self.conn.lock() {
+            Ok(g) => g,
+            Err(poisoned) => {
+                let mut g = poisoned.into_inner();
+                *g = None;
+                self.conn.clear_poison();
+                g
+            }
+        }
+    }
+
+    /// Connects: a thread of its own drives the socket; the client comes back here. The
+    /// session commits synchronously whatever the server's default.
+    fn connect(&self) -> Result<(Client, std::thread::JoinHandle<()>), StoreError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let config = self.config.clone();
+        let at = self.at.clone();
+        let thread = std::thread::Builder::new()
+            .name("journal-pg".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(source) => {
+                        let _ = tx.send(Err(StoreError::Io {
+                            what: "the connection's runtime".into(),
+                            source,
+                        }));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    match config.connect(NoTls).await {
+                        Ok((client, connection)) => {
+                            let _ = tx.send(Ok(client));
+                            if let Err(e) = connection.await {
+                                tracing::warn!(journal = %at, error = %e, "journal: PostgreSQL connection lost");
+                            }
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e.into()));
+                        }
+                    }
+                });
+            })
+            .map_err(|source| StoreError::Io {
+                what: "the connection's thread".into(),
+                source,
+            })?;
+        let client = match rx.recv() {
+            Ok(r) => r?,
+            Err(_) => {
+                let _ = thread.join();
+                return Err(StoreError::Io {
+                    what: "the connection's thread".into(),
+                    source: std::io::Error::other("ended before connecting"),
+                });
+            }
+        };
+        wait(client.batch_execute("SET synchronous_commit = on"))?;
+        Ok((client, thread))
+    }
+
+    /// Applies the migrations the schema is missing, in one transaction under an advisory
+    /// lock on the schema's name, or refuses a schema newer than this build.
+    fn migrate(
+        &self,
+        (client, _): &(Client, std::thread::JoinHandle<()>),
+        name: &str,
+    ) -> Result<(), StoreError> {
+        let s = &self.schema;
+        wait(async {
+            client.batch_execute("BEGIN").await?;
+            let r = async {
+                client
+                    .execute(
+                        "SELECT pg_advisory_xact_lock(hashtextextended('purselink journal ' || $1::text, 0))",
+                        &[&name],
+                    )
+                    .await?;
+                // Created only when missing: a deployment may create it beforehand for a
+                // login that may not create schemas in the database.
+                let exists = client
+                    .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[&name])
+                    .await?
+                    .is_some();
+                if !exists {
+                    client.batch_execute(&format!("CREATE SCHEMA {s}")).await?;
+                }
+                client
+                    .batch_execute(&format!(
+                        "CREATE TABLE IF NOT EXISTS {s}.schema_version (
+                             version BIGINT PRIMARY KEY,
+                             applied_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp())"
+                    ))
+                    .await?;
+                let found: i64 = client
+                    .query_one(
+                        &format!("SELECT COALESCE(MAX(version), 0) FROM {s}.schema_version"),
+                        &[],
+                    )
+                    .await?
+                    .get(0);
+                if found > SCHEMA_VERSION {
+                    return Err(StoreError::NewerSchema {
+                        found,
+                        known: SCHEMA_VERSION,
+                    });
+                }
+                for (from, sql) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
+                    client.batch_execute(&sql.replace("{s}", s)).await?;
+                    let version = from as i64 + 1;
+                    client
+                        .execute(
+                            &format!("INSERT INTO {s}.schema_version (version) VALUES ($1)"),
+                            &[&version],
+                        )
+                        .await?;
+                    tracing::info!(journal = %self.at, version, "journal: migration applied");
+                }
+                Ok(())
+            }
+            .await;
+            match r {
+                Ok(()) => {
+                    client.batch_execute("COMMIT").await?;
+                    Ok(())
+                }
+                Err(e) => {
+                    let _ = client.batch_execute("ROLLBACK").await;
+                    Err(e)
+                }
+            }
+        })
+    }
+
+    /// Prepares the statements on a new connection.
+    fn prepare(
+        &self,
+        (client, thread): (Client, std::thread::JoinHandle<()>),
+    ) -> Result<Conn, StoreError> {
+        let s = &self.schema;
+        let st = wait(async {
+            let p = |sql: String| {
+                let client = &client;
+                async move { client.prepare(&sql).await }
+            };
+            Ok::<_, tokio_postgres::Error>(Statements {
+                step: p(format!(
+                    "INSERT INTO {s}.steps (txid, step, detail) VALUES ($1, $2, $3)"
+                ))
+                .await?,
+                put: p(format!(
+                    "INSERT INTO {s}.state (kind, key, value) VALUES ($1, $2, $3)
+                     ON CONFLICT (kind, key) DO UPDATE SET value = EXCLUDED.value"
+                ))
+                .await?,
+                insert_new: p(format!(
+                    "INSERT INTO {s}.state (kind, key, value) VALUES ($1, $2, $3)
+                     ON CONFLICT (kind, key) DO NOTHING"
+                ))
+                .await?,
+                delete: p(format!(
+                    "DELETE FROM {s}.state WHERE kind = $1 AND key = $2"
+                ))
+                .await?,
+                get: p(format!(
+                    "SELECT value FROM {s}.state WHERE kind = $1 AND key = $2"
+                ))
+                .await?,
+                get_for_update: p(format!(
+                    "SELECT value FROM {s}.state WHERE kind = $1 AND key = $2 FOR UPDATE"
+                ))
+                .await?,
+                all_for_update: p(format!(
+                    "SELECT key, value FROM {s}.state WHERE kind = $1 ORDER BY key FOR UPDATE"
+                ))
+                .await?,
+                all: p(format!(
+                    "SELECT key, value FROM {s}.state WHERE kind = $1 ORDER BY key"
+                ))
+                .await?,
+                last_key: p(format!(
+                    "SELECT key FROM {s}.state WHERE kind = $1 ORDER BY key DESC LIMIT 1"
+                ))
+                .await?,
+                range_after: p(format!(
+                    "SELECT key, value FROM {s}.state WHERE kind = $1 AND key > $2
+                     ORDER BY key LIMIT $3"
+                ))
+                .await?,
+                steps: p(format!(
+                    "SELECT step FROM {s}.steps WHERE txid = $1 ORDER BY id"
+                ))
+                .await?,
+                kind_counts: p(format!(
+                    "SELECT kind, COUNT(*) FROM {s}.state GROUP BY kind"
+                ))
+                .await?,
+                count_steps: p(format!("SELECT COUNT(*) FROM {s}.steps")).await?,
+            })
+        })?;
+        Ok(Conn {
+            client: Some(client),
+            st,
+            thread: Some(thread),
+        })
+    }
+
+    /// Runs `f` with the connection, connecting first if there is none (or it broke); a
+    /// connection that breaks during `f` is dropped.
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Conn) -> Result<T, StoreError>,
+    ) -> Result<T, JournalError> {
+        let mut g = self.lock();
+        if g.as_ref().is_none_or(|c| c.client().is_closed()) {
+            *g = None;
+            let conn = self.connect().map_err(|e| self.err(e))?;
+            *g = Some(self.prepare(conn).map_err(|e| self.err(e))?);
+            tracing::info!(journal = %self.at, "journal: reconnected to PostgreSQL");
+        }
+        let conn = g.as_mut().expect("connected above");
+        let out = f(conn);
+        if conn.client().is_closed() {
+            *g = None;
+        }
+        out.map_err(|e| self.err(e))
+    }
+
+    /// One transaction: `f` hands the batch back with its result; committed when that is
+    /// `Ok`, rolled back otherwise.
+    pub(super) fn atomically<T>(
+        &self,
+        f: impl FnOnce(PgBatch<'_>) -> (Result<T, StoreError>, PgBatch<'_>),
+    ) -> Result<T, JournalError> {
+        self.with(|conn| {
+            let Conn { client, st, .. } = conn;
+            let client = client.as_mut().expect("until dropped");
+            let tx = wait(client.transaction())?;
+            let (out, batch) = f(PgBatch { tx, st });
+            match out {
+                Ok(v) => {
+                    wait(batch.tx.commit())?;
+                    Ok(v)
+                }
+                Err(e) => {
+                    // The closure's error is the answer; a rollback that fails on a broken
+                    // connection ends the transaction anyway (the connection is replaced).
+                    let _ = wait(batch.tx.rollback());
+                    Err(e)
+                }
+            }
+        })
+    }
+
+    pub(super) fn get(&self, kind: Kind, key: &str) -> Result<Option<Vec<u8>>, JournalError> {
+        self.with(|c| {
+            Ok(wait(c.client().query_opt(&c.st.get, &[&kind.as_str(), &key]))?.map(|r| r.get(0)))
+        })
+    }
+
+    pub(super) fn all(&self, kind: Kind) -> Result<Vec<(String, Vec<u8>)>, JournalError> {
+        self.with(|c| {
+            Ok(wait(c.client().query(&c.st.all, &[&kind.as_str()]))?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect())
+        })
+    }
+
+    pub(super) fn last_key(&self, kind: Kind) -> Result<Option<String>, JournalError> {
+        self.with(|c| {
+            Ok(wait(c.client().query_opt(&c.st.last_key, &[&kind.as_str()]))?.map(|r| r.get(0)))
+        })
+    }
+
+    pub(super) fn range_after(
+        &self,
+        kind: Kind,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, JournalError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with(|c| {
+            Ok(wait(
+                c.client()
+                    .query(&c.st.range_after, &[&kind.as_str(), &after, &limit]),
+            )?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect())
+        })
+    }
+
+    pub(super) fn steps(&self, txid: &str) -> Result<Vec<String>, JournalError> {
+        self.with(|c| {
+            Ok(wait(c.client().query(&c.st.steps, &[&txid]))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect())
+        })
+    }
+
+    pub(super) fn kind_counts(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, usize>, JournalError> {
+        self.with(|c| {
+            Ok(wait(c.client().query(&c.st.kind_counts, &[]))?
+                .iter()
+                .map(|r| (r.get(0), r.get::<_, i64>(1) as usize))
+                .collect())
+        })
+    }
+
+    pub(super) fn count_steps(&self) -> Result<u64, JournalError> {
+        self.with(|c| {
+            let n: i64 = wait(c.client().query_one(&c.st.count_steps, &[]))?.get(0);
+            Ok(n as u64)
+        })
+    }
+}
+
+/// Where a PostgreSQL journal is, for messages: schema, hosts, port, database — never the
+/// password.
+fn describe(config: &tokio_postgres::Config, schema: &str) -> String {
+    use tokio_postgres::config::Host;
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            Host::Tcp(name) => name.clone(),
+            Host::Unix(path) => path.display().to_string(),
+        })
+        .collect();
+    let port = config
+        .get_ports()
+        .first()
+        .map(|p| format!(":{p}"))
+        .unwrap_or_default();
+    format!(
+        "postgres schema {schema} on {}{port}/{}",
+        if hosts.is_empty() {
+            "localhost".to_string()
+        } else {
+            hosts.join(",")
+        },
+        config.get_dbname().unwrap_or("-")
+    )
+}
+
+/// One open transaction of [`Pg::atomically`].
+pub(super) struct PgBatch<'a> {
+    tx: tokio_postgres::Transaction<'a>,
+    st: &'a Statements,
+}
+
+impl PgBatch<'_> {
+    pub(super) fn step(&self, txid: &str, step: &str, detail: &str) -> Result<(), StoreError> {
+        wait(self.tx.execute(&self.st.step, &[&txid, &step, &detail]))?;
+        Ok(())
+    }
+
+    pub(super) fn put(&self, kind: Kind, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        wait(
+            self.tx
+                .execute(&self.st.put, &[&kind.as_str(), &key, &value]),
+        )?;
+        Ok(())
+    }
+
+    pub(super) fn insert_new(
+        &self,
+        kind: Kind,
+        key: &str,
+        value: &[u8],
+    ) -> Result<bool, StoreError> {
+        let n = wait(
+            self.tx
+                .execute(&self.st.insert_new, &[&kind.as_str(), &key, &value]),
+        )?;
+        Ok(n == 1)
+    }
+
+    pub(super) fn get_for_update(
+        &self,
+        kind: Kind,
+        key: &str,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(wait(
+            self.tx
+                .query_opt(&self.st.get_for_update, &[&kind.as_str(), &key]),
+        )?
+        .map(|r| r.get(0)))
+    }
+
+    pub(super) fn all_for_update(&self, kind: Kind) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        Ok(
+            wait(self.tx.query(&self.st.all_for_update, &[&kind.as_str()]))?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect(),
+        )
+    }
+
+    pub(super) fn delete(&self, kind: Kind, key: &str) -> Result<(), StoreError> {
+        wait(self.tx.execute(&self.st.delete, &[&kind.as_str(), &key]))?;
+        Ok(())
+    }
+}
