@@ -229,17 +229,7 @@ fn main() -> ExitCode {
             .map_err(|e| e.to_string())
             .and_then(|cfg| {
                 let s = cfg.clearing.as_ref().ok_or("no [clearing] section")?;
-                let dirs = if state_dirs.is_empty() {
-                    vec![cfg.state_dir.clone()]
-                } else {
-                    state_dirs
-                };
-                let j = headend::clearing::reconcile::Journals::find(
-                    &dirs,
-                    &s.name,
-                    &s.payment_servers,
-                    &s.funders,
-                )?;
+                let j = headend::clearing::reconcile::Journals::find(&cfg, &state_dirs)?;
                 let breaks =
                     headend::clearing::reconcile::reconcile(&j, &s.payment_servers, &s.funders)?;
                 if breaks.is_empty() {

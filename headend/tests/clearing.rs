@@ -14,20 +14,19 @@
 //!   unknown payment server, one sent by another party, totals that do not add up, a
 //!   duplicate batch id with other content, a transaction already cleared.
 
+mod clearing_support;
 mod purchase_support;
 
+use clearing_support::*;
+
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 
-use headend::assembly::{self, DemoOptions, Roles, Running, SplitAddrs};
+use headend::assembly::{self, DemoOptions, Roles};
 use headend::clearing::ClearingServer;
 use headend::config::HeadendConfig;
 use headend::journal::Kind;
 use headend::payment::collection::BatchState;
-use headend::payment::{PayState, PayTxn};
 use headend::role::{Caller, Role};
 use proto::clearing::{BatchRecord, CollectionBatch};
 use proto::messages::*;
@@ -36,199 +35,6 @@ use purchase_support::*;
 
 const EUR: Currency = Currency::EUR;
 const PURCHASES_EACH: usize = 50;
-
-fn free_udp_ports(n: usize) -> Vec<SocketAddr> {
-    let socks: Vec<_> = (0..n)
-        .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
-        .collect();
-    socks.iter().map(|s| s.local_addr().unwrap()).collect()
-}
-
-/// `init_demo`'s split deployment, rewired: M-WEBSHOP's payment server is `payment-web`
-/// (a second payment role with its own certificate and journal), and both payment servers
-/// send their batches to `clearing` over QUIC.
-struct Deployment {
-    dir: tempfile::TempDir,
-    configs: BTreeMap<&'static str, PathBuf>,
-    clearing_addr: SocketAddr,
-}
-
-fn set_merchant_payment(t: &mut toml::Table) {
-    for m in t
-        .get_mut("merchants")
-        .and_then(|m| m.as_array_mut())
-        .into_iter()
-        .flatten()
-    {
-        if m.get("id").and_then(|v| v.as_str()) == Some("M-WEBSHOP") {
-            m.as_table_mut()
-                .unwrap()
-                .insert("payment".into(), "payment-web".into());
-        }
-    }
-}
-
-fn endpoint(addr: SocketAddr, name: &str) -> toml::Value {
-    let mut e = toml::Table::new();
-    e.insert("addr".into(), addr.to_string().into());
-    e.insert(
-        "server_name".into(),
-        format!("{name}.purselink.test").into(),
-    );
-    e.into()
-}
-
-fn deployment() -> Deployment {
-    let dir = tempfile::tempdir().unwrap();
-    let ports = free_udp_ports(7);
-    let split = SplitAddrs {
-        payment: ports[1],
-        merchant: ports[2],
-        bank: ports[3],
-        load: ports[4],
-    };
-    let (web_addr, clearing_addr) = (ports[5], ports[6]);
-    let files = assembly::init_demo(
-        dir.path(),
-        &DemoOptions {
-            gateway_listen: ports[0],
-            split: Some(split),
-            ..DemoOptions::default()
-        },
-    )
-    .unwrap();
-    // The second payment server's and clearing's certificates, from the operator CA.
-    let ca = headend::pki::OperatorCa::load(&files.ca_dir).unwrap();
-    let certs = dir.path().join("certs");
-    let names = |r: &str| vec!["localhost".to_string(), format!("{r}.purselink.test")];
-    ca.issue_role("payment-web", &names("payment-web"), true)
-        .and_then(|c| c.save(&certs, "payment-web"))
-        .unwrap();
-    let split_dir = dir.path().join("split");
-    let read = |role: &str| -> toml::Table {
-        toml::from_str(&std::fs::read_to_string(split_dir.join(format!("{role}.toml"))).unwrap())
-            .unwrap()
-    };
-    let mut gateway = read("gateway");
-    set_merchant_payment(&mut gateway);
-    // Twenty purchases a box in a few seconds: above the default per-box offer rate.
-    let mut limits = toml::Table::new();
-    limits.insert("offers_per_minute".into(), 60_000.into());
-    limits.insert("burst".into(), 100.into());
-    gateway["gateway"]
-        .as_table_mut()
-        .unwrap()
-        .insert("limits".into(), limits.into());
-    gateway["endpoints"]
-        .as_table_mut()
-        .unwrap()
-        .insert("payment-web".into(), endpoint(web_addr, "payment-web"));
-    let mut merchant = read("merchant");
-    set_merchant_payment(&mut merchant);
-    let mut payment = read("payment");
-    set_merchant_payment(&mut payment);
-    let mut clearing_ep = toml::Table::new();
-    clearing_ep.insert("clearing".into(), endpoint(clearing_addr, "clearing"));
-    payment.insert("endpoints".into(), clearing_ep.into());
-    {
-        let p = payment["payment"].as_table_mut().unwrap();
-        p.insert("clearing".into(), "clearing".into());
-        // Batches are closed by the test (and the outbox retries every few seconds).
-        p.insert("collect_every_secs".into(), 3600.into());
-    }
-    let mut web = payment.clone();
-    web.insert("state_dir".into(), "../state/payment-web".into());
-    {
-        let tls = web["tls"].as_table_mut().unwrap();
-        tls.insert("cert".into(), "../certs/payment-web.crt.pem".into());
-        tls.insert("key".into(), "../certs/payment-web.key.pem".into());
-        let p = web["payment"].as_table_mut().unwrap();
-        p.insert("name".into(), "payment-web".into());
-        // Security card ids are unique across the payment servers clearing hears from.
-        p.insert("security_card_ids_from".into(), 0x5B00_0000.into());
-        p.insert("listen".into(), web_addr.to_string().into());
-    }
-    let clearing: toml::Table = toml::from_str(&format!(
-        r#"state_dir = "../state/clearing"
-[tls]
-operator_ca = "../ca/ca.crt.pem"
-cert = "../certs/clearing.crt.pem"
-key = "../certs/clearing.key.pem"
-
-[clearing]
-listen = "{clearing_addr}"
-callers = ["payment", "payment-web"]
-payment_servers = ["payment", "payment-web"]
-"#
-    ))
-    .unwrap();
-    let mut configs = BTreeMap::new();
-    for (role, t) in [
-        ("gateway", gateway),
-        ("merchant", merchant),
-        ("payment", payment),
-        ("payment-web", web),
-        ("clearing", clearing),
-    ] {
-        let path = split_dir.join(format!("{role}.toml"));
-        std::fs::write(&path, toml::to_string(&t).unwrap()).unwrap();
-        configs.insert(role, path);
-    }
-    Deployment {
-        dir,
-        configs,
-        clearing_addr,
-    }
-}
-
-impl Deployment {
-    fn cfg(&self, role: &str) -> HeadendConfig {
-        HeadendConfig::load(&self.configs[role]).unwrap()
-    }
-
-    fn state(&self, role: &str) -> PathBuf {
-        self.dir.path().join("state").join(role)
-    }
-
-    async fn start(&self, role: &str, roles: Roles) -> Running {
-        assembly::start(&self.cfg(role), roles).await.unwrap()
-    }
-
-    /// `headend reconcile` over the clearing, payment and payment-web journals: its exit
-    /// status and stdout.
-    fn reconcile(&self) -> (bool, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_headend"))
-            .arg("reconcile")
-            .arg("--config")
-            .arg(&self.configs["clearing"])
-            .args(["--state-dir"])
-            .arg(self.state("clearing"))
-            .args(["--state-dir"])
-            .arg(self.state("payment"))
-            .args(["--state-dir"])
-            .arg(self.state("payment-web"))
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
-    }
-}
-
-fn completed(p: &headend::payment::PaymentServer) -> Vec<PayTxn> {
-    p.journal()
-        .all(Kind::Txn)
-        .unwrap()
-        .iter()
-        .map(|(_, v)| headend::journal::decode::<PayTxn>(v).unwrap())
-        .filter(|t| t.state == PayState::Completed)
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_payment_servers_clear_settle_and_reconcile() {
@@ -457,4 +263,81 @@ async fn bad_batches_are_refused_with_their_reason_and_nothing_settles() {
         .handle(Caller::Role("payment".into()), Message::CatalogRequest)
         .await;
     refused(&m, ErrorCode::Malformed, "not a catalog request");
+}
+
+/// Two clearing instances on one journal (two handles on one SQLite file, or two
+/// connections to one PostgreSQL schema): batches received through either, then both settle
+/// at once, from two threads, several times: every batch is settled by exactly one report.
+fn two_instances_case(backend: purchase_support::pg_rig::Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let files = assembly::init_demo(dir.path(), &DemoOptions::default()).unwrap();
+    if backend == purchase_support::pg_rig::Backend::Postgres {
+        let Some(db) = purchase_support::pg_rig::PgDb::fresh() else {
+            return;
+        };
+        let text = std::fs::read_to_string(&files.config).unwrap() + &db.journal_section();
+        proto::secret::write_private(&files.config, text.as_bytes()).unwrap();
+        std::mem::forget(db); // the database lives as long as the shared test server
+    }
+    let cfg = HeadendConfig::load(&files.config).unwrap();
+    let (a, b) = (
+        ClearingServer::open(&cfg).unwrap(),
+        ClearingServer::open(&cfg).unwrap(),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut expected = std::collections::BTreeSet::new();
+    let mut total = 0;
+    for n in 1..=40u64 {
+        let records = vec![record(&format!("t{n}"), 7, n as u32, 100 + n)];
+        total += 100 + n;
+        let batch = CollectionBatch::build("payment", n, "2026-11-30", records);
+        let to = if n % 2 == 0 { &a } else { &b };
+        let answer = rt.block_on(to.handle(
+            Caller::Role("payment".into()),
+            Message::CollectionBatch(Box::new(batch)),
+        ));
+        assert!(matches!(answer, Message::BatchAck { .. }), "{answer:?}");
+        expected.insert(headend::clearing::batch_key("payment", n));
+    }
+    // Both instances settle at once, three rounds each.
+    let settle = |c: Arc<ClearingServer>| {
+        std::thread::spawn(move || {
+            (0..3)
+                .filter_map(|_| c.settle().unwrap())
+                .collect::<Vec<_>>()
+        })
+    };
+    let (ta, tb) = (settle(a.clone()), settle(b.clone()));
+    let reports: Vec<_> = ta
+        .join()
+        .unwrap()
+        .into_iter()
+        .chain(tb.join().unwrap())
+        .collect();
+    let mut settled = std::collections::BTreeSet::new();
+    let mut paid = 0;
+    for r in &reports {
+        for k in &r.batches {
+            assert!(settled.insert(k.clone()), "{k} settled twice: {reports:?}");
+        }
+        paid += r.merchants.iter().map(|m| m.amount).sum::<u64>();
+    }
+    assert_eq!(settled, expected, "every batch settled");
+    assert_eq!(paid, total, "paid exactly once");
+    let ids: std::collections::BTreeSet<_> =
+        a.reports().unwrap().into_iter().map(|r| r.id).collect();
+    assert_eq!(ids.len(), reports.len(), "report ids are unique");
+}
+
+#[test]
+fn two_clearing_instances_never_settle_a_batch_twice() {
+    two_instances_case(purchase_support::pg_rig::Backend::Sqlite);
+}
+
+#[test]
+fn two_clearing_instances_on_postgres_never_settle_a_batch_twice() {
+    two_instances_case(purchase_support::pg_rig::Backend::Postgres);
 }

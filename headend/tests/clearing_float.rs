@@ -13,6 +13,7 @@ mod wire_box;
 use headend::clearing::reconcile::{Journals, reconcile};
 use headend::journal::Kind;
 use headend::payment::collection::BatchState;
+use load_support::pg_rig;
 use load_support::*;
 use proto::messages::*;
 
@@ -29,7 +30,19 @@ async fn eventually(mut f: impl FnMut() -> bool) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn float_is_loads_less_settled_purchases_and_matches_the_cards() {
-    let he = start().await;
+    float_case(pg_rig::Backend::Sqlite).await;
+}
+
+/// The same with every role, clearing included, journaling on PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn float_is_loads_less_settled_purchases_on_postgres_too() {
+    float_case(pg_rig::Backend::Postgres).await;
+}
+
+async fn float_case(backend: pg_rig::Backend) {
+    let Some(he) = start_on(backend).await else {
+        return;
+    };
     // Loads: two from the bank account (box 1), one from the pre-funded voucher (box 2).
     let mut l1 = LoadBox::new(&he, BOX1, 1_000, 100_000).await;
     let mut l2 = LoadBox::new(&he, BOX2, 0, 100_000).await;
@@ -130,14 +143,11 @@ async fn float_is_loads_less_settled_purchases_and_matches_the_cards() {
 
     let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let (ps, funders) = (names(&["payment"]), names(&["bank", "load"]));
-    let j = Journals::find(
-        std::slice::from_ref(&he.cfg.state_dir),
-        "clearing",
-        &ps,
-        &funders,
-    )
-    .unwrap();
+    let j = Journals::find(&he.cfg, &[]).unwrap();
     let breaks = reconcile(&j, &ps, &funders).unwrap();
     assert!(breaks.is_empty(), "{breaks:?}");
+    if let Some(pg) = &he.pg {
+        pg.assert_every_role_here(&he.cfg.state_dir, &["payment", "bank", "load", "clearing"]);
+    }
     he.running.stop().await;
 }

@@ -533,4 +533,15 @@ fn example_config_documents_the_load_side_and_parses() {
     assert_eq!(cfg.bank_accounts[0].box_id, "box-000001");
     assert_eq!(cfg.vouchers[0].amount, 10_000);
     assert_eq!(cfg.transport, headend::quic::TransportSettings::default());
+    // The clearing side: every sender names the clearing role the example configures.
+    let clearing = cfg.clearing.as_ref().unwrap();
+    assert_eq!(clearing.payment_servers, ["payment"]);
+    let payment = cfg.payment.as_ref().unwrap();
+    assert_eq!(payment.clearing.as_deref(), Some(clearing.name.as_str()));
+    assert_eq!(payment.security_card_ids_from, 0x5A00_0000);
+    assert_eq!(bank.clearing.as_deref(), Some(clearing.name.as_str()));
+    assert_eq!(
+        cfg.load.as_ref().unwrap().clearing.as_deref(),
+        Some(clearing.name.as_str())
+    );
 }

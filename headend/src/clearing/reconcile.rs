@@ -10,15 +10,16 @@
 //!   and clearing's issuer float = advised loads − settled purchases.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use proto::money::Currency;
 use proto::security_card::SecurityCard;
 
 use super::settle::Report;
 use super::{AdviceRec, Received, advice_key};
+use crate::config::HeadendConfig;
 use crate::funds::{Hold, HoldState};
-use crate::journal::{self, Journal, Kind};
+use crate::journal::{self, Journal, Kind, Target};
 use crate::payment::collection::ClosedBatch;
 use crate::payment::{PayState, PayTxn};
 
@@ -37,7 +38,7 @@ impl std::fmt::Display for Break {
 }
 
 /// The journals to read: clearing's, each payment server's and each funder's, by role
-/// name. A party clearing names but whose journal is not given is reported as a break.
+/// name. A party clearing names but whose journal is not found is reported as a break.
 pub struct Journals {
     pub clearing: Journal,
     pub payment: BTreeMap<String, Journal>,
@@ -45,38 +46,48 @@ pub struct Journals {
 }
 
 impl Journals {
-    /// Opens `<name>.sqlite` for clearing (`clearing`), and for each named payment server
-    /// and funder, from the first of `dirs` that holds it.
+    /// Opens the journals of clearing (`cfg`'s `[clearing]`), of each payment server and of
+    /// each funder it names: where `cfg`'s `[journal]` puts that role — a PostgreSQL schema,
+    /// or `<name>.sqlite` in the first of `dirs` that holds it (`dirs` empty: `cfg`'s state
+    /// directory). A party whose journal is not found is left out (and reported as a break).
     ///
     /// # Errors
-    /// Clearing's journal is in none of `dirs`, or a journal cannot be opened.
-    pub fn find(
-        dirs: &[PathBuf],
-        clearing: &str,
-        payment_servers: &[String],
-        funders: &[String],
-    ) -> Result<Self, String> {
-        let locate = |name: &str| -> Option<PathBuf> {
-            dirs.iter()
-                .map(|d| d.join(format!("{name}.sqlite")))
-                .find(|p| p.exists())
+    /// No `[clearing]` section, clearing's own journal is not found, or a journal cannot be
+    /// opened.
+    pub fn find(cfg: &HeadendConfig, dirs: &[PathBuf]) -> Result<Self, String> {
+        let s = cfg.clearing.as_ref().ok_or("no [clearing] section")?;
+        let dirs: Vec<PathBuf> = if dirs.is_empty() {
+            vec![cfg.state_dir.clone()]
+        } else {
+            dirs.to_vec()
         };
-        let open = |p: &Path| Journal::open(p).map_err(|e| e.to_string());
-        let clearing_path =
-            locate(clearing).ok_or_else(|| format!("no {clearing}.sqlite in {dirs:?}"))?;
+        let open = |name: &str| -> Result<Option<Journal>, String> {
+            match cfg.journal_target(name).map_err(|e| e.to_string())? {
+                Target::Sqlite(_) => dirs
+                    .iter()
+                    .map(|d| d.join(format!("{name}.sqlite")))
+                    .find(|p| p.exists())
+                    .map(|p| Journal::open(&p).map_err(|e| e.to_string()))
+                    .transpose(),
+                t => Journal::open_target(&t)
+                    .map(Some)
+                    .map_err(|e| e.to_string()),
+            }
+        };
         let mut out = Journals {
-            clearing: open(&clearing_path)?,
+            clearing: open(&s.name)?
+                .ok_or_else(|| format!("no journal of {} in {dirs:?}", s.name))?,
             payment: BTreeMap::new(),
             funders: BTreeMap::new(),
         };
-        for p in payment_servers {
-            if let Some(path) = locate(p) {
-                out.payment.insert(p.clone(), open(&path)?);
+        for p in &s.payment_servers {
+            if let Some(j) = open(p)? {
+                out.payment.insert(p.clone(), j);
             }
         }
-        for f in funders {
-            if let Some(path) = locate(f) {
-                out.funders.insert(f.clone(), open(&path)?);
+        for f in &s.funders {
+            if let Some(j) = open(f)? {
+                out.funders.insert(f.clone(), j);
             }
         }
         Ok(out)
@@ -113,7 +124,7 @@ pub fn reconcile(
         let Some(pj) = j.payment.get(ps) else {
             brk(
                 format!("payment server {ps}"),
-                "its journal was not given".into(),
+                "its journal was not found".into(),
             );
             continue;
         };
@@ -325,7 +336,7 @@ pub fn reconcile(
     // Funders: captured loads = their float = clearing's advices.
     for f in funders {
         let Some(fj) = j.funders.get(f) else {
-            brk(format!("funder {f}"), "its journal was not given".into());
+            brk(format!("funder {f}"), "its journal was not found".into());
             continue;
         };
         let holds: Vec<(String, Hold)> = all(fj, Kind::Hold)?;

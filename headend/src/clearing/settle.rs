@@ -206,11 +206,17 @@ impl ClearingServer {
                     r.settlement = Some(id.clone());
                     b.put(Kind::Advice, &k, &journal::encode(&r))?;
                 }
-                b.put(
+                // The report number is claimed, never overwritten: of two runs that
+                // counted the same reports, one gets it and the other rolls back.
+                if !b.insert_new(
                     Kind::Settlement,
                     &format!("{number:06}"),
                     &journal::encode(&report),
-                )?;
+                )? {
+                    return Err(StoreError::Aborted(format!(
+                        "settlement {id} was taken by another run; run again"
+                    )));
+                }
                 b.step(
                     &id,
                     &ClearingStep::Settled,
