@@ -176,22 +176,23 @@ fn main() -> ExitCode {
             .map_err(|e| e.to_string()),
         Command::Collect { role, out } => payment_only(&role).and_then(|p| {
             let cfg = HeadendConfig::load(&role.config).map_err(|e| e.to_string())?;
-            match p.close_batch()? {
-                Some(b) => {
-                    let path = p.export_batch(b.batch, &out.unwrap_or(cfg.state_dir))?;
-                    println!(
-                        "batch {} with {} transactions: {}",
-                        b.batch,
-                        b.records.len(),
-                        path.display()
-                    );
-                    Ok(())
-                }
-                None => {
-                    println!("nothing to collect");
-                    Ok(())
-                }
+            let dir = out.unwrap_or(cfg.state_dir);
+            let mut closed = 0;
+            // One batch per call, at most MAX_BATCH_RECORDS records: close until none is due.
+            while let Some(b) = p.close_batch()? {
+                let path = p.export_batch(b.batch, &dir)?;
+                println!(
+                    "batch {} with {} transactions: {}",
+                    b.batch,
+                    b.records.len(),
+                    path.display()
+                );
+                closed += 1;
             }
+            if closed == 0 {
+                println!("nothing to collect");
+            }
+            Ok(())
         }),
         Command::Clearing(a) => rt().and_then(|rt| {
             rt.block_on(run_roles(

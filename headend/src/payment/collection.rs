@@ -23,6 +23,10 @@ use super::{PayState, PayTxn, PaymentServer};
 use crate::journal::{self, Kind, StoreError};
 use crate::outbox::Outbox;
 
+/// The most records one batch carries: a batch travels as one frame (64 KiB by default;
+/// a record is about 60 bytes), so a busy day closes several batches.
+pub const MAX_BATCH_RECORDS: usize = 500;
+
 /// A closed batch and where it stands (journal kind `batch`, key [`batch_key`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClosedBatch {
@@ -84,9 +88,10 @@ pub(crate) fn acknowledge_in(b: &journal::Batch, n: u64) -> Result<bool, StoreEr
 }
 
 impl PaymentServer {
-    /// Closes a batch of every completed transaction not yet collected: numbers it, marks
-    /// its transactions, and (with `[payment] clearing`) queues it for clearing, in one
-    /// journal write. `None` when there is nothing to collect.
+    /// Closes a batch of the completed transactions not yet collected (at most
+    /// [`MAX_BATCH_RECORDS`]; call again for the rest): numbers it, marks its transactions,
+    /// and (with `[payment] clearing`) queues it for clearing, in one journal write. `None`
+    /// when there is nothing to collect.
     ///
     /// # Errors
     /// The journal cannot be read or written, or holds a corrupt record (nothing is then
@@ -111,6 +116,7 @@ impl PaymentServer {
                 if due.is_empty() {
                     return Ok(None);
                 }
+                due.truncate(MAX_BATCH_RECORDS);
                 let records = due
                     .iter()
                     .map(|t| BatchRecord {
@@ -274,13 +280,47 @@ impl PaymentServer {
                 _ = shutdown.changed() => return,
                 _ = tokio::time::sleep(every) => {}
             }
-            match self.close_batch() {
-                Ok(Some(_)) => outbox.nudge(),
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::error!(error = %e, "collection batch not closed; retrying later")
+            // One batch per call, at most MAX_BATCH_RECORDS: close until none is due.
+            loop {
+                match self.close_batch() {
+                    Ok(Some(_)) => outbox.nudge(),
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, "collection batch not closed; retrying later");
+                        break;
+                    }
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::money::Money;
+
+    /// The largest batch fits one frame, with room: transaction ids as long as the
+    /// merchants make them and wider than they are.
+    #[test]
+    fn a_full_batch_fits_one_frame() {
+        let records = (0..MAX_BATCH_RECORDS as u32)
+            .map(|n| BatchRecord {
+                transaction_id: format!("M-WEBSHOP-1796030667-{n:08x}-padding-to-48"),
+                merchant_id: "M-WEBSHOP".into(),
+                security_card_id: 0x5A00_0000 + u64::from(n % 4),
+                security_card_txn: u32::MAX - n,
+                card_id: u64::MAX - u64::from(n),
+                amount: Money::new(u64::from(u32::MAX), Currency::EUR),
+            })
+            .collect();
+        let batch =
+            CollectionBatch::build("payment-with-a-long-name", u64::MAX, "2026-11-30", records);
+        let frame = crate::role::to_payload(&Message::CollectionBatch(Box::new(batch)));
+        assert!(
+            frame.len() < proto::frame::DEFAULT_MAX_FRAME * 9 / 10,
+            "{} bytes",
+            frame.len()
+        );
     }
 }
