@@ -171,6 +171,41 @@ fn waiting(j: &Journal, role: &str, out: &mut String) -> Result<(), String> {
         let sum: u64 = held.iter().map(|h| h.amount.minor).sum();
         let _ = writeln!(out, "  open: {} holds ({sum} minor units)", held.len());
     }
+    // The outbox (collection batches, load advices): what waits for its receiver, and what
+    // the receiver refused for good.
+    let mut pending: BTreeMap<String, usize> = BTreeMap::new();
+    for (key, b) in j.all(Kind::Outbox).unwrap_or_default() {
+        let o: crate::outbox::Outgoing = journal::decode(&b)?;
+        let to = key.split('/').next().unwrap_or("?").to_string();
+        match o.state {
+            crate::outbox::OutState::Pending => *pending.entry(to).or_default() += 1,
+            crate::outbox::OutState::Refused { reason } => {
+                let _ = writeln!(
+                    out,
+                    "  OPERATOR: {} {key} was refused by its receiver: {reason}",
+                    o.message.kind()
+                );
+            }
+            crate::outbox::OutState::Acknowledged => {}
+        }
+    }
+    for (to, n) in pending {
+        let _ = writeln!(
+            out,
+            "  waiting: {n} messages for {to} (batches, load advices)"
+        );
+    }
+    // Clearing: received and not yet settled.
+    let unsettled = j
+        .all(Kind::ClearedBatch)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(_, b)| journal::decode::<crate::clearing::Received>(&b).ok())
+        .filter(|r| r.settlement.is_none())
+        .count();
+    if unsettled > 0 {
+        let _ = writeln!(out, "  open: {unsettled} batches received, not yet settled");
+    }
     Ok(())
 }
 
@@ -196,5 +231,48 @@ mod tests {
         );
         let gateway_block = report.split("merchant:").next().unwrap();
         assert!(gateway_block.contains("1 confirmations"), "{report}");
+    }
+
+    #[test]
+    fn the_outbox_waiting_and_refused_and_unsettled_batches_are_listed() {
+        use crate::outbox::{OutState, Outgoing};
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("payment.sqlite")).unwrap();
+        let msg = |n| proto::messages::Message::BatchAck {
+            payment_server: "payment".into(),
+            batch: n,
+        };
+        let rec = |n, state| {
+            journal::encode(&Outgoing {
+                message: msg(n),
+                state,
+            })
+        };
+        j.put(
+            Kind::Outbox,
+            "clearing/batch-000001",
+            &rec(1, OutState::Acknowledged),
+        )
+        .unwrap();
+        j.put(
+            Kind::Outbox,
+            "clearing/batch-000002",
+            &rec(2, OutState::Pending),
+        )
+        .unwrap();
+        let refused = OutState::Refused {
+            reason: "batch payment/2 was received with other content".into(),
+        };
+        j.put(Kind::Outbox, "clearing/batch-000003", &rec(3, refused))
+            .unwrap();
+        let report = report(dir.path()).unwrap();
+        assert!(
+            report.contains("  waiting: 1 messages for clearing (batches, load advices)"),
+            "{report}"
+        );
+        assert!(
+            report.contains("OPERATOR: a batch acknowledgement clearing/batch-000003 was refused by its receiver: batch payment/2 was received with other content"),
+            "{report}"
+        );
     }
 }
