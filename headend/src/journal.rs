@@ -350,6 +350,17 @@ impl Batch<'_> {
     }
 }
 
+/// Journal transactions committed by this process, every journal and backend together.
+static COMMITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many journal transactions this process has committed (each [`Journal::atomically`]
+/// that returned `Ok`, and the one-write helpers built on it): for benchmarks' commits per
+/// purchase.
+#[must_use]
+pub fn commits_in_this_process() -> u64 {
+    COMMITS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Runs blocking journal IO so it does not stall the async workers that drive QUIC: on a
 /// multi-threaded tokio runtime the worker hands its other tasks away for the duration.
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
@@ -405,6 +416,17 @@ impl Journal {
     /// to PostgreSQL broke during the commit itself, when the outcome is unknown — the
     /// transaction id makes the retry safe).
     pub fn atomically<T>(
+        &self,
+        f: impl FnOnce(&Batch) -> Result<T, StoreError>,
+    ) -> Result<T, JournalError> {
+        let out = self.atomically_uncounted(f);
+        if out.is_ok() {
+            COMMITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        out
+    }
+
+    fn atomically_uncounted<T>(
         &self,
         f: impl FnOnce(&Batch) -> Result<T, StoreError>,
     ) -> Result<T, JournalError> {

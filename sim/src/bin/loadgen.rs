@@ -59,6 +59,11 @@ enum Cmd {
         /// The child head end's log filter.
         #[arg(long, default_value = "warn")]
         headend_log: String,
+        /// Journal every role on this PostgreSQL database (a connection string, e.g.
+        /// "host=/run/postgresql dbname=bench") instead of SQLite files; each run in schemas
+        /// of its own.
+        #[arg(long)]
+        journal_url: Option<String>,
     },
     /// Boxes against a running deployment: purchases at a rate or as fast as possible.
     Drive {
@@ -140,6 +145,7 @@ fn main() -> ExitCode {
             in_process,
             headend,
             headend_log,
+            journal_url,
         } => {
             let headend_bin = if in_process {
                 None
@@ -167,6 +173,7 @@ fn main() -> ExitCode {
                 security_cards,
                 headend_bin,
                 log: headend_log,
+                journal_url,
             };
             rt.block_on(bench::fleet_run(&o))
         }

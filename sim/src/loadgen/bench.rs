@@ -510,6 +510,8 @@ pub struct FleetOptions {
     /// `None`: every role in this process (memory then includes the boxes).
     pub headend_bin: Option<PathBuf>,
     pub log: String,
+    /// See [`Options::journal_url`].
+    pub journal_url: Option<String>,
 }
 
 pub async fn fleet_run(o: &FleetOptions) -> Result<bool, String> {
@@ -517,6 +519,7 @@ pub async fn fleet_run(o: &FleetOptions) -> Result<bool, String> {
         embodiment: o.embodiment.clone(),
         max_connections: o.boxes + 64,
         security_cards: o.security_cards,
+        journal_url: o.journal_url.clone(),
     };
     let deploy = match &o.headend_bin {
         Some(bin) => Deployment::child(&opts, bin, &o.log).await?,
@@ -564,11 +567,35 @@ pub async fn fleet_run(o: &FleetOptions) -> Result<bool, String> {
     let gw = deploy.gateway_pid();
     let me = std::process::id();
     let (g0, m0) = (cpu_secs(gw), cpu_secs(me));
+    let commits0 = headend::journal::commits_in_this_process();
     let wall = std::time::Instant::now();
     let mut r = fleet::run(&fleet, &o.run).await;
     let wall = wall.elapsed().as_secs_f64();
+    let commits = headend::journal::commits_in_this_process() - commits0;
     let (g1, m1) = (cpu_secs(gw), cpu_secs(me));
     print_run("purchases", &mut r);
+    println!(
+        "  journal: {}",
+        match (&o.headend_bin, &o.journal_url) {
+            (None, url) => format!(
+                "{} ({commits} commits in this process: {:.2} per purchase, the head end's journals; the boxes' are not counted)",
+                if url.is_some() {
+                    "PostgreSQL"
+                } else {
+                    "SQLite"
+                },
+                commits as f64 / r.ok.max(1) as f64
+            ),
+            (Some(_), url) => format!(
+                "{} (commits are counted in process only: run with --in-process)",
+                if url.is_some() {
+                    "PostgreSQL"
+                } else {
+                    "SQLite"
+                }
+            ),
+        }
+    );
     if let Some(target) = o.run.rate {
         println!(
             "  sustained: {} of {} whole seconds reached ≥ 95% of {target}/s; achieved/target = {:.3}",

@@ -79,6 +79,9 @@ pub struct Options {
     pub embodiment: String,
     pub max_connections: usize,
     pub security_cards: u32,
+    /// Every role journals on this PostgreSQL database (a connection string) instead of
+    /// SQLite files, each deployment in schemas of its own.
+    pub journal_url: Option<String>,
 }
 
 impl Default for Options {
@@ -87,6 +90,7 @@ impl Default for Options {
             embodiment: "security-card".into(),
             max_connections: 1000,
             security_cards: 64,
+            journal_url: None,
         }
     }
 }
@@ -139,6 +143,17 @@ fn demo(opts: &Options, listen: SocketAddr) -> Result<(TempDir, DemoFiles), Stri
         "{text}\n[transport]\nmax_connections = {}\n\n[gateway.limits]\noffers_per_minute = 1000000\nload_offers_per_minute = 1000000\ncatalog_per_minute = 1000000\nburst = 1000000\n",
         opts.max_connections
     );
+    let text = match &opts.journal_url {
+        // Schemas of this deployment's own: the directory's name is unique per run.
+        Some(url) => format!(
+            "{text}\n[journal]\nbackend = \"postgres\"\nurl = \"{url}\"\nschema_prefix = \"{}_\"\n",
+            dir.path()
+                .file_name()
+                .map(|n| n.to_string_lossy().replace('-', "_"))
+                .unwrap_or_default()
+        ),
+        None => text,
+    };
     std::fs::write(&files.config, text).map_err(|e| e.to_string())?;
     Ok((dir, files))
 }
