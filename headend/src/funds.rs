@@ -571,7 +571,7 @@ impl Funds {
         };
         if now_secs() >= offer.offer.timestamp + self.offer_lifetime_secs {
             return refuse(
-                ErrorCode::Expired,
+                ErrorCode::OfferExpired,
                 format!("load offer {txid} expired; ask for a new one"),
                 t,
             );

@@ -180,6 +180,9 @@ pub enum Kind {
     /// Clearing: which batch cleared a security-card transaction (`<payment server>/<batch>`,
     /// UTF-8), by `<security card id, 16 hex digits>/<its transaction number, 10 digits>`.
     ClearedTxn,
+    /// Clearing: which batch cleared a transaction id (`<payment server>/<batch>`, UTF-8), by
+    /// `<payment server>/<transaction id>`.
+    ClearedId,
     /// Clearing: a received load advice ([`crate::clearing::AdviceRec`]), by
     /// `<funder>/<transaction id>`.
     Advice,
@@ -189,7 +192,7 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, in declaration order.
-    pub const ALL: [Kind; 25] = [
+    pub const ALL: [Kind; 26] = [
         Kind::Gw,
         Kind::GwLoad,
         Kind::Open,
@@ -213,6 +216,7 @@ impl Kind {
         Kind::Outbox,
         Kind::ClearedBatch,
         Kind::ClearedTxn,
+        Kind::ClearedId,
         Kind::Advice,
         Kind::Settlement,
     ];
@@ -243,6 +247,7 @@ impl Kind {
             Kind::Outbox => "outbox",
             Kind::ClearedBatch => "cleared_batch",
             Kind::ClearedTxn => "cleared_txn",
+            Kind::ClearedId => "cleared_txid",
             Kind::Advice => "load_advice",
             Kind::Settlement => "settlement",
         }
@@ -960,6 +965,7 @@ mod tests {
                 "outbox",
                 "cleared_batch",
                 "cleared_txn",
+                "cleared_txid",
                 "load_advice",
                 "settlement",
             ]

@@ -549,7 +549,7 @@ impl LoadServer {
             None => match self.refuse_for_good(
                 Vec::new(),
                 subject(&txid, Money::zero(proto::money::Currency::EUR), 0, hsm_id),
-                ErrorCode::Expired,
+                ErrorCode::OfferExpired,
                 "the hold's lifetime ended before any load request reached the load server".into(),
             ) {
                 Message::LoadRefused(r) => Message::LoadConfirmation(r.confirmation),

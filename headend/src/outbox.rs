@@ -16,6 +16,9 @@ use serde::{Deserialize, Serialize};
 use crate::journal::{self, Journal, JournalError, Kind, StepText, StoreError};
 use crate::role::{Caller, Role};
 
+/// Failures in a row that end a delivery round (the receiver is likely down).
+const FAILURES_PER_ROUND: usize = 3;
+
 /// A message on its way, and where it stands.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Outgoing {
@@ -175,7 +178,8 @@ impl Outbox {
 
     /// Sends every pending message, oldest id first, and journals each answer: an
     /// acknowledgement or a definite refusal ends it; anything else (the receiver is down,
-    /// busy, or its journal failed) leaves it pending and ends the round.
+    /// busy, or its journal failed, or the message cannot travel) leaves it pending for the
+    /// next round, and the round goes on with the next message until three fail in a row.
     ///
     /// # Errors
     /// The journal cannot be read or written (nothing sent is then lost: it stays pending).
@@ -186,6 +190,9 @@ impl Outbox {
             .into_iter()
             .filter(|(_, o)| o.state == OutState::Pending)
             .peekable();
+        // One message the receiver cannot take must not hold up the others; a receiver that
+        // is down fails them all, so the round ends after a few failures in a row.
+        let mut failures_in_a_row = 0;
         while let Some((id, o)) = pending.next() {
             let answer = self
                 .receiver
@@ -208,11 +215,17 @@ impl Outbox {
                     ),
                     other => {
                         tracing::warn!(id, to = %self.to, answer = other.kind(), detail = ?error_reason(other), "not delivered; kept for the next round");
-                        out.pending += 1 + pending.count();
-                        return Ok(out);
+                        out.pending += 1;
+                        failures_in_a_row += 1;
+                        if failures_in_a_row >= FAILURES_PER_ROUND {
+                            out.pending += pending.count();
+                            return Ok(out);
+                        }
+                        continue;
                     }
                 }
             };
+            failures_in_a_row = 0;
             let k = key(&self.to, &id);
             let rec = journal::encode(&Outgoing {
                 message: o.message.clone(),

@@ -2,7 +2,7 @@
 //! <role>` process, with short lifetimes in their configs): nothing stays open for ever.
 //!
 //! - a purchase offer never drawn: Expired at the gateway (a later draw is refused
-//!   `Expired`) and at the merchant;
+//!   `OfferExpired`, not the card's `Expired`) and at the merchant;
 //! - a load offer never requested: expired at the gateway;
 //! - a hold placed while the load server was SIGKILLed, the box never returning: released at
 //!   expiry, the reason journaled, the account as it was;
@@ -110,7 +110,7 @@ async fn offers_loads_and_holds_expire_and_reversals_reach_the_merchant() {
     let a = ask(&buyer.client, &draw, ANSWER).await.unwrap();
     assert_eq!(
         code(&a),
-        Some(ErrorCode::Expired),
+        Some(ErrorCode::OfferExpired),
         "a draw after expiry: {a:?}"
     );
     assert!(

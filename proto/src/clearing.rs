@@ -86,6 +86,13 @@ pub struct LoadAdvice {
     pub captured_on: String,
 }
 
+/// The most one record or advice may carry, in minor units (2^48: far above any purse's
+/// maximum balance, and small enough that no sum of them a clearing run makes can overflow).
+pub const MAX_AMOUNT: u64 = 1 << 48;
+
+/// The largest minor-unit exponent a currency has (ISO 4217 uses 0 to 4).
+pub const MAX_EXPONENT: u8 = 4;
+
 /// Why a batch is refused as a whole.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BatchError {
@@ -95,6 +102,12 @@ pub enum BatchError {
     ZeroNumber,
     #[error("transaction {0} has a zero amount")]
     ZeroAmount(String),
+    #[error("transaction {0}'s amount is beyond any purse (more than {MAX_AMOUNT} minor units)")]
+    AmountTooLarge(String),
+    #[error("transaction {0}'s currency has a minor-unit exponent above {MAX_EXPONENT}")]
+    BadCurrency(String),
+    #[error("transaction {0} appears twice in the batch")]
+    DuplicateTransaction(String),
     #[error(
         "security card {security_card_id:X} transaction {security_card_txn} appears twice in \
          the batch"
@@ -177,9 +190,11 @@ impl CollectionBatch {
         }
     }
 
-    /// Checks that the batch is whole: numbered, not empty, no zero amount, no security-card
-    /// transaction twice, and its stated merchant and security-card totals are exactly what
-    /// its records add up to (same order, as [`CollectionBatch::build`] makes them).
+    /// Checks that the batch is whole: numbered, not empty, every amount above zero and at
+    /// most [`MAX_AMOUNT`] in a currency with a sane exponent, no transaction and no
+    /// security-card transaction twice, and its stated merchant and security-card totals
+    /// exactly what its records add up to (same order, as [`CollectionBatch::build`] makes
+    /// them).
     ///
     /// # Errors
     /// The first [`BatchError`] found.
@@ -191,9 +206,19 @@ impl CollectionBatch {
             return Err(BatchError::Empty(self.batch));
         }
         let mut seen = BTreeSet::new();
+        let mut ids = BTreeSet::new();
         for r in &self.records {
             if r.amount.minor == 0 {
                 return Err(BatchError::ZeroAmount(r.transaction_id.clone()));
+            }
+            if r.amount.minor > MAX_AMOUNT {
+                return Err(BatchError::AmountTooLarge(r.transaction_id.clone()));
+            }
+            if r.amount.currency.exponent > MAX_EXPONENT {
+                return Err(BatchError::BadCurrency(r.transaction_id.clone()));
+            }
+            if !ids.insert(r.transaction_id.as_str()) {
+                return Err(BatchError::DuplicateTransaction(r.transaction_id.clone()));
             }
             if !seen.insert((r.security_card_id, r.security_card_txn)) {
                 return Err(BatchError::DuplicateRecord {
@@ -305,6 +330,27 @@ mod tests {
 
     #[test]
     fn a_security_card_transaction_twice_zero_amounts_and_empty_batches_are_refused() {
+        let mut b = batch();
+        b.records[1].security_card_txn = 1;
+        let b = CollectionBatch::build("payment", 1, "2026-11-30", b.records);
+        assert!(matches!(b.check(), Err(BatchError::DuplicateRecord { .. })));
+        // The same transaction under two security-card transactions.
+        let mut b = batch();
+        b.records[1].transaction_id = "t1".into();
+        let b = CollectionBatch::build("payment", 1, "2026-11-30", b.records);
+        assert_eq!(
+            b.check(),
+            Err(BatchError::DuplicateTransaction("t1".into()))
+        );
+        // Amounts that would overflow the sums, and absurd currencies.
+        let mut b = batch();
+        b.records[0].amount = Money::new(u64::MAX, Currency::EUR);
+        let b = CollectionBatch::build("payment", 1, "2026-11-30", b.records);
+        assert_eq!(b.check(), Err(BatchError::AmountTooLarge("t1".into())));
+        let mut b = batch();
+        b.records[2].amount = Money::new(5, Currency::new(999, 255));
+        let b = CollectionBatch::build("payment", 1, "2026-11-30", b.records);
+        assert_eq!(b.check(), Err(BatchError::BadCurrency("t3".into())));
         let mut b = batch();
         b.records[1].security_card_txn = 1;
         let b = CollectionBatch::build("payment", 1, "2026-11-30", b.records);

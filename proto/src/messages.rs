@@ -513,6 +513,9 @@ pub enum ErrorCode {
     Forbidden,
     /// Too many requests from this peer; retry after a pause.
     RateLimited,
+    /// The offer (or load offer, or load hold) is past its lifetime: nothing was charged;
+    /// ask for a new one. Not the card's expiry, which is `Expired`.
+    OfferExpired,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -326,6 +326,7 @@ fn error_titles() -> Vec<&'static str> {
         ErrorKind::NoCard,
         ErrorKind::CardBlocked,
         ErrorKind::CardExpired,
+        ErrorKind::OfferExpired,
         ErrorKind::InsufficientValue,
         ErrorKind::HeadEndUnreachable,
         ErrorKind::Timeout,

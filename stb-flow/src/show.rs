@@ -237,6 +237,8 @@ pub enum Problem {
     CardBlocked,
     /// The card is past its expiry.
     CardExpired,
+    /// The offer was not confirmed within its lifetime: nothing charged; choose again.
+    OfferExpired,
     /// The balance is below the price: load value first.
     InsufficientValue,
     /// The head end cannot be reached: try later (nothing was charged).
@@ -254,6 +256,7 @@ fn purchase_problem(code: ErrorCode) -> Problem {
     match code {
         ErrorCode::InsufficientValue => Problem::InsufficientValue,
         ErrorCode::Expired => Problem::CardExpired,
+        ErrorCode::OfferExpired => Problem::OfferExpired,
         ErrorCode::AmountMismatch => Problem::AmountMismatch,
         ErrorCode::Timeout | ErrorCode::Busy | ErrorCode::RateLimited => Problem::Timeout,
         _ => Problem::Other,
@@ -266,6 +269,7 @@ fn load_problem(code: ErrorCode) -> Problem {
         ErrorCode::Timeout | ErrorCode::Busy => Problem::Timeout,
         ErrorCode::AmountMismatch => Problem::AmountMismatch,
         ErrorCode::Expired => Problem::CardExpired,
+        ErrorCode::OfferExpired => Problem::OfferExpired,
         _ => Problem::Other,
     }
 }
@@ -411,6 +415,15 @@ mod tests {
         };
         assert_eq!(l(ErrorCode::Busy).problem(), Problem::Timeout);
         assert_eq!(l(ErrorCode::RateLimited).problem(), Problem::Other);
+        // An offer past its lifetime is not the card's expiry (an expired prefetched offer
+        // once told the viewer the card had expired).
+        let d = |code| Refusal::DrawRefused {
+            code,
+            reason: String::new(),
+        };
+        assert_eq!(d(ErrorCode::OfferExpired).problem(), Problem::OfferExpired);
+        assert_eq!(d(ErrorCode::Expired).problem(), Problem::CardExpired);
+        assert_eq!(l(ErrorCode::OfferExpired).problem(), Problem::OfferExpired);
         assert_eq!(
             Refusal::CardRefused {
                 sw: StatusWord::BLOCKED

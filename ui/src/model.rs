@@ -150,6 +150,8 @@ pub enum ErrorKind {
     NoCard,
     CardBlocked,
     CardExpired,
+    /// The offer was not confirmed within its lifetime (nothing charged).
+    OfferExpired,
     InsufficientValue,
     HeadEndUnreachable,
     Timeout,

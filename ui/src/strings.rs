@@ -148,6 +148,11 @@ pub fn error_texts(k: ErrorKind) -> (&'static str, &'static str, &'static str) {
             "This card is past its expiry date.",
             "Ask your card provider for a new card.",
         ),
+        ErrorKind::OfferExpired => (
+            "Offer expired",
+            "The offer ran out before it was confirmed. Nothing was charged.",
+            "Choose the item again for a fresh offer.",
+        ),
         ErrorKind::InsufficientValue => (
             "Not enough value",
             "The balance on your card is lower than the price.",

@@ -226,6 +226,7 @@ fn every_error_says_what_happened_and_what_to_do() {
         NoCard,
         CardBlocked,
         CardExpired,
+        OfferExpired,
         InsufficientValue,
         HeadEndUnreachable,
         Timeout,

@@ -60,6 +60,9 @@ pub struct ClearingServer {
     payment_servers: BTreeSet<String>,
     /// Funders whose load advices are accepted.
     funders: BTreeSet<String>,
+    /// The merchants this config describes, and their payment server: when any are listed,
+    /// a batch may only carry these, each from its own payment server.
+    merchants: std::collections::BTreeMap<String, String>,
 }
 
 /// The journal key of batch `batch` of `payment_server`.
@@ -97,6 +100,11 @@ impl ClearingServer {
             journal,
             payment_servers: s.payment_servers.iter().cloned().collect(),
             funders: s.funders.iter().cloned().collect(),
+            merchants: cfg
+                .merchants
+                .iter()
+                .map(|m| (m.id.clone(), m.payment.clone()))
+                .collect(),
         }))
     }
 

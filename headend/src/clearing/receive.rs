@@ -75,6 +75,34 @@ impl ClearingServer {
                 Some(&id),
             );
         }
+        // A merchant this clearing pays must be one it knows, acquired by this payment server.
+        if !self.merchants.is_empty() {
+            for r in &batch.records {
+                match self.merchants.get(&r.merchant_id) {
+                    Some(ps) if *ps == batch.payment_server => {}
+                    Some(ps) => {
+                        return refuse(
+                            ErrorCode::Malformed,
+                            format!(
+                                "batch {id} refused: transaction {} is for merchant {}, whose payment server is {ps}",
+                                r.transaction_id, r.merchant_id
+                            ),
+                            Some(&id),
+                        );
+                    }
+                    None => {
+                        return refuse(
+                            ErrorCode::Malformed,
+                            format!(
+                                "batch {id} refused: transaction {} is for merchant {}, which this clearing does not know",
+                                r.transaction_id, r.merchant_id
+                            ),
+                            Some(&id),
+                        );
+                    }
+                }
+            }
+        }
         let ack = Message::BatchAck {
             payment_server: batch.payment_server.clone(),
             batch: batch.batch,
@@ -92,6 +120,14 @@ impl ClearingServer {
                 });
             }
             for r in &batch.records {
+                let cleared_id = format!("{}/{}", batch.payment_server, r.transaction_id);
+                if let Some(other) = b.get_for_update(Kind::ClearedId, &cleared_id)? {
+                    return Ok(Err(format!(
+                        "transaction {} was cleared in batch {} already",
+                        r.transaction_id,
+                        String::from_utf8_lossy(&other)
+                    )));
+                }
                 if let Some(other) = b.get_for_update(Kind::ClearedTxn, &txn_key(r.security_card_id, r.security_card_txn))? {
                     return Ok(Err(format!(
                         "transaction {} (security card {:X} transaction {}) was cleared in batch {} already",
@@ -115,6 +151,11 @@ impl ClearingServer {
                 b.put(
                     Kind::ClearedTxn,
                     &txn_key(r.security_card_id, r.security_card_txn),
+                    id.as_bytes(),
+                )?;
+                b.put(
+                    Kind::ClearedId,
+                    &format!("{}/{}", batch.payment_server, r.transaction_id),
                     id.as_bytes(),
                 )?;
             }
@@ -145,6 +186,15 @@ impl ClearingServer {
             return refuse(
                 ErrorCode::Malformed,
                 format!("load advice {txid}: a zero amount moves nothing"),
+                Some(&txid),
+            );
+        }
+        if advice.amount.minor > proto::clearing::MAX_AMOUNT
+            || advice.amount.currency.exponent > proto::clearing::MAX_EXPONENT
+        {
+            return refuse(
+                ErrorCode::Malformed,
+                format!("load advice {txid}: the amount is beyond any purse"),
                 Some(&txid),
             );
         }

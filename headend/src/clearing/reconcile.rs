@@ -238,23 +238,42 @@ pub fn reconcile(
             match own.get(&r.batch.batch) {
                 Some(cb) if cb.batch == r.batch => {}
                 Some(cb) => {
-                    let differing = r
+                    // Name every purchase on either side that the other does not hold: a
+                    // purchase the card paid and clearing never took is stranded.
+                    let mut named = false;
+                    for x in cb
                         .batch
                         .records
                         .iter()
-                        .find(|x| !cb.batch.records.contains(x))
-                        .or_else(|| {
-                            cb.batch
-                                .records
-                                .iter()
-                                .find(|x| !r.batch.records.contains(x))
-                        })
-                        .map(|x| x.transaction_id.clone())
-                        .unwrap_or_else(|| format!("batch {key}"));
-                    brk(
-                        differing,
-                        format!("clearing's batch {key} differs from {ps}'s journal"),
-                    );
+                        .filter(|x| !r.batch.records.contains(x))
+                    {
+                        named = true;
+                        brk(
+                            x.transaction_id.clone(),
+                            format!(
+                                "in {ps}'s batch {} but not in clearing's batch {key}: not cleared",
+                                cb.batch.batch
+                            ),
+                        );
+                    }
+                    for x in r
+                        .batch
+                        .records
+                        .iter()
+                        .filter(|x| !cb.batch.records.contains(x))
+                    {
+                        named = true;
+                        brk(
+                            x.transaction_id.clone(),
+                            format!("in clearing's batch {key} but not in {ps}'s journal"),
+                        );
+                    }
+                    if !named {
+                        brk(
+                            format!("batch {key}"),
+                            format!("clearing's batch {key} differs from {ps}'s journal"),
+                        );
+                    }
                 }
                 None => brk(
                     format!("batch {key}"),
@@ -264,6 +283,30 @@ pub fn reconcile(
         }
     }
 
+    // A batch its payment server closed that clearing refused for good: every purchase in it
+    // was paid by its card and will never be settled.
+    for ps in payment_servers {
+        let Some(pj) = j.payment.get(ps) else {
+            continue;
+        };
+        let outbox = crate::outbox::Outbox::list(pj, "clearing").unwrap_or_default();
+        for (_, cb) in all::<ClosedBatch>(pj, Kind::Batch)? {
+            let id = crate::payment::collection::batch_id(cb.batch.batch);
+            if let Some((_, o)) = outbox.iter().find(|(i, _)| *i == id) {
+                if let crate::outbox::OutState::Refused { reason } = &o.state {
+                    for x in &cb.batch.records {
+                        brk(
+                            x.transaction_id.clone(),
+                            format!(
+                                "in {ps}'s batch {}, which clearing refused ({reason}): not cleared",
+                                cb.batch.batch
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
     // Each security-card transaction in exactly one received batch.
     let mut seen: BTreeMap<(u64, u32), &str> = BTreeMap::new();
     for (key, r) in &received {
@@ -355,6 +398,32 @@ pub fn reconcile(
                 None => brk(
                     txid.clone(),
                     format!("captured by {f} but not advised to clearing"),
+                ),
+            }
+        }
+        // And the other way: every advice is a load this funder captured (a funder's
+        // certificate alone must not be able to make float).
+        let prefix = format!("{f}/");
+        for (key, a) in advices.iter().filter(|(k, _)| k.starts_with(&prefix)) {
+            let txid = &key[prefix.len()..];
+            match holds.iter().find(|(t, _)| t == txid) {
+                Some((_, h))
+                    if h.state == HoldState::Captured
+                        && h.amount == a.advice.amount
+                        && h.card_id == a.advice.card_id => {}
+                Some((_, h)) => brk(
+                    txid.to_string(),
+                    format!(
+                        "advised by {f} as {} but its hold is {:?} {}",
+                        a.advice.amount, h.state, h.amount
+                    ),
+                ),
+                None => brk(
+                    txid.to_string(),
+                    format!(
+                        "advised by {f} ({}), but {f} captured no such load",
+                        a.advice.amount
+                    ),
                 ),
             }
         }

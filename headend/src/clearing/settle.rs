@@ -113,8 +113,10 @@ impl ClearingServer {
                     BTreeMap::new();
                 let mut acquirers: BTreeMap<(String, Currency), (u64, u64)> = BTreeMap::new();
                 let mut cards: BTreeMap<(u64, Currency), (u64, u64)> = BTreeMap::new();
-                let mut purchases: BTreeMap<Currency, i64> = BTreeMap::new();
-                let mut loads: BTreeMap<Currency, i64> = BTreeMap::new();
+                // Sums in i128: amounts are at most 2^48 each (checked on receipt), so no
+                // run's sum overflows; the float's i64 is checked below all the same.
+                let mut purchases: BTreeMap<Currency, i128> = BTreeMap::new();
+                let mut loads: BTreeMap<Currency, i128> = BTreeMap::new();
                 for (_, r) in &batches {
                     let acquirer = &r.batch.payment_server;
                     for t in &r.batch.totals {
@@ -122,21 +124,21 @@ impl ClearingServer {
                             .entry((t.merchant_id.clone(), acquirer.clone(), t.currency))
                             .or_default();
                         m.0 += t.count;
-                        m.1 += t.amount;
+                        m.1 = m.1.saturating_add(t.amount);
                         let a = acquirers.entry((acquirer.clone(), t.currency)).or_default();
                         a.0 += t.count;
-                        a.1 += t.amount;
-                        *purchases.entry(t.currency).or_default() += t.amount as i64;
+                        a.1 = a.1.saturating_add(t.amount);
+                        *purchases.entry(t.currency).or_default() += i128::from(t.amount);
                     }
                     for t in &r.batch.security_cards {
                         let c = cards.entry((t.security_card_id, t.currency)).or_default();
                         c.0 += t.count;
-                        c.1 += t.amount;
+                        c.1 = c.1.saturating_add(t.amount);
                     }
                 }
                 for (_, a) in &advices {
                     *loads.entry(a.advice.amount.currency).or_default() +=
-                        a.advice.amount.minor as i64;
+                        i128::from(a.advice.amount.minor);
                 }
                 let mut float = Vec::new();
                 let currencies: std::collections::BTreeSet<Currency> =
@@ -147,9 +149,20 @@ impl ClearingServer {
                         Some(v) => i64::from_be_bytes(v.try_into().unwrap_or([0; 8])),
                         None => 0,
                     };
-                    let l = loads.get(&c).copied().unwrap_or(0);
-                    let p = purchases.get(&c).copied().unwrap_or(0);
-                    let closing = opening + l - p;
+                    let too_big = || {
+                        StoreError::Aborted(format!(
+                            "the issuer float in {} would leave the i64 range; nothing settled",
+                            c.code
+                        ))
+                    };
+                    let l = i64::try_from(loads.get(&c).copied().unwrap_or(0))
+                        .map_err(|_| too_big())?;
+                    let p = i64::try_from(purchases.get(&c).copied().unwrap_or(0))
+                        .map_err(|_| too_big())?;
+                    let closing = opening
+                        .checked_add(l)
+                        .and_then(|x| x.checked_sub(p))
+                        .ok_or_else(too_big)?;
                     b.put(Kind::Float, &key, &closing.to_be_bytes())?;
                     float.push(FloatMove {
                         currency: c,
@@ -249,37 +262,66 @@ impl ClearingServer {
     }
 }
 
-/// The report as CSV: `section,party,acquirer,currency,count,amount` rows (merchant,
-/// acquirer, security card, float), amounts in minor units.
-#[must_use]
-pub fn csv(r: &Report) -> String {
-    let mut out = String::from("report,section,party,acquirer,currency,count,amount\n");
-    let id = &r.id;
+/// The report as CSV (RFC 4180, written by the `csv` crate: a field holding a comma, a quote
+/// or a line break is quoted, so no party's name can forge a row): `report, section, party,
+/// acquirer, currency, count, amount` rows for merchants, acquirers, security cards and the
+/// float's closing balance, amounts in minor units.
+///
+/// # Errors
+/// The writer's (it writes to memory: none expected).
+pub fn csv(r: &Report) -> Result<String, String> {
+    let mut w = ::csv::Writer::from_writer(Vec::new());
+    let mut row = |fields: [&str; 7]| w.write_record(fields).map_err(|e| e.to_string());
+    row([
+        "report", "section", "party", "acquirer", "currency", "count", "amount",
+    ])?;
+    let id = r.id.as_str();
     for m in &r.merchants {
-        out += &format!(
-            "{id},merchant,{},{},{},{},{}\n",
-            m.merchant_id, m.acquirer, m.currency.code, m.count, m.amount
-        );
+        row([
+            id,
+            "merchant",
+            &m.merchant_id,
+            &m.acquirer,
+            &m.currency.code.to_string(),
+            &m.count.to_string(),
+            &m.amount.to_string(),
+        ])?;
     }
     for a in &r.acquirers {
-        out += &format!(
-            "{id},acquirer,{},{},{},{},{}\n",
-            a.acquirer, a.acquirer, a.currency.code, a.count, a.amount
-        );
+        row([
+            id,
+            "acquirer",
+            &a.acquirer,
+            &a.acquirer,
+            &a.currency.code.to_string(),
+            &a.count.to_string(),
+            &a.amount.to_string(),
+        ])?;
     }
     for s in &r.security_cards {
-        out += &format!(
-            "{id},security card,{:X},,{},{},{}\n",
-            s.security_card_id, s.currency.code, s.count, s.amount
-        );
+        row([
+            id,
+            "security card",
+            &format!("{:X}", s.security_card_id),
+            "",
+            &s.currency.code.to_string(),
+            &s.count.to_string(),
+            &s.amount.to_string(),
+        ])?;
     }
     for f in &r.float {
-        out += &format!(
-            "{id},float closing,issuer,,{},,{}\n",
-            f.currency.code, f.closing
-        );
+        row([
+            id,
+            "float closing",
+            "issuer",
+            "",
+            &f.currency.code.to_string(),
+            "",
+            &f.closing.to_string(),
+        ])?;
     }
-    out
+    let bytes = w.into_inner().map_err(|e| e.to_string())?;
+    String::from_utf8(bytes).map_err(|e| e.to_string())
 }
 
 /// Writes `dir/settlement-<id>.json` and `.csv` (the same bytes however often).
@@ -292,6 +334,42 @@ pub fn write(r: &Report, dir: &Path) -> Result<(PathBuf, PathBuf), String> {
     let csv_path = json.with_extension("csv");
     let text = serde_json::to_string_pretty(r).map_err(|e| e.to_string())?;
     std::fs::write(&json, text).map_err(|e| format!("{}: {e}", json.display()))?;
-    std::fs::write(&csv_path, csv(r)).map_err(|e| format!("{}: {e}", csv_path.display()))?;
+    std::fs::write(&csv_path, csv(r)?).map_err(|e| format!("{}: {e}", csv_path.display()))?;
     Ok((json, csv_path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A party's name with a comma, a quote and a line break stays one field of one row
+    /// (an outside tester forged a settlement row through a merchant id before).
+    #[test]
+    fn a_name_with_commas_quotes_and_newlines_cannot_forge_a_row() {
+        let evil = "EVIL,\"x\"\nS999999,merchant,INJECTED,payment,978,1,99999999";
+        let r = Report {
+            id: "S000001".into(),
+            day: "2026-11-30".into(),
+            batches: vec!["payment/000000000001".into()],
+            advices: Vec::new(),
+            merchants: vec![Payable {
+                merchant_id: evil.into(),
+                acquirer: "payment".into(),
+                currency: Currency::EUR,
+                count: 1,
+                amount: 5,
+            }],
+            acquirers: Vec::new(),
+            security_cards: Vec::new(),
+            float: Vec::new(),
+        };
+        let text = csv(&r).unwrap();
+        let rows: Vec<::csv::StringRecord> = ::csv::Reader::from_reader(text.as_bytes())
+            .records()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(rows.len(), 1, "{text}");
+        assert_eq!(&rows[0][2], evil);
+        assert_eq!(&rows[0][6], "5");
+    }
 }

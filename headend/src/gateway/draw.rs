@@ -32,7 +32,7 @@ impl Gateway {
             }
             (GwState::Expired, _) => {
                 return refuse(
-                    ErrorCode::Expired,
+                    ErrorCode::OfferExpired,
                     "the offer expired before its draw request; ask for a new offer",
                     Some(&txid),
                 );

@@ -240,7 +240,7 @@ impl Gateway {
             }
             None if t.expired => {
                 return refuse(
-                    ErrorCode::Expired,
+                    ErrorCode::OfferExpired,
                     "the load offer expired; ask for a new one",
                     t_,
                 );

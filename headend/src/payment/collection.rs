@@ -23,8 +23,9 @@ use super::{PayState, PayTxn, PaymentServer};
 use crate::journal::{self, Kind, StoreError};
 use crate::outbox::Outbox;
 
-/// The most records one batch carries: a batch travels as one frame (64 KiB by default;
-/// a record is about 60 bytes), so a busy day closes several batches.
+/// The most records one batch carries (fewer when `[transport] max_frame` needs it): a
+/// batch travels as one frame (64 KiB by default; a record is about 60 bytes), so a busy
+/// day closes several batches.
 pub const MAX_BATCH_RECORDS: usize = 500;
 
 /// A closed batch and where it stands (journal kind `batch`, key [`batch_key`]).
@@ -117,7 +118,7 @@ impl PaymentServer {
                     return Ok(None);
                 }
                 due.truncate(MAX_BATCH_RECORDS);
-                let records = due
+                let records: Vec<BatchRecord> = due
                     .iter()
                     .map(|t| BatchRecord {
                         transaction_id: t.transaction_id.clone(),
@@ -128,7 +129,21 @@ impl PaymentServer {
                         amount: t.amount,
                     })
                     .collect();
-                let batch = CollectionBatch::build(&self.name, n, &closed_on, records);
+                let mut batch = CollectionBatch::build(&self.name, n, &closed_on, records.clone());
+                // Small enough for one frame at this deployment's limit (with room for the
+                // frame header and the message around it): fewer records if need be.
+                let mut keep = records.len();
+                while keep > 1
+                    && Message::CollectionBatch(Box::new(batch.clone()))
+                        .to_payload()
+                        .len()
+                        > self.max_frame * 9 / 10
+                {
+                    keep = keep * 3 / 4;
+                    batch =
+                        CollectionBatch::build(&self.name, n, &closed_on, records[..keep].to_vec());
+                }
+                due.truncate(keep);
                 for mut t in due {
                     t.batch = Some(n);
                     b.put(Kind::Txn, &t.transaction_id, &journal::encode(&t))?;
@@ -213,8 +228,14 @@ impl PaymentServer {
     /// something; a repeat changes nothing.
     ///
     /// # Errors
-    /// No such batch, or the journal cannot be written.
+    /// This payment server sends its batches to clearing (only clearing acknowledges them
+    /// then), no such batch, or the journal cannot be written.
     pub fn ack_batch(&self, n: u64) -> Result<bool, String> {
+        if let Some(to) = &self.clearing {
+            return Err(format!(
+                "this payment server sends its batches to {to}, whose acknowledgement is recorded when it arrives; ack-batch is for an acquirer without a clearing role"
+            ));
+        }
         if self.batch(n)?.is_none() {
             return Err(format!("no batch {n}"));
         }

@@ -77,6 +77,9 @@ pub struct PaymentServer {
     name: String,
     /// The clearing role collection batches go to (`[payment] clearing`).
     clearing: Option<String>,
+    /// The largest frame this deployment speaks (`[transport] max_frame`): a batch is closed
+    /// small enough to travel in one.
+    max_frame: usize,
     journal: Arc<Journal>,
     pool: Arc<Pool>,
     merchants: HashMap<String, Merchant>,
@@ -184,7 +187,7 @@ impl PaymentServer {
             merchants,
             Duration::from_secs(section.transaction_timeout_secs),
             Duration::from_secs(section.lease_timeout_secs),
-            section.clearing.clone(),
+            (section.clearing.clone(), cfg.transport.max_frame),
         )
     }
 
@@ -197,7 +200,7 @@ impl PaymentServer {
         merchants: HashMap<String, Merchant>,
         timeout: Duration,
         lease_timeout: Duration,
-        clearing: Option<String>,
+        (clearing, max_frame): (Option<String>, usize),
     ) -> Result<Arc<Self>, String> {
         let mut security_cards = Vec::new();
         for slot in 0..cards as usize {
@@ -234,6 +237,7 @@ impl PaymentServer {
         Ok(Arc::new(Self {
             name: name.into(),
             clearing,
+            max_frame,
             journal,
             pool: Pool::new(security_cards),
             merchants,

@@ -109,6 +109,7 @@ pub fn error_kind(p: Problem) -> ErrorKind {
         Problem::NoCard => ErrorKind::NoCard,
         Problem::CardBlocked => ErrorKind::CardBlocked,
         Problem::CardExpired => ErrorKind::CardExpired,
+        Problem::OfferExpired => ErrorKind::OfferExpired,
         Problem::InsufficientValue => ErrorKind::InsufficientValue,
         Problem::HeadEndUnreachable => ErrorKind::HeadEndUnreachable,
         Problem::Timeout => ErrorKind::Timeout,
