@@ -103,8 +103,24 @@ fn one_journal(j: &Journal, role: &str, title: &str, out: &mut String) -> Result
                 e.1 += t.amount;
             }
         }
+        // [0044]: what the security cards still have to settle — their totals less the
+        // batches clearing (or the acquirer) acknowledged.
+        let mut acknowledged: BTreeMap<String, u64> = BTreeMap::new();
+        for (_, b) in j.all(Kind::Batch).unwrap_or_default() {
+            if let Ok(cb) = journal::decode::<crate::payment::collection::ClosedBatch>(&b) {
+                if cb.state == crate::payment::collection::BatchState::Acknowledged {
+                    for t in &cb.batch.security_cards {
+                        *acknowledged.entry(t.currency.alpha()).or_default() += t.amount;
+                    }
+                }
+            }
+        }
         for (c, (n, minor)) in totals {
-            let _ = writeln!(out, "  security cards: {n} sales, {minor} minor units {c}");
+            let left = minor.saturating_sub(acknowledged.get(&c).copied().unwrap_or(0));
+            let _ = writeln!(
+                out,
+                "  security cards: {n} sales, {minor} minor units {c}; {left} remaining to settle"
+            );
         }
     }
     Ok(())

@@ -540,9 +540,20 @@ async fn collection_batches_settled_transactions_once() {
     let before = p.remaining_to_settle().await.unwrap();
     let batched: u64 = file.security_cards.iter().map(|t| t.amount).sum();
     assert_eq!(before.values().sum::<u64>(), batched, "{before:?}");
+    let status = || headend::status::report(&he.cfg.state_dir).unwrap();
+    assert!(
+        status().contains("2148 minor units EUR; 2148 remaining to settle"),
+        "{}",
+        status()
+    );
     assert!(
         p.ack_batch(file.batch).unwrap(),
         "the first acknowledgement changes it"
+    );
+    assert!(
+        status().contains("2148 minor units EUR; 0 remaining to settle"),
+        "{}",
+        status()
     );
     assert_eq!(p.batch_state(file.batch), Some(BatchState::Acknowledged));
     let after = p.remaining_to_settle().await.unwrap();
