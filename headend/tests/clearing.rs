@@ -271,14 +271,17 @@ async fn bad_batches_are_refused_with_their_reason_and_nothing_settles() {
 fn two_instances_case(backend: purchase_support::pg_rig::Backend) {
     let dir = tempfile::tempdir().unwrap();
     let files = assembly::init_demo(dir.path(), &DemoOptions::default()).unwrap();
-    if backend == purchase_support::pg_rig::Backend::Postgres {
+    // Held to the end: the last holder of the shared test server stops it.
+    let _db = if backend == purchase_support::pg_rig::Backend::Postgres {
         let Some(db) = purchase_support::pg_rig::PgDb::fresh() else {
             return;
         };
         let text = std::fs::read_to_string(&files.config).unwrap() + &db.journal_section();
         proto::secret::write_private(&files.config, text.as_bytes()).unwrap();
-        std::mem::forget(db); // the database lives as long as the shared test server
-    }
+        Some(db)
+    } else {
+        None
+    };
     let cfg = HeadendConfig::load(&files.config).unwrap();
     let (a, b) = (
         ClearingServer::open(&cfg).unwrap(),
