@@ -38,8 +38,20 @@ const PURCHASES_EACH: usize = 50;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_payment_servers_clear_settle_and_reconcile() {
+    two_payment_servers_case(purchase_support::pg_rig::Backend::Sqlite).await;
+}
+
+/// The same with every role — both payment servers and clearing included — on PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_payment_servers_clear_settle_and_reconcile_on_postgres() {
+    two_payment_servers_case(purchase_support::pg_rig::Backend::Postgres).await;
+}
+
+async fn two_payment_servers_case(backend: purchase_support::pg_rig::Backend) {
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();
-    let d = deployment();
+    let Some(d) = deployment_on(backend) else {
+        return;
+    };
     let only = |f: fn(&mut Roles)| {
         let mut r = Roles::NONE;
         f(&mut r);
@@ -151,6 +163,13 @@ async fn two_payment_servers_clear_settle_and_reconcile() {
     assert!(!ok, "reconcile must fail: {out}");
     assert!(out.contains(&victim), "names {victim}: {out}");
 
+    if let Some(pg) = &d.pg {
+        // Every role journaled on PostgreSQL: no SQLite file anywhere, steps in each schema.
+        for role in ["gateway", "merchant", "payment", "clearing"] {
+            pg.assert_every_role_here(&d.state(role), &[role]);
+        }
+        assert!(!d.state("payment-web").join("payment-web.sqlite").exists());
+    }
     for r in [gateway, merchant, web, cable, clearing] {
         r.stop().await;
     }

@@ -28,6 +28,8 @@ pub struct Deployment {
     pub dir: tempfile::TempDir,
     pub configs: BTreeMap<&'static str, PathBuf>,
     pub clearing_addr: SocketAddr,
+    /// The test PostgreSQL every role journals on, when the deployment is on it.
+    pub pg: Option<crate::purchase_support::pg_rig::PgDb>,
 }
 
 pub fn set_merchant_payment(t: &mut toml::Table) {
@@ -56,6 +58,19 @@ pub fn endpoint(addr: SocketAddr, name: &str) -> toml::Value {
 }
 
 pub fn deployment() -> Deployment {
+    deployment_on(crate::purchase_support::pg_rig::Backend::Sqlite).expect("SQLite is always there")
+}
+
+/// [`deployment`] with every role journaling on `backend` (each in its own schema of one
+/// fresh database on PostgreSQL): `None` (said why) when that is PostgreSQL and it is not
+/// installed.
+pub fn deployment_on(backend: crate::purchase_support::pg_rig::Backend) -> Option<Deployment> {
+    let pg = match backend {
+        crate::purchase_support::pg_rig::Backend::Sqlite => None,
+        crate::purchase_support::pg_rig::Backend::Postgres => {
+            Some(crate::purchase_support::pg_rig::PgDb::fresh()?)
+        }
+    };
     let dir = tempfile::tempdir().unwrap();
     let ports = free_udp_ports(7);
     let split = SplitAddrs {
@@ -140,22 +155,27 @@ payment_servers = ["payment", "payment-web"]
     ))
     .unwrap();
     let mut configs = BTreeMap::new();
-    for (role, t) in [
+    for (role, mut t) in [
         ("gateway", gateway),
         ("merchant", merchant),
         ("payment", payment),
         ("payment-web", web),
         ("clearing", clearing),
     ] {
+        if let Some(db) = &pg {
+            let j: toml::Table = toml::from_str(&db.journal_section()).unwrap();
+            t.insert("journal".into(), j["journal"].clone());
+        }
         let path = split_dir.join(format!("{role}.toml"));
         std::fs::write(&path, toml::to_string(&t).unwrap()).unwrap();
         configs.insert(role, path);
     }
-    Deployment {
+    Some(Deployment {
         dir,
         configs,
         clearing_addr,
-    }
+        pg,
+    })
 }
 
 impl Deployment {
