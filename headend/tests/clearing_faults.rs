@@ -24,16 +24,6 @@ use proto::clearing::{BatchRecord, CollectionBatch, LoadAdvice};
 use proto::messages::*;
 use proto::money::Money;
 
-async fn eventually(mut f: impl FnMut() -> bool) -> bool {
-    for _ in 0..400 {
-        if f() {
-            return true;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    f()
-}
-
 /// `n` purchases through the gateway from one wire-level box; their amounts.
 async fn buy(he: &HeadEnd, id: &str, n: usize) -> u64 {
     let issuer = issuer_keys(&he.cfg);

@@ -17,17 +17,6 @@ use load_support::pg_rig;
 use load_support::*;
 use proto::messages::*;
 
-/// Waits (bounded, 10 s) until `f` holds: deliveries run on the outboxes' own timers.
-async fn eventually(mut f: impl FnMut() -> bool) -> bool {
-    for _ in 0..400 {
-        if f() {
-            return true;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    f()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn float_is_loads_less_settled_purchases_and_matches_the_cards() {
     float_case(pg_rig::Backend::Sqlite).await;

@@ -23,10 +23,6 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-fn corrupt(e: String) -> StoreError {
-    StoreError::Aborted(e)
-}
-
 impl ClearingServer {
     /// Who may send for `party`: the role named `party` itself, listed in `allowed`.
     #[allow(clippy::result_large_err)] // the refusal is the answer, sent as is
@@ -109,7 +105,7 @@ impl ClearingServer {
         };
         let outcome = self.journal.atomically(|b| {
             if let Some(raw) = b.get_for_update(Kind::ClearedBatch, &id)? {
-                let first: Received = journal::decode(&raw).map_err(corrupt)?;
+                let first: Received = journal::decode(&raw).map_err(StoreError::Aborted)?;
                 return Ok(if first.batch == batch {
                     tracing::info!(batch = %id, "batch received again: same acknowledgement");
                     Ok(())
@@ -201,7 +197,7 @@ impl ClearingServer {
         let key = advice_key(&advice.funder, &txid);
         let outcome = self.journal.atomically(|b| {
             if let Some(raw) = b.get_for_update(Kind::Advice, &key)? {
-                let first: AdviceRec = journal::decode(&raw).map_err(corrupt)?;
+                let first: AdviceRec = journal::decode(&raw).map_err(StoreError::Aborted)?;
                 return Ok(if first.advice == advice {
                     Ok(())
                 } else {

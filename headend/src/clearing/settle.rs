@@ -67,8 +67,20 @@ pub struct Report {
     pub float: Vec<FloatMove>,
 }
 
-fn corrupt(e: String) -> StoreError {
-    StoreError::Aborted(e)
+/// Every record of `kind` not yet settled, as this transaction holds it.
+fn unsettled<T: serde::de::DeserializeOwned>(
+    b: &journal::Batch,
+    kind: Kind,
+    settlement: impl Fn(&T) -> &Option<String>,
+) -> Result<Vec<(String, T)>, StoreError> {
+    let mut out = Vec::new();
+    for (k, v) in b.all_for_update(kind)? {
+        let r: T = journal::decode(&v).map_err(StoreError::Aborted)?;
+        if settlement(&r).is_none() {
+            out.push((k, r));
+        }
+    }
+    Ok(out)
 }
 
 fn today() -> String {
@@ -88,22 +100,10 @@ impl ClearingServer {
         let report = self
             .journal
             .atomically(|b| {
-                let batches: Vec<(String, Received)> = b
-                    .all_for_update(Kind::ClearedBatch)?
-                    .into_iter()
-                    .map(|(k, v)| Ok((k, journal::decode::<Received>(&v).map_err(corrupt)?)))
-                    .collect::<Result<Vec<_>, StoreError>>()?
-                    .into_iter()
-                    .filter(|(_, r)| r.settlement.is_none())
-                    .collect();
-                let advices: Vec<(String, AdviceRec)> = b
-                    .all_for_update(Kind::Advice)?
-                    .into_iter()
-                    .map(|(k, v)| Ok((k, journal::decode::<AdviceRec>(&v).map_err(corrupt)?)))
-                    .collect::<Result<Vec<_>, StoreError>>()?
-                    .into_iter()
-                    .filter(|(_, r)| r.settlement.is_none())
-                    .collect();
+                let batches: Vec<(String, Received)> =
+                    unsettled(b, Kind::ClearedBatch, |r: &Received| &r.settlement)?;
+                let advices: Vec<(String, AdviceRec)> =
+                    unsettled(b, Kind::Advice, |r: &AdviceRec| &r.settlement)?;
                 if batches.is_empty() && advices.is_empty() {
                     return Ok(None);
                 }

@@ -99,7 +99,6 @@ impl PaymentServer {
     /// closed).
     pub fn close_batch(&self) -> Result<Option<CollectionBatch>, String> {
         let closed_on = day_text(super::today());
-        let corrupt = |e: String| StoreError::Aborted(e);
         let out = self
             .journal
             .atomically(|b| {
@@ -109,7 +108,7 @@ impl PaymentServer {
                     .unwrap_or(1);
                 let mut due: Vec<PayTxn> = Vec::new();
                 for (_, bytes) in b.all_for_update(Kind::Txn)? {
-                    let t: PayTxn = journal::decode(&bytes).map_err(corrupt)?;
+                    let t: PayTxn = journal::decode(&bytes).map_err(StoreError::Aborted)?;
                     if t.state == PayState::Completed && t.batch.is_none() {
                         due.push(t);
                     }

@@ -438,3 +438,14 @@ pub async fn conservation(
     eprintln!("conservation: {out:?}");
     out
 }
+
+/// Waits (bounded, 10 s) until `f` holds: deliveries run on the outboxes' own timers.
+pub async fn eventually(mut f: impl FnMut() -> bool) -> bool {
+    for _ in 0..400 {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    f()
+}
