@@ -74,6 +74,10 @@ pub enum StoreError {
     /// The caller's closure gave up (its reason): the transaction is rolled back.
     #[error("{0}")]
     Aborted(String),
+    /// A write made only under a [`SharedLock`] found the lock gone (its PostgreSQL session
+    /// ended: another process may hold it now): nothing was written.
+    #[error("the shared lock on {0} was lost with its database session; nothing written")]
+    LockLost(String),
 }
 
 /// A journal that cannot be opened, read or written: where (`at`: the SQLite file, or
@@ -355,6 +359,38 @@ impl Batch<'_> {
     }
 }
 
+/// A lock on a name shared by every process on one journal's store
+/// ([`Journal::try_lock`]); released when dropped.
+pub struct SharedLock<'a> {
+    journal: &'a Journal,
+    name: String,
+    held: Held,
+}
+
+enum Held {
+    /// SQLite: one process per journal, nothing to hold outside it.
+    Local,
+    /// PostgreSQL: a session advisory lock on this connection generation.
+    Postgres { generation: u64 },
+}
+
+impl SharedLock<'_> {
+    /// The locked name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for SharedLock<'_> {
+    fn drop(&mut self) {
+        if let (Held::Postgres { generation }, Store::Postgres(p)) =
+            (&self.held, &self.journal.store)
+        {
+            blocking(|| p.unlock(&self.name, *generation));
+        }
+    }
+}
+
 /// Journal transactions committed by this process, every journal and backend together.
 static COMMITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -431,8 +467,63 @@ impl Journal {
         out
     }
 
+    /// [`Journal::atomically`], committed only while `lock` is held: on PostgreSQL the
+    /// transaction runs on the session that took the lock, or not at all
+    /// ([`StoreError::LockLost`]), so a process that lost its lock (its connection broke,
+    /// another process took the lock) never overwrites what the new holder wrote.
+    ///
+    /// # Errors
+    /// As [`Journal::atomically`], and [`StoreError::LockLost`].
+    pub fn atomically_holding<T>(
+        &self,
+        lock: &SharedLock<'_>,
+        f: impl FnOnce(&Batch) -> Result<T, StoreError>,
+    ) -> Result<T, JournalError> {
+        let holding = match &lock.held {
+            Held::Local => None,
+            Held::Postgres { generation } => Some((lock.name.as_str(), *generation)),
+        };
+        let out = self.atomically_inner(holding, f);
+        if out.is_ok() {
+            COMMITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        out
+    }
+
+    /// Takes the lock on `name` shared by every process on this journal's store, if no
+    /// other holds it (`None`: try again later). On PostgreSQL a session advisory lock
+    /// (`pg_try_advisory_lock`) on this journal's connection: a process that dies (SIGKILL
+    /// included) loses its locks with its connection at once. A SQLite journal belongs to
+    /// one process, so there the lock is always granted; the caller's own in-process lock
+    /// serializes its tasks. Within one process the name must be locked in process first
+    /// (PostgreSQL's locks are re-entrant per session). Released on drop.
+    ///
+    /// # Errors
+    /// The store cannot be reached.
+    pub fn try_lock(&self, name: &str) -> Result<Option<SharedLock<'_>>, JournalError> {
+        let held = match &self.store {
+            Store::Sqlite(_) => Some(Held::Local),
+            Store::Postgres(p) => {
+                blocking(|| p.try_lock(name))?.map(|generation| Held::Postgres { generation })
+            }
+        };
+        Ok(held.map(|held| SharedLock {
+            journal: self,
+            name: name.to_string(),
+            held,
+        }))
+    }
+
     fn atomically_uncounted<T>(
         &self,
+        f: impl FnOnce(&Batch) -> Result<T, StoreError>,
+    ) -> Result<T, JournalError> {
+        self.atomically_inner(None, f)
+    }
+
+    fn atomically_inner<T>(
+        &self,
+        holding: Option<(&str, u64)>,
         f: impl FnOnce(&Batch) -> Result<T, StoreError>,
     ) -> Result<T, JournalError> {
         blocking(|| match &self.store {
@@ -446,7 +537,7 @@ impl Journal {
                 };
                 (out, tx)
             }),
-            Store::Postgres(p) => p.atomically(|b| {
+            Store::Postgres(p) => p.atomically(holding, |b| {
                 let batch = Batch {
                     inner: BatchInner::Postgres(b),
                 };
@@ -700,6 +791,62 @@ mod tests {
         );
         assert_eq!(j.kind_counts().unwrap(), [("txn".to_string(), 1)].into());
         assert_eq!(j.count_steps().unwrap(), 2);
+    }
+
+    /// Two journals on one PostgreSQL schema stand for two processes (each its own
+    /// connection): a name locked by one is refused to the other; a lock whose session ended
+    /// is free for the other at once, and its old holder can no longer write under it, nor
+    /// release the new holder's lock.
+    #[test]
+    fn a_shared_lock_excludes_other_processes_and_dies_with_its_session() {
+        let Some(fx) = fixture(Backend::Postgres) else {
+            return;
+        };
+        let (a, b, c) = (fx.open(), fx.open(), fx.open());
+        let held = a.try_lock("tx-1").unwrap().expect("free");
+        assert!(b.try_lock("tx-1").unwrap().is_none(), "held by a");
+        assert!(b.try_lock("tx-2").unwrap().is_some(), "another name is free");
+        a.atomically_holding(&held, |w| w.put(Kind::Gw, "tx-1", b"a's"))
+            .expect("a writes while it holds the lock");
+        drop(held);
+        let held = b.try_lock("tx-1").unwrap().expect("released on drop");
+        drop(held);
+
+        let held = a.try_lock("tx-1").unwrap().expect("free again");
+        // a's session ends (its connection dies as when the process is SIGKILLed).
+        let url = fx.url.as_deref().unwrap();
+        let killed = fx.rig.as_ref().unwrap().psql(
+            url,
+            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = current_database() AND backend_type = 'client backend' \
+             AND pid <> pg_backend_pid()",
+        );
+        assert_eq!(killed, "3", "a's, b's and c's sessions ended");
+        let taken = b.try_lock("tx-1").unwrap().expect("free once a's session ended");
+        b.atomically_holding(&taken, |w| w.put(Kind::Gw, "tx-1", b"b's"))
+            .unwrap();
+        let late = a.atomically_holding(&held, |w| w.put(Kind::Gw, "tx-1", b"a's late write"));
+        assert!(
+            matches!(&late, Err(JournalError { source: StoreError::LockLost(n), .. }) if n == "tx-1"),
+            "{late:?}"
+        );
+        assert_eq!(a.get(Kind::Gw, "tx-1").unwrap().unwrap(), b"b's");
+        drop(held); // on a's new session: must not release b's lock
+        assert!(c.try_lock("tx-1").unwrap().is_none(), "still b's");
+        drop(taken);
+        assert!(c.try_lock("tx-1").unwrap().is_some());
+    }
+
+    /// A SQLite journal belongs to one process: its shared lock is always granted and
+    /// writes under it commit.
+    #[test]
+    fn a_sqlite_journal_grants_its_shared_lock() {
+        let fx = fixture(Backend::Sqlite).unwrap();
+        let j = fx.open();
+        let l = j.try_lock("tx-1").unwrap().expect("granted");
+        j.atomically_holding(&l, |w| w.put(Kind::Gw, "tx-1", b"x"))
+            .unwrap();
+        assert_eq!(j.get(Kind::Gw, "tx-1").unwrap().unwrap(), b"x");
     }
 
     both!(records_read_back_in_bytewise_key_order, records_and_order);

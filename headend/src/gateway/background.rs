@@ -27,7 +27,11 @@ impl Gateway {
                 continue;
             };
             let txid = txid_of_key(&key).to_string();
-            let _lock = self.lock(&txid).await;
+            // Held by another gateway (its pass, or the box's step there): next pass.
+            let Ok(lock) = self.lock(&txid).await else {
+                backlog = true;
+                continue;
+            };
             if self
                 .journal
                 .get(journal::Kind::Confirming, &key)
@@ -43,15 +47,13 @@ impl Gateway {
                 .and_then(|t| msg.body.open(t.tsk.as_ref()).ok().map(|r| (t, r)));
             let Some((t, resp)) = resp else {
                 // Completed with a receipt meanwhile, or not a transaction we can open.
-                let _ = self
-                    .journal
-                    .atomically(|b| b.delete(journal::Kind::Confirming, &key));
+                let _ = lock.atomically(|b| b.delete(journal::Kind::Confirming, &key));
                 continue;
             };
             let span = tracing::info_span!("confirmation", txid = %txid);
             let _calling = self.mark_retrying(&txid);
             if let Err(answer) = self
-                .confirm(&txid, &key, &t, msg, resp)
+                .confirm(&lock, &key, &t, msg, resp)
                 .instrument(span)
                 .await
             {
@@ -119,13 +121,16 @@ impl Gateway {
                 continue;
             };
             let txid = txid_of_key(&key).to_string();
-            let _lock = self.lock(&txid).await;
+            let Ok(lock) = self.lock(&txid).await else {
+                backlog = true;
+                continue;
+            };
             if self.outbound(&key).is_none() {
                 continue; // delivered meanwhile
             }
             let _calling = self.mark_retrying(&txid);
             let span = tracing::info_span!("release", txid = %txid);
-            let answer = self.deliver(&key, out).instrument(span).await;
+            let answer = self.deliver(&lock, &key, out).instrument(span).await;
             if !definite(&answer) {
                 backlog = true;
             }
@@ -178,12 +183,14 @@ impl Gateway {
     /// proved after the reversal) and tells the merchant. False: try again later.
     async fn pass_on_reversal(&self, payment: &str, n: &ReversalNotice) -> bool {
         let txid = n.transaction_id.clone();
-        let _lock = self.lock(&txid).await;
+        let Ok(lock) = self.lock(&txid).await else {
+            return false;
+        };
         if let Some(mut t) = self.txn(&txid) {
             self.open_draws.close(&t.box_id, &txid);
             if t.receipt.is_none() && t.state != GwState::Reversed {
                 t.state = GwState::Reversed;
-                if self.save(&txid, &t, Step::Reversed).is_err() {
+                if self.save(&lock, &t, Step::Reversed).is_err() {
                     return false;
                 }
             }
@@ -198,12 +205,18 @@ impl Gateway {
                 return false;
             }
         }
-        self.journal
-            .atomically(|b| {
+        // Forward only: another gateway on the same database may have read further.
+        lock.atomically(|b| {
+            let at = b
+                .get_for_update(journal::Kind::Cursor, payment)?
+                .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                .map_or(0, u64::from_be_bytes);
+            if n.seq > at {
                 b.put(journal::Kind::Cursor, payment, &n.seq.to_be_bytes())?;
-                b.step(&txid, &Step::ReversalPassedOn, &n.reason)
-            })
-            .is_ok()
+            }
+            b.step(&txid, &Step::ReversalPassedOn, &n.reason)
+        })
+        .is_ok()
     }
 }
 

@@ -37,7 +37,7 @@ impl Gateway {
     /// `Internal` (and retries).
     pub(super) async fn cancel(&self, box_id: &str, c: CancelMsg) -> Message {
         let txid = c.transaction_id.clone();
-        let _lock = match self.lock_for_box(&txid).await {
+        let lock = match self.lock_for_box(&txid).await {
             Ok(l) => l,
             Err(busy) => return busy,
         };
@@ -58,7 +58,7 @@ impl Gateway {
             // An offer whose draw request never went out has nothing to reverse anywhere.
             CancelDecision::Locally => {
                 t.state = GwState::Cancelled;
-                if let Err(e) = self.save(&txid, &t, Step::CancelledBeforeDraw) {
+                if let Err(e) = self.save(&lock, &t, Step::CancelledBeforeDraw) {
                     return *e;
                 }
                 return nothing_charged();

@@ -6,7 +6,7 @@
 use proto::messages::*;
 use proto::purse::DebitResponse;
 
-use super::{Gateway, GwState, GwTxn, Outbound, Step, definite, gw, response_key};
+use super::{Gateway, GwState, GwTxn, Outbound, Step, TxnGuard, definite, gw, response_key};
 use crate::journal;
 use crate::role::{open_body, refuse, repeat};
 
@@ -17,7 +17,7 @@ impl Gateway {
     /// [`Gateway::merchant_compares`]), journaled as a release, and delivered to the merchant.
     pub(super) async fn debit_response(&self, box_id: &str, msg: DebitResponseMsg) -> Message {
         let txid = msg.transaction_id.clone();
-        let _lock = match self.lock_for_box(&txid).await {
+        let lock = match self.lock_for_box(&txid).await {
             Ok(l) => l,
             Err(busy) => return busy,
         };
@@ -44,11 +44,11 @@ impl Gateway {
         }
         let key = response_key(&txid, &resp);
         if let Some(out) = self.outbound(&key) {
-            return self.deliver(&key, out).await;
+            return self.deliver(&lock, &key, out).await;
         }
         let out = match t.embodiment {
             Embodiment::SecurityCard | Embodiment::PaymentServer => {
-                match self.confirm(&txid, &key, &t, msg, resp).await {
+                match self.confirm(&lock, &key, &t, msg, resp).await {
                     Ok(out) => out,
                     Err(answer) => {
                         if !definite(&answer) {
@@ -58,31 +58,32 @@ impl Gateway {
                     }
                 }
             }
-            Embodiment::Gateway => match self.gateway_compares(&txid, &key, &t, &msg, resp) {
+            Embodiment::Gateway => match self.gateway_compares(&lock, &key, &t, &msg, resp) {
                 Ok(out) => out,
                 Err(refusal) => return refusal,
             },
-            Embodiment::Merchant => match self.merchant_compares(&txid, &key, &t, &msg, resp) {
+            Embodiment::Merchant => match self.merchant_compares(&lock, &key, &t, &msg, resp) {
                 Ok(out) => out,
                 Err(refusal) => return refusal,
             },
         };
-        self.deliver(&key, out).await
+        self.deliver(&lock, &key, out).await
     }
 
     /// FIG. 4/5: the payment server compares and confirms. The debit response is journaled
     /// first (kind `confirming`), so a gateway that dies waiting asks again after its
     /// restart; the confirmation is journaled for the merchant ([`Gateway::accept`]) in the
     /// write that deletes it. `Err` carries the payment server's other answer; a definite
-    /// one (a refusal) drops the entry. The caller holds the transaction's lock.
+    /// one (a refusal) drops the entry. Under the transaction's lock.
     pub(super) async fn confirm(
         &self,
-        txid: &str,
+        lock: &TxnGuard<'_>,
         key: &str,
         t: &GwTxn,
         msg: DebitResponseMsg,
         resp: DebitResponse,
     ) -> Result<Outbound, Message> {
+        let txid = lock.txid();
         let journaled = self
             .journal
             .get(journal::Kind::Confirming, key)
@@ -90,8 +91,7 @@ impl Gateway {
             .flatten()
             .is_some();
         if !journaled {
-            self.journal
-                .atomically(|b| {
+            lock.atomically(|b| {
                     b.put(journal::Kind::Confirming, key, &journal::encode(&msg))?;
                     b.step(txid, &Step::ToPaymentServer, "")
                 })
@@ -106,7 +106,7 @@ impl Gateway {
             Message::Confirmation(c) => c,
             other => {
                 if definite(&other) {
-                    let _ = self.journal.atomically(|b| {
+                    let _ = lock.atomically(|b| {
                         b.delete(journal::Kind::Confirming, key)?;
                         b.step(txid, &Step::PaymentServerRefused, other.kind())
                     });
@@ -120,7 +120,7 @@ impl Gateway {
             response: resp,
             new_balance,
         };
-        self.accept(txid, key, &out, None, Step::ConfirmationReceived)?;
+        self.accept(lock, key, &out, None, Step::ConfirmationReceived)?;
         Ok(out)
     }
 }

@@ -16,7 +16,7 @@ impl Gateway {
     /// answers it with the same debit command).
     pub(super) async fn draw(&self, box_id: &str, req: DrawRequest) -> Message {
         let txid = req.transaction_id.clone();
-        let _lock = match self.lock_for_box(&txid).await {
+        let lock = match self.lock_for_box(&txid).await {
             Ok(l) => l,
             Err(busy) => return busy,
         };
@@ -87,7 +87,7 @@ impl Gateway {
             }
             t.draw = Some(raw);
             t.state = GwState::Drawn;
-            if let Err(e) = self.save(&txid, &t, Step::DrawRequestRelayed) {
+            if let Err(e) = self.save(&lock, &t, Step::DrawRequestRelayed) {
                 self.open_draws.close(box_id, &txid);
                 return *e;
             }
@@ -103,7 +103,7 @@ impl Gateway {
                 t.expected = gateway.expected_card_signature;
                 t.sealed_expected = gateway.sealed_expected_signature;
                 t.presealed_m = gateway.presealed_result_m;
-                if let Err(e) = self.save(&txid, &t, Step::DebitCommandRelayed) {
+                if let Err(e) = self.save(&lock, &t, Step::DebitCommandRelayed) {
                     return *e;
                 }
                 Message::DebitCommand(command)

@@ -26,7 +26,7 @@ use proto::messages::*;
 use proto::purse::DebitResponse;
 use proto::security_card::SecurityCard;
 
-use super::{Gateway, GwTxn, Outbound, Step};
+use super::{Gateway, GwTxn, Outbound, Step, TxnGuard};
 use crate::role::refuse;
 
 /// The FIG. 6 comparison (001 [0061], [0101] step 732): whether the card's signature in its
@@ -51,12 +51,13 @@ impl Gateway {
     /// has no expected signature or the journal cannot be written.
     pub(super) fn gateway_compares(
         &self,
-        txid: &str,
+        lock: &TxnGuard<'_>,
         key: &str,
         t: &GwTxn,
         msg: &DebitResponseMsg,
         resp: DebitResponse,
     ) -> Result<Outbound, Message> {
+        let txid = lock.txid();
         let (Some(expected), Some(m)) = (t.expected, t.presealed_m.clone()) else {
             return Err(refuse(
                 ErrorCode::Internal,
@@ -76,7 +77,7 @@ impl Gateway {
         let out = self.local_confirmation(txid, t, resp, m, None);
         // Only a response that passed the comparison is passed on to the payment server,
         // in the same write as its release.
-        self.accept(txid, key, &out, Some(msg), Step::ComparedMatch)?;
+        self.accept(lock, key, &out, Some(msg), Step::ComparedMatch)?;
         Ok(out)
     }
 
@@ -89,12 +90,13 @@ impl Gateway {
     /// or the journal cannot be written.
     pub(super) fn merchant_compares(
         &self,
-        txid: &str,
+        lock: &TxnGuard<'_>,
         key: &str,
         t: &GwTxn,
         msg: &DebitResponseMsg,
         resp: DebitResponse,
     ) -> Result<Outbound, Message> {
+        let txid = lock.txid();
         let Some(sealed) = t.sealed_expected.clone() else {
             return Err(refuse(
                 ErrorCode::Internal,
@@ -103,7 +105,7 @@ impl Gateway {
             ));
         };
         let out = self.local_confirmation(txid, t, resp.clone(), sealed, Some(resp));
-        self.accept(txid, key, &out, Some(msg), Step::QueuedForMerchant)?;
+        self.accept(lock, key, &out, Some(msg), Step::QueuedForMerchant)?;
         Ok(out)
     }
 

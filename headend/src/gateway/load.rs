@@ -31,7 +31,7 @@ use proto::messages::*;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use crate::gateway::{Gateway, Step, definite, now_secs};
+use crate::gateway::{Gateway, Step, TxnGuard, definite, now_secs};
 use crate::journal;
 use crate::role::{Caller, Role};
 use crate::role::{refuse, repeat};
@@ -114,8 +114,9 @@ impl Gateway {
     ///
     /// # Errors
     /// The journal cannot be written: the `Internal` refusal to answer with.
-    fn save_load(&self, txid: &str, t: &GwLoad, step: Step) -> Result<(), Message> {
-        self.journal()
+    fn save_load(&self, lock: &TxnGuard<'_>, t: &GwLoad, step: Step) -> Result<(), Message> {
+        let txid = lock.txid();
+        lock
             .atomically(|b| {
                 b.put(journal::Kind::GwLoad, txid, &journal::encode(t))?;
                 if t.is_open() {
@@ -168,6 +169,10 @@ impl Gateway {
             )
             .await;
         if let Message::LoadOffer(o) = &answer {
+            let lock = match self.lock(&o.transaction_id).await {
+                Ok(l) => l,
+                Err(busy) => return busy,
+            };
             let taken = self
                 .journal()
                 .get(journal::Kind::GwLoad, &o.transaction_id)
@@ -202,7 +207,7 @@ impl Gateway {
                 expired: false,
                 awaiting_operator: false,
             };
-            if let Err(e) = self.save_load(&o.transaction_id, &t, Step::LoadOfferRelayed) {
+            if let Err(e) = self.save_load(&lock, &t, Step::LoadOfferRelayed) {
                 return e;
             }
             tracing::info!(txid = %o.transaction_id, box_id, max = %o.max_amount, "load offer relayed");
@@ -215,7 +220,7 @@ impl Gateway {
     pub(crate) async fn load_request(&self, box_id: &str, req: LoadRequest) -> Message {
         let txid = req.transaction_id.clone();
         let t_ = Some(txid.as_str());
-        let _lock = match self.lock_for_box(&txid).await {
+        let lock = match self.lock_for_box(&txid).await {
             Ok(l) => l,
             Err(busy) => return busy,
         };
@@ -270,7 +275,7 @@ impl Gateway {
         if t.request.is_none() {
             t.request = Some(raw);
             t.requested_at = Some(now_secs());
-            if let Err(e) = self.save_load(&txid, &t, Step::LoadRequestReceived) {
+            if let Err(e) = self.save_load(&lock, &t, Step::LoadRequestReceived) {
                 return e;
             }
         }
@@ -294,7 +299,7 @@ impl Gateway {
                             && h.card_id == req.init.card_id =>
                     {
                         t.hold = Some(h.clone());
-                        if let Err(e) = self.save_load(&txid, &t, Step::HoldPlaced) {
+                        if let Err(e) = self.save_load(&lock, &t, Step::HoldPlaced) {
                             return e;
                         }
                         h
@@ -319,7 +324,7 @@ impl Gateway {
                                 Message::Error(e) => format!("{:?}", e.code),
                                 m => m.kind().to_string(),
                             };
-                            if let Err(e) = self.save_load(&txid, &t, Step::HoldRefused(why)) {
+                            if let Err(e) = self.save_load(&lock, &t, Step::HoldRefused(why)) {
                                 return e;
                             }
                         }
@@ -334,7 +339,7 @@ impl Gateway {
         match answer {
             Message::LoadCommand(_) => {
                 t.command = Some(answer.clone());
-                if let Err(e) = self.save_load(&txid, &t, Step::LoadCommandRelayed) {
+                if let Err(e) = self.save_load(&lock, &t, Step::LoadCommandRelayed) {
                     return e;
                 }
                 tracing::info!(txid, "load command relayed");
@@ -346,7 +351,7 @@ impl Gateway {
                     return *e;
                 }
                 if let Err(e) = self
-                    .settle(&mut t, &funder, r.confirmation.clone(), &txid)
+                    .settle(&mut t, &funder, r.confirmation.clone(), &lock)
                     .await
                 {
                     return e;
@@ -363,14 +368,15 @@ impl Gateway {
         t: &mut GwLoad,
         funder: &Arc<dyn Role>,
         c: LoadConfirmation,
-        txid: &str,
+        lock: &TxnGuard<'_>,
     ) -> Result<HoldSettled, Message> {
+        let txid = lock.txid();
         if let Some(s) = &t.settled {
             return Ok(s.clone());
         }
         if t.confirmation.is_none() {
             t.confirmation = Some(Message::LoadConfirmation(c.clone()));
-            self.save_load(txid, t, Step::LoadConfirmationReceived)?;
+            self.save_load(lock, t, Step::LoadConfirmationReceived)?;
         }
         match funder.handle(gw(), Message::LoadConfirmation(c)).await {
             Message::HoldSettled(s) => {
@@ -380,7 +386,7 @@ impl Gateway {
                 } else {
                     Step::HoldReleased
                 };
-                self.save_load(txid, t, step)?;
+                self.save_load(lock, t, step)?;
                 Ok(s)
             }
             Message::Error(e) if e.code == ErrorCode::UnknownTransaction && t.hold.is_none() => {
@@ -391,7 +397,7 @@ impl Gateway {
                     amount: proto::money::Money::zero(t.offer.max_amount.currency),
                 };
                 t.settled = Some(s.clone());
-                self.save_load(txid, t, Step::NothingHeld)?;
+                self.save_load(lock, t, Step::NothingHeld)?;
                 Ok(s)
             }
             other => Err(other),
@@ -402,7 +408,7 @@ impl Gateway {
     pub(crate) async fn load_response(&self, box_id: &str, msg: LoadResponseMsg) -> Message {
         let txid = msg.transaction_id.clone();
         let t_ = Some(txid.as_str());
-        let _lock = match self.lock_for_box(&txid).await {
+        let lock = match self.lock_for_box(&txid).await {
             Ok(l) => l,
             Err(busy) => return busy,
         };
@@ -431,11 +437,11 @@ impl Gateway {
         if t.response.is_none() {
             t.response = Some(raw);
             t.confirmation = Some(Message::LoadConfirmation(c.clone()));
-            if let Err(e) = self.save_load(&txid, &t, Step::LoadConfirmationReceived) {
+            if let Err(e) = self.save_load(&lock, &t, Step::LoadConfirmationReceived) {
                 return e;
             }
         }
-        match self.settle(&mut t, &funder, c.clone(), &txid).await {
+        match self.settle(&mut t, &funder, c.clone(), &lock).await {
             Ok(s) => {
                 tracing::info!(
                     txid,
@@ -451,17 +457,16 @@ impl Gateway {
 
     /// One sweep step for an open load (see the module doc). True: retry soon.
     pub(crate) async fn sweep_load(&self, txid: &str, now: u64) -> bool {
-        let _lock = self.lock(txid).await;
+        // Held by another gateway: its sweep or the box's step there; retry soon.
+        let Ok(lock) = self.lock(txid).await else {
+            return true;
+        };
         let Some(mut t) = self.load_txn(txid) else {
-            let _ = self
-                .journal()
-                .atomically(|b| b.delete(journal::Kind::Open, &format!("l/{txid}")));
+            let _ = lock.atomically(|b| b.delete(journal::Kind::Open, &format!("l/{txid}")));
             return false;
         };
         if !t.is_open() {
-            let _ = self
-                .journal()
-                .atomically(|b| b.delete(journal::Kind::Open, &format!("l/{txid}")));
+            let _ = lock.atomically(|b| b.delete(journal::Kind::Open, &format!("l/{txid}")));
             return false;
         }
         let Ok(funder) = self.load_role(&t.funder, Some(txid)) else {
@@ -470,12 +475,12 @@ impl Gateway {
         // A confirmation the funder has not settled: deliver it again.
         if let Some(Message::LoadConfirmation(c)) = t.confirmation.clone() {
             let _calling = self.mark_retrying(txid);
-            return self.settle(&mut t, &funder, c, txid).await.is_err();
+            return self.settle(&mut t, &funder, c, &lock).await.is_err();
         }
         let Some(requested) = t.requested_at else {
             if now >= t.created + self.lifetimes.offer.as_secs() {
                 t.expired = true;
-                if self.save_load(txid, &t, Step::LoadOfferExpired).is_ok() {
+                if self.save_load(&lock, &t, Step::LoadOfferExpired).is_ok() {
                     tracing::info!(txid, "load offer expired before its load request");
                 }
             }
@@ -504,7 +509,7 @@ impl Gateway {
                 {
                     return true; // settled on a later sweep, once journaled
                 }
-                match self.settle(&mut t, &funder, c, txid).await {
+                match self.settle(&mut t, &funder, c, &lock).await {
                     Ok(_) => {
                         tracing::info!(txid, "expired hold released");
                         false
@@ -512,11 +517,11 @@ impl Gateway {
                     Err(_) => true,
                 }
             }
-            Message::LoadConfirmation(c) => self.settle(&mut t, &funder, c, txid).await.is_err(),
+            Message::LoadConfirmation(c) => self.settle(&mut t, &funder, c, &lock).await.is_err(),
             Message::Error(e) if e.code == ErrorCode::InDoubt => {
                 if !t.awaiting_operator {
                     t.awaiting_operator = true;
-                    let _ = self.save_load(txid, &t, Step::HoldLifetimeAwaitingOperator);
+                    let _ = self.save_load(&lock, &t, Step::HoldLifetimeAwaitingOperator);
                     tracing::warn!(
                         txid,
                         "load may be on the card: hold kept for the box's proof or an operator"

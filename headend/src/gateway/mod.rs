@@ -209,14 +209,42 @@ impl Drop for RetryMark<'_> {
     }
 }
 
-/// The per-transaction lock, released (and its map entry dropped when unused) on drop.
+/// The per-transaction lock: in this process, then shared with every gateway on the same
+/// journal database ([`journal::Journal::try_lock`]). Released on drop, the shared part
+/// first. Journal writes of the transaction's records go through [`TxnGuard::atomically`],
+/// which commits only while the shared lock is still held.
 pub(crate) struct TxnGuard<'a> {
+    shared: journal::SharedLock<'a>,
+    _local: LocalGuard<'a>,
+}
+
+impl TxnGuard<'_> {
+    /// The locked transaction id.
+    pub(crate) fn txid(&self) -> &str {
+        self.shared.name()
+    }
+
+    /// [`journal::Journal::atomically_holding`] this lock: nothing is written once another
+    /// gateway may hold it.
+    ///
+    /// # Errors
+    /// See there.
+    pub(crate) fn atomically<T>(
+        &self,
+        f: impl FnOnce(&journal::Batch) -> Result<T, journal::StoreError>,
+    ) -> Result<T, journal::JournalError> {
+        self._local.gw.journal.atomically_holding(&self.shared, f)
+    }
+}
+
+/// The in-process part of a [`TxnGuard`]; its map entry is dropped when nobody waits.
+struct LocalGuard<'a> {
     gw: &'a Gateway,
     txid: String,
     _guard: tokio::sync::OwnedMutexGuard<()>,
 }
 
-impl Drop for TxnGuard<'_> {
+impl Drop for LocalGuard<'_> {
     fn drop(&mut self) {
         let mut l = self.gw.locks.lock().unwrap_or_else(|p| p.into_inner());
         // Ours plus the map's: nobody else waits.
@@ -225,6 +253,10 @@ impl Drop for TxnGuard<'_> {
         }
     }
 }
+
+/// How long a step waits for a transaction another gateway process is working on (its
+/// shared lock) before it answers `Busy`: the box retries on its own schedule.
+const SHARED_LOCK_WAIT: Duration = Duration::from_secs(2);
 
 fn gw() -> Caller {
     Caller::Role("gateway".into())
@@ -277,16 +309,49 @@ impl Gateway {
         journal::decode(&self.journal.get(journal::Kind::Gw, txid).ok()??).ok()
     }
 
-    /// Takes the transaction's lock: one step of a transaction at a time.
-    pub(crate) async fn lock(&self, txid: &str) -> TxnGuard<'_> {
+    /// Takes the transaction's lock: one step of a transaction at a time, in this process
+    /// and across the gateways sharing its journal database.
+    ///
+    /// # Errors
+    /// `Busy` when another gateway held the transaction for [`SHARED_LOCK_WAIT`]; `Internal`
+    /// when the journal cannot be reached. Background passes leave the transaction for
+    /// their next pass.
+    #[allow(clippy::result_large_err)] // the refusal is the answer, relayed as is
+    pub(crate) async fn lock(&self, txid: &str) -> Result<TxnGuard<'_>, Message> {
         let m = {
             let mut l = self.locks.lock().unwrap_or_else(|p| p.into_inner());
             l.entry(txid.to_string()).or_default().clone()
         };
-        TxnGuard {
+        let local = LocalGuard {
             gw: self,
             txid: txid.into(),
             _guard: m.lock_owned().await,
+        };
+        let deadline = tokio::time::Instant::now() + SHARED_LOCK_WAIT;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            match self.journal.try_lock(txid) {
+                Ok(Some(shared)) => {
+                    return Ok(TxnGuard {
+                        shared,
+                        _local: local,
+                    });
+                }
+                Ok(None) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+                Ok(None) => {
+                    tracing::info!(txid, "transaction held by another gateway; answered Busy");
+                    return Err(refuse(
+                        ErrorCode::Busy,
+                        "another gateway is working on this transaction right now; try again \
+                         shortly",
+                        Some(txid),
+                    ));
+                }
+                Err(e) => return Err(crate::role::journal_failed(e, Some(txid))),
+            }
         }
     }
 
@@ -313,7 +378,7 @@ impl Gateway {
                 Some(txid),
             ));
         }
-        Ok(self.lock(txid).await)
+        self.lock(txid).await
     }
 
     /// Marks `txid`, whose lock the caller (a background pass) holds, as in a role call
@@ -337,8 +402,9 @@ impl Gateway {
     ///
     /// # Errors
     /// The journal cannot be written: the `Internal` refusal to answer with.
-    fn save(&self, txid: &str, t: &GwTxn, step: Step) -> Result<(), Box<Message>> {
-        self.journal
+    fn save(&self, lock: &TxnGuard<'_>, t: &GwTxn, step: Step) -> Result<(), Box<Message>> {
+        let txid = lock.txid();
+        lock
             .atomically(|b| {
                 b.put(journal::Kind::Gw, txid, &journal::encode(t))?;
                 if !matches!(t.state, GwState::Offered) {

@@ -3,7 +3,7 @@
 
 use proto::messages::*;
 
-use super::{Gateway, GwState, Outbound, Step, definite, gw, txid_of_key};
+use super::{Gateway, GwState, Outbound, Step, TxnGuard, definite, gw, txid_of_key};
 use crate::journal;
 use crate::role::refuse;
 
@@ -14,12 +14,13 @@ impl Gateway {
     #[allow(clippy::result_large_err)]
     pub(super) fn accept(
         &self,
-        txid: &str,
+        lock: &TxnGuard<'_>,
         key: &str,
         out: &Outbound,
         notify: Option<&DebitResponseMsg>,
         step: Step,
     ) -> Result<(), Message> {
+        let txid = lock.txid();
         let mut t = self.txn(txid).ok_or_else(|| {
             refuse(
                 ErrorCode::UnknownTransaction,
@@ -28,8 +29,7 @@ impl Gateway {
             )
         })?;
         t.state = GwState::Confirmed;
-        self.journal
-            .atomically(|b| {
+        lock.atomically(|b| {
                 b.put(journal::Kind::Gw, txid, &journal::encode(&t))?;
                 b.put(journal::Kind::Release, key, &journal::encode(out))?;
                 b.delete(journal::Kind::Confirming, key)?;
@@ -52,9 +52,9 @@ impl Gateway {
     /// Delivers one journaled confirmation to the merchant. A receipt is kept (and the
     /// entry deleted) in one write; a definite refusal deletes only this entry; a merchant
     /// that is down keeps it for the background delivery and the box gets `Busy`.
-    /// The caller holds the transaction's lock.
-    pub(super) async fn deliver(&self, key: &str, out: Outbound) -> Message {
-        let txid = txid_of_key(key).to_string();
+    /// Under the transaction's lock.
+    pub(super) async fn deliver(&self, lock: &TxnGuard<'_>, key: &str, out: Outbound) -> Message {
+        let txid = lock.txid().to_string();
         let Some(mut t) = self.txn(&txid) else {
             return refuse(
                 ErrorCode::UnknownTransaction,
@@ -64,9 +64,7 @@ impl Gateway {
         };
         if let Some(r) = &t.receipt {
             // Answered meanwhile (another response, or the background delivery).
-            let _ = self
-                .journal
-                .atomically(|b| b.delete(journal::Kind::Release, key));
+            let _ = lock.atomically(|b| b.delete(journal::Kind::Release, key));
             return if t.debit_response.as_ref() == Some(&out.response) {
                 r.clone()
             } else {
@@ -90,7 +88,7 @@ impl Gateway {
                 t.debit_response = Some(out.response);
                 t.state = GwState::Done;
                 self.open_draws.close(&t.box_id, &txid);
-                if let Err(e) = self.journal.atomically(|b| {
+                if let Err(e) = lock.atomically(|b| {
                     b.put(journal::Kind::Gw, &txid, &journal::encode(&t))?;
                     b.delete(journal::Kind::Release, key)?;
                     b.step(&txid, &Step::ReceiptRelayed, "")
@@ -104,13 +102,13 @@ impl Gateway {
                     Message::Error(e) => e.reason.clone(),
                     m => m.kind().to_string(),
                 };
-                let _ = self.journal.atomically(|b| {
+                let _ = lock.atomically(|b| {
                     b.delete(journal::Kind::Release, key)?;
                     b.step(&txid, &Step::MerchantRefused, &why)
                 });
                 if t.state == GwState::Confirmed && self.releases_for(&txid).is_empty() {
                     t.state = GwState::Drawn;
-                    let _ = self.save(&txid, &t, Step::NoReleasePending);
+                    let _ = self.save(lock, &t, Step::NoReleasePending);
                 }
                 other
             }

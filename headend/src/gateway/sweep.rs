@@ -36,22 +36,21 @@ impl Gateway {
     }
 
     async fn expire_offer(&self, txid: &str) {
-        let _lock = self.lock(txid).await;
+        // Held by another gateway: that one's sweep, or the box's step, decides it.
+        let Ok(lock) = self.lock(txid).await else {
+            return;
+        };
         let Some(mut t) = self.txn(txid) else {
-            let _ = self
-                .journal
-                .atomically(|b| b.delete(journal::Kind::Open, &format!("p/{txid}")));
+            let _ = lock.atomically(|b| b.delete(journal::Kind::Open, &format!("p/{txid}")));
             return;
         };
         if t.state == GwState::Offered {
             t.state = GwState::Expired;
-            if self.save(txid, &t, Step::OfferExpired).is_ok() {
+            if self.save(&lock, &t, Step::OfferExpired).is_ok() {
                 tracing::info!(txid, "offer expired before its draw request");
             }
         } else {
-            let _ = self
-                .journal
-                .atomically(|b| b.delete(journal::Kind::Open, &format!("p/{txid}")));
+            let _ = lock.atomically(|b| b.delete(journal::Kind::Open, &format!("p/{txid}")));
         }
     }
 }

@@ -57,6 +57,8 @@ pub(super) struct Pg {
     schema: String,
     at: String,
     conn: Mutex<Option<Conn>>,
+    /// Connections made so far: the next one's [`Conn::generation`].
+    connections: std::sync::atomic::AtomicU64,
 }
 
 /// One connection: the client, its prepared statements, and the thread driving its socket.
@@ -64,6 +66,9 @@ struct Conn {
     client: Option<Client>,
     st: Statements,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Which connection of this journal it is: session advisory locks live and die with
+    /// their connection, so a lock taken on generation `g` is held while `g` is current.
+    generation: u64,
 }
 
 impl Drop for Conn {
@@ -96,6 +101,8 @@ struct Statements {
     steps: Statement,
     kind_counts: Statement,
     count_steps: Statement,
+    try_lock: Statement,
+    unlock: Statement,
 }
 
 /// Waits for a `tokio-postgres` future on the caller's thread (see the module docs).
@@ -136,6 +143,7 @@ impl Pg {
             schema: quote_ident(&target.schema),
             config,
             conn: Mutex::new(None),
+            connections: Default::default(),
         };
         let conn = pg.connect().map_err(|e| pg.err(e))?;
         pg.migrate(&conn, &target.schema).map_err(|e| pg.err(e))?;
@@ -361,12 +369,21 @@ impl Pg {
                 ))
                 .await?,
                 count_steps: p(format!("SELECT COUNT(*) FROM {s}.steps")).await?,
+                // Session advisory locks, keyed by a 64-bit hash of the schema and the name:
+                // every process on the database shares the key space, the schema keeps
+                // roles apart. A collision only makes two names wait for each other.
+                try_lock: p("SELECT pg_try_advisory_lock(hashtextextended($1, 0))".into())
+                    .await?,
+                unlock: p("SELECT pg_advisory_unlock(hashtextextended($1, 0))".into()).await?,
             })
         })?;
         Ok(Conn {
             client: Some(client),
             st,
             thread: Some(thread),
+            generation: self
+                .connections
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 
@@ -393,11 +410,20 @@ impl Pg {
 
     /// One transaction: `f` hands the batch back with its result; committed when that is
     /// `Ok`, rolled back otherwise.
+    /// With `holding`, only while the lock taken on that connection generation is still
+    /// held: on a newer connection (the lock's session ended, so another process may hold
+    /// it now) nothing is written and the answer is [`StoreError::LockLost`].
     pub(super) fn atomically<T>(
         &self,
+        holding: Option<(&str, u64)>,
         f: impl FnOnce(PgBatch<'_>) -> (Result<T, StoreError>, PgBatch<'_>),
     ) -> Result<T, JournalError> {
         self.with(|conn| {
+            if let Some((name, generation)) = holding {
+                if conn.generation != generation {
+                    return Err(StoreError::LockLost(name.to_string()));
+                }
+            }
             let Conn { client, st, .. } = conn;
             let client = client.as_mut().expect("until dropped");
             let tx = wait(client.transaction())?;
@@ -415,6 +441,32 @@ impl Pg {
                 }
             }
         })
+    }
+
+    /// Takes the session advisory lock on `name` if no other session holds it: the
+    /// connection generation it was taken on, or `None` (held elsewhere).
+    pub(super) fn try_lock(&self, name: &str) -> Result<Option<u64>, JournalError> {
+        let key = self.lock_key(name);
+        self.with(|c| {
+            let got: bool = wait(c.client().query_one(&c.st.try_lock, &[&key]))?.get(0);
+            Ok(got.then_some(c.generation))
+        })
+    }
+
+    /// Releases the lock on `name` taken on connection `generation`; nothing to do when
+    /// that connection is gone (its session's locks went with it).
+    pub(super) fn unlock(&self, name: &str, generation: u64) {
+        let key = self.lock_key(name);
+        let g = self.lock();
+        if let Some(c) = g.as_ref().filter(|c| c.generation == generation) {
+            if let Err(e) = wait(c.client().query_one(&c.st.unlock, &[&key])) {
+                tracing::warn!(journal = %self.at, name, error = %e, "journal: advisory unlock failed");
+            }
+        }
+    }
+
+    fn lock_key(&self, name: &str) -> String {
+        format!("{}/{name}", self.schema)
     }
 
     pub(super) fn get(&self, kind: Kind, key: &str) -> Result<Option<Vec<u8>>, JournalError> {
