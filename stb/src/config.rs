@@ -5,7 +5,6 @@
 //! keys, checks that the certificate files exist and that the values make sense, and says
 //! which key is wrong. Paths stay as given; the daemon opens them.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -29,16 +28,6 @@ pub enum ConfigError {
     /// A value the config (or the command line) gives is not what its key takes.
     #[error(transparent)]
     Value(#[from] BadValue),
-    /// The head end's address (`headend.address`) does not resolve.
-    #[error("head end {address}: {source}")]
-    Resolve {
-        address: String,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The head end's address resolves to nothing.
-    #[error("head end {address}: no address")]
-    NoAddress { address: String },
 }
 
 /// A value that is not what its key takes (the value is quoted; the key is named by
@@ -171,8 +160,12 @@ pub fn parse_modem_lines(s: &str) -> Result<reader_drivers::serial::ModemLines, 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeadEndConfig {
-    /// `host:port` or `ip:port` of the gateway.
-    pub address: String,
+    /// The gateway: `"host:port"` (or `"ip:port"`), or a list of them — several gateway
+    /// processes sharing one PostgreSQL database (see the README, "Several gateways"). The
+    /// box connects to one at a time, beginning with the one that last worked, and moves to
+    /// the next when a connection attempt or a request's deadline fails; every request is
+    /// idempotent by transaction id, so a purchase begun on one gateway completes on another.
+    pub address: Addresses,
     /// The DNS name in the gateway's certificate.
     pub server_name: String,
     /// The head-end role the gateway's certificate must name (URI SAN
@@ -190,6 +183,41 @@ pub struct HeadEndConfig {
     pub keep_alive_secs: u64,
     #[serde(default = "default_idle")]
     pub idle_timeout_secs: u64,
+}
+
+/// One gateway address or several (`headend.address`), in the config's order; never empty
+/// once the config is checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Addresses(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for Addresses {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        match OneOrMany::deserialize(d) {
+            Ok(OneOrMany::One(a)) => Ok(Self(vec![a])),
+            Ok(OneOrMany::Many(v)) => Ok(Self(v)),
+            Err(_) => Err(serde::de::Error::custom(
+                "expected \"host:port\" or a list of them",
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Addresses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join(", "))
+    }
+}
+
+impl From<&str> for Addresses {
+    fn from(a: &str) -> Self {
+        Self(vec![a.to_string()])
+    }
 }
 
 fn default_server_role() -> String {
@@ -394,14 +422,19 @@ impl Config {
         must_exist("headend.operator_ca", &self.headend.operator_ca)?;
         must_exist("headend.device_cert", &self.headend.device_cert)?;
         must_exist("headend.device_key", &self.headend.device_key)?;
-        if self.headend.address.rsplit_once(':').is_none() {
+        if self.headend.address.0.is_empty() {
             return Err(bad(
                 "headend.address",
-                format!(
-                    "{:?} has no port (expected host:port)",
-                    self.headend.address
-                ),
+                "the list is empty (expected \"host:port\" or a list of them)".into(),
             ));
+        }
+        for a in &self.headend.address.0 {
+            if a.rsplit_once(':').is_none() {
+                return Err(bad(
+                    "headend.address",
+                    format!("{a:?} has no port (expected host:port)"),
+                ));
+            }
         }
         if self.headend.server_name.is_empty() {
             return Err(bad("headend.server_name", "is empty".into()));
@@ -506,25 +539,6 @@ impl Config {
         }
         ui::keymap::Keymap::from_config(&self.keymap).map_err(|e| bad("keymap", e.to_string()))?;
         Ok(())
-    }
-
-    /// Resolves the head-end address (a name is looked up once per connection attempt).
-    ///
-    /// # Errors
-    /// [`ConfigError::Resolve`] or [`ConfigError::NoAddress`], naming the address.
-    pub fn headend_addr(&self) -> Result<SocketAddr, ConfigError> {
-        use std::net::ToSocketAddrs;
-        let address = &self.headend.address;
-        address
-            .to_socket_addrs()
-            .map_err(|source| ConfigError::Resolve {
-                address: address.clone(),
-                source,
-            })?
-            .next()
-            .ok_or_else(|| ConfigError::NoAddress {
-                address: address.clone(),
-            })
     }
 
     pub fn journal_path(&self) -> PathBuf {
@@ -633,6 +647,15 @@ dir = "{p}"
                 text.replace("[state]", "server_role = \"Gate Way\"\n[state]"),
                 "headend.server_role",
             ),
+            (
+                text.replace("\"127.0.0.1:4433\"", "[\"127.0.0.1:4433\", \"gw2\"]"),
+                "headend.address",
+            ),
+            (
+                text.replace("\"127.0.0.1:4433\"", "[]"),
+                "headend.address",
+            ),
+            (text.replace("\"127.0.0.1:4433\"", "4433"), "host:port"),
         ];
         for (t, key) in cases {
             let e = Config::parse(Path::new("t.toml"), &t)
@@ -648,6 +671,24 @@ dir = "{p}"
             .unwrap_err()
             .to_string();
         assert!(e.contains("cannot read"), "{e}");
+    }
+
+    /// Several gateways: a list, kept in its order; one address is a list of one.
+    #[test]
+    fn the_gateway_address_is_one_or_a_list() {
+        let (_d, text) = files();
+        let c = Config::parse(Path::new("t.toml"), &text).unwrap();
+        assert_eq!(c.headend.address.0, ["127.0.0.1:4433"]);
+        let two = text.replace(
+            "\"127.0.0.1:4433\"",
+            "[\"gw-a.example:4433\", \"127.0.0.1:4434\"]",
+        );
+        let c = Config::parse(Path::new("t.toml"), &two).unwrap();
+        assert_eq!(c.headend.address.0, ["gw-a.example:4433", "127.0.0.1:4434"]);
+        assert_eq!(
+            c.headend.address.to_string(),
+            "gw-a.example:4433, 127.0.0.1:4434"
+        );
     }
 
     #[test]

@@ -124,7 +124,7 @@ impl Default for ConnectPlan {
 /// The settings of one box's gateway client: `stbd`'s defaults, the gateway at `addr`.
 pub fn gateway_settings(addr: SocketAddr, request_timeout: Duration) -> GatewaySettings {
     GatewaySettings {
-        addr: addr.to_string(),
+        addrs: vec![addr.to_string()],
         server_name: "localhost".into(),
         server_role: "gateway".into(),
         keep_alive: Duration::from_secs(10),

@@ -59,7 +59,9 @@ impl From<GatewayError> for NetworkFailure {
 
 /// What the client needs, loaded from the config's files.
 pub struct GatewaySettings {
-    pub addr: String,
+    /// The gateways, `host:port` each (`[headend] address`): one at a time, failing over in
+    /// order ([`Gateway`]). Never empty.
+    pub addrs: Vec<String>,
     pub server_name: String,
     /// The role the gateway's certificate must name (`[headend] server_role`).
     pub server_role: String,
@@ -166,6 +168,14 @@ async fn exchange(conn: &Connection, payload: &[u8]) -> Result<Vec<u8>, Failure>
 /// demand, and one bidirectional stream per request ([`Gateway::call`]). `stbd` has one; the
 /// simulated boxes in `sim` have one each, sharing a few UDP sockets
 /// ([`Gateway::on_endpoint`]).
+///
+/// Several gateway addresses: a connection attempt begins with the address that last worked
+/// and tries the others in order, each within an equal share of the request timeout; a
+/// connection dropped for a missed deadline or a failure of the connection itself moves the
+/// next attempt on to the next address first (a gateway that died silently — SIGKILL, a
+/// lost machine — is only found out by deadlines: its port does not answer a handshake).
+/// The gateways share their state through PostgreSQL, so a request re-sent to another one
+/// continues the transaction by its id.
 pub struct Gateway {
     endpoint: Endpoint,
     /// This box's TLS client configuration (device certificate, operator CA, ALPN).
@@ -176,6 +186,8 @@ pub struct Gateway {
     connecting: tokio::sync::Mutex<()>,
     /// Wakes the keeper when a request found no connection.
     wanted: Notify,
+    /// The index in `settings.addrs` the next connection attempt begins with.
+    preferred: std::sync::atomic::AtomicUsize,
 }
 
 impl Gateway {
@@ -209,6 +221,7 @@ impl Gateway {
             conn: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
             wanted: Notify::new(),
+            preferred: Default::default(),
         })
     }
 
@@ -246,13 +259,20 @@ impl Gateway {
     }
 
     /// Drops `conn` (if it is still the current one): closes it locally, so the keeper,
-    /// waiting on it, reconnects at once.
+    /// waiting on it, reconnects at once — beginning with the next gateway address when
+    /// there are several.
     fn drop_connection(&self, conn: &Connection, why: &str) {
         let mut g = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         if g.as_ref()
             .is_some_and(|c| c.stable_id() == conn.stable_id())
         {
             *g = None;
+            let n = self.settings.addrs.len().max(1);
+            let _ = self.preferred.fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |p| Some((p + 1) % n),
+            );
         }
         drop(g);
         if conn.close_reason().is_none() {
@@ -262,14 +282,12 @@ impl Gateway {
         self.wanted.notify_one();
     }
 
-    fn resolve(&self) -> Result<SocketAddr, GatewayError> {
+    fn resolve(addr: &str) -> Result<SocketAddr, GatewayError> {
         use std::net::ToSocketAddrs;
-        self.settings
-            .addr
-            .to_socket_addrs()
-            .map_err(|e| GatewayError::Connect(format!("{}: {e}", self.settings.addr)))?
+        addr.to_socket_addrs()
+            .map_err(|e| GatewayError::Connect(format!("{addr}: {e}")))?
             .next()
-            .ok_or_else(|| GatewayError::Connect(format!("{}: no address", self.settings.addr)))
+            .ok_or_else(|| GatewayError::Connect(format!("{addr}: no address")))
     }
 
     /// The current connection, or a new one (one attempt at a time, bounded by the request
@@ -282,18 +300,47 @@ impl Gateway {
         if let Some(c) = self.current() {
             return Ok(c);
         }
-        let t = self.settings.request_timeout;
-        match tokio::time::timeout(t, self.connect(early)).await {
-            Ok(r) => r,
-            Err(_) => Err(GatewayError::Connect(format!(
-                "{}: no handshake within {t:?}",
-                self.settings.addr
-            ))),
+        let addrs = &self.settings.addrs;
+        let n = addrs.len().max(1);
+        // Each address its share of the request timeout, so that all are tried within it.
+        let t = self.settings.request_timeout / n as u32;
+        let first = self.preferred.load(std::sync::atomic::Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for i in 0..addrs.len() {
+            let at = (first + i) % n;
+            let addr = &addrs[at];
+            let attempt = match tokio::time::timeout(t, self.connect(addr, early)).await {
+                Ok(r) => r,
+                Err(_) => Err(GatewayError::Connect(format!(
+                    "{addr}: no handshake within {t:?}"
+                ))),
+            };
+            match attempt {
+                Ok(c) => {
+                    self.preferred
+                        .store(at, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(c);
+                }
+                Err(e) => {
+                    if addrs.len() > 1 {
+                        tracing::warn!(gateway = %addr, error = %e, "gateway unreachable; trying the next");
+                    }
+                    failures.push(match e {
+                        GatewayError::Connect(detail) => detail,
+                        other => other.to_string(),
+                    });
+                }
+            }
         }
+        Err(GatewayError::Connect(if failures.is_empty() {
+            "no gateway address configured".into()
+        } else {
+            failures.join("; ")
+        }))
     }
 
-    async fn connect(&self, early: bool) -> Result<Connection, GatewayError> {
-        let addr = self.resolve()?;
+    async fn connect(&self, addr: &str, early: bool) -> Result<Connection, GatewayError> {
+        let addr = Self::resolve(addr)?;
         let connecting = self
             .endpoint
             .connect_with(self.config.clone(), addr, &self.settings.server_name)

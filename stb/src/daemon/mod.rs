@@ -70,7 +70,7 @@ pub enum DaemonError {
 /// The settings the gateway client takes from the config.
 pub fn gateway_settings(cfg: &Config) -> GatewaySettings {
     GatewaySettings {
-        addr: cfg.headend.address.clone(),
+        addrs: cfg.headend.address.0.clone(),
         server_name: cfg.headend.server_name.clone(),
         server_role: cfg.headend.server_role.clone(),
         keep_alive: Duration::from_secs(cfg.headend.keep_alive_secs),
