@@ -805,7 +805,10 @@ mod tests {
         let (a, b, c) = (fx.open(), fx.open(), fx.open());
         let held = a.try_lock("tx-1").unwrap().expect("free");
         assert!(b.try_lock("tx-1").unwrap().is_none(), "held by a");
-        assert!(b.try_lock("tx-2").unwrap().is_some(), "another name is free");
+        assert!(
+            b.try_lock("tx-2").unwrap().is_some(),
+            "another name is free"
+        );
         a.atomically_holding(&held, |w| w.put(Kind::Gw, "tx-1", b"a's"))
             .expect("a writes while it holds the lock");
         drop(held);
@@ -822,7 +825,10 @@ mod tests {
              AND pid <> pg_backend_pid()",
         );
         assert_eq!(killed, "3", "a's, b's and c's sessions ended");
-        let taken = b.try_lock("tx-1").unwrap().expect("free once a's session ended");
+        let taken = b
+            .try_lock("tx-1")
+            .unwrap()
+            .expect("free once a's session ended");
         b.atomically_holding(&taken, |w| w.put(Kind::Gw, "tx-1", b"b's"))
             .unwrap();
         let late = a.atomically_holding(&held, |w| w.put(Kind::Gw, "tx-1", b"a's late write"));

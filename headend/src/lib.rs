@@ -30,6 +30,7 @@ pub mod pki;
 pub mod quic;
 pub mod role;
 pub mod status;
+pub mod test_hook;
 
 /// The private PostgreSQL the journal's tests run on (shared with the integration tests).
 #[cfg(test)]

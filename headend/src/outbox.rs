@@ -233,7 +233,10 @@ impl Outbox {
             });
             let acked = state == OutState::Acknowledged;
             if acked {
-                test_hook_before_journaling_ack(&id);
+                crate::test_hook::freeze_at(
+                    crate::test_hook::OUTBOX_PAUSE_BEFORE_JOURNALING_ACK,
+                    || format!("{id} acknowledged, not journaled"),
+                );
             }
             self.journal
                 .atomically(|b| {
@@ -274,27 +277,6 @@ impl Outbox {
                 _ = self.nudge.notified() => {}
                 _ = tokio::time::sleep(every) => {}
             }
-        }
-    }
-}
-
-/// The test hook's environment variable, and the value that freezes the outbox after the
-/// receiver acknowledged a message and before the acknowledgement is journaled.
-pub const TEST_HOOK_ENV: &str = "HEADEND_TEST_HOOK";
-/// See [`TEST_HOOK_ENV`].
-pub const TEST_HOOK_PAUSE_BEFORE_JOURNALING_ACK: &str = "outbox-pause-before-journaling-ack";
-
-/// TEST HOOK, for `headend/tests/clearing_kill.rs` only; no config key reaches it. With
-/// [`TEST_HOOK_ENV`] set to [`TEST_HOOK_PAUSE_BEFORE_JOURNALING_ACK`] the process says so on
-/// stderr and freezes until it is killed, so the test can SIGKILL it between the receiver's
-/// acknowledgement and the journal write.
-fn test_hook_before_journaling_ack(id: &str) {
-    if std::env::var(TEST_HOOK_ENV).as_deref() == Ok(TEST_HOOK_PAUSE_BEFORE_JOURNALING_ACK) {
-        eprintln!(
-            "headend: TEST HOOK {TEST_HOOK_PAUSE_BEFORE_JOURNALING_ACK}: {id} acknowledged, not journaled; frozen until killed"
-        );
-        loop {
-            std::thread::sleep(std::time::Duration::from_secs(3600));
         }
     }
 }

@@ -18,8 +18,9 @@ use clearing_support::*;
 use headend::assembly::Roles;
 use headend::config::HeadendConfig;
 use headend::journal::{self, Journal, Kind};
-use headend::outbox::{OutState, Outbox, TEST_HOOK_PAUSE_BEFORE_JOURNALING_ACK};
+use headend::outbox::{OutState, Outbox};
 use headend::payment::collection::{BatchState, ClosedBatch};
+use headend::test_hook::OUTBOX_PAUSE_BEFORE_JOURNALING_ACK;
 use proto::messages::Message;
 use purchase_support::*;
 
@@ -46,7 +47,7 @@ async fn a_payment_server_killed_between_the_ack_and_its_journal_resends_the_ide
     let mut cable = d.spawn(
         "payment",
         "payment",
-        Some(TEST_HOOK_PAUSE_BEFORE_JOURNALING_ACK),
+        Some(OUTBOX_PAUSE_BEFORE_JOURNALING_ACK),
     );
     let merchant = d.start("merchant", only(|r| r.merchant = true)).await;
     let gateway = d.start("gateway", only(|r| r.gateway = true)).await;

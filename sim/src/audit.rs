@@ -52,6 +52,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Default)]
 pub struct Sources {
     pub gateway: PathBuf,
+    /// The gateways' journal when they keep it on PostgreSQL (several gateways share one
+    /// schema): read there, and `gateway` is not.
+    pub gateway_postgres: Option<headend::journal::PgTarget>,
     pub payment: PathBuf,
     pub merchant: PathBuf,
     pub bank: PathBuf,
@@ -217,8 +220,15 @@ fn err(e: impl fmt::Display) -> AuditError {
 
 /// A journal opened for reading.
 struct Db {
-    conn: Connection,
+    store: DbStore,
     name: String,
+}
+
+enum DbStore {
+    /// The SQLite file, read with SQL of its own.
+    Sqlite(Connection),
+    /// A PostgreSQL schema, read through the journal's own reader.
+    Journal(headend::journal::Journal),
 }
 
 #[derive(Debug, Clone)]
@@ -245,14 +255,44 @@ impl Db {
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(err)?;
         Ok(Self {
-            conn,
+            store: DbStore::Sqlite(conn),
             name: name.to_string(),
         })
     }
 
+    fn open_postgres(name: &str, target: &headend::journal::PgTarget) -> Result<Self, AuditError> {
+        let j = headend::journal::Journal::open_target(&headend::journal::Target::Postgres(
+            target.clone(),
+        ))
+        .map_err(|e| AuditError(format!("{name}: {e}")))?;
+        Ok(Self {
+            store: DbStore::Journal(j),
+            name: name.to_string(),
+        })
+    }
+
+    fn sqlite(&self, what: &str) -> Result<&Connection, AuditError> {
+        match &self.store {
+            DbStore::Sqlite(c) => Ok(c),
+            DbStore::Journal(_) => Err(AuditError(format!(
+                "{}: {what} is read from SQLite journals only",
+                self.name
+            ))),
+        }
+    }
+
     fn state(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, AuditError> {
+        if let DbStore::Journal(j) = &self.store {
+            let k = headend::journal::Kind::ALL
+                .into_iter()
+                .find(|k| k.as_str() == kind)
+                .ok_or_else(|| AuditError(format!("{}: no record kind {kind}", self.name)))?;
+            return j
+                .all(k)
+                .map_err(|e| AuditError(format!("{}: {e}", self.name)));
+        }
         let mut st = self
-            .conn
+            .sqlite("state")?
             .prepare("SELECT key, value FROM state WHERE kind = ?1 ORDER BY key")
             .map_err(|e| AuditError(format!("{}: {e}", self.name)))?;
         let rows = st
@@ -263,7 +303,7 @@ impl Db {
 
     fn steps(&self) -> Result<Vec<StepRow>, AuditError> {
         let mut st = self
-            .conn
+            .sqlite("the step log")?
             .prepare("SELECT txid, step FROM steps ORDER BY id")
             .map_err(|e| AuditError(format!("{}: {e}", self.name)))?;
         let rows = st
@@ -585,7 +625,10 @@ pub fn audit(src: &Sources) -> Result<AuditReport, AuditError> {
 
     let payment = Db::open("payment", &src.payment)?;
     let merchant = Db::open("merchant", &src.merchant)?;
-    let gateway = Db::open("gateway", &src.gateway)?;
+    let gateway = match &src.gateway_postgres {
+        Some(t) => Db::open_postgres("gateway", t)?,
+        None => Db::open("gateway", &src.gateway)?,
+    };
     let bank = Db::open("bank", &src.bank)?;
     let load = Db::open("load", &src.load)?;
 
@@ -1714,6 +1757,7 @@ mod tests {
                 .collect();
             Sources {
                 gateway: self.journal(RoleName::Gateway),
+                gateway_postgres: None,
                 payment: self.journal(RoleName::Payment),
                 merchant: self.journal(RoleName::Merchant),
                 bank: self.journal(RoleName::Bank),

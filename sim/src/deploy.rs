@@ -122,6 +122,14 @@ pub struct Spec {
     pub offer_lifetime_secs: u64,
     /// The gateway's `hold_lifetime_secs`.
     pub hold_lifetime_secs: u64,
+    /// Gateway processes: 1, or several sharing their journal on PostgreSQL
+    /// (`gateway_journal_url`), each with its own address, state directory and certificate;
+    /// the boxes list them all.
+    pub gateways: usize,
+    /// A PostgreSQL connection string: the gateways journal there (schema
+    /// `purselink_gateway`, shared); required with more than one gateway. The other roles
+    /// stay on SQLite.
+    pub gateway_journal_url: Option<String>,
 }
 
 impl Default for Spec {
@@ -134,6 +142,8 @@ impl Default for Spec {
             transaction_timeout_secs: 30,
             offer_lifetime_secs: 60,
             hold_lifetime_secs: 90,
+            gateways: 1,
+            gateway_journal_url: None,
         }
     }
 }
@@ -153,11 +163,31 @@ pub struct Layout {
     pub addrs: BTreeMap<RoleName, SocketAddr>,
     /// Per role: its state directory (journal).
     pub state_dirs: BTreeMap<RoleName, PathBuf>,
+    /// The gateways after the first (`configs`/`addrs`/`state_dirs` hold the first).
+    pub more_gateways: Vec<GatewayInstance>,
+    /// Where the gateways journal when not on SQLite ([`Spec::gateway_journal_url`]).
+    pub gateway_journal: Option<headend::journal::PgTarget>,
+}
+
+/// A further gateway process of a deployment with several.
+#[derive(Debug, Clone)]
+pub struct GatewayInstance {
+    /// `gateway-2`, `gateway-3`, … (its log and notify socket are named so).
+    pub name: String,
+    pub config: PathBuf,
+    pub addr: SocketAddr,
 }
 
 impl Layout {
     pub fn gateway_addr(&self) -> SocketAddr {
         self.addrs[&RoleName::Gateway]
+    }
+
+    /// Every gateway's address, the first first: what the boxes list.
+    pub fn gateway_addrs(&self) -> Vec<SocketAddr> {
+        std::iter::once(self.gateway_addr())
+            .chain(self.more_gateways.iter().map(|g| g.addr))
+            .collect()
     }
 
     /// The role's SQLite journal.
@@ -262,6 +292,15 @@ fn box_spec(
 
 /// Writes a complete split deployment into `dir` (which must not hold one yet).
 pub fn generate(dir: &Path, spec: &Spec) -> Result<Layout, String> {
+    if spec.gateways == 0 {
+        return Err("a deployment needs a gateway".into());
+    }
+    if spec.gateways > 1 && spec.gateway_journal_url.is_none() {
+        return Err(format!(
+            "{} gateways share their state through PostgreSQL: give gateway_journal_url",
+            spec.gateways
+        ));
+    }
     let mut rng = rand::rngs::OsRng;
     let mut addrs = BTreeMap::new();
     for role in RoleName::ALL {
@@ -384,28 +423,35 @@ pub fn generate(dir: &Path, spec: &Spec) -> Result<Layout, String> {
         )
     };
     let key = |name: &str| path_str(&keys.join(name));
+    let gateway_body = |listen: SocketAddr| {
+        let mut t = format!(
+            "\n[gateway]\nlisten = \"{listen}\"\nrevoked_boxes = [\"box-revoked\"]\noffer_lifetime_secs = {}\nhold_lifetime_secs = {}\n",
+            spec.offer_lifetime_secs, spec.hold_lifetime_secs
+        );
+        if let Some(url) = &spec.gateway_journal_url {
+            t += &format!(
+                "\n[journal]\nbackend = \"postgres\"\nurl = {}\n",
+                toml_str(url)
+            );
+        }
+        for r in [
+            RoleName::Payment,
+            RoleName::Merchant,
+            RoleName::Bank,
+            RoleName::Load,
+        ] {
+            t += &format!(
+                "\n[endpoints.{r}]\naddr = \"{}\"\nserver_name = \"{r}.purselink.test\"\n",
+                addrs[&r]
+            );
+        }
+        t + &merchants_toml
+    };
     let mut configs = BTreeMap::new();
     for role in RoleName::ALL {
         let listen = addrs[&role];
         let body = match role {
-            RoleName::Gateway => {
-                let mut t = format!(
-                    "\n[gateway]\nlisten = \"{listen}\"\nrevoked_boxes = [\"box-revoked\"]\noffer_lifetime_secs = {}\nhold_lifetime_secs = {}\n",
-                    spec.offer_lifetime_secs, spec.hold_lifetime_secs
-                );
-                for r in [
-                    RoleName::Payment,
-                    RoleName::Merchant,
-                    RoleName::Bank,
-                    RoleName::Load,
-                ] {
-                    t += &format!(
-                        "\n[endpoints.{r}]\naddr = \"{}\"\nserver_name = \"{r}.purselink.test\"\n",
-                        addrs[&r]
-                    );
-                }
-                t + &merchants_toml
-            }
+            RoleName::Gateway => gateway_body(listen),
             RoleName::Payment => format!(
                 "\n[payment]\nname = \"payment\"\npurchase_keys = {}\nsecurity_cards = {}\ntransaction_timeout_secs = {}\nlisten = \"{listen}\"\ncallers = [\"gateway\"]\n{merchants_toml}",
                 key("purchase-keys.toml"),
@@ -437,6 +483,51 @@ pub fn generate(dir: &Path, spec: &Spec) -> Result<Layout, String> {
         HeadendConfig::load(&path).map_err(|e| e.to_string())?;
         configs.insert(role, path);
     }
+    // Further gateways: the first one's configuration with their own address, state
+    // directory and certificate (the role `gateway`, under the same DNS name: the boxes
+    // check one name whichever they reach).
+    let mut more_gateways = Vec::new();
+    let ca = headend::pki::OperatorCa::load(&demo.ca_dir).map_err(|e| e.to_string())?;
+    for i in 2..=spec.gateways {
+        let name = format!("gateway-{i}");
+        let addr = free_udp_port()?;
+        let names = ["gateway.purselink.test", "localhost", "127.0.0.1"].map(String::from);
+        let files = ca
+            .issue_role("gateway", &names, true)
+            .and_then(|c| c.save(&demo_dir.join("certs"), &name))
+            .map_err(|e| e.to_string())?;
+        let text = format!(
+            "# Generated by the chaos tool (sim::deploy): gateway {i} of {}.\nstate_dir = {}\n\n[tls]\noperator_ca = {}\ncert = {}\nkey = {}\n{}",
+            spec.gateways,
+            path_str(&dir.join("state").join(&name)),
+            path_str(&demo.ca_dir.join("ca.crt.pem")),
+            path_str(&files.cert),
+            path_str(&files.key),
+            gateway_body(addr),
+        );
+        let path = cfg_dir.join(format!("{name}.toml"));
+        proto::secret::write_private(&path, text.as_bytes())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        HeadendConfig::load(&path).map_err(|e| e.to_string())?;
+        more_gateways.push(GatewayInstance {
+            name,
+            config: path,
+            addr,
+        });
+    }
+    let gateway_journal = match &spec.gateway_journal_url {
+        Some(_) => {
+            let cfg =
+                HeadendConfig::load(&configs[&RoleName::Gateway]).map_err(|e| e.to_string())?;
+            match cfg.journal_target("gateway").map_err(|e| e.to_string())? {
+                headend::journal::Target::Postgres(t) => Some(t),
+                headend::journal::Target::Sqlite(p) => {
+                    return Err(format!("the gateway journals on SQLite ({})", p.display()));
+                }
+            }
+        }
+        None => None,
+    };
     Ok(Layout {
         dir: dir.to_path_buf(),
         ca_dir: demo.ca_dir,
@@ -447,6 +538,8 @@ pub fn generate(dir: &Path, spec: &Spec) -> Result<Layout, String> {
         configs,
         addrs,
         state_dirs,
+        more_gateways,
+        gateway_journal,
     })
 }
 
@@ -465,16 +558,49 @@ pub struct RoleProc {
     stop_listener: Arc<AtomicBool>,
     listener: Option<std::thread::JoinHandle<()>>,
     pub starts: u32,
+    /// Extra environment for the next starts (a test hook, `HEADEND_TEST_HOOK`).
+    pub env: Vec<(String, String)>,
 }
 
 impl RoleProc {
     pub fn new(layout: &Layout, role: RoleName, bin: &Path) -> Result<Self, String> {
+        Self::instance(
+            layout,
+            role,
+            role.as_str(),
+            layout.configs[&role].clone(),
+            layout.addrs[&role],
+            bin,
+        )
+    }
+
+    /// A further gateway of the deployment ([`Layout::more_gateways`]).
+    pub fn gateway(layout: &Layout, g: &GatewayInstance, bin: &Path) -> Result<Self, String> {
+        Self::instance(
+            layout,
+            RoleName::Gateway,
+            &g.name,
+            g.config.clone(),
+            g.addr,
+            bin,
+        )
+    }
+
+    /// `role` run as `name` (its log and notify socket) from `config`, listening on `addr`.
+    fn instance(
+        layout: &Layout,
+        role: RoleName,
+        name: &str,
+        config: PathBuf,
+        addr: SocketAddr,
+        bin: &Path,
+    ) -> Result<Self, String> {
         let logs = layout.dir.join("logs");
         let run = layout.dir.join("run");
         for d in [&logs, &run] {
             std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
         }
-        let notify_path = run.join(format!("{role}.notify"));
+        let notify_path = run.join(format!("{name}.notify"));
         let _ = std::fs::remove_file(&notify_path);
         let sock = UnixDatagram::bind(&notify_path)
             .map_err(|e| format!("{}: {e}", notify_path.display()))?;
@@ -485,7 +611,7 @@ impl RoleProc {
         let listener = {
             let (ready, stop) = (ready.clone(), stop_listener.clone());
             std::thread::Builder::new()
-                .name(format!("notify-{role}"))
+                .name(format!("notify-{name}"))
                 .spawn(move || {
                     let mut buf = [0u8; 512];
                     while !stop.load(Ordering::Relaxed) {
@@ -504,9 +630,9 @@ impl RoleProc {
         };
         Ok(Self {
             role,
-            config: layout.configs[&role].clone(),
-            log: logs.join(format!("{role}.log")),
-            addr: layout.addrs[&role],
+            config,
+            log: logs.join(format!("{name}.log")),
+            addr,
             bin: bin.to_path_buf(),
             notify_path,
             child: None,
@@ -514,6 +640,7 @@ impl RoleProc {
             stop_listener,
             listener: Some(listener),
             starts: 0,
+            env: Vec::new(),
         })
     }
 
@@ -541,6 +668,7 @@ impl RoleProc {
             .arg(&self.config)
             .env_remove("RUST_LOG")
             .env("NOTIFY_SOCKET", &self.notify_path)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -648,9 +776,10 @@ impl Drop for RoleProc {
     }
 }
 
-/// The five role processes.
+/// The five role processes, and the further gateways of a deployment with several.
 pub struct HeadEnd {
     pub roles: BTreeMap<RoleName, RoleProc>,
+    pub more_gateways: Vec<RoleProc>,
 }
 
 impl HeadEnd {
@@ -669,15 +798,28 @@ impl HeadEnd {
             p.wait_ready(before, Duration::from_secs(30))?;
             roles.insert(role, p);
         }
-        Ok(Self { roles })
+        let mut more_gateways = Vec::new();
+        for g in &layout.more_gateways {
+            let mut p = RoleProc::gateway(layout, g, bin)?;
+            let before = p.start()?;
+            p.wait_ready(before, Duration::from_secs(30))?;
+            more_gateways.push(p);
+        }
+        Ok(Self {
+            roles,
+            more_gateways,
+        })
     }
 
     pub fn role(&mut self, r: RoleName) -> &mut RoleProc {
         self.roles.get_mut(&r).expect("every role is started")
     }
 
-    /// SIGTERMs every role (gateway first).
+    /// SIGTERMs every role (gateways first).
     pub fn stop(&mut self) {
+        for g in &mut self.more_gateways {
+            g.stop(Duration::from_secs(10));
+        }
         for r in [
             RoleName::Gateway,
             RoleName::Payment,

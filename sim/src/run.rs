@@ -650,6 +650,7 @@ pub async fn run(plan: Plan, bins: &Bins) -> Result<ChaosReport, String> {
     let mut nudged = Vec::new();
     let sources_now = |with_sim: bool| Sources {
         gateway: layout.journal(RoleName::Gateway),
+        gateway_postgres: layout.gateway_journal.clone(),
         payment: layout.journal(RoleName::Payment),
         merchant: layout.journal(RoleName::Merchant),
         bank: layout.journal(RoleName::Bank),

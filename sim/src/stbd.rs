@@ -206,7 +206,7 @@ kind = "virtual"
 card_file = {card}
 
 [headend]
-address = "{addr}"
+address = {addrs}
 server_name = "gateway.purselink.test"
 operator_ca = {ca}
 device_cert = {cert}
@@ -233,7 +233,14 @@ voucher = "{voucher}"
 pin_key = {pin_key}
 "#,
             card = q(&card),
-            addr = layout.gateway_addr(),
+            // Every gateway of the deployment, the first first: the box fails over in order.
+            addrs = toml::Value::Array(
+                layout
+                    .gateway_addrs()
+                    .iter()
+                    .map(|a| toml::Value::String(a.to_string()))
+                    .collect()
+            ),
             ca = q(&layout.ca_dir.join("ca.crt.pem")),
             cert = q(&certs.cert),
             key = q(&certs.key),

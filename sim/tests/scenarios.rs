@@ -23,6 +23,11 @@
 //!   held by the test hook after the card paid (`STBD_TEST_HOOK_RELEASE`), the payment role
 //!   stopped, and released: its debit response meets the stopped payment server.
 //!
+//! - two gateways on one PostgreSQL (issue 15): the gateways journal in one shared schema,
+//!   the box lists both; gateway A is frozen by its test hook in the middle of a purchase
+//!   (holding the transaction's lock), then SIGKILLed; the box fails over to gateway B,
+//!   which finds the transaction in the shared journal and completes it exactly once.
+//!
 //! `PURSELINK_SCENARIOS_KEEP=1` keeps a failed test's directory (journals, cards, logs); the
 //! tails of the logs are printed on any failure.
 
@@ -44,6 +49,9 @@ use sim::audit::{AuditReport, Sources, audit};
 use sim::bins::Bins;
 use sim::deploy::{self, HeadEnd, ItemSpec, Layout, RoleName, Spec};
 use sim::stbd::{Histories, StbBox, Tmux, home};
+
+#[path = "../../headend/tests/pg_rig/mod.rs"]
+mod pg_rig;
 use ui::model::ErrorKind;
 
 // ------------------------------------------------------------------------------ the world
@@ -195,6 +203,7 @@ impl World {
     fn sources(&self, cards: &[PathBuf], as_of: Option<SystemTime>) -> Sources {
         Sources {
             gateway: self.layout.journal(RoleName::Gateway),
+            gateway_postgres: self.layout.gateway_journal.clone(),
             payment: self.layout.journal(RoleName::Payment),
             merchant: self.layout.journal(RoleName::Merchant),
             bank: self.layout.journal(RoleName::Bank),
@@ -260,8 +269,10 @@ impl World {
         h.write().expect("card history sidecars");
         let stopped_at = SystemTime::now();
         for r in RoleName::ALL {
-            let pid = self.role_pid(r);
-            signal(pid, libc::SIGCONT);
+            // A role a test SIGKILLed (a failed-over gateway) is not there to continue.
+            if let Some(pid) = self.he().role(r).pid() {
+                signal(pid, libc::SIGCONT);
+            }
         }
         self.he().stop();
         let report = audit(&self.sources(&files, Some(stopped_at))).expect("the audit ran");
@@ -1272,4 +1283,179 @@ fn scenario_4_the_recovery_timer_settles_a_load_left_in_doubt_by_a_load_server_o
 fn scenario_4_the_recovery_timer_settles_a_load_left_in_doubt_by_a_bank_outage_on_a_live_connection()
  {
     scenario_4_load("scenario-4-bank", RoleName::Bank);
+}
+
+// ------------------------------------------------------------------------------ two gateways
+
+/// Two gateways on one PostgreSQL; the purchase of `amount` (a merchant of the embodiment
+/// whose window `hook` is in) begins on gateway A, which freezes at `hook` holding the
+/// transaction's lock and is SIGKILLed there. The box's request to A times out; it fails
+/// over to gateway B, and its recovery timer re-sends the debit response there. B resumes
+/// the transaction by its id from the shared journal: one confirmation at the payment
+/// server, one release at the merchant, the card debited once, nothing left open.
+///
+/// With `busy_first`, A stays frozen (alive, its database session holding the lock) until
+/// B has found the transaction held (its background pass finds A's journaled debit
+/// response; a box's request there would get `Busy`): B does not act on a transaction
+/// another live gateway holds.
+fn gateway_failover(name: &'static str, amount: u64, hook: &str, busy_first: bool) {
+    let Some(pg) = pg_rig::PgDb::fresh() else {
+        return;
+    };
+    let mut w = World::new(
+        name,
+        Spec {
+            stbd_boxes: 1,
+            sim_boxes: 0,
+            gateways: 2,
+            gateway_journal_url: Some(pg.url.clone()),
+            transaction_timeout_secs: 120,
+            ..Default::default()
+        },
+    );
+    let (a_addr, b_addr) = (w.layout.gateway_addr(), w.layout.more_gateways[0].addr);
+    // Gateway A again, now with the hook.
+    {
+        let a = w.he().role(RoleName::Gateway);
+        a.stop(Duration::from_secs(10));
+        a.env
+            .push((headend::test_hook::ENV.into(), hook.to_string()));
+        let before = a.start().expect("gateway A");
+        a.wait_ready(before, Duration::from_secs(30))
+            .expect("gateway A ready");
+    }
+    let a_log = w.he().role(RoleName::Gateway).log.clone();
+    w.say(format!(
+        "gateways A {a_addr} (hook {hook}) and B {b_addr} on one PostgreSQL schema"
+    ));
+    let (m, it) = item(&w.layout, amount);
+    let opening = w.boxes[0].spec.card_balance;
+    let card = w.boxes[0].card.clone();
+    let j = w.boxes[0].journal();
+    w.start_box(0, &[]);
+    assert!(
+        tail(&w.boxes[0].log, 40).contains(&format!("gateway connected addr={a_addr}")),
+        "the box begins with the first gateway it lists:\n{}",
+        tail(&w.boxes[0].log, 20)
+    );
+
+    let mut api = Paying::start(&w, 0, &m, &it);
+    let frozen = poll(Duration::from_secs(30), Duration::from_millis(20), || {
+        (log_count(&a_log, &format!("TEST HOOK {hook}")) > 0).then_some(())
+    });
+    assert!(
+        frozen.is_some(),
+        "gateway A never reached {hook}:\n{}",
+        tail(&a_log, 30)
+    );
+    if busy_first {
+        let b_log = w.he().more_gateways[0].log.clone();
+        let busy = poll(Duration::from_secs(60), Duration::from_millis(50), || {
+            (log_count(&b_log, "transaction held by another gateway process") > 0).then_some(())
+        });
+        assert!(
+            busy.is_some(),
+            "gateway B never found the transaction held by A:\n{}",
+            tail(&b_log, 30)
+        );
+        w.say("gateway B found the transaction held by A (frozen, alive) and left it alone");
+    }
+    let t_kill = w.he().role(RoleName::Gateway).kill();
+    w.say(format!("gateway A frozen at {hook}, SIGKILLed"));
+
+    // The box's debit response went unanswered: in doubt, then settled through B.
+    let r = api.result(Duration::from_secs(60));
+    let txid = r["transaction_id"]
+        .as_str()
+        .expect("a transaction id")
+        .to_string();
+    w.say(format!("local API: {r}"));
+    let done = poll(Duration::from_secs(90), Duration::from_millis(50), || {
+        box_txn(&j, &txid).filter(|t| t.state == "completed")
+    });
+    assert!(
+        done.is_some(),
+        "{txid} not completed through gateway B within 90 s: {:?}\n{}",
+        box_txn(&j, &txid),
+        tail(&w.boxes[0].log, 30)
+    );
+    w.say(format!(
+        "{txid} completed {:.2} s after gateway A was killed",
+        t_kill.elapsed().as_secs_f64()
+    ));
+    assert!(
+        log_count(&w.boxes[0].log, &format!("gateway connected addr={b_addr}")) >= 1,
+        "the box failed over to gateway B:\n{}",
+        tail(&w.boxes[0].log, 30)
+    );
+
+    // The shared journal: the purchase done, with its receipt; nothing of it left to deliver.
+    let gw = headend::journal::Journal::open_target(&headend::journal::Target::Postgres(
+        w.layout.gateway_journal.clone().expect("on PostgreSQL"),
+    ))
+    .expect("the gateways' journal");
+    let t: GwTxn = headend::journal::decode(
+        &gw.get(headend::journal::Kind::Gw, &txid)
+            .unwrap()
+            .expect("the purchase in the shared journal"),
+    )
+    .unwrap();
+    assert_eq!(t.state, headend::gateway::GwState::Done, "{t:?}");
+    assert!(t.receipt.is_some());
+    for kind in [
+        headend::journal::Kind::Confirming,
+        headend::journal::Kind::Release,
+    ] {
+        let left: Vec<String> = gw
+            .all(kind)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .filter(|k| k.starts_with(&txid))
+            .collect();
+        assert!(left.is_empty(), "{kind} left for {txid}: {left:?}");
+    }
+    drop(gw);
+
+    w.settle(std::slice::from_ref(&card), Duration::from_secs(30));
+    let report = w.finish(&[(card.clone(), opening)]);
+    let pay: PayTxn = he_get(&w.layout.journal(RoleName::Payment), "txn", &txid).unwrap();
+    assert_eq!(pay.state, PayState::Completed);
+    let released = he_steps(&w.layout.journal(RoleName::Merchant), &txid)
+        .into_iter()
+        .filter(|(s, _)| s == "goods released")
+        .count();
+    assert_eq!(released, 1, "released exactly once");
+    assert_eq!(card_balance(&card), opening - it.amount, "debited once");
+    assert_eq!(security_card_totals(&w, Currency::EUR), it.amount);
+    assert!(report.holds(), "the audit does not hold:\n{report}");
+    w.say(format!("passed in {:.2} s", w.t0.elapsed().as_secs_f64()));
+}
+
+/// FIG. 5 (the payment server compares): A journaled the debit response for the payment
+/// server and froze before asking it; B leaves it alone while A lives, and once A is
+/// SIGKILLed asks the payment server itself.
+#[test]
+fn two_gateways_a_gateway_killed_before_asking_the_confirmation_fails_over_and_the_purchase_completes_once()
+ {
+    gateway_failover(
+        "two-gateways-before-confirmation",
+        399,
+        headend::test_hook::GATEWAY_PAUSE_BEFORE_ASKING_CONFIRMATION,
+        true,
+    );
+}
+
+/// FIG. 6 (the gateway compares): A accepted the card's response and journaled the release
+/// for the merchant and the notification for the payment server, and died before
+/// delivering either; B delivers both.
+#[test]
+fn two_gateways_a_gateway_killed_after_journaling_the_confirmation_fails_over_and_the_purchase_completes_once()
+ {
+    gateway_failover(
+        "two-gateways-after-confirmation",
+        599,
+        headend::test_hook::GATEWAY_PAUSE_AFTER_CONFIRMATION_JOURNALED,
+        false,
+    );
 }

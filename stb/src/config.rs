@@ -651,10 +651,7 @@ dir = "{p}"
                 text.replace("\"127.0.0.1:4433\"", "[\"127.0.0.1:4433\", \"gw2\"]"),
                 "headend.address",
             ),
-            (
-                text.replace("\"127.0.0.1:4433\"", "[]"),
-                "headend.address",
-            ),
+            (text.replace("\"127.0.0.1:4433\"", "[]"), "headend.address"),
             (text.replace("\"127.0.0.1:4433\"", "4433"), "host:port"),
         ];
         for (t, key) in cases {

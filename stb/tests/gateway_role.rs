@@ -164,7 +164,7 @@ async fn a_server_certificate_without_the_gateway_role_is_not_the_gateway() {
         .unwrap();
     let payment = Fake::start(&ca, &payment_cert);
     let mut other = cfg.clone();
-    other.headend.address = payment.addr.to_string();
+    other.headend.address = payment.addr.to_string().as_str().into();
     let mut b = start_box(other, &card).await;
     voucher_load(&mut b).await;
     b.stop().await;
@@ -177,7 +177,7 @@ async fn a_server_certificate_without_the_gateway_role_is_not_the_gateway() {
         .unwrap();
     let genuine = Fake::start(&ca, &gateway_cert);
     let mut honest = cfg.clone();
-    honest.headend.address = genuine.addr.to_string();
+    honest.headend.address = genuine.addr.to_string().as_str().into();
     let mut b = start_box(honest, &card).await;
     voucher_load(&mut b).await;
     b.stop().await;

@@ -92,11 +92,15 @@ impl Gateway {
             .is_some();
         if !journaled {
             lock.atomically(|b| {
-                    b.put(journal::Kind::Confirming, key, &journal::encode(&msg))?;
-                    b.step(txid, &Step::ToPaymentServer, "")
-                })
-                .map_err(|e| crate::role::journal_failed(e, Some(txid)))?;
+                b.put(journal::Kind::Confirming, key, &journal::encode(&msg))?;
+                b.step(txid, &Step::ToPaymentServer, "")
+            })
+            .map_err(|e| crate::role::journal_failed(e, Some(txid)))?;
         }
+        crate::test_hook::freeze_at(
+            crate::test_hook::GATEWAY_PAUSE_BEFORE_ASKING_CONFIRMATION,
+            || format!("{txid}: debit response journaled, not yet sent to the payment server"),
+        );
         let payment = &self.merchants[&t.merchant_id].payment;
         let c = match self
             .role(payment)

@@ -116,21 +116,20 @@ impl Gateway {
     /// The journal cannot be written: the `Internal` refusal to answer with.
     fn save_load(&self, lock: &TxnGuard<'_>, t: &GwLoad, step: Step) -> Result<(), Message> {
         let txid = lock.txid();
-        lock
-            .atomically(|b| {
-                b.put(journal::Kind::GwLoad, txid, &journal::encode(t))?;
-                if t.is_open() {
-                    b.put(
-                        journal::Kind::Open,
-                        &format!("l/{txid}"),
-                        &t.created.to_be_bytes(),
-                    )?;
-                } else {
-                    b.delete(journal::Kind::Open, &format!("l/{txid}"))?;
-                }
-                b.step(txid, &step, "")
-            })
-            .map_err(|e| crate::role::journal_failed(e, Some(txid)))
+        lock.atomically(|b| {
+            b.put(journal::Kind::GwLoad, txid, &journal::encode(t))?;
+            if t.is_open() {
+                b.put(
+                    journal::Kind::Open,
+                    &format!("l/{txid}"),
+                    &t.created.to_be_bytes(),
+                )?;
+            } else {
+                b.delete(journal::Kind::Open, &format!("l/{txid}"))?;
+            }
+            b.step(txid, &step, "")
+        })
+        .map_err(|e| crate::role::journal_failed(e, Some(txid)))
     }
 
     fn owned_load(&self, box_id: &str, txid: &str) -> Result<GwLoad, Message> {

@@ -342,7 +342,10 @@ impl Gateway {
                     pause = (pause * 2).min(Duration::from_millis(200));
                 }
                 Ok(None) => {
-                    tracing::info!(txid, "transaction held by another gateway; answered Busy");
+                    tracing::info!(
+                        txid,
+                        "transaction held by another gateway process; left to it for now"
+                    );
                     return Err(refuse(
                         ErrorCode::Busy,
                         "another gateway is working on this transaction right now; try again \
@@ -404,15 +407,14 @@ impl Gateway {
     /// The journal cannot be written: the `Internal` refusal to answer with.
     fn save(&self, lock: &TxnGuard<'_>, t: &GwTxn, step: Step) -> Result<(), Box<Message>> {
         let txid = lock.txid();
-        lock
-            .atomically(|b| {
-                b.put(journal::Kind::Gw, txid, &journal::encode(t))?;
-                if !matches!(t.state, GwState::Offered) {
-                    b.delete(journal::Kind::Open, &format!("p/{txid}"))?;
-                }
-                b.step(txid, &step, "")
-            })
-            .map_err(|e| Box::new(crate::role::journal_failed(e, Some(txid))))
+        lock.atomically(|b| {
+            b.put(journal::Kind::Gw, txid, &journal::encode(t))?;
+            if !matches!(t.state, GwState::Offered) {
+                b.delete(journal::Kind::Open, &format!("p/{txid}"))?;
+            }
+            b.step(txid, &step, "")
+        })
+        .map_err(|e| Box::new(crate::role::journal_failed(e, Some(txid))))
     }
 
     /// Journals one step of a transaction before the gateway acts on it.

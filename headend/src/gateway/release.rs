@@ -30,15 +30,19 @@ impl Gateway {
         })?;
         t.state = GwState::Confirmed;
         lock.atomically(|b| {
-                b.put(journal::Kind::Gw, txid, &journal::encode(&t))?;
-                b.put(journal::Kind::Release, key, &journal::encode(out))?;
-                b.delete(journal::Kind::Confirming, key)?;
-                if let Some(n) = notify {
-                    b.put(journal::Kind::Notify, key, &journal::encode(n))?;
-                }
-                b.step(txid, &step, "")
-            })
-            .map_err(|e| crate::role::journal_failed(e, Some(txid)))?;
+            b.put(journal::Kind::Gw, txid, &journal::encode(&t))?;
+            b.put(journal::Kind::Release, key, &journal::encode(out))?;
+            b.delete(journal::Kind::Confirming, key)?;
+            if let Some(n) = notify {
+                b.put(journal::Kind::Notify, key, &journal::encode(n))?;
+            }
+            b.step(txid, &step, "")
+        })
+        .map_err(|e| crate::role::journal_failed(e, Some(txid)))?;
+        crate::test_hook::freeze_at(
+            crate::test_hook::GATEWAY_PAUSE_AFTER_CONFIRMATION_JOURNALED,
+            || format!("{txid}: confirmation journaled, not yet delivered to the merchant"),
+        );
         if notify.is_some() {
             self.wake_notifier.notify_one();
         }

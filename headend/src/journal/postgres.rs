@@ -372,8 +372,7 @@ impl Pg {
                 // Session advisory locks, keyed by a 64-bit hash of the schema and the name:
                 // every process on the database shares the key space, the schema keeps
                 // roles apart. A collision only makes two names wait for each other.
-                try_lock: p("SELECT pg_try_advisory_lock(hashtextextended($1, 0))".into())
-                    .await?,
+                try_lock: p("SELECT pg_try_advisory_lock(hashtextextended($1, 0))".into()).await?,
                 unlock: p("SELECT pg_advisory_unlock(hashtextextended($1, 0))".into()).await?,
             })
         })?;

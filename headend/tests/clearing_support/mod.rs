@@ -245,9 +245,9 @@ impl Deployment {
                     .open(&log)
                     .unwrap(),
             );
-        cmd.env_remove(headend::outbox::TEST_HOOK_ENV);
+        cmd.env_remove(headend::test_hook::ENV);
         if let Some(h) = hook {
-            cmd.env(headend::outbox::TEST_HOOK_ENV, h);
+            cmd.env(headend::test_hook::ENV, h);
         }
         let marks = |l: &str| l.matches("head end running").count();
         let before = std::fs::read_to_string(&log).map_or(0, |l| marks(&l));
