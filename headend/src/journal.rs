@@ -441,6 +441,23 @@ impl Journal {
         }
     }
 
+    /// Opens a journal that exists, without creating it: `None` when the SQLite file or the
+    /// PostgreSQL schema is not there (for readers: `headend reconcile`, audits).
+    ///
+    /// # Errors
+    /// As [`Journal::open_target`].
+    pub fn open_existing(target: &Target) -> Result<Option<Self>, JournalError> {
+        match target {
+            Target::Sqlite(path) if !path.exists() => Ok(None),
+            Target::Sqlite(path) => Self::open(path).map(Some),
+            Target::Postgres(pg) => {
+                Ok(blocking(|| postgres::Pg::open_existing(pg))?.map(|p| Self {
+                    store: Store::Postgres(Box::new(p)),
+                }))
+            }
+        }
+    }
+
     /// Where this journal is, for messages (never a password).
     pub fn at(&self) -> &str {
         match &self.store {
@@ -841,6 +858,24 @@ mod tests {
         assert!(c.try_lock("tx-1").unwrap().is_none(), "still b's");
         drop(taken);
         assert!(c.try_lock("tx-1").unwrap().is_some());
+    }
+
+    both!(a_reader_never_creates_the_journal_it_reads, open_existing);
+    fn open_existing(backend: Backend) {
+        let Some(fx) = fixture(backend) else { return };
+        assert!(
+            Journal::open_existing(&fx.target).unwrap().is_none(),
+            "not there yet"
+        );
+        assert!(
+            Journal::open_existing(&fx.target).unwrap().is_none(),
+            "and the first look did not create it"
+        );
+        fx.open().put(Kind::Meta, "k", b"v").unwrap();
+        let j = Journal::open_existing(&fx.target)
+            .unwrap()
+            .expect("there now");
+        assert_eq!(j.get(Kind::Meta, "k").unwrap().unwrap(), b"v");
     }
 
     /// A SQLite journal belongs to one process: its shared lock is always granted and

@@ -5,7 +5,7 @@
 //! journal write of it, and SIGKILLed there. After the restart the outbox re-sends the
 //! identical batch, clearing de-duplicates it (one batch received, every transaction cleared
 //! once), the payment server journals the acknowledgement, and `headend reconcile` finds
-//! nothing.
+//! nothing. On SQLite and again with every role on PostgreSQL.
 
 mod clearing_support;
 mod purchase_support;
@@ -37,7 +37,22 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_payment_server_killed_between_the_ack_and_its_journal_resends_the_identical_batch() {
-    let d = deployment();
+    killed_between_ack_and_journal(pg_rig::Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_server_killed_between_the_ack_and_its_journal_resends_the_identical_batch_on_postgres()
+ {
+    killed_between_ack_and_journal(pg_rig::Backend::Postgres).await;
+}
+
+async fn killed_between_ack_and_journal(backend: pg_rig::Backend) {
+    let Some(d) = deployment_on(backend) else {
+        return;
+    };
+    // The payment server's journal where its config puts it (the file, or its schema).
+    let payment_journal =
+        || Journal::open_target(&d.cfg("payment").journal_target("payment").unwrap()).unwrap();
     let only = |f: fn(&mut Roles)| {
         let mut r = Roles::NONE;
         f(&mut r);
@@ -101,7 +116,7 @@ async fn a_payment_server_killed_between_the_ack_and_its_journal_resends_the_ide
     assert_eq!(cable.wait().unwrap().signal(), Some(9), "SIGKILLed");
 
     // What the killed process left: the batch still closed, its delivery still pending.
-    let pj = Journal::open(&d.state("payment").join("payment.sqlite")).unwrap();
+    let pj = payment_journal();
     let closed: ClosedBatch =
         journal::decode(&pj.get(Kind::Batch, "000001").unwrap().unwrap()).unwrap();
     assert_eq!(closed.state, BatchState::Closed);
@@ -114,7 +129,7 @@ async fn a_payment_server_killed_between_the_ack_and_its_journal_resends_the_ide
     // Restarted without the hook: the identical batch again, the same acknowledgement.
     let mut cable = d.spawn("payment", "payment", None);
     wait_for("the acknowledgement journaled", || {
-        let pj = Journal::open(&d.state("payment").join("payment.sqlite")).unwrap();
+        let pj = payment_journal();
         let b: ClosedBatch =
             journal::decode(&pj.get(Kind::Batch, "000001").unwrap().unwrap()).unwrap();
         b.state == BatchState::Acknowledged

@@ -261,10 +261,16 @@ impl Db {
     }
 
     fn open_postgres(name: &str, target: &headend::journal::PgTarget) -> Result<Self, AuditError> {
-        let j = headend::journal::Journal::open_target(&headend::journal::Target::Postgres(
+        let j = headend::journal::Journal::open_existing(&headend::journal::Target::Postgres(
             target.clone(),
         ))
-        .map_err(|e| AuditError(format!("{name}: {e}")))?;
+        .map_err(|e| AuditError(format!("{name}: {e}")))?
+        .ok_or_else(|| {
+            AuditError(format!(
+                "{name} journal: schema {} does not exist",
+                target.schema
+            ))
+        })?;
         Ok(Self {
             store: DbStore::Journal(j),
             name: name.to_string(),

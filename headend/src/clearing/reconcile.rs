@@ -69,9 +69,7 @@ impl Journals {
                     .find(|p| p.exists())
                     .map(|p| Journal::open(&p).map_err(|e| e.to_string()))
                     .transpose(),
-                t => Journal::open_target(&t)
-                    .map(Some)
-                    .map_err(|e| e.to_string()),
+                t => Journal::open_existing(&t).map_err(|e| e.to_string()),
             }
         };
         let mut out = Journals {

@@ -117,6 +117,16 @@ fn quote_ident(name: &str) -> String {
 
 impl Pg {
     pub(super) fn open(target: &PgTarget) -> Result<Self, JournalError> {
+        Ok(Self::open_inner(target, false)?.expect("created when missing"))
+    }
+
+    /// [`Pg::open`], but `None` when the schema does not exist (a reader, such as
+    /// `headend reconcile`, must not create what it reads).
+    pub(super) fn open_existing(target: &PgTarget) -> Result<Option<Self>, JournalError> {
+        Self::open_inner(target, true)
+    }
+
+    fn open_inner(target: &PgTarget, existing_only: bool) -> Result<Option<Self>, JournalError> {
         let schema_err = |why| JournalError {
             at: format!("postgres schema {}", target.schema),
             source: StoreError::BadSchema {
@@ -146,10 +156,20 @@ impl Pg {
             connections: Default::default(),
         };
         let conn = pg.connect().map_err(|e| pg.err(e))?;
+        if existing_only {
+            let found = wait(conn.0.query_opt(
+                "SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = $1",
+                &[&target.schema],
+            ))
+            .map_err(|e| pg.err(e))?;
+            if found.is_none() {
+                return Ok(None);
+            }
+        }
         pg.migrate(&conn, &target.schema).map_err(|e| pg.err(e))?;
         *pg.lock() = Some(pg.prepare(conn).map_err(|e| pg.err(e))?);
         tracing::info!(journal = %pg.at, version = SCHEMA_VERSION, "journal: PostgreSQL schema ready");
-        Ok(pg)
+        Ok(Some(pg))
     }
 
     pub(super) fn at(&self) -> &str {
@@ -407,6 +427,25 @@ impl Pg {
         out.map_err(|e| self.err(e))
     }
 
+    /// [`Pg::with`] for a read (or a lock attempt): when it failed because the connection
+    /// had died unseen (the server ended the session), it runs once more on a new one —
+    /// nothing of it took effect on the dead one.
+    fn with_retry<T>(
+        &self,
+        f: impl Fn(&mut Conn) -> Result<T, StoreError>,
+    ) -> Result<T, JournalError> {
+        match self.with(&f) {
+            Err(JournalError {
+                source: StoreError::Postgres(e),
+                ..
+            }) if e.is_closed() => {
+                tracing::info!(journal = %self.at, "journal: connection had closed; reading again on a new one");
+                self.with(&f)
+            }
+            other => other,
+        }
+    }
+
     /// One transaction: `f` hands the batch back with its result; committed when that is
     /// `Ok`, rolled back otherwise.
     /// With `holding`, only while the lock taken on that connection generation is still
@@ -425,7 +464,15 @@ impl Pg {
             }
             let Conn { client, st, .. } = conn;
             let client = client.as_mut().expect("until dropped");
-            let tx = wait(client.transaction())?;
+            let tx = match wait(client.transaction()) {
+                Ok(tx) => tx,
+                // The session died unseen: with it the lock, and nothing was begun.
+                Err(e) if e.is_closed() && holding.is_some() => {
+                    let name = holding.map_or("", |(n, _)| n);
+                    return Err(StoreError::LockLost(name.to_string()));
+                }
+                Err(e) => return Err(e.into()),
+            };
             let (out, batch) = f(PgBatch { tx, st });
             match out {
                 Ok(v) => {
@@ -446,7 +493,7 @@ impl Pg {
     /// connection generation it was taken on, or `None` (held elsewhere).
     pub(super) fn try_lock(&self, name: &str) -> Result<Option<u64>, JournalError> {
         let key = self.lock_key(name);
-        self.with(|c| {
+        self.with_retry(|c| {
             let got: bool = wait(c.client().query_one(&c.st.try_lock, &[&key]))?.get(0);
             Ok(got.then_some(c.generation))
         })
@@ -469,13 +516,13 @@ impl Pg {
     }
 
     pub(super) fn get(&self, kind: Kind, key: &str) -> Result<Option<Vec<u8>>, JournalError> {
-        self.with(|c| {
+        self.with_retry(|c| {
             Ok(wait(c.client().query_opt(&c.st.get, &[&kind.as_str(), &key]))?.map(|r| r.get(0)))
         })
     }
 
     pub(super) fn all(&self, kind: Kind) -> Result<Vec<(String, Vec<u8>)>, JournalError> {
-        self.with(|c| {
+        self.with_retry(|c| {
             Ok(wait(c.client().query(&c.st.all, &[&kind.as_str()]))?
                 .iter()
                 .map(|r| (r.get(0), r.get(1)))
@@ -484,7 +531,7 @@ impl Pg {
     }
 
     pub(super) fn last_key(&self, kind: Kind) -> Result<Option<String>, JournalError> {
-        self.with(|c| {
+        self.with_retry(|c| {
             Ok(wait(c.client().query_opt(&c.st.last_key, &[&kind.as_str()]))?.map(|r| r.get(0)))
         })
     }
@@ -496,7 +543,7 @@ impl Pg {
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, JournalError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.with(|c| {
+        self.with_retry(|c| {
             Ok(wait(
                 c.client()
                     .query(&c.st.range_after, &[&kind.as_str(), &after, &limit]),
@@ -508,7 +555,7 @@ impl Pg {
     }
 
     pub(super) fn steps(&self, txid: &str) -> Result<Vec<String>, JournalError> {
-        self.with(|c| {
+        self.with_retry(|c| {
             Ok(wait(c.client().query(&c.st.steps, &[&txid]))?
                 .iter()
                 .map(|r| r.get(0))
@@ -519,7 +566,7 @@ impl Pg {
     pub(super) fn kind_counts(
         &self,
     ) -> Result<std::collections::BTreeMap<String, usize>, JournalError> {
-        self.with(|c| {
+        self.with_retry(|c| {
             Ok(wait(c.client().query(&c.st.kind_counts, &[]))?
                 .iter()
                 .map(|r| (r.get(0), r.get::<_, i64>(1) as usize))
@@ -528,7 +575,7 @@ impl Pg {
     }
 
     pub(super) fn count_steps(&self) -> Result<u64, JournalError> {
-        self.with(|c| {
+        self.with_retry(|c| {
             let n: i64 = wait(c.client().query_one(&c.st.count_steps, &[]))?.get(0);
             Ok(n as u64)
         })
