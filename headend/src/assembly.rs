@@ -548,6 +548,9 @@ pub struct SplitConfigs {
     pub merchant: PathBuf,
     pub bank: PathBuf,
     pub load: PathBuf,
+    /// With [`DemoOptions::clearing`]: the clearing role (the payment server, bank and load
+    /// server name it in their sections and reach it through `[endpoints.clearing]`).
+    pub clearing: Option<PathBuf>,
 }
 
 /// Where each role of a split deployment listens (the gateway: [`DemoOptions::gateway_listen`]).
@@ -557,10 +560,13 @@ pub struct SplitAddrs {
     pub merchant: SocketAddr,
     pub bank: SocketAddr,
     pub load: SocketAddr,
+    /// Clearing (used with [`DemoOptions::clearing`]).
+    pub clearing: SocketAddr,
 }
 
-/// The addresses of a split deployment's back ends on `ip`: payment, merchant, bank and load
-/// at `base + 1` … `base + 4` (`headend init-demo --split-base-port`); `None` without a base.
+/// The addresses of a split deployment's back ends on `ip`: payment, merchant, bank, load and
+/// clearing at `base + 1` … `base + 5` (`headend init-demo --split-base-port`); `None`
+/// without a base.
 ///
 /// # Errors
 /// A port past 65535.
@@ -581,6 +587,7 @@ pub fn split_addrs(
         merchant: at(2)?,
         bank: at(3)?,
         load: at(4)?,
+        clearing: at(5)?,
     }))
 }
 
@@ -768,10 +775,14 @@ pub fn init_demo(dir: &Path, opts: &DemoOptions) -> Result<DemoFiles, SetupError
             };
             Some(SplitConfigs {
                 gateway: w("gateway", parts.split_gateway(addrs))?,
-                payment: w("payment", parts.split_role("payment", addrs.payment))?,
-                merchant: w("merchant", parts.split_role("merchant", addrs.merchant))?,
-                bank: w("bank", parts.split_role("bank", addrs.bank))?,
-                load: w("load", parts.split_role("load", addrs.load))?,
+                payment: w("payment", parts.split_role("payment", addrs))?,
+                merchant: w("merchant", parts.split_role("merchant", addrs))?,
+                bank: w("bank", parts.split_role("bank", addrs))?,
+                load: w("load", parts.split_role("load", addrs))?,
+                clearing: opts
+                    .clearing
+                    .then(|| w("clearing", parts.split_role("clearing", addrs)))
+                    .transpose()?,
             })
         }
     };
@@ -942,12 +953,30 @@ float_account = "ISSUER-FLOAT-PREFUNDED"
         }
         // The clearing role in process: the payment server's batches and the funders'
         // load advices go to it.
+        Self::to_clearing(&roles) + &Self::clearing(None)
+    }
+
+    /// `text`'s payment, bank and load sections naming clearing as where their batches and
+    /// load advices go.
+    fn to_clearing(text: &str) -> String {
         let to = "clearing = \"clearing\"\n";
-        roles
-            .replacen("[payment]\n", &format!("[payment]\n{to}"), 1)
+        text.replacen("[payment]\n", &format!("[payment]\n{to}"), 1)
             .replacen("[bank]\n", &format!("[bank]\n{to}"), 1)
             .replacen("[load]\n", &format!("[load]\n{to}"), 1)
-            + "\n[clearing]\npayment_servers = [\"payment\"]\nfunders = [\"bank\", \"load\"]\n"
+    }
+
+    /// The clearing section: the demo's payment server and both funders; over QUIC (with
+    /// `listen`) it takes their messages from their role certificates.
+    fn clearing(listen: Option<SocketAddr>) -> String {
+        let callers = if listen.is_some() {
+            "callers = [\"payment\", \"bank\", \"load\"]\n"
+        } else {
+            ""
+        };
+        format!(
+            "\n[clearing]\npayment_servers = [\"payment\"]\nfunders = [\"bank\", \"load\"]\n{callers}{}",
+            listen_line(listen)
+        )
     }
 
     fn head(role: &str) -> String {
@@ -975,14 +1004,23 @@ float_account = "ISSUER-FLOAT-PREFUNDED"
         )
     }
 
-    fn split_role(&self, role: &str, listen: SocketAddr) -> String {
+    fn split_role(&self, role: &str, a: &SplitAddrs) -> String {
         let body = match role {
-            "payment" => self.payment("../", Some(listen)) + &self.merchants("../"),
-            "merchant" => Self::merchant(Some(listen)) + &self.merchants("../"),
-            "bank" => self.bank("../", Some(listen)),
-            _ => self.load("../", Some(listen)),
+            "payment" => self.payment("../", Some(a.payment)) + &self.merchants("../"),
+            "merchant" => Self::merchant(Some(a.merchant)) + &self.merchants("../"),
+            "bank" => self.bank("../", Some(a.bank)),
+            "load" => self.load("../", Some(a.load)),
+            _ => return Self::head(role) + &Self::clearing(Some(a.clearing)),
         };
-        Self::head(role) + &body
+        if !self.opts.clearing || role == "merchant" {
+            return Self::head(role) + &body;
+        }
+        format!(
+            "{}{}\n[endpoints.clearing]\naddr = \"{}\"\nserver_name = \"clearing.purselink.test\"\n",
+            Self::head(role),
+            Self::to_clearing(&body),
+            a.clearing
+        )
     }
 }
 

@@ -30,9 +30,12 @@ async fn service(
     until: Instant,
 ) -> Result<String, String> {
     match r {
-        R::Payment | R::Merchant | R::Gateway => purchase(buyer, "CABLE", "ppv-1001", until)
-            .await
-            .map(|(o, _)| o.transaction_id),
+        // Clearing is not on a purchase's path: one goes through whatever its state.
+        R::Payment | R::Merchant | R::Gateway | R::Clearing => {
+            purchase(buyer, "CABLE", "ppv-1001", until)
+                .await
+                .map(|(o, _)| o.transaction_id)
+        }
         R::Bank | R::Load => bank_load(loader, pin, 100, until)
             .await
             .map(|(o, _)| o.transaction_id),

@@ -183,8 +183,10 @@ fn bad_input_gets_a_clear_error() {
 }
 
 /// Black-box finding 9: `headend init-demo --split-base-port PORT` writes the split per-role
-/// configs the README describes (payment, merchant, bank, load at PORT+1 … PORT+4; the
-/// gateway's endpoints name them), each of which the role loads.
+/// configs the README describes (payment, merchant, bank, load, clearing at PORT+1 …
+/// PORT+5; the gateway's endpoints name the first four; the payment server, bank and load
+/// server send to clearing through their own `[endpoints.clearing]`), each of which the role
+/// loads.
 #[test]
 fn init_demo_writes_split_configs_on_request() {
     let dir = tempfile::tempdir().unwrap();
@@ -220,6 +222,24 @@ fn init_demo_writes_split_configs_on_request() {
         assert_eq!(ep.addr, expected, "the gateway's [endpoints.{role}]");
         assert_eq!(ep.role(role), role);
     }
+    let clearing = cfg("clearing").clearing.unwrap();
+    let at = "127.0.0.1:7405".parse().unwrap();
+    assert_eq!(clearing.listen, Some(at), "clearing listens at PORT+5");
+    for sender in ["payment", "bank", "load"] {
+        let c = cfg(sender);
+        assert_eq!(
+            c.endpoints["clearing"].addr, at,
+            "{sender}'s [endpoints.clearing]"
+        );
+        assert!(
+            clearing.callers.0.iter().any(|n| n == sender),
+            "clearing takes {sender}'s messages"
+        );
+    }
+    assert_eq!(
+        cfg("payment").payment.unwrap().clearing.as_deref(),
+        Some("clearing")
+    );
     // Without the flag, no split directory; a base too high for four more ports is refused.
     let plain = dir.path().join("plain");
     ok(&["init-demo", "--dir", s(&plain)]);
@@ -229,7 +249,7 @@ fn init_demo_writes_split_configs_on_request() {
         "--dir",
         s(&dir.path().join("high")),
         "--split-base-port",
-        "65533",
+        "65531",
     ]);
     assert!(!err.status.success());
     assert!(

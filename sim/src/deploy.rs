@@ -320,6 +320,8 @@ pub fn generate(dir: &Path, spec: &Spec) -> Result<Layout, String> {
                 merchant: addrs[&RoleName::Merchant],
                 bank: addrs[&RoleName::Bank],
                 load: addrs[&RoleName::Load],
+                // Unused: the chaos deployment writes its own configs, without clearing.
+                clearing: free_udp_port()?,
             }),
             ..Default::default()
         },

@@ -720,7 +720,7 @@ fn a_role_with_a_key_file_others_can_read_refuses_to_start() {
         .tempdir()
         .unwrap();
     let d = dir.path().join("he");
-    let ports: Vec<std::net::SocketAddr> = (0..5)
+    let ports: Vec<std::net::SocketAddr> = (0..6)
         .map(|_| {
             std::net::UdpSocket::bind("127.0.0.1:0")
                 .unwrap()
@@ -737,6 +737,7 @@ fn a_role_with_a_key_file_others_can_read_refuses_to_start() {
                 merchant: ports[2],
                 bank: ports[3],
                 load: ports[4],
+                clearing: ports[5],
             }),
             ..Default::default()
         },

@@ -78,6 +78,7 @@ pub fn deployment_on(backend: crate::purchase_support::pg_rig::Backend) -> Optio
         merchant: ports[2],
         bank: ports[3],
         load: ports[4],
+        clearing: ports[6],
     };
     let (web_addr, clearing_addr) = (ports[5], ports[6]);
     let files = assembly::init_demo(

@@ -53,10 +53,19 @@ pub enum R {
     Merchant,
     Bank,
     Load,
+    /// Takes the payment server's batches and the funders' load advices (issue 15).
+    Clearing,
 }
 
 impl R {
-    pub const ALL: [R; 5] = [R::Gateway, R::Payment, R::Merchant, R::Bank, R::Load];
+    pub const ALL: [R; 6] = [
+        R::Gateway,
+        R::Payment,
+        R::Merchant,
+        R::Bank,
+        R::Load,
+        R::Clearing,
+    ];
     /// The roles behind the gateway.
     pub const BACKENDS: [R; 4] = [R::Payment, R::Merchant, R::Bank, R::Load];
 
@@ -67,6 +76,7 @@ impl R {
             R::Merchant => "merchant",
             R::Bank => "bank",
             R::Load => "load",
+            R::Clearing => "clearing",
         }
     }
 }
@@ -184,6 +194,7 @@ pub fn role_configs(demo: &BTreeMap<R, toml::Table>, opts: &Options) -> BTreeMap
                     );
                 }
             }
+            R::Clearing => {}
             R::Bank | R::Load => {
                 if let Some(l) = lt {
                     set(
@@ -268,6 +279,7 @@ impl Split {
                     merchant: addr[&R::Merchant],
                     bank: addr[&R::Bank],
                     load: addr[&R::Load],
+                    clearing: addr[&R::Clearing],
                 }),
                 clearing: true,
             },
@@ -285,6 +297,7 @@ impl Split {
             (R::Merchant, split.merchant),
             (R::Bank, split.bank),
             (R::Load, split.load),
+            (R::Clearing, split.clearing.expect("clearing")),
         ]
         .into_iter()
         .collect();
@@ -316,8 +329,16 @@ impl Split {
             notify,
             _serial: serial,
         };
-        // The back ends first, then the gateway (which connects to them on first use).
-        for r in [R::Payment, R::Merchant, R::Bank, R::Load, R::Gateway] {
+        // Clearing and the back ends first, then the gateway (which connects to them on
+        // first use).
+        for r in [
+            R::Clearing,
+            R::Payment,
+            R::Merchant,
+            R::Bank,
+            R::Load,
+            R::Gateway,
+        ] {
             split.spawn(r).await;
         }
         split

@@ -15,7 +15,7 @@ use proto::purse::IssuerKeys;
 use super::wire::Identity;
 use crate::support::{Proc, bins, poll, tail};
 
-pub const ROLES: [&str; 5] = ["gateway", "payment", "merchant", "bank", "load"];
+pub const ROLES: [&str; 6] = ["gateway", "payment", "merchant", "bank", "load", "clearing"];
 
 /// Every role's address.
 #[derive(Debug, Clone, Copy)]
@@ -25,6 +25,7 @@ pub struct Addrs {
     pub merchant: SocketAddr,
     pub bank: SocketAddr,
     pub load: SocketAddr,
+    pub clearing: SocketAddr,
 }
 
 impl Addrs {
@@ -35,6 +36,7 @@ impl Addrs {
             "merchant" => self.merchant,
             "bank" => self.bank,
             "load" => self.load,
+            "clearing" => self.clearing,
             other => panic!("no role {other}"),
         }
     }
@@ -101,13 +103,14 @@ impl HeadEnd {
         let d = root.join("he");
         let logs = root.join("logs");
         std::fs::create_dir_all(&logs).expect("logs dir");
-        let p = free_ports(5);
+        let p = free_ports(6);
         let addrs = Addrs {
             gateway: p[0],
             payment: p[1],
             merchant: p[2],
             bank: p[3],
             load: p[4],
+            clearing: p[5],
         };
         let files = headend::assembly::init_demo(
             &d,
@@ -118,6 +121,7 @@ impl HeadEnd {
                     merchant: addrs.merchant,
                     bank: addrs.bank,
                     load: addrs.load,
+                    clearing: addrs.clearing,
                 }),
                 ..Default::default()
             },
@@ -130,6 +134,7 @@ impl HeadEnd {
             ("merchant", &split.merchant),
             ("bank", &split.bank),
             ("load", &split.load),
+            ("clearing", split.clearing.as_ref().expect("clearing")),
         ] {
             edit_config(path, |t| tweak(role, t));
         }
@@ -150,8 +155,8 @@ impl HeadEnd {
             voucher: files.voucher.clone(),
             dir: Some(dir),
         };
-        // The back ends first, the gateway (which calls them) last.
-        for role in ["payment", "merchant", "bank", "load", "gateway"] {
+        // Clearing and the back ends first, the gateway (which calls them) last.
+        for role in ["clearing", "payment", "merchant", "bank", "load", "gateway"] {
             he.spawn(role);
         }
         eprintln!("{test}: split head end up in {:?}", t0.elapsed());
