@@ -192,11 +192,16 @@ pub enum Kind {
     Advice,
     /// Clearing: a settlement report ([`crate::clearing::settle::Report`]), by its id.
     Settlement,
+    /// Payment server, FIG. 5: the debit command and the expected card signature the
+    /// security card handed out with it ([`crate::payment::Expected`]), by transaction id:
+    /// the payment server compares the card's signature itself ([0097]), so the security
+    /// card is not asked again. Deleted once the transaction is settled.
+    Expected,
 }
 
 impl Kind {
     /// Every kind, in declaration order.
-    pub const ALL: [Kind; 26] = [
+    pub const ALL: [Kind; 27] = [
         Kind::Gw,
         Kind::GwLoad,
         Kind::Open,
@@ -223,6 +228,7 @@ impl Kind {
         Kind::ClearedId,
         Kind::Advice,
         Kind::Settlement,
+        Kind::Expected,
     ];
 
     /// The string the kind is stored under (the `kind` column).
@@ -254,6 +260,7 @@ impl Kind {
             Kind::ClearedId => "cleared_txid",
             Kind::Advice => "load_advice",
             Kind::Settlement => "settlement",
+            Kind::Expected => "expected_signature",
         }
     }
 }
@@ -1156,6 +1163,7 @@ mod tests {
                 "cleared_txid",
                 "load_advice",
                 "settlement",
+                "expected_signature",
             ]
         );
     }

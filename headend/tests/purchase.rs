@@ -90,12 +90,49 @@ async fn full_purchase(
         _ => unreachable!(),
     }
     assert!(eventually(|| gw.pending_notifications() == 0).await);
+    // What the security card was asked for this transaction: FIG. 5 compares at the
+    // payment server ([0097]), so its card gets nothing after the debit command; the others
+    // settle in the card (FIG. 4 compares there; FIG. 6/7's notification reaches it).
+    let t = payment.txn(&txid).unwrap();
+    let asked = commands_for(payment, t.security_card_id, t.security_card_txn);
+    use headend::payment::pool::Command;
+    let expected: &[Command] = match embodiment {
+        "payment-server" => &[Command::IssueDebit],
+        _ => &[Command::IssueDebit, Command::Complete, Command::Forget],
+    };
+    assert_eq!(
+        asked, expected,
+        "{embodiment}: the security card's commands"
+    );
+    assert!(
+        payment
+            .journal()
+            .get(headend::journal::Kind::Expected, &txid)
+            .unwrap()
+            .is_none(),
+        "nothing kept to compare once settled"
+    );
     let msteps = merchant_role.journal().steps(&txid).unwrap();
     assert_eq!(msteps, ["offer made", "goods released"]);
     if let Some(db) = &he.pg {
         db.assert_every_role_here(&he.cfg.state_dir, &["gateway", "payment", "merchant"]);
     }
     he.running.stop().await;
+}
+
+/// The commands security card `id` received for its transaction `n`, in order.
+fn commands_for(
+    payment: &headend::payment::PaymentServer,
+    id: u64,
+    n: u32,
+) -> Vec<headend::payment::pool::Command> {
+    payment
+        .pool()
+        .trace()
+        .into_iter()
+        .filter(|e| e.security_card_id == id && e.security_card_txn == Some(n))
+        .map(|e| e.command)
+        .collect()
 }
 
 /// `purchase_test!(name, args…)`: the full purchase as `name::sqlite` and `name::postgres`,
@@ -439,7 +476,17 @@ async fn a_box_cannot_use_another_boxs_transaction() {
 
 #[tokio::test]
 async fn bad_card_signature_reverses_in_the_security_card() {
-    let he = start(options("security-card", false)).await;
+    bad_card_signature_reverses("security-card").await;
+}
+
+/// FIG. 5: the payment server finds the mismatch itself, and reverses in the card.
+#[tokio::test]
+async fn bad_card_signature_at_the_payment_server_reverses_in_the_security_card() {
+    bad_card_signature_reverses("payment-server").await;
+}
+
+async fn bad_card_signature_reverses(embodiment: &str) {
+    let he = start(options(embodiment, false)).await;
     let mut b = TestBox::new(&he, "box-000012", 5_000).await;
     let offer = b.offer("CABLE", "ppv-1001").await;
     let draw = b.draw_request(&offer);
@@ -451,11 +498,20 @@ async fn bad_card_signature_reverses_in_the_security_card() {
     let answer = b.call(&Message::DebitResponse(resp)).await;
     assert_eq!(error_code(&answer), ErrorCode::BadSignature);
     let p = he.running.payment.as_ref().unwrap();
-    assert_eq!(
-        p.txn(&offer.transaction_id).unwrap().state,
-        PayState::Reversed
-    );
+    let t = p.txn(&offer.transaction_id).unwrap();
+    assert_eq!(t.state, PayState::Reversed);
     assert_eq!(p.totals().await.get(&EUR).copied().unwrap_or(0), 0);
+    use headend::payment::pool::Command;
+    let compared_by_card = embodiment == "security-card";
+    assert_eq!(
+        commands_for(p, t.security_card_id, t.security_card_txn),
+        if compared_by_card {
+            vec![Command::IssueDebit, Command::Complete, Command::Reverse]
+        } else {
+            vec![Command::IssueDebit, Command::Reverse]
+        },
+        "{embodiment}"
+    );
     assert_eq!(
         he.running
             .merchant
@@ -468,7 +524,18 @@ async fn bad_card_signature_reverses_in_the_security_card() {
 
 #[tokio::test]
 async fn timeout_reverses_and_a_late_proof_still_counts() {
-    let mut opts = options("security-card", true);
+    timeout_then_late_proof("security-card").await;
+}
+
+/// FIG. 5: the reversal undoes the early count in the card; the late proof is checked by
+/// the card, which counts the sale again.
+#[tokio::test]
+async fn fig5_timeout_reverses_and_a_late_proof_still_counts() {
+    timeout_then_late_proof("payment-server").await;
+}
+
+async fn timeout_then_late_proof(embodiment: &str) {
+    let mut opts = options(embodiment, true);
     opts.transaction_timeout_secs = 0;
     let he = start(opts).await;
     let mut b = TestBox::new(&he, "box-000013", 5_000).await;
@@ -486,6 +553,68 @@ async fn timeout_reverses_and_a_late_proof_still_counts() {
     );
     assert_eq!(p.totals().await.get(&EUR).copied(), Some(499));
     assert_eq!(b.balance(), 4_501);
+}
+
+/// FIG. 5 settles without the security card, which counted each sale when it issued the
+/// debit command; every [`headend::payment::PURGE_EVERY`] draws on a card the settled ones
+/// are dropped from it in one command (naming only the open ones it keeps), never one by
+/// one, and never one still open.
+#[tokio::test]
+async fn fig5_settled_records_leave_the_security_card_in_bulk() {
+    let he = start_edited(Backend::Sqlite, options("payment-server", true), |t| {
+        // One security card; one box buying fast (above the default per-box offer rate).
+        t.replace("security_cards = 4", "security_cards = 1")
+            + "\n[gateway.limits]\noffers_per_minute = 60000\nburst = 1000\n"
+    })
+    .await
+    .unwrap();
+    let n = headend::payment::PURGE_EVERY as u64 + 3;
+    let mut b = TestBox::new(&he, "box-000015", 500 * n).await;
+    // One purchase left open across the purge: drawn, never answered.
+    let open = b.offer("CABLE", "ppv-1002").await;
+    let draw = b.draw_request(&open);
+    b.call(&Message::DrawRequest(draw)).await;
+    for _ in 0..n {
+        let (_, r) = b.buy("CABLE", "ppv-1001").await;
+        assert!(matches!(r, Message::Receipt(ref r) if r.released), "{r:?}");
+    }
+    let p = he.running.payment.as_ref().unwrap();
+    use headend::payment::pool::Command;
+    let trace = p.pool().trace();
+    let purges: Vec<_> = trace
+        .iter()
+        .filter(|e| e.command == Command::PurgeSettled)
+        .collect();
+    assert_eq!(purges.len(), 1, "one purge in {n} draws: {purges:?}");
+    assert!(
+        trace
+            .iter()
+            .all(|e| matches!(e.command, Command::IssueDebit | Command::PurgeSettled)),
+        "nothing else asked of the card"
+    );
+    let open_txn = p.txn(&open.transaction_id).unwrap();
+    assert_eq!(open_txn.state, PayState::DebitIssued);
+    // The card keeps the open one (reversible) and what came after the purge.
+    let card: proto::security_card::SecurityCard = headend::journal::decode(
+        &p.journal()
+            .get(headend::journal::Kind::SecurityCard, "0000")
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(card.txns.contains_key(&open_txn.security_card_txn));
+    assert!(
+        card.txns.len() < 10,
+        "settled records dropped: {} left",
+        card.txns.len()
+    );
+    assert_eq!(
+        p.totals().await.get(&EUR).copied(),
+        Some(499 * n + 399),
+        "the counts stay (the open one counted early, until reversed)"
+    );
+    assert!(p.reverse(&open.transaction_id, "test").await);
+    assert_eq!(p.totals().await.get(&EUR).copied(), Some(499 * n));
 }
 
 #[tokio::test]

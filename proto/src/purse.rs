@@ -424,6 +424,18 @@ pub struct DebitResponse {
 }
 
 impl DebitResponse {
+    /// Whether this response answers `command`: the same security card and its transaction,
+    /// the same card and counter, amount and currency (the card's signature is checked
+    /// apart, in constant time: [`crate::security_card::SecurityCard::signatures_match`]).
+    pub fn answers(&self, command: &DebitCommand) -> bool {
+        self.security_card_id == command.security_card_id
+            && self.security_card_txn == command.security_card_txn
+            && self.card_id == command.card_id
+            && self.atc == command.atc
+            && self.amount == command.amount
+            && self.currency == command.currency
+    }
+
     fn fields(&self) -> Writer {
         let mut w = Writer::default();
         w.u64(self.card_id).u32(self.atc).u64(self.amount);

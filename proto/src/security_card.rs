@@ -270,14 +270,7 @@ impl SecurityCard {
             .txns
             .get(&security_card_txn)
             .ok_or(SecurityCardError::UnknownTransaction(security_card_txn))?;
-        let c = &txn.command;
-        if resp.security_card_id != self.id
-            || resp.security_card_txn != security_card_txn
-            || resp.card_id != c.card_id
-            || resp.atc != c.atc
-            || resp.amount != c.amount
-            || resp.currency != c.currency
-        {
+        if !resp.answers(&txn.command) {
             return Err(SecurityCardError::ResponseMismatch);
         }
         if !Self::signatures_match(&txn.expected, resp) {
@@ -381,6 +374,20 @@ impl SecurityCard {
             self.txns.remove(&security_card_txn);
         }
         settled
+    }
+
+    /// Drops every counted transaction (early-recorded or completed) but those in `open`,
+    /// in one command: the payment server's housekeeping for the transactions it settled
+    /// without the card (FIG. 5, [0097]: it compared the signature itself), so no command
+    /// names them one by one. `open` are the ones the payment server may still reverse; they
+    /// stay, as do those awaiting the card's comparison and reversed ones (a late proof is
+    /// checked against them). The number dropped.
+    pub fn purge_settled_except(&mut self, open: &[u32]) -> usize {
+        let before = self.txns.len();
+        self.txns.retain(|n, t| {
+            open.contains(n) || !matches!(t.state, TxnState::Completed | TxnState::EarlyRecorded)
+        });
+        before - self.txns.len()
     }
 
     /// The collection record of a counted transaction.

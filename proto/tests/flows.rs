@@ -602,6 +602,38 @@ fn settled_transactions_can_be_forgotten_without_touching_totals() {
     assert_eq!((hsm.txns.len(), hsm.total(EUR).amount), (1, 500));
 }
 
+/// FIG. 5's bulk housekeeping: counted transactions go, except those named open (the
+/// payment server may still reverse them); one awaiting the card's comparison (FIG. 4) and a
+/// reversed one stay; the totals do not move.
+#[test]
+fn settled_transactions_leave_in_bulk_except_the_open_ones() {
+    let mut card = card_with(10_000, 50_000);
+    let mut sc = security_card();
+    let mut early = Vec::new();
+    for (i, amount) in [100, 200, 300, 400].into_iter().enumerate() {
+        let a = sc
+            .issue_debit(&draw(&mut card, amount, &format!("e{i}")), TODAY, true)
+            .unwrap();
+        early.push(a.command.security_card_txn);
+        // Each draw's INITIALIZE ends the previous session: the card debits none of them.
+    }
+    let awaiting = sc
+        .issue_debit(&draw(&mut card, 50, "fig4"), TODAY, false)
+        .unwrap()
+        .command
+        .security_card_txn;
+    sc.reverse(early[3]).unwrap();
+    assert_eq!(sc.total(EUR).amount, 600, "three early counts stand");
+    let dropped = sc.purge_settled_except(&[early[1]]);
+    assert_eq!(dropped, 2, "early[0] and early[2]");
+    let left: Vec<u32> = sc.txns.keys().copied().collect();
+    assert_eq!(left, [early[1], early[3], awaiting]);
+    assert_eq!(sc.total(EUR).amount, 600, "totals unchanged");
+    // The open one is still reversible.
+    sc.reverse(early[1]).unwrap();
+    assert_eq!(sc.total(EUR).amount, 400);
+}
+
 // ---- stale proofs (black-box finding): a proof made BEFORE the transaction's own
 // INITIALIZE shows counters that a later LOAD / DEBIT moves; it must prove nothing ----
 

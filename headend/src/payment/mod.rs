@@ -9,6 +9,14 @@
 //! re-sends the response from its journal) is still counted. After a restart, every open
 //! transaction gets a fresh deadline and is completed or reversed.
 //!
+//! Who compares the card's signature (001 FIG. 4–7): FIG. 4, the security card; FIG. 5
+//! ([0097]), this server itself, with the expected signature the security card handed out
+//! with the debit command ([`Expected`]) — the card gets no further command for that
+//! transaction, and its settled records are dropped in bulk later
+//! ([`pool::SecurityCardDevice::purge_settled_except`], every [`PURGE_EVERY`] draws on a
+//! card); FIG. 6/7, the gateway or the merchant, and the debit response reaches the security
+//! card afterwards to settle it there.
+//!
 //! - [`pool`]: the security-card pool;
 //! - [`collection`]: batches of settled transactions for the acquirer.
 
@@ -22,10 +30,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use proto::crypto::Mac;
 use proto::crypto::{self, DesKey, MessageKeys};
 use proto::messages::*;
 use proto::money::Money;
-use proto::purse::{Date, MasterKey, PurchaseInit};
+use proto::purse::{Date, DebitCommand, DebitResponse, MasterKey, PurchaseInit};
 use proto::security_card::{DrawData, SecurityCard, SecurityCardError};
 use rand::rngs::OsRng;
 use serde::{Deserialize, Serialize};
@@ -44,6 +53,19 @@ pub enum PayState {
     Completed,
     Reversed,
 }
+
+/// FIG. 5 ([0097]): the debit command a security card issued and the card signature it
+/// expects back, kept by the payment server, which compares the card's debit response with
+/// them itself (journal kind `expected_signature`, [`Kind::Expected`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Expected {
+    pub command: DebitCommand,
+    pub signature: Mac,
+}
+
+/// Every this many draws on a security card (by its transaction number), the transactions
+/// this server settled without it (FIG. 5) are dropped from it in one command.
+pub const PURGE_EVERY: u32 = 64;
 
 /// The payment server's record of one transaction (journal kind `txn`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -437,6 +459,25 @@ impl PaymentServer {
             Err(e) => return refuse(security_card_error(&e), e.to_string(), Some(&txid)),
         };
         let expected = auth.expected_card_signature;
+        // FIG. 5: this server compares the card's signature itself ([0097]).
+        let here = (m.def.embodiment == Embodiment::PaymentServer)
+            .then_some(())
+            .and(expected)
+            .map(|signature| Expected {
+                command: auth.command.clone(),
+                signature,
+            });
+        if auth.command.security_card_txn % PURGE_EVERY == 0 {
+            let mut open = self.open_on(lease.slot);
+            open.push(auth.command.security_card_txn);
+            let n = card.purge_settled_except(&open);
+            tracing::debug!(
+                slot = lease.slot,
+                kept = open.len(),
+                dropped = n,
+                "security card: settled records dropped"
+            );
+        }
         let mut rng = OsRng;
         // The expected signature and result M go to the gateway alone (FIG. 6/7): a box that
         // saw the expected signature could answer without debiting its card.
@@ -492,6 +533,9 @@ impl PaymentServer {
         let saved = self.journal.atomically(|b| {
             b.put(Kind::SecurityCard, &slot_key(lease.slot), &card.snapshot())?;
             b.put(Kind::Txn, &txid, &journal::encode(&record))?;
+            if let Some(e) = &here {
+                b.put(Kind::Expected, &txid, &journal::encode(e))?;
+            }
             b.step(
                 &txid,
                 &PayStep::DebitCommandIssued,
@@ -548,6 +592,11 @@ impl PaymentServer {
         ) {
             return journal_failed(e, Some(&txid));
         }
+        if rec.state == PayState::DebitIssued {
+            if let Some(e) = self.expected(&txid) {
+                return self.compare_here(rec, resp, e).await;
+            }
+        }
         let Some(mut card) = self.pool.card(rec.slot).await else {
             return refuse(
                 ErrorCode::Internal,
@@ -558,29 +607,7 @@ impl PaymentServer {
         let before = card.snapshot();
         match card.complete(rec.security_card_txn, &resp) {
             Ok(_) => {
-                let m = &self.merchants[&rec.merchant_id];
-                let derived = MessageKeys::derived(&m.key, &rec.merchant_id, &txid);
-                let mut rng = OsRng;
-                let result_c = DebitResultC {
-                    transaction_id: txid.clone(),
-                    success: true,
-                    amount: rec.amount,
-                    new_balance: resp.new_balance,
-                };
-                let confirmation = Message::Confirmation(Confirmation {
-                    transaction_id: txid.clone(),
-                    result_c: Protected::new(result_c, rec.tsk.as_ref(), &mut rng),
-                    result_m: result_m(
-                        &derived,
-                        &txid,
-                        &rec.merchant_id,
-                        rec.amount,
-                        rec.security_card_id,
-                        rec.security_card_txn,
-                        &mut rng,
-                    ),
-                    debit_response: None,
-                });
+                let confirmation = self.confirmation(&rec, &resp);
                 rec.state = PayState::Completed;
                 rec.confirmation = Some(confirmation.clone());
                 rec.debit_response = Some(resp.clone());
@@ -612,6 +639,98 @@ impl PaymentServer {
                 refuse(code, format!("debit response refused: {e}"), Some(&txid))
             }
         }
+    }
+
+    /// The confirmation of a sale whose card signature was verified: result C for the box,
+    /// result M for the merchant ([0085], [0097]).
+    fn confirmation(&self, rec: &PayTxn, resp: &DebitResponse) -> Message {
+        let txid = &rec.transaction_id;
+        let m = &self.merchants[&rec.merchant_id];
+        let derived = MessageKeys::derived(&m.key, &rec.merchant_id, txid);
+        let mut rng = OsRng;
+        let result_c = DebitResultC {
+            transaction_id: txid.clone(),
+            success: true,
+            amount: rec.amount,
+            new_balance: resp.new_balance,
+        };
+        Message::Confirmation(Confirmation {
+            transaction_id: txid.clone(),
+            result_c: Protected::new(result_c, rec.tsk.as_ref(), &mut rng),
+            result_m: result_m(
+                &derived,
+                txid,
+                &rec.merchant_id,
+                rec.amount,
+                rec.security_card_id,
+                rec.security_card_txn,
+                &mut rng,
+            ),
+            debit_response: None,
+        })
+    }
+
+    /// FIG. 5's comparison record of `txid`, if this server keeps one.
+    fn expected(&self, txid: &str) -> Option<Expected> {
+        journal::decode(&self.journal.get(Kind::Expected, txid).ok()??).ok()
+    }
+
+    /// FIG. 5 ([0097]): compares the card's debit response with the debit command and the
+    /// expected signature kept at the draw, here, without the security card (which counted
+    /// the sale when it issued the command). A match confirms; a mismatch reverses.
+    async fn compare_here(&self, mut rec: PayTxn, resp: DebitResponse, e: Expected) -> Message {
+        let txid = rec.transaction_id.clone();
+        let refused = if !resp.answers(&e.command) {
+            Some(SecurityCardError::ResponseMismatch)
+        } else if !SecurityCard::signatures_match(&e.signature, &resp) {
+            Some(SecurityCardError::BadCardSignature)
+        } else {
+            None
+        };
+        if let Some(err) = refused {
+            self.reverse(&txid, "bad card signature").await;
+            return refuse(
+                security_card_error(&err),
+                format!("debit response refused: {err}"),
+                Some(&txid),
+            );
+        }
+        let confirmation = self.confirmation(&rec, &resp);
+        rec.state = PayState::Completed;
+        rec.confirmation = Some(confirmation.clone());
+        rec.debit_response = Some(resp);
+        let saved = self.journal.atomically(|b| {
+            b.put(Kind::Txn, &txid, &journal::encode(&rec))?;
+            b.delete(Kind::Expected, &txid)?;
+            b.step(
+                &txid,
+                &PayStep::Confirmed,
+                "card signature verified by the payment server (FIG. 5)",
+            )
+        });
+        if let Err(e) = saved {
+            return journal_failed(e, Some(&txid));
+        }
+        self.finish(&txid);
+        tracing::info!(txid, amount = %rec.amount, "purchase confirmed (FIG. 5: compared here)");
+        confirmation
+    }
+
+    /// The security-card transactions still open on `slot` (debit issued, not yet settled
+    /// or reversed): [`SecurityCardDevice::purge_settled_except`] keeps them.
+    fn open_on(&self, slot: usize) -> Vec<u32> {
+        let open: Vec<String> = self
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        open.iter()
+            .filter_map(|txid| self.txn(txid))
+            .filter(|t| t.slot == slot && t.state == PayState::DebitIssued)
+            .map(|t| t.security_card_txn)
+            .collect()
     }
 
     fn finish(&self, txid: &str) {
@@ -665,6 +784,8 @@ impl PaymentServer {
                 &reversal_key(seq),
                 &journal::encode(&notice),
             )?;
+            // A late proof is checked by the security card (it re-counts the sale).
+            b.delete(Kind::Expected, txid)?;
             b.step(txid, &PayStep::Reversed, why)
         });
         if saved.is_err() {

@@ -5,6 +5,11 @@
 //! The default security card is the software one from `proto`. A hardware security card in
 //! a PC/SC reader implements [`SecurityCardDevice`] over `reader-drivers` (the seam; no
 //! hardware implementation yet).
+//!
+//! Every operation on a security card goes through [`Traced`]: the pool keeps the last
+//! [`TRACE_LEN`] of them ([`Pool::trace`]: which card, which command, for which of its
+//! transactions, and whether it succeeded) and logs each at debug level (target
+//! `headend::payment::pool`), so an operator, or a test, sees what each card was asked.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -42,6 +47,9 @@ pub trait SecurityCardDevice: Send {
     ) -> Result<(), SecurityCardError>;
     /// Drops a settled transaction once the payment server has journaled it.
     fn forget(&mut self, security_card_txn: u32) -> bool;
+    /// Drops every settled transaction but `open` in one command (see
+    /// [`SecurityCard::purge_settled_except`]); the number dropped.
+    fn purge_settled_except(&mut self, open: &[u32]) -> usize;
     fn totals(&self) -> BTreeMap<Currency, Totals>;
     /// The card's state for the journal (a hardware card keeps its own: empty), and back.
     fn snapshot(&self) -> Vec<u8>;
@@ -80,6 +88,9 @@ impl SecurityCardDevice for SecurityCard {
     fn forget(&mut self, security_card_txn: u32) -> bool {
         SecurityCard::forget(self, security_card_txn)
     }
+    fn purge_settled_except(&mut self, open: &[u32]) -> usize {
+        SecurityCard::purge_settled_except(self, open)
+    }
     fn totals(&self) -> BTreeMap<Currency, Totals> {
         self.totals.clone()
     }
@@ -92,6 +103,128 @@ impl SecurityCardDevice for SecurityCard {
     }
 }
 
+/// How many security-card operations [`Pool::trace`] keeps (the oldest go first).
+pub const TRACE_LEN: usize = 4096;
+
+/// A command sent to a security card (one APDU exchange on a hardware card).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// The draw request replayed to the card: it issues the debit command ([0093]–[0094]).
+    IssueDebit,
+    /// The card's debit response, for the card to compare (FIG. 4; a late proof).
+    Complete,
+    Reverse,
+    VerifyNotDebited,
+    Forget,
+    /// Drop the settled transactions, naming the open ones to keep.
+    PurgeSettled,
+}
+
+/// One operation of [`Pool::trace`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceEntry {
+    pub security_card_id: u64,
+    pub command: Command,
+    /// The card's transaction the command is for (for `IssueDebit`, the one it opened;
+    /// none for `PurgeSettled`, which names only the open ones it keeps).
+    pub security_card_txn: Option<u32>,
+    pub ok: bool,
+}
+
+type Trace = std::sync::Mutex<std::collections::VecDeque<TraceEntry>>;
+
+/// A security card whose every command is recorded in its pool's trace.
+pub struct Traced {
+    inner: Box<dyn SecurityCardDevice>,
+    trace: Arc<Trace>,
+}
+
+impl Traced {
+    fn note(&self, command: Command, security_card_txn: Option<u32>, ok: bool) {
+        let security_card_id = self.inner.id();
+        tracing::debug!(
+            security_card_id,
+            ?command,
+            security_card_txn,
+            ok,
+            "security card command"
+        );
+        let mut t = self.trace.lock().unwrap_or_else(|p| p.into_inner());
+        if t.len() == TRACE_LEN {
+            t.pop_front();
+        }
+        t.push_back(TraceEntry {
+            security_card_id,
+            command,
+            security_card_txn,
+            ok,
+        });
+    }
+}
+
+impl SecurityCardDevice for Traced {
+    fn id(&self) -> u64 {
+        self.inner.id()
+    }
+    fn issue_debit(
+        &mut self,
+        draw: &DrawData,
+        today: Date,
+        early_release: bool,
+    ) -> Result<DebitAuthorization, SecurityCardError> {
+        let out = self.inner.issue_debit(draw, today, early_release);
+        let txn = out.as_ref().ok().map(|a| a.command.security_card_txn);
+        self.note(Command::IssueDebit, txn, out.is_ok());
+        out
+    }
+    fn complete(
+        &mut self,
+        security_card_txn: u32,
+        resp: &DebitResponse,
+    ) -> Result<(), SecurityCardError> {
+        let out = self.inner.complete(security_card_txn, resp);
+        self.note(Command::Complete, Some(security_card_txn), out.is_ok());
+        out
+    }
+    fn reverse(&mut self, security_card_txn: u32) -> Result<(), SecurityCardError> {
+        let out = self.inner.reverse(security_card_txn);
+        self.note(Command::Reverse, Some(security_card_txn), out.is_ok());
+        out
+    }
+    fn verify_not_debited(
+        &self,
+        security_card_txn: u32,
+        proof: &PurchaseInit,
+    ) -> Result<(), SecurityCardError> {
+        let out = self.inner.verify_not_debited(security_card_txn, proof);
+        self.note(
+            Command::VerifyNotDebited,
+            Some(security_card_txn),
+            out.is_ok(),
+        );
+        out
+    }
+    fn forget(&mut self, security_card_txn: u32) -> bool {
+        let out = self.inner.forget(security_card_txn);
+        self.note(Command::Forget, Some(security_card_txn), out);
+        out
+    }
+    fn purge_settled_except(&mut self, open: &[u32]) -> usize {
+        let out = self.inner.purge_settled_except(open);
+        self.note(Command::PurgeSettled, None, true);
+        out
+    }
+    fn totals(&self) -> BTreeMap<Currency, Totals> {
+        self.inner.totals()
+    }
+    fn snapshot(&self) -> Vec<u8> {
+        self.inner.snapshot()
+    }
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
+        self.inner.restore(snapshot)
+    }
+}
+
 /// One terminal with its security card.
 pub type SecurityCardSlot = Mutex<Box<dyn SecurityCardDevice>>;
 
@@ -99,6 +232,7 @@ pub struct Pool {
     slots: Vec<Arc<SecurityCardSlot>>,
     free: Arc<tokio::sync::Semaphore>,
     taken: std::sync::Mutex<Vec<bool>>,
+    trace: Arc<Trace>,
 }
 
 /// A security card held by one transaction. Released on drop.
@@ -124,11 +258,32 @@ impl Lease {
 impl Pool {
     pub fn new(cards: Vec<Box<dyn SecurityCardDevice>>) -> Arc<Self> {
         let n = cards.len();
+        let trace: Arc<Trace> = Default::default();
         Arc::new(Self {
-            slots: cards.into_iter().map(|c| Arc::new(Mutex::new(c))).collect(),
+            slots: cards
+                .into_iter()
+                .map(|inner| {
+                    let traced = Traced {
+                        inner,
+                        trace: trace.clone(),
+                    };
+                    Arc::new(Mutex::new(Box::new(traced) as Box<dyn SecurityCardDevice>))
+                })
+                .collect(),
             free: Arc::new(tokio::sync::Semaphore::new(n)),
             taken: std::sync::Mutex::new(vec![false; n]),
+            trace,
         })
+    }
+
+    /// The last [`TRACE_LEN`] commands sent to the pool's security cards, oldest first.
+    pub fn trace(&self) -> Vec<TraceEntry> {
+        self.trace
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 
     pub fn len(&self) -> usize {

@@ -49,8 +49,19 @@ pub async fn start(opts: DemoOptions) -> HeadEnd {
 /// The all-in-one head end with every role journaling on `backend`: `None` (said why)
 /// when that is PostgreSQL and it is not installed.
 pub async fn start_on(backend: Backend, opts: DemoOptions) -> Option<HeadEnd> {
+    start_edited(backend, opts, |t| t.to_string()).await
+}
+
+/// [`start_on`] with `edit` applied to the demo's `headend.toml` first.
+pub async fn start_edited(
+    backend: Backend,
+    opts: DemoOptions,
+    edit: fn(&str) -> String,
+) -> Option<HeadEnd> {
     let dir = tempfile::tempdir().unwrap();
     let files = assembly::init_demo(dir.path(), &opts).unwrap();
+    let text = edit(&std::fs::read_to_string(&files.config).unwrap());
+    proto::secret::write_private(&files.config, text.as_bytes()).unwrap();
     let pg = match backend {
         Backend::Sqlite => None,
         Backend::Postgres => {
