@@ -58,6 +58,9 @@ pub enum SetupError {
     /// The config asks for the gateway but has no `[gateway]` section.
     #[error("no [gateway] section")]
     NoGatewaySection,
+    /// `[hotlist]`: the issuer's verification key is unusable.
+    #[error("[hotlist] {0}")]
+    Hotlist(String),
     /// A merchant's payment or merchant role is neither served here nor in `[endpoints]`.
     #[error("merchant {merchant} routes to {name}: add [endpoints.{name}] or run that role here")]
     Unrouted { merchant: String, name: String },
@@ -294,6 +297,55 @@ pub async fn start(cfg: &HeadendConfig, roles: Roles) -> Result<Running, SetupEr
                 rx.clone(),
             )));
             tasks.push(tokio::spawn(outbox.run(OUTBOX_RETRY, rx.clone())));
+        }
+    }
+    // The issuer's hotlist: the payment server's security cards and the load server's HSM
+    // keep the newest, from clearing (when it is configured) or installed from a file.
+    if let Some(h) = &cfg.hotlist {
+        let verifier = crate::hotlist::Verifier::load(&h.verify_key_file)
+            .map_err(|e| SetupError::Hotlist(e.to_string()))?;
+        let every = std::time::Duration::from_secs(h.refresh_secs.max(1));
+        if let (Some(p), Some(s)) = (&payment, cfg.payment.as_ref()) {
+            let clearing = match &s.clearing {
+                Some(to) => Some((
+                    to_clearing("payment", to)?,
+                    crate::role::Caller::Role(s.name.clone()),
+                )),
+                None => None,
+            };
+            let p2 = p.clone();
+            tasks.push(tokio::spawn(crate::hotlist::run_refresh(
+                p.journal().clone(),
+                verifier.clone(),
+                clearing,
+                every,
+                move |list| {
+                    let p = p2.clone();
+                    async move { p.apply_hotlist(list).await }
+                },
+                rx.clone(),
+            )));
+        }
+        if let Some(l) = &load {
+            let clearing = match &l.prefunded.clearing {
+                Some(to) => Some((
+                    to_clearing("load", to)?,
+                    crate::role::Caller::Role(l.prefunded.funder.to_string()),
+                )),
+                None => None,
+            };
+            let l2 = l.clone();
+            tasks.push(tokio::spawn(crate::hotlist::run_refresh(
+                l.journal().clone(),
+                verifier,
+                clearing,
+                every,
+                move |list| {
+                    let l = l2.clone();
+                    async move { l.apply_hotlist(list).await }
+                },
+                rx.clone(),
+            )));
         }
     }
     let mut payment_addr = None;

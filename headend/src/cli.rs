@@ -23,6 +23,9 @@ pub enum Command {
     /// Development PKI: operator CA, device and server certificates.
     #[command(subcommand)]
     Pki(PkiCommand),
+    /// The issuer's card hotlist: keys, signing, installing a signed list.
+    #[command(subcommand)]
+    Hotlist(HotlistCommand),
     /// Every role in one process on SQLite: the embedded default.
     AllInOne(RoleArgs),
     /// The gateway alone: boxes' QUIC endpoint, routing to remote roles.
@@ -110,6 +113,50 @@ pub struct RoleArgs {
     /// The role's TOML configuration.
     #[arg(long, default_value = "/etc/purselink/headend.toml")]
     pub config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HotlistCommand {
+    /// Make the issuer's hotlist keys: DIR/hotlist-signing.pk8 (owner-only; it stays with
+    /// the issuer) and DIR/hotlist-verify.pub (for every role's `[hotlist] verify_key_file`).
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign a hotlist version: the blocked card ids, written to OUT as JSON.
+    Sign {
+        /// The signing key (`keygen`'s hotlist-signing.pk8).
+        #[arg(long)]
+        key: PathBuf,
+        /// Greater than every version signed before: roles never take an older list.
+        #[arg(long)]
+        version: u64,
+        /// A blocked card id (decimal, or hex with 0x); repeat for several, none for an
+        /// empty list (unblocks every card).
+        #[arg(long = "card", value_parser = parse_card_id)]
+        cards: Vec<u64>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Install a signed hotlist (`sign`'s file) into the journals of the roles this config
+    /// runs that keep one (payment server, load server, clearing), after checking it with
+    /// the config's `[hotlist] verify_key_file`; their running processes take it at their
+    /// next refresh, and clearing hands it on.
+    Install {
+        #[command(flatten)]
+        role: RoleArgs,
+        #[arg(long)]
+        file: PathBuf,
+    },
+}
+
+/// A card id: decimal, or hex with `0x`.
+fn parse_card_id(s: &str) -> Result<u64, String> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| format!("{s:?}: {e}"))
 }
 
 #[derive(Debug, Subcommand)]

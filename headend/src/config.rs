@@ -172,6 +172,26 @@ pub struct HeadendConfig {
     /// `state_dir`.
     #[serde(default)]
     pub journal: JournalSection,
+    /// The issuer's card hotlist (see [`HotlistSection`]); none without it.
+    pub hotlist: Option<HotlistSection>,
+}
+
+/// `[hotlist]`: the payment servers, the load server and clearing keep the issuer's signed
+/// card hotlist ([`crate::hotlist`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HotlistSection {
+    /// The issuer's verification key (hex; `headend hotlist keygen` writes it): only lists it
+    /// signed are taken.
+    pub verify_key_file: PathBuf,
+    /// Seconds between asking clearing for a newer list (and looking in the journal for one
+    /// installed from a file).
+    #[serde(default = "default_hotlist_refresh")]
+    pub refresh_secs: u64,
+}
+
+fn default_hotlist_refresh() -> u64 {
+    60
 }
 
 /// Which store a journal is on.

@@ -197,11 +197,14 @@ pub enum Kind {
     /// the payment server compares the card's signature itself ([0097]), so the security
     /// card is not asked again. Deleted once the transaction is settled.
     Expected,
+    /// Payment server, load server, clearing: the issuer's signed hotlist
+    /// ([`proto::hotlist::SignedHotlist`], see [`crate::hotlist`]), key `current`.
+    Hotlist,
 }
 
 impl Kind {
     /// Every kind, in declaration order.
-    pub const ALL: [Kind; 27] = [
+    pub const ALL: [Kind; 28] = [
         Kind::Gw,
         Kind::GwLoad,
         Kind::Open,
@@ -229,6 +232,7 @@ impl Kind {
         Kind::Advice,
         Kind::Settlement,
         Kind::Expected,
+        Kind::Hotlist,
     ];
 
     /// The string the kind is stored under (the `kind` column).
@@ -261,6 +265,7 @@ impl Kind {
             Kind::Advice => "load_advice",
             Kind::Settlement => "settlement",
             Kind::Expected => "expected_signature",
+            Kind::Hotlist => "hotlist",
         }
     }
 }
@@ -1164,6 +1169,7 @@ mod tests {
                 "load_advice",
                 "settlement",
                 "expected_signature",
+                "hotlist",
             ]
         );
     }

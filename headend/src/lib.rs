@@ -19,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod funds;
 pub mod gateway;
+pub mod hotlist;
 pub mod journal;
 pub mod limits;
 pub mod load;

@@ -57,6 +57,8 @@ pub trait SecurityModule: Send {
     /// The module's state for the journal (a hardware HSM keeps its own: empty).
     /// Drops a settled load from the module's working set (the load record answers repeats).
     fn forget(&mut self, txid: &str);
+    /// Loads the issuer's hotlist (an older version than the module holds is ignored).
+    fn set_hotlist(&mut self, hotlist: &proto::hotlist::Hotlist);
     fn snapshot(&self) -> Vec<u8>;
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String>;
 }
@@ -86,6 +88,9 @@ impl SecurityModule for Hsm {
     }
     fn forget(&mut self, txid: &str) {
         Hsm::forget(self, txid);
+    }
+    fn set_hotlist(&mut self, hotlist: &proto::hotlist::Hotlist) {
+        Hsm::set_hotlist(self, hotlist);
     }
     fn snapshot(&self) -> Vec<u8> {
         journal::encode(self)
@@ -148,6 +153,7 @@ fn hsm_code(e: &HsmError) -> ErrorCode {
         HsmError::WrongState(_) => ErrorCode::Replay,
         HsmError::NoKey => ErrorCode::Internal,
         HsmError::StaleProof => ErrorCode::ProofRejected,
+        HsmError::Hotlisted { .. } => ErrorCode::CardHotlisted,
     }
 }
 
@@ -176,6 +182,9 @@ impl LoadServer {
         if let Some(snap) = journal.get(Kind::Hsm, "0").map_err(|e| e.to_string())? {
             hsm.restore(&snap)?;
             tracing::info!("HSM state restored from the journal");
+        }
+        if let Some(list) = crate::hotlist::held_at_start(cfg, &journal)? {
+            hsm.set_hotlist(&list);
         }
         let key = read_key_file("[load] confirmation_key_file", &s.confirmation_key_file)
             .map_err(|e| e.to_string())?;
@@ -234,6 +243,11 @@ impl LoadServer {
     }
 
     /// Loads the HSM settled as loaded, per currency (count and amount from its totals).
+    /// Gives the HSM the issuer's hotlist ([`crate::hotlist::run_refresh`]).
+    pub async fn apply_hotlist(&self, list: proto::hotlist::Hotlist) {
+        self.hsm.lock().await.set_hotlist(&list);
+    }
+
     pub async fn hsm_loaded(&self, currency: proto::money::Currency) -> u64 {
         let snap = self.hsm.lock().await.snapshot();
         journal::decode::<Hsm>(&snap)

@@ -115,6 +115,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Pki(cmd) => pki(cmd).map_err(|e| e.to_string()),
+        Command::Hotlist(cmd) => hotlist(cmd),
         Command::AllInOne(a) => rt().and_then(|rt| rt.block_on(run_roles(a, Roles::ALL))),
         Command::Gateway(a) => {
             rt().and_then(|rt| rt.block_on(run_roles(a, only(true, false, false))))
@@ -267,4 +268,76 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `headend hotlist …`.
+fn hotlist(cmd: headend::cli::HotlistCommand) -> Result<(), String> {
+    use headend::cli::HotlistCommand as H;
+    use headend::hotlist;
+    match cmd {
+        H::Keygen { out } => {
+            let (signing, verify) = hotlist::keygen(&out).map_err(|e| e.to_string())?;
+            println!(
+                "signing key {} (keep it with the issuer), verification key {}",
+                signing.display(),
+                verify.display()
+            );
+        }
+        H::Sign {
+            key,
+            version,
+            cards,
+            out,
+        } => {
+            let list = proto::hotlist::Hotlist {
+                version,
+                card_ids: cards.into_iter().collect(),
+            };
+            let signed = hotlist::sign(&key, &list).map_err(|e| e.to_string())?;
+            let json = serde_json::to_string_pretty(&signed).map_err(|e| e.to_string())?;
+            std::fs::write(&out, json + "\n").map_err(|e| format!("{}: {e}", out.display()))?;
+            println!(
+                "hotlist version {version} with {} card(s) signed: {}",
+                list.card_ids.len(),
+                out.display()
+            );
+        }
+        H::Install { role, file } => {
+            let cfg = HeadendConfig::load(&role.config).map_err(|e| e.to_string())?;
+            let h = cfg
+                .hotlist
+                .as_ref()
+                .ok_or("the config has no [hotlist] section (verify_key_file)")?;
+            let v = hotlist::Verifier::load(&h.verify_key_file).map_err(|e| e.to_string())?;
+            let text =
+                std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let signed: proto::hotlist::SignedHotlist =
+                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+            let mut roles = Vec::new();
+            if let Some(p) = &cfg.payment {
+                roles.push(p.name.clone());
+            }
+            if cfg.load.is_some() {
+                roles.push("load".to_string());
+            }
+            if let Some(c) = &cfg.clearing {
+                roles.push(c.name.clone());
+            }
+            if roles.is_empty() {
+                return Err("no role here keeps a hotlist (payment, load, clearing)".into());
+            }
+            for r in roles {
+                let target = cfg.journal_target(&r).map_err(|e| e.to_string())?;
+                let j =
+                    headend::journal::Journal::open_target(&target).map_err(|e| e.to_string())?;
+                let list = hotlist::take(&j, &v, &signed).map_err(|e| format!("{r}: {e}"))?;
+                println!(
+                    "{r}: hotlist version {} with {} card(s) installed",
+                    list.version,
+                    list.card_ids.len()
+                );
+            }
+        }
+    }
+    Ok(())
 }

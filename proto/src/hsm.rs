@@ -29,6 +29,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::{self, DesKey, Mac};
+use crate::hotlist::Hotlist;
 use crate::money::{Currency, Money};
 use crate::purse::*;
 use crate::security_card::Totals;
@@ -67,6 +68,9 @@ pub enum HsmError {
         "the zero-value proof was made before the load's INITIALIZE (a stale proof): it shows nothing"
     )]
     StaleProof,
+    /// The card is on the issuer's hotlist (seed 002): no load. Appended.
+    #[error("card {card_id} is blocked by its issuer (hotlist)")]
+    Hotlisted { card_id: u64 },
 }
 
 /// Where a load transaction stands in the HSM.
@@ -124,6 +128,10 @@ pub struct Hsm {
     master: Option<MasterKey>,
     pub txns: BTreeMap<String, LoadTxn>,
     pub totals: BTreeMap<Currency, Totals>,
+    /// The issuer's hotlist, given to the HSM like its key (not in a snapshot: the load
+    /// server loads its newest at every start and on every update).
+    #[serde(skip)]
+    hotlist: Hotlist,
 }
 
 impl Hsm {
@@ -133,7 +141,20 @@ impl Hsm {
             master: Some(master),
             txns: BTreeMap::new(),
             totals: BTreeMap::new(),
+            hotlist: Hotlist::default(),
         }
+    }
+
+    /// Loads the issuer's hotlist (a newer one replaces it; an older one is ignored).
+    pub fn set_hotlist(&mut self, hotlist: &Hotlist) {
+        if hotlist.version >= self.hotlist.version {
+            self.hotlist = hotlist.clone();
+        }
+    }
+
+    /// The version of the hotlist the HSM holds (0: none).
+    pub fn hotlist_version(&self) -> u64 {
+        self.hotlist.version
     }
 
     /// This HSM (restored from a snapshot, which holds no key) with its load master.
@@ -143,11 +164,13 @@ impl Hsm {
     }
 
     /// Takes `state`'s transactions and totals (a snapshot, rolled back to) and keeps this
-    /// HSM's key.
+    /// HSM's key and hotlist.
     pub fn restore_state(&mut self, state: Hsm) {
         let master = self.master.take();
+        let hotlist = std::mem::take(&mut self.hotlist);
         *self = state;
         self.master = master;
+        self.hotlist = hotlist;
     }
 
     /// A card's load key, from the load master.
@@ -191,6 +214,12 @@ impl Hsm {
             };
         }
         self.check_s1(init)?;
+        // The id is the genuine card's (S1 verified): now the issuer's block applies.
+        if self.hotlist.blocks(init.card_id) {
+            return Err(HsmError::Hotlisted {
+                card_id: init.card_id,
+            });
+        }
         if init.currency != amount.currency {
             return Err(HsmError::WrongCurrency {
                 card: init.currency,

@@ -11,6 +11,7 @@ pub mod clearing;
 pub mod codec;
 pub mod crypto;
 pub mod frame;
+pub mod hotlist;
 pub mod hsm;
 pub mod messages;
 pub mod money;

@@ -516,6 +516,9 @@ pub enum ErrorCode {
     /// The offer (or load offer, or load hold) is past its lifetime: nothing was charged;
     /// ask for a new one. Not the card's expiry, which is `Expired`.
     OfferExpired,
+    /// The card is on its issuer's hotlist (lost, stolen or misused): no purchase, no load.
+    /// The viewer is told to call the issuer.
+    CardHotlisted,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -612,6 +615,15 @@ pub enum Message {
     },
     /// Funder (bank, load server) → clearing: a captured load. Answered with `Ack`.
     LoadAdvice(crate::clearing::LoadAdvice),
+    // Appended: system updates (seed 001 FIG. 1: they come back from clearing).
+    /// Payment server or load server → clearing: "I hold hotlist version `have`; anything
+    /// newer?" Answered with `HotlistUpdate`.
+    HotlistRequest {
+        have: u64,
+    },
+    /// Clearing → payment server or load server: the newest signed hotlist, or `None` when
+    /// the asker already holds it (or clearing holds none).
+    HotlistUpdate(Option<crate::hotlist::SignedHotlist>),
 }
 
 impl Message {
@@ -653,6 +665,8 @@ impl Message {
             Message::CollectionBatch(_) => "a collection batch",
             Message::BatchAck { .. } => "a batch acknowledgement",
             Message::LoadAdvice(_) => "a load advice",
+            Message::HotlistRequest { .. } => "a hotlist request",
+            Message::HotlistUpdate(_) => "a hotlist update",
         }
     }
 

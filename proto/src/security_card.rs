@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::{self, Mac};
+use crate::hotlist::Hotlist;
 use crate::money::{Currency, Money};
 use crate::purse::*;
 
@@ -55,6 +56,10 @@ pub enum SecurityCardError {
          since, so the proof cannot show this purchase was not debited"
     )]
     CounterMoved { proof: u32, debit: u32 },
+    /// The card is on the issuer's hotlist (seed 002): no draw. Appended, like every new
+    /// variant here.
+    #[error("card {card_id} is blocked by its issuer (hotlist)")]
+    Hotlisted { card_id: u64 },
 }
 
 /// The draw request's card part, as the security card sees it ([0077], [0093]).
@@ -122,6 +127,10 @@ pub struct SecurityCard {
     pub txn_counter: u32,
     pub txns: BTreeMap<u32, Txn>,
     pub totals: BTreeMap<Currency, Totals>,
+    /// The issuer's hotlist, given to the card like its key (not in a snapshot: the payment
+    /// server loads its newest at every start and on every update).
+    #[serde(skip)]
+    hotlist: Hotlist,
 }
 
 impl SecurityCard {
@@ -132,7 +141,20 @@ impl SecurityCard {
             txn_counter: 0,
             txns: BTreeMap::new(),
             totals: BTreeMap::new(),
+            hotlist: Hotlist::default(),
         }
+    }
+
+    /// Loads the issuer's hotlist (a newer one replaces it; an older one is ignored).
+    pub fn set_hotlist(&mut self, hotlist: &Hotlist) {
+        if hotlist.version >= self.hotlist.version {
+            self.hotlist = hotlist.clone();
+        }
+    }
+
+    /// The version of the hotlist the card holds (0: none).
+    pub fn hotlist_version(&self) -> u64 {
+        self.hotlist.version
     }
 
     /// This card (restored from a snapshot, which holds no key) with its purchase master.
@@ -142,11 +164,13 @@ impl SecurityCard {
     }
 
     /// Takes `state`'s transactions, counter and totals (a snapshot, rolled back to) and
-    /// keeps this card's key.
+    /// keeps this card's key and hotlist.
     pub fn restore_state(&mut self, state: SecurityCard) {
         let master = self.master.take();
+        let hotlist = std::mem::take(&mut self.hotlist);
         *self = state;
         self.master = master;
+        self.hotlist = hotlist;
     }
 
     fn master(&self) -> Result<&MasterKey, SecurityCardError> {
@@ -173,6 +197,12 @@ impl SecurityCard {
         let sk = master.purchase_session(init.card_id, init.atc);
         if !crypto::verify(&sk, b"IPUR", &init.signed_fields(), &init.card_mac) {
             return Err(SecurityCardError::BadCardData);
+        }
+        // The id is the genuine card's (its MAC verified): now the issuer's block applies.
+        if self.hotlist.blocks(init.card_id) {
+            return Err(SecurityCardError::Hotlisted {
+                card_id: init.card_id,
+            });
         }
         if init.currency != draw.amount.currency {
             return Err(SecurityCardError::WrongCurrency {

@@ -634,6 +634,55 @@ fn settled_transactions_leave_in_bulk_except_the_open_ones() {
     assert_eq!(sc.total(EUR).amount, 400);
 }
 
+/// The issuer's hotlist: a listed genuine card gets no debit command and no load command
+/// (each its own error), nothing is counted, and the card keeps its value; an older list
+/// never replaces a newer one; a card not listed goes on as before.
+#[test]
+fn a_hotlisted_card_gets_no_debit_command_and_no_load_command() {
+    use proto::hotlist::Hotlist;
+    let mut card = card_with(10_000, 50_000);
+    select(&mut card);
+    let id = read_purse(&mut card).card_id;
+    let blocked = Hotlist {
+        version: 2,
+        card_ids: [id, 12345].into(),
+    };
+    let mut sc = security_card();
+    let mut h = hsm();
+    sc.set_hotlist(&blocked);
+    h.set_hotlist(&blocked);
+    assert_eq!(
+        sc.issue_debit(&draw(&mut card, 100, "t1"), TODAY, false),
+        Err(SecurityCardError::Hotlisted { card_id: id })
+    );
+    let init = init_load(&mut card, 500, 1).unwrap();
+    assert_eq!(
+        h.authorize("l1", &init, Money::new(500, EUR), TODAY),
+        Err(HsmError::Hotlisted { card_id: id })
+    );
+    assert!(sc.txns.is_empty() && h.txns.is_empty(), "nothing opened");
+    assert_eq!(sc.total(EUR).amount + h.total(EUR).amount, 0);
+    select(&mut card);
+    assert_eq!(read_purse(&mut card).balance, 10_000);
+    // An older list (v1, empty) does not lift the block; a newer one (v3) does.
+    sc.set_hotlist(&Hotlist {
+        version: 1,
+        card_ids: Default::default(),
+    });
+    assert_eq!(sc.hotlist_version(), 2);
+    assert!(
+        sc.issue_debit(&draw(&mut card, 100, "t2"), TODAY, false)
+            .is_err()
+    );
+    sc.set_hotlist(&Hotlist {
+        version: 3,
+        card_ids: [12345].into(),
+    });
+    purchase(&mut card, &mut sc, 100, "t3");
+    select(&mut card);
+    assert_eq!(read_purse(&mut card).balance, 9_900);
+}
+
 // ---- stale proofs (black-box finding): a proof made BEFORE the transaction's own
 // INITIALIZE shows counters that a later LOAD / DEBIT moves; it must prove nothing ----
 

@@ -332,6 +332,7 @@ fn error_titles() -> Vec<&'static str> {
         ErrorKind::NoReader,
         ErrorKind::NoCard,
         ErrorKind::CardBlocked,
+        ErrorKind::CardHotlisted,
         ErrorKind::CardExpired,
         ErrorKind::OfferExpired,
         ErrorKind::InsufficientValue,

@@ -235,6 +235,8 @@ pub enum Problem {
     NoCard,
     /// The card is blocked: call the provider.
     CardBlocked,
+    /// The issuer blocked the card (its hotlist: lost, stolen or misused): call the issuer.
+    CardHotlisted,
     /// The card is past its expiry.
     CardExpired,
     /// The offer was not confirmed within its lifetime: nothing charged; choose again.
@@ -258,6 +260,7 @@ fn purchase_problem(code: ErrorCode) -> Problem {
         ErrorCode::Expired => Problem::CardExpired,
         ErrorCode::OfferExpired => Problem::OfferExpired,
         ErrorCode::AmountMismatch => Problem::AmountMismatch,
+        ErrorCode::CardHotlisted => Problem::CardHotlisted,
         ErrorCode::Timeout | ErrorCode::Busy | ErrorCode::RateLimited => Problem::Timeout,
         _ => Problem::Other,
     }
@@ -270,6 +273,7 @@ fn load_problem(code: ErrorCode) -> Problem {
         ErrorCode::AmountMismatch => Problem::AmountMismatch,
         ErrorCode::Expired => Problem::CardExpired,
         ErrorCode::OfferExpired => Problem::OfferExpired,
+        ErrorCode::CardHotlisted => Problem::CardHotlisted,
         _ => Problem::Other,
     }
 }
@@ -422,6 +426,14 @@ mod tests {
             reason: String::new(),
         };
         assert_eq!(d(ErrorCode::OfferExpired).problem(), Problem::OfferExpired);
+        assert_eq!(
+            d(ErrorCode::CardHotlisted).problem(),
+            Problem::CardHotlisted
+        );
+        assert_eq!(
+            l(ErrorCode::CardHotlisted).problem(),
+            Problem::CardHotlisted
+        );
         assert_eq!(d(ErrorCode::Expired).problem(), Problem::CardExpired);
         assert_eq!(l(ErrorCode::OfferExpired).problem(), Problem::OfferExpired);
         assert_eq!(

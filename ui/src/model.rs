@@ -149,6 +149,8 @@ pub enum ErrorKind {
     NoReader,
     NoCard,
     CardBlocked,
+    /// The issuer blocked the card (its hotlist).
+    CardHotlisted,
     CardExpired,
     /// The offer was not confirmed within its lifetime (nothing charged).
     OfferExpired,

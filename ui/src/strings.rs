@@ -143,6 +143,11 @@ pub fn error_texts(k: ErrorKind) -> (&'static str, &'static str, &'static str) {
             "This card is blocked and cannot pay.",
             "Call your card provider.",
         ),
+        ErrorKind::CardHotlisted => (
+            "Card blocked by the issuer",
+            "The issuer of this card has blocked it. It cannot pay or load.",
+            "Call your card issuer.",
+        ),
         ErrorKind::CardExpired => (
             "Card expired",
             "This card is past its expiry date.",

@@ -119,16 +119,35 @@ impl ClearingServer {
     }
 }
 
+impl ClearingServer {
+    /// A system update: the newest hotlist for a payment server or funder this clearing
+    /// knows, when it is newer than the one it holds (`have`).
+    fn hotlist_for(&self, caller: &Caller, have: u64) -> Message {
+        let known = matches!(caller, Caller::Role(r)
+            if self.payment_servers.contains(r) || self.funders.contains(r));
+        if !known {
+            return refuse(
+                ErrorCode::Forbidden,
+                "hotlists go to the payment servers and funders this clearing knows",
+                None,
+            );
+        }
+        crate::hotlist::update_for(&self.journal, have)
+            .unwrap_or_else(|e| refuse(ErrorCode::Internal, format!("hotlist: {e}"), None))
+    }
+}
+
 impl Role for ClearingServer {
     fn handle(&self, caller: Caller, msg: Message) -> BoxFuture<'_, Message> {
         Box::pin(async move {
             match msg {
                 Message::CollectionBatch(batch) => self.receive_batch(&caller, *batch),
                 Message::LoadAdvice(advice) => self.receive_advice(&caller, advice),
+                Message::HotlistRequest { have } => self.hotlist_for(&caller, have),
                 other => refuse(
                     ErrorCode::Malformed,
                     format!(
-                        "clearing takes collection batches and load advices, not {}",
+                        "clearing takes collection batches, load advices and hotlist requests, not {}",
                         other.kind()
                     ),
                     None,

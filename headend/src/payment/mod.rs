@@ -166,6 +166,7 @@ fn security_card_error(e: &SecurityCardError) -> ErrorCode {
         SecurityCardError::AlreadyCompleted(_)
         | SecurityCardError::CounterExhausted
         | SecurityCardError::NoKey => ErrorCode::Internal,
+        SecurityCardError::Hotlisted { .. } => ErrorCode::CardHotlisted,
     }
 }
 
@@ -198,7 +199,8 @@ impl PaymentServer {
                 ))
             })
             .collect::<Result<HashMap<_, _>, String>>()?;
-        Self::with_parts(
+        let hotlist = crate::hotlist::held_at_start(cfg, &journal)?;
+        let server = Self::with_parts(
             &section.name,
             journal,
             master,
@@ -210,7 +212,31 @@ impl PaymentServer {
             Duration::from_secs(section.transaction_timeout_secs),
             Duration::from_secs(section.lease_timeout_secs),
             (section.clearing.clone(), cfg.transport.max_frame),
-        )
+        )?;
+        if let Some(list) = hotlist {
+            for slot in 0..server.pool.len() {
+                if let Some(mut card) = server.pool.try_card(slot) {
+                    card.set_hotlist(&list);
+                }
+            }
+        }
+        Ok(server)
+    }
+
+    /// Gives every security card of the pool the issuer's hotlist
+    /// ([`crate::hotlist::run_refresh`]).
+    pub async fn apply_hotlist(&self, list: proto::hotlist::Hotlist) {
+        for slot in 0..self.pool.len() {
+            if let Some(mut card) = self.pool.card(slot).await {
+                card.set_hotlist(&list);
+            }
+        }
+    }
+
+    /// This payment server's name (`[payment] name`).
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     #[allow(clippy::too_many_arguments)]

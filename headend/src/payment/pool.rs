@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use proto::hotlist::Hotlist;
 use proto::money::Currency;
 use proto::purse::{Date, DebitResponse, PurchaseInit};
 use proto::security_card::{DebitAuthorization, DrawData, SecurityCard, SecurityCardError, Totals};
@@ -50,6 +51,8 @@ pub trait SecurityCardDevice: Send {
     /// Drops every settled transaction but `open` in one command (see
     /// [`SecurityCard::purge_settled_except`]); the number dropped.
     fn purge_settled_except(&mut self, open: &[u32]) -> usize;
+    /// Loads the issuer's hotlist (an older version than the card holds is ignored).
+    fn set_hotlist(&mut self, hotlist: &Hotlist);
     fn totals(&self) -> BTreeMap<Currency, Totals>;
     /// The card's state for the journal (a hardware card keeps its own: empty), and back.
     fn snapshot(&self) -> Vec<u8>;
@@ -91,6 +94,9 @@ impl SecurityCardDevice for SecurityCard {
     fn purge_settled_except(&mut self, open: &[u32]) -> usize {
         SecurityCard::purge_settled_except(self, open)
     }
+    fn set_hotlist(&mut self, hotlist: &Hotlist) {
+        SecurityCard::set_hotlist(self, hotlist);
+    }
     fn totals(&self) -> BTreeMap<Currency, Totals> {
         self.totals.clone()
     }
@@ -118,6 +124,8 @@ pub enum Command {
     Forget,
     /// Drop the settled transactions, naming the open ones to keep.
     PurgeSettled,
+    /// The issuer's hotlist (`security_card_txn`: none).
+    LoadHotlist,
 }
 
 /// One operation of [`Pool::trace`].
@@ -213,6 +221,10 @@ impl SecurityCardDevice for Traced {
         let out = self.inner.purge_settled_except(open);
         self.note(Command::PurgeSettled, None, true);
         out
+    }
+    fn set_hotlist(&mut self, hotlist: &Hotlist) {
+        self.inner.set_hotlist(hotlist);
+        self.note(Command::LoadHotlist, None, true);
     }
     fn totals(&self) -> BTreeMap<Currency, Totals> {
         self.inner.totals()
@@ -317,6 +329,11 @@ impl Pool {
     /// release) or lost (restart).
     pub async fn card(&self, slot: usize) -> Option<OwnedMutexGuard<Box<dyn SecurityCardDevice>>> {
         Some(self.slots.get(slot)?.clone().lock_owned().await)
+    }
+
+    /// The card in `slot` if nothing holds it now (at start, before any transaction).
+    pub fn try_card(&self, slot: usize) -> Option<OwnedMutexGuard<Box<dyn SecurityCardDevice>>> {
+        self.slots.get(slot)?.clone().try_lock_owned().ok()
     }
 
     /// The number of security cards free now.

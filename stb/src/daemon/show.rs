@@ -108,6 +108,7 @@ pub fn error_kind(p: Problem) -> ErrorKind {
     match p {
         Problem::NoCard => ErrorKind::NoCard,
         Problem::CardBlocked => ErrorKind::CardBlocked,
+        Problem::CardHotlisted => ErrorKind::CardHotlisted,
         Problem::CardExpired => ErrorKind::CardExpired,
         Problem::OfferExpired => ErrorKind::OfferExpired,
         Problem::InsufficientValue => ErrorKind::InsufficientValue,

@@ -50,11 +50,13 @@ pub fn name(m: &Message) -> &'static str {
         Message::CollectionBatch(_) => "CollectionBatch",
         Message::BatchAck { .. } => "BatchAck",
         Message::LoadAdvice(_) => "LoadAdvice",
+        Message::HotlistRequest { .. } => "HotlistRequest",
+        Message::HotlistUpdate(_) => "HotlistUpdate",
     }
 }
 
 /// The number of message kinds [`every`] returns (one per variant).
-pub const KINDS: usize = 33;
+pub const KINDS: usize = 35;
 
 fn eur(minor: u64) -> Money {
     Money::new(minor, Currency::EUR)
@@ -304,6 +306,13 @@ pub fn every(card: &CardData, txid: &str, victim_box: &str, voucher: &str) -> Ve
             amount: eur(1),
             captured_on: "2026-11-30".into(),
         }),
+        Message::HotlistRequest { have: 0 },
+        // An empty list "signed" by nobody: unblocks every card if anything took it.
+        Message::HotlistUpdate(Some(proto::hotlist::SignedHotlist {
+            version: u64::MAX,
+            card_ids: Vec::new(),
+            signature: vec![0; 64],
+        })),
     ];
     assert_eq!(all.len(), KINDS);
     let names: std::collections::BTreeSet<_> = all.iter().map(name).collect();
