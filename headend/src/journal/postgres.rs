@@ -56,19 +56,30 @@ pub(super) struct Pg {
     /// The schema, quoted for SQL.
     schema: String,
     at: String,
-    conn: Mutex<Option<Conn>>,
+    /// The pool: up to [`POOL`] connections, each used by one caller at a time and made on
+    /// first use (or again after it broke).
+    conns: Vec<Mutex<Option<Conn>>>,
+    /// Where the next caller starts looking for a free connection.
+    next: std::sync::atomic::AtomicUsize,
     /// Connections made so far: the next one's [`Conn::generation`].
     connections: std::sync::atomic::AtomicU64,
 }
+
+/// Connections per journal: callers in several threads (a multi-threaded runtime's
+/// workers) run their statements side by side instead of queueing on one.
+const POOL: usize = 4;
 
 /// One connection: the client, its prepared statements, and the thread driving its socket.
 struct Conn {
     client: Option<Client>,
     st: Statements,
     thread: Option<std::thread::JoinHandle<()>>,
-    /// Which connection of this journal it is: session advisory locks live and die with
-    /// their connection, so a lock taken on generation `g` is held while `g` is current.
+    /// Which connection of this journal it is (unique among all its connections, old and
+    /// new): session advisory locks live and die with their connection, so a lock taken on
+    /// generation `g` is held while `g` is the one in its slot.
     generation: u64,
+    /// Its place in the pool.
+    slot: usize,
 }
 
 impl Drop for Conn {
@@ -152,7 +163,8 @@ impl Pg {
             at: describe(&config, &target.schema),
             schema: quote_ident(&target.schema),
             config,
-            conn: Mutex::new(None),
+            conns: (0..POOL).map(|_| Mutex::new(None)).collect(),
+            next: Default::default(),
             connections: Default::default(),
         };
         let conn = pg.connect().map_err(|e| pg.err(e))?;
@@ -167,7 +179,7 @@ impl Pg {
             }
         }
         pg.migrate(&conn, &target.schema).map_err(|e| pg.err(e))?;
-        *pg.lock() = Some(pg.prepare(conn).map_err(|e| pg.err(e))?);
+        *pg.lock_slot(0) = Some(pg.prepare(conn, 0).map_err(|e| pg.err(e))?);
         tracing::info!(journal = %pg.at, version = SCHEMA_VERSION, "journal: PostgreSQL schema ready");
         Ok(Some(pg))
     }
@@ -183,19 +195,34 @@ impl Pg {
         }
     }
 
-    /// The connection's mutex. A caller that panicked while holding it may have left a
-    /// transaction open: its connection is dropped (the server rolls the transaction back)
-    /// and the next call connects anew.
-    fn lock(&self) -> MutexGuard<'_, Option<Conn>> {
-        match self.conn.lock() {
+    /// A slot's mutex. A caller that panicked while holding it may have left a transaction
+    /// open: its connection is dropped (the server rolls the transaction back) and the next
+    /// call connects anew.
+    fn lock_slot(&self, slot: usize) -> MutexGuard<'_, Option<Conn>> {
+        let m = &self.conns[slot];
+        match m.lock() {
             Ok(g) => g,
             Err(poisoned) => {
                 let mut g = poisoned.into_inner();
                 *g = None;
-                self.conn.clear_poison();
+                m.clear_poison();
                 g
             }
         }
+    }
+
+    /// A free slot (looking from the next in turn), or the one in turn once all are busy.
+    fn any_slot(&self) -> (usize, MutexGuard<'_, Option<Conn>>) {
+        let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % POOL;
+        for k in 0..POOL {
+            let i = (start + k) % POOL;
+            match self.conns[i].try_lock() {
+                Ok(g) => return (i, g),
+                Err(std::sync::TryLockError::Poisoned(_)) => return (i, self.lock_slot(i)),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+        }
+        (start, self.lock_slot(start))
     }
 
     /// Connects: a thread of its own drives the socket; the client comes back here. The
@@ -325,10 +352,11 @@ impl Pg {
         })
     }
 
-    /// Prepares the statements on a new connection.
+    /// Prepares the statements on a new connection for pool slot `slot`.
     fn prepare(
         &self,
         (client, thread): (Client, std::thread::JoinHandle<()>),
+        slot: usize,
     ) -> Result<Conn, StoreError> {
         let s = &self.schema;
         let st = wait(async {
@@ -403,21 +431,42 @@ impl Pg {
             generation: self
                 .connections
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            slot,
         })
     }
 
-    /// Runs `f` with the connection, connecting first if there is none (or it broke); a
-    /// connection that breaks during `f` is dropped.
+    /// Runs `f` with a free connection of the pool (see [`Pg::with_slot`]).
     fn with<T>(
         &self,
         f: impl FnOnce(&mut Conn) -> Result<T, StoreError>,
     ) -> Result<T, JournalError> {
-        let mut g = self.lock();
+        let (slot, g) = self.any_slot();
+        self.run(slot, g, f)
+    }
+
+    /// Runs `f` with the connection in `slot` (a session advisory lock's), connecting first
+    /// if there is none (or it broke); a connection that breaks during `f` is dropped.
+    fn with_slot<T>(
+        &self,
+        slot: usize,
+        f: impl FnOnce(&mut Conn) -> Result<T, StoreError>,
+    ) -> Result<T, JournalError> {
+        self.run(slot, self.lock_slot(slot), f)
+    }
+
+    fn run<T>(
+        &self,
+        slot: usize,
+        mut g: MutexGuard<'_, Option<Conn>>,
+        f: impl FnOnce(&mut Conn) -> Result<T, StoreError>,
+    ) -> Result<T, JournalError> {
         if g.as_ref().is_none_or(|c| c.client().is_closed()) {
-            *g = None;
+            let replaced = g.take().is_some();
             let conn = self.connect().map_err(|e| self.err(e))?;
-            *g = Some(self.prepare(conn).map_err(|e| self.err(e))?);
-            tracing::info!(journal = %self.at, "journal: reconnected to PostgreSQL");
+            *g = Some(self.prepare(conn, slot).map_err(|e| self.err(e))?);
+            if replaced {
+                tracing::info!(journal = %self.at, slot, "journal: reconnected to PostgreSQL");
+            }
         }
         let conn = g.as_mut().expect("connected above");
         let out = f(conn);
@@ -448,16 +497,17 @@ impl Pg {
 
     /// One transaction: `f` hands the batch back with its result; committed when that is
     /// `Ok`, rolled back otherwise.
-    /// With `holding`, only while the lock taken on that connection generation is still
-    /// held: on a newer connection (the lock's session ended, so another process may hold
-    /// it now) nothing is written and the answer is [`StoreError::LockLost`].
+    /// With `holding` (a lock's name, slot and connection generation), on the session
+    /// that holds the lock, and only while it still does: on a newer connection (the lock's
+    /// session ended, so another process may hold it now) nothing is written and the answer
+    /// is [`StoreError::LockLost`].
     pub(super) fn atomically<T>(
         &self,
-        holding: Option<(&str, u64)>,
+        holding: Option<(&str, usize, u64)>,
         f: impl FnOnce(PgBatch<'_>) -> (Result<T, StoreError>, PgBatch<'_>),
     ) -> Result<T, JournalError> {
-        self.with(|conn| {
-            if let Some((name, generation)) = holding {
+        let body = |conn: &mut Conn| {
+            if let Some((name, _, generation)) = holding {
                 if conn.generation != generation {
                     return Err(StoreError::LockLost(name.to_string()));
                 }
@@ -468,7 +518,7 @@ impl Pg {
                 Ok(tx) => tx,
                 // The session died unseen: with it the lock, and nothing was begun.
                 Err(e) if e.is_closed() && holding.is_some() => {
-                    let name = holding.map_or("", |(n, _)| n);
+                    let name = holding.map_or("", |(n, _, _)| n);
                     return Err(StoreError::LockLost(name.to_string()));
                 }
                 Err(e) => return Err(e.into()),
@@ -486,24 +536,28 @@ impl Pg {
                     Err(e)
                 }
             }
-        })
+        };
+        match holding {
+            Some((_, slot, _)) => self.with_slot(slot, body),
+            None => self.with(body),
+        }
     }
 
-    /// Takes the session advisory lock on `name` if no other session holds it: the
-    /// connection generation it was taken on, or `None` (held elsewhere).
-    pub(super) fn try_lock(&self, name: &str) -> Result<Option<u64>, JournalError> {
+    /// Takes the session advisory lock on `name` if no other session holds it: the pool
+    /// slot and connection generation it was taken on, or `None` (held elsewhere).
+    pub(super) fn try_lock(&self, name: &str) -> Result<Option<(usize, u64)>, JournalError> {
         let key = self.lock_key(name);
         self.with_retry(|c| {
             let got: bool = wait(c.client().query_one(&c.st.try_lock, &[&key]))?.get(0);
-            Ok(got.then_some(c.generation))
+            Ok(got.then_some((c.slot, c.generation)))
         })
     }
 
-    /// Releases the lock on `name` taken on connection `generation`; nothing to do when
-    /// that connection is gone (its session's locks went with it).
-    pub(super) fn unlock(&self, name: &str, generation: u64) {
+    /// Releases the lock on `name` taken in `slot` on connection `generation`; nothing to
+    /// do when that connection is gone (its session's locks went with it).
+    pub(super) fn unlock(&self, name: &str, slot: usize, generation: u64) {
         let key = self.lock_key(name);
-        let g = self.lock();
+        let g = self.lock_slot(slot);
         if let Some(c) = g.as_ref().filter(|c| c.generation == generation) {
             if let Err(e) = wait(c.client().query_one(&c.st.unlock, &[&key])) {
                 tracing::warn!(journal = %self.at, name, error = %e, "journal: advisory unlock failed");
