@@ -286,6 +286,9 @@ impl World {
         for r in RoleName::ALL {
             logs.push(dir.path().join("logs").join(format!("{r}.log")));
         }
+        for g in &self.layout.more_gateways {
+            logs.push(dir.path().join("logs").join(format!("{}.log", g.name)));
+        }
         for l in logs {
             eprintln!("----- {} (last 40 lines)\n{}", l.display(), tail(&l, 40));
         }
@@ -1345,8 +1348,10 @@ fn gateway_failover(name: &'static str, amount: u64, hook: &str, busy_first: boo
     });
     assert!(
         frozen.is_some(),
-        "gateway A never reached {hook}:\n{}",
-        tail(&a_log, 30)
+        "gateway A never reached {hook}:\n{}\n----- gateway B\n{}\n----- stbd\n{}",
+        tail(&a_log, 30),
+        tail(&w.he().more_gateways[0].log.clone(), 30),
+        tail(&w.boxes[0].log, 30)
     );
     if busy_first {
         let b_log = w.he().more_gateways[0].log.clone();
