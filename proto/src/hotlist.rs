@@ -24,6 +24,14 @@ impl Hotlist {
     pub fn blocks(&self, card_id: u64) -> bool {
         self.card_ids.contains(&card_id)
     }
+
+    /// Takes `newer` in place of this list unless it is older (what a security card or an
+    /// HSM does when it is given a list).
+    pub fn update(&mut self, newer: &Hotlist) {
+        if newer.version >= self.version {
+            *self = newer.clone();
+        }
+    }
 }
 
 /// A hotlist as the issuer signed it (Ed25519 over [`SignedHotlist::signed_bytes`]): what

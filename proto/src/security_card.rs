@@ -147,9 +147,7 @@ impl SecurityCard {
 
     /// Loads the issuer's hotlist (a newer one replaces it; an older one is ignored).
     pub fn set_hotlist(&mut self, hotlist: &Hotlist) {
-        if hotlist.version >= self.hotlist.version {
-            self.hotlist = hotlist.clone();
-        }
+        self.hotlist.update(hotlist);
     }
 
     /// The version of the hotlist the card holds (0: none).
