@@ -400,18 +400,28 @@ fn read_private_toml<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// Reads a master key file ([`proto::purse::MasterKeyFile`], TOML), owner-only like every
-/// key file.
+/// Reads a master key file, owner-only like every key file: one generation
+/// ([`proto::purse::MasterKeyFile`]: `key_version`, `master`) or several
+/// ([`proto::purse::MasterKeysFile`]: `[[keys]]` with `key_version`, `master`, `retired`).
 ///
 /// # Errors
-/// The file is missing, readable by others, or not a master key file.
-pub fn read_master_key(what: &str, path: &Path) -> Result<proto::purse::MasterKey, ConfigError> {
-    let file: proto::purse::MasterKeyFile = read_private_toml(what, path)?;
-    file.to_key().map_err(|detail| ConfigError::BadKeyFile {
+/// The file is missing, readable by others, or neither form of a master key file.
+pub fn read_master_key(what: &str, path: &Path) -> Result<proto::purse::MasterKeys, ConfigError> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        One(proto::purse::MasterKeyFile),
+        Several(proto::purse::MasterKeysFile),
+    }
+    let bad = |detail| ConfigError::BadKeyFile {
         what: what.into(),
         path: path.into(),
         detail,
-    })
+    };
+    match read_private_toml::<Either>(what, path)? {
+        Either::One(f) => f.to_key().map(Into::into).map_err(bad),
+        Either::Several(f) => f.to_keys().map_err(bad),
+    }
 }
 
 /// A path from the config: `credential:NAME` names a systemd credential
@@ -1064,6 +1074,38 @@ pub fn load_issuer_keys(path: &Path) -> Result<IssuerKeys, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A key file with one generation (the old form) or several (`[[keys]]`, some retired).
+    #[test]
+    fn master_key_files_take_one_generation_or_several() {
+        let d = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let p = d.path().join(name);
+            proto::secret::write_private(&p, text.as_bytes()).unwrap();
+            p
+        };
+        let k = "00112233445566778899AABBCCDDEEFF";
+        let one = write("one.toml", &format!("key_version = 3\nmaster = \"{k}\"\n"));
+        let keys = read_master_key("one", &one).unwrap();
+        assert_eq!(keys.newest().key_version, 3);
+        let several = write(
+            "several.toml",
+            &format!(
+                "[[keys]]\nkey_version = 1\nmaster = \"{k}\"\nretired = true\n\n[[keys]]\nkey_version = 2\nmaster = \"{k}\"\n"
+            ),
+        );
+        let keys = read_master_key("several", &several).unwrap();
+        assert!(keys.is_retired(1) && !keys.is_retired(2));
+        assert_eq!(keys.newest().key_version, 2);
+        let all_retired = write(
+            "retired.toml",
+            &format!("[[keys]]\nkey_version = 1\nmaster = \"{k}\"\nretired = true\n"),
+        );
+        let e = read_master_key("retired", &all_retired)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no active key version"), "{e}");
+    }
 
     #[test]
     fn errors_name_what_is_wrong() {

@@ -125,7 +125,7 @@ pub struct LoadTxn {
 pub struct Hsm {
     pub id: u64,
     #[serde(skip)]
-    master: Option<MasterKey>,
+    master: Option<MasterKeys>,
     pub txns: BTreeMap<String, LoadTxn>,
     pub totals: BTreeMap<Currency, Totals>,
     /// The issuer's hotlist, given to the HSM like its key (not in a snapshot: the load
@@ -135,10 +135,10 @@ pub struct Hsm {
 }
 
 impl Hsm {
-    pub fn new(id: u64, master: MasterKey) -> Self {
+    pub fn new(id: u64, master: impl Into<MasterKeys>) -> Self {
         Self {
             id,
-            master: Some(master),
+            master: Some(master.into()),
             txns: BTreeMap::new(),
             totals: BTreeMap::new(),
             hotlist: Hotlist::default(),
@@ -156,8 +156,8 @@ impl Hsm {
     }
 
     /// This HSM (restored from a snapshot, which holds no key) with its load master.
-    pub fn with_key(mut self, master: MasterKey) -> Self {
-        self.master = Some(master);
+    pub fn with_key(mut self, master: impl Into<MasterKeys>) -> Self {
+        self.master = Some(master.into());
         self
     }
 
@@ -171,24 +171,20 @@ impl Hsm {
         self.hotlist = hotlist;
     }
 
-    /// A card's load key, from the load master.
-    fn card_load_key(&self, card_id: u64) -> Result<DesKey, HsmError> {
-        Ok(self
-            .master
-            .as_ref()
-            .ok_or(HsmError::NoKey)?
-            .card_key(card_id))
+    /// A card's load key, from the load master of its key `version` (a retired version
+    /// still loads: a load is how a card is re-keyed).
+    fn card_load_key(&self, version: u8, card_id: u64) -> Result<DesKey, HsmError> {
+        let keys = self.master.as_ref().ok_or(HsmError::NoKey)?;
+        keys.get(version)
+            .map(|m| m.card_key(card_id))
+            .ok_or(HsmError::UnknownKeyVersion {
+                card: version,
+                ours: keys.newest().key_version,
+            })
     }
 
     fn check_s1(&self, init: &LoadInit) -> Result<(), HsmError> {
-        let ours = self.master.as_ref().ok_or(HsmError::NoKey)?.key_version;
-        if init.key_version != ours {
-            return Err(HsmError::UnknownKeyVersion {
-                card: init.key_version,
-                ours,
-            });
-        }
-        let key = self.card_load_key(init.card_id)?;
+        let key = self.card_load_key(init.key_version, init.card_id)?;
         if crypto::verify(&key, b"S1LD", &init.signed_fields(), &init.s1) {
             Ok(())
         } else {
@@ -245,7 +241,7 @@ impl Hsm {
                 });
             }
         }
-        let key = self.card_load_key(init.card_id)?;
+        let key = self.card_load_key(init.key_version, init.card_id)?;
         let mut command = LoadCommand {
             hsm_id: self.id,
             card_id: init.card_id,
@@ -298,7 +294,7 @@ impl Hsm {
         {
             return Err(HsmError::ResponseMismatch);
         }
-        let key = self.card_load_key(c.card_id)?;
+        let key = self.card_load_key(t.init.key_version, c.card_id)?;
         if !crypto::verify(&key, b"S3LD", &resp.signed_fields(&c.s2), &resp.s3) {
             return Err(HsmError::BadS3);
         }
@@ -353,7 +349,7 @@ impl Hsm {
         let mut expected_if_failed = zero.clone();
         expected_if_failed.atc = orig.atc;
         expected_if_failed.load_count = orig.load_count;
-        let key = self.card_load_key(orig.card_id)?;
+        let key = self.card_load_key(orig.key_version, orig.card_id)?;
         let expected: Mac = crypto::sign(&key, b"S1LD", &expected_if_failed.signed_fields());
         let not_loaded = crypto::mac_eq(&expected, &zero.s1);
         let verdict = match (not_loaded, counters_equal) {

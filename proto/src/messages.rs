@@ -519,6 +519,9 @@ pub enum ErrorCode {
     /// The card is on its issuer's hotlist (lost, stolen or misused): no purchase, no load.
     /// The viewer is told to call the issuer.
     CardHotlisted,
+    /// The card's key version is retired (seed 002 key generations): no purchase until a
+    /// load has re-keyed it. The viewer is told to load value onto the card.
+    KeyRetired,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -150,6 +150,67 @@ fn purchase_session(card_purchase_key: &DesKey, atc: u32) -> DesKey {
     card_purchase_key.diversify(d)
 }
 
+/// The generations of one issuer master (seed 002: a security card holds several key
+/// generations; 004's monthly key change): every version a role accepts, and which of them
+/// are retired — a retired version is refused for purchases (the card must be re-keyed by a
+/// load) and still accepted for loads. At least one version is active.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MasterKeys {
+    keys: std::collections::BTreeMap<u8, MasterKey>,
+    retired: std::collections::BTreeSet<u8>,
+}
+
+impl MasterKeys {
+    /// # Errors
+    /// No key, a version twice, a retired version that is not among the keys, or every
+    /// version retired.
+    pub fn new(
+        keys: impl IntoIterator<Item = MasterKey>,
+        retired: impl IntoIterator<Item = u8>,
+    ) -> Result<Self, String> {
+        let mut map = std::collections::BTreeMap::new();
+        for k in keys {
+            let v = k.key_version;
+            if map.insert(v, k).is_some() {
+                return Err(format!("key version {v} appears twice"));
+            }
+        }
+        let retired: std::collections::BTreeSet<u8> = retired.into_iter().collect();
+        if let Some(v) = retired.iter().find(|v| !map.contains_key(v)) {
+            return Err(format!("retired key version {v} is not among the keys"));
+        }
+        if map.keys().all(|v| retired.contains(v)) {
+            return Err("no active key version (every one is retired, or there is none)".into());
+        }
+        Ok(Self { keys: map, retired })
+    }
+
+    /// The master of `version`, if held.
+    pub fn get(&self, version: u8) -> Option<&MasterKey> {
+        self.keys.get(&version)
+    }
+
+    /// Whether `version` is retired.
+    pub fn is_retired(&self, version: u8) -> bool {
+        self.retired.contains(&version)
+    }
+
+    /// The newest active version: the one new cards and key updates get.
+    pub fn newest(&self) -> &MasterKey {
+        self.keys
+            .values()
+            .rev()
+            .find(|k| !self.retired.contains(&k.key_version))
+            .expect("checked at construction: one version is active")
+    }
+}
+
+impl From<MasterKey> for MasterKeys {
+    fn from(k: MasterKey) -> Self {
+        Self::new([k], []).expect("one active key")
+    }
+}
+
 /// The on-disk form of one [`MasterKey`] (a role's key file: `purchase-keys.toml` for the
 /// payment server, `load-keys.toml` for the load server): hex key and version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,6 +218,49 @@ fn purchase_session(card_purchase_key: &DesKey, atc: u32) -> DesKey {
 pub struct MasterKeyFile {
     pub key_version: u8,
     pub master: String,
+}
+
+/// A role's key file with several generations: `[[keys]]` tables, each a [`MasterKeyFile`]
+/// with `retired = true|false` (default false).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MasterKeysFile {
+    pub keys: Vec<MasterKeyEntry>,
+}
+
+/// One generation of a [`MasterKeysFile`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MasterKeyEntry {
+    pub key_version: u8,
+    pub master: String,
+    #[serde(default)]
+    pub retired: bool,
+}
+
+impl MasterKeysFile {
+    /// # Errors
+    /// A key is not 16 bytes of hex, or the set is not valid ([`MasterKeys::new`]).
+    pub fn to_keys(&self) -> Result<MasterKeys, String> {
+        let mut keys = Vec::new();
+        for e in &self.keys {
+            keys.push(
+                MasterKeyFile {
+                    key_version: e.key_version,
+                    master: e.master.clone(),
+                }
+                .to_key()
+                .map_err(|m| format!("version {}: {m}", e.key_version))?,
+            );
+        }
+        MasterKeys::new(
+            keys,
+            self.keys
+                .iter()
+                .filter(|e| e.retired)
+                .map(|e| e.key_version),
+        )
+    }
 }
 
 impl MasterKeyFile {

@@ -60,6 +60,9 @@ pub enum SecurityCardError {
     /// variant here.
     #[error("card {card_id} is blocked by its issuer (hotlist)")]
     Hotlisted { card_id: u64 },
+    /// The card's key version is retired: it buys again once a load has re-keyed it.
+    #[error("card key version {card} is retired: load value onto the card to update its keys")]
+    RetiredKeyVersion { card: u8 },
 }
 
 /// The draw request's card part, as the security card sees it ([0077], [0093]).
@@ -123,7 +126,7 @@ pub struct Totals {
 pub struct SecurityCard {
     pub id: u64,
     #[serde(skip)]
-    master: Option<MasterKey>,
+    master: Option<MasterKeys>,
     pub txn_counter: u32,
     pub txns: BTreeMap<u32, Txn>,
     pub totals: BTreeMap<Currency, Totals>,
@@ -134,10 +137,10 @@ pub struct SecurityCard {
 }
 
 impl SecurityCard {
-    pub fn new(id: u64, master: MasterKey) -> Self {
+    pub fn new(id: u64, master: impl Into<MasterKeys>) -> Self {
         Self {
             id,
-            master: Some(master),
+            master: Some(master.into()),
             txn_counter: 0,
             txns: BTreeMap::new(),
             totals: BTreeMap::new(),
@@ -156,8 +159,8 @@ impl SecurityCard {
     }
 
     /// This card (restored from a snapshot, which holds no key) with its purchase master.
-    pub fn with_key(mut self, master: MasterKey) -> Self {
-        self.master = Some(master);
+    pub fn with_key(mut self, master: impl Into<MasterKeys>) -> Self {
+        self.master = Some(master.into());
         self
     }
 
@@ -171,8 +174,20 @@ impl SecurityCard {
         self.hotlist = hotlist;
     }
 
-    fn master(&self) -> Result<&MasterKey, SecurityCardError> {
-        self.master.as_ref().ok_or(SecurityCardError::NoKey)
+    /// The purchase master of a card's key `version`: an unknown version is refused, and a
+    /// retired one too when the card is `buying`.
+    fn master(&self, version: u8, buying: bool) -> Result<&MasterKey, SecurityCardError> {
+        let keys = self.master.as_ref().ok_or(SecurityCardError::NoKey)?;
+        let key = keys
+            .get(version)
+            .ok_or(SecurityCardError::UnknownKeyVersion {
+                card: version,
+                ours: keys.newest().key_version,
+            })?;
+        if buying && keys.is_retired(version) {
+            return Err(SecurityCardError::RetiredKeyVersion { card: version });
+        }
+        Ok(key)
     }
 
     /// Processes the draw request up to the "draw amount" state and issues the debit
@@ -185,13 +200,7 @@ impl SecurityCard {
         early_release: bool,
     ) -> Result<DebitAuthorization, SecurityCardError> {
         let init = &draw.init;
-        let master = self.master()?;
-        if init.key_version != master.key_version {
-            return Err(SecurityCardError::UnknownKeyVersion {
-                card: init.key_version,
-                ours: master.key_version,
-            });
-        }
+        let master = self.master(init.key_version, true)?;
         let sk = master.purchase_session(init.card_id, init.atc);
         if !crypto::verify(&sk, b"IPUR", &init.signed_fields(), &init.card_mac) {
             return Err(SecurityCardError::BadCardData);
@@ -341,7 +350,9 @@ impl SecurityCard {
             .txns
             .get(&security_card_txn)
             .ok_or(SecurityCardError::UnknownTransaction(security_card_txn))?;
-        let sk = self.master()?.purchase_session(proof.card_id, proof.atc);
+        let sk = self
+            .master(proof.key_version, false)?
+            .purchase_session(proof.card_id, proof.atc);
         if proof.card_id != txn.command.card_id
             || !crypto::verify(&sk, b"IPUR", &proof.signed_fields(), &proof.card_mac)
         {

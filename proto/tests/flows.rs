@@ -683,6 +683,69 @@ fn a_hotlisted_card_gets_no_debit_command_and_no_load_command() {
     assert_eq!(read_purse(&mut card).balance, 9_900);
 }
 
+/// Key generations (seed 002; 004's monthly key change): with versions 1 and 2 active,
+/// cards of both buy and load; once version 1 is retired, a version-1 card is refused for
+/// purchases with the re-key reason and still loads (a load is how it is re-keyed); an
+/// unknown version is refused naming the newest held.
+#[test]
+fn cards_of_every_active_key_version_buy_and_load_and_a_retired_one_only_loads() {
+    use proto::card::{CardSpec, CardState, PurseCard};
+    use proto::crypto::DesKey;
+    let v2 = IssuerKeys {
+        key_version: 2,
+        purchase_master: DesKey::new([0x33; 16]),
+        load_master: DesKey::new([0x44; 16]),
+    };
+    let card_of = |issuer: &IssuerKeys, id: u64| {
+        let spec = CardSpec {
+            card_id: id,
+            provider_id: 42,
+            currency: EUR,
+            balance: 10_000,
+            max_balance: 50_000,
+            expiry: Expiry {
+                year: 2028,
+                month: 12,
+            },
+        };
+        PurseCard::new(CardState::personalise(&spec, issuer), 7)
+    };
+    let (mut old, mut new) = (card_of(&issuer(), 1), card_of(&v2, 2));
+    let both = |retired: Vec<u8>, purpose: fn(&IssuerKeys) -> MasterKey| {
+        MasterKeys::new([purpose(&issuer()), purpose(&v2)], retired).unwrap()
+    };
+    let mut sc = SecurityCard::new(0xAA02, both(vec![], IssuerKeys::purchase));
+    let mut h = proto::hsm::Hsm::new(0xBB02, both(vec![], IssuerKeys::load));
+    purchase(&mut old, &mut sc, 100, "p1");
+    purchase(&mut new, &mut sc, 100, "p2");
+    load(&mut old, &mut h, 500, "l1");
+    load(&mut new, &mut h, 500, "l2");
+
+    // Version 1 retired.
+    let mut sc = SecurityCard::new(0xAA03, both(vec![1], IssuerKeys::purchase));
+    let mut h = proto::hsm::Hsm::new(0xBB03, both(vec![1], IssuerKeys::load));
+    assert_eq!(
+        sc.issue_debit(&draw(&mut old, 100, "p3"), TODAY, false),
+        Err(SecurityCardError::RetiredKeyVersion { card: 1 })
+    );
+    purchase(&mut new, &mut sc, 100, "p4");
+    load(&mut old, &mut h, 500, "l3");
+
+    // Only version 2 held: a version-1 card is unknown, and the newest is named.
+    let mut sc = SecurityCard::new(0xAA04, v2.purchase());
+    assert_eq!(
+        sc.issue_debit(&draw(&mut old, 100, "p5"), TODAY, false),
+        Err(SecurityCardError::UnknownKeyVersion { card: 1, ours: 2 })
+    );
+
+    // A key set must have an active version, each version once, and retire only its own.
+    assert!(MasterKeys::new([issuer().purchase()], [1]).is_err());
+    assert!(MasterKeys::new([issuer().purchase(), issuer().purchase()], []).is_err());
+    assert!(MasterKeys::new([issuer().purchase()], [2]).is_err());
+    assert_eq!(both(vec![1], IssuerKeys::purchase).newest().key_version, 2);
+    assert_eq!(both(vec![2], IssuerKeys::purchase).newest().key_version, 1);
+}
+
 // ---- stale proofs (black-box finding): a proof made BEFORE the transaction's own
 // INITIALIZE shows counters that a later LOAD / DEBIT moves; it must prove nothing ----
 

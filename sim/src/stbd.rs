@@ -333,6 +333,7 @@ fn error_titles() -> Vec<&'static str> {
         ErrorKind::NoCard,
         ErrorKind::CardBlocked,
         ErrorKind::CardHotlisted,
+        ErrorKind::KeyRetired,
         ErrorKind::CardExpired,
         ErrorKind::OfferExpired,
         ErrorKind::InsufficientValue,

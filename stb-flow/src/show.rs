@@ -237,6 +237,8 @@ pub enum Problem {
     CardBlocked,
     /// The issuer blocked the card (its hotlist: lost, stolen or misused): call the issuer.
     CardHotlisted,
+    /// The card's keys are retired: a load re-keys it.
+    KeyRetired,
     /// The card is past its expiry.
     CardExpired,
     /// The offer was not confirmed within its lifetime: nothing charged; choose again.
@@ -261,6 +263,7 @@ fn purchase_problem(code: ErrorCode) -> Problem {
         ErrorCode::OfferExpired => Problem::OfferExpired,
         ErrorCode::AmountMismatch => Problem::AmountMismatch,
         ErrorCode::CardHotlisted => Problem::CardHotlisted,
+        ErrorCode::KeyRetired => Problem::KeyRetired,
         ErrorCode::Timeout | ErrorCode::Busy | ErrorCode::RateLimited => Problem::Timeout,
         _ => Problem::Other,
     }
@@ -434,6 +437,7 @@ mod tests {
             l(ErrorCode::CardHotlisted).problem(),
             Problem::CardHotlisted
         );
+        assert_eq!(d(ErrorCode::KeyRetired).problem(), Problem::KeyRetired);
         assert_eq!(d(ErrorCode::Expired).problem(), Problem::CardExpired);
         assert_eq!(l(ErrorCode::OfferExpired).problem(), Problem::OfferExpired);
         assert_eq!(

@@ -151,6 +151,8 @@ pub enum ErrorKind {
     CardBlocked,
     /// The issuer blocked the card (its hotlist).
     CardHotlisted,
+    /// The card's key version is retired: a load updates it.
+    KeyRetired,
     CardExpired,
     /// The offer was not confirmed within its lifetime (nothing charged).
     OfferExpired,

@@ -148,6 +148,11 @@ pub fn error_texts(k: ErrorKind) -> (&'static str, &'static str, &'static str) {
             "The issuer of this card has blocked it. It cannot pay or load.",
             "Call your card issuer.",
         ),
+        ErrorKind::KeyRetired => (
+            "Card needs updating",
+            "This card's security keys have been replaced. It cannot pay until it is updated.",
+            "Load value onto the card: the load updates it. Then try again.",
+        ),
         ErrorKind::CardExpired => (
             "Card expired",
             "This card is past its expiry date.",

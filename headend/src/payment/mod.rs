@@ -34,7 +34,7 @@ use proto::crypto::Mac;
 use proto::crypto::{self, DesKey, MessageKeys};
 use proto::messages::*;
 use proto::money::Money;
-use proto::purse::{Date, DebitCommand, DebitResponse, MasterKey, PurchaseInit};
+use proto::purse::{Date, DebitCommand, DebitResponse, MasterKeys, PurchaseInit};
 use proto::security_card::{DrawData, SecurityCard, SecurityCardError};
 use rand::rngs::OsRng;
 use serde::{Deserialize, Serialize};
@@ -167,6 +167,7 @@ fn security_card_error(e: &SecurityCardError) -> ErrorCode {
         | SecurityCardError::CounterExhausted
         | SecurityCardError::NoKey => ErrorCode::Internal,
         SecurityCardError::Hotlisted { .. } => ErrorCode::CardHotlisted,
+        SecurityCardError::RetiredKeyVersion { .. } => ErrorCode::KeyRetired,
     }
 }
 
@@ -243,7 +244,7 @@ impl PaymentServer {
     fn with_parts(
         name: &str,
         journal: Arc<Journal>,
-        master: MasterKey,
+        master: MasterKeys,
         (first_id, cards): (u64, u32),
         merchants: HashMap<String, Merchant>,
         timeout: Duration,

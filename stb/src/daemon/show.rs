@@ -109,6 +109,7 @@ pub fn error_kind(p: Problem) -> ErrorKind {
         Problem::NoCard => ErrorKind::NoCard,
         Problem::CardBlocked => ErrorKind::CardBlocked,
         Problem::CardHotlisted => ErrorKind::CardHotlisted,
+        Problem::KeyRetired => ErrorKind::KeyRetired,
         Problem::CardExpired => ErrorKind::CardExpired,
         Problem::OfferExpired => ErrorKind::OfferExpired,
         Problem::InsufficientValue => ErrorKind::InsufficientValue,
