@@ -895,6 +895,53 @@ mod tests {
         assert_eq!(j.get(Kind::Meta, "k").unwrap().unwrap(), b"v");
     }
 
+    /// A process that hangs (SIGSTOP, a paused machine) keeps its socket open: the server
+    /// ends its idle session after the idle limit, and with it the lock, so another process
+    /// takes the transaction; the hung one, woken, can no longer write under its lock. (The
+    /// limit is 60 s by default; the test sets 1 s through the connection string's options.)
+    #[test]
+    fn a_hung_holder_loses_its_shared_lock_when_its_idle_session_ends() {
+        let Some(fx) = fixture(Backend::Postgres) else {
+            return;
+        };
+        let Target::Postgres(t) = &fx.target else {
+            unreachable!()
+        };
+        let short = Target::Postgres(PgTarget {
+            url: format!("{} options='-c idle_session_timeout=1000'", t.url.expose()).into(),
+            schema: t.schema.clone(),
+        });
+        let hung = Journal::open_target(&short).unwrap();
+        let other = fx.open();
+        let held = hung.try_lock("tx-9").unwrap().expect("free");
+        assert!(
+            other.try_lock("tx-9").unwrap().is_none(),
+            "held while it lives"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2_500));
+        let taken = other
+            .try_lock("tx-9")
+            .unwrap()
+            .expect("free once the hung session was ended");
+        let late = hung.atomically_holding(&held, |w| w.put(Kind::Gw, "tx-9", b"stale"));
+        assert!(
+            matches!(
+                &late,
+                Err(JournalError {
+                    source: StoreError::LockLost(_),
+                    ..
+                })
+            ),
+            "{late:?}"
+        );
+        assert_eq!(
+            other.get(Kind::Gw, "tx-9").unwrap(),
+            None,
+            "nothing stale written"
+        );
+        drop(taken);
+    }
+
     /// A SQLite journal belongs to one process: its shared lock is always granted and
     /// writes under it commit.
     #[test]

@@ -32,12 +32,15 @@ pub fn refuse(code: ErrorCode, reason: impl Into<String>, txid: Option<&str>) ->
     Message::error(code, reason, txid)
 }
 
-/// The answer when the journal cannot be written: nothing was done, so a retry is safe.
+/// The answer when the journal cannot be written: this role did not record the step. It
+/// may have acted before (another role may already have answered it), so the answer says
+/// only what is true either way: retry, and the retry gets the same answer (every step is
+/// idempotent by its transaction id).
 pub fn journal_failed(e: crate::journal::JournalError, txid: Option<&str>) -> Message {
-    tracing::error!(txid = txid.unwrap_or("-"), error = %e, "journal write failed; nothing done");
+    tracing::error!(txid = txid.unwrap_or("-"), error = %e, "journal write failed; step not recorded");
     Message::error(
         ErrorCode::Internal,
-        "journal unavailable; nothing was done, retry",
+        "journal unavailable; the step was not recorded here: retry it (a retry gets the same answer)",
         txid,
     )
 }

@@ -52,9 +52,15 @@ pub fn report_config(cfg: &HeadendConfig) -> Result<String, String> {
             continue;
         }
         let target = cfg.journal_target(&role).map_err(|e| e.to_string())?;
-        if let Target::Postgres(_) = target {
-            let j = Journal::open_target(&target).map_err(|e| e.to_string())?;
-            one_journal(&j, &role, &format!("{role} ({})", j.at()), &mut out)?;
+        if let Target::Postgres(pg) = &target {
+            // Read-only: a schema that is not there is said, never created.
+            match Journal::open_existing(&target).map_err(|e| e.to_string())? {
+                Some(j) => one_journal(&j, &role, &format!("{role} ({})", j.at()), &mut out)?,
+                None => out.push_str(&format!(
+                    "{role}: no journal: PostgreSQL schema {} does not exist (a role not started yet, or a mistyped schema_prefix)\n",
+                    pg.schema
+                )),
+            }
         }
     }
     if out.is_empty() {

@@ -1368,13 +1368,19 @@ fn gateway_failover(name: &'static str, amount: u64, hook: &str, busy_first: boo
     let t_kill = w.he().role(RoleName::Gateway).kill();
     w.say(format!("gateway A frozen at {hook}, SIGKILLed"));
 
-    // The box's debit response went unanswered: in doubt, then settled through B.
+    // The box's debit response went unanswered by A: after A's share of the deadline the
+    // box sends it to B. With A dead, B completes it within the same request and the viewer
+    // sees the receipt; with A alive (busy_first) B may answer Busy and the purchase is in
+    // doubt until the recovery timer settles it through B.
     let r = api.result(Duration::from_secs(60));
     let txid = r["transaction_id"]
         .as_str()
         .expect("a transaction id")
         .to_string();
     w.say(format!("local API: {r}"));
+    if !busy_first {
+        assert_eq!(r["result"], "paid", "failed over within the request: {r}");
+    }
     let done = poll(Duration::from_secs(90), Duration::from_millis(50), || {
         box_txn(&j, &txid).filter(|t| t.state == "completed")
     });

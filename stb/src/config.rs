@@ -429,10 +429,24 @@ impl Config {
             ));
         }
         for a in &self.headend.address.0 {
-            if a.rsplit_once(':').is_none() {
+            let Some((host, port)) = a.rsplit_once(':') else {
                 return Err(bad(
                     "headend.address",
                     format!("{a:?} has no port (expected host:port)"),
+                ));
+            };
+            if host.is_empty() || a.contains(|c: char| c.is_whitespace() || c == ',') {
+                return Err(bad(
+                    "headend.address",
+                    format!(
+                        "{a:?} is not one host:port (several gateways are a list: [\"a:4433\", \"b:4433\"])"
+                    ),
+                ));
+            }
+            if !matches!(port.parse::<u16>(), Ok(p) if p > 0) {
+                return Err(bad(
+                    "headend.address",
+                    format!("{a:?}: the port is not a number from 1 to 65535"),
                 ));
             }
         }
@@ -653,6 +667,14 @@ dir = "{p}"
             ),
             (text.replace("\"127.0.0.1:4433\"", "[]"), "headend.address"),
             (text.replace("\"127.0.0.1:4433\"", "4433"), "host:port"),
+            (
+                text.replace("127.0.0.1:4433", "127.0.0.1:99999"),
+                "from 1 to 65535",
+            ),
+            (
+                text.replace("127.0.0.1:4433", "127.0.0.1:4433, 127.0.0.1:4434"),
+                "are a list",
+            ),
         ];
         for (t, key) in cases {
             let e = Config::parse(Path::new("t.toml"), &t)

@@ -150,13 +150,18 @@ impl Gateway {
             self.merchants.values().map(|m| m.payment.clone()).collect();
         let mut backlog = false;
         for payment in payments {
-            let cursor = self
-                .journal
-                .get(journal::Kind::Cursor, &payment)
-                .ok()
-                .flatten()
-                .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
-                .map_or(0, u64::from_be_bytes);
+            // A cursor that cannot be read is not 0: the feed waits for the journal rather
+            // than passing every reversal on again.
+            let cursor = match self.journal.get(journal::Kind::Cursor, &payment) {
+                Ok(c) => c
+                    .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                    .map_or(0, u64::from_be_bytes),
+                Err(e) => {
+                    tracing::warn!(payment, error = %e, "reversal feed cursor unreadable; retrying later");
+                    backlog = true;
+                    continue;
+                }
+            };
             let page = match self
                 .role(&payment)
                 .handle(gw(), Message::ReversalsSince { after: cursor })

@@ -65,6 +65,10 @@ pub(super) struct Pg {
     connections: std::sync::atomic::AtomicU64,
 }
 
+/// How long the server lets a session sit idle before it ends it (and its locks): see
+/// [`Pg::connect`].
+pub(super) const SESSION_IDLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Connections per journal: callers in several threads (a multi-threaded runtime's
 /// workers) run their statements side by side instead of queueing on one.
 const POOL: usize = 4;
@@ -275,7 +279,26 @@ impl Pg {
                 });
             }
         };
-        wait(client.batch_execute("SET synchronous_commit = on"))?;
+        // Committed before a role answers; the server's notices (an `IF NOT EXISTS` that
+        // skipped) are not for the log.
+        let mut setup =
+            String::from("SET synchronous_commit = on; SET client_min_messages = warning;");
+        // A session's advisory locks (a gateway's hold on a transaction) end with it. A
+        // process that hangs, or a machine that is paused, cut off or powered off, keeps its
+        // socket open: the server ends such a session after SESSION_IDLE_LIMIT idle (more than
+        // any hold lasts: a few role calls) and, over TCP, finds a silent peer by keepalives
+        // in about 25 s. The connection string's `options` may set these itself.
+        let given = self.config.get_options().unwrap_or_default();
+        if !given.contains("idle_session_timeout") {
+            setup += &format!(
+                " SET idle_session_timeout = '{}s';",
+                SESSION_IDLE_LIMIT.as_secs()
+            );
+        }
+        if !given.contains("tcp_keepalives") {
+            setup += " SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3;";
+        }
+        wait(client.batch_execute(&setup))?;
         Ok((client, thread))
     }
 

@@ -104,6 +104,12 @@ pub fn backoff(attempt: u32, initial: Duration, max: Duration, rng: &mut impl Rn
     stb_flow::backoff(attempt, initial, max, rng)
 }
 
+/// Whether a gateway's answer says it could do nothing for the request (its journal out
+/// of reach: `Internal`): with several gateways, the request is sent to the next.
+pub fn gateway_cannot_act(m: &Message) -> bool {
+    matches!(m, Message::Error(e) if e.code == proto::messages::ErrorCode::Internal)
+}
+
 /// Whether a request may be sent as 0-RTT early data (safe to replay).
 pub fn replay_safe(m: &Message) -> bool {
     matches!(m, Message::CatalogRequest)
@@ -385,7 +391,19 @@ impl Gateway {
         let deadline = tokio::time::Instant::now() + t;
         let payload = msg.to_payload();
         let mut fresh_tried = false;
+        // Several gateways: each attempt gets its share of the deadline, and a gateway that
+        // does not answer in it, or answers that it can do nothing (its journal is out of
+        // reach), is left for the next one — the same request, idempotent by its id.
+        let gateways = self.settings.addrs.len().max(1);
+        let share = t / gateways as u32;
+        let mut moved = 0;
         loop {
+            let attempt_deadline = if gateways > 1 {
+                deadline.min(tokio::time::Instant::now() + share)
+            } else {
+                deadline
+            };
+            let may_move = gateways > 1 && moved + 1 < gateways;
             let conn =
                 match tokio::time::timeout_at(deadline, self.connection(replay_safe(msg))).await {
                     Ok(Ok(c)) => c,
@@ -398,10 +416,17 @@ impl Gateway {
                         return Err(GatewayError::Timeout(t));
                     }
                 };
-            match tokio::time::timeout_at(deadline, exchange(&conn, &payload)).await {
+            match tokio::time::timeout_at(attempt_deadline, exchange(&conn, &payload)).await {
                 Ok(Ok(bytes)) => {
-                    return Message::from_payload(&bytes)
-                        .map_err(|e| GatewayError::Malformed(e.to_string()));
+                    let answer = Message::from_payload(&bytes)
+                        .map_err(|e| GatewayError::Malformed(e.to_string()))?;
+                    if may_move && gateway_cannot_act(&answer) {
+                        tracing::warn!(answer = ?answer, "gateway cannot act; the request goes to the next");
+                        self.drop_connection(&conn, "the gateway cannot act");
+                        moved += 1;
+                        continue;
+                    }
+                    return Ok(answer);
                 }
                 Ok(Err(Failure::NotSent(e))) if !fresh_tried => {
                     tracing::info!(error = %e, "gateway connection was dead; request sent on a fresh one");
@@ -411,11 +436,23 @@ impl Gateway {
                 Ok(Err(Failure::NotSent(e) | Failure::Failed(e))) => {
                     if connection_level(&e) || conn.close_reason().is_some() {
                         self.drop_connection(&conn, "connection failed");
+                        if may_move && tokio::time::Instant::now() < deadline {
+                            tracing::warn!(error = %e, "gateway connection failed; the request goes to the next");
+                            moved += 1;
+                            continue;
+                        }
                     }
                     return Err(GatewayError::Request(e.to_string()));
                 }
                 Err(_) => {
                     self.drop_connection(&conn, "no answer within the request deadline");
+                    if may_move && tokio::time::Instant::now() < deadline {
+                        tracing::warn!(
+                            "gateway did not answer in its share of the deadline; the request goes to the next"
+                        );
+                        moved += 1;
+                        continue;
+                    }
                     return Err(GatewayError::Timeout(t));
                 }
             }
@@ -553,6 +590,23 @@ mod tests {
             assert_eq!(f, want);
             assert_eq!(f.to_string(), e.to_string());
         }
+    }
+
+    #[test]
+    fn only_a_gateway_that_cannot_act_sends_the_request_on() {
+        let err = |code| {
+            Message::Error(proto::messages::ErrorMsg {
+                code,
+                reason: "x".into(),
+                transaction_id: None,
+            })
+        };
+        use proto::messages::ErrorCode as C;
+        assert!(gateway_cannot_act(&err(C::Internal)));
+        for c in [C::Busy, C::Replay, C::BadSignature, C::RateLimited] {
+            assert!(!gateway_cannot_act(&err(c)), "{c:?}");
+        }
+        assert!(!gateway_cannot_act(&Message::CatalogRequest));
     }
 
     #[test]

@@ -155,9 +155,11 @@ pub fn refusal_reason(r: &Refusal) -> String {
             reason,
             matches!(
                 code,
+                // The gateway's own pace and open-draw caps are the head end's, too.
                 proto::messages::ErrorCode::Internal
                     | proto::messages::ErrorCode::Busy
                     | proto::messages::ErrorCode::Timeout
+                    | proto::messages::ErrorCode::RateLimited
             ),
         ),
         Refusal::DebitCommandUnreadable { error } => s::why_debit_command_unreadable(error),
@@ -298,13 +300,16 @@ mod tests {
         use proto::messages::ErrorCode;
         let refusal = |code| Refusal::DrawRefused {
             code,
-            reason: "journal unavailable; nothing was done, retry".into(),
+            reason: "journal unavailable; the step was not recorded here: retry it".into(),
         };
         assert_eq!(
             refusal_reason(&refusal(ErrorCode::Internal)),
-            "the head end could not take it now: journal unavailable; nothing was done, retry"
+            "the head end could not take it now: journal unavailable; the step was not recorded here: retry it"
         );
         assert!(refusal_reason(&refusal(ErrorCode::Busy)).starts_with("the head end could not"));
+        assert!(
+            refusal_reason(&refusal(ErrorCode::RateLimited)).starts_with("the head end could not")
+        );
         assert!(
             refusal_reason(&refusal(ErrorCode::InsufficientFunds))
                 .starts_with("the payment server refused: ")
