@@ -1116,3 +1116,85 @@ async fn a_head_end_restarted_on_postgres_finds_its_journal() {
     );
     he.running.stop().await;
 }
+
+/// Key generations (issue 16): the payment server's key file holds versions 1 and 2, and
+/// cards of both buy; once version 1 is retired (the key file changed, the head end
+/// restarted on its journal), a version-1 card is refused at the draw with `KeyRetired` —
+/// nothing debited, nothing counted — while a version-2 card buys on.
+#[tokio::test]
+async fn cards_of_both_key_versions_buy_until_version_1_is_retired() {
+    use headend::assembly::{self, Roles};
+    use headend::config::HeadendConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let files = assembly::init_demo(dir.path(), &options("security-card", true)).unwrap();
+    let v1 = headend::config::load_issuer_keys(&files.issuer_keys).unwrap();
+    let v2 = proto::purse::IssuerKeys {
+        key_version: 2,
+        purchase_master: proto::crypto::DesKey::new([0x5C; 16]),
+        load_master: proto::crypto::DesKey::new([0x6D; 16]),
+    };
+    let keys_file = files.keys_dir.join("purchase-keys.toml");
+    let write_keys = |retire_v1: bool| {
+        let text = format!(
+            "[[keys]]\nkey_version = 1\nmaster = \"{}\"\nretired = {retire_v1}\n\n[[keys]]\nkey_version = 2\nmaster = \"{}\"\n",
+            hex::encode_upper(v1.purchase_master.bytes()),
+            hex::encode_upper(v2.purchase_master.bytes()),
+        );
+        proto::secret::write_private(&keys_file, text.as_bytes()).unwrap();
+    };
+    write_keys(false);
+    let cfg = HeadendConfig::load(&files.config).unwrap();
+    let ca = dir.path().join("ca");
+    let connect = |addr, id: &'static str, issuer: proto::purse::IssuerKeys, card_id: u64| {
+        let ca = ca.clone();
+        async move {
+            TestBox(purchase_support::wire_box::WireBox {
+                id: id.into(),
+                client: purchase_support::wire_box::connect(&ca, id, addr)
+                    .await
+                    .unwrap(),
+                card: purchase_support::wire_box::new_card(&issuer, card_id, 5_000, 100_000),
+            })
+        }
+    };
+
+    let running = assembly::start(&cfg, Roles::ALL).await.unwrap();
+    let addr = running.gateway_addr.unwrap();
+    let mut old = connect(addr, "box-000021", v1.clone(), 0x0001_0001).await;
+    let mut new = connect(addr, "box-000022", v2.clone(), 0x0002_0002).await;
+    for b in [&mut old, &mut new] {
+        let (_, r) = b.buy("CABLE", "ppv-1001").await;
+        assert!(matches!(r, Message::Receipt(ref r) if r.released), "{r:?}");
+    }
+    running.stop().await;
+
+    write_keys(true);
+    let running = assembly::start(&cfg, Roles::ALL).await.unwrap();
+    let addr = running.gateway_addr.unwrap();
+    old.0.client = purchase_support::wire_box::connect(&ca, "box-000021", addr)
+        .await
+        .unwrap();
+    new.0.client = purchase_support::wire_box::connect(&ca, "box-000022", addr)
+        .await
+        .unwrap();
+    let p = running.payment.clone().unwrap();
+    let totals = p.totals().await;
+    let offer = old.offer("CABLE", "ppv-1001").await;
+    let draw = old.draw_request(&offer);
+    let answer = old.call(&Message::DrawRequest(draw)).await;
+    assert_eq!(error_code(&answer), ErrorCode::KeyRetired, "{answer:?}");
+    let Message::Error(e) = &answer else {
+        unreachable!()
+    };
+    assert!(
+        e.reason.contains("load value onto the card"),
+        "{}",
+        e.reason
+    );
+    assert_eq!(old.balance(), 5_000 - 499, "nothing more debited");
+    assert_eq!(p.totals().await, totals, "nothing counted");
+    let (_, r) = new.buy("CABLE", "ppv-1001").await;
+    assert!(matches!(r, Message::Receipt(ref r) if r.released), "{r:?}");
+    assert_eq!(new.balance(), 5_000 - 2 * 499);
+    running.stop().await;
+}
