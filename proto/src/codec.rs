@@ -57,6 +57,10 @@ impl<'a> Reader<'a> {
     pub fn u64(&mut self) -> Result<u64, LayoutError> {
         Ok(u64::from_be_bytes(self.take()?))
     }
+    /// The bytes not read yet (the last field of a layout: read to the end).
+    pub fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.0)
+    }
     /// Succeeds only if every byte was consumed: a longer field is malformed, not ignored.
     pub fn end(&self) -> Result<(), LayoutError> {
         if self.0.is_empty() {

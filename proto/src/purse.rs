@@ -39,10 +39,10 @@ impl Date {
     pub const fn new(year: u16, month: u8, day: u8) -> Self {
         Self { year, month, day }
     }
-    fn write(&self, w: &mut Writer) {
+    pub(crate) fn write(&self, w: &mut Writer) {
         w.u16(self.year).u8(self.month).u8(self.day);
     }
-    fn read(r: &mut Reader) -> Result<Self, LayoutError> {
+    pub(crate) fn read(r: &mut Reader) -> Result<Self, LayoutError> {
         Ok(Self::new(r.u16()?, r.u8()?, r.u8()?))
     }
 }
@@ -58,10 +58,10 @@ impl Expiry {
     pub fn is_expired_on(&self, date: Date) -> bool {
         (date.year, date.month) > (self.year, self.month)
     }
-    fn write(&self, w: &mut Writer) {
+    pub(crate) fn write(&self, w: &mut Writer) {
         w.u16(self.year).u8(self.month);
     }
-    fn read(r: &mut Reader) -> Result<Self, LayoutError> {
+    pub(crate) fn read(r: &mut Reader) -> Result<Self, LayoutError> {
         Ok(Self {
             year: r.u16()?,
             month: r.u8()?,
@@ -69,10 +69,10 @@ impl Expiry {
     }
 }
 
-fn write_currency(w: &mut Writer, c: Currency) {
+pub(crate) fn write_currency(w: &mut Writer, c: Currency) {
     w.u16(c.code).u8(c.exponent);
 }
-fn read_currency(r: &mut Reader) -> Result<Currency, LayoutError> {
+pub(crate) fn read_currency(r: &mut Reader) -> Result<Currency, LayoutError> {
     Ok(Currency::new(r.u16()?, r.u8()?))
 }
 

@@ -63,6 +63,12 @@ pub enum SecurityCardError {
     /// The card's key version is retired: it buys again once a load has re-keyed it.
     #[error("card key version {card} is retired: load value onto the card to update its keys")]
     RetiredKeyVersion { card: u8 },
+    /// The terminal could not get a valid answer from its security card (a hardware card
+    /// in a reader: the reader failed, the card was pulled, or it answered garbage). What
+    /// the card did is not known from here; the payment server reverses and takes the
+    /// terminal out of its pool.
+    #[error("security card terminal failed: {0}")]
+    Terminal(String),
 }
 
 /// The draw request's card part, as the security card sees it ([0077], [0093]).
@@ -151,6 +157,16 @@ impl SecurityCard {
     /// Loads the issuer's hotlist (a newer one replaces it; an older one is ignored).
     pub fn set_hotlist(&mut self, hotlist: &Hotlist) {
         self.hotlist.update(hotlist);
+    }
+
+    /// The hotlist the card holds.
+    pub fn hotlist(&self) -> &Hotlist {
+        &self.hotlist
+    }
+
+    /// The newest active key version the card holds (`None`: no key loaded).
+    pub fn newest_key_version(&self) -> Option<u8> {
+        self.master.as_ref().map(|k| k.newest().key_version)
     }
 
     /// The version of the hotlist the card holds (0: none).
