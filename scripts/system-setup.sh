@@ -21,8 +21,42 @@ for pkg in $PACKAGES; do
     fi
 done
 
+# The payment server's security-card readers: a second vpcd entry ("Purselink PSAM 00 00"
+# on port 35965, "… 00 01" on 35966) with a driver instance of its own — a copy of the
+# vpcd driver, since entries that share one instance mix up their slots (a card served on
+# 35965 showed up in "Virtual PCD 00 00"). pcscd reads it at start: restarted if running.
+psam_readers() {
+    lib=/usr/lib/pcsc/drivers/serial/libifdvpcd.so
+    own=/usr/lib/pcsc/drivers/serial/libifdvpcd-purselink-psam.so
+    conf=/etc/reader.conf.d/purselink-psam
+    [ -f "$lib" ] || return 0
+    if [ -f "$own" ] && [ -f "$conf" ] && cmp -s "$lib" "$own"; then
+        return 0
+    fi
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "system-setup: the security-card readers need root — run: sudo $0" >&2
+        return 1
+    fi
+    cp "$lib" "$own"
+    cat >"$conf" <<CONF
+# Purselink: the payment server's security-card (PSAM) readers, vpcd on ports 35965/35966,
+# with a driver instance of their own (entries sharing one instance mix up their slots).
+# Written by scripts/system-setup.sh.
+FRIENDLYNAME "Purselink PSAM"
+DEVICENAME   /dev/null:0x8C7D
+LIBPATH      $own
+CHANNELID    0x8C7D
+CONF
+    echo "system-setup: security-card readers added ($conf)"
+    if [ -r /run/pcscd/pcscd.pid ] && kill "$(cat /run/pcscd/pcscd.pid)" 2>/dev/null; then
+        echo "system-setup: pcscd stopped to read them; it starts again on demand or with scripts/start-pcscd.sh"
+        sleep 1
+    fi
+}
+
 if [ -z "$missing" ]; then
     echo "system-setup: all packages present ($PACKAGES)"
+    psam_readers
     exit 0
 fi
 
@@ -45,3 +79,4 @@ apt-get update -q
 # shellcheck disable=SC2086 # word splitting of the package list is intended
 apt-get install -y -q --no-install-recommends $missing
 echo "system-setup: installed:$missing"
+psam_readers

@@ -407,21 +407,14 @@ fn read_private_toml<T: serde::de::DeserializeOwned>(
 /// # Errors
 /// The file is missing, readable by others, or neither form of a master key file.
 pub fn read_master_key(what: &str, path: &Path) -> Result<proto::purse::MasterKeys, ConfigError> {
-    #[derive(serde::Deserialize)]
-    #[serde(untagged)]
-    enum Either {
-        One(proto::purse::MasterKeyFile),
-        Several(proto::purse::MasterKeysFile),
-    }
-    let bad = |detail| ConfigError::BadKeyFile {
-        what: what.into(),
-        path: path.into(),
-        detail,
-    };
-    match read_private_toml::<Either>(what, path)? {
-        Either::One(f) => f.to_key().map(Into::into).map_err(bad),
-        Either::Several(f) => f.to_keys().map_err(bad),
-    }
+    read_private_toml::<proto::purse::AnyMasterKeyFile>(what, path)?
+        .into_generations()
+        .to_keys()
+        .map_err(|detail| ConfigError::BadKeyFile {
+            what: what.into(),
+            path: path.into(),
+            detail,
+        })
 }
 
 /// A path from the config: `credential:NAME` names a systemd credential

@@ -263,6 +263,32 @@ impl MasterKeysFile {
     }
 }
 
+/// A role's key file in either form: one key ([`MasterKeyFile`]) or several generations
+/// ([`MasterKeysFile`]). What the payment server's `purchase_keys` and a security card's
+/// personalisation read.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum AnyMasterKeyFile {
+    One(MasterKeyFile),
+    Several(MasterKeysFile),
+}
+
+impl AnyMasterKeyFile {
+    /// The generations form (one key is one active generation).
+    pub fn into_generations(self) -> MasterKeysFile {
+        match self {
+            Self::Several(f) => f,
+            Self::One(f) => MasterKeysFile {
+                keys: vec![MasterKeyEntry {
+                    key_version: f.key_version,
+                    master: f.master,
+                    retired: false,
+                }],
+            },
+        }
+    }
+}
+
 impl MasterKeyFile {
     /// # Errors
     /// The key is not 16 bytes of hex.

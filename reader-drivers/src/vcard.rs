@@ -138,7 +138,7 @@ fn decode(bytes: &[u8]) -> Result<CardState, String> {
 
 /// Write-temp, fsync, rename, fsync-directory; the file holds the card's keys, so it is
 /// owner-only (0600) whatever the umask ([`proto::secret::write_private`]).
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), VcardError> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), VcardError> {
     proto::secret::write_private(path, bytes).map_err(|source| VcardError::Io {
         path: path.into(),
         source,

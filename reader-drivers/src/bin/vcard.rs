@@ -5,6 +5,9 @@
 //! - `vcard attach-vpcd` puts the card in vsmartcard's virtual reader, so any PC/SC
 //!   application sees it in "Virtual PCD 00 00"; it re-attaches when pcscd restarts and
 //!   detaches (card removed) on Ctrl-C or SIGTERM.
+//! - `vcard create-psam` personalises a security card (PSAM) file with the issuer's purchase
+//!   master keys; `vcard attach-vpcd --psam FILE` serves it in a reader of its own (the
+//!   payment server's terminal: `[payment] security_cards = [{ kind = "pcsc", … }]`).
 //! - `vcard serial-pty` runs a Phoenix or Smartmouse reader with the card on a pty (T=0 or
 //!   T=1, direct or inverse convention), its modem lines on a Unix socket, so a real `stbd`
 //!   can use it (`[reader] kind = "serial"`, `modem_lines = "socket:PATH"`).
@@ -16,9 +19,10 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use proto::card::CardSpec;
 use proto::money::Currency;
-use proto::purse::{Expiry, IssuerKeyFile};
+use proto::purse::{AnyMasterKeyFile, Expiry, IssuerKeyFile};
 use reader_drivers::emulator::vpcd;
 use reader_drivers::vcard::VirtualCard;
+use reader_drivers::vpsam::VirtualPsam;
 
 #[derive(Parser)]
 #[command(name = "vcard", version, about = "The Purselink virtual purse card")]
@@ -57,17 +61,39 @@ enum Cmd {
         #[arg(long)]
         issuer_keys: PathBuf,
     },
-    /// Print the card's purse (balance, counters, status) and its transaction log.
+    /// Personalise a new security card (PSAM) and write its state file (never overwrites).
+    CreatePsam {
+        /// The security-card state file to create (it holds the keys: written 0600).
+        #[arg(long)]
+        psam: PathBuf,
+        /// Security card id (decimal, or hex with 0x): the terminal id the payment server's
+        /// config names.
+        #[arg(long, value_parser = parse_id)]
+        id: u64,
+        /// The issuer's purchase master keys (the payment server's purchase-keys file: one
+        /// key, or `[[keys]]` generations).
+        #[arg(long)]
+        purchase_keys: PathBuf,
+    },
+    /// Print the card's purse (balance, counters, status) and its transaction log, or a
+    /// security card's id, counter, hotlist version and totals.
     Info {
         /// The card state file.
+        #[arg(long, required_unless_present = "psam", conflicts_with = "psam")]
+        card: Option<PathBuf>,
+        /// A security-card state file instead.
         #[arg(long)]
-        card: PathBuf,
+        psam: Option<PathBuf>,
     },
-    /// Attach the card to vsmartcard's vpcd (pcscd's "Virtual PCD" reader) until Ctrl-C.
+    /// Attach the card (or a security card) to vsmartcard's vpcd (pcscd's "Virtual PCD"
+    /// reader) until Ctrl-C.
     AttachVpcd {
         /// The card state file.
+        #[arg(long, required_unless_present = "psam", conflicts_with = "psam")]
+        card: Option<PathBuf>,
+        /// A security-card state file instead (serve it on a vpcd port of its own).
         #[arg(long)]
-        card: PathBuf,
+        psam: Option<PathBuf>,
         #[arg(long, default_value = "127.0.0.1")]
         host: String,
         /// 35963 is reader "Virtual PCD 00 00", 35964 "Virtual PCD 00 01".
@@ -185,6 +211,14 @@ fn parse_expiry(s: &str) -> Result<Expiry, CliError> {
     Ok(Expiry { year, month })
 }
 
+fn parse_id(s: &str) -> Result<u64, String> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| format!("{s:?}: {e}"))
+}
+
 fn read_issuer_keys(path: &PathBuf) -> Result<proto::purse::IssuerKeys, CliError> {
     let err = |detail: String| CliError::Keys {
         path: path.clone(),
@@ -243,7 +277,40 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             );
             Ok(())
         }
-        Cmd::Info { card } => {
+        Cmd::CreatePsam {
+            psam,
+            id,
+            purchase_keys,
+        } => {
+            let err = |detail: String| CliError::Keys {
+                path: purchase_keys.clone(),
+                detail,
+            };
+            let text = std::fs::read_to_string(&purchase_keys).map_err(|e| err(e.to_string()))?;
+            let keys: AnyMasterKeyFile = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+            VirtualPsam::create(&psam, id, keys.into_generations())?;
+            println!("created security card {id:#X} in {}", psam.display());
+            Ok(())
+        }
+        Cmd::Info {
+            card: None,
+            psam: Some(psam),
+        } => {
+            let vp = VirtualPsam::open(&psam)?;
+            let s = vp.psam().status();
+            println!(
+                "security card {:#X}: transactions {}, key version {}, hotlist version {}",
+                s.security_card_id, s.txn_counter, s.newest_key_version, s.hotlist_version
+            );
+            for (c, t) in &s.totals {
+                let money = proto::money::Money::new(t.amount, *c);
+                println!("  {} sales, {money}", t.count);
+            }
+            println!("  open transactions: {}", vp.psam().card().txns.len());
+            Ok(())
+        }
+        Cmd::Info { card, .. } => {
+            let card = card.ok_or_else(|| CliError::Usage("--card or --psam".into()))?;
             let vc = VirtualCard::open(&card)?;
             let s = vc.state();
             let money = |minor| proto::money::Money::new(minor, s.currency);
@@ -278,13 +345,26 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Cmd::AttachVpcd {
             card,
+            psam,
             host,
             port,
             no_retry,
         } => {
-            let vc = VirtualCard::open(&card)?;
-            let shared = vpcd::shared(Box::new(vc));
-            let reader = vpcd::reader_name(port);
+            let (app, card): (Box<dyn proto::apdu::CardApplication>, PathBuf) = match (card, psam)
+            {
+                (_, Some(p)) => (Box::new(VirtualPsam::open(&p)?), p),
+                (Some(c), None) => (Box::new(VirtualCard::open(&c)?), c),
+                (None, None) => return Err(CliError::Usage("--card or --psam".into())),
+            };
+            let shared = vpcd::shared(app);
+            // The reader's name is pcscd's: the default vpcd entry's for 35963/35964; the
+            // security-card entry (scripts/system-setup.sh) names 35965 "Purselink PSAM 00 00".
+            let reader = match port {
+                35963 | 35964 => vpcd::reader_name(port),
+                35965 => "Purselink PSAM 00 00".into(),
+                35966 => "Purselink PSAM 00 01".into(),
+                _ => format!("the reader pcscd's config gives vpcd port {port}"),
+            };
             if no_retry {
                 // Fail fast on a missing vpcd, then serve with re-attach like the default.
                 let mut att = vpcd::attach(shared.clone(), &host, port).await?;
