@@ -100,6 +100,9 @@ pub enum ConfigInvalid {
     UnknownEmbodiment(String),
     #[error("merchant id {0} appears twice")]
     DuplicateMerchant(String),
+    /// `[payment] security_cards` names no terminal, an id twice, or an empty reader.
+    #[error("[payment] security_cards: {0}")]
+    Terminals(String),
     #[error("merchant {merchant}: item {item} appears twice")]
     DuplicateItem { merchant: String, item: String },
     #[error("merchant {merchant}: item {item} has a zero price")]
@@ -548,9 +551,13 @@ pub struct PaymentSection {
     /// The purchase master key file (`key_version`, `master`; see
     /// [`proto::purse::MasterKeyFile`]): the security cards' key, and only theirs.
     pub purchase_keys: PathBuf,
-    /// Software security cards in the pool (the terminals of 001 [0091]).
+    /// The terminals of 001 [0091], each with its security card: a number of software
+    /// security cards (ids from `security_card_ids_from`), or a list of terminals, each
+    /// named by its security card id ([`TerminalDef`]): `[{ kind = "software", id = … },
+    /// { kind = "pcsc", id = …, reader = "Purselink PSAM 00 00" }]`. A terminal's place in
+    /// the list is its slot: keep the order.
     #[serde(default = "default_security_cards")]
-    pub security_cards: u32,
+    pub security_cards: SecurityCards,
     /// The first security card's id; the pool's cards are numbered from it. Security card
     /// ids are unique across every payment server clearing hears from (a transaction is
     /// cleared under its security card id and transaction number): give each payment
@@ -597,6 +604,84 @@ pub struct ClearingSection {
     /// Funders (role names: `bank`, `load`) whose load advices are accepted.
     #[serde(default)]
     pub funders: Vec<String>,
+}
+
+/// `[payment] security_cards`: a count of software security cards, or the terminals.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum SecurityCards {
+    Count(u32),
+    Terminals(Vec<TerminalDef>),
+}
+
+/// One terminal of the pool and its security card (001 [0041]–[0042]: a terminal is
+/// identified by its security card's id, checked at start).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum TerminalDef {
+    /// The software security card, keyed from `purchase_keys`, its state journaled.
+    Software { id: u64 },
+    /// A security card (PSAM, [`proto::psam`]) in a PC/SC reader: the card answers GET
+    /// STATUS with `id`, or the payment server does not start. `timeout_ms`: how long one
+    /// command script may take before the terminal is taken out of the pool (default 5000).
+    Pcsc {
+        id: u64,
+        reader: String,
+        #[serde(default = "default_terminal_timeout_ms")]
+        timeout_ms: u64,
+    },
+}
+
+impl TerminalDef {
+    /// The security card id the terminal is named by.
+    pub fn id(&self) -> u64 {
+        match self {
+            Self::Software { id } | Self::Pcsc { id, .. } => *id,
+        }
+    }
+}
+
+fn default_terminal_timeout_ms() -> u64 {
+    5_000
+}
+
+impl PaymentSection {
+    /// The terminals, slot by slot.
+    ///
+    /// # Errors
+    /// None at all, an id twice, or a PC/SC reader with no name.
+    pub fn terminals(&self) -> Result<Vec<TerminalDef>, ConfigError> {
+        let bad = |detail: String| ConfigError::Rule(ConfigInvalid::Terminals(detail));
+        let list = match &self.security_cards {
+            SecurityCards::Count(n) => (0..u64::from(*n))
+                .map(|i| TerminalDef::Software {
+                    id: self.security_card_ids_from + i,
+                })
+                .collect(),
+            SecurityCards::Terminals(t) => t.clone(),
+        };
+        if list.is_empty() {
+            return Err(bad("no terminal: give at least one security card".into()));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for t in &list {
+            if !seen.insert(t.id()) {
+                return Err(bad(format!(
+                    "security card id {:#X} names two terminals",
+                    t.id()
+                )));
+            }
+            if let TerminalDef::Pcsc { reader, .. } = t {
+                if reader.trim().is_empty() {
+                    return Err(bad(format!(
+                        "terminal {:#X}: reader is empty (name the PC/SC reader, e.g. \"Purselink PSAM 00 00\")",
+                        t.id()
+                    )));
+                }
+            }
+        }
+        Ok(list)
+    }
 }
 
 fn default_security_card_ids_from() -> u64 {
@@ -752,7 +837,11 @@ fn default_payment_name() -> String {
 fn default_merchant_name() -> String {
     "merchant".into()
 }
-fn default_security_cards() -> u32 {
+fn default_security_cards() -> SecurityCards {
+    SecurityCards::Count(default_security_card_count())
+}
+
+fn default_security_card_count() -> u32 {
     4
 }
 fn default_txn_timeout() -> u64 {
@@ -830,6 +919,12 @@ impl HeadendConfig {
             crate::quic::BoxId::new(ep.role(name)).map_err(|e| ConfigInvalid::EndpointRole {
                 name: name.clone(),
                 why: e.why.to_string(),
+            })?;
+        }
+        if let Some(p) = &self.payment {
+            p.terminals().map_err(|e| match e {
+                ConfigError::Rule(r) => r,
+                other => ConfigInvalid::Terminals(other.to_string()),
             })?;
         }
         let mut seen = std::collections::BTreeSet::new();

@@ -200,11 +200,14 @@ pub enum Kind {
     /// Payment server, load server, clearing: the issuer's signed hotlist
     /// ([`proto::hotlist::SignedHotlist`], see [`crate::hotlist`]), key `current`.
     Hotlist,
+    /// Payment server: a terminal out of the pool ([`crate::payment::TerminalDown`]), by
+    /// slot; deleted when it answers again. What `headend status` lists.
+    Terminal,
 }
 
 impl Kind {
     /// Every kind, in declaration order.
-    pub const ALL: [Kind; 28] = [
+    pub const ALL: [Kind; 29] = [
         Kind::Gw,
         Kind::GwLoad,
         Kind::Open,
@@ -233,6 +236,7 @@ impl Kind {
         Kind::Settlement,
         Kind::Expected,
         Kind::Hotlist,
+        Kind::Terminal,
     ];
 
     /// The string the kind is stored under (the `kind` column).
@@ -266,6 +270,7 @@ impl Kind {
             Kind::Settlement => "settlement",
             Kind::Expected => "expected_signature",
             Kind::Hotlist => "hotlist",
+            Kind::Terminal => "terminal",
         }
     }
 }

@@ -129,7 +129,41 @@ fn one_journal(j: &Journal, role: &str, title: &str, out: &mut String) -> Result
             );
         }
     }
+    terminals(j, out);
     Ok(())
+}
+
+/// The payment server's terminals out of the pool, and the reversals their security cards
+/// still owe (kind `terminal`).
+fn terminals(j: &Journal, out: &mut String) {
+    let entries = j.all(Kind::Terminal).unwrap_or_default();
+    let owed = entries
+        .iter()
+        .filter(|(k, _)| k.starts_with("owed/"))
+        .count();
+    for (key, b) in &entries {
+        if !key.starts_with("down/") {
+            continue;
+        }
+        match journal::decode::<crate::payment::TerminalDown>(b) {
+            Ok(t) => {
+                let _ = writeln!(
+                    out,
+                    "  terminal {} (security card {:#X}) DOWN, out of the pool: {}",
+                    t.slot, t.security_card_id, t.why
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(out, "  terminal entry {key} unreadable: {e}");
+            }
+        }
+    }
+    if owed > 0 {
+        let _ = writeln!(
+            out,
+            "  security cards owe {owed} reversals (done when their terminals answer again)"
+        );
+    }
 }
 
 /// What waits in one journal (`role`: its file's stem): counts, and the operator's queue by

@@ -154,6 +154,19 @@ impl SecurityCard {
         }
     }
 
+    /// A hardware security card's summary as the payment server journals it: id, counter
+    /// and totals, no transactions and no key (the card keeps those itself).
+    pub fn summary(id: u64, txn_counter: u32, totals: BTreeMap<Currency, Totals>) -> Self {
+        Self {
+            id,
+            master: None,
+            txn_counter,
+            txns: BTreeMap::new(),
+            totals,
+            hotlist: Hotlist::default(),
+        }
+    }
+
     /// Loads the issuer's hotlist (a newer one replaces it; an older one is ignored).
     pub fn set_hotlist(&mut self, hotlist: &Hotlist) {
         self.hotlist.update(hotlist);

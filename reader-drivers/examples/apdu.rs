@@ -12,6 +12,10 @@ async fn main() {
     for a in args {
         let apdu = hex::decode(a.replace([':', ' '], "")).expect("hex");
         let r = reader_drivers::transmit_whole(s.as_mut(), &apdu).await;
-        println!("{} -> {:?}", hex::encode_upper(&apdu), r.map(hex::encode_upper));
+        println!(
+            "{} -> {:?}",
+            hex::encode_upper(&apdu),
+            r.map(hex::encode_upper)
+        );
     }
 }

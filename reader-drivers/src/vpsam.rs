@@ -140,7 +140,10 @@ mod tests {
             Err(VcardError::Exists(_))
         ));
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         assert!(c.process_apdu(&commands::select()).ends_with(&[0x90, 0]));
         let hot = proto::hotlist::Hotlist {
             version: 9,

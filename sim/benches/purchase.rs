@@ -37,7 +37,7 @@ async fn purchases(
         g.limits.burst = u32::MAX;
     }
     if let Some(p) = cfg.payment.as_mut() {
-        p.security_cards = plan.clients.max(4) as u32;
+        p.security_cards = headend::config::SecurityCards::Count(plan.clients.max(4) as u32);
     }
     let running = assembly::start(&cfg, Roles::ALL)
         .await

@@ -23,6 +23,7 @@
 pub mod collection;
 pub mod pool;
 pub mod step;
+pub mod terminal;
 
 use step::PayStep;
 
@@ -46,6 +47,7 @@ use crate::quic::BoxFuture;
 use crate::role::{Caller, Role};
 use crate::role::{journal_failed, open_body, refuse, repeat};
 use pool::{Lease, Pool, SecurityCardDevice};
+use tokio::sync::OwnedMutexGuard;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PayState {
@@ -168,7 +170,37 @@ fn security_card_error(e: &SecurityCardError) -> ErrorCode {
         | SecurityCardError::NoKey => ErrorCode::Internal,
         SecurityCardError::Hotlisted { .. } => ErrorCode::CardHotlisted,
         SecurityCardError::RetiredKeyVersion { .. } => ErrorCode::KeyRetired,
+        SecurityCardError::Terminal(_) => ErrorCode::Busy,
     }
+}
+
+/// Runs `f` on a security card on a blocking thread (a hardware card waits on its reader)
+/// and gives the card back with the result.
+async fn blocking<T: Send + 'static>(
+    mut card: OwnedMutexGuard<Box<dyn SecurityCardDevice>>,
+    f: impl FnOnce(&mut dyn SecurityCardDevice) -> T + Send + 'static,
+) -> (OwnedMutexGuard<Box<dyn SecurityCardDevice>>, T) {
+    tokio::task::spawn_blocking(move || {
+        let out = f(card.as_mut());
+        (card, out)
+    })
+    .await
+    .expect("a security card command does not panic")
+}
+
+/// The journal key of a reversal a terminal's security card owes (kind `terminal`):
+/// `owed/SLOT/TXN`, beside the terminals' own entries (`down/SLOT`).
+fn owed_key(slot: usize, security_card_txn: u32) -> String {
+    format!("owed/{slot:04}/{security_card_txn:010}")
+}
+
+/// A terminal out of the pool, as journaled (kind `terminal`, key `down/SLOT`) for `headend
+/// status`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TerminalDown {
+    pub slot: usize,
+    pub security_card_id: u64,
+    pub why: String,
 }
 
 impl PaymentServer {
@@ -205,10 +237,7 @@ impl PaymentServer {
             &section.name,
             journal,
             master,
-            (
-                section.security_card_ids_from,
-                section.security_cards.max(1),
-            ),
+            section.terminals().map_err(|e| e.to_string())?,
             merchants,
             Duration::from_secs(section.transaction_timeout_secs),
             Duration::from_secs(section.lease_timeout_secs),
@@ -245,22 +274,55 @@ impl PaymentServer {
         name: &str,
         journal: Arc<Journal>,
         master: MasterKeys,
-        (first_id, cards): (u64, u32),
+        terminals: Vec<crate::config::TerminalDef>,
         merchants: HashMap<String, Merchant>,
         timeout: Duration,
         lease_timeout: Duration,
         (clearing, max_frame): (Option<String>, usize),
     ) -> Result<Arc<Self>, String> {
         let mut security_cards = Vec::new();
-        for slot in 0..cards as usize {
-            let security_card = match journal
+        let mut down_at_start = Vec::new();
+        for (slot, def) in terminals.iter().enumerate() {
+            let snapshot = journal
                 .get(Kind::SecurityCard, &slot_key(slot))
-                .map_err(|e| e.to_string())?
-            {
-                Some(b) => journal::decode::<SecurityCard>(&b)?.with_key(master.clone()),
-                None => SecurityCard::new(first_id + slot as u64, master.clone()),
+                .map_err(|e| e.to_string())?;
+            let id = def.id();
+            let device: Box<dyn SecurityCardDevice> = match def {
+                crate::config::TerminalDef::Software { .. } => {
+                    let card = match &snapshot {
+                        Some(b) => journal::decode::<SecurityCard>(b)?.with_key(master.clone()),
+                        None => SecurityCard::new(id, master.clone()),
+                    };
+                    if card.id != id {
+                        return Err(terminal_moved(slot, card.id, id));
+                    }
+                    Box::new(card)
+                }
+                crate::config::TerminalDef::Pcsc {
+                    reader, timeout_ms, ..
+                } => {
+                    let mut t = terminal::PcscSecurityCard::open(
+                        id,
+                        reader,
+                        Duration::from_millis(*timeout_ms),
+                    )
+                    .map_err(|e| format!("[payment] security_cards, terminal {slot}: {e}"))?;
+                    if let Some(b) = &snapshot {
+                        let journaled: SecurityCard = journal::decode(b)?;
+                        if journaled.id != id {
+                            return Err(terminal_moved(slot, journaled.id, id));
+                        }
+                        t.restore(b).map_err(|e| {
+                            format!("[payment] security_cards, terminal {slot}: {e}")
+                        })?;
+                    }
+                    if let Err(e) = t.probe() {
+                        down_at_start.push((slot, e.to_string()));
+                    }
+                    Box::new(t)
+                }
             };
-            security_cards.push(Box::new(security_card) as Box<dyn SecurityCardDevice>);
+            security_cards.push(device);
         }
         let mut open = BTreeMap::new();
         let deadline = Instant::now() + timeout;
@@ -283,12 +345,21 @@ impl PaymentServer {
             })
             .transpose()?
             .unwrap_or(0);
+        let pool = Pool::new(security_cards);
+        for (slot, why) in down_at_start {
+            tracing::error!(
+                slot,
+                why,
+                "security card terminal down at start: out of the pool"
+            );
+            pool.mark_down(slot, why);
+        }
         Ok(Arc::new(Self {
             name: name.into(),
             clearing,
             max_frame,
             journal,
-            pool: Pool::new(security_cards),
+            pool,
             merchants,
             held: Default::default(),
             lease_timeout,
@@ -465,25 +536,53 @@ impl PaymentServer {
         }) {
             return journal_failed(e, Some(&txid));
         }
-        let Some(lease) = self.pool.acquire(Duration::from_secs(5)).await else {
-            return refuse(
-                ErrorCode::Busy,
-                "every security card is busy; retry shortly",
-                Some(&txid),
-            );
-        };
         let early = m.def.embodiment != Embodiment::SecurityCard;
-        let mut card = lease.card().await;
-        let before = card.snapshot();
         let draw = DrawData {
             merchant_id: req.merchant_id.clone(),
             transaction_id: txid.clone(),
             amount: body.amount,
             init: body.init.clone(),
         };
-        let auth = match card.issue_debit(&draw, today(), early) {
-            Ok(a) => a,
-            Err(e) => return refuse(security_card_error(&e), e.to_string(), Some(&txid)),
+        // A terminal that fails here leaves the pool; the draw goes to the next one.
+        let mut failed_terminals = 0;
+        let (lease, mut card, before, auth) = loop {
+            let Some(lease) = self.pool.acquire(Duration::from_secs(5)).await else {
+                let down = self.pool.down().len();
+                let why = if down > 0 {
+                    format!(
+                        "no security card terminal is free ({down} out of the pool); retry shortly"
+                    )
+                } else {
+                    "every security card is busy; retry shortly".into()
+                };
+                self.sync_terminals();
+                return refuse(ErrorCode::Busy, why, Some(&txid));
+            };
+            let card = lease.card().await;
+            let (atr, d) = (body.atr.clone(), draw.clone());
+            let (card, (before, issued)) = blocking(card, move |c| {
+                let before = c.snapshot();
+                let r = c.issue_debit(&atr, &d, today(), early);
+                (before, r)
+            })
+            .await;
+            match issued {
+                Ok(a) => break (lease, card, before, a),
+                Err(SecurityCardError::Terminal(why)) if failed_terminals < self.pool.len() => {
+                    failed_terminals += 1;
+                    tracing::error!(
+                        txid,
+                        slot = lease.slot,
+                        why,
+                        "security card terminal failed at the draw: trying another"
+                    );
+                    self.sync_terminals();
+                }
+                Err(e) => {
+                    self.sync_terminals();
+                    return refuse(security_card_error(&e), e.to_string(), Some(&txid));
+                }
+            }
         };
         let expected = auth.expected_card_signature;
         // FIG. 5: this server compares the card's signature itself ([0097]).
@@ -631,8 +730,21 @@ impl PaymentServer {
                 Some(&txid),
             );
         };
-        let before = card.snapshot();
-        match card.complete(rec.security_card_txn, &resp) {
+        if !self.settle_owed(rec.slot, card.as_mut()) {
+            return refuse(
+                ErrorCode::Busy,
+                "the security card of this transaction's terminal does not answer; retry later",
+                Some(&txid),
+            );
+        }
+        let r2 = resp.clone();
+        let n = rec.security_card_txn;
+        let (mut card, (before, completed)) = blocking(card, move |c| {
+            let before = c.snapshot();
+            (before, c.complete(n, &r2))
+        })
+        .await;
+        match completed {
             Ok(_) => {
                 let confirmation = self.confirmation(&rec, &resp);
                 rec.state = PayState::Completed;
@@ -657,11 +769,19 @@ impl PaymentServer {
             Err(e) => {
                 drop(card);
                 let code = security_card_error(&e);
-                if matches!(
-                    e,
-                    SecurityCardError::BadCardSignature | SecurityCardError::ResponseMismatch
-                ) {
-                    self.reverse(&txid, "bad card signature").await;
+                match &e {
+                    SecurityCardError::BadCardSignature | SecurityCardError::ResponseMismatch => {
+                        self.reverse(&txid, "bad card signature").await;
+                    }
+                    // The card's signature cannot be checked ([0106]): reversed. A debit
+                    // the card did make is proved later (the box keeps its response) and
+                    // counted then.
+                    SecurityCardError::Terminal(why) => {
+                        self.sync_terminals();
+                        self.reverse(&txid, &format!("security card terminal failed: {why}"))
+                            .await;
+                    }
+                    _ => {}
                 }
                 refuse(code, format!("debit response refused: {e}"), Some(&txid))
             }
@@ -784,13 +904,39 @@ impl PaymentServer {
             tracing::error!(txid, error = %e, "journal write failed; reversal postponed");
             return false;
         }
-        let Some(mut card) = self.pool.card(rec.slot).await else {
+        let Some(card) = self.pool.card(rec.slot).await else {
             return false;
         };
-        let before = card.snapshot();
-        if let Err(e) = card.reverse(rec.security_card_txn) {
-            tracing::error!(txid, error = %e, "security card refused the reversal");
-            return false;
+        let n = rec.security_card_txn;
+        let (mut card, (before, reversed)) = blocking(card, move |c| {
+            let before = c.snapshot();
+            (before, c.reverse(n))
+        })
+        .await;
+        match reversed {
+            Ok(()) => {}
+            // The terminal is out of the pool: the transaction is reversed here now, and in
+            // the card when it answers again (a reversal it owes, journaled).
+            Err(SecurityCardError::Terminal(why)) => {
+                tracing::error!(
+                    txid,
+                    slot = rec.slot,
+                    why,
+                    "security card unreachable: reversed here, the card's reversal owed"
+                );
+                if let Err(e) =
+                    self.journal
+                        .put(Kind::Terminal, &owed_key(rec.slot, n), txid.as_bytes())
+                {
+                    tracing::error!(txid, error = %e, "journal write failed; reversal postponed");
+                    return false;
+                }
+                self.sync_terminals();
+            }
+            Err(e) => {
+                tracing::error!(txid, error = %e, "security card refused the reversal");
+                return false;
+            }
         }
         rec.state = PayState::Reversed;
         // One writer at a time takes the next feed position (the per-transaction lock does
@@ -962,7 +1108,103 @@ impl PaymentServer {
                 n += 1;
             }
         }
+        // Terminals out of the pool are asked again; the ones back do what they owe.
+        for slot in self.pool.probe_down().await {
+            if let Some(card) = self.pool.try_card(slot) {
+                let me_slot = slot;
+                let owed_left = {
+                    let mut card = card;
+                    !self.settle_owed(me_slot, card.as_mut())
+                };
+                if owed_left {
+                    self.pool
+                        .mark_down(slot, "owed reversals not yet done".into());
+                }
+            }
+        }
+        self.sync_terminals();
         n
+    }
+
+    /// Journals which terminals are out of the pool (kind `terminal`, `down/SLOT`) for
+    /// `headend status`, and has every terminal in the pool do the reversals it owes.
+    pub fn sync_terminals(&self) {
+        let down = self.pool.down();
+        let journaled = self
+            .journal
+            .range_after(Kind::Terminal, "down/", 10_000)
+            .unwrap_or_default();
+        for (slot, why) in &down {
+            let key = format!("down/{slot:04}");
+            let id = self
+                .pool
+                .try_card(*slot)
+                .map(|c| c.id())
+                .or_else(|| {
+                    journaled
+                        .iter()
+                        .find(|(k, _)| *k == key)
+                        .and_then(|(_, v)| journal::decode::<TerminalDown>(v).ok())
+                        .map(|t| t.security_card_id)
+                })
+                .unwrap_or(0);
+            let rec = TerminalDown {
+                slot: *slot,
+                security_card_id: id,
+                why: why.clone(),
+            };
+            let same = journaled.iter().any(|(k, v)| {
+                *k == key && journal::decode::<TerminalDown>(v).ok() == Some(rec.clone())
+            });
+            if !same {
+                if let Err(e) = self
+                    .journal
+                    .put(Kind::Terminal, &key, &journal::encode(&rec))
+                {
+                    tracing::error!(slot, error = %e, "terminal state not journaled");
+                }
+            }
+        }
+        for (key, _) in journaled.iter().filter(|(k, _)| k.starts_with("down/")) {
+            let slot = key.trim_start_matches("down/").parse::<usize>().ok();
+            if !down.iter().any(|(s, _)| Some(*s) == slot) {
+                let _ = self.journal.atomically(|b| b.delete(Kind::Terminal, key));
+            }
+        }
+    }
+
+    /// Sends a terminal's security card the reversals it owes (kind `terminal`,
+    /// `owed/SLOT/TXN`: reversed here while it was unreachable), before anything else is
+    /// asked of it. `false`: the card still does not answer.
+    fn settle_owed(&self, slot: usize, card: &mut dyn SecurityCardDevice) -> bool {
+        let prefix = format!("owed/{slot:04}/");
+        let owed = self
+            .journal
+            .range_after(Kind::Terminal, &prefix, 10_000)
+            .unwrap_or_default();
+        for (key, txid) in owed.iter().filter(|(k, _)| k.starts_with(&prefix)) {
+            let Ok(n) = key[prefix.len()..].parse::<u32>() else {
+                continue;
+            };
+            match card.reverse(n) {
+                Ok(())
+                | Err(
+                    SecurityCardError::AlreadyCompleted(_)
+                    | SecurityCardError::UnknownTransaction(_),
+                ) => {
+                    tracing::info!(slot, security_card_txn = n, txid = %String::from_utf8_lossy(txid), "owed reversal done in the security card");
+                    if let Err(e) = self
+                        .journal
+                        .put(Kind::SecurityCard, &slot_key(slot), &card.snapshot())
+                        .and_then(|_| self.journal.atomically(|b| b.delete(Kind::Terminal, key)))
+                    {
+                        tracing::error!(slot, error = %e, "owed reversal done but not journaled; it is sent again (idempotent)");
+                    }
+                }
+                Err(_) => return false,
+            }
+        }
+        true
     }
 
     /// Runs the reversal sweep every second until `shutdown`.
@@ -975,6 +1217,15 @@ impl PaymentServer {
             }
         }
     }
+}
+
+/// The journal's security card for `slot` is not the one the config names there.
+fn terminal_moved(slot: usize, journaled: u64, configured: u64) -> String {
+    format!(
+        "[payment] security_cards: terminal {slot} is security card {configured:#X} in the \
+         config, but the journal holds security card {journaled:#X} there (terminals keep \
+         their place in the list: restore the order, or give the new card a slot of its own)"
+    )
 }
 
 fn slot_key(slot: usize) -> String {

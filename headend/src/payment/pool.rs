@@ -2,9 +2,14 @@
 //! security card is held by one transaction at a time; a transaction waits (bounded) for a
 //! free one rather than queueing without limit.
 //!
-//! The default security card is the software one from `proto`. A hardware security card in
-//! a PC/SC reader implements [`SecurityCardDevice`] over `reader-drivers` (the seam; no
-//! hardware implementation yet).
+//! A terminal holds the software security card from `proto`, or a hardware one in a PC/SC
+//! reader ([`super::terminal::PcscSecurityCard`]); each is named by its security card id
+//! in `[payment] security_cards` (001 [0042]).
+//!
+//! **A terminal that fails leaves the pool.** A command that ends in
+//! [`SecurityCardError::Terminal`] (the reader died, the card was pulled or answered
+//! garbage) marks the terminal down: no new draw is given to it ([`Pool::acquire`] skips
+//! it) until [`Pool::probe_down`] finds it answering again. [`Pool::down`] lists them.
 //!
 //! Every operation on a security card goes through [`Traced`]: the pool keeps the last
 //! [`TRACE_LEN`] of them ([`Pool::trace`]: which card, which command, for which of its
@@ -28,8 +33,11 @@ use crate::journal;
 /// same operations as APDUs.
 pub trait SecurityCardDevice: Send {
     fn id(&self) -> u64;
+    /// The [0093] replay: the purse card's ATR, then its INITIALIZE response with the draw;
+    /// the debit command back.
     fn issue_debit(
         &mut self,
+        atr: &[u8],
         draw: &DrawData,
         today: Date,
         early_release: bool,
@@ -57,6 +65,11 @@ pub trait SecurityCardDevice: Send {
     /// The card's state for the journal (a hardware card keeps its own: empty), and back.
     fn snapshot(&self) -> Vec<u8>;
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String>;
+    /// Whether the security card answers now (a terminal out of the pool comes back when it
+    /// does). The software card always does.
+    fn probe(&mut self) -> Result<(), SecurityCardError> {
+        Ok(())
+    }
 }
 
 impl SecurityCardDevice for SecurityCard {
@@ -65,6 +78,7 @@ impl SecurityCardDevice for SecurityCard {
     }
     fn issue_debit(
         &mut self,
+        _atr: &[u8],
         draw: &DrawData,
         today: Date,
         early_release: bool,
@@ -126,6 +140,8 @@ pub enum Command {
     PurgeSettled,
     /// The issuer's hotlist (`security_card_txn`: none).
     LoadHotlist,
+    /// Is the card answering (a terminal out of the pool)?
+    Probe,
 }
 
 /// One operation of [`Pool::trace`].
@@ -141,13 +157,47 @@ pub struct TraceEntry {
 
 type Trace = std::sync::Mutex<std::collections::VecDeque<TraceEntry>>;
 
-/// A security card whose every command is recorded in its pool's trace.
+/// Why each terminal is out of the pool (`None`: in it), by slot.
+type Down = std::sync::Mutex<Vec<Option<String>>>;
+
+/// A security card whose every command is recorded in its pool's trace, and whose terminal
+/// leaves the pool on a terminal failure.
 pub struct Traced {
     inner: Box<dyn SecurityCardDevice>,
     trace: Arc<Trace>,
+    slot: usize,
+    down: Arc<Down>,
 }
 
 impl Traced {
+    /// A terminal failure takes the terminal out of the pool; its success in a probe
+    /// brings it back.
+    fn health<T>(&self, r: &Result<T, SecurityCardError>) {
+        let mut d = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        match r {
+            Err(SecurityCardError::Terminal(why)) => {
+                if d[self.slot].is_none() {
+                    tracing::error!(
+                        slot = self.slot,
+                        security_card_id = self.inner.id(),
+                        why,
+                        "security card terminal down: out of the pool"
+                    );
+                }
+                d[self.slot] = Some(why.clone());
+            }
+            Ok(_) if d[self.slot].is_some() => {
+                tracing::warn!(
+                    slot = self.slot,
+                    security_card_id = self.inner.id(),
+                    "security card terminal answers again: back in the pool"
+                );
+                d[self.slot] = None;
+            }
+            _ => {}
+        }
+    }
+
     fn note(&self, command: Command, security_card_txn: Option<u32>, ok: bool) {
         let security_card_id = self.inner.id();
         tracing::debug!(
@@ -176,13 +226,15 @@ impl SecurityCardDevice for Traced {
     }
     fn issue_debit(
         &mut self,
+        atr: &[u8],
         draw: &DrawData,
         today: Date,
         early_release: bool,
     ) -> Result<DebitAuthorization, SecurityCardError> {
-        let out = self.inner.issue_debit(draw, today, early_release);
+        let out = self.inner.issue_debit(atr, draw, today, early_release);
         let txn = out.as_ref().ok().map(|a| a.command.security_card_txn);
         self.note(Command::IssueDebit, txn, out.is_ok());
+        self.health(&out);
         out
     }
     fn complete(
@@ -192,11 +244,13 @@ impl SecurityCardDevice for Traced {
     ) -> Result<(), SecurityCardError> {
         let out = self.inner.complete(security_card_txn, resp);
         self.note(Command::Complete, Some(security_card_txn), out.is_ok());
+        self.health(&out);
         out
     }
     fn reverse(&mut self, security_card_txn: u32) -> Result<(), SecurityCardError> {
         let out = self.inner.reverse(security_card_txn);
         self.note(Command::Reverse, Some(security_card_txn), out.is_ok());
+        self.health(&out);
         out
     }
     fn verify_not_debited(
@@ -235,6 +289,12 @@ impl SecurityCardDevice for Traced {
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
         self.inner.restore(snapshot)
     }
+    fn probe(&mut self) -> Result<(), SecurityCardError> {
+        let out = self.inner.probe();
+        self.note(Command::Probe, None, out.is_ok());
+        self.health(&out);
+        out
+    }
 }
 
 /// One terminal with its security card.
@@ -245,6 +305,7 @@ pub struct Pool {
     free: Arc<tokio::sync::Semaphore>,
     taken: std::sync::Mutex<Vec<bool>>,
     trace: Arc<Trace>,
+    down: Arc<Down>,
 }
 
 /// A security card held by one transaction. Released on drop.
@@ -271,13 +332,17 @@ impl Pool {
     pub fn new(cards: Vec<Box<dyn SecurityCardDevice>>) -> Arc<Self> {
         let n = cards.len();
         let trace: Arc<Trace> = Default::default();
+        let down: Arc<Down> = Arc::new(std::sync::Mutex::new(vec![None; n]));
         Arc::new(Self {
             slots: cards
                 .into_iter()
-                .map(|inner| {
+                .enumerate()
+                .map(|(slot, inner)| {
                     let traced = Traced {
                         inner,
                         trace: trace.clone(),
+                        slot,
+                        down: down.clone(),
                     };
                     Arc::new(Mutex::new(Box::new(traced) as Box<dyn SecurityCardDevice>))
                 })
@@ -285,7 +350,49 @@ impl Pool {
             free: Arc::new(tokio::sync::Semaphore::new(n)),
             taken: std::sync::Mutex::new(vec![false; n]),
             trace,
+            down,
         })
+    }
+
+    /// The terminals out of the pool now: slot and why.
+    pub fn down(&self) -> Vec<(usize, String)> {
+        self.down
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| d.clone().map(|d| (i, d)))
+            .collect()
+    }
+
+    /// Marks `slot` down (a terminal found dead outside a command, e.g. at start).
+    pub fn mark_down(&self, slot: usize, why: String) {
+        if let Some(d) = self
+            .down
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(slot)
+        {
+            *d = Some(why);
+        }
+    }
+
+    /// Probes every terminal out of the pool that nothing holds; the ones that answer come
+    /// back. The slots that came back.
+    pub async fn probe_down(&self) -> Vec<usize> {
+        let mut back = Vec::new();
+        for (slot, _) in self.down() {
+            if let Some(mut card) = self.try_card(slot) {
+                // A dead reader answers only at its timeout: not on the async threads.
+                let ok = tokio::task::spawn_blocking(move || card.probe().is_ok())
+                    .await
+                    .unwrap_or(false);
+                if ok {
+                    back.push(slot);
+                }
+            }
+        }
+        back
     }
 
     /// The last [`TRACE_LEN`] commands sent to the pool's security cards, oldest first.
@@ -314,7 +421,8 @@ impl Pool {
             .ok()?;
         let slot = {
             let mut t = self.taken.lock().unwrap_or_else(|p| p.into_inner());
-            let i = t.iter().position(|x| !x)?;
+            let down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+            let i = (0..t.len()).find(|&i| !t[i] && down[i].is_none())?;
             t[i] = true;
             i
         };

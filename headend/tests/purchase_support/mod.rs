@@ -56,11 +56,24 @@ pub async fn start_on(backend: Backend, opts: DemoOptions) -> Option<HeadEnd> {
 pub async fn start_edited(
     backend: Backend,
     opts: DemoOptions,
-    edit: fn(&str) -> String,
+    edit: impl FnOnce(&str) -> String,
+) -> Option<HeadEnd> {
+    start_prepared(backend, opts, |_, t| edit(t)).await
+}
+
+/// [`start_edited`] whose `edit` also gets the config file's path (to find the files the
+/// demo made beside it).
+pub async fn start_prepared(
+    backend: Backend,
+    opts: DemoOptions,
+    edit: impl FnOnce(&Path, &str) -> String,
 ) -> Option<HeadEnd> {
     let dir = tempfile::tempdir().unwrap();
     let files = assembly::init_demo(dir.path(), &opts).unwrap();
-    let text = edit(&std::fs::read_to_string(&files.config).unwrap());
+    let text = edit(
+        &files.config,
+        &std::fs::read_to_string(&files.config).unwrap(),
+    );
     proto::secret::write_private(&files.config, text.as_bytes()).unwrap();
     let pg = match backend {
         Backend::Sqlite => None,

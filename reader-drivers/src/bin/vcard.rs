@@ -350,8 +350,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             port,
             no_retry,
         } => {
-            let (app, card): (Box<dyn proto::apdu::CardApplication>, PathBuf) = match (card, psam)
-            {
+            let (app, card): (Box<dyn proto::apdu::CardApplication>, PathBuf) = match (card, psam) {
                 (_, Some(p)) => (Box::new(VirtualPsam::open(&p)?), p),
                 (Some(c), None) => (Box::new(VirtualCard::open(&c)?), c),
                 (None, None) => return Err(CliError::Usage("--card or --psam".into())),

@@ -1,0 +1,460 @@
+//! A terminal with a hardware security card: the PSAM application ([`proto::psam`]) in a
+//! PC/SC reader, driven over `reader-drivers`' PC/SC path with the [0093] replay script
+//! (CARD ATR, then INITIALIZE; DEBIT RESPONSE for FIG. 4).
+//!
+//! - **A thread per terminal.** The reader is driven by a thread of its own ("psam-…") that
+//!   owns the PC/SC session on a current-thread runtime; [`SecurityCardDevice`]'s calls are
+//!   synchronous, so each sends its APDUs there and waits, bounded by the terminal's
+//!   timeout. One command script at a time runs in one PC/SC transaction, so no other
+//!   program's command comes between the replayed ATR and the INITIALIZE.
+//! - **The id is checked.** At start, and every time the reader is connected again, GET
+//!   STATUS must name the security card id the config gives the terminal (001 [0042]: the
+//!   terminal is identified by its security card); another card is a [`SecurityCardError::
+//!   Terminal`] error, never used.
+//! - **Answers are checked.** A debit command that does not answer the draw (another card
+//!   id, counter, amount, currency, date or security card id, or a transaction number not
+//!   after the last one seen), a status word outside the interface, a refusal whose GET LAST
+//!   ERROR does not match its `94xx`, or bytes that do not decode: a `Terminal` error, the
+//!   operator message naming the reader and what it answered.
+//! - **Nothing issued is left behind.** The card keeps its own state; the payment server
+//!   journals the card's summary (GET STATUS: id, counter, totals) as the slot's snapshot.
+//!   Every transaction the card numbered after the last answer this terminal saw — an
+//!   INITIALIZE whose answer was lost with the reader, or one issued before a crash and
+//!   never journaled (a [`SecurityCardDevice::restore`] to an older summary) — is reversed
+//!   in the card the next time it answers, before anything else.
+
+use std::collections::BTreeMap;
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
+
+use proto::apdu::{Response, StatusWord};
+use proto::hotlist::Hotlist;
+use proto::money::Currency;
+use proto::psam::{self, PsamStatus, commands};
+use proto::purse::{Date, DebitResponse, PurchaseInit};
+use proto::security_card::{DebitAuthorization, DrawData, SecurityCard, SecurityCardError, Totals};
+use reader_drivers::ReaderDriver;
+use reader_drivers::api::CardSession;
+
+use super::pool::SecurityCardDevice;
+use crate::journal;
+
+/// How long one command script may take before the terminal gives up (the reader is then
+/// treated as dead until it answers again).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+struct Job {
+    apdus: Vec<Vec<u8>>,
+    reply: std_mpsc::Sender<Result<Vec<Response>, String>>,
+}
+
+/// A security card in a PC/SC reader (see the module docs).
+pub struct PcscSecurityCard {
+    id: u64,
+    reader: String,
+    timeout: Duration,
+    jobs: std_mpsc::Sender<Job>,
+    /// The card's transaction counter as of the last answer seen here: every number the
+    /// card handed out up to it was answered; any after it is an orphan to reverse.
+    seen_counter: u32,
+    /// Orphans may exist (an answer was lost, or the state was rolled back).
+    recover: bool,
+    /// The last GET STATUS, for totals and snapshots while the reader is down.
+    last_status: std::sync::Mutex<PsamStatus>,
+}
+
+impl PcscSecurityCard {
+    /// Opens the terminal on `reader` for security card `id` and reads its status. A
+    /// reader that does not answer is not an error here (the terminal starts down: see
+    /// [`Self::is_up`]); a card that answers with another id is.
+    ///
+    /// # Errors
+    /// The reader holds a security card other than `id`.
+    pub fn open(id: u64, reader: &str, timeout: Duration) -> Result<Self, String> {
+        let (jobs, rx) = std_mpsc::channel::<Job>();
+        let name = reader.to_string();
+        std::thread::Builder::new()
+            .name(format!("psam-{id:x}"))
+            .spawn(move || worker(name, rx, timeout))
+            .map_err(|e| format!("cannot start the terminal thread for {reader}: {e}"))?;
+        let mut me = Self {
+            id,
+            reader: reader.into(),
+            timeout,
+            jobs,
+            seen_counter: 0,
+            recover: false,
+            last_status: std::sync::Mutex::new(PsamStatus {
+                security_card_id: id,
+                txn_counter: 0,
+                newest_key_version: 0,
+                hotlist_version: 0,
+                totals: BTreeMap::new(),
+            }),
+        };
+        match me.status() {
+            Ok(s) => me.seen_counter = s.txn_counter,
+            Err(SecurityCardError::Terminal(why)) if why.contains("holds security card") => {
+                return Err(why);
+            }
+            Err(e) => {
+                tracing::error!(reader, security_card_id = id, error = %e, "security card terminal down at start");
+                me.recover = true;
+            }
+        }
+        Ok(me)
+    }
+
+    /// Runs `apdus` in one PC/SC transaction; each must answer (any status word).
+    fn run(&self, apdus: Vec<Vec<u8>>) -> Result<Vec<Response>, SecurityCardError> {
+        let (reply, rx) = std_mpsc::channel();
+        self.jobs
+            .send(Job { apdus, reply })
+            .map_err(|_| self.failed("the terminal thread ended"))?;
+        match rx.recv_timeout(self.timeout + Duration::from_secs(1)) {
+            Ok(r) => r.map_err(|e| self.failed(&e)),
+            Err(_) => {
+                Err(self.failed(&format!("no answer within {} ms", self.timeout.as_millis())))
+            }
+        }
+    }
+
+    fn failed(&self, what: &str) -> SecurityCardError {
+        SecurityCardError::Terminal(format!(
+            "reader {:?}, security card {:#X}: {what}",
+            self.reader, self.id
+        ))
+    }
+
+    /// One command that must answer `9000` or a refusal.
+    fn command(&self, apdu: Vec<u8>) -> Result<Vec<u8>, SecurityCardError> {
+        let r = self.run(vec![apdu])?.remove(0);
+        self.outcome(r)
+    }
+
+    /// `9000`'s data, or the refusal (its fields from GET LAST ERROR), or a `Terminal` error
+    /// for anything else.
+    fn outcome(&self, r: Response) -> Result<Vec<u8>, SecurityCardError> {
+        if r.sw == StatusWord::OK {
+            return Ok(r.data);
+        }
+        if r.sw.sw1() == 0x94 {
+            let detail = self.run(vec![commands::get_last_error()])?.remove(0);
+            let err: Option<SecurityCardError> = (detail.sw == StatusWord::OK)
+                .then(|| postcard::from_bytes(&detail.data).ok())
+                .flatten();
+            return match err {
+                Some(e) if psam::status_word(&e) == r.sw => Err(e),
+                _ => Err(self.failed(&format!(
+                    "refusal {} without a matching GET LAST ERROR (answered {})",
+                    r.sw,
+                    hex::encode_upper(detail.to_bytes())
+                ))),
+            };
+        }
+        Err(self.failed(&format!("answered {}", r.sw)))
+    }
+
+    fn status(&self) -> Result<PsamStatus, SecurityCardError> {
+        let data = self.command(commands::get_status())?;
+        let s = PsamStatus::decode(&data)
+            .map_err(|e| self.failed(&format!("GET STATUS answer does not decode: {e}")))?;
+        if s.security_card_id != self.id {
+            return Err(self.failed(&format!(
+                "the reader holds security card {:#X}, the config names {:#X} for this terminal",
+                s.security_card_id, self.id
+            )));
+        }
+        *self.last_status.lock().unwrap_or_else(|p| p.into_inner()) = s.clone();
+        Ok(s)
+    }
+
+    /// Reverses every transaction the card numbered after [`Self::seen_counter`] (see the
+    /// module docs). A number the card does not know, or one it completed, is left.
+    fn recover_orphans(&mut self) -> Result<(), SecurityCardError> {
+        if !self.recover {
+            return Ok(());
+        }
+        let s = self.status()?;
+        for n in self.seen_counter.saturating_add(1)..=s.txn_counter {
+            match self.command(commands::reverse(n)) {
+                Ok(_) => tracing::warn!(
+                    reader = %self.reader,
+                    security_card_txn = n,
+                    "security card transaction never journaled: reversed in the card"
+                ),
+                Err(
+                    SecurityCardError::UnknownTransaction(_)
+                    | SecurityCardError::AlreadyCompleted(_),
+                ) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.seen_counter = s.txn_counter;
+        self.recover = false;
+        Ok(())
+    }
+
+    /// Whether the card answers now (with its own id), orphans reversed: what brings a
+    /// terminal that was taken out of the pool back.
+    pub fn probe(&mut self) -> Result<(), SecurityCardError> {
+        self.recover = true;
+        self.recover_orphans()
+    }
+
+    /// Whether a debit command answers the draw it was issued for.
+    fn answers_draw(&self, a: &DebitAuthorization, draw: &DrawData, today: Date) -> bool {
+        let c = &a.command;
+        c.security_card_id == self.id
+            && c.card_id == draw.init.card_id
+            && c.atc == draw.init.atc
+            && c.amount == draw.amount.minor
+            && c.currency == draw.amount.currency
+            && c.date == today
+            && c.security_card_txn > self.seen_counter
+    }
+}
+
+impl SecurityCardDevice for PcscSecurityCard {
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn issue_debit(
+        &mut self,
+        atr: &[u8],
+        draw: &DrawData,
+        today: Date,
+        early_release: bool,
+    ) -> Result<DebitAuthorization, SecurityCardError> {
+        self.recover_orphans()?;
+        let Some(init) = commands::initialize(draw, today, early_release) else {
+            return Err(SecurityCardError::Terminal(
+                "the draw's merchant or transaction id is too long for INITIALIZE".into(),
+            ));
+        };
+        // From here an answer lost with the reader may leave a numbered transaction.
+        self.recover = true;
+        let mut out = self.run(vec![commands::card_atr(atr), init])?;
+        let (atr_answer, init_answer) = (out.remove(0), out.remove(0));
+        if atr_answer.sw == StatusWord::BAD_DATA {
+            self.recover = false;
+            return Err(SecurityCardError::BadCardData);
+        }
+        self.outcome(atr_answer)?;
+        let data = match self.outcome(init_answer) {
+            Ok(d) => d,
+            Err(SecurityCardError::Terminal(e)) => return Err(SecurityCardError::Terminal(e)),
+            Err(refused) => {
+                // Refused: the card numbered nothing.
+                self.recover = false;
+                return Err(refused);
+            }
+        };
+        let auth = commands::decode_authorization(&data, early_release)
+            .ok()
+            .filter(|a| self.answers_draw(a, draw, today))
+            .ok_or_else(|| {
+                self.failed(&format!(
+                    "INITIALIZE answered a debit command that does not answer the draw: {}",
+                    hex::encode_upper(&data)
+                ))
+            })?;
+        self.seen_counter = auth.command.security_card_txn;
+        self.recover = false;
+        Ok(auth)
+    }
+
+    fn complete(
+        &mut self,
+        security_card_txn: u32,
+        resp: &DebitResponse,
+    ) -> Result<(), SecurityCardError> {
+        self.recover_orphans()?;
+        self.command(commands::debit_response(security_card_txn, resp))
+            .map(|_| ())
+    }
+
+    fn reverse(&mut self, security_card_txn: u32) -> Result<(), SecurityCardError> {
+        self.recover_orphans()?;
+        self.command(commands::reverse(security_card_txn))
+            .map(|_| ())
+    }
+
+    fn verify_not_debited(
+        &self,
+        security_card_txn: u32,
+        proof: &PurchaseInit,
+    ) -> Result<(), SecurityCardError> {
+        self.command(commands::verify_not_debited(security_card_txn, proof))
+            .map(|_| ())
+    }
+
+    fn forget(&mut self, security_card_txn: u32) -> bool {
+        match self.command(commands::forget(security_card_txn)) {
+            Ok(d) => d == [1],
+            Err(e) => {
+                tracing::warn!(reader = %self.reader, error = %e, "FORGET failed; the card keeps the record");
+                false
+            }
+        }
+    }
+
+    fn purge_settled_except(&mut self, open: &[u32]) -> usize {
+        let blocks = commands::purge_settled(open);
+        let answered = self.run(blocks).and_then(|mut rs| {
+            let last = rs.pop().ok_or_else(|| self.failed("no answer"))?;
+            for r in rs {
+                self.outcome(r)?;
+            }
+            self.outcome(last)
+        });
+        match answered {
+            Ok(d) if d.len() == 4 => u32::from_be_bytes([d[0], d[1], d[2], d[3]]) as usize,
+            Ok(d) => {
+                tracing::warn!(reader = %self.reader, answer = %hex::encode_upper(d), "PURGE SETTLED answer malformed");
+                0
+            }
+            Err(e) => {
+                tracing::warn!(reader = %self.reader, error = %e, "PURGE SETTLED failed");
+                0
+            }
+        }
+    }
+
+    fn set_hotlist(&mut self, hotlist: &Hotlist) {
+        let answered = self.run(commands::load_hotlist(hotlist)).and_then(|rs| {
+            for r in rs {
+                self.outcome(r)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = answered {
+            tracing::error!(reader = %self.reader, version = hotlist.version, error = %e, "LOAD HOTLIST failed; the terminal keeps its older list");
+        }
+    }
+
+    fn totals(&self) -> BTreeMap<Currency, Totals> {
+        match self.status() {
+            Ok(s) => s.totals,
+            Err(_) => self
+                .last_status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .totals
+                .clone(),
+        }
+    }
+
+    /// The card's summary (GET STATUS), as a [`SecurityCard`] with no transactions: what
+    /// `headend status` and reconciliation read from the slot's journal entry.
+    fn snapshot(&self) -> Vec<u8> {
+        let s = self.status().unwrap_or_else(|_| {
+            self.last_status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        });
+        journal::encode(&SecurityCard::summary(
+            s.security_card_id,
+            s.txn_counter,
+            s.totals,
+        ))
+    }
+
+    /// Rolls back to a journaled summary: every transaction numbered after it is reversed
+    /// in the card (now, or when the reader answers again).
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
+        let s: SecurityCard = journal::decode(snapshot)?;
+        if s.id != self.id {
+            return Err(format!(
+                "the journal's security card for this terminal is {:#X}, the config names {:#X}",
+                s.id, self.id
+            ));
+        }
+        self.seen_counter = s.txn_counter;
+        self.recover = true;
+        if let Err(e) = self.recover_orphans() {
+            tracing::error!(reader = %self.reader, error = %e, "security card not reachable; its unjournaled transactions are reversed when it answers");
+        }
+        Ok(())
+    }
+
+    fn probe(&mut self) -> Result<(), SecurityCardError> {
+        PcscSecurityCard::probe(self)
+    }
+}
+
+/// The terminal thread: connects (and SELECTs the PSAM) on demand, runs each job in one
+/// PC/SC transaction, and drops the session on any reader error so the next job connects
+/// again.
+fn worker(reader: String, jobs: std_mpsc::Receiver<Job>, timeout: Duration) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(reader, error = %e, "terminal thread cannot start its runtime");
+            return;
+        }
+    };
+    let driver = reader_drivers::pcsc::PcscDriver::new()
+        .with_transmit_timeout(timeout)
+        .with_connect_timeout(timeout);
+    let mut session: Option<Box<dyn CardSession>> = None;
+    while let Ok(job) = jobs.recv() {
+        let out = rt.block_on(async {
+            if session.is_none() {
+                let (mut s, _atr) = driver.connect(&reader).await.map_err(|e| e.to_string())?;
+                let sel = reader_drivers::transmit_whole(s.as_mut(), &commands::select())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if Response::parse(&sel).map(|r| r.sw) != Ok(StatusWord::OK) {
+                    return Err(format!(
+                        "SELECT of the PSAM application answered {}",
+                        hex::encode_upper(&sel)
+                    ));
+                }
+                session = Some(s);
+            }
+            let s = session.as_mut().expect("connected above");
+            let r = script(s.as_mut(), &job.apdus).await;
+            if r.is_err() {
+                session = None;
+            }
+            r
+        });
+        let _ = job.reply.send(out);
+    }
+}
+
+async fn script(s: &mut dyn CardSession, apdus: &[Vec<u8>]) -> Result<Vec<Response>, String> {
+    let reset = s.begin_transaction().await.map_err(|e| e.to_string())?;
+    if reset {
+        let _ = s.end_transaction().await;
+        return Err("the security card was reset by another program: its session is gone".into());
+    }
+    let mut out = Vec::with_capacity(apdus.len());
+    let mut failed = None;
+    for a in apdus {
+        match reader_drivers::transmit_whole(s, a).await {
+            Ok(bytes) => match Response::parse(&bytes) {
+                Ok(r) => out.push(r),
+                Err(e) => {
+                    failed = Some(format!("answer without a status word ({e})"));
+                    break;
+                }
+            },
+            Err(e) => {
+                failed = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    let _ = s.end_transaction().await;
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}

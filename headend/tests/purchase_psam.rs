@@ -1,0 +1,513 @@
+//! Purchases with the security card in a PC/SC reader: the PSAM application
+//! (`proto::psam`, the file-backed `reader_drivers::vpsam::VirtualPsam`) served through the
+//! real pcscd and vsmartcard's vpcd in the "Purselink PSAM 00 00" reader
+//! (`scripts/system-setup.sh`), driven by the payment server's PC/SC terminal
+//! (`headend::payment::terminal`). The card's own APDU trace — what reached it through
+//! pcscd — shows the [0093] replay, and FIG. 5's silence after the debit command.
+//!
+//! Needs pcscd with the PSAM readers (`./dev test` starts it); `PURSELINK_SKIP_PCSC=1` skips.
+
+mod purchase_support;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use headend::payment::PayState;
+use proto::apdu::CardApplication;
+use proto::messages::*;
+use proto::psam::{self, PsamStatus};
+use purchase_support::pg_rig::Backend;
+use purchase_support::*;
+use reader_drivers::emulator::vpcd;
+use reader_drivers::vpsam::VirtualPsam;
+
+const PORT: u16 = 35965;
+const READER: &str = "Purselink PSAM 00 00";
+const PSAM_ID: u64 = 0x5A11_0001;
+const SOFT_ID: u64 = 0x5A11_0002;
+
+/// One APDU the security card received, and its status word.
+#[derive(Debug, Clone)]
+struct Seen {
+    ins: u8,
+    data: Vec<u8>,
+    sw: u16,
+}
+
+impl Seen {
+    /// The security card's transaction the command names (DEBIT RESPONSE, REVERSE, VERIFY
+    /// NOT DEBITED, FORGET carry it first).
+    fn txn(&self) -> Option<u32> {
+        matches!(
+            self.ins,
+            psam::INS_DEBIT_RESPONSE
+                | psam::INS_REVERSE
+                | psam::INS_VERIFY_NOT_DEBITED
+                | psam::INS_FORGET
+        )
+        .then(|| {
+            self.data
+                .get(..4)
+                .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        })
+        .flatten()
+    }
+}
+
+/// A broken security card: once set, from the next INITIALIZE on, every answer is bytes
+/// that mean nothing, with `9000` (until cleared: the card "repaired").
+type Fault = Arc<std::sync::atomic::AtomicBool>;
+
+fn no_fault() -> Fault {
+    Arc::default()
+}
+
+/// The security card with its APDU trace (the card's side of pcscd).
+struct Recording {
+    inner: VirtualPsam,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    fault: Fault,
+    broken: bool,
+}
+
+impl CardApplication for Recording {
+    fn atr(&self) -> Vec<u8> {
+        self.inner.atr()
+    }
+    fn reset(&mut self) {
+        self.inner.reset();
+    }
+    fn process_apdu(&mut self, apdu: &[u8]) -> Vec<u8> {
+        let mut out = self.inner.process_apdu(apdu);
+        let faulty = self.fault.load(std::sync::atomic::Ordering::SeqCst);
+        self.broken = faulty && (self.broken || apdu.get(1) == Some(&psam::INS_INITIALIZE));
+        if self.broken {
+            out = vec![0xDE, 0xAD, 0xBE, 0xEF, 0x90, 0x00];
+        }
+        let cmd = proto::apdu::Command::parse(apdu).ok();
+        let sw = out
+            .len()
+            .checked_sub(2)
+            .map(|i| u16::from_be_bytes([out[i], out[i + 1]]))
+            .unwrap_or(0);
+        self.seen.lock().unwrap().push(Seen {
+            ins: apdu.get(1).copied().unwrap_or(0),
+            data: cmd.map(|c| c.data).unwrap_or_default(),
+            sw,
+        });
+        out
+    }
+}
+
+/// The security card served in the PSAM reader until dropped.
+struct Served {
+    seen: Arc<Mutex<Vec<Seen>>>,
+    file: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Served {
+    async fn start(file: &Path, fault: Fault, seen: Arc<Mutex<Vec<Seen>>>) -> Self {
+        let card = Recording {
+            inner: VirtualPsam::open(file).unwrap(),
+            seen: seen.clone(),
+            fault,
+            broken: false,
+        };
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let shared = vpcd::shared(Box::new(card));
+        let task = tokio::spawn(async move {
+            vpcd::serve_forever(
+                shared,
+                "127.0.0.1",
+                PORT,
+                Duration::from_millis(200),
+                async {
+                    let _ = rx.await;
+                },
+            )
+            .await;
+        });
+        let me = Self {
+            seen,
+            file: file.into(),
+            stop: Some(stop),
+            task: Some(task),
+        };
+        wait_reader(true).await;
+        me
+    }
+
+    /// Pulls the security card out of its reader (vpcd reports the card removed).
+    async fn detach(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+        wait_reader(false).await;
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// The card's own status, read from its file.
+    fn status(&self) -> PsamStatus {
+        VirtualPsam::open(&self.file).unwrap().psam().status()
+    }
+}
+
+/// Waits (bounded) until pcscd sees a working card in the PSAM reader, or none.
+async fn wait_reader(present: bool) {
+    let reader = std::ffi::CString::new(READER).unwrap();
+    for _ in 0..100 {
+        let r = tokio::task::spawn_blocking({
+            let reader = reader.clone();
+            move || {
+                let ctx = pcsc::Context::establish(pcsc::Scope::User).ok()?;
+                let c = ctx
+                    .connect(&reader, pcsc::ShareMode::Shared, pcsc::Protocols::ANY)
+                    .ok()?;
+                let _ = c.disconnect(pcsc::Disposition::LeaveCard);
+                Some(())
+            }
+        })
+        .await
+        .unwrap();
+        if r.is_some() == present {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "pcscd did not see the security card {}",
+        if present { "arrive" } else { "leave" }
+    );
+}
+
+/// pcscd with the PSAM reader; `false`: skipped (PURSELINK_SKIP_PCSC=1). Anything missing
+/// fails the test, saying what to do.
+fn require_psam_reader(test: &str) -> bool {
+    if std::env::var("PURSELINK_SKIP_PCSC").as_deref() == Ok("1") {
+        eprintln!("{test}: SKIPPED because PURSELINK_SKIP_PCSC=1");
+        return false;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/start-pcscd.sh");
+    let out = std::process::Command::new("sh")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{test}: pcscd: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ctx = pcsc::Context::establish(pcsc::Scope::User).expect("pcscd context");
+    let names: Vec<String> = ctx
+        .list_readers_owned()
+        .unwrap_or_default()
+        .iter()
+        .map(|n| n.to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().any(|n| n == READER),
+        "{test}: pcscd does not list {READER:?} (it lists {names:?}): run scripts/system-setup.sh as root, which adds it and restarts pcscd"
+    );
+    true
+}
+
+/// Exclusive use of the PSAM reader across test processes.
+async fn lock_reader() -> vpcd::VpcdPortLock {
+    tokio::task::spawn_blocking(|| vpcd::VpcdPortLock::acquire(PORT).unwrap())
+        .await
+        .unwrap()
+}
+
+/// The security card file, personalised with the demo's purchase keys (`config` is the
+/// demo's headend.toml).
+fn make_psam(config_file: &Path, config: &str, dir: &Path) -> PathBuf {
+    let v: toml::Value = toml::from_str(config).unwrap();
+    let keys = config_file
+        .parent()
+        .unwrap()
+        .join(v["payment"]["purchase_keys"].as_str().unwrap());
+    let text = std::fs::read_to_string(&keys).unwrap();
+    let keys: proto::purse::AnyMasterKeyFile = toml::from_str(&text).unwrap();
+    let file = dir.join("psam.plsc");
+    VirtualPsam::create(&file, PSAM_ID, keys.into_generations()).unwrap();
+    file
+}
+
+/// `headend.toml` with the terminals `list` (TOML array) in place of the software count.
+fn with_terminals(config: &str, list: &str) -> String {
+    config.replace("security_cards = 4", &format!("security_cards = {list}"))
+}
+
+const PCSC_ONLY: &str =
+    r#"[{ kind = "pcsc", id = 0x5A110001, reader = "Purselink PSAM 00 00", timeout_ms = 3000 }]"#;
+const PCSC_THEN_SOFTWARE: &str = r#"[{ kind = "pcsc", id = 0x5A110001, reader = "Purselink PSAM 00 00", timeout_ms = 3000 }, { kind = "software", id = 0x5A110002 }]"#;
+
+/// Starts a head end whose terminals are `list`, the security card served first.
+async fn start_with_psam(
+    embodiment: &str,
+    list: &'static str,
+    fault: Fault,
+) -> (HeadEnd, Served, tempfile::TempDir) {
+    let psam_dir = tempfile::tempdir().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let file = Arc::new(Mutex::new(None));
+    let (f2, d2) = (file.clone(), psam_dir.path().to_path_buf());
+    let he = start_prepared(Backend::Sqlite, options(embodiment, true), move |c, t| {
+        *f2.lock().unwrap() = Some(make_psam(c, t, &d2));
+        with_terminals(t, list)
+    })
+    .await
+    .unwrap();
+    let file = file.lock().unwrap().clone().unwrap();
+    // Served after the head end started: its terminal starts out of the pool and comes
+    // back when the sweep finds it answering.
+    let served = Served::start(&file, fault, seen).await;
+    (he, served, psam_dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fig4_to_7_purchases_with_the_security_card_in_a_pcsc_reader() {
+    if !require_psam_reader("fig4_to_7_purchases_with_the_security_card_in_a_pcsc_reader") {
+        return;
+    }
+    let _lock = lock_reader().await;
+    for embodiment in ["security-card", "payment-server", "gateway", "merchant"] {
+        let (he, served, _dir) = start_with_psam(embodiment, PCSC_ONLY, no_fault()).await;
+        let payment = he.running.payment.as_ref().unwrap();
+        // The terminal answered at start or comes back within a sweep.
+        assert!(
+            eventually(|| payment.pool().down().is_empty()).await,
+            "{embodiment}: terminal in the pool: {:?}",
+            payment.pool().down()
+        );
+        let mut b = TestBox::new(&he, "box-000001", 10_000).await;
+        let (offer, answer) = b.buy("CABLE", "ppv-1001").await;
+        let txid = offer.transaction_id.clone();
+        let Message::Receipt(r) = answer else {
+            panic!("{embodiment}: expected a receipt, got {answer:?}")
+        };
+        assert!(r.released, "{embodiment}: released");
+        let price = 10_000 - b.balance();
+        assert!(price > 0, "{embodiment}: card debited");
+        assert!(
+            eventually(|| payment
+                .txn(&txid)
+                .is_some_and(|t| t.state == PayState::Completed))
+            .await,
+            "{embodiment}: completed"
+        );
+        let t = payment.txn(&txid).unwrap();
+        assert_eq!(
+            t.security_card_id, PSAM_ID,
+            "{embodiment}: the PC/SC terminal issued it"
+        );
+        let n = t.security_card_txn;
+        // The security card's own totals (its file): the sale counted once.
+        let s = served.status();
+        let eur = s
+            .totals
+            .get(&proto::money::Currency::EUR)
+            .copied()
+            .unwrap_or_default();
+        assert_eq!(
+            (eur.count, eur.amount),
+            (1, price),
+            "{embodiment}: card totals"
+        );
+
+        // The card's APDU trace: the [0093] replay — the purse card's ATR, then its
+        // INITIALIZE response — in that order, then only what the embodiment asks.
+        let seen = served.seen();
+        let at = seen
+            .iter()
+            .position(|s| s.ins == psam::INS_CARD_ATR)
+            .unwrap_or_else(|| panic!("{embodiment}: no CARD ATR in {seen:?}"));
+        assert_eq!(
+            seen[at].data,
+            proto::card::CARD_ATR,
+            "{embodiment}: the purse card's ATR replayed"
+        );
+        assert_eq!(
+            seen[at + 1].ins,
+            psam::INS_INITIALIZE,
+            "{embodiment}: INITIALIZE right after the ATR"
+        );
+        assert_eq!(seen[at + 1].sw, 0x9000);
+        let after: Vec<u8> = seen[at + 2..]
+            .iter()
+            .filter(|s| s.txn() == Some(n))
+            .map(|s| s.ins)
+            .collect();
+        match embodiment {
+            // FIG. 5 ([0097]): the payment server compares; the card hears nothing more.
+            "payment-server" => assert_eq!(
+                after,
+                Vec::<u8>::new(),
+                "FIG. 5: no APDU after the debit command"
+            ),
+            // FIG. 4 compares in the card; FIG. 6/7's notification reaches it.
+            _ => assert_eq!(
+                after,
+                vec![psam::INS_DEBIT_RESPONSE, psam::INS_FORGET],
+                "{embodiment}: the card's commands after INITIALIZE"
+            ),
+        }
+        he.running.stop().await;
+        drop(served);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detached_reader_reverses_takes_the_terminal_out_and_the_next_draw_uses_another() {
+    if !require_psam_reader("a_detached_reader_reverses") {
+        return;
+    }
+    let _lock = lock_reader().await;
+    let (he, mut served, _dir) =
+        start_with_psam("security-card", PCSC_THEN_SOFTWARE, no_fault()).await;
+    let payment = he.running.payment.as_ref().unwrap();
+    assert!(eventually(|| payment.pool().down().is_empty()).await);
+    let mut b = TestBox::new(&he, "box-000001", 10_000).await;
+    // FIG. 4: the debit command comes from the PC/SC terminal (slot 0, the first free).
+    let offer = b.offer("CABLE", "ppv-1001").await;
+    let txid = offer.transaction_id.clone();
+    let draw = b.draw_request(&offer);
+    let answer = b.call(&Message::DrawRequest(draw)).await;
+    let cmd = TestBox::open_debit_command(&offer, &answer);
+    assert_eq!(cmd.security_card_id, PSAM_ID);
+    // The reader goes dead mid-transaction: the card is pulled from it.
+    served.detach().await;
+    let resp = b.debit(&offer, &cmd);
+    let paid = b.balance();
+    assert!(paid < 10_000, "the purse card did debit");
+    let answer = b.call(&Message::DebitResponse(resp.clone())).await;
+    assert!(
+        matches!(&answer, Message::Error(e) if e.code == ErrorCode::Busy),
+        "the terminal cannot check the signature: {answer:?}"
+    );
+    // Reversed here, the terminal out of the pool, and `headend status` says so.
+    assert_eq!(payment.txn(&txid).unwrap().state, PayState::Reversed);
+    assert_eq!(payment.pool().down().len(), 1);
+    assert_eq!(payment.pool().down()[0].0, 0);
+    payment.sync_terminals();
+    let report = headend::status::report(&he.cfg.state_dir).unwrap();
+    assert!(
+        report.contains("terminal 0 (security card 0x5A110001) DOWN"),
+        "status lists the dead terminal:\n{report}"
+    );
+    assert!(
+        report.contains("security cards owe 1 reversals"),
+        "the card's own reversal is owed until it answers:\n{report}"
+    );
+
+    // The next draw uses the other terminal.
+    let mut b2 = TestBox::new(&he, "box-000002", 5_000).await;
+    let (offer2, answer2) = b2.buy("CABLE", "ppv-1001").await;
+    assert!(
+        matches!(answer2, Message::Receipt(ref r) if r.released),
+        "{answer2:?}"
+    );
+    let t2 = payment.txn(&offer2.transaction_id).unwrap();
+    assert_eq!((t2.slot, t2.security_card_id), (1, SOFT_ID));
+
+    // The card goes back in: the sweep finds it, it does the reversal it owed, and the
+    // box's late proof of the debit is counted then (no value lost).
+    let served = Served::start(&served.file.clone(), no_fault(), served.seen.clone()).await;
+    assert!(
+        eventually(|| payment.pool().down().is_empty()).await,
+        "the terminal comes back: {:?}",
+        payment.pool().down()
+    );
+    let answer = b.call(&Message::DebitResponse(resp)).await;
+    assert!(
+        matches!(answer, Message::Receipt(_) | Message::Confirmation(_))
+            || matches!(&answer, Message::Error(_)),
+        "{answer:?}"
+    );
+    let s = served.status();
+    let eur = s
+        .totals
+        .get(&proto::money::Currency::EUR)
+        .copied()
+        .unwrap_or_default();
+    let counted = payment.txn(&txid).unwrap().state == PayState::Completed;
+    assert_eq!(
+        (eur.count, eur.amount),
+        if counted { (1, 10_000 - paid) } else { (0, 0) },
+        "the card's totals agree with the payment server's record"
+    );
+    let report = headend::status::report(&he.cfg.state_dir).unwrap();
+    assert!(!report.contains("DOWN"), "{report}");
+    he.running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_security_card_answering_garbage_is_taken_out_and_nothing_is_debited() {
+    if !require_psam_reader("a_security_card_answering_garbage") {
+        return;
+    }
+    let _lock = lock_reader().await;
+    let fault = no_fault();
+    let (he, served, _dir) =
+        start_with_psam("payment-server", PCSC_THEN_SOFTWARE, fault.clone()).await;
+    let payment = he.running.payment.as_ref().unwrap();
+    assert!(eventually(|| payment.pool().down().is_empty()).await);
+    fault.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut b = TestBox::new(&he, "box-000001", 10_000).await;
+    // The draw meets the garbage at the PC/SC terminal, which leaves the pool with the
+    // reason, and goes to the software one: the viewer buys as usual.
+    let (offer, answer) = b.buy("CABLE", "ppv-1001").await;
+    assert!(
+        matches!(answer, Message::Receipt(ref r) if r.released),
+        "{answer:?}"
+    );
+    let price = 10_000 - b.balance();
+    let t = payment.txn(&offer.transaction_id).unwrap();
+    assert_eq!(t.security_card_id, SOFT_ID);
+    let down = payment.pool().down();
+    assert_eq!(down.len(), 1, "{down:?}");
+    assert!(
+        down[0].1.contains("does not answer the draw") && down[0].1.contains("DEADBEEF"),
+        "the operator's message names what it answered: {}",
+        down[0].1
+    );
+    payment.sync_terminals();
+    let report = headend::status::report(&he.cfg.state_dir).unwrap();
+    assert!(report.contains("DOWN"), "{report}");
+    // The security card did number (and, FIG. 5, count) the transaction whose answer was
+    // garbage: it owes a reversal nobody journaled. Repaired, it answers the sweep's
+    // probe, the terminal comes back, and that transaction is reversed in it first.
+    let s = served.status();
+    assert_eq!(
+        (s.txn_counter, s.totals[&proto::money::Currency::EUR].count),
+        (1, 1)
+    );
+    fault.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        eventually(|| payment.pool().down().is_empty()).await,
+        "repaired, the terminal comes back: {:?}",
+        payment.pool().down()
+    );
+    let s = served.status();
+    let eur = s
+        .totals
+        .get(&proto::money::Currency::EUR)
+        .copied()
+        .unwrap_or_default();
+    assert_eq!(
+        (s.txn_counter, eur.count, eur.amount),
+        (1, 0, 0),
+        "the unanswered draw reversed in the card"
+    );
+    assert!(price > 0);
+    he.running.stop().await;
+}
