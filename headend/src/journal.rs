@@ -1227,6 +1227,7 @@ mod tests {
                 "settlement",
                 "expected_signature",
                 "hotlist",
+                "terminal",
             ]
         );
     }

@@ -158,6 +158,14 @@ fn terminals(j: &Journal, out: &mut String) {
             }
         }
     }
+    for (key, why) in entries.iter().filter(|(k, _)| k.starts_with("disputed/")) {
+        let _ = writeln!(
+            out,
+            "  RECONCILE security card transaction {}: reversed here, but the card {}",
+            key.trim_start_matches("disputed/"),
+            String::from_utf8_lossy(why)
+        );
+    }
     if owed > 0 {
         let _ = writeln!(
             out,

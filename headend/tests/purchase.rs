@@ -300,6 +300,33 @@ async fn tampered_amount_is_refused_before_any_signature() {
     }
 }
 
+/// The ATR the box replays to the security card ([0093]) must be one: a draw carrying 300
+/// bytes (which would not even fit the security card's command) or a TS that is no ATR's
+/// is refused as malformed before any security card is asked — no terminal is blamed.
+#[tokio::test]
+async fn a_draw_whose_atr_is_not_an_atr_is_refused_before_the_security_card() {
+    let he = start(options("security-card", false)).await;
+    let mut b = TestBox::new(&he, "box-000004", 5_000).await;
+    for atr in [vec![0x3B; 300], vec![0x12, 0x34], vec![]] {
+        let offer = b.offer("CABLE", "ppv-1001").await;
+        let mut draw = b.draw_request(&offer);
+        let Protected::Clear(body) = &mut draw.body else {
+            panic!("layer off: the body is in clear")
+        };
+        body.atr = atr.clone();
+        let answer = b.call(&Message::DrawRequest(draw)).await;
+        assert_eq!(error_code(&answer), ErrorCode::Malformed, "ATR {atr:02X?}");
+        let payment = he.running.payment.as_ref().unwrap();
+        assert!(payment.txn(&offer.transaction_id).is_none());
+        assert!(payment.pool().down().is_empty(), "no terminal taken out");
+        assert!(
+            payment.pool().trace().is_empty(),
+            "no security card was asked"
+        );
+        assert_nothing_moved(&he, &mut b, 5_000, Some(&offer.transaction_id)).await;
+    }
+}
+
 #[tokio::test]
 async fn debit_command_with_another_amount_is_caught_by_the_box() {
     // [0082]: the box compares the debit command's amount with the offer's.

@@ -175,17 +175,23 @@ fn security_card_error(e: &SecurityCardError) -> ErrorCode {
 }
 
 /// Runs `f` on a security card on a blocking thread (a hardware card waits on its reader)
-/// and gives the card back with the result.
+/// and gives the card back with the result. If the caller is gone by then (its request was
+/// cancelled: the gateway dropped the connection), `on_cancel` gets the card and the result
+/// instead, so a command whose outcome will never be journaled is undone rather than left.
 async fn blocking<T: Send + 'static>(
     mut card: OwnedMutexGuard<Box<dyn SecurityCardDevice>>,
     f: impl FnOnce(&mut dyn SecurityCardDevice) -> T + Send + 'static,
+    on_cancel: impl FnOnce(&mut dyn SecurityCardDevice, T) + Send + 'static,
 ) -> (OwnedMutexGuard<Box<dyn SecurityCardDevice>>, T) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
     tokio::task::spawn_blocking(move || {
         let out = f(card.as_mut());
-        (card, out)
-    })
-    .await
-    .expect("a security card command does not panic")
+        if let Err((mut card, out)) = tx.send((card, out)) {
+            tracing::warn!("security card command outlived its request: undone");
+            on_cancel(card.as_mut(), out);
+        }
+    });
+    rx.await.expect("a security card command does not panic")
 }
 
 /// The journal key of a reversal a terminal's security card owes (kind `terminal`):
@@ -250,6 +256,17 @@ impl PaymentServer {
                 }
             }
         }
+        // Reversals a card still owes from before the restart come first.
+        for slot in 0..server.pool.len() {
+            if let Some(mut card) = server.pool.try_card(slot) {
+                if !server.settle_owed(slot, card.as_mut()) {
+                    server
+                        .pool
+                        .mark_down(slot, "owed reversals not yet done".into());
+                }
+            }
+        }
+        server.sync_terminals();
         Ok(server)
     }
 
@@ -308,11 +325,20 @@ impl PaymentServer {
                     )
                     .map_err(|e| format!("[payment] security_cards, terminal {slot}: {e}"))?;
                     if let Some(b) = &snapshot {
-                        let journaled: SecurityCard = journal::decode(b)?;
+                        let mut journaled: SecurityCard = journal::decode(b)?;
                         if journaled.id != id {
                             return Err(terminal_moved(slot, journaled.id, id));
                         }
-                        t.restore(b).map_err(|e| {
+                        // Every transaction journaled on this slot is this server's, whatever
+                        // the summary beside it says: only numbers past them all are orphans.
+                        for (_, bytes) in journal.all(Kind::Txn).map_err(|e| e.to_string())? {
+                            let t: PayTxn = journal::decode(&bytes)?;
+                            if t.slot == slot && t.security_card_id == id {
+                                journaled.txn_counter =
+                                    journaled.txn_counter.max(t.security_card_txn);
+                            }
+                        }
+                        t.restore(&journal::encode(&journaled)).map_err(|e| {
                             format!("[payment] security_cards, terminal {slot}: {e}")
                         })?;
                     }
@@ -506,6 +532,18 @@ impl PaymentServer {
             Ok(b) => b,
             Err(e) => return e,
         };
+        // The card's ATR is replayed to the security card ([0093]): one that is not an ATR
+        // is the box's error, refused here — not a fault of the terminal.
+        if !(2..=33).contains(&body.atr.len()) || !matches!(body.atr[0], 0x3B | 0x3F) {
+            return refuse(
+                ErrorCode::Malformed,
+                format!(
+                    "the draw request's ATR ({} bytes) is not an answer to reset (2-33 bytes, TS 3B or 3F)",
+                    body.atr.len()
+                ),
+                Some(&txid),
+            );
+        }
         let claim = match self.claim_init(&body.init, &txid) {
             Ok(c) => c,
             Err(newest) => {
@@ -558,13 +596,35 @@ impl PaymentServer {
                 self.sync_terminals();
                 return refuse(ErrorCode::Busy, why, Some(&txid));
             };
-            let card = lease.card().await;
+            let mut card = lease.card().await;
+            // A terminal first does the reversals its card owes (kind `terminal`).
+            if !self.settle_owed(lease.slot, card.as_mut()) {
+                failed_terminals += 1;
+                self.pool
+                    .mark_down(lease.slot, "owed reversals not yet done".into());
+                if failed_terminals > self.pool.len() {
+                    return refuse(
+                        ErrorCode::Busy,
+                        "no security card terminal answers; retry shortly",
+                        Some(&txid),
+                    );
+                }
+                continue;
+            }
             let (atr, d) = (body.atr.clone(), draw.clone());
-            let (card, (before, issued)) = blocking(card, move |c| {
-                let before = c.snapshot();
-                let r = c.issue_debit(&atr, &d, today(), early);
-                (before, r)
-            })
+            let (card, (before, issued)) = blocking(
+                card,
+                move |c| {
+                    let before = c.snapshot();
+                    let r = c.issue_debit(&atr, &d, today(), early);
+                    (before, r)
+                },
+                |c, (before, r)| {
+                    if let Ok(a) = r {
+                        c.undo_issue(&before, a.command.security_card_txn);
+                    }
+                },
+            )
             .await;
             match issued {
                 Ok(a) => break (lease, card, before, a),
@@ -595,6 +655,7 @@ impl PaymentServer {
             });
         if auth.command.security_card_txn % PURGE_EVERY == 0 {
             let mut open = self.open_on(lease.slot);
+            open.extend(self.owed_on(lease.slot));
             open.push(auth.command.security_card_txn);
             let n = card.purge_settled_except(&open);
             tracing::debug!(
@@ -656,8 +717,9 @@ impl PaymentServer {
             debit_response: None,
             batch: None,
         };
+        let snapshot = card.snapshot();
         let saved = self.journal.atomically(|b| {
-            b.put(Kind::SecurityCard, &slot_key(lease.slot), &card.snapshot())?;
+            b.put(Kind::SecurityCard, &slot_key(lease.slot), &snapshot)?;
             b.put(Kind::Txn, &txid, &journal::encode(&record))?;
             if let Some(e) = &here {
                 b.put(Kind::Expected, &txid, &journal::encode(e))?;
@@ -669,7 +731,8 @@ impl PaymentServer {
             )
         });
         if let Err(e) = saved {
-            let _ = card.restore(&before); // not journaled means not done
+            // Not journaled means not done.
+            card.undo_issue(&before, record.security_card_txn);
             return journal_failed(e, Some(&txid));
         }
         drop(card);
@@ -739,10 +802,16 @@ impl PaymentServer {
         }
         let r2 = resp.clone();
         let n = rec.security_card_txn;
-        let (mut card, (before, completed)) = blocking(card, move |c| {
-            let before = c.snapshot();
-            (before, c.complete(n, &r2))
-        })
+        // Cancelled after the card counted it: the journal still says issued, and the
+        // repeat (the gateway asks again) is idempotent in the card.
+        let (mut card, (before, completed)) = blocking(
+            card,
+            move |c| {
+                let before = c.snapshot();
+                (before, c.complete(n, &r2))
+            },
+            |_, _| {},
+        )
         .await;
         match completed {
             Ok(_) => {
@@ -752,8 +821,9 @@ impl PaymentServer {
                 rec.debit_response = Some(resp.clone());
                 // Settled: our record answers any repeat, so the card need not keep it.
                 card.forget(rec.security_card_txn);
+                let snapshot = card.snapshot();
                 let saved = self.journal.atomically(|b| {
-                    b.put(Kind::SecurityCard, &slot_key(rec.slot), &card.snapshot())?;
+                    b.put(Kind::SecurityCard, &slot_key(rec.slot), &snapshot)?;
                     b.put(Kind::Txn, &txid, &journal::encode(&rec))?;
                     b.step(&txid, &PayStep::Confirmed, "card signature verified")
                 });
@@ -865,6 +935,16 @@ impl PaymentServer {
 
     /// The security-card transactions still open on `slot` (debit issued, not yet settled
     /// or reversed): [`SecurityCardDevice::purge_settled_except`] keeps them.
+    fn owed_on(&self, slot: usize) -> Vec<u32> {
+        let prefix = format!("owed/{slot:04}/");
+        self.journal
+            .range_after(Kind::Terminal, &prefix, 10_000)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|(k, _)| k.strip_prefix(&prefix)?.parse().ok())
+            .collect()
+    }
+
     fn open_on(&self, slot: usize) -> Vec<u32> {
         let open: Vec<String> = self
             .open
@@ -908,10 +988,15 @@ impl PaymentServer {
             return false;
         };
         let n = rec.security_card_txn;
-        let (mut card, (before, reversed)) = blocking(card, move |c| {
-            let before = c.snapshot();
-            (before, c.reverse(n))
-        })
+        // Cancelled after the card reversed it: the sweep reverses again (idempotent).
+        let (mut card, (before, reversed)) = blocking(
+            card,
+            move |c| {
+                let before = c.snapshot();
+                (before, c.reverse(n))
+            },
+            |_, _| {},
+        )
         .await;
         match reversed {
             Ok(()) => {}
@@ -949,8 +1034,9 @@ impl PaymentServer {
             merchant_id: rec.merchant_id.clone(),
             reason: why.into(),
         };
+        let snapshot = card.snapshot();
         let saved = self.journal.atomically(|b| {
-            b.put(Kind::SecurityCard, &slot_key(rec.slot), &card.snapshot())?;
+            b.put(Kind::SecurityCard, &slot_key(rec.slot), &snapshot)?;
             b.put(Kind::Txn, txid, &journal::encode(&rec))?;
             b.put(
                 Kind::Reversal,
@@ -1104,7 +1190,16 @@ impl PaymentServer {
             .collect();
         let mut n = 0;
         for txid in due {
-            if self.reverse(&txid, "timeout: no debit response").await {
+            // One step of a transaction at a time: a debit response being completed now
+            // must not be overwritten by this reversal.
+            let lock = self.lock_for(&txid);
+            let reversed = {
+                let _g = lock.lock().await;
+                self.reverse(&txid, "timeout: no debit response").await
+            };
+            drop(lock);
+            self.unlock_done(&txid);
+            if reversed {
                 n += 1;
             }
         }
@@ -1186,7 +1281,22 @@ impl PaymentServer {
             let Ok(n) = key[prefix.len()..].parse::<u32>() else {
                 continue;
             };
-            match card.reverse(n) {
+            let outcome = card.reverse(n);
+            if let Err(
+                e @ (SecurityCardError::AlreadyCompleted(_)
+                | SecurityCardError::UnknownTransaction(_)),
+            ) = &outcome
+            {
+                // The card proved (or no longer knows) a sale this server reversed: its
+                // totals and the journal disagree until an operator reconciles them.
+                tracing::error!(slot, security_card_txn = n, error = %e, "owed reversal refused by the security card: reconcile");
+                let _ = self.journal.put(
+                    Kind::Terminal,
+                    &format!("disputed/{slot:04}/{n:010}"),
+                    e.to_string().as_bytes(),
+                );
+            }
+            match outcome {
                 Ok(())
                 | Err(
                     SecurityCardError::AlreadyCompleted(_)
@@ -1295,5 +1405,55 @@ impl Role for PaymentServer {
             self.unlock_done(&txid);
             answer
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request cancelled while its security card command runs (the gateway dropped the
+    /// connection) must not leave the command's outcome unjournaled and un-undone: the
+    /// command finishes on its thread and `on_cancel` gets it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_security_card_command_outliving_its_request_is_undone() {
+        let card: Box<dyn SecurityCardDevice> = Box::new(SecurityCard::new(
+            7,
+            proto::purse::MasterKey::new(1, DesKey::new([1; 16])),
+        ));
+        let slot = Arc::new(tokio::sync::Mutex::new(card));
+        let undone = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let seen = undone.clone();
+        let guard = slot.clone().lock_owned().await;
+        let call = blocking(
+            guard,
+            |c| {
+                std::thread::sleep(Duration::from_millis(200));
+                c.id()
+            },
+            move |_, id| seen.store(id, std::sync::atomic::Ordering::SeqCst),
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), call)
+                .await
+                .is_err(),
+            "cancelled mid-command"
+        );
+        let _again = slot.lock().await; // the card comes back once the command ends
+        assert_eq!(undone.load(std::sync::atomic::Ordering::SeqCst), 7);
+        // Not cancelled: the result comes back and nothing is undone.
+        undone.store(0, std::sync::atomic::Ordering::SeqCst);
+        drop(_again);
+        let seen = undone.clone();
+        let (_, id) = blocking(
+            slot.clone().lock_owned().await,
+            |c| c.id(),
+            move |_, id| seen.store(id, std::sync::atomic::Ordering::SeqCst),
+        )
+        .await;
+        assert_eq!(
+            (id, undone.load(std::sync::atomic::Ordering::SeqCst)),
+            (7, 0)
+        );
     }
 }

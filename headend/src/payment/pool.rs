@@ -70,6 +70,15 @@ pub trait SecurityCardDevice: Send {
     fn probe(&mut self) -> Result<(), SecurityCardError> {
         Ok(())
     }
+    /// Undoes an issued debit command whose transaction will never be journaled (the
+    /// journal write failed, or the request was cancelled): the software card goes back to
+    /// `before` (its snapshot taken just before); a hardware card reverses `security_card_txn`.
+    fn undo_issue(&mut self, before: &[u8], security_card_txn: u32) {
+        let _ = security_card_txn;
+        if let Err(e) = self.restore(before) {
+            tracing::error!(error = %e, "security card state not rolled back");
+        }
+    }
 }
 
 impl SecurityCardDevice for SecurityCard {
@@ -289,6 +298,10 @@ impl SecurityCardDevice for Traced {
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
         self.inner.restore(snapshot)
     }
+    fn undo_issue(&mut self, before: &[u8], security_card_txn: u32) {
+        self.inner.undo_issue(before, security_card_txn);
+        self.note(Command::Reverse, Some(security_card_txn), true);
+    }
     fn probe(&mut self) -> Result<(), SecurityCardError> {
         let out = self.inner.probe();
         self.note(Command::Probe, None, out.is_ok());
@@ -414,23 +427,46 @@ impl Pool {
     }
 
     /// Waits up to `wait` for a free security card.
+    /// Waits up to `wait` for a free security card whose terminal is in the pool.
     pub async fn acquire(self: &Arc<Self>, wait: Duration) -> Option<Lease> {
-        let permit = tokio::time::timeout(wait, self.free.clone().acquire_owned())
-            .await
-            .ok()?
-            .ok()?;
-        let slot = {
-            let mut t = self.taken.lock().unwrap_or_else(|p| p.into_inner());
-            let down = self.down.lock().unwrap_or_else(|p| p.into_inner());
-            let i = (0..t.len()).find(|&i| !t[i] && down[i].is_none())?;
-            t[i] = true;
-            i
-        };
-        Some(Lease {
-            slot,
-            pool: self.clone(),
-            _permit: permit,
-        })
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let permit = tokio::time::timeout_at(deadline, self.free.clone().acquire_owned())
+                .await
+                .ok()?
+                .ok()?;
+            let slot = {
+                let mut t = self.taken.lock().unwrap_or_else(|p| p.into_inner());
+                let down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+                (0..t.len())
+                    .find(|&i| !t[i] && down[i].is_none())
+                    .inspect(|&i| t[i] = true)
+            };
+            match slot {
+                Some(slot) => {
+                    return Some(Lease {
+                        slot,
+                        pool: self.clone(),
+                        _permit: permit,
+                    });
+                }
+                // The free card's terminal is out of the pool: wait for another, unless
+                // every terminal is out.
+                None => {
+                    drop(permit);
+                    let all_down = self
+                        .down
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .iter()
+                        .all(Option::is_some);
+                    if all_down || tokio::time::Instant::now() >= deadline {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
     }
 
     /// The card in `slot`, for steps of a transaction whose lease was released (early

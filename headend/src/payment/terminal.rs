@@ -43,6 +43,10 @@ use crate::journal;
 /// treated as dead until it answers again).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The most unjournaled transactions a terminal reverses on its own when its card answers
+/// again; more means the card is not the one whose history this terminal knows.
+pub const MAX_ORPHANS: u32 = 64;
+
 struct Job {
     apdus: Vec<Vec<u8>>,
     reply: std_mpsc::Sender<Result<Vec<Response>, String>>,
@@ -55,12 +59,18 @@ pub struct PcscSecurityCard {
     timeout: Duration,
     jobs: std_mpsc::Sender<Job>,
     /// The card's transaction counter as of the last answer seen here: every number the
-    /// card handed out up to it was answered; any after it is an orphan to reverse.
-    seen_counter: u32,
+    /// card handed out up to it was answered; any after it is an orphan to reverse. `None`:
+    /// no baseline yet (a new terminal whose card has not answered): the card's counter at
+    /// its first answer is taken, nothing before it being this server's.
+    seen_counter: Option<u32>,
     /// Orphans may exist (an answer was lost, or the state was rolled back).
     recover: bool,
     /// The last GET STATUS, for totals and snapshots while the reader is down.
     last_status: std::sync::Mutex<PsamStatus>,
+    /// The last command script failed: snapshots and totals use [`Self::last_status`]
+    /// rather than wait for a dead reader's timeout again (commands that change the card
+    /// still try it).
+    failing: std::sync::atomic::AtomicBool,
 }
 
 impl PcscSecurityCard {
@@ -82,7 +92,7 @@ impl PcscSecurityCard {
             reader: reader.into(),
             timeout,
             jobs,
-            seen_counter: 0,
+            seen_counter: None,
             recover: false,
             last_status: std::sync::Mutex::new(PsamStatus {
                 security_card_id: id,
@@ -91,9 +101,10 @@ impl PcscSecurityCard {
                 hotlist_version: 0,
                 totals: BTreeMap::new(),
             }),
+            failing: Default::default(),
         };
         match me.status() {
-            Ok(s) => me.seen_counter = s.txn_counter,
+            Ok(s) => me.seen_counter = Some(s.txn_counter),
             Err(SecurityCardError::Terminal(why)) if why.contains("holds security card") => {
                 return Err(why);
             }
@@ -111,12 +122,29 @@ impl PcscSecurityCard {
         self.jobs
             .send(Job { apdus, reply })
             .map_err(|_| self.failed("the terminal thread ended"))?;
-        match rx.recv_timeout(self.timeout + Duration::from_secs(1)) {
+        let out = match rx.recv_timeout(self.timeout + Duration::from_secs(1)) {
             Ok(r) => r.map_err(|e| self.failed(&e)),
             Err(_) => {
                 Err(self.failed(&format!("no answer within {} ms", self.timeout.as_millis())))
             }
+        };
+        self.failing
+            .store(out.is_err(), std::sync::atomic::Ordering::Relaxed);
+        out
+    }
+
+    /// GET STATUS, or the last one while the reader is failing.
+    fn status_or_last(&self) -> PsamStatus {
+        let cached = || {
+            self.last_status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        };
+        if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
+            return cached();
         }
+        self.status().unwrap_or_else(|_| cached())
     }
 
     fn failed(&self, what: &str) -> SecurityCardError {
@@ -176,7 +204,21 @@ impl PcscSecurityCard {
             return Ok(());
         }
         let s = self.status()?;
-        for n in self.seen_counter.saturating_add(1)..=s.txn_counter {
+        let Some(seen) = self.seen_counter else {
+            self.seen_counter = Some(s.txn_counter);
+            self.recover = false;
+            return Ok(());
+        };
+        // A card whose counter is far past the last one seen is not this terminal's card
+        // history (swapped, or restored from elsewhere): nothing is reversed blindly.
+        if s.txn_counter.saturating_sub(seen) > MAX_ORPHANS {
+            return Err(self.failed(&format!(
+                "the card's transaction counter is {}, the last this terminal saw {seen}: \
+                 more than {MAX_ORPHANS} unjournaled transactions — reconcile the card by hand",
+                s.txn_counter
+            )));
+        }
+        for n in seen.saturating_add(1)..=s.txn_counter {
             match self.command(commands::reverse(n)) {
                 Ok(_) => tracing::warn!(
                     reader = %self.reader,
@@ -190,7 +232,7 @@ impl PcscSecurityCard {
                 Err(e) => return Err(e),
             }
         }
-        self.seen_counter = s.txn_counter;
+        self.seen_counter = Some(s.txn_counter);
         self.recover = false;
         Ok(())
     }
@@ -211,7 +253,9 @@ impl PcscSecurityCard {
             && c.amount == draw.amount.minor
             && c.currency == draw.amount.currency
             && c.date == today
-            && c.security_card_txn > self.seen_counter
+            && self
+                .seen_counter
+                .is_none_or(|seen| c.security_card_txn > seen)
     }
 }
 
@@ -260,8 +304,19 @@ impl SecurityCardDevice for PcscSecurityCard {
                     hex::encode_upper(&data)
                 ))
             })?;
-        self.seen_counter = auth.command.security_card_txn;
+        self.seen_counter = Some(auth.command.security_card_txn);
         self.recover = false;
+        // The summary journaled with this transaction must already count it, even if the
+        // next GET STATUS fails (an older one would make it look unjournaled).
+        {
+            let mut last = self.last_status.lock().unwrap_or_else(|p| p.into_inner());
+            last.txn_counter = auth.command.security_card_txn;
+            if early_release {
+                let t = last.totals.entry(draw.amount.currency).or_default();
+                t.count += 1;
+                t.amount += draw.amount.minor;
+            }
+        }
         Ok(auth)
     }
 
@@ -323,38 +378,23 @@ impl SecurityCardDevice for PcscSecurityCard {
     }
 
     fn set_hotlist(&mut self, hotlist: &Hotlist) {
-        let answered = self.run(commands::load_hotlist(hotlist)).and_then(|rs| {
-            for r in rs {
-                self.outcome(r)?;
-            }
-            Ok(())
-        });
+        // One block per command script: a long list is many blocks, each within the timeout.
+        let answered = commands::load_hotlist(hotlist)
+            .into_iter()
+            .try_for_each(|block| self.command(block).map(|_| ()));
         if let Err(e) = answered {
             tracing::error!(reader = %self.reader, version = hotlist.version, error = %e, "LOAD HOTLIST failed; the terminal keeps its older list");
         }
     }
 
     fn totals(&self) -> BTreeMap<Currency, Totals> {
-        match self.status() {
-            Ok(s) => s.totals,
-            Err(_) => self
-                .last_status
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .totals
-                .clone(),
-        }
+        self.status_or_last().totals
     }
 
     /// The card's summary (GET STATUS), as a [`SecurityCard`] with no transactions: what
     /// `headend status` and reconciliation read from the slot's journal entry.
     fn snapshot(&self) -> Vec<u8> {
-        let s = self.status().unwrap_or_else(|_| {
-            self.last_status
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone()
-        });
+        let s = self.status_or_last();
         journal::encode(&SecurityCard::summary(
             s.security_card_id,
             s.txn_counter,
@@ -372,7 +412,7 @@ impl SecurityCardDevice for PcscSecurityCard {
                 s.id, self.id
             ));
         }
-        self.seen_counter = s.txn_counter;
+        self.seen_counter = Some(s.txn_counter);
         self.recover = true;
         if let Err(e) = self.recover_orphans() {
             tracing::error!(reader = %self.reader, error = %e, "security card not reachable; its unjournaled transactions are reversed when it answers");
@@ -382,6 +422,15 @@ impl SecurityCardDevice for PcscSecurityCard {
 
     fn probe(&mut self) -> Result<(), SecurityCardError> {
         PcscSecurityCard::probe(self)
+    }
+
+    /// Reverses exactly the transaction never journaled (now, or when the card answers).
+    fn undo_issue(&mut self, _before: &[u8], security_card_txn: u32) {
+        self.seen_counter = Some(security_card_txn.saturating_sub(1));
+        self.recover = true;
+        if let Err(e) = self.recover_orphans() {
+            tracing::error!(reader = %self.reader, security_card_txn, error = %e, "unjournaled transaction not yet reversed in the card; done when it answers");
+        }
     }
 }
 
@@ -420,7 +469,13 @@ fn worker(reader: String, jobs: std_mpsc::Receiver<Job>, timeout: Duration) {
             }
             let s = session.as_mut().expect("connected above");
             let r = script(s.as_mut(), &job.apdus).await;
-            if r.is_err() {
+            // A reader error, or a card that lost its selection (reset, or a card that
+            // could not persist and started over): connect and SELECT again next time.
+            let lost = r.as_ref().map_or(true, |rs| {
+                rs.iter()
+                    .any(|x| x.sw == StatusWord::WRONG_STATE || x.sw == StatusWord::APP_NOT_FOUND)
+            });
+            if lost {
                 session = None;
             }
             r
