@@ -316,6 +316,11 @@ pub struct LoadSection {
     /// The load master key file (`key_version`, `master`; see
     /// [`proto::purse::MasterKeyFile`]): the HSM's key, and only the HSM's.
     pub load_keys: PathBuf,
+    /// The issuer's purchase master keys (a purchase-keys file: one key or `[[keys]]`),
+    /// given to the HSM only to re-key cards (001 [0044]): a card loaded on an older key
+    /// version than the newest `load_keys` version gets its keys of that version with the
+    /// load, if this file holds it too. Absent: no key updates.
+    pub rekey_purchase_keys: Option<PathBuf>,
     /// The HSM's id in load commands.
     #[serde(default = "default_hsm_id")]
     pub hsm_id: u64,
@@ -886,6 +891,9 @@ impl HeadendConfig {
         }
         if let Some(l) = &mut self.load {
             fix(&mut l.load_keys);
+            if let Some(p) = &mut l.rekey_purchase_keys {
+                fix(p);
+            }
             fix(&mut l.confirmation_key_file);
             if let Some(v) = &mut l.vouchers_file {
                 fix(v);

@@ -61,6 +61,11 @@ pub trait SecurityModule: Send {
     fn set_hotlist(&mut self, hotlist: &proto::hotlist::Hotlist);
     fn snapshot(&self) -> Vec<u8>;
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String>;
+    /// The sealed key update for this load's card, if it is on an older key version
+    /// ([`Hsm::key_update`]); none by default.
+    fn key_update(&self, _init: &LoadInit) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 impl SecurityModule for Hsm {
@@ -98,6 +103,9 @@ impl SecurityModule for Hsm {
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
         self.restore_state(journal::decode(snapshot)?);
         Ok(())
+    }
+    fn key_update(&self, init: &LoadInit) -> Option<Vec<u8>> {
+        Hsm::key_update(self, init)
     }
 }
 
@@ -178,7 +186,13 @@ impl LoadServer {
             Journal::open_target(&cfg.journal_target("load").map_err(|e| e.to_string())?)
                 .map_err(|e| e.to_string())?,
         );
-        let mut hsm: Box<dyn SecurityModule> = Box::new(Hsm::new(s.hsm_id, master));
+        let mut soft = Hsm::new(s.hsm_id, master);
+        if let Some(p) = &s.rekey_purchase_keys {
+            soft = soft.with_rekey(
+                read_master_key("[load] rekey_purchase_keys", p).map_err(|e| e.to_string())?,
+            );
+        }
+        let mut hsm: Box<dyn SecurityModule> = Box::new(soft);
         if let Some(snap) = journal.get(Kind::Hsm, "0").map_err(|e| e.to_string())? {
             hsm.restore(&snap)?;
             tracing::info!("HSM state restored from the journal");
@@ -394,6 +408,7 @@ impl LoadServer {
         };
         let answer = Message::LoadCommand(LoadCommandMsg {
             transaction_id: txid.clone(),
+            key_update: hsm.key_update(&req.init),
             command: cmd,
         });
         let rec = LoadRec {

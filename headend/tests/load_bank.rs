@@ -8,13 +8,16 @@ mod load_support;
 
 use std::process::Command;
 
+use headend::config::HeadendConfig;
 use headend::funds::HoldState;
 use headend::load::LoadState;
 use load_support::*;
 use proto::apdu::StatusWord;
 use proto::card::CardFault;
+use proto::crypto::DesKey;
 use proto::messages::*;
 use proto::money::{Currency, Money};
+use proto::purse::{CardKeys, IssuerKeys};
 
 fn bank_hold(he: &HeadEnd, txid: &str) -> Option<HoldState> {
     he.running
@@ -544,4 +547,88 @@ fn example_config_documents_the_load_side_and_parses() {
         cfg.load.as_ref().unwrap().clearing.as_deref(),
         Some(clearing.name.as_str())
     );
+}
+
+/// Key update with a bank load (001 [0044]; 004's monthly key change): with load and
+/// purchase keys of versions 1 and 2 (version 1 retired for purchases) and the load server
+/// given the purchase masters to re-key, a version-1 card's bank load credits it and moves
+/// it to version 2 in the same LOAD; its next load is under version 2 with no update; value
+/// is conserved throughout.
+#[tokio::test]
+async fn a_version_1_card_comes_out_of_a_bank_load_on_version_2() {
+    let (dir, config_path, pin) = demo(|t| {
+        let line = t
+            .lines()
+            .find(|l| l.starts_with("load_keys = "))
+            .expect("the demo's [load] load_keys")
+            .to_string();
+        let rekey = line
+            .replace("load_keys", "rekey_purchase_keys")
+            .replace("load-keys", "purchase-keys");
+        t.replace(&line, &format!("{line}\n{rekey}"))
+    });
+    let cfg = HeadendConfig::load(&config_path).unwrap();
+    let v1 = issuer_keys(&cfg);
+    let v2 = IssuerKeys {
+        key_version: 2,
+        purchase_master: DesKey::new([0x5C; 16]),
+        load_master: DesKey::new([0x6D; 16]),
+    };
+    let keys = dir.path().join("keys");
+    for (file, a, b, retire) in [
+        ("load-keys.toml", &v1.load_master, &v2.load_master, false),
+        (
+            "purchase-keys.toml",
+            &v1.purchase_master,
+            &v2.purchase_master,
+            true,
+        ),
+    ] {
+        let text = format!(
+            "[[keys]]\nkey_version = 1\nmaster = \"{}\"\nretired = {retire}\n\n[[keys]]\nkey_version = 2\nmaster = \"{}\"\n",
+            hex::encode_upper(a.bytes()),
+            hex::encode_upper(b.bytes()),
+        );
+        proto::secret::write_private(&keys.join(file), text.as_bytes()).unwrap();
+    }
+    let running = headend::assembly::start(&cfg, headend::assembly::Roles::ALL)
+        .await
+        .unwrap();
+    let he = HeadEnd {
+        dir,
+        cfg,
+        config_path,
+        running,
+        pin,
+        pg: None,
+    };
+    let mut b = LoadBox::new(&he, BOX1, 1_000, 100_000).await;
+    assert_eq!(b.card.state.key_version, 1);
+    let (_, answer) = b.load(bank_source(), 2_000, Some(&he.pin.clone())).await;
+    assert!(matches!(answer, Message::LoadConfirmation(_)), "{answer:?}");
+    assert_eq!(b.balance(), 3_000, "credited");
+    assert_eq!(b.card.state.key_version, 2, "re-keyed with the load");
+    assert_eq!(
+        b.card.state.keys,
+        CardKeys::derive(&v2, b.card.state.card_id),
+        "the card holds its version-2 keys"
+    );
+    // The next load is a version-2 card's: no update, verified under version 2.
+    let offer = b.offer(bank_source()).await;
+    let init = b.init_load(&offer, 500).unwrap();
+    assert_eq!(init.key_version, 2);
+    let req = b.load_request(&offer, init, 500, Some(&he.pin.clone()));
+    let answer = b.call(&Message::LoadRequest(req)).await;
+    let Message::LoadCommand(c) = &answer else {
+        panic!("{answer:?}")
+    };
+    assert_eq!(c.key_update, None, "nothing to update on a version-2 card");
+    let resp = b.run_load(&c.command).unwrap();
+    let conf = b
+        .call(&LoadBox::response_msg(&offer, Some(resp), None))
+        .await;
+    assert!(matches!(conf, Message::LoadConfirmation(_)), "{conf:?}");
+    assert_eq!(b.balance(), 3_500);
+    conservation(&he, &mut [&mut b]).await;
+    he.running.stop().await;
 }

@@ -522,7 +522,9 @@ impl PurseCard {
             return Err(StatusWord::WRONG_STATE);
         };
         self.check_usable()?;
-        let lc = LoadCommand::decode(&cmd.data).map_err(|_| StatusWord::BAD_DATA)?;
+        // The load command, then (optionally) the issuer's sealed key update.
+        let (lc, update) = cmd.data.split_at(cmd.data.len().min(LoadCommand::LEN));
+        let lc = LoadCommand::decode(lc).map_err(|_| StatusWord::BAD_DATA)?;
         if lc.card_id != self.state.card_id {
             return Err(StatusWord::BAD_DATA);
         }
@@ -540,6 +542,20 @@ impl PurseCard {
         if lc.amount == 0 {
             return Err(StatusWord::BAD_AMOUNT);
         }
+        // A key update must open under this load's session and name a newer version; one
+        // that does not is refused with the whole LOAD (nothing credited, nothing re-keyed).
+        let rekey = if update.is_empty() {
+            None
+        } else {
+            let opened = crypto::open(&KeyUpdate::session(&key, atc), update)
+                .ok()
+                .and_then(|b| KeyUpdate::decode(&b).ok());
+            match opened {
+                Some(u) if u.key_version > self.state.key_version => Some(u),
+                Some(_) => return Err(StatusWord::BAD_DATA),
+                None => return Err(self.bad_signature()),
+            }
+        };
         let credited = self
             .state
             .balance
@@ -556,6 +572,12 @@ impl PurseCard {
         if credit {
             self.state.balance = credited;
             self.state.load_count += 1;
+            // Re-keyed in the same state change as the credit: one version or the other
+            // is what persists, never neither.
+            if let Some(u) = rekey {
+                self.state.keys = u.keys;
+                self.state.key_version = u.key_version;
+            }
         }
         if counter_moves {
             self.state.atc = atc;
@@ -651,7 +673,13 @@ pub mod commands {
         .to_bytes()
     }
     pub fn load(lc: &LoadCommand) -> Vec<u8> {
-        Command::new(CLA_PURSE, INS_LOAD, 0, 0, lc.encode(), Some(0)).to_bytes()
+        load_with_update(lc, None)
+    }
+    /// LOAD with the issuer's sealed [`KeyUpdate`] after the load command.
+    pub fn load_with_update(lc: &LoadCommand, key_update: Option<&[u8]>) -> Vec<u8> {
+        let mut data = lc.encode();
+        data.extend_from_slice(key_update.unwrap_or_default());
+        Command::new(CLA_PURSE, INS_LOAD, 0, 0, data, Some(0)).to_bytes()
     }
     pub fn read_log(record: u8) -> Vec<u8> {
         Command::new(CLA_PURSE, INS_READ_LOG, record, 0, vec![], Some(0)).to_bytes()

@@ -132,6 +132,10 @@ pub struct Hsm {
     /// server loads its newest at every start and on every update).
     #[serde(skip)]
     hotlist: Hotlist,
+    /// The purchase masters, given only to re-key cards ([`Self::key_update`]); none: no
+    /// key updates.
+    #[serde(skip)]
+    rekey: Option<MasterKeys>,
 }
 
 impl Hsm {
@@ -142,7 +146,41 @@ impl Hsm {
             txns: BTreeMap::new(),
             totals: BTreeMap::new(),
             hotlist: Hotlist::default(),
+            rekey: None,
         }
+    }
+
+    /// This HSM with the issuer's purchase masters, so that it re-keys every card it loads
+    /// that is on an older key version than its newest ([`Self::key_update`]).
+    pub fn with_rekey(mut self, purchase: MasterKeys) -> Self {
+        self.rekey = Some(purchase);
+        self
+    }
+
+    /// The sealed key update for a load of `init`'s card (001 [0044]): the card's keys of
+    /// the newest version both the load and the purchase masters hold, if the card is on an
+    /// older one. Deterministic for one load, so a repeated request gets the same bytes.
+    pub fn key_update(&self, init: &LoadInit) -> Option<Vec<u8>> {
+        use rand::SeedableRng;
+        let (load, purchase) = (self.master.as_ref()?, self.rekey.as_ref()?);
+        let newest = load.newest().key_version;
+        if init.key_version >= newest {
+            return None;
+        }
+        let update = KeyUpdate {
+            key_version: newest,
+            keys: CardKeys {
+                purchase: purchase.get(newest)?.card_key(init.card_id),
+                load: load.get(newest)?.card_key(init.card_id),
+            },
+        };
+        let current = self.card_load_key(init.key_version, init.card_id).ok()?;
+        let mut iv = rand::rngs::StdRng::seed_from_u64(init.card_id ^ u64::from(init.atc));
+        Some(crypto::seal(
+            &KeyUpdate::session(&current, init.atc),
+            &update.encode(),
+            &mut iv,
+        ))
     }
 
     /// Loads the issuer's hotlist (a newer one replaces it; an older one is ignored).
@@ -166,7 +204,9 @@ impl Hsm {
     pub fn restore_state(&mut self, state: Hsm) {
         let master = self.master.take();
         let hotlist = std::mem::take(&mut self.hotlist);
+        let rekey = self.rekey.take();
         *self = state;
+        self.rekey = rekey;
         self.master = master;
         self.hotlist = hotlist;
     }

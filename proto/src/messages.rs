@@ -336,6 +336,10 @@ pub struct LoadRequest {
 pub struct LoadCommandMsg {
     pub transaction_id: String,
     pub command: LoadCommand,
+    /// The issuer's sealed key update (001 [0044], [`crate::purse::KeyUpdate`]) for a card
+    /// on an older key version: the box sends it to the card after the load command, in the
+    /// same LOAD.
+    pub key_update: Option<Vec<u8>>,
 }
 
 /// The card's answer to LOAD, or (negative result / card pulled) the zero-value S1.

@@ -488,6 +488,63 @@ impl PurchaseInit {
     }
 }
 
+/// A key update (001 [0044]; seed 004's monthly key change): the card's keys of a newer
+/// key version, issued by the load server's HSM with a load and carried after the load
+/// command in the LOAD APDU. Sealed ([`crate::crypto::seal`]: encrypted, then MACed) under
+/// [`KeyUpdate::session`] — the card's current load key for this load's transaction number —
+/// so only this card, in this load, can open it, and a tampered one is refused with the
+/// whole LOAD. The card takes the new keys in the same atomic state change as the credit.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeyUpdate {
+    pub key_version: u8,
+    pub keys: CardKeys,
+}
+
+impl std::fmt::Debug for KeyUpdate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyUpdate")
+            .field("key_version", &self.key_version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyUpdate {
+    /// The plaintext layout: version, purchase key, load key (33 bytes).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u8(self.key_version)
+            .bytes(self.keys.purchase.bytes())
+            .bytes(self.keys.load.bytes());
+        w.finish()
+    }
+
+    /// # Errors
+    /// Not 33 bytes, or a key that is not a 2-key triple-DES key.
+    pub fn decode(b: &[u8]) -> Result<Self, LayoutError> {
+        let mut r = Reader::new(b);
+        let key_version = r.u8()?;
+        let purchase: [u8; 16] = r.take()?;
+        let load: [u8; 16] = r.take()?;
+        r.end()?;
+        Ok(Self {
+            key_version,
+            keys: CardKeys {
+                purchase: DesKey::new(purchase),
+                load: DesKey::new(load),
+            },
+        })
+    }
+
+    /// The key an update for the load with transaction number `atc` is sealed under, from
+    /// the card's current load key.
+    pub fn session(card_load_key: &DesKey, atc: u32) -> DesKey {
+        let mut d = [0u8; 8];
+        d[..4].copy_from_slice(b"KUP\0");
+        d[4..].copy_from_slice(&atc.to_be_bytes());
+        card_load_key.diversify(d)
+    }
+}
+
 /// The debit command ("debit IEP", 001 [0094]) the security card issues, with its signature.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DebitCommand {
@@ -720,6 +777,10 @@ pub struct LoadCommand {
 }
 
 impl LoadCommand {
+    /// The encoded length: a LOAD APDU's data longer than this carries a sealed
+    /// [`KeyUpdate`] after it.
+    pub const LEN: usize = 39;
+
     fn fields(&self) -> Writer {
         let mut w = Writer::default();
         w.u64(self.hsm_id)

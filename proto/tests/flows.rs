@@ -820,3 +820,84 @@ fn a_cancel_proof_made_before_the_draw_is_stale_and_reverses_nothing() {
             .is_err()
     );
 }
+
+/// Key update with a load (001 [0044]; 004's monthly key change): a version-1 card loaded by
+/// an HSM that holds version 2 (and the purchase masters to re-key) comes out on version 2,
+/// in the same state change as the credit, and buys under version 2 once version 1 is
+/// retired. A key update tampered with, or one for another load, is refused with the whole
+/// LOAD: nothing credited, nothing re-keyed, the card still works under version 1.
+#[test]
+fn a_load_re_keys_a_version_1_card_to_version_2_atomically() {
+    use proto::crypto::DesKey;
+    let v2 = IssuerKeys {
+        key_version: 2,
+        purchase_master: DesKey::new([0x33; 16]),
+        load_master: DesKey::new([0x44; 16]),
+    };
+    let both = |retired: Vec<u8>, purpose: fn(&IssuerKeys) -> MasterKey| {
+        MasterKeys::new([purpose(&issuer()), purpose(&v2)], retired).unwrap()
+    };
+    let mut h = proto::hsm::Hsm::new(0xBB03, both(vec![], IssuerKeys::load))
+        .with_rekey(both(vec![1], IssuerKeys::purchase));
+    let mut card = card_with(1_000, 10_000);
+    assert_eq!(card.state.key_version, 1);
+
+    // A tampered update: the LOAD is refused as a whole.
+    let init = init_load(&mut card, 500, 1_000).unwrap();
+    let cmd = h
+        .authorize("l1", &init, Money::new(500, EUR), TODAY)
+        .unwrap();
+    let mut update = h
+        .key_update(&init)
+        .expect("a version-1 card gets an update");
+    let last = update.len() - 1;
+    update[last] ^= 1;
+    let r = send(
+        &mut card,
+        &proto::card::commands::load_with_update(&cmd, Some(&update)),
+    );
+    assert!(!r.sw.is_ok(), "tampered update refused: {}", r.sw);
+    assert_eq!((card.state.balance, card.state.key_version), (1_000, 1));
+    // Another card's update (sealed under that card's key) is refused too.
+    let again = init_load(&mut card, 500, 1_001).unwrap();
+    let cmd2 = h
+        .authorize("l2", &again, Money::new(500, EUR), TODAY)
+        .unwrap();
+    let mut someone_else = again.clone();
+    someone_else.card_id ^= 1;
+    let foreign = h.key_update(&someone_else).unwrap();
+    let r = send(
+        &mut card,
+        &proto::card::commands::load_with_update(&cmd2, Some(&foreign)),
+    );
+    assert!(!r.sw.is_ok());
+    assert_eq!((card.state.balance, card.state.key_version), (1_000, 1));
+
+    // The genuine one: credited and re-keyed together; S3 is the old key's (the HSM checks
+    // the answer under the version the load began with).
+    let init = init_load(&mut card, 500, 1_002).unwrap();
+    let cmd = h
+        .authorize("l3", &init, Money::new(500, EUR), TODAY)
+        .unwrap();
+    let update = h.key_update(&init).unwrap();
+    assert_eq!(
+        h.key_update(&init).unwrap(),
+        update,
+        "deterministic for one load"
+    );
+    let resp = LoadResponse::decode(&ok(
+        &mut card,
+        &proto::card::commands::load_with_update(&cmd, Some(&update)),
+    ))
+    .unwrap();
+    h.confirm("l3", &resp).unwrap();
+    assert_eq!((card.state.balance, card.state.key_version), (1_500, 2));
+    assert_eq!(card.state.keys, CardKeys::derive(&v2, card.state.card_id));
+    // A version-2 card gets no update; with version 1 retired it buys under version 2.
+    let init = init_load(&mut card, 1, 1_003).unwrap();
+    assert_eq!(init.key_version, 2);
+    assert!(h.key_update(&init).is_none());
+    let mut sc = SecurityCard::new(0xAA03, both(vec![1], IssuerKeys::purchase));
+    purchase(&mut card, &mut sc, 100, "p-after");
+    assert_eq!(card.state.balance, 1_400);
+}

@@ -175,6 +175,77 @@ mod tests {
         }
     }
 
+    /// A card pulled in the middle of a LOAD that re-keys it (001 [0044]): the card could
+    /// not persist (its directory replaced, as when the power goes before the write), so it
+    /// answers 6581 and keeps its old state — balance and keys of version 1 — and still
+    /// loads under version 1; the LOAD that persists moves balance and keys together.
+    #[test]
+    fn a_load_that_re_keys_is_all_or_nothing_on_the_card_file() {
+        use proto::hsm::Hsm;
+        use proto::money::Money;
+        use proto::purse::{CardKeys, LoadInit, LoadInitRequest, MasterKeys};
+        let v2 = IssuerKeys {
+            key_version: 2,
+            purchase_master: DesKey::new([3; 16]),
+            load_master: DesKey::new([4; 16]),
+        };
+        let both = |f: fn(&IssuerKeys) -> proto::purse::MasterKey| {
+            MasterKeys::new([f(&issuer()), f(&v2)], []).unwrap()
+        };
+        let hsm = |h| Hsm::new(h, both(IssuerKeys::load)).with_rekey(both(IssuerKeys::purchase));
+        let today = proto::purse::Date::new(2026, 11, 30);
+        let outer = tempfile::tempdir().unwrap();
+        let dir = outer.path().join("cards");
+        fs::create_dir(&dir).unwrap();
+        let p = dir.join("card.plvc");
+        let mut c = VirtualCard::create(&p, &spec(), &issuer()).unwrap();
+        let init_load = |c: &mut VirtualCard, ts| {
+            c.process_apdu(&commands::select());
+            let r = c.process_apdu(&commands::init_load(&LoadInitRequest {
+                amount: 500,
+                currency: Currency::EUR,
+                timestamp: ts,
+                date: today,
+            }));
+            LoadInit::decode(&r[..r.len() - 2]).unwrap()
+        };
+        let mut h = hsm(9);
+        let init = init_load(&mut c, 1);
+        let cmd = h
+            .authorize("l1", &init, Money::new(500, Currency::EUR), today)
+            .unwrap();
+        let update = h.key_update(&init).unwrap();
+        // Pulled: the write cannot happen.
+        let away = outer.path().join("away");
+        fs::rename(&dir, &away).unwrap();
+        fs::write(&dir, b"not a directory").unwrap();
+        let r = c.process_apdu(&commands::load_with_update(&cmd, Some(&update)));
+        fs::remove_file(&dir).unwrap();
+        fs::rename(&away, &dir).unwrap();
+        assert!(r.ends_with(&SW_MEMORY_FAILURE.0.to_be_bytes()), "{r:02X?}");
+        let mut again = VirtualCard::open(&p).unwrap();
+        assert_eq!(
+            (again.state().balance, again.state().key_version),
+            (1_000, 1)
+        );
+        // Usable under version 1: a new load verifies (S1) and re-keys this time.
+        let mut h = hsm(10);
+        let init = init_load(&mut again, 2);
+        assert_eq!(init.key_version, 1);
+        let cmd = h
+            .authorize("l2", &init, Money::new(500, Currency::EUR), today)
+            .unwrap();
+        let update = h.key_update(&init).unwrap();
+        let r = again.process_apdu(&commands::load_with_update(&cmd, Some(&update)));
+        assert!(r.ends_with(&[0x90, 0x00]), "{r:02X?}");
+        let after = VirtualCard::open(&p).unwrap();
+        assert_eq!(
+            (after.state().balance, after.state().key_version),
+            (1_500, 2)
+        );
+        assert_eq!(after.state().keys, CardKeys::derive(&v2, 77));
+    }
+
     #[test]
     fn create_open_and_refuse_garbage() {
         let dir = tempfile::tempdir().unwrap();

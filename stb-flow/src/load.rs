@@ -674,8 +674,10 @@ impl Load {
     }
 
     fn on_command(&mut self, req: Requested, m: Message) -> Vec<Action> {
-        let cmd = match m {
-            Message::LoadCommand(c) if c.transaction_id == req.offer.transaction_id => c.command,
+        let (cmd, key_update) = match m {
+            Message::LoadCommand(c) if c.transaction_id == req.offer.transaction_id => {
+                (c.command, c.key_update)
+            }
             Message::Error(e) if is_final_refusal(e.code) => {
                 let refusal = Refusal::LoadRefused {
                     code: e.code,
@@ -713,7 +715,9 @@ impl Load {
         } else {
             None
         };
-        let apdu = commands::load(&cmd);
+        // The issuer's key update, if any, rides in the same LOAD (001 [0044]): the card
+        // credits and re-keys in one state change, or does neither.
+        let apdu = commands::load_with_update(&cmd, key_update.as_deref());
         let mut a = vec![self.journal(Step::CommandReceived { command: cmd })];
         if let Some(why) = mismatch {
             a.extend(self.prove_not_loaded(req, None, why, &""));

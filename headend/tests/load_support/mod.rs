@@ -358,7 +358,13 @@ impl LoadBox {
         let Message::LoadCommand(c) = &answer else {
             return (offer, answer);
         };
-        let resp = self.run_load(&c.command).expect("card refused LOAD");
+        // As the box does: the issuer's key update, if any, in the same LOAD.
+        let r = self.apdu(&commands::load_with_update(
+            &c.command,
+            c.key_update.as_deref(),
+        ));
+        assert!(r.sw.is_ok(), "card refused LOAD: {}", r.sw);
+        let resp = LoadResponse::decode(&r.data).unwrap();
         let conf = self
             .call(&Self::response_msg(&offer, Some(resp), None))
             .await;

@@ -104,6 +104,7 @@ impl FakeLoadServer {
                     Ok(command) => Message::LoadCommand(proto::messages::LoadCommandMsg {
                         transaction_id: r.transaction_id.clone(),
                         command,
+                        key_update: None,
                     }),
                     Err(e) => Message::error(ErrorCode::BadSignature, e.to_string(), None),
                 }

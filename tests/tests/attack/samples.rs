@@ -211,6 +211,7 @@ pub fn every(card: &CardData, txid: &str, victim_box: &str, voucher: &str) -> Ve
         Message::LoadCommand(LoadCommandMsg {
             transaction_id: txid.into(),
             command: load_command,
+            key_update: None,
         }),
         Message::LoadResponse(LoadResponseMsg {
             transaction_id: txid.into(),
