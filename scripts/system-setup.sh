@@ -4,13 +4,14 @@
 # vsmartcard-vpcd (the virtual reader the `vcard` binary attaches to), opensc (opensc-tool,
 # the third-party check that the virtual card is a correct ISO 7816-4 card), tmux (UI tests)
 # pkg-config (used by pcsc-sys to find libpcsclite) and postgresql (initdb, pg_ctl: the
-# head-end tests start a private PostgreSQL to run every role's journal on it).
+# head-end tests start a private PostgreSQL to run every role's journal on it) and softhsm2
+# (the load server's HSM as a PKCS#11 token in the tests).
 #
 # Installs only what is missing, so a re-run on a ready machine does nothing and needs no
 # network. Exits non-zero with a message that says what to do when it cannot install.
 set -eu
 
-PACKAGES="pcscd libpcsclite-dev vsmartcard-vpcd opensc tmux pkg-config postgresql"
+PACKAGES="pcscd libpcsclite-dev vsmartcard-vpcd opensc tmux pkg-config postgresql softhsm2"
 
 missing=""
 for pkg in $PACKAGES; do

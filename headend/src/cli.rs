@@ -26,6 +26,9 @@ pub enum Command {
     /// The issuer's card hotlist: keys, signing, installing a signed list.
     #[command(subcommand)]
     Hotlist(HotlistCommand),
+    /// The load server's PKCS#11 token ([load] token): import the load masters into it.
+    #[command(subcommand)]
+    Hsm(HsmCommand),
     /// Every role in one process on SQLite: the embedded default.
     AllInOne(RoleArgs),
     /// The gateway alone: boxes' QUIC endpoint, routing to remote roles.
@@ -208,5 +211,20 @@ pub enum PkiCommand {
         names: Vec<String>,
         #[arg(long)]
         out: PathBuf,
+    },
+}
+
+/// `headend hsm …`.
+#[derive(Debug, Subcommand)]
+pub enum HsmCommand {
+    /// Import load master keys into the token the config's `[load] token` names: each
+    /// version sensitive and not extractable, labelled KEY_LABEL-vN; versions already there
+    /// are left. Delete the key file afterwards: the token holds the keys from then on.
+    Import {
+        #[command(flatten)]
+        role: RoleArgs,
+        /// The load keys file (one key, or `[[keys]]` generations).
+        #[arg(long)]
+        keys: PathBuf,
     },
 }

@@ -315,7 +315,13 @@ pub struct BankSection {
 pub struct LoadSection {
     /// The load master key file (`key_version`, `master`; see
     /// [`proto::purse::MasterKeyFile`]): the HSM's key, and only the HSM's.
-    pub load_keys: PathBuf,
+    /// The load master keys file (one key or `[[keys]]` generations): the software HSM.
+    /// Give this or `token`, not both.
+    pub load_keys: Option<PathBuf>,
+    /// The load masters in a PKCS#11 token instead ([`crate::load::token::TokenDef`]):
+    /// `token = { module = "/usr/lib/softhsm/libsofthsm2.so", token_label = "purselink",
+    /// pin_file = "keys/token.pin" }`.
+    pub token: Option<crate::load::token::TokenDef>,
     /// The issuer's purchase master keys (a purchase-keys file: one key or `[[keys]]`),
     /// given to the HSM only to re-key cards (001 [0044]): a card loaded on an older key
     /// version than the newest `load_keys` version gets its keys of that version with the
@@ -890,7 +896,12 @@ impl HeadendConfig {
             fix(&mut p.purchase_keys);
         }
         if let Some(l) = &mut self.load {
-            fix(&mut l.load_keys);
+            if let Some(p) = &mut l.load_keys {
+                fix(p);
+            }
+            if let Some(t) = &mut l.token {
+                fix(&mut t.pin_file);
+            }
             if let Some(p) = &mut l.rekey_purchase_keys {
                 fix(p);
             }

@@ -17,6 +17,7 @@
 //! killed between S2 and S3 comes back knowing the load command it issued.
 
 pub mod step;
+pub mod token;
 
 use std::sync::Arc;
 use step::LoadStep;
@@ -162,6 +163,7 @@ fn hsm_code(e: &HsmError) -> ErrorCode {
         HsmError::NoKey => ErrorCode::Internal,
         HsmError::StaleProof => ErrorCode::ProofRejected,
         HsmError::Hotlisted { .. } => ErrorCode::CardHotlisted,
+        HsmError::KeyStore(_) => ErrorCode::Internal,
     }
 }
 
@@ -180,13 +182,23 @@ fn subject(txid: &str, amount: Money, card_id: u64, hsm_id: u64) -> LoadConfirma
 impl LoadServer {
     pub fn open(cfg: &HeadendConfig) -> Result<Arc<Self>, String> {
         let s = cfg.load.as_ref().ok_or("no [load] section")?;
-        let master =
-            read_master_key("[load] load_keys", &s.load_keys).map_err(|e| e.to_string())?;
+        let store: Arc<dyn proto::hsm::LoadKeyStore> = match (&s.load_keys, &s.token) {
+            (Some(path), None) => {
+                Arc::new(read_master_key("[load] load_keys", path).map_err(|e| e.to_string())?)
+            }
+            (None, Some(def)) => Arc::new(token::TokenLoadKeys::open(def)?),
+            _ => {
+                return Err(
+                    "[load]: give `load_keys` (a key file) or `token` (a PKCS#11 token), one of them"
+                        .into(),
+                );
+            }
+        };
         let journal = Arc::new(
             Journal::open_target(&cfg.journal_target("load").map_err(|e| e.to_string())?)
                 .map_err(|e| e.to_string())?,
         );
-        let mut soft = Hsm::new(s.hsm_id, master);
+        let mut soft = Hsm::with_key_store(s.hsm_id, store);
         if let Some(p) = &s.rekey_purchase_keys {
             soft = soft.with_rekey(
                 read_master_key("[load] rekey_purchase_keys", p).map_err(|e| e.to_string())?,
@@ -397,6 +409,14 @@ impl LoadServer {
         let before = hsm.snapshot();
         let cmd = match hsm.authorize(&txid, &req.init, req.amount, crate::payment::today()) {
             Ok(c) => c,
+            // The token failed: nothing was decided, the request may come again.
+            Err(e @ HsmError::KeyStore(_)) => {
+                return refuse(
+                    ErrorCode::Internal,
+                    format!("host security module: {e}"),
+                    Some(&txid),
+                );
+            }
             Err(e) => {
                 return self.refuse_for_good(
                     raw,

@@ -122,6 +122,23 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Pki(cmd) => pki(cmd).map_err(|e| e.to_string()),
         Command::Hotlist(cmd) => hotlist(cmd),
+        Command::Hsm(headend::cli::HsmCommand::Import { role, keys }) => {
+            HeadendConfig::load(&role.config)
+                .map_err(|e| e.to_string())
+                .and_then(|cfg| {
+                    let def = cfg
+                        .load
+                        .as_ref()
+                        .and_then(|l| l.token.clone())
+                        .ok_or("the config has no [load] token to import into")?;
+                    let text = std::fs::read_to_string(&keys)
+                        .map_err(|e| format!("{}: {e}", keys.display()))?;
+                    let file: proto::purse::AnyMasterKeyFile = toml::from_str(&text)
+                        .map_err(|e| format!("{}: {e}", keys.display()))?;
+                    headend::load::token::import(&def, &file.into_generations())
+                })
+                .map(|v| println!("imported load master versions {v:?} into the token"))
+        }
         Command::AllInOne(a) => rt().and_then(|rt| rt.block_on(run_roles(a, Roles::ALL))),
         Command::Gateway(a) => {
             rt().and_then(|rt| rt.block_on(run_roles(a, only(true, false, false))))

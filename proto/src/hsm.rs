@@ -71,6 +71,38 @@ pub enum HsmError {
     /// The card is on the issuer's hotlist (seed 002): no load. Appended.
     #[error("card {card_id} is blocked by its issuer (hotlist)")]
     Hotlisted { card_id: u64 },
+    /// The key store (a hardware token) failed to derive a card key. Appended.
+    #[error("the HSM's key store failed: {0}")]
+    KeyStore(String),
+}
+
+/// Where the HSM's load masters live and derive card keys: in memory ([`MasterKeys`], the
+/// software HSM) or in a hardware token (the head end's PKCS#11 store), where the masters
+/// never leave it. A card's load key is the master of its version diversified by card id
+/// ([`DesKey::diversify`]: E(d) ‖ E(¬d), two-key triple DES).
+pub trait LoadKeyStore: std::fmt::Debug + Send + Sync {
+    /// Card `card_id`'s load key of key `version`.
+    ///
+    /// # Errors
+    /// `UnknownKeyVersion` for a version the store does not hold; `KeyStore` when a token
+    /// fails.
+    fn card_key(&self, version: u8, card_id: u64) -> Result<DesKey, HsmError>;
+    /// The newest active version: what a key update moves a card to.
+    fn newest_version(&self) -> u8;
+}
+
+impl LoadKeyStore for MasterKeys {
+    fn card_key(&self, version: u8, card_id: u64) -> Result<DesKey, HsmError> {
+        self.get(version)
+            .map(|m| m.card_key(card_id))
+            .ok_or(HsmError::UnknownKeyVersion {
+                card: version,
+                ours: self.newest().key_version,
+            })
+    }
+    fn newest_version(&self) -> u8 {
+        self.newest().key_version
+    }
 }
 
 /// Where a load transaction stands in the HSM.
@@ -125,7 +157,7 @@ pub struct LoadTxn {
 pub struct Hsm {
     pub id: u64,
     #[serde(skip)]
-    master: Option<MasterKeys>,
+    master: Option<std::sync::Arc<dyn LoadKeyStore>>,
     pub txns: BTreeMap<String, LoadTxn>,
     pub totals: BTreeMap<Currency, Totals>,
     /// The issuer's hotlist, given to the HSM like its key (not in a snapshot: the load
@@ -142,7 +174,7 @@ impl Hsm {
     pub fn new(id: u64, master: impl Into<MasterKeys>) -> Self {
         Self {
             id,
-            master: Some(master.into()),
+            master: Some(std::sync::Arc::new(master.into())),
             txns: BTreeMap::new(),
             totals: BTreeMap::new(),
             hotlist: Hotlist::default(),
@@ -163,7 +195,7 @@ impl Hsm {
     pub fn key_update(&self, init: &LoadInit) -> Option<Vec<u8>> {
         use rand::SeedableRng;
         let (load, purchase) = (self.master.as_ref()?, self.rekey.as_ref()?);
-        let newest = load.newest().key_version;
+        let newest = load.newest_version();
         if init.key_version >= newest {
             return None;
         }
@@ -171,7 +203,7 @@ impl Hsm {
             key_version: newest,
             keys: CardKeys {
                 purchase: purchase.get(newest)?.card_key(init.card_id),
-                load: load.get(newest)?.card_key(init.card_id),
+                load: load.card_key(newest, init.card_id).ok()?,
             },
         };
         let current = self.card_load_key(init.key_version, init.card_id).ok()?;
@@ -195,8 +227,20 @@ impl Hsm {
 
     /// This HSM (restored from a snapshot, which holds no key) with its load master.
     pub fn with_key(mut self, master: impl Into<MasterKeys>) -> Self {
-        self.master = Some(master.into());
+        self.master = Some(std::sync::Arc::new(master.into()));
         self
+    }
+
+    /// An HSM whose load masters are in `store` (a hardware token).
+    pub fn with_key_store(id: u64, store: std::sync::Arc<dyn LoadKeyStore>) -> Self {
+        Self {
+            id,
+            master: Some(store),
+            txns: BTreeMap::new(),
+            totals: BTreeMap::new(),
+            hotlist: Hotlist::default(),
+            rekey: None,
+        }
     }
 
     /// Takes `state`'s transactions and totals (a snapshot, rolled back to) and keeps this
@@ -214,13 +258,10 @@ impl Hsm {
     /// A card's load key, from the load master of its key `version` (a retired version
     /// still loads: a load is how a card is re-keyed).
     fn card_load_key(&self, version: u8, card_id: u64) -> Result<DesKey, HsmError> {
-        let keys = self.master.as_ref().ok_or(HsmError::NoKey)?;
-        keys.get(version)
-            .map(|m| m.card_key(card_id))
-            .ok_or(HsmError::UnknownKeyVersion {
-                card: version,
-                ours: keys.newest().key_version,
-            })
+        self.master
+            .as_ref()
+            .ok_or(HsmError::NoKey)?
+            .card_key(version, card_id)
     }
 
     fn check_s1(&self, init: &LoadInit) -> Result<(), HsmError> {
