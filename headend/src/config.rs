@@ -682,7 +682,16 @@ impl PaymentSection {
                     t.id()
                 )));
             }
-            if let TerminalDef::Pcsc { reader, .. } = t {
+            if let TerminalDef::Pcsc {
+                reader, timeout_ms, ..
+            } = t
+            {
+                if !(100..=30_000).contains(timeout_ms) {
+                    return Err(bad(format!(
+                        "terminal {:#X}: timeout_ms {timeout_ms} is outside 100–30000 (how long one command to its security card may take before the terminal leaves the pool)",
+                        t.id()
+                    )));
+                }
                 if reader.trim().is_empty() {
                     return Err(bad(format!(
                         "terminal {:#X}: reader is empty (name the PC/SC reader, e.g. \"Purselink PSAM 00 00\")",

@@ -606,3 +606,98 @@ async fn a_transaction_the_card_numbered_but_no_journal_knows_is_reversed_at_res
     );
     he.running.stop().await;
 }
+
+/// A card with the terminal's id but a counter behind the one the terminal already used (a
+/// replacement, or one restored from a backup) would number transactions again that were
+/// collected already: it is never used — the terminal stays out of the pool saying why, the
+/// journal keeps the real card's summary (also across a restart), and the draws go to the
+/// other terminal. With its own card back, the terminal returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_card_behind_the_terminal_s_counter_is_never_used() {
+    if !require_psam_reader("a_card_behind_the_terminal_s_counter_is_never_used") {
+        return;
+    }
+    let _lock = lock_reader().await;
+    let (mut he, mut served, dir) =
+        start_with_psam("payment-server", PCSC_THEN_SOFTWARE, no_fault()).await;
+    let payment = he.running.payment.as_ref().unwrap().clone();
+    assert!(eventually(|| payment.pool().down().is_empty()).await);
+    let mut b = TestBox::new(&he, "box-000001", 10_000).await;
+    let (offer, answer) = b.buy("CABLE", "ppv-1001").await;
+    assert!(
+        matches!(answer, Message::Receipt(ref r) if r.released),
+        "{answer:?}"
+    );
+    assert_eq!(
+        payment.txn(&offer.transaction_id).unwrap().security_card_id,
+        PSAM_ID
+    );
+
+    // Another card personalised with the same id, at counter 0, takes its place.
+    served.detach().await;
+    let keys = he.cfg.payment.as_ref().unwrap().purchase_keys.clone();
+    let text = std::fs::read_to_string(&keys).unwrap();
+    let keys: proto::purse::AnyMasterKeyFile = toml::from_str(&text).unwrap();
+    let twin = dir.path().join("twin.plsc");
+    VirtualPsam::create(&twin, PSAM_ID, keys.into_generations()).unwrap();
+    let impostor = Served::start(&twin, no_fault(), Arc::new(Mutex::new(Vec::new()))).await;
+    let behind = |p: &headend::payment::PaymentServer| {
+        p.pool()
+            .down()
+            .iter()
+            .any(|(slot, why)| *slot == 0 && why.contains("behind"))
+    };
+    assert!(
+        eventually(|| behind(&payment)).await,
+        "out of the pool, saying why: {:?}",
+        payment.pool().down()
+    );
+    let (offer2, answer2) = b.buy("CABLE", "ppv-1001").await;
+    assert!(
+        matches!(answer2, Message::Receipt(ref r) if r.released),
+        "{answer2:?}"
+    );
+    assert_eq!(
+        payment
+            .txn(&offer2.transaction_id)
+            .unwrap()
+            .security_card_id,
+        SOFT_ID
+    );
+    assert_eq!(impostor.status().txn_counter, 0, "nothing was sent to it");
+
+    // A restart with that card in the reader: still out, and the journal's summary of the
+    // terminal's real card stands (one sale), not the impostor's.
+    drop(payment);
+    he.running.stop().await;
+    he.running = headend::assembly::start(&he.cfg, headend::assembly::Roles::ALL)
+        .await
+        .unwrap();
+    let payment = he.running.payment.as_ref().unwrap().clone();
+    assert!(
+        eventually(|| behind(&payment)).await,
+        "{:?}",
+        payment.pool().down()
+    );
+    let report = headend::status::report(&he.cfg.state_dir).unwrap();
+    assert!(
+        report.contains("security cards: 2 sales"),
+        "the real card's sale and the software one's:\n{report}"
+    );
+    assert!(
+        report.contains("terminal 0 (security card 0x5A110001) DOWN"),
+        "{report}"
+    );
+
+    // Its own card back: the terminal returns.
+    drop(impostor);
+    wait_reader(false).await;
+    let served = Served::start(&served.file.clone(), no_fault(), served.seen.clone()).await;
+    assert!(
+        eventually(|| payment.pool().down().is_empty()).await,
+        "{:?}",
+        payment.pool().down()
+    );
+    assert_eq!(served.status().txn_counter, 1);
+    he.running.stop().await;
+}

@@ -23,8 +23,8 @@
 //! | SELECT | `00 A4 04 00` | [`PSAM_AID`] | — |
 //! | CARD ATR | `80 10 00 00` | the purse card's ATR (2–33 bytes, TS `3B` or `3F`): opens a replay session | — |
 //! | INITIALIZE | `80 12 P1 00` | P1 bit 0: early release (FIG. 5–7). amount u64, currency code u16, exponent u8, date (year u16, month u8, day u8), merchant id (length u8, UTF-8), transaction id (length u8, UTF-8), then the card's INITIALIZE FOR PURCHASE response ([`PurchaseInit::encode`]); ends the replay session | the debit command ([`DebitCommand::encode`]), then with early release the expected card signature (8 bytes) |
-//! | DEBIT RESPONSE | `80 14 00 00` | txn, then the card's DEBIT response ([`DebitResponse::encode`]) | — (the sale is counted) |
-//! | REVERSE | `80 16 00 00` | txn | — |
+//! | DEBIT RESPONSE | `80 14 00 00` | txn, then the card's DEBIT response ([`DebitResponse::encode`]) | the sale counted: the card's status after it (GET STATUS layout) |
+//! | REVERSE | `80 16 00 00` | txn | the card's status after it (GET STATUS layout) |
 //! | VERIFY NOT DEBITED | `80 18 00 00` | txn, then a later INITIALIZE FOR PURCHASE response | — (proved not debited) |
 //! | FORGET | `80 1A 00 00` | txn | `01` dropped, `00` kept |
 //! | PURGE SETTLED | `80/90 1C 00 00` | the open txns to keep, 4 bytes each (chained past 252 bytes) | dropped count u32 |
@@ -449,7 +449,7 @@ impl Psam {
                 let resp = DebitResponse::decode(&rest).map_err(bad)?;
                 let r = self.card.complete(txn, &resp);
                 self.refuse(r)?;
-                Ok((Vec::new(), true))
+                Ok((self.status().encode(), true))
             }
             INS_REVERSE => {
                 let (txn, rest) = txn_of(&data)?;
@@ -458,7 +458,7 @@ impl Psam {
                 }
                 let r = self.card.reverse(txn);
                 self.refuse(r)?;
-                Ok((Vec::new(), true))
+                Ok((self.status().encode(), true))
             }
             INS_VERIFY_NOT_DEBITED => {
                 let (txn, rest) = txn_of(&data)?;

@@ -160,6 +160,9 @@ pub enum ErrorKind {
     HeadEndUnreachable,
     Timeout,
     AmountMismatch,
+    /// Value may have moved and the transaction settles by itself (in doubt): the viewer
+    /// must not try again.
+    Pending,
     Other,
 }
 

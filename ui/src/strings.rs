@@ -183,6 +183,11 @@ pub fn error_texts(k: ErrorKind) -> (&'static str, &'static str, &'static str) {
             "The amount asked was not the price shown, so we stopped.",
             "Nothing was charged. Call your cable operator.",
         ),
+        ErrorKind::Pending => (
+            "Being settled",
+            "The card may have paid or been loaded; the head end settles it by itself.",
+            "Do not try again: you will never pay twice. It shows in History once settled.",
+        ),
         ErrorKind::Other => (
             "Something went wrong",
             "The transaction could not be completed.",

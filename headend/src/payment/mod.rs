@@ -122,6 +122,8 @@ pub struct PaymentServer {
     /// `feed_lock`.
     reversal_seq: std::sync::atomic::AtomicU64,
     feed_lock: tokio::sync::Mutex<()>,
+    /// Sweeps run so far (idle terminals are probed every other one).
+    sweeps: std::sync::atomic::AtomicU64,
     /// Per card id, the newest INITIALIZE FOR PURCHASE a draw request has used (journal kind
     /// `card_init`, key the card id): see [`PaymentServer::claim_init`].
     card_inits: std::sync::Mutex<HashMap<u64, CardInit>>,
@@ -394,6 +396,7 @@ impl PaymentServer {
             locks: Default::default(),
             reversal_seq: reversal_seq.into(),
             feed_lock: tokio::sync::Mutex::new(()),
+            sweeps: Default::default(),
             card_inits: Default::default(),
         }))
     }
@@ -998,6 +1001,7 @@ impl PaymentServer {
             |_, _| {},
         )
         .await;
+        let owed = matches!(reversed, Err(SecurityCardError::Terminal(_)));
         match reversed {
             Ok(()) => {}
             // The terminal is out of the pool: the transaction is reversed here now, and in
@@ -1056,11 +1060,19 @@ impl PaymentServer {
         drop(_feed);
         drop(card);
         self.finish(txid);
-        tracing::info!(
-            txid,
-            reason = why,
-            "transaction reversed in the security card"
-        );
+        if owed {
+            tracing::info!(
+                txid,
+                reason = why,
+                "transaction reversed; the security card's own reversal is owed until it answers"
+            );
+        } else {
+            tracing::info!(
+                txid,
+                reason = why,
+                "transaction reversed in the security card"
+            );
+        }
         true
     }
 
@@ -1203,7 +1215,14 @@ impl PaymentServer {
                 n += 1;
             }
         }
-        // Terminals out of the pool are asked again; the ones back do what they owe.
+        // Idle terminals are checked every other pass; those out of the pool are asked
+        // again, and the ones back do what they owe.
+        let pass = self
+            .sweeps
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if pass % 2 == 1 {
+            self.pool.probe_idle().await;
+        }
         for slot in self.pool.probe_down().await {
             if let Some(card) = self.pool.try_card(slot) {
                 let me_slot = slot;
@@ -1231,18 +1250,7 @@ impl PaymentServer {
             .unwrap_or_default();
         for (slot, why) in &down {
             let key = format!("down/{slot:04}");
-            let id = self
-                .pool
-                .try_card(*slot)
-                .map(|c| c.id())
-                .or_else(|| {
-                    journaled
-                        .iter()
-                        .find(|(k, _)| *k == key)
-                        .and_then(|(_, v)| journal::decode::<TerminalDown>(v).ok())
-                        .map(|t| t.security_card_id)
-                })
-                .unwrap_or(0);
+            let id = self.pool.id(*slot).unwrap_or(0);
             let rec = TerminalDown {
                 slot: *slot,
                 security_card_id: id,
@@ -1302,7 +1310,9 @@ impl PaymentServer {
                     SecurityCardError::AlreadyCompleted(_)
                     | SecurityCardError::UnknownTransaction(_),
                 ) => {
-                    tracing::info!(slot, security_card_txn = n, txid = %String::from_utf8_lossy(txid), "owed reversal done in the security card");
+                    if outcome.is_ok() {
+                        tracing::info!(slot, security_card_txn = n, txid = %String::from_utf8_lossy(txid), "owed reversal done in the security card");
+                    }
                     if let Err(e) = self
                         .journal
                         .put(Kind::SecurityCard, &slot_key(slot), &card.snapshot())

@@ -315,6 +315,8 @@ pub type SecurityCardSlot = Mutex<Box<dyn SecurityCardDevice>>;
 
 pub struct Pool {
     slots: Vec<Arc<SecurityCardSlot>>,
+    /// Each slot's security card id (fixed by the config).
+    ids: Vec<u64>,
     free: Arc<tokio::sync::Semaphore>,
     taken: std::sync::Mutex<Vec<bool>>,
     trace: Arc<Trace>,
@@ -346,7 +348,9 @@ impl Pool {
         let n = cards.len();
         let trace: Arc<Trace> = Default::default();
         let down: Arc<Down> = Arc::new(std::sync::Mutex::new(vec![None; n]));
+        let ids = cards.iter().map(|c| c.id()).collect();
         Arc::new(Self {
+            ids,
             slots: cards
                 .into_iter()
                 .enumerate()
@@ -365,6 +369,11 @@ impl Pool {
             trace,
             down,
         })
+    }
+
+    /// The security card id of `slot`'s terminal.
+    pub fn id(&self, slot: usize) -> Option<u64> {
+        self.ids.get(slot).copied()
     }
 
     /// The terminals out of the pool now: slot and why.
@@ -387,6 +396,18 @@ impl Pool {
             .get_mut(slot)
         {
             *d = Some(why);
+        }
+    }
+
+    /// Probes every terminal in the pool that nothing holds now, so a reader that died or
+    /// a card that was swapped while idle leaves the pool before a draw meets it. The
+    /// software card answers at once.
+    pub async fn probe_idle(&self) {
+        let down: Vec<usize> = self.down().into_iter().map(|(s, _)| s).collect();
+        for slot in (0..self.slots.len()).filter(|s| !down.contains(s)) {
+            if let Some(mut card) = self.try_card(slot) {
+                let _ = tokio::task::spawn_blocking(move || card.probe()).await;
+            }
         }
     }
 

@@ -85,7 +85,7 @@ impl PcscSecurityCard {
         let name = reader.to_string();
         std::thread::Builder::new()
             .name(format!("psam-{id:x}"))
-            .spawn(move || worker(name, rx, timeout))
+            .spawn(move || worker(name, id, rx, timeout))
             .map_err(|e| format!("cannot start the terminal thread for {reader}: {e}"))?;
         let mut me = Self {
             id,
@@ -131,6 +131,12 @@ impl PcscSecurityCard {
         self.failing
             .store(out.is_err(), std::sync::atomic::Ordering::Relaxed);
         out
+    }
+
+    /// Whether the card must be checked before the next command (an earlier command
+    /// failed: the card may have been pulled, swapped, or answered without being heard).
+    fn must_verify(&self) -> bool {
+        self.recover || self.failing.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// GET STATUS, or the last one while the reader is failing.
@@ -200,15 +206,27 @@ impl PcscSecurityCard {
     /// Reverses every transaction the card numbered after [`Self::seen_counter`] (see the
     /// module docs). A number the card does not know, or one it completed, is left.
     fn recover_orphans(&mut self) -> Result<(), SecurityCardError> {
-        if !self.recover {
+        if !self.must_verify() {
             return Ok(());
         }
+        self.recover = true;
         let s = self.status()?;
         let Some(seen) = self.seen_counter else {
             self.seen_counter = Some(s.txn_counter);
             self.recover = false;
             return Ok(());
         };
+        // A card whose counter is behind the last one seen is not the card this terminal
+        // used (replaced, or restored from a backup): its numbers would repeat ones already
+        // collected. Never used.
+        if s.txn_counter < seen {
+            return Err(self.failed(&format!(
+                "the card's transaction counter is {}, behind the {seen} this terminal already \
+                 used: not the same card (replaced, or restored from a backup) — put the \
+                 terminal's own card back, or give a new card a new id and slot",
+                s.txn_counter
+            )));
+        }
         // A card whose counter is far past the last one seen is not this terminal's card
         // history (swapped, or restored from elsewhere): nothing is reversed blindly.
         if s.txn_counter.saturating_sub(seen) > MAX_ORPHANS {
@@ -242,6 +260,19 @@ impl PcscSecurityCard {
     pub fn probe(&mut self) -> Result<(), SecurityCardError> {
         self.recover = true;
         self.recover_orphans()
+    }
+
+    /// Keeps the status a DEBIT RESPONSE or REVERSE answered with, so the summary journaled
+    /// next counts it even if the reader dies before another GET STATUS.
+    fn remember(&self, status: &[u8]) {
+        match PsamStatus::decode(status) {
+            Ok(s) if s.security_card_id == self.id => {
+                *self.last_status.lock().unwrap_or_else(|p| p.into_inner()) = s;
+            }
+            _ => {
+                tracing::warn!(reader = %self.reader, answer = %hex::encode_upper(status), "status in the answer does not decode; next GET STATUS refreshes it")
+            }
+        }
     }
 
     /// Whether a debit command answers the draw it was issued for.
@@ -326,14 +357,16 @@ impl SecurityCardDevice for PcscSecurityCard {
         resp: &DebitResponse,
     ) -> Result<(), SecurityCardError> {
         self.recover_orphans()?;
-        self.command(commands::debit_response(security_card_txn, resp))
-            .map(|_| ())
+        let after = self.command(commands::debit_response(security_card_txn, resp))?;
+        self.remember(&after);
+        Ok(())
     }
 
     fn reverse(&mut self, security_card_txn: u32) -> Result<(), SecurityCardError> {
         self.recover_orphans()?;
-        self.command(commands::reverse(security_card_txn))
-            .map(|_| ())
+        let after = self.command(commands::reverse(security_card_txn))?;
+        self.remember(&after);
+        Ok(())
     }
 
     fn verify_not_debited(
@@ -413,6 +446,14 @@ impl SecurityCardDevice for PcscSecurityCard {
             ));
         }
         self.seen_counter = Some(s.txn_counter);
+        // Until the card answers, the summary journaled is the journal's own.
+        {
+            let mut last = self.last_status.lock().unwrap_or_else(|p| p.into_inner());
+            if last.txn_counter <= s.txn_counter {
+                last.txn_counter = s.txn_counter;
+                last.totals = s.totals.clone();
+            }
+        }
         self.recover = true;
         if let Err(e) = self.recover_orphans() {
             tracing::error!(reader = %self.reader, error = %e, "security card not reachable; its unjournaled transactions are reversed when it answers");
@@ -437,7 +478,7 @@ impl SecurityCardDevice for PcscSecurityCard {
 /// The terminal thread: connects (and SELECTs the PSAM) on demand, runs each job in one
 /// PC/SC transaction, and drops the session on any reader error so the next job connects
 /// again.
-fn worker(reader: String, jobs: std_mpsc::Receiver<Job>, timeout: Duration) {
+fn worker(reader: String, id: u64, jobs: std_mpsc::Receiver<Job>, timeout: Duration) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -461,9 +502,31 @@ fn worker(reader: String, jobs: std_mpsc::Receiver<Job>, timeout: Duration) {
                     .map_err(|e| e.to_string())?;
                 if Response::parse(&sel).map(|r| r.sw) != Ok(StatusWord::OK) {
                     return Err(format!(
-                        "SELECT of the PSAM application answered {}",
+                        "the card in the reader is not a Purselink security card (SELECT of the \
+                         PSAM application answered {})",
                         hex::encode_upper(&sel)
                     ));
+                }
+                // Whatever card is in the reader now must be this terminal's before anything
+                // is sent to it (a card swapped while the reader was away).
+                let st = reader_drivers::transmit_whole(s.as_mut(), &commands::get_status())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let found = Response::parse(&st)
+                    .ok()
+                    .filter(|r| r.sw == StatusWord::OK)
+                    .and_then(|r| PsamStatus::decode(&r.data).ok())
+                    .map(|s| s.security_card_id);
+                if found != Some(id) {
+                    return Err(match found {
+                        Some(other) => format!(
+                            "the reader holds security card {other:#X}, the config names {id:#X} for this terminal"
+                        ),
+                        None => format!(
+                            "the security card does not answer GET STATUS ({})",
+                            hex::encode_upper(&st)
+                        ),
+                    });
                 }
                 session = Some(s);
             }

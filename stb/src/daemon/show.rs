@@ -80,7 +80,7 @@ pub fn update(show: Show) -> UiUpdate {
                 Flow::Purchase => s::in_doubt_purchase(&why),
                 Flow::Load => s::in_doubt_load(&why),
             };
-            error(ErrorKind::Other, text)
+            error(ErrorKind::Pending, text)
         }
     }
 }
@@ -323,6 +323,10 @@ mod tests {
         })) else {
             panic!()
         };
+        // Not "something went wrong, try again": trying again is what the viewer must not do.
+        assert_eq!(e.kind, ErrorKind::Pending);
+        let (title, _, advice) = s::error_texts(ErrorKind::Pending);
+        assert!(!title.contains("wrong") && advice.contains("Do not try again"));
         let detail = e.detail.unwrap();
         assert!(detail.ends_with("you will not pay twice"));
         assert!(
