@@ -117,20 +117,38 @@ impl CardApplication for VirtualCard {
 }
 
 fn encode(state: &CardState) -> Vec<u8> {
-    let mut out = MAGIC.to_vec();
-    out.push(FORMAT);
+    encode_file(MAGIC, FORMAT, state)
+}
+
+fn decode(bytes: &[u8]) -> Result<CardState, String> {
+    decode_file(bytes, MAGIC, FORMAT, "vcard create")
+}
+
+/// A virtual card's file: `magic`, a `format` byte, then the postcard-encoded `state`
+/// (the purse card's, [`crate::vpsam`]'s security card).
+pub(crate) fn encode_file<T: serde::Serialize>(magic: &[u8; 4], format: u8, state: &T) -> Vec<u8> {
+    let mut out = magic.to_vec();
+    out.push(format);
     out.extend(postcard::to_allocvec(state).expect("in-memory serialization"));
     out
 }
 
-fn decode(bytes: &[u8]) -> Result<CardState, String> {
+/// Reads [`encode_file`]'s layout; another magic or format is refused, naming the command
+/// (`remake`) that makes the card again.
+pub(crate) fn decode_file<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    magic: &[u8; 4],
+    format: u8,
+    remake: &str,
+) -> Result<T, String> {
+    let name = String::from_utf8_lossy(magic);
     let rest = bytes
-        .strip_prefix(MAGIC.as_slice())
-        .ok_or("missing PLVC magic")?;
-    let (&format, body) = rest.split_first().ok_or("no format byte")?;
-    if format != FORMAT {
+        .strip_prefix(magic.as_slice())
+        .ok_or_else(|| format!("missing {name} magic"))?;
+    let (&found, body) = rest.split_first().ok_or("no format byte")?;
+    if found != format {
         return Err(format!(
-            "format {format}, this build reads {FORMAT}: make the card again with `vcard create`"
+            "format {found}, this build reads {format}: make the card again with `{remake}`"
         ));
     }
     postcard::from_bytes(body).map_err(|e| e.to_string())

@@ -13,7 +13,7 @@ use proto::apdu::{CardApplication, Response};
 use proto::psam::{Psam, PsamState};
 use proto::purse::MasterKeysFile;
 
-use crate::vcard::{SW_MEMORY_FAILURE, VcardError, write_atomically};
+use crate::vcard::{SW_MEMORY_FAILURE, VcardError, decode_file, encode_file, write_atomically};
 
 const MAGIC: &[u8; 4] = b"PLSC";
 const FORMAT: u8 = 1;
@@ -95,23 +95,12 @@ impl CardApplication for VirtualPsam {
 }
 
 fn encode(state: &PsamState) -> Vec<u8> {
-    let mut out = MAGIC.to_vec();
-    out.push(FORMAT);
-    out.extend(postcard::to_allocvec(state).expect("in-memory serialization"));
-    out
+    encode_file(MAGIC, FORMAT, state)
 }
 
 fn decode(bytes: &[u8]) -> Result<PsamState, String> {
-    let rest = bytes
-        .strip_prefix(MAGIC.as_slice())
-        .ok_or("missing PLSC magic: not a Purselink security card")?;
-    let (&format, body) = rest.split_first().ok_or("no format byte")?;
-    if format != FORMAT {
-        return Err(format!(
-            "format {format}, this build reads {FORMAT}: make the card again with `vcard create-psam`"
-        ));
-    }
-    postcard::from_bytes(body).map_err(|e| e.to_string())
+    decode_file(bytes, MAGIC, FORMAT, "vcard create-psam")
+        .map_err(|e| format!("{e} (not a Purselink security card?)"))
 }
 
 #[cfg(test)]

@@ -328,23 +328,10 @@ pub fn home(s: &str) -> bool {
 }
 
 fn error_titles() -> Vec<&'static str> {
-    [
-        ErrorKind::NoReader,
-        ErrorKind::NoCard,
-        ErrorKind::CardBlocked,
-        ErrorKind::CardHotlisted,
-        ErrorKind::KeyRetired,
-        ErrorKind::CardExpired,
-        ErrorKind::OfferExpired,
-        ErrorKind::InsufficientValue,
-        ErrorKind::HeadEndUnreachable,
-        ErrorKind::Timeout,
-        ErrorKind::AmountMismatch,
-        ErrorKind::Other,
-    ]
-    .into_iter()
-    .map(|k| ui::strings::error_texts(k).0)
-    .collect()
+    ErrorKind::ALL
+        .into_iter()
+        .map(|k| ui::strings::error_texts(k).0)
+        .collect()
 }
 
 fn shown_error(s: &str) -> Option<&'static str> {
@@ -774,7 +761,8 @@ impl StbDriver {
             None => (txid, Outcome::Completed),
             Some(e)
                 if e == ui::strings::error_texts(ErrorKind::Timeout).0
-                    || e == ui::strings::error_texts(ErrorKind::HeadEndUnreachable).0 =>
+                    || e == ui::strings::error_texts(ErrorKind::HeadEndUnreachable).0
+                    || e == ui::strings::error_texts(ErrorKind::Pending).0 =>
             {
                 (txid, Outcome::InDoubt(format!("load: {e}")))
             }

@@ -667,8 +667,9 @@ fn remote_answers(w: &World, i: usize, limit: Duration) -> Vec<Duration> {
 }
 
 fn error_shown(s: &str) -> bool {
-    s.contains(ui::strings::error_texts(ErrorKind::Other).0)
-        || s.contains(ui::strings::error_texts(ErrorKind::Timeout).0)
+    [ErrorKind::Other, ErrorKind::Timeout, ErrorKind::Pending]
+        .iter()
+        .any(|k| s.contains(ui::strings::error_texts(*k).0))
 }
 
 // ------------------------------------------------------------------------------ scenario 2

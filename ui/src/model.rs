@@ -166,6 +166,25 @@ pub enum ErrorKind {
     Other,
 }
 
+impl ErrorKind {
+    /// Every kind, for whatever must know them all (the simulators read the TV by title).
+    pub const ALL: [ErrorKind; 13] = [
+        ErrorKind::NoReader,
+        ErrorKind::NoCard,
+        ErrorKind::CardBlocked,
+        ErrorKind::CardHotlisted,
+        ErrorKind::KeyRetired,
+        ErrorKind::CardExpired,
+        ErrorKind::OfferExpired,
+        ErrorKind::InsufficientValue,
+        ErrorKind::HeadEndUnreachable,
+        ErrorKind::Timeout,
+        ErrorKind::AmountMismatch,
+        ErrorKind::Pending,
+        ErrorKind::Other,
+    ];
+}
+
 /// An error for the viewer, with an optional short technical detail (a reference the hotline
 /// can use), shown in small print under the texts.
 #[derive(Debug, Clone, PartialEq, Eq)]
