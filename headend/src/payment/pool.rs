@@ -185,7 +185,9 @@ impl Traced {
         let mut d = self.down.lock().unwrap_or_else(|p| p.into_inner());
         match r {
             Err(SecurityCardError::Terminal(why)) => {
-                if d[self.slot].is_none() {
+                // Logged when it leaves the pool, and again when the reason changes (a
+                // pulled card found to be another one, say).
+                if d[self.slot].as_deref() != Some(why.as_str()) {
                     tracing::error!(
                         slot = self.slot,
                         security_card_id = self.inner.id(),

@@ -306,7 +306,15 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 let money = proto::money::Money::new(t.amount, *c);
                 println!("  {} sales, {money}", t.count);
             }
-            println!("  open transactions: {}", vp.psam().card().txns.len());
+            let kept = &vp.psam().card().txns;
+            let reversed = kept
+                .values()
+                .filter(|t| t.state == proto::security_card::TxnState::Reversed)
+                .count();
+            println!(
+                "  transactions kept: {} open or not yet purged, {reversed} reversed (kept for a late proof)",
+                kept.len() - reversed
+            );
             Ok(())
         }
         Cmd::Info { card, .. } => {
