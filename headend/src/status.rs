@@ -158,6 +158,7 @@ fn terminals(j: &Journal, out: &mut String) {
             }
         }
     }
+    refused_commands(&entries, out);
     for (key, why) in entries.iter().filter(|(k, _)| k.starts_with("disputed/")) {
         let _ = writeln!(
             out,
@@ -170,6 +171,53 @@ fn terminals(j: &Journal, out: &mut String) {
         let _ = writeln!(
             out,
             "  security cards owe {owed} reversals (done when their terminals answer again)"
+        );
+    }
+}
+
+/// Per terminal, the debit commands cards refused (`refused/SLOT/TXID`): how many, with
+/// which status words, and the newest transaction.
+fn refused_commands(entries: &[(String, Vec<u8>)], out: &mut String) {
+    use std::collections::BTreeMap;
+    // slot → (security card, status word → count, last txid)
+    let mut by_slot: BTreeMap<&str, (u64, BTreeMap<u16, usize>, &str)> = BTreeMap::new();
+    for (key, b) in entries {
+        let Some(rest) = key.strip_prefix("refused/") else {
+            continue;
+        };
+        let Some((slot, txid)) = rest.split_once('/') else {
+            continue;
+        };
+        match journal::decode::<crate::payment::RefusedCommand>(b) {
+            Ok(r) => {
+                let e = by_slot
+                    .entry(slot)
+                    .or_insert((r.security_card_id, BTreeMap::new(), txid));
+                *e.1.entry(r.sw.0).or_default() += 1;
+                e.2 = txid;
+            }
+            Err(e) => {
+                let _ = writeln!(out, "  terminal entry {key} unreadable: {e}");
+            }
+        }
+    }
+    for (slot, (id, sws, last)) in by_slot {
+        let n: usize = sws.values().sum();
+        let sws: Vec<String> = sws
+            .iter()
+            .map(|(sw, k)| format!("{} x{k}", proto::apdu::StatusWord(*sw)))
+            .collect();
+        let _ = writeln!(
+            out,
+            "  terminal {} (security card {id:#X}): cards refused {n} of its debit commands ({}), last {last}{}",
+            slot.parse::<usize>()
+                .map_or_else(|_| slot.to_string(), |s| s.to_string()),
+            sws.join(", "),
+            if sws.iter().any(|s| s.starts_with("6982")) {
+                "; 6982: its signature did not verify in the card: check its keys"
+            } else {
+                ""
+            }
         );
     }
 }

@@ -55,9 +55,14 @@ impl Seen {
     }
 }
 
-/// A broken security card: once set, from the next INITIALIZE on, every answer is bytes
-/// that mean nothing, with `9000` (until cleared: the card "repaired").
-type Fault = Arc<std::sync::atomic::AtomicBool>;
+/// A broken security card, by mode ([`GARBAGE`], [`WRONG_MAC`]; 0: none).
+type Fault = Arc<std::sync::atomic::AtomicU8>;
+/// From the next INITIALIZE on, every answer is bytes that mean nothing, with `9000`
+/// (until cleared: the card "repaired").
+const GARBAGE: u8 = 1;
+/// INITIALIZE answers a debit command whose security-card signature has one bit flipped
+/// (a failing card, or one with the wrong keys for signing).
+const WRONG_MAC: u8 = 2;
 
 fn no_fault() -> Fault {
     Arc::default()
@@ -80,10 +85,19 @@ impl CardApplication for Recording {
     }
     fn process_apdu(&mut self, apdu: &[u8]) -> Vec<u8> {
         let mut out = self.inner.process_apdu(apdu);
-        let faulty = self.fault.load(std::sync::atomic::Ordering::SeqCst);
-        self.broken = faulty && (self.broken || apdu.get(1) == Some(&psam::INS_INITIALIZE));
+        let mode = self.fault.load(std::sync::atomic::Ordering::SeqCst);
+        let initialize = apdu.get(1) == Some(&psam::INS_INITIALIZE);
+        self.broken = mode == GARBAGE && (self.broken || initialize);
         if self.broken {
             out = vec![0xDE, 0xAD, 0xBE, 0xEF, 0x90, 0x00];
+        } else if mode == WRONG_MAC && initialize && out.ends_with(&[0x90, 0x00]) {
+            // The debit command ends with its signature; early release appends the
+            // expected card signature (8 bytes) after it.
+            let early = apdu
+                .get(2)
+                .is_some_and(|p1| p1 & psam::P1_EARLY_RELEASE != 0);
+            let end = out.len() - 2 - if early { 8 } else { 0 };
+            out[end - 1] ^= 0x01;
         }
         let cmd = proto::apdu::Command::parse(apdu).ok();
         let sw = out
@@ -237,10 +251,21 @@ fn make_psam(config_file: &Path, config: &str, dir: &Path) -> PathBuf {
         .join(v["payment"]["purchase_keys"].as_str().unwrap());
     let text = std::fs::read_to_string(&keys).unwrap();
     let keys: proto::purse::AnyMasterKeyFile = toml::from_str(&text).unwrap();
+    let mut keys = keys.into_generations();
     let file = dir.join("psam.plsc");
-    VirtualPsam::create(&file, PSAM_ID, keys.into_generations()).unwrap();
+    VirtualPsam::create(&file, PSAM_ID, keys.clone()).unwrap();
+    // Its twin personalised with wrong keys: the high bit of each master's first byte
+    // flipped (a key bit, not a DES parity bit).
+    for k in &mut keys.keys {
+        let first = u8::from_str_radix(&k.master[..1], 16).unwrap() ^ 0x8;
+        k.master.replace_range(..1, &format!("{first:X}"));
+    }
+    VirtualPsam::create(&file.with_file_name(WRONG_KEYS), PSAM_ID, keys).unwrap();
     file
 }
+
+/// The file of the security card with the wrong keys, beside the right one.
+const WRONG_KEYS: &str = "wrong-keys.plsc";
 
 /// `headend.toml` with the terminals `list` (TOML array) in place of the software count.
 fn with_terminals(config: &str, list: &str) -> String {
@@ -474,7 +499,7 @@ async fn a_security_card_answering_garbage_is_taken_out_and_nothing_is_debited()
         start_with_psam("payment-server", PCSC_THEN_SOFTWARE, fault.clone()).await;
     let payment = he.running.payment.as_ref().unwrap();
     assert!(eventually(|| payment.pool().down().is_empty()).await);
-    fault.store(true, std::sync::atomic::Ordering::SeqCst);
+    fault.store(GARBAGE, std::sync::atomic::Ordering::SeqCst);
     let mut b = TestBox::new(&he, "box-000001", 10_000).await;
     // The draw meets the garbage at the PC/SC terminal, which leaves the pool with the
     // reason, and goes to the software one: the viewer buys as usual.
@@ -504,7 +529,7 @@ async fn a_security_card_answering_garbage_is_taken_out_and_nothing_is_debited()
         (s.txn_counter, s.totals[&proto::money::Currency::EUR].count),
         (1, 1)
     );
-    fault.store(false, std::sync::atomic::Ordering::SeqCst);
+    fault.store(0, std::sync::atomic::Ordering::SeqCst);
     assert!(
         eventually(|| payment.pool().down().is_empty()).await,
         "repaired, the terminal comes back: {:?}",
@@ -522,6 +547,150 @@ async fn a_security_card_answering_garbage_is_taken_out_and_nothing_is_debited()
         "the unanswered draw reversed in the card"
     );
     assert!(price > 0);
+    he.running.stop().await;
+}
+
+/// Bad input from the security card: a debit command whose signature is wrong. The card
+/// refuses the DEBIT (`6982`) and nothing moves; the box cancels naming that status word,
+/// with its proof; the payment server reverses, and `headend status` counts the refusal
+/// against the terminal that signed — not taking it out on a box's word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_mac_from_the_security_card_is_reversed_and_counted_against_its_terminal() {
+    if !require_psam_reader("a_wrong_mac_from_the_security_card") {
+        return;
+    }
+    let _lock = lock_reader().await;
+    let fault = no_fault();
+    let (he, served, _dir) = start_with_psam("security-card", PCSC_ONLY, fault.clone()).await;
+    let payment = he.running.payment.as_ref().unwrap();
+    assert!(eventually(|| payment.pool().down().is_empty()).await);
+    fault.store(WRONG_MAC, std::sync::atomic::Ordering::SeqCst);
+    let mut b = TestBox::new(&he, "box-000001", 10_000).await;
+    let offer = b.offer("CABLE", "ppv-1001").await;
+    let txid = offer.transaction_id.clone();
+    let draw = b.draw_request(&offer);
+    let answer = b.call(&Message::DrawRequest(draw)).await;
+    let cmd = TestBox::open_debit_command(&offer, &answer);
+    assert_eq!(cmd.security_card_id, PSAM_ID);
+    let r = b.apdu(&proto::card::commands::debit(&cmd));
+    assert_eq!(
+        r.sw,
+        proto::apdu::StatusWord::BAD_SIGNATURE,
+        "the card checks the security card's signature"
+    );
+    assert_eq!(b.balance(), 10_000, "nothing debited");
+    let cancel = Message::Cancel(CancelMsg {
+        transaction_id: txid.clone(),
+        reason: CancelReason::DebitRefused { sw: r.sw },
+        proof: Some(b.proof()),
+    });
+    let answer = b.call(&cancel).await;
+    assert!(
+        matches!(&answer, Message::Receipt(r) if !r.released),
+        "{answer:?}"
+    );
+    assert_eq!(payment.txn(&txid).unwrap().state, PayState::Reversed);
+    // A retried cancel is answered the same (once the gateway has settled the first) and
+    // counted once.
+    let mut again = b.call(&cancel).await;
+    for _ in 0..50 {
+        if !matches!(&again, Message::Error(e) if e.code == ErrorCode::Busy) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        again = b.call(&cancel).await;
+    }
+    assert!(
+        matches!(&again, Message::Receipt(r) if !r.released),
+        "{again:?}"
+    );
+    let report = headend::status::report(&he.cfg.state_dir).unwrap();
+    assert!(
+        report.contains(
+            "terminal 0 (security card 0x5A110001): cards refused 1 of its debit commands (6982"
+        ) && report.contains(&txid)
+            && report.contains("check its keys"),
+        "the operator sees which terminal's signature failed:\n{report}"
+    );
+    assert!(
+        payment.pool().down().is_empty(),
+        "a box's word alone takes no terminal out"
+    );
+    // Repaired, the same terminal sells; its card counted no sale for the reversed one.
+    fault.store(0, std::sync::atomic::Ordering::SeqCst);
+    let (offer2, answer2) = b.buy("CABLE", "ppv-1001").await;
+    assert!(
+        matches!(answer2, Message::Receipt(ref r) if r.released),
+        "{answer2:?}"
+    );
+    let price = 10_000 - b.balance();
+    assert_eq!(
+        payment
+            .txn(&offer2.transaction_id)
+            .unwrap()
+            .security_card_id,
+        PSAM_ID
+    );
+    let eur = served.status().totals[&proto::money::Currency::EUR];
+    assert_eq!(
+        (eur.count, eur.amount),
+        (1, price),
+        "one sale, the paid one"
+    );
+    he.running.stop().await;
+}
+
+/// A security card personalised with the wrong purchase keys verifies no genuine card
+/// (B6). The payment server asks another terminal to verify the same INITIALIZE; that one
+/// accepts it, so the first leaves the pool — for good, however well it answers probes —
+/// and the viewer buys as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_security_card_with_the_wrong_keys_is_found_out_by_a_second_terminal() {
+    if !require_psam_reader("a_security_card_with_the_wrong_keys") {
+        return;
+    }
+    let _lock = lock_reader().await;
+    let (he, served, _dir) =
+        start_with_psam("payment-server", PCSC_THEN_SOFTWARE, no_fault()).await;
+    let payment = he.running.payment.as_ref().unwrap();
+    assert!(eventually(|| payment.pool().down().is_empty()).await);
+    // The card in the reader now: same id, keys of another issuer.
+    let mut served = served;
+    served.detach().await;
+    let wrong = served.file.with_file_name(WRONG_KEYS);
+    let served = Served::start(&wrong, no_fault(), served.seen.clone()).await;
+    assert!(
+        eventually(|| payment.pool().down().is_empty()).await,
+        "{:?}",
+        payment.pool().down()
+    );
+    let mut b = TestBox::new(&he, "box-000001", 10_000).await;
+    let (offer, answer) = b.buy("CABLE", "ppv-1001").await;
+    assert!(
+        matches!(answer, Message::Receipt(ref r) if r.released),
+        "the viewer buys as usual: {answer:?}"
+    );
+    let t = payment.txn(&offer.transaction_id).unwrap();
+    assert_eq!((t.slot, t.security_card_id), (1, SOFT_ID));
+    let down = payment.pool().down();
+    assert_eq!(down.len(), 1, "{down:?}");
+    assert!(
+        down[0].0 == 0 && down[0].1.contains("purchase keys are not the issuer's"),
+        "{down:?}"
+    );
+    // It answers every probe, and still stays out.
+    for _ in 0..3 {
+        payment.sweep().await;
+    }
+    assert_eq!(payment.pool().down().len(), 1);
+    let report = headend::status::report(&he.cfg.state_dir).unwrap();
+    assert!(
+        report.contains("terminal 0 (security card 0x5A110001) DOWN")
+            && report.contains("purchase keys are not the issuer's"),
+        "{report}"
+    );
+    // The wrong-keys card numbered nothing.
+    assert_eq!(served.status().txn_counter, 0);
     he.running.stop().await;
 }
 

@@ -252,6 +252,14 @@ pub enum CancelReason {
     /// The card was pulled, or refused DEBIT; the proof shows its counter did not move.
     NotDebited,
     Timeout,
+    /// The card refused the DEBIT command with this status word (its debit is atomic: the
+    /// proof shows its counter did not move). `6982` means the security card's signature on
+    /// the debit command did not verify: the payment server counts it against the terminal
+    /// that signed ([`crate::apdu::StatusWord::BAD_SIGNATURE`]). Appended, like every new
+    /// variant of a wire enum.
+    DebitRefused {
+        sw: crate::apdu::StatusWord,
+    },
 }
 
 /// Abandons a transaction. With `proof` (a fresh INITIALIZE FOR PURCHASE response), the

@@ -764,7 +764,7 @@ impl Purchase {
             // The card refused: its debit is atomic, so nothing moved.
             Some((_, sw)) => {
                 return self.cancel_with_proof(
-                    CancelReason::NotDebited,
+                    CancelReason::DebitRefused { sw },
                     Refusal::DebitRefused { sw },
                     DebitEvidence::SentUnchecked,
                 );

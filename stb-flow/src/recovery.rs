@@ -36,7 +36,7 @@
 use std::time::Duration;
 
 use proto::card::LOG_CAPACITY;
-use proto::messages::{ErrorCode, Message, Receipt};
+use proto::messages::{CancelReason, ErrorCode, Message, Receipt};
 use proto::money::Money;
 use proto::purse::{DebitResponse, LogKind, LogRecord};
 
@@ -62,6 +62,10 @@ pub struct InDoubt {
     pub debit_sent: bool,
     /// The card's debit response, if it was journaled (`debit_responded`).
     pub response: Option<DebitResponse>,
+    /// Why the box cancelled, if it journaled a cancel (`cancel_pending`): recovery sends
+    /// the same reason again (a card's refusal status word tells the payment server which
+    /// signature failed).
+    pub cancel_reason: Option<CancelReason>,
 }
 
 /// The card in the reader, as the shell read it: its id and its log (any order).

@@ -18,7 +18,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use proto::messages::Offer;
+use proto::messages::{CancelReason, Offer};
 use proto::purse::DebitResponse;
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -492,7 +492,9 @@ impl Journal {
                     EXISTS (SELECT 1 FROM steps s WHERE s.transaction_id = t.transaction_id
                               AND s.step = ?1),
                     (SELECT s.detail FROM steps s WHERE s.transaction_id = t.transaction_id
-                       AND s.step = ?2 ORDER BY s.id DESC LIMIT 1)
+                       AND s.step = ?2 ORDER BY s.id DESC LIMIT 1),
+                    (SELECT s.detail FROM steps s WHERE s.transaction_id = t.transaction_id
+                       AND s.step = ?3 ORDER BY s.id DESC LIMIT 1)
              FROM txns t WHERE t.state IN ({}) ORDER BY t.created_at, t.rowid",
             sql_list(&JournalState::IN_DOUBT, JournalState::as_str)
         );
@@ -500,6 +502,7 @@ impl Journal {
         let steps = [
             JournalState::DebitSent.as_str(),
             JournalState::DebitResponded.as_str(),
+            JournalState::CancelPending.as_str(),
         ];
         let rows = st.query_map(steps, |r| {
             Ok((
@@ -512,6 +515,7 @@ impl Journal {
                 r.get::<_, String>(6)?,
                 r.get::<_, bool>(7)?,
                 r.get::<_, Option<Vec<u8>>>(8)?,
+                r.get::<_, Option<Vec<u8>>>(9)?,
             ))
         })?;
         let mut out = Vec::new();
@@ -526,6 +530,7 @@ impl Journal {
                 state,
                 debit_sent,
                 response,
+                cancel_reason,
             ) = row?;
             let state = state_of(&txid, &state, JournalState::from_text)?;
             let offer: Offer = postcard::from_bytes(&offer).map_err(|e| JournalError::Corrupt {
@@ -542,6 +547,15 @@ impl Journal {
                     })
                 })
                 .transpose()?;
+            let cancel_reason = cancel_reason
+                .map(|b| {
+                    postcard::from_bytes::<CancelReason>(&b).map_err(|e| JournalError::Corrupt {
+                        txid: txid.clone(),
+                        what: "cancel reason",
+                        detail: e.to_string(),
+                    })
+                })
+                .transpose()?;
             out.push(Pending {
                 txn: InDoubt {
                     transaction_id: txid,
@@ -553,6 +567,7 @@ impl Journal {
                         .map(|(i, n)| (i as u64, n)),
                     debit_sent,
                     response,
+                    cancel_reason,
                 },
                 offer,
                 state,
@@ -565,7 +580,7 @@ impl Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proto::messages::{CancelReason, Embodiment, Receipt};
+    use proto::messages::{Embodiment, Receipt};
     use proto::money::{Currency, Money};
     use proto::purse::{Date, DebitCommand, Expiry, PurchaseInit};
 
@@ -816,7 +831,9 @@ mod tests {
         j.record(
             "sent",
             &Step::CancelPending {
-                reason: CancelReason::NotDebited,
+                reason: CancelReason::DebitRefused {
+                    sw: proto::apdu::StatusWord::BAD_SIGNATURE,
+                },
             },
         )
         .unwrap();
@@ -840,6 +857,14 @@ mod tests {
         );
         assert!(by("sent").txn.debit_sent && by("sent").txn.response.is_none());
         assert_eq!(by("sent").state, JournalState::CancelPending);
+        assert_eq!(
+            by("sent").txn.cancel_reason,
+            Some(CancelReason::DebitRefused {
+                sw: proto::apdu::StatusWord::BAD_SIGNATURE
+            }),
+            "the journaled reason, for recovery to send again"
+        );
+        assert_eq!(by("responded").txn.cancel_reason, None);
         assert_eq!(by("responded").txn.response, Some(response));
         assert_eq!(by("drawn").txn.amount, offer("drawn").amount);
 

@@ -211,6 +211,18 @@ pub struct TerminalDown {
     pub why: String,
 }
 
+/// A debit command a card refused, by the terminal whose security card signed it (kind
+/// `terminal`, key `refused/SLOT/TXID`), for `headend status`: the box's cancel named the
+/// card's status word, and its proof showed nothing was debited. `6982` is the security
+/// card's signature failing in the card: a security card whose commands cards keep
+/// refusing has the wrong keys or is failing. Counted, not acted on: the status word is the
+/// box's word.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RefusedCommand {
+    pub security_card_id: u64,
+    pub sw: proto::apdu::StatusWord,
+}
+
 impl PaymentServer {
     /// Opens the journal, restores the security cards from their snapshots (or makes new
     /// ones), and re-arms every open transaction.
@@ -586,8 +598,16 @@ impl PaymentServer {
         };
         // A terminal that fails here leaves the pool; the draw goes to the next one.
         let mut failed_terminals = 0;
+        // A terminal that refused the card's signature, held (so the next acquire is
+        // another terminal) until a second one gives its opinion.
+        let mut suspect: Option<(Lease, SecurityCardError)> = None;
         let (lease, mut card, before, auth) = loop {
-            let Some(lease) = self.pool.acquire(Duration::from_secs(5)).await else {
+            let wait = Duration::from_secs(if suspect.is_some() { 1 } else { 5 });
+            let Some(lease) = self.pool.acquire(wait).await else {
+                if let Some((_, e)) = suspect {
+                    // No second opinion to be had: the first one stands.
+                    return refuse(security_card_error(&e), e.to_string(), Some(&txid));
+                }
                 let down = self.pool.down().len();
                 let why = if down > 0 {
                     format!(
@@ -630,7 +650,27 @@ impl PaymentServer {
             )
             .await;
             match issued {
-                Ok(a) => break (lease, card, before, a),
+                Ok(a) => {
+                    if let Some((s, e)) = suspect.take() {
+                        self.distrust(s.slot, lease.slot, body.init.card_id, &e, &txid);
+                    }
+                    break (lease, card, before, a);
+                }
+                // The security card found the card's data or signature wrong. Either the
+                // card is not genuine — or this security card holds the wrong keys, and
+                // would refuse every viewer (B6). Another terminal verifies the same bytes:
+                // if it accepts them, this one leaves the pool.
+                Err(e @ (SecurityCardError::BadCardSignature | SecurityCardError::BadCardData))
+                    if suspect.is_none() && self.pool.len() - self.pool.down().len() > 1 =>
+                {
+                    tracing::warn!(
+                        txid,
+                        slot = lease.slot,
+                        error = %e,
+                        "the security card refused the card's signature: asking another terminal"
+                    );
+                    suspect = Some((lease, e));
+                }
                 Err(SecurityCardError::Terminal(why)) if failed_terminals < self.pool.len() => {
                     failed_terminals += 1;
                     tracing::error!(
@@ -1135,16 +1175,38 @@ impl PaymentServer {
                 Some(&txid),
             );
         }
-        if !self
-            .reverse(
-                &txid,
-                &format!(
-                    "cancelled by the box: {:?} (card counter proves no debit)",
-                    c.reason
-                ),
-            )
-            .await
-        {
+        let why = match c.reason {
+            CancelReason::DebitRefused { sw } => {
+                // Counted before the reversal (idempotent per transaction): a retried
+                // cancel after a failed reversal counts it once.
+                let refused = RefusedCommand {
+                    security_card_id: rec.security_card_id,
+                    sw,
+                };
+                tracing::error!(
+                    txid,
+                    slot = rec.slot,
+                    security_card = format_args!("{:#X}", rec.security_card_id),
+                    security_card_txn = rec.security_card_txn,
+                    %sw,
+                    "the card refused the debit command this terminal's security card signed"
+                );
+                if let Err(e) = self.journal.put(
+                    Kind::Terminal,
+                    &format!("refused/{:04}/{txid}", rec.slot),
+                    &journal::encode(&refused),
+                ) {
+                    tracing::error!(txid, error = %e, "refused debit command not journaled");
+                }
+                format!(
+                    "cancelled by the box: the card refused the debit command of security card \
+                     {:#X} (terminal {}) with {sw} (card counter proves no debit)",
+                    rec.security_card_id, rec.slot
+                )
+            }
+            reason => format!("cancelled by the box: {reason:?} (card counter proves no debit)"),
+        };
+        if !self.reverse(&txid, &why).await {
             // Completed meanwhile, or the journal failed: the box asks again.
             return match self.txn(&txid).map(|r| r.state) {
                 Some(PayState::Completed) => refuse(
@@ -1238,6 +1300,32 @@ impl PaymentServer {
         }
         self.sync_terminals();
         n
+    }
+
+    /// Takes `slot`'s terminal out of the pool: it refused card `card_id`'s signature (`e`),
+    /// which `verified_by`'s security card verified — its keys are not the issuer's.
+    fn distrust(
+        &self,
+        slot: usize,
+        verified_by: usize,
+        card_id: u64,
+        e: &SecurityCardError,
+        txid: &str,
+    ) {
+        let why = format!(
+            "it refused card {card_id:#X} ({e}) that terminal {verified_by} (security card \
+             {:#X}) verified: its purchase keys are not the issuer's",
+            self.pool.id(verified_by).unwrap_or(0)
+        );
+        tracing::error!(
+            txid,
+            slot,
+            verified_by,
+            why,
+            "security card terminal out of the pool"
+        );
+        self.pool.distrust(slot, why);
+        self.sync_terminals();
     }
 
     /// Journals which terminals are out of the pool (kind `terminal`, `down/SLOT`) for

@@ -10,6 +10,8 @@
 //! [`SecurityCardError::Terminal`] (the reader died, the card was pulled or answered
 //! garbage) marks the terminal down: no new draw is given to it ([`Pool::acquire`] skips
 //! it) until [`Pool::probe_down`] finds it answering again. [`Pool::down`] lists them.
+//! A terminal whose security card is found to hold the wrong keys ([`Pool::distrust`]) stays
+//! out however well it answers, until the head end restarts.
 //!
 //! Every operation on a security card goes through [`Traced`]: the pool keeps the last
 //! [`TRACE_LEN`] of them ([`Pool::trace`]: which card, which command, for which of its
@@ -169,6 +171,9 @@ type Trace = std::sync::Mutex<std::collections::VecDeque<TraceEntry>>;
 /// Why each terminal is out of the pool (`None`: in it), by slot.
 type Down = std::sync::Mutex<Vec<Option<String>>>;
 
+/// Which terminals are out of the pool until a restart ([`Pool::distrust`]), by slot.
+type Distrusted = std::sync::Mutex<Vec<bool>>;
+
 /// A security card whose every command is recorded in its pool's trace, and whose terminal
 /// leaves the pool on a terminal failure.
 pub struct Traced {
@@ -176,6 +181,7 @@ pub struct Traced {
     trace: Arc<Trace>,
     slot: usize,
     down: Arc<Down>,
+    distrusted: Arc<Distrusted>,
 }
 
 impl Traced {
@@ -183,6 +189,16 @@ impl Traced {
     /// brings it back.
     fn health<T>(&self, r: &Result<T, SecurityCardError>) {
         let mut d = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        if self
+            .distrusted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(self.slot)
+            .copied()
+            .unwrap_or(false)
+        {
+            return;
+        }
         match r {
             Err(SecurityCardError::Terminal(why)) => {
                 // Logged when it leaves the pool, and again when the reason changes (a
@@ -323,6 +339,7 @@ pub struct Pool {
     taken: std::sync::Mutex<Vec<bool>>,
     trace: Arc<Trace>,
     down: Arc<Down>,
+    distrusted: Arc<Distrusted>,
 }
 
 /// A security card held by one transaction. Released on drop.
@@ -350,6 +367,7 @@ impl Pool {
         let n = cards.len();
         let trace: Arc<Trace> = Default::default();
         let down: Arc<Down> = Arc::new(std::sync::Mutex::new(vec![None; n]));
+        let distrusted: Arc<Distrusted> = Arc::new(std::sync::Mutex::new(vec![false; n]));
         let ids = cards.iter().map(|c| c.id()).collect();
         Arc::new(Self {
             ids,
@@ -362,6 +380,7 @@ impl Pool {
                         trace: trace.clone(),
                         slot,
                         down: down.clone(),
+                        distrusted: distrusted.clone(),
                     };
                     Arc::new(Mutex::new(Box::new(traced) as Box<dyn SecurityCardDevice>))
                 })
@@ -370,6 +389,7 @@ impl Pool {
             taken: std::sync::Mutex::new(vec![false; n]),
             trace,
             down,
+            distrusted,
         })
     }
 
@@ -401,6 +421,18 @@ impl Pool {
         }
     }
 
+    /// Takes `slot` out of the pool until the head end restarts: its security card was
+    /// found to hold the wrong keys (it refused what another one verified). No probe brings
+    /// it back: it answers well, and would refuse every viewer.
+    pub fn distrust(&self, slot: usize, why: String) {
+        let mut d = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        let mut t = self.distrusted.lock().unwrap_or_else(|p| p.into_inner());
+        if let (Some(d), Some(t)) = (d.get_mut(slot), t.get_mut(slot)) {
+            *d = Some(why);
+            *t = true;
+        }
+    }
+
     /// Probes every terminal in the pool that nothing holds now, so a reader that died or
     /// a card that was swapped while idle leaves the pool before a draw meets it. The
     /// software card answers at once.
@@ -417,7 +449,15 @@ impl Pool {
     /// back. The slots that came back.
     pub async fn probe_down(&self) -> Vec<usize> {
         let mut back = Vec::new();
+        let distrusted = self
+            .distrusted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         for (slot, _) in self.down() {
+            if distrusted.get(slot).copied().unwrap_or(false) {
+                continue;
+            }
             if let Some(mut card) = self.try_card(slot) {
                 // A dead reader answers only at its timeout: not on the async threads.
                 let ok = tokio::task::spawn_blocking(move || card.probe().is_ok())

@@ -39,10 +39,6 @@ use reader_drivers::api::CardSession;
 use super::pool::SecurityCardDevice;
 use crate::journal;
 
-/// How long one command script may take before the terminal gives up (the reader is then
-/// treated as dead until it answers again).
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// The most unjournaled transactions a terminal reverses on its own when its card answers
 /// again; more means the card is not the one whose history this terminal knows.
 pub const MAX_ORPHANS: u32 = 64;

@@ -528,12 +528,17 @@ fn card_refusing_debit_is_cancelled_with_proof() {
     cmd.security_card_signature[0] ^= 1;
     let a = feed(&mut p, &mut c, Input::Answer(command_msg(cmd, None)));
     assert_eq!(c.state.balance, 1000);
-    assert_eq!(cancel_of(&a).reason, CancelReason::NotDebited);
+    // The cancel names the card's status word: the security card's signature failed.
+    let refused = CancelReason::DebitRefused {
+        sw: proto::apdu::StatusWord::BAD_SIGNATURE,
+    };
+    assert_eq!(cancel_of(&a).reason, refused);
     assert!(cancel_of(&a).proof.is_some());
+    // Journaled with it, so recovery sends the same reason after a restart.
     assert!(
         journal_steps(&a)
             .iter()
-            .any(|s| matches!(s, Step::CancelPending { .. }))
+            .any(|s| **s == Step::CancelPending { reason: refused })
     );
 }
 

@@ -820,7 +820,7 @@ impl Round {
             self.journal(
                 &txid,
                 Step::Purchase(purchase::Step::CancelPending {
-                    reason: CancelReason::NotDebited,
+                    reason: ctx.txn.cancel_reason.unwrap_or(CancelReason::NotDebited),
                 }),
                 Wait::CancelJournaled {
                     ctx,
@@ -851,7 +851,7 @@ impl Round {
         let txid = ctx.txn.transaction_id.clone();
         let msg = Message::Cancel(CancelMsg {
             transaction_id: txid.clone(),
-            reason: CancelReason::NotDebited,
+            reason: ctx.txn.cancel_reason.unwrap_or(CancelReason::NotDebited),
             proof: Some(proof),
         });
         self.send(

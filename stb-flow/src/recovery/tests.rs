@@ -35,6 +35,7 @@ fn txn(debit_sent: bool, security_card: Option<(u64, u32)>) -> InDoubt {
         security_card,
         debit_sent,
         response: None,
+        cancel_reason: None,
     }
 }
 
@@ -238,6 +239,7 @@ fn scenario_2_a_draw_without_debit_is_not_matched_to_the_next_purchase_with_the_
         security_card: None,
         debit_sent: false,
         response: None,
+        cancel_reason: None,
     };
     assert_eq!(
         plan(&a, Some(CardSeen::new(42, &log))),

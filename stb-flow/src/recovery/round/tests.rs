@@ -274,6 +274,7 @@ fn purchase(state: &str, debit_sent: bool, security_card: Option<(u64, u32)>) ->
             security_card,
             debit_sent,
             response: None,
+            cancel_reason: None,
         },
         offer: offer(),
         state,
@@ -402,6 +403,30 @@ fn a_journaled_debit_response_is_resent_without_touching_the_card() {
     );
     assert_eq!(round.counts().resolved, 1);
     assert_eq!(round.outstanding(), 0);
+}
+
+/// A cancel journaled with the card's refusal (`6982`: the security card's signature) is
+/// sent again with that reason after a restart, so the payment server still learns which
+/// signature failed.
+#[test]
+fn a_journaled_cancel_is_sent_again_with_its_reason() {
+    let refused = CancelReason::DebitRefused {
+        sw: proto::apdu::StatusWord::BAD_SIGNATURE,
+    };
+    let card = FakeCard::new(CARD, Vec::new());
+    let proof = card.proof.clone();
+    let mut round = Round::new(1);
+    let mut shell = Shell::with_card(card);
+    let mut pending = purchase("cancel_pending", true, Some((5, 2)));
+    pending.txn.cancel_reason = Some(refused);
+    shell.start(&mut round, vec![pending], Vec::new());
+    match shell.sends().as_slice() {
+        [Message::Cancel(c)] => {
+            assert_eq!(c.reason, refused);
+            assert_eq!(c.proof.as_ref(), Some(&proof));
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
