@@ -8,7 +8,6 @@ mod load_support;
 
 use std::process::Command;
 
-use headend::config::HeadendConfig;
 use headend::funds::HoldState;
 use headend::load::LoadState;
 use load_support::*;
@@ -556,7 +555,13 @@ fn example_config_documents_the_load_side_and_parses() {
 /// is conserved throughout.
 #[tokio::test]
 async fn a_version_1_card_comes_out_of_a_bank_load_on_version_2() {
-    let (dir, config_path, pin) = demo(|t| {
+    let v2 = IssuerKeys {
+        key_version: 2,
+        purchase_master: DesKey::new([0x5C; 16]),
+        load_master: DesKey::new([0x6D; 16]),
+    };
+    // (The token, when the load server runs on one, replaces the load_keys line after.)
+    let rekey = |t: String| {
         let line = t
             .lines()
             .find(|l| l.starts_with("load_keys = "))
@@ -566,42 +571,30 @@ async fn a_version_1_card_comes_out_of_a_bank_load_on_version_2() {
             .replace("load_keys", "rekey_purchase_keys")
             .replace("load-keys", "purchase-keys");
         t.replace(&line, &format!("{line}\n{rekey}"))
-    });
-    let cfg = HeadendConfig::load(&config_path).unwrap();
-    let v1 = issuer_keys(&cfg);
-    let v2 = IssuerKeys {
-        key_version: 2,
-        purchase_master: DesKey::new([0x5C; 16]),
-        load_master: DesKey::new([0x6D; 16]),
     };
-    let keys = dir.path().join("keys");
-    for (file, a, b, retire) in [
-        ("load-keys.toml", &v1.load_master, &v2.load_master, false),
-        (
-            "purchase-keys.toml",
-            &v1.purchase_master,
-            &v2.purchase_master,
-            true,
-        ),
-    ] {
-        let text = format!(
-            "[[keys]]\nkey_version = 1\nmaster = \"{}\"\nretired = {retire}\n\n[[keys]]\nkey_version = 2\nmaster = \"{}\"\n",
-            hex::encode_upper(a.bytes()),
-            hex::encode_upper(b.bytes()),
-        );
-        proto::secret::write_private(&keys.join(file), text.as_bytes()).unwrap();
-    }
-    let running = headend::assembly::start(&cfg, headend::assembly::Roles::ALL)
-        .await
-        .unwrap();
-    let he = HeadEnd {
-        dir,
-        cfg,
-        config_path,
-        running,
-        pin,
-        pg: None,
-    };
+    let v2_keys = v2.clone();
+    let he = start_prepared(pg_rig::Backend::Sqlite, headend::assembly::Roles::ALL, rekey, move |dir| {
+        let v1 = headend::config::load_issuer_keys(&dir.join("issuer-keys.toml")).unwrap();
+        let keys = dir.join("keys");
+        for (file, a, b, retire) in [
+            ("load-keys.toml", &v1.load_master, &v2_keys.load_master, false),
+            (
+                "purchase-keys.toml",
+                &v1.purchase_master,
+                &v2_keys.purchase_master,
+                true,
+            ),
+        ] {
+            let text = format!(
+                "[[keys]]\nkey_version = 1\nmaster = \"{}\"\nretired = {retire}\n\n[[keys]]\nkey_version = 2\nmaster = \"{}\"\n",
+                hex::encode_upper(a.bytes()),
+                hex::encode_upper(b.bytes()),
+            );
+            proto::secret::write_private(&keys.join(file), text.as_bytes()).unwrap();
+        }
+    })
+    .await
+    .unwrap();
     let mut b = LoadBox::new(&he, BOX1, 1_000, 100_000).await;
     assert_eq!(b.card.state.key_version, 1);
     let (_, answer) = b.load(bank_source(), 2_000, Some(&he.pin.clone())).await;

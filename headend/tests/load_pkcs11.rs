@@ -9,95 +9,13 @@
 
 mod load_support;
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
-
 use headend::config::HeadendConfig;
 use headend::load::token::{self, TokenDef};
+use load_support::token::{PIN, new_token, token_alone, use_token};
 use load_support::*;
 use proto::card::CardFault;
 use proto::messages::*;
 use proto::purse::AnyMasterKeyFile;
-
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
-const PIN: &str = "246810";
-
-/// This process's SoftHSM2 configuration and token directory (one per test binary:
-/// SoftHSM2 reads `SOFTHSM2_CONF` once).
-fn softhsm() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        assert!(
-            Path::new(MODULE).exists(),
-            "{MODULE} is missing: install SoftHSM2 (scripts/system-setup.sh, or apt-get install softhsm2)"
-        );
-        let dir = tempfile::tempdir().unwrap().keep();
-        std::fs::create_dir(dir.join("tokens")).unwrap();
-        let conf = dir.join("softhsm2.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                dir.join("tokens").display()
-            ),
-        )
-        .unwrap();
-        // SAFETY: set once, before this process loads SoftHSM2 (the OnceLock runs it
-        // before any token is opened); nothing else in the process reads it concurrently.
-        unsafe { std::env::set_var("SOFTHSM2_CONF", &conf) };
-        dir
-    })
-}
-
-/// A fresh token labelled `label`, its PIN in a 0600 file; the [load] token definition.
-fn new_token(label: &str) -> TokenDef {
-    let dir = softhsm();
-    let out = std::process::Command::new("softhsm2-util")
-        .env("SOFTHSM2_CONF", dir.join("softhsm2.conf"))
-        .args([
-            "--init-token",
-            "--free",
-            "--label",
-            label,
-            "--pin",
-            PIN,
-            "--so-pin",
-            "13579",
-        ])
-        .output()
-        .expect("softhsm2-util runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let pin_file = dir.join(format!("{label}.pin"));
-    proto::secret::write_private(&pin_file, PIN.as_bytes()).unwrap();
-    TokenDef {
-        module: MODULE.into(),
-        token_label: label.into(),
-        pin_file,
-        key_label: "purselink-load".into(),
-    }
-}
-
-/// The demo's `[load] load_keys` line replaced by `token = …`.
-fn use_token(config: &str, def: &TokenDef) -> String {
-    let line = config
-        .lines()
-        .find(|l| l.starts_with("load_keys = "))
-        .expect("the demo's load_keys")
-        .to_string();
-    config.replace(
-        &line,
-        &format!(
-            "token = {{ module = {:?}, token_label = {:?}, pin_file = {:?} }}",
-            def.module.display().to_string(),
-            def.token_label,
-            def.pin_file.display().to_string()
-        ),
-    )
-}
 
 /// The demo head end with its load masters imported into a new token `label`.
 async fn start_with_token(label: &str) -> (HeadEnd, TokenDef) {
@@ -132,6 +50,7 @@ async fn start_with_token(label: &str) -> (HeadEnd, TokenDef) {
             running,
             pin,
             pg: None,
+            token: Some(def.clone()),
         },
         def,
     )
@@ -181,7 +100,7 @@ async fn bank_and_voucher_loads_and_refusals_with_the_masters_in_softhsm2() {
 
 #[tokio::test]
 async fn a_missing_token_or_a_wrong_pin_stops_the_load_server_at_start() {
-    let def = new_token("startup");
+    let def = token_alone("startup");
     let (dir, config_path, _pin) = demo({
         let d = def.clone();
         move |t| use_token(&t, &d)

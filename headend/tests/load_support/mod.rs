@@ -7,6 +7,7 @@
 
 #[path = "../pg_rig/mod.rs"]
 pub mod pg_rig;
+pub mod token;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -44,6 +45,8 @@ pub struct HeadEnd {
     /// The database every role journals on, on a PostgreSQL run (last: dropped after the
     /// roles).
     pub pg: Option<pg_rig::PgDb>,
+    /// The PKCS#11 token the load server's HSM runs on, when it does ([`token::ENV`]).
+    pub token: Option<headend::load::token::TokenDef>,
 }
 
 /// Writes the demo deployment plus test accounts: `POOR` (1 000, same PIN) for box 1, and
@@ -118,6 +121,20 @@ pub async fn start_roles_on(
     roles: Roles,
     edit: impl FnOnce(String) -> String,
 ) -> Option<HeadEnd> {
+    start_prepared(backend, roles, edit, |_| {}).await
+}
+
+/// The demo deployment (`edit` changes its config text), then `prepare(dir)` (e.g. key
+/// files written), then the head end started with `roles` journaling on `backend`. With
+/// [`token::ENV`] set, the load masters go into a new SoftHSM2 token first and the load
+/// server runs on it. `None` (said why) when `backend` is PostgreSQL and it is not
+/// installed.
+pub async fn start_prepared(
+    backend: pg_rig::Backend,
+    roles: Roles,
+    edit: impl FnOnce(String) -> String,
+    prepare: impl FnOnce(&Path),
+) -> Option<HeadEnd> {
     let pg = match backend {
         pg_rig::Backend::Sqlite => None,
         pg_rig::Backend::Postgres => Some(pg_rig::PgDb::fresh()?),
@@ -126,8 +143,30 @@ pub async fn start_roles_on(
         .as_ref()
         .map(|db| db.journal_section())
         .unwrap_or_default();
-    let (dir, config_path, pin) = demo(|t| edit(t) + &section);
+    let token = token::wanted().then(|| token::new_token(&token::fresh_label()));
+    let (dir, config_path, pin) = demo(|t| {
+        let t = edit(t) + &section;
+        match &token {
+            Some(def) => token::use_token(&t, def),
+            None => t,
+        }
+    });
+    prepare(dir.path());
+    if let Some(def) = &token {
+        assert!(
+            !token::import_demo_keys(def, dir.path()).is_empty(),
+            "no load master imported"
+        );
+    }
     let cfg = HeadendConfig::load(&config_path).unwrap();
+    if let Some(load) = &cfg.load {
+        assert_eq!(
+            load.load_keys.is_none(),
+            token.is_some(),
+            "the load server runs on the token exactly when {} asks",
+            token::ENV
+        );
+    }
     let running = assembly::start(&cfg, roles).await.unwrap();
     Some(HeadEnd {
         dir,
@@ -136,6 +175,7 @@ pub async fn start_roles_on(
         running,
         pin,
         pg,
+        token,
     })
 }
 
