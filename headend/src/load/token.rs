@@ -128,20 +128,25 @@ fn login(def: &TokenDef) -> Result<(Pkcs11, Session), String> {
         Err(P11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
         other => other,
     };
-    logged_in
-        .map_err(|e| match e {
-            P11Error::Pkcs11(RvError::PinIncorrect, _) => format!(
-                "[load] token {:?}: the PIN in {} is wrong (the token counts the failure)",
-                def.token_label,
-                def.pin_file.display()
-            ),
-            P11Error::Pkcs11(RvError::PinLocked, _) => format!(
-                "[load] token {:?}: the user PIN is locked — the token's security officer must unlock it",
-                def.token_label
-            ),
-            other => format!("[load] token {:?}: login failed: {other}", def.token_label),
-        })?;
+    logged_in.map_err(|e| login_error(def, e))?;
     Ok((ctx, session))
+}
+
+/// What a failed login tells the operator: a wrong PIN, a locked one, or the token's own
+/// error.
+fn login_error(def: &TokenDef, e: P11Error) -> String {
+    match e {
+        P11Error::Pkcs11(RvError::PinIncorrect, _) => format!(
+            "[load] token {:?}: the PIN in {} is wrong (the token counts the failure)",
+            def.token_label,
+            def.pin_file.display()
+        ),
+        P11Error::Pkcs11(RvError::PinLocked, _) => format!(
+            "[load] token {:?}: the user PIN is locked — the token's security officer must unlock it",
+            def.token_label
+        ),
+        other => format!("[load] token {:?}: login failed: {other}", def.token_label),
+    }
 }
 
 fn read_pin(path: &Path) -> Result<String, String> {
@@ -270,4 +275,34 @@ pub fn key_value_readable(def: &TokenDef, version: u8) -> Result<bool, String> {
         .get_attributes(*h, &[AttributeType::Value])
         .map(|a| !a.is_empty())
         .unwrap_or(false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cryptoki::context::Function;
+
+    /// SoftHSM2 never locks a PIN, so the locked token is shown by its error alone: the
+    /// operator is told who can unlock it, not "login failed".
+    #[test]
+    fn a_locked_pin_is_said_so() {
+        let def = TokenDef {
+            module: "/usr/lib/softhsm/libsofthsm2.so".into(),
+            token_label: "hsm-1".into(),
+            pin_file: "/etc/purselink/token.pin".into(),
+            key_label: default_key_label(),
+        };
+        let e = login_error(&def, P11Error::Pkcs11(RvError::PinLocked, Function::Login));
+        assert!(
+            e.contains("\"hsm-1\"")
+                && e.contains("PIN is locked")
+                && e.contains("security officer"),
+            "{e}"
+        );
+        let e = login_error(
+            &def,
+            P11Error::Pkcs11(RvError::PinIncorrect, Function::Login),
+        );
+        assert!(e.contains("is wrong") && e.contains("token.pin"), "{e}");
+    }
 }
