@@ -5,6 +5,9 @@
 //! and [`VirtualDriver::remove`]; watchers get the same `CardInserted` / `CardRemoved` events a
 //! PC/SC reader gives. A session opened on one insertion fails with `CardRemoved` once that
 //! card is pulled, even if another card is inserted later, as a real reader does.
+//!
+//! A pull can be armed to land in the middle of one command ([`VirtualDriver::pull_during`]):
+//! the viewer pulling the card while it runs an update.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -22,6 +25,17 @@ struct Slot {
     /// Bumped on every insertion, so a session knows its card is still the one in the slot.
     insertion: u64,
     watchers: Vec<mpsc::Sender<ReaderEvent>>,
+    /// A pull armed for the next command with this INS ([`VirtualDriver::pull_during`]).
+    armed: Option<(u8, PullAt)>,
+}
+
+/// Where an armed pull lands in the command it interrupts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullAt {
+    /// The card loses power before it runs the command: nothing on it changed.
+    Before,
+    /// The card ran the command (its state written), and the answer is lost with it.
+    After,
 }
 
 /// The in-process virtual reader with one card slot.
@@ -40,6 +54,7 @@ impl VirtualDriver {
                 card: None,
                 insertion: 0,
                 watchers: Vec::new(),
+                armed: None,
             })),
         }
     }
@@ -98,6 +113,14 @@ impl VirtualDriver {
             );
         }
         had
+    }
+
+    /// Arms a pull for the next command whose INS is `ins`: the card leaves the slot
+    /// [`PullAt::Before`] or [`PullAt::After`] it runs that command, watchers get
+    /// `CardRemoved`, and the command fails with [`ReaderError::CardRemoved`], as when a
+    /// viewer pulls the card mid-command.
+    pub fn pull_during(&self, ins: u8, at: PullAt) {
+        self.lock().armed = Some((ins, at));
     }
 
     pub fn has_card(&self) -> bool {
@@ -201,6 +224,31 @@ impl VirtualSession {
     }
 }
 
+impl VirtualSession {
+    /// The armed pull, if `apdu` is its command on this session's card: the card runs it
+    /// or not, then leaves the slot. `None`: no pull for this command.
+    fn armed_pull(&self, apdu: &[u8]) -> Option<Result<Vec<u8>, ReaderError>> {
+        let reader = self.driver.reader.to_string();
+        let mut slot = self.driver.lock();
+        let (ins, at) = slot.armed?;
+        if !self.open || slot.insertion != self.insertion || apdu.get(1) != Some(&ins) {
+            return None;
+        }
+        let mut card = slot.card.take()?;
+        slot.armed = None;
+        if at == PullAt::After {
+            let _ = card.process_apdu(apdu);
+        }
+        broadcast(
+            &mut slot,
+            ReaderEvent::CardRemoved {
+                reader: reader.clone(),
+            },
+        );
+        Some(Err(ReaderError::CardRemoved { reader }))
+    }
+}
+
 impl CardSession for VirtualSession {
     fn reader(&self) -> &str {
         &self.driver.reader
@@ -218,7 +266,9 @@ impl CardSession for VirtualSession {
         &'a mut self,
         apdu: &'a [u8],
     ) -> BoxFuture<'a, Result<Vec<u8>, ReaderError>> {
-        let r = self.with_card(|c| c.process_apdu(apdu));
+        let r = self
+            .armed_pull(apdu)
+            .unwrap_or_else(|| self.with_card(|c| c.process_apdu(apdu)));
         Box::pin(async move { r })
     }
 
@@ -318,5 +368,55 @@ mod tests {
             Err(ReaderError::CardRemoved { .. })
         ));
         assert!(s.power_down().await.is_ok());
+    }
+
+    /// A shared card, so the test can read its state after it left the slot.
+    struct Shared(std::sync::Arc<std::sync::Mutex<PurseCard>>);
+    impl CardApplication for Shared {
+        fn atr(&self) -> Vec<u8> {
+            proto::card::CARD_ATR.to_vec()
+        }
+        fn reset(&mut self) {}
+        fn process_apdu(&mut self, apdu: &[u8]) -> Vec<u8> {
+            self.0.lock().unwrap().process(apdu).response
+        }
+    }
+
+    #[tokio::test]
+    async fn an_armed_pull_lands_before_or_after_its_command_and_the_command_fails() {
+        for at in [PullAt::Before, PullAt::After] {
+            let purse = std::sync::Arc::new(std::sync::Mutex::new(card().0));
+            let d = VirtualDriver::with_card("virtual 0", Shared(purse.clone()));
+            let mut ev = d.events();
+            let _ = ev.recv().await; // attached
+            let _ = ev.recv().await; // the card in it
+            let (mut s, _) = d.connect("virtual 0").await.unwrap();
+            transmit_whole(s.as_mut(), &commands::select())
+                .await
+                .unwrap();
+            let init = commands::init_purchase(proto::purse::Date::new(2030, 1, 1));
+            d.pull_during(init[1], at);
+            // Other commands pass.
+            assert!(
+                transmit_whole(s.as_mut(), &commands::read_purse())
+                    .await
+                    .unwrap()
+                    .ends_with(&[0x90, 0x00])
+            );
+            let before = purse.lock().unwrap().state.clone();
+            assert!(matches!(
+                transmit_whole(s.as_mut(), &init).await,
+                Err(ReaderError::CardRemoved { .. })
+            ));
+            assert!(!d.has_card(), "{at:?}");
+            assert!(matches!(
+                ev.recv().await,
+                Some(ReaderEvent::CardRemoved { .. })
+            ));
+            // INITIALIZE FOR PURCHASE counts the transaction on the card: it ran only
+            // with the pull after.
+            let ran = purse.lock().unwrap().state != before;
+            assert_eq!(ran, at == PullAt::After, "{at:?}");
+        }
     }
 }

@@ -18,10 +18,12 @@ use headend::funds::HoldState;
 use headend::pki::OperatorCa;
 use headend::quic::BoxId;
 use proto::card::CardSpec;
+use proto::crypto::DesKey;
 use proto::messages::{LoadSource, Message};
 use proto::money::Currency;
+use proto::purse::IssuerKeys;
 use reader_drivers::vcard::VirtualCard;
-use reader_drivers::virtual_driver::VirtualDriver;
+use reader_drivers::virtual_driver::{PullAt, VirtualDriver};
 use stb::config::Config;
 use stb::daemon::card::CardPort;
 use stb::daemon::gateway::{Gateway, client_config};
@@ -42,6 +44,11 @@ struct World {
 }
 
 async fn world() -> World {
+    world_with(|_| {}).await
+}
+
+/// The demo deployment, `prepare` run on its files before the head end starts.
+async fn world_with(prepare: impl FnOnce(&assembly::DemoFiles)) -> World {
     let dir = tempfile::tempdir().unwrap();
     let files = assembly::init_demo(
         dir.path(),
@@ -51,6 +58,7 @@ async fn world() -> World {
         },
     )
     .unwrap();
+    prepare(&files);
     let pin = std::fs::read_to_string(&files.pin_file)
         .unwrap()
         .trim()
@@ -424,5 +432,103 @@ async fn killed_between_load_and_confirmation_is_resolved_exactly_once_on_restar
         );
         assert_eq!(w.holds(&txid), [expect]);
         assert_eq!(w.conservation(), if loaded { 400 } else { 0 }, "{at:?}");
+    }
+}
+
+/// The issuer on key version 2 (version 1 retired for purchases, still loadable), the load
+/// server re-keying version-1 cards with each load (`rekey_purchase_keys`, 001 [0044]).
+/// The card is personalised on version 1.
+fn rekeyed(files: &assembly::DemoFiles) {
+    let v1 = headend::config::load_issuer_keys(&files.issuer_keys).unwrap();
+    let v2 = IssuerKeys {
+        key_version: 2,
+        purchase_master: DesKey::new([0x5C; 16]),
+        load_master: DesKey::new([0x6D; 16]),
+    };
+    for (file, a, b, retire) in [
+        ("load-keys.toml", &v1.load_master, &v2.load_master, false),
+        (
+            "purchase-keys.toml",
+            &v1.purchase_master,
+            &v2.purchase_master,
+            true,
+        ),
+    ] {
+        let text = format!(
+            "[[keys]]\nkey_version = 1\nmaster = \"{}\"\nretired = {retire}\n\n[[keys]]\nkey_version = 2\nmaster = \"{}\"\n",
+            hex::encode_upper(a.bytes()),
+            hex::encode_upper(b.bytes()),
+        );
+        proto::secret::write_private(&files.keys_dir.join(file), text.as_bytes()).unwrap();
+    }
+    let config = std::fs::read_to_string(&files.config).unwrap();
+    let line = config
+        .lines()
+        .find(|l| l.starts_with("load_keys = "))
+        .expect("the demo's [load] load_keys")
+        .to_string();
+    let rekey = line
+        .replace("load_keys", "rekey_purchase_keys")
+        .replace("load-keys", "purchase-keys");
+    let config = config.replace(&line, &format!("{line}\n{rekey}"));
+    proto::secret::write_private(&files.config, config.as_bytes()).unwrap();
+}
+
+fn key_version(card: &Path) -> u8 {
+    VirtualCard::open(card).unwrap().state().key_version
+}
+
+/// 001 [0044] with the card pulled mid-LOAD, through the daemon: the LOAD that would credit
+/// and re-key the card is interrupted by a pull before the card runs it, or after it ran
+/// (its answer lost). Either way the card is left usable under one key version — version 1
+/// and not credited, or version 2 and credited — the box settles the load with the head end
+/// when the card is back (no value lost or made), and the next load works (and re-keys, if
+/// it had not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_card_pulled_mid_re_keying_load_is_left_usable_under_one_version() {
+    for at in [PullAt::Before, PullAt::After] {
+        let w = world_with(rekeyed).await;
+        assert_eq!(key_version(&w.card), 1);
+        let mut b = start_box(w.cfg.clone(), &w.card).await;
+        b.driver.pull_during(proto::card::INS_LOAD, at);
+        load_by_remote(&mut b, RemoteKey::Ok, "400", Some(&w.pin)).await;
+        b.until("the card pulled", |s| s.card_balance.is_none())
+            .await;
+        let credited = at == PullAt::After;
+        assert_eq!(
+            (balance(&w.card), key_version(&w.card)),
+            if credited {
+                (START + 400, 2)
+            } else {
+                (START, 1)
+            },
+            "{at:?}: all of the LOAD or none of it"
+        );
+        // The card goes back in: the box settles the load from the card's log.
+        b.driver.insert(VirtualCard::open(&w.card).unwrap());
+        b.until("the in-doubt load resolved", |s| s.recovered >= 1)
+            .await;
+        assert_nothing_in_doubt(&w.journal());
+        assert_eq!(w.conservation(), if credited { 400 } else { 0 }, "{at:?}");
+        // Usable: the next load verifies under the card's version, and leaves it on 2.
+        if b.status.borrow().screen != ScreenId::Home {
+            b.key(RemoteKey::Ok).await; // the pull's message → home
+        }
+        b.until("home", |s| s.screen == ScreenId::Home).await;
+        load_by_remote(&mut b, RemoteKey::Ok, "100", Some(&w.pin)).await;
+        let s = b
+            .until("the receipt", |s| {
+                matches!(s.screen, ScreenId::Receipt | ScreenId::Error)
+            })
+            .await;
+        assert_eq!(s.screen, ScreenId::Receipt, "{at:?}: {s:?}");
+        b.stop().await;
+        let gained = if credited { 500 } else { 100 };
+        assert_eq!(
+            (balance(&w.card), key_version(&w.card)),
+            (START + gained, 2),
+            "{at:?}"
+        );
+        assert_eq!(w.conservation(), gained, "{at:?}");
     }
 }
