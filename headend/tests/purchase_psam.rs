@@ -22,7 +22,7 @@ use purchase_support::*;
 use reader_drivers::emulator::vpcd;
 use reader_drivers::vpsam::VirtualPsam;
 
-const PORT: u16 = 35965;
+const PORT: u16 = vpcd::PSAM_PORT;
 const READER: &str = "Purselink PSAM 00 00";
 const PSAM_ID: u64 = 0x5A11_0001;
 const SOFT_ID: u64 = 0x5A11_0002;

@@ -38,6 +38,22 @@ impl StatusWord {
     pub const REPLAY: Self = Self(0x9405);
     /// An amount of zero where value must move, or one outside the purse's range.
     pub const BAD_AMOUNT: Self = Self(0x9406);
+    /// A DEBIT above the card's PIN threshold without the PIN verified first (seed 004,
+    /// MIN_TRANS/MAX_TRANS).
+    pub const PIN_REQUIRED: Self = Self(0x9407);
+    /// VERIFY on a card without a PIN (ISO 7816-4: referenced data not found).
+    pub const NO_PIN: Self = Self(0x6A88);
+
+    /// VERIFY's refusal of a wrong PIN: `63Cx`, x the tries left (ISO 7816-4); `63C0`:
+    /// none left, the PIN is blocked.
+    pub fn wrong_pin(tries_left: u8) -> Self {
+        Self(0x63C0 | u16::from(tries_left.min(0x0F)))
+    }
+
+    /// The tries left a `63Cx` answer to VERIFY names.
+    pub fn pin_tries_left(self) -> Option<u8> {
+        (self.0 & 0xFFF0 == 0x63C0).then_some((self.0 & 0x0F) as u8)
+    }
 
     pub fn sw1(self) -> u8 {
         (self.0 >> 8) as u8
@@ -68,6 +84,10 @@ impl StatusWord {
             Self::EXPIRED => "card expired",
             Self::REPLAY => "transaction number already used (replay)",
             Self::BAD_AMOUNT => "amount out of range",
+            Self::PIN_REQUIRED => "PIN required for this amount",
+            Self::NO_PIN => "the card has no PIN",
+            Self(0x63C0) => "PIN blocked: no tries left",
+            _ if self.pin_tries_left().is_some() => "wrong PIN",
             _ if self.sw1() == 0x61 => "more data available (GET RESPONSE)",
             _ if self.sw1() == 0x6C => "wrong Le; resend with the length in SW2",
             _ => "unknown status",

@@ -6,7 +6,8 @@
 //!
 //! | command                  | CLA INS P1 P2 | data in                  | data out                 |
 //! |--------------------------|---------------|--------------------------|--------------------------|
-//! | SELECT by AID            | 00 A4 04 00   | purse AID                | FCI `6F 84 <AID>`        |
+//! | SELECT by AID            | 00 A4 04 00   | purse AID                | FCI `6F 84 <AID>`, with a PIN `A5` ([`PinRule`]) |
+//! | VERIFY                   | 00 20 00 80   | PIN block ([`pin_block`]) | —                       |
 //! | READ PURSE               | 80 B0 00 00   | —                        | [`PurseInfo`]            |
 //! | INITIALIZE FOR PURCHASE  | 80 50 01 00   | date (YYYY MM DD)        | [`PurchaseInit`]         |
 //! | DEBIT                    | 80 54 00 00   | [`DebitCommand`]         | [`DebitResponse`]        |
@@ -36,6 +37,19 @@
 //! | 9404 | expired                                                        |
 //! | 9405 | replay: a transaction number already used                     |
 //! | 9406 | amount out of range (zero value debit or load)                 |
+//! | 9407 | DEBIT above the PIN threshold without a verified PIN            |
+//! | 63Cx | VERIFY: wrong PIN, x tries left; `63C0`: the PIN is blocked     |
+//! | 6A88 | VERIFY on a card without a PIN                                  |
+//!
+//! # PIN threshold (seed 004, MIN_TRANS/MAX_TRANS)
+//!
+//! A card personalised with a PIN ([`CardState::with_pin`]) debits more than its threshold
+//! only after a VERIFY of the PIN in the same session (since the last SELECT or reset); the
+//! DEBIT uses it up. Purchases up to the threshold need no PIN, so a stolen card loses at
+//! most that much per purchase without it. A wrong PIN uses a try (persisted before the
+//! answer); at none left the PIN is blocked — purchases under the threshold still work. A
+//! right PIN restores the tries. SELECT's FCI tells the box the threshold and the tries
+//! left ([`PinRule`], proprietary template `A5`).
 //!
 //! Every INITIALIZE opens a one-shot session: the DEBIT or LOAD that follows closes it,
 //! whatever its outcome, so a refused command cannot be retried without a fresh
@@ -60,6 +74,10 @@ pub const INS_INITIALIZE: u8 = 0x50;
 pub const INS_DEBIT: u8 = 0x54;
 pub const INS_LOAD: u8 = 0x52;
 pub const INS_READ_LOG: u8 = 0xB2;
+/// VERIFY (ISO 7816-4), CLA `00`.
+pub const INS_VERIFY: u8 = 0x20;
+/// VERIFY's P2: the card's own PIN (ISO 7816-4: specific reference data, number 0).
+pub const P2_PIN: u8 = 0x80;
 pub const P1_INIT_PURCHASE: u8 = 0x01;
 pub const P1_INIT_LOAD: u8 = 0x02;
 /// Status word for READ LOG past the last record.
@@ -118,7 +136,129 @@ pub struct CardState {
     /// Newest last.
     pub log: VecDeque<LogRecord>,
     pub fault: Option<CardFault>,
+    /// The cardholder PIN and the amount above which a DEBIT needs it (seed 004); `None`:
+    /// no PIN, every purchase takes OK alone.
+    pub pin: Option<CardPin>,
 }
+
+/// The cardholder PIN as the card keeps it (seed 004's PIN threshold). `Debug` shows the
+/// tries and the threshold, never the PIN.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CardPin {
+    /// The PIN as its block ([`pin_block`]).
+    block: [u8; 8],
+    pub tries_left: u8,
+    pub try_limit: u8,
+    /// A DEBIT of more than this (minor units of the card's currency) needs the PIN.
+    pub threshold: u64,
+}
+
+impl std::fmt::Debug for CardPin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CardPin")
+            .field("tries_left", &self.tries_left)
+            .field("try_limit", &self.try_limit)
+            .field("threshold", &self.threshold)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What SELECT's FCI tells the box of the card's PIN: purchases above `threshold` (minor
+/// units) need it, and `tries_left` wrong PINs remain. Template `A5` with `DF50` (threshold,
+/// u64) and `DF51` (tries left, u8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PinRule {
+    pub threshold: u64,
+    pub tries_left: u8,
+}
+
+impl PinRule {
+    /// Whether a purchase of `amount` minor units needs the PIN.
+    pub fn needs_pin(&self, amount: u64) -> bool {
+        amount > self.threshold
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut v = vec![0xA5, 15, 0xDF, 0x50, 8];
+        v.extend_from_slice(&self.threshold.to_be_bytes());
+        v.extend_from_slice(&[0xDF, 0x51, 1, self.tries_left]);
+        v
+    }
+
+    /// The rule in a SELECT answer's FCI, if the card has a PIN. Any bytes: a malformed
+    /// FCI is `None` (no PIN asked: the card still refuses an unverified DEBIT above its
+    /// threshold, `9407`).
+    pub fn from_fci(fci: &[u8]) -> Option<Self> {
+        // 6F L { 84 L AID, A5 L { DF50 08 threshold, DF51 01 tries } }
+        let body = tlv(fci, &[0x6F])?;
+        let a5 = tlvs(body).find(|(t, _)| *t == [0xA5])?.1;
+        let mut threshold = None;
+        let mut tries_left = None;
+        for (tag, v) in tlvs(a5) {
+            match tag {
+                [0xDF, 0x50] => threshold = Some(u64::from_be_bytes(v.try_into().ok()?)),
+                [0xDF, 0x51] => tries_left = v.first().copied().filter(|_| v.len() == 1),
+                _ => {}
+            }
+        }
+        Some(Self {
+            threshold: threshold?,
+            tries_left: tries_left?,
+        })
+    }
+}
+
+/// The value of the single TLV `b` is, if its tag is `tag` (one-byte lengths only).
+fn tlv<'a>(b: &'a [u8], tag: &[u8]) -> Option<&'a [u8]> {
+    let mut it = tlvs(b);
+    let (t, v) = it.next()?;
+    (t == tag && it.next().is_none()).then_some(v)
+}
+
+/// The TLVs in `b` (BER tags of one or two bytes, lengths of one byte), until the bytes
+/// end or stop making sense.
+fn tlvs(b: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    let mut rest = b;
+    std::iter::from_fn(move || {
+        let tag_len = if *rest.first()? & 0x1F == 0x1F { 2 } else { 1 };
+        let len = usize::from(*rest.get(tag_len)?);
+        if len > 0x7F {
+            rest = &[];
+            return None;
+        }
+        let end = tag_len + 1 + len;
+        let Some(value) = rest.get(tag_len + 1..end) else {
+            rest = &[];
+            return None;
+        };
+        let tag = &rest[..tag_len];
+        rest = &rest[end..];
+        Some((tag, value))
+    })
+}
+
+/// A PIN as the VERIFY block: ISO 9564 format 2 — `2L` (L digits), the digits in BCD,
+/// `F`-padded to 8 bytes. `None` unless 4 to 12 decimal digits.
+pub fn pin_block(pin: &str) -> Option<[u8; 8]> {
+    let digits: Vec<u8> = pin
+        .bytes()
+        .map(|c| c.is_ascii_digit().then(|| c - b'0'))
+        .collect::<Option<_>>()?;
+    if !(4..=12).contains(&digits.len()) {
+        return None;
+    }
+    let mut nibbles = vec![2, digits.len() as u8];
+    nibbles.extend(&digits);
+    nibbles.resize(16, 0xF);
+    let mut out = [0u8; 8];
+    for (i, pair) in nibbles.chunks(2).enumerate() {
+        out[i] = (pair[0] << 4) | pair[1];
+    }
+    Some(out)
+}
+
+/// Wrong PINs a card takes before its PIN blocks (seed 004).
+pub const PIN_TRIES: u8 = 3;
 
 /// Parameters for personalising a new card.
 #[derive(Debug, Clone)]
@@ -173,7 +313,25 @@ impl CardState {
             providers: Vec::new(),
             log: VecDeque::new(),
             fault: None,
+            pin: None,
         }
+    }
+
+    /// This card with the cardholder PIN `pin` (4–12 digits): DEBITs of more than
+    /// `threshold` minor units need it, [`PIN_TRIES`] wrong ones block it.
+    ///
+    /// # Errors
+    ///
+    /// A PIN that is not 4 to 12 digits.
+    pub fn with_pin(mut self, pin: &str, threshold: u64) -> Result<Self, String> {
+        let block = pin_block(pin).ok_or("a PIN is 4 to 12 digits")?;
+        self.pin = Some(CardPin {
+            block,
+            tries_left: PIN_TRIES,
+            try_limit: PIN_TRIES,
+            threshold,
+        });
+        Ok(self)
     }
 
     pub fn info(&self) -> PurseInfo {
@@ -228,6 +386,8 @@ pub struct PurseCard {
     pub state: CardState,
     selected: bool,
     session: Session,
+    /// The PIN was verified since the last SELECT or reset; the next DEBIT uses it up.
+    pin_verified: bool,
     rng: StdRng,
     changed: bool,
 }
@@ -241,6 +401,7 @@ impl PurseCard {
             state,
             selected: false,
             session: Session::None,
+            pin_verified: false,
             rng: StdRng::seed_from_u64(seed),
             changed: false,
         }
@@ -283,6 +444,8 @@ impl PurseCard {
     fn dispatch(&mut self, cmd: &Command) -> Answer {
         match (cmd.cla, cmd.ins) {
             (CLA_ISO, INS_SELECT) => self.select(cmd),
+            (CLA_ISO, INS_VERIFY) if self.selected => self.verify(cmd),
+            (CLA_ISO, INS_VERIFY) => Err(StatusWord::WRONG_STATE),
             (CLA_ISO, _) => Err(StatusWord::UNKNOWN_INSTRUCTION),
             (CLA_PURSE, ins) => {
                 if !self.selected {
@@ -315,9 +478,53 @@ impl PurseCard {
         }
         self.selected = true;
         self.session = Session::None;
-        let mut fci = vec![0x6F, 2 + PURSE_AID.len() as u8, 0x84, PURSE_AID.len() as u8];
+        self.pin_verified = false;
+        let rule = self.state.pin.as_ref().map(|p| PinRule {
+            threshold: p.threshold,
+            tries_left: p.tries_left,
+        });
+        let a5 = rule.map(|r| r.encode()).unwrap_or_default();
+        let mut fci = vec![
+            0x6F,
+            (2 + PURSE_AID.len() + a5.len()) as u8,
+            0x84,
+            PURSE_AID.len() as u8,
+        ];
         fci.extend_from_slice(&PURSE_AID);
+        fci.extend_from_slice(&a5);
         Ok(fci)
+    }
+
+    /// VERIFY (ISO 7816-4): the cardholder PIN, for a DEBIT above the threshold in this
+    /// session. The try is counted in the same state change as the answer.
+    fn verify(&mut self, cmd: &Command) -> Answer {
+        if cmd.p1 != 0 || cmd.p2 != P2_PIN {
+            return Err(StatusWord::WRONG_P1P2);
+        }
+        self.pin_verified = false;
+        let Some(pin) = self.state.pin.as_mut() else {
+            return Err(StatusWord::NO_PIN);
+        };
+        let block: [u8; 8] = cmd
+            .data
+            .as_slice()
+            .try_into()
+            .map_err(|_| StatusWord::BAD_DATA)?;
+        if pin.tries_left == 0 {
+            return Err(StatusWord::wrong_pin(0));
+        }
+        if crypto::mac_eq(&block, &pin.block) {
+            if pin.tries_left != pin.try_limit {
+                pin.tries_left = pin.try_limit;
+                self.changed = true;
+            }
+            self.pin_verified = true;
+            Ok(Vec::new())
+        } else {
+            pin.tries_left -= 1;
+            self.changed = true;
+            Err(StatusWord::wrong_pin(pin.tries_left))
+        }
     }
 
     fn read_purse(&mut self, cmd: &Command) -> Answer {
@@ -401,6 +608,7 @@ impl PurseCard {
     }
 
     fn debit(&mut self, cmd: &Command) -> Answer {
+        let pin_verified = std::mem::take(&mut self.pin_verified);
         let Session::Purchase { atc, card_random } =
             std::mem::replace(&mut self.session, Session::None)
         else {
@@ -426,6 +634,11 @@ impl PurseCard {
         self.good_signature();
         if dc.currency != self.state.currency {
             return Err(StatusWord::WRONG_CURRENCY);
+        }
+        if let Some(pin) = &self.state.pin {
+            if dc.amount > pin.threshold && !pin_verified {
+                return Err(StatusWord::PIN_REQUIRED);
+            }
         }
         if self.state.expiry.is_expired_on(dc.date) {
             return Err(StatusWord::EXPIRED);
@@ -637,6 +850,7 @@ impl CardApplication for PurseCard {
     fn reset(&mut self) {
         self.selected = false;
         self.session = Session::None;
+        self.pin_verified = false;
     }
     fn process_apdu(&mut self, apdu: &[u8]) -> Vec<u8> {
         self.process(apdu).response
@@ -680,6 +894,11 @@ pub mod commands {
         let mut data = lc.encode();
         data.extend_from_slice(key_update.unwrap_or_default());
         Command::new(CLA_PURSE, INS_LOAD, 0, 0, data, Some(0)).to_bytes()
+    }
+    /// VERIFY of the cardholder PIN; `None` for a PIN that is not 4 to 12 digits.
+    pub fn verify_pin(pin: &str) -> Option<Vec<u8>> {
+        let block = pin_block(pin)?;
+        Some(Command::new(CLA_ISO, INS_VERIFY, 0, P2_PIN, block.to_vec(), None).to_bytes())
     }
     pub fn read_log(record: u8) -> Vec<u8> {
         Command::new(CLA_PURSE, INS_READ_LOG, record, 0, vec![], Some(0)).to_bytes()

@@ -48,6 +48,35 @@ proptest! {
         let _ = LoadCommand::decode(&bytes);
         let _ = LoadResponse::decode(&bytes);
         let _ = LogRecord::decode(&bytes);
+        let _ = proto::card::PinRule::from_fci(&bytes);
+    }
+
+    #[test]
+    fn fci_pin_rules_round_trip_or_are_none(threshold in any::<u64>(), tries in 0u8..=15, cut in 0usize..40) {
+        let mut c = proto::card::PurseCard::new(
+            proto::card::CardState::personalise(
+                &proto::card::CardSpec::demo(1, proto::money::Currency::EUR, 0, 1),
+                &proto::purse::IssuerKeys {
+                    key_version: 1,
+                    purchase_master: proto::crypto::DesKey::new([1; 16]),
+                    load_master: proto::crypto::DesKey::new([2; 16]),
+                },
+            )
+            .with_pin("1234", threshold)
+            .unwrap(),
+            1,
+        );
+        c.state.pin.as_mut().unwrap().tries_left = tries;
+        let r = c.process(&proto::card::commands::select()).response;
+        let fci = &r[..r.len() - 2];
+        prop_assert_eq!(
+            proto::card::PinRule::from_fci(fci),
+            Some(proto::card::PinRule { threshold, tries_left: tries })
+        );
+        // Cut short anywhere: no rule, no panic.
+        if cut < fci.len() {
+            prop_assert_eq!(proto::card::PinRule::from_fci(&fci[..cut]), None);
+        }
     }
 
     #[test]

@@ -17,8 +17,9 @@ use proto::card::{CardSpec, CardState, PurseCard};
 use proto::purse::IssuerKeys;
 
 const MAGIC: &[u8; 4] = b"PLVC";
-/// 2: the card counts its INITIALIZE commands (`purchase_inits`, `load_inits`).
-const FORMAT: u8 = 2;
+/// 2: the card counts its INITIALIZE commands (`purchase_inits`, `load_inits`); 3: the
+/// cardholder PIN and its threshold (`pin`).
+const FORMAT: u8 = 3;
 /// ISO 7816-4 "memory failure": the card could not persist, so nothing happened.
 pub const SW_MEMORY_FAILURE: StatusWord = StatusWord(0x6581);
 
@@ -47,7 +48,15 @@ impl VirtualCard {
         if path.exists() {
             return Err(VcardError::Exists(path.into()));
         }
-        let state = CardState::personalise(spec, issuer);
+        Self::create_with(path, CardState::personalise(spec, issuer))
+    }
+
+    /// Creates a new card file holding `state` (a personalised card, e.g. with its PIN:
+    /// [`CardState::with_pin`]). Refuses to overwrite.
+    pub fn create_with(path: &Path, state: CardState) -> Result<Self, VcardError> {
+        if path.exists() {
+            return Err(VcardError::Exists(path.into()));
+        }
         write_atomically(path, &encode(&state))?;
         Ok(Self::with_state(path, state))
     }

@@ -60,6 +60,13 @@ enum Cmd {
         /// Issuer master-key file (TOML: key_version, purchase_master, load_master as hex).
         #[arg(long)]
         issuer_keys: PathBuf,
+        /// A file whose first line is the cardholder PIN (4-12 digits): purchases above
+        /// --pin-threshold then need it (seed 004); three wrong PINs block it.
+        #[arg(long, requires = "pin_threshold")]
+        pin_file: Option<PathBuf>,
+        /// With --pin-file: the amount (minor units) above which a purchase needs the PIN.
+        #[arg(long, requires = "pin_file")]
+        pin_threshold: Option<u64>,
     },
     /// Personalise a new security card (PSAM) and write its state file (never overwrites).
     CreatePsam {
@@ -255,6 +262,8 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             expiry,
             provider_id,
             issuer_keys,
+            pin_file,
+            pin_threshold,
         } => {
             if balance > max_balance {
                 return Err(CliError::Usage(format!(
@@ -270,7 +279,16 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 expiry: parse_expiry(&expiry)?,
             };
             let keys = read_issuer_keys(&issuer_keys)?;
-            VirtualCard::create(&card, &spec, &keys)?;
+            let mut state = proto::card::CardState::personalise(&spec, &keys);
+            if let (Some(f), Some(threshold)) = (&pin_file, pin_threshold) {
+                let text = std::fs::read_to_string(f)
+                    .map_err(|e| CliError::Usage(format!("--pin-file {}: {e}", f.display())))?;
+                let pin = text.lines().next().unwrap_or_default().trim();
+                state = state
+                    .with_pin(pin, threshold)
+                    .map_err(|e| CliError::Usage(format!("--pin-file {}: {e}", f.display())))?;
+            }
+            VirtualCard::create_with(&card, state)?;
             println!(
                 "created card {card_id} in {} (balance {balance} minor units, {currency}, expires {expiry})",
                 card.display()
@@ -367,9 +385,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             // The reader's name is pcscd's: the default vpcd entry's for 35963/35964; the
             // security-card entry (scripts/system-setup.sh) names 35965 "Purselink PSAM 00 00".
             let reader = match port {
-                35963 | 35964 => vpcd::reader_name(port),
-                35965 => "Purselink PSAM 00 00".into(),
-                35966 => "Purselink PSAM 00 01".into(),
+                35963..=35966 => vpcd::reader_name(port),
                 _ => format!("the reader pcscd's config gives vpcd port {port}"),
             };
             if no_retry {

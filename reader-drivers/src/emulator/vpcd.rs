@@ -32,10 +32,21 @@ use tokio::task::JoinHandle;
 /// vpcd's port for reader "Virtual PCD 00 00".
 pub const DEFAULT_PORT: u16 = 35963;
 
-/// The PC/SC name of the vpcd reader on `port` (35963 → "Virtual PCD 00 00").
+/// vpcd's port for the payment server's first security-card reader, "Purselink PSAM 00 00"
+/// (35966 is "… 00 01"): the vpcd entry `scripts/system-setup.sh` adds, with its own driver
+/// instance.
+pub const PSAM_PORT: u16 = 35965;
+
+/// The PC/SC name of the vpcd reader on `port`: 35963 → "Virtual PCD 00 00", 35964 →
+/// "… 00 01" (the default vpcd entry); 35965 → "Purselink PSAM 00 00", 35966 → "… 00 01"
+/// ([`PSAM_PORT`]).
 pub fn reader_name(port: u16) -> String {
-    let slot = port.saturating_sub(DEFAULT_PORT);
-    format!("Virtual PCD 00 {slot:02X}")
+    if port >= PSAM_PORT {
+        format!("Purselink PSAM 00 {:02X}", port - PSAM_PORT)
+    } else {
+        let slot = port.saturating_sub(DEFAULT_PORT);
+        format!("Virtual PCD 00 {slot:02X}")
+    }
 }
 
 /// Whether pcscd lists the vpcd reader on `port` ([`reader_name`]), asked through PC/SC.
@@ -420,5 +431,7 @@ mod tests {
     fn reader_names_follow_vpcd_ports() {
         assert_eq!(reader_name(35963), "Virtual PCD 00 00");
         assert_eq!(reader_name(35964), "Virtual PCD 00 01");
+        assert_eq!(reader_name(35965), "Purselink PSAM 00 00");
+        assert_eq!(reader_name(35966), "Purselink PSAM 00 01");
     }
 }
