@@ -587,6 +587,7 @@ impl Load {
         vec![Action::Show(Show::PinEntry {
             min_len: PIN_MIN,
             max_len: PIN_MAX,
+            attempts_left: None,
         })]
     }
 

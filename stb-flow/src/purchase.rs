@@ -21,14 +21,22 @@
 //!
 //! Each state carries what it knows (the offer once it came, the card data once it was
 //! read), so no step has to assume an earlier one ran.
+//!
+//! **PIN threshold** (seed 004): a card whose SELECT answer names a PIN rule
+//! ([`PinRule`]) needs its PIN for purchases above the rule's threshold. After the OK the
+//! TV asks for it ([`Show::PinEntry`]), and VERIFY goes to the card between the second
+//! SELECT and INITIALIZE, in the same card sequence as the DEBIT. A wrong PIN stops the
+//! purchase before the draw (nothing charged; the card counts the try); a blocked PIN
+//! stops it at the OK.
 
-use proto::card::commands;
+use proto::card::{PinRule, commands};
 use proto::messages::{
     CancelMsg, CancelReason, DebitResponseMsg, DrawBody, DrawRequest, Message, Offer, Protected,
     Receipt,
 };
 use proto::money::Money;
 use proto::purse::{Date, DebitCommand, DebitResponse, PurchaseInit};
+use proto::secret::Secret;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
@@ -208,8 +216,10 @@ pub enum Input {
     CardRemoved,
     /// OK on the offer popup.
     Accept,
-    /// BACK, or the countdown ran out.
+    /// BACK, or the countdown ran out (also BACK on the PIN entry).
     Decline { timeout: bool },
+    /// The cardholder PIN typed after the OK, when the card asks for it ([`Show::PinEntry`]).
+    Pin(Secret<String>),
 }
 
 enum State {
@@ -225,8 +235,20 @@ enum State {
         offer: Offer,
         shown: PurchaseInit,
     },
-    /// After the OK: the purse selected again, for the INITIALIZE that DEBIT follows.
+    /// After the OK, for a purchase above the card's PIN threshold: the PIN entry.
+    AwaitPin {
+        offer: Offer,
+        shown: PurchaseInit,
+    },
+    /// After the OK: the purse selected again, for the INITIALIZE that DEBIT follows (and
+    /// the PIN to verify first, if the card asked for one).
     AwaitReselect {
+        offer: Offer,
+        shown: PurchaseInit,
+        pin: Option<Secret<String>>,
+    },
+    /// VERIFY of the PIN is at the card; INITIALIZE follows.
+    AwaitVerify {
         offer: Offer,
         shown: PurchaseInit,
     },
@@ -274,8 +296,14 @@ pub struct Purchase {
     transaction_id: Option<String>,
     /// The ATR of the card the last reply came from (the draw request carries it).
     atr: Vec<u8>,
+    /// The card's PIN rule, from its last SELECT answer (`None`: no PIN).
+    pin_rule: Option<PinRule>,
     rng: StdRng,
 }
+
+/// The PIN lengths VERIFY takes ([`proto::card::pin_block`]).
+const PIN_MIN: u8 = 4;
+const PIN_MAX: u8 = 12;
 
 impl Purchase {
     /// Starts a purchase of `item_id` from `merchant_id`; `today` is the date the card and
@@ -289,6 +317,7 @@ impl Purchase {
             state: State::AwaitOffer,
             transaction_id: None,
             atr: Vec::new(),
+            pin_rule: None,
             rng: StdRng::seed_from_u64(seed),
         };
         let actions = vec![
@@ -316,6 +345,11 @@ impl Purchase {
         matches!(self.state, State::AwaitViewer { .. })
     }
 
+    /// Whether the flow waits for the viewer's PIN ([`Input::Pin`]).
+    pub fn awaiting_pin(&self) -> bool {
+        matches!(self.state, State::AwaitPin { .. })
+    }
+
     /// Whether the card is in use by the flow (so a removal matters).
     pub fn holds_card(&self) -> bool {
         matches!(
@@ -323,7 +357,9 @@ impl Purchase {
             State::AwaitSelect { .. }
                 | State::AwaitInit { .. }
                 | State::AwaitViewer { .. }
+                | State::AwaitPin { .. }
                 | State::AwaitReselect { .. }
+                | State::AwaitVerify { .. }
                 | State::AwaitReinit { .. }
                 | State::AwaitDebit { .. }
         )
@@ -339,6 +375,7 @@ impl Purchase {
             State::AwaitSelect { .. }
                 | State::AwaitInit { .. }
                 | State::AwaitReselect { .. }
+                | State::AwaitVerify { .. }
                 | State::AwaitReinit { .. }
                 | State::AwaitDebitCommand { .. }
                 | State::AwaitDebit { .. }
@@ -437,15 +474,68 @@ impl Purchase {
             }
             (State::AwaitSelect { offer }, Input::Card(r)) => self.on_select(offer, r),
             (State::AwaitInit { offer }, Input::Card(r)) => self.on_init(offer, r),
-            (State::AwaitViewer { offer, shown }, Input::Accept) => {
-                self.state = State::AwaitReselect { offer, shown };
-                vec![
-                    Action::Show(Show::Progress(Progress::ReadingCard)),
-                    Action::Apdu(commands::select()),
-                ]
+            (State::AwaitViewer { offer, shown }, Input::Accept) => match self.pin_rule {
+                Some(rule) if rule.needs_pin(offer.amount.minor) => {
+                    if rule.tries_left == 0 {
+                        return self.refuse(Refusal::PinBlocked);
+                    }
+                    self.state = State::AwaitPin { offer, shown };
+                    vec![Action::Show(Show::PinEntry {
+                        min_len: PIN_MIN,
+                        max_len: PIN_MAX,
+                        attempts_left: Some(rule.tries_left),
+                    })]
+                }
+                _ => self.reselect(offer, shown, None),
+            },
+            (State::AwaitPin { offer, shown }, Input::Pin(pin)) => {
+                self.reselect(offer, shown, Some(pin))
             }
-            (State::AwaitReselect { offer, shown }, Input::Card(r)) => {
+            (State::AwaitPin { .. }, Input::Decline { timeout }) => {
+                let reason = if timeout {
+                    CancelReason::Timeout
+                } else {
+                    CancelReason::Viewer
+                };
+                let then = Outcome::Cancelled {
+                    transaction_id: self.transaction_id.clone(),
+                    reason,
+                };
+                self.cancel_offer(reason, then)
+            }
+            (State::AwaitReselect { offer, shown, pin }, Input::Card(r)) => {
+                let fci = match self.card_data(r) {
+                    Ok(fci) => fci,
+                    Err(refusal) => return self.refuse(refusal),
+                };
+                self.pin_rule = PinRule::from_fci(&fci);
+                match pin {
+                    Some(pin) => {
+                        let Some(verify) = commands::verify_pin(pin.expose()) else {
+                            return self.refuse(Refusal::BadPin {
+                                min: PIN_MIN,
+                                max: PIN_MAX,
+                            });
+                        };
+                        self.state = State::AwaitVerify { offer, shown };
+                        vec![Action::Apdu(verify)]
+                    }
+                    None => {
+                        self.state = State::AwaitReinit { offer, shown };
+                        vec![Action::Apdu(commands::init_purchase(self.today))]
+                    }
+                }
+            }
+            (State::AwaitVerify { offer, shown }, Input::Card(r)) => {
                 if let Err(refusal) = self.card_data(r) {
+                    let refusal = match refusal {
+                        Refusal::CardRefused { sw } => match sw.pin_tries_left() {
+                            Some(0) => Refusal::PinBlocked,
+                            Some(tries_left) => Refusal::WrongPin { tries_left },
+                            None => Refusal::CardRefused { sw },
+                        },
+                        other => other,
+                    };
                     return self.refuse(refusal);
                 }
                 self.state = State::AwaitReinit { offer, shown };
@@ -470,7 +560,9 @@ impl Purchase {
                 State::AwaitSelect { .. }
                 | State::AwaitInit { .. }
                 | State::AwaitViewer { .. }
+                | State::AwaitPin { .. }
                 | State::AwaitReselect { .. }
+                | State::AwaitVerify { .. }
                 | State::AwaitReinit { .. },
                 Input::CardRemoved,
             ) => {
@@ -571,8 +663,9 @@ impl Purchase {
     }
 
     fn on_select(&mut self, offer: Offer, r: Result<CardReply, CardFailure>) -> Vec<Action> {
-        if let Err(refusal) = self.card_data(r) {
-            return self.refuse(refusal);
+        match self.card_data(r) {
+            Ok(fci) => self.pin_rule = PinRule::from_fci(&fci),
+            Err(refusal) => return self.refuse(refusal),
         }
         self.state = State::AwaitInit { offer };
         vec![Action::Apdu(commands::init_purchase(self.today))]
@@ -645,6 +738,20 @@ impl Purchase {
             return self.refuse(Refusal::CardSwapped);
         }
         self.draw(offer, init)
+    }
+
+    /// After the OK (and the PIN, if asked): SELECT again, for the sequence DEBIT ends.
+    fn reselect(
+        &mut self,
+        offer: Offer,
+        shown: PurchaseInit,
+        pin: Option<Secret<String>>,
+    ) -> Vec<Action> {
+        self.state = State::AwaitReselect { offer, shown, pin };
+        vec![
+            Action::Show(Show::Progress(Progress::ReadingCard)),
+            Action::Apdu(commands::select()),
+        ]
     }
 
     /// Journals the acceptance with the card data and sends the draw request.

@@ -43,7 +43,13 @@ pub enum Show {
     LoadMax(Money),
     /// A PIN of `min_len..=max_len` digits is needed: the bank's own check for a load from
     /// an account (not in the seed; the PIN goes sealed, see [`crate::load`]).
-    PinEntry { min_len: u8, max_len: u8 },
+    /// Also the card's own PIN, for a purchase above its threshold (seed 004), with the
+    /// tries the card has left.
+    PinEntry {
+        min_len: u8,
+        max_len: u8,
+        attempts_left: Option<u8>,
+    },
     /// The transaction completed.
     Receipt(ReceiptShown),
     /// Paid, but the merchant did not release the goods; `text` is the merchant's receipt
@@ -209,6 +215,11 @@ pub enum Refusal {
     NoPinKey,
     /// The PIN typed is not `min..=max` digits.
     BadPin { min: u8, max: u8 },
+    /// The card refused the PIN (seed 004); it has `tries_left` more.
+    WrongPin { tries_left: u8 },
+    /// The card's PIN is blocked (too many wrong ones): purchases above its threshold
+    /// cannot be made; those under it can.
+    PinBlocked,
 
     // ---- the shell (the daemon ends or refuses a flow with these)
     /// Another purchase or load is in progress.
@@ -251,6 +262,10 @@ pub enum Problem {
     Timeout,
     /// The amount asked was not the price shown (001 [0082]): stopped, nothing charged.
     AmountMismatch,
+    /// The PIN was wrong: nothing charged; try again with the right one.
+    WrongPin,
+    /// The card's PIN is blocked: only purchases under its PIN threshold work.
+    PinBlocked,
     /// Anything else.
     Other,
 }
@@ -277,6 +292,7 @@ fn load_problem(code: ErrorCode) -> Problem {
         ErrorCode::Expired => Problem::CardExpired,
         ErrorCode::OfferExpired => Problem::OfferExpired,
         ErrorCode::CardHotlisted => Problem::CardHotlisted,
+        ErrorCode::WrongPin => Problem::WrongPin,
         _ => Problem::Other,
     }
 }
@@ -286,6 +302,8 @@ fn card_problem(sw: StatusWord) -> Problem {
         StatusWord::BLOCKED => Problem::CardBlocked,
         StatusWord::EXPIRED => Problem::CardExpired,
         StatusWord::INSUFFICIENT_VALUE => Problem::InsufficientValue,
+        sw if sw.pin_tries_left() == Some(0) => Problem::PinBlocked,
+        sw if sw.pin_tries_left().is_some() => Problem::WrongPin,
         _ => Problem::Other,
     }
 }
@@ -306,6 +324,8 @@ impl Refusal {
             Refusal::CardUnreadable { .. } | Refusal::CardRemoved => Problem::NoCard,
             Refusal::CardRefused { sw } | Refusal::DebitRefused { sw } => card_problem(*sw),
             Refusal::CardBlocked => Problem::CardBlocked,
+            Refusal::WrongPin { .. } => Problem::WrongPin,
+            Refusal::PinBlocked => Problem::PinBlocked,
             Refusal::CardExpired { .. } => Problem::CardExpired,
             Refusal::InsufficientValue { .. } => Problem::InsufficientValue,
             Refusal::OutOfTurn { .. }

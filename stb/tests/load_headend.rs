@@ -3,7 +3,10 @@
 //! mutual TLS, on a real `VirtualCard` file behind the virtual reader driver, with a real
 //! SQLite journal. The viewer's keys go in through the daemon's key channel.
 //!
-//! Every test ends with the conservation check: what left the funding accounts = what the
+//! Also the purchases of a card with a PIN threshold (seed 004), through the same daemon
+//! and head end.
+//!
+//! Every load test ends with the conservation check: what left the funding accounts = what the
 //! card gained = what the issuer float gained, and no hold is left `Held`.
 
 mod support;
@@ -531,4 +534,119 @@ async fn a_card_pulled_mid_re_keying_load_is_left_usable_under_one_version() {
         );
         assert_eq!(w.conservation(), gained, "{at:?}");
     }
+}
+
+/// Asks the daemon to buy `item` of the demo's CABLE merchant, as a local app does.
+async fn pay(b: &Box_, item: &str) -> tokio::sync::oneshot::Receiver<stb_flow::purchase::Outcome> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    b.events
+        .send(stb::daemon::event::Event::Pay {
+            merchant_id: "CABLE".into(),
+            item_id: item.into(),
+            reply: tx,
+        })
+        .await
+        .unwrap();
+    rx
+}
+
+/// Seed 004's PIN threshold through the daemon, its TV model and the real head end: the
+/// card (PIN 4711, threshold 5.00) buys the 4.99 event on OK alone; the 29.95 knife set
+/// makes the TV ask for the PIN; three wrong PINs block PIN purchases, not the 4.99 one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn above_the_card_s_pin_threshold_the_tv_asks_for_the_pin() {
+    use stb_flow::purchase::Outcome;
+    use stb_flow::show::Refusal;
+    let w = world().await;
+    std::fs::remove_file(&w.card).unwrap();
+    let issuer = headend::config::load_issuer_keys(&w.dir.path().join("issuer-keys.toml")).unwrap();
+    let state = proto::card::CardState::personalise(
+        &CardSpec::demo(0xCA4D_0001, Currency::EUR, 10_000, 50_000),
+        &issuer,
+    )
+    .with_pin("4711", 500)
+    .unwrap();
+    VirtualCard::create_with(&w.card, state).unwrap();
+    let mut b = start_box(w.cfg.clone(), &w.card).await;
+    b.until("card on the home screen", |s| {
+        s.card_balance == Some(10_000)
+    })
+    .await;
+
+    // 4.99: OK alone.
+    let rx = pay(&b, "ppv-1001").await;
+    b.until("the offer", |s| s.offer.is_some()).await;
+    b.key(RemoteKey::Ok).await;
+    let out = rx.await.unwrap();
+    assert!(matches!(out, Outcome::Paid { .. }), "{out:?}");
+    assert_eq!(balance(&w.card), 10_000 - 499);
+    b.until("the receipt", |s| s.screen == ScreenId::Receipt)
+        .await;
+    b.key(RemoteKey::Ok).await;
+
+    // 29.95: the TV asks for the PIN.
+    let rx = pay(&b, "shop-2001").await;
+    b.until("the offer", |s| s.offer.is_some()).await;
+    b.key(RemoteKey::Ok).await;
+    b.until("the PIN entry", |s| s.screen == ScreenId::Pin)
+        .await;
+    keys(&b, &digits("4711")).await;
+    b.key(RemoteKey::Ok).await;
+    let out = rx.await.unwrap();
+    assert!(matches!(out, Outcome::Paid { .. }), "{out:?}");
+    assert_eq!(balance(&w.card), 10_000 - 499 - 2_995);
+    b.until("the receipt", |s| s.screen == ScreenId::Receipt)
+        .await;
+    b.key(RemoteKey::Ok).await;
+
+    // Three wrong PINs: each refused before the draw, the last one blocks.
+    for want in [
+        Refusal::WrongPin { tries_left: 2 },
+        Refusal::WrongPin { tries_left: 1 },
+        Refusal::PinBlocked,
+    ] {
+        let rx = pay(&b, "shop-2001").await;
+        b.until("the offer", |s| s.offer.is_some()).await;
+        b.key(RemoteKey::Ok).await;
+        b.until("the PIN entry", |s| s.screen == ScreenId::Pin)
+            .await;
+        keys(&b, &digits("0000")).await;
+        b.key(RemoteKey::Ok).await;
+        let out = rx.await.unwrap();
+        assert!(
+            matches!(&out, Outcome::Failed { refusal, .. } if *refusal == want),
+            "{out:?}"
+        );
+        b.until("the error", |s| s.screen == ScreenId::Error).await;
+        b.key(RemoteKey::Ok).await;
+    }
+    // Blocked: the OK is refused at once, without a PIN entry.
+    let rx = pay(&b, "shop-2001").await;
+    b.until("the offer", |s| s.offer.is_some()).await;
+    b.key(RemoteKey::Ok).await;
+    let out = rx.await.unwrap();
+    assert!(
+        matches!(
+            &out,
+            Outcome::Failed {
+                refusal: Refusal::PinBlocked,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    b.until("the error", |s| s.screen == ScreenId::Error).await;
+    b.key(RemoteKey::Ok).await;
+    // Under the threshold it still buys.
+    let rx = pay(&b, "ppv-1001").await;
+    b.until("the offer", |s| s.offer.is_some()).await;
+    b.key(RemoteKey::Ok).await;
+    let out = rx.await.unwrap();
+    assert!(matches!(out, Outcome::Paid { .. }), "{out:?}");
+    b.stop().await;
+    assert_eq!(balance(&w.card), 10_000 - 499 - 2_995 - 499);
+    // The head end counted exactly the three purchases the card paid.
+    let payment = w.running.payment.as_ref().unwrap();
+    let sold: u64 = payment.totals().await.values().sum();
+    assert_eq!(sold, 499 + 2_995 + 499);
 }

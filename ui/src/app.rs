@@ -85,6 +85,9 @@ pub struct App {
     ticks: u64,
     /// The catalog item last said in [`Intent::HighlightCatalogItem`].
     highlight_said: Option<CatalogId>,
+    /// What the PIN entry is for: a load's bank PIN, or the card's PIN for a purchase
+    /// above its threshold (seed 004); the progress after it says so.
+    pin_for: TxKind,
 }
 
 impl Default for App {
@@ -102,6 +105,7 @@ impl App {
             catalog: None,
             history: None,
             screen: Screen::Home,
+            pin_for: TxKind::Load,
             home: Home::default(),
             catalog_view: CatalogView::default(),
             highlight_said: None,
@@ -307,7 +311,7 @@ impl App {
             Screen::Pin(entry) => match entry.handle(key) {
                 Some(PinAction::Submit(pin)) => {
                     self.screen = Screen::Progress(Progress {
-                        kind: TxKind::Load,
+                        kind: self.pin_for,
                         step: None,
                     });
                     vec![Intent::SubmitPin(pin)]
@@ -414,7 +418,8 @@ impl App {
             UiUpdate::Progress(step) => {
                 let kind = match &self.screen {
                     Screen::Progress(p) => p.kind,
-                    Screen::Load(_) | Screen::Pin(_) => TxKind::Load,
+                    Screen::Load(_) => TxKind::Load,
+                    Screen::Pin(_) => self.pin_for,
                     _ => TxKind::Purchase,
                 };
                 self.screen = Screen::Progress(Progress {
@@ -440,7 +445,14 @@ impl App {
                 self.screen = Screen::Error(e);
             }
             UiUpdate::LoadMax(max) => self.screen = Screen::Load(LoadView::amount(max)),
-            UiUpdate::PinRequest(req) => self.screen = Screen::Pin(PinEntry::new(req)),
+            UiUpdate::PinRequest(req) => {
+                // A PIN asked while a purchase is under way is the card's.
+                self.pin_for = match &self.screen {
+                    Screen::Progress(p) => p.kind,
+                    _ => TxKind::Load,
+                };
+                self.screen = Screen::Pin(PinEntry::new(req));
+            }
         }
         out
     }

@@ -160,6 +160,10 @@ pub enum ErrorKind {
     HeadEndUnreachable,
     Timeout,
     AmountMismatch,
+    /// The PIN was wrong (nothing charged): try again.
+    WrongPin,
+    /// The card's PIN is blocked: only purchases under its PIN threshold work.
+    PinBlocked,
     /// Value may have moved and the transaction settles by itself (in doubt): the viewer
     /// must not try again.
     Pending,
@@ -168,7 +172,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, for whatever must know them all (the simulators read the TV by title).
-    pub const ALL: [ErrorKind; 13] = [
+    pub const ALL: [ErrorKind; 15] = [
         ErrorKind::NoReader,
         ErrorKind::NoCard,
         ErrorKind::CardBlocked,
@@ -180,6 +184,8 @@ impl ErrorKind {
         ErrorKind::HeadEndUnreachable,
         ErrorKind::Timeout,
         ErrorKind::AmountMismatch,
+        ErrorKind::WrongPin,
+        ErrorKind::PinBlocked,
         ErrorKind::Pending,
         ErrorKind::Other,
     ];

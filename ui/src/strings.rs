@@ -183,6 +183,16 @@ pub fn error_texts(k: ErrorKind) -> (&'static str, &'static str, &'static str) {
             "The amount asked was not the price shown, so we stopped.",
             "Nothing was charged. Call your cable operator.",
         ),
+        ErrorKind::WrongPin => (
+            "Wrong PIN",
+            "The PIN was not right. Nothing was charged.",
+            "Try again with the right PIN.",
+        ),
+        ErrorKind::PinBlocked => (
+            "PIN blocked",
+            "Too many wrong PINs: this card's PIN is blocked. Nothing was charged.",
+            "Smaller purchases still work without a PIN. Call your card provider to unblock it.",
+        ),
         ErrorKind::Pending => (
             "Being settled",
             "The card may have paid or been loaded; the head end settles it by itself.",
@@ -308,6 +318,13 @@ pub const WHY_NO_PIN_KEY: &str =
 pub fn why_bad_pin(min: u8, max: u8) -> String {
     format!("a PIN has {min} to {max} digits")
 }
+
+/// The card refused the PIN; it takes `tries_left` more before it blocks.
+pub fn why_wrong_pin(tries_left: u8) -> String {
+    format!("the card refused the PIN: {tries_left} more tries before it blocks")
+}
+
+pub const WHY_PIN_BLOCKED: &str = "the card's PIN is blocked after too many wrong PINs; purchases under its PIN-free limit still work";
 
 pub const WHY_BUSY: &str = "another transaction is in progress; try again";
 pub const WHY_NO_VIEWER: &str = "no TV UI on this box to confirm the payment";

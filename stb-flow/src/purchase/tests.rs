@@ -848,3 +848,126 @@ fn every_network_failure_refuses_before_the_offer_and_is_in_doubt_after_the_draw
         );
     }
 }
+
+/// A card with PIN 4711 and a threshold of 5.00 (seed 004).
+fn pin_card() -> PurseCard {
+    let c = card_with(
+        10_000,
+        Currency::EUR,
+        Expiry {
+            year: 2030,
+            month: 12,
+        },
+    );
+    PurseCard::new(c.state.with_pin("4711", 500).unwrap(), 7)
+}
+
+fn pin(p: &str) -> Input {
+    Input::Pin(proto::secret::Secret::new(p.to_string()))
+}
+
+/// The card commands (INS) the actions sent, in order.
+fn apdu_ins(actions: &[Action]) -> Vec<u8> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Apdu(x) => x.get(1).copied(),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn under_the_pin_threshold_ok_alone_draws() {
+    let mut c = pin_card();
+    let (mut p, a) = to_viewer(&mut c, offer(499, None));
+    assert!(matches!(a.last(), Some(Action::Show(Show::Offer(_)))));
+    let a = feed(&mut p, &mut c, Input::Accept);
+    assert!(
+        !a.iter()
+            .any(|x| matches!(x, Action::Show(Show::PinEntry { .. }))),
+        "4.99: no PIN"
+    );
+    assert!(matches!(sent(&a), Some(Message::DrawRequest(_))), "{a:?}");
+}
+
+#[test]
+fn above_the_pin_threshold_the_pin_is_asked_and_verified_before_the_initialize() {
+    let mut c = pin_card();
+    let mut security_card = SecurityCard::new(3, issuer().purchase());
+    let (mut p, _) = to_viewer(&mut c, offer(2_995, None));
+    let a = feed(&mut p, &mut c, Input::Accept);
+    assert_eq!(
+        a,
+        [Action::Show(Show::PinEntry {
+            min_len: 4,
+            max_len: 12,
+            attempts_left: Some(3)
+        })],
+        "29.95: the PIN, nothing sent yet"
+    );
+    assert!(p.awaiting_pin() && !p.card_sequence_open());
+    let a = feed(&mut p, &mut c, pin("4711"));
+    // SELECT, VERIFY, INITIALIZE in one card sequence, then the draw.
+    assert_eq!(
+        apdu_ins(&a),
+        [
+            proto::card::INS_SELECT,
+            proto::card::INS_VERIFY,
+            proto::card::INS_INITIALIZE
+        ]
+    );
+    let draw = sent(&a).unwrap().clone();
+    assert!(matches!(draw, Message::DrawRequest(_)));
+    let cmd = debit_command(&mut security_card, &draw, None);
+    let a = feed(&mut p, &mut c, Input::Answer(command_msg(cmd, None)));
+    assert!(matches!(sent(&a), Some(Message::DebitResponse(_))), "{a:?}");
+    assert_eq!(c.state.balance, 10_000 - 2_995, "the card debited");
+}
+
+#[test]
+fn a_wrong_pin_stops_before_the_draw_and_a_blocked_one_at_the_ok() {
+    let mut c = pin_card();
+    for left in [2u8, 1] {
+        let (mut p, _) = to_viewer(&mut c, offer(2_995, None));
+        let _ = feed(&mut p, &mut c, Input::Accept);
+        let a = feed(&mut p, &mut c, pin("0000"));
+        assert!(
+            a.iter()
+                .any(|x| *x == Action::Show(Show::Refused(Refusal::WrongPin { tries_left: left }))),
+            "{a:?}"
+        );
+        assert_eq!(ui_error(&a), Some(Problem::WrongPin));
+        // Nothing reached the payment server: only the offer is dropped.
+        assert!(journal_steps(&a).is_empty());
+        assert!(
+            matches!(sent(&a), Some(Message::Cancel(c)) if c.proof.is_none()),
+            "{a:?}"
+        );
+    }
+    // The third wrong PIN blocks it.
+    let (mut p, _) = to_viewer(&mut c, offer(2_995, None));
+    let _ = feed(&mut p, &mut c, Input::Accept);
+    let a = feed(&mut p, &mut c, pin("0000"));
+    assert_eq!(ui_error(&a), Some(Problem::PinBlocked));
+    // Blocked: the OK is refused at once, no PIN asked, no card command.
+    let (mut p, _) = to_viewer(&mut c, offer(2_995, None));
+    let a = feed(&mut p, &mut c, Input::Accept);
+    assert_eq!(ui_error(&a), Some(Problem::PinBlocked));
+    assert!(apdu_ins(&a).is_empty());
+    // Under the threshold it still buys.
+    let (mut p, _) = to_viewer(&mut c, offer(450, None));
+    let a = feed(&mut p, &mut c, Input::Accept);
+    assert!(matches!(sent(&a), Some(Message::DrawRequest(_))), "{a:?}");
+    assert_eq!(c.state.balance, 10_000);
+}
+
+#[test]
+fn back_on_the_pin_entry_cancels_the_offer() {
+    let mut c = pin_card();
+    let (mut p, _) = to_viewer(&mut c, offer(2_995, None));
+    let _ = feed(&mut p, &mut c, Input::Accept);
+    let a = feed(&mut p, &mut c, Input::Decline { timeout: false });
+    assert_eq!(cancel_of(&a).reason, CancelReason::Viewer);
+    assert!(apdu_ins(&a).is_empty());
+}

@@ -215,7 +215,14 @@ impl Runner {
             Intent::SubmitLoadAmount(minor) => self.load_input(load::Input::Amount(minor)).await,
             Intent::SubmitPin(pin) => {
                 let pin = Secret::new(pin.expose().to_string());
-                self.load_input(load::Input::Pin(pin)).await
+                if self.purchase_awaits_pin() {
+                    self.flow_input(Input::Pin(pin)).await
+                } else {
+                    self.load_input(load::Input::Pin(pin)).await
+                }
+            }
+            Intent::CancelPin if self.purchase_awaits_pin() => {
+                self.flow_input(Input::Decline { timeout: false }).await
             }
             Intent::CancelLoad | Intent::CancelPin => self.load_input(load::Input::Cancel).await,
         }
@@ -343,6 +350,14 @@ impl Runner {
     /// A purchase or load flow is in flight (it may hold the card).
     fn flow_active(&self) -> bool {
         self.purchase.is_active() || self.load.is_active()
+    }
+
+    /// Whether the purchase in flight waits for the card's PIN (the TV's PIN entry is
+    /// then the purchase's, not a load's).
+    fn purchase_awaits_pin(&self) -> bool {
+        self.purchase
+            .active()
+            .is_some_and(|a| a.flow.awaiting_pin())
     }
 
     /// A purchase or load is in flight, or one waits for a recovery round.

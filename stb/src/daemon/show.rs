@@ -42,10 +42,14 @@ pub fn update(show: Show) -> UiUpdate {
         }),
         Show::OfferWithdrawn { transaction_id } => UiUpdate::OfferWithdrawn(TxId(transaction_id)),
         Show::LoadMax(max) => UiUpdate::LoadMax(ui_money(max)),
-        Show::PinEntry { min_len, max_len } => UiUpdate::PinRequest(ui::model::PinRequest {
+        Show::PinEntry {
             min_len,
             max_len,
-            attempts_left: None,
+            attempts_left,
+        } => UiUpdate::PinRequest(ui::model::PinRequest {
+            min_len,
+            max_len,
+            attempts_left,
         }),
         Show::Receipt(r) => {
             let (kind, item, merchant) = match r.what {
@@ -116,6 +120,8 @@ pub fn error_kind(p: Problem) -> ErrorKind {
         Problem::HeadEndUnreachable => ErrorKind::HeadEndUnreachable,
         Problem::Timeout => ErrorKind::Timeout,
         Problem::AmountMismatch => ErrorKind::AmountMismatch,
+        Problem::WrongPin => ErrorKind::WrongPin,
+        Problem::PinBlocked => ErrorKind::PinBlocked,
         Problem::Other => ErrorKind::Other,
     }
 }
@@ -205,6 +211,8 @@ pub fn refusal_reason(r: &Refusal) -> String {
         ),
         Refusal::NoPinKey => s::WHY_NO_PIN_KEY.into(),
         Refusal::BadPin { min, max } => s::why_bad_pin(*min, *max),
+        Refusal::WrongPin { tries_left } => s::why_wrong_pin(*tries_left),
+        Refusal::PinBlocked => s::WHY_PIN_BLOCKED.into(),
         Refusal::Busy => s::WHY_BUSY.into(),
         Refusal::NoViewer => s::WHY_NO_VIEWER.into(),
         Refusal::NotRecorded { flow, .. } => match flow {
