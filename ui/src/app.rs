@@ -445,6 +445,14 @@ impl App {
                 self.screen = Screen::Error(e);
             }
             UiUpdate::LoadMax(max) => self.screen = Screen::Load(LoadView::amount(max)),
+            UiUpdate::Settled => {
+                if matches!(&self.screen, Screen::Error(e) if e.kind == ErrorKind::Pending) {
+                    self.screen = Screen::Home;
+                    self.notice = Some(strings::SETTLED);
+                }
+                // The log changed; the next ShowHistory fetches it again.
+                self.history = None;
+            }
             UiUpdate::PinRequest(req) => {
                 // A PIN asked while a purchase is under way is the card's.
                 self.pin_for = match &self.screen {

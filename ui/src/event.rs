@@ -43,6 +43,9 @@ pub enum UiUpdate {
     /// opens the amount entry.
     LoadMax(Money),
     PinRequest(PinRequest),
+    /// The daemon settled transactions that were in doubt (recovery): a "Being settled"
+    /// screen still showing closes, with a note to look in History.
+    Settled,
 }
 
 impl UiUpdate {
@@ -92,7 +95,8 @@ impl UiUpdate {
             | UiUpdate::Progress(_)
             | UiUpdate::History(_)
             | UiUpdate::LoadMax(_)
-            | UiUpdate::PinRequest(_)) => other,
+            | UiUpdate::PinRequest(_)
+            | UiUpdate::Settled) => other,
         }
     }
 }

@@ -47,6 +47,7 @@ pub fn offer_countdown(secs: u32) -> String {
 }
 
 pub const OFFER_CANCELLED: &str = "Purchase cancelled. Your card was not charged.";
+pub const SETTLED: &str = "Settled. See History for how it ended.";
 pub const OFFER_TIMED_OUT: &str = "No answer: purchase cancelled. Your card was not charged.";
 
 // PIN

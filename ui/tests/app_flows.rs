@@ -507,3 +507,21 @@ fn highlight_waits_for_a_catalog_with_items() {
         vec![highlight("ppv-1")]
     );
 }
+
+/// The "Being settled" screen closes when the daemon settles what was in doubt; other
+/// error screens stay for the viewer to read.
+#[test]
+fn a_being_settled_screen_closes_when_recovery_settles() {
+    let mut app = ready_app();
+    for (kind, closes) in [(ErrorKind::Pending, true), (ErrorKind::WrongPin, false)] {
+        update(&mut app, UiUpdate::Error(UiError { kind, detail: None }));
+        assert_eq!(app.screen(), ScreenId::Error);
+        assert!(update(&mut app, UiUpdate::Settled).is_empty());
+        if closes {
+            assert_eq!(app.screen(), ScreenId::Home, "{kind:?}");
+            assert_eq!(app.notice(), Some(ui::strings::SETTLED));
+        } else {
+            assert_eq!(app.screen(), ScreenId::Error, "{kind:?}");
+        }
+    }
+}

@@ -817,6 +817,7 @@ impl Runner {
     async fn round_ended(&mut self, end: RoundEnd) {
         if end.progressed {
             self.refresh_card().await;
+            self.update(UiUpdate::Settled).await;
         }
         Box::pin(self.resume_deferred()).await;
     }
