@@ -327,6 +327,12 @@ pub struct LoadSection {
     /// version than the newest `load_keys` version gets its keys of that version with the
     /// load, if this file holds it too. Absent: no key updates.
     pub rekey_purchase_keys: Option<PathBuf>,
+    /// Whether bank loads carry the issuer's UNBLOCK (seed 004): a card locked by bad
+    /// signatures opens, and its PIN's tries are restored, with a bank load (the
+    /// cardholder proved the account's PIN). Off by default: then a locked card is only
+    /// refused.
+    #[serde(default)]
+    pub unblock_with_bank_loads: bool,
     /// The HSM's id in load commands.
     #[serde(default = "default_hsm_id")]
     pub hsm_id: u64,

@@ -67,6 +67,10 @@ pub trait SecurityModule: Send {
     fn key_update(&self, _init: &LoadInit) -> Option<Vec<u8>> {
         None
     }
+    /// The sealed UNBLOCK for this load's card ([`Hsm::unblock`]); none by default.
+    fn unblock(&self, _init: &LoadInit) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 impl SecurityModule for Hsm {
@@ -108,6 +112,9 @@ impl SecurityModule for Hsm {
     fn key_update(&self, init: &LoadInit) -> Option<Vec<u8>> {
         Hsm::key_update(self, init)
     }
+    fn unblock(&self, init: &LoadInit) -> Option<Vec<u8>> {
+        Hsm::unblock(self, init)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -145,6 +152,8 @@ pub struct LoadServer {
     confirmation_key: proto::crypto::DesKey,
     /// Pre-funded accounts.
     pub prefunded: Funds,
+    /// `[load] unblock_with_bank_loads`: bank loads carry the issuer's UNBLOCK.
+    unblock_with_bank_loads: bool,
 }
 
 fn hsm_code(e: &HsmError) -> ErrorCode {
@@ -257,6 +266,7 @@ impl LoadServer {
             journal,
             confirmation_key: key,
             prefunded,
+            unblock_with_bank_loads: s.unblock_with_bank_loads,
         }))
     }
 
@@ -429,6 +439,12 @@ impl LoadServer {
         let answer = Message::LoadCommand(LoadCommandMsg {
             transaction_id: txid.clone(),
             key_update: hsm.key_update(&req.init),
+            // Seed 004: the issuer unblocks a card (its bad-signature lock, its PIN's
+            // tries) only inside a bank load — the cardholder proved the account's PIN.
+            unblock: (self.unblock_with_bank_loads
+                && matches!(req.source, LoadSource::Bank { .. }))
+            .then(|| hsm.unblock(&req.init))
+            .flatten(),
             command: cmd,
         });
         let rec = LoadRec {

@@ -1225,3 +1225,71 @@ async fn cards_of_both_key_versions_buy_until_version_1_is_retired() {
     assert_eq!(new.balance(), 5_000 - 2 * 499);
     running.stop().await;
 }
+
+/// A forged INITIALIZE — another card's id and a huge INITIALIZE count, its MAC not the
+/// card's — is refused by the security card and records nothing against the card it
+/// names: that card's genuine purchases go on, and after a restart too (the outside attack
+/// on issue 16 blocked a card for good this way: the count was claimed before the MAC was
+/// checked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_initialize_records_nothing_against_the_card_it_names() {
+    let he = start(options("payment-server", false)).await;
+    let mut attacker = TestBox::new(&he, "box-000001", 10_000).await;
+    let mut victim = TestBox::new(&he, "box-000002", 5_000).await;
+    let victim_id = victim.0.card.state.card_id;
+    let offer = attacker.offer("CABLE", "ppv-1001").await;
+    let mut draw = attacker.draw_request(&offer);
+    let mut body = draw.body.open(None).unwrap();
+    body.init.card_id = victim_id;
+    body.init.init_count = 0x7FFF_FFFF;
+    draw.body = Protected::new(body, None, &mut rand::rngs::OsRng);
+    let answer = attacker.call(&Message::DrawRequest(draw)).await;
+    assert_eq!(error_code(&answer), ErrorCode::BadSignature, "{answer:?}");
+    let payment = he.running.payment.as_ref().unwrap().clone();
+    assert_eq!(
+        payment
+            .journal()
+            .get(headend::journal::Kind::CardInit, &victim_id.to_string())
+            .unwrap(),
+        None,
+        "nothing journaled against the named card"
+    );
+    let (_, answer) = victim.buy("CABLE", "ppv-1001").await;
+    assert!(
+        matches!(answer, Message::Receipt(ref r) if r.released),
+        "the named card buys on: {answer:?}"
+    );
+    // After a restart (the journal is all that is left), too — the same card.
+    let victim_card = victim.0.card;
+    let HeadEnd {
+        dir,
+        cfg,
+        running,
+        pg,
+    } = he;
+    running.stop().await;
+    let running = headend::assembly::start(&cfg, headend::assembly::Roles::ALL)
+        .await
+        .unwrap();
+    let he = HeadEnd {
+        dir,
+        cfg,
+        running,
+        pg,
+    };
+    let mut victim = TestBox::connect(
+        &he.dir.path().join("ca"),
+        &he.cfg,
+        "box-000002",
+        he.running.gateway_addr.unwrap(),
+        5_000,
+    )
+    .await;
+    victim.0.card = victim_card;
+    let (_, answer) = victim.buy("CABLE", "ppv-1001").await;
+    assert!(
+        matches!(answer, Message::Receipt(ref r) if r.released),
+        "{answer:?}"
+    );
+    he.running.stop().await;
+}

@@ -550,6 +550,43 @@ async fn a_security_card_answering_garbage_is_taken_out_and_nothing_is_debited()
     he.running.stop().await;
 }
 
+/// Sends the security card in the PSAM reader the INITIALIZE of a draw (`txid`, for the
+/// card whose fresh INITIALIZE answer is `init`) straight through pcscd, as a payment
+/// server that died before journaling it did; every answer must be `9000`.
+async fn initialize_directly(txid: &str, init: proto::purse::PurchaseInit) {
+    let draw = proto::security_card::DrawData {
+        merchant_id: "CABLE".into(),
+        transaction_id: txid.into(),
+        amount: proto::money::Money::new(100, proto::money::Currency::EUR),
+        init,
+    };
+    let init = psam::commands::initialize(&draw, headend::payment::today(), true).unwrap();
+    let answers = tokio::task::spawn_blocking(move || {
+        let ctx = pcsc::Context::establish(pcsc::Scope::User).unwrap();
+        let reader = std::ffi::CString::new(READER).unwrap();
+        let card = ctx
+            .connect(&reader, pcsc::ShareMode::Shared, pcsc::Protocols::ANY)
+            .unwrap();
+        let mut out = Vec::new();
+        for apdu in [
+            psam::commands::select(),
+            psam::commands::card_atr(&proto::card::CARD_ATR),
+            init,
+        ] {
+            let mut buf = [0u8; 300];
+            out.push(card.transmit(&apdu, &mut buf).unwrap().to_vec());
+        }
+        let _ = card.disconnect(pcsc::Disposition::LeaveCard);
+        out
+    })
+    .await
+    .unwrap();
+    assert!(
+        answers.iter().all(|a| a.ends_with(&[0x90, 0x00])),
+        "{answers:02X?}"
+    );
+}
+
 /// Bad input from the security card: a debit command whose signature is wrong. The card
 /// refuses the DEBIT (`6982`) and nothing moves; the box cancels naming that status word,
 /// with its proof; the payment server reverses, and `headend status` counts the refusal
@@ -718,37 +755,7 @@ async fn a_transaction_the_card_numbered_but_no_journal_knows_is_reversed_at_res
     he.running.stop().await;
 
     // The INITIALIZE of a draw whose journal write never happened.
-    let draw = proto::security_card::DrawData {
-        merchant_id: "CABLE".into(),
-        transaction_id: "never-journaled".into(),
-        amount: proto::money::Money::new(100, proto::money::Currency::EUR),
-        init: b.proof(),
-    };
-    let init = psam::commands::initialize(&draw, headend::payment::today(), true).unwrap();
-    let answers = tokio::task::spawn_blocking(move || {
-        let ctx = pcsc::Context::establish(pcsc::Scope::User).unwrap();
-        let reader = std::ffi::CString::new(READER).unwrap();
-        let card = ctx
-            .connect(&reader, pcsc::ShareMode::Shared, pcsc::Protocols::ANY)
-            .unwrap();
-        let mut out = Vec::new();
-        for apdu in [
-            psam::commands::select(),
-            psam::commands::card_atr(&proto::card::CARD_ATR),
-            init,
-        ] {
-            let mut buf = [0u8; 300];
-            out.push(card.transmit(&apdu, &mut buf).unwrap().to_vec());
-        }
-        let _ = card.disconnect(pcsc::Disposition::LeaveCard);
-        out
-    })
-    .await
-    .unwrap();
-    assert!(
-        answers.iter().all(|a| a.ends_with(&[0x90, 0x00])),
-        "{answers:02X?}"
-    );
+    initialize_directly("never-journaled", b.proof()).await;
     let s = served.status();
     let eur = s.totals[&proto::money::Currency::EUR];
     assert_eq!(
@@ -868,5 +875,119 @@ async fn a_card_behind_the_terminal_s_counter_is_never_used() {
         payment.pool().down()
     );
     assert_eq!(served.status().txn_counter, 1);
+    he.running.stop().await;
+}
+
+/// A key rollover reaching the terminals one at a time: the security card in the reader
+/// holds only version 1, the software one versions 1 and 2. A version-2 card's draw meets
+/// the security card first; it cannot verify that version, so another terminal is asked,
+/// serves it — and the security card stays in the pool (it is behind, not wrong).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_security_card_without_the_card_s_key_version_hands_the_draw_to_one_with_it() {
+    if !require_psam_reader("a_security_card_without_the_card_s_key_version") {
+        return;
+    }
+    let _lock = lock_reader().await;
+    let psam_dir = tempfile::tempdir().unwrap();
+    let file = Arc::new(Mutex::new(None));
+    let (f2, d2) = (file.clone(), psam_dir.path().to_path_buf());
+    let v2 = proto::purse::IssuerKeys {
+        key_version: 2,
+        purchase_master: proto::crypto::DesKey::new([0x5C; 16]),
+        load_master: proto::crypto::DesKey::new([0x6D; 16]),
+    };
+    let v2_master = v2.purchase_master.clone();
+    let he = start_prepared(Backend::Sqlite, options("payment-server", false), move |c, t| {
+        // The security card is made on version 1 alone; then the payment server's key
+        // file gains version 2 (the software terminal holds both).
+        *f2.lock().unwrap() = Some(make_psam(c, t, &d2));
+        let v: toml::Value = toml::from_str(t).unwrap();
+        let keys = c
+            .parent()
+            .unwrap()
+            .join(v["payment"]["purchase_keys"].as_str().unwrap());
+        let v1 = headend::config::load_issuer_keys(&c.parent().unwrap().join("issuer-keys.toml"))
+            .unwrap();
+        let text = format!(
+            "[[keys]]\nkey_version = 1\nmaster = \"{}\"\n\n[[keys]]\nkey_version = 2\nmaster = \"{}\"\n",
+            hex::encode_upper(v1.purchase_master.bytes()),
+            hex::encode_upper(v2_master.bytes()),
+        );
+        proto::secret::write_private(&keys, text.as_bytes()).unwrap();
+        with_terminals(t, PCSC_THEN_SOFTWARE)
+    })
+    .await
+    .unwrap();
+    let file = file.lock().unwrap().clone().unwrap();
+    let served = Served::start(&file, no_fault(), Arc::new(Mutex::new(Vec::new()))).await;
+    let payment = he.running.payment.as_ref().unwrap();
+    assert!(eventually(|| payment.pool().down().is_empty()).await);
+    let mut b = TestBox::new(&he, "box-000001", 10_000).await;
+    b.0.card = purchase_support::wire_box::new_card(&v2, 0x0002_0001, 10_000, 100_000);
+    let (offer, answer) = b.buy("CABLE", "ppv-1001").await;
+    assert!(
+        matches!(answer, Message::Receipt(ref r) if r.released),
+        "the version-2 card buys: {answer:?}"
+    );
+    let t = payment.txn(&offer.transaction_id).unwrap();
+    assert_eq!((t.slot, t.security_card_id), (1, SOFT_ID));
+    assert!(
+        payment.pool().down().is_empty(),
+        "the security card behind on keys stays in the pool: {:?}",
+        payment.pool().down()
+    );
+    assert_eq!(served.status().txn_counter, 0, "it numbered nothing");
+    he.running.stop().await;
+}
+
+/// A security card with a history this payment server's journal does not know (moved from
+/// another server, or the journal is new): its counter when it first answers is the
+/// baseline, and it is journaled at once. A number it hands out after that which no journal
+/// holds (a crash mid-draw) is then reversed at the next start; the numbers before the
+/// baseline are not this server's and are left alone. (The outside attack on issue 16
+/// found the baseline lived only in memory: such an orphan was never reversed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_security_card_new_to_the_journal_has_its_baseline_journaled_when_it_first_answers() {
+    if !require_psam_reader("a_security_card_new_to_the_journal") {
+        return;
+    }
+    let _lock = lock_reader().await;
+    let (mut he, served, _dir) = start_with_psam("payment-server", PCSC_ONLY, no_fault()).await;
+    let payment = he.running.payment.as_ref().unwrap().clone();
+    assert!(eventually(|| payment.pool().down().is_empty()).await);
+    let mut b = TestBox::new(&he, "box-000001", 10_000).await;
+    let (_, answer) = b.buy("CABLE", "ppv-1001").await;
+    assert!(
+        matches!(answer, Message::Receipt(ref r) if r.released),
+        "{answer:?}"
+    );
+    let price = 10_000 - b.balance();
+    drop(payment);
+    he.running.stop().await;
+    // The payment server's journal starts over: the card's sale 1 is history to it.
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(he.cfg.state_dir.join(format!("payment.sqlite{suffix}")));
+    }
+    he.running = headend::assembly::start(&he.cfg, headend::assembly::Roles::ALL)
+        .await
+        .unwrap();
+    he.running.stop().await;
+    // A draw numbered after that first answer, never journaled: the crash.
+    initialize_directly("numbered-after-the-baseline", b.proof()).await;
+    let s = served.status();
+    assert_eq!(
+        (s.txn_counter, s.totals[&proto::money::Currency::EUR].count),
+        (2, 2)
+    );
+    he.running = headend::assembly::start(&he.cfg, headend::assembly::Roles::ALL)
+        .await
+        .unwrap();
+    let s = served.status();
+    let eur = s.totals[&proto::money::Currency::EUR];
+    assert_eq!(
+        (s.txn_counter, eur.count, eur.amount),
+        (2, 1, price),
+        "the orphan reversed; the history before the baseline left alone"
+    );
     he.running.stop().await;
 }

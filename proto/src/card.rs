@@ -12,7 +12,7 @@
 //! | INITIALIZE FOR PURCHASE  | 80 50 01 00   | date (YYYY MM DD)        | [`PurchaseInit`]         |
 //! | DEBIT                    | 80 54 00 00   | [`DebitCommand`]         | [`DebitResponse`]        |
 //! | INITIALIZE FOR LOAD      | 80 50 02 00   | [`LoadInitRequest`]      | [`LoadInit`] (S1)        |
-//! | LOAD                     | 80 52 00 00   | [`LoadCommand`] (S2)     | [`LoadResponse`] (S3)    |
+//! | LOAD                     | 80 52 00 00   | [`LoadCommand`] (S2), then the issuer's sealed [`KeyUpdate`] (56 bytes) and/or [`Unblock`] (24 bytes), each optional | [`LoadResponse`] (S3)    |
 //! | READ LOG                 | 80 B2 nn 00   | — (nn = 1 is the newest) | [`LogRecord`]            |
 //!
 //! # Status words
@@ -40,6 +40,15 @@
 //! | 9407 | DEBIT above the PIN threshold without a verified PIN            |
 //! | 63Cx | VERIFY: wrong PIN, x tries left; `63C0`: the PIN is blocked     |
 //! | 6A88 | VERIFY on a card without a PIN                                  |
+//!
+//! # Lock and unblock (seed 004, BAD_KEY)
+//!
+//! Every signature that does not verify (a security card's, an HSM's, a sealed update's)
+//! counts; a good one resets the count; at the limit the card blocks (`6983`). READ PURSE
+//! shows the count and the limit. A blocked card refuses purchases, but may INITIALIZE FOR
+//! LOAD: its LOAD is refused (`6983`) unless it carries the issuer's [`Unblock`] (issued
+//! only with a bank load), which opens the card in the same state change as the credit; an
+//! UNBLOCK that does not open adds to the count.
 //!
 //! # PIN threshold (seed 004, MIN_TRANS/MAX_TRANS)
 //!
@@ -349,6 +358,8 @@ impl CardState {
             auth_mode: AUTH_MODE_DES,
             status: self.status,
             points: self.points,
+            bad_key_count: self.bad_key_count,
+            bad_key_limit: self.bad_key_limit,
         }
     }
 
@@ -681,7 +692,8 @@ impl PurseCard {
 
     fn init_load(&mut self, cmd: &Command) -> Answer {
         self.session = Session::None;
-        self.check_usable()?;
+        // A card locked by bad signatures may start a load: only the issuer's UNBLOCK,
+        // inside a bank load, opens it (and its LOAD is refused without one).
         let req = LoadInitRequest::decode(&cmd.data).map_err(|_| StatusWord::BAD_DATA)?;
         let s = &self.state;
         if req.currency != s.currency {
@@ -734,9 +746,16 @@ impl PurseCard {
         else {
             return Err(StatusWord::WRONG_STATE);
         };
-        self.check_usable()?;
-        // The load command, then (optionally) the issuer's sealed key update.
-        let (lc, update) = cmd.data.split_at(cmd.data.len().min(LoadCommand::LEN));
+        // The load command, then (optionally) the issuer's sealed key update, then
+        // (optionally) its sealed UNBLOCK, told apart by their lengths.
+        let (lc, rest) = cmd.data.split_at(cmd.data.len().min(LoadCommand::LEN));
+        let (update, unblock) = match rest.len() {
+            Unblock::SEALED_LEN => (&[][..], rest),
+            n if n == KeyUpdate::SEALED_LEN + Unblock::SEALED_LEN => {
+                rest.split_at(KeyUpdate::SEALED_LEN)
+            }
+            _ => (rest, &[][..]),
+        };
         let lc = LoadCommand::decode(lc).map_err(|_| StatusWord::BAD_DATA)?;
         if lc.card_id != self.state.card_id {
             return Err(StatusWord::BAD_DATA);
@@ -748,7 +767,11 @@ impl PurseCard {
         if !crypto::verify(&key, b"S2LD", &lc.signed_fields(&s1), &lc.s2) {
             return Err(self.bad_signature());
         }
-        self.good_signature();
+        let blocked = self.state.status & STATUS_BLOCKED != 0;
+        if blocked && unblock.is_empty() {
+            // Locked: a load opens it only with the issuer's UNBLOCK (the count stays).
+            return Err(StatusWord::BLOCKED);
+        }
         if lc.amount != request.amount || lc.currency != request.currency {
             return Err(StatusWord::BAD_AMOUNT);
         }
@@ -769,6 +792,22 @@ impl PurseCard {
                 None => return Err(self.bad_signature()),
             }
         };
+        // The UNBLOCK opens under the card's current load key, like the key update.
+        let unblock = if unblock.is_empty() {
+            None
+        } else {
+            match crypto::open(&Unblock::session(&key, atc), unblock)
+                .ok()
+                .and_then(|b| Unblock::decode(&b).ok())
+            {
+                Some(u) => Some(u),
+                None => return Err(self.bad_signature()),
+            }
+        };
+        if blocked && unblock.is_none_or(|u| u.flags & Unblock::LOCK == 0) {
+            return Err(StatusWord::BLOCKED);
+        }
+        self.good_signature();
         let credited = self
             .state
             .balance
@@ -790,6 +829,16 @@ impl PurseCard {
             if let Some(u) = rekey {
                 self.state.keys = u.keys;
                 self.state.key_version = u.key_version;
+            }
+            // Opened in the same state change as the credit, too.
+            if let Some(u) = unblock {
+                if u.flags & Unblock::LOCK != 0 {
+                    self.state.status &= !STATUS_BLOCKED;
+                    self.state.bad_key_count = 0;
+                }
+                if let (true, Some(pin)) = (u.flags & Unblock::PIN != 0, self.state.pin.as_mut()) {
+                    pin.tries_left = pin.try_limit;
+                }
             }
         }
         if counter_moves {
@@ -891,8 +940,18 @@ pub mod commands {
     }
     /// LOAD with the issuer's sealed [`KeyUpdate`] after the load command.
     pub fn load_with_update(lc: &LoadCommand, key_update: Option<&[u8]>) -> Vec<u8> {
+        load_with_issuer(lc, key_update, None)
+    }
+    /// LOAD with the issuer's sealed [`KeyUpdate`] and sealed [`Unblock`], each if any, in
+    /// that order after the load command.
+    pub fn load_with_issuer(
+        lc: &LoadCommand,
+        key_update: Option<&[u8]>,
+        unblock: Option<&[u8]>,
+    ) -> Vec<u8> {
         let mut data = lc.encode();
         data.extend_from_slice(key_update.unwrap_or_default());
+        data.extend_from_slice(unblock.unwrap_or_default());
         Command::new(CLA_PURSE, INS_LOAD, 0, 0, data, Some(0)).to_bytes()
     }
     /// VERIFY of the cardholder PIN; `None` for a PIN that is not 4 to 12 digits.

@@ -215,6 +215,24 @@ impl Hsm {
         ))
     }
 
+    /// The issuer's sealed UNBLOCK ([`Unblock`]: the bad-signature lock and the PIN's
+    /// tries) for this load's card, under its current load key. The load server gives it
+    /// only with a bank load ([load] unblock_with_bank_loads). Deterministic for a given
+    /// load, so a retried load request gets the same answer.
+    pub fn unblock(&self, init: &LoadInit) -> Option<Vec<u8>> {
+        use rand::SeedableRng;
+        let current = self.card_load_key(init.key_version, init.card_id).ok()?;
+        let mut iv = rand::rngs::StdRng::seed_from_u64(!(init.card_id ^ u64::from(init.atc)));
+        Some(crypto::seal(
+            &Unblock::session(&current, init.atc),
+            &Unblock {
+                flags: Unblock::LOCK | Unblock::PIN,
+            }
+            .encode(),
+            &mut iv,
+        ))
+    }
+
     /// Loads the issuer's hotlist (a newer one replaces it; an older one is ignored).
     pub fn set_hotlist(&mut self, hotlist: &Hotlist) {
         self.hotlist.update(hotlist);

@@ -348,6 +348,10 @@ pub struct LoadCommandMsg {
     /// on an older key version: the box sends it to the card after the load command, in the
     /// same LOAD.
     pub key_update: Option<Vec<u8>>,
+    /// The issuer's sealed UNBLOCK ([`crate::purse::Unblock`], seed 004), with a bank load
+    /// when the load server is set to give it: the box sends it after the key update, in
+    /// the same LOAD.
+    pub unblock: Option<Vec<u8>>,
 }
 
 /// The card's answer to LOAD, or (negative result / card pulled) the zero-value S1.

@@ -376,6 +376,9 @@ pub struct PurseInfo {
     pub status: u8,
     /// Second value type: loyalty points (seed 002, authentication/points embodiment).
     pub points: u64,
+    /// Bad signatures in a row (seed 004's BAD_KEY); the card blocks at `bad_key_limit`.
+    pub bad_key_count: u8,
+    pub bad_key_limit: u8,
 }
 
 impl PurseInfo {
@@ -399,7 +402,9 @@ impl PurseInfo {
             .u8(self.algorithm)
             .u8(self.auth_mode)
             .u8(self.status)
-            .u64(self.points);
+            .u64(self.points)
+            .u8(self.bad_key_count)
+            .u8(self.bad_key_limit);
         w.finish()
     }
     pub fn decode(b: &[u8]) -> Result<Self, LayoutError> {
@@ -418,6 +423,8 @@ impl PurseInfo {
             auth_mode: r.u8()?,
             status: r.u8()?,
             points: r.u64()?,
+            bad_key_count: r.u8()?,
+            bad_key_limit: r.u8()?,
         };
         r.end()?;
         Ok(v)
@@ -540,6 +547,60 @@ impl KeyUpdate {
     pub fn session(card_load_key: &DesKey, atc: u32) -> DesKey {
         let mut d = [0u8; 8];
         d[..4].copy_from_slice(b"KUP\0");
+        d[4..].copy_from_slice(&atc.to_be_bytes());
+        card_load_key.diversify(d)
+    }
+}
+
+impl KeyUpdate {
+    /// The length of a sealed key update in the LOAD APDU (IV, 40 bytes of ciphertext, MAC).
+    pub const SEALED_LEN: usize = 56;
+}
+
+/// The issuer's UNBLOCK (seed 004): clears the card's lock after too many bad signatures
+/// ([`Unblock::LOCK`]) and restores the PIN's tries ([`Unblock::PIN`]). The HSM issues it
+/// only with a bank load, sealed like a [`KeyUpdate`] under [`Unblock::session`] (the card's
+/// current load key for this load's transaction number), and the card takes it only inside
+/// that LOAD, after the key update if there is one: a blocked card is loaded and opened in
+/// one state change, or neither. One that does not open counts as a bad signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unblock {
+    pub flags: u8,
+}
+
+impl Unblock {
+    /// Clear the bad-signature lock (and its count).
+    pub const LOCK: u8 = 0x01;
+    /// Restore the PIN's tries.
+    pub const PIN: u8 = 0x02;
+    /// The length of a sealed UNBLOCK in the LOAD APDU (IV, 8 bytes of ciphertext, MAC).
+    pub const SEALED_LEN: usize = 24;
+
+    /// The plaintext: `UNBL`, then the flags.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = b"UNBL".to_vec();
+        v.push(self.flags);
+        v
+    }
+
+    /// # Errors
+    /// Not `UNBL` and one byte of flags.
+    pub fn decode(b: &[u8]) -> Result<Self, LayoutError> {
+        let mut r = Reader::new(b);
+        let magic: [u8; 4] = r.take()?;
+        let flags = r.u8()?;
+        r.end()?;
+        if &magic != b"UNBL" {
+            return Err(LayoutError(0));
+        }
+        Ok(Self { flags })
+    }
+
+    /// The key an UNBLOCK for the load with transaction number `atc` is sealed under, from
+    /// the card's current load key.
+    pub fn session(card_load_key: &DesKey, atc: u32) -> DesKey {
+        let mut d = [0u8; 8];
+        d[..4].copy_from_slice(b"UBK\0");
         d[4..].copy_from_slice(&atc.to_be_bytes());
         card_load_key.diversify(d)
     }

@@ -516,7 +516,9 @@ impl Load {
         let Ok(purse) = PurseInfo::decode(&data) else {
             return self.failed(Refusal::Malformed(CardAnswer::ReadPurse));
         };
-        if purse.is_blocked() {
+        // A card locked by bad signatures opens only with the issuer's UNBLOCK, which
+        // comes with a bank load (seed 004): a voucher cannot open it.
+        if purse.is_blocked() && !matches!(self.source, LoadSource::Bank { .. }) {
             return self.failed(Refusal::CardBlocked);
         }
         let request = Message::LoadOfferRequest(LoadOfferRequest {
@@ -675,9 +677,9 @@ impl Load {
     }
 
     fn on_command(&mut self, req: Requested, m: Message) -> Vec<Action> {
-        let (cmd, key_update) = match m {
+        let (cmd, key_update, unblock) = match m {
             Message::LoadCommand(c) if c.transaction_id == req.offer.transaction_id => {
-                (c.command, c.key_update)
+                (c.command, c.key_update, c.unblock)
             }
             Message::Error(e) if is_final_refusal(e.code) => {
                 let refusal = Refusal::LoadRefused {
@@ -718,7 +720,8 @@ impl Load {
         };
         // The issuer's key update, if any, rides in the same LOAD (001 [0044]): the card
         // credits and re-keys in one state change, or does neither.
-        let apdu = commands::load_with_update(&cmd, key_update.as_deref());
+        // So does its UNBLOCK, after it (seed 004).
+        let apdu = commands::load_with_issuer(&cmd, key_update.as_deref(), unblock.as_deref());
         let mut a = vec![self.journal(Step::CommandReceived { command: cmd })];
         if let Some(why) = mismatch {
             a.extend(self.prove_not_loaded(req, None, why, &""));

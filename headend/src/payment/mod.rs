@@ -138,6 +138,42 @@ struct CardInit {
     transaction_id: String,
 }
 
+/// A draw's claim on a card's INITIALIZE ([`PaymentServer::claim_init`]), held in memory
+/// until the security card verified the response's MAC and the debit command is journaled
+/// with it ([`InitClaim::kept`]). Dropped otherwise — a refused, forged or failed draw — it
+/// gives the card's previous claim back: a response that does not verify is not the card's,
+/// so nothing may be recorded against the card id it names (a box could otherwise name any
+/// card with a huge count and block its purchases for good).
+struct InitClaim<'a> {
+    inits: &'a std::sync::Mutex<HashMap<u64, CardInit>>,
+    card_id: u64,
+    claim: CardInit,
+    previous: Option<CardInit>,
+    kept: bool,
+}
+
+impl InitClaim<'_> {
+    /// The claim is journaled: it stays.
+    fn kept(&mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for InitClaim<'_> {
+    fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
+        let mut m = self.inits.lock().unwrap_or_else(|p| p.into_inner());
+        if m.get(&self.card_id) == Some(&self.claim) {
+            match self.previous.take() {
+                Some(p) => m.insert(self.card_id, p),
+                None => m.remove(&self.card_id),
+            };
+        }
+    }
+}
+
 /// Notices per [`Message::ReversalsSince`] answer.
 const REVERSAL_PAGE: usize = 100;
 
@@ -356,8 +392,17 @@ impl PaymentServer {
                             format!("[payment] security_cards, terminal {slot}: {e}")
                         })?;
                     }
-                    if let Err(e) = t.probe() {
-                        down_at_start.push((slot, e.to_string()));
+                    match t.probe() {
+                        Err(e) => down_at_start.push((slot, e.to_string())),
+                        // A terminal new to this journal: its card's counter now is the
+                        // baseline, journaled at once — a number it hands out after this and
+                        // no journal holds (a crash mid-draw) is an orphan at the next start.
+                        Ok(()) if snapshot.is_none() => {
+                            journal
+                                .put(Kind::SecurityCard, &slot_key(slot), &t.snapshot())
+                                .map_err(|e| e.to_string())?;
+                        }
+                        Ok(()) => {}
                     }
                     Box::new(t)
                 }
@@ -461,11 +506,13 @@ impl PaymentServer {
     /// one old response could keep the whole pool busy. The same transaction may present the
     /// same response again (a retry after `Busy`).
     ///
-    /// Returns the record to journal with the draw (`None` when it is already the newest).
+    /// Returns the claim, to journal with the debit command once the security card verified
+    /// the response (`None` when it is already the newest). Until then it is only held in
+    /// memory ([`InitClaim`]).
     ///
     /// # Errors
     /// The newest count already used, when the response is not newer than it.
-    fn claim_init(&self, init: &PurchaseInit, txid: &str) -> Result<Option<CardInit>, u32> {
+    fn claim_init(&self, init: &PurchaseInit, txid: &str) -> Result<Option<InitClaim<'_>>, u32> {
         let mut seen = self.card_inits.lock().unwrap_or_else(|p| p.into_inner());
         let newest = match seen.get(&init.card_id) {
             Some(c) => Some(c.clone()),
@@ -480,13 +527,19 @@ impl PaymentServer {
             init_count: init.init_count,
             transaction_id: txid.to_string(),
         };
-        match newest {
-            Some(n) if n == claim => return Ok(None),
+        match &newest {
+            Some(n) if *n == claim => return Ok(None),
             Some(n) if n.init_count >= init.init_count => return Err(n.init_count),
             _ => {}
         }
         seen.insert(init.card_id, claim.clone());
-        Ok(Some(claim))
+        Ok(Some(InitClaim {
+            inits: &self.card_inits,
+            card_id: init.card_id,
+            claim,
+            previous: newest,
+            kept: false,
+        }))
     }
 
     async fn draw(&self, req: DrawRequest) -> Message {
@@ -559,7 +612,7 @@ impl PaymentServer {
                 Some(&txid),
             );
         }
-        let claim = match self.claim_init(&body.init, &txid) {
+        let mut claim = match self.claim_init(&body.init, &txid) {
             Ok(c) => c,
             Err(newest) => {
                 return refuse(
@@ -573,20 +626,11 @@ impl PaymentServer {
                 );
             }
         };
-        if let Err(e) = self.journal.atomically(|b| {
-            if let Some(c) = &claim {
-                b.put(
-                    Kind::CardInit,
-                    &body.init.card_id.to_string(),
-                    &journal::encode(c),
-                )?;
-            }
-            b.step(
-                &txid,
-                &PayStep::DrawRequestReceived,
-                &format!("{} {}", req.merchant_id, body.amount),
-            )
-        }) {
+        if let Err(e) = self.journal.step(
+            &txid,
+            &PayStep::DrawRequestReceived,
+            &format!("{} {}", req.merchant_id, body.amount),
+        ) {
             return journal_failed(e, Some(&txid));
         }
         let early = m.def.embodiment != Embodiment::SecurityCard;
@@ -651,18 +695,35 @@ impl PaymentServer {
             .await;
             match issued {
                 Ok(a) => {
-                    if let Some((s, e)) = suspect.take() {
-                        self.distrust(s.slot, lease.slot, body.init.card_id, &e, &txid);
+                    match suspect.take() {
+                        Some((s, e @ SecurityCardError::UnknownKeyVersion { .. })) => {
+                            // Not wrong, only behind (a key rollover reaching the
+                            // terminals one by one): it stays.
+                            tracing::warn!(
+                                txid,
+                                slot = s.slot,
+                                served_by = lease.slot,
+                                error = %e,
+                                "security card lacks the card's key version: another terminal served it"
+                            );
+                        }
+                        Some((s, e)) => {
+                            self.distrust(s.slot, lease.slot, body.init.card_id, &e, &txid);
+                        }
+                        None => {}
                     }
                     break (lease, card, before, a);
                 }
                 // The security card found the card's data or signature wrong. Either the
                 // card is not genuine — or this security card holds the wrong keys, and
                 // would refuse every viewer (B6). Another terminal verifies the same bytes:
-                // if it accepts them, this one leaves the pool.
-                Err(e @ (SecurityCardError::BadCardSignature | SecurityCardError::BadCardData))
-                    if suspect.is_none() && self.pool.len() - self.pool.down().len() > 1 =>
-                {
+                // if it accepts them, this one leaves the pool. A security card without the
+                // card's key version gets a second opinion too (it stays in the pool).
+                Err(
+                    e @ (SecurityCardError::BadCardSignature
+                    | SecurityCardError::BadCardData
+                    | SecurityCardError::UnknownKeyVersion { .. }),
+                ) if suspect.is_none() && self.pool.len() - self.pool.down().len() > 1 => {
                     tracing::warn!(
                         txid,
                         slot = lease.slot,
@@ -762,6 +823,15 @@ impl PaymentServer {
         };
         let snapshot = card.snapshot();
         let saved = self.journal.atomically(|b| {
+            // The INITIALIZE is the card's (the security card verified its MAC): now it is
+            // used, with the debit command it gave.
+            if let Some(c) = &claim {
+                b.put(
+                    Kind::CardInit,
+                    &body.init.card_id.to_string(),
+                    &journal::encode(&c.claim),
+                )?;
+            }
             b.put(Kind::SecurityCard, &slot_key(lease.slot), &snapshot)?;
             b.put(Kind::Txn, &txid, &journal::encode(&record))?;
             if let Some(e) = &here {
@@ -777,6 +847,9 @@ impl PaymentServer {
             // Not journaled means not done.
             card.undo_issue(&before, record.security_card_txn);
             return journal_failed(e, Some(&txid));
+        }
+        if let Some(c) = claim.as_mut() {
+            c.kept();
         }
         drop(card);
         self.open
@@ -1329,9 +1402,26 @@ impl PaymentServer {
     }
 
     /// Journals which terminals are out of the pool (kind `terminal`, `down/SLOT`) for
-    /// `headend status`, and has every terminal in the pool do the reversals it owes.
+    /// `headend status`, and has every terminal in the pool do the reversals it owes. A
+    /// terminal in the pool whose slot has no summary in the journal yet (it was down at
+    /// start, and has answered since) gets its baseline journaled.
     pub fn sync_terminals(&self) {
         let down = self.pool.down();
+        for slot in (0..self.pool.len()).filter(|s| !down.iter().any(|(d, _)| d == s)) {
+            if matches!(
+                self.journal.get(Kind::SecurityCard, &slot_key(slot)),
+                Ok(None)
+            ) {
+                if let Some(card) = self.pool.try_card(slot) {
+                    if let Err(e) =
+                        self.journal
+                            .put(Kind::SecurityCard, &slot_key(slot), &card.snapshot())
+                    {
+                        tracing::error!(slot, error = %e, "terminal baseline not journaled");
+                    }
+                }
+            }
+        }
         let journaled = self
             .journal
             .range_after(Kind::Terminal, "down/", 10_000)

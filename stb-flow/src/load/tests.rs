@@ -105,6 +105,7 @@ impl FakeLoadServer {
                         transaction_id: r.transaction_id.clone(),
                         command,
                         key_update: None,
+                        unblock: None,
                     }),
                     Err(e) => Message::error(ErrorCode::BadSignature, e.to_string(), None),
                 }

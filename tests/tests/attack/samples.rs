@@ -212,6 +212,7 @@ pub fn every(card: &CardData, txid: &str, victim_box: &str, voucher: &str) -> Ve
             transaction_id: txid.into(),
             command: load_command,
             key_update: None,
+            unblock: None,
         }),
         Message::LoadResponse(LoadResponseMsg {
             transaction_id: txid.into(),

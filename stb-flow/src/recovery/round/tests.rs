@@ -53,6 +53,8 @@ impl FakeCard {
                 auth_mode: 0,
                 status: 0,
                 points: 0,
+                bad_key_count: 0,
+                bad_key_limit: 10,
             },
             log,
             proof: PurchaseInit {
