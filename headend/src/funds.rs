@@ -474,8 +474,15 @@ impl Funds {
                 None,
             );
         }
-        if card.is_blocked() {
-            return refuse(ErrorCode::BadSignature, "the card is blocked", None);
+        // A card locked by bad signatures (seed 004) opens only with the issuer's UNBLOCK,
+        // which comes with a bank load — the cardholder proves the account's PIN — so a
+        // bank makes it an offer; pre-funded accounts (no PIN) do not.
+        if card.is_blocked() && self.pin_master.is_none() {
+            return refuse(
+                ErrorCode::BadSignature,
+                "the card is blocked: only a load from a bank account can unblock it",
+                None,
+            );
         }
         let today = crate::payment::today();
         let room = card.max_balance.saturating_sub(card.balance);

@@ -625,3 +625,86 @@ async fn a_version_1_card_comes_out_of_a_bank_load_on_version_2() {
     conservation(&he, &mut [&mut b]).await;
     he.running.stop().await;
 }
+
+/// Seed 004's lock and unblock through the head end. A card locked by bad signatures shows
+/// the count. With `[load] unblock_with_bank_loads`, a bank load carries the issuer's
+/// UNBLOCK and the card comes out open and credited; without it the card refuses the LOAD
+/// (`6983`) and the negative-result procedure releases the hold. A voucher (pre-funded,
+/// no PIN) gets no offer for a locked card. No value lost either way.
+#[tokio::test]
+async fn a_locked_card_is_opened_by_a_bank_load_only_when_the_issuer_unblocks() {
+    use proto::purse::STATUS_BLOCKED;
+    for unblocking in [true, false] {
+        let he = start_roles(headend::assembly::Roles::ALL, |t| {
+            if unblocking {
+                t.replacen("[load]\n", "[load]\nunblock_with_bank_loads = true\n", 1)
+            } else {
+                t
+            }
+        })
+        .await;
+        let lock = |b: &mut LoadBox| {
+            b.card.state.status |= STATUS_BLOCKED;
+            b.card.state.bad_key_count = b.card.state.bad_key_limit;
+        };
+        let mut b = LoadBox::new(&he, BOX1, 1_000, 100_000).await;
+        lock(&mut b);
+        let purse = b.purse();
+        assert!(purse.is_blocked());
+        assert_eq!(purse.bad_key_count, purse.bad_key_limit, "the count shows");
+
+        // A voucher cannot open it: no offer.
+        let mut v = LoadBox::new(&he, BOX2, 0, 100_000).await;
+        lock(&mut v);
+        let answer = v.ask_offer(voucher_source("VOUCHER-0002")).await;
+        assert!(
+            matches!(&answer, Message::Error(e) if e.reason.contains("only a load from a bank account")),
+            "{answer:?}"
+        );
+
+        let offer = b.offer(bank_source()).await;
+        let init = b
+            .init_load(&offer, 500)
+            .expect("a locked card starts a load");
+        let req = b.load_request(&offer, init, 500, Some(&he.pin));
+        let answer = b.call(&Message::LoadRequest(req)).await;
+        let Message::LoadCommand(c) = &answer else {
+            panic!("{answer:?}")
+        };
+        assert_eq!(c.unblock.is_some(), unblocking, "{unblocking}");
+        let r = b.apdu(&proto::card::commands::load_with_issuer(
+            &c.command,
+            c.key_update.as_deref(),
+            c.unblock.as_deref(),
+        ));
+        if unblocking {
+            assert!(r.sw.is_ok(), "{}", r.sw);
+            let resp = proto::purse::LoadResponse::decode(&r.data).unwrap();
+            let conf = b
+                .call(&LoadBox::response_msg(&offer, Some(resp), None))
+                .await;
+            assert!(
+                matches!(conf, Message::LoadConfirmation(ref c) if c.loaded),
+                "{conf:?}"
+            );
+            let purse = b.purse();
+            assert!(!purse.is_blocked(), "opened");
+            assert_eq!((purse.balance, purse.bad_key_count), (1_500, 0));
+        } else {
+            assert_eq!(r.sw, StatusWord::BLOCKED);
+            let zero = b.zero_value(&offer);
+            let conf = b
+                .call(&LoadBox::response_msg(&offer, None, Some(zero)))
+                .await;
+            assert!(
+                matches!(conf, Message::LoadConfirmation(ref c) if !c.loaded),
+                "proved not loaded: {conf:?}"
+            );
+            let purse = b.purse();
+            assert!(purse.is_blocked());
+            assert_eq!(purse.balance, 1_000);
+        }
+        conservation(&he, &mut [&mut b]).await;
+        he.running.stop().await;
+    }
+}

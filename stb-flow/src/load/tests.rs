@@ -65,6 +65,8 @@ struct FakeLoadServer {
     hsm: Hsm,
     max: u64,
     pin_required: bool,
+    /// Bank loads carry the issuer's UNBLOCK (`[load] unblock_with_bank_loads`).
+    unblock: bool,
     requests: Vec<LoadRequest>,
     responses: Vec<LoadResponseMsg>,
 }
@@ -75,6 +77,7 @@ impl FakeLoadServer {
             hsm: Hsm::new(0x4853_4D01, issuer().load()),
             max,
             pin_required,
+            unblock: false,
             requests: Vec::new(),
             responses: Vec::new(),
         }
@@ -105,7 +108,9 @@ impl FakeLoadServer {
                         transaction_id: r.transaction_id.clone(),
                         command,
                         key_update: None,
-                        unblock: None,
+                        unblock: (self.unblock && matches!(r.source, LoadSource::Bank { .. }))
+                            .then(|| self.hsm.unblock(&r.init))
+                            .flatten(),
                     }),
                     Err(e) => Message::error(ErrorCode::BadSignature, e.to_string(), None),
                 }
@@ -985,4 +990,28 @@ fn a_load_answer_settles_only_with_its_confirmation() {
         ),
         LoadResolution::Retry(_)
     ));
+}
+
+/// Seed 004: a card locked by bad signatures gets no voucher load (only a bank load can
+/// open it), and a bank load runs the issuer's UNBLOCK in the same LOAD: the card comes out
+/// open and credited.
+#[test]
+fn a_locked_card_loads_only_from_a_bank_and_the_unblock_opens_it() {
+    let mut c = card();
+    c.state.status |= proto::purse::STATUS_BLOCKED;
+    c.state.bad_key_count = c.state.bad_key_limit;
+    let (mut l, a) = Load::start(voucher(), Some(pin_key()), 1);
+    let a = drive(&mut l, &mut c, a);
+    assert_eq!(refusal(&a), Some(&Refusal::CardBlocked));
+    assert!(sent(&a).is_none(), "nothing asked of the head end");
+
+    let mut he = FakeLoadServer::new(5_000, true);
+    he.unblock = true;
+    let mut l = to_amount(bank(), &mut c, &mut he);
+    let first = to_request(&mut l, &mut c, 300, Some(PIN));
+    let a = run(&mut l, &mut c, &mut he, first);
+    assert!(matches!(outcome(&a), Some(Outcome::Loaded { .. })), "{a:?}");
+    assert_eq!(c.state.balance, 1_300);
+    assert_eq!(c.state.status & proto::purse::STATUS_BLOCKED, 0, "opened");
+    assert_eq!(c.state.bad_key_count, 0);
 }
