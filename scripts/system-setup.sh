@@ -5,13 +5,14 @@
 # the third-party check that the virtual card is a correct ISO 7816-4 card), tmux (UI tests)
 # pkg-config (used by pcsc-sys to find libpcsclite) and postgresql (initdb, pg_ctl: the
 # head-end tests start a private PostgreSQL to run every role's journal on it) and softhsm2
-# (the load server's HSM as a PKCS#11 token in the tests).
+# (the load server's HSM as a PKCS#11 token in the tests) and opencryptoki (a software token
+# whose user PIN locks after wrong logins, for the locked-token test).
 #
 # Installs only what is missing, so a re-run on a ready machine does nothing and needs no
 # network. Exits non-zero with a message that says what to do when it cannot install.
 set -eu
 
-PACKAGES="pcscd libpcsclite-dev vsmartcard-vpcd opensc tmux pkg-config postgresql softhsm2"
+PACKAGES="pcscd libpcsclite-dev vsmartcard-vpcd opensc tmux pkg-config postgresql softhsm2 opencryptoki"
 
 missing=""
 for pkg in $PACKAGES; do

@@ -43,6 +43,10 @@ pub struct TokenDef {
     /// The keys' label stem: version N is `KEY_LABEL-vN`.
     #[serde(default = "default_key_label")]
     pub key_label: String,
+    /// The token's slot id, instead of finding it by `token_label` (for a token whose
+    /// information cannot be read, e.g. openCryptoki's software token).
+    #[serde(default)]
+    pub slot: Option<u64>,
 }
 
 fn default_key_label() -> String {
@@ -101,12 +105,23 @@ fn login(def: &TokenDef) -> Result<(Pkcs11, Session), String> {
     let mut labels = Vec::new();
     let mut slot = None;
     for s in ctx.get_slots_with_token().map_err(|e| e.to_string())? {
-        if let Ok(info) = ctx.get_token_info(s) {
-            let label = info.label().trim().to_string();
-            if label == def.token_label {
-                slot = Some(s);
+        if def.slot == Some(s.id()) {
+            slot = Some(s);
+        }
+        match ctx.get_token_info(s) {
+            Ok(info) => {
+                let label = info.label().trim().to_string();
+                if label == def.token_label && def.slot.is_none() {
+                    slot = Some(s);
+                }
+                labels.push(label);
             }
-            labels.push(label);
+            // cryptoki refuses the token information of some tokens (openCryptoki's clock
+            // field is not the standard's): said, and `slot` names such a token.
+            Err(e) => labels.push(format!(
+                "slot {}: its token information is unreadable ({e}); name it by `slot`",
+                s.id()
+            )),
         }
     }
     let slot = slot.ok_or_else(|| {
@@ -291,6 +306,7 @@ mod tests {
             token_label: "hsm-1".into(),
             pin_file: "/etc/purselink/token.pin".into(),
             key_label: default_key_label(),
+            slot: None,
         };
         let e = login_error(&def, P11Error::Pkcs11(RvError::PinLocked, Function::Login));
         assert!(

@@ -110,6 +110,7 @@ fn token_def(token: &str, label: &str) -> TokenDef {
         token_label: token.into(),
         pin_file,
         key_label: label.into(),
+        slot: None,
     }
 }
 
@@ -123,11 +124,14 @@ pub fn use_token(config: &str, def: &TokenDef) -> String {
     config.replace(
         &line,
         &format!(
-            "token = {{ module = {:?}, token_label = {:?}, pin_file = {:?}, key_label = {:?} }}",
+            "token = {{ module = {:?}, token_label = {:?}, pin_file = {:?}, key_label = {:?}{} }}",
             def.module.display().to_string(),
             def.token_label,
             def.pin_file.display().to_string(),
-            def.key_label
+            def.key_label,
+            def.slot
+                .map(|s| format!(", slot = {s}"))
+                .unwrap_or_default()
         ),
     )
 }
