@@ -25,11 +25,15 @@ pids=()
 cleanup() { for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
+# The boxes buy as fast as they can: lift the gateway's per-box offer rate.
+unlimit() { printf '\n[gateway.limits]\noffers_per_minute = 1000000\nburst = 100000\n' >>"$1"; }
+
 run() { # $1: label, $2: security_cards TOML value
     local label=$1 cards=$2 dir="$work/$1" port
     port=$((20000 + RANDOM % 20000))
     "$BIN/headend" init-demo --dir "$dir" --listen "127.0.0.1:$port" --embodiment payment-server >/dev/null
     sed -i "s|^security_cards = .*|security_cards = $cards|" "$dir/headend.toml"
+    unlimit "$dir/headend.toml"
     "$BIN/headend" all-in-one --config "$dir/headend.toml" --log warn >"$work/$label.log" 2>&1 &
     local he=$!
     pids+=("$he")
@@ -52,6 +56,7 @@ port=$((20000 + RANDOM % 20000))
 pids+=("$!")
 sleep 2
 sed -i 's|^security_cards = .*|security_cards = [{ kind = "pcsc", id = 0x5A110001, reader = "Purselink PSAM 00 01", timeout_ms = 3000 }]|' "$dir/headend.toml"
+unlimit "$dir/headend.toml"
 "$BIN/headend" all-in-one --config "$dir/headend.toml" --log warn >"$work/psam.log" 2>&1 &
 he=$!
 pids+=("$he")

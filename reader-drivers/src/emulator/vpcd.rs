@@ -248,8 +248,17 @@ fn with_card<T>(card: &SharedCard, f: impl FnOnce(&mut dyn CardApplication) -> T
     f(guard.as_mut())
 }
 
+/// ACKs at once what comes next on `stream` (Linux `TCP_QUICKACK`, which the kernel turns
+/// off again by itself, so it is set before every read). pcscd's vpcd driver sends a frame's
+/// length and its data in two writes with Nagle's algorithm on: a delayed ACK of the first
+/// held the second back 40 ms, every APDU.
+fn ack_at_once(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_tcp_quickack(true);
+}
+
 async fn read_frame(stream: &mut TcpStream, addr: &str) -> Result<Vec<u8>, VpcdError> {
     let mut len = [0u8; 2];
+    ack_at_once(stream);
     if let Err(e) = stream.read_exact(&mut len).await {
         return Err(if e.kind() == std::io::ErrorKind::UnexpectedEof {
             VpcdError::Closed {
@@ -263,6 +272,7 @@ async fn read_frame(stream: &mut TcpStream, addr: &str) -> Result<Vec<u8>, VpcdE
         });
     }
     let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
+    ack_at_once(stream);
     stream
         .read_exact(&mut buf)
         .await
