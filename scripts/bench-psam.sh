@@ -28,44 +28,36 @@ trap cleanup EXIT
 # The boxes buy as fast as they can: lift the gateway's per-box offer rate.
 unlimit() { printf '\n[gateway.limits]\noffers_per_minute = 1000000\nburst = 100000\n' >>"$1"; }
 
-run() { # $1: label, $2: security_cards TOML value
-    local label=$1 cards=$2 dir="$work/$1" port
+# A demo deployment in $work/$1 on a free port: sets dir and port.
+deploy() {
+    dir="$work/$1"
     port=$((20000 + RANDOM % 20000))
     "$BIN/headend" init-demo --dir "$dir" --listen "127.0.0.1:$port" --embodiment payment-server >/dev/null
-    sed -i "s|^security_cards = .*|security_cards = $cards|" "$dir/headend.toml"
+}
+
+drive() { # $1: label, $2: security_cards TOML value; the deployment is $dir/$port
+    sed -i "s|^security_cards = .*|security_cards = $2|" "$dir/headend.toml"
     unlimit "$dir/headend.toml"
-    "$BIN/headend" all-in-one --config "$dir/headend.toml" --log warn >"$work/$label.log" 2>&1 &
+    "$BIN/headend" all-in-one --config "$dir/headend.toml" --log warn >"$work/$1.log" 2>&1 &
     local he=$!
     pids+=("$he")
-    sleep 3
-    echo "== $label: $cards"
+    sleep 4
+    echo "== $1: $2"
     "$BIN/loadgen" drive --gateway "127.0.0.1:$port" --ca-dir "$dir/ca" \
         --issuer-keys "$dir/issuer-keys.toml" --boxes "$CONC" --concurrency "$CONC" \
-        --seconds "$SECONDS_RUN" --warmup 2 | tee "$work/$label.out"
+        --seconds "$SECONDS_RUN" --warmup 2 | tee "$work/$1.out"
     kill "$he"; wait "$he" 2>/dev/null || true
 }
 
-run software '[{ kind = "software", id = 0x5A110002 }]'
-# The PSAM, personalised with a demo deployment's purchase keys; every run's init-demo
-# makes new keys, so the PSAM run makes its deployment first and the card from it.
-dir="$work/psam"
-port=$((20000 + RANDOM % 20000))
-"$BIN/headend" init-demo --dir "$dir" --listen "127.0.0.1:$port" --embodiment payment-server >/dev/null
+deploy software
+drive software '[{ kind = "software", id = 0x5A110002 }]'
+# The PSAM, personalised with its deployment's purchase keys (init-demo makes new ones).
+deploy psam
 "$BIN/vcard" create-psam --psam "$work/psam.plsc" --id 0x5A110001 --purchase-keys "$dir/keys/purchase-keys.toml" >/dev/null
 "$BIN/vcard" attach-vpcd --psam "$work/psam.plsc" --port 35966 >"$work/vcard.log" 2>&1 &
 pids+=("$!")
 sleep 2
-sed -i 's|^security_cards = .*|security_cards = [{ kind = "pcsc", id = 0x5A110001, reader = "Purselink PSAM 00 01", timeout_ms = 3000 }]|' "$dir/headend.toml"
-unlimit "$dir/headend.toml"
-"$BIN/headend" all-in-one --config "$dir/headend.toml" --log warn >"$work/psam.log" 2>&1 &
-he=$!
-pids+=("$he")
-sleep 4
-echo "== psam: Purselink PSAM 00 01"
-"$BIN/loadgen" drive --gateway "127.0.0.1:$port" --ca-dir "$dir/ca" \
-    --issuer-keys "$dir/issuer-keys.toml" --boxes "$CONC" --concurrency "$CONC" \
-    --seconds "$SECONDS_RUN" --warmup 2 | tee "$work/psam.out"
-kill "$he"; wait "$he" 2>/dev/null || true
+drive psam '[{ kind = "pcsc", id = 0x5A110001, reader = "Purselink PSAM 00 01", timeout_ms = 3000 }]'
 rate() { grep -oE '[0-9]+(\.[0-9]+)? purchases/s' "$1" | head -1 | cut -d' ' -f1; }
 s=$(rate "$work/software.out"); p=$(rate "$work/psam.out")
 if [ -n "$s" ] && [ -n "$p" ]; then

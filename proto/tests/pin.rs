@@ -83,38 +83,36 @@ fn under_the_threshold_ok_alone_above_it_the_pin() {
     assert_eq!(c.state.balance, 10_000 - 999 - 2_995);
 }
 
+/// INITIALIZE (no SELECT, no VERIFY) and the DEBIT the security card signs for `amount`:
+/// the DEBIT's status word.
+fn init_and_debit(c: &mut PurseCard, sc: &mut SecurityCard, amount: u64) -> StatusWord {
+    let init = PurchaseInit::decode(&ok(c, &commands::init_purchase(TODAY))).unwrap();
+    let d = proto::security_card::DrawData {
+        merchant_id: "M-CABLE".into(),
+        transaction_id: format!("t-{}", init.atc),
+        amount: proto::money::Money::new(amount, EUR),
+        init,
+    };
+    let auth = sc.issue_debit(&d, TODAY, false).unwrap();
+    send(c, &commands::debit(&auth.command)).sw
+}
+
 #[test]
 fn a_verified_pin_lasts_one_debit_and_no_longer_than_the_session() {
     let mut c = card();
     let mut sc = security_card();
     assert_eq!(buy(&mut c, &mut sc, 2_995, Some(PIN)), StatusWord::OK);
     // The next DEBIT in the same session (a new INITIALIZE, no new VERIFY) needs it again.
-    let init = PurchaseInit::decode(&ok(&mut c, &commands::init_purchase(TODAY))).unwrap();
-    let d = proto::security_card::DrawData {
-        merchant_id: "M-CABLE".into(),
-        transaction_id: "again".into(),
-        amount: proto::money::Money::new(2_995, EUR),
-        init,
-    };
-    let auth = sc.issue_debit(&d, TODAY, false).unwrap();
     assert_eq!(
-        send(&mut c, &commands::debit(&auth.command)).sw,
+        init_and_debit(&mut c, &mut sc, 2_995),
         StatusWord::PIN_REQUIRED
     );
     // A VERIFY, then a SELECT (or a reset): forgotten.
     ok(&mut c, &commands::select());
     ok(&mut c, &commands::verify_pin(PIN).unwrap());
     ok(&mut c, &commands::select());
-    let init = PurchaseInit::decode(&ok(&mut c, &commands::init_purchase(TODAY))).unwrap();
-    let d = proto::security_card::DrawData {
-        merchant_id: "M-CABLE".into(),
-        transaction_id: "after-select".into(),
-        amount: proto::money::Money::new(2_995, EUR),
-        init,
-    };
-    let auth = sc.issue_debit(&d, TODAY, false).unwrap();
     assert_eq!(
-        send(&mut c, &commands::debit(&auth.command)).sw,
+        init_and_debit(&mut c, &mut sc, 2_995),
         StatusWord::PIN_REQUIRED
     );
 }

@@ -491,18 +491,6 @@ impl Purchase {
             (State::AwaitPin { offer, shown }, Input::Pin(pin)) => {
                 self.reselect(offer, shown, Some(pin))
             }
-            (State::AwaitPin { .. }, Input::Decline { timeout }) => {
-                let reason = if timeout {
-                    CancelReason::Timeout
-                } else {
-                    CancelReason::Viewer
-                };
-                let then = Outcome::Cancelled {
-                    transaction_id: self.transaction_id.clone(),
-                    reason,
-                };
-                self.cancel_offer(reason, then)
-            }
             (State::AwaitReselect { offer, shown, pin }, Input::Card(r)) => {
                 let fci = match self.card_data(r) {
                     Ok(fci) => fci,
@@ -544,7 +532,8 @@ impl Purchase {
             (State::AwaitReinit { offer, shown }, Input::Card(r)) => {
                 self.on_reinit(offer, &shown, r)
             }
-            (State::AwaitViewer { .. }, Input::Decline { timeout }) => {
+            // BACK on the offer or on the PIN entry (or the countdown): nothing drawn yet.
+            (State::AwaitViewer { .. } | State::AwaitPin { .. }, Input::Decline { timeout }) => {
                 let reason = if timeout {
                     CancelReason::Timeout
                 } else {
