@@ -432,11 +432,16 @@ impl PurseCard {
         let response = match parsed {
             Err(_) => Response::status(StatusWord::WRONG_LENGTH),
             Ok(cmd) => {
-                let before = (self.state.clone(), self.selected, self.session.clone());
+                let before = (
+                    self.state.clone(),
+                    self.selected,
+                    self.session.clone(),
+                    self.pin_verified,
+                );
                 match self.dispatch(&cmd) {
                     Ok(data) => match cmd.le {
                         Some(le) if le != 0 && usize::from(le) != data.len() => {
-                            (self.state, self.selected, self.session) = before;
+                            (self.state, self.selected, self.session, self.pin_verified) = before;
                             self.changed = false;
                             Response::status(StatusWord(0x6C00 | (data.len() as u16 & 0xFF)))
                         }

@@ -206,3 +206,30 @@ fn the_pin_never_shows_in_debug() {
         "{shown}"
     );
 }
+
+/// A DEBIT sent with a wrong Le is answered `6Cxx` and undone — the verified PIN with it:
+/// the reader's resend with the right Le still has it (ISO 7816-4 §5.1.3).
+#[test]
+fn a_debit_resent_after_6cxx_keeps_the_verified_pin() {
+    let mut c = card();
+    let mut sc = security_card();
+    ok(&mut c, &commands::select());
+    ok(&mut c, &commands::verify_pin(PIN).unwrap());
+    let init = PurchaseInit::decode(&ok(&mut c, &commands::init_purchase(TODAY))).unwrap();
+    let d = proto::security_card::DrawData {
+        merchant_id: "M-CABLE".into(),
+        transaction_id: "le".into(),
+        amount: proto::money::Money::new(2_995, EUR),
+        init,
+    };
+    let auth = sc.issue_debit(&d, TODAY, false).unwrap();
+    let mut wrong_le = commands::debit(&auth.command);
+    *wrong_le.last_mut().unwrap() = 1;
+    let r = send(&mut c, &wrong_le);
+    assert_eq!(r.sw.sw1(), 0x6C, "{}", r.sw);
+    assert_eq!(c.state.balance, 10_000, "undone");
+    let mut right_le = commands::debit(&auth.command);
+    *right_le.last_mut().unwrap() = r.sw.sw2();
+    assert_eq!(send(&mut c, &right_le).sw, StatusWord::OK);
+    assert_eq!(c.state.balance, 10_000 - 2_995);
+}
