@@ -1,0 +1,19 @@
+//! Every purse data layout, and the FCI's PIN rule, from any bytes.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use proto::purse::*;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = PurseInfo::decode(data);
+    let _ = PurchaseInit::decode(data);
+    let _ = DebitCommand::decode(data);
+    let _ = DebitResponse::decode(data);
+    let _ = LoadInit::decode(data);
+    let _ = LoadInitRequest::decode(data);
+    let _ = LoadCommand::decode(data);
+    let _ = LoadResponse::decode(data);
+    let _ = LogRecord::decode(data);
+    let _ = KeyUpdate::decode(data);
+    let _ = Unblock::decode(data);
+    let _ = proto::card::PinRule::from_fci(data);
+});
