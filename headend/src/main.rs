@@ -95,7 +95,7 @@ fn payment_only(
     args: &RoleArgs,
 ) -> Result<std::sync::Arc<headend::payment::PaymentServer>, String> {
     let cfg = HeadendConfig::load(&args.config).map_err(|e| e.to_string())?;
-    headend::payment::PaymentServer::open(&cfg)
+    headend::payment::PaymentServer::open_offline(&cfg)
 }
 
 fn main() -> ExitCode {

@@ -991,3 +991,46 @@ async fn a_security_card_new_to_the_journal_has_its_baseline_journaled_when_it_f
     );
     he.running.stop().await;
 }
+
+/// `headend collect` and `ack-batch` beside the running daemon open the payment server's
+/// journal only: not the daemon's readers. (Opening a PC/SC terminal reverses the numbers
+/// past the journal: it would undo a draw the daemon has in flight.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_commands_send_nothing_to_the_daemon_s_security_card() {
+    if !require_psam_reader("offline_commands_send_nothing") {
+        return;
+    }
+    let _lock = lock_reader().await;
+    let (he, served, _dir) = start_with_psam("payment-server", PCSC_ONLY, no_fault()).await;
+    let payment = he.running.payment.as_ref().unwrap().clone();
+    assert!(eventually(|| payment.pool().down().is_empty()).await);
+    let mut b = TestBox::new(&he, "box-000001", 10_000).await;
+    let (_, answer) = b.buy("CABLE", "ppv-1001").await;
+    assert!(
+        matches!(answer, Message::Receipt(ref r) if r.released),
+        "{answer:?}"
+    );
+    // The sweep probes the idle terminal every other second: the offline command's own
+    // commands would be GET STATUS/SELECT too, so count the ones with another effect.
+    let seen_before: Vec<u8> = served
+        .seen()
+        .iter()
+        .filter(|s| s.ins != psam::INS_GET_STATUS)
+        .map(|s| s.ins)
+        .collect();
+    let offline = headend::payment::PaymentServer::open_offline(&he.cfg).unwrap();
+    let batch = offline.close_batch().unwrap().expect("a batch to collect");
+    assert_eq!(batch.records.len(), 1);
+    drop(offline);
+    let seen_after: Vec<u8> = served
+        .seen()
+        .iter()
+        .filter(|s| s.ins != psam::INS_GET_STATUS)
+        .map(|s| s.ins)
+        .collect();
+    assert_eq!(
+        seen_after, seen_before,
+        "the offline command sent the security card nothing but the daemon's probes"
+    );
+    he.running.stop().await;
+}

@@ -10,6 +10,7 @@
 //! | VERIFY                   | 00 20 00 80   | PIN block ([`pin_block`]) | —                       |
 //! | READ PURSE               | 80 B0 00 00   | —                        | [`PurseInfo`]            |
 //! | INITIALIZE FOR PURCHASE  | 80 50 01 00   | date (YYYY MM DD)        | [`PurchaseInit`]         |
+//! | INITIALIZE (proof)       | 80 50 01 01   | date (YYYY MM DD)        | [`PurchaseInit`]; no session: no DEBIT follows; a blocked or expired card answers it too |
 //! | DEBIT                    | 80 54 00 00   | [`DebitCommand`]         | [`DebitResponse`]        |
 //! | INITIALIZE FOR LOAD      | 80 50 02 00   | [`LoadInitRequest`]      | [`LoadInit`] (S1)        |
 //! | LOAD                     | 80 52 00 00   | [`LoadCommand`] (S2), then the issuer's sealed [`KeyUpdate`] (56 bytes) and/or [`Unblock`] (24 bytes), each optional | [`LoadResponse`] (S3)    |
@@ -89,6 +90,10 @@ pub const INS_VERIFY: u8 = 0x20;
 pub const P2_PIN: u8 = 0x80;
 pub const P1_INIT_PURCHASE: u8 = 0x01;
 pub const P1_INIT_LOAD: u8 = 0x02;
+/// INITIALIZE FOR PURCHASE's P2 for a proof: the same MACed answer, no session opened (no
+/// DEBIT can follow), and answered by a blocked or expired card too — the cancel's and
+/// recovery's proof that a draw was not debited.
+pub const P2_PROOF: u8 = 0x01;
 /// Status word for READ LOG past the last record.
 pub const SW_RECORD_NOT_FOUND: StatusWord = StatusWord(0x6A83);
 /// The log keeps at least the last 20 transactions (001 [0016]); we keep 32.
@@ -571,10 +576,19 @@ impl PurseCard {
 
     fn init_purchase(&mut self, cmd: &Command) -> Answer {
         self.session = Session::None;
-        self.check_usable()?;
+        let proof = match cmd.p2 {
+            0 => false,
+            P2_PROOF => true,
+            _ => return Err(StatusWord::WRONG_P1P2),
+        };
         let date = parse_date(&cmd.data)?;
-        if self.state.expiry.is_expired_on(date) {
-            return Err(StatusWord::EXPIRED);
+        // A proof opens no session (no DEBIT can follow it), so a card that blocked or
+        // expired since a draw still proves that draw was not debited.
+        if !proof {
+            self.check_usable()?;
+            if self.state.expiry.is_expired_on(date) {
+                return Err(StatusWord::EXPIRED);
+            }
         }
         let atc = self.next_atc()?;
         let init_count = self
@@ -602,7 +616,9 @@ impl PurseCard {
         };
         let sk = s.keys.purchase_session(atc);
         init.card_mac = crypto::sign(&sk, b"IPUR", &init.signed_fields());
-        self.session = Session::Purchase { atc, card_random };
+        if !proof {
+            self.session = Session::Purchase { atc, card_random };
+        }
         Ok(init.encode())
     }
 
@@ -925,6 +941,20 @@ pub mod commands {
         let mut d = date.year.to_be_bytes().to_vec();
         d.extend_from_slice(&[date.month, date.day]);
         Command::new(CLA_PURSE, INS_INITIALIZE, P1_INIT_PURCHASE, 0, d, Some(0)).to_bytes()
+    }
+    /// INITIALIZE FOR PURCHASE as a proof ([`P2_PROOF`]): no DEBIT can follow it.
+    pub fn init_purchase_proof(date: Date) -> Vec<u8> {
+        let mut d = date.year.to_be_bytes().to_vec();
+        d.extend_from_slice(&[date.month, date.day]);
+        Command::new(
+            CLA_PURSE,
+            INS_INITIALIZE,
+            P1_INIT_PURCHASE,
+            P2_PROOF,
+            d,
+            Some(0),
+        )
+        .to_bytes()
     }
     pub fn debit(dc: &DebitCommand) -> Vec<u8> {
         Command::new(CLA_PURSE, INS_DEBIT, 0, 0, dc.encode(), Some(0)).to_bytes()

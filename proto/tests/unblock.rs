@@ -156,3 +156,69 @@ fn unblock_restores_the_pin_tries_and_rides_with_a_key_update() {
         "the PIN's tries restored"
     );
 }
+
+/// A card blocked (or expired) since a draw still proves that draw was not debited: the
+/// proof INITIALIZE (P2 = 01) is answered, opens no session (no DEBIT can follow), and the
+/// security card accepts it. (The outside attack on issue 17: the 10th bad signature, in a
+/// DEBIT, blocked the card; its proof INITIALIZE was refused `6983`, so the purchase stayed
+/// in doubt in the box for good, and the box refused the bank load that would unblock it.)
+#[test]
+fn a_blocked_card_still_proves_a_draw_was_not_debited() {
+    let mut c = card_with(1_000, 100_000);
+    c.state.bad_key_limit = 1;
+    let mut sc = security_card();
+    let d = draw(&mut c, 100, "the-tenth");
+    let auth = sc.issue_debit(&d, TODAY, false).unwrap();
+    let mut cmd = auth.command.clone();
+    cmd.security_card_signature[0] ^= 1;
+    assert_eq!(
+        send(&mut c, &commands::debit(&cmd)).sw,
+        StatusWord::BAD_SIGNATURE
+    );
+    assert!(
+        read_purse(&mut c).is_blocked(),
+        "the bad signature blocked it"
+    );
+    // A purchase INITIALIZE is refused; the proof is answered.
+    select(&mut c);
+    assert_eq!(
+        send(&mut c, &commands::init_purchase(TODAY)).sw,
+        StatusWord::BLOCKED
+    );
+    let proof = PurchaseInit::decode(&ok(&mut c, &commands::init_purchase_proof(TODAY))).unwrap();
+    sc.verify_not_debited(auth.command.security_card_txn, &proof)
+        .expect("the security card accepts the blocked card's proof");
+    // No session: a DEBIT after a proof is out of sequence (even the genuine one).
+    assert_eq!(
+        send(&mut c, &commands::debit(&auth.command)).sw,
+        StatusWord::WRONG_STATE
+    );
+    assert_eq!(read_purse(&mut c).balance, 1_000);
+}
+
+#[test]
+fn an_expired_card_still_proves_and_a_proof_opens_no_session_on_a_good_card() {
+    let mut c = card_with(1_000, 100_000);
+    let mut sc = security_card();
+    let d = draw(&mut c, 100, "before-expiry");
+    let auth = sc.issue_debit(&d, TODAY, false).unwrap();
+    // Long after the card's expiry (2028-12).
+    let later = proto::purse::Date::new(2031, 1, 1);
+    select(&mut c);
+    assert_eq!(
+        send(&mut c, &commands::init_purchase(later)).sw,
+        StatusWord::EXPIRED
+    );
+    let proof = PurchaseInit::decode(&ok(&mut c, &commands::init_purchase_proof(later))).unwrap();
+    sc.verify_not_debited(auth.command.security_card_txn, &proof)
+        .expect("an expired card's proof");
+    // A good card's proof INITIALIZE: no session either.
+    let mut g = card_with(1_000, 100_000);
+    let d = draw(&mut g, 100, "good");
+    let auth = sc.issue_debit(&d, TODAY, false).unwrap();
+    ok(&mut g, &commands::init_purchase_proof(TODAY));
+    assert_eq!(
+        send(&mut g, &commands::debit(&auth.command)).sw,
+        StatusWord::WRONG_STATE
+    );
+}

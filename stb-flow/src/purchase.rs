@@ -451,7 +451,7 @@ impl Purchase {
         vec![
             Action::Show(Show::Refused(refusal)),
             self.journal(Step::CancelPending { reason }),
-            Action::Apdu(commands::init_purchase(self.today)),
+            Action::Apdu(commands::init_purchase_proof(self.today)),
         ]
     }
 

@@ -263,6 +263,18 @@ impl PaymentServer {
     /// Opens the journal, restores the security cards from their snapshots (or makes new
     /// ones), and re-arms every open transaction.
     pub fn open(cfg: &HeadendConfig) -> Result<Arc<Self>, String> {
+        Self::open_as(cfg, false)
+    }
+
+    /// For an offline command (`headend collect`, `ack-batch`) beside the running daemon: the
+    /// journal only. The PC/SC terminals are not opened — their readers are the daemon's,
+    /// and opening one reverses the numbers past the journal, which would undo a draw the
+    /// daemon has in flight — nor is anything sent to a security card.
+    pub fn open_offline(cfg: &HeadendConfig) -> Result<Arc<Self>, String> {
+        Self::open_as(cfg, true)
+    }
+
+    fn open_as(cfg: &HeadendConfig, offline: bool) -> Result<Arc<Self>, String> {
         let section = cfg.payment.as_ref().ok_or("no [payment] section")?;
         let master =
             crate::config::read_master_key("[payment] purchase_keys", &section.purchase_keys)
@@ -298,6 +310,7 @@ impl PaymentServer {
             Duration::from_secs(section.transaction_timeout_secs),
             Duration::from_secs(section.lease_timeout_secs),
             (section.clearing.clone(), cfg.transport.max_frame),
+            offline,
         )?;
         if let Some(list) = hotlist {
             for slot in 0..server.pool.len() {
@@ -346,6 +359,7 @@ impl PaymentServer {
         timeout: Duration,
         lease_timeout: Duration,
         (clearing, max_frame): (Option<String>, usize),
+        offline: bool,
     ) -> Result<Arc<Self>, String> {
         let mut security_cards = Vec::new();
         let mut down_at_start = Vec::new();
@@ -363,6 +377,14 @@ impl PaymentServer {
                     if card.id != id {
                         return Err(terminal_moved(slot, card.id, id));
                     }
+                    Box::new(card)
+                }
+                // Offline: the journaled summary stands in for the card (read only).
+                crate::config::TerminalDef::Pcsc { .. } if offline => {
+                    let card = match &snapshot {
+                        Some(b) => journal::decode::<SecurityCard>(b)?.with_key(master.clone()),
+                        None => SecurityCard::new(id, master.clone()),
+                    };
                     Box::new(card)
                 }
                 crate::config::TerminalDef::Pcsc {

@@ -971,3 +971,26 @@ fn back_on_the_pin_entry_cancels_the_offer() {
     assert_eq!(cancel_of(&a).reason, CancelReason::Viewer);
     assert!(apdu_ins(&a).is_empty());
 }
+
+/// The DEBIT whose bad signature blocks the card (its last allowed one): the flow's cancel
+/// still carries the card's proof (the proof INITIALIZE is answered by a blocked card), so
+/// the payment server reverses and nothing stays in doubt.
+#[test]
+fn the_debit_that_blocks_the_card_is_still_cancelled_with_a_proof() {
+    let mut c = card();
+    c.state.bad_key_limit = 1;
+    let mut security_card = SecurityCard::new(3, issuer().purchase());
+    let (mut p, draw, _) = accepted(&mut c, None);
+    let good = debit_command(&mut security_card, &draw, None);
+    let mut cmd = good.clone();
+    cmd.security_card_signature[0] ^= 1;
+    let a = feed(&mut p, &mut c, Input::Answer(command_msg(cmd, None)));
+    assert_ne!(c.state.status & proto::purse::STATUS_BLOCKED, 0, "blocked");
+    let proof = cancel_of(&a)
+        .proof
+        .clone()
+        .expect("a proof from the blocked card");
+    security_card
+        .verify_not_debited(good.security_card_txn, &proof)
+        .expect("the security card accepts it");
+}

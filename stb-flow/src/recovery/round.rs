@@ -606,7 +606,7 @@ impl Round {
                         evidence,
                         journal_cancel,
                     });
-                    out.push(Action::Apdu(commands::init_purchase(self.today)));
+                    out.push(Action::Apdu(commands::init_purchase_proof(self.today)));
                 }
                 Err(e) => self.no_proof(&ctx, &e),
             },

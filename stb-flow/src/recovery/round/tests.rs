@@ -460,8 +460,8 @@ fn a_purchase_whose_debit_was_never_sent_is_cancelled_with_a_fresh_initialize_wh
         );
         assert_eq!(
             shell.card().inits,
-            [commands::init_purchase(TODAY)],
-            "a fresh INITIALIZE FOR PURCHASE of today"
+            [commands::init_purchase_proof(TODAY)],
+            "a fresh INITIALIZE FOR PURCHASE of today, as a proof (no session)"
         );
         match shell.sends().as_slice() {
             [Message::Cancel(c)] => {
