@@ -804,7 +804,7 @@ impl PurseCard {
         let rekey = if update.is_empty() {
             None
         } else {
-            let opened = crypto::open(&KeyUpdate::session(&key, atc), update)
+            let opened = crypto::open(&KeyUpdate::session(&key, &s1), update)
                 .ok()
                 .and_then(|b| KeyUpdate::decode(&b).ok());
             match opened {
@@ -817,7 +817,7 @@ impl PurseCard {
         let unblock = if unblock.is_empty() {
             None
         } else {
-            match crypto::open(&Unblock::session(&key, atc), unblock)
+            match crypto::open(&Unblock::session(&key, &s1), unblock)
                 .ok()
                 .and_then(|b| Unblock::decode(&b).ok())
             {

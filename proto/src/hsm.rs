@@ -209,7 +209,7 @@ impl Hsm {
         let current = self.card_load_key(init.key_version, init.card_id).ok()?;
         let mut iv = rand::rngs::StdRng::seed_from_u64(init.card_id ^ u64::from(init.atc));
         Some(crypto::seal(
-            &KeyUpdate::session(&current, init.atc),
+            &KeyUpdate::session(&current, &init.s1),
             &update.encode(),
             &mut iv,
         ))
@@ -224,7 +224,7 @@ impl Hsm {
         let current = self.card_load_key(init.key_version, init.card_id).ok()?;
         let mut iv = rand::rngs::StdRng::seed_from_u64(!(init.card_id ^ u64::from(init.atc)));
         Some(crypto::seal(
-            &Unblock::session(&current, init.atc),
+            &Unblock::session(&current, &init.s1),
             &Unblock {
                 flags: Unblock::LOCK | Unblock::PIN,
             }

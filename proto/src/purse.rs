@@ -498,8 +498,8 @@ impl PurchaseInit {
 /// A key update (001 [0044]; seed 004's monthly key change): the card's keys of a newer
 /// key version, issued by the load server's HSM with a load and carried after the load
 /// command in the LOAD APDU. Sealed ([`crate::crypto::seal`]: encrypted, then MACed) under
-/// [`KeyUpdate::session`] — the card's current load key for this load's transaction number —
-/// so only this card, in this load, can open it, and a tampered one is refused with the
+/// [`KeyUpdate::session`] — the card's current load key and this load's S1 — so only this
+/// card, in this very load session, can open it, and a tampered one is refused with the
 /// whole LOAD. The card takes the new keys in the same atomic state change as the credit.
 #[derive(Clone, PartialEq, Eq)]
 pub struct KeyUpdate {
@@ -542,13 +542,13 @@ impl KeyUpdate {
         })
     }
 
-    /// The key an update for the load with transaction number `atc` is sealed under, from
-    /// the card's current load key.
-    pub fn session(card_load_key: &DesKey, atc: u32) -> DesKey {
-        let mut d = [0u8; 8];
-        d[..4].copy_from_slice(b"KUP\0");
-        d[4..].copy_from_slice(&atc.to_be_bytes());
-        card_load_key.diversify(d)
+    /// The key an update for one load is sealed under: the card's current load key
+    /// diversified by that load's S1 — fresh for every INITIALIZE FOR LOAD (its card random),
+    /// so an update is good for the LOAD of that very session only: not for another load at
+    /// the same transaction number after this one failed (the second outside attack on
+    /// issue 17 moved an UNBLOCK from a failed bank load into a voucher load that way).
+    pub fn session(card_load_key: &DesKey, s1: &Mac) -> DesKey {
+        load_session(card_load_key, b"KUP", s1)
     }
 }
 
@@ -560,8 +560,8 @@ impl KeyUpdate {
 /// The issuer's UNBLOCK (seed 004): clears the card's lock after too many bad signatures
 /// ([`Unblock::LOCK`]) and restores the PIN's tries ([`Unblock::PIN`]). The HSM issues it
 /// only with a bank load, sealed like a [`KeyUpdate`] under [`Unblock::session`] (the card's
-/// current load key for this load's transaction number), and the card takes it only inside
-/// that LOAD, after the key update if there is one: a blocked card is loaded and opened in
+/// current load key and this load's S1), and the card takes it only inside that load
+/// session's LOAD, after the key update if there is one: a blocked card is loaded and opened in
 /// one state change, or neither. One that does not open counts as a bad signature.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Unblock {
@@ -596,14 +596,21 @@ impl Unblock {
         Ok(Self { flags })
     }
 
-    /// The key an UNBLOCK for the load with transaction number `atc` is sealed under, from
-    /// the card's current load key.
-    pub fn session(card_load_key: &DesKey, atc: u32) -> DesKey {
-        let mut d = [0u8; 8];
-        d[..4].copy_from_slice(b"UBK\0");
-        d[4..].copy_from_slice(&atc.to_be_bytes());
-        card_load_key.diversify(d)
+    /// The key an UNBLOCK for one load is sealed under: as [`KeyUpdate::session`], under
+    /// its own label.
+    pub fn session(card_load_key: &DesKey, s1: &Mac) -> DesKey {
+        load_session(card_load_key, b"UBK", s1)
     }
+}
+
+/// The card's load key diversified by `label` and one load's S1 (the issuer's sealed items
+/// ride in that load's LOAD only).
+fn load_session(card_load_key: &DesKey, label: &[u8; 3], s1: &Mac) -> DesKey {
+    let mut d = *s1;
+    for (b, l) in d.iter_mut().zip(label) {
+        *b ^= l;
+    }
+    card_load_key.diversify(d)
 }
 
 /// The debit command ("debit IEP", 001 [0094]) the security card issues, with its signature.

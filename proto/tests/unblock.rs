@@ -222,3 +222,30 @@ fn an_expired_card_still_proves_and_a_proof_opens_no_session_on_a_good_card() {
         StatusWord::WRONG_STATE
     );
 }
+
+/// An UNBLOCK (or a key update) is good for the LOAD of its own load session only: one from
+/// a bank load that failed, moved into another load at the same transaction number (a
+/// voucher load, say), does not open, and counts as a bad signature. (The second outside
+/// attack on issue 17 opened a blocked card that way, without the bank PIN.)
+#[test]
+fn an_unblock_from_a_failed_load_does_not_open_another_load() {
+    let mut c = blocked_card();
+    let mut h = hsm();
+    // The bank load whose LOAD never reaches the card (pulled): its UNBLOCK is captured.
+    let (init, _) = authorized(&mut c, &mut h, "failed-bank-load");
+    let captured = h.unblock(&init).unwrap();
+    // Another load at the same transaction number (the failed one did not move it).
+    let (init2, cmd2) = authorized(&mut c, &mut h, "voucher-load");
+    assert_eq!(init2.atc, init.atc);
+    assert_eq!(
+        send(
+            &mut c,
+            &commands::load_with_issuer(&cmd2, None, Some(&captured))
+        )
+        .sw,
+        StatusWord::BAD_SIGNATURE
+    );
+    let info = read_purse(&mut c);
+    assert!(info.is_blocked());
+    assert_eq!((info.balance, info.bad_key_count), (1_000, 4));
+}
