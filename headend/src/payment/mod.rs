@@ -425,15 +425,16 @@ impl PaymentServer {
                     }
                     match t.probe() {
                         Err(e) => down_at_start.push((slot, e.to_string())),
-                        // A terminal new to this journal: its card's counter now is the
-                        // baseline, journaled at once — a number it hands out after this and
-                        // no journal holds (a crash mid-draw) is an orphan at the next start.
-                        Ok(()) if snapshot.is_none() => {
+                        // The card answered (and reversed the orphans it had, if any): its
+                        // summary now is journaled at once — for a terminal new to this
+                        // journal, the baseline (a number handed out after it that no journal
+                        // holds, a crash mid-draw, is an orphan at the next start); after
+                        // orphans, so that the next start does not reverse them again.
+                        Ok(()) => {
                             journal
                                 .put(Kind::SecurityCard, &slot_key(slot), &t.snapshot())
                                 .map_err(|e| e.to_string())?;
                         }
-                        Ok(()) => {}
                     }
                     Box::new(t)
                 }
