@@ -1293,3 +1293,53 @@ async fn a_forged_initialize_records_nothing_against_the_card_it_names() {
     );
     he.running.stop().await;
 }
+
+/// A debit response corrupted between the card and the box (one bit of its amount) is
+/// refused; the card's genuine response — which the box's recovery rebuilds from the card's
+/// log — is then counted, once, and released: the card's payment is not lost. (The second
+/// outside attack on issue 17 lost 3.99 when the box kept re-sending the corrupted copy.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_debit_response_is_refused_and_the_genuine_one_still_counts() {
+    for embodiment in ["security-card", "payment-server"] {
+        let he = start(options(embodiment, true)).await;
+        let mut b = TestBox::new(&he, "box-000001", 10_000).await;
+        let offer = b.offer("CABLE", "ppv-1001").await;
+        let txid = offer.transaction_id.clone();
+        let draw = b.draw_request(&offer);
+        let answer = b.call(&Message::DrawRequest(draw)).await;
+        let cmd = TestBox::open_debit_command(&offer, &answer);
+        let genuine = b.debit(&offer, &cmd);
+        assert_eq!(b.balance(), 10_000 - 499, "the card paid");
+        let mut body = genuine.body.open(offer.tsk.as_ref()).unwrap();
+        body.amount ^= 0x10;
+        let corrupted = DebitResponseMsg {
+            transaction_id: txid.clone(),
+            body: Protected::new(body, offer.tsk.as_ref(), &mut rand::rngs::OsRng),
+        };
+        let answer = b.call(&Message::DebitResponse(corrupted)).await;
+        assert!(
+            matches!(&answer, Message::Error(_)),
+            "{embodiment}: the corrupted copy is refused: {answer:?}"
+        );
+        let payment = he.running.payment.as_ref().unwrap();
+        let mut answer = b.call(&Message::DebitResponse(genuine.clone())).await;
+        for _ in 0..50 {
+            if matches!(&answer, Message::Receipt(_)) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            answer = b.call(&Message::DebitResponse(genuine.clone())).await;
+        }
+        assert!(
+            matches!(&answer, Message::Receipt(r) if r.released),
+            "{embodiment}: the genuine response counts: {answer:?}"
+        );
+        assert_eq!(payment.txn(&txid).unwrap().state, PayState::Completed);
+        assert_eq!(
+            payment.totals().await.get(&EUR).copied(),
+            Some(499),
+            "{embodiment}: counted once"
+        );
+        he.running.stop().await;
+    }
+}

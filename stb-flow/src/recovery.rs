@@ -174,13 +174,26 @@ pub fn log_reaches(log: &[LogRecord], atc: u32) -> bool {
 /// Decides what to send for `txn`, given the card in the reader (if any).
 #[must_use]
 pub fn plan(txn: &InDoubt, card: Option<CardSeen<'_>>) -> Plan {
+    let card = card.filter(|c| c.card_id == txn.card_id);
     if let Some(response) = &txn.response {
+        // The card's own record wins over the journal's copy of its answer: that copy may
+        // have been corrupted on its way from the card (a reader, a line), and the head end
+        // refuses it for ever — the card paid and nobody would count it.
+        if let Some(from_log) = card
+            .and_then(|c| find_in_log(txn, c))
+            .filter(|r| r != response)
+        {
+            return Plan::Resend {
+                response: from_log,
+                source: Source::CardLog,
+            };
+        }
         return Plan::Resend {
             response: response.clone(),
             source: Source::Journal,
         };
     }
-    let Some(card) = card.filter(|c| c.card_id == txn.card_id) else {
+    let Some(card) = card else {
         return Plan::WaitForCard;
     };
     if !txn.debit_sent {
@@ -220,10 +233,10 @@ pub fn response_for(
     txn: &InDoubt,
     card: Option<CardSeen<'_>>,
 ) -> Result<DebitResponse, NoDebitResponse> {
-    if let Some(r) = &txn.response {
-        return Ok(r.clone());
-    }
-    card.and_then(|c| find_in_log(txn, c))
+    // The card's own record first (the journal's copy may be corrupted: see [`plan`]).
+    card.filter(|c| c.card_id == txn.card_id)
+        .and_then(|c| find_in_log(txn, c))
+        .or_else(|| txn.response.clone())
         .ok_or(NoDebitResponse)
 }
 

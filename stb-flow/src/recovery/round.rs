@@ -936,7 +936,9 @@ impl Round {
                                 "the head end holds the debit; the debit response is re-sent"
                             )
                         });
-                        if ctx.txn.response.is_none() {
+                        if ctx.txn.response.as_ref() != Some(&response) {
+                            // From the card's log (none journaled, or the journaled copy
+                            // differs from the card's own record): journaled first.
                             ctx.txn.response = Some(response.clone());
                             self.journal(
                                 &txid,

@@ -353,8 +353,10 @@ fn a_resent_debit_response_is_settled_by_a_receipt_only() {
     ));
 }
 
+/// The card's own record first, the journal's copy without the card (the copy may have
+/// been corrupted on its way from the card).
 #[test]
-fn already_completed_takes_the_response_from_the_journal_then_the_log_or_is_unresolvable() {
+fn already_completed_takes_the_response_from_the_card_s_log_then_the_journal_or_is_unresolvable() {
     let mut t = txn(true, Some((1, 2)));
     let log = [rec(4, 1, 2, 399)];
     assert_eq!(
@@ -366,11 +368,56 @@ fn already_completed_takes_the_response_from_the_journal_then_the_log_or_is_unre
     assert!(response_for(&t, Some(CardSeen::new(CARD, &rolled_over()))).is_err());
     assert!(response_for(&t, None).is_err());
     t.response = Some(response());
+    assert_ne!(response(), log[0].debit_response(CARD).unwrap());
     assert_eq!(
         response_for(&t, Some(CardSeen::new(CARD, &log))).unwrap(),
-        response()
+        log[0].debit_response(CARD).unwrap(),
+        "the card's record wins over a journaled copy that differs"
     );
     assert_eq!(response_for(&t, None).unwrap(), response());
+    assert_eq!(
+        response_for(&t, Some(CardSeen::new(CARD, &rolled_over()))).unwrap(),
+        response(),
+        "the journal's copy when the log no longer has it"
+    );
+}
+
+/// A journaled debit response corrupted on its way from the card (one bit): with the card
+/// in the reader, recovery re-sends the card's own record instead (journaled first); the
+/// head end refused the corrupted copy for ever, and the card's payment went uncounted.
+/// (The second outside attack on issue 17 lost 3.99 this way with a flipped bit.)
+#[test]
+fn a_corrupted_journaled_debit_response_gives_way_to_the_card_s_record() {
+    let mut t = txn(true, Some((1, 2)));
+    let log = [rec(4, 1, 2, 399)];
+    let genuine = log[0].debit_response(CARD).unwrap();
+    let mut corrupted = genuine.clone();
+    corrupted.amount ^= 0x10;
+    t.response = Some(corrupted.clone());
+    assert_eq!(
+        plan(&t, Some(CardSeen::new(CARD, &log))),
+        Plan::Resend {
+            response: genuine.clone(),
+            source: Source::CardLog
+        }
+    );
+    // The same copy as the card's record, or no card: the journal's.
+    t.response = Some(genuine.clone());
+    assert_eq!(
+        plan(&t, Some(CardSeen::new(CARD, &log))),
+        Plan::Resend {
+            response: genuine,
+            source: Source::Journal
+        }
+    );
+    t.response = Some(corrupted.clone());
+    assert_eq!(
+        plan(&t, None),
+        Plan::Resend {
+            response: corrupted,
+            source: Source::Journal
+        }
+    );
 }
 
 #[test]
