@@ -978,6 +978,17 @@ async fn a_security_card_new_to_the_journal_has_its_baseline_journaled_when_it_f
     let (mut he, served, _dir) = start_with_psam("payment-server", PCSC_ONLY, no_fault()).await;
     let payment = he.running.payment.as_ref().unwrap().clone();
     assert!(eventually(|| payment.pool().down().is_empty()).await);
+    // Down at start (served after it), it answered later: its baseline is journaled then,
+    // before any draw.
+    assert!(
+        eventually(|| payment
+            .journal()
+            .get(headend::journal::Kind::SecurityCard, "0000")
+            .unwrap()
+            .is_some())
+        .await,
+        "the baseline of a terminal that first answers after the start"
+    );
     let mut b = TestBox::new(&he, "box-000001", 10_000).await;
     let (_, answer) = b.buy("CABLE", "ppv-1001").await;
     assert!(

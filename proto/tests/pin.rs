@@ -37,22 +37,7 @@ fn buy(card: &mut PurseCard, sc: &mut SecurityCard, amount: u64, pin: Option<&st
             return r.sw;
         }
     }
-    let init = PurchaseInit::decode(&ok(card, &commands::init_purchase(TODAY))).unwrap();
-    let d = proto::security_card::DrawData {
-        merchant_id: "M-CABLE".into(),
-        transaction_id: format!("t-{}", init.atc),
-        amount: proto::money::Money::new(amount, EUR),
-        init,
-    };
-    let auth = sc.issue_debit(&d, TODAY, false).unwrap();
-    let r = send(card, &commands::debit(&auth.command));
-    if r.sw.is_ok() {
-        let resp = DebitResponse::decode(&r.data).unwrap();
-        sc.complete(auth.command.security_card_txn, &resp).unwrap();
-    } else {
-        sc.reverse(auth.command.security_card_txn).unwrap();
-    }
-    r.sw
+    init_and_debit(card, sc, amount)
 }
 
 #[test]
@@ -83,8 +68,9 @@ fn under_the_threshold_ok_alone_above_it_the_pin() {
     assert_eq!(c.state.balance, 10_000 - 999 - 2_995);
 }
 
-/// INITIALIZE (no SELECT, no VERIFY) and the DEBIT the security card signs for `amount`:
-/// the DEBIT's status word.
+/// INITIALIZE (no SELECT, no VERIFY) and the DEBIT the security card signs for `amount`,
+/// settled in the security card (completed, or reversed if the card refused): the DEBIT's
+/// status word.
 fn init_and_debit(c: &mut PurseCard, sc: &mut SecurityCard, amount: u64) -> StatusWord {
     let init = PurchaseInit::decode(&ok(c, &commands::init_purchase(TODAY))).unwrap();
     let d = proto::security_card::DrawData {
@@ -94,7 +80,14 @@ fn init_and_debit(c: &mut PurseCard, sc: &mut SecurityCard, amount: u64) -> Stat
         init,
     };
     let auth = sc.issue_debit(&d, TODAY, false).unwrap();
-    send(c, &commands::debit(&auth.command)).sw
+    let r = send(c, &commands::debit(&auth.command));
+    if r.sw.is_ok() {
+        let resp = DebitResponse::decode(&r.data).unwrap();
+        sc.complete(auth.command.security_card_txn, &resp).unwrap();
+    } else {
+        sc.reverse(auth.command.security_card_txn).unwrap();
+    }
+    r.sw
 }
 
 #[test]

@@ -130,6 +130,8 @@ pub struct PaymentServer {
     /// Per terminal, draws in a row whose card it refused and another terminal verified
     /// ([`DISTRUST_AFTER`] of them take it out until restart; a draw it serves clears them).
     disagreements: std::sync::Mutex<HashMap<usize, u32>>,
+    /// PC/SC terminals whose baseline is still to be journaled when they first answer.
+    unbaselined: std::sync::Mutex<Vec<usize>>,
 }
 
 /// The newest INITIALIZE FOR PURCHASE of one card that a draw request used, and by which
@@ -372,6 +374,9 @@ impl PaymentServer {
     ) -> Result<Arc<Self>, String> {
         let mut security_cards = Vec::new();
         let mut down_at_start = Vec::new();
+        // PC/SC terminals down at start with no summary in the journal: their baseline is
+        // journaled when they first answer (`sync_terminals`).
+        let mut unbaselined = Vec::new();
         for (slot, def) in terminals.iter().enumerate() {
             let snapshot = journal
                 .get(Kind::SecurityCard, &slot_key(slot))
@@ -424,7 +429,12 @@ impl PaymentServer {
                         })?;
                     }
                     match t.probe() {
-                        Err(e) => down_at_start.push((slot, e.to_string())),
+                        Err(e) => {
+                            if snapshot.is_none() {
+                                unbaselined.push(slot);
+                            }
+                            down_at_start.push((slot, e.to_string()));
+                        }
                         // The card answered (and reversed the orphans it had, if any): its
                         // summary now is journaled at once — for a terminal new to this
                         // journal, the baseline (a number handed out after it that no journal
@@ -488,6 +498,7 @@ impl PaymentServer {
             sweeps: Default::default(),
             card_inits: Default::default(),
             disagreements: Default::default(),
+            unbaselined: std::sync::Mutex::new(unbaselined),
         }))
     }
 
@@ -1463,25 +1474,31 @@ impl PaymentServer {
 
     /// Journals which terminals are out of the pool (kind `terminal`, `down/SLOT`) for
     /// `headend status`, and has every terminal in the pool do the reversals it owes. A
-    /// terminal in the pool whose slot has no summary in the journal yet (it was down at
-    /// start, and has answered since) gets its baseline journaled.
+    /// PC/SC terminal that was down at start with no summary in the journal, and has answered
+    /// since, gets its baseline journaled.
     pub fn sync_terminals(&self) {
         let down = self.pool.down();
-        for slot in (0..self.pool.len()).filter(|s| !down.iter().any(|(d, _)| d == s)) {
-            if matches!(
-                self.journal.get(Kind::SecurityCard, &slot_key(slot)),
-                Ok(None)
-            ) {
-                if let Some(card) = self.pool.try_card(slot) {
-                    if let Err(e) =
-                        self.journal
-                            .put(Kind::SecurityCard, &slot_key(slot), &card.snapshot())
-                    {
+        self.unbaselined
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|&slot| {
+                if down.iter().any(|(d, _)| *d == slot) {
+                    return true;
+                }
+                let Some(card) = self.pool.try_card(slot) else {
+                    return true;
+                };
+                match self
+                    .journal
+                    .put(Kind::SecurityCard, &slot_key(slot), &card.snapshot())
+                {
+                    Ok(()) => false,
+                    Err(e) => {
                         tracing::error!(slot, error = %e, "terminal baseline not journaled");
+                        true
                     }
                 }
-            }
-        }
+            });
         let journaled = self
             .journal
             .range_after(Kind::Terminal, "down/", 10_000)
