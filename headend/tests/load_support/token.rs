@@ -139,6 +139,10 @@ pub fn use_token(config: &str, def: &TokenDef) -> String {
 /// Imports the demo's load masters (`keys/load-keys.toml` under `demo_dir`, as the test
 /// left it) into the token; the versions imported.
 pub fn import_demo_keys(def: &TokenDef, demo_dir: &Path) -> Vec<u8> {
+    // One import at a time in the process: SoftHSM2's file store failed a CreateObject
+    // (CKR_GENERAL_ERROR) when the tests' head ends wrote to the shared token at once.
+    static IMPORTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = IMPORTING.lock().unwrap_or_else(|p| p.into_inner());
     let keys = demo_dir.join("keys/load-keys.toml");
     let file: AnyMasterKeyFile = toml::from_str(&std::fs::read_to_string(&keys).unwrap()).unwrap();
     token::import(def, &file.into_generations()).unwrap()
