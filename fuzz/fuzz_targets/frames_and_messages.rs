@@ -1,9 +1,9 @@
 //! The wire: length-prefixed frames fed in arbitrary chunks, and every message decoded from
-//! any payload.
+//! any payload; the sealed bodies' layouts too (debit result M, "authentication OK").
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use proto::frame::{DEFAULT_MAX_FRAME, FrameDecoder};
-use proto::messages::Message;
+use proto::messages::{AuthenticationOk, DebitResultM, Message};
 
 fuzz_target!(|data: &[u8]| {
     let mut d = FrameDecoder::new(DEFAULT_MAX_FRAME);
@@ -15,4 +15,6 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = Message::from_payload(data);
     let _ = Message::from_frame(data, 4096);
+    let _ = postcard::from_bytes::<DebitResultM>(data);
+    let _ = postcard::from_bytes::<AuthenticationOk>(data);
 });

@@ -105,8 +105,21 @@ pub enum ConfigInvalid {
     Terminals(String),
     #[error("merchant {merchant}: item {item} appears twice")]
     DuplicateItem { merchant: String, item: String },
-    #[error("merchant {merchant}: item {item} has a zero price")]
+    #[error(
+        "merchant {merchant}: item {item} has a zero price (only an authentication item, \
+         currency 999, is free)"
+    )]
     ZeroPrice { merchant: String, item: String },
+    #[error(
+        "merchant {merchant}: item {item} is in currency 999, an authentication (002 FIG. 16), \
+         which carries no value: give it amount 0 and exponent 0"
+    )]
+    AuthenticationWithValue { merchant: String, item: String },
+    #[error(
+        "merchant {merchant}: item {item} is an authentication (currency 999); only a \
+         kind = \"loyalty\" merchant (a benefits server) offers them"
+    )]
+    AuthenticationNotLoyalty { merchant: String, item: String },
     #[error("[bank] pin_tries must be at least 1")]
     NoPinTries,
     #[error("bank account {0} appears twice")]
@@ -764,6 +777,20 @@ impl Endpoint {
 pub enum MerchantKind {
     Cable,
     Internet,
+    /// A benefits server (002 FIG. 16, web server 208′): its items are benefits claimed by
+    /// an authentication draw (price 0 in currency 999), released to the member account its
+    /// `members` map the authenticated card to.
+    Loyalty,
+}
+
+/// A loyalty programme's member (002 [0160]: "a card number that is associated with the
+/// consumer's name in a database on the Web server").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberDef {
+    pub card_id: u64,
+    /// The consumer account the benefit goes to.
+    pub account: String,
 }
 
 /// A merchant, as every role sees it (routing, keys, comparison embodiment, catalog).
@@ -789,6 +816,9 @@ pub struct MerchantDef {
     pub merchant: String,
     #[serde(default)]
     pub items: Vec<ItemDef>,
+    /// `loyalty` merchants: the cards that are members, and their accounts.
+    #[serde(default)]
+    pub members: Vec<MemberDef>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -974,11 +1004,19 @@ impl HeadendConfig {
                         item: i.id.clone(),
                     });
                 }
-                if i.amount == 0 {
-                    return Err(ConfigInvalid::ZeroPrice {
-                        merchant: m.id.clone(),
-                        item: i.id.clone(),
-                    });
+                let authentication = i.currency == Currency::AUTHENTICATION.code;
+                let at = || (m.id.clone(), i.id.clone());
+                if i.amount == 0 && !authentication {
+                    let (merchant, item) = at();
+                    return Err(ConfigInvalid::ZeroPrice { merchant, item });
+                }
+                if authentication && (i.amount != 0 || i.exponent != 0) {
+                    let (merchant, item) = at();
+                    return Err(ConfigInvalid::AuthenticationWithValue { merchant, item });
+                }
+                if authentication && m.kind != MerchantKind::Loyalty {
+                    let (merchant, item) = at();
+                    return Err(ConfigInvalid::AuthenticationNotLoyalty { merchant, item });
                 }
             }
         }
@@ -1252,8 +1290,38 @@ mod tests {
         };
         assert_eq!(
             e.to_string(),
-            "config /etc/purselink/headend.toml: merchant CABLE: item ppv-1 has a zero price"
+            "config /etc/purselink/headend.toml: merchant CABLE: item ppv-1 has a zero price \
+             (only an authentication item, currency 999, is free)"
         );
+    }
+
+    /// 002 FIG. 16's items: zero in currency 999 only, at a `loyalty` merchant only.
+    #[test]
+    fn authentication_items_are_free_and_only_at_a_benefits_server() {
+        let item = |kind: &str, amount: u64, currency: u16| {
+            with_journal(&format!(
+                "[[merchants]]\nid = \"M\"\nname = \"M\"\nkind = \"{kind}\"\n\
+                 shared_key_file = \"m.key\"\npayment = \"payment\"\nmerchant = \"shop\"\n\
+                 [[merchants.items]]\nid = \"i\"\ntitle = \"t\"\nkind = \"benefit\"\n\
+                 amount = {amount}\ncurrency = {currency}\nexponent = 0\n\
+                 [[merchants.members]]\ncard_id = 7\naccount = \"FF-1\"\n"
+            ))
+            .map(|_| ())
+        };
+        assert_eq!(item("loyalty", 0, 999), Ok(()));
+        assert!(matches!(
+            item("loyalty", 0, 978),
+            Err(ConfigInvalid::ZeroPrice { .. })
+        ));
+        assert!(matches!(
+            item("loyalty", 100, 999),
+            Err(ConfigInvalid::AuthenticationWithValue { .. })
+        ));
+        assert!(matches!(
+            item("cable", 0, 999),
+            Err(ConfigInvalid::AuthenticationNotLoyalty { .. })
+        ));
+        assert_eq!(item("internet", 250, 978), Ok(()));
     }
 
     fn with_journal(journal: &str) -> Result<HeadendConfig, ConfigInvalid> {

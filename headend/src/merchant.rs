@@ -55,6 +55,15 @@ pub struct OfferRecord {
     pub confirmation: Option<Vec<u8>>,
 }
 
+/// What a validated confirmation proved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proved {
+    /// The card paid this (debit result M, or FIG. 7's comparison).
+    Paid(Money),
+    /// "Authentication OK" (002 FIG. 16): this card proved itself; nothing was paid.
+    Authenticated { card_id: u64 },
+}
+
 struct Shop {
     def: MerchantDef,
     key: DesKey,
@@ -215,10 +224,12 @@ impl MerchantServer {
         Message::Offer(offer)
     }
 
-    /// Validates a confirmation; `Ok` carries what was proved paid.
-    fn validate(&self, shop: &Shop, rec: &OfferRecord, c: &Confirmation) -> Result<Money, String> {
+    /// Validates a confirmation; `Ok` carries what was proved: a payment, or (an
+    /// authentication draw, 002 FIG. 16) the card that authenticated.
+    fn validate(&self, shop: &Shop, rec: &OfferRecord, c: &Confirmation) -> Result<Proved, String> {
         let txid = &rec.offer.transaction_id;
         let derived = MessageKeys::derived(&shop.key, &shop.def.id, txid);
+        let authentication = rec.offer.amount.is_authentication();
         if rec.offer.embodiment == Embodiment::Merchant {
             // FIG. 7 (001 [0063], routine 366): compare the card signature with the expected
             // one sealed for us — the security card's own comparison.
@@ -237,7 +248,26 @@ impl MerchantServer {
             if resp.amount != rec.offer.amount.minor || resp.currency != rec.offer.amount.currency {
                 return Err("debit response is for another amount".into());
             }
-            return Ok(rec.offer.amount);
+            // The expected signature covers the card id: the card that answered.
+            return Ok(if authentication {
+                Proved::Authenticated {
+                    card_id: resp.card_id,
+                }
+            } else {
+                Proved::Paid(rec.offer.amount)
+            });
+        }
+        if authentication {
+            // "Authentication OK" (002 [0163]) under the FIG. 8 derived key.
+            let raw = crypto::open(&derived, &c.result_m)
+                .map_err(|e| format!("authentication OK: {e}"))?;
+            let ok: AuthenticationOk = journal::decode(&raw)?;
+            if &ok.transaction_id != txid || ok.merchant_id != shop.def.id {
+                return Err("authentication OK is for another transaction".into());
+            }
+            return Ok(Proved::Authenticated {
+                card_id: ok.card_id,
+            });
         }
         let raw =
             crypto::open(&derived, &c.result_m).map_err(|e| format!("debit result M: {e}"))?;
@@ -254,7 +284,7 @@ impl MerchantServer {
         if !m.success {
             return Err("the payment server reports no debit".into());
         }
-        Ok(m.amount)
+        Ok(Proved::Paid(m.amount))
     }
 
     fn confirm(&self, c: Confirmation) -> Message {
@@ -285,7 +315,7 @@ impl MerchantServer {
                 Some(&txid),
             );
         };
-        let paid = match self.validate(shop, &rec, &c) {
+        let proved = match self.validate(shop, &rec, &c) {
             Ok(p) => p,
             Err(why) => {
                 let _ = self
@@ -299,8 +329,30 @@ impl MerchantServer {
             }
         };
         let item = rec.offer.item_id.clone();
-        let (entitlement, text) = match shop.def.kind {
-            MerchantKind::Cable
+        let (entitlement, text) = match (proved, shop.def.kind) {
+            (Proved::Authenticated { card_id }, _) => {
+                // The benefits server (208′) maps the card to its member account.
+                let Some(member) = shop.def.members.iter().find(|m| m.card_id == card_id) else {
+                    let why = format!("card {card_id:#X} is not a member of {}", shop.def.name);
+                    let _ = self
+                        .journal
+                        .step(&txid, &MerchantStep::ConfirmationRefused, &why);
+                    return refuse(
+                        ErrorCode::NotYourAccount,
+                        format!("{why}; nothing released"),
+                        Some(&txid),
+                    );
+                };
+                let n = self.next_order.fetch_add(1, Ordering::Relaxed);
+                (
+                    format!("{}/benefit-{n:06}/{}/{}", rec.box_id, member.account, txid),
+                    format!(
+                        "Authenticated: \"{}\" for member {} (benefit {n:06})",
+                        rec.offer.title, member.account
+                    ),
+                )
+            }
+            (Proved::Paid(paid), MerchantKind::Cable)
                 if shop
                     .def
                     .items
@@ -312,7 +364,7 @@ impl MerchantServer {
                     format!("Enjoy \"{}\" — paid {paid}", rec.offer.title),
                 )
             }
-            _ => {
+            (Proved::Paid(paid), _) => {
                 let n = self.next_order.fetch_add(1, Ordering::Relaxed);
                 (
                     format!("{}/order-{n:06}/{}", rec.box_id, txid),

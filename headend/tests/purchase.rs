@@ -1343,3 +1343,213 @@ async fn a_corrupted_debit_response_is_refused_and_the_genuine_one_still_counts(
         he.running.stop().await;
     }
 }
+
+/// Adds a benefits server (002 FIG. 16: a `loyalty` merchant, "M-MILES") to the demo's
+/// config: its shared key beside the others, one benefit claimed by an authentication
+/// (price 0 in currency 999), and the card of `TestBox::new(_, _, 10_000)` as member
+/// "FF-0042".
+fn with_benefits_server(config: &std::path::Path, text: &str, embodiment: &str) -> String {
+    use rand::RngCore;
+    let mut key = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut key);
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let keys = config.parent().unwrap().join("keys");
+    proto::secret::write_private(&keys.join("merchant-M-MILES.key"), hex.as_bytes()).unwrap();
+    let member = 0xC0DE_0000u64 + 10_000;
+    format!(
+        r#"{text}
+[[merchants]]
+id = "M-MILES"
+name = "Miles programme"
+kind = "loyalty"
+shared_key_file = "{keys}/merchant-M-MILES.key"
+embodiment = "{embodiment}"
+payment = "payment"
+merchant = "merchant"
+
+[[merchants.items]]
+id = "lounge"
+title = "Airport lounge pass"
+kind = "benefit"
+amount = 0
+currency = 999
+exponent = 0
+
+[[merchants.members]]
+card_id = {member}
+account = "FF-0042"
+"#,
+        keys = keys.display()
+    )
+}
+
+/// 002 FIG. 16, the authentication embodiment, in every comparison embodiment with the
+/// FIG. 8 layer: an offer of 0 in the special currency goes through the gateway; the card's
+/// counter rises by one and its balance does not move; the merchant releases the benefit on
+/// "authentication OK", which opens under the FIG. 8 derived key and names the card; no
+/// security-card total and no collection record appear. A card that is no member gets
+/// nothing, and a forged "authentication OK" releases nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authentication_draw_moves_the_counter_not_the_balance_and_makes_no_payment_record() {
+    for embodiment in ["security-card", "payment-server", "gateway", "merchant"] {
+        let he = start_prepared(
+            Backend::Sqlite,
+            DemoOptions {
+                clearing: false,
+                ..options(embodiment, true)
+            },
+            |path, text| with_benefits_server(path, text, embodiment),
+        )
+        .await
+        .unwrap();
+        let mut b = TestBox::new(&he, "box-000001", 10_000).await;
+        let card_id = b.0.card.state.card_id;
+        let atc_before = b.0.card.state.atc;
+        let (offer, answer) = b.buy("M-MILES", "lounge").await;
+        assert!(offer.amount.is_authentication(), "{:?}", offer.amount);
+        let txid = offer.transaction_id.clone();
+        let Message::Receipt(r) = answer else {
+            panic!("{embodiment}: expected a receipt, got {answer:?}")
+        };
+        assert!(r.released, "{embodiment}: benefit released");
+        assert!(r.text.contains("FF-0042"), "{embodiment}: {}", r.text);
+        assert_eq!(
+            b.balance(),
+            10_000,
+            "{embodiment}: the balance did not move"
+        );
+        let card = &b.0.card.state;
+        assert_eq!(
+            card.atc,
+            atc_before + 1,
+            "{embodiment}: the counter rose by one"
+        );
+        let last = card.log.back().unwrap();
+        assert_eq!(
+            (last.amount, last.currency, last.balance_after),
+            (0, Currency::AUTHENTICATION, 10_000),
+            "{embodiment}: the card's log record"
+        );
+        let payment = he.running.payment.as_ref().unwrap();
+        assert!(
+            eventually(|| payment
+                .txn(&txid)
+                .is_some_and(|t| t.state == PayState::Completed))
+            .await,
+            "{embodiment}: the security card (or its stand-in) verified the card's signature"
+        );
+        // No security card counted it: no count and no amount, in any currency.
+        for (_, raw) in payment
+            .journal()
+            .all(headend::journal::Kind::SecurityCard)
+            .unwrap()
+        {
+            let sc: proto::security_card::SecurityCard = headend::journal::decode(&raw).unwrap();
+            assert!(
+                sc.totals.values().all(|t| t.count == 0),
+                "{embodiment}: security card {:#X} counted {:?}",
+                sc.id,
+                sc.totals
+            );
+        }
+        assert!(
+            payment.close_batch().unwrap().is_none(),
+            "{embodiment}: no collection record"
+        );
+        // "Authentication OK" under the FIG. 8 derived key (the merchant's and payment
+        // server's shared key, diversified by merchant and transaction), naming the card.
+        let t = payment.txn(&txid).unwrap();
+        if let Some(Message::Confirmation(c)) = &t.confirmation {
+            let shared = headend::config::read_key_file(
+                "M-MILES",
+                &he.dir.path().join("keys/merchant-M-MILES.key"),
+            )
+            .unwrap();
+            let derived = proto::crypto::MessageKeys::derived(&shared, "M-MILES", &txid);
+            let ok: AuthenticationOk =
+                postcard::from_bytes(&proto::crypto::open(&derived, &c.result_m).unwrap()).unwrap();
+            assert_eq!(
+                (ok.card_id, ok.transaction_id.as_str()),
+                (card_id, txid.as_str())
+            );
+        } else {
+            // FIG. 6/7 confirm without the payment server: its record keeps none.
+            assert!(matches!(embodiment, "gateway" | "merchant"), "{embodiment}");
+        }
+        let merchant = he.running.merchant.as_ref().unwrap();
+        assert_eq!(merchant.releases(&txid), 1);
+        assert_eq!(
+            merchant.journal().steps(&txid).unwrap(),
+            ["offer made", "goods released"]
+        );
+
+        // A card that is not a member: authenticated, but no benefit.
+        let mut stranger = TestBox::new(&he, "box-000002", 5_000).await;
+        let (offer, answer) = stranger.buy("M-MILES", "lounge").await;
+        assert_eq!(error_code(&answer), ErrorCode::NotYourAccount, "{answer:?}");
+        assert_eq!(merchant.releases(&offer.transaction_id), 0);
+        assert_eq!(stranger.balance(), 5_000);
+
+        // A forged "authentication OK" (sealed under a made-up key) releases nothing.
+        let offer = b.offer("M-MILES", "lounge").await;
+        let forged = AuthenticationOk {
+            transaction_id: offer.transaction_id.clone(),
+            merchant_id: "M-MILES".into(),
+            card_id,
+            security_card_id: 1,
+            security_card_txn: 1,
+        };
+        let answer = merchant
+            .handle(
+                Caller::Role("gateway".into()),
+                Message::Confirmation(Confirmation {
+                    transaction_id: offer.transaction_id.clone(),
+                    result_c: Protected::Clear(DebitResultC {
+                        transaction_id: offer.transaction_id.clone(),
+                        success: true,
+                        amount: offer.amount,
+                        new_balance: 10_000,
+                    }),
+                    result_m: proto::crypto::seal(
+                        &proto::crypto::DesKey::new([9; 16]),
+                        &postcard::to_allocvec(&forged).unwrap(),
+                        &mut rand::rngs::OsRng,
+                    ),
+                    debit_response: None,
+                }),
+            )
+            .await;
+        assert_eq!(error_code(&answer), ErrorCode::BadSignature, "{answer:?}");
+        assert_eq!(merchant.releases(&offer.transaction_id), 0);
+        he.running.stop().await;
+    }
+}
+
+/// An authentication cannot be made to carry value, nor a purchase turned into an
+/// authentication: the draw that asks 0 XXX for a 4.99 EUR offer, or 4.99 EUR for an
+/// authentication offer, is refused, and nothing moves.
+#[tokio::test]
+async fn a_draw_cannot_turn_a_purchase_into_an_authentication_or_back() {
+    let he = start_prepared(Backend::Sqlite, options("security-card", true), |p, t| {
+        with_benefits_server(p, t, "security-card")
+    })
+    .await
+    .unwrap();
+    let mut b = TestBox::new(&he, "box-000001", 10_000).await;
+    for (merchant, item, amount) in [
+        ("CABLE", "ppv-1001", proto::money::Money::authentication()),
+        ("M-MILES", "lounge", proto::money::Money::new(499, EUR)),
+    ] {
+        let offer = b.offer(merchant, item).await;
+        let mut draw = b.draw_request(&offer);
+        let mut body = draw.body.open(offer.tsk.as_ref()).unwrap();
+        body.amount = amount;
+        draw.body = Protected::new(body, offer.tsk.as_ref(), &mut rand::rngs::OsRng);
+        let answer = b.call(&Message::DrawRequest(draw)).await;
+        assert!(
+            matches!(answer, Message::Error(ref e) if e.code != ErrorCode::Internal),
+            "{merchant}: {answer:?}"
+        );
+        assert_nothing_moved(&he, &mut b, 10_000, Some(&offer.transaction_id)).await;
+    }
+}

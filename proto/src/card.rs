@@ -11,7 +11,7 @@
 //! | READ PURSE               | 80 B0 00 00   | —                        | [`PurseInfo`]            |
 //! | INITIALIZE FOR PURCHASE  | 80 50 01 00   | date (YYYY MM DD)        | [`PurchaseInit`]         |
 //! | INITIALIZE (proof)       | 80 50 01 01   | date (YYYY MM DD)        | [`PurchaseInit`]; no session: no DEBIT follows; a blocked or expired card answers it too |
-//! | DEBIT                    | 80 54 00 00   | [`DebitCommand`]         | [`DebitResponse`]        |
+//! | DEBIT                    | 80 54 00 00   | [`DebitCommand`]; zero in [`Currency::AUTHENTICATION`] is an authentication draw (002 FIG. 16): the counter and log move, the balance does not | [`DebitResponse`]        |
 //! | INITIALIZE FOR LOAD      | 80 50 02 00   | [`LoadInitRequest`]      | [`LoadInit`] (S1)        |
 //! | LOAD                     | 80 52 00 00   | [`LoadCommand`] (S2), then the issuer's sealed [`KeyUpdate`] (56 bytes) and/or [`Unblock`] (24 bytes), each optional | [`LoadResponse`] (S3)    |
 //! | READ LOG                 | 80 B2 nn 00   | — (nn = 1 is the newest) | [`LogRecord`]            |
@@ -34,10 +34,10 @@
 //! | 6985 | wrong state or sequence (e.g. DEBIT without INITIALIZE)        |
 //! | 9401 | insufficient value                                             |
 //! | 9402 | over max balance                                               |
-//! | 9403 | wrong currency                                                 |
+//! | 9403 | wrong currency (neither the card's nor the authentication currency) |
 //! | 9404 | expired                                                        |
 //! | 9405 | replay: a transaction number already used                     |
-//! | 9406 | amount out of range (zero value debit or load)                 |
+//! | 9406 | amount out of range: a zero-value debit or load in money, or value in the authentication currency |
 //! | 9407 | DEBIT above the PIN threshold without a verified PIN            |
 //! | 63Cx | VERIFY: wrong PIN, x tries left; `63C0`: the PIN is blocked     |
 //! | 6A88 | VERIFY on a card without a PIN                                  |
@@ -664,7 +664,10 @@ impl PurseCard {
             return Err(self.bad_signature());
         }
         self.good_signature();
-        if dc.currency != self.state.currency {
+        // An authentication draw (002 FIG. 16): zero in the authentication currency, whatever
+        // the card's own; any value in that currency is out of range.
+        let authentication = dc.currency == Currency::AUTHENTICATION;
+        if dc.currency != self.state.currency && !authentication {
             return Err(StatusWord::WRONG_CURRENCY);
         }
         if let Some(pin) = &self.state.pin {
@@ -675,7 +678,7 @@ impl PurseCard {
         if self.state.expiry.is_expired_on(dc.date) {
             return Err(StatusWord::EXPIRED);
         }
-        if dc.amount == 0 {
+        if (dc.amount == 0) != authentication {
             return Err(StatusWord::BAD_AMOUNT);
         }
         let new_balance = self

@@ -210,11 +210,26 @@ pub struct DebitResultM {
     pub security_card_txn: u32,
 }
 
+/// "Authentication OK" (002 FIG. 16, [0163]): what the security card's verification of the
+/// card's signature on an authentication draw says to the merchant (the benefits server
+/// 208′) in place of [`DebitResultM`], sealed the same way under the FIG. 8 derived key
+/// (`MessageKeys::derived`). It names the card that proved itself (its signature verified),
+/// so the benefits server can map the card to a consumer account; nothing was paid.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthenticationOk {
+    pub transaction_id: String,
+    pub merchant_id: String,
+    /// The card whose signature the security card verified.
+    pub card_id: u64,
+    pub security_card_id: u64,
+    pub security_card_txn: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Confirmation {
     pub transaction_id: String,
     pub result_c: Protected<DebitResultC>,
-    /// Sealed `DebitResultM`.
+    /// Sealed `DebitResultM` ([`AuthenticationOk`] for an authentication draw).
     pub result_m: Vec<u8>,
     /// FIG. 7: the card's debit response, for the merchant's own comparison.
     pub debit_response: Option<DebitResponse>,

@@ -21,6 +21,11 @@ impl Currency {
     pub const USD: Self = Self::new(840, 2);
     pub const GBP: Self = Self::new(826, 2);
     pub const JPY: Self = Self::new(392, 0);
+    /// ISO 4217 `XXX` (999: "no currency is involved"), the specially assigned currency of
+    /// an authentication draw (002 FIG. 16, [0161]): a "purchase" of zero that moves the
+    /// card's counter and not its balance, answered by "authentication OK" and making no
+    /// payment record. Only the amount zero exists in it ([`Money::is_authentication`]).
+    pub const AUTHENTICATION: Self = Self::new(999, 0);
 
     pub const fn new(code: u16, exponent: u8) -> Self {
         Self { code, exponent }
@@ -35,6 +40,7 @@ impl Currency {
             392 => "JPY".into(),
             756 => "CHF".into(),
             124 => "CAD".into(),
+            999 => "XXX".into(),
             other => format!("{other:03}"),
         }
     }
@@ -64,6 +70,18 @@ impl Money {
 
     pub const fn zero(currency: Currency) -> Self {
         Self { minor: 0, currency }
+    }
+
+    /// The authentication "amount" of 002 FIG. 16: zero in [`Currency::AUTHENTICATION`].
+    pub const fn authentication() -> Self {
+        Self::zero(Currency::AUTHENTICATION)
+    }
+
+    /// Whether this is an authentication draw's amount (zero in
+    /// [`Currency::AUTHENTICATION`]). A non-zero amount in that currency is not: every
+    /// layer refuses it.
+    pub fn is_authentication(&self) -> bool {
+        self.currency == Currency::AUTHENTICATION && self.minor == 0
     }
 
     fn same(self, other: Self) -> Result<(), MoneyError> {

@@ -97,6 +97,7 @@ pub fn status_word(e: &SecurityCardError) -> StatusWord {
         CounterMoved { .. } => 0x948E,
         Hotlisted { .. } => 0x948F,
         RetiredKeyVersion { .. } => 0x9490,
+        ValueInAuthentication { .. } => 0x9491,
         Terminal(_) => 0x94FF,
     })
 }

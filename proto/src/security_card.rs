@@ -69,6 +69,10 @@ pub enum SecurityCardError {
     /// terminal out of its pool.
     #[error("security card terminal failed: {0}")]
     Terminal(String),
+    /// An authentication draw (002 FIG. 16) carries no value: only zero exists in
+    /// [`Currency::AUTHENTICATION`].
+    #[error("an authentication draw carries no value, but this one is for {amount}")]
+    ValueInAuthentication { amount: u64 },
 }
 
 /// The draw request's card part, as the security card sees it ([0077], [0093]).
@@ -240,7 +244,10 @@ impl SecurityCard {
                 card_id: init.card_id,
             });
         }
-        if init.currency != draw.amount.currency {
+        // An authentication draw (002 FIG. 16) is zero in its own currency, whatever the
+        // card's: its "draw amount" state is zero.
+        let authentication = draw.amount.currency == Currency::AUTHENTICATION;
+        if init.currency != draw.amount.currency && !authentication {
             return Err(SecurityCardError::WrongCurrency {
                 card: init.currency,
                 purchase: draw.amount.currency,
@@ -249,7 +256,12 @@ impl SecurityCard {
         if init.expiry.is_expired_on(today) {
             return Err(SecurityCardError::Expired);
         }
-        if draw.amount.minor == 0 {
+        if authentication && draw.amount.minor != 0 {
+            return Err(SecurityCardError::ValueInAuthentication {
+                amount: draw.amount.minor,
+            });
+        }
+        if draw.amount.minor == 0 && !authentication {
             return Err(SecurityCardError::ZeroAmount);
         }
         let new_balance = init.balance.checked_sub(draw.amount.minor).ok_or(
@@ -313,7 +325,12 @@ impl SecurityCard {
         })
     }
 
+    /// Counts a sale into (or, reversed, out of) the totals. An authentication counts
+    /// nowhere: it is no payment ([0161]: no payment record).
     fn count(&mut self, amount: Money, sign: i8) {
+        if amount.currency == Currency::AUTHENTICATION {
+            return;
+        }
         let t = self.totals.entry(amount.currency).or_default();
         if sign > 0 {
             t.count += 1;
@@ -472,9 +489,14 @@ impl SecurityCard {
         })
     }
 
-    /// Every counted transaction, for the collection file.
+    /// Every counted transaction, for the collection file: the sales, not the
+    /// authentications (002 FIG. 16: "authentication OK", no payment record).
     pub fn collection(&self) -> Vec<CollectionRecord> {
-        self.txns.keys().filter_map(|k| self.record(*k)).collect()
+        self.txns
+            .keys()
+            .filter_map(|k| self.record(*k))
+            .filter(|r| !r.amount.is_authentication())
+            .collect()
     }
 
     pub fn total(&self, currency: Currency) -> Totals {

@@ -34,7 +34,7 @@ use proto::messages::{
     CancelMsg, CancelReason, DebitResponseMsg, DrawBody, DrawRequest, Message, Offer, Protected,
     Receipt,
 };
-use proto::money::Money;
+use proto::money::{Currency, Money};
 use proto::purse::{Date, DebitCommand, DebitResponse, PurchaseInit};
 use proto::secret::Secret;
 use rand::SeedableRng;
@@ -629,7 +629,9 @@ impl Purchase {
                 });
             }
         };
-        if offer.amount.minor == 0 || offer.transaction_id.is_empty() {
+        // Zero only as an authentication (002 FIG. 16); no value in its currency.
+        let authentication = offer.amount.currency == Currency::AUTHENTICATION;
+        if (offer.amount.minor == 0) != authentication || offer.transaction_id.is_empty() {
             return self.failed(Refusal::UnusableOffer);
         }
         self.transaction_id = Some(offer.transaction_id.clone());
@@ -671,7 +673,8 @@ impl Purchase {
         let init =
             PurchaseInit::decode(&data).map_err(|_| Refusal::Malformed(CardAnswer::Initialize))?;
         let price = offer.amount;
-        if init.currency != price.currency {
+        // An authentication (zero in its own currency) fits any card that has not expired.
+        if init.currency != price.currency && !price.is_authentication() {
             return Err(Refusal::PriceCurrency {
                 card: init.currency,
                 price: price.currency,
@@ -683,7 +686,7 @@ impl Purchase {
                 month: init.expiry.month,
             });
         }
-        if init.balance < price.minor {
+        if init.balance < price.minor && !price.is_authentication() {
             return Err(Refusal::InsufficientValue {
                 balance: Money::new(init.balance, init.currency),
                 price,

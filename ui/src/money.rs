@@ -20,6 +20,13 @@ impl Currency {
         exponent: 2,
     };
 
+    /// ISO 4217 `XXX` (999), the authentication draw's currency (002 FIG. 16): only zero,
+    /// which is no charge.
+    pub const AUTHENTICATION: Currency = Currency {
+        code: 999,
+        exponent: 0,
+    };
+
     pub const fn new(code: u16, exponent: u8) -> Self {
         Currency { code, exponent }
     }
@@ -100,8 +107,11 @@ pub fn format_minor(minor: i64, exponent: u8) -> String {
 }
 
 impl fmt::Display for Money {
-    /// "12.50 EUR".
+    /// "12.50 EUR"; an authentication's zero is "no charge".
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.currency == Currency::AUTHENTICATION && self.minor == 0 {
+            return f.write_str(crate::strings::NO_CHARGE);
+        }
         write!(f, "{} {}", self.amount_text(), self.currency.label())
     }
 }
@@ -129,6 +139,19 @@ mod tests {
             "1.234 #048"
         );
         assert_eq!(format_minor(7, 30).len(), 32); // "0." + 30 digits, no panic
+    }
+
+    #[test]
+    fn an_authentication_is_no_charge() {
+        assert_eq!(
+            Money::new(0, Currency::AUTHENTICATION).to_string(),
+            "no charge"
+        );
+        // Value in that currency is not an authentication: shown as it is.
+        assert_eq!(
+            Money::new(5, Currency::AUTHENTICATION).to_string(),
+            "5 #999"
+        );
     }
 
     #[test]

@@ -41,6 +41,10 @@ pub const OFFER_MERCHANT: &str = "From";
 pub const OFFER_PRICE: &str = "Price";
 pub const OFFER_BALANCE: &str = "Balance now";
 pub const OFFER_BALANCE_AFTER: &str = "Balance after";
+/// The popup's title for an authentication (002 FIG. 16: a benefit claimed with the card).
+pub const OFFER_AUTH_TITLE: &str = "Claim with your card";
+/// An authentication's "price": the card only proves it is yours.
+pub const NO_CHARGE: &str = "no charge";
 
 pub fn offer_countdown(secs: u32) -> String {
     format!("Cancels itself in {secs} s")

@@ -106,8 +106,16 @@ impl Gateway {
         if o.tsk.is_some() != m.message_layer || o.etsk.is_some() != m.message_layer {
             return Err("its message layer (TSK/ETSK) is not as configured".into());
         }
-        if o.amount.minor == 0 {
+        // Zero only as an authentication (002 FIG. 16), which is nothing else.
+        let authentication = o.amount.currency == proto::money::Currency::AUTHENTICATION;
+        if o.amount.minor == 0 && !authentication {
             return Err("it has no price".into());
+        }
+        if authentication && o.amount.minor != 0 {
+            return Err("it asks value in the authentication currency (999)".into());
+        }
+        if authentication && m.kind != crate::config::MerchantKind::Loyalty {
+            return Err("an authentication, from a merchant that is not a benefits server".into());
         }
         let taken = self
             .journal

@@ -109,7 +109,11 @@ impl PaymentServer {
                 let mut due: Vec<PayTxn> = Vec::new();
                 for (_, bytes) in b.all_for_update(Kind::Txn)? {
                     let t: PayTxn = journal::decode(&bytes).map_err(StoreError::Aborted)?;
-                    if t.state == PayState::Completed && t.batch.is_none() {
+                    // An authentication (002 FIG. 16) is no payment: it is never collected.
+                    if t.state == PayState::Completed
+                        && t.batch.is_none()
+                        && !t.amount.is_authentication()
+                    {
                         due.push(t);
                     }
                 }

@@ -213,7 +213,9 @@ fn security_card_error(e: &SecurityCardError) -> ErrorCode {
         SecurityCardError::StaleProof | SecurityCardError::CounterMoved { .. } => {
             ErrorCode::ProofRejected
         }
-        SecurityCardError::ZeroAmount => ErrorCode::Malformed,
+        SecurityCardError::ZeroAmount | SecurityCardError::ValueInAuthentication { .. } => {
+            ErrorCode::Malformed
+        }
         SecurityCardError::AlreadyCompleted(_)
         | SecurityCardError::CounterExhausted
         | SecurityCardError::NoKey => ErrorCode::Internal,
@@ -833,6 +835,7 @@ impl PaymentServer {
                     &txid,
                     &req.merchant_id,
                     body.amount,
+                    auth.command.card_id,
                     card.id(),
                     auth.command.security_card_txn,
                     &mut rng,
@@ -1043,6 +1046,7 @@ impl PaymentServer {
                 txid,
                 &rec.merchant_id,
                 rec.amount,
+                rec.card_id,
                 rec.security_card_id,
                 rec.security_card_txn,
                 &mut rng,
@@ -1607,25 +1611,39 @@ fn slot_key(slot: usize) -> String {
     format!("{slot:04}")
 }
 
-/// "Debit result M", sealed under the derived key so only the merchant can read it.
+/// "Debit result M", sealed under the derived key so only the merchant can read it; for an
+/// authentication draw (002 FIG. 16), "authentication OK" ([`AuthenticationOk`]) instead,
+/// naming the card.
+#[allow(clippy::too_many_arguments)]
 fn result_m(
     derived: &DesKey,
     txid: &str,
     merchant_id: &str,
     amount: Money,
+    card_id: u64,
     security_card_id: u64,
     security_card_txn: u32,
     rng: &mut OsRng,
 ) -> Vec<u8> {
-    let m = DebitResultM {
-        transaction_id: txid.into(),
-        merchant_id: merchant_id.into(),
-        amount,
-        success: true,
-        security_card_id,
-        security_card_txn,
+    let plain = if amount.currency == proto::money::Currency::AUTHENTICATION {
+        journal::encode(&AuthenticationOk {
+            transaction_id: txid.into(),
+            merchant_id: merchant_id.into(),
+            card_id,
+            security_card_id,
+            security_card_txn,
+        })
+    } else {
+        journal::encode(&DebitResultM {
+            transaction_id: txid.into(),
+            merchant_id: merchant_id.into(),
+            amount,
+            success: true,
+            security_card_id,
+            security_card_txn,
+        })
     };
-    crypto::seal(derived, &journal::encode(&m), rng)
+    crypto::seal(derived, &plain, rng)
 }
 
 impl Role for PaymentServer {

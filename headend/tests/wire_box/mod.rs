@@ -106,7 +106,8 @@ impl WireBox {
             return Err(format!("card refused INITIALIZE FOR PURCHASE: {}", r.sw));
         }
         let init = PurchaseInit::decode(&r.data).map_err(|e| e.to_string())?;
-        if init.currency != offer.amount.currency {
+        // An authentication (002 FIG. 16: zero in its own currency) fits any card.
+        if init.currency != offer.amount.currency && !offer.amount.is_authentication() {
             return Err("[0075] the card holds another currency".into());
         }
         if init.balance < offer.amount.minor {

@@ -994,3 +994,62 @@ fn the_debit_that_blocks_the_card_is_still_cancelled_with_a_proof() {
         .verify_not_debited(good.security_card_txn, &proof)
         .expect("the security card accepts it");
 }
+
+/// 002 FIG. 16: an offer of 0 in the authentication currency is shown ("no charge", the
+/// balance kept) and goes through like a purchase: the card's counter moves, its balance
+/// does not. Any other zero, or value in that currency, is an unusable offer.
+#[test]
+fn an_authentication_offer_moves_the_counter_not_the_balance() {
+    let mut c = card_with(
+        1_000,
+        Currency::JPY,
+        Expiry {
+            year: 2030,
+            month: 12,
+        },
+    );
+    let mut security_card = SecurityCard::new(3, issuer().purchase());
+    let auth = Offer {
+        amount: Money::authentication(),
+        ..offer(0, None)
+    };
+    let (mut p, a) = to_viewer(&mut c, auth);
+    let Some(Action::Show(Show::Offer(shown))) = a.last() else {
+        panic!("{a:?}")
+    };
+    assert!(shown.price.is_authentication());
+    assert_eq!(
+        (shown.balance.minor, shown.balance_after.minor),
+        (1_000, 1_000)
+    );
+    let a = feed(&mut p, &mut c, Input::Accept);
+    let draw = sent(&a).unwrap().clone();
+    let cmd = debit_command(&mut security_card, &draw, None);
+    let a = p.handle(Input::Answer(command_msg(cmd.clone(), None)));
+    let a = drive(&mut p, &mut c, a);
+    let Some(Message::DebitResponse(resp)) = sent(&a) else {
+        panic!("{a:?}")
+    };
+    security_card
+        .complete(cmd.security_card_txn, &resp.body.open(None).unwrap())
+        .unwrap();
+    assert_eq!((c.state.balance, c.state.atc), (1_000, 1));
+    let a = p.handle(Input::Answer(receipt(true)));
+    assert!(matches!(outcome(&a), Some(Outcome::Paid { .. })));
+
+    for amount in [
+        Money::new(0, Currency::EUR),
+        Money::new(5, Currency::AUTHENTICATION),
+    ] {
+        let (mut p, _) = Purchase::start("cable", "ppv-7", TODAY, 1);
+        let a = p.handle(Input::Answer(Message::Offer(Offer {
+            amount,
+            ..offer(0, None)
+        })));
+        assert!(
+            a.iter()
+                .any(|x| matches!(x, Action::Show(Show::Refused(Refusal::UnusableOffer)))),
+            "{amount:?}: {a:?}"
+        );
+    }
+}

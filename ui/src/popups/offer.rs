@@ -72,7 +72,14 @@ impl OfferPopup {
             .border_style(theme::popup_border())
             .style(theme::base())
             .title(Span::styled(
-                format!(" {} ", strings::OFFER_TITLE),
+                format!(
+                    " {} ",
+                    if self.offer.price.currency == crate::money::Currency::AUTHENTICATION {
+                        strings::OFFER_AUTH_TITLE
+                    } else {
+                        strings::OFFER_TITLE
+                    }
+                ),
                 theme::title(),
             ));
         let inner = block.inner(area).inner(Margin::new(2, 0));
