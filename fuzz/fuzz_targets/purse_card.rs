@@ -6,7 +6,8 @@ use proto::apdu::{CardApplication, Response};
 use proto::card::{CardSpec, CardState, PurseCard, commands};
 use proto::crypto::DesKey;
 use proto::money::Currency;
-use proto::purse::IssuerKeys;
+use proto::provider::{INSTRUMENT_CREDIT, ProviderSpec, ReadAccess};
+use proto::purse::{IssuerKeys, MasterKey};
 
 fuzz_target!(|data: &[u8]| {
     let issuer = IssuerKeys {
@@ -14,9 +15,24 @@ fuzz_target!(|data: &[u8]| {
         purchase_master: DesKey::new([0x11; 16]),
         load_master: DesKey::new([0x22; 16]),
     };
-    let state = CardState::personalise(&CardSpec::demo(7, Currency::EUR, 1_000, 100_000), &issuer)
-        .with_pin("4711", 500)
-        .expect("a valid PIN");
+    let mut state =
+        CardState::personalise(&CardSpec::demo(7, Currency::EUR, 1_000, 100_000), &issuer)
+            .with_pin("4711", 500)
+            .expect("a valid PIN");
+    // Two service-provider records (seed 003), so READ/UPDATE RECORD (00 B2 / 00 DC) reach
+    // them: record 1 read under the PIN, record 2 always.
+    for (id, read_access) in [(1, ReadAccess::Pin), (2, ReadAccess::Always)] {
+        let spec = ProviderSpec {
+            provider_id: id,
+            name: "provider".into(),
+            account: vec![id as u8; 8],
+            instrument: INSTRUMENT_CREDIT,
+            read_access,
+        };
+        let master = MasterKey::new(1, DesKey::new([0x30 + id as u8; 16]));
+        state = state.with_provider(&spec, &master).expect("a valid record");
+    }
+    let providers = state.providers.clone();
     let mut card = PurseCard::new(state, 1);
     let _ = card.process_apdu(&commands::select());
     for apdu in data.split(|b| *b == 0xFF) {
@@ -28,4 +44,6 @@ fuzz_target!(|data: &[u8]| {
     }
     // Without the issuer's keys no command can add value.
     assert!(card.state.balance <= 1_000);
+    // Without a provider's key no UPDATE RECORD applies.
+    assert_eq!(card.state.providers, providers);
 });

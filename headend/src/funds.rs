@@ -462,7 +462,9 @@ impl Funds {
                 return e;
             }
         };
-        if card.currency != a.currency {
+        // The account's currency names the purse: the card's money, or its points (002
+        // [0166]: points loaded "much in the same way that currency is loaded").
+        let Some((balance, max_balance)) = card.purse_for(a.currency) else {
             return refuse(
                 ErrorCode::WrongCurrency,
                 format!(
@@ -473,11 +475,12 @@ impl Funds {
                 ),
                 None,
             );
-        }
+        };
         // A card locked by bad signatures (seed 004) opens only with the issuer's UNBLOCK,
-        // which comes with a bank load — the cardholder proves the account's PIN — so a
-        // bank makes it an offer; pre-funded accounts (no PIN) do not.
-        if card.is_blocked() && self.pin_master.is_none() {
+        // which comes with a bank load of money — the cardholder proves the account's PIN —
+        // so a bank makes it an offer; pre-funded accounts (no PIN) and points do not.
+        let points = a.currency == proto::money::Currency::POINTS;
+        if card.is_blocked() && (self.pin_master.is_none() || points) {
             return refuse(
                 ErrorCode::BadSignature,
                 "the card is blocked: only a load from a bank account can unblock it",
@@ -485,7 +488,7 @@ impl Funds {
             );
         }
         let today = crate::payment::today();
-        let room = card.max_balance.saturating_sub(card.balance);
+        let room = max_balance.saturating_sub(balance);
         let (max, limited_by) = self.maximum(&a, room, today);
         if max == 0 {
             let (code, why) = match limited_by {

@@ -165,3 +165,60 @@ async fn card_pulled_mid_load_resolves_from_the_zero_value_s1() {
     assert_eq!(totals[&EUR], (2_000, 2_000, 2_000));
     he.running.stop().await;
 }
+
+/// 002 [0166]: points are loaded "much in the same way that currency is loaded": a
+/// pre-funded points account (an airline's miles for a member, currency 000) loads 5,000
+/// points through the load server onto the card's points purse; the card's money does not
+/// move; the points float gains what the account lost (the conservation check, per
+/// currency). A money load after it still goes to the money purse.
+#[tokio::test]
+async fn five_thousand_points_load_from_a_pre_funded_points_account() {
+    let he = start_roles(headend::assembly::Roles::ALL, |t| {
+        t + r#"
+[[vouchers]]
+code = "MILES-FF-0042"
+box_id = "box-000001"
+currency = 0
+exponent = 0
+amount = 30000
+"#
+    })
+    .await;
+    let mut b = LoadBox::new(&he, BOX1, 500, 100_000).await;
+    let pts = proto::money::Currency::POINTS;
+    let offer = b.offer(voucher_source("MILES-FF-0042")).await;
+    assert_eq!(
+        offer.max_amount,
+        Money::new(30_000, pts),
+        "the account's points"
+    );
+    let (offer, conf) = b.load(voucher_source("MILES-FF-0042"), 5_000, None).await;
+    let Message::LoadConfirmation(c) = &conf else {
+        panic!("{conf:?}")
+    };
+    assert!(c.loaded);
+    let purse = b.purse();
+    assert_eq!(
+        (purse.points, purse.balance),
+        (5_000, 500),
+        "points in, money kept"
+    );
+    assert_eq!(
+        voucher_hold(&he, &offer.transaction_id),
+        Some(HoldState::Captured)
+    );
+    let last = b.card.state.log.back().unwrap();
+    assert_eq!((last.amount, last.currency), (5_000, pts));
+    let totals = conservation(&he, &mut [&mut b]).await;
+    assert_eq!(totals[&pts], (5_000, 5_000, 5_000));
+    // A money load still goes to the money purse.
+    let (_, conf) = b.load(voucher_source(VOUCHER), 1_000, None).await;
+    assert!(
+        matches!(conf, Message::LoadConfirmation(ref c) if c.loaded),
+        "{conf:?}"
+    );
+    let purse = b.purse();
+    assert_eq!((purse.points, purse.balance), (5_000, 1_500));
+    conservation(&he, &mut [&mut b]).await;
+    he.running.stop().await;
+}

@@ -1346,7 +1346,7 @@ async fn a_corrupted_debit_response_is_refused_and_the_genuine_one_still_counts(
 
 /// Adds a benefits server (002 FIG. 16: a `loyalty` merchant, "M-MILES") to the demo's
 /// config: its shared key beside the others, one benefit claimed by an authentication
-/// (price 0 in currency 999), and the card of `TestBox::new(_, _, 10_000)` as member
+/// (price 0 in currency 999), one redeemed for 20,000 points (currency 000), and the card of `TestBox::new(_, _, 10_000)` as member
 /// "FF-0042".
 fn with_benefits_server(config: &std::path::Path, text: &str, embodiment: &str) -> String {
     use rand::RngCore;
@@ -1373,6 +1373,14 @@ title = "Airport lounge pass"
 kind = "benefit"
 amount = 0
 currency = 999
+exponent = 0
+
+[[merchants.items]]
+id = "ticket"
+title = "Round-trip ticket"
+kind = "benefit"
+amount = 20000
+currency = 0
 exponent = 0
 
 [[merchants.members]]
@@ -1552,4 +1560,59 @@ async fn a_draw_cannot_turn_a_purchase_into_an_authentication_or_back() {
         );
         assert_nothing_moved(&he, &mut b, 10_000, Some(&offer.transaction_id)).await;
     }
+}
+
+/// 002 [0164]: points stored on the card are redeemed through the gateway the way money is
+/// paid: a card with 30,000 points redeems 20,000 and keeps 10,000, its money untouched;
+/// the security card's points totals, the card's points log record and a collection record
+/// in points appear (clearing settles points like any currency).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_card_redeems_20000_of_its_30000_points_through_the_gateway() {
+    let he = start_prepared(
+        Backend::Sqlite,
+        DemoOptions {
+            clearing: false,
+            ..options("security-card", true)
+        },
+        |p, t| with_benefits_server(p, t, "security-card"),
+    )
+    .await
+    .unwrap();
+    let mut b = TestBox::new(&he, "box-000001", 10_000).await;
+    b.0.card.state.points = 30_000;
+    let (offer, answer) = b.buy("M-MILES", "ticket").await;
+    assert_eq!(
+        offer.amount,
+        proto::money::Money::new(20_000, Currency::POINTS)
+    );
+    let Message::Receipt(r) = answer else {
+        panic!("expected a receipt, got {answer:?}")
+    };
+    assert!(r.released);
+    assert_eq!(r.new_balance, Some(10_000), "points left");
+    let card = &b.0.card.state;
+    assert_eq!((card.points, card.balance), (10_000, 10_000));
+    let last = card.log.back().unwrap();
+    assert_eq!((last.amount, last.currency), (20_000, Currency::POINTS));
+    let payment = he.running.payment.as_ref().unwrap();
+    assert_eq!(
+        payment.totals().await.get(&Currency::POINTS).copied(),
+        Some(20_000),
+        "points totals"
+    );
+    assert_eq!(payment.totals().await.get(&EUR).copied().unwrap_or(0), 0);
+    let batch = payment.close_batch().unwrap().unwrap();
+    assert_eq!(batch.records.len(), 1);
+    assert_eq!(
+        batch.records[0].amount,
+        proto::money::Money::new(20_000, Currency::POINTS)
+    );
+    // Not enough points left for a second ticket: refused before the draw, nothing moves.
+    let refused = b.0.buy("M-MILES", "ticket").await.unwrap_err();
+    assert!(
+        refused.contains("not enough value"),
+        "the box's [0075] check: {refused}"
+    );
+    assert_eq!(b.0.card.state.points, 10_000);
+    he.running.stop().await;
 }

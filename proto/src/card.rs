@@ -11,10 +11,14 @@
 //! | READ PURSE               | 80 B0 00 00   | —                        | [`PurseInfo`]            |
 //! | INITIALIZE FOR PURCHASE  | 80 50 01 00   | date (YYYY MM DD)        | [`PurchaseInit`]         |
 //! | INITIALIZE (proof)       | 80 50 01 01   | date (YYYY MM DD)        | [`PurchaseInit`]; no session: no DEBIT follows; a blocked or expired card answers it too |
+//! | INITIALIZE, points purse | 80 50 01 02 (03: proof) | date (YYYY MM DD) | [`PurchaseInit`] of the points ([`Purse::Points`]: [`Currency::POINTS`], the points balance, the points purse's key); the DEBIT that follows redeems points |
 //! | DEBIT                    | 80 54 00 00   | [`DebitCommand`]; zero in [`Currency::AUTHENTICATION`] is an authentication draw (002 FIG. 16): the counter and log move, the balance does not | [`DebitResponse`]        |
-//! | INITIALIZE FOR LOAD      | 80 50 02 00   | [`LoadInitRequest`]      | [`LoadInit`] (S1)        |
+//! | INITIALIZE FOR LOAD      | 80 50 02 00   | [`LoadInitRequest`]; its currency names the purse (points: [`Currency::POINTS`], at most [`POINTS_MAX`], the points purse's load key) | [`LoadInit`] (S1)        |
 //! | LOAD                     | 80 52 00 00   | [`LoadCommand`] (S2), then the issuer's sealed [`KeyUpdate`] (56 bytes) and/or [`Unblock`] (24 bytes), each optional | [`LoadResponse`] (S3)    |
 //! | READ LOG                 | 80 B2 nn 00   | — (nn = 1 is the newest) | [`LogRecord`]            |
+//! | READ RECORD (provider)   | 00 B2 nn 0C   | — (nn = 1.. in personalisation order; P2 `04` too) | [`ProviderRecordInfo`], never the key; access Pin: after VERIFY in this session (seed 003, [`crate::provider`]) |
+//! | READ RECORD (cardholder) | 00 B2 01 14   | —                        | [`Cardholder`]           |
+//! | UPDATE RECORD (provider) | 00 DC nn 04   | [`RecordUpdate`]: account information, counter, MAC under the provider's card key (P2 `0C` too) | receipt MAC (8 bytes) |
 //!
 //! # Status words
 //!
@@ -25,18 +29,19 @@
 //! | 6Cxx | wrong Le: the answer is xx bytes; nothing was done, resend with Le = xx (ISO 7816-4 §5.1.3); Le = 00 or none takes any length |
 //! | 6A80 | malformed command data, or a command for another card         |
 //! | 6A82 | SELECT of an unknown AID                                       |
-//! | 6A83 | READ LOG of a record that does not exist                       |
+//! | 6A83 | READ LOG, READ RECORD or UPDATE RECORD of a record that does not exist |
 //! | 6A86 | wrong P1/P2                                                    |
 //! | 6D00 | unknown instruction                                            |
 //! | 6E00 | class not supported                                            |
 //! | 6982 | bad signature (security card, HSM); counts toward the lock     |
+//! | 6982 | READ/UPDATE RECORD: security status not satisfied ([`SW_SECURITY_NOT_SATISFIED`]): no PIN verified in this session, or an update MAC that does not verify under the provider's key; does not count toward the lock |
 //! | 6983 | card blocked                                                   |
 //! | 6985 | wrong state or sequence (e.g. DEBIT without INITIALIZE)        |
 //! | 9401 | insufficient value                                             |
 //! | 9402 | over max balance                                               |
 //! | 9403 | wrong currency (neither the card's nor the authentication currency) |
 //! | 9404 | expired                                                        |
-//! | 9405 | replay: a transaction number already used                     |
+//! | 9405 | replay: a transaction number already used, or an UPDATE RECORD counter not above the record's last |
 //! | 9406 | amount out of range: a zero-value debit or load in money, or value in the authentication currency |
 //! | 9407 | DEBIT above the PIN threshold without a verified PIN            |
 //! | 63Cx | VERIFY: wrong PIN, x tries left; `63C0`: the PIN is blocked     |
@@ -86,6 +91,10 @@ pub const INS_LOAD: u8 = 0x52;
 pub const INS_READ_LOG: u8 = 0xB2;
 /// VERIFY (ISO 7816-4), CLA `00`.
 pub const INS_VERIFY: u8 = 0x20;
+/// READ RECORD (ISO 7816-4), CLA `00`: a service-provider or cardholder record (seed 003).
+pub const INS_READ_RECORD: u8 = 0xB2;
+/// UPDATE RECORD (ISO 7816-4), CLA `00`: a provider's account information (seed 003).
+pub const INS_UPDATE_RECORD: u8 = 0xDC;
 /// VERIFY's P2: the card's own PIN (ISO 7816-4: specific reference data, number 0).
 pub const P2_PIN: u8 = 0x80;
 pub const P1_INIT_PURCHASE: u8 = 0x01;
@@ -94,6 +103,12 @@ pub const P1_INIT_LOAD: u8 = 0x02;
 /// DEBIT can follow), and answered by a blocked or expired card too — the cancel's and
 /// recovery's proof that a draw was not debited.
 pub const P2_PROOF: u8 = 0x01;
+/// INITIALIZE FOR PURCHASE's P2 bit for the points purse (002 [0160]–[0164]): the answer
+/// carries the points and [`Currency::POINTS`], MACed under the points purse's key, and the
+/// DEBIT that follows redeems points. May be combined with [`P2_PROOF`].
+pub const P2_POINTS: u8 = 0x02;
+/// The most points a card holds (the points purse's "max balance").
+pub const POINTS_MAX: u64 = 100_000_000;
 /// Status word for READ LOG past the last record.
 pub const SW_RECORD_NOT_FOUND: StatusWord = StatusWord(0x6A83);
 /// The log keeps at least the last 20 transactions (001 [0016]); we keep 32.
@@ -103,13 +118,9 @@ pub const CARD_ATR: [u8; 12] = [
     0x3B, 0x0A, b'P', b'U', b'R', b'S', b'E', b'L', b'I', b'N', b'K', b'1',
 ];
 
-/// A service-provider record (seed 003 claims 10–12); room in the model, no commands yet.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServiceProviderRecord {
-    pub provider_id: u32,
-    pub name: String,
-    pub data: Vec<u8>,
-}
+pub use crate::provider::{
+    Cardholder, ProviderRecordInfo, RecordUpdate, SW_SECURITY_NOT_SATISFIED, ServiceProviderRecord,
+};
 
 /// Deliberate misbehaviour for the negative-result tests of 001 [0129]–[0132]: what a
 /// faulty or tampered card does on its next LOAD. One-shot; cleared once used.
@@ -146,7 +157,11 @@ pub struct CardState {
     pub bad_key_limit: u8,
     /// Second value type (seed 002): loyalty points.
     pub points: u64,
+    /// Seed 003's service-provider data area: one record per provider, READ RECORD number =
+    /// position + 1 ([`crate::provider`]).
     pub providers: Vec<ServiceProviderRecord>,
+    /// Seed 003's cardholder data area (claim 1); `None`: none personalised.
+    pub cardholder: Option<Cardholder>,
     /// Newest last.
     pub log: VecDeque<LogRecord>,
     pub fault: Option<CardFault>,
@@ -325,6 +340,7 @@ impl CardState {
             bad_key_limit: 10,
             points: 0,
             providers: Vec::new(),
+            cardholder: None,
             log: VecDeque::new(),
             fault: None,
             pin: None,
@@ -368,6 +384,30 @@ impl CardState {
         }
     }
 
+    /// A purse's balance and currency: the money purse in the card's currency, or the
+    /// points.
+    pub fn purse(&self, purse: Purse) -> (u64, Currency) {
+        match purse {
+            Purse::Money => (self.balance, self.currency),
+            Purse::Points => (self.points, Currency::POINTS),
+        }
+    }
+
+    fn purse_mut(&mut self, purse: Purse) -> &mut u64 {
+        match purse {
+            Purse::Money => &mut self.balance,
+            Purse::Points => &mut self.points,
+        }
+    }
+
+    /// The most a purse holds.
+    pub fn purse_max(&self, purse: Purse) -> u64 {
+        match purse {
+            Purse::Money => self.max_balance,
+            Purse::Points => POINTS_MAX,
+        }
+    }
+
     fn push_log(&mut self, rec: LogRecord) {
         if self.log.len() == LOG_CAPACITY {
             self.log.pop_front();
@@ -382,6 +422,7 @@ enum Session {
     Purchase {
         atc: u32,
         card_random: [u8; 8],
+        purse: Purse,
     },
     Load {
         atc: u32,
@@ -404,6 +445,9 @@ pub struct PurseCard {
     session: Session,
     /// The PIN was verified since the last SELECT or reset; the next DEBIT uses it up.
     pin_verified: bool,
+    /// The PIN was verified since the last SELECT or reset, for READ RECORD of records
+    /// with access Pin (seed 003 claim 12): lasts the session, a failed VERIFY clears it.
+    records_pin_verified: bool,
     rng: StdRng,
     changed: bool,
 }
@@ -418,6 +462,7 @@ impl PurseCard {
             selected: false,
             session: Session::None,
             pin_verified: false,
+            records_pin_verified: false,
             rng: StdRng::seed_from_u64(seed),
             changed: false,
         }
@@ -442,11 +487,18 @@ impl PurseCard {
                     self.selected,
                     self.session.clone(),
                     self.pin_verified,
+                    self.records_pin_verified,
                 );
                 match self.dispatch(&cmd) {
                     Ok(data) => match cmd.le {
                         Some(le) if le != 0 && usize::from(le) != data.len() => {
-                            (self.state, self.selected, self.session, self.pin_verified) = before;
+                            (
+                                self.state,
+                                self.selected,
+                                self.session,
+                                self.pin_verified,
+                                self.records_pin_verified,
+                            ) = before;
                             self.changed = false;
                             Response::status(StatusWord(0x6C00 | (data.len() as u16 & 0xFF)))
                         }
@@ -467,6 +519,17 @@ impl PurseCard {
             (CLA_ISO, INS_SELECT) => self.select(cmd),
             (CLA_ISO, INS_VERIFY) if self.selected => self.verify(cmd),
             (CLA_ISO, INS_VERIFY) => Err(StatusWord::WRONG_STATE),
+            (CLA_ISO, INS_READ_RECORD | INS_UPDATE_RECORD) if !self.selected => {
+                Err(StatusWord::WRONG_STATE)
+            }
+            (CLA_ISO, INS_READ_RECORD) => {
+                crate::provider::read_record(&self.state, self.records_pin_verified, cmd)
+            }
+            (CLA_ISO, INS_UPDATE_RECORD) => {
+                let receipt = crate::provider::update_record(&mut self.state, cmd)?;
+                self.changed = true;
+                Ok(receipt)
+            }
             (CLA_ISO, _) => Err(StatusWord::UNKNOWN_INSTRUCTION),
             (CLA_PURSE, ins) => {
                 if !self.selected {
@@ -500,6 +563,7 @@ impl PurseCard {
         self.selected = true;
         self.session = Session::None;
         self.pin_verified = false;
+        self.records_pin_verified = false;
         let rule = self.state.pin.as_ref().map(|p| PinRule {
             threshold: p.threshold,
             tries_left: p.tries_left,
@@ -523,6 +587,7 @@ impl PurseCard {
             return Err(StatusWord::WRONG_P1P2);
         }
         self.pin_verified = false;
+        self.records_pin_verified = false;
         let Some(pin) = self.state.pin.as_mut() else {
             return Err(StatusWord::NO_PIN);
         };
@@ -540,6 +605,7 @@ impl PurseCard {
                 self.changed = true;
             }
             self.pin_verified = true;
+            self.records_pin_verified = true;
             Ok(Vec::new())
         } else {
             pin.tries_left -= 1;
@@ -576,10 +642,14 @@ impl PurseCard {
 
     fn init_purchase(&mut self, cmd: &Command) -> Answer {
         self.session = Session::None;
-        let proof = match cmd.p2 {
-            0 => false,
-            P2_PROOF => true,
-            _ => return Err(StatusWord::WRONG_P1P2),
+        if cmd.p2 & !(P2_PROOF | P2_POINTS) != 0 {
+            return Err(StatusWord::WRONG_P1P2);
+        }
+        let proof = cmd.p2 & P2_PROOF != 0;
+        let purse = if cmd.p2 & P2_POINTS != 0 {
+            Purse::Points
+        } else {
+            Purse::Money
         };
         let date = parse_date(&cmd.data)?;
         // A proof opens no session (no DEBIT can follow it), so a card that blocked or
@@ -600,13 +670,14 @@ impl PurseCard {
         self.changed = true;
         let card_random = self.random();
         let s = &self.state;
+        let (balance, currency) = s.purse(purse);
         let mut init = PurchaseInit {
             provider_id: s.provider_id,
             card_id: s.card_id,
             algorithm: ALG_TDES_MAC3,
             expiry: s.expiry,
-            balance: s.balance,
-            currency: s.currency,
+            balance,
+            currency,
             auth_mode: AUTH_MODE_DES,
             atc,
             init_count,
@@ -614,10 +685,14 @@ impl PurseCard {
             card_random,
             card_mac: [0; 8],
         };
-        let sk = s.keys.purchase_session(atc);
+        let sk = s.keys.purse_purchase_session(purse, atc);
         init.card_mac = crypto::sign(&sk, b"IPUR", &init.signed_fields());
         if !proof {
-            self.session = Session::Purchase { atc, card_random };
+            self.session = Session::Purchase {
+                atc,
+                card_random,
+                purse,
+            };
         }
         Ok(init.encode())
     }
@@ -641,8 +716,11 @@ impl PurseCard {
 
     fn debit(&mut self, cmd: &Command) -> Answer {
         let pin_verified = std::mem::take(&mut self.pin_verified);
-        let Session::Purchase { atc, card_random } =
-            std::mem::replace(&mut self.session, Session::None)
+        let Session::Purchase {
+            atc,
+            card_random,
+            purse,
+        } = std::mem::replace(&mut self.session, Session::None)
         else {
             return Err(StatusWord::WRONG_STATE);
         };
@@ -654,7 +732,7 @@ impl PurseCard {
         if dc.atc != atc {
             return Err(StatusWord::REPLAY);
         }
-        let sk = self.state.keys.purchase_session(atc);
+        let sk = self.state.keys.purse_purchase_session(purse, atc);
         if !crypto::verify(
             &sk,
             b"DCMD",
@@ -666,11 +744,14 @@ impl PurseCard {
         self.good_signature();
         // An authentication draw (002 FIG. 16): zero in the authentication currency, whatever
         // the card's own; any value in that currency is out of range.
-        let authentication = dc.currency == Currency::AUTHENTICATION;
-        if dc.currency != self.state.currency && !authentication {
+        // Points are redeemed only from the points purse, and money only from money.
+        let authentication = dc.currency == Currency::AUTHENTICATION && purse == Purse::Money;
+        let (balance, currency) = self.state.purse(purse);
+        if dc.currency != currency && !authentication {
             return Err(StatusWord::WRONG_CURRENCY);
         }
-        if let Some(pin) = &self.state.pin {
+        // The PIN bounds what a stolen card loses in money (seed 004).
+        if let (Some(pin), Purse::Money) = (&self.state.pin, purse) {
             if dc.amount > pin.threshold && !pin_verified {
                 return Err(StatusWord::PIN_REQUIRED);
             }
@@ -681,9 +762,7 @@ impl PurseCard {
         if (dc.amount == 0) != authentication {
             return Err(StatusWord::BAD_AMOUNT);
         }
-        let new_balance = self
-            .state
-            .balance
+        let new_balance = balance
             .checked_sub(dc.amount)
             .ok_or(StatusWord::INSUFFICIENT_VALUE)?;
         let mut resp = DebitResponse {
@@ -697,7 +776,7 @@ impl PurseCard {
             card_signature: [0; 8],
         };
         resp.card_signature = crypto::sign(&sk, b"DRSP", &resp.signed_fields(&card_random));
-        self.state.balance = new_balance;
+        *self.state.purse_mut(purse) = new_balance;
         self.state.atc = atc;
         self.state.push_log(LogRecord {
             kind: LogKind::Debit,
@@ -719,15 +798,19 @@ impl PurseCard {
         // A card locked by bad signatures may start a load: only the issuer's UNBLOCK,
         // inside a bank load, opens it (and its LOAD is refused without one).
         let req = LoadInitRequest::decode(&cmd.data).map_err(|_| StatusWord::BAD_DATA)?;
+        // The currency names the purse: points, or the card's money.
+        let purse = Purse::of(req.currency);
         let s = &self.state;
-        if req.currency != s.currency {
+        let (balance, currency) = s.purse(purse);
+        let max_balance = s.purse_max(purse);
+        if req.currency != currency {
             return Err(StatusWord::WRONG_CURRENCY);
         }
         if s.expiry.is_expired_on(req.date) {
             return Err(StatusWord::EXPIRED);
         }
-        match s.balance.checked_add(req.amount) {
-            Some(total) if total <= s.max_balance => {}
+        match balance.checked_add(req.amount) {
+            Some(total) if total <= max_balance => {}
             _ => return Err(StatusWord::OVER_MAX_BALANCE),
         }
         let atc = self.next_atc()?;
@@ -743,9 +826,9 @@ impl PurseCard {
         let mut init = LoadInit {
             card_id: s.card_id,
             expiry: s.expiry,
-            balance: s.balance,
-            max_balance: s.max_balance,
-            currency: s.currency,
+            balance,
+            max_balance,
+            currency,
             atc,
             load_count: s.load_count,
             init_count,
@@ -755,7 +838,7 @@ impl PurseCard {
             card_random,
             s1: [0; 8],
         };
-        init.s1 = crypto::sign(&s.keys.load, b"S1LD", &init.signed_fields());
+        init.s1 = crypto::sign(&s.keys.purse_load(purse), b"S1LD", &init.signed_fields());
         self.session = Session::Load {
             atc,
             request: req,
@@ -787,7 +870,12 @@ impl PurseCard {
         if lc.atc != atc {
             return Err(StatusWord::REPLAY);
         }
-        let key: DesKey = self.state.keys.load.clone();
+        // The issuer's key update and UNBLOCK ride in money loads only.
+        let purse = Purse::of(request.currency);
+        if purse == Purse::Points && !rest.is_empty() {
+            return Err(StatusWord::BAD_DATA);
+        }
+        let key: DesKey = self.state.keys.purse_load(purse);
         if !crypto::verify(&key, b"S2LD", &lc.signed_fields(&s1), &lc.s2) {
             return Err(self.bad_signature());
         }
@@ -834,9 +922,10 @@ impl PurseCard {
         self.good_signature();
         let credited = self
             .state
-            .balance
+            .purse(purse)
+            .0
             .checked_add(lc.amount)
-            .filter(|b| *b <= self.state.max_balance)
+            .filter(|b| *b <= self.state.purse_max(purse))
             .ok_or(StatusWord::OVER_MAX_BALANCE)?;
         let fault = self.state.fault.take();
         let (result, credit, counter_moves) = match fault {
@@ -846,7 +935,7 @@ impl PurseCard {
             Some(CardFault::CounterBump) => (LOAD_NEGATIVE, false, true),
         };
         if credit {
-            self.state.balance = credited;
+            *self.state.purse_mut(purse) = credited;
             self.state.load_count += 1;
             // Re-keyed in the same state change as the credit: one version or the other
             // is what persists, never neither.
@@ -874,7 +963,7 @@ impl PurseCard {
             amount: lc.amount,
             currency: lc.currency,
             result,
-            new_balance: self.state.balance,
+            new_balance: self.state.purse(purse).0,
             s3: [0; 8],
         };
         resp.s3 = crypto::sign(&key, b"S3LD", &resp.signed_fields(&lc.s2));
@@ -884,7 +973,7 @@ impl PurseCard {
                 atc,
                 amount: lc.amount,
                 currency: lc.currency,
-                balance_after: self.state.balance,
+                balance_after: self.state.purse(purse).0,
                 date: request.date,
                 counterparty: lc.hsm_id,
                 counterparty_txn: 0,
@@ -924,6 +1013,7 @@ impl CardApplication for PurseCard {
         self.selected = false;
         self.session = Session::None;
         self.pin_verified = false;
+        self.records_pin_verified = false;
     }
     fn process_apdu(&mut self, apdu: &[u8]) -> Vec<u8> {
         self.process(apdu).response
@@ -941,9 +1031,17 @@ pub mod commands {
         Command::new(CLA_PURSE, INS_READ_PURSE, 0, 0, vec![], Some(0)).to_bytes()
     }
     pub fn init_purchase(date: Date) -> Vec<u8> {
+        init_purchase_of(Purse::Money, date)
+    }
+    /// INITIALIZE FOR PURCHASE of `purse` (the points purse: [`P2_POINTS`]).
+    pub fn init_purchase_of(purse: Purse, date: Date) -> Vec<u8> {
         let mut d = date.year.to_be_bytes().to_vec();
         d.extend_from_slice(&[date.month, date.day]);
-        Command::new(CLA_PURSE, INS_INITIALIZE, P1_INIT_PURCHASE, 0, d, Some(0)).to_bytes()
+        let p2 = match purse {
+            Purse::Money => 0,
+            Purse::Points => P2_POINTS,
+        };
+        Command::new(CLA_PURSE, INS_INITIALIZE, P1_INIT_PURCHASE, p2, d, Some(0)).to_bytes()
     }
     /// INITIALIZE FOR PURCHASE as a proof ([`P2_PROOF`]): no DEBIT can follow it.
     pub fn init_purchase_proof(date: Date) -> Vec<u8> {
@@ -999,5 +1097,42 @@ pub mod commands {
     }
     pub fn read_log(record: u8) -> Vec<u8> {
         Command::new(CLA_PURSE, INS_READ_LOG, record, 0, vec![], Some(0)).to_bytes()
+    }
+    /// READ RECORD of provider record `record` (1.., personalisation order), SFI 1, Le 00.
+    pub fn read_record(record: u8) -> Vec<u8> {
+        Command::new(
+            CLA_ISO,
+            INS_READ_RECORD,
+            record,
+            crate::provider::P2_PROVIDER_RECORDS,
+            vec![],
+            Some(0),
+        )
+        .to_bytes()
+    }
+    /// READ RECORD of the cardholder data (SFI 2, record 1), Le 00.
+    pub fn read_cardholder() -> Vec<u8> {
+        Command::new(
+            CLA_ISO,
+            INS_READ_RECORD,
+            1,
+            crate::provider::P2_CARDHOLDER,
+            vec![],
+            Some(0),
+        )
+        .to_bytes()
+    }
+    /// UPDATE RECORD of provider record `record` (1..) with a signed [`RecordUpdate`], Le 00
+    /// (the answer is the card's 8-byte receipt).
+    pub fn update_record(record: u8, update: &RecordUpdate) -> Vec<u8> {
+        Command::new(
+            CLA_ISO,
+            INS_UPDATE_RECORD,
+            record,
+            crate::provider::P2_CURRENT_FILE,
+            update.encode(),
+            Some(0),
+        )
+        .to_bytes()
     }
 }

@@ -57,6 +57,15 @@ impl<'a> Reader<'a> {
     pub fn u64(&mut self) -> Result<u64, LayoutError> {
         Ok(u64::from_be_bytes(self.take()?))
     }
+    /// The next `n` bytes (a variable-length field whose length came before it).
+    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], LayoutError> {
+        if n > self.0.len() {
+            return Err(LayoutError(0));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
     /// The bytes not read yet (the last field of a layout: read to the end).
     pub fn rest(&mut self) -> &'a [u8] {
         std::mem::take(&mut self.0)

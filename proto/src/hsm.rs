@@ -195,6 +195,10 @@ impl Hsm {
     pub fn key_update(&self, init: &LoadInit) -> Option<Vec<u8>> {
         use rand::SeedableRng;
         let (load, purchase) = (self.master.as_ref()?, self.rekey.as_ref()?);
+        // Issuer items ride in money loads only (the card refuses them in a points load).
+        if Purse::of(init.currency) != Purse::Money {
+            return None;
+        }
         let newest = load.newest_version();
         if init.key_version >= newest {
             return None;
@@ -221,6 +225,9 @@ impl Hsm {
     /// load, so a retried load request gets the same answer.
     pub fn unblock(&self, init: &LoadInit) -> Option<Vec<u8>> {
         use rand::SeedableRng;
+        if Purse::of(init.currency) != Purse::Money {
+            return None;
+        }
         let current = self.card_load_key(init.key_version, init.card_id).ok()?;
         let mut iv = rand::rngs::StdRng::seed_from_u64(!(init.card_id ^ u64::from(init.atc)));
         Some(crypto::seal(
@@ -282,8 +289,15 @@ impl Hsm {
             .card_key(version, card_id)
     }
 
+    /// The load key of the purse `init` is for (its currency: money, or the points purse,
+    /// 002 [0166]), under which S1, S2 and S3 of that load are made.
+    fn purse_load_key(&self, init: &LoadInit) -> Result<DesKey, HsmError> {
+        let card = self.card_load_key(init.key_version, init.card_id)?;
+        Ok(Purse::of(init.currency).key(&card))
+    }
+
     fn check_s1(&self, init: &LoadInit) -> Result<(), HsmError> {
-        let key = self.card_load_key(init.key_version, init.card_id)?;
+        let key = self.purse_load_key(init)?;
         if crypto::verify(&key, b"S1LD", &init.signed_fields(), &init.s1) {
             Ok(())
         } else {
@@ -340,7 +354,7 @@ impl Hsm {
                 });
             }
         }
-        let key = self.card_load_key(init.key_version, init.card_id)?;
+        let key = self.purse_load_key(init)?;
         let mut command = LoadCommand {
             hsm_id: self.id,
             card_id: init.card_id,
@@ -393,7 +407,7 @@ impl Hsm {
         {
             return Err(HsmError::ResponseMismatch);
         }
-        let key = self.card_load_key(t.init.key_version, c.card_id)?;
+        let key = self.purse_load_key(&t.init)?;
         if !crypto::verify(&key, b"S3LD", &resp.signed_fields(&c.s2), &resp.s3) {
             return Err(HsmError::BadS3);
         }
@@ -448,7 +462,7 @@ impl Hsm {
         let mut expected_if_failed = zero.clone();
         expected_if_failed.atc = orig.atc;
         expected_if_failed.load_count = orig.load_count;
-        let key = self.card_load_key(orig.key_version, orig.card_id)?;
+        let key = self.purse_load_key(orig)?;
         let expected: Mac = crypto::sign(&key, b"S1LD", &expected_if_failed.signed_fields());
         let not_loaded = crypto::mac_eq(&expected, &zero.s1);
         let verdict = match (not_loaded, counters_equal) {

@@ -15,6 +15,7 @@ pub mod hotlist;
 pub mod hsm;
 pub mod messages;
 pub mod money;
+pub mod provider;
 pub mod psam;
 pub mod purse;
 pub mod secret;

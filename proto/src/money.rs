@@ -26,6 +26,11 @@ impl Currency {
     /// card's counter and not its balance, answered by "authentication OK" and making no
     /// payment record. Only the amount zero exists in it ([`Money::is_authentication`]).
     pub const AUTHENTICATION: Self = Self::new(999, 0);
+    /// Loyalty points (002 [0160]–[0164], "frequent flyer miles"): the card's second purse.
+    /// Code 000, which ISO 4217 assigns to no currency, exponent 0 (whole points). Points
+    /// are redeemed by a draw in this currency and loaded like money; they never mix with
+    /// money ([`Money`] refuses to).
+    pub const POINTS: Self = Self::new(0, 0);
 
     pub const fn new(code: u16, exponent: u8) -> Self {
         Self { code, exponent }
@@ -41,6 +46,7 @@ impl Currency {
             756 => "CHF".into(),
             124 => "CAD".into(),
             999 => "XXX".into(),
+            0 => "PTS".into(),
             other => format!("{other:03}"),
         }
     }

@@ -132,7 +132,12 @@ impl MasterKey {
     /// A card's purchase session key for one transaction counter (with the purchase
     /// master).
     pub fn purchase_session(&self, card_id: u64, atc: u32) -> DesKey {
-        purchase_session(&self.card_key(card_id), atc)
+        self.purse_purchase_session(Purse::Money, card_id, atc)
+    }
+
+    /// [`Self::purchase_session`] of `purse`.
+    pub fn purse_purchase_session(&self, purse: Purse, card_id: u64, atc: u32) -> DesKey {
+        purchase_session(&purse.key(&self.card_key(card_id)), atc)
     }
 
     /// The key's bytes, for the one place that must write them (the issuer's key files).
@@ -353,7 +358,53 @@ impl CardKeys {
 
     /// The purchase session key for one transaction number (a fresh key per transaction).
     pub fn purchase_session(&self, atc: u32) -> DesKey {
-        purchase_session(&self.purchase, atc)
+        self.purse_purchase_session(Purse::Money, atc)
+    }
+
+    /// [`Self::purchase_session`] of `purse`.
+    pub fn purse_purchase_session(&self, purse: Purse, atc: u32) -> DesKey {
+        purchase_session(&purse.key(&self.purchase), atc)
+    }
+
+    /// The load key of `purse` (S1, S2, S3 of its loads).
+    pub fn purse_load(&self, purse: Purse) -> DesKey {
+        purse.key(&self.load)
+    }
+}
+
+/// The card's two purses (002 [0160]: a card that "in addition to storing monetary value,
+/// also stores a quantity of ... points"): money in the card's currency, and loyalty points
+/// ([`Currency::POINTS`]). Each has its own keys: the points purse's purchase and load keys
+/// are the card's money keys diversified by [`Purse::POINTS_LABEL`], so a session key of
+/// one purse never verifies a command for the other. A purse is chosen by the currency
+/// that names it: INITIALIZE FOR PURCHASE's P2 bit [`crate::card::P2_POINTS`], INITIALIZE
+/// FOR LOAD's currency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Purse {
+    Money,
+    Points,
+}
+
+impl Purse {
+    /// The diversification data of the points purse's keys.
+    pub const POINTS_LABEL: [u8; 8] = *b"POINTS\0\0";
+
+    /// The purse a currency names: points, or money (any other currency; the card checks
+    /// it is its own).
+    pub fn of(currency: Currency) -> Self {
+        if currency == Currency::POINTS {
+            Purse::Points
+        } else {
+            Purse::Money
+        }
+    }
+
+    /// This purse's key from the card's money key of the same purpose (purchase or load).
+    pub fn key(self, card_key: &DesKey) -> DesKey {
+        match self {
+            Purse::Money => card_key.clone(),
+            Purse::Points => card_key.diversify(Self::POINTS_LABEL),
+        }
     }
 }
 
@@ -384,6 +435,16 @@ pub struct PurseInfo {
 impl PurseInfo {
     pub fn balance_money(&self) -> Money {
         Money::new(self.balance, self.currency)
+    }
+
+    /// The purse a load or purchase in `currency` uses: its balance and the most it holds
+    /// (the money purse in the card's currency; the points purse, at most
+    /// [`crate::card::POINTS_MAX`]), or `None` when the card has no purse in `currency`.
+    pub fn purse_for(&self, currency: Currency) -> Option<(u64, u64)> {
+        match Purse::of(currency) {
+            Purse::Points => Some((self.points, crate::card::POINTS_MAX)),
+            Purse::Money => (currency == self.currency).then_some((self.balance, self.max_balance)),
+        }
     }
     pub fn is_blocked(&self) -> bool {
         self.status & STATUS_BLOCKED != 0

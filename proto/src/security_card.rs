@@ -234,7 +234,10 @@ impl SecurityCard {
     ) -> Result<DebitAuthorization, SecurityCardError> {
         let init = &draw.init;
         let master = self.master(init.key_version, true)?;
-        let sk = master.purchase_session(init.card_id, init.atc);
+        // The purse the card answered for (its currency, under the MAC checked next): money,
+        // or the points purse (002 [0164]), each with its own key.
+        let purse = Purse::of(init.currency);
+        let sk = master.purse_purchase_session(purse, init.card_id, init.atc);
         if !crypto::verify(&sk, b"IPUR", &init.signed_fields(), &init.card_mac) {
             return Err(SecurityCardError::BadCardData);
         }
@@ -246,7 +249,8 @@ impl SecurityCard {
         }
         // An authentication draw (002 FIG. 16) is zero in its own currency, whatever the
         // card's: its "draw amount" state is zero.
-        let authentication = draw.amount.currency == Currency::AUTHENTICATION;
+        let authentication =
+            draw.amount.currency == Currency::AUTHENTICATION && purse == Purse::Money;
         if init.currency != draw.amount.currency && !authentication {
             return Err(SecurityCardError::WrongCurrency {
                 card: init.currency,
@@ -398,7 +402,7 @@ impl SecurityCard {
             .ok_or(SecurityCardError::UnknownTransaction(security_card_txn))?;
         let sk = self
             .master(proof.key_version, false)?
-            .purchase_session(proof.card_id, proof.atc);
+            .purse_purchase_session(Purse::of(proof.currency), proof.card_id, proof.atc);
         if proof.card_id != txn.command.card_id
             || !crypto::verify(&sk, b"IPUR", &proof.signed_fields(), &proof.card_mac)
         {

@@ -3,10 +3,11 @@
 //! card, and recovers in-doubt transactions the way stbd does (from the card's log for
 //! debits, from a zero-value S1 for loads).
 //!
-//! Invariant after every step, per currency:
+//! Invariant after every step, per purse (money in EUR, and 002's loyalty points):
 //!   card balance + security-card totals + debits the security card has not yet counted
 //!     == initial balance + HSM totals + loads the HSM has not yet settled
-//! and once everything is recovered, both "not yet" terms are zero.
+//! and once everything is recovered, both "not yet" terms are zero. Authentication draws
+//! (002 FIG. 16: zero in currency 999) move neither side.
 
 mod common;
 
@@ -14,7 +15,7 @@ use common::*;
 use proptest::prelude::*;
 use proto::card::{CardFault, PurseCard, commands};
 use proto::hsm::{Hsm, LoadVerdict};
-use proto::money::Money;
+use proto::money::{Currency, Money};
 use proto::purse::*;
 use proto::security_card::SecurityCard;
 
@@ -33,14 +34,35 @@ enum Op {
         amount: u64,
         early: bool,
         fate: Fate,
+        purse: Purse,
+    },
+    /// An authentication draw (002 FIG. 16).
+    Authenticate {
+        early: bool,
+        fate: Fate,
     },
     Load {
         amount: u64,
         fate: Fate,
         fault: Option<CardFault>,
+        purse: Purse,
     },
     Recover,
 }
+
+fn purse() -> impl Strategy<Value = Purse> {
+    prop_oneof![3 => Just(Purse::Money), 1 => Just(Purse::Points)]
+}
+
+/// The currency a purse's draws and loads are in.
+fn currency(purse: Purse) -> Currency {
+    match purse {
+        Purse::Money => EUR,
+        Purse::Points => Currency::POINTS,
+    }
+}
+
+const PURSES: [Purse; 2] = [Purse::Money, Purse::Points];
 
 fn fate() -> impl Strategy<Value = Fate> {
     prop_oneof![
@@ -52,10 +74,11 @@ fn fate() -> impl Strategy<Value = Fate> {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => (1u64..3_000, any::<bool>(), fate()).prop_map(|(amount, early, fate)| Op::Buy { amount, early, fate }),
+        4 => (1u64..3_000, any::<bool>(), fate(), purse()).prop_map(|(amount, early, fate, purse)| Op::Buy { amount, early, fate, purse }),
+        1 => (any::<bool>(), fate()).prop_map(|(early, fate)| Op::Authenticate { early, fate }),
         3 => (1u64..5_000, fate(), prop::option::weighted(0.3, prop_oneof![
             Just(CardFault::TrueNegative), Just(CardFault::FalseNegative), Just(CardFault::CounterBump)
-        ])).prop_map(|(amount, fate, fault)| Op::Load { amount, fate, fault }),
+        ]), purse()).prop_map(|(amount, fate, fault, purse)| Op::Load { amount, fate, fault, purse }),
         1 => Just(Op::Recover),
     ]
 }
@@ -64,33 +87,64 @@ struct World {
     card: PurseCard,
     security_card: SecurityCard,
     hsm: Hsm,
-    initial: u64,
-    /// security_card_txn of debits the card made whose response the security card never saw.
-    lost_debits: Vec<(u32, u64)>,
-    /// (txid, amount, credited) of loads the HSM has not settled.
-    open_loads: Vec<(String, u64, bool)>,
+    /// Each purse's balance at the start.
+    initial: [u64; 2],
+    /// (security_card_txn, amount, currency) of debits the card made whose response the
+    /// security card never saw.
+    lost_debits: Vec<(u32, u64, Currency)>,
+    /// (txid, amount, credited, purse) of loads the HSM has not settled.
+    open_loads: Vec<(String, u64, bool, Purse)>,
     n: u32,
 }
 
 impl World {
     fn check(&self) -> Result<(), TestCaseError> {
-        let pending_debits: u64 = self.lost_debits.iter().map(|(_, a)| a).sum();
-        let pending_credits: u64 = self
-            .open_loads
-            .iter()
-            .filter(|(_, _, c)| *c)
-            .map(|(_, a, _)| a)
-            .sum();
-        prop_assert_eq!(
-            self.card.state.balance + self.security_card.total(EUR).amount + pending_debits,
-            self.initial + self.hsm.total(EUR).amount + pending_credits,
-            "value not conserved"
-        );
+        for (i, purse) in PURSES.into_iter().enumerate() {
+            let c = currency(purse);
+            let pending_debits: u64 = self
+                .lost_debits
+                .iter()
+                .filter(|d| d.2 == c)
+                .map(|d| d.1)
+                .sum();
+            let pending_credits: u64 = self
+                .open_loads
+                .iter()
+                .filter(|l| l.2 && l.3 == purse)
+                .map(|l| l.1)
+                .sum();
+            prop_assert_eq!(
+                self.card.state.purse(purse).0
+                    + self.security_card.total(c).amount
+                    + pending_debits,
+                self.initial[i] + self.hsm.total(c).amount + pending_credits,
+                "value not conserved in {:?}",
+                purse
+            );
+        }
+        // An authentication is never counted.
+        prop_assert_eq!(self.security_card.total(Currency::AUTHENTICATION).count, 0);
         Ok(())
     }
 
-    fn buy(&mut self, amount: u64, early: bool, fate: Fate) {
-        let d = draw(&mut self.card, amount, &format!("b{}", self.n));
+    /// SELECT + INITIALIZE FOR PURCHASE of `purse`, as a draw of `amount`.
+    fn draw_in(&mut self, purse: Purse, amount: Money) -> proto::security_card::DrawData {
+        select(&mut self.card);
+        let init = PurchaseInit::decode(&ok(
+            &mut self.card,
+            &commands::init_purchase_of(purse, TODAY),
+        ))
+        .unwrap();
+        proto::security_card::DrawData {
+            merchant_id: "M".into(),
+            transaction_id: format!("b{}", self.n),
+            amount,
+            init,
+        }
+    }
+
+    fn buy(&mut self, amount: Money, purse: Purse, early: bool, fate: Fate) {
+        let d = self.draw_in(purse, amount);
         let Ok(auth) = self.security_card.issue_debit(&d, TODAY, early) else {
             return; // insufficient value: refused before anything moved
         };
@@ -100,7 +154,7 @@ impl World {
             Fate::ResponseLost => {
                 ok(&mut self.card, &commands::debit(&auth.command));
                 self.security_card.reverse(txn).unwrap(); // the payment server timed out
-                self.lost_debits.push((txn, amount));
+                self.lost_debits.push((txn, amount.minor, amount.currency));
             }
             Fate::Complete => {
                 let resp =
@@ -114,28 +168,47 @@ impl World {
         }
     }
 
-    fn load(&mut self, amount: u64, fate: Fate, fault: Option<CardFault>) {
+    /// INITIALIZE FOR LOAD of `purse` (its currency names it).
+    fn init_load_in(&mut self, purse: Purse, amount: u64, ts: u64) -> Result<LoadInit, ()> {
+        select(&mut self.card);
+        let r = send(
+            &mut self.card,
+            &commands::init_load(&LoadInitRequest {
+                amount,
+                currency: currency(purse),
+                timestamp: ts,
+                date: TODAY,
+            }),
+        );
+        if r.sw.is_ok() {
+            Ok(LoadInit::decode(&r.data).unwrap())
+        } else {
+            Err(())
+        }
+    }
+
+    fn load(&mut self, amount: u64, purse: Purse, fate: Fate, fault: Option<CardFault>) {
         // As stbd does: an in-doubt load is resolved before another load on the card.
         self.recover_loads();
         let txid = format!("l{}", self.n);
-        let Ok(init) = init_load(&mut self.card, amount, u64::from(self.n)) else {
+        let Ok(init) = self.init_load_in(purse, amount, u64::from(self.n)) else {
             return; // over max balance: refused by the card
         };
         let cmd = self
             .hsm
-            .authorize(&txid, &init, Money::new(amount, EUR), TODAY)
+            .authorize(&txid, &init, Money::new(amount, currency(purse)), TODAY)
             .unwrap();
         self.card.state.fault = fault;
         match fate {
             Fate::NeverSent => {
                 self.card.state.fault = None;
-                self.open_loads.push((txid, amount, false));
+                self.open_loads.push((txid, amount, false, purse));
             }
             Fate::ResponseLost => {
                 let resp =
                     LoadResponse::decode(&ok(&mut self.card, &commands::load(&cmd))).unwrap();
                 let credited = resp.new_balance > init.balance;
-                self.open_loads.push((txid, amount, credited));
+                self.open_loads.push((txid, amount, credited, purse));
             }
             Fate::Complete => {
                 let resp =
@@ -144,7 +217,7 @@ impl World {
                 match self.hsm.confirm(&txid, &resp).unwrap() {
                     LoadVerdict::Loaded => {}
                     LoadVerdict::NegativeNeedsProof => {
-                        self.open_loads.push((txid, amount, credited))
+                        self.open_loads.push((txid, amount, credited, purse))
                     }
                 }
             }
@@ -153,7 +226,7 @@ impl World {
 
     fn recover(&mut self) {
         // Debits: the card's log proves them; the security card counts them late.
-        for (txn, _) in std::mem::take(&mut self.lost_debits) {
+        for (txn, _, _) in std::mem::take(&mut self.lost_debits) {
             select(&mut self.card);
             let proof = (1..=proto::card::LOG_CAPACITY as u8)
                 .filter_map(|n| {
@@ -170,8 +243,8 @@ impl World {
 
     /// Loads: the negative-result procedure on a zero-value S1.
     fn recover_loads(&mut self) {
-        for (txid, _, credited) in std::mem::take(&mut self.open_loads) {
-            let zero = init_load(&mut self.card, 0, 999).unwrap();
+        for (txid, _, credited, purse) in std::mem::take(&mut self.open_loads) {
+            let zero = self.init_load_in(purse, 0, 999).unwrap();
             let verdict = self.hsm.resolve_negative(&txid, &zero).unwrap();
             assert_eq!(
                 verdict.loaded(),
@@ -188,10 +261,14 @@ proptest! {
     #[test]
     fn random_interleavings_conserve_value(ops in proptest::collection::vec(op(), 1..40)) {
         let mut w = World {
-            card: card_with(5_000, 60_000),
+            card: {
+                let mut c = card_with(5_000, 60_000);
+                c.state.points = 3_000;
+                c
+            },
             security_card: security_card(),
             hsm: hsm(),
-            initial: 5_000,
+            initial: [5_000, 3_000],
             lost_debits: vec![],
             open_loads: vec![],
             n: 0,
@@ -199,8 +276,18 @@ proptest! {
         for op in ops {
             w.n += 1;
             match op {
-                Op::Buy { amount, early, fate } => w.buy(amount, early, fate),
-                Op::Load { amount, fate, fault } => w.load(amount, fate, fault),
+                Op::Buy { amount, early, fate, purse } => {
+                    w.buy(Money::new(amount, currency(purse)), purse, early, fate)
+                }
+                Op::Authenticate { early, fate } => {
+                    let atc = w.card.state.atc;
+                    let balances = (w.card.state.balance, w.card.state.points);
+                    let completes = matches!(fate, Fate::Complete | Fate::ResponseLost);
+                    w.buy(Money::authentication(), Purse::Money, early, fate);
+                    prop_assert_eq!((w.card.state.balance, w.card.state.points), balances);
+                    prop_assert_eq!(w.card.state.atc, atc + u32::from(completes));
+                }
+                Op::Load { amount, fate, fault, purse } => w.load(amount, purse, fate, fault),
                 Op::Recover => w.recover(),
             }
             w.check()?;
@@ -208,9 +295,12 @@ proptest! {
         w.recover();
         w.check()?;
         prop_assert!(w.lost_debits.is_empty() && w.open_loads.is_empty());
-        prop_assert_eq!(
-            w.card.state.balance + w.security_card.total(EUR).amount,
-            w.initial + w.hsm.total(EUR).amount
-        );
+        for (i, purse) in PURSES.into_iter().enumerate() {
+            let c = currency(purse);
+            prop_assert_eq!(
+                w.card.state.purse(purse).0 + w.security_card.total(c).amount,
+                w.initial[i] + w.hsm.total(c).amount
+            );
+        }
     }
 }

@@ -553,7 +553,7 @@ impl Load {
         }
         self.transaction_id = Some(offer.transaction_id.clone());
         let max = offer.max_amount;
-        if max.currency != purse.currency {
+        if purse.purse_for(max.currency).is_none() {
             return self.failed(Refusal::AccountCurrency {
                 card: purse.currency,
                 account: max.currency,

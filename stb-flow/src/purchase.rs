@@ -35,7 +35,7 @@ use proto::messages::{
     Receipt,
 };
 use proto::money::{Currency, Money};
-use proto::purse::{Date, DebitCommand, DebitResponse, PurchaseInit};
+use proto::purse::{Date, DebitCommand, DebitResponse, PurchaseInit, Purse};
 use proto::secret::Secret;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -475,7 +475,11 @@ impl Purchase {
             (State::AwaitSelect { offer }, Input::Card(r)) => self.on_select(offer, r),
             (State::AwaitInit { offer }, Input::Card(r)) => self.on_init(offer, r),
             (State::AwaitViewer { offer, shown }, Input::Accept) => match self.pin_rule {
-                Some(rule) if rule.needs_pin(offer.amount.minor) => {
+                // The PIN guards money (seed 004), not points.
+                Some(rule)
+                    if Purse::of(offer.amount.currency) == Purse::Money
+                        && rule.needs_pin(offer.amount.minor) =>
+                {
                     if rule.tries_left == 0 {
                         return self.refuse(Refusal::PinBlocked);
                     }
@@ -509,8 +513,9 @@ impl Purchase {
                         vec![Action::Apdu(verify)]
                     }
                     None => {
+                        let init = init_for(&offer, self.today);
                         self.state = State::AwaitReinit { offer, shown };
-                        vec![Action::Apdu(commands::init_purchase(self.today))]
+                        vec![Action::Apdu(init)]
                     }
                 }
             }
@@ -526,8 +531,9 @@ impl Purchase {
                     };
                     return self.refuse(refusal);
                 }
+                let init = init_for(&offer, self.today);
                 self.state = State::AwaitReinit { offer, shown };
-                vec![Action::Apdu(commands::init_purchase(self.today))]
+                vec![Action::Apdu(init)]
             }
             (State::AwaitReinit { offer, shown }, Input::Card(r)) => {
                 self.on_reinit(offer, &shown, r)
@@ -658,8 +664,9 @@ impl Purchase {
             Ok(fci) => self.pin_rule = PinRule::from_fci(&fci),
             Err(refusal) => return self.refuse(refusal),
         }
+        let init = init_for(&offer, self.today);
         self.state = State::AwaitInit { offer };
-        vec![Action::Apdu(commands::init_purchase(self.today))]
+        vec![Action::Apdu(init)]
     }
 
     /// The card's INITIALIZE answer, checked against the offer (001 [0075]: currency, expiry,
@@ -956,3 +963,9 @@ impl Purchase {
 
 #[cfg(test)]
 mod tests;
+
+/// The INITIALIZE FOR PURCHASE an offer needs: of the points purse for a price in points
+/// (002 [0164]: points redeemed from the card), else of the money purse.
+fn init_for(offer: &Offer, today: Date) -> Vec<u8> {
+    commands::init_purchase_of(Purse::of(offer.amount.currency), today)
+}

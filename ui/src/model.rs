@@ -42,6 +42,11 @@ pub struct CardSummary {
     pub balance: Money,
     pub expiry: Date,
     pub status: CardStatus,
+    /// Loyalty points on the card (002's second purse); shown when non-zero.
+    pub points: u64,
+    /// Bad signatures in a row and the limit at which the card blocks (seed 004's
+    /// BAD_KEY); the count is shown when non-zero.
+    pub bad_keys: (u8, u8),
 }
 
 /// Whether a card reader is there at all.

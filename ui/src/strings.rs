@@ -17,6 +17,12 @@ pub const HOME_BALANCE: &str = "Balance";
 pub const HOME_PROVIDER: &str = "Provider";
 pub const HOME_EXPIRES: &str = "Valid until";
 pub const HOME_STATUS: &str = "Card";
+pub const HOME_POINTS: &str = "Points";
+
+/// Seed 004's BAD_KEY count, when non-zero: `n` bad signatures of `limit`.
+pub fn home_bad_keys(n: u8, limit: u8) -> String {
+    format!("Bad signatures: {n} of {limit}")
+}
 pub const HOME_MENU: [&str; 3] = ["Pay-per-view & shopping", "Load value", "Card history"];
 
 pub fn card_status(s: CardStatus) -> &'static str {

@@ -47,6 +47,53 @@ fn home_shows_card_balance_and_menu() {
     assert_margins_blank(&app);
 }
 
+/// The points (002) and the bad-signature count (seed 004) show when non-zero, and not
+/// otherwise.
+#[test]
+fn home_shows_points_and_the_bad_signature_count_when_there_are_any() {
+    let app = ready_app();
+    let s = screen(&app);
+    assert!(
+        !s.contains("Points") && !s.contains("Bad signatures"),
+        "{s}"
+    );
+    let mut app = ready_app();
+    update(
+        &mut app,
+        UiUpdate::CardInserted(CardSummary {
+            points: 30_000,
+            bad_keys: (2, 10),
+            ..card(5000)
+        }),
+    );
+    assert_on(
+        &screen(&app),
+        &["Points", "30000", "Bad signatures: 2 of 10", "50.00 EUR"],
+    );
+    assert_margins_blank(&app);
+}
+
+/// An authentication (002 FIG. 16) offer: "Claim with your card", no charge, the balance
+/// kept.
+#[test]
+fn an_authentication_offer_says_no_charge() {
+    let mut app = ready_app();
+    key(&mut app, RemoteKey::Ok);
+    key(&mut app, RemoteKey::Ok);
+    let auth = ui::money::Money::new(0, ui::money::Currency::AUTHENTICATION);
+    update(
+        &mut app,
+        UiUpdate::Offer(Offer {
+            price: auth,
+            balance_after: eur(5000),
+            ..offer("tx-1", 30)
+        }),
+    );
+    let s = screen(&app);
+    assert_on(&s, &["Claim with your card", "no charge", "50.00 EUR"]);
+    assert!(!s.contains("Confirm purchase"), "{s}");
+}
+
 #[test]
 fn home_without_card_or_reader_says_so() {
     let mut app = App::default();

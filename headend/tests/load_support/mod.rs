@@ -458,6 +458,11 @@ pub async fn conservation(
         let cur = b.card.state.currency;
         let gained = b.balance() - b.start_balance;
         out.entry(cur).or_default().1 += gained;
+        // The points purse (002): every card starts with none.
+        let points = b.purse().points;
+        if points != 0 {
+            out.entry(Currency::POINTS).or_default().1 += points;
+        }
     }
     for (c, (debits, credits, float)) in &out {
         assert_eq!(

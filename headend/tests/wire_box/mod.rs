@@ -101,7 +101,9 @@ impl WireBox {
 
     pub fn draw_request(&mut self, offer: &Offer) -> Result<DrawRequest, String> {
         self.apdu(&commands::select());
-        let r = self.apdu(&commands::init_purchase(today()));
+        // A price in points redeems from the points purse (002 [0164]).
+        let purse = proto::purse::Purse::of(offer.amount.currency);
+        let r = self.apdu(&commands::init_purchase_of(purse, today()));
         if !r.sw.is_ok() {
             return Err(format!("card refused INITIALIZE FOR PURCHASE: {}", r.sw));
         }

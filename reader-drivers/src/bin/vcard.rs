@@ -47,6 +47,9 @@ enum Cmd {
         /// Maximum balance in minor units.
         #[arg(long, default_value_t = 100_000)]
         max_balance: u64,
+        /// Loyalty points on the card's points purse (002; at most 100,000,000).
+        #[arg(long, default_value_t = 0)]
+        points: u64,
         /// Currency: EUR, USD, GBP, JPY, CHF, CAD, or an ISO 4217 numeric code with its
         /// exponent as CODE:EXPONENT (e.g. 978:2).
         #[arg(long, default_value = "EUR")]
@@ -258,6 +261,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             card_id,
             balance,
             max_balance,
+            points,
             currency,
             expiry,
             provider_id,
@@ -270,6 +274,12 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                     "--balance {balance} exceeds --max-balance {max_balance}"
                 )));
             }
+            if points > proto::card::POINTS_MAX {
+                return Err(CliError::Usage(format!(
+                    "--points {points} exceeds the points purse's {}",
+                    proto::card::POINTS_MAX
+                )));
+            }
             let spec = CardSpec {
                 card_id,
                 provider_id,
@@ -280,6 +290,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             };
             let keys = read_issuer_keys(&issuer_keys)?;
             let mut state = proto::card::CardState::personalise(&spec, &keys);
+            state.points = points;
             if let (Some(f), Some(threshold)) = (&pin_file, pin_threshold) {
                 let text = std::fs::read_to_string(f)
                     .map_err(|e| CliError::Usage(format!("--pin-file {}: {e}", f.display())))?;
@@ -349,19 +360,24 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 money(s.balance),
                 money(s.max_balance)
             );
+            println!("points {}", s.points);
             println!(
-                "transactions {} (loads {}), blocked: {}",
+                "transactions {} (loads {}), blocked: {}, bad signatures {} of {}",
                 s.atc,
                 s.load_count,
-                s.status & proto::purse::STATUS_BLOCKED != 0
+                s.status & proto::purse::STATUS_BLOCKED != 0,
+                s.bad_key_count,
+                s.bad_key_limit
             );
             for r in s.log.iter().rev() {
+                // Each record in its own currency: money, points, or an authentication.
+                let amount = |minor| proto::money::Money::new(minor, r.currency).to_string();
                 println!(
                     "  #{:<4} {:?}  {:>12}  balance after {:>12}  {}-{:02}-{:02}",
                     r.atc,
                     r.kind,
-                    money(r.amount).to_string(),
-                    money(r.balance_after).to_string(),
+                    amount(r.amount),
+                    amount(r.balance_after),
                     r.date.year,
                     r.date.month,
                     r.date.day

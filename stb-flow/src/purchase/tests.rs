@@ -1053,3 +1053,38 @@ fn an_authentication_offer_moves_the_counter_not_the_balance() {
         );
     }
 }
+
+/// 002 [0164]: a price in points redeems from the card's points purse (INITIALIZE with the
+/// points bit), the money untouched, and asks no PIN above the money threshold (the PIN
+/// guards money).
+#[test]
+fn a_price_in_points_redeems_points_without_the_pin() {
+    let mut c = pin_card();
+    c.state.points = 30_000;
+    let money_before = c.state.balance;
+    let mut security_card = SecurityCard::new(3, issuer().purchase());
+    let redeem = Offer {
+        amount: Money::new(20_000, Currency::POINTS),
+        ..offer(0, None)
+    };
+    let (mut p, a) = to_viewer(&mut c, redeem);
+    let Some(Action::Show(Show::Offer(shown))) = a.last() else {
+        panic!("{a:?}")
+    };
+    assert_eq!(
+        (shown.balance.minor, shown.balance_after.minor),
+        (30_000, 10_000)
+    );
+    // OK goes straight to the card (no PIN entry).
+    let a = feed(&mut p, &mut c, Input::Accept);
+    assert!(
+        !a.iter()
+            .any(|x| matches!(x, Action::Show(Show::PinEntry { .. }))),
+        "{a:?}"
+    );
+    let draw = sent(&a).unwrap().clone();
+    let cmd = debit_command(&mut security_card, &draw, None);
+    let a = p.handle(Input::Answer(command_msg(cmd, None)));
+    drive(&mut p, &mut c, a);
+    assert_eq!((c.state.points, c.state.balance), (10_000, money_before));
+}

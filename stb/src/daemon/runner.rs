@@ -396,6 +396,8 @@ impl Runner {
                     balance: ui_money(info.balance_money()),
                     expiry: ui::model::Date::new(info.expiry.year, info.expiry.month, 1),
                     status,
+                    points: info.points,
+                    bad_keys: (info.bad_key_count, info.bad_key_limit),
                 };
                 self.update(UiUpdate::CardInserted(summary)).await;
             }

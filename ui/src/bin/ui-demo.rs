@@ -98,6 +98,8 @@ impl Sim {
             balance: Money::new(self.balance, EUR),
             expiry: Date::new(2027, 12, 31),
             status: CardStatus::Active,
+            points: 0,
+            bad_keys: (0, 10),
         }
     }
 

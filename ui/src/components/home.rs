@@ -63,7 +63,7 @@ impl Home {
         };
 
         let [info, _, bal_label, bal, _, menu] = Layout::vertical([
-            Constraint::Length(2),
+            Constraint::Length(3),
             Constraint::Length(1),
             Constraint::Length(1),
             Constraint::Length(BIG_HEIGHT),
@@ -89,6 +89,7 @@ impl Home {
                     Span::styled(format!("   {} ", strings::HOME_EXPIRES), theme::label()),
                     Span::styled(card.expiry.to_string(), theme::value()),
                 ]),
+                extras_line(card),
             ]),
             info,
         );
@@ -119,6 +120,30 @@ impl Home {
             .collect();
         f.render_widget(Paragraph::new(lines), menu);
     }
+}
+
+/// The points and the bad-signature count, each only when non-zero (an empty line
+/// otherwise).
+fn extras_line(card: &crate::model::CardSummary) -> Line<'static> {
+    let mut spans = Vec::new();
+    if card.points != 0 {
+        spans.push(Span::styled(
+            format!("{:<14}", strings::HOME_POINTS),
+            theme::label(),
+        ));
+        spans.push(Span::styled(card.points.to_string(), theme::value()));
+    }
+    let (bad, limit) = card.bad_keys;
+    if bad != 0 {
+        if !spans.is_empty() {
+            spans.push(Span::raw("   "));
+        }
+        spans.push(Span::styled(
+            strings::home_bad_keys(bad, limit),
+            theme::bad(),
+        ));
+    }
+    Line::from(spans)
 }
 
 #[cfg(test)]

@@ -17,6 +17,8 @@ pub fn card(balance: i64) -> CardSummary {
         balance: eur(balance),
         expiry: Date::new(2027, 12, 31),
         status: CardStatus::Active,
+        points: 0,
+        bad_keys: (0, 10),
     }
 }
 
