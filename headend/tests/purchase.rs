@@ -616,8 +616,14 @@ async fn fig5_settled_records_leave_the_security_card_in_bulk() {
     assert!(
         trace
             .iter()
-            .all(|e| matches!(e.command, Command::IssueDebit | Command::PurgeSettled)),
-        "nothing else asked of the card"
+            // The sweep's health probe of an idle terminal (every other second) asks
+            // nothing of its transactions; a slow run meets one.
+            .all(|e| matches!(
+                e.command,
+                Command::IssueDebit | Command::PurgeSettled | Command::Probe
+            )),
+        "nothing else asked of the card: {:?}",
+        trace.iter().map(|e| e.command).collect::<Vec<_>>()
     );
     let open_txn = p.txn(&open.transaction_id).unwrap();
     assert_eq!(open_txn.state, PayState::DebitIssued);

@@ -13,6 +13,8 @@
 //! | INITIALIZE (proof)       | 80 50 01 01   | date (YYYY MM DD)        | [`PurchaseInit`]; no session: no DEBIT follows; a blocked or expired card answers it too |
 //! | INITIALIZE, points purse | 80 50 01 02 (03: proof) | date (YYYY MM DD) | [`PurchaseInit`] of the points ([`Purse::Points`]: [`Currency::POINTS`], the points balance, the points purse's key); the DEBIT that follows redeems points |
 //! | DEBIT                    | 80 54 00 00   | [`DebitCommand`]; zero in [`Currency::AUTHENTICATION`] is an authentication draw (002 FIG. 16): the counter and log move, the balance does not | [`DebitResponse`]        |
+//! | INITIALIZE FOR CREDIT    | 80 50 03 00   | date (YYYY MM DD)        | [`PurchaseInit`] of the money purse, MACed under [`CreditCommand::INIT_LABEL`]: opens a refund session |
+//! | CREDIT                   | 80 56 00 00   | [`CreditCommand`] (a refund, signed by the merchant's security card) | [`CreditResponse`]; logged as [`LogKind::Credit`] |
 //! | INITIALIZE FOR LOAD      | 80 50 02 00   | [`LoadInitRequest`]; its currency names the purse (points: [`Currency::POINTS`], at most [`POINTS_MAX`], the points purse's load key) | [`LoadInit`] (S1)        |
 //! | LOAD                     | 80 52 00 00   | [`LoadCommand`] (S2), then the issuer's sealed [`KeyUpdate`] (56 bytes) and/or [`Unblock`] (24 bytes), each optional | [`LoadResponse`] (S3)    |
 //! | READ LOG                 | 80 B2 nn 00   | — (nn = 1 is the newest) | [`LogRecord`]            |
@@ -99,6 +101,10 @@ pub const INS_UPDATE_RECORD: u8 = 0xDC;
 pub const P2_PIN: u8 = 0x80;
 pub const P1_INIT_PURCHASE: u8 = 0x01;
 pub const P1_INIT_LOAD: u8 = 0x02;
+/// INITIALIZE FOR CREDIT: opens a refund session (issue 17, the merchant's CREDIT).
+pub const P1_INIT_CREDIT: u8 = 0x03;
+/// CREDIT: a merchant's refund, signed by its security card ([`CreditCommand`]).
+pub const INS_CREDIT: u8 = 0x56;
 /// INITIALIZE FOR PURCHASE's P2 for a proof: the same MACed answer, no session opened (no
 /// DEBIT can follow), and answered by a blocked or expired card too — the cancel's and
 /// recovery's proof that a draw was not debited.
@@ -429,6 +435,10 @@ enum Session {
         request: LoadInitRequest,
         s1: Mac,
     },
+    Credit {
+        atc: u32,
+        card_random: [u8; 8],
+    },
 }
 
 /// The result of one APDU: the response, and whether persistent state changed (so a
@@ -540,9 +550,11 @@ impl PurseCard {
                     INS_INITIALIZE => match cmd.p1 {
                         P1_INIT_PURCHASE => self.init_purchase(cmd),
                         P1_INIT_LOAD => self.init_load(cmd),
+                        P1_INIT_CREDIT => self.init_credit(cmd),
                         _ => Err(StatusWord::WRONG_P1P2),
                     },
                     INS_DEBIT => self.debit(cmd),
+                    INS_CREDIT => self.credit(cmd),
                     INS_LOAD => self.load(cmd),
                     INS_READ_LOG => self.read_log(cmd),
                     _ => Err(StatusWord::UNKNOWN_INSTRUCTION),
@@ -695,6 +707,127 @@ impl PurseCard {
             };
         }
         Ok(init.encode())
+    }
+
+    /// INITIALIZE FOR CREDIT: the money purse's [`PurchaseInit`], MACed under
+    /// [`CreditCommand::INIT_LABEL`] (so it can never stand for a purchase's), opening a
+    /// credit session. It counts as an INITIALIZE FOR PURCHASE for freshness: a proof
+    /// INITIALIZE made after it shows a refund was not credited when its counter has not
+    /// moved. A blocked or expired card takes no refund.
+    fn init_credit(&mut self, cmd: &Command) -> Answer {
+        self.session = Session::None;
+        if cmd.p2 != 0 {
+            return Err(StatusWord::WRONG_P1P2);
+        }
+        let date = parse_date(&cmd.data)?;
+        self.check_usable()?;
+        if self.state.expiry.is_expired_on(date) {
+            return Err(StatusWord::EXPIRED);
+        }
+        let atc = self.next_atc()?;
+        let init_count = self
+            .state
+            .purchase_inits
+            .checked_add(1)
+            .ok_or(StatusWord::BLOCKED)?;
+        self.state.purchase_inits = init_count;
+        self.changed = true;
+        let card_random = self.random();
+        let s = &self.state;
+        let mut init = PurchaseInit {
+            provider_id: s.provider_id,
+            card_id: s.card_id,
+            algorithm: ALG_TDES_MAC3,
+            expiry: s.expiry,
+            balance: s.balance,
+            currency: s.currency,
+            auth_mode: AUTH_MODE_DES,
+            atc,
+            init_count,
+            key_version: s.key_version,
+            card_random,
+            card_mac: [0; 8],
+        };
+        let sk = s.keys.purchase_session(atc);
+        init.card_mac = crypto::sign(&sk, CreditCommand::INIT_LABEL, &init.signed_fields());
+        self.session = Session::Credit { atc, card_random };
+        Ok(init.encode())
+    }
+
+    /// CREDIT: a refund signed by the security card ([`CreditCommand`]) for this session's
+    /// transaction number, in the card's currency, within its maximum balance. Credited,
+    /// counted and logged ([`LogKind::Credit`]) in one state change; the answer carries the
+    /// card's signature the security card verifies.
+    fn credit(&mut self, cmd: &Command) -> Answer {
+        let Session::Credit { atc, card_random } =
+            std::mem::replace(&mut self.session, Session::None)
+        else {
+            return Err(StatusWord::WRONG_STATE);
+        };
+        self.check_usable()?;
+        let cc = CreditCommand::decode(&cmd.data).map_err(|_| StatusWord::BAD_DATA)?;
+        let c = &cc.0;
+        if c.card_id != self.state.card_id {
+            return Err(StatusWord::BAD_DATA);
+        }
+        if c.atc != atc {
+            return Err(StatusWord::REPLAY);
+        }
+        let sk = self.state.keys.purchase_session(atc);
+        if !crypto::verify(
+            &sk,
+            CreditCommand::LABEL,
+            &c.signed_fields(&card_random),
+            &c.security_card_signature,
+        ) {
+            return Err(self.bad_signature());
+        }
+        self.good_signature();
+        if c.currency != self.state.currency {
+            return Err(StatusWord::WRONG_CURRENCY);
+        }
+        if self.state.expiry.is_expired_on(c.date) {
+            return Err(StatusWord::EXPIRED);
+        }
+        if c.amount == 0 {
+            return Err(StatusWord::BAD_AMOUNT);
+        }
+        let new_balance = self
+            .state
+            .balance
+            .checked_add(c.amount)
+            .filter(|b| *b <= self.state.max_balance)
+            .ok_or(StatusWord::OVER_MAX_BALANCE)?;
+        let mut resp = DebitResponse {
+            card_id: self.state.card_id,
+            atc,
+            amount: c.amount,
+            currency: c.currency,
+            new_balance,
+            security_card_id: c.security_card_id,
+            security_card_txn: c.security_card_txn,
+            card_signature: [0; 8],
+        };
+        resp.card_signature = crypto::sign(
+            &sk,
+            CreditResponse::LABEL,
+            &resp.signed_fields(&card_random),
+        );
+        self.state.balance = new_balance;
+        self.state.atc = atc;
+        self.state.push_log(LogRecord {
+            kind: LogKind::Credit,
+            atc,
+            amount: c.amount,
+            currency: c.currency,
+            balance_after: new_balance,
+            date: c.date,
+            counterparty: c.security_card_id,
+            counterparty_txn: c.security_card_txn,
+            signature: resp.card_signature,
+        });
+        self.changed = true;
+        Ok(CreditResponse(resp).encode())
     }
 
     /// Counts a bad signature toward the lock (seed 004) and blocks at the limit.
@@ -1032,6 +1165,16 @@ pub mod commands {
     }
     pub fn init_purchase(date: Date) -> Vec<u8> {
         init_purchase_of(Purse::Money, date)
+    }
+    /// INITIALIZE FOR CREDIT (a refund session).
+    pub fn init_credit(date: Date) -> Vec<u8> {
+        let mut d = date.year.to_be_bytes().to_vec();
+        d.extend_from_slice(&[date.month, date.day]);
+        Command::new(CLA_PURSE, INS_INITIALIZE, P1_INIT_CREDIT, 0, d, Some(0)).to_bytes()
+    }
+    /// CREDIT with the security card's credit command.
+    pub fn credit(cc: &CreditCommand) -> Vec<u8> {
+        Command::new(CLA_PURSE, INS_CREDIT, 0, 0, cc.encode(), Some(0)).to_bytes()
     }
     /// INITIALIZE FOR PURCHASE of `purse` (the points purse: [`P2_POINTS`]).
     pub fn init_purchase_of(purse: Purse, date: Date) -> Vec<u8> {

@@ -98,6 +98,8 @@ pub fn status_word(e: &SecurityCardError) -> StatusWord {
         Hotlisted { .. } => 0x948F,
         RetiredKeyVersion { .. } => 0x9490,
         ValueInAuthentication { .. } => 0x9491,
+        RefundExceedsTotals { .. } => 0x9492,
+        CreditNeedsProof(_) => 0x9493,
         Terminal(_) => 0x94FF,
     })
 }

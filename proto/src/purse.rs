@@ -784,6 +784,49 @@ impl DebitResponse {
     }
 }
 
+/// A merchant's refund to the card ("credit", issue 17's CREDIT; the reverse of 001 [0094]'s
+/// debit command): issued and signed by the security card that counted the sale, under the
+/// card's purchase session key of an INITIALIZE FOR CREDIT. The same fields and layout as a
+/// [`DebitCommand`] (whose `amount` is then the amount credited), signed under its own label
+/// ([`CreditCommand::LABEL`]) so neither is ever taken for the other.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreditCommand(pub DebitCommand);
+
+impl CreditCommand {
+    /// The signature label of a credit command.
+    pub const LABEL: &'static [u8; 4] = b"CCMD";
+    /// The label of the card's MAC on an INITIALIZE FOR CREDIT answer ([`PurchaseInit`]).
+    pub const INIT_LABEL: &'static [u8; 4] = b"ICRD";
+
+    pub fn encode(&self) -> Vec<u8> {
+        self.0.encode()
+    }
+    /// # Errors
+    /// As [`DebitCommand::decode`].
+    pub fn decode(b: &[u8]) -> Result<Self, LayoutError> {
+        DebitCommand::decode(b).map(Self)
+    }
+}
+
+/// The card's answer to CREDIT: what it credited and its balance after, with the card's
+/// signature under [`CreditResponse::LABEL`]. The layout of a [`DebitResponse`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreditResponse(pub DebitResponse);
+
+impl CreditResponse {
+    /// The signature label of a credit response.
+    pub const LABEL: &'static [u8; 4] = b"CRSP";
+
+    pub fn encode(&self) -> Vec<u8> {
+        self.0.encode()
+    }
+    /// # Errors
+    /// As [`DebitResponse::decode`].
+    pub fn decode(b: &[u8]) -> Result<Self, LayoutError> {
+        DebitResponse::decode(b).map(Self)
+    }
+}
+
 /// INITIALIZE FOR LOAD command data: what the load is for, and the server's time stamp.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoadInitRequest {
@@ -991,6 +1034,8 @@ impl LoadResponse {
 pub enum LogKind {
     Debit = 1,
     Load = 2,
+    /// A refund credited by a merchant's security card ([`CreditCommand`]).
+    Credit = 3,
 }
 
 /// One record of the card's transaction log (001 [0016]). A debit record keeps the card
@@ -1028,6 +1073,7 @@ impl LogRecord {
         let kind = match r.u8()? {
             1 => LogKind::Debit,
             2 => LogKind::Load,
+            3 => LogKind::Credit,
             _ => return Err(LayoutError(b.len())),
         };
         let v = Self {
@@ -1047,7 +1093,16 @@ impl LogRecord {
 
     /// Rebuilds the debit response this record proves (for recovery), if it is a debit.
     pub fn debit_response(&self, card_id: u64) -> Option<DebitResponse> {
-        (self.kind == LogKind::Debit).then_some(DebitResponse {
+        (self.kind == LogKind::Debit).then(|| self.response(card_id))
+    }
+
+    /// Rebuilds the credit response this record proves (for recovery), if it is a credit.
+    pub fn credit_response(&self, card_id: u64) -> Option<CreditResponse> {
+        (self.kind == LogKind::Credit).then(|| CreditResponse(self.response(card_id)))
+    }
+
+    fn response(&self, card_id: u64) -> DebitResponse {
+        DebitResponse {
             card_id,
             atc: self.atc,
             amount: self.amount,
@@ -1056,7 +1111,7 @@ impl LogRecord {
             security_card_id: self.counterparty,
             security_card_txn: self.counterparty_txn,
             card_signature: self.signature,
-        })
+        }
     }
 }
 

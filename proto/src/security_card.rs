@@ -73,6 +73,15 @@ pub enum SecurityCardError {
     /// [`Currency::AUTHENTICATION`].
     #[error("an authentication draw carries no value, but this one is for {amount}")]
     ValueInAuthentication { amount: u64 },
+    /// A refund larger than what this security card has counted in its currency (its net
+    /// totals would go below zero).
+    #[error("a refund of {amount} is more than the {total} this security card has counted")]
+    RefundExceedsTotals { total: u64, amount: u64 },
+    /// A refund ([`TxnState::CreditIssued`]) is reversed only with the card's proof that
+    /// it was not credited ([`SecurityCard::reverse_credit`]): reversing it blind could
+    /// leave the value on the card and in the merchant's totals both.
+    #[error("refund {0} was issued: only the card's proof that it was not credited reverses it")]
+    CreditNeedsProof(u32),
 }
 
 /// The draw request's card part, as the security card sees it ([0077], [0093]).
@@ -101,6 +110,35 @@ pub enum TxnState {
     /// The card's signature was verified here.
     Completed,
     Reversed,
+    // Appended (postcard indices above stay put): refunds (CREDIT).
+    /// A refund's credit command is out; counted off the totals at issue.
+    CreditIssued,
+    /// The card's signature on the refund was verified.
+    CreditCompleted,
+    /// Proved not credited (the card's proof): counted back.
+    CreditReversed,
+}
+
+impl TxnState {
+    /// Whether this is a refund's state.
+    pub fn is_credit(self) -> bool {
+        matches!(
+            self,
+            TxnState::CreditIssued | TxnState::CreditCompleted | TxnState::CreditReversed
+        )
+    }
+
+    /// Whether the outcome is final and recorded (a sale counted and proved, or a refund
+    /// credited or proved not credited): the card may forget it.
+    fn settled(self) -> bool {
+        matches!(
+            self,
+            TxnState::Completed
+                | TxnState::EarlyRecorded
+                | TxnState::CreditCompleted
+                | TxnState::CreditReversed
+        )
+    }
 }
 
 /// A collection record for the acquirer ([0086], [0045]).
@@ -329,6 +367,18 @@ impl SecurityCard {
         })
     }
 
+    /// Takes a refund off the net totals' amount (`issued`), or puts it back (proved not
+    /// credited). The count stays the number of sales. The caller checked the amount is
+    /// there ([`SecurityCardError::RefundExceedsTotals`]).
+    fn count_refund(&mut self, amount: Money, issued: bool) {
+        let t = self.totals.entry(amount.currency).or_default();
+        if issued {
+            t.amount -= amount.minor;
+        } else {
+            t.amount += amount.minor;
+        }
+    }
+
     /// Counts a sale into (or, reversed, out of) the totals. An authentication counts
     /// nowhere: it is no payment ([0161]: no payment record).
     fn count(&mut self, amount: Money, sign: i8) {
@@ -357,7 +407,7 @@ impl SecurityCard {
             .txns
             .get(&security_card_txn)
             .ok_or(SecurityCardError::UnknownTransaction(security_card_txn))?;
-        if !resp.answers(&txn.command) {
+        if txn.state.is_credit() || !resp.answers(&txn.command) {
             return Err(SecurityCardError::ResponseMismatch);
         }
         if !Self::signatures_match(&txn.expected, resp) {
@@ -430,6 +480,9 @@ impl SecurityCard {
         match txn.state {
             TxnState::Reversed => Ok(()),
             TxnState::Completed => Err(SecurityCardError::AlreadyCompleted(security_card_txn)),
+            TxnState::CreditIssued | TxnState::CreditCompleted | TxnState::CreditReversed => {
+                Err(SecurityCardError::CreditNeedsProof(security_card_txn))
+            }
             TxnState::Awaiting => {
                 self.txns
                     .get_mut(&security_card_txn)
@@ -458,7 +511,7 @@ impl SecurityCard {
         let settled = self
             .txns
             .get(&security_card_txn)
-            .is_some_and(|t| matches!(t.state, TxnState::Completed | TxnState::EarlyRecorded));
+            .is_some_and(|t| t.state.settled());
         if settled {
             self.txns.remove(&security_card_txn);
         }
@@ -473,15 +526,183 @@ impl SecurityCard {
     /// checked against them). The number dropped.
     pub fn purge_settled_except(&mut self, open: &[u32]) -> usize {
         let before = self.txns.len();
-        self.txns.retain(|n, t| {
-            open.contains(n) || !matches!(t.state, TxnState::Completed | TxnState::EarlyRecorded)
-        });
+        self.txns
+            .retain(|n, t| open.contains(n) || !t.state.settled());
         before - self.txns.len()
+    }
+
+    /// Issues a refund's credit command (issue 17: a merchant refunds a purchase to the
+    /// card) for the card's INITIALIZE FOR CREDIT answer in `credit.init` (its MAC under
+    /// [`CreditCommand::INIT_LABEL`]), `credit.amount` in the card's currency. The refund
+    /// is counted off this card's totals at once — the card may credit as soon as it has
+    /// the command — and counted back only on the card's proof that it was not credited
+    /// ([`Self::reverse_credit`]). Which sale it refunds, and that it is refunded once and
+    /// not above its price, is the payment server's record to keep.
+    ///
+    /// # Errors
+    /// `BadCardData` (the MAC), `Hotlisted`, `WrongCurrency`, `Expired`, `ZeroAmount`,
+    /// `RefundExceedsTotals`, key version and counter errors.
+    pub fn issue_credit(
+        &mut self,
+        credit: &DrawData,
+        today: Date,
+    ) -> Result<CreditCommand, SecurityCardError> {
+        let init = &credit.init;
+        let sk = self
+            .master(init.key_version, false)?
+            .purchase_session(init.card_id, init.atc);
+        if !crypto::verify(
+            &sk,
+            CreditCommand::INIT_LABEL,
+            &init.signed_fields(),
+            &init.card_mac,
+        ) {
+            return Err(SecurityCardError::BadCardData);
+        }
+        if self.hotlist.blocks(init.card_id) {
+            return Err(SecurityCardError::Hotlisted {
+                card_id: init.card_id,
+            });
+        }
+        let amount = credit.amount;
+        if init.currency != amount.currency {
+            return Err(SecurityCardError::WrongCurrency {
+                card: init.currency,
+                purchase: amount.currency,
+            });
+        }
+        if init.expiry.is_expired_on(today) {
+            return Err(SecurityCardError::Expired);
+        }
+        if amount.minor == 0 {
+            return Err(SecurityCardError::ZeroAmount);
+        }
+        let total = self.total(amount.currency).amount;
+        if total < amount.minor {
+            return Err(SecurityCardError::RefundExceedsTotals {
+                total,
+                amount: amount.minor,
+            });
+        }
+        let security_card_txn = self
+            .txn_counter
+            .checked_add(1)
+            .ok_or(SecurityCardError::CounterExhausted)?;
+        self.txn_counter = security_card_txn;
+        let mut command = DebitCommand {
+            security_card_id: self.id,
+            security_card_txn,
+            card_id: init.card_id,
+            atc: init.atc,
+            amount: amount.minor,
+            currency: amount.currency,
+            date: today,
+            security_card_signature: [0; 8],
+        };
+        command.security_card_signature = crypto::sign(
+            &sk,
+            CreditCommand::LABEL,
+            &command.signed_fields(&init.card_random),
+        );
+        let expected_response = DebitResponse {
+            card_id: init.card_id,
+            atc: init.atc,
+            amount: amount.minor,
+            currency: amount.currency,
+            new_balance: init.balance.saturating_add(amount.minor),
+            security_card_id: self.id,
+            security_card_txn,
+            card_signature: [0; 8],
+        };
+        let expected = crypto::sign(
+            &sk,
+            CreditResponse::LABEL,
+            &expected_response.signed_fields(&init.card_random),
+        );
+        self.txns.insert(
+            security_card_txn,
+            Txn {
+                draw: credit.clone(),
+                command: command.clone(),
+                state: TxnState::CreditIssued,
+                expected,
+            },
+        );
+        self.count_refund(amount, true);
+        Ok(CreditCommand(command))
+    }
+
+    /// Verifies the card's signature on its credit response: the refund is credited.
+    /// Idempotent.
+    ///
+    /// # Errors
+    /// `UnknownTransaction`, `ResponseMismatch` (another refund, or not a refund),
+    /// `BadCardSignature`; `AlreadyCompleted` for a refund proved not credited (it cannot
+    /// have been: the card's proof ended its session).
+    pub fn complete_credit(
+        &mut self,
+        security_card_txn: u32,
+        resp: &CreditResponse,
+    ) -> Result<(), SecurityCardError> {
+        let txn = self
+            .txns
+            .get_mut(&security_card_txn)
+            .ok_or(SecurityCardError::UnknownTransaction(security_card_txn))?;
+        if !txn.state.is_credit() || !resp.0.answers(&txn.command) {
+            return Err(SecurityCardError::ResponseMismatch);
+        }
+        if !crypto::mac_eq(&txn.expected, &resp.0.card_signature) {
+            return Err(SecurityCardError::BadCardSignature);
+        }
+        match txn.state {
+            TxnState::CreditReversed => Err(SecurityCardError::AlreadyCompleted(security_card_txn)),
+            _ => {
+                txn.state = TxnState::CreditCompleted;
+                Ok(())
+            }
+        }
+    }
+
+    /// Reverses a refund the card proves it did not credit ([`Self::verify_not_debited`]'s
+    /// proof: a later INITIALIZE whose counter has not moved), counting it back into the
+    /// totals. Idempotent.
+    ///
+    /// # Errors
+    /// The proof's ([`Self::verify_not_debited`]); `AlreadyCompleted` for a refund the
+    /// card's signature proved credited; `ResponseMismatch` for a sale.
+    pub fn reverse_credit(
+        &mut self,
+        security_card_txn: u32,
+        proof: &PurchaseInit,
+    ) -> Result<(), SecurityCardError> {
+        let state = self
+            .txns
+            .get(&security_card_txn)
+            .ok_or(SecurityCardError::UnknownTransaction(security_card_txn))?
+            .state;
+        match state {
+            TxnState::CreditReversed => return Ok(()),
+            TxnState::CreditCompleted => {
+                return Err(SecurityCardError::AlreadyCompleted(security_card_txn));
+            }
+            TxnState::CreditIssued => {}
+            _ => return Err(SecurityCardError::ResponseMismatch),
+        }
+        self.verify_not_debited(security_card_txn, proof)?;
+        let txn = self
+            .txns
+            .get_mut(&security_card_txn)
+            .expect("looked up above");
+        txn.state = TxnState::CreditReversed;
+        let amount = txn.draw.amount;
+        self.count_refund(amount, false);
+        Ok(())
     }
 
     /// The collection record of a counted transaction.
     pub fn record(&self, security_card_txn: u32) -> Option<CollectionRecord> {
         let t = self.txns.get(&security_card_txn)?;
+        // Refunds are the payment server's records; the card's net totals carry them.
         matches!(t.state, TxnState::Completed | TxnState::EarlyRecorded).then(|| CollectionRecord {
             security_card_id: self.id,
             security_card_txn,

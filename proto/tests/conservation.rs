@@ -7,7 +7,9 @@
 //!   card balance + security-card totals + debits the security card has not yet counted
 //!     == initial balance + HSM totals + loads the HSM has not yet settled
 //! and once everything is recovered, both "not yet" terms are zero. Authentication draws
-//! (002 FIG. 16: zero in currency 999) move neither side.
+//! (002 FIG. 16: zero in currency 999) move neither side. Refunds (CREDIT) move value back
+//! from the security card's totals (at issue) to the card; one issued but not credited is
+//! a third "not yet" term until the card proves it was not credited.
 
 mod common;
 
@@ -47,6 +49,11 @@ enum Op {
         fault: Option<CardFault>,
         purse: Purse,
     },
+    /// A refund (CREDIT) of `amount` from the security card's totals to the card.
+    Refund {
+        amount: u64,
+        fate: Fate,
+    },
     Recover,
 }
 
@@ -79,6 +86,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (1u64..5_000, fate(), prop::option::weighted(0.3, prop_oneof![
             Just(CardFault::TrueNegative), Just(CardFault::FalseNegative), Just(CardFault::CounterBump)
         ]), purse()).prop_map(|(amount, fate, fault, purse)| Op::Load { amount, fate, fault, purse }),
+        2 => (1u64..3_000, fate()).prop_map(|(amount, fate)| Op::Refund { amount, fate }),
         1 => Just(Op::Recover),
     ]
 }
@@ -94,6 +102,9 @@ struct World {
     lost_debits: Vec<(u32, u64, Currency)>,
     /// (txid, amount, credited, purse) of loads the HSM has not settled.
     open_loads: Vec<(String, u64, bool, Purse)>,
+    /// (security_card_txn, amount, credited) of refunds issued whose outcome the security
+    /// card has not seen.
+    open_refunds: Vec<(u32, u64, bool)>,
     n: u32,
 }
 
@@ -113,10 +124,17 @@ impl World {
                 .filter(|l| l.2 && l.3 == purse)
                 .map(|l| l.1)
                 .sum();
+            // Issued, counted off, not on the card.
+            let uncredited: u64 = if purse == Purse::Money {
+                self.open_refunds.iter().filter(|r| !r.2).map(|r| r.1).sum()
+            } else {
+                0
+            };
             prop_assert_eq!(
                 self.card.state.purse(purse).0
                     + self.security_card.total(c).amount
-                    + pending_debits,
+                    + pending_debits
+                    + uncredited,
                 self.initial[i] + self.hsm.total(c).amount + pending_credits,
                 "value not conserved in {:?}",
                 purse
@@ -224,7 +242,76 @@ impl World {
         }
     }
 
+    fn refund(&mut self, amount: u64, fate: Fate) {
+        select(&mut self.card);
+        let init =
+            PurchaseInit::decode(&ok(&mut self.card, &commands::init_credit(TODAY))).unwrap();
+        let credit = proto::security_card::DrawData {
+            merchant_id: "M".into(),
+            transaction_id: format!("r{}", self.n),
+            amount: Money::new(amount, EUR),
+            init,
+        };
+        let Ok(cc) = self.security_card.issue_credit(&credit, TODAY) else {
+            return; // more than the totals hold: refused before anything moved
+        };
+        let txn = cc.0.security_card_txn;
+        match fate {
+            Fate::NeverSent => self.open_refunds.push((txn, amount, false)),
+            Fate::ResponseLost | Fate::Complete => {
+                let r = send(&mut self.card, &commands::credit(&cc));
+                let credited = r.sw.is_ok(); // or over the card's maximum
+                if credited && matches!(fate, Fate::Complete) {
+                    let resp = CreditResponse::decode(&r.data).unwrap();
+                    self.security_card.complete_credit(txn, &resp).unwrap();
+                } else {
+                    self.open_refunds.push((txn, amount, credited));
+                }
+            }
+        }
+    }
+
+    /// As the box does: a refund in doubt is settled before the card's next transaction —
+    /// a proof of "not credited" must be made before the card's counter moves on (after
+    /// that, only a credit's own log record proves anything).
+    fn settle_refunds(&mut self) {
+        if self.open_refunds.iter().any(|r| !r.2) {
+            self.recover_refunds();
+        }
+    }
+
     fn recover(&mut self) {
+        self.recover_refunds();
+        self.recover_debits_and_loads();
+    }
+
+    /// Refunds: the card's log proves a credit; a fresh proof INITIALIZE one it never made.
+    fn recover_refunds(&mut self) {
+        for (txn, _, credited) in std::mem::take(&mut self.open_refunds) {
+            if credited {
+                let rec = self
+                    .card
+                    .state
+                    .log
+                    .iter()
+                    .find(|r| r.kind == LogKind::Credit && r.counterparty_txn == txn)
+                    .expect("a credit the card made is in its log")
+                    .clone();
+                let resp = rec.credit_response(self.card.state.card_id).unwrap();
+                self.security_card.complete_credit(txn, &resp).unwrap();
+            } else {
+                select(&mut self.card);
+                let proof = PurchaseInit::decode(&ok(
+                    &mut self.card,
+                    &commands::init_purchase_proof(TODAY),
+                ))
+                .unwrap();
+                self.security_card.reverse_credit(txn, &proof).unwrap();
+            }
+        }
+    }
+
+    fn recover_debits_and_loads(&mut self) {
         // Debits: the card's log proves them; the security card counts them late.
         for (txn, _, _) in std::mem::take(&mut self.lost_debits) {
             select(&mut self.card);
@@ -271,10 +358,14 @@ proptest! {
             initial: [5_000, 3_000],
             lost_debits: vec![],
             open_loads: vec![],
+            open_refunds: vec![],
             n: 0,
         };
         for op in ops {
             w.n += 1;
+            if !matches!(op, Op::Recover) {
+                w.settle_refunds();
+            }
             match op {
                 Op::Buy { amount, early, fate, purse } => {
                     w.buy(Money::new(amount, currency(purse)), purse, early, fate)
@@ -288,13 +379,16 @@ proptest! {
                     prop_assert_eq!(w.card.state.atc, atc + u32::from(completes));
                 }
                 Op::Load { amount, fate, fault, purse } => w.load(amount, purse, fate, fault),
+                Op::Refund { amount, fate } => w.refund(amount, fate),
                 Op::Recover => w.recover(),
             }
             w.check()?;
         }
         w.recover();
         w.check()?;
-        prop_assert!(w.lost_debits.is_empty() && w.open_loads.is_empty());
+        prop_assert!(
+            w.lost_debits.is_empty() && w.open_loads.is_empty() && w.open_refunds.is_empty()
+        );
         for (i, purse) in PURSES.into_iter().enumerate() {
             let c = currency(purse);
             prop_assert_eq!(

@@ -440,10 +440,12 @@ fn read_cards(cx: &mut Ctx, files: &[PathBuf]) -> Result<BTreeMap<u64, CardView>
         // record by record.
         if complete {
             let mut bal: Option<u64> = history.opening_balance;
-            for r in records.values() {
+            // The money purse's chain: points and authentications move other purses (or
+            // none).
+            for r in records.values().filter(|r| r.currency == state.currency) {
                 let before = match r.kind {
                     LogKind::Debit => r.balance_after.checked_add(r.amount),
-                    LogKind::Load => r.balance_after.checked_sub(r.amount),
+                    LogKind::Load | LogKind::Credit => r.balance_after.checked_sub(r.amount),
                 };
                 if let (Some(b), Some(before)) = (bal, before) {
                     if b != before {

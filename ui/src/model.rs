@@ -122,6 +122,8 @@ pub enum ProgressStep {
 pub enum TxKind {
     Purchase,
     Load,
+    /// A merchant's refund credited to the card (CREDIT).
+    Refund,
 }
 
 /// The receipt shown after a completed purchase or load.

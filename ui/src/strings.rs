@@ -114,6 +114,7 @@ pub fn receipt_title(k: TxKind) -> &'static str {
     match k {
         TxKind::Purchase => "Purchase complete",
         TxKind::Load => "Value loaded",
+        TxKind::Refund => "Refund credited",
     }
 }
 
@@ -133,6 +134,7 @@ pub fn history_kind(k: TxKind) -> &'static str {
     match k {
         TxKind::Purchase => "Purchase",
         TxKind::Load => "Load",
+        TxKind::Refund => "Refund",
     }
 }
 

@@ -222,6 +222,8 @@ fn security_card_error(e: &SecurityCardError) -> ErrorCode {
         SecurityCardError::Hotlisted { .. } => ErrorCode::CardHotlisted,
         SecurityCardError::RetiredKeyVersion { .. } => ErrorCode::KeyRetired,
         SecurityCardError::Terminal(_) => ErrorCode::Busy,
+        SecurityCardError::RefundExceedsTotals { .. } => ErrorCode::AmountMismatch,
+        SecurityCardError::CreditNeedsProof(_) => ErrorCode::InDoubt,
     }
 }
 

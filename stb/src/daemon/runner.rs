@@ -420,11 +420,18 @@ impl Runner {
                         kind: match r.kind {
                             proto::purse::LogKind::Debit => ui::model::TxKind::Purchase,
                             proto::purse::LogKind::Load => ui::model::TxKind::Load,
+                            proto::purse::LogKind::Credit => ui::model::TxKind::Refund,
                         },
                         amount: ui_money(proto::money::Money::new(r.amount, r.currency)),
+                        // The purse the record moved: points, or money (an authentication's
+                        // balance is the money's).
                         balance_after: ui_money(proto::money::Money::new(
                             r.balance_after,
-                            info.currency,
+                            if r.currency == proto::money::Currency::AUTHENTICATION {
+                                info.currency
+                            } else {
+                                r.currency
+                            },
                         )),
                     })
                     .collect::<Vec<_>>(),

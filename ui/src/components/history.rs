@@ -58,11 +58,11 @@ impl HistoryView {
             .map(|e| {
                 let sign = match e.kind {
                     TxKind::Purchase => "-",
-                    TxKind::Load => "+",
+                    TxKind::Load | TxKind::Refund => "+",
                 };
                 let style = match e.kind {
                     TxKind::Purchase => theme::value(),
-                    TxKind::Load => theme::good(),
+                    TxKind::Load | TxKind::Refund => theme::good(),
                 };
                 Row::new(vec![
                     Cell::from(e.date.to_string()),

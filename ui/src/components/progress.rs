@@ -20,7 +20,7 @@ pub struct Progress {
 fn steps(kind: TxKind) -> [ProgressStep; 4] {
     let card = match kind {
         TxKind::Purchase => ProgressStep::DebitingCard,
-        TxKind::Load => ProgressStep::LoadingCard,
+        TxKind::Load | TxKind::Refund => ProgressStep::LoadingCard,
     };
     [
         ProgressStep::ReadingCard,
