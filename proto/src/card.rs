@@ -667,11 +667,32 @@ impl PurseCard {
         // A proof opens no session (no DEBIT can follow it), so a card that blocked or
         // expired since a draw still proves that draw was not debited.
         if !proof {
-            self.check_usable()?;
-            if self.state.expiry.is_expired_on(date) {
-                return Err(StatusWord::EXPIRED);
-            }
+            self.check_usable_on(date)?;
         }
+        let init = self.purchase_init(purse, b"IPUR")?;
+        if !proof {
+            self.session = Session::Purchase {
+                atc: init.atc,
+                card_random: init.card_random,
+                purse,
+            };
+        }
+        Ok(init.encode())
+    }
+
+    /// A usable (not blocked) card that has not expired on `date`.
+    fn check_usable_on(&self, date: Date) -> Result<(), StatusWord> {
+        self.check_usable()?;
+        if self.state.expiry.is_expired_on(date) {
+            return Err(StatusWord::EXPIRED);
+        }
+        Ok(())
+    }
+
+    /// The [`PurchaseInit`] of `purse` for the next transaction number, MACed under
+    /// `label` with the purse's purchase session key; the INITIALIZE count raised and
+    /// persisted (the freshness witness of every proof).
+    fn purchase_init(&mut self, purse: Purse, label: &[u8; 4]) -> Result<PurchaseInit, StatusWord> {
         let atc = self.next_atc()?;
         let init_count = self
             .state
@@ -698,15 +719,8 @@ impl PurseCard {
             card_mac: [0; 8],
         };
         let sk = s.keys.purse_purchase_session(purse, atc);
-        init.card_mac = crypto::sign(&sk, b"IPUR", &init.signed_fields());
-        if !proof {
-            self.session = Session::Purchase {
-                atc,
-                card_random,
-                purse,
-            };
-        }
-        Ok(init.encode())
+        init.card_mac = crypto::sign(&sk, label, &init.signed_fields());
+        Ok(init)
     }
 
     /// INITIALIZE FOR CREDIT: the money purse's [`PurchaseInit`], MACed under
@@ -719,38 +733,12 @@ impl PurseCard {
         if cmd.p2 != 0 {
             return Err(StatusWord::WRONG_P1P2);
         }
-        let date = parse_date(&cmd.data)?;
-        self.check_usable()?;
-        if self.state.expiry.is_expired_on(date) {
-            return Err(StatusWord::EXPIRED);
-        }
-        let atc = self.next_atc()?;
-        let init_count = self
-            .state
-            .purchase_inits
-            .checked_add(1)
-            .ok_or(StatusWord::BLOCKED)?;
-        self.state.purchase_inits = init_count;
-        self.changed = true;
-        let card_random = self.random();
-        let s = &self.state;
-        let mut init = PurchaseInit {
-            provider_id: s.provider_id,
-            card_id: s.card_id,
-            algorithm: ALG_TDES_MAC3,
-            expiry: s.expiry,
-            balance: s.balance,
-            currency: s.currency,
-            auth_mode: AUTH_MODE_DES,
-            atc,
-            init_count,
-            key_version: s.key_version,
-            card_random,
-            card_mac: [0; 8],
+        self.check_usable_on(parse_date(&cmd.data)?)?;
+        let init = self.purchase_init(Purse::Money, CreditCommand::INIT_LABEL)?;
+        self.session = Session::Credit {
+            atc: init.atc,
+            card_random: init.card_random,
         };
-        let sk = s.keys.purchase_session(atc);
-        init.card_mac = crypto::sign(&sk, CreditCommand::INIT_LABEL, &init.signed_fields());
-        self.session = Session::Credit { atc, card_random };
         Ok(init.encode())
     }
 

@@ -312,38 +312,8 @@ impl SecurityCard {
                 amount: draw.amount.minor,
             },
         )?;
-        let security_card_txn = self
-            .txn_counter
-            .checked_add(1)
-            .ok_or(SecurityCardError::CounterExhausted)?;
-        self.txn_counter = security_card_txn;
-        let mut command = DebitCommand {
-            security_card_id: self.id,
-            security_card_txn,
-            card_id: init.card_id,
-            atc: init.atc,
-            amount: draw.amount.minor,
-            currency: draw.amount.currency,
-            date: today,
-            security_card_signature: [0; 8],
-        };
-        command.security_card_signature =
-            crypto::sign(&sk, b"DCMD", &command.signed_fields(&init.card_random));
-        let expected_response = DebitResponse {
-            card_id: init.card_id,
-            atc: init.atc,
-            amount: draw.amount.minor,
-            currency: draw.amount.currency,
-            new_balance,
-            security_card_id: self.id,
-            security_card_txn,
-            card_signature: [0; 8],
-        };
-        let expected = crypto::sign(
-            &sk,
-            b"DRSP",
-            &expected_response.signed_fields(&init.card_random),
-        );
+        let (command, expected) = self.issue(draw, today, new_balance, &sk, (b"DCMD", b"DRSP"))?;
+        let security_card_txn = command.security_card_txn;
         let state = if early_release {
             TxnState::EarlyRecorded
         } else {
@@ -365,6 +335,53 @@ impl SecurityCard {
             command,
             expected_card_signature: early_release.then_some(expected),
         })
+    }
+
+    /// The next transaction number's command for `data` (a debit command, or a credit
+    /// command's fields), signed under `sk` with `labels.0`, and the card's expected
+    /// signature on its answer (`new_balance` after it) under `labels.1`.
+    fn issue(
+        &mut self,
+        data: &DrawData,
+        today: Date,
+        new_balance: u64,
+        sk: &crate::crypto::DesKey,
+        labels: (&[u8; 4], &[u8; 4]),
+    ) -> Result<(DebitCommand, Mac), SecurityCardError> {
+        let init = &data.init;
+        let security_card_txn = self
+            .txn_counter
+            .checked_add(1)
+            .ok_or(SecurityCardError::CounterExhausted)?;
+        self.txn_counter = security_card_txn;
+        let mut command = DebitCommand {
+            security_card_id: self.id,
+            security_card_txn,
+            card_id: init.card_id,
+            atc: init.atc,
+            amount: data.amount.minor,
+            currency: data.amount.currency,
+            date: today,
+            security_card_signature: [0; 8],
+        };
+        command.security_card_signature =
+            crypto::sign(sk, labels.0, &command.signed_fields(&init.card_random));
+        let expected_response = DebitResponse {
+            card_id: init.card_id,
+            atc: init.atc,
+            amount: data.amount.minor,
+            currency: data.amount.currency,
+            new_balance,
+            security_card_id: self.id,
+            security_card_txn,
+            card_signature: [0; 8],
+        };
+        let expected = crypto::sign(
+            sk,
+            labels.1,
+            &expected_response.signed_fields(&init.card_random),
+        );
+        Ok((command, expected))
     }
 
     /// Takes a refund off the net totals' amount (`issued`), or puts it back (proved not
@@ -584,41 +601,15 @@ impl SecurityCard {
                 amount: amount.minor,
             });
         }
-        let security_card_txn = self
-            .txn_counter
-            .checked_add(1)
-            .ok_or(SecurityCardError::CounterExhausted)?;
-        self.txn_counter = security_card_txn;
-        let mut command = DebitCommand {
-            security_card_id: self.id,
-            security_card_txn,
-            card_id: init.card_id,
-            atc: init.atc,
-            amount: amount.minor,
-            currency: amount.currency,
-            date: today,
-            security_card_signature: [0; 8],
-        };
-        command.security_card_signature = crypto::sign(
+        let new_balance = init.balance.saturating_add(amount.minor);
+        let (command, expected) = self.issue(
+            credit,
+            today,
+            new_balance,
             &sk,
-            CreditCommand::LABEL,
-            &command.signed_fields(&init.card_random),
-        );
-        let expected_response = DebitResponse {
-            card_id: init.card_id,
-            atc: init.atc,
-            amount: amount.minor,
-            currency: amount.currency,
-            new_balance: init.balance.saturating_add(amount.minor),
-            security_card_id: self.id,
-            security_card_txn,
-            card_signature: [0; 8],
-        };
-        let expected = crypto::sign(
-            &sk,
-            CreditResponse::LABEL,
-            &expected_response.signed_fields(&init.card_random),
-        );
+            (CreditCommand::LABEL, CreditResponse::LABEL),
+        )?;
+        let security_card_txn = command.security_card_txn;
         self.txns.insert(
             security_card_txn,
             Txn {
