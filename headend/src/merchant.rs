@@ -38,6 +38,12 @@ pub enum OfferState {
     Expired,
     /// The payment server reversed the transaction.
     Reversed,
+    // Appended (postcard indices above stay put).
+    /// The confirmation validated but nothing is released for it, for good: an
+    /// authenticated card that is no member of the benefits programme. Answered, and every
+    /// repeat, with a receipt that says so (`released: false`) — a final answer, so the box
+    /// does not keep proving what was already accepted.
+    Declined,
 }
 
 /// The merchant's record of an offer (journal kind `offer`). Expired and Reversed are not
@@ -298,7 +304,7 @@ impl MerchantServer {
             );
         };
         let raw = journal::encode(&c);
-        if let (OfferState::Released, Some(r)) = (rec.state, &rec.receipt) {
+        if let (OfferState::Released | OfferState::Declined, Some(r)) = (rec.state, &rec.receipt) {
             // Replayed: the receipt already given, nothing more released.
             return crate::role::repeat(
                 rec.confirmation.as_ref(),
@@ -333,15 +339,11 @@ impl MerchantServer {
             (Proved::Authenticated { card_id }, _) => {
                 // The benefits server (208′) maps the card to its member account.
                 let Some(member) = shop.def.members.iter().find(|m| m.card_id == card_id) else {
-                    let why = format!("card {card_id:#X} is not a member of {}", shop.def.name);
-                    let _ = self
-                        .journal
-                        .step(&txid, &MerchantStep::ConfirmationRefused, &why);
-                    return refuse(
-                        ErrorCode::NotYourAccount,
-                        format!("{why}; nothing released"),
-                        Some(&txid),
+                    let why = format!(
+                        "Card {card_id} is not a member of {}: no benefit (nothing was charged)",
+                        shop.def.name
                     );
+                    return self.decline(rec, raw, why);
                 };
                 let n = self.next_order.fetch_add(1, Ordering::Relaxed);
                 (
@@ -396,6 +398,31 @@ impl MerchantServer {
         Message::Receipt(receipt)
     }
 
+    /// Closes `rec` for good without releasing anything ([`OfferState::Declined`]), and
+    /// answers with the receipt that says why (`released: false`), journaled first.
+    fn decline(&self, mut rec: OfferRecord, confirmation: Vec<u8>, why: String) -> Message {
+        let txid = rec.offer.transaction_id.clone();
+        let receipt = Receipt {
+            transaction_id: txid.clone(),
+            released: false,
+            text: why.clone(),
+            entitlement: None,
+            new_balance: None,
+        };
+        rec.state = OfferState::Declined;
+        rec.receipt = Some(receipt.clone());
+        rec.confirmation = Some(confirmation);
+        if let Err(e) = self.journal.atomically(|b| {
+            b.put(Kind::Offer, &txid, &journal::encode(&rec))?;
+            b.delete(Kind::Open, &txid)?;
+            b.step(&txid, &MerchantStep::Declined, &why)
+        }) {
+            return crate::role::journal_failed(e, Some(&txid));
+        }
+        tracing::info!(txid, why, "nothing released: declined");
+        Message::Receipt(receipt)
+    }
+
     /// The payment server reversed `n`: an offer not released moves to Reversed. A released
     /// one stays released — its confirmation proved the card's debit, which the payment
     /// server counts when the debit response reaches it.
@@ -410,7 +437,7 @@ impl MerchantServer {
             return ack;
         };
         match rec.state {
-            OfferState::Released | OfferState::Reversed => ack,
+            OfferState::Released | OfferState::Reversed | OfferState::Declined => ack,
             OfferState::Offered | OfferState::Expired => {
                 rec.state = OfferState::Reversed;
                 match self.journal.atomically(|b| {

@@ -1497,12 +1497,28 @@ async fn an_authentication_draw_moves_the_counter_not_the_balance_and_makes_no_p
             ["offer made", "goods released"]
         );
 
-        // A card that is not a member: authenticated, but no benefit.
+        // A card that is not a member: authenticated, but no benefit — a final answer that
+        // says so (the first outside attack on this found a refusal the box retried for
+        // ever, the card's counter having moved).
         let mut stranger = TestBox::new(&he, "box-000002", 5_000).await;
         let (offer, answer) = stranger.buy("M-MILES", "lounge").await;
-        assert_eq!(error_code(&answer), ErrorCode::NotYourAccount, "{answer:?}");
+        let Message::Receipt(r) = &answer else {
+            panic!("{embodiment}: expected a final receipt, got {answer:?}")
+        };
+        assert!(!r.released && r.text.contains("not a member"), "{r:?}");
         assert_eq!(merchant.releases(&offer.transaction_id), 0);
         assert_eq!(stranger.balance(), 5_000);
+        assert_eq!(
+            merchant.journal().steps(&offer.transaction_id).unwrap(),
+            ["offer made", "declined: nothing released"]
+        );
+        assert!(
+            eventually(|| payment
+                .txn(&offer.transaction_id)
+                .is_some_and(|t| t.state == PayState::Completed))
+            .await,
+            "{embodiment}: the authentication itself completed"
+        );
 
         // A forged "authentication OK" (sealed under a made-up key) releases nothing.
         let offer = b.offer("M-MILES", "lounge").await;

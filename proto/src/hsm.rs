@@ -42,7 +42,11 @@ pub enum HsmError {
     BadS3,
     #[error("card key version {card} is not one this HSM holds ({ours})")]
     UnknownKeyVersion { card: u8, ours: u8 },
-    #[error("the card's currency {card:?} is not the load currency {load:?}")]
+    #[error(
+        "the card's currency {} is not the load currency {}",
+        .card.alpha(),
+        .load.alpha()
+    )]
     WrongCurrency { card: Currency, load: Currency },
     #[error("the card expired")]
     Expired,

@@ -54,7 +54,7 @@ impl Currency {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MoneyError {
-    #[error("currency mismatch: {left:?} vs {right:?}")]
+    #[error("currency mismatch: {} vs {}", .left.alpha(), .right.alpha())]
     CurrencyMismatch { left: Currency, right: Currency },
     #[error("arithmetic overflow")]
     Overflow,

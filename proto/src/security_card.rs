@@ -27,7 +27,11 @@ pub enum SecurityCardError {
     BadCardData,
     #[error("card key version {card} is not one this security card holds ({ours})")]
     UnknownKeyVersion { card: u8, ours: u8 },
-    #[error("the card's currency {card:?} is not the purchase currency {purchase:?}")]
+    #[error(
+        "the card's currency {} is not the purchase currency {}",
+        .card.alpha(),
+        .purchase.alpha()
+    )]
     WrongCurrency { card: Currency, purchase: Currency },
     #[error("the card expired")]
     Expired,

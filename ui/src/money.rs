@@ -37,6 +37,8 @@ impl Currency {
     /// fonts, and "EUR" reads as well from the sofa.
     pub fn alpha(&self) -> Option<&'static str> {
         Some(match self.code {
+            // Loyalty points (002): code 000, which ISO 4217 gives no currency.
+            0 => "PTS",
             36 => "AUD",
             124 => "CAD",
             156 => "CNY",
@@ -54,6 +56,7 @@ impl Currency {
             949 => "TRY",
             978 => "EUR",
             985 => "PLN",
+            999 => "XXX",
             _ => return None,
         })
     }
@@ -148,10 +151,7 @@ mod tests {
             "no charge"
         );
         // Value in that currency is not an authentication: shown as it is.
-        assert_eq!(
-            Money::new(5, Currency::AUTHENTICATION).to_string(),
-            "5 #999"
-        );
+        assert_eq!(Money::new(5, Currency::AUTHENTICATION).to_string(), "5 XXX");
     }
 
     #[test]

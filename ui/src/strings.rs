@@ -118,6 +118,8 @@ pub fn receipt_title(k: TxKind) -> &'static str {
     }
 }
 
+/// An authentication's receipt (002 FIG. 16): the card proved itself, nothing was paid.
+pub const RECEIPT_AUTHENTICATED: &str = "Card authenticated";
 pub const RECEIPT_AMOUNT: &str = "Amount";
 pub const RECEIPT_NEW_BALANCE: &str = "New balance";
 pub const RECEIPT_DATE: &str = "Date";

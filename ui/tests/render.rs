@@ -292,3 +292,36 @@ fn every_error_says_what_happened_and_what_to_do() {
         assert_on(&screen(&app), &[title, happened, todo, "REF-42"]);
     }
 }
+
+/// A points redemption's and an authentication's receipts: the new balance in points, and
+/// an authentication headed as one, its money balance kept.
+#[test]
+fn receipts_for_points_and_authentications() {
+    let pts = ui::money::Currency::new(0, 0);
+    let mut app = ready_app();
+    update(
+        &mut app,
+        UiUpdate::Receipt(Receipt {
+            amount: ui::money::Money::new(20_000, pts),
+            balance_after: ui::money::Money::new(10_000, pts),
+            ..receipt()
+        }),
+    );
+    let s = screen(&app);
+    assert_on(
+        &s,
+        &["Purchase complete", "20000 PTS", "New balance", "PTS"],
+    );
+    assert!(!s.contains("#000"), "{s}");
+    update(
+        &mut app,
+        UiUpdate::Receipt(Receipt {
+            amount: ui::money::Money::new(0, ui::money::Currency::AUTHENTICATION),
+            balance_after: eur(5000),
+            ..receipt()
+        }),
+    );
+    let s = screen(&app);
+    assert_on(&s, &["Card authenticated", "no charge", "New balance"]);
+    assert!(!s.contains("Purchase complete"), "{s}");
+}

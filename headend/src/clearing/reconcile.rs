@@ -143,8 +143,9 @@ pub fn reconcile(
                 Some(r) => brk(
                     txid.clone(),
                     format!(
-                        "the card reported {} {:?} but the payment server completed {}",
-                        r.amount, r.currency, t.amount
+                        "the card reported {} but the payment server completed {}",
+                        proto::money::Money::new(r.amount, r.currency),
+                        t.amount
                     ),
                 ),
                 None => brk(

@@ -17,6 +17,8 @@ pub enum MerchantStep {
     ReversedByThePaymentServer,
     /// "offer expired"
     OfferExpired,
+    /// "declined: nothing released"
+    Declined,
 }
 
 impl MerchantStep {
@@ -28,6 +30,7 @@ impl MerchantStep {
             MerchantStep::GoodsReleased => "goods released",
             MerchantStep::ReversedByThePaymentServer => "reversed by the payment server",
             MerchantStep::OfferExpired => "offer expired",
+            MerchantStep::Declined => "declined: nothing released",
         }
     }
 }

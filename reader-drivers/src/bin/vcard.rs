@@ -370,14 +370,20 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 s.bad_key_limit
             );
             for r in s.log.iter().rev() {
-                // Each record in its own currency: money, points, or an authentication.
+                // Each record in its own currency: money, points, or an authentication
+                // (whose balance after is the money's).
                 let amount = |minor| proto::money::Money::new(minor, r.currency).to_string();
+                let balance_currency = if r.currency == proto::money::Currency::AUTHENTICATION {
+                    s.currency
+                } else {
+                    r.currency
+                };
                 println!(
                     "  #{:<4} {:?}  {:>12}  balance after {:>12}  {}-{:02}-{:02}",
                     r.atc,
                     r.kind,
                     amount(r.amount),
-                    amount(r.balance_after),
+                    proto::money::Money::new(r.balance_after, balance_currency).to_string(),
                     r.date.year,
                     r.date.month,
                     r.date.day

@@ -10,7 +10,12 @@ use ratatui::text::Span;
 use ratatui::widgets::Paragraph;
 
 pub fn draw(f: &mut Frame, area: Rect, r: &Receipt) {
-    let block = screen_block(strings::receipt_title(r.kind));
+    let title_text = if r.amount.currency == crate::money::Currency::AUTHENTICATION {
+        strings::RECEIPT_AUTHENTICATED
+    } else {
+        strings::receipt_title(r.kind)
+    };
+    let block = screen_block(title_text);
     let inner = block.inner(area).inner(Margin::new(2, 1));
     f.render_widget(block, area);
     let [title, _, lines_area, _, bal_label, big, _, refs] = Layout::vertical([
@@ -25,7 +30,7 @@ pub fn draw(f: &mut Frame, area: Rect, r: &Receipt) {
     ])
     .areas(inner);
     f.render_widget(
-        Paragraph::new(Span::styled(strings::receipt_title(r.kind), theme::good())),
+        Paragraph::new(Span::styled(title_text, theme::good())),
         title,
     );
     f.render_widget(
