@@ -164,6 +164,7 @@ fn hsm_code(e: &HsmError) -> ErrorCode {
         HsmError::WrongCurrency { .. } => ErrorCode::WrongCurrency,
         HsmError::Expired => ErrorCode::Expired,
         HsmError::OverMaxBalance { .. } => ErrorCode::OverMaxBalance,
+        HsmError::InsufficientValue { .. } => ErrorCode::InsufficientValue,
         HsmError::AmountMismatch { .. } | HsmError::ResponseMismatch => ErrorCode::AmountMismatch,
         HsmError::ZeroAmount | HsmError::BadZeroValueRequest => ErrorCode::Malformed,
         HsmError::UnknownTransaction(_) => ErrorCode::UnknownTransaction,

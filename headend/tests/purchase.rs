@@ -1350,53 +1350,6 @@ async fn a_corrupted_debit_response_is_refused_and_the_genuine_one_still_counts(
     }
 }
 
-/// Adds a benefits server (002 FIG. 16: a `loyalty` merchant, "M-MILES") to the demo's
-/// config: its shared key beside the others, one benefit claimed by an authentication
-/// (price 0 in currency 999), one redeemed for 20,000 points (currency 000), and the card of `TestBox::new(_, _, 10_000)` as member
-/// "FF-0042".
-fn with_benefits_server(config: &std::path::Path, text: &str, embodiment: &str) -> String {
-    use rand::RngCore;
-    let mut key = [0u8; 16];
-    rand::rngs::OsRng.fill_bytes(&mut key);
-    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-    let keys = config.parent().unwrap().join("keys");
-    proto::secret::write_private(&keys.join("merchant-M-MILES.key"), hex.as_bytes()).unwrap();
-    let member = 0xC0DE_0000u64 + 10_000;
-    format!(
-        r#"{text}
-[[merchants]]
-id = "M-MILES"
-name = "Miles programme"
-kind = "loyalty"
-shared_key_file = "{keys}/merchant-M-MILES.key"
-embodiment = "{embodiment}"
-payment = "payment"
-merchant = "merchant"
-
-[[merchants.items]]
-id = "lounge"
-title = "Airport lounge pass"
-kind = "benefit"
-amount = 0
-currency = 999
-exponent = 0
-
-[[merchants.items]]
-id = "ticket"
-title = "Round-trip ticket"
-kind = "benefit"
-amount = 20000
-currency = 0
-exponent = 0
-
-[[merchants.members]]
-card_id = {member}
-account = "FF-0042"
-"#,
-        keys = keys.display()
-    )
-}
-
 /// 002 FIG. 16, the authentication embodiment, in every comparison embodiment with the
 /// FIG. 8 layer: an offer of 0 in the special currency goes through the gateway; the card's
 /// counter rises by one and its balance does not move; the merchant releases the benefit on

@@ -282,13 +282,23 @@ async fn start_with_psam(
     list: &'static str,
     fault: Fault,
 ) -> (HeadEnd, Served, tempfile::TempDir) {
+    start_with_psam_edited(embodiment, list, fault, |_, t| t.to_string()).await
+}
+
+/// [`start_with_psam`] with `edit` applied to the config first.
+async fn start_with_psam_edited(
+    embodiment: &str,
+    list: &'static str,
+    fault: Fault,
+    edit: impl FnOnce(&Path, &str) -> String,
+) -> (HeadEnd, Served, tempfile::TempDir) {
     let psam_dir = tempfile::tempdir().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let file = Arc::new(Mutex::new(None));
     let (f2, d2) = (file.clone(), psam_dir.path().to_path_buf());
     let he = start_prepared(Backend::Sqlite, options(embodiment, true), move |c, t| {
         *f2.lock().unwrap() = Some(make_psam(c, t, &d2));
-        with_terminals(t, list)
+        with_terminals(&edit(c, t), list)
     })
     .await
     .unwrap();
@@ -1067,4 +1077,54 @@ async fn offline_commands_send_nothing_to_the_daemon_s_security_card() {
         "the offline command sent the security card nothing but the daemon's probes"
     );
     he.running.stop().await;
+}
+
+/// 002 FIG. 16 and points with the security card in a PC/SC reader: the PSAM verifies an
+/// authentication and counts nothing (its own totals), and redeems 20,000 of a card's
+/// 30,000 points under the points purse's keys, counted in points.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authentication_and_a_points_redemption_through_the_pcsc_security_card() {
+    if !require_psam_reader(
+        "an_authentication_and_a_points_redemption_through_the_pcsc_security_card",
+    ) {
+        return;
+    }
+    let _lock = lock_reader().await;
+    let (he, served, _dir) =
+        start_with_psam_edited("security-card", PCSC_ONLY, no_fault(), |c, t| {
+            with_benefits_server(c, t, "security-card")
+        })
+        .await;
+    let payment = he.running.payment.as_ref().unwrap();
+    assert!(eventually(|| payment.pool().down().is_empty()).await);
+    let mut b = TestBox::new(&he, "box-000001", 10_000).await;
+    b.0.card.state.points = 30_000;
+    let (offer, answer) = b.buy("M-MILES", "lounge").await;
+    assert!(
+        matches!(answer, Message::Receipt(ref r) if r.released),
+        "{answer:?}"
+    );
+    assert_eq!(
+        payment.txn(&offer.transaction_id).unwrap().security_card_id,
+        PSAM_ID
+    );
+    let (_, answer) = b.buy("M-MILES", "ticket").await;
+    assert!(
+        matches!(answer, Message::Receipt(ref r) if r.released),
+        "{answer:?}"
+    );
+    let card = &b.0.card.state;
+    assert_eq!((card.balance, card.points, card.atc), (10_000, 10_000, 2));
+    // The security card's own file: the points counted, the authentication nowhere.
+    let s = served.status();
+    let points = s.totals.get(&proto::money::Currency::POINTS).copied();
+    assert_eq!(points.map(|t| (t.count, t.amount)), Some((1, 20_000)));
+    assert!(
+        !s.totals
+            .contains_key(&proto::money::Currency::AUTHENTICATION),
+        "{:?}",
+        s.totals
+    );
+    he.running.stop().await;
+    drop(served);
 }

@@ -15,6 +15,8 @@
 //! | DEBIT                    | 80 54 00 00   | [`DebitCommand`]; zero in [`Currency::AUTHENTICATION`] is an authentication draw (002 FIG. 16): the counter and log move, the balance does not | [`DebitResponse`]        |
 //! | INITIALIZE FOR CREDIT    | 80 50 03 00   | date (YYYY MM DD)        | [`PurchaseInit`] of the money purse, MACed under [`CreditCommand::INIT_LABEL`]: opens a refund session |
 //! | CREDIT                   | 80 56 00 00   | [`CreditCommand`] (a refund, signed by the merchant's security card) | [`CreditResponse`]; logged as [`LogKind::Credit`] |
+//! | INITIALIZE FOR UNLOAD    | 80 50 04 00   | [`LoadInitRequest`] (amount ≤ the purse's balance; 0: the proof of the negative-result procedure) | [`LoadInit`], S1 under [`Direction::Unload`]'s label |
+//! | UNLOAD                   | 80 58 00 00   | [`LoadCommand`], S2 under [`Direction::Unload`]'s label | [`LoadResponse`], S3 (the card's proof it gave the value up); logged as [`LogKind::Unload`] |
 //! | INITIALIZE FOR LOAD      | 80 50 02 00   | [`LoadInitRequest`]; its currency names the purse (points: [`Currency::POINTS`], at most [`POINTS_MAX`], the points purse's load key) | [`LoadInit`] (S1)        |
 //! | LOAD                     | 80 52 00 00   | [`LoadCommand`] (S2), then the issuer's sealed [`KeyUpdate`] (56 bytes) and/or [`Unblock`] (24 bytes), each optional | [`LoadResponse`] (S3)    |
 //! | READ LOG                 | 80 B2 nn 00   | — (nn = 1 is the newest) | [`LogRecord`]            |
@@ -105,6 +107,10 @@ pub const P1_INIT_LOAD: u8 = 0x02;
 pub const P1_INIT_CREDIT: u8 = 0x03;
 /// CREDIT: a merchant's refund, signed by its security card ([`CreditCommand`]).
 pub const INS_CREDIT: u8 = 0x56;
+/// INITIALIZE FOR UNLOAD: value back to the issuer (issue 17; 004 card-to-bank).
+pub const P1_INIT_UNLOAD: u8 = 0x04;
+/// UNLOAD: the HSM's unload command (S2 under [`Direction::Unload`]'s label).
+pub const INS_UNLOAD: u8 = 0x58;
 /// INITIALIZE FOR PURCHASE's P2 for a proof: the same MACed answer, no session opened (no
 /// DEBIT can follow), and answered by a blocked or expired card too — the cancel's and
 /// recovery's proof that a draw was not debited.
@@ -434,6 +440,7 @@ enum Session {
         atc: u32,
         request: LoadInitRequest,
         s1: Mac,
+        direction: Direction,
     },
     Credit {
         atc: u32,
@@ -549,13 +556,15 @@ impl PurseCard {
                     INS_READ_PURSE => self.read_purse(cmd),
                     INS_INITIALIZE => match cmd.p1 {
                         P1_INIT_PURCHASE => self.init_purchase(cmd),
-                        P1_INIT_LOAD => self.init_load(cmd),
+                        P1_INIT_LOAD => self.init_load(cmd, Direction::Load),
+                        P1_INIT_UNLOAD => self.init_load(cmd, Direction::Unload),
                         P1_INIT_CREDIT => self.init_credit(cmd),
                         _ => Err(StatusWord::WRONG_P1P2),
                     },
                     INS_DEBIT => self.debit(cmd),
                     INS_CREDIT => self.credit(cmd),
-                    INS_LOAD => self.load(cmd),
+                    INS_LOAD => self.load(cmd, Direction::Load),
+                    INS_UNLOAD => self.load(cmd, Direction::Unload),
                     INS_READ_LOG => self.read_log(cmd),
                     _ => Err(StatusWord::UNKNOWN_INSTRUCTION),
                 }
@@ -914,7 +923,10 @@ impl PurseCard {
         Ok(resp.encode())
     }
 
-    fn init_load(&mut self, cmd: &Command) -> Answer {
+    /// INITIALIZE FOR LOAD, or (`Direction::Unload`) FOR UNLOAD: S1 under the direction's
+    /// label. An unload needs the value on the card; its zero-value form is the proof of the
+    /// negative-result procedure in reverse, answered by a blocked card too.
+    fn init_load(&mut self, cmd: &Command, direction: Direction) -> Answer {
         self.session = Session::None;
         // A card locked by bad signatures may start a load: only the issuer's UNBLOCK,
         // inside a bank load, opens it (and its LOAD is refused without one).
@@ -930,9 +942,19 @@ impl PurseCard {
         if s.expiry.is_expired_on(req.date) {
             return Err(StatusWord::EXPIRED);
         }
-        match balance.checked_add(req.amount) {
-            Some(total) if total <= max_balance => {}
-            _ => return Err(StatusWord::OVER_MAX_BALANCE),
+        match direction {
+            Direction::Load => match balance.checked_add(req.amount) {
+                Some(total) if total <= max_balance => {}
+                _ => return Err(StatusWord::OVER_MAX_BALANCE),
+            },
+            Direction::Unload => {
+                if balance < req.amount {
+                    return Err(StatusWord::INSUFFICIENT_VALUE);
+                }
+                if req.amount != 0 {
+                    self.check_usable()?;
+                }
+            }
         }
         let atc = self.next_atc()?;
         let init_count = self
@@ -959,21 +981,38 @@ impl PurseCard {
             card_random,
             s1: [0; 8],
         };
-        init.s1 = crypto::sign(&s.keys.purse_load(purse), b"S1LD", &init.signed_fields());
+        init.s1 = crypto::sign(
+            &s.keys.purse_load(purse),
+            direction.labels().0,
+            &init.signed_fields(),
+        );
         self.session = Session::Load {
             atc,
             request: req,
             s1: init.s1,
+            direction,
         };
         Ok(init.encode())
     }
 
-    fn load(&mut self, cmd: &Command) -> Answer {
-        let Session::Load { atc, request, s1 } =
-            std::mem::replace(&mut self.session, Session::None)
+    /// LOAD, or (`Direction::Unload`) UNLOAD: the HSM's command with S2 under the
+    /// direction's label, for this session's direction only. An unload takes the value off
+    /// the purse (no issuer items ride in it); the card's S3 is its proof either way.
+    fn load(&mut self, cmd: &Command, direction: Direction) -> Answer {
+        let session = std::mem::replace(&mut self.session, Session::None);
+        let Session::Load {
+            atc,
+            request,
+            s1,
+            direction: opened,
+        } = session
         else {
             return Err(StatusWord::WRONG_STATE);
         };
+        if opened != direction {
+            return Err(StatusWord::WRONG_STATE);
+        }
+        let (s2_label, s3_label) = (direction.labels().1, direction.labels().2);
         // The load command, then (optionally) the issuer's sealed key update, then
         // (optionally) its sealed UNBLOCK, told apart by their lengths.
         let (lc, rest) = cmd.data.split_at(cmd.data.len().min(LoadCommand::LEN));
@@ -993,11 +1032,11 @@ impl PurseCard {
         }
         // The issuer's key update and UNBLOCK ride in money loads only.
         let purse = Purse::of(request.currency);
-        if purse == Purse::Points && !rest.is_empty() {
+        if (purse == Purse::Points || direction == Direction::Unload) && !rest.is_empty() {
             return Err(StatusWord::BAD_DATA);
         }
         let key: DesKey = self.state.keys.purse_load(purse);
-        if !crypto::verify(&key, b"S2LD", &lc.signed_fields(&s1), &lc.s2) {
+        if !crypto::verify(&key, s2_label, &lc.signed_fields(&s1), &lc.s2) {
             return Err(self.bad_signature());
         }
         let blocked = self.state.status & STATUS_BLOCKED != 0;
@@ -1041,13 +1080,16 @@ impl PurseCard {
             return Err(StatusWord::BLOCKED);
         }
         self.good_signature();
-        let credited = self
-            .state
-            .purse(purse)
-            .0
-            .checked_add(lc.amount)
-            .filter(|b| *b <= self.state.purse_max(purse))
-            .ok_or(StatusWord::OVER_MAX_BALANCE)?;
+        let balance = self.state.purse(purse).0;
+        let credited = match direction {
+            Direction::Load => balance
+                .checked_add(lc.amount)
+                .filter(|b| *b <= self.state.purse_max(purse))
+                .ok_or(StatusWord::OVER_MAX_BALANCE)?,
+            Direction::Unload => balance
+                .checked_sub(lc.amount)
+                .ok_or(StatusWord::INSUFFICIENT_VALUE)?,
+        };
         let fault = self.state.fault.take();
         let (result, credit, counter_moves) = match fault {
             None => (LOAD_OK, true, true),
@@ -1087,10 +1129,13 @@ impl PurseCard {
             new_balance: self.state.purse(purse).0,
             s3: [0; 8],
         };
-        resp.s3 = crypto::sign(&key, b"S3LD", &resp.signed_fields(&lc.s2));
+        resp.s3 = crypto::sign(&key, s3_label, &resp.signed_fields(&lc.s2));
         if credit {
             self.state.push_log(LogRecord {
-                kind: LogKind::Load,
+                kind: match direction {
+                    Direction::Load => LogKind::Load,
+                    Direction::Unload => LogKind::Unload,
+                },
                 atc,
                 amount: lc.amount,
                 currency: lc.currency,
@@ -1159,6 +1204,22 @@ pub mod commands {
         let mut d = date.year.to_be_bytes().to_vec();
         d.extend_from_slice(&[date.month, date.day]);
         Command::new(CLA_PURSE, INS_INITIALIZE, P1_INIT_CREDIT, 0, d, Some(0)).to_bytes()
+    }
+    /// INITIALIZE FOR UNLOAD: S1 of an unload of `req.amount` (0: the zero-value proof).
+    pub fn init_unload(req: &LoadInitRequest) -> Vec<u8> {
+        Command::new(
+            CLA_PURSE,
+            INS_INITIALIZE,
+            P1_INIT_UNLOAD,
+            0,
+            req.encode(),
+            Some(0),
+        )
+        .to_bytes()
+    }
+    /// UNLOAD with the HSM's unload command.
+    pub fn unload(lc: &LoadCommand) -> Vec<u8> {
+        Command::new(CLA_PURSE, INS_UNLOAD, 0, 0, lc.encode(), Some(0)).to_bytes()
     }
     /// CREDIT with the security card's credit command.
     pub fn credit(cc: &CreditCommand) -> Vec<u8> {

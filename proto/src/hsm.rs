@@ -78,6 +78,9 @@ pub enum HsmError {
     /// The key store (a hardware token) failed to derive a card key. Appended.
     #[error("the HSM's key store failed: {0}")]
     KeyStore(String),
+    /// An unload of more than the card holds (S1 covers the balance).
+    #[error("the unload of {amount} is more than the card's balance {balance}")]
+    InsufficientValue { balance: u64, amount: u64 },
 }
 
 /// Where the HSM's load masters live and derive card keys: in memory ([`MasterKeys`], the
@@ -164,6 +167,10 @@ pub struct Hsm {
     master: Option<std::sync::Arc<dyn LoadKeyStore>>,
     pub txns: BTreeMap<String, LoadTxn>,
     pub totals: BTreeMap<Currency, Totals>,
+    /// Unloads (issue 17, [`Direction::Unload`]), by transaction id, apart from the loads.
+    pub unloads: BTreeMap<String, LoadTxn>,
+    /// What cards proved they gave back, per currency.
+    pub unloaded: BTreeMap<Currency, Totals>,
     /// The issuer's hotlist, given to the HSM like its key (not in a snapshot: the load
     /// server loads its newest at every start and on every update).
     #[serde(skip)]
@@ -181,6 +188,8 @@ impl Hsm {
             master: Some(std::sync::Arc::new(master.into())),
             txns: BTreeMap::new(),
             totals: BTreeMap::new(),
+            unloads: BTreeMap::new(),
+            unloaded: BTreeMap::new(),
             hotlist: Hotlist::default(),
             rekey: None,
         }
@@ -267,6 +276,8 @@ impl Hsm {
             master: Some(store),
             txns: BTreeMap::new(),
             totals: BTreeMap::new(),
+            unloads: BTreeMap::new(),
+            unloaded: BTreeMap::new(),
             hotlist: Hotlist::default(),
             rekey: None,
         }
@@ -300,9 +311,9 @@ impl Hsm {
         Ok(Purse::of(init.currency).key(&card))
     }
 
-    fn check_s1(&self, init: &LoadInit) -> Result<(), HsmError> {
+    fn check_s1(&self, init: &LoadInit, dir: Direction) -> Result<(), HsmError> {
         let key = self.purse_load_key(init)?;
-        if crypto::verify(&key, b"S1LD", &init.signed_fields(), &init.s1) {
+        if crypto::verify(&key, dir.labels().0, &init.signed_fields(), &init.s1) {
             Ok(())
         } else {
             Err(HsmError::BadS1)
@@ -317,14 +328,57 @@ impl Hsm {
         amount: Money,
         today: Date,
     ) -> Result<LoadCommand, HsmError> {
-        if let Some(t) = self.txns.get(transaction_id) {
+        self.authorize_in(Direction::Load, transaction_id, init, amount, today)
+    }
+
+    /// An unload (issue 17; 004 card-to-bank): verifies the card's S1 of INITIALIZE FOR
+    /// UNLOAD and issues the unload command with S2, both under the unload labels. The
+    /// value is the issuer's again only when [`Self::confirm_unload`] (the card's S3) or
+    /// [`Self::resolve_unload_negative`] proves the card gave it up. Idempotent per
+    /// transaction id.
+    ///
+    /// # Errors
+    /// As [`Self::authorize`]; `InsufficientValue` for more than the card holds.
+    pub fn authorize_unload(
+        &mut self,
+        transaction_id: &str,
+        init: &LoadInit,
+        amount: Money,
+        today: Date,
+    ) -> Result<LoadCommand, HsmError> {
+        self.authorize_in(Direction::Unload, transaction_id, init, amount, today)
+    }
+
+    fn book(&self, dir: Direction) -> &BTreeMap<String, LoadTxn> {
+        match dir {
+            Direction::Load => &self.txns,
+            Direction::Unload => &self.unloads,
+        }
+    }
+
+    fn book_mut(&mut self, dir: Direction) -> &mut BTreeMap<String, LoadTxn> {
+        match dir {
+            Direction::Load => &mut self.txns,
+            Direction::Unload => &mut self.unloads,
+        }
+    }
+
+    fn authorize_in(
+        &mut self,
+        dir: Direction,
+        transaction_id: &str,
+        init: &LoadInit,
+        amount: Money,
+        today: Date,
+    ) -> Result<LoadCommand, HsmError> {
+        if let Some(t) = self.book(dir).get(transaction_id) {
             return if t.init == *init {
                 Ok(t.command.clone())
             } else {
                 Err(HsmError::DuplicateTransaction(transaction_id.into()))
             };
         }
-        self.check_s1(init)?;
+        self.check_s1(init, dir)?;
         // The id is the genuine card's (S1 verified): now the issuer's block applies.
         if self.hotlist.blocks(init.card_id) {
             return Err(HsmError::Hotlisted {
@@ -349,14 +403,23 @@ impl Hsm {
         if init.expiry.is_expired_on(today) {
             return Err(HsmError::Expired);
         }
-        match init.balance.checked_add(amount.minor) {
-            Some(b) if b <= init.max_balance => {}
-            _ => {
-                return Err(HsmError::OverMaxBalance {
+        match dir {
+            Direction::Load => match init.balance.checked_add(amount.minor) {
+                Some(b) if b <= init.max_balance => {}
+                _ => {
+                    return Err(HsmError::OverMaxBalance {
+                        amount: amount.minor,
+                        max: init.max_balance,
+                    });
+                }
+            },
+            Direction::Unload if init.balance < amount.minor => {
+                return Err(HsmError::InsufficientValue {
+                    balance: init.balance,
                     amount: amount.minor,
-                    max: init.max_balance,
                 });
             }
+            Direction::Unload => {}
         }
         let key = self.purse_load_key(init)?;
         let mut command = LoadCommand {
@@ -367,8 +430,8 @@ impl Hsm {
             currency: amount.currency,
             s2: [0; 8],
         };
-        command.s2 = crypto::sign(&key, b"S2LD", &command.signed_fields(&init.s1));
-        self.txns.insert(
+        command.s2 = crypto::sign(&key, dir.labels().1, &command.signed_fields(&init.s1));
+        self.book_mut(dir).insert(
             transaction_id.into(),
             LoadTxn {
                 init: init.clone(),
@@ -379,22 +442,27 @@ impl Hsm {
         Ok(command)
     }
 
-    fn txn(&self, id: &str) -> Result<&LoadTxn, HsmError> {
-        self.txns
+    fn txn(&self, id: &str, dir: Direction) -> Result<&LoadTxn, HsmError> {
+        self.book(dir)
             .get(id)
             .ok_or_else(|| HsmError::UnknownTransaction(id.into()))
     }
 
-    fn settle(&mut self, id: &str, loaded: bool) {
-        let t = self.txns.get_mut(id).expect("caller looked it up");
+    /// Settles `id`: the value moved (counted in the direction's totals) or it did not.
+    fn settle(&mut self, id: &str, loaded: bool, dir: Direction) {
+        let t = self.book_mut(dir).get_mut(id).expect("caller looked it up");
         t.state = if loaded {
             LoadState::Loaded
         } else {
             LoadState::NotLoaded
         };
+        let c = t.command.clone();
         if loaded {
-            let c = &t.command;
-            let tot = self.totals.entry(c.currency).or_default();
+            let totals = match dir {
+                Direction::Load => &mut self.totals,
+                Direction::Unload => &mut self.unloaded,
+            };
+            let tot = totals.entry(c.currency).or_default();
             tot.count += 1;
             tot.amount += c.amount;
         }
@@ -402,7 +470,30 @@ impl Hsm {
 
     /// Verifies S3 on the card's answer to LOAD. Idempotent for a repeated answer.
     pub fn confirm(&mut self, id: &str, resp: &LoadResponse) -> Result<LoadVerdict, HsmError> {
-        let t = self.txn(id)?;
+        self.confirm_in(Direction::Load, id, resp)
+    }
+
+    /// Verifies S3 (the unload label) on the card's answer to UNLOAD: `Loaded` — the card
+    /// gave the value up, counted in [`Self::total_unloaded`] — or a negative result for
+    /// [`Self::resolve_unload_negative`]. Idempotent for a repeated answer.
+    ///
+    /// # Errors
+    /// As [`Self::confirm`].
+    pub fn confirm_unload(
+        &mut self,
+        id: &str,
+        resp: &LoadResponse,
+    ) -> Result<LoadVerdict, HsmError> {
+        self.confirm_in(Direction::Unload, id, resp)
+    }
+
+    fn confirm_in(
+        &mut self,
+        dir: Direction,
+        id: &str,
+        resp: &LoadResponse,
+    ) -> Result<LoadVerdict, HsmError> {
+        let t = self.txn(id, dir)?;
         let c = &t.command;
         if resp.card_id != c.card_id
             || resp.atc != c.atc
@@ -412,7 +503,7 @@ impl Hsm {
             return Err(HsmError::ResponseMismatch);
         }
         let key = self.purse_load_key(&t.init)?;
-        if !crypto::verify(&key, b"S3LD", &resp.signed_fields(&c.s2), &resp.s3) {
+        if !crypto::verify(&key, dir.labels().2, &resp.signed_fields(&c.s2), &resp.s3) {
             return Err(HsmError::BadS3);
         }
         match (&t.state, resp.is_loaded()) {
@@ -421,13 +512,14 @@ impl Hsm {
                 Ok(LoadVerdict::NegativeNeedsProof)
             }
             (LoadState::Authorized, true) => {
-                self.settle(id, true);
+                self.settle(id, true, dir);
                 Ok(LoadVerdict::Loaded)
             }
             (LoadState::Authorized, false) => {
-                self.txns.get_mut(id).expect("present").state = LoadState::NegativePending {
-                    response: resp.clone(),
-                };
+                self.book_mut(dir).get_mut(id).expect("present").state =
+                    LoadState::NegativePending {
+                        response: resp.clone(),
+                    };
                 Ok(LoadVerdict::NegativeNeedsProof)
             }
             _ => Err(HsmError::WrongState(id.into())),
@@ -442,7 +534,30 @@ impl Hsm {
         id: &str,
         zero: &LoadInit,
     ) -> Result<NegativeVerdict, HsmError> {
-        let t = self.txn(id)?;
+        self.resolve_negative_in(Direction::Load, id, zero)
+    }
+
+    /// The negative-result procedure in reverse, for an unload whose card said "not
+    /// unloaded" or never answered: `zero` is its answer to a zero-value INITIALIZE FOR
+    /// UNLOAD made after it. `loaded()` of the verdict: the card did give the value up.
+    ///
+    /// # Errors
+    /// As [`Self::resolve_negative`].
+    pub fn resolve_unload_negative(
+        &mut self,
+        id: &str,
+        zero: &LoadInit,
+    ) -> Result<NegativeVerdict, HsmError> {
+        self.resolve_negative_in(Direction::Unload, id, zero)
+    }
+
+    fn resolve_negative_in(
+        &mut self,
+        dir: Direction,
+        id: &str,
+        zero: &LoadInit,
+    ) -> Result<NegativeVerdict, HsmError> {
+        let t = self.txn(id, dir)?;
         match &t.state {
             LoadState::Authorized | LoadState::NegativePending { .. } => {}
             LoadState::Loaded => return Ok(NegativeVerdict::FalseNegative),
@@ -455,7 +570,7 @@ impl Hsm {
         // The new S1 must be the card's own, over what the box reports, and made after the
         // load's own INITIALIZE: that ended the load's session, so its LOAD ran before this
         // proof (and shows in its counters) or never will.
-        self.check_s1(zero)?;
+        self.check_s1(zero, dir)?;
         if zero.init_count <= orig.init_count {
             return Err(HsmError::StaleProof);
         }
@@ -467,31 +582,38 @@ impl Hsm {
         expected_if_failed.atc = orig.atc;
         expected_if_failed.load_count = orig.load_count;
         let key = self.purse_load_key(orig)?;
-        let expected: Mac = crypto::sign(&key, b"S1LD", &expected_if_failed.signed_fields());
+        let expected: Mac = crypto::sign(&key, dir.labels().0, &expected_if_failed.signed_fields());
         let not_loaded = crypto::mac_eq(&expected, &zero.s1);
         let verdict = match (not_loaded, counters_equal) {
             (true, true) => NegativeVerdict::TrueNegative,
             (true, false) => NegativeVerdict::CounterBumped,
             (false, _) => NegativeVerdict::FalseNegative,
         };
-        self.settle(id, verdict.loaded());
+        self.settle(id, verdict.loaded(), dir);
         Ok(verdict)
     }
 
     /// Drops a settled load (loaded or not) from the working set, keeping the totals; see
     /// [`crate::security_card::SecurityCard::forget`]. Open loads are kept.
     pub fn forget(&mut self, id: &str) -> bool {
-        let settled = self
-            .txns
-            .get(id)
-            .is_some_and(|t| matches!(t.state, LoadState::Loaded | LoadState::NotLoaded));
-        if settled {
-            self.txns.remove(id);
-        }
-        settled
+        [Direction::Load, Direction::Unload].into_iter().any(|dir| {
+            let book = self.book_mut(dir);
+            let settled = book
+                .get(id)
+                .is_some_and(|t| matches!(t.state, LoadState::Loaded | LoadState::NotLoaded));
+            if settled {
+                book.remove(id);
+            }
+            settled
+        })
     }
 
     pub fn total(&self, currency: Currency) -> Totals {
         self.totals.get(&currency).copied().unwrap_or_default()
+    }
+
+    /// What cards proved they unloaded, in `currency`.
+    pub fn total_unloaded(&self, currency: Currency) -> Totals {
+        self.unloaded.get(&currency).copied().unwrap_or_default()
     }
 }

@@ -827,6 +827,30 @@ impl CreditResponse {
     }
 }
 
+/// Which way value moves between the card and the issuer's HSM (001 [0119]–[0132] loads;
+/// issue 17's unload, 004 card-to-bank, the same exchange in reverse): INITIALIZE (S1), the
+/// HSM's command (S2), the card's answer (S3), and the negative-result procedure, each
+/// MACed under its direction's own label so that no load's S1, S2 or S3 stands for an
+/// unload's, nor the reverse. The layouts are the same ([`LoadInit`], [`LoadCommand`],
+/// [`LoadResponse`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Direction {
+    /// Value to the card.
+    Load,
+    /// Value from the card back to the issuer: its balance goes down by the amount.
+    Unload,
+}
+
+impl Direction {
+    /// The labels of S1, S2 and S3.
+    pub const fn labels(self) -> (&'static [u8; 4], &'static [u8; 4], &'static [u8; 4]) {
+        match self {
+            Direction::Load => (b"S1LD", b"S2LD", b"S3LD"),
+            Direction::Unload => (b"S1UL", b"S2UL", b"S3UL"),
+        }
+    }
+}
+
 /// INITIALIZE FOR LOAD command data: what the load is for, and the server's time stamp.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoadInitRequest {
@@ -1036,6 +1060,8 @@ pub enum LogKind {
     Load = 2,
     /// A refund credited by a merchant's security card ([`CreditCommand`]).
     Credit = 3,
+    /// Value unloaded back to the issuer (004 card-to-bank; [`Direction::Unload`]).
+    Unload = 4,
 }
 
 /// One record of the card's transaction log (001 [0016]). A debit record keeps the card
@@ -1074,6 +1100,7 @@ impl LogRecord {
             1 => LogKind::Debit,
             2 => LogKind::Load,
             3 => LogKind::Credit,
+            4 => LogKind::Unload,
             _ => return Err(LayoutError(b.len())),
         };
         let v = Self {

@@ -9,7 +9,9 @@
 //! and once everything is recovered, both "not yet" terms are zero. Authentication draws
 //! (002 FIG. 16: zero in currency 999) move neither side. Refunds (CREDIT) move value back
 //! from the security card's totals (at issue) to the card; one issued but not credited is
-//! a third "not yet" term until the card proves it was not credited.
+//! a third "not yet" term until the card proves it was not credited. Unloads move value
+//! from the card back to the issuer (the HSM's unloaded totals) on the card's proof; one
+//! the card made whose proof the HSM has not seen is a fourth.
 
 mod common;
 
@@ -49,6 +51,12 @@ enum Op {
         fault: Option<CardFault>,
         purse: Purse,
     },
+    /// An unload of `amount` from the card back to the issuer.
+    Unload {
+        amount: u64,
+        fate: Fate,
+        fault: Option<CardFault>,
+    },
     /// A refund (CREDIT) of `amount` from the security card's totals to the card.
     Refund {
         amount: u64,
@@ -87,6 +95,9 @@ fn op() -> impl Strategy<Value = Op> {
             Just(CardFault::TrueNegative), Just(CardFault::FalseNegative), Just(CardFault::CounterBump)
         ]), purse()).prop_map(|(amount, fate, fault, purse)| Op::Load { amount, fate, fault, purse }),
         2 => (1u64..3_000, fate()).prop_map(|(amount, fate)| Op::Refund { amount, fate }),
+        2 => (1u64..3_000, fate(), prop::option::weighted(0.3, prop_oneof![
+            Just(CardFault::TrueNegative), Just(CardFault::FalseNegative), Just(CardFault::CounterBump)
+        ])).prop_map(|(amount, fate, fault)| Op::Unload { amount, fate, fault }),
         1 => Just(Op::Recover),
     ]
 }
@@ -105,6 +116,8 @@ struct World {
     /// (security_card_txn, amount, credited) of refunds issued whose outcome the security
     /// card has not seen.
     open_refunds: Vec<(u32, u64, bool)>,
+    /// (txid, amount, debited) of unloads the HSM has not settled.
+    open_unloads: Vec<(String, u64, bool)>,
     n: u32,
 }
 
@@ -130,11 +143,19 @@ impl World {
             } else {
                 0
             };
+            // Given up by the card, not yet counted back by the HSM.
+            let unloaded_pending: u64 = if purse == Purse::Money {
+                self.open_unloads.iter().filter(|u| u.2).map(|u| u.1).sum()
+            } else {
+                0
+            };
             prop_assert_eq!(
                 self.card.state.purse(purse).0
                     + self.security_card.total(c).amount
                     + pending_debits
-                    + uncredited,
+                    + uncredited
+                    + unloaded_pending
+                    + self.hsm.total_unloaded(c).amount,
                 self.initial[i] + self.hsm.total(c).amount + pending_credits,
                 "value not conserved in {:?}",
                 purse
@@ -202,6 +223,48 @@ impl World {
             Ok(LoadInit::decode(&r.data).unwrap())
         } else {
             Err(())
+        }
+    }
+
+    fn unload(&mut self, amount: u64, fate: Fate, fault: Option<CardFault>) {
+        // Loads and unloads share the card's load counter, the witness of both proofs: an
+        // in-doubt one is resolved before the next.
+        self.recover_loads();
+        let txid = format!("u{}", self.n);
+        select(&mut self.card);
+        let r = send(
+            &mut self.card,
+            &commands::init_unload(&LoadInitRequest {
+                amount,
+                currency: EUR,
+                timestamp: u64::from(self.n),
+                date: TODAY,
+            }),
+        );
+        if !r.sw.is_ok() {
+            return; // more than the card holds
+        }
+        let init = LoadInit::decode(&r.data).unwrap();
+        let cmd = self
+            .hsm
+            .authorize_unload(&txid, &init, Money::new(amount, EUR), TODAY)
+            .unwrap();
+        self.card.state.fault = fault;
+        match fate {
+            Fate::NeverSent => {
+                self.card.state.fault = None;
+                self.open_unloads.push((txid, amount, false));
+            }
+            Fate::ResponseLost | Fate::Complete => {
+                let resp =
+                    LoadResponse::decode(&ok(&mut self.card, &commands::unload(&cmd))).unwrap();
+                let debited = resp.new_balance < init.balance;
+                let settled = matches!(fate, Fate::Complete)
+                    && self.hsm.confirm_unload(&txid, &resp).unwrap() == LoadVerdict::Loaded;
+                if !settled {
+                    self.open_unloads.push((txid, amount, debited));
+                }
+            }
         }
     }
 
@@ -328,8 +391,28 @@ impl World {
         self.recover_loads();
     }
 
-    /// Loads: the negative-result procedure on a zero-value S1.
+    /// Loads and unloads: the negative-result procedure (in reverse for an unload) on a
+    /// zero-value S1.
     fn recover_loads(&mut self) {
+        for (txid, _, debited) in std::mem::take(&mut self.open_unloads) {
+            select(&mut self.card);
+            let zero = LoadInit::decode(&ok(
+                &mut self.card,
+                &commands::init_unload(&LoadInitRequest {
+                    amount: 0,
+                    currency: EUR,
+                    timestamp: 999,
+                    date: TODAY,
+                }),
+            ))
+            .unwrap();
+            let verdict = self.hsm.resolve_unload_negative(&txid, &zero).unwrap();
+            assert_eq!(
+                verdict.loaded(),
+                debited,
+                "HSM verdict matches what the card did"
+            );
+        }
         for (txid, _, credited, purse) in std::mem::take(&mut self.open_loads) {
             let zero = self.init_load_in(purse, 0, 999).unwrap();
             let verdict = self.hsm.resolve_negative(&txid, &zero).unwrap();
@@ -359,6 +442,7 @@ proptest! {
             lost_debits: vec![],
             open_loads: vec![],
             open_refunds: vec![],
+            open_unloads: vec![],
             n: 0,
         };
         for op in ops {
@@ -380,6 +464,7 @@ proptest! {
                 }
                 Op::Load { amount, fate, fault, purse } => w.load(amount, purse, fate, fault),
                 Op::Refund { amount, fate } => w.refund(amount, fate),
+                Op::Unload { amount, fate, fault } => w.unload(amount, fate, fault),
                 Op::Recover => w.recover(),
             }
             w.check()?;
@@ -387,12 +472,17 @@ proptest! {
         w.recover();
         w.check()?;
         prop_assert!(
-            w.lost_debits.is_empty() && w.open_loads.is_empty() && w.open_refunds.is_empty()
+            w.lost_debits.is_empty()
+                && w.open_loads.is_empty()
+                && w.open_refunds.is_empty()
+                && w.open_unloads.is_empty()
         );
         for (i, purse) in PURSES.into_iter().enumerate() {
             let c = currency(purse);
             prop_assert_eq!(
-                w.card.state.purse(purse).0 + w.security_card.total(c).amount,
+                w.card.state.purse(purse).0
+                    + w.security_card.total(c).amount
+                    + w.hsm.total_unloaded(c).amount,
                 w.initial[i] + w.hsm.total(c).amount
             );
         }

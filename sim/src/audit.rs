@@ -444,7 +444,7 @@ fn read_cards(cx: &mut Ctx, files: &[PathBuf]) -> Result<BTreeMap<u64, CardView>
             // none).
             for r in records.values().filter(|r| r.currency == state.currency) {
                 let before = match r.kind {
-                    LogKind::Debit => r.balance_after.checked_add(r.amount),
+                    LogKind::Debit | LogKind::Unload => r.balance_after.checked_add(r.amount),
                     LogKind::Load | LogKind::Credit => r.balance_after.checked_sub(r.amount),
                 };
                 if let (Some(b), Some(before)) = (bal, before) {

@@ -124,6 +124,8 @@ pub enum TxKind {
     Load,
     /// A merchant's refund credited to the card (CREDIT).
     Refund,
+    /// Value unloaded from the card back to the bank.
+    Unload,
 }
 
 /// The receipt shown after a completed purchase or load.

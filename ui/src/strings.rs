@@ -115,6 +115,7 @@ pub fn receipt_title(k: TxKind) -> &'static str {
         TxKind::Purchase => "Purchase complete",
         TxKind::Load => "Value loaded",
         TxKind::Refund => "Refund credited",
+        TxKind::Unload => "Value unloaded",
     }
 }
 
@@ -137,6 +138,7 @@ pub fn history_kind(k: TxKind) -> &'static str {
         TxKind::Purchase => "Purchase",
         TxKind::Load => "Load",
         TxKind::Refund => "Refund",
+        TxKind::Unload => "Unload",
     }
 }
 

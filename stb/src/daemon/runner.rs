@@ -421,6 +421,7 @@ impl Runner {
                             proto::purse::LogKind::Debit => ui::model::TxKind::Purchase,
                             proto::purse::LogKind::Load => ui::model::TxKind::Load,
                             proto::purse::LogKind::Credit => ui::model::TxKind::Refund,
+                            proto::purse::LogKind::Unload => ui::model::TxKind::Unload,
                         },
                         amount: ui_money(proto::money::Money::new(r.amount, r.currency)),
                         // The purse the record moved: points, or money (an authentication's

@@ -57,11 +57,11 @@ impl HistoryView {
             .iter()
             .map(|e| {
                 let sign = match e.kind {
-                    TxKind::Purchase => "-",
+                    TxKind::Purchase | TxKind::Unload => "-",
                     TxKind::Load | TxKind::Refund => "+",
                 };
                 let style = match e.kind {
-                    TxKind::Purchase => theme::value(),
+                    TxKind::Purchase | TxKind::Unload => theme::value(),
                     TxKind::Load | TxKind::Refund => theme::good(),
                 };
                 Row::new(vec![

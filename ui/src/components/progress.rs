@@ -20,7 +20,7 @@ pub struct Progress {
 fn steps(kind: TxKind) -> [ProgressStep; 4] {
     let card = match kind {
         TxKind::Purchase => ProgressStep::DebitingCard,
-        TxKind::Load | TxKind::Refund => ProgressStep::LoadingCard,
+        TxKind::Load | TxKind::Refund | TxKind::Unload => ProgressStep::LoadingCard,
     };
     [
         ProgressStep::ReadingCard,

@@ -1,0 +1,202 @@
+//! Unloads (issue 17; 004 card-to-bank): value goes back from the card to the issuer, in
+//! the load exchange reversed — INITIALIZE FOR UNLOAD (S1), the HSM's unload command (S2),
+//! the card's proof (S3) — under labels of their own, and the negative-result procedure of
+//! 001 [0129]–[0132] in reverse for a card that says "not unloaded" or never answers. The
+//! issuer counts the value back only on the card's proof.
+
+mod common;
+
+use common::*;
+use proto::apdu::StatusWord;
+use proto::card::{CardFault, PurseCard, commands};
+use proto::hsm::{HsmError, LoadVerdict, NegativeVerdict};
+use proto::money::Money;
+use proto::purse::*;
+
+fn init_unload(card: &mut PurseCard, amount: u64) -> Result<LoadInit, StatusWord> {
+    select(card);
+    let r = send(
+        card,
+        &commands::init_unload(&LoadInitRequest {
+            amount,
+            currency: EUR,
+            timestamp: 2_000,
+            date: TODAY,
+        }),
+    );
+    if r.sw.is_ok() {
+        Ok(LoadInit::decode(&r.data).unwrap())
+    } else {
+        Err(r.sw)
+    }
+}
+
+#[test]
+fn an_unload_moves_value_back_only_on_the_card_s_proof() {
+    let mut card = card_with(10_000, 100_000);
+    let mut hsm = hsm();
+    let init = init_unload(&mut card, 3_000).unwrap();
+    let cmd = hsm
+        .authorize_unload("u1", &init, Money::new(3_000, EUR), TODAY)
+        .unwrap();
+    assert_eq!(
+        hsm.total_unloaded(EUR).amount,
+        0,
+        "nothing counted before the proof"
+    );
+    let resp = LoadResponse::decode(&ok(&mut card, &commands::unload(&cmd))).unwrap();
+    assert!(resp.is_loaded());
+    assert_eq!((resp.new_balance, card.state.balance), (7_000, 7_000));
+    assert_eq!(hsm.confirm_unload("u1", &resp), Ok(LoadVerdict::Loaded));
+    assert_eq!(
+        hsm.confirm_unload("u1", &resp),
+        Ok(LoadVerdict::Loaded),
+        "idempotent"
+    );
+    assert_eq!(hsm.total_unloaded(EUR).amount, 3_000);
+    assert_eq!(hsm.total(EUR).amount, 0, "no load counted");
+    let log = card.state.log.back().unwrap();
+    assert_eq!(
+        (log.kind, log.amount, log.balance_after),
+        (LogKind::Unload, 3_000, 7_000)
+    );
+    // Replayed: no session, then an old counter.
+    assert_eq!(
+        send(&mut card, &commands::unload(&cmd)).sw,
+        StatusWord::WRONG_STATE
+    );
+    init_unload(&mut card, 1).unwrap();
+    assert_eq!(
+        send(&mut card, &commands::unload(&cmd)).sw,
+        StatusWord::REPLAY
+    );
+    // More than the card holds: refused by the card, and by the HSM on a forged balance.
+    assert_eq!(
+        init_unload(&mut card, 7_001).unwrap_err(),
+        StatusWord::INSUFFICIENT_VALUE
+    );
+    let mut init = init_unload(&mut card, 100).unwrap();
+    init.balance = 1_000_000;
+    assert_eq!(
+        hsm.authorize_unload("u2", &init, Money::new(100, EUR), TODAY),
+        Err(HsmError::BadS1)
+    );
+    assert_eq!(card.state.balance, 7_000);
+}
+
+#[test]
+fn loads_and_unloads_never_stand_for_each_other() {
+    let mut card = card_with(10_000, 100_000);
+    let mut hsm = hsm();
+    // A load's S1 offered as an unload's, and the reverse.
+    let load_init = init_load(&mut card, 500, 1).unwrap();
+    assert_eq!(
+        hsm.authorize_unload("u1", &load_init, Money::new(500, EUR), TODAY),
+        Err(HsmError::BadS1)
+    );
+    let unload_init = init_unload(&mut card, 500).unwrap();
+    assert_eq!(
+        hsm.authorize("l1", &unload_init, Money::new(500, EUR), TODAY),
+        Err(HsmError::BadS1)
+    );
+    // A genuine load command (S2 for a load) sent as UNLOAD in an unload session: the
+    // unload label does not verify; UNLOAD in a load session is out of turn.
+    let load_init = init_load(&mut card, 500, 2).unwrap();
+    let load_cmd = hsm
+        .authorize("l2", &load_init, Money::new(500, EUR), TODAY)
+        .unwrap();
+    assert_eq!(
+        send(&mut card, &commands::unload(&load_cmd)).sw,
+        StatusWord::WRONG_STATE,
+        "UNLOAD in a load session"
+    );
+    let unload_init = init_unload(&mut card, 500).unwrap();
+    let mut as_unload = load_cmd.clone();
+    as_unload.atc = unload_init.atc;
+    assert_eq!(
+        send(&mut card, &commands::unload(&as_unload)).sw,
+        StatusWord::BAD_SIGNATURE
+    );
+    // An unload command sent as LOAD in an unload session: out of turn.
+    let unload_init = init_unload(&mut card, 500).unwrap();
+    let unload_cmd = hsm
+        .authorize_unload("u2", &unload_init, Money::new(500, EUR), TODAY)
+        .unwrap();
+    assert_eq!(
+        send(&mut card, &commands::load(&unload_cmd)).sw,
+        StatusWord::WRONG_STATE
+    );
+    // No issuer item rides in an unload.
+    let unload_init = init_unload(&mut card, 500).unwrap();
+    let cmd = hsm
+        .authorize_unload("u3", &unload_init, Money::new(500, EUR), TODAY)
+        .unwrap();
+    let mut apdu = commands::unload(&cmd);
+    let lc = apdu.len() - 1;
+    apdu.truncate(lc);
+    apdu[4] += Unblock::SEALED_LEN as u8;
+    apdu.extend_from_slice(&[0u8; Unblock::SEALED_LEN]);
+    apdu.push(0);
+    assert_eq!(send(&mut card, &apdu).sw, StatusWord::BAD_DATA);
+    assert_eq!(card.state.balance, 10_000, "nothing moved");
+    // A blocked card gives nothing up, but still answers the zero-value proof.
+    card.state.status |= STATUS_BLOCKED;
+    assert_eq!(init_unload(&mut card, 1).unwrap_err(), StatusWord::BLOCKED);
+    assert!(init_unload(&mut card, 0).is_ok());
+}
+
+/// One unload with the card misbehaving as `fault` (or never answering): the verdict of
+/// the negative-result procedure in reverse, and the balance after.
+fn negative(fault: Option<CardFault>) -> (NegativeVerdict, u64, u64) {
+    let mut card = card_with(10_000, 100_000);
+    let mut hsm = hsm();
+    let init = init_unload(&mut card, 2_500).unwrap();
+    let cmd = hsm
+        .authorize_unload("u1", &init, Money::new(2_500, EUR), TODAY)
+        .unwrap();
+    if let Some(f) = fault {
+        card.state.fault = Some(f);
+        let resp = LoadResponse::decode(&ok(&mut card, &commands::unload(&cmd))).unwrap();
+        assert_eq!(
+            hsm.confirm_unload("u1", &resp),
+            Ok(LoadVerdict::NegativeNeedsProof)
+        );
+    }
+    // A proof made before the unload's INITIALIZE shows nothing.
+    assert_eq!(
+        hsm.resolve_unload_negative(
+            "u1",
+            &LoadInit {
+                amount: 0,
+                ..init.clone()
+            }
+        ),
+        Err(HsmError::BadS1),
+        "the unload's own S1 (over its amount) is no zero-value proof"
+    );
+    let zero = init_unload(&mut card, 0).unwrap();
+    let verdict = hsm.resolve_unload_negative("u1", &zero).unwrap();
+    (verdict, card.state.balance, hsm.total_unloaded(EUR).amount)
+}
+
+#[test]
+fn the_negative_result_procedure_in_reverse_tells_what_the_card_did() {
+    assert_eq!(
+        negative(Some(CardFault::TrueNegative)),
+        (NegativeVerdict::TrueNegative, 10_000, 0)
+    );
+    assert_eq!(
+        negative(Some(CardFault::FalseNegative)),
+        (NegativeVerdict::FalseNegative, 7_500, 2_500),
+        "unloaded though it said not: counted"
+    );
+    assert_eq!(
+        negative(Some(CardFault::CounterBump)),
+        (NegativeVerdict::CounterBumped, 10_000, 0)
+    );
+    assert_eq!(
+        negative(None),
+        (NegativeVerdict::TrueNegative, 10_000, 0),
+        "never answered (card pulled): not unloaded"
+    );
+}
