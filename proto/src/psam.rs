@@ -29,6 +29,9 @@
 //! | FORGET | `80 1A 00 00` | txn | `01` dropped, `00` kept |
 //! | PURGE SETTLED | `80/90 1C 00 00` | the open txns to keep, 4 bytes each (chained past 252 bytes) | dropped count u32 |
 //! | LOAD HOTLIST | `80/90 1E 00 00` | the issuer's [`Hotlist`] (postcard; chained) | — |
+//! | INITIALIZE CREDIT | `80 20 00 00` | a refund: as INITIALIZE's (amount, currency, date, merchant id, refund id), then the card's INITIALIZE FOR CREDIT response; after CARD ATR, like INITIALIZE | the credit command ([`crate::purse::CreditCommand::encode`]); the refund counted off the totals |
+//! | CREDIT RESPONSE | `80 22 00 00` | txn, then the card's CREDIT response | the card's status after it (GET STATUS layout) |
+//! | REVERSE CREDIT | `80 24 00 00` | txn, then a later INITIALIZE FOR PURCHASE response (the proof it was not credited) | the card's status after it (GET STATUS layout) |
 //! | GET STATUS | `80 30 00 00 00` | — | id u64, txn counter u32, newest key version u8, hotlist version u64, n u8, then n × (currency code u16, exponent u8, count u64, amount u64) |
 //! | GET LAST ERROR | `80 3E 00 00 00` | — | the last refusal's [`SecurityCardError`] (postcard), for its fields |
 //!
@@ -46,7 +49,8 @@ use crate::codec::{LayoutError, Reader, Writer};
 use crate::hotlist::Hotlist;
 use crate::money::{Currency, Money};
 use crate::purse::{
-    Date, DebitCommand, DebitResponse, MasterKeysFile, PurchaseInit, read_currency, write_currency,
+    CreditResponse, Date, DebitCommand, DebitResponse, MasterKeysFile, PurchaseInit, read_currency,
+    write_currency,
 };
 use crate::security_card::{DebitAuthorization, DrawData, SecurityCard, SecurityCardError, Totals};
 
@@ -65,6 +69,12 @@ pub const INS_FORGET: u8 = 0x1A;
 pub const INS_PURGE_SETTLED: u8 = 0x1C;
 pub const INS_LOAD_HOTLIST: u8 = 0x1E;
 pub const INS_GET_STATUS: u8 = 0x30;
+/// INITIALIZE CREDIT: a refund's credit command (issue 17; [`SecurityCard::issue_credit`]).
+pub const INS_INITIALIZE_CREDIT: u8 = 0x20;
+/// CREDIT RESPONSE: the card's signed answer to CREDIT ([`SecurityCard::complete_credit`]).
+pub const INS_CREDIT_RESPONSE: u8 = 0x22;
+/// REVERSE CREDIT: a refund proved not credited ([`SecurityCard::reverse_credit`]).
+pub const INS_REVERSE_CREDIT: u8 = 0x24;
 pub const INS_GET_LAST_ERROR: u8 = 0x3E;
 /// INITIALIZE P1 bit 0: early release (FIG. 5–7).
 pub const P1_EARLY_RELEASE: u8 = 0x01;
@@ -199,6 +209,26 @@ pub mod commands {
         let p1 = if early_release { P1_EARLY_RELEASE } else { 0 };
         (data.len() <= BLOCK)
             .then(|| Command::new(CLA, INS_INITIALIZE, p1, 0, data, None).to_bytes())
+    }
+    /// INITIALIZE CREDIT for a refund of `credit.amount` (`credit.init`: the card's
+    /// INITIALIZE FOR CREDIT answer); `None` if it does not fit one block.
+    pub fn initialize_credit(credit: &DrawData, today: Date) -> Option<Vec<u8>> {
+        let mut w = Writer::default();
+        write_draw(&mut w, credit, today);
+        w.bytes(&credit.init.encode());
+        let data = w.finish();
+        (data.len() <= BLOCK)
+            .then(|| Command::new(CLA, INS_INITIALIZE_CREDIT, 0, 0, data, None).to_bytes())
+    }
+    pub fn credit_response(txn: u32, resp: &CreditResponse) -> Vec<u8> {
+        let mut data = txn.to_be_bytes().to_vec();
+        data.extend(resp.encode());
+        Command::new(CLA, INS_CREDIT_RESPONSE, 0, 0, data, None).to_bytes()
+    }
+    pub fn reverse_credit(txn: u32, proof: &PurchaseInit) -> Vec<u8> {
+        let mut data = txn.to_be_bytes().to_vec();
+        data.extend(proof.encode());
+        Command::new(CLA, INS_REVERSE_CREDIT, 0, 0, data, None).to_bytes()
     }
     pub fn debit_response(txn: u32, resp: &DebitResponse) -> Vec<u8> {
         let mut data = txn.to_be_bytes().to_vec();
@@ -446,6 +476,29 @@ impl Psam {
                     out.extend_from_slice(&e);
                 }
                 Ok((out, true))
+            }
+            INS_INITIALIZE_CREDIT => {
+                if self.session_atr.take().is_none() {
+                    return Err(StatusWord::WRONG_STATE);
+                }
+                let (credit, today) = decode_initialize(&data).map_err(bad)?;
+                let r = self.card.issue_credit(&credit, today);
+                let command = self.refuse(r)?;
+                Ok((command.encode(), true))
+            }
+            INS_CREDIT_RESPONSE => {
+                let (txn, rest) = txn_of(&data)?;
+                let resp = CreditResponse::decode(&rest).map_err(bad)?;
+                let r = self.card.complete_credit(txn, &resp);
+                self.refuse(r)?;
+                Ok((self.status().encode(), true))
+            }
+            INS_REVERSE_CREDIT => {
+                let (txn, rest) = txn_of(&data)?;
+                let proof = PurchaseInit::decode(&rest).map_err(bad)?;
+                let r = self.card.reverse_credit(txn, &proof);
+                self.refuse(r)?;
+                Ok((self.status().encode(), true))
             }
             INS_DEBIT_RESPONSE => {
                 let (txn, rest) = txn_of(&data)?;

@@ -96,6 +96,82 @@ fn fig5_initialize_hands_out_the_expected_signature_and_counts_at_once() {
     assert_eq!(status(&mut p).totals[&EUR].amount, 0);
 }
 
+/// A refund (CREDIT) through the PSAM's APDUs: counted off at issue, the card's signed
+/// answer verified; a refund proved not credited counted back; a blind REVERSE refused.
+#[test]
+fn a_refund_over_apdus_is_counted_off_at_issue_and_back_only_on_proof() {
+    let mut card = card_with(1_000, 10_000);
+    let mut p = psam();
+    // A sale first: the PSAM holds 600 to refund from.
+    let d = draw(&mut card, 600, "tx-1");
+    ask_ok(&mut p, &commands::card_atr(&proto::card::CARD_ATR));
+    let auth = commands::decode_authorization(
+        &ask_ok(&mut p, &commands::initialize(&d, TODAY, false).unwrap()),
+        false,
+    )
+    .unwrap();
+    let resp = DebitResponse::decode(&ok(&mut card, &purse::debit(&auth.command))).unwrap();
+    ask_ok(
+        &mut p,
+        &commands::debit_response(auth.command.security_card_txn, &resp),
+    );
+    // The refund: INITIALIZE FOR CREDIT on the card, INITIALIZE CREDIT on the PSAM.
+    let credit_for = |card: &mut proto::card::PurseCard, amount: u64| {
+        select(card);
+        let init = PurchaseInit::decode(&ok(card, &purse::init_credit(TODAY))).unwrap();
+        proto::security_card::DrawData {
+            merchant_id: "M-CABLE".into(),
+            transaction_id: "RF-tx-1".into(),
+            amount: proto::money::Money::new(amount, EUR),
+            init,
+        }
+    };
+    let c = credit_for(&mut card, 400);
+    let apdu = commands::initialize_credit(&c, TODAY).unwrap();
+    assert_eq!(
+        ask(&mut p, &apdu).sw,
+        StatusWord::WRONG_STATE,
+        "CARD ATR first"
+    );
+    ask_ok(&mut p, &commands::card_atr(&proto::card::CARD_ATR));
+    let cc = CreditCommand::decode(&ask_ok(&mut p, &apdu)).unwrap();
+    assert_eq!(
+        status(&mut p).totals[&EUR].amount,
+        200,
+        "counted off at issue"
+    );
+    let n = cc.0.security_card_txn;
+    assert_eq!(ask(&mut p, &commands::reverse(n)).sw, StatusWord(0x9493));
+    assert_eq!(last_error(&mut p), SecurityCardError::CreditNeedsProof(n));
+    let resp = CreditResponse::decode(&ok(&mut card, &purse::credit(&cc))).unwrap();
+    ask_ok(&mut p, &commands::credit_response(n, &resp));
+    assert_eq!(read_purse(&mut card).balance, 800);
+    // More than is left to refund: 9492.
+    let c = credit_for(&mut card, 201);
+    ask_ok(&mut p, &commands::card_atr(&proto::card::CARD_ATR));
+    assert_eq!(
+        ask(&mut p, &commands::initialize_credit(&c, TODAY).unwrap()).sw,
+        StatusWord(0x9492)
+    );
+    // Issued, never run: the card's proof counts it back.
+    let c = credit_for(&mut card, 150);
+    ask_ok(&mut p, &commands::card_atr(&proto::card::CARD_ATR));
+    let cc = CreditCommand::decode(&ask_ok(
+        &mut p,
+        &commands::initialize_credit(&c, TODAY).unwrap(),
+    ))
+    .unwrap();
+    assert_eq!(status(&mut p).totals[&EUR].amount, 50);
+    select(&mut card);
+    let proof = PurchaseInit::decode(&ok(&mut card, &purse::init_purchase_proof(TODAY))).unwrap();
+    ask_ok(
+        &mut p,
+        &commands::reverse_credit(cc.0.security_card_txn, &proof),
+    );
+    assert_eq!(status(&mut p).totals[&EUR].amount, 200);
+    assert_eq!(read_purse(&mut card).balance, 800);
+}
+
 #[test]
 fn refusals_answer_their_status_word_and_their_fields() {
     let mut card = card_with(50, 10_000);
