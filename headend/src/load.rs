@@ -165,6 +165,7 @@ fn hsm_code(e: &HsmError) -> ErrorCode {
         HsmError::Expired => ErrorCode::Expired,
         HsmError::OverMaxBalance { .. } => ErrorCode::OverMaxBalance,
         HsmError::InsufficientValue { .. } => ErrorCode::InsufficientValue,
+        HsmError::PassbookMismatch => ErrorCode::BadSignature,
         HsmError::AmountMismatch { .. } | HsmError::ResponseMismatch => ErrorCode::AmountMismatch,
         HsmError::ZeroAmount | HsmError::BadZeroValueRequest => ErrorCode::Malformed,
         HsmError::UnknownTransaction(_) => ErrorCode::UnknownTransaction,

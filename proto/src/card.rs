@@ -19,6 +19,7 @@
 //! | UNLOAD                   | 80 58 00 00   | [`LoadCommand`], S2 under [`Direction::Unload`]'s label | [`LoadResponse`], S3 (the card's proof it gave the value up); logged as [`LogKind::Unload`] |
 //! | INITIALIZE FOR LOAD      | 80 50 02 00   | [`LoadInitRequest`]; its currency names the purse (points: [`Currency::POINTS`], at most [`POINTS_MAX`], the points purse's load key) | [`LoadInit`] (S1)        |
 //! | LOAD                     | 80 52 00 00   | [`LoadCommand`] (S2), then the issuer's sealed [`KeyUpdate`] (56 bytes) and/or [`Unblock`] (24 bytes), each optional | [`LoadResponse`] (S3)    |
+//! | SET PRIVACY              | 80 D2 00 0x 00 | — (x = 1 on, 0 off)     | —; with a PIN, only after VERIFY this session (`6982`) |
 //! | READ LOG                 | 80 B2 nn 00   | — (nn = 1 is the newest) | [`LogRecord`]            |
 //! | READ RECORD (provider)   | 00 B2 nn 0C   | — (nn = 1.. in personalisation order; P2 `04` too) | [`ProviderRecordInfo`], never the key; access Pin: after VERIFY in this session (seed 003, [`crate::provider`]) |
 //! | READ RECORD (cardholder) | 00 B2 01 14   | —                        | [`Cardholder`]           |
@@ -59,6 +60,15 @@
 //! LOAD: its LOAD is refused (`6983`) unless it carries the issuer's [`Unblock`] (issued
 //! only with a bank load), which opens the card in the same state change as the credit; an
 //! UNBLOCK that does not open adds to the count.
+//!
+//! # Passbook and privacy (seed 004 PASSBOOK)
+//!
+//! The passbook is the log's records since the last upload ([`CardState::passbook`]); every
+//! INITIALIZE FOR LOAD or UNLOAD puts its digest ([`passbook_digest`]) under S1, so what a
+//! bank load uploads is exactly those records, and the HSM's load command says through
+//! which transaction the bank has them (`passbook_through`, under S2): the card clears them
+//! (never uploads them again) with the credit. The log keeps every record for recovery.
+//! With privacy on (SET PRIVACY) the digest is zeros and nothing is uploaded or cleared.
 //!
 //! # PIN threshold (seed 004, MIN_TRANS/MAX_TRANS)
 //!
@@ -107,6 +117,9 @@ pub const P1_INIT_LOAD: u8 = 0x02;
 pub const P1_INIT_CREDIT: u8 = 0x03;
 /// CREDIT: a merchant's refund, signed by its security card ([`CreditCommand`]).
 pub const INS_CREDIT: u8 = 0x56;
+/// SET PRIVACY (`80 D2 00 P2`, P2 `01` on, `00` off): the cardholder's choice (seed 004);
+/// with a PIN on the card, only after VERIFY in this session.
+pub const INS_SET_PRIVACY: u8 = 0xD2;
 /// INITIALIZE FOR UNLOAD: value back to the issuer (issue 17; 004 card-to-bank).
 pub const P1_INIT_UNLOAD: u8 = 0x04;
 /// UNLOAD: the HSM's unload command (S2 under [`Direction::Unload`]'s label).
@@ -180,6 +193,13 @@ pub struct CardState {
     /// The cardholder PIN and the amount above which a DEBIT needs it (seed 004); `None`:
     /// no PIN, every purchase takes OK alone.
     pub pin: Option<CardPin>,
+    /// The cardholder chose privacy (seed 004): the passbook is never uploaded (its digest
+    /// in S1 is zeros) and a load cannot clear it.
+    pub privacy: bool,
+    /// The passbook was uploaded to the bank and cleared through this transaction number:
+    /// the log records after it are the passbook ([`CardState::passbook`]). The log itself
+    /// keeps every record for recovery; cleared ones are only never uploaded again.
+    pub passbook_through: u32,
 }
 
 /// The cardholder PIN as the card keeps it (seed 004's PIN threshold). `Debug` shows the
@@ -356,6 +376,8 @@ impl CardState {
             log: VecDeque::new(),
             fault: None,
             pin: None,
+            privacy: false,
+            passbook_through: 0,
         }
     }
 
@@ -393,6 +415,8 @@ impl CardState {
             points: self.points,
             bad_key_count: self.bad_key_count,
             bad_key_limit: self.bad_key_limit,
+            privacy: self.privacy,
+            passbook_through: self.passbook_through,
         }
     }
 
@@ -418,6 +442,19 @@ impl CardState {
             Purse::Money => self.max_balance,
             Purse::Points => POINTS_MAX,
         }
+    }
+
+    /// The passbook (seed 004 PASSBOOK): the log records since the last upload, oldest
+    /// first; none when the cardholder chose privacy.
+    pub fn passbook(&self) -> Vec<LogRecord> {
+        if self.privacy {
+            return Vec::new();
+        }
+        self.log
+            .iter()
+            .filter(|r| r.atc > self.passbook_through)
+            .cloned()
+            .collect()
     }
 
     fn push_log(&mut self, rec: LogRecord) {
@@ -563,6 +600,7 @@ impl PurseCard {
                     },
                     INS_DEBIT => self.debit(cmd),
                     INS_CREDIT => self.credit(cmd),
+                    INS_SET_PRIVACY => self.set_privacy(cmd),
                     INS_LOAD => self.load(cmd, Direction::Load),
                     INS_UNLOAD => self.load(cmd, Direction::Unload),
                     INS_READ_LOG => self.read_log(cmd),
@@ -749,6 +787,27 @@ impl PurseCard {
             card_random: init.card_random,
         };
         Ok(init.encode())
+    }
+
+    /// SET PRIVACY: the cardholder turns the passbook upload off (P2 `01`) or on (`00`).
+    /// A card with a PIN takes it only after VERIFY in this session (`6982` otherwise).
+    fn set_privacy(&mut self, cmd: &Command) -> Answer {
+        let on = match cmd.p2 {
+            0 => false,
+            1 => true,
+            _ => return Err(StatusWord::WRONG_P1P2),
+        };
+        if cmd.p1 != 0 || !cmd.data.is_empty() {
+            return Err(StatusWord::WRONG_P1P2);
+        }
+        if self.state.pin.is_some() && !self.records_pin_verified {
+            return Err(SW_SECURITY_NOT_SATISFIED);
+        }
+        if self.state.privacy != on {
+            self.state.privacy = on;
+            self.changed = true;
+        }
+        Ok(Vec::new())
     }
 
     /// CREDIT: a refund signed by the security card ([`CreditCommand`]) for this session's
@@ -978,6 +1037,7 @@ impl PurseCard {
             key_version: s.key_version,
             amount: req.amount,
             timestamp: req.timestamp,
+            passbook: passbook_digest(&s.passbook()),
             card_random,
             s1: [0; 8],
         };
@@ -1050,6 +1110,12 @@ impl PurseCard {
         if lc.amount == 0 {
             return Err(StatusWord::BAD_AMOUNT);
         }
+        // The passbook the bank has: through a transaction this card made before this
+        // session, and never with privacy chosen. Cleared with the credit below.
+        let through = lc.passbook_through;
+        if through != 0 && (through >= atc || self.state.privacy) {
+            return Err(StatusWord::BAD_DATA);
+        }
         // A key update must open under this load's session and name a newer version; one
         // that does not is refused with the whole LOAD (nothing credited, nothing re-keyed).
         let rekey = if update.is_empty() {
@@ -1100,6 +1166,7 @@ impl PurseCard {
         if credit {
             *self.state.purse_mut(purse) = credited;
             self.state.load_count += 1;
+            self.state.passbook_through = self.state.passbook_through.max(through);
             // Re-keyed in the same state change as the credit: one version or the other
             // is what persists, never neither.
             if let Some(u) = rekey {
@@ -1204,6 +1271,18 @@ pub mod commands {
         let mut d = date.year.to_be_bytes().to_vec();
         d.extend_from_slice(&[date.month, date.day]);
         Command::new(CLA_PURSE, INS_INITIALIZE, P1_INIT_CREDIT, 0, d, Some(0)).to_bytes()
+    }
+    /// SET PRIVACY on or off.
+    pub fn set_privacy(on: bool) -> Vec<u8> {
+        Command::new(
+            CLA_PURSE,
+            INS_SET_PRIVACY,
+            0,
+            u8::from(on),
+            Vec::new(),
+            Some(0),
+        )
+        .to_bytes()
     }
     /// INITIALIZE FOR UNLOAD: S1 of an unload of `req.amount` (0: the zero-value proof).
     pub fn init_unload(req: &LoadInitRequest) -> Vec<u8> {

@@ -81,6 +81,10 @@ pub enum HsmError {
     /// An unload of more than the card holds (S1 covers the balance).
     #[error("the unload of {amount} is more than the card's balance {balance}")]
     InsufficientValue { balance: u64, amount: u64 },
+    /// The passbook uploaded with a bank load is not the one the card's S1 covers (records
+    /// left out, added or changed).
+    #[error("the uploaded passbook is not the card's (its digest differs from the one S1 covers)")]
+    PassbookMismatch,
 }
 
 /// Where the HSM's load masters live and derive card keys: in memory ([`MasterKeys`], the
@@ -328,7 +332,33 @@ impl Hsm {
         amount: Money,
         today: Date,
     ) -> Result<LoadCommand, HsmError> {
-        self.authorize_in(Direction::Load, transaction_id, init, amount, today)
+        self.authorize_in(Direction::Load, transaction_id, init, amount, today, None)
+    }
+
+    /// A bank load with the card's passbook uploaded (seed 004 PASSBOOK): `passbook` must
+    /// be exactly the records the card's S1 covers ([`passbook_digest`]; none for a card
+    /// with privacy on or nothing new), and the load command tells the card it may clear
+    /// them (`passbook_through`: the newest uploaded record's transaction number). The
+    /// caller keeps the records for the bank, journaled with the load.
+    ///
+    /// # Errors
+    /// As [`Self::authorize`]; `PassbookMismatch`.
+    pub fn authorize_with_passbook(
+        &mut self,
+        transaction_id: &str,
+        init: &LoadInit,
+        amount: Money,
+        today: Date,
+        passbook: &[LogRecord],
+    ) -> Result<LoadCommand, HsmError> {
+        self.authorize_in(
+            Direction::Load,
+            transaction_id,
+            init,
+            amount,
+            today,
+            Some(passbook),
+        )
     }
 
     /// An unload (issue 17; 004 card-to-bank): verifies the card's S1 of INITIALIZE FOR
@@ -346,7 +376,7 @@ impl Hsm {
         amount: Money,
         today: Date,
     ) -> Result<LoadCommand, HsmError> {
-        self.authorize_in(Direction::Unload, transaction_id, init, amount, today)
+        self.authorize_in(Direction::Unload, transaction_id, init, amount, today, None)
     }
 
     fn book(&self, dir: Direction) -> &BTreeMap<String, LoadTxn> {
@@ -370,6 +400,7 @@ impl Hsm {
         init: &LoadInit,
         amount: Money,
         today: Date,
+        passbook: Option<&[LogRecord]>,
     ) -> Result<LoadCommand, HsmError> {
         if let Some(t) = self.book(dir).get(transaction_id) {
             return if t.init == *init {
@@ -421,6 +452,14 @@ impl Hsm {
             }
             Direction::Unload => {}
         }
+        // The uploaded passbook is the card's (S1 verified covers its digest).
+        let passbook_through = match passbook {
+            None => 0,
+            Some(records) if passbook_digest(records) == init.passbook => {
+                records.iter().map(|r| r.atc).max().unwrap_or(0)
+            }
+            Some(_) => return Err(HsmError::PassbookMismatch),
+        };
         let key = self.purse_load_key(init)?;
         let mut command = LoadCommand {
             hsm_id: self.id,
@@ -428,6 +467,7 @@ impl Hsm {
             atc: init.atc,
             amount: amount.minor,
             currency: amount.currency,
+            passbook_through,
             s2: [0; 8],
         };
         command.s2 = crypto::sign(&key, dir.labels().1, &command.signed_fields(&init.s1));

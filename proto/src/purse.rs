@@ -430,6 +430,11 @@ pub struct PurseInfo {
     /// Bad signatures in a row (seed 004's BAD_KEY); the card blocks at `bad_key_limit`.
     pub bad_key_count: u8,
     pub bad_key_limit: u8,
+    /// The cardholder chose privacy (seed 004): the passbook is never uploaded.
+    pub privacy: bool,
+    /// The passbook was uploaded to the bank and cleared through this transaction number
+    /// (seed 004's PASSBOOK): the log records after it are the passbook.
+    pub passbook_through: u32,
 }
 
 impl PurseInfo {
@@ -465,7 +470,9 @@ impl PurseInfo {
             .u8(self.status)
             .u64(self.points)
             .u8(self.bad_key_count)
-            .u8(self.bad_key_limit);
+            .u8(self.bad_key_limit)
+            .u8(u8::from(self.privacy))
+            .u32(self.passbook_through);
         w.finish()
     }
     pub fn decode(b: &[u8]) -> Result<Self, LayoutError> {
@@ -486,6 +493,12 @@ impl PurseInfo {
             points: r.u64()?,
             bad_key_count: r.u8()?,
             bad_key_limit: r.u8()?,
+            privacy: match r.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(LayoutError(b.len())),
+            },
+            passbook_through: r.u32()?,
         };
         r.end()?;
         Ok(v)
@@ -905,6 +918,10 @@ pub struct LoadInit {
     pub key_version: u8,
     pub amount: u64,
     pub timestamp: u64,
+    /// The digest of the card's passbook ([`passbook_digest`] of its log records after
+    /// the last upload; zeros when there are none or the cardholder chose privacy), under
+    /// S1: what a bank load uploads must be exactly these records (seed 004 PASSBOOK).
+    pub passbook: Mac,
     pub card_random: [u8; 8],
     pub s1: Mac,
 }
@@ -920,7 +937,9 @@ impl LoadInit {
             .u32(self.init_count)
             .u64(self.amount);
         write_currency(&mut w, self.currency);
-        w.u64(self.timestamp).bytes(&self.card_random);
+        w.u64(self.timestamp)
+            .bytes(&self.passbook)
+            .bytes(&self.card_random);
         w.finish()
     }
     pub fn encode(&self) -> Vec<u8> {
@@ -935,6 +954,7 @@ impl LoadInit {
             .u8(self.key_version)
             .u64(self.amount)
             .u64(self.timestamp)
+            .bytes(&self.passbook)
             .bytes(&self.card_random)
             .bytes(&self.s1);
         w.finish()
@@ -953,6 +973,7 @@ impl LoadInit {
             key_version: r.u8()?,
             amount: r.u64()?,
             timestamp: r.u64()?,
+            passbook: r.take()?,
             card_random: r.take()?,
             s1: r.take()?,
         };
@@ -969,13 +990,16 @@ pub struct LoadCommand {
     pub atc: u32,
     pub amount: u64,
     pub currency: Currency,
+    /// The passbook reached the bank through this transaction number: the card clears it
+    /// (does not upload it again) with the credit. 0: nothing uploaded (seed 004 PASSBOOK).
+    pub passbook_through: u32,
     pub s2: Mac,
 }
 
 impl LoadCommand {
     /// The encoded length: a LOAD APDU's data longer than this carries a sealed
     /// [`KeyUpdate`] after it.
-    pub const LEN: usize = 39;
+    pub const LEN: usize = 43;
 
     fn fields(&self) -> Writer {
         let mut w = Writer::default();
@@ -984,6 +1008,7 @@ impl LoadCommand {
             .u32(self.atc)
             .u64(self.amount);
         write_currency(&mut w, self.currency);
+        w.u32(self.passbook_through);
         w
     }
     pub fn signed_fields(&self, s1: &Mac) -> Vec<u8> {
@@ -1000,11 +1025,33 @@ impl LoadCommand {
             atc: r.u32()?,
             amount: r.u64()?,
             currency: read_currency(&mut r)?,
+            passbook_through: r.u32()?,
             s2: r.take()?,
         };
         r.end()?;
         Ok(v)
     }
+}
+
+/// The digest of a passbook (seed 004 PASSBOOK: the card's log records since its last
+/// upload, oldest first): the first 8 bytes of SHA-256 over their encodings, each prefixed
+/// by its length; all zeros for none (nothing to upload, or the cardholder chose privacy).
+/// Under S1 ([`LoadInit::passbook`]), it binds what a bank load uploads to the card.
+pub fn passbook_digest(records: &[LogRecord]) -> Mac {
+    use sha2::{Digest, Sha256};
+    if records.is_empty() {
+        return [0; 8];
+    }
+    let mut h = Sha256::new();
+    for r in records {
+        let e = r.encode();
+        h.update([e.len() as u8]);
+        h.update(&e);
+    }
+    let d = h.finalize();
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&d[..8]);
+    out
 }
 
 /// LOAD response: result code and S3 (001 [0126]).

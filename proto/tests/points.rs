@@ -201,6 +201,7 @@ fn five_thousand_points_are_loaded_like_money() {
         atc: init.atc,
         amount: 10,
         currency: PTS,
+        passbook_through: 0,
         s2: [0; 8],
     };
     let money_key = issuer().card_keys(init.card_id).load;

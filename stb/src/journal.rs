@@ -944,6 +944,7 @@ mod tests {
             key_version: 1,
             amount: 500,
             timestamp: 7,
+            passbook: [0; 8],
             card_random: [1; 8],
             s1: [2; 8],
         };
@@ -953,6 +954,7 @@ mod tests {
             atc: 3,
             amount: 500,
             currency: Currency::EUR,
+            passbook_through: 0,
             s2: [3; 8],
         };
         let dir = tempfile::tempdir().unwrap();

@@ -717,6 +717,7 @@ pub fn journal_pending_load(dir: &Path, txid: &str, card_id: u64) {
         key_version: 1,
         amount: 500,
         timestamp: 7,
+        passbook: [0; 8],
         card_random: [1; 8],
         s1: [2; 8],
     };

@@ -104,6 +104,7 @@ pub fn every(card: &CardData, txid: &str, victim_box: &str, voucher: &str) -> Ve
         atc: card.load_init.atc,
         amount: 20_000,
         currency: Currency::EUR,
+        passbook_through: 0,
         s2: mac,
     };
     let load_response = LoadResponse {
