@@ -166,6 +166,7 @@ fn hsm_code(e: &HsmError) -> ErrorCode {
         HsmError::OverMaxBalance { .. } => ErrorCode::OverMaxBalance,
         HsmError::InsufficientValue { .. } => ErrorCode::InsufficientValue,
         HsmError::PassbookMismatch => ErrorCode::BadSignature,
+        HsmError::ProofUnavailable => ErrorCode::InDoubt,
         HsmError::AmountMismatch { .. } | HsmError::ResponseMismatch => ErrorCode::AmountMismatch,
         HsmError::ZeroAmount | HsmError::BadZeroValueRequest => ErrorCode::Malformed,
         HsmError::UnknownTransaction(_) => ErrorCode::UnknownTransaction,

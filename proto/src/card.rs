@@ -200,6 +200,9 @@ pub struct CardState {
     /// the log records after it are the passbook ([`CardState::passbook`]). The log itself
     /// keeps every record for recovery; cleared ones are only never uploaded again.
     pub passbook_through: u32,
+    /// The INITIALIZE counts of the last load/unload sessions carried out, oldest first
+    /// ([`LoadInit::runs`]).
+    pub recent_runs: [u32; RECENT_RUNS],
 }
 
 /// The cardholder PIN as the card keeps it (seed 004's PIN threshold). `Debug` shows the
@@ -378,6 +381,7 @@ impl CardState {
             pin: None,
             privacy: false,
             passbook_through: 0,
+            recent_runs: [0; RECENT_RUNS],
         }
     }
 
@@ -478,6 +482,7 @@ enum Session {
         request: LoadInitRequest,
         s1: Mac,
         direction: Direction,
+        init_count: u32,
     },
     Credit {
         atc: u32,
@@ -1007,6 +1012,11 @@ impl PurseCard {
                 _ => return Err(StatusWord::OVER_MAX_BALANCE),
             },
             Direction::Unload => {
+                // Value goes back to the bank from the money purse only: points are no
+                // money to pay out.
+                if purse != Purse::Money {
+                    return Err(StatusWord::WRONG_CURRENCY);
+                }
                 if balance < req.amount {
                     return Err(StatusWord::INSUFFICIENT_VALUE);
                 }
@@ -1038,6 +1048,7 @@ impl PurseCard {
             amount: req.amount,
             timestamp: req.timestamp,
             passbook: passbook_digest(&s.passbook()),
+            runs: s.recent_runs,
             card_random,
             s1: [0; 8],
         };
@@ -1051,6 +1062,7 @@ impl PurseCard {
             request: req,
             s1: init.s1,
             direction,
+            init_count,
         };
         Ok(init.encode())
     }
@@ -1065,6 +1077,7 @@ impl PurseCard {
             request,
             s1,
             direction: opened,
+            init_count,
         } = session
         else {
             return Err(StatusWord::WRONG_STATE);
@@ -1167,6 +1180,9 @@ impl PurseCard {
             *self.state.purse_mut(purse) = credited;
             self.state.load_count += 1;
             self.state.passbook_through = self.state.passbook_through.max(through);
+            // This session ran: the proof of the negative-result procedure names it.
+            self.state.recent_runs.rotate_left(1);
+            self.state.recent_runs[RECENT_RUNS - 1] = init_count;
             // Re-keyed in the same state change as the credit: one version or the other
             // is what persists, never neither.
             if let Some(u) = rekey {

@@ -5,30 +5,28 @@
 //!
 //! 1. The card answered LOAD with a negative result code (or never answered: the card was
 //!    pulled). The box runs a new INITIALIZE FOR LOAD for zero value, which yields a new S1.
-//! 2. The new S1 must be a genuine card S1 over the values the box reports.
-//! 3. If the new transaction counter equals the original one (branch A, [0131]), the HSM
-//!    computes the S1 the card would give had the original load failed — the original
-//!    load count, with the new random, time stamp and balance — and compares it with the
-//!    new S1. A match means a true negative; no match means the card was loaded.
+//! 2. The new S1 must be a genuine card S1 over the values the box reports, made after the
+//!    load's own INITIALIZE (a higher INITIALIZE count: that ended the load's session, so
+//!    its LOAD ran before the proof or never will).
+//! 3. Whether the load ran: the seed compares the S1 the card would give had the load
+//!    failed (the original balance and counters) with the new one. Any other load or
+//!    unload of the card since — in another box, at another HSM — moves those counters
+//!    too and would pass for this one. So the card names, under S1, the INITIALIZE counts
+//!    of the last [`RECENT_RUNS`] load and unload sessions it carried out
+//!    ([`LoadInit::runs`]): this session among them means loaded (a false negative); not
+//!    among them, while they reach back before it, means not loaded. When so many ran
+//!    since that they do not reach back, the proof cannot tell ([`HsmError::ProofUnavailable`]).
+//! 4. Not loaded with the transaction counter unmoved is branch A ([0131], a true
+//!    negative); moved, branch B ([0132], an accidental counter bump).
 //!
-//!    The seed expects the original balance too. We use the load count instead, which only
-//!    LOAD moves: a purchase made between the failed load and the proof (the card was used
-//!    elsewhere before the box recovered) changes the balance but proves nothing about the
-//!    load. The box must resolve an in-doubt load before it starts another load on the
-//!    card, so that the load count speaks of this load alone.
-//! 4. If the counters differ (branch B, [0132]), the load server lowers the counter of the
-//!    new request to the original one and the HSM computes its S1 the same way. A match
-//!    means the negative was right and the counter moved by accident; no match means the
-//!    card was loaded.
-//!
-//! S1 deliberately does not cover the transaction counter (see [`LoadInit`]), which is what
-//! lets branch B tell an accidental counter bump from a load.
+//! Unloads ([`Direction::Unload`]) run the same procedure in reverse, under their own
+//! labels.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::{self, DesKey, Mac};
+use crate::crypto::{self, DesKey};
 use crate::hotlist::Hotlist;
 use crate::money::{Currency, Money};
 use crate::purse::*;
@@ -85,6 +83,14 @@ pub enum HsmError {
     /// left out, added or changed).
     #[error("the uploaded passbook is not the card's (its digest differs from the one S1 covers)")]
     PassbookMismatch,
+    /// The card carried out so many loads and unloads since the one in doubt that its S1
+    /// no longer names the sessions back to it: the proof cannot tell; an operator settles
+    /// it from the card's log and the journals.
+    #[error(
+        "the card ran too many loads or unloads since this one for its proof to tell whether \
+         this one ran; settle it from the card's log"
+    )]
+    ProofUnavailable,
 }
 
 /// Where the HSM's load masters live and derive card keys: in memory ([`MasterKeys`], the
@@ -614,20 +620,25 @@ impl Hsm {
         if zero.init_count <= orig.init_count {
             return Err(HsmError::StaleProof);
         }
-        // Branch A or B ([0131] / [0132]). In B the load server lowers the counter of the
-        // new request to the original's; S1 does not cover the counter, so the S1 the HSM
-        // expects is the same computation either way.
-        let counters_equal = zero.atc == orig.atc;
-        let mut expected_if_failed = zero.clone();
-        expected_if_failed.atc = orig.atc;
-        expected_if_failed.load_count = orig.load_count;
-        let key = self.purse_load_key(orig)?;
-        let expected: Mac = crypto::sign(&key, dir.labels().0, &expected_if_failed.signed_fields());
-        let not_loaded = crypto::mac_eq(&expected, &zero.s1);
-        let verdict = match (not_loaded, counters_equal) {
-            (true, true) => NegativeVerdict::TrueNegative,
-            (true, false) => NegativeVerdict::CounterBumped,
-            (false, _) => NegativeVerdict::FalseNegative,
+        // Whether this very session ran: the card names, under the S1 just verified, the
+        // last sessions whose LOAD or UNLOAD it carried out. A session after ours ended it
+        // (the proof's count is higher), so ours ran before the proof or never will. (The
+        // card's load counter alone cannot tell: any other load or unload, at any HSM,
+        // moves it too — an outside attack on the unload found that, and the load's own
+        // procedure had the same gap.)
+        let session = orig.init_count;
+        let ran = zero.runs.contains(&session);
+        let window_full = zero.runs.iter().all(|r| *r != 0);
+        if !ran && window_full && zero.runs.iter().all(|r| *r > session) {
+            // So many sessions ran since that ours may have left the card's list.
+            return Err(HsmError::ProofUnavailable);
+        }
+        // Branch A or B ([0131] / [0132]): not carried out, and the counter unmoved or
+        // moved by accident.
+        let verdict = match (ran, zero.atc == orig.atc) {
+            (true, _) => NegativeVerdict::FalseNegative,
+            (false, true) => NegativeVerdict::TrueNegative,
+            (false, false) => NegativeVerdict::CounterBumped,
         };
         self.settle(id, verdict.loaded(), dir);
         Ok(verdict)

@@ -110,6 +110,7 @@ pub fn status_word(e: &SecurityCardError) -> StatusWord {
         ValueInAuthentication { .. } => 0x9491,
         RefundExceedsTotals { .. } => 0x9492,
         CreditNeedsProof(_) => 0x9493,
+        InitializeUsed { .. } => 0x9494,
         Terminal(_) => 0x94FF,
     })
 }

@@ -922,9 +922,17 @@ pub struct LoadInit {
     /// the last upload; zeros when there are none or the cardholder chose privacy), under
     /// S1: what a bank load uploads must be exactly these records (seed 004 PASSBOOK).
     pub passbook: Mac,
+    /// The INITIALIZE counts (`init_count`) of the last [`RECENT_RUNS`] load and unload
+    /// sessions whose LOAD or UNLOAD the card carried out, oldest first (0: none yet), under
+    /// S1: the negative-result procedure's proof of whether one particular session ran —
+    /// whatever other loads or unloads (at any HSM) happened since.
+    pub runs: [u32; RECENT_RUNS],
     pub card_random: [u8; 8],
     pub s1: Mac,
 }
+
+/// How many executed load/unload sessions a card names in its S1 ([`LoadInit::runs`]).
+pub const RECENT_RUNS: usize = 4;
 
 impl LoadInit {
     /// The fields S1 covers.
@@ -937,9 +945,11 @@ impl LoadInit {
             .u32(self.init_count)
             .u64(self.amount);
         write_currency(&mut w, self.currency);
-        w.u64(self.timestamp)
-            .bytes(&self.passbook)
-            .bytes(&self.card_random);
+        w.u64(self.timestamp).bytes(&self.passbook);
+        for r in self.runs {
+            w.u32(r);
+        }
+        w.bytes(&self.card_random);
         w.finish()
     }
     pub fn encode(&self) -> Vec<u8> {
@@ -954,9 +964,11 @@ impl LoadInit {
             .u8(self.key_version)
             .u64(self.amount)
             .u64(self.timestamp)
-            .bytes(&self.passbook)
-            .bytes(&self.card_random)
-            .bytes(&self.s1);
+            .bytes(&self.passbook);
+        for r in self.runs {
+            w.u32(r);
+        }
+        w.bytes(&self.card_random).bytes(&self.s1);
         w.finish()
     }
     pub fn decode(b: &[u8]) -> Result<Self, LayoutError> {
@@ -974,6 +986,7 @@ impl LoadInit {
             amount: r.u64()?,
             timestamp: r.u64()?,
             passbook: r.take()?,
+            runs: [r.u32()?, r.u32()?, r.u32()?, r.u32()?],
             card_random: r.take()?,
             s1: r.take()?,
         };

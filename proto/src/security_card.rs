@@ -86,6 +86,11 @@ pub enum SecurityCardError {
     /// leave the value on the card and in the merchant's totals both.
     #[error("refund {0} was issued: only the card's proof that it was not credited reverses it")]
     CreditNeedsProof(u32),
+    /// A refund for a card INITIALIZE that already has one (or for an older one): the card
+    /// runs one command per session, so a second could never be credited — nor proved not
+    /// credited once the first moved the card's counter.
+    #[error("card {card_id}'s INITIALIZE FOR CREDIT {init_count} already has a refund")]
+    InitializeUsed { card_id: u64, init_count: u32 },
 }
 
 /// The draw request's card part, as the security card sees it ([0077], [0093]).
@@ -394,9 +399,9 @@ impl SecurityCard {
     fn count_refund(&mut self, amount: Money, issued: bool) {
         let t = self.totals.entry(amount.currency).or_default();
         if issued {
-            t.amount -= amount.minor;
+            t.amount = t.amount.saturating_sub(amount.minor);
         } else {
-            t.amount += amount.minor;
+            t.amount = t.amount.saturating_add(amount.minor);
         }
     }
 
@@ -407,12 +412,14 @@ impl SecurityCard {
             return;
         }
         let t = self.totals.entry(amount.currency).or_default();
+        // Saturating: the callers keep the totals from going below zero (a refund never
+        // takes what may still be reversed); a security card never panics on its input.
         if sign > 0 {
-            t.count += 1;
-            t.amount += amount.minor;
+            t.count = t.count.saturating_add(1);
+            t.amount = t.amount.saturating_add(amount.minor);
         } else {
-            t.count -= 1;
-            t.amount -= amount.minor;
+            t.count = t.count.saturating_sub(1);
+            t.amount = t.amount.saturating_sub(amount.minor);
         }
     }
 
@@ -598,7 +605,31 @@ impl SecurityCard {
         if amount.minor == 0 {
             return Err(SecurityCardError::ZeroAmount);
         }
-        let total = self.total(amount.currency).amount;
+        // One refund per card session ([`SecurityCardError::InitializeUsed`]).
+        if self.txns.values().any(|t| {
+            t.state.is_credit()
+                && t.command.card_id == init.card_id
+                && t.draw.init.init_count >= init.init_count
+        }) {
+            return Err(SecurityCardError::InitializeUsed {
+                card_id: init.card_id,
+                init_count: init.init_count,
+            });
+        }
+        // Only what is settled can be refunded: an early-recorded sale (FIG. 5-7) may still
+        // be reversed, which would take it off the totals a second time.
+        let reversible: u64 = self
+            .txns
+            .values()
+            .filter(|t| {
+                t.state == TxnState::EarlyRecorded && t.draw.amount.currency == amount.currency
+            })
+            .map(|t| t.draw.amount.minor)
+            .sum();
+        let total = self
+            .total(amount.currency)
+            .amount
+            .saturating_sub(reversible);
         if total < amount.minor {
             return Err(SecurityCardError::RefundExceedsTotals {
                 total,

@@ -235,3 +235,45 @@ fn an_in_doubt_refund_is_settled_from_the_card_either_way() {
     sc.complete_credit(cc.0.security_card_txn, &logged).unwrap();
     assert!(sc.forget(cc.0.security_card_txn));
 }
+
+/// The outside attack on refunds (F3): a refund taken against an early-recorded sale
+/// (FIG. 5-7) that is then reversed would take the sale off the totals twice (a panic in
+/// the security card, and the PSAM). Only settled totals can be refunded now.
+#[test]
+fn a_refund_never_takes_what_may_still_be_reversed() {
+    let mut card = card_with(10_000, 100_000);
+    let mut sc = security_card();
+    let d = draw(&mut card, 1_000, "sale-early");
+    let auth = sc.issue_debit(&d, TODAY, true).unwrap();
+    assert_eq!(sc.total(EUR).amount, 1_000, "counted early");
+    let c = credit_data(&mut card, 1_000);
+    assert_eq!(
+        sc.issue_credit(&c, TODAY).unwrap_err(),
+        SecurityCardError::RefundExceedsTotals {
+            total: 0,
+            amount: 1_000
+        }
+    );
+    sc.reverse(auth.command.security_card_txn).unwrap();
+    assert_eq!(sc.total(EUR).amount, 0);
+    assert_eq!(card.state.balance, 10_000);
+}
+
+/// (F4) One INITIALIZE FOR CREDIT gets one refund: a second command for it could never run,
+/// nor be proved not run once the first moved the card's counter — the merchant's totals
+/// would stay short for good.
+#[test]
+fn one_initialize_for_credit_gets_one_refund() {
+    let mut card = card_with(10_000, 100_000);
+    let mut sc = security_card();
+    purchase(&mut card, &mut sc, 2_000, "s1");
+    let c = credit_data(&mut card, 500);
+    let cc = sc.issue_credit(&c, TODAY).unwrap();
+    assert!(matches!(
+        sc.issue_credit(&c, TODAY),
+        Err(SecurityCardError::InitializeUsed { .. })
+    ));
+    let r = CreditResponse::decode(&ok(&mut card, &commands::credit(&cc))).unwrap();
+    sc.complete_credit(cc.0.security_card_txn, &r).unwrap();
+    assert_eq!(card.state.balance + sc.total(EUR).amount, 10_000);
+}

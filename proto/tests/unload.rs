@@ -200,3 +200,156 @@ fn the_negative_result_procedure_in_reverse_tells_what_the_card_did() {
         "never answered (card pulled): not unloaded"
     );
 }
+
+/// INITIALIZE FOR LOAD or UNLOAD of `amount` in `currency`.
+fn init_in(
+    card: &mut PurseCard,
+    dir: Direction,
+    amount: u64,
+    currency: proto::money::Currency,
+) -> LoadInit {
+    select(card);
+    let req = LoadInitRequest {
+        amount,
+        currency,
+        timestamp: 7,
+        date: TODAY,
+    };
+    let apdu = match dir {
+        Direction::Load => commands::init_load(&req),
+        Direction::Unload => commands::init_unload(&req),
+    };
+    LoadInit::decode(&ok(card, &apdu)).unwrap()
+}
+
+/// One whole load or unload of `amount` at `hsm`, confirmed.
+fn run(
+    card: &mut PurseCard,
+    hsm: &mut proto::hsm::Hsm,
+    dir: Direction,
+    id: &str,
+    amount: u64,
+    currency: proto::money::Currency,
+) {
+    let init = init_in(card, dir, amount, currency);
+    let money = Money::new(amount, currency);
+    let (cmd, apdu): (LoadCommand, fn(&LoadCommand) -> Vec<u8>) = match dir {
+        Direction::Load => (
+            hsm.authorize(id, &init, money, TODAY).unwrap(),
+            commands::load,
+        ),
+        Direction::Unload => (
+            hsm.authorize_unload(id, &init, money, TODAY).unwrap(),
+            commands::unload,
+        ),
+    };
+    let resp = LoadResponse::decode(&ok(card, &apdu(&cmd))).unwrap();
+    let verdict = match dir {
+        Direction::Load => hsm.confirm(id, &resp),
+        Direction::Unload => hsm.confirm_unload(id, &resp),
+    };
+    assert_eq!(verdict, Ok(LoadVerdict::Loaded));
+}
+
+/// The outside attack on unloads (F1, F2): a load or unload in doubt, then any other load
+/// or unload of the card — its other purse, another HSM, another box — before the proof.
+/// The card's load counter moved for that other one, and the HSM took it for this one
+/// (5,000 created on an unload; a load charged that never reached the card). Now the card
+/// names the sessions it carried out under S1, and the proof speaks of this one alone.
+#[test]
+fn another_load_or_unload_before_the_proof_is_not_taken_for_the_one_in_doubt() {
+    let pts = proto::money::Currency::POINTS;
+    for (doubt, between, currency) in [
+        (Direction::Unload, Direction::Unload, EUR),
+        (Direction::Unload, Direction::Load, pts),
+        (Direction::Unload, Direction::Load, EUR),
+        (Direction::Load, Direction::Unload, EUR),
+        (Direction::Load, Direction::Load, EUR),
+    ] {
+        let mut card = card_with(10_000, 100_000);
+        let (mut hsm, mut elsewhere) = (hsm(), proto::hsm::Hsm::new(0xBB02, issuer().load()));
+        // In doubt: authorized, the command never reached the card.
+        let init = init_in(&mut card, doubt, 3_000, EUR);
+        let money = Money::new(3_000, EUR);
+        match doubt {
+            Direction::Load => hsm.authorize("x", &init, money, TODAY).unwrap(),
+            Direction::Unload => hsm.authorize_unload("x", &init, money, TODAY).unwrap(),
+        };
+        run(&mut card, &mut elsewhere, between, "other", 1, currency);
+        let zero = init_in(&mut card, doubt, 0, EUR);
+        let verdict = match doubt {
+            Direction::Load => hsm.resolve_negative("x", &zero),
+            Direction::Unload => hsm.resolve_unload_negative("x", &zero),
+        };
+        assert_eq!(
+            verdict,
+            Ok(NegativeVerdict::CounterBumped),
+            "{doubt:?} in doubt, {between:?} {currency:?} between: not carried out (the \
+             counter moved for the other one)"
+        );
+        let moved_here = hsm.total(EUR).amount + hsm.total_unloaded(EUR).amount;
+        assert_eq!(
+            moved_here, 0,
+            "{doubt:?}: nothing counted for the one in doubt"
+        );
+    }
+    // The card truly said "not unloaded", then a load elsewhere: still not unloaded.
+    let mut card = card_with(10_000, 100_000);
+    let (mut hsm, mut elsewhere) = (hsm(), proto::hsm::Hsm::new(0xBB02, issuer().load()));
+    let init = init_in(&mut card, Direction::Unload, 5_000, EUR);
+    let cmd = hsm
+        .authorize_unload("u1", &init, Money::new(5_000, EUR), TODAY)
+        .unwrap();
+    card.state.fault = Some(CardFault::TrueNegative);
+    let resp = LoadResponse::decode(&ok(&mut card, &commands::unload(&cmd))).unwrap();
+    assert_eq!(
+        hsm.confirm_unload("u1", &resp),
+        Ok(LoadVerdict::NegativeNeedsProof)
+    );
+    run(&mut card, &mut elsewhere, Direction::Load, "l", 100, EUR);
+    let zero = init_in(&mut card, Direction::Unload, 0, EUR);
+    assert!(!hsm.resolve_unload_negative("u1", &zero).unwrap().loaded());
+    assert_eq!(
+        card.state.balance + hsm.total_unloaded(EUR).amount,
+        10_000 + elsewhere.total(EUR).amount,
+        "conserved"
+    );
+}
+
+/// When more loads and unloads ran since the one in doubt than the card names, the proof
+/// cannot tell: refused, for an operator, rather than guessed.
+#[test]
+fn a_proof_that_no_longer_reaches_back_is_refused_not_guessed() {
+    let mut card = card_with(10_000, 100_000);
+    let (mut hsm, mut elsewhere) = (hsm(), proto::hsm::Hsm::new(0xBB02, issuer().load()));
+    let init = init_in(&mut card, Direction::Load, 3_000, EUR);
+    hsm.authorize("x", &init, Money::new(3_000, EUR), TODAY)
+        .unwrap();
+    for i in 0..RECENT_RUNS {
+        run(
+            &mut card,
+            &mut elsewhere,
+            Direction::Load,
+            &format!("o{i}"),
+            1,
+            EUR,
+        );
+    }
+    let zero = init_in(&mut card, Direction::Load, 0, EUR);
+    assert_eq!(
+        hsm.resolve_negative("x", &zero),
+        Err(HsmError::ProofUnavailable)
+    );
+    // Points are no money to pay out: no unload of the points purse.
+    select(&mut card);
+    let r = send(
+        &mut card,
+        &commands::init_unload(&LoadInitRequest {
+            amount: 1,
+            currency: proto::money::Currency::POINTS,
+            timestamp: 1,
+            date: TODAY,
+        }),
+    );
+    assert_eq!(r.sw, StatusWord::WRONG_CURRENCY);
+}

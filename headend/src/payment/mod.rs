@@ -224,6 +224,7 @@ fn security_card_error(e: &SecurityCardError) -> ErrorCode {
         SecurityCardError::Terminal(_) => ErrorCode::Busy,
         SecurityCardError::RefundExceedsTotals { .. } => ErrorCode::AmountMismatch,
         SecurityCardError::CreditNeedsProof(_) => ErrorCode::InDoubt,
+        SecurityCardError::InitializeUsed { .. } => ErrorCode::Replay,
     }
 }
 
