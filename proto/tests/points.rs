@@ -144,21 +144,7 @@ fn the_purses_do_not_mix_and_each_has_its_own_keys() {
 }
 
 fn init_points_load(card: &mut PurseCard, amount: u64) -> Result<LoadInit, StatusWord> {
-    select(card);
-    let r = send(
-        card,
-        &commands::init_load(&LoadInitRequest {
-            amount,
-            currency: PTS,
-            timestamp: 1_000,
-            date: TODAY,
-        }),
-    );
-    if r.sw.is_ok() {
-        Ok(LoadInit::decode(&r.data).unwrap())
-    } else {
-        Err(r.sw)
-    }
+    init_transfer(card, Direction::Load, amount, PTS)
 }
 
 #[test]

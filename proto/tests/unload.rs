@@ -14,21 +14,7 @@ use proto::money::Money;
 use proto::purse::*;
 
 fn init_unload(card: &mut PurseCard, amount: u64) -> Result<LoadInit, StatusWord> {
-    select(card);
-    let r = send(
-        card,
-        &commands::init_unload(&LoadInitRequest {
-            amount,
-            currency: EUR,
-            timestamp: 2_000,
-            date: TODAY,
-        }),
-    );
-    if r.sw.is_ok() {
-        Ok(LoadInit::decode(&r.data).unwrap())
-    } else {
-        Err(r.sw)
-    }
+    init_transfer(card, Direction::Unload, amount, EUR)
 }
 
 #[test]
@@ -208,18 +194,7 @@ fn init_in(
     amount: u64,
     currency: proto::money::Currency,
 ) -> LoadInit {
-    select(card);
-    let req = LoadInitRequest {
-        amount,
-        currency,
-        timestamp: 7,
-        date: TODAY,
-    };
-    let apdu = match dir {
-        Direction::Load => commands::init_load(&req),
-        Direction::Unload => commands::init_unload(&req),
-    };
-    LoadInit::decode(&ok(card, &apdu)).unwrap()
+    init_transfer(card, dir, amount, currency).unwrap()
 }
 
 /// One whole load or unload of `amount` at `hsm`, confirmed.

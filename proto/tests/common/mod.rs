@@ -93,6 +93,33 @@ pub fn init_load(card: &mut PurseCard, amount: u64, ts: u64) -> Result<LoadInit,
     }
 }
 
+/// INITIALIZE FOR LOAD or (`Direction::Unload`) FOR UNLOAD of `amount` in `currency`
+/// (the currency names the purse): S1, or the card's refusal.
+pub fn init_transfer(
+    card: &mut PurseCard,
+    dir: Direction,
+    amount: u64,
+    currency: Currency,
+) -> Result<LoadInit, StatusWord> {
+    select(card);
+    let req = LoadInitRequest {
+        amount,
+        currency,
+        timestamp: 2_000,
+        date: TODAY,
+    };
+    let apdu = match dir {
+        Direction::Load => commands::init_load(&req),
+        Direction::Unload => commands::init_unload(&req),
+    };
+    let r = send(card, &apdu);
+    if r.sw.is_ok() {
+        Ok(LoadInit::decode(&r.data).unwrap())
+    } else {
+        Err(r.sw)
+    }
+}
+
 /// A full purchase through the security card (FIG. 4 comparison). Returns the response.
 pub fn purchase(
     card: &mut PurseCard,
