@@ -290,6 +290,18 @@ impl Funds {
         journal::decode(&self.journal.get(Kind::Hold, txid).ok()??).ok()
     }
 
+    /// The passbook records the bank keeps for `card_id` (seed 004), in transaction order.
+    pub fn passbook(&self, card_id: u64) -> Vec<proto::purse::LogRecord> {
+        let prefix = format!("{card_id:016X}/");
+        self.journal
+            .all(Kind::Passbook)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .filter_map(|(_, b)| journal::decode(&b).ok())
+            .collect()
+    }
+
     pub fn holds(&self) -> Vec<Hold> {
         self.journal
             .all(Kind::Hold)
@@ -834,6 +846,15 @@ impl Funds {
                     &amount.currency.code.to_string(),
                     &journal::encode(&Money::new(float, amount.currency)),
                 )?;
+                // Seed 004: the card's passbook, uploaded with the bank load, kept with
+                // the capture (the card clears it with the credit).
+                for r in &body.passbook {
+                    b.put(
+                        Kind::Passbook,
+                        &passbook_key(body.card_id, r.atc),
+                        &journal::encode(r),
+                    )?;
+                }
                 // The load advice for clearing, in the same write as the capture.
                 if let Some(to) = &self.clearing {
                     let advice = Message::LoadAdvice(LoadAdvice {
@@ -854,6 +875,13 @@ impl Funds {
         tracing::info!(txid, account = %a.id, %amount, captured = body.loaded, basis = %body.basis, "{}", step.as_str());
         answer
     }
+}
+
+/// The journal key of a card's passbook record at the bank: `<card id, 16 hex digits>/<its
+/// transaction number, 10 digits>` (key order: per card, in transaction order).
+#[must_use]
+pub fn passbook_key(card_id: u64, atc: u32) -> String {
+    format!("{card_id:016X}/{atc:010}")
 }
 
 #[cfg(test)]

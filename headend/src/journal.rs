@@ -203,11 +203,14 @@ pub enum Kind {
     /// Payment server: a terminal out of the pool ([`crate::payment::TerminalDown`]), by
     /// slot; deleted when it answers again. What `headend status` lists.
     Terminal,
+    /// Bank: a card's uploaded passbook record (seed 004; [`proto::purse::LogRecord`]), by
+    /// `<card id, 16 hex digits>/<transaction number, 10 digits>`.
+    Passbook,
 }
 
 impl Kind {
     /// Every kind, in declaration order.
-    pub const ALL: [Kind; 29] = [
+    pub const ALL: [Kind; 30] = [
         Kind::Gw,
         Kind::GwLoad,
         Kind::Open,
@@ -237,6 +240,7 @@ impl Kind {
         Kind::Expected,
         Kind::Hotlist,
         Kind::Terminal,
+        Kind::Passbook,
     ];
 
     /// The string the kind is stored under (the `kind` column).
@@ -271,6 +275,7 @@ impl Kind {
             Kind::Expected => "expected_signature",
             Kind::Hotlist => "hotlist",
             Kind::Terminal => "terminal",
+            Kind::Passbook => "passbook",
         }
     }
 }

@@ -49,6 +49,15 @@ pub trait SecurityModule: Send {
         amount: Money,
         today: Date,
     ) -> Result<LoadCommand, HsmError>;
+    /// A bank load with the card's passbook ([`Hsm::authorize_with_passbook`]).
+    fn authorize_with_passbook(
+        &mut self,
+        txid: &str,
+        init: &LoadInit,
+        amount: Money,
+        today: Date,
+        passbook: &[proto::purse::LogRecord],
+    ) -> Result<LoadCommand, HsmError>;
     fn confirm(&mut self, txid: &str, resp: &LoadResponse) -> Result<LoadVerdict, HsmError>;
     fn resolve_negative(
         &mut self,
@@ -85,6 +94,16 @@ impl SecurityModule for Hsm {
         today: Date,
     ) -> Result<LoadCommand, HsmError> {
         Hsm::authorize(self, txid, init, amount, today)
+    }
+    fn authorize_with_passbook(
+        &mut self,
+        txid: &str,
+        init: &LoadInit,
+        amount: Money,
+        today: Date,
+        passbook: &[proto::purse::LogRecord],
+    ) -> Result<LoadCommand, HsmError> {
+        Hsm::authorize_with_passbook(self, txid, init, amount, today, passbook)
     }
     fn confirm(&mut self, txid: &str, resp: &LoadResponse) -> Result<LoadVerdict, HsmError> {
         Hsm::confirm(self, txid, resp)
@@ -188,6 +207,7 @@ fn subject(txid: &str, amount: Money, card_id: u64, hsm_id: u64) -> LoadConfirma
         card_id,
         hsm_id,
         basis: String::new(),
+        passbook: Vec::new(),
     }
 }
 
@@ -420,7 +440,23 @@ impl LoadServer {
         }
         let hsm_id = hsm.id();
         let before = hsm.snapshot();
-        let cmd = match hsm.authorize(&txid, &req.init, req.amount, crate::payment::today()) {
+        // Seed 004 PASSBOOK: a bank load carries the card's passbook (exactly what its S1
+        // covers); nothing else does.
+        let today = crate::payment::today();
+        let authorized = match &req.source {
+            LoadSource::Bank { .. } => {
+                hsm.authorize_with_passbook(&txid, &req.init, req.amount, today, &req.passbook)
+            }
+            _ if !req.passbook.is_empty() => {
+                return refuse(
+                    ErrorCode::Malformed,
+                    "a passbook rides with a bank load only",
+                    Some(&txid),
+                );
+            }
+            _ => hsm.authorize(&txid, &req.init, req.amount, today),
+        };
+        let cmd = match authorized {
             Ok(c) => c,
             // The token failed: nothing was decided, the request may come again.
             Err(e @ HsmError::KeyStore(_)) => {
@@ -574,10 +610,15 @@ impl LoadServer {
             }
         }
         let (loaded, basis) = verdict.expect("set above");
+        // The passbook the HSM verified goes to the bank with a load that went through.
+        let passbook = journal::decode::<LoadRequest>(&rec.request)
+            .map(|r| r.passbook)
+            .unwrap_or_default();
         let conf = self.confirmation(
             LoadConfirmationBody {
                 loaded,
                 basis: basis.clone(),
+                passbook: if loaded { passbook } else { Vec::new() },
                 ..subject(&txid, rec.amount, rec.card_id, hsm_id)
             },
             new_balance,

@@ -708,3 +708,84 @@ async fn a_locked_card_is_opened_by_a_bank_load_only_when_the_issuer_unblocks() 
         he.running.stop().await;
     }
 }
+
+/// Three purchases on the card, made with a security card of the issuer: its passbook.
+fn buy_three(he: &HeadEnd, b: &mut LoadBox) {
+    use proto::card::commands;
+    use proto::purse::{DebitResponse, PurchaseInit};
+    let mut sc =
+        proto::security_card::SecurityCard::new(0x5A00_0099, issuer_keys(&he.cfg).purchase());
+    for (i, amount) in [499u64, 399, 1_250].into_iter().enumerate() {
+        b.apdu(&commands::select());
+        let init = PurchaseInit::decode(&b.apdu(&commands::init_purchase(today())).data).unwrap();
+        let draw = proto::security_card::DrawData {
+            merchant_id: "CABLE".into(),
+            transaction_id: format!("p{i}"),
+            amount: Money::new(amount, Currency::EUR),
+            init,
+        };
+        let auth = sc.issue_debit(&draw, today(), false).unwrap();
+        let r = b.apdu(&commands::debit(&auth.command));
+        let resp = DebitResponse::decode(&r.data).unwrap();
+        sc.complete(auth.command.security_card_txn, &resp).unwrap();
+    }
+}
+
+/// Seed 004 PASSBOOK, through the head end: a bank load uploads the card's passbook — the
+/// records since its last upload, exactly what its S1 covers — the bank keeps them with the
+/// capture, and the card clears them with the credit. A box that leaves one out is refused
+/// and nothing moves; with privacy on, nothing is uploaded and the bank keeps nothing more.
+#[tokio::test]
+async fn a_bank_load_uploads_the_passbook_to_the_bank_and_the_card_clears_it() {
+    let he = start().await;
+    let mut b = LoadBox::new(&he, BOX1, 5_000, 100_000).await;
+    buy_three(&he, &mut b);
+    // The purchases were paid elsewhere: conservation counts loads from here.
+    b.start_balance = b.balance();
+    let card_id = b.card.state.card_id;
+    let passbook = b.card.state.passbook();
+    assert_eq!(passbook.len(), 3);
+    let bank = &he.running.bank.as_ref().unwrap().funds;
+
+    // One record left out: not the card's passbook; refused, the hold released.
+    let offer = b.offer(bank_source()).await;
+    let init = b.init_load(&offer, 1_000).unwrap();
+    let mut req = b.load_request(&offer, init, 1_000, Some(&he.pin));
+    req.passbook.remove(1);
+    let answer = b.call(&Message::LoadRequest(req)).await;
+    assert_eq!(error_code(&answer), ErrorCode::BadSignature, "{answer:?}");
+    assert!(bank.passbook(card_id).is_empty());
+
+    // The whole passbook: uploaded, kept by the bank with the capture, cleared on the card.
+    let (_, conf) = b.load(bank_source(), 1_000, Some(&he.pin)).await;
+    assert!(
+        matches!(conf, Message::LoadConfirmation(ref c) if c.loaded),
+        "{conf:?}"
+    );
+    assert!(
+        eventually(|| bank.passbook(card_id).len() == 3).await,
+        "the bank keeps the three purchases"
+    );
+    assert_eq!(bank.passbook(card_id), passbook);
+    let purse = b.purse();
+    assert_eq!(purse.passbook_through, passbook.last().unwrap().atc);
+    let left = b.card.state.passbook();
+    assert_eq!(left.len(), 1, "only the load itself is new");
+
+    // Privacy on: the next bank load uploads nothing; the bank keeps nothing more.
+    b.apdu(&proto::card::commands::select());
+    assert!(b.apdu(&proto::card::commands::set_privacy(true)).sw.is_ok());
+    let (_, conf) = b.load(bank_source(), 500, Some(&he.pin)).await;
+    assert!(
+        matches!(conf, Message::LoadConfirmation(ref c) if c.loaded),
+        "{conf:?}"
+    );
+    assert_eq!(bank.passbook(card_id).len(), 3);
+    assert_eq!(
+        b.purse().passbook_through,
+        passbook.last().unwrap().atc,
+        "nothing cleared"
+    );
+    conservation(&he, &mut [&mut b]).await;
+    he.running.stop().await;
+}

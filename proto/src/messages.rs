@@ -353,6 +353,10 @@ pub struct LoadRequest {
     pub init: LoadInit,
     /// The PIN block, sealed end to end for the bank.
     pub sealed_pin: Option<Vec<u8>>,
+    /// Seed 004 PASSBOOK: with a bank load, the card's log records since its last upload,
+    /// oldest first — exactly those its S1 covers ([`crate::purse::passbook_digest`]);
+    /// none with a voucher, or when the cardholder chose privacy.
+    pub passbook: Vec<crate::purse::LogRecord>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -497,6 +501,9 @@ pub struct LoadConfirmationBody {
     /// How the load server decided: "S3 verified", "never authorized: …", or the
     /// negative-result verdict of 001 [0131]–[0132].
     pub basis: String,
+    /// The card's passbook the load server's HSM verified against S1 (seed 004): the bank
+    /// keeps it when the load went through.
+    pub passbook: Vec<crate::purse::LogRecord>,
 }
 
 /// The load server refused a load request before any S2 was issued. The confirmation

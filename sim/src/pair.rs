@@ -1440,6 +1440,8 @@ impl Pair {
     }
 }
 
+// One per step, consumed at once: boxing the message would buy nothing.
+#[allow(clippy::large_enum_variant)]
 enum Delivery {
     Card(Result<CardReply, CardFailure>),
     Gateway(Result<Message, NetworkFailure>),

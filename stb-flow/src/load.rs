@@ -21,7 +21,7 @@
 //! and [`decide`] resolves it from the journal and the card's log. Each state carries what
 //! it knows (the purse, the offer, the amount, the S1 sent).
 
-use proto::card::commands;
+use proto::card::{LOG_CAPACITY, SW_RECORD_NOT_FOUND, commands};
 use proto::crypto::DesKey;
 use proto::messages::{
     ErrorCode, LoadConfirmation, LoadOffer, LoadOfferRequest, LoadRequest, LoadResponseMsg,
@@ -29,7 +29,7 @@ use proto::messages::{
 };
 use proto::money::Money;
 use proto::purse::{
-    LOAD_OK, LoadCommand, LoadInit, LoadInitRequest, LoadResponse, LogKind, PurseInfo,
+    LOAD_OK, LoadCommand, LoadInit, LoadInitRequest, LoadResponse, LogKind, LogRecord, PurseInfo,
 };
 use proto::secret::Secret;
 use rand::SeedableRng;
@@ -187,6 +187,8 @@ pub enum Outcome {
 
 /// What the shell feeds back.
 #[derive(Debug, Clone, PartialEq)]
+// One per step, consumed at once: boxing the message would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Input {
     /// The gateway's answer to the outstanding [`Action::Send`].
     Answer(Message),
@@ -233,11 +235,24 @@ enum State {
         amount: u64,
         sealed_pin: Option<Vec<u8>>,
     },
+    /// A bank load reads the card's passbook (seed 004) before its INITIALIZE: READ LOG
+    /// `next`, newest first, until a record the bank already has. `records` so far, newest
+    /// first.
+    AwaitPassbook {
+        purse: PurseInfo,
+        offer: LoadOffer,
+        amount: u64,
+        sealed_pin: Option<Vec<u8>>,
+        next: u8,
+        records: Vec<LogRecord>,
+    },
     AwaitInit {
         purse: PurseInfo,
         offer: LoadOffer,
         amount: u64,
         sealed_pin: Option<Vec<u8>>,
+        /// The passbook to upload, oldest first.
+        passbook: Vec<LogRecord>,
     },
     AwaitCommand(Requested),
     AwaitLoad(Requested),
@@ -353,6 +368,7 @@ impl Load {
             State::AwaitSelect
                 | State::AwaitPurse
                 | State::AwaitSelectForInit { .. }
+                | State::AwaitPassbook { .. }
                 | State::AwaitInit { .. }
                 | State::AwaitCommand(_)
                 | State::AwaitLoad(_)
@@ -443,6 +459,7 @@ impl Load {
                 | State::AwaitAmount { .. }
                 | State::AwaitPin { .. }
                 | State::AwaitSelectForInit { .. }
+                | State::AwaitPassbook { .. }
                 | State::AwaitInit { .. },
                 Input::CardRemoved,
             ) => self.failed(Refusal::CardRemoved),
@@ -455,32 +472,81 @@ impl Load {
                 },
                 Input::Card(r),
             ) => match card_ok(r) {
-                Ok(_) => {
-                    let apdu = commands::init_load(&LoadInitRequest {
-                        amount,
-                        currency: offer.max_amount.currency,
-                        timestamp: offer.timestamp,
-                        date: offer.date,
-                    });
-                    self.state = State::AwaitInit {
+                // A bank load uploads the passbook, unless the cardholder chose privacy.
+                Ok(_) if matches!(offer.source, LoadSource::Bank { .. }) && !purse.privacy => {
+                    self.state = State::AwaitPassbook {
                         purse,
                         offer,
                         amount,
                         sealed_pin,
+                        next: 1,
+                        records: Vec::new(),
                     };
-                    vec![Action::Apdu(apdu)]
+                    vec![Action::Apdu(commands::read_log(1))]
                 }
+                Ok(_) => self.initialize(purse, offer, amount, sealed_pin, Vec::new()),
                 Err(refusal) => self.failed(refusal),
             },
+            (
+                State::AwaitPassbook {
+                    purse,
+                    offer,
+                    amount,
+                    sealed_pin,
+                    next,
+                    mut records,
+                },
+                Input::Card(r),
+            ) => {
+                let record = match r {
+                    Ok(reply) => match split_sw(&reply.response) {
+                        Some((data, sw)) if sw.is_ok() => match LogRecord::decode(data) {
+                            Ok(rec) => Some(rec),
+                            Err(_) => {
+                                return self.failed(Refusal::Malformed(CardAnswer::ReadLog));
+                            }
+                        },
+                        // Past the oldest record the card keeps.
+                        Some((_, sw)) if sw == SW_RECORD_NOT_FOUND => None,
+                        Some((_, sw)) => return self.failed(Refusal::CardRefused { sw }),
+                        None => return self.failed(Refusal::NoStatusWord),
+                    },
+                    Err(error) => return self.failed(Refusal::CardUnreadable { error }),
+                };
+                match record {
+                    Some(rec)
+                        if rec.atc > purse.passbook_through && usize::from(next) < LOG_CAPACITY =>
+                    {
+                        records.push(rec);
+                        self.state = State::AwaitPassbook {
+                            purse,
+                            offer,
+                            amount,
+                            sealed_pin,
+                            next: next + 1,
+                            records,
+                        };
+                        vec![Action::Apdu(commands::read_log(next + 1))]
+                    }
+                    last => {
+                        if let Some(rec) = last.filter(|r| r.atc > purse.passbook_through) {
+                            records.push(rec);
+                        }
+                        records.reverse();
+                        self.initialize(purse, offer, amount, sealed_pin, records)
+                    }
+                }
+            }
             (
                 State::AwaitInit {
                     purse,
                     offer,
                     amount,
                     sealed_pin,
+                    passbook,
                 },
                 Input::Card(r),
-            ) => self.on_init(&purse, offer, amount, sealed_pin, r),
+            ) => self.on_init(&purse, offer, amount, sealed_pin, passbook, r),
             (State::AwaitCommand(req), Input::Answer(m)) => self.on_command(req, m),
             (State::AwaitCommand(req), Input::NetworkFailed(e)) => {
                 self.prove_not_loaded(req, None, "no load command from the head end", &e)
@@ -635,12 +701,38 @@ impl Load {
         ]
     }
 
+    /// INITIALIZE FOR LOAD, with the passbook read (oldest first) to send with it.
+    fn initialize(
+        &mut self,
+        purse: PurseInfo,
+        offer: LoadOffer,
+        amount: u64,
+        sealed_pin: Option<Vec<u8>>,
+        passbook: Vec<LogRecord>,
+    ) -> Vec<Action> {
+        let apdu = commands::init_load(&LoadInitRequest {
+            amount,
+            currency: offer.max_amount.currency,
+            timestamp: offer.timestamp,
+            date: offer.date,
+        });
+        self.state = State::AwaitInit {
+            purse,
+            offer,
+            amount,
+            sealed_pin,
+            passbook,
+        };
+        vec![Action::Apdu(apdu)]
+    }
+
     fn on_init(
         &mut self,
         purse: &PurseInfo,
         offer: LoadOffer,
         amount: u64,
         sealed_pin: Option<Vec<u8>>,
+        passbook: Vec<LogRecord>,
         r: Result<CardReply, CardFailure>,
     ) -> Vec<Action> {
         let data = match card_ok(r) {
@@ -663,6 +755,7 @@ impl Load {
             amount: Money::new(amount, init.currency),
             init: init.clone(),
             sealed_pin,
+            passbook,
         };
         let sent = self.journal(Step::RequestSent {
             offer: offer.clone(),

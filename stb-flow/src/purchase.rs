@@ -205,6 +205,8 @@ pub enum Outcome {
 
 /// What the shell feeds back.
 #[derive(Debug, Clone, PartialEq)]
+// One per step, consumed at once: boxing the message would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Input {
     /// The gateway's answer to the outstanding [`Action::Send`].
     Answer(Message),

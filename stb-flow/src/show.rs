@@ -144,6 +144,8 @@ pub enum CardAnswer {
     ReadPurse,
     /// INITIALIZE FOR LOAD (the S1).
     InitializeForLoad,
+    /// READ LOG (the passbook of a bank load).
+    ReadLog,
 }
 
 /// Why a flow stopped with no value moved (or, for the shell's own refusals, never started).

@@ -237,6 +237,7 @@ pub const REQ_LOAD_OFFER: &str = "the load offer request";
 pub const CMD_INITIALIZE: &str = "INITIALIZE";
 pub const CMD_READ_PURSE: &str = "READ PURSE";
 pub const CMD_INITIALIZE_FOR_LOAD: &str = "INITIALIZE FOR LOAD";
+pub const CMD_READ_LOG: &str = "READ LOG";
 
 /// The head end answered `request` with another kind of message (`answer`: "a catalog").
 pub fn why_out_of_turn(request: &str, answer: &str) -> String {

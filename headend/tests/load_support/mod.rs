@@ -345,6 +345,12 @@ impl LoadBox {
             amount: Money::new(amount, init.currency),
             init,
             sealed_pin: pin.map(|p| self.seal_pin(&offer.transaction_id, p)),
+            // As the box does: a bank load carries the card's passbook (seed 004).
+            passbook: if matches!(offer.source, LoadSource::Bank { .. }) {
+                self.card.state.passbook()
+            } else {
+                Vec::new()
+            },
         }
     }
 

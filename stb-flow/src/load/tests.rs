@@ -100,10 +100,20 @@ impl FakeLoadServer {
             Message::LoadOfferRequest(r) => Message::LoadOffer(self.offer(r.source.clone())),
             Message::LoadRequest(r) => {
                 self.requests.push(r.clone());
-                match self
-                    .hsm
-                    .authorize(&r.transaction_id, &r.init, r.amount, TODAY)
-                {
+                // As the load server: a bank load carries the card's passbook.
+                let authorized = match r.source {
+                    LoadSource::Bank { .. } => self.hsm.authorize_with_passbook(
+                        &r.transaction_id,
+                        &r.init,
+                        r.amount,
+                        TODAY,
+                        &r.passbook,
+                    ),
+                    _ => self
+                        .hsm
+                        .authorize(&r.transaction_id, &r.init, r.amount, TODAY),
+                };
+                match authorized {
                     Ok(command) => Message::LoadCommand(proto::messages::LoadCommandMsg {
                         transaction_id: r.transaction_id.clone(),
                         command,
@@ -1014,4 +1024,55 @@ fn a_locked_card_loads_only_from_a_bank_and_the_unblock_opens_it() {
     assert_eq!(c.state.balance, 1_300);
     assert_eq!(c.state.status & proto::purse::STATUS_BLOCKED, 0, "opened");
     assert_eq!(c.state.bad_key_count, 0);
+}
+
+/// Seed 004 PASSBOOK in the box's flow: a bank load reads the card's log back to the last
+/// upload (READ LOG, newest first) and sends those records, oldest first, with the request;
+/// the HSM takes exactly them and the card clears them with the credit. A voucher load, or
+/// a card with privacy on, sends none.
+#[test]
+fn a_bank_load_sends_the_card_s_passbook_and_the_card_clears_it() {
+    use proto::security_card::{DrawData, SecurityCard};
+    let mut c = card();
+    let mut sc = SecurityCard::new(3, issuer().purchase());
+    for (i, amount) in [100u64, 200, 300].into_iter().enumerate() {
+        c.process(&commands::select());
+        let r = c.process(&commands::init_purchase(TODAY)).response;
+        let init = proto::purse::PurchaseInit::decode(split_sw(&r).unwrap().0).unwrap();
+        let draw = DrawData {
+            merchant_id: "m".into(),
+            transaction_id: format!("p{i}"),
+            amount: Money::new(amount, Currency::EUR),
+            init,
+        };
+        let auth = sc.issue_debit(&draw, TODAY, false).unwrap();
+        let r = c.process(&commands::debit(&auth.command)).response;
+        assert!(split_sw(&r).unwrap().1.is_ok());
+    }
+    let passbook = c.state.passbook();
+    assert_eq!(passbook.len(), 3);
+    let mut he = FakeLoadServer::new(5_000, true);
+    let mut l = to_amount(bank(), &mut c, &mut he);
+    let a = to_request(&mut l, &mut c, 500, Some("1234"));
+    let a = run(&mut l, &mut c, &mut he, a);
+    assert!(matches!(outcome(&a), Some(Outcome::Loaded { .. })), "{a:?}");
+    assert_eq!(
+        he.requests[0].passbook, passbook,
+        "the records since the last upload"
+    );
+    assert_eq!(
+        c.state.passbook_through, passbook[2].atc,
+        "cleared by the card"
+    );
+
+    // A voucher load sends none; privacy on, a bank load sends none either.
+    for (source, privacy) in [(voucher(), false), (bank(), true)] {
+        c.state.privacy = privacy;
+        let mut he = FakeLoadServer::new(5_000, privacy);
+        let mut l = to_amount(source, &mut c, &mut he);
+        let a = to_request(&mut l, &mut c, 100, privacy.then_some("1234"));
+        let a = run(&mut l, &mut c, &mut he, a);
+        assert!(matches!(outcome(&a), Some(Outcome::Loaded { .. })), "{a:?}");
+        assert!(he.requests[0].passbook.is_empty(), "privacy {privacy}");
+    }
 }

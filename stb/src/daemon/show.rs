@@ -194,6 +194,7 @@ pub fn refusal_reason(r: &Refusal) -> String {
             CardAnswer::Initialize => s::CMD_INITIALIZE,
             CardAnswer::ReadPurse => s::CMD_READ_PURSE,
             CardAnswer::InitializeForLoad => s::CMD_INITIALIZE_FOR_LOAD,
+            CardAnswer::ReadLog => s::CMD_READ_LOG,
         }),
         Refusal::CardBlocked => s::WHY_CARD_BLOCKED.into(),
         Refusal::PriceCurrency { card, price } => {

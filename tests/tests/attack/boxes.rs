@@ -286,6 +286,12 @@ impl BoxClient {
             amount: Money::new(amount, init.currency),
             init,
             sealed_pin,
+            // As a box does: a bank load carries the card's passbook (seed 004).
+            passbook: if matches!(offer.source, LoadSource::Bank { .. }) {
+                self.card.state().passbook()
+            } else {
+                Vec::new()
+            },
         }
     }
 

@@ -123,6 +123,7 @@ pub fn every(card: &CardData, txid: &str, victim_box: &str, voucher: &str) -> Ve
         amount: eur(20_000),
         init: card.load_init.clone(),
         sealed_pin: None,
+        passbook: Vec::new(),
     };
     let hold = HoldPlaced {
         transaction_id: txid.into(),
