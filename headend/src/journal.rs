@@ -1233,6 +1233,7 @@ mod tests {
                 "expected_signature",
                 "hotlist",
                 "terminal",
+                "passbook",
             ]
         );
     }
