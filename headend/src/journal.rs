@@ -869,9 +869,17 @@ mod tests {
             killed.parse::<u32>().unwrap() >= 3,
             "{killed} sessions ended"
         );
-        let taken = b
-            .try_lock("tx-1")
-            .unwrap()
+        // pg_terminate_backend only signals the backends: a's lock goes when its backend
+        // has exited, a moment later (a bounded wait, not a timing assertion; a run on two
+        // busy cores met the lock still held).
+        let taken = (0..100)
+            .find_map(|_| {
+                let t = b.try_lock("tx-1").unwrap();
+                if t.is_none() {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                t
+            })
             .expect("free once a's session ended");
         b.atomically_holding(&taken, |w| w.put(Kind::Gw, "tx-1", b"b's"))
             .unwrap();
