@@ -186,6 +186,7 @@ fn hsm_code(e: &HsmError) -> ErrorCode {
         HsmError::InsufficientValue { .. } => ErrorCode::InsufficientValue,
         HsmError::PassbookMismatch => ErrorCode::BadSignature,
         HsmError::ProofUnavailable => ErrorCode::InDoubt,
+        HsmError::SessionUsed { .. } => ErrorCode::Replay,
         HsmError::AmountMismatch { .. } | HsmError::ResponseMismatch => ErrorCode::AmountMismatch,
         HsmError::ZeroAmount | HsmError::BadZeroValueRequest => ErrorCode::Malformed,
         HsmError::UnknownTransaction(_) => ErrorCode::UnknownTransaction,

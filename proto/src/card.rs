@@ -202,7 +202,7 @@ pub struct CardState {
     pub passbook_through: u32,
     /// The INITIALIZE counts of the last load/unload sessions carried out, oldest first
     /// ([`LoadInit::runs`]).
-    pub recent_runs: [u32; RECENT_RUNS],
+    pub recent_runs: [Run; RECENT_RUNS],
 }
 
 /// The cardholder PIN as the card keeps it (seed 004's PIN threshold). `Debug` shows the
@@ -381,7 +381,7 @@ impl CardState {
             pin: None,
             privacy: false,
             passbook_through: 0,
-            recent_runs: [0; RECENT_RUNS],
+            recent_runs: [(0, 0); RECENT_RUNS],
         }
     }
 
@@ -1182,7 +1182,7 @@ impl PurseCard {
             self.state.passbook_through = self.state.passbook_through.max(through);
             // This session ran: the proof of the negative-result procedure names it.
             self.state.recent_runs.rotate_left(1);
-            self.state.recent_runs[RECENT_RUNS - 1] = init_count;
+            self.state.recent_runs[RECENT_RUNS - 1] = (init_count, lc.hsm_id);
             // Re-keyed in the same state change as the credit: one version or the other
             // is what persists, never neither.
             if let Some(u) = rekey {

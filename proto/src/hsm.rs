@@ -91,6 +91,10 @@ pub enum HsmError {
          this one ran; settle it from the card's log"
     )]
     ProofUnavailable,
+    /// An S1 of a card session this HSM already authorized (under another transaction id),
+    /// or of an older one: one card session is one load or unload, counted once.
+    #[error("card {card_id}'s INITIALIZE {init_count} (or a later one) was already authorized")]
+    SessionUsed { card_id: u64, init_count: u32 },
 }
 
 /// Where the HSM's load masters live and derive card keys: in memory ([`MasterKeys`], the
@@ -181,6 +185,9 @@ pub struct Hsm {
     pub unloads: BTreeMap<String, LoadTxn>,
     /// What cards proved they gave back, per currency.
     pub unloaded: BTreeMap<Currency, Totals>,
+    /// Per card, the newest INITIALIZE count (load or unload session) authorized here: an
+    /// S1 is authorized once, under one transaction id, even after the load is forgotten.
+    pub sessions: BTreeMap<u64, u32>,
     /// The issuer's hotlist, given to the HSM like its key (not in a snapshot: the load
     /// server loads its newest at every start and on every update).
     #[serde(skip)]
@@ -200,6 +207,7 @@ impl Hsm {
             totals: BTreeMap::new(),
             unloads: BTreeMap::new(),
             unloaded: BTreeMap::new(),
+            sessions: BTreeMap::new(),
             hotlist: Hotlist::default(),
             rekey: None,
         }
@@ -288,6 +296,7 @@ impl Hsm {
             totals: BTreeMap::new(),
             unloads: BTreeMap::new(),
             unloaded: BTreeMap::new(),
+            sessions: BTreeMap::new(),
             hotlist: Hotlist::default(),
             rekey: None,
         }
@@ -416,6 +425,18 @@ impl Hsm {
             };
         }
         self.check_s1(init, dir)?;
+        // One card session, one load or unload: its S1 under a second transaction id would
+        // be confirmed by the card's one S3 twice (an outside attack counted an unload twice).
+        if self
+            .sessions
+            .get(&init.card_id)
+            .is_some_and(|n| *n >= init.init_count)
+        {
+            return Err(HsmError::SessionUsed {
+                card_id: init.card_id,
+                init_count: init.init_count,
+            });
+        }
         // The id is the genuine card's (S1 verified): now the issuer's block applies.
         if self.hotlist.blocks(init.card_id) {
             return Err(HsmError::Hotlisted {
@@ -477,6 +498,7 @@ impl Hsm {
             s2: [0; 8],
         };
         command.s2 = crypto::sign(&key, dir.labels().1, &command.signed_fields(&init.s1));
+        self.sessions.insert(init.card_id, init.init_count);
         self.book_mut(dir).insert(
             transaction_id.into(),
             LoadTxn {
@@ -626,10 +648,12 @@ impl Hsm {
         // card's load counter alone cannot tell: any other load or unload, at any HSM,
         // moves it too — an outside attack on the unload found that, and the load's own
         // procedure had the same gap.)
+        // This session, with this HSM's command: another HSM's command for the same session
+        // (the same S1 authorized there too) is not ours.
         let session = orig.init_count;
-        let ran = zero.runs.contains(&session);
-        let window_full = zero.runs.iter().all(|r| *r != 0);
-        if !ran && window_full && zero.runs.iter().all(|r| *r > session) {
+        let ran = zero.runs.contains(&(session, self.id));
+        let window_full = zero.runs.iter().all(|r| r.0 != 0);
+        if !ran && window_full && zero.runs.iter().all(|r| r.0 > session) {
             // So many sessions ran since that ours may have left the card's list.
             return Err(HsmError::ProofUnavailable);
         }

@@ -926,10 +926,14 @@ pub struct LoadInit {
     /// sessions whose LOAD or UNLOAD the card carried out, oldest first (0: none yet), under
     /// S1: the negative-result procedure's proof of whether one particular session ran —
     /// whatever other loads or unloads (at any HSM) happened since.
-    pub runs: [u32; RECENT_RUNS],
+    pub runs: [Run; RECENT_RUNS],
     pub card_random: [u8; 8],
     pub s1: Mac,
 }
+
+/// One load or unload session a card carried out: its INITIALIZE count and the id of the
+/// HSM whose command ran in it (another HSM's command for the same session never ran).
+pub type Run = (u32, u64);
 
 /// How many executed load/unload sessions a card names in its S1 ([`LoadInit::runs`]).
 pub const RECENT_RUNS: usize = 4;
@@ -946,8 +950,8 @@ impl LoadInit {
             .u64(self.amount);
         write_currency(&mut w, self.currency);
         w.u64(self.timestamp).bytes(&self.passbook);
-        for r in self.runs {
-            w.u32(r);
+        for (n, hsm) in self.runs {
+            w.u32(n).u64(hsm);
         }
         w.bytes(&self.card_random);
         w.finish()
@@ -965,8 +969,8 @@ impl LoadInit {
             .u64(self.amount)
             .u64(self.timestamp)
             .bytes(&self.passbook);
-        for r in self.runs {
-            w.u32(r);
+        for (n, hsm) in self.runs {
+            w.u32(n).u64(hsm);
         }
         w.bytes(&self.card_random).bytes(&self.s1);
         w.finish()
@@ -986,7 +990,12 @@ impl LoadInit {
             amount: r.u64()?,
             timestamp: r.u64()?,
             passbook: r.take()?,
-            runs: [r.u32()?, r.u32()?, r.u32()?, r.u32()?],
+            runs: [
+                (r.u32()?, r.u64()?),
+                (r.u32()?, r.u64()?),
+                (r.u32()?, r.u64()?),
+                (r.u32()?, r.u64()?),
+            ],
             card_random: r.take()?,
             s1: r.take()?,
         };

@@ -328,3 +328,70 @@ fn a_proof_that_no_longer_reaches_back_is_refused_not_guessed() {
     );
     assert_eq!(r.sw, StatusWord::WRONG_CURRENCY);
 }
+
+/// The third outside attack (F1): one card session's S1 authorized under a second
+/// transaction id got the same S2, and the card's one S3 confirmed both (an unload counted
+/// twice; a load charged twice) — also after the first was forgotten. One S1, one
+/// authorization.
+#[test]
+fn one_card_session_is_authorized_once_under_one_transaction_id() {
+    for dir in [Direction::Load, Direction::Unload] {
+        let mut card = card_with(10_000, 100_000);
+        let mut hsm = hsm();
+        let init = init_in(&mut card, dir, 1_000, EUR);
+        let money = Money::new(1_000, EUR);
+        let authorize = |hsm: &mut proto::hsm::Hsm, id: &str| match dir {
+            Direction::Load => hsm.authorize(id, &init, money, TODAY),
+            Direction::Unload => hsm.authorize_unload(id, &init, money, TODAY),
+        };
+        let cmd = authorize(&mut hsm, "a").unwrap();
+        assert_eq!(
+            authorize(&mut hsm, "a"),
+            Ok(cmd.clone()),
+            "a retry: the same"
+        );
+        assert!(
+            matches!(authorize(&mut hsm, "b"), Err(HsmError::SessionUsed { .. })),
+            "{dir:?}: the same S1 under another id"
+        );
+        let apdu = match dir {
+            Direction::Load => commands::load(&cmd),
+            Direction::Unload => commands::unload(&cmd),
+        };
+        let resp = LoadResponse::decode(&ok(&mut card, &apdu)).unwrap();
+        let verdict = match dir {
+            Direction::Load => hsm.confirm("a", &resp),
+            Direction::Unload => hsm.confirm_unload("a", &resp),
+        };
+        assert_eq!(verdict, Ok(LoadVerdict::Loaded));
+        assert!(hsm.forget("a"));
+        assert!(
+            matches!(authorize(&mut hsm, "c"), Err(HsmError::SessionUsed { .. })),
+            "{dir:?}: nor after the first is forgotten"
+        );
+        let counted = hsm.total(EUR).amount + hsm.total_unloaded(EUR).amount;
+        assert_eq!(counted, 1_000, "{dir:?}: counted once");
+    }
+}
+
+/// (F2) One S1 authorized at two HSMs: the card carried out HSM A's command; HSM B's
+/// proof must say "not by my command" — the card names the HSM of each session it ran.
+#[test]
+fn a_session_run_with_another_hsm_s_command_is_not_this_hsm_s() {
+    let mut card = card_with(10_000, 100_000);
+    let (mut a, mut b) = (hsm(), proto::hsm::Hsm::new(0xBB02, issuer().load()));
+    let init = init_in(&mut card, Direction::Unload, 1_000, EUR);
+    let money = Money::new(1_000, EUR);
+    let cmd = a.authorize_unload("u", &init, money, TODAY).unwrap();
+    b.authorize_unload("u", &init, money, TODAY).unwrap();
+    let resp = LoadResponse::decode(&ok(&mut card, &commands::unload(&cmd))).unwrap();
+    assert_eq!(a.confirm_unload("u", &resp), Ok(LoadVerdict::Loaded));
+    let zero = init_in(&mut card, Direction::Unload, 0, EUR);
+    assert!(!b.resolve_unload_negative("u", &zero).unwrap().loaded());
+    assert_eq!(
+        a.total_unloaded(EUR).amount + b.total_unloaded(EUR).amount,
+        1_000,
+        "given up once, counted once"
+    );
+    assert_eq!(card.state.balance, 9_000);
+}

@@ -35,6 +35,8 @@ use proto::messages::Message;
 /// `S` is the flow's journal step, `O` its outcome ([`purchase::Action`],
 /// [`load::Action`]).
 #[derive(Debug, Clone, PartialEq)]
+// One per step, consumed at once: boxing the message would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Action<S, O> {
     /// One request to the gateway; its answer comes back as the flow's `Input::Answer` or
     /// `Input::NetworkFailed`.

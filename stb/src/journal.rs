@@ -945,7 +945,7 @@ mod tests {
             amount: 500,
             timestamp: 7,
             passbook: [0; 8],
-            runs: [0; proto::purse::RECENT_RUNS],
+            runs: [(0, 0); proto::purse::RECENT_RUNS],
             card_random: [1; 8],
             s1: [2; 8],
         };

@@ -86,7 +86,7 @@ impl FakeCard {
                 amount: 0,
                 timestamp: 77,
                 passbook: [0; 8],
-                runs: [0; proto::purse::RECENT_RUNS],
+                runs: [(0, 0); proto::purse::RECENT_RUNS],
                 card_random: [5; 8],
                 s1: [6; 8],
             },
