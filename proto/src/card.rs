@@ -859,6 +859,27 @@ impl PurseCard {
             .checked_add(c.amount)
             .filter(|b| *b <= self.state.max_balance)
             .ok_or(StatusWord::OVER_MAX_BALANCE)?;
+        let resp = self.carry_out(
+            c,
+            Purse::Money,
+            new_balance,
+            (atc, &card_random, &sk),
+            (CreditResponse::LABEL, LogKind::Credit),
+        );
+        Ok(CreditResponse(resp).encode())
+    }
+
+    /// Carries out a debit or credit command `c` of this session (`atc`, `card_random`,
+    /// session key `sk`): `purse` becomes `new_balance`, the counter moves, the card signs
+    /// its answer under `label`, and the log records it as `kind` — one state change.
+    fn carry_out(
+        &mut self,
+        c: &DebitCommand,
+        purse: Purse,
+        new_balance: u64,
+        (atc, card_random, sk): (u32, &[u8; 8], &DesKey),
+        (label, kind): (&[u8; 4], LogKind),
+    ) -> DebitResponse {
         let mut resp = DebitResponse {
             card_id: self.state.card_id,
             atc,
@@ -869,15 +890,11 @@ impl PurseCard {
             security_card_txn: c.security_card_txn,
             card_signature: [0; 8],
         };
-        resp.card_signature = crypto::sign(
-            &sk,
-            CreditResponse::LABEL,
-            &resp.signed_fields(&card_random),
-        );
-        self.state.balance = new_balance;
+        resp.card_signature = crypto::sign(sk, label, &resp.signed_fields(card_random));
+        *self.state.purse_mut(purse) = new_balance;
         self.state.atc = atc;
         self.state.push_log(LogRecord {
-            kind: LogKind::Credit,
+            kind,
             atc,
             amount: c.amount,
             currency: c.currency,
@@ -888,7 +905,7 @@ impl PurseCard {
             signature: resp.card_signature,
         });
         self.changed = true;
-        Ok(CreditResponse(resp).encode())
+        resp
     }
 
     /// Counts a bad signature toward the lock (seed 004) and blocks at the limit.
@@ -959,31 +976,13 @@ impl PurseCard {
         let new_balance = balance
             .checked_sub(dc.amount)
             .ok_or(StatusWord::INSUFFICIENT_VALUE)?;
-        let mut resp = DebitResponse {
-            card_id: self.state.card_id,
-            atc,
-            amount: dc.amount,
-            currency: dc.currency,
+        let resp = self.carry_out(
+            &dc,
+            purse,
             new_balance,
-            security_card_id: dc.security_card_id,
-            security_card_txn: dc.security_card_txn,
-            card_signature: [0; 8],
-        };
-        resp.card_signature = crypto::sign(&sk, b"DRSP", &resp.signed_fields(&card_random));
-        *self.state.purse_mut(purse) = new_balance;
-        self.state.atc = atc;
-        self.state.push_log(LogRecord {
-            kind: LogKind::Debit,
-            atc,
-            amount: dc.amount,
-            currency: dc.currency,
-            balance_after: new_balance,
-            date: dc.date,
-            counterparty: dc.security_card_id,
-            counterparty_txn: dc.security_card_txn,
-            signature: resp.card_signature,
-        });
-        self.changed = true;
+            (atc, &card_random, &sk),
+            (b"DRSP", LogKind::Debit),
+        );
         Ok(resp.encode())
     }
 
