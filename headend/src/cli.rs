@@ -97,6 +97,19 @@ pub enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Authorize the refund of a completed sale (the merchant's decision, issue 17): the
+    /// card it debited is credited at its box's next refunds-due request, once. Refused for
+    /// a sale not completed, a second refund, or more than the sale.
+    Refund {
+        #[command(flatten)]
+        role: RoleArgs,
+        /// The sale's transaction id.
+        #[arg(long)]
+        txid: String,
+        /// The amount in minor units of the sale's currency (default: the whole sale).
+        #[arg(long)]
+        amount: Option<u64>,
+    },
     /// Report what the journals hold: the SQLite files in the state directory and the roles
     /// on PostgreSQL (read-only).
     Status(RoleArgs),

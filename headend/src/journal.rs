@@ -206,11 +206,15 @@ pub enum Kind {
     /// Bank: a card's uploaded passbook record (seed 004; [`proto::purse::LogRecord`]), by
     /// `<card id, 16 hex digits>/<transaction number, 10 digits>`.
     Passbook,
+    /// Payment server: a refund of a sale ([`crate::payment::refund::RefundRec`]), by the
+    /// sale's transaction id (a sale is refunded at most once). Written by `headend refund`
+    /// (the merchant's authorization) and then by the refund's steps.
+    Refund,
 }
 
 impl Kind {
     /// Every kind, in declaration order.
-    pub const ALL: [Kind; 30] = [
+    pub const ALL: [Kind; 31] = [
         Kind::Gw,
         Kind::GwLoad,
         Kind::Open,
@@ -241,6 +245,7 @@ impl Kind {
         Kind::Hotlist,
         Kind::Terminal,
         Kind::Passbook,
+        Kind::Refund,
     ];
 
     /// The string the kind is stored under (the `kind` column).
@@ -276,6 +281,7 @@ impl Kind {
             Kind::Hotlist => "hotlist",
             Kind::Terminal => "terminal",
             Kind::Passbook => "passbook",
+            Kind::Refund => "refund",
         }
     }
 }
@@ -1242,6 +1248,7 @@ mod tests {
                 "hotlist",
                 "terminal",
                 "passbook",
+                "refund",
             ]
         );
     }

@@ -218,6 +218,14 @@ fn main() -> ExitCode {
             }
             Ok(())
         }),
+        Command::Refund { role, txid, amount } => payment_only(&role).and_then(|p| {
+            let r = headend::payment::refund::authorize(p.journal(), &txid, amount)?;
+            println!(
+                "refund of sale {} authorized: {} to card {:X} (merchant {})",
+                r.transaction_id, r.amount, r.card_id, r.merchant_id
+            );
+            Ok(())
+        }),
         Command::Clearing(a) => rt().and_then(|rt| {
             rt.block_on(run_roles(
                 a,

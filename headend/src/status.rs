@@ -111,26 +111,57 @@ fn one_journal(j: &Journal, role: &str, title: &str, out: &mut String) -> Result
         }
         // [0044]: what the security cards still have to settle — their totals less the
         // batches clearing (or the acquirer) acknowledged.
-        let mut acknowledged: BTreeMap<String, u64> = BTreeMap::new();
+        // Refunds are netted: they came off the totals when issued.
+        let mut acknowledged: BTreeMap<String, i128> = BTreeMap::new();
         for (_, b) in j.all(Kind::Batch).unwrap_or_default() {
             if let Ok(cb) = journal::decode::<crate::payment::collection::ClosedBatch>(&b) {
                 if cb.state == crate::payment::collection::BatchState::Acknowledged {
                     for t in &cb.batch.security_cards {
-                        *acknowledged.entry(t.currency.alpha()).or_default() += t.amount;
+                        *acknowledged.entry(t.currency.alpha()).or_default() +=
+                            i128::from(t.amount);
+                    }
+                    for t in &cb.batch.refund_security_cards {
+                        *acknowledged.entry(t.currency.alpha()).or_default() -=
+                            i128::from(t.amount);
                     }
                 }
             }
         }
         for (c, (n, minor)) in totals {
-            let left = minor.saturating_sub(acknowledged.get(&c).copied().unwrap_or(0));
+            let left = i128::from(minor) - acknowledged.get(&c).copied().unwrap_or(0);
             let _ = writeln!(
                 out,
                 "  security cards: {n} sales, {minor} minor units {c}; {left} remaining to settle"
             );
         }
     }
+    refunds(j, out);
     terminals(j, out);
     Ok(())
+}
+
+/// The payment server's refunds (issue 17) by state; those whose credit command is out are
+/// named: each waits for its card's credit response or proof.
+fn refunds(j: &Journal, out: &mut String) {
+    let Ok(all) = crate::payment::refund::all(j) else {
+        return;
+    };
+    if all.is_empty() {
+        return;
+    }
+    let mut by_state: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in &all {
+        *by_state.entry(r.state_name()).or_default() += 1;
+    }
+    let states: Vec<String> = by_state.iter().map(|(s, n)| format!("{n} {s}")).collect();
+    let _ = writeln!(out, "  refunds: {}", states.join(", "));
+    for r in all.iter().filter(|r| r.state_name() == "issued") {
+        let _ = writeln!(
+            out,
+            "    refund of {} ({} to card {:X}): credit command out, awaiting the card",
+            r.transaction_id, r.amount, r.card_id
+        );
+    }
 }
 
 /// The payment server's terminals out of the pool, and the reversals their security cards

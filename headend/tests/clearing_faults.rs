@@ -202,7 +202,7 @@ async fn batches_are_closed_small_enough_for_one_frame() {
         );
     }
     let records: usize = batches.iter().map(|b| b.records.len()).sum();
-    let value: u64 = batches.iter().flat_map(|b| b.value().into_values()).sum();
+    let value: i128 = batches.iter().flat_map(|b| b.value().into_values()).sum();
     assert_eq!(
         (records, value),
         (40, spent),

@@ -67,6 +67,14 @@ pub struct CollectionBatch {
     pub totals: Vec<MerchantTotal>,
     pub security_cards: Vec<SecurityCardTotal>,
     pub records: Vec<BatchRecord>,
+    /// Refunds credited to cards (issue 17): each a [`BatchRecord`] whose `transaction_id`
+    /// is the sale's, whose security-card transaction is the credit's, and whose `amount`
+    /// is what the card was credited — taken off what its merchant is owed.
+    pub refunds: Vec<BatchRecord>,
+    /// The refunds' count and sum per merchant and currency.
+    pub refund_totals: Vec<MerchantTotal>,
+    /// The refunds' count and sum per security card and currency.
+    pub refund_security_cards: Vec<SecurityCardTotal>,
 }
 
 /// A funder's advice of a captured load: `amount` left the funder's account for the card
@@ -187,7 +195,27 @@ impl CollectionBatch {
             totals: merchant_totals(&records),
             security_cards: security_card_totals(&records),
             records,
+            refunds: Vec::new(),
+            refund_totals: Vec::new(),
+            refund_security_cards: Vec::new(),
         }
+    }
+
+    /// The batch with `refunds` (and their totals) in it.
+    #[must_use]
+    pub fn with_refunds(mut self, refunds: Vec<BatchRecord>) -> Self {
+        self.refund_totals = merchant_totals(&refunds);
+        self.refund_security_cards = security_card_totals(&refunds);
+        self.refunds = refunds;
+        self
+    }
+
+    /// Every record, sales then refunds, each with whether it is a refund.
+    pub fn all_records(&self) -> impl Iterator<Item = (&BatchRecord, bool)> {
+        self.records
+            .iter()
+            .map(|r| (r, false))
+            .chain(self.refunds.iter().map(|r| (r, true)))
     }
 
     /// Checks that the batch is whole: numbered, not empty, every amount above zero and at
@@ -202,12 +230,12 @@ impl CollectionBatch {
         if self.batch == 0 {
             return Err(BatchError::ZeroNumber);
         }
-        if self.records.is_empty() {
+        if self.records.is_empty() && self.refunds.is_empty() {
             return Err(BatchError::Empty(self.batch));
         }
         let mut seen = BTreeSet::new();
         let mut ids = BTreeSet::new();
-        for r in &self.records {
+        for (r, refund) in self.all_records() {
             if r.amount.minor == 0 {
                 return Err(BatchError::ZeroAmount(r.transaction_id.clone()));
             }
@@ -217,7 +245,7 @@ impl CollectionBatch {
             if r.amount.currency.exponent > MAX_EXPONENT {
                 return Err(BatchError::BadCurrency(r.transaction_id.clone()));
             }
-            if !ids.insert(r.transaction_id.as_str()) {
+            if !ids.insert((refund, r.transaction_id.as_str())) {
                 return Err(BatchError::DuplicateTransaction(r.transaction_id.clone()));
             }
             if !seen.insert((r.security_card_id, r.security_card_txn)) {
@@ -253,15 +281,35 @@ impl CollectionBatch {
                 computed: show_s(&computed),
             });
         }
+        let computed = merchant_totals(&self.refunds);
+        if computed != self.refund_totals {
+            return Err(BatchError::TotalsDoNotAdd {
+                what: "merchants' refunds",
+                stated: show_m(&self.refund_totals),
+                computed: show_m(&computed),
+            });
+        }
+        let computed = security_card_totals(&self.refunds);
+        if computed != self.refund_security_cards {
+            return Err(BatchError::TotalsDoNotAdd {
+                what: "security cards' refunds",
+                stated: show_s(&self.refund_security_cards),
+                computed: show_s(&computed),
+            });
+        }
         Ok(())
     }
 
-    /// The batch's value per currency (minor units).
+    /// The batch's value per currency (minor units): its sales less its refunds (negative
+    /// when it carries more refunds than sales).
     #[must_use]
-    pub fn value(&self) -> BTreeMap<Currency, u64> {
+    pub fn value(&self) -> BTreeMap<Currency, i128> {
         let mut out = BTreeMap::new();
         for t in &self.totals {
-            *out.entry(t.currency).or_default() += t.amount;
+            *out.entry(t.currency).or_default() += i128::from(t.amount);
+        }
+        for t in &self.refund_totals {
+            *out.entry(t.currency).or_default() -= i128::from(t.amount);
         }
         out
     }

@@ -286,6 +286,57 @@ pub struct CancelMsg {
     pub proof: Option<PurchaseInit>,
 }
 
+/// A refund a merchant authorized and the card has not yet been credited with (issue 17;
+/// seed 004's refund to the card), as the box lists it for the viewer. `transaction_id` is
+/// the sale's: a sale is refunded at most once, so the sale's id keys its refund on every
+/// hop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefundDue {
+    pub transaction_id: String,
+    pub merchant_id: String,
+    /// What the card is credited, in the sale's currency (at most the sale's amount).
+    pub amount: Money,
+}
+
+/// Box → gateway → payment server: run the refund of sale `transaction_id` onto the card
+/// whose INITIALIZE FOR CREDIT answer is `init` (MACed by the card under
+/// [`CreditCommand::INIT_LABEL`]). Answered with [`Message::RefundCommand`]; a retry must be
+/// identical. Refused for a card that is not the sale's, a sale with no refund due, or one
+/// already credited.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefundRequest {
+    pub transaction_id: String,
+    /// The card's ATR, replayed to the security card as for a draw ([0093]).
+    pub atr: Vec<u8>,
+    pub init: PurchaseInit,
+}
+
+/// The security card's credit command for the box to send to the card (CREDIT).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefundCommandMsg {
+    pub transaction_id: String,
+    pub command: CreditCommand,
+}
+
+/// The card's signed answer to CREDIT (from the card, or from its log after a crash).
+/// Answered with a [`Receipt`] (`released: true`, the new balance); a repeat of the same
+/// response gets the same receipt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefundResponseMsg {
+    pub transaction_id: String,
+    pub response: CreditResponse,
+}
+
+/// The card's proof that it did not run the refund's CREDIT: a fresh INITIALIZE FOR
+/// PURCHASE (proof) whose counter has not moved past the credit command's. The security
+/// card counts the refund back; it stays due, for a new INITIALIZE FOR CREDIT. Answered
+/// with a [`Receipt`] (`released: false`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefundProofMsg {
+    pub transaction_id: String,
+    pub proof: PurchaseInit,
+}
+
 /// Where a load's value comes from. A voucher's code is its only secret: it is a
 /// [`Secret`] (masked in every log and `Debug`), and it crosses the wire once, in the load
 /// offer request. The funder answers with the voucher's reference ([`voucher_ref`]) in its
@@ -665,6 +716,17 @@ pub enum Message {
     /// Clearing → payment server or load server: the newest signed hotlist, or `None` when
     /// the asker already holds it (or clearing holds none).
     HotlistUpdate(Option<crate::hotlist::SignedHotlist>),
+    // Appended: refunds (issue 17). Box → gateway → payment server(s).
+    /// Which refunds are due to card `card_id`? Answered with [`Message::RefundsDue`]. The
+    /// gateway asks every payment server it routes to.
+    RefundsDueRequest {
+        card_id: u64,
+    },
+    RefundsDue(Vec<RefundDue>),
+    RefundRequest(RefundRequest),
+    RefundCommand(RefundCommandMsg),
+    RefundResponse(RefundResponseMsg),
+    RefundProof(RefundProofMsg),
 }
 
 impl Message {
@@ -708,6 +770,12 @@ impl Message {
             Message::LoadAdvice(_) => "a load advice",
             Message::HotlistRequest { .. } => "a hotlist request",
             Message::HotlistUpdate(_) => "a hotlist update",
+            Message::RefundsDueRequest { .. } => "a refunds-due request",
+            Message::RefundsDue(_) => "a list of refunds due",
+            Message::RefundRequest(_) => "a refund request",
+            Message::RefundCommand(_) => "a credit command",
+            Message::RefundResponse(_) => "a credit response",
+            Message::RefundProof(_) => "a proof of no credit",
         }
     }
 

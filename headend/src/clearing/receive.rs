@@ -73,7 +73,7 @@ impl ClearingServer {
         }
         // A merchant this clearing pays must be one it knows, acquired by this payment server.
         if !self.merchants.is_empty() {
-            for r in &batch.records {
+            for (r, _) in batch.all_records() {
                 match self.merchants.get(&r.merchant_id) {
                     Some(ps) if *ps == batch.payment_server => {}
                     Some(ps) => {
@@ -115,8 +115,8 @@ impl ClearingServer {
                     ))
                 });
             }
-            for r in &batch.records {
-                let cleared_id = format!("{}/{}", batch.payment_server, r.transaction_id);
+            for (r, refund) in batch.all_records() {
+                let cleared_id = cleared_id_key(&batch.payment_server, &r.transaction_id, refund);
                 if let Some(other) = b.get_for_update(Kind::ClearedId, &cleared_id)? {
                     return Ok(Err(format!(
                         "transaction {} was cleared in batch {} already",
@@ -143,7 +143,7 @@ impl ClearingServer {
                     settlement: None,
                 }),
             )?;
-            for r in &batch.records {
+            for (r, refund) in batch.all_records() {
                 b.put(
                     Kind::ClearedTxn,
                     &txn_key(r.security_card_id, r.security_card_txn),
@@ -151,7 +151,7 @@ impl ClearingServer {
                 )?;
                 b.put(
                     Kind::ClearedId,
-                    &format!("{}/{}", batch.payment_server, r.transaction_id),
+                    &cleared_id_key(&batch.payment_server, &r.transaction_id, refund),
                     id.as_bytes(),
                 )?;
             }
@@ -230,5 +230,15 @@ impl ClearingServer {
             Ok(Err(why)) => refuse(ErrorCode::Replay, why, Some(&txid)),
             Err(e) => journal_failed(e, Some(&txid)),
         }
+    }
+}
+
+/// The `cleared_txid` key of a sale (`<payment server>/<transaction id>`) or of its refund
+/// (`<payment server>/refund/<transaction id>`): each is cleared once.
+fn cleared_id_key(payment_server: &str, txid: &str, refund: bool) -> String {
+    if refund {
+        format!("{payment_server}/refund/{txid}")
+    } else {
+        format!("{payment_server}/{txid}")
     }
 }

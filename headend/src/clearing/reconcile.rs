@@ -3,11 +3,13 @@
 //! security card) that breaks it:
 //!
 //! - card-reported debits (the debit responses the payment servers completed on) = the
-//!   security cards' totals = the batched records = the settled amounts;
+//!   security cards' totals = the batched records = the settled amounts; the refunds
+//!   (issue 17) the same way, as negatives: a security card's totals are its purchases
+//!   less the refunds it issued, and a merchant is paid its purchases less its refunds;
 //! - each (security card id, security card transaction) is in exactly one batch, and every
 //!   batch clearing received is byte for byte the one its payment server journaled;
 //! - loads captured by each funder = its float credits = the load advices clearing holds,
-//!   and clearing's issuer float = advised loads − settled purchases.
+//!   and clearing's issuer float = advised loads − settled purchases + settled refunds.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -22,6 +24,7 @@ use crate::funds::{Hold, HoldState};
 use crate::journal::{self, Journal, Kind, Target};
 use crate::payment::collection::ClosedBatch;
 use crate::payment::{PayState, PayTxn};
+use crate::payment::refund::{RefundRec, RefundState};
 
 /// One broken invariant.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,23 +195,72 @@ pub fn reconcile(
                 }
             }
         }
+        // Batched refunds = credited refunds, each in the batch it says, with the credit
+        // command's security-card transaction.
+        let refunds: BTreeMap<String, RefundRec> = all(pj, Kind::Refund)?.into_iter().collect();
+        let mut refunds_batched: BTreeSet<&str> = BTreeSet::new();
+        for (_, cb) in &batches {
+            let n = cb.batch.batch;
+            for r in &cb.batch.refunds {
+                refunds_batched.insert(&r.transaction_id);
+                match refunds.get(&r.transaction_id) {
+                    Some(f)
+                        if matches!(f.state, RefundState::Credited { .. })
+                            && f.batch == Some(n)
+                            && f.amount == r.amount
+                            && f.card_id == r.card_id
+                            && f.security_card_id == r.security_card_id
+                            && f.issued().map(|i| i.command.0.security_card_txn)
+                                == Some(r.security_card_txn) => {}
+                    Some(f) => brk(
+                        r.transaction_id.clone(),
+                        format!(
+                            "batch {ps}/{n} has a refund of {} for it, the payment journal {} \
+                             ({}, batch {:?})",
+                            r.amount,
+                            f.amount,
+                            f.state_name(),
+                            f.batch
+                        ),
+                    ),
+                    None => brk(
+                        r.transaction_id.clone(),
+                        format!("refunded in batch {ps}/{n} but no refund of {ps}"),
+                    ),
+                }
+            }
+        }
+        for (txid, f) in &refunds {
+            if let Some(n) = f.batch {
+                if !refunds_batched.contains(txid.as_str()) {
+                    brk(txid.clone(), format!("refund marked batch {n} but not in it"));
+                }
+            }
+        }
         // Security-card totals = the purchases they counted (completed, or issued with an
         // early release and still open).
-        let mut counted: BTreeMap<(u64, Currency), u64> = BTreeMap::new();
+        // A refund comes off them when its credit command is issued, back only on the
+        // card's proof.
+        let mut counted: BTreeMap<(u64, Currency), i128> = BTreeMap::new();
         for t in txns.values() {
             let early_open = t.state == PayState::DebitIssued
                 && t.embodiment != proto::messages::Embodiment::SecurityCard;
             if t.state == PayState::Completed || early_open {
                 *counted
                     .entry((t.security_card_id, t.amount.currency))
-                    .or_default() += t.amount.minor;
+                    .or_default() += i128::from(t.amount.minor);
             }
         }
-        let mut totals: BTreeMap<(u64, Currency), u64> = BTreeMap::new();
+        for f in refunds.values().filter(|f| f.issued().is_some()) {
+            *counted
+                .entry((f.security_card_id, f.amount.currency))
+                .or_default() -= i128::from(f.amount.minor);
+        }
+        let mut totals: BTreeMap<(u64, Currency), i128> = BTreeMap::new();
         for (_, raw) in pj.all(Kind::SecurityCard).map_err(|e| e.to_string())? {
             let card: SecurityCard = journal::decode(&raw)?;
             for (c, t) in &card.totals {
-                *totals.entry((card.id, *c)).or_default() += t.amount;
+                *totals.entry((card.id, *c)).or_default() += i128::from(t.amount);
             }
         }
         let keys: BTreeSet<_> = counted.keys().chain(totals.keys()).copied().collect();
@@ -221,7 +273,8 @@ pub fn reconcile(
                 brk(
                     format!("security card {:X}", k.0),
                     format!(
-                        "its totals say {a} ({}) but the payment journal's purchases make {b}",
+                        "its totals say {a} ({}) but the payment journal's purchases less \
+                         refunds make {b}",
                         k.1.code
                     ),
                 );
@@ -309,7 +362,7 @@ pub fn reconcile(
     // Each security-card transaction in exactly one received batch.
     let mut seen: BTreeMap<(u64, u32), &str> = BTreeMap::new();
     for (key, r) in &received {
-        for x in &r.batch.records {
+        for (x, _) in r.batch.all_records() {
             if let Some(first) = seen.insert((x.security_card_id, x.security_card_txn), key) {
                 brk(
                     x.transaction_id.clone(),
@@ -322,7 +375,8 @@ pub fn reconcile(
     let mut purchases: BTreeMap<Currency, i64> = BTreeMap::new();
     let mut loads: BTreeMap<Currency, i64> = BTreeMap::new();
     for (_, rep) in &reports {
-        let mut batch_sum: BTreeMap<(String, Currency), u64> = BTreeMap::new();
+        // Net of refunds: (merchant, currency) → purchases − refunds.
+        let mut batch_sum: BTreeMap<(String, Currency), i128> = BTreeMap::new();
         for (key, r) in received
             .iter()
             .filter(|(_, r)| r.settlement.as_ref() == Some(&rep.id))
@@ -336,13 +390,20 @@ pub fn reconcile(
             for t in &r.batch.totals {
                 *batch_sum
                     .entry((t.merchant_id.clone(), t.currency))
-                    .or_default() += t.amount;
+                    .or_default() += i128::from(t.amount);
                 *purchases.entry(t.currency).or_default() += t.amount as i64;
             }
+            for t in &r.batch.refund_totals {
+                *batch_sum
+                    .entry((t.merchant_id.clone(), t.currency))
+                    .or_default() -= i128::from(t.amount);
+                *purchases.entry(t.currency).or_default() -= t.amount as i64;
+            }
         }
-        let mut paid: BTreeMap<(String, Currency), u64> = BTreeMap::new();
+        let mut paid: BTreeMap<(String, Currency), i128> = BTreeMap::new();
         for m in &rep.merchants {
-            *paid.entry((m.merchant_id.clone(), m.currency)).or_default() += m.amount;
+            *paid.entry((m.merchant_id.clone(), m.currency)).or_default() +=
+                i128::from(m.amount) - i128::from(m.refunded);
         }
         if paid != batch_sum {
             brk(

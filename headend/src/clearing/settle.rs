@@ -24,8 +24,13 @@ pub struct Payable {
     pub acquirer: String,
     pub currency: Currency,
     pub count: u64,
-    /// Minor units.
+    /// Minor units: the purchases.
     pub amount: u64,
+    /// Refunds the merchant gave to cards (issue 17), taken off `amount`: the merchant is
+    /// paid `amount - refunded` (owes the difference when negative).
+    pub refund_count: u64,
+    /// Minor units.
+    pub refunded: u64,
 }
 
 /// What one acquirer receives in one currency (the sum of its merchants).
@@ -34,8 +39,12 @@ pub struct AcquirerNet {
     pub acquirer: String,
     pub currency: Currency,
     pub count: u64,
-    /// Minor units.
+    /// Minor units: the purchases.
     pub amount: u64,
+    /// Its merchants' refunds, taken off `amount`.
+    pub refund_count: u64,
+    /// Minor units.
+    pub refunded: u64,
 }
 
 /// The issuer float in one currency across the run, in signed minor units.
@@ -45,7 +54,7 @@ pub struct FloatMove {
     pub opening: i64,
     /// Advised loads credited.
     pub loads: i64,
-    /// Settled purchases debited.
+    /// Settled purchases debited, less settled refunds (value back on cards).
     pub purchases: i64,
     pub closing: i64,
 }
@@ -109,9 +118,11 @@ impl ClearingServer {
                 }
                 let number = b.all_for_update(Kind::Settlement)?.len() as u64 + 1;
                 let id = format!("S{number:06}");
-                let mut merchants: BTreeMap<(String, String, Currency), (u64, u64)> =
+                // (count, amount, refund count, refunded)
+                let mut merchants: BTreeMap<(String, String, Currency), (u64, u64, u64, u64)> =
                     BTreeMap::new();
-                let mut acquirers: BTreeMap<(String, Currency), (u64, u64)> = BTreeMap::new();
+                let mut acquirers: BTreeMap<(String, Currency), (u64, u64, u64, u64)> =
+                    BTreeMap::new();
                 let mut cards: BTreeMap<(u64, Currency), (u64, u64)> = BTreeMap::new();
                 // Sums in i128: amounts are at most 2^48 each (checked on receipt), so no
                 // run's sum overflows; the float's i64 is checked below all the same.
@@ -129,6 +140,17 @@ impl ClearingServer {
                         a.0 += t.count;
                         a.1 = a.1.saturating_add(t.amount);
                         *purchases.entry(t.currency).or_default() += i128::from(t.amount);
+                    }
+                    for t in &r.batch.refund_totals {
+                        let m = merchants
+                            .entry((t.merchant_id.clone(), acquirer.clone(), t.currency))
+                            .or_default();
+                        m.2 += t.count;
+                        m.3 = m.3.saturating_add(t.amount);
+                        let a = acquirers.entry((acquirer.clone(), t.currency)).or_default();
+                        a.2 += t.count;
+                        a.3 = a.3.saturating_add(t.amount);
+                        *purchases.entry(t.currency).or_default() -= i128::from(t.amount);
                     }
                     for t in &r.batch.security_cards {
                         let c = cards.entry((t.security_card_id, t.currency)).or_default();
@@ -180,23 +202,34 @@ impl ClearingServer {
                     merchants: merchants
                         .into_iter()
                         .map(
-                            |((merchant_id, acquirer, currency), (count, amount))| Payable {
+                            |(
+                                (merchant_id, acquirer, currency),
+                                (count, amount, refund_count, refunded),
+                            )| Payable {
                                 merchant_id,
                                 acquirer,
                                 currency,
                                 count,
                                 amount,
+                                refund_count,
+                                refunded,
                             },
                         )
                         .collect(),
                     acquirers: acquirers
                         .into_iter()
-                        .map(|((acquirer, currency), (count, amount))| AcquirerNet {
-                            acquirer,
-                            currency,
-                            count,
-                            amount,
-                        })
+                        .map(
+                            |((acquirer, currency), (count, amount, refund_count, refunded))| {
+                                AcquirerNet {
+                                    acquirer,
+                                    currency,
+                                    count,
+                                    amount,
+                                    refund_count,
+                                    refunded,
+                                }
+                            },
+                        )
                         .collect(),
                     security_cards: cards
                         .into_iter()
@@ -264,8 +297,9 @@ impl ClearingServer {
 
 /// The report as CSV (RFC 4180, written by the `csv` crate: a field holding a comma, a quote
 /// or a line break is quoted, so no party's name can forge a row): `report, section, party,
-/// acquirer, currency, count, amount` rows for merchants, acquirers, security cards and the
-/// float's closing balance, amounts in minor units.
+/// acquirer, currency, count, amount` rows for merchants, their refunds (`merchant
+/// refunds`), acquirers, security cards and the float's closing balance, amounts in minor
+/// units.
 ///
 /// # Errors
 /// The writer's (it writes to memory: none expected).
@@ -285,6 +319,17 @@ pub fn csv(r: &Report) -> Result<String, String> {
             &m.currency.code.to_string(),
             &m.count.to_string(),
             &m.amount.to_string(),
+        ])?;
+    }
+    for m in r.merchants.iter().filter(|m| m.refund_count > 0) {
+        row([
+            id,
+            "merchant refunds",
+            &m.merchant_id,
+            &m.acquirer,
+            &m.currency.code.to_string(),
+            &m.refund_count.to_string(),
+            &m.refunded.to_string(),
         ])?;
     }
     for a in &r.acquirers {
@@ -358,6 +403,8 @@ mod tests {
                 currency: Currency::EUR,
                 count: 1,
                 amount: 5,
+                refund_count: 0,
+                refunded: 0,
             }],
             acquirers: Vec::new(),
             security_cards: Vec::new(),

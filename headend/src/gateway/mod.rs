@@ -63,6 +63,7 @@ mod draw;
 pub mod embodiment;
 pub mod load;
 mod offer;
+mod refund;
 mod release;
 mod step;
 mod sweep;
@@ -492,6 +493,9 @@ impl Role for Gateway {
                     | Message::Cancel(_)
                     | Message::LoadRequest(_)
                     | Message::LoadResponse(_)
+                    | Message::RefundRequest(_)
+                    | Message::RefundResponse(_)
+                    | Message::RefundProof(_)
             );
             if step {
                 if let Err(wait) =
@@ -556,6 +560,19 @@ impl Gateway {
             m @ (Message::LoadOfferRequest(_)
             | Message::LoadRequest(_)
             | Message::LoadResponse(_)) => self.load_dispatch(box_id, m).await,
+            Message::RefundsDueRequest { card_id } => self.refunds_due(card_id).await,
+            m @ (Message::RefundRequest(_)
+            | Message::RefundResponse(_)
+            | Message::RefundProof(_)) => {
+                let txid = match &m {
+                    Message::RefundRequest(r) => r.transaction_id.clone(),
+                    Message::RefundResponse(r) => r.transaction_id.clone(),
+                    Message::RefundProof(r) => r.transaction_id.clone(),
+                    _ => unreachable!("matched above"),
+                };
+                let span = tracing::info_span!("refund", txid = %txid, box_id = %box_id);
+                self.refund_step(&txid, m).instrument(span).await
+            }
             other => refuse(
                 ErrorCode::Malformed,
                 format!("a box cannot send {}", other.kind()),

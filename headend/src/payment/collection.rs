@@ -18,6 +18,7 @@ use proto::messages::Message;
 use proto::money::Currency;
 use serde::{Deserialize, Serialize};
 
+use super::refund::{RefundRec, RefundState};
 use super::step::PayStep;
 use super::{PayState, PayTxn, PaymentServer};
 use crate::journal::{self, Kind, StoreError};
@@ -117,10 +118,33 @@ impl PaymentServer {
                         due.push(t);
                     }
                 }
-                if due.is_empty() {
+                // Refunds credited to cards (issue 17) go in as refund records.
+                let mut refunds: Vec<RefundRec> = Vec::new();
+                for (_, bytes) in b.all_for_update(Kind::Refund)? {
+                    let r: RefundRec = journal::decode(&bytes).map_err(StoreError::Aborted)?;
+                    if matches!(r.state, RefundState::Credited { .. }) && r.batch.is_none() {
+                        refunds.push(r);
+                    }
+                }
+                if due.is_empty() && refunds.is_empty() {
                     return Ok(None);
                 }
                 due.truncate(MAX_BATCH_RECORDS);
+                refunds.truncate(MAX_BATCH_RECORDS - due.len());
+                let refund_records: Vec<BatchRecord> = refunds
+                    .iter()
+                    .filter_map(|r| {
+                        let i = r.issued()?;
+                        Some(BatchRecord {
+                            transaction_id: r.transaction_id.clone(),
+                            merchant_id: r.merchant_id.clone(),
+                            security_card_id: r.security_card_id,
+                            security_card_txn: i.command.0.security_card_txn,
+                            card_id: r.card_id,
+                            amount: r.amount,
+                        })
+                    })
+                    .collect();
                 let records: Vec<BatchRecord> = due
                     .iter()
                     .map(|t| BatchRecord {
@@ -132,21 +156,34 @@ impl PaymentServer {
                         amount: t.amount,
                     })
                     .collect();
-                let mut batch = CollectionBatch::build(&self.name, n, &closed_on, records.clone());
+                let build = |keep: usize, keep_refunds: usize| {
+                    CollectionBatch::build(&self.name, n, &closed_on, records[..keep].to_vec())
+                        .with_refunds(refund_records[..keep_refunds].to_vec())
+                };
+                let (mut keep, mut keep_refunds) = (records.len(), refund_records.len());
+                let mut batch = build(keep, keep_refunds);
                 // Small enough for one frame at this deployment's limit (with room for the
                 // frame header and the message around it): fewer records if need be.
-                let mut keep = records.len();
-                while keep > 1
+                while keep + keep_refunds > 1
                     && Message::CollectionBatch(Box::new(batch.clone()))
                         .to_payload()
                         .len()
                         > self.max_frame * 9 / 10
                 {
-                    keep = keep * 3 / 4;
-                    batch =
-                        CollectionBatch::build(&self.name, n, &closed_on, records[..keep].to_vec());
+                    if keep > keep_refunds {
+                        keep = keep * 3 / 4;
+                    } else {
+                        keep_refunds = keep_refunds * 3 / 4;
+                    }
+                    batch = build(keep, keep_refunds);
                 }
                 due.truncate(keep);
+                refunds.truncate(keep_refunds);
+                for mut r in refunds {
+                    r.batch = Some(n);
+                    b.put(Kind::Refund, &r.transaction_id, &journal::encode(&r))?;
+                    b.step(&r.transaction_id, &PayStep::RefundCollected, &batch_id(n))?;
+                }
                 for mut t in due {
                     t.batch = Some(n);
                     b.put(Kind::Txn, &t.transaction_id, &journal::encode(&t))?;
@@ -163,7 +200,11 @@ impl PaymentServer {
                 b.step(
                     &batch_id(n),
                     &PayStep::BatchClosed,
-                    &format!("{} records", batch.records.len()),
+                    &format!(
+                        "{} records, {} refunds",
+                        batch.records.len(),
+                        batch.refunds.len()
+                    ),
                 )?;
                 if let Some(to) = &self.clearing {
                     Outbox::queue(
@@ -253,13 +294,15 @@ impl PaymentServer {
     }
 
     /// What each security card (by id) still has to settle, per currency, in minor units
-    /// ([0044]): its totals less every acknowledged batch's records of it.
-    pub async fn remaining_to_settle(&self) -> Result<BTreeMap<(u64, Currency), u64>, String> {
-        let mut out: BTreeMap<(u64, Currency), u64> = BTreeMap::new();
+    /// ([0044]): its totals less every acknowledged batch's records of it, signed — a
+    /// refund comes off the totals when it is issued, before a batch carries it, so a card
+    /// whose sales were all settled owes its refunds until they are (negative).
+    pub async fn remaining_to_settle(&self) -> Result<BTreeMap<(u64, Currency), i128>, String> {
+        let mut out: BTreeMap<(u64, Currency), i128> = BTreeMap::new();
         for slot in 0..self.pool.len() {
             let card = self.pool.card(slot).await.ok_or("no such slot")?;
             for (c, t) in card.totals() {
-                *out.entry((card.id(), c)).or_default() += t.amount;
+                *out.entry((card.id(), c)).or_default() += i128::from(t.amount);
             }
         }
         for rec in self.batches()? {
@@ -267,8 +310,10 @@ impl PaymentServer {
                 continue;
             }
             for t in &rec.batch.security_cards {
-                let e = out.entry((t.security_card_id, t.currency)).or_default();
-                *e = e.saturating_sub(t.amount);
+                *out.entry((t.security_card_id, t.currency)).or_default() -= i128::from(t.amount);
+            }
+            for t in &rec.batch.refund_security_cards {
+                *out.entry((t.security_card_id, t.currency)).or_default() += i128::from(t.amount);
             }
         }
         Ok(out)

@@ -22,6 +22,7 @@
 
 pub mod collection;
 pub mod pool;
+pub mod refund;
 pub mod step;
 pub mod terminal;
 
@@ -1662,10 +1663,18 @@ impl Role for PaymentServer {
             if let Message::ReversalsSince { after } = &msg {
                 return self.reversals_since(*after);
             }
+            if let Message::RefundsDueRequest { card_id } = &msg {
+                return self.refunds_due(*card_id);
+            }
             let txid = match &msg {
                 Message::DrawRequest(r) => r.transaction_id.clone(),
                 Message::DebitResponse(r) => r.transaction_id.clone(),
                 Message::Cancel(c) => c.transaction_id.clone(),
+                // A refund's steps key on its sale's id: "refund/" keeps their lock apart
+                // from the sale's own.
+                Message::RefundRequest(r) => format!("refund/{}", r.transaction_id),
+                Message::RefundResponse(r) => format!("refund/{}", r.transaction_id),
+                Message::RefundProof(r) => format!("refund/{}", r.transaction_id),
                 other => {
                     return Message::error(
                         ErrorCode::Malformed,
@@ -1682,6 +1691,9 @@ impl Role for PaymentServer {
                     Message::DrawRequest(r) => self.draw(r).await,
                     Message::DebitResponse(r) => self.debit_response(r).await,
                     Message::Cancel(c) => self.cancel(c).await,
+                    Message::RefundRequest(r) => self.refund_request(r).await,
+                    Message::RefundResponse(r) => self.refund_response(r).await,
+                    Message::RefundProof(r) => self.refund_proof(r).await,
                     _ => unreachable!("filtered above"),
                 }
             }

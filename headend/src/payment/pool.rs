@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use proto::hotlist::Hotlist;
 use proto::money::Currency;
-use proto::purse::{Date, DebitResponse, PurchaseInit};
+use proto::purse::{CreditCommand, CreditResponse, Date, DebitResponse, PurchaseInit};
 use proto::security_card::{DebitAuthorization, DrawData, SecurityCard, SecurityCardError, Totals};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
@@ -53,6 +53,27 @@ pub trait SecurityCardDevice: Send {
     fn reverse(&mut self, security_card_txn: u32) -> Result<(), SecurityCardError>;
     fn verify_not_debited(
         &self,
+        security_card_txn: u32,
+        proof: &PurchaseInit,
+    ) -> Result<(), SecurityCardError>;
+    /// A refund (issue 17): the purse card's ATR, then its INITIALIZE FOR CREDIT answer
+    /// with the amount; the credit command back, counted off the totals at once
+    /// ([`SecurityCard::issue_credit`]).
+    fn issue_credit(
+        &mut self,
+        atr: &[u8],
+        credit: &DrawData,
+        today: Date,
+    ) -> Result<CreditCommand, SecurityCardError>;
+    /// Verifies the card's signature on its credit response: the refund is credited.
+    fn complete_credit(
+        &mut self,
+        security_card_txn: u32,
+        resp: &CreditResponse,
+    ) -> Result<(), SecurityCardError>;
+    /// Counts a refund back on the card's proof that it did not credit it.
+    fn reverse_credit(
+        &mut self,
         security_card_txn: u32,
         proof: &PurchaseInit,
     ) -> Result<(), SecurityCardError>;
@@ -113,6 +134,28 @@ impl SecurityCardDevice for SecurityCard {
     ) -> Result<(), SecurityCardError> {
         SecurityCard::verify_not_debited(self, security_card_txn, proof)
     }
+    fn issue_credit(
+        &mut self,
+        _atr: &[u8],
+        credit: &DrawData,
+        today: Date,
+    ) -> Result<CreditCommand, SecurityCardError> {
+        SecurityCard::issue_credit(self, credit, today)
+    }
+    fn complete_credit(
+        &mut self,
+        security_card_txn: u32,
+        resp: &CreditResponse,
+    ) -> Result<(), SecurityCardError> {
+        SecurityCard::complete_credit(self, security_card_txn, resp)
+    }
+    fn reverse_credit(
+        &mut self,
+        security_card_txn: u32,
+        proof: &PurchaseInit,
+    ) -> Result<(), SecurityCardError> {
+        SecurityCard::reverse_credit(self, security_card_txn, proof)
+    }
     fn forget(&mut self, security_card_txn: u32) -> bool {
         SecurityCard::forget(self, security_card_txn)
     }
@@ -153,6 +196,12 @@ pub enum Command {
     LoadHotlist,
     /// Is the card answering (a terminal out of the pool)?
     Probe,
+    /// A refund's INITIALIZE FOR CREDIT answer: the card issues the credit command.
+    IssueCredit,
+    /// The card's credit response, for the card to verify.
+    CompleteCredit,
+    /// The card's proof that it did not credit: the refund is counted back.
+    ReverseCredit,
 }
 
 /// One operation of [`Pool::trace`].
@@ -291,6 +340,38 @@ impl SecurityCardDevice for Traced {
             Some(security_card_txn),
             out.is_ok(),
         );
+        out
+    }
+    fn issue_credit(
+        &mut self,
+        atr: &[u8],
+        credit: &DrawData,
+        today: Date,
+    ) -> Result<CreditCommand, SecurityCardError> {
+        let out = self.inner.issue_credit(atr, credit, today);
+        let txn = out.as_ref().ok().map(|c| c.0.security_card_txn);
+        self.note(Command::IssueCredit, txn, out.is_ok());
+        self.health(&out);
+        out
+    }
+    fn complete_credit(
+        &mut self,
+        security_card_txn: u32,
+        resp: &CreditResponse,
+    ) -> Result<(), SecurityCardError> {
+        let out = self.inner.complete_credit(security_card_txn, resp);
+        self.note(Command::CompleteCredit, Some(security_card_txn), out.is_ok());
+        self.health(&out);
+        out
+    }
+    fn reverse_credit(
+        &mut self,
+        security_card_txn: u32,
+        proof: &PurchaseInit,
+    ) -> Result<(), SecurityCardError> {
+        let out = self.inner.reverse_credit(security_card_txn, proof);
+        self.note(Command::ReverseCredit, Some(security_card_txn), out.is_ok());
+        self.health(&out);
         out
     }
     fn forget(&mut self, security_card_txn: u32) -> bool {

@@ -27,6 +27,18 @@ pub enum PayStep {
     BatchClosed,
     /// "batch acknowledged" (keyed by the batch id)
     BatchAcknowledged,
+    /// "refund authorized" (keyed by the sale's transaction id, as the refund steps below)
+    RefundAuthorized,
+    /// "refund requested"
+    RefundRequested,
+    /// "credit command issued"
+    CreditIssued,
+    /// "credited"
+    Credited,
+    /// "credit reversed on the card's proof"
+    CreditReversed,
+    /// "refund collected"
+    RefundCollected,
 }
 
 impl PayStep {
@@ -43,6 +55,12 @@ impl PayStep {
             PayStep::Collected => "collected",
             PayStep::BatchClosed => "batch closed",
             PayStep::BatchAcknowledged => "batch acknowledged",
+            PayStep::RefundAuthorized => "refund authorized",
+            PayStep::RefundRequested => "refund requested",
+            PayStep::CreditIssued => "credit command issued",
+            PayStep::Credited => "credited",
+            PayStep::CreditReversed => "credit reversed on the card's proof",
+            PayStep::RefundCollected => "refund collected",
         }
     }
 }

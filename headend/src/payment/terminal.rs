@@ -31,7 +31,7 @@ use proto::apdu::{Response, StatusWord};
 use proto::hotlist::Hotlist;
 use proto::money::Currency;
 use proto::psam::{self, PsamStatus, commands};
-use proto::purse::{Date, DebitResponse, PurchaseInit};
+use proto::purse::{CreditCommand, CreditResponse, Date, DebitResponse, PurchaseInit};
 use proto::security_card::{DebitAuthorization, DrawData, SecurityCard, SecurityCardError, Totals};
 use reader_drivers::ReaderDriver;
 use reader_drivers::api::CardSession;
@@ -372,6 +372,70 @@ impl SecurityCardDevice for PcscSecurityCard {
     ) -> Result<(), SecurityCardError> {
         self.command(commands::verify_not_debited(security_card_txn, proof))
             .map(|_| ())
+    }
+
+    fn issue_credit(
+        &mut self,
+        atr: &[u8],
+        credit: &DrawData,
+        today: Date,
+    ) -> Result<CreditCommand, SecurityCardError> {
+        self.recover_orphans()?;
+        let Some(init) = commands::initialize_credit(credit, today) else {
+            return Err(SecurityCardError::Terminal(
+                "the refund's merchant or transaction id is too long for INITIALIZE CREDIT".into(),
+            ));
+        };
+        let mut out = self.run(vec![commands::card_atr(atr), init])?;
+        let (atr_answer, init_answer) = (out.remove(0), out.remove(0));
+        if atr_answer.sw == StatusWord::BAD_DATA {
+            return Err(SecurityCardError::BadCardData);
+        }
+        self.outcome(atr_answer)?;
+        let data = self.outcome(init_answer)?;
+        let command = CreditCommand::decode(&data)
+            .ok()
+            .filter(|c| {
+                c.0.card_id == credit.init.card_id
+                    && c.0.amount == credit.amount.minor
+                    && c.0.security_card_id == self.id
+            })
+            .ok_or_else(|| {
+                self.failed(&format!(
+                    "INITIALIZE CREDIT answered a credit command that does not answer the refund: {}",
+                    hex::encode_upper(&data)
+                ))
+            })?;
+        self.seen_counter = Some(command.0.security_card_txn);
+        {
+            let mut last = self.last_status.lock().unwrap_or_else(|p| p.into_inner());
+            last.txn_counter = command.0.security_card_txn;
+            let t = last.totals.entry(credit.amount.currency).or_default();
+            t.amount = t.amount.saturating_sub(credit.amount.minor);
+        }
+        Ok(command)
+    }
+
+    fn complete_credit(
+        &mut self,
+        security_card_txn: u32,
+        resp: &CreditResponse,
+    ) -> Result<(), SecurityCardError> {
+        self.recover_orphans()?;
+        let after = self.command(commands::credit_response(security_card_txn, resp))?;
+        self.remember(&after);
+        Ok(())
+    }
+
+    fn reverse_credit(
+        &mut self,
+        security_card_txn: u32,
+        proof: &PurchaseInit,
+    ) -> Result<(), SecurityCardError> {
+        self.recover_orphans()?;
+        let after = self.command(commands::reverse_credit(security_card_txn, proof))?;
+        self.remember(&after);
+        Ok(())
     }
 
     fn forget(&mut self, security_card_txn: u32) -> bool {

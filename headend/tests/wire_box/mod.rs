@@ -160,6 +160,60 @@ impl WireBox {
         })
     }
 
+    /// The card's id (SELECT, READ PURSE).
+    pub fn card_id(&mut self) -> u64 {
+        self.apdu(&commands::select());
+        PurseInfo::decode(&self.apdu(&commands::read_purse()).data)
+            .map(|i| i.card_id)
+            .unwrap_or(0)
+    }
+
+    /// The refunds due to this box's card (issue 17).
+    pub async fn refunds_due(&mut self) -> Result<Vec<RefundDue>, String> {
+        let card_id = self.card_id();
+        match self.call(&Message::RefundsDueRequest { card_id }).await? {
+            Message::RefundsDue(list) => Ok(list),
+            other => Err(format!("expected refunds due, got {other:?}")),
+        }
+    }
+
+    /// SELECT, INITIALIZE FOR CREDIT: the refund request for sale `txid`.
+    pub fn refund_request(&mut self, txid: &str) -> Result<RefundRequest, String> {
+        self.apdu(&commands::select());
+        let r = self.apdu(&commands::init_credit(today()));
+        if !r.sw.is_ok() {
+            return Err(format!("card refused INITIALIZE FOR CREDIT: {}", r.sw));
+        }
+        Ok(RefundRequest {
+            transaction_id: txid.into(),
+            atr: self.card.atr(),
+            init: PurchaseInit::decode(&r.data).map_err(|e| e.to_string())?,
+        })
+    }
+
+    /// CREDIT on the card; the credit response message for the gateway.
+    pub fn credit(&mut self, msg: &Message) -> Result<RefundResponseMsg, String> {
+        let Message::RefundCommand(c) = msg else {
+            return Err(format!("expected a credit command, got {msg:?}"));
+        };
+        let r = self.apdu(&commands::credit(&c.command));
+        if !r.sw.is_ok() {
+            return Err(format!("card refused CREDIT: {}", r.sw));
+        }
+        Ok(RefundResponseMsg {
+            transaction_id: c.transaction_id.clone(),
+            response: CreditResponse::decode(&r.data).map_err(|e| e.to_string())?,
+        })
+    }
+
+    /// A whole refund of sale `txid`: request, CREDIT, response; the final answer.
+    pub async fn refund(&mut self, txid: &str) -> Result<Message, String> {
+        let req = self.refund_request(txid)?;
+        let answer = self.call(&Message::RefundRequest(req)).await?;
+        let resp = self.credit(&answer)?;
+        self.call(&Message::RefundResponse(resp)).await
+    }
+
     /// A whole purchase, its two steps on one stream; the offer and the final answer.
     pub async fn buy(&mut self, merchant: &str, item: &str) -> Result<(Offer, Message), String> {
         let offer = self.offer(merchant, item).await?;

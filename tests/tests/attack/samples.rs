@@ -52,11 +52,17 @@ pub fn name(m: &Message) -> &'static str {
         Message::LoadAdvice(_) => "LoadAdvice",
         Message::HotlistRequest { .. } => "HotlistRequest",
         Message::HotlistUpdate(_) => "HotlistUpdate",
+        Message::RefundsDueRequest { .. } => "RefundsDueRequest",
+        Message::RefundsDue(_) => "RefundsDue",
+        Message::RefundRequest(_) => "RefundRequest",
+        Message::RefundCommand(_) => "RefundCommand",
+        Message::RefundResponse(_) => "RefundResponse",
+        Message::RefundProof(_) => "RefundProof",
     }
 }
 
 /// The number of message kinds [`every`] returns (one per variant).
-pub const KINDS: usize = 35;
+pub const KINDS: usize = 41;
 
 fn eur(minor: u64) -> Money {
     Money::new(minor, Currency::EUR)
@@ -182,7 +188,7 @@ pub fn every(card: &CardData, txid: &str, victim_box: &str, voucher: &str) -> Ve
             command: DebitCommandMsg {
                 transaction_id: txid.into(),
                 body: Protected::Clear(DebitCommandBody {
-                    command: debit_command,
+                    command: debit_command.clone(),
                 }),
             },
             gateway: GatewayCopy::default(),
@@ -200,7 +206,7 @@ pub fn every(card: &CardData, txid: &str, victim_box: &str, voucher: &str) -> Ve
                 new_balance: 0,
             }),
             result_m: vec![0; 32],
-            debit_response: Some(debit_response),
+            debit_response: Some(debit_response.clone()),
         }),
         Message::Receipt(Receipt {
             transaction_id: txid.into(),
@@ -317,6 +323,31 @@ pub fn every(card: &CardData, txid: &str, victim_box: &str, voucher: &str) -> Ve
             card_ids: Vec::new(),
             signature: vec![0; 64],
         })),
+        Message::RefundsDueRequest {
+            card_id: card.purse.card_id,
+        },
+        Message::RefundsDue(vec![RefundDue {
+            transaction_id: txid.into(),
+            merchant_id: "CABLE".into(),
+            amount: eur(1),
+        }]),
+        Message::RefundRequest(RefundRequest {
+            transaction_id: txid.into(),
+            atr: vec![0x3B, 0x00],
+            init: card.init.clone(),
+        }),
+        Message::RefundCommand(RefundCommandMsg {
+            transaction_id: txid.into(),
+            command: CreditCommand(debit_command),
+        }),
+        Message::RefundResponse(RefundResponseMsg {
+            transaction_id: txid.into(),
+            response: CreditResponse(debit_response),
+        }),
+        Message::RefundProof(RefundProofMsg {
+            transaction_id: txid.into(),
+            proof: card.init.clone(),
+        }),
     ];
     assert_eq!(all.len(), KINDS);
     let names: std::collections::BTreeSet<_> = all.iter().map(name).collect();

@@ -1,0 +1,487 @@
+//! Refunds (issue 17; seed 004's refund to the card): a merchant gives back what a card paid
+//! for a sale, with a credit command signed by the security card that counted the sale.
+//!
+//! 1. **Authorization.** The merchant (its operator: `headend refund --txid T [--amount A]`)
+//!    authorizes the refund of sale T ([`authorize`]): one write checks that T is a
+//!    completed sale of this payment server, that the amount is above zero and at most the
+//!    sale's, and that T has no refund yet — the sale's id keys its refund (journal kind
+//!    `refund`), so a sale is refunded at most once.
+//! 2. **Delivery.** The card's box asks which refunds are due to the card
+//!    ([`Message::RefundsDueRequest`]), runs INITIALIZE FOR CREDIT and sends its answer
+//!    ([`Message::RefundRequest`]). The card must be the sale's card. The sale's security
+//!    card verifies the card's MAC and issues the credit command, counting the refund off
+//!    its totals at once; the command and the security card's state are journaled before
+//!    the box gets the command, and a retry of the same request gets the same command.
+//! 3. **Completion.** The card's signed credit response (from CREDIT, or from its log after
+//!    a crash) completes the refund at the security card and here; a receipt goes back.
+//! 4. **Recovery.** A refund whose command is out stays out until the card answers for it:
+//!    its credit response, or a proof of "not credited" (a fresh INITIALIZE whose counter
+//!    has not moved, [`Message::RefundProof`]), on which the security card counts the refund
+//!    back and it is due again. Nothing else reverses an issued refund: the card may have
+//!    credited it.
+//! 5. **Collection.** A credited refund goes into the next collection batch as a refund
+//!    record ([`proto::clearing::CollectionBatch::refunds`]); clearing takes it off what its
+//!    merchant is owed.
+//!
+//! Privacy: the box learns only the refunds due to the card it holds (it names the card
+//! id; the credit command is useless to any other card, signed under that card's key).
+
+use proto::messages::*;
+use proto::money::Money;
+use proto::purse::{CreditCommand, CreditResponse, PurchaseInit};
+use proto::security_card::DrawData;
+use serde::{Deserialize, Serialize};
+
+use super::step::PayStep;
+use super::{PayState, PayTxn, PaymentServer, blocking, security_card_error, slot_key, today};
+use crate::journal::{self, Journal, Kind, StoreError};
+use crate::role::{journal_failed, refuse};
+
+/// Where a refund stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefundState {
+    /// Authorized by the merchant, not (or no longer) issued: due to the card.
+    Authorized,
+    /// The security card issued the credit command; the card's answer is awaited.
+    Issued(Issued),
+    /// The card's signed credit response completed it.
+    Credited {
+        issued: Issued,
+        response: CreditResponse,
+    },
+}
+
+/// A credit command out for a refund.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Issued {
+    /// The refund request as received (postcard): a retry must be identical.
+    pub request: Vec<u8>,
+    pub command: CreditCommand,
+}
+
+/// The payment server's record of one refund (journal kind `refund`, keyed by the sale's
+/// transaction id).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefundRec {
+    /// The sale's transaction id.
+    pub transaction_id: String,
+    pub merchant_id: String,
+    /// The card the sale debited: the only card the refund may credit.
+    pub card_id: u64,
+    /// What the card is credited (minor units of the sale's currency).
+    pub amount: Money,
+    /// The terminal slot and security card that counted the sale (and count the refund).
+    pub slot: usize,
+    pub security_card_id: u64,
+    pub state: RefundState,
+    /// Security-card transactions of credit commands the card proved it never ran.
+    pub reversed: Vec<u32>,
+    /// The collection batch that carries it, once collected.
+    pub batch: Option<u64>,
+}
+
+impl RefundRec {
+    /// The credit command out or credited, if any.
+    #[must_use]
+    pub fn issued(&self) -> Option<&Issued> {
+        match &self.state {
+            RefundState::Authorized => None,
+            RefundState::Issued(i) | RefundState::Credited { issued: i, .. } => Some(i),
+        }
+    }
+
+    /// The state's name for operators.
+    #[must_use]
+    pub fn state_name(&self) -> &'static str {
+        match self.state {
+            RefundState::Authorized => "authorized",
+            RefundState::Issued(_) => "issued",
+            RefundState::Credited { .. } => "credited",
+        }
+    }
+}
+
+/// The merchant's authorization of the refund of sale `txid` in the payment server's
+/// journal: `amount` in minor units of the sale's currency, the sale's whole amount when
+/// `None`. The running payment server takes it from the journal at the card's next
+/// refunds-due request.
+///
+/// # Errors
+/// No such sale; a sale not completed (or an authentication, which moved no value); a zero
+/// amount or one above the sale's; a sale refunded (or authorized) already; the journal.
+pub fn authorize(journal: &Journal, txid: &str, amount: Option<u64>) -> Result<RefundRec, String> {
+    let outcome = journal.atomically(|b| {
+        let Some(raw) = b.get_for_update(Kind::Txn, txid)? else {
+            return Ok(Err(format!("no sale {txid} at this payment server")));
+        };
+        let sale: PayTxn = journal::decode(&raw).map_err(StoreError::Aborted)?;
+        if sale.state != PayState::Completed {
+            return Ok(Err(format!(
+                "sale {txid} is {:?}, not completed: only what a card paid is refunded",
+                sale.state
+            )));
+        }
+        if sale.amount.is_authentication() {
+            return Ok(Err(format!(
+                "{txid} is an authentication: it moved no value to refund"
+            )));
+        }
+        if proto::purse::Purse::of(sale.amount.currency) != proto::purse::Purse::Money {
+            return Ok(Err(format!(
+                "{txid} redeemed points: the card's CREDIT refunds its money purse only"
+            )));
+        }
+        let minor = amount.unwrap_or(sale.amount.minor);
+        if minor == 0 || minor > sale.amount.minor {
+            return Ok(Err(format!(
+                "a refund of sale {txid} is above zero and at most its {}: {} asked",
+                sale.amount,
+                Money::new(minor, sale.amount.currency)
+            )));
+        }
+        if let Some(prev) = b.get_for_update(Kind::Refund, txid)? {
+            let prev: RefundRec = journal::decode(&prev).map_err(StoreError::Aborted)?;
+            return Ok(Err(format!(
+                "sale {txid} has a refund already ({} of {}): a sale is refunded once",
+                prev.state_name(),
+                prev.amount
+            )));
+        }
+        let rec = RefundRec {
+            transaction_id: txid.into(),
+            merchant_id: sale.merchant_id.clone(),
+            card_id: sale.card_id,
+            amount: Money::new(minor, sale.amount.currency),
+            slot: sale.slot,
+            security_card_id: sale.security_card_id,
+            state: RefundState::Authorized,
+            reversed: Vec::new(),
+            batch: None,
+        };
+        b.put(Kind::Refund, txid, &journal::encode(&rec))?;
+        b.step(txid, &PayStep::RefundAuthorized, &rec.amount.to_string())?;
+        Ok(Ok(rec))
+    });
+    outcome.map_err(|e| e.to_string())?
+}
+
+/// Every refund in `journal`, by sale.
+///
+/// # Errors
+/// The journal cannot be read or holds a corrupt record.
+pub fn all(journal: &Journal) -> Result<Vec<RefundRec>, String> {
+    journal
+        .all(Kind::Refund)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|(_, raw)| journal::decode(&raw))
+        .collect()
+}
+
+impl PaymentServer {
+    /// The refund of sale `txid`, if one was authorized.
+    pub fn refund(&self, txid: &str) -> Option<RefundRec> {
+        self.journal
+            .get(Kind::Refund, txid)
+            .ok()
+            .flatten()
+            .and_then(|b| journal::decode(&b).ok())
+    }
+
+    fn save_refund(
+        &self,
+        rec: &RefundRec,
+        step: PayStep,
+        detail: &str,
+        snapshot: Option<&[u8]>,
+    ) -> Result<(), crate::journal::JournalError> {
+        self.journal.atomically(|b| {
+            if let Some(s) = snapshot {
+                b.put(Kind::SecurityCard, &slot_key(rec.slot), s)?;
+            }
+            b.put(Kind::Refund, &rec.transaction_id, &journal::encode(rec))?;
+            b.step(&rec.transaction_id, &step, detail)
+        })
+    }
+
+    /// The refunds due to card `card_id`: authorized and not credited. One whose credit
+    /// command is out is listed too, so the card's box can finish it (with the card's
+    /// credit response) or end it (with its proof).
+    pub(super) fn refunds_due(&self, card_id: u64) -> Message {
+        match all(&self.journal) {
+            Ok(refunds) => Message::RefundsDue(
+                refunds
+                    .into_iter()
+                    .filter(|r| {
+                        r.card_id == card_id && !matches!(r.state, RefundState::Credited { .. })
+                    })
+                    .map(|r| RefundDue {
+                        transaction_id: r.transaction_id,
+                        merchant_id: r.merchant_id,
+                        amount: r.amount,
+                    })
+                    .collect(),
+            ),
+            Err(e) => refuse(
+                ErrorCode::Internal,
+                format!("refunds cannot be read: {e}"),
+                None,
+            ),
+        }
+    }
+
+    fn due_or_refuse(&self, txid: &str, card_id: u64) -> Result<RefundRec, Message> {
+        let Some(rec) = self.refund(txid) else {
+            return Err(refuse(
+                ErrorCode::UnknownTransaction,
+                format!("no refund of sale {txid} is authorized"),
+                Some(txid),
+            ));
+        };
+        if rec.card_id != card_id {
+            return Err(refuse(
+                ErrorCode::NotYourAccount,
+                format!("the refund of sale {txid} is due to another card than {card_id:X}"),
+                Some(txid),
+            ));
+        }
+        Ok(rec)
+    }
+
+    /// A box's refund request: the credit command (see the module doc).
+    pub(super) async fn refund_request(&self, req: RefundRequest) -> Message {
+        let txid = req.transaction_id.clone();
+        let mut rec = match self.due_or_refuse(&txid, req.init.card_id) {
+            Ok(r) => r,
+            Err(m) => return m,
+        };
+        let raw = journal::encode(&req);
+        match &rec.state {
+            RefundState::Authorized => {}
+            RefundState::Issued(i) if i.request == raw => {
+                tracing::info!(txid, "retried refund request: same credit command");
+                return command_msg(&txid, &i.command);
+            }
+            RefundState::Issued(i) => {
+                return refuse(
+                    ErrorCode::InDoubt,
+                    format!(
+                        "a credit command for this refund is out (security card {:X} \
+                         transaction {}): send the card's credit response, or its proof that \
+                         it did not credit",
+                        rec.security_card_id, i.command.0.security_card_txn
+                    ),
+                    Some(&txid),
+                );
+            }
+            RefundState::Credited { .. } => {
+                return refuse(
+                    ErrorCode::AlreadyCompleted,
+                    format!("the refund of sale {txid} is credited already"),
+                    Some(&txid),
+                );
+            }
+        }
+        if let Err(e) = self.journal.step(&txid, &PayStep::RefundRequested, "") {
+            return journal_failed(e, Some(&txid));
+        }
+        let Some(card) = self.pool.card(rec.slot).await else {
+            return refuse(
+                ErrorCode::Internal,
+                format!("terminal {} of the sale is not configured", rec.slot),
+                Some(&txid),
+            );
+        };
+        if card.id() != rec.security_card_id {
+            return refuse(
+                ErrorCode::Internal,
+                format!(
+                    "terminal {} now holds security card {:X}, not the sale's {:X}: an \
+                     operator moves the refund",
+                    rec.slot,
+                    card.id(),
+                    rec.security_card_id
+                ),
+                Some(&txid),
+            );
+        }
+        let credit = DrawData {
+            merchant_id: rec.merchant_id.clone(),
+            transaction_id: txid.clone(),
+            amount: rec.amount,
+            init: req.init.clone(),
+        };
+        let atr = req.atr.clone();
+        let (mut card, (before, issued)) = blocking(
+            card,
+            move |c| {
+                let before = c.snapshot();
+                (before, c.issue_credit(&atr, &credit, today()))
+            },
+            |c, (before, r)| {
+                if let Ok(cmd) = r {
+                    c.undo_issue(&before, cmd.0.security_card_txn);
+                }
+            },
+        )
+        .await;
+        let command = match issued {
+            Ok(c) => c,
+            Err(e) => return refuse(security_card_error(&e), e.to_string(), Some(&txid)),
+        };
+        rec.state = RefundState::Issued(Issued {
+            request: raw,
+            command: command.clone(),
+        });
+        let snapshot = card.snapshot();
+        let detail = format!(
+            "psam {:X} txn {}",
+            rec.security_card_id, command.0.security_card_txn
+        );
+        if let Err(e) = self.save_refund(&rec, PayStep::CreditIssued, &detail, Some(&snapshot)) {
+            // Not journaled means not done: the box never gets this command.
+            card.undo_issue(&before, command.0.security_card_txn);
+            return journal_failed(e, Some(&txid));
+        }
+        tracing::info!(txid, amount = %rec.amount, "credit command issued");
+        command_msg(&txid, &command)
+    }
+
+    /// The card's credit response: the refund is credited (see the module doc).
+    pub(super) async fn refund_response(&self, msg: RefundResponseMsg) -> Message {
+        let txid = msg.transaction_id.clone();
+        let mut rec = match self.due_or_refuse(&txid, msg.response.0.card_id) {
+            Ok(r) => r,
+            Err(m) => return m,
+        };
+        let issued = match &rec.state {
+            RefundState::Authorized => {
+                return refuse(
+                    ErrorCode::UnknownTransaction,
+                    format!("no credit command is out for the refund of sale {txid}"),
+                    Some(&txid),
+                );
+            }
+            RefundState::Credited { response, .. } if *response == msg.response => {
+                return receipt(&rec, Some(response));
+            }
+            RefundState::Credited { .. } => {
+                return refuse(
+                    ErrorCode::Replay,
+                    format!("the refund of sale {txid} was credited with another response"),
+                    Some(&txid),
+                );
+            }
+            RefundState::Issued(i) => i.clone(),
+        };
+        let Some(card) = self.pool.card(rec.slot).await else {
+            return refuse(
+                ErrorCode::Internal,
+                format!("terminal {} of the sale is not configured", rec.slot),
+                Some(&txid),
+            );
+        };
+        let (txn, resp) = (issued.command.0.security_card_txn, msg.response.clone());
+        let (card, done) = blocking(
+            card,
+            move |c| c.complete_credit(txn, &resp),
+            |_, _| {},
+        )
+        .await;
+        if let Err(e) = done {
+            return refuse(security_card_error(&e), e.to_string(), Some(&txid));
+        }
+        rec.state = RefundState::Credited {
+            issued,
+            response: msg.response.clone(),
+        };
+        let snapshot = card.snapshot();
+        drop(card);
+        if let Err(e) = self.save_refund(
+            &rec,
+            PayStep::Credited,
+            &format!("balance {}", msg.response.0.new_balance),
+            Some(&snapshot),
+        ) {
+            // The security card keeps it completed; a retry of the same response completes
+            // it here (idempotent there).
+            return journal_failed(e, Some(&txid));
+        }
+        tracing::info!(txid, amount = %rec.amount, "refund credited");
+        receipt(&rec, Some(&msg.response))
+    }
+
+    /// The card's proof that it did not run an issued credit command: counted back, due
+    /// again (see the module doc).
+    pub(super) async fn refund_proof(&self, msg: RefundProofMsg) -> Message {
+        let txid = msg.transaction_id.clone();
+        let mut rec = match self.due_or_refuse(&txid, msg.proof.card_id) {
+            Ok(r) => r,
+            Err(m) => return m,
+        };
+        let issued = match &rec.state {
+            RefundState::Authorized => return receipt(&rec, None),
+            RefundState::Credited { .. } => {
+                return refuse(
+                    ErrorCode::AlreadyCompleted,
+                    format!("the refund of sale {txid} is credited: the card's signature proved it"),
+                    Some(&txid),
+                );
+            }
+            RefundState::Issued(i) => i.clone(),
+        };
+        let Some(card) = self.pool.card(rec.slot).await else {
+            return refuse(
+                ErrorCode::Internal,
+                format!("terminal {} of the sale is not configured", rec.slot),
+                Some(&txid),
+            );
+        };
+        let txn = issued.command.0.security_card_txn;
+        let proof: PurchaseInit = msg.proof.clone();
+        let (card, done) = blocking(
+            card,
+            move |c| c.reverse_credit(txn, &proof),
+            |_, _| {},
+        )
+        .await;
+        if let Err(e) = done {
+            return refuse(security_card_error(&e), e.to_string(), Some(&txid));
+        }
+        rec.state = RefundState::Authorized;
+        rec.reversed.push(txn);
+        let snapshot = card.snapshot();
+        drop(card);
+        if let Err(e) = self.save_refund(
+            &rec,
+            PayStep::CreditReversed,
+            &format!("psam {:X} txn {txn}", rec.security_card_id),
+            Some(&snapshot),
+        ) {
+            return journal_failed(e, Some(&txid));
+        }
+        tracing::info!(txid, "credit proved not run: the refund is due again");
+        receipt(&rec, None)
+    }
+}
+
+fn command_msg(txid: &str, command: &CreditCommand) -> Message {
+    Message::RefundCommand(RefundCommandMsg {
+        transaction_id: txid.into(),
+        command: command.clone(),
+    })
+}
+
+/// The box's receipt: credited (with the card's balance after), or not (still due).
+fn receipt(rec: &RefundRec, response: Option<&CreditResponse>) -> Message {
+    Message::Receipt(Receipt {
+        transaction_id: rec.transaction_id.clone(),
+        released: response.is_some(),
+        text: match response {
+            Some(_) => format!("Refund of {} credited to your card", rec.amount),
+            None => format!("Refund of {} not credited: it stays due", rec.amount),
+        },
+        entitlement: None,
+        new_balance: response.map(|r| r.0.new_balance),
+    })
+}
