@@ -205,7 +205,7 @@ async fn batches_are_closed_small_enough_for_one_frame() {
     let value: i128 = batches.iter().flat_map(|b| b.value().into_values()).sum();
     assert_eq!(
         (records, value),
-        (40, spent),
+        (40, i128::from(spent)),
         "every purchase in exactly one batch"
     );
     he.running.stop().await;
