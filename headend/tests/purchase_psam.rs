@@ -1128,3 +1128,54 @@ async fn an_authentication_and_a_points_redemption_through_the_pcsc_security_car
     he.running.stop().await;
     drop(served);
 }
+
+/// Issue 17: a refund through the security card in its PC/SC reader — INITIALIZE CREDIT
+/// issues the credit command and counts the refund off the card's own totals, CREDIT
+/// RESPONSE completes it; a refund the card proves it never ran is counted back (REVERSE
+/// CREDIT), and the card's totals in its own file agree at each step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_through_the_pcsc_security_card() {
+    if !require_psam_reader("a_refund_through_the_pcsc_security_card") {
+        return;
+    }
+    let _lock = lock_reader().await;
+    let (he, served, _dir) = start_with_psam("security-card", PCSC_ONLY, no_fault()).await;
+    let payment = he.running.payment.as_ref().unwrap();
+    assert!(eventually(|| payment.pool().down().is_empty()).await);
+    let mut b = TestBox::new(&he, "box-000001", 10_000).await;
+    let (one, answer) = b.buy("CABLE", "ppv-1001").await;
+    assert!(matches!(answer, Message::Receipt(ref r) if r.released), "{answer:?}");
+    let (two, answer) = b.buy("CABLE", "ppv-1002").await;
+    assert!(matches!(answer, Message::Receipt(ref r) if r.released), "{answer:?}");
+    let eur = proto::money::Currency::EUR;
+    let sold = one.amount.minor + two.amount.minor;
+    assert_eq!(served.status().totals[&eur].amount, sold);
+    let paid = b.balance();
+
+    // Refund one: the command is lost, the card proves it never ran it: counted back.
+    headend::payment::refund::authorize(payment.journal(), &one.transaction_id, None).unwrap();
+    let req = b.0.refund_request(&one.transaction_id).unwrap();
+    let lost = b.call(&Message::RefundRequest(req)).await;
+    assert!(matches!(lost, Message::RefundCommand(_)), "{lost:?}");
+    assert_eq!(served.status().totals[&eur].amount, sold - one.amount.minor);
+    let proof = b.proof();
+    let back = b
+        .call(&Message::RefundProof(RefundProofMsg {
+            transaction_id: one.transaction_id.clone(),
+            proof,
+        }))
+        .await;
+    assert!(matches!(back, Message::Receipt(ref r) if !r.released), "{back:?}");
+    assert_eq!(served.status().totals[&eur].amount, sold);
+    // Then it runs: credited once, counted off once.
+    let done = b.0.refund(&one.transaction_id).await.unwrap();
+    assert!(matches!(done, Message::Receipt(ref r) if r.released), "{done:?}");
+    assert_eq!(b.balance(), paid + one.amount.minor);
+    assert_eq!(served.status().totals[&eur].amount, sold - one.amount.minor);
+    assert_eq!(
+        payment.refund(&one.transaction_id).unwrap().security_card_id,
+        PSAM_ID
+    );
+    he.running.stop().await;
+    drop(served);
+}
