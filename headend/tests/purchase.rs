@@ -700,7 +700,11 @@ async fn collection_batches_settled_transactions_once() {
     assert_eq!(p.batch_state(file.batch), Some(BatchState::Closed));
     // [0044]: until the acknowledgement the security cards still have the batch to settle.
     let before = p.remaining_to_settle().await.unwrap();
-    let batched: i128 = file.security_cards.iter().map(|t| i128::from(t.amount)).sum();
+    let batched: i128 = file
+        .security_cards
+        .iter()
+        .map(|t| i128::from(t.amount))
+        .sum();
     assert_eq!(before.values().sum::<i128>(), batched, "{before:?}");
     let status = || headend::status::report(&he.cfg.state_dir).unwrap();
     assert!(

@@ -1144,9 +1144,15 @@ async fn a_refund_through_the_pcsc_security_card() {
     assert!(eventually(|| payment.pool().down().is_empty()).await);
     let mut b = TestBox::new(&he, "box-000001", 10_000).await;
     let (one, answer) = b.buy("CABLE", "ppv-1001").await;
-    assert!(matches!(answer, Message::Receipt(ref r) if r.released), "{answer:?}");
+    assert!(
+        matches!(answer, Message::Receipt(ref r) if r.released),
+        "{answer:?}"
+    );
     let (two, answer) = b.buy("CABLE", "ppv-1002").await;
-    assert!(matches!(answer, Message::Receipt(ref r) if r.released), "{answer:?}");
+    assert!(
+        matches!(answer, Message::Receipt(ref r) if r.released),
+        "{answer:?}"
+    );
     let eur = proto::money::Currency::EUR;
     let sold = one.amount.minor + two.amount.minor;
     assert_eq!(served.status().totals[&eur].amount, sold);
@@ -1165,15 +1171,24 @@ async fn a_refund_through_the_pcsc_security_card() {
             proof,
         }))
         .await;
-    assert!(matches!(back, Message::Receipt(ref r) if !r.released), "{back:?}");
+    assert!(
+        matches!(back, Message::Receipt(ref r) if !r.released),
+        "{back:?}"
+    );
     assert_eq!(served.status().totals[&eur].amount, sold);
     // Then it runs: credited once, counted off once.
     let done = b.0.refund(&one.transaction_id).await.unwrap();
-    assert!(matches!(done, Message::Receipt(ref r) if r.released), "{done:?}");
+    assert!(
+        matches!(done, Message::Receipt(ref r) if r.released),
+        "{done:?}"
+    );
     assert_eq!(b.balance(), paid + one.amount.minor);
     assert_eq!(served.status().totals[&eur].amount, sold - one.amount.minor);
     assert_eq!(
-        payment.refund(&one.transaction_id).unwrap().security_card_id,
+        payment
+            .refund(&one.transaction_id)
+            .unwrap()
+            .security_card_id,
         PSAM_ID
     );
     he.running.stop().await;

@@ -37,7 +37,10 @@ use purchase_support::*;
 /// `headend refund` (the real binary) on `config`: its exit status and output.
 fn headend_refund(config: &std::path::Path, txid: &str, amount: Option<u64>) -> (bool, String) {
     let mut c = Command::new(env!("CARGO_BIN_EXE_headend"));
-    c.arg("refund").arg("--config").arg(config).args(["--txid", txid]);
+    c.arg("refund")
+        .arg("--config")
+        .arg(config)
+        .args(["--txid", txid]);
     if let Some(a) = amount {
         c.args(["--amount", &a.to_string()]);
     }
@@ -129,6 +132,7 @@ async fn a_merchant_refunds_a_sale_once_to_its_card_and_clearing_nets_it() {
             transaction_id: sale.transaction_id.clone(),
             merchant_id: "CABLE".into(),
             amount: sale.amount,
+            issued: None,
         }]
     );
     assert_eq!(b.0.refunds_due().await.unwrap(), vec![]);
@@ -195,7 +199,10 @@ async fn a_merchant_refunds_a_sale_once_to_its_card_and_clearing_nets_it() {
         .map(|p| (p.count, p.amount, p.refund_count, p.refunded))
         .collect();
     assert_eq!(cable_pay, vec![(3, sales, 1, sale.amount.minor)]);
-    assert_eq!(report.float[0].purchases, (sales - sale.amount.minor) as i64);
+    assert_eq!(
+        report.float[0].purchases,
+        (sales - sale.amount.minor) as i64
+    );
     let (ok, out) = d.reconcile();
     assert!(ok, "reconcile: {out}");
 
@@ -315,7 +322,10 @@ async fn a_credit_the_card_ran_whose_answer_was_lost_completes_from_the_card_log
         }))
         .await;
     assert!(matches!(m, Message::Error(_)), "{m:?}");
-    assert_eq!(p.refund(&sale.transaction_id).unwrap().state_name(), "issued");
+    assert_eq!(
+        p.refund(&sale.transaction_id).unwrap().state_name(),
+        "issued"
+    );
     let done = a
         .call(&Message::RefundResponse(RefundResponseMsg {
             transaction_id: sale.transaction_id.clone(),
@@ -323,7 +333,10 @@ async fn a_credit_the_card_ran_whose_answer_was_lost_completes_from_the_card_log
         }))
         .await;
     assert!(receipt(&done).released, "{done:?}");
-    assert_eq!(p.refund(&sale.transaction_id).unwrap().state_name(), "credited");
+    assert_eq!(
+        p.refund(&sale.transaction_id).unwrap().state_name(),
+        "credited"
+    );
     assert_eq!(a.balance(), paid + sale.amount.minor, "credited once");
     he.running.stop().await;
 }

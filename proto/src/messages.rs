@@ -296,6 +296,10 @@ pub struct RefundDue {
     pub merchant_id: String,
     /// What the card is credited, in the sale's currency (at most the sale's amount).
     pub amount: Money,
+    /// The credit command already out for it, if one is: the card either ran it (its log
+    /// holds the signed credit response, which completes the refund) or did not (a proof of
+    /// "not credited" counts it back, and it is due afresh). Useless to any other card.
+    pub issued: Option<CreditCommand>,
 }
 
 /// Box → gateway → payment server: run the refund of sale `transaction_id` onto the card

@@ -12,6 +12,7 @@
 //!   [`recovery::round`], one recovery round over the journal's in-doubt purchases and
 //!   loads (card reads, messages, journal writes) as a sans-IO machine.
 //! - [`load`]: one load of value onto the card, 001 [0117]–[0160], and its recovery.
+//! - [`refund`]: the refunds due to the card in the reader, credited (issue 17).
 //! - [`failure`]: what the shell reports when the card, the network or the journal fails
 //!   ([`CardFailure`], [`NetworkFailure`], [`JournalFailure`]), typed.
 //! - [`show`]: what the flows ask the TV to show, as their own vocabulary (no wording: the
@@ -24,6 +25,7 @@ pub mod failure;
 pub mod load;
 pub mod purchase;
 pub mod recovery;
+pub mod refund;
 pub mod show;
 
 pub use failure::{CardFailure, JournalFailure, NetworkFailure};

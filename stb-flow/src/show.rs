@@ -26,6 +26,8 @@ pub enum Flow {
     Purchase,
     /// A load of value onto the card, 001 [0117]–[0160].
     Load,
+    /// A refund credited to the card (issue 17).
+    Refund,
 }
 
 /// One thing for the TV to show.
@@ -122,6 +124,8 @@ pub enum Receipted {
     /// A load from a pre-funded voucher (001 [0141]). The code is the voucher's only secret:
     /// only its last characters are carried, for the TV to show after a mask.
     Voucher { code_tail: String },
+    /// A refund from `merchant` (its id) credited to the card (issue 17).
+    Refund { merchant: String },
 }
 
 /// What the flow had asked the head end when an answer came out of turn.

@@ -119,6 +119,9 @@ pub fn receipt_title(k: TxKind) -> &'static str {
     }
 }
 
+/// What a refund's receipt names as its item (issue 17: a merchant gave back a purchase).
+pub const REFUND_ITEM: &str = "Refund of a purchase";
+
 /// An authentication's receipt (002 FIG. 16): the card proved itself, nothing was paid.
 pub const RECEIPT_AUTHENTICATED: &str = "Card authenticated";
 pub const RECEIPT_AMOUNT: &str = "Amount";

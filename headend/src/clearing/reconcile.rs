@@ -23,8 +23,8 @@ use crate::config::HeadendConfig;
 use crate::funds::{Hold, HoldState};
 use crate::journal::{self, Journal, Kind, Target};
 use crate::payment::collection::ClosedBatch;
-use crate::payment::{PayState, PayTxn};
 use crate::payment::refund::{RefundRec, RefundState};
+use crate::payment::{PayState, PayTxn};
 
 /// One broken invariant.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -233,7 +233,10 @@ pub fn reconcile(
         for (txid, f) in &refunds {
             if let Some(n) = f.batch {
                 if !refunds_batched.contains(txid.as_str()) {
-                    brk(txid.clone(), format!("refund marked batch {n} but not in it"));
+                    brk(
+                        txid.clone(),
+                        format!("refund marked batch {n} but not in it"),
+                    );
                 }
             }
         }

@@ -56,7 +56,10 @@ impl Gateway {
         let Some(m) = self.merchants.get(&t.merchant_id) else {
             return refuse(
                 ErrorCode::UnknownMerchant,
-                format!("sale {txid}'s merchant {} is no longer routed", t.merchant_id),
+                format!(
+                    "sale {txid}'s merchant {} is no longer routed",
+                    t.merchant_id
+                ),
                 Some(txid),
             );
         };

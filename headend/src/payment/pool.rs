@@ -360,7 +360,11 @@ impl SecurityCardDevice for Traced {
         resp: &CreditResponse,
     ) -> Result<(), SecurityCardError> {
         let out = self.inner.complete_credit(security_card_txn, resp);
-        self.note(Command::CompleteCredit, Some(security_card_txn), out.is_ok());
+        self.note(
+            Command::CompleteCredit,
+            Some(security_card_txn),
+            out.is_ok(),
+        );
         self.health(&out);
         out
     }

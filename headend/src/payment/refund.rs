@@ -216,6 +216,7 @@ impl PaymentServer {
                         r.card_id == card_id && !matches!(r.state, RefundState::Credited { .. })
                     })
                     .map(|r| RefundDue {
+                        issued: r.issued().map(|i| i.command.clone()),
                         transaction_id: r.transaction_id,
                         merchant_id: r.merchant_id,
                         amount: r.amount,
@@ -382,12 +383,7 @@ impl PaymentServer {
             );
         };
         let (txn, resp) = (issued.command.0.security_card_txn, msg.response.clone());
-        let (card, done) = blocking(
-            card,
-            move |c| c.complete_credit(txn, &resp),
-            |_, _| {},
-        )
-        .await;
+        let (card, done) = blocking(card, move |c| c.complete_credit(txn, &resp), |_, _| {}).await;
         if let Err(e) = done {
             return refuse(security_card_error(&e), e.to_string(), Some(&txid));
         }
@@ -424,7 +420,9 @@ impl PaymentServer {
             RefundState::Credited { .. } => {
                 return refuse(
                     ErrorCode::AlreadyCompleted,
-                    format!("the refund of sale {txid} is credited: the card's signature proved it"),
+                    format!(
+                        "the refund of sale {txid} is credited: the card's signature proved it"
+                    ),
                     Some(&txid),
                 );
             }
@@ -439,12 +437,7 @@ impl PaymentServer {
         };
         let txn = issued.command.0.security_card_txn;
         let proof: PurchaseInit = msg.proof.clone();
-        let (card, done) = blocking(
-            card,
-            move |c| c.reverse_credit(txn, &proof),
-            |_, _| {},
-        )
-        .await;
+        let (card, done) = blocking(card, move |c| c.reverse_credit(txn, &proof), |_, _| {}).await;
         if let Err(e) = done {
             return refuse(security_card_error(&e), e.to_string(), Some(&txid));
         }

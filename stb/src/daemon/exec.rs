@@ -1,11 +1,11 @@
-//! The one executor for both flow slots: it runs a flow's actions in order — journal first
+//! The one executor for the flow slots: it runs a flow's actions in order — journal first
 //! (a failed write stops the flow before the action it guards), card commands inline (they
 //! take milliseconds and the card is the flow's only resource, so the reply feeds straight
 //! back into the flow), gateway requests as tasks whose answers come back as
 //! [`Event::Answer`] — and hands what to show and how the flow ended back to the runner.
 //!
 //! [`Driven`] is what the executor needs of a flow; [`stb_flow::purchase::Purchase`] and
-//! [`stb_flow::load::Load`] implement it here. A [`Slot`] holds at most one flow of a kind;
+//! [`stb_flow::load::Load`] and [`stb_flow::refund::Refund`] implement it here. A [`Slot`] holds at most one flow of a kind;
 //! that only one transaction runs at a time (across both slots) is the runner's guard.
 
 use std::collections::VecDeque;
@@ -13,7 +13,9 @@ use std::fmt::Debug;
 
 use proto::messages::Message;
 use stb_flow::show::{Doubt, Flow, Refusal, Show};
-use stb_flow::{Action, CardFailure, CardReply, JournalFailure, NetworkFailure, load, purchase};
+use stb_flow::{
+    Action, CardFailure, CardReply, JournalFailure, NetworkFailure, load, purchase, refund,
+};
 
 use super::event::Event;
 use super::gateway::GatewayError;
@@ -187,6 +189,39 @@ impl Driven for load::Load {
                 doubt: Doubt::LoadNotRecorded { error },
             },
         }
+    }
+}
+
+impl Driven for refund::Refund {
+    type Step = refund::Step;
+    type Outcome = refund::Outcome;
+    type Input = refund::Input;
+    const FLOW: Flow = Flow::Refund;
+
+    fn handle(&mut self, input: refund::Input) -> Vec<refund::Action> {
+        refund::Refund::handle(self, input)
+    }
+    fn card_input(reply: Result<CardReply, CardFailure>) -> refund::Input {
+        refund::Input::Card(reply)
+    }
+    fn answer_input(result: Result<Message, GatewayError>) -> refund::Input {
+        match result {
+            Ok(m) => refund::Input::Answer(m),
+            Err(e) => refund::Input::NetworkFailed(NetworkFailure::from(e)),
+        }
+    }
+    fn transaction_id(&self) -> Option<&str> {
+        refund::Refund::transaction_id(self)
+    }
+    fn card_sequence_open(&self) -> bool {
+        refund::Refund::card_sequence_open(self)
+    }
+    /// The refund flow has no steps to journal (see [`stb_flow::refund`]).
+    fn record(_: &mut Journal, _: &str, step: &refund::Step) -> Result<(), JournalError> {
+        match *step {}
+    }
+    fn not_recorded(_: String, step: &refund::Step, _: JournalFailure) -> refund::Outcome {
+        match *step {}
     }
 }
 
@@ -367,6 +402,7 @@ impl<F: Driven> Slot<F> {
                     span.in_scope(|| match F::FLOW {
                         Flow::Purchase => tracing::info!(?outcome, "purchase finished"),
                         Flow::Load => tracing::info!(?outcome, "load finished"),
+                        Flow::Refund => tracing::info!(?outcome, "refund check finished"),
                     });
                     return self.finished(outcome, ran);
                 }

@@ -1,6 +1,6 @@
 //! The daemon's one event loop's state and what it does with each event: UI keys and ticks,
-//! reader events, gateway answers, local app requests. It holds the two flow slots (a
-//! purchase, a load), runs their actions through the one executor ([`super::exec`]), shows
+//! reader events, gateway answers, local app requests. It holds the flow slots (a purchase,
+//! a load, a check of the card's refunds), runs their actions through the one executor ([`super::exec`]), shows
 //! what they ask for ([`super::show`]), and keeps the guard that only one transaction runs at
 //! a time and none starts on a card with older work in doubt. Recovery ([`super::recover`])
 //! runs through the same parts and reports back here.
@@ -21,6 +21,7 @@ use reader_drivers::ReaderEvent;
 use stb_flow::JournalFailure;
 use stb_flow::load::{self, Load};
 use stb_flow::purchase::{Input, Outcome, Purchase};
+use stb_flow::refund::{self, Refund};
 use stb_flow::show::{Flow, Refusal, Show};
 use tokio::sync::{oneshot, watch};
 use ui::model::{CardStatus, CardSummary, Catalog, CatalogId, CatalogItem, ReaderState};
@@ -38,6 +39,8 @@ use super::show::{self, ui_date, ui_money};
 /// Load answers come back as `Event::Answer` with a flow id from this range, apart from
 /// the purchase flows' ids.
 const LOAD_IDS: u64 = 1 << 62;
+/// Refund answers: a third range.
+const REFUND_IDS: u64 = 1 << 61;
 
 /// Attempts at reading a freshly inserted card, and the pause between them.
 const CARD_READ_RETRIES: usize = 3;
@@ -73,6 +76,11 @@ pub struct Runner {
     /// The local app that asked for the active purchase, if one did.
     purchase_reply: Option<oneshot::Sender<Outcome>>,
     load: Slot<Load>,
+    /// The check of the refunds due to the card in the reader (issue 17).
+    refund: Slot<Refund>,
+    /// The card whose refunds were checked since it was inserted (or the head end was
+    /// reconnected): checked once per insertion, after its recovery round.
+    refunds_checked: Option<u64>,
     /// A purchase or load that waits for a recovery round.
     deferred: Option<Deferred>,
     catalog: HashMap<String, (String, String)>,
@@ -104,6 +112,8 @@ impl Runner {
             purchase: Slot::new(0),
             purchase_reply: None,
             load: Slot::new(LOAD_IDS),
+            refund: Slot::new(REFUND_IDS),
+            refunds_checked: None,
             deferred: None,
             catalog: HashMap::new(),
             offer_deadline: None,
@@ -238,6 +248,8 @@ impl Runner {
                     self.flow_input(Purchase::answer_input(result)).await;
                 } else if self.load.owns(flow) {
                     self.load_input(Load::answer_input(result)).await;
+                } else if self.refund.owns(flow) {
+                    self.refund_input(Refund::answer_input(result)).await;
                 }
             }
             Event::Catalog(r) => self.catalog_loaded(r).await,
@@ -268,7 +280,11 @@ impl Runner {
                     self.start(&merchant_id, &item_id, Some(reply)).await;
                 }
             }
-            Event::Connected => self.recover().await,
+            Event::Connected => {
+                // The head end is back: the card's refunds are asked for again.
+                self.refunds_checked = None;
+                self.recover().await
+            }
             Event::Recovery {
                 transaction_id,
                 result,
@@ -311,6 +327,7 @@ impl Runner {
                 }
                 tracing::info!(%reader, "card inserted");
                 self.card_id = None;
+                self.refunds_checked = None;
                 self.refresh_card().await;
                 self.recover().await;
             }
@@ -337,6 +354,8 @@ impl Runner {
         self.update(UiUpdate::CardRemoved).await;
         self.flow_input(Input::CardRemoved).await;
         self.load_input(load::Input::CardRemoved).await;
+        self.refund_input(refund::Input::CardRemoved).await;
+        self.refunds_checked = None;
         if let Some(r) = self.parts.card.reader().map(str::to_string) {
             tracing::info!(reader = %r, "using the card in another reader");
             // A flow that ended on the removal has read it already (finish → refresh).
@@ -347,9 +366,9 @@ impl Runner {
         }
     }
 
-    /// A purchase or load flow is in flight (it may hold the card).
+    /// A purchase, load or refund flow is in flight (it may hold the card).
     fn flow_active(&self) -> bool {
-        self.purchase.is_active() || self.load.is_active()
+        self.purchase.is_active() || self.load.is_active() || self.refund.is_active()
     }
 
     /// Whether the purchase in flight waits for the card's PIN (the TV's PIN entry is
@@ -680,6 +699,55 @@ impl Runner {
         }
     }
 
+    // ---- the refund slot
+
+    /// Once per card insertion (and reconnection), after its recovery round and while no
+    /// other flow runs: the refunds due to the card are credited (see
+    /// [`stb_flow::refund`]).
+    async fn check_refunds(&mut self) {
+        if self.busy() || !self.parts.card.has_card() {
+            return;
+        }
+        let Some(card_id) = self.card_id else {
+            return;
+        };
+        if self.refunds_checked == Some(card_id) {
+            return;
+        }
+        self.refunds_checked = Some(card_id);
+        let (flow, actions) = Refund::start(card_id, today());
+        let ran = self
+            .refund
+            .start(&mut self.parts, flow, actions, |n| {
+                tracing::info_span!(
+                    "refund",
+                    flow = n,
+                    transaction_id = tracing::field::Empty,
+                    card_id = %format_args!("{card_id:X}")
+                )
+            })
+            .await;
+        self.refund_ran(ran).await;
+    }
+
+    async fn refund_input(&mut self, input: refund::Input) {
+        let holds_card = self.refund.active().is_some_and(|a| a.flow.holds_card());
+        if matches!(input, refund::Input::CardRemoved) && !holds_card {
+            return;
+        }
+        let ran = self.refund.feed(&mut self.parts, input).await;
+        self.refund_ran(ran).await;
+    }
+
+    async fn refund_ran(&mut self, ran: Ran<refund::Outcome>) {
+        for s in ran.shows {
+            self.update(show::update(s)).await;
+        }
+        if ran.done.is_some() {
+            self.flow_finished().await;
+        }
+    }
+
     // ---- the guard: one transaction at a time, none on a card with older work in doubt
 
     /// The in-doubt transaction (purchase or load, not `unresolvable`) of the card in the
@@ -830,6 +898,7 @@ impl Runner {
             self.update(UiUpdate::Settled).await;
         }
         Box::pin(self.resume_deferred()).await;
+        Box::pin(self.check_refunds()).await;
     }
 }
 

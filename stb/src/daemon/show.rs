@@ -59,6 +59,9 @@ pub fn update(show: Show) -> UiUpdate {
                     s::load_source(ui::model::LoadSource::Bank).to_string(),
                     account,
                 ),
+                Receipted::Refund { merchant } => {
+                    (TxKind::Refund, s::REFUND_ITEM.to_string(), merchant)
+                }
                 Receipted::Voucher { code_tail } => (
                     TxKind::Load,
                     s::load_source(ui::model::LoadSource::Voucher).to_string(),
@@ -82,7 +85,8 @@ pub fn update(show: Show) -> UiUpdate {
             let why = doubt_reason(&d);
             let text = match d.flow() {
                 Flow::Purchase => s::in_doubt_purchase(&why),
-                Flow::Load => s::in_doubt_load(&why),
+                // A refund is never in doubt on the box: it stays due at the head end.
+                Flow::Load | Flow::Refund => s::in_doubt_load(&why),
             };
             error(ErrorKind::Pending, text)
         }
@@ -218,7 +222,7 @@ pub fn refusal_reason(r: &Refusal) -> String {
         Refusal::NoViewer => s::WHY_NO_VIEWER.into(),
         Refusal::NotRecorded { flow, .. } => match flow {
             Flow::Purchase => s::WHY_PURCHASE_NOT_RECORDED.into(),
-            Flow::Load => s::WHY_LOAD_NOT_RECORDED.into(),
+            Flow::Load | Flow::Refund => s::WHY_LOAD_NOT_RECORDED.into(),
         },
         Refusal::EarlierInDoubt {
             transaction_id,

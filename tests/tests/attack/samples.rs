@@ -330,6 +330,7 @@ pub fn every(card: &CardData, txid: &str, victim_box: &str, voucher: &str) -> Ve
             transaction_id: txid.into(),
             merchant_id: "CABLE".into(),
             amount: eur(1),
+            issued: None,
         }]),
         Message::RefundRequest(RefundRequest {
             transaction_id: txid.into(),
