@@ -125,7 +125,9 @@ impl Role for BankServer {
             }
             match msg {
                 Message::RoutedLoadOfferRequest { box_id, request } => {
-                    let LoadSource::Bank { account } = &request.source else {
+                    let (LoadSource::Bank { account } | LoadSource::Unload { account }) =
+                        &request.source
+                    else {
                         return refuse(
                             ErrorCode::UnknownRoute,
                             "the bank holds bank accounts, not vouchers",
@@ -134,7 +136,7 @@ impl Role for BankServer {
                     };
                     let span = tracing::info_span!("bank", %box_id, %account);
                     self.funds
-                        .offer(&box_id, account, &request.card)
+                        .offer(&box_id, account, &request.card, request.source.is_unload())
                         .instrument(span)
                         .await
                 }

@@ -45,12 +45,18 @@ pub fn hold_key(shared: &DesKey, txid: &str) -> DesKey {
 }
 
 /// The funder's hold as the load server receives it: MACed so nobody on the way can change
-/// the amount, the card or the transaction.
-pub fn hold_placed(shared: &DesKey, txid: &str, amount: Money, card_id: u64) -> HoldPlaced {
+/// the amount, the card, the transaction or its direction (`unload`).
+pub fn hold_placed(
+    shared: &DesKey,
+    txid: &str,
+    amount: Money,
+    card_id: u64,
+    unload: bool,
+) -> HoldPlaced {
     let mac = crypto::sign(
         &hold_key(shared, txid),
         b"HOLD",
-        &HoldPlaced::mac_fields(txid, amount, card_id),
+        &HoldPlaced::mac_fields(txid, amount, card_id, unload),
     );
     HoldPlaced {
         transaction_id: txid.into(),
@@ -60,12 +66,13 @@ pub fn hold_placed(shared: &DesKey, txid: &str, amount: Money, card_id: u64) -> 
     }
 }
 
-/// Whether `hold` carries its funder's MAC under `shared` (see [`hold_placed`]).
-pub fn hold_verifies(shared: &DesKey, hold: &HoldPlaced) -> bool {
+/// Whether `hold` carries its funder's MAC under `shared` for a load (`unload` false) or an
+/// unload (see [`hold_placed`]).
+pub fn hold_verifies(shared: &DesKey, hold: &HoldPlaced, unload: bool) -> bool {
     crypto::verify(
         &hold_key(shared, &hold.transaction_id),
         b"HOLD",
-        &HoldPlaced::mac_fields(&hold.transaction_id, hold.amount, hold.card_id),
+        &HoldPlaced::mac_fields(&hold.transaction_id, hold.amount, hold.card_id, unload),
         &hold.mac,
     )
 }
@@ -126,6 +133,9 @@ pub struct Hold {
     pub settled: Option<Message>,
     /// The sealed confirmation that settled it: a repeat must be identical.
     pub confirmation: Option<Vec<u8>>,
+    /// An unload (issue 17): `amount` is reserved out of the issuer float, not held on the
+    /// account; captured, it is credited to the account; released, back to the float.
+    pub unload: bool,
 }
 
 /// An offer made (journal kind `offer`): who may use the transaction id, for which account.
@@ -437,8 +447,15 @@ impl Funds {
         Ok(())
     }
 
-    /// A load offer: the maximum, a new transaction id and the server time stamp.
-    pub async fn offer(&self, box_id: &str, account: &str, card: &PurseInfo) -> Message {
+    /// A load offer (an unload offer with `unload`): the maximum, a new transaction id and
+    /// the server time stamp.
+    pub async fn offer(
+        &self,
+        box_id: &str,
+        account: &str,
+        card: &PurseInfo,
+        unload: bool,
+    ) -> Message {
         let _g = self.lock.lock().await;
         let now = std::time::Instant::now();
         let wait = self
@@ -501,7 +518,26 @@ impl Funds {
         }
         let today = crate::payment::today();
         let room = max_balance.saturating_sub(balance);
-        let (max, limited_by) = self.maximum(&a, room, today);
+        let (max, limited_by) = if unload {
+            // Value goes back to a bank account (PIN-checked), from the card's money.
+            if a.pvv.is_none() || points {
+                return refuse(
+                    ErrorCode::NotYourAccount,
+                    "value is unloaded to a bank account, from the card's money only",
+                    None,
+                );
+            }
+            if balance == 0 {
+                return refuse(
+                    ErrorCode::InsufficientValue,
+                    "nothing on the card to unload",
+                    None,
+                );
+            }
+            (balance, "card")
+        } else {
+            self.maximum(&a, room, today)
+        };
         if max == 0 {
             let (code, why) = match limited_by {
                 "card" => (
@@ -518,7 +554,11 @@ impl Funds {
         let txid = format!("LD-{}", hex::encode_upper(raw));
         let offer = LoadOffer {
             transaction_id: txid.clone(),
-            source: if a.pvv.is_some() {
+            source: if unload {
+                LoadSource::Unload {
+                    account: a.id.clone(),
+                }
+            } else if a.pvv.is_some() {
                 LoadSource::Bank {
                     account: a.id.clone(),
                 }
@@ -566,6 +606,7 @@ impl Funds {
                     &txid,
                     h.amount,
                     h.card_id,
+                    h.unload,
                 ))
             } else if h.request != raw {
                 refuse(
@@ -599,10 +640,14 @@ impl Funds {
             );
         }
         let named = match &req.source {
-            LoadSource::Bank { account } => account,
+            LoadSource::Bank { account } | LoadSource::Unload { account } => account,
             LoadSource::Voucher { code } => code.expose(),
         };
-        if offer.box_id != req.box_id || *named != offer.account {
+        let unload = req.source.is_unload();
+        if offer.box_id != req.box_id
+            || *named != offer.account
+            || unload != offer.offer.source.is_unload()
+        {
             return refuse(
                 ErrorCode::NotYourAccount,
                 format!("load offer {txid} was made to another box or account"),
@@ -642,17 +687,51 @@ impl Funds {
         }
         let today = crate::payment::today();
         let room = req.card_max_balance.saturating_sub(req.card_balance);
-        if let Err(e) = self.check_limits(&a, req.amount.minor, room, today, &txid) {
-            // A right PIN still resets the count even when a limit refuses the amount.
-            let _ = self.journal.put(Kind::Account, &a.id, &journal::encode(&a));
-            return e;
+        // An unload is paid out of the issuer float this bank holds: reserved now, credited
+        // to the account on the card's proof, back to the float otherwise.
+        let mut float = self
+            .float()
+            .get(&req.amount.currency)
+            .copied()
+            .unwrap_or_default();
+        if unload {
+            let refusal = if req.amount.minor > req.card_balance {
+                Some((
+                    ErrorCode::InsufficientValue,
+                    format!(
+                        "an unload of {} but the card holds {}",
+                        req.amount.minor, req.card_balance
+                    ),
+                ))
+            } else if req.amount.minor > float {
+                Some((
+                    ErrorCode::InsufficientFunds,
+                    format!(
+                        "the issuer float at {} holds {float}, not {}",
+                        self.who, req.amount.minor
+                    ),
+                ))
+            } else {
+                None
+            };
+            if let Some((code, why)) = refusal {
+                let _ = self.journal.put(Kind::Account, &a.id, &journal::encode(&a));
+                return refuse(code, why, t);
+            }
+            float -= req.amount.minor;
+        } else {
+            if let Err(e) = self.check_limits(&a, req.amount.minor, room, today, &txid) {
+                // A right PIN still resets the count even when a limit refuses the amount.
+                let _ = self.journal.put(Kind::Account, &a.id, &journal::encode(&a));
+                return e;
+            }
+            if a.day != Some(today) {
+                a.day = Some(today);
+                a.used_today = 0;
+            }
+            a.held += req.amount.minor;
+            a.used_today += req.amount.minor;
         }
-        if a.day != Some(today) {
-            a.day = Some(today);
-            a.used_today = 0;
-        }
-        a.held += req.amount.minor;
-        a.used_today += req.amount.minor;
         let hold = Hold {
             transaction_id: txid.clone(),
             account: a.id.clone(),
@@ -663,24 +742,34 @@ impl Funds {
             request: raw,
             settled: None,
             confirmation: None,
+            unload,
+        };
+        let step = if unload {
+            FundsStep::UnloadHoldPlaced
+        } else {
+            FundsStep::HoldPlaced
         };
         if let Err(e) = self.journal.atomically(|b| {
             b.put(Kind::Account, &a.id, &journal::encode(&a))?;
             b.put(Kind::Hold, &txid, &journal::encode(&hold))?;
-            b.step(
-                &txid,
-                &FundsStep::HoldPlaced,
-                &format!("{} {}", a.id, req.amount),
-            )
+            if unload {
+                b.put(
+                    Kind::Float,
+                    &req.amount.currency.code.to_string(),
+                    &journal::encode(&Money::new(float, req.amount.currency)),
+                )?;
+            }
+            b.step(&txid, &step, &format!("{} {}", a.id, req.amount))
         }) {
             return journal_failed(e, t);
         }
-        tracing::info!(txid, account = %a.id, amount = %req.amount, "hold placed");
+        tracing::info!(txid, account = %a.id, amount = %req.amount, unload, "{}", step.as_str());
         Message::HoldPlaced(hold_placed(
             &self.confirmation_key,
             &txid,
             req.amount,
             req.card_id,
+            unload,
         ))
     }
 
@@ -809,22 +898,36 @@ impl Funds {
             return refuse(ErrorCode::Internal, "the held account is gone", t);
         };
         let amount = hold.amount;
-        a.held -= amount.minor;
         let mut float = self
             .float()
             .get(&amount.currency)
             .copied()
             .unwrap_or_default();
-        if body.loaded {
-            a.balance -= amount.minor;
-            float += amount.minor;
-            hold.state = HoldState::Captured;
-        } else {
-            if a.day == Some(hold.day) {
-                a.used_today = a.used_today.saturating_sub(amount.minor);
+        let float_moves = if hold.unload {
+            // Reserved out of the float at the hold: to the account, or back.
+            if body.loaded {
+                a.balance += amount.minor;
+                hold.state = HoldState::Captured;
+                false
+            } else {
+                float += amount.minor;
+                hold.state = HoldState::Released;
+                true
             }
-            hold.state = HoldState::Released;
-        }
+        } else {
+            a.held -= amount.minor;
+            if body.loaded {
+                a.balance -= amount.minor;
+                float += amount.minor;
+                hold.state = HoldState::Captured;
+            } else {
+                if a.day == Some(hold.day) {
+                    a.used_today = a.used_today.saturating_sub(amount.minor);
+                }
+                hold.state = HoldState::Released;
+            }
+            body.loaded
+        };
         let answer = Message::HoldSettled(HoldSettled {
             transaction_id: txid.clone(),
             captured: body.loaded,
@@ -832,20 +935,23 @@ impl Funds {
         });
         hold.settled = Some(answer.clone());
         hold.confirmation = Some(c.sealed.clone());
-        let step = if body.loaded {
-            FundsStep::HoldCapturedMovedToTheIssuerFloat
-        } else {
-            FundsStep::HoldReleased
+        let step = match (hold.unload, body.loaded) {
+            (false, true) => FundsStep::HoldCapturedMovedToTheIssuerFloat,
+            (false, false) => FundsStep::HoldReleased,
+            (true, true) => FundsStep::UnloadCreditedToTheAccount,
+            (true, false) => FundsStep::UnloadReleased,
         };
         if let Err(e) = self.journal.atomically(|b| {
             b.put(Kind::Account, &a.id, &journal::encode(&a))?;
             b.put(Kind::Hold, &txid, &journal::encode(&hold))?;
-            if body.loaded {
+            if float_moves {
                 b.put(
                     Kind::Float,
                     &amount.currency.code.to_string(),
                     &journal::encode(&Money::new(float, amount.currency)),
                 )?;
+            }
+            if body.loaded {
                 // Seed 004: the card's passbook, uploaded with the bank load, kept with
                 // the capture (the card clears it with the credit).
                 for r in &body.passbook {
@@ -864,6 +970,7 @@ impl Funds {
                         card_id: hold.card_id,
                         amount,
                         captured_on: day_text(hold.day),
+                        unload: hold.unload,
                     });
                     Outbox::queue(b, to, &txid, &advice)?;
                 }

@@ -59,6 +59,23 @@ pub trait SecurityModule: Send {
         passbook: &[proto::purse::LogRecord],
     ) -> Result<LoadCommand, HsmError>;
     fn confirm(&mut self, txid: &str, resp: &LoadResponse) -> Result<LoadVerdict, HsmError>;
+    /// An unload (issue 17): S1 of INITIALIZE FOR UNLOAD verified, the unload command
+    /// ([`Hsm::authorize_unload`]).
+    fn authorize_unload(
+        &mut self,
+        txid: &str,
+        init: &LoadInit,
+        amount: Money,
+        today: Date,
+    ) -> Result<LoadCommand, HsmError>;
+    /// S3 of the card's answer to UNLOAD ([`Hsm::confirm_unload`]).
+    fn confirm_unload(&mut self, txid: &str, resp: &LoadResponse) -> Result<LoadVerdict, HsmError>;
+    /// The negative-result procedure in reverse ([`Hsm::resolve_unload_negative`]).
+    fn resolve_unload_negative(
+        &mut self,
+        txid: &str,
+        zero: &LoadInit,
+    ) -> Result<NegativeVerdict, HsmError>;
     fn resolve_negative(
         &mut self,
         txid: &str,
@@ -114,6 +131,25 @@ impl SecurityModule for Hsm {
         zero: &LoadInit,
     ) -> Result<NegativeVerdict, HsmError> {
         Hsm::resolve_negative(self, txid, zero)
+    }
+    fn authorize_unload(
+        &mut self,
+        txid: &str,
+        init: &LoadInit,
+        amount: Money,
+        today: Date,
+    ) -> Result<LoadCommand, HsmError> {
+        Hsm::authorize_unload(self, txid, init, amount, today)
+    }
+    fn confirm_unload(&mut self, txid: &str, resp: &LoadResponse) -> Result<LoadVerdict, HsmError> {
+        Hsm::confirm_unload(self, txid, resp)
+    }
+    fn resolve_unload_negative(
+        &mut self,
+        txid: &str,
+        zero: &LoadInit,
+    ) -> Result<NegativeVerdict, HsmError> {
+        Hsm::resolve_unload_negative(self, txid, zero)
     }
     fn forget(&mut self, txid: &str) {
         Hsm::forget(self, txid);
@@ -390,7 +426,10 @@ impl LoadServer {
     /// never authorises more than the funder holds.
     async fn load_request(&self, req: LoadRequest, hold: HoldPlaced) -> Message {
         let txid = req.transaction_id.clone();
-        if !crate::funds::hold_verifies(&self.confirmation_key, &hold) {
+        // An unload's hold is MACed as one: a load's never authorises an unload, nor the
+        // other way.
+        let unload = req.source.is_unload();
+        if !crate::funds::hold_verifies(&self.confirmation_key, &hold, unload) {
             return refuse(
                 ErrorCode::Forbidden,
                 "the hold does not carry its funder's MAC; nothing authorised",
@@ -455,7 +494,8 @@ impl LoadServer {
                     Some(&txid),
                 );
             }
-            _ => hsm.authorize(&txid, &req.init, req.amount, today),
+            LoadSource::Unload { .. } => hsm.authorize_unload(&txid, &req.init, req.amount, today),
+            LoadSource::Voucher { .. } => hsm.authorize(&txid, &req.init, req.amount, today),
         };
         let cmd = match authorized {
             Ok(c) => c,
@@ -478,7 +518,8 @@ impl LoadServer {
         };
         let answer = Message::LoadCommand(LoadCommandMsg {
             transaction_id: txid.clone(),
-            key_update: hsm.key_update(&req.init),
+            // Key updates and UNBLOCK ride with a LOAD only.
+            key_update: (!unload).then(|| hsm.key_update(&req.init)).flatten(),
             // Seed 004: the issuer unblocks a card (its bad-signature lock, its PIN's
             // tries) only inside a bank load — the cardholder proved the account's PIN.
             unblock: (self.unblock_with_bank_loads
@@ -566,11 +607,24 @@ impl LoadServer {
         let before = hsm.snapshot();
         let mut new_balance = None;
         let mut verdict: Option<(bool, String)> = None;
+        let unload = is_unload(&rec);
         if let Some(resp) = &msg.response {
-            match hsm.confirm(&txid, resp) {
+            let confirmed = if unload {
+                hsm.confirm_unload(&txid, resp)
+            } else {
+                hsm.confirm(&txid, resp)
+            };
+            match confirmed {
                 Ok(LoadVerdict::Loaded) => {
                     new_balance = Some(resp.new_balance);
-                    verdict = Some((true, "S3 verified: loaded".into()));
+                    verdict = Some((
+                        true,
+                        if unload {
+                            "S3 verified: unloaded".into()
+                        } else {
+                            "S3 verified: loaded".into()
+                        },
+                    ));
                 }
                 Ok(LoadVerdict::NegativeNeedsProof) => {
                     rec.state = LoadState::NegativePending;
@@ -581,8 +635,15 @@ impl LoadServer {
             }
         }
         if verdict.is_none() {
+            let resolved = |hsm: &mut Box<dyn SecurityModule>, zero: &LoadInit| {
+                if unload {
+                    hsm.resolve_unload_negative(&txid, zero)
+                } else {
+                    hsm.resolve_negative(&txid, zero)
+                }
+            };
             match &msg.zero_value {
-                Some(zero) => match hsm.resolve_negative(&txid, zero) {
+                Some(zero) => match resolved(&mut hsm, zero) {
                     Ok(v) => {
                         if !v.loaded() {
                             new_balance = Some(zero.balance);
@@ -604,7 +665,11 @@ impl LoadServer {
                     });
                     return refuse(
                         ErrorCode::Malformed,
-                        "negative result: send a zero-value INITIALIZE FOR LOAD (new S1) with it",
+                        if unload {
+                            "negative result: send a zero-value INITIALIZE FOR UNLOAD (new S1) with it"
+                        } else {
+                            "negative result: send a zero-value INITIALIZE FOR LOAD (new S1) with it"
+                        },
                         Some(&txid),
                     );
                 }
@@ -645,6 +710,11 @@ impl LoadServer {
         tracing::info!(txid, loaded, %basis, "load confirmation sealed for the funder");
         Message::LoadConfirmation(conf)
     }
+}
+
+/// Whether a load record is an unload's (its request names [`LoadSource::Unload`]).
+fn is_unload(rec: &LoadRec) -> bool {
+    journal::decode::<LoadRequest>(&rec.request).is_ok_and(|r| r.source.is_unload())
 }
 
 impl LoadServer {
@@ -727,7 +797,7 @@ impl Role for LoadServer {
                         voucher_ref(code.expose())
                     };
                     self.prefunded
-                        .offer(&box_id, &account, &request.card)
+                        .offer(&box_id, &account, &request.card, false)
                         .instrument(span)
                         .await
                 }

@@ -76,6 +76,7 @@ async fn a_forged_load_advice_is_named_by_reconcile() {
         card_id: 0xBAD,
         amount: Money::new(25_000, EUR),
         captured_on: "2026-11-30".into(),
+        unload: false,
     };
     let ack = c
         .handle(Caller::Role("bank".into()), Message::LoadAdvice(forged))

@@ -1,7 +1,8 @@
 //! Issue 15, the issuer float (001 [0056], [0135]) on the all-in-one head end, whose
 //! payment server, bank and load server send their batches and load advices to the clearing
-//! role in process: after L loads (bank and pre-funded voucher) and P purchases across
-//! several cards, the settlement run's issuer float = captured loads − settled purchases,
+//! role in process: after L loads (bank and pre-funded voucher), P purchases across several
+//! cards, a refund and an unload (issue 17), the settlement run's issuer float = captured
+//! loads − unloads − settled purchases + refunds,
 //! float + acquirer payables = what left the funders' accounts, the float = the change in
 //! the cards' balances (read from the cards), and reconcile — funders included — finds
 //! nothing.
@@ -50,6 +51,7 @@ async fn float_case(backend: pg_rig::Backend) {
     let gw = he.running.gateway_addr.unwrap();
     let ca = he.dir.path().join("ca");
     let mut spent = 0;
+    let mut sales = Vec::new();
     let mut buyers = Vec::new();
     let issuer = issuer_keys(&he.cfg);
     for (n, (id, balance)) in [("box-000061", 20_000), ("box-000062", 15_000)]
@@ -79,9 +81,8 @@ async fn float_case(backend: pg_rig::Backend) {
             "{receipt:?}"
         );
         spent += offer.amount.minor;
+        sales.push((i % 2, offer));
     }
-
-    // The batch goes to clearing (the payment server's outbox), the advices too.
     let p = he.running.payment.clone().unwrap();
     let c = he.running.clearing.clone().unwrap();
     assert!(
@@ -92,22 +93,53 @@ async fn float_case(backend: pg_rig::Backend) {
             == headend::payment::PayState::Completed))
         .await
     );
+    // Issue 17: the first sale refunded to its card, and an unload back to the bank account
+    // (one more whose card never ran UNLOAD moves nothing).
+    let (who, sale) = &sales[0];
+    headend::payment::refund::authorize(p.journal(), &sale.transaction_id, None).unwrap();
+    let done = buyers[*who].0.refund(&sale.transaction_id).await.unwrap();
+    assert!(
+        matches!(done, Message::Receipt(ref r) if r.released),
+        "{done:?}"
+    );
+    let refunded = sale.amount.minor;
+    let (_, conf) = l1.unload(2_000, &he.pin).await;
+    assert!(
+        matches!(conf, Message::LoadConfirmation(ref c) if c.loaded),
+        "{conf:?}"
+    );
+    let unloaded = 2_000;
+    let (offer, cmd) = l1.unload_request(1_000, &he.pin).await;
+    assert!(matches!(cmd, Message::LoadCommand(_)), "{cmd:?}");
+    let zero = l1.init_unload(&offer, 0);
+    let conf = l1
+        .call(&LoadBox::response_msg(&offer, None, Some(zero)))
+        .await;
+    assert!(
+        matches!(conf, Message::LoadConfirmation(ref c) if !c.loaded),
+        "{conf:?}"
+    );
+
+    // The batch goes to clearing (the payment server's outbox), the advices too.
     let batch = p.close_batch().unwrap().expect("a batch");
     assert!(
         eventually(
             || p.batch_state(batch.batch) == Some(BatchState::Acknowledged)
-                && c.journal().all(Kind::Advice).unwrap().len() == 3
+                && c.journal().all(Kind::Advice).unwrap().len() == 4
         )
         .await,
-        "batch acknowledged and 3 load advices received: {:?}",
+        "batch acknowledged and 4 load advices (one an unload) received: {:?}",
         c.journal().kind_counts()
     );
+    assert_eq!(batch.refunds.len(), 1);
     let report = c.settle().unwrap().expect("a settlement");
     let float = &report.float[0];
+    let loaded = loaded - unloaded;
+    let spent = spent - refunded;
     assert_eq!(float.loads, loaded as i64);
     assert_eq!(float.purchases, spent as i64);
     assert_eq!(float.closing, loaded as i64 - spent as i64);
-    let payables: u64 = report.acquirers.iter().map(|a| a.amount).sum();
+    let payables: u64 = report.acquirers.iter().map(|a| a.amount - a.refunded).sum();
     assert_eq!(payables, spent);
 
     // What left the funders' accounts = float + acquirer payables.

@@ -78,7 +78,7 @@ async fn a_load_hold_is_never_reused_for_another_amount() {
     );
     let shared = split.key("confirmation.key");
     let eur = |minor| Money::new(minor, Currency::EUR);
-    let genuine_1 = headend::funds::hold_placed(&shared, &txid, eur(100), card_id);
+    let genuine_1 = headend::funds::hold_placed(&shared, &txid, eur(100), card_id, false);
     let holds = [
         (
             "forged (no funder's MAC)",

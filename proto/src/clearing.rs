@@ -78,7 +78,7 @@ pub struct CollectionBatch {
 }
 
 /// A funder's advice of a captured load: `amount` left the funder's account for the card
-/// issuer's float ([0135]).
+/// issuer's float ([0135]); of an unload (`unload`), the other way.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoadAdvice {
     /// The funder (its role name: `bank`, `load`).
@@ -92,6 +92,8 @@ pub struct LoadAdvice {
     pub amount: Money,
     /// The UTC day the hold was captured, `YYYY-MM-DD`.
     pub captured_on: String,
+    /// An unload (issue 17): `amount` went from the issuer's float back to the account.
+    pub unload: bool,
 }
 
 /// The most one record or advice may carry, in minor units (2^48: far above any purse's

@@ -355,6 +355,15 @@ pub enum LoadSource {
     Voucher {
         code: Secret<String>,
     },
+    /// Appended: an UNLOAD (issue 17; seed 004 card-to-bank) — the value goes the other
+    /// way, from the card back to this bank account. The same conversation as a bank load
+    /// (offer, hold, request, response, confirmation): the bank reserves the amount out of
+    /// the issuer float at the hold and credits the account only once the load server's
+    /// HSM has verified the card's S3 of UNLOAD, or the reversed negative-result procedure
+    /// proved the card gave the value up.
+    Unload {
+        account: String,
+    },
 }
 
 impl LoadSource {
@@ -363,6 +372,12 @@ impl LoadSource {
         Self::Voucher {
             code: Secret::new(code.into()),
         }
+    }
+
+    /// Whether value goes from the card to the account ([`LoadSource::Unload`]).
+    #[must_use]
+    pub fn is_unload(&self) -> bool {
+        matches!(self, Self::Unload { .. })
     }
 
     /// Whether `offered` (the funder's answer) is this source: the same, or, for a voucher
@@ -511,8 +526,9 @@ pub struct HoldPlaced {
 
 impl HoldPlaced {
     /// The fields the funder's MAC covers: transaction id, amount (minor units, currency
-    /// code, exponent) and card id.
-    pub fn mac_fields(transaction_id: &str, amount: Money, card_id: u64) -> Vec<u8> {
+    /// code, exponent), card id, and for an unload the word `UNLOAD` (so no load's hold is
+    /// ever taken for an unload's, or the other way).
+    pub fn mac_fields(transaction_id: &str, amount: Money, card_id: u64, unload: bool) -> Vec<u8> {
         let mut f = Vec::with_capacity(transaction_id.len() + 24);
         f.extend_from_slice(&(transaction_id.len() as u32).to_be_bytes());
         f.extend_from_slice(transaction_id.as_bytes());
@@ -520,6 +536,9 @@ impl HoldPlaced {
         f.extend_from_slice(&amount.currency.code.to_be_bytes());
         f.push(amount.currency.exponent);
         f.extend_from_slice(&card_id.to_be_bytes());
+        if unload {
+            f.extend_from_slice(b"UNLOAD");
+        }
         f
     }
 }

@@ -295,7 +295,8 @@ pub fn is_final_refusal(code: ErrorCode) -> bool {
 /// last four characters go to the TV.
 fn receipted(s: &LoadSource) -> Receipted {
     match s {
-        LoadSource::Bank { account } => Receipted::Bank {
+        // The box's flow does not start unloads yet (the head end takes them).
+        LoadSource::Bank { account } | LoadSource::Unload { account } => Receipted::Bank {
             account: account.clone(),
         },
         LoadSource::Voucher { code } => {

@@ -9,7 +9,8 @@
 //! - each (security card id, security card transaction) is in exactly one batch, and every
 //!   batch clearing received is byte for byte the one its payment server journaled;
 //! - loads captured by each funder = its float credits = the load advices clearing holds,
-//!   and clearing's issuer float = advised loads − settled purchases + settled refunds.
+//!   and clearing's issuer float = advised loads − advised unloads − settled purchases +
+//!   settled refunds; a funder's float also less the unloads it holds reserved.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -418,7 +419,9 @@ pub fn reconcile(
             .iter()
             .filter(|(_, a)| a.settlement.as_ref() == Some(&rep.id))
         {
-            *loads.entry(a.advice.amount.currency).or_default() += a.advice.amount.minor as i64;
+            let sign = if a.advice.unload { -1 } else { 1 };
+            *loads.entry(a.advice.amount.currency).or_default() +=
+                sign * a.advice.amount.minor as i64;
         }
     }
     // Clearing's float = advised loads settled − purchases settled.
@@ -446,14 +449,23 @@ pub fn reconcile(
             continue;
         };
         let holds: Vec<(String, Hold)> = all(fj, Kind::Hold)?;
-        let mut captured: BTreeMap<Currency, u64> = BTreeMap::new();
+        // Its float: captured loads, less unloads (reserved at their hold, gone to the
+        // account at the capture, back on a release).
+        let mut captured: BTreeMap<Currency, i128> = BTreeMap::new();
         for (txid, h) in &holds {
+            if h.unload && h.state == HoldState::Held {
+                *captured.entry(h.amount.currency).or_default() -= i128::from(h.amount.minor);
+            }
             if h.state != HoldState::Captured {
                 continue;
             }
-            *captured.entry(h.amount.currency).or_default() += h.amount.minor;
+            let sign = if h.unload { -1 } else { 1 };
+            *captured.entry(h.amount.currency).or_default() += sign * i128::from(h.amount.minor);
             match advices.iter().find(|(k, _)| *k == advice_key(f, txid)) {
-                Some((_, a)) if a.advice.amount == h.amount && a.advice.card_id == h.card_id => {}
+                Some((_, a))
+                    if a.advice.amount == h.amount
+                        && a.advice.card_id == h.card_id
+                        && a.advice.unload == h.unload => {}
                 Some((_, a)) => brk(
                     txid.clone(),
                     format!("captured {} but advised {}", h.amount, a.advice.amount),
@@ -473,7 +485,8 @@ pub fn reconcile(
                 Some((_, h))
                     if h.state == HoldState::Captured
                         && h.amount == a.advice.amount
-                        && h.card_id == a.advice.card_id => {}
+                        && h.card_id == a.advice.card_id
+                        && h.unload == a.advice.unload => {}
                 Some((_, h)) => brk(
                     txid.to_string(),
                     format!(
@@ -490,11 +503,15 @@ pub fn reconcile(
                 ),
             }
         }
-        let float: BTreeMap<Currency, u64> = all::<proto::money::Money>(fj, Kind::Float)?
+        let float: BTreeMap<Currency, i128> = all::<proto::money::Money>(fj, Kind::Float)?
             .into_iter()
-            .map(|(_, m)| (m.currency, m.minor))
+            .map(|(_, m)| (m.currency, i128::from(m.minor)))
             .collect();
-        if float != captured {
+        let differ = float
+            .keys()
+            .chain(captured.keys())
+            .any(|c| float.get(c).copied().unwrap_or(0) != captured.get(c).copied().unwrap_or(0));
+        if differ {
             brk(
                 format!("funder {f}"),
                 format!("its float {float:?} is not its captured loads {captured:?}"),

@@ -52,7 +52,7 @@ pub struct AcquirerNet {
 pub struct FloatMove {
     pub currency: Currency,
     pub opening: i64,
-    /// Advised loads credited.
+    /// Advised loads credited, less advised unloads (issue 17).
     pub loads: i64,
     /// Settled purchases debited, less settled refunds (value back on cards).
     pub purchases: i64,
@@ -159,8 +159,10 @@ impl ClearingServer {
                     }
                 }
                 for (_, a) in &advices {
+                    // An unload's value went from the float back to a bank account.
+                    let sign = if a.advice.unload { -1 } else { 1 };
                     *loads.entry(a.advice.amount.currency).or_default() +=
-                        i128::from(a.advice.amount.minor);
+                        sign * i128::from(a.advice.amount.minor);
                 }
                 let mut float = Vec::new();
                 let currencies: std::collections::BTreeSet<Currency> =

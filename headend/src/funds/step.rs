@@ -25,6 +25,12 @@ pub enum FundsStep {
     HoldCapturedMovedToTheIssuerFloat,
     /// "hold released"
     HoldReleased,
+    /// "unload hold placed: reserved out of the issuer float"
+    UnloadHoldPlaced,
+    /// "unload captured: credited to the account"
+    UnloadCreditedToTheAccount,
+    /// "unload released: back to the issuer float"
+    UnloadReleased,
 }
 
 impl FundsStep {
@@ -42,6 +48,9 @@ impl FundsStep {
                 "hold captured: moved to the issuer float"
             }
             FundsStep::HoldReleased => "hold released",
+            FundsStep::UnloadHoldPlaced => "unload hold placed: reserved out of the issuer float",
+            FundsStep::UnloadCreditedToTheAccount => "unload captured: credited to the account",
+            FundsStep::UnloadReleased => "unload released: back to the issuer float",
         }
     }
 }

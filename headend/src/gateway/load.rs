@@ -74,7 +74,7 @@ impl GwLoad {
 
 fn funder_of(source: &LoadSource) -> &'static str {
     match source {
-        LoadSource::Bank { .. } => BANK,
+        LoadSource::Bank { .. } | LoadSource::Unload { .. } => BANK,
         LoadSource::Voucher { .. } => LOAD,
     }
 }

@@ -418,6 +418,54 @@ impl LoadBox {
     }
 }
 
+impl LoadBox {
+    /// INITIALIZE FOR UNLOAD over the offer's time stamp: S1 (`amount` 0: the zero-value
+    /// proof of the negative-result procedure in reverse).
+    pub fn init_unload(&mut self, offer: &LoadOffer, amount: u64) -> LoadInit {
+        self.apdu(&commands::select());
+        let r = self.apdu(&commands::init_unload(&LoadInitRequest {
+            amount,
+            currency: offer.max_amount.currency,
+            timestamp: offer.timestamp,
+            date: offer.date,
+        }));
+        assert!(r.sw.is_ok(), "INITIALIZE FOR UNLOAD: {}", r.sw);
+        LoadInit::decode(&r.data).unwrap()
+    }
+
+    /// Offer, S1, unload request to the bank account: the offer and the unload command (or
+    /// the refusal).
+    pub async fn unload_request(&mut self, amount: u64, pin: &str) -> (LoadOffer, Message) {
+        let offer = self.offer(unload_source()).await;
+        let init = self.init_unload(&offer, amount);
+        let req = self.load_request(&offer, init, amount, Some(pin));
+        let answer = self.call(&Message::LoadRequest(req)).await;
+        (offer, answer)
+    }
+
+    /// A whole unload: request, UNLOAD, response; the offer and the final answer.
+    pub async fn unload(&mut self, amount: u64, pin: &str) -> (LoadOffer, Message) {
+        let (offer, answer) = self.unload_request(amount, pin).await;
+        let Message::LoadCommand(c) = &answer else {
+            return (offer, answer);
+        };
+        let r = self.apdu(&commands::unload(&c.command));
+        assert!(r.sw.is_ok(), "card refused UNLOAD: {}", r.sw);
+        let resp = LoadResponse::decode(&r.data).unwrap();
+        let conf = self
+            .call(&Self::response_msg(&offer, Some(resp), None))
+            .await;
+        (offer, conf)
+    }
+}
+
+/// The demo bank account as an unload's destination (issue 17).
+pub fn unload_source() -> LoadSource {
+    LoadSource::Unload {
+        account: ACCOUNT.into(),
+    }
+}
+
 pub fn bank_source() -> LoadSource {
     LoadSource::Bank {
         account: ACCOUNT.into(),

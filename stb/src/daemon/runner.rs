@@ -662,6 +662,7 @@ impl Runner {
         let kind = match src {
             LoadSource::Bank { .. } => "bank",
             LoadSource::Voucher { .. } => "voucher",
+            LoadSource::Unload { .. } => "unload",
         };
         let (flow, actions) = Load::start(src, self.load_settings.pin_key.clone(), rand::random());
         let ran = self

@@ -315,6 +315,7 @@ pub fn every(card: &CardData, txid: &str, victim_box: &str, voucher: &str) -> Ve
             card_id: card.init.card_id,
             amount: eur(1),
             captured_on: "2026-11-30".into(),
+            unload: false,
         }),
         Message::HotlistRequest { have: 0 },
         // An empty list "signed" by nobody: unblocks every card if anything took it.
