@@ -76,6 +76,9 @@ pub struct Report {
     pub float: Vec<FloatMove>,
 }
 
+/// Count and amount of purchases, then count and amount of refunds (minor units).
+type Sums = (u64, u64, u64, u64);
+
 /// Every record of `kind` not yet settled, as this transaction holds it.
 fn unsettled<T: serde::de::DeserializeOwned>(
     b: &journal::Batch,
@@ -118,11 +121,8 @@ impl ClearingServer {
                 }
                 let number = b.all_for_update(Kind::Settlement)?.len() as u64 + 1;
                 let id = format!("S{number:06}");
-                // (count, amount, refund count, refunded)
-                let mut merchants: BTreeMap<(String, String, Currency), (u64, u64, u64, u64)> =
-                    BTreeMap::new();
-                let mut acquirers: BTreeMap<(String, Currency), (u64, u64, u64, u64)> =
-                    BTreeMap::new();
+                let mut merchants: BTreeMap<(String, String, Currency), Sums> = BTreeMap::new();
+                let mut acquirers: BTreeMap<(String, Currency), Sums> = BTreeMap::new();
                 let mut cards: BTreeMap<(u64, Currency), (u64, u64)> = BTreeMap::new();
                 // Sums in i128: amounts are at most 2^48 each (checked on receipt), so no
                 // run's sum overflows; the float's i64 is checked below all the same.

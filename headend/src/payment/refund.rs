@@ -231,20 +231,20 @@ impl PaymentServer {
         }
     }
 
-    fn due_or_refuse(&self, txid: &str, card_id: u64) -> Result<RefundRec, Message> {
+    fn due_or_refuse(&self, txid: &str, card_id: u64) -> Result<RefundRec, Box<Message>> {
         let Some(rec) = self.refund(txid) else {
-            return Err(refuse(
+            return Err(Box::new(refuse(
                 ErrorCode::UnknownTransaction,
                 format!("no refund of sale {txid} is authorized"),
                 Some(txid),
-            ));
+            )));
         };
         if rec.card_id != card_id {
-            return Err(refuse(
+            return Err(Box::new(refuse(
                 ErrorCode::NotYourAccount,
                 format!("the refund of sale {txid} is due to another card than {card_id:X}"),
                 Some(txid),
-            ));
+            )));
         }
         Ok(rec)
     }
@@ -254,7 +254,7 @@ impl PaymentServer {
         let txid = req.transaction_id.clone();
         let mut rec = match self.due_or_refuse(&txid, req.init.card_id) {
             Ok(r) => r,
-            Err(m) => return m,
+            Err(m) => return *m,
         };
         let raw = journal::encode(&req);
         match &rec.state {
@@ -353,7 +353,7 @@ impl PaymentServer {
         let txid = msg.transaction_id.clone();
         let mut rec = match self.due_or_refuse(&txid, msg.response.0.card_id) {
             Ok(r) => r,
-            Err(m) => return m,
+            Err(m) => return *m,
         };
         let issued = match &rec.state {
             RefundState::Authorized => {
@@ -413,7 +413,7 @@ impl PaymentServer {
         let txid = msg.transaction_id.clone();
         let mut rec = match self.due_or_refuse(&txid, msg.proof.card_id) {
             Ok(r) => r,
-            Err(m) => return m,
+            Err(m) => return *m,
         };
         let issued = match &rec.state {
             RefundState::Authorized => return receipt(&rec, None),
