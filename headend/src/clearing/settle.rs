@@ -76,8 +76,26 @@ pub struct Report {
     pub float: Vec<FloatMove>,
 }
 
-/// Count and amount of purchases, then count and amount of refunds (minor units).
-type Sums = (u64, u64, u64, u64);
+/// Count and amount of purchases, and of refunds (minor units).
+#[derive(Default)]
+struct Sums {
+    count: u64,
+    amount: u64,
+    refund_count: u64,
+    refunded: u64,
+}
+
+impl Sums {
+    fn add(&mut self, t: &proto::clearing::MerchantTotal, refund: bool) {
+        let (count, amount) = if refund {
+            (&mut self.refund_count, &mut self.refunded)
+        } else {
+            (&mut self.count, &mut self.amount)
+        };
+        *count += t.count;
+        *amount = amount.saturating_add(t.amount);
+    }
+}
 
 /// Every record of `kind` not yet settled, as this transaction holds it.
 fn unsettled<T: serde::de::DeserializeOwned>(
@@ -130,27 +148,19 @@ impl ClearingServer {
                 let mut loads: BTreeMap<Currency, i128> = BTreeMap::new();
                 for (_, r) in &batches {
                     let acquirer = &r.batch.payment_server;
-                    for t in &r.batch.totals {
-                        let m = merchants
+                    let totals = r.batch.totals.iter().map(|t| (t, false));
+                    for (t, refund) in totals.chain(r.batch.refund_totals.iter().map(|t| (t, true)))
+                    {
+                        merchants
                             .entry((t.merchant_id.clone(), acquirer.clone(), t.currency))
-                            .or_default();
-                        m.0 += t.count;
-                        m.1 = m.1.saturating_add(t.amount);
-                        let a = acquirers.entry((acquirer.clone(), t.currency)).or_default();
-                        a.0 += t.count;
-                        a.1 = a.1.saturating_add(t.amount);
-                        *purchases.entry(t.currency).or_default() += i128::from(t.amount);
-                    }
-                    for t in &r.batch.refund_totals {
-                        let m = merchants
-                            .entry((t.merchant_id.clone(), acquirer.clone(), t.currency))
-                            .or_default();
-                        m.2 += t.count;
-                        m.3 = m.3.saturating_add(t.amount);
-                        let a = acquirers.entry((acquirer.clone(), t.currency)).or_default();
-                        a.2 += t.count;
-                        a.3 = a.3.saturating_add(t.amount);
-                        *purchases.entry(t.currency).or_default() -= i128::from(t.amount);
+                            .or_default()
+                            .add(t, refund);
+                        acquirers
+                            .entry((acquirer.clone(), t.currency))
+                            .or_default()
+                            .add(t, refund);
+                        let sign = if refund { -1 } else { 1 };
+                        *purchases.entry(t.currency).or_default() += sign * i128::from(t.amount);
                     }
                     for t in &r.batch.security_cards {
                         let c = cards.entry((t.security_card_id, t.currency)).or_default();
@@ -203,35 +213,26 @@ impl ClearingServer {
                     advices: advices.iter().map(|(k, _)| k.clone()).collect(),
                     merchants: merchants
                         .into_iter()
-                        .map(
-                            |(
-                                (merchant_id, acquirer, currency),
-                                (count, amount, refund_count, refunded),
-                            )| Payable {
-                                merchant_id,
-                                acquirer,
-                                currency,
-                                count,
-                                amount,
-                                refund_count,
-                                refunded,
-                            },
-                        )
+                        .map(|((merchant_id, acquirer, currency), m)| Payable {
+                            merchant_id,
+                            acquirer,
+                            currency,
+                            count: m.count,
+                            amount: m.amount,
+                            refund_count: m.refund_count,
+                            refunded: m.refunded,
+                        })
                         .collect(),
                     acquirers: acquirers
                         .into_iter()
-                        .map(
-                            |((acquirer, currency), (count, amount, refund_count, refunded))| {
-                                AcquirerNet {
-                                    acquirer,
-                                    currency,
-                                    count,
-                                    amount,
-                                    refund_count,
-                                    refunded,
-                                }
-                            },
-                        )
+                        .map(|((acquirer, currency), a)| AcquirerNet {
+                            acquirer,
+                            currency,
+                            count: a.count,
+                            amount: a.amount,
+                            refund_count: a.refund_count,
+                            refunded: a.refunded,
+                        })
                         .collect(),
                     security_cards: cards
                         .into_iter()

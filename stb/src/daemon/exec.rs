@@ -281,6 +281,12 @@ impl<F: Driven> Slot<F> {
         self.active.as_ref()
     }
 
+    /// Drops the active flow without an outcome (its answers are then ignored): only for a
+    /// flow that holds nothing — no card sequence, nothing journaled to finish.
+    pub fn abandon(&mut self) {
+        self.active = None;
+    }
+
     /// Whether answer id `id` is for the active flow.
     pub fn owns(&self, id: u64) -> bool {
         self.active.as_ref().map(|a| a.id) == Some(id)

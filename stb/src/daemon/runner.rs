@@ -271,7 +271,7 @@ impl Runner {
                         transaction_id: None,
                         refusal: Refusal::NoViewer,
                     });
-                } else if self.busy() {
+                } else if self.busy_for_viewer() {
                     let _ = reply.send(Outcome::Failed {
                         transaction_id: None,
                         refusal: Refusal::Busy,
@@ -382,6 +382,18 @@ impl Runner {
     /// A purchase or load is in flight, or one waits for a recovery round.
     fn busy(&self) -> bool {
         self.flow_active() || self.deferred.is_some()
+    }
+
+    /// [`Self::busy`] for what the viewer starts: a refund check that is only waiting for
+    /// the head end (it does not hold the card) yields first — it is dropped, its answer
+    /// ignored, and it runs again after the next recovery round.
+    fn busy_for_viewer(&mut self) -> bool {
+        if self.refund.active().is_some_and(|a| !a.flow.holds_card()) {
+            tracing::info!("refund check yields to the viewer; it runs again later");
+            self.refund.abandon();
+            self.refunds_checked = None;
+        }
+        self.busy()
     }
 
     pub(crate) async fn refresh_card(&mut self) {
@@ -512,7 +524,7 @@ impl Runner {
         item_id: &str,
         reply: Option<oneshot::Sender<Outcome>>,
     ) {
-        if self.busy() {
+        if self.busy_for_viewer() {
             if let Some(r) = reply {
                 let _ = r.send(Outcome::Failed {
                     transaction_id: None,
@@ -617,7 +629,7 @@ impl Runner {
     /// "Load card" → a source: starts a load, after settling any in-doubt purchase or load
     /// of the same card (the runner's guard).
     pub async fn start_load(&mut self, source: ui::model::LoadSource) {
-        if self.busy() {
+        if self.busy_for_viewer() {
             self.update(UiUpdate::Error(show::refused(&Refusal::Busy)))
                 .await;
             return;
