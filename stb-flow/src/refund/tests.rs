@@ -136,6 +136,19 @@ fn command_for(sc: &mut SecurityCard, req: &Message) -> (CreditCommand, Input) {
     (cmd, answer)
 }
 
+/// An earlier box's INITIALIZE FOR CREDIT and the credit command it got for it.
+fn issued_earlier(card: &mut PurseCard, sc: &mut SecurityCard) -> CreditCommand {
+    card.process(&commands::select());
+    let init = PurchaseInit::decode(&ok(card, &commands::init_credit(TODAY))).unwrap();
+    let credit = DrawData {
+        merchant_id: "CABLE".into(),
+        transaction_id: "sale-1".into(),
+        amount: Money::new(499, EUR),
+        init,
+    };
+    sc.issue_credit(&credit, TODAY).unwrap()
+}
+
 #[test]
 fn nothing_due_ends_without_touching_the_card() {
     let (mut f, first) = Refund::start(42, TODAY);
@@ -180,19 +193,7 @@ fn a_refund_due_is_credited_once_and_shown() {
 fn a_credit_command_the_card_never_ran_is_proved_then_run_fresh() {
     let (mut card, mut sc) = sold();
     // An earlier box got a command and went away before CREDIT.
-    card.process(&commands::select());
-    let init = PurchaseInit::decode(&ok(&mut card, &commands::init_credit(TODAY))).unwrap();
-    let lost = sc
-        .issue_credit(
-            &DrawData {
-                merchant_id: "CABLE".into(),
-                transaction_id: "sale-1".into(),
-                amount: Money::new(499, EUR),
-                init,
-            },
-            TODAY,
-        )
-        .unwrap();
+    let lost = issued_earlier(&mut card, &mut sc);
     let (mut f, _) = Refund::start(42, TODAY);
     let a = f.handle(Input::Answer(Message::RefundsDue(vec![due(Some(
         lost.clone(),
@@ -221,19 +222,7 @@ fn a_credit_command_the_card_never_ran_is_proved_then_run_fresh() {
 fn a_credit_the_card_ran_completes_from_its_log_without_a_proof() {
     let (mut card, mut sc) = sold();
     // An earlier box ran CREDIT and lost the answer.
-    card.process(&commands::select());
-    let init = PurchaseInit::decode(&ok(&mut card, &commands::init_credit(TODAY))).unwrap();
-    let cmd = sc
-        .issue_credit(
-            &DrawData {
-                merchant_id: "CABLE".into(),
-                transaction_id: "sale-1".into(),
-                amount: Money::new(499, EUR),
-                init,
-            },
-            TODAY,
-        )
-        .unwrap();
+    let cmd = issued_earlier(&mut card, &mut sc);
     ok(&mut card, &commands::credit(&cmd));
     let (mut f, _) = Refund::start(42, TODAY);
     let a = f.handle(Input::Answer(Message::RefundsDue(vec![due(Some(
