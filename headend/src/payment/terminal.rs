@@ -243,6 +243,15 @@ impl PcscSecurityCard {
                     SecurityCardError::UnknownTransaction(_)
                     | SecurityCardError::AlreadyCompleted(_),
                 ) => {}
+                // A refund's credit command whose journal write failed: it never left this
+                // server, but the security card reverses a credit only on the card's proof.
+                // It stays counted off (reconcile names the security card) — the terminal
+                // is not held up for it.
+                Err(SecurityCardError::CreditNeedsProof(_)) => tracing::error!(
+                    reader = %self.reader,
+                    security_card_txn = n,
+                    "a credit command never journaled stays counted off the security card's totals: an operator reconciles it"
+                ),
                 Err(e) => return Err(e),
             }
         }
