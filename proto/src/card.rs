@@ -203,6 +203,9 @@ pub struct CardState {
     /// The INITIALIZE counts of the last load/unload sessions carried out, oldest first
     /// ([`LoadInit::runs`]).
     pub recent_runs: [Run; RECENT_RUNS],
+    /// The INITIALIZE counts of the last credit (refund) sessions carried out, with the
+    /// security card whose command ran, oldest first ([`PurchaseInit::credits`]).
+    pub recent_credits: [Run; RECENT_RUNS],
 }
 
 /// The cardholder PIN as the card keeps it (seed 004's PIN threshold). `Debug` shows the
@@ -382,6 +385,7 @@ impl CardState {
             privacy: false,
             passbook_through: 0,
             recent_runs: [(0, 0); RECENT_RUNS],
+            recent_credits: [(0, 0); RECENT_RUNS],
         }
     }
 
@@ -487,6 +491,9 @@ enum Session {
     Credit {
         atc: u32,
         card_random: [u8; 8],
+        /// The session's INITIALIZE count: named in [`PurchaseInit::credits`] once its
+        /// CREDIT ran.
+        init_count: u32,
     },
 }
 
@@ -767,6 +774,7 @@ impl PurseCard {
             atc,
             init_count,
             key_version: s.key_version,
+            credits: s.recent_credits,
             card_random,
             card_mac: [0; 8],
         };
@@ -790,6 +798,7 @@ impl PurseCard {
         self.session = Session::Credit {
             atc: init.atc,
             card_random: init.card_random,
+            init_count: init.init_count,
         };
         Ok(init.encode())
     }
@@ -820,8 +829,11 @@ impl PurseCard {
     /// counted and logged ([`LogKind::Credit`]) in one state change; the answer carries the
     /// card's signature the security card verifies.
     fn credit(&mut self, cmd: &Command) -> Answer {
-        let Session::Credit { atc, card_random } =
-            std::mem::replace(&mut self.session, Session::None)
+        let Session::Credit {
+            atc,
+            card_random,
+            init_count,
+        } = std::mem::replace(&mut self.session, Session::None)
         else {
             return Err(StatusWord::WRONG_STATE);
         };
@@ -866,6 +878,10 @@ impl PurseCard {
             (atc, &card_random, &sk),
             (CreditResponse::LABEL, LogKind::Credit),
         );
+        // This session ran, with this security card's command: the card's next INITIALIZE
+        // says so, whatever it does meanwhile (one state change with the credit).
+        self.state.recent_credits.rotate_left(1);
+        self.state.recent_credits[RECENT_RUNS - 1] = (init_count, c.security_card_id);
         Ok(CreditResponse(resp).encode())
     }
 

@@ -31,7 +31,7 @@
 //! | LOAD HOTLIST | `80/90 1E 00 00` | the issuer's [`Hotlist`] (postcard; chained) | — |
 //! | INITIALIZE CREDIT | `80 20 00 00` | a refund: as INITIALIZE's (amount, currency, date, merchant id, refund id), then the card's INITIALIZE FOR CREDIT response; after CARD ATR, like INITIALIZE | the credit command ([`crate::purse::CreditCommand::encode`]); the refund counted off the totals |
 //! | CREDIT RESPONSE | `80 22 00 00` | txn, then the card's CREDIT response | the card's status after it (GET STATUS layout) |
-//! | REVERSE CREDIT | `80 24 00 00` | txn, then a later INITIALIZE FOR PURCHASE response (the proof it was not credited) | the card's status after it (GET STATUS layout) |
+//! | RESOLVE CREDIT | `80 24 00 00` | txn, then a later INITIALIZE FOR PURCHASE response (its list of credit sessions run says whether the refund's ran) | `01` credited / `00` not credited (counted back), then the card's status after it (GET STATUS layout) |
 //! | GET STATUS | `80 30 00 00 00` | — | id u64, txn counter u32, newest key version u8, hotlist version u64, n u8, then n × (currency code u16, exponent u8, count u64, amount u64) |
 //! | GET LAST ERROR | `80 3E 00 00 00` | — | the last refusal's [`SecurityCardError`] (postcard), for its fields |
 //!
@@ -73,8 +73,9 @@ pub const INS_GET_STATUS: u8 = 0x30;
 pub const INS_INITIALIZE_CREDIT: u8 = 0x20;
 /// CREDIT RESPONSE: the card's signed answer to CREDIT ([`SecurityCard::complete_credit`]).
 pub const INS_CREDIT_RESPONSE: u8 = 0x22;
-/// REVERSE CREDIT: a refund proved not credited ([`SecurityCard::reverse_credit`]).
-pub const INS_REVERSE_CREDIT: u8 = 0x24;
+/// RESOLVE CREDIT: an issued refund settled on the card's later INITIALIZE
+/// ([`SecurityCard::resolve_credit`]).
+pub const INS_RESOLVE_CREDIT: u8 = 0x24;
 pub const INS_GET_LAST_ERROR: u8 = 0x3E;
 /// INITIALIZE P1 bit 0: early release (FIG. 5–7).
 pub const P1_EARLY_RELEASE: u8 = 0x01;
@@ -111,6 +112,7 @@ pub fn status_word(e: &SecurityCardError) -> StatusWord {
         RefundExceedsTotals { .. } => 0x9492,
         CreditNeedsProof(_) => 0x9493,
         InitializeUsed { .. } => 0x9494,
+        ProofUnavailable(_) => 0x9495,
         Terminal(_) => 0x94FF,
     })
 }
@@ -226,10 +228,10 @@ pub mod commands {
         data.extend(resp.encode());
         Command::new(CLA, INS_CREDIT_RESPONSE, 0, 0, data, None).to_bytes()
     }
-    pub fn reverse_credit(txn: u32, proof: &PurchaseInit) -> Vec<u8> {
+    pub fn resolve_credit(txn: u32, later: &PurchaseInit) -> Vec<u8> {
         let mut data = txn.to_be_bytes().to_vec();
-        data.extend(proof.encode());
-        Command::new(CLA, INS_REVERSE_CREDIT, 0, 0, data, None).to_bytes()
+        data.extend(later.encode());
+        Command::new(CLA, INS_RESOLVE_CREDIT, 0, 0, data, None).to_bytes()
     }
     pub fn debit_response(txn: u32, resp: &DebitResponse) -> Vec<u8> {
         let mut data = txn.to_be_bytes().to_vec();
@@ -494,12 +496,14 @@ impl Psam {
                 self.refuse(r)?;
                 Ok((self.status().encode(), true))
             }
-            INS_REVERSE_CREDIT => {
+            INS_RESOLVE_CREDIT => {
                 let (txn, rest) = txn_of(&data)?;
-                let proof = PurchaseInit::decode(&rest).map_err(bad)?;
-                let r = self.card.reverse_credit(txn, &proof);
-                self.refuse(r)?;
-                Ok((self.status().encode(), true))
+                let later = PurchaseInit::decode(&rest).map_err(bad)?;
+                let r = self.card.resolve_credit(txn, &later);
+                let credited = self.refuse(r)?;
+                let mut out = vec![u8::from(credited)];
+                out.extend(self.status().encode());
+                Ok((out, true))
             }
             INS_DEBIT_RESPONSE => {
                 let (txn, rest) = txn_of(&data)?;

@@ -525,6 +525,14 @@ pub struct PurchaseInit {
     /// and not before it (a stale proof).
     pub init_count: u32,
     pub key_version: u8,
+    /// The last [`RECENT_RUNS`] credit (refund) sessions whose CREDIT the card carried out,
+    /// oldest first (0: none yet): each the INITIALIZE count of the session and the
+    /// security card whose credit command ran in it. Under the card's MAC: a later
+    /// INITIALIZE is the card's own statement of whether one particular refund session
+    /// ran — whatever the card did since (its counter moves with any transaction, and its
+    /// log keeps only the newest records). Issue 17; the refunds' counterpart of
+    /// [`LoadInit::runs`].
+    pub credits: [Run; RECENT_RUNS],
     pub card_random: [u8; 8],
     pub card_mac: Mac,
 }
@@ -539,8 +547,11 @@ impl PurchaseInit {
         w.u8(self.auth_mode)
             .u32(self.atc)
             .u32(self.init_count)
-            .u8(self.key_version)
-            .bytes(&self.card_random);
+            .u8(self.key_version);
+        for (n, sc) in self.credits {
+            w.u32(n).u64(sc);
+        }
+        w.bytes(&self.card_random);
         w.finish()
     }
     pub fn encode(&self) -> Vec<u8> {
@@ -561,6 +572,12 @@ impl PurchaseInit {
             atc: r.u32()?,
             init_count: r.u32()?,
             key_version: r.u8()?,
+            credits: [
+                (r.u32()?, r.u64()?),
+                (r.u32()?, r.u64()?),
+                (r.u32()?, r.u64()?),
+                (r.u32()?, r.u64()?),
+            ],
             card_random: r.take()?,
             card_mac: r.take()?,
         };
@@ -933,9 +950,11 @@ pub struct LoadInit {
 
 /// One load or unload session a card carried out: its INITIALIZE count and the id of the
 /// HSM whose command ran in it (another HSM's command for the same session never ran).
+/// Also a credit session ([`PurchaseInit::credits`]), with the security card's id.
 pub type Run = (u32, u64);
 
-/// How many executed load/unload sessions a card names in its S1 ([`LoadInit::runs`]).
+/// How many executed load/unload sessions a card names in its S1 ([`LoadInit::runs`]), and
+/// credit sessions in its INITIALIZE FOR PURCHASE answers ([`PurchaseInit::credits`]).
 pub const RECENT_RUNS: usize = 4;
 
 impl LoadInit {

@@ -82,7 +82,7 @@ pub enum SecurityCardError {
     #[error("a refund of {amount} is more than the {total} this security card has counted")]
     RefundExceedsTotals { total: u64, amount: u64 },
     /// A refund ([`TxnState::CreditIssued`]) is reversed only with the card's proof that
-    /// it was not credited ([`SecurityCard::reverse_credit`]): reversing it blind could
+    /// it was not credited ([`SecurityCard::resolve_credit`]): reversing it blind could
     /// leave the value on the card and in the merchant's totals both.
     #[error("refund {0} was issued: only the card's proof that it was not credited reverses it")]
     CreditNeedsProof(u32),
@@ -91,6 +91,10 @@ pub enum SecurityCardError {
     /// credited once the first moved the card's counter.
     #[error("card {card_id}'s INITIALIZE FOR CREDIT {init_count} already has a refund")]
     InitializeUsed { card_id: u64, init_count: u32 },
+    /// The card's INITIALIZE no longer reaches back to the refund's session: so many
+    /// credits ran since that whether this one did cannot be told from the card.
+    #[error("refund {0}: the card's list of credits no longer reaches back to its session")]
+    ProofUnavailable(u32),
 }
 
 /// The draw request's card part, as the security card sees it ([0077], [0093]).
@@ -564,7 +568,7 @@ impl SecurityCard {
     /// [`CreditCommand::INIT_LABEL`]), `credit.amount` in the card's currency. The refund
     /// is counted off this card's totals at once — the card may credit as soon as it has
     /// the command — and counted back only on the card's proof that it was not credited
-    /// ([`Self::reverse_credit`]). Which sale it refunds, and that it is refunded once and
+    /// ([`Self::resolve_credit`]). Which sale it refunds, and that it is refunded once and
     /// not above its price, is the payment server's record to keep.
     ///
     /// # Errors
@@ -689,40 +693,64 @@ impl SecurityCard {
         }
     }
 
-    /// Reverses a refund the card proves it did not credit ([`Self::verify_not_debited`]'s
-    /// proof: a later INITIALIZE whose counter has not moved), counting it back into the
-    /// totals. Idempotent.
+    /// Settles an issued refund on the card's own word: `later` is an INITIALIZE FOR
+    /// PURCHASE the card answered after the refund's INITIALIZE FOR CREDIT (a higher count:
+    /// that ended the credit session, so its CREDIT ran before it or never will), MACed by
+    /// the card. The card names in it the last credit sessions it carried out, with the
+    /// security card whose command ran ([`PurchaseInit::credits`]): this session with this
+    /// security card among them — credited (`Ok(true)`, the refund stays counted off);
+    /// not among them while the list still reaches back to it — not credited (`Ok(false)`,
+    /// counted back into the totals). Whatever the card did in between (purchases, loads,
+    /// more refunds, a log that rolled over) does not change the answer. Idempotent.
     ///
     /// # Errors
-    /// The proof's ([`Self::verify_not_debited`]); `AlreadyCompleted` for a refund the
-    /// card's signature proved credited; `ResponseMismatch` for a sale.
-    pub fn reverse_credit(
+    /// `BadCardData` (not the card's, or not its MAC), `StaleProof` (not later than the
+    /// credit's INITIALIZE), `ProofUnavailable` (so many credits ran since that the list no
+    /// longer reaches back: an operator settles it); `ResponseMismatch` for a sale.
+    pub fn resolve_credit(
         &mut self,
         security_card_txn: u32,
-        proof: &PurchaseInit,
-    ) -> Result<(), SecurityCardError> {
-        let state = self
+        later: &PurchaseInit,
+    ) -> Result<bool, SecurityCardError> {
+        let txn = self
             .txns
             .get(&security_card_txn)
-            .ok_or(SecurityCardError::UnknownTransaction(security_card_txn))?
-            .state;
-        match state {
-            TxnState::CreditReversed => return Ok(()),
-            TxnState::CreditCompleted => {
-                return Err(SecurityCardError::AlreadyCompleted(security_card_txn));
-            }
+            .ok_or(SecurityCardError::UnknownTransaction(security_card_txn))?;
+        match txn.state {
+            TxnState::CreditReversed => return Ok(false),
+            TxnState::CreditCompleted => return Ok(true),
             TxnState::CreditIssued => {}
             _ => return Err(SecurityCardError::ResponseMismatch),
         }
-        self.verify_not_debited(security_card_txn, proof)?;
+        let sk = self
+            .master(later.key_version, false)?
+            .purse_purchase_session(Purse::of(later.currency), later.card_id, later.atc);
+        if later.card_id != txn.command.card_id
+            || !crypto::verify(&sk, b"IPUR", &later.signed_fields(), &later.card_mac)
+        {
+            return Err(SecurityCardError::BadCardData);
+        }
+        let session = txn.draw.init.init_count;
+        if later.init_count <= session {
+            return Err(SecurityCardError::StaleProof);
+        }
+        let ran = later.credits.contains(&(session, self.id));
+        let window_full = later.credits.iter().all(|r| r.0 != 0);
+        if !ran && window_full && later.credits.iter().all(|r| r.0 > session) {
+            return Err(SecurityCardError::ProofUnavailable(security_card_txn));
+        }
         let txn = self
             .txns
             .get_mut(&security_card_txn)
             .expect("looked up above");
-        txn.state = TxnState::CreditReversed;
-        let amount = txn.draw.amount;
-        self.count_refund(amount, false);
-        Ok(())
+        if ran {
+            txn.state = TxnState::CreditCompleted;
+        } else {
+            txn.state = TxnState::CreditReversed;
+            let amount = txn.draw.amount;
+            self.count_refund(amount, false);
+        }
+        Ok(ran)
     }
 
     /// The collection record of a counted transaction.

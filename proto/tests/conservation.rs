@@ -369,7 +369,7 @@ impl World {
                     &commands::init_purchase_proof(TODAY),
                 ))
                 .unwrap();
-                self.security_card.reverse_credit(txn, &proof).unwrap();
+                assert!(!self.security_card.resolve_credit(txn, &proof).unwrap());
             }
         }
     }

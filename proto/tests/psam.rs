@@ -164,10 +164,11 @@ fn a_refund_over_apdus_is_counted_off_at_issue_and_back_only_on_proof() {
     assert_eq!(status(&mut p).totals[&EUR].amount, 50);
     select(&mut card);
     let proof = PurchaseInit::decode(&ok(&mut card, &purse::init_purchase_proof(TODAY))).unwrap();
-    ask_ok(
+    let answer = ask_ok(
         &mut p,
-        &commands::reverse_credit(cc.0.security_card_txn, &proof),
+        &commands::resolve_credit(cc.0.security_card_txn, &proof),
     );
+    assert_eq!(answer[0], 0, "not credited");
     assert_eq!(status(&mut p).totals[&EUR].amount, 200);
     assert_eq!(read_purse(&mut card).balance, 800);
 }

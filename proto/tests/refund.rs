@@ -178,9 +178,9 @@ fn an_in_doubt_refund_is_settled_from_the_card_either_way() {
         .credit_response(card.state.card_id)
         .unwrap();
     sc.complete_credit(cc.0.security_card_txn, &logged).unwrap();
-    // A proof of "not credited" cannot undo it now.
+    // The card's later INITIALIZE says it was credited: it stays counted off.
     let p = proof(&mut card);
-    assert!(sc.reverse_credit(cc.0.security_card_txn, &p).is_err());
+    assert_eq!(sc.resolve_credit(cc.0.security_card_txn, &p), Ok(true));
     assert_eq!((card.state.balance, sc.total(EUR).amount), (8_000, 12_000));
     // Never reached the card: a later proof whose counter has not moved counts it back.
     let d = credit_data(&mut card, 500);
@@ -188,13 +188,13 @@ fn an_in_doubt_refund_is_settled_from_the_card_either_way() {
     assert_eq!(sc.total(EUR).amount, 11_500);
     let stale = d.init.clone();
     assert_eq!(
-        sc.reverse_credit(cc.0.security_card_txn, &stale),
+        sc.resolve_credit(cc.0.security_card_txn, &stale),
         Err(SecurityCardError::BadCardData),
         "the credit INITIALIZE itself is no proof (another label)"
     );
     let p = proof(&mut card);
-    sc.reverse_credit(cc.0.security_card_txn, &p).unwrap();
-    sc.reverse_credit(cc.0.security_card_txn, &p).unwrap();
+    assert_eq!(sc.resolve_credit(cc.0.security_card_txn, &p), Ok(false));
+    assert_eq!(sc.resolve_credit(cc.0.security_card_txn, &p), Ok(false));
     assert_eq!(sc.total(EUR).amount, 12_000, "counted back once");
     // After the proof the card can never run that CREDIT.
     assert_eq!(
@@ -209,22 +209,20 @@ fn an_in_doubt_refund_is_settled_from_the_card_either_way() {
         StatusWord::OVER_MAX_BALANCE
     );
     let p = proof(&mut card);
-    sc.reverse_credit(cc.0.security_card_txn, &p).unwrap();
+    assert_eq!(sc.resolve_credit(cc.0.security_card_txn, &p), Ok(false));
     assert_eq!((card.state.balance, sc.total(EUR).amount), (8_000, 12_000));
-    // A proof made after a credit that did happen shows the counter moved.
+    // A later INITIALIZE after a credit that did happen names its session: credited.
     let d = credit_data(&mut card, 100);
     let cc = sc.issue_credit(&d, TODAY).unwrap();
     ok(&mut card, &commands::credit(&cc));
     let p = proof(&mut card);
-    assert!(matches!(
-        sc.reverse_credit(cc.0.security_card_txn, &p),
-        Err(SecurityCardError::CounterMoved { .. })
-    ));
     // Open until settled: kept; settled (credited, or proved not): forgotten.
     assert!(
         !sc.forget(cc.0.security_card_txn),
         "still open until proved"
     );
+    assert_eq!(sc.resolve_credit(cc.0.security_card_txn, &p), Ok(true));
+    assert_eq!(sc.total(EUR).amount, 11_900, "stays counted off");
     let logged = card
         .state
         .log
@@ -234,6 +232,86 @@ fn an_in_doubt_refund_is_settled_from_the_card_either_way() {
         .unwrap();
     sc.complete_credit(cc.0.security_card_txn, &logged).unwrap();
     assert!(sc.forget(cc.0.security_card_txn));
+}
+
+/// The INITIALIZE count of the card session a security-card transaction was issued for.
+fn d_init_count(sc: &SecurityCard, txn: u32) -> u32 {
+    sc.txns[&txn].draw.init.init_count
+}
+
+/// The outside attack on refunds through the binaries (F1, F2): an issued refund whose
+/// card then moved on — a purchase after a credit command it never ran, or 34 purchases
+/// after a credit whose answer was lost (its log record gone) — was stuck for good: the
+/// proof "counter not moved" was refused, and the log no longer held the answer. The card's
+/// later INITIALIZE names the credit sessions it ran, so either is settled from it.
+#[test]
+fn a_refund_is_settled_from_the_cards_word_whatever_it_did_since() {
+    // Never ran; then a purchase moved the counter: not credited, counted back.
+    let mut card = card_with(10_000, 100_000);
+    let mut sc = security_card();
+    let d = draw(&mut card, 2_000, "sale-1");
+    let auth = sc.issue_debit(&d, TODAY, false).unwrap();
+    let r = DebitResponse::decode(&ok(&mut card, &commands::debit(&auth.command))).unwrap();
+    sc.complete(auth.command.security_card_txn, &r).unwrap();
+    let lost = sc
+        .issue_credit(&credit_data(&mut card, 500), TODAY)
+        .unwrap();
+    let d = draw(&mut card, 100, "sale-2");
+    let auth = sc.issue_debit(&d, TODAY, false).unwrap();
+    let r = DebitResponse::decode(&ok(&mut card, &commands::debit(&auth.command))).unwrap();
+    sc.complete(auth.command.security_card_txn, &r).unwrap();
+    assert_eq!(sc.total(EUR).amount, 2_100 - 500);
+    let p = proof(&mut card);
+    assert_eq!(sc.resolve_credit(lost.0.security_card_txn, &p), Ok(false));
+    assert_eq!(sc.total(EUR).amount, 2_100, "counted back");
+    // Ran, answer lost, then 34 purchases (the log keeps 32): credited.
+    let ran = sc
+        .issue_credit(&credit_data(&mut card, 300), TODAY)
+        .unwrap();
+    ok(&mut card, &commands::credit(&ran));
+    for n in 0..34 {
+        let d = draw(&mut card, 1, &format!("small-{n}"));
+        let auth = sc.issue_debit(&d, TODAY, false).unwrap();
+        let r = DebitResponse::decode(&ok(&mut card, &commands::debit(&auth.command))).unwrap();
+        sc.complete(auth.command.security_card_txn, &r).unwrap();
+    }
+    assert!(!card.state.log.iter().any(|r| r.kind == LogKind::Credit));
+    let p = proof(&mut card);
+    assert_eq!(sc.resolve_credit(ran.0.security_card_txn, &p), Ok(true));
+    assert_eq!(sc.total(EUR).amount, 2_100 + 34 - 300, "stays counted off");
+    // A proof from before the session is stale; a list of credits the card did not MAC
+    // (a box claiming the session ran) is no proof.
+    let early = proof(&mut card);
+    let c = sc.issue_credit(&credit_data(&mut card, 10), TODAY).unwrap();
+    assert_eq!(
+        sc.resolve_credit(c.0.security_card_txn, &early),
+        Err(SecurityCardError::StaleProof)
+    );
+    let mut forged = proof(&mut card);
+    forged.credits[0] = (c.0.security_card_txn, 0);
+    forged.credits[RECENT_RUNS - 1] = (d_init_count(&sc, c.0.security_card_txn), sc.id);
+    assert_eq!(
+        sc.resolve_credit(c.0.security_card_txn, &forged),
+        Err(SecurityCardError::BadCardData)
+    );
+    // More than four credits since: the card's list no longer reaches back.
+    for _ in 0..4 {
+        let cc = sc.issue_credit(&credit_data(&mut card, 1), TODAY).unwrap();
+        ok(&mut card, &commands::credit(&cc));
+        let logged = card
+            .state
+            .log
+            .back()
+            .unwrap()
+            .credit_response(card.state.card_id)
+            .unwrap();
+        sc.complete_credit(cc.0.security_card_txn, &logged).unwrap();
+    }
+    let p = proof(&mut card);
+    assert_eq!(
+        sc.resolve_credit(c.0.security_card_txn, &p),
+        Err(SecurityCardError::ProofUnavailable(c.0.security_card_txn))
+    );
 }
 
 /// The outside attack on refunds (F3): a refund taken against an early-recorded sale

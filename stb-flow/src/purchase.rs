@@ -48,6 +48,8 @@ use crate::{CardFailure, CardReply, NetworkFailure, split_sw};
 
 /// A journal step: written before the action it announces.
 #[derive(Debug, Clone, PartialEq, Eq)]
+// One step at a time, written and dropped: boxing the card data would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Step {
     /// The viewer pressed OK; the offer (with its TSK) and the card data are kept.
     OfferAccepted { offer: Offer, init: PurchaseInit },

@@ -6,9 +6,10 @@
 //!   name this card and the amount listed) → CREDIT → credit response → receipt;
 //! - **a credit command already out** (a box or card that went away mid-refund): the card's
 //!   log is read for the credit record that answers it — found, its signed credit response
-//!   completes the refund; not found, a fresh INITIALIZE FOR PURCHASE proves the card never
-//!   ran it (its counter has not moved), the head end counts it back, and the refund runs
-//!   fresh.
+//!   completes the refund; not found, a fresh INITIALIZE FOR PURCHASE goes to the head end:
+//!   the card names in it the credit sessions it ran ([`proto::purse::PurchaseInit::
+//!   credits`]), so the security card tells credited (the receipt) from not (counted back,
+//!   and the refund runs fresh), whatever the card did since.
 //!
 //! **Nothing is journaled on the box.** The head end journals each step of a refund, keyed
 //! by the sale's transaction id, and lists an unfinished one with its credit command; the
@@ -27,9 +28,11 @@ use std::collections::VecDeque;
 use proto::card::{LOG_CAPACITY, commands};
 use proto::messages::{Message, RefundDue, RefundProofMsg, RefundRequest, RefundResponseMsg};
 use proto::money::{Currency, Money};
-use proto::purse::{CreditCommand, CreditResponse, Date, LogKind, LogRecord, PurchaseInit};
+use proto::purse::{
+    CreditCommand, CreditResponse, Date, LogKind, LogRecord, PurchaseInit, PurseInfo,
+};
 
-use crate::show::{Progress, ReceiptShown, Receipted, Show};
+use crate::show::{Progress, ReceiptShown, Receipted, Refusal, Show};
 use crate::{CardFailure, CardReply, NetworkFailure, split_sw};
 
 /// The refund flow journals nothing on the box (see the module doc): it has no steps.
@@ -76,6 +79,7 @@ enum State {
     ProofInit(RefundDue),
     AwaitProofAnswer(RefundDue),
     CreditSelect(RefundDue),
+    CreditRoom(RefundDue),
     CreditInit(RefundDue),
     AwaitCommand(RefundDue),
     AwaitCredit(RefundDue, CreditCommand),
@@ -129,6 +133,7 @@ impl Refund {
             | State::ProofInit(d)
             | State::AwaitProofAnswer(d)
             | State::CreditSelect(d)
+            | State::CreditRoom(d)
             | State::CreditInit(d)
             | State::AwaitCommand(d)
             | State::AwaitCredit(d, _)
@@ -142,6 +147,7 @@ impl Refund {
         matches!(
             self.state,
             State::CreditSelect(_)
+                | State::CreditRoom(_)
                 | State::CreditInit(_)
                 | State::AwaitCommand(_)
                 | State::AwaitCredit(..)
@@ -166,11 +172,19 @@ impl Refund {
     fn stop_at(&mut self, transaction_id: Option<String>, why: String) -> Vec<Action> {
         tracing::warn!(transaction_id, why, "refund stopped; it stays due");
         self.state = State::Over;
-        vec![Action::Done(Outcome::Stopped {
+        let mut out = Vec::new();
+        // The TV was showing a refund under way: it says why it stopped.
+        if transaction_id.is_some() {
+            out.push(Action::Show(Show::Refused(Refusal::RefundNotNow {
+                why: why.clone(),
+            })));
+        }
+        out.push(Action::Done(Outcome::Stopped {
             credited: std::mem::take(&mut self.credited),
             transaction_id,
             why,
-        })]
+        }));
+        out
     }
 
     /// The next refund due, or the end.
@@ -274,7 +288,12 @@ impl Refund {
                     Err(e) => self.stop_with(d, e),
                 }
             }
-            (State::AwaitProofAnswer(mut d), Input::Answer(Message::Receipt(r))) if !r.released => {
+            (State::AwaitProofAnswer(mut d), Input::Answer(Message::Receipt(r))) => {
+                if r.released {
+                    // The card's INITIALIZE named the credit session: it was credited.
+                    let balance = Money::new(r.new_balance.unwrap_or_default(), d.amount.currency);
+                    return self.credited(d, balance);
+                }
                 // Counted back: due afresh.
                 d.issued = None;
                 self.state = State::CreditSelect(d);
@@ -282,11 +301,32 @@ impl Refund {
             }
             (State::CreditSelect(d), Input::Card(r)) => match data(r) {
                 Ok(_) => {
-                    self.state = State::CreditInit(d);
-                    vec![Action::Apdu(commands::init_credit(self.today))]
+                    self.state = State::CreditRoom(d);
+                    vec![Action::Apdu(commands::read_purse())]
                 }
                 Err(e) => self.stop_with(d, e),
             },
+            // A card without room for the refund would refuse CREDIT after the security
+            // card issued it: not asked for until there is room.
+            (State::CreditRoom(d), Input::Card(r)) => {
+                match data(r).and_then(|(b, _)| {
+                    PurseInfo::decode(&b).map_err(|e| format!("READ PURSE answer: {e}"))
+                }) {
+                    Ok(p) if p.balance.saturating_add(d.amount.minor) > p.max_balance => {
+                        let why = format!(
+                            "the card has no room for it: {} on it, at most {}",
+                            Money::new(p.balance, p.currency),
+                            Money::new(p.max_balance, p.currency)
+                        );
+                        self.stop_with(d, why)
+                    }
+                    Ok(_) => {
+                        self.state = State::CreditInit(d);
+                        vec![Action::Apdu(commands::init_credit(self.today))]
+                    }
+                    Err(e) => self.stop_with(d, e),
+                }
+            }
             (State::CreditInit(d), Input::Card(r)) => {
                 match data(r).and_then(|(b, atr)| {
                     PurchaseInit::decode(&b)
@@ -348,19 +388,8 @@ impl Refund {
             (State::AwaitReceipt(d, response), Input::Answer(Message::Receipt(r)))
                 if r.released =>
             {
-                self.credited.push(d.transaction_id.clone());
-                let shown = ReceiptShown {
-                    transaction_id: d.transaction_id.clone(),
-                    what: Receipted::Refund {
-                        merchant: d.merchant_id.clone(),
-                    },
-                    amount: d.amount,
-                    balance_after: Money::new(response.0.new_balance, response.0.currency),
-                    date: self.today,
-                };
-                let mut out = vec![Action::Show(Show::Receipt(shown))];
-                out.extend(self.next());
-                out
+                let balance = Money::new(response.0.new_balance, response.0.currency);
+                self.credited(d, balance)
             }
             (s, Input::Answer(Message::Error(e))) => {
                 self.state = s;
@@ -375,6 +404,24 @@ impl Refund {
                 self.stop("a card reply out of turn")
             }
         }
+    }
+
+    /// Refund `d` is credited, the card's balance now `balance_after`: the receipt, then
+    /// the next refund due.
+    fn credited(&mut self, d: RefundDue, balance_after: Money) -> Vec<Action> {
+        self.credited.push(d.transaction_id.clone());
+        let shown = ReceiptShown {
+            transaction_id: d.transaction_id.clone(),
+            what: Receipted::Refund {
+                merchant: d.merchant_id.clone(),
+            },
+            amount: d.amount,
+            balance_after,
+            date: self.today,
+        };
+        let mut out = vec![Action::Show(Show::Receipt(shown))];
+        out.extend(self.next());
+        out
     }
 
     fn send_response(&mut self, d: RefundDue, response: CreditResponse) -> Vec<Action> {

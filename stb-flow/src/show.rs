@@ -233,6 +233,9 @@ pub enum Refusal {
     /// A local app asked for a payment, but this box has no TV UI for the viewer to
     /// confirm it.
     NoViewer,
+    /// A refund due to the card could not be credited now (`why`); it stays due and is
+    /// credited at a later insertion (issue 17).
+    RefundNotNow { why: String },
     /// The journal write that must come before the next action failed; the flow stopped
     /// there. `error` is the journal's.
     NotRecorded { flow: Flow, error: JournalFailure },
@@ -351,6 +354,7 @@ impl Refusal {
             | Refusal::BadPin { .. }
             | Refusal::Busy
             | Refusal::NoViewer
+            | Refusal::RefundNotNow { .. }
             | Refusal::NotRecorded { .. }
             | Refusal::EarlierInDoubt { .. }
             | Refusal::JournalUnreadable { .. } => Problem::Other,

@@ -695,6 +695,7 @@ mod tests {
             atc: 4,
             init_count: 1,
             key_version: 1,
+            credits: Default::default(),
             card_random: [0; 8],
             card_mac: [0; 8],
         }

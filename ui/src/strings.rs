@@ -349,6 +349,13 @@ pub const WHY_PIN_BLOCKED: &str = "the card's PIN is blocked after too many wron
 
 pub const WHY_BUSY: &str = "another transaction is in progress; try again";
 pub const WHY_NO_VIEWER: &str = "no TV UI on this box to confirm the payment";
+
+/// A refund due to the card that could not be credited now (issue 17).
+pub fn why_refund_not_now(why: &str) -> String {
+    format!(
+        "a refund could not be credited now ({why}); it stays due and is credited the next time the card is inserted"
+    )
+}
 pub const WHY_PURCHASE_NOT_RECORDED: &str = "the box could not record the transaction";
 pub const WHY_LOAD_NOT_RECORDED: &str = "the box could not record the load";
 

@@ -226,6 +226,7 @@ fn security_card_error(e: &SecurityCardError) -> ErrorCode {
         SecurityCardError::RefundExceedsTotals { .. } => ErrorCode::AmountMismatch,
         SecurityCardError::CreditNeedsProof(_) => ErrorCode::InDoubt,
         SecurityCardError::InitializeUsed { .. } => ErrorCode::Replay,
+        SecurityCardError::ProofUnavailable(_) => ErrorCode::InDoubt,
     }
 }
 

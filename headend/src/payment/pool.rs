@@ -71,12 +71,13 @@ pub trait SecurityCardDevice: Send {
         security_card_txn: u32,
         resp: &CreditResponse,
     ) -> Result<(), SecurityCardError>;
-    /// Counts a refund back on the card's proof that it did not credit it.
-    fn reverse_credit(
+    /// Settles an issued refund on the card's later INITIALIZE ([`SecurityCard::
+    /// resolve_credit`]): credited (`true`), or not (`false`, counted back).
+    fn resolve_credit(
         &mut self,
         security_card_txn: u32,
-        proof: &PurchaseInit,
-    ) -> Result<(), SecurityCardError>;
+        later: &PurchaseInit,
+    ) -> Result<bool, SecurityCardError>;
     /// Drops a settled transaction once the payment server has journaled it.
     fn forget(&mut self, security_card_txn: u32) -> bool;
     /// Drops every settled transaction but `open` in one command (see
@@ -149,12 +150,12 @@ impl SecurityCardDevice for SecurityCard {
     ) -> Result<(), SecurityCardError> {
         SecurityCard::complete_credit(self, security_card_txn, resp)
     }
-    fn reverse_credit(
+    fn resolve_credit(
         &mut self,
         security_card_txn: u32,
-        proof: &PurchaseInit,
-    ) -> Result<(), SecurityCardError> {
-        SecurityCard::reverse_credit(self, security_card_txn, proof)
+        later: &PurchaseInit,
+    ) -> Result<bool, SecurityCardError> {
+        SecurityCard::resolve_credit(self, security_card_txn, later)
     }
     fn forget(&mut self, security_card_txn: u32) -> bool {
         SecurityCard::forget(self, security_card_txn)
@@ -200,8 +201,8 @@ pub enum Command {
     IssueCredit,
     /// The card's credit response, for the card to verify.
     CompleteCredit,
-    /// The card's proof that it did not credit: the refund is counted back.
-    ReverseCredit,
+    /// The card's later INITIALIZE: the refund credited, or counted back.
+    ResolveCredit,
 }
 
 /// One operation of [`Pool::trace`].
@@ -368,13 +369,13 @@ impl SecurityCardDevice for Traced {
         self.health(&out);
         out
     }
-    fn reverse_credit(
+    fn resolve_credit(
         &mut self,
         security_card_txn: u32,
-        proof: &PurchaseInit,
-    ) -> Result<(), SecurityCardError> {
-        let out = self.inner.reverse_credit(security_card_txn, proof);
-        self.note(Command::ReverseCredit, Some(security_card_txn), out.is_ok());
+        later: &PurchaseInit,
+    ) -> Result<bool, SecurityCardError> {
+        let out = self.inner.resolve_credit(security_card_txn, later);
+        self.note(Command::ResolveCredit, Some(security_card_txn), out.is_ok());
         self.health(&out);
         out
     }

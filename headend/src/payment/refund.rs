@@ -15,10 +15,12 @@
 //! 3. **Completion.** The card's signed credit response (from CREDIT, or from its log after
 //!    a crash) completes the refund at the security card and here; a receipt goes back.
 //! 4. **Recovery.** A refund whose command is out stays out until the card answers for it:
-//!    its credit response, or a proof of "not credited" (a fresh INITIALIZE whose counter
-//!    has not moved, [`Message::RefundProof`]), on which the security card counts the refund
-//!    back and it is due again. Nothing else reverses an issued refund: the card may have
-//!    credited it.
+//!    its credit response, or a later INITIALIZE FOR PURCHASE of the card
+//!    ([`Message::RefundProof`]), in which the card names the credit sessions it carried
+//!    out ([`proto::purse::PurchaseInit::credits`]): the security card reads there whether
+//!    this one ran — credited, or not (counted back, and the refund is due again) —
+//!    whatever the card did since (purchases, loads, a log that rolled over). Nothing else
+//!    reverses an issued refund: the card may have credited it.
 //! 5. **Collection.** A credited refund goes into the next collection batch as a refund
 //!    record ([`proto::clearing::CollectionBatch::refunds`]); clearing takes it off what its
 //!    merchant is owed.
@@ -44,10 +46,11 @@ pub enum RefundState {
     Authorized,
     /// The security card issued the credit command; the card's answer is awaited.
     Issued(Issued),
-    /// The card's signed credit response completed it.
+    /// Credited: the card's signed credit response completed it, or (`response: None`)
+    /// the card's later INITIALIZE named its credit session among those it ran.
     Credited {
         issued: Issued,
-        response: CreditResponse,
+        response: Option<CreditResponse>,
     },
 }
 
@@ -363,7 +366,10 @@ impl PaymentServer {
                     Some(&txid),
                 );
             }
-            RefundState::Credited { response, .. } if *response == msg.response => {
+            RefundState::Credited {
+                response: Some(response),
+                ..
+            } if *response == msg.response => {
                 return receipt(&rec, Some(response));
             }
             RefundState::Credited { .. } => {
@@ -389,7 +395,7 @@ impl PaymentServer {
         }
         rec.state = RefundState::Credited {
             issued,
-            response: msg.response.clone(),
+            response: Some(msg.response.clone()),
         };
         let snapshot = card.snapshot();
         drop(card);
@@ -407,8 +413,10 @@ impl PaymentServer {
         receipt(&rec, Some(&msg.response))
     }
 
-    /// The card's proof that it did not run an issued credit command: counted back, due
-    /// again (see the module doc).
+    /// The card's later INITIALIZE FOR PURCHASE for an issued refund: the security card
+    /// reads in it whether the card ran the refund's credit session
+    /// ([`proto::security_card::SecurityCard::resolve_credit`]) — credited, or not (counted
+    /// back, due afresh) — whatever the card did since. See the module doc.
     pub(super) async fn refund_proof(&self, msg: RefundProofMsg) -> Message {
         let txid = msg.transaction_id.clone();
         let mut rec = match self.due_or_refuse(&txid, msg.proof.card_id) {
@@ -417,14 +425,8 @@ impl PaymentServer {
         };
         let issued = match &rec.state {
             RefundState::Authorized => return receipt(&rec, None),
-            RefundState::Credited { .. } => {
-                return refuse(
-                    ErrorCode::AlreadyCompleted,
-                    format!(
-                        "the refund of sale {txid} is credited: the card's signature proved it"
-                    ),
-                    Some(&txid),
-                );
+            RefundState::Credited { response, .. } => {
+                return receipt_credited(&rec, response.as_ref(), &msg.proof);
             }
             RefundState::Issued(i) => i.clone(),
         };
@@ -436,25 +438,49 @@ impl PaymentServer {
             );
         };
         let txn = issued.command.0.security_card_txn;
-        let proof: PurchaseInit = msg.proof.clone();
-        let (card, done) = blocking(card, move |c| c.reverse_credit(txn, &proof), |_, _| {}).await;
-        if let Err(e) = done {
-            return refuse(security_card_error(&e), e.to_string(), Some(&txid));
-        }
-        rec.state = RefundState::Authorized;
-        rec.reversed.push(txn);
+        let later: PurchaseInit = msg.proof.clone();
+        let (card, done) = blocking(card, move |c| c.resolve_credit(txn, &later), |_, _| {}).await;
+        let credited = match done {
+            Ok(c) => c,
+            Err(e) => return refuse(security_card_error(&e), e.to_string(), Some(&txid)),
+        };
+        let step = if credited {
+            rec.state = RefundState::Credited {
+                issued,
+                response: None,
+            };
+            PayStep::Credited
+        } else {
+            rec.state = RefundState::Authorized;
+            rec.reversed.push(txn);
+            PayStep::CreditReversed
+        };
         let snapshot = card.snapshot();
         drop(card);
         if let Err(e) = self.save_refund(
             &rec,
-            PayStep::CreditReversed,
-            &format!("psam {:X} txn {txn}", rec.security_card_id),
+            step,
+            &format!(
+                "psam {:X} txn {txn}, the card's INITIALIZE {}",
+                rec.security_card_id, msg.proof.init_count
+            ),
             Some(&snapshot),
         ) {
             return journal_failed(e, Some(&txid));
         }
-        tracing::info!(txid, "credit proved not run: the refund is due again");
-        receipt(&rec, None)
+        if credited {
+            tracing::info!(
+                txid,
+                "the card's INITIALIZE names the credit session: credited"
+            );
+            receipt_credited(&rec, None, &msg.proof)
+        } else {
+            tracing::info!(
+                txid,
+                "the card never ran the credit: the refund is due again"
+            );
+            receipt(&rec, None)
+        }
     }
 }
 
@@ -463,6 +489,24 @@ fn command_msg(txid: &str, command: &CreditCommand) -> Message {
         transaction_id: txid.into(),
         command: command.clone(),
     })
+}
+
+/// The receipt of a refund credited without a response in hand: the balance is the one
+/// the card's INITIALIZE shows.
+fn receipt_credited(
+    rec: &RefundRec,
+    response: Option<&CreditResponse>,
+    later: &PurchaseInit,
+) -> Message {
+    match receipt(rec, response) {
+        Message::Receipt(mut r) => {
+            r.released = true;
+            r.text = format!("Refund of {} credited to your card", rec.amount);
+            r.new_balance = r.new_balance.or(Some(later.balance));
+            Message::Receipt(r)
+        }
+        other => other,
+    }
 }
 
 /// The box's receipt: credited (with the card's balance after), or not (still due).

@@ -436,15 +436,21 @@ impl SecurityCardDevice for PcscSecurityCard {
         Ok(())
     }
 
-    fn reverse_credit(
+    fn resolve_credit(
         &mut self,
         security_card_txn: u32,
-        proof: &PurchaseInit,
-    ) -> Result<(), SecurityCardError> {
+        later: &PurchaseInit,
+    ) -> Result<bool, SecurityCardError> {
         self.recover_orphans()?;
-        let after = self.command(commands::reverse_credit(security_card_txn, proof))?;
-        self.remember(&after);
-        Ok(())
+        let answer = self.command(commands::resolve_credit(security_card_txn, later))?;
+        let Some((&credited, after)) = answer.split_first().filter(|(f, _)| **f <= 1) else {
+            return Err(self.failed(&format!(
+                "RESOLVE CREDIT answered {}",
+                hex::encode_upper(&answer)
+            )));
+        };
+        self.remember(after);
+        Ok(credited == 1)
     }
 
     fn forget(&mut self, security_card_txn: u32) -> bool {

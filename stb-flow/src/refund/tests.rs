@@ -202,8 +202,10 @@ fn a_credit_command_the_card_never_ran_is_proved_then_run_fresh() {
     let Some(Message::RefundProof(p)) = sent(&a) else {
         panic!("the log has no answer: a proof, {a:?}")
     };
-    sc.reverse_credit(lost.0.security_card_txn, &p.proof)
-        .unwrap();
+    assert!(
+        !sc.resolve_credit(lost.0.security_card_txn, &p.proof)
+            .unwrap()
+    );
     let a = f.handle(receipt(false, None));
     let a = drive(&mut f, &mut card, a);
     let (cmd, answer) = command_for(&mut sc, sent(&a).unwrap());
@@ -282,4 +284,68 @@ fn a_refusal_a_lost_answer_or_a_pulled_card_stops_and_leaves_it_due() {
         assert!(f.handle(Input::CardRemoved).is_empty(), "over");
     }
     assert_eq!(balance(&mut card), 501);
+}
+
+/// The outside attack's F2: the card ran CREDIT, the answer was lost, and the card's log
+/// rolled over before the box came back: the card's INITIALIZE names the credit session,
+/// the head end says credited, and the TV shows the receipt.
+#[test]
+fn a_credit_whose_log_record_is_gone_is_credited_on_the_cards_word() {
+    let (mut card, mut sc) = sold();
+    let cmd = issued_earlier(&mut card, &mut sc);
+    ok(&mut card, &commands::credit(&cmd));
+    // 33 purchases: the card's log (32 records) no longer holds the credit.
+    for n in 0..33 {
+        card.process(&commands::select());
+        let init = PurchaseInit::decode(&ok(&mut card, &commands::init_purchase(TODAY))).unwrap();
+        let draw = DrawData {
+            merchant_id: "CABLE".into(),
+            transaction_id: format!("small-{n}"),
+            amount: Money::new(1, EUR),
+            init,
+        };
+        let auth = sc.issue_debit(&draw, TODAY, false).unwrap();
+        let resp = DebitResponse::decode(&ok(&mut card, &commands::debit(&auth.command))).unwrap();
+        sc.complete(auth.command.security_card_txn, &resp).unwrap();
+    }
+    assert!(!card.state.log.iter().any(|r| r.kind == LogKind::Credit));
+    let (mut f, _) = Refund::start(42, TODAY);
+    let a = f.handle(Input::Answer(Message::RefundsDue(vec![due(Some(
+        cmd.clone(),
+    ))])));
+    let a = drive(&mut f, &mut card, a);
+    let Some(Message::RefundProof(p)) = sent(&a) else {
+        panic!("no log record: the card's INITIALIZE goes, {a:?}")
+    };
+    assert!(
+        sc.resolve_credit(cmd.0.security_card_txn, &p.proof)
+            .unwrap()
+    );
+    let a = f.handle(receipt(true, Some(1_000 - 33)));
+    assert!(
+        a.iter()
+            .any(|x| matches!(x, Action::Show(Show::Receipt(_))))
+    );
+    assert_eq!(
+        done(&a),
+        Some(&Outcome::Done {
+            credited: vec!["sale-1".into()]
+        })
+    );
+    assert_eq!(balance(&mut card), 1_000 - 33, "credited once");
+}
+
+/// The outside attack's F6: a card without room for the refund is not asked to take it
+/// (no credit command is issued), and the TV says why.
+#[test]
+fn a_card_without_room_is_not_asked_and_the_tv_says_why() {
+    let (mut card, _) = sold();
+    card.state.max_balance = 600;
+    let (mut f, _) = Refund::start(42, TODAY);
+    let a = f.handle(Input::Answer(Message::RefundsDue(vec![due(None)])));
+    let a = drive(&mut f, &mut card, a);
+    assert!(sent(&a).is_none(), "no refund request: {a:?}");
+    assert!(a.iter().any(|x| matches!(x,
+        Action::Show(Show::Refused(Refusal::RefundNotNow { why })) if why.contains("no room"))));
+    assert!(matches!(done(&a), Some(Outcome::Stopped { .. })));
 }

@@ -220,6 +220,7 @@ pub fn refusal_reason(r: &Refusal) -> String {
         Refusal::PinBlocked => s::WHY_PIN_BLOCKED.into(),
         Refusal::Busy => s::WHY_BUSY.into(),
         Refusal::NoViewer => s::WHY_NO_VIEWER.into(),
+        Refusal::RefundNotNow { why } => s::why_refund_not_now(why),
         Refusal::NotRecorded { flow, .. } => match flow {
             Flow::Purchase => s::WHY_PURCHASE_NOT_RECORDED.into(),
             Flow::Load | Flow::Refund => s::WHY_LOAD_NOT_RECORDED.into(),

@@ -772,6 +772,7 @@ pub fn journal_pending_purchase(dir: &Path, txid: &str, debit_sent: bool, securi
         atc: 1,
         init_count: 1,
         key_version: 1,
+        credits: Default::default(),
         card_random: [0; 8],
         card_mac: [0; 8],
     };

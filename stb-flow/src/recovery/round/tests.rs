@@ -70,6 +70,7 @@ impl FakeCard {
                 atc: 5,
                 init_count: 12,
                 key_version: 1,
+                credits: Default::default(),
                 card_random: [3; 8],
                 card_mac: [4; 8],
             },
