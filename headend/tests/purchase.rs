@@ -1595,3 +1595,39 @@ async fn a_card_redeems_20000_of_its_30000_points_through_the_gateway() {
     assert_eq!(b.0.card.state.points, 10_000);
     he.running.stop().await;
 }
+
+/// The outside attack on refunds (F3) as a kind: a card's answer with its genuine signature
+/// and another new balance was taken (and journaled) wherever only the signature was
+/// compared. The expected signature is now bound to the whole expected response
+/// ([`proto::purse::DebitResponse::check_value`]): in each embodiment — the security card,
+/// the payment server, the gateway, the merchant comparing — such a debit response is
+/// refused and releases nothing; the genuine one then completes the purchase.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_debit_response_with_another_new_balance_is_refused_in_every_embodiment() {
+    for emb in ["security-card", "payment-server", "gateway", "merchant"] {
+        let he = start(options(emb, true)).await;
+        let mut b = TestBox::new(&he, "box-000001", 10_000).await;
+        let offer = b.offer("CABLE", "ppv-1001").await;
+        let draw = b.draw_request(&offer);
+        let answer = b.call(&Message::DrawRequest(draw)).await;
+        let cmd = TestBox::open_debit_command(&offer, &answer);
+        let genuine = b.debit(&offer, &cmd);
+        let mut resp = genuine.body.open(offer.tsk.as_ref()).unwrap();
+        resp.new_balance += 100;
+        let forged = DebitResponseMsg {
+            transaction_id: offer.transaction_id.clone(),
+            body: Protected::new(resp, offer.tsk.as_ref(), &mut rand::rngs::OsRng),
+        };
+        let m = b.call(&Message::DebitResponse(forged)).await;
+        assert!(
+            !matches!(m, Message::Receipt(ref r) if r.released),
+            "{emb}: a forged new balance was taken: {m:?}"
+        );
+        let m = b.call(&Message::DebitResponse(genuine)).await;
+        assert!(
+            matches!(m, Message::Receipt(ref r) if r.released && r.new_balance == Some(10_000 - 499)),
+            "{emb}: the genuine response completes: {m:?}"
+        );
+        he.running.stop().await;
+    }
+}

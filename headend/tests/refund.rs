@@ -311,6 +311,16 @@ async fn a_credit_the_card_ran_whose_answer_was_lost_completes_from_the_card_log
         }))
         .await;
     assert!(matches!(m, Message::Error(_)), "{m:?}");
+    // The genuine signature with only the new balance changed (the outside attack's F3).
+    let mut forged = logged.clone();
+    forged.0.new_balance += 100;
+    let m = a
+        .call(&Message::RefundResponse(RefundResponseMsg {
+            transaction_id: sale.transaction_id.clone(),
+            response: forged,
+        }))
+        .await;
+    assert!(matches!(m, Message::Error(_)), "{m:?}");
     assert_eq!(
         p.refund(&sale.transaction_id).unwrap().state_name(),
         "issued"

@@ -797,6 +797,25 @@ impl DebitResponse {
     pub fn encode(&self) -> Vec<u8> {
         self.fields().bytes(&self.card_signature).finish()
     }
+
+    /// The response's check value: its card signature bound to every field the card
+    /// signed (SHA-256 over a label, the encoded response, first 8 bytes). What the
+    /// security card hands out as the expected signature (001 [0097]–[0105]) and keeps for
+    /// its own comparison is the check value of the response it expects, so whoever
+    /// compares — the security card, the payment server, the gateway, the merchant — takes
+    /// only that very response: the card's signature with any field changed (a forged new
+    /// balance) no longer matches, though none of them holds the card's key.
+    #[must_use]
+    pub fn check_value(&self) -> Mac {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(b"PURSELINK RESPONSE CHECK v1\0");
+        h.update(self.encode());
+        let d = h.finalize();
+        let mut out = [0u8; 8];
+        out.copy_from_slice(&d[..8]);
+        out
+    }
     pub fn decode(b: &[u8]) -> Result<Self, LayoutError> {
         let mut r = Reader::new(b);
         let v = Self {

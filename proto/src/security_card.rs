@@ -379,7 +379,7 @@ impl SecurityCard {
         };
         command.security_card_signature =
             crypto::sign(sk, labels.0, &command.signed_fields(&init.card_random));
-        let expected_response = DebitResponse {
+        let mut expected_response = DebitResponse {
             card_id: init.card_id,
             atc: init.atc,
             amount: data.amount.minor,
@@ -389,12 +389,13 @@ impl SecurityCard {
             security_card_txn,
             card_signature: [0; 8],
         };
-        let expected = crypto::sign(
+        expected_response.card_signature = crypto::sign(
             sk,
             labels.1,
             &expected_response.signed_fields(&init.card_random),
         );
-        Ok((command, expected))
+        // The expected signature bound to the whole expected response.
+        Ok((command, expected_response.check_value()))
     }
 
     /// Takes a refund off the net totals' amount (`issued`), or puts it back (proved not
@@ -463,9 +464,12 @@ impl SecurityCard {
     /// signature (001 [0085] FIG. 4, [0097] FIG. 5, [0101] FIG. 6, [0105] FIG. 7):
     /// the security card's own check, and the one whoever holds the expected signature runs
     /// in its place (the head end's `gateway::embodiment::card_signature_matches`, the
-    /// merchant's FIG. 7 routine). Constant time in the signatures.
+    /// merchant's FIG. 7 routine). `expected` is the expected response's check value
+    /// ([`DebitResponse::check_value`]): the card's signature and every field it signs —
+    /// a response with the genuine signature and another new balance does not match (an
+    /// outside attack had one accepted and journaled). Constant time.
     pub fn signatures_match(expected: &Mac, resp: &DebitResponse) -> bool {
-        crypto::mac_eq(expected, &resp.card_signature)
+        crypto::mac_eq(expected, &resp.check_value())
     }
 
     /// Checks a box's proof that the card never ran the DEBIT: a fresh INITIALIZE FOR
@@ -681,7 +685,7 @@ impl SecurityCard {
         if !txn.state.is_credit() || !resp.0.answers(&txn.command) {
             return Err(SecurityCardError::ResponseMismatch);
         }
-        if !crypto::mac_eq(&txn.expected, &resp.0.card_signature) {
+        if !Self::signatures_match(&txn.expected, &resp.0) {
             return Err(SecurityCardError::BadCardSignature);
         }
         match txn.state {

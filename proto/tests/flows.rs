@@ -54,6 +54,16 @@ fn early_release_hands_out_the_signature_the_card_then_gives() {
     let mut forged = resp.clone();
     forged.card_signature[0] ^= 0x80;
     assert!(!SecurityCard::signatures_match(&expected, &forged));
+    // The genuine signature with a field changed is not the expected response either.
+    for change in [
+        |r: &mut DebitResponse| r.new_balance += 1,
+        |r: &mut DebitResponse| r.amount -= 1,
+        |r: &mut DebitResponse| r.atc += 1,
+    ] {
+        let mut forged = resp.clone();
+        change(&mut forged);
+        assert!(!SecurityCard::signatures_match(&expected, &forged));
+    }
 }
 
 #[test]

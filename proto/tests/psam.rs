@@ -86,9 +86,15 @@ fn fig5_initialize_hands_out_the_expected_signature_and_counts_at_once() {
     let auth = commands::decode_authorization(&ask_ok(&mut p, &init), true).unwrap();
     let expected = auth.expected_card_signature.unwrap();
     let resp = DebitResponse::decode(&ok(&mut card, &purse::debit(&auth.command))).unwrap();
-    assert_eq!(
-        resp.card_signature, expected,
+    assert!(
+        proto::security_card::SecurityCard::signatures_match(&expected, &resp),
         "the card signs what the PSAM expects"
+    );
+    let mut forged = resp.clone();
+    forged.new_balance += 1;
+    assert!(
+        !proto::security_card::SecurityCard::signatures_match(&expected, &forged),
+        "the genuine signature with another new balance is not it"
     );
     assert_eq!(status(&mut p).totals[&EUR].amount, 100, "counted at issue");
     // Reversed (say the box never answered): the count goes back.
