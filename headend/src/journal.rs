@@ -210,11 +210,16 @@ pub enum Kind {
     /// sale's transaction id (a sale is refunded at most once). Written by `headend refund`
     /// (the merchant's authorization) and then by the refund's steps.
     Refund,
+    /// Payment server: the index of refunds not yet credited, by `<card id, 16 hex
+    /// digits>/<sale's transaction id>` (empty value): a card's refunds due are read
+    /// without reading every refund. Written with the authorization, deleted in the write
+    /// that records the refund credited.
+    RefundDue,
 }
 
 impl Kind {
     /// Every kind, in declaration order.
-    pub const ALL: [Kind; 31] = [
+    pub const ALL: [Kind; 32] = [
         Kind::Gw,
         Kind::GwLoad,
         Kind::Open,
@@ -246,6 +251,7 @@ impl Kind {
         Kind::Terminal,
         Kind::Passbook,
         Kind::Refund,
+        Kind::RefundDue,
     ];
 
     /// The string the kind is stored under (the `kind` column).
@@ -282,6 +288,7 @@ impl Kind {
             Kind::Terminal => "terminal",
             Kind::Passbook => "passbook",
             Kind::Refund => "refund",
+            Kind::RefundDue => "refund_due",
         }
     }
 }
@@ -1249,6 +1256,7 @@ mod tests {
                 "terminal",
                 "passbook",
                 "refund",
+                "refund_due",
             ]
         );
     }

@@ -61,6 +61,9 @@ pub enum Kind {
     Catalog,
     /// A step of the box's own transaction that was refused for good.
     Refused,
+    /// A refunds-due request (at the catalog's rate: once per card insertion is the
+    /// norm).
+    RefundsDue,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -87,7 +90,7 @@ impl RateLimits {
         match kind {
             Kind::Offer => self.settings.offers_per_minute,
             Kind::LoadOffer => self.settings.load_offers_per_minute,
-            Kind::Catalog => self.settings.catalog_per_minute,
+            Kind::Catalog | Kind::RefundsDue => self.settings.catalog_per_minute,
             Kind::Refused => self.settings.refusals_per_minute,
         }
     }

@@ -429,3 +429,34 @@ async fn a_refund_is_settled_from_the_card_whatever_it_did_since() {
     assert_eq!(refunded, want);
     he.running.stop().await;
 }
+
+/// The outside attack (F4, F5, F8): refunds-due requests are read through the card's
+/// index and rate limited per box like the catalog; a refund step with a 60,000-byte
+/// transaction id gets a short refusal that does not repeat it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refund_requests_are_bounded() {
+    let he = start(options("security-card", true)).await;
+    let mut a = TestBox::new(&he, "box-000304", 10_000).await;
+    let card_id = a.0.card_id();
+    let mut limited = 0;
+    for _ in 0..200 {
+        match a.call(&Message::RefundsDueRequest { card_id }).await {
+            Message::RefundsDue(d) => assert!(d.is_empty()),
+            Message::Error(e) if e.code == ErrorCode::RateLimited => limited += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(
+        limited > 0,
+        "200 refunds-due requests in a row are rate limited"
+    );
+    let mut req = a.0.refund_request("x").unwrap();
+    req.transaction_id = "T".repeat(60_000);
+    let m = a.call(&Message::RefundRequest(req)).await;
+    let Message::Error(e) = &m else {
+        panic!("{m:?}")
+    };
+    assert_eq!(e.code, ErrorCode::Malformed);
+    assert!(m.to_payload().len() < 1_000, "a short refusal");
+    he.running.stop().await;
+}

@@ -560,7 +560,7 @@ impl Gateway {
             m @ (Message::LoadOfferRequest(_)
             | Message::LoadRequest(_)
             | Message::LoadResponse(_)) => self.load_dispatch(box_id, m).await,
-            Message::RefundsDueRequest { card_id } => self.refunds_due(card_id).await,
+            Message::RefundsDueRequest { card_id } => self.refunds_due(box_id, card_id).await,
             m @ (Message::RefundRequest(_)
             | Message::RefundResponse(_)
             | Message::RefundProof(_)) => {

@@ -14,8 +14,12 @@ use super::{Gateway, gw};
 use crate::role::refuse;
 
 impl Gateway {
-    /// The refunds due to `card_id` at every payment server this gateway routes to.
-    pub(super) async fn refunds_due(&self, card_id: u64) -> Message {
+    /// The refunds due to `card_id` at every payment server this gateway routes to (at the
+    /// catalog's rate per box).
+    pub(super) async fn refunds_due(&self, box_id: &str, card_id: u64) -> Message {
+        if let Err(e) = self.rate(box_id, crate::limits::Kind::RefundsDue) {
+            return e;
+        }
         let servers: BTreeSet<&String> = self.merchants.values().map(|m| &m.payment).collect();
         let mut due = Vec::new();
         for ps in servers {
@@ -46,6 +50,14 @@ impl Gateway {
 
     /// A refund request, credit response or proof: to the payment server of sale `txid`.
     pub(super) async fn refund_step(&self, txid: &str, msg: Message) -> Message {
+        // Not echoed: a huge id would make the refusal too big to send.
+        if txid.is_empty() || txid.len() > 64 {
+            return refuse(
+                ErrorCode::Malformed,
+                "transaction id must be 1 to 64 characters",
+                None,
+            );
+        }
         let Some(t) = self.txn(txid) else {
             return refuse(
                 ErrorCode::UnknownTransaction,

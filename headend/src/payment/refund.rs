@@ -39,6 +39,10 @@ use super::{PayState, PayTxn, PaymentServer, blocking, security_card_error, slot
 use crate::journal::{self, Journal, Kind, StoreError};
 use crate::role::{journal_failed, refuse};
 
+/// The most refunds due one card is told of at once (the rest come once these are
+/// credited).
+pub const MAX_DUE: usize = 16;
+
 /// Where a refund stands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RefundState {
@@ -162,10 +166,16 @@ pub fn authorize(journal: &Journal, txid: &str, amount: Option<u64>) -> Result<R
             batch: None,
         };
         b.put(Kind::Refund, txid, &journal::encode(&rec))?;
+        b.put(Kind::RefundDue, &due_key(rec.card_id, txid), &[])?;
         b.step(txid, &PayStep::RefundAuthorized, &rec.amount.to_string())?;
         Ok(Ok(rec))
     });
     outcome.map_err(|e| e.to_string())?
+}
+
+/// The key of a refund due to a card ([`Kind::RefundDue`]).
+fn due_key(card_id: u64, txid: &str) -> String {
+    format!("{card_id:016X}/{txid}")
 }
 
 /// Every refund in `journal`, by sale.
@@ -203,35 +213,44 @@ impl PaymentServer {
                 b.put(Kind::SecurityCard, &slot_key(rec.slot), s)?;
             }
             b.put(Kind::Refund, &rec.transaction_id, &journal::encode(rec))?;
+            if matches!(rec.state, RefundState::Credited { .. }) {
+                b.delete(Kind::RefundDue, &due_key(rec.card_id, &rec.transaction_id))?;
+            }
             b.step(&rec.transaction_id, &step, detail)
         })
     }
 
-    /// The refunds due to card `card_id`: authorized and not credited. One whose credit
-    /// command is out is listed too, so the card's box can finish it (with the card's
-    /// credit response) or end it (with its proof).
+    /// The refunds due to card `card_id`: authorized and not credited (read through the
+    /// card's index, [`Kind::RefundDue`]; at most [`MAX_DUE`]). One whose credit command
+    /// is out is listed too, so the card's box can finish it (with the card's credit
+    /// response) or settle it (with the card's later INITIALIZE).
     pub(super) fn refunds_due(&self, card_id: u64) -> Message {
-        match all(&self.journal) {
-            Ok(refunds) => Message::RefundsDue(
-                refunds
-                    .into_iter()
-                    .filter(|r| {
-                        r.card_id == card_id && !matches!(r.state, RefundState::Credited { .. })
-                    })
-                    .map(|r| RefundDue {
-                        issued: r.issued().map(|i| i.command.clone()),
-                        transaction_id: r.transaction_id,
-                        merchant_id: r.merchant_id,
-                        amount: r.amount,
-                    })
-                    .collect(),
-            ),
-            Err(e) => refuse(
-                ErrorCode::Internal,
-                format!("refunds cannot be read: {e}"),
-                None,
-            ),
-        }
+        let prefix = format!("{card_id:016X}/");
+        let keys = match self.journal.range_after(Kind::RefundDue, &prefix, MAX_DUE) {
+            Ok(k) => k,
+            Err(e) => {
+                return refuse(
+                    ErrorCode::Internal,
+                    format!("refunds cannot be read: {e}"),
+                    None,
+                );
+            }
+        };
+        Message::RefundsDue(
+            keys.into_iter()
+                .filter_map(|(k, _)| k.strip_prefix(&prefix).map(str::to_string))
+                .filter_map(|txid| self.refund(&txid))
+                .filter(|r| {
+                    r.card_id == card_id && !matches!(r.state, RefundState::Credited { .. })
+                })
+                .map(|r| RefundDue {
+                    issued: r.issued().map(|i| i.command.clone()),
+                    transaction_id: r.transaction_id,
+                    merchant_id: r.merchant_id,
+                    amount: r.amount,
+                })
+                .collect(),
+        )
     }
 
     fn due_or_refuse(&self, txid: &str, card_id: u64) -> Result<RefundRec, Box<Message>> {
