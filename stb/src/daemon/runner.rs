@@ -756,8 +756,19 @@ impl Runner {
         for s in ran.shows {
             self.update(show::update(s)).await;
         }
-        if ran.done.is_some() {
-            self.flow_finished().await;
+        match ran.done {
+            // Nothing was due (or the head end did not answer): the card was not touched,
+            // so it is not read again — another program may be using it.
+            Some(
+                refund::Outcome::Done { ref credited }
+                | refund::Outcome::Stopped {
+                    ref credited,
+                    transaction_id: None,
+                    ..
+                },
+            ) if credited.is_empty() => Box::pin(self.recovery_after_flow()).await,
+            Some(_) => self.flow_finished().await,
+            None => {}
         }
     }
 
