@@ -295,8 +295,10 @@ pub fn is_final_refusal(code: ErrorCode) -> bool {
 /// last four characters go to the TV.
 fn receipted(s: &LoadSource) -> Receipted {
     match s {
-        // The box's flow does not start unloads yet (the head end takes them).
-        LoadSource::Bank { account } | LoadSource::Unload { account } => Receipted::Bank {
+        LoadSource::Bank { account } => Receipted::Bank {
+            account: account.clone(),
+        },
+        LoadSource::Unload { account } => Receipted::Unload {
             account: account.clone(),
         },
         LoadSource::Voucher { code } => {
@@ -711,12 +713,7 @@ impl Load {
         sealed_pin: Option<Vec<u8>>,
         passbook: Vec<LogRecord>,
     ) -> Vec<Action> {
-        let apdu = commands::init_load(&LoadInitRequest {
-            amount,
-            currency: offer.max_amount.currency,
-            timestamp: offer.timestamp,
-            date: offer.date,
-        });
+        let apdu = init_apdu(&offer, amount);
         self.state = State::AwaitInit {
             purse,
             offer,
@@ -815,7 +812,12 @@ impl Load {
         // The issuer's key update, if any, rides in the same LOAD (001 [0044]): the card
         // credits and re-keys in one state change, or does neither.
         // So does its UNBLOCK, after it (seed 004).
-        let apdu = commands::load_with_issuer(&cmd, key_update.as_deref(), unblock.as_deref());
+        let apdu = if req.offer.source.is_unload() {
+            // An unload's UNLOAD carries the command alone (no key update, no UNBLOCK).
+            commands::unload(&cmd)
+        } else {
+            commands::load_with_issuer(&cmd, key_update.as_deref(), unblock.as_deref())
+        };
         let mut a = vec![self.journal(Step::CommandReceived { command: cmd })];
         if let Some(why) = mismatch {
             a.extend(self.prove_not_loaded(req, None, why, &""));
@@ -935,7 +937,11 @@ impl Load {
             confirmation: c.clone(),
         })];
         if c.loaded {
-            let new_balance = c.new_balance.unwrap_or(init.balance + init.amount);
+            let new_balance = c.new_balance.unwrap_or(if offer.source.is_unload() {
+                init.balance.saturating_sub(init.amount)
+            } else {
+                init.balance + init.amount
+            });
             a.push(Action::Show(Show::Receipt(ReceiptShown {
                 transaction_id: offer.transaction_id.clone(),
                 what: receipted(&offer.source),
@@ -970,15 +976,27 @@ fn card_ok(r: Result<CardReply, CardFailure>) -> Result<Vec<u8>, Refusal> {
     }
 }
 
-/// The zero-value INITIALIZE FOR LOAD of 001 [0130] for this offer.
+/// The zero-value INITIALIZE FOR LOAD of 001 [0130] for this offer (FOR UNLOAD for an
+/// unload's: the procedure in reverse).
 #[must_use]
 pub fn zero_value_apdu(offer: &LoadOffer) -> Vec<u8> {
-    commands::init_load(&LoadInitRequest {
-        amount: 0,
+    init_apdu(offer, 0)
+}
+
+/// INITIALIZE FOR LOAD of `amount` over the offer's time stamp, or FOR UNLOAD when the
+/// offer is an unload's ([`LoadSource::Unload`], issue 17).
+fn init_apdu(offer: &LoadOffer, amount: u64) -> Vec<u8> {
+    let req = LoadInitRequest {
+        amount,
         currency: offer.max_amount.currency,
         timestamp: offer.timestamp,
         date: offer.date,
-    })
+    };
+    if offer.source.is_unload() {
+        commands::init_unload(&req)
+    } else {
+        commands::init_load(&req)
+    }
 }
 
 /// What the journal knows of an in-doubt load.
@@ -1042,8 +1060,13 @@ pub fn decide(p: &PendingLoad, card: Option<CardSeen<'_>>) -> Decision {
     }
     // LOAD may have run (state load_sent): the card logs every credited load with its S3.
     if p.command.is_some() {
+        let kind = if p.offer.source.is_unload() {
+            LogKind::Unload
+        } else {
+            LogKind::Load
+        };
         let found = log.iter().find(|r| {
-            r.kind == LogKind::Load
+            r.kind == kind
                 && r.atc == p.init.atc
                 && r.amount == p.init.amount
                 && r.currency == p.init.currency

@@ -126,6 +126,8 @@ pub enum Receipted {
     Voucher { code_tail: String },
     /// A refund from `merchant` (its id) credited to the card (issue 17).
     Refund { merchant: String },
+    /// Value unloaded from the card to the viewer's bank account (issue 17).
+    Unload { account: String },
 }
 
 /// What the flow had asked the head end when an answer came out of turn.

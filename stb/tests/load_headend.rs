@@ -311,6 +311,59 @@ async fn voucher_load_needs_no_pin() {
     assert_eq!(v.opening_balance - v.balance, 700);
 }
 
+/// Issue 17: an unload by the remote, through the real daemon, head end and card — a bank
+/// load first (the issuer float at the bank holds what an unload pays out), then "Unload to
+/// bank account" (key 3), an amount, the PIN: the card gives the value up, the bank credits
+/// the account only on the card's S3, the TV shows "Value unloaded", and the value is
+/// conserved: the account is back by the unload, the float by it less.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unload_by_the_remote_credits_the_bank_account() {
+    let w = world().await;
+    let mut b = start_box(w.cfg.clone(), &w.card).await;
+    load_by_remote(&mut b, RemoteKey::Ok, "800", Some(&w.pin)).await;
+    b.until("the load's receipt", |s| s.screen == ScreenId::Receipt)
+        .await;
+    b.key(RemoteKey::Ok).await;
+    let bank = w.running.bank.as_ref().unwrap();
+    let account = |id: &str| {
+        bank.funds
+            .accounts()
+            .into_iter()
+            .find(|a| a.id == id)
+            .unwrap()
+            .balance
+    };
+    let before = account(assembly::DEMO_ACCOUNT);
+    load_by_remote(&mut b, RemoteKey::Digit(3), "300", Some(&w.pin)).await;
+    let s = b
+        .until("the unload's receipt", |s| {
+            matches!(s.screen, ScreenId::Receipt | ScreenId::Error)
+        })
+        .await;
+    assert_eq!(s.screen, ScreenId::Receipt, "{s:?}");
+    b.stop().await;
+    assert_eq!(
+        balance(&w.card),
+        START + 800 - 300,
+        "unloaded from the card"
+    );
+    assert_eq!(account(assembly::DEMO_ACCOUNT), before + 300, "credited");
+    assert_eq!(bank.funds.float().values().sum::<u64>(), 800 - 300);
+    let unload = bank
+        .funds
+        .holds()
+        .into_iter()
+        .find(|h| h.unload)
+        .expect("the unload's hold");
+    assert_eq!(unload.state, HoldState::Captured);
+    let j = w.journal();
+    assert_nothing_in_doubt(&j);
+    assert_eq!(
+        j.load_state(&unload.transaction_id).unwrap().as_deref(),
+        Some("load_completed")
+    );
+}
+
 /// Where the simulated kill falls.
 #[derive(Clone, Copy, Debug)]
 enum KillAt {

@@ -222,4 +222,6 @@ pub struct PinRequest {
 pub enum LoadSource {
     Bank,
     Voucher,
+    /// Value back from the card to the bank account (issue 17).
+    Unload,
 }

@@ -80,6 +80,7 @@ pub fn load_source(s: LoadSource) -> &'static str {
     match s {
         LoadSource::Bank => "Bank account",
         LoadSource::Voucher => "Voucher",
+        LoadSource::Unload => "Unload to bank account",
     }
 }
 

@@ -109,6 +109,10 @@ impl FakeLoadServer {
                         TODAY,
                         &r.passbook,
                     ),
+                    LoadSource::Unload { .. } => {
+                        self.hsm
+                            .authorize_unload(&r.transaction_id, &r.init, r.amount, TODAY)
+                    }
                     _ => self
                         .hsm
                         .authorize(&r.transaction_id, &r.init, r.amount, TODAY),
@@ -127,10 +131,19 @@ impl FakeLoadServer {
             }
             Message::LoadResponse(r) => {
                 self.responses.push(r.clone());
+                let unload = self
+                    .requests
+                    .iter()
+                    .any(|q| q.transaction_id == r.transaction_id && q.source.is_unload());
                 let mut loaded = None;
                 let mut new_balance = None;
                 if let Some(resp) = &r.response {
-                    match self.hsm.confirm(&r.transaction_id, resp) {
+                    let confirmed = if unload {
+                        self.hsm.confirm_unload(&r.transaction_id, resp)
+                    } else {
+                        self.hsm.confirm(&r.transaction_id, resp)
+                    };
+                    match confirmed {
                         Ok(LoadVerdict::Loaded) => {
                             loaded = Some(true);
                             new_balance = Some(resp.new_balance);
@@ -143,10 +156,12 @@ impl FakeLoadServer {
                 }
                 if loaded.is_none() {
                     let zero = r.zero_value.as_ref().expect("zero-value proof");
-                    let v = self
-                        .hsm
-                        .resolve_negative(&r.transaction_id, zero)
-                        .expect("a genuine zero-value S1");
+                    let v = if unload {
+                        self.hsm.resolve_unload_negative(&r.transaction_id, zero)
+                    } else {
+                        self.hsm.resolve_negative(&r.transaction_id, zero)
+                    }
+                    .expect("a genuine zero-value S1");
                     loaded = Some(v.loaded());
                     if !v.loaded() {
                         new_balance = Some(zero.balance);
@@ -1075,4 +1090,105 @@ fn a_bank_load_sends_the_card_s_passbook_and_the_card_clears_it() {
         assert!(matches!(outcome(&a), Some(Outcome::Loaded { .. })), "{a:?}");
         assert!(he.requests[0].passbook.is_empty(), "privacy {privacy}");
     }
+}
+
+/// Issue 17: an unload through the box's flow — INITIALIZE FOR UNLOAD over the offer's time
+/// stamp, the HSM's unload command, UNLOAD, the card's S3 — takes the value off the card
+/// and the TV shows "Value unloaded"; a lost unload command is closed by a zero-value
+/// INITIALIZE FOR UNLOAD, nothing moved.
+#[test]
+fn an_unload_takes_the_value_off_the_card_and_a_lost_command_is_proved_with_a_zero_unload() {
+    let unload = LoadSource::Unload {
+        account: "ACC-0001".into(),
+    };
+    let mut c = card();
+    let mut he = FakeLoadServer::new(1_000, true);
+    let mut l = to_amount(unload.clone(), &mut c, &mut he);
+    let first = to_request(&mut l, &mut c, 400, Some(PIN));
+    let a = run(&mut l, &mut c, &mut he, first);
+    assert_eq!(c.state.balance, 600, "unloaded");
+    assert!(
+        a.iter().any(|x| matches!(x,
+            Action::Show(Show::Receipt(r)) if r.what == Receipted::Unload { account: "ACC-0001".into() }
+                && r.balance_after == Money::new(600, Currency::EUR))),
+        "{a:?}"
+    );
+    assert!(
+        matches!(
+            outcome(&a),
+            Some(Outcome::Loaded {
+                new_balance: 600,
+                ..
+            })
+        ),
+        "{a:?}"
+    );
+    assert_eq!(c.state.log.back().map(|r| r.kind), Some(LogKind::Unload));
+
+    // The unload command never comes back (the head end is busy): the zero-value proof
+    // is an INITIALIZE FOR UNLOAD, and the HSM says not unloaded.
+    let mut he = FakeLoadServer::new(600, true);
+    let mut l = to_amount(unload, &mut c, &mut he);
+    let first = to_request(&mut l, &mut c, 100, Some(PIN));
+    let req = sent(&first).cloned().expect("the unload request");
+    let _ = he.answer(&req); // authorized at the HSM, the answer lost
+    let a = feed(
+        &mut l,
+        &mut c,
+        Input::Answer(Message::error(ErrorCode::Busy, "busy", None)),
+    );
+    let zero_sent = a.iter().any(
+        |x| matches!(x, Action::Apdu(apdu) if apdu.get(2) == Some(&proto::card::P1_INIT_UNLOAD)),
+    );
+    assert!(zero_sent, "a zero-value INITIALIZE FOR UNLOAD: {a:?}");
+    let a = run(&mut l, &mut c, &mut he, a);
+    assert!(
+        matches!(outcome(&a), Some(Outcome::NotLoaded { .. })),
+        "{a:?}"
+    );
+    assert_eq!(c.state.balance, 600, "nothing moved");
+}
+
+/// Issue 17: recovery of an in-doubt unload finds the card's UNLOAD in its log (an unload
+/// record, not a load's), and the HSM takes the rebuilt S3: unloaded once.
+#[test]
+fn recovery_of_an_unload_rebuilds_s3_from_an_unload_record() {
+    let unload = LoadSource::Unload {
+        account: "ACC-0001".into(),
+    };
+    let mut c = card();
+    let mut he = FakeLoadServer::new(1_000, false);
+    let mut l = to_amount(unload.clone(), &mut c, &mut he);
+    let req = to_request(&mut l, &mut c, 300, None);
+    let Some(Message::LoadRequest(r)) = sent(&req).cloned() else {
+        panic!()
+    };
+    let Message::LoadCommand(cmd) = he.answer(&Message::LoadRequest(r.clone())) else {
+        panic!()
+    };
+    let resp = c.process(&commands::unload(&cmd.command)).response;
+    assert!(split_sw(&resp).unwrap().1.is_ok());
+    let p = PendingLoad {
+        transaction_id: "ld-1".into(),
+        offer: he.offer(unload),
+        init: r.init,
+        command: Some(cmd.command),
+        response: None,
+        zero: None,
+        state: JournalState::LoadSent,
+    };
+    let l = log(&mut c);
+    let Decision::FromLog(resp) = decide(&p, Some(seen(42, &l))) else {
+        panic!("the unload record in the log")
+    };
+    let conf = he.answer(&Message::LoadResponse(LoadResponseMsg {
+        transaction_id: p.transaction_id.clone(),
+        response: Some(resp),
+        zero_value: None,
+    }));
+    assert!(
+        matches!(&conf, Message::LoadConfirmation(c) if c.loaded),
+        "{conf:?}"
+    );
+    assert_eq!(c.state.balance, 700);
 }

@@ -37,6 +37,11 @@ impl LoadSettings {
                 .clone()
                 .map(|account| LoadSource::Bank { account }),
             ui::model::LoadSource::Voucher => self.voucher.clone().map(LoadSource::voucher),
+            // Unloads go back to the box's bank account (issue 17).
+            ui::model::LoadSource::Unload => self
+                .bank_account
+                .clone()
+                .map(|account| LoadSource::Unload { account }),
         }
     }
 

@@ -638,6 +638,7 @@ impl Runner {
             let what = match source {
                 ui::model::LoadSource::Bank => ui::strings::LOAD_NO_BANK_ACCOUNT,
                 ui::model::LoadSource::Voucher => ui::strings::LOAD_NO_VOUCHER,
+                ui::model::LoadSource::Unload => ui::strings::LOAD_NO_BANK_ACCOUNT,
             };
             self.update(error(ui::model::ErrorKind::Other, what)).await;
             return;

@@ -59,6 +59,11 @@ pub fn update(show: Show) -> UiUpdate {
                     s::load_source(ui::model::LoadSource::Bank).to_string(),
                     account,
                 ),
+                Receipted::Unload { account } => (
+                    TxKind::Unload,
+                    s::load_source(ui::model::LoadSource::Unload).to_string(),
+                    account,
+                ),
                 Receipted::Refund { merchant } => {
                     (TxKind::Refund, s::REFUND_ITEM.to_string(), merchant)
                 }

@@ -15,7 +15,7 @@ use ratatui::layout::{Constraint, Layout, Margin, Rect};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::Paragraph;
 
-const SOURCES: [LoadSource; 2] = [LoadSource::Bank, LoadSource::Voucher];
+const SOURCES: [LoadSource; 3] = [LoadSource::Bank, LoadSource::Voucher, LoadSource::Unload];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LoadAction {
@@ -56,14 +56,15 @@ impl LoadView {
     pub fn handle(&mut self, key: RemoteKey) -> Option<LoadAction> {
         match self {
             LoadView::Source { sel } => match key {
-                RemoteKey::Up | RemoteKey::Down => *sel = 1 - (*sel).min(1),
-                RemoteKey::Digit(d @ 1..=2) => {
+                RemoteKey::Up => *sel = (*sel + SOURCES.len() - 1) % SOURCES.len(),
+                RemoteKey::Down => *sel = (*sel + 1) % SOURCES.len(),
+                RemoteKey::Digit(d @ 1..=3) => {
                     let s = SOURCES[usize::from(d) - 1];
                     *self = LoadView::Waiting;
                     return Some(LoadAction::Start(s));
                 }
                 RemoteKey::Ok => {
-                    let s = SOURCES[(*sel).min(1)];
+                    let s = SOURCES[(*sel).min(SOURCES.len() - 1)];
                     *self = LoadView::Waiting;
                     return Some(LoadAction::Start(s));
                 }
