@@ -695,7 +695,22 @@ impl Funds {
             .copied()
             .unwrap_or_default();
         if unload {
-            let refusal = if req.amount.minor > req.card_balance {
+            // One open unload per card: each would reserve up to the card's whole balance,
+            // so a card could hold the float many times over (the second outside attack on
+            // unloads, U2). Its box finishes or proves the open one first.
+            let open = self
+                .holds()
+                .into_iter()
+                .find(|h| h.unload && h.state == HoldState::Held && h.card_id == req.card_id);
+            let refusal = if let Some(h) = open {
+                Some((
+                    ErrorCode::InDoubt,
+                    format!(
+                        "an unload of this card ({}) is still open: its box finishes or proves it first",
+                        h.transaction_id
+                    ),
+                ))
+            } else if req.amount.minor > req.card_balance {
                 Some((
                     ErrorCode::InsufficientValue,
                     format!(

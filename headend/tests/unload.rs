@@ -196,3 +196,36 @@ fn a_loads_hold_never_authorises_an_unload_nor_the_other_way() {
     assert!(headend::funds::hold_verifies(&key, &unload, true));
     assert!(!headend::funds::hold_verifies(&key, &unload, false));
 }
+
+/// The second outside attack (U2): one card could open unload after unload, each reserving
+/// its whole balance out of the float, until other cards' unloads were refused. One unload
+/// per card is open at a time: the next waits until its box finished or proved the first.
+#[tokio::test]
+async fn one_open_unload_per_card() {
+    let he = start().await;
+    let mut b = LoadBox::new(&he, BOX1, 1_000, 100_000).await;
+    let (_, conf) = b.load(bank_source(), 20_000, Some(&he.pin)).await;
+    assert!(matches!(conf, Message::LoadConfirmation(ref c) if c.loaded));
+    let (first, answer) = b.unload_request(5_000, &he.pin).await;
+    LoadBox::command(&answer);
+    assert_eq!(funds(&he).float()[&EUR], 15_000);
+    let (_, again) = b.unload_request(5_000, &he.pin).await;
+    assert_eq!(error_code(&again), ErrorCode::InDoubt, "{again:?}");
+    assert_eq!(funds(&he).float()[&EUR], 15_000, "reserved once");
+    // The first proved not run: the next may go.
+    let zero = b.init_unload(&first, 0);
+    let conf = b
+        .call(&LoadBox::response_msg(&first, None, Some(zero)))
+        .await;
+    assert!(
+        matches!(conf, Message::LoadConfirmation(ref c) if !c.loaded),
+        "{conf:?}"
+    );
+    let (_, conf) = b.unload(5_000, &he.pin).await;
+    assert!(
+        matches!(conf, Message::LoadConfirmation(ref c) if c.loaded),
+        "{conf:?}"
+    );
+    assert_eq!(funds(&he).float()[&EUR], 15_000);
+    he.running.stop().await;
+}
