@@ -34,10 +34,12 @@ use proto::purse::{CreditCommand, CreditResponse, PurchaseInit};
 use proto::security_card::DrawData;
 use serde::{Deserialize, Serialize};
 
+use super::pool::SecurityCardDevice;
 use super::step::PayStep;
 use super::{PayState, PayTxn, PaymentServer, blocking, security_card_error, slot_key, today};
 use crate::journal::{self, Journal, Kind, StoreError};
 use crate::role::{journal_failed, refuse};
+use tokio::sync::OwnedMutexGuard;
 
 /// The most refunds due one card is told of at once (the rest come once these are
 /// credited).
@@ -253,6 +255,35 @@ impl PaymentServer {
         )
     }
 
+    /// The security card that counted the sale (and counts its refund), from its slot.
+    async fn sale_terminal(
+        &self,
+        rec: &RefundRec,
+    ) -> Result<OwnedMutexGuard<Box<dyn SecurityCardDevice>>, Box<Message>> {
+        let txid = Some(rec.transaction_id.as_str());
+        let Some(card) = self.pool.card(rec.slot).await else {
+            return Err(Box::new(refuse(
+                ErrorCode::Internal,
+                format!("terminal {} of the sale is not configured", rec.slot),
+                txid,
+            )));
+        };
+        if card.id() != rec.security_card_id {
+            return Err(Box::new(refuse(
+                ErrorCode::Internal,
+                format!(
+                    "terminal {} now holds security card {:X}, not the sale's {:X}: an \
+                     operator moves the refund",
+                    rec.slot,
+                    card.id(),
+                    rec.security_card_id
+                ),
+                txid,
+            )));
+        }
+        Ok(card)
+    }
+
     fn due_or_refuse(&self, txid: &str, card_id: u64) -> Result<RefundRec, Box<Message>> {
         let Some(rec) = self.refund(txid) else {
             return Err(Box::new(refuse(
@@ -308,26 +339,10 @@ impl PaymentServer {
         if let Err(e) = self.journal.step(&txid, &PayStep::RefundRequested, "") {
             return journal_failed(e, Some(&txid));
         }
-        let Some(card) = self.pool.card(rec.slot).await else {
-            return refuse(
-                ErrorCode::Internal,
-                format!("terminal {} of the sale is not configured", rec.slot),
-                Some(&txid),
-            );
+        let card = match self.sale_terminal(&rec).await {
+            Ok(c) => c,
+            Err(m) => return *m,
         };
-        if card.id() != rec.security_card_id {
-            return refuse(
-                ErrorCode::Internal,
-                format!(
-                    "terminal {} now holds security card {:X}, not the sale's {:X}: an \
-                     operator moves the refund",
-                    rec.slot,
-                    card.id(),
-                    rec.security_card_id
-                ),
-                Some(&txid),
-            );
-        }
         let credit = DrawData {
             merchant_id: rec.merchant_id.clone(),
             transaction_id: txid.clone(),
@@ -389,7 +404,7 @@ impl PaymentServer {
                 response: Some(response),
                 ..
             } if *response == msg.response => {
-                return receipt(&rec, Some(response));
+                return receipt(&rec, Some(response.0.new_balance));
             }
             RefundState::Credited { .. } => {
                 return refuse(
@@ -400,12 +415,9 @@ impl PaymentServer {
             }
             RefundState::Issued(i) => i.clone(),
         };
-        let Some(card) = self.pool.card(rec.slot).await else {
-            return refuse(
-                ErrorCode::Internal,
-                format!("terminal {} of the sale is not configured", rec.slot),
-                Some(&txid),
-            );
+        let card = match self.sale_terminal(&rec).await {
+            Ok(c) => c,
+            Err(m) => return *m,
         };
         let (txn, resp) = (issued.command.0.security_card_txn, msg.response.clone());
         let (card, done) = blocking(card, move |c| c.complete_credit(txn, &resp), |_, _| {}).await;
@@ -429,7 +441,7 @@ impl PaymentServer {
             return journal_failed(e, Some(&txid));
         }
         tracing::info!(txid, amount = %rec.amount, "refund credited");
-        receipt(&rec, Some(&msg.response))
+        receipt(&rec, Some(msg.response.0.new_balance))
     }
 
     /// The card's later INITIALIZE FOR PURCHASE for an issued refund: the security card
@@ -445,16 +457,20 @@ impl PaymentServer {
         let issued = match &rec.state {
             RefundState::Authorized => return receipt(&rec, None),
             RefundState::Credited { response, .. } => {
-                return receipt_credited(&rec, response.as_ref(), &msg.proof);
+                return receipt(
+                    &rec,
+                    Some(
+                        response
+                            .as_ref()
+                            .map_or(msg.proof.balance, |r| r.0.new_balance),
+                    ),
+                );
             }
             RefundState::Issued(i) => i.clone(),
         };
-        let Some(card) = self.pool.card(rec.slot).await else {
-            return refuse(
-                ErrorCode::Internal,
-                format!("terminal {} of the sale is not configured", rec.slot),
-                Some(&txid),
-            );
+        let card = match self.sale_terminal(&rec).await {
+            Ok(c) => c,
+            Err(m) => return *m,
         };
         let txn = issued.command.0.security_card_txn;
         let later: PurchaseInit = msg.proof.clone();
@@ -492,7 +508,7 @@ impl PaymentServer {
                 txid,
                 "the card's INITIALIZE names the credit session: credited"
             );
-            receipt_credited(&rec, None, &msg.proof)
+            receipt(&rec, Some(msg.proof.balance))
         } else {
             tracing::info!(
                 txid,
@@ -510,34 +526,18 @@ fn command_msg(txid: &str, command: &CreditCommand) -> Message {
     })
 }
 
-/// The receipt of a refund credited without a response in hand: the balance is the one
-/// the card's INITIALIZE shows.
-fn receipt_credited(
-    rec: &RefundRec,
-    response: Option<&CreditResponse>,
-    later: &PurchaseInit,
-) -> Message {
-    match receipt(rec, response) {
-        Message::Receipt(mut r) => {
-            r.released = true;
-            r.text = format!("Refund of {} credited to your card", rec.amount);
-            r.new_balance = r.new_balance.or(Some(later.balance));
-            Message::Receipt(r)
-        }
-        other => other,
-    }
-}
-
-/// The box's receipt: credited (with the card's balance after), or not (still due).
-fn receipt(rec: &RefundRec, response: Option<&CreditResponse>) -> Message {
+/// The box's receipt: credited, with the card's balance after (`Some`: from its credit
+/// response, or from the later INITIALIZE that proved the credit), or not credited
+/// (`None`: it stays due).
+fn receipt(rec: &RefundRec, credited: Option<u64>) -> Message {
     Message::Receipt(Receipt {
         transaction_id: rec.transaction_id.clone(),
-        released: response.is_some(),
-        text: match response {
+        released: credited.is_some(),
+        text: match credited {
             Some(_) => format!("Refund of {} credited to your card", rec.amount),
             None => format!("Refund of {} not credited: it stays due", rec.amount),
         },
         entitlement: None,
-        new_balance: response.map(|r| r.0.new_balance),
+        new_balance: credited,
     })
 }
