@@ -89,7 +89,9 @@ impl HonestLoop {
             let mut purchases = Vec::new();
             let mut failures = Vec::new();
             let mut latencies = Vec::new();
-            while !s.load(Ordering::Relaxed) {
+            // At least one attempt: on two busy cores the attack can end before this task
+            // is first polled (a rehearsal saw 0 attempts); the attempt then starts at once.
+            while latencies.is_empty() || !s.load(Ordering::Relaxed) {
                 let t = Instant::now();
                 if fresh {
                     if let Err(e) = client.try_reconnect().await {
