@@ -643,6 +643,42 @@ pub fn split_addrs(
     }))
 }
 
+/// `n` distinct loopback UDP addresses for a deployment's roles to listen on, each free when
+/// picked, taken below the kernel's ephemeral range (`/proc/sys/net/ipv4/ip_local_port_range`;
+/// 32768 when it cannot be read) so that no socket bound to port 0 — a client's, another
+/// test's — can take one between this pick and the role binding it. A pick that is free
+/// now may still be taken by another deployment picking at the same time; the ports are
+/// random over the range, so that is rare.
+///
+/// # Errors
+/// No free port found in the range after many tries.
+pub fn free_loopback_ports(n: usize) -> std::io::Result<Vec<SocketAddr>> {
+    use rand::Rng;
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768)
+        .max(2048);
+    let mut rng = rand::thread_rng();
+    let mut held = Vec::with_capacity(n);
+    let mut tries = 0;
+    while held.len() < n {
+        tries += 1;
+        if tries > 1000 + 100 * n {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("no free loopback UDP port below {ephemeral_from}"),
+            ));
+        }
+        let port = rng.gen_range(1024..ephemeral_from);
+        // Held until all are picked, so the ports differ; released on return.
+        if let Ok(s) = std::net::UdpSocket::bind(("127.0.0.1", port)) {
+            held.push(s);
+        }
+    }
+    held.iter().map(std::net::UdpSocket::local_addr).collect()
+}
+
 /// The demo's bank account and its box.
 pub const DEMO_ACCOUNT: &str = "ACC-0001";
 pub const DEMO_BOX: &str = "box-000001";

@@ -219,10 +219,16 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Command::Refund { role, txid, amount } => payment_only(&role).and_then(|p| {
-            let r = headend::payment::refund::authorize(p.journal(), &txid, amount)?;
+            let r = headend::payment::refund::authorize(&p, &txid, amount)?;
+            let card = match r.naming {
+                headend::payment::privacy::CardNaming::Clear => format!("card {:X}", r.card_id),
+                headend::payment::privacy::CardNaming::Pseudonym { .. } => {
+                    format!("the sale's card (private: pseudonym {:X})", r.card_id)
+                }
+            };
             println!(
-                "refund of sale {} authorized: {} to card {:X} (merchant {})",
-                r.transaction_id, r.amount, r.card_id, r.merchant_id
+                "refund of sale {} authorized: {} to {card} (merchant {})",
+                r.transaction_id, r.amount, r.merchant_id
             );
             Ok(())
         }),

@@ -96,7 +96,7 @@ async fn float_case(backend: pg_rig::Backend) {
     // Issue 17: the first sale refunded to its card, and an unload back to the bank account
     // (one more whose card never ran UNLOAD moves nothing).
     let (who, sale) = &sales[0];
-    headend::payment::refund::authorize(p.journal(), &sale.transaction_id, None).unwrap();
+    headend::payment::refund::authorize(&p, &sale.transaction_id, None).unwrap();
     let done = buyers[*who].0.refund(&sale.transaction_id).await.unwrap();
     assert!(
         matches!(done, Message::Receipt(ref r) if r.released),

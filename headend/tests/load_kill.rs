@@ -17,8 +17,7 @@ use load_support::*;
 use proto::messages::*;
 
 fn free_udp_port() -> SocketAddr {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.local_addr().unwrap()
+    headend::assembly::free_loopback_ports(1).unwrap()[0]
 }
 
 /// Starts `headend load` on the deployment's config, but with the load server's own role

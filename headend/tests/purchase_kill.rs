@@ -23,8 +23,7 @@ use purchase_support::pg_rig::{Backend, PgDb};
 use purchase_support::*;
 
 fn free_udp_port() -> SocketAddr {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.local_addr().unwrap()
+    headend::assembly::free_loopback_ports(1).unwrap()[0]
 }
 
 fn spawn_headend(config: &Path, log: &Path) -> Child {

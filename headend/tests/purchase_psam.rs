@@ -1159,7 +1159,7 @@ async fn a_refund_through_the_pcsc_security_card() {
     let paid = b.balance();
 
     // Refund one: the command is lost, the card proves it never ran it: counted back.
-    headend::payment::refund::authorize(payment.journal(), &one.transaction_id, None).unwrap();
+    headend::payment::refund::authorize(payment, &one.transaction_id, None).unwrap();
     let req = b.0.refund_request(&one.transaction_id).unwrap();
     let lost = b.call(&Message::RefundRequest(req)).await;
     assert!(matches!(lost, Message::RefundCommand(_)), "{lost:?}");

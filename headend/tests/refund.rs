@@ -234,7 +234,7 @@ async fn a_credit_command_the_card_never_ran_is_proved_and_due_again() {
     let p = he.running.payment.clone().unwrap();
     let paid = a.balance();
     let totals = p.totals().await;
-    refund::authorize(p.journal(), &sale.transaction_id, None).unwrap();
+    refund::authorize(&p, &sale.transaction_id, None).unwrap();
 
     // The command comes back and is lost: the card never runs it.
     let req = a.0.refund_request(&sale.transaction_id).unwrap();
@@ -289,7 +289,7 @@ async fn a_credit_the_card_ran_whose_answer_was_lost_completes_from_the_card_log
     assert!(receipt(&r).released);
     let p = he.running.payment.clone().unwrap();
     let paid = a.balance();
-    refund::authorize(p.journal(), &sale.transaction_id, None).unwrap();
+    refund::authorize(&p, &sale.transaction_id, None).unwrap();
     let req = a.0.refund_request(&sale.transaction_id).unwrap();
     let cmd = a.call(&Message::RefundRequest(req)).await;
     // The card credits; its answer is lost on the way.
@@ -362,8 +362,8 @@ async fn a_refund_is_settled_from_the_card_whatever_it_did_since() {
     let (two, r) = a.buy("CABLE", "ppv-1002").await;
     assert!(receipt(&r).released);
     let p = he.running.payment.clone().unwrap();
-    refund::authorize(p.journal(), &one.transaction_id, None).unwrap();
-    refund::authorize(p.journal(), &two.transaction_id, None).unwrap();
+    refund::authorize(&p, &one.transaction_id, None).unwrap();
+    refund::authorize(&p, &two.transaction_id, None).unwrap();
 
     // One: the command is lost, then the card buys again.
     let req = a.0.refund_request(&one.transaction_id).unwrap();

@@ -775,6 +775,7 @@ impl PurseCard {
             init_count,
             key_version: s.key_version,
             credits: s.recent_credits,
+            privacy: s.privacy,
             card_random,
             card_mac: [0; 8],
         };

@@ -140,6 +140,15 @@ impl MasterKey {
         purchase_session(&purse.key(&self.card_key(card_id)), atc)
     }
 
+    /// The key under which a payment server keeps a privacy card's transactions (seed 004;
+    /// 002's anonymous payment): it names them by pseudonym and seals what names the card
+    /// (`headend::payment::privacy`). Derived from the purchase master, so it lives where
+    /// that master lives — the security cards and the payment server's key file — and
+    /// nowhere else.
+    pub fn privacy_key(&self) -> DesKey {
+        self.key.derive(b"PRIVACY", &[])
+    }
+
     /// The key's bytes, for the one place that must write them (the issuer's key files).
     pub fn expose(&self) -> &DesKey {
         &self.key
@@ -193,6 +202,11 @@ impl MasterKeys {
     /// The master of `version`, if held.
     pub fn get(&self, version: u8) -> Option<&MasterKey> {
         self.keys.get(&version)
+    }
+
+    /// Every version held, oldest first.
+    pub fn all(&self) -> impl Iterator<Item = &MasterKey> {
+        self.keys.values()
     }
 
     /// Whether `version` is retired.
@@ -533,6 +547,10 @@ pub struct PurchaseInit {
     /// log keeps only the newest records). Issue 17; the refunds' counterpart of
     /// [`LoadInit::runs`].
     pub credits: [Run; RECENT_RUNS],
+    /// The cardholder chose privacy (seed 004; 002's anonymous payment), under the card's
+    /// MAC: the payment server then keeps no card id in its records or collection batches,
+    /// only a per-transaction pseudonym (`headend::payment::privacy`).
+    pub privacy: bool,
     pub card_random: [u8; 8],
     pub card_mac: Mac,
 }
@@ -551,7 +569,7 @@ impl PurchaseInit {
         for (n, sc) in self.credits {
             w.u32(n).u64(sc);
         }
-        w.bytes(&self.card_random);
+        w.u8(u8::from(self.privacy)).bytes(&self.card_random);
         w.finish()
     }
     pub fn encode(&self) -> Vec<u8> {
@@ -578,6 +596,11 @@ impl PurchaseInit {
                 (r.u32()?, r.u64()?),
                 (r.u32()?, r.u64()?),
             ],
+            privacy: match r.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(LayoutError(b.len())),
+            },
             card_random: r.take()?,
             card_mac: r.take()?,
         };

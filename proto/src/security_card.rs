@@ -195,6 +195,12 @@ pub struct SecurityCard {
     /// server loads its newest at every start and on every update).
     #[serde(skip)]
     hotlist: Hotlist,
+    /// In an exported state (a snapshot the payment server journals) only: the
+    /// transactions of cards whose holder chose privacy (seed 004;
+    /// [`PurchaseInit::privacy`]), sealed by whoever exported it
+    /// ([`Self::exported`]), so the card id stays inside the security card. Empty in a
+    /// working card ([`Self::import_sealed`]).
+    pub sealed: BTreeMap<u32, Vec<u8>>,
 }
 
 impl SecurityCard {
@@ -206,6 +212,7 @@ impl SecurityCard {
             txns: BTreeMap::new(),
             totals: BTreeMap::new(),
             hotlist: Hotlist::default(),
+            sealed: BTreeMap::new(),
         }
     }
 
@@ -219,6 +226,7 @@ impl SecurityCard {
             txns: BTreeMap::new(),
             totals,
             hotlist: Hotlist::default(),
+            sealed: BTreeMap::new(),
         }
     }
 
@@ -246,6 +254,47 @@ impl SecurityCard {
     pub fn with_key(mut self, master: impl Into<MasterKeys>) -> Self {
         self.master = Some(master.into());
         self
+    }
+
+    /// The purchase masters the card holds (`None`: none loaded).
+    pub fn master_keys(&self) -> Option<&MasterKeys> {
+        self.master.as_ref()
+    }
+
+    /// This card's state for export: every transaction of a privacy card moved out of
+    /// [`Self::txns`] into [`Self::sealed`] by `seal` (the caller's cipher: this crate
+    /// does no IO and draws no randomness of its own).
+    pub fn exported(&self, seal: impl Fn(&Txn) -> Vec<u8>) -> SecurityCard {
+        let mut out = self.clone();
+        out.txns.retain(|n, t| {
+            if t.draw.init.privacy {
+                out.sealed.insert(*n, seal(t));
+                false
+            } else {
+                true
+            }
+        });
+        out
+    }
+
+    /// Takes an exported state's sealed transactions back into [`Self::txns`] with `open`.
+    ///
+    /// # Errors
+    /// `open`'s, for the first that does not open (the state is left as it was).
+    pub fn import_sealed(
+        &mut self,
+        open: impl Fn(&[u8]) -> Result<Txn, String>,
+    ) -> Result<(), String> {
+        let mut opened = Vec::with_capacity(self.sealed.len());
+        for (n, s) in &self.sealed {
+            opened.push((
+                *n,
+                open(s).map_err(|e| format!("security card transaction {n}: {e}"))?,
+            ));
+        }
+        self.sealed.clear();
+        self.txns.extend(opened);
+        Ok(())
     }
 
     /// Takes `state`'s transactions, counter and totals (a snapshot, rolled back to) and

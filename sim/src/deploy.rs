@@ -197,8 +197,8 @@ impl Layout {
 }
 
 fn free_udp_port() -> Result<SocketAddr, String> {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
+    headend::assembly::free_loopback_ports(1)
+        .map(|p| p[0])
         .map_err(|e| format!("no free UDP port: {e}"))
 }
 

@@ -696,6 +696,7 @@ mod tests {
             init_count: 1,
             key_version: 1,
             credits: Default::default(),
+            privacy: false,
             card_random: [0; 8],
             card_mac: [0; 8],
         }

@@ -518,10 +518,7 @@ fn under_umask(umask: &str, program: &Path, args: &[&str]) -> std::process::Outp
 fn secret_modes(umask: &str, root: &Path) -> Vec<String> {
     let bins = bins();
     let d = root.join("he");
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let port = headend::assembly::free_loopback_ports(1).unwrap()[0];
     let p = |p: &Path| p.display().to_string();
     let out = under_umask(
         umask,
@@ -720,14 +717,7 @@ fn a_role_with_a_key_file_others_can_read_refuses_to_start() {
         .tempdir()
         .unwrap();
     let d = dir.path().join("he");
-    let ports: Vec<std::net::SocketAddr> = (0..6)
-        .map(|_| {
-            std::net::UdpSocket::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-        })
-        .collect();
+    let ports: Vec<std::net::SocketAddr> = headend::assembly::free_loopback_ports(6).unwrap();
     headend::assembly::init_demo(
         &d,
         &headend::assembly::DemoOptions {

@@ -69,9 +69,7 @@ impl SerialWorld {
             .expect("temp dir");
         let root = dir.path().to_path_buf();
         let he = root.join("headend");
-        let addr = std::net::UdpSocket::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .expect("a free UDP port");
+        let addr = headend::assembly::free_loopback_ports(1).expect("a free UDP port")[0];
         run_ok(
             "headend init-demo",
             Command::new(&bins.headend)

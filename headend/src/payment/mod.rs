@@ -22,6 +22,7 @@
 
 pub mod collection;
 pub mod pool;
+pub mod privacy;
 pub mod refund;
 pub mod step;
 pub mod terminal;
@@ -48,6 +49,7 @@ use crate::quic::BoxFuture;
 use crate::role::{Caller, Role};
 use crate::role::{journal_failed, open_body, refuse, repeat};
 use pool::{Lease, Pool, SecurityCardDevice};
+use privacy::{AtRest, CardNaming, NamesCard, PrivacyKeys};
 use tokio::sync::OwnedMutexGuard;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,7 +61,8 @@ pub enum PayState {
 
 /// FIG. 5 ([0097]): the debit command a security card issued and the card signature it
 /// expects back, kept by the payment server, which compares the card's debit response with
-/// them itself (journal kind `expected_signature`, [`Kind::Expected`]).
+/// them itself (journal kind `expected_signature`, [`Kind::Expected`]). The command names
+/// the card as the transaction's records do ([`PayTxn::card_id`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Expected {
     pub command: DebitCommand,
@@ -81,13 +84,18 @@ pub struct PayTxn {
     pub security_card_id: u64,
     pub security_card_txn: u32,
     pub amount: Money,
+    /// The card: its card id, or with privacy its pseudonym in this transaction
+    /// ([`privacy`]; `naming` says which).
     pub card_id: u64,
+    pub naming: CardNaming,
     pub state: PayState,
-    /// The draw request as received, to tell a retry from a different request.
-    pub draw: Vec<u8>,
-    pub debit_command: Message,
-    pub confirmation: Option<Message>,
-    /// The debit response that completed the transaction: a repeat must be identical.
+    /// SHA-256 of the draw request as received, to tell a retry from a different request.
+    pub draw: [u8; 32],
+    /// The answer to the draw request, for a retry (sealed with privacy: it names the card).
+    pub debit_command: AtRest<Message>,
+    pub confirmation: Option<AtRest<Message>>,
+    /// The debit response that completed the transaction, naming the card as `card_id`
+    /// does: a repeat must be identical.
     pub debit_response: Option<proto::purse::DebitResponse>,
     /// Batch id once collected.
     pub batch: Option<u64>,
@@ -108,6 +116,8 @@ pub struct PaymentServer {
     journal: Arc<Journal>,
     pool: Arc<Pool>,
     merchants: HashMap<String, Merchant>,
+    /// Privacy cards' pseudonyms and sealed records ([`privacy`]).
+    privacy: PrivacyKeys,
     /// FIG. 4 leases held across the round trip to the card, by transaction id, with when
     /// they were taken: a lease held past `lease_timeout` goes back to the pool (the
     /// transaction stays open until its own deadline), so a box that never answers cannot
@@ -126,7 +136,8 @@ pub struct PaymentServer {
     /// Sweeps run so far (idle terminals are probed every other one).
     sweeps: std::sync::atomic::AtomicU64,
     /// Per card id, the newest INITIALIZE FOR PURCHASE a draw request has used (journal kind
-    /// `card_init`, key the card id): see [`PaymentServer::claim_init`].
+    /// `card_init`, key the card's tag, [`PrivacyKeys::card_tag`]): see
+    /// [`PaymentServer::claim_init`].
     card_inits: std::sync::Mutex<HashMap<u64, CardInit>>,
     /// Per terminal, draws in a row whose card it refused and another terminal verified
     /// ([`DISTRUST_AFTER`] of them take it out until restart; a draw it serves clears them).
@@ -392,7 +403,7 @@ impl PaymentServer {
             let device: Box<dyn SecurityCardDevice> = match def {
                 crate::config::TerminalDef::Software { .. } => {
                     let card = match &snapshot {
-                        Some(b) => journal::decode::<SecurityCard>(b)?.with_key(master.clone()),
+                        Some(b) => pool::software_card(b, &master)?,
                         None => SecurityCard::new(id, master.clone()),
                     };
                     if card.id != id {
@@ -403,7 +414,7 @@ impl PaymentServer {
                 // Offline: the journaled summary stands in for the card (read only).
                 crate::config::TerminalDef::Pcsc { .. } if offline => {
                     let card = match &snapshot {
-                        Some(b) => journal::decode::<SecurityCard>(b)?.with_key(master.clone()),
+                        Some(b) => pool::software_card(b, &master)?,
                         None => SecurityCard::new(id, master.clone()),
                     };
                     Box::new(card)
@@ -495,6 +506,7 @@ impl PaymentServer {
             journal,
             pool,
             merchants,
+            privacy: PrivacyKeys::new(&master),
             held: Default::default(),
             lease_timeout,
             open: std::sync::Mutex::new(open),
@@ -569,7 +581,10 @@ impl PaymentServer {
             Some(c) => Some(c.clone()),
             None => self
                 .journal
-                .get(Kind::CardInit, &init.card_id.to_string())
+                .get(
+                    Kind::CardInit,
+                    &self.privacy.current_tag(init.privacy, init.card_id),
+                )
                 .ok()
                 .flatten()
                 .and_then(|b| journal::decode::<CardInit>(&b).ok()),
@@ -612,11 +627,17 @@ impl PaymentServer {
                 Some(&txid),
             );
         };
-        let raw = journal::encode(&req);
+        let raw = privacy::digest(&journal::encode(&req));
         if let Some(prev) = self.txn(&txid) {
             return if prev.draw == raw {
                 tracing::info!(txid, "retried draw request: same answer");
-                prev.debit_command
+                self.privacy.open(&prev.debit_command).unwrap_or_else(|e| {
+                    refuse(
+                        ErrorCode::Internal,
+                        format!("the answer kept for this draw request: {e}"),
+                        Some(&txid),
+                    )
+                })
             } else {
                 refuse(
                     ErrorCode::Replay,
@@ -663,6 +684,13 @@ impl PaymentServer {
                 Some(&txid),
             );
         }
+        // The card chose privacy (under its MAC, checked by the security card below): its
+        // records name it by pseudonym.
+        let naming = self.privacy.naming(body.init.privacy, body.init.card_id);
+        let card_name = match self.privacy.name(&naming, body.init.card_id, &txid) {
+            Ok(n) => n,
+            Err(e) => return refuse(ErrorCode::Internal, e, Some(&txid)),
+        };
         let mut claim = match self.claim_init(&body.init, &txid) {
             Ok(c) => c,
             Err(newest) => {
@@ -759,7 +787,7 @@ impl PaymentServer {
                             );
                         }
                         Some((s, e)) => {
-                            self.distrust(s.slot, lease.slot, body.init.card_id, &e, &txid);
+                            self.distrust(s.slot, lease.slot, card_name, &e, &txid);
                         }
                         None => {}
                     }
@@ -809,7 +837,7 @@ impl PaymentServer {
             .then_some(())
             .and(expected)
             .map(|signature| Expected {
-                command: auth.command.clone(),
+                command: auth.command.masked(card_name),
                 signature,
             });
         if auth.command.security_card_txn % PURGE_EVERY == 0 {
@@ -840,7 +868,7 @@ impl PaymentServer {
                     &txid,
                     &req.merchant_id,
                     body.amount,
-                    auth.command.card_id,
+                    card_name,
                     card.id(),
                     auth.command.security_card_txn,
                     &mut rng,
@@ -869,10 +897,11 @@ impl PaymentServer {
             security_card_id: card.id(),
             security_card_txn: auth.command.security_card_txn,
             amount: body.amount,
-            card_id: auth.command.card_id,
+            card_id: card_name,
+            debit_command: self.privacy.keep(&naming, answer.clone()),
+            naming,
             state: PayState::DebitIssued,
             draw: raw,
-            debit_command: answer.clone(),
             confirmation: None,
             debit_response: None,
             batch: None,
@@ -884,7 +913,9 @@ impl PaymentServer {
             if let Some(c) = &claim {
                 b.put(
                     Kind::CardInit,
-                    &body.init.card_id.to_string(),
+                    &self
+                        .privacy
+                        .current_tag(body.init.privacy, body.init.card_id),
                     &journal::encode(&c.claim),
                 )?;
             }
@@ -937,14 +968,22 @@ impl PaymentServer {
             Ok(r) => r,
             Err(e) => return e,
         };
+        // The response as this transaction's records name the card.
+        let kept = match self.privacy.name(&rec.naming, resp.card_id, &txid) {
+            Ok(name) => resp.masked(name),
+            Err(e) => return refuse(ErrorCode::Internal, e, Some(&txid)),
+        };
         if let (PayState::Completed, Some(c)) = (rec.state, &rec.confirmation) {
-            return repeat(
-                rec.debit_response.as_ref(),
-                &resp,
-                c,
-                "debit response",
-                &txid,
-            );
+            return match self.privacy.open(c) {
+                Ok(c) => repeat(
+                    rec.debit_response.as_ref(),
+                    &kept,
+                    &c,
+                    "debit response",
+                    &txid,
+                ),
+                Err(e) => refuse(ErrorCode::Internal, e, Some(&txid)),
+            };
         }
         if let Err(e) = self.journal.step(
             &txid,
@@ -955,7 +994,7 @@ impl PaymentServer {
         }
         if rec.state == PayState::DebitIssued {
             if let Some(e) = self.expected(&txid) {
-                return self.compare_here(rec, resp, e).await;
+                return self.compare_here(rec, resp, kept, e).await;
             }
         }
         let Some(mut card) = self.pool.card(rec.slot).await else {
@@ -989,8 +1028,8 @@ impl PaymentServer {
             Ok(_) => {
                 let confirmation = self.confirmation(&rec, &resp);
                 rec.state = PayState::Completed;
-                rec.confirmation = Some(confirmation.clone());
-                rec.debit_response = Some(resp.clone());
+                rec.confirmation = Some(self.privacy.keep(&rec.naming, confirmation.clone()));
+                rec.debit_response = Some(kept);
                 // Settled: our record answers any repeat, so the card need not keep it.
                 card.forget(rec.security_card_txn);
                 let snapshot = card.snapshot();
@@ -1067,10 +1106,17 @@ impl PaymentServer {
 
     /// FIG. 5 ([0097]): compares the card's debit response with the debit command and the
     /// expected signature kept at the draw, here, without the security card (which counted
-    /// the sale when it issued the command). A match confirms; a mismatch reverses.
-    async fn compare_here(&self, mut rec: PayTxn, resp: DebitResponse, e: Expected) -> Message {
+    /// the sale when it issued the command). A match confirms; a mismatch reverses. `kept`
+    /// is `resp` naming the card as the records do (the expected signature covers `resp`).
+    async fn compare_here(
+        &self,
+        mut rec: PayTxn,
+        resp: DebitResponse,
+        kept: DebitResponse,
+        e: Expected,
+    ) -> Message {
         let txid = rec.transaction_id.clone();
-        let refused = if !resp.answers(&e.command) {
+        let refused = if !kept.answers(&e.command) {
             Some(SecurityCardError::ResponseMismatch)
         } else if !SecurityCard::signatures_match(&e.signature, &resp) {
             Some(SecurityCardError::BadCardSignature)
@@ -1087,8 +1133,8 @@ impl PaymentServer {
         }
         let confirmation = self.confirmation(&rec, &resp);
         rec.state = PayState::Completed;
-        rec.confirmation = Some(confirmation.clone());
-        rec.debit_response = Some(resp);
+        rec.confirmation = Some(self.privacy.keep(&rec.naming, confirmation.clone()));
+        rec.debit_response = Some(kept);
         let saved = self.journal.atomically(|b| {
             b.put(Kind::Txn, &txid, &journal::encode(&rec))?;
             b.delete(Kind::Expected, &txid)?;
@@ -1283,7 +1329,7 @@ impl PaymentServer {
             PayState::DebitIssued => {}
         }
         let verdict = match &c.proof {
-            Some(p) if p.card_id == rec.card_id => {
+            Some(p) if self.privacy.name(&rec.naming, p.card_id, &txid) == Ok(rec.card_id) => {
                 let Some(card) = self.pool.card(rec.slot).await else {
                     return refuse(
                         ErrorCode::Internal,

@@ -24,9 +24,11 @@ use std::time::Duration;
 
 use proto::hotlist::Hotlist;
 use proto::money::Currency;
-use proto::purse::{CreditCommand, CreditResponse, Date, DebitResponse, PurchaseInit};
+use proto::purse::{CreditCommand, CreditResponse, Date, DebitResponse, MasterKeys, PurchaseInit};
 use proto::security_card::{DebitAuthorization, DrawData, SecurityCard, SecurityCardError, Totals};
 use tokio::sync::{Mutex, OwnedMutexGuard};
+
+use super::privacy::{AtRest, PrivacyKeys};
 
 use crate::journal;
 
@@ -170,12 +172,43 @@ impl SecurityCardDevice for SecurityCard {
         self.totals.clone()
     }
     fn snapshot(&self) -> Vec<u8> {
-        journal::encode(self)
+        // A privacy card's transactions leave the card sealed ([`super::privacy`]).
+        let Some(keys) = self.master_keys().map(PrivacyKeys::new) else {
+            return journal::encode(self);
+        };
+        let naming = keys.naming(true, 0);
+        journal::encode(&self.exported(|t| match keys.keep(&naming, t.clone()) {
+            AtRest::Sealed {
+                sealed,
+                key_version,
+            } => journal::encode(&(key_version, sealed)),
+            AtRest::Clear(_) => unreachable!("a pseudonymous naming seals"),
+        }))
     }
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
-        self.restore_state(journal::decode(snapshot)?);
-        Ok(())
+        let state = journal::decode(snapshot)?;
+        self.restore_state(state);
+        let keys = self.master_keys().map(PrivacyKeys::new);
+        self.import_sealed(|s| {
+            let keys = keys.as_ref().ok_or("no purchase key to open it")?;
+            let (key_version, sealed): (u8, Vec<u8>) = journal::decode(s)?;
+            keys.open(&AtRest::Sealed {
+                key_version,
+                sealed,
+            })
+        })
     }
+}
+
+/// A software security card from its journaled snapshot, with its purchase masters (a
+/// snapshot holds no key), its privacy cards' transactions unsealed.
+///
+/// # Errors
+/// The snapshot does not decode, or a sealed transaction does not open.
+pub fn software_card(snapshot: &[u8], master: &MasterKeys) -> Result<SecurityCard, String> {
+    let mut card = SecurityCard::new(0, master.clone());
+    card.restore(snapshot)?;
+    Ok(card)
 }
 
 /// How many security-card operations [`Pool::trace`] keeps (the oldest go first).

@@ -26,7 +26,9 @@
 //!    merchant is owed.
 //!
 //! Privacy: the box learns only the refunds due to the card it holds (it names the card
-//! id; the credit command is useless to any other card, signed under that card's key).
+//! id; the credit command is useless to any other card, signed under that card's key). A
+//! private sale's refund names the card as the sale does, by pseudonym, and is filed under
+//! the card's tag ([`super::privacy`]).
 
 use proto::messages::*;
 use proto::money::Money;
@@ -35,6 +37,7 @@ use proto::security_card::DrawData;
 use serde::{Deserialize, Serialize};
 
 use super::pool::SecurityCardDevice;
+use super::privacy::{CardNaming, NamesCard};
 use super::step::PayStep;
 use super::{PayState, PayTxn, PaymentServer, blocking, security_card_error, slot_key, today};
 use crate::journal::{self, Journal, Kind, StoreError};
@@ -63,8 +66,10 @@ pub enum RefundState {
 /// A credit command out for a refund.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Issued {
-    /// The refund request as received (postcard): a retry must be identical.
-    pub request: Vec<u8>,
+    /// SHA-256 of the refund request as received: a retry must be identical.
+    pub request: [u8; 32],
+    /// The credit command, naming the card as [`RefundRec::card_id`] does (the box's
+    /// message gives the card id back: [`NamesCard::restored`]).
     pub command: CreditCommand,
 }
 
@@ -75,8 +80,14 @@ pub struct RefundRec {
     /// The sale's transaction id.
     pub transaction_id: String,
     pub merchant_id: String,
-    /// The card the sale debited: the only card the refund may credit.
+    /// The card the sale debited, as the sale's records name it (its card id, or its
+    /// pseudonym in the sale, [`super::privacy`]): the only card the refund may credit.
     pub card_id: u64,
+    /// How `card_id` names the card (the sale's naming).
+    pub naming: CardNaming,
+    /// The refund's key in the card's index of refunds due ([`Kind::RefundDue`]): the
+    /// card's tag, `/`, the sale's transaction id.
+    pub due: String,
     /// What the card is credited (minor units of the sale's currency).
     pub amount: Money,
     /// The terminal slot and security card that counted the sale (and count the refund).
@@ -113,12 +124,20 @@ impl RefundRec {
 /// The merchant's authorization of the refund of sale `txid` in the payment server's
 /// journal: `amount` in minor units of the sale's currency, the sale's whole amount when
 /// `None`. The running payment server takes it from the journal at the card's next
-/// refunds-due request.
+/// refunds-due request. `server` may be opened offline ([`PaymentServer::open_offline`]):
+/// only its journal and its privacy keys are used (a private sale's refund is filed under
+/// the card's tag, from the card id its record holds sealed).
 ///
 /// # Errors
 /// No such sale; a sale not completed (or an authentication, which moved no value); a zero
-/// amount or one above the sale's; a sale refunded (or authorized) already; the journal.
-pub fn authorize(journal: &Journal, txid: &str, amount: Option<u64>) -> Result<RefundRec, String> {
+/// amount or one above the sale's; a sale refunded (or authorized) already; a private
+/// sale's sealed card id that does not open; the journal.
+pub fn authorize(
+    server: &PaymentServer,
+    txid: &str,
+    amount: Option<u64>,
+) -> Result<RefundRec, String> {
+    let journal: &Journal = server.journal();
     let outcome = journal.atomically(|b| {
         let Some(raw) = b.get_for_update(Kind::Txn, txid)? else {
             return Ok(Err(format!("no sale {txid} at this payment server")));
@@ -156,10 +175,24 @@ pub fn authorize(journal: &Journal, txid: &str, amount: Option<u64>) -> Result<R
                 prev.amount
             )));
         }
+        let tag = match (&sale.naming, server.privacy.card_of(&sale.naming)) {
+            (CardNaming::Clear, _) => server.privacy.card_tag(None, sale.card_id),
+            (CardNaming::Pseudonym { key_version, .. }, Ok(Some(card))) => {
+                server.privacy.card_tag(Some(*key_version), card)
+            }
+            (_, Ok(None)) => Err("a pseudonym without a sealed card id".into()),
+            (_, Err(e)) => Err(e),
+        };
+        let tag = match tag {
+            Ok(t) => t,
+            Err(e) => return Ok(Err(format!("sale {txid}'s card cannot be named: {e}"))),
+        };
         let rec = RefundRec {
             transaction_id: txid.into(),
             merchant_id: sale.merchant_id.clone(),
             card_id: sale.card_id,
+            naming: sale.naming.clone(),
+            due: format!("{tag}/{txid}"),
             amount: Money::new(minor, sale.amount.currency),
             slot: sale.slot,
             security_card_id: sale.security_card_id,
@@ -168,16 +201,11 @@ pub fn authorize(journal: &Journal, txid: &str, amount: Option<u64>) -> Result<R
             batch: None,
         };
         b.put(Kind::Refund, txid, &journal::encode(&rec))?;
-        b.put(Kind::RefundDue, &due_key(rec.card_id, txid), &[])?;
+        b.put(Kind::RefundDue, &rec.due, &[])?;
         b.step(txid, &PayStep::RefundAuthorized, &rec.amount.to_string())?;
         Ok(Ok(rec))
     });
     outcome.map_err(|e| e.to_string())?
-}
-
-/// The key of a refund due to a card ([`Kind::RefundDue`]).
-fn due_key(card_id: u64, txid: &str) -> String {
-    format!("{card_id:016X}/{txid}")
 }
 
 /// Every refund in `journal`, by sale.
@@ -216,7 +244,7 @@ impl PaymentServer {
             }
             b.put(Kind::Refund, &rec.transaction_id, &journal::encode(rec))?;
             if matches!(rec.state, RefundState::Credited { .. }) {
-                b.delete(Kind::RefundDue, &due_key(rec.card_id, &rec.transaction_id))?;
+                b.delete(Kind::RefundDue, &rec.due)?;
             }
             b.step(&rec.transaction_id, &step, detail)
         })
@@ -227,32 +255,44 @@ impl PaymentServer {
     /// is out is listed too, so the card's box can finish it (with the card's credit
     /// response) or settle it (with the card's later INITIALIZE).
     pub(super) fn refunds_due(&self, card_id: u64) -> Message {
-        let prefix = format!("{card_id:016X}/");
-        let keys = match self.journal.range_after(Kind::RefundDue, &prefix, MAX_DUE) {
-            Ok(k) => k,
-            Err(e) => {
-                return refuse(
-                    ErrorCode::Internal,
-                    format!("refunds cannot be read: {e}"),
-                    None,
-                );
-            }
-        };
-        Message::RefundsDue(
-            keys.into_iter()
-                .filter_map(|(k, _)| k.strip_prefix(&prefix).map(str::to_string))
-                .filter_map(|txid| self.refund(&txid))
-                .filter(|r| {
-                    r.card_id == card_id && !matches!(r.state, RefundState::Credited { .. })
-                })
-                .map(|r| RefundDue {
-                    issued: r.issued().map(|i| i.command.clone()),
-                    transaction_id: r.transaction_id,
-                    merchant_id: r.merchant_id,
-                    amount: r.amount,
-                })
-                .collect(),
-        )
+        // Filed under the card's id, or (private sales) under its tag of each key version.
+        let mut due = Vec::new();
+        for tag in self.privacy.card_tags(card_id) {
+            let prefix = format!("{tag}/");
+            let keys = match self.journal.range_after(Kind::RefundDue, &prefix, MAX_DUE) {
+                Ok(k) => k,
+                Err(e) => {
+                    return refuse(
+                        ErrorCode::Internal,
+                        format!("refunds cannot be read: {e}"),
+                        None,
+                    );
+                }
+            };
+            due.extend(
+                keys.into_iter()
+                    .filter_map(|(k, _)| k.strip_prefix(&prefix).map(str::to_string))
+                    .filter_map(|txid| self.refund(&txid))
+                    .filter(|r| {
+                        self.names(r, card_id) && !matches!(r.state, RefundState::Credited { .. })
+                    })
+                    .map(|r| RefundDue {
+                        issued: r.issued().map(|i| i.command.restored(card_id)),
+                        transaction_id: r.transaction_id,
+                        merchant_id: r.merchant_id,
+                        amount: r.amount,
+                    }),
+            );
+        }
+        due.truncate(MAX_DUE);
+        Message::RefundsDue(due)
+    }
+
+    /// Whether refund `rec` is due to card `card_id` (the card its sale debited).
+    fn names(&self, rec: &RefundRec, card_id: u64) -> bool {
+        self.privacy
+            .name(&rec.naming, card_id, &rec.transaction_id)
+            .is_ok_and(|n| n == rec.card_id)
     }
 
     /// The security card that counted the sale (and counts its refund), from its slot.
@@ -292,7 +332,7 @@ impl PaymentServer {
                 Some(txid),
             )));
         };
-        if rec.card_id != card_id {
+        if !self.names(&rec, card_id) {
             return Err(Box::new(refuse(
                 ErrorCode::NotYourAccount,
                 format!("the refund of sale {txid} is due to another card than {card_id:X}"),
@@ -309,12 +349,12 @@ impl PaymentServer {
             Ok(r) => r,
             Err(m) => return *m,
         };
-        let raw = journal::encode(&req);
+        let raw = super::privacy::digest(&journal::encode(&req));
         match &rec.state {
             RefundState::Authorized => {}
             RefundState::Issued(i) if i.request == raw => {
                 tracing::info!(txid, "retried refund request: same credit command");
-                return command_msg(&txid, &i.command);
+                return command_msg(&txid, &i.command.restored(req.init.card_id));
             }
             RefundState::Issued(i) => {
                 return refuse(
@@ -369,7 +409,7 @@ impl PaymentServer {
         };
         rec.state = RefundState::Issued(Issued {
             request: raw,
-            command: command.clone(),
+            command: command.masked(rec.card_id),
         });
         let snapshot = card.snapshot();
         let detail = format!(
@@ -403,7 +443,7 @@ impl PaymentServer {
             RefundState::Credited {
                 response: Some(response),
                 ..
-            } if *response == msg.response => {
+            } if *response == msg.response.masked(rec.card_id) => {
                 return receipt(&rec, Some(response.0.new_balance));
             }
             RefundState::Credited { .. } => {
@@ -426,7 +466,7 @@ impl PaymentServer {
         }
         rec.state = RefundState::Credited {
             issued,
-            response: Some(msg.response.clone()),
+            response: Some(msg.response.masked(rec.card_id)),
         };
         let snapshot = card.snapshot();
         drop(card);

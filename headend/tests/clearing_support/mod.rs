@@ -15,10 +15,7 @@ use headend::journal::Kind;
 use headend::payment::{PayState, PayTxn};
 
 pub fn free_udp_ports(n: usize) -> Vec<SocketAddr> {
-    let socks: Vec<_> = (0..n)
-        .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
-        .collect();
-    socks.iter().map(|s| s.local_addr().unwrap()).collect()
+    headend::assembly::free_loopback_ports(n).unwrap()
 }
 
 /// `init_demo`'s split deployment, rewired: M-WEBSHOP's payment server is `payment-web`

@@ -234,11 +234,7 @@ pub struct Split {
 }
 
 fn free_udp_ports(n: usize) -> Vec<SocketAddr> {
-    // Held together so the ports differ; released just before the roles bind them.
-    let socks: Vec<_> = (0..n)
-        .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
-        .collect();
-    socks.iter().map(|s| s.local_addr().unwrap()).collect()
+    headend::assembly::free_loopback_ports(n).unwrap()
 }
 
 fn signal(child: &Child, sig: libc::c_int) {

@@ -277,11 +277,7 @@ impl Deployment {
     /// deployment's directory, `headend.log`); ready once `probe` connects.
     pub async fn child(opts: &Options, headend_bin: &Path, log: &str) -> Result<Self, String> {
         // A free port for the child: bind, note, release.
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .map_err(|e| e.to_string())?
-            .port();
-        let listen: SocketAddr = ([127, 0, 0, 1], port).into();
+        let listen = headend::assembly::free_loopback_ports(1).map_err(|e| e.to_string())?[0];
         let (dir, files) = demo(opts, listen)?;
         let cfg = load(&files)?;
         let child = spawn_child(headend_bin, log, &files)?;

@@ -773,6 +773,7 @@ pub fn journal_pending_purchase(dir: &Path, txid: &str, debit_sent: bool, securi
         init_count: 1,
         key_version: 1,
         credits: Default::default(),
+        privacy: false,
         card_random: [0; 8],
         card_mac: [0; 8],
     };

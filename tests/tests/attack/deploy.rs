@@ -58,13 +58,7 @@ pub struct HeadEnd {
 }
 
 fn free_ports(n: usize) -> Vec<SocketAddr> {
-    let socks: Vec<_> = (0..n)
-        .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").expect("a free UDP port"))
-        .collect();
-    socks
-        .iter()
-        .map(|s| s.local_addr().expect("address"))
-        .collect()
+    headend::assembly::free_loopback_ports(n).expect("free UDP ports")
 }
 
 /// Reads a split config, lets `edit` change it, writes it back owner-only.

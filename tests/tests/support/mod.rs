@@ -512,8 +512,7 @@ pub struct World {
 }
 
 fn free_udp_port() -> SocketAddr {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("a free UDP port");
-    s.local_addr().expect("its address")
+    headend::assembly::free_loopback_ports(1).expect("a free UDP port")[0]
 }
 
 impl World {

@@ -71,6 +71,7 @@ impl FakeCard {
                 init_count: 12,
                 key_version: 1,
                 credits: Default::default(),
+                privacy: false,
                 card_random: [3; 8],
                 card_mac: [4; 8],
             },
