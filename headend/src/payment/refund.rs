@@ -390,10 +390,17 @@ impl PaymentServer {
             init: req.init.clone(),
         };
         let atr = req.atr.clone();
+        // The security card refunds only what it has counted and can no longer reverse:
+        // sales it recorded early (FIG. 5-7) that this server has settled are dropped from
+        // it first, as every PURGE_EVERY draws do (a FIG. 5 sale is never settled in the
+        // security card otherwise, and its refund would wait for the next purge).
+        let mut open = self.open_on(rec.slot);
+        open.extend(self.owed_on(rec.slot));
         let (mut card, (before, issued)) = blocking(
             card,
             move |c| {
                 let before = c.snapshot();
+                c.purge_settled_except(&open);
                 (before, c.issue_credit(&atr, &credit, today()))
             },
             |c, (before, r)| {

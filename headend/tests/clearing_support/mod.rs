@@ -62,6 +62,15 @@ pub fn deployment() -> Deployment {
 /// fresh database on PostgreSQL): `None` (said why) when that is PostgreSQL and it is not
 /// installed.
 pub fn deployment_on(backend: crate::purchase_support::pg_rig::Backend) -> Option<Deployment> {
+    deployment_with(backend, "security-card")
+}
+
+/// [`deployment_on`] with every merchant in `embodiment` (001 FIG. 4–7: "security-card",
+/// "payment-server", "gateway", "merchant").
+pub fn deployment_with(
+    backend: crate::purchase_support::pg_rig::Backend,
+    embodiment: &str,
+) -> Option<Deployment> {
     let pg = match backend {
         crate::purchase_support::pg_rig::Backend::Sqlite => None,
         crate::purchase_support::pg_rig::Backend::Postgres => {
@@ -83,6 +92,7 @@ pub fn deployment_on(backend: crate::purchase_support::pg_rig::Backend) -> Optio
         &DemoOptions {
             gateway_listen: ports[0],
             split: Some(split),
+            embodiment: embodiment.into(),
             ..DemoOptions::default()
         },
     )
