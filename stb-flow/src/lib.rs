@@ -13,6 +13,7 @@
 //!   loads (card reads, messages, journal writes) as a sans-IO machine.
 //! - [`load`]: one load of value onto the card, 001 [0117]–[0160], and its recovery.
 //! - [`refund`]: the refunds due to the card in the reader, credited (issue 17).
+//! - [`privacy`]: the cardholder's privacy switch (seed 004): SELECT, VERIFY, SET PRIVACY.
 //! - [`failure`]: what the shell reports when the card, the network or the journal fails
 //!   ([`CardFailure`], [`NetworkFailure`], [`JournalFailure`]), typed.
 //! - [`show`]: what the flows ask the TV to show, as their own vocabulary (no wording: the
@@ -23,6 +24,7 @@
 
 pub mod failure;
 pub mod load;
+pub mod privacy;
 pub mod purchase;
 pub mod recovery;
 pub mod refund;

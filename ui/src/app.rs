@@ -88,6 +88,9 @@ pub struct App {
     /// What the PIN entry is for: a load's bank PIN, or the card's PIN for a purchase
     /// above its threshold (seed 004); the progress after it says so.
     pin_for: TxKind,
+    /// The privacy switch was chosen and the daemon has not answered yet: a PIN asked now
+    /// is the card's, for the switch, and no transaction follows it.
+    privacy_asked: bool,
 }
 
 impl Default for App {
@@ -106,6 +109,7 @@ impl App {
             history: None,
             screen: Screen::Home,
             pin_for: TxKind::Load,
+            privacy_asked: false,
             home: Home::default(),
             catalog_view: CatalogView::default(),
             highlight_said: None,
@@ -309,6 +313,11 @@ impl App {
                 None => Vec::new(),
             },
             Screen::Pin(entry) => match entry.handle(key) {
+                // The switch's PIN: the card answers at once, no transaction follows.
+                Some(PinAction::Submit(pin)) if self.privacy_asked => {
+                    self.screen = Screen::Home;
+                    vec![Intent::SubmitPin(pin)]
+                }
                 Some(PinAction::Submit(pin)) => {
                     self.screen = Screen::Progress(Progress {
                         kind: self.pin_for,
@@ -318,6 +327,7 @@ impl App {
                 }
                 Some(PinAction::Cancel) => {
                     self.screen = Screen::Home;
+                    self.privacy_asked = false;
                     vec![Intent::CancelPin]
                 }
                 None => Vec::new(),
@@ -349,6 +359,7 @@ impl App {
             _ => Vec::new(),
         };
         self.screen = Screen::Home;
+        self.privacy_asked = false;
         intents
     }
 
@@ -367,6 +378,13 @@ impl App {
                 self.history_view = HistoryView::default();
                 vec![Intent::ShowHistory]
             }
+            MenuEntry::Privacy => match &self.card {
+                Some(c) => {
+                    self.privacy_asked = true;
+                    vec![Intent::SetPrivacy { on: !c.privacy }]
+                }
+                None => Vec::new(),
+            },
         }
     }
 
@@ -442,7 +460,18 @@ impl App {
             UiUpdate::Error(e) => {
                 // The daemon has ended whatever was in flight; no intent is owed.
                 self.offer = None;
+                self.privacy_asked = false;
                 self.screen = Screen::Error(e);
+            }
+            UiUpdate::PrivacyChanged(on) => {
+                if let Some(card) = self.card.as_mut() {
+                    card.privacy = on;
+                }
+                self.privacy_asked = false;
+                if matches!(self.screen, Screen::Home | Screen::Pin(_)) {
+                    self.screen = Screen::Home;
+                }
+                self.notice = Some(strings::privacy_changed(on));
             }
             UiUpdate::LoadMax(max) => self.screen = Screen::Load(LoadView::amount(max)),
             UiUpdate::Settled => {

@@ -46,6 +46,8 @@ pub enum UiUpdate {
     /// The daemon settled transactions that were in doubt (recovery): a "Being settled"
     /// screen still showing closes, with a note to look in History.
     Settled,
+    /// The card took the privacy switch (seed 004): privacy is now on (`true`) or off.
+    PrivacyChanged(bool),
 }
 
 impl UiUpdate {
@@ -96,7 +98,8 @@ impl UiUpdate {
             | UiUpdate::History(_)
             | UiUpdate::LoadMax(_)
             | UiUpdate::PinRequest(_)
-            | UiUpdate::Settled) => other,
+            | UiUpdate::Settled
+            | UiUpdate::PrivacyChanged(_)) => other,
         }
     }
 }
@@ -138,6 +141,11 @@ pub enum Intent {
     SubmitPin(Pin),
     CancelPin,
     ShowHistory,
+    /// The viewer chose the privacy switch: turn the card's privacy `on` or off (the daemon
+    /// may ask for the card's PIN first).
+    SetPrivacy {
+        on: bool,
+    },
     Quit,
 }
 

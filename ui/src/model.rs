@@ -47,6 +47,9 @@ pub struct CardSummary {
     /// Bad signatures in a row and the limit at which the card blocks (seed 004's
     /// BAD_KEY); the count is shown when non-zero.
     pub bad_keys: (u8, u8),
+    /// The cardholder chose privacy (seed 004): no passbook upload, and payments name the
+    /// card by pseudonym. The home menu's switch shows it.
+    pub privacy: bool,
 }
 
 /// Whether a card reader is there at all.

@@ -25,6 +25,24 @@ pub fn home_bad_keys(n: u8, limit: u8) -> String {
 }
 pub const HOME_MENU: [&str; 3] = ["Pay-per-view & shopping", "Load value", "Card history"];
 
+/// The home menu's fourth entry: the privacy switch (seed 004), showing where it stands.
+pub fn home_privacy(on: bool) -> &'static str {
+    if on {
+        "Privacy: ON (turn off)"
+    } else {
+        "Privacy: off (turn on)"
+    }
+}
+
+/// Said on the home screen once the card took the switch.
+pub fn privacy_changed(on: bool) -> &'static str {
+    if on {
+        "Privacy on: payments no longer name your card, and your passbook stays on it."
+    } else {
+        "Privacy off: your passbook goes to your bank at the next bank load."
+    }
+}
+
 pub fn card_status(s: CardStatus) -> &'static str {
     match s {
         CardStatus::Active => "ready",

@@ -525,3 +525,59 @@ fn a_being_settled_screen_closes_when_recovery_settles() {
         }
     }
 }
+
+/// Seed 004's privacy switch: the home menu's fourth entry shows where it stands; choosing
+/// it asks the daemon to turn it the other way; a PIN the card asks for goes back home,
+/// not to a transaction's progress; the card's answer shows on the home screen.
+#[test]
+fn the_privacy_switch_turns_privacy_on_with_the_card_s_pin() {
+    let mut app = ready_app();
+    assert!(screen(&app).contains("Privacy: off (turn on)"), "{}", screen(&app));
+    assert_eq!(
+        key(&mut app, RemoteKey::Digit(4)),
+        vec![Intent::SetPrivacy { on: true }]
+    );
+    let req = PinRequest {
+        min_len: 4,
+        max_len: 12,
+        attempts_left: None,
+    };
+    update(&mut app, UiUpdate::PinRequest(req));
+    assert_eq!(app.screen(), ScreenId::Pin);
+    for d in [4, 7, 1, 1] {
+        key(&mut app, RemoteKey::Digit(d));
+    }
+    let sent = key(&mut app, RemoteKey::Ok);
+    assert!(
+        matches!(&sent[..], [Intent::SubmitPin(p)] if p.expose() == "4711"),
+        "{sent:?}"
+    );
+    assert_eq!(app.screen(), ScreenId::Home, "no transaction follows");
+    update(&mut app, UiUpdate::PrivacyChanged(true));
+    let s = screen(&app);
+    assert!(s.contains("Privacy: ON (turn off)"), "{s}");
+    assert!(s.contains("payments no longer name your card"), "{s}");
+    // Chosen again, it turns it off.
+    assert_eq!(
+        key(&mut app, RemoteKey::Digit(4)),
+        vec![Intent::SetPrivacy { on: false }]
+    );
+    // A wrong PIN on the way ends on the error screen, and the next PIN is a load's again.
+    update(&mut app, UiUpdate::PinRequest(req));
+    key(&mut app, RemoteKey::Menu);
+    update(
+        &mut app,
+        UiUpdate::Error(UiError {
+            kind: ErrorKind::WrongPin,
+            detail: None,
+        }),
+    );
+    assert_eq!(app.screen(), ScreenId::Error);
+}
+
+#[test]
+fn the_privacy_switch_needs_a_card() {
+    let mut app = ready_app();
+    update(&mut app, UiUpdate::CardRemoved);
+    assert!(key(&mut app, RemoteKey::Digit(4)).is_empty());
+}

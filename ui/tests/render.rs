@@ -63,6 +63,7 @@ fn home_shows_points_and_the_bad_signature_count_when_there_are_any() {
         UiUpdate::CardInserted(CardSummary {
             points: 30_000,
             bad_keys: (2, 10),
+            privacy: false,
             ..card(5000)
         }),
     );

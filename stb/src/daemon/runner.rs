@@ -89,6 +89,8 @@ pub struct Runner {
     last_outcome: Option<Outcome>,
     /// The id of the card in the reader, as last read.
     pub(crate) card_id: Option<u64>,
+    /// The privacy switch waits for the card's PIN: turn privacy on (`true`) or off.
+    privacy_pending: Option<bool>,
 }
 
 impl Runner {
@@ -120,6 +122,7 @@ impl Runner {
             flows_done: 0,
             last_outcome: None,
             card_id: None,
+            privacy_pending: None,
         }
     }
 
@@ -223,14 +226,18 @@ impl Runner {
             Intent::ShowHistory => self.show_history().await,
             Intent::StartLoad { source } => self.start_load(source).await,
             Intent::SubmitLoadAmount(minor) => self.load_input(load::Input::Amount(minor)).await,
+            Intent::SetPrivacy { on } => self.set_privacy(on, None).await,
             Intent::SubmitPin(pin) => {
                 let pin = Secret::new(pin.expose().to_string());
-                if self.purchase_awaits_pin() {
+                if let Some(on) = self.privacy_pending.take() {
+                    self.set_privacy(on, Some(pin)).await
+                } else if self.purchase_awaits_pin() {
                     self.flow_input(Input::Pin(pin)).await
                 } else {
                     self.load_input(load::Input::Pin(pin)).await
                 }
             }
+            Intent::CancelPin if self.privacy_pending.is_some() => self.privacy_pending = None,
             Intent::CancelPin if self.purchase_awaits_pin() => {
                 self.flow_input(Input::Decline { timeout: false }).await
             }
@@ -429,12 +436,58 @@ impl Runner {
                     status,
                     points: info.points,
                     bad_keys: (info.bad_key_count, info.bad_key_limit),
+                    privacy: info.privacy,
                 };
                 self.update(UiUpdate::CardInserted(summary)).await;
             }
             Err(e) => tracing::warn!(error = %e, "cannot read the card"),
         }
         self.parts.card.release().await;
+    }
+
+    /// The privacy switch (seed 004): SELECT, VERIFY with `pin` when given, SET PRIVACY
+    /// ([`stb_flow::privacy`]). The card's PIN, when it asks for one, is asked on the TV and
+    /// the switch runs again with it. Not while a transaction runs.
+    async fn set_privacy(&mut self, on: bool, pin: Option<Secret<String>>) {
+        if self.busy_for_viewer() {
+            self.update(UiUpdate::Error(show::refused(&Refusal::Busy)))
+                .await;
+            return;
+        }
+        let mut f = stb_flow::privacy::SetPrivacy::new(on, pin);
+        let mut next = f.start();
+        while let stb_flow::privacy::Next::Apdu(apdu) = next {
+            next = match self.parts.card.transmit(&apdu).await {
+                Ok(r) => match stb_flow::split_sw(&r.response) {
+                    Some((_, sw)) => f.card(sw),
+                    None => stb_flow::privacy::Next::Refused(Refusal::NoStatusWord),
+                },
+                Err(error) => {
+                    stb_flow::privacy::Next::Refused(Refusal::CardUnreadable { error })
+                }
+            };
+        }
+        self.parts.card.release().await;
+        match next {
+            stb_flow::privacy::Next::Done { on } => {
+                tracing::info!(on, "privacy switched on the card");
+                self.update(UiUpdate::PrivacyChanged(on)).await;
+            }
+            stb_flow::privacy::Next::NeedsPin { min, max } => {
+                self.privacy_pending = Some(on);
+                self.update(UiUpdate::PinRequest(ui::model::PinRequest {
+                    min_len: min,
+                    max_len: max,
+                    attempts_left: None,
+                }))
+                .await;
+            }
+            stb_flow::privacy::Next::Refused(r) => {
+                tracing::info!(reason = %show::refusal_reason(&r), "privacy switch not taken");
+                self.update(UiUpdate::Error(show::refused(&r))).await;
+            }
+            stb_flow::privacy::Next::Apdu(_) => unreachable!("the loop runs every APDU"),
+        }
     }
 
     async fn show_history(&mut self) {

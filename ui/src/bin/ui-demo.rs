@@ -89,6 +89,7 @@ struct Sim {
     pending_load: i64,
     history: Vec<HistoryEntry>,
     queue: VecDeque<UiUpdate>,
+    privacy: bool,
 }
 
 impl Sim {
@@ -100,6 +101,7 @@ impl Sim {
             status: CardStatus::Active,
             points: 0,
             bad_keys: (0, 10),
+            privacy: self.privacy,
         }
     }
 
@@ -179,6 +181,10 @@ impl Sim {
                 }
             }
             Intent::CancelOffer { .. } => self.pending_offer = None,
+            Intent::SetPrivacy { on } => {
+                self.privacy = *on;
+                self.queue.push_back(UiUpdate::PrivacyChanged(*on));
+            }
             Intent::StartLoad { .. } => self.queue.push_back(UiUpdate::LoadMax(Money::new(
                 (self.max_balance - self.balance).clamp(0, 10_000),
                 EUR,
@@ -309,6 +315,7 @@ async fn run(args: Args, keymap: Keymap, log: &mut File) -> std::io::Result<()> 
         pending_load: 0,
         history: canned_history(),
         queue: VecDeque::new(),
+        privacy: false,
     };
     let mut app = App::new(AppConfig {
         offer_timeout_secs: args.offer_timeout,

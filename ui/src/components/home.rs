@@ -16,9 +16,16 @@ pub enum MenuEntry {
     Catalog,
     Load,
     History,
+    /// The cardholder's privacy switch (seed 004).
+    Privacy,
 }
 
-const ENTRIES: [MenuEntry; 3] = [MenuEntry::Catalog, MenuEntry::Load, MenuEntry::History];
+const ENTRIES: [MenuEntry; 4] = [
+    MenuEntry::Catalog,
+    MenuEntry::Load,
+    MenuEntry::History,
+    MenuEntry::Privacy,
+];
 
 #[derive(Debug, Default, Clone)]
 pub struct Home {
@@ -31,7 +38,7 @@ impl Home {
             RemoteKey::Up => self.sel = (self.sel + ENTRIES.len() - 1) % ENTRIES.len(),
             RemoteKey::Down => self.sel = (self.sel + 1) % ENTRIES.len(),
             RemoteKey::Ok => return ENTRIES.get(self.sel).copied(),
-            RemoteKey::Digit(d @ 1..=3) => return ENTRIES.get(usize::from(d) - 1).copied(),
+            RemoteKey::Digit(d @ 1..=4) => return ENTRIES.get(usize::from(d) - 1).copied(),
             _ => {}
         }
         None
@@ -108,6 +115,8 @@ impl Home {
 
         let lines: Vec<Line> = strings::HOME_MENU
             .iter()
+            .copied()
+            .chain([strings::home_privacy(card.privacy)])
             .enumerate()
             .map(|(i, label)| {
                 let style = if i == self.sel {

@@ -19,6 +19,7 @@ pub fn card(balance: i64) -> CardSummary {
         status: CardStatus::Active,
         points: 0,
         bad_keys: (0, 10),
+        privacy: false,
     }
 }
 
