@@ -163,10 +163,11 @@ mod tests {
     fn arrows_wrap_and_digits_jump() {
         let mut h = Home::default();
         assert_eq!(h.handle(RemoteKey::Up), None);
-        assert_eq!(h.handle(RemoteKey::Ok), Some(MenuEntry::History));
+        assert_eq!(h.handle(RemoteKey::Ok), Some(MenuEntry::Privacy));
         assert_eq!(h.handle(RemoteKey::Down), None);
         assert_eq!(h.handle(RemoteKey::Ok), Some(MenuEntry::Catalog));
         assert_eq!(h.handle(RemoteKey::Digit(2)), Some(MenuEntry::Load));
+        assert_eq!(h.handle(RemoteKey::Digit(4)), Some(MenuEntry::Privacy));
         assert_eq!(h.handle(RemoteKey::Digit(9)), None);
         assert_eq!(h.handle(RemoteKey::Digit(0)), None);
     }
