@@ -532,7 +532,11 @@ fn a_being_settled_screen_closes_when_recovery_settles() {
 #[test]
 fn the_privacy_switch_turns_privacy_on_with_the_card_s_pin() {
     let mut app = ready_app();
-    assert!(screen(&app).contains("Privacy: off (turn on)"), "{}", screen(&app));
+    assert!(
+        screen(&app).contains("Privacy: off (turn on)"),
+        "{}",
+        screen(&app)
+    );
     assert_eq!(
         key(&mut app, RemoteKey::Digit(4)),
         vec![Intent::SetPrivacy { on: true }]

@@ -462,9 +462,7 @@ impl Runner {
                     Some((_, sw)) => f.card(sw),
                     None => stb_flow::privacy::Next::Refused(Refusal::NoStatusWord),
                 },
-                Err(error) => {
-                    stb_flow::privacy::Next::Refused(Refusal::CardUnreadable { error })
-                }
+                Err(error) => stb_flow::privacy::Next::Refused(Refusal::CardUnreadable { error }),
             };
         }
         self.parts.card.release().await;

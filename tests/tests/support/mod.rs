@@ -29,6 +29,8 @@ pub const VPCD_PORT: u16 = 35963;
 pub const BOX_ID: &str = "box-000001";
 /// The card's opening balance: 50.00 EUR.
 pub const START_BALANCE: u64 = 5_000;
+/// The card's id (`vcard create --card-id`).
+pub const CARD_ID: u64 = 700_001;
 /// ppv-1001 "Championship Final (live)" in the demo catalog: 4.99 EUR.
 pub const PPV_ITEM: &str = "ppv-1001";
 pub const PPV_TITLE: &str = "Championship Final (live)";
@@ -489,6 +491,8 @@ pub struct Options {
     /// Changes `headend init-demo`'s `headend.toml` before the head end starts (e.g. the
     /// catalog a hostile merchant serves).
     pub headend_edit: Option<fn(&str) -> String>,
+    /// The card's PIN (seed 004), needed above 100.00 EUR; none by default.
+    pub card_pin: Option<&'static str>,
 }
 
 /// One test's world. Field order is drop order: stbd (tmux) first, then the card, the head
@@ -558,17 +562,24 @@ impl World {
                 .arg(&box_dir),
         );
         let card = root.join("card.vcard");
-        run_ok(
-            "vcard create",
-            Command::new(&bins.vcard)
-                .arg("create")
-                .arg("--card")
-                .arg(&card)
-                .args(["--card-id", "700001", "--balance"])
-                .arg(START_BALANCE.to_string())
-                .args(["--currency", "EUR", "--expiry", "2035-12", "--issuer-keys"])
-                .arg(he.join("issuer-keys.toml")),
-        );
+        let mut create = Command::new(&bins.vcard);
+        create
+            .arg("create")
+            .arg("--card")
+            .arg(&card)
+            .args(["--card-id", &CARD_ID.to_string(), "--balance"])
+            .arg(START_BALANCE.to_string())
+            .args(["--currency", "EUR", "--expiry", "2035-12", "--issuer-keys"])
+            .arg(he.join("issuer-keys.toml"));
+        if let Some(pin) = opts.card_pin {
+            let f = root.join("card-pin.txt");
+            std::fs::write(&f, pin).expect("PIN file");
+            create
+                .arg("--pin-file")
+                .arg(&f)
+                .args(["--pin-threshold", "10000"]);
+        }
+        run_ok("vcard create", &mut create);
 
         let mut headend = Proc::spawn(
             "headend all-in-one",
