@@ -19,6 +19,7 @@
 pub mod step;
 pub mod token;
 
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use step::LoadStep;
 
@@ -81,6 +82,14 @@ pub trait SecurityModule: Send {
         txid: &str,
         zero: &LoadInit,
     ) -> Result<NegativeVerdict, HsmError>;
+    /// An open load or unload settled from the card's INITIALIZE of a later session
+    /// ([`Hsm::resolve_from_later`]): whether it is an unload, and the verdict.
+    fn resolve_from_later(
+        &mut self,
+        txid: &str,
+        later: &LoadInit,
+        later_is_unload: bool,
+    ) -> Result<(bool, NegativeVerdict), HsmError>;
     /// The module's state for the journal (a hardware HSM keeps its own: empty).
     /// Drops a settled load from the module's working set (the load record answers repeats).
     fn forget(&mut self, txid: &str);
@@ -151,6 +160,14 @@ impl SecurityModule for Hsm {
     ) -> Result<NegativeVerdict, HsmError> {
         Hsm::resolve_unload_negative(self, txid, zero)
     }
+    fn resolve_from_later(
+        &mut self,
+        txid: &str,
+        later: &LoadInit,
+        later_is_unload: bool,
+    ) -> Result<(bool, NegativeVerdict), HsmError> {
+        Hsm::resolve_from_later(self, txid, later, later_is_unload)
+    }
     fn forget(&mut self, txid: &str) {
         Hsm::forget(self, txid);
     }
@@ -209,6 +226,10 @@ pub struct LoadServer {
     pub prefunded: Funds,
     /// `[load] unblock_with_bank_loads`: bank loads carry the issuer's UNBLOCK.
     unblock_with_bank_loads: bool,
+    /// Per card, its loads and unloads authorised and not settled (from the journal at
+    /// start, then kept): the card's next load or unload request settles them first
+    /// ([`LoadServer::settle_open_sessions`]).
+    open_by_card: std::sync::Mutex<HashMap<u64, BTreeSet<String>>>,
 }
 
 fn hsm_code(e: &HsmError) -> ErrorCode {
@@ -315,10 +336,12 @@ impl LoadServer {
             clearing: s.clearing.clone(),
         };
         let prefunded = Funds::open(spec, journal.clone(), accounts)?;
+        let mut open_by_card: HashMap<u64, BTreeSet<String>> = HashMap::new();
         for (txid, b) in journal.all(Kind::Load).map_err(|e| e.to_string())? {
             let r: LoadRec = journal::decode(&b)?;
             if matches!(r.state, LoadState::Authorized | LoadState::NegativePending) {
-                tracing::info!(txid, state = ?r.state, "in-doubt load after restart: awaiting the load response or the zero-value S1");
+                tracing::info!(txid, state = ?r.state, "in-doubt load after restart: awaiting the load response, the zero-value S1, or the card's next request");
+                open_by_card.entry(r.card_id).or_default().insert(txid);
             }
         }
         Ok(Arc::new(Self {
@@ -327,6 +350,7 @@ impl LoadServer {
             confirmation_key: key,
             prefunded,
             unblock_with_bank_loads: s.unblock_with_bank_loads,
+            open_by_card: std::sync::Mutex::new(open_by_card),
         }))
     }
 
@@ -479,6 +503,7 @@ impl LoadServer {
             return journal_failed(e, Some(&txid));
         }
         let hsm_id = hsm.id();
+        self.settle_open_sessions(&mut hsm, &req.init, unload, &txid);
         let before = hsm.snapshot();
         // Seed 004 PASSBOOK: a bank load carries the card's passbook (exactly what its S1
         // covers); nothing else does.
@@ -548,8 +573,79 @@ impl LoadServer {
             let _ = hsm.restore(&before); // not journaled means not done
             return journal_failed(e, Some(&txid));
         }
+        self.open_by_card
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(req.init.card_id)
+            .or_default()
+            .insert(txid.clone());
         tracing::info!(txid, amount = %req.amount, card = format!("{:X}", req.init.card_id), "S1 verified: load command issued");
         answer
+    }
+
+    /// Settles the card's open loads and unloads at this HSM from the INITIALIZE of its new
+    /// request `txid` (`later`, an unload's when `unload`), before that is authorised (the
+    /// second outside attack on issue 17, U1): the card's list of the sessions it ran, under
+    /// the new S1, says whether each open one ran ([`Hsm::resolve_from_later`]) — loaded or
+    /// not, sealed for its funder like any confirmation, which the gateway's sweep delivers.
+    /// Without this a card could run more sessions elsewhere than its list keeps, and an
+    /// open session's hold could never be proved either way. One that cannot be settled so
+    /// (the new S1 does not verify, a stale INITIALIZE) stays open as before.
+    fn settle_open_sessions(
+        &self,
+        hsm: &mut Box<dyn SecurityModule>,
+        later: &LoadInit,
+        unload: bool,
+        txid: &str,
+    ) {
+        let open: Vec<String> = self
+            .open_by_card
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&later.card_id)
+            .map(|s| s.iter().filter(|t| *t != txid).cloned().collect())
+            .unwrap_or_default();
+        for t in open {
+            let Some(rec) = self
+                .record(&t)
+                .filter(|r| matches!(r.state, LoadState::Authorized | LoadState::NegativePending))
+            else {
+                self.closed(later.card_id, &t);
+                continue;
+            };
+            let before = hsm.snapshot();
+            match hsm.resolve_from_later(&t, later, unload) {
+                Ok((was_unload, v)) => {
+                    let basis = format!(
+                        "settled from the card's next {} request {txid}: {v:?}",
+                        if unload { "unload" } else { "load" }
+                    );
+                    tracing::info!(
+                        txid = t,
+                        unload = was_unload,
+                        loaded = v.loaded(),
+                        by = txid,
+                        "open session settled from the card's next request"
+                    );
+                    let _ = self.seal_verdict(hsm, rec, (v.loaded(), basis), None, None, &before);
+                }
+                Err(e) => {
+                    let _ = hsm.restore(&before);
+                    tracing::warn!(txid = t, by = txid, error = %e, "open session not settled from the card's next request");
+                }
+            }
+        }
+    }
+
+    /// `txid` of `card_id` is settled: no longer open.
+    fn closed(&self, card_id: u64, txid: &str) {
+        let mut m = self.open_by_card.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = m.get_mut(&card_id) {
+            s.remove(txid);
+            if s.is_empty() {
+                m.remove(&card_id);
+            }
+        }
     }
 
     async fn load_response(&self, msg: LoadResponseMsg) -> Message {
@@ -675,7 +771,25 @@ impl LoadServer {
                 }
             }
         }
-        let (loaded, basis) = verdict.expect("set above");
+        let verdict = verdict.expect("set above");
+        self.seal_verdict(&mut hsm, rec, verdict, new_balance, Some(raw), &before)
+    }
+
+    /// Seals the funder's confirmation of `rec`'s verdict (`loaded`, and its basis), with
+    /// the card's `new_balance` when known, and journals it with the HSM's state and the
+    /// load `response` that decided it (a repeat must be it; `None`: any repeat gets it).
+    /// On a failed journal write the HSM goes back to `before`.
+    fn seal_verdict(
+        &self,
+        hsm: &mut Box<dyn SecurityModule>,
+        mut rec: LoadRec,
+        (loaded, basis): (bool, String),
+        new_balance: Option<u64>,
+        response: Option<Vec<u8>>,
+        before: &[u8],
+    ) -> Message {
+        let txid = rec.transaction_id.clone();
+        let hsm_id = hsm.id();
         // The passbook the HSM verified goes to the bank with a load that went through.
         let passbook = journal::decode::<LoadRequest>(&rec.request)
             .map(|r| r.passbook)
@@ -696,7 +810,7 @@ impl LoadServer {
         };
         rec.verdict = Some(basis.clone());
         rec.confirmation = Some(Message::LoadConfirmation(conf.clone()));
-        rec.response = Some(raw);
+        rec.response = response;
         hsm.forget(&txid);
         let snap = hsm.snapshot();
         if let Err(e) = self.journal.atomically(|b| {
@@ -704,9 +818,10 @@ impl LoadServer {
             b.put(Kind::Load, &txid, &journal::encode(&rec))?;
             b.step(&txid, &LoadStep::ConfirmationSealed, &basis)
         }) {
-            let _ = hsm.restore(&before);
+            let _ = hsm.restore(before);
             return journal_failed(e, Some(&txid));
         }
+        self.closed(rec.card_id, &txid);
         tracing::info!(txid, loaded, %basis, "load confirmation sealed for the funder");
         Message::LoadConfirmation(conf)
     }

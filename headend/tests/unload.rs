@@ -10,6 +10,7 @@
 
 mod load_support;
 
+use headend::assembly::Roles;
 use headend::funds::HoldState;
 use load_support::*;
 use proto::card::commands;
@@ -227,5 +228,90 @@ async fn one_open_unload_per_card() {
         "{conf:?}"
     );
     assert_eq!(funds(&he).float()[&EUR], 15_000);
+    he.running.stop().await;
+}
+
+/// The second outside attack (U1): an unload whose command was lost, after which the card
+/// ran four more sessions elsewhere, could never be proved either way (the card's list of
+/// sessions run keeps four) and its reservation stayed out of the float for good. The load
+/// server now settles a card's open sessions from its next request's S1, before authorising
+/// it; the gateway's sweep takes the sealed verdict to the bank. Both ways: an unload never
+/// run goes back to the float; one run whose answer was lost is credited to the account,
+/// once.
+#[tokio::test]
+async fn an_open_unload_is_settled_from_the_cards_next_request() {
+    let he = start_roles(Roles::ALL, |t| {
+        t.replacen("[gateway]\n", "[gateway]\nhold_lifetime_secs = 1\n", 1)
+    })
+    .await;
+    let load_server = he.running.load.clone().unwrap();
+    let mut b = LoadBox::new(&he, BOX1, 1_000, 100_000).await;
+    let (_, conf) = b.load(bank_source(), 20_000, Some(&he.pin)).await;
+    assert!(matches!(conf, Message::LoadConfirmation(ref c) if c.loaded));
+    let total = value(&he, &mut b);
+    let account = funds(&he).account(ACCOUNT).unwrap().balance;
+
+    // The unload command is lost; the card goes on to load, four times.
+    let (lost, answer) = b.unload_request(5_000, &he.pin).await;
+    LoadBox::command(&answer);
+    assert_eq!(funds(&he).float()[&EUR], 15_000, "reserved");
+    for _ in 0..4 {
+        let (_, conf) = b.load(bank_source(), 100, Some(&he.pin)).await;
+        assert!(
+            matches!(conf, Message::LoadConfirmation(ref c) if c.loaded),
+            "{conf:?}"
+        );
+    }
+    let rec = load_server.record(&lost.transaction_id).unwrap();
+    assert_eq!(rec.state, headend::load::LoadState::NotLoaded, "{rec:?}");
+    assert!(
+        rec.verdict
+            .as_deref()
+            .is_some_and(|v| v.contains("settled from the card's next load request")),
+        "{:?}",
+        rec.verdict
+    );
+    assert!(
+        eventually(|| funds(&he).hold(&lost.transaction_id).unwrap().state == HoldState::Released)
+            .await,
+        "the gateway's sweep took the no-unload to the bank"
+    );
+    assert_eq!(funds(&he).float()[&EUR], 20_400, "back in the float");
+    assert_eq!(funds(&he).account(ACCOUNT).unwrap().balance, account - 400);
+    assert_eq!(b.balance(), 21_400);
+    assert_eq!(value(&he, &mut b), total);
+    // The box that lost it proves it later: the same verdict.
+    let zero = b.init_unload(&lost, 0);
+    let conf = b
+        .call(&LoadBox::response_msg(&lost, None, Some(zero)))
+        .await;
+    assert!(
+        matches!(conf, Message::LoadConfirmation(ref c) if !c.loaded),
+        "{conf:?}"
+    );
+
+    // The card ran UNLOAD and its answer was lost: the next load's S1 says it ran.
+    let (ran, answer) = b.unload_request(7_000, &he.pin).await;
+    let cmd = LoadBox::command(&answer);
+    assert!(b.apdu(&commands::unload(&cmd)).sw.is_ok());
+    let (_, conf) = b.load(bank_source(), 100, Some(&he.pin)).await;
+    assert!(
+        matches!(conf, Message::LoadConfirmation(ref c) if c.loaded),
+        "{conf:?}"
+    );
+    assert_eq!(
+        load_server.record(&ran.transaction_id).unwrap().state,
+        headend::load::LoadState::Loaded
+    );
+    assert!(
+        eventually(|| funds(&he).hold(&ran.transaction_id).unwrap().state != HoldState::Held).await
+    );
+    assert_eq!(
+        funds(&he).account(ACCOUNT).unwrap().balance,
+        account - 500 + 7_000,
+        "credited once"
+    );
+    assert_eq!(b.balance(), 21_500 - 7_000);
+    assert_eq!(value(&he, &mut b), total);
     he.running.stop().await;
 }

@@ -625,6 +625,50 @@ impl Hsm {
         id: &str,
         zero: &LoadInit,
     ) -> Result<NegativeVerdict, HsmError> {
+        if zero.amount != 0 {
+            return Err(HsmError::BadZeroValueRequest);
+        }
+        self.resolve_by(dir, id, zero, dir)
+    }
+
+    /// Settles the open load or unload `id` (issue 17, the second outside attack's U1) from
+    /// the card's INITIALIZE FOR LOAD or UNLOAD of a *later* session, of any amount (`later`,
+    /// an unload's when `later_is_unload`): the card's list of the sessions it ran, under the
+    /// later S1, says whether `id`'s ran — exactly as the negative-result procedure's
+    /// zero-value proof does. The load server settles a card's open sessions so from the
+    /// card's next load or unload request, before authorising it: a card then never has more
+    /// sessions since an open one than its list keeps, and no hold is stranded because its
+    /// session can no longer be proved. Returns whether `id` is an unload, and the verdict.
+    ///
+    /// # Errors
+    /// As [`Self::resolve_negative`] (another card or currency: `BadZeroValueRequest`).
+    pub fn resolve_from_later(
+        &mut self,
+        id: &str,
+        later: &LoadInit,
+        later_is_unload: bool,
+    ) -> Result<(bool, NegativeVerdict), HsmError> {
+        let later_dir = if later_is_unload {
+            Direction::Unload
+        } else {
+            Direction::Load
+        };
+        let dir = if self.unloads.contains_key(id) {
+            Direction::Unload
+        } else {
+            Direction::Load
+        };
+        let v = self.resolve_by(dir, id, later, later_dir)?;
+        Ok((dir == Direction::Unload, v))
+    }
+
+    fn resolve_by(
+        &mut self,
+        dir: Direction,
+        id: &str,
+        zero: &LoadInit,
+        proof_dir: Direction,
+    ) -> Result<NegativeVerdict, HsmError> {
         let t = self.txn(id, dir)?;
         match &t.state {
             LoadState::Authorized | LoadState::NegativePending { .. } => {}
@@ -632,13 +676,13 @@ impl Hsm {
             LoadState::NotLoaded => return Err(HsmError::WrongState(id.into())),
         }
         let orig = &t.init;
-        if zero.card_id != orig.card_id || zero.currency != orig.currency || zero.amount != 0 {
+        if zero.card_id != orig.card_id || zero.currency != orig.currency {
             return Err(HsmError::BadZeroValueRequest);
         }
         // The new S1 must be the card's own, over what the box reports, and made after the
         // load's own INITIALIZE: that ended the load's session, so its LOAD ran before this
         // proof (and shows in its counters) or never will.
-        self.check_s1(zero, dir)?;
+        self.check_s1(zero, proof_dir)?;
         if zero.init_count <= orig.init_count {
             return Err(HsmError::StaleProof);
         }
