@@ -313,5 +313,30 @@ async fn an_open_unload_is_settled_from_the_cards_next_request() {
     );
     assert_eq!(b.balance(), 21_500 - 7_000);
     assert_eq!(value(&he, &mut b), total);
+
+    // A load's hold the same way: its command lost, the next load settles it not loaded.
+    let account = funds(&he).account(ACCOUNT).unwrap().balance;
+    let offer = b.offer(bank_source()).await;
+    let init = b.init_load(&offer, 300).unwrap();
+    let req = b.load_request(&offer, init, 300, Some(&he.pin));
+    LoadBox::command(&b.call(&Message::LoadRequest(req)).await);
+    assert_eq!(funds(&he).account(ACCOUNT).unwrap().held, 300, "held");
+    let (_, conf) = b.load(bank_source(), 100, Some(&he.pin)).await;
+    assert!(
+        matches!(conf, Message::LoadConfirmation(ref c) if c.loaded),
+        "{conf:?}"
+    );
+    assert_eq!(
+        load_server.record(&offer.transaction_id).unwrap().state,
+        headend::load::LoadState::NotLoaded
+    );
+    assert!(
+        eventually(|| funds(&he).hold(&offer.transaction_id).unwrap().state == HoldState::Released)
+            .await,
+        "the lost load's hold is released"
+    );
+    assert_eq!(funds(&he).account(ACCOUNT).unwrap().held, 0);
+    assert_eq!(funds(&he).account(ACCOUNT).unwrap().balance, account - 100);
+    assert_eq!(value(&he, &mut b), total);
     he.running.stop().await;
 }
