@@ -6,7 +6,9 @@
 //!
 //! - `a_private_card_is_named_nowhere_in_payment_journals_or_batches`: split roles over
 //!   QUIC with clearing, in each of the four embodiments (FIG. 4–7): a private card and a
-//!   clear card buy; the private card's sale is refunded; the batch goes to clearing;
+//!   clear card buy (the private card's records keep no counter or balance, which would
+//!   chain its sales); the private card's sale is refunded after its holder turned privacy
+//!   off again (the sale stays private); the batch goes to clearing;
 //!   `headend reconcile` holds; then every byte of the payment server's journal files, the
 //!   exported batch and clearing's journal is searched for the private card's id in every
 //!   encoding a record could hold it (big- and little-endian, postcard's varint, decimal,
@@ -14,7 +16,8 @@
 //! - `a_private_card_s_retries_cancels_and_proofs_work_on_its_pseudonym`: the payment
 //!   server's own answers to a private card's retried draw request and debit response are
 //!   the stored ones; another draw under the same id is refused; a cancel with another
-//!   card's proof is refused, with the card's own proof it reverses.
+//!   card's proof is refused, with the card's own proof it reverses; an authentication
+//!   still names the member to its loyalty merchant (FIG. 4–6).
 
 mod clearing_support;
 mod purchase_support;
@@ -31,34 +34,10 @@ use proto::messages::*;
 use purchase_support::pg_rig::Backend;
 use purchase_support::*;
 
-/// Every way a record could hold `card_id`: its 8 bytes either way round, postcard's
-/// varint (LEB128), and as text in decimal and hex.
-fn encodings(card_id: u64) -> Vec<Vec<u8>> {
-    let mut varint = Vec::new();
-    let mut v = card_id;
-    loop {
-        let b = (v & 0x7F) as u8;
-        v >>= 7;
-        if v == 0 {
-            varint.push(b);
-            break;
-        }
-        varint.push(b | 0x80);
-    }
-    vec![
-        card_id.to_be_bytes().to_vec(),
-        card_id.to_le_bytes().to_vec(),
-        varint,
-        card_id.to_string().into_bytes(),
-        format!("{card_id:X}").into_bytes(),
-        format!("{card_id:x}").into_bytes(),
-    ]
-}
-
 /// The files under `dir` (recursively) holding `card_id` in any of its [`encodings`]:
 /// `(file, encoding index)`.
 fn holders(dir: &Path, card_id: u64) -> Vec<(PathBuf, usize)> {
-    let needles = encodings(card_id);
+    let needles = headend::payment::privacy::card_id_encodings(card_id);
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -167,6 +146,24 @@ async fn a_private_card_is_named_nowhere_in_payment_journals_or_batches() {
             t1.card_id != private_id && t2.card_id != private_id && t1.card_id != t2.card_id,
             "{embodiment}: one pseudonym per transaction"
         );
+        // Nothing that chains the card's sales: no counter, no balance after.
+        for t in [&t1, &t2] {
+            let r = t.debit_response.as_ref().unwrap();
+            assert_eq!((r.atc, r.new_balance), (0, 0), "{embodiment}: {r:?}");
+        }
+        let clear_sale = completed(&pc)
+            .into_iter()
+            .find(|t| t.card_id == clear_id)
+            .unwrap();
+        assert_ne!(
+            clear_sale.debit_response.unwrap().new_balance,
+            0,
+            "a clear card's record keeps its balance"
+        );
+
+        // The holder turns privacy off before the refund: the sale stays private.
+        a.apdu(&commands::select());
+        assert!(a.apdu(&commands::set_privacy(false)).sw.is_ok());
 
         // The merchant refunds the private sale: due to that card only, credited once.
         let (ok, out) = headend(&[
@@ -244,8 +241,12 @@ async fn a_private_card_is_named_nowhere_in_payment_journals_or_batches() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_private_card_s_retries_cancels_and_proofs_work_on_its_pseudonym() {
-    for embodiment in ["security-card", "payment-server"] {
-        let he = start(options(embodiment, true)).await;
+    for embodiment in ["security-card", "payment-server", "gateway"] {
+        let he = start_prepared(Backend::Sqlite, options(embodiment, true), |path, text| {
+            with_benefits_server(path, text, embodiment)
+        })
+        .await
+        .unwrap();
         let pc = he.running.payment.clone().unwrap();
         let gw = || Caller::Role("gateway".into());
         let mut a = TestBox::new(&he, "box-000501", 10_000).await;
@@ -324,6 +325,15 @@ async fn a_private_card_s_retries_cancels_and_proofs_work_on_its_pseudonym() {
             Some(headend::payment::PayState::Reversed),
             "{embodiment}"
         );
+        // An authentication (002 FIG. 16) tells its merchant which member is there: a
+        // private card is still recognised, and the payment records name it by pseudonym.
+        let (auth, r) = a.buy("M-MILES", "lounge").await;
+        let r = receipt(&r);
+        assert!(
+            r.released && r.text.contains("FF-0042"),
+            "{embodiment}: {r:?}"
+        );
+        assert_ne!(pc.txn(&auth.transaction_id).unwrap().card_id, private_id);
         he.running.stop().await;
     }
 }

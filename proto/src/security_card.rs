@@ -62,7 +62,7 @@ pub enum SecurityCardError {
     CounterMoved { proof: u32, debit: u32 },
     /// The card is on the issuer's hotlist (seed 002): no draw. Appended, like every new
     /// variant here.
-    #[error("card {card_id} is blocked by its issuer (hotlist)")]
+    #[error("the card is blocked by its issuer (hotlist)")]
     Hotlisted { card_id: u64 },
     /// The card's key version is retired: it buys again once a load has re-keyed it.
     #[error("card key version {card} is retired: load value onto the card to update its keys")]
@@ -89,7 +89,7 @@ pub enum SecurityCardError {
     /// A refund for a card INITIALIZE that already has one (or for an older one): the card
     /// runs one command per session, so a second could never be credited — nor proved not
     /// credited once the first moved the card's counter.
-    #[error("card {card_id}'s INITIALIZE FOR CREDIT {init_count} already has a refund")]
+    #[error("the card's INITIALIZE FOR CREDIT {init_count} already has a refund")]
     InitializeUsed { card_id: u64, init_count: u32 },
     /// The card's INITIALIZE no longer reaches back to the refund's session: so many
     /// credits ran since that whether this one did cannot be told from the card.
@@ -261,13 +261,15 @@ impl SecurityCard {
         self.master.as_ref()
     }
 
-    /// This card's state for export: every transaction of a privacy card moved out of
-    /// [`Self::txns`] into [`Self::sealed`] by `seal` (the caller's cipher: this crate
-    /// does no IO and draws no randomness of its own).
+    /// This card's state for export: every transaction of a privacy card, and every refund
+    /// (its card may have chosen privacy after the sale, or before it and not since: the
+    /// sale's choice is the payment server's to know, so refunds are all kept sealed),
+    /// moved out of [`Self::txns`] into [`Self::sealed`] by `seal` (the caller's cipher:
+    /// this crate does no IO and draws no randomness of its own).
     pub fn exported(&self, seal: impl Fn(&Txn) -> Vec<u8>) -> SecurityCard {
         let mut out = self.clone();
         out.txns.retain(|n, t| {
-            if t.draw.init.privacy {
+            if t.draw.init.privacy || t.state.is_credit() {
                 out.sealed.insert(*n, seal(t));
                 false
             } else {

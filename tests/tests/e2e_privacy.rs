@@ -16,25 +16,7 @@ use support::*;
 /// Whether any of the payment server's journal files holds `card_id` as 8 bytes either
 /// way round, as postcard's varint, or as decimal or hex text.
 fn payment_files_hold(w: &World, card_id: u64) -> Vec<String> {
-    let mut varint = Vec::new();
-    let mut v = card_id;
-    loop {
-        let b = (v & 0x7F) as u8;
-        v >>= 7;
-        if v == 0 {
-            varint.push(b);
-            break;
-        }
-        varint.push(b | 0x80);
-    }
-    let needles = [
-        card_id.to_be_bytes().to_vec(),
-        card_id.to_le_bytes().to_vec(),
-        varint,
-        card_id.to_string().into_bytes(),
-        format!("{card_id:X}").into_bytes(),
-        format!("{card_id:x}").into_bytes(),
-    ];
+    let needles = headend::payment::privacy::card_id_encodings(card_id);
     let mut found = Vec::new();
     for e in std::fs::read_dir(w.he.join("state")).unwrap().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();

@@ -211,7 +211,7 @@ pub fn reconcile(
                             && f.amount == r.amount
                             && f.card_id == r.card_id
                             && f.security_card_id == r.security_card_id
-                            && f.issued().map(|i| i.command.0.security_card_txn)
+                            && f.issued().map(|i| i.security_card_txn)
                                 == Some(r.security_card_txn) => {}
                     Some(f) => brk(
                         r.transaction_id.clone(),

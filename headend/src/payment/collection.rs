@@ -139,7 +139,7 @@ impl PaymentServer {
                             transaction_id: r.transaction_id.clone(),
                             merchant_id: r.merchant_id.clone(),
                             security_card_id: r.security_card_id,
-                            security_card_txn: i.command.0.security_card_txn,
+                            security_card_txn: i.security_card_txn,
                             card_id: r.card_id,
                             amount: r.amount,
                         })

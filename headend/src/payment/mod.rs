@@ -589,9 +589,14 @@ impl PaymentServer {
                 .flatten()
                 .and_then(|b| journal::decode::<CardInit>(&b).ok()),
         };
+        // A private card's index names no transaction: a digest of its id.
         let claim = CardInit {
             init_count: init.init_count,
-            transaction_id: txid.to_string(),
+            transaction_id: if init.privacy {
+                hex::encode(privacy::digest(txid.as_bytes()))
+            } else {
+                txid.to_string()
+            },
         };
         match &newest {
             Some(n) if *n == claim => return Ok(None),
@@ -837,7 +842,7 @@ impl PaymentServer {
             .then_some(())
             .and(expected)
             .map(|signature| Expected {
-                command: auth.command.masked(card_name),
+                command: auth.command.kept(card_name, naming.is_private()),
                 signature,
             });
         if auth.command.security_card_txn % PURGE_EVERY == 0 {
@@ -868,7 +873,7 @@ impl PaymentServer {
                     &txid,
                     &req.merchant_id,
                     body.amount,
-                    card_name,
+                    auth.command.card_id,
                     card.id(),
                     auth.command.security_card_txn,
                     &mut rng,
@@ -970,7 +975,7 @@ impl PaymentServer {
         };
         // The response as this transaction's records name the card.
         let kept = match self.privacy.name(&rec.naming, resp.card_id, &txid) {
-            Ok(name) => resp.masked(name),
+            Ok(name) => resp.kept(name, rec.naming.is_private()),
             Err(e) => return refuse(ErrorCode::Internal, e, Some(&txid)),
         };
         if let (PayState::Completed, Some(c)) = (rec.state, &rec.confirmation) {
@@ -1090,7 +1095,7 @@ impl PaymentServer {
                 txid,
                 &rec.merchant_id,
                 rec.amount,
-                rec.card_id,
+                resp.card_id,
                 rec.security_card_id,
                 rec.security_card_txn,
                 &mut rng,

@@ -9,28 +9,37 @@
 //!   pseudonyms; the same card and transaction always have the same one, so a retry, a
 //!   cancel's proof or a refund to "the same card" is checked by computing the pseudonym
 //!   of the card id the message names.
-//! - **Records that carry the card id** keep the pseudonym in its place
-//!   ([`NamesCard::masked`]); a command the box must be sent again gets the card id back
-//!   from the box's own message ([`NamesCard::restored`]: the security card's MAC covers
-//!   the real card id, so the restored command is byte for byte the one issued).
-//! - **Answers kept whole** for a retry (the routed debit command, the confirmation: the
-//!   message layer seals their bodies under a key kept beside them) are sealed under the
-//!   privacy key ([`AtRest`]), as is the card id itself ([`CardNaming::Pseudonym`]), for
-//!   the one step that must find the card again: the refund a merchant authorizes later
-//!   is filed under the card's tag ([`PrivacyKeys::card_tag`]), where the card's next
-//!   refunds-due request looks.
-//! - **Per-card indexes** — the newest INITIALIZE a draw used (replay check) and the
-//!   refunds due — are keyed by the card's tag, a MAC of the card id alone: stable per
-//!   card, as the index needs, and no card id.
+//! - **Card messages a record keeps** to compare a repeat with (the debit response, FIG.
+//!   5's debit command, a refund's credit response) name the card by its pseudonym and
+//!   leave out the card's counter and balance, which would chain its transactions
+//!   ([`NamesCard::kept`]).
+//! - **Answers kept whole** for a retry (the routed debit command, the confirmation, a
+//!   refund's credit command) are sealed under the privacy key ([`AtRest`]), as is the
+//!   card id itself ([`CardNaming::Pseudonym`]), for the one step that must find the card
+//!   again: the refund a merchant authorizes later is filed under the card's tag
+//!   ([`PrivacyKeys::card_tag`]), where the card's next refunds-due request looks.
+//! - **Per-card indexes** — the newest INITIALIZE a draw used (replay check; it keeps a
+//!   digest of the transaction id, not the id) and the refunds due — are keyed by the
+//!   card's tag, a MAC of the card id alone: stable per card, as the index needs, and no
+//!   card id. The tag links one card's refunds due to each other (until credited).
 //!
 //! The privacy key is derived from the purchase master ([`proto::purse::MasterKey::
 //! privacy_key`]): it lives where that master lives (the security cards and the payment
 //! server's key file), never in a journal. Whoever holds the master can name the card of a
-//! private transaction — the issuer, for a dispute — and nobody who reads only the
-//! journals or batches (the acquirer, clearing, an operator with the database) can.
+//! private transaction — the issuer, for a dispute — and nobody who reads only the payment
+//! server's journal or the batches (the acquirer, clearing, an operator with that
+//! database) can. Other roles' journals are not covered: the gateway keeps the box's
+//! messages (they name the card) for its own retries, and a FIG. 7 merchant compares the
+//! card's debit response itself. An authentication (002 FIG. 16) names the card to its
+//! merchant — it exists to tell the merchant which member is there — sealed for that
+//! merchant alone.
+//!
+//! A purchase key version must stay in the key file (retired, if need be) while the
+//! journal holds private records sealed under it: the payment server does not start
+//! without it, and a refund of such a sale cannot be filed.
 
 use proto::crypto::{self, DesKey};
-use proto::purse::{CreditCommand, CreditResponse, DebitCommand, DebitResponse, MasterKeys};
+use proto::purse::{CreditResponse, DebitCommand, DebitResponse, MasterKeys};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -59,6 +68,13 @@ pub enum CardNaming {
     /// By [`PrivacyKeys::pseudonym`] under the privacy key of purchase key version
     /// `key_version`; `card` is the card id sealed under that key ([`AtRest`]).
     Pseudonym { key_version: u8, card: Vec<u8> },
+}
+
+impl CardNaming {
+    /// Whether the cardholder chose privacy.
+    pub fn is_private(&self) -> bool {
+        matches!(self, CardNaming::Pseudonym { .. })
+    }
 }
 
 impl PrivacyKeys {
@@ -215,47 +231,70 @@ impl<T> AtRest<T> {
     }
 }
 
-/// A card message whose one card-identifying field is its card id.
+/// A card message a record keeps ([`NamesCard::kept`]).
 pub trait NamesCard: Clone {
-    fn card_id_mut(&mut self) -> &mut u64;
-
-    /// A copy naming the card `name` (its pseudonym) in place of its card id.
+    /// A copy as a record keeps it: the card named `name` (its card id, or its pseudonym)
+    /// and, for a `private` transaction, the card's counter and balance left out (zero):
+    /// they would chain one card's transactions (one's balance after, less the next price,
+    /// is the next one's; the counter steps by one). What is left out stays covered by the
+    /// card's signature, kept beside it.
     #[must_use]
-    fn masked(&self, name: u64) -> Self {
-        let mut v = self.clone();
-        *v.card_id_mut() = name;
-        v
-    }
-
-    /// A kept (masked) copy with the card id back, from the box's own message.
-    #[must_use]
-    fn restored(&self, card_id: u64) -> Self {
-        self.masked(card_id)
-    }
+    fn kept(&self, name: u64, private: bool) -> Self;
 }
 
 impl NamesCard for DebitCommand {
-    fn card_id_mut(&mut self) -> &mut u64 {
-        &mut self.card_id
+    fn kept(&self, name: u64, private: bool) -> Self {
+        let mut v = self.clone();
+        v.card_id = name;
+        if private {
+            v.atc = 0;
+        }
+        v
     }
 }
 
 impl NamesCard for DebitResponse {
-    fn card_id_mut(&mut self) -> &mut u64 {
-        &mut self.card_id
-    }
-}
-
-impl NamesCard for CreditCommand {
-    fn card_id_mut(&mut self) -> &mut u64 {
-        &mut self.0.card_id
+    fn kept(&self, name: u64, private: bool) -> Self {
+        let mut v = self.clone();
+        v.card_id = name;
+        if private {
+            v.atc = 0;
+            v.new_balance = 0;
+        }
+        v
     }
 }
 
 impl NamesCard for CreditResponse {
-    fn card_id_mut(&mut self) -> &mut u64 {
-        &mut self.0.card_id
+    fn kept(&self, name: u64, private: bool) -> Self {
+        CreditResponse(self.0.kept(name, private))
     }
+}
+
+/// Every way a record or a file could hold `card_id`, for an audit that a private card is
+/// named nowhere (the tests' search of the journal files and batches): its 8 bytes either
+/// way round, postcard's varint (LEB128, how journal records hold a u64), and as text in
+/// decimal and hex.
+pub fn card_id_encodings(card_id: u64) -> Vec<Vec<u8>> {
+    let mut varint = Vec::new();
+    let mut v = card_id;
+    loop {
+        let b = (v & 0x7F) as u8;
+        v >>= 7;
+        if v == 0 {
+            varint.push(b);
+            break;
+        }
+        varint.push(b | 0x80);
+    }
+    vec![
+        card_id.to_be_bytes().to_vec(),
+        card_id.to_le_bytes().to_vec(),
+        varint,
+        card_id.to_string().into_bytes(),
+        format!("{card_id:X}").into_bytes(),
+        format!("{card_id:x}").into_bytes(),
+    ]
 }
 
 /// SHA-256 of a request as received: a retry is compared with it, and the request (which

@@ -37,7 +37,7 @@ use proto::security_card::DrawData;
 use serde::{Deserialize, Serialize};
 
 use super::pool::SecurityCardDevice;
-use super::privacy::{CardNaming, NamesCard};
+use super::privacy::{AtRest, CardNaming, NamesCard};
 use super::step::PayStep;
 use super::{PayState, PayTxn, PaymentServer, blocking, security_card_error, slot_key, today};
 use crate::journal::{self, Journal, Kind, StoreError};
@@ -68,9 +68,11 @@ pub enum RefundState {
 pub struct Issued {
     /// SHA-256 of the refund request as received: a retry must be identical.
     pub request: [u8; 32],
-    /// The credit command, naming the card as [`RefundRec::card_id`] does (the box's
-    /// message gives the card id back: [`NamesCard::restored`]).
-    pub command: CreditCommand,
+    /// The security card's transaction number of the credit command.
+    pub security_card_txn: u32,
+    /// The credit command, for a retry and the refunds-due list (sealed for a private
+    /// sale: it names the card).
+    pub command: AtRest<CreditCommand>,
 }
 
 /// The payment server's record of one refund (journal kind `refund`, keyed by the sale's
@@ -277,7 +279,7 @@ impl PaymentServer {
                         self.names(r, card_id) && !matches!(r.state, RefundState::Credited { .. })
                     })
                     .map(|r| RefundDue {
-                        issued: r.issued().map(|i| i.command.restored(card_id)),
+                        issued: r.issued().and_then(|i| self.privacy.open(&i.command).ok()),
                         transaction_id: r.transaction_id,
                         merchant_id: r.merchant_id,
                         amount: r.amount,
@@ -354,7 +356,10 @@ impl PaymentServer {
             RefundState::Authorized => {}
             RefundState::Issued(i) if i.request == raw => {
                 tracing::info!(txid, "retried refund request: same credit command");
-                return command_msg(&txid, &i.command.restored(req.init.card_id));
+                return match self.privacy.open(&i.command) {
+                    Ok(c) => command_msg(&txid, &c),
+                    Err(e) => refuse(ErrorCode::Internal, e, Some(&txid)),
+                };
             }
             RefundState::Issued(i) => {
                 return refuse(
@@ -363,7 +368,7 @@ impl PaymentServer {
                         "a credit command for this refund is out (security card {:X} \
                          transaction {}): send the card's credit response, or its proof that \
                          it did not credit",
-                        rec.security_card_id, i.command.0.security_card_txn
+                        rec.security_card_id, i.security_card_txn
                     ),
                     Some(&txid),
                 );
@@ -416,7 +421,8 @@ impl PaymentServer {
         };
         rec.state = RefundState::Issued(Issued {
             request: raw,
-            command: command.masked(rec.card_id),
+            security_card_txn: command.0.security_card_txn,
+            command: self.privacy.keep(&rec.naming, command.clone()),
         });
         let snapshot = card.snapshot();
         let detail = format!(
@@ -450,8 +456,8 @@ impl PaymentServer {
             RefundState::Credited {
                 response: Some(response),
                 ..
-            } if *response == msg.response.masked(rec.card_id) => {
-                return receipt(&rec, Some(response.0.new_balance));
+            } if *response == msg.response.kept(rec.card_id, rec.naming.is_private()) => {
+                return receipt(&rec, Some(msg.response.0.new_balance));
             }
             RefundState::Credited { .. } => {
                 return refuse(
@@ -466,14 +472,14 @@ impl PaymentServer {
             Ok(c) => c,
             Err(m) => return *m,
         };
-        let (txn, resp) = (issued.command.0.security_card_txn, msg.response.clone());
+        let (txn, resp) = (issued.security_card_txn, msg.response.clone());
         let (card, done) = blocking(card, move |c| c.complete_credit(txn, &resp), |_, _| {}).await;
         if let Err(e) = done {
             return refuse(security_card_error(&e), e.to_string(), Some(&txid));
         }
         rec.state = RefundState::Credited {
             issued,
-            response: Some(msg.response.masked(rec.card_id)),
+            response: Some(msg.response.kept(rec.card_id, rec.naming.is_private())),
         };
         let snapshot = card.snapshot();
         drop(card);
@@ -507,8 +513,10 @@ impl PaymentServer {
                 return receipt(
                     &rec,
                     Some(
+                        // A private refund's record keeps no balance: the card's, now.
                         response
                             .as_ref()
+                            .filter(|_| !rec.naming.is_private())
                             .map_or(msg.proof.balance, |r| r.0.new_balance),
                     ),
                 );
@@ -519,7 +527,7 @@ impl PaymentServer {
             Ok(c) => c,
             Err(m) => return *m,
         };
-        let txn = issued.command.0.security_card_txn;
+        let txn = issued.security_card_txn;
         let later: PurchaseInit = msg.proof.clone();
         let (card, done) = blocking(card, move |c| c.resolve_credit(txn, &later), |_, _| {}).await;
         let credited = match done {
