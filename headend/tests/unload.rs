@@ -237,11 +237,23 @@ async fn one_open_unload_per_card() {
 /// server now settles a card's open sessions from its next request's S1, before authorising
 /// it; the gateway's sweep takes the sealed verdict to the bank. Both ways: an unload never
 /// run goes back to the float; one run whose answer was lost is credited to the account,
-/// once.
+/// once. The card's next session may be of its other purse (points): it settles them too.
 #[tokio::test]
 async fn an_open_unload_is_settled_from_the_cards_next_request() {
     let he = start_roles(Roles::ALL, |t| {
         t.replacen("[gateway]\n", "[gateway]\nhold_lifetime_secs = 1\n", 1)
+            + r#"
+[[vouchers]]
+code = "MILES-FF-0042"
+box_id = "box-000001"
+currency = 0
+exponent = 0
+amount = 30000
+
+[gateway.limits]
+load_offers_per_minute = 600
+burst = 100
+"#
     })
     .await;
     let load_server = he.running.load.clone().unwrap();
@@ -338,5 +350,29 @@ async fn an_open_unload_is_settled_from_the_cards_next_request() {
     assert_eq!(funds(&he).account(ACCOUNT).unwrap().held, 0);
     assert_eq!(funds(&he).account(ACCOUNT).unwrap().balance, account - 100);
     assert_eq!(value(&he, &mut b), total);
+
+    // The card's list of sessions is the card's, whichever purse ran them (the third
+    // outside attack): points loads settle an open money unload too.
+    let float = funds(&he).float()[&EUR];
+    let (lost, answer) = b.unload_request(1_000, &he.pin).await;
+    LoadBox::command(&answer);
+    for _ in 0..4 {
+        let (_, conf) = b.load(voucher_source("MILES-FF-0042"), 10, None).await;
+        assert!(
+            matches!(conf, Message::LoadConfirmation(ref c) if c.loaded),
+            "{conf:?}"
+        );
+    }
+    assert_eq!(
+        load_server.record(&lost.transaction_id).unwrap().state,
+        headend::load::LoadState::NotLoaded
+    );
+    assert!(
+        eventually(|| funds(&he).hold(&lost.transaction_id).unwrap().state == HoldState::Released)
+            .await,
+        "released by the points loads' S1"
+    );
+    assert_eq!(funds(&he).float()[&EUR], float);
+    assert_eq!(b.purse().points, 40);
     he.running.stop().await;
 }

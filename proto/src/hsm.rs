@@ -628,7 +628,7 @@ impl Hsm {
         if zero.amount != 0 {
             return Err(HsmError::BadZeroValueRequest);
         }
-        self.resolve_by(dir, id, zero, dir)
+        self.resolve_by(dir, id, zero, dir, true)
     }
 
     /// Settles the open load or unload `id` (issue 17, the second outside attack's U1) from
@@ -638,7 +638,11 @@ impl Hsm {
     /// zero-value proof does. The load server settles a card's open sessions so from the
     /// card's next load or unload request, before authorising it: a card then never has more
     /// sessions since an open one than its list keeps, and no hold is stranded because its
-    /// session can no longer be proved. Returns whether `id` is an unload, and the verdict.
+    /// session can no longer be proved. The later session may be of the card's other purse
+    /// (money or points): the list is the card's, whichever purse ran, and the later S1 is
+    /// checked under its own purse's key (an outside attack found points loads pushing an
+    /// open money unload off the list while never settling it). Returns whether `id` is an
+    /// unload, and the verdict.
     ///
     /// # Errors
     /// As [`Self::resolve_negative`] (another card or currency: `BadZeroValueRequest`).
@@ -658,16 +662,19 @@ impl Hsm {
         } else {
             Direction::Load
         };
-        let v = self.resolve_by(dir, id, later, later_dir)?;
+        let v = self.resolve_by(dir, id, later, later_dir, false)?;
         Ok((dir == Direction::Unload, v))
     }
 
+    /// `same_purse`: the proof must be of the session's own purse (the zero-value proof of
+    /// [0130] is).
     fn resolve_by(
         &mut self,
         dir: Direction,
         id: &str,
         zero: &LoadInit,
         proof_dir: Direction,
+        same_purse: bool,
     ) -> Result<NegativeVerdict, HsmError> {
         let t = self.txn(id, dir)?;
         match &t.state {
@@ -676,7 +683,7 @@ impl Hsm {
             LoadState::NotLoaded => return Err(HsmError::WrongState(id.into())),
         }
         let orig = &t.init;
-        if zero.card_id != orig.card_id || zero.currency != orig.currency {
+        if zero.card_id != orig.card_id || (same_purse && zero.currency != orig.currency) {
             return Err(HsmError::BadZeroValueRequest);
         }
         // The new S1 must be the card's own, over what the box reports, and made after the
