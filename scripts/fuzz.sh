@@ -12,7 +12,9 @@ SECS=${1:-60}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    mapfile -t targets < <(cargo +nightly fuzz list)
+    # Not a process substitution: a missing cargo-fuzz must stop the script, not fuzz nothing.
+    list=$(cargo +nightly fuzz list)
+    mapfile -t targets <<<"$list"
 fi
 for t in "${targets[@]}"; do
     echo "== $t: ${SECS}s"
