@@ -241,7 +241,9 @@ async fn one_open_unload_per_card() {
 #[tokio::test]
 async fn an_open_unload_is_settled_from_the_cards_next_request() {
     let he = start_roles(Roles::ALL, |t| {
-        t.replacen("[gateway]\n", "[gateway]\nhold_lifetime_secs = 1\n", 1)
+        // The holds' lifetime is long: each verdict reaches the bank because the card's
+        // next request got its load command, not because the hold expired.
+        t.replacen("[gateway]\n", "[gateway]\nhold_lifetime_secs = 3600\n", 1)
             + r#"
 [[vouchers]]
 code = "MILES-FF-0042"
@@ -374,5 +376,12 @@ burst = 100
     );
     assert_eq!(funds(&he).float()[&EUR], float);
     assert_eq!(b.purse().points, 40);
+    // The bank no longer holds the card's lost unload open: its next unload goes through
+    // (an outside attack found it refused `InDoubt` until the hold's lifetime).
+    let (_, conf) = b.unload(1_000, &he.pin).await;
+    assert!(
+        matches!(conf, Message::LoadConfirmation(ref c) if c.loaded),
+        "{conf:?}"
+    );
     he.running.stop().await;
 }

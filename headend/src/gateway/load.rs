@@ -341,6 +341,14 @@ impl Gateway {
                 if let Err(e) = self.save_load(&lock, &t, Step::LoadCommandRelayed) {
                     return e;
                 }
+                if let Some(h) = &t.hold {
+                    let at = t.requested_at.unwrap_or_else(now_secs);
+                    let mut c = self.commanded.lock().unwrap_or_else(|p| p.into_inner());
+                    let newest = c.entry(h.card_id).or_default();
+                    if at >= newest.0 {
+                        *newest = (at, txid.clone());
+                    }
+                }
                 tracing::info!(txid, "load command relayed");
                 answer
             }
@@ -485,7 +493,19 @@ impl Gateway {
             }
             return false;
         };
-        if now < requested + self.lifetimes.hold.as_secs() {
+        // A later load request of the same card got its load command: that session ended
+        // this one at the card, and the load server settled this one from the later S1 if
+        // it was authorised (else it never will be) — ask now rather than at the hold's
+        // lifetime (an outside attack on issue 17's U1 fix: a settled unload kept blocking
+        // the card's next unload at the bank until then).
+        let moved_on = t.hold.as_ref().is_some_and(|h| {
+            self.commanded
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&h.card_id)
+                .is_some_and(|(at, by)| by != txid && *at >= requested)
+        });
+        if now < requested + self.lifetimes.hold.as_secs() && !moved_on {
             return false;
         }
         let Ok(load) = self.load_role(LOAD, Some(txid)) else {

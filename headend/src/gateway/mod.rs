@@ -189,6 +189,11 @@ pub struct Gateway {
     /// Transactions whose lock a background pass holds while it calls a role (for up to a
     /// call deadline when the role does not answer): see [`Gateway::lock_for_box`].
     retrying: std::sync::Mutex<HashMap<String, usize>>,
+    /// Per card, the newest of its load requests answered with a load command here: when
+    /// it was requested (seconds since the epoch) and its transaction id. The card's other
+    /// open loads requested no later need not wait for their hold's lifetime (see
+    /// [`Gateway::sweep_load`]). In memory: after a restart they wait, as before.
+    pub(crate) commanded: std::sync::Mutex<HashMap<u64, (u64, String)>>,
 }
 
 /// Marks a transaction as in a background pass's role call while it lives
@@ -299,6 +304,7 @@ impl Gateway {
             wake_feed: tokio::sync::Notify::new(),
             locks: Default::default(),
             retrying: Default::default(),
+            commanded: Default::default(),
         }))
     }
 
