@@ -261,6 +261,16 @@ impl SecurityCard {
         self.master.as_ref()
     }
 
+    /// Whether [`Self::exported`] seals `t`: a privacy card's transaction, or a refund.
+    pub fn kept_sealed(t: &Txn) -> bool {
+        t.draw.init.privacy || t.state.is_credit()
+    }
+
+    /// Whether [`Self::exported`] has anything to seal.
+    pub fn has_sealed(&self) -> bool {
+        self.txns.values().any(Self::kept_sealed)
+    }
+
     /// This card's state for export: every transaction of a privacy card, and every refund
     /// (its card may have chosen privacy after the sale, or before it and not since: the
     /// sale's choice is the payment server's to know, so refunds are all kept sealed),
@@ -269,7 +279,7 @@ impl SecurityCard {
     pub fn exported(&self, seal: impl Fn(&Txn) -> Vec<u8>) -> SecurityCard {
         let mut out = self.clone();
         out.txns.retain(|n, t| {
-            if t.draw.init.privacy || t.state.is_credit() {
+            if Self::kept_sealed(t) {
                 out.sealed.insert(*n, seal(t));
                 false
             } else {

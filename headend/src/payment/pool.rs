@@ -173,8 +173,9 @@ impl SecurityCardDevice for SecurityCard {
     }
     fn snapshot(&self) -> Vec<u8> {
         // A privacy card's transactions leave the card sealed ([`super::privacy`]).
-        let Some(keys) = self.master_keys().map(PrivacyKeys::new) else {
-            return journal::encode(self);
+        let keys = match self.master_keys() {
+            Some(master) if self.has_sealed() => PrivacyKeys::new(master),
+            _ => return journal::encode(self),
         };
         let naming = keys.naming(true, 0);
         journal::encode(&self.exported(|t| match keys.keep(&naming, t.clone()) {
