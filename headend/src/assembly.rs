@@ -807,10 +807,11 @@ pub fn init_demo(dir: &Path, opts: &DemoOptions) -> Result<DemoFiles, SetupError
         load_master: new_key(),
     };
     let issuer_keys = dir.join("issuer-keys.toml");
-    write_secret(
-        &issuer_keys,
-        &toml_of(&proto::purse::IssuerKeyFile::from_keys(&issuer)),
-    )?;
+    let issuer_file = proto::purse::IssuerKeyFile {
+        app_master: Some(hex::encode_upper(new_key().bytes())),
+        ..proto::purse::IssuerKeyFile::from_keys(&issuer)
+    };
+    write_secret(&issuer_keys, &toml_of(&issuer_file))?;
     let keys_dir = dir.join("keys");
     proto::secret::private_dir(&keys_dir).map_err(SetupError::write(&keys_dir))?;
     write_secret(

@@ -41,6 +41,12 @@ impl StatusWord {
     /// A DEBIT above the card's PIN threshold without the PIN verified first (seed 004,
     /// MIN_TRANS/MAX_TRANS).
     pub const PIN_REQUIRED: Self = Self(0x9407);
+    /// A card-to-card transfer with a card sharing fewer than two application keys, or by
+    /// a card holding none (seed 004; [`crate::transfer::common_epochs`]).
+    pub const NO_COMMON_KEYS: Self = Self(0x9408);
+    /// A transfer while an earlier one of this card is not settled
+    /// ([`crate::transfer`]: settling).
+    pub const TRANSFER_UNSETTLED: Self = Self(0x9409);
     /// VERIFY on a card without a PIN (ISO 7816-4: referenced data not found).
     pub const NO_PIN: Self = Self(0x6A88);
 
@@ -85,6 +91,8 @@ impl StatusWord {
             Self::REPLAY => "transaction number already used (replay)",
             Self::BAD_AMOUNT => "amount out of range",
             Self::PIN_REQUIRED => "PIN required for this amount",
+            Self::NO_COMMON_KEYS => "the cards share fewer than two application keys",
+            Self::TRANSFER_UNSETTLED => "an earlier transfer of this card is not settled",
             Self::NO_PIN => "the card has no PIN",
             Self(0x63C0) => "PIN blocked: no tries left",
             _ if self.pin_tries_left().is_some() => "wrong PIN",

@@ -19,6 +19,7 @@
 //! | UNLOAD                   | 80 58 00 00   | [`LoadCommand`], S2 under [`Direction::Unload`]'s label | [`LoadResponse`], S3 (the card's proof it gave the value up); logged as [`LogKind::Unload`] |
 //! | INITIALIZE FOR LOAD      | 80 50 02 00   | [`LoadInitRequest`]; its currency names the purse (points: [`Currency::POINTS`], at most [`POINTS_MAX`], the points purse's load key) | [`LoadInit`] (S1)        |
 //! | LOAD                     | 80 52 00 00   | [`LoadCommand`] (S2), then the issuer's sealed [`KeyUpdate`] (56 bytes) and/or [`Unblock`] (24 bytes), each optional | [`LoadResponse`] (S3)    |
+//! | TRANSFER (card to card)  | 80 5A xx 00   | see [`transfer`] (seed 004 FIG. 4, P1–P4) | see [`transfer`] |
 //! | SET PRIVACY              | 80 D2 00 0x 00 | — (x = 1 on, 0 off)     | —; with a PIN, only after VERIFY this session (`6982`) |
 //! | READ LOG                 | 80 B2 nn 00   | — (nn = 1 is the newest) | [`LogRecord`]            |
 //! | READ RECORD (provider)   | 00 B2 nn 0C   | — (nn = 1.. in personalisation order; P2 `04` too) | [`ProviderRecordInfo`], never the key; access Pin: after VERIFY in this session (seed 003, [`crate::provider`]) |
@@ -51,6 +52,8 @@
 //! | 9407 | DEBIT above the PIN threshold without a verified PIN            |
 //! | 63Cx | VERIFY: wrong PIN, x tries left; `63C0`: the PIN is blocked     |
 //! | 6A88 | VERIFY on a card without a PIN                                  |
+//! | 9408 | TRANSFER: fewer than two application keys in common, or none held |
+//! | 9409 | TRANSFER: an earlier transfer of this card is not settled       |
 //!
 //! # Lock and unblock (seed 004, BAD_KEY)
 //!
@@ -94,6 +97,9 @@ use crate::apdu::{ApduError, CardApplication, Command, Response, StatusWord};
 use crate::crypto::{self, DesKey, Mac};
 use crate::money::Currency;
 use crate::purse::*;
+use crate::transfer::{AppKeys, Receiving, Remembered, Sent};
+
+pub mod transfer;
 
 pub const CLA_ISO: u8 = 0x00;
 pub const CLA_PURSE: u8 = 0x80;
@@ -120,6 +126,8 @@ pub const INS_CREDIT: u8 = 0x56;
 /// SET PRIVACY (`80 D2 00 P2`, P2 `01` on, `00` off): the cardholder's choice (seed 004);
 /// with a PIN on the card, only after VERIFY in this session.
 pub const INS_SET_PRIVACY: u8 = 0xD2;
+/// TRANSFER, card to card (seed 004; [`transfer`]): P1 names the step.
+pub const INS_TRANSFER: u8 = 0x5A;
 /// INITIALIZE FOR UNLOAD: value back to the issuer (issue 17; 004 card-to-bank).
 pub const P1_INIT_UNLOAD: u8 = 0x04;
 /// UNLOAD: the HSM's unload command (S2 under [`Direction::Unload`]'s label).
@@ -206,6 +214,16 @@ pub struct CardState {
     /// The INITIALIZE counts of the last credit (refund) sessions carried out, with the
     /// security card whose command ran, oldest first ([`PurchaseInit::credits`]).
     pub recent_credits: [Run; RECENT_RUNS],
+    /// The four application keys and their epochs (seed 004 KEY_NUMBER); `None`: the card
+    /// was personalised without them and takes no part in card-to-card transfers.
+    pub app_keys: Option<AppKeys>,
+    /// A transfer this card was debited for, until the payee's receipt or cancellation
+    /// settles it ([`crate::transfer`]).
+    pub sent: Option<Sent>,
+    /// A transfer this card answered P1 for, until its P4 or a cancellation.
+    pub receiving: Option<Receiving>,
+    /// The outcome of the last incoming transfers, oldest first.
+    pub remembered: VecDeque<Remembered>,
 }
 
 /// The cardholder PIN as the card keeps it (seed 004's PIN threshold). `Debug` shows the
@@ -386,7 +404,21 @@ impl CardState {
             passbook_through: 0,
             recent_runs: [(0, 0); RECENT_RUNS],
             recent_credits: [(0, 0); RECENT_RUNS],
+            app_keys: None,
+            sent: None,
+            receiving: None,
+            remembered: VecDeque::new(),
         }
+    }
+
+    /// This card with the scheme's application keys of epochs `oldest` to `oldest + 3`
+    /// (seed 004 KEY_NUMBER), derived from the application master.
+    ///
+    /// # Errors
+    /// The epochs pass 255.
+    pub fn with_app_keys(mut self, master: &DesKey, oldest: u8) -> Result<Self, String> {
+        self.app_keys = Some(AppKeys::from_master(master, oldest)?);
+        Ok(self)
     }
 
     /// This card with the cardholder PIN `pin` (4–12 digits): DEBITs of more than
@@ -494,6 +526,21 @@ enum Session {
         /// The session's INITIALIZE count: named in [`PurchaseInit::credits`] once its
         /// CREDIT ran.
         init_count: u32,
+    },
+    /// The payee's RECEIVE, waiting for P1.
+    TransferReceive {
+        amount: u64,
+        currency: Currency,
+    },
+    /// The payer's SEND, waiting for P2 and P3.
+    TransferSend {
+        date: Date,
+        r1: [u8; 8],
+        ak0: u8,
+        ak1: u8,
+        amount: u64,
+        currency: Currency,
+        payee: u64,
     },
 }
 
@@ -616,6 +663,7 @@ impl PurseCard {
                     INS_LOAD => self.load(cmd, Direction::Load),
                     INS_UNLOAD => self.load(cmd, Direction::Unload),
                     INS_READ_LOG => self.read_log(cmd),
+                    INS_TRANSFER => self.transfer(cmd),
                     _ => Err(StatusWord::UNKNOWN_INSTRUCTION),
                 }
             }

@@ -20,3 +20,4 @@ pub mod psam;
 pub mod purse;
 pub mod secret;
 pub mod security_card;
+pub mod transfer;

@@ -331,6 +331,11 @@ pub struct IssuerKeyFile {
     pub key_version: u8,
     pub purchase_master: String,
     pub load_master: String,
+    /// The scheme's application master (seed 004 card to card, [`crate::transfer`]): cards
+    /// personalised from this file get the application keys of four epochs. Absent: cards
+    /// without them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_master: Option<String>,
 }
 
 impl IssuerKeyFile {
@@ -351,7 +356,23 @@ impl IssuerKeyFile {
             key_version: k.key_version,
             purchase_master: hex::encode_upper(k.purchase_master.bytes()),
             load_master: hex::encode_upper(k.load_master.bytes()),
+            app_master: None,
         }
+    }
+
+    /// The application master, if the file has one.
+    ///
+    /// # Errors
+    /// Not a hex 16-byte key.
+    pub fn app_master(&self) -> Result<Option<DesKey>, String> {
+        self.app_master
+            .as_deref()
+            .map(|h| {
+                let raw =
+                    hex::decode(h.trim()).map_err(|e| format!("app_master: not hex ({e})"))?;
+                DesKey::from_slice(&raw).map_err(|e| format!("app_master: {e}"))
+            })
+            .transpose()
     }
 }
 
@@ -1192,6 +1213,21 @@ pub enum LogKind {
     Credit = 3,
     /// Value unloaded back to the issuer (004 card-to-bank; [`Direction::Unload`]).
     Unload = 4,
+    /// Value sent to another card (seed 004 FIG. 4; [`crate::transfer`]): the counterparty
+    /// is the payee card, the signature field the transfer's random R2.
+    TransferOut = 5,
+    /// Value received from another card: the counterparty is the payer card.
+    TransferIn = 6,
+    /// A transfer the payee cancelled, credited back to the payer.
+    TransferBack = 7,
+}
+
+impl LogKind {
+    /// Whether the record's value left the card (a debit, unload or transfer sent), rather
+    /// than came onto it.
+    pub fn takes_value(self) -> bool {
+        matches!(self, Self::Debit | Self::Unload | Self::TransferOut)
+    }
 }
 
 /// One record of the card's transaction log (001 [0016]). A debit record keeps the card
@@ -1231,6 +1267,9 @@ impl LogRecord {
             2 => LogKind::Load,
             3 => LogKind::Credit,
             4 => LogKind::Unload,
+            5 => LogKind::TransferOut,
+            6 => LogKind::TransferIn,
+            7 => LogKind::TransferBack,
             _ => return Err(LayoutError(b.len())),
         };
         let v = Self {

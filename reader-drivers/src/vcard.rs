@@ -19,8 +19,10 @@ use proto::purse::IssuerKeys;
 const MAGIC: &[u8; 4] = b"PLVC";
 /// 2: the card counts its INITIALIZE commands (`purchase_inits`, `load_inits`); 3: the
 /// cardholder PIN and its threshold (`pin`); 4: service-provider records and the cardholder
-/// data (seed 003); 5: the credit sessions the card carried out (`recent_credits`, issue 17).
-const FORMAT: u8 = 5;
+/// data (seed 003); 5: the credit sessions the card carried out (`recent_credits`, issue 17);
+/// 6: application keys and card-to-card transfers (`app_keys`, `sent`, `receiving`,
+/// `remembered`, issue 18).
+const FORMAT: u8 = 6;
 /// ISO 7816-4 "memory failure": the card could not persist, so nothing happened.
 pub const SW_MEMORY_FAILURE: StatusWord = StatusWord(0x6581);
 

@@ -443,9 +443,10 @@ fn read_cards(cx: &mut Ctx, files: &[PathBuf]) -> Result<BTreeMap<u64, CardView>
             // The money purse's chain: points and authentications move other purses (or
             // none).
             for r in records.values().filter(|r| r.currency == state.currency) {
-                let before = match r.kind {
-                    LogKind::Debit | LogKind::Unload => r.balance_after.checked_add(r.amount),
-                    LogKind::Load | LogKind::Credit => r.balance_after.checked_sub(r.amount),
+                let before = if r.kind.takes_value() {
+                    r.balance_after.checked_add(r.amount)
+                } else {
+                    r.balance_after.checked_sub(r.amount)
                 };
                 if let (Some(b), Some(before)) = (bal, before) {
                     if b != before {

@@ -129,6 +129,12 @@ pub enum TxKind {
     Refund,
     /// Value unloaded from the card back to the bank.
     Unload,
+    /// Value sent to another card (seed 004 card to card).
+    TransferOut,
+    /// Value received from another card.
+    TransferIn,
+    /// A transfer the other card cancelled, credited back.
+    TransferBack,
 }
 
 /// The receipt shown after a completed purchase or load.

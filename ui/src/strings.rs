@@ -135,6 +135,9 @@ pub fn receipt_title(k: TxKind) -> &'static str {
         TxKind::Load => "Value loaded",
         TxKind::Refund => "Refund credited",
         TxKind::Unload => "Value unloaded",
+        TxKind::TransferOut => "Value sent",
+        TxKind::TransferIn => "Value received",
+        TxKind::TransferBack => "Transfer returned",
     }
 }
 
@@ -161,6 +164,9 @@ pub fn history_kind(k: TxKind) -> &'static str {
         TxKind::Load => "Load",
         TxKind::Refund => "Refund",
         TxKind::Unload => "Unload",
+        TxKind::TransferOut => "Sent",
+        TxKind::TransferIn => "Received",
+        TxKind::TransferBack => "Returned",
     }
 }
 

@@ -70,6 +70,10 @@ enum Cmd {
         /// With --pin-file: the amount (minor units) above which a purchase needs the PIN.
         #[arg(long, requires = "pin_file")]
         pin_threshold: Option<u64>,
+        /// The oldest of the card's four application-key epochs (seed 004 card to card:
+        /// epochs N to N+3). Used when the issuer key file has an `app_master`.
+        #[arg(long, default_value_t = 1)]
+        app_epoch: u8,
     },
     /// Personalise a new security card (PSAM) and write its state file (never overwrites).
     CreatePsam {
@@ -229,14 +233,20 @@ fn parse_id(s: &str) -> Result<u64, String> {
     .map_err(|e| format!("{s:?}: {e}"))
 }
 
-fn read_issuer_keys(path: &PathBuf) -> Result<proto::purse::IssuerKeys, CliError> {
+/// The issuer's keys and, if the file has one, the application master.
+fn read_issuer_keys(
+    path: &PathBuf,
+) -> Result<(proto::purse::IssuerKeys, Option<proto::crypto::DesKey>), CliError> {
     let err = |detail: String| CliError::Keys {
         path: path.clone(),
         detail,
     };
     let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
     let file: IssuerKeyFile = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
-    file.to_keys().map_err(err)
+    Ok((
+        file.to_keys().map_err(err)?,
+        file.app_master().map_err(err)?,
+    ))
 }
 
 async fn shutdown_signal() {
@@ -268,6 +278,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             issuer_keys,
             pin_file,
             pin_threshold,
+            app_epoch,
         } => {
             if balance > max_balance {
                 return Err(CliError::Usage(format!(
@@ -288,8 +299,13 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 max_balance,
                 expiry: parse_expiry(&expiry)?,
             };
-            let keys = read_issuer_keys(&issuer_keys)?;
+            let (keys, app_master) = read_issuer_keys(&issuer_keys)?;
             let mut state = proto::card::CardState::personalise(&spec, &keys);
+            if let Some(master) = &app_master {
+                state = state
+                    .with_app_keys(master, app_epoch)
+                    .map_err(|e| CliError::Usage(format!("--app-epoch: {e}")))?;
+            }
             state.points = points;
             if let (Some(f), Some(threshold)) = (&pin_file, pin_threshold) {
                 let text = std::fs::read_to_string(f)

@@ -504,6 +504,9 @@ impl Runner {
                             proto::purse::LogKind::Load => ui::model::TxKind::Load,
                             proto::purse::LogKind::Credit => ui::model::TxKind::Refund,
                             proto::purse::LogKind::Unload => ui::model::TxKind::Unload,
+                            proto::purse::LogKind::TransferOut => ui::model::TxKind::TransferOut,
+                            proto::purse::LogKind::TransferIn => ui::model::TxKind::TransferIn,
+                            proto::purse::LogKind::TransferBack => ui::model::TxKind::TransferBack,
                         },
                         amount: ui_money(proto::money::Money::new(r.amount, r.currency)),
                         // The purse the record moved: points, or money (an authentication's

@@ -56,13 +56,14 @@ impl HistoryView {
         let rows: Vec<Row> = entries
             .iter()
             .map(|e| {
-                let sign = match e.kind {
-                    TxKind::Purchase | TxKind::Unload => "-",
-                    TxKind::Load | TxKind::Refund => "+",
-                };
-                let style = match e.kind {
-                    TxKind::Purchase | TxKind::Unload => theme::value(),
-                    TxKind::Load | TxKind::Refund => theme::good(),
+                let outgoing = matches!(
+                    e.kind,
+                    TxKind::Purchase | TxKind::Unload | TxKind::TransferOut
+                );
+                let (sign, style) = if outgoing {
+                    ("-", theme::value())
+                } else {
+                    ("+", theme::good())
                 };
                 Row::new(vec![
                     Cell::from(e.date.to_string()),

@@ -19,8 +19,12 @@ pub struct Progress {
 
 fn steps(kind: TxKind) -> [ProgressStep; 4] {
     let card = match kind {
-        TxKind::Purchase => ProgressStep::DebitingCard,
-        TxKind::Load | TxKind::Refund | TxKind::Unload => ProgressStep::LoadingCard,
+        TxKind::Purchase | TxKind::TransferOut => ProgressStep::DebitingCard,
+        TxKind::Load
+        | TxKind::Refund
+        | TxKind::Unload
+        | TxKind::TransferIn
+        | TxKind::TransferBack => ProgressStep::LoadingCard,
     };
     [
         ProgressStep::ReadingCard,

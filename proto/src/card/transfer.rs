@@ -1,0 +1,519 @@
+//! The purse card's side of card-to-card transfer (seed 004 FIG. 4A–4B; the protocol, its
+//! packets and how it settles are in [`crate::transfer`]). Every command is `80 5A P1 00`:
+//!
+//! | P1 | command | data in | data out |
+//! |---|---|---|---|
+//! | 00 | READ KEY EPOCHS | — | the four epochs, oldest first |
+//! | 01 | RECEIVE (payee) | date, amount, currency | card id ‖ epochs |
+//! | 02 | SEND (payer) | date, amount, currency, payee card id, payee epochs | AK0 ‖ AK1 ‖ P1 |
+//! | 03 | P1 (payee) | AK0 ‖ AK1 ‖ P1 | P2 ‖ P3 (length-prefixed) |
+//! | 04 | P2 P3 (payer) | P2 ‖ P3 (length-prefixed) | P4 (the payer is debited) |
+//! | 05 | P4 (payee) | date ‖ P4 | the receipt, a [`Settlement`] (the payee is credited) |
+//! | 06 | CANCEL (payee) | R2 | a [`Settlement`]: the cancellation of the pending R2, or the outcome of a settled one |
+//! | 07 | RESOLVE (payer) | date ‖ [`Settlement`] | — (a cancellation credits the payer back) |
+//! | 08 | STATUS | — | [`TransferStatus`] |
+//!
+//! Status words besides the card's own: `9408` fewer than two application keys in common
+//! (or none held), `9409` an earlier transfer of this card not settled, `6982` a packet or
+//! settlement that does not open or does not answer this card's random (counts toward the
+//! lock: a replayed P4 is one), `6A83` CANCEL of an R2 the card never saw.
+
+use super::{Answer, Command, PurseCard, Session, parse_date};
+use crate::apdu::StatusWord;
+use crate::codec::{Reader, Writer};
+use crate::crypto;
+use crate::money::Currency;
+use crate::purse::{Date, LogKind, LogRecord, read_currency};
+use crate::transfer::{
+    APPLICATION_NUMBER, CREDIT_CODE, DEBIT_CODE, Greeting, Receiving, Remembered, Sent, Settled,
+    Settlement, TRANSFER_MEMORY, TransferStatus, ValuePacket, common_epochs, public_name,
+    read_parts, valid_name, write_parts,
+};
+
+pub const P1_READ_EPOCHS: u8 = 0x00;
+pub const P1_RECEIVE: u8 = 0x01;
+pub const P1_SEND: u8 = 0x02;
+pub const P1_PACKET1: u8 = 0x03;
+pub const P1_PACKETS23: u8 = 0x04;
+pub const P1_PACKET4: u8 = 0x05;
+pub const P1_CANCEL: u8 = 0x06;
+pub const P1_RESOLVE: u8 = 0x07;
+pub const P1_STATUS: u8 = 0x08;
+
+fn bad_data<T>(_: T) -> StatusWord {
+    StatusWord::BAD_DATA
+}
+
+impl PurseCard {
+    pub(super) fn transfer(&mut self, cmd: &Command) -> Answer {
+        if cmd.p2 != 0 {
+            return Err(StatusWord::WRONG_P1P2);
+        }
+        let session = std::mem::replace(&mut self.session, Session::None);
+        match cmd.p1 {
+            P1_READ_EPOCHS => {
+                let keys = self.state.app_keys.as_ref();
+                Ok(keys.ok_or(StatusWord::NO_COMMON_KEYS)?.epochs().to_vec())
+            }
+            P1_RECEIVE => self.transfer_receive(&cmd.data),
+            P1_SEND => {
+                let pin_verified = std::mem::take(&mut self.pin_verified);
+                self.transfer_send(&cmd.data, pin_verified)
+            }
+            P1_PACKET1 => self.transfer_p1(session, &cmd.data),
+            P1_PACKETS23 => self.transfer_p23(session, &cmd.data),
+            P1_PACKET4 => self.transfer_p4(&cmd.data),
+            P1_CANCEL => self.transfer_cancel(&cmd.data),
+            P1_RESOLVE => self.transfer_resolve(&cmd.data),
+            P1_STATUS => Ok(TransferStatus {
+                sent: self.state.sent.clone(),
+                receiving: self.state.receiving.clone(),
+            }
+            .encode()),
+            _ => Err(StatusWord::WRONG_P1P2),
+        }
+    }
+
+    /// The amount and currency a RECEIVE or SEND names, after its date: a non-zero amount
+    /// in the card's currency, on a usable card that has not expired.
+    fn transfer_terms(&self, r: &mut Reader) -> Result<(Date, u64, Currency), StatusWord> {
+        let date = parse_date(r.bytes(4).map_err(bad_data)?)?;
+        let amount = r.u64().map_err(bad_data)?;
+        let currency = read_currency(r).map_err(bad_data)?;
+        self.check_usable_on(date)?;
+        if currency != self.state.currency {
+            return Err(StatusWord::WRONG_CURRENCY);
+        }
+        if amount == 0 {
+            return Err(StatusWord::BAD_AMOUNT);
+        }
+        Ok((date, amount, currency))
+    }
+
+    fn transfer_receive(&mut self, data: &[u8]) -> Answer {
+        let mut r = Reader::new(data);
+        let (_, amount, currency) = self.transfer_terms(&mut r)?;
+        r.end().map_err(bad_data)?;
+        let keys = self
+            .state
+            .app_keys
+            .as_ref()
+            .ok_or(StatusWord::NO_COMMON_KEYS)?;
+        if self.state.receiving.is_some() {
+            return Err(StatusWord::TRANSFER_UNSETTLED);
+        }
+        self.state
+            .balance
+            .checked_add(amount)
+            .filter(|b| *b <= self.state.max_balance)
+            .ok_or(StatusWord::OVER_MAX_BALANCE)?;
+        let mut w = Writer::default();
+        w.u64(self.state.card_id).bytes(&keys.epochs());
+        self.session = Session::TransferReceive { amount, currency };
+        Ok(w.finish())
+    }
+
+    fn transfer_send(&mut self, data: &[u8], pin_verified: bool) -> Answer {
+        let mut r = Reader::new(data);
+        let (date, amount, currency) = self.transfer_terms(&mut r)?;
+        let payee = r.u64().map_err(bad_data)?;
+        let theirs: [u8; 4] = r.take().map_err(bad_data)?;
+        r.end().map_err(bad_data)?;
+        if payee == self.state.card_id {
+            return Err(StatusWord::BAD_DATA);
+        }
+        let keys = self
+            .state
+            .app_keys
+            .as_ref()
+            .ok_or(StatusWord::NO_COMMON_KEYS)?;
+        let (ak0, ak1) =
+            common_epochs(keys.epochs(), theirs).map_err(|_| StatusWord::NO_COMMON_KEYS)?;
+        if self.state.sent.is_some() {
+            return Err(StatusWord::TRANSFER_UNSETTLED);
+        }
+        if let Some(pin) = &self.state.pin {
+            if amount > pin.threshold && !pin_verified {
+                return Err(StatusWord::PIN_REQUIRED);
+            }
+        }
+        if amount > self.state.balance {
+            return Err(StatusWord::INSUFFICIENT_VALUE);
+        }
+        let r1 = self.random();
+        let p1 = Greeting {
+            random: r1,
+            application: APPLICATION_NUMBER,
+            name: self.public_name(),
+            card_id: self.state.card_id,
+            amount,
+            currency,
+        };
+        let key = self.app_key(ak0)?;
+        let sealed = crypto::seal(&key, &p1.encode(), &mut self.rng);
+        self.session = Session::TransferSend {
+            date,
+            r1,
+            ak0,
+            ak1,
+            amount,
+            currency,
+            payee,
+        };
+        let mut w = Writer::default();
+        w.u8(ak0).u8(ak1).bytes(&sealed);
+        Ok(w.finish())
+    }
+
+    fn public_name(&self) -> [u8; 8] {
+        public_name(
+            self.state.cardholder.as_ref().map(|c| c.name.as_str()),
+            self.state.card_id,
+        )
+    }
+
+    fn app_key(&self, epoch: u8) -> Result<crypto::DesKey, StatusWord> {
+        self.state
+            .app_keys
+            .as_ref()
+            .and_then(|k| k.key(epoch))
+            .cloned()
+            .ok_or(StatusWord::NO_COMMON_KEYS)
+    }
+
+    /// Opens a packet sealed under the key of `epoch`; one that does not open counts toward
+    /// the lock.
+    fn open_packet(&mut self, epoch: u8, sealed: &[u8]) -> Result<Vec<u8>, StatusWord> {
+        let key = self.app_key(epoch)?;
+        crypto::open(&key, sealed).map_err(|_| self.bad_signature())
+    }
+
+    fn transfer_p1(&mut self, session: Session, data: &[u8]) -> Answer {
+        let Session::TransferReceive { amount, currency } = session else {
+            return Err(StatusWord::WRONG_STATE);
+        };
+        self.check_usable()?;
+        let mut r = Reader::new(data);
+        let (ak0, ak1) = (r.u8().map_err(bad_data)?, r.u8().map_err(bad_data)?);
+        let sealed = r.rest();
+        if ak0 >= ak1 {
+            return Err(StatusWord::BAD_DATA);
+        }
+        self.app_key(ak1)?;
+        let p1 = Greeting::decode(&self.open_packet(ak0, sealed)?).map_err(bad_data)?;
+        if p1.application != APPLICATION_NUMBER || !valid_name(&p1.name) {
+            return Err(self.bad_signature());
+        }
+        self.good_signature();
+        if (p1.amount, p1.currency) != (amount, currency) {
+            return Err(StatusWord::BAD_AMOUNT);
+        }
+        if p1.card_id == self.state.card_id {
+            return Err(StatusWord::BAD_DATA);
+        }
+        let p2 = Greeting {
+            random: p1.random,
+            application: APPLICATION_NUMBER,
+            name: self.public_name(),
+            card_id: self.state.card_id,
+            amount,
+            currency,
+        };
+        let r2 = self.random();
+        let p3 = ValuePacket {
+            random: r2,
+            application: APPLICATION_NUMBER,
+            code: DEBIT_CODE,
+            amount,
+            currency,
+            payer: p1.card_id,
+            payee: self.state.card_id,
+        };
+        let (k0, k1) = (self.app_key(ak0)?, self.app_key(ak1)?);
+        let p2 = crypto::seal(&k0, &p2.encode(), &mut self.rng);
+        let p3 = crypto::seal(&k1, &p3.encode(), &mut self.rng);
+        // From here the payee waits for P4 (or a cancellation), across power loss.
+        self.state.receiving = Some(Receiving {
+            random: r2,
+            amount,
+            currency,
+            payer: p1.card_id,
+            ak1,
+        });
+        self.changed = true;
+        Ok(write_parts(&[&p2, &p3]))
+    }
+
+    fn transfer_p23(&mut self, session: Session, data: &[u8]) -> Answer {
+        let Session::TransferSend {
+            date,
+            r1,
+            ak0,
+            ak1,
+            amount,
+            currency,
+            payee,
+        } = session
+        else {
+            return Err(StatusWord::WRONG_STATE);
+        };
+        self.check_usable()?;
+        let [p2, p3] = read_parts::<2>(data).map_err(bad_data)?;
+        let p2 = Greeting::decode(&self.open_packet(ak0, &p2)?).map_err(bad_data)?;
+        // P2 answers this card's challenge with the payee's own (changed) name.
+        if p2.random != r1 || p2.application != APPLICATION_NUMBER || !valid_name(&p2.name) {
+            return Err(self.bad_signature());
+        }
+        let p3 = ValuePacket::decode(&self.open_packet(ak1, &p3)?).map_err(bad_data)?;
+        if p3.application != APPLICATION_NUMBER || p3.code != DEBIT_CODE {
+            return Err(self.bad_signature());
+        }
+        self.good_signature();
+        if p2.card_id != payee || p3.payee != payee || p3.payer != self.state.card_id {
+            return Err(StatusWord::BAD_DATA);
+        }
+        if (p3.amount, p3.currency) != (amount, currency) {
+            return Err(StatusWord::BAD_AMOUNT);
+        }
+        let atc = self.next_atc()?;
+        let balance = self
+            .state
+            .balance
+            .checked_sub(amount)
+            .ok_or(StatusWord::INSUFFICIENT_VALUE)?;
+        let p4 = ValuePacket {
+            random: p3.random,
+            application: APPLICATION_NUMBER,
+            code: CREDIT_CODE,
+            amount,
+            currency,
+            payer: self.state.card_id,
+            payee,
+        };
+        let p4 = crypto::seal(&self.app_key(ak1)?, &p4.encode(), &mut self.rng);
+        // Debited, logged and P4 kept: one state change.
+        self.state.balance = balance;
+        self.state.atc = atc;
+        self.state.sent = Some(Sent {
+            random: p3.random,
+            amount,
+            currency,
+            payee,
+            ak1,
+            p4: p4.clone(),
+        });
+        self.log_transfer(LogKind::TransferOut, atc, amount, date, payee, p3.random);
+        Ok(p4)
+    }
+
+    fn log_transfer(
+        &mut self,
+        kind: LogKind,
+        atc: u32,
+        amount: u64,
+        date: Date,
+        other_card: u64,
+        random: [u8; 8],
+    ) {
+        self.state.push_log(LogRecord {
+            kind,
+            atc,
+            amount,
+            currency: self.state.currency,
+            balance_after: self.state.balance,
+            date,
+            counterparty: other_card,
+            counterparty_txn: 0,
+            signature: random,
+        });
+        self.changed = true;
+    }
+
+    /// The payee's signed word on an incoming transfer.
+    fn settlement(&self, kind: Settled, rec: &Receiving) -> Result<Settlement, StatusWord> {
+        let key = self.app_key(rec.ak1)?;
+        let fields =
+            ValuePacket::settled_fields(&rec.random, rec.amount, rec.payer, self.state.card_id);
+        Ok(Settlement {
+            kind,
+            random: rec.random,
+            mac: crypto::sign(&key, kind.label(), &fields),
+        })
+    }
+
+    fn remember(&mut self, receiving: Receiving, kind: Settled) {
+        if self.state.remembered.len() == TRANSFER_MEMORY {
+            self.state.remembered.pop_front();
+        }
+        self.state
+            .remembered
+            .push_back(Remembered { receiving, kind });
+        self.state.receiving = None;
+        self.changed = true;
+    }
+
+    fn transfer_p4(&mut self, data: &[u8]) -> Answer {
+        self.check_usable()?;
+        let mut r = Reader::new(data);
+        let date = parse_date(r.bytes(4).map_err(bad_data)?)?;
+        let sealed = r.rest();
+        // A P4 with no transfer waiting for it is a replay (or a forgery): a bad key.
+        let Some(rec) = self.state.receiving.clone() else {
+            return Err(self.bad_signature());
+        };
+        let p4 = ValuePacket::decode(&self.open_packet(rec.ak1, sealed)?).map_err(bad_data)?;
+        if p4.random != rec.random
+            || p4.application != APPLICATION_NUMBER
+            || p4.code != CREDIT_CODE
+            || (p4.amount, p4.currency, p4.payer, p4.payee)
+                != (rec.amount, rec.currency, rec.payer, self.state.card_id)
+        {
+            return Err(self.bad_signature());
+        }
+        self.good_signature();
+        let atc = self.next_atc()?;
+        let balance = self
+            .state
+            .balance
+            .checked_add(rec.amount)
+            .filter(|b| *b <= self.state.max_balance)
+            .ok_or(StatusWord::OVER_MAX_BALANCE)?;
+        let receipt = self.settlement(Settled::Credited, &rec)?;
+        // Credited, logged and remembered: one state change.
+        self.state.balance = balance;
+        self.state.atc = atc;
+        self.log_transfer(
+            LogKind::TransferIn,
+            atc,
+            rec.amount,
+            date,
+            rec.payer,
+            rec.random,
+        );
+        self.remember(rec, Settled::Credited);
+        Ok(receipt.encode())
+    }
+
+    fn transfer_cancel(&mut self, data: &[u8]) -> Answer {
+        let r2: [u8; 8] = data.try_into().map_err(bad_data)?;
+        if let Some(rec) = self.state.receiving.clone().filter(|r| r.random == r2) {
+            let answer = self.settlement(Settled::Cancelled, &rec)?;
+            self.remember(rec, Settled::Cancelled);
+            return Ok(answer.encode());
+        }
+        let known = self
+            .state
+            .remembered
+            .iter()
+            .find(|m| m.receiving.random == r2)
+            .cloned()
+            .ok_or(crate::card::SW_RECORD_NOT_FOUND)?;
+        Ok(self.settlement(known.kind, &known.receiving)?.encode())
+    }
+
+    fn transfer_resolve(&mut self, data: &[u8]) -> Answer {
+        let mut r = Reader::new(data);
+        let date = parse_date(r.bytes(4).map_err(bad_data)?)?;
+        let s = Settlement::decode(r.rest()).map_err(bad_data)?;
+        let Some(sent) = self.state.sent.clone() else {
+            return Err(StatusWord::WRONG_STATE);
+        };
+        if s.random != sent.random {
+            return Err(StatusWord::WRONG_STATE);
+        }
+        let key = self.app_key(sent.ak1)?;
+        let fields =
+            ValuePacket::settled_fields(&sent.random, sent.amount, self.state.card_id, sent.payee);
+        if !crypto::verify(&key, s.kind.label(), &fields, &s.mac) {
+            return Err(self.bad_signature());
+        }
+        self.good_signature();
+        if s.kind == Settled::Cancelled {
+            // The payee will never credit it: the value comes back (one state change with
+            // forgetting the transfer).
+            let atc = self.next_atc()?;
+            self.state.balance = self
+                .state
+                .balance
+                .checked_add(sent.amount)
+                .filter(|b| *b <= self.state.max_balance)
+                .ok_or(StatusWord::OVER_MAX_BALANCE)?;
+            self.state.atc = atc;
+            self.log_transfer(
+                LogKind::TransferBack,
+                atc,
+                sent.amount,
+                date,
+                sent.payee,
+                sent.random,
+            );
+        }
+        self.state.sent = None;
+        self.changed = true;
+        Ok(Vec::new())
+    }
+}
+
+/// The command APDUs of a transfer.
+pub mod commands {
+    use super::*;
+    use crate::apdu::Command;
+    use crate::card::{CLA_PURSE, INS_TRANSFER};
+    use crate::purse::write_currency;
+
+    fn apdu(p1: u8, data: Vec<u8>) -> Vec<u8> {
+        Command::new(CLA_PURSE, INS_TRANSFER, p1, 0, data, Some(0)).to_bytes()
+    }
+
+    fn terms(date: Date, amount: u64, currency: Currency) -> Writer {
+        let mut w = Writer::default();
+        w.u16(date.year).u8(date.month).u8(date.day).u64(amount);
+        write_currency(&mut w, currency);
+        w
+    }
+
+    pub fn read_epochs() -> Vec<u8> {
+        apdu(P1_READ_EPOCHS, Vec::new())
+    }
+    pub fn receive(date: Date, amount: u64, currency: Currency) -> Vec<u8> {
+        apdu(P1_RECEIVE, terms(date, amount, currency).finish())
+    }
+    pub fn send(
+        date: Date,
+        amount: u64,
+        currency: Currency,
+        payee: u64,
+        epochs: [u8; 4],
+    ) -> Vec<u8> {
+        let mut w = terms(date, amount, currency);
+        w.u64(payee).bytes(&epochs);
+        apdu(P1_SEND, w.finish())
+    }
+    /// P1 as SEND answered it (AK0 ‖ AK1 ‖ P1).
+    pub fn packet1(send_answer: &[u8]) -> Vec<u8> {
+        apdu(P1_PACKET1, send_answer.to_vec())
+    }
+    /// P2 ‖ P3 as the payee's P1 answered them.
+    pub fn packets23(p1_answer: &[u8]) -> Vec<u8> {
+        apdu(P1_PACKETS23, p1_answer.to_vec())
+    }
+    pub fn packet4(date: Date, p4: &[u8]) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u16(date.year).u8(date.month).u8(date.day).bytes(p4);
+        apdu(P1_PACKET4, w.finish())
+    }
+    pub fn cancel(r2: [u8; 8]) -> Vec<u8> {
+        apdu(P1_CANCEL, r2.to_vec())
+    }
+    pub fn resolve(date: Date, settlement: &Settlement) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u16(date.year)
+            .u8(date.month)
+            .u8(date.day)
+            .bytes(&settlement.encode());
+        apdu(P1_RESOLVE, w.finish())
+    }
+    pub fn status() -> Vec<u8> {
+        apdu(P1_STATUS, Vec::new())
+    }
+}

@@ -1,0 +1,441 @@
+//! Card-to-card transfer (issue 18; seed 004 FIG. 4, packets P1–P4 of FIG. 6) between two
+//! purse cards, APDU by APDU: value moves exactly once, a replayed or tampered packet is a
+//! bad key, cards without two common application-key epochs refuse and say why, and a
+//! transfer cut at any step settles from the two cards alone — the payee credited exactly
+//! once or the payer credited back, never both, never neither.
+
+mod common;
+
+use common::*;
+use proto::apdu::StatusWord;
+use proto::card::transfer::commands as xfer;
+use proto::card::{CardSpec, CardState, PurseCard};
+use proto::crypto::DesKey;
+use proto::purse::*;
+use proto::transfer::*;
+
+const PAYER: u64 = 4711;
+const PAYEE: u64 = 4712;
+
+fn app_master() -> DesKey {
+    DesKey::new([0x5A; 16])
+}
+
+fn card(id: u64, balance: u64, oldest_epoch: u8) -> PurseCard {
+    let spec = CardSpec::demo(id, EUR, balance, 100_000);
+    let state = CardState::personalise(&spec, &issuer())
+        .with_app_keys(&app_master(), oldest_epoch)
+        .unwrap();
+    let mut c = PurseCard::new(state, id);
+    select(&mut c);
+    c
+}
+
+/// The card after a power cycle: its persistent state only, a fresh session.
+fn power_cycle(c: &PurseCard) -> PurseCard {
+    let mut c = PurseCard::new(c.state.clone(), c.state.atc.into());
+    select(&mut c);
+    c
+}
+
+fn status(c: &mut PurseCard) -> TransferStatus {
+    TransferStatus::decode(&ok(c, &xfer::status())).unwrap()
+}
+
+/// The exchange of FIG. 4 up to (and with) `steps` of its five card commands:
+/// RECEIVE, SEND, P1, P2 P3, P4. Returns the payee's receipt if P4 ran.
+fn exchange(
+    payer: &mut PurseCard,
+    payee: &mut PurseCard,
+    amount: u64,
+    steps: usize,
+) -> Option<Settlement> {
+    if steps == 0 {
+        return None;
+    }
+    let recv = ok(payee, &xfer::receive(TODAY, amount, EUR));
+    let (id, epochs) = (
+        u64::from_be_bytes(recv[..8].try_into().unwrap()),
+        recv[8..12].try_into().unwrap(),
+    );
+    if steps == 1 {
+        return None;
+    }
+    let p1 = ok(payer, &xfer::send(TODAY, amount, EUR, id, epochs));
+    if steps == 2 {
+        return None;
+    }
+    let p23 = ok(payee, &xfer::packet1(&p1));
+    if steps == 3 {
+        return None;
+    }
+    let p4 = ok(payer, &xfer::packets23(&p23));
+    if steps == 4 {
+        return None;
+    }
+    Some(Settlement::decode(&ok(payee, &xfer::packet4(TODAY, &p4))).unwrap())
+}
+
+/// Settles the two cards' transfer as a recovering box or gateway would: from STATUS alone.
+/// Returns the steps taken.
+fn settle(payer: &mut PurseCard, payee: &mut PurseCard) -> Vec<&'static str> {
+    let mut taken = Vec::new();
+    for _ in 0..4 {
+        let (a, b) = (status(payer), status(payee));
+        match next_settle_step((PAYER, &a), (PAYEE, &b)) {
+            SettleStep::Settled => return taken,
+            SettleStep::DeliverP4 { p4 } => {
+                taken.push("deliver P4");
+                let receipt = ok(payee, &xfer::packet4(TODAY, &p4));
+                ok(
+                    payer,
+                    &xfer::resolve(TODAY, &Settlement::decode(&receipt).unwrap()),
+                );
+            }
+            SettleStep::AskPayee { random } => {
+                taken.push("ask payee");
+                let word = Settlement::decode(&ok(payee, &xfer::cancel(random))).unwrap();
+                if a.sent.as_ref().is_some_and(|s| s.random == random) {
+                    taken.push(match word.kind {
+                        Settled::Credited => "payer takes the receipt",
+                        Settled::Cancelled => "payer credited back",
+                    });
+                    ok(payer, &xfer::resolve(TODAY, &word));
+                }
+            }
+        }
+    }
+    panic!("not settled in four steps: {taken:?}");
+}
+
+#[test]
+fn two_cards_move_value_once_and_both_passbooks_name_the_other_card() {
+    let (mut payer, mut payee) = (card(PAYER, 10_000, 49), card(PAYEE, 2_000, 51));
+    let receipt = exchange(&mut payer, &mut payee, 500, 5).expect("P4 ran");
+    assert_eq!((payer.state.balance, payee.state.balance), (9_500, 2_500));
+    // The payer keeps P4 until the receipt settles it.
+    assert!(payer.state.sent.is_some());
+    ok(&mut payer, &xfer::resolve(TODAY, &receipt));
+    assert_eq!(payer.state.sent, None);
+    assert_eq!(payer.state.balance, 9_500, "a receipt moves no value");
+
+    let out = payer.state.log.back().unwrap();
+    let inn = payee.state.log.back().unwrap();
+    assert_eq!(
+        (out.kind, out.amount, out.counterparty, out.balance_after),
+        (LogKind::TransferOut, 500, PAYEE, 9_500)
+    );
+    assert_eq!(
+        (inn.kind, inn.amount, inn.counterparty, inn.balance_after),
+        (LogKind::TransferIn, 500, PAYER, 2_500)
+    );
+    assert_eq!(out.signature, inn.signature, "both name the transfer's R2");
+    assert!(payer.state.passbook().contains(out) && payee.state.passbook().contains(inn));
+    assert_eq!(status(&mut payer), TransferStatus::default());
+    assert_eq!(status(&mut payee), TransferStatus::default());
+}
+
+#[test]
+fn a_replayed_p4_is_refused_and_counts_as_a_bad_key() {
+    let (mut payer, mut payee) = (card(PAYER, 10_000, 49), card(PAYEE, 2_000, 51));
+    let recv = ok(&mut payee, &xfer::receive(TODAY, 500, EUR));
+    let p1 = ok(
+        &mut payer,
+        &xfer::send(TODAY, 500, EUR, PAYEE, recv[8..12].try_into().unwrap()),
+    );
+    let p23 = ok(&mut payee, &xfer::packet1(&p1));
+    let p4 = ok(&mut payer, &xfer::packets23(&p23));
+    ok(&mut payee, &xfer::packet4(TODAY, &p4));
+    assert_eq!(payee.state.bad_key_count, 0);
+
+    // Replayed as it was: nothing waits for it.
+    let r = send(&mut payee, &xfer::packet4(TODAY, &p4));
+    assert_eq!(r.sw, StatusWord::BAD_SIGNATURE);
+    assert_eq!((payee.state.balance, payee.state.bad_key_count), (2_500, 1));
+
+    // Replayed into the payee's next transfer (another R2): it does not answer it.
+    let recv = ok(&mut payee, &xfer::receive(TODAY, 500, EUR));
+    let mut third = card(4713, 5_000, 50);
+    let p1 = ok(
+        &mut third,
+        &xfer::send(TODAY, 500, EUR, PAYEE, recv[8..12].try_into().unwrap()),
+    );
+    ok(&mut payee, &xfer::packet1(&p1));
+    // (The good P1 reset the count, as every good signature does.)
+    assert_eq!(payee.state.bad_key_count, 0);
+    let r = send(&mut payee, &xfer::packet4(TODAY, &p4));
+    assert_eq!(r.sw, StatusWord::BAD_SIGNATURE);
+    assert_eq!((payee.state.balance, payee.state.bad_key_count), (2_500, 1));
+    assert!(
+        payee.state.receiving.is_some(),
+        "the real transfer still waits"
+    );
+}
+
+#[test]
+fn tampered_packets_are_bad_keys_and_move_nothing() {
+    let (mut payer, mut payee) = (card(PAYER, 10_000, 49), card(PAYEE, 2_000, 51));
+    let recv = ok(&mut payee, &xfer::receive(TODAY, 500, EUR));
+    let mut p1 = ok(
+        &mut payer,
+        &xfer::send(TODAY, 500, EUR, PAYEE, recv[8..12].try_into().unwrap()),
+    );
+    let n = p1.len();
+    p1[n - 10] ^= 0x01;
+    assert_eq!(
+        send(&mut payee, &xfer::packet1(&p1)).sw,
+        StatusWord::BAD_SIGNATURE
+    );
+    assert_eq!(
+        (payee.state.bad_key_count, payee.state.receiving.clone()),
+        (1, None)
+    );
+
+    // P3 tampered (the amount is inside it): the payer is not debited.
+    let recv = ok(&mut payee, &xfer::receive(TODAY, 500, EUR));
+    let p1 = ok(
+        &mut payer,
+        &xfer::send(TODAY, 500, EUR, PAYEE, recv[8..12].try_into().unwrap()),
+    );
+    let mut p23 = ok(&mut payee, &xfer::packet1(&p1));
+    let n = p23.len();
+    p23[n - 12] ^= 0x80;
+    assert_eq!(
+        send(&mut payer, &xfer::packets23(&p23)).sw,
+        StatusWord::BAD_SIGNATURE
+    );
+    assert_eq!(
+        (payer.state.balance, payer.state.bad_key_count),
+        (10_000, 1)
+    );
+    assert_eq!(payer.state.sent, None);
+
+    // A settlement the payee never signed does not credit the payer back.
+    let (mut a, mut b) = (card(PAYER, 10_000, 49), card(PAYEE, 2_000, 51));
+    exchange(&mut a, &mut b, 700, 4);
+    let sent = a.state.sent.clone().unwrap();
+    let forged = Settlement {
+        kind: Settled::Cancelled,
+        random: sent.random,
+        mac: [0x42; 8],
+    };
+    assert_eq!(
+        send(&mut a, &xfer::resolve(TODAY, &forged)).sw,
+        StatusWord::BAD_SIGNATURE
+    );
+    assert_eq!((a.state.balance, a.state.bad_key_count), (9_300, 1));
+    assert!(a.state.sent.is_some());
+}
+
+#[test]
+fn cards_need_two_common_key_epochs_and_say_why_when_they_lack_them() {
+    // Seed 004's own examples.
+    assert_eq!(
+        common_epochs([49, 50, 51, 52], [51, 52, 53, 54]),
+        Ok((51, 52))
+    );
+    let refused = common_epochs([51, 52, 53, 54], [54, 55, 56, 57]).unwrap_err();
+    let why = refused.to_string();
+    assert!(
+        why.contains("{51, 52, 53, 54}") && why.contains("{54, 55, 56, 57}"),
+        "{why}"
+    );
+    assert_eq!(
+        common_epochs([1, 2, 3, 4], [1, 2, 3, 4]),
+        Ok((3, 4)),
+        "the newest two"
+    );
+
+    // The same on the cards.
+    let (mut a, mut b) = (card(PAYER, 10_000, 49), card(PAYEE, 2_000, 51));
+    assert_eq!(ok(&mut a, &xfer::read_epochs()), [49, 50, 51, 52]);
+    assert_eq!(ok(&mut b, &xfer::read_epochs()), [51, 52, 53, 54]);
+    exchange(&mut a, &mut b, 100, 5).expect("{49–52} and {51–54} transfer");
+
+    let (mut a, mut b) = (card(PAYER, 10_000, 51), card(PAYEE, 2_000, 54));
+    let recv = ok(&mut b, &xfer::receive(TODAY, 100, EUR));
+    let r = send(
+        &mut a,
+        &xfer::send(TODAY, 100, EUR, PAYEE, recv[8..12].try_into().unwrap()),
+    );
+    assert_eq!(r.sw, StatusWord::NO_COMMON_KEYS);
+    assert_eq!(a.state.balance, 10_000);
+
+    // A card without application keys takes no part.
+    let plain = CardState::personalise(&CardSpec::demo(9, EUR, 100, 1_000), &issuer());
+    let mut plain = PurseCard::new(plain, 1);
+    select(&mut plain);
+    assert_eq!(
+        send(&mut plain, &xfer::read_epochs()).sw,
+        StatusWord::NO_COMMON_KEYS
+    );
+}
+
+#[test]
+fn a_new_epoch_key_replaces_the_oldest() {
+    let mut keys = AppKeys::from_master(&app_master(), 51).unwrap();
+    keys.push(app_key(&app_master(), 55)).unwrap();
+    assert_eq!(keys.epochs(), [52, 53, 54, 55]);
+    assert!(keys.key(51).is_none() && keys.key(55).is_some());
+    assert!(
+        keys.push(app_key(&app_master(), 55)).is_err(),
+        "a replayed push"
+    );
+    assert!(
+        keys.push(app_key(&app_master(), 40)).is_err(),
+        "a stale push"
+    );
+    assert!(
+        AppKeys::from_master(&app_master(), 253).is_err(),
+        "past epoch 255"
+    );
+    // After the push, {52–55} and {54–57} share 54 and 55.
+    assert_eq!(common_epochs(keys.epochs(), [54, 55, 56, 57]), Ok((54, 55)));
+}
+
+#[test]
+fn a_transfer_cut_at_any_step_settles_exactly_once_from_the_two_cards() {
+    // Each cut: the exchange stops after `steps` commands (a box, the reader or the relay
+    // died), both cards lose power; the settlement runs from their STATUS alone.
+    for steps in 0..=5 {
+        for power_loss in [false, true] {
+            let (mut payer, mut payee) = (card(PAYER, 10_000, 49), card(PAYEE, 2_000, 51));
+            exchange(&mut payer, &mut payee, 500, steps);
+            if power_loss {
+                payer = power_cycle(&payer);
+                payee = power_cycle(&payee);
+            }
+            let taken = settle(&mut payer, &mut payee);
+            let (a, b) = (payer.state.balance, payee.state.balance);
+            assert_eq!(a + b, 12_000, "cut after {steps}: sum kept ({taken:?})");
+            let expected = match steps {
+                // The payee credited: the payer's debit stands, whatever settles it.
+                5 => (9_500, 2_500),
+                // The payer debited, P4 never delivered: settling delivers it once.
+                4 => (9_500, 2_500),
+                // No debit: nothing moves.
+                _ => (10_000, 2_000),
+            };
+            assert_eq!((a, b), expected, "cut after {steps} ({taken:?})");
+            assert_eq!(
+                status(&mut payer),
+                TransferStatus::default(),
+                "cut after {steps}"
+            );
+            assert_eq!(
+                status(&mut payee),
+                TransferStatus::default(),
+                "cut after {steps}"
+            );
+            assert_eq!(
+                settle(&mut payer, &mut payee),
+                Vec::<&str>::new(),
+                "settled stays settled"
+            );
+            // The cards work on: a full transfer after the settlement.
+            exchange(&mut payer, &mut payee, 100, 5).expect("next transfer");
+        }
+    }
+}
+
+#[test]
+fn a_cancelled_transfer_is_credited_back_once_and_its_p4_is_then_refused() {
+    let (mut payer, mut payee) = (card(PAYER, 10_000, 49), card(PAYEE, 2_000, 51));
+    exchange(&mut payer, &mut payee, 500, 4);
+    let sent = payer.state.sent.clone().unwrap();
+    // The payee gives up first (its holder cancelled; the relay lost P4).
+    let word = Settlement::decode(&ok(&mut payee, &xfer::cancel(sent.random))).unwrap();
+    assert_eq!(word.kind, Settled::Cancelled);
+    // P4 now arrives: refused, counted, nothing credited.
+    let r = send(&mut payee, &xfer::packet4(TODAY, &sent.p4));
+    assert_eq!(r.sw, StatusWord::BAD_SIGNATURE);
+    assert_eq!(payee.state.balance, 2_000);
+    // The payer is credited back, once.
+    ok(&mut payer, &xfer::resolve(TODAY, &word));
+    assert_eq!(payer.state.balance, 10_000);
+    assert_eq!(payer.state.log.back().unwrap().kind, LogKind::TransferBack);
+    assert_eq!(
+        send(&mut payer, &xfer::resolve(TODAY, &word)).sw,
+        StatusWord::WRONG_STATE
+    );
+    assert_eq!(payer.state.balance, 10_000);
+    // The payee remembers it: asked again, it answers the same cancellation.
+    let again = Settlement::decode(&ok(&mut payee, &xfer::cancel(sent.random))).unwrap();
+    assert_eq!(again, word);
+    // A receipt cannot be made into a cancellation: the kind is under the MAC.
+    let (mut a, mut b) = (card(PAYER, 10_000, 49), card(PAYEE, 2_000, 51));
+    let receipt = exchange(&mut a, &mut b, 500, 5).unwrap();
+    let flipped = Settlement {
+        kind: Settled::Cancelled,
+        ..receipt
+    };
+    assert_eq!(
+        send(&mut a, &xfer::resolve(TODAY, &flipped)).sw,
+        StatusWord::BAD_SIGNATURE
+    );
+    assert_eq!(a.state.balance, 9_500);
+}
+
+#[test]
+fn a_card_with_an_unsettled_transfer_starts_no_other() {
+    let (mut payer, mut payee) = (card(PAYER, 10_000, 49), card(PAYEE, 2_000, 51));
+    exchange(&mut payer, &mut payee, 500, 4);
+    let mut other = card(4713, 0, 50);
+    let recv = ok(&mut other, &xfer::receive(TODAY, 100, EUR));
+    let r = send(
+        &mut payer,
+        &xfer::send(TODAY, 100, EUR, 4713, recv[8..12].try_into().unwrap()),
+    );
+    assert_eq!(r.sw, StatusWord::TRANSFER_UNSETTLED);
+    assert_eq!(
+        send(&mut payee, &xfer::receive(TODAY, 100, EUR)).sw,
+        StatusWord::TRANSFER_UNSETTLED
+    );
+}
+
+#[test]
+fn a_transfer_above_the_pin_threshold_needs_the_pin() {
+    let spec = CardSpec::demo(PAYER, EUR, 10_000, 100_000);
+    let state = CardState::personalise(&spec, &issuer())
+        .with_app_keys(&app_master(), 49)
+        .unwrap()
+        .with_pin("1234", 1_000)
+        .unwrap();
+    let mut payer = PurseCard::new(state, 1);
+    select(&mut payer);
+    let mut payee = card(PAYEE, 0, 51);
+    let recv = ok(&mut payee, &xfer::receive(TODAY, 2_000, EUR));
+    let epochs: [u8; 4] = recv[8..12].try_into().unwrap();
+    let r = send(&mut payer, &xfer::send(TODAY, 2_000, EUR, PAYEE, epochs));
+    assert_eq!(r.sw, StatusWord::PIN_REQUIRED);
+    ok(
+        &mut payer,
+        &proto::card::commands::verify_pin("1234").unwrap(),
+    );
+    ok(&mut payer, &xfer::send(TODAY, 2_000, EUR, PAYEE, epochs));
+}
+
+#[test]
+fn packets_and_status_decode_only_their_layouts() {
+    for len in 0..80 {
+        let junk = vec![0xA5; len];
+        let _ = Greeting::decode(&junk);
+        let _ = ValuePacket::decode(&junk);
+        let _ = Settlement::decode(&junk);
+        let _ = TransferStatus::decode(&junk);
+        let _ = read_parts::<2>(&junk);
+        let _ = AppKey::decode(&junk);
+    }
+    let s = TransferStatus {
+        sent: Some(Sent {
+            random: [1; 8],
+            amount: 5,
+            currency: EUR,
+            payee: 9,
+            ak1: 4,
+            p4: vec![7; 40],
+        }),
+        receiving: None,
+    };
+    assert_eq!(TransferStatus::decode(&s.encode()), Ok(s));
+}
