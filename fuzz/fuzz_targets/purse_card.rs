@@ -18,7 +18,9 @@ fuzz_target!(|data: &[u8]| {
     let mut state =
         CardState::personalise(&CardSpec::demo(7, Currency::EUR, 1_000, 100_000), &issuer)
             .with_pin("4711", 500)
-            .expect("a valid PIN");
+            .expect("a valid PIN")
+            .with_app_keys(&DesKey::new([0x5A; 16]), 49)
+            .expect("epochs 49–52");
     // Two service-provider records (seed 003), so READ/UPDATE RECORD (00 B2 / 00 DC) reach
     // them: record 1 read under the PIN, record 2 always.
     for (id, read_access) in [(1, ReadAccess::Pin), (2, ReadAccess::Always)] {
@@ -42,7 +44,8 @@ fuzz_target!(|data: &[u8]| {
             "an answer without a status word"
         );
     }
-    // Without the issuer's keys no command can add value.
+    // Without the issuer's keys, or another card's packets, no command can add value (a
+    // transfer the card sent and then cancelled comes back at most).
     assert!(card.state.balance <= 1_000);
     // Without a provider's key no UPDATE RECORD applies.
     assert_eq!(card.state.providers, providers);

@@ -16,4 +16,11 @@ fuzz_target!(|data: &[u8]| {
     let _ = KeyUpdate::decode(data);
     let _ = Unblock::decode(data);
     let _ = proto::card::PinRule::from_fci(data);
+    // Card to card (seed 004 FIG. 6).
+    let _ = proto::transfer::Greeting::decode(data);
+    let _ = proto::transfer::ValuePacket::decode(data);
+    let _ = proto::transfer::Settlement::decode(data);
+    let _ = proto::transfer::TransferStatus::decode(data);
+    let _ = proto::transfer::AppKey::decode(data);
+    let _ = proto::transfer::read_parts::<2>(data);
 });

@@ -49,6 +49,11 @@ proptest! {
         let _ = LoadResponse::decode(&bytes);
         let _ = LogRecord::decode(&bytes);
         let _ = proto::card::PinRule::from_fci(&bytes);
+        let _ = proto::transfer::Greeting::decode(&bytes);
+        let _ = proto::transfer::ValuePacket::decode(&bytes);
+        let _ = proto::transfer::Settlement::decode(&bytes);
+        let _ = proto::transfer::TransferStatus::decode(&bytes);
+        let _ = proto::transfer::read_parts::<2>(&bytes);
     }
 
     #[test]

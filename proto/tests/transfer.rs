@@ -439,3 +439,114 @@ fn packets_and_status_decode_only_their_layouts() {
     };
     assert_eq!(TransferStatus::decode(&s.encode()), Ok(s));
 }
+
+/// One step of a hostile or unlucky relay between the two cards.
+#[derive(Debug, Clone)]
+enum Op {
+    /// The next command of an honest exchange (RECEIVE, SEND, P1, P2 P3, P4, RESOLVE, in
+    /// turn), with the newest packet.
+    Next,
+    Receive,
+    Send,
+    /// Deliver the `n`-th (modulo) packet of its kind ever seen: the newest, or a replay.
+    P1(usize),
+    P23(usize),
+    P4(usize),
+    Cancel(usize),
+    Resolve(usize),
+    PowerCyclePayer,
+    PowerCyclePayee,
+}
+
+fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    prop_oneof![
+        8 => Just(Op::Next),
+        1 => Just(Op::Receive),
+        1 => Just(Op::Send),
+        1 => (0usize..3).prop_map(Op::P1),
+        1 => (0usize..3).prop_map(Op::P23),
+        1 => (0usize..3).prop_map(Op::P4),
+        1 => (0usize..3).prop_map(Op::Cancel),
+        1 => (0usize..3).prop_map(Op::Resolve),
+        1 => Just(Op::PowerCyclePayer),
+        1 => Just(Op::PowerCyclePayee),
+    ]
+}
+
+/// The newest-first `n`-th of `seen`, if any.
+fn pick<T: Clone>(seen: &[T], n: usize) -> Option<T> {
+    (!seen.is_empty()).then(|| seen[seen.len() - 1 - n % seen.len()].clone())
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+    /// Any order of the exchange's commands — replays, losses, cancellations and power
+    /// cycles included — then the settlement from STATUS: the two cards' sum never
+    /// changes, nothing stays pending, and each card's balance is its log's.
+    #[test]
+    fn any_relay_then_settling_conserves_value(ops in proptest::collection::vec(op(), 0..24)) {
+        let (mut payer, mut payee) = (card(PAYER, 10_000, 49), card(PAYEE, 2_000, 51));
+        let (mut recvs, mut p1s, mut p23s, mut p4s) = (vec![], vec![], vec![], vec![]);
+        let (mut r2s, mut words) = (vec![], vec![]);
+        let mut next = 0usize;
+        for op in ops {
+            let op = match op {
+                Op::Next => {
+                    next += 1;
+                    [Op::Receive, Op::Send, Op::P1(0), Op::P23(0), Op::P4(0), Op::Resolve(0)][(next - 1) % 6].clone()
+                }
+                op => op,
+            };
+            match op {
+                Op::Next => unreachable!("mapped above"),
+                Op::Receive => {
+                    let r = send(&mut payee, &xfer::receive(TODAY, 500, EUR));
+                    if r.sw == StatusWord::OK { recvs.push(r.data) }
+                }
+                Op::Send => if let Some(recv) = pick(&recvs, 0) {
+                    let r = send(&mut payer, &xfer::send(TODAY, 500, EUR, PAYEE, recv[8..12].try_into().unwrap()));
+                    if r.sw == StatusWord::OK { p1s.push(r.data) }
+                },
+                Op::P1(n) => if let Some(p1) = pick(&p1s, n) {
+                    let r = send(&mut payee, &xfer::packet1(&p1));
+                    if r.sw == StatusWord::OK { p23s.push(r.data) }
+                    if let Some(rec) = &payee.state.receiving { r2s.push(rec.random) }
+                },
+                Op::P23(n) => if let Some(p23) = pick(&p23s, n) {
+                    let r = send(&mut payer, &xfer::packets23(&p23));
+                    if r.sw == StatusWord::OK { p4s.push(r.data) }
+                },
+                Op::P4(n) => if let Some(p4) = pick(&p4s, n) {
+                    let r = send(&mut payee, &xfer::packet4(TODAY, &p4));
+                    if r.sw == StatusWord::OK { words.push(Settlement::decode(&r.data).unwrap()) }
+                },
+                Op::Cancel(n) => if let Some(r2) = pick(&r2s, n) {
+                    let r = send(&mut payee, &xfer::cancel(r2));
+                    if r.sw == StatusWord::OK { words.push(Settlement::decode(&r.data).unwrap()) }
+                },
+                Op::Resolve(n) => if let Some(w) = pick(&words, n) {
+                    let _ = send(&mut payer, &xfer::resolve(TODAY, &w));
+                },
+                Op::PowerCyclePayer => payer = power_cycle(&payer),
+                Op::PowerCyclePayee => payee = power_cycle(&payee),
+            }
+            proptest::prop_assert!(payer.state.balance + payee.state.balance <= 12_000, "value created");
+        }
+        // Blocked by too many bad keys, a card settles only through its issuer.
+        proptest::prop_assume!(payer.state.status == 0 && payee.state.status == 0);
+        settle(&mut payer, &mut payee);
+        proptest::prop_assert_eq!(payer.state.balance + payee.state.balance, 12_000);
+        proptest::prop_assert_eq!(status(&mut payer), TransferStatus::default());
+        proptest::prop_assert_eq!(status(&mut payee), TransferStatus::default());
+        for c in [&payer, &payee] {
+            let net: i64 = c.state.log.iter().map(|r| {
+                let a = r.amount as i64;
+                if r.kind.takes_value() { -a } else { a }
+            }).sum();
+            let opening = if c.state.card_id == PAYER { 10_000 } else { 2_000 };
+            proptest::prop_assert_eq!(opening + net, c.state.balance as i64);
+        }
+    }
+}
