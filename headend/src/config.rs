@@ -340,6 +340,12 @@ pub struct LoadSection {
     /// version than the newest `load_keys` version gets its keys of that version with the
     /// load, if this file holds it too. Absent: no key updates.
     pub rekey_purchase_keys: Option<PathBuf>,
+    /// The scheme's application master (a hex key file, 0600; seed 004 card to card,
+    /// [`proto::transfer`]) and the current epoch, `app_epoch`: every bank load pushes that
+    /// epoch's key to its card, which takes it in place of its oldest if it is newer.
+    /// Both or neither.
+    pub app_key_file: Option<PathBuf>,
+    pub app_epoch: Option<u8>,
     /// Whether bank loads carry the issuer's UNBLOCK (seed 004): a card locked by bad
     /// signatures opens, and its PIN's tries are restored, with a bank load (the
     /// cardholder proved the account's PIN). Off by default: then a locked card is only
@@ -948,6 +954,9 @@ impl HeadendConfig {
                 fix(&mut t.pin_file);
             }
             if let Some(p) = &mut l.rekey_purchase_keys {
+                fix(p);
+            }
+            if let Some(p) = &mut l.app_key_file {
                 fix(p);
             }
             fix(&mut l.confirmation_key_file);

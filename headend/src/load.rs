@@ -106,6 +106,11 @@ pub trait SecurityModule: Send {
     fn unblock(&self, _init: &LoadInit) -> Option<Vec<u8>> {
         None
     }
+    /// The current application key sealed for this load's card ([`Hsm::app_key_push`]);
+    /// none by default.
+    fn app_key_push(&self, _init: &LoadInit) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 impl SecurityModule for Hsm {
@@ -186,6 +191,9 @@ impl SecurityModule for Hsm {
     }
     fn unblock(&self, init: &LoadInit) -> Option<Vec<u8>> {
         Hsm::unblock(self, init)
+    }
+    fn app_key_push(&self, init: &LoadInit) -> Option<Vec<u8>> {
+        Hsm::app_key_push(self, init)
     }
 }
 
@@ -293,6 +301,14 @@ impl LoadServer {
             soft = soft.with_rekey(
                 read_master_key("[load] rekey_purchase_keys", p).map_err(|e| e.to_string())?,
             );
+        }
+        match (&s.app_key_file, s.app_epoch) {
+            (Some(p), Some(epoch)) => {
+                let master = read_key_file("[load] app_key_file", p).map_err(|e| e.to_string())?;
+                soft = soft.with_app_key(&master, epoch);
+            }
+            (None, None) => {}
+            _ => return Err("[load]: `app_key_file` and `app_epoch` go together".into()),
         }
         let mut hsm: Box<dyn SecurityModule> = Box::new(soft);
         if let Some(snap) = journal.get(Kind::Hsm, "0").map_err(|e| e.to_string())? {
@@ -551,6 +567,11 @@ impl LoadServer {
                 && matches!(req.source, LoadSource::Bank { .. }))
             .then(|| hsm.unblock(&req.init))
             .flatten(),
+            // Seed 004 FIG. 5: keys come down from the bank, so a bank load brings the
+            // current application key.
+            app_key: matches!(req.source, LoadSource::Bank { .. })
+                .then(|| hsm.app_key_push(&req.init))
+                .flatten(),
             command: cmd,
         });
         let rec = LoadRec {

@@ -789,3 +789,116 @@ async fn a_bank_load_uploads_the_passbook_to_the_bank_and_the_card_clears_it() {
     conservation(&he, &mut [&mut b]).await;
     he.running.stop().await;
 }
+
+/// Seed 004 FIG. 5, keys come down from the bank: with `[load] app_key_file` and
+/// `app_epoch = 55`, a bank load through the load server pushes epoch 55's application key,
+/// and a card holding {51–54} comes out holding {52–55} — its oldest replaced, in the same
+/// LOAD as the credit. A voucher load pushes nothing. The pushed key is the scheme's: the
+/// card then transfers with a card personalised on {54–57}, which it could not before.
+#[tokio::test]
+async fn a_bank_load_pushes_the_current_application_key_which_replaces_the_oldest() {
+    use proto::transfer::{AppKeys, common_epochs};
+    let app_master = |dir: &std::path::Path| {
+        let text = std::fs::read_to_string(dir.join("issuer-keys.toml")).unwrap();
+        let file: proto::purse::IssuerKeyFile = toml::from_str(&text).unwrap();
+        file.app_master()
+            .unwrap()
+            .expect("init-demo writes an application master")
+    };
+    let he = start_prepared(
+        pg_rig::Backend::Sqlite,
+        headend::assembly::Roles::ALL,
+        |t| {
+            t.replacen(
+                "[load]\n",
+                "[load]\napp_key_file = \"keys/app-master.key\"\napp_epoch = 55\n",
+                1,
+            )
+        },
+        move |dir| {
+            let hex = format!("{}\n", hex::encode_upper(app_master(dir).bytes()));
+            proto::secret::write_private(&dir.join("keys/app-master.key"), hex.as_bytes()).unwrap();
+        },
+    )
+    .await
+    .unwrap();
+    let master = app_master(he.dir.path());
+    let mut b = LoadBox::new(&he, BOX1, 1_000, 100_000).await;
+    b.card.state.app_keys = Some(AppKeys::from_master(&master, 51).unwrap());
+    assert!(common_epochs([51, 52, 53, 54], [54, 55, 56, 57]).is_err());
+
+    let (_, conf) = b.load(bank_source(), 2_000, Some(&he.pin.clone())).await;
+    assert!(
+        matches!(conf, Message::LoadConfirmation(ref c) if c.loaded),
+        "{conf:?}"
+    );
+    assert_eq!(b.balance(), 3_000);
+    let keys = b.card.state.app_keys.clone().unwrap();
+    assert_eq!(
+        keys.epochs(),
+        [52, 53, 54, 55],
+        "55 replaced the oldest, 51"
+    );
+
+    // A voucher load carries no application key.
+    let mut v = LoadBox::new(&he, BOX2, 0, 100_000).await;
+    v.card.state.app_keys = Some(AppKeys::from_master(&master, 51).unwrap());
+    let offer = v.offer(voucher_source("VOUCHER-0002")).await;
+    let init = v.init_load(&offer, 500).unwrap();
+    let req = v.load_request(&offer, init, 500, None);
+    let answer = v.call(&Message::LoadRequest(req)).await;
+    let Message::LoadCommand(c) = &answer else {
+        panic!("{answer:?}")
+    };
+    assert_eq!(c.app_key, None, "keys come down with bank loads only");
+    let resp = v.run_load(&c.command).unwrap();
+    let conf = v
+        .call(&LoadBox::response_msg(&offer, Some(resp), None))
+        .await;
+    assert!(
+        matches!(conf, Message::LoadConfirmation(ref c) if c.loaded),
+        "{conf:?}"
+    );
+    assert_eq!(
+        v.card.state.app_keys.as_ref().unwrap().epochs(),
+        [51, 52, 53, 54]
+    );
+
+    conservation(&he, &mut [&mut b, &mut v]).await;
+    he.running.stop().await;
+
+    // The pushed key is epoch 55 of the scheme: a card of {54–57} shares 54 and 55 with it.
+    let spec = proto::card::CardSpec::demo(0x4EE0, EUR, 0, 100_000);
+    let issuer =
+        headend::config::load_issuer_keys(&he.dir.path().join("issuer-keys.toml")).unwrap();
+    let newer = proto::card::CardState::personalise(&spec, &issuer)
+        .with_app_keys(&master, 54)
+        .unwrap();
+    let mut newer = proto::card::PurseCard::new(newer, 7);
+    let mut on_newer = |apdu: &[u8]| {
+        let r = proto::apdu::Response::parse(&proto::apdu::CardApplication::process_apdu(
+            &mut newer, apdu,
+        ))
+        .unwrap();
+        assert!(r.sw.is_ok(), "{}", r.sw);
+        r.data
+    };
+    use proto::card::transfer::commands as xfer;
+    let today = proto::purse::Date::new(2026, 12, 1);
+    on_newer(&proto::card::commands::select());
+    let recv = on_newer(&xfer::receive(today, 700, EUR));
+    b.apdu(&proto::card::commands::select());
+    let r = b.apdu(&xfer::send(
+        today,
+        700,
+        EUR,
+        0x4EE0,
+        recv[8..12].try_into().unwrap(),
+    ));
+    assert!(r.sw.is_ok(), "{}", r.sw);
+    let p23 = on_newer(&xfer::packet1(&r.data));
+    let r = b.apdu(&xfer::packets23(&p23));
+    assert!(r.sw.is_ok(), "{}", r.sw);
+    on_newer(&xfer::packet4(today, &r.data));
+    assert_eq!((b.balance(), newer.state.balance), (2_300, 700));
+}

@@ -18,7 +18,7 @@
 //! | INITIALIZE FOR UNLOAD    | 80 50 04 00   | [`LoadInitRequest`] (amount ≤ the purse's balance; 0: the proof of the negative-result procedure) | [`LoadInit`], S1 under [`Direction::Unload`]'s label |
 //! | UNLOAD                   | 80 58 00 00   | [`LoadCommand`], S2 under [`Direction::Unload`]'s label | [`LoadResponse`], S3 (the card's proof it gave the value up); logged as [`LogKind::Unload`] |
 //! | INITIALIZE FOR LOAD      | 80 50 02 00   | [`LoadInitRequest`]; its currency names the purse (points: [`Currency::POINTS`], at most [`POINTS_MAX`], the points purse's load key) | [`LoadInit`] (S1)        |
-//! | LOAD                     | 80 52 00 00   | [`LoadCommand`] (S2), then the issuer's sealed [`KeyUpdate`] (56 bytes) and/or [`Unblock`] (24 bytes), each optional | [`LoadResponse`] (S3)    |
+//! | LOAD                     | 80 52 00 00   | [`LoadCommand`] (S2), then the issuer's sealed [`KeyUpdate`] (56 bytes), [`Unblock`] (24 bytes) and application key ([`crate::transfer::AppKeyPush`], 40 bytes), each optional, in that order | [`LoadResponse`] (S3)    |
 //! | TRANSFER (card to card)  | 80 5A xx 00   | see [`transfer`] (seed 004 FIG. 4, P1–P4) | see [`transfer`] |
 //! | SET PRIVACY              | 80 D2 00 0x 00 | — (x = 1 on, 0 off)     | —; with a PIN, only after VERIFY this session (`6982`) |
 //! | READ LOG                 | 80 B2 nn 00   | — (nn = 1 is the newest) | [`LogRecord`]            |
@@ -97,7 +97,7 @@ use crate::apdu::{ApduError, CardApplication, Command, Response, StatusWord};
 use crate::crypto::{self, DesKey, Mac};
 use crate::money::Currency;
 use crate::purse::*;
-use crate::transfer::{AppKeys, Receiving, Remembered, Sent};
+use crate::transfer::{AppKeyPush, AppKeys, Receiving, Remembered, Sent};
 
 pub mod transfer;
 
@@ -1150,16 +1150,10 @@ impl PurseCard {
             return Err(StatusWord::WRONG_STATE);
         }
         let (s2_label, s3_label) = (direction.labels().1, direction.labels().2);
-        // The load command, then (optionally) the issuer's sealed key update, then
-        // (optionally) its sealed UNBLOCK, told apart by their lengths.
+        // The load command, then (each optional) the issuer's sealed key update, its sealed
+        // UNBLOCK and a sealed application key, told apart by their lengths.
         let (lc, rest) = cmd.data.split_at(cmd.data.len().min(LoadCommand::LEN));
-        let (update, unblock) = match rest.len() {
-            Unblock::SEALED_LEN => (&[][..], rest),
-            n if n == KeyUpdate::SEALED_LEN + Unblock::SEALED_LEN => {
-                rest.split_at(KeyUpdate::SEALED_LEN)
-            }
-            _ => (rest, &[][..]),
-        };
+        let [update, unblock, app_key] = issuer_items(rest);
         let lc = LoadCommand::decode(lc).map_err(|_| StatusWord::BAD_DATA)?;
         if lc.card_id != self.state.card_id {
             return Err(StatusWord::BAD_DATA);
@@ -1204,6 +1198,18 @@ impl PurseCard {
             match opened {
                 Some(u) if u.key_version > self.state.key_version => Some(u),
                 Some(_) => return Err(StatusWord::BAD_DATA),
+                None => return Err(self.bad_signature()),
+            }
+        };
+        // A new epoch's application key, too (seed 004 FIG. 5).
+        let app_key = if app_key.is_empty() {
+            None
+        } else {
+            match crypto::open(&AppKeyPush::session(&key, &s1), app_key)
+                .ok()
+                .and_then(|b| AppKeyPush::decode(&b).ok())
+            {
+                Some(k) => Some(k),
                 None => return Err(self.bad_signature()),
             }
         };
@@ -1252,6 +1258,10 @@ impl PurseCard {
             if let Some(u) = rekey {
                 self.state.keys = u.keys;
                 self.state.key_version = u.key_version;
+            }
+            // The newer epoch replaces the oldest, with the credit; an older one is no news.
+            if let (Some(k), Some(keys)) = (app_key, self.state.app_keys.as_mut()) {
+                let _ = keys.push(k);
             }
             // Opened in the same state change as the credit, too.
             if let Some(u) = unblock {
@@ -1308,6 +1318,27 @@ impl PurseCard {
         }
         Ok(log[log.len() - n].encode())
     }
+}
+
+/// The issuer items after a LOAD's load command — key update, UNBLOCK, application key,
+/// each optional, in that order — told apart by their sealed lengths (each subset sums to
+/// its own length). Bytes that fit no subset are taken as a key update, which then fails to
+/// open: a bad signature.
+fn issuer_items(rest: &[u8]) -> [&[u8]; 3] {
+    const LENS: [usize; 3] = [
+        KeyUpdate::SEALED_LEN,
+        Unblock::SEALED_LEN,
+        AppKeyPush::SEALED_LEN,
+    ];
+    for subset in 0u8..8 {
+        let len = |i: usize| if subset & (1 << i) != 0 { LENS[i] } else { 0 };
+        if len(0) + len(1) + len(2) == rest.len() {
+            let (update, more) = rest.split_at(len(0));
+            let (unblock, app_key) = more.split_at(len(1));
+            return [update, unblock, app_key];
+        }
+    }
+    [rest, &[], &[]]
 }
 
 fn parse_date(data: &[u8]) -> Result<Date, StatusWord> {
@@ -1436,9 +1467,16 @@ pub mod commands {
         key_update: Option<&[u8]>,
         unblock: Option<&[u8]>,
     ) -> Vec<u8> {
+        load_with_items(lc, [key_update, unblock, None])
+    }
+    /// LOAD with the issuer's items, each if any, in this order after the load command:
+    /// sealed [`KeyUpdate`], sealed [`Unblock`], sealed application key
+    /// ([`crate::transfer::AppKeyPush`]).
+    pub fn load_with_items(lc: &LoadCommand, items: [Option<&[u8]>; 3]) -> Vec<u8> {
         let mut data = lc.encode();
-        data.extend_from_slice(key_update.unwrap_or_default());
-        data.extend_from_slice(unblock.unwrap_or_default());
+        for item in items {
+            data.extend_from_slice(item.unwrap_or_default());
+        }
         Command::new(CLA_PURSE, INS_LOAD, 0, 0, data, Some(0)).to_bytes()
     }
     /// VERIFY of the cardholder PIN; `None` for a PIN that is not 4 to 12 digits.

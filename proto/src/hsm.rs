@@ -196,6 +196,10 @@ pub struct Hsm {
     /// key updates.
     #[serde(skip)]
     rekey: Option<MasterKeys>,
+    /// The scheme's current application key (seed 004 KEY_NUMBER), pushed to every card a
+    /// bank load reaches ([`Self::app_key_push`]); none: no pushes.
+    #[serde(skip)]
+    app_key: Option<crate::transfer::AppKey>,
 }
 
 impl Hsm {
@@ -210,7 +214,35 @@ impl Hsm {
             sessions: BTreeMap::new(),
             hotlist: Hotlist::default(),
             rekey: None,
+            app_key: None,
         }
+    }
+
+    /// This HSM with the scheme's application master and current epoch, so that it pushes
+    /// that epoch's key with the bank loads it authorizes ([`Self::app_key_push`]).
+    pub fn with_app_key(mut self, app_master: &DesKey, epoch: u8) -> Self {
+        self.app_key = Some(crate::transfer::app_key(app_master, epoch));
+        self
+    }
+
+    /// The current application key sealed for this load's card
+    /// ([`crate::transfer::AppKeyPush`]), if this HSM has one and the load is a money
+    /// load. The card takes it only if it is newer than its newest. Deterministic for one
+    /// load, so a repeated request gets the same bytes.
+    pub fn app_key_push(&self, init: &LoadInit) -> Option<Vec<u8>> {
+        use rand::SeedableRng;
+        let key = self.app_key.as_ref()?;
+        if Purse::of(init.currency) != Purse::Money {
+            return None;
+        }
+        let current = self.card_load_key(init.key_version, init.card_id).ok()?;
+        let mut iv =
+            rand::rngs::StdRng::seed_from_u64(init.card_id.rotate_left(17) ^ u64::from(init.atc));
+        Some(crypto::seal(
+            &crate::transfer::AppKeyPush::session(&current, &init.s1),
+            &crate::transfer::AppKeyPush::encode(key),
+            &mut iv,
+        ))
     }
 
     /// This HSM with the issuer's purchase masters, so that it re-keys every card it loads
@@ -299,17 +331,20 @@ impl Hsm {
             sessions: BTreeMap::new(),
             hotlist: Hotlist::default(),
             rekey: None,
+            app_key: None,
         }
     }
 
     /// Takes `state`'s transactions and totals (a snapshot, rolled back to) and keeps this
-    /// HSM's key and hotlist.
+    /// HSM's keys (load masters, re-key masters, application key) and hotlist.
     pub fn restore_state(&mut self, state: Hsm) {
         let master = self.master.take();
         let hotlist = std::mem::take(&mut self.hotlist);
         let rekey = self.rekey.take();
+        let app_key = self.app_key.take();
         *self = state;
         self.rekey = rekey;
+        self.app_key = app_key;
         self.master = master;
         self.hotlist = hotlist;
     }

@@ -441,6 +441,10 @@ pub struct LoadCommandMsg {
     /// when the load server is set to give it: the box sends it after the key update, in
     /// the same LOAD.
     pub unblock: Option<Vec<u8>>,
+    /// The scheme's current application key, sealed for this card
+    /// ([`crate::transfer::AppKeyPush`], seed 004), with a bank load when the load server
+    /// has one: the box sends it after the UNBLOCK, in the same LOAD.
+    pub app_key: Option<Vec<u8>>,
 }
 
 /// The card's answer to LOAD, or (negative result / card pulled) the zero-value S1.

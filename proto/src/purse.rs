@@ -740,7 +740,7 @@ impl Unblock {
 
 /// The card's load key diversified by `label` and one load's S1 (the issuer's sealed items
 /// ride in that load's LOAD only).
-fn load_session(card_load_key: &DesKey, label: &[u8; 3], s1: &Mac) -> DesKey {
+pub(crate) fn load_session(card_load_key: &DesKey, label: &[u8; 3], s1: &Mac) -> DesKey {
     let mut d = *s1;
     for (b, l) in d.iter_mut().zip(label) {
         *b ^= l;

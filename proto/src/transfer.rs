@@ -108,6 +108,43 @@ impl AppKey {
     }
 }
 
+/// A new epoch's application key pushed to a card with a bank load (seed 004 FIG. 5: the
+/// bank supplies "a new key if the card does not have the latest"), carried in the LOAD APDU
+/// after the key update and the UNBLOCK, each optional. Sealed like them
+/// ([`crate::crypto::seal`]) under [`AppKeyPush::session`]: the card's current load key and
+/// this load's S1, so it opens in that LOAD only. The card takes it with the credit, in
+/// place of its oldest key, if it is newer than its newest; an older one changes nothing.
+pub struct AppKeyPush;
+
+impl AppKeyPush {
+    /// The sealed length in the LOAD APDU: IV, 24 bytes of ciphertext (`AKEY`, epoch, key,
+    /// padding), MAC. Distinct from a key update's 56 and an UNBLOCK's 24, and so are all
+    /// their sums.
+    pub const SEALED_LEN: usize = 40;
+    const MAGIC: &'static [u8; 4] = b"AKEY";
+
+    /// The key a push for one load is sealed under.
+    pub fn session(card_load_key: &DesKey, s1: &Mac) -> DesKey {
+        crate::purse::load_session(card_load_key, b"AKY", s1)
+    }
+
+    /// The plaintext: `AKEY`, then [`AppKey::encode`].
+    pub fn encode(key: &AppKey) -> Vec<u8> {
+        let mut v = Self::MAGIC.to_vec();
+        v.extend_from_slice(&key.encode());
+        v
+    }
+
+    /// # Errors
+    /// Not `AKEY` and an [`AppKey`].
+    pub fn decode(b: &[u8]) -> Result<AppKey, LayoutError> {
+        match b.split_first_chunk::<4>() {
+            Some((magic, rest)) if magic == Self::MAGIC => AppKey::decode(rest),
+            _ => Err(LayoutError(b.len())),
+        }
+    }
+}
+
 /// A card's four application keys, oldest first, epochs strictly increasing.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppKeys([AppKey; APP_KEYS]);

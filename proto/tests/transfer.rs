@@ -550,3 +550,65 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn a_bank_load_pushes_the_current_epoch_key_which_replaces_the_oldest_in_that_load_only() {
+    use proto::money::Money;
+    let mut c = card(PAYEE, 2_000, 51);
+    let mut h = hsm().with_app_key(&app_master(), 55);
+    let mut n = 0;
+    let mut authorized = |c: &mut PurseCard, h: &mut proto::hsm::Hsm| {
+        n += 1;
+        let init = init_load(c, 500, n).unwrap();
+        let cmd = h
+            .authorize(&format!("k{n}"), &init, Money::new(500, EUR), TODAY)
+            .unwrap();
+        (init, cmd)
+    };
+    let epochs = |c: &PurseCard| c.state.app_keys.as_ref().unwrap().epochs();
+
+    // Tampered: the whole LOAD is refused, as a bad key; nothing credited or re-keyed.
+    let (init, cmd) = authorized(&mut c, &mut h);
+    let mut push = h.app_key_push(&init).unwrap();
+    assert_eq!(push.len(), AppKeyPush::SEALED_LEN);
+    push[12] ^= 1;
+    let apdu = proto::card::commands::load_with_items(&cmd, [None, None, Some(&push)]);
+    assert_eq!(send(&mut c, &apdu).sw, StatusWord::BAD_SIGNATURE);
+    assert_eq!((c.state.balance, epochs(&c)), (2_000, [51, 52, 53, 54]));
+
+    // Genuine, but another load's: sealed for that session only.
+    let old_push = h.app_key_push(&init).unwrap();
+    let (_, cmd) = authorized(&mut c, &mut h);
+    let apdu = proto::card::commands::load_with_items(&cmd, [None, None, Some(&old_push)]);
+    assert_eq!(send(&mut c, &apdu).sw, StatusWord::BAD_SIGNATURE);
+    assert_eq!((c.state.balance, epochs(&c)), (2_000, [51, 52, 53, 54]));
+
+    // Its own load's, beside the issuer's UNBLOCK: credited and re-keyed together.
+    let (init, cmd) = authorized(&mut c, &mut h);
+    let push = h.app_key_push(&init).unwrap();
+    let unblock = h.unblock(&init).unwrap();
+    let apdu = proto::card::commands::load_with_items(&cmd, [None, Some(&unblock), Some(&push)]);
+    assert!(
+        LoadResponse::decode(&ok(&mut c, &apdu))
+            .unwrap()
+            .is_loaded()
+    );
+    assert_eq!((c.state.balance, epochs(&c)), (2_500, [52, 53, 54, 55]));
+
+    // The same epoch again is no news: loaded, keys as they were.
+    let (init, cmd) = authorized(&mut c, &mut h);
+    let push = h.app_key_push(&init).unwrap();
+    let apdu = proto::card::commands::load_with_items(&cmd, [None, None, Some(&push)]);
+    assert!(
+        LoadResponse::decode(&ok(&mut c, &apdu))
+            .unwrap()
+            .is_loaded()
+    );
+    assert_eq!((c.state.balance, epochs(&c)), (3_000, [52, 53, 54, 55]));
+
+    // Now it transfers with a card of {54–57}, which it could not before.
+    let mut newer = card(4799, 0, 54);
+    select(&mut c);
+    exchange(&mut c, &mut newer, 100, 5).expect("{52–55} and {54–57} share 54 and 55");
+    assert_eq!(newer.state.balance, 100);
+}

@@ -768,9 +768,9 @@ impl Load {
     }
 
     fn on_command(&mut self, req: Requested, m: Message) -> Vec<Action> {
-        let (cmd, key_update, unblock) = match m {
+        let (cmd, items) = match m {
             Message::LoadCommand(c) if c.transaction_id == req.offer.transaction_id => {
-                (c.command, c.key_update, c.unblock)
+                (c.command, [c.key_update, c.unblock, c.app_key])
             }
             Message::Error(e) if is_final_refusal(e.code) => {
                 let refusal = Refusal::LoadRefused {
@@ -811,12 +811,12 @@ impl Load {
         };
         // The issuer's key update, if any, rides in the same LOAD (001 [0044]): the card
         // credits and re-keys in one state change, or does neither.
-        // So does its UNBLOCK, after it (seed 004).
+        // So do its UNBLOCK and a new application key, after it (seed 004).
         let apdu = if req.offer.source.is_unload() {
             // An unload's UNLOAD carries the command alone (no key update, no UNBLOCK).
             commands::unload(&cmd)
         } else {
-            commands::load_with_issuer(&cmd, key_update.as_deref(), unblock.as_deref())
+            commands::load_with_items(&cmd, items.each_ref().map(Option::as_deref))
         };
         let mut a = vec![self.journal(Step::CommandReceived { command: cmd })];
         if let Some(why) = mismatch {

@@ -404,10 +404,11 @@ impl LoadBox {
         let Message::LoadCommand(c) = &answer else {
             return (offer, answer);
         };
-        // As the box does: the issuer's key update, if any, in the same LOAD.
-        let r = self.apdu(&commands::load_with_update(
+        // As the box does: the issuer's items (key update, UNBLOCK, application key), if
+        // any, in the same LOAD.
+        let r = self.apdu(&commands::load_with_items(
             &c.command,
-            c.key_update.as_deref(),
+            [&c.key_update, &c.unblock, &c.app_key].map(|i| i.as_deref()),
         ));
         assert!(r.sw.is_ok(), "card refused LOAD: {}", r.sw);
         let resp = LoadResponse::decode(&r.data).unwrap();

@@ -125,6 +125,9 @@ impl FakeLoadServer {
                         unblock: (self.unblock && matches!(r.source, LoadSource::Bank { .. }))
                             .then(|| self.hsm.unblock(&r.init))
                             .flatten(),
+                        app_key: matches!(r.source, LoadSource::Bank { .. })
+                            .then(|| self.hsm.app_key_push(&r.init))
+                            .flatten(),
                     }),
                     Err(e) => Message::error(ErrorCode::BadSignature, e.to_string(), None),
                 }

@@ -221,6 +221,7 @@ pub fn every(card: &CardData, txid: &str, victim_box: &str, voucher: &str) -> Ve
             command: load_command,
             key_update: None,
             unblock: None,
+            app_key: None,
         }),
         Message::LoadResponse(LoadResponseMsg {
             transaction_id: txid.into(),
