@@ -215,11 +215,16 @@ pub enum Kind {
     /// without reading every refund. Written with the authorization, deleted in the write
     /// that records the refund credited.
     RefundDue,
+    /// Gateway: a card-to-card transfer's mailbox ([`crate::gateway::transfer::TransferRec`]),
+    /// by transfer id.
+    Transfer,
+    /// Gateway: the transfer id (UTF-8) a transfer code names, by code.
+    TransferCode,
 }
 
 impl Kind {
     /// Every kind, in declaration order.
-    pub const ALL: [Kind; 32] = [
+    pub const ALL: [Kind; 34] = [
         Kind::Gw,
         Kind::GwLoad,
         Kind::Open,
@@ -252,6 +257,8 @@ impl Kind {
         Kind::Passbook,
         Kind::Refund,
         Kind::RefundDue,
+        Kind::Transfer,
+        Kind::TransferCode,
     ];
 
     /// The string the kind is stored under (the `kind` column).
@@ -289,6 +296,8 @@ impl Kind {
             Kind::Passbook => "passbook",
             Kind::Refund => "refund",
             Kind::RefundDue => "refund_due",
+            Kind::Transfer => "transfer",
+            Kind::TransferCode => "transfer_code",
         }
     }
 }

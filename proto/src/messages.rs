@@ -754,6 +754,74 @@ pub enum Message {
     RefundCommand(RefundCommandMsg),
     RefundResponse(RefundResponseMsg),
     RefundProof(RefundProofMsg),
+    // Appended: card to card through the gateway (issue 18; seed 004 FIG. 4 across two
+    // boxes). The gateway keeps a journaled mailbox per transfer; the packets are the
+    // cards' own, sealed under their application keys ([`crate::transfer`]).
+    /// Payee box → gateway: open a transfer its card will receive (after RECEIVE on the
+    /// card). Answered with [`Message::TransferTerms`], carrying the code the payee's holder
+    /// tells the payer's. A retry must be identical.
+    TransferInvite(TransferInvite),
+    /// Payer box → gateway: join the transfer this code names. Answered with
+    /// [`Message::TransferTerms`]; the transfer is then this box's to send.
+    TransferJoin {
+        code: String,
+    },
+    TransferTerms(TransferTerms),
+    /// Box → gateway: this box's card's packet of a step. Answered with `Ack`; a repeat of
+    /// the same packet too, another packet for the same step is refused (`Replay`).
+    TransferPost(TransferPacket),
+    /// Box → gateway: the other box's packet of `step`. Answered with
+    /// [`Message::TransferPost`]'s packet, or `Busy` while it has not come.
+    TransferFetch {
+        transfer_id: String,
+        step: TransferStep,
+    },
+    TransferPacket(TransferPacket),
+}
+
+/// The payee's side of a card-to-card transfer, as its card's RECEIVE answered it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferInvite {
+    pub transfer_id: String,
+    pub amount: Money,
+    pub payee_card: u64,
+    pub payee_epochs: [u8; 4],
+}
+
+/// A transfer as the gateway holds it: the invite and its code.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferTerms {
+    pub invite: TransferInvite,
+    /// Eight digits, what the payee's TV shows and the payer's holder types.
+    pub code: String,
+}
+
+/// The packets of a transfer (seed 004 FIG. 4), each posted by the box whose card made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum TransferStep {
+    /// The payer card's SEND answer (AK0, AK1, P1): posted by the payer.
+    P1,
+    /// The payee card's P2 and P3: posted by the payee.
+    P23,
+    /// The payer card's P4 (the payer is debited): posted by the payer.
+    P4,
+    /// The payee card's settlement (a receipt, or its cancellation): posted by the payee.
+    Settlement,
+}
+
+impl TransferStep {
+    /// Whether the payer's box posts this step (else the payee's).
+    pub fn payer_posts(self) -> bool {
+        matches!(self, Self::P1 | Self::P4)
+    }
+}
+
+/// One packet of a transfer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferPacket {
+    pub transfer_id: String,
+    pub step: TransferStep,
+    pub data: Vec<u8>,
 }
 
 impl Message {
@@ -798,6 +866,12 @@ impl Message {
             Message::HotlistRequest { .. } => "a hotlist request",
             Message::HotlistUpdate(_) => "a hotlist update",
             Message::RefundsDueRequest { .. } => "a refunds-due request",
+            Message::TransferInvite(_) => "a transfer invite",
+            Message::TransferJoin { .. } => "a transfer join",
+            Message::TransferTerms(_) => "a transfer's terms",
+            Message::TransferPost(_) => "a transfer packet posted",
+            Message::TransferFetch { .. } => "a transfer packet fetch",
+            Message::TransferPacket(_) => "a transfer packet",
             Message::RefundsDue(_) => "a list of refunds due",
             Message::RefundRequest(_) => "a refund request",
             Message::RefundCommand(_) => "a credit command",

@@ -14,6 +14,7 @@
 //! - [`load`]: one load of value onto the card, 001 [0117]–[0160], and its recovery.
 //! - [`refund`]: the refunds due to the card in the reader, credited (issue 17).
 //! - [`privacy`]: the cardholder's privacy switch (seed 004): SELECT, VERIFY, SET PRIVACY.
+//! - [`transfer`]: card to card across two boxes through the gateway (seed 004 FIG. 4).
 //! - [`failure`]: what the shell reports when the card, the network or the journal fails
 //!   ([`CardFailure`], [`NetworkFailure`], [`JournalFailure`]), typed.
 //! - [`show`]: what the flows ask the TV to show, as their own vocabulary (no wording: the
@@ -29,6 +30,7 @@ pub mod purchase;
 pub mod recovery;
 pub mod refund;
 pub mod show;
+pub mod transfer;
 
 pub use failure::{CardFailure, JournalFailure, NetworkFailure};
 

@@ -67,6 +67,7 @@ mod refund;
 mod release;
 mod step;
 mod sweep;
+pub mod transfer;
 
 pub use step::Step;
 
@@ -502,6 +503,9 @@ impl Role for Gateway {
                     | Message::RefundRequest(_)
                     | Message::RefundResponse(_)
                     | Message::RefundProof(_)
+                    | Message::TransferInvite(_)
+                    | Message::TransferJoin { .. }
+                    | Message::TransferPost(_)
             );
             if step {
                 if let Err(wait) =
@@ -567,6 +571,12 @@ impl Gateway {
             | Message::LoadRequest(_)
             | Message::LoadResponse(_)) => self.load_dispatch(box_id, m).await,
             Message::RefundsDueRequest { card_id } => self.refunds_due(box_id, card_id).await,
+            Message::TransferInvite(i) => self.transfer_invite(box_id, i).await,
+            Message::TransferJoin { code } => self.transfer_join(box_id, code).await,
+            Message::TransferPost(p) => self.transfer_post(box_id, p).await,
+            Message::TransferFetch { transfer_id, step } => {
+                self.transfer_fetch(box_id, transfer_id, step)
+            }
             m @ (Message::RefundRequest(_)
             | Message::RefundResponse(_)
             | Message::RefundProof(_)) => {

@@ -534,6 +534,17 @@ impl Split {
         wire_box::new_card(&self.issuer, card_id, balance, max_balance)
     }
 
+    /// A purse card with the scheme's application keys of epochs `oldest`..`oldest + 3`
+    /// (card to card, seed 004), from the application master `init-demo` wrote.
+    pub fn app_card(&self, card_id: u64, balance: u64, oldest: u8) -> PurseCard {
+        let text = std::fs::read_to_string(self.dir.path().join("issuer-keys.toml")).unwrap();
+        let file: proto::purse::IssuerKeyFile = toml::from_str(&text).unwrap();
+        let master = file.app_master().unwrap().expect("an application master");
+        let mut card = self.card(card_id, balance, 1_000_000);
+        card.state = card.state.with_app_keys(&master, oldest).unwrap();
+        card
+    }
+
     /// A box with a fresh device certificate, connected to the gateway, with its own card.
     pub async fn purchase_box(&self, box_id: &str, card_id: u64, balance: u64) -> WireBox {
         WireBox {

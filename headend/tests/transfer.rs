@@ -1,0 +1,245 @@
+//! Card to card across two boxes through the gateway (issue 18; seed 004 FIG. 4): real
+//! processes (a split head end, each role its own `headend <role>`), QUIC on loopback, two
+//! boxes each running the box's own transfer flow (`stb_flow::transfer`) against its own
+//! purse card. The payee's box opens the transfer and gets a code; the payer's joins with
+//! it; the cards' packets P1–P4 and the receipt go through the gateway's journaled mailbox.
+//! Then the gateway is SIGKILLed right after the payer's card was debited and restarted:
+//! the payee's card is credited exactly once, the two cards' sum unchanged.
+
+mod split_support;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use proto::messages::*;
+use proto::money::{Currency, Money};
+use proto::purse::LogKind;
+use split_support::wire_box::{self, WireBox};
+use split_support::*;
+use stb_flow::transfer::{Next, Outcome, Transfer};
+use tokio::sync::{mpsc, oneshot};
+
+const PAYER_CARD: u64 = 0x7A11_0001;
+const PAYEE_CARD: u64 = 0x7A11_0002;
+
+/// Where a box reconnects after its connection died (the gateway's restart).
+struct Reconnect {
+    ca: PathBuf,
+    addr: std::net::SocketAddr,
+}
+
+/// The box's shell around the flow: APDUs to its card, messages to the gateway (reconnecting
+/// and telling the flow when a call failed), the code and the confirmation through the
+/// test. `debited` fires once the payer's card holds a sent transfer.
+async fn drive(
+    b: &mut WireBox,
+    flow: &mut Transfer,
+    reconnect: &Reconnect,
+    code: Option<oneshot::Sender<String>>,
+    mut debited: Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>,
+    failed_calls: &mut u32,
+) -> Result<Outcome, String> {
+    let mut code = code;
+    let mut next = flow.start();
+    let mut steps = 0;
+    loop {
+        steps += 1;
+        if steps > 2_000 {
+            return Err("no end in 2 000 steps".into());
+        }
+        next = match next {
+            Next::Apdu(apdu) => {
+                let r = b.card.process_apdu_bytes(&apdu);
+                if b.card.state.sent.is_some() {
+                    if let Some((tell, resume)) = debited.take() {
+                        let _ = tell.send(());
+                        let _ = resume.await;
+                    }
+                }
+                flow.card(&r)
+            }
+            Next::Send(m, wait) => {
+                tokio::time::sleep(wait).await;
+                match tokio::time::timeout(Duration::from_secs(5), b.call(&m)).await {
+                    Ok(Ok(answer)) => flow.answer(answer),
+                    _ => {
+                        *failed_calls += 1;
+                        // The gateway went away: a new connection, the same message again.
+                        if let Ok(Ok(c)) = tokio::time::timeout(
+                            Duration::from_secs(5),
+                            wire_box::connect(&reconnect.ca, &b.id, reconnect.addr),
+                        )
+                        .await
+                        {
+                            b.client = c;
+                        }
+                        flow.failed()
+                    }
+                }
+            }
+            Next::ShowCode(c) => {
+                if let Some(tx) = code.take() {
+                    let _ = tx.send(c);
+                }
+                flow.go_on()
+            }
+            Next::Confirm(_) => flow.go_on(),
+            Next::Done(o) => return Ok(o),
+            Next::Refused(why) => return Err(why),
+        }
+    }
+}
+
+trait Bytes {
+    fn process_apdu_bytes(&mut self, apdu: &[u8]) -> Vec<u8>;
+}
+
+impl Bytes for proto::card::PurseCard {
+    fn process_apdu_bytes(&mut self, apdu: &[u8]) -> Vec<u8> {
+        proto::apdu::CardApplication::process_apdu(self, apdu)
+    }
+}
+
+/// Runs one transfer of `amount` between a fresh payer box and payee box; with `kill`, the
+/// gateway is SIGKILLed and restarted once the payer's card was debited.
+async fn transfer(split: &mut Split, amount: u64, kill: bool) -> (WireBox, WireBox) {
+    let reconnect = || Reconnect {
+        ca: split.ca.clone(),
+        addr: split.addr[&R::Gateway],
+    };
+    let mut payer = WireBox {
+        id: "box-000011".into(),
+        client: split.connect_box("box-000011").await,
+        card: split.app_card(PAYER_CARD, 10_000, 49),
+    };
+    let mut payee = WireBox {
+        id: "box-000012".into(),
+        client: split.connect_box("box-000012").await,
+        card: split.app_card(PAYEE_CARD, 2_000, 51),
+    };
+    let money = Money::new(amount, Currency::EUR);
+    let (code_tx, code_rx) = oneshot::channel();
+    let (r1, r2) = (reconnect(), reconnect());
+    let payee_task = tokio::spawn(async move {
+        let mut flow = Transfer::receive("xfer-0001".into(), money, wire_box::today());
+        let mut failed = 0;
+        let out = drive(&mut payee, &mut flow, &r1, Some(code_tx), None, &mut failed).await;
+        (payee, out, failed)
+    });
+    let code = code_rx.await.expect("the payee's box shows a code");
+    assert_eq!(code.len(), 8, "{code}");
+    let (tell_tx, tell_rx) = oneshot::channel();
+    let (resume_tx, resume_rx) = oneshot::channel();
+    let (done_tx, mut done_rx) = mpsc::channel(1);
+    let payer_task = tokio::spawn(async move {
+        let mut flow = Transfer::send(code, None, wire_box::today());
+        let mut failed = 0;
+        let debited = Some((tell_tx, resume_rx));
+        let out = drive(&mut payer, &mut flow, &r2, None, debited, &mut failed).await;
+        let _ = done_tx.send(()).await;
+        (payer, out, failed)
+    });
+    // The payer's card is debited: P4 exists only on that card (and, once posted, in the
+    // gateway's journal).
+    tokio::select! {
+        _ = tell_rx => {
+            if kill {
+                split.kill(R::Gateway);
+                split.spawn(R::Gateway).await;
+            }
+            let _ = resume_tx.send(());
+        }
+        _ = done_rx.recv() => panic!("the payer's flow ended before its card was debited"),
+    }
+    let within = |t| tokio::time::timeout(Duration::from_secs(60), t);
+    let (payer, sent, payer_failed) = within(payer_task)
+        .await
+        .expect("the payer's flow ends")
+        .unwrap();
+    let (payee, received, payee_failed) = within(payee_task)
+        .await
+        .expect("the payee's flow ends")
+        .unwrap();
+    // With the kill, the payer's post of P4 (its next call) met the dead gateway.
+    assert_eq!(
+        (payer_failed > 0, payee_failed > 0 || !kill),
+        (kill, true),
+        "calls that failed: payer {payer_failed}, payee {payee_failed}"
+    );
+    assert_eq!(
+        sent,
+        Ok(Outcome::Sent {
+            amount: money,
+            to_card: PAYEE_CARD
+        })
+    );
+    assert_eq!(received, Ok(Outcome::Received { amount: money }));
+    (payer, payee)
+}
+
+fn assert_moved_once(payer: &WireBox, payee: &WireBox, amount: u64) {
+    let (a, b) = (&payer.card.state, &payee.card.state);
+    assert_eq!(
+        (a.balance, b.balance),
+        (10_000 - amount, 2_000 + amount),
+        "moved exactly once"
+    );
+    assert_eq!(a.balance + b.balance, 12_000, "the sum is unchanged");
+    assert_eq!(
+        (a.sent.clone(), b.receiving.clone()),
+        (None, None),
+        "settled"
+    );
+    // Both passbooks name the other card, once each.
+    let out: Vec<_> = a
+        .log
+        .iter()
+        .filter(|r| r.kind == LogKind::TransferOut)
+        .collect();
+    let inn: Vec<_> = b
+        .log
+        .iter()
+        .filter(|r| r.kind == LogKind::TransferIn)
+        .collect();
+    assert_eq!(out.len(), 1, "{:?}", a.log);
+    assert_eq!(inn.len(), 1, "{:?}", b.log);
+    assert_eq!((out[0].counterparty, out[0].amount), (PAYEE_CARD, amount));
+    assert_eq!((inn[0].counterparty, inn[0].amount), (PAYER_CARD, amount));
+    assert_eq!(out[0].signature, inn[0].signature, "the same transfer (R2)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_boxes_move_5_00_card_to_card_through_the_gateway() {
+    let mut split = Split::start(Options::default()).await;
+    let (payer, payee) = transfer(&mut split, 500, false).await;
+    assert_moved_once(&payer, &payee, 500);
+    // The gateway journaled every packet before acknowledging it.
+    let journal = split.journal(R::Gateway);
+    let rec: headend::gateway::transfer::TransferRec = headend::journal::decode(
+        &journal
+            .get(headend::journal::Kind::Transfer, "xfer-0001")
+            .unwrap()
+            .expect("the mailbox"),
+    )
+    .unwrap();
+    assert_eq!(
+        rec.packets.keys().copied().collect::<Vec<_>>(),
+        [
+            TransferStep::P1,
+            TransferStep::P23,
+            TransferStep::P4,
+            TransferStep::Settlement
+        ]
+    );
+    assert_eq!(
+        (rec.payer_box.as_deref(), rec.payee_box.as_str()),
+        (Some("box-000011"), "box-000012")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_sigkilled_after_the_payers_debit_credits_the_payee_exactly_once() {
+    let mut split = Split::start(Options::default()).await;
+    let (payer, payee) = transfer(&mut split, 500, true).await;
+    assert_moved_once(&payer, &payee, 500);
+}

@@ -1,0 +1,444 @@
+//! Card to card across two boxes (issue 18; seed 004 FIG. 4): the payee's and the payer's
+//! box flows, sans-IO, over the gateway's transfer mailbox (`headend::gateway::transfer`).
+//! The packets are the cards' own ([`proto::transfer`]); a box only carries them.
+//!
+//! - **Receive** (the payee's box): SELECT, READ PURSE (card id, currency), READ KEY EPOCHS;
+//!   `TransferInvite` → the code for the TV; wait for P1; RECEIVE and P1 on the card
+//!   back to back (the payee's card now waits for P4, across power loss); post P2 P3; wait
+//!   for P4; P4 on the card (credited) and post its receipt.
+//! - **Send** (the payer's box): `TransferJoin` with the code → the terms, which the viewer
+//!   confirms; SELECT, VERIFY if a PIN was given, SEND (P1); post P1; wait for P2 P3; P2 P3
+//!   on the card (debited, the card keeps P4 and the transfer until it is settled); post
+//!   P4; wait for the payee's settlement; RESOLVE on the card (a receipt settles it, a
+//!   cancellation credits the payer back).
+//!
+//! A post that fails is posted again with the same bytes (the mailbox takes a repeat); a
+//! packet not there yet is fetched again after [`POLL`]. What a box or gateway crash leaves
+//! is settled from the two cards' STATUS ([`proto::transfer::next_settle_step`]).
+
+use std::time::Duration;
+
+use proto::apdu::StatusWord;
+use proto::card::commands;
+use proto::card::transfer::commands as xfer;
+use proto::messages::{
+    ErrorCode, Message, TransferInvite, TransferPacket, TransferStep, TransferTerms,
+};
+use proto::money::Money;
+use proto::purse::{Date, PurseInfo};
+use proto::secret::Secret;
+use proto::transfer::{Settled, Settlement};
+
+/// How long a box waits before fetching a packet that has not come.
+pub const POLL: Duration = Duration::from_millis(200);
+
+/// What the shell does next; the result comes back through [`Transfer::card`],
+/// [`Transfer::answer`] or [`Transfer::failed`].
+#[derive(Debug, Clone, PartialEq)]
+// One at a time, consumed at once: boxing the message would buy nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum Next {
+    /// Send this APDU to the card.
+    Apdu(Vec<u8>),
+    /// Send this message to the gateway (after waiting this long).
+    Send(Message, Duration),
+    /// Payee: tell the viewer this code for the sender; then [`Transfer::go_on`].
+    ShowCode(String),
+    /// Payer: ask the viewer to confirm these terms; then [`Transfer::go_on`] (or drop the
+    /// flow: nothing happened yet).
+    Confirm(TransferTerms),
+    /// Over: the card moved this value (sent, received, or credited back).
+    Done(Outcome),
+    /// Over without moving value.
+    Refused(String),
+}
+
+/// How a transfer ended, for the receipt screen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The payee's card was credited (its passbook names the payer's card).
+    Received { amount: Money },
+    /// The payer's card was debited and the payee's credited.
+    Sent { amount: Money, to_card: u64 },
+    /// The payer's card was debited, the payee cancelled: credited back.
+    Returned { amount: Money, to_card: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum State {
+    // Payee.
+    Select,
+    ReadPurse,
+    ReadEpochs { card: u64, money: Money },
+    Invite,
+    Code,
+    WaitP1,
+    Receive { p1: Vec<u8> },
+    Packet1,
+    PostP23,
+    WaitP4,
+    Packet4,
+    PostReceipt,
+    // Payer.
+    Join,
+    Confirm,
+    PayerSelect,
+    Verify,
+    SendCmd,
+    PostP1,
+    WaitP23,
+    Packets23,
+    PostP4,
+    WaitSettlement,
+    Resolve { kind: Settled },
+    Over,
+}
+
+/// One transfer, as one of its two boxes runs it.
+pub struct Transfer {
+    transfer_id: String,
+    today: Date,
+    /// Payee: what to receive; payer: learnt from the terms.
+    amount: Option<Money>,
+    code: Option<String>,
+    pin: Option<Secret<String>>,
+    terms: Option<TransferTerms>,
+    /// The last post, to repeat after a failure.
+    post: Option<Message>,
+    state: State,
+}
+
+impl Transfer {
+    /// The payee's flow: receive `amount` under `transfer_id` (unique per box; the box's
+    /// journal names it).
+    pub fn receive(transfer_id: String, amount: Money, today: Date) -> Self {
+        Self::new(transfer_id, today, Some(amount), None, State::Select)
+    }
+
+    /// The payer's flow: send what the transfer with `code` asks, with the card's PIN if
+    /// the viewer gave it.
+    pub fn send(code: String, pin: Option<Secret<String>>, today: Date) -> Self {
+        let mut t = Self::new(String::new(), today, None, Some(code), State::Join);
+        t.pin = pin;
+        t
+    }
+
+    fn new(
+        transfer_id: String,
+        today: Date,
+        amount: Option<Money>,
+        code: Option<String>,
+        state: State,
+    ) -> Self {
+        Self {
+            transfer_id,
+            today,
+            amount,
+            code,
+            pin: None,
+            terms: None,
+            post: None,
+            state,
+        }
+    }
+
+    /// The transfer's id (the payer learns it from the terms).
+    pub fn transfer_id(&self) -> &str {
+        &self.transfer_id
+    }
+
+    /// The first step.
+    pub fn start(&mut self) -> Next {
+        match self.state {
+            State::Select => Next::Apdu(commands::select()),
+            State::Join => {
+                let join = Message::TransferJoin {
+                    code: self.code.clone().unwrap_or_default(),
+                };
+                self.post = Some(join.clone());
+                Next::Send(join, Duration::ZERO)
+            }
+            _ => self.refuse("started twice"),
+        }
+    }
+
+    fn refuse(&mut self, why: impl Into<String>) -> Next {
+        self.state = State::Over;
+        Next::Refused(why.into())
+    }
+
+    fn posting(&mut self, step: TransferStep, data: Vec<u8>) -> Next {
+        let m = Message::TransferPost(TransferPacket {
+            transfer_id: self.transfer_id.clone(),
+            step,
+            data,
+        });
+        self.post = Some(m.clone());
+        Next::Send(m, Duration::ZERO)
+    }
+
+    fn fetch(&self, step: TransferStep, wait: Duration) -> Next {
+        Next::Send(
+            Message::TransferFetch {
+                transfer_id: self.transfer_id.clone(),
+                step,
+            },
+            wait,
+        )
+    }
+
+    /// The viewer saw the code (payee) or confirmed the terms (payer).
+    pub fn go_on(&mut self) -> Next {
+        match self.state {
+            State::Code => {
+                self.state = State::WaitP1;
+                self.fetch(TransferStep::P1, Duration::ZERO)
+            }
+            State::Confirm => {
+                self.state = State::PayerSelect;
+                Next::Apdu(commands::select())
+            }
+            _ => self.refuse("nothing to go on with"),
+        }
+    }
+
+    /// The card's answer to the last APDU.
+    pub fn card(&mut self, response: &[u8]) -> Next {
+        let Some((data, sw)) = crate::split_sw(response) else {
+            return self.refuse("the card answered without a status word");
+        };
+        let data = data.to_vec();
+        if !sw.is_ok() {
+            return self.card_refused(sw);
+        }
+        let amount = self
+            .amount
+            .unwrap_or(Money::new(0, proto::money::Currency::EUR));
+        match std::mem::replace(&mut self.state, State::Over) {
+            State::Select => {
+                self.state = State::ReadPurse;
+                Next::Apdu(commands::read_purse())
+            }
+            State::ReadPurse => match PurseInfo::decode(&data) {
+                Ok(info) if info.currency == amount.currency => {
+                    self.state = State::ReadEpochs {
+                        card: info.card_id,
+                        money: amount,
+                    };
+                    Next::Apdu(xfer::read_epochs())
+                }
+                Ok(info) => self.refuse(format!(
+                    "the card holds {:?}, the transfer is in {:?}",
+                    info.currency, amount.currency
+                )),
+                Err(_) => self.refuse("the card's purse did not decode"),
+            },
+            State::ReadEpochs { card, money } => match <[u8; 4]>::try_from(data.as_slice()) {
+                Ok(epochs) => {
+                    self.state = State::Invite;
+                    let invite = Message::TransferInvite(TransferInvite {
+                        transfer_id: self.transfer_id.clone(),
+                        amount: money,
+                        payee_card: card,
+                        payee_epochs: epochs,
+                    });
+                    self.post = Some(invite.clone());
+                    Next::Send(invite, Duration::ZERO)
+                }
+                Err(_) => self.refuse("the card's key epochs did not decode"),
+            },
+            State::Receive { p1 } => {
+                self.state = State::Packet1;
+                Next::Apdu(xfer::packet1(&p1))
+            }
+            State::Packet1 => {
+                self.state = State::PostP23;
+                self.posting(TransferStep::P23, data)
+            }
+            State::Packet4 => match Settlement::decode(&data) {
+                Ok(_) => {
+                    self.state = State::PostReceipt;
+                    self.posting(TransferStep::Settlement, data)
+                }
+                Err(_) => self.refuse("the card's receipt did not decode"),
+            },
+            State::PayerSelect => match &self.pin {
+                Some(pin) => match commands::verify_pin(pin.expose()) {
+                    Some(v) => {
+                        self.state = State::Verify;
+                        Next::Apdu(v)
+                    }
+                    None => self.refuse("a PIN is 4 to 12 digits"),
+                },
+                None => self.send_cmd(),
+            },
+            State::Verify => self.send_cmd(),
+            State::SendCmd => {
+                self.state = State::PostP1;
+                self.posting(TransferStep::P1, data)
+            }
+            State::Packets23 => {
+                self.state = State::PostP4;
+                self.posting(TransferStep::P4, data)
+            }
+            State::Resolve { kind } => {
+                self.state = State::Over;
+                let terms = self.terms.clone().expect("a payer has its terms");
+                let (amount, to_card) = (terms.invite.amount, terms.invite.payee_card);
+                Next::Done(match kind {
+                    Settled::Credited => Outcome::Sent { amount, to_card },
+                    Settled::Cancelled => Outcome::Returned { amount, to_card },
+                })
+            }
+            other => {
+                self.state = other;
+                self.refuse("a card answer out of turn")
+            }
+        }
+    }
+
+    fn send_cmd(&mut self) -> Next {
+        let Some(t) = &self.terms else {
+            return self.refuse("no terms");
+        };
+        let i = &t.invite;
+        let apdu = xfer::send(
+            self.today,
+            i.amount.minor,
+            i.amount.currency,
+            i.payee_card,
+            i.payee_epochs,
+        );
+        self.state = State::SendCmd;
+        Next::Apdu(apdu)
+    }
+
+    fn card_refused(&mut self, sw: StatusWord) -> Next {
+        let when = format!("{:?}", self.state);
+        self.state = State::Over;
+        Next::Refused(format!("the card refused ({when}): {sw:?}"))
+    }
+
+    /// The gateway's answer to the last message.
+    pub fn answer(&mut self, m: Message) -> Next {
+        match (std::mem::replace(&mut self.state, State::Over), m) {
+            (State::Invite, Message::TransferTerms(t))
+                if t.invite.transfer_id == self.transfer_id =>
+            {
+                let code = t.code.clone();
+                self.terms = Some(t);
+                self.state = State::Code;
+                Next::ShowCode(code)
+            }
+            (State::Join, Message::TransferTerms(t)) => {
+                self.transfer_id = t.invite.transfer_id.clone();
+                self.amount = Some(t.invite.amount);
+                self.terms = Some(t.clone());
+                self.state = State::Confirm;
+                Next::Confirm(t)
+            }
+            (
+                state @ (State::WaitP1 | State::WaitP4 | State::WaitP23 | State::WaitSettlement),
+                Message::TransferPacket(p),
+            ) if p.transfer_id == self.transfer_id => match (state, p.step) {
+                (State::WaitP1, TransferStep::P1) => {
+                    let Some(amount) = self.amount else {
+                        return self.refuse("no amount");
+                    };
+                    self.state = State::Receive { p1: p.data };
+                    Next::Apdu(xfer::receive(self.today, amount.minor, amount.currency))
+                }
+                (State::WaitP4, TransferStep::P4) => {
+                    self.state = State::Packet4;
+                    Next::Apdu(xfer::packet4(self.today, &p.data))
+                }
+                (State::WaitP23, TransferStep::P23) => {
+                    self.state = State::Packets23;
+                    Next::Apdu(xfer::packets23(&p.data))
+                }
+                (State::WaitSettlement, TransferStep::Settlement) => {
+                    match Settlement::decode(&p.data) {
+                        Ok(s) => {
+                            self.state = State::Resolve { kind: s.kind };
+                            Next::Apdu(xfer::resolve(self.today, &s))
+                        }
+                        Err(_) => self.refuse("the payee's settlement did not decode"),
+                    }
+                }
+                (state, _) => {
+                    self.state = state;
+                    self.refuse("a packet of another step")
+                }
+            },
+            // Not there yet: fetch again after a pause.
+            (
+                state @ (State::WaitP1 | State::WaitP4 | State::WaitP23 | State::WaitSettlement),
+                Message::Error(e),
+            ) if e.code == ErrorCode::Busy => {
+                let step = match state {
+                    State::WaitP1 => TransferStep::P1,
+                    State::WaitP4 => TransferStep::P4,
+                    State::WaitP23 => TransferStep::P23,
+                    _ => TransferStep::Settlement,
+                };
+                self.state = state;
+                self.fetch(step, POLL)
+            }
+            (
+                state @ (State::PostP23 | State::PostP1 | State::PostP4 | State::PostReceipt),
+                Message::Ack { .. },
+            ) => match state {
+                State::PostP23 => {
+                    self.state = State::WaitP4;
+                    self.fetch(TransferStep::P4, Duration::ZERO)
+                }
+                State::PostP1 => {
+                    self.state = State::WaitP23;
+                    self.fetch(TransferStep::P23, Duration::ZERO)
+                }
+                State::PostP4 => {
+                    self.state = State::WaitSettlement;
+                    self.fetch(TransferStep::Settlement, Duration::ZERO)
+                }
+                _ => {
+                    let t = self.terms.clone().expect("a payee has its terms");
+                    Next::Done(Outcome::Received {
+                        amount: t.invite.amount,
+                    })
+                }
+            },
+            (state, m) => {
+                let when = format!("{state:?}");
+                if matches!(m, Message::Error(ref e) if matches!(e.code, ErrorCode::Busy | ErrorCode::Internal | ErrorCode::RateLimited))
+                {
+                    // The gateway could not answer now: the same message again, later.
+                    self.state = state;
+                    return self.failed();
+                }
+                self.refuse(format!("the gateway answered {} ({when})", m.kind()))
+            }
+        }
+    }
+
+    /// The last message got no answer (the gateway was unreachable or died): the same
+    /// message again after a pause — a post with the same bytes, a fetch as it was.
+    pub fn failed(&mut self) -> Next {
+        match self.state.clone() {
+            // Posts, the invite and the join are all idempotent: the same message again.
+            State::PostP1
+            | State::PostP23
+            | State::PostP4
+            | State::PostReceipt
+            | State::Invite
+            | State::Join => match self.post.clone() {
+                Some(m) => Next::Send(m, POLL),
+                None => self.refuse("nothing to send again"),
+            },
+            State::WaitP1 => self.fetch(TransferStep::P1, POLL),
+            State::WaitP23 => self.fetch(TransferStep::P23, POLL),
+            State::WaitP4 => self.fetch(TransferStep::P4, POLL),
+            State::WaitSettlement => self.fetch(TransferStep::Settlement, POLL),
+            _ => self.refuse("the gateway did not answer"),
+        }
+    }
+}
