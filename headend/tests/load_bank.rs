@@ -894,6 +894,7 @@ async fn a_bank_load_pushes_the_current_application_key_which_replaces_the_oldes
         EUR,
         0x4EE0,
         recv[8..12].try_into().unwrap(),
+        recv[12..20].try_into().unwrap(),
     ));
     assert!(r.sw.is_ok(), "{}", r.sw);
     let p23 = on_newer(&xfer::packet1(&r.data));

@@ -97,7 +97,7 @@ use crate::apdu::{ApduError, CardApplication, Command, Response, StatusWord};
 use crate::crypto::{self, DesKey, Mac};
 use crate::money::Currency;
 use crate::purse::*;
-use crate::transfer::{AppKeyPush, AppKeys, Receiving, Remembered, Sent};
+use crate::transfer::{AppKeyPush, AppKeys, Expecting, Receiving, Remembered, Sent};
 
 pub mod transfer;
 
@@ -222,8 +222,13 @@ pub struct CardState {
     pub sent: Option<Sent>,
     /// A transfer this card answered P1 for, until its P4 or a cancellation.
     pub receiving: Option<Receiving>,
-    /// The outcome of the last incoming transfers, oldest first.
+    /// The payee's signed word on the last transfer of each of its last payers, oldest
+    /// first.
     pub remembered: VecDeque<Remembered>,
+    /// A RECEIVE waiting for its P1.
+    pub expecting: Option<Expecting>,
+    /// Challenges made for transfers (R0, R1, R2 each end in it): none repeats.
+    pub transfer_nonce: u32,
 }
 
 /// The cardholder PIN as the card keeps it (seed 004's PIN threshold). `Debug` shows the
@@ -408,6 +413,8 @@ impl CardState {
             sent: None,
             receiving: None,
             remembered: VecDeque::new(),
+            expecting: None,
+            transfer_nonce: 0,
         }
     }
 
@@ -526,11 +533,6 @@ enum Session {
         /// The session's INITIALIZE count: named in [`PurchaseInit::credits`] once its
         /// CREDIT ran.
         init_count: u32,
-    },
-    /// The payee's RECEIVE, waiting for P1.
-    TransferReceive {
-        amount: u64,
-        currency: Currency,
     },
     /// The payer's SEND, waiting for P2 and P3.
     TransferSend {
@@ -1260,8 +1262,15 @@ impl PurseCard {
                 self.state.key_version = u.key_version;
             }
             // The newer epoch replaces the oldest, with the credit; an older one is no news.
+            // Not while the card's own unsettled transfer needs the key it would drop: the
+            // next bank load brings it again.
+            let in_use: Vec<u8> = (self.state.sent.iter().map(|s| s.ak1))
+                .chain(self.state.receiving.iter().map(|r| r.ak1))
+                .collect();
             if let (Some(k), Some(keys)) = (app_key, self.state.app_keys.as_mut()) {
-                let _ = keys.push(k);
+                if !in_use.contains(&keys.oldest()) {
+                    let _ = keys.push(k);
+                }
             }
             // Opened in the same state change as the credit, too.
             if let Some(u) = unblock {

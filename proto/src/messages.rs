@@ -786,6 +786,8 @@ pub struct TransferInvite {
     pub amount: Money,
     pub payee_card: u64,
     pub payee_epochs: [u8; 4],
+    /// The payee card's challenge R0, which the payer card's P1 must answer.
+    pub payee_challenge: [u8; 8],
 }
 
 /// A transfer as the gateway holds it: the invite and its code.

@@ -14,15 +14,18 @@
 //!
 //! | step | who | command ([`crate::card`], `80 5A P1 00`) | answer |
 //! |---|---|---|---|
-//! | 403 | payee | RECEIVE (P1 = 01): amount, currency | its card id and epochs |
-//! | 405–408 | payer | SEND (02): amount, currency, payee id, payee epochs | AK0, AK1 epochs and P1 under AK0 |
+//! | 403 | payee | RECEIVE (P1 = 01): amount, currency | its card id, epochs and challenge R0 (kept across power loss until the next RECEIVE or P1) |
+//! | 405–408 | payer | SEND (02): amount, currency, payee id, payee epochs, R0 | AK0, AK1 epochs and P1 under AK0 (P1 names the payee and echoes R0) |
 //! | 410–412 | payee | P1 (03): epochs, P1 | P2 under AK0, P3 under AK1; the payee now waits for P4 (kept across power loss) |
 //! | 414 | payer | P2 P3 (04) | P4 under AK1: the payer is debited, and keeps P4 until it is settled |
 //! | 417 | payee | P4 (05) | a receipt: the payee is credited |
 //!
 //! Each packet is sealed ([`crate::crypto::seal`]: triple-DES CBC and a MAC, under keys
 //! derived from the application key) in place of the seed's mixing and encryption; each
-//! echoes the other card's random number, so a replayed packet fails.
+//! echoes the other card's challenge, so a replayed packet fails: P1 the payee's R0 (a P1
+//! captured once cannot open another receive), P2 the payer's R1, P4 the payee's R2. Each
+//! card's challenges end in a counter it persists (`transfer_nonce`), so none repeats even
+//! if its random generator does.
 //!
 //! # Settling (a box or the gateway died mid-transfer)
 //!
@@ -31,7 +34,12 @@
 //! - the payer keeps P4 and the transfer's random R2 until it sees the payee's receipt or
 //!   cancellation (STATUS, P1 = 08, answers them; a new SEND waits until then);
 //! - the payee keeps its pending receive (R2) until P4 credits it or CANCEL (06) ends it,
-//!   and remembers the outcome of its last [`TRANSFER_MEMORY`] transfers.
+//!   and remembers its signed word on the last transfer from each of its last
+//!   [`TRANSFER_MEMORY`] payers (a payer has one unsettled transfer at most, so its last one
+//!   is the one it waits on; the word is kept signed, so it outlives the key it was made
+//!   under).
+//! - a card takes no key push that would drop the key its own unsettled transfer uses: it
+//!   takes the next one, once settled.
 //!
 //! So either P4 is delivered again (the payee credits it once, and its receipt settles the
 //! payer), or the payee cancels and the payer takes its cancellation (RESOLVE, 07) and is
@@ -52,7 +60,7 @@ pub const APP_KEYS: usize = 4;
 pub const APPLICATION_NUMBER: [u8; 8] = *b"PLXFER01";
 
 /// Incoming transfers whose outcome the payee card remembers, newest last.
-pub const TRANSFER_MEMORY: usize = 8;
+pub const TRANSFER_MEMORY: usize = 32;
 
 /// The debit code of P3 and the credit code of P4 (FIG. 6: "the correct credit code which
 /// is different from the debit code").
@@ -191,6 +199,11 @@ impl AppKeys {
     ///
     /// # Errors
     /// The key is not newer than the newest held (a replayed or stale push).
+    /// The oldest epoch held (the one a push drops).
+    pub fn oldest(&self) -> u8 {
+        self.0[0].epoch
+    }
+
     pub fn push(&mut self, key: AppKey) -> Result<(), String> {
         if key.epoch <= self.newest() {
             return Err(format!(
@@ -270,7 +283,8 @@ pub fn public_name(holder: Option<&str>, card_id: u64) -> PublicName {
 
 /// P1 and P2 (FIG. 6 fields 601–604, 611–614), sealed under AK0: the payer's random R1
 /// (P2 echoes it), the application number, the sender's public name and account number,
-/// and — in P1 — the amount the payer will send.
+/// and — in P1 — the amount the payer will send, the payee's card id and its challenge R0
+/// (P2 repeats them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Greeting {
     pub random: [u8; 8],
@@ -279,6 +293,8 @@ pub struct Greeting {
     pub card_id: u64,
     pub amount: u64,
     pub currency: Currency,
+    pub payee: u64,
+    pub payee_challenge: [u8; 8],
 }
 
 impl Greeting {
@@ -290,6 +306,7 @@ impl Greeting {
             .u64(self.card_id)
             .u64(self.amount);
         write_currency(&mut w, self.currency);
+        w.u64(self.payee).bytes(&self.payee_challenge);
         w.finish()
     }
 
@@ -304,6 +321,8 @@ impl Greeting {
             card_id: r.u64()?,
             amount: r.u64()?,
             currency: read_currency(&mut r)?,
+            payee: r.u64()?,
+            payee_challenge: r.take()?,
         };
         r.end()?;
         Ok(v)
@@ -391,7 +410,7 @@ impl Settled {
 
 /// The payee's word on a transfer, signed under AK1: CANCEL's answer, P4's (a receipt) and
 /// RESOLVE's data. `kind ‖ R2 ‖ MAC`, 17 bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Settlement {
     pub kind: Settled,
     pub random: [u8; 8],
@@ -441,11 +460,20 @@ pub struct Receiving {
     pub ak1: u8,
 }
 
-/// An incoming transfer the payee settled.
+/// A RECEIVE waiting for its P1: the challenge P1 must echo.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Expecting {
+    pub challenge: [u8; 8],
+    pub amount: u64,
+    pub currency: Currency,
+}
+
+/// An incoming transfer the payee settled, and its signed word on it (kept signed: it
+/// outlives the key it was made under).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Remembered {
     pub receiving: Receiving,
-    pub kind: Settled,
+    pub word: Settlement,
 }
 
 /// STATUS's answer: the card's unsettled transfers.
@@ -560,14 +588,19 @@ pub enum SettleStep {
 
 /// See [`SettleStep`]: for the transfer from card `payer_id` to card `payee_id`, from the
 /// two cards' STATUS answers. Either card's transfer with a third card is left alone.
+/// `p4_refused`: the payee refused this P4 before (over its maximum balance, blocked):
+/// then it is asked to cancel instead, and the payer is credited back.
 pub fn next_settle_step(
     (payer_id, payer): (u64, &TransferStatus),
     (payee_id, payee): (u64, &TransferStatus),
+    p4_refused: bool,
 ) -> SettleStep {
     let sent = payer.sent.as_ref().filter(|s| s.payee == payee_id);
     let receiving = payee.receiving.as_ref().filter(|r| r.payer == payer_id);
     match (sent, receiving) {
-        (Some(s), Some(r)) if s.random == r.random => SettleStep::DeliverP4 { p4: s.p4.clone() },
+        (Some(s), Some(r)) if s.random == r.random && !p4_refused => {
+            SettleStep::DeliverP4 { p4: s.p4.clone() }
+        }
         (Some(s), _) => SettleStep::AskPayee { random: s.random },
         // The payer holds no debit for it: it never sent P4 (a payer debits and keeps P4 in
         // one state change), so the payee may cancel it.

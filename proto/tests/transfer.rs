@@ -42,6 +42,18 @@ fn status(c: &mut PurseCard) -> TransferStatus {
     TransferStatus::decode(&ok(c, &xfer::status())).unwrap()
 }
 
+/// SEND to the card whose RECEIVE answered `recv` (its id, epochs and challenge).
+fn send_to(recv: &[u8], amount: u64) -> Vec<u8> {
+    xfer::send(
+        TODAY,
+        amount,
+        EUR,
+        u64::from_be_bytes(recv[..8].try_into().unwrap()),
+        recv[8..12].try_into().unwrap(),
+        recv[12..20].try_into().unwrap(),
+    )
+}
+
 /// The exchange of FIG. 4 up to (and with) `steps` of its five card commands:
 /// RECEIVE, SEND, P1, P2 P3, P4. Returns the payee's receipt if P4 ran.
 fn exchange(
@@ -54,14 +66,11 @@ fn exchange(
         return None;
     }
     let recv = ok(payee, &xfer::receive(TODAY, amount, EUR));
-    let (id, epochs) = (
-        u64::from_be_bytes(recv[..8].try_into().unwrap()),
-        recv[8..12].try_into().unwrap(),
-    );
+
     if steps == 1 {
         return None;
     }
-    let p1 = ok(payer, &xfer::send(TODAY, amount, EUR, id, epochs));
+    let p1 = ok(payer, &send_to(&recv, amount));
     if steps == 2 {
         return None;
     }
@@ -80,16 +89,22 @@ fn exchange(
 /// Returns the steps taken.
 fn settle(payer: &mut PurseCard, payee: &mut PurseCard) -> Vec<&'static str> {
     let mut taken = Vec::new();
-    for _ in 0..4 {
+    let mut p4_refused = false;
+    for _ in 0..5 {
         let (a, b) = (status(payer), status(payee));
-        match next_settle_step((PAYER, &a), (PAYEE, &b)) {
+        match next_settle_step((PAYER, &a), (PAYEE, &b), p4_refused) {
             SettleStep::Settled => return taken,
             SettleStep::DeliverP4 { p4 } => {
                 taken.push("deliver P4");
-                let receipt = ok(payee, &xfer::packet4(TODAY, &p4));
+                let r = send(payee, &xfer::packet4(TODAY, &p4));
+                if !r.sw.is_ok() {
+                    taken.push("P4 refused");
+                    p4_refused = true;
+                    continue;
+                }
                 ok(
                     payer,
-                    &xfer::resolve(TODAY, &Settlement::decode(&receipt).unwrap()),
+                    &xfer::resolve(TODAY, &Settlement::decode(&r.data).unwrap()),
                 );
             }
             SettleStep::AskPayee { random } => {
@@ -105,7 +120,7 @@ fn settle(payer: &mut PurseCard, payee: &mut PurseCard) -> Vec<&'static str> {
             }
         }
     }
-    panic!("not settled in four steps: {taken:?}");
+    panic!("not settled in five steps: {taken:?}");
 }
 
 #[test]
@@ -139,10 +154,7 @@ fn two_cards_move_value_once_and_both_passbooks_name_the_other_card() {
 fn a_replayed_p4_is_refused_and_counts_as_a_bad_key() {
     let (mut payer, mut payee) = (card(PAYER, 10_000, 49), card(PAYEE, 2_000, 51));
     let recv = ok(&mut payee, &xfer::receive(TODAY, 500, EUR));
-    let p1 = ok(
-        &mut payer,
-        &xfer::send(TODAY, 500, EUR, PAYEE, recv[8..12].try_into().unwrap()),
-    );
+    let p1 = ok(&mut payer, &send_to(&recv, 500));
     let p23 = ok(&mut payee, &xfer::packet1(&p1));
     let p4 = ok(&mut payer, &xfer::packets23(&p23));
     ok(&mut payee, &xfer::packet4(TODAY, &p4));
@@ -156,10 +168,7 @@ fn a_replayed_p4_is_refused_and_counts_as_a_bad_key() {
     // Replayed into the payee's next transfer (another R2): it does not answer it.
     let recv = ok(&mut payee, &xfer::receive(TODAY, 500, EUR));
     let mut third = card(4713, 5_000, 50);
-    let p1 = ok(
-        &mut third,
-        &xfer::send(TODAY, 500, EUR, PAYEE, recv[8..12].try_into().unwrap()),
-    );
+    let p1 = ok(&mut third, &send_to(&recv, 500));
     ok(&mut payee, &xfer::packet1(&p1));
     // (The good P1 reset the count, as every good signature does.)
     assert_eq!(payee.state.bad_key_count, 0);
@@ -176,10 +185,7 @@ fn a_replayed_p4_is_refused_and_counts_as_a_bad_key() {
 fn tampered_packets_are_bad_keys_and_move_nothing() {
     let (mut payer, mut payee) = (card(PAYER, 10_000, 49), card(PAYEE, 2_000, 51));
     let recv = ok(&mut payee, &xfer::receive(TODAY, 500, EUR));
-    let mut p1 = ok(
-        &mut payer,
-        &xfer::send(TODAY, 500, EUR, PAYEE, recv[8..12].try_into().unwrap()),
-    );
+    let mut p1 = ok(&mut payer, &send_to(&recv, 500));
     let n = p1.len();
     p1[n - 10] ^= 0x01;
     assert_eq!(
@@ -193,10 +199,7 @@ fn tampered_packets_are_bad_keys_and_move_nothing() {
 
     // P3 tampered (the amount is inside it): the payer is not debited.
     let recv = ok(&mut payee, &xfer::receive(TODAY, 500, EUR));
-    let p1 = ok(
-        &mut payer,
-        &xfer::send(TODAY, 500, EUR, PAYEE, recv[8..12].try_into().unwrap()),
-    );
+    let p1 = ok(&mut payer, &send_to(&recv, 500));
     let mut p23 = ok(&mut payee, &xfer::packet1(&p1));
     let n = p23.len();
     p23[n - 12] ^= 0x80;
@@ -254,10 +257,7 @@ fn cards_need_two_common_key_epochs_and_say_why_when_they_lack_them() {
 
     let (mut a, mut b) = (card(PAYER, 10_000, 51), card(PAYEE, 2_000, 54));
     let recv = ok(&mut b, &xfer::receive(TODAY, 100, EUR));
-    let r = send(
-        &mut a,
-        &xfer::send(TODAY, 100, EUR, PAYEE, recv[8..12].try_into().unwrap()),
-    );
+    let r = send(&mut a, &send_to(&recv, 100));
     assert_eq!(r.sw, StatusWord::NO_COMMON_KEYS);
     assert_eq!(a.state.balance, 10_000);
 
@@ -382,10 +382,7 @@ fn a_card_with_an_unsettled_transfer_starts_no_other() {
     exchange(&mut payer, &mut payee, 500, 4);
     let mut other = card(4713, 0, 50);
     let recv = ok(&mut other, &xfer::receive(TODAY, 100, EUR));
-    let r = send(
-        &mut payer,
-        &xfer::send(TODAY, 100, EUR, 4713, recv[8..12].try_into().unwrap()),
-    );
+    let r = send(&mut payer, &send_to(&recv, 100));
     assert_eq!(r.sw, StatusWord::TRANSFER_UNSETTLED);
     assert_eq!(
         send(&mut payee, &xfer::receive(TODAY, 100, EUR)).sw,
@@ -405,14 +402,14 @@ fn a_transfer_above_the_pin_threshold_needs_the_pin() {
     select(&mut payer);
     let mut payee = card(PAYEE, 0, 51);
     let recv = ok(&mut payee, &xfer::receive(TODAY, 2_000, EUR));
-    let epochs: [u8; 4] = recv[8..12].try_into().unwrap();
-    let r = send(&mut payer, &xfer::send(TODAY, 2_000, EUR, PAYEE, epochs));
+    let r = send(&mut payer, &send_to(&recv, 2_000));
     assert_eq!(r.sw, StatusWord::PIN_REQUIRED);
     ok(
         &mut payer,
         &proto::card::commands::verify_pin("1234").unwrap(),
     );
-    ok(&mut payer, &xfer::send(TODAY, 2_000, EUR, PAYEE, epochs));
+    // (A refused SEND used nothing up: the payee's challenge still stands.)
+    ok(&mut payer, &send_to(&recv, 2_000));
 }
 
 #[test]
@@ -506,7 +503,7 @@ proptest::proptest! {
                     if r.sw == StatusWord::OK { recvs.push(r.data) }
                 }
                 Op::Send => if let Some(recv) = pick(&recvs, 0) {
-                    let r = send(&mut payer, &xfer::send(TODAY, 500, EUR, PAYEE, recv[8..12].try_into().unwrap()));
+                    let r = send(&mut payer, &send_to(&recv, 500));
                     if r.sw == StatusWord::OK { p1s.push(r.data) }
                 },
                 Op::P1(n) => if let Some(p1) = pick(&p1s, n) {
@@ -611,4 +608,149 @@ fn a_bank_load_pushes_the_current_epoch_key_which_replaces_the_oldest_in_that_lo
     select(&mut c);
     exchange(&mut c, &mut newer, 100, 5).expect("{52–55} and {54–57} share 54 and 55");
     assert_eq!(newer.state.balance, 100);
+}
+
+// ---- The outside attack on the card protocol (findings, each a regression test) ----
+
+/// F1: a relay without keys replayed an old P1 to plant pending receives and push a
+/// cancelled transfer out of the payee's memory. P1 now answers the payee's own challenge
+/// (R0, from its RECEIVE) and names it: a replayed P1 is a bad key and plants nothing.
+#[test]
+fn a_replayed_p1_plants_nothing() {
+    let (mut payer, mut payee) = (card(PAYER, 10_000, 49), card(PAYEE, 2_000, 51));
+    let recv = ok(&mut payee, &xfer::receive(TODAY, 500, EUR));
+    let p1 = ok(&mut payer, &send_to(&recv, 500));
+    ok(&mut payee, &xfer::packet1(&p1));
+    let r2 = payee.state.receiving.clone().unwrap().random;
+    ok(&mut payee, &xfer::cancel(r2));
+    ok(&mut payee, &xfer::receive(TODAY, 500, EUR));
+    assert_eq!(
+        send(&mut payee, &xfer::packet1(&p1)).sw,
+        StatusWord::BAD_SIGNATURE
+    );
+    assert_eq!(payee.state.receiving, None, "nothing planted");
+    assert_eq!(payee.state.bad_key_count, 1);
+}
+
+/// F1 (memory): the payee remembers its word per payer, so a payer's unsettled transfer is
+/// not pushed out by another payer's many transfers.
+#[test]
+fn a_cancelled_transfers_word_outlives_another_payers_many_transfers() {
+    let (mut a, mut b) = (card(PAYER, 10_000, 49), card(PAYEE, 2_000, 51));
+    exchange(&mut a, &mut b, 500, 4);
+    let r2 = a.state.sent.clone().unwrap().random;
+    ok(&mut b, &xfer::cancel(r2)); // its answer never reaches A
+    let mut c = card(4713, 10_000, 50);
+    for _ in 0..(TRANSFER_MEMORY + 4) {
+        let receipt = exchange(&mut c, &mut b, 10, 5).unwrap();
+        ok(&mut c, &xfer::resolve(TODAY, &receipt));
+    }
+    let steps = settle(&mut a, &mut b);
+    assert_eq!(steps, ["ask payee", "payer credited back"]);
+    assert_eq!(a.state.balance, 10_000);
+    assert_eq!(a.state.balance + b.state.balance + c.state.balance, 22_000);
+}
+
+/// F2: two key pushes while a transfer was pending dropped the key it needed. A card keeps
+/// the key its own unsettled transfer uses (the push waits for the next bank load), and
+/// keeps its word on settled ones signed.
+#[test]
+fn a_key_push_does_not_drop_the_key_an_unsettled_transfer_uses() {
+    use proto::money::Money;
+    let (mut a, mut b) = (card(PAYER, 10_000, 49), card(PAYEE, 2_000, 51));
+    exchange(&mut a, &mut b, 500, 4); // AK0 51, AK1 52; B waits for P4
+    for (n, epoch) in [(1u64, 55u8), (2, 56)] {
+        let h = hsm().with_app_key(&app_master(), epoch);
+        let mut h = h;
+        let init = init_load(&mut b, 100, n).unwrap();
+        let cmd = h
+            .authorize(&format!("push{n}"), &init, Money::new(100, EUR), TODAY)
+            .unwrap();
+        let push = h.app_key_push(&init).unwrap();
+        let apdu = proto::card::commands::load_with_items(&cmd, [None, None, Some(&push)]);
+        assert!(
+            LoadResponse::decode(&ok(&mut b, &apdu))
+                .unwrap()
+                .is_loaded()
+        );
+    }
+    // 55 dropped 51 (unused); 56 would have dropped 52, AK1 of the pending transfer.
+    assert_eq!(
+        b.state.app_keys.as_ref().unwrap().epochs(),
+        [52, 53, 54, 55]
+    );
+    select(&mut b);
+    assert_eq!(settle(&mut a, &mut b), ["deliver P4"]);
+    assert_eq!((a.state.balance, b.state.balance), (9_500, 2_700));
+}
+
+/// F3: a payee that cannot take P4 (over its maximum after a load, or blocked) is asked
+/// to cancel, and the payer is credited back.
+#[test]
+fn a_payee_that_cannot_take_p4_cancels_and_the_payer_is_credited_back() {
+    let (mut a, mut b) = (card(PAYER, 10_000, 49), card(PAYEE, 2_000, 51));
+    exchange(&mut a, &mut b, 500, 4);
+    b.state.balance = b.state.max_balance - 100; // a load in between
+    let steps = settle(&mut a, &mut b);
+    assert_eq!(
+        steps,
+        [
+            "deliver P4",
+            "P4 refused",
+            "ask payee",
+            "payer credited back"
+        ]
+    );
+    assert_eq!(a.state.balance, 10_000);
+    assert_eq!(b.state.balance, b.state.max_balance - 100);
+}
+
+/// F4: a card could make itself a P1 that opened (a good signature) and so reset its
+/// bad-key count as often as it liked. A P1 counts as good only if it answers this card's
+/// challenge, names it, and comes from another card.
+#[test]
+fn a_card_cannot_reset_its_bad_key_count_with_its_own_p1() {
+    let mut victim = card(PAYEE, 2_000, 51);
+    let mut rounds = 0;
+    while victim.state.status == 0 && rounds < 20 {
+        rounds += 1;
+        let _ = send(&mut victim, &xfer::packet4(TODAY, &[0u8; 40]));
+        let recv = send(&mut victim, &xfer::receive(TODAY, 1, EUR));
+        if !recv.sw.is_ok() {
+            break;
+        }
+        let mut to_other = recv.data.clone();
+        to_other[..8].copy_from_slice(&999_999u64.to_be_bytes());
+        let p1 = send(&mut victim, &send_to(&to_other, 1));
+        if p1.sw.is_ok() {
+            let _ = send(&mut victim, &xfer::packet1(&p1.data));
+        }
+    }
+    assert_eq!(rounds, 5, "ten bad keys in five rounds (P4 and P1 each)");
+    assert_ne!(victim.state.status, 0, "blocked by its bad keys");
+}
+
+/// F5: the payee's R2 was all random: a card whose generator repeated after a reset took
+/// an old P4 again. Every challenge ends in a persisted counter.
+#[test]
+fn an_old_p4_is_refused_even_if_the_random_generator_repeats() {
+    let (mut a, mut b) = (card(PAYER, 10_000, 49), card(PAYEE, 2_000, 51));
+    let same_seed = |c: &PurseCard| {
+        let mut c = PurseCard::new(c.state.clone(), 1);
+        select(&mut c);
+        c
+    };
+    b = same_seed(&b);
+    exchange(&mut a, &mut b, 500, 4);
+    let old = a.state.sent.clone().unwrap();
+    let word = Settlement::decode(&ok(&mut b, &xfer::cancel(old.random))).unwrap();
+    ok(&mut a, &xfer::resolve(TODAY, &word));
+    b = same_seed(&b);
+    exchange(&mut a, &mut b, 500, 3);
+    assert_ne!(b.state.receiving.clone().unwrap().random, old.random);
+    assert_eq!(
+        send(&mut b, &xfer::packet4(TODAY, &old.p4)).sw,
+        StatusWord::BAD_SIGNATURE
+    );
+    assert_eq!(b.state.balance, 2_000);
 }

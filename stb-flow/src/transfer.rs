@@ -2,10 +2,11 @@
 //! box flows, sans-IO, over the gateway's transfer mailbox (`headend::gateway::transfer`).
 //! The packets are the cards' own ([`proto::transfer`]); a box only carries them.
 //!
-//! - **Receive** (the payee's box): SELECT, READ PURSE (card id, currency), READ KEY EPOCHS;
-//!   `TransferInvite` → the code for the TV; wait for P1; RECEIVE and P1 on the card
-//!   back to back (the payee's card now waits for P4, across power loss); post P2 P3; wait
-//!   for P4; P4 on the card (credited) and post its receipt.
+//! - **Receive** (the payee's box): SELECT, READ PURSE (the currency), RECEIVE (card id,
+//!   epochs, challenge; the card keeps the challenge across power loss);
+//!   `TransferInvite` → the code for the TV; wait for P1; P1 on the card (it now waits for
+//!   P4, across power loss); post P2 P3; wait for P4; P4 on the card (credited) and post
+//!   its receipt.
 //! - **Send** (the payer's box): `TransferJoin` with the code → the terms, which the viewer
 //!   confirms; SELECT, VERIFY if a PIN was given, SEND (P1); post P1; wait for P2 P3; P2 P3
 //!   on the card (debited, the card keeps P4 and the transfer until it is settled); post
@@ -69,11 +70,10 @@ enum State {
     // Payee.
     Select,
     ReadPurse,
-    ReadEpochs { card: u64, money: Money },
+    Receive,
     Invite,
     Code,
     WaitP1,
-    Receive { p1: Vec<u8> },
     Packet1,
     PostP23,
     WaitP4,
@@ -221,11 +221,8 @@ impl Transfer {
             }
             State::ReadPurse => match PurseInfo::decode(&data) {
                 Ok(info) if info.currency == amount.currency => {
-                    self.state = State::ReadEpochs {
-                        card: info.card_id,
-                        money: amount,
-                    };
-                    Next::Apdu(xfer::read_epochs())
+                    self.state = State::Receive;
+                    Next::Apdu(xfer::receive(self.today, amount.minor, amount.currency))
                 }
                 Ok(info) => self.refuse(format!(
                     "the card holds {:?}, the transfer is in {:?}",
@@ -233,23 +230,25 @@ impl Transfer {
                 )),
                 Err(_) => self.refuse("the card's purse did not decode"),
             },
-            State::ReadEpochs { card, money } => match <[u8; 4]>::try_from(data.as_slice()) {
-                Ok(epochs) => {
-                    self.state = State::Invite;
-                    let invite = Message::TransferInvite(TransferInvite {
-                        transfer_id: self.transfer_id.clone(),
-                        amount: money,
-                        payee_card: card,
-                        payee_epochs: epochs,
-                    });
-                    self.post = Some(invite.clone());
-                    Next::Send(invite, Duration::ZERO)
+            State::Receive => {
+                let card = data.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok());
+                let epochs = data.get(8..12).and_then(|b| <[u8; 4]>::try_from(b).ok());
+                let challenge = data.get(12..20).and_then(|b| <[u8; 8]>::try_from(b).ok());
+                match (card, epochs, challenge, data.len()) {
+                    (Some(card), Some(epochs), Some(challenge), 20) => {
+                        self.state = State::Invite;
+                        let invite = Message::TransferInvite(TransferInvite {
+                            transfer_id: self.transfer_id.clone(),
+                            amount,
+                            payee_card: u64::from_be_bytes(card),
+                            payee_epochs: epochs,
+                            payee_challenge: challenge,
+                        });
+                        self.post = Some(invite.clone());
+                        Next::Send(invite, Duration::ZERO)
+                    }
+                    _ => self.refuse("the card's RECEIVE answer did not decode"),
                 }
-                Err(_) => self.refuse("the card's key epochs did not decode"),
-            },
-            State::Receive { p1 } => {
-                self.state = State::Packet1;
-                Next::Apdu(xfer::packet1(&p1))
             }
             State::Packet1 => {
                 self.state = State::PostP23;
@@ -308,6 +307,7 @@ impl Transfer {
             i.amount.currency,
             i.payee_card,
             i.payee_epochs,
+            i.payee_challenge,
         );
         self.state = State::SendCmd;
         Next::Apdu(apdu)
@@ -342,11 +342,8 @@ impl Transfer {
                 Message::TransferPacket(p),
             ) if p.transfer_id == self.transfer_id => match (state, p.step) {
                 (State::WaitP1, TransferStep::P1) => {
-                    let Some(amount) = self.amount else {
-                        return self.refuse("no amount");
-                    };
-                    self.state = State::Receive { p1: p.data };
-                    Next::Apdu(xfer::receive(self.today, amount.minor, amount.currency))
+                    self.state = State::Packet1;
+                    Next::Apdu(xfer::packet1(&p.data))
                 }
                 (State::WaitP4, TransferStep::P4) => {
                     self.state = State::Packet4;

@@ -4,8 +4,8 @@
 //! | P1 | command | data in | data out |
 //! |---|---|---|---|
 //! | 00 | READ KEY EPOCHS | — | the four epochs, oldest first |
-//! | 01 | RECEIVE (payee) | date, amount, currency | card id ‖ epochs |
-//! | 02 | SEND (payer) | date, amount, currency, payee card id, payee epochs | AK0 ‖ AK1 ‖ P1 |
+//! | 01 | RECEIVE (payee) | date, amount, currency | card id ‖ epochs ‖ challenge R0 (kept until the next RECEIVE or P1) |
+//! | 02 | SEND (payer) | date, amount, currency, payee card id, payee epochs, R0 | AK0 ‖ AK1 ‖ P1 |
 //! | 03 | P1 (payee) | AK0 ‖ AK1 ‖ P1 | P2 ‖ P3 (length-prefixed) |
 //! | 04 | P2 P3 (payer) | P2 ‖ P3 (length-prefixed) | P4 (the payer is debited) |
 //! | 05 | P4 (payee) | date ‖ P4 | the receipt, a [`Settlement`] (the payee is credited) |
@@ -25,8 +25,8 @@ use crate::crypto;
 use crate::money::Currency;
 use crate::purse::{Date, LogKind, LogRecord, read_currency};
 use crate::transfer::{
-    APPLICATION_NUMBER, CREDIT_CODE, DEBIT_CODE, Greeting, Receiving, Remembered, Sent, Settled,
-    Settlement, TRANSFER_MEMORY, TransferStatus, ValuePacket, common_epochs, public_name,
+    APPLICATION_NUMBER, CREDIT_CODE, DEBIT_CODE, Expecting, Greeting, Receiving, Remembered, Sent,
+    Settled, Settlement, TRANSFER_MEMORY, TransferStatus, ValuePacket, common_epochs, public_name,
     read_parts, valid_name, write_parts,
 };
 
@@ -60,7 +60,7 @@ impl PurseCard {
                 let pin_verified = std::mem::take(&mut self.pin_verified);
                 self.transfer_send(&cmd.data, pin_verified)
             }
-            P1_PACKET1 => self.transfer_p1(session, &cmd.data),
+            P1_PACKET1 => self.transfer_p1(&cmd.data),
             P1_PACKETS23 => self.transfer_p23(session, &cmd.data),
             P1_PACKET4 => self.transfer_p4(&cmd.data),
             P1_CANCEL => self.transfer_cancel(&cmd.data),
@@ -107,10 +107,37 @@ impl PurseCard {
             .checked_add(amount)
             .filter(|b| *b <= self.state.max_balance)
             .ok_or(StatusWord::OVER_MAX_BALANCE)?;
+        let epochs = keys.epochs();
+        // Room for the credit that may follow.
+        self.state.atc.checked_add(1).ok_or(StatusWord::BLOCKED)?;
+        let challenge = self.challenge()?;
+        // Kept across power loss (the payer's P1 may take a while to come through the
+        // gateway); a new RECEIVE replaces it, P1 uses it up.
+        self.state.expecting = Some(Expecting {
+            challenge,
+            amount,
+            currency,
+        });
+        self.changed = true;
         let mut w = Writer::default();
-        w.u64(self.state.card_id).bytes(&keys.epochs());
-        self.session = Session::TransferReceive { amount, currency };
+        w.u64(self.state.card_id).bytes(&epochs).bytes(&challenge);
         Ok(w.finish())
+    }
+
+    /// A challenge (R0, R1, R2): four random bytes and the card's persisted transfer
+    /// counter, so none repeats even if the random generator does.
+    fn challenge(&mut self) -> Result<[u8; 8], StatusWord> {
+        let n = self
+            .state
+            .transfer_nonce
+            .checked_add(1)
+            .ok_or(StatusWord::BLOCKED)?;
+        self.state.transfer_nonce = n;
+        self.changed = true;
+        let mut out = [0u8; 8];
+        out[..4].copy_from_slice(&self.random()[..4]);
+        out[4..].copy_from_slice(&n.to_be_bytes());
+        Ok(out)
     }
 
     fn transfer_send(&mut self, data: &[u8], pin_verified: bool) -> Answer {
@@ -118,6 +145,7 @@ impl PurseCard {
         let (date, amount, currency) = self.transfer_terms(&mut r)?;
         let payee = r.u64().map_err(bad_data)?;
         let theirs: [u8; 4] = r.take().map_err(bad_data)?;
+        let payee_challenge: [u8; 8] = r.take().map_err(bad_data)?;
         r.end().map_err(bad_data)?;
         if payee == self.state.card_id {
             return Err(StatusWord::BAD_DATA);
@@ -140,7 +168,9 @@ impl PurseCard {
         if amount > self.state.balance {
             return Err(StatusWord::INSUFFICIENT_VALUE);
         }
-        let r1 = self.random();
+        // Room for the debit and a credit back.
+        self.state.atc.checked_add(2).ok_or(StatusWord::BLOCKED)?;
+        let r1 = self.challenge()?;
         let p1 = Greeting {
             random: r1,
             application: APPLICATION_NUMBER,
@@ -148,6 +178,8 @@ impl PurseCard {
             card_id: self.state.card_id,
             amount,
             currency,
+            payee,
+            payee_challenge,
         };
         let key = self.app_key(ak0)?;
         let sealed = crypto::seal(&key, &p1.encode(), &mut self.rng);
@@ -188,11 +220,19 @@ impl PurseCard {
         crypto::open(&key, sealed).map_err(|_| self.bad_signature())
     }
 
-    fn transfer_p1(&mut self, session: Session, data: &[u8]) -> Answer {
-        let Session::TransferReceive { amount, currency } = session else {
+    fn transfer_p1(&mut self, data: &[u8]) -> Answer {
+        let Some(Expecting {
+            challenge,
+            amount,
+            currency,
+        }) = self.state.expecting.clone()
+        else {
             return Err(StatusWord::WRONG_STATE);
         };
         self.check_usable()?;
+        if self.state.receiving.is_some() {
+            return Err(StatusWord::TRANSFER_UNSETTLED);
+        }
         let mut r = Reader::new(data);
         let (ak0, ak1) = (r.u8().map_err(bad_data)?, r.u8().map_err(bad_data)?);
         let sealed = r.rest();
@@ -201,15 +241,19 @@ impl PurseCard {
         }
         self.app_key(ak1)?;
         let p1 = Greeting::decode(&self.open_packet(ak0, sealed)?).map_err(bad_data)?;
-        if p1.application != APPLICATION_NUMBER || !valid_name(&p1.name) {
+        // Fresh (it answers this card's challenge) and for this card: only then is it a
+        // good signature (a card cannot make a P1 for itself: SEND refuses its own id).
+        if p1.application != APPLICATION_NUMBER
+            || !valid_name(&p1.name)
+            || p1.payee_challenge != challenge
+            || p1.payee != self.state.card_id
+            || p1.card_id == self.state.card_id
+        {
             return Err(self.bad_signature());
         }
         self.good_signature();
         if (p1.amount, p1.currency) != (amount, currency) {
             return Err(StatusWord::BAD_AMOUNT);
-        }
-        if p1.card_id == self.state.card_id {
-            return Err(StatusWord::BAD_DATA);
         }
         let p2 = Greeting {
             random: p1.random,
@@ -218,8 +262,10 @@ impl PurseCard {
             card_id: self.state.card_id,
             amount,
             currency,
+            payee: self.state.card_id,
+            payee_challenge: challenge,
         };
-        let r2 = self.random();
+        let r2 = self.challenge()?;
         let p3 = ValuePacket {
             random: r2,
             application: APPLICATION_NUMBER,
@@ -233,6 +279,7 @@ impl PurseCard {
         let p2 = crypto::seal(&k0, &p2.encode(), &mut self.rng);
         let p3 = crypto::seal(&k1, &p3.encode(), &mut self.rng);
         // From here the payee waits for P4 (or a cancellation), across power loss.
+        self.state.expecting = None;
         self.state.receiving = Some(Receiving {
             random: r2,
             amount,
@@ -341,13 +388,16 @@ impl PurseCard {
         })
     }
 
-    fn remember(&mut self, receiving: Receiving, kind: Settled) {
-        if self.state.remembered.len() == TRANSFER_MEMORY {
-            self.state.remembered.pop_front();
+    /// Ends the pending receive with this word: remembered as the last of its payer's
+    /// transfers (replacing the payer's earlier one), the oldest payer's forgotten beyond
+    /// [`TRANSFER_MEMORY`].
+    fn remember(&mut self, receiving: Receiving, word: Settlement) {
+        let memory = &mut self.state.remembered;
+        memory.retain(|m| m.receiving.payer != receiving.payer);
+        if memory.len() == TRANSFER_MEMORY {
+            memory.pop_front();
         }
-        self.state
-            .remembered
-            .push_back(Remembered { receiving, kind });
+        memory.push_back(Remembered { receiving, word });
         self.state.receiving = None;
         self.changed = true;
     }
@@ -390,25 +440,25 @@ impl PurseCard {
             rec.payer,
             rec.random,
         );
-        self.remember(rec, Settled::Credited);
-        Ok(receipt.encode())
+        let answer = receipt.encode();
+        self.remember(rec, receipt);
+        Ok(answer)
     }
 
     fn transfer_cancel(&mut self, data: &[u8]) -> Answer {
         let r2: [u8; 8] = data.try_into().map_err(bad_data)?;
         if let Some(rec) = self.state.receiving.clone().filter(|r| r.random == r2) {
-            let answer = self.settlement(Settled::Cancelled, &rec)?;
-            self.remember(rec, Settled::Cancelled);
-            return Ok(answer.encode());
+            let word = self.settlement(Settled::Cancelled, &rec)?;
+            let answer = word.encode();
+            self.remember(rec, word);
+            return Ok(answer);
         }
-        let known = self
-            .state
+        self.state
             .remembered
             .iter()
             .find(|m| m.receiving.random == r2)
-            .cloned()
-            .ok_or(crate::card::SW_RECORD_NOT_FOUND)?;
-        Ok(self.settlement(known.kind, &known.receiving)?.encode())
+            .map(|m| m.word.encode())
+            .ok_or(crate::card::SW_RECORD_NOT_FOUND)
     }
 
     fn transfer_resolve(&mut self, data: &[u8]) -> Answer {
@@ -478,15 +528,17 @@ pub mod commands {
     pub fn receive(date: Date, amount: u64, currency: Currency) -> Vec<u8> {
         apdu(P1_RECEIVE, terms(date, amount, currency).finish())
     }
+    /// SEND, with what the payee's RECEIVE answered: its card id, epochs and challenge.
     pub fn send(
         date: Date,
         amount: u64,
         currency: Currency,
         payee: u64,
         epochs: [u8; 4],
+        challenge: [u8; 8],
     ) -> Vec<u8> {
         let mut w = terms(date, amount, currency);
-        w.u64(payee).bytes(&epochs);
+        w.u64(payee).bytes(&epochs).bytes(&challenge);
         apdu(P1_SEND, w.finish())
     }
     /// P1 as SEND answered it (AK0 ‖ AK1 ‖ P1).

@@ -58,11 +58,17 @@ pub fn name(m: &Message) -> &'static str {
         Message::RefundCommand(_) => "RefundCommand",
         Message::RefundResponse(_) => "RefundResponse",
         Message::RefundProof(_) => "RefundProof",
+        Message::TransferInvite(_) => "TransferInvite",
+        Message::TransferJoin { .. } => "TransferJoin",
+        Message::TransferTerms(_) => "TransferTerms",
+        Message::TransferPost(_) => "TransferPost",
+        Message::TransferFetch { .. } => "TransferFetch",
+        Message::TransferPacket(_) => "TransferPacket",
     }
 }
 
 /// The number of message kinds [`every`] returns (one per variant).
-pub const KINDS: usize = 41;
+pub const KINDS: usize = 47;
 
 fn eur(minor: u64) -> Money {
     Money::new(minor, Currency::EUR)
@@ -72,6 +78,13 @@ fn eur(minor: u64) -> Money {
 /// one: `txid` for transaction ids, `victim_box` where a routed message names a box.
 pub fn every(card: &CardData, txid: &str, victim_box: &str, voucher: &str) -> Vec<Message> {
     let mac = [0x5Au8; 8];
+    let invite = TransferInvite {
+        transfer_id: txid.into(),
+        amount: eur(1),
+        payee_card: card.purse.card_id,
+        payee_epochs: [1, 2, 3, 4],
+        payee_challenge: mac,
+    };
     let offer = Offer {
         transaction_id: txid.into(),
         merchant_id: "CABLE".into(),
@@ -350,6 +363,28 @@ pub fn every(card: &CardData, txid: &str, victim_box: &str, voucher: &str) -> Ve
         Message::RefundProof(RefundProofMsg {
             transaction_id: txid.into(),
             proof: card.init.clone(),
+        }),
+        Message::TransferInvite(invite.clone()),
+        Message::TransferJoin {
+            code: "00000000".into(),
+        },
+        Message::TransferTerms(TransferTerms {
+            invite,
+            code: "00000000".into(),
+        }),
+        Message::TransferPost(TransferPacket {
+            transfer_id: txid.into(),
+            step: TransferStep::P1,
+            data: vec![0x5A; 40],
+        }),
+        Message::TransferFetch {
+            transfer_id: txid.into(),
+            step: TransferStep::P1,
+        },
+        Message::TransferPacket(TransferPacket {
+            transfer_id: txid.into(),
+            step: TransferStep::P23,
+            data: vec![0x5A; 40],
         }),
     ];
     assert_eq!(all.len(), KINDS);
