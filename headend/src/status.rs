@@ -253,6 +253,46 @@ fn refused_commands(entries: &[(String, Vec<u8>)], out: &mut String) {
     }
 }
 
+/// The gateway's card-to-card mailboxes not settled ([`crate::gateway::transfer`]): counted
+/// by what they wait for, and each one whose payer's card was debited (P4 posted) listed —
+/// its value is on neither card until the payee's box takes P4 or cancels.
+fn transfers(j: &Journal, out: &mut String) -> Result<(), String> {
+    use proto::messages::TransferStep;
+    let (mut joining, mut exchanging) = (0, 0);
+    let mut debited = Vec::new();
+    for (id, b) in j.all(Kind::Transfer).unwrap_or_default() {
+        let t: crate::gateway::transfer::TransferRec = journal::decode(&b)?;
+        let has = |s| t.packets.contains_key(&s);
+        if has(TransferStep::Settlement) {
+            continue;
+        }
+        if has(TransferStep::P4) {
+            debited.push((id, t));
+        } else if t.payer_box.is_none() {
+            joining += 1;
+        } else {
+            exchanging += 1;
+        }
+    }
+    if joining + exchanging + debited.len() > 0 {
+        let _ = writeln!(
+            out,
+            "  transfers: {joining} waiting for a payer, {exchanging} exchanging, {} with the payer debited",
+            debited.len()
+        );
+    }
+    for (id, t) in debited {
+        let _ = writeln!(
+            out,
+            "  TRANSFER {id}: {} from box {} debited; box {} has not credited or cancelled it",
+            t.terms.invite.amount,
+            t.payer_box.as_deref().unwrap_or("?"),
+            t.payee_box
+        );
+    }
+    Ok(())
+}
+
 /// What waits in one journal (`role`: its file's stem): counts, and the operator's queue by
 /// transaction. Kind `release` is the gateway's queue of releases still to deliver; in the
 /// merchant's journal the same kind records entitlements already released, which wait for
@@ -276,6 +316,7 @@ fn waiting(j: &Journal, role: &str, out: &mut String) -> Result<(), String> {
         let open: Vec<String> = open.iter().map(|(k, n)| format!("{n} {k}")).collect();
         let _ = writeln!(out, "  open: {}", open.join(", "));
     }
+    transfers(j, out)?;
     for (txid, b) in j.all(Kind::GwLoad).unwrap_or_default() {
         let t: crate::gateway::load::GwLoad = journal::decode(&b)?;
         if t.awaiting_operator && t.is_open() {
@@ -374,6 +415,53 @@ mod tests {
         );
         let gateway_block = report.split("merchant:").next().unwrap();
         assert!(gateway_block.contains("1 confirmations"), "{report}");
+    }
+
+    #[test]
+    fn unsettled_transfers_are_counted_and_a_debited_one_is_listed() {
+        use proto::messages::{TransferInvite, TransferStep, TransferTerms};
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("gateway.sqlite")).unwrap();
+        let rec = |id: &str, steps: &[TransferStep]| crate::gateway::transfer::TransferRec {
+            terms: TransferTerms {
+                invite: TransferInvite {
+                    transfer_id: id.into(),
+                    amount: proto::money::Money::new(500, proto::money::Currency::EUR),
+                    payee_card: 2,
+                    payee_epochs: [1, 2, 3, 4],
+                    payee_challenge: [0; 8],
+                },
+                code: "12345678".into(),
+            },
+            payee_box: "box-2".into(),
+            payer_box: (!steps.is_empty()).then(|| "box-1".into()),
+            packets: steps.iter().map(|s| (*s, vec![1])).collect(),
+        };
+        use TransferStep::*;
+        for (id, steps) in [
+            ("t-new", &[][..]),
+            ("t-mid", &[P1, P23][..]),
+            ("t-debited", &[P1, P23, P4][..]),
+            ("t-done", &[P1, P23, P4, Settlement][..]),
+        ] {
+            j.put(Kind::Transfer, id, &journal::encode(&rec(id, steps)))
+                .unwrap();
+        }
+        let report = report(dir.path()).unwrap();
+        assert!(
+            report.contains(
+                "transfers: 1 waiting for a payer, 1 exchanging, 1 with the payer debited"
+            ),
+            "{report}"
+        );
+        let listed: Vec<&str> = report.lines().filter(|l| l.contains("TRANSFER ")).collect();
+        assert_eq!(
+            listed,
+            [
+                "  TRANSFER t-debited: 5.00 EUR from box box-1 debited; box box-2 has not credited or cancelled it"
+            ],
+            "{report}"
+        );
     }
 
     #[test]
