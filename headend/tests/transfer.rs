@@ -30,13 +30,15 @@ struct Reconnect {
 
 /// The box's shell around the flow: APDUs to its card, messages to the gateway (reconnecting
 /// and telling the flow when a call failed), the code and the confirmation through the
-/// test. `debited` fires once the payer's card holds a sent transfer.
+/// test. `debited` fires once the payer's card holds a sent transfer; `cancel`, when it
+/// fires, is the viewer pressing Back.
 async fn drive(
     b: &mut WireBox,
     flow: &mut Transfer,
     reconnect: &Reconnect,
     code: Option<oneshot::Sender<String>>,
     mut debited: Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>,
+    mut cancel: Option<oneshot::Receiver<()>>,
     failed_calls: &mut u32,
 ) -> Result<Outcome, String> {
     let mut code = code;
@@ -57,6 +59,10 @@ async fn drive(
                     }
                 }
                 flow.card(&r)
+            }
+            Next::Send(_, _) if cancel.as_mut().is_some_and(|c| c.try_recv().is_ok()) => {
+                cancel = None;
+                flow.cancel()
             }
             Next::Send(m, wait) => {
                 tokio::time::sleep(wait).await;
@@ -100,9 +106,20 @@ impl Bytes for proto::card::PurseCard {
     }
 }
 
-/// Runs one transfer of `amount` between a fresh payer box and payee box; with `kill`, the
-/// gateway is SIGKILLed and restarted once the payer's card was debited.
-async fn transfer(split: &mut Split, amount: u64, kill: bool) -> (WireBox, WireBox) {
+/// What happens once the payer's card was debited.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AfterDebit {
+    Nothing,
+    /// The gateway is SIGKILLed and restarted.
+    KillGateway,
+    /// The payee's viewer cancels (the payer's P4 has not been posted yet).
+    PayeeCancels,
+}
+
+/// Runs one transfer of `amount` between a fresh payer box and payee box, with `after`
+/// once the payer's card was debited.
+async fn transfer(split: &mut Split, amount: u64, after: AfterDebit) -> (WireBox, WireBox) {
+    let kill = after == AfterDebit::KillGateway;
     let reconnect = || Reconnect {
         ca: split.ca.clone(),
         addr: split.addr[&R::Gateway],
@@ -120,10 +137,13 @@ async fn transfer(split: &mut Split, amount: u64, kill: bool) -> (WireBox, WireB
     let money = Money::new(amount, Currency::EUR);
     let (code_tx, code_rx) = oneshot::channel();
     let (r1, r2) = (reconnect(), reconnect());
+    let (cancel_tx, cancel_rx) = oneshot::channel();
     let payee_task = tokio::spawn(async move {
         let mut flow = Transfer::receive("xfer-0001".into(), money, wire_box::today());
         let mut failed = 0;
-        let out = drive(&mut payee, &mut flow, &r1, Some(code_tx), None, &mut failed).await;
+        let code = Some(code_tx);
+        let cancel = Some(cancel_rx);
+        let out = drive(&mut payee, &mut flow, &r1, code, None, cancel, &mut failed).await;
         (payee, out, failed)
     });
     let code = code_rx.await.expect("the payee's box shows a code");
@@ -135,31 +155,52 @@ async fn transfer(split: &mut Split, amount: u64, kill: bool) -> (WireBox, WireB
         let mut flow = Transfer::send(code, None, wire_box::today());
         let mut failed = 0;
         let debited = Some((tell_tx, resume_rx));
-        let out = drive(&mut payer, &mut flow, &r2, None, debited, &mut failed).await;
+        let out = drive(&mut payer, &mut flow, &r2, None, debited, None, &mut failed).await;
         let _ = done_tx.send(()).await;
         (payer, out, failed)
     });
     // The payer's card is debited: P4 exists only on that card (and, once posted, in the
     // gateway's journal).
+    let within = |t| tokio::time::timeout(Duration::from_secs(60), t);
+    let mut payee_task = Some(payee_task);
+    let mut payee_done = None;
     tokio::select! {
         _ = tell_rx => {
-            if kill {
-                split.kill(R::Gateway);
-                split.spawn(R::Gateway).await;
+            match after {
+                AfterDebit::Nothing => {}
+                AfterDebit::KillGateway => {
+                    split.kill(R::Gateway);
+                    split.spawn(R::Gateway).await;
+                }
+                AfterDebit::PayeeCancels => {
+                    cancel_tx.send(()).unwrap();
+                    let task = payee_task.take().unwrap();
+                    payee_done = Some(within(task).await.expect("the payee's flow ends").unwrap());
+                }
             }
             let _ = resume_tx.send(());
         }
         _ = done_rx.recv() => panic!("the payer's flow ended before its card was debited"),
     }
-    let within = |t| tokio::time::timeout(Duration::from_secs(60), t);
     let (payer, sent, payer_failed) = within(payer_task)
         .await
         .expect("the payer's flow ends")
         .unwrap();
-    let (payee, received, payee_failed) = within(payee_task)
-        .await
-        .expect("the payee's flow ends")
-        .unwrap();
+    let (payee, received, payee_failed) = match payee_task {
+        Some(t) => within(t).await.expect("the payee's flow ends").unwrap(),
+        None => payee_done.unwrap(),
+    };
+    if after == AfterDebit::PayeeCancels {
+        assert_eq!(
+            sent,
+            Ok(Outcome::Returned {
+                amount: money,
+                to_card: PAYEE_CARD
+            })
+        );
+        assert_eq!(received, Ok(Outcome::Declined { amount: money }));
+        return (payer, payee);
+    }
     // With the kill, the payer's post of P4 (its next call) met the dead gateway.
     assert_eq!(
         (payer_failed > 0, payee_failed > 0 || !kill),
@@ -211,7 +252,7 @@ fn assert_moved_once(payer: &WireBox, payee: &WireBox, amount: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_boxes_move_5_00_card_to_card_through_the_gateway() {
     let mut split = Split::start(Options::default()).await;
-    let (payer, payee) = transfer(&mut split, 500, false).await;
+    let (payer, payee) = transfer(&mut split, 500, AfterDebit::Nothing).await;
     assert_moved_once(&payer, &payee, 500);
     // The gateway journaled every packet before acknowledging it.
     let journal = split.journal(R::Gateway);
@@ -240,6 +281,29 @@ async fn two_boxes_move_5_00_card_to_card_through_the_gateway() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_sigkilled_after_the_payers_debit_credits_the_payee_exactly_once() {
     let mut split = Split::start(Options::default()).await;
-    let (payer, payee) = transfer(&mut split, 500, true).await;
+    let (payer, payee) = transfer(&mut split, 500, AfterDebit::KillGateway).await;
     assert_moved_once(&payer, &payee, 500);
+}
+
+/// The other way a debited transfer ends: the payee's viewer cancels before P4 came; its
+/// card signs the cancellation, the payer's card takes it and is credited back — the payee
+/// never credited, the sum unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payee_that_cancels_after_the_payers_debit_credits_the_payer_back() {
+    let mut split = Split::start(Options::default()).await;
+    let (payer, payee) = transfer(&mut split, 500, AfterDebit::PayeeCancels).await;
+    let (a, b) = (&payer.card.state, &payee.card.state);
+    assert_eq!((a.balance, b.balance), (10_000, 2_000));
+    let kinds = |s: &proto::card::CardState| s.log.iter().map(|r| r.kind).collect::<Vec<_>>();
+    assert_eq!(kinds(a), [LogKind::TransferOut, LogKind::TransferBack]);
+    assert_eq!(
+        kinds(b),
+        Vec::<LogKind>::new(),
+        "the payee was never credited"
+    );
+    assert_eq!(
+        (a.sent.clone(), b.receiving.clone()),
+        (None, None),
+        "settled"
+    );
 }

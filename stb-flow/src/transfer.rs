@@ -28,7 +28,7 @@ use proto::messages::{
 use proto::money::Money;
 use proto::purse::{Date, PurseInfo};
 use proto::secret::Secret;
-use proto::transfer::{Settled, Settlement};
+use proto::transfer::{Settled, Settlement, TransferStatus};
 
 /// How long a box waits before fetching a packet that has not come.
 pub const POLL: Duration = Duration::from_millis(200);
@@ -59,6 +59,9 @@ pub enum Next {
 pub enum Outcome {
     /// The payee's card was credited (its passbook names the payer's card).
     Received { amount: Money },
+    /// The payee's viewer cancelled after the payer's card answered P1: the payee's card
+    /// signed its cancellation, which credits the payer back if it was debited.
+    Declined { amount: Money },
     /// The payer's card was debited and the payee's credited.
     Sent { amount: Money, to_card: u64 },
     /// The payer's card was debited, the payee cancelled: credited back.
@@ -79,6 +82,10 @@ enum State {
     WaitP4,
     Packet4,
     PostReceipt,
+    /// The viewer cancelled: STATUS, CANCEL, post the cancellation.
+    CancelStatus,
+    CancelCard,
+    PostCancel,
     // Payer.
     Join,
     Confirm,
@@ -90,7 +97,9 @@ enum State {
     Packets23,
     PostP4,
     WaitSettlement,
-    Resolve { kind: Settled },
+    Resolve {
+        kind: Settled,
+    },
     Over,
 }
 
@@ -280,6 +289,24 @@ impl Transfer {
                 self.state = State::PostP4;
                 self.posting(TransferStep::P4, data)
             }
+            State::CancelStatus => match TransferStatus::decode(&data) {
+                Ok(TransferStatus {
+                    receiving: Some(r), ..
+                }) => {
+                    self.state = State::CancelCard;
+                    Next::Apdu(xfer::cancel(r.random))
+                }
+                // Credited meanwhile: the word to post is the receipt it kept.
+                Ok(_) => self.refuse("nothing to cancel: the card waits for no transfer"),
+                Err(_) => self.refuse("the card's STATUS did not decode"),
+            },
+            State::CancelCard => match Settlement::decode(&data) {
+                Ok(_) => {
+                    self.state = State::PostCancel;
+                    self.posting(TransferStep::Settlement, data)
+                }
+                Err(_) => self.refuse("the card's cancellation did not decode"),
+            },
             State::Resolve { kind } => {
                 self.state = State::Over;
                 let terms = self.terms.clone().expect("a payer has its terms");
@@ -381,6 +408,12 @@ impl Transfer {
                 self.state = state;
                 self.fetch(step, POLL)
             }
+            (State::PostCancel, Message::Ack { .. }) => {
+                let t = self.terms.clone().expect("a payee has its terms");
+                Next::Done(Outcome::Declined {
+                    amount: t.invite.amount,
+                })
+            }
             (
                 state @ (State::PostP23 | State::PostP1 | State::PostP4 | State::PostReceipt),
                 Message::Ack { .. },
@@ -417,6 +450,35 @@ impl Transfer {
         }
     }
 
+    /// The viewer cancelled (between two steps). Before its card answered P1 nothing
+    /// happened anywhere: over. A payee whose card answered P1 cancels on its card (STATUS,
+    /// CANCEL) and posts the signed cancellation, so the payer is credited back if it was
+    /// debited; if P4 came first the card says so and the flow goes on to post its receipt.
+    /// A payer once debited cannot cancel: it waits on (the payee settles).
+    pub fn cancel(&mut self) -> Next {
+        match self.state {
+            State::Select
+            | State::ReadPurse
+            | State::Receive
+            | State::Invite
+            | State::Code
+            | State::WaitP1
+            | State::Join
+            | State::Confirm
+            | State::PayerSelect
+            | State::Verify
+            | State::SendCmd
+            | State::PostP1
+            | State::WaitP23 => self.refuse("cancelled; nothing moved"),
+            State::PostP23 | State::WaitP4 => {
+                self.state = State::CancelStatus;
+                Next::Apdu(xfer::status())
+            }
+            State::WaitSettlement => self.fetch(TransferStep::Settlement, POLL),
+            _ => self.failed(),
+        }
+    }
+
     /// The last message got no answer (the gateway was unreachable or died): the same
     /// message again after a pause — a post with the same bytes, a fetch as it was.
     pub fn failed(&mut self) -> Next {
@@ -426,6 +488,7 @@ impl Transfer {
             | State::PostP23
             | State::PostP4
             | State::PostReceipt
+            | State::PostCancel
             | State::Invite
             | State::Join => match self.post.clone() {
                 Some(m) => Next::Send(m, POLL),
