@@ -139,7 +139,7 @@ async fn transfer(split: &mut Split, amount: u64, after: AfterDebit) -> (WireBox
     let (r1, r2) = (reconnect(), reconnect());
     let (cancel_tx, cancel_rx) = oneshot::channel();
     let payee_task = tokio::spawn(async move {
-        let mut flow = Transfer::receive("xfer-0001".into(), money, wire_box::today());
+        let mut flow = Transfer::receive("box-000012/xfer-0001".into(), money, wire_box::today());
         let mut failed = 0;
         let code = Some(code_tx);
         let cancel = Some(cancel_rx);
@@ -258,7 +258,7 @@ async fn two_boxes_move_5_00_card_to_card_through_the_gateway() {
     let journal = split.journal(R::Gateway);
     let rec: headend::gateway::transfer::TransferRec = headend::journal::decode(
         &journal
-            .get(headend::journal::Kind::Transfer, "xfer-0001")
+            .get(headend::journal::Kind::Transfer, "box-000012/xfer-0001")
             .unwrap()
             .expect("the mailbox"),
     )
@@ -306,4 +306,86 @@ async fn a_payee_that_cancels_after_the_payers_debit_credits_the_payer_back() {
         (None, None),
         "settled"
     );
+}
+
+/// The second outside attack on the mailbox: a transfer id is the payee box's own (no
+/// squatting another box's), a box cannot open transfers without limit (G3), a third box
+/// learns nothing of a pair's transfer — the answer is the one for no transfer (G6) — and
+/// a settlement comes only after the payee's card answered P1 (G5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mailbox_keeps_ids_per_box_limits_invites_and_hides_pairs_from_third_boxes() {
+    let split = Split::start(Options::default()).await;
+    let payee = WireBox {
+        id: "box-000021".into(),
+        client: split.connect_box("box-000021").await,
+        card: split.app_card(PAYEE_CARD, 0, 51),
+    };
+    let third = WireBox {
+        id: "box-000023".into(),
+        client: split.connect_box("box-000023").await,
+        card: split.app_card(0x7A11_0003, 0, 51),
+    };
+    let invite = |id: &str| {
+        Message::TransferInvite(TransferInvite {
+            transfer_id: id.into(),
+            amount: Money::new(500, Currency::EUR),
+            payee_card: PAYEE_CARD,
+            payee_epochs: [51, 52, 53, 54],
+            payee_challenge: [7; 8],
+        })
+    };
+    let code = |m: &Message| match m {
+        Message::Error(e) => Some(e.code),
+        _ => None,
+    };
+    // Another box's id prefix, or none: refused.
+    for id in ["box-000023/t", "t-1", "box-000021/"] {
+        let a = payee.call(&invite(id)).await.unwrap();
+        assert_eq!(code(&a), Some(ErrorCode::Malformed), "{id}: {a:?}");
+    }
+    let a = payee.call(&invite("box-000021/t-1")).await.unwrap();
+    assert!(matches!(a, Message::TransferTerms(_)), "{a:?}");
+    // A third box: the answer for a pair's transfer is the answer for none.
+    let fetch = |id: &str| Message::TransferFetch {
+        transfer_id: id.into(),
+        step: TransferStep::P1,
+    };
+    let theirs = third.call(&fetch("box-000021/t-1")).await.unwrap();
+    let none = third.call(&fetch("box-000021/none")).await.unwrap();
+    assert_eq!(
+        code(&theirs),
+        Some(ErrorCode::UnknownTransaction),
+        "{theirs:?}"
+    );
+    assert_eq!(
+        format!("{theirs:?}").replace("t-1", "none"),
+        format!("{none:?}"),
+        "indistinguishable"
+    );
+    // No settlement before the payee's card answered P1 (P2 P3 posted).
+    let settle = Message::TransferPost(TransferPacket {
+        transfer_id: "box-000021/t-1".into(),
+        step: TransferStep::Settlement,
+        data: vec![0; 17],
+    });
+    let a = payee.call(&settle).await.unwrap();
+    assert_eq!(code(&a), Some(ErrorCode::Malformed), "{a:?}");
+    // Invites cost the box's budget: past its burst they are rate-limited.
+    let mut limited = 0;
+    for n in 0..40 {
+        let a = payee
+            .call(&invite(&format!("box-000021/flood-{n}")))
+            .await
+            .unwrap();
+        if code(&a) == Some(ErrorCode::RateLimited) {
+            limited += 1;
+        }
+    }
+    assert!(limited > 0, "40 invites at once were never limited");
+    let opened = split
+        .journal(R::Gateway)
+        .all(headend::journal::Kind::Transfer)
+        .unwrap()
+        .len();
+    assert!(opened < 30, "{opened} transfers opened");
 }

@@ -170,11 +170,11 @@ fn a_replayed_p4_is_refused_and_counts_as_a_bad_key() {
     let mut third = card(4713, 5_000, 50);
     let p1 = ok(&mut third, &send_to(&recv, 500));
     ok(&mut payee, &xfer::packet1(&p1));
-    // (The good P1 reset the count, as every good signature does.)
-    assert_eq!(payee.state.bad_key_count, 0);
+    // (A good P1 does not reset the count: any cardholder's card makes genuine ones.)
+    assert_eq!(payee.state.bad_key_count, 1);
     let r = send(&mut payee, &xfer::packet4(TODAY, &p4));
     assert_eq!(r.sw, StatusWord::BAD_SIGNATURE);
-    assert_eq!((payee.state.balance, payee.state.bad_key_count), (2_500, 1));
+    assert_eq!((payee.state.balance, payee.state.bad_key_count), (2_500, 2));
     assert!(
         payee.state.receiving.is_some(),
         "the real transfer still waits"
@@ -192,9 +192,11 @@ fn tampered_packets_are_bad_keys_and_move_nothing() {
         send(&mut payee, &xfer::packet1(&p1)).sw,
         StatusWord::BAD_SIGNATURE
     );
+    // Refused, not counted: a P1 credits nothing, and a relay could block the card with
+    // junk otherwise (the second outside attack, G1).
     assert_eq!(
         (payee.state.bad_key_count, payee.state.receiving.clone()),
-        (1, None)
+        (0, None)
     );
 
     // P3 tampered (the amount is inside it): the payer is not debited.
@@ -209,7 +211,8 @@ fn tampered_packets_are_bad_keys_and_move_nothing() {
     );
     assert_eq!(
         (payer.state.balance, payer.state.bad_key_count),
-        (10_000, 1)
+        (10_000, 0),
+        "refused, not counted (P2 P3 debit only when they open)"
     );
     assert_eq!(payer.state.sent, None);
 
@@ -629,7 +632,7 @@ fn a_replayed_p1_plants_nothing() {
         StatusWord::BAD_SIGNATURE
     );
     assert_eq!(payee.state.receiving, None, "nothing planted");
-    assert_eq!(payee.state.bad_key_count, 1);
+    assert_eq!(payee.state.bad_key_count, 0, "refused, not counted");
 }
 
 /// F1 (memory): the payee remembers its word per payer, so a payer's unsettled transfer is
@@ -706,8 +709,8 @@ fn a_payee_that_cannot_take_p4_cancels_and_the_payer_is_credited_back() {
 }
 
 /// F4: a card could make itself a P1 that opened (a good signature) and so reset its
-/// bad-key count as often as it liked. A P1 counts as good only if it answers this card's
-/// challenge, names it, and comes from another card.
+/// bad-key count as often as it liked. No P1 resets the count now (only P4 and RESOLVE,
+/// which credit, do), and no P1 counts toward it either.
 #[test]
 fn a_card_cannot_reset_its_bad_key_count_with_its_own_p1() {
     let mut victim = card(PAYEE, 2_000, 51);
@@ -726,7 +729,10 @@ fn a_card_cannot_reset_its_bad_key_count_with_its_own_p1() {
             let _ = send(&mut victim, &xfer::packet1(&p1.data));
         }
     }
-    assert_eq!(rounds, 5, "ten bad keys in five rounds (P4 and P1 each)");
+    assert_eq!(
+        rounds, 10,
+        "ten bad P4s in ten rounds: the P1s reset nothing"
+    );
     assert_ne!(victim.state.status, 0, "blocked by its bad keys");
 }
 

@@ -33,6 +33,12 @@ use proto::transfer::{Settled, Settlement, TransferStatus};
 /// How long a box waits before fetching a packet that has not come.
 pub const POLL: Duration = Duration::from_millis(200);
 
+/// How many times in a row a box asks again (a packet that has not come, a gateway that
+/// does not answer) before it gives up: ten minutes at [`POLL`]. A payee whose card
+/// answered P1 then cancels on its card; a debited payer stops asking, its card keeping
+/// the transfer until it is settled.
+pub const MAX_POLLS: u32 = 3_000;
+
 /// What the shell does next; the result comes back through [`Transfer::card`],
 /// [`Transfer::answer`] or [`Transfer::failed`].
 #[derive(Debug, Clone, PartialEq)]
@@ -114,6 +120,8 @@ pub struct Transfer {
     terms: Option<TransferTerms>,
     /// The last post, to repeat after a failure.
     post: Option<Message>,
+    /// Asked again in a row ([`MAX_POLLS`]).
+    polls: u32,
     state: State,
 }
 
@@ -147,6 +155,7 @@ impl Transfer {
             pin: None,
             terms: None,
             post: None,
+            polls: 0,
             state,
         }
     }
@@ -186,7 +195,12 @@ impl Transfer {
         Next::Send(m, Duration::ZERO)
     }
 
-    fn fetch(&self, step: TransferStep, wait: Duration) -> Next {
+    fn fetch(&mut self, step: TransferStep, wait: Duration) -> Next {
+        if wait.is_zero() {
+            self.polls = 0;
+        } else if let Some(gave_up) = self.count_poll() {
+            return gave_up;
+        }
         Next::Send(
             Message::TransferFetch {
                 transfer_id: self.transfer_id.clone(),
@@ -217,6 +231,13 @@ impl Transfer {
             return self.refuse("the card answered without a status word");
         };
         let data = data.to_vec();
+        if !sw.is_ok() && self.state == State::Packet4 {
+            // The card cannot take this P4 (over its maximum after a load, blocked, a P4
+            // that is not its): it cancels, so the payer is credited back.
+            tracing::info!(sw = ?sw, "the card refused P4; cancelling the transfer");
+            self.state = State::CancelStatus;
+            return Next::Apdu(xfer::status());
+        }
         if !sw.is_ok() {
             return self.card_refused(sw);
         }
@@ -450,6 +471,26 @@ impl Transfer {
         }
     }
 
+    /// One more ask in a row; past [`MAX_POLLS`], what giving up means here.
+    fn count_poll(&mut self) -> Option<Next> {
+        self.polls += 1;
+        if self.polls <= MAX_POLLS {
+            return None;
+        }
+        Some(match self.state {
+            // The payee's card answered P1: it cancels, so the payer is credited back.
+            State::PostP23 | State::WaitP4 => {
+                self.polls = 0;
+                self.state = State::CancelStatus;
+                Next::Apdu(xfer::status())
+            }
+            State::PostP4 | State::WaitSettlement => self.refuse(
+                "the other box did not settle in time; the card keeps the transfer until it is settled",
+            ),
+            _ => self.refuse("the other box or the gateway did not answer in time; nothing moved"),
+        })
+    }
+
     /// The viewer cancelled (between two steps). Before its card answered P1 nothing
     /// happened anywhere: over. A payee whose card answered P1 cancels on its card (STATUS,
     /// CANCEL) and posts the signed cancellation, so the payer is credited back if it was
@@ -490,9 +531,10 @@ impl Transfer {
             | State::PostReceipt
             | State::PostCancel
             | State::Invite
-            | State::Join => match self.post.clone() {
-                Some(m) => Next::Send(m, POLL),
-                None => self.refuse("nothing to send again"),
+            | State::Join => match (self.count_poll(), self.post.clone()) {
+                (Some(gave_up), _) => gave_up,
+                (None, Some(m)) => Next::Send(m, POLL),
+                (None, None) => self.refuse("nothing to send again"),
             },
             State::WaitP1 => self.fetch(TransferStep::P1, POLL),
             State::WaitP23 => self.fetch(TransferStep::P23, POLL),
@@ -502,3 +544,6 @@ impl Transfer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

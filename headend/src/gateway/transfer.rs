@@ -11,7 +11,10 @@
 //! answers the same packets after its restart, and each packet is the one its box posted
 //! first (a different one for the same step is refused: a retry must be identical). Who
 //! posts which step is fixed ([`TransferStep::payer_posts`]), and only the two boxes of a
-//! transfer read it.
+//! transfer read it (any other box is told there is no such transfer). A transfer id starts
+//! with its payee box's id and `/`, so boxes cannot take each other's ids. Every invite
+//! costs the box a token of its refused-steps budget (a box cannot open transfers without
+//! limit), and a settlement comes only after P2 P3 (the payee's card answered P1).
 
 use std::collections::BTreeMap;
 
@@ -74,10 +77,28 @@ impl Gateway {
     /// `TransferInvite`: a new mailbox and its code, or (a retry) the same terms again.
     pub(super) async fn transfer_invite(&self, box_id: &str, invite: TransferInvite) -> Message {
         let id = invite.transfer_id.clone();
-        if id.is_empty() || id.len() > 64 {
+        let own = id
+            .strip_prefix(box_id)
+            .and_then(|r| r.strip_prefix('/'))
+            .is_some_and(|r| !r.is_empty());
+        if !own || id.len() > 96 {
             return refuse(
                 ErrorCode::Malformed,
-                "a transfer id is 1 to 64 characters",
+                format!("a transfer id is the box's id, `/` and up to 64 characters ({box_id}/…)"),
+                None,
+            );
+        }
+        if let Err(wait) = self.rates.take(
+            box_id,
+            crate::limits::Kind::Refused,
+            std::time::Instant::now(),
+        ) {
+            return refuse(
+                ErrorCode::RateLimited,
+                format!(
+                    "too many transfers opened by this box; retry in {} ms",
+                    wait.as_millis().max(1)
+                ),
                 None,
             );
         }
@@ -110,13 +131,24 @@ impl Gateway {
         }
         // A code no open transfer has (eight digits: guessing one is rate-limited with the
         // box's other refused steps).
-        let code = loop {
-            let code = format!("{:08}", rand::thread_rng().gen_range(0..100_000_000u32));
-            match self.journal.get(Kind::TransferCode, &code) {
-                Ok(None) => break code,
-                Ok(Some(_)) => continue,
+        let mut code = None;
+        for _ in 0..16 {
+            let c = format!("{:08}", rand::thread_rng().gen_range(0..100_000_000u32));
+            match self.journal.get(Kind::TransferCode, &c) {
+                Ok(None) => {
+                    code = Some(c);
+                    break;
+                }
+                Ok(Some(_)) => {}
                 Err(e) => return refuse(ErrorCode::Internal, e.to_string(), Some(&id)),
             }
+        }
+        let Some(code) = code else {
+            return refuse(
+                ErrorCode::Busy,
+                "no free transfer code now; try again later",
+                Some(&id),
+            );
         };
         let rec = TransferRec {
             terms: TransferTerms { invite, code },
@@ -187,11 +219,8 @@ impl Gateway {
         } else if rec.payee_box == box_id {
             Ok((rec, false))
         } else {
-            Err(Box::new(refuse(
-                ErrorCode::NotYourAccount,
-                format!("transfer {id} is between two other boxes"),
-                Some(id),
-            )))
+            // The same answer as for no transfer at all: ids are not to be probed.
+            Err(Box::new(not_found(id)))
         }
     }
 
@@ -225,10 +254,11 @@ impl Gateway {
                 Some(&id),
             );
         }
+        // A settlement is the payee card's word on the R2 of its P2 P3.
         let before = match p.step {
-            TransferStep::P1 | TransferStep::Settlement => None,
+            TransferStep::P1 => None,
             TransferStep::P23 => Some(TransferStep::P1),
-            TransferStep::P4 => Some(TransferStep::P23),
+            TransferStep::P4 | TransferStep::Settlement => Some(TransferStep::P23),
         };
         if let Some(b) = before.filter(|b| !rec.packets.contains_key(b)) {
             return refuse(

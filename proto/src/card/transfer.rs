@@ -15,8 +15,9 @@
 //!
 //! Status words besides the card's own: `9408` fewer than two application keys in common
 //! (or none held), `9409` an earlier transfer of this card not settled, `6982` a packet or
-//! settlement that does not open or does not answer this card's random (counts toward the
-//! lock: a replayed P4 is one), `6A83` CANCEL of an R2 the card never saw.
+//! settlement that does not open or does not answer this card's challenge — a P4 or a
+//! RESOLVE counts toward the lock (a replayed P4 is one), a P1 or P2 P3 does not (neither
+//! credits the card) — `6A83` CANCEL of an R2 the card never saw.
 
 use super::{Answer, Command, PurseCard, Session, parse_date};
 use crate::apdu::StatusWord;
@@ -214,10 +215,19 @@ impl PurseCard {
     }
 
     /// Opens a packet sealed under the key of `epoch`; one that does not open counts toward
-    /// the lock.
+    /// the lock (P4: it would credit the card).
     fn open_packet(&mut self, epoch: u8, sealed: &[u8]) -> Result<Vec<u8>, StatusWord> {
         let key = self.app_key(epoch)?;
         crypto::open(&key, sealed).map_err(|_| self.bad_signature())
+    }
+
+    /// Opens P1 or P2 P3: one that does not open, or does not answer this card, is refused
+    /// (`6982`) but not counted toward the lock. Neither moves value onto the card, and
+    /// anyone relaying a transfer could otherwise block the card with junk (the second
+    /// outside attack, G1): the lock guards what credits a card, P4 and RESOLVE.
+    fn open_uncounted(&self, epoch: u8, sealed: &[u8]) -> Result<Vec<u8>, StatusWord> {
+        let key = self.app_key(epoch)?;
+        crypto::open(&key, sealed).map_err(|_| StatusWord::BAD_SIGNATURE)
     }
 
     fn transfer_p1(&mut self, data: &[u8]) -> Answer {
@@ -240,18 +250,18 @@ impl PurseCard {
             return Err(StatusWord::BAD_DATA);
         }
         self.app_key(ak1)?;
-        let p1 = Greeting::decode(&self.open_packet(ak0, sealed)?).map_err(bad_data)?;
-        // Fresh (it answers this card's challenge) and for this card: only then is it a
-        // good signature (a card cannot make a P1 for itself: SEND refuses its own id).
+        let p1 = Greeting::decode(&self.open_uncounted(ak0, sealed)?).map_err(bad_data)?;
+        // Fresh (it answers this card's challenge) and for this card. Not a reset of the
+        // bad-key count (any cardholder's card makes genuine P1s; only P4 and RESOLVE,
+        // which credit, reset it).
         if p1.application != APPLICATION_NUMBER
             || !valid_name(&p1.name)
             || p1.payee_challenge != challenge
             || p1.payee != self.state.card_id
             || p1.card_id == self.state.card_id
         {
-            return Err(self.bad_signature());
+            return Err(StatusWord::BAD_SIGNATURE);
         }
-        self.good_signature();
         if (p1.amount, p1.currency) != (amount, currency) {
             return Err(StatusWord::BAD_AMOUNT);
         }
@@ -306,16 +316,15 @@ impl PurseCard {
         };
         self.check_usable()?;
         let [p2, p3] = read_parts::<2>(data).map_err(bad_data)?;
-        let p2 = Greeting::decode(&self.open_packet(ak0, &p2)?).map_err(bad_data)?;
+        let p2 = Greeting::decode(&self.open_uncounted(ak0, &p2)?).map_err(bad_data)?;
         // P2 answers this card's challenge with the payee's own (changed) name.
         if p2.random != r1 || p2.application != APPLICATION_NUMBER || !valid_name(&p2.name) {
-            return Err(self.bad_signature());
+            return Err(StatusWord::BAD_SIGNATURE);
         }
-        let p3 = ValuePacket::decode(&self.open_packet(ak1, &p3)?).map_err(bad_data)?;
+        let p3 = ValuePacket::decode(&self.open_uncounted(ak1, &p3)?).map_err(bad_data)?;
         if p3.application != APPLICATION_NUMBER || p3.code != DEBIT_CODE {
-            return Err(self.bad_signature());
+            return Err(StatusWord::BAD_SIGNATURE);
         }
-        self.good_signature();
         if p2.card_id != payee || p3.payee != payee || p3.payer != self.state.card_id {
             return Err(StatusWord::BAD_DATA);
         }
