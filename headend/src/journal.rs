@@ -1266,6 +1266,8 @@ mod tests {
                 "passbook",
                 "refund",
                 "refund_due",
+                "transfer",
+                "transfer_code",
             ]
         );
     }
