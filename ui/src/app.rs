@@ -11,6 +11,7 @@ use crate::components::home::{Home, MenuEntry};
 use crate::components::load::{LoadAction, LoadView};
 use crate::components::pin::{PinAction, PinEntry};
 use crate::components::progress::Progress;
+use crate::components::transfer::{TransferAction, TransferView};
 use crate::components::{self, COLOUR_HINTS, Hint};
 use crate::event::{CancelReason, Intent, UiEvent, UiUpdate};
 use crate::keymap::RemoteKey;
@@ -52,6 +53,8 @@ pub enum ScreenId {
     Receipt,
     History,
     Error,
+    /// Card to card: either side, until the progress screen.
+    Transfer,
 }
 
 #[derive(Debug)]
@@ -64,6 +67,7 @@ enum Screen {
     Receipt(Receipt),
     History,
     Error(UiError),
+    Transfer(TransferView),
 }
 
 /// The TV UI. Feed it every event with [`App::handle`]; draw it after each with [`App::draw`].
@@ -133,6 +137,7 @@ impl App {
             Screen::Receipt(_) => ScreenId::Receipt,
             Screen::History => ScreenId::History,
             Screen::Error(_) => ScreenId::Error,
+            Screen::Transfer(_) => ScreenId::Transfer,
         }
     }
 
@@ -340,6 +345,30 @@ impl App {
                 }
                 Vec::new()
             }
+            Screen::Transfer(view) => match view.handle(key) {
+                Some(TransferAction::Receive(minor)) => {
+                    *view = TransferView::ReceiveWaiting;
+                    vec![Intent::ReceiveAmount(minor)]
+                }
+                Some(TransferAction::Join(code)) => vec![Intent::JoinTransfer(code)],
+                Some(TransferAction::Confirm) => {
+                    self.screen = Screen::Progress(Progress {
+                        kind: TxKind::TransferOut,
+                        step: None,
+                    });
+                    vec![Intent::ConfirmTransfer]
+                }
+                Some(TransferAction::Leave) => {
+                    self.screen = Screen::Home;
+                    Vec::new()
+                }
+                Some(TransferAction::Cancel) => {
+                    self.screen = Screen::Home;
+                    self.notice = Some(strings::TRANSFER_CANCELLED);
+                    vec![Intent::CancelTransfer]
+                }
+                None => Vec::new(),
+            },
             Screen::History => {
                 let len = self.history.as_ref().map_or(0, Vec::len);
                 if self.history_view.handle(key, len) {
@@ -356,6 +385,7 @@ impl App {
             Screen::Progress(_) => return Vec::new(),
             Screen::Pin(_) => vec![Intent::CancelPin],
             Screen::Load(LoadView::Waiting | LoadView::Amount { .. }) => vec![Intent::CancelLoad],
+            Screen::Transfer(v) if v.daemon_asked() => vec![Intent::CancelTransfer],
             _ => Vec::new(),
         };
         self.screen = Screen::Home;
@@ -377,6 +407,14 @@ impl App {
                 self.screen = Screen::History;
                 self.history_view = HistoryView::default();
                 vec![Intent::ShowHistory]
+            }
+            MenuEntry::Send => {
+                self.screen = Screen::Transfer(TransferView::send());
+                Vec::new()
+            }
+            MenuEntry::Receive => {
+                self.screen = Screen::Transfer(TransferView::ReceiveWaiting);
+                vec![Intent::StartReceive]
             }
             MenuEntry::Privacy => match &self.card {
                 Some(c) => {
@@ -438,6 +476,8 @@ impl App {
                     Screen::Progress(p) => p.kind,
                     Screen::Load(_) => TxKind::Load,
                     Screen::Pin(_) => self.pin_for,
+                    Screen::Transfer(v) if v.sending() => TxKind::TransferOut,
+                    Screen::Transfer(_) => TxKind::TransferIn,
                     _ => TxKind::Purchase,
                 };
                 self.screen = Screen::Progress(Progress {
@@ -474,6 +514,25 @@ impl App {
                 self.notice = Some(strings::privacy_changed(on));
             }
             UiUpdate::LoadMax(max) => self.screen = Screen::Load(LoadView::amount(max)),
+            // A transfer's answers land only on the screen that asked (MENU or BACK in
+            // between cancelled the transfer).
+            UiUpdate::ReceiveMax(max) => {
+                if let Screen::Transfer(v @ TransferView::ReceiveWaiting) = &mut self.screen {
+                    *v = TransferView::ReceiveAmount(crate::components::amount::AmountEntry::new(
+                        max,
+                    ));
+                }
+            }
+            UiUpdate::TransferCode { code, amount } => {
+                if let Screen::Transfer(v @ TransferView::ReceiveWaiting) = &mut self.screen {
+                    *v = TransferView::Code { code, amount };
+                }
+            }
+            UiUpdate::TransferTerms(t) => {
+                if let Screen::Transfer(v @ TransferView::SendWaiting) = &mut self.screen {
+                    *v = TransferView::Confirm(t);
+                }
+            }
             UiUpdate::Settled => {
                 if matches!(&self.screen, Screen::Error(e) if e.kind == ErrorKind::Pending) {
                     self.screen = Screen::Home;
@@ -521,10 +580,16 @@ impl App {
                     Hint::back(strings::HINT_BACK),
                 ]
             }
-            Screen::Load(_) | Screen::Pin(_) => {
+            Screen::Load(_) | Screen::Pin(_) | Screen::Transfer(TransferView::EnterCode { .. }) => {
                 vec![
                     Hint::ok(strings::HINT_CONFIRM),
                     Hint::back(strings::HINT_DELETE),
+                ]
+            }
+            Screen::Transfer(_) => {
+                vec![
+                    Hint::ok(strings::HINT_CONFIRM),
+                    Hint::back(strings::HINT_CANCEL),
                 ]
             }
             Screen::Progress(_) => Vec::new(),
@@ -573,6 +638,7 @@ impl App {
             Screen::Receipt(r) => components::receipt::draw(f, body, r),
             Screen::History => self.history_view.draw(f, body, self.history.as_deref()),
             Screen::Error(e) => components::error::draw(f, body, e),
+            Screen::Transfer(v) => v.draw(f, body),
         }
         if let Some(n) = self.notice {
             f.render_widget(Paragraph::new(Span::styled(n, theme::amount())), notice);

@@ -48,6 +48,17 @@ pub enum UiUpdate {
     Settled,
     /// The card took the privacy switch (seed 004): privacy is now on (`true`) or off.
     PrivacyChanged(bool),
+    /// Receiving from another card: the most the card can take now (its maximum balance
+    /// less its balance); opens the amount entry.
+    ReceiveMax(Money),
+    /// Receiving: the code the receiver tells the sender (8 digits) and the amount asked;
+    /// shown until the sender's card answers.
+    TransferCode {
+        code: String,
+        amount: Money,
+    },
+    /// Sending: the transfer the code named, for the viewer to confirm.
+    TransferTerms(TransferTerms),
 }
 
 impl UiUpdate {
@@ -99,7 +110,13 @@ impl UiUpdate {
             | UiUpdate::LoadMax(_)
             | UiUpdate::PinRequest(_)
             | UiUpdate::Settled
-            | UiUpdate::PrivacyChanged(_)) => other,
+            | UiUpdate::PrivacyChanged(_)
+            | UiUpdate::ReceiveMax(_)
+            | UiUpdate::TransferCode { .. }) => other,
+            UiUpdate::TransferTerms(t) => UiUpdate::TransferTerms(TransferTerms {
+                to_card: text::clean(&t.to_card, MAX_REF),
+                ..t
+            }),
         }
     }
 }
@@ -146,6 +163,18 @@ pub enum Intent {
     SetPrivacy {
         on: bool,
     },
+    /// "Receive from another card": the daemon answers with [`UiUpdate::ReceiveMax`].
+    StartReceive,
+    /// The amount to receive, in minor units of the card's currency; the daemon answers
+    /// with [`UiUpdate::TransferCode`].
+    ReceiveAmount(i64),
+    /// The code the receiver's TV showed; the daemon answers with
+    /// [`UiUpdate::TransferTerms`].
+    JoinTransfer(String),
+    /// OK on the terms: the card sends.
+    ConfirmTransfer,
+    /// BACK while a transfer waits for the viewer or the other box.
+    CancelTransfer,
     Quit,
 }
 

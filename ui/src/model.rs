@@ -226,6 +226,16 @@ pub struct PinRequest {
     pub attempts_left: Option<u8>,
 }
 
+/// What the sender's viewer confirms before the card sends value to another card (seed
+/// 004 card to card): the amount and the receiving card the receiver's box named. The
+/// receiving card proves it is that card (P2) before any value leaves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferTerms {
+    pub amount: Money,
+    /// The receiving card's number, as its passbook names it.
+    pub to_card: String,
+}
+
 /// Where load value comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoadSource {

@@ -24,6 +24,8 @@ pub fn home_bad_keys(n: u8, limit: u8) -> String {
     format!("Bad signatures: {n} of {limit}")
 }
 pub const HOME_MENU: [&str; 3] = ["Pay-per-view & shopping", "Load value", "Card history"];
+/// The home menu's fifth and sixth entries, after the privacy switch.
+pub const HOME_MENU_TRANSFER: [&str; 2] = [SEND_TITLE, RECEIVE_TITLE];
 
 /// The home menu's fourth entry: the privacy switch (seed 004), showing where it stands.
 pub fn home_privacy(on: bool) -> &'static str {
@@ -112,6 +114,31 @@ pub fn load_over_max(max: &str) -> String {
 }
 
 pub const LOAD_ZERO: &str = "Type an amount first.";
+
+// Card to card (seed 004)
+pub const SEND_TITLE: &str = "Send to another card";
+pub const RECEIVE_TITLE: &str = "Receive from another card";
+pub const RECEIVE_WAITING: &str = "Reading your card...";
+pub const SEND_ENTER_CODE: &str = "Type the code the receiver's TV shows:";
+pub const SEND_CODE_HELP: &str = "8 digits; BACK deletes.";
+pub const SEND_CODE_SHORT: &str = "The code has 8 digits.";
+pub const SEND_WAITING: &str = "Looking up the transfer...";
+pub const SEND_CONFIRM: &str = "Send this amount?";
+pub const SEND_TO: &str = "To card";
+pub const SEND_CONFIRM_HELP: &str = "OK sends it from your card; BACK cancels.";
+pub const RECEIVE_CODE: &str = "Tell the sender this code:";
+pub const RECEIVE_AMOUNT: &str = "Amount";
+pub const RECEIVE_WAITING_SENDER: &str = "Waiting for the sender's card... BACK cancels.";
+/// What the receipt names as the other side of a transfer.
+pub fn transfer_party(to: bool, card: &str) -> String {
+    if to {
+        format!("to card {card}")
+    } else {
+        format!("from card {card}")
+    }
+}
+/// Said on the home screen when a transfer ended without moving value.
+pub const TRANSFER_CANCELLED: &str = "Transfer cancelled: nothing moved.";
 
 // Progress
 pub const PROGRESS_TITLE: &str = "Please wait";

@@ -585,3 +585,126 @@ fn the_privacy_switch_needs_a_card() {
     update(&mut app, UiUpdate::CardRemoved);
     assert!(key(&mut app, RemoteKey::Digit(4)).is_empty());
 }
+
+/// Seed 004 card to card, the sender's side: 5 on the home menu, the receiver's code, the
+/// terms confirmed with OK; BACK on the terms cancels and the daemon is told.
+#[test]
+fn sending_to_another_card_takes_the_code_and_confirms_the_terms() {
+    let mut app = ready_app();
+    assert!(
+        screen(&app).contains("Send to another card")
+            && screen(&app).contains("Receive from another card"),
+        "the home menu offers both sides:\n{}",
+        screen(&app)
+    );
+    assert!(key(&mut app, RemoteKey::Digit(5)).is_empty());
+    assert_eq!(app.screen(), ScreenId::Transfer);
+    for d in [1, 2, 3, 4, 5, 6, 7] {
+        assert!(key(&mut app, RemoteKey::Digit(d)).is_empty());
+    }
+    assert!(key(&mut app, RemoteKey::Ok).is_empty(), "seven digits");
+    assert!(
+        screen(&app).contains("The code has 8 digits"),
+        "{}",
+        screen(&app)
+    );
+    key(&mut app, RemoteKey::Digit(8));
+    assert!(screen(&app).contains("1234 5678"), "{}", screen(&app));
+    assert_eq!(
+        key(&mut app, RemoteKey::Ok),
+        vec![Intent::JoinTransfer("12345678".into())]
+    );
+    let terms = TransferTerms {
+        amount: eur(500),
+        to_card: "700002".into(),
+    };
+    assert!(update(&mut app, UiUpdate::TransferTerms(terms.clone())).is_empty());
+    let s = screen(&app);
+    assert!(
+        s.contains("Send this amount?") && s.contains("700002"),
+        "{s}"
+    );
+    assert_eq!(key(&mut app, RemoteKey::Ok), vec![Intent::ConfirmTransfer]);
+    assert_eq!(app.screen(), ScreenId::Progress);
+    assert!(update(&mut app, UiUpdate::Progress(ProgressStep::DebitingCard)).is_empty());
+    assert!(screen(&app).contains("Debiting card"), "{}", screen(&app));
+
+    // BACK on the terms: cancelled, and said.
+    let mut app = ready_app();
+    key(&mut app, RemoteKey::Digit(5));
+    for _ in 0..8 {
+        key(&mut app, RemoteKey::Digit(9));
+    }
+    key(&mut app, RemoteKey::Ok);
+    update(&mut app, UiUpdate::TransferTerms(terms));
+    assert_eq!(key(&mut app, RemoteKey::Back), vec![Intent::CancelTransfer]);
+    assert_eq!(app.screen(), ScreenId::Home);
+    assert!(screen(&app).contains("nothing moved"), "{}", screen(&app));
+}
+
+/// The receiver's side: 6, the most the card can take, the amount, the code shown until the
+/// sender's card answers; BACK there cancels; a code that comes after MENU is not shown.
+#[test]
+fn receiving_from_another_card_shows_the_code_until_the_sender_answers() {
+    let mut app = ready_app();
+    assert_eq!(
+        key(&mut app, RemoteKey::Digit(6)),
+        vec![Intent::StartReceive]
+    );
+    assert_eq!(app.screen(), ScreenId::Transfer);
+    update(&mut app, UiUpdate::ReceiveMax(eur(2_000)));
+    for d in [5, 0, 0] {
+        key(&mut app, RemoteKey::Digit(d));
+    }
+    assert_eq!(
+        key(&mut app, RemoteKey::Ok),
+        vec![Intent::ReceiveAmount(500)]
+    );
+    update(
+        &mut app,
+        UiUpdate::TransferCode {
+            code: "48213907".into(),
+            amount: eur(500),
+        },
+    );
+    let s = screen(&app);
+    assert!(
+        s.contains("Tell the sender this code")
+            && s.contains("4821 3907")
+            && s.contains("5.00 EUR"),
+        "{s}"
+    );
+    // The sender's card answered: progress, which the remote cannot interrupt.
+    update(&mut app, UiUpdate::Progress(ProgressStep::LoadingCard));
+    assert_eq!(app.screen(), ScreenId::Progress);
+    assert!(key(&mut app, RemoteKey::Back).is_empty());
+    assert!(screen(&app).contains("Loading card"), "{}", screen(&app));
+
+    // BACK while the code shows cancels; MENU while the card is read cancels too, and the
+    // code that comes after is not shown.
+    let mut app = ready_app();
+    key(&mut app, RemoteKey::Digit(6));
+    update(&mut app, UiUpdate::ReceiveMax(eur(2_000)));
+    key(&mut app, RemoteKey::Digit(1));
+    key(&mut app, RemoteKey::Ok);
+    update(
+        &mut app,
+        UiUpdate::TransferCode {
+            code: "11112222".into(),
+            amount: eur(1),
+        },
+    );
+    assert_eq!(key(&mut app, RemoteKey::Back), vec![Intent::CancelTransfer]);
+    assert_eq!(app.screen(), ScreenId::Home);
+    key(&mut app, RemoteKey::Digit(6));
+    assert_eq!(key(&mut app, RemoteKey::Menu), vec![Intent::CancelTransfer]);
+    update(
+        &mut app,
+        UiUpdate::TransferCode {
+            code: "33334444".into(),
+            amount: eur(1),
+        },
+    );
+    assert_eq!(app.screen(), ScreenId::Home);
+    assert!(!screen(&app).contains("3333"), "{}", screen(&app));
+}

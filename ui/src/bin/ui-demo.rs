@@ -230,6 +230,41 @@ impl Sim {
                 self.queue.push_back(UiUpdate::CardInserted(self.card()));
             }
             Intent::CancelLoad | Intent::CancelPin => self.pending_load = 0,
+            // Card to card, canned: the demo's "other card" is always there.
+            Intent::StartReceive => self.queue.push_back(UiUpdate::ReceiveMax(Money::new(
+                (self.max_balance - self.balance).clamp(0, 10_000),
+                EUR,
+            ))),
+            Intent::ReceiveAmount(m) => {
+                self.queue.push_back(UiUpdate::TransferCode {
+                    code: "48213907".into(),
+                    amount: Money::new(*m, EUR),
+                });
+            }
+            Intent::JoinTransfer(_) => {
+                self.queue
+                    .push_back(UiUpdate::TransferTerms(ui::model::TransferTerms {
+                        amount: Money::new(500, EUR),
+                        to_card: "700002".into(),
+                    }))
+            }
+            Intent::ConfirmTransfer => {
+                self.balance -= 500;
+                let txid = self.next_tx();
+                self.queue
+                    .push_back(UiUpdate::Progress(ProgressStep::DebitingCard));
+                self.queue.push_back(UiUpdate::Receipt(Receipt {
+                    txid,
+                    kind: TxKind::TransferOut,
+                    item: ui::strings::transfer_party(true, "700002"),
+                    merchant: String::new(),
+                    amount: Money::new(500, EUR),
+                    balance_after: Money::new(self.balance, EUR),
+                    date: TODAY,
+                }));
+                self.queue.push_back(UiUpdate::CardInserted(self.card()));
+            }
+            Intent::CancelTransfer => {}
             Intent::ShowHistory => now.push(UiUpdate::History(self.history.clone())),
             Intent::Quit | Intent::HighlightCatalogItem(_) => {}
         }

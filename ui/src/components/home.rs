@@ -18,13 +18,19 @@ pub enum MenuEntry {
     History,
     /// The cardholder's privacy switch (seed 004).
     Privacy,
+    /// Card to card (seed 004): send value to another card.
+    Send,
+    /// Card to card: receive value from another card.
+    Receive,
 }
 
-const ENTRIES: [MenuEntry; 4] = [
+const ENTRIES: [MenuEntry; 6] = [
     MenuEntry::Catalog,
     MenuEntry::Load,
     MenuEntry::History,
     MenuEntry::Privacy,
+    MenuEntry::Send,
+    MenuEntry::Receive,
 ];
 
 #[derive(Debug, Default, Clone)]
@@ -38,7 +44,7 @@ impl Home {
             RemoteKey::Up => self.sel = (self.sel + ENTRIES.len() - 1) % ENTRIES.len(),
             RemoteKey::Down => self.sel = (self.sel + 1) % ENTRIES.len(),
             RemoteKey::Ok => return ENTRIES.get(self.sel).copied(),
-            RemoteKey::Digit(d @ 1..=4) => return ENTRIES.get(usize::from(d) - 1).copied(),
+            RemoteKey::Digit(d @ 1..=6) => return ENTRIES.get(usize::from(d) - 1).copied(),
             _ => {}
         }
         None
@@ -117,6 +123,7 @@ impl Home {
             .iter()
             .copied()
             .chain([strings::home_privacy(card.privacy)])
+            .chain(strings::HOME_MENU_TRANSFER)
             .enumerate()
             .map(|(i, label)| {
                 let style = if i == self.sel {
@@ -163,11 +170,14 @@ mod tests {
     fn arrows_wrap_and_digits_jump() {
         let mut h = Home::default();
         assert_eq!(h.handle(RemoteKey::Up), None);
-        assert_eq!(h.handle(RemoteKey::Ok), Some(MenuEntry::Privacy));
+        assert_eq!(h.handle(RemoteKey::Ok), Some(MenuEntry::Receive));
         assert_eq!(h.handle(RemoteKey::Down), None);
         assert_eq!(h.handle(RemoteKey::Ok), Some(MenuEntry::Catalog));
         assert_eq!(h.handle(RemoteKey::Digit(2)), Some(MenuEntry::Load));
         assert_eq!(h.handle(RemoteKey::Digit(4)), Some(MenuEntry::Privacy));
+        assert_eq!(h.handle(RemoteKey::Digit(5)), Some(MenuEntry::Send));
+        assert_eq!(h.handle(RemoteKey::Digit(6)), Some(MenuEntry::Receive));
+        assert_eq!(h.handle(RemoteKey::Digit(7)), None);
         assert_eq!(h.handle(RemoteKey::Digit(9)), None);
         assert_eq!(h.handle(RemoteKey::Digit(0)), None);
     }

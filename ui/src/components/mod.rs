@@ -4,6 +4,7 @@
 //! of key hints. A component never emits an `Intent` itself; it returns its own small action
 //! enum and `App` decides what that means, so screens stay unaware of one another.
 
+pub mod amount;
 pub mod catalog;
 pub mod error;
 pub mod history;
@@ -12,6 +13,7 @@ pub mod load;
 pub mod pin;
 pub mod progress;
 pub mod receipt;
+pub mod transfer;
 
 use crate::strings;
 use crate::theme;
