@@ -106,6 +106,16 @@ enum State {
     Resolve {
         kind: Settled,
     },
+    /// The card committed (answered P1, or was debited): its STATUS names R2, which the
+    /// box journals before it posts the card's answer (`step`, `data`).
+    NoteR2 {
+        step: TransferStep,
+        data: Vec<u8>,
+    },
+    /// A box restarted (or the card came back) with this transfer journaled as committed:
+    /// SELECT, then STATUS says what the card still waits for.
+    ResumeSelect,
+    ResumeStatus,
     Over,
 }
 
@@ -118,6 +128,14 @@ pub struct Transfer {
     code: Option<String>,
     pin: Option<Secret<String>>,
     terms: Option<TransferTerms>,
+    /// Payer: the payee's card, from the terms (or the card's STATUS on resuming).
+    to_card: Option<u64>,
+    /// The transfer's R2 (the payer card's random, sealed in P1), as the card's STATUS
+    /// names it once the card committed: what the box journals, and what a resumed flow
+    /// asks the card about.
+    random: Option<[u8; 8]>,
+    /// Whether this box sends (the payer) or receives.
+    sending: bool,
     /// The last post, to repeat after a failure.
     post: Option<Message>,
     /// Asked again in a row ([`MAX_POLLS`]).
@@ -137,7 +155,69 @@ impl Transfer {
     pub fn send(code: String, pin: Option<Secret<String>>, today: Date) -> Self {
         let mut t = Self::new(String::new(), today, None, Some(code), State::Join);
         t.pin = pin;
+        t.sending = true;
         t
+    }
+
+    /// A transfer the box journaled as committing (P1 went to the payee's card, or P2 P3
+    /// to the payer's) and did not see through — the box restarted, or the card was
+    /// pulled. `random` is R2 if the box journaled it (the card's STATUS after it
+    /// committed); without it, the card's one pending transfer of this amount (and, for a
+    /// payer, to this card) is taken for it. [`Transfer::start`] asks the card's STATUS;
+    /// then:
+    ///
+    /// - a payee card still waiting for R2's P4 fetches it again (and cancels after
+    ///   [`MAX_POLLS`]); one that is not asks the card for its word on R2 (CANCEL answers
+    ///   the receipt or cancellation it remembers) and posts it;
+    /// - a payer card with R2 sent and unsettled posts its P4 again and waits for the
+    ///   payee's settlement; one without was never debited (or is settled): over.
+    pub fn resume(
+        transfer_id: String,
+        sending: bool,
+        random: Option<[u8; 8]>,
+        amount: Money,
+        to_card: Option<u64>,
+        today: Date,
+    ) -> Self {
+        let mut t = Self::new(transfer_id, today, Some(amount), None, State::ResumeSelect);
+        t.sending = sending;
+        t.random = random;
+        t.to_card = to_card;
+        t
+    }
+
+    /// Whether this box is the payer.
+    pub fn sending(&self) -> bool {
+        self.sending
+    }
+
+    /// The amount, once known (the payer learns it from the terms).
+    pub fn amount(&self) -> Option<Money> {
+        self.amount
+    }
+
+    /// The payee's card, for a payer once it has the terms.
+    pub fn to_card(&self) -> Option<u64> {
+        self.to_card
+    }
+
+    /// Whether the APDU the flow just asked for commits the card to the transfer — P1 to
+    /// the payee's card (it then waits for P4 across power loss) or P2 P3 to the payer's
+    /// (the debit): the box journals that before it sends the APDU.
+    pub fn committing(&self) -> bool {
+        matches!(self.state, State::Packet1 | State::Packets23)
+    }
+
+    /// R2, once the committed card's STATUS named it (the box journals it before the
+    /// flow's next post).
+    pub fn random(&self) -> Option<[u8; 8]> {
+        self.random
+    }
+
+    /// The card did not answer (pulled, reader gone): the flow stops. What a committed
+    /// card still waits for is settled by [`Transfer::resume`] when the card is back.
+    pub fn card_lost(&mut self) -> Next {
+        self.refuse("the card did not answer")
     }
 
     fn new(
@@ -154,6 +234,9 @@ impl Transfer {
             code,
             pin: None,
             terms: None,
+            to_card: None,
+            random: None,
+            sending: false,
             post: None,
             polls: 0,
             state,
@@ -169,6 +252,7 @@ impl Transfer {
     pub fn start(&mut self) -> Next {
         match self.state {
             State::Select => Next::Apdu(commands::select()),
+            State::ResumeSelect => Next::Apdu(commands::select()),
             State::Join => {
                 let join = Message::TransferJoin {
                     code: self.code.clone().unwrap_or_default(),
@@ -241,9 +325,7 @@ impl Transfer {
         if !sw.is_ok() {
             return self.card_refused(sw);
         }
-        let amount = self
-            .amount
-            .unwrap_or(Money::new(0, proto::money::Currency::EUR));
+        let amount = self.amount_or_zero();
         match std::mem::replace(&mut self.state, State::Over) {
             State::Select => {
                 self.state = State::ReadPurse;
@@ -281,8 +363,25 @@ impl Transfer {
                 }
             }
             State::Packet1 => {
-                self.state = State::PostP23;
-                self.posting(TransferStep::P23, data)
+                self.state = State::NoteR2 {
+                    step: TransferStep::P23,
+                    data,
+                };
+                Next::Apdu(xfer::status())
+            }
+            State::NoteR2 { step, data: post } => {
+                if let Ok(st) = TransferStatus::decode(&data) {
+                    self.random = if self.sending {
+                        st.sent.map(|s| s.random)
+                    } else {
+                        st.receiving.map(|r| r.random)
+                    };
+                }
+                self.state = match step {
+                    TransferStep::P23 => State::PostP23,
+                    _ => State::PostP4,
+                };
+                self.posting(step, post)
             }
             State::Packet4 => match Settlement::decode(&data) {
                 Ok(_) => {
@@ -307,8 +406,11 @@ impl Transfer {
                 self.posting(TransferStep::P1, data)
             }
             State::Packets23 => {
-                self.state = State::PostP4;
-                self.posting(TransferStep::P4, data)
+                self.state = State::NoteR2 {
+                    step: TransferStep::P4,
+                    data,
+                };
+                Next::Apdu(xfer::status())
             }
             State::CancelStatus => match TransferStatus::decode(&data) {
                 Ok(TransferStatus {
@@ -321,17 +423,25 @@ impl Transfer {
                 Ok(_) => self.refuse("nothing to cancel: the card waits for no transfer"),
                 Err(_) => self.refuse("the card's STATUS did not decode"),
             },
+            // The card's word on R2: a cancellation, or (resumed) the receipt it kept.
             State::CancelCard => match Settlement::decode(&data) {
-                Ok(_) => {
-                    self.state = State::PostCancel;
+                Ok(s) => {
+                    self.state = match s.kind {
+                        Settled::Cancelled => State::PostCancel,
+                        Settled::Credited => State::PostReceipt,
+                    };
                     self.posting(TransferStep::Settlement, data)
                 }
                 Err(_) => self.refuse("the card's cancellation did not decode"),
             },
+            State::ResumeSelect => {
+                self.state = State::ResumeStatus;
+                Next::Apdu(xfer::status())
+            }
+            State::ResumeStatus => self.resumed(&data),
             State::Resolve { kind } => {
                 self.state = State::Over;
-                let terms = self.terms.clone().expect("a payer has its terms");
-                let (amount, to_card) = (terms.invite.amount, terms.invite.payee_card);
+                let to_card = self.to_card.unwrap_or_default();
                 Next::Done(match kind {
                     Settled::Credited => Outcome::Sent { amount, to_card },
                     Settled::Cancelled => Outcome::Returned { amount, to_card },
@@ -340,6 +450,59 @@ impl Transfer {
             other => {
                 self.state = other;
                 self.refuse("a card answer out of turn")
+            }
+        }
+    }
+
+    /// The card's STATUS for a resumed transfer (see [`Transfer::resume`]).
+    fn resumed(&mut self, data: &[u8]) -> Next {
+        let Ok(st) = TransferStatus::decode(data) else {
+            return self.refuse("the card's STATUS did not decode");
+        };
+        let amount = self.amount_or_zero();
+        let r2 = self.random;
+        if self.sending {
+            let to_card = self.to_card;
+            let ours = |s: &proto::transfer::Sent| match r2 {
+                Some(r2) => s.random == r2,
+                None => {
+                    (s.amount, s.currency) == (amount.minor, amount.currency)
+                        && Some(s.payee) == to_card
+                }
+            };
+            match st.sent.filter(ours) {
+                Some(s) => {
+                    self.random = Some(s.random);
+                    self.to_card = Some(s.payee);
+                    self.amount = Some(Money::new(s.amount, s.currency));
+                    self.state = State::PostP4;
+                    self.posting(TransferStep::P4, s.p4)
+                }
+                None => self.refuse(
+                    "the card has no unsettled transfer of this id: it was not debited, or it is settled",
+                ),
+            }
+        } else {
+            let ours = |r: &proto::transfer::Receiving| match r2 {
+                Some(r2) => r.random == r2,
+                None => (r.amount, r.currency) == (amount.minor, amount.currency),
+            };
+            match st.receiving.filter(ours) {
+                Some(r) => {
+                    self.random = Some(r.random);
+                    self.amount = Some(Money::new(r.amount, r.currency));
+                    self.state = State::WaitP4;
+                    self.fetch(TransferStep::P4, Duration::ZERO)
+                }
+                // Credited or cancelled already: the card's word goes to the payer.
+                None => match r2 {
+                    Some(r2) => {
+                        self.state = State::CancelCard;
+                        Next::Apdu(xfer::cancel(r2))
+                    }
+                    // Never journaled R2 and nothing pending: P1 never reached the card.
+                    None => self.refuse("the card waits for no transfer of this id; nothing moved"),
+                },
             }
         }
     }
@@ -367,6 +530,13 @@ impl Transfer {
         Next::Refused(format!("the card refused ({when}): {sw:?}"))
     }
 
+    /// The amount, once known: the payee's from the start, the payer's from the terms or
+    /// the card's STATUS (the states that use it come after).
+    fn amount_or_zero(&self) -> Money {
+        self.amount
+            .unwrap_or(Money::new(0, proto::money::Currency::EUR))
+    }
+
     /// The gateway's answer to the last message.
     pub fn answer(&mut self, m: Message) -> Next {
         match (std::mem::replace(&mut self.state, State::Over), m) {
@@ -381,6 +551,7 @@ impl Transfer {
             (State::Join, Message::TransferTerms(t)) => {
                 self.transfer_id = t.invite.transfer_id.clone();
                 self.amount = Some(t.invite.amount);
+                self.to_card = Some(t.invite.payee_card);
                 self.terms = Some(t.clone());
                 self.state = State::Confirm;
                 Next::Confirm(t)
@@ -429,12 +600,9 @@ impl Transfer {
                 self.state = state;
                 self.fetch(step, POLL)
             }
-            (State::PostCancel, Message::Ack { .. }) => {
-                let t = self.terms.clone().expect("a payee has its terms");
-                Next::Done(Outcome::Declined {
-                    amount: t.invite.amount,
-                })
-            }
+            (State::PostCancel, Message::Ack { .. }) => Next::Done(Outcome::Declined {
+                amount: self.amount_or_zero(),
+            }),
             (
                 state @ (State::PostP23 | State::PostP1 | State::PostP4 | State::PostReceipt),
                 Message::Ack { .. },
@@ -451,12 +619,9 @@ impl Transfer {
                     self.state = State::WaitSettlement;
                     self.fetch(TransferStep::Settlement, Duration::ZERO)
                 }
-                _ => {
-                    let t = self.terms.clone().expect("a payee has its terms");
-                    Next::Done(Outcome::Received {
-                        amount: t.invite.amount,
-                    })
-                }
+                _ => Next::Done(Outcome::Received {
+                    amount: self.amount_or_zero(),
+                }),
             },
             (state, m) => {
                 let when = format!("{state:?}");

@@ -82,11 +82,29 @@ fn run(
     mb: &mut FakeMailbox,
     patience: u32,
 ) -> Next {
+    run_noting(flow, next, c, mb, patience, &mut None)
+}
+
+/// [`run`], noting the R2 the flow said it commits under (what the box journals).
+fn run_noting(
+    flow: &mut Transfer,
+    next: Next,
+    c: &mut PurseCard,
+    mb: &mut FakeMailbox,
+    patience: u32,
+    committed: &mut Option<[u8; 8]>,
+) -> Next {
     let mut next = next;
     let mut busy = 0;
     loop {
         next = match next {
-            Next::Apdu(a) => flow.card(&proto::apdu::CardApplication::process_apdu(c, &a)),
+            Next::Apdu(a) => {
+                let answer = flow.card(&proto::apdu::CardApplication::process_apdu(c, &a));
+                if flow.random().is_some() {
+                    *committed = flow.random();
+                }
+                answer
+            }
             Next::Send(m, _) => {
                 let answer = mb.answer(&m);
                 if matches!(&answer, Message::Error(e) if e.code == ErrorCode::Busy) {
@@ -168,4 +186,122 @@ fn a_payee_waiting_on_a_payer_that_never_posts_p4_gives_up_and_cancels() {
         matches!(end, Next::Refused(ref why) if why.contains("nothing moved")),
         "{end:?}"
     );
+}
+
+/// A box that restarts mid-transfer resumes from its journal (R2) and its card's STATUS
+/// (issue 18's H1), whichever side and wherever it died: the value moves exactly once.
+#[test]
+fn a_restarted_box_resumes_from_its_card_and_the_value_moves_once() {
+    let amount = Money::new(500, Currency::EUR);
+
+    // 1. The payee box dies after its card answered P1 (it waits for P4); the payer is
+    //    debited meanwhile. The restarted payee fetches P4, is credited, posts its receipt.
+    let (mut a, mut b) = (card(1, 10_000, 49), card(2, 2_000, 51));
+    let mut mb = FakeMailbox::default();
+    let mut payee = Transfer::receive("box-2/r1".into(), amount, TODAY);
+    let mut payer = Transfer::send("12345678".into(), None, TODAY);
+    let (mut r2_payee, mut r2_payer) = (None, None);
+    let first = payee.start();
+    let waiting = run(&mut payee, first, &mut b, &mut mb, 0);
+    let first = payer.start();
+    let waiting_payer = run_noting(&mut payer, first, &mut a, &mut mb, 0, &mut r2_payer);
+    let _dies = run_noting(&mut payee, waiting, &mut b, &mut mb, 0, &mut r2_payee);
+    drop(payee);
+    let waiting_payer = run_noting(&mut payer, waiting_payer, &mut a, &mut mb, 0, &mut r2_payer);
+    assert_eq!(a.state.balance, 9_500, "debited");
+    assert!(b.state.receiving.is_some(), "the payee card waits for P4");
+    let r2 = r2_payee.expect("the payee journaled R2 once its card answered P1");
+    assert_eq!(Some(r2), r2_payer, "both boxes journal the same R2");
+    let mut again = Transfer::resume("box-2/r1".into(), false, Some(r2), amount, None, TODAY);
+    let first = again.start();
+    assert_eq!(
+        run(&mut again, first, &mut b, &mut mb, 0),
+        Next::Done(Outcome::Received { amount })
+    );
+    assert_eq!(
+        run(&mut payer, waiting_payer, &mut a, &mut mb, 0),
+        Next::Done(Outcome::Sent { amount, to_card: 2 })
+    );
+    assert_eq!((a.state.balance, b.state.balance), (9_500, 2_500));
+
+    // 2. The payer box dies after the debit, before its P4 reached the mailbox. The
+    //    restarted payer posts the P4 its card kept and settles.
+    let (mut a, mut b) = (card(1, 10_000, 49), card(2, 2_000, 51));
+    let mut mb = FakeMailbox {
+        withheld: vec![TransferStep::P4],
+        ..FakeMailbox::default()
+    };
+    let mut payee = Transfer::receive("box-2/r2".into(), amount, TODAY);
+    let mut payer = Transfer::send("12345678".into(), None, TODAY);
+    let mut r2 = None;
+    let first = payee.start();
+    let waiting = run(&mut payee, first, &mut b, &mut mb, 0);
+    let first = payer.start();
+    let waiting_payer = run_noting(&mut payer, first, &mut a, &mut mb, 0, &mut r2);
+    let waiting = run(&mut payee, waiting, &mut b, &mut mb, 0);
+    let _dies = run_noting(&mut payer, waiting_payer, &mut a, &mut mb, 0, &mut r2);
+    drop(payer);
+    assert_eq!(a.state.balance, 9_500, "debited, its P4 lost with the box");
+    mb.withheld.clear();
+    let mut again = Transfer::resume(
+        "box-2/r2".into(),
+        true,
+        Some(r2.expect("the payer journaled R2 once its card was debited")),
+        amount,
+        Some(2),
+        TODAY,
+    );
+    let first = again.start();
+    let waiting_payer = run(&mut again, first, &mut a, &mut mb, 0);
+    assert_eq!(
+        run(&mut payee, waiting, &mut b, &mut mb, 0),
+        Next::Done(Outcome::Received { amount })
+    );
+    assert_eq!(
+        run(&mut again, waiting_payer, &mut a, &mut mb, 0),
+        Next::Done(Outcome::Sent { amount, to_card: 2 })
+    );
+    assert_eq!((a.state.balance, b.state.balance), (9_500, 2_500));
+    assert_eq!(a.state.sent, None, "settled");
+
+    // 3. The payee box dies after its card was credited, before the receipt reached the
+    //    mailbox. The restarted payee asks its card for its word on R2 (the receipt it
+    //    remembers) and posts it; the payer settles as sent — not credited back.
+    let (mut a, mut b) = (card(1, 10_000, 49), card(2, 2_000, 51));
+    let mut mb = FakeMailbox {
+        withheld: vec![TransferStep::Settlement],
+        ..FakeMailbox::default()
+    };
+    let mut payee = Transfer::receive("box-2/r3".into(), amount, TODAY);
+    let mut payer = Transfer::send("12345678".into(), None, TODAY);
+    let mut r2 = None;
+    let first = payee.start();
+    let waiting = run(&mut payee, first, &mut b, &mut mb, 0);
+    let first = payer.start();
+    let waiting_payer = run(&mut payer, first, &mut a, &mut mb, 0);
+    let waiting = run_noting(&mut payee, waiting, &mut b, &mut mb, 0, &mut r2);
+    let waiting_payer = run(&mut payer, waiting_payer, &mut a, &mut mb, 0);
+    let _dies = run(&mut payee, waiting, &mut b, &mut mb, 0);
+    assert_eq!((a.state.balance, b.state.balance), (9_500, 2_500));
+    mb.withheld.clear();
+    let mut again = Transfer::resume("box-2/r3".into(), false, r2, amount, None, TODAY);
+    let first = again.start();
+    assert_eq!(
+        run(&mut again, first, &mut b, &mut mb, 0),
+        Next::Done(Outcome::Received { amount })
+    );
+    assert_eq!(
+        run(&mut payer, waiting_payer, &mut a, &mut mb, 0),
+        Next::Done(Outcome::Sent { amount, to_card: 2 })
+    );
+    assert_eq!((a.state.balance, b.state.balance), (9_500, 2_500));
+
+    // 4. A payer that died before P2 P3 reached its card: nothing to settle, nothing moved.
+    let (mut a, _b) = (card(1, 10_000, 49), card(2, 2_000, 51));
+    let mut lone = Transfer::resume("box-2/r4".into(), true, None, amount, Some(2), TODAY);
+    let first = lone.start();
+    assert!(
+        matches!(run(&mut lone, first, &mut a, &mut FakeMailbox::default(), 0), Next::Refused(ref w) if w.contains("not debited")),
+    );
+    assert_eq!(a.state.balance, 10_000);
 }
