@@ -370,6 +370,57 @@ async fn the_mailbox_keeps_ids_per_box_limits_invites_and_hides_pairs_from_third
     });
     let a = payee.call(&settle).await.unwrap();
     assert_eq!(code(&a), Some(ErrorCode::Malformed), "{a:?}");
+    // The payee withdraws before its card answered P1: the code is dead, the joined payer
+    // is told, and no packet is taken after it.
+    let Message::TransferTerms(terms) = payee.call(&invite("box-000021/w-1")).await.unwrap() else {
+        panic!("terms")
+    };
+    let join = Message::TransferJoin {
+        code: terms.code.clone(),
+    };
+    assert!(matches!(
+        third.call(&join).await.unwrap(),
+        Message::TransferTerms(_)
+    ));
+    let post = |step, data: Vec<u8>| {
+        Message::TransferPost(TransferPacket {
+            transfer_id: "box-000021/w-1".into(),
+            step,
+            data,
+        })
+    };
+    let a = payee
+        .call(&post(TransferStep::Withdrawn, vec![0]))
+        .await
+        .unwrap();
+    assert!(matches!(a, Message::Ack { .. }), "{a:?}");
+    let a = payee
+        .call(&post(TransferStep::Withdrawn, vec![0]))
+        .await
+        .unwrap();
+    assert!(matches!(a, Message::Ack { .. }), "a repeat is taken: {a:?}");
+    let told = third
+        .call(&Message::TransferFetch {
+            transfer_id: "box-000021/w-1".into(),
+            step: TransferStep::P23,
+        })
+        .await
+        .unwrap();
+    assert!(
+        matches!(&told, Message::Error(e) if e.reason.contains("withdrew")),
+        "{told:?}"
+    );
+    for (who, m) in [
+        (&third, join.clone()),
+        (&third, post(TransferStep::P1, vec![1; 40])),
+        (&payee, post(TransferStep::P23, vec![2; 40])),
+    ] {
+        let a = who.call(&m).await.unwrap();
+        assert!(
+            matches!(&a, Message::Error(e) if e.reason.contains("withdrew")),
+            "{m:?} after the withdrawal: {a:?}"
+        );
+    }
     // Invites cost the box's budget: past its burst they are rate-limited.
     let mut limited = 0;
     for n in 0..40 {

@@ -809,6 +809,10 @@ pub enum TransferStep {
     P4,
     /// The payee card's settlement (a receipt, or its cancellation): posted by the payee.
     Settlement,
+    /// The payee's viewer withdrew the transfer before its card answered P1 (one byte,
+    /// 0): posted by the payee, never after P2 P3; the code is dead from then on and the
+    /// payer's box is told so. Appended: the postcard indices above stay put.
+    Withdrawn,
 }
 
 impl TransferStep {

@@ -39,6 +39,62 @@ pub const POLL: Duration = Duration::from_millis(200);
 /// the transfer until it is settled.
 pub const MAX_POLLS: u32 = 3_000;
 
+/// Where a transfer stands in the box's journal (the text on disk never changes for a
+/// variant). A transfer the box did not see through is resumed ([`Transfer::resume`]) while
+/// it is [`JournalState::Committing`] or [`JournalState::Committed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JournalState {
+    /// `transfer_started`: the flow began; its card has not committed (nothing moves).
+    Started,
+    /// `transfer_committing`: P1 (payee) or P2 P3 (payer) may have reached the card.
+    Committing,
+    /// `transfer_committed`: the card committed and its STATUS named R2 (journaled).
+    Committed,
+    /// `transfer_over`: done, refused, or settled by a resumed flow.
+    Over,
+}
+
+impl JournalState {
+    pub const ALL: [JournalState; 4] = [
+        JournalState::Started,
+        JournalState::Committing,
+        JournalState::Committed,
+        JournalState::Over,
+    ];
+    /// What a box resumes.
+    pub const IN_DOUBT: [JournalState; 2] = [JournalState::Committing, JournalState::Committed];
+
+    /// The text on disk.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JournalState::Started => "transfer_started",
+            JournalState::Committing => "transfer_committing",
+            JournalState::Committed => "transfer_committed",
+            JournalState::Over => "transfer_over",
+        }
+    }
+
+    /// The state a text on disk names.
+    #[must_use]
+    pub fn from_text(t: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == t)
+    }
+}
+
+/// A transfer as the box's journal keeps it: what [`Transfer::resume`] needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Journaled {
+    pub transfer_id: String,
+    pub sending: bool,
+    pub card_id: u64,
+    pub amount: Money,
+    /// The payee's card (payer only).
+    pub to_card: Option<u64>,
+    pub random: Option<[u8; 8]>,
+    pub state: JournalState,
+}
+
 /// What the shell does next; the result comes back through [`Transfer::card`],
 /// [`Transfer::answer`] or [`Transfer::failed`].
 #[derive(Debug, Clone, PartialEq)]
@@ -88,6 +144,8 @@ enum State {
     WaitP4,
     Packet4,
     PostReceipt,
+    /// The viewer cancelled before the card answered P1: the withdrawal is posted.
+    PostWithdrawn,
     /// The viewer cancelled: STATUS, CANCEL, post the cancellation.
     CancelStatus,
     CancelCard,
@@ -136,6 +194,10 @@ pub struct Transfer {
     random: Option<[u8; 8]>,
     /// Whether this box sends (the payer) or receives.
     sending: bool,
+    /// See [`Transfer::pending`].
+    pending: bool,
+    /// Resumed: the card waits for nothing and was asked for its word on R2.
+    asked_word: bool,
     /// The last post, to repeat after a failure.
     post: Option<Message>,
     /// Asked again in a row ([`MAX_POLLS`]).
@@ -183,6 +245,7 @@ impl Transfer {
         t.sending = sending;
         t.random = random;
         t.to_card = to_card;
+        t.pending = true;
         t
     }
 
@@ -208,16 +271,30 @@ impl Transfer {
         matches!(self.state, State::Packet1 | State::Packets23)
     }
 
+    fn done(&mut self, outcome: Outcome) -> Next {
+        self.state = State::Over;
+        self.pending = false;
+        Next::Done(outcome)
+    }
+
     /// R2, once the committed card's STATUS named it (the box journals it before the
     /// flow's next post).
     pub fn random(&self) -> Option<[u8; 8]> {
         self.random
     }
 
-    /// The card did not answer (pulled, reader gone): the flow stops. What a committed
-    /// card still waits for is settled by [`Transfer::resume`] when the card is back.
-    pub fn card_lost(&mut self) -> Next {
-        self.refuse("the card did not answer")
+    /// The box cannot go on (the card did not answer, the journal could not be written):
+    /// the flow stops. What a committed card still waits for ([`Transfer::pending`]) is
+    /// settled by [`Transfer::resume`] later.
+    pub fn stop(&mut self, why: impl Into<String>) -> Next {
+        self.refuse(why)
+    }
+
+    /// Whether the card may still wait for this transfer to be settled: it committed (or a
+    /// resumed flow found it pending) and this flow did not settle it. A flow that ends
+    /// so leaves the box's journal as it is, for [`Transfer::resume`].
+    pub fn pending(&self) -> bool {
+        self.pending
     }
 
     fn new(
@@ -237,6 +314,8 @@ impl Transfer {
             to_card: None,
             random: None,
             sending: false,
+            pending: false,
+            asked_word: false,
             post: None,
             polls: 0,
             state,
@@ -323,7 +402,15 @@ impl Transfer {
             return Next::Apdu(xfer::status());
         }
         if !sw.is_ok() {
+            if self.asked_word {
+                // Resumed, nothing pending, and the card does not remember R2: nothing
+                // left to settle from this card.
+                self.pending = false;
+            }
             return self.card_refused(sw);
+        }
+        if self.committing() {
+            self.pending = true;
         }
         let amount = self.amount_or_zero();
         match std::mem::replace(&mut self.state, State::Over) {
@@ -442,7 +529,7 @@ impl Transfer {
             State::Resolve { kind } => {
                 self.state = State::Over;
                 let to_card = self.to_card.unwrap_or_default();
-                Next::Done(match kind {
+                self.done(match kind {
                     Settled::Credited => Outcome::Sent { amount, to_card },
                     Settled::Cancelled => Outcome::Returned { amount, to_card },
                 })
@@ -478,9 +565,12 @@ impl Transfer {
                     self.state = State::PostP4;
                     self.posting(TransferStep::P4, s.p4)
                 }
-                None => self.refuse(
-                    "the card has no unsettled transfer of this id: it was not debited, or it is settled",
-                ),
+                None => {
+                    self.pending = false;
+                    self.refuse(
+                        "the card has no unsettled transfer of this id: it was not debited, or it is settled",
+                    )
+                }
             }
         } else {
             let ours = |r: &proto::transfer::Receiving| match r2 {
@@ -497,11 +587,15 @@ impl Transfer {
                 // Credited or cancelled already: the card's word goes to the payer.
                 None => match r2 {
                     Some(r2) => {
+                        self.asked_word = true;
                         self.state = State::CancelCard;
                         Next::Apdu(xfer::cancel(r2))
                     }
                     // Never journaled R2 and nothing pending: P1 never reached the card.
-                    None => self.refuse("the card waits for no transfer of this id; nothing moved"),
+                    None => {
+                        self.pending = false;
+                        self.refuse("the card waits for no transfer of this id; nothing moved")
+                    }
                 },
             }
         }
@@ -600,7 +694,10 @@ impl Transfer {
                 self.state = state;
                 self.fetch(step, POLL)
             }
-            (State::PostCancel, Message::Ack { .. }) => Next::Done(Outcome::Declined {
+            // Withdrawn, or not (the gateway unreachable): either way this card never
+            // answered P1, so nothing can move.
+            (State::PostWithdrawn, _) => self.refuse("cancelled; nothing moved"),
+            (State::PostCancel, Message::Ack { .. }) => self.done(Outcome::Declined {
                 amount: self.amount_or_zero(),
             }),
             (
@@ -619,7 +716,7 @@ impl Transfer {
                     self.state = State::WaitSettlement;
                     self.fetch(TransferStep::Settlement, Duration::ZERO)
                 }
-                _ => Next::Done(Outcome::Received {
+                _ => self.done(Outcome::Received {
                     amount: self.amount_or_zero(),
                 }),
             },
@@ -631,7 +728,10 @@ impl Transfer {
                     self.state = state;
                     return self.failed();
                 }
-                self.refuse(format!("the gateway answered {} ({when})", m.kind()))
+                match m {
+                    Message::Error(e) => self.refuse(format!("{} ({when})", e.reason)),
+                    m => self.refuse(format!("the gateway answered {} ({when})", m.kind())),
+                }
             }
         }
     }
@@ -663,12 +763,15 @@ impl Transfer {
     /// A payer once debited cannot cancel: it waits on (the payee settles).
     pub fn cancel(&mut self) -> Next {
         match self.state {
+            // The code is out: withdrawn at the gateway, so the payer's box is told.
+            State::Code | State::WaitP1 => {
+                self.state = State::PostWithdrawn;
+                self.posting(TransferStep::Withdrawn, vec![0])
+            }
             State::Select
             | State::ReadPurse
             | State::Receive
             | State::Invite
-            | State::Code
-            | State::WaitP1
             | State::Join
             | State::Confirm
             | State::PayerSelect
@@ -701,6 +804,7 @@ impl Transfer {
                 (None, Some(m)) => Next::Send(m, POLL),
                 (None, None) => self.refuse("nothing to send again"),
             },
+            State::PostWithdrawn => self.refuse("cancelled; nothing moved"),
             State::WaitP1 => self.fetch(TransferStep::P1, POLL),
             State::WaitP23 => self.fetch(TransferStep::P23, POLL),
             State::WaitP4 => self.fetch(TransferStep::P4, POLL),

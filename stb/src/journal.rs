@@ -13,6 +13,9 @@
 //! from this box is `unresolvable` ([`Journal::unresolvable`]): out of the in-doubt list,
 //! never ended.
 //!
+//! A third table, `transfers`, keeps each card-to-card transfer ([`Journal::transfers`]):
+//! its side, card, amount, R2 once the card committed, and its state.
+//!
 //! The file holds transaction session keys: it is created mode 0600 in a 0700 directory.
 
 use std::path::{Path, PathBuf};
@@ -25,6 +28,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use stb_flow::load::{JournalState as LoadState, PendingLoad, Step as LoadStep};
 use stb_flow::purchase::{JournalState, Step};
 use stb_flow::recovery::InDoubt;
+use stb_flow::transfer::{JournalState as TransferState, Journaled as TransferRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -167,6 +171,19 @@ impl Journal {
                 command BLOB,
                 response BLOB,
                 zero BLOB,
+                state TEXT NOT NULL,
+                created_at INTEGER NOT NULL,
+                updated_at INTEGER NOT NULL
+            );
+            CREATE TABLE IF NOT EXISTS transfers (
+                transfer_id TEXT PRIMARY KEY,
+                sending INTEGER NOT NULL,
+                card_id INTEGER NOT NULL,
+                amount INTEGER NOT NULL,
+                currency INTEGER NOT NULL,
+                exponent INTEGER NOT NULL,
+                to_card INTEGER,
+                random BLOB,
                 state TEXT NOT NULL,
                 created_at INTEGER NOT NULL,
                 updated_at INTEGER NOT NULL
@@ -451,6 +468,135 @@ impl Journal {
                     .transpose()?,
                 zero: zero.map(|b| de(&txid, "zero-value S1", &b)).transpose()?,
                 transaction_id: txid,
+            });
+        }
+        Ok(out)
+    }
+
+    /// A card-to-card transfer begins ([`stb_flow::transfer`]): one row, state
+    /// `transfer_started`. A repeat of an id is refused ([`JournalError::Sql`]: the key).
+    ///
+    /// # Errors
+    ///
+    /// SQLite's.
+    pub fn transfer_started(&mut self, t: &TransferRecord) -> Result<(), JournalError> {
+        let now = now();
+        let name = TransferState::Started.as_str();
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO transfers (transfer_id, sending, card_id, amount, currency, exponent,
+                to_card, state, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?9, ?6, ?7, ?8, ?8)",
+            params![
+                t.transfer_id,
+                t.sending,
+                t.card_id as i64,
+                t.amount.minor as i64,
+                t.amount.currency.code,
+                t.to_card.map(|c| c as i64),
+                name,
+                now,
+                t.amount.currency.exponent
+            ],
+        )?;
+        tx.execute(
+            "INSERT INTO steps (transaction_id, step, detail, at) VALUES (?1, ?2, NULL, ?3)",
+            params![t.transfer_id, name, now],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A transfer's next state, with R2 once known and why it ended (`transfer_over`).
+    ///
+    /// # Errors
+    ///
+    /// SQLite's; [`JournalError::Unknown`] for a transfer never started.
+    pub fn transfer_step(
+        &mut self,
+        transfer_id: &str,
+        state: TransferState,
+        random: Option<[u8; 8]>,
+        why: Option<&str>,
+    ) -> Result<(), JournalError> {
+        let now = now();
+        let tx = self.conn.transaction()?;
+        let n = tx.execute(
+            "UPDATE transfers SET state = ?2, updated_at = ?3, random = COALESCE(?4, random)
+             WHERE transfer_id = ?1",
+            params![transfer_id, state.as_str(), now, random.map(|r| r.to_vec())],
+        )?;
+        if n == 0 {
+            return Err(JournalError::Unknown(transfer_id.to_string()));
+        }
+        tx.execute(
+            "INSERT INTO steps (transaction_id, step, detail, at) VALUES (?1, ?2, ?3, ?4)",
+            params![transfer_id, state.as_str(), why.map(str::as_bytes), now],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The transfers of `card_id` in `states`, oldest first.
+    ///
+    /// # Errors
+    ///
+    /// SQLite's; [`JournalError::Corrupt`] for a row that does not read back.
+    pub fn transfers(
+        &self,
+        card_id: u64,
+        states: &[TransferState],
+    ) -> Result<Vec<TransferRecord>, JournalError> {
+        let q = format!(
+            "SELECT transfer_id, sending, amount, currency, exponent, to_card, random, state
+             FROM transfers
+             WHERE card_id = ?1 AND state IN ({}) ORDER BY created_at, rowid",
+            sql_list(states, TransferState::as_str)
+        );
+        let mut st = self.conn.prepare(&q)?;
+        type Row = (
+            String,
+            bool,
+            i64,
+            u16,
+            u8,
+            Option<i64>,
+            Option<Vec<u8>>,
+            String,
+        );
+        let rows = st.query_map([card_id as i64], |r| {
+            Ok::<Row, rusqlite::Error>((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+                r.get(7)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, sending, amount, code, exponent, to_card, random, state) = row?;
+            let corrupt = |what: &'static str, detail: String| JournalError::Corrupt {
+                txid: id.clone(),
+                what,
+                detail,
+            };
+            let currency = proto::money::Currency::new(code, exponent);
+            let random = random
+                .map(|r| <[u8; 8]>::try_from(r.as_slice()))
+                .transpose()
+                .map_err(|_| corrupt("R2", "not 8 bytes".into()))?;
+            out.push(TransferRecord {
+                state: state_of(&id, &state, TransferState::from_text)?,
+                sending,
+                card_id,
+                amount: proto::money::Money::new(amount as u64, currency),
+                to_card: to_card.map(|c| c as u64),
+                random,
+                transfer_id: id,
             });
         }
         Ok(out)

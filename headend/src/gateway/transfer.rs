@@ -193,6 +193,9 @@ impl Gateway {
                 Some(&id),
             );
         }
+        if rec.packets.contains_key(&TransferStep::Withdrawn) {
+            return withdrawn(&id);
+        }
         match &rec.payer_box {
             Some(b) if b == box_id => Message::TransferTerms(rec.terms),
             Some(_) => refuse(
@@ -256,10 +259,22 @@ impl Gateway {
         }
         // A settlement is the payee card's word on the R2 of its P2 P3.
         let before = match p.step {
-            TransferStep::P1 => None,
+            TransferStep::P1 | TransferStep::Withdrawn => None,
             TransferStep::P23 => Some(TransferStep::P1),
             TransferStep::P4 | TransferStep::Settlement => Some(TransferStep::P23),
         };
+        // A withdrawal only before the payee's card answered P1; nothing after one but a
+        // repeat of it.
+        if p.step == TransferStep::Withdrawn && rec.packets.contains_key(&TransferStep::P23) {
+            return refuse(
+                ErrorCode::Forbidden,
+                "the receiving card answered P1: it cancels on the card (a settlement), not by withdrawal",
+                Some(&id),
+            );
+        }
+        if p.step != TransferStep::Withdrawn && rec.packets.contains_key(&TransferStep::Withdrawn) {
+            return withdrawn(&id);
+        }
         if let Some(b) = before.filter(|b| !rec.packets.contains_key(b)) {
             return refuse(
                 ErrorCode::Malformed,
@@ -305,17 +320,33 @@ impl Gateway {
                 Some(&id),
             );
         }
+        if rec.packets.contains_key(&TransferStep::Withdrawn) {
+            return withdrawn(&id);
+        }
         match rec.packets.get(&step) {
             Some(data) => Message::TransferPacket(TransferPacket {
                 transfer_id: id,
                 step,
                 data: data.clone(),
             }),
-            None => refuse(
-                ErrorCode::Busy,
-                format!("{step:?} of transfer {id} has not come yet"),
-                Some(&id),
-            ),
+            // Not a refusal but "ask again": boxes poll for it, so it is not logged as one.
+            None => {
+                tracing::trace!(transfer_id = %id, ?step, "packet not come yet");
+                Message::error(
+                    ErrorCode::Busy,
+                    format!("{step:?} of transfer {id} has not come yet"),
+                    Some(&id),
+                )
+            }
         }
     }
+}
+
+/// The answer once the receiving box withdrew the transfer.
+fn withdrawn(id: &str) -> Message {
+    refuse(
+        ErrorCode::UnknownTransaction,
+        "the receiver withdrew this transfer: nothing moved",
+        Some(id),
+    )
 }

@@ -37,6 +37,12 @@ pub enum Event {
     },
     /// The gateway connection came (back) up.
     Connected,
+    /// The gateway's answer to a card-to-card transfer's message (`flow` says which
+    /// transfer asked).
+    Transfer {
+        flow: u64,
+        result: Result<Message, GatewayError>,
+    },
     /// The answer to a recovery message for an in-doubt transaction.
     Recovery {
         transaction_id: String,

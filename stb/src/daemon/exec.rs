@@ -77,11 +77,21 @@ fn test_hook_after_journal(step: &purchase::Step) {
         Step::DebitSent => TEST_HOOK_PAUSE_BEFORE_DEBIT,
         _ => return,
     };
+    test_hook(hook, &format!("{step:?}"));
+}
+
+/// Freeze after journaling a card-to-card transfer's R2, the card committed (the payer's
+/// debited), before the box posts the card's answer.
+pub const TEST_HOOK_PAUSE_AFTER_TRANSFER_COMMIT: &str = "pause-after-transfer-committed";
+
+/// The test hook's freeze (see [`test_hook_after_journal`]) when `STBD_TEST_HOOK` is `hook`;
+/// `step` names what was journaled.
+pub fn test_hook(hook: &str, step: &str) {
     if std::env::var(TEST_HOOK_ENV).as_deref() == Ok(hook) {
         if let Some(release) = std::env::var_os(TEST_HOOK_RELEASE_ENV) {
             let release = std::path::PathBuf::from(release);
             eprintln!(
-                "stbd: TEST HOOK {hook}: {step:?} journaled; held until {} exists",
+                "stbd: TEST HOOK {hook}: {step} journaled; held until {} exists",
                 release.display()
             );
             while !release.exists() {
@@ -90,7 +100,7 @@ fn test_hook_after_journal(step: &purchase::Step) {
             eprintln!("stbd: TEST HOOK {hook}: released");
             return;
         }
-        eprintln!("stbd: TEST HOOK {hook}: {step:?} journaled; frozen until killed");
+        eprintln!("stbd: TEST HOOK {hook}: {step} journaled; frozen until killed");
         loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));
         }

@@ -145,6 +145,7 @@ pub async fn run(
     );
     runner.load_settings =
         load::LoadSettings::from_config(&cfg.load).map_err(DaemonError::Setup)?;
+    runner.box_id = box_id_of(&cfg.headend.device_cert);
     let (initial, max) = cfg.timeouts.recovery();
     runner.recovery = recover::RecoverySlot::new(initial, max);
     match runner.parts.journal.unresolvable() {
@@ -209,6 +210,16 @@ pub async fn run(
     drop(tui);
     let _ = tokio::time::timeout(Duration::from_secs(3), keeper).await;
     Ok(())
+}
+
+/// The box id this box's device certificate carries (its URI SAN), if it reads; the
+/// gateway checks the same certificate, so a wrong one fails there too.
+fn box_id_of(cert: &std::path::Path) -> Option<String> {
+    let chain = transport::config::load_certs(cert).ok()?;
+    let leaf = chain.first()?;
+    let any = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+    let peer = transport::identity::identity_of(leaf, any).ok()?;
+    peer.box_id().map(|b| b.as_str().to_string())
 }
 
 /// Resolves when SIGTERM or ctrl-c arrives.

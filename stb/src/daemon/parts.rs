@@ -37,10 +37,25 @@ impl Parts {
         span: tracing::Span,
         answer: impl FnOnce(Result<Message, GatewayError>) -> Event + Send + 'static,
     ) {
+        self.call_after(std::time::Duration::ZERO, msg, span, answer);
+    }
+
+    /// [`Parts::call`] after waiting `wait` (a transfer's next ask for a packet that has
+    /// not come).
+    pub fn call_after(
+        &self,
+        wait: std::time::Duration,
+        msg: Message,
+        span: tracing::Span,
+        answer: impl FnOnce(Result<Message, GatewayError>) -> Event + Send + 'static,
+    ) {
         let gw = self.gateway.clone();
         let tx = self.events.clone();
         tokio::spawn(
             async move {
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
                 let result = gw.call(&msg).await;
                 let _ = tx.send(answer(result)).await;
             }

@@ -36,6 +36,8 @@ use super::parts::Parts;
 use super::recover::{RecoverySlot, RoundEnd};
 use super::show::{self, ui_date, ui_money};
 
+mod transfer;
+
 /// Load answers come back as `Event::Answer` with a flow id from this range, apart from
 /// the purchase flows' ids.
 const LOAD_IDS: u64 = 1 << 62;
@@ -91,6 +93,10 @@ pub struct Runner {
     pub(crate) card_id: Option<u64>,
     /// The privacy switch waits for the card's PIN: turn privacy on (`true`) or off.
     privacy_pending: Option<bool>,
+    /// Card to card ([`transfer`]).
+    transfer: transfer::TransferSlot,
+    /// This box's id, from its device certificate (a transfer's id begins with it).
+    pub box_id: Option<String>,
 }
 
 impl Runner {
@@ -123,6 +129,8 @@ impl Runner {
             last_outcome: None,
             card_id: None,
             privacy_pending: None,
+            transfer: transfer::TransferSlot::default(),
+            box_id: None,
         }
     }
 
@@ -242,6 +250,11 @@ impl Runner {
                 self.flow_input(Input::Decline { timeout: false }).await
             }
             Intent::CancelLoad | Intent::CancelPin => self.load_input(load::Input::Cancel).await,
+            Intent::StartReceive => self.start_receive().await,
+            Intent::ReceiveAmount(minor) => self.receive_amount(minor).await,
+            Intent::JoinTransfer(code) => self.join_transfer(code).await,
+            Intent::ConfirmTransfer => self.confirm_transfer().await,
+            Intent::CancelTransfer => self.cancel_transfer().await,
         }
         true
     }
@@ -296,6 +309,11 @@ impl Runner {
                 transaction_id,
                 result,
             } => self.recovery_answer(transaction_id, result).await,
+            Event::Transfer { flow, result } => {
+                if self.transfer.owns(flow) {
+                    self.transfer_answer(result).await
+                }
+            }
         }
         true
     }
@@ -362,6 +380,7 @@ impl Runner {
         self.flow_input(Input::CardRemoved).await;
         self.load_input(load::Input::CardRemoved).await;
         self.refund_input(refund::Input::CardRemoved).await;
+        self.transfer_card_gone().await;
         self.refunds_checked = None;
         if let Some(r) = self.parts.card.reader().map(str::to_string) {
             tracing::info!(reader = %r, "using the card in another reader");
@@ -373,9 +392,12 @@ impl Runner {
         }
     }
 
-    /// A purchase, load or refund flow is in flight (it may hold the card).
+    /// A purchase, load, refund or transfer flow is in flight (it may hold the card).
     fn flow_active(&self) -> bool {
-        self.purchase.is_active() || self.load.is_active() || self.refund.is_active()
+        self.purchase.is_active()
+            || self.load.is_active()
+            || self.refund.is_active()
+            || self.transfer.is_active()
     }
 
     /// Whether the purchase in flight waits for the card's PIN (the TV's PIN entry is
@@ -978,6 +1000,7 @@ impl Runner {
         }
         Box::pin(self.resume_deferred()).await;
         Box::pin(self.check_refunds()).await;
+        Box::pin(self.resume_transfers()).await;
     }
 }
 

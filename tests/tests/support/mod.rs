@@ -452,8 +452,13 @@ fn card_seen(within: Duration) -> bool {
 
 /// Waits (bounded) until pcscd sees a working card in [`READER`] (`present`), or none.
 pub fn wait_reader(test: &str, present: bool) {
+    wait_reader_named(test, READER, present)
+}
+
+/// [`wait_reader`] for any reader.
+pub fn wait_reader_named(test: &str, name: &str, present: bool) {
     let ctx = pcsc::Context::establish(pcsc::Scope::User).expect("pcscd context");
-    let reader = std::ffi::CString::new(READER).expect("reader name");
+    let reader = std::ffi::CString::new(name).expect("reader name");
     let mut last = String::new();
     let ok = poll(STEP, || {
         let r = ctx.connect(&reader, pcsc::ShareMode::Shared, pcsc::Protocols::ANY);
@@ -472,7 +477,7 @@ pub fn wait_reader(test: &str, present: bool) {
     });
     assert!(
         ok.is_some(),
-        "{test}: reader {READER:?} never {} within {STEP:?} (last: {last})",
+        "{test}: reader {name:?} never {} within {STEP:?} (last: {last})",
         if present {
             "had a working card"
         } else {
@@ -513,6 +518,46 @@ pub struct World {
     pub stbd_log: PathBuf,
     pub socket: PathBuf,
     dir: Option<tempfile::TempDir>,
+}
+
+/// A second box ([`World::other_box`]); drop order: its stbd (tmux), then its card.
+pub struct OtherBox {
+    pub tmux: Tmux,
+    pub vcard: Option<Proc>,
+    _lock: VpcdPortLock,
+    pub card: PathBuf,
+    pub stbd_log: PathBuf,
+    /// Its state directory (the journal).
+    pub state: PathBuf,
+    test: &'static str,
+    pub reader: String,
+}
+
+impl OtherBox {
+    pub fn card_state(&self) -> CardState {
+        VirtualCard::open(&self.card)
+            .expect("the card file reads")
+            .state()
+            .clone()
+    }
+}
+
+impl Drop for OtherBox {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- {} second box's screen:\n{}\n--- its stbd log:\n{}",
+                self.test,
+                self.tmux.screen(),
+                tail(&self.stbd_log, 40)
+            );
+        }
+        // Its stbd first, then its reader empty for whoever comes next.
+        let _ = self.tmux.tmux(&["kill-server"]);
+        if let Some(mut v) = self.vcard.take() {
+            v.stop();
+        }
+    }
 }
 
 fn free_udp_port() -> SocketAddr {
@@ -817,6 +862,111 @@ mode = "0600"
             .expect("the card file reads")
             .state()
             .clone()
+    }
+
+    /// A second box beside this world's (card to card, issue 18): its own device
+    /// certificate for `box_id`, a card `card_id` holding `balance` in vpcd's second reader
+    /// (port [`VPCD_PORT`] + 1), and `stbd` with its TV in its own tmux pane, started and
+    /// on its home screen with the card read. The world's stbd config is its template.
+    pub fn other_box(&self, box_id: &str, card_id: u64, balance: u64) -> OtherBox {
+        let bins = bins();
+        let port = VPCD_PORT + 1;
+        let lock = VpcdPortLock::acquire(port).expect("vpcd port lock");
+        let reader = reader_drivers::emulator::vpcd::reader_name(port);
+        let dir = self.root.join(box_id);
+        std::fs::create_dir_all(&dir).expect("box dir");
+        run_ok(
+            "headend pki issue-device",
+            Command::new(&bins.headend)
+                .args(["pki", "issue-device", "--ca"])
+                .arg(self.he.join("ca"))
+                .args(["--box-id", box_id, "--out"])
+                .arg(&dir),
+        );
+        let card = dir.join("card.vcard");
+        run_ok(
+            "vcard create",
+            Command::new(&bins.vcard)
+                .arg("create")
+                .arg("--card")
+                .arg(&card)
+                .args(["--card-id", &card_id.to_string(), "--balance"])
+                .arg(balance.to_string())
+                .args(["--currency", "EUR", "--expiry", "2035-12", "--issuer-keys"])
+                .arg(self.he.join("issuer-keys.toml")),
+        );
+        wait_reader_named(self.test, &reader, false);
+        let log = dir.join("vcard.log");
+        let vcard = Proc::spawn(
+            "vcard attach-vpcd (second reader)",
+            Command::new(&bins.vcard)
+                .arg("attach-vpcd")
+                .arg("--card")
+                .arg(&card)
+                .args(["--port", &port.to_string()]),
+            &log,
+        );
+        let attached = poll(STEP, || {
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|l| l.contains("card attached"))
+        });
+        assert!(attached.is_some(), "{}", tail(&log, 20));
+        wait_reader_named(self.test, &reader, true);
+        let first_dir = self.root.join("box");
+        let config = std::fs::read_to_string(&self.stbd_config)
+            .expect("stbd.toml")
+            .replace(READER, &reader)
+            .replace(
+                &first_dir
+                    .join(format!("{BOX_ID}.crt.pem"))
+                    .display()
+                    .to_string(),
+                &dir.join(format!("{box_id}.crt.pem")).display().to_string(),
+            )
+            .replace(
+                &first_dir
+                    .join(format!("{BOX_ID}.key.pem"))
+                    .display()
+                    .to_string(),
+                &dir.join(format!("{box_id}.key.pem")).display().to_string(),
+            )
+            .replace(
+                &self.stbd_state.display().to_string(),
+                &dir.join("stb-state").display().to_string(),
+            )
+            .replace(
+                &self.socket.display().to_string(),
+                &dir.join("stbd.sock").display().to_string(),
+            );
+        let config_path = dir.join("stbd.toml");
+        std::fs::write(&config_path, config).expect("stbd.toml");
+        let stbd_log = dir.join("stbd.log");
+        let script = dir.join("run-stbd.sh");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho \"--- stbd start $(date +%T.%N)\" >>'{log}'\nexec env STBD_LOG=info '{bin}' run --config '{cfg}' 2>>'{log}'\n",
+                log = stbd_log.display(),
+                bin = bins.stbd.display(),
+                cfg = config_path.display(),
+            ),
+        )
+        .expect("run-stbd.sh");
+        let tmux = Tmux::start(box_id, &dir, &format!("sh '{}'", script.display()));
+        tmux.wait_screen("the second box's home screen with the card", |s| {
+            s.contains("Smart card") && s.contains("Balance") && s.contains(" EUR")
+        });
+        OtherBox {
+            tmux,
+            vcard: Some(vcard),
+            _lock: lock,
+            card,
+            stbd_log,
+            state: dir.join("stb-state"),
+            test: self.test,
+            reader,
+        }
     }
 
     /// The tail of stbd's stderr.

@@ -193,6 +193,11 @@ impl TransferView {
                 big_text(f, &t.amount.to_string());
                 f.render_widget(
                     Paragraph::new(vec![
+                        label_value(
+                            strings::RECEIVE_AMOUNT,
+                            t.amount.to_string(),
+                            theme::amount(),
+                        ),
                         label_value(strings::SEND_TO, t.to_card.clone(), theme::value()),
                         Line::from(""),
                         Line::from(Span::styled(strings::SEND_CONFIRM_HELP, theme::label())),
