@@ -955,6 +955,7 @@ impl Runner {
     /// runs now (or as soon as the running one or the active flow ends).
     pub async fn recover(&mut self) {
         self.recovery.restart();
+        self.transfer.retry_all();
         self.recovery_round().await;
     }
 
@@ -977,6 +978,9 @@ impl Runner {
         let flow_active = self.flow_active();
         if let Some(end) = self.recovery.after_flow(&mut self.parts, flow_active).await {
             self.round_ended(end).await;
+        } else {
+            // A transfer that waited for this flow (each is tried once per trigger).
+            Box::pin(self.resume_transfers()).await;
         }
     }
 

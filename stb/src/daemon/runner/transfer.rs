@@ -50,11 +50,20 @@ pub struct ActiveTransfer {
 pub struct TransferSlot {
     active: Option<ActiveTransfer>,
     flows: u64,
+    /// Transfers resumed since the last trigger (start, reconnection, card insertion): a
+    /// resumed flow that ends with its card still waiting is not resumed again until the
+    /// next one.
+    tried: Vec<String>,
 }
 
 impl TransferSlot {
     pub fn is_active(&self) -> bool {
         self.active.is_some()
+    }
+
+    /// A recovery trigger: every open transfer may be resumed again.
+    pub fn retry_all(&mut self) {
+        self.tried.clear();
     }
 
     /// Whether an answer with this flow id is the active transfer's.
@@ -214,9 +223,13 @@ impl Runner {
                 return;
             }
         };
-        let Some(t) = open.into_iter().next() else {
+        let Some(t) = open
+            .into_iter()
+            .find(|t| !self.transfer.tried.contains(&t.transfer_id))
+        else {
             return;
         };
+        self.transfer.tried.push(t.transfer_id.clone());
         let Journaled {
             transfer_id,
             sending,
