@@ -206,6 +206,7 @@ fn a_restarted_box_resumes_from_its_card_and_the_value_moves_once() {
     let first = payer.start();
     let waiting_payer = run_noting(&mut payer, first, &mut a, &mut mb, 0, &mut r2_payer);
     let _dies = run_noting(&mut payee, waiting, &mut b, &mut mb, 0, &mut r2_payee);
+    assert!(payee.pending(), "its card answered P1: the journal must stay open");
     drop(payee);
     let waiting_payer = run_noting(&mut payer, waiting_payer, &mut a, &mut mb, 0, &mut r2_payer);
     assert_eq!(a.state.balance, 9_500, "debited");
@@ -214,10 +215,12 @@ fn a_restarted_box_resumes_from_its_card_and_the_value_moves_once() {
     assert_eq!(Some(r2), r2_payer, "both boxes journal the same R2");
     let mut again = Transfer::resume("box-2/r1".into(), false, Some(r2), amount, None, TODAY);
     let first = again.start();
+    assert!(again.pending(), "resumed: pending until the card says otherwise");
     assert_eq!(
         run(&mut again, first, &mut b, &mut mb, 0),
         Next::Done(Outcome::Received { amount })
     );
+    assert!(!again.pending());
     assert_eq!(
         run(&mut payer, waiting_payer, &mut a, &mut mb, 0),
         Next::Done(Outcome::Sent { amount, to_card: 2 })
@@ -303,5 +306,6 @@ fn a_restarted_box_resumes_from_its_card_and_the_value_moves_once() {
     assert!(
         matches!(run(&mut lone, first, &mut a, &mut FakeMailbox::default(), 0), Next::Refused(ref w) if w.contains("not debited")),
     );
+    assert!(!lone.pending(), "nothing on the card: the journal closes");
     assert_eq!(a.state.balance, 10_000);
 }
