@@ -110,6 +110,9 @@ pub enum Next {
     /// Payer: ask the viewer to confirm these terms; then [`Transfer::go_on`] (or drop the
     /// flow: nothing happened yet).
     Confirm(TransferTerms),
+    /// Payer: the card wants its PIN for this amount (seed 004); then [`Transfer::pin`]
+    /// (or [`Transfer::cancel`]: nothing moved).
+    NeedsPin { min: u8, max: u8 },
     /// Over: the card moved this value (sent, received, or credited back).
     Done(Outcome),
     /// Over without moving value.
@@ -153,6 +156,8 @@ enum State {
     // Payer.
     Join,
     Confirm,
+    /// The card answered SEND with "PIN required": the viewer is asked.
+    AwaitPin,
     PayerSelect,
     Verify,
     SendCmd,
@@ -373,6 +378,27 @@ impl Transfer {
         )
     }
 
+    /// The card's PIN, which the viewer typed after [`Next::NeedsPin`]: VERIFY, then SEND
+    /// again (the card stays selected, so the verification holds for that SEND).
+    pub fn pin(&mut self, pin: Secret<String>) -> Next {
+        if self.state != State::AwaitPin {
+            return self.refuse("no PIN was asked");
+        }
+        match commands::verify_pin(pin.expose()) {
+            Some(v) => {
+                self.pin = Some(pin);
+                self.state = State::Verify;
+                Next::Apdu(v)
+            }
+            None => self.refuse("a PIN is 4 to 12 digits"),
+        }
+    }
+
+    /// Whether the flow waits for the card's PIN.
+    pub fn awaiting_pin(&self) -> bool {
+        self.state == State::AwaitPin
+    }
+
     /// The viewer saw the code (payee) or confirmed the terms (payer).
     pub fn go_on(&mut self) -> Next {
         match self.state {
@@ -400,6 +426,13 @@ impl Transfer {
             tracing::info!(sw = ?sw, "the card refused P4; cancelling the transfer");
             self.state = State::CancelStatus;
             return Next::Apdu(xfer::status());
+        }
+        if sw == StatusWord::PIN_REQUIRED && self.state == State::SendCmd && self.pin.is_none() {
+            self.state = State::AwaitPin;
+            return Next::NeedsPin {
+                min: crate::load::PIN_MIN,
+                max: crate::load::PIN_MAX,
+            };
         }
         if !sw.is_ok() {
             if self.asked_word {
@@ -774,6 +807,7 @@ impl Transfer {
             | State::Invite
             | State::Join
             | State::Confirm
+            | State::AwaitPin
             | State::PayerSelect
             | State::Verify
             | State::SendCmd

@@ -206,7 +206,10 @@ fn a_restarted_box_resumes_from_its_card_and_the_value_moves_once() {
     let first = payer.start();
     let waiting_payer = run_noting(&mut payer, first, &mut a, &mut mb, 0, &mut r2_payer);
     let _dies = run_noting(&mut payee, waiting, &mut b, &mut mb, 0, &mut r2_payee);
-    assert!(payee.pending(), "its card answered P1: the journal must stay open");
+    assert!(
+        payee.pending(),
+        "its card answered P1: the journal must stay open"
+    );
     drop(payee);
     let waiting_payer = run_noting(&mut payer, waiting_payer, &mut a, &mut mb, 0, &mut r2_payer);
     assert_eq!(a.state.balance, 9_500, "debited");
@@ -215,7 +218,10 @@ fn a_restarted_box_resumes_from_its_card_and_the_value_moves_once() {
     assert_eq!(Some(r2), r2_payer, "both boxes journal the same R2");
     let mut again = Transfer::resume("box-2/r1".into(), false, Some(r2), amount, None, TODAY);
     let first = again.start();
-    assert!(again.pending(), "resumed: pending until the card says otherwise");
+    assert!(
+        again.pending(),
+        "resumed: pending until the card says otherwise"
+    );
     assert_eq!(
         run(&mut again, first, &mut b, &mut mb, 0),
         Next::Done(Outcome::Received { amount })
@@ -308,4 +314,47 @@ fn a_restarted_box_resumes_from_its_card_and_the_value_moves_once() {
     );
     assert!(!lone.pending(), "nothing on the card: the journal closes");
     assert_eq!(a.state.balance, 10_000);
+}
+
+/// A sender card with a PIN asks for it above its threshold (seed 004): the flow asks the
+/// viewer, VERIFY then SEND; a wrong PIN ends it with nothing moved.
+#[test]
+fn a_sender_card_above_its_pin_threshold_asks_for_the_pin() {
+    let amount = Money::new(500, Currency::EUR);
+    for (pin, moves) in [("4711", true), ("1111", false)] {
+        let mut a = card(1, 10_000, 49);
+        a.state = a.state.clone().with_pin("4711", 100).unwrap();
+        let mut b = card(2, 2_000, 51);
+        let mut mb = FakeMailbox::default();
+        let mut payee = Transfer::receive("box-2/p1".into(), amount, TODAY);
+        let mut payer = Transfer::send("12345678".into(), None, TODAY);
+        let first = payee.start();
+        let waiting = run(&mut payee, first, &mut b, &mut mb, 0);
+        let first = payer.start();
+        let asked = run(&mut payer, first, &mut a, &mut mb, 0);
+        assert_eq!(asked, Next::NeedsPin { min: 4, max: 12 });
+        assert!(payer.awaiting_pin());
+        let next = payer.pin(Secret::new(pin.into()));
+        let waiting_payer = run(&mut payer, next, &mut a, &mut mb, 0);
+        if !moves {
+            assert!(
+                matches!(waiting_payer, Next::Refused(ref w) if w.contains("Verify")),
+                "{waiting_payer:?}"
+            );
+            assert!(!payer.pending());
+            assert_eq!(a.state.balance, 10_000);
+            continue;
+        }
+        let waiting = run(&mut payee, waiting, &mut b, &mut mb, 0);
+        let waiting_payer = run(&mut payer, waiting_payer, &mut a, &mut mb, 0);
+        assert_eq!(
+            run(&mut payee, waiting, &mut b, &mut mb, 0),
+            Next::Done(Outcome::Received { amount })
+        );
+        assert_eq!(
+            run(&mut payer, waiting_payer, &mut a, &mut mb, 0),
+            Next::Done(Outcome::Sent { amount, to_card: 2 })
+        );
+        assert_eq!((a.state.balance, b.state.balance), (9_500, 2_500));
+    }
 }

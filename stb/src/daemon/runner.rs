@@ -239,6 +239,8 @@ impl Runner {
                 let pin = Secret::new(pin.expose().to_string());
                 if let Some(on) = self.privacy_pending.take() {
                     self.set_privacy(on, Some(pin)).await
+                } else if self.transfer_awaits_pin() {
+                    self.transfer_pin(pin).await
                 } else if self.purchase_awaits_pin() {
                     self.flow_input(Input::Pin(pin)).await
                 } else {
@@ -246,6 +248,7 @@ impl Runner {
                 }
             }
             Intent::CancelPin if self.privacy_pending.is_some() => self.privacy_pending = None,
+            Intent::CancelPin if self.transfer_awaits_pin() => self.cancel_transfer().await,
             Intent::CancelPin if self.purchase_awaits_pin() => {
                 self.flow_input(Input::Decline { timeout: false }).await
             }

@@ -162,6 +162,23 @@ impl Runner {
         self.drive_transfer(next).await;
     }
 
+    /// Whether the TV's PIN entry is the transfer's (the sender's card asked for its PIN).
+    pub(super) fn transfer_awaits_pin(&self) -> bool {
+        self.transfer
+            .active
+            .as_ref()
+            .is_some_and(|a| a.flow.awaiting_pin())
+    }
+
+    /// The card's PIN for the sender's card.
+    pub(super) async fn transfer_pin(&mut self, pin: proto::secret::Secret<String>) {
+        let Some(a) = self.transfer.active.as_mut() else {
+            return;
+        };
+        let next = a.flow.pin(pin);
+        self.drive_transfer(next).await;
+    }
+
     /// BACK or MENU while a transfer waits: the flow cancels (what it can still cancel).
     pub(super) async fn cancel_transfer(&mut self) {
         let Some(a) = self.transfer.active.as_mut() else {
@@ -424,6 +441,17 @@ impl Runner {
                     self.update(UiUpdate::TransferTerms(ui::model::TransferTerms {
                         amount: ui_money(t.invite.amount),
                         to_card: t.invite.payee_card.to_string(),
+                    }))
+                    .await;
+                    return;
+                }
+                Next::NeedsPin { min, max } => {
+                    // The card stays selected while the viewer types: VERIFY then SEND.
+                    self.parts.card.end_sequence().await;
+                    self.update(UiUpdate::PinRequest(ui::model::PinRequest {
+                        min_len: min,
+                        max_len: max,
+                        attempts_left: None,
                     }))
                     .await;
                     return;
