@@ -90,6 +90,7 @@ async fn drive(
                 flow.go_on()
             }
             Next::Confirm(_) => flow.go_on(),
+            Next::NeedsPin { .. } => return Err("these cards have no PIN".into()),
             Next::Done(o) => return Ok(o),
             Next::Refused(why) => return Err(why),
         }
