@@ -208,3 +208,44 @@ fn transfer_states(state_dir: &std::path::Path) -> Vec<String> {
         .map(|r| r.expect("row"))
         .collect()
 }
+
+/// The sender's `stbd` SIGKILLed after journaling `transfer_committing`, before P2 P3
+/// reached its card: nothing was debited. Restarted, it asks its card, finds no transfer
+/// to settle and closes its journal; neither card moved.
+#[test]
+fn a_sender_box_killed_before_its_card_was_debited_closes_the_transfer_with_nothing_moved() {
+    let hook = "pause-before-transfer-commit";
+    let Some(mut w) = World::new("transfer-kill-early", Options::default()) else {
+        return;
+    };
+    w.start_stbd(Some(hook));
+    let other = w.other_box(OTHER_BOX, OTHER_CARD, OTHER_BALANCE);
+
+    let code = receive(&other.tmux, &["5", "0", "0"]);
+    join(w.tv(), &code);
+    w.tv().keys(&["Enter"]);
+    wait_hook(&w, hook);
+    assert_eq!(
+        transfer_states(&w.stbd_state),
+        vec!["transfer_committing".to_string()]
+    );
+    sigkill_stbd(&w);
+    assert_eq!(w.card_state().balance, START_BALANCE, "not debited");
+
+    w.start_stbd(None);
+    let closed = poll(STEP, || {
+        (transfer_states(&w.stbd_state) == vec!["transfer_over".to_string()]).then_some(())
+    });
+    assert!(
+        closed.is_some(),
+        "the sender's journal closes the transfer: {:?}\n{}",
+        transfer_states(&w.stbd_state),
+        tail(&w.stbd_log, 30)
+    );
+    let (a, b) = (w.card_state(), other.card_state());
+    assert_eq!((a.balance, b.balance), (START_BALANCE, OTHER_BALANCE));
+    assert_eq!(a.sent, None);
+    // The receiver's card answered P1 and waits for a P4 that will not come: it cancels
+    // after ten minutes (stb-flow's MAX_POLLS); it was not credited meanwhile.
+    assert!(b.receiving.is_some());
+}

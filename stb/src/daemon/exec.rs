@@ -80,6 +80,10 @@ fn test_hook_after_journal(step: &purchase::Step) {
     test_hook(hook, &format!("{step:?}"));
 }
 
+/// Freeze after journaling `transfer_committing`, before the APDU that commits the card
+/// (P1 to the payee's, P2 P3 to the payer's) goes to it.
+pub const TEST_HOOK_PAUSE_BEFORE_TRANSFER_COMMIT: &str = "pause-before-transfer-commit";
+
 /// Freeze after journaling a card-to-card transfer's R2, the card committed (the payer's
 /// debited), before the box posts the card's answer.
 pub const TEST_HOOK_PAUSE_AFTER_TRANSFER_COMMIT: &str = "pause-after-transfer-committed";

@@ -132,7 +132,7 @@ impl Runner {
         let amount = Money::new(minor, info.currency);
         let transfer_id = format!("{box_id}/{:016x}", rand::random::<u64>());
         let flow = Transfer::receive(transfer_id, amount, today());
-        self.begin_transfer(flow, info.card_id, false).await;
+        self.begin_transfer(flow, info.card_id, None).await;
     }
 
     /// The code the viewer typed: the terms from the gateway, for the viewer to confirm.
@@ -146,7 +146,7 @@ impl Runner {
                 .await;
         };
         let flow = Transfer::send(code, None, today());
-        self.begin_transfer(flow, card_id, false).await;
+        self.begin_transfer(flow, card_id, None).await;
     }
 
     /// OK on the terms: the card sends (journaled first).
@@ -258,10 +258,7 @@ impl Runner {
         } = t;
         tracing::info!(%transfer_id, sending, state = state.as_str(), "resuming a transfer the box did not see through");
         let flow = Transfer::resume(transfer_id, sending, random, amount, to_card, today());
-        self.begin_transfer(flow, card_id, true).await;
-        if let Some(a) = self.transfer.active.as_mut() {
-            a.journaled = Some(state);
-        }
+        self.begin_transfer(flow, card_id, Some(state)).await;
     }
 
     /// Whether a new transfer may start now (nothing else runs, a card is in); says why
@@ -282,7 +279,14 @@ impl Runner {
         true
     }
 
-    async fn begin_transfer(&mut self, mut flow: Transfer, card_id: u64, resumed: bool) {
+    /// Starts `flow` for the card `card_id`; `resumed` is the journal's state of a transfer
+    /// resumed from it (its row exists), `None` for a new one.
+    async fn begin_transfer(
+        &mut self,
+        mut flow: Transfer,
+        card_id: u64,
+        resumed: Option<JournalState>,
+    ) {
         self.transfer.flows += 1;
         let id = TRANSFER_IDS + self.transfer.flows;
         let span = tracing::info_span!("transfer", flow = id, sending = flow.sending(), card_id = %format_args!("{card_id:X}"));
@@ -291,14 +295,14 @@ impl Runner {
             flow,
             id,
             card_id,
-            journaled: None,
+            journaled: resumed,
             confirming: false,
             cancelled: false,
-            resumed,
+            resumed: resumed.is_some(),
             span,
         });
         // The payee's first card command is RECEIVE: journaled before it.
-        let next = if !resumed && !self.active_transfer().flow.sending() {
+        let next = if resumed.is_none() && !self.active_transfer().flow.sending() {
             match self.journal_started() {
                 Ok(()) => next,
                 Err(why) => self.stop_transfer(why),
@@ -378,6 +382,10 @@ impl Runner {
                             next = self.stop_transfer(why);
                             continue;
                         }
+                        super::super::exec::test_hook(
+                            super::super::exec::TEST_HOOK_PAUSE_BEFORE_TRANSFER_COMMIT,
+                            JournalState::Committing.as_str(),
+                        );
                         if !self.active_transfer().resumed {
                             self.update(UiUpdate::Progress(step)).await;
                         }
