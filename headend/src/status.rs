@@ -263,7 +263,7 @@ fn transfers(j: &Journal, out: &mut String) -> Result<(), String> {
     for (id, b) in j.all(Kind::Transfer).unwrap_or_default() {
         let t: crate::gateway::transfer::TransferRec = journal::decode(&b)?;
         let has = |s| t.packets.contains_key(&s);
-        if has(TransferStep::Settlement) {
+        if has(TransferStep::Settlement) || t.abandoned(crate::gateway::now_secs()) {
             continue;
         }
         if has(TransferStep::P4) {
@@ -436,6 +436,7 @@ mod tests {
             payee_box: "box-2".into(),
             payer_box: (!steps.is_empty()).then(|| "box-1".into()),
             packets: steps.iter().map(|s| (*s, vec![1])).collect(),
+            opened_at: crate::gateway::now_secs(),
         };
         use TransferStep::*;
         for (id, steps) in [
@@ -443,10 +444,18 @@ mod tests {
             ("t-mid", &[P1, P23][..]),
             ("t-debited", &[P1, P23, P4][..]),
             ("t-done", &[P1, P23, P4, Settlement][..]),
+            ("t-withdrawn", &[Withdrawn][..]),
         ] {
             j.put(Kind::Transfer, id, &journal::encode(&rec(id, steps)))
                 .unwrap();
         }
+        // A code no payer joined within its lifetime: over, not waiting.
+        let mut expired = rec("t-expired", &[]);
+        expired.opened_at = 0;
+        assert!(expired.expired(crate::gateway::now_secs()));
+        assert!(!rec("t-fresh", &[]).expired(crate::gateway::now_secs()));
+        j.put(Kind::Transfer, "t-expired", &journal::encode(&expired))
+            .unwrap();
         let report = report(dir.path()).unwrap();
         assert!(
             report.contains(

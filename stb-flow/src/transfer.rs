@@ -782,6 +782,12 @@ impl Transfer {
                 self.state = State::CancelStatus;
                 Next::Apdu(xfer::status())
             }
+            // No sender came: the code is withdrawn so a late one is told.
+            State::WaitP1 => {
+                self.polls = 0;
+                self.state = State::PostWithdrawn;
+                self.posting(TransferStep::Withdrawn, vec![0])
+            }
             State::PostP4 | State::WaitSettlement => self.refuse(
                 "the other box did not settle in time; the card keeps the transfer until it is settled",
             ),

@@ -29,6 +29,11 @@ use crate::role::refuse;
 /// The most a posted packet may hold (the largest, P2 ‖ P3, is under 200 bytes).
 pub const MAX_PACKET: usize = 512;
 
+/// How long a code may be joined (seconds): as long as the payee's box waits for the payer
+/// (`stb_flow::transfer::MAX_POLLS` asks, ten minutes). An expired code is freed, and the
+/// payee's box is told when it next asks for P1.
+pub const CODE_LIFETIME_SECS: u64 = 600;
+
 /// A transfer's mailbox (journal kind [`Kind::Transfer`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TransferRec {
@@ -37,6 +42,31 @@ pub struct TransferRec {
     /// The box that joined with the code; `None` until one did.
     pub payer_box: Option<String>,
     pub packets: BTreeMap<TransferStep, Vec<u8>>,
+    /// When the payee's box opened it (unix seconds): its code lives
+    /// [`CODE_LIFETIME_SECS`] unless a payer joined.
+    pub opened_at: u64,
+}
+
+impl TransferRec {
+    /// No payer joined within the code's lifetime: the transfer is over (nothing moved).
+    pub fn expired(&self, now: u64) -> bool {
+        self.payer_box.is_none() && now >= self.opened_at.saturating_add(CODE_LIFETIME_SECS)
+    }
+
+    /// Over without a settlement: withdrawn by the payee, or its code expired.
+    pub fn abandoned(&self, now: u64) -> bool {
+        self.packets.contains_key(&TransferStep::Withdrawn) || self.expired(now)
+    }
+}
+
+/// What a save does with the transfer's code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Code {
+    /// A new transfer: its code is taken.
+    Take,
+    Keep,
+    /// Withdrawn, expired or settled: its code is free again.
+    Free,
 }
 
 fn not_found(transfer_id: &str) -> Message {
@@ -61,13 +91,25 @@ impl Gateway {
             .map_err(|e| Box::new(refuse(ErrorCode::Internal, e, Some(transfer_id))))
     }
 
-    fn save_transfer(&self, rec: &TransferRec, code: bool) -> Result<(), Box<Message>> {
+    fn save_transfer(&self, rec: &TransferRec, code: Code) -> Result<(), Box<Message>> {
         let id = &rec.terms.invite.transfer_id;
+        // A code freed (and taken by a newer transfer since) is not this one's to delete.
+        let ours = match code {
+            Code::Free => self
+                .journal
+                .get(Kind::TransferCode, &rec.terms.code)
+                .ok()
+                .flatten()
+                .is_some_and(|v| v == id.as_bytes()),
+            _ => false,
+        };
         self.journal
             .atomically(|b| {
                 b.put(Kind::Transfer, id, &journal::encode(rec))?;
-                if code {
-                    b.put(Kind::TransferCode, &rec.terms.code, id.as_bytes())?;
+                match code {
+                    Code::Take => b.put(Kind::TransferCode, &rec.terms.code, id.as_bytes())?,
+                    Code::Free if ours => b.delete(Kind::TransferCode, &rec.terms.code)?,
+                    _ => {}
                 }
                 Ok(())
             })
@@ -155,8 +197,9 @@ impl Gateway {
             payee_box: box_id.to_string(),
             payer_box: None,
             packets: BTreeMap::new(),
+            opened_at: super::now_secs(),
         };
-        if let Err(e) = self.save_transfer(&rec, true) {
+        if let Err(e) = self.save_transfer(&rec, Code::Take) {
             return *e;
         }
         tracing::info!(transfer_id = %id, payee_box = %box_id, "transfer opened");
@@ -196,6 +239,10 @@ impl Gateway {
         if rec.packets.contains_key(&TransferStep::Withdrawn) {
             return withdrawn(&id);
         }
+        if rec.expired(super::now_secs()) {
+            let _ = self.save_transfer(&rec, Code::Free);
+            return code_expired(&id);
+        }
         match &rec.payer_box {
             Some(b) if b == box_id => Message::TransferTerms(rec.terms),
             Some(_) => refuse(
@@ -205,7 +252,7 @@ impl Gateway {
             ),
             None => {
                 rec.payer_box = Some(box_id.to_string());
-                if let Err(e) = self.save_transfer(&rec, false) {
+                if let Err(e) = self.save_transfer(&rec, Code::Keep) {
                     return *e;
                 }
                 tracing::info!(transfer_id = %id, payer_box = %box_id, "transfer joined");
@@ -299,8 +346,12 @@ impl Gateway {
             }
             None => {}
         }
+        let code = match p.step {
+            TransferStep::Withdrawn | TransferStep::Settlement => Code::Free,
+            _ => Code::Keep,
+        };
         rec.packets.insert(p.step, p.data);
-        if let Err(e) = self.save_transfer(&rec, false) {
+        if let Err(e) = self.save_transfer(&rec, code) {
             return *e;
         }
         tracing::debug!(transfer_id = %id, step = ?p.step, "transfer packet posted");
@@ -322,6 +373,9 @@ impl Gateway {
         }
         if rec.packets.contains_key(&TransferStep::Withdrawn) {
             return withdrawn(&id);
+        }
+        if rec.expired(super::now_secs()) {
+            return code_expired(&id);
         }
         match rec.packets.get(&step) {
             Some(data) => Message::TransferPacket(TransferPacket {
@@ -347,6 +401,18 @@ fn withdrawn(id: &str) -> Message {
     refuse(
         ErrorCode::UnknownTransaction,
         "the receiver withdrew this transfer: nothing moved",
+        Some(id),
+    )
+}
+
+/// The answer once a transfer's code expired unjoined.
+fn code_expired(id: &str) -> Message {
+    refuse(
+        ErrorCode::OfferExpired,
+        format!(
+            "the code expired: no sender joined within {} minutes; nothing moved",
+            CODE_LIFETIME_SECS / 60
+        ),
         Some(id),
     )
 }

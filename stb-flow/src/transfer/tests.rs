@@ -186,6 +186,10 @@ fn a_payee_waiting_on_a_payer_that_never_posts_p4_gives_up_and_cancels() {
         matches!(end, Next::Refused(ref why) if why.contains("nothing moved")),
         "{end:?}"
     );
+    assert!(
+        mb.packets.contains_key(&TransferStep::Withdrawn),
+        "the payee withdrew its code when it gave up"
+    );
 }
 
 /// A box that restarts mid-transfer resumes from its journal (R2) and its card's STATUS
