@@ -39,6 +39,12 @@ pub const POLL: Duration = Duration::from_millis(200);
 /// the transfer until it is settled.
 pub const MAX_POLLS: u32 = 3_000;
 
+/// How many times in a row a resumed payee asks for P4 before it cancels on its card: ten
+/// seconds at [`POLL`]. A payer that was debited posts P4 at once; one that was not will not
+/// be (its box may never have seen this box's P2 P3), and the payee's card must not wait
+/// for it.
+pub const RESUME_POLLS: u32 = 50;
+
 /// Where a transfer stands in the box's journal (the text on disk never changes for a
 /// variant). A transfer the box did not see through is resumed ([`Transfer::resume`]) while
 /// it is [`JournalState::Committing`] or [`JournalState::Committed`].
@@ -52,14 +58,18 @@ pub enum JournalState {
     Committed,
     /// `transfer_over`: done, refused, or settled by a resumed flow.
     Over,
+    /// `transfer_disputed`: the payee's settlement did not verify on the payer's card
+    /// ([`Transfer::disputed`]); never resumed by the box, for the issuer to settle.
+    Disputed,
 }
 
 impl JournalState {
-    pub const ALL: [JournalState; 4] = [
+    pub const ALL: [JournalState; 5] = [
         JournalState::Started,
         JournalState::Committing,
         JournalState::Committed,
         JournalState::Over,
+        JournalState::Disputed,
     ];
     /// What a box resumes.
     pub const IN_DOUBT: [JournalState; 2] = [JournalState::Committing, JournalState::Committed];
@@ -72,6 +82,7 @@ impl JournalState {
             JournalState::Committing => "transfer_committing",
             JournalState::Committed => "transfer_committed",
             JournalState::Over => "transfer_over",
+            JournalState::Disputed => "transfer_disputed",
         }
     }
 
@@ -203,6 +214,10 @@ pub struct Transfer {
     pending: bool,
     /// Resumed: the card waits for nothing and was asked for its word on R2.
     asked_word: bool,
+    /// See [`Transfer::disputed`].
+    disputed: bool,
+    /// Asks in a row before giving up ([`MAX_POLLS`]; fewer for a resumed payee).
+    max_polls: u32,
     /// The last post, to repeat after a failure.
     post: Option<Message>,
     /// Asked again in a row ([`MAX_POLLS`]).
@@ -251,6 +266,11 @@ impl Transfer {
         t.random = random;
         t.to_card = to_card;
         t.pending = true;
+        if !sending {
+            // The box does not know whether its P2 P3 reached the mailbox before it
+            // stopped: a P4 that does not come soon is not coming, and the card cancels.
+            t.max_polls = RESUME_POLLS;
+        }
         t
     }
 
@@ -292,7 +312,20 @@ impl Transfer {
     /// the flow stops. What a committed card still waits for ([`Transfer::pending`]) is
     /// settled by [`Transfer::resume`] later.
     pub fn stop(&mut self, why: impl Into<String>) -> Next {
+        // The committing command went out and its answer did not come back: the card may
+        // have committed (answered P1, or been debited).
+        if self.committing() {
+            self.pending = true;
+        }
         self.refuse(why)
+    }
+
+    /// Whether the payee's settlement did not verify on the payer's card (RESOLVE refused):
+    /// the card counted a bad key and keeps the transfer unsettled; the box must not try
+    /// it again by itself (each try would count another), so it journals the transfer as
+    /// disputed, for the issuer.
+    pub fn disputed(&self) -> bool {
+        self.disputed
     }
 
     /// Whether the card may still wait for this transfer to be settled: it committed (or a
@@ -321,6 +354,8 @@ impl Transfer {
             sending: false,
             pending: false,
             asked_word: false,
+            disputed: false,
+            max_polls: MAX_POLLS,
             post: None,
             polls: 0,
             state,
@@ -435,6 +470,13 @@ impl Transfer {
             };
         }
         if !sw.is_ok() {
+            if matches!(self.state, State::Resolve { .. }) {
+                self.disputed = true;
+                self.state = State::Over;
+                return Next::Refused(format!(
+                    "the receiver's settlement does not verify on the card ({sw:?}): the card keeps the transfer for the issuer to settle"
+                ));
+            }
             if self.asked_word {
                 // Resumed, nothing pending, and the card does not remember R2: nothing
                 // left to settle from this card.
@@ -772,7 +814,7 @@ impl Transfer {
     /// One more ask in a row; past [`MAX_POLLS`], what giving up means here.
     fn count_poll(&mut self) -> Option<Next> {
         self.polls += 1;
-        if self.polls <= MAX_POLLS {
+        if self.polls <= self.max_polls {
             return None;
         }
         Some(match self.state {

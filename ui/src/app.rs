@@ -337,6 +337,16 @@ impl App {
                 }
                 None => Vec::new(),
             },
+            // A transfer waiting on the other box: BACK asks the daemon to cancel what can
+            // still be cancelled (before the sender's card is debited, or the receiver's
+            // card cancels); the daemon ends the screen.
+            Screen::Progress(p)
+                if key == RemoteKey::Back
+                    && matches!(p.kind, TxKind::TransferOut | TxKind::TransferIn) =>
+            {
+                self.notice = Some(strings::TRANSFER_CANCELLING);
+                vec![Intent::CancelTransfer]
+            }
             // A transaction in flight: the daemon ends this screen, not the remote.
             Screen::Progress(_) => Vec::new(),
             Screen::Receipt(_) | Screen::Error(_) => {
@@ -526,6 +536,16 @@ impl App {
             UiUpdate::TransferCode { code, amount } => {
                 if let Screen::Transfer(v @ TransferView::ReceiveWaiting) = &mut self.screen {
                     *v = TransferView::Code { code, amount };
+                }
+            }
+            UiUpdate::TransferCancelled => {
+                let transfer_progress = matches!(
+                    &self.screen,
+                    Screen::Progress(p) if matches!(p.kind, TxKind::TransferOut | TxKind::TransferIn)
+                );
+                if transfer_progress || matches!(self.screen, Screen::Transfer(_)) {
+                    self.screen = Screen::Home;
+                    self.notice = Some(strings::TRANSFER_CANCELLED);
                 }
             }
             UiUpdate::TransferTerms(t) => {

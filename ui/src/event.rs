@@ -59,6 +59,9 @@ pub enum UiUpdate {
     },
     /// Sending: the transfer the code named, for the viewer to confirm.
     TransferTerms(TransferTerms),
+    /// The transfer the viewer cancelled ended with nothing moved: a transfer screen still
+    /// showing (its progress) goes home, with a notice.
+    TransferCancelled,
 }
 
 impl UiUpdate {
@@ -112,7 +115,8 @@ impl UiUpdate {
             | UiUpdate::Settled
             | UiUpdate::PrivacyChanged(_)
             | UiUpdate::ReceiveMax(_)
-            | UiUpdate::TransferCode { .. }) => other,
+            | UiUpdate::TransferCode { .. }
+            | UiUpdate::TransferCancelled) => other,
             UiUpdate::TransferTerms(t) => UiUpdate::TransferTerms(TransferTerms {
                 to_card: text::clean(&t.to_card, MAX_REF),
                 ..t

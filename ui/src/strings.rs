@@ -139,6 +139,8 @@ pub fn transfer_party(to: bool, card: &str) -> String {
 }
 /// Said on the home screen when a transfer ended without moving value.
 pub const TRANSFER_CANCELLED: &str = "Transfer cancelled: nothing moved.";
+/// Said while the daemon cancels a transfer the viewer pressed BACK on.
+pub const TRANSFER_CANCELLING: &str = "Cancelling the transfer...";
 
 // Progress
 pub const PROGRESS_TITLE: &str = "Please wait";

@@ -14,7 +14,8 @@
 //! transfer read it (any other box is told there is no such transfer). A transfer id starts
 //! with its payee box's id and `/`, so boxes cannot take each other's ids. Every invite
 //! costs the box a token of its refused-steps budget (a box cannot open transfers without
-//! limit), and a settlement comes only after P2 P3 (the payee's card answered P1).
+//! limit), and a settlement comes only after P1 (before P2 P3 it is the payee card's
+//! cancellation, and the payer is told there is nothing to send).
 
 use std::collections::BTreeMap;
 
@@ -308,8 +309,18 @@ impl Gateway {
         let before = match p.step {
             TransferStep::P1 | TransferStep::Withdrawn => None,
             TransferStep::P23 => Some(TransferStep::P1),
-            TransferStep::P4 | TransferStep::Settlement => Some(TransferStep::P23),
+            TransferStep::P4 => Some(TransferStep::P23),
+            // The payee card's word needs its P1 (before P2 P3 reached the mailbox it can
+            // only be a cancellation: the payer was never debited and is told so).
+            TransferStep::Settlement => Some(TransferStep::P1),
         };
+        // After a settlement without P2 P3 (the payee cancelled first), nothing more.
+        if p.step == TransferStep::P23
+            && rec.packets.contains_key(&TransferStep::Settlement)
+            && !rec.packets.contains_key(&TransferStep::P23)
+        {
+            return cancelled_first(&id);
+        }
         // A withdrawal only before the payee's card answered P1; nothing after one but a
         // repeat of it.
         if p.step == TransferStep::Withdrawn && rec.packets.contains_key(&TransferStep::P23) {
@@ -377,6 +388,12 @@ impl Gateway {
         if rec.expired(super::now_secs()) {
             return code_expired(&id);
         }
+        if step == TransferStep::P23
+            && rec.packets.contains_key(&TransferStep::Settlement)
+            && !rec.packets.contains_key(&TransferStep::P23)
+        {
+            return cancelled_first(&id);
+        }
         match rec.packets.get(&step) {
             Some(data) => Message::TransferPacket(TransferPacket {
                 transfer_id: id,
@@ -413,6 +430,15 @@ fn code_expired(id: &str) -> Message {
             "the code expired: no sender joined within {} minutes; nothing moved",
             CODE_LIFETIME_SECS / 60
         ),
+        Some(id),
+    )
+}
+
+/// The answer once the payee's card cancelled before its P2 P3 reached the mailbox.
+fn cancelled_first(id: &str) -> Message {
+    refuse(
+        ErrorCode::UnknownTransaction,
+        "the receiver's card cancelled this transfer before answering: nothing moved",
         Some(id),
     )
 }

@@ -362,3 +362,115 @@ fn a_sender_card_above_its_pin_threshold_asks_for_the_pin() {
         assert_eq!((a.state.balance, b.state.balance), (9_500, 2_500));
     }
 }
+
+/// The third outside attack (attack27), F1: the payer card's answer to P2 P3 is lost (the
+/// card pulled mid-command): the card may be debited, so the flow stays pending and the
+/// box keeps its journal row for resume — it resumes, posts the P4 the card kept, and the
+/// value arrives once.
+#[test]
+fn a_payer_whose_debit_answer_is_lost_stays_pending_and_resumes() {
+    let amount = Money::new(500, Currency::EUR);
+    let (mut a, mut b) = (card(1, 10_000, 49), card(2, 2_000, 51));
+    let mut mb = FakeMailbox::default();
+    let mut payee = Transfer::receive("box-2/f1".into(), amount, TODAY);
+    let mut payer = Transfer::send("12345678".into(), None, TODAY);
+    let first = payee.start();
+    let waiting = run(&mut payee, first, &mut b, &mut mb, 0);
+    let first = payer.start();
+    let Next::Send(fetch, _) = run(&mut payer, first, &mut a, &mut mb, 0) else {
+        panic!("the payer waits for P2 P3")
+    };
+    let waiting = run(&mut payee, waiting, &mut b, &mut mb, 0);
+    let Next::Apdu(p23) = payer.answer(mb.answer(&fetch)) else {
+        panic!("P2 P3 for the card")
+    };
+    assert!(payer.committing());
+    let _lost = proto::apdu::CardApplication::process_apdu(&mut a, &p23);
+    assert!(matches!(payer.stop("the card did not answer"), Next::Refused(_)));
+    assert!(payer.pending(), "debited: the journal row must stay");
+    assert_eq!(a.state.balance, 9_500);
+    let mut again = Transfer::resume("box-2/f1".into(), true, None, amount, Some(2), TODAY);
+    let first = again.start();
+    let waiting_payer = run(&mut again, first, &mut a, &mut mb, 0);
+    assert_eq!(
+        run(&mut payee, waiting, &mut b, &mut mb, 0),
+        Next::Done(Outcome::Received { amount })
+    );
+    assert_eq!(
+        run(&mut again, waiting_payer, &mut a, &mut mb, 0),
+        Next::Done(Outcome::Sent { amount, to_card: 2 })
+    );
+    assert_eq!((a.state.balance, b.state.balance), (9_500, 2_500));
+}
+
+/// attack27 F2: a hostile payee posts a forged settlement. The payer's card refuses it
+/// (one bad key) and the flow ends disputed — which the box journals as such and never
+/// tries again by itself, so a forged word cannot count the card into its lock.
+#[test]
+fn a_forged_settlement_ends_the_payer_disputed_after_one_bad_key() {
+    let amount = Money::new(500, Currency::EUR);
+    let (mut a, mut b) = (card(1, 10_000, 49), card(2, 2_000, 51));
+    let mut mb = FakeMailbox {
+        withheld: vec![TransferStep::Settlement],
+        ..FakeMailbox::default()
+    };
+    let mut payee = Transfer::receive("box-2/f2".into(), amount, TODAY);
+    let mut payer = Transfer::send("12345678".into(), None, TODAY);
+    let first = payee.start();
+    let waiting = run(&mut payee, first, &mut b, &mut mb, 0);
+    let first = payer.start();
+    let waiting_payer = run(&mut payer, first, &mut a, &mut mb, 0);
+    let _ = run(&mut payee, waiting, &mut b, &mut mb, 0);
+    let waiting_payer = run(&mut payer, waiting_payer, &mut a, &mut mb, 0);
+    let r2 = b.state.receiving.as_ref().unwrap().random;
+    let forged = Settlement {
+        kind: Settled::Credited,
+        random: r2,
+        mac: [0; 8],
+    };
+    mb.packets.insert(TransferStep::Settlement, forged.encode());
+    let before = a.state.bad_key_count;
+    let end = run(&mut payer, waiting_payer, &mut a, &mut mb, 0);
+    assert!(
+        matches!(end, Next::Refused(ref w) if w.contains("does not verify")),
+        "{end:?}"
+    );
+    assert!(payer.disputed() && payer.pending());
+    assert_eq!(a.state.bad_key_count, before + 1, "one try, one bad key");
+    assert!(a.state.sent.is_some(), "kept for the issuer");
+    assert_eq!(
+        JournalState::from_text(JournalState::Disputed.as_str()),
+        Some(JournalState::Disputed)
+    );
+    assert!(!JournalState::IN_DOUBT.contains(&JournalState::Disputed));
+}
+
+/// attack27 F3: the payee's box dies after its card answered P1, before its P2 P3 reached
+/// the mailbox. Resumed, it waits for P4 only RESUME_POLLS asks (a P4 that does not come
+/// soon is not coming), cancels on its card and posts the cancellation (the gateway takes
+/// a settlement after P1, and tells the payer): the journal closes, nothing moved.
+#[test]
+fn a_payee_resumed_before_its_p23_was_posted_cancels_soon() {
+    let amount = Money::new(500, Currency::EUR);
+    let (mut a, mut b) = (card(1, 10_000, 49), card(2, 2_000, 51));
+    let mut mb = FakeMailbox {
+        withheld: vec![TransferStep::P23],
+        ..FakeMailbox::default()
+    };
+    let mut payee = Transfer::receive("box-2/f3".into(), amount, TODAY);
+    let mut payer = Transfer::send("12345678".into(), None, TODAY);
+    let mut r2 = None;
+    let first = payee.start();
+    let waiting = run(&mut payee, first, &mut b, &mut mb, 0);
+    let first = payer.start();
+    let _waiting_payer = run(&mut payer, first, &mut a, &mut mb, 0);
+    let _dies = run_noting(&mut payee, waiting, &mut b, &mut mb, 0, &mut r2);
+    assert!(b.state.receiving.is_some());
+    let mut again = Transfer::resume("box-2/f3".into(), false, r2, amount, None, TODAY);
+    let first = again.start();
+    let end = run(&mut again, first, &mut b, &mut mb, RESUME_POLLS + 1);
+    assert_eq!(end, Next::Done(Outcome::Declined { amount }));
+    assert!(!again.pending());
+    assert_eq!(b.state.receiving, None);
+    assert_eq!((a.state.balance, b.state.balance), (10_000, 2_000));
+}

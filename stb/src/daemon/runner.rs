@@ -604,11 +604,19 @@ impl Runner {
         reply: Option<oneshot::Sender<Outcome>>,
     ) {
         if self.busy_for_viewer() {
-            if let Some(r) = reply {
-                let _ = r.send(Outcome::Failed {
-                    transaction_id: None,
-                    refusal: Refusal::Busy,
-                });
+            match reply {
+                Some(r) => {
+                    let _ = r.send(Outcome::Failed {
+                        transaction_id: None,
+                        refusal: Refusal::Busy,
+                    });
+                }
+                // The viewer chose it on the TV, which now shows progress: it is told why
+                // nothing happens (a transfer may run unseen, resumed from the journal).
+                None => {
+                    self.update(UiUpdate::Error(show::refused(&Refusal::Busy)))
+                        .await
+                }
             }
             return;
         }

@@ -419,8 +419,12 @@ impl Runner {
                     // payer card's SEND session lives until its P2 P3, and a reset or a
                     // SELECT would end it (the card then refuses P2 P3; nothing moves).
                     self.parts.card.end_sequence().await;
+                    // A new id per message: the answer to one the flow has moved past
+                    // (the viewer cancelled while it was out) is dropped.
+                    self.transfer.flows += 1;
+                    let flow = TRANSFER_IDS + self.transfer.flows;
                     let a = self.active_transfer();
-                    let flow = a.id;
+                    a.id = flow;
                     let span = a.span.clone();
                     self.parts
                         .call_after(wait, m, span, move |result| Event::Transfer {
@@ -474,12 +478,20 @@ impl Runner {
     /// read again, the receipt or the reason shown.
     async fn transfer_done(&mut self, end: Result<Outcome, String>) {
         let pending = self.active_transfer().flow.pending();
+        let disputed = self.active_transfer().flow.disputed();
         let why = match &end {
             Ok(o) => format!("{o:?}"),
             Err(w) => w.clone(),
         };
-        if !pending {
-            if let Err(e) = self.journal_transfer(JournalState::Over, None, Some(&why)) {
+        let close = if disputed {
+            Some(JournalState::Disputed)
+        } else if !pending {
+            Some(JournalState::Over)
+        } else {
+            None
+        };
+        if let Some(state) = close {
+            if let Err(e) = self.journal_transfer(state, None, Some(&why)) {
                 tracing::error!(error = %e, "journal: cannot close the transfer");
             }
         }
@@ -502,9 +514,11 @@ impl Runner {
                         ui::strings::RECEIVE_TITLE.to_string(),
                     ),
                     // The payee cancelled (its card refused P4, or the sender's box never
-                    // answered): nothing came in; said, unless the viewer asked for it.
+                    // answered): nothing came in.
                     Outcome::Declined { .. } => {
-                        if !a.cancelled {
+                        if a.cancelled {
+                            self.update(UiUpdate::TransferCancelled).await;
+                        } else {
                             self.update(error(ErrorKind::Other, ui::strings::TRANSFER_CANCELLED))
                                 .await;
                         }
@@ -533,7 +547,7 @@ impl Runner {
                 }))
                 .await;
             }
-            Err(_) if a.cancelled && !pending => {}
+            Err(_) if a.cancelled && !pending => self.update(UiUpdate::TransferCancelled).await,
             Err(why) => {
                 let kind = if pending {
                     ErrorKind::Pending
