@@ -411,8 +411,10 @@ async fn the_mailbox_keeps_ids_per_box_limits_invites_and_hides_pairs_from_third
         matches!(&told, Message::Error(e) if e.reason.contains("withdrew")),
         "{told:?}"
     );
+    // The code is freed: it names no transfer any more.
+    let a = third.call(&join).await.unwrap();
+    assert_eq!(code(&a), Some(ErrorCode::UnknownTransaction), "{a:?}");
     for (who, m) in [
-        (&third, join.clone()),
         (&third, post(TransferStep::P1, vec![1; 40])),
         (&payee, post(TransferStep::P23, vec![2; 40])),
     ] {
@@ -422,6 +424,55 @@ async fn the_mailbox_keeps_ids_per_box_limits_invites_and_hides_pairs_from_third
             "{m:?} after the withdrawal: {a:?}"
         );
     }
+    // The payee's card cancels before its P2 P3 reached the mailbox (its box restarted):
+    // the cancellation is taken after P1, the payer is told, and no P2 P3 comes after it.
+    let Message::TransferTerms(terms) = payee.call(&invite("box-000021/c-1")).await.unwrap() else {
+        panic!("terms")
+    };
+    let join = Message::TransferJoin { code: terms.code };
+    assert!(matches!(
+        third.call(&join).await.unwrap(),
+        Message::TransferTerms(_)
+    ));
+    let post = |step, data: Vec<u8>| {
+        Message::TransferPost(TransferPacket {
+            transfer_id: "box-000021/c-1".into(),
+            step,
+            data,
+        })
+    };
+    let a = third
+        .call(&post(TransferStep::P1, vec![1; 40]))
+        .await
+        .unwrap();
+    assert!(matches!(a, Message::Ack { .. }), "{a:?}");
+    let a = payee
+        .call(&post(TransferStep::Settlement, vec![2; 17]))
+        .await
+        .unwrap();
+    assert!(
+        matches!(a, Message::Ack { .. }),
+        "a cancellation after P1: {a:?}"
+    );
+    let told = third
+        .call(&Message::TransferFetch {
+            transfer_id: "box-000021/c-1".into(),
+            step: TransferStep::P23,
+        })
+        .await
+        .unwrap();
+    assert!(
+        matches!(&told, Message::Error(e) if e.reason.contains("cancelled")),
+        "{told:?}"
+    );
+    let a = payee
+        .call(&post(TransferStep::P23, vec![3; 40]))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&a, Message::Error(e) if e.reason.contains("cancelled")),
+        "no P2 P3 after the card cancelled: {a:?}"
+    );
     // Invites cost the box's budget: past its burst they are rate-limited.
     let mut limited = 0;
     for n in 0..40 {

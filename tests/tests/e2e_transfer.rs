@@ -249,3 +249,39 @@ fn a_sender_box_killed_before_its_card_was_debited_closes_the_transfer_with_noth
     // after ten minutes (stb-flow's MAX_POLLS); it was not credited meanwhile.
     assert!(b.receiving.is_some());
 }
+
+/// The third outside attack's F4: the receiver's box dies while its code shows; the sender
+/// types the code and confirms, and its box waits for P2 P3 that will not come. BACK on
+/// the progress cancels (its card was not debited): home, the journal closed, nothing
+/// moved — not ten minutes of "Please wait".
+#[test]
+fn a_sender_waiting_on_a_vanished_receiver_cancels_with_back() {
+    let Some(mut w) = World::new("transfer-back", Options::default()) else {
+        return;
+    };
+    w.start_stbd(None);
+    let other = w.other_box(OTHER_BOX, OTHER_CARD, OTHER_BALANCE);
+    let code = receive(&other.tmux, &["5", "0", "0"]);
+    let pid = other.tmux.pane_pid();
+    // SAFETY: kill(2) on the stbd this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    assert!(poll(STEP, || other.tmux.pane_dead().then_some(())).is_some());
+    join(w.tv(), &code);
+    w.tv().keys(&["Enter"]);
+    w.tv()
+        .wait_screen("the sender's progress", |s| s.contains("Please wait"));
+    w.tv().keys(&["BSpace"]);
+    let home = w.tv().wait_screen("home, cancelled", |s| {
+        s.contains("Send to another card") && s.contains("nothing moved")
+    });
+    assert!(!home.contains("Please wait"), "{home}");
+    let closed = poll(STEP, || {
+        (transfer_states(&w.stbd_state) == vec!["transfer_over".to_string()]).then_some(())
+    });
+    assert!(closed.is_some(), "{:?}", transfer_states(&w.stbd_state));
+    assert_eq!(w.card_state().balance, START_BALANCE, "nothing moved");
+    assert_eq!(w.card_state().sent, None);
+    // The box is free again: the catalog opens and an offer comes.
+    w.tv().keys(&["Enter"]);
+    w.open_ppv_offer();
+}

@@ -628,6 +628,13 @@ fn sending_to_another_card_takes_the_code_and_confirms_the_terms() {
     assert_eq!(app.screen(), ScreenId::Progress);
     assert!(update(&mut app, UiUpdate::Progress(ProgressStep::DebitingCard)).is_empty());
     assert!(screen(&app).contains("Debiting card"), "{}", screen(&app));
+    // BACK on a transfer's progress asks the daemon to cancel; the screen stays until the
+    // daemon says how it ended.
+    assert_eq!(key(&mut app, RemoteKey::Back), vec![Intent::CancelTransfer]);
+    assert_eq!(app.screen(), ScreenId::Progress);
+    assert!(update(&mut app, UiUpdate::TransferCancelled).is_empty());
+    assert_eq!(app.screen(), ScreenId::Home);
+    assert!(screen(&app).contains("nothing moved"), "{}", screen(&app));
 
     // BACK on the terms: cancelled, and said.
     let mut app = ready_app();
@@ -674,10 +681,12 @@ fn receiving_from_another_card_shows_the_code_until_the_sender_answers() {
             && s.contains("5.00 EUR"),
         "{s}"
     );
-    // The sender's card answered: progress, which the remote cannot interrupt.
+    // The sender's card answered: progress; BACK asks the daemon to cancel (the card
+    // cancels, so a debited sender is credited back), OK does nothing.
     update(&mut app, UiUpdate::Progress(ProgressStep::LoadingCard));
     assert_eq!(app.screen(), ScreenId::Progress);
-    assert!(key(&mut app, RemoteKey::Back).is_empty());
+    assert!(key(&mut app, RemoteKey::Ok).is_empty());
+    assert_eq!(key(&mut app, RemoteKey::Back), vec![Intent::CancelTransfer]);
     assert!(screen(&app).contains("Loading card"), "{}", screen(&app));
 
     // BACK while the code shows cancels; MENU while the card is read cancels too, and the

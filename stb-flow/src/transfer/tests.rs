@@ -386,7 +386,10 @@ fn a_payer_whose_debit_answer_is_lost_stays_pending_and_resumes() {
     };
     assert!(payer.committing());
     let _lost = proto::apdu::CardApplication::process_apdu(&mut a, &p23);
-    assert!(matches!(payer.stop("the card did not answer"), Next::Refused(_)));
+    assert!(matches!(
+        payer.stop("the card did not answer"),
+        Next::Refused(_)
+    ));
     assert!(payer.pending(), "debited: the journal row must stay");
     assert_eq!(a.state.balance, 9_500);
     let mut again = Transfer::resume("box-2/f1".into(), true, None, amount, Some(2), TODAY);
